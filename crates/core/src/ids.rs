@@ -1,0 +1,121 @@
+//! Identifier newtypes. They are built only by `new`/`parse`/`from_uuid`, so a tenant id can never be
+//! passed where a credential id is expected.
+
+use std::fmt;
+use uuid::Uuid;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            pub fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
+
+            /// Parses the textual UUID form (any case, hyphenated or not).
+            pub fn parse(text: &str) -> Option<Self> {
+                Uuid::parse_str(text).ok().map(Self)
+            }
+
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self.0)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// An Aether organization and a Hybridbox account at once.
+    TenantId
+);
+uuid_id!(
+    /// A credential's stable id: it survives rotation.
+    CredentialId
+);
+uuid_id!(
+    /// A human user, from an OAuth/OIDC `sub`.
+    UserId
+);
+
+impl TenantId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl CredentialId {
+    /// Version 7: ids sort by creation time, which makes them a stable pagination cursor.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl UserId {
+    /// A UUID `sub` is the user id itself; any other `sub` maps to
+    /// `UUIDv5(NAMESPACE_URL, issuer + "#" + sub)`, so the same person keeps one id per issuer.
+    pub fn from_subject(issuer: &str, sub: &str) -> Self {
+        match Uuid::parse_str(sub) {
+            Ok(uuid) => Self(uuid),
+            Err(_) => Self(Uuid::new_v5(
+                &Uuid::NAMESPACE_URL,
+                format!("{issuer}#{sub}").as_bytes(),
+            )),
+        }
+    }
+}
+
+impl Default for TenantId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Default for CredentialId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_from_uuid_sub_is_the_sub() {
+        let sub = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+        assert_eq!(
+            UserId::from_subject("https://idp", sub).to_string(),
+            sub.to_string()
+        );
+    }
+
+    #[test]
+    fn user_id_from_other_sub_is_v5_of_issuer_and_sub() {
+        let a = UserId::from_subject("https://idp", "alice");
+        let expected = Uuid::new_v5(&Uuid::NAMESPACE_URL, b"https://idp#alice");
+        assert_eq!(a.as_uuid(), expected);
+        assert_ne!(a, UserId::from_subject("https://other", "alice"));
+    }
+
+    #[test]
+    fn credential_ids_sort_by_creation() {
+        let first = CredentialId::new();
+        let second = CredentialId::new();
+        assert!(first < second);
+    }
+}

@@ -1,0 +1,21 @@
+//! keyplane's domain: identifiers, secrets, the token format, scopes and capabilities, and the
+//! validation rules every surface shares.
+//!
+//! Architecture invariant: this crate does no I/O. Time (`now`) and randomness (`rng`) come in as
+//! arguments, so every rule here is a pure, repeatable function.
+
+pub mod authz;
+pub mod credential;
+pub mod error;
+pub mod ids;
+pub mod scope;
+pub mod secret;
+pub mod token;
+pub mod validate;
+
+pub use authz::Principal;
+pub use credential::{Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable};
+pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
+pub use ids::{CredentialId, TenantId, UserId};
+pub use scope::{Capability, Scope, ScopeSet};
+pub use secret::{Plaintext, TokenHash};

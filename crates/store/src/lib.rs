@@ -1,0 +1,112 @@
+//! Persistence. One [`Store`] trait, two implementations sharing their SQL: SQLite (the embedded
+//! default, WAL) and PostgreSQL (for many replicas). Core types in, core types out.
+//!
+//! Architecture invariant: this is the only crate with SQL. Every method is one operation and one
+//! transaction, durable before it returns.
+
+mod error;
+mod postgres;
+mod rows;
+mod sql;
+mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keyplane_core::{
+    Credential, CredentialId, CredentialKind, Rotation, Tenant, TenantId, TokenHash, UserId,
+};
+use std::sync::Arc;
+
+pub use error::StoreError;
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A page request over one tenant's credentials of one kind, in creation order.
+#[derive(Debug, Clone)]
+pub struct ListCredentials {
+    pub tenant_id: TenantId,
+    pub kind: CredentialKind,
+    /// Exclusive: only credentials created after this one.
+    pub after: Option<CredentialId>,
+    /// `None`: every match.
+    pub limit: Option<u32>,
+    pub include_revoked: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A tenant and its first credential, atomically (`admin create-org`).
+    async fn create_tenant_with_credential(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<(), StoreError>;
+
+    /// Creates `tenant` and `credential` only if this store has never been bootstrapped and holds
+    /// no tenant. Returns whether it did. Safe to race: exactly one caller wins.
+    async fn bootstrap_once(&self, tenant: &Tenant, credential: &Credential) -> Result<bool, StoreError>;
+
+    async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
+
+    /// `Conflict` when a live credential of the same kind and name exists in the tenant.
+    async fn insert_credential(&self, credential: &Credential) -> Result<(), StoreError>;
+
+    async fn get_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+    ) -> Result<Option<Credential>, StoreError>;
+
+    async fn list_credentials(&self, query: &ListCredentials) -> Result<Vec<Credential>, StoreError>;
+
+    /// The verification lookup. The caller still checks revocation and expiry.
+    async fn find_credential_by_hash(&self, hash: &TokenHash) -> Result<Option<Credential>, StoreError>;
+
+    /// Replaces the secret, keeps the id. `NotFound` if absent, `Conflict` if revoked.
+    async fn rotate_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        rotation: &Rotation,
+    ) -> Result<Credential, StoreError>;
+
+    /// Permanent and idempotent: revoking again returns the record with its first `revoked_at`.
+    async fn revoke_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        at: DateTime<Utc>,
+        by_user: Option<UserId>,
+    ) -> Result<Credential, StoreError>;
+
+    /// Applies a batch of coalesced `last_used_at` updates in one transaction.
+    async fn record_last_used(&self, uses: &[(CredentialId, DateTime<Utc>)]) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names (`sqlite://...` or `postgres://...`) and applies migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Err(StoreError::Config(
+            "database URL must start with sqlite:// or postgres://".into(),
+        ))
+    }
+}
+
+/// The SQLite URL for a data directory: `<dir>/keyplane.db`.
+pub fn sqlite_url_for_data_dir(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("keyplane.db").display())
+}

@@ -1,0 +1,82 @@
+//! Row shapes and their conversion to core types. Generic over the database: both backends decode
+//! the same columns into the same Rust types.
+
+use crate::StoreError;
+use chrono::{DateTime, Utc};
+use keyplane_core::{
+    Credential, CredentialId, CredentialKind, ScopeSet, Tenant, TenantId, TokenDisplay, TokenHash,
+    UserId,
+};
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TenantRow {
+    id: Uuid,
+    name: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<TenantRow> for Tenant {
+    fn from(row: TenantRow) -> Self {
+        Tenant {
+            id: TenantId::from_uuid(row.id),
+            name: row.name,
+            created_at: row.created_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct CredentialRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    kind: String,
+    name: String,
+    secret_hash: Vec<u8>,
+    display_prefix: String,
+    public_id: Option<String>,
+    last4: String,
+    scopes: String,
+    expires_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_used_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    created_by_user_id: Option<Uuid>,
+    revoked_by_user_id: Option<Uuid>,
+}
+
+impl TryFrom<CredentialRow> for Credential {
+    type Error = StoreError;
+
+    fn try_from(row: CredentialRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Other(anyhow::anyhow!("stored credential {} has a bad {what}", row.id));
+        let kind = CredentialKind::parse(&row.kind).ok_or_else(|| corrupt("kind"))?;
+        let secret_hash = TokenHash::from_bytes(&row.secret_hash).ok_or_else(|| corrupt("secret hash"))?;
+        let scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(|_| corrupt("scope list"))?;
+        Ok(Credential {
+            id: CredentialId::from_uuid(row.id),
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            kind,
+            name: row.name,
+            secret_hash,
+            display: TokenDisplay {
+                prefix: row.display_prefix,
+                public_id: row.public_id,
+                last4: row.last4,
+            },
+            scopes: ScopeSet::from_trusted(scopes),
+            expires_at: row.expires_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            last_used_at: row.last_used_at,
+            revoked_at: row.revoked_at,
+            created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
+            revoked_by_user_id: row.revoked_by_user_id.map(UserId::from_uuid),
+        })
+    }
+}
+
+pub(crate) fn scopes_json(scopes: &ScopeSet) -> String {
+    serde_json::Value::from(scopes.to_strings()).to_string()
+}

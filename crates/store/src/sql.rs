@@ -1,0 +1,282 @@
+//! SQL both backends run unchanged (`$n` placeholders work on SQLite and PostgreSQL alike), and the
+//! one implementation of [`Store`](crate::Store) over them, instantiated per backend by
+//! [`impl_store!`]. Only DDL differs, in `migrations/{sqlite,postgres}`.
+
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id";
+
+pub(crate) const INSERT_TENANT: &str = "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
+pub(crate) const SELECT_TENANT: &str = "SELECT id, name, created_at FROM tenants WHERE id = $1";
+pub(crate) const CLAIM_BOOTSTRAP: &str =
+    "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
+pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
+pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
+
+/// Implements [`crate::Store`] for `$store`, whose `pool` field is a `sqlx::Pool<$db>`.
+macro_rules! impl_store {
+    ($store:ty, $backend:literal) => {
+        #[async_trait::async_trait]
+        impl $crate::Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn ping(&self) -> Result<(), $crate::StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant.id))]
+            async fn create_tenant_with_credential(
+                &self,
+                tenant: &keyplane_core::Tenant,
+                credential: &keyplane_core::Credential,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($crate::sql::INSERT_TENANT)
+                    .bind(tenant.id.as_uuid())
+                    .bind(&tenant.name)
+                    .bind(tenant.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn bootstrap_once(
+                &self,
+                tenant: &keyplane_core::Tenant,
+                credential: &keyplane_core::Credential,
+            ) -> Result<bool, $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let claimed = sqlx::query($crate::sql::CLAIM_BOOTSTRAP)
+                    .bind(tenant.created_at.to_rfc3339())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                let empty = sqlx::query($crate::sql::ANY_TENANT)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_none();
+                if !(claimed && empty) {
+                    // Commit the claim anyway: a store that had tenants first is never bootstrapped later.
+                    tx.commit().await?;
+                    return Ok(false);
+                }
+                sqlx::query($crate::sql::INSERT_TENANT)
+                    .bind(tenant.id.as_uuid())
+                    .bind(&tenant.name)
+                    .bind(tenant.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %id))]
+            async fn get_tenant(
+                &self,
+                id: keyplane_core::TenantId,
+            ) -> Result<Option<keyplane_core::Tenant>, $crate::StoreError> {
+                let row: Option<$crate::rows::TenantRow> = sqlx::query_as($crate::sql::SELECT_TENANT)
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(Into::into))
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %credential.tenant_id, credential.id = %credential.id))]
+            async fn insert_credential(
+                &self,
+                credential: &keyplane_core::Credential,
+            ) -> Result<(), $crate::StoreError> {
+                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn get_credential(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+            ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE tenant_id = $1 AND kind = $2 AND id = $3",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(tenant_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %query.tenant_id))]
+            async fn list_credentials(
+                &self,
+                query: &$crate::ListCredentials,
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE tenant_id = $1 AND kind = $2 \
+                     AND ($3 OR revoked_at IS NULL) AND ($4 IS NULL OR id > $4) \
+                     ORDER BY id LIMIT $5",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(query.tenant_id.as_uuid())
+                    .bind(query.kind.as_str())
+                    .bind(query.include_revoked)
+                    .bind(query.after.map(|id| id.as_uuid()))
+                    .bind(query.limit.map_or(i64::MAX, i64::from))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn find_credential_by_hash(
+                &self,
+                hash: &keyplane_core::TokenHash,
+            ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE secret_hash = $1",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(&hash.as_bytes()[..])
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn rotate_credential(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+                rotation: &keyplane_core::Rotation,
+            ) -> Result<keyplane_core::Credential, $crate::StoreError> {
+                let sql = format!(
+                    "UPDATE credentials SET secret_hash = $1, display_prefix = $2, public_id = $3, \
+                     last4 = $4, updated_at = $5 \
+                     WHERE tenant_id = $6 AND kind = $7 AND id = $8 AND revoked_at IS NULL \
+                     RETURNING {}",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(&rotation.secret_hash.as_bytes()[..])
+                    .bind(&rotation.display.prefix)
+                    .bind(&rotation.display.public_id)
+                    .bind(&rotation.display.last4)
+                    .bind(rotation.rotated_at)
+                    .bind(tenant_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                match row {
+                    Some(row) => row.try_into(),
+                    None => match self.get_credential(tenant_id, kind, id).await? {
+                        Some(_) => Err($crate::StoreError::Conflict("the credential is revoked".into())),
+                        None => Err($crate::StoreError::NotFound),
+                    },
+                }
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn revoke_credential(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+                at: chrono::DateTime<chrono::Utc>,
+                by_user: Option<keyplane_core::UserId>,
+            ) -> Result<keyplane_core::Credential, $crate::StoreError> {
+                let sql = format!(
+                    "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
+                     WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
+                     RETURNING {}",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(at)
+                    .bind(by_user.map(|u| u.as_uuid()))
+                    .bind(tenant_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                match row {
+                    Some(row) => row.try_into(),
+                    None => self
+                        .get_credential(tenant_id, kind, id)
+                        .await?
+                        .ok_or($crate::StoreError::NotFound),
+                }
+            }
+
+            #[tracing::instrument(skip_all, fields(count = uses.len()))]
+            async fn record_last_used(
+                &self,
+                uses: &[(keyplane_core::CredentialId, chrono::DateTime<chrono::Utc>)],
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                for (id, at) in uses {
+                    sqlx::query($crate::sql::TOUCH_LAST_USED)
+                        .bind(id.as_uuid())
+                        .bind(*at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+/// Binds every column of [`INSERT_CREDENTIAL`], in order.
+macro_rules! bind_credential_fn {
+    ($db:ty) => {
+        fn bind_credential<'q>(
+            query: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+            c: &'q keyplane_core::Credential,
+        ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+            query
+                .bind(c.id.as_uuid())
+                .bind(c.tenant_id.as_uuid())
+                .bind(c.kind.as_str())
+                .bind(&c.name)
+                .bind(&c.secret_hash.as_bytes()[..])
+                .bind(&c.display.prefix)
+                .bind(&c.display.public_id)
+                .bind(&c.display.last4)
+                .bind($crate::rows::scopes_json(&c.scopes))
+                .bind(c.expires_at)
+                .bind(c.created_at)
+                .bind(c.updated_at)
+                .bind(c.last_used_at)
+                .bind(c.revoked_at)
+                .bind(c.created_by_user_id.map(|u| u.as_uuid()))
+                .bind(c.revoked_by_user_id.map(|u| u.as_uuid()))
+        }
+    };
+}
+
+pub(crate) use bind_credential_fn;
+pub(crate) use impl_store;

@@ -1,0 +1,133 @@
+//! Test support shared by every crate's tests (feature `testing`): a fresh, isolated database per
+//! test on either backend, dropped when the test ends.
+//!
+//! PostgreSQL tests never skip: the admin URL comes from `KEYPLANE_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), and an unreachable server fails the test with a
+//! message that says how to start one.
+
+use sqlx::{Connection, Executor, PgConnection};
+use std::path::PathBuf;
+
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database that exists for one test. `url` is what `serve --database-url` takes.
+pub struct TestDatabase {
+    pub url: String,
+    /// For SQLite: the data directory, which also holds the database file.
+    pub data_dir: PathBuf,
+    _temp: tempfile::TempDir,
+    postgres: Option<PostgresCleanup>,
+}
+
+struct PostgresCleanup {
+    admin_url: String,
+    name: String,
+}
+
+fn admin_url() -> String {
+    std::env::var("KEYPLANE_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string())
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> Self {
+        let temp = tempfile::Builder::new()
+            .prefix("keyplane-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let data_dir = temp.path().to_path_buf();
+        match backend {
+            Backend::Sqlite => Self {
+                url: crate::sqlite_url_for_data_dir(&data_dir),
+                data_dir,
+                _temp: temp,
+                postgres: None,
+            },
+            Backend::Postgres => {
+                let admin_url = admin_url();
+                let name = format!("kp_test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL is not reachable at {admin_url} ({e}). Start it \
+                         (e.g. `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) \
+                         or set KEYPLANE_TEST_DATABASE_URL to a server where this user may CREATE DATABASE."
+                    )
+                });
+                admin
+                    .execute(format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("create the per-test database");
+                let url = replace_database(&admin_url, &name);
+                Self {
+                    url,
+                    data_dir,
+                    _temp: temp,
+                    postgres: Some(PostgresCleanup { admin_url, name }),
+                }
+            }
+        }
+    }
+}
+
+/// `postgres://u@h:p/db?x` with `db` replaced.
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(cleanup) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
+        let result = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("build a cleanup runtime");
+            runtime.block_on(async move {
+                let mut admin = PgConnection::connect(&cleanup.admin_url).await?;
+                admin
+                    .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", cleanup.name).as_str())
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = result {
+            eprintln!("warning: could not drop a test database: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn replaces_the_database_name() {
+        assert_eq!(
+            replace_database("postgres://postgres@127.0.0.1:5432/test", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            replace_database("postgres://u:p@h/test?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://h", "x"), "postgres://h/x");
+    }
+}

@@ -1,0 +1,246 @@
+//! One suite, both backends: every case runs against SQLite and against PostgreSQL.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use keyplane_core::validate::truncate_to_micros;
+use keyplane_core::{
+    Credential, CredentialKind, NewCredential, Rotation, ScopeSet, Tenant, TenantId, UserId,
+};
+use keyplane_store::testing::{Backend, TestDatabase};
+use keyplane_store::{ListCredentials, Store, StoreError};
+use rand::rngs::OsRng;
+use std::sync::Arc;
+
+fn now() -> DateTime<Utc> {
+    truncate_to_micros(Utc::now())
+}
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    tenant: Tenant,
+    _db: TestDatabase,
+}
+
+async fn fixture(backend: Backend) -> Fixture {
+    let db = TestDatabase::new(backend).await;
+    let store = keyplane_store::connect(&db.url).await.expect("connect");
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "acme".into(),
+        created_at: now(),
+    };
+    let (first, _) = new_token(tenant.id, "bootstrap");
+    store.create_tenant_with_credential(&tenant, &first).await.unwrap();
+    Fixture {
+        store,
+        tenant,
+        _db: db,
+    }
+}
+
+fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Plaintext) {
+    NewCredential {
+        tenant_id,
+        kind: CredentialKind::ApiToken,
+        name: name.into(),
+        scopes: ScopeSet::wildcard(),
+        expires_at: Some(now() + TimeDelta::days(1)),
+        created_by_user_id: None,
+    }
+    .issue(now(), &mut OsRng)
+}
+
+async fn created_credential_round_trips(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, plaintext) = new_token(f.tenant.id, "ci");
+    f.store.insert_credential(&credential).await.unwrap();
+    let got = f
+        .store
+        .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, credential);
+    let by_hash = f.store.find_credential_by_hash(&plaintext.hash()).await.unwrap().unwrap();
+    assert_eq!(by_hash.id, credential.id);
+    assert_eq!(f.store.get_tenant(f.tenant.id).await.unwrap(), Some(f.tenant.clone()));
+}
+
+async fn names_are_unique_among_live_credentials(backend: Backend) {
+    let f = fixture(backend).await;
+    let (first, _) = new_token(f.tenant.id, "deploy");
+    f.store.insert_credential(&first).await.unwrap();
+    let (second, _) = new_token(f.tenant.id, "deploy");
+    assert!(matches!(
+        f.store.insert_credential(&second).await,
+        Err(StoreError::Conflict(_))
+    ));
+    f.store
+        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, first.id, now(), None)
+        .await
+        .unwrap();
+    f.store.insert_credential(&second).await.unwrap();
+}
+
+async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old) = new_token(f.tenant.id, "rotating");
+    f.store.insert_credential(&credential).await.unwrap();
+    let (rotation, new) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let rotated = f
+        .store
+        .rotate_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, &rotation)
+        .await
+        .unwrap();
+    assert_eq!(rotated.id, credential.id);
+    assert!(f.store.find_credential_by_hash(&old.hash()).await.unwrap().is_none());
+    assert_eq!(
+        f.store.find_credential_by_hash(&new.hash()).await.unwrap().unwrap().id,
+        credential.id
+    );
+}
+
+async fn revocation_is_permanent_and_idempotent(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "revoked");
+    f.store.insert_credential(&credential).await.unwrap();
+    let user = UserId::from_subject("https://idp", "alice");
+    let first = f
+        .store
+        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, now(), Some(user))
+        .await
+        .unwrap();
+    let again = f
+        .store
+        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, now() + TimeDelta::seconds(5), None)
+        .await
+        .unwrap();
+    assert_eq!(first.revoked_at, again.revoked_at);
+    assert_eq!(again.revoked_by_user_id, Some(user));
+    let (rotation, _) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    assert!(matches!(
+        f.store
+            .rotate_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, &rotation)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "mine");
+    f.store.insert_credential(&credential).await.unwrap();
+    let other = TenantId::new();
+    assert!(f
+        .store
+        .get_credential(other, CredentialKind::ApiToken, credential.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .get_credential(f.tenant.id, CredentialKind::ServiceAccount, credential.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        f.store
+            .revoke_credential(other, CredentialKind::ApiToken, credential.id, now(), None)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn listing_pages_in_creation_order(backend: Backend) {
+    let f = fixture(backend).await;
+    for i in 0..5 {
+        let (credential, _) = new_token(f.tenant.id, &format!("t{i}"));
+        f.store.insert_credential(&credential).await.unwrap();
+    }
+    let query = |after, include_revoked| ListCredentials {
+        tenant_id: f.tenant.id,
+        kind: CredentialKind::ApiToken,
+        after,
+        limit: Some(3),
+        include_revoked,
+    };
+    let first = f.store.list_credentials(&query(None, false)).await.unwrap();
+    let names: Vec<_> = first.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["bootstrap", "t0", "t1"]);
+    let second = f.store.list_credentials(&query(Some(first[2].id), false)).await.unwrap();
+    let names: Vec<_> = second.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["t2", "t3", "t4"]);
+    f.store
+        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, second[0].id, now(), None)
+        .await
+        .unwrap();
+    let live = f.store.list_credentials(&query(Some(first[2].id), false)).await.unwrap();
+    assert_eq!(live.len(), 2);
+    let all = f.store.list_credentials(&query(Some(first[2].id), true)).await.unwrap();
+    assert_eq!(all.len(), 3);
+}
+
+async fn last_used_batches_are_applied(backend: Backend) {
+    let f = fixture(backend).await;
+    let (a, _) = new_token(f.tenant.id, "a");
+    let (b, _) = new_token(f.tenant.id, "b");
+    f.store.insert_credential(&a).await.unwrap();
+    f.store.insert_credential(&b).await.unwrap();
+    let at = now();
+    f.store.record_last_used(&[(a.id, at), (b.id, at)]).await.unwrap();
+    for id in [a.id, b.id] {
+        let got = f.store.get_credential(f.tenant.id, CredentialKind::ApiToken, id).await.unwrap().unwrap();
+        assert_eq!(got.last_used_at, Some(at));
+    }
+}
+
+async fn bootstrap_happens_once(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = keyplane_store::connect(&db.url).await.unwrap();
+    let tenant = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let (credential, _) = new_token(tenant.id, "bootstrap");
+    assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
+    let tenant2 = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let (credential2, _) = new_token(tenant2.id, "bootstrap");
+    assert!(!store.bootstrap_once(&tenant2, &credential2).await.unwrap());
+    // Reopening (a restart) applies migrations again without harm.
+    let reopened = keyplane_store::connect(&db.url).await.unwrap();
+    assert!(reopened.get_tenant(tenant.id).await.unwrap().is_some());
+    assert!(reopened.get_tenant(tenant2.id).await.unwrap().is_none());
+}
+
+async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let (credential, _) = new_token(tenant.id, "bootstrap");
+    assert!(!f.store.bootstrap_once(&tenant, &credential).await.unwrap());
+}
+
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use super::*;
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$case(Backend::Sqlite).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case(Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+store_suite! {
+    created_credential_round_trips,
+    names_are_unique_among_live_credentials,
+    rotation_keeps_the_id_and_replaces_the_hash,
+    revocation_is_permanent_and_idempotent,
+    other_tenants_and_kinds_are_invisible,
+    listing_pages_in_creation_order,
+    last_used_batches_are_applied,
+    bootstrap_happens_once,
+    a_store_with_tenants_is_never_bootstrapped,
+}
