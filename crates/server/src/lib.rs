@@ -1,1 +1,24 @@
+//! keyplane's HTTP service: one router over the Aether and Hybridbox surfaces, the operations
+//! endpoints and the OpenAPI document, all on one [`App`].
+//!
+//! Architecture invariant: this is the only crate that serializes. Wire types live in each
+//! surface's `wire.rs`; a secret becomes JSON only through [`wire::one_time_secret`].
 
+pub mod aether;
+mod app;
+mod auth;
+pub mod config;
+mod docs;
+pub mod error;
+mod extract;
+mod metrics;
+pub mod ops;
+mod ratelimit;
+mod router;
+mod system;
+mod usage;
+pub mod wire;
+
+pub use app::App;
+pub use config::Config;
+pub use router::{router, serve};

@@ -1,0 +1,94 @@
+use crate::{LogFormat, StoreArgs};
+use anyhow::Context;
+use clap::Args;
+use keyplane_server::{ops, App, Config};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KEYPLANE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Management API requests per minute per credential (token bucket); 0 turns the limit off.
+    #[arg(long, env = "KEYPLANE_RATE_LIMIT_PER_MINUTE", default_value_t = 100)]
+    rate_limit_per_minute: u32,
+    /// Requests a credential may send in a burst before the per-minute rate applies.
+    #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10)]
+    rate_limit_burst: u32,
+    /// How often coalesced `last_used_at` updates are written, in milliseconds (how far they may lag).
+    #[arg(long, env = "KEYPLANE_LAST_USED_FLUSH_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    last_used_flush_ms: u64,
+    /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
+    #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let store = args.store.open().await?;
+    tracing::info!(store = store.backend(), "store ready, migrations applied");
+
+    if let Some(created) = ops::bootstrap(store.as_ref()).await.map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))? {
+        let path = args.store.data_dir.join("bootstrap.json");
+        write_bootstrap(&path, &created).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");
+    }
+
+    let config = Config {
+        rate_limit_per_minute: args.rate_limit_per_minute,
+        rate_limit_burst: args.rate_limit_burst,
+        last_used_flush_interval: Duration::from_millis(args.last_used_flush_ms),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    keyplane_server::serve(listener, App::new(store, config), shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `{"org_id", "token"}` with mode 0600: the token is a `*` credential.
+fn write_bootstrap(path: &Path, created: &ops::OrgCreated) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let body = crate::admin::org_json(created);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    writeln!(file, "{body}")?;
+    file.sync_all()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight requests");
+}

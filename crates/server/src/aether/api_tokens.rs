@@ -1,0 +1,226 @@
+//! `/api/v1/organizations/{orgID}/api-tokens`
+
+use super::wire::{ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, ErrorEnvelope};
+use super::{Aether, ApiError, TAG_API_TOKENS};
+use crate::app::App;
+use crate::extract::{path_id, ApiJson, Authenticated};
+use crate::ops::{self, CredentialSpec, API_TOKENS};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use keyplane_core::error::codes;
+use keyplane_core::{CredentialId, Error as DomainError, FieldError, FieldPath, TenantId};
+use std::collections::HashMap;
+
+type Caller = Authenticated<Aether>;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 100;
+
+fn org_id(raw: &str) -> Result<TenantId, DomainError> {
+    path_id("orgID", raw, TenantId::parse)
+}
+
+fn token_id(raw: &str) -> Result<CredentialId, DomainError> {
+    path_id("id", raw, CredentialId::parse)
+}
+
+/// Create an API token
+///
+/// Creates a new API token. The raw token secret is returned only in this response and is never
+/// retrievable again. Needs `api_tokens:write`, and the new token's scopes must all be held by the
+/// caller.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
+    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    request_body = CreateApiTokenRequest,
+    responses(
+        (status = 201, description = "Token created. Contains the one-time raw secret.", body = ApiTokenCreated),
+        (status = 400, description = "Malformed JSON.", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or a requested scope.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 409, description = "A live token with this name exists.", body = ErrorEnvelope),
+        (status = 413, description = "Body over 64 KiB.", body = ErrorEnvelope),
+        (status = 415, description = "Body is not application/json.", body = ErrorEnvelope),
+        (status = 422, description = "Request validation failed.", body = ErrorEnvelope),
+        (status = 429, description = "Rate limited; see Retry-After.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn create_api_token(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+    ApiJson(request, ..): ApiJson<Aether, CreateApiTokenRequest>,
+) -> Result<(StatusCode, Json<ApiTokenCreated>), ApiError> {
+    let org = org_id(&org)?;
+    let spec = CredentialSpec {
+        name: request.name,
+        scopes: request.scopes,
+        expires_at: request.expires_at,
+    };
+    let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;
+    Ok((StatusCode::CREATED, Json(issued.into())))
+}
+
+fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, u32), DomainError> {
+    let mut errors = Vec::new();
+    let cursor = match query.get("cursor").map(String::as_str) {
+        None | Some("") => None,
+        Some(raw) => CredentialId::parse(raw).or_else(|| {
+            errors.push(FieldError::new(FieldPath::query("cursor"), codes::INVALID_UUID, "must be a UUID"));
+            None
+        }),
+    };
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
+            _ => {
+                errors.push(FieldError::new(
+                    FieldPath::query("limit"),
+                    codes::OUT_OF_RANGE,
+                    format!("must be an integer from 1 to {MAX_PAGE}"),
+                ));
+                DEFAULT_PAGE
+            }
+        },
+    };
+    if errors.is_empty() {
+        Ok((cursor, limit))
+    } else {
+        Err(DomainError::Validation(errors))
+    }
+}
+
+/// List API tokens
+///
+/// Live tokens in creation order, `limit` (1–100, default 50) at a time; pass `next_cursor` back
+/// as `cursor` for the next page. Secrets are never returned. Needs `api_tokens:read`.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page."),
+        ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
+    ),
+    responses(
+        (status = 200, description = "A page of tokens.", body = ApiTokenPage),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 422, description = "Bad `cursor` or `limit`.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn list_api_tokens(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<ApiTokenPage>, ApiError> {
+    let org = org_id(&org)?;
+    let (cursor, limit) = parse_page(&query)?;
+    let (page, next) =
+        ops::list_credentials(&app, &who, org, API_TOKENS, cursor, Some(limit), false).await?;
+    Ok(Json(ApiTokenPage {
+        items: page.into_iter().map(ApiTokenView::from).collect(),
+        next_cursor: next.map(|id| id.as_uuid()),
+    }))
+}
+
+/// Get an API token
+///
+/// Needs `api_tokens:read`. Revoked tokens are not found.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/api-tokens/{id}", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 200, description = "The token, without its secret.", body = ApiTokenView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn get_api_token(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<ApiTokenView>, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let credential = ops::get_live_credential(&app, &who, org, API_TOKENS, id).await?;
+    Ok(Json(credential.into()))
+}
+
+/// Revoke an API token
+///
+/// The token stops working at once, for good. Needs `api_tokens:write`.
+#[utoipa::path(
+    delete, path = "/api/v1/organizations/{orgID}/api-tokens/{id}", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn delete_api_token(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, API_TOKENS, id).await?;
+    if revoked_now {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        // Already revoked: to an Aether client, a deleted token is gone.
+        Err(DomainError::NotFound.into())
+    }
+}
+
+/// Rotate an API token
+///
+/// Replaces the secret and keeps the id; the old secret stops working at once. The new raw secret
+/// is returned only in this response. Needs `api_tokens:write` and every scope the token holds.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/api-tokens/{id}/rotate", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 200, description = "Rotated. Contains the new one-time raw secret.", body = ApiTokenCreated),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn rotate_api_token(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<ApiTokenCreated>, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
+        .await
+        .map_err(|e| match e {
+            // Rotating a revoked token: gone, as far as Aether clients are concerned.
+            crate::error::AppError::Domain(DomainError::Conflict(_)) => DomainError::NotFound.into(),
+            other => other,
+        })?;
+    Ok(Json(issued.into()))
+}

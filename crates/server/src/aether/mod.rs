@@ -1,0 +1,52 @@
+//! The Aether platform API: `/api/v1/organizations/{orgID}/...`, errors as
+//! `{"error":{"code","message","details"}}`.
+
+mod api_tokens;
+pub mod wire;
+
+use crate::app::App;
+use crate::error::{AppError, Surface};
+use keyplane_core::Error as DomainError;
+use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// Marker for the Aether surface's error dialect.
+pub struct Aether;
+
+pub type ApiError = crate::error::ApiError<Aether>;
+
+pub const TAG_API_TOKENS: &str = "Aether: API tokens";
+
+impl Surface for Aether {
+    fn error_body(error: &AppError) -> serde_json::Value {
+        let code = match error {
+            AppError::Unauthenticated(_) => "unauthorized",
+            AppError::Domain(DomainError::Validation(_)) => "validation_failed",
+            AppError::Domain(DomainError::NotFound) => "not_found",
+            AppError::Domain(DomainError::Forbidden(_)) => "forbidden",
+            AppError::Domain(DomainError::Conflict(_)) => "conflict",
+            AppError::InvalidJson(_) => "invalid_json",
+            AppError::UnsupportedMediaType => "unsupported_media_type",
+            AppError::PayloadTooLarge => "payload_too_large",
+            AppError::RateLimited { .. } => "rate_limited",
+            AppError::Unavailable(_) => "unavailable",
+            AppError::Internal(_) => "internal",
+        };
+        let mut body = json!({ "code": code, "message": error.public_message() });
+        if let AppError::Domain(DomainError::Validation(fields)) = error {
+            body["details"] = fields
+                .iter()
+                .map(|f| json!({ "field": f.path.to_string(), "code": f.code, "message": f.message }))
+                .collect();
+        }
+        json!({ "error": body })
+    }
+}
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(api_tokens::list_api_tokens, api_tokens::create_api_token))
+        .routes(routes!(api_tokens::get_api_token, api_tokens::delete_api_token))
+        .routes(routes!(api_tokens::rotate_api_token))
+}

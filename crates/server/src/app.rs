@@ -1,0 +1,69 @@
+//! The shared state every request sees.
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::ratelimit::CredentialRateLimiter;
+use crate::usage::UsageRecorder;
+use axum::http::HeaderMap;
+use keyplane_core::Principal;
+use keyplane_store::Store;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    pub verifier: Verifier,
+    pub usage: Arc<UsageRecorder>,
+    pub rate_limiter: Option<CredentialRateLimiter>,
+    pub metrics: Metrics,
+    pub openapi_json: String,
+}
+
+impl App {
+    pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
+        let usage = Arc::new(UsageRecorder::new(store.clone()));
+        let metrics = Metrics::new();
+        let rate_limiter =
+            CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let verifier = Verifier::new(store.clone(), usage.clone(), metrics.clone());
+        let openapi_json = crate::router::openapi_document()
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes");
+        Self(Arc::new(Inner {
+            store,
+            config,
+            verifier,
+            usage,
+            rate_limiter,
+            metrics,
+            openapi_json,
+        }))
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    /// Authenticates a management API call and charges it to the caller's rate limit.
+    pub(crate) async fn authenticate_management(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+        let principal = self.0.verifier.authenticate(headers).await?;
+        if let Some(limiter) = &self.0.rate_limiter {
+            limiter.check(principal.credential_id)?;
+        }
+        Ok(principal)
+    }
+
+    /// Writes pending `last_used_at` updates now (shutdown, tests).
+    pub async fn flush_usage(&self) {
+        self.0.usage.flush().await;
+    }
+}

@@ -1,0 +1,79 @@
+//! Bearer authentication: parse and checksum with no I/O, hash, look up, check revocation and
+//! expiry, record use. Every failure answers the same 401; the reason goes to the log and metrics.
+
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::usage::UsageRecorder;
+use axum::http::{header, HeaderMap};
+use keyplane_core::{token, CredentialKind, Principal, ScopeSet};
+use keyplane_store::Store;
+use std::sync::Arc;
+
+pub(crate) struct Verifier {
+    store: Arc<dyn Store>,
+    usage: Arc<UsageRecorder>,
+    metrics: Metrics,
+}
+
+impl Verifier {
+    pub fn new(store: Arc<dyn Store>, usage: Arc<UsageRecorder>, metrics: Metrics) -> Self {
+        Self {
+            store,
+            usage,
+            metrics,
+        }
+    }
+
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+        let result = self.verify(headers).await;
+        match &result {
+            Ok(principal) => self.metrics.credential_verified(principal.kind),
+            Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn verify(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+        let presented = bearer_token(headers)?;
+        let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
+        let credential = self
+            .store
+            .find_credential_by_hash(&parsed.hash)
+            .await?
+            .filter(|c| c.secret_hash.matches(&parsed.hash) && c.kind == parsed.kind)
+            .ok_or(AppError::Unauthenticated("unknown"))?;
+        let now = crate::ops::now();
+        credential
+            .usable_at(now)
+            .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
+        let principal = match credential.kind {
+            CredentialKind::ApiToken => Principal::for_api_token(&credential),
+            // Service accounts act through grants; until they hold one they can do nothing.
+            CredentialKind::ServiceAccount => Principal {
+                rights: ScopeSet::empty(),
+                ..Principal::for_api_token(&credential)
+            },
+            // Robot secrets log in to the registry only.
+            CredentialKind::RobotAccount => return Err(AppError::Unauthenticated("robot secret")),
+        };
+        self.usage.record(credential.id, now);
+        Ok(principal)
+    }
+}
+
+/// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(AppError::Unauthenticated("missing"))?
+        .to_str()
+        .map_err(|_| AppError::Unauthenticated("malformed"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or(AppError::Unauthenticated("malformed"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AppError::Unauthenticated("not a bearer credential"));
+    }
+    Ok(token.trim())
+}

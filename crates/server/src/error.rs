@@ -1,0 +1,134 @@
+//! One error type for the whole service ([`AppError`]) and one renderer per surface. Handlers
+//! return [`ApiError<S>`] for their surface `S`, so none can answer in another surface's dialect.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keyplane_core::Error as DomainError;
+use keyplane_store::StoreError;
+use std::marker::PhantomData;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Missing, malformed, unknown, expired or revoked credentials. The reason is for the request
+    /// log only; the client always reads the same message.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(&'static str),
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("malformed JSON: {0}")]
+    InvalidJson(String),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("rate limited")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl From<StoreError> for AppError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => AppError::Domain(DomainError::NotFound),
+            StoreError::Conflict(message) => AppError::Domain(DomainError::Conflict(message)),
+            StoreError::Unavailable(message) => AppError::Unavailable(message),
+            StoreError::Config(message) => AppError::Internal(anyhow::anyhow!(message)),
+            StoreError::Other(error) => AppError::Internal(error),
+        }
+    }
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AppError::Domain(DomainError::Validation(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Domain(DomainError::NotFound) => StatusCode::NOT_FOUND,
+            AppError::Domain(DomainError::Forbidden(_)) => StatusCode::FORBIDDEN,
+            AppError::Domain(DomainError::Conflict(_)) => StatusCode::CONFLICT,
+            AppError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The message a client reads. Internal causes never leave the process.
+    pub fn public_message(&self) -> String {
+        match self {
+            AppError::Unauthenticated(_) => "missing or invalid credentials".into(),
+            AppError::Domain(DomainError::Validation(_)) => "request validation failed".into(),
+            AppError::Domain(DomainError::NotFound) => "not found".into(),
+            AppError::Domain(DomainError::Forbidden(message)) => message.clone(),
+            AppError::Domain(DomainError::Conflict(message)) => message.clone(),
+            AppError::InvalidJson(message) => format!("request body is not valid JSON: {message}"),
+            AppError::UnsupportedMediaType => "request body must be application/json".into(),
+            AppError::PayloadTooLarge => "request body is too large".into(),
+            AppError::RateLimited { .. } => "too many requests".into(),
+            AppError::Unavailable(_) => "the service is temporarily unavailable".into(),
+            AppError::Internal(_) => "internal server error".into(),
+        }
+    }
+}
+
+/// The cause of an error response, attached as a response extension for the request log.
+#[derive(Debug, Clone)]
+pub struct ErrorCause(pub String);
+
+/// An API surface: how it renders an error body.
+pub trait Surface: Send + Sync + 'static {
+    /// The JSON body for `error`; status and common headers are set by [`ApiError`].
+    fn error_body(error: &AppError) -> serde_json::Value;
+}
+
+/// An [`AppError`] that renders in surface `S`'s dialect.
+pub struct ApiError<S>(pub AppError, PhantomData<S>);
+
+impl<S> std::fmt::Debug for ApiError<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<S> From<AppError> for ApiError<S> {
+    fn from(error: AppError) -> Self {
+        Self(error, PhantomData)
+    }
+}
+
+impl<S> From<DomainError> for ApiError<S> {
+    fn from(error: DomainError) -> Self {
+        Self(error.into(), PhantomData)
+    }
+}
+
+impl<S> From<StoreError> for ApiError<S> {
+    fn from(error: StoreError) -> Self {
+        Self(error.into(), PhantomData)
+    }
+}
+
+impl<S: Surface> IntoResponse for ApiError<S> {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        let status = error.status();
+        let mut response = (status, axum::Json(S::error_body(&error))).into_response();
+        let headers = response.headers_mut();
+        match &error {
+            AppError::Unauthenticated(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AppError::RateLimited { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        response.extensions_mut().insert(ErrorCause(error.to_string()));
+        response
+    }
+}

@@ -1,0 +1,194 @@
+//! Request extractors shared by the surfaces: the authenticated caller, JSON bodies that speak the
+//! surface's error dialect, and field-by-field JSON reading that reports every bad field at once.
+
+use crate::app::App;
+use crate::error::{ApiError, AppError, Surface};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts, StatusCode};
+use chrono::{DateTime, Utc};
+use keyplane_core::error::codes;
+use keyplane_core::{Error as DomainError, FieldError, FieldPath, Principal};
+use serde_json::{Map, Value};
+use std::marker::PhantomData;
+
+/// A caller authenticated for surface `S`'s management API, rate limit applied.
+pub struct Authenticated<S>(pub Principal, pub PhantomData<S>);
+
+impl<S: Surface> FromRequestParts<App> for Authenticated<S> {
+    type Rejection = ApiError<S>;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let principal = app.authenticate_management(&parts.headers).await?;
+        Ok(Self(principal, PhantomData))
+    }
+}
+
+/// A request body of type `T`, read as JSON and validated field by field.
+pub struct ApiJson<S, T>(pub T, pub PhantomData<S>);
+
+/// A request type built from a JSON object. Implementations read every field through the reader
+/// (which records each problem) and return `None` when any field was unusable.
+pub trait FromJsonBody: Sized {
+    fn from_json(reader: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self>;
+}
+
+impl<S: Surface, T: FromJsonBody> FromRequest<App> for ApiJson<S, T> {
+    type Rejection = ApiError<S>;
+
+    async fn from_request(request: Request, app: &App) -> Result<Self, Self::Rejection> {
+        if !is_json(request.headers()) {
+            return Err(AppError::UnsupportedMediaType.into());
+        }
+        let bytes = Bytes::from_request(request, app).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge
+            } else {
+                AppError::InvalidJson("the body could not be read".into())
+            }
+        })?;
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+        let mut reader = ObjectReader::new(value).map_err(DomainError::from)?;
+        let parsed = T::from_json(&mut reader, crate::ops::now());
+        let errors = reader.finish();
+        match parsed {
+            Some(value) if errors.is_empty() => Ok(Self(value, PhantomData)),
+            _ => Err(DomainError::Validation(errors).into()),
+        }
+    }
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads the fields of a JSON object, recording every missing, mistyped or unknown field.
+pub struct ObjectReader {
+    object: Map<String, Value>,
+    known: Vec<&'static str>,
+    errors: Vec<FieldError>,
+}
+
+impl ObjectReader {
+    pub fn new(value: Value) -> Result<Self, FieldError> {
+        match value {
+            Value::Object(object) => Ok(Self {
+                object,
+                known: Vec::new(),
+                errors: Vec::new(),
+            }),
+            _ => Err(FieldError::new(
+                FieldPath::body_root(),
+                codes::INVALID_TYPE,
+                "the request body must be a JSON object",
+            )),
+        }
+    }
+
+    fn take(&mut self, key: &'static str) -> Option<Value> {
+        self.known.push(key);
+        self.object.remove(key)
+    }
+
+    fn type_error(&mut self, key: &str, expected: &str) {
+        self.errors.push(FieldError::new(
+            FieldPath::body(key),
+            codes::INVALID_TYPE,
+            format!("must be {expected}"),
+        ));
+    }
+
+    /// A required string.
+    pub fn string(&mut self, key: &'static str) -> Option<String> {
+        match self.take(key) {
+            Some(Value::String(text)) => Some(text),
+            None => {
+                self.errors.push(FieldError::new(FieldPath::body(key), codes::REQUIRED, "is required"));
+                None
+            }
+            Some(_) => {
+                self.type_error(key, "a string");
+                None
+            }
+        }
+    }
+
+    /// An optional string that may also be `null`. `Ok(None)`: absent or null.
+    pub fn nullable_string(&mut self, key: &'static str) -> Result<Option<String>, ()> {
+        match self.take(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text)),
+            Some(_) => {
+                self.type_error(key, "a string or null");
+                Err(())
+            }
+        }
+    }
+
+    /// An optional array of strings (`null` counts as absent). `Ok(None)`: absent.
+    pub fn string_list(&mut self, key: &'static str) -> Result<Option<Vec<String>>, ()> {
+        let items = match self.take(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.type_error(key, "an array of strings");
+                return Err(());
+            }
+        };
+        let mut strings = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (index, item) in items.into_iter().enumerate() {
+            match item {
+                Value::String(text) => strings.push(text),
+                _ => {
+                    ok = false;
+                    self.errors.push(FieldError::new(
+                        FieldPath::body(key).index(index),
+                        codes::INVALID_TYPE,
+                        "must be a string",
+                    ));
+                }
+            }
+        }
+        if ok {
+            Ok(Some(strings))
+        } else {
+            Err(())
+        }
+    }
+
+    /// Records the outcome of a domain rule; `None` if it failed.
+    pub fn check<T>(&mut self, result: Result<T, FieldError>) -> Option<T> {
+        result.map_err(|e| self.errors.push(e)).ok()
+    }
+
+    pub fn check_all<T>(&mut self, result: Result<T, Vec<FieldError>>) -> Option<T> {
+        result.map_err(|e| self.errors.extend(e)).ok()
+    }
+
+    /// Every error recorded, plus one per unknown field: a typo must not silently drop a restriction.
+    pub fn finish(mut self) -> Vec<FieldError> {
+        let mut unknown: Vec<&String> = self.object.keys().filter(|k| !self.known.contains(&k.as_str())).collect();
+        unknown.sort();
+        for key in unknown {
+            self.errors.push(FieldError::new(
+                FieldPath::body(key),
+                codes::UNKNOWN_FIELD,
+                "is not a known field",
+            ));
+        }
+        self.errors
+    }
+}
+
+/// Parses a UUID path segment; a bad one is a 422 naming the parameter as the docs spell it.
+pub fn path_id<T>(name: &str, raw: &str, parse: fn(&str) -> Option<T>) -> Result<T, DomainError> {
+    parse(raw).ok_or_else(|| {
+        FieldError::new(FieldPath::path(name), codes::INVALID_UUID, "must be a UUID").into()
+    })
+}

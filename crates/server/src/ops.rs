@@ -1,0 +1,222 @@
+//! Use cases: one async function each, shared by every surface and the CLI. Each one authorizes,
+//! makes the core decision and calls the store; none knows about HTTP.
+
+use crate::app::App;
+use crate::error::AppError;
+use chrono::{DateTime, Utc};
+use keyplane_core::validate::truncate_to_micros;
+use keyplane_core::{
+    Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldPath,
+    NewCredential, Plaintext, Principal, Rotation, ScopeSet, Tenant, TenantId,
+};
+use keyplane_store::{ListCredentials, Store, StoreError};
+use rand::rngs::OsRng;
+
+/// The clock, at the precision both stores keep.
+pub fn now() -> DateTime<Utc> {
+    truncate_to_micros(Utc::now())
+}
+
+/// A credential and its plaintext secret, which the caller shows exactly once.
+pub struct Issued {
+    pub credential: Credential,
+    pub secret: Plaintext,
+}
+
+/// A new tenant and its first `*`-scoped API token.
+pub struct OrgCreated {
+    pub tenant: Tenant,
+    pub token: Issued,
+}
+
+fn first_org_token(name: &str) -> Result<OrgCreated, AppError> {
+    let name = keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
+    let now = now();
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name,
+        created_at: now,
+    };
+    let (credential, secret) = NewCredential {
+        tenant_id: tenant.id,
+        kind: CredentialKind::ApiToken,
+        name: "bootstrap".into(),
+        scopes: ScopeSet::wildcard(),
+        expires_at: None,
+        created_by_user_id: None,
+    }
+    .issue(now, &mut OsRng);
+    Ok(OrgCreated {
+        tenant,
+        token: Issued { credential, secret },
+    })
+}
+
+/// `keyplane admin create-org`: a tenant and a `*` token, in one transaction.
+pub async fn create_org(store: &dyn Store, name: &str) -> Result<OrgCreated, AppError> {
+    let created = first_org_token(name)?;
+    store
+        .create_tenant_with_credential(&created.tenant, &created.token.credential)
+        .await?;
+    Ok(created)
+}
+
+/// `serve` on an empty store: org `default` and its token, at most once per store.
+pub async fn bootstrap(store: &dyn Store) -> Result<Option<OrgCreated>, AppError> {
+    let created = first_org_token("default")?;
+    let done = store
+        .bootstrap_once(&created.tenant, &created.token.credential)
+        .await?;
+    Ok(done.then_some(created))
+}
+
+/// What a caller asks for when creating a credential, validated by the surface.
+pub struct CredentialSpec {
+    pub name: String,
+    pub scopes: ScopeSet,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The capabilities that read and write one kind of credential.
+#[derive(Clone, Copy)]
+pub struct KindRights {
+    pub kind: CredentialKind,
+    pub read: Capability,
+    pub write: Capability,
+}
+
+pub const API_TOKENS: KindRights = KindRights {
+    kind: CredentialKind::ApiToken,
+    read: Capability::ApiTokensRead,
+    write: Capability::ApiTokensWrite,
+};
+
+fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
+    match error {
+        StoreError::Conflict(_) => DomainError::Conflict(format!(
+            "a live {} with this name already exists",
+            kind.as_str().replace('_', " ")
+        ))
+        .into(),
+        other => other.into(),
+    }
+}
+
+pub async fn create_credential(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    spec: CredentialSpec,
+) -> Result<Issued, AppError> {
+    who.require(tenant, rights.write)?;
+    who.may_delegate(&spec.scopes)?;
+    let (credential, secret) = NewCredential {
+        tenant_id: tenant,
+        kind: rights.kind,
+        name: spec.name,
+        scopes: spec.scopes,
+        expires_at: spec.expires_at,
+        created_by_user_id: who.user_id,
+    }
+    .issue(now(), &mut OsRng);
+    app.store()
+        .insert_credential(&credential)
+        .await
+        .map_err(|e| conflict_on_name(e, rights.kind))?;
+    tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.credential_id, "credential created");
+    Ok(Issued { credential, secret })
+}
+
+/// One page of live credentials after `after`, and the cursor of the next page if there is one.
+pub async fn list_credentials(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    after: Option<CredentialId>,
+    limit: Option<u32>,
+    include_revoked: bool,
+) -> Result<(Vec<Credential>, Option<CredentialId>), AppError> {
+    who.require(tenant, rights.read)?;
+    let mut page = app
+        .store()
+        .list_credentials(&ListCredentials {
+            tenant_id: tenant,
+            kind: rights.kind,
+            after,
+            limit: limit.map(|l| l + 1),
+            include_revoked,
+        })
+        .await?;
+    let next = match limit {
+        Some(limit) if page.len() > limit as usize => {
+            page.truncate(limit as usize);
+            page.last().map(|c| c.id)
+        }
+        _ => None,
+    };
+    Ok((page, next))
+}
+
+/// A live credential; revoked ones are `NotFound` here.
+pub async fn get_live_credential(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+) -> Result<Credential, AppError> {
+    who.require(tenant, rights.read)?;
+    app.store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .filter(|c| !c.is_revoked())
+        .ok_or(DomainError::NotFound.into())
+}
+
+/// New secret, same id; the old secret stops working at once. Rotating hands out the new secret, so
+/// the caller must hold every scope of the credential it rotates.
+pub async fn rotate_credential(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+) -> Result<Issued, AppError> {
+    who.require(tenant, rights.write)?;
+    let current = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    who.may_delegate(&current.scopes)?;
+    let (rotation, secret) = Rotation::mint(rights.kind, now(), &mut OsRng);
+    let credential = app
+        .store()
+        .rotate_credential(tenant, rights.kind, id, &rotation)
+        .await?;
+    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential rotated");
+    Ok(Issued { credential, secret })
+}
+
+/// Revokes for good. Returns the record and whether this call revoked it (false: it already was).
+pub async fn revoke_credential(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+) -> Result<(Credential, bool), AppError> {
+    who.require(tenant, rights.write)?;
+    let at = now();
+    let credential = app
+        .store()
+        .revoke_credential(tenant, rights.kind, id, at, who.user_id)
+        .await?;
+    let revoked_now = credential.revoked_at == Some(at);
+    if revoked_now {
+        tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential revoked");
+    }
+    Ok((credential, revoked_now))
+}

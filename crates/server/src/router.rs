@@ -1,0 +1,145 @@
+//! Router construction: every route is registered through utoipa-axum, so the router and the
+//! OpenAPI document come from one list.
+
+use crate::app::App;
+use crate::error::ErrorCause;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{header, HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tracing::Instrument;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keyplane",
+        description = "Machine credentials for multi-tenant platforms: the Aether and Hybridbox \
+                       APIs on one core. Authenticate with `Authorization: Bearer <token>`.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api_routes() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(crate::aether::routes())
+        .merge(crate::system::routes())
+}
+
+pub(crate) fn openapi_document() -> OpenApiDoc {
+    api_routes().split_for_parts().1
+}
+
+/// The full application router, ready to serve.
+pub fn router(app: App) -> Router {
+    let (routes, _) = api_routes().split_for_parts();
+    routes
+        .fallback(crate::system::not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
+        // Credentials and their metadata must not sit in shared caches.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(app)
+}
+
+/// One log line and one metrics observation per request, under a span carrying the request id.
+/// The log names the matched route, never the raw URI or any header value.
+async fn observe(
+    axum::extract::State(app): axum::extract::State<App>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let span = tracing::info_span!("request", request.id = %request_id, http.method = %method, http.route = %route);
+    let response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    app.inner()
+        .metrics
+        .observe_request(&method, &route, status.as_u16(), elapsed.as_secs_f64());
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let _entered = span.enter();
+    match response.extensions().get::<ErrorCause>() {
+        Some(cause) if status.is_server_error() => {
+            tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
+        }
+        Some(cause) => {
+            tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
+        }
+        None => tracing::info!(http.status = status.as_u16(), duration_ms, "request served"),
+    }
+    response
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests finish and pending
+/// `last_used_at` updates are written.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let background = tokio::spawn(background_work(app.clone()));
+    let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    background.abort();
+    app.flush_usage().await;
+    served
+}
+
+/// Periodic work: flush coalesced `last_used_at`, forget idle rate-limit buckets.
+async fn background_work(app: App) {
+    let mut tick = tokio::time::interval(app.inner().config.last_used_flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        app.flush_usage().await;
+        if let Some(limiter) = &app.inner().rate_limiter {
+            limiter.prune();
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Operations endpoints: health, readiness, metrics, the OpenAPI document and the API reference.
+
+use crate::app::App;
+use crate::error::{ApiError, AppError};
+use crate::aether::Aether;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use keyplane_core::Error as DomainError;
+use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+const TAG: &str = "Operations";
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(docs))
+}
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = TAG, responses((status = 200, description = "Alive.")))]
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = TAG, responses(
+    (status = 200, description = "Ready."),
+    (status = 503, description = "The store is unreachable."),
+))]
+async fn readyz(State(app): State<App>) -> Response {
+    let backend = app.store().backend();
+    match app.store().ping().await {
+        Ok(()) => axum::Json(json!({ "status": "ready", "store": backend })).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({ "status": "unavailable", "store": backend })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = TAG, responses((status = 200, description = "Metrics.", content_type = "text/plain")))]
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.inner().metrics.render(),
+    )
+        .into_response()
+}
+
+/// This OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = TAG, responses((status = 200, description = "OpenAPI document.", content_type = "application/json")))]
+async fn openapi_json(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        app.inner().openapi_json.clone(),
+    )
+        .into_response()
+}
+
+/// The API reference, rendered from the OpenAPI document.
+#[utoipa::path(get, path = "/docs", tag = TAG, responses((status = 200, description = "HTML API reference.", content_type = "text/html")))]
+async fn docs(State(app): State<App>) -> Html<String> {
+    Html(crate::docs::render(&app.inner().openapi_json))
+}
+
+/// Unknown routes answer in the Aether envelope, the default dialect.
+pub(crate) async fn not_found() -> ApiError<Aether> {
+    AppError::Domain(DomainError::NotFound).into()
+}
