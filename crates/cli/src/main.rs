@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "keyplane", version, about = "Issue, rotate, revoke and verify machine credentials")]
+#[command(
+    name = "keyplane",
+    version,
+    about = "Issue, rotate, revoke and verify machine credentials"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,7 +46,10 @@ impl StoreArgs {
             Some(url) => Ok(url.clone()),
             None => {
                 std::fs::create_dir_all(&self.data_dir).map_err(|e| {
-                    anyhow::anyhow!("cannot create data directory {}: {e}", self.data_dir.display())
+                    anyhow::anyhow!(
+                        "cannot create data directory {}: {e}",
+                        self.data_dir.display()
+                    )
                 })?;
                 Ok(keyplane_store::sqlite_url_for_data_dir(&self.data_dir))
             }
@@ -77,7 +84,10 @@ fn install_tracing(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

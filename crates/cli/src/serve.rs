@@ -32,7 +32,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
 
-    if let Some(created) = ops::bootstrap(store.as_ref()).await.map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))? {
+    if let Some(created) = ops::bootstrap(store.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?
+    {
         let path = args.store.data_dir.join("bootstrap.json");
         write_bootstrap(&path, &created).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");

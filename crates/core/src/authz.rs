@@ -81,7 +81,10 @@ mod tests {
     #[test]
     fn other_tenant_is_not_found_even_with_wildcard() {
         let p = principal(&["*"]);
-        assert_eq!(p.require(TenantId::new(), Capability::ApiTokensRead), Err(Error::NotFound));
+        assert_eq!(
+            p.require(TenantId::new(), Capability::ApiTokensRead),
+            Err(Error::NotFound)
+        );
         assert_eq!(p.require(p.tenant_id, Capability::ApiTokensRead), Ok(()));
     }
 

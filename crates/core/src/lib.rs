@@ -14,7 +14,9 @@ pub mod token;
 pub mod validate;
 
 pub use authz::Principal;
-pub use credential::{Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable};
+pub use credential::{
+    Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable,
+};
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
 pub use ids::{CredentialId, TenantId, UserId};
 pub use scope::{Capability, Scope, ScopeSet};

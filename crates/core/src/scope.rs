@@ -119,9 +119,11 @@ impl ScopeSet {
                     "this scope is listed twice",
                 )),
                 Ok(scope) => scopes.push(scope),
-                Err(message) => {
-                    errors.push(FieldError::new(path.index(index), codes::INVALID_SCOPE, message))
-                }
+                Err(message) => errors.push(FieldError::new(
+                    path.index(index),
+                    codes::INVALID_SCOPE,
+                    message,
+                )),
             }
         }
         if errors.is_empty() {

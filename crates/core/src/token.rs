@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(parse("ghp_abc"), Err(FormatError::UnknownPrefix));
         assert_eq!(parse(""), Err(FormatError::UnknownPrefix));
         assert_eq!(parse(&text[..62]), Err(FormatError::Length));
-        assert_eq!(parse(&text.to_uppercase().replacen("AETHER_", "aether_", 1)), Err(FormatError::Alphabet));
+        assert_eq!(
+            parse(&text.to_uppercase().replacen("AETHER_", "aether_", 1)),
+            Err(FormatError::Alphabet)
+        );
         assert_eq!(parse(&"a".repeat(10_000)), Err(FormatError::Length));
     }
 

@@ -34,7 +34,11 @@ pub fn name(path: FieldPath, raw: &str) -> Result<String, FieldError> {
 
 /// An RFC 3339 timestamp that lies in the future, normalized to UTC with microsecond precision
 /// (what both stores keep).
-pub fn expires_at(path: FieldPath, raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, FieldError> {
+pub fn expires_at(
+    path: FieldPath,
+    raw: &str,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, FieldError> {
     let parsed = DateTime::parse_from_rfc3339(raw).map_err(|_| {
         FieldError::new(
             path.clone(),
@@ -70,14 +74,21 @@ mod tests {
     #[test]
     fn names_are_trimmed_and_bounded() {
         assert_eq!(name(FieldPath::body("name"), "  ci  ").unwrap(), "ci");
-        assert_eq!(name(FieldPath::body("name"), "   ").unwrap_err().code, codes::TOO_SHORT);
+        assert_eq!(
+            name(FieldPath::body("name"), "   ").unwrap_err().code,
+            codes::TOO_SHORT
+        );
         assert!(name(FieldPath::body("name"), &"é".repeat(120)).is_ok());
         assert_eq!(
-            name(FieldPath::body("name"), &"é".repeat(121)).unwrap_err().code,
+            name(FieldPath::body("name"), &"é".repeat(121))
+                .unwrap_err()
+                .code,
             codes::TOO_LONG
         );
         assert_eq!(
-            name(FieldPath::body("name"), "a\u{0007}b").unwrap_err().code,
+            name(FieldPath::body("name"), "a\u{0007}b")
+                .unwrap_err()
+                .code,
             codes::INVALID_CHARACTERS
         );
     }
@@ -88,7 +99,9 @@ mod tests {
         let at = expires_at(path(), "2030-01-01T01:00:00+01:00", now()).unwrap();
         assert_eq!(at, Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap());
         assert_eq!(
-            expires_at(path(), "2020-01-01T00:00:00Z", now()).unwrap_err().code,
+            expires_at(path(), "2020-01-01T00:00:00Z", now())
+                .unwrap_err()
+                .code,
             codes::NOT_IN_FUTURE
         );
         assert_eq!(

@@ -54,7 +54,10 @@ impl App {
     }
 
     /// Authenticates a management API call and charges it to the caller's rate limit.
-    pub(crate) async fn authenticate_management(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+    pub(crate) async fn authenticate_management(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Principal, AppError> {
         let principal = self.0.verifier.authenticate(headers).await?;
         if let Some(limiter) = &self.0.rate_limiter {
             limiter.check(principal.credential_id)?;

@@ -22,11 +22,23 @@ fn schema_name(schema: &Value) -> String {
     if let Some(items) = schema.get("items") {
         return format!("array of {}", schema_name(items));
     }
-    if let Some(variants) = schema.get("oneOf").or_else(|| schema.get("allOf")).and_then(Value::as_array) {
-        return variants.iter().map(schema_name).collect::<Vec<_>>().join(" | ");
+    if let Some(variants) = schema
+        .get("oneOf")
+        .or_else(|| schema.get("allOf"))
+        .and_then(Value::as_array)
+    {
+        return variants
+            .iter()
+            .map(schema_name)
+            .collect::<Vec<_>>()
+            .join(" | ");
     }
     let kind = match schema.get("type") {
-        Some(Value::Array(types)) => types.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" | "),
+        Some(Value::Array(types)) => types
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" | "),
         Some(Value::String(kind)) => kind.clone(),
         _ => "any".into(),
     };
@@ -66,7 +78,11 @@ pub fn render(openapi_json: &str) -> String {
                 if let Some(params) = op.get("parameters").and_then(Value::as_array) {
                     html.push_str("<table><tr><th>parameter</th><th>in</th><th>type</th><th>description</th></tr>");
                     for p in params {
-                        let required = if p.get("required").and_then(Value::as_bool) == Some(true) { " (required)" } else { "" };
+                        let required = if p.get("required").and_then(Value::as_bool) == Some(true) {
+                            " (required)"
+                        } else {
+                            ""
+                        };
                         let _ = write!(
                             html,
                             "<tr><td><code>{}</code>{required}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -79,10 +95,16 @@ pub fn render(openapi_json: &str) -> String {
                     html.push_str("</table>");
                 }
                 if let Some(body) = op.pointer("/requestBody/content/application~1json/schema") {
-                    let _ = write!(html, "<p>Request body (application/json): {}</p>", schema_name(body));
+                    let _ = write!(
+                        html,
+                        "<p>Request body (application/json): {}</p>",
+                        schema_name(body)
+                    );
                 }
                 if let Some(responses) = op.get("responses").and_then(Value::as_object) {
-                    html.push_str("<table><tr><th>status</th><th>description</th><th>body</th></tr>");
+                    html.push_str(
+                        "<table><tr><th>status</th><th>description</th><th>body</th></tr>",
+                    );
                     for (status, response) in responses {
                         let body = response
                             .get("content")
@@ -105,9 +127,16 @@ pub fn render(openapi_json: &str) -> String {
         }
     }
     let mut schemas = String::new();
-    if let Some(all) = doc.pointer("/components/schemas").and_then(Value::as_object) {
+    if let Some(all) = doc
+        .pointer("/components/schemas")
+        .and_then(Value::as_object)
+    {
         for (name, schema) in all {
-            let _ = write!(schemas, "<section class=schema id=\"schema-{0}\"><h3>{0}</h3>", escape(name));
+            let _ = write!(
+                schemas,
+                "<section class=schema id=\"schema-{0}\"><h3>{0}</h3>",
+                escape(name)
+            );
             let required: Vec<&str> = schema
                 .get("required")
                 .and_then(Value::as_array)
@@ -117,7 +146,11 @@ pub fn render(openapi_json: &str) -> String {
             if let Some(properties) = properties {
                 schemas.push_str("<table><tr><th>field</th><th>type</th><th>description</th></tr>");
                 for (field, property) in properties {
-                    let mark = if required.contains(&field.as_str()) { " (required)" } else { "" };
+                    let mark = if required.contains(&field.as_str()) {
+                        " (required)"
+                    } else {
+                        ""
+                    };
                     let _ = write!(
                         schemas,
                         "<tr><td><code>{}</code>{mark}</td><td>{}</td><td>{}</td></tr>",

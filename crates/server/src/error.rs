@@ -128,7 +128,9 @@ impl<S: Surface> IntoResponse for ApiError<S> {
             }
             _ => {}
         }
-        response.extensions_mut().insert(ErrorCause(error.to_string()));
+        response
+            .extensions_mut()
+            .insert(ErrorCause(error.to_string()));
         response
     }
 }

@@ -40,13 +40,15 @@ impl<S: Surface, T: FromJsonBody> FromRequest<App> for ApiJson<S, T> {
         if !is_json(request.headers()) {
             return Err(AppError::UnsupportedMediaType.into());
         }
-        let bytes = Bytes::from_request(request, app).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge
-            } else {
-                AppError::InvalidJson("the body could not be read".into())
-            }
-        })?;
+        let bytes = Bytes::from_request(request, app)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge
+                } else {
+                    AppError::InvalidJson("the body could not be read".into())
+                }
+            })?;
         let value: Value =
             serde_json::from_slice(&bytes).map_err(|e| AppError::InvalidJson(e.to_string()))?;
         let mut reader = ObjectReader::new(value).map_err(DomainError::from)?;
@@ -60,11 +62,20 @@ impl<S: Surface, T: FromJsonBody> FromRequest<App> for ApiJson<S, T> {
 }
 
 fn is_json(headers: &axum::http::HeaderMap) -> bool {
-    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Reads the fields of a JSON object, recording every missing, mistyped or unknown field.
@@ -108,7 +119,11 @@ impl ObjectReader {
         match self.take(key) {
             Some(Value::String(text)) => Some(text),
             None => {
-                self.errors.push(FieldError::new(FieldPath::body(key), codes::REQUIRED, "is required"));
+                self.errors.push(FieldError::new(
+                    FieldPath::body(key),
+                    codes::REQUIRED,
+                    "is required",
+                ));
                 None
             }
             Some(_) => {
@@ -173,7 +188,11 @@ impl ObjectReader {
 
     /// Every error recorded, plus one per unknown field: a typo must not silently drop a restriction.
     pub fn finish(mut self) -> Vec<FieldError> {
-        let mut unknown: Vec<&String> = self.object.keys().filter(|k| !self.known.contains(&k.as_str())).collect();
+        let mut unknown: Vec<&String> = self
+            .object
+            .keys()
+            .filter(|k| !self.known.contains(&k.as_str()))
+            .collect();
         unknown.sort();
         for key in unknown {
             self.errors.push(FieldError::new(

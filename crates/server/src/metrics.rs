@@ -43,20 +43,40 @@ struct Inner {
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 17))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 17,
+    ))
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("keyplane");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let verified = Family::<KindLabels, Counter>::default();
         let rejected = Family::<ReasonLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests by method, route and status", requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", latency.clone());
-        registry.register("credentials_verified", "Credentials accepted, by kind", verified.clone());
-        registry.register("credentials_rejected", "Credentials rejected, by reason", rejected.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            latency.clone(),
+        );
+        registry.register(
+            "credentials_verified",
+            "Credentials accepted, by kind",
+            verified.clone(),
+        );
+        registry.register(
+            "credentials_rejected",
+            "Credentials rejected, by reason",
+            rejected.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
             requests,

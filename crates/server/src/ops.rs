@@ -30,7 +30,8 @@ pub struct OrgCreated {
 }
 
 fn first_org_token(name: &str) -> Result<OrgCreated, AppError> {
-    let name = keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
     let now = now();
     let tenant = Tenant {
         id: TenantId::new(),

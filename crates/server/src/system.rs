@@ -1,8 +1,8 @@
 //! Operations endpoints: health, readiness, metrics, the OpenAPI document and the API reference.
 
+use crate::aether::Aether;
 use crate::app::App;
 use crate::error::{ApiError, AppError};
-use crate::aether::Aether;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -52,7 +52,10 @@ async fn readyz(State(app): State<App>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = TAG, responses((status = 200, description = "Metrics.", content_type = "text/plain")))]
 async fn metrics(State(app): State<App>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         app.inner().metrics.render(),
     )
         .into_response()

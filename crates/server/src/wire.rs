@@ -5,7 +5,10 @@ use keyplane_core::Plaintext;
 use serde::Serializer;
 
 /// The only way a secret becomes JSON: the `token` field of a create or rotate response.
-pub fn one_time_secret<S: Serializer>(secret: &Plaintext, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn one_time_secret<S: Serializer>(
+    secret: &Plaintext,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())
 }
 

@@ -51,7 +51,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates `tenant` and `credential` only if this store has never been bootstrapped and holds
     /// no tenant. Returns whether it did. Safe to race: exactly one caller wins.
-    async fn bootstrap_once(&self, tenant: &Tenant, credential: &Credential) -> Result<bool, StoreError>;
+    async fn bootstrap_once(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<bool, StoreError>;
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
 
@@ -65,10 +69,16 @@ pub trait Store: Send + Sync + 'static {
         id: CredentialId,
     ) -> Result<Option<Credential>, StoreError>;
 
-    async fn list_credentials(&self, query: &ListCredentials) -> Result<Vec<Credential>, StoreError>;
+    async fn list_credentials(
+        &self,
+        query: &ListCredentials,
+    ) -> Result<Vec<Credential>, StoreError>;
 
     /// The verification lookup. The caller still checks revocation and expiry.
-    async fn find_credential_by_hash(&self, hash: &TokenHash) -> Result<Option<Credential>, StoreError>;
+    async fn find_credential_by_hash(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<Credential>, StoreError>;
 
     /// Replaces the secret, keeps the id. `NotFound` if absent, `Conflict` if revoked.
     async fn rotate_credential(
@@ -90,7 +100,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Credential, StoreError>;
 
     /// Applies a batch of coalesced `last_used_at` updates in one transaction.
-    async fn record_last_used(&self, uses: &[(CredentialId, DateTime<Utc>)]) -> Result<(), StoreError>;
+    async fn record_last_used(
+        &self,
+        uses: &[(CredentialId, DateTime<Utc>)],
+    ) -> Result<(), StoreError>;
 }
 
 /// Opens the store a URL names (`sqlite://...` or `postgres://...`) and applies migrations.

@@ -50,10 +50,17 @@ impl TryFrom<CredentialRow> for Credential {
     type Error = StoreError;
 
     fn try_from(row: CredentialRow) -> Result<Self, StoreError> {
-        let corrupt = |what: &str| StoreError::Other(anyhow::anyhow!("stored credential {} has a bad {what}", row.id));
+        let corrupt = |what: &str| {
+            StoreError::Other(anyhow::anyhow!(
+                "stored credential {} has a bad {what}",
+                row.id
+            ))
+        };
         let kind = CredentialKind::parse(&row.kind).ok_or_else(|| corrupt("kind"))?;
-        let secret_hash = TokenHash::from_bytes(&row.secret_hash).ok_or_else(|| corrupt("secret hash"))?;
-        let scopes: Vec<String> = serde_json::from_str(&row.scopes).map_err(|_| corrupt("scope list"))?;
+        let secret_hash =
+            TokenHash::from_bytes(&row.secret_hash).ok_or_else(|| corrupt("secret hash"))?;
+        let scopes: Vec<String> =
+            serde_json::from_str(&row.scopes).map_err(|_| corrupt("scope list"))?;
         Ok(Credential {
             id: CredentialId::from_uuid(row.id),
             tenant_id: TenantId::from_uuid(row.tenant_id),

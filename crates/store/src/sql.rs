@@ -4,7 +4,8 @@
 
 pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id";
 
-pub(crate) const INSERT_TENANT: &str = "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
+pub(crate) const INSERT_TENANT: &str =
+    "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
 pub(crate) const SELECT_TENANT: &str = "SELECT id, name, created_at FROM tenants WHERE id = $1";
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";

@@ -31,7 +31,8 @@ struct PostgresCleanup {
 }
 
 fn admin_url() -> String {
-    std::env::var("KEYPLANE_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string())
+    std::env::var("KEYPLANE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string())
 }
 
 impl TestDatabase {
@@ -76,7 +77,9 @@ impl TestDatabase {
 
 /// `postgres://u@h:p/db?x` with `db` replaced.
 fn replace_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let authority_end = base.find("://").map_or(0, |i| i + 3);
     let base = match base[authority_end..].find('/') {
         Some(slash) => &base[..authority_end + slash],
@@ -102,7 +105,9 @@ impl Drop for TestDatabase {
             runtime.block_on(async move {
                 let mut admin = PgConnection::connect(&cleanup.admin_url).await?;
                 admin
-                    .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", cleanup.name).as_str())
+                    .execute(
+                        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", cleanup.name).as_str(),
+                    )
                     .await?;
                 Ok::<_, sqlx::Error>(())
             })

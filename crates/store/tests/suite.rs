@@ -29,7 +29,10 @@ async fn fixture(backend: Backend) -> Fixture {
         created_at: now(),
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
-    store.create_tenant_with_credential(&tenant, &first).await.unwrap();
+    store
+        .create_tenant_with_credential(&tenant, &first)
+        .await
+        .unwrap();
     Fixture {
         store,
         tenant,
@@ -60,9 +63,17 @@ async fn created_credential_round_trips(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(got, credential);
-    let by_hash = f.store.find_credential_by_hash(&plaintext.hash()).await.unwrap().unwrap();
+    let by_hash = f
+        .store
+        .find_credential_by_hash(&plaintext.hash())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(by_hash.id, credential.id);
-    assert_eq!(f.store.get_tenant(f.tenant.id).await.unwrap(), Some(f.tenant.clone()));
+    assert_eq!(
+        f.store.get_tenant(f.tenant.id).await.unwrap(),
+        Some(f.tenant.clone())
+    );
 }
 
 async fn names_are_unique_among_live_credentials(backend: Backend) {
@@ -88,13 +99,28 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
     let (rotation, new) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let rotated = f
         .store
-        .rotate_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, &rotation)
+        .rotate_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            credential.id,
+            &rotation,
+        )
         .await
         .unwrap();
     assert_eq!(rotated.id, credential.id);
-    assert!(f.store.find_credential_by_hash(&old.hash()).await.unwrap().is_none());
+    assert!(f
+        .store
+        .find_credential_by_hash(&old.hash())
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(
-        f.store.find_credential_by_hash(&new.hash()).await.unwrap().unwrap().id,
+        f.store
+            .find_credential_by_hash(&new.hash())
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
         credential.id
     );
 }
@@ -106,12 +132,24 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
     let user = UserId::from_subject("https://idp", "alice");
     let first = f
         .store
-        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, now(), Some(user))
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            credential.id,
+            now(),
+            Some(user),
+        )
         .await
         .unwrap();
     let again = f
         .store
-        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, now() + TimeDelta::seconds(5), None)
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            credential.id,
+            now() + TimeDelta::seconds(5),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(first.revoked_at, again.revoked_at);
@@ -119,7 +157,12 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
     let (rotation, _) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     assert!(matches!(
         f.store
-            .rotate_credential(f.tenant.id, CredentialKind::ApiToken, credential.id, &rotation)
+            .rotate_credential(
+                f.tenant.id,
+                CredentialKind::ApiToken,
+                credential.id,
+                &rotation
+            )
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -166,16 +209,34 @@ async fn listing_pages_in_creation_order(backend: Backend) {
     let first = f.store.list_credentials(&query(None, false)).await.unwrap();
     let names: Vec<_> = first.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["bootstrap", "t0", "t1"]);
-    let second = f.store.list_credentials(&query(Some(first[2].id), false)).await.unwrap();
+    let second = f
+        .store
+        .list_credentials(&query(Some(first[2].id), false))
+        .await
+        .unwrap();
     let names: Vec<_> = second.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["t2", "t3", "t4"]);
     f.store
-        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, second[0].id, now(), None)
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            second[0].id,
+            now(),
+            None,
+        )
         .await
         .unwrap();
-    let live = f.store.list_credentials(&query(Some(first[2].id), false)).await.unwrap();
+    let live = f
+        .store
+        .list_credentials(&query(Some(first[2].id), false))
+        .await
+        .unwrap();
     assert_eq!(live.len(), 2);
-    let all = f.store.list_credentials(&query(Some(first[2].id), true)).await.unwrap();
+    let all = f
+        .store
+        .list_credentials(&query(Some(first[2].id), true))
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
 }
 
@@ -186,9 +247,17 @@ async fn last_used_batches_are_applied(backend: Backend) {
     f.store.insert_credential(&a).await.unwrap();
     f.store.insert_credential(&b).await.unwrap();
     let at = now();
-    f.store.record_last_used(&[(a.id, at), (b.id, at)]).await.unwrap();
+    f.store
+        .record_last_used(&[(a.id, at), (b.id, at)])
+        .await
+        .unwrap();
     for id in [a.id, b.id] {
-        let got = f.store.get_credential(f.tenant.id, CredentialKind::ApiToken, id).await.unwrap().unwrap();
+        let got = f
+            .store
+            .get_credential(f.tenant.id, CredentialKind::ApiToken, id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.last_used_at, Some(at));
     }
 }
@@ -196,10 +265,18 @@ async fn last_used_batches_are_applied(backend: Backend) {
 async fn bootstrap_happens_once(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = keyplane_store::connect(&db.url).await.unwrap();
-    let tenant = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "default".into(),
+        created_at: now(),
+    };
     let (credential, _) = new_token(tenant.id, "bootstrap");
     assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
-    let tenant2 = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let tenant2 = Tenant {
+        id: TenantId::new(),
+        name: "default".into(),
+        created_at: now(),
+    };
     let (credential2, _) = new_token(tenant2.id, "bootstrap");
     assert!(!store.bootstrap_once(&tenant2, &credential2).await.unwrap());
     // Reopening (a restart) applies migrations again without harm.
@@ -210,7 +287,11 @@ async fn bootstrap_happens_once(backend: Backend) {
 
 async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
     let f = fixture(backend).await;
-    let tenant = Tenant { id: TenantId::new(), name: "default".into(), created_at: now() };
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "default".into(),
+        created_at: now(),
+    };
     let (credential, _) = new_token(tenant.id, "bootstrap");
     assert!(!f.store.bootstrap_once(&tenant, &credential).await.unwrap());
 }

@@ -1,6 +1,8 @@
 //! `/api/v1/organizations/{orgID}/api-tokens`
 
-use super::wire::{ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, ErrorEnvelope};
+use super::wire::{
+    ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, ErrorEnvelope,
+};
 use super::{Aether, ApiError, TAG_API_TOKENS};
 use crate::app::App;
 use crate::extract::{path_id, ApiJson, Authenticated};
@@ -68,7 +70,11 @@ fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, 
     let cursor = match query.get("cursor").map(String::as_str) {
         None | Some("") => None,
         Some(raw) => CredentialId::parse(raw).or_else(|| {
-            errors.push(FieldError::new(FieldPath::query("cursor"), codes::INVALID_UUID, "must be a UUID"));
+            errors.push(FieldError::new(
+                FieldPath::query("cursor"),
+                codes::INVALID_UUID,
+                "must be a UUID",
+            ));
             None
         }),
     };
@@ -219,7 +225,9 @@ pub async fn rotate_api_token(
         .await
         .map_err(|e| match e {
             // Rotating a revoked token: gone, as far as Aether clients are concerned.
-            crate::error::AppError::Domain(DomainError::Conflict(_)) => DomainError::NotFound.into(),
+            crate::error::AppError::Domain(DomainError::Conflict(_)) => {
+                DomainError::NotFound.into()
+            }
             other => other,
         })?;
     Ok(Json(issued.into()))

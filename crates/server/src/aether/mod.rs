@@ -46,7 +46,13 @@ impl Surface for Aether {
 
 pub(crate) fn routes() -> OpenApiRouter<App> {
     OpenApiRouter::new()
-        .routes(routes!(api_tokens::list_api_tokens, api_tokens::create_api_token))
-        .routes(routes!(api_tokens::get_api_token, api_tokens::delete_api_token))
+        .routes(routes!(
+            api_tokens::list_api_tokens,
+            api_tokens::create_api_token
+        ))
+        .routes(routes!(
+            api_tokens::get_api_token,
+            api_tokens::delete_api_token
+        ))
         .routes(routes!(api_tokens::rotate_api_token))
 }

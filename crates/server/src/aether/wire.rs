@@ -35,7 +35,11 @@ impl FromJsonBody for CreateApiTokenRequest {
         };
         let expires_at = match r.nullable_string("expires_at") {
             Ok(Some(raw)) => r
-                .check(validate::expires_at(FieldPath::body("expires_at"), &raw, now))
+                .check(validate::expires_at(
+                    FieldPath::body("expires_at"),
+                    &raw,
+                    now,
+                ))
                 .map(Some),
             Ok(None) => Some(None),
             Err(()) => None,

@@ -1,0 +1,190 @@
+use keyplane_server::{ops, App, Config};
+use keyplane_store::testing::{Backend, TestDatabase};
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Emits one `#[tokio::test]` per backend for each listed `async fn case(Backend)`.
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$case(keyplane_store::testing::Backend::Sqlite).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case(keyplane_store::testing::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use both_backends;
+
+/// The defaults tests run with: no rate limit (tests send bursts), fast `last_used_at` flushes.
+pub fn test_config() -> Config {
+    Config {
+        rate_limit_per_minute: 0,
+        last_used_flush_interval: Duration::from_millis(100),
+        ..Config::default()
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub app: App,
+    client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    _db: TestDatabase,
+}
+
+/// An organization and its `*` token, made by the code `admin create-org` runs.
+pub struct Org {
+    pub id: String,
+    pub token: String,
+}
+
+impl Org {
+    pub fn path(&self, rest: &str) -> String {
+        format!("/api/v1/organizations/{}{rest}", self.id)
+    }
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, test_config()).await
+    }
+
+    pub async fn spawn_with(backend: Backend, config: Config) -> Self {
+        crate::logs::capture();
+        let db = TestDatabase::new(backend).await;
+        let store = keyplane_store::connect(&db.url)
+            .await
+            .expect("open the test store");
+        let app = App::new(store, config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, stop) = oneshot::channel::<()>();
+        tokio::spawn(keyplane_server::serve(listener, app.clone(), async move {
+            let _ = stop.await;
+        }));
+        Self {
+            base,
+            app,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            shutdown: Some(shutdown),
+            _db: db,
+        }
+    }
+
+    pub async fn create_org(&self, name: &str) -> Org {
+        let created = ops::create_org(self.app.store().as_ref(), name)
+            .await
+            .expect("create org");
+        Org {
+            id: created.tenant.id.to_string(),
+            token: created.token.secret.expose_secret().to_string(),
+        }
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let builder = self.client.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.request(Method::GET, path, Some(token))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Response {
+        self.request(Method::DELETE, path, Some(token))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
+        self.request(Method::POST, path, Some(token))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates an API token in `org` with `scopes`, asserting 201; returns the response body.
+    pub async fn create_token(&self, org: &Org, name: &str, scopes: &[&str]) -> Value {
+        let res = self
+            .post(
+                &org.path("/api-tokens"),
+                &org.token,
+                serde_json::json!({ "name": name, "scopes": scopes }),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "creating token {name}");
+        res.json().await.unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Asserts the Aether error envelope and returns its `details` (empty if absent).
+pub async fn assert_error(res: Response, status: u16, code: &str) -> Vec<Value> {
+    assert_eq!(res.status(), status, "status");
+    let body: Value = res.json().await.expect("error body is JSON");
+    assert_eq!(body["error"]["code"], code, "error code in {body}");
+    assert!(body["error"]["message"].is_string(), "message in {body}");
+    body["error"]["details"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The `(field, code)` pairs of an error's details.
+pub fn fields(details: &[Value]) -> Vec<(String, String)> {
+    details
+        .iter()
+        .map(|d| {
+            assert!(d["message"].is_string());
+            (
+                d["field"].as_str().unwrap().to_string(),
+                d["code"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (bounded) until `check` holds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

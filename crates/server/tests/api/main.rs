@@ -1,0 +1,8 @@
+//! Black-box tests: the real server on a random loopback port, spoken to over HTTP, against
+//! SQLite and against PostgreSQL.
+
+mod helpers;
+
+mod aether_api_tokens;
+mod logs;
+mod operations;
