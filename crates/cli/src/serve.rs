@@ -32,14 +32,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
 
-    if let Some(created) = ops::bootstrap(store.as_ref())
-        .await
-        .map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?
-    {
-        let path = args.store.data_dir.join("bootstrap.json");
-        write_bootstrap(&path, &created).with_context(|| format!("writing {}", path.display()))?;
-        tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");
-    }
+    bootstrap(store.as_ref(), &args.store.data_dir).await?;
 
     let config = Config {
         rate_limit_per_minute: args.rate_limit_per_minute,
@@ -56,14 +49,43 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `{"org_id", "token"}` with mode 0600: the token is a `*` credential.
-fn write_bootstrap(path: &Path, created: &ops::OrgCreated) -> std::io::Result<()> {
+/// On an empty store: org `default` and a `*` token, written to `<data-dir>/bootstrap.json`.
+/// The file is written (mode 0600, fresh inode) before the store commits, and only moved into place
+/// once it has, so the token can neither be lost nor land in a file others can read.
+async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow::Result<()> {
+    let created =
+        ops::mint_first_org("default").map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?;
+    let path = data_dir.join("bootstrap.json");
+    let pending = data_dir.join("bootstrap.json.pending");
+    write_private(&pending, &crate::admin::org_json(&created))
+        .with_context(|| format!("writing {}", pending.display()))?;
+    let bootstrapped = ops::bootstrap(store, &created).await;
+    match bootstrapped {
+        Ok(true) => {
+            std::fs::rename(&pending, &path)
+                .with_context(|| format!("moving the bootstrap token to {}", path.display()))?;
+            tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");
+            Ok(())
+        }
+        Ok(false) => Ok(std::fs::remove_file(&pending)?),
+        Err(e) => {
+            let _ = std::fs::remove_file(&pending);
+            Err(anyhow::anyhow!("bootstrap failed: {e}"))
+        }
+    }
+}
+
+/// Writes `body` to a new file only its owner can read, replacing any stale one.
+fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let body = crate::admin::org_json(created);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -76,7 +98,9 @@ fn write_bootstrap(path: &Path, created: &ops::OrgCreated) -> std::io::Result<()
 
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let terminate = async {

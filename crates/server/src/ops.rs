@@ -29,7 +29,8 @@ pub struct OrgCreated {
     pub token: Issued,
 }
 
-fn first_org_token(name: &str) -> Result<OrgCreated, AppError> {
+/// Mints a tenant and its first `*` token without storing them.
+pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
     let name =
         keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
     let now = now();
@@ -55,20 +56,19 @@ fn first_org_token(name: &str) -> Result<OrgCreated, AppError> {
 
 /// `keyplane admin create-org`: a tenant and a `*` token, in one transaction.
 pub async fn create_org(store: &dyn Store, name: &str) -> Result<OrgCreated, AppError> {
-    let created = first_org_token(name)?;
+    let created = mint_first_org(name)?;
     store
         .create_tenant_with_credential(&created.tenant, &created.token.credential)
         .await?;
     Ok(created)
 }
 
-/// `serve` on an empty store: org `default` and its token, at most once per store.
-pub async fn bootstrap(store: &dyn Store) -> Result<Option<OrgCreated>, AppError> {
-    let created = first_org_token("default")?;
-    let done = store
+/// `serve` on an empty store: stores `created` (from [`mint_first_org`]) if and only if this store
+/// was never bootstrapped and holds no tenant. Returns whether it did.
+pub async fn bootstrap(store: &dyn Store, created: &OrgCreated) -> Result<bool, AppError> {
+    Ok(store
         .bootstrap_once(&created.tenant, &created.token.credential)
-        .await?;
-    Ok(done.then_some(created))
+        .await?)
 }
 
 /// What a caller asks for when creating a credential, validated by the surface.

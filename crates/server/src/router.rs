@@ -121,22 +121,29 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let background = tokio::spawn(background_work(app.clone()));
+    let (stop_background, stopped) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(background_work(app.clone(), stopped));
     let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await;
-    background.abort();
+    // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
+    let _ = stop_background.send(true);
+    let _ = background.await;
     app.flush_usage().await;
     served
 }
 
-/// Periodic work: flush coalesced `last_used_at`, forget idle rate-limit buckets.
-async fn background_work(app: App) {
+/// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit
+/// buckets.
+async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(app.inner().config.last_used_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
         app.flush_usage().await;
         if let Some(limiter) = &app.inner().rate_limiter {
             limiter.prune();
