@@ -21,13 +21,13 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// An API token acts with exactly the scopes it holds.
-    pub fn for_api_token(credential: &Credential) -> Self {
+    /// A credential acting with `rights` (an API token's scopes, a service account's grants).
+    pub fn for_credential(credential: &Credential, rights: ScopeSet) -> Self {
         Self {
             tenant_id: credential.tenant_id,
             credential_id: credential.id,
             kind: credential.kind,
-            rights: credential.scopes.clone(),
+            rights,
             user_id: None,
             expires_at: credential.expires_at,
         }

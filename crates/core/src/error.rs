@@ -109,6 +109,9 @@ pub mod codes {
     pub const TOO_MANY: &str = "too_many";
     pub const OUT_OF_RANGE: &str = "out_of_range";
     pub const INVALID_UUID: &str = "invalid_uuid";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const INVALID_CHOICE: &str = "invalid_choice";
+    pub const INVALID_BOOL: &str = "invalid_bool";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -51,6 +51,22 @@ uuid_id!(
     /// A human user, from an OAuth/OIDC `sub`.
     UserId
 );
+uuid_id!(
+    /// A grant (Hybridbox "authorization").
+    GrantId
+);
+
+impl GrantId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for GrantId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl TenantId {
     pub fn new() -> Self {

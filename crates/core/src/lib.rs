@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod credential;
 pub mod error;
+pub mod grant;
 pub mod ids;
 pub mod scope;
 pub mod secret;
@@ -18,6 +19,7 @@ pub use credential::{
     Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable,
 };
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
-pub use ids::{CredentialId, TenantId, UserId};
+pub use grant::{Grant, GrantKind, GrantResource, NewGrant, SubjectType};
+pub use ids::{CredentialId, GrantId, TenantId, UserId};
 pub use scope::{Capability, Scope, ScopeSet};
 pub use secret::{Plaintext, TokenHash};

@@ -5,7 +5,7 @@ use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
-use keyplane_core::{token, CredentialKind, Principal, ScopeSet};
+use keyplane_core::{token, CredentialKind, Principal};
 use keyplane_store::Store;
 use std::sync::Arc;
 
@@ -47,16 +47,14 @@ impl Verifier {
         credential
             .usable_at(now)
             .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
-        let principal = match credential.kind {
-            CredentialKind::ApiToken => Principal::for_api_token(&credential),
-            // Service accounts act through grants; until they hold one they can do nothing.
-            CredentialKind::ServiceAccount => Principal {
-                rights: ScopeSet::empty(),
-                ..Principal::for_api_token(&credential)
-            },
+        if credential.kind == CredentialKind::RobotAccount {
             // Robot secrets log in to the registry only.
-            CredentialKind::RobotAccount => return Err(AppError::Unauthenticated("robot secret")),
-        };
+            return Err(AppError::Unauthenticated("robot secret"));
+        }
+        let principal = Principal::for_credential(
+            &credential,
+            crate::ops::rights_of(self.store.as_ref(), &credential).await?,
+        );
         self.usage.record(credential.id, now);
         Ok(principal)
     }

@@ -177,6 +177,39 @@ impl ObjectReader {
         }
     }
 
+    /// A required string that must be one of a fixed set of values.
+    pub fn choice<T>(
+        &mut self,
+        key: &'static str,
+        parse: fn(&str) -> Option<T>,
+        allowed: &[&str],
+    ) -> Option<T> {
+        let text = self.string(key)?;
+        let parsed = parse(&text);
+        if parsed.is_none() {
+            self.errors.push(FieldError::new(
+                FieldPath::body(key),
+                codes::INVALID_CHOICE,
+                format!("must be one of: {}", allowed.join(", ")),
+            ));
+        }
+        parsed
+    }
+
+    /// A required UUID string.
+    pub fn uuid(&mut self, key: &'static str) -> Option<uuid::Uuid> {
+        let text = self.string(key)?;
+        let parsed = uuid::Uuid::parse_str(&text).ok();
+        if parsed.is_none() {
+            self.errors.push(FieldError::new(
+                FieldPath::body(key),
+                codes::INVALID_UUID,
+                "must be a UUID",
+            ));
+        }
+        parsed
+    }
+
     /// Records the outcome of a domain rule; `None` if it failed.
     pub fn check<T>(&mut self, result: Result<T, FieldError>) -> Option<T> {
         result.map_err(|e| self.errors.push(e)).ok()
@@ -202,6 +235,27 @@ impl ObjectReader {
             ));
         }
         self.errors
+    }
+}
+
+/// A boolean query parameter, read as FastAPI/pydantic read them (`true`/`false`, `1`/`0`,
+/// `yes`/`no`, `on`/`off`); absent is `default`.
+pub fn query_bool(
+    query: &std::collections::HashMap<String, String>,
+    name: &str,
+    default: bool,
+) -> Result<bool, FieldError> {
+    let Some(raw) = query.get(name) else {
+        return Ok(default);
+    };
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" | "t" | "y" => Ok(true),
+        "false" | "0" | "no" | "off" | "f" | "n" => Ok(false),
+        _ => Err(FieldError::new(
+            FieldPath::query(name),
+            codes::INVALID_BOOL,
+            "must be a boolean (true or false)",
+        )),
     }
 }
 

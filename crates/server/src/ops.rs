@@ -4,12 +4,15 @@
 use crate::app::App;
 use crate::error::AppError;
 use chrono::{DateTime, Utc};
+use keyplane_core::error::codes;
+use keyplane_core::grant::rights_from_grants;
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldPath,
-    NewCredential, Plaintext, Principal, Rotation, ScopeSet, Tenant, TenantId,
+    Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldError,
+    FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Rotation, ScopeSet,
+    SubjectType, Tenant, TenantId,
 };
-use keyplane_store::{ListCredentials, Store, StoreError};
+use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 
 /// The clock, at the precision both stores keep.
@@ -91,6 +94,32 @@ pub const API_TOKENS: KindRights = KindRights {
     read: Capability::ApiTokensRead,
     write: Capability::ApiTokensWrite,
 };
+
+/// Service accounts are managed with `auth.manage`, as Hybridbox documents.
+pub const SERVICE_ACCOUNTS: KindRights = KindRights {
+    kind: CredentialKind::ServiceAccount,
+    read: Capability::AuthManage,
+    write: Capability::AuthManage,
+};
+
+/// What a credential may do in its tenant: an API token holds its scopes; a service account holds
+/// what its live grants confer, and nothing without one.
+pub async fn rights_of(store: &dyn Store, credential: &Credential) -> Result<ScopeSet, AppError> {
+    match credential.kind {
+        CredentialKind::ApiToken => Ok(credential.scopes.clone()),
+        CredentialKind::ServiceAccount => {
+            let grants = store
+                .list_grants(&GrantFilter::live_for(
+                    credential.tenant_id,
+                    SubjectType::ServiceAccount,
+                    credential.id.as_uuid(),
+                ))
+                .await?;
+            Ok(rights_from_grants(&grants))
+        }
+        CredentialKind::RobotAccount => Ok(ScopeSet::empty()),
+    }
+}
 
 fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
     match error {
@@ -191,7 +220,7 @@ pub async fn rotate_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
-    who.may_delegate(&current.scopes)?;
+    who.may_delegate(&rights_of(app.store().as_ref(), &current).await?)?;
     let (rotation, secret) = Rotation::mint(rights.kind, now(), &mut OsRng);
     let credential = app
         .store()
@@ -220,4 +249,60 @@ pub async fn revoke_credential(
         tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential revoked");
     }
     Ok((credential, revoked_now))
+}
+
+/// Grants a right. Needs `auth.manage`, and the grantor must hold what it grants. A service-account
+/// subject must be a live service account of the same tenant.
+pub async fn create_grant(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    grant: NewGrant,
+) -> Result<Grant, AppError> {
+    who.require(tenant, Capability::AuthManage)?;
+    who.may_grant(&grant)?;
+    if grant.subject_type == SubjectType::ServiceAccount {
+        let subject = app
+            .store()
+            .get_credential(
+                tenant,
+                CredentialKind::ServiceAccount,
+                CredentialId::from_uuid(grant.subject_id),
+            )
+            .await?;
+        if !subject.is_some_and(|s| !s.is_revoked()) {
+            return Err(DomainError::from(FieldError::new(
+                FieldPath::body("subject_id"),
+                codes::NOT_FOUND,
+                "no live service account with this id in this account",
+            ))
+            .into());
+        }
+    }
+    let grant = grant.issue(tenant, now(), who.user_id);
+    app.store().insert_grant(&grant).await?;
+    tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.credential_id, "grant created");
+    Ok(grant)
+}
+
+pub async fn list_grants(
+    app: &App,
+    who: &Principal,
+    filter: GrantFilter,
+) -> Result<Vec<Grant>, AppError> {
+    who.require(filter.tenant_id, Capability::AuthManage)?;
+    Ok(app.store().list_grants(&filter).await?)
+}
+
+/// Revokes a grant; idempotent. The subject loses the right on its next request.
+pub async fn revoke_grant(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    id: GrantId,
+) -> Result<Grant, AppError> {
+    who.require(tenant, Capability::AuthManage)?;
+    let grant = app.store().revoke_grant(tenant, id, now()).await?;
+    tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.credential_id, "grant revoked");
+    Ok(grant)
 }

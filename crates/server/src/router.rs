@@ -49,6 +49,7 @@ impl Modify for BearerAuth {
 fn api_routes() -> OpenApiRouter<App> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::aether::routes())
+        .merge(crate::hybridbox::routes())
         .merge(crate::system::routes())
 }
 

@@ -15,7 +15,8 @@ pub mod testing;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, Rotation, Tenant, TenantId, TokenHash, UserId,
+    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, Rotation, SubjectType,
+    Tenant, TenantId, TokenHash, UserId,
 };
 use std::sync::Arc;
 
@@ -33,6 +34,35 @@ pub struct ListCredentials {
     /// `None`: every match.
     pub limit: Option<u32>,
     pub include_revoked: bool,
+}
+
+/// Which grants of a tenant to list; `None` fields match anything.
+#[derive(Debug, Clone)]
+pub struct GrantFilter {
+    pub tenant_id: TenantId,
+    pub subject_type: Option<SubjectType>,
+    pub subject_id: Option<uuid::Uuid>,
+    pub kind: Option<GrantKind>,
+    pub capability_key: Option<String>,
+    pub include_revoked: bool,
+}
+
+impl GrantFilter {
+    /// The live grants of one subject: what its rights are computed from.
+    pub fn live_for(
+        tenant_id: TenantId,
+        subject_type: SubjectType,
+        subject_id: uuid::Uuid,
+    ) -> Self {
+        Self {
+            tenant_id,
+            subject_type: Some(subject_type),
+            subject_id: Some(subject_id),
+            kind: None,
+            capability_key: None,
+            include_revoked: false,
+        }
+    }
 }
 
 #[async_trait]
@@ -98,6 +128,20 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
         by_user: Option<UserId>,
     ) -> Result<Credential, StoreError>;
+
+    /// `Conflict` when the same live grant exists.
+    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError>;
+
+    /// Grants in creation order.
+    async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError>;
+
+    /// Permanent and idempotent, like credential revocation. `NotFound` outside the tenant.
+    async fn revoke_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+        at: DateTime<Utc>,
+    ) -> Result<Grant, StoreError>;
 
     /// Applies a batch of coalesced `last_used_at` updates in one transaction.
     async fn record_last_used(

@@ -4,8 +4,8 @@
 use crate::StoreError;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, ScopeSet, Tenant, TenantId, TokenDisplay, TokenHash,
-    UserId,
+    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, GrantResource, Scope,
+    ScopeSet, SubjectType, Tenant, TenantId, TokenDisplay, TokenHash, UserId,
 };
 use uuid::Uuid;
 
@@ -86,4 +86,50 @@ impl TryFrom<CredentialRow> for Credential {
 
 pub(crate) fn scopes_json(scopes: &ScopeSet) -> String {
     serde_json::Value::from(scopes.to_strings()).to_string()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GrantRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    grant_kind: String,
+    subject_type: String,
+    subject_id: Uuid,
+    capability_key: Option<String>,
+    resource_type: Option<String>,
+    resource_id: Option<String>,
+    created_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+    created_by_user_id: Option<Uuid>,
+}
+
+impl TryFrom<GrantRow> for Grant {
+    type Error = StoreError;
+
+    fn try_from(row: GrantRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Other(anyhow::anyhow!("stored grant {} has a bad {what}", row.id))
+        };
+        Ok(Grant {
+            id: GrantId::from_uuid(row.id),
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            kind: GrantKind::parse(&row.grant_kind).ok_or_else(|| corrupt("grant kind"))?,
+            subject_type: SubjectType::parse(&row.subject_type)
+                .ok_or_else(|| corrupt("subject type"))?,
+            subject_id: row.subject_id,
+            capability_key: row
+                .capability_key
+                .as_deref()
+                .map(Scope::parse)
+                .transpose()
+                .map_err(|_| corrupt("capability key"))?,
+            resource: GrantResource {
+                resource_type: row.resource_type,
+                resource_id: row.resource_id,
+            },
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+            created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
+        })
+    }
 }

@@ -13,6 +13,9 @@ pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
 pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
 
+pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
+pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
 /// Implements [`crate::Store`] for `$store`, whose `pool` field is a `sqlx::Pool<$db>`.
 macro_rules! impl_store {
     ($store:ty, $backend:literal) => {
@@ -229,6 +232,76 @@ macro_rules! impl_store {
                         .await?
                         .ok_or($crate::StoreError::NotFound),
                 }
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
+            async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::INSERT_GRANT)
+                    .bind(grant.id.as_uuid())
+                    .bind(grant.tenant_id.as_uuid())
+                    .bind(grant.kind.as_str())
+                    .bind(grant.subject_type.as_str())
+                    .bind(grant.subject_id)
+                    .bind(grant.capability_key.as_ref().map(|k| k.as_str()))
+                    .bind(&grant.resource.resource_type)
+                    .bind(&grant.resource.resource_id)
+                    .bind(grant.created_at)
+                    .bind(grant.revoked_at)
+                    .bind(grant.created_by_user_id.map(|u| u.as_uuid()))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| match $crate::StoreError::from(e) {
+                        $crate::StoreError::Conflict(_) => {
+                            $crate::StoreError::Conflict("the same live grant already exists".into())
+                        }
+                        other => other,
+                    })?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %filter.tenant_id))]
+            async fn list_grants(
+                &self,
+                filter: &$crate::GrantFilter,
+            ) -> Result<Vec<keyplane_core::Grant>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM grants WHERE tenant_id = $1 \
+                     AND ($2 IS NULL OR subject_type = $2) AND ($3 IS NULL OR subject_id = $3) \
+                     AND ($4 IS NULL OR grant_kind = $4) AND ($5 IS NULL OR capability_key = $5) \
+                     AND ($6 OR revoked_at IS NULL) ORDER BY id",
+                    $crate::sql::GRANT_COLUMNS
+                );
+                let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                    .bind(filter.tenant_id.as_uuid())
+                    .bind(filter.subject_type.map(|t| t.as_str()))
+                    .bind(filter.subject_id)
+                    .bind(filter.kind.map(|k| k.as_str()))
+                    .bind(&filter.capability_key)
+                    .bind(filter.include_revoked)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, grant.id = %id))]
+            async fn revoke_grant(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: keyplane_core::GrantId,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<keyplane_core::Grant, $crate::StoreError> {
+                let sql = format!(
+                    "UPDATE grants SET revoked_at = COALESCE(revoked_at, $1) \
+                     WHERE tenant_id = $2 AND id = $3 RETURNING {}",
+                    $crate::sql::GRANT_COLUMNS
+                );
+                let row: Option<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                    .bind(at)
+                    .bind(tenant_id.as_uuid())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.ok_or($crate::StoreError::NotFound)?.try_into()
             }
 
             #[tracing::instrument(skip_all, fields(count = uses.len()))]

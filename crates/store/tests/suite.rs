@@ -3,10 +3,11 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
-    Credential, CredentialKind, NewCredential, Rotation, ScopeSet, Tenant, TenantId, UserId,
+    Credential, CredentialKind, Grant, GrantKind, GrantResource, NewCredential, NewGrant, Rotation,
+    Scope, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_store::testing::{Backend, TestDatabase};
-use keyplane_store::{ListCredentials, Store, StoreError};
+use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 use std::sync::Arc;
 
@@ -296,6 +297,97 @@ async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
     assert!(!f.store.bootstrap_once(&tenant, &credential).await.unwrap());
 }
 
+fn capability_grant(tenant_id: TenantId, subject: uuid::Uuid, key: &str) -> Grant {
+    NewGrant {
+        kind: GrantKind::Capability,
+        subject_type: SubjectType::ServiceAccount,
+        subject_id: subject,
+        capability_key: Some(Scope::parse(key).unwrap()),
+        resource: GrantResource {
+            resource_type: None,
+            resource_id: None,
+        },
+    }
+    .issue(tenant_id, now(), None)
+}
+
+async fn grants_filter_conflict_and_revoke(backend: Backend) {
+    let f = fixture(backend).await;
+    let (sa, sb) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let a_manage = capability_grant(f.tenant.id, sa, "auth.manage");
+    let a_read = capability_grant(f.tenant.id, sa, "api_tokens:read");
+    let b_manage = capability_grant(f.tenant.id, sb, "auth.manage");
+    for g in [&a_manage, &a_read, &b_manage] {
+        f.store.insert_grant(g).await.unwrap();
+    }
+    assert!(matches!(
+        f.store
+            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let of_a = f
+        .store
+        .list_grants(&GrantFilter::live_for(
+            f.tenant.id,
+            SubjectType::ServiceAccount,
+            sa,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(of_a, vec![a_manage.clone(), a_read.clone()]);
+    let manage = f
+        .store
+        .list_grants(&GrantFilter {
+            capability_key: Some("auth.manage".into()),
+            ..GrantFilter::live_for(f.tenant.id, SubjectType::ServiceAccount, sa)
+        })
+        .await
+        .unwrap();
+    assert_eq!(manage, vec![a_manage.clone()]);
+    let all = GrantFilter {
+        subject_type: None,
+        subject_id: None,
+        ..GrantFilter::live_for(f.tenant.id, SubjectType::User, sa)
+    };
+    assert_eq!(f.store.list_grants(&all).await.unwrap().len(), 3);
+
+    let at = now();
+    let revoked = f
+        .store
+        .revoke_grant(f.tenant.id, a_manage.id, at)
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(at));
+    let again = f
+        .store
+        .revoke_grant(f.tenant.id, a_manage.id, at + TimeDelta::seconds(3))
+        .await
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(at));
+    assert_eq!(f.store.list_grants(&all).await.unwrap().len(), 2);
+    assert_eq!(
+        f.store
+            .list_grants(&GrantFilter {
+                include_revoked: true,
+                ..all
+            })
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // A revoked grant no longer blocks an identical new one.
+    f.store
+        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.revoke_grant(TenantId::new(), a_read.id, at).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -324,4 +416,5 @@ store_suite! {
     last_used_batches_are_applied,
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
+    grants_filter_conflict_and_revoke,
 }

@@ -1,0 +1,281 @@
+//! Grants: how service accounts (and, later, users and groups) receive rights in a tenant, as
+//! Hybridbox's `/auth/authorizations` exposes them.
+
+use crate::error::{codes, Error, FieldError, FieldPath};
+use crate::ids::{GrantId, TenantId, UserId};
+use crate::scope::{Scope, ScopeSet};
+use crate::Principal;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    /// One capability key.
+    Capability,
+    /// Everything in the account (`*`).
+    AccountOwner,
+    /// Platform operator. Only a super admin may grant it; in its tenant it means `*`.
+    SuperAdmin,
+}
+
+impl GrantKind {
+    pub const ALL: [GrantKind; 3] = [
+        GrantKind::Capability,
+        GrantKind::AccountOwner,
+        GrantKind::SuperAdmin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Capability => "capability",
+            GrantKind::AccountOwner => "account_owner",
+            GrantKind::SuperAdmin => "super_admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubjectType {
+    User,
+    Group,
+    ServiceAccount,
+}
+
+impl SubjectType {
+    pub const ALL: [SubjectType; 3] = [
+        SubjectType::User,
+        SubjectType::Group,
+        SubjectType::ServiceAccount,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectType::User => "user",
+            SubjectType::Group => "group",
+            SubjectType::ServiceAccount => "service_account",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// An optional narrowing of a grant to one resource. keyplane checks no resource-level rights yet,
+/// so a narrowed grant confers nothing tenant-wide; it is stored and listed for the platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantResource {
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+}
+
+impl GrantResource {
+    pub fn is_tenant_wide(&self) -> bool {
+        self.resource_type.is_none() && self.resource_id.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub id: GrantId,
+    pub tenant_id: TenantId,
+    pub kind: GrantKind,
+    pub subject_type: SubjectType,
+    pub subject_id: Uuid,
+    /// Set exactly when `kind` is `Capability`.
+    pub capability_key: Option<Scope>,
+    pub resource: GrantResource,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub created_by_user_id: Option<UserId>,
+}
+
+/// A validated request for a grant.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub kind: GrantKind,
+    pub subject_type: SubjectType,
+    pub subject_id: Uuid,
+    pub capability_key: Option<Scope>,
+    pub resource: GrantResource,
+}
+
+impl NewGrant {
+    /// Checks the shape rules that tie fields together (`capability_key` iff `capability`).
+    pub fn check_shape(&self) -> Result<(), FieldError> {
+        match (self.kind, &self.capability_key) {
+            (GrantKind::Capability, None) => Err(FieldError::new(
+                FieldPath::body("capability_key"),
+                codes::REQUIRED,
+                "is required when grant_kind is capability",
+            )),
+            (GrantKind::AccountOwner | GrantKind::SuperAdmin, Some(_)) => Err(FieldError::new(
+                FieldPath::body("capability_key"),
+                codes::INVALID_FORMAT,
+                "must be null unless grant_kind is capability",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn issue(self, tenant_id: TenantId, now: DateTime<Utc>, by_user: Option<UserId>) -> Grant {
+        Grant {
+            id: GrantId::new(),
+            tenant_id,
+            kind: self.kind,
+            subject_type: self.subject_type,
+            subject_id: self.subject_id,
+            capability_key: self.capability_key,
+            resource: self.resource,
+            created_at: now,
+            revoked_at: None,
+            created_by_user_id: by_user,
+        }
+    }
+}
+
+/// The scopes a set of live, tenant-wide grants confers.
+pub fn rights_from_grants(grants: &[Grant]) -> ScopeSet {
+    let mut scopes: Vec<String> = Vec::new();
+    for grant in grants
+        .iter()
+        .filter(|g| g.revoked_at.is_none() && g.resource.is_tenant_wide())
+    {
+        let scope = match (grant.kind, &grant.capability_key) {
+            (GrantKind::AccountOwner | GrantKind::SuperAdmin, _) => {
+                crate::scope::WILDCARD.to_string()
+            }
+            (GrantKind::Capability, Some(key)) => key.as_str().to_string(),
+            (GrantKind::Capability, None) => continue,
+        };
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    ScopeSet::from_trusted(scopes)
+}
+
+impl Principal {
+    /// A grant can never give more than its grantor holds.
+    pub fn may_grant(&self, grant: &NewGrant) -> Result<(), Error> {
+        let needed = match (grant.kind, &grant.capability_key) {
+            (GrantKind::SuperAdmin, _) => {
+                return Err(Error::Forbidden(
+                    "super_admin can only be granted by the platform operator".into(),
+                ))
+            }
+            (GrantKind::AccountOwner, _) => ScopeSet::wildcard(),
+            (GrantKind::Capability, Some(key)) => {
+                ScopeSet::from_trusted(vec![key.as_str().to_string()])
+            }
+            (GrantKind::Capability, None) => ScopeSet::empty(),
+        };
+        self.may_delegate(&needed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Capability, CredentialId, CredentialKind};
+
+    fn grant(kind: GrantKind, key: Option<&str>, resource: Option<&str>) -> Grant {
+        NewGrant {
+            kind,
+            subject_type: SubjectType::ServiceAccount,
+            subject_id: Uuid::new_v4(),
+            capability_key: key.map(|k| Scope::parse(k).unwrap()),
+            resource: GrantResource {
+                resource_type: resource.map(str::to_string),
+                resource_id: None,
+            },
+        }
+        .issue(TenantId::new(), Utc::now(), None)
+    }
+
+    #[test]
+    fn rights_are_the_union_of_live_tenant_wide_grants() {
+        let mut revoked = grant(GrantKind::Capability, Some("api_tokens:write"), None);
+        revoked.revoked_at = Some(Utc::now());
+        let grants = vec![
+            grant(GrantKind::Capability, Some("auth.manage"), None),
+            grant(GrantKind::Capability, Some("auth.manage"), None),
+            grant(
+                GrantKind::Capability,
+                Some("registry:write"),
+                Some("project"),
+            ),
+            revoked,
+        ];
+        let rights = rights_from_grants(&grants);
+        assert_eq!(rights.to_strings(), ["auth.manage"]);
+        assert!(rights.grants(Capability::AuthManage));
+        assert!(!rights.grants(Capability::ApiTokensWrite));
+        assert!(!rights.grants(Capability::RegistryWrite));
+        assert!(
+            rights_from_grants(&[grant(GrantKind::AccountOwner, None, None)])
+                .grants(Capability::ApiTokensWrite)
+        );
+        assert!(rights_from_grants(&[]).to_strings().is_empty());
+    }
+
+    #[test]
+    fn a_grantor_gives_only_what_it_holds() {
+        let principal = |scopes: ScopeSet| Principal {
+            tenant_id: TenantId::new(),
+            credential_id: CredentialId::new(),
+            kind: CredentialKind::ServiceAccount,
+            rights: scopes,
+            user_id: None,
+            expires_at: None,
+        };
+        let manager = principal(ScopeSet::from_trusted(vec!["auth.manage".into()]));
+        let new = |kind, key: Option<&str>| NewGrant {
+            kind,
+            subject_type: SubjectType::ServiceAccount,
+            subject_id: Uuid::new_v4(),
+            capability_key: key.map(|k| Scope::parse(k).unwrap()),
+            resource: GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        };
+        assert!(manager
+            .may_grant(&new(GrantKind::Capability, Some("auth.manage")))
+            .is_ok());
+        assert!(manager
+            .may_grant(&new(GrantKind::Capability, Some("api_tokens:write")))
+            .is_err());
+        assert!(manager
+            .may_grant(&new(GrantKind::AccountOwner, None))
+            .is_err());
+        let owner = principal(ScopeSet::wildcard());
+        assert!(owner.may_grant(&new(GrantKind::AccountOwner, None)).is_ok());
+        assert!(owner.may_grant(&new(GrantKind::SuperAdmin, None)).is_err());
+    }
+
+    #[test]
+    fn capability_key_goes_with_capability_grants_only() {
+        let shape = |kind, key: Option<&str>| {
+            NewGrant {
+                kind,
+                subject_type: SubjectType::User,
+                subject_id: Uuid::new_v4(),
+                capability_key: key.map(|k| Scope::parse(k).unwrap()),
+                resource: GrantResource {
+                    resource_type: None,
+                    resource_id: None,
+                },
+            }
+            .check_shape()
+        };
+        assert!(shape(GrantKind::Capability, Some("auth.manage")).is_ok());
+        assert!(shape(GrantKind::Capability, None).is_err());
+        assert!(shape(GrantKind::AccountOwner, Some("auth.manage")).is_err());
+        assert!(shape(GrantKind::AccountOwner, None).is_ok());
+    }
+}

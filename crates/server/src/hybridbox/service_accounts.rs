@@ -1,0 +1,163 @@
+//! `/v1/public/accounts/{account_id}/auth/service-accounts`
+
+use super::wire::{
+    CreateServiceAccountRequest, ErrorMessage, ServiceAccountCreated, ServiceAccountView,
+    ValidationErrorBody,
+};
+use super::{ApiError, Hybridbox, TAG_SERVICE_ACCOUNTS};
+use crate::app::App;
+use crate::extract::{path_id, query_bool, ApiJson, Authenticated};
+use crate::ops::{self, CredentialSpec, SERVICE_ACCOUNTS};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use keyplane_core::{CredentialId, Error as DomainError, ScopeSet, TenantId};
+use std::collections::HashMap;
+
+type Caller = Authenticated<Hybridbox>;
+
+pub(super) fn account_id(raw: &str) -> Result<TenantId, DomainError> {
+    path_id("account_id", raw, TenantId::parse)
+}
+
+fn service_account_id(raw: &str) -> Result<CredentialId, DomainError> {
+    path_id("service_account_id", raw, CredentialId::parse)
+}
+
+/// List Service Accounts
+///
+/// Every service account of the account, oldest first; revoked ones only with
+/// `include_revoked=true`. Tokens are never returned. Needs `auth.manage`.
+#[utoipa::path(
+    get, path = "/v1/public/accounts/{account_id}/auth/service-accounts", tag = TAG_SERVICE_ACCOUNTS,
+    params(
+        ("account_id" = Uuid, Path),
+        ("include_revoked" = Option<bool>, Query, description = "Include revoked service accounts (default false)."),
+    ),
+    responses(
+        (status = 200, description = "Successful Response", body = Vec<ServiceAccountView>),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
+        (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
+        (status = 404, description = "No such account for this caller.", body = ErrorMessage),
+        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn list_service_accounts(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<ServiceAccountView>>, ApiError> {
+    let account = account_id(&account)?;
+    let include_revoked =
+        query_bool(&query, "include_revoked", false).map_err(DomainError::from)?;
+    let (accounts, _) = ops::list_credentials(
+        &app,
+        &who,
+        account,
+        SERVICE_ACCOUNTS,
+        None,
+        None,
+        include_revoked,
+    )
+    .await?;
+    Ok(Json(
+        accounts.into_iter().map(ServiceAccountView::from).collect(),
+    ))
+}
+
+/// Create Service Account
+///
+/// Creates a service account and its bearer token (`hbx_sa_<public id>_<secret>`), returned only in
+/// this response. A new service account can do nothing until it is granted rights through
+/// `/auth/authorizations`. Needs `auth.manage`.
+#[utoipa::path(
+    post, path = "/v1/public/accounts/{account_id}/auth/service-accounts", tag = TAG_SERVICE_ACCOUNTS,
+    params(("account_id" = Uuid, Path)),
+    request_body = CreateServiceAccountRequest,
+    responses(
+        (status = 201, description = "Created. Contains the one-time token.", body = ServiceAccountCreated),
+        (status = 400, description = "Malformed JSON.", body = ErrorMessage),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
+        (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
+        (status = 404, description = "No such account for this caller.", body = ErrorMessage),
+        (status = 409, description = "A live service account with this name exists.", body = ErrorMessage),
+        (status = 413, description = "Body over 64 KiB.", body = ErrorMessage),
+        (status = 415, description = "Body is not application/json.", body = ErrorMessage),
+        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After.", body = ErrorMessage),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn create_service_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(account): Path<String>,
+    ApiJson(request, ..): ApiJson<Hybridbox, CreateServiceAccountRequest>,
+) -> Result<(StatusCode, Json<ServiceAccountCreated>), ApiError> {
+    let account = account_id(&account)?;
+    let spec = CredentialSpec {
+        name: request.name,
+        scopes: ScopeSet::empty(),
+        expires_at: request.expires_at,
+    };
+    let issued = ops::create_credential(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;
+    Ok((StatusCode::CREATED, Json(issued.into())))
+}
+
+/// Rotate Service Account
+///
+/// Replaces the token and keeps the id; the old token stops working at once. The replacement token
+/// is returned only in this response. A revoked service account cannot be rotated (409). Needs
+/// `auth.manage` and every right the service account holds.
+#[utoipa::path(
+    post, path = "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/rotate",
+    tag = TAG_SERVICE_ACCOUNTS,
+    params(("account_id" = Uuid, Path), ("service_account_id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "Rotated. Contains the replacement token.", body = ServiceAccountCreated),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
+        (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
+        (status = 404, description = "No such service account.", body = ErrorMessage),
+        (status = 409, description = "The service account is revoked.", body = ErrorMessage),
+        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn rotate_service_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((account, id)): Path<(String, String)>,
+) -> Result<Json<ServiceAccountCreated>, ApiError> {
+    let (account, id) = (account_id(&account)?, service_account_id(&id)?);
+    let issued = ops::rotate_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
+    Ok(Json(issued.into()))
+}
+
+/// Revoke Service Account
+///
+/// Revokes the service account and its active token, for good. Idempotent: revoking again returns
+/// the same record with its original `revoked_at`. Needs `auth.manage`.
+#[utoipa::path(
+    delete, path = "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}",
+    tag = TAG_SERVICE_ACCOUNTS,
+    params(("account_id" = Uuid, Path), ("service_account_id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "The revoked service account (no token).", body = ServiceAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
+        (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
+        (status = 404, description = "No such service account.", body = ErrorMessage),
+        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn revoke_service_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((account, id)): Path<(String, String)>,
+) -> Result<Json<ServiceAccountView>, ApiError> {
+    let (account, id) = (account_id(&account)?, service_account_id(&id)?);
+    let (revoked, _) = ops::revoke_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
+    Ok(Json(revoked.into()))
+}

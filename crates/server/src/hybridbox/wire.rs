@@ -1,0 +1,284 @@
+//! Hybridbox wire shapes, field names exactly as the reference spells them.
+
+use crate::extract::{FromJsonBody, ObjectReader};
+use crate::wire::{one_time_secret, optional_timestamp, timestamp};
+use chrono::{DateTime, Utc};
+use keyplane_core::error::codes;
+use keyplane_core::{
+    validate, Credential, FieldError, FieldPath, Grant, GrantKind, GrantResource, NewGrant,
+    Plaintext, Scope, SubjectType,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Request body for creating a service account.
+#[derive(ToSchema)]
+#[schema(as = ServiceAccountCreate)]
+pub struct CreateServiceAccountRequest {
+    /// Human-readable service account name (1–120 characters after trimming).
+    pub name: String,
+    /// Optional UTC token expiry timestamp, in the future.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl FromJsonBody for CreateServiceAccountRequest {
+    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
+        let name = r
+            .string("name")
+            .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
+        let expires_at = match r.nullable_string("expires_at") {
+            Ok(Some(raw)) => r
+                .check(validate::expires_at(
+                    FieldPath::body("expires_at"),
+                    &raw,
+                    now,
+                ))
+                .map(Some),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        };
+        Some(Self {
+            name: name?,
+            expires_at: expires_at?,
+        })
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = ServiceAccount)]
+pub struct ServiceAccountView {
+    pub account_id: Uuid,
+    pub id: Uuid,
+    pub name: String,
+    /// Always `hbx_sa`.
+    pub token_prefix: String,
+    /// The non-secret id inside the token (`hbx_sa_<token_public_id>_...`).
+    pub token_public_id: String,
+    pub token_last4: String,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: DateTime<Utc>,
+    pub created_by_user_id: Option<Uuid>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_by_user_id: Option<Uuid>,
+}
+
+impl From<Credential> for ServiceAccountView {
+    fn from(credential: Credential) -> Self {
+        let Credential {
+            id,
+            tenant_id,
+            kind: _,
+            name,
+            secret_hash: _,
+            display,
+            scopes: _,
+            expires_at,
+            created_at,
+            updated_at,
+            last_used_at,
+            revoked_at,
+            created_by_user_id,
+            revoked_by_user_id,
+        } = credential;
+        Self {
+            account_id: tenant_id.as_uuid(),
+            id: id.as_uuid(),
+            name,
+            token_prefix: display.prefix,
+            token_public_id: display.public_id.unwrap_or_default(),
+            token_last4: display.last4,
+            created_at,
+            updated_at,
+            created_by_user_id: created_by_user_id.map(|u| u.as_uuid()),
+            expires_at,
+            last_used_at,
+            revoked_at,
+            revoked_by_user_id: revoked_by_user_id.map(|u| u.as_uuid()),
+        }
+    }
+}
+
+/// Create and rotate answer: the service account and its bearer token, shown only this once.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ServiceAccountWithToken)]
+pub struct ServiceAccountCreated {
+    #[serde(flatten)]
+    pub service_account: ServiceAccountView,
+    /// Plaintext bearer token. Store it now; it is never returned again.
+    #[serde(serialize_with = "one_time_secret")]
+    #[schema(value_type = String)]
+    pub token: Plaintext,
+}
+
+impl From<crate::ops::Issued> for ServiceAccountCreated {
+    fn from(issued: crate::ops::Issued) -> Self {
+        Self {
+            service_account: issued.credential.into(),
+            token: issued.secret,
+        }
+    }
+}
+
+fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<&'static str> {
+    all.iter().map(|v| name(*v)).collect()
+}
+
+/// Request body for granting a right.
+#[derive(ToSchema)]
+#[schema(as = AuthorizationCreate)]
+pub struct CreateAuthorizationRequest {
+    /// `capability`, `account_owner` or `super_admin`.
+    #[schema(value_type = String)]
+    pub grant_kind: GrantKind,
+    /// `user`, `group` or `service_account`.
+    #[schema(value_type = String)]
+    pub subject_type: SubjectType,
+    pub subject_id: Uuid,
+    /// Required for `capability` grants (e.g. `auth.manage`), null otherwise.
+    #[schema(value_type = Option<String>)]
+    pub capability_key: Option<Scope>,
+    /// Narrows the grant to one resource; such a grant confers no account-wide right.
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+}
+
+impl FromJsonBody for CreateAuthorizationRequest {
+    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
+        let grant_kind = r.choice(
+            "grant_kind",
+            GrantKind::parse,
+            &names(&GrantKind::ALL, GrantKind::as_str),
+        );
+        let subject_type = r.choice(
+            "subject_type",
+            SubjectType::parse,
+            &names(&SubjectType::ALL, SubjectType::as_str),
+        );
+        let subject_id = r.uuid("subject_id");
+        let capability_key = match r.nullable_string("capability_key") {
+            Ok(Some(raw)) => r
+                .check(Scope::parse(&raw).map_err(|message| {
+                    FieldError::new(
+                        FieldPath::body("capability_key"),
+                        codes::INVALID_SCOPE,
+                        message,
+                    )
+                }))
+                .map(Some),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        };
+        let resource_type = r.nullable_string("resource_type").ok();
+        let resource_id = r.nullable_string("resource_id").ok();
+        Some(Self {
+            grant_kind: grant_kind?,
+            subject_type: subject_type?,
+            subject_id: subject_id?,
+            capability_key: capability_key?,
+            resource_type: resource_type?,
+            resource_id: resource_id?,
+        })
+    }
+}
+
+impl CreateAuthorizationRequest {
+    pub fn into_domain(self) -> Result<NewGrant, FieldError> {
+        let grant = NewGrant {
+            kind: self.grant_kind,
+            subject_type: self.subject_type,
+            subject_id: self.subject_id,
+            capability_key: self.capability_key,
+            resource: GrantResource {
+                resource_type: self.resource_type,
+                resource_id: self.resource_id,
+            },
+        };
+        grant.check_shape()?;
+        Ok(grant)
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Authorization)]
+pub struct AuthorizationView {
+    pub id: Uuid,
+    pub grant_kind: String,
+    pub subject_type: String,
+    pub subject_id: Uuid,
+    pub capability_key: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub created_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<Grant> for AuthorizationView {
+    fn from(grant: Grant) -> Self {
+        let Grant {
+            id,
+            tenant_id: _,
+            kind,
+            subject_type,
+            subject_id,
+            capability_key,
+            resource,
+            created_at,
+            revoked_at,
+            created_by_user_id: _,
+        } = grant;
+        Self {
+            id: id.as_uuid(),
+            grant_kind: kind.as_str().to_string(),
+            subject_type: subject_type.as_str().to_string(),
+            subject_id,
+            capability_key: capability_key.map(|k| k.as_str().to_string()),
+            resource_type: resource.resource_type,
+            resource_id: resource.resource_id,
+            created_at: Some(created_at),
+            revoked_at,
+        }
+    }
+}
+
+/// `{"detail": "..."}`: every error except validation.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ErrorMessage)]
+pub struct ErrorMessage {
+    pub detail: String,
+}
+
+/// `{"detail": [...]}`: 422 validation errors.
+#[derive(Serialize, ToSchema)]
+#[schema(as = HTTPValidationError)]
+pub struct ValidationErrorBody {
+    pub detail: Vec<ValidationErrorItem>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = ValidationError)]
+pub struct ValidationErrorItem {
+    /// Where: `["body", "name"]`, `["query", "include_revoked"]`, `["path", "account_id"]`.
+    #[schema(value_type = Vec<Object>)]
+    pub loc: Vec<serde_json::Value>,
+    pub msg: String,
+    #[serde(rename = "type")]
+    pub error_type: String,
+}
