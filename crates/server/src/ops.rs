@@ -270,7 +270,7 @@ pub async fn create_grant(
                 CredentialId::from_uuid(grant.subject_id),
             )
             .await?;
-        if !subject.is_some_and(|s| !s.is_revoked()) {
+        if subject.is_none_or(|s| s.is_revoked()) {
             return Err(DomainError::from(FieldError::new(
                 FieldPath::body("subject_id"),
                 codes::NOT_FOUND,
