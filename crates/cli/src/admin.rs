@@ -15,6 +15,12 @@ pub enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Print the registry token signing certificate (PEM) for the registry's `rootcertbundle`,
+    /// creating the signing key on first use. The private key stays in the store.
+    RegistryCert {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// The bootstrap document: the only place outside an HTTP response where a token is written out.
@@ -40,6 +46,14 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
                 println!("token:  {}", created.token.secret.expose_secret());
                 println!("(the token is shown only now; it has scope `*` in this organization)");
             }
+            Ok(())
+        }
+        AdminCommand::RegistryCert { store } => {
+            let store = store.open().await?;
+            let signer = keyplane_server::registry::load_or_create_signing_key(store.as_ref())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot load the registry signing key: {e}"))?;
+            print!("{}", signer.certificate_pem());
             Ok(())
         }
     }

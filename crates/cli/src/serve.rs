@@ -1,6 +1,7 @@
 use crate::{LogFormat, StoreArgs};
 use anyhow::Context;
 use clap::Args;
+use keyplane_server::config::RegistryConfig;
 use keyplane_server::{ops, App, Config};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -23,6 +24,26 @@ pub struct ServeArgs {
     /// How often coalesced `last_used_at` updates are written, in milliseconds (how far they may lag).
     #[arg(long, env = "KEYPLANE_LAST_USED_FLUSH_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     last_used_flush_ms: u64,
+    /// The registry's `auth.token.service` (the JWT audience of registry tokens).
+    #[arg(
+        long,
+        env = "KEYPLANE_REGISTRY_SERVICE",
+        default_value = "keyplane-registry"
+    )]
+    registry_service: String,
+    /// The registry's `auth.token.issuer` (the JWT issuer of registry tokens).
+    #[arg(long, env = "KEYPLANE_REGISTRY_ISSUER", default_value = "keyplane")]
+    registry_issuer: String,
+    /// The registry address reported as the Registry `endpoint` (what `docker login` is given).
+    #[arg(
+        long,
+        env = "KEYPLANE_REGISTRY_ENDPOINT",
+        default_value = "localhost:5000"
+    )]
+    registry_endpoint: String,
+    /// Lifetime of registry tokens in seconds (the token spec's minimum is 60).
+    #[arg(long, env = "KEYPLANE_REGISTRY_TOKEN_TTL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    registry_token_ttl_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -38,6 +59,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         rate_limit_per_minute: args.rate_limit_per_minute,
         rate_limit_burst: args.rate_limit_burst,
         last_used_flush_interval: Duration::from_millis(args.last_used_flush_ms),
+        registry: RegistryConfig {
+            service: args.registry_service,
+            issuer: args.registry_issuer,
+            endpoint: args.registry_endpoint,
+            token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
+        },
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,6 +1,7 @@
 //! Credential records as the domain sees them, whatever the surface or the store.
 
 use crate::ids::{CredentialId, TenantId, UserId};
+use crate::registry::RobotPermission;
 use crate::scope::ScopeSet;
 use crate::secret::TokenHash;
 use chrono::{DateTime, Utc};
@@ -59,6 +60,8 @@ pub struct Credential {
     pub secret_hash: TokenHash,
     pub display: TokenDisplay,
     pub scopes: ScopeSet,
+    /// Robot accounts only: what the robot may do in the registry.
+    pub permissions: Vec<RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -108,6 +111,7 @@ pub struct NewCredential {
     pub kind: CredentialKind,
     pub name: String,
     pub scopes: ScopeSet,
+    pub permissions: Vec<RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_by_user_id: Option<UserId>,
 }
@@ -128,6 +132,7 @@ impl NewCredential {
             secret_hash: minted.hash,
             display: minted.display,
             scopes: self.scopes,
+            permissions: self.permissions,
             expires_at: self.expires_at,
             created_at: now,
             updated_at: now,

@@ -9,6 +9,7 @@ pub mod credential;
 pub mod error;
 pub mod grant;
 pub mod ids;
+pub mod registry;
 pub mod scope;
 pub mod secret;
 pub mod token;
@@ -21,5 +22,6 @@ pub use credential::{
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
 pub use grant::{Grant, GrantKind, GrantResource, NewGrant, SubjectType};
 pub use ids::{CredentialId, GrantId, TenantId, UserId};
+pub use registry::{Registry, RobotPermission};
 pub use scope::{Capability, Scope, ScopeSet};
-pub use secret::{Plaintext, TokenHash};
+pub use secret::{Plaintext, PrivateKeyPem, TokenHash};

@@ -59,6 +59,26 @@ impl fmt::Debug for TokenHash {
     }
 }
 
+/// A private key in PEM form (the registry token signing key). Redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKeyPem(String);
+
+impl PrivateKeyPem {
+    pub fn new(pem: String) -> Self {
+        Self(pem)
+    }
+
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PrivateKeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKeyPem(<redacted>)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,8 @@ pub(crate) struct Inner {
     pub rate_limiter: Option<CredentialRateLimiter>,
     pub metrics: Metrics,
     pub openapi_json: String,
+    /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
+    pub registry_signer: tokio::sync::OnceCell<crate::registry::Signer>,
 }
 
 impl App {
@@ -42,6 +44,7 @@ impl App {
             rate_limiter,
             metrics,
             openapi_json,
+            registry_signer: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -63,6 +66,13 @@ impl App {
             limiter.check(principal.credential_id)?;
         }
         Ok(principal)
+    }
+
+    pub(crate) async fn registry_signer(&self) -> Result<&crate::registry::Signer, AppError> {
+        self.0
+            .registry_signer
+            .get_or_try_init(|| crate::registry::load_or_create_signing_key(self.0.store.as_ref()))
+            .await
     }
 
     /// Writes pending `last_used_at` updates now (shutdown, tests).

@@ -5,7 +5,7 @@ use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
-use keyplane_core::{token, CredentialKind, Principal};
+use keyplane_core::{token, Credential, CredentialKind, Principal, Registry};
 use keyplane_store::Store;
 use std::sync::Arc;
 
@@ -57,6 +57,49 @@ impl Verifier {
         );
         self.usage.record(credential.id, now);
         Ok(principal)
+    }
+}
+
+impl Verifier {
+    /// A robot's registry login: the secret must be a live robot secret, and its tenant must have a
+    /// registry. The caller checks that the login name matches.
+    pub async fn authenticate_robot(
+        &self,
+        secret: &str,
+    ) -> Result<(Credential, Registry), AppError> {
+        let result = self.verify_robot(secret).await;
+        match &result {
+            Ok((robot, _)) => self.metrics.credential_verified(robot.kind),
+            Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn verify_robot(&self, secret: &str) -> Result<(Credential, Registry), AppError> {
+        let parsed = token::parse(secret).map_err(|_| AppError::Unauthenticated("malformed"))?;
+        if parsed.kind != CredentialKind::RobotAccount {
+            return Err(AppError::Unauthenticated("not a robot secret"));
+        }
+        let robot = self
+            .store
+            .find_credential_by_hash(&parsed.hash)
+            .await?
+            .filter(|c| {
+                c.secret_hash.matches(&parsed.hash) && c.kind == CredentialKind::RobotAccount
+            })
+            .ok_or(AppError::Unauthenticated("unknown"))?;
+        let now = crate::ops::now();
+        robot
+            .usable_at(now)
+            .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
+        let registry = self
+            .store
+            .get_registry(robot.tenant_id)
+            .await?
+            .ok_or(AppError::Unauthenticated("no registry"))?;
+        self.usage.record(robot.id, now);
+        Ok((robot, registry))
     }
 }
 

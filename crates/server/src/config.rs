@@ -12,6 +12,31 @@ pub struct Config {
     pub last_used_flush_interval: Duration,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    pub registry: RegistryConfig,
+}
+
+/// How keyplane acts as the token server of a Distribution registry (`auth: token`).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// The registry's `auth.token.service`: the JWT `aud`.
+    pub service: String,
+    /// The registry's `auth.token.issuer`: the JWT `iss`.
+    pub issuer: String,
+    /// The registry address reported as the Registry `endpoint` (what `docker login` takes).
+    pub endpoint: String,
+    /// Lifetime of issued registry tokens (at least 60 s, as the token spec requires).
+    pub token_ttl: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            service: "keyplane-registry".into(),
+            issuer: "keyplane".into(),
+            endpoint: "localhost:5000".into(),
+            token_ttl: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for Config {
@@ -21,6 +46,7 @@ impl Default for Config {
             rate_limit_burst: 10,
             last_used_flush_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
+            registry: RegistryConfig::default(),
         }
     }
 }

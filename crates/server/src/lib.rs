@@ -15,6 +15,7 @@ pub mod hybridbox;
 mod metrics;
 pub mod ops;
 mod ratelimit;
+pub mod registry;
 mod router;
 mod system;
 mod usage;

@@ -6,11 +6,12 @@ use crate::error::AppError;
 use chrono::{DateTime, Utc};
 use keyplane_core::error::codes;
 use keyplane_core::grant::rights_from_grants;
+use keyplane_core::registry::{self, RegistryAction};
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
     Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldError,
-    FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Rotation, ScopeSet,
-    SubjectType, Tenant, TenantId,
+    FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
+    RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId,
 };
 use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
@@ -47,6 +48,7 @@ pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
         kind: CredentialKind::ApiToken,
         name: "bootstrap".into(),
         scopes: ScopeSet::wildcard(),
+        permissions: Vec::new(),
         expires_at: None,
         created_by_user_id: None,
     }
@@ -78,6 +80,8 @@ pub async fn bootstrap(store: &dyn Store, created: &OrgCreated) -> Result<bool, 
 pub struct CredentialSpec {
     pub name: String,
     pub scopes: ScopeSet,
+    /// Robot accounts only.
+    pub permissions: Vec<keyplane_core::RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -121,6 +125,13 @@ pub async fn rights_of(store: &dyn Store, credential: &Credential) -> Result<Sco
     }
 }
 
+/// Robots are registry credentials: read with `registry:read`, managed with `registry:write`.
+pub const ROBOTS: KindRights = KindRights {
+    kind: CredentialKind::RobotAccount,
+    read: Capability::RegistryRead,
+    write: Capability::RegistryWrite,
+};
+
 fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
     match error {
         StoreError::Conflict(_) => DomainError::Conflict(format!(
@@ -146,6 +157,7 @@ pub async fn create_credential(
         kind: rights.kind,
         name: spec.name,
         scopes: spec.scopes,
+        permissions: spec.permissions,
         expires_at: spec.expires_at,
         created_by_user_id: who.user_id,
     }
@@ -305,4 +317,110 @@ pub async fn revoke_grant(
     let grant = app.store().revoke_grant(tenant, id, now()).await?;
     tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.credential_id, "grant revoked");
     Ok(grant)
+}
+
+/// The tenant's registry, if enabled.
+pub async fn get_registry(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+) -> Result<Option<Registry>, AppError> {
+    who.require(tenant, Capability::RegistryRead)?;
+    Ok(app.store().get_registry(tenant).await?)
+}
+
+/// Enables the tenant's registry: its project (named after the organization) and a default robot
+/// that may pull and push, whose secret the caller sees once. `Conflict` if already enabled.
+pub async fn enable_registry(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+) -> Result<(Registry, Issued), AppError> {
+    who.require(tenant, Capability::RegistryWrite)?;
+    let store = app.store();
+    if store.get_registry(tenant).await?.is_some() {
+        return Err(DomainError::Conflict("the registry is already enabled".into()).into());
+    }
+    let org = store
+        .get_tenant(tenant)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    let base = registry::project_slug(&org.name).unwrap_or_else(|| "org".into());
+    // Project names are global: a second "acme" gets a suffix, never the first one's repositories.
+    let project = if store.project_taken(&base).await? {
+        format!("{base}-{}", &tenant.as_uuid().simple().to_string()[..8])
+    } else {
+        base
+    };
+    let now = now();
+    let registry = Registry {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: tenant,
+        project,
+        quota_gb: -1,
+        created_at: now,
+        updated_at: now,
+    };
+    let (robot, secret) = NewCredential {
+        tenant_id: tenant,
+        kind: CredentialKind::RobotAccount,
+        name: registry::DEFAULT_ROBOT_NAME.into(),
+        scopes: ScopeSet::empty(),
+        permissions: vec![
+            RobotPermission {
+                action: RegistryAction::Pull,
+                repository: None,
+            },
+            RobotPermission {
+                action: RegistryAction::Push,
+                repository: None,
+            },
+        ],
+        expires_at: None,
+        created_by_user_id: who.user_id,
+    }
+    .issue(now, &mut OsRng);
+    store.create_registry(&registry, &robot).await?;
+    tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.credential_id, "registry enabled");
+    Ok((
+        registry,
+        Issued {
+            credential: robot,
+            secret,
+        },
+    ))
+}
+
+async fn require_registry(app: &App, tenant: TenantId) -> Result<Registry, AppError> {
+    app.store().get_registry(tenant).await?.ok_or_else(|| {
+        DomainError::Conflict("the registry is not enabled: POST /registry first".into()).into()
+    })
+}
+
+/// A robot in the tenant's registry project.
+pub async fn create_robot(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    spec: CredentialSpec,
+) -> Result<Issued, AppError> {
+    who.require(tenant, Capability::RegistryWrite)?;
+    require_registry(app, tenant).await?;
+    create_credential(app, who, tenant, ROBOTS, spec).await
+}
+
+pub async fn update_robot_permissions(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    id: CredentialId,
+    permissions: Vec<RobotPermission>,
+) -> Result<Credential, AppError> {
+    who.require(tenant, Capability::RegistryWrite)?;
+    let robot = app
+        .store()
+        .update_robot_permissions(tenant, id, &permissions, now())
+        .await?;
+    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "robot permissions changed");
+    Ok(robot)
 }

@@ -36,6 +36,17 @@ pub struct ListCredentials {
     pub include_revoked: bool,
 }
 
+/// The registry token signing key and its self-signed certificate (the registry's
+/// `rootcertbundle`). One per store, shared by every replica.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    /// libtrust key id, the JWT `kid`.
+    pub key_id: String,
+    pub private_key: keyplane_core::PrivateKeyPem,
+    pub certificate_pem: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Which grants of a tenant to list; `None` fields match anything.
 #[derive(Debug, Clone)]
 pub struct GrantFilter {
@@ -128,6 +139,35 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
         by_user: Option<UserId>,
     ) -> Result<Credential, StoreError>;
+
+    /// Replaces a live robot's permissions. `NotFound` if absent or revoked.
+    async fn update_robot_permissions(
+        &self,
+        tenant_id: TenantId,
+        id: CredentialId,
+        permissions: &[keyplane_core::RobotPermission],
+        at: DateTime<Utc>,
+    ) -> Result<Credential, StoreError>;
+
+    /// The tenant's registry and its default robot, atomically. `Conflict` if the tenant has one or
+    /// the project name is taken.
+    async fn create_registry(
+        &self,
+        registry: &keyplane_core::Registry,
+        default_robot: &Credential,
+    ) -> Result<(), StoreError>;
+
+    async fn get_registry(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Option<keyplane_core::Registry>, StoreError>;
+
+    async fn project_taken(&self, project: &str) -> Result<bool, StoreError>;
+
+    /// Stores `candidate` unless a key exists; returns the stored key either way (first writer wins,
+    /// so racing replicas agree).
+    async fn signing_key_or_insert(&self, candidate: &SigningKey)
+        -> Result<SigningKey, StoreError>;
 
     /// `Conflict` when the same live grant exists.
     async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError>;

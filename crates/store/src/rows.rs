@@ -4,8 +4,9 @@
 use crate::StoreError;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, GrantResource, Scope,
-    ScopeSet, SubjectType, Tenant, TenantId, TokenDisplay, TokenHash, UserId,
+    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, GrantResource, Registry,
+    RobotPermission, Scope, ScopeSet, SubjectType, Tenant, TenantId, TokenDisplay, TokenHash,
+    UserId,
 };
 use uuid::Uuid;
 
@@ -37,6 +38,7 @@ pub(crate) struct CredentialRow {
     public_id: Option<String>,
     last4: String,
     scopes: String,
+    permissions: Option<String>,
     expires_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -61,6 +63,15 @@ impl TryFrom<CredentialRow> for Credential {
             TokenHash::from_bytes(&row.secret_hash).ok_or_else(|| corrupt("secret hash"))?;
         let scopes: Vec<String> =
             serde_json::from_str(&row.scopes).map_err(|_| corrupt("scope list"))?;
+        let permissions: Vec<String> = match &row.permissions {
+            Some(json) => serde_json::from_str(json).map_err(|_| corrupt("permission list"))?,
+            None => Vec::new(),
+        };
+        let permissions = permissions
+            .iter()
+            .map(|p| RobotPermission::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| corrupt("permission"))?;
         Ok(Credential {
             id: CredentialId::from_uuid(row.id),
             tenant_id: TenantId::from_uuid(row.tenant_id),
@@ -73,6 +84,7 @@ impl TryFrom<CredentialRow> for Credential {
                 last4: row.last4,
             },
             scopes: ScopeSet::from_trusted(scopes),
+            permissions,
             expires_at: row.expires_at,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -86,6 +98,72 @@ impl TryFrom<CredentialRow> for Credential {
 
 pub(crate) fn scopes_json(scopes: &ScopeSet) -> String {
     serde_json::Value::from(scopes.to_strings()).to_string()
+}
+
+/// `NULL` for credentials that are not robots.
+pub(crate) fn permissions_json(credential: &Credential) -> Option<String> {
+    (credential.kind == CredentialKind::RobotAccount).then(|| {
+        serde_json::Value::from(
+            credential
+                .permissions
+                .iter()
+                .map(RobotPermission::to_wire)
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
+    })
+}
+
+pub(crate) fn permission_list_json(permissions: &[RobotPermission]) -> String {
+    serde_json::Value::from(
+        permissions
+            .iter()
+            .map(RobotPermission::to_wire)
+            .collect::<Vec<_>>(),
+    )
+    .to_string()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RegistryRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    project: String,
+    quota_gb: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<RegistryRow> for Registry {
+    fn from(row: RegistryRow) -> Self {
+        Registry {
+            id: row.id,
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            project: row.project,
+            quota_gb: row.quota_gb,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SigningKeyRow {
+    key_id: String,
+    private_key_pem: String,
+    certificate_pem: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<SigningKeyRow> for crate::SigningKey {
+    fn from(row: SigningKeyRow) -> Self {
+        crate::SigningKey {
+            key_id: row.key_id,
+            private_key: keyplane_core::PrivateKeyPem::new(row.private_key_pem),
+            certificate_pem: row.certificate_pem,
+            created_at: row.created_at,
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]

@@ -2,7 +2,7 @@
 //! one implementation of [`Store`](crate::Store) over them, instantiated per backend by
 //! [`impl_store!`]. Only DDL differs, in `migrations/{sqlite,postgres}`.
 
-pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id";
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id";
 
 pub(crate) const INSERT_TENANT: &str =
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
@@ -10,7 +10,12 @@ pub(crate) const SELECT_TENANT: &str = "SELECT id, name, created_at FROM tenants
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
-pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+pub(crate) const REGISTRY_COLUMNS: &str =
+    "id, tenant_id, project, quota_gb, created_at, updated_at";
+pub(crate) const INSERT_REGISTRY: &str = "INSERT INTO registries (id, tenant_id, project, quota_gb, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)";
+pub(crate) const INSERT_SIGNING_KEY: &str = "INSERT INTO registry_signing_keys (slot, key_id, private_key_pem, certificate_pem, created_at) VALUES ('current', $1, $2, $3, $4) ON CONFLICT (slot) DO NOTHING";
+pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at FROM registry_signing_keys WHERE slot = 'current'";
 pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
@@ -234,6 +239,100 @@ macro_rules! impl_store {
                 }
             }
 
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn update_robot_permissions(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: keyplane_core::CredentialId,
+                permissions: &[keyplane_core::RobotPermission],
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<keyplane_core::Credential, $crate::StoreError> {
+                let sql = format!(
+                    "UPDATE credentials SET permissions = $1, updated_at = $2 \
+                     WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
+                     RETURNING {}",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind($crate::rows::permission_list_json(permissions))
+                    .bind(at)
+                    .bind(tenant_id.as_uuid())
+                    .bind(keyplane_core::CredentialKind::RobotAccount.as_str())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.ok_or($crate::StoreError::NotFound)?.try_into()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %registry.tenant_id))]
+            async fn create_registry(
+                &self,
+                registry: &keyplane_core::Registry,
+                default_robot: &keyplane_core::Credential,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($crate::sql::INSERT_REGISTRY)
+                    .bind(registry.id)
+                    .bind(registry.tenant_id.as_uuid())
+                    .bind(&registry.project)
+                    .bind(registry.quota_gb)
+                    .bind(registry.created_at)
+                    .bind(registry.updated_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match $crate::StoreError::from(e) {
+                        $crate::StoreError::Conflict(_) => $crate::StoreError::Conflict(
+                            "a registry for this tenant or with this project name exists".into(),
+                        ),
+                        other => other,
+                    })?;
+                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn get_registry(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+            ) -> Result<Option<keyplane_core::Registry>, $crate::StoreError> {
+                let sql = format!("SELECT {} FROM registries WHERE tenant_id = $1", $crate::sql::REGISTRY_COLUMNS);
+                let row: Option<$crate::rows::RegistryRow> = sqlx::query_as(&sql)
+                    .bind(tenant_id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(Into::into))
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn project_taken(&self, project: &str) -> Result<bool, $crate::StoreError> {
+                let row: Option<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM registries WHERE project = $1")
+                    .bind(project)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn signing_key_or_insert(
+                &self,
+                candidate: &$crate::SigningKey,
+            ) -> Result<$crate::SigningKey, $crate::StoreError> {
+                sqlx::query($crate::sql::INSERT_SIGNING_KEY)
+                    .bind(&candidate.key_id)
+                    .bind(candidate.private_key.expose_secret())
+                    .bind(&candidate.certificate_pem)
+                    .bind(candidate.created_at)
+                    .execute(&self.pool)
+                    .await?;
+                let row: $crate::rows::SigningKeyRow = sqlx::query_as($crate::sql::SELECT_SIGNING_KEY)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.into())
+            }
+
             #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
             async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
                 sqlx::query($crate::sql::INSERT_GRANT)
@@ -341,6 +440,7 @@ macro_rules! bind_credential_fn {
                 .bind(&c.display.public_id)
                 .bind(&c.display.last4)
                 .bind($crate::rows::scopes_json(&c.scopes))
+                .bind($crate::rows::permissions_json(c))
                 .bind(c.expires_at)
                 .bind(c.created_at)
                 .bind(c.updated_at)

@@ -47,6 +47,7 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
         kind: CredentialKind::ApiToken,
         name: name.into(),
         scopes: ScopeSet::wildcard(),
+        permissions: Vec::new(),
         expires_at: Some(now() + TimeDelta::days(1)),
         created_by_user_id: None,
     }

@@ -3,28 +3,20 @@
 use super::wire::{
     ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, ErrorEnvelope,
 };
-use super::{Aether, ApiError, TAG_API_TOKENS};
+use super::{org_id, resource_id as token_id, Aether, ApiError, TAG_API_TOKENS};
 use crate::app::App;
-use crate::extract::{path_id, ApiJson, Authenticated};
+use crate::extract::{ApiJson, Authenticated};
 use crate::ops::{self, CredentialSpec, API_TOKENS};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use keyplane_core::error::codes;
-use keyplane_core::{CredentialId, Error as DomainError, FieldError, FieldPath, TenantId};
+use keyplane_core::{CredentialId, Error as DomainError, FieldError, FieldPath};
 use std::collections::HashMap;
 
 type Caller = Authenticated<Aether>;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 100;
-
-fn org_id(raw: &str) -> Result<TenantId, DomainError> {
-    path_id("orgID", raw, TenantId::parse)
-}
-
-fn token_id(raw: &str) -> Result<CredentialId, DomainError> {
-    path_id("id", raw, CredentialId::parse)
-}
 
 /// Create an API token
 ///
@@ -59,6 +51,7 @@ pub async fn create_api_token(
     let spec = CredentialSpec {
         name: request.name,
         scopes: request.scopes,
+        permissions: Vec::new(),
         expires_at: request.expires_at,
     };
     let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;

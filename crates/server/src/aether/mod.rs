@@ -2,6 +2,7 @@
 //! `{"error":{"code","message","details"}}`.
 
 mod api_tokens;
+mod registry;
 pub mod wire;
 
 use crate::app::App;
@@ -17,6 +18,23 @@ pub struct Aether;
 pub type ApiError = crate::error::ApiError<Aether>;
 
 pub const TAG_API_TOKENS: &str = "Aether: API tokens";
+pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";
+
+/// Rotating a revoked credential: to an Aether client, a deleted resource is gone.
+fn gone_if_revoked(error: AppError) -> AppError {
+    match error {
+        AppError::Domain(DomainError::Conflict(_)) => DomainError::NotFound.into(),
+        other => other,
+    }
+}
+
+fn org_id(raw: &str) -> Result<keyplane_core::TenantId, DomainError> {
+    crate::extract::path_id("orgID", raw, keyplane_core::TenantId::parse)
+}
+
+fn resource_id(raw: &str) -> Result<keyplane_core::CredentialId, DomainError> {
+    crate::extract::path_id("id", raw, keyplane_core::CredentialId::parse)
+}
 
 impl Surface for Aether {
     fn error_body(error: &AppError) -> serde_json::Value {
@@ -55,4 +73,15 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
             api_tokens::delete_api_token
         ))
         .routes(routes!(api_tokens::rotate_api_token))
+        .routes(routes!(registry::get_registry, registry::enable_registry))
+        .routes(routes!(
+            registry::list_robot_accounts,
+            registry::create_robot_account
+        ))
+        .routes(routes!(
+            registry::get_robot_account,
+            registry::update_robot_account,
+            registry::delete_robot_account
+        ))
+        .routes(routes!(registry::rotate_robot_account))
 }

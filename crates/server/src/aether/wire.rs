@@ -3,7 +3,10 @@
 use crate::extract::{FromJsonBody, ObjectReader};
 use crate::wire::{one_time_secret, optional_timestamp, timestamp};
 use chrono::{DateTime, Utc};
-use keyplane_core::{validate, Credential, FieldPath, Plaintext, ScopeSet};
+use keyplane_core::registry::{self, RegistryAction};
+use keyplane_core::{
+    validate, Credential, FieldPath, Plaintext, Registry, RobotPermission, ScopeSet,
+};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -83,6 +86,7 @@ impl From<Credential> for ApiTokenView {
             secret_hash: _,
             display,
             scopes,
+            permissions: _,
             expires_at,
             created_at,
             updated_at: _,
@@ -154,4 +158,214 @@ pub struct ErrorDetail {
     pub field: String,
     pub code: String,
     pub message: String,
+}
+
+/// `POST /registry/robot-accounts` body.
+#[derive(ToSchema)]
+pub struct CreateRobotAccountRequest {
+    /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
+    /// name is `robot$<harbor_project>+<name>` (`harbor_project` from `GET /registry`).
+    pub name: String,
+    /// `pull`, `push`, `delete`, each optionally narrowed to repositories of the project matching a
+    /// glob: `push:team-a/*` (`*` within one path segment, `**` across). Default `["pull"]`.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub permissions: Vec<RobotPermission>,
+}
+
+fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPermission>> {
+    let path = FieldPath::body("permissions");
+    match r.string_list("permissions") {
+        Ok(Some(raw)) => r.check_all(RobotPermission::parse_list(&path, &raw)),
+        Ok(None) if required => r.check(Err(keyplane_core::FieldError::new(
+            path,
+            keyplane_core::error::codes::REQUIRED,
+            "is required",
+        ))),
+        Ok(None) => Some(vec![RobotPermission {
+            action: RegistryAction::Pull,
+            repository: None,
+        }]),
+        Err(()) => None,
+    }
+}
+
+impl FromJsonBody for CreateRobotAccountRequest {
+    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
+        let name = r
+            .string("name")
+            .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
+        let permissions = permissions_field(r, false);
+        Some(Self {
+            name: name?,
+            permissions: permissions?,
+        })
+    }
+}
+
+/// `PUT /registry/robot-accounts/{id}` body.
+#[derive(ToSchema)]
+pub struct UpdateRobotAccountRequest {
+    /// The robot's new permissions (replacing the old ones).
+    #[schema(value_type = Vec<String>)]
+    pub permissions: Vec<RobotPermission>,
+}
+
+impl FromJsonBody for UpdateRobotAccountRequest {
+    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
+        Some(Self {
+            permissions: permissions_field(r, true)?,
+        })
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = RobotAccount)]
+pub struct RobotAccountView {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    /// The short name; the registry login name is `robot$<harbor_project>+<name>`.
+    pub name: String,
+    pub permissions: Vec<String>,
+    /// Always null: no Harbor backend is configured.
+    pub harbor_id: Option<i64>,
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Credential> for RobotAccountView {
+    fn from(credential: Credential) -> Self {
+        let Credential {
+            id,
+            tenant_id,
+            kind: _,
+            name,
+            secret_hash: _,
+            display: _,
+            scopes: _,
+            permissions,
+            expires_at: _,
+            created_at,
+            updated_at,
+            last_used_at,
+            revoked_at: _,
+            created_by_user_id: _,
+            revoked_by_user_id: _,
+        } = credential;
+        Self {
+            id: id.as_uuid(),
+            org_id: tenant_id.as_uuid(),
+            name,
+            permissions: permissions.iter().map(RobotPermission::to_wire).collect(),
+            harbor_id: None,
+            last_used_at,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
+/// Create and rotate answer: the robot and its secret, shown only this once.
+#[derive(Serialize, ToSchema)]
+#[schema(as = RobotAccountWithToken)]
+pub struct RobotAccountCreated {
+    #[serde(flatten)]
+    pub robot_account: RobotAccountView,
+    /// The one-time robot account secret: the registry password for
+    /// `robot$<harbor_project>+<name>`.
+    #[serde(serialize_with = "one_time_secret")]
+    #[schema(value_type = String)]
+    pub token: Plaintext,
+}
+
+impl From<crate::ops::Issued> for RobotAccountCreated {
+    fn from(issued: crate::ops::Issued) -> Self {
+        Self {
+            robot_account: issued.credential.into(),
+            token: issued.secret,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = RobotAccountList)]
+pub struct RobotAccountPage {
+    pub items: Vec<RobotAccountView>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Registry)]
+pub struct RegistryView {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    /// The project robots log in to: `robot$<harbor_project>+<name>`; repositories live under
+    /// `<endpoint>/<harbor_project>/`.
+    pub harbor_project: String,
+    /// The registry address for `docker login` / `skopeo`.
+    pub endpoint: String,
+    pub enabled: bool,
+    /// Not enforced by keyplane; -1 means unlimited.
+    pub quota_gb: i64,
+    /// Unknown without a Harbor backend: null.
+    pub used_gb: Option<f64>,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl RegistryView {
+    pub fn new(registry: Registry, endpoint: &str) -> Self {
+        let Registry {
+            id,
+            tenant_id,
+            project,
+            quota_gb,
+            created_at,
+            updated_at,
+        } = registry;
+        Self {
+            id,
+            org_id: tenant_id.as_uuid(),
+            harbor_project: project,
+            endpoint: endpoint.to_string(),
+            enabled: true,
+            quota_gb,
+            used_gb: None,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
+/// `GET /registry` when no registry is provisioned.
+#[derive(Serialize, ToSchema)]
+pub struct RegistryDisabled {
+    /// Always false.
+    pub enabled: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RegistryCredentials {
+    /// `robot$<harbor_project>+default`.
+    pub username: String,
+    /// Shown once.
+    #[serde(serialize_with = "one_time_secret")]
+    #[schema(value_type = String)]
+    pub password: Plaintext,
+}
+
+/// `POST /registry` answer.
+#[derive(Serialize, ToSchema)]
+pub struct RegistryEnabled {
+    pub registry: RegistryView,
+    pub credentials: RegistryCredentials,
 }

@@ -100,6 +100,7 @@ pub async fn create_service_account(
     let spec = CredentialSpec {
         name: request.name,
         scopes: ScopeSet::empty(),
+        permissions: Vec::new(),
         expires_at: request.expires_at,
     };
     let issued = ops::create_credential(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;

@@ -86,6 +86,7 @@ impl From<Credential> for ServiceAccountView {
             secret_hash: _,
             display,
             scopes: _,
+            permissions: _,
             expires_at,
             created_at,
             updated_at,

@@ -1,0 +1,265 @@
+//! `/api/v1/organizations/{orgID}/registry` and its robot accounts.
+
+use super::wire::{
+    CreateRobotAccountRequest, ErrorEnvelope, RegistryCredentials, RegistryDisabled,
+    RegistryEnabled, RegistryView, RobotAccountCreated, RobotAccountPage, RobotAccountView,
+    UpdateRobotAccountRequest,
+};
+use super::{org_id, resource_id, Aether, ApiError, TAG_REGISTRY};
+use crate::app::App;
+use crate::extract::{ApiJson, Authenticated};
+use crate::ops::{self, CredentialSpec, ROBOTS};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyplane_core::registry::robot_username;
+use keyplane_core::{Error as DomainError, ScopeSet};
+
+type Caller = Authenticated<Aether>;
+
+/// Get the registry
+///
+/// The organization's registry, or `{"enabled": false}` when none is provisioned. Needs
+/// `registry:read`.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/registry", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    responses(
+        (status = 200, description = "The registry, or `{\"enabled\": false}`.", body = RegistryView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn get_registry(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+) -> Result<Response, ApiError> {
+    let org = org_id(&org)?;
+    Ok(match ops::get_registry(&app, &who, org).await? {
+        Some(registry) => Json(RegistryView::new(
+            registry,
+            &app.inner().config.registry.endpoint,
+        ))
+        .into_response(),
+        None => Json(RegistryDisabled { enabled: false }).into_response(),
+    })
+}
+
+/// Enable the registry
+///
+/// Provisions the organization's registry project (named after the organization) and a default
+/// robot (`robot$<harbor_project>+default`, may pull and push) whose password is returned only in
+/// this response. Enabling twice answers 409. Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    responses(
+        (status = 201, description = "Enabled. Contains the default robot's one-time password.", body = RegistryEnabled),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 409, description = "Already enabled.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn enable_registry(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+) -> Result<(StatusCode, Json<RegistryEnabled>), ApiError> {
+    let org = org_id(&org)?;
+    let (registry, robot) = ops::enable_registry(&app, &who, org).await?;
+    let username = robot_username(&registry.project, &robot.credential.name);
+    Ok((
+        StatusCode::CREATED,
+        Json(RegistryEnabled {
+            registry: RegistryView::new(registry, &app.inner().config.registry.endpoint),
+            credentials: RegistryCredentials {
+                username,
+                password: robot.secret,
+            },
+        }),
+    ))
+}
+
+/// List robot accounts
+///
+/// Live robot accounts in creation order. Needs `registry:read`.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/registry/robot-accounts", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    responses(
+        (status = 200, description = "The robot accounts.", body = RobotAccountPage),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn list_robot_accounts(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+) -> Result<Json<RobotAccountPage>, ApiError> {
+    let org = org_id(&org)?;
+    let (robots, _) = ops::list_credentials(&app, &who, org, ROBOTS, None, None, false).await?;
+    Ok(Json(RobotAccountPage {
+        items: robots.into_iter().map(RobotAccountView::from).collect(),
+    }))
+}
+
+/// Create a registry robot account
+///
+/// Creates a robot account. The one-time token secret is returned only in this response: it is the
+/// registry password of `robot$<harbor_project>+<name>`. The registry must be enabled (409
+/// otherwise). Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    request_body = CreateRobotAccountRequest,
+    responses(
+        (status = 201, description = "Robot account created. Contains the one-time token.", body = RobotAccountCreated),
+        (status = 400, description = "Malformed JSON.", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 409, description = "The registry is not enabled, or a live robot has this name.", body = ErrorEnvelope),
+        (status = 413, description = "Body over 64 KiB.", body = ErrorEnvelope),
+        (status = 415, description = "Body is not application/json.", body = ErrorEnvelope),
+        (status = 422, description = "Request validation failed.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn create_robot_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path(org): Path<String>,
+    ApiJson(request, ..): ApiJson<Aether, CreateRobotAccountRequest>,
+) -> Result<(StatusCode, Json<RobotAccountCreated>), ApiError> {
+    let org = org_id(&org)?;
+    let spec = CredentialSpec {
+        name: request.name,
+        scopes: ScopeSet::empty(),
+        permissions: request.permissions,
+        expires_at: None,
+    };
+    let issued = ops::create_robot(&app, &who, org, spec).await?;
+    Ok((StatusCode::CREATED, Json(issued.into())))
+}
+
+/// Get a robot account
+///
+/// Needs `registry:read`.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 200, description = "The robot account (no secret).", body = RobotAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn get_robot_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<RobotAccountView>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    Ok(Json(
+        ops::get_live_credential(&app, &who, org, ROBOTS, id)
+            .await?
+            .into(),
+    ))
+}
+
+/// Update a robot account's permissions
+///
+/// Replaces the robot's permissions; tokens it obtains from then on carry the new ones. Needs
+/// `registry:write`.
+#[utoipa::path(
+    put, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    request_body = UpdateRobotAccountRequest,
+    responses(
+        (status = 200, description = "The updated robot account.", body = RobotAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "Request validation failed.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn update_robot_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+    ApiJson(request, ..): ApiJson<Aether, UpdateRobotAccountRequest>,
+) -> Result<Json<RobotAccountView>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let robot = ops::update_robot_permissions(&app, &who, org, id, request.permissions).await?;
+    Ok(Json(robot.into()))
+}
+
+/// Delete a robot account
+///
+/// Revokes the robot: its secret stops working at once, for good. Needs `registry:write`.
+#[utoipa::path(
+    delete, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn delete_robot_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, ROBOTS, id).await?;
+    if revoked_now {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(DomainError::NotFound.into())
+    }
+}
+
+/// Rotate a robot account's secret
+///
+/// Replaces the secret and keeps the id; the old secret stops working at once. The new secret is
+/// returned only in this response. Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 200, description = "Rotated. Contains the new one-time secret.", body = RobotAccountCreated),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn rotate_robot_account(
+    State(app): State<App>,
+    Authenticated(who, ..): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<RobotAccountCreated>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
+        .await
+        .map_err(super::gone_if_revoked)?;
+    Ok(Json(issued.into()))
+}

@@ -1,0 +1,69 @@
+//! The registry token signing key: ES256 (P-256), created on first use, kept in the store so every
+//! replica signs with the same key, and identified by its libtrust key id (the JWT `kid` the
+//! registry matches against its `rootcertbundle`).
+
+use crate::error::AppError;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use keyplane_core::registry::libtrust_key_id;
+use keyplane_core::PrivateKeyPem;
+use keyplane_store::{SigningKey, Store};
+use serde::Serialize;
+
+pub struct Signer {
+    header: Header,
+    key: EncodingKey,
+    certificate_pem: String,
+}
+
+impl Signer {
+    /// The self-signed certificate of the signing key: the registry's `rootcertbundle`.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    pub fn key_id(&self) -> &str {
+        self.header.kid.as_deref().unwrap_or("")
+    }
+
+    pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, AppError> {
+        jsonwebtoken::encode(&self.header, claims, &self.key)
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("signing a registry token: {e}")))
+    }
+}
+
+fn mint_candidate() -> Result<SigningKey, AppError> {
+    let internal = |e: rcgen::Error| {
+        AppError::Internal(anyhow::anyhow!("creating the registry signing key: {e}"))
+    };
+    let key_pair =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keyplane registry token signer");
+    let certificate = params.self_signed(&key_pair).map_err(internal)?;
+    Ok(SigningKey {
+        key_id: libtrust_key_id(&rcgen::PublicKeyData::subject_public_key_info(&key_pair)),
+        private_key: PrivateKeyPem::new(key_pair.serialize_pem()),
+        certificate_pem: certificate.pem(),
+        created_at: crate::ops::now(),
+    })
+}
+
+/// The store's signing key, created on first use. Racing callers (replicas, `admin registry-cert`)
+/// all end up with the one the store kept.
+pub async fn load_or_create_signing_key(store: &dyn Store) -> Result<Signer, AppError> {
+    let stored = store.signing_key_or_insert(&mint_candidate()?).await?;
+    let key =
+        EncodingKey::from_ec_pem(stored.private_key.expose_secret().as_bytes()).map_err(|e| {
+            AppError::Internal(anyhow::anyhow!("loading the registry signing key: {e}"))
+        })?;
+    let mut header = Header::new(Algorithm::ES256);
+    header.typ = Some("JWT".into());
+    header.kid = Some(stored.key_id);
+    Ok(Signer {
+        header,
+        key,
+        certificate_pem: stored.certificate_pem,
+    })
+}

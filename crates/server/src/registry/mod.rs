@@ -1,0 +1,9 @@
+//! keyplane as the token server of the Distribution token-authentication protocol: robots log in
+//! with `robot$<project>+<name>` and their secret, and get a signed JWT granting what their
+//! permissions allow in their own project.
+
+mod keys;
+mod token;
+
+pub use keys::{load_or_create_signing_key, Signer};
+pub(crate) use token::routes;

@@ -1,0 +1,228 @@
+//! `GET /registry/token` (HTTP Basic, as skopeo and containerd ask) and `POST /registry/token`
+//! (the OAuth2 password form the docker CLI uses).
+
+use crate::app::App;
+use crate::error::AppError;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Form, Json};
+use keyplane_core::registry::{grant_access, parse_scopes, robot_username, GrantedAccess};
+use serde::Serialize;
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+const TAG: &str = "Registry token service";
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new().routes(routes!(issue_registry_token, issue_registry_token_oauth))
+}
+
+/// The Distribution token answer.
+#[derive(Serialize, ToSchema)]
+pub struct RegistryTokenResponse {
+    pub token: String,
+    /// The same JWT, for OAuth2 clients.
+    pub access_token: String,
+    pub expires_in: u64,
+    pub issued_at: String,
+}
+
+#[derive(Serialize)]
+struct Access<'a> {
+    #[serde(rename = "type")]
+    resource_type: &'a str,
+    name: &'a str,
+    actions: &'a [String],
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    /// A plain string: Distribution 2.x rejects an array.
+    aud: &'a str,
+    exp: i64,
+    nbf: i64,
+    iat: i64,
+    jti: String,
+    access: Vec<Access<'a>>,
+}
+
+/// A refusal in the registry's error format.
+struct RegistryError(AppError);
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let code = match status {
+            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+            StatusCode::BAD_REQUEST => "UNSUPPORTED",
+            StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
+            _ => "UNAVAILABLE",
+        };
+        let message = match &self.0 {
+            AppError::Unauthenticated(_) => "invalid username or password".to_string(),
+            other => other.public_message(),
+        };
+        let mut response = (
+            status,
+            Json(json!({ "errors": [{ "code": code, "message": message }] })),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"keyplane registry\""),
+            );
+        }
+        response
+            .extensions_mut()
+            .insert(crate::error::ErrorCause(self.0.to_string()));
+        response
+    }
+}
+
+impl From<AppError> for RegistryError {
+    fn from(error: AppError) -> Self {
+        Self(error)
+    }
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = data_encoding::BASE64
+        .decode(encoded.trim().as_bytes())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+async fn issue(
+    app: &App,
+    username: &str,
+    secret: &str,
+    params: &[(String, String)],
+) -> Result<Response, RegistryError> {
+    let config = &app.inner().config.registry;
+    let (robot, registry) = app.inner().verifier.authenticate_robot(secret).await?;
+    if username != robot_username(&registry.project, &robot.name) {
+        app.inner()
+            .metrics
+            .credential_rejected("robot name mismatch");
+        return Err(AppError::Unauthenticated("robot name mismatch").into());
+    }
+    if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
+        if service != &config.service {
+            return Err(AppError::Domain(keyplane_core::Error::Validation(Vec::new())).into());
+        }
+    }
+    let requested: Vec<_> = params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| parse_scopes(v))
+        .collect();
+    let granted: Vec<GrantedAccess> =
+        grant_access(&robot.permissions, &registry.project, &requested);
+    let now = crate::ops::now();
+    let ttl = config.token_ttl.as_secs();
+    let claims = Claims {
+        iss: &config.issuer,
+        sub: username,
+        aud: &config.service,
+        exp: now.timestamp() + ttl as i64,
+        nbf: now.timestamp() - 1,
+        iat: now.timestamp(),
+        jti: uuid::Uuid::new_v4().simple().to_string(),
+        access: granted
+            .iter()
+            .map(|g| Access {
+                resource_type: &g.resource_type,
+                name: &g.name,
+                actions: &g.actions,
+            })
+            .collect(),
+    };
+    let signer = app.registry_signer().await?;
+    let token = signer.sign(&claims)?;
+    tracing::info!(tenant.id = %robot.tenant_id, credential.id = %robot.id, granted = granted.len(), "registry token issued");
+    Ok(Json(RegistryTokenResponse {
+        access_token: token.clone(),
+        token,
+        expires_in: ttl,
+        issued_at: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    })
+    .into_response())
+}
+
+/// Issue a registry token
+///
+/// The Distribution token-authentication endpoint (the registry's `auth.token.realm` is
+/// `http://<keyplane>/registry/token`). Log in with HTTP Basic: the robot's login name
+/// `robot$<harbor_project>+<name>` and its secret. Each `scope` (`repository:<project>/<repo>:pull,push`)
+/// is granted as far as the robot's permissions allow, never outside its organization's project.
+#[utoipa::path(
+    get, path = "/registry/token", tag = TAG,
+    params(
+        ("service" = Option<String>, Query, description = "The registry's service name."),
+        ("scope" = Option<String>, Query, description = "Repeatable: `repository:<name>:<actions>`."),
+        ("account" = Option<String>, Query, description = "The login name (informational)."),
+    ),
+    responses(
+        (status = 200, description = "A signed token.", body = RegistryTokenResponse),
+        (status = 401, description = "Bad or missing robot credentials."),
+    ),
+    security(("basic" = [])),
+)]
+async fn issue_registry_token(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, RegistryError> {
+    let (username, secret) = basic_credentials(&headers)
+        .ok_or(AppError::Unauthenticated("missing basic credentials"))?;
+    issue(&app, &username, &secret, &params).await
+}
+
+/// Issue a registry token (OAuth2 form)
+///
+/// The OAuth2 `grant_type=password` form of the same endpoint, as the docker CLI sends it
+/// (`username`, `password`, `service`, `scope` form fields). Refresh tokens are not issued.
+#[utoipa::path(
+    post, path = "/registry/token", tag = TAG,
+    request_body(content_type = "application/x-www-form-urlencoded", description = "grant_type=password&username=...&password=...&service=...&scope=..."),
+    responses(
+        (status = 200, description = "A signed token.", body = RegistryTokenResponse),
+        (status = 400, description = "Unsupported grant type."),
+        (status = 401, description = "Bad robot credentials."),
+    ),
+)]
+async fn issue_registry_token_oauth(
+    State(app): State<App>,
+    Form(params): Form<Vec<(String, String)>>,
+) -> Result<Response, RegistryError> {
+    let field = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    if field("grant_type").as_deref() != Some("password") {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "unsupported_grant_type", "error_description": "only grant_type=password is supported" })),
+        )
+            .into_response());
+    }
+    let (Some(username), Some(secret)) = (field("username"), field("password")) else {
+        return Err(AppError::Unauthenticated("missing username or password").into());
+    };
+    issue(&app, &username, &secret, &params).await
+}
