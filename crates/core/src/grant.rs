@@ -159,6 +159,22 @@ pub fn rights_from_grants(grants: &[Grant]) -> ScopeSet {
     ScopeSet::from_trusted(scopes)
 }
 
+/// Every right a set of live grants stands for, narrowed ones included: what someone must hold to
+/// hand the subject's secret on (by rotating it), since they could not have granted these either.
+pub fn rights_to_hand_on(grants: &[Grant]) -> ScopeSet {
+    let mut scopes: Vec<String> = Vec::new();
+    for grant in grants.iter().filter(|g| g.revoked_at.is_none()) {
+        let scope = match (grant.kind, &grant.capability_key) {
+            (GrantKind::Capability, Some(key)) => key.as_str().to_string(),
+            _ => crate::scope::WILDCARD.to_string(),
+        };
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    ScopeSet::from_trusted(scopes)
+}
+
 impl Principal {
     /// A grant can never give more than its grantor holds.
     pub fn may_grant(&self, grant: &NewGrant) -> Result<(), Error> {

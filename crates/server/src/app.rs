@@ -32,7 +32,12 @@ impl App {
         let metrics = Metrics::new();
         let rate_limiter =
             CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
-        let verifier = Verifier::new(store.clone(), usage.clone(), metrics.clone());
+        let verifier = Verifier::new(
+            store.clone(),
+            usage.clone(),
+            metrics.clone(),
+            config.verify_cache.clone(),
+        );
         let openapi_json = crate::router::openapi_document()
             .to_pretty_json()
             .expect("the OpenAPI document serializes");
@@ -73,6 +78,14 @@ impl App {
             .registry_signer
             .get_or_try_init(|| crate::registry::load_or_create_signing_key(self.0.store.as_ref()))
             .await
+    }
+
+    /// Makes cached verifications of `subject` stale, here at once (other replicas hear of it
+    /// through the store).
+    pub(crate) fn invalidate(&self, subject: uuid::Uuid) {
+        self.0
+            .verifier
+            .invalidate(keyplane_store::Invalidation::Subject(subject));
     }
 
     /// Writes pending `last_used_at` updates now (shutdown, tests).

@@ -1,110 +1,220 @@
-//! Bearer authentication: parse and checksum with no I/O, hash, look up, check revocation and
-//! expiry, record use. Every failure answers the same 401; the reason goes to the log and metrics.
+//! Verification, the hot path: parse and checksum with no I/O, SHA-256, a bounded in-memory cache
+//! (positive entries, and short negative ones for unknown secrets), the store on a miss, then
+//! revocation and expiry, then coalesced `last_used_at`. Every failure is the same 401 to the
+//! client; the reason goes to the log and metrics.
+//!
+//! Staleness is bounded three ways: local writes invalidate at once; other replicas' writes arrive
+//! as [`Invalidation`]s (PostgreSQL NOTIFY) within milliseconds; and every positive entry expires
+//! after `positive_ttl`, the backstop if a notification is ever lost.
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
-use keyplane_core::{token, Credential, CredentialKind, Principal, Registry};
-use keyplane_store::Store;
-use std::sync::Arc;
+use keyplane_core::{token, Credential, CredentialKind, Principal, Registry, ScopeSet, TokenHash};
+use keyplane_store::{Invalidation, Store};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// A live credential as verification sees it: the record and the rights it acts with.
+pub struct Verified {
+    pub credential: Credential,
+    pub rights: ScopeSet,
+}
+
+impl Verified {
+    pub fn principal(&self) -> Principal {
+        Principal::for_credential(&self.credential, self.rights.clone())
+    }
+}
+
+#[derive(Clone)]
+enum Cached {
+    Known {
+        verified: Arc<Verified>,
+        loaded: Instant,
+    },
+    Unknown {
+        until: Instant,
+    },
+}
+
+/// Cache sizing and lifetimes.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub capacity: usize,
+    pub positive_ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            positive_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(2),
+        }
+    }
+}
 
 pub(crate) struct Verifier {
     store: Arc<dyn Store>,
     usage: Arc<UsageRecorder>,
     metrics: Metrics,
+    config: CacheConfig,
+    cache: quick_cache::sync::Cache<TokenHash, Cached>,
+    /// Subjects invalidated within the last `positive_ttl`, and when: an entry loaded before its
+    /// subject's invalidation is stale. Older marks are pruned; the entries they would catch have
+    /// expired anyway.
+    invalidated: RwLock<HashMap<uuid::Uuid, Instant>>,
+    any_invalidated: AtomicBool,
 }
 
 impl Verifier {
-    pub fn new(store: Arc<dyn Store>, usage: Arc<UsageRecorder>, metrics: Metrics) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        usage: Arc<UsageRecorder>,
+        metrics: Metrics,
+        config: CacheConfig,
+    ) -> Self {
         Self {
+            cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             store,
             usage,
             metrics,
+            config,
+            invalidated: RwLock::new(HashMap::new()),
+            any_invalidated: AtomicBool::new(false),
         }
     }
 
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
-        let result = self.verify(headers).await;
+    /// Forgets what is cached about `subject` (a credential, or a grant's subject).
+    pub fn invalidate(&self, event: Invalidation) {
+        match event {
+            Invalidation::Subject(subject) => {
+                let mut marks = self.invalidated.write().unwrap_or_else(|p| p.into_inner());
+                marks.insert(subject, Instant::now());
+                self.any_invalidated.store(true, Ordering::Release);
+            }
+            Invalidation::Reset => self.cache.clear(),
+        }
+    }
+
+    /// Drops invalidation marks older than any cache entry can be.
+    pub fn prune(&self) {
+        let mut marks = self.invalidated.write().unwrap_or_else(|p| p.into_inner());
+        let horizon = self.config.positive_ttl;
+        marks.retain(|_, at| at.elapsed() <= horizon);
+        self.any_invalidated
+            .store(!marks.is_empty(), Ordering::Release);
+    }
+
+    fn is_stale(&self, verified: &Verified, loaded: Instant) -> bool {
+        if loaded.elapsed() > self.config.positive_ttl {
+            return true;
+        }
+        if !self.any_invalidated.load(Ordering::Acquire) {
+            return false;
+        }
+        let marks = self.invalidated.read().unwrap_or_else(|p| p.into_inner());
+        marks
+            .get(&verified.credential.id.as_uuid())
+            .is_some_and(|at| *at >= loaded)
+    }
+
+    /// Verifies a presented secret of any kind, recording the outcome in metrics and the use in
+    /// `last_used_at`.
+    pub async fn verify_secret(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
+        let result = self.verify_uncounted(presented).await;
         match &result {
-            Ok(principal) => self.metrics.credential_verified(principal.kind),
+            Ok(verified) => {
+                self.metrics.credential_verified(verified.credential.kind);
+                self.usage.record(verified.credential.id, crate::ops::now());
+            }
             Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
             Err(_) => {}
         }
         result
     }
 
-    async fn verify(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
-        let presented = bearer_token(headers)?;
+    async fn verify_uncounted(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
         let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
-        let credential = self
-            .store
-            .find_credential_by_hash(&parsed.hash)
-            .await?
-            .filter(|c| c.secret_hash.matches(&parsed.hash) && c.kind == parsed.kind)
-            .ok_or(AppError::Unauthenticated("unknown"))?;
-        let now = crate::ops::now();
+        let verified = match self.cache.get(&parsed.hash) {
+            Some(Cached::Known { verified, loaded }) if !self.is_stale(&verified, loaded) => {
+                verified
+            }
+            Some(Cached::Unknown { until }) if Instant::now() < until => {
+                return Err(AppError::Unauthenticated("unknown"))
+            }
+            _ => self.load(&parsed.hash).await?,
+        };
+        let credential = &verified.credential;
+        if credential.kind != parsed.kind || !credential.secret_hash.matches(&parsed.hash) {
+            return Err(AppError::Unauthenticated("unknown"));
+        }
         credential
-            .usable_at(now)
+            .usable_at(chrono::Utc::now())
             .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
-        if credential.kind == CredentialKind::RobotAccount {
+        Ok(verified)
+    }
+
+    async fn load(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
+        let loaded = Instant::now();
+        let found = self.store.find_credential_by_hash(hash).await?;
+        let Some(credential) = found.filter(|c| !c.is_revoked()) else {
+            self.cache.insert(
+                *hash,
+                Cached::Unknown {
+                    until: loaded + self.config.negative_ttl,
+                },
+            );
+            return Err(AppError::Unauthenticated("unknown or revoked"));
+        };
+        let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;
+        let verified = Arc::new(Verified { credential, rights });
+        self.cache.insert(
+            *hash,
+            Cached::Known {
+                verified: verified.clone(),
+                loaded,
+            },
+        );
+        Ok(verified)
+    }
+
+    /// A management API caller: any live credential but a robot secret.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+        let verified = self.verify_secret(bearer_token(headers)?).await?;
+        if verified.credential.kind == CredentialKind::RobotAccount {
             // Robot secrets log in to the registry only.
             return Err(AppError::Unauthenticated("robot secret"));
         }
-        let principal = Principal::for_credential(
-            &credential,
-            crate::ops::rights_of(self.store.as_ref(), &credential).await?,
-        );
-        self.usage.record(credential.id, now);
-        Ok(principal)
+        Ok(verified.principal())
     }
-}
 
-impl Verifier {
-    /// A robot's registry login: the secret must be a live robot secret, and its tenant must have a
-    /// registry. The caller checks that the login name matches.
+    /// A robot's registry login: a live robot secret whose tenant has a registry. The caller checks
+    /// that the login name matches.
     pub async fn authenticate_robot(
         &self,
         secret: &str,
-    ) -> Result<(Credential, Registry), AppError> {
-        let result = self.verify_robot(secret).await;
-        match &result {
-            Ok((robot, _)) => self.metrics.credential_verified(robot.kind),
-            Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
-            Err(_) => {}
-        }
-        result
-    }
-
-    async fn verify_robot(&self, secret: &str) -> Result<(Credential, Registry), AppError> {
-        let parsed = token::parse(secret).map_err(|_| AppError::Unauthenticated("malformed"))?;
-        if parsed.kind != CredentialKind::RobotAccount {
+    ) -> Result<(Arc<Verified>, Registry), AppError> {
+        let verified = self.verify_secret(secret).await?;
+        if verified.credential.kind != CredentialKind::RobotAccount {
             return Err(AppError::Unauthenticated("not a robot secret"));
         }
-        let robot = self
-            .store
-            .find_credential_by_hash(&parsed.hash)
-            .await?
-            .filter(|c| {
-                c.secret_hash.matches(&parsed.hash) && c.kind == CredentialKind::RobotAccount
-            })
-            .ok_or(AppError::Unauthenticated("unknown"))?;
-        let now = crate::ops::now();
-        robot
-            .usable_at(now)
-            .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
         let registry = self
             .store
-            .get_registry(robot.tenant_id)
+            .get_registry(verified.credential.tenant_id)
             .await?
             .ok_or(AppError::Unauthenticated("no registry"))?;
-        self.usage.record(robot.id, now);
-        Ok((robot, registry))
+        Ok((verified, registry))
     }
 }
 
 /// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(AppError::Unauthenticated("missing"))?

@@ -13,6 +13,7 @@ pub struct Config {
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
     pub registry: RegistryConfig,
+    pub verify_cache: crate::auth::CacheConfig,
 }
 
 /// How keyplane acts as the token server of a Distribution registry (`auth: token`).
@@ -47,6 +48,7 @@ impl Default for Config {
             last_used_flush_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
             registry: RegistryConfig::default(),
+            verify_cache: crate::auth::CacheConfig::default(),
         }
     }
 }

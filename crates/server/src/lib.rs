@@ -6,7 +6,7 @@
 
 pub mod aether;
 mod app;
-mod auth;
+pub mod auth;
 pub mod config;
 mod docs;
 pub mod error;
@@ -19,6 +19,7 @@ pub mod registry;
 mod router;
 mod system;
 mod usage;
+pub mod verify;
 pub mod wire;
 
 pub use app::App;

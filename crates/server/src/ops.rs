@@ -132,6 +132,27 @@ pub const ROBOTS: KindRights = KindRights {
     write: Capability::RegistryWrite,
 };
 
+/// What a caller must hold to rotate `credential` (rotation hands its secret on): an API token's
+/// scopes; every right a service account's live grants stand for, narrowed ones included.
+async fn rights_to_hand_on(
+    store: &dyn Store,
+    credential: &Credential,
+) -> Result<ScopeSet, AppError> {
+    match credential.kind {
+        CredentialKind::ServiceAccount => {
+            let grants = store
+                .list_grants(&GrantFilter::live_for(
+                    credential.tenant_id,
+                    SubjectType::ServiceAccount,
+                    credential.id.as_uuid(),
+                ))
+                .await?;
+            Ok(keyplane_core::grant::rights_to_hand_on(&grants))
+        }
+        _ => rights_of(store, credential).await,
+    }
+}
+
 fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
     match error {
         StoreError::Conflict(_) => DomainError::Conflict(format!(
@@ -232,12 +253,13 @@ pub async fn rotate_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
-    who.may_delegate(&rights_of(app.store().as_ref(), &current).await?)?;
+    who.may_delegate(&rights_to_hand_on(app.store().as_ref(), &current).await?)?;
     let (rotation, secret) = Rotation::mint(rights.kind, now(), &mut OsRng);
     let credential = app
         .store()
         .rotate_credential(tenant, rights.kind, id, &rotation)
         .await?;
+    app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential rotated");
     Ok(Issued { credential, secret })
 }
@@ -256,6 +278,7 @@ pub async fn revoke_credential(
         .store()
         .revoke_credential(tenant, rights.kind, id, at, who.user_id)
         .await?;
+    app.invalidate(id.as_uuid());
     let revoked_now = credential.revoked_at == Some(at);
     if revoked_now {
         tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential revoked");
@@ -293,6 +316,7 @@ pub async fn create_grant(
     }
     let grant = grant.issue(tenant, now(), who.user_id);
     app.store().insert_grant(&grant).await?;
+    app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.credential_id, "grant created");
     Ok(grant)
 }
@@ -315,6 +339,7 @@ pub async fn revoke_grant(
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
     let grant = app.store().revoke_grant(tenant, id, now()).await?;
+    app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.credential_id, "grant revoked");
     Ok(grant)
 }
@@ -421,6 +446,7 @@ pub async fn update_robot_permissions(
         .store()
         .update_robot_permissions(tenant, id, &permissions, now())
         .await?;
+    app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "robot permissions changed");
     Ok(robot)
 }

@@ -55,6 +55,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .merge(crate::aether::routes())
         .merge(crate::hybridbox::routes())
         .merge(crate::registry::routes())
+        .merge(crate::verify::routes())
         .merge(crate::system::routes())
 }
 
@@ -127,6 +128,11 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let verifier_app = app.clone();
+    app.store()
+        .listen_invalidations(std::sync::Arc::new(move |event| {
+            verifier_app.inner().verifier.invalidate(event)
+        }));
     let (stop_background, stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(background_work(app.clone(), stopped));
     let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -151,6 +157,7 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
             _ = stop.changed() => return,
         }
         app.flush_usage().await;
+        app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().rate_limiter {
             limiter.prune();
         }

@@ -47,6 +47,16 @@ pub struct SigningKey {
     pub created_at: DateTime<Utc>,
 }
 
+/// A change another replica must hear about: cached verifications of this subject (a credential or
+/// a grant's subject) are stale, or (`Reset`) every cached verification may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    Subject(uuid::Uuid),
+    Reset,
+}
+
+pub type InvalidationHandler = Arc<dyn Fn(Invalidation) + Send + Sync>;
+
 /// Which grants of a tenant to list; `None` fields match anything.
 #[derive(Debug, Clone)]
 pub struct GrantFilter {
@@ -182,6 +192,10 @@ pub trait Store: Send + Sync + 'static {
         id: GrantId,
         at: DateTime<Utc>,
     ) -> Result<Grant, StoreError>;
+
+    /// Calls `on_event` for every change other processes commit that affects cached verifications.
+    /// A no-op where one process owns the store (SQLite).
+    fn listen_invalidations(&self, on_event: InvalidationHandler);
 
     /// Applies a batch of coalesced `last_used_at` updates in one transaction.
     async fn record_last_used(

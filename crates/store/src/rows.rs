@@ -181,6 +181,12 @@ pub(crate) struct GrantRow {
     created_by_user_id: Option<Uuid>,
 }
 
+impl GrantRow {
+    pub(crate) fn subject_id(&self) -> Uuid {
+        self.subject_id
+    }
+}
+
 impl TryFrom<GrantRow> for Grant {
     type Error = StoreError;
 

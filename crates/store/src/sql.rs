@@ -187,6 +187,7 @@ macro_rules! impl_store {
                      RETURNING {}",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
+                let mut tx = self.pool.begin().await?;
                 let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind(&rotation.secret_hash.as_bytes()[..])
                     .bind(&rotation.display.prefix)
@@ -196,8 +197,12 @@ macro_rules! impl_store {
                     .bind(tenant_id.as_uuid())
                     .bind(kind.as_str())
                     .bind(id.as_uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                if row.is_some() {
+                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                }
+                tx.commit().await?;
                 match row {
                     Some(row) => row.try_into(),
                     None => match self.get_credential(tenant_id, kind, id).await? {
@@ -222,14 +227,19 @@ macro_rules! impl_store {
                      RETURNING {}",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
+                let mut tx = self.pool.begin().await?;
                 let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind(at)
                     .bind(by_user.map(|u| u.as_uuid()))
                     .bind(tenant_id.as_uuid())
                     .bind(kind.as_str())
                     .bind(id.as_uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                if row.is_some() {
+                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                }
+                tx.commit().await?;
                 match row {
                     Some(row) => row.try_into(),
                     None => self
@@ -253,14 +263,19 @@ macro_rules! impl_store {
                      RETURNING {}",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
+                let mut tx = self.pool.begin().await?;
                 let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind($crate::rows::permission_list_json(permissions))
                     .bind(at)
                     .bind(tenant_id.as_uuid())
                     .bind(keyplane_core::CredentialKind::RobotAccount.as_str())
                     .bind(id.as_uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                if row.is_some() {
+                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                }
+                tx.commit().await?;
                 row.ok_or($crate::StoreError::NotFound)?.try_into()
             }
 
@@ -335,6 +350,7 @@ macro_rules! impl_store {
 
             #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
             async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query($crate::sql::INSERT_GRANT)
                     .bind(grant.id.as_uuid())
                     .bind(grant.tenant_id.as_uuid())
@@ -347,7 +363,7 @@ macro_rules! impl_store {
                     .bind(grant.created_at)
                     .bind(grant.revoked_at)
                     .bind(grant.created_by_user_id.map(|u| u.as_uuid()))
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(|e| match $crate::StoreError::from(e) {
                         $crate::StoreError::Conflict(_) => {
@@ -355,6 +371,8 @@ macro_rules! impl_store {
                         }
                         other => other,
                     })?;
+                Self::notify_invalidation(&mut tx, grant.subject_id).await?;
+                tx.commit().await?;
                 Ok(())
             }
 
@@ -394,13 +412,22 @@ macro_rules! impl_store {
                      WHERE tenant_id = $2 AND id = $3 RETURNING {}",
                     $crate::sql::GRANT_COLUMNS
                 );
+                let mut tx = self.pool.begin().await?;
                 let row: Option<$crate::rows::GrantRow> = sqlx::query_as(&sql)
                     .bind(at)
                     .bind(tenant_id.as_uuid())
                     .bind(id.as_uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                if row.is_some() {
+                    Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
+                }
+                tx.commit().await?;
                 row.ok_or($crate::StoreError::NotFound)?.try_into()
+            }
+
+            fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {
+                self.spawn_invalidation_listener(on_event);
             }
 
             #[tracing::instrument(skip_all, fields(count = uses.len()))]

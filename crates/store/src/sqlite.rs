@@ -30,5 +30,17 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One process owns a SQLite store, and it evicts its own cache; nothing to tell others.
+    async fn notify_invalidation(
+        _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _subject: uuid::Uuid,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn spawn_invalidation_listener(&self, _on_event: crate::InvalidationHandler) {}
+}
+
 bind_credential_fn!(sqlx::Sqlite);
 impl_store!(SqliteStore, "sqlite");

@@ -17,6 +17,7 @@ use uuid::Uuid;
 #[schema(as = ServiceAccountCreate)]
 pub struct CreateServiceAccountRequest {
     /// Human-readable service account name (1–120 characters after trimming).
+    #[schema(min_length = 1, max_length = 120)]
     pub name: String,
     /// Optional UTC token expiry timestamp, in the future.
     #[schema(value_type = Option<String>, format = DateTime)]

@@ -112,7 +112,8 @@ async fn issue(
     params: &[(String, String)],
 ) -> Result<Response, RegistryError> {
     let config = &app.inner().config.registry;
-    let (robot, registry) = app.inner().verifier.authenticate_robot(secret).await?;
+    let (verified, registry) = app.inner().verifier.authenticate_robot(secret).await?;
+    let robot = &verified.credential;
     if username != robot_username(&registry.project, &robot.name) {
         app.inner()
             .metrics

@@ -51,6 +51,11 @@ impl Org {
     pub fn path(&self, rest: &str) -> String {
         format!("/api/v1/organizations/{}{rest}", self.id)
     }
+
+    /// The same tenant as a Hybridbox account: `/v1/public/accounts/{account_id}/auth{rest}`.
+    pub fn account_path(&self, rest: &str) -> String {
+        format!("/v1/public/accounts/{}/auth{rest}", self.id)
+    }
 }
 
 impl TestApp {
@@ -121,6 +126,14 @@ impl TestApp {
     pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
         self.request(Method::POST, path, Some(token))
             .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A POST with no body at all (rotate endpoints take none).
+    pub async fn post_empty(&self, path: &str, token: &str) -> Response {
+        self.request(Method::POST, path, Some(token))
             .send()
             .await
             .unwrap()

@@ -4,5 +4,6 @@
 mod helpers;
 
 mod aether_api_tokens;
+mod hybridbox;
 mod logs;
 mod operations;

@@ -78,11 +78,70 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
             "/api/v1/organizations/{orgID}/api-tokens/{id}/rotate",
             "post",
         ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts",
+            "get",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts",
+            "post",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/rotate",
+            "post",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}",
+            "delete",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/authorizations",
+            "get",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/authorizations",
+            "post",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/authorizations/{authorization_id}",
+            "delete",
+        ),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
         ("/docs", "get"),
+        ("/api/v1/organizations/{orgID}/registry", "get"),
+        ("/api/v1/organizations/{orgID}/registry", "post"),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts",
+            "get",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}",
+            "get",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}",
+            "put",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}",
+            "delete",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate",
+            "post",
+        ),
+        ("/registry/token", "get"),
+        ("/registry/token", "post"),
+        ("/oauth2/introspect", "post"),
+        ("/v1/auth/forward", "get"),
+        ("/v1/whoami", "get"),
     ];
     let mut documented = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {

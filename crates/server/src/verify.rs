@@ -1,0 +1,298 @@
+//! Verification APIs for other services: RFC 7662 introspection, forward-auth for reverse proxies,
+//! and whoami. They serve other services' traffic, so the management rate limit does not count
+//! them. Errors use the OAuth style `{"error", "error_description"}`.
+
+use crate::app::App;
+use crate::auth::{bearer_token, Verified};
+use crate::error::{ApiError, AppError, Surface};
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyplane_core::{Capability, Error as DomainError, Scope};
+use serde::Serialize;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+const TAG: &str = "Verification";
+
+/// Marker for the verification endpoints' OAuth-style error dialect.
+pub struct Verification;
+
+type VerifyError = ApiError<Verification>;
+
+impl Surface for Verification {
+    fn error_body(error: &AppError) -> Value {
+        let code = match error {
+            AppError::Unauthenticated(_) => "invalid_token",
+            AppError::Domain(DomainError::Forbidden(_)) => "insufficient_scope",
+            AppError::Domain(DomainError::NotFound) => "not_found",
+            AppError::RateLimited { .. } => "rate_limited",
+            AppError::Unavailable(_) => "temporarily_unavailable",
+            AppError::Internal(_) => "server_error",
+            _ => "invalid_request",
+        };
+        let description = match error {
+            AppError::Domain(DomainError::Validation(fields)) => fields
+                .iter()
+                .map(|f| format!("{}: {}", f.path, f.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.public_message(),
+        };
+        json!({ "error": code, "error_description": description })
+    }
+}
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(introspect))
+        .routes(routes!(forward_auth))
+        .routes(routes!(whoami))
+}
+
+const ORG_ID: HeaderName = HeaderName::from_static("x-keyplane-org-id");
+const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
+const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
+const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
+
+/// What a credential may do, as one space-separated string: its scopes, or a robot's permissions.
+fn scope_string(verified: &Verified) -> String {
+    if verified.credential.kind == keyplane_core::CredentialKind::RobotAccount {
+        let permissions: Vec<String> = verified
+            .credential
+            .permissions
+            .iter()
+            .map(|p| p.to_wire())
+            .collect();
+        permissions.join(" ")
+    } else {
+        let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
+        scopes.join(" ")
+    }
+}
+
+/// RFC 7662 answer.
+#[derive(Serialize, ToSchema)]
+pub struct IntrospectionResponse {
+    pub active: bool,
+    /// `api_token`, `service_account` or `robot_account`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<&'static str>,
+    /// Space-separated scopes (a robot's registry permissions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The credential id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    /// The credential's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Expiry (seconds since the epoch); absent when the credential does not expire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+}
+
+impl IntrospectionResponse {
+    fn inactive() -> Self {
+        Self {
+            active: false,
+            token_type: None,
+            scope: None,
+            sub: None,
+            org_id: None,
+            username: None,
+            exp: None,
+            iat: None,
+        }
+    }
+}
+
+/// The `token` of an introspection request, from a form or JSON body.
+fn presented_token(headers: &HeaderMap, body: &[u8]) -> Result<String, AppError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let token = match content_type.as_str() {
+        "application/x-www-form-urlencoded" => form_urlencoded_token(body),
+        "application/json" => serde_json::from_slice::<Value>(body)
+            .map_err(|e| AppError::InvalidJson(e.to_string()))?
+            .get("token")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => return Err(AppError::UnsupportedMediaType),
+    };
+    token.ok_or_else(|| {
+        AppError::Domain(DomainError::Validation(vec![
+            keyplane_core::FieldError::new(
+                keyplane_core::FieldPath::body("token"),
+                keyplane_core::error::codes::REQUIRED,
+                "is required",
+            ),
+        ]))
+    })
+}
+
+fn form_urlencoded_token(body: &[u8]) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).ok()?;
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+}
+
+/// Introspect a token (RFC 7662)
+///
+/// Tells whether a keyplane credential is active and what it holds. The caller authenticates with
+/// a Bearer credential holding `tokens:verify`, and only learns about credentials of its own
+/// organization: anything unknown, expired, revoked or elsewhere is `{"active": false}`. The body
+/// is `token=...` (form) or `{"token": "..."}` (JSON).
+#[utoipa::path(
+    post, path = "/oauth2/introspect", tag = TAG,
+    request_body(content_type = "application/x-www-form-urlencoded", description = "token=<the credential to check>"),
+    responses(
+        (status = 200, description = "The introspection answer.", body = IntrospectionResponse),
+        (status = 401, description = "The caller's own credential is missing or invalid."),
+        (status = 403, description = "The caller lacks `tokens:verify`."),
+    ),
+    security(("bearer" = [])),
+)]
+async fn introspect(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<IntrospectionResponse>, VerifyError> {
+    let verifier = &app.inner().verifier;
+    let caller = verifier.verify_secret(bearer_token(&headers)?).await?;
+    if !caller.rights.grants(Capability::TokensVerify)
+        || caller.credential.kind == keyplane_core::CredentialKind::RobotAccount
+    {
+        return Err(AppError::Domain(DomainError::Forbidden(
+            "introspection needs a credential with the `tokens:verify` capability".into(),
+        ))
+        .into());
+    }
+    let token = presented_token(&headers, &body)?;
+    let verified = match verifier.verify_secret(&token).await {
+        Ok(verified) if verified.credential.tenant_id == caller.credential.tenant_id => verified,
+        Ok(_) | Err(AppError::Unauthenticated(_)) => {
+            return Ok(Json(IntrospectionResponse::inactive()))
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let credential = &verified.credential;
+    Ok(Json(IntrospectionResponse {
+        active: true,
+        token_type: Some(credential.kind.as_str()),
+        scope: Some(scope_string(&verified)),
+        sub: Some(credential.id.to_string()),
+        org_id: Some(credential.tenant_id.to_string()),
+        username: Some(credential.name.clone()),
+        exp: credential.expires_at.map(|at| at.timestamp()),
+        iat: Some(credential.created_at.timestamp()),
+    }))
+}
+
+/// Forward-auth
+///
+/// For nginx `auth_request`, Traefik `forwardAuth` and Envoy `ext_authz`: verifies the request's
+/// own `Authorization: Bearer` credential and answers 200 with `X-Keyplane-Org-Id`,
+/// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind` and `X-Keyplane-Scopes`
+/// (space-separated), or 401. Each `scope` query parameter is a scope the credential must hold
+/// (403 otherwise).
+#[utoipa::path(
+    get, path = "/v1/auth/forward", tag = TAG,
+    params(("scope" = Option<String>, Query, description = "Repeatable: a scope the credential must hold.")),
+    responses(
+        (status = 200, description = "Valid; identity in the X-Keyplane-* headers."),
+        (status = 401, description = "Missing, unknown, expired or revoked credential."),
+        (status = 403, description = "Valid, but without a required scope."),
+    ),
+    security(("bearer" = [])),
+)]
+async fn forward_auth(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(required): Query<Vec<(String, String)>>,
+) -> Result<Response, VerifyError> {
+    let verified = app
+        .inner()
+        .verifier
+        .verify_secret(bearer_token(&headers)?)
+        .await?;
+    for (_, scope) in required.iter().filter(|(k, _)| k == "scope") {
+        let held = Scope::parse(scope).is_ok_and(|s| verified.rights.covers(&s));
+        if !held {
+            return Err(AppError::Domain(DomainError::Forbidden(format!(
+                "the credential lacks the `{scope}` scope"
+            )))
+            .into());
+        }
+    }
+    let credential = &verified.credential;
+    let mut response = StatusCode::OK.into_response();
+    let out = response.headers_mut();
+    let value = |text: String| HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static(""));
+    out.insert(ORG_ID, value(credential.tenant_id.to_string()));
+    out.insert(SUBJECT, value(credential.id.to_string()));
+    out.insert(KIND, HeaderValue::from_static(credential.kind.as_str()));
+    out.insert(SCOPES, value(scope_string(&verified)));
+    Ok(response)
+}
+
+/// The calling credential, as `whoami` describes it.
+#[derive(Serialize, ToSchema)]
+pub struct WhoAmI {
+    /// `api_token`, `service_account` or `robot_account`.
+    pub kind: &'static str,
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    /// Its scopes (a service account's come from its grants; a robot's are its permissions).
+    pub scopes: Vec<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<String>,
+}
+
+/// Who am I
+///
+/// The calling credential describes itself.
+#[utoipa::path(
+    get, path = "/v1/whoami", tag = TAG,
+    responses(
+        (status = 200, description = "The caller.", body = WhoAmI),
+        (status = 401, description = "Missing, unknown, expired or revoked credential."),
+    ),
+    security(("bearer" = [])),
+)]
+async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAmI>, VerifyError> {
+    let verified = app
+        .inner()
+        .verifier
+        .verify_secret(bearer_token(&headers)?)
+        .await?;
+    let credential = &verified.credential;
+    let scope = scope_string(&verified);
+    Ok(Json(WhoAmI {
+        kind: credential.kind.as_str(),
+        id: credential.id.to_string(),
+        org_id: credential.tenant_id.to_string(),
+        name: credential.name.clone(),
+        scopes: scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
+    }))
+}
