@@ -1,6 +1,7 @@
 //! Who is calling and what they may do. One model for every surface: a principal holds rights
-//! (scopes) in its tenant; a capability check against another tenant is `NotFound`, never
-//! `Forbidden`, so tenant ids cannot be probed.
+//! (scopes) per tenant — a credential in its own tenant only, a user wherever it has grants. A check
+//! against a tenant where the principal holds nothing is `NotFound`, never `Forbidden`, so tenant ids
+//! cannot be probed.
 
 use crate::credential::{Credential, CredentialKind};
 use crate::error::Error;
@@ -8,39 +9,93 @@ use crate::ids::{CredentialId, TenantId, UserId};
 use crate::scope::{Capability, Scope, ScopeSet};
 use chrono::{DateTime, Utc};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    Credential {
+        id: CredentialId,
+        kind: CredentialKind,
+    },
+    /// A person, from an OAuth/OIDC access token.
+    User(UserId),
+}
+
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub tenant_id: TenantId,
-    pub credential_id: CredentialId,
-    pub kind: CredentialKind,
-    /// The scopes this principal holds in `tenant_id`.
-    pub rights: ScopeSet,
-    /// Set when a person acts; `created_by_user_id` / `revoked_by_user_id` come from here.
-    pub user_id: Option<UserId>,
+    pub actor: Actor,
+    /// Rights per tenant; a credential has exactly one entry, its own tenant.
+    rights: Vec<(TenantId, ScopeSet)>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Principal {
-    /// A credential acting with `rights` (an API token's scopes, a service account's grants).
+    /// A credential acting with `rights` in its tenant (an API token's scopes, a service account's
+    /// grants).
     pub fn for_credential(credential: &Credential, rights: ScopeSet) -> Self {
         Self {
-            tenant_id: credential.tenant_id,
-            credential_id: credential.id,
-            kind: credential.kind,
-            rights,
-            user_id: None,
+            actor: Actor::Credential {
+                id: credential.id,
+                kind: credential.kind,
+            },
+            rights: vec![(credential.tenant_id, rights)],
             expires_at: credential.expires_at,
         }
     }
 
-    /// `NotFound` outside the principal's tenant; `Forbidden` when it lacks the capability.
-    pub fn require(&self, tenant: TenantId, capability: Capability) -> Result<(), Error> {
-        if tenant != self.tenant_id {
-            return Err(Error::NotFound);
+    /// A user acting with what its grants give it in each tenant.
+    pub fn for_user(
+        user: UserId,
+        rights: Vec<(TenantId, ScopeSet)>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            actor: Actor::User(user),
+            rights,
+            expires_at,
         }
-        if !self.rights.grants(capability) {
+    }
+
+    /// The credential or user id: the rate-limit key and `principal.id` in logs.
+    pub fn id(&self) -> uuid::Uuid {
+        match self.actor {
+            Actor::Credential { id, .. } => id.as_uuid(),
+            Actor::User(user) => user.as_uuid(),
+        }
+    }
+
+    /// Set when a person acts; `created_by_user_id` / `revoked_by_user_id` come from here.
+    pub fn user_id(&self) -> Option<UserId> {
+        match self.actor {
+            Actor::User(user) => Some(user),
+            Actor::Credential { .. } => None,
+        }
+    }
+
+    /// `api_token`, `service_account`, `robot_account` or `user`.
+    pub fn kind(&self) -> &'static str {
+        match self.actor {
+            Actor::Credential { kind, .. } => kind.as_str(),
+            Actor::User(_) => "user",
+        }
+    }
+
+    /// The tenants this principal holds anything in, and what.
+    pub fn tenants(&self) -> &[(TenantId, ScopeSet)] {
+        &self.rights
+    }
+
+    pub fn rights_in(&self, tenant: TenantId) -> Option<&ScopeSet> {
+        self.rights
+            .iter()
+            .find(|(t, _)| *t == tenant)
+            .map(|(_, rights)| rights)
+    }
+
+    /// `NotFound` where the principal holds nothing; `Forbidden` when it lacks the capability.
+    pub fn require(&self, tenant: TenantId, capability: Capability) -> Result<(), Error> {
+        let rights = self.rights_in(tenant).ok_or(Error::NotFound)?;
+        if !rights.grants(capability) {
             return Err(Error::Forbidden(format!(
-                "this credential lacks the `{}` capability",
+                "this caller lacks the `{}` capability",
                 capability.key()
             )));
         }
@@ -48,14 +103,15 @@ impl Principal {
     }
 
     /// A principal can never mint a credential with rights it does not hold itself.
-    pub fn may_delegate(&self, requested: &ScopeSet) -> Result<(), Error> {
-        let missing = self.rights.not_covered(requested);
+    pub fn may_delegate(&self, tenant: TenantId, requested: &ScopeSet) -> Result<(), Error> {
+        let held = self.rights_in(tenant).ok_or(Error::NotFound)?;
+        let missing = held.not_covered(requested);
         if missing.is_empty() {
             return Ok(());
         }
         let names: Vec<&str> = missing.into_iter().map(Scope::as_str).collect();
         Err(Error::Forbidden(format!(
-            "cannot grant scopes this credential does not hold: {}",
+            "cannot grant scopes this caller does not hold: {}",
             names.join(", ")
         )))
     }
@@ -66,43 +122,76 @@ mod tests {
     use super::*;
     use crate::error::FieldPath;
 
-    fn principal(scopes: &[&str]) -> Principal {
-        let raw: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        Principal {
-            tenant_id: TenantId::new(),
-            credential_id: CredentialId::new(),
-            kind: CredentialKind::ApiToken,
-            rights: ScopeSet::parse_list(&FieldPath::body("scopes"), &raw).unwrap(),
-            user_id: None,
+    fn scopes(list: &[&str]) -> ScopeSet {
+        let raw: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        ScopeSet::parse_list(&FieldPath::body("scopes"), &raw).unwrap()
+    }
+
+    fn principal(list: &[&str]) -> (Principal, TenantId) {
+        let tenant = TenantId::new();
+        let principal = Principal {
+            actor: Actor::Credential {
+                id: CredentialId::new(),
+                kind: CredentialKind::ApiToken,
+            },
+            rights: vec![(tenant, scopes(list))],
             expires_at: None,
-        }
+        };
+        (principal, tenant)
     }
 
     #[test]
     fn other_tenant_is_not_found_even_with_wildcard() {
-        let p = principal(&["*"]);
+        let (p, tenant) = principal(&["*"]);
         assert_eq!(
             p.require(TenantId::new(), Capability::ApiTokensRead),
             Err(Error::NotFound)
         );
-        assert_eq!(p.require(p.tenant_id, Capability::ApiTokensRead), Ok(()));
+        assert_eq!(p.require(tenant, Capability::ApiTokensRead), Ok(()));
     }
 
     #[test]
     fn missing_capability_is_forbidden() {
-        let p = principal(&["api_tokens:read"]);
+        let (p, tenant) = principal(&["api_tokens:read"]);
         assert!(matches!(
-            p.require(p.tenant_id, Capability::ApiTokensWrite),
+            p.require(tenant, Capability::ApiTokensWrite),
             Err(Error::Forbidden(_))
         ));
     }
 
     #[test]
     fn cannot_delegate_more_than_held() {
-        let p = principal(&["api_tokens:write", "deploy"]);
-        let ok = ScopeSet::parse_list(&FieldPath::body("s"), &["deploy".to_string()]).unwrap();
-        let escalation = ScopeSet::wildcard();
-        assert!(p.may_delegate(&ok).is_ok());
-        assert!(matches!(p.may_delegate(&escalation), Err(Error::Forbidden(m)) if m.contains('*')));
+        let (p, tenant) = principal(&["api_tokens:write", "deploy"]);
+        assert!(p.may_delegate(tenant, &scopes(&["deploy"])).is_ok());
+        assert!(
+            matches!(p.may_delegate(tenant, &ScopeSet::wildcard()), Err(Error::Forbidden(m)) if m.contains('*'))
+        );
+        assert_eq!(
+            p.may_delegate(TenantId::new(), &scopes(&["deploy"])),
+            Err(Error::NotFound)
+        );
+    }
+
+    #[test]
+    fn a_user_holds_rights_per_tenant() {
+        let user = UserId::from_subject("https://idp", "alice");
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let p = Principal::for_user(
+            user,
+            vec![(a, ScopeSet::wildcard()), (b, scopes(&["auth.manage"]))],
+            None,
+        );
+        assert_eq!(p.user_id(), Some(user));
+        assert_eq!(p.kind(), "user");
+        assert!(p.require(a, Capability::ApiTokensWrite).is_ok());
+        assert!(p.require(b, Capability::AuthManage).is_ok());
+        assert!(matches!(
+            p.require(b, Capability::ApiTokensWrite),
+            Err(Error::Forbidden(_))
+        ));
+        assert_eq!(
+            p.require(TenantId::new(), Capability::AuthManage),
+            Err(Error::NotFound)
+        );
     }
 }

@@ -176,8 +176,8 @@ pub fn rights_to_hand_on(grants: &[Grant]) -> ScopeSet {
 }
 
 impl Principal {
-    /// A grant can never give more than its grantor holds.
-    pub fn may_grant(&self, grant: &NewGrant) -> Result<(), Error> {
+    /// A grant can never give more than its grantor holds in that tenant.
+    pub fn may_grant(&self, tenant: TenantId, grant: &NewGrant) -> Result<(), Error> {
         let needed = match (grant.kind, &grant.capability_key) {
             (GrantKind::SuperAdmin, _) => {
                 return Err(Error::Forbidden(
@@ -190,7 +190,7 @@ impl Principal {
             }
             (GrantKind::Capability, None) => ScopeSet::empty(),
         };
-        self.may_delegate(&needed)
+        self.may_delegate(tenant, &needed)
     }
 }
 
@@ -241,13 +241,13 @@ mod tests {
 
     #[test]
     fn a_grantor_gives_only_what_it_holds() {
-        let principal = |scopes: ScopeSet| Principal {
-            tenant_id: TenantId::new(),
-            credential_id: CredentialId::new(),
-            kind: CredentialKind::ServiceAccount,
-            rights: scopes,
-            user_id: None,
-            expires_at: None,
+        let tenant = TenantId::new();
+        let principal = |scopes: ScopeSet| {
+            Principal::for_user(
+                UserId::from_subject("https://idp", "u"),
+                vec![(tenant, scopes)],
+                None,
+            )
         };
         let manager = principal(ScopeSet::from_trusted(vec!["auth.manage".into()]));
         let new = |kind, key: Option<&str>| NewGrant {
@@ -261,17 +261,24 @@ mod tests {
             },
         };
         assert!(manager
-            .may_grant(&new(GrantKind::Capability, Some("auth.manage")))
+            .may_grant(tenant, &new(GrantKind::Capability, Some("auth.manage")))
             .is_ok());
         assert!(manager
-            .may_grant(&new(GrantKind::Capability, Some("api_tokens:write")))
+            .may_grant(
+                tenant,
+                &new(GrantKind::Capability, Some("api_tokens:write"))
+            )
             .is_err());
         assert!(manager
-            .may_grant(&new(GrantKind::AccountOwner, None))
+            .may_grant(tenant, &new(GrantKind::AccountOwner, None))
             .is_err());
         let owner = principal(ScopeSet::wildcard());
-        assert!(owner.may_grant(&new(GrantKind::AccountOwner, None)).is_ok());
-        assert!(owner.may_grant(&new(GrantKind::SuperAdmin, None)).is_err());
+        assert!(owner
+            .may_grant(tenant, &new(GrantKind::AccountOwner, None))
+            .is_ok());
+        assert!(owner
+            .may_grant(tenant, &new(GrantKind::SuperAdmin, None))
+            .is_err());
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl App {
     ) -> Result<Principal, AppError> {
         let principal = self.0.verifier.authenticate(headers).await?;
         if let Some(limiter) = &self.0.rate_limiter {
-            limiter.check(principal.credential_id)?;
+            limiter.check(principal.id())?;
         }
         Ok(principal)
     }

@@ -172,7 +172,7 @@ pub async fn create_credential(
     spec: CredentialSpec,
 ) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
-    who.may_delegate(&spec.scopes)?;
+    who.may_delegate(tenant, &spec.scopes)?;
     let (credential, secret) = NewCredential {
         tenant_id: tenant,
         kind: rights.kind,
@@ -180,14 +180,14 @@ pub async fn create_credential(
         scopes: spec.scopes,
         permissions: spec.permissions,
         expires_at: spec.expires_at,
-        created_by_user_id: who.user_id,
+        created_by_user_id: who.user_id(),
     }
     .issue(now(), &mut OsRng);
     app.store()
         .insert_credential(&credential)
         .await
         .map_err(|e| conflict_on_name(e, rights.kind))?;
-    tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.credential_id, "credential created");
+    tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.id(), "credential created");
     Ok(Issued { credential, secret })
 }
 
@@ -253,14 +253,17 @@ pub async fn rotate_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
-    who.may_delegate(&rights_to_hand_on(app.store().as_ref(), &current).await?)?;
+    who.may_delegate(
+        tenant,
+        &rights_to_hand_on(app.store().as_ref(), &current).await?,
+    )?;
     let (rotation, secret) = Rotation::mint(rights.kind, now(), &mut OsRng);
     let credential = app
         .store()
         .rotate_credential(tenant, rights.kind, id, &rotation)
         .await?;
     app.invalidate(id.as_uuid());
-    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential rotated");
+    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential rotated");
     Ok(Issued { credential, secret })
 }
 
@@ -276,12 +279,12 @@ pub async fn revoke_credential(
     let at = now();
     let credential = app
         .store()
-        .revoke_credential(tenant, rights.kind, id, at, who.user_id)
+        .revoke_credential(tenant, rights.kind, id, at, who.user_id())
         .await?;
     app.invalidate(id.as_uuid());
     let revoked_now = credential.revoked_at == Some(at);
     if revoked_now {
-        tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "credential revoked");
+        tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential revoked");
     }
     Ok((credential, revoked_now))
 }
@@ -295,7 +298,7 @@ pub async fn create_grant(
     grant: NewGrant,
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
-    who.may_grant(&grant)?;
+    who.may_grant(tenant, &grant)?;
     if grant.subject_type == SubjectType::ServiceAccount {
         let subject = app
             .store()
@@ -314,10 +317,10 @@ pub async fn create_grant(
             .into());
         }
     }
-    let grant = grant.issue(tenant, now(), who.user_id);
+    let grant = grant.issue(tenant, now(), who.user_id());
     app.store().insert_grant(&grant).await?;
     app.invalidate(grant.subject_id);
-    tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.credential_id, "grant created");
+    tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.id(), "grant created");
     Ok(grant)
 }
 
@@ -340,7 +343,7 @@ pub async fn revoke_grant(
     who.require(tenant, Capability::AuthManage)?;
     let grant = app.store().revoke_grant(tenant, id, now()).await?;
     app.invalidate(grant.subject_id);
-    tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.credential_id, "grant revoked");
+    tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.id(), "grant revoked");
     Ok(grant)
 }
 
@@ -402,11 +405,11 @@ pub async fn enable_registry(
             },
         ],
         expires_at: None,
-        created_by_user_id: who.user_id,
+        created_by_user_id: who.user_id(),
     }
     .issue(now, &mut OsRng);
     store.create_registry(&registry, &robot).await?;
-    tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.credential_id, "registry enabled");
+    tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.id(), "registry enabled");
     Ok((
         registry,
         Issued {
@@ -447,6 +450,6 @@ pub async fn update_robot_permissions(
         .update_robot_permissions(tenant, id, &permissions, now())
         .await?;
     app.invalidate(id.as_uuid());
-    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.credential_id, "robot permissions changed");
+    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "robot permissions changed");
     Ok(robot)
 }

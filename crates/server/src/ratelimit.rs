@@ -1,14 +1,13 @@
-//! The management API's per-credential token bucket (governor's GCRA, keyed by credential id).
+//! The management API's per-principal token bucket (governor's GCRA, keyed by credential or user id).
 
 use crate::error::AppError;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use keyplane_core::CredentialId;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 pub(crate) struct CredentialRateLimiter {
-    limiter: DefaultKeyedRateLimiter<CredentialId>,
+    limiter: DefaultKeyedRateLimiter<uuid::Uuid>,
     clock: DefaultClock,
 }
 
@@ -25,8 +24,8 @@ impl CredentialRateLimiter {
         })
     }
 
-    pub fn check(&self, credential: CredentialId) -> Result<(), AppError> {
-        self.limiter.check_key(&credential).map_err(|not_until| {
+    pub fn check(&self, principal: uuid::Uuid) -> Result<(), AppError> {
+        self.limiter.check_key(&principal).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
             AppError::RateLimited {
                 retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
