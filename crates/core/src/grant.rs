@@ -197,7 +197,7 @@ impl Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Capability, CredentialId, CredentialKind};
+    use crate::Capability;
 
     fn grant(kind: GrantKind, key: Option<&str>, resource: Option<&str>) -> Grant {
         NewGrant {

@@ -7,3 +7,4 @@ mod aether_api_tokens;
 mod hybridbox;
 mod logs;
 mod operations;
+mod robots;
