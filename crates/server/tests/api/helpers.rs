@@ -38,7 +38,8 @@ pub struct TestApp {
     pub app: App,
     client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
-    _db: TestDatabase,
+    db: std::sync::Arc<TestDatabase>,
+    config: Config,
 }
 
 /// An organization and its `*` token, made by the code `admin create-org` runs.
@@ -65,11 +66,20 @@ impl TestApp {
 
     pub async fn spawn_with(backend: Backend, config: Config) -> Self {
         crate::logs::capture();
-        let db = TestDatabase::new(backend).await;
+        let db = std::sync::Arc::new(TestDatabase::new(backend).await);
+        Self::serve_on(db, config).await
+    }
+
+    /// Another server on the same database: a replica, with its own cache and connections.
+    pub async fn replica(&self) -> Self {
+        Self::serve_on(self.db.clone(), self.config.clone()).await
+    }
+
+    async fn serve_on(db: std::sync::Arc<TestDatabase>, config: Config) -> Self {
         let store = keyplane_store::connect(&db.url)
             .await
             .expect("open the test store");
-        let app = App::new(store, config);
+        let app = App::new(store, config.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -87,7 +97,8 @@ impl TestApp {
                 .build()
                 .unwrap(),
             shutdown: Some(shutdown),
-            _db: db,
+            db,
+            config,
         }
     }
 

@@ -8,3 +8,4 @@ mod hybridbox;
 mod logs;
 mod operations;
 mod robots;
+mod verify;
