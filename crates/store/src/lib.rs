@@ -113,6 +113,10 @@ pub trait Store: Send + Sync + 'static {
     /// `Conflict` when a live credential of the same kind and name exists in the tenant.
     async fn insert_credential(&self, credential: &Credential) -> Result<(), StoreError>;
 
+    /// Bulk import (seeding, migration from another system): all or nothing, in one transaction.
+    /// `Conflict` if any live name or secret hash is taken.
+    async fn import_credentials(&self, credentials: &[Credential]) -> Result<(), StoreError>;
+
     async fn get_credential(
         &self,
         tenant_id: TenantId,

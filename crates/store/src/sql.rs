@@ -21,6 +21,35 @@ pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
+/// Rows per multi-row INSERT when importing: 17 parameters each stays under SQLite's and
+/// PostgreSQL's parameter limits.
+pub(crate) const IMPORT_CHUNK: usize = 500;
+const CREDENTIAL_FIELDS: usize = 17;
+
+/// `INSERT INTO credentials (...) VALUES ($1..$17), ($18..$34), ...` for `rows` rows.
+pub(crate) fn multi_row_insert(rows: usize) -> String {
+    let (head, _) = INSERT_CREDENTIAL
+        .split_once(" VALUES ")
+        .expect("INSERT_CREDENTIAL has a VALUES clause");
+    let mut sql = String::with_capacity(head.len() + rows * 120);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for field in 0..CREDENTIAL_FIELDS {
+            if field > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * CREDENTIAL_FIELDS + field + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// Implements [`crate::Store`] for `$store`, whose `pool` field is a `sqlx::Pool<$db>`.
 macro_rules! impl_store {
     ($store:ty, $backend:literal) => {
@@ -111,6 +140,24 @@ macro_rules! impl_store {
                 bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                     .execute(&self.pool)
                     .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(count = credentials.len()))]
+            async fn import_credentials(
+                &self,
+                credentials: &[keyplane_core::Credential],
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
+                    let sql = $crate::sql::multi_row_insert(chunk.len());
+                    let mut query = sqlx::query(&sql);
+                    for credential in chunk {
+                        query = bind_credential(query, credential);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
                 Ok(())
             }
 
