@@ -389,6 +389,45 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     ));
 }
 
+async fn import_is_all_or_nothing(backend: Backend) {
+    let f = fixture(backend).await;
+    let batch: Vec<_> = (0..1234)
+        .map(|i| new_token(f.tenant.id, &format!("bulk{i}")))
+        .collect();
+    let credentials: Vec<Credential> = batch.iter().map(|(c, _)| c.clone()).collect();
+    f.store.import_credentials(&credentials).await.unwrap();
+    let (sample, secret) = &batch[777];
+    assert_eq!(
+        f.store
+            .find_credential_by_hash(&secret.hash())
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(sample)
+    );
+    // A second batch with one duplicate live name imports nothing.
+    let mut again: Vec<Credential> = (0..3)
+        .map(|i| new_token(f.tenant.id, &format!("again{i}")).0)
+        .collect();
+    again.push(new_token(f.tenant.id, "bulk5").0);
+    assert!(matches!(
+        f.store.import_credentials(&again).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let listed = f
+        .store
+        .list_credentials(&ListCredentials {
+            tenant_id: f.tenant.id,
+            kind: CredentialKind::ApiToken,
+            after: None,
+            limit: None,
+            include_revoked: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1235);
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -418,4 +457,5 @@ store_suite! {
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
     grants_filter_conflict_and_revoke,
+    import_is_all_or_nothing,
 }
