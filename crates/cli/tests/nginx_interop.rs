@@ -1,0 +1,950 @@
+//! Interop with a real reverse proxy: Debian's nginx guards an upstream with `auth_request`, and its
+//! subrequest asks `keyplane serve` (`GET /v1/auth/forward`) whether the request's own
+//! `Authorization: Bearer` credential may pass. The identity keyplane answers with travels to the
+//! upstream in the `X-Keyplane-*` headers, the way an operator would wire it.
+//!
+//! These tests never skip: without `/usr/sbin/nginx` they fail and say how to install it. Every
+//! process they start listens on 127.0.0.1 only, every wait is bounded, and every process (keyplane,
+//! nginx, the upstream) is stopped when the test ends, however it ends.
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use keyplane_store::testing::{Backend, TestDatabase};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
+const NGINX_BIN: &str = "/usr/sbin/nginx";
+const INSTALL: &str = "apt-get install -y nginx";
+/// The bound on every wait: a process start, an HTTP request, a poll.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// What the upstream answers first, so a response can be told apart from one of nginx's own pages.
+const UPSTREAM_OK: &str = "upstream ok";
+/// The identity headers nginx hands to the upstream, as the upstream echoes them.
+const ORG_ID: &str = "x-keyplane-org-id";
+const SUBJECT: &str = "x-keyplane-subject";
+const KIND: &str = "x-keyplane-credential-kind";
+const SCOPES: &str = "x-keyplane-scopes";
+const IDENTITY_HEADERS: [&str; 4] = [ORG_ID, SUBJECT, KIND, SCOPES];
+
+/// `both_stores!(name, ..)` runs `async fn name(Backend)` as `name::sqlite` and `name::postgres`.
+macro_rules! both_stores {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    )+};
+}
+
+both_stores!(
+    nginx_passes_live_tokens_with_their_identity,
+    nginx_refuses_missing_bad_expired_and_revoked_tokens,
+);
+
+/// Live API tokens pass nginx, and the upstream learns who they are from keyplane, not the client.
+async fn nginx_passes_live_tokens_with_their_identity(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let org = stack.store.bootstrap_org();
+    let bootstrap_id = stack.keyplane.token_id_named(&org, "bootstrap").await;
+    let deployer = stack
+        .keyplane
+        .create_token(&org, "deployer", &["deploy"], None)
+        .await;
+    let reader = stack
+        .keyplane
+        .create_token(&org, "reader", &["api_tokens:read"], None)
+        .await;
+
+    // (1) Each token reaches `/` as itself.
+    for (what, secret, subject, scopes) in [
+        ("the bootstrap token", &org.token, &bootstrap_id, "*"),
+        ("the deploy token", &deployer.secret, &deployer.id, "deploy"),
+        (
+            "the token without `deploy`",
+            &reader.secret,
+            &reader.id,
+            "api_tokens:read",
+        ),
+    ] {
+        let seen = stack.passes("/app/status", Some(secret), what).await;
+        assert_eq!(
+            seen,
+            identity(&org.id, subject, scopes),
+            "what the upstream learned about {what}"
+        );
+    }
+
+    // (2) Identity headers a client sends itself are replaced by keyplane's answer.
+    let response = stack
+        .nginx
+        .get("/app/status")
+        .bearer_auth(&reader.secret)
+        .header(ORG_ID, "00000000-0000-0000-0000-000000000000")
+        .header(SUBJECT, "someone-else")
+        .header(KIND, "service_account")
+        .header(SCOPES, "*")
+        .send()
+        .await
+        .expect("GET through nginx with spoofed identity headers");
+    let seen = stack
+        .upstream_answer(response, "the reader with spoofed identity headers")
+        .await;
+    assert_eq!(
+        seen,
+        identity(&org.id, &reader.id, "api_tokens:read"),
+        "the client's own X-Keyplane-* headers reached the upstream"
+    );
+
+    // (3) `/deploy/` asks for `?scope=deploy`: the deploy token and the `*` token pass ...
+    for (what, secret, subject, scopes) in [
+        ("the deploy token", &deployer.secret, &deployer.id, "deploy"),
+        ("the bootstrap (`*`) token", &org.token, &bootstrap_id, "*"),
+    ] {
+        let seen = stack.passes("/deploy/run", Some(secret), what).await;
+        assert_eq!(
+            seen,
+            identity(&org.id, subject, scopes),
+            "what the upstream learned about {what} on /deploy/"
+        );
+    }
+    // ... a valid token without it is forbidden (nginx turns the subrequest's 403 into a 403).
+    let before = stack.upstream.seen().len();
+    stack
+        .refused(
+            "/deploy/run",
+            Some(&reader.secret),
+            StatusCode::FORBIDDEN,
+            "the token without `deploy` on /deploy/",
+        )
+        .await;
+    assert_eq!(
+        stack.upstream.seen().len(),
+        before,
+        "a forbidden request reached the upstream"
+    );
+
+    // (4) Not only GET: nginx's subrequest for a POST with a body passes too, and the upstream
+    // gets the body.
+    let response = stack
+        .nginx
+        .post("/deploy/run")
+        .bearer_auth(&deployer.secret)
+        .body("{\"release\":\"v1\"}")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("POST through nginx");
+    let seen = stack
+        .upstream_answer(response, "a POST with the deploy token")
+        .await;
+    assert_eq!(seen, identity(&org.id, &deployer.id, "deploy"));
+    let last = stack
+        .upstream
+        .seen()
+        .pop()
+        .expect("the upstream saw the POST");
+    assert_eq!(
+        (
+            last.method.as_str(),
+            last.path.as_str(),
+            last.body.as_slice()
+        ),
+        ("POST", "/deploy/run", b"{\"release\":\"v1\"}".as_slice()),
+        "the POST as the upstream saw it"
+    );
+    assert_eq!(
+        last.headers.get("content-type").map(String::as_str),
+        Some("application/json"),
+        "the POST's headers as the upstream saw them"
+    );
+}
+
+/// Whatever keyplane's forward-auth refuses, nginx refuses, and the upstream never sees it.
+async fn nginx_refuses_missing_bad_expired_and_revoked_tokens(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let org = stack.store.bootstrap_org();
+
+    // (1) No credential, or nothing keyplane issued.
+    let tampered = tamper(&org.token);
+    let presented: Vec<(&str, Option<String>)> = vec![
+        ("no Authorization header", None),
+        ("a garbage bearer token", Some("Bearer garbage".into())),
+        ("an empty bearer token", Some("Bearer ".into())),
+        (
+            "the bootstrap token as Basic credentials",
+            Some(format!("Basic {}", org.token)),
+        ),
+        (
+            "the bootstrap token with one character changed",
+            Some(format!("Bearer {tampered}")),
+        ),
+        (
+            "the bootstrap token without a scheme",
+            Some(org.token.clone()),
+        ),
+    ];
+    for (what, authorization) in &presented {
+        for path in ["/app/status", "/deploy/run"] {
+            let mut request = stack.nginx.get(path);
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            let response = request.send().await.expect("GET through nginx");
+            expect_unauthorized(response, &format!("{what} on {path}")).await;
+        }
+    }
+
+    // (2) An expired token: it passes until its expiry, and is refused after it.
+    let expires_at = Utc::now() + TimeDelta::seconds(2);
+    let expiring = stack
+        .keyplane
+        .create_token(&org, "expiring", &["deploy"], Some(expires_at))
+        .await;
+    let seen = stack
+        .passes(
+            "/deploy/run",
+            Some(&expiring.secret),
+            "the expiring token before its expiry",
+        )
+        .await;
+    assert_eq!(seen, identity(&org.id, &expiring.id, "deploy"));
+    let after_expiry = (expires_at + TimeDelta::milliseconds(300) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    assert!(
+        after_expiry <= TIMEOUT,
+        "waiting {after_expiry:?} for expiry"
+    );
+    tokio::time::sleep(after_expiry).await;
+    let passed = stack.upstream.seen().len();
+    for path in ["/app/status", "/deploy/run"] {
+        stack
+            .refused(
+                path,
+                Some(&expiring.secret),
+                StatusCode::UNAUTHORIZED,
+                &format!("the expired token on {path}"),
+            )
+            .await;
+    }
+
+    // (3) A revoked token: refused on the very next request, though it was just verified.
+    let revoked = stack
+        .keyplane
+        .create_token(&org, "revoked", &["deploy"], None)
+        .await;
+    stack
+        .passes(
+            "/deploy/run",
+            Some(&revoked.secret),
+            "the token before its revocation",
+        )
+        .await;
+    let passed = passed + 1;
+    assert_eq!(
+        stack.keyplane.revoke_token(&org, &revoked.id).await,
+        StatusCode::NO_CONTENT,
+        "DELETE the token"
+    );
+    for path in ["/deploy/run", "/app/status"] {
+        stack
+            .refused(
+                path,
+                Some(&revoked.secret),
+                StatusCode::UNAUTHORIZED,
+                &format!("the revoked token on {path}"),
+            )
+            .await;
+    }
+
+    // Only the two requests made before expiry and before revocation reached the upstream.
+    let seen = stack.upstream.seen();
+    assert_eq!(
+        seen.len(),
+        passed,
+        "refused requests reached the upstream: {seen:#?}"
+    );
+    assert!(
+        seen.iter().all(|request| request.path == "/deploy/run"),
+        "{seen:#?}"
+    );
+}
+
+/// The headers the upstream should see for a credential.
+fn identity(org_id: &str, subject: &str, scopes: &str) -> BTreeMap<String, String> {
+    [
+        (ORG_ID, org_id),
+        (SUBJECT, subject),
+        (KIND, "api_token"),
+        (SCOPES, scopes),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect()
+}
+
+/// `token` with one character of its secret part changed, keeping its shape.
+fn tamper(token: &str) -> String {
+    let mut chars: Vec<char> = token.chars().collect();
+    let at = chars.len() / 2 + 2;
+    chars[at] = if chars[at] == 'a' { 'b' } else { 'a' };
+    chars.into_iter().collect()
+}
+
+async fn expect_unauthorized(response: reqwest::Response, what: &str) {
+    let status = response.status();
+    let server = header(&response, "server");
+    let challenge = header(&response, "www-authenticate");
+    let body = response.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+    assert!(
+        server.starts_with("nginx"),
+        "{what}: the 401 did not come from nginx (Server: {server:?})"
+    );
+    assert!(
+        !body.contains(UPSTREAM_OK),
+        "{what}: the upstream answered: {body}"
+    );
+    assert_eq!(
+        challenge, "Bearer",
+        "{what}: nginx relays keyplane's WWW-Authenticate challenge"
+    );
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .unwrap_or_default()
+}
+
+/// keyplane, the upstream, and nginx in front of the upstream asking keyplane.
+struct Stack {
+    // Dropped in this order: the proxy first, then what it talks to.
+    nginx: Nginx,
+    upstream: Upstream,
+    keyplane: Keyplane,
+    store: TestStore,
+}
+
+impl Stack {
+    async fn start(backend: Backend) -> Self {
+        require_nginx();
+        let store = TestStore::new(backend).await;
+        let keyplane = Keyplane::start(&store).await;
+        let upstream = Upstream::start().await;
+        let nginx = Nginx::start(&keyplane.addr, &upstream.addr).await;
+        Self {
+            nginx,
+            upstream,
+            keyplane,
+            store,
+        }
+    }
+
+    /// A GET through nginx that must reach the upstream; what the upstream was told.
+    async fn passes(
+        &self,
+        path: &str,
+        secret: Option<&str>,
+        what: &str,
+    ) -> BTreeMap<String, String> {
+        let mut request = self.nginx.get(path);
+        if let Some(secret) = secret {
+            request = request.bearer_auth(secret);
+        }
+        let response = request.send().await.expect("GET through nginx");
+        self.upstream_answer(response, &format!("{what} on {path}"))
+            .await
+    }
+
+    /// A 200 from the upstream, relayed by nginx; the identity headers the upstream echoed.
+    async fn upstream_answer(
+        &self,
+        response: reqwest::Response,
+        what: &str,
+    ) -> BTreeMap<String, String> {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{what}: nginx answered {status}: {body}\n{}",
+            self.nginx.error_log()
+        );
+        let mut lines = body.lines();
+        assert_eq!(lines.next(), Some(UPSTREAM_OK), "{what}: body {body:?}");
+        lines
+            .filter_map(|line| line.split_once(": "))
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    }
+
+    /// A GET through nginx that must be refused with `status` before the upstream sees it.
+    async fn refused(&self, path: &str, secret: Option<&str>, status: StatusCode, what: &str) {
+        let before = self.upstream.seen().len();
+        let mut request = self.nginx.get(path);
+        if let Some(secret) = secret {
+            request = request.bearer_auth(secret);
+        }
+        let response = request.send().await.expect("GET through nginx");
+        if status == StatusCode::UNAUTHORIZED {
+            expect_unauthorized(response, what).await;
+        } else {
+            let got = response.status();
+            let server = header(&response, "server");
+            let body = response.text().await.unwrap_or_default();
+            assert_eq!(got, status, "{what}: {body}");
+            assert!(server.starts_with("nginx"), "{what}: Server: {server:?}");
+            assert!(!body.contains(UPSTREAM_OK), "{what}: {body}");
+        }
+        assert_eq!(
+            self.upstream.seen().len(),
+            before,
+            "{what}: the refused request reached the upstream"
+        );
+    }
+}
+
+fn require_nginx() {
+    assert!(
+        Path::new(NGINX_BIN).is_file(),
+        "{NGINX_BIN} is missing: the nginx interop tests need Debian's nginx. Install it with \
+         '{INSTALL}' (or run scripts/test as root, which installs it)."
+    );
+}
+
+/// A fresh database on one backend, and the arguments that point the binary at it.
+struct TestStore {
+    backend: Backend,
+    db: TestDatabase,
+}
+
+impl TestStore {
+    async fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            db: TestDatabase::new(backend).await,
+        }
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let mut args = vec!["--data-dir".into(), self.db.data_dir.clone().into()];
+        if self.backend == Backend::Postgres {
+            args.extend(["--database-url".into(), self.db.url.clone().into()]);
+        }
+        args
+    }
+
+    fn bootstrap_path(&self) -> PathBuf {
+        self.db.data_dir.join("bootstrap.json")
+    }
+
+    /// The `default` org that `serve` created on this store.
+    fn bootstrap_org(&self) -> Org {
+        let path = self.bootstrap_path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let value: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        Org {
+            id: string_field(&value, "org_id"),
+            token: string_field(&value, "token"),
+        }
+    }
+}
+
+/// An organization and its `*` token, as in bootstrap.json.
+struct Org {
+    id: String,
+    token: String,
+}
+
+/// An API token created over HTTP, with its one-time secret.
+struct Token {
+    id: String,
+    secret: String,
+}
+
+fn string_field(value: &Value, field: &str) -> String {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
+        .to_owned()
+}
+
+/// A child process that is killed and reaped when dropped, so no test leaves one behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls until `child` exits; `None` if it still runs after `limit`.
+async fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(status) = child.try_wait().expect("poll a child process") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .ok()
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(TIMEOUT)
+        .build()
+        .expect("build an HTTP client")
+}
+
+/// A running `keyplane serve` on 127.0.0.1, killed when dropped.
+struct Keyplane {
+    _process: KillOnDrop,
+    _log: JoinHandle<String>,
+    /// `127.0.0.1:port`
+    addr: String,
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl Keyplane {
+    async fn start(store: &TestStore) -> Self {
+        let mut command = Command::new(KEYPLANE);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KEYPLANE_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--rate-limit-per-minute", "0"])
+            .args(store.args())
+            .env("KEYPLANE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keyplane serve");
+        let mut process = KillOnDrop(child);
+        let stderr = process.0.stderr.take().expect("piped stderr");
+        let (address_tx, address_rx) = oneshot::channel();
+        let log = std::thread::spawn(move || read_log(stderr, address_tx));
+
+        let addr = match tokio::time::timeout(TIMEOUT, address_rx).await {
+            Ok(Ok(address)) => address,
+            Ok(Err(_)) => {
+                let status = wait_for_exit(&mut process.0, TIMEOUT).await;
+                let log = log.join().unwrap_or_default();
+                panic!("keyplane serve exited ({status:?}) before listening:\n{log}");
+            }
+            Err(_) => panic!("keyplane serve did not log `listening` within {TIMEOUT:?}"),
+        };
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "keyplane listens on {addr}, not on loopback"
+        );
+        let keyplane = Self {
+            _process: process,
+            _log: log,
+            base_url: format!("http://{addr}"),
+            addr,
+            http: http_client(),
+        };
+        let ready = keyplane
+            .http
+            .get(format!("{}/readyz", keyplane.base_url))
+            .send()
+            .await
+            .expect("GET /readyz");
+        assert_eq!(ready.status(), StatusCode::OK, "/readyz");
+        keyplane
+    }
+
+    fn tokens_url(&self, org_id: &str) -> String {
+        format!("{}/api/v1/organizations/{org_id}/api-tokens", self.base_url)
+    }
+
+    async fn create_token(
+        &self,
+        org: &Org,
+        name: &str,
+        scopes: &[&str],
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Token {
+        let mut body = json!({ "name": name, "scopes": scopes });
+        if let Some(at) = expires_at {
+            body["expires_at"] = json!(at.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
+        let response = self
+            .http
+            .post(self.tokens_url(&org.id))
+            .bearer_auth(&org.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST api-tokens");
+        let status = response.status();
+        let created: Value = response.json().await.expect("the answer is JSON");
+        assert_eq!(status, StatusCode::CREATED, "creating {name}: {created}");
+        Token {
+            id: string_field(&created, "id"),
+            secret: string_field(&created, "token"),
+        }
+    }
+
+    /// The id of the org's live token called `name`.
+    async fn token_id_named(&self, org: &Org, name: &str) -> String {
+        let response = self
+            .http
+            .get(format!("{}?limit=100", self.tokens_url(&org.id)))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .expect("GET api-tokens");
+        assert_eq!(response.status(), StatusCode::OK, "listing tokens");
+        let page: Value = response.json().await.expect("the token list is JSON");
+        let items = page["items"].as_array().expect("`items` is an array");
+        let item = items
+            .iter()
+            .find(|item| item["name"] == name)
+            .unwrap_or_else(|| panic!("no token named {name}: {page}"));
+        string_field(item, "id")
+    }
+
+    async fn revoke_token(&self, org: &Org, id: &str) -> StatusCode {
+        self.http
+            .delete(format!("{}/{id}", self.tokens_url(&org.id)))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .expect("DELETE api-token")
+            .status()
+    }
+}
+
+/// Collects the server's stderr until it closes, and sends the address from the `listening` line
+/// as soon as it appears. Reads to the end so the server never blocks on a full pipe.
+fn read_log(stderr: ChildStderr, address: oneshot::Sender<String>) -> String {
+    let mut address = Some(address);
+    let mut log = String::new();
+    for line in BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        if let Some(found) = listening_address(&line) {
+            if let Some(sender) = address.take() {
+                let _ = sender.send(found);
+            }
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    log
+}
+
+fn listening_address(line: &str) -> Option<String> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    if event["message"] != "listening" {
+        return None;
+    }
+    event["address"].as_str().map(str::to_owned)
+}
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    /// Lower-cased names; a repeated header keeps its last value.
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// The protected application: a minimal HTTP/1.1 responder on 127.0.0.1 that answers every
+/// request with 200, `upstream ok` and the identity headers it received, one `name: value` a line.
+/// Its accept loop is aborted when it is dropped.
+struct Upstream {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the upstream on 127.0.0.1");
+        let addr = listener.local_addr().expect("upstream address").to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    // A connection that stalls is dropped; the request through nginx then fails
+                    // with a clear status instead of hanging.
+                    let _ = tokio::time::timeout(TIMEOUT, serve_one(stream, record)).await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request (head, then a `Content-Length` body), records it and answers it.
+async fn serve_one(mut stream: TcpStream, record: Arc<Mutex<Vec<Seen>>>) {
+    const MAX_REQUEST: usize = 64 * 1024;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if buffer.len() > MAX_REQUEST {
+            return;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_owned();
+    let path = request_line.next().unwrap_or_default().to_owned();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if length > MAX_REQUEST {
+        return;
+    }
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    body.truncate(length);
+
+    let mut text = format!("{UPSTREAM_OK}\n");
+    for name in IDENTITY_HEADERS {
+        let value = headers.get(name).map(String::as_str).unwrap_or_default();
+        text.push_str(&format!("{name}: {value}\n"));
+    }
+    record.lock().unwrap_or_else(|p| p.into_inner()).push(Seen {
+        method,
+        path,
+        headers,
+        body,
+    });
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A free port on 127.0.0.1 (released again; nginx binds it right after).
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port on 127.0.0.1")
+        .port()
+}
+
+/// nginx in the foreground, single process, everything it writes inside its own temporary prefix.
+struct Nginx {
+    // Killed before its prefix directory is removed.
+    _process: KillOnDrop,
+    prefix: tempfile::TempDir,
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl Nginx {
+    async fn start(keyplane: &str, upstream: &str) -> Self {
+        let prefix = tempfile::Builder::new()
+            .prefix("keyplane-nginx-")
+            .tempdir()
+            .expect("create the nginx prefix");
+        let dir = prefix.path();
+        let listen = format!("127.0.0.1:{}", free_loopback_port());
+        std::fs::write(
+            dir.join("nginx.conf"),
+            nginx_conf(dir, &listen, keyplane, upstream),
+        )
+        .expect("write nginx.conf");
+        let error_log = dir.join("error.log");
+        let child = Command::new(NGINX_BIN)
+            .arg("-p")
+            .arg(dir)
+            .args(["-c", "nginx.conf", "-e"])
+            .arg(&error_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {NGINX_BIN} ({e}); install it with '{INSTALL}'"));
+        let mut process = KillOnDrop(child);
+
+        let up = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Some(status) = process.0.try_wait().expect("poll nginx") {
+                    return Err(status);
+                }
+                if TcpStream::connect(&listen).await.is_ok() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let log = || std::fs::read_to_string(&error_log).unwrap_or_default();
+        match up {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => panic!("nginx exited ({status}) before listening:\n{}", log()),
+            Err(_) => panic!(
+                "nginx did not listen on {listen} within {TIMEOUT:?}:\n{}",
+                log()
+            ),
+        }
+        Self {
+            _process: process,
+            prefix,
+            base_url: format!("http://{listen}"),
+            http: http_client(),
+        }
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(format!("{}{path}", self.base_url))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.base_url))
+    }
+
+    fn error_log(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.prefix.path().join("error.log")).unwrap_or_default();
+        format!("nginx error.log:\n{text}")
+    }
+}
+
+/// `location /` and `location /deploy/` guarded by `auth_request`; the subrequests call keyplane's
+/// forward-auth (the latter with `?scope=deploy`), and the identity it answers with goes upstream.
+fn nginx_conf(dir: &Path, listen: &str, keyplane: &str, upstream: &str) -> String {
+    let dir = dir.display();
+    let identity = "\
+            auth_request_set $kp_org $upstream_http_x_keyplane_org_id;
+            auth_request_set $kp_subject $upstream_http_x_keyplane_subject;
+            auth_request_set $kp_kind $upstream_http_x_keyplane_credential_kind;
+            auth_request_set $kp_scopes $upstream_http_x_keyplane_scopes;
+            proxy_set_header X-Keyplane-Org-Id $kp_org;
+            proxy_set_header X-Keyplane-Subject $kp_subject;
+            proxy_set_header X-Keyplane-Credential-Kind $kp_kind;
+            proxy_set_header X-Keyplane-Scopes $kp_scopes;";
+    let forward = "\
+            internal;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length \"\";
+            proxy_set_header Authorization $http_authorization;";
+    format!(
+        "\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+
+events {{
+    worker_connections 64;
+}}
+
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    proxy_connect_timeout 20s;
+    proxy_send_timeout 20s;
+    proxy_read_timeout 20s;
+
+    server {{
+        listen {listen};
+        server_name localhost;
+
+        location / {{
+            auth_request /_auth;
+{identity}
+            proxy_pass http://{upstream};
+        }}
+
+        location /deploy/ {{
+            auth_request /_auth_deploy;
+{identity}
+            proxy_pass http://{upstream};
+        }}
+
+        location = /_auth {{
+{forward}
+            proxy_pass http://{keyplane}/v1/auth/forward;
+        }}
+
+        location = /_auth_deploy {{
+{forward}
+            proxy_pass http://{keyplane}/v1/auth/forward?scope=deploy;
+        }}
+    }}
+}}
+"
+    )
+}

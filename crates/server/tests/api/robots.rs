@@ -1,0 +1,1018 @@
+//! `/api/v1/organizations/{orgID}/registry` and its robot accounts, every status path, plus what
+//! the registry token service makes of the robots they manage.
+
+use crate::helpers::{assert_error, both_backends, fields, Org, TestApp};
+use keyplane_store::testing::Backend;
+use reqwest::{Method, Response};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+const REGISTRY_FIELDS: [&str; 9] = [
+    "id",
+    "org_id",
+    "harbor_project",
+    "endpoint",
+    "enabled",
+    "quota_gb",
+    "used_gb",
+    "created_at",
+    "updated_at",
+];
+
+const ROBOT_FIELDS: [&str; 8] = [
+    "id",
+    "org_id",
+    "name",
+    "permissions",
+    "harbor_id",
+    "last_used_at",
+    "created_at",
+    "updated_at",
+];
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn robot_fields(with_token: bool) -> BTreeSet<String> {
+    let mut fields = set(&ROBOT_FIELDS);
+    if with_token {
+        fields.insert("token".into());
+    }
+    fields
+}
+
+fn robots(org: &Org) -> String {
+    org.path("/registry/robot-accounts")
+}
+
+fn robot(org: &Org, id: &str) -> String {
+    org.path(&format!("/registry/robot-accounts/{id}"))
+}
+
+fn rotate(org: &Org, id: &str) -> String {
+    org.path(&format!("/registry/robot-accounts/{id}/rotate"))
+}
+
+fn str_of<'a>(value: &'a Value, field: &str) -> &'a str {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
+}
+
+async fn json_of(res: Response, status: u16, what: &str) -> Value {
+    let actual = res.status();
+    let text = res.text().await.unwrap();
+    assert_eq!(actual, status, "{what}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
+}
+
+async fn put(app: &TestApp, path: &str, token: &str, body: Value) -> Response {
+    app.request(Method::PUT, path, Some(token))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A POST with no body, as rotate takes.
+async fn post_nothing(app: &TestApp, path: &str, token: &str) -> Response {
+    app.request(Method::POST, path, Some(token))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `POST /registry` with the org's `*` token, asserting 201.
+async fn enable(app: &TestApp, org: &Org) -> Value {
+    json_of(
+        post_nothing(app, &org.path("/registry"), &org.token).await,
+        201,
+        "enabling the registry",
+    )
+    .await
+}
+
+/// Creates a robot, asserting 201; returns the body (with its `token`).
+async fn create_robot(app: &TestApp, org: &Org, body: Value) -> Value {
+    json_of(
+        app.post(&robots(org), &org.token, body.clone()).await,
+        201,
+        &format!("creating robot {body}"),
+    )
+    .await
+}
+
+fn list_names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `items` array in {list}"))
+        .iter()
+        .map(|item| str_of(item, "name").to_string())
+        .collect()
+}
+
+/// `GET /registry/token` with HTTP Basic, as skopeo asks; returns the status and the JWT's payload
+/// (null when refused).
+async fn registry_token(app: &TestApp, username: &str, secret: &str, scope: &str) -> (u16, Value) {
+    let res = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth(username, Some(secret))
+        .query(&[("service", "keyplane-registry"), ("scope", scope)])
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap();
+    let claims = match body["token"].as_str() {
+        Some(jwt) => {
+            let payload = jwt.split('.').nth(1).expect("a compact JWS");
+            serde_json::from_slice(
+                &data_encoding::BASE64URL_NOPAD
+                    .decode(payload.as_bytes())
+                    .expect("base64url JWT payload"),
+            )
+            .expect("JSON JWT payload")
+        }
+        None => Value::Null,
+    };
+    (status, claims)
+}
+
+async fn registry_is_disabled_until_enabled(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+
+    let before = json_of(
+        app.get(&org.path("/registry"), &org.token).await,
+        200,
+        "GET /registry before enabling",
+    )
+    .await;
+    assert_eq!(before, json!({"enabled": false}));
+
+    let enabled = enable(&app, &org).await;
+    assert_eq!(keys(&enabled), set(&["registry", "credentials"]));
+    let registry = &enabled["registry"];
+    assert_eq!(keys(registry), set(&REGISTRY_FIELDS));
+    uuid::Uuid::parse_str(str_of(registry, "id")).unwrap();
+    assert_eq!(registry["org_id"], org.id.as_str());
+    assert_eq!(registry["harbor_project"], "acme");
+    assert_eq!(registry["endpoint"], "localhost:5000");
+    assert_eq!(registry["enabled"], true);
+    assert!(registry["quota_gb"].is_i64(), "quota_gb in {registry}");
+    assert_eq!(registry["used_gb"], Value::Null);
+    for at in ["created_at", "updated_at"] {
+        let text = str_of(registry, at);
+        assert!(text.ends_with('Z'), "{at} {text}");
+        chrono::DateTime::parse_from_rfc3339(text).unwrap();
+    }
+    let credentials = &enabled["credentials"];
+    assert_eq!(keys(credentials), set(&["username", "password"]));
+    assert_eq!(credentials["username"], "robot$acme+default");
+    let password = str_of(credentials, "password");
+    assert!(password.starts_with("kprobot_"), "password {password}");
+
+    // GET returns the same record, never the password again.
+    let res = app.get(&org.path("/registry"), &org.token).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains(password));
+    let got: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(&got, registry);
+
+    // The default robot is an ordinary robot account: listed, pull and push, no secret shown.
+    let res = app.get(&robots(&org), &org.token).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains(password) && !text.contains("\"token\""));
+    let list: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(keys(&list), set(&["items"]));
+    assert_eq!(list_names(&list), ["default"]);
+    let default = &list["items"][0];
+    assert_eq!(keys(default), robot_fields(false));
+    assert_eq!(default["permissions"], json!(["pull", "push"]));
+    // Its password logs in to the registry.
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+default",
+        password,
+        "repository:acme/app:pull,push",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"][0]["actions"], json!(["pull", "push"]));
+
+    // Enabling twice is a conflict, and changes nothing.
+    assert_error(
+        post_nothing(&app, &org.path("/registry"), &org.token).await,
+        409,
+        "conflict",
+    )
+    .await;
+    let after: Value = app
+        .get(&org.path("/registry"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(&after, registry);
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default"]);
+}
+
+async fn robots_need_an_enabled_registry(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    assert_error(
+        app.post(&robots(&org), &org.token, json!({"name": "ci"}))
+            .await,
+        409,
+        "conflict",
+    )
+    .await;
+    let list = json_of(
+        app.get(&robots(&org), &org.token).await,
+        200,
+        "listing robots before enabling",
+    )
+    .await;
+    assert_eq!(list, json!({"items": []}));
+    // Once enabled, the same request works.
+    enable(&app, &org).await;
+    create_robot(&app, &org, json!({"name": "ci"})).await;
+}
+
+async fn robot_crud_with_the_documented_fields(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+
+    let created = create_robot(
+        &app,
+        &org,
+        json!({"name": "ci", "permissions": ["pull", "push", "delete", "push:team-a/*"]}),
+    )
+    .await;
+    assert_eq!(keys(&created), robot_fields(true));
+    let id = str_of(&created, "id").to_string();
+    uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(created["org_id"], org.id.as_str());
+    assert_eq!(created["name"], "ci");
+    assert_eq!(
+        created["permissions"],
+        json!(["pull", "push", "delete", "push:team-a/*"])
+    );
+    assert_eq!(created["harbor_id"], Value::Null);
+    assert_eq!(created["last_used_at"], Value::Null);
+    assert!(str_of(&created, "created_at").ends_with('Z'));
+    assert_eq!(created["created_at"], created["updated_at"]);
+    let secret = str_of(&created, "token").to_string();
+    assert!(secret.starts_with("kprobot_"), "robot secret {secret}");
+
+    // Permissions default to pull.
+    let reader = create_robot(&app, &org, json!({"name": "reader"})).await;
+    assert_eq!(reader["permissions"], json!(["pull"]));
+    let reader = create_robot(&app, &org, json!({"name": "reader.2", "permissions": null})).await;
+    assert_eq!(reader["permissions"], json!(["pull"]));
+
+    // Reads: the record without its secret.
+    let one = json_of(
+        app.get(&robot(&org, &id), &org.token).await,
+        200,
+        "GET robot",
+    )
+    .await;
+    assert_eq!(keys(&one), robot_fields(false));
+    let mut expected = created.clone();
+    expected.as_object_mut().unwrap().remove("token");
+    assert_eq!(one, expected);
+    let res = app.get(&robots(&org), &org.token).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains(&secret));
+    let list: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(list_names(&list), ["default", "ci", "reader", "reader.2"]);
+    for item in list["items"].as_array().unwrap() {
+        assert_eq!(keys(item), robot_fields(false));
+    }
+
+    // A login before the change, so that a cached verification must not outlive it.
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+ci",
+        &secret,
+        "repository:acme/app:pull,push",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"][0]["actions"], json!(["pull", "push"]));
+
+    // PUT replaces the permissions.
+    let updated = json_of(
+        put(
+            &app,
+            &robot(&org, &id),
+            &org.token,
+            json!({"permissions": ["pull", "pull:team-b/**"]}),
+        )
+        .await,
+        200,
+        "PUT permissions",
+    )
+    .await;
+    assert_eq!(keys(&updated), robot_fields(false));
+    assert_eq!(updated["id"], id.as_str());
+    assert_eq!(updated["name"], "ci");
+    assert_eq!(updated["permissions"], json!(["pull", "pull:team-b/**"]));
+    assert_eq!(updated["created_at"], created["created_at"]);
+    let at = |value: &Value, field: &str| {
+        chrono::DateTime::parse_from_rfc3339(str_of(value, field))
+            .unwrap_or_else(|e| panic!("{field} of {value}: {e}"))
+    };
+    assert!(
+        at(&updated, "updated_at") > at(&created, "updated_at"),
+        "updated_at did not move: {updated}"
+    );
+    let one: Value = app
+        .get(&robot(&org, &id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one, updated);
+    for (body, expected) in [
+        (json!({}), vec![("permissions", "required")]),
+        (
+            json!({"permissions": null}),
+            vec![("permissions", "required")],
+        ),
+        (
+            json!({"permissions": ["admin"]}),
+            vec![("permissions[0]", "invalid_format")],
+        ),
+        (
+            json!({"permissions": ["pull"], "name": "renamed"}),
+            vec![("name", "unknown_field")],
+        ),
+    ] {
+        let details = assert_error(
+            put(&app, &robot(&org, &id), &org.token, body.clone()).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+        let expected: Vec<(String, String)> = expected
+            .into_iter()
+            .map(|(f, c)| (f.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(fields(&details), expected, "PUT {body}");
+    }
+    let one: Value = app
+        .get(&robot(&org, &id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one, updated, "a refused PUT changed the robot");
+
+    // The registry sees the new permissions on the next login.
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+ci",
+        &secret,
+        "repository:acme/app:pull,push repository:acme/team-b/x/y:pull",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        claims["access"],
+        json!([
+            {"type": "repository", "name": "acme/app", "actions": ["pull"]},
+            {"type": "repository", "name": "acme/team-b/x/y", "actions": ["pull"]},
+        ])
+    );
+
+    // Rotate: same id, new secret; the old one no longer logs in.
+    let rotated = json_of(
+        post_nothing(&app, &rotate(&org, &id), &org.token).await,
+        200,
+        "rotate",
+    )
+    .await;
+    assert_eq!(keys(&rotated), robot_fields(true));
+    assert_eq!(rotated["id"], id.as_str());
+    assert_eq!(rotated["permissions"], updated["permissions"]);
+    let new_secret = str_of(&rotated, "token").to_string();
+    assert!(new_secret.starts_with("kprobot_"));
+    assert_ne!(new_secret, secret);
+    let scope = "repository:acme/app:pull";
+    assert_eq!(
+        registry_token(&app, "robot$acme+ci", &secret, scope)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        registry_token(&app, "robot$acme+ci", &new_secret, scope)
+            .await
+            .0,
+        200
+    );
+
+    // DELETE: 204 with no body, then the robot is gone everywhere.
+    let res = app.delete(&robot(&org, &id), &org.token).await;
+    assert_eq!(res.status(), 204);
+    assert!(res.bytes().await.unwrap().is_empty());
+    assert_eq!(
+        registry_token(&app, "robot$acme+ci", &new_secret, scope)
+            .await
+            .0,
+        401
+    );
+    assert_error(
+        app.get(&robot(&org, &id), &org.token).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.delete(&robot(&org, &id), &org.token).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        post_nothing(&app, &rotate(&org, &id), &org.token).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        put(
+            &app,
+            &robot(&org, &id),
+            &org.token,
+            json!({"permissions": ["pull"]}),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default", "reader", "reader.2"]);
+    // The name is free again.
+    let again = create_robot(&app, &org, json!({"name": "ci"})).await;
+    assert_ne!(again["id"], id.as_str());
+
+    // Unknown and malformed ids.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_error(
+        app.get(&robot(&org, &unknown), &org.token).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        put(
+            &app,
+            &robot(&org, &unknown),
+            &org.token,
+            json!({"permissions": ["pull"]}),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    let details = assert_error(
+        app.get(&robot(&org, "not-a-uuid"), &org.token).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(
+        fields(&details),
+        [("id".to_string(), "invalid_uuid".to_string())]
+    );
+    // An API token's id is not a robot's.
+    let api_token = app.create_token(&org, "not-a-robot", &[]).await;
+    let api_token_id = str_of(&api_token, "id");
+    for res in [
+        app.get(&robot(&org, api_token_id), &org.token).await,
+        put(
+            &app,
+            &robot(&org, api_token_id),
+            &org.token,
+            json!({"permissions": ["pull"]}),
+        )
+        .await,
+        post_nothing(&app, &rotate(&org, api_token_id), &org.token).await,
+        app.delete(&robot(&org, api_token_id), &org.token).await,
+    ] {
+        assert_error(res, 404, "not_found").await;
+    }
+    assert_eq!(
+        app.get(
+            &org.path(&format!("/api-tokens/{api_token_id}")),
+            &org.token
+        )
+        .await
+        .status(),
+        200,
+        "the API token was touched through the robot routes"
+    );
+}
+
+async fn robot_validation_reports_every_bad_field(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let too_many: Vec<String> = (0..51).map(|i| format!("pull:r{i}")).collect();
+    let cases = [
+        (json!({}), vec![("name", "required")]),
+        (json!({"name": ""}), vec![("name", "too_short")]),
+        (json!({"name": "a".repeat(121)}), vec![("name", "too_long")]),
+        (json!({"name": 5}), vec![("name", "invalid_type")]),
+        (json!({"name": "CI"}), vec![("name", "invalid_format")]),
+        (json!({"name": "a--b"}), vec![("name", "invalid_format")]),
+        (json!({"name": "-ci"}), vec![("name", "invalid_format")]),
+        (json!({"name": "ci."}), vec![("name", "invalid_format")]),
+        (json!({"name": "c i"}), vec![("name", "invalid_format")]),
+        (json!({"name": "robot$x"}), vec![("name", "invalid_format")]),
+        (json!({"name": " ci "}), vec![("name", "invalid_format")]),
+        (
+            json!({"name": "ok", "permissions": ["admin"]}),
+            vec![("permissions[0]", "invalid_format")],
+        ),
+        (
+            json!({"name": "ok", "permissions": ["pull", "push:Team-A/*"]}),
+            vec![("permissions[1]", "invalid_format")],
+        ),
+        (
+            json!({"name": "ok", "permissions": ["pull:", "push:a//b", "delete:/x"]}),
+            vec![
+                ("permissions[0]", "invalid_format"),
+                ("permissions[1]", "invalid_format"),
+                ("permissions[2]", "invalid_format"),
+            ],
+        ),
+        (
+            json!({"name": "ok", "permissions": ["pull", "push", "pull"]}),
+            vec![("permissions[2]", "duplicate")],
+        ),
+        (
+            json!({"name": "ok", "permissions": "pull"}),
+            vec![("permissions", "invalid_type")],
+        ),
+        (
+            json!({"name": "ok", "permissions": ["pull", 7]}),
+            vec![("permissions[1]", "invalid_type")],
+        ),
+        (
+            json!({"name": "ok", "permissions": too_many}),
+            vec![("permissions", "too_many")],
+        ),
+        (
+            json!({"name": "ok", "permission": ["pull"]}),
+            vec![("permission", "unknown_field")],
+        ),
+        (
+            json!({"name": "ok", "scopes": ["registry:write"]}),
+            vec![("scopes", "unknown_field")],
+        ),
+        (
+            json!({"name": "CI", "permissions": ["pull", "admin"], "extra": true}),
+            vec![
+                ("name", "invalid_format"),
+                ("permissions[1]", "invalid_format"),
+                ("extra", "unknown_field"),
+            ],
+        ),
+        (json!(["name"]), vec![("body", "invalid_type")]),
+    ];
+    for (body, expected) in cases {
+        let details = assert_error(
+            app.post(&robots(&org), &org.token, body.clone()).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+        let expected: Vec<(String, String)> = expected
+            .into_iter()
+            .map(|(f, c)| (f.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(fields(&details), expected, "body {body}");
+    }
+    // Malformed bodies get their own statuses.
+    let res = app
+        .request(Method::POST, &robots(&org), Some(&org.token))
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 400, "invalid_json").await;
+    let res = app
+        .request(Method::POST, &robots(&org), Some(&org.token))
+        .header("content-type", "text/plain")
+        .body("{\"name\": \"ci\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 415, "unsupported_media_type").await;
+    // Nothing was created by any of them.
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default"]);
+    // Harbor-valid names are accepted.
+    for name in ["a", "ci-bot", "a.b_c-d", "x1", &"a".repeat(120)] {
+        create_robot(&app, &org, json!({"name": name})).await;
+    }
+}
+
+async fn duplicate_live_robot_names_conflict(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("other").await;
+    enable(&app, &org).await;
+    enable(&app, &other).await;
+    create_robot(&app, &org, json!({"name": "ci"})).await;
+    for name in ["ci", "default"] {
+        assert_error(
+            app.post(
+                &robots(&org),
+                &org.token,
+                json!({"name": name, "permissions": ["push"]}),
+            )
+            .await,
+            409,
+            "conflict",
+        )
+        .await;
+    }
+    // Another org may use the same name.
+    create_robot(&app, &other, json!({"name": "ci"})).await;
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default", "ci"]);
+}
+
+async fn registry_scopes_limit_what_a_token_may_do(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let reader = app.create_token(&org, "reader", &["registry:read"]).await;
+    let reader = str_of(&reader, "token").to_string();
+    let writer = app.create_token(&org, "writer", &["registry:write"]).await;
+    let writer = str_of(&writer, "token").to_string();
+    let tokens_only = app
+        .create_token(&org, "tokens", &["api_tokens:read", "api_tokens:write"])
+        .await;
+    let tokens_only = str_of(&tokens_only, "token").to_string();
+    let nothing = app.create_token(&org, "nothing", &["deploy"]).await;
+    let nothing = str_of(&nothing, "token").to_string();
+
+    // Enabling needs registry:write.
+    for token in [&reader, &tokens_only, &nothing] {
+        assert_error(
+            post_nothing(&app, &org.path("/registry"), token).await,
+            403,
+            "forbidden",
+        )
+        .await;
+    }
+    assert_eq!(
+        app.get(&org.path("/registry"), &reader).await.status(),
+        200,
+        "registry:read reads the (disabled) registry"
+    );
+    let enabled = json_of(
+        post_nothing(&app, &org.path("/registry"), &writer).await,
+        201,
+        "enabling with registry:write",
+    )
+    .await;
+    assert_eq!(enabled["registry"]["harbor_project"], "acme");
+    let ci = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let id = str_of(&ci, "id").to_string();
+
+    // registry:read reads, never writes.
+    for path in [org.path("/registry"), robots(&org), robot(&org, &id)] {
+        assert_eq!(app.get(&path, &reader).await.status(), 200, "GET {path}");
+    }
+    let refused = [
+        app.post(&robots(&org), &reader, json!({"name": "x"})).await,
+        put(
+            &app,
+            &robot(&org, &id),
+            &reader,
+            json!({"permissions": ["push"]}),
+        )
+        .await,
+        post_nothing(&app, &rotate(&org, &id), &reader).await,
+        app.delete(&robot(&org, &id), &reader).await,
+        post_nothing(&app, &org.path("/registry"), &reader).await,
+    ];
+    for res in refused {
+        assert_error(res, 403, "forbidden").await;
+    }
+
+    // registry:write writes (any permission: robots are not API tokens) but does not read.
+    let pusher = json_of(
+        app.post(
+            &robots(&org),
+            &writer,
+            json!({"name": "pusher", "permissions": ["pull", "push", "delete"]}),
+        )
+        .await,
+        201,
+        "registry:write creates a robot",
+    )
+    .await;
+    let pusher_id = str_of(&pusher, "id");
+    assert_eq!(
+        put(
+            &app,
+            &robot(&org, pusher_id),
+            &writer,
+            json!({"permissions": ["pull"]})
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(
+        post_nothing(&app, &rotate(&org, pusher_id), &writer)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.delete(&robot(&org, pusher_id), &writer).await.status(),
+        204
+    );
+    assert_error(app.get(&robots(&org), &writer).await, 403, "forbidden").await;
+
+    // API-token scopes or custom scopes confer nothing here.
+    for token in [&tokens_only, &nothing] {
+        for res in [
+            app.get(&org.path("/registry"), token).await,
+            app.get(&robots(&org), token).await,
+            app.get(&robot(&org, &id), token).await,
+            app.post(&robots(&org), token, json!({"name": "x"})).await,
+            put(
+                &app,
+                &robot(&org, &id),
+                token,
+                json!({"permissions": ["push"]}),
+            )
+            .await,
+            post_nothing(&app, &rotate(&org, &id), token).await,
+            app.delete(&robot(&org, &id), token).await,
+        ] {
+            assert_error(res, 403, "forbidden").await;
+        }
+    }
+    // None of the refused writes changed ci.
+    let one: Value = app
+        .get(&robot(&org, &id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["permissions"], json!(["pull"]));
+    assert_eq!(one["updated_at"], ci["updated_at"]);
+}
+
+async fn other_tenants_registries_answer_404(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mine = app.create_org("mine").await;
+    let theirs = app.create_org("theirs").await;
+    enable(&app, &mine).await;
+    enable(&app, &theirs).await;
+    let victim = create_robot(
+        &app,
+        &theirs,
+        json!({"name": "victim", "permissions": ["pull"]}),
+    )
+    .await;
+    let their_id = str_of(&victim, "id").to_string();
+
+    // My `*` token against their org: 404 on every route, never 403.
+    let responses = [
+        app.get(&theirs.path("/registry"), &mine.token).await,
+        post_nothing(&app, &theirs.path("/registry"), &mine.token).await,
+        app.get(&robots(&theirs), &mine.token).await,
+        app.post(&robots(&theirs), &mine.token, json!({"name": "x"}))
+            .await,
+        app.get(&robot(&theirs, &their_id), &mine.token).await,
+        put(
+            &app,
+            &robot(&theirs, &their_id),
+            &mine.token,
+            json!({"permissions": ["push"]}),
+        )
+        .await,
+        post_nothing(&app, &rotate(&theirs, &their_id), &mine.token).await,
+        app.delete(&robot(&theirs, &their_id), &mine.token).await,
+    ];
+    for res in responses {
+        assert_error(res, 404, "not_found").await;
+    }
+    // Their robot's id under my org: not found either.
+    let responses = [
+        app.get(&robot(&mine, &their_id), &mine.token).await,
+        put(
+            &app,
+            &robot(&mine, &their_id),
+            &mine.token,
+            json!({"permissions": ["push"]}),
+        )
+        .await,
+        post_nothing(&app, &rotate(&mine, &their_id), &mine.token).await,
+        app.delete(&robot(&mine, &their_id), &mine.token).await,
+    ];
+    for res in responses {
+        assert_error(res, 404, "not_found").await;
+    }
+    // A made-up org looks exactly like a real foreign one.
+    let made_up = format!("/api/v1/organizations/{}/registry", uuid::Uuid::new_v4());
+    assert_error(app.get(&made_up, &mine.token).await, 404, "not_found").await;
+    assert_error(
+        post_nothing(&app, &made_up, &mine.token).await,
+        404,
+        "not_found",
+    )
+    .await;
+    // Their robot is untouched and still logs in.
+    let one = json_of(
+        app.get(&robot(&theirs, &their_id), &theirs.token).await,
+        200,
+        "their robot",
+    )
+    .await;
+    assert_eq!(one["permissions"], json!(["pull"]));
+    assert_eq!(one["updated_at"], victim["updated_at"]);
+    let (status, _) = registry_token(
+        &app,
+        "robot$theirs+victim",
+        str_of(&victim, "token"),
+        "repository:theirs/app:pull",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+async fn robot_secrets_do_not_open_management_apis(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let enabled = enable(&app, &org).await;
+    let default_secret = str_of(&enabled["credentials"], "password").to_string();
+    let ci = create_robot(
+        &app,
+        &org,
+        json!({"name": "ci", "permissions": ["pull", "push", "delete"]}),
+    )
+    .await;
+    let ci_secret = str_of(&ci, "token").to_string();
+    let ci_id = str_of(&ci, "id").to_string();
+    for secret in [&default_secret, &ci_secret] {
+        let requests = [
+            app.request(Method::GET, &org.path("/registry"), Some(secret)),
+            app.request(Method::POST, &org.path("/registry"), Some(secret)),
+            app.request(Method::GET, &robots(&org), Some(secret)),
+            app.request(Method::POST, &robots(&org), Some(secret))
+                .json(&json!({"name": "climb", "permissions": ["push"]})),
+            app.request(Method::GET, &robot(&org, &ci_id), Some(secret)),
+            app.request(Method::POST, &rotate(&org, &ci_id), Some(secret)),
+            app.request(Method::GET, &org.path("/api-tokens"), Some(secret)),
+            app.request(Method::POST, &org.path("/api-tokens"), Some(secret))
+                .json(&json!({"name": "climb", "scopes": ["*"]})),
+        ];
+        for request in requests {
+            let res = request.send().await.unwrap();
+            let what = format!("{} {}", res.url().path(), res.status());
+            assert_eq!(
+                res.headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap()),
+                Some("Bearer"),
+                "{what}"
+            );
+            assert_error(res, 401, "unauthorized").await;
+        }
+        // The Hybridbox surface is a management API too (its own error dialect).
+        let path = org.account_path("/service-accounts");
+        let res = app.get(&path, secret).await;
+        assert_eq!(res.status(), 401, "robot secret as Bearer on {path}");
+    }
+    // Nothing was created, and the robot still works where it belongs.
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default", "ci"]);
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+ci",
+        &ci_secret,
+        "repository:acme/app:delete",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"][0]["actions"], json!(["delete"]));
+}
+
+async fn same_named_orgs_get_different_projects(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let first = app.create_org("acme").await;
+    let second = app.create_org("acme").await;
+    let third = app.create_org("Acme Corp!").await;
+    let first_project = enable(&app, &first).await["registry"]["harbor_project"].clone();
+    let second_enabled = enable(&app, &second).await;
+    let second_project = second_enabled["registry"]["harbor_project"].clone();
+    let third_project = enable(&app, &third).await["registry"]["harbor_project"].clone();
+    assert_eq!(first_project, "acme");
+    assert_ne!(second_project, first_project);
+    let second_project = second_project.as_str().unwrap().to_string();
+    assert!(
+        second_project.starts_with("acme-"),
+        "second acme's project {second_project}"
+    );
+    assert_eq!(third_project, "acme-corp");
+    assert_eq!(
+        second_enabled["credentials"]["username"],
+        format!("robot${second_project}+default")
+    );
+    // The second acme's robots get nothing in the first acme's project, and vice versa.
+    let second_secret = str_of(&second_enabled["credentials"], "password");
+    let (status, claims) = registry_token(
+        &app,
+        &format!("robot${second_project}+default"),
+        second_secret,
+        "repository:acme/app:pull,push",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"], json!([]));
+    let (status, claims) = registry_token(
+        &app,
+        &format!("robot${second_project}+default"),
+        second_secret,
+        &format!("repository:{second_project}/app:pull,push"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"][0]["actions"], json!(["pull", "push"]));
+    // The first acme's robot name cannot be borrowed with the second one's secret.
+    let (status, _) = registry_token(
+        &app,
+        "robot$acme+default",
+        second_secret,
+        "repository:acme/app:pull",
+    )
+    .await;
+    assert_eq!(status, 401);
+}
+
+both_backends!(
+    registry_is_disabled_until_enabled,
+    robots_need_an_enabled_registry,
+    robot_crud_with_the_documented_fields,
+    robot_validation_reports_every_bad_field,
+    duplicate_live_robot_names_conflict,
+    registry_scopes_limit_what_a_token_may_do,
+    other_tenants_registries_answer_404,
+    robot_secrets_do_not_open_management_apis,
+    same_named_orgs_get_different_projects,
+);
