@@ -2,6 +2,7 @@ use crate::{LogFormat, StoreArgs};
 use anyhow::Context;
 use clap::Args;
 use keyplane_server::config::RegistryConfig;
+use keyplane_server::oidc::OidcConfig;
 use keyplane_server::{ops, App, Config};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -44,14 +45,42 @@ pub struct ServeArgs {
     /// Lifetime of registry tokens in seconds (the token spec's minimum is 60).
     #[arg(long, env = "KEYPLANE_REGISTRY_TOKEN_TTL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(60..=86_400))]
     registry_token_ttl_seconds: u64,
+    /// Trust JWT access tokens from this OAuth/OIDC issuer, spelled exactly as its tokens' `iss`
+    /// (repeatable; comma-separated in the environment). Its keys come from its discovery document.
+    #[arg(
+        long = "oidc-issuer",
+        env = "KEYPLANE_OIDC_ISSUER",
+        value_name = "URL",
+        value_delimiter = ',',
+        requires = "oidc_audience"
+    )]
+    oidc_issuers: Vec<String>,
+    /// The `aud` user access tokens must carry: this API's identifier at the identity provider.
+    #[arg(
+        long,
+        env = "KEYPLANE_OIDC_AUDIENCE",
+        value_name = "AUDIENCE",
+        requires = "oidc_issuers"
+    )]
+    oidc_audience: Option<String>,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let oidc = match args.oidc_audience {
+        Some(audience) => Some(
+            OidcConfig::new(args.oidc_issuers, audience)
+                .map_err(|e| anyhow::anyhow!("--oidc-issuer / --oidc-audience: {e}"))?,
+        ),
+        None => None,
+    };
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
+    if let Some(oidc) = &oidc {
+        tracing::info!(oidc.issuers = ?oidc.issuers, oidc.audience = %oidc.audience, "users authenticate with access tokens from these issuers");
+    }
 
     bootstrap(store.as_ref(), &args.store.data_dir).await?;
 
@@ -65,6 +94,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             endpoint: args.registry_endpoint,
             token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
         },
+        oidc,
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -149,8 +149,16 @@ impl RobotPermission {
         })
     }
 
+    /// At least one permission, as Harbor requires: a robot that may do nothing is a mistake.
     pub fn parse_list(path: &FieldPath, raw: &[String]) -> Result<Vec<Self>, Vec<FieldError>> {
         let mut errors = Vec::new();
+        if raw.is_empty() {
+            errors.push(FieldError::new(
+                path.clone(),
+                codes::TOO_SHORT,
+                "at least one permission is required",
+            ));
+        }
         let mut permissions: Vec<Self> = Vec::new();
         for (index, text) in raw.iter().enumerate() {
             match Self::parse(text) {
@@ -273,13 +281,25 @@ pub fn grant_access(
         let allowed =
             |action: RegistryAction| permissions.iter().any(|p| p.allows(action, repository));
         let mut actions: Vec<String> = Vec::new();
+        let mut add = |action: &str| {
+            if !actions.iter().any(|a| a == action) {
+                actions.push(action.to_string());
+            }
+        };
         for asked in &scope.actions {
-            let ok = match asked.as_str() {
-                "*" => RegistryAction::ALL.into_iter().all(allowed),
-                other => RegistryAction::parse(other).is_some_and(allowed),
-            };
-            if ok && !actions.contains(asked) {
-                actions.push(asked.clone());
+            match asked.as_str() {
+                // `*` is granted whole only to a robot holding every action; otherwise as the
+                // actions it does hold (the registry checks each action on its own).
+                "*" if RegistryAction::ALL.into_iter().all(allowed) => add("*"),
+                "*" => RegistryAction::ALL
+                    .into_iter()
+                    .filter(|a| allowed(*a))
+                    .for_each(|a| add(a.as_str())),
+                other => {
+                    if RegistryAction::parse(other).is_some_and(allowed) {
+                        add(other)
+                    }
+                }
             }
         }
         if actions.is_empty() {
@@ -449,7 +469,14 @@ mod tests {
             actions(&grant_access(&all, "acme", &asked)),
             [("acme/app".to_string(), vec!["*".to_string()])]
         );
-        assert!(grant_access(&pull_push, "acme", &asked).is_empty());
+        assert_eq!(
+            actions(&grant_access(&pull_push, "acme", &asked)),
+            [(
+                "acme/app".to_string(),
+                vec!["pull".to_string(), "push".to_string()]
+            )]
+        );
+        assert!(grant_access(&[], "acme", &asked).is_empty());
         assert!(grant_access(&pull_push, "acme", &ask("repository:acme/app:delete")).is_empty());
     }
 

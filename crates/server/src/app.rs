@@ -37,6 +37,7 @@ impl App {
             usage.clone(),
             metrics.clone(),
             config.verify_cache.clone(),
+            config.oidc.clone(),
         );
         let openapi_json = crate::router::openapi_document()
             .to_pretty_json()
@@ -78,6 +79,15 @@ impl App {
             .registry_signer
             .get_or_try_init(|| crate::registry::load_or_create_signing_key(self.0.store.as_ref()))
             .await
+    }
+
+    /// Verifies a presented secret of any kind through the cache: the verification hot path,
+    /// without HTTP.
+    pub async fn verify_secret(
+        &self,
+        presented: &str,
+    ) -> Result<Arc<crate::auth::Verified>, AppError> {
+        self.0.verifier.verify_secret(presented).await
     }
 
     /// Makes cached verifications of `subject` stale, here at once (other replicas hear of it

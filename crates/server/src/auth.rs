@@ -6,9 +6,15 @@
 //! Staleness is bounded three ways: local writes invalidate at once; other replicas' writes arrive
 //! as [`Invalidation`]s (PostgreSQL NOTIFY) within milliseconds; and every positive entry expires
 //! after `positive_ttl`, the backstop if a notification is ever lost.
+//!
+//! Users (OIDC JWT access tokens, management APIs only) take a parallel path: the token is validated
+//! by [`crate::oidc`], the user's rights are read from its grants, and the principal is cached by the
+//! token's hash for at most `positive_ttl` and never past the token's `exp`; grant changes reach it
+//! through the same invalidation marks, keyed by the user id.
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
+use crate::oidc::{Oidc, OidcConfig};
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
 use keyplane_core::{token, Credential, CredentialKind, Principal, Registry, ScopeSet, TokenHash};
@@ -28,6 +34,14 @@ impl Verified {
     pub fn principal(&self) -> Principal {
         Principal::for_credential(&self.credential, self.rights.clone())
     }
+}
+
+/// A user's principal, valid until `until` unless the user's grants changed after `loaded`.
+#[derive(Clone)]
+struct CachedUser {
+    principal: Principal,
+    loaded: Instant,
+    until: Instant,
 }
 
 #[derive(Clone)]
@@ -70,6 +84,9 @@ pub(crate) struct Verifier {
     /// expired anyway.
     invalidated: RwLock<HashMap<uuid::Uuid, Instant>>,
     any_invalidated: AtomicBool,
+    /// `None` when no issuer is configured: then no JWT authenticates.
+    oidc: Option<Oidc>,
+    users: quick_cache::sync::Cache<TokenHash, CachedUser>,
 }
 
 impl Verifier {
@@ -78,9 +95,16 @@ impl Verifier {
         usage: Arc<UsageRecorder>,
         metrics: Metrics,
         config: CacheConfig,
+        oidc: Option<OidcConfig>,
     ) -> Self {
+        let oidc = oidc.map(Oidc::new);
+        if let Some(oidc) = &oidc {
+            oidc.warm_up();
+        }
         Self {
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
+            users: quick_cache::sync::Cache::new(config.capacity.max(1)),
+            oidc,
             store,
             usage,
             metrics,
@@ -98,7 +122,10 @@ impl Verifier {
                 marks.insert(subject, Instant::now());
                 self.any_invalidated.store(true, Ordering::Release);
             }
-            Invalidation::Reset => self.cache.clear(),
+            Invalidation::Reset => {
+                self.cache.clear();
+                self.users.clear();
+            }
         }
     }
 
@@ -112,16 +139,17 @@ impl Verifier {
     }
 
     fn is_stale(&self, verified: &Verified, loaded: Instant) -> bool {
-        if loaded.elapsed() > self.config.positive_ttl {
-            return true;
-        }
+        loaded.elapsed() > self.config.positive_ttl
+            || self.invalidated_since(verified.credential.id.as_uuid(), loaded)
+    }
+
+    /// Whether `subject` was invalidated at or after `loaded`.
+    fn invalidated_since(&self, subject: uuid::Uuid, loaded: Instant) -> bool {
         if !self.any_invalidated.load(Ordering::Acquire) {
             return false;
         }
         let marks = self.invalidated.read().unwrap_or_else(|p| p.into_inner());
-        marks
-            .get(&verified.credential.id.as_uuid())
-            .is_some_and(|at| *at >= loaded)
+        marks.get(&subject).is_some_and(|at| *at >= loaded)
     }
 
     /// Verifies a presented secret of any kind, recording the outcome in metrics and the use in
@@ -184,14 +212,52 @@ impl Verifier {
         Ok(verified)
     }
 
-    /// A management API caller: any live credential but a robot secret.
+    /// A management API caller: a user's JWT access token, or any live credential but a robot
+    /// secret.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
-        let verified = self.verify_secret(bearer_token(headers)?).await?;
+        let presented = bearer_token(headers)?;
+        if crate::oidc::looks_like_jwt(presented) {
+            let result = self.authenticate_user(presented).await;
+            if let Err(AppError::Unauthenticated(reason)) = &result {
+                self.metrics.credential_rejected(reason);
+            }
+            return result;
+        }
+        let verified = self.verify_secret(presented).await?;
         if verified.credential.kind == CredentialKind::RobotAccount {
             // Robot secrets log in to the registry only.
             return Err(AppError::Unauthenticated("robot secret"));
         }
         Ok(verified.principal())
+    }
+
+    async fn authenticate_user(&self, token: &str) -> Result<Principal, AppError> {
+        let oidc = self.oidc.as_ref().ok_or(AppError::Unauthenticated(
+            "jwt but no oidc issuer configured",
+        ))?;
+        let hash = TokenHash::of(token);
+        if let Some(hit) = self.users.get(&hash) {
+            if Instant::now() < hit.until && !self.invalidated_since(hit.principal.id(), hit.loaded)
+            {
+                return Ok(hit.principal);
+            }
+        }
+        let loaded = Instant::now();
+        let access = oidc.validate(token).await?;
+        let rights = crate::ops::rights_of_user(self.store.as_ref(), access.user).await?;
+        let principal = Principal::for_user(access.user, rights, Some(access.expires_at));
+        let to_expiry = (access.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        self.users.insert(
+            hash,
+            CachedUser {
+                principal: principal.clone(),
+                loaded,
+                until: loaded + self.config.positive_ttl.min(to_expiry),
+            },
+        );
+        Ok(principal)
     }
 
     /// A robot's registry login: a live robot secret whose tenant has a registry. The caller checks

@@ -14,6 +14,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub registry: RegistryConfig,
     pub verify_cache: crate::auth::CacheConfig,
+    /// The identity providers whose JWT access tokens authenticate users; `None`: users cannot
+    /// authenticate, only keyplane's own credentials can.
+    pub oidc: Option<crate::oidc::OidcConfig>,
 }
 
 /// How keyplane acts as the token server of a Distribution registry (`auth: token`).
@@ -49,6 +52,7 @@ impl Default for Config {
             max_body_bytes: 64 * 1024,
             registry: RegistryConfig::default(),
             verify_cache: crate::auth::CacheConfig::default(),
+            oidc: None,
         }
     }
 }

@@ -21,6 +21,8 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("payload too large")]
     PayloadTooLarge,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
     #[error("store unavailable: {0}")]
@@ -52,6 +54,7 @@ impl AppError {
             AppError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,6 +72,7 @@ impl AppError {
             AppError::InvalidJson(message) => format!("request body is not valid JSON: {message}"),
             AppError::UnsupportedMediaType => "request body must be application/json".into(),
             AppError::PayloadTooLarge => "request body is too large".into(),
+            AppError::MethodNotAllowed => "this method is not allowed on this path".into(),
             AppError::RateLimited { .. } => "too many requests".into(),
             AppError::Unavailable(_) => "the service is temporarily unavailable".into(),
             AppError::Internal(_) => "internal server error".into(),
@@ -132,5 +136,18 @@ impl<S: Surface> IntoResponse for ApiError<S> {
             .extensions_mut()
             .insert(ErrorCause(error.to_string()));
         response
+    }
+}
+
+/// Renders `error` in the dialect of the surface that owns `path`, for answers given before any
+/// handler runs (unknown path, wrong method, refused client).
+pub fn render_for_path(path: &str, error: AppError) -> Response {
+    if path.starts_with("/v1/public/") {
+        ApiError::<crate::hybridbox::Hybridbox>::from(error).into_response()
+    } else if path.starts_with("/oauth2/") || path.starts_with("/v1/auth/") || path == "/v1/whoami"
+    {
+        ApiError::<crate::verify::Verification>::from(error).into_response()
+    } else {
+        ApiError::<crate::aether::Aether>::from(error).into_response()
     }
 }

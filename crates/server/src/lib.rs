@@ -13,6 +13,7 @@ pub mod error;
 mod extract;
 pub mod hybridbox;
 mod metrics;
+pub mod oidc;
 pub mod ops;
 mod ratelimit;
 pub mod registry;

@@ -11,7 +11,7 @@ use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
     Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldError,
     FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
-    RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId,
+    RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
@@ -123,6 +123,21 @@ pub async fn rights_of(store: &dyn Store, credential: &Credential) -> Result<Sco
         }
         CredentialKind::RobotAccount => Ok(ScopeSet::empty()),
     }
+}
+
+/// What a user may do: in each tenant where it holds live grants, what they confer.
+pub async fn rights_of_user(
+    store: &dyn Store,
+    user: UserId,
+) -> Result<Vec<(TenantId, ScopeSet)>, AppError> {
+    let grants = store
+        .list_grants_of_subject(SubjectType::User, user.as_uuid())
+        .await?;
+    // The store sorts by tenant: each run of one tenant id is that tenant's grants.
+    Ok(grants
+        .chunk_by(|a, b| a.tenant_id == b.tenant_id)
+        .map(|run| (run[0].tenant_id, rights_from_grants(run)))
+        .collect())
 }
 
 /// Robots are registry credentials: read with `registry:read`, managed with `registry:write`.
@@ -253,6 +268,9 @@ pub async fn rotate_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
+    if current.is_revoked() {
+        return Err(DomainError::Conflict("the credential is revoked".into()).into());
+    }
     who.may_delegate(
         tenant,
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
@@ -276,6 +294,14 @@ pub async fn revoke_credential(
     id: CredentialId,
 ) -> Result<(Credential, bool), AppError> {
     who.require(tenant, rights.write)?;
+    // Managing a credential (rotating or revoking it) needs every right it holds: an
+    // `api_tokens:write` token cannot take down the org's `*` token.
+    if let Some(target) = app.store().get_credential(tenant, rights.kind, id).await? {
+        if !target.is_revoked() {
+            let needed = rights_to_hand_on(app.store().as_ref(), &target).await?;
+            who.may_delegate(tenant, &needed)?;
+        }
+    }
     let at = now();
     let credential = app
         .store()
@@ -299,28 +325,60 @@ pub async fn create_grant(
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
     who.may_grant(tenant, &grant)?;
-    if grant.subject_type == SubjectType::ServiceAccount {
-        let subject = app
-            .store()
-            .get_credential(
-                tenant,
-                CredentialKind::ServiceAccount,
-                CredentialId::from_uuid(grant.subject_id),
-            )
-            .await?;
-        if subject.is_none_or(|s| s.is_revoked()) {
-            return Err(DomainError::from(FieldError::new(
-                FieldPath::body("subject_id"),
-                codes::NOT_FOUND,
-                "no live service account with this id in this account",
-            ))
-            .into());
-        }
-    }
+    check_grant_subject(app.store().as_ref(), tenant, &grant).await?;
     let grant = grant.issue(tenant, now(), who.user_id());
     app.store().insert_grant(&grant).await?;
     app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.id(), "grant created");
+    Ok(grant)
+}
+
+/// A service-account subject must be a live service account of the grant's tenant. Users and groups
+/// live at the identity provider: any id is accepted.
+async fn check_grant_subject(
+    store: &dyn Store,
+    tenant: TenantId,
+    grant: &NewGrant,
+) -> Result<(), AppError> {
+    if grant.subject_type != SubjectType::ServiceAccount {
+        return Ok(());
+    }
+    let subject = store
+        .get_credential(
+            tenant,
+            CredentialKind::ServiceAccount,
+            CredentialId::from_uuid(grant.subject_id),
+        )
+        .await?;
+    if subject.is_none_or(|s| s.is_revoked()) {
+        return Err(DomainError::from(FieldError::new(
+            FieldPath::body("subject_id"),
+            codes::NOT_FOUND,
+            "no live service account with this id in this account",
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `keyplane admin grant`: the platform operator, who works on the store directly and so has no
+/// principal, gives a subject a right in a tenant (typically a first user `account_owner`, who can
+/// then grant others through the API). `NotFound` if the tenant does not exist. Other replicas on
+/// PostgreSQL hear of it at once; a server on the same SQLite file within its cache lifetime.
+pub async fn grant_as_operator(
+    store: &dyn Store,
+    tenant: TenantId,
+    grant: NewGrant,
+) -> Result<Grant, AppError> {
+    grant.check_shape().map_err(DomainError::from)?;
+    store
+        .get_tenant(tenant)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    check_grant_subject(store, tenant, &grant).await?;
+    let grant = grant.issue(tenant, now(), None);
+    store.insert_grant(&grant).await?;
+    tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), "grant created by the operator");
     Ok(grant)
 }
 
@@ -341,6 +399,25 @@ pub async fn revoke_grant(
     id: GrantId,
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
+    // Like granting: only what the caller could have given itself.
+    let existing = app
+        .store()
+        .list_grants(&GrantFilter {
+            tenant_id: tenant,
+            subject_type: None,
+            subject_id: None,
+            kind: None,
+            capability_key: None,
+            include_revoked: true,
+        })
+        .await?
+        .into_iter()
+        .find(|g| g.id == id)
+        .ok_or(DomainError::NotFound)?;
+    who.may_delegate(
+        tenant,
+        &keyplane_core::grant::rights_to_hand_on(std::slice::from_ref(&existing)),
+    )?;
     let grant = app.store().revoke_grant(tenant, id, now()).await?;
     app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.id(), "grant revoked");
@@ -381,7 +458,7 @@ pub async fn enable_registry(
         base
     };
     let now = now();
-    let registry = Registry {
+    let mut registry = Registry {
         id: uuid::Uuid::now_v7(),
         tenant_id: tenant,
         project,
@@ -408,7 +485,18 @@ pub async fn enable_registry(
         created_by_user_id: who.user_id(),
     }
     .issue(now, &mut OsRng);
-    store.create_registry(&registry, &robot).await?;
+    if let Err(StoreError::Conflict(_)) = store.create_registry(&registry, &robot).await {
+        // Lost a race: either this tenant just enabled it, or another took the project name.
+        if store.get_registry(tenant).await?.is_some() {
+            return Err(DomainError::Conflict("the registry is already enabled".into()).into());
+        }
+        registry.project = format!(
+            "{}-{}",
+            registry.project,
+            &tenant.as_uuid().simple().to_string()[..8]
+        );
+        store.create_registry(&registry, &robot).await?;
+    }
     tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.id(), "registry enabled");
     Ok((
         registry,

@@ -68,6 +68,7 @@ pub fn router(app: App) -> Router {
     let (routes, _) = api_routes().split_for_parts();
     routes
         .fallback(crate::system::not_found)
+        .method_not_allowed_fallback(crate::system::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
         // Credentials and their metadata must not sit in shared caches.
@@ -80,6 +81,47 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
+/// Routes that serve other services' traffic at high rates: their requests are logged at debug
+/// level, so the default `info` log stays readable and the hot path stays cheap.
+fn is_verification_route(route: &str) -> bool {
+    matches!(
+        route,
+        "/v1/auth/forward" | "/oauth2/introspect" | "/v1/whoami"
+    )
+}
+
+/// A `'static` copy of a matched route, made once per distinct route (there are a few dozen), so
+/// metrics labels cost no allocation per request.
+fn interned(route: &str) -> &'static str {
+    static ROUTES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(known) = routes.read().unwrap_or_else(|p| p.into_inner()).get(route) {
+        return known;
+    }
+    let mut routes = routes.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = routes.get(route) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(route.to_string().into_boxed_str());
+    routes.insert(leaked);
+    leaked
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 /// One log line and one metrics observation per request, under a span carrying the request id.
 /// The log names the matched route, never the raw URI or any header value.
 async fn observe(
@@ -88,31 +130,42 @@ async fn observe(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method());
+    // Unmatched paths share one label, so probing cannot grow the metrics without bound.
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
+        .map_or("unmatched", |p| interned(p.as_str()));
     let request_id = request
         .headers()
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let span = tracing::info_span!("request", request.id = %request_id, http.method = %method, http.route = %route);
+        .unwrap_or("");
+    let hot = is_verification_route(route);
+    let span = if hot {
+        tracing::debug_span!("request", request.id = %request_id, http.method = method, http.route = route)
+    } else {
+        tracing::info_span!("request", request.id = %request_id, http.method = method, http.route = route)
+    };
     let response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status();
     app.inner()
         .metrics
-        .observe_request(&method, &route, status.as_u16(), elapsed.as_secs_f64());
+        .observe_request(method, route, status.as_u16(), elapsed.as_secs_f64());
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
     let _entered = span.enter();
-    match response.extensions().get::<ErrorCause>() {
+    let cause = response.extensions().get::<ErrorCause>();
+    match cause {
         Some(cause) if status.is_server_error() => {
             tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
         }
+        _ if hot => tracing::debug!(
+            http.status = status.as_u16(),
+            duration_ms,
+            cause = cause.map(|c| c.0.as_str()),
+            "request served"
+        ),
         Some(cause) => {
             tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
         }

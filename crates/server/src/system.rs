@@ -1,8 +1,7 @@
 //! Operations endpoints: health, readiness, metrics, the OpenAPI document and the API reference.
 
-use crate::aether::Aether;
 use crate::app::App;
-use crate::error::{ApiError, AppError};
+use crate::error::AppError;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -77,7 +76,11 @@ async fn docs(State(app): State<App>) -> Html<String> {
     Html(crate::docs::render(&app.inner().openapi_json))
 }
 
-/// Unknown routes answer in the Aether envelope, the default dialect.
-pub(crate) async fn not_found() -> ApiError<Aether> {
-    AppError::Domain(DomainError::NotFound).into()
+/// Unknown routes answer in the dialect of the surface the path belongs to.
+pub(crate) async fn not_found(uri: axum::http::Uri) -> Response {
+    crate::error::render_for_path(uri.path(), AppError::Domain(DomainError::NotFound))
+}
+
+pub(crate) async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    crate::error::render_for_path(uri.path(), AppError::MethodNotAllowed)
 }

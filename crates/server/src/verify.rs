@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keyplane_core::{Capability, Error as DomainError, Scope};
+use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet};
 use serde::Serialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -59,20 +59,27 @@ const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
 const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
 const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
 
-/// What a credential may do, as one space-separated string: its scopes, or a robot's permissions.
-fn scope_string(verified: &Verified) -> String {
+/// What a credential holds, as verification reports and checks it: its scopes, or a robot's
+/// registry permissions (`pull`, `push:team-a/*`).
+fn held_scopes(verified: &Verified) -> std::borrow::Cow<'_, ScopeSet> {
     if verified.credential.kind == keyplane_core::CredentialKind::RobotAccount {
-        let permissions: Vec<String> = verified
+        let permissions = verified
             .credential
             .permissions
             .iter()
             .map(|p| p.to_wire())
             .collect();
-        permissions.join(" ")
+        std::borrow::Cow::Owned(ScopeSet::from_trusted(permissions))
     } else {
-        let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
-        scopes.join(" ")
+        std::borrow::Cow::Borrowed(&verified.rights)
     }
+}
+
+/// [`held_scopes`] as one space-separated string.
+fn scope_string(verified: &Verified) -> String {
+    let held = held_scopes(verified);
+    let scopes: Vec<&str> = held.iter().map(Scope::as_str).collect();
+    scopes.join(" ")
 }
 
 /// RFC 7662 answer.
@@ -225,13 +232,25 @@ async fn forward_auth(
     headers: HeaderMap,
     Query(required): Query<Vec<(String, String)>>,
 ) -> Result<Response, VerifyError> {
+    // A misspelt parameter must not silently drop the check it was meant to add.
+    if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope") {
+        return Err(AppError::Domain(DomainError::Validation(vec![
+            keyplane_core::FieldError::new(
+                keyplane_core::FieldPath::query(unknown),
+                keyplane_core::error::codes::UNKNOWN_FIELD,
+                "is not a known parameter (only `scope`)",
+            ),
+        ]))
+        .into());
+    }
     let verified = app
         .inner()
         .verifier
         .verify_secret(bearer_token(&headers)?)
         .await?;
-    for (_, scope) in required.iter().filter(|(k, _)| k == "scope") {
-        let held = Scope::parse(scope).is_ok_and(|s| verified.rights.covers(&s));
+    let holds = held_scopes(&verified);
+    for (_, scope) in &required {
+        let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
         if !held {
             return Err(AppError::Domain(DomainError::Forbidden(format!(
                 "the credential lacks the `{scope}` scope"

@@ -189,6 +189,14 @@ pub trait Store: Send + Sync + 'static {
     /// Grants in creation order.
     async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError>;
 
+    /// The live grants of one subject in every tenant, by tenant, then creation: what a user's
+    /// rights are computed from (a user is not bound to one tenant as a credential is).
+    async fn list_grants_of_subject(
+        &self,
+        subject_type: SubjectType,
+        subject_id: uuid::Uuid,
+    ) -> Result<Vec<Grant>, StoreError>;
+
     /// Permanent and idempotent, like credential revocation. `NotFound` outside the tenant.
     async fn revoke_grant(
         &self,

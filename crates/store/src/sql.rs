@@ -447,6 +447,25 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(skip_all, fields(subject.id = %subject_id))]
+            async fn list_grants_of_subject(
+                &self,
+                subject_type: keyplane_core::SubjectType,
+                subject_id: uuid::Uuid,
+            ) -> Result<Vec<keyplane_core::Grant>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM grants WHERE subject_type = $1 AND subject_id = $2 \
+                     AND revoked_at IS NULL ORDER BY tenant_id, id",
+                    $crate::sql::GRANT_COLUMNS
+                );
+                let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                    .bind(subject_type.as_str())
+                    .bind(subject_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, grant.id = %id))]
             async fn revoke_grant(
                 &self,

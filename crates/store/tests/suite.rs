@@ -428,6 +428,74 @@ async fn import_is_all_or_nothing(backend: Backend) {
     assert_eq!(listed.len(), 1235);
 }
 
+async fn a_subjects_live_grants_span_tenants(backend: Backend) {
+    let f = fixture(backend).await;
+    let other = Tenant {
+        id: TenantId::new(),
+        name: "globex".into(),
+        created_at: now(),
+    };
+    let (first, _) = new_token(other.id, "bootstrap");
+    f.store
+        .create_tenant_with_credential(&other, &first)
+        .await
+        .unwrap();
+    let user = UserId::from_subject("https://idp.example", "alice").as_uuid();
+    let user_grant = |tenant_id: TenantId, kind: GrantKind, key: Option<&str>| {
+        NewGrant {
+            kind,
+            subject_type: SubjectType::User,
+            subject_id: user,
+            capability_key: key.map(|k| Scope::parse(k).unwrap()),
+            resource: GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        }
+        .issue(tenant_id, now(), None)
+    };
+    let here = user_grant(f.tenant.id, GrantKind::Capability, Some("auth.manage"));
+    let there = user_grant(other.id, GrantKind::AccountOwner, None);
+    let revoked = user_grant(other.id, GrantKind::Capability, Some("audit:read"));
+    // Same uuid, other subject type: not the user's.
+    let service_account = capability_grant(f.tenant.id, user, "api_tokens:read");
+    let someone_else = user_grant(f.tenant.id, GrantKind::AccountOwner, None);
+    let someone_else = Grant {
+        subject_id: uuid::Uuid::new_v4(),
+        ..someone_else
+    };
+    for g in [&here, &there, &revoked, &service_account, &someone_else] {
+        f.store.insert_grant(g).await.unwrap();
+    }
+    f.store
+        .revoke_grant(other.id, revoked.id, now())
+        .await
+        .unwrap();
+
+    let mut expected = vec![here, there];
+    expected.sort_by_key(|g| (g.tenant_id, g.id));
+    assert_eq!(
+        f.store
+            .list_grants_of_subject(SubjectType::User, user)
+            .await
+            .unwrap(),
+        expected
+    );
+    assert_eq!(
+        f.store
+            .list_grants_of_subject(SubjectType::ServiceAccount, user)
+            .await
+            .unwrap(),
+        vec![service_account]
+    );
+    assert!(f
+        .store
+        .list_grants_of_subject(SubjectType::User, uuid::Uuid::new_v4())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -457,5 +525,6 @@ store_suite! {
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
     grants_filter_conflict_and_revoke,
+    a_subjects_live_grants_span_tenants,
     import_is_all_or_nothing,
 }

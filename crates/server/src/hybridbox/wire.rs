@@ -173,13 +173,20 @@ impl FromJsonBody for CreateAuthorizationRequest {
         let subject_id = r.uuid("subject_id");
         let capability_key = match r.nullable_string("capability_key") {
             Ok(Some(raw)) => r
-                .check(Scope::parse(&raw).map_err(|message| {
-                    FieldError::new(
-                        FieldPath::body("capability_key"),
-                        codes::INVALID_SCOPE,
-                        message,
-                    )
-                }))
+                .check(
+                    Scope::parse(&raw)
+                        .and_then(|scope| match scope.is_wildcard() {
+                            true => Err("`*` is granted with grant_kind account_owner"),
+                            false => Ok(scope),
+                        })
+                        .map_err(|message| {
+                            FieldError::new(
+                                FieldPath::body("capability_key"),
+                                codes::INVALID_SCOPE,
+                                message,
+                            )
+                        }),
+                )
                 .map(Some),
             Ok(None) => Some(None),
             Err(()) => None,

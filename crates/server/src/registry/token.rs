@@ -52,18 +52,29 @@ struct Claims<'a> {
 }
 
 /// A refusal in the registry's error format.
-struct RegistryError(AppError);
+enum RegistryError {
+    App(AppError),
+    /// A request the token service does not serve (wrong service, unsupported form).
+    Unsupported(String),
+}
 
 impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
-        let status = self.0.status();
+        let error = match self {
+            RegistryError::App(error) => error,
+            RegistryError::Unsupported(message) => {
+                let body = json!({ "errors": [{ "code": "UNSUPPORTED", "message": message }] });
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
+        };
+        let status = error.status();
         let code = match status {
             StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
             StatusCode::BAD_REQUEST => "UNSUPPORTED",
             StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
             _ => "UNAVAILABLE",
         };
-        let message = match &self.0 {
+        let message = match &error {
             AppError::Unauthenticated(_) => "invalid username or password".to_string(),
             other => other.public_message(),
         };
@@ -80,14 +91,14 @@ impl IntoResponse for RegistryError {
         }
         response
             .extensions_mut()
-            .insert(crate::error::ErrorCause(self.0.to_string()));
+            .insert(crate::error::ErrorCause(error.to_string()));
         response
     }
 }
 
 impl From<AppError> for RegistryError {
     fn from(error: AppError) -> Self {
-        Self(error)
+        Self::App(error)
     }
 }
 
@@ -122,7 +133,10 @@ async fn issue(
     }
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
         if service != &config.service {
-            return Err(AppError::Domain(keyplane_core::Error::Validation(Vec::new())).into());
+            return Err(RegistryError::Unsupported(format!(
+                "this token service issues tokens for service `{}` only",
+                config.service
+            )));
         }
     }
     let requested: Vec<_> = params
@@ -207,8 +221,10 @@ async fn issue_registry_token(
 )]
 async fn issue_registry_token_oauth(
     State(app): State<App>,
-    Form(params): Form<Vec<(String, String)>>,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, RegistryError> {
+    let Form(params) =
+        form.map_err(|rejection| RegistryError::Unsupported(rejection.body_text()))?;
     let field = |name: &str| {
         params
             .iter()

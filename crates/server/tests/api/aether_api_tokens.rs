@@ -501,6 +501,30 @@ async fn scopes_limit_what_a_token_may_do(backend: Backend) {
         "forbidden",
     )
     .await;
+    // ...nor revoke it (managing a credential needs every right it holds)...
+    assert_error(
+        app.delete(&org.path(&format!("/api-tokens/{bootstrap_id}")), writer)
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        app.get(&org.path("/api-tokens"), &org.token).await.status(),
+        200
+    );
+    // ...nor revoke it (managing a credential needs every right it holds)...
+    assert_error(
+        app.delete(&org.path(&format!("/api-tokens/{bootstrap_id}")), writer)
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        app.get(&org.path("/api-tokens"), &org.token).await.status(),
+        200
+    );
     // ...but may rotate itself.
     assert_eq!(
         app.post(

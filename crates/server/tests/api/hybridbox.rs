@@ -1616,13 +1616,21 @@ async fn a_grant_never_gives_more_than_its_grantor_holds(backend: Backend) {
         capability(&peer, "api_tokens:write"),
         capability(&peer, "api_tokens:read"),
         capability(&peer, "registry:write"),
-        capability(&peer, "*"),
         capability(&peer, "deploy"),
         account_owner(&peer),
         super_admin(&peer),
     ] {
         assert_detail(app.post(&path, &manager, escalation.clone()).await, 403).await;
     }
+    // Everything is granted as account_owner, never as a `*` capability (one spelling per right).
+    let errors = assert_422(app.post(&path, &org.token, capability(&peer, "*")).await).await;
+    assert_eq!(
+        errors,
+        [(
+            json!(["body", "capability_key"]),
+            "invalid_scope".to_string()
+        )]
+    );
     assert!(ids(&get_ok(
         &app,
         &format!("{path}?subject_id={peer}&include_revoked=true"),

@@ -6,6 +6,7 @@ mod helpers;
 mod aether_api_tokens;
 mod hybridbox;
 mod logs;
+mod oidc;
 mod operations;
 mod robots;
 mod verify;

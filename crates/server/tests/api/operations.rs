@@ -202,6 +202,31 @@ async fn unknown_routes_are_404_in_json(backend: Backend) {
         .await
         .unwrap();
     assert_error(res, 404, "not_found").await;
+    // Each surface answers in its own dialect, for unknown paths and wrong methods alike.
+    let res = app
+        .request(Method::GET, "/v1/public/nothing", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
+    let res = app
+        .request(Method::PUT, "/api/v1/organizations/x/api-tokens", None)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 405, "method_not_allowed").await;
+    let res = app
+        .request(
+            Method::PUT,
+            "/v1/public/accounts/x/auth/service-accounts",
+            None,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
 }
 
 both_backends!(

@@ -366,6 +366,10 @@ async fn robot_crud_with_the_documented_fields(backend: Backend) {
             vec![("permissions[0]", "invalid_format")],
         ),
         (
+            json!({"permissions": []}),
+            vec![("permissions", "too_short")],
+        ),
+        (
             json!({"permissions": ["pull"], "name": "renamed"}),
             vec![("name", "unknown_field")],
         ),
@@ -406,6 +410,21 @@ async fn robot_crud_with_the_documented_fields(backend: Backend) {
             {"type": "repository", "name": "acme/team-b/x/y", "actions": ["pull"]},
         ])
     );
+
+    // Tokens are only issued for the configured registry service.
+    let res = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth("robot$acme+ci", Some(&secret))
+        .query(&[
+            ("service", "some-other-registry"),
+            ("scope", "repository:acme/app:pull"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
 
     // Rotate: same id, new secret; the old one no longer logs in.
     let rotated = json_of(

@@ -256,6 +256,15 @@ async fn forward_auth_answers_with_identity_headers(backend: Backend) {
             .status(),
         200
     );
+    // A misspelt parameter must not silently drop the check.
+    for typo in ["?scopes=deploy", "?Scope=admin"] {
+        let res = forward(&app, Some(token), typo).await;
+        assert_eq!(res.status(), 422, "{typo}");
+        assert_eq!(
+            res.json::<Value>().await.unwrap()["error"],
+            "invalid_request"
+        );
+    }
     let res = forward(&app, Some(token), "?scope=deploy&scope=admin").await;
     assert_eq!(res.status(), 403);
     assert!(res.headers().get("x-keyplane-subject").is_none());

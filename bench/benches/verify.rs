@@ -1,0 +1,73 @@
+//! In-process verification with a large cache: the cost of `App::verify_secret` for a live, cached
+//! API token (parse + CRC32 + SHA-256 + cache lookup + expiry + usage record), no HTTP.
+//!
+//! `KEYPLANE_BENCH_CREDENTIALS` (default 1,000,000) live credentials are imported into a SQLite
+//! store and each is verified once to fill the cache before measuring.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use keyplane_server::auth::CacheConfig;
+use keyplane_server::{ops, App, Config};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn verify(c: &mut Criterion) {
+    let count: usize = std::env::var("KEYPLANE_BENCH_CREDENTIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, tokens) = runtime.block_on(async {
+        let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir.path()))
+            .await
+            .unwrap();
+        let org = ops::create_org(store.as_ref(), "bench").await.unwrap();
+        let secrets = keyplane_bench::seed_api_tokens(store.as_ref(), org.tenant.id, count)
+            .await
+            .unwrap();
+        let config = Config {
+            verify_cache: CacheConfig {
+                capacity: count + count / 10,
+                positive_ttl: std::time::Duration::from_secs(3600),
+                ..CacheConfig::default()
+            },
+            ..Config::default()
+        };
+        let app = App::new(store, config);
+        let tokens: Vec<String> = secrets
+            .iter()
+            .map(|s| s.expose_secret().to_string())
+            .collect();
+        for token in &tokens {
+            app.verify_secret(token)
+                .await
+                .expect("seeded tokens verify");
+        }
+        (app, tokens)
+    });
+    eprintln!("verify bench: {} credentials cached", tokens.len());
+
+    let next = AtomicUsize::new(0);
+    let mut group = c.benchmark_group("verify");
+    group.bench_function(format!("cached_api_token_{count}"), |b| {
+        b.to_async(&runtime).iter(|| {
+            // A stride through the whole set, so lookups do not stay in the CPU cache.
+            let i = next.fetch_add(7919, Ordering::Relaxed) % tokens.len();
+            let app = &app;
+            let token = tokens[i].as_str();
+            async move { black_box(app.verify_secret(black_box(token)).await.is_ok()) }
+        })
+    });
+    group.bench_function("reject_bad_checksum", |b| {
+        let forged = format!("{}0000", &tokens[0][..59]);
+        b.to_async(&runtime)
+            .iter(|| async { black_box(app.verify_secret(black_box(&forged)).await.is_err()) })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, verify);
+criterion_main!(benches);

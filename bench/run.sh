@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# keyplane's benchmark suite. Writes every raw output to bench/results/<timestamp>/ and prints a
+# summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
+#
+#   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
+#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale
+#
+# Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
+# KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
+# allow CREATE DATABASE), wrk and oha (installed here if missing), root for apt-get.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PARTS="${PARTS:-criterion http replicas scale}"
+PEERS_RECIPE="${PEERS_RECIPE:-$ROOT/../shared/recipes/peers}"
+export PEERS="${PEERS:-/tmp/peers}"
+PG_ADMIN="${KEYPLANE_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+PG_BASE="${PG_ADMIN%/*}"
+SERVER_CPU="${SERVER_CPU:-1}"
+CLIENT_CPU="${CLIENT_CPU:-0}"
+SITTINGS="${SITTINGS:-3}"
+SCALE="${SCALE:-1000000}"
+OUT="$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+WORK="$(mktemp -d /tmp/keyplane-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [ -x "$PEERS_RECIPE/stop.sh" ] && bash "$PEERS_RECIPE/stop.sh" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+say() { printf '==> %s\n' "$*" | tee -a "$OUT/summary.txt" >&2; }
+KP="$ROOT/target/release/keyplane"
+KB="$ROOT/target/release/keyplane-bench"
+
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc)"
+    echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB; kernel $(uname -r)"
+    echo "pinning: servers on CPU $SERVER_CPU, load generator on CPU $CLIENT_CPU"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+command -v oha >/dev/null || [ -x "$HOME/.cargo/bin/oha" ] || cargo install oha --locked
+OHA="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
+say "building release binaries"
+cargo build --release -q -p keyplane -p keyplane-bench
+
+# Starts keyplane on 127.0.0.1:PORT pinned to the server CPU; prints nothing; remembers the PID.
+start_keyplane() { # port data-dir [extra args...]
+    local port="$1" dir="$2"; shift 2
+    mkdir -p "$dir"
+    taskset -c "$SERVER_CPU" "$KP" serve --listen "127.0.0.1:$port" --data-dir "$dir" \
+        --rate-limit-per-minute 0 "$@" >"$dir/server.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return 0; sleep 0.1; done
+    echo "keyplane on $port did not start" >&2; cat "$dir/server.log" >&2; return 1
+}
+json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+fresh_pg_db() { # name -> url
+    psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null
+    echo "$PG_BASE/$1"
+}
+
+if [[ " $PARTS " == *" criterion "* ]]; then
+    say "criterion: in-process verify with $SCALE cached credentials"
+    KEYPLANE_BENCH_CREDENTIALS="$SCALE" taskset -c "$SERVER_CPU" \
+        cargo bench -q -p keyplane-bench --bench verify -- --noplot 2>&1 | tee "$OUT/criterion.txt" \
+        | grep -E "^verify/|time:" | tee -a "$OUT/summary.txt"
+fi
+
+if [[ " $PARTS " == *" http "* ]]; then
+    say "HTTP: peers (recipe: $PEERS_RECIPE)"
+    bash "$PEERS_RECIPE/setup.sh" >"$OUT/peers-setup.log" 2>&1
+    SERVER_CPU="$SERVER_CPU" bash "$PEERS_RECIPE/start.sh" >"$OUT/peers-start.log" 2>&1
+    start_keyplane 8090 "$WORK/http"
+    ORG=$(json_field '["org_id"]' < "$WORK/http/bootstrap.json")
+    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/http/bootstrap.json")
+    API="http://127.0.0.1:8090/api/v1/organizations/$ORG/api-tokens"
+    SUBJECT=$(curl -sf -X POST "$API" -H "Authorization: Bearer $ROOT_TOKEN" -H 'content-type: application/json' \
+        -d '{"name":"bench-subject","scopes":["deploy","logs:read"]}' | json_field '["token"]')
+    VERIFIER=$(curl -sf -X POST "$API" -H "Authorization: Bearer $ROOT_TOKEN" -H 'content-type: application/json' \
+        -d '{"name":"bench-verifier","scopes":["tokens:verify"]}' | json_field '["token"]')
+    DRF_KEY=$(cat "$PEERS/drf/app/key.txt")
+    OIDC_TOKEN=$(cat "$PEERS/oidc/token.txt")
+    BASIC=$(printf 'bench-client:bench-secret-bench-secret-bench-secret' | base64 -w0)
+    WRK=(timeout 60 taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d10s --timeout 5s --latency)
+    run() { # name, then wrk args
+        local name="$1"; shift
+        echo "=== $name"
+        "${WRK[@]}" "$@" | grep -E "Requests/sec|Latency  |50%|75%|90%|99%|Non-2xx|Socket errors|responses:|requests in"
+    }
+    for s in $(seq "$SITTINGS"); do
+        {
+            run "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
+            AUTH="Bearer $SUBJECT" run "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8090/v1/auth/forward
+            VERIFIER="$VERIFIER" TOKEN="$SUBJECT" run "keyplane introspection" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8090
+            AUTH="Api-Key $DRF_KEY" run "DRF HasAPIKey /protected/" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8001/protected/
+            TOKEN="$OIDC_TOKEN" BASIC="$BASIC" run "oidc-provider introspection" -s "$PEERS_RECIPE/introspect.lua" http://127.0.0.1:8002
+        } > "$OUT/sitting$s.txt"
+    done
+    python3 "$ROOT/bench/summarize.py" "$OUT"/sitting*.txt | tee -a "$OUT/summary.txt"
+
+    # Latency at half of keyplane's measured saturation (open loop, oha -q), and the baseline at the
+    # same rate.
+    rate() { # endpoint name -> median req/s over the sittings
+        python3 - "$1" "$OUT"/sitting*.txt <<'PY'
+import re, statistics, sys
+name, files = sys.argv[1], sys.argv[2:]
+rates = []
+for f in files:
+    current = None
+    for line in open(f):
+        if line.startswith("=== "): current = line[4:].strip()
+        m = re.match(r"Requests/sec:\s+([\d.]+)", line)
+        if m and current == name: rates.append(float(m.group(1)))
+print(int(statistics.median(rates)))
+PY
+    }
+    for target in forward introspection; do
+        if [ "$target" = forward ]; then
+            half=$(( $(rate "keyplane forward-auth") / 2 ))
+            args=(-H "Authorization: Bearer $SUBJECT" http://127.0.0.1:8090/v1/auth/forward)
+        else
+            half=$(( $(rate "keyplane introspection") / 2 ))
+            args=(-m POST -H "Authorization: Bearer $VERIFIER" -T application/x-www-form-urlencoded -d "token=$SUBJECT" http://127.0.0.1:8090/oauth2/introspect)
+        fi
+        echo "=== keyplane $target at $half req/s (half of saturation)" | tee -a "$OUT/half-load.txt"
+        timeout 60 taskset -c "$CLIENT_CPU" "$OHA" --no-tui -z 10s -q "$half" -c 32 --latency-correction "${args[@]}" \
+            | grep -E "Success rate|Requests/sec|50.00%|90.00%|99.00%|99.90%|\[2|\[4|\[5" | tee -a "$OUT/half-load.txt"
+        echo "=== baseline at $half req/s" | tee -a "$OUT/half-load.txt"
+        timeout 60 taskset -c "$CLIENT_CPU" "$OHA" --no-tui -z 10s -q "$half" -c 32 --latency-correction http://127.0.0.1:8080/verify \
+            | grep -E "Success rate|Requests/sec|50.00%|90.00%|99.00%|99.90%" | tee -a "$OUT/half-load.txt"
+    done
+    cat "$OUT/half-load.txt" >> "$OUT/summary.txt"
+    bash "$PEERS_RECIPE/stop.sh" >/dev/null 2>&1 || true
+fi
+
+if [[ " $PARTS " == *" replicas "* ]]; then
+    say "replicas: revocation propagation across three keyplane replicas on PostgreSQL"
+    URL=$(fresh_pg_db kp_bench_replicas)
+    for port in 8091 8092 8093; do
+        start_keyplane "$port" "$WORK/replica$port" --database-url "$URL"
+    done
+    ORG=$(json_field '["org_id"]' < "$WORK/replica8091/bootstrap.json")
+    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/replica8091/bootstrap.json")
+    timeout 600 taskset -c "$CLIENT_CPU" "$KB" propagation --bases http://127.0.0.1:8091,http://127.0.0.1:8092,http://127.0.0.1:8093 \
+        --org "$ORG" --token "$ROOT_TOKEN" --rounds 300 | tee -a "$OUT/summary.txt"
+fi
+
+if [[ " $PARTS " == *" scale "* ]]; then
+    for backend in sqlite postgres; do
+        say "scale: $SCALE stored credentials on $backend"
+        dir="$WORK/scale-$backend"; mkdir -p "$dir"
+        if [ "$backend" = sqlite ]; then url="sqlite://$dir/keyplane.db"; else url=$(fresh_pg_db kp_bench_scale); fi
+        timeout 1800 "$KB" seed --database-url "$url" --count "$SCALE" --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
+        ORG=$(json_field '["org_id"]' < "$dir/seed.json"); ROOT_TOKEN=$(json_field '["token"]' < "$dir/seed.json")
+        echo "import: $(json_field '["import_seconds"]' < "$dir/seed.json") s for $SCALE credentials" | tee -a "$OUT/summary.txt"
+        start_keyplane 8094 "$dir" --database-url "$url"
+        pid="${PIDS[-1]}"
+        timeout 600 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8094 --tokens "$dir/tokens.txt" --count 50000 \
+            | tee -a "$OUT/summary.txt"
+        timeout 600 taskset -c "$CLIENT_CPU" "$KB" create --base http://127.0.0.1:8094 --org "$ORG" --token "$ROOT_TOKEN" --count 2000 \
+            | tee -a "$OUT/summary.txt"
+        echo "peak RSS ($backend, after 50k verified + 2k created): $(awk '/VmHWM/ {print $2, $3}' /proc/$pid/status)" | tee -a "$OUT/summary.txt"
+        kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
+fi
+say "results in $OUT"

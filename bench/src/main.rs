@@ -1,0 +1,288 @@
+//! `keyplane-bench`: the load tools `bench/run.sh` drives against running servers on loopback.
+//! Every loop is bounded in count and time.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use futures::stream::{self, StreamExt};
+use keyplane_bench::{percentile, seed_api_tokens};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import COUNT live API tokens into a store (one new org) and write them, one per line.
+    Seed {
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        tokens_out: std::path::PathBuf,
+    },
+    /// Create COUNT API tokens through the HTTP API, CONCURRENCY at a time.
+    Create {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Forward-auth each of the first COUNT tokens in FILE once: on a fresh server, every one is a
+    /// cache miss that reads the store.
+    ColdVerify {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        tokens: std::path::PathBuf,
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Revoke through one replica and time how long until the others reject the token.
+    Propagation {
+        /// Comma-separated base URLs; the first one revokes.
+        #[arg(long)]
+        bases: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+    },
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("an HTTP client")
+}
+
+fn report(what: &str, mut samples: Vec<Duration>, elapsed: Duration) {
+    samples.sort();
+    let n = samples.len();
+    println!(
+        "{what}: n={n} elapsed={:.2}s rate={:.0}/s p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64(),
+        percentile(&samples, 50.0).as_secs_f64() * 1e3,
+        percentile(&samples, 90.0).as_secs_f64() * 1e3,
+        percentile(&samples, 99.0).as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+async fn seed(
+    database_url: &str,
+    count: usize,
+    tokens_out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let store = keyplane_store::connect(database_url).await?;
+    let org = keyplane_server::ops::create_org(store.as_ref(), "bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let secrets = seed_api_tokens(store.as_ref(), org.tenant.id, count).await?;
+    let elapsed = started.elapsed();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(tokens_out)?);
+    for secret in &secrets {
+        writeln!(out, "{}", secret.expose_secret())?;
+    }
+    out.flush()?;
+    println!(
+        "{}",
+        json!({"org_id": org.tenant.id.to_string(), "token": org.token.secret.expose_secret(),
+               "imported": count, "import_seconds": elapsed.as_secs_f64()})
+    );
+    Ok(())
+}
+
+async fn create(
+    base: &str,
+    org: &str,
+    token: &str,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let client = client();
+    let url = format!("{base}/api/v1/organizations/{org}/api-tokens");
+    let run = format!("{:x}", rand::random::<u32>());
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Duration>> = stream::iter(0..count)
+        .map(|i| {
+            let (client, url, run) = (&client, &url, &run);
+            async move {
+                let sent = Instant::now();
+                let res = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&json!({"name": format!("create-{run}-{i}"), "scopes": ["deploy"]}))
+                    .send()
+                    .await?;
+                if res.status() != 201 {
+                    bail!("create answered {}", res.status());
+                }
+                Ok(sent.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let samples = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    report("create", samples, started.elapsed());
+    Ok(())
+}
+
+async fn cold_verify(
+    base: &str,
+    tokens: &std::path::Path,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(tokens).context("reading the tokens file")?;
+    let tokens: Vec<&str> = text.lines().take(count).collect();
+    let client = client();
+    let url = format!("{base}/v1/auth/forward");
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Duration>> = stream::iter(tokens)
+        .map(|token| {
+            let (client, url) = (&client, &url);
+            async move {
+                let sent = Instant::now();
+                let res = client.get(url).bearer_auth(token).send().await?;
+                if res.status() != 200 {
+                    bail!("forward-auth answered {}", res.status());
+                }
+                Ok(sent.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let samples = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    report("cold-verify (cache misses)", samples, started.elapsed());
+    Ok(())
+}
+
+/// Polls `base` with `token` until it is rejected; the time from `since`.
+async fn until_rejected(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    since: Instant,
+) -> anyhow::Result<Duration> {
+    let url = format!("{base}/v1/auth/forward");
+    let deadline = since + Duration::from_secs(60);
+    loop {
+        let status = client.get(&url).bearer_auth(token).send().await?.status();
+        if status == 401 {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{base} still accepted a revoked token after 60 s");
+        }
+    }
+}
+
+async fn propagation(bases: &str, org: &str, token: &str, rounds: usize) -> anyhow::Result<()> {
+    let bases: Vec<&str> = bases.split(',').collect();
+    if bases.len() < 2 {
+        bail!("give at least two replicas");
+    }
+    let client = client();
+    let tokens_url = format!("{}/api/v1/organizations/{org}/api-tokens", bases[0]);
+    let mut samples = Vec::with_capacity(rounds * (bases.len() - 1));
+    let started = Instant::now();
+    for round in 0..rounds {
+        let created: Value = client
+            .post(&tokens_url)
+            .bearer_auth(token)
+            .json(&json!({"name": format!("propagation-{round}-{:x}", rand::random::<u32>())}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let (id, secret) = (
+            created["id"].as_str().context("created id")?,
+            created["token"].as_str().context("created token")?,
+        );
+        for base in &bases[1..] {
+            let status = client
+                .get(format!("{base}/v1/auth/forward"))
+                .bearer_auth(secret)
+                .send()
+                .await?
+                .status();
+            if status != 200 {
+                bail!("{base} did not accept a fresh token: {status}");
+            }
+        }
+        let res = client
+            .delete(format!("{tokens_url}/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let revoked_at = Instant::now();
+        if res.status() != 204 {
+            bail!("revoke answered {}", res.status());
+        }
+        let waits = futures::future::try_join_all(
+            bases[1..]
+                .iter()
+                .map(|base| until_rejected(&client, base, secret, revoked_at)),
+        )
+        .await?;
+        samples.extend(waits);
+    }
+    report(
+        "revocation visible on the other replicas",
+        samples,
+        started.elapsed(),
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Seed {
+            database_url,
+            count,
+            tokens_out,
+        } => seed(&database_url, count, &tokens_out).await,
+        Command::Create {
+            base,
+            org,
+            token,
+            count,
+            concurrency,
+        } => create(&base, &org, &token, count, concurrency).await,
+        Command::ColdVerify {
+            base,
+            tokens,
+            count,
+            concurrency,
+        } => cold_verify(&base, &tokens, count, concurrency).await,
+        Command::Propagation {
+            bases,
+            org,
+            token,
+            rounds,
+        } => propagation(&bases, &org, &token, rounds).await,
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Summarize bench/run.sh wrk sittings: per endpoint, median/min/max req/s, median p50/p99, bad
+replies; then keyplane's throughput as a fraction of the baseline and as a multiple of each peer.
+usage: summarize.py sitting1.txt sitting2.txt ..."""
+import re
+import statistics
+import sys
+
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * UNIT[m.group(2)]
+
+
+data, order = {}, []
+for path in sys.argv[1:]:
+    name = None
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("=== "):
+            name = line[4:]
+            if name not in data:
+                data[name] = {"rps": [], "p50": [], "p99": [], "bad": 0}
+                order.append(name)
+        elif name and line.startswith("Requests/sec:"):
+            data[name]["rps"].append(float(line.split()[1]))
+        elif name and line.startswith("50%"):
+            data[name]["p50"].append(ms(line.split()[1]))
+        elif name and line.startswith("99%"):
+            data[name]["p99"].append(ms(line.split()[1]))
+        elif name and ("responses:" in line or line.startswith("Non-2xx")):
+            data[name]["bad"] += int(line.split()[-1])
+
+median = {name: statistics.median(data[name]["rps"]) for name in order}
+base = median[order[0]]
+print("| endpoint | n | req/s median | min - max | % of baseline | p50 ms | p99 ms | bad replies |")
+print("|---|---|---|---|---|---|---|---|")
+for name in order:
+    d = data[name]
+    print(f"| {name} | {len(d['rps'])} | {median[name]:,.0f} | {min(d['rps']):,.0f} - {max(d['rps']):,.0f} | "
+          f"{100 * median[name] / base:.1f}% | {statistics.median(d['p50']):.2f} | {statistics.median(d['p99']):.2f} | {d['bad']} |")
+print()
+pairs = [("keyplane forward-auth", "DRF HasAPIKey /protected/"),
+         ("keyplane introspection", "oidc-provider introspection"),
+         ("keyplane forward-auth", "oidc-provider introspection"),
+         ("keyplane introspection", "DRF HasAPIKey /protected/")]
+for ours, peer in pairs:
+    if ours in median and peer in median:
+        print(f"ratio {ours} / {peer}: {median[ours] / median[peer]:.1f}x")

@@ -1,0 +1,257 @@
+//! `keyplane admin grant`: the operator gives a user a right in an organization, on either store,
+//! through the real binary.
+
+use keyplane_core::{SubjectType, TenantId, UserId};
+use keyplane_store::testing::{Backend, TestDatabase};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
+/// The bound on each command.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+macro_rules! both_stores {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    )+};
+}
+
+both_stores!(admin_grant_gives_a_user_a_right_in_an_org);
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `keyplane args..` (no inherited `KEYPLANE_*` setting) to completion within [`TIMEOUT`].
+/// Its output is a JSON line or an error message, which fits in the pipe buffers.
+fn keyplane<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let mut command = Command::new(KEYPLANE);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KEYPLANE_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args(args.into_iter().map(Into::into))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyplane");
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll keyplane") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keyplane did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn store_args(db: &TestDatabase, backend: Backend) -> Vec<OsString> {
+    let mut args = vec!["--data-dir".into(), db.data_dir.clone().into()];
+    if backend == Backend::Postgres {
+        args.extend(["--database-url".into(), db.url.clone().into()]);
+    }
+    args
+}
+
+/// `keyplane admin grant --org ORG <args> <store flags>`.
+fn grant(store: &[OsString], org: &str, args: &[&str]) -> Output {
+    let mut all: Vec<OsString> = vec!["admin".into(), "grant".into(), "--org".into(), org.into()];
+    all.extend(args.iter().map(OsString::from));
+    all.extend(store.iter().cloned());
+    keyplane(all)
+}
+
+fn json_line(output: &Output) -> Value {
+    assert!(output.status.success(), "stderr: {}", output.stderr);
+    serde_json::from_str(output.stdout.trim()).expect("one JSON line on stdout")
+}
+
+fn assert_fails(output: &Output, says: &str) {
+    assert!(!output.status.success(), "succeeded: {}", output.stdout);
+    assert!(output.stdout.is_empty(), "stdout: {}", output.stdout);
+    assert!(
+        output.stderr.contains(says),
+        "stderr does not say {says:?}: {}",
+        output.stderr
+    );
+}
+
+async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = store_args(&db, backend);
+    let mut create: Vec<OsString> = ["admin", "create-org", "--name", "acme", "--json"]
+        .map(OsString::from)
+        .to_vec();
+    create.extend(store.iter().cloned());
+    let org = json_line(&keyplane(create))["org_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let issuer = "https://idp.example/realms/acme";
+    let owner = json_line(&grant(
+        &store,
+        &org,
+        &["--user-sub", "alice", "--issuer", issuer, "--account-owner"],
+    ));
+    let alice = UserId::from_subject(issuer, "alice");
+    let fields: BTreeSet<&str> = owner
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "id",
+            "grant_kind",
+            "subject_type",
+            "subject_id",
+            "capability_key",
+            "resource_type",
+            "resource_id",
+            "created_at",
+            "revoked_at",
+        ])
+    );
+    assert_eq!(owner["grant_kind"], "account_owner");
+    assert_eq!(owner["subject_type"], "user");
+    assert_eq!(owner["subject_id"], alice.to_string());
+    assert_eq!(owner["capability_key"], Value::Null);
+    assert_eq!(owner["revoked_at"], Value::Null);
+
+    let bob = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+    let manager = json_line(&grant(
+        &store,
+        &org,
+        &["--user-id", bob, "--capability", "auth.manage"],
+    ));
+    assert_eq!(manager["grant_kind"], "capability");
+    assert_eq!(manager["subject_id"], bob);
+    assert_eq!(manager["capability_key"], "auth.manage");
+
+    // Stored as the API stores grants, with no acting user: the operator is not one.
+    let opened = keyplane_store::connect(&db.url).await.unwrap();
+    let stored = opened
+        .list_grants_of_subject(SubjectType::User, alice.as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].id.to_string(), owner["id"].as_str().unwrap());
+    assert_eq!(stored[0].tenant_id, TenantId::parse(&org).unwrap());
+    assert_eq!(stored[0].created_by_user_id, None);
+
+    assert_fails(
+        &grant(
+            &store,
+            &org,
+            &["--user-sub", "alice", "--issuer", issuer, "--account-owner"],
+        ),
+        "already exists",
+    );
+    let nowhere = "00000000-0000-4000-8000-000000000000";
+    assert_fails(
+        &grant(&store, nowhere, &["--user-id", bob, "--account-owner"]),
+        &format!("no organization with id {nowhere}"),
+    );
+    assert_fails(
+        &grant(
+            &store,
+            &org,
+            &["--user-id", bob, "--capability", "no spaces"],
+        ),
+        "--capability",
+    );
+}
+
+#[test]
+fn admin_grant_needs_one_user_and_one_right() {
+    let org = "00000000-0000-4000-8000-000000000000";
+    let user = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+    let cases: [(&[&str], &str); 6] = [
+        (&["--account-owner"], "--user-sub"),
+        (&["--user-id", user], "--account-owner"),
+        (&["--user-sub", "alice", "--account-owner"], "--issuer"),
+        (
+            &[
+                "--user-id",
+                user,
+                "--user-sub",
+                "a",
+                "--issuer",
+                "https://i",
+                "--account-owner",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "--user-id",
+                user,
+                "--account-owner",
+                "--capability",
+                "auth.manage",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["--user-id", "not-a-uuid", "--account-owner"],
+            "not a UUID",
+        ),
+    ];
+    // Never opened (clap refuses first), but a temporary one all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Vec<OsString> = vec!["--data-dir".into(), dir.path().into()];
+    for (args, says) in cases {
+        let output = grant(&store, org, args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", output.stderr);
+        assert!(output.stderr.contains(says), "{args:?}: {}", output.stderr);
+    }
+}

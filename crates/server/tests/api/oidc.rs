@@ -1,0 +1,833 @@
+//! Users: JWT access tokens from a real OpenID provider (panva's certified `oidc-provider`, in
+//! `tests/oidc-provider/`, run with Node.js on 127.0.0.1) authenticate on the management APIs and
+//! act through grants. The provider's packages are installed with `npm ci` on first use; a machine
+//! without node or npm fails these tests rather than skipping them.
+
+use crate::helpers::{both_backends, eventually, test_config, TestApp};
+use keyplane_core::{GrantKind, GrantResource, NewGrant, Scope, SubjectType, TenantId, UserId};
+use keyplane_server::oidc::OidcConfig;
+use keyplane_server::{ops, Config};
+use keyplane_store::testing::Backend;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const AUDIENCE: &str = "https://api.keyplane.test";
+/// Tokens for this resource are RS256-signed, for the same audience.
+const RS256_RESOURCE: &str = "https://rs256.keyplane.test";
+/// Tokens for this resource carry another audience.
+const OTHER_RESOURCE: &str = "https://other.keyplane.test";
+/// The bound on every wait for the provider: startup, a token, a helper run.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+both_backends!(
+    a_user_without_grants_sees_nothing_and_acts_once_granted,
+    operator_grants_give_users_capabilities,
+    invalid_tokens_are_rejected_with_401,
+    unknown_keys_refetch_the_jwks_at_most_once_per_interval,
+    a_key_rotation_is_picked_up_without_restarting,
+    a_provider_that_is_down_breaks_no_other_credential,
+    jwts_are_refused_when_no_issuer_is_configured,
+);
+
+fn provider_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc-provider")
+}
+
+/// Runs `command` to completion within `timeout`; its stdout, or why it failed.
+fn run_bounded(command: &mut Command, timeout: Duration) -> Result<String, String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start it: {e}"))?;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {timeout:?}"));
+            }
+        }
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{status}: {stderr}"))
+    }
+}
+
+/// Node.js and the provider's pinned packages, checked and installed once per test binary.
+fn node_ready() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(problem) = READY.get_or_init(install_provider) {
+        panic!("{problem}");
+    }
+}
+
+fn install_provider() -> Result<(), String> {
+    for tool in ["node", "npm"] {
+        run_bounded(Command::new(tool).arg("--version"), TIMEOUT).map_err(|e| {
+            format!(
+                "the OIDC tests run a real identity provider on Node.js, and `{tool} --version` \
+                 failed ({e}); install Node.js 20 or later with npm"
+            )
+        })?;
+    }
+    let dir = provider_dir();
+    let installed = ["oidc-provider", "jose"].iter().all(|package| {
+        dir.join("node_modules")
+            .join(package)
+            .join("package.json")
+            .exists()
+    });
+    if installed {
+        return Ok(());
+    }
+    run_bounded(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir),
+        Duration::from_secs(300),
+    )
+    .map(drop)
+    .map_err(|e| {
+        format!(
+            "`npm ci` in {} failed ({e}); the OIDC tests need the npm registry once",
+            dir.display()
+        )
+    })
+}
+
+/// A running `provider.mjs`. Killed on drop.
+struct Provider {
+    child: Child,
+    issuer: String,
+    port: u16,
+    keys_file: PathBuf,
+    output: Arc<Mutex<Vec<String>>>,
+    http: reqwest::Client,
+}
+
+impl Provider {
+    /// Starts the provider on `port` (0: any free one) with the private key set in `keys_file`,
+    /// which it creates with fresh keys if missing.
+    fn start(keys_file: &Path, port: u16) -> Self {
+        node_ready();
+        let mut child = Command::new("node")
+            .arg("provider.mjs")
+            .current_dir(provider_dir())
+            .env("PORT", port.to_string())
+            .env("KEYS_FILE", keys_file)
+            .env("AUDIENCE", AUDIENCE)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node provider.mjs");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (ready, listening) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            let ready = ready.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(issuer) = line.strip_prefix("listening on ") {
+                        let _ = ready.send(issuer.to_string());
+                    }
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        let issuer = match listening.recv_timeout(TIMEOUT) {
+            Ok(issuer) => issuer,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the OIDC provider did not start within {TIMEOUT:?}:\n{}",
+                    output.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let port = issuer.rsplit(':').next().unwrap().parse().unwrap();
+        Self {
+            child,
+            issuer,
+            port,
+            keys_file: keys_file.to_path_buf(),
+            output,
+            http: reqwest::Client::builder().timeout(TIMEOUT).build().unwrap(),
+        }
+    }
+
+    /// A client-credentials access token for `user` (each client is a user; `sub` = its id).
+    async fn token(&self, user: &str, resource: Option<&str>) -> String {
+        let mut form = vec![("grant_type", "client_credentials"), ("scope", "keyplane")];
+        if let Some(resource) = resource {
+            form.push(("resource", resource));
+        }
+        let res = self
+            .http
+            .post(format!("{}/token", self.issuer))
+            .basic_auth(user, Some(format!("{user}-secret")))
+            .form(&form)
+            .send()
+            .await
+            .expect("the provider answers /token");
+        assert_eq!(res.status(), 200, "token for {user}");
+        let body: Value = res.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// How many requests for `path` the provider has served.
+    fn requests(&self, path: &str) -> usize {
+        let wanted = format!("request GET {path}");
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| **line == wanted)
+            .count()
+    }
+
+    fn user(&self, sub: &str) -> UserId {
+        UserId::from_subject(&self.issuer, sub)
+    }
+
+    /// Signs hand-made tokens with this provider's keys, as this issuer.
+    fn signer(&self) -> Signer {
+        Signer {
+            keys_file: self.keys_file.clone(),
+            issuer: self.issuer.clone(),
+        }
+    }
+
+    /// Stops the provider and waits for it to exit, so its port is free again.
+    fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Hand-made tokens, signed by `sign.mjs` with a provider's key file (which outlives the provider).
+struct Signer {
+    keys_file: PathBuf,
+    issuer: String,
+}
+
+impl Signer {
+    /// The claims of a token for `sub` valid for 5 minutes.
+    fn claims(&self, sub: &str) -> Value {
+        let now = chrono::Utc::now().timestamp();
+        json!({
+            "iss": self.issuer, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 300,
+            "jti": uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    /// Signs per `spec` (see `sign.mjs`); ES256 and `claims("alice")` unless `spec` says otherwise.
+    fn sign(&self, spec: Value) -> String {
+        let mut full =
+            json!({"alg": "ES256", "keys_file": self.keys_file, "claims": self.claims("alice")});
+        for (key, value) in spec.as_object().unwrap() {
+            full[key] = value.clone();
+        }
+        node_ready();
+        run_bounded(
+            Command::new("node")
+                .arg("sign.mjs")
+                .arg(full.to_string())
+                .current_dir(provider_dir()),
+            TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("sign.mjs failed: {e}"))
+        .trim()
+        .to_string()
+    }
+
+    /// `claims("alice")` with `overrides` applied.
+    fn claims_with(&self, overrides: Value) -> Value {
+        let mut claims = self.claims("alice");
+        for (key, value) in overrides.as_object().unwrap() {
+            claims[key] = value.clone();
+        }
+        claims
+    }
+}
+
+fn keys_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("keyplane-oidc-")
+        .tempdir()
+        .unwrap()
+}
+
+fn oidc(issuers: &[&str]) -> OidcConfig {
+    OidcConfig::new(
+        issuers.iter().map(|i| i.to_string()).collect(),
+        AUDIENCE.into(),
+    )
+    .unwrap()
+}
+
+async fn keyplane(backend: Backend, oidc: OidcConfig) -> TestApp {
+    TestApp::spawn_with(
+        backend,
+        Config {
+            oidc: Some(oidc),
+            ..test_config()
+        },
+    )
+    .await
+}
+
+/// The decoded JOSE header of a compact JWS.
+fn jose_header(token: &str) -> Value {
+    let segment = token.split('.').next().unwrap();
+    serde_json::from_slice(
+        &data_encoding::BASE64URL_NOPAD
+            .decode(segment.as_bytes())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn b64(value: &Value) -> String {
+    data_encoding::BASE64URL_NOPAD.encode(value.to_string().as_bytes())
+}
+
+fn user_grant(kind: &str, user: UserId, key: Option<&str>) -> Value {
+    json!({
+        "grant_kind": kind, "subject_type": "user", "subject_id": user.to_string(),
+        "capability_key": key,
+    })
+}
+
+/// Grants `body` in `org` with the org's `*` token; returns the authorization.
+async fn grant(app: &TestApp, org: &crate::helpers::Org, body: Value) -> Value {
+    let res = app
+        .post(&org.account_path("/authorizations"), &org.token, body)
+        .await;
+    assert_eq!(res.status(), 201);
+    res.json().await.unwrap()
+}
+
+async fn status(app: &TestApp, path: &str, token: &str) -> u16 {
+    app.get(path, token).await.status().as_u16()
+}
+
+async fn a_user_without_grants_sees_nothing_and_acts_once_granted(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("globex").await;
+    let alice = provider.user("alice");
+    let token = provider.token("alice", None).await;
+    assert_eq!(jose_header(&token)["alg"], "ES256");
+
+    // A valid user with no grant: the tenant does not exist for her, on either surface.
+    let accounts = org.account_path("/service-accounts");
+    assert_eq!(status(&app, &accounts, &token).await, 404);
+    assert_eq!(status(&app, &org.path("/api-tokens"), &token).await, 404);
+
+    // The org's owner makes her account_owner; the same token (cached) sees it at once.
+    let granted = grant(&app, &org, user_grant("account_owner", alice, None)).await;
+    assert_eq!(status(&app, &accounts, &token).await, 200);
+    assert_eq!(status(&app, &org.path("/api-tokens"), &token).await, 200);
+    assert_eq!(
+        status(&app, &other.account_path("/service-accounts"), &token).await,
+        404
+    );
+
+    let res = app
+        .post(&accounts, &token, json!({"name": "deployer"}))
+        .await;
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    assert_eq!(created["created_by_user_id"], alice.to_string());
+    assert!(created["token"].as_str().unwrap().starts_with("hbx_sa_"));
+
+    let id = created["id"].as_str().unwrap();
+    let res = app.delete(&format!("{accounts}/{id}"), &token).await;
+    assert_eq!(res.status(), 200);
+    let revoked: Value = res.json().await.unwrap();
+    assert_eq!(revoked["revoked_by_user_id"], alice.to_string());
+    assert!(revoked["revoked_at"].is_string());
+
+    // An RS256 token from the same provider is the same user.
+    let rs256 = provider.token("alice", Some(RS256_RESOURCE)).await;
+    assert_eq!(jose_header(&rs256)["alg"], "RS256");
+    assert_eq!(status(&app, &accounts, &rs256).await, 200);
+
+    // Revoking her grant takes the tenant away again, cached principal or not.
+    let grant_id = granted["id"].as_str().unwrap();
+    let res = app
+        .delete(
+            &org.account_path(&format!("/authorizations/{grant_id}")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(status(&app, &accounts, &token).await, 404);
+    assert_eq!(status(&app, &accounts, &rs256).await, 404);
+}
+
+async fn operator_grants_give_users_capabilities(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("globex").await;
+    let bob = provider.user("bob");
+
+    // What `keyplane admin grant --capability auth.manage` runs.
+    ops::grant_as_operator(
+        app.app.store().as_ref(),
+        TenantId::parse(&org.id).unwrap(),
+        NewGrant {
+            kind: GrantKind::Capability,
+            subject_type: SubjectType::User,
+            subject_id: bob.as_uuid(),
+            capability_key: Some(Scope::parse("auth.manage").unwrap()),
+            resource: GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        },
+    )
+    .await
+    .unwrap();
+
+    let token = provider.token("bob", None).await;
+    let accounts = org.account_path("/service-accounts");
+    assert_eq!(status(&app, &accounts, &token).await, 200);
+    let res = app.post(&accounts, &token, json!({"name": "ci"})).await;
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    assert_eq!(created["created_by_user_id"], bob.to_string());
+    // auth.manage is not api_tokens:read, and another tenant stays invisible.
+    assert_eq!(status(&app, &org.path("/api-tokens"), &token).await, 403);
+    assert_eq!(
+        status(&app, &other.account_path("/service-accounts"), &token).await,
+        404
+    );
+
+    // He can hand on what he holds, and nothing more.
+    let carol = provider.user("carol");
+    let authorizations = org.account_path("/authorizations");
+    let res = app
+        .post(
+            &authorizations,
+            &token,
+            user_grant("capability", carol, Some("auth.manage")),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let res = app
+        .post(
+            &authorizations,
+            &token,
+            user_grant("account_owner", carol, None),
+        )
+        .await;
+    assert_eq!(res.status(), 403);
+    let carol_token = provider.token("carol", None).await;
+    assert_eq!(status(&app, &accounts, &carol_token).await, 200);
+}
+
+async fn invalid_tokens_are_rejected_with_401(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let org = app.create_org("acme").await;
+    grant(
+        &app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    let valid = provider.token("alice", None).await;
+    assert_eq!(status(&app, &accounts, &valid).await, 200);
+
+    let now = chrono::Utc::now().timestamp();
+    let signer = provider.signer();
+    let claims = |overrides: Value| signer.claims_with(overrides);
+    let signed = |spec: Value| signer.sign(spec);
+    // The hand-made path itself is sound: a well-formed token signed with the real key passes.
+    let hand_made = signed(json!({}));
+    assert_eq!(status(&app, &accounts, &hand_made).await, 200);
+
+    let [header, payload, signature]: [&str; 3] =
+        valid.split('.').collect::<Vec<_>>().try_into().unwrap();
+    let mut tampered_signature = signature.to_string().into_bytes();
+    tampered_signature[10] = if tampered_signature[10] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let tampered_signature = String::from_utf8(tampered_signature).unwrap();
+    let bob_payload = provider
+        .token("bob", None)
+        .await
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let none_header = b64(&json!({"alg": "none", "typ": "at+jwt"}));
+    let mut rs256_header = jose_header(&valid);
+    rs256_header["alg"] = json!("RS256");
+    let rs256_header = b64(&rs256_header);
+    let mut no_sub = claims(json!({}));
+    no_sub.as_object_mut().unwrap().remove("sub");
+
+    // Each case, and the reason the request log must give for it.
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "expired beyond the leeway",
+            "jwt expired",
+            signed(json!({"claims": claims(json!({"iat": now - 900, "exp": now - 120}))})),
+        ),
+        (
+            "not valid yet",
+            "jwt not yet valid",
+            signed(json!({"claims": claims(json!({"nbf": now + 600}))})),
+        ),
+        (
+            "wrong audience, from the real provider",
+            "jwt wrong audience",
+            provider.token("alice", Some(OTHER_RESOURCE)).await,
+        ),
+        (
+            "wrong audience",
+            "jwt wrong audience",
+            signed(json!({"claims": claims(json!({"aud": "https://elsewhere.test"}))})),
+        ),
+        (
+            "wrong issuer, signed with the real key",
+            "jwt unknown issuer",
+            signed(json!({"claims": claims(json!({"iss": "http://127.0.0.1:9/other"}))})),
+        ),
+        (
+            "issuer spelled differently",
+            "jwt unknown issuer",
+            signed(json!({"claims": claims(json!({"iss": format!("{}/", provider.issuer)}))})),
+        ),
+        (
+            "tampered signature",
+            "jwt bad signature",
+            format!("{header}.{payload}.{tampered_signature}"),
+        ),
+        (
+            "payload swapped for another user's",
+            "jwt bad signature",
+            format!("{header}.{bob_payload}.{signature}"),
+        ),
+        (
+            "alg none",
+            "jwt alg none",
+            format!("{none_header}.{payload}."),
+        ),
+        (
+            "alg none with a signature",
+            "jwt alg none",
+            format!("{none_header}.{payload}.{signature}"),
+        ),
+        (
+            "HS256 keyed with the provider's public key",
+            "jwt alg not allowed",
+            signed(json!({"alg": "RS256", "hmac_with_public_key": true})),
+        ),
+        (
+            "a published kid, another key",
+            "jwt bad signature",
+            signed(json!({"fresh_key": true})),
+        ),
+        (
+            "an unknown kid",
+            "jwt unknown key",
+            signed(json!({"fresh_key": true, "header": {"kid": "unknown"}})),
+        ),
+        (
+            "RS256 named with the EC key's kid",
+            "jwt unknown key",
+            format!("{rs256_header}.{payload}.{signature}"),
+        ),
+        (
+            "no sub",
+            "jwt missing claim",
+            signed(json!({"claims": no_sub})),
+        ),
+        (
+            "not an access token typ",
+            "jwt typ not an access token",
+            signed(json!({"header": {"typ": "dpop+jwt"}})),
+        ),
+        (
+            "a critical extension",
+            "jwt crit header",
+            signed(json!({"header": {"crit": ["b64"], "b64": true}})),
+        ),
+        (
+            "three garbage segments",
+            "jwt malformed header",
+            "abc.def.ghi".to_string(),
+        ),
+    ];
+    for (case, reason, token) in &cases {
+        for path in [accounts.clone(), org.path("/api-tokens")] {
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let res = app
+                .request(reqwest::Method::GET, &path, Some(token))
+                .header("x-request-id", &request_id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 401, "{case} on {path}");
+            assert_eq!(
+                res.headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap()),
+                Some("Bearer"),
+                "{case}"
+            );
+            let logged = logged_cause(&request_id).await;
+            assert!(
+                logged.contains(&format!("authentication failed: {reason}")),
+                "{case}: expected `{reason}`, the log says {logged:?}"
+            );
+        }
+    }
+    // The valid token still works, and no token reached the logs.
+    assert_eq!(status(&app, &accounts, &valid).await, 200);
+    let logs = crate::logs::captured();
+    for token in cases
+        .iter()
+        .map(|(_, _, t)| t.as_str())
+        .chain([valid.as_str()])
+    {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(
+            signature.len() < 8 || !logs.contains(signature),
+            "a token was logged"
+        );
+    }
+}
+
+/// The request log line of the request with `request_id` (bounded wait: it is written as the
+/// response leaves).
+async fn logged_cause(request_id: &str) -> String {
+    for _ in 0..100 {
+        if let Some(line) = crate::logs::captured()
+            .lines()
+            .find(|line| line.contains(request_id) && line.contains("request refused"))
+        {
+            return line.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no request log line for request {request_id}");
+}
+
+async fn unknown_keys_refetch_the_jwks_at_most_once_per_interval(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    // The default interval (10 s) is what is checked here.
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let org = app.create_org("acme").await;
+    grant(
+        &app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    let valid = provider.token("alice", None).await;
+    assert_eq!(status(&app, &accounts, &valid).await, 200);
+
+    let before = provider.requests("/jwks");
+    assert!(before >= 1, "the keys were fetched");
+    let signer = provider.signer();
+    let forged: Vec<String> = (0..12)
+        .map(|i| signer.sign(json!({"fresh_key": true, "header": {"kid": format!("forged-{i}")}})))
+        .collect();
+    let started = Instant::now();
+    let answers =
+        futures::future::join_all(forged.iter().map(|t| status(&app, &accounts, t))).await;
+    assert!(answers.iter().all(|s| *s == 401), "{answers:?}");
+    if started.elapsed() < Duration::from_secs(10) {
+        assert!(
+            provider.requests("/jwks") <= before + 1,
+            "{} JWKS fetches for 12 unknown kids",
+            provider.requests("/jwks") - before
+        );
+    }
+}
+
+async fn a_key_rotation_is_picked_up_without_restarting(backend: Backend) {
+    let keys = keys_dir();
+    let keys_file = keys.path().join("jwks.json");
+    let provider = Provider::start(&keys_file, 0);
+    let config = OidcConfig {
+        // Short, so the test need not wait out the default 10 s between fetches.
+        min_refresh_interval: Duration::from_millis(500),
+        ..oidc(&[&provider.issuer])
+    };
+    let app = keyplane(backend, config).await;
+    let org = app.create_org("acme").await;
+    grant(
+        &app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    let before = provider.token("alice", None).await;
+    assert_eq!(status(&app, &accounts, &before).await, 200);
+
+    // New keys under the same issuer: delete the key file and restart on the same port.
+    let old_keys = keys.path().join("old.json");
+    std::fs::rename(&keys_file, &old_keys).unwrap();
+    let port = provider.port;
+    provider.stop();
+    let provider = Provider::start(&keys_file, port);
+    let after = provider.token("alice", None).await;
+    assert_ne!(jose_header(&after)["kid"], jose_header(&before)["kid"]);
+    let app_ref = &app;
+    let (accounts_ref, after_ref) = (&accounts, &after);
+    eventually(
+        "a token signed with the new key is accepted",
+        move || async move { status(app_ref, accounts_ref, after_ref).await == 200 },
+    )
+    .await;
+
+    // A key the provider withdrew is no longer trusted (a fresh token, so no cache answers).
+    let withdrawn = Signer {
+        keys_file: old_keys,
+        issuer: provider.issuer.clone(),
+    };
+    let old_signed = withdrawn.sign(json!({}));
+    assert_eq!(status(&app, &accounts, &old_signed).await, 401);
+}
+
+async fn a_provider_that_is_down_breaks_no_other_credential(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let org = app.create_org("acme").await;
+    grant(
+        &app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    assert_eq!(
+        status(&app, &accounts, &provider.token("alice", None).await).await,
+        200
+    );
+    let created: Value = app
+        .post(&accounts, &org.token, json!({"name": "ci"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sa_id = created["id"].as_str().unwrap();
+    let sa_token = created["token"].as_str().unwrap();
+    grant(
+        &app,
+        &org,
+        json!({"grant_kind": "capability", "subject_type": "service_account",
+               "subject_id": sa_id, "capability_key": "auth.manage"}),
+    )
+    .await;
+
+    // The provider goes away. Hand-made tokens are signed with its key file, which outlives it.
+    let signer = provider.signer();
+    provider.stop();
+    assert_eq!(
+        status(&app, &org.path("/api-tokens"), &org.token).await,
+        200
+    );
+    assert_eq!(status(&app, &accounts, sa_token).await, 200);
+    // Keys already fetched keep working; a token naming another key fails fast.
+    assert_eq!(status(&app, &accounts, &signer.sign(json!({}))).await, 200);
+    let started = Instant::now();
+    let unknown = signer.sign(json!({"fresh_key": true, "header": {"kid": "unknown"}}));
+    assert_eq!(status(&app, &accounts, &unknown).await, 401);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A keyplane started while its only provider is down starts and serves its own credentials.
+    let dead = format!("http://127.0.0.1:{}", unused_port());
+    let cold = keyplane(backend, oidc(&[&dead])).await;
+    let org = cold.create_org("acme").await;
+    assert_eq!(
+        status(&cold, &org.path("/api-tokens"), &org.token).await,
+        200
+    );
+    let forged = Signer {
+        keys_file: signer.keys_file.clone(),
+        issuer: dead,
+    }
+    .sign(json!({}));
+    assert_eq!(status(&cold, &org.path("/api-tokens"), &forged).await, 401);
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn jwts_are_refused_when_no_issuer_is_configured(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let header = b64(&json!({"alg": "ES256", "typ": "at+jwt", "kid": "k"}));
+    let payload = b64(
+        &json!({"iss": "http://127.0.0.1:9", "aud": AUDIENCE, "sub": "alice",
+                              "exp": chrono::Utc::now().timestamp() + 300}),
+    );
+    let jwt = format!("{header}.{payload}.c2ln");
+    let res = app.get(&org.path("/api-tokens"), &jwt).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert_eq!(
+        status(&app, &org.path("/api-tokens"), &org.token).await,
+        200
+    );
+}
