@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// Requests a credential may send in a burst before the per-minute rate applies.
     #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10)]
     rate_limit_burst: u32,
+    /// Failed authentications allowed per client address per minute; past it the address gets 429
+    /// until its budget refills. 0 turns the limit off. (Behind a proxy, every client shares the
+    /// proxy's address.)
+    #[arg(long, env = "KEYPLANE_FAILED_AUTH_PER_MINUTE", default_value_t = 300)]
+    failed_auth_per_minute: u32,
     /// How often coalesced `last_used_at` updates are written, in milliseconds (how far they may lag).
     #[arg(long, env = "KEYPLANE_LAST_USED_FLUSH_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     last_used_flush_ms: u64,
@@ -87,6 +92,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config {
         rate_limit_per_minute: args.rate_limit_per_minute,
         rate_limit_burst: args.rate_limit_burst,
+        failed_auth_per_minute: args.failed_auth_per_minute,
         last_used_flush_interval: Duration::from_millis(args.last_used_flush_ms),
         registry: RegistryConfig {
             service: args.registry_service,

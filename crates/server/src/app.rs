@@ -20,6 +20,7 @@ pub(crate) struct Inner {
     pub verifier: Verifier,
     pub usage: Arc<UsageRecorder>,
     pub rate_limiter: Option<CredentialRateLimiter>,
+    pub failed_auth: Option<crate::failed_auth::FailedAuthLimiter>,
     pub metrics: Metrics,
     pub openapi_json: String,
     /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
@@ -39,6 +40,7 @@ impl App {
             config.verify_cache.clone(),
             config.oidc.clone(),
         );
+        let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::router::openapi_document()
             .to_pretty_json()
             .expect("the OpenAPI document serializes");
@@ -47,6 +49,7 @@ impl App {
             config,
             verifier,
             usage,
+            failed_auth,
             rate_limiter,
             metrics,
             openapi_json,

@@ -28,9 +28,19 @@ use std::time::{Duration, Instant};
 pub struct Verified {
     pub credential: Credential,
     pub rights: ScopeSet,
+    /// Forward-auth's identity headers, rendered once per cache entry rather than per request.
+    pub(crate) forward_headers: std::sync::OnceLock<crate::verify::ForwardHeaders>,
 }
 
 impl Verified {
+    fn new(credential: Credential, rights: ScopeSet) -> Self {
+        Self {
+            credential,
+            rights,
+            forward_headers: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn principal(&self) -> Principal {
         Principal::for_credential(&self.credential, self.rights.clone())
     }
@@ -201,7 +211,7 @@ impl Verifier {
             return Err(AppError::Unauthenticated("unknown or revoked"));
         };
         let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;
-        let verified = Arc::new(Verified { credential, rights });
+        let verified = Arc::new(Verified::new(credential, rights));
         self.cache.insert(
             *hash,
             Cached::Known {
@@ -260,13 +270,31 @@ impl Verifier {
         Ok(principal)
     }
 
-    /// A robot's registry login: a live robot secret whose tenant has a registry. The caller checks
-    /// that the login name matches.
+    /// A robot's registry login: a live robot secret, whose tenant has a registry, presented under
+    /// its own login name `robot$<project>+<name>`. Only a complete success counts as a use.
     pub async fn authenticate_robot(
         &self,
+        username: &str,
         secret: &str,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
-        let verified = self.verify_secret(secret).await?;
+        let result = self.verify_robot(username, secret).await;
+        match &result {
+            Ok((verified, _)) => {
+                self.metrics.credential_verified(verified.credential.kind);
+                self.usage.record(verified.credential.id, crate::ops::now());
+            }
+            Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn verify_robot(
+        &self,
+        username: &str,
+        secret: &str,
+    ) -> Result<(Arc<Verified>, Registry), AppError> {
+        let verified = self.verify_uncounted(secret).await?;
         if verified.credential.kind != CredentialKind::RobotAccount {
             return Err(AppError::Unauthenticated("not a robot secret"));
         }
@@ -275,6 +303,11 @@ impl Verifier {
             .get_registry(verified.credential.tenant_id)
             .await?
             .ok_or(AppError::Unauthenticated("no registry"))?;
+        if username
+            != keyplane_core::registry::robot_username(&registry.project, &verified.credential.name)
+        {
+            return Err(AppError::Unauthenticated("robot name mismatch"));
+        }
         Ok((verified, registry))
     }
 }

@@ -142,7 +142,9 @@ impl<S: Surface> IntoResponse for ApiError<S> {
 /// Renders `error` in the dialect of the surface that owns `path`, for answers given before any
 /// handler runs (unknown path, wrong method, refused client).
 pub fn render_for_path(path: &str, error: AppError) -> Response {
-    if path.starts_with("/v1/public/") {
+    if path.starts_with("/registry/token") {
+        crate::registry::error_response(error)
+    } else if path.starts_with("/v1/public/") {
         ApiError::<crate::hybridbox::Hybridbox>::from(error).into_response()
     } else if path.starts_with("/oauth2/") || path.starts_with("/v1/auth/") || path == "/v1/whoami"
     {

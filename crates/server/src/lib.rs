@@ -11,6 +11,7 @@ pub mod config;
 mod docs;
 pub mod error;
 mod extract;
+mod failed_auth;
 pub mod hybridbox;
 mod metrics;
 pub mod oidc;

@@ -69,6 +69,10 @@ pub fn router(app: App) -> Router {
     routes
         .fallback(crate::system::not_found)
         .method_not_allowed_fallback(crate::system::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::failed_auth::limit_failed_authentications,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
         // Credentials and their metadata must not sit in shared caches.
@@ -211,6 +215,9 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
         }
         app.flush_usage().await;
         app.inner().verifier.prune();
+        if let Some(limiter) = &app.inner().failed_auth {
+            limiter.prune();
+        }
         if let Some(limiter) = &app.inner().rate_limiter {
             limiter.prune();
         }

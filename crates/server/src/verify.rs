@@ -258,15 +258,38 @@ async fn forward_auth(
             .into());
         }
     }
-    let credential = &verified.credential;
+    let identity = verified
+        .forward_headers
+        .get_or_init(|| ForwardHeaders::of(&verified));
     let mut response = StatusCode::OK.into_response();
     let out = response.headers_mut();
-    let value = |text: String| HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static(""));
-    out.insert(ORG_ID, value(credential.tenant_id.to_string()));
-    out.insert(SUBJECT, value(credential.id.to_string()));
-    out.insert(KIND, HeaderValue::from_static(credential.kind.as_str()));
-    out.insert(SCOPES, value(scope_string(&verified)));
+    out.insert(ORG_ID, identity.org_id.clone());
+    out.insert(SUBJECT, identity.subject.clone());
+    out.insert(KIND, identity.kind.clone());
+    out.insert(SCOPES, identity.scopes.clone());
     Ok(response)
+}
+
+/// Forward-auth's identity headers for one verified credential. Ids are UUIDs and scopes are
+/// ASCII by their grammar, so every value is a valid header value.
+pub(crate) struct ForwardHeaders {
+    org_id: HeaderValue,
+    subject: HeaderValue,
+    kind: HeaderValue,
+    scopes: HeaderValue,
+}
+
+impl ForwardHeaders {
+    fn of(verified: &Verified) -> Self {
+        let credential = &verified.credential;
+        let value = |text: String| HeaderValue::try_from(text).expect("ASCII header value");
+        Self {
+            org_id: value(credential.tenant_id.to_string()),
+            subject: value(credential.id.to_string()),
+            kind: HeaderValue::from_static(credential.kind.as_str()),
+            scopes: value(scope_string(verified)),
+        }
+    }
 }
 
 /// The calling credential, as `whoami` describes it.

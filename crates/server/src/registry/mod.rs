@@ -6,4 +6,4 @@ mod keys;
 mod token;
 
 pub use keys::{load_or_create_signing_key, Signer};
-pub(crate) use token::routes;
+pub(crate) use token::{error_response, routes};

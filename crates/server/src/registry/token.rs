@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
-use keyplane_core::registry::{grant_access, parse_scopes, robot_username, GrantedAccess};
+use keyplane_core::registry::{grant_access, parse_scopes, GrantedAccess};
 use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
@@ -70,7 +70,9 @@ impl IntoResponse for RegistryError {
         let status = error.status();
         let code = match status {
             StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
-            StatusCode::BAD_REQUEST => "UNSUPPORTED",
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+                "UNSUPPORTED"
+            }
             StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
             _ => "UNAVAILABLE",
         };
@@ -89,11 +91,21 @@ impl IntoResponse for RegistryError {
                 HeaderValue::from_static("Basic realm=\"keyplane registry\""),
             );
         }
+        if let AppError::RateLimited { retry_after_secs } = &error {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
         response
             .extensions_mut()
             .insert(crate::error::ErrorCause(error.to_string()));
         response
     }
+}
+
+/// An [`AppError`] in the registry's error format, for refusals made before the handler runs.
+pub(crate) fn error_response(error: AppError) -> Response {
+    RegistryError::App(error).into_response()
 }
 
 impl From<AppError> for RegistryError {
@@ -123,14 +135,12 @@ async fn issue(
     params: &[(String, String)],
 ) -> Result<Response, RegistryError> {
     let config = &app.inner().config.registry;
-    let (verified, registry) = app.inner().verifier.authenticate_robot(secret).await?;
+    let (verified, registry) = app
+        .inner()
+        .verifier
+        .authenticate_robot(username, secret)
+        .await?;
     let robot = &verified.credential;
-    if username != robot_username(&registry.project, &robot.name) {
-        app.inner()
-            .metrics
-            .credential_rejected("robot name mismatch");
-        return Err(AppError::Unauthenticated("robot name mismatch").into());
-    }
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
         if service != &config.service {
             return Err(RegistryError::Unsupported(format!(

@@ -877,3 +877,54 @@ both_backends!(
     the_rate_limit_answers_429_with_retry_after,
     the_rate_limit_can_be_turned_off,
 );
+
+/// Past the failure budget, an address is refused before any credential is looked at, whatever it
+/// presents, on every surface, until the budget refills.
+async fn failed_authentications_are_limited_per_address(backend: Backend) {
+    let config = Config {
+        failed_auth_per_minute: 3,
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let path = org.path("/api-tokens");
+    assert_eq!(app.get(&path, &org.token).await.status(), 200);
+    for _ in 0..4 {
+        assert_error(app.get(&path, "aether_guess").await, 401, "unauthorized").await;
+    }
+    let refused = app.get(&path, &org.token).await;
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    assert_error(refused, 429, "rate_limited").await;
+    let res = app
+        .get(&org.account_path("/service-accounts"), &org.token)
+        .await;
+    assert_eq!(res.status(), 429);
+    assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
+    let res = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth("robot$acme+ci", Some("kprobot_guess"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["errors"][0]["code"],
+        "TOOMANYREQUESTS"
+    );
+    // Health checks never authenticate and are not refused.
+    assert_eq!(
+        app.request(Method::GET, "/healthz", None)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+both_backends!(failed_authentications_are_limited_per_address);

@@ -1024,7 +1024,47 @@ async fn same_named_orgs_get_different_projects(backend: Backend) {
     assert_eq!(status, 401);
 }
 
+/// Only a complete login (right secret under the robot's own name) counts as a use.
+async fn a_refused_login_does_not_count_as_use(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let created = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let (id, secret) = (
+        str_of(&created, "id").to_string(),
+        str_of(&created, "token").to_string(),
+    );
+    let (status, _) = registry_token(
+        &app,
+        "robot$acme+someone-else",
+        &secret,
+        "repository:acme/app:pull",
+    )
+    .await;
+    assert_eq!(status, 401);
+    app.app.flush_usage().await;
+    let unused: Value = app
+        .get(&robot(&org, &id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unused["last_used_at"], Value::Null);
+    let (status, _) =
+        registry_token(&app, "robot$acme+ci", &secret, "repository:acme/app:pull").await;
+    assert_eq!(status, 200);
+    app.app.flush_usage().await;
+    let used: Value = app
+        .get(&robot(&org, &id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(used["last_used_at"].is_string());
+}
+
 both_backends!(
+    a_refused_login_does_not_count_as_use,
     registry_is_disabled_until_enabled,
     robots_need_an_enabled_registry,
     robot_crud_with_the_documented_fields,
