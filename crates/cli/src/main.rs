@@ -9,6 +9,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc: the request path allocates small, short-lived buffers (headers, futures); a faster
+/// allocator is a measured throughput gain on verification (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keyplane",

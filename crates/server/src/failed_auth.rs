@@ -5,7 +5,7 @@
 
 use crate::app::App;
 use crate::error::AppError;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -61,9 +61,9 @@ impl FailedAuthLimiter {
     }
 }
 
-/// The middleware: refuse blocked addresses up front, count every 401 answered.
+/// Refuses blocked addresses up front and counts every 401 answered; runs inside `observe`.
 pub(crate) async fn limit_failed_authentications(
-    State(app): State<App>,
+    app: &App,
     request: Request,
     next: Next,
 ) -> Response {

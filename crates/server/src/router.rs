@@ -12,6 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::Instrument;
@@ -66,22 +67,22 @@ pub(crate) fn openapi_document() -> OpenApiDoc {
 /// The full application router, ready to serve.
 pub fn router(app: App) -> Router {
     let (routes, _) = api_routes().split_for_parts();
-    routes
-        .fallback(crate::system::not_found)
-        .method_not_allowed_fallback(crate::system::method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            app.clone(),
-            crate::failed_auth::limit_failed_authentications,
-        ))
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
-        .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
+    // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
+    // clone, per request) the route's service again. Outermost first.
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Credentials and their metadata must not sit in shared caches.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(app.clone(), observe));
+    routes
+        .fallback(crate::system::not_found)
+        .method_not_allowed_fallback(crate::system::method_not_allowed)
+        .layer(layers)
         .with_state(app)
 }
 
@@ -126,7 +127,8 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// One log line and one metrics observation per request, under a span carrying the request id.
+/// One log line and one metrics observation per request, under a span carrying the request id,
+/// around the failed-authentication limit (one middleware, not two: each costs a boxed future).
 /// The log names the matched route, never the raw URI or any header value.
 async fn observe(
     axum::extract::State(app): axum::extract::State<App>,
@@ -151,7 +153,9 @@ async fn observe(
     } else {
         tracing::info_span!("request", request.id = %request_id, http.method = method, http.route = route)
     };
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = crate::failed_auth::limit_failed_authentications(&app, request, next)
+        .instrument(span.clone())
+        .await;
     let elapsed = started.elapsed();
     let status = response.status();
     app.inner()

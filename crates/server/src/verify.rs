@@ -229,7 +229,7 @@ async fn introspect(
 )]
 async fn forward_auth(
     State(app): State<App>,
-    headers: HeaderMap,
+    AuthorizationHeader(headers): AuthorizationHeader,
     Query(required): Query<Vec<(String, String)>>,
 ) -> Result<Response, VerifyError> {
     // A misspelt parameter must not silently drop the check it was meant to add.
@@ -268,6 +268,25 @@ async fn forward_auth(
     out.insert(KIND, identity.kind.clone());
     out.insert(SCOPES, identity.scopes.clone());
     Ok(response)
+}
+
+/// Only the request's `Authorization` header, as a map `bearer_token` reads: extracting the whole
+/// `HeaderMap` would copy every header of every forward-auth request.
+struct AuthorizationHeader(HeaderMap);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuthorizationHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let mut headers = HeaderMap::with_capacity(1);
+        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        Ok(Self(headers))
+    }
 }
 
 /// Forward-auth's identity headers for one verified credential. Ids are UUIDs and scopes are
