@@ -48,7 +48,19 @@ fn verify(c: &mut Criterion) {
         }
         (app, tokens)
     });
-    eprintln!("verify bench: {} credentials cached", tokens.len());
+    let peak_rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "verify bench: {} credentials cached; peak RSS {peak_rss}",
+        tokens.len()
+    );
 
     let next = AtomicUsize::new(0);
     let mut group = c.benchmark_group("verify");

@@ -30,6 +30,7 @@ pub struct Verified {
     pub rights: ScopeSet,
     /// Forward-auth's identity headers, rendered once per cache entry rather than per request.
     pub(crate) forward_headers: std::sync::OnceLock<crate::verify::ForwardHeaders>,
+    pub(crate) last_use: crate::usage::LastUse,
 }
 
 impl Verified {
@@ -38,6 +39,7 @@ impl Verified {
             credential,
             rights,
             forward_headers: std::sync::OnceLock::new(),
+            last_use: Default::default(),
         }
     }
 
@@ -169,7 +171,7 @@ impl Verifier {
         match &result {
             Ok(verified) => {
                 self.metrics.credential_verified(verified.credential.kind);
-                self.usage.record(verified.credential.id, crate::ops::now());
+                self.usage.record(verified, chrono::Utc::now());
             }
             Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
             Err(_) => {}
@@ -281,7 +283,7 @@ impl Verifier {
         match &result {
             Ok((verified, _)) => {
                 self.metrics.credential_verified(verified.credential.kind);
-                self.usage.record(verified.credential.id, crate::ops::now());
+                self.usage.record(verified, chrono::Utc::now());
             }
             Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
             Err(_) => {}

@@ -1,46 +1,72 @@
-//! `last_used_at`, coalesced: uses are remembered in memory and written in one batch per flush
-//! period, never one store write per request.
+//! `last_used_at`, coalesced: a use is an atomic store into the cached verification it hit, and a
+//! credential joins the flush queue only on its first use since the last flush. One batch per flush
+//! period reaches the store, never one write per request, and the hot path touches no shared map.
 
+use crate::auth::Verified;
 use chrono::{DateTime, Utc};
-use keyplane_core::CredentialId;
 use keyplane_store::Store;
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The per-credential use marker, part of each cached verification.
+#[derive(Default)]
+pub(crate) struct LastUse {
+    /// Microseconds since the epoch of the latest use; 0 = none yet.
+    at_micros: AtomicI64,
+    queued: AtomicBool,
+}
 
 pub(crate) struct UsageRecorder {
     store: Arc<dyn Store>,
-    pending: Mutex<HashMap<CredentialId, DateTime<Utc>>>,
+    queue: Mutex<Vec<Arc<Verified>>>,
 }
 
 impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            pending: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Vec::new()),
         }
     }
 
-    pub fn record(&self, id: CredentialId, at: DateTime<Utc>) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = pending.entry(id).or_insert(at);
-        if *entry < at {
-            *entry = at;
+    pub fn record(&self, verified: &Arc<Verified>, at: DateTime<Utc>) {
+        let marker = &verified.last_use;
+        marker
+            .at_micros
+            .fetch_max(at.timestamp_micros(), Ordering::Relaxed);
+        // Read before swapping: the common case (already queued) stays a shared cache line.
+        if !marker.queued.load(Ordering::Relaxed) && !marker.queued.swap(true, Ordering::AcqRel) {
+            self.queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(verified.clone());
         }
     }
 
     pub async fn flush(&self) {
-        let batch: Vec<_> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.drain().collect()
-        };
-        if batch.is_empty() {
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        if queued.is_empty() {
             return;
         }
+        let batch: Vec<_> = queued
+            .iter()
+            .filter_map(|verified| {
+                // Clear first: a use racing with this flush re-queues itself.
+                verified.last_use.queued.store(false, Ordering::Release);
+                let micros = verified.last_use.at_micros.load(Ordering::Relaxed);
+                DateTime::from_timestamp_micros(micros).map(|at| (verified.credential.id, at))
+            })
+            .collect();
         if let Err(error) = self.store.record_last_used(&batch).await {
-            // Put the batch back so the next flush retries it, without overwriting newer uses.
+            // Requeue so the next flush retries, keeping any newer uses.
             tracing::warn!(error = %error, count = batch.len(), "could not record last_used_at; will retry");
-            for (id, at) in batch {
-                self.record(id, at);
+            for verified in queued {
+                if !verified.last_use.queued.swap(true, Ordering::AcqRel) {
+                    self.queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(verified);
+                }
             }
         }
     }
