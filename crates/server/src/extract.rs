@@ -210,6 +210,26 @@ impl ObjectReader {
         parsed
     }
 
+    /// An optional expiry (absent or null: none): an RFC 3339 date-time in the future.
+    /// `None` when invalid; `Some(None)` when there is no expiry.
+    pub fn expires_at(
+        &mut self,
+        key: &'static str,
+        now: DateTime<Utc>,
+    ) -> Option<Option<DateTime<Utc>>> {
+        match self.nullable_string(key) {
+            Ok(Some(raw)) => self
+                .check(keyplane_core::validate::expires_at(
+                    FieldPath::body(key),
+                    &raw,
+                    now,
+                ))
+                .map(Some),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        }
+    }
+
     /// Records the outcome of a domain rule; `None` if it failed.
     pub fn check<T>(&mut self, result: Result<T, FieldError>) -> Option<T> {
         result.map_err(|e| self.errors.push(e)).ok()

@@ -36,17 +36,7 @@ impl FromJsonBody for CreateApiTokenRequest {
             Ok(None) => Some(ScopeSet::empty()),
             Err(()) => None,
         };
-        let expires_at = match r.nullable_string("expires_at") {
-            Ok(Some(raw)) => r
-                .check(validate::expires_at(
-                    FieldPath::body("expires_at"),
-                    &raw,
-                    now,
-                ))
-                .map(Some),
-            Ok(None) => Some(None),
-            Err(()) => None,
-        };
+        let expires_at = r.expires_at("expires_at", now);
         Some(Self {
             name: name?,
             scopes: scopes?,
