@@ -1,71 +1,44 @@
 //! `keyplane admin grant`: the operator gives a user a right in an organization, on either store,
 //! through the real binary.
 
+mod common;
+
+use common::{both_stores, CommandOutput, KillOnDrop, TestStore};
 use keyplane_core::{SubjectType, TenantId, UserId};
-use keyplane_store::testing::{Backend, TestDatabase};
+use keyplane_store::testing::Backend;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
 /// The bound on each command.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-macro_rules! both_stores {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await;
-            }
-        }
-    )+};
-}
-
 both_stores!(admin_grant_gives_a_user_a_right_in_an_org);
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
 
 /// Runs `keyplane args..` (no inherited `KEYPLANE_*` setting) to completion within [`TIMEOUT`].
 /// Its output is a JSON line or an error message, which fits in the pipe buffers.
-fn keyplane<I, S>(args: I) -> Output
+fn keyplane<I, S>(args: I) -> CommandOutput
 where
     I: IntoIterator<Item = S>,
     S: Into<OsString>,
 {
-    let mut command = Command::new(KEYPLANE);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("KEYPLANE_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
+    let mut command = common::keyplane();
+    command
         .args(args.into_iter().map(Into::into))
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyplane");
+        .stderr(Stdio::piped());
+    let described = format!("{command:?}");
+    // Killed and reaped if it outlives TIMEOUT.
+    let mut child = KillOnDrop(command.spawn().expect("spawn keyplane"));
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("poll keyplane") {
+        if let Some(status) = child.0.try_wait().expect("poll keyplane") {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!("keyplane did not finish within {TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -73,46 +46,41 @@ where
     let mut stdout = String::new();
     let mut stderr = String::new();
     child
+        .0
         .stdout
         .take()
         .unwrap()
         .read_to_string(&mut stdout)
         .unwrap();
     child
+        .0
         .stderr
         .take()
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    Output {
+    CommandOutput {
+        command: described,
         status,
         stdout,
         stderr,
     }
 }
 
-fn store_args(db: &TestDatabase, backend: Backend) -> Vec<OsString> {
-    let mut args = vec!["--data-dir".into(), db.data_dir.clone().into()];
-    if backend == Backend::Postgres {
-        args.extend(["--database-url".into(), db.url.clone().into()]);
-    }
-    args
-}
-
 /// `keyplane admin grant --org ORG <args> <store flags>`.
-fn grant(store: &[OsString], org: &str, args: &[&str]) -> Output {
+fn grant(store: &[OsString], org: &str, args: &[&str]) -> CommandOutput {
     let mut all: Vec<OsString> = vec!["admin".into(), "grant".into(), "--org".into(), org.into()];
     all.extend(args.iter().map(OsString::from));
     all.extend(store.iter().cloned());
     keyplane(all)
 }
 
-fn json_line(output: &Output) -> Value {
+fn json_line(output: &CommandOutput) -> Value {
     assert!(output.status.success(), "stderr: {}", output.stderr);
     serde_json::from_str(output.stdout.trim()).expect("one JSON line on stdout")
 }
 
-fn assert_fails(output: &Output, says: &str) {
+fn assert_fails(output: &CommandOutput, says: &str) {
     assert!(!output.status.success(), "succeeded: {}", output.stdout);
     assert!(output.stdout.is_empty(), "stdout: {}", output.stdout);
     assert!(
@@ -123,8 +91,8 @@ fn assert_fails(output: &Output, says: &str) {
 }
 
 async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
-    let db = TestDatabase::new(backend).await;
-    let store = store_args(&db, backend);
+    let test_store = TestStore::new(backend).await;
+    let store = test_store.args();
     let mut create: Vec<OsString> = ["admin", "create-org", "--name", "acme", "--json"]
         .map(OsString::from)
         .to_vec();
@@ -178,7 +146,7 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
     assert_eq!(manager["capability_key"], "auth.manage");
 
     // Stored as the API stores grants, with no acting user: the operator is not one.
-    let opened = keyplane_store::connect(&db.url).await.unwrap();
+    let opened = keyplane_store::connect(&test_store.db.url).await.unwrap();
     let stored = opened
         .list_grants_of_subject(SubjectType::User, alice.as_uuid())
         .await

@@ -7,23 +7,24 @@
 //! process they start listens on 127.0.0.1 only, every wait is bounded, and every process (keyplane,
 //! nginx, the upstream) is stopped when the test ends, however it ends.
 
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
-use keyplane_store::testing::{Backend, TestDatabase};
+mod common;
+
+use chrono::{TimeDelta, Utc};
+use common::{
+    both_stores, free_loopback_port, http_client, string_field, Keyplane, KillOnDrop, Org,
+    TestStore,
+};
+use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
-const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
 const NGINX_BIN: &str = "/usr/sbin/nginx";
 const INSTALL: &str = "apt-get install -y nginx";
 /// The bound on every wait: a process start, an HTTP request, a poll.
@@ -36,23 +37,6 @@ const SUBJECT: &str = "x-keyplane-subject";
 const KIND: &str = "x-keyplane-credential-kind";
 const SCOPES: &str = "x-keyplane-scopes";
 const IDENTITY_HEADERS: [&str; 4] = [ORG_ID, SUBJECT, KIND, SCOPES];
-
-/// `both_stores!(name, ..)` runs `async fn name(Backend)` as `name::sqlite` and `name::postgres`.
-macro_rules! both_stores {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await;
-            }
-        }
-    )+};
-}
 
 both_stores!(
     nginx_passes_live_tokens_with_their_identity,
@@ -350,7 +334,7 @@ impl Stack {
     async fn start(backend: Backend) -> Self {
         require_nginx();
         let store = TestStore::new(backend).await;
-        let keyplane = Keyplane::start(&store).await;
+        let keyplane = Keyplane::start(&store, &[], TIMEOUT).await;
         let upstream = Upstream::start().await;
         let nginx = Nginx::start(&keyplane.addr, &upstream.addr).await;
         Self {
@@ -434,192 +418,7 @@ fn require_nginx() {
     );
 }
 
-/// A fresh database on one backend, and the arguments that point the binary at it.
-struct TestStore {
-    backend: Backend,
-    db: TestDatabase,
-}
-
-impl TestStore {
-    async fn new(backend: Backend) -> Self {
-        Self {
-            backend,
-            db: TestDatabase::new(backend).await,
-        }
-    }
-
-    fn args(&self) -> Vec<OsString> {
-        let mut args = vec!["--data-dir".into(), self.db.data_dir.clone().into()];
-        if self.backend == Backend::Postgres {
-            args.extend(["--database-url".into(), self.db.url.clone().into()]);
-        }
-        args
-    }
-
-    fn bootstrap_path(&self) -> PathBuf {
-        self.db.data_dir.join("bootstrap.json")
-    }
-
-    /// The `default` org that `serve` created on this store.
-    fn bootstrap_org(&self) -> Org {
-        let path = self.bootstrap_path();
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        let value: Value =
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-        Org {
-            id: string_field(&value, "org_id"),
-            token: string_field(&value, "token"),
-        }
-    }
-}
-
-/// An organization and its `*` token, as in bootstrap.json.
-struct Org {
-    id: String,
-    token: String,
-}
-
-/// An API token created over HTTP, with its one-time secret.
-struct Token {
-    id: String,
-    secret: String,
-}
-
-fn string_field(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
-        .to_owned()
-}
-
-/// A child process that is killed and reaped when dropped, so no test leaves one behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls until `child` exits; `None` if it still runs after `limit`.
-async fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    tokio::time::timeout(limit, async {
-        loop {
-            if let Some(status) = child.try_wait().expect("poll a child process") {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .ok()
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(TIMEOUT)
-        .build()
-        .expect("build an HTTP client")
-}
-
-/// A running `keyplane serve` on 127.0.0.1, killed when dropped.
-struct Keyplane {
-    _process: KillOnDrop,
-    _log: JoinHandle<String>,
-    /// `127.0.0.1:port`
-    addr: String,
-    base_url: String,
-    http: reqwest::Client,
-}
-
 impl Keyplane {
-    async fn start(store: &TestStore) -> Self {
-        let mut command = Command::new(KEYPLANE);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("KEYPLANE_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--rate-limit-per-minute", "0"])
-            .args(store.args())
-            .env("KEYPLANE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keyplane serve");
-        let mut process = KillOnDrop(child);
-        let stderr = process.0.stderr.take().expect("piped stderr");
-        let (address_tx, address_rx) = oneshot::channel();
-        let log = std::thread::spawn(move || read_log(stderr, address_tx));
-
-        let addr = match tokio::time::timeout(TIMEOUT, address_rx).await {
-            Ok(Ok(address)) => address,
-            Ok(Err(_)) => {
-                let status = wait_for_exit(&mut process.0, TIMEOUT).await;
-                let log = log.join().unwrap_or_default();
-                panic!("keyplane serve exited ({status:?}) before listening:\n{log}");
-            }
-            Err(_) => panic!("keyplane serve did not log `listening` within {TIMEOUT:?}"),
-        };
-        assert!(
-            addr.starts_with("127.0.0.1:"),
-            "keyplane listens on {addr}, not on loopback"
-        );
-        let keyplane = Self {
-            _process: process,
-            _log: log,
-            base_url: format!("http://{addr}"),
-            addr,
-            http: http_client(),
-        };
-        let ready = keyplane
-            .http
-            .get(format!("{}/readyz", keyplane.base_url))
-            .send()
-            .await
-            .expect("GET /readyz");
-        assert_eq!(ready.status(), StatusCode::OK, "/readyz");
-        keyplane
-    }
-
-    fn tokens_url(&self, org_id: &str) -> String {
-        format!("{}/api/v1/organizations/{org_id}/api-tokens", self.base_url)
-    }
-
-    async fn create_token(
-        &self,
-        org: &Org,
-        name: &str,
-        scopes: &[&str],
-        expires_at: Option<DateTime<Utc>>,
-    ) -> Token {
-        let mut body = json!({ "name": name, "scopes": scopes });
-        if let Some(at) = expires_at {
-            body["expires_at"] = json!(at.to_rfc3339_opts(SecondsFormat::Millis, true));
-        }
-        let response = self
-            .http
-            .post(self.tokens_url(&org.id))
-            .bearer_auth(&org.token)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST api-tokens");
-        let status = response.status();
-        let created: Value = response.json().await.expect("the answer is JSON");
-        assert_eq!(status, StatusCode::CREATED, "creating {name}: {created}");
-        Token {
-            id: string_field(&created, "id"),
-            secret: string_field(&created, "token"),
-        }
-    }
-
     /// The id of the org's live token called `name`.
     async fn token_id_named(&self, org: &Org, name: &str) -> String {
         let response = self
@@ -638,43 +437,6 @@ impl Keyplane {
             .unwrap_or_else(|| panic!("no token named {name}: {page}"));
         string_field(item, "id")
     }
-
-    async fn revoke_token(&self, org: &Org, id: &str) -> StatusCode {
-        self.http
-            .delete(format!("{}/{id}", self.tokens_url(&org.id)))
-            .bearer_auth(&org.token)
-            .send()
-            .await
-            .expect("DELETE api-token")
-            .status()
-    }
-}
-
-/// Collects the server's stderr until it closes, and sends the address from the `listening` line
-/// as soon as it appears. Reads to the end so the server never blocks on a full pipe.
-fn read_log(stderr: ChildStderr, address: oneshot::Sender<String>) -> String {
-    let mut address = Some(address);
-    let mut log = String::new();
-    for line in BufReader::new(stderr).split(b'\n') {
-        let Ok(line) = line else { break };
-        let line = String::from_utf8_lossy(&line);
-        if let Some(found) = listening_address(&line) {
-            if let Some(sender) = address.take() {
-                let _ = sender.send(found);
-            }
-        }
-        log.push_str(&line);
-        log.push('\n');
-    }
-    log
-}
-
-fn listening_address(line: &str) -> Option<String> {
-    let event: Value = serde_json::from_str(line).ok()?;
-    if event["message"] != "listening" {
-        return None;
-    }
-    event["address"].as_str().map(str::to_owned)
 }
 
 /// A request as the upstream received it.
@@ -790,14 +552,6 @@ async fn serve_one(mut stream: TcpStream, record: Arc<Mutex<Vec<Seen>>>) {
     let _ = stream.shutdown().await;
 }
 
-/// A free port on 127.0.0.1 (released again; nginx binds it right after).
-fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free port on 127.0.0.1")
-        .port()
-}
-
 /// nginx in the foreground, single process, everything it writes inside its own temporary prefix.
 struct Nginx {
     // Killed before its prefix directory is removed.
@@ -858,7 +612,7 @@ impl Nginx {
             _process: process,
             prefix,
             base_url: format!("http://{listen}"),
-            http: http_client(),
+            http: http_client(TIMEOUT),
         }
     }
 

@@ -8,20 +8,21 @@
 //! say how to install them. Every process they start listens on 127.0.0.1 only, every wait is
 //! bounded, and every process is killed when the test ends, however it ends.
 
+mod common;
+
 use chrono::{DateTime, TimeDelta, Utc};
-use keyplane_store::testing::{Backend, TestDatabase};
+use common::{
+    both_stores, free_loopback_port, http_client, keyplane, string_field, CommandOutput, Keyplane,
+    KillOnDrop, Org, TestStore,
+};
+use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
-const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const SKOPEO_BIN: &str = "/usr/bin/skopeo";
 const INSTALL: &str = "apt-get install -y docker-registry skopeo";
@@ -30,23 +31,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// The registry's `auth.token.service` (the JWT `aud`) and `auth.token.issuer` (the JWT `iss`).
 const SERVICE: &str = "keyplane-interop-registry";
 const ISSUER: &str = "keyplane-interop-issuer";
-
-/// `both_stores!(name, ..)` runs `async fn name(Backend)` as `name::sqlite` and `name::postgres`.
-macro_rules! both_stores {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await;
-            }
-        }
-    )+};
-}
 
 both_stores!(
     robots_push_pull_and_delete_through_a_real_registry,
@@ -67,7 +51,7 @@ async fn robots_push_pull_and_delete_through_a_real_registry(backend: Backend) {
     // keyplane first (the registry's realm is its address), on a registry port picked beforehand
     // so that the Registry record's `endpoint` is the real one.
     let registry_addr = format!("127.0.0.1:{}", free_loopback_port());
-    let keyplane = Keyplane::start(&store, &registry_addr).await;
+    let keyplane = Keyplane::start_as_token_server(&store, &registry_addr).await;
     let cert = registry_cert(&store).await;
     assert_eq!(
         registry_cert(&store).await,
@@ -258,7 +242,7 @@ async fn robots_push_pull_and_delete_through_a_real_registry(backend: Backend) {
 async fn token_endpoint_speaks_the_distribution_protocol(backend: Backend) {
     let store = TestStore::new(backend).await;
     let endpoint = "registry.example.test:5000";
-    let keyplane = Keyplane::start(&store, endpoint).await;
+    let keyplane = Keyplane::start_as_token_server(&store, endpoint).await;
     let org = store.bootstrap_org();
     let enabled = keyplane.enable_registry(&org).await;
     assert_eq!(enabled.endpoint, endpoint);
@@ -451,14 +435,6 @@ fn require_peer_tools() {
     }
 }
 
-/// A port nobody listens on right now (bound on 127.0.0.1, then released).
-fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// `docker-registry serve` with token auth pointing at keyplane, as in the recipe.
 struct Registry {
     process: KillOnDrop,
@@ -504,7 +480,7 @@ impl Registry {
         let process = KillOnDrop(command.spawn().expect("spawn docker-registry serve"));
         let mut registry = Self { process, log };
 
-        let http = http_client();
+        let http = http_client(TIMEOUT);
         let url = format!("http://{addr}/v2/");
         let deadline = Instant::now() + TIMEOUT;
         let challenge = loop {
@@ -558,7 +534,7 @@ impl Stack<'_> {
     fn diagnostics(&self) -> String {
         format!(
             "--- keyplane log (tail) ---\n{}\n--- registry log (tail) ---\n{}",
-            tail(&self.keyplane.log.lock().unwrap(), 20),
+            tail(&self.keyplane.log(), 20),
             self.registry.log_tail()
         )
     }
@@ -730,36 +706,7 @@ async fn build_image(work: &Path) -> PathBuf {
 // ------------------------------------------------------------------------------------------------
 // keyplane
 
-/// A fresh database on one backend, and the arguments that point the binary at it.
-struct TestStore {
-    backend: Backend,
-    db: TestDatabase,
-}
-
 impl TestStore {
-    async fn new(backend: Backend) -> Self {
-        Self {
-            backend,
-            db: TestDatabase::new(backend).await,
-        }
-    }
-
-    fn args(&self) -> Vec<OsString> {
-        let mut args = vec!["--data-dir".into(), self.db.data_dir.clone().into()];
-        if self.backend == Backend::Postgres {
-            args.extend(["--database-url".into(), self.db.url.clone().into()]);
-        }
-        args
-    }
-
-    /// The `default` org that `serve` created on this store.
-    fn bootstrap_org(&self) -> Org {
-        let path = self.db.data_dir.join("bootstrap.json");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        Org::from_json(&text)
-    }
-
     /// `keyplane admin create-org --name NAME --json`.
     async fn create_org(&self, name: &str) -> Org {
         let out = run(keyplane()
@@ -790,23 +737,6 @@ async fn registry_cert(store: &TestStore) -> String {
         out.stdout
     );
     out.stdout
-}
-
-/// An organization and its `*` token.
-struct Org {
-    id: String,
-    token: String,
-}
-
-impl Org {
-    fn from_json(text: &str) -> Self {
-        let value: Value =
-            serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-        Self {
-            id: string_field(&value, "org_id"),
-            token: string_field(&value, "token"),
-        }
-    }
 }
 
 /// A robot account and its current secret.
@@ -920,67 +850,21 @@ async fn assert_unauthorized(response: reqwest::Response, what: &str) {
     );
 }
 
-/// A running `keyplane serve` on 127.0.0.1:0.
-struct Keyplane {
-    _process: KillOnDrop,
-    log: Arc<Mutex<String>>,
-    addr: String,
-    http: reqwest::Client,
-}
-
 impl Keyplane {
-    async fn start(store: &TestStore, registry_endpoint: &str) -> Self {
-        let child = keyplane()
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args([
-                "--rate-limit-per-minute",
-                "0",
-                "--last-used-flush-ms",
-                "100",
-            ])
-            .args(["--registry-service", SERVICE, "--registry-issuer", ISSUER])
-            .args(["--registry-endpoint", registry_endpoint])
-            .args(store.args())
-            .env("KEYPLANE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keyplane serve");
-        let mut process = KillOnDrop(child);
-        let stderr = process.0.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (address_tx, address_rx) = oneshot::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || read_log(stderr, address_tx, &log));
-        }
-        let addr = match tokio::time::timeout(TIMEOUT, address_rx).await {
-            Ok(Ok(address)) => address,
-            Ok(Err(_)) => panic!(
-                "keyplane serve exited before listening:\n{}",
-                log.lock().unwrap()
-            ),
-            Err(_) => panic!("keyplane serve did not log `listening` within {TIMEOUT:?}"),
-        };
-        assert!(addr.starts_with("127.0.0.1:"), "listening on {addr}");
-        let keyplane = Self {
-            _process: process,
-            log,
-            addr,
-            http: http_client(),
-        };
-        let ready = keyplane
-            .http
-            .get(keyplane.url("/readyz"))
-            .send()
-            .await
-            .expect("GET /readyz");
-        assert_eq!(ready.status(), StatusCode::OK, "/readyz");
-        keyplane
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// `keyplane serve` as the token server of the registry at `registry_endpoint`, recording use
+    /// every 100 ms.
+    async fn start_as_token_server(store: &TestStore, registry_endpoint: &str) -> Self {
+        let args = [
+            "--last-used-flush-ms",
+            "100",
+            "--registry-service",
+            SERVICE,
+            "--registry-issuer",
+            ISSUER,
+            "--registry-endpoint",
+            registry_endpoint,
+        ];
+        Self::start(store, &args, TIMEOUT).await
     }
 
     fn org_url(&self, org: &Org, rest: &str) -> String {
@@ -1155,125 +1039,12 @@ impl Keyplane {
     }
 }
 
-/// Collects the server's stderr until it closes, and sends the address from the `listening` line.
-fn read_log(stderr: ChildStderr, address: oneshot::Sender<String>, log: &Mutex<String>) {
-    let mut address = Some(address);
-    for line in BufReader::new(stderr).split(b'\n') {
-        let Ok(line) = line else { break };
-        let line = String::from_utf8_lossy(&line);
-        if let Some(found) = listening_address(&line) {
-            if let Some(sender) = address.take() {
-                let _ = sender.send(found);
-            }
-        }
-        let mut log = log.lock().unwrap();
-        log.push_str(&line);
-        log.push('\n');
-    }
-}
-
-fn listening_address(line: &str) -> Option<String> {
-    let event: Value = serde_json::from_str(line).ok()?;
-    if event["message"] != "listening" {
-        return None;
-    }
-    event["address"].as_str().map(str::to_owned)
-}
-
 // ------------------------------------------------------------------------------------------------
 // Processes
 
-/// The `keyplane` binary, with no `KEYPLANE_*` setting inherited from whoever runs the tests.
-fn keyplane() -> Command {
-    let mut command = Command::new(KEYPLANE);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("KEYPLANE_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(TIMEOUT)
-        .build()
-        .expect("build an HTTP client")
-}
-
-/// A child process that is killed and reaped when dropped, so no test leaves one behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct CommandOutput {
-    command: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl CommandOutput {
-    fn describe(&self) -> String {
-        format!(
-            "`{}` exited with {}\nstdout: {}\nstderr: {}",
-            self.command,
-            self.status,
-            self.stdout.trim(),
-            self.stderr.trim()
-        )
-    }
-}
-
-/// Runs a command to completion within [`TIMEOUT`] (killed otherwise), its output captured in
-/// anonymous files so that no pipe can fill up.
+/// Runs a command to completion within [`TIMEOUT`], as [`common::run`] does.
 async fn run(command: &mut Command) -> CommandOutput {
-    let described = format!("{command:?}");
-    let mut stdout = tempfile::tempfile().expect("create a temporary file");
-    let mut stderr = tempfile::tempfile().expect("create a temporary file");
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(stdout.try_clone().expect("clone a file handle"))
-        .stderr(stderr.try_clone().expect("clone a file handle"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {described}: {e}"));
-    let mut process = KillOnDrop(child);
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = process.0.try_wait().expect("poll a child process") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{described} did not finish within {TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let read = |file: &mut File| {
-        let mut text = String::new();
-        file.rewind().expect("rewind an output file");
-        file.read_to_string(&mut text).expect("read an output file");
-        text
-    };
-    CommandOutput {
-        command: described,
-        status,
-        stdout: read(&mut stdout),
-        stderr: read(&mut stderr),
-    }
-}
-
-fn string_field(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
-        .to_owned()
+    common::run(command, TIMEOUT).await
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -1,0 +1,393 @@
+//! What the black-box tests of the `keyplane` binary share (`cli.rs`, `admin_grant.rs`,
+//! `nginx_interop.rs`, `registry_interop.rs`): the binary with a clean environment, a fresh store
+//! for it on either backend, short commands run to completion, and a `keyplane serve` on
+//! 127.0.0.1 that is killed when dropped.
+//!
+//! Every wait here is bounded by a limit the caller passes: the test files allow different times
+//! (the registry interop tests drive slower peers than the rest).
+
+// Each test binary compiles this module on its own and uses only part of it, so what one binary
+// leaves unused would otherwise warn there although another one needs it.
+#![allow(dead_code)]
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use keyplane_store::testing::{Backend, TestDatabase};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
+
+/// `both_stores!(name, ..)` runs `async fn name(Backend)` as `name::sqlite` and `name::postgres`.
+macro_rules! both_stores {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(::keyplane_store::testing::Backend::Sqlite).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(::keyplane_store::testing::Backend::Postgres).await;
+            }
+        }
+    )+};
+}
+pub(crate) use both_stores;
+
+// ------------------------------------------------------------------------------------------------
+// The store
+
+/// A fresh database on one backend, and the arguments that point the binary at it.
+pub struct TestStore {
+    pub backend: Backend,
+    pub db: TestDatabase,
+}
+
+impl TestStore {
+    pub async fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            db: TestDatabase::new(backend).await,
+        }
+    }
+
+    /// `--data-dir DIR`, and `--database-url URL` on Postgres.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args = vec!["--data-dir".into(), self.db.data_dir.clone().into()];
+        if self.backend == Backend::Postgres {
+            args.extend(["--database-url".into(), self.db.url.clone().into()]);
+        }
+        args
+    }
+
+    pub fn data_dir_has(&self, name: &str) -> bool {
+        self.db.data_dir.join(name).exists()
+    }
+
+    pub fn bootstrap_path(&self) -> PathBuf {
+        self.db.data_dir.join("bootstrap.json")
+    }
+
+    /// The `default` org that `serve` created on this store.
+    pub fn bootstrap_org(&self) -> Org {
+        let path = self.bootstrap_path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        Org::from_json(&text)
+    }
+}
+
+/// An organization and its `*` token, as in bootstrap.json and `admin create-org --json`.
+pub struct Org {
+    pub id: String,
+    pub token: String,
+}
+
+impl Org {
+    pub fn from_json(text: &str) -> Self {
+        let value: Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        Self {
+            id: string_field(&value, "org_id"),
+            token: string_field(&value, "token"),
+        }
+    }
+}
+
+/// An API token created over HTTP, with its one-time secret.
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub secret: String,
+}
+
+pub fn string_field(value: &Value, field: &str) -> String {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
+        .to_owned()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Processes
+
+/// The `keyplane` binary, with no `KEYPLANE_*` setting inherited from whoever runs the tests, and
+/// nothing on its stdin.
+pub fn keyplane() -> Command {
+    let mut command = Command::new(KEYPLANE);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KEYPLANE_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A child process that is killed and reaped when dropped, so no test leaves one behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls until `child` exits; `None` if it still runs after `limit`.
+pub async fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(status) = child.try_wait().expect("poll a child process") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .ok()
+}
+
+pub struct CommandOutput {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` exited with {}\nstdout: {}\nstderr: {}",
+            self.command,
+            self.status,
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
+}
+
+/// Runs a command to completion within `limit` (killed otherwise), its output captured in
+/// anonymous files so that no pipe can fill up.
+pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
+    let described = format!("{command:?}");
+    let mut stdout = tempfile::tempfile().expect("create a temporary file");
+    let mut stderr = tempfile::tempfile().expect("create a temporary file");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().expect("clone a file handle"))
+        .stderr(stderr.try_clone().expect("clone a file handle"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {described}: {e}"));
+    let mut process = KillOnDrop(child);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = process.0.try_wait().expect("poll a child process") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{described} did not finish within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let read = |file: &mut File| {
+        let mut text = String::new();
+        file.rewind().expect("rewind an output file");
+        file.read_to_string(&mut text).expect("read an output file");
+        text
+    };
+    CommandOutput {
+        command: described,
+        status,
+        stdout: read(&mut stdout),
+        stderr: read(&mut stderr),
+    }
+}
+
+/// A client that ignores proxy settings and gives up on a request after `limit`.
+pub fn http_client(limit: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(limit)
+        .build()
+        .expect("build an HTTP client")
+}
+
+/// A port nobody listens on right now (bound on 127.0.0.1, then released for a peer to bind).
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port on 127.0.0.1")
+        .port()
+}
+
+// ------------------------------------------------------------------------------------------------
+// keyplane serve
+
+/// A running `keyplane serve` on 127.0.0.1:0, killed when dropped (or when the test ends without
+/// stopping it). Its log is collected as it runs.
+pub struct Keyplane {
+    pub process: KillOnDrop,
+    /// Everything the server wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// Fills `log`; done once the server's stderr closes.
+    pub reader: JoinHandle<()>,
+    /// `127.0.0.1:port`
+    pub addr: String,
+    pub http: reqwest::Client,
+}
+
+impl Keyplane {
+    /// `keyplane serve` on `store` with rate limiting off, plus `extra_args`; returns once it
+    /// listens on 127.0.0.1 and `/readyz` answers. `limit` bounds the start and every request.
+    pub async fn start(store: &TestStore, extra_args: &[&str], limit: Duration) -> Self {
+        let child = keyplane()
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--rate-limit-per-minute", "0"])
+            .args(store.args())
+            .args(extra_args)
+            .env("KEYPLANE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keyplane serve");
+        let mut process = KillOnDrop(child);
+        let stderr = process.0.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (address_tx, address_rx) = oneshot::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || read_log(stderr, address_tx, &log))
+        };
+
+        let addr = match tokio::time::timeout(limit, address_rx).await {
+            Ok(Ok(address)) => address,
+            Ok(Err(_)) => {
+                let status = wait_for_exit(&mut process.0, limit).await;
+                let _ = reader.join();
+                panic!(
+                    "keyplane serve exited ({status:?}) before listening:\n{}",
+                    lock(&log)
+                );
+            }
+            Err(_) => panic!("keyplane serve did not log `listening` within {limit:?}"),
+        };
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "keyplane listens on {addr}, not on loopback"
+        );
+        let keyplane = Self {
+            process,
+            log,
+            reader,
+            addr,
+            http: http_client(limit),
+        };
+        let ready = keyplane
+            .http
+            .get(keyplane.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        assert_eq!(ready.status(), StatusCode::OK, "/readyz");
+        keyplane
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        lock(&self.log).clone()
+    }
+
+    pub fn tokens_url(&self, org_id: &str) -> String {
+        self.url(&format!("/api/v1/organizations/{org_id}/api-tokens"))
+    }
+
+    /// `POST api-tokens` with `scopes` (and `expires_at`), which must succeed.
+    pub async fn create_token(
+        &self,
+        org: &Org,
+        name: &str,
+        scopes: &[&str],
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Token {
+        let mut body = json!({ "name": name, "scopes": scopes });
+        if let Some(at) = expires_at {
+            body["expires_at"] = json!(at.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
+        let response = self
+            .http
+            .post(self.tokens_url(&org.id))
+            .bearer_auth(&org.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST api-tokens");
+        let status = response.status();
+        let text = response.text().await.expect("read the created token");
+        assert_eq!(status, StatusCode::CREATED, "creating {name}: {text}");
+        let created: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("the created token is not JSON ({e}): {text}"));
+        Token {
+            id: string_field(&created, "id"),
+            name: name.to_owned(),
+            secret: string_field(&created, "token"),
+        }
+    }
+
+    pub async fn revoke_token(&self, org: &Org, id: &str) -> StatusCode {
+        self.http
+            .delete(format!("{}/{id}", self.tokens_url(&org.id)))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .expect("DELETE api-token")
+            .status()
+    }
+}
+
+/// The log, even if a reader panicked while holding it.
+pub fn lock(log: &Mutex<String>) -> MutexGuard<'_, String> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Collects the server's stderr into `log` until it closes, and sends the address from the
+/// `listening` line as soon as it appears. Reads to the end so the server never blocks on a full
+/// pipe.
+fn read_log(stderr: ChildStderr, address: oneshot::Sender<String>, log: &Mutex<String>) {
+    let mut address = Some(address);
+    for line in BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        if let Some(found) = listening_address(&line) {
+            if let Some(sender) = address.take() {
+                let _ = sender.send(found);
+            }
+        }
+        let mut log = lock(log);
+        log.push_str(&line);
+        log.push('\n');
+    }
+}
+
+fn listening_address(line: &str) -> Option<String> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    if event["message"] != "listening" {
+        return None;
+    }
+    event["address"].as_str().map(str::to_owned)
+}
