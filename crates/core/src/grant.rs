@@ -138,41 +138,48 @@ impl NewGrant {
     }
 }
 
-/// The scopes a set of live, tenant-wide grants confers.
-pub fn rights_from_grants(grants: &[Grant]) -> ScopeSet {
-    let mut scopes: Vec<String> = Vec::new();
-    for grant in grants
-        .iter()
-        .filter(|g| g.revoked_at.is_none() && g.resource.is_tenant_wide())
-    {
-        let scope = match (grant.kind, &grant.capability_key) {
-            (GrantKind::AccountOwner | GrantKind::SuperAdmin, _) => {
-                crate::scope::WILDCARD.to_string()
-            }
-            (GrantKind::Capability, Some(key)) => key.as_str().to_string(),
-            (GrantKind::Capability, None) => continue,
-        };
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
+/// The scope a grant stands for (`*` for owners); `None` for a capability grant without a key,
+/// which `NewGrant::check_shape` never lets into the store.
+fn scope_of(grant: &Grant) -> Option<String> {
+    match (grant.kind, &grant.capability_key) {
+        (GrantKind::AccountOwner | GrantKind::SuperAdmin, _) => {
+            Some(crate::scope::WILDCARD.to_string())
+        }
+        (GrantKind::Capability, Some(key)) => Some(key.as_str().to_string()),
+        (GrantKind::Capability, None) => None,
+    }
+}
+
+fn distinct(scopes: impl Iterator<Item = String>) -> ScopeSet {
+    let mut distinct: Vec<String> = Vec::new();
+    for scope in scopes {
+        if !distinct.contains(&scope) {
+            distinct.push(scope);
         }
     }
-    ScopeSet::from_trusted(scopes)
+    ScopeSet::from_trusted(distinct)
+}
+
+/// The scopes a set of live, tenant-wide grants confers.
+pub fn rights_from_grants(grants: &[Grant]) -> ScopeSet {
+    distinct(
+        grants
+            .iter()
+            .filter(|g| g.revoked_at.is_none() && g.resource.is_tenant_wide())
+            .filter_map(scope_of),
+    )
 }
 
 /// Every right a set of live grants stands for, narrowed ones included: what someone must hold to
 /// hand the subject's secret on (by rotating it), since they could not have granted these either.
+/// A grant whose right is unknown stands for everything.
 pub fn rights_to_hand_on(grants: &[Grant]) -> ScopeSet {
-    let mut scopes: Vec<String> = Vec::new();
-    for grant in grants.iter().filter(|g| g.revoked_at.is_none()) {
-        let scope = match (grant.kind, &grant.capability_key) {
-            (GrantKind::Capability, Some(key)) => key.as_str().to_string(),
-            _ => crate::scope::WILDCARD.to_string(),
-        };
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
-        }
-    }
-    ScopeSet::from_trusted(scopes)
+    distinct(
+        grants
+            .iter()
+            .filter(|g| g.revoked_at.is_none())
+            .map(|g| scope_of(g).unwrap_or_else(|| crate::scope::WILDCARD.to_string())),
+    )
 }
 
 impl Principal {

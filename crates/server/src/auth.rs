@@ -168,7 +168,13 @@ impl Verifier {
     /// `last_used_at`.
     pub async fn verify_secret(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
         let result = self.verify_uncounted(presented).await;
-        match &result {
+        self.count(result.as_ref());
+        result
+    }
+
+    /// Records a verification's outcome: metrics, and `last_used_at` for a success.
+    fn count(&self, outcome: Result<&Arc<Verified>, &AppError>) {
+        match outcome {
             Ok(verified) => {
                 self.metrics.credential_verified(verified.credential.kind);
                 self.usage.record(verified, chrono::Utc::now());
@@ -176,7 +182,6 @@ impl Verifier {
             Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
             Err(_) => {}
         }
-        result
     }
 
     async fn verify_uncounted(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
@@ -280,14 +285,7 @@ impl Verifier {
         secret: &str,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
         let result = self.verify_robot(username, secret).await;
-        match &result {
-            Ok((verified, _)) => {
-                self.metrics.credential_verified(verified.credential.kind);
-                self.usage.record(verified, chrono::Utc::now());
-            }
-            Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
-            Err(_) => {}
-        }
+        self.count(result.as_ref().map(|(verified, _)| verified));
         result
     }
 

@@ -111,18 +111,24 @@ pub const SERVICE_ACCOUNTS: KindRights = KindRights {
 pub async fn rights_of(store: &dyn Store, credential: &Credential) -> Result<ScopeSet, AppError> {
     match credential.kind {
         CredentialKind::ApiToken => Ok(credential.scopes.clone()),
-        CredentialKind::ServiceAccount => {
-            let grants = store
-                .list_grants(&GrantFilter::live_for(
-                    credential.tenant_id,
-                    SubjectType::ServiceAccount,
-                    credential.id.as_uuid(),
-                ))
-                .await?;
-            Ok(rights_from_grants(&grants))
-        }
+        CredentialKind::ServiceAccount => Ok(rights_from_grants(
+            &live_grants_of_service_account(store, credential).await?,
+        )),
         CredentialKind::RobotAccount => Ok(ScopeSet::empty()),
     }
+}
+
+async fn live_grants_of_service_account(
+    store: &dyn Store,
+    credential: &Credential,
+) -> Result<Vec<Grant>, AppError> {
+    Ok(store
+        .list_grants(&GrantFilter::live_for(
+            credential.tenant_id,
+            SubjectType::ServiceAccount,
+            credential.id.as_uuid(),
+        ))
+        .await?)
 }
 
 /// What a user may do: in each tenant where it holds live grants, what they confer.
@@ -154,16 +160,9 @@ async fn rights_to_hand_on(
     credential: &Credential,
 ) -> Result<ScopeSet, AppError> {
     match credential.kind {
-        CredentialKind::ServiceAccount => {
-            let grants = store
-                .list_grants(&GrantFilter::live_for(
-                    credential.tenant_id,
-                    SubjectType::ServiceAccount,
-                    credential.id.as_uuid(),
-                ))
-                .await?;
-            Ok(keyplane_core::grant::rights_to_hand_on(&grants))
-        }
+        CredentialKind::ServiceAccount => Ok(keyplane_core::grant::rights_to_hand_on(
+            &live_grants_of_service_account(store, credential).await?,
+        )),
         _ => rights_of(store, credential).await,
     }
 }
@@ -402,17 +401,8 @@ pub async fn revoke_grant(
     // Like granting: only what the caller could have given itself.
     let existing = app
         .store()
-        .list_grants(&GrantFilter {
-            tenant_id: tenant,
-            subject_type: None,
-            subject_id: None,
-            kind: None,
-            capability_key: None,
-            include_revoked: true,
-        })
+        .get_grant(tenant, id)
         .await?
-        .into_iter()
-        .find(|g| g.id == id)
         .ok_or(DomainError::NotFound)?;
     who.may_delegate(
         tenant,

@@ -343,17 +343,12 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
         .verify_secret(bearer_token(&headers)?)
         .await?;
     let credential = &verified.credential;
-    let scope = scope_string(&verified);
     Ok(Json(WhoAmI {
         kind: credential.kind.as_str(),
         id: credential.id.to_string(),
         org_id: credential.tenant_id.to_string(),
         name: credential.name.clone(),
-        scopes: scope
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
+        scopes: held_scopes(&verified).to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
     }))
 }

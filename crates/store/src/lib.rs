@@ -197,6 +197,13 @@ pub trait Store: Send + Sync + 'static {
         subject_id: uuid::Uuid,
     ) -> Result<Vec<Grant>, StoreError>;
 
+    /// One grant of the tenant, revoked or not.
+    async fn get_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+    ) -> Result<Option<Grant>, StoreError>;
+
     /// Permanent and idempotent, like credential revocation. `NotFound` outside the tenant.
     async fn revoke_grant(
         &self,

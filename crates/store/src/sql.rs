@@ -467,6 +467,24 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, grant.id = %id))]
+            async fn get_grant(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: keyplane_core::GrantId,
+            ) -> Result<Option<keyplane_core::Grant>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM grants WHERE tenant_id = $1 AND id = $2",
+                    $crate::sql::GRANT_COLUMNS
+                );
+                let row: Option<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                    .bind(tenant_id.as_uuid())
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, grant.id = %id))]
             async fn revoke_grant(
                 &self,
                 tenant_id: keyplane_core::TenantId,

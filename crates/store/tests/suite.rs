@@ -378,6 +378,23 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
             .len(),
         3
     );
+    assert_eq!(
+        f.store
+            .get_grant(f.tenant.id, a_manage.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at,
+        Some(at)
+    );
+    assert_eq!(
+        f.store.get_grant(f.tenant.id, a_read.id).await.unwrap(),
+        Some(a_read.clone())
+    );
+    assert_eq!(
+        f.store.get_grant(TenantId::new(), a_read.id).await.unwrap(),
+        None
+    );
     // A revoked grant no longer blocks an identical new one.
     f.store
         .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
