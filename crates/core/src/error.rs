@@ -112,6 +112,8 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     pub const INVALID_CHOICE: &str = "invalid_choice";
     pub const INVALID_BOOL: &str = "invalid_bool";
+    /// The last entry of a capped error list: how many more were found and not reported.
+    pub const MORE_ERRORS_OMITTED: &str = "more_errors_omitted";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -79,6 +79,60 @@ impl GrantResource {
     }
 }
 
+pub const MAX_RESOURCE_TYPE_LEN: usize = 64;
+pub const MAX_RESOURCE_ID_LEN: usize = 255;
+
+/// A grant's `resource_type`: 1–64 characters of `[a-z0-9_.:-]` starting with a lower-case letter
+/// (`project`, `registry.repository`).
+pub fn resource_type(path: FieldPath, raw: &str) -> Result<String, FieldError> {
+    bounded(path.clone(), raw, MAX_RESOURCE_TYPE_LEN)?;
+    let mut chars = raw.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.:-".contains(c));
+    if first_ok && rest_ok {
+        Ok(raw.to_string())
+    } else {
+        Err(FieldError::new(
+            path,
+            codes::INVALID_FORMAT,
+            "must start with a lower-case letter followed by lower-case letters, digits and `_.:-`",
+        ))
+    }
+}
+
+/// A grant's `resource_id`: 1–255 printable ASCII characters without spaces (a UUID, a slug, a
+/// path such as `team-a/app`), so it reads the same everywhere it is shown.
+pub fn resource_id(path: FieldPath, raw: &str) -> Result<String, FieldError> {
+    bounded(path.clone(), raw, MAX_RESOURCE_ID_LEN)?;
+    if raw.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(raw.to_string())
+    } else {
+        Err(FieldError::new(
+            path,
+            codes::INVALID_CHARACTERS,
+            "must be printable ASCII without spaces",
+        ))
+    }
+}
+
+fn bounded(path: FieldPath, raw: &str, max: usize) -> Result<(), FieldError> {
+    if raw.is_empty() {
+        return Err(FieldError::new(
+            path,
+            codes::TOO_SHORT,
+            "must not be empty (use null for none)",
+        ));
+    }
+    if raw.len() > max {
+        return Err(FieldError::new(
+            path,
+            codes::TOO_LONG,
+            format!("must have at most {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     pub id: GrantId,
@@ -286,6 +340,41 @@ mod tests {
         assert!(owner
             .may_grant(tenant, &new(GrantKind::SuperAdmin, None))
             .is_err());
+    }
+
+    #[test]
+    fn resource_fields_have_a_grammar_and_a_length() {
+        let path = || FieldPath::body("resource_type");
+        assert_eq!(resource_type(path(), "project").unwrap(), "project");
+        assert!(resource_type(path(), "registry.repository:v2").is_ok());
+        assert!(resource_type(path(), &"a".repeat(64)).is_ok());
+        for (bad, code) in [
+            ("", codes::TOO_SHORT),
+            (&*"a".repeat(65), codes::TOO_LONG),
+            ("Project", codes::INVALID_FORMAT),
+            ("1project", codes::INVALID_FORMAT),
+            ("pro ject", codes::INVALID_FORMAT),
+            ("pro\0ject", codes::INVALID_FORMAT),
+        ] {
+            assert_eq!(
+                resource_type(path(), bad).unwrap_err().code,
+                code,
+                "{bad:?}"
+            );
+        }
+        let path = || FieldPath::body("resource_id");
+        assert!(resource_id(path(), "team-a/app@sha256:0f").is_ok());
+        assert!(resource_id(path(), &"x".repeat(255)).is_ok());
+        for (bad, code) in [
+            ("", codes::TOO_SHORT),
+            (&*"x".repeat(256), codes::TOO_LONG),
+            ("a\0b", codes::INVALID_CHARACTERS),
+            ("a b", codes::INVALID_CHARACTERS),
+            ("caf\u{e9}", codes::INVALID_CHARACTERS),
+            ("a\u{202e}b", codes::INVALID_CHARACTERS),
+        ] {
+            assert_eq!(resource_id(path(), bad).unwrap_err().code, code, "{bad:?}");
+        }
     }
 
     #[test]

@@ -114,6 +114,9 @@ impl RegistryAction {
     }
 }
 
+/// The most permissions one robot holds.
+pub const MAX_PERMISSIONS: usize = 50;
+
 /// `pull`, `push` or `delete`, optionally narrowed to repositories of the project matching a glob
 /// (`push:team-a/*`). In a glob, `*` matches within one path segment and `**` across segments.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -149,8 +152,17 @@ impl RobotPermission {
         })
     }
 
-    /// At least one permission, as Harbor requires: a robot that may do nothing is a mistake.
+    /// At least one permission, as Harbor requires: a robot that may do nothing is a mistake. A
+    /// list over [`MAX_PERMISSIONS`] is refused before its items are read; duplicates are found
+    /// with a set, so the cost stays linear in the request.
     pub fn parse_list(path: &FieldPath, raw: &[String]) -> Result<Vec<Self>, Vec<FieldError>> {
+        if raw.len() > MAX_PERMISSIONS {
+            return Err(vec![FieldError::new(
+                path.clone(),
+                codes::TOO_MANY,
+                format!("at most {MAX_PERMISSIONS} permissions"),
+            )]);
+        }
         let mut errors = Vec::new();
         if raw.is_empty() {
             errors.push(FieldError::new(
@@ -159,10 +171,11 @@ impl RobotPermission {
                 "at least one permission is required",
             ));
         }
-        let mut permissions: Vec<Self> = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(raw.len());
+        let mut permissions: Vec<Self> = Vec::with_capacity(raw.len());
         for (index, text) in raw.iter().enumerate() {
             match Self::parse(text) {
-                Ok(p) if permissions.contains(&p) => errors.push(FieldError::new(
+                Ok(p) if !seen.insert(p.clone()) => errors.push(FieldError::new(
                     path.index(index),
                     codes::DUPLICATE,
                     "this permission is listed twice",
@@ -174,13 +187,6 @@ impl RobotPermission {
                     message,
                 )),
             }
-        }
-        if raw.len() > 50 {
-            errors.push(FieldError::new(
-                path.clone(),
-                codes::TOO_MANY,
-                "at most 50 permissions",
-            ));
         }
         if errors.is_empty() {
             Ok(permissions)

@@ -1,11 +1,30 @@
 //! Field rules both surfaces share.
 
 use crate::error::{codes, FieldError, FieldPath};
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, TimeZone, Utc};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 pub const MAX_NAME_CHARS: usize = 120;
 
-/// Names are 1–120 characters after trimming, with no control characters. Returns the trimmed name.
+/// The most field errors one response reports; the rest are counted in a last entry, so an error
+/// response stays about as small as the request that caused it.
+pub const MAX_FIELD_ERRORS: usize = 20;
+
+/// Characters no name may hold: controls (Cc), format characters (Cf: the bidi controls U+061C,
+/// U+200E/F, U+202A–202E, U+2066–2069, zero-width ones, soft hyphen, …) and the line and paragraph
+/// separators. They can make one name look like another in a list or a console.
+pub fn is_disguising(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
+}
+
+/// Names are 1–120 characters after trimming, with no control, format (bidi) or line-separator
+/// characters. Returns the trimmed name.
 pub fn name(path: FieldPath, raw: &str) -> Result<String, FieldError> {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
@@ -22,18 +41,27 @@ pub fn name(path: FieldPath, raw: &str) -> Result<String, FieldError> {
             format!("must have at most {MAX_NAME_CHARS} characters"),
         ));
     }
-    if trimmed.chars().any(char::is_control) {
+    if trimmed.chars().any(is_disguising) {
         return Err(FieldError::new(
             path,
             codes::INVALID_CHARACTERS,
-            "must not contain control characters",
+            "must not contain control, format (such as bidi override or zero-width) or line separator characters",
         ));
     }
     Ok(trimmed.to_string())
 }
 
-/// An RFC 3339 timestamp that lies in the future, normalized to UTC with microsecond precision
-/// (what both stores keep).
+/// The latest instant both stores keep exactly: SQLite holds timestamps as text, whose order is
+/// time order only for four-digit years; PostgreSQL `timestamptz` goes far beyond.
+pub fn max_timestamp() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
+        .single()
+        .map(|at| at + TimeDelta::microseconds(999_999))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// An RFC 3339 timestamp that lies in the future and no later than 9999-12-31T23:59:59.999999Z
+/// (in UTC), normalized to UTC with microsecond precision (what both stores keep).
 pub fn expires_at(
     path: FieldPath,
     raw: &str,
@@ -47,6 +75,13 @@ pub fn expires_at(
         )
     })?;
     let at = truncate_to_micros(parsed.with_timezone(&Utc));
+    if at > max_timestamp() {
+        return Err(FieldError::new(
+            path,
+            codes::OUT_OF_RANGE,
+            "must be no later than 9999-12-31T23:59:59.999999Z",
+        ));
+    }
     if at <= now {
         return Err(FieldError::new(
             path,
@@ -55,6 +90,20 @@ pub fn expires_at(
         ));
     }
     Ok(at)
+}
+
+/// Keeps the first [`MAX_FIELD_ERRORS`] errors and replaces the rest with one entry counting them.
+pub fn cap_field_errors(mut errors: Vec<FieldError>) -> Vec<FieldError> {
+    if errors.len() > MAX_FIELD_ERRORS {
+        let omitted = errors.len() - (MAX_FIELD_ERRORS - 1);
+        errors.truncate(MAX_FIELD_ERRORS - 1);
+        errors.push(FieldError::new(
+            FieldPath::body_root(),
+            codes::MORE_ERRORS_OMITTED,
+            format!("{omitted} more errors were found and are not listed"),
+        ));
+    }
+    errors
 }
 
 /// Both stores keep microseconds; truncating up front makes what is returned equal what is stored.
@@ -91,6 +140,73 @@ mod tests {
                 .code,
             codes::INVALID_CHARACTERS
         );
+    }
+
+    #[test]
+    fn names_refuse_characters_that_disguise_them() {
+        for hidden in [
+            "\u{202E}",
+            "\u{202A}",
+            "\u{2066}",
+            "\u{2069}",
+            "\u{200E}",
+            "\u{200F}",
+            "\u{061C}",
+            "\u{200B}",
+            "\u{FEFF}",
+            "\u{00AD}",
+            "\u{2028}",
+            "\u{2029}",
+            "\u{0000}",
+            "\u{E0041}",
+        ] {
+            assert_eq!(
+                name(FieldPath::body("name"), &format!("ci{hidden}bot"))
+                    .unwrap_err()
+                    .code,
+                codes::INVALID_CHARACTERS,
+                "{hidden:?}"
+            );
+        }
+        assert!(name(FieldPath::body("name"), "déploiement 日本 ci-bot").is_ok());
+    }
+
+    #[test]
+    fn expiry_beyond_year_9999_is_out_of_range() {
+        let path = || FieldPath::body("expires_at");
+        assert!(expires_at(path(), "9999-12-31T23:59:59.999999Z", now()).is_ok());
+        // A negative offset carries the instant into year 10000 UTC.
+        assert_eq!(
+            expires_at(path(), "9999-12-31T23:00:00-05:00", now())
+                .unwrap_err()
+                .code,
+            codes::OUT_OF_RANGE
+        );
+    }
+
+    #[test]
+    fn field_errors_are_capped_with_a_count_of_the_rest() {
+        let many: Vec<FieldError> = (0..1000)
+            .map(|i| {
+                FieldError::new(
+                    FieldPath::body("scopes").index(i),
+                    codes::INVALID_SCOPE,
+                    "bad",
+                )
+            })
+            .collect();
+        let capped = cap_field_errors(many);
+        assert_eq!(capped.len(), MAX_FIELD_ERRORS);
+        assert_eq!(capped[MAX_FIELD_ERRORS - 2].path.to_string(), "scopes[18]");
+        let last = capped.last().unwrap();
+        assert_eq!(last.code, codes::MORE_ERRORS_OMITTED);
+        assert!(last.message.starts_with("981 more"), "{}", last.message);
+        let few = vec![FieldError::new(
+            FieldPath::body("name"),
+            codes::REQUIRED,
+            "is required",
+        )];
+        assert_eq!(cap_field_errors(few.clone()), few);
     }
 
     #[test]

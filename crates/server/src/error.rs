@@ -88,6 +88,11 @@ pub struct ErrorCause(pub String);
 pub trait Surface: Send + Sync + 'static {
     /// The JSON body for `error`; status and common headers are set by [`ApiError`].
     fn error_body(error: &AppError) -> serde_json::Value;
+
+    /// The status for `error`; a surface whose protocol fixes another one overrides it.
+    fn status(error: &AppError) -> StatusCode {
+        error.status()
+    }
 }
 
 /// An [`AppError`] that renders in surface `S`'s dialect.
@@ -120,7 +125,7 @@ impl<S> From<StoreError> for ApiError<S> {
 impl<S: Surface> IntoResponse for ApiError<S> {
     fn into_response(self) -> Response {
         let error = self.0;
-        let status = error.status();
+        let status = S::status(&error);
         let mut response = (status, axum::Json(S::error_body(&error))).into_response();
         let headers = response.headers_mut();
         match &error {

@@ -8,6 +8,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, StatusCode};
 use chrono::{DateTime, Utc};
 use keyplane_core::error::codes;
+use keyplane_core::validate;
 use keyplane_core::{Error as DomainError, FieldError, FieldPath, Principal};
 use serde_json::{Map, Value};
 use std::marker::PhantomData;
@@ -145,6 +146,19 @@ impl ObjectReader {
         }
     }
 
+    /// An optional string (absent or null: none) checked by `rule`. `None` when invalid.
+    pub fn nullable_checked(
+        &mut self,
+        key: &'static str,
+        rule: fn(FieldPath, &str) -> Result<String, FieldError>,
+    ) -> Option<Option<String>> {
+        match self.nullable_string(key) {
+            Ok(Some(raw)) => self.check(rule(FieldPath::body(key), &raw)).map(Some),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        }
+    }
+
     /// An optional array of strings (`null` counts as absent). `Ok(None)`: absent.
     pub fn string_list(&mut self, key: &'static str) -> Result<Option<Vec<String>>, ()> {
         let items = match self.take(key) {
@@ -219,11 +233,7 @@ impl ObjectReader {
     ) -> Option<Option<DateTime<Utc>>> {
         match self.nullable_string(key) {
             Ok(Some(raw)) => self
-                .check(keyplane_core::validate::expires_at(
-                    FieldPath::body(key),
-                    &raw,
-                    now,
-                ))
+                .check(validate::expires_at(FieldPath::body(key), &raw, now))
                 .map(Some),
             Ok(None) => Some(None),
             Err(()) => None,
@@ -239,7 +249,8 @@ impl ObjectReader {
         result.map_err(|e| self.errors.extend(e)).ok()
     }
 
-    /// Every error recorded, plus one per unknown field: a typo must not silently drop a restriction.
+    /// Every error recorded, plus one per unknown field: a typo must not silently drop a
+    /// restriction. At most [`validate::MAX_FIELD_ERRORS`] are listed, the last counting the rest.
     pub fn finish(mut self) -> Vec<FieldError> {
         let mut unknown: Vec<&String> = self
             .object
@@ -254,7 +265,7 @@ impl ObjectReader {
                 "is not a known field",
             ));
         }
-        self.errors
+        validate::cap_field_errors(self.errors)
     }
 }
 

@@ -15,6 +15,7 @@ mod failed_auth;
 pub mod hybridbox;
 mod metrics;
 pub mod oidc;
+mod openapi;
 pub mod ops;
 mod ratelimit;
 pub mod registry;

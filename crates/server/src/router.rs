@@ -61,7 +61,9 @@ fn api_routes() -> OpenApiRouter<App> {
 }
 
 pub(crate) fn openapi_document() -> OpenApiDoc {
-    api_routes().split_for_parts().1
+    let mut document = api_routes().split_for_parts().1;
+    crate::openapi::CommonResponses.modify(&mut document);
+    document
 }
 
 /// The full application router, ready to serve.

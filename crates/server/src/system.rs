@@ -47,14 +47,13 @@ async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
-/// Prometheus metrics (text exposition format).
-#[utoipa::path(get, path = "/metrics", tag = TAG, responses((status = 200, description = "Metrics.", content_type = "text/plain")))]
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prometheus metrics (OpenMetrics 1.0 text format).
+#[utoipa::path(get, path = "/metrics", tag = TAG, responses((status = 200, description = "Metrics.", content_type = OPENMETRICS, body = String)))]
 async fn metrics(State(app): State<App>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, OPENMETRICS)],
         app.inner().metrics.render(),
     )
         .into_response()

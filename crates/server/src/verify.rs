@@ -45,6 +45,14 @@ impl Surface for Verification {
         };
         json!({ "error": code, "error_description": description })
     }
+
+    /// RFC 6749 §5.2: a malformed request is `400 invalid_request`, whatever the field.
+    fn status(error: &AppError) -> StatusCode {
+        match error {
+            AppError::Domain(DomainError::Validation(_)) => StatusCode::BAD_REQUEST,
+            other => other.status(),
+        }
+    }
 }
 
 pub(crate) fn routes() -> OpenApiRouter<App> {

@@ -61,7 +61,7 @@ pub async fn create_api_token(
 fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, u32), DomainError> {
     let mut errors = Vec::new();
     let cursor = match query.get("cursor").map(String::as_str) {
-        None | Some("") => None,
+        None => None,
         Some(raw) => CredentialId::parse(raw).or_else(|| {
             errors.push(FieldError::new(
                 FieldPath::query("cursor"),
@@ -100,8 +100,8 @@ fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, 
     get, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
     params(
         ("orgID" = Uuid, Path, description = "Organization UUID."),
-        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page."),
-        ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
+        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page (a UUID; an empty value is refused)."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1–100 (default 50)."),
     ),
     responses(
         (status = 200, description = "A page of tokens.", body = ApiTokenPage),

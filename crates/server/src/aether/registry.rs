@@ -2,8 +2,8 @@
 
 use super::wire::{
     CreateRobotAccountRequest, ErrorEnvelope, RegistryCredentials, RegistryDisabled,
-    RegistryEnabled, RegistryView, RobotAccountCreated, RobotAccountPage, RobotAccountView,
-    UpdateRobotAccountRequest,
+    RegistryEnabled, RegistryState, RegistryView, RobotAccountCreated, RobotAccountPage,
+    RobotAccountView, UpdateRobotAccountRequest,
 };
 use super::{org_id, resource_id, Aether, ApiError, TAG_REGISTRY};
 use crate::app::App;
@@ -26,7 +26,7 @@ type Caller = Authenticated<Aether>;
     get, path = "/api/v1/organizations/{orgID}/registry", tag = TAG_REGISTRY,
     params(("orgID" = Uuid, Path, description = "Organization UUID.")),
     responses(
-        (status = 200, description = "The registry, or `{\"enabled\": false}`.", body = RegistryView),
+        (status = 200, description = "The registry, or `{\"enabled\": false}`.", body = RegistryState),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),

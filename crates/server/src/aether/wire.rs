@@ -18,10 +18,12 @@ pub struct CreateApiTokenRequest {
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,
     /// `auth.manage`, `audit:read`, `tokens:verify`, `*`) or other scopes carried through to
-    /// verification. At most the caller's own scopes. Default: none.
-    #[schema(value_type = Option<Vec<String>>)]
+    /// verification. At most the caller's own scopes, at most 64, each 1–128 characters of
+    /// `[A-Za-z0-9_.:/-]` starting with a letter or digit, or `*`. Default: none.
+    #[schema(value_type = Option<Vec<String>>, max_items = 64)]
     pub scopes: ScopeSet,
-    /// Optional expiry timestamp (RFC 3339), in the future.
+    /// Optional expiry timestamp (RFC 3339), in the future and no later than
+    /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -157,8 +159,9 @@ pub struct CreateRobotAccountRequest {
     /// name is `robot$<harbor_project>+<name>` (`harbor_project` from `GET /registry`).
     pub name: String,
     /// `pull`, `push`, `delete`, each optionally narrowed to repositories of the project matching a
-    /// glob: `push:team-a/*` (`*` within one path segment, `**` across). Default `["pull"]`.
-    #[schema(value_type = Option<Vec<String>>)]
+    /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each
+    /// listed once. Default `["pull"]`.
+    #[schema(value_type = Option<Vec<String>>, min_items = 1, max_items = 50)]
     pub permissions: Vec<RobotPermission>,
 }
 
@@ -195,8 +198,8 @@ impl FromJsonBody for CreateRobotAccountRequest {
 /// `PUT /registry/robot-accounts/{id}` body.
 #[derive(ToSchema)]
 pub struct UpdateRobotAccountRequest {
-    /// The robot's new permissions (replacing the old ones).
-    #[schema(value_type = Vec<String>)]
+    /// The robot's new permissions (replacing the old ones): 1–50, each listed once.
+    #[schema(value_type = Vec<String>, min_items = 1, max_items = 50)]
     pub permissions: Vec<RobotPermission>,
 }
 
@@ -336,8 +339,18 @@ impl RegistryView {
     }
 }
 
+/// `GET /registry` answer: the registry, or `{"enabled": false}` when none is provisioned.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum RegistryState {
+    Enabled(RegistryView),
+    Disabled(RegistryDisabled),
+}
+
 /// `GET /registry` when no registry is provisioned.
 #[derive(Serialize, ToSchema)]
+// No other property, so an enabled registry never also reads as this shape.
+#[serde(deny_unknown_fields)]
 pub struct RegistryDisabled {
     /// Always false.
     pub enabled: bool,

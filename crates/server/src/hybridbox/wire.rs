@@ -5,7 +5,7 @@ use crate::wire::{one_time_secret, optional_timestamp, timestamp};
 use chrono::{DateTime, Utc};
 use keyplane_core::error::codes;
 use keyplane_core::{
-    validate, Credential, FieldError, FieldPath, Grant, GrantKind, GrantResource, NewGrant,
+    grant, validate, Credential, FieldError, FieldPath, Grant, GrantKind, GrantResource, NewGrant,
     Plaintext, Scope, SubjectType,
 };
 use serde::Serialize;
@@ -19,7 +19,8 @@ pub struct CreateServiceAccountRequest {
     /// Human-readable service account name (1–120 characters after trimming).
     #[schema(min_length = 1, max_length = 120)]
     pub name: String,
-    /// Optional UTC token expiry timestamp, in the future.
+    /// Optional UTC token expiry timestamp (RFC 3339), in the future and no later than
+    /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -143,8 +144,12 @@ pub struct CreateAuthorizationRequest {
     /// Required for `capability` grants (e.g. `auth.manage`), null otherwise.
     #[schema(value_type = Option<String>)]
     pub capability_key: Option<Scope>,
-    /// Narrows the grant to one resource; such a grant confers no account-wide right.
+    /// Narrows the grant to one resource; such a grant confers no account-wide right. 1–64
+    /// characters of `[a-z0-9_.:-]` starting with a lower-case letter (`project`).
+    #[schema(min_length = 1, max_length = 64, pattern = "^[a-z][a-z0-9_.:-]*$")]
     pub resource_type: Option<String>,
+    /// 1–255 printable ASCII characters without spaces (a UUID, a slug, `team-a/app`).
+    #[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
     pub resource_id: Option<String>,
 }
 
@@ -181,8 +186,8 @@ impl FromJsonBody for CreateAuthorizationRequest {
             Ok(None) => Some(None),
             Err(()) => None,
         };
-        let resource_type = r.nullable_string("resource_type").ok();
-        let resource_id = r.nullable_string("resource_id").ok();
+        let resource_type = r.nullable_checked("resource_type", grant::resource_type);
+        let resource_id = r.nullable_checked("resource_id", grant::resource_id);
         Some(Self {
             grant_kind: grant_kind?,
             subject_type: subject_type?,
@@ -275,9 +280,17 @@ pub struct ValidationErrorBody {
 #[schema(as = ValidationError)]
 pub struct ValidationErrorItem {
     /// Where: `["body", "name"]`, `["query", "include_revoked"]`, `["path", "account_id"]`.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<LocItem>)]
     pub loc: Vec<serde_json::Value>,
     pub msg: String,
     #[serde(rename = "type")]
     pub error_type: String,
+}
+
+/// One step of a `loc`: a location or field name, or an index into a list.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum LocItem {
+    Name(String),
+    Index(u32),
 }
