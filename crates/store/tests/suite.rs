@@ -105,6 +105,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
             f.tenant.id,
             CredentialKind::ApiToken,
             credential.id,
+            &credential.secret_hash,
             &rotation,
         )
         .await
@@ -163,6 +164,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
                 f.tenant.id,
                 CredentialKind::ApiToken,
                 credential.id,
+                &credential.secret_hash,
                 &rotation
             )
             .await,
