@@ -6,7 +6,7 @@ mod serve;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, futures); a faster
@@ -37,28 +37,32 @@ enum Command {
 /// Where the state lives; shared by `serve` and every `admin` command.
 #[derive(Args, Clone)]
 pub struct StoreArgs {
-    /// Directory for the embedded SQLite database (WAL) and bootstrap.json.
+    /// Directory for the embedded SQLite database (WAL) and bootstrap.json. Created readable by
+    /// its owner only (0700), as are the database files (0600).
     #[arg(long, env = "KEYPLANE_DATA_DIR", default_value = "./keyplane-data")]
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`; overrides --data-dir for the database.
     #[arg(long, env = "KEYPLANE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Open a SQLite store even if group or others may access its directory or files. They hold
+    /// every credential hash and the registry signing key, so by default that refuses to start.
+    #[arg(long, env = "KEYPLANE_ALLOW_INSECURE_PERMISSIONS")]
+    pub allow_insecure_permissions: bool,
 }
 
 impl StoreArgs {
     pub fn url(&self) -> anyhow::Result<String> {
-        match &self.database_url {
-            Some(url) => Ok(url.clone()),
+        let url = match &self.database_url {
+            Some(url) => url.clone(),
             None => {
-                std::fs::create_dir_all(&self.data_dir).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot create data directory {}: {e}",
-                        self.data_dir.display()
-                    )
-                })?;
-                Ok(keyplane_store::sqlite_url_for_data_dir(&self.data_dir))
+                create_private_dir(&self.data_dir)?;
+                keyplane_store::sqlite_url_for_data_dir(&self.data_dir)
             }
+        };
+        if let Some(database) = sqlite_file(&url) {
+            self.check_private(&database)?;
         }
+        Ok(url)
     }
 
     pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn keyplane_store::Store>> {
@@ -66,6 +70,95 @@ impl StoreArgs {
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
     }
+
+    /// Refuses a SQLite database whose directory or files group or others may access, unless
+    /// --allow-insecure-permissions.
+    fn check_private(&self, database: &Path) -> anyhow::Result<()> {
+        let directory = match database.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut files = vec![(directory.clone(), 0o700)];
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = database.as_os_str().to_owned();
+            name.push(suffix);
+            files.push((PathBuf::from(name), 0o600));
+        }
+        for (path, private_mode) in files {
+            let Some(mode) = shared_mode(&path)? else {
+                continue;
+            };
+            let problem = format!(
+                "{} can be accessed by group or others (mode {mode:04o}), and it holds every \
+                 credential hash and the registry signing key",
+                path.display()
+            );
+            if self.allow_insecure_permissions {
+                tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "{problem}; starting anyway (--allow-insecure-permissions)");
+            } else {
+                anyhow::bail!(
+                    "{problem}: run `chmod {private_mode:o} {}`, or pass --allow-insecure-permissions \
+                     (KEYPLANE_ALLOW_INSECURE_PERMISSIONS=true) to open it anyway",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The mode of `path` if it exists and grants group or others any access.
+fn shared_mode(path: &Path) -> anyhow::Result<Option<u32>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(metadata) => {
+                let mode = metadata.permissions().mode() & 0o7777;
+                Ok((mode & 0o077 != 0).then_some(mode))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot read the mode of {}: {e}",
+                path.display()
+            )),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+/// The database file a `sqlite:` URL names (`None` for other URLs and in-memory databases).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// Creates `dir` (and missing parents) accessible by its owner only, whatever the umask. An
+/// existing directory keeps its mode: [`StoreArgs::check_private`] judges it.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    let created = {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+    };
+    #[cfg(not(unix))]
+    let created = builder.create(dir);
+    created.map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,5 +218,16 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/kp/keyplane.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/kp/keyplane.db"))
+        );
+        assert_eq!(sqlite_file("sqlite:kp.db"), Some(PathBuf::from("kp.db")));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://h/db"), None);
     }
 }

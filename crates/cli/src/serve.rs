@@ -107,15 +107,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
-    keyplane_server::serve(listener, App::new(store, config), shutdown_signal()).await?;
+    keyplane_server::serve(listener, App::new(store.clone(), config), shutdown_signal()).await?;
+    // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// On an empty store: org `default` and a `*` token, written to `<data-dir>/bootstrap.json`.
 /// The file is written (mode 0600, fresh inode) before the store commits, and only moved into place
-/// once it has, so the token can neither be lost nor land in a file others can read.
+/// once it has, so the token can neither be lost nor land in a file others can read. A bootstrapped
+/// store is only read: `serve` writes nothing at start, so it starts on a full disk or a read-only
+/// store and serves verification and reads.
 async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow::Result<()> {
+    if store
+        .is_bootstrapped()
+        .await
+        .map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?
+    {
+        return Ok(());
+    }
     let created =
         ops::mint_first_org("default").map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?;
     let path = data_dir.join("bootstrap.json");
@@ -141,7 +152,7 @@ async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow
 /// Writes `body` to a new file only its owner can read, replacing any stale one.
 fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::create_private_dir(dir).map_err(std::io::Error::other)?;
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),

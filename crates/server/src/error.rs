@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keyplane_core::Error as DomainError;
-use keyplane_store::StoreError;
+use keyplane_store::{StoreError, Unavailable};
 use std::marker::PhantomData;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +25,10 @@ pub enum AppError {
     MethodNotAllowed,
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
+    /// A transient store fault (any cause: a restart, a lock, a full disk): 503 with
+    /// `Retry-After`, whichever surface answers.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -74,8 +76,19 @@ impl AppError {
             AppError::PayloadTooLarge => "request body is too large".into(),
             AppError::MethodNotAllowed => "this method is not allowed on this path".into(),
             AppError::RateLimited { .. } => "too many requests".into(),
-            AppError::Unavailable(_) => "the service is temporarily unavailable".into(),
+            AppError::Unavailable(unavailable) => unavailable.fault.public_message().into(),
             AppError::Internal(_) => "internal server error".into(),
+        }
+    }
+}
+
+impl AppError {
+    /// The `Retry-After` (seconds) this error's response carries, if any.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            AppError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            AppError::Unavailable(unavailable) => Some(unavailable.fault.retry_after_secs()),
+            _ => None,
         }
     }
 }
@@ -128,14 +141,11 @@ impl<S: Surface> IntoResponse for ApiError<S> {
         let status = S::status(&error);
         let mut response = (status, axum::Json(S::error_body(&error))).into_response();
         let headers = response.headers_mut();
-        match &error {
-            AppError::Unauthenticated(_) => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            AppError::RateLimited { retry_after_secs } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            }
-            _ => {}
+        if let AppError::Unauthenticated(_) = &error {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = error.retry_after_secs() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
             .extensions_mut()

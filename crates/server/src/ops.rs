@@ -253,7 +253,10 @@ pub async fn get_live_credential(
 }
 
 /// New secret, same id; the old secret stops working at once. Rotating hands out the new secret, so
-/// the caller must hold every scope of the credential it rotates.
+/// the caller must hold every scope of the credential it rotates. Of concurrent rotations exactly
+/// one succeeds (the store swaps the secret only if it is still the one read here); the others,
+/// and rotations of revoked or expired credentials, are `Conflict`: a secret that does not work
+/// is never handed out.
 pub async fn rotate_credential(
     app: &App,
     who: &Principal,
@@ -267,17 +270,27 @@ pub async fn rotate_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
-    if current.is_revoked() {
-        return Err(DomainError::Conflict("the credential is revoked".into()).into());
+    let now = now();
+    match current.usable_at(now) {
+        Err(keyplane_core::Unusable::Revoked) => {
+            return Err(DomainError::Conflict("the credential is revoked".into()).into())
+        }
+        Err(keyplane_core::Unusable::Expired) => {
+            return Err(DomainError::Conflict(
+                "the credential has expired: create a new one".into(),
+            )
+            .into())
+        }
+        Ok(()) => {}
     }
     who.may_delegate(
         tenant,
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
     )?;
-    let (rotation, secret) = Rotation::mint(rights.kind, now(), &mut OsRng);
+    let (rotation, secret) = Rotation::mint(rights.kind, now, &mut OsRng);
     let credential = app
         .store()
-        .rotate_credential(tenant, rights.kind, id, &rotation)
+        .rotate_credential(tenant, rights.kind, id, &current.secret_hash, &rotation)
         .await?;
     app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential rotated");

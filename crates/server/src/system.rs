@@ -6,7 +6,9 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use keyplane_core::Error as DomainError;
+use keyplane_store::StoreFault;
 use serde_json::json;
+use std::time::Duration;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -27,22 +29,54 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: the store answers.
+/// How long `/readyz` waits for the store: a load balancer must get an answer even when the store
+/// hangs.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Readiness: the store answers reads (within a second). `status` is `ready`, `degraded` (reads
+/// work, writes are failing: verification keeps serving, changes answer 503) or `unavailable`.
+/// `last_write_failure` names the last transient fault a write met (`disk full`, `read-only`,
+/// `busy`, `unreachable`, ...), and stays after writes recover.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
-    (status = 200, description = "Ready."),
-    (status = 503, description = "The store is unreachable."),
+    (status = 200, description = "Ready, or degraded: reads work, writes are failing."),
+    (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second)."),
 ))]
 async fn readyz(State(app): State<App>) -> Response {
-    let backend = app.store().backend();
-    match app.store().ping().await {
-        Ok(()) => axum::Json(json!({ "status": "ready", "store": backend })).into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "status": "unavailable", "store": backend })),
-            )
-                .into_response()
+    let store = app.store();
+    let writes = store.write_health();
+    let reads = match tokio::time::timeout(READINESS_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err((
+            error.fault().map_or("error", StoreFault::as_str),
+            error.to_string(),
+        )),
+        Err(_) => Err((
+            StoreFault::TimedOut.as_str(),
+            "no answer within 1 s".to_string(),
+        )),
+    };
+    let last_write_failure = writes.last_failure.map(|(fault, at)| {
+        json!({
+            "kind": fault.as_str(),
+            "message": fault.public_message(),
+            "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        })
+    });
+    let mut body = json!({
+        "store": store.backend(),
+        "writes": if writes.failing { "failing" } else { "ok" },
+        "last_write_failure": last_write_failure,
+    });
+    match reads {
+        Ok(()) => {
+            body["status"] = json!(if writes.failing { "degraded" } else { "ready" });
+            axum::Json(body).into_response()
+        }
+        Err((kind, detail)) => {
+            tracing::warn!(store.fault = kind, error = %detail, "readiness check failed");
+            body["status"] = json!("unavailable");
+            body["reason"] = json!(kind);
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
         }
     }
 }

@@ -7,23 +7,175 @@ pub enum StoreError {
     /// A uniqueness rule or state rule was violated (duplicate live name, rotating a revoked one).
     #[error("conflict: {0}")]
     Conflict(String),
-    /// The database cannot be reached now; the request may succeed later.
+    /// The database cannot serve this request now, for a reason expected to pass (see
+    /// [`StoreFault`]); the request may succeed later.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
     #[error("store configuration: {0}")]
     Config(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
+/// Why the store cannot serve a request now. Every one of these is transient from the client's
+/// point of view: the same request may succeed once the operator or the database fixes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// The database cannot be reached or dropped the connection (restart, network).
+    Unreachable,
+    /// Another writer holds the lock, or every connection is taken (lock and pool timeouts).
+    Busy,
+    /// The database did not answer in time.
+    TimedOut,
+    /// No space left for the database to write.
+    DiskFull,
+    /// The database refuses writes (read-only file system, hot standby, read-only setting).
+    ReadOnly,
+    /// The operating system failed a read or write of the database files.
+    IoError,
+}
+
+impl StoreFault {
+    /// A short name for logs and `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFault::Unreachable => "unreachable",
+            StoreFault::Busy => "busy",
+            StoreFault::TimedOut => "timed out",
+            StoreFault::DiskFull => "disk full",
+            StoreFault::ReadOnly => "read-only",
+            StoreFault::IoError => "I/O error",
+        }
+    }
+
+    /// What a client reads: what is wrong, without any internal detail.
+    pub fn public_message(self) -> &'static str {
+        match self {
+            StoreFault::Unreachable => "the store is unreachable; retry later",
+            StoreFault::Busy => "the store is busy; retry later",
+            StoreFault::TimedOut => "the store did not answer in time; retry later",
+            StoreFault::DiskFull => {
+                "the store is out of disk space; writes resume once space is freed"
+            }
+            StoreFault::ReadOnly => {
+                "the store is read-only; writes resume once it accepts them again"
+            }
+            StoreFault::IoError => "the store could not read or write its files; retry later",
+        }
+    }
+
+    /// How long a client should wait before retrying: a lock or a restart passes in about a second;
+    /// an operator freeing space takes longer.
+    pub fn retry_after_secs(self) -> u64 {
+        match self {
+            StoreFault::Busy | StoreFault::TimedOut | StoreFault::Unreachable => 1,
+            StoreFault::DiskFull | StoreFault::ReadOnly | StoreFault::IoError => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A [`StoreFault`] and the database's own description of it (for the log, never the client).
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub fault: StoreFault,
+    pub detail: String,
+}
+
+impl Unavailable {
+    pub fn new(fault: StoreFault, detail: impl Into<String>) -> Self {
+        Self {
+            fault,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.fault, self.detail)
+    }
+}
+
+impl StoreError {
+    /// The transient fault behind this error, if it is one.
+    pub fn fault(&self) -> Option<StoreFault> {
+        match self {
+            StoreError::Unavailable(unavailable) => Some(unavailable.fault),
+            _ => None,
+        }
+    }
+}
+
+/// The transient fault a database error stands for, if any. SQLite reports (extended) result
+/// codes, PostgreSQL SQLSTATEs; both spell them as digits, so the backend is told by type.
+fn classify(error: &sqlx::Error) -> Option<StoreFault> {
+    match error {
+        sqlx::Error::PoolTimedOut => Some(StoreFault::Busy),
+        sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => Some(StoreFault::Unreachable),
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                classify_sqlite(code.parse().ok()?)
+            } else if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                classify_sqlstate(&code)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// <https://www.sqlite.org/rescode.html>: the primary code is the low byte of the extended one.
+fn classify_sqlite(extended_code: i32) -> Option<StoreFault> {
+    match extended_code & 0xff {
+        5 | 6 => Some(StoreFault::Busy),  // SQLITE_BUSY, SQLITE_LOCKED
+        8 => Some(StoreFault::ReadOnly),  // SQLITE_READONLY
+        10 => Some(StoreFault::IoError),  // SQLITE_IOERR
+        13 => Some(StoreFault::DiskFull), // SQLITE_FULL
+        14 => Some(StoreFault::IoError),  // SQLITE_CANTOPEN
+        _ => None,
+    }
+}
+
+/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>
+fn classify_sqlstate(code: &str) -> Option<StoreFault> {
+    match code {
+        "53100" => Some(StoreFault::DiskFull), // disk_full
+        "25006" => Some(StoreFault::ReadOnly), // read_only_sql_transaction
+        // serialization_failure, deadlock_detected, lock_not_available: retrying succeeds
+        "40001" | "40P01" | "55P03" => Some(StoreFault::Busy),
+        "57014" => Some(StoreFault::TimedOut), // query_canceled (statement_timeout)
+        "58030" => Some(StoreFault::IoError),  // io_error
+        // admin_shutdown, crash_shutdown, cannot_connect_now (a restart), connection exceptions,
+        // insufficient resources (memory, too many connections)
+        _ if code.starts_with("57P") || code.starts_with("08") || code.starts_with("53") => {
+            Some(StoreFault::Unreachable)
+        }
+        _ => None,
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
+        if let Some(fault) = classify(&error) {
+            return StoreError::Unavailable(Unavailable::new(fault, error.to_string()));
+        }
         match &error {
             sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
                 StoreError::Conflict("a live credential with this name already exists".into())
-            }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error.to_string())
             }
             sqlx::Error::RowNotFound => StoreError::NotFound,
             _ => StoreError::Other(anyhow::Error::new(error)),
@@ -33,6 +185,42 @@ impl From<sqlx::Error> for StoreError {
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
-        StoreError::Other(anyhow::Error::new(error).context("applying migrations"))
+        match error {
+            sqlx::migrate::MigrateError::Execute(error) if classify(&error).is_some() => {
+                error.into()
+            }
+            error => StoreError::Other(anyhow::Error::new(error).context("applying migrations")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_codes_are_classified_by_their_primary_code() {
+        assert_eq!(classify_sqlite(5), Some(StoreFault::Busy));
+        assert_eq!(classify_sqlite(517), Some(StoreFault::Busy)); // SQLITE_BUSY_SNAPSHOT
+        assert_eq!(classify_sqlite(262), Some(StoreFault::Busy)); // SQLITE_LOCKED_SHAREDCACHE
+        assert_eq!(classify_sqlite(13), Some(StoreFault::DiskFull));
+        assert_eq!(classify_sqlite(8), Some(StoreFault::ReadOnly));
+        assert_eq!(classify_sqlite(1032), Some(StoreFault::ReadOnly)); // SQLITE_READONLY_DBMOVED
+        assert_eq!(classify_sqlite(778), Some(StoreFault::IoError)); // SQLITE_IOERR_WRITE
+        assert_eq!(classify_sqlite(2067), None); // SQLITE_CONSTRAINT_UNIQUE
+        assert_eq!(classify_sqlite(11), None); // SQLITE_CORRUPT: not transient
+    }
+
+    #[test]
+    fn sqlstates_are_classified() {
+        assert_eq!(classify_sqlstate("57P01"), Some(StoreFault::Unreachable));
+        assert_eq!(classify_sqlstate("57P03"), Some(StoreFault::Unreachable));
+        assert_eq!(classify_sqlstate("08006"), Some(StoreFault::Unreachable));
+        assert_eq!(classify_sqlstate("53300"), Some(StoreFault::Unreachable));
+        assert_eq!(classify_sqlstate("53100"), Some(StoreFault::DiskFull));
+        assert_eq!(classify_sqlstate("25006"), Some(StoreFault::ReadOnly));
+        assert_eq!(classify_sqlstate("40001"), Some(StoreFault::Busy));
+        assert_eq!(classify_sqlstate("23505"), None); // unique_violation
+        assert_eq!(classify_sqlstate("22P02"), None); // invalid_text_representation
     }
 }

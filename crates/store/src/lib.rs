@@ -20,7 +20,7 @@ use keyplane_core::{
 };
 use std::sync::Arc;
 
-pub use error::StoreError;
+pub use error::{StoreError, StoreFault, Unavailable};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -91,7 +91,21 @@ pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, for logs and `/readyz`.
     fn backend(&self) -> &'static str;
 
+    /// Reads from the database (a table, not only the connection), so a locked or frozen store
+    /// does not look healthy.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// How the latest writes went: whether they are failing now, and the last transient fault
+    /// one met. No I/O.
+    fn write_health(&self) -> WriteHealth;
+
+    /// Closes every connection, waiting for those in use to be returned. SQLite checkpoints and
+    /// removes its WAL. Every later call answers `Unavailable`.
+    async fn close(&self);
+
+    /// Whether [`Store::bootstrap_once`] could still do anything. A read only, so a server on a
+    /// bootstrapped store writes nothing at start.
+    async fn is_bootstrapped(&self) -> Result<bool, StoreError>;
 
     /// A tenant and its first credential, atomically (`admin create-org`).
     async fn create_tenant_with_credential(
@@ -135,12 +149,15 @@ pub trait Store: Send + Sync + 'static {
         hash: &TokenHash,
     ) -> Result<Option<Credential>, StoreError>;
 
-    /// Replaces the secret, keeps the id. `NotFound` if absent, `Conflict` if revoked.
+    /// Replaces the secret `replaces`, keeps the id. `NotFound` if absent; `Conflict` if revoked,
+    /// expired at `rotation.rotated_at`, or if its secret is no longer `replaces` (another rotation
+    /// came first: of concurrent rotations exactly one succeeds).
     async fn rotate_credential(
         &self,
         tenant_id: TenantId,
         kind: CredentialKind,
         id: CredentialId,
+        replaces: &TokenHash,
         rotation: &Rotation,
     ) -> Result<Credential, StoreError>;
 
@@ -221,6 +238,46 @@ pub trait Store: Send + Sync + 'static {
         &self,
         uses: &[(CredentialId, DateTime<Utc>)],
     ) -> Result<(), StoreError>;
+}
+
+/// What `/readyz` reports about writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteHealth {
+    /// The latest write that finished met a transient fault (and none has succeeded since).
+    pub failing: bool,
+    /// The last transient fault a write met, and when; kept after writes recover.
+    pub last_failure: Option<(StoreFault, DateTime<Utc>)>,
+}
+
+/// Records the outcome of every write for [`Store::write_health`].
+#[derive(Default)]
+pub(crate) struct WriteTracker(std::sync::Mutex<WriteHealth>);
+
+impl WriteTracker {
+    /// Passes `outcome` through. Only transient faults and successes change the health: a conflict
+    /// says nothing about the database.
+    pub(crate) fn observe<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        let fault = match &outcome {
+            Ok(_) => None,
+            Err(error) => match error.fault() {
+                Some(fault) => Some(fault),
+                None => return outcome,
+            },
+        };
+        let mut health = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match fault {
+            Some(fault) => {
+                health.failing = true;
+                health.last_failure = Some((fault, Utc::now()));
+            }
+            None => health.failing = false,
+        }
+        outcome
+    }
+
+    pub(crate) fn health(&self) -> WriteHealth {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Opens the store a URL names (`sqlite://...` or `postgres://...`) and applies migrations.

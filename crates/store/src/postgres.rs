@@ -5,22 +5,51 @@ use sqlx::PgPool;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The scale-out store: keyplane replicas share one PostgreSQL.
+/// How long a write waits for a lock or a connection before it answers `Busy`.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// The scale-out store: keyplane replicas share one PostgreSQL. Writes have their own, smaller
+/// pool: writers waiting on locks hold at most its connections, never the ones reads need.
 pub struct PostgresStore {
+    /// Every read (and the invalidation listener's connection options).
     pool: PgPool,
+    /// Every write.
+    writer: PgPool,
+    writes: crate::WriteTracker,
 }
 
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let writer = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(WRITE_WAIT)
+            // A write queued behind a lock answers `Busy` (503) in bounded time, as on SQLite.
+            .connect_with(options.clone().options([("lock_timeout", "5s")]))
+            .await?;
+        let migrator = sqlx::migrate!("./migrations/postgres");
+        // Only when something is pending: running them takes locks and writes, which a read-only or
+        // full database refuses, and such a database must still serve verification.
+        if crate::sql::migrations_pending(&migrator, crate::sql::applied_migrations(&writer).await)
+        {
+            migrator.run(&writer).await?;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer,
+            writes: crate::WriteTracker::default(),
+        })
+    }
+
+    async fn close_pools(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
     }
 }
 

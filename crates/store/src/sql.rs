@@ -16,10 +16,44 @@ pub(crate) const REGISTRY_COLUMNS: &str =
 pub(crate) const INSERT_REGISTRY: &str = "INSERT INTO registries (id, tenant_id, project, quota_gb, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)";
 pub(crate) const INSERT_SIGNING_KEY: &str = "INSERT INTO registry_signing_keys (slot, key_id, private_key_pem, certificate_pem, created_at) VALUES ('current', $1, $2, $3, $4) ON CONFLICT (slot) DO NOTHING";
 pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at FROM registry_signing_keys WHERE slot = 'current'";
+/// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
+pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
+pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrapped' \
+     UNION ALL SELECT 1 FROM tenants LIMIT 1";
 pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// The `(version, checksum)` of every migration sqlx recorded as applied; `None` when that cannot
+/// be read (a new database has no `_sqlx_migrations` yet).
+pub(crate) async fn applied_migrations<DB>(pool: &sqlx::Pool<DB>) -> Option<Vec<(i64, Vec<u8>)>>
+where
+    DB: sqlx::Database,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'r> (i64, Vec<u8>): sqlx::FromRow<'r, DB::Row>,
+{
+    sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success = TRUE")
+        .fetch_all(pool)
+        .await
+        .ok()
+}
+
+/// Whether `migrator` has anything to do given what is `applied`. A changed checksum counts as
+/// pending, so that running the migrator reports it.
+pub(crate) fn migrations_pending(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<Vec<(i64, Vec<u8>)>>,
+) -> bool {
+    let Some(applied) = applied else {
+        return true;
+    };
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .any(|m| !applied.contains(&(m.version, m.checksum.to_vec())))
+}
 
 /// Rows per multi-row INSERT when importing: 17 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
@@ -50,9 +84,20 @@ pub(crate) fn multi_row_insert(rows: usize) -> String {
     sql
 }
 
-/// Implements [`crate::Store`] for `$store`, whose `pool` field is a `sqlx::Pool<$db>`.
+/// Implements [`crate::Store`] for `$store`, whose `pool` field (reads) and `writer` field (writes)
+/// are `sqlx::Pool<$db>`s and whose `writes` field is a [`crate::WriteTracker`].
 macro_rules! impl_store {
     ($store:ty, $backend:literal) => {
+        impl $store {
+            /// Runs one write operation and records how it went for `/readyz`.
+            async fn write<T>(
+                &self,
+                operation: impl std::future::Future<Output = Result<T, $crate::StoreError>>,
+            ) -> Result<T, $crate::StoreError> {
+                self.writes.observe(operation.await)
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::Store for $store {
             fn backend(&self) -> &'static str {
@@ -61,8 +106,24 @@ macro_rules! impl_store {
 
             #[tracing::instrument(skip_all)]
             async fn ping(&self) -> Result<(), $crate::StoreError> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                sqlx::query($crate::sql::PING).fetch_optional(&self.pool).await?;
                 Ok(())
+            }
+
+            fn write_health(&self) -> $crate::WriteHealth {
+                self.writes.health()
+            }
+
+            async fn close(&self) {
+                self.close_pools().await;
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn is_bootstrapped(&self) -> Result<bool, $crate::StoreError> {
+                let found = sqlx::query($crate::sql::BOOTSTRAPPED)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(found.is_some())
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant.id))]
@@ -71,18 +132,21 @@ macro_rules! impl_store {
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
             ) -> Result<(), $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query($crate::sql::INSERT_TENANT)
-                    .bind(tenant.id.as_uuid())
-                    .bind(&tenant.name)
-                    .bind(tenant.created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    sqlx::query($crate::sql::INSERT_TENANT)
+                        .bind(tenant.id.as_uuid())
+                        .bind(&tenant.name)
+                        .bind(tenant.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                    bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all)]
@@ -91,33 +155,36 @@ macro_rules! impl_store {
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
             ) -> Result<bool, $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                let claimed = sqlx::query($crate::sql::CLAIM_BOOTSTRAP)
-                    .bind(tenant.created_at.to_rfc3339())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                let empty = sqlx::query($crate::sql::ANY_TENANT)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_none();
-                if !(claimed && empty) {
-                    // Commit the claim anyway: a store that had tenants first is never bootstrapped later.
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    let claimed = sqlx::query($crate::sql::CLAIM_BOOTSTRAP)
+                        .bind(tenant.created_at.to_rfc3339())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    let empty = sqlx::query($crate::sql::ANY_TENANT)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .is_none();
+                    if !(claimed && empty) {
+                        // Commit the claim anyway: a store that had tenants first is never bootstrapped later.
+                        tx.commit().await?;
+                        return Ok(false);
+                    }
+                    sqlx::query($crate::sql::INSERT_TENANT)
+                        .bind(tenant.id.as_uuid())
+                        .bind(&tenant.name)
+                        .bind(tenant.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                    bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                        .execute(&mut *tx)
+                        .await?;
                     tx.commit().await?;
-                    return Ok(false);
-                }
-                sqlx::query($crate::sql::INSERT_TENANT)
-                    .bind(tenant.id.as_uuid())
-                    .bind(&tenant.name)
-                    .bind(tenant.created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(true)
+                    Ok(true)
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %id))]
@@ -137,10 +204,13 @@ macro_rules! impl_store {
                 &self,
                 credential: &keyplane_core::Credential,
             ) -> Result<(), $crate::StoreError> {
-                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                    .execute(&self.pool)
-                    .await?;
-                Ok(())
+                self.write(async {
+                    bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
+                        .execute(&self.writer)
+                        .await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(count = credentials.len()))]
@@ -148,17 +218,20 @@ macro_rules! impl_store {
                 &self,
                 credentials: &[keyplane_core::Credential],
             ) -> Result<(), $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
-                    let sql = $crate::sql::multi_row_insert(chunk.len());
-                    let mut query = sqlx::query(&sql);
-                    for credential in chunk {
-                        query = bind_credential(query, credential);
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
+                        let sql = $crate::sql::multi_row_insert(chunk.len());
+                        let mut query = sqlx::query(&sql);
+                        for credential in chunk {
+                            query = bind_credential(query, credential);
+                        }
+                        query.execute(&mut *tx).await?;
                     }
-                    query.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
@@ -225,38 +298,48 @@ macro_rules! impl_store {
                 tenant_id: keyplane_core::TenantId,
                 kind: keyplane_core::CredentialKind,
                 id: keyplane_core::CredentialId,
+                replaces: &keyplane_core::TokenHash,
                 rotation: &keyplane_core::Rotation,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
-                let sql = format!(
-                    "UPDATE credentials SET secret_hash = $1, display_prefix = $2, public_id = $3, \
-                     last4 = $4, updated_at = $5 \
-                     WHERE tenant_id = $6 AND kind = $7 AND id = $8 AND revoked_at IS NULL \
-                     RETURNING {}",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                );
-                let mut tx = self.pool.begin().await?;
-                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind(&rotation.secret_hash.as_bytes()[..])
-                    .bind(&rotation.display.prefix)
-                    .bind(&rotation.display.public_id)
-                    .bind(&rotation.display.last4)
-                    .bind(rotation.rotated_at)
-                    .bind(tenant_id.as_uuid())
-                    .bind(kind.as_str())
-                    .bind(id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if row.is_some() {
-                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
-                }
-                tx.commit().await?;
-                match row {
-                    Some(row) => row.try_into(),
-                    None => match self.get_credential(tenant_id, kind, id).await? {
-                        Some(_) => Err($crate::StoreError::Conflict("the credential is revoked".into())),
-                        None => Err($crate::StoreError::NotFound),
-                    },
-                }
+                self.write(async {
+                    // Compare-and-swap on the secret the caller saw: a rotation that lost a race
+                    // changes nothing.
+                    let sql = format!(
+                        "UPDATE credentials SET secret_hash = $1, display_prefix = $2, public_id = $3, \
+                         last4 = $4, updated_at = $5 \
+                         WHERE tenant_id = $6 AND kind = $7 AND id = $8 AND revoked_at IS NULL \
+                         AND secret_hash = $9 RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                        .bind(&rotation.secret_hash.as_bytes()[..])
+                        .bind(&rotation.display.prefix)
+                        .bind(&rotation.display.public_id)
+                        .bind(&rotation.display.last4)
+                        .bind(rotation.rotated_at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(kind.as_str())
+                        .bind(id.as_uuid())
+                        .bind(&replaces.as_bytes()[..])
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    }
+                    tx.commit().await?;
+                    match row {
+                        Some(row) => row.try_into(),
+                        None => match self.get_credential(tenant_id, kind, id).await? {
+                            Some(c) if c.is_revoked() => Err($crate::StoreError::Conflict("the credential is revoked".into())),
+                            Some(_) => Err($crate::StoreError::Conflict(
+                                "the credential was rotated by another request at the same time".into(),
+                            )),
+                            None => Err($crate::StoreError::NotFound),
+                        },
+                    }
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
@@ -268,32 +351,35 @@ macro_rules! impl_store {
                 at: chrono::DateTime<chrono::Utc>,
                 by_user: Option<keyplane_core::UserId>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
-                let sql = format!(
-                    "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
-                     WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
-                     RETURNING {}",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                );
-                let mut tx = self.pool.begin().await?;
-                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind(at)
-                    .bind(by_user.map(|u| u.as_uuid()))
-                    .bind(tenant_id.as_uuid())
-                    .bind(kind.as_str())
-                    .bind(id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if row.is_some() {
-                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
-                }
-                tx.commit().await?;
-                match row {
-                    Some(row) => row.try_into(),
-                    None => self
-                        .get_credential(tenant_id, kind, id)
-                        .await?
-                        .ok_or($crate::StoreError::NotFound),
-                }
+                self.write(async {
+                    let sql = format!(
+                        "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
+                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
+                         RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                        .bind(at)
+                        .bind(by_user.map(|u| u.as_uuid()))
+                        .bind(tenant_id.as_uuid())
+                        .bind(kind.as_str())
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    }
+                    tx.commit().await?;
+                    match row {
+                        Some(row) => row.try_into(),
+                        None => self
+                            .get_credential(tenant_id, kind, id)
+                            .await?
+                            .ok_or($crate::StoreError::NotFound),
+                    }
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
@@ -304,26 +390,29 @@ macro_rules! impl_store {
                 permissions: &[keyplane_core::RobotPermission],
                 at: chrono::DateTime<chrono::Utc>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
-                let sql = format!(
-                    "UPDATE credentials SET permissions = $1, updated_at = $2 \
-                     WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
-                     RETURNING {}",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                );
-                let mut tx = self.pool.begin().await?;
-                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind($crate::rows::permission_list_json(permissions))
-                    .bind(at)
-                    .bind(tenant_id.as_uuid())
-                    .bind(keyplane_core::CredentialKind::RobotAccount.as_str())
-                    .bind(id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if row.is_some() {
-                    Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
-                }
-                tx.commit().await?;
-                row.ok_or($crate::StoreError::NotFound)?.try_into()
+                self.write(async {
+                    let sql = format!(
+                        "UPDATE credentials SET permissions = $1, updated_at = $2 \
+                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
+                         RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                        .bind($crate::rows::permission_list_json(permissions))
+                        .bind(at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(keyplane_core::CredentialKind::RobotAccount.as_str())
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    }
+                    tx.commit().await?;
+                    row.ok_or($crate::StoreError::NotFound)?.try_into()
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %registry.tenant_id))]
@@ -332,27 +421,30 @@ macro_rules! impl_store {
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
             ) -> Result<(), $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query($crate::sql::INSERT_REGISTRY)
-                    .bind(registry.id)
-                    .bind(registry.tenant_id.as_uuid())
-                    .bind(&registry.project)
-                    .bind(registry.quota_gb)
-                    .bind(registry.created_at)
-                    .bind(registry.updated_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| match $crate::StoreError::from(e) {
-                        $crate::StoreError::Conflict(_) => $crate::StoreError::Conflict(
-                            "a registry for this tenant or with this project name exists".into(),
-                        ),
-                        other => other,
-                    })?;
-                bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    sqlx::query($crate::sql::INSERT_REGISTRY)
+                        .bind(registry.id)
+                        .bind(registry.tenant_id.as_uuid())
+                        .bind(&registry.project)
+                        .bind(registry.quota_gb)
+                        .bind(registry.created_at)
+                        .bind(registry.updated_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| match $crate::StoreError::from(e) {
+                            $crate::StoreError::Conflict(_) => $crate::StoreError::Conflict(
+                                "a registry for this tenant or with this project name exists".into(),
+                            ),
+                            other => other,
+                        })?;
+                    bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
@@ -382,45 +474,51 @@ macro_rules! impl_store {
                 &self,
                 candidate: &$crate::SigningKey,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
-                sqlx::query($crate::sql::INSERT_SIGNING_KEY)
-                    .bind(&candidate.key_id)
-                    .bind(candidate.private_key.expose_secret())
-                    .bind(&candidate.certificate_pem)
-                    .bind(candidate.created_at)
-                    .execute(&self.pool)
-                    .await?;
-                let row: $crate::rows::SigningKeyRow = sqlx::query_as($crate::sql::SELECT_SIGNING_KEY)
-                    .fetch_one(&self.pool)
-                    .await?;
-                Ok(row.into())
+                self.write(async {
+                    sqlx::query($crate::sql::INSERT_SIGNING_KEY)
+                        .bind(&candidate.key_id)
+                        .bind(candidate.private_key.expose_secret())
+                        .bind(&candidate.certificate_pem)
+                        .bind(candidate.created_at)
+                        .execute(&self.writer)
+                        .await?;
+                    let row: $crate::rows::SigningKeyRow = sqlx::query_as($crate::sql::SELECT_SIGNING_KEY)
+                        .fetch_one(&self.writer)
+                        .await?;
+                    Ok(row.into())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
             async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query($crate::sql::INSERT_GRANT)
-                    .bind(grant.id.as_uuid())
-                    .bind(grant.tenant_id.as_uuid())
-                    .bind(grant.kind.as_str())
-                    .bind(grant.subject_type.as_str())
-                    .bind(grant.subject_id)
-                    .bind(grant.capability_key.as_ref().map(|k| k.as_str()))
-                    .bind(&grant.resource.resource_type)
-                    .bind(&grant.resource.resource_id)
-                    .bind(grant.created_at)
-                    .bind(grant.revoked_at)
-                    .bind(grant.created_by_user_id.map(|u| u.as_uuid()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| match $crate::StoreError::from(e) {
-                        $crate::StoreError::Conflict(_) => {
-                            $crate::StoreError::Conflict("the same live grant already exists".into())
-                        }
-                        other => other,
-                    })?;
-                Self::notify_invalidation(&mut tx, grant.subject_id).await?;
-                tx.commit().await?;
-                Ok(())
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    sqlx::query($crate::sql::INSERT_GRANT)
+                        .bind(grant.id.as_uuid())
+                        .bind(grant.tenant_id.as_uuid())
+                        .bind(grant.kind.as_str())
+                        .bind(grant.subject_type.as_str())
+                        .bind(grant.subject_id)
+                        .bind(grant.capability_key.as_ref().map(|k| k.as_str()))
+                        .bind(&grant.resource.resource_type)
+                        .bind(&grant.resource.resource_id)
+                        .bind(grant.created_at)
+                        .bind(grant.revoked_at)
+                        .bind(grant.created_by_user_id.map(|u| u.as_uuid()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| match $crate::StoreError::from(e) {
+                            $crate::StoreError::Conflict(_) => {
+                                $crate::StoreError::Conflict("the same live grant already exists".into())
+                            }
+                            other => other,
+                        })?;
+                    Self::notify_invalidation(&mut tx, grant.subject_id).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %filter.tenant_id))]
@@ -491,23 +589,26 @@ macro_rules! impl_store {
                 id: keyplane_core::GrantId,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> Result<keyplane_core::Grant, $crate::StoreError> {
-                let sql = format!(
-                    "UPDATE grants SET revoked_at = COALESCE(revoked_at, $1) \
-                     WHERE tenant_id = $2 AND id = $3 RETURNING {}",
-                    $crate::sql::GRANT_COLUMNS
-                );
-                let mut tx = self.pool.begin().await?;
-                let row: Option<$crate::rows::GrantRow> = sqlx::query_as(&sql)
-                    .bind(at)
-                    .bind(tenant_id.as_uuid())
-                    .bind(id.as_uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if row.is_some() {
-                    Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
-                }
-                tx.commit().await?;
-                row.ok_or($crate::StoreError::NotFound)?.try_into()
+                self.write(async {
+                    let sql = format!(
+                        "UPDATE grants SET revoked_at = COALESCE(revoked_at, $1) \
+                         WHERE tenant_id = $2 AND id = $3 RETURNING {}",
+                        $crate::sql::GRANT_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                        .bind(at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
+                    }
+                    tx.commit().await?;
+                    row.ok_or($crate::StoreError::NotFound)?.try_into()
+                })
+                .await
             }
 
             fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {
@@ -519,16 +620,19 @@ macro_rules! impl_store {
                 &self,
                 uses: &[(keyplane_core::CredentialId, chrono::DateTime<chrono::Utc>)],
             ) -> Result<(), $crate::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                for (id, at) in uses {
-                    sqlx::query($crate::sql::TOUCH_LAST_USED)
-                        .bind(id.as_uuid())
-                        .bind(*at)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(())
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    for (id, at) in uses {
+                        sqlx::query($crate::sql::TOUCH_LAST_USED)
+                            .bind(id.as_uuid())
+                            .bind(*at)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
         }
     };

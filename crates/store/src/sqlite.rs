@@ -5,28 +5,102 @@ use sqlx::SqlitePool;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The embedded default: one SQLite file in WAL mode.
+/// How long a write waits for SQLite's write lock, and for the one writer connection, before it
+/// answers `Busy` (503): long enough to ride out another writer's transaction, short enough for a
+/// client to retry.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// The embedded default: one SQLite file in WAL mode. SQLite has one writer at a time, so writes
+/// queue on a pool of one connection, and reads (which WAL never blocks) have their own pool:
+/// waiting writers cannot starve verification.
 pub struct SqliteStore {
+    /// Read-only connections: every read.
     pool: SqlitePool,
+    /// The one read-write connection: every write.
+    writer: SqlitePool,
+    writes: crate::WriteTracker,
 }
 
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid SQLite URL: {e}")))?
+            .busy_timeout(WRITE_WAIT)
+            .foreign_keys(true);
+        create_private_file(options.get_filename())?;
+        let writer_options = options
+            .clone()
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: an acknowledged write survives power loss, not only a process crash.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .synchronous(SqliteSynchronous::Full);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            // Kept open for the process's life: it is the connection that checkpoints and removes
+            // the WAL when the store closes.
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(WRITE_WAIT)
+            .connect_with(writer_options)
+            .await?;
+        let migrator = sqlx::migrate!("./migrations/sqlite");
+        if crate::sql::migrations_pending(&migrator, crate::sql::applied_migrations(&writer).await)
+        {
+            migrator.run(&writer).await?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.read_only(true))
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer,
+            writes: crate::WriteTracker::default(),
+        })
+    }
+
+    async fn close_pools(&self) {
+        // Readers first: the last connection to close checkpoints the WAL and removes it, and only
+        // a read-write one can.
+        self.pool.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// Creates the database file readable by its owner only, whatever the umask: it holds every
+/// credential hash and the registry signing key. SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if path.as_os_str() == ":memory:" || path.exists() {
+            return Ok(());
+        }
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(_) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| {
+                    StoreError::Config(format!("cannot restrict {}: {e}", path.display()))
+                }),
+            // Another process created it first: its mode is checked by whoever opens the data dir.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(StoreError::Config(format!(
+                "cannot create {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
     }
 }
 

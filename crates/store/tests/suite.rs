@@ -105,6 +105,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
             f.tenant.id,
             CredentialKind::ApiToken,
             credential.id,
+            &credential.secret_hash,
             &rotation,
         )
         .await
@@ -163,6 +164,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
                 f.tenant.id,
                 CredentialKind::ApiToken,
                 credential.id,
+                &credential.secret_hash,
                 &rotation
             )
             .await,
@@ -513,6 +515,131 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
         .is_empty());
 }
 
+/// Of two rotations that read the same secret, the second changes nothing and is `Conflict`.
+async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "contested");
+    f.store.insert_credential(&credential).await.unwrap();
+    let (first, first_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let (second, second_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let rotate = |rotation: Rotation| {
+        let store = f.store.clone();
+        let (tenant, id, seen) = (f.tenant.id, credential.id, credential.secret_hash.clone());
+        async move {
+            store
+                .rotate_credential(tenant, CredentialKind::ApiToken, id, &seen, &rotation)
+                .await
+        }
+    };
+    rotate(first).await.unwrap();
+    let lost = rotate(second).await;
+    assert!(
+        matches!(lost, Err(StoreError::Conflict(_))),
+        "the second rotation of the same secret: {lost:?}"
+    );
+    let by_first = f
+        .store
+        .find_credential_by_hash(&first_secret.hash())
+        .await
+        .unwrap();
+    assert_eq!(by_first.map(|c| c.id), Some(credential.id));
+    assert!(f
+        .store
+        .find_credential_by_hash(&second_secret.hash())
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn is_bootstrapped_says_whether_bootstrap_could_run(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = keyplane_store::connect(&db.url).await.unwrap();
+    assert!(!store.is_bootstrapped().await.unwrap());
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "default".into(),
+        created_at: now(),
+    };
+    let (credential, _) = new_token(tenant.id, "bootstrap");
+    assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(store.is_bootstrapped().await.unwrap());
+    // A store with tenants made another way counts too: bootstrap_once would do nothing there.
+    assert!(fixture(backend).await.store.is_bootstrapped().await.unwrap());
+}
+
+/// Another connection holds the write lock: writes answer `Busy` in bounded time, reads go on, and
+/// the store's write health says so until a write succeeds again.
+async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
+    use sqlx::{Connection, Executor};
+    let f = fixture(backend).await;
+    let (kept, _) = new_token(f.tenant.id, "kept");
+    f.store.insert_credential(&kept).await.unwrap();
+    assert_eq!(f.store.write_health(), Default::default());
+
+    let lock: Box<dyn std::any::Any> = match backend {
+        Backend::Sqlite => {
+            let mut holder = sqlx::SqliteConnection::connect(&f._db.url).await.unwrap();
+            holder.execute("BEGIN EXCLUSIVE").await.unwrap();
+            Box::new(holder)
+        }
+        Backend::Postgres => {
+            let mut holder = sqlx::PgConnection::connect(&f._db.url).await.unwrap();
+            holder
+                .execute("BEGIN; LOCK TABLE credentials IN EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            Box::new(holder)
+        }
+    };
+    let (blocked, _) = new_token(f.tenant.id, "blocked");
+    let started = std::time::Instant::now();
+    let outcome = f.store.insert_credential(&blocked).await;
+    assert!(
+        matches!(&outcome, Err(e) if e.fault() == Some(keyplane_store::StoreFault::Busy)),
+        "a write behind a held lock: {outcome:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the write waited {:?}",
+        started.elapsed()
+    );
+    let health = f.store.write_health();
+    assert!(health.failing);
+    assert_eq!(
+        health.last_failure.map(|(fault, _)| fault),
+        Some(keyplane_store::StoreFault::Busy)
+    );
+    // Reads are not behind the lock.
+    let read = f
+        .store
+        .get_credential(f.tenant.id, CredentialKind::ApiToken, kept.id)
+        .await
+        .unwrap();
+    assert!(read.is_some());
+    f.store.ping().await.unwrap();
+
+    drop(lock);
+    f.store.insert_credential(&blocked).await.unwrap();
+    let health = f.store.write_health();
+    assert!(!health.failing, "a write succeeded: {health:?}");
+    assert!(health.last_failure.is_some(), "the last failure is kept");
+}
+
+async fn a_closed_store_answers_unavailable(backend: Backend) {
+    let f = fixture(backend).await;
+    f.store.close().await;
+    let ping = f.store.ping().await;
+    assert!(
+        matches!(ping, Err(StoreError::Unavailable(_))),
+        "ping after close: {ping:?}"
+    );
+    let (late, _) = new_token(f.tenant.id, "late");
+    assert!(matches!(
+        f.store.insert_credential(&late).await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -544,4 +671,8 @@ store_suite! {
     grants_filter_conflict_and_revoke,
     a_subjects_live_grants_span_tenants,
     import_is_all_or_nothing,
+    a_rotation_that_lost_the_race_changes_nothing,
+    is_bootstrapped_says_whether_bootstrap_could_run,
+    a_locked_store_answers_busy_while_reads_go_on,
+    a_closed_store_answers_unavailable,
 }

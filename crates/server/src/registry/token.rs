@@ -91,10 +91,10 @@ impl IntoResponse for RegistryError {
                 HeaderValue::from_static("Basic realm=\"keyplane registry\""),
             );
         }
-        if let AppError::RateLimited { retry_after_secs } = &error {
+        if let Some(seconds) = error.retry_after_secs() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
             .extensions_mut()
