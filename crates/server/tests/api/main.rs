@@ -8,5 +8,6 @@ mod hybridbox;
 mod logs;
 mod oidc;
 mod operations;
+mod pg_proxy;
 mod robots;
 mod verify;
