@@ -46,11 +46,7 @@ pub struct GrantArgs {
     issuer: Option<String>,
     /// The issuer whose canonical UUID `sub`s are user ids as they are: the same value as `serve
     /// --oidc-uuid-subjects`, so both derive the same user id from --user-sub.
-    #[arg(
-        long,
-        env = "KEYPLANE_OIDC_UUID_SUBJECTS",
-        value_name = "ISSUER"
-    )]
+    #[arg(long, env = "KEYPLANE_OIDC_UUID_SUBJECTS", value_name = "ISSUER")]
     oidc_uuid_subjects: Option<String>,
     #[command(flatten)]
     right: GrantRight,

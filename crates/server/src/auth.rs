@@ -175,7 +175,8 @@ impl Verifier {
             Invalidation::Reset => {
                 // Known entries stay, marked for reload, so stale-if-error can still serve them
                 // if the store is what failed.
-                self.reset_at.store(self.nanos_since_epoch(), Ordering::Release);
+                self.reset_at
+                    .store(self.nanos_since_epoch(), Ordering::Release);
                 self.unknown.clear();
                 self.users.clear();
             }
@@ -251,13 +252,12 @@ impl Verifier {
     /// A credential authenticating itself at forward-auth, whoami or as an introspection caller:
     /// any live credential but a robot secret, which logs in to the registry only.
     pub async fn verify_bearer(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let result = self
-            .verify_uncounted(presented)
-            .await
-            .and_then(|verified| match verified.credential.kind {
+        let result = self.verify_uncounted(presented).await.and_then(|verified| {
+            match verified.credential.kind {
                 CredentialKind::RobotAccount => Err(AppError::Unauthenticated("robot secret")),
                 _ => Ok(verified),
-            });
+            }
+        });
         self.count(result.as_ref());
         result
     }
@@ -270,16 +270,15 @@ impl Verifier {
         presented: &str,
         tenant: TenantId,
     ) -> Result<Arc<Verified>, AppError> {
-        let result = self
-            .verify_uncounted(presented)
-            .await
-            .and_then(|verified| match &verified.credential {
+        let result = self.verify_uncounted(presented).await.and_then(|verified| {
+            match &verified.credential {
                 c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
                 c if c.kind == CredentialKind::RobotAccount => {
                     Err(AppError::Unauthenticated("robot secret"))
                 }
                 _ => Ok(verified),
-            });
+            }
+        });
         self.count(result.as_ref());
         result
     }
@@ -299,8 +298,13 @@ impl Verifier {
 
     /// The cache, then the store; a cached valid credential answers stale when the store cannot.
     async fn lookup(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
-        if self.unknown.get(hash).is_some_and(|until| Instant::now() < until) {
-            self.metrics.verify_cache(crate::metrics::CacheOutcome::Unknown);
+        if self
+            .unknown
+            .get(hash)
+            .is_some_and(|until| Instant::now() < until)
+        {
+            self.metrics
+                .verify_cache(crate::metrics::CacheOutcome::Unknown);
             return Err(AppError::Unauthenticated("unknown"));
         }
         let cached = self.cache.get(hash);
@@ -312,11 +316,13 @@ impl Verifier {
         let retry_from = Instant::now() - STORE_RETRY_INTERVAL.min(self.epoch.elapsed());
         if let Some(known) = servable.as_ref() {
             if self.marked_since(&self.store_fault_at, retry_from) {
-                self.metrics.verify_cache(crate::metrics::CacheOutcome::Stale);
+                self.metrics
+                    .verify_cache(crate::metrics::CacheOutcome::Stale);
                 return Ok(known.verified.clone());
             }
         }
-        self.metrics.verify_cache(crate::metrics::CacheOutcome::Miss);
+        self.metrics
+            .verify_cache(crate::metrics::CacheOutcome::Miss);
         match self.load(hash).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
@@ -324,7 +330,8 @@ impl Verifier {
                 match servable {
                     Some(known) => {
                         tracing::debug!(credential.id = %known.verified.credential.id, error = %fault, "store fault: answering from the cache (stale-if-error)");
-                        self.metrics.verify_cache(crate::metrics::CacheOutcome::Stale);
+                        self.metrics
+                            .verify_cache(crate::metrics::CacheOutcome::Stale);
                         Ok(known.verified)
                     }
                     None => Err(fault),
@@ -339,7 +346,8 @@ impl Verifier {
         let found = self.store.find_credential_by_hash(hash).await?;
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(hash);
-            self.unknown.insert(*hash, loaded + self.config.negative_ttl);
+            self.unknown
+                .insert(*hash, loaded + self.config.negative_ttl);
             return Err(AppError::Unauthenticated("unknown or revoked"));
         };
         let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;

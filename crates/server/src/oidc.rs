@@ -617,10 +617,15 @@ mod tests {
             user_id(trusted, "alice", Some(trusted)),
             UserId::from_subject(trusted, "alice")
         );
-        assert_eq!(user_id(trusted, uuid, None), UserId::from_subject(trusted, uuid));
+        assert_eq!(
+            user_id(trusted, uuid, None),
+            UserId::from_subject(trusted, uuid)
+        );
         let config = OidcConfig::new(vec![trusted.into(), other.into()], "api".into()).unwrap();
         assert!(config.clone().with_uuid_subjects(other.into()).is_ok());
-        assert!(config.with_uuid_subjects("https://c.example".into()).is_err());
+        assert!(config
+            .with_uuid_subjects("https://c.example".into())
+            .is_err());
     }
 
     fn b64(bytes: &[u8]) -> String {

@@ -48,17 +48,27 @@ impl Store for FaultyStore {
         self.inner.listen_invalidations(on_event)
     }
 
-    async fn ping(&self, ) -> Result<(), StoreError> {
+    async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
     }
 
-    async fn create_tenant_with_credential(&self, tenant: &Tenant, credential: &Credential,) -> Result<(), StoreError> {
+    async fn create_tenant_with_credential(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.create_tenant_with_credential(tenant, credential).await
+        self.inner
+            .create_tenant_with_credential(tenant, credential)
+            .await
     }
 
-    async fn bootstrap_once(&self, tenant: &Tenant, credential: &Credential,) -> Result<bool, StoreError> {
+    async fn bootstrap_once(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.bootstrap_once(tenant, credential).await
     }
@@ -78,42 +88,85 @@ impl Store for FaultyStore {
         self.inner.import_credentials(credentials).await
     }
 
-    async fn get_credential(&self, tenant_id: TenantId, kind: CredentialKind, id: CredentialId,) -> Result<Option<Credential>, StoreError> {
+    async fn get_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+    ) -> Result<Option<Credential>, StoreError> {
         self.check()?;
         self.inner.get_credential(tenant_id, kind, id).await
     }
 
-    async fn list_credentials(&self, query: &ListCredentials,) -> Result<Vec<Credential>, StoreError> {
+    async fn list_credentials(
+        &self,
+        query: &ListCredentials,
+    ) -> Result<Vec<Credential>, StoreError> {
         self.check()?;
         self.inner.list_credentials(query).await
     }
 
-    async fn find_credential_by_hash(&self, hash: &TokenHash,) -> Result<Option<Credential>, StoreError> {
+    async fn find_credential_by_hash(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<Credential>, StoreError> {
         self.check()?;
         self.inner.find_credential_by_hash(hash).await
     }
 
-    async fn rotate_credential(&self, tenant_id: TenantId, kind: CredentialKind, id: CredentialId, rotation: &Rotation,) -> Result<Credential, StoreError> {
+    async fn rotate_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        rotation: &Rotation,
+    ) -> Result<Credential, StoreError> {
         self.check()?;
-        self.inner.rotate_credential(tenant_id, kind, id, rotation).await
+        self.inner
+            .rotate_credential(tenant_id, kind, id, rotation)
+            .await
     }
 
-    async fn revoke_credential(&self, tenant_id: TenantId, kind: CredentialKind, id: CredentialId, at: DateTime<Utc>, by_user: Option<UserId>,) -> Result<Credential, StoreError> {
+    async fn revoke_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        at: DateTime<Utc>,
+        by_user: Option<UserId>,
+    ) -> Result<Credential, StoreError> {
         self.check()?;
-        self.inner.revoke_credential(tenant_id, kind, id, at, by_user).await
+        self.inner
+            .revoke_credential(tenant_id, kind, id, at, by_user)
+            .await
     }
 
-    async fn update_robot_permissions(&self, tenant_id: TenantId, id: CredentialId, permissions: &[keyplane_core::RobotPermission], at: DateTime<Utc>,) -> Result<Credential, StoreError> {
+    async fn update_robot_permissions(
+        &self,
+        tenant_id: TenantId,
+        id: CredentialId,
+        permissions: &[keyplane_core::RobotPermission],
+        at: DateTime<Utc>,
+    ) -> Result<Credential, StoreError> {
         self.check()?;
-        self.inner.update_robot_permissions(tenant_id, id, permissions, at).await
+        self.inner
+            .update_robot_permissions(tenant_id, id, permissions, at)
+            .await
     }
 
-    async fn create_registry(&self, registry: &keyplane_core::Registry, default_robot: &Credential,) -> Result<(), StoreError> {
+    async fn create_registry(
+        &self,
+        registry: &keyplane_core::Registry,
+        default_robot: &Credential,
+    ) -> Result<(), StoreError> {
         self.check()?;
         self.inner.create_registry(registry, default_robot).await
     }
 
-    async fn get_registry(&self, tenant_id: TenantId,) -> Result<Option<keyplane_core::Registry>, StoreError> {
+    async fn get_registry(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Option<keyplane_core::Registry>, StoreError> {
         self.check()?;
         self.inner.get_registry(tenant_id).await
     }
@@ -123,7 +176,10 @@ impl Store for FaultyStore {
         self.inner.project_taken(project).await
     }
 
-    async fn signing_key_or_insert(&self, candidate: &SigningKey) -> Result<SigningKey, StoreError> {
+    async fn signing_key_or_insert(
+        &self,
+        candidate: &SigningKey,
+    ) -> Result<SigningKey, StoreError> {
         self.check()?;
         self.inner.signing_key_or_insert(candidate).await
     }
@@ -138,23 +194,41 @@ impl Store for FaultyStore {
         self.inner.list_grants(filter).await
     }
 
-    async fn list_grants_of_subject(&self, subject_type: SubjectType, subject_id: uuid::Uuid,) -> Result<Vec<Grant>, StoreError> {
+    async fn list_grants_of_subject(
+        &self,
+        subject_type: SubjectType,
+        subject_id: uuid::Uuid,
+    ) -> Result<Vec<Grant>, StoreError> {
         self.check()?;
-        self.inner.list_grants_of_subject(subject_type, subject_id).await
+        self.inner
+            .list_grants_of_subject(subject_type, subject_id)
+            .await
     }
 
-    async fn get_grant(&self, tenant_id: TenantId, id: GrantId,) -> Result<Option<Grant>, StoreError> {
+    async fn get_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+    ) -> Result<Option<Grant>, StoreError> {
         self.check()?;
         self.inner.get_grant(tenant_id, id).await
     }
 
-    async fn revoke_grant(&self, tenant_id: TenantId, id: GrantId, at: DateTime<Utc>,) -> Result<Grant, StoreError> {
+    async fn revoke_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+        at: DateTime<Utc>,
+    ) -> Result<Grant, StoreError> {
         self.check()?;
         self.inner.revoke_grant(tenant_id, id, at).await
     }
 
-    async fn record_last_used(&self, uses: &[(CredentialId, DateTime<Utc>)],) -> Result<(), StoreError> {
+    async fn record_last_used(
+        &self,
+        uses: &[(CredentialId, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.record_last_used(uses, DateTime<Utc>)]).await
+        self.inner.record_last_used(uses).await
     }
 }

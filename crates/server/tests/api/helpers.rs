@@ -1,8 +1,8 @@
 use keyplane_server::{ops, App, Config};
 use keyplane_store::testing::{Backend, TestDatabase};
+use keyplane_store::Store;
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
-use keyplane_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
