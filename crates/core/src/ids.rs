@@ -92,11 +92,13 @@ impl UserId {
     }
 
     /// A `sub` that is a UUID in canonical lower-case hyphenated form, taken as the user id itself
-    /// (for the one issuer an operator trusts to name users by their keyplane ids).
+    /// (for the one issuer an operator trusts to name users by their keyplane ids). Not a version 5
+    /// UUID: those are what [`UserId::from_subject`] gives every other issuer's users, and taking
+    /// one as it is would let this issuer act as them.
     pub fn from_uuid_subject(sub: &str) -> Option<Self> {
         let uuid = Uuid::parse_str(sub).ok()?;
         let canonical = uuid.hyphenated().to_string() == sub;
-        canonical.then_some(Self(uuid))
+        (canonical && uuid.get_version_num() != 5).then_some(Self(uuid))
     }
 }
 
@@ -132,6 +134,12 @@ mod tests {
         ] {
             assert_eq!(UserId::from_uuid_subject(other), None, "{other}");
         }
+        let v5 = UserId::from_subject("https://other", "bob").to_string();
+        assert_eq!(
+            UserId::from_uuid_subject(&v5),
+            None,
+            "another issuer's user"
+        );
         // Without the exception, a UUID sub is hashed like any other.
         assert_ne!(UserId::from_subject("https://idp", sub).to_string(), sub);
     }

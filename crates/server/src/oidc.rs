@@ -99,8 +99,8 @@ impl OidcConfig {
 
 /// The user a token's `sub` at `issuer` speaks for: `UUIDv5(NAMESPACE_URL, issuer + "#" + sub)`,
 /// except that the one issuer named by `uuid_subjects` names its users by a canonical lower-case
-/// UUID `sub` directly. So no issuer can produce another issuer's users, and a UUID-shaped `sub`
-/// elsewhere is hashed like any other. `keyplane admin grant --user-sub` uses the same rule.
+/// UUID `sub` directly (but for version 5 UUIDs, the ids of other issuers' users). So no issuer can
+/// produce another issuer's users, and a UUID-shaped `sub` elsewhere is hashed like any other. `keyplane admin grant --user-sub` uses the same rule.
 pub fn user_id(issuer: &str, sub: &str, uuid_subjects: Option<&str>) -> UserId {
     let direct = (uuid_subjects == Some(issuer))
         .then(|| UserId::from_uuid_subject(sub))
