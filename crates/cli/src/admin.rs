@@ -44,6 +44,10 @@ pub struct GrantArgs {
         conflicts_with = "user_id"
     )]
     issuer: Option<String>,
+    /// The issuer whose canonical UUID `sub`s are user ids as they are: the same value as `serve
+    /// --oidc-uuid-subjects`, so both derive the same user id from --user-sub.
+    #[arg(long, env = "KEYPLANE_OIDC_UUID_SUBJECTS", value_name = "ISSUER")]
+    oidc_uuid_subjects: Option<String>,
     #[command(flatten)]
     right: GrantRight,
     #[command(flatten)]
@@ -86,7 +90,9 @@ impl GrantArgs {
     fn user(&self) -> UserId {
         match (&self.user.user_id, &self.user.user_sub, &self.issuer) {
             (Some(user), _, _) => *user,
-            (None, Some(sub), Some(issuer)) => UserId::from_subject(issuer, sub),
+            (None, Some(sub), Some(issuer)) => {
+                keyplane_server::oidc::user_id(issuer, sub, self.oidc_uuid_subjects.as_deref())
+            }
             // clap requires one of the two forms.
             _ => unreachable!("--user-id or --user-sub with --issuer"),
         }

@@ -1,6 +1,7 @@
 use crate::{LogFormat, StoreArgs};
 use anyhow::Context;
 use clap::Args;
+use keyplane_server::auth::CacheConfig;
 use keyplane_server::config::RegistryConfig;
 use keyplane_server::oidc::OidcConfig;
 use keyplane_server::{ops, App, Config};
@@ -68,6 +69,20 @@ pub struct ServeArgs {
         requires = "oidc_issuers"
     )]
     oidc_audience: Option<String>,
+    /// The one --oidc-issuer whose `sub`, when a canonical lower-case UUID, is the user id as it
+    /// is; every other `sub` (and every other issuer's) maps to UUIDv5(URL, issuer + "#" + sub).
+    /// Give `keyplane admin grant` the same value.
+    #[arg(
+        long,
+        env = "KEYPLANE_OIDC_UUID_SUBJECTS",
+        value_name = "ISSUER",
+        requires = "oidc_issuers"
+    )]
+    oidc_uuid_subjects: Option<String>,
+    /// Seconds a cached valid credential keeps verifying past its cache lifetime while the store
+    /// cannot be reached (stale-if-error); revoked, unknown and uncached ones fail closed. 0 = off.
+    #[arg(long, env = "KEYPLANE_STALE_IF_ERROR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    stale_if_error_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -75,10 +90,16 @@ pub struct ServeArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let oidc = match args.oidc_audience {
-        Some(audience) => Some(
-            OidcConfig::new(args.oidc_issuers, audience)
-                .map_err(|e| anyhow::anyhow!("--oidc-issuer / --oidc-audience: {e}"))?,
-        ),
+        Some(audience) => {
+            let config = OidcConfig::new(args.oidc_issuers, audience)
+                .map_err(|e| anyhow::anyhow!("--oidc-issuer / --oidc-audience: {e}"))?;
+            Some(match args.oidc_uuid_subjects {
+                Some(issuer) => config
+                    .with_uuid_subjects(issuer)
+                    .map_err(|e| anyhow::anyhow!("--oidc-uuid-subjects: {e}"))?,
+                None => config,
+            })
+        }
         None => None,
     };
     let store = args.store.open().await?;
@@ -101,6 +122,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
         },
         oidc,
+        verify_cache: CacheConfig {
+            stale_if_error: Duration::from_secs(args.stale_if_error_seconds),
+            ..CacheConfig::default()
+        },
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

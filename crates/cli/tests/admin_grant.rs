@@ -145,6 +145,44 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
     assert_eq!(manager["subject_id"], bob);
     assert_eq!(manager["capability_key"], "auth.manage");
 
+    // The UUID-subject rule is the server's: a UUID sub is the id only from the issuer named by
+    // --oidc-uuid-subjects; from any other issuer it is hashed like any other sub.
+    let carol = "0b7e6d9c-5f4a-4c3b-9a1e-2d8f7c6b5a49";
+    let from_trusted = json_line(&grant(
+        &store,
+        &org,
+        &[
+            "--user-sub",
+            carol,
+            "--issuer",
+            issuer,
+            "--oidc-uuid-subjects",
+            issuer,
+            "--capability",
+            "auth.manage",
+        ],
+    ));
+    assert_eq!(from_trusted["subject_id"], carol);
+    let elsewhere = "https://idp.example/realms/other";
+    let from_other = json_line(&grant(
+        &store,
+        &org,
+        &[
+            "--user-sub",
+            carol,
+            "--issuer",
+            elsewhere,
+            "--oidc-uuid-subjects",
+            issuer,
+            "--capability",
+            "auth.manage",
+        ],
+    ));
+    assert_eq!(
+        from_other["subject_id"],
+        UserId::from_subject(elsewhere, carol).to_string()
+    );
+
     // Stored as the API stores grants, with no acting user: the operator is not one.
     let opened = keyplane_store::connect(&test_store.db.url).await.unwrap();
     let stored = opened

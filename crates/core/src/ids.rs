@@ -82,16 +82,23 @@ impl CredentialId {
 }
 
 impl UserId {
-    /// A UUID `sub` is the user id itself; any other `sub` maps to
-    /// `UUIDv5(NAMESPACE_URL, issuer + "#" + sub)`, so the same person keeps one id per issuer.
+    /// `UUIDv5(NAMESPACE_URL, issuer + "#" + sub)`: the same person keeps one id per issuer, and
+    /// no issuer can produce an id another issuer's `sub` maps to.
     pub fn from_subject(issuer: &str, sub: &str) -> Self {
-        match Uuid::parse_str(sub) {
-            Ok(uuid) => Self(uuid),
-            Err(_) => Self(Uuid::new_v5(
-                &Uuid::NAMESPACE_URL,
-                format!("{issuer}#{sub}").as_bytes(),
-            )),
-        }
+        Self(Uuid::new_v5(
+            &Uuid::NAMESPACE_URL,
+            format!("{issuer}#{sub}").as_bytes(),
+        ))
+    }
+
+    /// A `sub` that is a UUID in canonical lower-case hyphenated form, taken as the user id itself
+    /// (for the one issuer an operator trusts to name users by their keyplane ids). Not a version 5
+    /// UUID: those are what [`UserId::from_subject`] gives every other issuer's users, and taking
+    /// one as it is would let this issuer act as them.
+    pub fn from_uuid_subject(sub: &str) -> Option<Self> {
+        let uuid = Uuid::parse_str(sub).ok()?;
+        let canonical = uuid.hyphenated().to_string() == sub;
+        (canonical && uuid.get_version_num() != 5).then_some(Self(uuid))
     }
 }
 
@@ -112,12 +119,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn user_id_from_uuid_sub_is_the_sub() {
+    fn a_uuid_sub_is_a_user_id_only_in_canonical_form() {
         let sub = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
         assert_eq!(
-            UserId::from_subject("https://idp", sub).to_string(),
-            sub.to_string()
+            UserId::from_uuid_subject(sub).map(|u| u.to_string()),
+            Some(sub.to_string())
         );
+        for other in [
+            "3C90C3CC-0D44-4B50-8888-8DD25736052A",
+            "3c90c3cc0d444b5088888dd25736052a",
+            "{3c90c3cc-0d44-4b50-8888-8dd25736052a}",
+            "urn:uuid:3c90c3cc-0d44-4b50-8888-8dd25736052a",
+            "alice",
+        ] {
+            assert_eq!(UserId::from_uuid_subject(other), None, "{other}");
+        }
+        let v5 = UserId::from_subject("https://other", "bob").to_string();
+        assert_eq!(
+            UserId::from_uuid_subject(&v5),
+            None,
+            "another issuer's user"
+        );
+        // Without the exception, a UUID sub is hashed like any other.
+        assert_ne!(UserId::from_subject("https://idp", sub).to_string(), sub);
     }
 
     #[test]

@@ -4,8 +4,17 @@
 //! client; the reason goes to the log and metrics.
 //!
 //! Staleness is bounded three ways: local writes invalidate at once; other replicas' writes arrive
-//! as [`Invalidation`]s (PostgreSQL NOTIFY) within milliseconds; and every positive entry expires
+//! as [`Invalidation`]s (PostgreSQL NOTIFY) within milliseconds, and a listener that stops hearing
+//! its own heartbeat reports a reset within seconds; and every positive entry must be reloaded
 //! after `positive_ttl`, the backstop if a notification is ever lost.
+//!
+//! Stale-if-error: when that reload fails because the store cannot answer, an entry loaded at most
+//! `positive_ttl + stale_if_error` ago keeps verifying, unless its subject was invalidated since
+//! it was loaded. Unknown, revoked and uncached secrets fail closed.
+//!
+//! Unknown secrets (well-formed, so anyone can mint them at will) are cached apart from known ones,
+//! in a smaller negative cache: a flood of them can only evict each other, never a tenant's valid
+//! credentials.
 //!
 //! Users (OIDC JWT access tokens, management APIs only) take a parallel path: the token is validated
 //! by [`crate::oidc`], the user's rights are read from its grants, and the principal is cached by the
@@ -17,10 +26,12 @@ use crate::metrics::Metrics;
 use crate::oidc::{Oidc, OidcConfig};
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
-use keyplane_core::{token, Credential, CredentialKind, Principal, Registry, ScopeSet, TokenHash};
+use keyplane_core::{
+    token, Credential, CredentialKind, Principal, Registry, ScopeSet, TenantId, TokenHash,
+};
 use keyplane_store::{Invalidation, Store};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -56,41 +67,64 @@ struct CachedUser {
     until: Instant,
 }
 
+/// A known, live credential as it was loaded from the store.
 #[derive(Clone)]
-enum Cached {
-    Known {
-        verified: Arc<Verified>,
-        loaded: Instant,
-    },
-    Unknown {
-        until: Instant,
-    },
+struct Known {
+    verified: Arc<Verified>,
+    loaded: Instant,
 }
 
 /// Cache sizing and lifetimes.
+///
+/// Eviction rule: known entries exist only for real, live credentials, so growing them takes
+/// creating credentials (a management write, rate limited per credential). They share
+/// `capacity` with no per-tenant quota, under quick_cache's frequency-aware eviction (an entry used
+/// again is kept over one used once): size `capacity` above the credentials in active use across
+/// all tenants. Unknown secrets go to the separate `negative_capacity` and evict only each other.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
+    /// Known (valid) credentials.
     pub capacity: usize,
+    /// Unknown secrets, remembered for `negative_ttl`.
+    pub negative_capacity: usize,
     pub positive_ttl: Duration,
     pub negative_ttl: Duration,
+    /// How long past `positive_ttl` a cached valid credential keeps verifying while the store
+    /// cannot answer; zero turns stale-if-error off.
+    pub stale_if_error: Duration,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             capacity: 100_000,
+            negative_capacity: 10_000,
             positive_ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(2),
+            stale_if_error: Duration::from_secs(300),
         }
     }
 }
+
+/// After a store fault, stale-servable entries are served without asking the store again for this
+/// long, so an outage does not make every verification wait for the store's timeout.
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Verifier {
     store: Arc<dyn Store>,
     usage: Arc<UsageRecorder>,
     metrics: Metrics,
     config: CacheConfig,
-    cache: quick_cache::sync::Cache<TokenHash, Cached>,
+    cache: quick_cache::sync::Cache<TokenHash, Known>,
+    /// Unknown secrets, until when they are known to be unknown.
+    unknown: quick_cache::sync::Cache<TokenHash, Instant>,
+    /// The origin of the instants below, kept as atomics for the hot path.
+    epoch: Instant,
+    /// When an [`Invalidation::Reset`] last arrived (nanoseconds after `epoch`, 0: never): every
+    /// entry loaded before it must be reloaded.
+    reset_at: AtomicU64,
+    /// When a reload last failed on a store fault (nanoseconds after `epoch`, 0: never).
+    store_fault_at: AtomicU64,
     /// Subjects invalidated within the last `positive_ttl`, and when: an entry loaded before its
     /// subject's invalidation is stale. Older marks are pruned; the entries they would catch have
     /// expired anyway.
@@ -115,6 +149,10 @@ impl Verifier {
         }
         Self {
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
+            unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
+            epoch: Instant::now(),
+            reset_at: AtomicU64::new(0),
+            store_fault_at: AtomicU64::new(0),
             users: quick_cache::sync::Cache::new(config.capacity.max(1)),
             oidc,
             store,
@@ -135,24 +173,51 @@ impl Verifier {
                 self.any_invalidated.store(true, Ordering::Release);
             }
             Invalidation::Reset => {
-                self.cache.clear();
+                // Known entries stay, marked for reload, so stale-if-error can still serve them
+                // if the store is what failed.
+                self.reset_at
+                    .store(self.nanos_since_epoch(), Ordering::Release);
+                self.unknown.clear();
                 self.users.clear();
             }
         }
     }
 
+    /// Now, as nanoseconds after `epoch` (at least 1, so 0 can mean never).
+    fn nanos_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Whether the event recorded in `mark` happened at or after `at`.
+    fn marked_since(&self, mark: &AtomicU64, at: Instant) -> bool {
+        let marked = mark.load(Ordering::Acquire);
+        marked != 0 && Duration::from_nanos(marked) >= at.saturating_duration_since(self.epoch)
+    }
+
     /// Drops invalidation marks older than any cache entry can be.
     pub fn prune(&self) {
         let mut marks = self.invalidated.write().unwrap_or_else(|p| p.into_inner());
-        let horizon = self.config.positive_ttl;
+        // Entries live for up to `positive_ttl + stale_if_error`: marks must outlive them.
+        let horizon = self.config.positive_ttl + self.config.stale_if_error;
         marks.retain(|_, at| at.elapsed() <= horizon);
         self.any_invalidated
             .store(!marks.is_empty(), Ordering::Release);
     }
 
-    fn is_stale(&self, verified: &Verified, loaded: Instant) -> bool {
-        loaded.elapsed() > self.config.positive_ttl
-            || self.invalidated_since(verified.credential.id.as_uuid(), loaded)
+    fn is_fresh(&self, known: &Known) -> bool {
+        known.loaded.elapsed() <= self.config.positive_ttl
+            && !self.marked_since(&self.reset_at, known.loaded)
+            && !self.invalidated_since(known.verified.credential.id.as_uuid(), known.loaded)
+    }
+
+    /// Whether `known` may answer while the store cannot: young enough, and its credential not
+    /// changed since (a reset alone does not say it changed).
+    fn may_serve_stale(&self, known: &Known) -> bool {
+        !self.config.stale_if_error.is_zero()
+            && known.loaded.elapsed() <= self.config.positive_ttl + self.config.stale_if_error
+            && !self.invalidated_since(known.verified.credential.id.as_uuid(), known.loaded)
     }
 
     /// Whether `subject` was invalidated at or after `loaded`.
@@ -184,17 +249,43 @@ impl Verifier {
         }
     }
 
+    /// A credential authenticating itself at forward-auth, whoami or as an introspection caller:
+    /// any live credential but a robot secret, which logs in to the registry only.
+    pub async fn verify_bearer(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
+        let result = self.verify_uncounted(presented).await.and_then(|verified| {
+            match verified.credential.kind {
+                CredentialKind::RobotAccount => Err(AppError::Unauthenticated("robot secret")),
+                _ => Ok(verified),
+            }
+        });
+        self.count(result.as_ref());
+        result
+    }
+
+    /// An introspected secret, for a caller of `tenant`: live, of that tenant, and not a robot
+    /// secret. Anything else is `Unauthenticated` (inactive) and does not count as a use: another
+    /// tenant's credential keeps its `last_used_at`.
+    pub async fn introspect(
+        &self,
+        presented: &str,
+        tenant: TenantId,
+    ) -> Result<Arc<Verified>, AppError> {
+        let result = self.verify_uncounted(presented).await.and_then(|verified| {
+            match &verified.credential {
+                c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
+                c if c.kind == CredentialKind::RobotAccount => {
+                    Err(AppError::Unauthenticated("robot secret"))
+                }
+                _ => Ok(verified),
+            }
+        });
+        self.count(result.as_ref());
+        result
+    }
+
     async fn verify_uncounted(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
         let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
-        let verified = match self.cache.get(&parsed.hash) {
-            Some(Cached::Known { verified, loaded }) if !self.is_stale(&verified, loaded) => {
-                verified
-            }
-            Some(Cached::Unknown { until }) if Instant::now() < until => {
-                return Err(AppError::Unauthenticated("unknown"))
-            }
-            _ => self.load(&parsed.hash).await?,
-        };
+        let verified = self.lookup(&parsed.hash).await?;
         let credential = &verified.credential;
         if credential.kind != parsed.kind || !credential.secret_hash.matches(&parsed.hash) {
             return Err(AppError::Unauthenticated("unknown"));
@@ -205,23 +296,65 @@ impl Verifier {
         Ok(verified)
     }
 
+    /// The cache, then the store; a cached valid credential answers stale when the store cannot.
+    async fn lookup(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
+        if self
+            .unknown
+            .get(hash)
+            .is_some_and(|until| Instant::now() < until)
+        {
+            self.metrics
+                .verify_cache(crate::metrics::CacheOutcome::Unknown);
+            return Err(AppError::Unauthenticated("unknown"));
+        }
+        let cached = self.cache.get(hash);
+        if let Some(known) = cached.as_ref().filter(|known| self.is_fresh(known)) {
+            self.metrics.verify_cache(crate::metrics::CacheOutcome::Hit);
+            return Ok(known.verified.clone());
+        }
+        let servable = cached.filter(|known| self.may_serve_stale(known));
+        let retry_from = Instant::now() - STORE_RETRY_INTERVAL.min(self.epoch.elapsed());
+        if let Some(known) = servable.as_ref() {
+            if self.marked_since(&self.store_fault_at, retry_from) {
+                self.metrics
+                    .verify_cache(crate::metrics::CacheOutcome::Stale);
+                return Ok(known.verified.clone());
+            }
+        }
+        self.metrics
+            .verify_cache(crate::metrics::CacheOutcome::Miss);
+        match self.load(hash).await {
+            Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
+                self.store_fault_at
+                    .store(self.nanos_since_epoch(), Ordering::Release);
+                match servable {
+                    Some(known) => {
+                        tracing::debug!(credential.id = %known.verified.credential.id, error = %fault, "store fault: answering from the cache (stale-if-error)");
+                        self.metrics
+                            .verify_cache(crate::metrics::CacheOutcome::Stale);
+                        Ok(known.verified)
+                    }
+                    None => Err(fault),
+                }
+            }
+            other => other,
+        }
+    }
+
     async fn load(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
         let found = self.store.find_credential_by_hash(hash).await?;
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
-            self.cache.insert(
-                *hash,
-                Cached::Unknown {
-                    until: loaded + self.config.negative_ttl,
-                },
-            );
+            self.cache.remove(hash);
+            self.unknown
+                .insert(*hash, loaded + self.config.negative_ttl);
             return Err(AppError::Unauthenticated("unknown or revoked"));
         };
         let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;
         let verified = Arc::new(Verified::new(credential, rights));
         self.cache.insert(
             *hash,
-            Cached::Known {
+            Known {
                 verified: verified.clone(),
                 loaded,
             },
@@ -240,12 +373,7 @@ impl Verifier {
             }
             return result;
         }
-        let verified = self.verify_secret(presented).await?;
-        if verified.credential.kind == CredentialKind::RobotAccount {
-            // Robot secrets log in to the registry only.
-            return Err(AppError::Unauthenticated("robot secret"));
-        }
-        Ok(verified.principal())
+        Ok(self.verify_bearer(presented).await?.principal())
     }
 
     async fn authenticate_user(&self, token: &str) -> Result<Principal, AppError> {

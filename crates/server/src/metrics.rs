@@ -30,6 +30,37 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// What the verification cache answered for one lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CacheOutcome {
+    /// A fresh entry for a known credential.
+    Hit,
+    /// A fresh negative entry: the secret is known to be unknown.
+    Unknown,
+    /// No usable entry: the store was asked.
+    Miss,
+    /// The store could not answer; a cached valid credential answered (stale-if-error).
+    Stale,
+}
+
+impl CacheOutcome {
+    const ALL: [CacheOutcome; 4] = [Self::Hit, Self::Unknown, Self::Miss, Self::Stale];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Unknown => "unknown",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Metrics(Arc<Inner>);
 
@@ -40,6 +71,8 @@ struct Inner {
     /// The `credentials_verified` counter for each of `CredentialKind::ALL`, in that order.
     verified_by_kind: Vec<Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    /// The `verify_cache_lookups` counter for each of `CacheOutcome::ALL`, in that order.
+    cache_by_outcome: Vec<Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +111,23 @@ impl Metrics {
             "Credentials rejected, by reason",
             rejected.clone(),
         );
+        let cache = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "verify_cache_lookups",
+            "Verification cache lookups by result: hit, unknown (negative hit), miss (the store \
+             was asked), stale (answered from the cache because the store could not)",
+            cache.clone(),
+        );
+        let cache_by_outcome = CacheOutcome::ALL
+            .iter()
+            .map(|outcome| {
+                cache
+                    .get_or_create(&ResultLabels {
+                        result: outcome.as_str(),
+                    })
+                    .clone()
+            })
+            .collect();
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -94,6 +144,7 @@ impl Metrics {
             latency,
             verified_by_kind,
             rejected,
+            cache_by_outcome,
         }))
     }
 
@@ -125,6 +176,14 @@ impl Metrics {
             .position(|k| *k == kind)
             .unwrap_or_default();
         self.0.verified_by_kind[index].inc();
+    }
+
+    pub fn verify_cache(&self, outcome: CacheOutcome) {
+        let index = CacheOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        self.0.cache_by_outcome[index].inc();
     }
 
     pub fn credential_rejected(&self, reason: &'static str) {

@@ -40,6 +40,9 @@ pub struct OidcConfig {
     pub max_key_age: Duration,
     /// The bound on each request to a provider.
     pub http_timeout: Duration,
+    /// The one issuer whose canonical UUID `sub`s are user ids as they are
+    /// (`--oidc-uuid-subjects`); every other `sub` maps through [`user_id`].
+    pub uuid_subjects: Option<String>,
 }
 
 /// The largest leeway accepted: more would keep expired tokens alive noticeably.
@@ -77,8 +80,32 @@ impl OidcConfig {
             min_refresh_interval: Duration::from_secs(10),
             max_key_age: Duration::from_secs(600),
             http_timeout: Duration::from_secs(5),
+            uuid_subjects: None,
         })
     }
+
+    /// Takes `issuer`'s canonical UUID `sub`s as user ids as they are. It must be one of the
+    /// configured issuers, spelled the same way.
+    pub fn with_uuid_subjects(mut self, issuer: String) -> Result<Self, String> {
+        if !self.issuers.contains(&issuer) {
+            return Err(format!(
+                "{issuer:?} is not one of the configured issuers (--oidc-issuer)"
+            ));
+        }
+        self.uuid_subjects = Some(issuer);
+        Ok(self)
+    }
+}
+
+/// The user a token's `sub` at `issuer` speaks for: `UUIDv5(NAMESPACE_URL, issuer + "#" + sub)`,
+/// except that the one issuer named by `uuid_subjects` names its users by a canonical lower-case
+/// UUID `sub` directly (but for version 5 UUIDs, the ids of other issuers' users). So no issuer can
+/// produce another issuer's users, and a UUID-shaped `sub` elsewhere is hashed like any other. `keyplane admin grant --user-sub` uses the same rule.
+pub fn user_id(issuer: &str, sub: &str, uuid_subjects: Option<&str>) -> UserId {
+    let direct = (uuid_subjects == Some(issuer))
+        .then(|| UserId::from_uuid_subject(sub))
+        .flatten();
+    direct.unwrap_or_else(|| UserId::from_subject(issuer, sub))
 }
 
 /// `https`, or `http` to a loopback host.
@@ -268,7 +295,13 @@ impl Oidc {
         let mut failure = reject("jwt unknown key");
         for key in keys.iter().filter(fits) {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return access_token(&self.0.issuers[index].url, data.claims),
+                Ok(data) => {
+                    return access_token(
+                        &self.0.issuers[index].url,
+                        self.0.config.uuid_subjects.as_deref(),
+                        data.claims,
+                    )
+                }
                 // Without a `kid`, several keys may fit: try the next one.
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => {
                     failure = reject("jwt bad signature")
@@ -376,13 +409,17 @@ fn decode_segment<T: DeserializeOwned>(segment: &str) -> Option<T> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn access_token(issuer: &str, claims: Claims) -> Result<AccessToken, AppError> {
+fn access_token(
+    issuer: &str,
+    uuid_subjects: Option<&str>,
+    claims: Claims,
+) -> Result<AccessToken, AppError> {
     if claims.sub.is_empty() {
         return Err(reject("jwt empty sub"));
     }
     let expires_at = DateTime::from_timestamp(claims.exp as i64, 0).ok_or(reject("jwt invalid"))?;
     Ok(AccessToken {
-        user: UserId::from_subject(issuer, &claims.sub),
+        user: user_id(issuer, &claims.sub, uuid_subjects),
         expires_at,
     })
 }
@@ -561,6 +598,34 @@ mod tests {
         assert!(config(&["https://idp.example?x=1"], "api").is_err());
         assert!(config(&[], "api").is_err());
         assert!(config(&["https://idp.example"], " ").is_err());
+    }
+
+    #[test]
+    fn only_the_named_issuer_names_users_by_uuid() {
+        let uuid = "3c90c3cc-0d44-4b50-8888-8dd25736052a";
+        let (trusted, other) = ("https://a.example", "https://b.example");
+        assert_eq!(user_id(trusted, uuid, Some(trusted)).to_string(), uuid);
+        assert_eq!(
+            user_id(other, uuid, Some(trusted)),
+            UserId::from_subject(other, uuid)
+        );
+        assert_eq!(
+            user_id(trusted, &uuid.to_uppercase(), Some(trusted)),
+            UserId::from_subject(trusted, &uuid.to_uppercase())
+        );
+        assert_eq!(
+            user_id(trusted, "alice", Some(trusted)),
+            UserId::from_subject(trusted, "alice")
+        );
+        assert_eq!(
+            user_id(trusted, uuid, None),
+            UserId::from_subject(trusted, uuid)
+        );
+        let config = OidcConfig::new(vec![trusted.into(), other.into()], "api".into()).unwrap();
+        assert!(config.clone().with_uuid_subjects(other.into()).is_ok());
+        assert!(config
+            .with_uuid_subjects("https://c.example".into())
+            .is_err());
     }
 
     fn b64(bytes: &[u8]) -> String {

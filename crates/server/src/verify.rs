@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet};
+use keyplane_core::{Capability, Error as DomainError, Scope};
 use serde::Serialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -67,26 +67,9 @@ const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
 const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
 const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
 
-/// What a credential holds, as verification reports and checks it: its scopes, or a robot's
-/// registry permissions (`pull`, `push:team-a/*`).
-fn held_scopes(verified: &Verified) -> std::borrow::Cow<'_, ScopeSet> {
-    if verified.credential.kind == keyplane_core::CredentialKind::RobotAccount {
-        let permissions = verified
-            .credential
-            .permissions
-            .iter()
-            .map(|p| p.to_wire())
-            .collect();
-        std::borrow::Cow::Owned(ScopeSet::from_trusted(permissions))
-    } else {
-        std::borrow::Cow::Borrowed(&verified.rights)
-    }
-}
-
-/// [`held_scopes`] as one space-separated string.
+/// A credential's scopes as one space-separated string. (Robot secrets never verify here.)
 fn scope_string(verified: &Verified) -> String {
-    let held = held_scopes(verified);
-    let scopes: Vec<&str> = held.iter().map(Scope::as_str).collect();
+    let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
     scopes.join(" ")
 }
 
@@ -94,10 +77,10 @@ fn scope_string(verified: &Verified) -> String {
 #[derive(Serialize, ToSchema)]
 pub struct IntrospectionResponse {
     pub active: bool,
-    /// `api_token`, `service_account` or `robot_account`.
+    /// `api_token` or `service_account`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_type: Option<&'static str>,
-    /// Space-separated scopes (a robot's registry permissions).
+    /// Space-separated scopes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
     /// The credential id.
@@ -170,14 +153,15 @@ fn form_urlencoded_token(body: &[u8]) -> Option<String> {
 ///
 /// Tells whether a keyplane credential is active and what it holds. The caller authenticates with
 /// a Bearer credential holding `tokens:verify`, and only learns about credentials of its own
-/// organization: anything unknown, expired, revoked or elsewhere is `{"active": false}`. The body
+/// organization: anything unknown, expired, revoked, elsewhere or a robot secret (robots log in to
+/// the registry only) is `{"active": false}`. The body
 /// is `token=...` (form) or `{"token": "..."}` (JSON).
 #[utoipa::path(
     post, path = "/oauth2/introspect", tag = TAG,
     request_body(content_type = "application/x-www-form-urlencoded", description = "token=<the credential to check>"),
     responses(
         (status = 200, description = "The introspection answer.", body = IntrospectionResponse),
-        (status = 401, description = "The caller's own credential is missing or invalid."),
+        (status = 401, description = "The caller's own credential is missing or invalid, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
     ),
     security(("bearer" = [])),
@@ -188,21 +172,20 @@ async fn introspect(
     body: Bytes,
 ) -> Result<Json<IntrospectionResponse>, VerifyError> {
     let verifier = &app.inner().verifier;
-    let caller = verifier.verify_secret(bearer_token(&headers)?).await?;
-    if !caller.rights.grants(Capability::TokensVerify)
-        || caller.credential.kind == keyplane_core::CredentialKind::RobotAccount
-    {
+    let caller = verifier.verify_bearer(bearer_token(&headers)?).await?;
+    if !caller.rights.grants(Capability::TokensVerify) {
         return Err(AppError::Domain(DomainError::Forbidden(
             "introspection needs a credential with the `tokens:verify` capability".into(),
         ))
         .into());
     }
     let token = presented_token(&headers, &body)?;
-    let verified = match verifier.verify_secret(&token).await {
-        Ok(verified) if verified.credential.tenant_id == caller.credential.tenant_id => verified,
-        Ok(_) | Err(AppError::Unauthenticated(_)) => {
-            return Ok(Json(IntrospectionResponse::inactive()))
-        }
+    let verified = match verifier
+        .introspect(&token, caller.credential.tenant_id)
+        .await
+    {
+        Ok(verified) => verified,
+        Err(AppError::Unauthenticated(_)) => return Ok(Json(IntrospectionResponse::inactive())),
         Err(other) => return Err(other.into()),
     };
     let credential = &verified.credential;
@@ -230,7 +213,7 @@ async fn introspect(
     params(("scope" = Option<String>, Query, description = "Repeatable: a scope the credential must hold.")),
     responses(
         (status = 200, description = "Valid; identity in the X-Keyplane-* headers."),
-        (status = 401, description = "Missing, unknown, expired or revoked credential."),
+        (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
         (status = 403, description = "Valid, but without a required scope."),
     ),
     security(("bearer" = [])),
@@ -254,9 +237,9 @@ async fn forward_auth(
     let verified = app
         .inner()
         .verifier
-        .verify_secret(bearer_token(&headers)?)
+        .verify_bearer(bearer_token(&headers)?)
         .await?;
-    let holds = held_scopes(&verified);
+    let holds = &verified.rights;
     for (_, scope) in &required {
         let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
         if !held {
@@ -322,12 +305,12 @@ impl ForwardHeaders {
 /// The calling credential, as `whoami` describes it.
 #[derive(Serialize, ToSchema)]
 pub struct WhoAmI {
-    /// `api_token`, `service_account` or `robot_account`.
+    /// `api_token` or `service_account`.
     pub kind: &'static str,
     pub id: String,
     pub org_id: String,
     pub name: String,
-    /// Its scopes (a service account's come from its grants; a robot's are its permissions).
+    /// Its scopes (a service account's come from its grants).
     pub scopes: Vec<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
@@ -340,7 +323,7 @@ pub struct WhoAmI {
     get, path = "/v1/whoami", tag = TAG,
     responses(
         (status = 200, description = "The caller.", body = WhoAmI),
-        (status = 401, description = "Missing, unknown, expired or revoked credential."),
+        (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
     ),
     security(("bearer" = [])),
 )]
@@ -348,7 +331,7 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
     let verified = app
         .inner()
         .verifier
-        .verify_secret(bearer_token(&headers)?)
+        .verify_bearer(bearer_token(&headers)?)
         .await?;
     let credential = &verified.credential;
     Ok(Json(WhoAmI {
@@ -356,7 +339,7 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
         id: credential.id.to_string(),
         org_id: credential.tenant_id.to_string(),
         name: credential.name.clone(),
-        scopes: held_scopes(&verified).to_strings(),
+        scopes: verified.rights.to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
     }))
 }

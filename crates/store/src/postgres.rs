@@ -71,37 +71,38 @@ impl PostgresStore {
     }
 
     /// Listens on [`CHANNEL`] for as long as the process runs, reconnecting after failures. Every
-    /// (re)connection reports [`Invalidation::Reset`](crate::Invalidation::Reset): notifications sent
-    /// while disconnected are lost, so everything cached must be re-checked.
+    /// (re)connection, and every loss of one, reports [`Invalidation::Reset`](crate::Invalidation::Reset):
+    /// notifications sent meanwhile are lost, so everything cached must be re-checked.
+    ///
+    /// A connection can also stop delivering without closing (a frozen backend, a dropped network
+    /// path). So the listener NOTIFYs its own heartbeat every [`HEARTBEAT_INTERVAL`] through the
+    /// shared pool and, when none comes back within [`HEARTBEAT_DEADLINE`], reports a reset and
+    /// reconnects: a revocation elsewhere is missed for at most about the deadline.
     fn spawn_invalidation_listener(&self, on_event: crate::InvalidationHandler) {
         let pool = self.pool.clone();
+        let heartbeat = format!("{HEARTBEAT_PREFIX}{}", uuid::Uuid::new_v4());
         tokio::spawn(async move {
             loop {
-                match sqlx::postgres::PgListener::connect_with(&pool).await {
+                // A pool of its own per connection: a listener given up on a frozen connection
+                // leaves behind a task waiting on it, which must not hold a shared connection.
+                let own = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with((*pool.connect_options()).clone());
+                match sqlx::postgres::PgListener::connect_with(&own).await {
                     Ok(mut listener) => {
                         if let Err(error) = listener.listen(CHANNEL).await {
                             tracing::warn!(%error, "cannot LISTEN for cache invalidations; retrying");
                         } else {
                             on_event(crate::Invalidation::Reset);
-                            loop {
-                                match listener.try_recv().await {
-                                    Ok(Some(notification)) => {
-                                        if let Ok(subject) =
-                                            uuid::Uuid::parse_str(notification.payload())
-                                        {
-                                            on_event(crate::Invalidation::Subject(subject));
-                                        }
-                                    }
-                                    Ok(None) => {
-                                        tracing::warn!("invalidation listener lost its connection; reconnecting");
-                                        on_event(crate::Invalidation::Reset);
-                                    }
-                                    Err(error) => {
-                                        tracing::warn!(%error, "invalidation listener failed; reconnecting");
-                                        break;
-                                    }
-                                }
-                            }
+                            let why =
+                                deliver_until_silent(&mut listener, &pool, &heartbeat, &on_event)
+                                    .await;
+                            tracing::warn!(
+                                reason = why,
+                                "invalidation listener stopped; resetting the cache and reconnecting"
+                            );
+                            on_event(crate::Invalidation::Reset);
                         }
                     }
                     Err(error) => {
@@ -111,6 +112,56 @@ impl PostgresStore {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+    }
+}
+
+/// How often each replica's listener NOTIFYs its own heartbeat on [`CHANNEL`].
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a listener may go without hearing its own heartbeat before it is taken for dead.
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(3);
+/// Heartbeat payloads: not a UUID, so other replicas (and older versions) ignore them.
+const HEARTBEAT_PREFIX: &str = "heartbeat:";
+
+/// Hands notifications to `on_event` until the connection fails or `heartbeat` goes unheard for
+/// [`HEARTBEAT_DEADLINE`]; returns why it stopped.
+async fn deliver_until_silent(
+    listener: &mut sqlx::postgres::PgListener,
+    pool: &PgPool,
+    heartbeat: &str,
+    on_event: &crate::InvalidationHandler,
+) -> String {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            received = listener.try_recv() => match received {
+                Ok(Some(notification)) if notification.payload() == heartbeat => {
+                    heard = tokio::time::Instant::now();
+                }
+                Ok(Some(notification)) => {
+                    if let Ok(subject) = uuid::Uuid::parse_str(notification.payload()) {
+                        on_event(crate::Invalidation::Subject(subject));
+                    }
+                }
+                Ok(None) => return "lost its connection".into(),
+                Err(error) => return format!("failed: {error}"),
+            },
+            _ = tick.tick() => {
+                if heard.elapsed() > HEARTBEAT_DEADLINE {
+                    return format!("heard no heartbeat for {HEARTBEAT_DEADLINE:?}");
+                }
+                // Bounded, so a slow store cannot hold up the deadline check. A heartbeat that
+                // cannot be sent is simply not heard, which is the point.
+                let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(heartbeat)
+                    .execute(pool);
+                if let Ok(Err(error)) = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await {
+                    tracing::debug!(%error, "cannot send the invalidation listener's heartbeat");
+                }
+            }
+        }
     }
 }
 

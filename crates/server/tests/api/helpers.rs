@@ -1,7 +1,9 @@
 use keyplane_server::{ops, App, Config};
 use keyplane_store::testing::{Backend, TestDatabase};
+use keyplane_store::Store;
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -75,10 +77,41 @@ impl TestApp {
         Self::serve_on(self.db.clone(), self.config.clone()).await
     }
 
+    /// A server whose store is this test's database as `wrap` presents it (a fault injector).
+    pub async fn spawn_wrapped(
+        backend: Backend,
+        config: Config,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> Self {
+        crate::logs::capture();
+        let db = Arc::new(TestDatabase::new(backend).await);
+        let store = keyplane_store::connect(&db.url)
+            .await
+            .expect("open the test store");
+        Self::serve_store(db, wrap(store), config).await
+    }
+
+    /// Another server on the same database, reaching it through `url` (a proxy in front of it).
+    pub async fn replica_at(&self, url: &str, config: Config) -> Self {
+        let store = keyplane_store::connect(url)
+            .await
+            .expect("open the test store through the given URL");
+        Self::serve_store(self.db.clone(), store, config).await
+    }
+
+    /// What `serve --database-url` is given for this test's database.
+    pub fn database_url(&self) -> &str {
+        &self.db.url
+    }
+
     async fn serve_on(db: std::sync::Arc<TestDatabase>, config: Config) -> Self {
         let store = keyplane_store::connect(&db.url)
             .await
             .expect("open the test store");
+        Self::serve_store(db, store, config).await
+    }
+
+    async fn serve_store(db: Arc<TestDatabase>, store: Arc<dyn Store>, config: Config) -> Self {
         let app = App::new(store, config.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

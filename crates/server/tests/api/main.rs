@@ -4,10 +4,12 @@
 mod helpers;
 
 mod aether_api_tokens;
+mod faulty_store;
 mod hybridbox;
 mod input_limits;
 mod logs;
 mod oidc;
 mod operations;
+mod pg_proxy;
 mod robots;
 mod verify;

@@ -31,6 +31,7 @@ both_backends!(
     a_key_rotation_is_picked_up_without_restarting,
     a_provider_that_is_down_breaks_no_other_credential,
     jwts_are_refused_when_no_issuer_is_configured,
+    one_issuer_can_never_act_as_another_issuers_users,
 );
 
 fn provider_dir() -> PathBuf {
@@ -830,4 +831,67 @@ async fn jwts_are_refused_when_no_issuer_is_configured(backend: Backend) {
         status(&app, &org.path("/api-tokens"), &org.token).await,
         200
     );
+}
+
+/// Two issuers, one of them (`--oidc-uuid-subjects`) naming users by UUID: a `sub` is the user id as
+/// it is only from that issuer and only in canonical form; every other `sub` is hashed with its
+/// issuer, so neither issuer can produce a user of the other.
+async fn one_issuer_can_never_act_as_another_issuers_users(backend: Backend) {
+    let (keys_a, keys_b) = (keys_dir(), keys_dir());
+    let trusted = Provider::start(&keys_a.path().join("jwks.json"), 0);
+    let other = Provider::start(&keys_b.path().join("jwks.json"), 0);
+    let config = oidc(&[&trusted.issuer, &other.issuer])
+        .with_uuid_subjects(trusted.issuer.clone())
+        .unwrap();
+    let app = keyplane(backend, config).await;
+    let org = app.create_org("acme").await;
+    let accounts = org.account_path("/service-accounts");
+
+    // A user named by UUID at the trusted issuer, granted by that id.
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let by_uuid = UserId::parse(&uuid).unwrap();
+    grant(&app, &org, user_grant("account_owner", by_uuid, None)).await;
+    let token_for = |provider: &Provider, sub: &str| {
+        let signer = provider.signer();
+        signer.sign(json!({"claims": signer.claims(sub)}))
+    };
+    assert_eq!(
+        status(&app, &accounts, &token_for(&trusted, &uuid)).await,
+        200
+    );
+    // The same sub from the other issuer is another user, without grants.
+    assert_eq!(
+        status(&app, &accounts, &token_for(&other, &uuid)).await,
+        404
+    );
+    // Not in canonical form: hashed like any other sub, so not the granted user.
+    let upper = uuid.to_uppercase();
+    assert_eq!(
+        status(&app, &accounts, &token_for(&trusted, &upper)).await,
+        404
+    );
+
+    // The other issuer's users are hashed with its name; the trusted one cannot produce them,
+    // not even by sending their id as a UUID sub.
+    let bob = UserId::from_subject(&other.issuer, "bob");
+    grant(&app, &org, user_grant("account_owner", bob, None)).await;
+    assert_eq!(
+        status(&app, &accounts, &token_for(&other, "bob")).await,
+        200
+    );
+    assert_eq!(
+        status(&app, &accounts, &token_for(&trusted, "bob")).await,
+        404
+    );
+    assert_eq!(
+        status(&app, &accounts, &token_for(&trusted, &bob.to_string())).await,
+        404,
+        "the trusted issuer names only its own users"
+    );
+    let res = app
+        .post(&accounts, &token_for(&other, "bob"), json!({"name": "ci"}))
+        .await;
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    assert_eq!(created["created_by_user_id"], bob.to_string());
 }

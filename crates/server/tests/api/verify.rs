@@ -1,10 +1,14 @@
 //! `/oauth2/introspect`, `/v1/auth/forward`, `/v1/whoami`, the verification cache, and replicas.
 
+use crate::faulty_store::FaultyStore;
 use crate::helpers::{both_backends, test_config, Org, TestApp};
+use crate::pg_proxy::{Mode, PgProxy};
+use keyplane_server::auth::CacheConfig;
 use keyplane_server::Config;
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn introspect_form(app: &TestApp, caller: &str, token: &str) -> Response {
@@ -102,13 +106,14 @@ async fn introspection_describes_live_credentials_of_its_own_org(backend: Backen
     assert_eq!(answer["scope"], "*");
     assert!(answer.get("exp").is_none());
 
-    // A service account's scope comes from its grants; a robot's from its permissions.
+    // A service account's scope comes from its grants.
     let (_, sa_token, _) = service_account_with_grant(&app, &org, "auth.manage").await;
     let answer = introspect(&app, &verifier, &sa_token).await;
     assert_eq!(
         (answer["token_type"].as_str(), answer["scope"].as_str()),
         (Some("service_account"), Some("auth.manage"))
     );
+    // A robot secret logs in to the registry only: introspected, it is inactive.
     let enabled: Value = app
         .request(Method::POST, &org.path("/registry"), Some(&org.token))
         .send()
@@ -123,10 +128,7 @@ async fn introspection_describes_live_credentials_of_its_own_org(backend: Backen
         enabled["credentials"]["password"].as_str().unwrap(),
     )
     .await;
-    assert_eq!(
-        (answer["token_type"].as_str(), answer["scope"].as_str()),
-        (Some("robot_account"), Some("pull push"))
-    );
+    assert_eq!(answer, json!({"active": false}));
 
     // Unknown, malformed, revoked, and other orgs' credentials are all simply inactive.
     let revoked = app.create_token(&org, "revoked", &[]).await;
@@ -492,7 +494,360 @@ async fn three_replicas_on_postgres_see_every_change() {
     .await;
 }
 
+/// Robot secrets authenticate at the registry token service only.
+async fn robot_secrets_verify_only_at_the_registry(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let enabled: Value = app
+        .request(Method::POST, &org.path("/registry"), Some(&org.token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (username, robot) = (
+        enabled["credentials"]["username"].as_str().unwrap(),
+        enabled["credentials"]["password"].as_str().unwrap(),
+    );
+    let res = forward(&app, Some(robot), "").await;
+    assert_eq!(res.status(), 401, "forward-auth");
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert!(res.headers().get("x-keyplane-subject").is_none());
+    assert_eq!(app.get("/v1/whoami", robot).await.status(), 401, "whoami");
+    let res = introspect_form(&app, robot, &org.token).await;
+    assert_eq!(res.status(), 401, "introspection as the caller");
+    assert_eq!(res.json::<Value>().await.unwrap()["error"], "invalid_token");
+    let verifier = verifier_token(&app, &org).await;
+    assert_eq!(
+        introspect(&app, &verifier, robot).await,
+        json!({"active": false})
+    );
+    // Where it belongs, it still logs in.
+    let res = app
+        .request(
+            Method::GET,
+            "/registry/token?service=keyplane-registry&scope=repository:acme/app:pull",
+            None,
+        )
+        .basic_auth(username, Some(robot))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// The `last_used_at` of a credential, read through the API of its own org.
+async fn last_used_at(app: &TestApp, org: &Org, id: &str) -> Value {
+    app.app.flush_usage().await;
+    let record: Value = app
+        .get(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    record["last_used_at"].clone()
+}
+
+async fn introspecting_another_tenants_token_leaves_its_last_used_at(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let theirs = app.create_org("theirs").await;
+    let ours = app.create_org("ours").await;
+    let target = app.create_token(&theirs, "target", &["deploy"]).await;
+    let (id, token) = (
+        target["id"].as_str().unwrap(),
+        target["token"].as_str().unwrap(),
+    );
+    let our_verifier = verifier_token(&app, &ours).await;
+    for _ in 0..3 {
+        assert_eq!(
+            introspect(&app, &our_verifier, token).await,
+            json!({"active": false})
+        );
+    }
+    assert_eq!(last_used_at(&app, &theirs, id).await, Value::Null);
+    // Its own org's introspection is a use.
+    let their_verifier = verifier_token(&app, &theirs).await;
+    assert_eq!(
+        introspect(&app, &their_verifier, token).await["active"],
+        true
+    );
+    assert!(last_used_at(&app, &theirs, id).await.is_string());
+}
+
+/// `keyplane_verify_cache_lookups_total` by result, from `/metrics`.
+async fn cache_lookups(app: &TestApp, result: &str) -> u64 {
+    let text = app
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("keyplane_verify_cache_lookups_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+/// Forward-auths every token once; returns (cache hits, misses) it caused.
+async fn verify_all(app: &TestApp, tokens: &[String]) -> (u64, u64) {
+    let (hits, misses) = (
+        cache_lookups(app, "hit").await,
+        cache_lookups(app, "miss").await,
+    );
+    for token in tokens {
+        assert_eq!(forward(app, Some(token), "").await.status(), 200);
+    }
+    (
+        cache_lookups(app, "hit").await - hits,
+        cache_lookups(app, "miss").await - misses,
+    )
+}
+
+/// A random, well-formed API token (right prefix and checksum) that names no credential.
+fn random_token() -> String {
+    keyplane_core::token::mint(
+        keyplane_core::CredentialKind::ApiToken,
+        &mut rand::rngs::OsRng,
+    )
+    .plaintext
+    .expose_secret()
+    .to_string()
+}
+
+/// A tenant flooding introspection with random well-formed tokens evicts nobody's cached
+/// verifications: unknown secrets are cached apart from known ones.
+async fn random_token_floods_do_not_evict_other_tenants(backend: Backend) {
+    let capacity = 100;
+    let config = Config {
+        failed_auth_per_minute: 0,
+        verify_cache: CacheConfig {
+            capacity,
+            negative_capacity: 20,
+            ..CacheConfig::default()
+        },
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let victim = app.create_org("victim").await;
+    let attacker = app.create_org("attacker").await;
+    let mut victims = Vec::new();
+    for i in 0..capacity / 2 {
+        let created = app
+            .create_token(&victim, &format!("t{i}"), &["deploy"])
+            .await;
+        victims.push(created["token"].as_str().unwrap().to_string());
+    }
+    let (_, misses) = verify_all(&app, &victims).await;
+    assert_eq!(
+        misses,
+        victims.len() as u64,
+        "the first verification loads each"
+    );
+    let verifier = verifier_token(&app, &attacker).await;
+    for _ in 0..capacity * 10 {
+        assert_eq!(
+            introspect(&app, &verifier, &random_token()).await,
+            json!({"active": false})
+        );
+    }
+    let (hits, misses) = verify_all(&app, &victims).await;
+    assert_eq!(
+        (hits, misses),
+        (victims.len() as u64, 0),
+        "after {} random tokens, the victim's entries are all still cached",
+        capacity * 10
+    );
+}
+
+/// How the test takes the store away from the server under test.
+enum Outage {
+    /// PostgreSQL through a proxy that refuses connections.
+    Proxy(PgProxy),
+    /// SQLite behind a store that can be switched off.
+    Switch(Arc<FaultyStore>),
+}
+
+impl Outage {
+    fn set(&self, down: bool) {
+        match self {
+            Outage::Proxy(proxy) => proxy.set(if down { Mode::Refuse } else { Mode::Forward }),
+            Outage::Switch(store) => store.set_down(down),
+        }
+    }
+}
+
+/// Stale-if-error: while the store is away, a cached valid credential keeps verifying past its
+/// cache lifetime, up to `positive_ttl + stale_if_error` after it was loaded; revoked, unknown and
+/// uncached ones fail closed all along.
+async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend) {
+    let cache = CacheConfig {
+        positive_ttl: Duration::from_secs(1),
+        stale_if_error: Duration::from_secs(3),
+        ..CacheConfig::default()
+    };
+    let config = Config {
+        verify_cache: cache.clone(),
+        ..test_config()
+    };
+    // `writer` creates and revokes; `app` (behind the outage) verifies.
+    let (writer, app, outage) = match backend {
+        Backend::Postgres => {
+            let writer = TestApp::spawn_with(backend, config.clone()).await;
+            let proxy = PgProxy::start(writer.database_url()).await;
+            let app = writer.replica_at(&proxy.url, config).await;
+            (writer, Some(app), Outage::Proxy(proxy))
+        }
+        Backend::Sqlite => {
+            let mut switch = None;
+            let app = TestApp::spawn_wrapped(backend, config, |store| {
+                let faulty = FaultyStore::new(store);
+                switch = Some(faulty.clone());
+                faulty
+            })
+            .await;
+            (app, None, Outage::Switch(switch.unwrap()))
+        }
+    };
+    let app = app.as_ref().unwrap_or(&writer);
+    let org = writer.create_org("acme").await;
+    let token_of = |created: Value| created["token"].as_str().unwrap().to_string();
+    let kept = token_of(writer.create_token(&org, "kept", &[]).await);
+    let uncached = token_of(writer.create_token(&org, "uncached", &[]).await);
+    let revoked = writer.create_token(&org, "revoked", &[]).await;
+    let revoked_id = revoked["id"].as_str().unwrap().to_string();
+    let revoked = token_of(revoked);
+    // Let a replica's LISTEN connection settle, so the revocation below reaches it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(forward(app, Some(&revoked), "").await.status(), 200);
+    assert_eq!(
+        writer
+            .delete(&org.path(&format!("/api-tokens/{revoked_id}")), &org.token)
+            .await
+            .status(),
+        204
+    );
+    time_until(Duration::from_secs(5), 401, async || {
+        forward(app, Some(&revoked), "").await.status().as_u16()
+    })
+    .await;
+    assert_eq!(forward(app, Some(&kept), "").await.status(), 200);
+    let loaded = Instant::now();
+
+    outage.set(true);
+    tokio::time::sleep(cache.positive_ttl + Duration::from_millis(500)).await;
+    assert_eq!(
+        forward(app, Some(&kept), "").await.status(),
+        200,
+        "a cached valid credential verifies past its cache lifetime during the outage"
+    );
+    for (what, token) in [
+        ("uncached", &uncached),
+        ("revoked", &revoked),
+        ("unknown", &random_token()),
+    ] {
+        let status = forward(app, Some(token), "").await.status();
+        assert!(
+            status == 401 || status == 503,
+            "{what} fails closed during the outage, got {status}"
+        );
+    }
+    let bound = cache.positive_ttl + cache.stale_if_error;
+    time_until(bound + Duration::from_secs(3), 503, async || {
+        forward(app, Some(&kept), "").await.status().as_u16()
+    })
+    .await;
+    let served = loaded.elapsed();
+    eprintln!(
+        "stale-if-error ({backend:?}): a cached token verified for {:.2} s after its last load while the store was away (bound: positive_ttl {:?} + stale_if_error {:?})",
+        served.as_secs_f64(),
+        cache.positive_ttl,
+        cache.stale_if_error
+    );
+    assert!(
+        served + Duration::from_millis(300) >= bound,
+        "stopped early, after {served:?}"
+    );
+    assert!(
+        served <= bound + Duration::from_secs(2),
+        "served {served:?}"
+    );
+
+    outage.set(false);
+    time_until(Duration::from_secs(10), 200, async || {
+        forward(app, Some(&kept), "").await.status().as_u16()
+    })
+    .await;
+    assert_eq!(forward(app, Some(&revoked), "").await.status(), 401);
+}
+
+/// A replica whose LISTEN connection freezes (stops delivering without closing) notices through
+/// its heartbeat and resets its cache: a token revoked elsewhere is refused within seconds, not
+/// after the 30 s cache lifetime. Prints each round's time (the `frozen-listener` measurement;
+/// `FROZEN_LISTENER_ROUNDS`, default 3).
+#[tokio::test]
+async fn a_frozen_listener_is_detected_and_revocations_still_arrive() {
+    let writer = TestApp::spawn(Backend::Postgres).await;
+    let proxy = PgProxy::start(writer.database_url()).await;
+    let replica = writer.replica_at(&proxy.url, test_config()).await;
+    let org = writer.create_org("acme").await;
+    let rounds: usize = std::env::var("FROZEN_LISTENER_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    // Stated bound: the heartbeat deadline (3 s) plus one heartbeat interval (1 s).
+    let bound = Duration::from_secs(4);
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        proxy.set(Mode::Forward);
+        // A fresh, unfrozen listener connection hears its heartbeats again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let created = writer
+            .create_token(&org, &format!("doomed-{round}"), &[])
+            .await;
+        let (id, token) = (
+            created["id"].as_str().unwrap().to_string(),
+            created["token"].as_str().unwrap().to_string(),
+        );
+        assert_eq!(forward(&replica, Some(&token), "").await.status(), 200);
+        proxy.set(Mode::FreezeListeners);
+        assert_eq!(
+            writer
+                .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+                .await
+                .status(),
+            204
+        );
+        let took = time_until(bound + Duration::from_secs(2), 401, async || {
+            forward(&replica, Some(&token), "").await.status().as_u16()
+        })
+        .await;
+        eprintln!("frozen-listener round {round}: revoked token refused on the frozen replica after {:.0} ms", took.as_secs_f64() * 1e3);
+        samples.push(took);
+    }
+    samples.sort();
+    eprintln!(
+        "frozen-listener: n={} max={:.0} ms (stated bound {bound:?}, cache TTL 30 s)",
+        samples.len(),
+        samples.last().unwrap().as_secs_f64() * 1e3
+    );
+    assert!(
+        samples
+            .iter()
+            .all(|took| *took <= bound + Duration::from_millis(500)),
+        "{samples:?}"
+    );
+}
+
 both_backends!(
+    robot_secrets_verify_only_at_the_registry,
+    introspecting_another_tenants_token_leaves_its_last_used_at,
+    random_token_floods_do_not_evict_other_tenants,
+    cached_credentials_outlive_a_store_outage_for_a_bound,
     introspection_describes_live_credentials_of_its_own_org,
     introspection_callers_need_tokens_verify,
     verification_is_not_rate_limited,

@@ -1,0 +1,234 @@
+//! A store that can be switched off: every call fails as an unreachable database does, until it
+//! is switched back on. For an outage of a store the test cannot take away otherwise (SQLite).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keyplane_core::{
+    Credential, CredentialId, CredentialKind, Grant, GrantId, Rotation, SubjectType, Tenant,
+    TenantId, TokenHash, UserId,
+};
+use keyplane_store::{
+    GrantFilter, InvalidationHandler, ListCredentials, SigningKey, Store, StoreError,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    down: AtomicBool,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("switched off by the test".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn listen_invalidations(&self, on_event: InvalidationHandler) {
+        self.inner.listen_invalidations(on_event)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+
+    async fn create_tenant_with_credential(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .create_tenant_with_credential(tenant, credential)
+            .await
+    }
+
+    async fn bootstrap_once(
+        &self,
+        tenant: &Tenant,
+        credential: &Credential,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.bootstrap_once(tenant, credential).await
+    }
+
+    async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
+        self.check()?;
+        self.inner.get_tenant(id).await
+    }
+
+    async fn insert_credential(&self, credential: &Credential) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_credential(credential).await
+    }
+
+    async fn import_credentials(&self, credentials: &[Credential]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.import_credentials(credentials).await
+    }
+
+    async fn get_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.check()?;
+        self.inner.get_credential(tenant_id, kind, id).await
+    }
+
+    async fn list_credentials(
+        &self,
+        query: &ListCredentials,
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner.list_credentials(query).await
+    }
+
+    async fn find_credential_by_hash(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.check()?;
+        self.inner.find_credential_by_hash(hash).await
+    }
+
+    async fn rotate_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        rotation: &Rotation,
+    ) -> Result<Credential, StoreError> {
+        self.check()?;
+        self.inner
+            .rotate_credential(tenant_id, kind, id, rotation)
+            .await
+    }
+
+    async fn revoke_credential(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        at: DateTime<Utc>,
+        by_user: Option<UserId>,
+    ) -> Result<Credential, StoreError> {
+        self.check()?;
+        self.inner
+            .revoke_credential(tenant_id, kind, id, at, by_user)
+            .await
+    }
+
+    async fn update_robot_permissions(
+        &self,
+        tenant_id: TenantId,
+        id: CredentialId,
+        permissions: &[keyplane_core::RobotPermission],
+        at: DateTime<Utc>,
+    ) -> Result<Credential, StoreError> {
+        self.check()?;
+        self.inner
+            .update_robot_permissions(tenant_id, id, permissions, at)
+            .await
+    }
+
+    async fn create_registry(
+        &self,
+        registry: &keyplane_core::Registry,
+        default_robot: &Credential,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.create_registry(registry, default_robot).await
+    }
+
+    async fn get_registry(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Option<keyplane_core::Registry>, StoreError> {
+        self.check()?;
+        self.inner.get_registry(tenant_id).await
+    }
+
+    async fn project_taken(&self, project: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.project_taken(project).await
+    }
+
+    async fn signing_key_or_insert(
+        &self,
+        candidate: &SigningKey,
+    ) -> Result<SigningKey, StoreError> {
+        self.check()?;
+        self.inner.signing_key_or_insert(candidate).await
+    }
+
+    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_grant(grant).await
+    }
+
+    async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError> {
+        self.check()?;
+        self.inner.list_grants(filter).await
+    }
+
+    async fn list_grants_of_subject(
+        &self,
+        subject_type: SubjectType,
+        subject_id: uuid::Uuid,
+    ) -> Result<Vec<Grant>, StoreError> {
+        self.check()?;
+        self.inner
+            .list_grants_of_subject(subject_type, subject_id)
+            .await
+    }
+
+    async fn get_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+    ) -> Result<Option<Grant>, StoreError> {
+        self.check()?;
+        self.inner.get_grant(tenant_id, id).await
+    }
+
+    async fn revoke_grant(
+        &self,
+        tenant_id: TenantId,
+        id: GrantId,
+        at: DateTime<Utc>,
+    ) -> Result<Grant, StoreError> {
+        self.check()?;
+        self.inner.revoke_grant(tenant_id, id, at).await
+    }
+
+    async fn record_last_used(
+        &self,
+        uses: &[(CredentialId, DateTime<Utc>)],
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.record_last_used(uses).await
+    }
+}

@@ -1,0 +1,127 @@
+//! A TCP proxy on 127.0.0.1 in front of the test PostgreSQL, so a test can take the database away
+//! from one server without touching the shared PostgreSQL: refuse every connection (an outage), or
+//! freeze the connections that issued `LISTEN` (bytes stop flowing, nothing closes: a frozen
+//! backend or a dropped network path, as a listener sees it).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Forward,
+    /// Connections that sent `LISTEN` stop forwarding in both directions, without closing.
+    FreezeListeners,
+    /// Every connection is closed, and new ones are closed as soon as they are accepted.
+    Refuse,
+}
+
+pub struct PgProxy {
+    /// `url` with its host and port replaced by the proxy's.
+    pub url: String,
+    mode: watch::Sender<Mode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PgProxy {
+    /// A proxy in front of the PostgreSQL server `url` names (a `postgres://user@host:port/db`).
+    pub async fn start(url: &str) -> Self {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let (user, rest) = rest.split_once('@').expect("user@host in the URL");
+        let (authority, path) = rest.split_once('/').expect("a database in the URL");
+        let upstream = authority.to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let (mode, watcher) = watch::channel(Mode::Forward);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if *watcher.borrow() == Mode::Refuse {
+                    drop(client);
+                    continue;
+                }
+                let (upstream, watcher) = (upstream.clone(), watcher.clone());
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
+                        relay(client, server, watcher).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url: format!("{scheme}://{user}@{local}/{path}"),
+            mode,
+            task,
+        }
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, mode: watch::Receiver<Mode>) {
+    let is_listener = Arc::new(AtomicBool::new(false));
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let upstream = pump(
+        client_read,
+        server_write,
+        mode.clone(),
+        is_listener.clone(),
+        true,
+    );
+    let downstream = pump(server_read, client_write, mode, is_listener, false);
+    // Either side ending (or a refusal) ends both: dropping the halves closes the sockets.
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+}
+
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut mode: watch::Receiver<Mode>,
+    is_listener: Arc<AtomicBool>,
+    from_client: bool,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = mode.wait_for(|m| *m == Mode::Refuse) => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if from_client && buffer[..n].windows(7).any(|w| w == b"LISTEN ") {
+            is_listener.store(true, Ordering::Release);
+        }
+        // A frozen connection holds what it read and forwards nothing, until unfrozen or refused.
+        if is_listener.load(Ordering::Acquire) {
+            let resumed = mode
+                .wait_for(|m| *m != Mode::FreezeListeners)
+                .await
+                .map(|m| *m);
+            match resumed {
+                Ok(Mode::Forward) => {}
+                _ => return,
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
