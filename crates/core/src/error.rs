@@ -8,6 +8,7 @@ pub enum FieldLocation {
     Body,
     Query,
     Path,
+    Header,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,10 @@ impl FieldPath {
 
     pub fn path(key: &str) -> Self {
         Self::at(FieldLocation::Path, key)
+    }
+
+    pub fn header(name: &str) -> Self {
+        Self::at(FieldLocation::Header, name)
     }
 
     pub fn index(&self, index: usize) -> Self {
@@ -112,6 +117,8 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     pub const INVALID_CHOICE: &str = "invalid_choice";
     pub const INVALID_BOOL: &str = "invalid_bool";
+    /// An `Idempotency-Key` already used with a different request.
+    pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -231,7 +231,9 @@ impl TryFrom<IdempotencyRow> for crate::IdempotencyRecord {
 
     fn try_from(row: IdempotencyRow) -> Result<Self, StoreError> {
         let corrupt = |what: &str| {
-            StoreError::Other(anyhow::anyhow!("stored idempotency record has a bad {what}"))
+            StoreError::Other(anyhow::anyhow!(
+                "stored idempotency record has a bad {what}"
+            ))
         };
         let fingerprint: [u8; 32] = row
             .fingerprint

@@ -102,6 +102,11 @@ impl TestApp {
         }
     }
 
+    /// The store's URL, for tests that read the raw tables.
+    pub fn database_url(&self) -> &str {
+        &self.db.url
+    }
+
     pub async fn create_org(&self, name: &str) -> Org {
         let created = ops::create_org(self.app.store().as_ref(), name)
             .await

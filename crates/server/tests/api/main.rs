@@ -5,6 +5,7 @@ mod helpers;
 
 mod aether_api_tokens;
 mod hybridbox;
+mod idempotency;
 mod logs;
 mod oidc;
 mod operations;
