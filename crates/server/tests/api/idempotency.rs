@@ -530,17 +530,21 @@ async fn stored_rows(app: &TestApp) -> Vec<Vec<Vec<u8>>> {
 
 /// Makes every idempotency record `hours` older, as if that much time had passed.
 async fn age_records(app: &TestApp, hours: i64) {
-    let sql = format!(
-        "UPDATE idempotency_keys SET created_at_ms = created_at_ms - {}, locked_until_ms = locked_until_ms - {}",
-        hours * 3_600_000,
-        hours * 3_600_000
-    );
+    let ms = hours * 3_600_000;
+    execute(
+        app,
+        &format!("UPDATE idempotency_keys SET created_at_ms = created_at_ms - {ms}, locked_until_ms = locked_until_ms - {ms}"),
+    )
+    .await;
+}
+
+async fn execute(app: &TestApp, sql: &str) {
     if app.database_url().starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
-        sqlx::query(&sql).execute(&pool).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
     } else {
         let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
-        sqlx::query(&sql).execute(&pool).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
     }
 }
 
@@ -621,7 +625,40 @@ async fn a_key_is_kept_for_a_day_then_pruned(backend: Backend) {
     assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
 }
 
+async fn a_crashed_request_holds_its_key_for_a_minute(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let target = app.create_token(&org, "target", &["api_tokens:read"]).await;
+    let rotate = org.path(&format!("/api-tokens/{}/rotate", str_of(&target, "/id")));
+    let key = new_key();
+    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
+    assert_eq!(res.status(), 200);
+    // As a process killed between the change and storing its answer leaves it: in flight.
+    execute(
+        &app,
+        "UPDATE idempotency_keys SET status = NULL, nonce = NULL, response = NULL",
+    )
+    .await;
+    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_error(res, 409, "conflict").await;
+    // Its lock runs out after 60 s: the retry runs, and its secret works.
+    execute(
+        &app,
+        "UPDATE idempotency_keys SET locked_until_ms = locked_until_ms - 61000",
+    )
+    .await;
+    let (status, replayed, fresh) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!((status, replayed), (200, false));
+    assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
+    let (status, replayed, again) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!((status, replayed, again), (200, true, fresh));
+}
+
 both_backends! {
+    a_crashed_request_holds_its_key_for_a_minute,
     aether_creates_and_rotates_replay_a_retry,
     hybridbox_creates_and_rotates_replay_a_retry,
     the_key_with_another_request_is_422,
