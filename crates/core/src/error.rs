@@ -8,6 +8,7 @@ pub enum FieldLocation {
     Body,
     Query,
     Path,
+    Header,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,10 @@ impl FieldPath {
 
     pub fn path(key: &str) -> Self {
         Self::at(FieldLocation::Path, key)
+    }
+
+    pub fn header(name: &str) -> Self {
+        Self::at(FieldLocation::Header, name)
     }
 
     pub fn index(&self, index: usize) -> Self {
@@ -114,6 +119,8 @@ pub mod codes {
     pub const INVALID_BOOL: &str = "invalid_bool";
     /// The last entry of a capped error list: how many more were found and not reported.
     pub const MORE_ERRORS_OMITTED: &str = "more_errors_omitted";
+    /// An `Idempotency-Key` already used with a different request.
+    pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -38,6 +38,17 @@ impl<S: Surface, T: FromJsonBody> FromRequest<App> for ApiJson<S, T> {
     type Rejection = ApiError<S>;
 
     async fn from_request(request: Request, app: &App) -> Result<Self, Self::Rejection> {
+        Self::with_bytes(request, app).await.map(|(json, _)| json)
+    }
+}
+
+impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
+    /// Reads and validates the body, and also returns it as sent (what an idempotency fingerprint
+    /// covers).
+    pub(crate) async fn with_bytes(
+        request: Request,
+        app: &App,
+    ) -> Result<(Self, Bytes), ApiError<S>> {
         if !is_json(request.headers()) {
             return Err(AppError::UnsupportedMediaType.into());
         }
@@ -56,7 +67,7 @@ impl<S: Surface, T: FromJsonBody> FromRequest<App> for ApiJson<S, T> {
         let parsed = T::from_json(&mut reader, crate::ops::now());
         let errors = reader.finish();
         match parsed {
-            Some(value) if errors.is_empty() => Ok(Self(value, PhantomData)),
+            Some(value) if errors.is_empty() => Ok((Self(value, PhantomData), bytes)),
             _ => Err(DomainError::Validation(errors).into()),
         }
     }

@@ -13,6 +13,7 @@ pub mod error;
 mod extract;
 mod failed_auth;
 pub mod hybridbox;
+mod idempotency;
 mod metrics;
 pub mod oidc;
 mod openapi;

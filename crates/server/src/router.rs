@@ -220,6 +220,7 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
             _ = stop.changed() => return,
         }
         app.flush_usage().await;
+        crate::idempotency::prune(&app).await;
         app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().failed_auth {
             limiter.prune();

@@ -86,6 +86,47 @@ impl GrantFilter {
     }
 }
 
+/// One attempt to take an `Idempotency-Key` for a request. The store sees only values derived
+/// from the key, never the key itself.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    /// Derived from the key, the tenant and the caller: the record's identity.
+    pub lookup_id: [u8; 32],
+    pub tenant_id: TenantId,
+    pub principal_id: uuid::Uuid,
+    /// SHA-256 of the request (method, path, body): the same key with another request is refused.
+    pub fingerprint: [u8; 32],
+    /// This attempt: only it may complete or release the record it claims.
+    pub claim_id: uuid::Uuid,
+    pub now: DateTime<Utc>,
+    /// Until when this attempt holds the key; a record still in flight after that (its request
+    /// crashed) may be claimed again.
+    pub locked_until: DateTime<Utc>,
+    /// Records created before this have expired: they count as absent.
+    pub expired_before: DateTime<Utc>,
+}
+
+/// A finished request's answer as the store keeps it: the body is ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+/// What [`Store::claim_idempotency_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyRecord {
+    /// The claim holds the key now: run the request, then complete or release it.
+    Claimed,
+    /// Another attempt holds the key and has not finished.
+    InFlight { fingerprint: [u8; 32] },
+    Completed {
+        fingerprint: [u8; 32],
+        response: StoredResponse,
+    },
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, for logs and `/readyz`.
@@ -238,6 +279,37 @@ pub trait Store: Send + Sync + 'static {
         &self,
         uses: &[(CredentialId, DateTime<Utc>)],
     ) -> Result<(), StoreError>;
+
+    /// Takes the key for `claim` unless a live record holds it: a finished one (younger than
+    /// `expired_before`) or one in flight whose lock has not run out. Atomic: of racing claims,
+    /// exactly one gets [`IdempotencyRecord::Claimed`].
+    async fn claim_idempotency_key(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyRecord, StoreError>;
+
+    /// Stores the answer of the request that holds `claim_id`. `false` if that claim no longer
+    /// holds the record (its lock ran out and another attempt took it, or it was pruned).
+    async fn complete_idempotency_key(
+        &self,
+        lookup_id: &[u8; 32],
+        claim_id: uuid::Uuid,
+        response: &StoredResponse,
+    ) -> Result<bool, StoreError>;
+
+    /// Forgets an in-flight record held by `claim_id`, so the key can be used again at once.
+    async fn release_idempotency_key(
+        &self,
+        lookup_id: &[u8; 32],
+        claim_id: uuid::Uuid,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` records created before `created_before`, oldest first; returns how many.
+    async fn prune_idempotency_keys(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 }
 
 /// What `/readyz` reports about writes.

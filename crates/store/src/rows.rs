@@ -217,3 +217,39 @@ impl TryFrom<GrantRow> for Grant {
         })
     }
 }
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct IdempotencyRow {
+    fingerprint: Vec<u8>,
+    status: Option<i32>,
+    nonce: Option<Vec<u8>>,
+    response: Option<Vec<u8>>,
+}
+
+impl TryFrom<IdempotencyRow> for crate::IdempotencyRecord {
+    type Error = StoreError;
+
+    fn try_from(row: IdempotencyRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Other(anyhow::anyhow!(
+                "stored idempotency record has a bad {what}"
+            ))
+        };
+        let fingerprint: [u8; 32] = row
+            .fingerprint
+            .try_into()
+            .map_err(|_| corrupt("fingerprint"))?;
+        Ok(match (row.status, row.nonce, row.response) {
+            (None, _, _) => crate::IdempotencyRecord::InFlight { fingerprint },
+            (Some(status), Some(nonce), Some(ciphertext)) => crate::IdempotencyRecord::Completed {
+                fingerprint,
+                response: crate::StoredResponse {
+                    status: u16::try_from(status).map_err(|_| corrupt("status"))?,
+                    nonce,
+                    ciphertext,
+                },
+            },
+            _ => return Err(corrupt("response")),
+        })
+    }
+}

@@ -54,6 +54,17 @@ pub(crate) fn migrations_pending(
         .filter(|m| !m.migration_type.is_down_migration())
         .any(|m| !applied.contains(&(m.version, m.checksum.to_vec())))
 }
+/// Takes a key: inserts the record, or replaces one that has expired or whose in-flight attempt
+/// held its lock too long (it crashed). Affects no row when a live record holds the key.
+pub(crate) const CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (lookup_id, tenant_id, principal_id, fingerprint, claim_id, created_at_ms, locked_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (lookup_id) DO UPDATE SET tenant_id = excluded.tenant_id, principal_id = excluded.principal_id, fingerprint = excluded.fingerprint, claim_id = excluded.claim_id, created_at_ms = excluded.created_at_ms, locked_until_ms = excluded.locked_until_ms, status = NULL, nonce = NULL, response = NULL \
+     WHERE idempotency_keys.created_at_ms < $8 OR (idempotency_keys.status IS NULL AND idempotency_keys.locked_until_ms <= $6)";
+pub(crate) const SELECT_IDEMPOTENCY_KEY: &str = "SELECT fingerprint, status, nonce, response FROM idempotency_keys WHERE lookup_id = $1 AND tenant_id = $2 AND principal_id = $3";
+pub(crate) const COMPLETE_IDEMPOTENCY_KEY: &str = "UPDATE idempotency_keys SET status = $3, nonce = $4, response = $5 WHERE lookup_id = $1 AND claim_id = $2 AND status IS NULL";
+pub(crate) const RELEASE_IDEMPOTENCY_KEY: &str =
+    "DELETE FROM idempotency_keys WHERE lookup_id = $1 AND claim_id = $2 AND status IS NULL";
+/// Neither backend takes `DELETE ... LIMIT` (SQLite only when built for it): a bounded sub-select.
+pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
 /// Rows per multi-row INSERT when importing: 17 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
@@ -633,6 +644,91 @@ macro_rules! impl_store {
                     Ok(())
                 })
                 .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %claim.tenant_id))]
+            async fn claim_idempotency_key(
+                &self,
+                claim: &$crate::IdempotencyClaim,
+            ) -> Result<$crate::IdempotencyRecord, $crate::StoreError> {
+                let claimed = sqlx::query($crate::sql::CLAIM_IDEMPOTENCY_KEY)
+                    .bind(&claim.lookup_id[..])
+                    .bind(claim.tenant_id.as_uuid())
+                    .bind(claim.principal_id)
+                    .bind(&claim.fingerprint[..])
+                    .bind(claim.claim_id)
+                    .bind(claim.now.timestamp_millis())
+                    .bind(claim.locked_until.timestamp_millis())
+                    .bind(claim.expired_before.timestamp_millis())
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                if claimed {
+                    return Ok($crate::IdempotencyRecord::Claimed);
+                }
+                let row: Option<$crate::rows::IdempotencyRow> =
+                    sqlx::query_as($crate::sql::SELECT_IDEMPOTENCY_KEY)
+                        .bind(&claim.lookup_id[..])
+                        .bind(claim.tenant_id.as_uuid())
+                        .bind(claim.principal_id)
+                        .fetch_optional(&self.writer)
+                        .await?;
+                match row {
+                    Some(row) => row.try_into(),
+                    // Released or pruned between the two statements: its holder just finished, so
+                    // the caller answers as for one in flight and the client's retry claims it.
+                    None => Ok($crate::IdempotencyRecord::InFlight {
+                        fingerprint: claim.fingerprint,
+                    }),
+                }
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn complete_idempotency_key(
+                &self,
+                lookup_id: &[u8; 32],
+                claim_id: uuid::Uuid,
+                response: &$crate::StoredResponse,
+            ) -> Result<bool, $crate::StoreError> {
+                let stored = sqlx::query($crate::sql::COMPLETE_IDEMPOTENCY_KEY)
+                    .bind(&lookup_id[..])
+                    .bind(claim_id)
+                    .bind(i32::from(response.status))
+                    .bind(&response.nonce)
+                    .bind(&response.ciphertext)
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected();
+                Ok(stored == 1)
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn release_idempotency_key(
+                &self,
+                lookup_id: &[u8; 32],
+                claim_id: uuid::Uuid,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::RELEASE_IDEMPOTENCY_KEY)
+                    .bind(&lookup_id[..])
+                    .bind(claim_id)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_idempotency_keys(
+                &self,
+                created_before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                Ok(sqlx::query($crate::sql::PRUNE_IDEMPOTENCY_KEYS)
+                    .bind(created_before.timestamp_millis())
+                    .bind(i64::from(limit))
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected())
             }
         }
     };

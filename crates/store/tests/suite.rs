@@ -7,7 +7,10 @@ use keyplane_core::{
     Scope, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_store::testing::{Backend, TestDatabase};
-use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
+use keyplane_store::{
+    GrantFilter, IdempotencyClaim, IdempotencyRecord, ListCredentials, Store, StoreError,
+    StoredResponse,
+};
 use rand::rngs::OsRng;
 use std::sync::Arc;
 
@@ -564,7 +567,12 @@ async fn is_bootstrapped_says_whether_bootstrap_could_run(backend: Backend) {
     assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
     assert!(store.is_bootstrapped().await.unwrap());
     // A store with tenants made another way counts too: bootstrap_once would do nothing there.
-    assert!(fixture(backend).await.store.is_bootstrapped().await.unwrap());
+    assert!(fixture(backend)
+        .await
+        .store
+        .is_bootstrapped()
+        .await
+        .unwrap());
 }
 
 /// Another connection holds the write lock: writes answer `Busy` in bounded time, reads go on, and
@@ -640,6 +648,175 @@ async fn a_closed_store_answers_unavailable(backend: Backend) {
     ));
 }
 
+fn claim(tenant: TenantId, lookup: u8, fingerprint: u8, now: DateTime<Utc>) -> IdempotencyClaim {
+    IdempotencyClaim {
+        lookup_id: [lookup; 32],
+        tenant_id: tenant,
+        principal_id: uuid::Uuid::from_u128(7),
+        fingerprint: [fingerprint; 32],
+        claim_id: uuid::Uuid::new_v4(),
+        now,
+        locked_until: now + TimeDelta::seconds(60),
+        expired_before: now - TimeDelta::hours(24),
+    }
+}
+
+fn stored(status: u16) -> StoredResponse {
+    StoredResponse {
+        status,
+        nonce: vec![1; 12],
+        ciphertext: b"sealed".to_vec(),
+    }
+}
+
+async fn an_idempotency_key_is_claimed_once_then_replayed(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let first = claim(f.tenant.id, 1, 9, t);
+    assert_eq!(
+        f.store.claim_idempotency_key(&first).await.unwrap(),
+        IdempotencyRecord::Claimed
+    );
+    // A second attempt while the first runs, with the same request or another one.
+    for fingerprint in [9, 8] {
+        assert_eq!(
+            f.store
+                .claim_idempotency_key(&claim(f.tenant.id, 1, fingerprint, t))
+                .await
+                .unwrap(),
+            IdempotencyRecord::InFlight {
+                fingerprint: [9; 32]
+            }
+        );
+    }
+    // Only the holder completes it.
+    assert!(!f
+        .store
+        .complete_idempotency_key(&[1; 32], uuid::Uuid::new_v4(), &stored(201))
+        .await
+        .unwrap());
+    assert!(f
+        .store
+        .complete_idempotency_key(&[1; 32], first.claim_id, &stored(201))
+        .await
+        .unwrap());
+    assert!(!f
+        .store
+        .complete_idempotency_key(&[1; 32], first.claim_id, &stored(200))
+        .await
+        .unwrap());
+    let later = claim(f.tenant.id, 1, 9, t + TimeDelta::hours(23));
+    assert_eq!(
+        f.store.claim_idempotency_key(&later).await.unwrap(),
+        IdempotencyRecord::Completed {
+            fingerprint: [9; 32],
+            response: stored(201)
+        }
+    );
+    // A completed record does not expire with its lock, only after a day.
+    let expired = claim(f.tenant.id, 1, 8, t + TimeDelta::hours(25));
+    assert_eq!(
+        f.store.claim_idempotency_key(&expired).await.unwrap(),
+        IdempotencyRecord::Claimed
+    );
+}
+
+async fn a_crashed_claim_expires_and_a_released_one_frees_the_key(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let crashed = claim(f.tenant.id, 2, 9, t);
+    assert_eq!(
+        f.store.claim_idempotency_key(&crashed).await.unwrap(),
+        IdempotencyRecord::Claimed
+    );
+    let retry = claim(f.tenant.id, 2, 9, t + TimeDelta::seconds(61));
+    assert_eq!(
+        f.store.claim_idempotency_key(&retry).await.unwrap(),
+        IdempotencyRecord::Claimed
+    );
+    // The crashed attempt, were it to wake up, can neither complete nor release the retry's claim.
+    assert!(!f
+        .store
+        .complete_idempotency_key(&[2; 32], crashed.claim_id, &stored(201))
+        .await
+        .unwrap());
+    f.store
+        .release_idempotency_key(&[2; 32], crashed.claim_id)
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store
+            .claim_idempotency_key(&claim(f.tenant.id, 2, 9, retry.now))
+            .await
+            .unwrap(),
+        IdempotencyRecord::InFlight { .. }
+    ));
+    f.store
+        .release_idempotency_key(&[2; 32], retry.claim_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store
+            .claim_idempotency_key(&claim(f.tenant.id, 2, 8, retry.now))
+            .await
+            .unwrap(),
+        IdempotencyRecord::Claimed
+    );
+}
+
+async fn racing_claims_have_one_winner(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let attempts = (0..8).map(|_| {
+        let store = f.store.clone();
+        let attempt = claim(f.tenant.id, 3, 9, t);
+        tokio::spawn(async move { store.claim_idempotency_key(&attempt).await.unwrap() })
+    });
+    let outcomes = results_of(attempts).await;
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == IdempotencyRecord::Claimed)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+}
+
+async fn results_of<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles.collect::<Vec<_>>() {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+async fn idempotency_records_are_pruned_in_batches(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    for lookup in 10..15 {
+        let old = claim(f.tenant.id, lookup, 9, t - TimeDelta::hours(25));
+        f.store.claim_idempotency_key(&old).await.unwrap();
+        f.store
+            .complete_idempotency_key(&old.lookup_id, old.claim_id, &stored(201))
+            .await
+            .unwrap();
+    }
+    let fresh = claim(f.tenant.id, 20, 9, t);
+    f.store.claim_idempotency_key(&fresh).await.unwrap();
+    let cutoff = t - TimeDelta::hours(24);
+    assert_eq!(f.store.prune_idempotency_keys(cutoff, 3).await.unwrap(), 3);
+    assert_eq!(f.store.prune_idempotency_keys(cutoff, 3).await.unwrap(), 2);
+    assert_eq!(f.store.prune_idempotency_keys(cutoff, 3).await.unwrap(), 0);
+    assert!(matches!(
+        f.store
+            .claim_idempotency_key(&claim(f.tenant.id, 20, 9, t))
+            .await
+            .unwrap(),
+        IdempotencyRecord::InFlight { .. }
+    ));
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -675,4 +852,8 @@ store_suite! {
     is_bootstrapped_says_whether_bootstrap_could_run,
     a_locked_store_answers_busy_while_reads_go_on,
     a_closed_store_answers_unavailable,
+    an_idempotency_key_is_claimed_once_then_replayed,
+    a_crashed_claim_expires_and_a_released_one_frees_the_key,
+    racing_claims_have_one_winner,
+    idempotency_records_are_pruned_in_batches,
 }

@@ -5,10 +5,12 @@ use super::wire::{
 };
 use super::{org_id, resource_id as token_id, Aether, ApiError, TAG_API_TOKENS};
 use crate::app::App;
-use crate::extract::{ApiJson, Authenticated};
+use crate::extract::Authenticated;
+use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
 use crate::ops::{self, CredentialSpec, API_TOKENS};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use keyplane_core::error::codes;
 use keyplane_core::{CredentialId, Error as DomainError, FieldError, FieldPath};
@@ -25,7 +27,7 @@ const MAX_PAGE: u32 = 100;
 /// caller.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
-    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),
     request_body = CreateApiTokenRequest,
     responses(
         (status = 201, description = "Token created. Contains the one-time raw secret.", body = ApiTokenCreated),
@@ -33,10 +35,10 @@ const MAX_PAGE: u32 = 100;
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or a requested scope.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 409, description = "A live token with this name exists.", body = ErrorEnvelope),
+        (status = 409, description = "A live token with this name exists, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 413, description = "Body over 64 KiB.", body = ErrorEnvelope),
         (status = 415, description = "Body is not application/json.", body = ErrorEnvelope),
-        (status = 422, description = "Request validation failed.", body = ErrorEnvelope),
+        (status = 422, description = "Request validation failed, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
         (status = 429, description = "Rate limited; see Retry-After.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -45,8 +47,8 @@ pub async fn create_api_token(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(org): Path<String>,
-    ApiJson(request, ..): ApiJson<Aether, CreateApiTokenRequest>,
-) -> Result<(StatusCode, Json<ApiTokenCreated>), ApiError> {
+    IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateApiTokenRequest>,
+) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     let spec = CredentialSpec {
         name: request.name,
@@ -54,8 +56,12 @@ pub async fn create_api_token(
         permissions: Vec::new(),
         expires_at: request.expires_at,
     };
-    let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;
-    Ok((StatusCode::CREATED, Json(issued.into())))
+    Ok(idempotency
+        .run(app, who, org, move |app, who| async move {
+            let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;
+            Ok((StatusCode::CREATED, Json(ApiTokenCreated::from(issued))))
+        })
+        .await)
 }
 
 fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, u32), DomainError> {
@@ -198,13 +204,15 @@ pub async fn delete_api_token(
     params(
         ("orgID" = Uuid, Path, description = "Organization UUID."),
         ("id" = Uuid, Path, description = "API token id."),
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 200, description = "Rotated. Contains the new one-time raw secret.", body = ApiTokenCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
-        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+        (status = 409, description = "A request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -212,16 +220,21 @@ pub async fn rotate_api_token(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path((org, id)): Path<(String, String)>,
-) -> Result<Json<ApiTokenCreated>, ApiError> {
+    idempotency: Idempotency<Aether>,
+) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
-        .await
-        .map_err(|e| match e {
-            // Rotating a revoked token: gone, as far as Aether clients are concerned.
-            crate::error::AppError::Domain(DomainError::Conflict(_)) => {
-                DomainError::NotFound.into()
-            }
-            other => other,
-        })?;
-    Ok(Json(issued.into()))
+    Ok(idempotency
+        .run(app, who, org, move |app, who| async move {
+            let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
+                .await
+                .map_err(|e| match e {
+                    // Rotating a revoked token: gone, as far as Aether clients are concerned.
+                    crate::error::AppError::Domain(DomainError::Conflict(_)) => {
+                        DomainError::NotFound.into()
+                    }
+                    other => other,
+                })?;
+            Ok(Json(ApiTokenCreated::from(issued)))
+        })
+        .await)
 }

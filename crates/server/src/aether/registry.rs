@@ -8,6 +8,7 @@ use super::wire::{
 use super::{org_id, resource_id, Aether, ApiError, TAG_REGISTRY};
 use crate::app::App;
 use crate::extract::{ApiJson, Authenticated};
+use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
 use crate::ops::{self, CredentialSpec, ROBOTS};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -56,13 +57,14 @@ pub async fn get_registry(
 /// this response. Enabling twice answers 409. Needs `registry:write`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/registry", tag = TAG_REGISTRY,
-    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),
     responses(
         (status = 201, description = "Enabled. Contains the default robot's one-time password.", body = RegistryEnabled),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 409, description = "Already enabled.", body = ErrorEnvelope),
+        (status = 409, description = "Already enabled (a retry with the first request's Idempotency-Key replays its answer instead), or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 422, description = "The Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -70,20 +72,25 @@ pub async fn enable_registry(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(org): Path<String>,
-) -> Result<(StatusCode, Json<RegistryEnabled>), ApiError> {
+    idempotency: Idempotency<Aether>,
+) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
-    let (registry, robot) = ops::enable_registry(&app, &who, org).await?;
-    let username = robot_username(&registry.project, &robot.credential.name);
-    Ok((
-        StatusCode::CREATED,
-        Json(RegistryEnabled {
-            registry: RegistryView::new(registry, &app.inner().config.registry.endpoint),
-            credentials: RegistryCredentials {
-                username,
-                password: robot.secret,
-            },
-        }),
-    ))
+    Ok(idempotency
+        .run(app, who, org, move |app, who| async move {
+            let (registry, robot) = ops::enable_registry(&app, &who, org).await?;
+            let username = robot_username(&registry.project, &robot.credential.name);
+            Ok((
+                StatusCode::CREATED,
+                Json(RegistryEnabled {
+                    registry: RegistryView::new(registry, &app.inner().config.registry.endpoint),
+                    credentials: RegistryCredentials {
+                        username,
+                        password: robot.secret,
+                    },
+                }),
+            ))
+        })
+        .await)
 }
 
 /// List robot accounts
@@ -119,7 +126,7 @@ pub async fn list_robot_accounts(
 /// otherwise). Needs `registry:write`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts", tag = TAG_REGISTRY,
-    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),
     request_body = CreateRobotAccountRequest,
     responses(
         (status = 201, description = "Robot account created. Contains the one-time token.", body = RobotAccountCreated),
@@ -127,10 +134,10 @@ pub async fn list_robot_accounts(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 409, description = "The registry is not enabled, or a live robot has this name.", body = ErrorEnvelope),
+        (status = 409, description = "The registry is not enabled, a live robot has this name, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 413, description = "Body over 64 KiB.", body = ErrorEnvelope),
         (status = 415, description = "Body is not application/json.", body = ErrorEnvelope),
-        (status = 422, description = "Request validation failed.", body = ErrorEnvelope),
+        (status = 422, description = "Request validation failed, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -138,8 +145,8 @@ pub async fn create_robot_account(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(org): Path<String>,
-    ApiJson(request, ..): ApiJson<Aether, CreateRobotAccountRequest>,
-) -> Result<(StatusCode, Json<RobotAccountCreated>), ApiError> {
+    IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateRobotAccountRequest>,
+) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     let spec = CredentialSpec {
         name: request.name,
@@ -147,8 +154,12 @@ pub async fn create_robot_account(
         permissions: request.permissions,
         expires_at: None,
     };
-    let issued = ops::create_robot(&app, &who, org, spec).await?;
-    Ok((StatusCode::CREATED, Json(issued.into())))
+    Ok(idempotency
+        .run(app, who, org, move |app, who| async move {
+            let issued = ops::create_robot(&app, &who, org, spec).await?;
+            Ok((StatusCode::CREATED, Json(RobotAccountCreated::from(issued))))
+        })
+        .await)
 }
 
 /// Get a robot account
@@ -242,13 +253,14 @@ pub async fn delete_robot_account(
 /// returned only in this response. Needs `registry:write`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate", tag = TAG_REGISTRY,
-    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id."), IdempotencyKeyHeader),
     responses(
         (status = 200, description = "Rotated. Contains the new one-time secret.", body = RobotAccountCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
-        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+        (status = 409, description = "A request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -256,10 +268,15 @@ pub async fn rotate_robot_account(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path((org, id)): Path<(String, String)>,
-) -> Result<Json<RobotAccountCreated>, ApiError> {
+    idempotency: Idempotency<Aether>,
+) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
-        .await
-        .map_err(super::gone_if_revoked)?;
-    Ok(Json(issued.into()))
+    Ok(idempotency
+        .run(app, who, org, move |app, who| async move {
+            let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
+                .await
+                .map_err(super::gone_if_revoked)?;
+            Ok(Json(RobotAccountCreated::from(issued)))
+        })
+        .await)
 }

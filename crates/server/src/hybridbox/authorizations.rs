@@ -6,10 +6,12 @@ use super::wire::{
 };
 use super::{ApiError, Hybridbox, TAG_AUTHORIZATIONS};
 use crate::app::App;
-use crate::extract::{path_id, query_bool, ApiJson, Authenticated};
+use crate::extract::{path_id, query_bool, Authenticated};
+use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson};
 use crate::ops;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use keyplane_core::error::codes;
 use keyplane_core::{
@@ -131,7 +133,7 @@ pub async fn list_authorizations(
 /// Needs `auth.manage`.
 #[utoipa::path(
     post, path = "/v1/public/accounts/{account_id}/auth/authorizations", tag = TAG_AUTHORIZATIONS,
-    params(("account_id" = Uuid, Path)),
+    params(("account_id" = Uuid, Path), IdempotencyKeyHeader),
     request_body = CreateAuthorizationRequest,
     responses(
         (status = 201, description = "The grant.", body = AuthorizationView),
@@ -139,8 +141,8 @@ pub async fn list_authorizations(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or the right it grants.", body = ErrorMessage),
         (status = 404, description = "No such account for this caller.", body = ErrorMessage),
-        (status = 409, description = "The same live grant exists.", body = ErrorMessage),
-        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+        (status = 409, description = "The same live grant exists, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -148,12 +150,16 @@ pub async fn create_authorization(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(account): Path<String>,
-    ApiJson(request, ..): ApiJson<Hybridbox, CreateAuthorizationRequest>,
-) -> Result<(StatusCode, Json<AuthorizationView>), ApiError> {
+    IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateAuthorizationRequest>,
+) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
     let grant = request.into_domain().map_err(DomainError::from)?;
-    let grant = ops::create_grant(&app, &who, account, grant).await?;
-    Ok((StatusCode::CREATED, Json(grant.into())))
+    Ok(idempotency
+        .run(app, who, account, move |app, who| async move {
+            let grant = ops::create_grant(&app, &who, account, grant).await?;
+            Ok((StatusCode::CREATED, Json(AuthorizationView::from(grant))))
+        })
+        .await)
 }
 
 /// Revoke Authorization

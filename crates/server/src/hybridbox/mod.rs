@@ -40,6 +40,7 @@ fn loc(error: &FieldError) -> Value {
         FieldLocation::Body => "body",
         FieldLocation::Query => "query",
         FieldLocation::Path => "path",
+        FieldLocation::Header => "header",
     };
     let mut parts = vec![json!(location)];
     parts.extend(error.path.segments.iter().map(|segment| match segment {

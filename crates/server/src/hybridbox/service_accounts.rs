@@ -6,10 +6,12 @@ use super::wire::{
 };
 use super::{ApiError, Hybridbox, TAG_SERVICE_ACCOUNTS};
 use crate::app::App;
-use crate::extract::{path_id, query_bool, ApiJson, Authenticated};
+use crate::extract::{path_id, query_bool, Authenticated};
+use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
 use crate::ops::{self, CredentialSpec, SERVICE_ACCOUNTS};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use keyplane_core::{CredentialId, Error as DomainError, ScopeSet, TenantId};
 use std::collections::HashMap;
@@ -74,7 +76,7 @@ pub async fn list_service_accounts(
 /// `/auth/authorizations`. Needs `auth.manage`.
 #[utoipa::path(
     post, path = "/v1/public/accounts/{account_id}/auth/service-accounts", tag = TAG_SERVICE_ACCOUNTS,
-    params(("account_id" = Uuid, Path)),
+    params(("account_id" = Uuid, Path), IdempotencyKeyHeader),
     request_body = CreateServiceAccountRequest,
     responses(
         (status = 201, description = "Created. Contains the one-time token.", body = ServiceAccountCreated),
@@ -82,10 +84,10 @@ pub async fn list_service_accounts(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
         (status = 404, description = "No such account for this caller.", body = ErrorMessage),
-        (status = 409, description = "A live service account with this name exists.", body = ErrorMessage),
+        (status = 409, description = "A live service account with this name exists, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
         (status = 413, description = "Body over 64 KiB.", body = ErrorMessage),
         (status = 415, description = "Body is not application/json.", body = ErrorMessage),
-        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+        (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
         (status = 429, description = "Rate limited; see Retry-After.", body = ErrorMessage),
     ),
     security(("bearer" = [])),
@@ -94,8 +96,8 @@ pub async fn create_service_account(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(account): Path<String>,
-    ApiJson(request, ..): ApiJson<Hybridbox, CreateServiceAccountRequest>,
-) -> Result<(StatusCode, Json<ServiceAccountCreated>), ApiError> {
+    IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateServiceAccountRequest>,
+) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
     let spec = CredentialSpec {
         name: request.name,
@@ -103,8 +105,16 @@ pub async fn create_service_account(
         permissions: Vec::new(),
         expires_at: request.expires_at,
     };
-    let issued = ops::create_credential(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;
-    Ok((StatusCode::CREATED, Json(issued.into())))
+    Ok(idempotency
+        .run(app, who, account, move |app, who| async move {
+            let issued =
+                ops::create_credential(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;
+            Ok((
+                StatusCode::CREATED,
+                Json(ServiceAccountCreated::from(issued)),
+            ))
+        })
+        .await)
 }
 
 /// Rotate Service Account
@@ -115,14 +125,14 @@ pub async fn create_service_account(
 #[utoipa::path(
     post, path = "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/rotate",
     tag = TAG_SERVICE_ACCOUNTS,
-    params(("account_id" = Uuid, Path), ("service_account_id" = Uuid, Path)),
+    params(("account_id" = Uuid, Path), ("service_account_id" = Uuid, Path), IdempotencyKeyHeader),
     responses(
         (status = 200, description = "Rotated. Contains the replacement token.", body = ServiceAccountCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked.", body = ErrorMessage),
-        (status = 422, description = "Validation Error", body = ValidationErrorBody),
+        (status = 409, description = "The service account is revoked, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -130,10 +140,15 @@ pub async fn rotate_service_account(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path((account, id)): Path<(String, String)>,
-) -> Result<Json<ServiceAccountCreated>, ApiError> {
+    idempotency: Idempotency<Hybridbox>,
+) -> Result<Response, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
-    Ok(Json(issued.into()))
+    Ok(idempotency
+        .run(app, who, account, move |app, who| async move {
+            let issued = ops::rotate_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
+            Ok(Json(ServiceAccountCreated::from(issued)))
+        })
+        .await)
 }
 
 /// Revoke Service Account

@@ -8,7 +8,8 @@ use keyplane_core::{
     TenantId, TokenHash, UserId,
 };
 use keyplane_store::{
-    GrantFilter, InvalidationHandler, ListCredentials, SigningKey, Store, StoreError,
+    GrantFilter, IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials,
+    SigningKey, Store, StoreError, StoreFault, StoredResponse, Unavailable, WriteHealth,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,7 +33,10 @@ impl FaultyStore {
 
     fn check(&self) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("switched off by the test".into()));
+            return Err(StoreError::Unavailable(Unavailable::new(
+                StoreFault::Unreachable,
+                "switched off by the test",
+            )));
         }
         Ok(())
     }
@@ -51,6 +55,19 @@ impl Store for FaultyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
+    }
+
+    fn write_health(&self) -> WriteHealth {
+        self.inner.write_health()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+
+    async fn is_bootstrapped(&self) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.is_bootstrapped().await
     }
 
     async fn create_tenant_with_credential(
@@ -119,11 +136,12 @@ impl Store for FaultyStore {
         tenant_id: TenantId,
         kind: CredentialKind,
         id: CredentialId,
+        replaces: &TokenHash,
         rotation: &Rotation,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner
-            .rotate_credential(tenant_id, kind, id, rotation)
+            .rotate_credential(tenant_id, kind, id, replaces, rotation)
             .await
     }
 
@@ -230,5 +248,47 @@ impl Store for FaultyStore {
     ) -> Result<(), StoreError> {
         self.check()?;
         self.inner.record_last_used(uses).await
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        self.check()?;
+        self.inner.claim_idempotency_key(claim).await
+    }
+
+    async fn complete_idempotency_key(
+        &self,
+        lookup_id: &[u8; 32],
+        claim_id: uuid::Uuid,
+        response: &StoredResponse,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner
+            .complete_idempotency_key(lookup_id, claim_id, response)
+            .await
+    }
+
+    async fn release_idempotency_key(
+        &self,
+        lookup_id: &[u8; 32],
+        claim_id: uuid::Uuid,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .release_idempotency_key(lookup_id, claim_id)
+            .await
+    }
+
+    async fn prune_idempotency_keys(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner
+            .prune_idempotency_keys(created_before, limit)
+            .await
     }
 }

@@ -2040,11 +2040,15 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
             "get",
             vec!["account_id", "include_revoked"],
         ),
-        ("/service-accounts", "post", vec!["account_id"]),
+        (
+            "/service-accounts",
+            "post",
+            vec!["account_id", "Idempotency-Key"],
+        ),
         (
             "/service-accounts/{service_account_id}/rotate",
             "post",
-            vec!["account_id", "service_account_id"],
+            vec!["account_id", "service_account_id", "Idempotency-Key"],
         ),
         (
             "/service-accounts/{service_account_id}",
@@ -2063,7 +2067,11 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
                 "include_revoked",
             ],
         ),
-        ("/authorizations", "post", vec!["account_id"]),
+        (
+            "/authorizations",
+            "post",
+            vec!["account_id", "Idempotency-Key"],
+        ),
         (
             "/authorizations/{authorization_id}",
             "delete",

@@ -6,6 +6,7 @@ mod helpers;
 mod aether_api_tokens;
 mod faulty_store;
 mod hybridbox;
+mod idempotency;
 mod input_limits;
 mod logs;
 mod oidc;

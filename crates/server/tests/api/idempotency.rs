@@ -1,0 +1,712 @@
+//! `Idempotency-Key` on every create and rotate route of both surfaces: a retry replays the first
+//! answer (the one-time secret included) without a second change, and the store keeps nothing a
+//! reader of the database could use.
+
+use crate::helpers::{assert_error, both_backends, fields, Org, TestApp};
+use keyplane_store::testing::Backend;
+use reqwest::header::HeaderValue;
+use reqwest::{Method, Response};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+const KEY_HEADER: &str = "Idempotency-Key";
+
+fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A POST with `key` and, when given, a JSON body.
+async fn post_with_key(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> Response {
+    let request = app
+        .request(Method::POST, path, Some(token))
+        .header(KEY_HEADER, key);
+    let request = match body {
+        Some(body) => request.json(body),
+        None => request,
+    };
+    request.send().await.unwrap()
+}
+
+/// Status, whether the answer says it is a replay, and the JSON body.
+async fn answer(res: Response) -> (u16, bool, Value) {
+    let status = res.status().as_u16();
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let text = res.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, replayed, body)
+}
+
+/// Sends the same request twice with one key; asserts the second replays the first exactly.
+async fn send_twice(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+    status: u16,
+) -> Value {
+    let key = new_key();
+    let (first_status, first_replayed, first) =
+        answer(post_with_key(app, path, token, &key, body).await).await;
+    assert_eq!(first_status, status, "first request to {path}: {first}");
+    assert!(!first_replayed, "a first answer is not a replay");
+    let (again_status, again_replayed, again) =
+        answer(post_with_key(app, path, token, &key, body).await).await;
+    assert_eq!(again_status, status, "retry of {path}: {again}");
+    assert!(again_replayed, "the retry says it is a replay");
+    assert_eq!(again, first, "the retry of {path} answers the first body");
+    first
+}
+
+fn str_of<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {pointer} in {value}"))
+}
+
+async fn count(app: &TestApp, path: &str, token: &str, items: Option<&str>) -> usize {
+    let res = app.get(path, token).await;
+    assert_eq!(res.status(), 200, "listing {path}");
+    let body: Value = res.json().await.unwrap();
+    let list = match items {
+        Some(field) => &body[field],
+        None => &body,
+    };
+    list.as_array()
+        .unwrap_or_else(|| panic!("no list in {body}"))
+        .len()
+}
+
+async fn api_token_count(app: &TestApp, org: &Org) -> usize {
+    count(app, &org.path("/api-tokens"), &org.token, Some("items")).await
+}
+
+async fn whoami(app: &TestApp, secret: &str) -> u16 {
+    app.get("/v1/whoami", secret).await.status().as_u16()
+}
+
+/// `GET /registry/token` as a robot; the status.
+async fn robot_login(app: &TestApp, username: &str, secret: &str) -> u16 {
+    app.request(Method::GET, "/registry/token", None)
+        .basic_auth(username, Some(secret))
+        .query(&[
+            ("service", "keyplane-registry"),
+            ("scope", "repository:acme/app:pull"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn aether_creates_and_rotates_replay_a_retry(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+
+    // API tokens: create.
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let created = send_twice(&app, &org.path("/api-tokens"), &org.token, Some(&body), 201).await;
+    assert_eq!(
+        api_token_count(&app, &org).await,
+        2,
+        "one token made, not two"
+    );
+    let token = str_of(&created, "/token");
+    assert_eq!(whoami(&app, token).await, 200, "the replayed secret works");
+
+    // API tokens: rotate. A second rotation would have killed the replayed secret.
+    let id = str_of(&created, "/id");
+    let rotate = org.path(&format!("/api-tokens/{id}/rotate"));
+    let rotated = send_twice(&app, &rotate, &org.token, None, 200).await;
+    let new_secret = str_of(&rotated, "/token");
+    assert_ne!(new_secret, token);
+    assert_eq!(whoami(&app, new_secret).await, 200);
+    assert_eq!(whoami(&app, token).await, 401);
+
+    // Registry: enabling twice with one key is one enable and one default robot, not a 409.
+    let enabled = send_twice(&app, &org.path("/registry"), &org.token, None, 201).await;
+    let robots = org.path("/registry/robot-accounts");
+    assert_eq!(count(&app, &robots, &org.token, Some("items")).await, 1);
+    assert_eq!(
+        robot_login(
+            &app,
+            str_of(&enabled, "/credentials/username"),
+            str_of(&enabled, "/credentials/password")
+        )
+        .await,
+        200
+    );
+
+    // Robot accounts: create and rotate.
+    let body = json!({"name": "ci", "permissions": ["pull"]});
+    let robot = send_twice(&app, &robots, &org.token, Some(&body), 201).await;
+    assert_eq!(count(&app, &robots, &org.token, Some("items")).await, 2);
+    let robot_id = str_of(&robot, "/id");
+    let rotated = send_twice(
+        &app,
+        &org.path(&format!("/registry/robot-accounts/{robot_id}/rotate")),
+        &org.token,
+        None,
+        200,
+    )
+    .await;
+    assert_ne!(rotated["token"], robot["token"]);
+    assert_eq!(
+        robot_login(&app, "robot$acme+ci", str_of(&rotated, "/token")).await,
+        200
+    );
+    assert_eq!(
+        robot_login(&app, "robot$acme+ci", str_of(&robot, "/token")).await,
+        401
+    );
+}
+
+async fn hybridbox_creates_and_rotates_replay_a_retry(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let accounts = org.account_path("/service-accounts");
+
+    let body = json!({"name": "deployer"});
+    let created = send_twice(&app, &accounts, &org.token, Some(&body), 201).await;
+    assert_eq!(count(&app, &accounts, &org.token, None).await, 1);
+    let token = str_of(&created, "/token");
+    assert_eq!(whoami(&app, token).await, 200);
+
+    let id = str_of(&created, "/id");
+    let rotated = send_twice(
+        &app,
+        &org.account_path(&format!("/service-accounts/{id}/rotate")),
+        &org.token,
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(whoami(&app, str_of(&rotated, "/token")).await, 200);
+    assert_eq!(whoami(&app, token).await, 401);
+
+    let grants = org.account_path("/authorizations");
+    let grant = json!({
+        "grant_kind": "capability",
+        "subject_type": "service_account",
+        "subject_id": id,
+        "capability_key": "auth.manage",
+    });
+    // Without a key the same grant twice is a 409; with one, the retry is the first 201.
+    send_twice(&app, &grants, &org.token, Some(&grant), 201).await;
+    assert_eq!(count(&app, &grants, &org.token, None).await, 1);
+}
+
+/// The `(loc, type)` pairs of a FastAPI 422.
+async fn hybridbox_422(res: Response) -> Vec<(Value, String)> {
+    assert_eq!(res.status(), 422);
+    let body: Value = res.json().await.unwrap();
+    body["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no detail list in {body}"))
+        .iter()
+        .map(|d| {
+            assert!(d["msg"].is_string());
+            (d["loc"].clone(), d["type"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+async fn the_key_with_another_request_is_422(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let key = new_key();
+    let tokens = org.path("/api-tokens");
+    let first = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let res = post_with_key(&app, &tokens, &org.token, &key, Some(&first)).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let reused = [(
+        "Idempotency-Key".to_string(),
+        "idempotency_key_reused".to_string(),
+    )];
+    let other_body = json!({"name": "ci-2", "scopes": ["api_tokens:read"]});
+    let res = post_with_key(&app, &tokens, &org.token, &key, Some(&other_body)).await;
+    assert_eq!(
+        fields(&assert_error(res, 422, "validation_failed").await),
+        reused
+    );
+    // Another route with the key: nothing rotated.
+    let rotate = org.path(&format!("/api-tokens/{id}/rotate"));
+    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
+    assert_eq!(
+        fields(&assert_error(res, 422, "validation_failed").await),
+        reused
+    );
+    assert_eq!(api_token_count(&app, &org).await, 2);
+    // The first request still replays.
+    let (status, replayed, _) =
+        answer(post_with_key(&app, &tokens, &org.token, &key, Some(&first)).await).await;
+    assert_eq!((status, replayed), (201, true));
+
+    // Hybridbox names the header in its own dialect.
+    let accounts = org.account_path("/service-accounts");
+    let key = new_key();
+    let res = post_with_key(
+        &app,
+        &accounts,
+        &org.token,
+        &key,
+        Some(&json!({"name": "a"})),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let res = post_with_key(
+        &app,
+        &accounts,
+        &org.token,
+        &key,
+        Some(&json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(
+        hybridbox_422(res).await,
+        vec![(
+            json!(["header", "Idempotency-Key"]),
+            "idempotency_key_reused".to_string()
+        )]
+    );
+    assert_eq!(count(&app, &accounts, &org.token, None).await, 1);
+}
+
+async fn a_malformed_key_is_422(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    // The value, Aether's code, and the pydantic type Hybridbox names.
+    let cases: [(HeaderValue, &str, &str); 4] = [
+        (
+            HeaderValue::from_static("too-short"),
+            "too_short",
+            "string_too_short",
+        ),
+        (
+            HeaderValue::from_str(&"k".repeat(256)).unwrap(),
+            "too_long",
+            "string_too_long",
+        ),
+        (
+            HeaderValue::from_static("has spaces in the middle"),
+            "invalid_characters",
+            "invalid_characters",
+        ),
+        (
+            HeaderValue::from_bytes("caf\u{e9}-caf\u{e9}-caf\u{e9}-caf\u{e9}".as_bytes()).unwrap(),
+            "invalid_characters",
+            "invalid_characters",
+        ),
+    ];
+    for (value, code, pydantic_type) in &cases {
+        let res = app
+            .request(Method::POST, &org.path("/api-tokens"), Some(&org.token))
+            .header(KEY_HEADER, value.clone())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            fields(&assert_error(res, 422, "validation_failed").await),
+            [("Idempotency-Key".to_string(), code.to_string())],
+            "{value:?}"
+        );
+        let res = app
+            .request(
+                Method::POST,
+                &org.account_path("/service-accounts"),
+                Some(&org.token),
+            )
+            .header(KEY_HEADER, value.clone())
+            .json(&json!({"name": "sa"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            hybridbox_422(res).await,
+            vec![(
+                json!(["header", "Idempotency-Key"]),
+                pydantic_type.to_string()
+            )]
+        );
+    }
+    let res = app
+        .request(Method::POST, &org.path("/api-tokens"), Some(&org.token))
+        .header(KEY_HEADER, new_key())
+        .header(KEY_HEADER, new_key())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&assert_error(res, 422, "validation_failed").await),
+        [("Idempotency-Key".to_string(), "duplicate".to_string())]
+    );
+    assert_eq!(api_token_count(&app, &org).await, 1, "nothing was created");
+}
+
+async fn a_refused_request_does_not_use_up_its_key(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let tokens = org.path("/api-tokens");
+    let key = new_key();
+    // Refused by body validation: the key is free for the corrected request.
+    let bad = json!({"name": "", "scopes": ["api_tokens:read"]});
+    let res = post_with_key(&app, &tokens, &org.token, &key, Some(&bad)).await;
+    assert_eq!(res.status(), 422);
+    // Refused by the change itself (409): kept refusals would pin it after the cause is gone.
+    let existing = app.create_token(&org, "dup", &["api_tokens:read"]).await;
+    let body = json!({"name": "dup", "scopes": ["api_tokens:read"]});
+    let res = post_with_key(&app, &tokens, &org.token, &key, Some(&body)).await;
+    assert_error(res, 409, "conflict").await;
+    let res = app
+        .delete(
+            &org.path(&format!("/api-tokens/{}", str_of(&existing, "/id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    let (status, replayed, created) =
+        answer(post_with_key(&app, &tokens, &org.token, &key, Some(&body)).await).await;
+    assert_eq!((status, replayed), (201, false), "{created}");
+    let (status, replayed, again) =
+        answer(post_with_key(&app, &tokens, &org.token, &key, Some(&body)).await).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(again, created);
+}
+
+async fn another_caller_with_the_key_gets_its_own_answer(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let target = app.create_token(&org, "target", &["api_tokens:read"]).await;
+    let second = app
+        .create_token(
+            &org,
+            "second-admin",
+            &["api_tokens:read", "api_tokens:write"],
+        )
+        .await;
+    let rotate = org.path(&format!("/api-tokens/{}/rotate", str_of(&target, "/id")));
+    let key = new_key();
+
+    let (status, _, first) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!(status, 200);
+    let (status, replayed, theirs) =
+        answer(post_with_key(&app, &rotate, str_of(&second, "/token"), &key, None).await).await;
+    assert_eq!(
+        (status, replayed),
+        (200, false),
+        "a fresh rotation: {theirs}"
+    );
+    assert_ne!(
+        theirs["token"], first["token"],
+        "not the first caller's secret"
+    );
+    assert_eq!(whoami(&app, str_of(&first, "/token")).await, 401);
+    assert_eq!(whoami(&app, str_of(&theirs, "/token")).await, 200);
+
+    // Another tenant with the key and the same body creates its own token.
+    let other = app.create_org("other").await;
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let key = new_key();
+    let (_, _, mine) = answer(
+        post_with_key(
+            &app,
+            &org.path("/api-tokens"),
+            &org.token,
+            &key,
+            Some(&body),
+        )
+        .await,
+    )
+    .await;
+    let (status, replayed, its) = answer(
+        post_with_key(
+            &app,
+            &other.path("/api-tokens"),
+            &other.token,
+            &key,
+            Some(&body),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, replayed), (201, false));
+    assert_ne!(its["token"], mine["token"]);
+    assert_eq!(its["org_id"].as_str(), Some(other.id.as_str()));
+}
+
+async fn concurrent_requests_with_one_key_make_one_change(backend: Backend) {
+    let app = std::sync::Arc::new(TestApp::spawn(backend).await);
+    let org = std::sync::Arc::new(app.create_org("acme").await);
+    let key = new_key();
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let (app, org, key, body) = (app.clone(), org.clone(), key.clone(), body.clone());
+            tokio::spawn(async move {
+                let res = post_with_key(
+                    &app,
+                    &org.path("/api-tokens"),
+                    &org.token,
+                    &key,
+                    Some(&body),
+                )
+                .await;
+                let retry_after = res.headers().contains_key("retry-after");
+                let (status, _, body) = answer(res).await;
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut secrets = BTreeSet::new();
+    let mut created = 0;
+    for request in requests {
+        let (status, retry_after, body) = request.await.unwrap();
+        match status {
+            201 => {
+                created += 1;
+                secrets.insert(str_of(&body, "/token").to_string());
+            }
+            409 => {
+                assert!(retry_after, "an in-progress 409 says when to retry");
+                assert_eq!(body["error"]["code"], "conflict");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(created >= 1);
+    assert_eq!(secrets.len(), 1, "every 201 carries the same secret");
+    assert_eq!(api_token_count(&app, &org).await, 2, "one token made");
+    let (status, replayed, body) = answer(
+        post_with_key(
+            &app,
+            &org.path("/api-tokens"),
+            &org.token,
+            &key,
+            Some(&body),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, replayed), (201, true));
+    assert!(secrets.contains(str_of(&body, "/token")));
+}
+
+/// `lookup_id`, `fingerprint`, `nonce`, `response`.
+type RawRow = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// The raw idempotency table: each row's byte columns.
+async fn stored_rows(app: &TestApp) -> Vec<Vec<Vec<u8>>> {
+    let sql = "SELECT lookup_id, fingerprint, nonce, response FROM idempotency_keys";
+    let rows: Vec<RawRow> = if app.database_url().starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
+        sqlx::query_as(sql).fetch_all(&pool).await.unwrap()
+    } else {
+        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
+        sqlx::query_as(sql).fetch_all(&pool).await.unwrap()
+    };
+    rows.into_iter()
+        .map(|(a, b, c, d)| vec![a, b, c.unwrap_or_default(), d.unwrap_or_default()])
+        .collect()
+}
+
+/// Makes every idempotency record `hours` older, as if that much time had passed.
+async fn age_records(app: &TestApp, hours: i64) {
+    let ms = hours * 3_600_000;
+    execute(
+        app,
+        &format!("UPDATE idempotency_keys SET created_at_ms = created_at_ms - {ms}, locked_until_ms = locked_until_ms - {ms}"),
+    )
+    .await;
+}
+
+async fn execute(app: &TestApp, sql: &str) {
+    if app.database_url().starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    } else {
+        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn the_store_keeps_no_usable_secret(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let key = new_key();
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let res = post_with_key(
+        &app,
+        &org.path("/api-tokens"),
+        &org.token,
+        &key,
+        Some(&body),
+    )
+    .await;
+    let (status, _, created) = answer(res).await;
+    assert_eq!(status, 201);
+    let token = str_of(&created, "/token");
+    let secret_part = token.rsplit('_').next().unwrap();
+    assert!(secret_part.len() >= 16, "{token}");
+
+    let rows = stored_rows(&app).await;
+    assert_eq!(rows.len(), 1);
+    assert!(!rows[0][3].is_empty(), "the answer is kept, sealed");
+    for column in &rows[0] {
+        for needle in [token.as_bytes(), secret_part.as_bytes(), key.as_bytes()] {
+            assert!(!contains(column, needle), "a stored column holds a secret");
+        }
+    }
+    // On SQLite, nothing in the database files holds the secret or the key either.
+    if backend == Backend::Sqlite {
+        let path = app
+            .database_url()
+            .trim_start_matches("sqlite://")
+            .to_string();
+        let dir = std::path::Path::new(&path).parent().unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!contains(&bytes, secret_part.as_bytes()));
+            assert!(!contains(&bytes, key.as_bytes()));
+        }
+    }
+}
+
+async fn a_key_is_kept_for_a_day_then_pruned(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let target = app.create_token(&org, "target", &["api_tokens:read"]).await;
+    let rotate = org.path(&format!("/api-tokens/{}/rotate", str_of(&target, "/id")));
+    let key = new_key();
+    let (_, _, first) = answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+
+    age_records(&app, 23).await;
+    let (status, replayed, again) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!((status, replayed), (200, true), "still kept after 23 h");
+    assert_eq!(again, first);
+
+    age_records(&app, 2).await;
+    crate::helpers::eventually(
+        "the background prune deletes the expired record",
+        || async { stored_rows(&app).await.is_empty() },
+    )
+    .await;
+    let (status, replayed, fresh) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!(
+        (status, replayed),
+        (200, false),
+        "after 24 h the key is new"
+    );
+    assert_ne!(fresh["token"], first["token"]);
+    assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
+}
+
+async fn a_crashed_request_holds_its_key_for_a_minute(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let target = app.create_token(&org, "target", &["api_tokens:read"]).await;
+    let rotate = org.path(&format!("/api-tokens/{}/rotate", str_of(&target, "/id")));
+    let key = new_key();
+    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
+    assert_eq!(res.status(), 200);
+    // As a process killed between the change and storing its answer leaves it: in flight.
+    execute(
+        &app,
+        "UPDATE idempotency_keys SET status = NULL, nonce = NULL, response = NULL",
+    )
+    .await;
+    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_error(res, 409, "conflict").await;
+    // Its lock runs out after 60 s: the retry runs, and its secret works.
+    execute(
+        &app,
+        "UPDATE idempotency_keys SET locked_until_ms = locked_until_ms - 61000",
+    )
+    .await;
+    let (status, replayed, fresh) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!((status, replayed), (200, false));
+    assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
+    let (status, replayed, again) =
+        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
+    assert_eq!((status, replayed, again), (200, true, fresh));
+}
+
+both_backends! {
+    a_crashed_request_holds_its_key_for_a_minute,
+    aether_creates_and_rotates_replay_a_retry,
+    hybridbox_creates_and_rotates_replay_a_retry,
+    the_key_with_another_request_is_422,
+    a_malformed_key_is_422,
+    a_refused_request_does_not_use_up_its_key,
+    another_caller_with_the_key_gets_its_own_answer,
+    concurrent_requests_with_one_key_make_one_change,
+    the_store_keeps_no_usable_secret,
+    a_key_is_kept_for_a_day_then_pruned,
+}
+
+#[tokio::test]
+async fn the_document_declares_the_header_on_every_create_and_rotate() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let doc: Value = app
+        .request(Method::GET, "/openapi.json", None)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/organizations/{orgID}/api-tokens",
+        "/api/v1/organizations/{orgID}/api-tokens/{id}/rotate",
+        "/api/v1/organizations/{orgID}/registry",
+        "/api/v1/organizations/{orgID}/registry/robot-accounts",
+        "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate",
+        "/v1/public/accounts/{account_id}/auth/service-accounts",
+        "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/rotate",
+        "/v1/public/accounts/{account_id}/auth/authorizations",
+    ] {
+        let operation = &doc["paths"][path]["post"];
+        let header = operation["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no parameters on POST {path}"))
+            .iter()
+            .find(|p| p["name"] == KEY_HEADER)
+            .unwrap_or_else(|| panic!("no Idempotency-Key on POST {path}"));
+        assert_eq!(header["in"], "header");
+        assert_eq!(header["required"], false);
+        assert_eq!(header["schema"]["minLength"], 16);
+        assert_eq!(header["schema"]["maxLength"], 255);
+        for status in ["409", "422"] {
+            assert!(
+                operation["responses"][status].is_object(),
+                "POST {path} documents {status}"
+            );
+        }
+    }
+}
