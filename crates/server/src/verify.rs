@@ -171,6 +171,7 @@ fn form_urlencoded_token(body: &[u8]) -> Option<String> {
         (status = 200, description = "The introspection answer.", body = IntrospectionResponse),
         (status = 401, description = "The caller's own credential is missing or invalid."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
+        (status = 429, description = "Too many failed authentications (inactive answers count) from the caller's address."),
     ),
     security(("bearer" = [])),
 )]
@@ -178,7 +179,7 @@ async fn introspect(
     State(app): State<App>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<IntrospectionResponse>, VerifyError> {
+) -> Result<Response, VerifyError> {
     let verifier = &app.inner().verifier;
     let caller = verifier.verify_secret(bearer_token(&headers)?).await?;
     if !caller.rights.grants(Capability::TokensVerify)
@@ -193,7 +194,12 @@ async fn introspect(
     let verified = match verifier.verify_secret(&token).await {
         Ok(verified) if verified.credential.tenant_id == caller.credential.tenant_id => verified,
         Ok(_) | Err(AppError::Unauthenticated(_)) => {
-            return Ok(Json(IntrospectionResponse::inactive()))
+            // Counted against the caller's address like a failed login: it could be a guess.
+            let mut inactive = Json(IntrospectionResponse::inactive()).into_response();
+            inactive
+                .extensions_mut()
+                .insert(crate::failed_auth::FailedAuthentication);
+            return Ok(inactive);
         }
         Err(other) => return Err(other.into()),
     };
@@ -207,7 +213,8 @@ async fn introspect(
         username: Some(credential.name.clone()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
-    }))
+    })
+    .into_response())
 }
 
 /// Forward-auth
