@@ -281,6 +281,8 @@ fn raise_open_file_limit() -> Option<u64> {
             }
         }
     }
+    // `rlim_t` is not u64 everywhere.
+    #[allow(clippy::unnecessary_cast)]
     Some(limit.rlim_cur as u64)
 }
 
