@@ -236,3 +236,25 @@ async fn client_input_cannot_forge_a_text_log_line() {
     );
     assert!(!log.contains('\u{1b}') && !log.contains('\r'));
 }
+
+#[tokio::test]
+async fn a_bad_trusted_proxy_range_is_refused_with_a_clear_message() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let output = common::run(
+        keyplane()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--trusted-proxies", "10.0.0.0/8,proxy.internal"])
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(!output.status.success(), "{}", output.describe());
+    assert!(
+        output.stderr.contains("--trusted-proxies")
+            && output
+                .stderr
+                .contains("`proxy.internal` is not an IP address or CIDR range"),
+        "{}",
+        output.describe()
+    );
+}
