@@ -119,7 +119,7 @@ async fn slow_clients_cannot_starve_the_server(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "slowest answer {slowest:?}"
     );
     let rss_held = rss_kib(pid);
