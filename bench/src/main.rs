@@ -63,6 +63,23 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
     },
+    /// Hold CONNECTIONS slow connections (half trickle a request head a byte at a time, half send
+    /// nothing; closed ones are reopened) for SECONDS, meanwhile timing `/healthz` and forward-auth
+    /// with TOKEN; reports their latency, how many slow connections the server closed, and the
+    /// server's RSS (VmRSS of PID).
+    SlowClients {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        token: String,
+        /// The keyplane process, for its RSS.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
 }
 
 fn client() -> reqwest::Client {
@@ -257,6 +274,122 @@ async fn propagation(bases: &str, org: &str, token: &str, rounds: usize) -> anyh
     Ok(())
 }
 
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+const SLOW_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: keyplane\r\nx-slow: ";
+
+/// One slow connection: how far into its head it is (`None`: it sends nothing).
+struct Slow {
+    stream: tokio::net::TcpStream,
+    sent: Option<usize>,
+}
+
+impl Slow {
+    async fn open(addr: &str, trickles: bool) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        Ok(Self {
+            stream,
+            sent: trickles.then_some(0),
+        })
+    }
+
+    /// One more byte, if it trickles; `false` once the server has closed it.
+    fn step(&mut self) -> bool {
+        let mut probe = [0u8; 64];
+        match self.stream.try_read(&mut probe) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+        if let Some(sent) = &mut self.sent {
+            let byte = SLOW_HEAD[*sent % SLOW_HEAD.len()];
+            match self.stream.try_write(&[byte]) {
+                Ok(_) => *sent += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+async fn slow_clients(
+    base: &str,
+    token: &str,
+    pid: Option<u32>,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let addr = base
+        .strip_prefix("http://")
+        .context("--base must be http://HOST:PORT")?
+        .trim_end_matches('/')
+        .to_string();
+    let client = client();
+    let (health_url, forward_url) = (format!("{base}/healthz"), format!("{base}/v1/auth/forward"));
+    let rss_before = rss_kib(pid);
+    let mut held = Vec::with_capacity(connections);
+    for n in 0..connections {
+        held.push(Slow::open(&addr, n % 2 == 0).await?);
+    }
+    let (mut health, mut forward) = (Vec::new(), Vec::new());
+    let (mut closed_by_server, mut rss_peak) = (0usize, rss_before.unwrap_or(0));
+    let started = Instant::now();
+    let mut last_step = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if last_step.elapsed() >= Duration::from_millis(500) {
+            last_step = Instant::now();
+            for slow in held.iter_mut() {
+                if !slow.step() {
+                    closed_by_server += 1;
+                    let trickles = slow.sent.is_some();
+                    *slow = Slow::open(&addr, trickles).await?;
+                }
+            }
+            rss_peak = rss_peak.max(rss_kib(pid).unwrap_or(0));
+        }
+        let sent = Instant::now();
+        let res = client.get(&health_url).send().await?;
+        if res.status() != 200 {
+            bail!("/healthz answered {}", res.status());
+        }
+        health.push(sent.elapsed());
+        let sent = Instant::now();
+        let res = client.get(&forward_url).bearer_auth(token).send().await?;
+        if res.status() != 200 {
+            bail!("forward-auth answered {}", res.status());
+        }
+        forward.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    report(
+        &format!("healthz with {connections} slow connections"),
+        health,
+        elapsed,
+    );
+    report(
+        &format!("forward-auth with {connections} slow connections"),
+        forward,
+        elapsed,
+    );
+    println!("slow connections closed by the server (and reopened): {closed_by_server}");
+    if let Some(before) = rss_before {
+        println!(
+            "server RSS: before={before} KiB peak={rss_peak} KiB after={} KiB",
+            rss_kib(pid).unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -284,5 +417,12 @@ async fn main() -> anyhow::Result<()> {
             token,
             rounds,
         } => propagation(&bases, &org, &token, rounds).await,
+        Command::SlowClients {
+            base,
+            token,
+            pid,
+            connections,
+            seconds,
+        } => slow_clients(&base, &token, pid, connections, seconds).await,
     }
 }

@@ -175,8 +175,77 @@ fn install_tracing(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The text log's field formatter: the default one's layout, with every control character (and
+/// the Unicode line separators) escaped in every field, so that no value a client influences (a
+/// cause, a name, a header) can end a line or forge one. (JSON escapes by itself.)
+struct EscapedFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            result: Ok(()),
+            first: true,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'writer> {
+    writer: tracing_subscriber::fmt::format::Writer<'writer>,
+    result: std::fmt::Result,
+    first: bool,
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{separator}"),
+            name => write!(self.writer, "{separator}{name}="),
+        }
+        .and_then(|()| write!(Escaping(&mut self.writer), "{value:?}"));
+    }
+}
+
+/// Writes through, escaping control characters as `\n`, `\u{1b}`...
+struct Escaping<'a, W: std::fmt::Write>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let mut rest = text;
+        while let Some(at) =
+            rest.find(|c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+        {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().expect("found at `at`");
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                other => write!(self.0, "\\u{{{:x}}}", other as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
     }
 }
 
@@ -214,6 +283,14 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        use std::fmt::Write;
+        let mut out = String::new();
+        write!(Escaping(&mut out), "a\nINFO forged\r\u{1b}[31m\u{2028}é\t").unwrap();
+        assert_eq!(out, r"a\nINFO forged\r\u{1b}[31m\u{2028}é\t");
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

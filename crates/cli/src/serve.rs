@@ -2,7 +2,8 @@ use crate::{LogFormat, StoreArgs};
 use anyhow::Context;
 use clap::Args;
 use keyplane_server::auth::CacheConfig;
-use keyplane_server::config::RegistryConfig;
+use keyplane_server::client_addr::{ForwardedHeader, TrustedProxies};
+use keyplane_server::config::{HttpLimits, RegistryConfig};
 use keyplane_server::oidc::OidcConfig;
 use keyplane_server::{ops, App, Config};
 use std::io::Write;
@@ -23,9 +24,9 @@ pub struct ServeArgs {
     /// Requests a credential may send in a burst before the per-minute rate applies.
     #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10)]
     rate_limit_burst: u32,
-    /// Failed authentications allowed per client address per minute; past it the address gets 429
-    /// until its budget refills. 0 turns the limit off. (Behind a proxy, every client shares the
-    /// proxy's address.)
+    /// Failed authentications allowed per client address per minute; past it the address's failures
+    /// answer 429 until its budget refills (requests with a valid credential are always served).
+    /// 0 turns the limit off. Behind a proxy, see --trusted-proxies.
     #[arg(long, env = "KEYPLANE_FAILED_AUTH_PER_MINUTE", default_value_t = 300)]
     failed_auth_per_minute: u32,
     /// How often coalesced `last_used_at` updates are written, in milliseconds (how far they may lag).
@@ -83,12 +84,76 @@ pub struct ServeArgs {
     /// cannot be reached (stale-if-error); revoked, unknown and uncached ones fail closed. 0 = off.
     #[arg(long, env = "KEYPLANE_STALE_IF_ERROR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     stale_if_error_seconds: u64,
+    /// Reverse proxies (CIDRs or addresses, comma-separated) whose forwarding header names the
+    /// client; from anyone else the TCP peer is the client. Default: none.
+    #[arg(
+        long,
+        env = "KEYPLANE_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<String>,
+    /// The forwarding header the trusted proxies set (only that one is read).
+    #[arg(
+        long,
+        env = "KEYPLANE_FORWARDED_HEADER",
+        value_enum,
+        default_value = "x-forwarded-for"
+    )]
+    forwarded_header: ForwardedHeaderArg,
+    /// Seconds a client has to send a request's head (from connecting, or from the first byte of
+    /// each next request).
+    #[arg(long, env = "KEYPLANE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout_seconds: u64,
+    /// Seconds a client has to send a whole request body, from the start of the request.
+    #[arg(long, env = "KEYPLANE_BODY_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    body_timeout_seconds: u64,
+    /// Seconds a kept-alive connection may stay idle between requests before it is closed.
+    #[arg(long, env = "KEYPLANE_IDLE_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    idle_timeout_seconds: u64,
+    /// Largest request head (request line and headers) in bytes; larger answers 431.
+    #[arg(long, env = "KEYPLANE_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024))]
+    max_header_bytes: u64,
+    /// Connections served at once; more wait in the listen backlog. Lowered at start to what the
+    /// open-file limit allows.
+    #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Seconds a stop (SIGTERM, Ctrl-C) waits for open connections before closing them.
+    #[arg(long, env = "KEYPLANE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    shutdown_timeout_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ForwardedHeaderArg {
+    XForwardedFor,
+    Forwarded,
+}
+
+/// Descriptors kept for the store, the log and the listener when sizing the connection limit.
+const RESERVED_FILES: u64 = 256;
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let header = match args.forwarded_header {
+        ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
+        ForwardedHeaderArg::Forwarded => ForwardedHeader::Forwarded,
+    };
+    let trusted_proxies = TrustedProxies::parse(&args.trusted_proxies, header)
+        .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    let mut max_connections = args.max_connections;
+    if let Some(files) = raise_open_file_limit() {
+        let allowed = files.saturating_sub(RESERVED_FILES).max(1);
+        if allowed < max_connections {
+            tracing::warn!(
+                max_connections,
+                open_file_limit = files,
+                "the open-file limit allows fewer connections: serving at most {allowed}"
+            );
+            max_connections = allowed;
+        }
+    }
     let oidc = match args.oidc_audience {
         Some(audience) => {
             let config = OidcConfig::new(args.oidc_issuers, audience)
@@ -125,6 +190,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         verify_cache: CacheConfig {
             stale_if_error: Duration::from_secs(args.stale_if_error_seconds),
             ..CacheConfig::default()
+        },
+        trusted_proxies,
+        http: HttpLimits {
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+            body_timeout: Duration::from_secs(args.body_timeout_seconds),
+            idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+            max_header_bytes: args.max_header_bytes as usize,
+            max_connections: max_connections as usize,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
         },
         ..Config::default()
     };
@@ -217,4 +291,38 @@ async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutdown requested: finishing in-flight requests");
+}
+
+/// Raises the soft open-file limit to the hard one (each connection holds a descriptor; the soft
+/// default is often 1024) and returns the limit in force, if it is known.
+#[cfg(unix)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // Refused on some systems (macOS caps it below an infinite hard limit): keep the soft one.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    // `rlim_t` is not u64 everywhere.
+    #[allow(clippy::unnecessary_cast)]
+    Some(limit.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
 }

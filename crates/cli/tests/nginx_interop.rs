@@ -37,10 +37,13 @@ const SUBJECT: &str = "x-keyplane-subject";
 const KIND: &str = "x-keyplane-credential-kind";
 const SCOPES: &str = "x-keyplane-scopes";
 const IDENTITY_HEADERS: [&str; 4] = [ORG_ID, SUBJECT, KIND, SCOPES];
+/// `serve` flags of the README's nginx set-up: nginx (on loopback) names the client.
+const KEYPLANE_BEHIND_NGINX: &[&str] = &["--trusted-proxies", "127.0.0.1/32"];
 
 both_stores!(
     nginx_passes_live_tokens_with_their_identity,
     nginx_refuses_missing_bad_expired_and_revoked_tokens,
+    garbage_from_one_client_does_not_lock_out_honest_ones,
 );
 
 /// Live API tokens pass nginx, and the upstream learns who they are from keyplane, not the client.
@@ -85,6 +88,8 @@ async fn nginx_passes_live_tokens_with_their_identity(backend: Backend) {
         .header(SUBJECT, "someone-else")
         .header(KIND, "service_account")
         .header(SCOPES, "*")
+        .header(SCOPES, "admin")
+        .header("X-KEYPLANE-SCOPES", "deploy")
         .send()
         .await
         .expect("GET through nginx with spoofed identity headers");
@@ -272,6 +277,75 @@ async fn nginx_refuses_missing_bad_expired_and_revoked_tokens(backend: Backend) 
     );
 }
 
+/// One client behind nginx sending garbage past its failure budget: honest clients on other
+/// addresses, and the same address's own valid requests, keep passing; its failures keep being
+/// refused. (Clients on 127.0.0.2 and 127.0.0.3: Linux routes all of 127/8 to loopback.)
+async fn garbage_from_one_client_does_not_lock_out_honest_ones(backend: Backend) {
+    require_nginx();
+    let store = TestStore::new(backend).await;
+    let mut flags = KEYPLANE_BEHIND_NGINX.to_vec();
+    flags.extend(["--failed-auth-per-minute", "20"]);
+    let keyplane = Keyplane::start(&store, &flags, TIMEOUT).await;
+    let upstream = Upstream::start().await;
+    let nginx = Nginx::start(&keyplane.addr, &upstream.addr).await;
+    let org = store.bootstrap_org();
+    let from = |address: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(address))
+            .timeout(TIMEOUT)
+            .build()
+            .expect("an HTTP client on a loopback address")
+    };
+    let (noisy, honest) = (from([127, 0, 0, 2]), from([127, 0, 0, 3]));
+    let url = format!("{}/app/status", nginx.base_url);
+    let mut refusals = Vec::new();
+    for n in 0..40 {
+        let response = noisy
+            .get(&url)
+            .bearer_auth(format!("aether_garbage{n}"))
+            // A client cannot pass itself off as another one.
+            .header("x-forwarded-for", "127.0.0.3")
+            .send()
+            .await
+            .expect("GET through nginx");
+        refusals.push(response.status().as_u16());
+    }
+    // Past the budget keyplane answers the subrequest 429, which `auth_request` reports as 500.
+    assert_eq!(&refusals[..20], &[401; 20], "{refusals:?}");
+    assert!(refusals[20..].iter().all(|s| *s == 500), "{refusals:?}");
+    for (what, client) in [("another client", &honest), ("the noisy client", &noisy)] {
+        for _ in 0..20 {
+            let response = client
+                .get(&url)
+                .bearer_auth(&org.token)
+                .send()
+                .await
+                .expect("GET through nginx");
+            assert_eq!(
+                response.status(),
+                StatusCode::OK,
+                "{what}'s valid token was refused\n{}",
+                nginx.error_log()
+            );
+        }
+    }
+    let response = honest
+        .get(&url)
+        .bearer_auth("aether_garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        upstream.seen().len(),
+        40,
+        "only the valid requests reached the upstream"
+    );
+    // The limit's warning names the real client, not nginx.
+    let log = keyplane.log();
+    assert!(log.contains(r#""client.ip":"127.0.0.2""#), "{log}");
+}
+
 /// The headers the upstream should see for a credential.
 fn identity(org_id: &str, subject: &str, scopes: &str) -> BTreeMap<String, String> {
     [
@@ -334,7 +408,7 @@ impl Stack {
     async fn start(backend: Backend) -> Self {
         require_nginx();
         let store = TestStore::new(backend).await;
-        let keyplane = Keyplane::start(&store, &[], TIMEOUT).await;
+        let keyplane = Keyplane::start(&store, KEYPLANE_BEHIND_NGINX, TIMEOUT).await;
         let upstream = Upstream::start().await;
         let nginx = Nginx::start(&keyplane.addr, &upstream.addr).await;
         Self {
@@ -648,7 +722,8 @@ fn nginx_conf(dir: &Path, listen: &str, keyplane: &str, upstream: &str) -> Strin
             internal;
             proxy_pass_request_body off;
             proxy_set_header Content-Length \"\";
-            proxy_set_header Authorization $http_authorization;";
+            proxy_set_header Authorization $http_authorization;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;";
     format!(
         "\
 daemon off;

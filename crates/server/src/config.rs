@@ -20,6 +20,42 @@ pub struct Config {
     /// The identity providers whose JWT access tokens authenticate users; `None`: users cannot
     /// authenticate, only keyplane's own credentials can.
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// Reverse proxies whose forwarding header names the client (see `client_addr`).
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
+    /// Connection limits and timeouts of the HTTP server.
+    pub http: HttpLimits,
+}
+
+/// What one connection may hold of the server, so that slow or idle clients cannot exhaust its
+/// file descriptors or memory, and how long a stop waits for connections to finish.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Time a client has to send a complete request head: from accept for the first request, from
+    /// its first byte for the next ones on a kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a whole request body, from the start of the request.
+    pub body_timeout: Duration,
+    /// A kept-alive connection that moves no byte for this long between requests is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers); larger answers 431.
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// After a stop is requested, connections still open after this long are closed.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+            max_connections: 10_000,
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// How keyplane acts as the token server of a Distribution registry (`auth: token`).
@@ -57,6 +93,8 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             verify_cache: crate::auth::CacheConfig::default(),
             oidc: None,
+            trusted_proxies: crate::client_addr::TrustedProxies::default(),
+            http: HttpLimits::default(),
         }
     }
 }

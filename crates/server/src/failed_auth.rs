@@ -1,18 +1,22 @@
-//! Failed authentications are limited per client address: past the budget (default 300 a minute),
-//! every request from that address answers 429 until the bucket refills, before any credential is
-//! looked at. Secrets cannot be guessed at speed, and an honest client with a stale token is not
-//! locked out for longer than the refill takes.
+//! Failed authentications are limited per client address (`client_addr`: the real client behind
+//! trusted proxies): past the budget (default 300 a minute), the address's failures answer 429
+//! with `Retry-After` instead of 401 until the bucket refills, so a client stuck in a loop on a
+//! stale or guessed secret is told to back off. The limit counts failures, not people: a request
+//! with a valid credential is answered as usual whatever its address did, so garbage from one
+//! client behind a NAT or a proxy cannot lock the others out. (Guessing is not what this stops:
+//! secrets carry 256 random bits.)
 
 use crate::app::App;
+use crate::client_addr::ClientAddr;
 use crate::error::AppError;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,19 +39,22 @@ impl FailedAuthLimiter {
         })
     }
 
-    fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
-        let blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        let until = *blocked.get(&ip)?;
-        until.checked_duration_since(Instant::now())
-    }
-
-    fn record_failure(&self, ip: IpAddr) {
-        if let Err(not_until) = self.failures.check_key(&ip) {
-            let wait = not_until.wait_time_from(self.clock.now());
-            let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
-            blocked.insert(ip, Instant::now() + wait);
-            tracing::warn!(client.ip = %ip, retry_after_ms = wait.as_millis() as u64, "too many failed authentications; refusing this address for a while");
+    /// Charges one failure to `ip`; `Some(wait)` when the address is over budget, for how long.
+    fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(wait) = blocked
+            .get(&ip)
+            .and_then(|until| until.checked_duration_since(now))
+        {
+            return Some(wait);
         }
+        let not_until = self.failures.check_key(&ip).err()?;
+        let wait = not_until.wait_time_from(self.clock.now());
+        blocked.insert(ip, now + wait);
+        // Once per block, not per refused failure: a flood must not flood the log too.
+        tracing::warn!(client.ip = %ip, retry_after_ms = wait.as_millis() as u64, "too many failed authentications from this address; its failures answer 429 for a while");
+        Some(wait)
     }
 
     /// Forgets addresses whose block ended and whose buckets are full again.
@@ -61,7 +68,21 @@ impl FailedAuthLimiter {
     }
 }
 
-/// Refuses blocked addresses up front and counts every 401 answered; runs inside `observe`.
+/// Marks an answer that is a failed authentication although its status is not 401: an
+/// introspection of a token the caller does not own is how a caller would test guessed tokens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FailedAuthentication;
+
+fn is_failure(response: &Response) -> bool {
+    response.status() == StatusCode::UNAUTHORIZED
+        || response
+            .extensions()
+            .get::<FailedAuthentication>()
+            .is_some()
+}
+
+/// Counts every failed authentication against the client's address and, past the budget,
+/// answers the address's failures with 429; runs inside `observe`, after `ClientAddr` is known.
 pub(crate) async fn limit_failed_authentications(
     app: &App,
     request: Request,
@@ -70,30 +91,20 @@ pub(crate) async fn limit_failed_authentications(
     let Some(limiter) = app.inner().failed_auth.as_ref() else {
         return next.run(request).await;
     };
-    // Operations endpoints never authenticate: a load balancer's health checks keep working.
-    if matches!(
-        request.uri().path(),
-        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/docs"
-    ) {
-        return next.run(request).await;
-    }
-    let Some(ip) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-    else {
+    let Some(ClientAddr(ip)) = request.extensions().get::<ClientAddr>().copied() else {
         return next.run(request).await;
     };
-    if let Some(wait) = limiter.blocked_for(ip) {
-        let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return crate::error::render_for_path(
-            request.uri().path(),
-            AppError::RateLimited { retry_after_secs },
-        );
-    }
+    // The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
+    let uri = request.uri().clone();
     let response = next.run(request).await;
-    if response.status() == StatusCode::UNAUTHORIZED {
-        limiter.record_failure(ip);
+    if !is_failure(&response) {
+        return response;
     }
-    response
+    match limiter.record_failure(ip) {
+        None => response,
+        Some(wait) => {
+            let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            crate::error::render_for_path(uri.path(), AppError::RateLimited { retry_after_secs })
+        }
+    }
 }

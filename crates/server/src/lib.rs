@@ -7,7 +7,9 @@
 pub mod aether;
 mod app;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
+mod connection;
 mod docs;
 pub mod error;
 mod extract;

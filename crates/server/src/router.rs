@@ -3,7 +3,7 @@
 
 use crate::app::App;
 use crate::error::ErrorCause;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::Instrument;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -72,8 +71,6 @@ pub fn router(app: App) -> Router {
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again. Outermost first.
     let layers = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Credentials and their metadata must not sit in shared caches.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
@@ -129,12 +126,29 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// One log line and one metrics observation per request, under a span carrying the request id,
-/// around the failed-authentication limit (one middleware, not two: each costs a boxed future).
-/// The log names the matched route, never the raw URI or any header value.
+/// A client's `X-Request-Id` is kept only when it is short and plain, so that it cannot break a
+/// log line or a downstream system that copies it.
+fn is_plain_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn fresh_request_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+}
+
+/// One log line and one metrics observation per request, under a span carrying the request id
+/// and the client's address, around the failed-authentication limit (one middleware, not
+/// several: each costs a boxed future). Sets the request id (the client's when plain, else a
+/// fresh UUID) on the request and the response, and the [`ClientAddr`] extension.
+/// The log names the matched route, never the raw URI or any header value but the request id.
 async fn observe(
     axum::extract::State(app): axum::extract::State<App>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
@@ -144,18 +158,48 @@ async fn observe(
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| interned(p.as_str()));
-    let request_id = request
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let request_id = match request.headers().get(&REQUEST_ID) {
+        Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
+        _ => {
+            let id = fresh_request_id();
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|peer| {
+            app.inner()
+                .config
+                .trusted_proxies
+                .client_of(peer.0, request.headers())
+        });
+    if let Some(client) = client {
+        request.extensions_mut().insert(client);
+    }
+    let client_ip = client.map(|c| tracing::field::display(c.0));
+    // Plain by the check above, so it is text.
+    let id_text = request_id.to_str().unwrap_or_default();
     let hot = is_verification_route(route);
     let span = if hot {
-        tracing::debug_span!("request", request.id = %request_id, http.method = method, http.route = route)
+        tracing::debug_span!(
+            "request",
+            request.id = id_text,
+            http.method = method,
+            http.route = route,
+            client.ip = client_ip
+        )
     } else {
-        tracing::info_span!("request", request.id = %request_id, http.method = method, http.route = route)
+        tracing::info_span!(
+            "request",
+            request.id = id_text,
+            http.method = method,
+            http.route = route,
+            client.ip = client_ip
+        )
     };
-    let response = crate::failed_auth::limit_failed_authentications(&app, request, next)
+    let mut response = crate::failed_auth::limit_failed_authentications(&app, request, next)
         .instrument(span.clone())
         .await;
     let elapsed = started.elapsed();
@@ -164,28 +208,35 @@ async fn observe(
         .metrics
         .observe_request(method, route, status.as_u16(), elapsed.as_secs_f64());
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    let _entered = span.enter();
-    let cause = response.extensions().get::<ErrorCause>();
-    match cause {
-        Some(cause) if status.is_server_error() => {
-            tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
+    {
+        let _entered = span.enter();
+        let cause = response.extensions().get::<ErrorCause>();
+        match cause {
+            Some(cause) if status.is_server_error() => {
+                tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
+            }
+            _ if hot => tracing::debug!(
+                http.status = status.as_u16(),
+                duration_ms,
+                cause = cause.map(|c| c.0.as_str()),
+                "request served"
+            ),
+            Some(cause) => {
+                tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
+            }
+            None => tracing::info!(http.status = status.as_u16(), duration_ms, "request served"),
         }
-        _ if hot => tracing::debug!(
-            http.status = status.as_u16(),
-            duration_ms,
-            cause = cause.map(|c| c.0.as_str()),
-            "request served"
-        ),
-        Some(cause) => {
-            tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
-        }
-        None => tracing::info!(http.status = status.as_u16(), duration_ms, "request served"),
     }
+    response
+        .headers_mut()
+        .entry(REQUEST_ID)
+        .or_insert(request_id);
     response
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests finish and pending
-/// `last_used_at` updates are written.
+/// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests finish (for at
+/// most `config.http.shutdown_timeout`) and pending `last_used_at` updates are written. Every
+/// connection is bounded by `config.http` (see `connection`).
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -198,15 +249,18 @@ pub async fn serve(
         }));
     let (stop_background, stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(background_work(app.clone(), stopped));
-    let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    crate::connection::serve_http(
+        listener,
+        router(app.clone()),
+        &app.inner().config.http,
+        shutdown,
+    )
+    .await;
     // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
     let _ = stop_background.send(true);
     let _ = background.await;
     app.flush_usage().await;
-    served
+    Ok(())
 }
 
 /// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit

@@ -163,6 +163,7 @@ fn form_urlencoded_token(body: &[u8]) -> Option<String> {
         (status = 200, description = "The introspection answer.", body = IntrospectionResponse),
         (status = 401, description = "The caller's own credential is missing or invalid, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
+        (status = 429, description = "Too many failed authentications (inactive answers count) from the caller's address."),
     ),
     security(("bearer" = [])),
 )]
@@ -170,7 +171,7 @@ async fn introspect(
     State(app): State<App>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<IntrospectionResponse>, VerifyError> {
+) -> Result<Response, VerifyError> {
     let verifier = &app.inner().verifier;
     let caller = verifier.verify_bearer(bearer_token(&headers)?).await?;
     if !caller.rights.grants(Capability::TokensVerify) {
@@ -185,7 +186,14 @@ async fn introspect(
         .await
     {
         Ok(verified) => verified,
-        Err(AppError::Unauthenticated(_)) => return Ok(Json(IntrospectionResponse::inactive())),
+        Err(AppError::Unauthenticated(_)) => {
+            // Counted against the caller's address like a failed login: it could be a guess.
+            let mut inactive = Json(IntrospectionResponse::inactive()).into_response();
+            inactive
+                .extensions_mut()
+                .insert(crate::failed_auth::FailedAuthentication);
+            return Ok(inactive);
+        }
         Err(other) => return Err(other.into()),
     };
     let credential = &verified.credential;
@@ -198,7 +206,8 @@ async fn introspect(
         username: Some(credential.name.clone()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
-    }))
+    })
+    .into_response())
 }
 
 /// Forward-auth

@@ -1,0 +1,342 @@
+//! The HTTP/1 server loop under `router::serve`: every connection is bounded in number, in time
+//! and in memory, so slow or idle clients cannot exhaust file descriptors or keep a stop waiting.
+//!
+//! - at most `max_connections` at once (a semaphore; more wait in the listen backlog);
+//! - a request head must arrive within `header_read_timeout` (from accept, then from the first
+//!   byte of each next request) and stay under `max_header_bytes` (431 otherwise);
+//! - a kept-alive connection that moves no byte for `idle_timeout` between requests is closed, and
+//!   so is one whose client stops reading a response;
+//! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
+//! - on shutdown, idle connections close at once, busy ones after their request, and whatever is
+//!   still open at `shutdown_timeout` is closed.
+//!
+//! One watchdog timer per connection enforces the first three: the connection's I/O and its
+//! requests record when they last made progress ([`Activity`]), and the timer re-arms itself from
+//! that instead of being reset on every read.
+
+use crate::config::HttpLimits;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::Router;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains connections until
+/// `limits.shutdown_timeout`.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    limits: &HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let limits = Arc::new(limits.clone());
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (stop, stopping) = watch::channel(false);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_header_size(limits.max_header_bytes)
+        // hyper's minimum; the head cannot grow past `max_header_size` anyway.
+        .max_buf_size(limits.max_header_bytes.max(8 * 1024))
+        // Enforced by the watchdog, which tells idle from slow (hyper's starts when idle).
+        .header_read_timeout(None);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let connection = Connection {
+            http: http.clone(),
+            router: router.clone(),
+            limits: limits.clone(),
+            peer,
+            stopping: stopping.clone(),
+        };
+        connections.spawn(async move {
+            connection.serve(stream).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "shutdown deadline reached: closing the connections still open"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Out of file descriptors or memory: wait a little rather than spin; anything else concerns one
+/// connection only.
+async fn accept_failed(error: io::Error) {
+    use io::ErrorKind::*;
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    ) {
+        return;
+    }
+    tracing::warn!(%error, "cannot accept a connection; retrying shortly");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+struct Connection {
+    http: hyper::server::conn::http1::Builder,
+    router: Router,
+    limits: Arc<HttpLimits>,
+    peer: SocketAddr,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(mut self, stream: TcpStream) {
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Tracked {
+            stream,
+            activity: activity.clone(),
+        });
+        let (router, peer, body_timeout) =
+            (self.router.clone(), self.peer, self.limits.body_timeout);
+        let requests = activity.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            requests.request_started();
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let request = request.map(|body| DeadlineBody::new(body, body_timeout));
+            let (router, requests) = (router.clone(), requests.clone());
+            async move {
+                let response = router.oneshot(request).await;
+                requests.request_finished();
+                response
+            }
+        });
+        let connection = self.http.serve_connection(io, service);
+        tokio::pin!(connection);
+        let mut draining = false;
+        loop {
+            let deadline = activity.deadline(&self.limits);
+            let wake = deadline.unwrap_or_else(|| Instant::now() + self.limits.idle_timeout);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = tokio::time::sleep_until(wake) => {
+                    if activity.deadline(&self.limits).is_some_and(|d| d <= Instant::now()) {
+                        tracing::debug!(client.peer = %peer, "closing a connection that is too slow or idle");
+                        return;
+                    }
+                }
+                changed = self.stopping.changed(), if !draining => {
+                    draining = true;
+                    if changed.is_ok() {
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
+}
+
+const UNSET: u64 = u64::MAX;
+
+/// When a connection last made progress, in milliseconds since it was accepted. One task drives
+/// a connection, so relaxed atomics suffice (they only make the state shareable with the service).
+struct Activity {
+    accepted: Instant,
+    last_io: AtomicU64,
+    /// When the request head being read started; `UNSET` between requests.
+    head_started: AtomicU64,
+    in_flight: AtomicU32,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            accepted: Instant::now(),
+            last_io: AtomicU64::new(0),
+            // The first request's head is due from accept.
+            head_started: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.accepted.elapsed().as_millis() as u64
+    }
+
+    fn read_some(&self) {
+        let now = self.now();
+        self.last_io.store(now, Relaxed);
+        if self.in_flight.load(Relaxed) == 0 && self.head_started.load(Relaxed) == UNSET {
+            self.head_started.store(now, Relaxed);
+        }
+    }
+
+    fn wrote_some(&self) {
+        self.last_io.store(self.now(), Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_started.store(UNSET, Relaxed);
+    }
+
+    fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        self.last_io.store(self.now(), Relaxed);
+    }
+
+    /// When the connection is due to be closed; `None` while a request is being handled (its body
+    /// has its own deadline).
+    fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
+        if self.in_flight.load(Relaxed) > 0 {
+            return None;
+        }
+        let at = |ms: u64, limit: Duration| self.accepted + Duration::from_millis(ms) + limit;
+        Some(match self.head_started.load(Relaxed) {
+            UNSET => at(self.last_io.load(Relaxed), limits.idle_timeout),
+            started => at(started, limits.header_read_timeout),
+        })
+    }
+}
+
+/// The TCP stream, recording progress in [`Activity`].
+struct Tracked {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote_some();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote_some();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A request body that must be complete by a deadline set when the request started: a client
+/// trickling a body byte by byte cannot hold a connection (tower-http's body timeout restarts on
+/// every frame, so it would).
+pub(crate) struct DeadlineBody {
+    body: Incoming,
+    deadline: Instant,
+    /// Armed on the first wait only: most requests have no body or one that is already here.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DeadlineBody {
+    fn new(body: Incoming, timeout: Duration) -> Self {
+        Self {
+            body,
+            deadline: Instant::now() + timeout,
+            timer: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl Body for DeadlineBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimedOut.into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
