@@ -564,7 +564,12 @@ async fn is_bootstrapped_says_whether_bootstrap_could_run(backend: Backend) {
     assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
     assert!(store.is_bootstrapped().await.unwrap());
     // A store with tenants made another way counts too: bootstrap_once would do nothing there.
-    assert!(fixture(backend).await.store.is_bootstrapped().await.unwrap());
+    assert!(fixture(backend)
+        .await
+        .store
+        .is_bootstrapped()
+        .await
+        .unwrap());
 }
 
 /// Another connection holds the write lock: writes answer `Busy` in bounded time, reads go on, and

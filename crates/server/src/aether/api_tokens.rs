@@ -204,6 +204,7 @@ pub async fn delete_api_token(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 409, description = "The token has expired, or another rotation of it happened at the same time.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -214,14 +215,6 @@ pub async fn rotate_api_token(
     Path((org, id)): Path<(String, String)>,
 ) -> Result<Json<ApiTokenCreated>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
-        .await
-        .map_err(|e| match e {
-            // Rotating a revoked token: gone, as far as Aether clients are concerned.
-            crate::error::AppError::Domain(DomainError::Conflict(_)) => {
-                DomainError::NotFound.into()
-            }
-            other => other,
-        })?;
+    let issued = ops::rotate_live_credential(&app, &who, org, API_TOKENS, id).await?;
     Ok(Json(issued.into()))
 }

@@ -248,6 +248,7 @@ pub async fn delete_robot_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 409, description = "The robot account has expired, or another rotation of it happened at the same time.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -258,8 +259,6 @@ pub async fn rotate_robot_account(
     Path((org, id)): Path<(String, String)>,
 ) -> Result<Json<RobotAccountCreated>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
-        .await
-        .map_err(super::gone_if_revoked)?;
+    let issued = ops::rotate_live_credential(&app, &who, org, ROBOTS, id).await?;
     Ok(Json(issued.into()))
 }

@@ -121,7 +121,7 @@ pub async fn create_service_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked.", body = ErrorMessage),
+        (status = 409, description = "The service account is revoked or expired, or another rotation of it happened at the same time.", body = ErrorMessage),
         (status = 422, description = "Validation Error", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
