@@ -962,5 +962,39 @@ async fn a_postgres_restart_under_writes_answers_503_then_recovers() {
         unavailable > 0,
         "no write met the restart: the test proved nothing"
     );
+
+    // The verification endpoints answer a store outage in their own dialect.
+    let unused = server
+        .create_token(&org, "unused", &["api_tokens:read"], None)
+        .await;
+    tokio::task::block_in_place(|| postgres.pg_ctl(&["stop"]));
+    let refused = answer(
+        server
+            .http
+            .get(server.url("/v1/auth/forward"))
+            .bearer_auth(&unused.secret)
+            .send()
+            .await
+            .expect("GET /v1/auth/forward"),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert!(refused.retry_after.is_some(), "{}", refused.body);
+    assert_eq!(
+        refused.body["error"], "temporarily_unavailable",
+        "{}",
+        refused.body
+    );
+    tokio::task::block_in_place(|| postgres.pg_ctl(&["start"]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while forward_auth(&server, &unused.secret).await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "verification did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(server);
 }
