@@ -4,7 +4,9 @@
 mod common;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use common::{both_stores, keyplane, run, wait_for_exit, Keyplane, Org, TestStore};
+use common::{
+    both_stores, keyplane, keyplane_with_umask, run, wait_for_exit, Keyplane, Org, TestStore,
+};
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -248,6 +250,10 @@ async fn serve_help_documents_every_flag_with_its_env_var() {
         ("--database-url", "KEYPLANE_DATABASE_URL"),
         ("--rate-limit-per-minute", "KEYPLANE_RATE_LIMIT_PER_MINUTE"),
         ("--last-used-flush-ms", "KEYPLANE_LAST_USED_FLUSH_MS"),
+        (
+            "--allow-insecure-permissions",
+            "KEYPLANE_ALLOW_INSECURE_PERMISSIONS",
+        ),
     ] {
         let option = options
             .iter()
@@ -296,6 +302,126 @@ async fn bad_database_url_fails_with_one_clear_line() {
         "the error should name the accepted URL schemes: {}",
         lines[0]
     );
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Under the common umask 022, `serve` creates its data directory 0700 and the database, its WAL
+/// and its shared-memory file 0600: they hold every credential hash and the registry signing key.
+#[tokio::test]
+async fn data_dir_and_database_files_are_private_whatever_the_umask() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let dir = store.db.data_dir.clone();
+    std::fs::remove_dir(&dir).expect("remove the empty data directory, for serve to create it");
+
+    let server = Keyplane::start_from(keyplane_with_umask(0o022), &store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    server
+        .create_token(&org, "written", TOKEN_SCOPES, None)
+        .await;
+    assert_eq!(mode_of(&dir), 0o700, "the data directory");
+    for name in [
+        "keyplane.db",
+        "keyplane.db-wal",
+        "keyplane.db-shm",
+        "bootstrap.json",
+    ] {
+        assert_eq!(mode_of(&dir.join(name)), 0o600, "{name}");
+    }
+    server.stop_term().await;
+}
+
+/// A data directory or database file that group or others may read stops `serve` and `admin`
+/// with a message saying what to do, unless --allow-insecure-permissions (or its env twin).
+#[tokio::test]
+async fn serve_and_admin_refuse_a_store_others_can_read() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let dir = store.db.data_dir.clone();
+    Keyplane::start(&store, &[], TIMEOUT)
+        .await
+        .stop_term()
+        .await;
+
+    let refused = |output: &common::CommandOutput, path: &std::path::Path| {
+        assert!(
+            !output.status.success(),
+            "started anyway: {}",
+            output.describe()
+        );
+        let said = &output.stderr;
+        assert!(
+            said.contains(&path.display().to_string())
+                && said.contains("chmod")
+                && said.contains("--allow-insecure-permissions"),
+            "the refusal should name {} and the fix: {said}",
+            path.display()
+        );
+    };
+    let serve = || {
+        let mut command = keyplane();
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store.args());
+        command
+    };
+    let create_org = || {
+        let mut command = keyplane();
+        command
+            .args(["admin", "create-org", "--name", "acme", "--json"])
+            .args(store.args());
+        command
+    };
+
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    refused(&run(&mut serve(), TIMEOUT).await, &dir);
+    refused(&run(&mut create_org(), TIMEOUT).await, &dir);
+    let allowed = run(create_org().arg("--allow-insecure-permissions"), TIMEOUT).await;
+    assert!(allowed.status.success(), "{}", allowed.describe());
+    Keyplane::start(&store, &["--allow-insecure-permissions"], TIMEOUT)
+        .await
+        .stop_term()
+        .await;
+
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let database = dir.join("keyplane.db");
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused(&run(&mut serve(), TIMEOUT).await, &database);
+    let allowed = run(
+        create_org().env("KEYPLANE_ALLOW_INSECURE_PERMISSIONS", "true"),
+        TIMEOUT,
+    )
+    .await;
+    assert!(allowed.status.success(), "{}", allowed.describe());
+}
+
+/// SIGTERM closes the store after the last flush: SQLite checkpoints its WAL into the database
+/// and removes it, instead of leaving megabytes behind.
+#[tokio::test]
+async fn sigterm_closes_the_store_and_leaves_no_wal() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    for i in 0..30 {
+        server
+            .create_token(&org, &format!("token-{i:02}"), TOKEN_SCOPES, None)
+            .await;
+    }
+    let wal = store.db.data_dir.join("keyplane.db-wal");
+    let size = |path: &std::path::Path| std::fs::metadata(path).map_or(0, |m| m.len());
+    assert!(size(&wal) > 0, "the running server writes through its WAL");
+    let exited = server.stop_term().await;
+    assert!(
+        exited.status.success(),
+        "serve exited with {}",
+        exited.status
+    );
+    assert_eq!(size(&wal), 0, "SIGTERM left a WAL of {} bytes", size(&wal));
 }
 
 /// The scope of the tokens these tests create: one that may list its org's tokens, so that the

@@ -264,6 +264,32 @@ pub async fn rotate_credential(
     rights: KindRights,
     id: CredentialId,
 ) -> Result<Issued, AppError> {
+    rotate(app, who, tenant, rights, id, || {
+        DomainError::Conflict("the credential is revoked".into())
+    })
+    .await
+}
+
+/// [`rotate_credential`] where a revoked credential is `NotFound`: to an Aether client, a deleted
+/// resource is gone. Races and expiry are still `Conflict`.
+pub async fn rotate_live_credential(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+) -> Result<Issued, AppError> {
+    rotate(app, who, tenant, rights, id, || DomainError::NotFound).await
+}
+
+async fn rotate(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+    revoked: fn() -> DomainError,
+) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
     let current = app
         .store()
@@ -272,9 +298,7 @@ pub async fn rotate_credential(
         .ok_or(DomainError::NotFound)?;
     let now = now();
     match current.usable_at(now) {
-        Err(keyplane_core::Unusable::Revoked) => {
-            return Err(DomainError::Conflict("the credential is revoked".into()).into())
-        }
+        Err(keyplane_core::Unusable::Revoked) => return Err(revoked().into()),
         Err(keyplane_core::Unusable::Expired) => {
             return Err(DomainError::Conflict(
                 "the credential has expired: create a new one".into(),

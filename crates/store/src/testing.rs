@@ -39,6 +39,8 @@ impl TestDatabase {
     pub async fn new(backend: Backend) -> Self {
         let temp = tempfile::Builder::new()
             .prefix("keyplane-test-")
+            // Private, as `serve` requires of a data directory.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .expect("create a temporary directory");
         let data_dir = temp.path().to_path_buf();

@@ -527,7 +527,7 @@ async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
     let (second, second_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let rotate = |rotation: Rotation| {
         let store = f.store.clone();
-        let (tenant, id, seen) = (f.tenant.id, credential.id, credential.secret_hash.clone());
+        let (tenant, id, seen) = (f.tenant.id, credential.id, credential.secret_hash);
         async move {
             store
                 .rotate_credential(tenant, CredentialKind::ApiToken, id, &seen, &rotation)

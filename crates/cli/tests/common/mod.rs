@@ -125,12 +125,28 @@ pub fn string_field(value: &Value, field: &str) -> String {
 /// nothing on its stdin.
 pub fn keyplane() -> Command {
     let mut command = Command::new(KEYPLANE);
+    clean_environment(&mut command);
+    command
+}
+
+fn clean_environment(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("KEYPLANE_") {
             command.env_remove(key);
         }
     }
     command.stdin(Stdio::null());
+}
+
+/// [`keyplane`] run by `sh` under `umask`, which tests cannot set for a child otherwise.
+pub fn keyplane_with_umask(umask: u32) -> Command {
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        &format!("umask {umask:03o} && exec \"$0\" \"$@\""),
+        KEYPLANE,
+    ]);
+    clean_environment(&mut command);
     command
 }
 
@@ -252,7 +268,17 @@ impl Keyplane {
     /// `keyplane serve` on `store` with rate limiting off, plus `extra_args`; returns once it
     /// listens on 127.0.0.1 and `/readyz` answers. `limit` bounds the start and every request.
     pub async fn start(store: &TestStore, extra_args: &[&str], limit: Duration) -> Self {
-        let child = keyplane()
+        Self::start_from(keyplane(), store, extra_args, limit).await
+    }
+
+    /// [`Keyplane::start`] from `command` (e.g. [`keyplane_with_umask`]) instead of the bare binary.
+    pub async fn start_from(
+        mut command: Command,
+        store: &TestStore,
+        extra_args: &[&str],
+        limit: Duration,
+    ) -> Self {
+        let child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(["--rate-limit-per-minute", "0"])
             .args(store.args())

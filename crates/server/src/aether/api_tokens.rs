@@ -211,7 +211,7 @@ pub async fn delete_api_token(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 409, description = "The token has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -225,15 +225,7 @@ pub async fn rotate_api_token(
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
-                .await
-                .map_err(|e| match e {
-                    // Rotating a revoked token: gone, as far as Aether clients are concerned.
-                    crate::error::AppError::Domain(DomainError::Conflict(_)) => {
-                        DomainError::NotFound.into()
-                    }
-                    other => other,
-                })?;
+            let issued = ops::rotate_live_credential(&app, &who, org, API_TOKENS, id).await?;
             Ok(Json(ApiTokenCreated::from(issued)))
         })
         .await)

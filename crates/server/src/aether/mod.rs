@@ -20,14 +20,6 @@ pub type ApiError = crate::error::ApiError<Aether>;
 pub const TAG_API_TOKENS: &str = "Aether: API tokens";
 pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";
 
-/// Rotating a revoked credential: to an Aether client, a deleted resource is gone.
-fn gone_if_revoked(error: AppError) -> AppError {
-    match error {
-        AppError::Domain(DomainError::Conflict(_)) => DomainError::NotFound.into(),
-        other => other,
-    }
-}
-
 fn org_id(raw: &str) -> Result<keyplane_core::TenantId, DomainError> {
     crate::extract::path_id("orgID", raw, keyplane_core::TenantId::parse)
 }

@@ -259,7 +259,7 @@ pub async fn delete_robot_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 409, description = "The robot account has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -273,9 +273,7 @@ pub async fn rotate_robot_account(
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
-                .await
-                .map_err(super::gone_if_revoked)?;
+            let issued = ops::rotate_live_credential(&app, &who, org, ROBOTS, id).await?;
             Ok(Json(RobotAccountCreated::from(issued)))
         })
         .await)

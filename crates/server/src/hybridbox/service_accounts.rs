@@ -131,7 +131,7 @@ pub async fn create_service_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 409, description = "The service account is revoked or expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
         (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
