@@ -80,6 +80,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Cache isolation: one org's VICTIMS tokens are cached, another org introspects FLOOD random
+    /// well-formed tokens (right prefix and checksum, unknown hash); prints the victims' cache hit
+    /// ratio before and after. Runs its own server (default settings, limits off so every flood
+    /// request reaches the cache) on 127.0.0.1.
+    CacheFlood {
+        /// The store; default: a fresh SQLite database in a temporary directory.
+        #[arg(long)]
+        database_url: Option<String>,
+        #[arg(long, default_value_t = 2000)]
+        victims: usize,
+        #[arg(long, default_value_t = 120_000)]
+        flood: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
 }
 
 fn client() -> reqwest::Client {
@@ -390,6 +405,156 @@ async fn slow_clients(
     Ok(())
 }
 
+/// `keyplane_verify_cache_lookups_total{result=...}` from the server's `/metrics`.
+async fn cache_lookups(client: &reqwest::Client, base: &str, result: &str) -> anyhow::Result<u64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let series = format!("keyplane_verify_cache_lookups_total{{result=\"{result}\"}} ");
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .with_context(|| format!("no {series} in /metrics"))?;
+    Ok(value.trim().parse()?)
+}
+
+/// Forward-auths every token once, CONCURRENCY at a time; how many it found cached (fresh hits,
+/// and reloads of entries past their 30 s lifetime: still cached, not evicted) and not cached.
+async fn verify_each(
+    client: &reqwest::Client,
+    base: &str,
+    tokens: &[String],
+    concurrency: usize,
+) -> anyhow::Result<(u64, u64)> {
+    let cached = async || -> anyhow::Result<u64> {
+        Ok(cache_lookups(client, base, "hit").await?
+            + cache_lookups(client, base, "reload").await?)
+    };
+    let (hits, misses) = (cached().await?, cache_lookups(client, base, "miss").await?);
+    let url = format!("{base}/v1/auth/forward");
+    let results: Vec<anyhow::Result<()>> = stream::iter(tokens)
+        .map(|token| {
+            let (client, url) = (client, &url);
+            async move {
+                let status = client.get(url).bearer_auth(token).send().await?.status();
+                if status != 200 {
+                    bail!("forward-auth of a victim token answered {status}");
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((
+        cached().await? - hits,
+        cache_lookups(client, base, "miss").await? - misses,
+    ))
+}
+
+async fn cache_flood(
+    database_url: Option<String>,
+    victims: usize,
+    flood: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let url = database_url.unwrap_or_else(|| keyplane_store::sqlite_url_for_data_dir(temp.path()));
+    let store = keyplane_store::connect(&url).await?;
+    let victim = keyplane_server::ops::create_org(store.as_ref(), "victim")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let attacker = keyplane_server::ops::create_org(store.as_ref(), "attacker")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let victim_tokens: Vec<String> = seed_api_tokens(store.as_ref(), victim.tenant.id, victims)
+        .await?
+        .iter()
+        .map(|secret| secret.expose_secret().to_string())
+        .collect();
+    let config = keyplane_server::Config {
+        rate_limit_per_minute: 0,
+        failed_auth_per_minute: 0,
+        ..keyplane_server::Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(keyplane_server::serve(
+        listener,
+        keyplane_server::App::new(store, config),
+        std::future::pending::<()>(),
+    ));
+    let client = client();
+    let created: Value = client
+        .post(format!(
+            "{base}/api/v1/organizations/{}/api-tokens",
+            attacker.tenant.id
+        ))
+        .bearer_auth(attacker.token.secret.expose_secret())
+        .json(&json!({"name": "flooder", "scopes": ["tokens:verify"]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let verifier = created["token"]
+        .as_str()
+        .context("the attacker's verifier token")?
+        .to_string();
+
+    let (_, loaded) = verify_each(&client, &base, &victim_tokens, concurrency).await?;
+    let before = verify_each(&client, &base, &victim_tokens, concurrency).await?;
+    let url = format!("{base}/oauth2/introspect");
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = stream::iter(0..flood)
+        .map(|_| {
+            let (client, url, verifier) = (&client, &url, &verifier);
+            async move {
+                let random = keyplane_core::token::mint(
+                    keyplane_core::CredentialKind::ApiToken,
+                    &mut rand::rngs::OsRng,
+                );
+                let answer: Value = client
+                    .post(url)
+                    .bearer_auth(verifier)
+                    .form(&[("token", random.plaintext.expose_secret())])
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if answer != json!({"active": false}) {
+                    bail!("a random token introspected as {answer}");
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let flood_elapsed = started.elapsed();
+    let after = verify_each(&client, &base, &victim_tokens, concurrency).await?;
+    let ratio = |(hits, misses): (u64, u64)| hits as f64 / (hits + misses).max(1) as f64;
+    println!(
+        "cache-flood: victims={victims} (loaded: {loaded} misses) flood={flood} random-token introspections in {:.1}s ({:.0}/s)",
+        flood_elapsed.as_secs_f64(),
+        flood as f64 / flood_elapsed.as_secs_f64()
+    );
+    println!(
+        "cache-flood: victims still cached before={:.4} (cached={} missing={}) after={:.4} (cached={} missing={})",
+        ratio(before),
+        before.0,
+        before.1,
+        ratio(after),
+        after.0,
+        after.1
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -424,5 +589,11 @@ async fn main() -> anyhow::Result<()> {
             connections,
             seconds,
         } => slow_clients(&base, &token, pid, connections, seconds).await,
+        Command::CacheFlood {
+            database_url,
+            victims,
+            flood,
+            concurrency,
+        } => cache_flood(database_url, victims, flood, concurrency).await,
     }
 }

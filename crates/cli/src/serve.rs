@@ -70,8 +70,9 @@ pub struct ServeArgs {
         requires = "oidc_issuers"
     )]
     oidc_audience: Option<String>,
-    /// The one --oidc-issuer whose `sub`, when a canonical lower-case UUID, is the user id as it
-    /// is; every other `sub` (and every other issuer's) maps to UUIDv5(URL, issuer + "#" + sub).
+    /// The one --oidc-issuer whose `sub`, when a canonical lower-case UUID (not version 5), is the
+    /// user id as it is; every other `sub` (and every other issuer's) maps to
+    /// UUIDv5(URL, issuer + "#" + sub).
     /// Give `keyplane admin grant` the same value.
     #[arg(
         long,

@@ -312,6 +312,10 @@ impl Verifier {
             self.metrics.verify_cache(crate::metrics::CacheOutcome::Hit);
             return Ok(known.verified.clone());
         }
+        let outcome = match cached {
+            Some(_) => crate::metrics::CacheOutcome::Reload,
+            None => crate::metrics::CacheOutcome::Miss,
+        };
         let servable = cached.filter(|known| self.may_serve_stale(known));
         let retry_from = Instant::now() - STORE_RETRY_INTERVAL.min(self.epoch.elapsed());
         if let Some(known) = servable.as_ref() {
@@ -321,8 +325,7 @@ impl Verifier {
                 return Ok(known.verified.clone());
             }
         }
-        self.metrics
-            .verify_cache(crate::metrics::CacheOutcome::Miss);
+        self.metrics.verify_cache(outcome);
         match self.load(hash).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at

@@ -42,20 +42,29 @@ pub(crate) enum CacheOutcome {
     Hit,
     /// A fresh negative entry: the secret is known to be unknown.
     Unknown,
-    /// No usable entry: the store was asked.
+    /// No entry: the store was asked.
     Miss,
+    /// An entry past its lifetime or invalidated: the store was asked again.
+    Reload,
     /// The store could not answer; a cached valid credential answered (stale-if-error).
     Stale,
 }
 
 impl CacheOutcome {
-    const ALL: [CacheOutcome; 4] = [Self::Hit, Self::Unknown, Self::Miss, Self::Stale];
+    const ALL: [CacheOutcome; 5] = [
+        Self::Hit,
+        Self::Unknown,
+        Self::Miss,
+        Self::Reload,
+        Self::Stale,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
             Self::Unknown => "unknown",
             Self::Miss => "miss",
+            Self::Reload => "reload",
             Self::Stale => "stale",
         }
     }
@@ -114,8 +123,9 @@ impl Metrics {
         let cache = Family::<ResultLabels, Counter>::default();
         registry.register(
             "verify_cache_lookups",
-            "Verification cache lookups by result: hit, unknown (negative hit), miss (the store \
-             was asked), stale (answered from the cache because the store could not)",
+            "Verification cache lookups by result: hit, unknown (negative hit), miss (not cached: \
+             the store was asked), reload (cached but expired or invalidated: the store was asked \
+             again), stale (answered from the cache because the store could not)",
             cache.clone(),
         );
         let cache_by_outcome = CacheOutcome::ALL

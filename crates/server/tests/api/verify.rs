@@ -799,7 +799,8 @@ async fn a_frozen_listener_is_detected_and_revocations_still_arrive() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(3);
-    // Stated bound: the heartbeat deadline (3 s) plus one heartbeat interval (1 s).
+    // Stated bound: the heartbeat deadline (3 s) plus one heartbeat interval (1 s), the time from
+    // the last heartbeat heard to the check that notices; the assertion allows 1 s for the reload.
     let bound = Duration::from_secs(4);
     let mut samples = Vec::new();
     for round in 0..rounds {
@@ -838,7 +839,7 @@ async fn a_frozen_listener_is_detected_and_revocations_still_arrive() {
     assert!(
         samples
             .iter()
-            .all(|took| *took <= bound + Duration::from_millis(500)),
+            .all(|took| *took <= bound + Duration::from_secs(1)),
         "{samples:?}"
     );
 }
