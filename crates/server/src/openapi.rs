@@ -4,7 +4,7 @@
 //! the operations on what it created.
 
 use serde::Serialize;
-use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::link::{Link, LinkBuilder};
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::{Components, ContentBuilder, OpenApi as OpenApiDoc, Ref, RefOr};
@@ -126,54 +126,48 @@ fn path_parameters(template: &str) -> impl Iterator<Item = &str> {
 /// OpenAPI links from each create (`POST P` answering 201 with an `id`) to the operations on what
 /// it created (`P/{x}`, `P/{x}/rotate`), so a stateful tester can follow a resource's life.
 fn add_links(openapi: &mut OpenApiDoc) {
-    let mut links: Vec<(String, String, String, Vec<(String, String)>)> = Vec::new();
+    // (create path, target operation id, link)
+    let mut links: Vec<(String, String, Link)> = Vec::new();
     for (parent, item) in &openapi.paths.paths {
         if item.post.is_none() {
             continue;
         }
         let prefix = format!("{parent}/{{");
         for (child, child_item) in &openapi.paths.paths {
-            let Some(rest) = child.strip_prefix(&prefix) else {
+            let Some(created) = child
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('}').next())
+            else {
                 continue;
             };
-            let Some(created) = rest.split('}').next() else {
-                continue;
-            };
-            let parameters: Vec<(String, String)> = path_parameters(child)
-                .map(|name| {
-                    let source = if name == created {
-                        "$response.body#/id".to_string()
-                    } else {
-                        format!("$request.path.{name}")
-                    };
-                    (name.to_string(), source)
-                })
-                .collect();
             for operation in operations(child_item) {
-                if let Some(id) = &operation.operation_id {
-                    links.push((parent.clone(), id.clone(), id.clone(), parameters.clone()));
-                }
+                let Some(id) = &operation.operation_id else {
+                    continue;
+                };
+                let link = path_parameters(child)
+                    .fold(LinkBuilder::new().operation_id(id), |link, name| {
+                        let source = if name == created {
+                            "$response.body#/id".to_string()
+                        } else {
+                            format!("$request.path.{name}")
+                        };
+                        link.parameter(name, source)
+                    })
+                    .build();
+                links.push((parent.clone(), id.clone(), link));
             }
         }
     }
-    for (parent, name, operation_id, parameters) in links {
-        let Some(RefOr::T(created)) = openapi
+    for (parent, name, link) in links {
+        let created = openapi
             .paths
             .paths
             .get_mut(&parent)
             .and_then(|item| item.post.as_mut())
-            .and_then(|post| post.responses.responses.get_mut("201"))
-        else {
-            continue;
-        };
-        let link = parameters
-            .into_iter()
-            .fold(
-                LinkBuilder::new().operation_id(operation_id),
-                |link, (name, source)| link.parameter(name, source),
-            )
-            .build();
-        created.links.insert(name, RefOr::T(link));
+            .and_then(|post| post.responses.responses.get_mut("201"));
+        if let Some(RefOr::T(created)) = created {
+            created.links.insert(name, RefOr::T(link));
+        }
     }
 }
 
