@@ -41,9 +41,7 @@ impl App {
             config.oidc.clone(),
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
-        let openapi_json = crate::router::openapi_document()
-            .to_pretty_json()
-            .expect("the OpenAPI document serializes");
+        let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
         Self(Arc::new(Inner {
             store,
             config,

@@ -13,8 +13,10 @@ use uuid::Uuid;
 
 /// `POST /api-tokens` body.
 #[derive(ToSchema)]
+#[schema(example = json!({"name": "ci-deploy", "scopes": ["api_tokens:read", "deploy:prod"], "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateApiTokenRequest {
-    /// 1–120 characters after trimming, no control characters; unique among the org's live tokens.
+    /// 1–120 characters after trimming, without control, format (bidi, zero-width) or line
+    /// separator characters; unique among the org's live tokens.
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,
     /// `auth.manage`, `audit:read`, `tokens:verify`, `*`) or other scopes carried through to
@@ -154,6 +156,7 @@ pub struct ErrorDetail {
 
 /// `POST /registry/robot-accounts` body.
 #[derive(ToSchema)]
+#[schema(example = json!({"name": "ci", "permissions": ["pull", "push:team-a/*"]}))]
 pub struct CreateRobotAccountRequest {
     /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
     /// name is `robot$<harbor_project>+<name>` (`harbor_project` from `GET /registry`).
@@ -197,6 +200,7 @@ impl FromJsonBody for CreateRobotAccountRequest {
 
 /// `PUT /registry/robot-accounts/{id}` body.
 #[derive(ToSchema)]
+#[schema(example = json!({"permissions": ["pull"]}))]
 pub struct UpdateRobotAccountRequest {
     /// The robot's new permissions (replacing the old ones): 1–50, each listed once.
     #[schema(value_type = Vec<String>, min_items = 1, max_items = 50)]

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 /// Request body for creating a service account.
 #[derive(ToSchema)]
-#[schema(as = ServiceAccountCreate)]
+#[schema(as = ServiceAccountCreate, example = json!({"name": "billing-sync", "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateServiceAccountRequest {
     /// Human-readable service account name (1–120 characters after trimming).
     #[schema(min_length = 1, max_length = 120)]
@@ -132,7 +132,7 @@ fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<&'static str> {
 
 /// Request body for granting a right.
 #[derive(ToSchema)]
-#[schema(as = AuthorizationCreate)]
+#[schema(as = AuthorizationCreate, example = json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f", "capability_key": "auth.manage", "resource_type": null, "resource_id": null}))]
 pub struct CreateAuthorizationRequest {
     /// `capability`, `account_owner` or `super_admin`.
     #[schema(value_type = String)]
