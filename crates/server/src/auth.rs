@@ -99,6 +99,8 @@ pub(crate) struct Verifier {
     /// `None` when no issuer is configured: then no JWT authenticates.
     oidc: Option<Oidc>,
     users: quick_cache::sync::Cache<TokenHash, CachedUser>,
+    /// Known credentials presented when revoked, expired or of the wrong kind.
+    refusals: Arc<crate::audit::Refusals>,
 }
 
 impl Verifier {
@@ -108,6 +110,7 @@ impl Verifier {
         metrics: Metrics,
         config: CacheConfig,
         oidc: Option<OidcConfig>,
+        refusals: Arc<crate::audit::Refusals>,
     ) -> Self {
         let oidc = oidc.map(Oidc::new);
         if let Some(oidc) = &oidc {
@@ -123,6 +126,7 @@ impl Verifier {
             config,
             invalidated: RwLock::new(HashMap::new()),
             any_invalidated: AtomicBool::new(false),
+            refusals,
         }
     }
 
@@ -199,15 +203,25 @@ impl Verifier {
         if credential.kind != parsed.kind || !credential.secret_hash.matches(&parsed.hash) {
             return Err(AppError::Unauthenticated("unknown"));
         }
-        credential
-            .usable_at(chrono::Utc::now())
-            .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
+        if let Err(why) = credential.usable_at(chrono::Utc::now()) {
+            self.refuse(credential, why.as_str());
+            return Err(AppError::Unauthenticated(why.as_str()));
+        }
         Ok(verified)
+    }
+
+    /// Notes a known credential's refusal for the audit trail (aggregated, off the store path).
+    fn refuse(&self, credential: &Credential, reason: &str) {
+        self.refusals
+            .credential_refused(credential, reason, &self.metrics);
     }
 
     async fn load(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
         let found = self.store.find_credential_by_hash(hash).await?;
+        if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
+            self.refuse(revoked, "revoked");
+        }
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.insert(
                 *hash,
@@ -243,6 +257,7 @@ impl Verifier {
         let verified = self.verify_secret(presented).await?;
         if verified.credential.kind == CredentialKind::RobotAccount {
             // Robot secrets log in to the registry only.
+            self.refuse(&verified.credential, "robot secret");
             return Err(AppError::Unauthenticated("robot secret"));
         }
         Ok(verified.principal())
@@ -296,6 +311,7 @@ impl Verifier {
     ) -> Result<(Arc<Verified>, Registry), AppError> {
         let verified = self.verify_uncounted(secret).await?;
         if verified.credential.kind != CredentialKind::RobotAccount {
+            self.refuse(&verified.credential, "not a robot secret");
             return Err(AppError::Unauthenticated("not a robot secret"));
         }
         let registry = self

@@ -20,6 +20,12 @@ pub struct Config {
     /// The identity providers whose JWT access tokens authenticate users; `None`: users cannot
     /// authenticate, only keyplane's own credentials can.
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// Where every committed audit event is exported as a JSON line; `None`: no export.
+    pub audit_log: Option<crate::audit::AuditLogTarget>,
+    /// Audit events older than this many days are pruned; 0 keeps them forever.
+    pub audit_retention_days: u32,
+    /// Refused attempts are aggregated over this window before one event per kind is written.
+    pub audit_refusal_window: Duration,
 }
 
 /// How keyplane acts as the token server of a Distribution registry (`auth: token`).
@@ -57,6 +63,9 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             verify_cache: crate::auth::CacheConfig::default(),
             oidc: None,
+            audit_log: None,
+            audit_retention_days: 400,
+            audit_refusal_window: Duration::from_secs(60),
         }
     }
 }

@@ -40,6 +40,8 @@ struct Inner {
     /// The `credentials_verified` counter for each of `CredentialKind::ALL`, in that order.
     verified_by_kind: Vec<Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    audit_refusals_dropped: Counter,
+    audit_refusals_unrecorded: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +80,18 @@ impl Metrics {
             "Credentials rejected, by reason",
             rejected.clone(),
         );
+        let audit_refusals_dropped = Counter::default();
+        registry.register(
+            "audit_refusals_dropped",
+            "Refused attempts not recorded because too many were pending",
+            audit_refusals_dropped.clone(),
+        );
+        let audit_refusals_unrecorded = Counter::default();
+        registry.register(
+            "audit_refusals_unrecorded",
+            "Refused attempts of users in a tenant where they hold nothing (no tenant to record in)",
+            audit_refusals_unrecorded.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -94,6 +108,8 @@ impl Metrics {
             latency,
             verified_by_kind,
             rejected,
+            audit_refusals_dropped,
+            audit_refusals_unrecorded,
         }))
     }
 
@@ -132,6 +148,14 @@ impl Metrics {
             .rejected
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub fn audit_refusal_dropped(&self) {
+        self.0.audit_refusals_dropped.inc();
+    }
+
+    pub fn audit_refusal_unrecorded(&self) {
+        self.0.audit_refusals_unrecorded.inc();
     }
 
     pub fn render(&self) -> String {

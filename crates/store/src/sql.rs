@@ -70,6 +70,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($crate::sql::INSERT_TENANT)
@@ -81,6 +82,7 @@ macro_rules! impl_store {
                 bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                     .execute(&mut *tx)
                     .await?;
+                Self::append_audit(&mut tx, event).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -90,6 +92,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<bool, $crate::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let claimed = sqlx::query($crate::sql::CLAIM_BOOTSTRAP)
@@ -116,6 +119,7 @@ macro_rules! impl_store {
                 bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                     .execute(&mut *tx)
                     .await?;
+                Self::append_audit(&mut tx, event).await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -136,10 +140,14 @@ macro_rules! impl_store {
             async fn insert_credential(
                 &self,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
                 bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?;
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
                 Ok(())
             }
 
@@ -147,6 +155,7 @@ macro_rules! impl_store {
             async fn import_credentials(
                 &self,
                 credentials: &[keyplane_core::Credential],
+                events: &[keyplane_core::AuditEvent],
             ) -> Result<(), $crate::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
@@ -156,6 +165,9 @@ macro_rules! impl_store {
                         query = bind_credential(query, credential);
                     }
                     query.execute(&mut *tx).await?;
+                }
+                for event in events {
+                    Self::append_audit(&mut tx, event).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -226,6 +238,7 @@ macro_rules! impl_store {
                 kind: keyplane_core::CredentialKind,
                 id: keyplane_core::CredentialId,
                 rotation: &keyplane_core::Rotation,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 let sql = format!(
                     "UPDATE credentials SET secret_hash = $1, display_prefix = $2, public_id = $3, \
@@ -248,6 +261,7 @@ macro_rules! impl_store {
                     .await?;
                 if row.is_some() {
                     Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    Self::append_audit(&mut tx, event).await?;
                 }
                 tx.commit().await?;
                 match row {
@@ -267,6 +281,7 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 at: chrono::DateTime<chrono::Utc>,
                 by_user: Option<keyplane_core::UserId>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 let sql = format!(
                     "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
@@ -285,6 +300,7 @@ macro_rules! impl_store {
                     .await?;
                 if row.is_some() {
                     Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    Self::append_audit(&mut tx, event).await?;
                 }
                 tx.commit().await?;
                 match row {
@@ -303,6 +319,7 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 permissions: &[keyplane_core::RobotPermission],
                 at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 let sql = format!(
                     "UPDATE credentials SET permissions = $1, updated_at = $2 \
@@ -321,6 +338,7 @@ macro_rules! impl_store {
                     .await?;
                 if row.is_some() {
                     Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                    Self::append_audit(&mut tx, event).await?;
                 }
                 tx.commit().await?;
                 row.ok_or($crate::StoreError::NotFound)?.try_into()
@@ -331,6 +349,7 @@ macro_rules! impl_store {
                 &self,
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($crate::sql::INSERT_REGISTRY)
@@ -351,6 +370,7 @@ macro_rules! impl_store {
                 bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
                     .execute(&mut *tx)
                     .await?;
+                Self::append_audit(&mut tx, event).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -396,7 +416,11 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
-            async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
+            async fn insert_grant(
+                &self,
+                grant: &keyplane_core::Grant,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($crate::sql::INSERT_GRANT)
                     .bind(grant.id.as_uuid())
@@ -419,6 +443,7 @@ macro_rules! impl_store {
                         other => other,
                     })?;
                 Self::notify_invalidation(&mut tx, grant.subject_id).await?;
+                Self::append_audit(&mut tx, event).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -490,6 +515,7 @@ macro_rules! impl_store {
                 tenant_id: keyplane_core::TenantId,
                 id: keyplane_core::GrantId,
                 at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Grant, $crate::StoreError> {
                 let sql = format!(
                     "UPDATE grants SET revoked_at = COALESCE(revoked_at, $1) \
@@ -506,8 +532,69 @@ macro_rules! impl_store {
                 if row.is_some() {
                     Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
                 }
+                // Revoking again changes nothing and records nothing.
+                if row.as_ref().is_some_and(|r| r.revoked_at() == Some(at)) {
+                    Self::append_audit(&mut tx, event).await?;
+                }
                 tx.commit().await?;
                 row.ok_or($crate::StoreError::NotFound)?.try_into()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %event.tenant_id))]
+            async fn append_audit_event(
+                &self,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %query.tenant_id))]
+            async fn list_audit_events(
+                &self,
+                query: &$crate::AuditQuery,
+            ) -> Result<Vec<keyplane_core::ChainedEvent>, $crate::StoreError> {
+                Self::query_audit(&self.pool, query).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn audit_chain_state(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+            ) -> Result<$crate::AuditChainState, $crate::StoreError> {
+                Self::audit_chain_state_of(&self.pool, tenant_id).await
+            }
+
+            async fn audit_heads(
+                &self,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                Self::audit_heads_of(&self.pool).await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_audit_events(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+                batch: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                Self::prune_audit_batch(&self.pool, before, batch).await
+            }
+
+            async fn audit_export_cursors(
+                &self,
+                consumer: &str,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                Self::export_cursors_of(&self.pool, consumer).await
+            }
+
+            async fn save_audit_export_cursors(
+                &self,
+                consumer: &str,
+                cursors: &[(keyplane_core::TenantId, u64)],
+            ) -> Result<(), $crate::StoreError> {
+                Self::save_export_cursors(&self.pool, consumer, cursors).await
             }
 
             fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {

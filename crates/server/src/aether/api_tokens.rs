@@ -43,7 +43,7 @@ const MAX_PAGE: u32 = 100;
 )]
 pub async fn create_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
     ApiJson(request, ..): ApiJson<Aether, CreateApiTokenRequest>,
 ) -> Result<(StatusCode, Json<ApiTokenCreated>), ApiError> {
@@ -54,7 +54,7 @@ pub async fn create_api_token(
         permissions: Vec::new(),
         expires_at: request.expires_at,
     };
-    let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;
+    let issued = ops::create_credential(&app, &who, &context, org, API_TOKENS, spec).await?;
     Ok((StatusCode::CREATED, Json(issued.into())))
 }
 
@@ -176,11 +176,11 @@ pub async fn get_api_token(
 )]
 pub async fn delete_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, API_TOKENS, id).await?;
+    let (_, revoked_now) = ops::revoke_credential(&app, &who, &context, org, API_TOKENS, id).await?;
     if revoked_now {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -210,11 +210,11 @@ pub async fn delete_api_token(
 )]
 pub async fn rotate_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<Json<ApiTokenCreated>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, API_TOKENS, id)
+    let issued = ops::rotate_credential(&app, &who, &context, org, API_TOKENS, id)
         .await
         .map_err(|e| match e {
             // Rotating a revoked token: gone, as far as Aether clients are concerned.

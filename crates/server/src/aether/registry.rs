@@ -68,11 +68,11 @@ pub async fn get_registry(
 )]
 pub async fn enable_registry(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
 ) -> Result<(StatusCode, Json<RegistryEnabled>), ApiError> {
     let org = org_id(&org)?;
-    let (registry, robot) = ops::enable_registry(&app, &who, org).await?;
+    let (registry, robot) = ops::enable_registry(&app, &who, &context, org).await?;
     let username = robot_username(&registry.project, &robot.credential.name);
     Ok((
         StatusCode::CREATED,
@@ -136,7 +136,7 @@ pub async fn list_robot_accounts(
 )]
 pub async fn create_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
     ApiJson(request, ..): ApiJson<Aether, CreateRobotAccountRequest>,
 ) -> Result<(StatusCode, Json<RobotAccountCreated>), ApiError> {
@@ -147,7 +147,7 @@ pub async fn create_robot_account(
         permissions: request.permissions,
         expires_at: None,
     };
-    let issued = ops::create_robot(&app, &who, org, spec).await?;
+    let issued = ops::create_robot(&app, &who, &context, org, spec).await?;
     Ok((StatusCode::CREATED, Json(issued.into())))
 }
 
@@ -198,12 +198,12 @@ pub async fn get_robot_account(
 )]
 pub async fn update_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
     ApiJson(request, ..): ApiJson<Aether, UpdateRobotAccountRequest>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let robot = ops::update_robot_permissions(&app, &who, org, id, request.permissions).await?;
+    let robot = ops::update_robot_permissions(&app, &who, &context, org, id, request.permissions).await?;
     Ok(Json(robot.into()))
 }
 
@@ -224,11 +224,11 @@ pub async fn update_robot_account(
 )]
 pub async fn delete_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, ROBOTS, id).await?;
+    let (_, revoked_now) = ops::revoke_credential(&app, &who, &context, org, ROBOTS, id).await?;
     if revoked_now {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -254,11 +254,11 @@ pub async fn delete_robot_account(
 )]
 pub async fn rotate_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<Json<RobotAccountCreated>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, org, ROBOTS, id)
+    let issued = ops::rotate_credential(&app, &who, &context, org, ROBOTS, id)
         .await
         .map_err(super::gone_if_revoked)?;
     Ok(Json(issued.into()))

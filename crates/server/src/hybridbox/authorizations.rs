@@ -146,13 +146,13 @@ pub async fn list_authorizations(
 )]
 pub async fn create_authorization(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(account): Path<String>,
     ApiJson(request, ..): ApiJson<Hybridbox, CreateAuthorizationRequest>,
 ) -> Result<(StatusCode, Json<AuthorizationView>), ApiError> {
     let account = account_id(&account)?;
     let grant = request.into_domain().map_err(DomainError::from)?;
-    let grant = ops::create_grant(&app, &who, account, grant).await?;
+    let grant = ops::create_grant(&app, &who, &context, account, grant).await?;
     Ok((StatusCode::CREATED, Json(grant.into())))
 }
 
@@ -175,11 +175,11 @@ pub async fn create_authorization(
 )]
 pub async fn revoke_authorization(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((account, id)): Path<(String, String)>,
 ) -> Result<Json<AuthorizationView>, ApiError> {
     let account = account_id(&account)?;
     let id = path_id("authorization_id", &id, GrantId::parse)?;
-    let grant = ops::revoke_grant(&app, &who, account, id).await?;
+    let grant = ops::revoke_grant(&app, &who, &context, account, id).await?;
     Ok(Json(grant.into()))
 }
