@@ -36,8 +36,11 @@ pub async fn seed_api_tokens(
             batch.push(credential);
             secrets.push(secret);
         }
-        let event =
-            keyplane_server::ops::import_event(tenant, CredentialKind::ApiToken, batch.len() as u64);
+        let event = keyplane_server::ops::import_event(
+            tenant,
+            CredentialKind::ApiToken,
+            batch.len() as u64,
+        );
         store
             .import_credentials(&batch, std::slice::from_ref(&event))
             .await?;

@@ -3,8 +3,8 @@ use clap::{Args, Subcommand};
 use keyplane_core::{GrantKind, GrantResource, NewGrant, Scope, SubjectType, TenantId, UserId};
 use keyplane_server::aether::{parse_audit_query, AuditEventView};
 use keyplane_server::hybridbox::wire::AuthorizationView;
-use keyplane_store::AuditOrder;
 use keyplane_server::ops;
+use keyplane_store::AuditOrder;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {

@@ -115,7 +115,9 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
     if let Some(resource) = resource {
         event = event.text("resource_id", resource.to_string());
     }
-    app.inner().refusals.record(key, event, &app.inner().metrics);
+    app.inner()
+        .refusals
+        .record(key, event, &app.inner().metrics);
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -158,7 +160,13 @@ impl Refusals {
             return;
         }
         let mut event = event;
-        if pending.keys_per_tenant.get(&key.tenant).copied().unwrap_or(0) >= KEYS_PER_TENANT {
+        if pending
+            .keys_per_tenant
+            .get(&key.tenant)
+            .copied()
+            .unwrap_or(0)
+            >= KEYS_PER_TENANT
+        {
             key.attempted = "(various)".into();
             key.target = None;
             event.target = None;
@@ -386,11 +394,7 @@ const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Deletes events older than `days` days, in bounded batches, at start and then hourly.
-pub(crate) async fn retention(
-    app: App,
-    days: u32,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         let cutoff = crate::ops::now() - chrono::TimeDelta::days(i64::from(days));
         loop {

@@ -10,8 +10,8 @@ use keyplane_core::grant::rights_from_grants;
 use keyplane_core::registry::{self, RegistryAction};
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldError,
-    AuditEvent, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
+    AuditEvent, Capability, Credential, CredentialId, CredentialKind, Error as DomainError,
+    FieldError, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
     RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
@@ -128,10 +128,7 @@ pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> Audit
         &RequestContext::default(),
     )
     .text("kind", kind.as_str())
-    .detail(
-        "count",
-        keyplane_core::audit::DetailValue::Count(count),
-    )
+    .detail("count", keyplane_core::audit::DetailValue::Count(count))
 }
 
 /// A credential and its plaintext secret, which the caller shows exactly once.

@@ -107,7 +107,11 @@ pub(crate) fn hash_hex(hash: &[u8; 32]) -> String {
 }
 
 pub(crate) fn parse_hash(hex: &str) -> Result<[u8; 32], StoreError> {
-    let bad = || StoreError::Other(anyhow::anyhow!("stored audit chain hash is not 64 hex digits"));
+    let bad = || {
+        StoreError::Other(anyhow::anyhow!(
+            "stored audit chain hash is not 64 hex digits"
+        ))
+    };
     if hex.len() != 64 || !hex.is_ascii() {
         return Err(bad());
     }
@@ -217,7 +221,7 @@ macro_rules! impl_audit {
                     for prefix in &query.action_prefixes {
                         // Compared as a leading substring: no LIKE, so `_` and `%` mean themselves.
                         sql.push(" OR substr(action, 1, ");
-                        sql.push_bind(prefix.len() as i64);
+                        sql.push_bind(i32::try_from(prefix.len()).unwrap_or(i32::MAX));
                         sql.push(") = ");
                         sql.push_bind(prefix.clone());
                     }

@@ -16,8 +16,8 @@ pub mod testing;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, Rotation, SubjectType,
-    Tenant, TenantId, TokenHash, UserId,
+    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind,
+    Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId,
 };
 use std::sync::Arc;
 
@@ -239,8 +239,7 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event that comes with no change (a refused attempt) to its tenant's chain.
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
-    async fn list_audit_events(&self, query: &AuditQuery)
-        -> Result<Vec<ChainedEvent>, StoreError>;
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError>;
 
     /// The tenant's chain anchor (after pruning) and head.
     async fn audit_chain_state(&self, tenant_id: TenantId) -> Result<AuditChainState, StoreError>;
@@ -257,8 +256,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     /// How far the export named `consumer` has written each tenant's chain.
-    async fn audit_export_cursors(&self, consumer: &str)
-        -> Result<Vec<(TenantId, u64)>, StoreError>;
+    async fn audit_export_cursors(
+        &self,
+        consumer: &str,
+    ) -> Result<Vec<(TenantId, u64)>, StoreError>;
 
     async fn save_audit_export_cursors(
         &self,

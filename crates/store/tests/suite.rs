@@ -11,6 +11,18 @@ use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 use std::sync::Arc;
 
+/// An event to go with a write; its tenant and content do not matter to these cases.
+fn ev() -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent::new(
+        uuid::Uuid::now_v7(),
+        TenantId::new(),
+        now(),
+        keyplane_core::audit::actions::API_TOKEN_CREATED,
+        keyplane_core::AuditActor::system(),
+        Default::default(),
+    )
+}
+
 fn now() -> DateTime<Utc> {
     truncate_to_micros(Utc::now())
 }
@@ -31,7 +43,7 @@ async fn fixture(backend: Backend) -> Fixture {
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
     store
-        .create_tenant_with_credential(&tenant, &first)
+        .create_tenant_with_credential(&tenant, &first, &ev())
         .await
         .unwrap();
     Fixture {
@@ -57,7 +69,7 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
 async fn created_credential_round_trips(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, plaintext) = new_token(f.tenant.id, "ci");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let got = f
         .store
         .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
@@ -81,23 +93,30 @@ async fn created_credential_round_trips(backend: Backend) {
 async fn names_are_unique_among_live_credentials(backend: Backend) {
     let f = fixture(backend).await;
     let (first, _) = new_token(f.tenant.id, "deploy");
-    f.store.insert_credential(&first).await.unwrap();
+    f.store.insert_credential(&first, &ev()).await.unwrap();
     let (second, _) = new_token(f.tenant.id, "deploy");
     assert!(matches!(
-        f.store.insert_credential(&second).await,
+        f.store.insert_credential(&second, &ev()).await,
         Err(StoreError::Conflict(_))
     ));
     f.store
-        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, first.id, now(), None)
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            first.id,
+            now(),
+            None,
+            &ev(),
+        )
         .await
         .unwrap();
-    f.store.insert_credential(&second).await.unwrap();
+    f.store.insert_credential(&second, &ev()).await.unwrap();
 }
 
 async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "rotating");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let (rotation, new) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let rotated = f
         .store
@@ -106,6 +125,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
             CredentialKind::ApiToken,
             credential.id,
             &rotation,
+            &ev(),
         )
         .await
         .unwrap();
@@ -130,7 +150,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
 async fn revocation_is_permanent_and_idempotent(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "revoked");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let user = UserId::from_subject("https://idp", "alice");
     let first = f
         .store
@@ -140,6 +160,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             credential.id,
             now(),
             Some(user),
+            &ev(),
         )
         .await
         .unwrap();
@@ -151,6 +172,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             credential.id,
             now() + TimeDelta::seconds(5),
             None,
+            &ev(),
         )
         .await
         .unwrap();
@@ -163,7 +185,8 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
                 f.tenant.id,
                 CredentialKind::ApiToken,
                 credential.id,
-                &rotation
+                &rotation,
+                &ev()
             )
             .await,
         Err(StoreError::Conflict(_))
@@ -173,7 +196,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
 async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "mine");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let other = TenantId::new();
     assert!(f
         .store
@@ -189,7 +212,14 @@ async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
         .is_none());
     assert!(matches!(
         f.store
-            .revoke_credential(other, CredentialKind::ApiToken, credential.id, now(), None)
+            .revoke_credential(
+                other,
+                CredentialKind::ApiToken,
+                credential.id,
+                now(),
+                None,
+                &ev()
+            )
             .await,
         Err(StoreError::NotFound)
     ));
@@ -199,7 +229,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
     let f = fixture(backend).await;
     for i in 0..5 {
         let (credential, _) = new_token(f.tenant.id, &format!("t{i}"));
-        f.store.insert_credential(&credential).await.unwrap();
+        f.store.insert_credential(&credential, &ev()).await.unwrap();
     }
     let query = |after, include_revoked| ListCredentials {
         tenant_id: f.tenant.id,
@@ -225,6 +255,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
             second[0].id,
             now(),
             None,
+            &ev(),
         )
         .await
         .unwrap();
@@ -246,8 +277,8 @@ async fn last_used_batches_are_applied(backend: Backend) {
     let f = fixture(backend).await;
     let (a, _) = new_token(f.tenant.id, "a");
     let (b, _) = new_token(f.tenant.id, "b");
-    f.store.insert_credential(&a).await.unwrap();
-    f.store.insert_credential(&b).await.unwrap();
+    f.store.insert_credential(&a, &ev()).await.unwrap();
+    f.store.insert_credential(&b, &ev()).await.unwrap();
     let at = now();
     f.store
         .record_last_used(&[(a.id, at), (b.id, at)])
@@ -273,14 +304,20 @@ async fn bootstrap_happens_once(backend: Backend) {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
-    assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(store
+        .bootstrap_once(&tenant, &credential, &ev())
+        .await
+        .unwrap());
     let tenant2 = Tenant {
         id: TenantId::new(),
         name: "default".into(),
         created_at: now(),
     };
     let (credential2, _) = new_token(tenant2.id, "bootstrap");
-    assert!(!store.bootstrap_once(&tenant2, &credential2).await.unwrap());
+    assert!(!store
+        .bootstrap_once(&tenant2, &credential2, &ev())
+        .await
+        .unwrap());
     // Reopening (a restart) applies migrations again without harm.
     let reopened = keyplane_store::connect(&db.url).await.unwrap();
     assert!(reopened.get_tenant(tenant.id).await.unwrap().is_some());
@@ -295,7 +332,11 @@ async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
-    assert!(!f.store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(!f
+        .store
+        .bootstrap_once(&tenant, &credential, &ev())
+        .await
+        .unwrap());
 }
 
 fn capability_grant(tenant_id: TenantId, subject: uuid::Uuid, key: &str) -> Grant {
@@ -319,11 +360,11 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     let a_read = capability_grant(f.tenant.id, sa, "api_tokens:read");
     let b_manage = capability_grant(f.tenant.id, sb, "auth.manage");
     for g in [&a_manage, &a_read, &b_manage] {
-        f.store.insert_grant(g).await.unwrap();
+        f.store.insert_grant(g, &ev()).await.unwrap();
     }
     assert!(matches!(
         f.store
-            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -356,13 +397,13 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     let at = now();
     let revoked = f
         .store
-        .revoke_grant(f.tenant.id, a_manage.id, at)
+        .revoke_grant(f.tenant.id, a_manage.id, at, &ev())
         .await
         .unwrap();
     assert_eq!(revoked.revoked_at, Some(at));
     let again = f
         .store
-        .revoke_grant(f.tenant.id, a_manage.id, at + TimeDelta::seconds(3))
+        .revoke_grant(f.tenant.id, a_manage.id, at + TimeDelta::seconds(3), &ev())
         .await
         .unwrap();
     assert_eq!(again.revoked_at, Some(at));
@@ -397,11 +438,13 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     );
     // A revoked grant no longer blocks an identical new one.
     f.store
-        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
         .await
         .unwrap();
     assert!(matches!(
-        f.store.revoke_grant(TenantId::new(), a_read.id, at).await,
+        f.store
+            .revoke_grant(TenantId::new(), a_read.id, at, &ev())
+            .await,
         Err(StoreError::NotFound)
     ));
 }
@@ -412,7 +455,10 @@ async fn import_is_all_or_nothing(backend: Backend) {
         .map(|i| new_token(f.tenant.id, &format!("bulk{i}")))
         .collect();
     let credentials: Vec<Credential> = batch.iter().map(|(c, _)| c.clone()).collect();
-    f.store.import_credentials(&credentials).await.unwrap();
+    f.store
+        .import_credentials(&credentials, &[ev()])
+        .await
+        .unwrap();
     let (sample, secret) = &batch[777];
     assert_eq!(
         f.store
@@ -428,7 +474,7 @@ async fn import_is_all_or_nothing(backend: Backend) {
         .collect();
     again.push(new_token(f.tenant.id, "bulk5").0);
     assert!(matches!(
-        f.store.import_credentials(&again).await,
+        f.store.import_credentials(&again, &[ev()]).await,
         Err(StoreError::Conflict(_))
     ));
     let listed = f
@@ -454,7 +500,7 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
     };
     let (first, _) = new_token(other.id, "bootstrap");
     f.store
-        .create_tenant_with_credential(&other, &first)
+        .create_tenant_with_credential(&other, &first, &ev())
         .await
         .unwrap();
     let user = UserId::from_subject("https://idp.example", "alice").as_uuid();
@@ -482,10 +528,10 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
         ..someone_else
     };
     for g in [&here, &there, &revoked, &service_account, &someone_else] {
-        f.store.insert_grant(g).await.unwrap();
+        f.store.insert_grant(g, &ev()).await.unwrap();
     }
     f.store
-        .revoke_grant(other.id, revoked.id, now())
+        .revoke_grant(other.id, revoked.id, now(), &ev())
         .await
         .unwrap();
 

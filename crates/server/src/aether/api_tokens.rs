@@ -180,7 +180,8 @@ pub async fn delete_api_token(
     Path((org, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let (_, revoked_now) = ops::revoke_credential(&app, &who, &context, org, API_TOKENS, id).await?;
+    let (_, revoked_now) =
+        ops::revoke_credential(&app, &who, &context, org, API_TOKENS, id).await?;
     if revoked_now {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -174,9 +174,7 @@ pub fn parse_audit_query(
     for (name, raw) in pairs {
         match name.as_str() {
             "cursor" if raw.is_empty() => {}
-            "cursor" => {
-                query.order = AuditOrder::NewestBefore(uuid_of("cursor", raw, &mut errors))
-            }
+            "cursor" => query.order = AuditOrder::NewestBefore(uuid_of("cursor", raw, &mut errors)),
             "limit" => match raw.parse::<u32>() {
                 Ok(limit) if (1..=MAX_PAGE).contains(&limit) => query.limit = limit,
                 _ => errors.push(FieldError::new(

@@ -203,7 +203,8 @@ pub async fn update_robot_account(
     ApiJson(request, ..): ApiJson<Aether, UpdateRobotAccountRequest>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let robot = ops::update_robot_permissions(&app, &who, &context, org, id, request.permissions).await?;
+    let robot =
+        ops::update_robot_permissions(&app, &who, &context, org, id, request.permissions).await?;
     Ok(Json(robot.into()))
 }
 

@@ -103,7 +103,8 @@ pub async fn create_service_account(
         permissions: Vec::new(),
         expires_at: request.expires_at,
     };
-    let issued = ops::create_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, spec).await?;
+    let issued =
+        ops::create_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, spec).await?;
     Ok((StatusCode::CREATED, Json(issued.into())))
 }
 
@@ -132,7 +133,8 @@ pub async fn rotate_service_account(
     Path((account, id)): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountCreated>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
-    let issued = ops::rotate_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
+    let issued =
+        ops::rotate_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
     Ok(Json(issued.into()))
 }
 
@@ -159,6 +161,7 @@ pub async fn revoke_service_account(
     Path((account, id)): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
-    let (revoked, _) = ops::revoke_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
+    let (revoked, _) =
+        ops::revoke_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
     Ok(Json(revoked.into()))
 }

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod aether_api_tokens;
+mod audit;
 mod hybridbox;
 mod logs;
 mod oidc;
