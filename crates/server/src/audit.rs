@@ -76,7 +76,7 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
         .split('/')
         .filter_map(|segment| uuid::Uuid::parse_str(segment).ok());
     let org = ids.next();
-    let resource = ids.last();
+    let resource = ids.next_back();
     // The event goes where the caller belongs: the org it asked for when it holds rights there, or
     // its own tenant (a credential probing another org). A user holding nothing there has no
     // tenant of its own: counted in metrics only.
