@@ -146,7 +146,7 @@ impl AuditActor {
             Actor::User(_) => ActorType::User,
         };
         let (issuer, subject) = match principal.user_identity() {
-            Some((issuer, subject)) => (Some(issuer.to_string()), Some(subject.to_string())),
+            Some((issuer, subject)) => (Some(bounded(issuer)), Some(bounded(subject))),
             None => (None, None),
         };
         Self {
@@ -184,13 +184,16 @@ impl RequestContext {
         client_ip: Option<String>,
         user_agent: Option<&str>,
     ) -> Self {
-        let bounded = |value: &str| value.chars().take(MAX_CONTEXT_CHARS).collect::<String>();
         Self {
             request_id: request_id.map(bounded),
             client_ip,
             user_agent: user_agent.map(bounded),
         }
     }
+}
+
+fn bounded(value: &str) -> String {
+    value.chars().take(MAX_CONTEXT_CHARS).collect()
 }
 
 /// A `details` value: text, a whole number, or a list of text.

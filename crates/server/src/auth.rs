@@ -277,7 +277,8 @@ impl Verifier {
         let loaded = Instant::now();
         let access = oidc.validate(token).await?;
         let rights = crate::ops::rights_of_user(self.store.as_ref(), access.user).await?;
-        let principal = Principal::for_user(access.user, rights, Some(access.expires_at));
+        let principal = Principal::for_user(access.user, rights, Some(access.expires_at))
+            .with_user_identity(access.issuer, access.subject);
         let to_expiry = (access.expires_at - chrono::Utc::now())
             .to_std()
             .unwrap_or(Duration::ZERO);

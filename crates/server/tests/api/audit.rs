@@ -491,3 +491,37 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
     let theirs = events(&app, &other, &other.token, "").await;
     assert_eq!(actions(&theirs), ["organization.created"]);
 }
+
+/// Two replicas on one PostgreSQL, creating at once in one org: one chain, no gap, no fork.
+#[tokio::test]
+async fn concurrent_replicas_write_one_unbroken_chain() {
+    let first = TestApp::spawn(keyplane_store::testing::Backend::Postgres).await;
+    let second = first.replica().await;
+    let org = first.create_org("acme").await;
+    let path = org.path("/api-tokens");
+    let creates = (0..30).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.post(
+            &path,
+            &org.token,
+            json!({"name": format!("t{i}"), "scopes": []}),
+        )
+    });
+    for res in futures::future::join_all(creates).await {
+        assert_eq!(res.status(), 201);
+    }
+    let store = first.app.store();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(state.head_seq, 31);
+    let events = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap();
+    let mut verifier =
+        keyplane_core::audit::ChainVerifier::from_anchor(0, keyplane_core::audit::GENESIS);
+    for event in &events {
+        verifier.check(event).unwrap();
+    }
+    assert_eq!(verifier.finish(state.head_seq), Ok(31));
+}
