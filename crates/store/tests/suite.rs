@@ -590,4 +590,73 @@ store_suite! {
     grants_filter_conflict_and_revoke,
     a_subjects_live_grants_span_tenants,
     import_is_all_or_nothing,
+    pruning_keeps_the_rest_of_the_chain_verifiable,
+    a_failed_change_writes_no_event,
+}
+
+fn event_in(tenant: TenantId, at: DateTime<Utc>) -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent {
+        tenant_id: tenant,
+        occurred_at: at,
+        ..ev()
+    }
+}
+
+async fn verify_chain(store: &dyn Store, tenant: TenantId) -> u64 {
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    let mut verifier =
+        keyplane_core::audit::ChainVerifier::from_anchor(state.anchor_seq, state.anchor_hash);
+    let events = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(
+            tenant,
+            state.anchor_seq,
+            1000,
+        ))
+        .await
+        .unwrap();
+    for event in &events {
+        verifier.check(event).unwrap();
+    }
+    verifier.finish(state.head_seq).unwrap()
+}
+
+async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let old = now() - TimeDelta::days(500);
+    for i in 0..5 {
+        let at = if i < 3 { old } else { now() };
+        f.store
+            .append_audit_event(&event_in(tenant, at))
+            .await
+            .unwrap();
+    }
+    let before = verify_chain(f.store.as_ref(), tenant).await;
+    // Bounded batches: two, then the last old one, then nothing (the young ones stay).
+    let cutoff = now() - TimeDelta::days(400);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 2);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 1);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 0);
+    let state = f.store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(state.anchor_seq, 3);
+    assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3);
+}
+
+async fn a_failed_change_writes_no_event(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "ci");
+    f.store
+        .insert_credential(&credential, &event_in(f.tenant.id, now()))
+        .await
+        .unwrap();
+    let (duplicate, _) = new_token(f.tenant.id, "ci");
+    assert!(matches!(
+        f.store
+            .insert_credential(&duplicate, &event_in(f.tenant.id, now()))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let state = f.store.audit_chain_state(f.tenant.id).await.unwrap();
+    assert_eq!(state.head_seq, 1, "only the committed change has an event");
+    assert_eq!(verify_chain(f.store.as_ref(), f.tenant.id).await, 1);
 }
