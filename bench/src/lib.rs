@@ -36,7 +36,14 @@ pub async fn seed_api_tokens(
             batch.push(credential);
             secrets.push(secret);
         }
-        store.import_credentials(&batch).await?;
+        let event = keyplane_server::ops::import_event(
+            tenant,
+            CredentialKind::ApiToken,
+            batch.len() as u64,
+        );
+        store
+            .import_credentials(&batch, std::slice::from_ref(&event))
+            .await?;
         start = end;
     }
     Ok(secrets)

@@ -1,8 +1,10 @@
 use crate::StoreArgs;
 use clap::{Args, Subcommand};
 use keyplane_core::{GrantKind, GrantResource, NewGrant, Scope, SubjectType, TenantId, UserId};
+use keyplane_server::aether::{parse_audit_query, AuditEventView};
 use keyplane_server::hybridbox::wire::AuthorizationView;
 use keyplane_server::ops;
+use keyplane_store::AuditOrder;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -27,6 +29,172 @@ pub enum AdminCommand {
     /// `account_owner`, who then grants others through the API. Prints the authorization as JSON.
     /// A server sharing the store sees it at once on PostgreSQL, within 30 s on SQLite.
     Grant(GrantArgs),
+    /// Print an organization's audit events as JSON lines, newest first (`--follow`: oldest first,
+    /// then new ones as they commit), or `verify` its hash chain. Safe while a server runs.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<AuditCommand>,
+    #[command(flatten)]
+    list: AuditListArgs,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the organization's hash chain: prints how many events it checked, or the first
+    /// event that was changed, deleted or reordered (exit status 1).
+    Verify {
+        #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
+        org: TenantId,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Args)]
+struct AuditListArgs {
+    /// The organization (tenant) id.
+    #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
+    org: Option<TenantId>,
+    /// Only this action (`api_token.created`) or prefix (`api_token.*`); repeatable.
+    #[arg(long, value_name = "ACTION")]
+    action: Vec<String>,
+    /// Only events by this credential or user.
+    #[arg(long, value_name = "UUID")]
+    actor_id: Option<String>,
+    /// Only events about this resource.
+    #[arg(long, value_name = "UUID")]
+    target_id: Option<String>,
+    /// `success` or `denied`.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// RFC 3339: events at or after it.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// RFC 3339: events before it.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Keep running and print new events as they commit.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+impl AuditListArgs {
+    /// The same filters, and the same rules, as the API's query string.
+    fn query(&self, org: TenantId) -> anyhow::Result<keyplane_store::AuditQuery> {
+        let mut pairs: Vec<(String, String)> = self
+            .action
+            .iter()
+            .map(|a| ("action".to_string(), a.clone()))
+            .collect();
+        for (name, value) in [
+            ("actor_id", &self.actor_id),
+            ("target_id", &self.target_id),
+            ("outcome", &self.outcome),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if let Some(value) = value {
+                pairs.push((name.to_string(), value.clone()));
+            }
+        }
+        parse_audit_query(org, &pairs).map_err(|e| match e {
+            keyplane_core::Error::Validation(fields) => anyhow::anyhow!(
+                "{}",
+                fields
+                    .iter()
+                    .map(|f| format!("--{}: {}", f.path.to_string().replace('_', "-"), f.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            other => anyhow::anyhow!("{other}"),
+        })
+    }
+}
+
+/// Events read per store query.
+const AUDIT_PAGE: u32 = 100;
+/// How often `--follow` looks for new events.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
+    let org = args
+        .org
+        .ok_or_else(|| anyhow::anyhow!("--org is required"))?;
+    let mut query = args.query(org)?;
+    let store = args.store.open().await?;
+    if store.get_tenant(org).await?.is_none() {
+        anyhow::bail!("no organization with id {org}");
+    }
+    let mut out = std::io::stdout();
+    let mut print = |events: &[keyplane_core::ChainedEvent]| -> anyhow::Result<()> {
+        use std::io::Write;
+        for event in events {
+            serde_json::to_writer(&mut out, &AuditEventView::from(event))?;
+            writeln!(out)?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    query.limit = AUDIT_PAGE;
+    if !args.follow {
+        loop {
+            let page = store.list_audit_events(&query).await?;
+            print(&page)?;
+            match page.last() {
+                Some(last) if page.len() == AUDIT_PAGE as usize => {
+                    query.order = AuditOrder::NewestBefore(Some(last.event.id))
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+    let mut after = 0;
+    loop {
+        query.order = AuditOrder::OldestAfterSeq(after);
+        let page = store.list_audit_events(&query).await?;
+        print(&page)?;
+        match page.last() {
+            Some(last) => after = last.seq,
+            None => tokio::time::sleep(FOLLOW_POLL).await,
+        }
+    }
+}
+
+/// Recomputes the chain from its anchor up to the head read first (events committed meanwhile are
+/// left for the next run). Returns how many events it checked, or the first break.
+async fn verify_audit(
+    store: &dyn keyplane_store::Store,
+    org: TenantId,
+) -> anyhow::Result<Result<u64, keyplane_core::audit::ChainBreak>> {
+    let state = store.audit_chain_state(org).await?;
+    let mut verifier =
+        keyplane_core::audit::ChainVerifier::from_anchor(state.anchor_seq, state.anchor_hash);
+    let mut after = state.anchor_seq;
+    'pages: loop {
+        let page = store
+            .list_audit_events(&keyplane_store::AuditQuery::after_seq(org, after, 1000))
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        for event in &page {
+            if event.seq > state.head_seq {
+                break 'pages;
+            }
+            if let Err(broken) = verifier.check(event) {
+                return Ok(Err(broken));
+            }
+            after = event.seq;
+        }
+    }
+    Ok(verifier.finish(state.head_seq))
 }
 
 #[derive(Args)]
@@ -169,5 +337,25 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        AdminCommand::Audit(AuditArgs {
+            command: Some(AuditCommand::Verify { org, store }),
+            ..
+        }) => {
+            let store = store.open().await?;
+            if store.get_tenant(org).await?.is_none() {
+                anyhow::bail!("no organization with id {org}");
+            }
+            match verify_audit(store.as_ref(), org).await? {
+                Ok(checked) => {
+                    println!("audit chain of {org} intact: {checked} events checked");
+                    Ok(())
+                }
+                Err(broken) => {
+                    println!("audit chain of {org} broken: {broken}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        AdminCommand::Audit(AuditArgs { list, .. }) => print_audit(list).await,
     }
 }

@@ -122,6 +122,18 @@ pub struct ServeArgs {
     /// Seconds a stop (SIGTERM, Ctrl-C) waits for open connections before closing them.
     #[arg(long, env = "KEYPLANE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_timeout_seconds: u64,
+    /// Write every committed audit event as one JSON line to this file (`-`: stdout), at least
+    /// once: after a crash the export resumes where it stopped. SIGHUP reopens the file (log
+    /// rotation).
+    #[arg(long, env = "KEYPLANE_AUDIT_LOG", value_name = "PATH")]
+    audit_log: Option<String>,
+    /// Prune audit events older than this many days, in the background; 0 keeps them forever.
+    #[arg(long, env = "KEYPLANE_AUDIT_RETENTION_DAYS", default_value_t = 400)]
+    audit_retention_days: u32,
+    /// Refused attempts are aggregated over this many milliseconds into one event per caller,
+    /// attempt and target (with a `count`).
+    #[arg(long, env = "KEYPLANE_AUDIT_REFUSAL_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    audit_refusal_window_ms: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -201,13 +213,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: max_connections as usize,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
         },
+        audit_log: args
+            .audit_log
+            .as_deref()
+            .map(keyplane_server::audit::AuditLogTarget::parse),
+        audit_retention_days: args.audit_retention_days,
+        audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
-    keyplane_server::serve(listener, App::new(store.clone(), config), shutdown_signal()).await?;
+    let app = App::new(store.clone(), config);
+    reopen_audit_log_on_sighup(app.clone());
+    keyplane_server::serve(listener, app, shutdown_signal()).await?;
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
     tracing::info!("stopped");
@@ -268,6 +288,22 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     writeln!(file, "{body}")?;
     file.sync_all()
+}
+
+/// `logrotate` renames the file and sends SIGHUP: the export reopens its path.
+fn reopen_audit_log_on_sighup(app: App) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reopening the audit log");
+            app.reopen_audit_log();
+        }
+    });
 }
 
 async fn shutdown_signal() {

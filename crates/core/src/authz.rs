@@ -25,6 +25,8 @@ pub struct Principal {
     /// Rights per tenant; a credential has exactly one entry, its own tenant.
     rights: Vec<(TenantId, ScopeSet)>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// A user's OIDC issuer and `sub`, for the audit trail.
+    user_identity: Option<(String, String)>,
 }
 
 impl Principal {
@@ -38,6 +40,7 @@ impl Principal {
             },
             rights: vec![(credential.tenant_id, rights)],
             expires_at: credential.expires_at,
+            user_identity: None,
         }
     }
 
@@ -51,7 +54,21 @@ impl Principal {
             actor: Actor::User(user),
             rights,
             expires_at,
+            user_identity: None,
         }
+    }
+
+    /// Records which issuer and `sub` a user principal came from.
+    pub fn with_user_identity(mut self, issuer: String, subject: String) -> Self {
+        self.user_identity = Some((issuer, subject));
+        self
+    }
+
+    /// The issuer and `sub` of a user principal, when known.
+    pub fn user_identity(&self) -> Option<(&str, &str)> {
+        self.user_identity
+            .as_ref()
+            .map(|(issuer, subject)| (issuer.as_str(), subject.as_str()))
     }
 
     /// The credential or user id: the rate-limit key and `principal.id` in logs.
@@ -136,6 +153,7 @@ mod tests {
             },
             rights: vec![(tenant, scopes(list))],
             expires_at: None,
+            user_identity: None,
         };
         (principal, tenant)
     }

@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate does no I/O. Time (`now`) and randomness (`rng`) come in as
 //! arguments, so every rule here is a pure, repeatable function.
 
+pub mod audit;
 pub mod authz;
 pub mod credential;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod secret;
 pub mod token;
 pub mod validate;
 
+pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
 pub use credential::{
     Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable,

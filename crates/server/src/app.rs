@@ -25,12 +25,16 @@ pub(crate) struct Inner {
     pub openapi_json: String,
     /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
     pub registry_signer: tokio::sync::OnceCell<crate::registry::Signer>,
+    pub refusals: Arc<crate::audit::Refusals>,
+    /// Notified on SIGHUP: the audit log export reopens its file.
+    pub reopen_audit_log: Arc<tokio::sync::Notify>,
 }
 
 impl App {
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         let usage = Arc::new(UsageRecorder::new(store.clone()));
         let metrics = Metrics::new();
+        let refusals = Arc::new(crate::audit::Refusals::new());
         let rate_limiter =
             CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
         let verifier = Verifier::new(
@@ -39,6 +43,7 @@ impl App {
             metrics.clone(),
             config.verify_cache.clone(),
             config.oidc.clone(),
+            refusals.clone(),
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
@@ -52,6 +57,8 @@ impl App {
             metrics,
             openapi_json,
             registry_signer: tokio::sync::OnceCell::new(),
+            refusals,
+            reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
         }))
     }
 
@@ -97,6 +104,11 @@ impl App {
         self.0
             .verifier
             .invalidate(keyplane_store::Invalidation::Subject(subject));
+    }
+
+    /// Reopens the `--audit-log` file (after an outside tool renamed it).
+    pub fn reopen_audit_log(&self) {
+        self.0.reopen_audit_log.notify_one();
     }
 
     /// Writes pending `last_used_at` updates now (shutdown, tests).

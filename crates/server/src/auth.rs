@@ -133,6 +133,8 @@ pub(crate) struct Verifier {
     /// `None` when no issuer is configured: then no JWT authenticates.
     oidc: Option<Oidc>,
     users: quick_cache::sync::Cache<TokenHash, CachedUser>,
+    /// Known credentials presented when revoked, expired or of the wrong kind.
+    refusals: Arc<crate::audit::Refusals>,
 }
 
 impl Verifier {
@@ -142,6 +144,7 @@ impl Verifier {
         metrics: Metrics,
         config: CacheConfig,
         oidc: Option<OidcConfig>,
+        refusals: Arc<crate::audit::Refusals>,
     ) -> Self {
         let oidc = oidc.map(Oidc::new);
         if let Some(oidc) = &oidc {
@@ -161,6 +164,7 @@ impl Verifier {
             config,
             invalidated: RwLock::new(HashMap::new()),
             any_invalidated: AtomicBool::new(false),
+            refusals,
         }
     }
 
@@ -254,7 +258,11 @@ impl Verifier {
     pub async fn verify_bearer(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
         let result = self.verify_uncounted(presented).await.and_then(|verified| {
             match verified.credential.kind {
-                CredentialKind::RobotAccount => Err(AppError::Unauthenticated("robot secret")),
+                CredentialKind::RobotAccount => {
+                    // Robot secrets log in to the registry only.
+                    self.refuse(&verified.credential, "robot secret");
+                    Err(AppError::Unauthenticated("robot secret"))
+                }
                 _ => Ok(verified),
             }
         });
@@ -290,9 +298,10 @@ impl Verifier {
         if credential.kind != parsed.kind || !credential.secret_hash.matches(&parsed.hash) {
             return Err(AppError::Unauthenticated("unknown"));
         }
-        credential
-            .usable_at(chrono::Utc::now())
-            .map_err(|why| AppError::Unauthenticated(why.as_str()))?;
+        if let Err(why) = credential.usable_at(chrono::Utc::now()) {
+            self.refuse(credential, why.as_str());
+            return Err(AppError::Unauthenticated(why.as_str()));
+        }
         Ok(verified)
     }
 
@@ -344,9 +353,18 @@ impl Verifier {
         }
     }
 
+    /// Notes a known credential's refusal for the audit trail (aggregated, off the store path).
+    fn refuse(&self, credential: &Credential, reason: &str) {
+        self.refusals
+            .credential_refused(credential, reason, &self.metrics);
+    }
+
     async fn load(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
         let found = self.store.find_credential_by_hash(hash).await?;
+        if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
+            self.refuse(revoked, "revoked");
+        }
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(hash);
             self.unknown
@@ -393,7 +411,8 @@ impl Verifier {
         let loaded = Instant::now();
         let access = oidc.validate(token).await?;
         let rights = crate::ops::rights_of_user(self.store.as_ref(), access.user).await?;
-        let principal = Principal::for_user(access.user, rights, Some(access.expires_at));
+        let principal = Principal::for_user(access.user, rights, Some(access.expires_at))
+            .with_user_identity(access.issuer, access.subject);
         let to_expiry = (access.expires_at - chrono::Utc::now())
             .to_std()
             .unwrap_or(Duration::ZERO);
@@ -427,6 +446,7 @@ impl Verifier {
     ) -> Result<(Arc<Verified>, Registry), AppError> {
         let verified = self.verify_uncounted(secret).await?;
         if verified.credential.kind != CredentialKind::RobotAccount {
+            self.refuse(&verified.credential, "not a robot secret");
             return Err(AppError::Unauthenticated("not a robot secret"));
         }
         let registry = self

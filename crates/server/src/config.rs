@@ -24,6 +24,12 @@ pub struct Config {
     pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// Connection limits and timeouts of the HTTP server.
     pub http: HttpLimits,
+    /// Where every committed audit event is exported as a JSON line; `None`: no export.
+    pub audit_log: Option<crate::audit::AuditLogTarget>,
+    /// Audit events older than this many days are pruned; 0 keeps them forever.
+    pub audit_retention_days: u32,
+    /// Refused attempts are aggregated over this window before one event per kind is written.
+    pub audit_refusal_window: Duration,
 }
 
 /// What one connection may hold of the server, so that slow or idle clients cannot exhaust its
@@ -95,6 +101,9 @@ impl Default for Config {
             oidc: None,
             trusted_proxies: crate::client_addr::TrustedProxies::default(),
             http: HttpLimits::default(),
+            audit_log: None,
+            audit_retention_days: 400,
+            audit_refusal_window: Duration::from_secs(60),
         }
     }
 }

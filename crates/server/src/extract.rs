@@ -13,15 +13,24 @@ use keyplane_core::{Error as DomainError, FieldError, FieldPath, Principal};
 use serde_json::{Map, Value};
 use std::marker::PhantomData;
 
-/// A caller authenticated for surface `S`'s management API, rate limit applied.
-pub struct Authenticated<S>(pub Principal, pub PhantomData<S>);
+/// A caller authenticated for surface `S`'s management API, rate limit applied, and where its
+/// request came from (for the audit trail).
+pub struct Authenticated<S>(
+    pub Principal,
+    pub PhantomData<S>,
+    pub keyplane_core::RequestContext,
+);
 
 impl<S: Surface> FromRequestParts<App> for Authenticated<S> {
     type Rejection = ApiError<S>;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
         let principal = app.authenticate_management(&parts.headers).await?;
-        Ok(Self(principal, PhantomData))
+        if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
+            slot.set(&principal);
+        }
+        let context = crate::audit::request_context(&parts.headers, &parts.extensions);
+        Ok(Self(principal, PhantomData, context))
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod aether;
 mod app;
+pub mod audit;
 pub mod auth;
 pub mod client_addr;
 pub mod config;

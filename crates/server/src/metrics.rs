@@ -82,6 +82,8 @@ struct Inner {
     rejected: Family<ReasonLabels, Counter>,
     /// The `verify_cache_lookups` counter for each of `CacheOutcome::ALL`, in that order.
     cache_by_outcome: Vec<Counter>,
+    audit_refusals_dropped: Counter,
+    audit_refusals_unrecorded: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -138,6 +140,18 @@ impl Metrics {
                     .clone()
             })
             .collect();
+        let audit_refusals_dropped = Counter::default();
+        registry.register(
+            "audit_refusals_dropped",
+            "Refused attempts not recorded because too many were pending",
+            audit_refusals_dropped.clone(),
+        );
+        let audit_refusals_unrecorded = Counter::default();
+        registry.register(
+            "audit_refusals_unrecorded",
+            "Refused attempts of users in a tenant where they hold nothing (no tenant to record in)",
+            audit_refusals_unrecorded.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -155,6 +169,8 @@ impl Metrics {
             verified_by_kind,
             rejected,
             cache_by_outcome,
+            audit_refusals_dropped,
+            audit_refusals_unrecorded,
         }))
     }
 
@@ -201,6 +217,14 @@ impl Metrics {
             .rejected
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub fn audit_refusal_dropped(&self) {
+        self.0.audit_refusals_dropped.inc();
+    }
+
+    pub fn audit_refusal_unrecorded(&self) {
+        self.0.audit_refusals_unrecorded.inc();
     }
 
     pub fn render(&self) -> String {

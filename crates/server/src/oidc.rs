@@ -125,11 +125,14 @@ fn check_url(text: &str) -> Result<(), String> {
     }
 }
 
-/// A validated access token: the user it speaks for, and until when.
-#[derive(Debug, Clone, Copy)]
+/// A validated access token: the user it speaks for (and its issuer and `sub`, for the audit
+/// trail), and until when.
+#[derive(Debug, Clone)]
 pub struct AccessToken {
     pub user: UserId,
     pub expires_at: DateTime<Utc>,
+    pub issuer: String,
+    pub subject: String,
 }
 
 /// Three dot-separated base64url segments: the shape of a JWS compact serialization. keyplane's
@@ -421,6 +424,8 @@ fn access_token(
     Ok(AccessToken {
         user: user_id(issuer, &claims.sub, uuid_subjects),
         expires_at,
+        issuer: issuer.to_string(),
+        subject: claims.sub,
     })
 }
 

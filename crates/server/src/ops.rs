@@ -4,14 +4,15 @@
 use crate::app::App;
 use crate::error::AppError;
 use chrono::{DateTime, Utc};
+use keyplane_core::audit::{actions, credential_action, AuditActor, CredentialChange};
 use keyplane_core::error::codes;
 use keyplane_core::grant::rights_from_grants;
 use keyplane_core::registry::{self, RegistryAction};
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, Error as DomainError, FieldError,
-    FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
-    RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
+    AuditEvent, Capability, Credential, CredentialId, CredentialKind, Error as DomainError,
+    FieldError, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
+    RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
@@ -19,6 +20,115 @@ use rand::rngs::OsRng;
 /// The clock, at the precision both stores keep.
 pub fn now() -> DateTime<Utc> {
     truncate_to_micros(Utc::now())
+}
+
+/// The one place audit events of changes are started: a time-ordered id, the clock, the action,
+/// who acted and the request it came with.
+fn audit_event(
+    tenant: TenantId,
+    action: &str,
+    actor: AuditActor,
+    context: &RequestContext,
+) -> AuditEvent {
+    AuditEvent::new(
+        uuid::Uuid::now_v7(),
+        tenant,
+        now(),
+        action,
+        actor,
+        context.clone(),
+    )
+}
+
+/// A credential as an event's target, with what identifies it without its secret.
+fn credential_event(
+    action: &str,
+    actor: AuditActor,
+    context: &RequestContext,
+    credential: &Credential,
+) -> AuditEvent {
+    let mut event = audit_event(credential.tenant_id, action, actor, context)
+        .target(
+            credential.kind.as_str(),
+            credential.id.as_uuid(),
+            Some(&credential.name),
+        )
+        .text("display_prefix", credential.display.prefix.clone());
+    match credential.kind {
+        CredentialKind::RobotAccount => {
+            event = event.list(
+                "permissions",
+                credential.permissions.iter().map(RobotPermission::to_wire),
+            )
+        }
+        _ => event = event.list("scopes", credential.scopes.to_strings()),
+    }
+    if let Some(expires_at) = credential.expires_at {
+        event = event.text(
+            "expires_at",
+            keyplane_core::audit::canonical_time(expires_at),
+        );
+    }
+    event
+}
+
+fn organization_created(created: &OrgCreated, via: &str) -> AuditEvent {
+    audit_event(
+        created.tenant.id,
+        actions::ORGANIZATION_CREATED,
+        AuditActor::system(),
+        &RequestContext::default(),
+    )
+    .target(
+        "organization",
+        created.tenant.id.as_uuid(),
+        Some(&created.tenant.name),
+    )
+    .text("via", via)
+    .text(
+        "api_token_id",
+        created.token.credential.id.as_uuid().to_string(),
+    )
+    .text(
+        "display_prefix",
+        created.token.credential.display.prefix.clone(),
+    )
+    .list("scopes", created.token.credential.scopes.to_strings())
+}
+
+fn grant_event(
+    action: &str,
+    actor: AuditActor,
+    context: &RequestContext,
+    grant: &Grant,
+) -> AuditEvent {
+    let mut event = audit_event(grant.tenant_id, action, actor, context)
+        .target("authorization", grant.id.as_uuid(), None)
+        .text("grant_kind", grant.kind.as_str())
+        .text("subject_type", grant.subject_type.as_str())
+        .text("subject_id", grant.subject_id.to_string());
+    if let Some(key) = &grant.capability_key {
+        event = event.text("capability_key", key.as_str());
+    }
+    if let Some(resource_type) = &grant.resource.resource_type {
+        event = event.text("resource_type", resource_type.clone());
+    }
+    if let Some(resource_id) = &grant.resource.resource_id {
+        event = event.text("resource_id", resource_id.clone());
+    }
+    event
+}
+
+/// The event of a bulk import of `count` credentials into `tenant` by the operator.
+pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> AuditEvent {
+    audit_event(
+        tenant,
+        actions::API_TOKEN_IMPORTED,
+        AuditActor::system(),
+        &RequestContext::default(),
+    )
+    .text("kind", kind.as_str())
+    .detail("count", keyplane_core::audit::DetailValue::Count(count))
 }
 
 /// A credential and its plaintext secret, which the caller shows exactly once.
@@ -63,7 +173,11 @@ pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
 pub async fn create_org(store: &dyn Store, name: &str) -> Result<OrgCreated, AppError> {
     let created = mint_first_org(name)?;
     store
-        .create_tenant_with_credential(&created.tenant, &created.token.credential)
+        .create_tenant_with_credential(
+            &created.tenant,
+            &created.token.credential,
+            &organization_created(&created, "admin create-org"),
+        )
         .await?;
     Ok(created)
 }
@@ -72,7 +186,11 @@ pub async fn create_org(store: &dyn Store, name: &str) -> Result<OrgCreated, App
 /// was never bootstrapped and holds no tenant. Returns whether it did.
 pub async fn bootstrap(store: &dyn Store, created: &OrgCreated) -> Result<bool, AppError> {
     Ok(store
-        .bootstrap_once(&created.tenant, &created.token.credential)
+        .bootstrap_once(
+            &created.tenant,
+            &created.token.credential,
+            &organization_created(created, "bootstrap"),
+        )
         .await?)
 }
 
@@ -181,6 +299,7 @@ fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
 pub async fn create_credential(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     rights: KindRights,
     spec: CredentialSpec,
@@ -197,8 +316,14 @@ pub async fn create_credential(
         created_by_user_id: who.user_id(),
     }
     .issue(now(), &mut OsRng);
+    let event = credential_event(
+        credential_action(rights.kind, CredentialChange::Created),
+        AuditActor::of(who),
+        context,
+        &credential,
+    );
     app.store()
-        .insert_credential(&credential)
+        .insert_credential(&credential, &event)
         .await
         .map_err(|e| conflict_on_name(e, rights.kind))?;
     tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.id(), "credential created");
@@ -260,11 +385,12 @@ pub async fn get_live_credential(
 pub async fn rotate_credential(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, tenant, rights, id, || {
+    rotate(app, who, context, tenant, rights, id, || {
         DomainError::Conflict("the credential is revoked".into())
     })
     .await
@@ -275,16 +401,21 @@ pub async fn rotate_credential(
 pub async fn rotate_live_credential(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, tenant, rights, id, || DomainError::NotFound).await
+    rotate(app, who, context, tenant, rights, id, || {
+        DomainError::NotFound
+    })
+    .await
 }
 
 async fn rotate(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
@@ -312,9 +443,24 @@ async fn rotate(
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
     )?;
     let (rotation, secret) = Rotation::mint(rights.kind, now, &mut OsRng);
+    let event = credential_event(
+        credential_action(rights.kind, CredentialChange::Rotated),
+        AuditActor::of(who),
+        context,
+        &current,
+    )
+    .text("old_display_prefix", current.display.prefix.clone())
+    .text("display_prefix", rotation.display.prefix.clone());
     let credential = app
         .store()
-        .rotate_credential(tenant, rights.kind, id, &current.secret_hash, &rotation)
+        .rotate_credential(
+            tenant,
+            rights.kind,
+            id,
+            &current.secret_hash,
+            &rotation,
+            &event,
+        )
         .await?;
     app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential rotated");
@@ -325,6 +471,7 @@ async fn rotate(
 pub async fn revoke_credential(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
@@ -332,16 +479,25 @@ pub async fn revoke_credential(
     who.require(tenant, rights.write)?;
     // Managing a credential (rotating or revoking it) needs every right it holds: an
     // `api_tokens:write` token cannot take down the org's `*` token.
-    if let Some(target) = app.store().get_credential(tenant, rights.kind, id).await? {
-        if !target.is_revoked() {
-            let needed = rights_to_hand_on(app.store().as_ref(), &target).await?;
-            who.may_delegate(tenant, &needed)?;
-        }
+    let target = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    if !target.is_revoked() {
+        let needed = rights_to_hand_on(app.store().as_ref(), &target).await?;
+        who.may_delegate(tenant, &needed)?;
     }
     let at = now();
+    let event = credential_event(
+        credential_action(rights.kind, CredentialChange::Revoked),
+        AuditActor::of(who),
+        context,
+        &target,
+    );
     let credential = app
         .store()
-        .revoke_credential(tenant, rights.kind, id, at, who.user_id())
+        .revoke_credential(tenant, rights.kind, id, at, who.user_id(), &event)
         .await?;
     app.invalidate(id.as_uuid());
     let revoked_now = credential.revoked_at == Some(at);
@@ -356,6 +512,7 @@ pub async fn revoke_credential(
 pub async fn create_grant(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     grant: NewGrant,
 ) -> Result<Grant, AppError> {
@@ -363,7 +520,13 @@ pub async fn create_grant(
     who.may_grant(tenant, &grant)?;
     check_grant_subject(app.store().as_ref(), tenant, &grant).await?;
     let grant = grant.issue(tenant, now(), who.user_id());
-    app.store().insert_grant(&grant).await?;
+    let event = grant_event(
+        actions::AUTHORIZATION_CREATED,
+        AuditActor::of(who),
+        context,
+        &grant,
+    );
+    app.store().insert_grant(&grant, &event).await?;
     app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.id(), "grant created");
     Ok(grant)
@@ -413,7 +576,13 @@ pub async fn grant_as_operator(
         .ok_or(DomainError::NotFound)?;
     check_grant_subject(store, tenant, &grant).await?;
     let grant = grant.issue(tenant, now(), None);
-    store.insert_grant(&grant).await?;
+    let event = grant_event(
+        actions::AUTHORIZATION_CREATED,
+        AuditActor::system(),
+        &RequestContext::default(),
+        &grant,
+    );
+    store.insert_grant(&grant, &event).await?;
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), "grant created by the operator");
     Ok(grant)
 }
@@ -431,6 +600,7 @@ pub async fn list_grants(
 pub async fn revoke_grant(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     id: GrantId,
 ) -> Result<Grant, AppError> {
@@ -445,7 +615,13 @@ pub async fn revoke_grant(
         tenant,
         &keyplane_core::grant::rights_to_hand_on(std::slice::from_ref(&existing)),
     )?;
-    let grant = app.store().revoke_grant(tenant, id, now()).await?;
+    let event = grant_event(
+        actions::AUTHORIZATION_REVOKED,
+        AuditActor::of(who),
+        context,
+        &existing,
+    );
+    let grant = app.store().revoke_grant(tenant, id, now(), &event).await?;
     app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.id(), "grant revoked");
     Ok(grant)
@@ -466,6 +642,7 @@ pub async fn get_registry(
 pub async fn enable_registry(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
 ) -> Result<(Registry, Issued), AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
@@ -512,7 +689,24 @@ pub async fn enable_registry(
         created_by_user_id: who.user_id(),
     }
     .issue(now, &mut OsRng);
-    if let Err(StoreError::Conflict(_)) = store.create_registry(&registry, &robot).await {
+    let event = |registry: &Registry| {
+        audit_event(
+            tenant,
+            actions::REGISTRY_ENABLED,
+            AuditActor::of(who),
+            context,
+        )
+        .target("registry", registry.id, Some(&registry.project))
+        .text("default_robot_id", robot.id.as_uuid().to_string())
+        .list(
+            "default_robot_permissions",
+            robot.permissions.iter().map(RobotPermission::to_wire),
+        )
+    };
+    if let Err(StoreError::Conflict(_)) = store
+        .create_registry(&registry, &robot, &event(&registry))
+        .await
+    {
         // Lost a race: either this tenant just enabled it, or another took the project name.
         if store.get_registry(tenant).await?.is_some() {
             return Err(DomainError::Conflict("the registry is already enabled".into()).into());
@@ -522,7 +716,9 @@ pub async fn enable_registry(
             registry.project,
             &tenant.as_uuid().simple().to_string()[..8]
         );
-        store.create_registry(&registry, &robot).await?;
+        store
+            .create_registry(&registry, &robot, &event(&registry))
+            .await?;
     }
     tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.id(), "registry enabled");
     Ok((
@@ -544,27 +740,74 @@ async fn require_registry(app: &App, tenant: TenantId) -> Result<Registry, AppEr
 pub async fn create_robot(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     spec: CredentialSpec,
 ) -> Result<Issued, AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
     require_registry(app, tenant).await?;
-    create_credential(app, who, tenant, ROBOTS, spec).await
+    create_credential(app, who, context, tenant, ROBOTS, spec).await
 }
 
 pub async fn update_robot_permissions(
     app: &App,
     who: &Principal,
+    context: &RequestContext,
     tenant: TenantId,
     id: CredentialId,
     permissions: Vec<RobotPermission>,
 ) -> Result<Credential, AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
+    let current = app
+        .store()
+        .get_credential(tenant, CredentialKind::RobotAccount, id)
+        .await?
+        .filter(|robot| !robot.is_revoked())
+        .ok_or(DomainError::NotFound)?;
+    let event = audit_event(
+        tenant,
+        actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
+        AuditActor::of(who),
+        context,
+    )
+    .target(
+        CredentialKind::RobotAccount.as_str(),
+        id.as_uuid(),
+        Some(&current.name),
+    )
+    .list(
+        "old_permissions",
+        current.permissions.iter().map(RobotPermission::to_wire),
+    )
+    .list(
+        "permissions",
+        permissions.iter().map(RobotPermission::to_wire),
+    );
     let robot = app
         .store()
-        .update_robot_permissions(tenant, id, &permissions, now())
+        .update_robot_permissions(tenant, id, &permissions, now(), &event)
         .await?;
     app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "robot permissions changed");
     Ok(robot)
+}
+
+/// One page of the tenant's audit events (newest first) and the cursor of the next page. Needs
+/// `audit:read`.
+pub async fn list_audit_events(
+    app: &App,
+    who: &Principal,
+    mut query: keyplane_store::AuditQuery,
+) -> Result<(Vec<keyplane_core::ChainedEvent>, Option<uuid::Uuid>), AppError> {
+    who.require(query.tenant_id, Capability::AuditRead)?;
+    let limit = query.limit;
+    query.limit = limit + 1;
+    let mut page = app.store().list_audit_events(&query).await?;
+    let next = if page.len() > limit as usize {
+        page.truncate(limit as usize);
+        page.last().map(|e| e.event.id)
+    } else {
+        None
+    };
+    Ok((page, next))
 }

@@ -181,6 +181,14 @@ async fn observe(
     let client_ip = client.map(|c| tracing::field::display(c.0));
     // Plain by the check above, so it is text.
     let id_text = request_id.to_str().unwrap_or_default();
+    let audit_slot = crate::audit::watch_request(&mut request);
+    let audit_watch = audit_slot.map(|slot| crate::audit::Watched {
+        slot,
+        context: crate::audit::request_context(request.headers(), request.extensions()),
+        method,
+        route,
+        path: request.uri().path().to_string(),
+    });
     let hot = is_verification_route(route);
     let span = if hot {
         tracing::debug_span!(
@@ -204,6 +212,9 @@ async fn observe(
         .await;
     let elapsed = started.elapsed();
     let status = response.status();
+    if let Some(watched) = audit_watch {
+        crate::audit::after_response(&app, watched, status);
+    }
     app.inner()
         .metrics
         .observe_request(method, route, status.as_u16(), elapsed.as_secs_f64());
@@ -248,7 +259,8 @@ pub async fn serve(
             verifier_app.inner().verifier.invalidate(event)
         }));
     let (stop_background, stopped) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(background_work(app.clone(), stopped));
+    let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
+    let audit_tasks = spawn_audit_tasks(&app, &stopped);
     crate::connection::serve_http(
         listener,
         router(app.clone()),
@@ -259,8 +271,40 @@ pub async fn serve(
     // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
     let _ = stop_background.send(true);
     let _ = background.await;
+    for task in audit_tasks {
+        let _ = task.await;
+    }
     app.flush_usage().await;
     Ok(())
+}
+
+/// The audit trail's background work: refusal flushing, the `--audit-log` export, retention.
+fn spawn_audit_tasks(
+    app: &App,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let config = &app.inner().config;
+    let mut tasks = vec![tokio::spawn(crate::audit::flush_refusals(
+        app.clone(),
+        config.audit_refusal_window,
+        stop.clone(),
+    ))];
+    if let Some(target) = &config.audit_log {
+        tasks.push(tokio::spawn(crate::audit::export(
+            app.clone(),
+            target.clone(),
+            app.inner().reopen_audit_log.clone(),
+            stop.clone(),
+        )));
+    }
+    if config.audit_retention_days > 0 {
+        tasks.push(tokio::spawn(crate::audit::retention(
+            app.clone(),
+            config.audit_retention_days,
+            stop.clone(),
+        )));
+    }
+    tasks
 }
 
 /// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit

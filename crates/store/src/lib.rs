@@ -4,6 +4,7 @@
 //! Architecture invariant: this is the only crate with SQL. Every method is one operation and one
 //! transaction, durable before it returns.
 
+mod audit;
 mod error;
 mod postgres;
 mod rows;
@@ -15,11 +16,12 @@ pub mod testing;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, Rotation, SubjectType,
-    Tenant, TenantId, TokenHash, UserId,
+    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind,
+    Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId,
 };
 use std::sync::Arc;
 
+pub use audit::{AuditChainState, AuditOrder, AuditQuery};
 pub use error::{StoreError, StoreFault, Unavailable};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -153,6 +155,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: &Tenant,
         credential: &Credential,
+        event: &AuditEvent,
     ) -> Result<(), StoreError>;
 
     /// Creates `tenant` and `credential` only if this store has never been bootstrapped and holds
@@ -161,16 +164,26 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: &Tenant,
         credential: &Credential,
+        event: &AuditEvent,
     ) -> Result<bool, StoreError>;
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
 
     /// `Conflict` when a live credential of the same kind and name exists in the tenant.
-    async fn insert_credential(&self, credential: &Credential) -> Result<(), StoreError>;
+    async fn insert_credential(
+        &self,
+        credential: &Credential,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// Bulk import (seeding, migration from another system): all or nothing, in one transaction.
-    /// `Conflict` if any live name or secret hash is taken.
-    async fn import_credentials(&self, credentials: &[Credential]) -> Result<(), StoreError>;
+    /// `Conflict` if any live name or secret hash is taken. `events` (one per tenant imported into,
+    /// built by the caller) are appended in the same transaction.
+    async fn import_credentials(
+        &self,
+        credentials: &[Credential],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError>;
 
     async fn get_credential(
         &self,
@@ -200,9 +213,11 @@ pub trait Store: Send + Sync + 'static {
         id: CredentialId,
         replaces: &TokenHash,
         rotation: &Rotation,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError>;
 
-    /// Permanent and idempotent: revoking again returns the record with its first `revoked_at`.
+    /// Permanent and idempotent: revoking again returns the record with its first `revoked_at`,
+    /// and writes no event (nothing changed).
     async fn revoke_credential(
         &self,
         tenant_id: TenantId,
@@ -210,6 +225,7 @@ pub trait Store: Send + Sync + 'static {
         id: CredentialId,
         at: DateTime<Utc>,
         by_user: Option<UserId>,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError>;
 
     /// Replaces a live robot's permissions. `NotFound` if absent or revoked.
@@ -219,6 +235,7 @@ pub trait Store: Send + Sync + 'static {
         id: CredentialId,
         permissions: &[keyplane_core::RobotPermission],
         at: DateTime<Utc>,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError>;
 
     /// The tenant's registry and its default robot, atomically. `Conflict` if the tenant has one or
@@ -227,6 +244,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
+        event: &AuditEvent,
     ) -> Result<(), StoreError>;
 
     async fn get_registry(
@@ -242,7 +260,7 @@ pub trait Store: Send + Sync + 'static {
         -> Result<SigningKey, StoreError>;
 
     /// `Conflict` when the same live grant exists.
-    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError>;
+    async fn insert_grant(&self, grant: &Grant, event: &AuditEvent) -> Result<(), StoreError>;
 
     /// Grants in creation order.
     async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError>;
@@ -262,17 +280,50 @@ pub trait Store: Send + Sync + 'static {
         id: GrantId,
     ) -> Result<Option<Grant>, StoreError>;
 
-    /// Permanent and idempotent, like credential revocation. `NotFound` outside the tenant.
+    /// Permanent and idempotent, like credential revocation (no event when it already was).
+    /// `NotFound` outside the tenant.
     async fn revoke_grant(
         &self,
         tenant_id: TenantId,
         id: GrantId,
         at: DateTime<Utc>,
+        event: &AuditEvent,
     ) -> Result<Grant, StoreError>;
 
     /// Calls `on_event` for every change other processes commit that affects cached verifications.
     /// A no-op where one process owns the store (SQLite).
     fn listen_invalidations(&self, on_event: InvalidationHandler);
+
+    /// Appends an event that comes with no change (a refused attempt) to its tenant's chain.
+    async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError>;
+
+    /// The tenant's chain anchor (after pruning) and head.
+    async fn audit_chain_state(&self, tenant_id: TenantId) -> Result<AuditChainState, StoreError>;
+
+    /// Every tenant's newest seq.
+    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64)>, StoreError>;
+
+    /// Deletes at most `batch` of the oldest events (a prefix of one tenant's chain) that occurred
+    /// before `before`, recording the new anchor. Returns how many it deleted; 0: nothing is left.
+    async fn prune_audit_events(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// How far the export named `consumer` has written each tenant's chain.
+    async fn audit_export_cursors(
+        &self,
+        consumer: &str,
+    ) -> Result<Vec<(TenantId, u64)>, StoreError>;
+
+    async fn save_audit_export_cursors(
+        &self,
+        consumer: &str,
+        cursors: &[(TenantId, u64)],
+    ) -> Result<(), StoreError>;
 
     /// Applies a batch of coalesced `last_used_at` updates in one transaction.
     async fn record_last_used(

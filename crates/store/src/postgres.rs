@@ -1,3 +1,4 @@
+use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store};
 use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -167,3 +168,4 @@ async fn deliver_until_silent(
 
 bind_credential_fn!(sqlx::Postgres);
 impl_store!(PostgresStore, "postgres");
+impl_audit!(PostgresStore, sqlx::Postgres);

@@ -185,6 +185,10 @@ impl GrantRow {
     pub(crate) fn subject_id(&self) -> Uuid {
         self.subject_id
     }
+
+    pub(crate) fn revoked_at(&self) -> Option<DateTime<Utc>> {
+        self.revoked_at
+    }
 }
 
 impl TryFrom<GrantRow> for Grant {
@@ -250,6 +254,70 @@ impl TryFrom<IdempotencyRow> for crate::IdempotencyRecord {
                 },
             },
             _ => return Err(corrupt("response")),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    tenant_id: Uuid,
+    seq: i64,
+    id: Uuid,
+    occurred_at: DateTime<Utc>,
+    action: String,
+    outcome: String,
+    actor_type: String,
+    actor_id: Option<Uuid>,
+    actor_issuer: Option<String>,
+    actor_sub: Option<String>,
+    target_type: Option<String>,
+    target_id: Option<Uuid>,
+    target_name: Option<String>,
+    request_id: Option<String>,
+    client_ip: Option<String>,
+    user_agent: Option<String>,
+    details: String,
+    chain_hash: String,
+}
+
+impl TryFrom<AuditRow> for keyplane_core::ChainedEvent {
+    type Error = StoreError;
+
+    fn try_from(row: AuditRow) -> Result<Self, StoreError> {
+        use crate::audit::{corrupt, event_details, event_outcome, parse_hash};
+        use keyplane_core::audit::{ActorType, AuditTarget};
+        let target = match (row.target_type, row.target_id) {
+            (Some(target_type), Some(id)) => Some(AuditTarget {
+                target_type,
+                id,
+                name: row.target_name,
+            }),
+            _ => None,
+        };
+        Ok(keyplane_core::ChainedEvent {
+            seq: u64::try_from(row.seq).map_err(|_| corrupt("seq"))?,
+            chain_hash: parse_hash(&row.chain_hash)?,
+            event: keyplane_core::AuditEvent {
+                id: row.id,
+                tenant_id: TenantId::from_uuid(row.tenant_id),
+                occurred_at: row.occurred_at,
+                action: row.action,
+                outcome: event_outcome(&row.outcome)?,
+                actor: keyplane_core::AuditActor {
+                    actor_type: ActorType::parse(&row.actor_type)
+                        .ok_or_else(|| corrupt("actor type"))?,
+                    id: row.actor_id,
+                    issuer: row.actor_issuer,
+                    subject: row.actor_sub,
+                },
+                target,
+                context: keyplane_core::RequestContext {
+                    request_id: row.request_id,
+                    client_ip: row.client_ip,
+                    user_agent: row.user_agent,
+                },
+                details: event_details(&row.details)?,
+            },
         })
     }
 }

@@ -142,6 +142,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -154,6 +155,7 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
+                    Self::append_audit(&mut tx, event).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -165,6 +167,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<bool, $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -192,6 +195,7 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
+                    Self::append_audit(&mut tx, event).await?;
                     tx.commit().await?;
                     Ok(true)
                 })
@@ -214,11 +218,15 @@ macro_rules! impl_store {
             async fn insert_credential(
                 &self,
                 credential: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
+                    let mut tx = self.writer.begin().await?;
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                        .execute(&self.writer)
+                        .execute(&mut *tx)
                         .await?;
+                    Self::append_audit(&mut tx, event).await?;
+                    tx.commit().await?;
                     Ok(())
                 })
                 .await
@@ -228,6 +236,7 @@ macro_rules! impl_store {
             async fn import_credentials(
                 &self,
                 credentials: &[keyplane_core::Credential],
+                events: &[keyplane_core::AuditEvent],
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -238,6 +247,9 @@ macro_rules! impl_store {
                             query = bind_credential(query, credential);
                         }
                         query.execute(&mut *tx).await?;
+                    }
+                    for event in events {
+                        Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
                     Ok(())
@@ -311,6 +323,7 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 replaces: &keyplane_core::TokenHash,
                 rotation: &keyplane_core::Rotation,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     // Compare-and-swap on the secret the caller saw: a rotation that lost a race
@@ -337,6 +350,7 @@ macro_rules! impl_store {
                         .await?;
                     if row.is_some() {
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
                     match row {
@@ -361,6 +375,7 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 at: chrono::DateTime<chrono::Utc>,
                 by_user: Option<keyplane_core::UserId>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     let sql = format!(
@@ -380,6 +395,7 @@ macro_rules! impl_store {
                         .await?;
                     if row.is_some() {
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
                     match row {
@@ -400,6 +416,7 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 permissions: &[keyplane_core::RobotPermission],
                 at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     let sql = format!(
@@ -419,6 +436,7 @@ macro_rules! impl_store {
                         .await?;
                     if row.is_some() {
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
                     row.ok_or($crate::StoreError::NotFound)?.try_into()
@@ -431,6 +449,7 @@ macro_rules! impl_store {
                 &self,
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -452,6 +471,7 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
                         .execute(&mut *tx)
                         .await?;
+                    Self::append_audit(&mut tx, event).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -502,7 +522,11 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %grant.tenant_id, grant.id = %grant.id))]
-            async fn insert_grant(&self, grant: &keyplane_core::Grant) -> Result<(), $crate::StoreError> {
+            async fn insert_grant(
+                &self,
+                grant: &keyplane_core::Grant,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
                     sqlx::query($crate::sql::INSERT_GRANT)
@@ -526,6 +550,7 @@ macro_rules! impl_store {
                             other => other,
                         })?;
                     Self::notify_invalidation(&mut tx, grant.subject_id).await?;
+                    Self::append_audit(&mut tx, event).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -599,6 +624,7 @@ macro_rules! impl_store {
                 tenant_id: keyplane_core::TenantId,
                 id: keyplane_core::GrantId,
                 at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<keyplane_core::Grant, $crate::StoreError> {
                 self.write(async {
                     let sql = format!(
@@ -616,10 +642,76 @@ macro_rules! impl_store {
                     if row.is_some() {
                         Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
                     }
+                    // Revoking again changes nothing and records nothing.
+                    if row.as_ref().is_some_and(|r| r.revoked_at() == Some(at)) {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
                     tx.commit().await?;
                     row.ok_or($crate::StoreError::NotFound)?.try_into()
                 })
                 .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %event.tenant_id))]
+            async fn append_audit_event(
+                &self,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    Self::append_audit(&mut tx, event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %query.tenant_id))]
+            async fn list_audit_events(
+                &self,
+                query: &$crate::AuditQuery,
+            ) -> Result<Vec<keyplane_core::ChainedEvent>, $crate::StoreError> {
+                Self::query_audit(&self.pool, query).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn audit_chain_state(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+            ) -> Result<$crate::AuditChainState, $crate::StoreError> {
+                Self::audit_chain_state_of(&self.pool, tenant_id).await
+            }
+
+            async fn audit_heads(
+                &self,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                Self::audit_heads_of(&self.pool).await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_audit_events(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+                batch: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                self.write(Self::prune_audit_batch(&self.writer, before, batch))
+                    .await
+            }
+
+            async fn audit_export_cursors(
+                &self,
+                consumer: &str,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                Self::export_cursors_of(&self.pool, consumer).await
+            }
+
+            async fn save_audit_export_cursors(
+                &self,
+                consumer: &str,
+                cursors: &[(keyplane_core::TenantId, u64)],
+            ) -> Result<(), $crate::StoreError> {
+                self.write(Self::save_export_cursors(&self.writer, consumer, cursors))
+                    .await
             }
 
             fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {

@@ -1,3 +1,4 @@
+use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store};
 use crate::StoreError;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -118,3 +119,4 @@ impl SqliteStore {
 
 bind_credential_fn!(sqlx::Sqlite);
 impl_store!(SqliteStore, "sqlite");
+impl_audit!(SqliteStore, sqlx::Sqlite);

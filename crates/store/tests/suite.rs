@@ -14,6 +14,18 @@ use keyplane_store::{
 use rand::rngs::OsRng;
 use std::sync::Arc;
 
+/// An event to go with a write; its tenant and content do not matter to these cases.
+fn ev() -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent::new(
+        uuid::Uuid::now_v7(),
+        TenantId::new(),
+        now(),
+        keyplane_core::audit::actions::API_TOKEN_CREATED,
+        keyplane_core::AuditActor::system(),
+        Default::default(),
+    )
+}
+
 fn now() -> DateTime<Utc> {
     truncate_to_micros(Utc::now())
 }
@@ -34,7 +46,7 @@ async fn fixture(backend: Backend) -> Fixture {
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
     store
-        .create_tenant_with_credential(&tenant, &first)
+        .create_tenant_with_credential(&tenant, &first, &ev())
         .await
         .unwrap();
     Fixture {
@@ -60,7 +72,7 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
 async fn created_credential_round_trips(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, plaintext) = new_token(f.tenant.id, "ci");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let got = f
         .store
         .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
@@ -84,23 +96,30 @@ async fn created_credential_round_trips(backend: Backend) {
 async fn names_are_unique_among_live_credentials(backend: Backend) {
     let f = fixture(backend).await;
     let (first, _) = new_token(f.tenant.id, "deploy");
-    f.store.insert_credential(&first).await.unwrap();
+    f.store.insert_credential(&first, &ev()).await.unwrap();
     let (second, _) = new_token(f.tenant.id, "deploy");
     assert!(matches!(
-        f.store.insert_credential(&second).await,
+        f.store.insert_credential(&second, &ev()).await,
         Err(StoreError::Conflict(_))
     ));
     f.store
-        .revoke_credential(f.tenant.id, CredentialKind::ApiToken, first.id, now(), None)
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            first.id,
+            now(),
+            None,
+            &ev(),
+        )
         .await
         .unwrap();
-    f.store.insert_credential(&second).await.unwrap();
+    f.store.insert_credential(&second, &ev()).await.unwrap();
 }
 
 async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "rotating");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let (rotation, new) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let rotated = f
         .store
@@ -110,6 +129,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
             credential.id,
             &credential.secret_hash,
             &rotation,
+            &ev(),
         )
         .await
         .unwrap();
@@ -134,7 +154,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
 async fn revocation_is_permanent_and_idempotent(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "revoked");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let user = UserId::from_subject("https://idp", "alice");
     let first = f
         .store
@@ -144,6 +164,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             credential.id,
             now(),
             Some(user),
+            &ev(),
         )
         .await
         .unwrap();
@@ -155,6 +176,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             credential.id,
             now() + TimeDelta::seconds(5),
             None,
+            &ev(),
         )
         .await
         .unwrap();
@@ -168,7 +190,8 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
                 CredentialKind::ApiToken,
                 credential.id,
                 &credential.secret_hash,
-                &rotation
+                &rotation,
+                &ev()
             )
             .await,
         Err(StoreError::Conflict(_))
@@ -178,7 +201,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
 async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "mine");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let other = TenantId::new();
     assert!(f
         .store
@@ -194,7 +217,14 @@ async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
         .is_none());
     assert!(matches!(
         f.store
-            .revoke_credential(other, CredentialKind::ApiToken, credential.id, now(), None)
+            .revoke_credential(
+                other,
+                CredentialKind::ApiToken,
+                credential.id,
+                now(),
+                None,
+                &ev()
+            )
             .await,
         Err(StoreError::NotFound)
     ));
@@ -204,7 +234,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
     let f = fixture(backend).await;
     for i in 0..5 {
         let (credential, _) = new_token(f.tenant.id, &format!("t{i}"));
-        f.store.insert_credential(&credential).await.unwrap();
+        f.store.insert_credential(&credential, &ev()).await.unwrap();
     }
     let query = |after, include_revoked| ListCredentials {
         tenant_id: f.tenant.id,
@@ -230,6 +260,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
             second[0].id,
             now(),
             None,
+            &ev(),
         )
         .await
         .unwrap();
@@ -251,8 +282,8 @@ async fn last_used_batches_are_applied(backend: Backend) {
     let f = fixture(backend).await;
     let (a, _) = new_token(f.tenant.id, "a");
     let (b, _) = new_token(f.tenant.id, "b");
-    f.store.insert_credential(&a).await.unwrap();
-    f.store.insert_credential(&b).await.unwrap();
+    f.store.insert_credential(&a, &ev()).await.unwrap();
+    f.store.insert_credential(&b, &ev()).await.unwrap();
     let at = now();
     f.store
         .record_last_used(&[(a.id, at), (b.id, at)])
@@ -278,14 +309,20 @@ async fn bootstrap_happens_once(backend: Backend) {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
-    assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(store
+        .bootstrap_once(&tenant, &credential, &ev())
+        .await
+        .unwrap());
     let tenant2 = Tenant {
         id: TenantId::new(),
         name: "default".into(),
         created_at: now(),
     };
     let (credential2, _) = new_token(tenant2.id, "bootstrap");
-    assert!(!store.bootstrap_once(&tenant2, &credential2).await.unwrap());
+    assert!(!store
+        .bootstrap_once(&tenant2, &credential2, &ev())
+        .await
+        .unwrap());
     // Reopening (a restart) applies migrations again without harm.
     let reopened = keyplane_store::connect(&db.url).await.unwrap();
     assert!(reopened.get_tenant(tenant.id).await.unwrap().is_some());
@@ -300,7 +337,11 @@ async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
-    assert!(!f.store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(!f
+        .store
+        .bootstrap_once(&tenant, &credential, &ev())
+        .await
+        .unwrap());
 }
 
 fn capability_grant(tenant_id: TenantId, subject: uuid::Uuid, key: &str) -> Grant {
@@ -324,11 +365,11 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     let a_read = capability_grant(f.tenant.id, sa, "api_tokens:read");
     let b_manage = capability_grant(f.tenant.id, sb, "auth.manage");
     for g in [&a_manage, &a_read, &b_manage] {
-        f.store.insert_grant(g).await.unwrap();
+        f.store.insert_grant(g, &ev()).await.unwrap();
     }
     assert!(matches!(
         f.store
-            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -361,13 +402,13 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     let at = now();
     let revoked = f
         .store
-        .revoke_grant(f.tenant.id, a_manage.id, at)
+        .revoke_grant(f.tenant.id, a_manage.id, at, &ev())
         .await
         .unwrap();
     assert_eq!(revoked.revoked_at, Some(at));
     let again = f
         .store
-        .revoke_grant(f.tenant.id, a_manage.id, at + TimeDelta::seconds(3))
+        .revoke_grant(f.tenant.id, a_manage.id, at + TimeDelta::seconds(3), &ev())
         .await
         .unwrap();
     assert_eq!(again.revoked_at, Some(at));
@@ -402,11 +443,13 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     );
     // A revoked grant no longer blocks an identical new one.
     f.store
-        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"))
+        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
         .await
         .unwrap();
     assert!(matches!(
-        f.store.revoke_grant(TenantId::new(), a_read.id, at).await,
+        f.store
+            .revoke_grant(TenantId::new(), a_read.id, at, &ev())
+            .await,
         Err(StoreError::NotFound)
     ));
 }
@@ -417,7 +460,10 @@ async fn import_is_all_or_nothing(backend: Backend) {
         .map(|i| new_token(f.tenant.id, &format!("bulk{i}")))
         .collect();
     let credentials: Vec<Credential> = batch.iter().map(|(c, _)| c.clone()).collect();
-    f.store.import_credentials(&credentials).await.unwrap();
+    f.store
+        .import_credentials(&credentials, &[ev()])
+        .await
+        .unwrap();
     let (sample, secret) = &batch[777];
     assert_eq!(
         f.store
@@ -433,7 +479,7 @@ async fn import_is_all_or_nothing(backend: Backend) {
         .collect();
     again.push(new_token(f.tenant.id, "bulk5").0);
     assert!(matches!(
-        f.store.import_credentials(&again).await,
+        f.store.import_credentials(&again, &[ev()]).await,
         Err(StoreError::Conflict(_))
     ));
     let listed = f
@@ -459,7 +505,7 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
     };
     let (first, _) = new_token(other.id, "bootstrap");
     f.store
-        .create_tenant_with_credential(&other, &first)
+        .create_tenant_with_credential(&other, &first, &ev())
         .await
         .unwrap();
     let user = UserId::from_subject("https://idp.example", "alice").as_uuid();
@@ -487,10 +533,10 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
         ..someone_else
     };
     for g in [&here, &there, &revoked, &service_account, &someone_else] {
-        f.store.insert_grant(g).await.unwrap();
+        f.store.insert_grant(g, &ev()).await.unwrap();
     }
     f.store
-        .revoke_grant(other.id, revoked.id, now())
+        .revoke_grant(other.id, revoked.id, now(), &ev())
         .await
         .unwrap();
 
@@ -522,7 +568,7 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
 async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "contested");
-    f.store.insert_credential(&credential).await.unwrap();
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
     let (first, first_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let (second, second_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
     let rotate = |rotation: Rotation| {
@@ -530,7 +576,14 @@ async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
         let (tenant, id, seen) = (f.tenant.id, credential.id, credential.secret_hash);
         async move {
             store
-                .rotate_credential(tenant, CredentialKind::ApiToken, id, &seen, &rotation)
+                .rotate_credential(
+                    tenant,
+                    CredentialKind::ApiToken,
+                    id,
+                    &seen,
+                    &rotation,
+                    &ev(),
+                )
                 .await
         }
     };
@@ -564,7 +617,10 @@ async fn is_bootstrapped_says_whether_bootstrap_could_run(backend: Backend) {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
-    assert!(store.bootstrap_once(&tenant, &credential).await.unwrap());
+    assert!(store
+        .bootstrap_once(&tenant, &credential, &ev())
+        .await
+        .unwrap());
     assert!(store.is_bootstrapped().await.unwrap());
     // A store with tenants made another way counts too: bootstrap_once would do nothing there.
     assert!(fixture(backend)
@@ -581,7 +637,7 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     use sqlx::{Connection, Executor};
     let f = fixture(backend).await;
     let (kept, _) = new_token(f.tenant.id, "kept");
-    f.store.insert_credential(&kept).await.unwrap();
+    f.store.insert_credential(&kept, &ev()).await.unwrap();
     assert_eq!(f.store.write_health(), Default::default());
 
     let lock: Box<dyn std::any::Any> = match backend {
@@ -601,7 +657,7 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     };
     let (blocked, _) = new_token(f.tenant.id, "blocked");
     let started = std::time::Instant::now();
-    let outcome = f.store.insert_credential(&blocked).await;
+    let outcome = f.store.insert_credential(&blocked, &ev()).await;
     assert!(
         matches!(&outcome, Err(e) if e.fault() == Some(keyplane_store::StoreFault::Busy)),
         "a write behind a held lock: {outcome:?}"
@@ -627,7 +683,7 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     f.store.ping().await.unwrap();
 
     drop(lock);
-    f.store.insert_credential(&blocked).await.unwrap();
+    f.store.insert_credential(&blocked, &ev()).await.unwrap();
     let health = f.store.write_health();
     assert!(!health.failing, "a write succeeded: {health:?}");
     assert!(health.last_failure.is_some(), "the last failure is kept");
@@ -643,7 +699,7 @@ async fn a_closed_store_answers_unavailable(backend: Backend) {
     );
     let (late, _) = new_token(f.tenant.id, "late");
     assert!(matches!(
-        f.store.insert_credential(&late).await,
+        f.store.insert_credential(&late, &ev()).await,
         Err(StoreError::Unavailable(_))
     ));
 }
@@ -856,4 +912,73 @@ store_suite! {
     a_crashed_claim_expires_and_a_released_one_frees_the_key,
     racing_claims_have_one_winner,
     idempotency_records_are_pruned_in_batches,
+    pruning_keeps_the_rest_of_the_chain_verifiable,
+    a_failed_change_writes_no_event,
+}
+
+fn event_in(tenant: TenantId, at: DateTime<Utc>) -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent {
+        tenant_id: tenant,
+        occurred_at: at,
+        ..ev()
+    }
+}
+
+async fn verify_chain(store: &dyn Store, tenant: TenantId) -> u64 {
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    let mut verifier =
+        keyplane_core::audit::ChainVerifier::from_anchor(state.anchor_seq, state.anchor_hash);
+    let events = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(
+            tenant,
+            state.anchor_seq,
+            1000,
+        ))
+        .await
+        .unwrap();
+    for event in &events {
+        verifier.check(event).unwrap();
+    }
+    verifier.finish(state.head_seq).unwrap()
+}
+
+async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let old = now() - TimeDelta::days(500);
+    for i in 0..5 {
+        let at = if i < 3 { old } else { now() };
+        f.store
+            .append_audit_event(&event_in(tenant, at))
+            .await
+            .unwrap();
+    }
+    let before = verify_chain(f.store.as_ref(), tenant).await;
+    // Bounded batches: two, then the last old one, then nothing (the young ones stay).
+    let cutoff = now() - TimeDelta::days(400);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 2);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 1);
+    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 0);
+    let state = f.store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(state.anchor_seq, 3);
+    assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3);
+}
+
+async fn a_failed_change_writes_no_event(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "ci");
+    f.store
+        .insert_credential(&credential, &event_in(f.tenant.id, now()))
+        .await
+        .unwrap();
+    let (duplicate, _) = new_token(f.tenant.id, "ci");
+    assert!(matches!(
+        f.store
+            .insert_credential(&duplicate, &event_in(f.tenant.id, now()))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let state = f.store.audit_chain_state(f.tenant.id).await.unwrap();
+    assert_eq!(state.head_seq, 1, "only the committed change has an event");
+    assert_eq!(verify_chain(f.store.as_ref(), f.tenant.id).await, 1);
 }

@@ -45,7 +45,7 @@ const MAX_PAGE: u32 = 100;
 )]
 pub async fn create_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateApiTokenRequest>,
 ) -> Result<Response, ApiError> {
@@ -58,7 +58,8 @@ pub async fn create_api_token(
     };
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::create_credential(&app, &who, org, API_TOKENS, spec).await?;
+            let issued =
+                ops::create_credential(&app, &who, &context, org, API_TOKENS, spec).await?;
             Ok((StatusCode::CREATED, Json(ApiTokenCreated::from(issued))))
         })
         .await)
@@ -182,11 +183,12 @@ pub async fn get_api_token(
 )]
 pub async fn delete_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
-    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, API_TOKENS, id).await?;
+    let (_, revoked_now) =
+        ops::revoke_credential(&app, &who, &context, org, API_TOKENS, id).await?;
     if revoked_now {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -218,14 +220,15 @@ pub async fn delete_api_token(
 )]
 pub async fn rotate_api_token(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::rotate_live_credential(&app, &who, org, API_TOKENS, id).await?;
+            let issued =
+                ops::rotate_live_credential(&app, &who, &context, org, API_TOKENS, id).await?;
             Ok(Json(ApiTokenCreated::from(issued)))
         })
         .await)

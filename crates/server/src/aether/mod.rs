@@ -2,8 +2,11 @@
 //! `{"error":{"code","message","details"}}`.
 
 mod api_tokens;
+mod audit;
 mod registry;
 pub mod wire;
+
+pub use audit::{parse_audit_query, AuditEventPage, AuditEventView};
 
 use crate::app::App;
 use crate::error::{AppError, Surface};
@@ -19,6 +22,7 @@ pub type ApiError = crate::error::ApiError<Aether>;
 
 pub const TAG_API_TOKENS: &str = "Aether: API tokens";
 pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";
+pub const TAG_AUDIT: &str = "Aether: audit events";
 
 fn org_id(raw: &str) -> Result<keyplane_core::TenantId, DomainError> {
     crate::extract::path_id("orgID", raw, keyplane_core::TenantId::parse)
@@ -77,4 +81,5 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
             registry::delete_robot_account
         ))
         .routes(routes!(registry::rotate_robot_account))
+        .routes(routes!(audit::list_audit_events))
 }

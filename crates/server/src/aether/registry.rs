@@ -70,14 +70,14 @@ pub async fn get_registry(
 )]
 pub async fn enable_registry(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let (registry, robot) = ops::enable_registry(&app, &who, org).await?;
+            let (registry, robot) = ops::enable_registry(&app, &who, &context, org).await?;
             let username = robot_username(&registry.project, &robot.credential.name);
             Ok((
                 StatusCode::CREATED,
@@ -143,7 +143,7 @@ pub async fn list_robot_accounts(
 )]
 pub async fn create_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(org): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateRobotAccountRequest>,
 ) -> Result<Response, ApiError> {
@@ -156,7 +156,7 @@ pub async fn create_robot_account(
     };
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::create_robot(&app, &who, org, spec).await?;
+            let issued = ops::create_robot(&app, &who, &context, org, spec).await?;
             Ok((StatusCode::CREATED, Json(RobotAccountCreated::from(issued))))
         })
         .await)
@@ -209,12 +209,13 @@ pub async fn get_robot_account(
 )]
 pub async fn update_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
     ApiJson(request, ..): ApiJson<Aether, UpdateRobotAccountRequest>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let robot = ops::update_robot_permissions(&app, &who, org, id, request.permissions).await?;
+    let robot =
+        ops::update_robot_permissions(&app, &who, &context, org, id, request.permissions).await?;
     Ok(Json(robot.into()))
 }
 
@@ -235,11 +236,11 @@ pub async fn update_robot_account(
 )]
 pub async fn delete_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let (_, revoked_now) = ops::revoke_credential(&app, &who, org, ROBOTS, id).await?;
+    let (_, revoked_now) = ops::revoke_credential(&app, &who, &context, org, ROBOTS, id).await?;
     if revoked_now {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -266,14 +267,14 @@ pub async fn delete_robot_account(
 )]
 pub async fn rotate_robot_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::rotate_live_credential(&app, &who, org, ROBOTS, id).await?;
+            let issued = ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id).await?;
             Ok(Json(RobotAccountCreated::from(issued)))
         })
         .await)

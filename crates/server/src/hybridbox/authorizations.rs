@@ -148,7 +148,7 @@ pub async fn list_authorizations(
 )]
 pub async fn create_authorization(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(account): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateAuthorizationRequest>,
 ) -> Result<Response, ApiError> {
@@ -156,7 +156,7 @@ pub async fn create_authorization(
     let grant = request.into_domain().map_err(DomainError::from)?;
     Ok(idempotency
         .run(app, who, account, move |app, who| async move {
-            let grant = ops::create_grant(&app, &who, account, grant).await?;
+            let grant = ops::create_grant(&app, &who, &context, account, grant).await?;
             Ok((StatusCode::CREATED, Json(AuthorizationView::from(grant))))
         })
         .await)
@@ -181,11 +181,11 @@ pub async fn create_authorization(
 )]
 pub async fn revoke_authorization(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((account, id)): Path<(String, String)>,
 ) -> Result<Json<AuthorizationView>, ApiError> {
     let account = account_id(&account)?;
     let id = path_id("authorization_id", &id, GrantId::parse)?;
-    let grant = ops::revoke_grant(&app, &who, account, id).await?;
+    let grant = ops::revoke_grant(&app, &who, &context, account, id).await?;
     Ok(Json(grant.into()))
 }

@@ -94,7 +94,7 @@ pub async fn list_service_accounts(
 )]
 pub async fn create_service_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path(account): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateServiceAccountRequest>,
 ) -> Result<Response, ApiError> {
@@ -108,7 +108,8 @@ pub async fn create_service_account(
     Ok(idempotency
         .run(app, who, account, move |app, who| async move {
             let issued =
-                ops::create_credential(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;
+                ops::create_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, spec)
+                    .await?;
             Ok((
                 StatusCode::CREATED,
                 Json(ServiceAccountCreated::from(issued)),
@@ -138,14 +139,15 @@ pub async fn create_service_account(
 )]
 pub async fn rotate_service_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((account, id)): Path<(String, String)>,
     idempotency: Idempotency<Hybridbox>,
 ) -> Result<Response, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     Ok(idempotency
         .run(app, who, account, move |app, who| async move {
-            let issued = ops::rotate_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
+            let issued =
+                ops::rotate_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
             Ok(Json(ServiceAccountCreated::from(issued)))
         })
         .await)
@@ -170,10 +172,11 @@ pub async fn rotate_service_account(
 )]
 pub async fn revoke_service_account(
     State(app): State<App>,
-    Authenticated(who, ..): Caller,
+    Authenticated(who, _, context): Caller,
     Path((account, id)): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
-    let (revoked, _) = ops::revoke_credential(&app, &who, account, SERVICE_ACCOUNTS, id).await?;
+    let (revoked, _) =
+        ops::revoke_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id).await?;
     Ok(Json(revoked.into()))
 }

@@ -4,12 +4,13 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, Grant, GrantId, Rotation, SubjectType, Tenant,
-    TenantId, TokenHash, UserId,
+    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, Grant, GrantId, Rotation,
+    SubjectType, Tenant, TenantId, TokenHash, UserId,
 };
 use keyplane_store::{
-    GrantFilter, IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials,
-    SigningKey, Store, StoreError, StoreFault, StoredResponse, Unavailable, WriteHealth,
+    AuditChainState, AuditQuery, GrantFilter, IdempotencyClaim, IdempotencyRecord,
+    InvalidationHandler, ListCredentials, SigningKey, Store, StoreError, StoreFault,
+    StoredResponse, Unavailable, WriteHealth,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,10 +49,6 @@ impl Store for FaultyStore {
         self.inner.backend()
     }
 
-    fn listen_invalidations(&self, on_event: InvalidationHandler) {
-        self.inner.listen_invalidations(on_event)
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
@@ -74,10 +71,11 @@ impl Store for FaultyStore {
         &self,
         tenant: &Tenant,
         credential: &Credential,
+        event: &AuditEvent,
     ) -> Result<(), StoreError> {
         self.check()?;
         self.inner
-            .create_tenant_with_credential(tenant, credential)
+            .create_tenant_with_credential(tenant, credential, event)
             .await
     }
 
@@ -85,9 +83,10 @@ impl Store for FaultyStore {
         &self,
         tenant: &Tenant,
         credential: &Credential,
+        event: &AuditEvent,
     ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.bootstrap_once(tenant, credential).await
+        self.inner.bootstrap_once(tenant, credential, event).await
     }
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
@@ -95,14 +94,22 @@ impl Store for FaultyStore {
         self.inner.get_tenant(id).await
     }
 
-    async fn insert_credential(&self, credential: &Credential) -> Result<(), StoreError> {
+    async fn insert_credential(
+        &self,
+        credential: &Credential,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.insert_credential(credential).await
+        self.inner.insert_credential(credential, event).await
     }
 
-    async fn import_credentials(&self, credentials: &[Credential]) -> Result<(), StoreError> {
+    async fn import_credentials(
+        &self,
+        credentials: &[Credential],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.import_credentials(credentials).await
+        self.inner.import_credentials(credentials, events).await
     }
 
     async fn get_credential(
@@ -138,10 +145,11 @@ impl Store for FaultyStore {
         id: CredentialId,
         replaces: &TokenHash,
         rotation: &Rotation,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner
-            .rotate_credential(tenant_id, kind, id, replaces, rotation)
+            .rotate_credential(tenant_id, kind, id, replaces, rotation, event)
             .await
     }
 
@@ -152,10 +160,11 @@ impl Store for FaultyStore {
         id: CredentialId,
         at: DateTime<Utc>,
         by_user: Option<UserId>,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner
-            .revoke_credential(tenant_id, kind, id, at, by_user)
+            .revoke_credential(tenant_id, kind, id, at, by_user, event)
             .await
     }
 
@@ -165,10 +174,11 @@ impl Store for FaultyStore {
         id: CredentialId,
         permissions: &[keyplane_core::RobotPermission],
         at: DateTime<Utc>,
+        event: &AuditEvent,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner
-            .update_robot_permissions(tenant_id, id, permissions, at)
+            .update_robot_permissions(tenant_id, id, permissions, at, event)
             .await
     }
 
@@ -176,9 +186,12 @@ impl Store for FaultyStore {
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
+        event: &AuditEvent,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.create_registry(registry, default_robot).await
+        self.inner
+            .create_registry(registry, default_robot, event)
+            .await
     }
 
     async fn get_registry(
@@ -202,9 +215,9 @@ impl Store for FaultyStore {
         self.inner.signing_key_or_insert(candidate).await
     }
 
-    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+    async fn insert_grant(&self, grant: &Grant, event: &AuditEvent) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.insert_grant(grant).await
+        self.inner.insert_grant(grant, event).await
     }
 
     async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError> {
@@ -237,9 +250,62 @@ impl Store for FaultyStore {
         tenant_id: TenantId,
         id: GrantId,
         at: DateTime<Utc>,
+        event: &AuditEvent,
     ) -> Result<Grant, StoreError> {
         self.check()?;
-        self.inner.revoke_grant(tenant_id, id, at).await
+        self.inner.revoke_grant(tenant_id, id, at, event).await
+    }
+
+    fn listen_invalidations(&self, on_event: InvalidationHandler) {
+        self.inner.listen_invalidations(on_event)
+    }
+
+    async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.append_audit_event(event).await
+    }
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError> {
+        self.check()?;
+        self.inner.list_audit_events(query).await
+    }
+
+    async fn audit_chain_state(&self, tenant_id: TenantId) -> Result<AuditChainState, StoreError> {
+        self.check()?;
+        self.inner.audit_chain_state(tenant_id).await
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64)>, StoreError> {
+        self.check()?;
+        self.inner.audit_heads().await
+    }
+
+    async fn prune_audit_events(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.prune_audit_events(before, batch).await
+    }
+
+    async fn audit_export_cursors(
+        &self,
+        consumer: &str,
+    ) -> Result<Vec<(TenantId, u64)>, StoreError> {
+        self.check()?;
+        self.inner.audit_export_cursors(consumer).await
+    }
+
+    async fn save_audit_export_cursors(
+        &self,
+        consumer: &str,
+        cursors: &[(TenantId, u64)],
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .save_audit_export_cursors(consumer, cursors)
+            .await
     }
 
     async fn record_last_used(

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod aether_api_tokens;
+mod audit;
 mod edge;
 mod faulty_store;
 mod hybridbox;

@@ -387,6 +387,20 @@ async fn a_user_without_grants_sees_nothing_and_acts_once_granted(backend: Backe
     assert_eq!(revoked["revoked_by_user_id"], alice.to_string());
     assert!(revoked["revoked_at"].is_string());
 
+    // The audit trail names her by user id, issuer and `sub`.
+    let res = app
+        .get(
+            &org.path("/audit-events?action=service_account.created"),
+            &org.token,
+        )
+        .await;
+    let page: Value = res.json().await.unwrap();
+    let actor = &page["items"][0]["actor"];
+    assert_eq!(actor["type"], "user");
+    assert_eq!(actor["id"], alice.to_string());
+    assert_eq!(actor["issuer"], provider.issuer.as_str());
+    assert_eq!(actor["sub"], "alice");
+
     // An RS256 token from the same provider is the same user.
     let rs256 = provider.token("alice", Some(RS256_RESOURCE)).await;
     assert_eq!(jose_header(&rs256)["alg"], "RS256");

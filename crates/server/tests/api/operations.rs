@@ -137,6 +137,7 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
             "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate",
             "post",
         ),
+        ("/api/v1/organizations/{orgID}/audit-events", "get"),
         ("/registry/token", "get"),
         ("/registry/token", "post"),
         ("/oauth2/introspect", "post"),
@@ -160,6 +161,23 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
     assert_eq!(create["parameters"][0]["name"], "orgID");
     assert!(create["responses"]["201"].is_object() && create["responses"]["422"].is_object());
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    let event_schema = &doc["components"]["schemas"]["AuditEvent"]["properties"];
+    for field in [
+        "id",
+        "org_id",
+        "occurred_at",
+        "action",
+        "outcome",
+        "actor",
+        "target",
+        "request_id",
+        "client_ip",
+        "user_agent",
+        "details",
+        "chain_hash",
+    ] {
+        assert!(event_schema[field].is_object(), "AuditEvent.{field}");
+    }
     let token_schema = &doc["components"]["schemas"]["ApiToken"]["properties"];
     for field in [
         "id",

@@ -1,0 +1,342 @@
+//! The audit trail through the binary: `admin audit` (list, `--follow`, `verify`) and
+//! `serve --audit-log` across SIGKILL and log rotation.
+
+mod common;
+
+use common::{both_stores, keyplane, run, Keyplane, KillOnDrop, Org, TestStore};
+use keyplane_store::testing::Backend;
+use reqwest::StatusCode;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+both_stores!(
+    sigkill_loses_no_event_and_the_export_resumes,
+    verify_points_at_the_row_edited_with_sql,
+    follow_prints_events_as_they_commit,
+    sighup_reopens_the_audit_log,
+);
+
+/// `keyplane admin audit ...` on `store`, which must succeed; its JSON lines.
+async fn admin_audit(store: &TestStore, args: &[&str]) -> Vec<Value> {
+    let output = run(
+        keyplane()
+            .args(["admin", "audit"])
+            .args(args)
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+fn ids_where(events: &[Value], action: &str) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|e| e["action"] == action)
+        .map(|e| e["target"]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn event_ids(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn read_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        // A line cut by SIGKILL mid-write is not an event; the export writes it again.
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn sigkill_loses_no_event_and_the_export_resumes(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let log = store.db.data_dir.join("audit.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let server = Keyplane::start(&store, &["--audit-log", &log_arg], TIMEOUT).await;
+    let org = store.bootstrap_org();
+
+    // Four writers create and revoke concurrently; the server dies under them.
+    let base = server.url("");
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let (base, org_id, token) = (base.clone(), org.id.clone(), org.token.clone());
+        writers.push(tokio::spawn(async move {
+            let http = common::http_client(TIMEOUT);
+            let url = format!("{base}/api/v1/organizations/{org_id}/api-tokens");
+            let (mut created, mut revoked) = (Vec::new(), Vec::new());
+            for i in 0..200 {
+                let Ok(res) = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"name": format!("w{writer}-{i}"), "scopes": []}))
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                if res.status() != StatusCode::CREATED {
+                    break;
+                }
+                let Ok(body) = res.json::<Value>().await else {
+                    break;
+                };
+                let id = body["id"].as_str().unwrap().to_string();
+                created.push(id.clone());
+                if i % 2 == 0 {
+                    match http
+                        .delete(format!("{url}/{id}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                    {
+                        Ok(res) if res.status() == StatusCode::NO_CONTENT => revoked.push(id),
+                        _ => break,
+                    }
+                }
+            }
+            (created, revoked)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(server.process); // SIGKILL
+    let (mut acked_created, mut acked_revoked) = (BTreeSet::new(), BTreeSet::new());
+    for writer in writers {
+        let (created, revoked) = writer.await.unwrap();
+        acked_created.extend(created);
+        acked_revoked.extend(revoked);
+    }
+    assert!(
+        acked_created.len() >= 4,
+        "the writers got going before the kill"
+    );
+
+    let server = Keyplane::start(&store, &["--audit-log", &log_arg], TIMEOUT).await;
+    let events = admin_audit(&store, &["--org", &org.id]).await;
+    let created_events = ids_where(&events, "api_token.created");
+    let revoked_events = ids_where(&events, "api_token.revoked");
+    assert!(
+        acked_created.is_subset(&created_events),
+        "an acknowledged create has no event"
+    );
+    assert!(
+        acked_revoked.is_subset(&revoked_events),
+        "an acknowledged revoke has no event"
+    );
+
+    // No event without its change: the store holds exactly the tokens the events say.
+    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    let all = store_handle
+        .list_credentials(&keyplane_store::ListCredentials {
+            tenant_id: tenant,
+            kind: keyplane_core::CredentialKind::ApiToken,
+            after: None,
+            limit: None,
+            include_revoked: true,
+        })
+        .await
+        .unwrap();
+    let in_store: BTreeSet<String> = all
+        .iter()
+        .filter(|c| c.name != "bootstrap")
+        .map(|c| c.id.to_string())
+        .collect();
+    let revoked_in_store: BTreeSet<String> = all
+        .iter()
+        .filter(|c| c.is_revoked())
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(created_events, in_store);
+    assert_eq!(revoked_events, revoked_in_store);
+
+    // The restarted export completes the file: every committed event is in it (perhaps twice).
+    let committed = event_ids(&events);
+    wait_until("the export holds every committed event", || {
+        event_ids(&read_lines(&log)).is_superset(&committed)
+    })
+    .await;
+    drop(server);
+
+    let output = run(
+        keyplane()
+            .args(["admin", "audit", "verify", "--org", &org.id])
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(
+        output
+            .stdout
+            .contains(&format!("{} events checked", events.len())),
+        "{}",
+        output.describe()
+    );
+}
+
+/// Runs `sql` on the test database directly, as someone tampering with it would.
+async fn tamper(store: &TestStore, sql: &str) {
+    match store.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&store.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&store.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+async fn verify(store: &TestStore, org: &Org) -> common::CommandOutput {
+    run(
+        keyplane()
+            .args(["admin", "audit", "verify", "--org", &org.id])
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await
+}
+
+async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    for i in 0..4 {
+        server.create_token(&org, &format!("t{i}"), &[], None).await;
+    }
+    drop(server);
+    let output = verify(&store, &org).await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(
+        output.stdout.contains("5 events checked"),
+        "{}",
+        output.describe()
+    );
+
+    let events = admin_audit(&store, &["--org", &org.id]).await;
+    let third = events.iter().find(|e| e["seq"] == 3).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tamper(
+        &store,
+        "UPDATE audit_events SET target_name = 'nothing to see' WHERE seq = 3",
+    )
+    .await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stdout.contains(&third) && output.stdout.contains("changed"),
+        "{}",
+        output.describe()
+    );
+
+    tamper(&store, "DELETE FROM audit_events WHERE seq = 3").await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(output.stdout.contains("missing"), "{}", output.describe());
+
+    tamper(&store, "DELETE FROM audit_events WHERE seq >= 3").await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(output.stdout.contains("deleted"), "{}", output.describe());
+}
+
+async fn follow_prints_events_as_they_commit(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    let mut follower = KillOnDrop(
+        keyplane()
+            .args([
+                "admin",
+                "audit",
+                "--org",
+                &org.id,
+                "--follow",
+                "--action",
+                "api_token.*",
+            ])
+            .args(store.args())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = follower.0.stdout.take().unwrap();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let token = server.create_token(&org, "followed", &[], None).await;
+    let line = tokio::time::timeout(TIMEOUT, lines_rx.recv())
+        .await
+        .expect("--follow printed the new event in time")
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["action"], "api_token.created");
+    assert_eq!(event["target"]["id"], token.id.as_str());
+    let _ = server.revoke_token(&org, &token.id).await;
+    let line = tokio::time::timeout(TIMEOUT, lines_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("api_token.revoked"), "{line}");
+}
+
+async fn sighup_reopens_the_audit_log(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let log = store.db.data_dir.join("audit.log");
+    let rotated = store.db.data_dir.join("audit.log.1");
+    let server = Keyplane::start(&store, &["--audit-log", log.to_str().unwrap()], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    let first = server.create_token(&org, "before", &[], None).await;
+    wait_until("the first event is exported", || {
+        ids_where(&read_lines(&log), "api_token.created").contains(&first.id)
+    })
+    .await;
+    std::fs::rename(&log, &rotated).unwrap();
+    let pid = server.process.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The reopen is asynchronous: wait until the new file exists before the next write.
+    wait_until("the log is reopened at its path", || log.exists()).await;
+    let second = server.create_token(&org, "after", &[], None).await;
+    wait_until("the next event goes to the new file", || {
+        ids_where(&read_lines(&log), "api_token.created").contains(&second.id)
+    })
+    .await;
+    assert!(!ids_where(&read_lines(&rotated), "api_token.created").contains(&second.id));
+    assert!(ids_where(&read_lines(&rotated), "api_token.created").contains(&first.id));
+}

@@ -1,0 +1,283 @@
+//! `/api/v1/organizations/{orgID}/audit-events`, and the one JSON shape of an audit event (the API,
+//! `serve --audit-log` and `keyplane admin audit` all print it).
+
+use super::wire::ErrorEnvelope;
+use super::{org_id, Aether, ApiError, TAG_AUDIT};
+use crate::app::App;
+use crate::extract::Authenticated;
+use crate::ops;
+use crate::wire::timestamp;
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use keyplane_core::audit::{DetailValue, Outcome};
+use keyplane_core::error::codes;
+use keyplane_core::{ChainedEvent, Error as DomainError, FieldError, FieldPath, TenantId};
+use keyplane_store::{AuditOrder, AuditQuery};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 100;
+/// Longest accepted `action` filter value, and how many may be given.
+const MAX_ACTION_CHARS: usize = 100;
+const MAX_ACTIONS: usize = 20;
+
+/// Who acted.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditActor)]
+pub struct AuditActorView {
+    /// `api_token`, `service_account`, `user`, `robot_account` or `system`.
+    #[serde(rename = "type")]
+    pub actor_type: &'static str,
+    /// The credential or user id; null for `system`.
+    pub id: Option<Uuid>,
+    /// Users: the OIDC issuer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Users: the OIDC `sub`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+}
+
+/// What was acted on.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditTarget)]
+pub struct AuditTargetView {
+    /// `organization`, `api_token`, `service_account`, `robot_account`, `registry` or
+    /// `authorization`.
+    #[serde(rename = "type")]
+    pub target_type: String,
+    pub id: Uuid,
+    pub name: Option<String>,
+}
+
+/// One recorded change or refused attempt. Never holds a secret or a secret's hash.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditEvent)]
+pub struct AuditEventView {
+    /// UUIDv7, time-ordered.
+    pub id: Uuid,
+    pub org_id: Uuid,
+    /// Position in the organization's hash chain (1, 2, ...).
+    pub seq: u64,
+    #[serde(serialize_with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub occurred_at: DateTime<Utc>,
+    /// Dotted and stable: `api_token.created`, `authorization.revoked`, `access.denied`, ...
+    pub action: String,
+    /// `success` or `denied`.
+    pub outcome: &'static str,
+    pub actor: AuditActorView,
+    pub target: Option<AuditTargetView>,
+    /// The `x-request-id` of the call.
+    pub request_id: Option<String>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    /// What changed: scopes or capability granted, old and new display prefix, a refusal's
+    /// `count`, ...
+    #[schema(value_type = Object)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// Lowercase hex SHA-256(previous event's `chain_hash` || this event's canonical bytes).
+    pub chain_hash: String,
+}
+
+impl From<&ChainedEvent> for AuditEventView {
+    fn from(stored: &ChainedEvent) -> Self {
+        let event = &stored.event;
+        Self {
+            id: event.id,
+            org_id: event.tenant_id.as_uuid(),
+            seq: stored.seq,
+            occurred_at: event.occurred_at,
+            action: event.action.clone(),
+            outcome: event.outcome.as_str(),
+            actor: AuditActorView {
+                actor_type: event.actor.actor_type.as_str(),
+                id: event.actor.id,
+                issuer: event.actor.issuer.clone(),
+                sub: event.actor.subject.clone(),
+            },
+            target: event.target.as_ref().map(|t| AuditTargetView {
+                target_type: t.target_type.clone(),
+                id: t.id,
+                name: t.name.clone(),
+            }),
+            request_id: event.context.request_id.clone(),
+            client_ip: event.context.client_ip.clone(),
+            user_agent: event.context.user_agent.clone(),
+            details: event
+                .details
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        DetailValue::Text(text) => serde_json::Value::from(text.as_str()),
+                        DetailValue::Count(count) => serde_json::Value::from(*count),
+                        DetailValue::List(items) => serde_json::Value::from(items.clone()),
+                    };
+                    (key.clone(), value)
+                })
+                .collect(),
+            chain_hash: stored
+                .chain_hash
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+/// A page of audit events, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct AuditEventPage {
+    pub items: Vec<AuditEventView>,
+    /// Pass as `cursor` for the next (older) page; null on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// Reads the filters of an audit query from `(name, value)` pairs (the query string), reporting
+/// every bad one. `action` may repeat; `api_token.*` matches every `api_token.` action.
+pub fn parse_audit_query(
+    tenant: TenantId,
+    pairs: &[(String, String)],
+) -> Result<AuditQuery, DomainError> {
+    let mut errors = Vec::new();
+    let mut query = AuditQuery {
+        order: AuditOrder::NewestBefore(None),
+        limit: DEFAULT_PAGE,
+        ..AuditQuery::after_seq(tenant, 0, DEFAULT_PAGE)
+    };
+    let uuid_of = |name: &'static str, raw: &str, errors: &mut Vec<FieldError>| {
+        Uuid::parse_str(raw).ok().or_else(|| {
+            errors.push(FieldError::new(
+                FieldPath::query(name),
+                codes::INVALID_UUID,
+                "must be a UUID",
+            ));
+            None
+        })
+    };
+    let time_of = |name: &'static str, raw: &str, errors: &mut Vec<FieldError>| {
+        DateTime::parse_from_rfc3339(raw)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|| {
+                errors.push(FieldError::new(
+                    FieldPath::query(name),
+                    codes::INVALID_FORMAT,
+                    "must be an RFC 3339 timestamp",
+                ));
+                None
+            })
+    };
+    for (name, raw) in pairs {
+        match name.as_str() {
+            "cursor" if raw.is_empty() => {}
+            "cursor" => query.order = AuditOrder::NewestBefore(uuid_of("cursor", raw, &mut errors)),
+            "limit" => match raw.parse::<u32>() {
+                Ok(limit) if (1..=MAX_PAGE).contains(&limit) => query.limit = limit,
+                _ => errors.push(FieldError::new(
+                    FieldPath::query("limit"),
+                    codes::OUT_OF_RANGE,
+                    format!("must be an integer from 1 to {MAX_PAGE}"),
+                )),
+            },
+            "action" => {
+                let valid = !raw.is_empty()
+                    && raw.len() <= MAX_ACTION_CHARS
+                    && raw
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.' || b == b'*');
+                let wildcard = raw.find('*');
+                if !valid || wildcard.is_some_and(|at| at != raw.len() - 1 || !raw.ends_with(".*"))
+                {
+                    errors.push(FieldError::new(
+                        FieldPath::query("action"),
+                        codes::INVALID_FORMAT,
+                        "must be an action such as `api_token.created`, or a prefix such as `api_token.*`",
+                    ));
+                } else if let Some(prefix) = raw.strip_suffix('*') {
+                    query.action_prefixes.push(prefix.to_string());
+                } else {
+                    query.actions.push(raw.clone());
+                }
+            }
+            "actor_id" => query.actor_id = uuid_of("actor_id", raw, &mut errors),
+            "target_id" => query.target_id = uuid_of("target_id", raw, &mut errors),
+            "outcome" => match Outcome::parse(raw) {
+                Some(outcome) => query.outcome = Some(outcome),
+                None => errors.push(FieldError::new(
+                    FieldPath::query("outcome"),
+                    codes::INVALID_CHOICE,
+                    "must be `success` or `denied`",
+                )),
+            },
+            "since" => query.since = time_of("since", raw, &mut errors),
+            "until" => query.until = time_of("until", raw, &mut errors),
+            _ => {}
+        }
+    }
+    if query.actions.len() + query.action_prefixes.len() > MAX_ACTIONS {
+        errors.push(FieldError::new(
+            FieldPath::query("action"),
+            codes::TOO_MANY,
+            format!("at most {MAX_ACTIONS} actions"),
+        ));
+    }
+    if errors.is_empty() {
+        Ok(query)
+    } else {
+        Err(DomainError::Validation(errors))
+    }
+}
+
+/// List audit events
+///
+/// The organization's recorded changes and refused attempts, newest first, `limit` (1–100,
+/// default 50) at a time; pass `next_cursor` back as `cursor` for older events. Needs `audit:read`.
+#[utoipa::path(
+    get, path = "/api/v1/organizations/{orgID}/audit-events", tag = TAG_AUDIT,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page."),
+        ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
+        ("action" = Option<Vec<String>>, Query, description = "Repeatable. An action (`api_token.created`) or a prefix (`api_token.*`)."),
+        ("actor_id" = Option<Uuid>, Query, description = "Only events by this credential or user."),
+        ("target_id" = Option<Uuid>, Query, description = "Only events about this resource."),
+        ("outcome" = Option<String>, Query, description = "`success` or `denied`."),
+        ("since" = Option<String>, Query, description = "RFC 3339; events at or after it."),
+        ("until" = Option<String>, Query, description = "RFC 3339; events before it."),
+    ),
+    responses(
+        (status = 200, description = "A page of events.", body = AuditEventPage),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `audit:read`.", body = ErrorEnvelope),
+        (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 422, description = "A bad filter, `cursor` or `limit`.", body = ErrorEnvelope),
+        (status = 429, description = "Rate limited; see Retry-After.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn list_audit_events(
+    State(app): State<App>,
+    Authenticated(who, ..): Authenticated<Aether>,
+    Path(org): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<AuditEventPage>, ApiError> {
+    let org = org_id(&org)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|_| {
+            DomainError::from(FieldError::new(
+                FieldPath::query("query"),
+                codes::INVALID_FORMAT,
+                "the query string is not URL-encoded",
+            ))
+        })?;
+    let query = parse_audit_query(org, &pairs)?;
+    let (page, next) = ops::list_audit_events(&app, &who, query).await?;
+    Ok(Json(AuditEventPage {
+        items: page.iter().map(AuditEventView::from).collect(),
+        next_cursor: next,
+    }))
+}

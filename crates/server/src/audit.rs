@@ -1,0 +1,436 @@
+//! The audit trail's moving parts around HTTP: the request context of an event, the bounded record
+//! of refused attempts, the `--audit-log` export and retention. The rules (event shape, canonical
+//! bytes, chain) are in `keyplane_core::audit`; changes' events are built in [`crate::ops`] and
+//! written by the store in the change's own transaction.
+
+use crate::app::App;
+use axum::http::{header, Extensions, HeaderMap, StatusCode};
+use keyplane_core::audit::{actions, ActorType, AuditActor, DetailValue};
+use keyplane_core::{AuditEvent, Credential, Principal, RequestContext, TenantId};
+use keyplane_store::{AuditQuery, Store};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Where an event's request came from. The one place the client address is read.
+pub fn request_context(headers: &HeaderMap, extensions: &Extensions) -> RequestContext {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // The trusted-proxy rule's answer, set by `router::observe` before any handler runs.
+    let client_ip = extensions
+        .get::<crate::client_addr::ClientAddr>()
+        .map(|client| client.0.to_string());
+    RequestContext::new(
+        header("x-request-id"),
+        client_ip,
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// Filled by the `Authenticated` extractor, read after the response: who was refused.
+#[derive(Clone, Default)]
+pub(crate) struct CallerSlot(Arc<OnceLock<Principal>>);
+
+impl CallerSlot {
+    pub(crate) fn set(&self, principal: &Principal) {
+        let _ = self.0.set(principal.clone());
+    }
+}
+
+/// Whether `path` is a management API whose refusals are recorded.
+fn is_management(path: &str) -> bool {
+    path.starts_with("/api/v1/organizations/") || path.starts_with("/v1/public/accounts/")
+}
+
+/// Before a request: a slot for its caller, on management routes only (verification stays free).
+pub(crate) fn watch_request(request: &mut axum::extract::Request) -> Option<CallerSlot> {
+    if !is_management(request.uri().path()) {
+        return None;
+    }
+    let slot = CallerSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    Some(slot)
+}
+
+/// After a request: a 403 or 404 to an authenticated caller is a refused attempt.
+pub(crate) struct Watched {
+    pub slot: CallerSlot,
+    pub context: RequestContext,
+    pub method: &'static str,
+    pub route: &'static str,
+    pub path: String,
+}
+
+pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
+    if status != StatusCode::FORBIDDEN && status != StatusCode::NOT_FOUND {
+        return;
+    }
+    let Some(principal) = watched.slot.0.get() else {
+        return;
+    };
+    let mut ids = watched
+        .path
+        .split('/')
+        .filter_map(|segment| uuid::Uuid::parse_str(segment).ok());
+    let org = ids.next();
+    let resource = ids.next_back();
+    // The event goes where the caller belongs: the org it asked for when it holds rights there, or
+    // its own tenant (a credential probing another org). A user holding nothing there has no
+    // tenant of its own: counted in metrics only.
+    let home = org
+        .map(TenantId::from_uuid)
+        .filter(|org| principal.rights_in(*org).is_some())
+        .or_else(|| match principal.tenants() {
+            [(only, _)] if principal.user_id().is_none() => Some(*only),
+            _ => None,
+        });
+    let Some(home) = home else {
+        app.inner().metrics.audit_refusal_unrecorded();
+        return;
+    };
+    let attempted = format!("{} {}", watched.method, watched.route);
+    let key = RefusalKey {
+        tenant: home,
+        actor: principal.id(),
+        attempted: attempted.clone(),
+        target: resource.or(org),
+    };
+    let mut event = AuditEvent::new(
+        uuid::Uuid::now_v7(),
+        home,
+        crate::ops::now(),
+        actions::ACCESS_DENIED,
+        AuditActor::of(principal),
+        watched.context,
+    )
+    .denied()
+    .text("attempted", attempted)
+    .detail("status", DetailValue::Count(u64::from(status.as_u16())));
+    if let Some(org) = org {
+        event = event.text("org_id", org.to_string());
+    }
+    if let Some(resource) = resource {
+        event = event.text("resource_id", resource.to_string());
+    }
+    app.inner()
+        .refusals
+        .record(key, event, &app.inner().metrics);
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct RefusalKey {
+    tenant: TenantId,
+    actor: uuid::Uuid,
+    attempted: String,
+    target: Option<uuid::Uuid>,
+}
+
+/// At most this many distinct refusals per tenant per window; more are folded into one per actor.
+const KEYS_PER_TENANT: usize = 32;
+/// At most this many pending refusals in all; more are dropped and counted in metrics.
+const MAX_PENDING: usize = 10_000;
+
+/// Refused attempts, aggregated in memory: one `access.denied` event per (tenant, actor, attempt,
+/// target) per window, carrying how many times it happened (`count`). So a caller hammering
+/// refusals writes at most [`KEYS_PER_TENANT`] + 1 events per tenant per window.
+pub(crate) struct Refusals {
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    events: HashMap<RefusalKey, (AuditEvent, u64)>,
+    keys_per_tenant: HashMap<TenantId, usize>,
+}
+
+impl Refusals {
+    pub(crate) fn new() -> Self {
+        Self {
+            pending: Mutex::new(Pending::default()),
+        }
+    }
+
+    fn record(&self, mut key: RefusalKey, event: AuditEvent, metrics: &crate::metrics::Metrics) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, count)) = pending.events.get_mut(&key) {
+            *count += 1;
+            return;
+        }
+        let mut event = event;
+        if pending
+            .keys_per_tenant
+            .get(&key.tenant)
+            .copied()
+            .unwrap_or(0)
+            >= KEYS_PER_TENANT
+        {
+            key.attempted = "(various)".into();
+            key.target = None;
+            event.target = None;
+            event.details.clear();
+            event = event.text("attempted", "(various)");
+            if let Some((_, count)) = pending.events.get_mut(&key) {
+                *count += 1;
+                return;
+            }
+        }
+        if pending.events.len() >= MAX_PENDING {
+            metrics.audit_refusal_dropped();
+            return;
+        }
+        *pending.keys_per_tenant.entry(key.tenant).or_default() += 1;
+        pending.events.insert(key, (event, 1));
+    }
+
+    /// A presented credential that is known but revoked, expired or of the wrong kind.
+    pub(crate) fn credential_refused(
+        &self,
+        credential: &Credential,
+        reason: &str,
+        metrics: &crate::metrics::Metrics,
+    ) {
+        let key = RefusalKey {
+            tenant: credential.tenant_id,
+            actor: credential.id.as_uuid(),
+            attempted: reason.to_string(),
+            target: Some(credential.id.as_uuid()),
+        };
+        let event = AuditEvent::new(
+            uuid::Uuid::now_v7(),
+            credential.tenant_id,
+            crate::ops::now(),
+            actions::ACCESS_DENIED,
+            AuditActor {
+                actor_type: ActorType::of_credential(credential.kind),
+                id: Some(credential.id.as_uuid()),
+                issuer: None,
+                subject: None,
+            },
+            RequestContext::default(),
+        )
+        .denied()
+        .target(
+            credential.kind.as_str(),
+            credential.id.as_uuid(),
+            Some(&credential.name),
+        )
+        .text("attempted", "authenticate")
+        .text("reason", reason);
+        self.record(key, event, metrics);
+    }
+
+    /// Writes one event per pending refusal, with its count.
+    pub(crate) async fn flush(&self, store: &dyn Store) {
+        let drained: Vec<(AuditEvent, u64)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.keys_per_tenant.clear();
+            pending.events.drain().map(|(_, v)| v).collect()
+        };
+        for (event, count) in drained {
+            let event = event.detail("count", DetailValue::Count(count));
+            if let Err(error) = store.append_audit_event(&event).await {
+                tracing::warn!(%error, tenant.id = %event.tenant_id, "cannot record a refused attempt");
+            }
+        }
+    }
+}
+
+/// Where `serve --audit-log` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+impl AuditLogTarget {
+    /// `-` is stdout.
+    pub fn parse(raw: &str) -> Self {
+        if raw == "-" {
+            AuditLogTarget::Stdout
+        } else {
+            AuditLogTarget::File(PathBuf::from(raw))
+        }
+    }
+
+    /// The name its cursors are stored under.
+    fn consumer(&self) -> String {
+        match self {
+            AuditLogTarget::Stdout => "stdout".into(),
+            AuditLogTarget::File(path) => format!(
+                "file:{}",
+                std::path::absolute(path).unwrap_or(path.clone()).display()
+            ),
+        }
+    }
+}
+
+/// How often the export looks for new events.
+const EXPORT_POLL: Duration = Duration::from_millis(200);
+const EXPORT_BATCH: u32 = 500;
+
+enum Sink {
+    Stdout(std::io::Stdout),
+    File(std::fs::File),
+}
+
+impl Sink {
+    fn open(target: &AuditLogTarget) -> std::io::Result<Self> {
+        Ok(match target {
+            AuditLogTarget::Stdout => Sink::Stdout(std::io::stdout()),
+            AuditLogTarget::File(path) => Sink::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        })
+    }
+
+    /// Writes and makes durable `lines` before the cursor moves past them.
+    fn write_durably(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            Sink::Stdout(out) => {
+                let mut out = out.lock();
+                out.write_all(lines)?;
+                out.flush()
+            }
+            Sink::File(file) => {
+                file.write_all(lines)?;
+                file.sync_data()
+            }
+        }
+    }
+}
+
+/// Exports every committed event as one JSON line, at least once: lines are written and synced
+/// before the per-tenant cursors (in the store) move, so after a crash the export resumes from the
+/// last saved cursor and may repeat events (same `id`), never skip one. `reopen` (SIGHUP) reopens
+/// the file for log rotation.
+pub(crate) async fn export(
+    app: App,
+    target: AuditLogTarget,
+    reopen: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let consumer = target.consumer();
+    let mut sink = None;
+    let mut cursors: Option<HashMap<TenantId, u64>> = None;
+    loop {
+        if sink.is_none() {
+            match Sink::open(&target) {
+                Ok(opened) => sink = Some(opened),
+                Err(error) => tracing::error!(%error, "cannot open the audit log; retrying"),
+            }
+        }
+        if cursors.is_none() {
+            match app.store().audit_export_cursors(&consumer).await {
+                Ok(saved) => cursors = Some(saved.into_iter().collect()),
+                Err(error) => tracing::warn!(%error, "cannot read the audit export cursors"),
+            }
+        }
+        if let (Some(out), Some(at)) = (sink.as_mut(), cursors.as_mut()) {
+            if let Err(error) = export_pending(app.store().as_ref(), &consumer, out, at).await {
+                tracing::warn!(%error, "audit export stalled; retrying");
+            }
+        }
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(EXPORT_POLL) => false,
+            _ = reopen.notified() => {
+                sink = None;
+                false
+            }
+            _ = stop.changed() => true,
+        };
+        if stopping {
+            // One last pass, so a clean shutdown leaves nothing behind.
+            if let (Some(out), Some(at)) = (sink.as_mut(), cursors.as_mut()) {
+                let _ = export_pending(app.store().as_ref(), &consumer, out, at).await;
+            }
+            return;
+        }
+    }
+}
+
+async fn export_pending(
+    store: &dyn Store,
+    consumer: &str,
+    sink: &mut Sink,
+    cursors: &mut HashMap<TenantId, u64>,
+) -> anyhow::Result<()> {
+    for (tenant, head) in store.audit_heads().await? {
+        loop {
+            let from = cursors.get(&tenant).copied().unwrap_or(0);
+            if from >= head {
+                break;
+            }
+            let events = store
+                .list_audit_events(&AuditQuery::after_seq(tenant, from, EXPORT_BATCH))
+                .await?;
+            let Some(last) = events.last().map(|e| e.seq) else {
+                break;
+            };
+            let mut lines = Vec::with_capacity(events.len() * 512);
+            for event in &events {
+                serde_json::to_writer(&mut lines, &crate::aether::AuditEventView::from(event))?;
+                lines.push(b'\n');
+            }
+            sink.write_durably(&lines)?;
+            store
+                .save_audit_export_cursors(consumer, &[(tenant, last)])
+                .await?;
+            cursors.insert(tenant, last);
+        }
+    }
+    Ok(())
+}
+
+/// Rows per pruning transaction, and the pause between batches, so pruning never holds the store.
+const PRUNE_BATCH: u32 = 1000;
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes events older than `days` days, in bounded batches, at start and then hourly.
+pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let cutoff = crate::ops::now() - chrono::TimeDelta::days(i64::from(days));
+        loop {
+            match app.store().prune_audit_events(cutoff, PRUNE_BATCH).await {
+                Ok(0) => break,
+                Ok(deleted) => tracing::info!(deleted, "pruned audit events"),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot prune audit events");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PRUNE_PAUSE) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Flushes aggregated refusals every `window` until `stop`, then once more.
+pub(crate) async fn flush_refusals(
+    app: App,
+    window: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(window) => false,
+            _ = stop.changed() => true,
+        };
+        app.inner().refusals.flush(app.store().as_ref()).await;
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! `/api/v1/organizations/{orgID}/audit-events`: every change leaves one event, refused attempts
+//! are recorded (aggregated), and the list pages and filters like the other lists.
+
+use crate::helpers::{assert_error, both_backends, eventually, fields, test_config, Org, TestApp};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+both_backends!(
+    every_change_is_recorded_with_its_actor_target_and_request,
+    refused_attempts_are_recorded_once_per_window_with_a_count,
+    pages_filters_and_tenant_isolation,
+);
+
+async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
+    let res = app
+        .get(&org.path(&format!("/audit-events{query}")), token)
+        .await;
+    assert_eq!(res.status(), 200, "listing audit events {query}");
+    res.json().await.unwrap()
+}
+
+fn actions(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn text(value: &Value, key: &str) -> String {
+    value[key].as_str().unwrap().to_string()
+}
+
+async fn ok_json(res: reqwest::Response, status: u16, what: &str) -> Value {
+    assert_eq!(res.status(), status, "{what}");
+    res.json().await.unwrap()
+}
+
+async fn every_change_is_recorded_with_its_actor_target_and_request(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let mut secrets = vec![org.token.clone()];
+
+    // API token: created (with a request id and user agent we choose), rotated, revoked.
+    let res = app
+        .request(Method::POST, &org.path("/api-tokens"), Some(&org.token))
+        .header("x-request-id", "req-create-1")
+        .header("user-agent", "audit-test/1.0")
+        .json(&json!({"name": "ci", "scopes": ["api_tokens:read", "deploy"]}))
+        .send()
+        .await
+        .unwrap();
+    let token = ok_json(res, 201, "create token").await;
+    secrets.push(text(&token, "token"));
+    let token_id = text(&token, "id");
+    let token_rotated = ok_json(
+        app.post_empty(
+            &org.path(&format!("/api-tokens/{token_id}/rotate")),
+            &org.token,
+        )
+        .await,
+        200,
+        "rotate token",
+    )
+    .await;
+    secrets.push(text(&token_rotated, "token"));
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{token_id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+
+    // Service account and a grant to it.
+    let sa = ok_json(
+        app.post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            json!({"name": "deployer"}),
+        )
+        .await,
+        201,
+        "create service account",
+    )
+    .await;
+    secrets.push(text(&sa, "token"));
+    let sa_id = text(&sa, "id");
+    let grant = ok_json(
+        app.post(
+            &org.account_path("/authorizations"),
+            &org.token,
+            json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": sa_id, "capability_key": "api_tokens:read"}),
+        )
+        .await,
+        201,
+        "grant",
+    )
+    .await;
+    let grant_id = text(&grant, "id");
+    let res = app
+        .delete(
+            &org.account_path(&format!("/authorizations/{grant_id}")),
+            &org.token,
+        )
+        .await;
+    assert!(res.status().is_success(), "revoke grant: {}", res.status());
+    let rotated = ok_json(
+        app.post_empty(
+            &org.account_path(&format!("/service-accounts/{sa_id}/rotate")),
+            &org.token,
+        )
+        .await,
+        200,
+        "rotate service account",
+    )
+    .await;
+    secrets.push(text(&rotated, "token"));
+    let res = app
+        .delete(
+            &org.account_path(&format!("/service-accounts/{sa_id}")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    // Revoking again changes nothing and records nothing.
+    let res = app
+        .delete(
+            &org.account_path(&format!("/service-accounts/{sa_id}")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+
+    // Registry and a robot: enabled, created, permissions changed, rotated, revoked.
+    let registry = ok_json(
+        app.post_empty(&org.path("/registry"), &org.token).await,
+        201,
+        "enable registry",
+    )
+    .await;
+    secrets.push(
+        registry
+            .to_string()
+            .split('"')
+            .find(|s| s.starts_with("kprobot_"))
+            .unwrap_or("kprobot_")
+            .to_string(),
+    );
+    let robot = ok_json(
+        app.post(
+            &org.path("/registry/robot-accounts"),
+            &org.token,
+            json!({"name": "builder"}),
+        )
+        .await,
+        201,
+        "create robot",
+    )
+    .await;
+    let robot_id = text(&robot, "id");
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path(&format!("/registry/robot-accounts/{robot_id}")),
+            Some(&org.token),
+        )
+        .json(&json!({"permissions": ["pull", "push:team-a/*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "update robot");
+    let res = app
+        .post_empty(
+            &org.path(&format!("/registry/robot-accounts/{robot_id}/rotate")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200, "rotate robot");
+    let res = app
+        .delete(
+            &org.path(&format!("/registry/robot-accounts/{robot_id}")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+
+    let page = events(&app, &org, &org.token, "?limit=100").await;
+    let mut recorded = actions(&page);
+    recorded.reverse();
+    assert_eq!(
+        recorded,
+        [
+            "organization.created",
+            "api_token.created",
+            "api_token.rotated",
+            "api_token.revoked",
+            "service_account.created",
+            "authorization.created",
+            "authorization.revoked",
+            "service_account.rotated",
+            "service_account.revoked",
+            "registry.enabled",
+            "robot_account.created",
+            "robot_account.permissions_updated",
+            "robot_account.rotated",
+            "robot_account.revoked",
+        ]
+    );
+    let items = page["items"].as_array().unwrap();
+    let by_action = |action: &str| {
+        items
+            .iter()
+            .find(|e| e["action"] == action)
+            .unwrap_or_else(|| panic!("no {action}"))
+            .clone()
+    };
+    let created = by_action("api_token.created");
+    assert_eq!(created["org_id"], org.id.as_str());
+    assert_eq!(created["outcome"], "success");
+    assert_eq!(created["actor"]["type"], "api_token");
+    assert!(created["actor"]["id"].is_string());
+    assert_eq!(created["target"]["type"], "api_token");
+    assert_eq!(created["target"]["id"], token_id.as_str());
+    assert_eq!(created["target"]["name"], "ci");
+    assert_eq!(created["request_id"], "req-create-1");
+    assert_eq!(created["user_agent"], "audit-test/1.0");
+    assert_eq!(created["client_ip"], "127.0.0.1");
+    assert_eq!(
+        created["details"]["scopes"],
+        json!(["api_tokens:read", "deploy"])
+    );
+    assert_eq!(created["chain_hash"].as_str().unwrap().len(), 64);
+    let rotation = by_action("api_token.rotated");
+    assert_eq!(rotation["details"]["old_display_prefix"], token["prefix"]);
+    assert_eq!(
+        rotation["details"]["display_prefix"],
+        token_rotated["prefix"]
+    );
+    assert_ne!(
+        rotation["details"]["old_display_prefix"],
+        rotation["details"]["display_prefix"]
+    );
+    let granted = by_action("authorization.created");
+    assert_eq!(granted["target"]["id"], grant_id.as_str());
+    assert_eq!(granted["details"]["capability_key"], "api_tokens:read");
+    assert_eq!(granted["details"]["subject_id"], sa_id.as_str());
+    let perms = by_action("robot_account.permissions_updated");
+    assert_eq!(
+        perms["details"]["permissions"],
+        json!(["pull", "push:team-a/*"])
+    );
+    let org_created = by_action("organization.created");
+    assert_eq!(org_created["actor"]["type"], "system");
+    assert!(org_created["actor"]["id"].is_null());
+    assert!(by_action("registry.enabled")["target"]["name"].is_string());
+
+    // Ids are time-ordered (UUIDv7) and seqs count up from 1 without a gap.
+    let mut seqs: Vec<u64> = items.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    seqs.reverse();
+    assert_eq!(seqs, (1..=14).collect::<Vec<_>>());
+    assert!(items
+        .iter()
+        .all(|e| e["id"].as_str().unwrap().as_bytes()[14] == b'7'));
+
+    // Never a secret, nor the bearer.
+    let body = page.to_string();
+    for secret in &secrets {
+        assert!(
+            !body.contains(secret.as_str()),
+            "a secret leaked into the audit trail"
+        );
+    }
+}
+
+async fn refused_attempts_are_recorded_once_per_window_with_a_count(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = keyplane_server::Config {
+        audit_refusal_window: Duration::from_millis(200),
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let reader = app.create_token(&org, "reader", &["api_tokens:read"]).await;
+    let reader_token = text(&reader, "token");
+    let reader_id = text(&reader, "id");
+
+    // A caller hammering a refused call: ten 403s, one event.
+    for _ in 0..10 {
+        let res = app
+            .post(
+                &org.path("/api-tokens"),
+                &reader_token,
+                json!({"name": "x", "scopes": []}),
+            )
+            .await;
+        assert_eq!(res.status(), 403);
+    }
+    let denied = |app: &TestApp| {
+        let app_base = app.base.clone();
+        let org_path = org.path("/audit-events?outcome=denied");
+        let token = org.token.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .get(format!("{app_base}{org_path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let page: Value = res.json().await.unwrap();
+            page["items"].as_array().unwrap().clone()
+        }
+    };
+    eventually("the refusals are flushed", || async {
+        denied(&app)
+            .await
+            .iter()
+            .any(|e| e["actor"]["id"] == reader_id.as_str())
+    })
+    .await;
+    let items = denied(&app).await;
+    let hammering: Vec<_> = items
+        .iter()
+        .filter(|e| e["actor"]["id"] == reader_id.as_str())
+        .collect();
+    assert_eq!(hammering.len(), 1, "one aggregated event: {items:?}");
+    let event = hammering[0];
+    assert_eq!(event["action"], "access.denied");
+    assert_eq!(event["outcome"], "denied");
+    assert_eq!(event["details"]["count"], 10);
+    assert_eq!(event["details"]["status"], 403);
+    assert_eq!(
+        event["details"]["attempted"],
+        "POST /api/v1/organizations/{orgID}/api-tokens"
+    );
+    assert_eq!(event["client_ip"], "127.0.0.1");
+
+    // A known but revoked credential presented: recorded against it, by id.
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{reader_id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    let res = app.get(&org.path("/api-tokens"), &reader_token).await;
+    assert_eq!(res.status(), 401);
+    eventually("the revoked credential's refusal is recorded", || async {
+        denied(&app)
+            .await
+            .iter()
+            .any(|e| e["target"]["id"] == reader_id.as_str() && e["details"]["reason"] == "revoked")
+    })
+    .await;
+
+    // Garbage tokens are only counted in metrics.
+    for _ in 0..3 {
+        let res = app.get(&org.path("/api-tokens"), "aether_garbage").await;
+        assert_eq!(res.status(), 401);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = denied(&app).await;
+    assert!(
+        after
+            .iter()
+            .all(|e| e["target"]["id"] == reader_id.as_str()
+                || e["actor"]["id"] == reader_id.as_str())
+    );
+
+    // Another org's caller probing this org: 404, recorded in the caller's own org.
+    let other = app.create_org("other").await;
+    let res = app.get(&org.path("/api-tokens"), &other.token).await;
+    assert_eq!(res.status(), 404);
+    eventually("the probe is recorded in the prober's org", || async {
+        let page = events(&app, &other, &other.token, "?outcome=denied").await;
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["details"]["org_id"] == org.id.as_str() && e["details"]["status"] == 404)
+    })
+    .await;
+    assert!(denied(&app).await.iter().all(
+        |e| e["details"]["org_id"] != org.id.as_str() || e["actor"]["id"] == reader_id.as_str()
+    ));
+}
+
+async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(text(
+            &app.create_token(&org, &format!("t{i}"), &["deploy"]).await,
+            "id",
+        ));
+    }
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{}", ids[0])), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    // 1 org + 5 creates + 1 revoke = 7 events; pages of 3, newest first.
+    let first = events(&app, &org, &org.token, "?limit=3").await;
+    assert_eq!(
+        actions(&first),
+        [
+            "api_token.revoked",
+            "api_token.created",
+            "api_token.created"
+        ]
+    );
+    let cursor = text(&first, "next_cursor");
+    let second = events(&app, &org, &org.token, &format!("?limit=3&cursor={cursor}")).await;
+    assert_eq!(second["items"].as_array().unwrap().len(), 3);
+    let third = events(
+        &app,
+        &org,
+        &org.token,
+        &format!("?limit=3&cursor={}", text(&second, "next_cursor")),
+    )
+    .await;
+    assert_eq!(actions(&third), ["organization.created"]);
+    assert!(third["next_cursor"].is_null());
+
+    // Filters: exact action (repeatable), prefix, target, actor, outcome, time.
+    let created = events(&app, &org, &org.token, "?action=api_token.created").await;
+    assert_eq!(created["items"].as_array().unwrap().len(), 5);
+    let both = events(
+        &app,
+        &org,
+        &org.token,
+        "?action=api_token.revoked&action=organization.created",
+    )
+    .await;
+    assert_eq!(
+        actions(&both),
+        ["api_token.revoked", "organization.created"]
+    );
+    let prefixed = events(&app, &org, &org.token, "?action=api_token.*").await;
+    assert_eq!(prefixed["items"].as_array().unwrap().len(), 6);
+    let about = events(&app, &org, &org.token, &format!("?target_id={}", ids[0])).await;
+    assert_eq!(actions(&about), ["api_token.revoked", "api_token.created"]);
+    let by_actor = events(&app, &org, &org.token, &format!("?actor_id={}", ids[1])).await;
+    assert!(by_actor["items"].as_array().unwrap().is_empty());
+    let denied = events(&app, &org, &org.token, "?outcome=denied").await;
+    assert!(denied["items"].as_array().unwrap().is_empty());
+    let future = events(&app, &org, &org.token, "?since=2999-01-01T00:00:00Z").await;
+    assert!(future["items"].as_array().unwrap().is_empty());
+    let past = events(
+        &app,
+        &org,
+        &org.token,
+        "?until=2999-01-01T00:00:00Z&limit=100",
+    )
+    .await;
+    assert_eq!(past["items"].as_array().unwrap().len(), 7);
+
+    // Bad filters: every one reported.
+    let res = app
+        .get(
+            &org.path("/audit-events?limit=0&cursor=x&action=API&outcome=maybe&since=yesterday"),
+            &org.token,
+        )
+        .await;
+    let details = assert_error(res, 422, "validation_failed").await;
+    let mut reported: Vec<String> = fields(&details).into_iter().map(|(f, _)| f).collect();
+    reported.sort();
+    assert_eq!(reported, ["action", "cursor", "limit", "outcome", "since"]);
+
+    // `audit:read` is needed; another org's caller gets 404.
+    let deployer = app
+        .create_token(&org, "deployer", &["api_tokens:read"])
+        .await;
+    let res = app
+        .get(
+            &org.path("/audit-events"),
+            deployer["token"].as_str().unwrap(),
+        )
+        .await;
+    assert_error(res, 403, "forbidden").await;
+    let auditor = app.create_token(&org, "auditor", &["audit:read"]).await;
+    let res = app
+        .get(
+            &org.path("/audit-events"),
+            auditor["token"].as_str().unwrap(),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let other = app.create_org("other").await;
+    let res = app.get(&org.path("/audit-events"), &other.token).await;
+    assert_error(res, 404, "not_found").await;
+    let theirs = events(&app, &other, &other.token, "").await;
+    assert_eq!(actions(&theirs), ["organization.created"]);
+}
+
+/// Two replicas on one PostgreSQL, creating at once in one org: one chain, no gap, no fork.
+#[tokio::test]
+async fn concurrent_replicas_write_one_unbroken_chain() {
+    let first = TestApp::spawn(keyplane_store::testing::Backend::Postgres).await;
+    let second = first.replica().await;
+    let org = first.create_org("acme").await;
+    let path = org.path("/api-tokens");
+    let creates = (0..30).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.post(
+            &path,
+            &org.token,
+            json!({"name": format!("t{i}"), "scopes": []}),
+        )
+    });
+    for res in futures::future::join_all(creates).await {
+        assert_eq!(res.status(), 201);
+    }
+    let store = first.app.store();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(state.head_seq, 31);
+    let events = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap();
+    let mut verifier =
+        keyplane_core::audit::ChainVerifier::from_anchor(0, keyplane_core::audit::GENESIS);
+    for event in &events {
+        verifier.check(event).unwrap();
+    }
+    assert_eq!(verifier.finish(state.head_seq), Ok(31));
+}

@@ -1,0 +1,409 @@
+//! The audit trail's SQL: appending an event inside a write's transaction (chaining it under the
+//! tenant's head row), reading, pruning and export cursors. Shared by both backends through
+//! [`impl_audit!`], like [`crate::sql`].
+
+use crate::StoreError;
+use chrono::{DateTime, Utc};
+use keyplane_core::audit::{DetailValue, Outcome};
+use keyplane_core::TenantId;
+use std::collections::BTreeMap;
+
+/// Which events of one tenant to read.
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    pub tenant_id: TenantId,
+    pub order: AuditOrder,
+    pub limit: u32,
+    /// Exact action names; any of them (with `action_prefixes`) matches. Both empty: any action.
+    pub actions: Vec<String>,
+    /// `api_token.` matches every `api_token.*` action.
+    pub action_prefixes: Vec<String>,
+    pub actor_id: Option<uuid::Uuid>,
+    pub target_id: Option<uuid::Uuid>,
+    pub outcome: Option<Outcome>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl AuditQuery {
+    /// Every event after `seq`, oldest first: what `--follow`, export and verification read.
+    pub fn after_seq(tenant_id: TenantId, seq: u64, limit: u32) -> Self {
+        Self {
+            tenant_id,
+            order: AuditOrder::OldestAfterSeq(seq),
+            limit,
+            actions: Vec::new(),
+            action_prefixes: Vec::new(),
+            actor_id: None,
+            target_id: None,
+            outcome: None,
+            since: None,
+            until: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum AuditOrder {
+    /// Newest first, older than the event with this id (`None`: from the newest).
+    NewestBefore(Option<uuid::Uuid>),
+    /// Oldest first, with `seq` greater than this.
+    OldestAfterSeq(u64),
+}
+
+/// Where a tenant's chain starts (after pruning) and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditChainState {
+    pub anchor_seq: u64,
+    pub anchor_hash: [u8; 32],
+    pub head_seq: u64,
+    pub head_hash: [u8; 32],
+}
+
+pub(crate) fn details_json(details: &BTreeMap<String, DetailValue>) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = details
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                DetailValue::Text(text) => serde_json::Value::from(text.as_str()),
+                DetailValue::Count(count) => serde_json::Value::from(*count),
+                DetailValue::List(items) => serde_json::Value::from(items.clone()),
+            };
+            (key.clone(), value)
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
+
+pub(crate) fn parse_details(json: &str) -> Option<BTreeMap<String, DetailValue>> {
+    let serde_json::Value::Object(object) = serde_json::from_str(json).ok()? else {
+        return None;
+    };
+    object
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                serde_json::Value::String(text) => DetailValue::Text(text),
+                serde_json::Value::Number(n) => DetailValue::Count(n.as_u64()?),
+                serde_json::Value::Array(items) => DetailValue::List(
+                    items
+                        .into_iter()
+                        .map(|i| i.as_str().map(str::to_string))
+                        .collect::<Option<_>>()?,
+                ),
+                _ => return None,
+            };
+            Some((key, value))
+        })
+        .collect()
+}
+
+pub(crate) fn hash_hex(hash: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(64);
+    for byte in hash {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+pub(crate) fn parse_hash(hex: &str) -> Result<[u8; 32], StoreError> {
+    let bad = || {
+        StoreError::Other(anyhow::anyhow!(
+            "stored audit chain hash is not 64 hex digits"
+        ))
+    };
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+pub(crate) fn seq_to_db(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+pub(crate) const AUDIT_COLUMNS: &str = "tenant_id, seq, id, occurred_at, action, outcome, actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, request_id, client_ip, user_agent, details, chain_hash";
+
+/// Takes the tenant's next seq under its head row (created at seq 1 from the genesis hash): the
+/// upsert locks the row on PostgreSQL until commit, so concurrent writers on any replica chain one
+/// after another; SQLite has one writer anyway. Returns the new seq and the previous hash.
+pub(crate) const ADVANCE_HEAD: &str = "INSERT INTO audit_chain_heads (tenant_id, seq, chain_hash) VALUES ($1, 1, $2) \
+     ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 RETURNING seq, chain_hash";
+pub(crate) const SET_HEAD_HASH: &str =
+    "UPDATE audit_chain_heads SET chain_hash = $2 WHERE tenant_id = $1";
+pub(crate) const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events (tenant_id, seq, id, occurred_at, action, outcome, actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, request_id, client_ip, user_agent, details, chain_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+
+/// Implements the audit helpers the [`crate::Store`] methods of `$store` (over `$db`) call.
+macro_rules! impl_audit {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            /// Appends `event` to its tenant's chain inside `tx`: the caller's change and its event
+            /// commit together or not at all.
+            async fn append_audit(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                use $crate::audit::*;
+                let genesis = hash_hex(&keyplane_core::audit::GENESIS);
+                let (seq, previous): (i64, String) = sqlx::query_as(ADVANCE_HEAD)
+                    .bind(event.tenant_id.as_uuid())
+                    .bind(&genesis)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                let seq = u64::try_from(seq).map_err(|_| {
+                    $crate::StoreError::Other(anyhow::anyhow!("negative audit seq"))
+                })?;
+                let hash = keyplane_core::audit::chain_hash(&parse_hash(&previous)?, event, seq);
+                let hash = hash_hex(&hash);
+                let target = event.target.as_ref();
+                sqlx::query(INSERT_AUDIT_EVENT)
+                    .bind(event.tenant_id.as_uuid())
+                    .bind(seq_to_db(seq))
+                    .bind(event.id)
+                    .bind(event.occurred_at)
+                    .bind(&event.action)
+                    .bind(event.outcome.as_str())
+                    .bind(event.actor.actor_type.as_str())
+                    .bind(event.actor.id)
+                    .bind(&event.actor.issuer)
+                    .bind(&event.actor.subject)
+                    .bind(target.map(|t| t.target_type.as_str()))
+                    .bind(target.map(|t| t.id))
+                    .bind(target.and_then(|t| t.name.as_deref()))
+                    .bind(&event.context.request_id)
+                    .bind(&event.context.client_ip)
+                    .bind(&event.context.user_agent)
+                    .bind(details_json(&event.details))
+                    .bind(&hash)
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query(SET_HEAD_HASH)
+                    .bind(event.tenant_id.as_uuid())
+                    .bind(&hash)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            async fn query_audit(
+                pool: &sqlx::Pool<$db>,
+                query: &$crate::AuditQuery,
+            ) -> Result<Vec<keyplane_core::ChainedEvent>, $crate::StoreError> {
+                use $crate::audit::*;
+                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE tenant_id = "
+                ));
+                sql.push_bind(query.tenant_id.as_uuid());
+                match query.order {
+                    AuditOrder::NewestBefore(Some(cursor)) => {
+                        sql.push(" AND seq < (SELECT seq FROM audit_events WHERE tenant_id = ");
+                        sql.push_bind(query.tenant_id.as_uuid());
+                        sql.push(" AND id = ");
+                        sql.push_bind(cursor);
+                        sql.push(")");
+                    }
+                    AuditOrder::NewestBefore(None) => {}
+                    AuditOrder::OldestAfterSeq(after) => {
+                        sql.push(" AND seq > ");
+                        sql.push_bind(seq_to_db(after));
+                    }
+                }
+                if !query.actions.is_empty() || !query.action_prefixes.is_empty() {
+                    sql.push(" AND (1 = 0");
+                    for action in &query.actions {
+                        sql.push(" OR action = ");
+                        sql.push_bind(action.clone());
+                    }
+                    for prefix in &query.action_prefixes {
+                        // Compared as a leading substring: no LIKE, so `_` and `%` mean themselves.
+                        sql.push(" OR substr(action, 1, ");
+                        sql.push_bind(i32::try_from(prefix.len()).unwrap_or(i32::MAX));
+                        sql.push(") = ");
+                        sql.push_bind(prefix.clone());
+                    }
+                    sql.push(")");
+                }
+                if let Some(actor) = query.actor_id {
+                    sql.push(" AND actor_id = ");
+                    sql.push_bind(actor);
+                }
+                if let Some(target) = query.target_id {
+                    sql.push(" AND target_id = ");
+                    sql.push_bind(target);
+                }
+                if let Some(outcome) = query.outcome {
+                    sql.push(" AND outcome = ");
+                    sql.push_bind(outcome.as_str());
+                }
+                if let Some(since) = query.since {
+                    sql.push(" AND occurred_at >= ");
+                    sql.push_bind(since);
+                }
+                if let Some(until) = query.until {
+                    sql.push(" AND occurred_at < ");
+                    sql.push_bind(until);
+                }
+                sql.push(match query.order {
+                    AuditOrder::NewestBefore(_) => " ORDER BY seq DESC LIMIT ",
+                    AuditOrder::OldestAfterSeq(_) => " ORDER BY seq ASC LIMIT ",
+                });
+                sql.push_bind(i64::from(query.limit));
+                let rows: Vec<$crate::rows::AuditRow> =
+                    sql.build_query_as().fetch_all(pool).await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn audit_chain_state_of(
+                pool: &sqlx::Pool<$db>,
+                tenant: keyplane_core::TenantId,
+            ) -> Result<$crate::AuditChainState, $crate::StoreError> {
+                use $crate::audit::*;
+                let head: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT seq, chain_hash FROM audit_chain_heads WHERE tenant_id = $1",
+                )
+                .bind(tenant.as_uuid())
+                .fetch_optional(pool)
+                .await?;
+                let anchor: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT seq, chain_hash FROM audit_chain_anchors WHERE tenant_id = $1",
+                )
+                .bind(tenant.as_uuid())
+                .fetch_optional(pool)
+                .await?;
+                let genesis = keyplane_core::audit::GENESIS;
+                let (head_seq, head_hash) = match head {
+                    Some((seq, hash)) => (seq.max(0) as u64, parse_hash(&hash)?),
+                    None => (0, genesis),
+                };
+                let (anchor_seq, anchor_hash) = match anchor {
+                    Some((seq, hash)) => (seq.max(0) as u64, parse_hash(&hash)?),
+                    None => (0, genesis),
+                };
+                Ok($crate::AuditChainState {
+                    anchor_seq,
+                    anchor_hash,
+                    head_seq,
+                    head_hash,
+                })
+            }
+
+            /// Deletes up to `batch` of one tenant's oldest events that are older than `before`,
+            /// only as a prefix of its chain, and moves its anchor to the last one deleted.
+            async fn prune_audit_batch(
+                pool: &sqlx::Pool<$db>,
+                before: chrono::DateTime<chrono::Utc>,
+                batch: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                let oldest: Option<(uuid::Uuid,)> = sqlx::query_as(
+                    "SELECT tenant_id FROM audit_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT 1",
+                )
+                .bind(before)
+                .fetch_optional(pool)
+                .await?;
+                let Some((tenant,)) = oldest else {
+                    return Ok(0);
+                };
+                let mut tx = pool.begin().await?;
+                // The prefix: events before the tenant's first one that is still young enough.
+                let rows: Vec<(i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+                    "SELECT seq, chain_hash, occurred_at FROM audit_events WHERE tenant_id = $1 \
+                     ORDER BY seq LIMIT $2",
+                )
+                .bind(tenant)
+                .bind(i64::from(batch.max(1)))
+                .fetch_all(&mut *tx)
+                .await?;
+                let prefix: Vec<_> = rows.iter().take_while(|(_, _, at)| *at < before).collect();
+                let Some((last_seq, last_hash, _)) = prefix.last() else {
+                    return Ok(0);
+                };
+                let deleted = sqlx::query("DELETE FROM audit_events WHERE tenant_id = $1 AND seq <= $2")
+                    .bind(tenant)
+                    .bind(*last_seq)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(
+                    "INSERT INTO audit_chain_anchors (tenant_id, seq, chain_hash) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tenant_id) DO UPDATE SET seq = excluded.seq, chain_hash = excluded.chain_hash \
+                     WHERE excluded.seq > audit_chain_anchors.seq",
+                )
+                .bind(tenant)
+                .bind(*last_seq)
+                .bind(last_hash)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(deleted)
+            }
+
+            async fn audit_heads_of(
+                pool: &sqlx::Pool<$db>,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                let rows: Vec<(uuid::Uuid, i64)> =
+                    sqlx::query_as("SELECT tenant_id, seq FROM audit_chain_heads")
+                        .fetch_all(pool)
+                        .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(t, s)| (keyplane_core::TenantId::from_uuid(t), s.max(0) as u64))
+                    .collect())
+            }
+
+            async fn export_cursors_of(
+                pool: &sqlx::Pool<$db>,
+                consumer: &str,
+            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+                let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+                    "SELECT tenant_id, seq FROM audit_export_cursors WHERE consumer = $1",
+                )
+                .bind(consumer)
+                .fetch_all(pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(t, s)| (keyplane_core::TenantId::from_uuid(t), s.max(0) as u64))
+                    .collect())
+            }
+
+            async fn save_export_cursors(
+                pool: &sqlx::Pool<$db>,
+                consumer: &str,
+                cursors: &[(keyplane_core::TenantId, u64)],
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = pool.begin().await?;
+                for (tenant, seq) in cursors {
+                    sqlx::query(
+                        "INSERT INTO audit_export_cursors (consumer, tenant_id, seq) VALUES ($1, $2, $3) \
+                         ON CONFLICT (consumer, tenant_id) DO UPDATE SET seq = excluded.seq",
+                    )
+                    .bind(consumer)
+                    .bind(tenant.as_uuid())
+                    .bind($crate::audit::seq_to_db(*seq))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_audit;
+
+pub(crate) fn corrupt(what: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("stored audit event has a bad {what}"))
+}
+
+pub(crate) fn event_outcome(raw: &str) -> Result<Outcome, StoreError> {
+    Outcome::parse(raw).ok_or_else(|| corrupt("outcome"))
+}
+
+pub(crate) fn event_details(raw: &str) -> Result<BTreeMap<String, DetailValue>, StoreError> {
+    parse_details(raw).ok_or_else(|| corrupt("details"))
+}
