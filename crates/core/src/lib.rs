@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod credential;
 pub mod error;
+pub mod glob;
 pub mod grant;
 pub mod ids;
 pub mod registry;
