@@ -21,6 +21,10 @@ fuzz_target!(|text: &str| {
     let (pattern, name) = text.split_once('\n').unwrap_or((text, ""));
     let matched = glob::matches(pattern, name);
     if glob::wildcard_count(pattern) <= 4 && name.len() <= 24 {
-        assert_eq!(matched, reference(pattern.as_bytes(), name.as_bytes()), "{pattern:?} ~ {name:?}");
+        assert_eq!(
+            matched,
+            reference(pattern.as_bytes(), name.as_bytes()),
+            "{pattern:?} ~ {name:?}"
+        );
     }
 });

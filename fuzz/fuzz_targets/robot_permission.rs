@@ -9,7 +9,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|text: &str| {
     if let Ok(permission) = RobotPermission::parse(text) {
         assert_eq!(permission.to_wire(), text);
-        assert_eq!(RobotPermission::parse_stored(text).as_ref(), Ok(&permission));
+        assert_eq!(
+            RobotPermission::parse_stored(text).as_ref(),
+            Ok(&permission)
+        );
         if let Some(pattern) = &permission.repository {
             assert!(pattern.len() <= glob::MAX_GLOB_LEN);
             assert!(glob::wildcard_count(pattern) <= glob::MAX_WILDCARDS);
