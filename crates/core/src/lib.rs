@@ -8,6 +8,7 @@ pub mod audit;
 pub mod authz;
 pub mod credential;
 pub mod error;
+pub mod glob;
 pub mod grant;
 pub mod ids;
 pub mod registry;

@@ -69,7 +69,7 @@ impl TryFrom<CredentialRow> for Credential {
         };
         let permissions = permissions
             .iter()
-            .map(|p| RobotPermission::parse(p))
+            .map(|p| RobotPermission::parse_stored(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| corrupt("permission"))?;
         Ok(Credential {

@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
-use keyplane_core::registry::{grant_access, parse_scopes, GrantedAccess};
+use keyplane_core::registry::{grant_access, grant_cost, parse_scopes, GrantedAccess, ScopeError};
 use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
@@ -51,11 +51,17 @@ struct Claims<'a> {
     access: Vec<Access<'a>>,
 }
 
+/// Glob matching above this [`grant_cost`] (some 50 µs) runs on a blocking thread, not on the
+/// async workers; below it, handing it over would cost more than the match.
+const INLINE_GRANT_COST: usize = 10_000;
+
 /// A refusal in the registry's error format.
 enum RegistryError {
     App(AppError),
     /// A request the token service does not serve (wrong service, unsupported form).
     Unsupported(String),
+    /// A `scope` outside the Distribution grammar: nothing is granted.
+    InvalidScope(ScopeError),
 }
 
 impl IntoResponse for RegistryError {
@@ -64,6 +70,14 @@ impl IntoResponse for RegistryError {
             RegistryError::App(error) => error,
             RegistryError::Unsupported(message) => {
                 let body = json!({ "errors": [{ "code": "UNSUPPORTED", "message": message }] });
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
+            RegistryError::InvalidScope(error) => {
+                let code = match error {
+                    ScopeError::InvalidName { .. } => "NAME_INVALID",
+                    ScopeError::Malformed { .. } | ScopeError::TooMany => "UNSUPPORTED",
+                };
+                let body = json!({ "errors": [{ "code": code, "message": error.to_string() }] });
                 return (StatusCode::BAD_REQUEST, Json(body)).into_response();
             }
         };
@@ -149,13 +163,25 @@ async fn issue(
             )));
         }
     }
-    let requested: Vec<_> = params
-        .iter()
-        .filter(|(k, _)| k == "scope")
-        .flat_map(|(_, v)| parse_scopes(v))
-        .collect();
+    let requested = parse_scopes(
+        params
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.as_str()),
+    )
+    .map_err(RegistryError::InvalidScope)?;
+    // The scope and permission bounds cap this work (`grant_cost`); a large share of it still
+    // leaves the async workers.
     let granted: Vec<GrantedAccess> =
-        grant_access(&robot.permissions, &registry.project, &requested);
+        if grant_cost(&robot.permissions, &requested) <= INLINE_GRANT_COST {
+            grant_access(&robot.permissions, &registry.project, &requested)
+        } else {
+            let permissions = robot.permissions.clone();
+            let project = registry.project.clone();
+            tokio::task::spawn_blocking(move || grant_access(&permissions, &project, &requested))
+                .await
+                .map_err(|e| AppError::Internal(e.into()))?
+        };
     let now = crate::ops::now();
     let ttl = config.token_ttl.as_secs();
     let claims = Claims {
@@ -192,7 +218,10 @@ async fn issue(
 /// The Distribution token-authentication endpoint (the registry's `auth.token.realm` is
 /// `http://<keyplane>/registry/token`). Log in with HTTP Basic: the robot's login name
 /// `robot$<harbor_project>+<name>` and its secret. Each `scope` (`repository:<project>/<repo>:pull,push`)
-/// is granted as far as the robot's permissions allow, never outside its organization's project.
+/// is granted as far as the robot's permissions allow, never outside its organization's project;
+/// a scope the robot may not use is left out of the token. A scope that does not follow the
+/// Distribution grammar, with a canonical repository name (lowercase components, no empty
+/// segment or `..`, at most 255 bytes), refuses the request with 400.
 #[utoipa::path(
     get, path = "/registry/token", tag = TAG,
     params(
@@ -202,6 +231,7 @@ async fn issue(
     ),
     responses(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
+        (status = 400, description = "A `scope` outside the Distribution grammar (`NAME_INVALID` for a name that is not a canonical repository name, `UNSUPPORTED` otherwise; at most 32 scopes), or another service."),
         (status = 401, description = "Bad or missing robot credentials."),
     ),
     security(("basic" = [])),
@@ -225,7 +255,7 @@ async fn issue_registry_token(
     request_body(content_type = "application/x-www-form-urlencoded", description = "grant_type=password&username=...&password=...&service=...&scope=..."),
     responses(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
-        (status = 400, description = "Unsupported grant type."),
+        (status = 400, description = "Unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes)."),
         (status = 401, description = "Bad robot credentials."),
     ),
 )]
@@ -242,14 +272,27 @@ async fn issue_registry_token_oauth(
             .map(|(_, v)| v.clone())
     };
     if field("grant_type").as_deref() != Some("password") {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "unsupported_grant_type", "error_description": "only grant_type=password is supported" })),
-        )
-            .into_response());
+        return Ok(oauth_error(
+            "unsupported_grant_type",
+            "only grant_type=password is supported",
+        ));
     }
     let (Some(username), Some(secret)) = (field("username"), field("password")) else {
         return Err(AppError::Unauthenticated("missing username or password").into());
     };
-    issue(&app, &username, &secret, &params).await
+    match issue(&app, &username, &secret, &params).await {
+        Err(RegistryError::InvalidScope(error)) => {
+            Ok(oauth_error("invalid_scope", &error.to_string()))
+        }
+        other => other,
+    }
+}
+
+/// An RFC 6749 §5.2 error answer, as OAuth2 clients of the form read it.
+fn oauth_error(code: &str, description: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": code, "error_description": description })),
+    )
+        .into_response()
 }

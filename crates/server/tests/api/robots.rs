@@ -1063,6 +1063,297 @@ async fn a_refused_login_does_not_count_as_use(backend: Backend) {
     assert!(used["last_used_at"].is_string());
 }
 
+/// Aether create and update refuse a glob over the bounds, or whose literal parts cannot be those
+/// of a canonical repository name, with one field error each; the largest allowed one is accepted.
+async fn robot_globs_are_bounded_and_canonical(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let longest = format!("pull:{}", "a".repeat(255));
+    let wildest = format!("pull:{}b", "*a".repeat(16));
+    let cases = [
+        (format!("pull:{}", "a".repeat(256)), "too_long"),
+        (format!("pull:{}b", "*a".repeat(17)), "too_many"),
+        (format!("push:{}", "a/**".repeat(17)), "too_many"),
+        ("pull:a..b".to_string(), "invalid_format"),
+        ("pull:team/../other".to_string(), "invalid_format"),
+        ("pull:team/./app".to_string(), "invalid_format"),
+        ("pull:.*".to_string(), "invalid_format"),
+        ("pull:team-/*".to_string(), "invalid_format"),
+        ("pull:a__-b".to_string(), "invalid_format"),
+        ("pull:team/".to_string(), "invalid_format"),
+        ("pull:***".to_string(), "invalid_format"),
+    ];
+    let ci = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let ci_id = str_of(&ci, "id").to_string();
+    for (glob, code) in &cases {
+        let create = app
+            .post(
+                &robots(&org),
+                &org.token,
+                json!({"name": "globbed", "permissions": ["pull", glob]}),
+            )
+            .await;
+        let update = put(
+            &app,
+            &robot(&org, &ci_id),
+            &org.token,
+            json!({"permissions": [glob, "push"]}),
+        )
+        .await;
+        for (res, field) in [(create, "permissions[1]"), (update, "permissions[0]")] {
+            let details = assert_error(res, 422, "validation_failed").await;
+            assert_eq!(
+                fields(&details),
+                [(field.to_string(), code.to_string())],
+                "{glob}"
+            );
+        }
+    }
+    let list: Value = app
+        .get(&robots(&org), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list_names(&list), ["default", "ci"]);
+    let one: Value = app
+        .get(&robot(&org, &ci_id), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["permissions"], json!(["pull"]));
+    let created = create_robot(
+        &app,
+        &org,
+        json!({"name": "bounded", "permissions": [longest, wildest, "push:team-*/**"]}),
+    )
+    .await;
+    assert_eq!(
+        created["permissions"],
+        json!([longest, wildest, "push:team-*/**"])
+    );
+}
+
+/// Bounded time for any question: `/registry/token` with a glob that a backtracking matcher
+/// never finishes (`*a` × 16 then `b` against `a` × 249), and with a 300-byte name. The case runs
+/// on its own thread and runtime so that a handler pinning its thread fails the test instead of
+/// hanging it.
+async fn pathological_globs_answer_at_once(backend: Backend) {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = std::panic::catch_unwind(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(pathological_globs_case(backend))
+        });
+        let _ = done.send(outcome);
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("/registry/token did not answer within two minutes"),
+    }
+}
+
+async fn pathological_globs_case(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let glob = format!("pull:{}b", "*a".repeat(16));
+    let robot = create_robot(
+        &app,
+        &org,
+        json!({"name": "ci", "permissions": [glob, "push:**a**a**a**a**a**a**a**a**b"]}),
+    )
+    .await;
+    let secret = str_of(&robot, "token").to_string();
+    let almost = format!("acme/{}", "a".repeat(249));
+    let ask = |scope: String| {
+        let (app, secret) = (&app, &secret);
+        async move { registry_token(app, "robot$acme+ci", secret, &scope).await }
+    };
+    let (status, claims) = ask(format!("repository:{almost}:pull,push,*")).await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"], json!([]));
+    let (status, claims) = ask(format!("repository:{almost}b:pull")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        claims["access"],
+        json!([{"type": "repository", "name": format!("{almost}b"), "actions": ["pull"]}])
+    );
+    // 32 such scopes at once, the most one request may ask (matched off the async workers).
+    let many: Vec<String> = (0..32)
+        .map(|i| format!("repository:acme/{}{i:02}:*", "a".repeat(248)))
+        .collect();
+    let (status, claims) = ask(many.join(" ")).await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"], json!([]));
+    // A 300-byte name is no repository name: refused before any matching.
+    let (status, _) = ask(format!("repository:acme/{}:pull", "a".repeat(295))).await;
+    assert_eq!(status, 400);
+
+    // A robot stored before the bounds (60 wildcards) still loads and answers at once.
+    let legacy =
+        keyplane_core::RobotPermission::parse_stored(&format!("pull:{}b", "*a".repeat(60)))
+            .unwrap();
+    let old = create_robot(&app, &org, json!({"name": "old"})).await;
+    app.app
+        .store()
+        .update_robot_permissions(
+            keyplane_core::TenantId::from_uuid(org.id.parse().unwrap()),
+            keyplane_core::CredentialId::from_uuid(str_of(&old, "id").parse().unwrap()),
+            &[legacy],
+            chrono::Utc::now(),
+            &keyplane_core::AuditEvent::new(
+                uuid::Uuid::now_v7(),
+                keyplane_core::TenantId::from_uuid(org.id.parse().unwrap()),
+                chrono::Utc::now(),
+                keyplane_core::audit::actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
+                keyplane_core::AuditActor::system(),
+                Default::default(),
+            ),
+        )
+        .await
+        .unwrap();
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+old",
+        str_of(&old, "token"),
+        &format!("repository:{almost}:pull"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(claims["access"], json!([]));
+}
+
+/// A `scope` outside the Distribution grammar, or naming no canonical repository, is refused with
+/// 400 (GET: the registry's error envelope; POST: RFC 6749 `invalid_scope`) and no token; a
+/// well-formed scope the robot may not use is still just left out.
+async fn bad_requested_scopes_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let robot = create_robot(
+        &app,
+        &org,
+        json!({"name": "ci", "permissions": ["pull", "push"]}),
+    )
+    .await;
+    let secret = str_of(&robot, "token").to_string();
+    let get = |scopes: Vec<String>| {
+        let app = &app;
+        let secret = secret.clone();
+        async move {
+            let mut query = vec![("service".to_string(), "keyplane-registry".to_string())];
+            query.extend(scopes.into_iter().map(|s| ("scope".to_string(), s)));
+            let res = app
+                .request(Method::GET, "/registry/token", None)
+                .basic_auth("robot$acme+ci", Some(&secret))
+                .query(&query)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    let too_many: Vec<String> = (0..33)
+        .map(|i| format!("repository:acme/r{i}:pull"))
+        .collect();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["repository:acme/../other/app:pull".into()],
+            "NAME_INVALID",
+        ),
+        (vec!["repository:acme//app:pull".into()], "NAME_INVALID"),
+        (vec!["repository:acme/app/:pull".into()], "NAME_INVALID"),
+        (vec!["repository:Acme/App:pull".into()], "NAME_INVALID"),
+        (vec!["repository:acme/a..b:pull".into()], "NAME_INVALID"),
+        (vec!["repository:acme/-app:pull".into()], "NAME_INVALID"),
+        (
+            vec![format!("repository:acme/{}:pull", "a".repeat(251))],
+            "NAME_INVALID",
+        ),
+        (vec!["repository:acme/app".into()], "UNSUPPORTED"),
+        (vec!["bogus".into()], "UNSUPPORTED"),
+        (vec!["repository:acme/app:pull;push".into()], "UNSUPPORTED"),
+        (
+            vec![
+                "repository:acme/app:pull".into(),
+                "repository:acme/x:pull repository:..:pull".into(),
+            ],
+            "NAME_INVALID",
+        ),
+        (too_many, "UNSUPPORTED"),
+    ];
+    for (scopes, code) in cases {
+        let (status, body) = get(scopes.clone()).await;
+        assert_eq!(status, 400, "{scopes:?}: {body}");
+        assert_eq!(body["errors"][0]["code"], code, "{scopes:?}: {body}");
+        assert!(body["errors"][0]["message"].is_string());
+        assert!(body.get("token").is_none(), "{body}");
+    }
+    // The message says which scope, without echoing it.
+    let (_, body) = get(vec![
+        "repository:acme/app:pull".into(),
+        "repository:acme/x:pull repository:..:pull".into(),
+    ])
+    .await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("scope 3 "),
+        "{body}"
+    );
+
+    // The OAuth2 form answers in RFC 6749's dialect.
+    let res = app
+        .request(Method::POST, "/registry/token", None)
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "robot$acme+ci"),
+            ("password", &secret),
+            ("service", "keyplane-registry"),
+            ("scope", "repository:acme/../other/app:pull,push"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_scope", "{body}");
+    assert!(body["error_description"].is_string());
+
+    // Bad credentials still answer 401 first.
+    let res = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth("robot$acme+ci", Some("wrong"))
+        .query(&[("scope", "repository:acme/../x:pull")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // Well-formed scopes it may not use are left out, not refused; canonical ones are granted.
+    let (status, claims) = registry_token(
+        &app,
+        "robot$acme+ci",
+        &secret,
+        "repository:other/app:pull registry:catalog:* repository:acme/a.b_c__d--e/f:pull,admin",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        claims["access"],
+        json!([{"type": "repository", "name": "acme/a.b_c__d--e/f", "actions": ["pull"]}])
+    );
+}
+
 both_backends!(
     a_refused_login_does_not_count_as_use,
     registry_is_disabled_until_enabled,
@@ -1074,4 +1365,7 @@ both_backends!(
     other_tenants_registries_answer_404,
     robot_secrets_do_not_open_management_apis,
     same_named_orgs_get_different_projects,
+    robot_globs_are_bounded_and_canonical,
+    pathological_globs_answer_at_once,
+    bad_requested_scopes_are_refused,
 );
