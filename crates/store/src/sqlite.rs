@@ -66,6 +66,14 @@ impl SqliteStore {
         // Readers first: the last connection to close checkpoints the WAL and removes it, and only
         // a read-write one can.
         self.pool.close().await;
+        // A reader may still be closing on its worker thread when `close` returns, and then the
+        // writer is not the last connection and leaves the WAL behind: truncate it explicitly.
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.writer)
+            .await
+        {
+            tracing::warn!(%error, "could not checkpoint the WAL at close");
+        }
         self.writer.close().await;
     }
 }
