@@ -173,7 +173,6 @@ pub fn parse_audit_query(
     };
     for (name, raw) in pairs {
         match name.as_str() {
-            "cursor" if raw.is_empty() => {}
             "cursor" => query.order = AuditOrder::NewestBefore(uuid_of("cursor", raw, &mut errors)),
             "limit" => match raw.parse::<u32>() {
                 Ok(limit) if (1..=MAX_PAGE).contains(&limit) => query.limit = limit,
@@ -240,7 +239,7 @@ pub fn parse_audit_query(
     get, path = "/api/v1/organizations/{orgID}/audit-events", tag = TAG_AUDIT,
     params(
         ("orgID" = Uuid, Path, description = "Organization UUID."),
-        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page."),
+        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page (a UUID; an empty value is refused)."),
         ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
         ("action" = Option<Vec<String>>, Query, description = "Repeatable. An action (`api_token.created`) or a prefix (`api_token.*`)."),
         ("actor_id" = Option<Uuid>, Query, description = "Only events by this credential or user."),

@@ -319,12 +319,15 @@ async fn error_lists_are_capped_and_say_how_many_were_left_out(backend: Backend)
 async fn an_empty_cursor_is_not_a_uuid(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
-    let res = app.get(&org.path("/api-tokens?cursor="), &org.token).await;
-    let details = assert_error(res, 422, "validation_failed").await;
-    assert_eq!(
-        fields(&details),
-        [("cursor".to_string(), "invalid_uuid".to_string())]
-    );
+    for list in ["/api-tokens?cursor=", "/audit-events?cursor="] {
+        let res = app.get(&org.path(list), &org.token).await;
+        let details = assert_error(res, 422, "validation_failed").await;
+        assert_eq!(
+            fields(&details),
+            [("cursor".to_string(), "invalid_uuid".to_string())],
+            "{list}"
+        );
+    }
 }
 
 /// The contract points schemathesis found, read from the served document.
