@@ -34,3 +34,24 @@ fn read<T: FromJsonBody>(bytes: &[u8], now: DateTime<Utc>) -> Option<T> {
         Err(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readers_accept_real_bodies_and_name_the_bad_fields() {
+        let now = crate::ops::now();
+        let token = br#"{"name": "ci-deploy", "scopes": ["api_tokens:read"]}"#;
+        assert!(read::<CreateApiTokenRequest>(token, now).is_some());
+        let robot = br#"{"name": "ci", "permissions": ["pull", "push:team-a/*"]}"#;
+        assert!(read::<CreateRobotAccountRequest>(robot, now).is_some());
+        let bad_robot = br#"{"name": "CI bot", "permissions": [3], "extra": 1}"#;
+        match read_json_body::<CreateRobotAccountRequest>(bad_robot, now) {
+            Err(AppError::Domain(DomainError::Validation(errors))) => assert_eq!(errors.len(), 3),
+            _ => panic!("a bad robot body is a validation error"),
+        }
+        read_create_bodies(b"{\"name\": \"x\"");
+        read_create_bodies(b"[1, 2, 3]");
+    }
+}
