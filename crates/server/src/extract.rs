@@ -70,15 +70,24 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
                     AppError::InvalidJson("the body could not be read".into())
                 }
             })?;
-        let value: Value =
-            serde_json::from_slice(&bytes).map_err(|e| AppError::InvalidJson(e.to_string()))?;
-        let mut reader = ObjectReader::new(value).map_err(DomainError::from)?;
-        let parsed = T::from_json(&mut reader, crate::ops::now());
-        let errors = reader.finish();
-        match parsed {
-            Some(value) if errors.is_empty() => Ok((Self(value, PhantomData), bytes)),
-            _ => Err(DomainError::Validation(errors).into()),
-        }
+        let value = read_json_body(&bytes, crate::ops::now())?;
+        Ok((Self(value, PhantomData), bytes))
+    }
+}
+
+/// Parses a request body as JSON and reads it as a `T`, with every bad field reported.
+pub(crate) fn read_json_body<T: FromJsonBody>(
+    bytes: &[u8],
+    now: DateTime<Utc>,
+) -> Result<T, AppError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let mut reader = ObjectReader::new(value).map_err(DomainError::from)?;
+    let parsed = T::from_json(&mut reader, now);
+    let errors = reader.finish();
+    match parsed {
+        Some(value) if errors.is_empty() => Ok(value),
+        _ => Err(DomainError::Validation(errors).into()),
     }
 }
 

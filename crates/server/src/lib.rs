@@ -15,6 +15,8 @@ mod docs;
 pub mod error;
 mod extract;
 mod failed_auth;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hybridbox;
 mod idempotency;
 mod metrics;
