@@ -413,6 +413,9 @@ async fn revoke_returns_the_record_and_is_idempotent(backend: Backend) {
     let (id, token) = service_account(&app, &org, "doomed", &["auth.manage"]).await;
     let list_path = org.account_path("/service-accounts");
     assert_eq!(app.get(&list_path, &token).await.status(), 200);
+    // Write that use's `last_used_at` now: a flush landing between the two revokes below would
+    // make the records differ.
+    app.app.flush_usage().await;
 
     let path = org.account_path(&format!("/service-accounts/{id}"));
     let res = app.delete(&path, &org.token).await;
