@@ -66,6 +66,7 @@ const ORG_ID: HeaderName = HeaderName::from_static("x-keyplane-org-id");
 const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
 const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
 const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
+const SECRET: HeaderName = HeaderName::from_static("x-keyplane-secret");
 
 /// A credential's scopes as one space-separated string. (Robot secrets never verify here.)
 fn scope_string(verified: &Verified) -> String {
@@ -96,6 +97,11 @@ pub struct IntrospectionResponse {
     pub exp: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// Which secret was presented: `current`, or `previous` during a rotation's grace period (find
+    /// the callers that still use the old one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(current|previous)$")]
+    pub secret: Option<&'static str>,
 }
 
 impl IntrospectionResponse {
@@ -109,6 +115,7 @@ impl IntrospectionResponse {
             username: None,
             exp: None,
             iat: None,
+            secret: None,
         }
     }
 }
@@ -206,6 +213,7 @@ async fn introspect(
         username: Some(credential.name.clone()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
+        secret: Some(verified.secret.as_str()),
     })
     .into_response())
 }
@@ -214,8 +222,9 @@ async fn introspect(
 ///
 /// For nginx `auth_request`, Traefik `forwardAuth` and Envoy `ext_authz`: verifies the request's
 /// own `Authorization: Bearer` credential and answers 200 with `X-Keyplane-Org-Id`,
-/// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind` and `X-Keyplane-Scopes`
-/// (space-separated), or 401. Each `scope` query parameter is a scope the credential must hold
+/// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind`, `X-Keyplane-Scopes`
+/// (space-separated) and `X-Keyplane-Secret` (`current`, or `previous` during a rotation's grace
+/// period), or 401. Each `scope` query parameter is a scope the credential must hold
 /// (403 otherwise).
 #[utoipa::path(
     get, path = "/v1/auth/forward", tag = TAG,
@@ -267,6 +276,7 @@ async fn forward_auth(
     out.insert(SUBJECT, identity.subject.clone());
     out.insert(KIND, identity.kind.clone());
     out.insert(SCOPES, identity.scopes.clone());
+    out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
     Ok(response)
 }
 
@@ -323,6 +333,9 @@ pub struct WhoAmI {
     pub scopes: Vec<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
+    /// Which secret was presented: `current`, or `previous` during a rotation's grace period.
+    #[schema(value_type = String, pattern = "^(current|previous)$")]
+    pub secret: &'static str,
 }
 
 /// Who am I
@@ -350,5 +363,6 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
         name: credential.name.clone(),
         scopes: verified.rights.to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
+        secret: verified.secret.as_str(),
     }))
 }

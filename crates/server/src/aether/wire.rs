@@ -1,7 +1,7 @@
 //! Aether wire shapes, one struct per shape, field names exactly as the reference spells them.
 
 use crate::extract::{FromJsonBody, ObjectReader};
-use crate::wire::{one_time_secret, optional_timestamp, timestamp};
+use crate::wire::{one_time_secret, optional_timestamp, timestamp, Lifecycle};
 use chrono::{DateTime, Utc};
 use keyplane_core::registry::{self, RegistryAction};
 use keyplane_core::{
@@ -68,10 +68,25 @@ pub struct ApiTokenView {
     #[serde(serialize_with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
+    /// When the previous secret, kept by a rotation with a grace period, stops working; null when
+    /// there is none (no grace period, retired, or ended).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The previous secret's own last use (it may lag by the usage flush period); null when there
+    /// is no previous secret or it has not been used since the rotation.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    /// Set while suspended: it authenticates nowhere until resumed.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<Credential> for ApiTokenView {
     fn from(credential: Credential) -> Self {
+        let lifecycle = Lifecycle::of(&credential);
         let Credential {
             id,
             tenant_id,
@@ -88,6 +103,10 @@ impl From<Credential> for ApiTokenView {
             revoked_at: _,
             created_by_user_id: _,
             revoked_by_user_id: _,
+            suspended_at: _,
+            rotated_at: _,
+            previous_secret: _,
+            expiry_notice_days: _,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -98,6 +117,9 @@ impl From<Credential> for ApiTokenView {
             last_used_at,
             expires_at,
             created_at,
+            previous_secret_expires_at: lifecycle.previous_secret_expires_at,
+            previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
+            suspended_at: lifecycle.suspended_at,
         }
     }
 }
@@ -166,6 +188,10 @@ pub struct CreateRobotAccountRequest {
     /// listed once. Default `["pull"]`.
     #[schema(value_type = Option<Vec<String>>, min_items = 1, max_items = 50)]
     pub permissions: Vec<RobotPermission>,
+    /// Optional expiry (RFC 3339), in the future and no later than 9999-12-31T23:59:59.999999Z;
+    /// the organization's credential policy may require one or fill in its default lifetime.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPermission>> {
@@ -186,14 +212,16 @@ fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPe
 }
 
 impl FromJsonBody for CreateRobotAccountRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
+    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
         let name = r
             .string("name")
             .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
         let permissions = permissions_field(r, false);
+        let expires_at = r.expires_at("expires_at", now);
         Some(Self {
             name: name?,
             permissions: permissions?,
+            expires_at: expires_at?,
         })
     }
 }
@@ -234,10 +262,29 @@ pub struct RobotAccountView {
     #[serde(serialize_with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: DateTime<Utc>,
+    /// When the robot's secret stops working; null: never.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the previous secret, kept by a rotation with a grace period, stops working; null when
+    /// there is none (no grace period, retired, or ended).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The previous secret's own last use (it may lag by the usage flush period); null when there
+    /// is no previous secret or it has not been used since the rotation.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    /// Set while suspended: it authenticates nowhere until resumed.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<Credential> for RobotAccountView {
     fn from(credential: Credential) -> Self {
+        let lifecycle = Lifecycle::of(&credential);
         let Credential {
             id,
             tenant_id,
@@ -247,13 +294,17 @@ impl From<Credential> for RobotAccountView {
             display: _,
             scopes: _,
             permissions,
-            expires_at: _,
+            expires_at,
             created_at,
             updated_at,
             last_used_at,
             revoked_at: _,
             created_by_user_id: _,
             revoked_by_user_id: _,
+            suspended_at: _,
+            rotated_at: _,
+            previous_secret: _,
+            expiry_notice_days: _,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -264,6 +315,10 @@ impl From<Credential> for RobotAccountView {
             last_used_at,
             created_at,
             updated_at,
+            expires_at,
+            previous_secret_expires_at: lifecycle.previous_secret_expires_at,
+            previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
+            suspended_at: lifecycle.suspended_at,
         }
     }
 }
@@ -375,4 +430,189 @@ pub struct RegistryCredentials {
 pub struct RegistryEnabled {
     pub registry: RegistryView,
     pub credentials: RegistryCredentials,
+}
+
+/// Lifetime rules for one kind of credential, or for all.
+#[derive(Serialize, ToSchema)]
+#[schema(as = LifetimeRule)]
+pub struct LifetimeRuleView {
+    /// No credential may expire later than this many days after it is created or rotated
+    /// (1–36500); null: no limit.
+    #[schema(minimum = 1, maximum = 36500)]
+    pub max_lifetime_days: Option<u32>,
+    /// Every credential must have an `expires_at` (given, or filled from `default_lifetime_days`).
+    pub require_expiry: bool,
+    /// The lifetime, in days, of a credential created without `expires_at` (1–36500, at most
+    /// `max_lifetime_days`); null: none is filled in.
+    #[schema(minimum = 1, maximum = 36500)]
+    pub default_lifetime_days: Option<u32>,
+}
+
+impl From<&keyplane_core::LifetimeRule> for LifetimeRuleView {
+    fn from(rule: &keyplane_core::LifetimeRule) -> Self {
+        Self {
+            max_lifetime_days: rule.max_lifetime_days,
+            require_expiry: rule.require_expiry,
+            default_lifetime_days: rule.default_lifetime_days,
+        }
+    }
+}
+
+/// How many live credentials of each kind break the policy now (it does not change them).
+#[derive(Serialize, ToSchema)]
+pub struct PolicyExceeding {
+    pub api_tokens: u64,
+    pub service_accounts: u64,
+    pub robot_accounts: u64,
+}
+
+/// The organization's credential policy.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CredentialPolicy)]
+pub struct CredentialPolicyView {
+    pub org_id: Uuid,
+    /// The rule for every kind without its own.
+    pub all: LifetimeRuleView,
+    /// API tokens' own rule, replacing `all` for them; null: `all` applies.
+    pub api_tokens: Option<LifetimeRuleView>,
+    pub service_accounts: Option<LifetimeRuleView>,
+    pub robot_accounts: Option<LifetimeRuleView>,
+    /// What a reported leak does to the credential: `revoke` (default) or `suspend`.
+    #[schema(value_type = String, pattern = "^(revoke|suspend)$")]
+    pub on_leak: &'static str,
+    /// When the policy was last set; null: never (this is the default policy).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub updated_at: Option<DateTime<Utc>>,
+    pub exceeding: PolicyExceeding,
+}
+
+impl CredentialPolicyView {
+    pub fn new(org: keyplane_core::TenantId, report: crate::ops::PolicyReport) -> Self {
+        let policy = &report.policy;
+        let count = |kind| {
+            report
+                .exceeding
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0, |(_, n)| *n)
+        };
+        Self {
+            org_id: org.as_uuid(),
+            all: (&policy.all).into(),
+            api_tokens: policy.api_tokens.as_ref().map(Into::into),
+            service_accounts: policy.service_accounts.as_ref().map(Into::into),
+            robot_accounts: policy.robot_accounts.as_ref().map(Into::into),
+            on_leak: policy.on_leak.as_str(),
+            updated_at: report.updated_at,
+            exceeding: PolicyExceeding {
+                api_tokens: count(keyplane_core::CredentialKind::ApiToken),
+                service_accounts: count(keyplane_core::CredentialKind::ServiceAccount),
+                robot_accounts: count(keyplane_core::CredentialKind::RobotAccount),
+            },
+        }
+    }
+}
+
+/// One lifetime rule in a `PUT /credential-policy` body; absent fields take their defaults.
+#[derive(ToSchema)]
+#[schema(as = LifetimeRuleInput)]
+pub struct LifetimeRuleInput {
+    #[schema(minimum = 1, maximum = 36500)]
+    pub max_lifetime_days: Option<u32>,
+    pub require_expiry: Option<bool>,
+    #[schema(minimum = 1, maximum = 36500)]
+    pub default_lifetime_days: Option<u32>,
+}
+
+/// `PUT /credential-policy` body: the whole policy (absent fields take their defaults: no rules,
+/// leaks revoke).
+#[derive(ToSchema)]
+#[schema(as = CredentialPolicyUpdate, example = json!({"all": {"max_lifetime_days": 90, "require_expiry": true, "default_lifetime_days": 30}, "robot_accounts": {"max_lifetime_days": 365}, "on_leak": "revoke"}))]
+pub struct PutCredentialPolicyRequest {
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    pub all: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    pub api_tokens: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    pub service_accounts: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    pub robot_accounts: Option<keyplane_core::LifetimeRule>,
+    /// `revoke` (default) or `suspend`.
+    #[schema(value_type = Option<String>, pattern = "^(revoke|suspend)$")]
+    pub on_leak: Option<keyplane_core::LeakAction>,
+}
+
+fn lifetime_rule(
+    r: &mut ObjectReader,
+    key: &'static str,
+) -> Option<Option<keyplane_core::LifetimeRule>> {
+    let max = keyplane_core::policy::MAX_POLICY_DAYS;
+    let mut nested = match r.nested_object(key) {
+        Ok(Some(nested)) => nested,
+        Ok(None) => return Some(None),
+        Err(()) => return None,
+    };
+    let max_lifetime_days = nested.optional_u32("max_lifetime_days", 1, max);
+    let require_expiry = nested.optional_bool("require_expiry", false);
+    let default_lifetime_days = nested.optional_u32("default_lifetime_days", 1, max);
+    let rule = match (max_lifetime_days, require_expiry, default_lifetime_days) {
+        (Some(max_lifetime_days), Some(require_expiry), Some(default_lifetime_days)) => {
+            let rule = keyplane_core::LifetimeRule {
+                max_lifetime_days,
+                require_expiry,
+                default_lifetime_days,
+            };
+            let problems = rule.check(&FieldPath::body(key));
+            let ok = problems.is_empty();
+            nested.check_all::<()>(if ok { Ok(()) } else { Err(problems) });
+            ok.then_some(rule)
+        }
+        _ => None,
+    };
+    r.absorb(nested);
+    rule.map(Some)
+}
+
+impl FromJsonBody for PutCredentialPolicyRequest {
+    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
+        let all = lifetime_rule(r, "all");
+        let api_tokens = lifetime_rule(r, "api_tokens");
+        let service_accounts = lifetime_rule(r, "service_accounts");
+        let robot_accounts = lifetime_rule(r, "robot_accounts");
+        let on_leak = match r.nullable_string("on_leak") {
+            Ok(None) => Some(None),
+            Ok(Some(text)) => match keyplane_core::LeakAction::parse(&text) {
+                Some(action) => Some(Some(action)),
+                None => {
+                    r.check::<()>(Err(keyplane_core::FieldError::new(
+                        FieldPath::body("on_leak"),
+                        keyplane_core::error::codes::INVALID_CHOICE,
+                        "must be one of: revoke, suspend",
+                    )));
+                    None
+                }
+            },
+            Err(()) => None,
+        };
+        Some(Self {
+            all: all?,
+            api_tokens: api_tokens?,
+            service_accounts: service_accounts?,
+            robot_accounts: robot_accounts?,
+            on_leak: on_leak?,
+        })
+    }
+}
+
+impl PutCredentialPolicyRequest {
+    pub fn into_policy(self) -> keyplane_core::CredentialPolicy {
+        keyplane_core::CredentialPolicy {
+            all: self.all.unwrap_or_default(),
+            api_tokens: self.api_tokens,
+            service_accounts: self.service_accounts,
+            robot_accounts: self.robot_accounts,
+            on_leak: self.on_leak.unwrap_or_default(),
+        }
+    }
 }
