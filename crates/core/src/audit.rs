@@ -29,6 +29,9 @@ pub mod actions {
     pub const AUTHORIZATION_CREATED: &str = "authorization.created";
     pub const AUTHORIZATION_REVOKED: &str = "authorization.revoked";
     pub const ACCESS_DENIED: &str = "access.denied";
+    /// A credential's secret was reported found in public (GitHub secret scanning, the public
+    /// revocation endpoint) and keyplane acted on it; the target names the credential.
+    pub const CREDENTIAL_LEAKED: &str = "credential.leaked";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

@@ -30,6 +30,11 @@ pub struct Config {
     pub audit_retention_days: u32,
     /// Refused attempts are aggregated over this window before one event per kind is written.
     pub audit_refusal_window: Duration,
+    /// Leaked-token response (`leaks`): where and how GitHub's secret-scanning keys are fetched.
+    pub github_keys: crate::leaks::GithubKeysConfig,
+    /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
+    /// off.
+    pub public_revoke_per_minute: u32,
 }
 
 /// What one connection may hold of the server, so that slow or idle clients cannot exhaust its
@@ -104,6 +109,8 @@ impl Default for Config {
             audit_log: None,
             audit_retention_days: 400,
             audit_refusal_window: Duration::from_secs(60),
+            github_keys: crate::leaks::GithubKeysConfig::default(),
+            public_revoke_per_minute: 10,
         }
     }
 }

@@ -61,18 +61,23 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
         if !is_json(request.headers()) {
             return Err(AppError::UnsupportedMediaType.into());
         }
-        let bytes = Bytes::from_request(request, app)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::PayloadTooLarge
-                } else {
-                    AppError::InvalidJson("the body could not be read".into())
-                }
-            })?;
+        let bytes = read_body(request, app).await?;
         let value = read_json_body(&bytes, crate::ops::now())?;
         Ok((Self(value, PhantomData), bytes))
     }
+}
+
+/// The whole body as sent, within the body limit (413 past it).
+pub(crate) async fn read_body(request: Request, app: &App) -> Result<Bytes, AppError> {
+    Bytes::from_request(request, app)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge
+            } else {
+                AppError::InvalidJson("the body could not be read".into())
+            }
+        })
 }
 
 /// Parses a request body as JSON and reads it as a `T`, with every bad field reported.
@@ -91,7 +96,7 @@ pub(crate) fn read_json_body<T: FromJsonBody>(
     }
 }
 
-fn is_json(headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
     let Some(content_type) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
