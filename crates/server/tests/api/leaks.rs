@@ -650,3 +650,44 @@ async fn public_revoke_is_limited_per_address() {
     let org = app.create_org("acme").await;
     assert_eq!(whoami_status(&app, &org.token).await, 200);
 }
+
+/// The scanner fixture in contrib/ (what the detect-secrets plugin and the gitleaks rules are
+/// tested on) is what it says, by keyplane's own parser: its real tokens parse, its
+/// wrong-checksum tokens fail on the checksum only, its look-alikes fail.
+#[test]
+fn scanner_fixture_agrees_with_the_token_format() {
+    use keyplane_core::token::{parse, FormatError};
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../../../../contrib/tests/fixtures/tokens.json"
+    ))
+    .unwrap();
+    let list = |name: &str| -> Vec<String> {
+        fixture[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let real = list("real");
+    let kinds: Vec<CredentialKind> = real.iter().map(|t| parse(t).unwrap().kind).collect();
+    for kind in [
+        CredentialKind::ApiToken,
+        CredentialKind::ServiceAccount,
+        CredentialKind::RobotAccount,
+    ] {
+        assert!(kinds.contains(&kind), "the fixture has a real {kind:?}");
+    }
+    for token in list("wrong_checksum") {
+        assert_eq!(parse(&token), Err(FormatError::Checksum), "{token}");
+    }
+    for token in list("look_alikes") {
+        // Embedded in a longer word, a real token still parses on its own: the scanners must
+        // not find it there, which the Python tests check.
+        if let Some(inner) = token.strip_prefix("my_") {
+            assert!(parse(inner).is_ok());
+            continue;
+        }
+        assert!(parse(&token).is_err(), "{token}");
+    }
+}
