@@ -33,6 +33,8 @@ const ATTEMPTS: u32 = 3;
 
 /// `POST /v1/credentials/revoke` body.
 #[derive(ToSchema)]
+// Unknown fields are refused (400): say so, so that a client or a tester does not send them.
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"credentials": ["aether_0123456789abcdef0123456789abcdef0123456789abcdef3a5c01d2"]}))]
 pub struct RevokeCredentialsRequest {
     /// The tokens found: 1–100 strings. Strings that are not keyplane tokens (wrong prefix,

@@ -691,3 +691,51 @@ fn scanner_fixture_agrees_with_the_token_format() {
         assert!(parse(&token).is_err(), "{token}");
     }
 }
+
+/// Both routes are in the OpenAPI document with every status they answer, need no credential,
+/// and speak the verification endpoints' error schema.
+#[tokio::test]
+async fn leak_routes_are_declared_in_the_openapi_document() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let res = app
+        .request(Method::GET, "/openapi.json", None)
+        .send()
+        .await
+        .unwrap();
+    let document: Value = res.json().await.unwrap();
+    for (path, statuses) in [
+        (
+            GITHUB_ROUTE,
+            &["200", "400", "401", "413", "415", "429", "500", "503"][..],
+        ),
+        (
+            REVOKE_ROUTE,
+            &["202", "400", "413", "415", "429", "503"][..],
+        ),
+    ] {
+        let operation = &document["paths"][path]["post"];
+        let mut declared: Vec<&str> = operation["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{path} is declared"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        declared.sort();
+        assert_eq!(declared, statuses, "{path}");
+        assert_eq!(
+            operation["security"],
+            json!([{}]),
+            "{path} needs no credential"
+        );
+        for status in statuses.iter().filter(|s| !s.starts_with('2')) {
+            assert_eq!(
+                operation["responses"][status]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/OAuthError",
+                "{path} {status}"
+            );
+        }
+    }
+    let revoke_body = &document["components"]["schemas"]["RevokeCredentialsRequest"];
+    assert_eq!(revoke_body["additionalProperties"], false, "{revoke_body}");
+    assert_eq!(revoke_body["properties"]["credentials"]["maxItems"], 100);
+}
