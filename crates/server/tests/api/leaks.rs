@@ -739,3 +739,82 @@ async fn leak_routes_are_declared_in_the_openapi_document() {
     assert_eq!(revoke_body["additionalProperties"], false, "{revoke_body}");
     assert_eq!(revoke_body["properties"]["credentials"]["maxItems"], 100);
 }
+
+/// A server whose store the test can switch off, and its switch.
+async fn spawn_with_switch(config: Config) -> (TestApp, Arc<crate::faulty_store::FaultyStore>) {
+    let mut switch = None;
+    let app = TestApp::spawn_wrapped(Backend::Sqlite, config, |store| {
+        let faulty = crate::faulty_store::FaultyStore::new(store);
+        switch = Some(faulty.clone());
+        faulty
+    })
+    .await;
+    (app, switch.unwrap())
+}
+
+/// Garbage never reaches the store: with the store switched off, a signed report of strings that
+/// are not keyplane tokens (wrong checksum included) is still answered; one well-formed token
+/// makes it ask the store (503, GitHub retries).
+#[tokio::test]
+async fn github_reports_only_well_formed_tokens_reach_the_store() {
+    let key = TestKey::new("key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let (app, store) = spawn_with_switch(config_with_keys(&keys.url)).await;
+    let real = unknown_token(CredentialKind::ServiceAccount);
+    store.set_down(true);
+
+    let garbage = matches_body(&[
+        (&wrong_checksum(&real), "keyplane_service_account_token"),
+        ("aether_short", "keyplane_api_token"),
+        ("ghp_somebody_elses", "keyplane_api_token"),
+    ]);
+    let res = post_signed(&app, &key, &garbage).await;
+    assert_eq!(res.status(), 200, "answered without the store");
+    let feedback: Value = res.json().await.unwrap();
+    assert!(
+        feedback
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["label"] == "false_positive"),
+        "{feedback}"
+    );
+
+    let well_formed = matches_body(&[(&real, "keyplane_service_account_token")]);
+    let res = post_signed(&app, &key, &well_formed).await;
+    assert_eq!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
+        1
+    );
+    assert_oauth_error(res, 503, "temporarily_unavailable").await;
+}
+
+/// The public answer does not wait for the store (it is the same when the store is down), and a
+/// report that meets a store outage is retried: the token dies once the store is back.
+#[tokio::test]
+async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
+    let (app, store) = spawn_with_switch(test_config()).await;
+    let org = app.create_org("acme").await;
+    let leaked = app.create_token(&org, "leaky", &[]).await;
+    let leaked = leaked["token"].as_str().unwrap().to_string();
+    assert_eq!(whoami_status(&app, &leaked).await, 200);
+
+    store.set_down(true);
+    let res = revoke(&app, json!({ "credentials": [leaked] })).await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"received": 1, "well_formed": 1})
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.set_down(false);
+    eventually("the report is retried once the store is back", || async {
+        whoami_status(&app, &leaked).await == 401
+    })
+    .await;
+    assert_eq!(leak_events(&app, &org).await.len(), 1);
+}
