@@ -374,6 +374,15 @@ async fn github_report_revokes_real_credentials_and_labels_every_match(backend: 
     let feedback: Value = res.json().await.unwrap();
     assert_eq!(feedback[0]["label"], "true_positive");
     assert_eq!(event_count(&app, &org).await, before);
+
+    // Reported tokens, real or not, never reach the log (trace level, everything captured).
+    let logged = crate::logs::captured();
+    for token in [&api, &sa, &robot, &bad_checksum, &unknown] {
+        assert!(
+            !logged.contains(token.as_str()),
+            "a reported token was logged"
+        );
+    }
 }
 
 async fn github_refuses_unsigned_and_badly_signed_reports(backend: Backend) {
@@ -585,6 +594,14 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
         .await;
     let page: Value = res.json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+
+    let logged = crate::logs::captured();
+    for token in lists.iter().flatten().filter(|t| t.len() > 40) {
+        assert!(
+            !logged.contains(token.as_str()),
+            "a reported token was logged"
+        );
+    }
 }
 
 #[tokio::test]
