@@ -42,7 +42,7 @@ fn audit_event(
 }
 
 /// A credential as an event's target, with what identifies it without its secret.
-fn credential_event(
+pub(crate) fn credential_event(
     action: &str,
     actor: AuditActor,
     context: &RequestContext,
