@@ -29,6 +29,13 @@ pub mod actions {
     pub const AUTHORIZATION_CREATED: &str = "authorization.created";
     pub const AUTHORIZATION_REVOKED: &str = "authorization.revoked";
     pub const ACCESS_DENIED: &str = "access.denied";
+    pub const WEBHOOK_CREATED: &str = "webhook.created";
+    pub const WEBHOOK_UPDATED: &str = "webhook.updated";
+    pub const WEBHOOK_DELETED: &str = "webhook.deleted";
+    pub const WEBHOOK_SECRET_ROTATED: &str = "webhook.secret_rotated";
+    /// Turned off by keyplane after failing for too long.
+    pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
+    pub const WEBHOOK_DELIVERY_RETRIED: &str = "webhook.delivery_retried";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

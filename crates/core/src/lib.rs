@@ -16,6 +16,7 @@ pub mod scope;
 pub mod secret;
 pub mod token;
 pub mod validate;
+pub mod webhook;
 
 pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
@@ -28,3 +29,4 @@ pub use ids::{CredentialId, GrantId, TenantId, UserId};
 pub use registry::{Registry, RobotPermission};
 pub use scope::{Capability, Scope, ScopeSet};
 pub use secret::{Plaintext, PrivateKeyPem, TokenHash};
+pub use webhook::{ActionPattern, DeliveryStatus, Webhook, WebhookSecret};

@@ -30,6 +30,8 @@ pub struct Config {
     pub audit_retention_days: u32,
     /// Refused attempts are aggregated over this window before one event per kind is written.
     pub audit_refusal_window: Duration,
+    /// How webhook deliveries are made (targets allowed, retry schedule, timeouts).
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 /// What one connection may hold of the server, so that slow or idle clients cannot exhaust its
@@ -104,6 +106,7 @@ impl Default for Config {
             audit_log: None,
             audit_retention_days: 400,
             audit_refusal_window: Duration::from_secs(60),
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }

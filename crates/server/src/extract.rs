@@ -220,6 +220,18 @@ impl ObjectReader {
         }
     }
 
+    /// An optional boolean (`null` counts as absent). `Ok(None)`: absent.
+    pub fn optional_bool(&mut self, key: &'static str) -> Result<Option<bool>, ()> {
+        match self.take(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(value)) => Ok(Some(value)),
+            Some(_) => {
+                self.type_error(key, "true or false");
+                Err(())
+            }
+        }
+    }
+
     /// A required string that must be one of a fixed set of values.
     pub fn choice<T>(
         &mut self,

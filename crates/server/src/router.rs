@@ -278,7 +278,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// The audit trail's background work: refusal flushing, the `--audit-log` export, retention.
+/// The audit trail's background work: refusal flushing, the `--audit-log` export, webhook
+/// deliveries, retention.
 fn spawn_audit_tasks(
     app: &App,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -297,6 +298,10 @@ fn spawn_audit_tasks(
             stop.clone(),
         )));
     }
+    tasks.push(tokio::spawn(crate::webhooks::worker::run(
+        app.clone(),
+        stop.clone(),
+    )));
     if config.audit_retention_days > 0 {
         tasks.push(tokio::spawn(crate::audit::retention(
             app.clone(),

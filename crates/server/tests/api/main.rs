@@ -16,3 +16,4 @@ mod operations;
 mod pg_proxy;
 mod robots;
 mod verify;
+mod webhooks;
