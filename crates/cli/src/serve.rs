@@ -134,6 +134,15 @@ pub struct ServeArgs {
     /// attempt and target (with a `count`).
     #[arg(long, env = "KEYPLANE_AUDIT_REFUSAL_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     audit_refusal_window_ms: u64,
+    /// Let webhooks target loopback, private, link-local and cloud-metadata addresses (tests,
+    /// closed networks). Without it such targets are refused at creation and at every attempt.
+    #[arg(long, env = "KEYPLANE_WEBHOOK_ALLOW_PRIVATE_TARGETS")]
+    webhook_allow_private_targets: bool,
+    /// Delays before each retry of a failed webhook delivery: comma-separated, each a whole
+    /// number with `ms`, `s`, `m` or `h` (at most 20, each at most 48h), stretched by 0-20 %
+    /// jitter. After the last retry fails the delivery is marked failed.
+    #[arg(long, env = "KEYPLANE_WEBHOOK_RETRY_SCHEDULE", value_name = "DELAYS", default_value = keyplane_server::webhooks::DEFAULT_RETRY_SCHEDULE)]
+    webhook_retry_schedule: String,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -180,6 +189,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let webhook_retry_schedule =
+        keyplane_server::webhooks::parse_schedule(&args.webhook_retry_schedule)
+            .map_err(|e| anyhow::anyhow!("--webhook-retry-schedule: {e}"))?;
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
     if let Some(oidc) = &oidc {
@@ -219,6 +231,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(keyplane_server::audit::AuditLogTarget::parse),
         audit_retention_days: args.audit_retention_days,
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
+        webhooks: keyplane_server::webhooks::WebhookConfig {
+            allow_private_targets: args.webhook_allow_private_targets,
+            retry_schedule: webhook_retry_schedule,
+            ..Default::default()
+        },
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

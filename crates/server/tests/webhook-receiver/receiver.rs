@@ -3,6 +3,9 @@
 //! deliveries collected. Shared by the server's API tests and the binary's tests (`#[path]`). A
 //! machine without node or npm fails these tests rather than skipping them.
 
+// Each test binary that includes this uses only part of it.
+#![allow(dead_code)]
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
