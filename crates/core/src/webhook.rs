@@ -145,7 +145,7 @@ impl WebhookSecret {
     fn key(&self) -> Vec<u8> {
         // Checked when made or loaded.
         BASE64
-            .decode(self.0[SECRET_PREFIX.len()..].as_bytes())
+            .decode(&self.0.as_bytes()[SECRET_PREFIX.len()..])
             .unwrap_or_default()
     }
 

@@ -120,6 +120,10 @@ pub(crate) const CLAIM_DELIVERIES: &str = "UPDATE webhook_deliveries SET locked_
      AND (webhook_id, event_id) IN (SELECT d.webhook_id, d.event_id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.status = 'pending' AND d.next_attempt_ms <= $3 AND d.locked_until_ms <= $3 AND w.enabled = TRUE \
      ORDER BY d.next_attempt_ms LIMIT $4)";
+/// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
+/// (and a read-only or full store is not written to every poll).
+pub(crate) const ANY_DUE: &str = "SELECT 1 FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     WHERE d.status = 'pending' AND d.next_attempt_ms <= $1 AND d.locked_until_ms <= $1 AND w.enabled = TRUE LIMIT 1";
 pub(crate) const CLAIMED_JOBS: &str = "SELECT w.id, w.tenant_id, w.url, w.events, w.description, w.enabled, w.secret, w.previous_secret, w.previous_secret_until_ms, w.failing_since_ms, w.created_at, w.updated_at, \
      d.event_id, d.attempts, d.schedule_step FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.lease_id = $1 AND d.status = 'pending' ORDER BY d.next_attempt_ms";
@@ -502,6 +506,17 @@ macro_rules! impl_webhooks {
                     .await?
                     .pop()
                     .ok_or($crate::StoreError::NotFound)
+            }
+
+            async fn deliveries_due(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::StoreError> {
+                let due: Option<(i32,)> = sqlx::query_as($crate::webhooks::ANY_DUE)
+                    .bind($crate::webhooks::millis(now))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(due.is_some())
             }
 
             async fn deliveries_claim(

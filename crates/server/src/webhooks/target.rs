@@ -317,7 +317,8 @@ mod tests {
             "example.com",
             "https://user:pw@example.com/",
             "https://example.com/#x",
-            "http:///path",
+            "http://",
+            "mailto:a@example.com",
         ] {
             assert!(
                 parse_url(FieldPath::body("url"), bad).is_err(),

@@ -23,6 +23,8 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Finished deliveries deleted per transaction, and how often the prune runs.
 const PRUNE_BATCH: u32 = 1000;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long the loop waits after the store failed a claim.
+const CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 const USER_AGENT: &str = concat!("keyplane-webhooks/", env!("CARGO_PKG_VERSION"));
 
 /// The lease on a claimed delivery: longer than an attempt can take (the timeout) plus recording
@@ -63,7 +65,14 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
         if *stop.borrow() {
             return;
         }
-        let claimed = deliver_due(&app, &client, &config).await;
+        let Some(claimed) = deliver_due(&app, &client, &config).await else {
+            // The store is failing: try again later, without a warning every poll.
+            tokio::select! {
+                _ = tokio::time::sleep(config.poll_interval.max(CLAIM_BACKOFF)) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        };
         if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             prune(&app, &config).await;
             pruned_at = Some(Instant::now());
@@ -78,8 +87,9 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
     }
 }
 
-/// Leases one batch of due deliveries and sends them; returns how many it leased.
-async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig) -> usize {
+/// Leases one batch of due deliveries and sends them; returns how many it leased, `None` when
+/// the store failed.
+async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig) -> Option<usize> {
     let started = now();
     let claim = DeliveryClaim {
         now: started,
@@ -91,7 +101,7 @@ async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig
         Ok(jobs) => jobs,
         Err(error) => {
             tracing::warn!(%error, "cannot claim webhook deliveries; retrying");
-            return 0;
+            return None;
         }
     };
     let count = jobs.len();
@@ -100,7 +110,7 @@ async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig
             .map(|job| deliver(app, client, config, claim.lease_id, job)),
     )
     .await;
-    count
+    Some(count)
 }
 
 async fn deliver(

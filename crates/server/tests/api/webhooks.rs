@@ -226,6 +226,10 @@ async fn deliveries_are_signed_and_carry_the_matching_events(
         assert!(delivery["next_attempt_at"].is_null());
         assert!(delivery["attempts"].as_u64().unwrap() >= 1);
     }
+    assert!(
+        !crate::logs::captured().contains(&secret[6..]),
+        "a webhook secret was logged"
+    );
 }
 
 async fn management_validation_capability_and_tenant_isolation(
@@ -423,6 +427,8 @@ async fn management_validation_capability_and_tenant_isolation(
         !text.contains("x=1"),
         "the URL's query is not recorded: {text}"
     );
+    let logged = crate::logs::captured();
+    assert!(!logged.contains(&secret[6..]) && !logged.contains(&new_secret[6..]));
 
     // At most 20 per organization.
     for i in 0..20 {
