@@ -40,7 +40,7 @@ fn delivery_id(raw: &str) -> Result<Uuid, DomainError> {
 
 /// `POST /webhooks` and `PUT /webhooks/{id}` body.
 #[derive(ToSchema)]
-#[schema(example = json!({"url": "https://hooks.example.com/keyplane", "events": ["api_token.*", "credential.expiring"], "description": "security team"}))]
+#[schema(example = json!({"url": "https://hooks.example.invalid/keyplane", "events": ["api_token.*", "credential.expiring"], "description": "security team"}))]
 pub struct WebhookRequest {
     /// Where deliveries are POSTed: an `http` or `https` URL, at most 2048 characters, without a
     /// user name, password or fragment. Its host must resolve to public addresses only (loopback,
