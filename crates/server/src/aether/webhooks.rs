@@ -540,7 +540,7 @@ pub async fn list_webhook_deliveries(
         ("delivery_id" = Uuid, Path, description = "Delivery id (the event's id)."),
     ),
     responses(
-        (status = 202, description = "Queued for an attempt now.", body = WebhookDeliveryView),
+        (status = 202, description = "Queued for an attempt now; `GET .../deliveries` shows how it went.", body = WebhookDeliveryView),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `webhooks:manage`.", body = ErrorEnvelope),
         (status = 404, description = "No such webhook or delivery.", body = ErrorEnvelope),

@@ -796,6 +796,7 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
     assert_eq!(res.status(), 202);
     let queued: Value = res.json().await.unwrap();
     assert_eq!(queued["status"], "pending");
+    assert_eq!(queued["id"], json!(failed_id));
     wait_until(
         "the retried delivery succeeds",
         Duration::from_secs(10),
