@@ -4,7 +4,7 @@
 mod api_tokens;
 mod audit;
 mod registry;
-mod webhooks;
+pub(crate) mod webhooks;
 pub mod wire;
 
 pub use audit::{parse_audit_query, AuditEventPage, AuditEventView};
