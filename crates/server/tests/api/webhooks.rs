@@ -22,6 +22,7 @@ both_backends!(
     a_receiver_that_goes_down_gets_every_event_when_it_is_back,
     a_rotated_secret_signs_alongside_the_old_one_for_the_overlap,
     exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
+    https_targets_must_present_a_certificate_the_system_trusts,
 );
 
 fn fast(config: WebhookConfig) -> Config {
@@ -825,6 +826,55 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
     );
     let audit = audit_ids(&app, &org, "webhook.delivery_retried").await;
     assert_eq!(audit.len(), 1);
+}
+
+async fn https_targets_must_present_a_certificate_the_system_trusts(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("https://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap();
+    // A receiver with a self-signed certificate for 127.0.0.1: nobody the system trusts signed it.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let receiver = Receiver::start(
+        &Behaviour {
+            tls: Some((cert_file, key_file)),
+            ..Behaviour::verifying(&[hook["secret"].as_str().unwrap()])
+        },
+        port,
+    );
+    app.create_token(&org, "ci", &[]).await;
+    wait_until("a refused handshake", Duration::from_secs(10), || async {
+        deliveries(&app, &org, id)
+            .await
+            .iter()
+            .any(|d| d["attempts"].as_u64() >= Some(1))
+    })
+    .await;
+    let delivery = &deliveries(&app, &org, id).await[0];
+    assert_eq!(delivery["status"], "pending");
+    let error = delivery["last_error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert!(
+        receiver.deliveries().is_empty(),
+        "a request went through an untrusted connection"
+    );
 }
 
 /// Several replicas on one PostgreSQL: each delivery is leased by one of them at a time, so a

@@ -8,10 +8,13 @@
 //   STATUS    the status answered to a delivery that verifies (default 204); one that verifies
 //             with no secret gets 401
 //   DELAY_MS  wait this long before answering (default 0)
+//   TLS_CERT, TLS_KEY  PEM files: serve https with this certificate instead of http
 //
 // Prints `listening on <port>` once ready, then one `received <json>` line per request:
 // {"id", "timestamp", "signatures", "verified": [indexes into SECRETS], "payload"}.
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import { createRequire } from 'node:module';
 
 const { Webhook } = createRequire(import.meta.url)('standardwebhooks');
@@ -20,7 +23,7 @@ const secrets = (process.env.SECRETS || '').split(',').filter(Boolean);
 const status = Number(process.env.STATUS || 204);
 const delay = Number(process.env.DELAY_MS || 0);
 
-const server = http.createServer((req, res) => {
+const handler = (req, res) => {
   const chunks = [];
   req.on('data', (chunk) => chunks.push(chunk));
   req.on('end', () => {
@@ -54,7 +57,13 @@ const server = http.createServer((req, res) => {
       res.end();
     }, delay);
   });
-});
+};
+const server = process.env.TLS_CERT
+  ? https.createServer(
+    { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) },
+    handler,
+  )
+  : http.createServer(handler);
 
 await new Promise((resolve, reject) => {
   server.once('error', reject);

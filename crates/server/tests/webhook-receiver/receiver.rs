@@ -101,6 +101,8 @@ pub struct Behaviour {
     /// Answered to a delivery that verifies.
     pub status: u16,
     pub delay: Duration,
+    /// Certificate and key PEM files: serve https with them.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Behaviour {
@@ -109,6 +111,7 @@ impl Behaviour {
             secrets: secrets.iter().map(|s| s.as_ref().to_string()).collect(),
             status: 204,
             delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -163,7 +166,11 @@ impl Drop for Receiver {
 
 fn spawn(behaviour: &Behaviour, port: u16, received: &Arc<Mutex<Vec<Value>>>) -> (Child, u16) {
     node_ready();
-    let mut child = Command::new("node")
+    let mut command = Command::new("node");
+    if let Some((cert, key)) = &behaviour.tls {
+        command.env("TLS_CERT", cert).env("TLS_KEY", key);
+    }
+    let mut child = command
         .arg("receiver.mjs")
         .current_dir(receiver_dir())
         .env("PORT", port.to_string())
