@@ -126,13 +126,13 @@ async fn deliver(
             status_code: None,
             latency_ms: 0,
             error: Some("the event was pruned from the audit trail".into()),
-            final_: true,
+            permanent: true,
         },
     };
     let at = now();
     let next = if outcome.error.is_none() {
         AttemptNext::Succeeded
-    } else if outcome.final_ {
+    } else if outcome.permanent {
         AttemptNext::Failed
     } else {
         let jitter = rand::thread_rng().gen_range(0.0..0.2);
@@ -188,7 +188,7 @@ struct Outcome {
     /// `None`: delivered (a 2xx answer).
     error: Option<String>,
     /// No retry can succeed.
-    final_: bool,
+    permanent: bool,
 }
 
 /// The body every receiver gets: `{"type", "timestamp", "data"}`, `data` being the event as
@@ -212,7 +212,7 @@ async fn send(
         status_code: None,
         latency_ms: 0,
         error: Some(error),
-        final_: false,
+        permanent: false,
     };
     let Ok(url) = reqwest::Url::parse(&job.webhook.url) else {
         return refused("the stored URL does not parse".into());
@@ -261,19 +261,19 @@ async fn send(
                 300..=399 => format!("answered {status}; redirects are not followed"),
                 _ => format!("answered {status}"),
             }),
-            final_: false,
+            permanent: false,
         },
         Ok(Err(error)) => Outcome {
             status_code: None,
             latency_ms,
             error: Some(describe(&error, config.timeout)),
-            final_: false,
+            permanent: false,
         },
         Err(_) => Outcome {
             status_code: None,
             latency_ms,
             error: Some(format!("no answer within {:?}", config.timeout)),
-            final_: false,
+            permanent: false,
         },
     }
 }
