@@ -47,6 +47,13 @@ pub mod actions {
     /// A credential's secret was reported found in public (GitHub secret scanning, the public
     /// revocation endpoint) and keyplane acted on it; the target names the credential.
     pub const CREDENTIAL_LEAKED: &str = "credential.leaked";
+    pub const WEBHOOK_CREATED: &str = "webhook.created";
+    pub const WEBHOOK_UPDATED: &str = "webhook.updated";
+    pub const WEBHOOK_DELETED: &str = "webhook.deleted";
+    pub const WEBHOOK_SECRET_ROTATED: &str = "webhook.secret_rotated";
+    /// Turned off by keyplane after failing for too long.
+    pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
+    pub const WEBHOOK_DELIVERY_RETRIED: &str = "webhook.delivery_retried";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

@@ -30,6 +30,7 @@ mod router;
 mod system;
 mod usage;
 pub mod verify;
+pub mod webhooks;
 pub mod wire;
 
 pub use app::App;

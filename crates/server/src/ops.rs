@@ -25,7 +25,7 @@ pub fn now() -> DateTime<Utc> {
 
 /// The one place audit events of changes are started: a time-ordered id, the clock, the action,
 /// who acted and the request it came with.
-fn audit_event(
+pub(crate) fn audit_event(
     tenant: TenantId,
     action: &str,
     actor: AuditActor,

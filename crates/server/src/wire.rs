@@ -1,12 +1,20 @@
 //! Serialization helpers every surface shares.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use keyplane_core::Plaintext;
+use keyplane_core::{Plaintext, WebhookSecret};
 use serde::Serializer;
 
 /// The only way a secret becomes JSON: the `token` field of a create or rotate response.
 pub fn one_time_secret<S: Serializer>(
     secret: &Plaintext,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(secret.expose_secret())
+}
+
+/// A webhook's signing secret, the same way: only in the create and rotate-secret responses.
+pub fn one_time_webhook_secret<S: Serializer>(
+    secret: &WebhookSecret,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())

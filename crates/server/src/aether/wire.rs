@@ -19,7 +19,7 @@ pub struct CreateApiTokenRequest {
     /// separator characters; unique among the org's live tokens.
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,
-    /// `auth.manage`, `audit:read`, `tokens:verify`, `*`) or other scopes carried through to
+    /// `auth.manage`, `audit:read`, `tokens:verify`, `webhooks:manage`, `*`) or other scopes carried through to
     /// verification. At most the caller's own scopes, at most 64, each 1–128 characters of
     /// `[A-Za-z0-9_.:/-]` starting with a letter or digit, or `*`. Default: none.
     #[schema(value_type = Option<Vec<String>>, max_items = 64)]

@@ -18,3 +18,4 @@ mod operations;
 mod pg_proxy;
 mod robots;
 mod verify;
+mod webhooks;
