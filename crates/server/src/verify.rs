@@ -10,10 +10,10 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use keyplane_api_types::verify::VerificationError;
+pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope};
-use serde::Serialize;
-use serde_json::{json, Value};
-use utoipa::ToSchema;
+use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -43,7 +43,11 @@ impl Surface for Verification {
                 .join("; "),
             other => other.public_message(),
         };
-        json!({ "error": code, "error_description": description })
+        serde_json::to_value(VerificationError {
+            error: code.to_string(),
+            error_description: description,
+        })
+        .expect("a struct of strings is JSON")
     }
 
     /// RFC 6749 §5.2: a malformed request is `400 invalid_request`, whatever the field.
@@ -71,46 +75,6 @@ const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
 fn scope_string(verified: &Verified) -> String {
     let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
     scopes.join(" ")
-}
-
-/// RFC 7662 answer.
-#[derive(Serialize, ToSchema)]
-pub struct IntrospectionResponse {
-    pub active: bool,
-    /// `api_token` or `service_account`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_type: Option<&'static str>,
-    /// Space-separated scopes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
-    /// The credential id.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub org_id: Option<String>,
-    /// The credential's name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Expiry (seconds since the epoch); absent when the credential does not expire.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exp: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub iat: Option<i64>,
-}
-
-impl IntrospectionResponse {
-    fn inactive() -> Self {
-        Self {
-            active: false,
-            token_type: None,
-            scope: None,
-            sub: None,
-            org_id: None,
-            username: None,
-            exp: None,
-            iat: None,
-        }
-    }
 }
 
 /// The `token` of an introspection request, from a form or JSON body.
@@ -199,7 +163,7 @@ async fn introspect(
     let credential = &verified.credential;
     Ok(Json(IntrospectionResponse {
         active: true,
-        token_type: Some(credential.kind.as_str()),
+        token_type: Some(credential.kind.as_str().to_string()),
         scope: Some(scope_string(&verified)),
         sub: Some(credential.id.to_string()),
         org_id: Some(credential.tenant_id.to_string()),
@@ -311,20 +275,6 @@ impl ForwardHeaders {
     }
 }
 
-/// The calling credential, as `whoami` describes it.
-#[derive(Serialize, ToSchema)]
-pub struct WhoAmI {
-    /// `api_token` or `service_account`.
-    pub kind: &'static str,
-    pub id: String,
-    pub org_id: String,
-    pub name: String,
-    /// Its scopes (a service account's come from its grants).
-    pub scopes: Vec<String>,
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub expires_at: Option<String>,
-}
-
 /// Who am I
 ///
 /// The calling credential describes itself.
@@ -344,7 +294,7 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
         .await?;
     let credential = &verified.credential;
     Ok(Json(WhoAmI {
-        kind: credential.kind.as_str(),
+        kind: credential.kind.as_str().to_string(),
         id: credential.id.to_string(),
         org_id: credential.tenant_id.to_string(),
         name: credential.name.clone(),

@@ -4,7 +4,10 @@
 mod api_tokens;
 mod audit;
 mod registry;
-pub mod wire;
+mod server_wire;
+
+/// The wire shapes, shared with the client; the server's half is in `server_wire`.
+pub use keyplane_api_types::aether as wire;
 
 pub use audit::{parse_audit_query, AuditEventPage, AuditEventView};
 

@@ -1,18 +1,16 @@
 //! Aether wire shapes, one struct per shape, field names exactly as the reference spells them.
 
-use crate::extract::{FromJsonBody, ObjectReader};
-use crate::wire::{one_time_secret, optional_timestamp, timestamp};
-use chrono::{DateTime, Utc};
-use keyplane_core::registry::{self, RegistryAction};
-use keyplane_core::{
-    validate, Credential, FieldPath, Plaintext, Registry, RobotPermission, ScopeSet,
+use crate::wire::{
+    one_time_secret, optional_timestamp, permission_list, received_secret, scope_list, timestamp,
 };
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use keyplane_core::{Credential, Plaintext, Registry, RobotPermission, ScopeSet};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// `POST /api-tokens` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"name": "ci-deploy", "scopes": ["api_tokens:read", "deploy:prod"], "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateApiTokenRequest {
     /// 1–120 characters after trimming, without control, format (bidi, zero-width) or line
@@ -23,34 +21,20 @@ pub struct CreateApiTokenRequest {
     /// verification. At most the caller's own scopes, at most 64, each 1–128 characters of
     /// `[A-Za-z0-9_.:/-]` starting with a letter or digit, or `*`. Default: none.
     #[schema(value_type = Option<Vec<String>>, max_items = 64)]
+    #[serde(serialize_with = "scope_list")]
     pub scopes: ScopeSet,
     /// Optional expiry timestamp (RFC 3339), in the future and no later than
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-impl FromJsonBody for CreateApiTokenRequest {
-    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
-        let name = r
-            .string("name")
-            .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
-        let scopes = match r.string_list("scopes") {
-            Ok(Some(raw)) => r.check_all(ScopeSet::parse_list(&FieldPath::body("scopes"), &raw)),
-            Ok(None) => Some(ScopeSet::empty()),
-            Err(()) => None,
-        };
-        let expires_at = r.expires_at("expires_at", now);
-        Some(Self {
-            name: name?,
-            scopes: scopes?,
-            expires_at: expires_at?,
-        })
-    }
-}
-
 /// An API token as listed: never its secret.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiToken)]
 pub struct ApiTokenView {
     pub id: Uuid,
@@ -103,27 +87,21 @@ impl From<Credential> for ApiTokenView {
 }
 
 /// Create and rotate answer: the token plus its raw secret, shown only this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiTokenWithSecret)]
 pub struct ApiTokenCreated {
     #[serde(flatten)]
     pub api_token: ApiTokenView,
     /// The raw API token (aether_<hex>). Shown only once, at creation (or rotation).
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub token: Plaintext,
 }
 
-impl From<crate::ops::Issued> for ApiTokenCreated {
-    fn from(issued: crate::ops::Issued) -> Self {
-        Self {
-            api_token: issued.credential.into(),
-            token: issued.secret,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiTokenList)]
 pub struct ApiTokenPage {
     pub items: Vec<ApiTokenView>,
@@ -132,13 +110,13 @@ pub struct ApiTokenPage {
 }
 
 /// The Aether error envelope.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = Error)]
 pub struct ErrorEnvelope {
     pub error: ErrorObject,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ErrorObject {
     /// A stable, machine-readable error code.
     pub code: String,
@@ -146,7 +124,7 @@ pub struct ErrorObject {
     pub details: Option<Vec<ErrorDetail>>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// JSON path of the field, e.g. `scopes[1]`.
     pub field: String,
@@ -155,7 +133,7 @@ pub struct ErrorDetail {
 }
 
 /// `POST /registry/robot-accounts` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"name": "ci", "permissions": ["pull", "push:team-a/*"]}))]
 pub struct CreateRobotAccountRequest {
     /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
@@ -165,57 +143,21 @@ pub struct CreateRobotAccountRequest {
     /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each
     /// listed once. Default `["pull"]`.
     #[schema(value_type = Option<Vec<String>>, min_items = 1, max_items = 50)]
+    #[serde(serialize_with = "permission_list")]
     pub permissions: Vec<RobotPermission>,
 }
 
-fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPermission>> {
-    let path = FieldPath::body("permissions");
-    match r.string_list("permissions") {
-        Ok(Some(raw)) => r.check_all(RobotPermission::parse_list(&path, &raw)),
-        Ok(None) if required => r.check(Err(keyplane_core::FieldError::new(
-            path,
-            keyplane_core::error::codes::REQUIRED,
-            "is required",
-        ))),
-        Ok(None) => Some(vec![RobotPermission {
-            action: RegistryAction::Pull,
-            repository: None,
-        }]),
-        Err(()) => None,
-    }
-}
-
-impl FromJsonBody for CreateRobotAccountRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
-        let name = r
-            .string("name")
-            .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
-        let permissions = permissions_field(r, false);
-        Some(Self {
-            name: name?,
-            permissions: permissions?,
-        })
-    }
-}
-
 /// `PUT /registry/robot-accounts/{id}` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"permissions": ["pull"]}))]
 pub struct UpdateRobotAccountRequest {
     /// The robot's new permissions (replacing the old ones): 1–50, each listed once.
     #[schema(value_type = Vec<String>, min_items = 1, max_items = 50)]
+    #[serde(serialize_with = "permission_list")]
     pub permissions: Vec<RobotPermission>,
 }
 
-impl FromJsonBody for UpdateRobotAccountRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
-        Some(Self {
-            permissions: permissions_field(r, true)?,
-        })
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccount)]
 pub struct RobotAccountView {
     pub id: Uuid,
@@ -269,34 +211,28 @@ impl From<Credential> for RobotAccountView {
 }
 
 /// Create and rotate answer: the robot and its secret, shown only this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccountWithToken)]
 pub struct RobotAccountCreated {
     #[serde(flatten)]
     pub robot_account: RobotAccountView,
     /// The one-time robot account secret: the registry password for
     /// `robot$<harbor_project>+<name>`.
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub token: Plaintext,
 }
 
-impl From<crate::ops::Issued> for RobotAccountCreated {
-    fn from(issued: crate::ops::Issued) -> Self {
-        Self {
-            robot_account: issued.credential.into(),
-            token: issued.secret,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccountList)]
 pub struct RobotAccountPage {
     pub items: Vec<RobotAccountView>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = Registry)]
 pub struct RegistryView {
     pub id: Uuid,
@@ -344,7 +280,7 @@ impl RegistryView {
 }
 
 /// `GET /registry` answer: the registry, or `{"enabled": false}` when none is provisioned.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum RegistryState {
     Enabled(RegistryView),
@@ -352,7 +288,7 @@ pub enum RegistryState {
 }
 
 /// `GET /registry` when no registry is provisioned.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 // No other property, so an enabled registry never also reads as this shape.
 #[serde(deny_unknown_fields)]
 pub struct RegistryDisabled {
@@ -360,18 +296,21 @@ pub struct RegistryDisabled {
     pub enabled: bool,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct RegistryCredentials {
     /// `robot$<harbor_project>+default`.
     pub username: String,
     /// Shown once.
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub password: Plaintext,
 }
 
 /// `POST /registry` answer.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct RegistryEnabled {
     pub registry: RegistryView,
     pub credentials: RegistryCredentials,
