@@ -1,7 +1,8 @@
 //! Aether wire shapes, one struct per shape, field names exactly as the reference spells them.
 
 use crate::wire::{
-    one_time_secret, optional_timestamp, permission_list, received_secret, scope_list, timestamp,
+    no_scopes, one_time_secret, optional_timestamp, permission_list, received_secret, scope_list,
+    timestamp,
 };
 use chrono::{DateTime, Utc};
 use keyplane_core::{Credential, Plaintext, Registry, RobotPermission, ScopeSet};
@@ -21,7 +22,8 @@ pub struct CreateApiTokenRequest {
     /// verification. At most the caller's own scopes, at most 64, each 1–128 characters of
     /// `[A-Za-z0-9_.:/-]` starting with a letter or digit, or `*`. Default: none.
     #[schema(value_type = Option<Vec<String>>, max_items = 64)]
-    #[serde(serialize_with = "scope_list")]
+    // Empty means none, which is also what leaving the field out means.
+    #[serde(serialize_with = "scope_list", skip_serializing_if = "no_scopes")]
     pub scopes: ScopeSet,
     /// Optional expiry timestamp (RFC 3339), in the future and no later than
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
@@ -143,7 +145,11 @@ pub struct CreateRobotAccountRequest {
     /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each
     /// listed once. Default `["pull"]`.
     #[schema(value_type = Option<Vec<String>>, min_items = 1, max_items = 50)]
-    #[serde(serialize_with = "permission_list")]
+    // Left out when empty, so that the server applies its default (`["pull"]`).
+    #[serde(
+        serialize_with = "permission_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub permissions: Vec<RobotPermission>,
 }
 

@@ -40,6 +40,10 @@ pub fn scope_list<S: Serializer>(scopes: &ScopeSet, serializer: S) -> Result<S::
     serializer.collect_seq(scopes.iter().map(Scope::as_str))
 }
 
+pub fn no_scopes(scopes: &ScopeSet) -> bool {
+    scopes.iter().next().is_none()
+}
+
 pub fn optional_scope<S: Serializer>(
     scope: &Option<Scope>,
     serializer: S,
