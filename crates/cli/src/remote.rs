@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use keyplane_api_types::aether::{
     ApiTokenPage, CreateApiTokenRequest, CreateRobotAccountRequest, UpdateRobotAccountRequest,
 };
+use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{CreateAuthorizationRequest, CreateServiceAccountRequest};
 use keyplane_client::output::{Format, Output, Record, SecretFile};
 use keyplane_client::profile::{Profile, Profiles};
@@ -905,12 +906,7 @@ async fn tail(
     follow: bool,
     interval: Duration,
 ) -> Result<(), Error> {
-    if s.output.format == Format::Table {
-        emit(&format!(
-            "{}\n",
-            keyplane_api_types::audit::AuditEventView::COLUMNS.join("  ")
-        ))?;
-    }
+    emit(&s.output.stream_header::<AuditEventView>())?;
     let mut last_seq = 0;
     let mut last_time: Option<DateTime<Utc>> = None;
     if lines > 0 {
@@ -949,7 +945,10 @@ async fn tail(
             last_time = Some(newest.occurred_at);
         }
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         tokio::time::sleep(interval).await;
         let mut fresh = Vec::new();
         let mut filter = filter.clone();
@@ -972,12 +971,11 @@ async fn tail(
         fresh.sort_by_key(|e| e.seq);
         print_stream(s, fresh, &mut last_seq, &mut last_time)?;
     }
-    Ok(())
 }
 
 fn print_stream(
     s: &mut Session,
-    events: Vec<keyplane_api_types::audit::AuditEventView>,
+    events: Vec<AuditEventView>,
     last_seq: &mut u64,
     last_time: &mut Option<DateTime<Utc>>,
 ) -> Result<(), Error> {

@@ -291,6 +291,9 @@ async fn tokens(cli: &Cli, org_id: &str) {
         names(rest["items"].as_array().unwrap()),
         ["ci-reader", "deploy"]
     );
+    // Not a terminal: JSON unless told otherwise.
+    let piped = cli.ok(&["tokens", "list"]).await.stdout;
+    assert_eq!(serde_json::from_str::<Value>(&piped).unwrap(), all);
     let lines = cli.jsonl(&["tokens", "list"]).await;
     assert_eq!(names(&lines), ["bootstrap", "ci-reader", "deploy"]);
     assert!(

@@ -29,6 +29,9 @@ pub enum Format {
 /// How one kind of record shows in a table: a row of a list, and the fields of a detail view.
 pub trait Record {
     const COLUMNS: &'static [&'static str];
+    /// Least widths of the leading columns of a stream (`audit tail`), which cannot be measured
+    /// from rows not yet seen.
+    const STREAM_WIDTHS: &'static [usize] = &[];
     fn cells(&self, now: DateTime<Utc>) -> Vec<String>;
     fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)>;
 }
@@ -73,12 +76,19 @@ impl Output {
     /// line in either JSON format (a stream has no single document).
     pub fn stream<R: Record + Serialize>(&self, item: &R) -> String {
         match self.format {
-            Format::Table => {
-                let cells: Vec<String> =
-                    item.cells(self.now).iter().map(|c| printable(c)).collect();
-                format!("{}\n", cells.join("  "))
-            }
+            Format::Table => stream_row(R::STREAM_WIDTHS, item.cells(self.now)),
             Format::Json | Format::Jsonl => line(item),
+        }
+    }
+
+    /// The header line of a stream's table; nothing in the JSON formats.
+    pub fn stream_header<R: Record>(&self) -> String {
+        match self.format {
+            Format::Table => stream_row(
+                R::STREAM_WIDTHS,
+                R::COLUMNS.iter().map(|c| c.to_string()).collect(),
+            ),
+            Format::Json | Format::Jsonl => String::new(),
         }
     }
 
@@ -175,6 +185,21 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push('\n');
     }
     out
+}
+
+fn stream_row(widths: &[usize], cells: Vec<String>) -> String {
+    let count = cells.len();
+    let mut text = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let cell = printable(cell);
+        text.push_str(&cell);
+        if i + 1 < count {
+            let width = widths.get(i).copied().unwrap_or(0);
+            text.push_str(&" ".repeat(width.saturating_sub(cell.chars().count()) + 2));
+        }
+    }
+    text.push('\n');
+    text
 }
 
 /// One record as `field  value` lines.
@@ -488,6 +513,8 @@ impl Record for RegistryEnabled {
 impl Record for AuditEventView {
     const COLUMNS: &'static [&'static str] =
         &["SEQ", "TIME", "ACTION", "OUTCOME", "ACTOR", "TARGET"];
+    // seq, an RFC 3339 time with its hint, most actions, `success`/`denied`, a typed UUID.
+    const STREAM_WIDTHS: &'static [usize] = &[5, 30, 24, 7, 47];
 
     fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
         vec![
