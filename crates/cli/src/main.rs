@@ -470,6 +470,33 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Every client command's `--help` ends with an example and the exit statuses.
+    #[test]
+    fn client_commands_have_examples_and_exit_statuses() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            let help = command.get_after_help().map(|h| h.to_string());
+            let help = help.unwrap_or_default();
+            assert!(help.contains("Example:\n  keyplane "), "{path}: no example");
+            if !path.contains("completion") {
+                assert!(
+                    help.contains("4 cannot reach the server"),
+                    "{path}: no exit statuses"
+                );
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &path);
+            }
+        }
+        let cli = Cli::command();
+        let server_side = ["serve", "admin", "help"];
+        for command in cli.get_subcommands() {
+            if !server_side.contains(&command.get_name()) {
+                check(command, "keyplane");
+            }
+        }
+    }
+
     #[test]
     fn sqlite_urls_name_their_file() {
         assert_eq!(

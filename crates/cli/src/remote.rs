@@ -468,10 +468,13 @@ impl Session {
     /// Resolves URL and credential: `--url`/KEYPLANE_URL, else the profile's, else the default;
     /// `--token-file`, else KEYPLANE_TOKEN, else the profile's token.
     pub fn open(target: &Target, env: &Environment) -> Result<Self, Error> {
-        let profiles = env.profiles();
-        let profile = match &profiles {
-            Ok(profiles) => profiles.load(&target.profile)?,
-            Err(_) => None,
+        // The profile is read only when something must come from it, so a flag or the
+        // environment works even beside a broken profiles file.
+        let needs_profile =
+            target.url.is_none() || (target.token_file.is_none() && env.token.is_none());
+        let profile = match env.profiles() {
+            Ok(profiles) if needs_profile => profiles.load(&target.profile)?,
+            _ => None,
         };
         let token = match (&target.token_file, &env.token, &profile) {
             (Some(path), _, _) => read_token_file(path)?,
