@@ -1,8 +1,8 @@
 //! Aether wire shapes, one struct per shape, field names exactly as the reference spells them.
 
 use crate::wire::{
-    no_scopes, one_time_secret, optional_timestamp, permission_list, received_secret, scope_list,
-    timestamp,
+    no_scopes, one_time_secret, optional_leak_action, optional_rule, optional_timestamp,
+    permission_list, received_secret, scope_list, timestamp, Lifecycle,
 };
 use chrono::{DateTime, Utc};
 use keyplane_core::{Credential, Plaintext, Registry, RobotPermission, ScopeSet};
@@ -54,10 +54,25 @@ pub struct ApiTokenView {
     #[serde(serialize_with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
+    /// When the previous secret, kept by a rotation with a grace period, stops working; null when
+    /// there is none (no grace period, retired, or ended).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The previous secret's own last use (it may lag by the usage flush period); null when there
+    /// is no previous secret or it has not been used since the rotation.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    /// Set while suspended: it authenticates nowhere until resumed.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<Credential> for ApiTokenView {
     fn from(credential: Credential) -> Self {
+        let lifecycle = Lifecycle::of(&credential);
         let Credential {
             id,
             tenant_id,
@@ -74,6 +89,10 @@ impl From<Credential> for ApiTokenView {
             revoked_at: _,
             created_by_user_id: _,
             revoked_by_user_id: _,
+            suspended_at: _,
+            rotated_at: _,
+            previous_secret: _,
+            expiry_notice_days: _,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -84,6 +103,9 @@ impl From<Credential> for ApiTokenView {
             last_used_at,
             expires_at,
             created_at,
+            previous_secret_expires_at: lifecycle.previous_secret_expires_at,
+            previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
+            suspended_at: lifecycle.suspended_at,
         }
     }
 }
@@ -151,6 +173,14 @@ pub struct CreateRobotAccountRequest {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub permissions: Vec<RobotPermission>,
+    /// Optional expiry (RFC 3339), in the future and no later than 9999-12-31T23:59:59.999999Z;
+    /// the organization's credential policy may require one or fill in its default lifetime.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// `PUT /registry/robot-accounts/{id}` body.
@@ -182,10 +212,29 @@ pub struct RobotAccountView {
     #[serde(serialize_with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: DateTime<Utc>,
+    /// When the robot's secret stops working; null: never.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the previous secret, kept by a rotation with a grace period, stops working; null when
+    /// there is none (no grace period, retired, or ended).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The previous secret's own last use (it may lag by the usage flush period); null when there
+    /// is no previous secret or it has not been used since the rotation.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    /// Set while suspended: it authenticates nowhere until resumed.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<Credential> for RobotAccountView {
     fn from(credential: Credential) -> Self {
+        let lifecycle = Lifecycle::of(&credential);
         let Credential {
             id,
             tenant_id,
@@ -195,13 +244,17 @@ impl From<Credential> for RobotAccountView {
             display: _,
             scopes: _,
             permissions,
-            expires_at: _,
+            expires_at,
             created_at,
             updated_at,
             last_used_at,
             revoked_at: _,
             created_by_user_id: _,
             revoked_by_user_id: _,
+            suspended_at: _,
+            rotated_at: _,
+            previous_secret: _,
+            expiry_notice_days: _,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -212,6 +265,10 @@ impl From<Credential> for RobotAccountView {
             last_used_at,
             created_at,
             updated_at,
+            expires_at,
+            previous_secret_expires_at: lifecycle.previous_secret_expires_at,
+            previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
+            suspended_at: lifecycle.suspended_at,
         }
     }
 }
@@ -320,4 +377,120 @@ pub struct RegistryCredentials {
 pub struct RegistryEnabled {
     pub registry: RegistryView,
     pub credentials: RegistryCredentials,
+}
+
+/// Lifetime rules for one kind of credential, or for all.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = LifetimeRule)]
+pub struct LifetimeRuleView {
+    /// No credential may expire later than this many days after it is created or rotated
+    /// (1–36500); null: no limit.
+    #[schema(minimum = 1, maximum = 36500)]
+    pub max_lifetime_days: Option<u32>,
+    /// Every credential must have an `expires_at` (given, or filled from `default_lifetime_days`).
+    pub require_expiry: bool,
+    /// The lifetime, in days, of a credential created without `expires_at` (1–36500, at most
+    /// `max_lifetime_days`); null: none is filled in.
+    #[schema(minimum = 1, maximum = 36500)]
+    pub default_lifetime_days: Option<u32>,
+}
+
+impl From<&keyplane_core::LifetimeRule> for LifetimeRuleView {
+    fn from(rule: &keyplane_core::LifetimeRule) -> Self {
+        Self {
+            max_lifetime_days: rule.max_lifetime_days,
+            require_expiry: rule.require_expiry,
+            default_lifetime_days: rule.default_lifetime_days,
+        }
+    }
+}
+
+/// How many live credentials of each kind break the policy now (it does not change them).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct PolicyExceeding {
+    pub api_tokens: u64,
+    pub service_accounts: u64,
+    pub robot_accounts: u64,
+}
+
+/// The organization's credential policy.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = CredentialPolicy)]
+pub struct CredentialPolicyView {
+    pub org_id: Uuid,
+    /// The rule for every kind without its own.
+    pub all: LifetimeRuleView,
+    /// API tokens' own rule, replacing `all` for them; null: `all` applies.
+    pub api_tokens: Option<LifetimeRuleView>,
+    pub service_accounts: Option<LifetimeRuleView>,
+    pub robot_accounts: Option<LifetimeRuleView>,
+    /// What a reported leak does to the credential: `revoke` (default) or `suspend`.
+    #[schema(value_type = String, pattern = "^(revoke|suspend)$")]
+    pub on_leak: String,
+    /// When the policy was last set; null: never (this is the default policy).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub updated_at: Option<DateTime<Utc>>,
+    pub exceeding: PolicyExceeding,
+}
+
+/// One lifetime rule in a `PUT /credential-policy` body; absent fields take their defaults.
+#[derive(Serialize, ToSchema)]
+#[schema(as = LifetimeRuleInput)]
+pub struct LifetimeRuleInput {
+    #[schema(minimum = 1, maximum = 36500)]
+    pub max_lifetime_days: Option<u32>,
+    pub require_expiry: Option<bool>,
+    #[schema(minimum = 1, maximum = 36500)]
+    pub default_lifetime_days: Option<u32>,
+}
+
+/// `PUT /credential-policy` body: the whole policy (absent fields take their defaults: no rules,
+/// leaks revoke).
+#[derive(Serialize, ToSchema)]
+#[schema(as = CredentialPolicyUpdate, example = json!({"all": {"max_lifetime_days": 90, "require_expiry": true, "default_lifetime_days": 30}, "robot_accounts": {"max_lifetime_days": 365}, "on_leak": "revoke"}))]
+pub struct PutCredentialPolicyRequest {
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub all: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_tokens: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_accounts: Option<keyplane_core::LifetimeRule>,
+    #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub robot_accounts: Option<keyplane_core::LifetimeRule>,
+    /// `revoke` (default) or `suspend`.
+    #[schema(value_type = Option<String>, pattern = "^(revoke|suspend)$")]
+    #[serde(
+        serialize_with = "optional_leak_action",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub on_leak: Option<keyplane_core::LeakAction>,
+}
+
+impl PutCredentialPolicyRequest {
+    pub fn into_policy(self) -> keyplane_core::CredentialPolicy {
+        keyplane_core::CredentialPolicy {
+            all: self.all.unwrap_or_default(),
+            api_tokens: self.api_tokens,
+            service_accounts: self.service_accounts,
+            robot_accounts: self.robot_accounts,
+            on_leak: self.on_leak.unwrap_or_default(),
+        }
+    }
 }

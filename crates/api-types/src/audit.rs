@@ -30,8 +30,8 @@ pub struct AuditActorView {
 #[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = AuditTarget)]
 pub struct AuditTargetView {
-    /// `organization`, `api_token`, `service_account`, `robot_account`, `registry` or
-    /// `authorization`.
+    /// `organization`, `api_token`, `service_account`, `robot_account`, `registry`,
+    /// `authorization` or `credential_policy`.
     #[serde(rename = "type")]
     pub target_type: String,
     pub id: Uuid,

@@ -2,7 +2,7 @@
 
 use crate::wire::{
     grant_kind, one_time_secret, optional_scope, optional_timestamp, received_secret, subject_type,
-    timestamp,
+    timestamp, Lifecycle,
 };
 use chrono::{DateTime, Utc};
 use keyplane_core::{
@@ -58,10 +58,25 @@ pub struct ServiceAccountView {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoked_by_user_id: Option<Uuid>,
+    /// When the previous secret, kept by a rotation with a grace period, stops working; null when
+    /// there is none (no grace period, retired, or ended).
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The previous secret's own last use (it may lag by the usage flush period); null when there
+    /// is no previous secret or it has not been used since the rotation.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    /// Set while suspended: it authenticates nowhere until resumed.
+    #[serde(serialize_with = "optional_timestamp")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<Credential> for ServiceAccountView {
     fn from(credential: Credential) -> Self {
+        let lifecycle = Lifecycle::of(&credential);
         let Credential {
             id,
             tenant_id,
@@ -78,6 +93,10 @@ impl From<Credential> for ServiceAccountView {
             revoked_at,
             created_by_user_id,
             revoked_by_user_id,
+            suspended_at: _,
+            rotated_at: _,
+            previous_secret: _,
+            expiry_notice_days: _,
         } = credential;
         Self {
             account_id: tenant_id.as_uuid(),
@@ -93,6 +112,9 @@ impl From<Credential> for ServiceAccountView {
             last_used_at,
             revoked_at,
             revoked_by_user_id: revoked_by_user_id.map(|u| u.as_uuid()),
+            previous_secret_expires_at: lifecycle.previous_secret_expires_at,
+            previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
+            suspended_at: lifecycle.suspended_at,
         }
     }
 }

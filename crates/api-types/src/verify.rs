@@ -27,6 +27,11 @@ pub struct IntrospectionResponse {
     pub exp: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// Which secret was presented: `current`, or `previous` during a rotation's grace period (find
+    /// the callers that still use the old one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(current|previous)$")]
+    pub secret: Option<String>,
 }
 
 impl IntrospectionResponse {
@@ -40,6 +45,7 @@ impl IntrospectionResponse {
             username: None,
             exp: None,
             iat: None,
+            secret: None,
         }
     }
 }
@@ -56,6 +62,9 @@ pub struct WhoAmI {
     pub scopes: Vec<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
+    /// Which secret was presented: `current`, or `previous` during a rotation's grace period.
+    #[schema(value_type = String, pattern = "^(current|previous)$")]
+    pub secret: String,
 }
 
 /// The verification endpoints' error (RFC 6749 §5.2 style).

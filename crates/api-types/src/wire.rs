@@ -1,8 +1,10 @@
 //! Serialization helpers every surface shares.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use keyplane_core::{GrantKind, Plaintext, RobotPermission, Scope, ScopeSet, SubjectType};
-use serde::{Deserialize, Deserializer, Serializer};
+use keyplane_core::{
+    GrantKind, LeakAction, LifetimeRule, Plaintext, RobotPermission, Scope, ScopeSet, SubjectType,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The only way a secret becomes JSON: the `token` field of a create or rotate response.
 pub fn one_time_secret<S: Serializer>(
@@ -70,4 +72,84 @@ pub fn subject_type<S: Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(subject.as_str())
+}
+
+/// A lifetime rule as a `PUT /credential-policy` body spells it.
+pub fn optional_rule<S: Serializer>(
+    rule: &Option<LifetimeRule>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Rule {
+        max_lifetime_days: Option<u32>,
+        require_expiry: bool,
+        default_lifetime_days: Option<u32>,
+    }
+    match rule {
+        Some(rule) => Rule {
+            max_lifetime_days: rule.max_lifetime_days,
+            require_expiry: rule.require_expiry,
+            default_lifetime_days: rule.default_lifetime_days,
+        }
+        .serialize(serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+pub fn optional_leak_action<S: Serializer>(
+    action: &Option<LeakAction>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match action {
+        Some(action) => serializer.serialize_str(action.as_str()),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// What every surface shows of a credential's lifecycle, beside its own fields (each view carries
+/// these three, documented there).
+pub struct Lifecycle {
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+}
+
+impl Lifecycle {
+    /// As stored: the use cases hand surfaces credentials as of their clock
+    /// ([`keyplane_core::Credential::as_of`]), so an ended previous secret is already gone.
+    pub fn of(credential: &keyplane_core::Credential) -> Self {
+        let previous = credential.previous_secret.as_ref();
+        Self {
+            previous_secret_expires_at: previous.map(|p| p.expires_at),
+            previous_secret_last_used_at: previous.and_then(|p| p.last_used_at),
+            suspended_at: credential.suspended_at,
+        }
+    }
+}
+
+/// `POST .../{id}/rotate` body, on every surface; no body at all is `{}`: the old secret stops
+/// working at once.
+#[derive(Default, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"grace_seconds": 3600, "retire_when_unused_seconds": 600}))]
+pub struct RotateRequest {
+    /// How long the replaced secret keeps working beside the new one, 0–604800 seconds (7 days).
+    /// Default 0: it stops at once. A rotation always ends an earlier previous secret at once, so
+    /// at most two secrets are ever live.
+    #[schema(minimum = 0, maximum = 604800)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<u32>,
+    /// Retire the replaced secret before the grace period ends, once it has not been presented
+    /// for this many seconds (1–604800) and the new secret has been used at least once. Needs a
+    /// `grace_seconds` above 0.
+    #[schema(minimum = 1, maximum = 604800)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retire_when_unused_seconds: Option<u32>,
+    /// A new expiry for the credential (RFC 3339, in the future); default: it keeps its own. The
+    /// organization's credential policy applies to the expiry the credential ends up with.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<DateTime<Utc>>,
 }

@@ -827,6 +827,7 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
                 } else {
                     permissions(&raw)?
                 },
+                expires_at: None,
             };
             let file = secret.open()?;
             let created = s.client.create_robot(org, &request).await?;

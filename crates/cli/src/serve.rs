@@ -134,6 +134,10 @@ pub struct ServeArgs {
     /// attempt and target (with a `count`).
     #[arg(long, env = "KEYPLANE_AUDIT_REFUSAL_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     audit_refusal_window_ms: u64,
+    /// How often the lifecycle sweep runs: `credential.expiring`/`credential.expired` events,
+    /// retiring unused previous secrets (`retire_when_unused_seconds`), forgetting ended ones.
+    #[arg(long, env = "KEYPLANE_LIFECYCLE_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lifecycle_sweep_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -219,6 +223,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(keyplane_server::audit::AuditLogTarget::parse),
         audit_retention_days: args.audit_retention_days,
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
+        lifecycle_sweep_interval: Duration::from_secs(args.lifecycle_sweep_seconds),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

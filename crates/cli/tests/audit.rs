@@ -156,6 +156,7 @@ async fn sigkill_loses_no_event_and_the_export_resumes(backend: Backend) {
             after: None,
             limit: None,
             include_revoked: true,
+            expiring: None,
         })
         .await
         .unwrap();

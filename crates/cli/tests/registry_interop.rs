@@ -188,7 +188,7 @@ async fn robots_push_pull_and_delete_through_a_real_registry(backend: Backend) {
         skopeo.inspect(&app_v1, Some(&rotor)).await,
         "the robot about to be rotated",
     );
-    let rotated = keyplane.rotate_robot(&org, &rotor).await;
+    let rotated = keyplane.rotate_robot(&org, &rotor, None).await;
     assert_ne!(rotated.secret, rotor.secret, "rotation kept the secret");
     stack.refused(
         skopeo.inspect(&app_v1, Some(&rotor)).await,
@@ -197,6 +197,61 @@ async fn robots_push_pull_and_delete_through_a_real_registry(backend: Backend) {
     stack.ok(
         skopeo.inspect(&app_v1, Some(&rotated)).await,
         "the new secret of a rotated robot",
+    );
+
+    // (5b) Rotation with a grace period: both secrets log in until the grace ends (or the previous
+    // one is retired), then only the new one does.
+    let graceful = keyplane
+        .create_robot(&org, &project, "graceful", None)
+        .await;
+    let second = keyplane
+        .rotate_robot(&org, &graceful, Some(json!({"grace_seconds": 3600})))
+        .await;
+    for (robot, what) in [(&graceful, "previous"), (&second, "new")] {
+        stack.ok(
+            skopeo.inspect(&app_v1, Some(robot)).await,
+            format!("the {what} secret during the grace period"),
+        );
+    }
+    let (status, body) = keyplane
+        .send(
+            keyplane
+                .http
+                .post(keyplane.org_url(
+                    &org,
+                    &format!("/registry/robot-accounts/{}/retire-previous", graceful.id),
+                ))
+                .bearer_auth(&org.token),
+            "POST retire-previous",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "retire-previous: {body}");
+    stack.refused(
+        skopeo.inspect(&app_v1, Some(&graceful)).await,
+        "the previous secret after retire-previous",
+    );
+    let grace = Duration::from_secs(2);
+    let third = keyplane
+        .rotate_robot(
+            &org,
+            &second,
+            Some(json!({"grace_seconds": grace.as_secs()})),
+        )
+        .await;
+    let rotated_at = Instant::now();
+    stack.ok(
+        skopeo.inspect(&app_v1, Some(&second)).await,
+        "the previous secret within a 2 s grace period",
+    );
+    tokio::time::sleep(grace.saturating_sub(rotated_at.elapsed()) + Duration::from_millis(200))
+        .await;
+    stack.refused(
+        skopeo.inspect(&app_v1, Some(&second)).await,
+        "the previous secret after its grace period",
+    );
+    stack.ok(
+        skopeo.inspect(&app_v1, Some(&third)).await,
+        "the new secret after the grace period",
     );
 
     // (6) Deleting a manifest needs `delete`: pull,push is not enough.
@@ -974,18 +1029,20 @@ impl Keyplane {
         .0
     }
 
-    async fn rotate_robot(&self, org: &Org, robot: &Robot) -> Robot {
-        let (status, body) = self
-            .send(
-                self.http
-                    .post(self.org_url(
-                        org,
-                        &format!("/registry/robot-accounts/{}/rotate", robot.id),
-                    ))
-                    .bearer_auth(&org.token),
-                "POST rotate",
-            )
-            .await;
+    /// Rotates with `body` (`None`: no body at all, the old secret stops at once).
+    async fn rotate_robot(&self, org: &Org, robot: &Robot, body: Option<Value>) -> Robot {
+        let request = self
+            .http
+            .post(self.org_url(
+                org,
+                &format!("/registry/robot-accounts/{}/rotate", robot.id),
+            ))
+            .bearer_auth(&org.token);
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        let (status, body) = self.send(request, "POST rotate").await;
         assert_eq!(status, StatusCode::OK, "rotating {}: {body}", robot.name);
         assert_eq!(body["id"], robot.id.as_str(), "rotation changed the id");
         Robot {

@@ -29,6 +29,21 @@ pub mod actions {
     pub const AUTHORIZATION_CREATED: &str = "authorization.created";
     pub const AUTHORIZATION_REVOKED: &str = "authorization.revoked";
     pub const ACCESS_DENIED: &str = "access.denied";
+    pub const API_TOKEN_SUSPENDED: &str = "api_token.suspended";
+    pub const API_TOKEN_RESUMED: &str = "api_token.resumed";
+    pub const API_TOKEN_PREVIOUS_SECRET_RETIRED: &str = "api_token.previous_secret_retired";
+    pub const SERVICE_ACCOUNT_SUSPENDED: &str = "service_account.suspended";
+    pub const SERVICE_ACCOUNT_RESUMED: &str = "service_account.resumed";
+    pub const SERVICE_ACCOUNT_PREVIOUS_SECRET_RETIRED: &str =
+        "service_account.previous_secret_retired";
+    pub const ROBOT_ACCOUNT_SUSPENDED: &str = "robot_account.suspended";
+    pub const ROBOT_ACCOUNT_RESUMED: &str = "robot_account.resumed";
+    pub const ROBOT_ACCOUNT_PREVIOUS_SECRET_RETIRED: &str = "robot_account.previous_secret_retired";
+    /// A credential's expiry is 30, 7 or 1 days away (the sweep, actor `system`).
+    pub const CREDENTIAL_EXPIRING: &str = "credential.expiring";
+    /// A credential's expiry has passed (the sweep, actor `system`).
+    pub const CREDENTIAL_EXPIRED: &str = "credential.expired";
+    pub const CREDENTIAL_POLICY_UPDATED: &str = "credential_policy.updated";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.
@@ -46,6 +61,15 @@ pub fn credential_action(kind: crate::CredentialKind, verb: CredentialChange) ->
         (RobotAccount, Created) => ROBOT_ACCOUNT_CREATED,
         (RobotAccount, Rotated) => ROBOT_ACCOUNT_ROTATED,
         (RobotAccount, Revoked) => ROBOT_ACCOUNT_REVOKED,
+        (ApiToken, Suspended) => API_TOKEN_SUSPENDED,
+        (ApiToken, Resumed) => API_TOKEN_RESUMED,
+        (ApiToken, PreviousSecretRetired) => API_TOKEN_PREVIOUS_SECRET_RETIRED,
+        (ServiceAccount, Suspended) => SERVICE_ACCOUNT_SUSPENDED,
+        (ServiceAccount, Resumed) => SERVICE_ACCOUNT_RESUMED,
+        (ServiceAccount, PreviousSecretRetired) => SERVICE_ACCOUNT_PREVIOUS_SECRET_RETIRED,
+        (RobotAccount, Suspended) => ROBOT_ACCOUNT_SUSPENDED,
+        (RobotAccount, Resumed) => ROBOT_ACCOUNT_RESUMED,
+        (RobotAccount, PreviousSecretRetired) => ROBOT_ACCOUNT_PREVIOUS_SECRET_RETIRED,
     }
 }
 
@@ -54,6 +78,10 @@ pub enum CredentialChange {
     Created,
     Rotated,
     Revoked,
+    Suspended,
+    Resumed,
+    /// The previous secret of a rotation with a grace period ended before its grace did.
+    PreviousSecretRetired,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

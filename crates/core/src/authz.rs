@@ -119,6 +119,18 @@ impl Principal {
         Ok(())
     }
 
+    /// Tenant-wide settings (the credential policy) need every right: `*`, or an `account_owner`
+    /// grant. `NotFound` where the principal holds nothing.
+    pub fn require_owner(&self, tenant: TenantId) -> Result<(), Error> {
+        let rights = self.rights_in(tenant).ok_or(Error::NotFound)?;
+        if !rights.holds_everything() {
+            return Err(Error::Forbidden(
+                "this needs `*` or an `account_owner` grant in the organization".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A principal can never mint a credential with rights it does not hold itself.
     pub fn may_delegate(&self, tenant: TenantId, requested: &ScopeSet) -> Result<(), Error> {
         let held = self.rights_in(tenant).ok_or(Error::NotFound)?;

@@ -69,6 +69,44 @@ pub struct Credential {
     pub revoked_at: Option<DateTime<Utc>>,
     pub created_by_user_id: Option<UserId>,
     pub revoked_by_user_id: Option<UserId>,
+    /// Suspended credentials authenticate nowhere until resumed; unlike revocation, reversible.
+    pub suspended_at: Option<DateTime<Utc>>,
+    /// When the secret was last replaced; `None` if never.
+    pub rotated_at: Option<DateTime<Utc>>,
+    /// The secret a rotation with a grace period replaced, still accepted until its expiry.
+    pub previous_secret: Option<PreviousSecret>,
+    /// The expiry warning stage already announced for the current `expires_at` (days before it:
+    /// 30, 7, 1; 0 = the expiry itself); `None` when none was. Reset when `expires_at` changes.
+    pub expiry_notice_days: Option<u32>,
+}
+
+/// The secret replaced by a rotation with a grace period: it keeps authenticating, as
+/// [`SecretSlot::Previous`], until `expires_at` or until it is retired earlier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviousSecret {
+    pub hash: TokenHash,
+    pub expires_at: DateTime<Utc>,
+    /// The previous secret's own last use; the credential's `last_used_at` is the current one's.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Usage-aware cutover: retire it once it has gone unused this many seconds, after the new
+    /// secret has been used at least once.
+    pub retire_when_unused_seconds: Option<u32>,
+}
+
+/// Which of a credential's (at most two) live secrets authenticated a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSlot {
+    Current,
+    Previous,
+}
+
+impl SecretSlot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretSlot::Current => "current",
+            SecretSlot::Previous => "previous",
+        }
+    }
 }
 
 /// Why a credential that exists cannot be used now.
@@ -76,6 +114,9 @@ pub struct Credential {
 pub enum Unusable {
     Revoked,
     Expired,
+    Suspended,
+    /// The secret presented is the previous one, and its grace period is over.
+    PreviousSecretEnded,
 }
 
 impl Unusable {
@@ -83,20 +124,79 @@ impl Unusable {
         match self {
             Unusable::Revoked => "revoked",
             Unusable::Expired => "expired",
+            Unusable::Suspended => "suspended",
+            Unusable::PreviousSecretEnded => "previous secret ended",
         }
     }
 }
 
 impl Credential {
-    /// Revocation and expiry, checked everywhere a credential is used.
+    /// Revocation, suspension and expiry, checked everywhere a credential is used.
     pub fn usable_at(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
         if self.revoked_at.is_some() {
             return Err(Unusable::Revoked);
+        }
+        if self.suspended_at.is_some() {
+            return Err(Unusable::Suspended);
         }
         match self.expires_at {
             Some(expires_at) if expires_at <= now => Err(Unusable::Expired),
             _ => Ok(()),
         }
+    }
+
+    /// Which secret `presented` is: the current one, or the previous one within its grace period.
+    /// `Ok(None)`: neither (another credential's hash, or a previous secret retired since).
+    pub fn secret_slot(
+        &self,
+        presented: &TokenHash,
+        now: DateTime<Utc>,
+    ) -> Result<SecretSlot, Option<Unusable>> {
+        if self.secret_hash.matches(presented) {
+            return Ok(SecretSlot::Current);
+        }
+        match &self.previous_secret {
+            Some(previous) if previous.hash.matches(presented) => {
+                if previous.expires_at > now {
+                    Ok(SecretSlot::Previous)
+                } else {
+                    Err(Some(Unusable::PreviousSecretEnded))
+                }
+            }
+            _ => Err(None),
+        }
+    }
+
+    /// The previous secret while it still authenticates.
+    pub fn live_previous_secret(&self, now: DateTime<Utc>) -> Option<&PreviousSecret> {
+        self.previous_secret
+            .as_ref()
+            .filter(|previous| previous.expires_at > now)
+    }
+
+    /// The credential as of `now`: a previous secret whose grace period has ended is none (the
+    /// sweep forgets it in the store a little later).
+    pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
+        if self.live_previous_secret(now).is_none() {
+            self.previous_secret = None;
+        }
+        self
+    }
+
+    /// Usage-aware cutover: whether the previous secret should be retired now. Only when asked
+    /// for at rotation, once the new secret has been used since, and the previous one has not been
+    /// presented (or not since the rotation) for the asked number of seconds.
+    pub fn previous_secret_unused(&self, now: DateTime<Utc>) -> bool {
+        let (Some(previous), Some(rotated_at)) = (self.live_previous_secret(now), self.rotated_at)
+        else {
+            return false;
+        };
+        let Some(seconds) = previous.retire_when_unused_seconds else {
+            return false;
+        };
+        let new_secret_used = self.last_used_at.is_some_and(|at| at >= rotated_at);
+        let quiet_since = previous.last_used_at.unwrap_or(rotated_at).max(rotated_at);
+        new_secret_used && now - quiet_since >= chrono::TimeDelta::seconds(i64::from(seconds))
     }
 
     pub fn is_revoked(&self) -> bool {
@@ -140,6 +240,10 @@ impl NewCredential {
             revoked_at: None,
             created_by_user_id: self.created_by_user_id,
             revoked_by_user_id: None,
+            suspended_at: None,
+            rotated_at: None,
+            previous_secret: None,
+            expiry_notice_days: None,
         };
         (credential, minted.plaintext)
     }
@@ -151,20 +255,52 @@ pub struct Rotation {
     pub secret_hash: TokenHash,
     pub display: TokenDisplay,
     pub rotated_at: DateTime<Utc>,
+    /// The secret being replaced, when it stays valid for a grace period; `None`: it stops at
+    /// once. Either way an earlier previous secret ends now (at most two live secrets).
+    pub previous: Option<PreviousSecret>,
+    /// The credential's expiry after the rotation.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The expiry is unchanged, so the expiry warnings already sent for it stand.
+    pub keeps_expiry: bool,
+}
+
+/// The most a grace period may last: 7 days.
+pub const MAX_GRACE_SECONDS: u32 = 604_800;
+
+/// What a caller asks of a rotation besides the new secret.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotationOptions {
+    /// How long the replaced secret keeps working; 0: it stops at once.
+    pub grace_seconds: u32,
+    /// Retire the replaced secret early once it has gone unused this long.
+    pub retire_when_unused_seconds: Option<u32>,
 }
 
 impl Rotation {
+    /// Mints the new secret for `current`, keeping its secret as the previous one for the grace
+    /// period `options` asks for.
     pub fn mint(
-        kind: CredentialKind,
+        current: &Credential,
+        options: RotationOptions,
+        expires_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         rng: &mut (impl rand::RngCore + rand::CryptoRng),
     ) -> (Self, crate::Plaintext) {
-        let minted = crate::token::mint(kind, rng);
+        let minted = crate::token::mint(current.kind, rng);
+        let previous = (options.grace_seconds > 0).then(|| PreviousSecret {
+            hash: current.secret_hash,
+            expires_at: now + chrono::TimeDelta::seconds(i64::from(options.grace_seconds)),
+            last_used_at: None,
+            retire_when_unused_seconds: options.retire_when_unused_seconds,
+        });
         (
             Self {
                 secret_hash: minted.hash,
                 display: minted.display,
                 rotated_at: now,
+                previous,
+                expires_at,
+                keeps_expiry: expires_at == current.expires_at,
             },
             minted.plaintext,
         )

@@ -56,6 +56,13 @@ impl FieldPath {
         Self::at(FieldLocation::Header, name)
     }
 
+    /// A key inside this field (an object's member).
+    pub fn key(&self, key: &str) -> Self {
+        let mut next = self.clone();
+        next.segments.push(PathSegment::Key(key.to_string()));
+        next
+    }
+
     pub fn index(&self, index: usize) -> Self {
         let mut next = self.clone();
         next.segments.push(PathSegment::Index(index));
@@ -102,6 +109,8 @@ impl FieldError {
 /// Stable `code` values of field errors.
 pub mod codes {
     pub const REQUIRED: &str = "required";
+    /// The value is well-formed but the tenant's credential policy forbids it.
+    pub const POLICY_VIOLATION: &str = "policy_violation";
     pub const INVALID_TYPE: &str = "invalid_type";
     pub const UNKNOWN_FIELD: &str = "unknown_field";
     pub const TOO_SHORT: &str = "too_short";

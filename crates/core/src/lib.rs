@@ -11,6 +11,7 @@ pub mod error;
 pub mod glob;
 pub mod grant;
 pub mod ids;
+pub mod policy;
 pub mod registry;
 pub mod scope;
 pub mod secret;
@@ -20,11 +21,13 @@ pub mod validate;
 pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
 pub use credential::{
-    Credential, CredentialKind, NewCredential, Rotation, Tenant, TokenDisplay, Unusable,
+    Credential, CredentialKind, NewCredential, PreviousSecret, Rotation, RotationOptions,
+    SecretSlot, Tenant, TokenDisplay, Unusable,
 };
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
 pub use grant::{Grant, GrantKind, GrantResource, NewGrant, SubjectType};
 pub use ids::{CredentialId, GrantId, TenantId, UserId};
+pub use policy::{CredentialPolicy, LeakAction, LifetimeRule};
 pub use registry::{Registry, RobotPermission};
 pub use scope::{Capability, Scope, ScopeSet};
 pub use secret::{Plaintext, PrivateKeyPem, TokenHash};

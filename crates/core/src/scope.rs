@@ -154,6 +154,11 @@ impl ScopeSet {
         self.0.iter().any(Scope::is_wildcard)
     }
 
+    /// Whether this holds `*`: every right in the tenant.
+    pub fn holds_everything(&self) -> bool {
+        self.has_wildcard()
+    }
+
     pub fn grants(&self, capability: Capability) -> bool {
         self.has_wildcard() || self.0.iter().any(|s| s.0 == capability.key())
     }

@@ -44,6 +44,7 @@ impl App {
             config.verify_cache.clone(),
             config.oidc.clone(),
             refusals.clone(),
+            config.clock.clone(),
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
@@ -64,6 +65,11 @@ impl App {
 
     pub(crate) fn inner(&self) -> &Inner {
         &self.0
+    }
+
+    /// Now, on the clock lifecycle decisions read (`Config::clock`).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.0.config.clock.now()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

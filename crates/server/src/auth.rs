@@ -27,7 +27,8 @@ use crate::oidc::{Oidc, OidcConfig};
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
 use keyplane_core::{
-    token, Credential, CredentialKind, Principal, Registry, ScopeSet, TenantId, TokenHash,
+    token, Credential, CredentialKind, Principal, Registry, ScopeSet, SecretSlot, TenantId,
+    TokenHash,
 };
 use keyplane_store::{Invalidation, Store};
 use std::collections::HashMap;
@@ -39,16 +40,20 @@ use std::time::{Duration, Instant};
 pub struct Verified {
     pub credential: Credential,
     pub rights: ScopeSet,
+    /// Which of the credential's secrets this entry's hash is: the current one, or the previous
+    /// one during a rotation's grace period.
+    pub secret: SecretSlot,
     /// Forward-auth's identity headers, rendered once per cache entry rather than per request.
     pub(crate) forward_headers: std::sync::OnceLock<crate::verify::ForwardHeaders>,
     pub(crate) last_use: crate::usage::LastUse,
 }
 
 impl Verified {
-    fn new(credential: Credential, rights: ScopeSet) -> Self {
+    fn new(credential: Credential, rights: ScopeSet, secret: SecretSlot) -> Self {
         Self {
             credential,
             rights,
+            secret,
             forward_headers: std::sync::OnceLock::new(),
             last_use: Default::default(),
         }
@@ -135,6 +140,8 @@ pub(crate) struct Verifier {
     users: quick_cache::sync::Cache<TokenHash, CachedUser>,
     /// Known credentials presented when revoked, expired or of the wrong kind.
     refusals: Arc<crate::audit::Refusals>,
+    /// What expiry, grace periods and suspension are judged against.
+    clock: crate::config::Clock,
 }
 
 impl Verifier {
@@ -145,6 +152,7 @@ impl Verifier {
         config: CacheConfig,
         oidc: Option<OidcConfig>,
         refusals: Arc<crate::audit::Refusals>,
+        clock: crate::config::Clock,
     ) -> Self {
         let oidc = oidc.map(Oidc::new);
         if let Some(oidc) = &oidc {
@@ -165,6 +173,7 @@ impl Verifier {
             invalidated: RwLock::new(HashMap::new()),
             any_invalidated: AtomicBool::new(false),
             refusals,
+            clock,
         }
     }
 
@@ -246,7 +255,7 @@ impl Verifier {
         match outcome {
             Ok(verified) => {
                 self.metrics.credential_verified(verified.credential.kind);
-                self.usage.record(verified, chrono::Utc::now());
+                self.usage.record(verified, self.clock.now());
             }
             Err(AppError::Unauthenticated(reason)) => self.metrics.credential_rejected(reason),
             Err(_) => {}
@@ -295,10 +304,19 @@ impl Verifier {
         let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
         let verified = self.lookup(&parsed.hash).await?;
         let credential = &verified.credential;
-        if credential.kind != parsed.kind || !credential.secret_hash.matches(&parsed.hash) {
+        if credential.kind != parsed.kind {
             return Err(AppError::Unauthenticated("unknown"));
         }
-        if let Err(why) = credential.usable_at(chrono::Utc::now()) {
+        let now = self.clock.now();
+        match credential.secret_slot(&parsed.hash, now) {
+            Ok(_) => {}
+            Err(None) => return Err(AppError::Unauthenticated("unknown")),
+            Err(Some(why)) => {
+                self.refuse(credential, why.as_str());
+                return Err(AppError::Unauthenticated(why.as_str()));
+            }
+        }
+        if let Err(why) = credential.usable_at(now) {
             self.refuse(credential, why.as_str());
             return Err(AppError::Unauthenticated(why.as_str()));
         }
@@ -372,7 +390,12 @@ impl Verifier {
             return Err(AppError::Unauthenticated("unknown or revoked"));
         };
         let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;
-        let verified = Arc::new(Verified::new(credential, rights));
+        let secret = if credential.secret_hash.matches(hash) {
+            SecretSlot::Current
+        } else {
+            SecretSlot::Previous
+        };
+        let verified = Arc::new(Verified::new(credential, rights, secret));
         self.cache.insert(
             *hash,
             Known {

@@ -30,6 +30,38 @@ pub struct Config {
     pub audit_retention_days: u32,
     /// Refused attempts are aggregated over this window before one event per kind is written.
     pub audit_refusal_window: Duration,
+    /// The clock lifecycle decisions read: expiry, grace periods, suspension checks, the expiry
+    /// sweep. Tests move it instead of waiting.
+    pub clock: Clock,
+    /// How often the lifecycle sweep runs: expiry warnings, the usage-aware cutover of previous
+    /// secrets, forgetting ended ones.
+    pub lifecycle_sweep_interval: Duration,
+}
+
+/// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
+/// one handle moves every replica a test builds with it.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_micros: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    /// Now, at the precision both stores keep.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let offset = self
+            .offset_micros
+            .load(std::sync::atomic::Ordering::Relaxed);
+        keyplane_core::validate::truncate_to_micros(
+            chrono::Utc::now() + chrono::TimeDelta::microseconds(offset),
+        )
+    }
+
+    /// Moves this clock (and its clones) forward.
+    pub fn advance(&self, by: Duration) {
+        let micros = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
+        self.offset_micros
+            .fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What one connection may hold of the server, so that slow or idle clients cannot exhaust its
@@ -104,6 +136,8 @@ impl Default for Config {
             audit_log: None,
             audit_retention_days: 400,
             audit_refusal_window: Duration::from_secs(60),
+            clock: Clock::default(),
+            lifecycle_sweep_interval: Duration::from_secs(60),
         }
     }
 }

@@ -61,18 +61,52 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
         if !is_json(request.headers()) {
             return Err(AppError::UnsupportedMediaType.into());
         }
-        let bytes = Bytes::from_request(request, app)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::PayloadTooLarge
-                } else {
-                    AppError::InvalidJson("the body could not be read".into())
-                }
-            })?;
+        let bytes = body_bytes(request, app).await?;
         let value = read_json_body(&bytes, crate::ops::now())?;
         Ok((Self(value, PhantomData), bytes))
     }
+}
+
+/// A body that may be left out (a rotation): no body at all reads as `T::default()`; a body
+/// present is JSON like any other.
+pub struct OptionalApiJson<S, T>(pub T, pub PhantomData<S>);
+
+impl<S: Surface, T: FromJsonBody + Default> FromRequest<App> for OptionalApiJson<S, T> {
+    type Rejection = ApiError<S>;
+
+    async fn from_request(request: Request, app: &App) -> Result<Self, Self::Rejection> {
+        Self::with_bytes(request, app).await.map(|(json, _)| json)
+    }
+}
+
+impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
+    pub(crate) async fn with_bytes(
+        request: Request,
+        app: &App,
+    ) -> Result<(Self, Bytes), ApiError<S>> {
+        let json = is_json(request.headers());
+        let bytes = body_bytes(request, app).await?;
+        if bytes.is_empty() {
+            return Ok((Self(T::default(), PhantomData), bytes));
+        }
+        if !json {
+            return Err(AppError::UnsupportedMediaType.into());
+        }
+        let value = read_json_body(&bytes, crate::ops::now())?;
+        Ok((Self(value, PhantomData), bytes))
+    }
+}
+
+async fn body_bytes(request: Request, app: &App) -> Result<Bytes, AppError> {
+    Bytes::from_request(request, app)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge
+            } else {
+                AppError::InvalidJson("the body could not be read".into())
+            }
+        })
 }
 
 /// Parses a request body as JSON and reads it as a `T`, with every bad field reported.
@@ -110,6 +144,8 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 
 /// Reads the fields of a JSON object, recording every missing, mistyped or unknown field.
 pub struct ObjectReader {
+    /// Where this object sits in the body (the root, or a nested object's member path).
+    base: FieldPath,
     object: Map<String, Value>,
     known: Vec<&'static str>,
     errors: Vec<FieldError>,
@@ -119,6 +155,7 @@ impl ObjectReader {
     pub fn new(value: Value) -> Result<Self, FieldError> {
         match value {
             Value::Object(object) => Ok(Self {
+                base: FieldPath::body_root(),
                 object,
                 known: Vec::new(),
                 errors: Vec::new(),
@@ -131,6 +168,67 @@ impl ObjectReader {
         }
     }
 
+    /// An optional nested object (absent or null: `Ok(None)`), read with its own reader whose
+    /// problems join this one's through [`ObjectReader::absorb`].
+    pub fn nested_object(&mut self, key: &'static str) -> Result<Option<ObjectReader>, ()> {
+        match self.take(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(object)) => Ok(Some(ObjectReader {
+                base: self.base.key(key),
+                object,
+                known: Vec::new(),
+                errors: Vec::new(),
+            })),
+            Some(_) => {
+                self.type_error(key, "an object or null");
+                Err(())
+            }
+        }
+    }
+
+    /// Takes a nested reader's problems (its unknown fields included) into this one's.
+    pub fn absorb(&mut self, nested: ObjectReader) {
+        let errors = nested.unchecked_errors();
+        self.errors.extend(errors);
+    }
+
+    /// An optional whole number in `min..=max` (absent or null: none). `None` when invalid.
+    pub fn optional_u32(&mut self, key: &'static str, min: u32, max: u32) -> Option<Option<u32>> {
+        match self.take(key) {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::Number(n))
+                if n.as_u64()
+                    .is_some_and(|v| (u64::from(min)..=u64::from(max)).contains(&v)) =>
+            {
+                n.as_u64().and_then(|v| u32::try_from(v).ok()).map(Some)
+            }
+            Some(Value::Number(_)) => {
+                self.errors.push(FieldError::new(
+                    self.base.key(key),
+                    codes::OUT_OF_RANGE,
+                    format!("must be a whole number from {min} to {max}"),
+                ));
+                None
+            }
+            Some(_) => {
+                self.type_error(key, "a whole number or null");
+                None
+            }
+        }
+    }
+
+    /// An optional boolean (absent or null: `default`). `None` when invalid.
+    pub fn optional_bool(&mut self, key: &'static str, default: bool) -> Option<bool> {
+        match self.take(key) {
+            None | Some(Value::Null) => Some(default),
+            Some(Value::Bool(b)) => Some(b),
+            Some(_) => {
+                self.type_error(key, "a boolean");
+                None
+            }
+        }
+    }
+
     fn take(&mut self, key: &'static str) -> Option<Value> {
         self.known.push(key);
         self.object.remove(key)
@@ -138,7 +236,7 @@ impl ObjectReader {
 
     fn type_error(&mut self, key: &str, expected: &str) {
         self.errors.push(FieldError::new(
-            FieldPath::body(key),
+            self.base.key(key),
             codes::INVALID_TYPE,
             format!("must be {expected}"),
         ));
@@ -150,7 +248,7 @@ impl ObjectReader {
             Some(Value::String(text)) => Some(text),
             None => {
                 self.errors.push(FieldError::new(
-                    FieldPath::body(key),
+                    self.base.key(key),
                     codes::REQUIRED,
                     "is required",
                 ));
@@ -182,7 +280,7 @@ impl ObjectReader {
         rule: fn(FieldPath, &str) -> Result<String, FieldError>,
     ) -> Option<Option<String>> {
         match self.nullable_string(key) {
-            Ok(Some(raw)) => self.check(rule(FieldPath::body(key), &raw)).map(Some),
+            Ok(Some(raw)) => self.check(rule(self.base.key(key), &raw)).map(Some),
             Ok(None) => Some(None),
             Err(()) => None,
         }
@@ -206,7 +304,7 @@ impl ObjectReader {
                 _ => {
                     ok = false;
                     self.errors.push(FieldError::new(
-                        FieldPath::body(key).index(index),
+                        self.base.key(key).index(index),
                         codes::INVALID_TYPE,
                         "must be a string",
                     ));
@@ -231,7 +329,7 @@ impl ObjectReader {
         let parsed = parse(&text);
         if parsed.is_none() {
             self.errors.push(FieldError::new(
-                FieldPath::body(key),
+                self.base.key(key),
                 codes::INVALID_CHOICE,
                 format!("must be one of: {}", allowed.join(", ")),
             ));
@@ -245,7 +343,7 @@ impl ObjectReader {
         let parsed = uuid::Uuid::parse_str(&text).ok();
         if parsed.is_none() {
             self.errors.push(FieldError::new(
-                FieldPath::body(key),
+                self.base.key(key),
                 codes::INVALID_UUID,
                 "must be a UUID",
             ));
@@ -262,7 +360,7 @@ impl ObjectReader {
     ) -> Option<Option<DateTime<Utc>>> {
         match self.nullable_string(key) {
             Ok(Some(raw)) => self
-                .check(validate::expires_at(FieldPath::body(key), &raw, now))
+                .check(validate::expires_at(self.base.key(key), &raw, now))
                 .map(Some),
             Ok(None) => Some(None),
             Err(()) => None,
@@ -280,7 +378,11 @@ impl ObjectReader {
 
     /// Every error recorded, plus one per unknown field: a typo must not silently drop a
     /// restriction. At most [`validate::MAX_FIELD_ERRORS`] are listed, the last counting the rest.
-    pub fn finish(mut self) -> Vec<FieldError> {
+    pub fn finish(self) -> Vec<FieldError> {
+        validate::cap_field_errors(self.unchecked_errors())
+    }
+
+    fn unchecked_errors(mut self) -> Vec<FieldError> {
         let mut unknown: Vec<&String> = self
             .object
             .keys()
@@ -289,12 +391,12 @@ impl ObjectReader {
         unknown.sort();
         for key in unknown {
             self.errors.push(FieldError::new(
-                FieldPath::body(key),
+                self.base.key(key),
                 codes::UNKNOWN_FIELD,
                 "is not a known field",
             ));
         }
-        validate::cap_field_errors(self.errors)
+        self.errors
     }
 }
 
@@ -318,6 +420,27 @@ pub fn query_bool(
         )),
     }
 }
+
+/// Days ahead for `?expiring_within_days=N` (1–3650): the list keeps live credentials expiring
+/// within that many days. Absent: `None`.
+pub fn expiring_within_days(
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Option<u32>, FieldError> {
+    const NAME: &str = "expiring_within_days";
+    let Some(raw) = query.get(NAME) else {
+        return Ok(None);
+    };
+    match raw.parse::<u32>() {
+        Ok(days) if (1..=MAX_EXPIRING_WITHIN_DAYS).contains(&days) => Ok(Some(days)),
+        _ => Err(FieldError::new(
+            FieldPath::query(NAME),
+            codes::OUT_OF_RANGE,
+            format!("must be a whole number of days from 1 to {MAX_EXPIRING_WITHIN_DAYS}"),
+        )),
+    }
+}
+
+pub const MAX_EXPIRING_WITHIN_DAYS: u32 = 3650;
 
 /// Parses a UUID path segment; a bad one is a 422 naming the parameter as the docs spell it.
 pub fn path_id<T>(name: &str, raw: &str, parse: fn(&str) -> Option<T>) -> Result<T, DomainError> {

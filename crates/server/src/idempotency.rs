@@ -114,6 +114,34 @@ impl<S: Surface, T: FromJsonBody + Send> FromRequest<App> for IdempotentJson<S, 
     }
 }
 
+/// A body that may be left out ([`crate::extract::OptionalApiJson`]) and the request's
+/// `Idempotency-Key`: the fingerprint covers the body as sent (empty when there is none).
+pub struct IdempotentOptionalJson<S, T>(pub Idempotency<S>, pub T);
+
+impl<S: Surface, T: FromJsonBody + Default + Send> FromRequest<App>
+    for IdempotentOptionalJson<S, T>
+{
+    type Rejection = ApiError<S>;
+
+    async fn from_request(request: Request, app: &App) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let idempotency_key = header_value(&parts.headers)?.is_some();
+        let checked = parts.clone();
+        let (crate::extract::OptionalApiJson(value, ..), bytes) =
+            crate::extract::OptionalApiJson::<S, T>::with_bytes(
+                Request::from_parts(parts, body),
+                app,
+            )
+            .await?;
+        let idempotency = if idempotency_key {
+            Idempotency::from_parts(&checked, &bytes)?
+        } else {
+            Idempotency::without_key()
+        };
+        Ok(Self(idempotency, value))
+    }
+}
+
 /// The header's value, checked; `None` when absent.
 fn header_value(headers: &HeaderMap) -> Result<Option<&str>, DomainError> {
     let mut values = headers.get_all(HEADER).iter();

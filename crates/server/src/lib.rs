@@ -29,7 +29,7 @@ mod router;
 mod system;
 mod usage;
 pub mod verify;
-pub use keyplane_api_types::wire;
+pub mod wire;
 
 pub use app::App;
 pub use config::Config;

@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::error::AppError;
 use chrono::{DateTime, Utc};
-use keyplane_core::audit::{actions, credential_action, AuditActor, CredentialChange};
+use keyplane_core::audit::{actions, credential_action, AuditActor, CredentialChange, DetailValue};
 use keyplane_core::error::codes;
 use keyplane_core::grant::rights_from_grants;
 use keyplane_core::registry::{self, RegistryAction};
@@ -14,7 +14,8 @@ use keyplane_core::{
     FieldError, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
     RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
-use keyplane_store::{GrantFilter, ListCredentials, Store, StoreError};
+use keyplane_core::{CredentialPolicy, RotationOptions};
+use keyplane_store::{ExpiryWindow, GrantFilter, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 
 /// The clock, at the precision both stores keep.
@@ -306,16 +307,26 @@ pub async fn create_credential(
 ) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
     who.may_delegate(tenant, &spec.scopes)?;
+    let issued_at = now();
+    let expires_at = credential_policy(app.store().as_ref(), tenant)
+        .await?
+        .expiry_for(
+            rights.kind,
+            spec.expires_at,
+            app.now(),
+            FieldPath::body("expires_at"),
+        )
+        .map_err(DomainError::from)?;
     let (credential, secret) = NewCredential {
         tenant_id: tenant,
         kind: rights.kind,
         name: spec.name,
         scopes: spec.scopes,
         permissions: spec.permissions,
-        expires_at: spec.expires_at,
+        expires_at,
         created_by_user_id: who.user_id(),
     }
-    .issue(now(), &mut OsRng);
+    .issue(issued_at, &mut OsRng);
     let event = credential_event(
         credential_action(rights.kind, CredentialChange::Created),
         AuditActor::of(who),
@@ -330,35 +341,50 @@ pub async fn create_credential(
     Ok(Issued { credential, secret })
 }
 
-/// One page of live credentials after `after`, and the cursor of the next page if there is one.
+/// Which credentials of a kind a list shows; the default is every live one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListSpec {
+    /// Only those created after this one (a page cursor).
+    pub after: Option<CredentialId>,
+    /// At most this many; `None`: all.
+    pub limit: Option<u32>,
+    pub include_revoked: bool,
+    /// Only live ones that have not expired and expire within this many days.
+    pub expiring_within_days: Option<u32>,
+}
+
+/// One page of credentials, and the cursor of the next page if there is one.
 pub async fn list_credentials(
     app: &App,
     who: &Principal,
     tenant: TenantId,
     rights: KindRights,
-    after: Option<CredentialId>,
-    limit: Option<u32>,
-    include_revoked: bool,
+    spec: ListSpec,
 ) -> Result<(Vec<Credential>, Option<CredentialId>), AppError> {
     who.require(tenant, rights.read)?;
+    let now = app.now();
     let mut page = app
         .store()
         .list_credentials(&ListCredentials {
             tenant_id: tenant,
             kind: rights.kind,
-            after,
-            limit: limit.map(|l| l + 1),
-            include_revoked,
+            after: spec.after,
+            limit: spec.limit.map(|l| l + 1),
+            include_revoked: spec.include_revoked,
+            expiring: spec.expiring_within_days.map(|days| ExpiryWindow {
+                after: now,
+                until: now + chrono::TimeDelta::days(i64::from(days)),
+            }),
         })
         .await?;
-    let next = match limit {
+    let next = match spec.limit {
         Some(limit) if page.len() > limit as usize => {
             page.truncate(limit as usize);
             page.last().map(|c| c.id)
         }
         _ => None,
     };
-    Ok((page, next))
+    Ok((page.into_iter().map(|c| c.as_of(now)).collect(), next))
 }
 
 /// A live credential; revoked ones are `NotFound` here.
@@ -374,14 +400,26 @@ pub async fn get_live_credential(
         .get_credential(tenant, rights.kind, id)
         .await?
         .filter(|c| !c.is_revoked())
+        .map(|c| c.as_of(app.now()))
         .ok_or(DomainError::NotFound.into())
 }
 
-/// New secret, same id; the old secret stops working at once. Rotating hands out the new secret, so
-/// the caller must hold every scope of the credential it rotates. Of concurrent rotations exactly
-/// one succeeds (the store swaps the secret only if it is still the one read here); the others,
-/// and rotations of revoked or expired credentials, are `Conflict`: a secret that does not work
-/// is never handed out.
+/// What a rotation asks for besides the new secret.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RotateSpec {
+    pub options: RotationOptions,
+    /// A new expiry; `None`: the credential keeps its own.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// New secret, same id. The old secret stops working at once, or after the grace period `spec`
+/// asks for (and an earlier previous secret ends at once: at most two live secrets). Rotating
+/// hands out the new secret, so the caller must hold every scope of the credential it rotates.
+/// The expiry it ends up with must fit the tenant's credential policy (422 otherwise). Of
+/// concurrent rotations exactly one succeeds (the store swaps the secret only if it is still the
+/// one read here); the others, and rotations of revoked or expired credentials, are `Conflict`: a
+/// secret that does not work is never handed out. A suspended credential may be rotated (and stays
+/// suspended): the usual answer to a suspected leak.
 pub async fn rotate_credential(
     app: &App,
     who: &Principal,
@@ -389,8 +427,9 @@ pub async fn rotate_credential(
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
+    spec: RotateSpec,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, context, tenant, rights, id, || {
+    rotate(app, who, context, tenant, rights, id, spec, || {
         DomainError::Conflict("the credential is revoked".into())
     })
     .await
@@ -405,13 +444,15 @@ pub async fn rotate_live_credential(
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
+    spec: RotateSpec,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, context, tenant, rights, id, || {
+    rotate(app, who, context, tenant, rights, id, spec, || {
         DomainError::NotFound
     })
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn rotate(
     app: &App,
     who: &Principal,
@@ -419,6 +460,7 @@ async fn rotate(
     tenant: TenantId,
     rights: KindRights,
     id: CredentialId,
+    spec: RotateSpec,
     revoked: fn() -> DomainError,
 ) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
@@ -427,7 +469,7 @@ async fn rotate(
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
-    let now = now();
+    let now = app.now();
     match current.usable_at(now) {
         Err(keyplane_core::Unusable::Revoked) => return Err(revoked().into()),
         Err(keyplane_core::Unusable::Expired) => {
@@ -436,21 +478,56 @@ async fn rotate(
             )
             .into())
         }
-        Ok(()) => {}
+        Ok(()) | Err(_) => {}
     }
     who.may_delegate(
         tenant,
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
     )?;
-    let (rotation, secret) = Rotation::mint(rights.kind, now, &mut OsRng);
-    let event = credential_event(
+    let expires_at = credential_policy(app.store().as_ref(), tenant)
+        .await?
+        .expiry_for(
+            rights.kind,
+            spec.expires_at.or(current.expires_at),
+            now,
+            FieldPath::body("expires_at"),
+        )
+        .map_err(DomainError::from)?;
+    let (rotation, secret) = Rotation::mint(&current, spec.options, expires_at, now, &mut OsRng);
+    let mut event = credential_event(
         credential_action(rights.kind, CredentialChange::Rotated),
         AuditActor::of(who),
         context,
         &current,
     )
     .text("old_display_prefix", current.display.prefix.clone())
-    .text("display_prefix", rotation.display.prefix.clone());
+    .text("display_prefix", rotation.display.prefix.clone())
+    .detail(
+        "grace_seconds",
+        DetailValue::Count(u64::from(spec.options.grace_seconds)),
+    );
+    if let Some(previous) = &rotation.previous {
+        event = event.text(
+            "previous_secret_expires_at",
+            keyplane_core::audit::canonical_time(previous.expires_at),
+        );
+        if let Some(seconds) = previous.retire_when_unused_seconds {
+            event = event.detail(
+                "retire_when_unused_seconds",
+                DetailValue::Count(u64::from(seconds)),
+            );
+        }
+    }
+    if current.live_previous_secret(now).is_some() {
+        // The secret before the one replaced now stops at once.
+        event = event.text("earlier_previous_secret", "ended");
+    }
+    if expires_at != current.expires_at {
+        event = event.text(
+            "new_expires_at",
+            expires_at.map_or("none".into(), keyplane_core::audit::canonical_time),
+        );
+    }
     let credential = app
         .store()
         .rotate_credential(
@@ -463,8 +540,326 @@ async fn rotate(
         )
         .await?;
     app.invalidate(id.as_uuid());
-    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential rotated");
+    tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), grace_seconds = spec.options.grace_seconds, "credential rotated");
     Ok(Issued { credential, secret })
+}
+
+/// What managing `target` (revoking, suspending, resuming, retiring its previous secret) needs:
+/// the kind's write right and every right the credential holds, so an `api_tokens:write` token
+/// cannot take down the org's `*` token.
+async fn require_manage(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    target: &Credential,
+) -> Result<(), AppError> {
+    who.require(tenant, rights.write)?;
+    let needed = rights_to_hand_on(app.store().as_ref(), target).await?;
+    Ok(who.may_delegate(tenant, &needed)?)
+}
+
+/// Suspends (`suspend`) or resumes a credential: reversible, unlike revocation. A suspended
+/// credential authenticates nowhere but keeps its id, grants and secret. Repeating either is a
+/// no-op that records nothing. A revoked credential answers `revoked()`.
+#[allow(clippy::too_many_arguments)]
+pub async fn set_suspended(
+    app: &App,
+    who: &Principal,
+    context: &RequestContext,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+    suspend: bool,
+    revoked: fn() -> DomainError,
+) -> Result<Credential, AppError> {
+    who.require(tenant, rights.write)?;
+    let target = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    if target.is_revoked() {
+        return Err(revoked().into());
+    }
+    require_manage(app, who, tenant, rights, &target).await?;
+    let change = if suspend {
+        CredentialChange::Suspended
+    } else {
+        CredentialChange::Resumed
+    };
+    let at = now();
+    let event = credential_event(
+        credential_action(rights.kind, change),
+        AuditActor::of(who),
+        context,
+        &target,
+    );
+    let (credential, changed) = app
+        .store()
+        .set_credential_suspended(tenant, rights.kind, id, suspend.then_some(at), at, &event)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => AppError::from(revoked()),
+            other => other.into(),
+        })?;
+    app.invalidate(id.as_uuid());
+    if changed {
+        tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), suspended = suspend, "credential suspension changed");
+    }
+    Ok(credential.as_of(app.now()))
+}
+
+/// Ends the previous secret of a rotation with a grace period now. Without one (none was kept,
+/// or it ended) the record is returned unchanged and nothing is recorded.
+pub async fn retire_previous_secret(
+    app: &App,
+    who: &Principal,
+    context: &RequestContext,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+    revoked: fn() -> DomainError,
+) -> Result<Credential, AppError> {
+    who.require(tenant, rights.write)?;
+    let target = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    if target.is_revoked() {
+        return Err(revoked().into());
+    }
+    require_manage(app, who, tenant, rights, &target).await?;
+    let Some(previous) = target.live_previous_secret(app.now()).cloned() else {
+        return Ok(target.as_of(app.now()));
+    };
+    let event = previous_retired_event(&target, "on_demand", AuditActor::of(who), context);
+    let retired = app
+        .store()
+        .retire_previous_secret(tenant, rights.kind, id, &previous.hash, now(), &event)
+        .await?;
+    app.invalidate(id.as_uuid());
+    match retired {
+        Some(credential) => Ok(credential),
+        // A rotation or another retirement came first: show what is there now.
+        None => Ok(app
+            .store()
+            .get_credential(tenant, rights.kind, id)
+            .await?
+            .ok_or(DomainError::NotFound)?
+            .as_of(app.now())),
+    }
+}
+
+fn previous_retired_event(
+    credential: &Credential,
+    reason: &str,
+    actor: AuditActor,
+    context: &RequestContext,
+) -> AuditEvent {
+    let mut event = credential_event(
+        credential_action(credential.kind, CredentialChange::PreviousSecretRetired),
+        actor,
+        context,
+        credential,
+    )
+    .text("reason", reason);
+    if let Some(previous) = &credential.previous_secret {
+        event = event.text(
+            "previous_secret_expires_at",
+            keyplane_core::audit::canonical_time(previous.expires_at),
+        );
+        if let Some(used) = previous.last_used_at {
+            event = event.text(
+                "previous_secret_last_used_at",
+                keyplane_core::audit::canonical_time(used),
+            );
+        }
+    }
+    event
+}
+
+/// The tenant's credential policy; the empty policy (no rules, leaks revoke) when none was set.
+pub async fn credential_policy(
+    store: &dyn Store,
+    tenant: TenantId,
+) -> Result<CredentialPolicy, AppError> {
+    Ok(store
+        .get_credential_policy(tenant)
+        .await?
+        .map(|(policy, _)| policy)
+        .unwrap_or_default())
+}
+
+/// The policy, when it was set (`None`: never), and how many live credentials of each kind break
+/// it now.
+pub struct PolicyReport {
+    pub policy: CredentialPolicy,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub exceeding: Vec<(CredentialKind, u64)>,
+}
+
+pub async fn get_credential_policy(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+) -> Result<PolicyReport, AppError> {
+    who.require_owner(tenant)?;
+    policy_report(app, tenant).await
+}
+
+async fn policy_report(app: &App, tenant: TenantId) -> Result<PolicyReport, AppError> {
+    let (policy, updated_at) = match app.store().get_credential_policy(tenant).await? {
+        Some((policy, at)) => (policy, Some(at)),
+        None => (CredentialPolicy::default(), None),
+    };
+    let now = app.now();
+    let mut exceeding = Vec::with_capacity(CredentialKind::ALL.len());
+    for kind in CredentialKind::ALL {
+        let (rule, _) = policy.rule_for(kind);
+        let count = if rule.is_empty() {
+            0
+        } else {
+            app.store()
+                .count_credentials_exceeding(tenant, kind, rule, now)
+                .await?
+        };
+        exceeding.push((kind, count));
+    }
+    Ok(PolicyReport {
+        policy,
+        updated_at,
+        exceeding,
+    })
+}
+
+/// Replaces the tenant's policy. Existing credentials are not changed; the answer counts those
+/// that break the new policy.
+pub async fn put_credential_policy(
+    app: &App,
+    who: &Principal,
+    context: &RequestContext,
+    tenant: TenantId,
+    policy: CredentialPolicy,
+) -> Result<PolicyReport, AppError> {
+    who.require_owner(tenant)?;
+    let rule_text = |rule: &keyplane_core::LifetimeRule| {
+        format!(
+            "max_lifetime_days={} require_expiry={} default_lifetime_days={}",
+            rule.max_lifetime_days
+                .map_or("none".into(), |d| d.to_string()),
+            rule.require_expiry,
+            rule.default_lifetime_days
+                .map_or("none".into(), |d| d.to_string()),
+        )
+    };
+    let mut event = audit_event(
+        tenant,
+        actions::CREDENTIAL_POLICY_UPDATED,
+        AuditActor::of(who),
+        context,
+    )
+    .target("credential_policy", tenant.as_uuid(), None)
+    .text("all", rule_text(&policy.all))
+    .text("on_leak", policy.on_leak.as_str());
+    for (key, rule) in [
+        ("api_tokens", &policy.api_tokens),
+        ("service_accounts", &policy.service_accounts),
+        ("robot_accounts", &policy.robot_accounts),
+    ] {
+        if let Some(rule) = rule {
+            event = event.text(key, rule_text(rule));
+        }
+    }
+    app.store()
+        .put_credential_policy(tenant, &policy, now(), &event)
+        .await?;
+    tracing::info!(tenant.id = %tenant, principal.id = %who.id(), "credential policy updated");
+    policy_report(app, tenant).await
+}
+
+/// Most credentials one sweep step reads at once.
+const SWEEP_BATCH: u32 = 500;
+/// Batches per stage and sweep: a bound, so that a sweep always ends; the next one continues.
+const SWEEP_MAX_BATCHES: usize = 20;
+
+/// The lifecycle sweep, run by every replica (each step is a compare-and-set, so replicas never
+/// repeat each other's work): forgets previous secrets whose grace ended, retires unused ones
+/// (usage-aware cutover), and announces expiries: `credential.expiring` 30, 7 and 1 days before
+/// `expires_at` and `credential.expired` after it, each once per credential and stage.
+pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
+    let store = app.store().as_ref();
+    let now = app.now();
+    store.clear_ended_previous_secrets(now).await?;
+    for candidate in store.credentials_with_previous_secret(SWEEP_BATCH).await? {
+        let (Some(previous), true) = (
+            candidate.previous_secret.as_ref(),
+            candidate.previous_secret_unused(now),
+        ) else {
+            continue;
+        };
+        let event = previous_retired_event(
+            &candidate,
+            "unused",
+            AuditActor::system(),
+            &RequestContext::default(),
+        );
+        let retired = store
+            .retire_previous_secret(
+                candidate.tenant_id,
+                candidate.kind,
+                candidate.id,
+                &previous.hash,
+                now,
+                &event,
+            )
+            .await?;
+        if retired.is_some() {
+            app.invalidate(candidate.id.as_uuid());
+            tracing::info!(tenant.id = %candidate.tenant_id, credential.id = %candidate.id, "previous secret retired: unused");
+        }
+    }
+    // Nearest stage first, so a credential past several thresholds at once is announced only at
+    // the nearest one.
+    for stage in
+        std::iter::once(0).chain(keyplane_core::policy::EXPIRY_WARNING_DAYS.into_iter().rev())
+    {
+        let due_before = now + chrono::TimeDelta::days(i64::from(stage));
+        for _ in 0..SWEEP_MAX_BATCHES {
+            let due = store
+                .credentials_due_for_expiry_notice(stage, due_before, SWEEP_BATCH)
+                .await?;
+            let mut announced = 0;
+            for credential in &due {
+                let action = if stage == 0 {
+                    actions::CREDENTIAL_EXPIRED
+                } else {
+                    actions::CREDENTIAL_EXPIRING
+                };
+                let mut event = credential_event(
+                    action,
+                    AuditActor::system(),
+                    &RequestContext::default(),
+                    credential,
+                )
+                .text("kind", credential.kind.as_str());
+                if stage > 0 {
+                    event = event.detail("days_before", DetailValue::Count(u64::from(stage)));
+                }
+                if store
+                    .record_expiry_notice(credential, stage, &event)
+                    .await?
+                {
+                    announced += 1;
+                }
+            }
+            if due.len() < SWEEP_BATCH as usize || announced == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Revokes for good. Returns the record and whether this call revoked it (false: it already was).
@@ -477,16 +872,13 @@ pub async fn revoke_credential(
     id: CredentialId,
 ) -> Result<(Credential, bool), AppError> {
     who.require(tenant, rights.write)?;
-    // Managing a credential (rotating or revoking it) needs every right it holds: an
-    // `api_tokens:write` token cannot take down the org's `*` token.
     let target = app
         .store()
         .get_credential(tenant, rights.kind, id)
         .await?
         .ok_or(DomainError::NotFound)?;
     if !target.is_revoked() {
-        let needed = rights_to_hand_on(app.store().as_ref(), &target).await?;
-        who.may_delegate(tenant, &needed)?;
+        require_manage(app, who, tenant, rights, &target).await?;
     }
     let at = now();
     let event = credential_event(
@@ -504,7 +896,7 @@ pub async fn revoke_credential(
     if revoked_now {
         tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential revoked");
     }
-    Ok((credential, revoked_now))
+    Ok((credential.as_of(app.now()), revoked_now))
 }
 
 /// Grants a right. Needs `auth.manage`, and the grantor must hold what it grants. A service-account
@@ -518,7 +910,7 @@ pub async fn create_grant(
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
     who.may_grant(tenant, &grant)?;
-    check_grant_subject(app.store().as_ref(), tenant, &grant).await?;
+    check_grant_subject(app.store().as_ref(), tenant, &grant, app.now()).await?;
     let grant = grant.issue(tenant, now(), who.user_id());
     let event = grant_event(
         actions::AUTHORIZATION_CREATED,
@@ -538,6 +930,7 @@ async fn check_grant_subject(
     store: &dyn Store,
     tenant: TenantId,
     grant: &NewGrant,
+    now: DateTime<Utc>,
 ) -> Result<(), AppError> {
     if grant.subject_type != SubjectType::ServiceAccount {
         return Ok(());
@@ -549,11 +942,19 @@ async fn check_grant_subject(
             CredentialId::from_uuid(grant.subject_id),
         )
         .await?;
-    if subject.is_none_or(|s| s.is_revoked()) {
+    let Some(subject) = subject else {
         return Err(DomainError::from(FieldError::new(
             FieldPath::body("subject_id"),
             codes::NOT_FOUND,
-            "no live service account with this id in this account",
+            "no service account with this id in this account",
+        ))
+        .into());
+    };
+    // The store checks again under the account's row lock; this answers the common case clearly.
+    if let Err(why) = subject.usable_at(now) {
+        return Err(DomainError::Conflict(format!(
+            "the service account is {}: it cannot receive a grant",
+            why.as_str()
         ))
         .into());
     }
@@ -574,7 +975,7 @@ pub async fn grant_as_operator(
         .get_tenant(tenant)
         .await?
         .ok_or(DomainError::NotFound)?;
-    check_grant_subject(store, tenant, &grant).await?;
+    check_grant_subject(store, tenant, &grant, now()).await?;
     let grant = grant.issue(tenant, now(), None);
     let event = grant_event(
         actions::AUTHORIZATION_CREATED,
@@ -685,7 +1086,16 @@ pub async fn enable_registry(
                 repository: None,
             },
         ],
-        expires_at: None,
+        // The default robot is a credential like any other: the policy's default lifetime applies.
+        expires_at: credential_policy(store.as_ref(), tenant)
+            .await?
+            .expiry_for(
+                CredentialKind::RobotAccount,
+                None,
+                app.now(),
+                FieldPath::body("expires_at"),
+            )
+            .map_err(DomainError::from)?,
         created_by_user_id: who.user_id(),
     }
     .issue(now, &mut OsRng);

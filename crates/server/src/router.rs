@@ -278,7 +278,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// The audit trail's background work: refusal flushing, the `--audit-log` export, retention.
+/// Background work that writes the audit trail: refusal flushing, the `--audit-log` export,
+/// retention, and the lifecycle sweep.
 fn spawn_audit_tasks(
     app: &App,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -297,6 +298,11 @@ fn spawn_audit_tasks(
             stop.clone(),
         )));
     }
+    tasks.push(tokio::spawn(lifecycle_sweeps(
+        app.clone(),
+        config.lifecycle_sweep_interval,
+        stop.clone(),
+    )));
     if config.audit_retention_days > 0 {
         tasks.push(tokio::spawn(crate::audit::retention(
             app.clone(),
@@ -305,6 +311,27 @@ fn spawn_audit_tasks(
         )));
     }
     tasks
+}
+
+/// The lifecycle sweep (`ops::lifecycle_sweep`: expiry warnings, usage-aware cutover, ended
+/// previous secrets) every `interval` until `stop` turns true, starting at once so that a restart
+/// catches up on what passed while it was down.
+async fn lifecycle_sweeps(
+    app: App,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(error) = crate::ops::lifecycle_sweep(&app).await {
+            tracing::warn!(error = %error, "lifecycle sweep failed; the next one retries");
+        }
+    }
 }
 
 /// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit

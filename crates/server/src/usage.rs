@@ -4,7 +4,8 @@
 
 use crate::auth::Verified;
 use chrono::{DateTime, Utc};
-use keyplane_store::Store;
+use keyplane_core::SecretSlot;
+use keyplane_store::{CredentialUse, Store};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -54,7 +55,16 @@ impl UsageRecorder {
                 // Clear first: a use racing with this flush re-queues itself.
                 verified.last_use.queued.store(false, Ordering::Release);
                 let micros = verified.last_use.at_micros.load(Ordering::Relaxed);
-                DateTime::from_timestamp_micros(micros).map(|at| (verified.credential.id, at))
+                DateTime::from_timestamp_micros(micros).map(|at| CredentialUse {
+                    id: verified.credential.id,
+                    at,
+                    previous_secret: match verified.secret {
+                        SecretSlot::Current => None,
+                        SecretSlot::Previous => {
+                            verified.credential.previous_secret.as_ref().map(|p| p.hash)
+                        }
+                    },
+                })
             })
             .collect();
         if let Err(error) = self.store.record_last_used(&batch).await {

@@ -70,6 +70,7 @@ const ORG_ID: HeaderName = HeaderName::from_static("x-keyplane-org-id");
 const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
 const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
 const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
+const SECRET: HeaderName = HeaderName::from_static("x-keyplane-secret");
 
 /// A credential's scopes as one space-separated string. (Robot secrets never verify here.)
 fn scope_string(verified: &Verified) -> String {
@@ -170,6 +171,7 @@ async fn introspect(
         username: Some(credential.name.clone()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
+        secret: Some(verified.secret.as_str().to_string()),
     })
     .into_response())
 }
@@ -178,8 +180,9 @@ async fn introspect(
 ///
 /// For nginx `auth_request`, Traefik `forwardAuth` and Envoy `ext_authz`: verifies the request's
 /// own `Authorization: Bearer` credential and answers 200 with `X-Keyplane-Org-Id`,
-/// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind` and `X-Keyplane-Scopes`
-/// (space-separated), or 401. Each `scope` query parameter is a scope the credential must hold
+/// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind`, `X-Keyplane-Scopes`
+/// (space-separated) and `X-Keyplane-Secret` (`current`, or `previous` during a rotation's grace
+/// period), or 401. Each `scope` query parameter is a scope the credential must hold
 /// (403 otherwise).
 #[utoipa::path(
     get, path = "/v1/auth/forward", tag = TAG,
@@ -231,6 +234,7 @@ async fn forward_auth(
     out.insert(SUBJECT, identity.subject.clone());
     out.insert(KIND, identity.kind.clone());
     out.insert(SCOPES, identity.scopes.clone());
+    out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
     Ok(response)
 }
 
@@ -300,5 +304,6 @@ async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAm
         name: credential.name.clone(),
         scopes: verified.rights.to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
+        secret: verified.secret.as_str().to_string(),
     }))
 }

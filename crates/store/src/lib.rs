@@ -36,6 +36,25 @@ pub struct ListCredentials {
     /// `None`: every match.
     pub limit: Option<u32>,
     pub include_revoked: bool,
+    /// Only live credentials expiring in this window (exclusive start: already expired ones are
+    /// not "about to expire").
+    pub expiring: Option<ExpiryWindow>,
+}
+
+/// `expires_at` in `(after, until]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpiryWindow {
+    pub after: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+/// One coalesced use of a credential, for [`Store::record_last_used`].
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialUse {
+    pub id: CredentialId,
+    pub at: DateTime<Utc>,
+    /// `Some`: the previous secret (this hash) was used, which has its own `last_used_at`.
+    pub previous_secret: Option<TokenHash>,
 }
 
 /// The registry token signing key and its self-signed certificate (the registry's
@@ -203,9 +222,10 @@ pub trait Store: Send + Sync + 'static {
         hash: &TokenHash,
     ) -> Result<Option<Credential>, StoreError>;
 
-    /// Replaces the secret `replaces`, keeps the id. `NotFound` if absent; `Conflict` if revoked,
-    /// expired at `rotation.rotated_at`, or if its secret is no longer `replaces` (another rotation
-    /// came first: of concurrent rotations exactly one succeeds).
+    /// Replaces the secret `replaces`, keeps the id, and sets the previous secret and expiry the
+    /// rotation carries (an earlier previous secret ends). `NotFound` if absent; `Conflict` if
+    /// revoked, or if its secret is no longer `replaces` (another rotation came first: of
+    /// concurrent rotations exactly one succeeds).
     async fn rotate_credential(
         &self,
         tenant_id: TenantId,
@@ -216,8 +236,87 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Credential, StoreError>;
 
+    /// Suspends (`suspended_at: Some`) or resumes (`None`) a credential. Returns the record and
+    /// whether it changed; an unchanged one writes no event. `NotFound` if absent, `Conflict` if
+    /// revoked.
+    async fn set_credential_suspended(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        suspended_at: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<(Credential, bool), StoreError>;
+
+    /// Ends the previous secret `previous` before its grace period does (on demand, or unused).
+    /// `None` when it is no longer the credential's previous secret (nothing changed, no event).
+    async fn retire_previous_secret(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        previous: &TokenHash,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<Option<Credential>, StoreError>;
+
+    /// Live credentials that hold a previous secret, at most `limit`: the usage-aware cutover's
+    /// candidates.
+    async fn credentials_with_previous_secret(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError>;
+
+    /// Forgets previous secrets whose grace period ended at or before `now` (they already
+    /// authenticate nowhere). Returns how many.
+    async fn clear_ended_previous_secrets(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Live credentials expiring at or before `due_before` whose announced expiry stage is not yet
+    /// at or below `stage` (days: 30, 7, 1, or 0 for expired), soonest first, at most `limit`.
+    async fn credentials_due_for_expiry_notice(
+        &self,
+        stage: u32,
+        due_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError>;
+
+    /// Records that `stage` was announced for `credential` at its `expires_at`, and appends
+    /// `event`, in one transaction, only if no replica did it first (compare-and-set). Returns
+    /// whether this call did.
+    async fn record_expiry_notice(
+        &self,
+        credential: &Credential,
+        stage: u32,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// The tenant's credential policy and when it was set; `None`: never set.
+    async fn get_credential_policy(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Option<(keyplane_core::CredentialPolicy, DateTime<Utc>)>, StoreError>;
+
+    async fn put_credential_policy(
+        &self,
+        tenant_id: TenantId,
+        policy: &keyplane_core::CredentialPolicy,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// How many live credentials of `kind` in the tenant break `rule` as of `now`.
+    async fn count_credentials_exceeding(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        rule: &keyplane_core::LifetimeRule,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
     /// Permanent and idempotent: revoking again returns the record with its first `revoked_at`,
-    /// and writes no event (nothing changed).
+    /// and writes no event (nothing changed). A service account's live grants are revoked with it,
+    /// at the same `revoked_at`.
     async fn revoke_credential(
         &self,
         tenant_id: TenantId,
@@ -259,7 +358,9 @@ pub trait Store: Send + Sync + 'static {
     async fn signing_key_or_insert(&self, candidate: &SigningKey)
         -> Result<SigningKey, StoreError>;
 
-    /// `Conflict` when the same live grant exists.
+    /// `Conflict` when the same live grant exists, or when its subject is a service account of the
+    /// tenant that is revoked, suspended or expired at the grant's `created_at` (checked under the
+    /// account's row lock, so a grant cannot slip past a concurrent revocation).
     async fn insert_grant(&self, grant: &Grant, event: &AuditEvent) -> Result<(), StoreError>;
 
     /// Grants in creation order.
@@ -326,10 +427,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Applies a batch of coalesced `last_used_at` updates in one transaction.
-    async fn record_last_used(
-        &self,
-        uses: &[(CredentialId, DateTime<Utc>)],
-    ) -> Result<(), StoreError>;
+    async fn record_last_used(&self, uses: &[CredentialUse]) -> Result<(), StoreError>;
 
     /// Takes the key for `claim` unless a live record holds it: a finished one (younger than
     /// `expired_before`) or one in flight whose lock has not run out. Atomic: of racing claims,

@@ -4,9 +4,9 @@
 use crate::StoreError;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    Credential, CredentialId, CredentialKind, Grant, GrantId, GrantKind, GrantResource, Registry,
-    RobotPermission, Scope, ScopeSet, SubjectType, Tenant, TenantId, TokenDisplay, TokenHash,
-    UserId,
+    Credential, CredentialId, CredentialKind, CredentialPolicy, Grant, GrantId, GrantKind,
+    GrantResource, PreviousSecret, Registry, RobotPermission, Scope, ScopeSet, SubjectType, Tenant,
+    TenantId, TokenDisplay, TokenHash, UserId,
 };
 use uuid::Uuid;
 
@@ -46,6 +46,13 @@ pub(crate) struct CredentialRow {
     revoked_at: Option<DateTime<Utc>>,
     created_by_user_id: Option<Uuid>,
     revoked_by_user_id: Option<Uuid>,
+    suspended_at: Option<DateTime<Utc>>,
+    rotated_at: Option<DateTime<Utc>>,
+    previous_secret_hash: Option<Vec<u8>>,
+    previous_secret_expires_at: Option<DateTime<Utc>>,
+    previous_secret_last_used_at: Option<DateTime<Utc>>,
+    retire_previous_when_unused_seconds: Option<i32>,
+    expiry_notice_days: Option<i32>,
 }
 
 impl TryFrom<CredentialRow> for Credential {
@@ -72,6 +79,19 @@ impl TryFrom<CredentialRow> for Credential {
             .map(|p| RobotPermission::parse_stored(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| corrupt("permission"))?;
+        let previous_secret = match (&row.previous_secret_hash, row.previous_secret_expires_at) {
+            (Some(hash), Some(expires_at)) => Some(PreviousSecret {
+                hash: TokenHash::from_bytes(hash).ok_or_else(|| corrupt("previous secret hash"))?,
+                expires_at,
+                last_used_at: row.previous_secret_last_used_at,
+                retire_when_unused_seconds: row
+                    .retire_previous_when_unused_seconds
+                    .map(|s| u32::try_from(s).map_err(|_| corrupt("retirement delay")))
+                    .transpose()?,
+            }),
+            (None, _) => None,
+            (Some(_), None) => return Err(corrupt("previous secret expiry")),
+        };
         Ok(Credential {
             id: CredentialId::from_uuid(row.id),
             tenant_id: TenantId::from_uuid(row.tenant_id),
@@ -92,6 +112,13 @@ impl TryFrom<CredentialRow> for Credential {
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
             revoked_by_user_id: row.revoked_by_user_id.map(UserId::from_uuid),
+            suspended_at: row.suspended_at,
+            rotated_at: row.rotated_at,
+            previous_secret,
+            expiry_notice_days: row
+                .expiry_notice_days
+                .map(|d| u32::try_from(d).map_err(|_| corrupt("expiry notice stage")))
+                .transpose()?,
         })
     }
 }
@@ -320,4 +347,66 @@ impl TryFrom<AuditRow> for keyplane_core::ChainedEvent {
             },
         })
     }
+}
+
+/// A tenant's policy as stored: `{"all": rule, "api_tokens": rule|null, ..., "on_leak": "revoke"}`
+/// with `rule = {"max_lifetime_days", "require_expiry", "default_lifetime_days"}`.
+pub(crate) fn policy_json(policy: &CredentialPolicy) -> String {
+    use serde_json::{json, Value};
+    let rule = |r: &keyplane_core::LifetimeRule| {
+        json!({
+            "max_lifetime_days": r.max_lifetime_days,
+            "require_expiry": r.require_expiry,
+            "default_lifetime_days": r.default_lifetime_days,
+        })
+    };
+    let kind_rule = |r: &Option<keyplane_core::LifetimeRule>| r.as_ref().map_or(Value::Null, rule);
+    json!({
+        "all": rule(&policy.all),
+        "api_tokens": kind_rule(&policy.api_tokens),
+        "service_accounts": kind_rule(&policy.service_accounts),
+        "robot_accounts": kind_rule(&policy.robot_accounts),
+        "on_leak": policy.on_leak.as_str(),
+    })
+    .to_string()
+}
+
+pub(crate) fn policy_from_json(text: &str) -> Result<CredentialPolicy, StoreError> {
+    use serde_json::Value;
+    let corrupt = || StoreError::Other(anyhow::anyhow!("a stored credential policy is unreadable"));
+    let value: Value = serde_json::from_str(text).map_err(|_| corrupt())?;
+    let days = |rule: &Value, key: &str| -> Result<Option<u32>, StoreError> {
+        match rule.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|d| u32::try_from(d).ok())
+                .map(Some)
+                .ok_or_else(corrupt),
+        }
+    };
+    let rule = |rule: &Value| -> Result<keyplane_core::LifetimeRule, StoreError> {
+        Ok(keyplane_core::LifetimeRule {
+            max_lifetime_days: days(rule, "max_lifetime_days")?,
+            require_expiry: rule
+                .get("require_expiry")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            default_lifetime_days: days(rule, "default_lifetime_days")?,
+        })
+    };
+    let kind_rule = |key: &str| match value.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(r) => rule(r).map(Some),
+    };
+    Ok(CredentialPolicy {
+        all: rule(value.get("all").ok_or_else(corrupt)?)?,
+        api_tokens: kind_rule("api_tokens")?,
+        service_accounts: kind_rule("service_accounts")?,
+        robot_accounts: kind_rule("robot_accounts")?,
+        on_leak: match value.get("on_leak").and_then(Value::as_str) {
+            None => keyplane_core::LeakAction::default(),
+            Some(text) => keyplane_core::LeakAction::parse(text).ok_or_else(corrupt)?,
+        },
+    })
 }

@@ -2,7 +2,7 @@
 //! one implementation of [`Store`](crate::Store) over them, instantiated per backend by
 //! [`impl_store!`]. Only DDL differs, in `migrations/{sqlite,postgres}`.
 
-pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id";
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days";
 
 pub(crate) const INSERT_TENANT: &str =
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
@@ -10,6 +10,8 @@ pub(crate) const SELECT_TENANT: &str = "SELECT id, name, created_at FROM tenants
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
+/// A new credential. The lifecycle columns (suspension, previous secret, expiry notices) start
+/// NULL: only later changes set them.
 pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 pub(crate) const REGISTRY_COLUMNS: &str =
     "id, tenant_id, project, quota_gb, created_at, updated_at";
@@ -21,6 +23,22 @@ pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrapped' \
      UNION ALL SELECT 1 FROM tenants LIMIT 1";
 pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
+/// A previous secret's use counts only while it is still that credential's previous secret.
+pub(crate) const TOUCH_PREVIOUS_LAST_USED: &str = "UPDATE credentials SET previous_secret_last_used_at = $2 WHERE id = $1 AND previous_secret_hash = $3";
+/// Rows the expiry sweep may still announce a stage for; the same text as the partial index
+/// `credentials_expiry_sweep`'s predicate, so both backends use that index.
+pub(crate) const EXPIRY_SWEEP_PREDICATE: &str = "revoked_at IS NULL AND expires_at IS NOT NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > 0)";
+/// Locks a grant's service-account subject and reads its state. An UPDATE rather than a SELECT so
+/// that it waits for (and then sees) a concurrent revocation or suspension.
+pub(crate) const LOCK_SERVICE_ACCOUNT: &str = "UPDATE credentials SET updated_at = updated_at WHERE id = $1 AND tenant_id = $2 AND kind = 'service_account' RETURNING revoked_at, suspended_at, expires_at";
+pub(crate) const REVOKE_GRANTS_OF_SUBJECT: &str = "UPDATE grants SET revoked_at = $1 WHERE tenant_id = $2 AND subject_type = $3 AND subject_id = $4 AND revoked_at IS NULL";
+pub(crate) const SELECT_CREDENTIAL_POLICY: &str =
+    "SELECT policy, updated_at FROM credential_policies WHERE tenant_id = $1";
+pub(crate) const UPSERT_CREDENTIAL_POLICY: &str = "INSERT INTO credential_policies (tenant_id, policy, updated_at) VALUES ($1, $2, $3) ON CONFLICT (tenant_id) DO UPDATE SET policy = excluded.policy, updated_at = excluded.updated_at";
+pub(crate) const COUNT_CREDENTIALS_EXCEEDING: &str = "SELECT COUNT(*) FROM credentials WHERE tenant_id = $1 AND kind = $2 AND revoked_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > $3) \
+     AND ((expires_at IS NULL AND $4) OR (expires_at IS NOT NULL AND $5 IS NOT NULL AND expires_at > $5))";
+pub(crate) const CLEAR_ENDED_PREVIOUS_SECRETS: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $1";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
@@ -285,6 +303,7 @@ macro_rules! impl_store {
                 let sql = format!(
                     "SELECT {} FROM credentials WHERE tenant_id = $1 AND kind = $2 \
                      AND ($3 OR revoked_at IS NULL) AND ($4 IS NULL OR id > $4) \
+                     AND ($6 IS NULL OR (revoked_at IS NULL AND expires_at > $6 AND expires_at <= $7)) \
                      ORDER BY id LIMIT $5",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
@@ -294,6 +313,8 @@ macro_rules! impl_store {
                     .bind(query.include_revoked)
                     .bind(query.after.map(|id| id.as_uuid()))
                     .bind(query.limit.map_or(i64::MAX, i64::from))
+                    .bind(query.expiring.map(|w| w.after))
+                    .bind(query.expiring.map(|w| w.until))
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
@@ -305,7 +326,7 @@ macro_rules! impl_store {
                 hash: &keyplane_core::TokenHash,
             ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
                 let sql = format!(
-                    "SELECT {} FROM credentials WHERE secret_hash = $1",
+                    "SELECT {} FROM credentials WHERE secret_hash = $1 OR previous_secret_hash = $1",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
                 let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
@@ -330,7 +351,11 @@ macro_rules! impl_store {
                     // changes nothing.
                     let sql = format!(
                         "UPDATE credentials SET secret_hash = $1, display_prefix = $2, public_id = $3, \
-                         last4 = $4, updated_at = $5 \
+                         last4 = $4, updated_at = $5, rotated_at = $5, \
+                         previous_secret_hash = $10, previous_secret_expires_at = $11, \
+                         previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = $12, \
+                         expires_at = $13, \
+                         expiry_notice_days = CASE WHEN $14 THEN expiry_notice_days ELSE NULL END \
                          WHERE tenant_id = $6 AND kind = $7 AND id = $8 AND revoked_at IS NULL \
                          AND secret_hash = $9 RETURNING {}",
                         $crate::sql::CREDENTIAL_COLUMNS
@@ -346,6 +371,17 @@ macro_rules! impl_store {
                         .bind(kind.as_str())
                         .bind(id.as_uuid())
                         .bind(&replaces.as_bytes()[..])
+                        .bind(rotation.previous.as_ref().map(|p| p.hash.as_bytes().to_vec()))
+                        .bind(rotation.previous.as_ref().map(|p| p.expires_at))
+                        .bind(
+                            rotation
+                                .previous
+                                .as_ref()
+                                .and_then(|p| p.retire_when_unused_seconds)
+                                .map(|s| i32::try_from(s).unwrap_or(i32::MAX)),
+                        )
+                        .bind(rotation.expires_at)
+                        .bind(rotation.keeps_expiry)
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
@@ -394,6 +430,16 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
+                        if kind == keyplane_core::CredentialKind::ServiceAccount {
+                            // Its grants go with it, at the same instant.
+                            sqlx::query($crate::sql::REVOKE_GRANTS_OF_SUBJECT)
+                                .bind(at)
+                                .bind(tenant_id.as_uuid())
+                                .bind(keyplane_core::SubjectType::ServiceAccount.as_str())
+                                .bind(id.as_uuid())
+                                .execute(&mut *tx)
+                                .await?;
+                        }
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
@@ -529,6 +575,28 @@ macro_rules! impl_store {
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
+                    if grant.subject_type == keyplane_core::SubjectType::ServiceAccount {
+                        type State = (
+                            Option<chrono::DateTime<chrono::Utc>>,
+                            Option<chrono::DateTime<chrono::Utc>>,
+                            Option<chrono::DateTime<chrono::Utc>>,
+                        );
+                        let state: Option<State> = sqlx::query_as($crate::sql::LOCK_SERVICE_ACCOUNT)
+                            .bind(grant.subject_id)
+                            .bind(grant.tenant_id.as_uuid())
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let unusable = state.is_some_and(|(revoked, suspended, expires)| {
+                            revoked.is_some()
+                                || suspended.is_some()
+                                || expires.is_some_and(|at| at <= grant.created_at)
+                        });
+                        if unusable {
+                            return Err($crate::StoreError::Conflict(
+                                "the service account is revoked, suspended or expired".into(),
+                            ));
+                        }
+                    }
                     sqlx::query($crate::sql::INSERT_GRANT)
                         .bind(grant.id.as_uuid())
                         .bind(grant.tenant_id.as_uuid())
@@ -714,6 +782,231 @@ macro_rules! impl_store {
                     .await
             }
 
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn set_credential_suspended(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+                suspended_at: Option<chrono::DateTime<chrono::Utc>>,
+                at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(keyplane_core::Credential, bool), $crate::StoreError> {
+                self.write(async {
+                    // Only a change of state matches: suspending a suspended credential (or
+                    // resuming an active one) touches nothing and records nothing.
+                    let state = if suspended_at.is_some() { "suspended_at IS NULL" } else { "suspended_at IS NOT NULL" };
+                    let sql = format!(
+                        "UPDATE credentials SET suspended_at = $1, updated_at = $2 \
+                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {state} \
+                         RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                        .bind(suspended_at)
+                        .bind(at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(kind.as_str())
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        Self::append_audit(&mut tx, event).await?;
+                    }
+                    tx.commit().await?;
+                    match row {
+                        Some(row) => Ok((row.try_into()?, true)),
+                        None => match self.get_credential(tenant_id, kind, id).await? {
+                            Some(c) if c.is_revoked() => Err($crate::StoreError::Conflict("the credential is revoked".into())),
+                            Some(c) => Ok((c, false)),
+                            None => Err($crate::StoreError::NotFound),
+                        },
+                    }
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
+            async fn retire_previous_secret(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+                previous: &keyplane_core::TokenHash,
+                at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
+                self.write(async {
+                    let sql = format!(
+                        "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, \
+                         previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL, updated_at = $1 \
+                         WHERE tenant_id = $2 AND kind = $3 AND id = $4 AND previous_secret_hash = $5 \
+                         RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let mut tx = self.writer.begin().await?;
+                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                        .bind(at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(kind.as_str())
+                        .bind(id.as_uuid())
+                        .bind(&previous.as_bytes()[..])
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if row.is_some() {
+                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        Self::append_audit(&mut tx, event).await?;
+                    }
+                    tx.commit().await?;
+                    row.map(TryInto::try_into).transpose()
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn credentials_with_previous_secret(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE previous_secret_hash IS NOT NULL \
+                     AND revoked_at IS NULL ORDER BY previous_secret_expires_at LIMIT $1",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn clear_ended_previous_secrets(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::StoreError> {
+                self.write(async {
+                    Ok(sqlx::query($crate::sql::CLEAR_ENDED_PREVIOUS_SECRETS)
+                        .bind(now)
+                        .execute(&self.writer)
+                        .await?
+                        .rows_affected())
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all, fields(stage))]
+            async fn credentials_due_for_expiry_notice(
+                &self,
+                stage: u32,
+                due_before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                // The stage is a literal (one of four), so the planner can match the index predicate.
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE {} \
+                     AND (expiry_notice_days IS NULL OR expiry_notice_days > {stage}) \
+                     AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                    $crate::sql::CREDENTIAL_COLUMNS,
+                    $crate::sql::EXPIRY_SWEEP_PREDICATE,
+                );
+                let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(due_before)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(credential.id = %credential.id, stage))]
+            async fn record_expiry_notice(
+                &self,
+                credential: &keyplane_core::Credential,
+                stage: u32,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<bool, $crate::StoreError> {
+                self.write(async {
+                    let stage = i32::try_from(stage).unwrap_or(0);
+                    let mut tx = self.writer.begin().await?;
+                    let claimed = sqlx::query(
+                        "UPDATE credentials SET expiry_notice_days = $1 WHERE id = $2 AND expires_at = $3 \
+                         AND revoked_at IS NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > $1)",
+                    )
+                    .bind(stage)
+                    .bind(credential.id.as_uuid())
+                    .bind(credential.expires_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    if claimed {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(claimed)
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn get_credential_policy(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+            ) -> Result<Option<(keyplane_core::CredentialPolicy, chrono::DateTime<chrono::Utc>)>, $crate::StoreError> {
+                let row: Option<(String, chrono::DateTime<chrono::Utc>)> =
+                    sqlx::query_as($crate::sql::SELECT_CREDENTIAL_POLICY)
+                        .bind(tenant_id.as_uuid())
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(|(text, at)| Ok(($crate::rows::policy_from_json(&text)?, at)))
+                    .transpose()
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn put_credential_policy(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                policy: &keyplane_core::CredentialPolicy,
+                at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    sqlx::query($crate::sql::UPSERT_CREDENTIAL_POLICY)
+                        .bind(tenant_id.as_uuid())
+                        .bind($crate::rows::policy_json(policy))
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?;
+                    Self::append_audit(&mut tx, event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn count_credentials_exceeding(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                rule: &keyplane_core::LifetimeRule,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::StoreError> {
+                let unbounded_exceeds = rule.require_expiry || rule.max_lifetime_days.is_some();
+                let (count,): (i64,) = sqlx::query_as($crate::sql::COUNT_CREDENTIALS_EXCEEDING)
+                    .bind(tenant_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(now)
+                    .bind(unbounded_exceeds)
+                    .bind(rule.latest_expiry(now))
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(u64::try_from(count).unwrap_or(0))
+            }
+
             fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {
                 self.spawn_invalidation_listener(on_event);
             }
@@ -721,16 +1014,21 @@ macro_rules! impl_store {
             #[tracing::instrument(skip_all, fields(count = uses.len()))]
             async fn record_last_used(
                 &self,
-                uses: &[(keyplane_core::CredentialId, chrono::DateTime<chrono::Utc>)],
+                uses: &[$crate::CredentialUse],
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
-                    for (id, at) in uses {
-                        sqlx::query($crate::sql::TOUCH_LAST_USED)
-                            .bind(id.as_uuid())
-                            .bind(*at)
-                            .execute(&mut *tx)
-                            .await?;
+                    for used in uses {
+                        let sql = match used.previous_secret {
+                            None => $crate::sql::TOUCH_LAST_USED,
+                            Some(_) => $crate::sql::TOUCH_PREVIOUS_LAST_USED,
+                        };
+                        let query = sqlx::query(sql).bind(used.id.as_uuid()).bind(used.at);
+                        let query = match &used.previous_secret {
+                            Some(hash) => query.bind(&hash.as_bytes()[..]),
+                            None => query,
+                        };
+                        query.execute(&mut *tx).await?;
                     }
                     tx.commit().await?;
                     Ok(())

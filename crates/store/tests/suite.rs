@@ -3,13 +3,14 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
-    Credential, CredentialKind, Grant, GrantKind, GrantResource, NewCredential, NewGrant, Rotation,
-    Scope, ScopeSet, SubjectType, Tenant, TenantId, UserId,
+    Credential, CredentialKind, CredentialPolicy, Grant, GrantKind, GrantResource, LeakAction,
+    LifetimeRule, NewCredential, NewGrant, Rotation, RotationOptions, Scope, ScopeSet, SubjectType,
+    Tenant, TenantId, UserId,
 };
 use keyplane_store::testing::{Backend, TestDatabase};
 use keyplane_store::{
-    GrantFilter, IdempotencyClaim, IdempotencyRecord, ListCredentials, Store, StoreError,
-    StoredResponse,
+    CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, ListCredentials, Store,
+    StoreError, StoredResponse,
 };
 use rand::rngs::OsRng;
 use std::sync::Arc;
@@ -120,7 +121,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "rotating");
     f.store.insert_credential(&credential, &ev()).await.unwrap();
-    let (rotation, new) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let (rotation, new) = Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
     let rotated = f
         .store
         .rotate_credential(
@@ -182,7 +183,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
         .unwrap();
     assert_eq!(first.revoked_at, again.revoked_at);
     assert_eq!(again.revoked_by_user_id, Some(user));
-    let (rotation, _) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let (rotation, _) = Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
     assert!(matches!(
         f.store
             .rotate_credential(
@@ -242,6 +243,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
         after,
         limit: Some(3),
         include_revoked,
+        expiring: None,
     };
     let first = f.store.list_credentials(&query(None, false)).await.unwrap();
     let names: Vec<_> = first.iter().map(|c| c.name.as_str()).collect();
@@ -286,7 +288,18 @@ async fn last_used_batches_are_applied(backend: Backend) {
     f.store.insert_credential(&b, &ev()).await.unwrap();
     let at = now();
     f.store
-        .record_last_used(&[(a.id, at), (b.id, at)])
+        .record_last_used(&[
+            CredentialUse {
+                id: a.id,
+                at,
+                previous_secret: None,
+            },
+            CredentialUse {
+                id: b.id,
+                at,
+                previous_secret: None,
+            },
+        ])
         .await
         .unwrap();
     for id in [a.id, b.id] {
@@ -490,6 +503,7 @@ async fn import_is_all_or_nothing(backend: Backend) {
             after: None,
             limit: None,
             include_revoked: true,
+            expiring: None,
         })
         .await
         .unwrap();
@@ -569,8 +583,10 @@ async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "contested");
     f.store.insert_credential(&credential, &ev()).await.unwrap();
-    let (first, first_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
-    let (second, second_secret) = Rotation::mint(CredentialKind::ApiToken, now(), &mut OsRng);
+    let (first, first_secret) =
+        Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
+    let (second, second_secret) =
+        Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
     let rotate = |rotation: Rotation| {
         let store = f.store.clone();
         let (tenant, id, seen) = (f.tenant.id, credential.id, credential.secret_hash);
@@ -981,4 +997,468 @@ async fn a_failed_change_writes_no_event(backend: Backend) {
     let state = f.store.audit_chain_state(f.tenant.id).await.unwrap();
     assert_eq!(state.head_seq, 1, "only the committed change has an event");
     assert_eq!(verify_chain(f.store.as_ref(), f.tenant.id).await, 1);
+}
+
+store_suite! {
+    a_grace_rotation_keeps_the_previous_secret_findable,
+    retiring_a_previous_secret_is_a_compare_and_set,
+    suspension_changes_state_once,
+    expiry_notices_are_claimed_once_per_stage,
+    policies_round_trip_and_count_what_exceeds_them,
+    revoking_a_service_account_revokes_its_grants,
+}
+
+fn grace(seconds: u32) -> RotationOptions {
+    RotationOptions {
+        grace_seconds: seconds,
+        retire_when_unused_seconds: Some(30),
+    }
+}
+
+async fn rotate(f: &Fixture, current: &Credential, rotation: &Rotation) -> Credential {
+    f.store
+        .rotate_credential(
+            f.tenant.id,
+            current.kind,
+            current.id,
+            &current.secret_hash,
+            rotation,
+            &ev(),
+        )
+        .await
+        .unwrap()
+}
+
+async fn a_grace_rotation_keeps_the_previous_secret_findable(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old) = new_token(f.tenant.id, "graceful");
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let at = now();
+    let (rotation, new) = Rotation::mint(
+        &credential,
+        grace(60),
+        credential.expires_at,
+        at,
+        &mut OsRng,
+    );
+    let rotated = rotate(&f, &credential, &rotation).await;
+    let previous = rotated.previous_secret.clone().expect("a previous secret");
+    assert!(previous.hash.matches(&old.hash()));
+    assert_eq!(previous.expires_at, at + TimeDelta::seconds(60));
+    assert_eq!(previous.retire_when_unused_seconds, Some(30));
+    assert_eq!(rotated.rotated_at, Some(at));
+    for secret in [&old, &new] {
+        let found = f
+            .store
+            .find_credential_by_hash(&secret.hash())
+            .await
+            .unwrap()
+            .expect("both secrets find the credential");
+        assert_eq!(found.id, credential.id);
+    }
+    // A use of the previous secret is its own; the credential's last_used_at is the current one's.
+    f.store
+        .record_last_used(&[CredentialUse {
+            id: credential.id,
+            at,
+            previous_secret: Some(old.hash()),
+        }])
+        .await
+        .unwrap();
+    let got = f
+        .store
+        .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.previous_secret.unwrap().last_used_at, Some(at));
+    assert_eq!(got.last_used_at, None);
+    // Rotating again without a grace period ends the previous secret.
+    let (rotation, _) = Rotation::mint(
+        &rotated,
+        Default::default(),
+        rotated.expires_at,
+        now(),
+        &mut OsRng,
+    );
+    let again = rotate(&f, &rotated, &rotation).await;
+    assert!(again.previous_secret.is_none());
+    for ended in [&old, &new] {
+        assert!(f
+            .store
+            .find_credential_by_hash(&ended.hash())
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
+
+async fn retiring_a_previous_secret_is_a_compare_and_set(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old) = new_token(f.tenant.id, "retiring");
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let (rotation, new) = Rotation::mint(
+        &credential,
+        grace(600),
+        credential.expires_at,
+        now(),
+        &mut OsRng,
+    );
+    let rotated = rotate(&f, &credential, &rotation).await;
+    let retire = |previous: keyplane_core::TokenHash| {
+        let store = f.store.clone();
+        let (tenant, id) = (f.tenant.id, credential.id);
+        async move {
+            store
+                .retire_previous_secret(
+                    tenant,
+                    CredentialKind::ApiToken,
+                    id,
+                    &previous,
+                    now(),
+                    &ev(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        retire(new.hash()).await.is_none(),
+        "not the previous secret"
+    );
+    let retired = retire(old.hash()).await.expect("retired");
+    assert!(retired.previous_secret.is_none());
+    assert_eq!(retired.id, rotated.id);
+    assert!(retire(old.hash()).await.is_none(), "already retired");
+    assert!(f
+        .store
+        .find_credential_by_hash(&old.hash())
+        .await
+        .unwrap()
+        .is_none());
+
+    // A grace period that has ended is forgotten by the sweep's clean-up.
+    let (credential, old) = new_token(f.tenant.id, "ended");
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let long_ago = now() - TimeDelta::seconds(120);
+    let (rotation, _) = Rotation::mint(
+        &credential,
+        grace(60),
+        credential.expires_at,
+        long_ago,
+        &mut OsRng,
+    );
+    rotate(&f, &credential, &rotation).await;
+    assert_eq!(
+        f.store
+            .credentials_with_previous_secret(100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        f.store.clear_ended_previous_secrets(now()).await.unwrap(),
+        1
+    );
+    assert!(f
+        .store
+        .find_credential_by_hash(&old.hash())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .credentials_with_previous_secret(100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn suspension_changes_state_once(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, _) = new_token(f.tenant.id, "suspendable");
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let set = |suspended: Option<DateTime<Utc>>| {
+        let store = f.store.clone();
+        let (tenant, id) = (f.tenant.id, credential.id);
+        async move {
+            store
+                .set_credential_suspended(
+                    tenant,
+                    CredentialKind::ApiToken,
+                    id,
+                    suspended,
+                    now(),
+                    &ev(),
+                )
+                .await
+        }
+    };
+    let at = now();
+    let (suspended, changed) = set(Some(at)).await.unwrap();
+    assert!(changed);
+    assert_eq!(suspended.suspended_at, Some(at));
+    let (again, changed) = set(Some(now())).await.unwrap();
+    assert!(!changed, "suspending twice changes nothing");
+    assert_eq!(again.suspended_at, Some(at), "the first suspension stands");
+    let (resumed, changed) = set(None).await.unwrap();
+    assert!(changed);
+    assert_eq!(resumed.suspended_at, None);
+    assert!(
+        !set(None).await.unwrap().1,
+        "resuming twice changes nothing"
+    );
+    f.store
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            credential.id,
+            now(),
+            None,
+            &ev(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        set(Some(now())).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        f.store
+            .set_credential_suspended(
+                f.tenant.id,
+                CredentialKind::ApiToken,
+                keyplane_core::CredentialId::new(),
+                None,
+                now(),
+                &ev()
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn expiry_notices_are_claimed_once_per_stage(backend: Backend) {
+    let f = fixture(backend).await;
+    let (mut credential, _) = new_token(f.tenant.id, "expiring");
+    credential.expires_at = Some(now() + TimeDelta::days(5));
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let due = |stage: u32, days: i64| {
+        let store = f.store.clone();
+        async move {
+            store
+                .credentials_due_for_expiry_notice(stage, now() + TimeDelta::days(days), 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.name)
+                // The fixture's bootstrap token expires in a day.
+                .filter(|name| name != "bootstrap")
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(due(1, 1).await.is_empty());
+    assert_eq!(due(7, 7).await, ["expiring"]);
+    assert!(f
+        .store
+        .record_expiry_notice(&credential, 7, &ev())
+        .await
+        .unwrap());
+    assert!(
+        !f.store
+            .record_expiry_notice(&credential, 7, &ev())
+            .await
+            .unwrap(),
+        "once"
+    );
+    assert!(
+        !f.store
+            .record_expiry_notice(&credential, 30, &ev())
+            .await
+            .unwrap(),
+        "never a further stage"
+    );
+    assert!(due(7, 7).await.is_empty());
+    assert!(due(30, 30).await.is_empty());
+    // A rotation that moves the expiry starts the warnings over; one that keeps it does not.
+    let (rotation, _) = Rotation::mint(
+        &credential,
+        Default::default(),
+        credential.expires_at,
+        now(),
+        &mut OsRng,
+    );
+    let kept = rotate(&f, &credential, &rotation).await;
+    assert_eq!(kept.expiry_notice_days, Some(7));
+    let (rotation, _) = Rotation::mint(
+        &kept,
+        Default::default(),
+        Some(now() + TimeDelta::days(6)),
+        now(),
+        &mut OsRng,
+    );
+    let moved = rotate(&f, &kept, &rotation).await;
+    assert_eq!(moved.expiry_notice_days, None);
+    assert_eq!(due(7, 7).await, ["expiring"]);
+    // The stale record (the old expiry) cannot claim the new one's stage.
+    assert!(!f.store.record_expiry_notice(&kept, 7, &ev()).await.unwrap());
+    assert!(f
+        .store
+        .record_expiry_notice(&moved, 7, &ev())
+        .await
+        .unwrap());
+}
+
+async fn policies_round_trip_and_count_what_exceeds_them(backend: Backend) {
+    let f = fixture(backend).await;
+    assert!(f
+        .store
+        .get_credential_policy(f.tenant.id)
+        .await
+        .unwrap()
+        .is_none());
+    let policy = CredentialPolicy {
+        all: LifetimeRule {
+            max_lifetime_days: Some(10),
+            require_expiry: true,
+            default_lifetime_days: Some(5),
+        },
+        robot_accounts: Some(LifetimeRule::default()),
+        on_leak: LeakAction::Suspend,
+        ..Default::default()
+    };
+    let at = now();
+    f.store
+        .put_credential_policy(f.tenant.id, &policy, at, &ev())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.get_credential_policy(f.tenant.id).await.unwrap(),
+        Some((policy.clone(), at))
+    );
+    // The bootstrap token expires in a day: within the rule. Add one too far, one without expiry.
+    let (mut far, _) = new_token(f.tenant.id, "far");
+    far.expires_at = Some(now() + TimeDelta::days(20));
+    let (mut forever, _) = new_token(f.tenant.id, "forever");
+    forever.expires_at = None;
+    for credential in [&far, &forever] {
+        f.store.insert_credential(credential, &ev()).await.unwrap();
+    }
+    let count = |rule: LifetimeRule| {
+        let store = f.store.clone();
+        let tenant = f.tenant.id;
+        async move {
+            store
+                .count_credentials_exceeding(tenant, CredentialKind::ApiToken, &rule, now())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count(policy.all).await, 2);
+    assert_eq!(
+        count(LifetimeRule {
+            require_expiry: true,
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(count(LifetimeRule::default()).await, 0);
+    f.store
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            far.id,
+            now(),
+            None,
+            &ev(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(count(policy.all).await, 1, "revoked ones do not count");
+}
+
+async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
+    let f = fixture(backend).await;
+    let account = |name: &str| {
+        NewCredential {
+            tenant_id: f.tenant.id,
+            kind: CredentialKind::ServiceAccount,
+            name: name.into(),
+            scopes: ScopeSet::empty(),
+            permissions: Vec::new(),
+            expires_at: None,
+            created_by_user_id: None,
+        }
+        .issue(now(), &mut OsRng)
+        .0
+    };
+    let (sa, suspended, other) = (account("sa"), account("suspended"), account("other"));
+    for credential in [&sa, &suspended, &other] {
+        f.store.insert_credential(credential, &ev()).await.unwrap();
+    }
+    for (subject, key) in [(&sa, "deploy"), (&sa, "audit:read"), (&other, "deploy")] {
+        f.store
+            .insert_grant(
+                &capability_grant(f.tenant.id, subject.id.as_uuid(), key),
+                &ev(),
+            )
+            .await
+            .unwrap();
+    }
+    let at = now();
+    f.store
+        .revoke_credential(
+            f.tenant.id,
+            CredentialKind::ServiceAccount,
+            sa.id,
+            at,
+            None,
+            &ev(),
+        )
+        .await
+        .unwrap();
+    let grants = f
+        .store
+        .list_grants(&GrantFilter {
+            include_revoked: true,
+            ..GrantFilter::live_for(f.tenant.id, SubjectType::ServiceAccount, sa.id.as_uuid())
+        })
+        .await
+        .unwrap();
+    assert_eq!(grants.len(), 2);
+    assert!(grants.iter().all(|g| g.revoked_at == Some(at)));
+    let others = f
+        .store
+        .list_grants(&GrantFilter::live_for(
+            f.tenant.id,
+            SubjectType::ServiceAccount,
+            other.id.as_uuid(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(others.len(), 1, "another account's grant is untouched");
+    f.store
+        .set_credential_suspended(
+            f.tenant.id,
+            CredentialKind::ServiceAccount,
+            suspended.id,
+            Some(now()),
+            now(),
+            &ev(),
+        )
+        .await
+        .unwrap();
+    for subject in [&sa, &suspended] {
+        assert!(matches!(
+            f.store
+                .insert_grant(
+                    &capability_grant(f.tenant.id, subject.id.as_uuid(), "tokens:verify"),
+                    &ev()
+                )
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
 }

@@ -6,8 +6,9 @@ use super::wire::{
 use super::{org_id, resource_id as token_id, Aether, ApiError, TAG_API_TOKENS};
 use crate::app::App;
 use crate::extract::Authenticated;
-use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
-use crate::ops::{self, CredentialSpec, API_TOKENS};
+use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson};
+use crate::ops::{self, CredentialSpec, ListSpec, API_TOKENS};
+use crate::wire::RotateRequest;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -65,8 +66,14 @@ pub async fn create_api_token(
         .await)
 }
 
-fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, u32), DomainError> {
+fn parse_page(
+    query: &HashMap<String, String>,
+) -> Result<(Option<CredentialId>, u32, Option<u32>), DomainError> {
     let mut errors = Vec::new();
+    let expiring = crate::extract::expiring_within_days(query).unwrap_or_else(|e| {
+        errors.push(e);
+        None
+    });
     let cursor = match query.get("cursor").map(String::as_str) {
         None => None,
         Some(raw) => CredentialId::parse(raw).or_else(|| {
@@ -93,7 +100,7 @@ fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, 
         },
     };
     if errors.is_empty() {
-        Ok((cursor, limit))
+        Ok((cursor, limit, expiring))
     } else {
         Err(DomainError::Validation(errors))
     }
@@ -109,13 +116,14 @@ fn parse_page(query: &HashMap<String, String>) -> Result<(Option<CredentialId>, 
         ("orgID" = Uuid, Path, description = "Organization UUID."),
         ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page (a UUID; an empty value is refused)."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 1–100 (default 50)."),
+        ("expiring_within_days" = Option<u32>, Query, minimum = 1, maximum = 3650, description = "Only tokens that have not expired yet and expire within this many days (1–3650)."),
     ),
     responses(
         (status = 200, description = "A page of tokens.", body = ApiTokenPage),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 422, description = "Bad `cursor` or `limit`.", body = ErrorEnvelope),
+        (status = 422, description = "Bad `cursor`, `limit` or `expiring_within_days`.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -126,9 +134,14 @@ pub async fn list_api_tokens(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<ApiTokenPage>, ApiError> {
     let org = org_id(&org)?;
-    let (cursor, limit) = parse_page(&query)?;
-    let (page, next) =
-        ops::list_credentials(&app, &who, org, API_TOKENS, cursor, Some(limit), false).await?;
+    let (cursor, limit, expiring) = parse_page(&query)?;
+    let spec = ListSpec {
+        after: cursor,
+        limit: Some(limit),
+        expiring_within_days: expiring,
+        ..ListSpec::default()
+    };
+    let (page, next) = ops::list_credentials(&app, &who, org, API_TOKENS, spec).await?;
     Ok(Json(ApiTokenPage {
         items: page.into_iter().map(ApiTokenView::from).collect(),
         next_cursor: next.map(|id| id.as_uuid()),
@@ -199,8 +212,11 @@ pub async fn delete_api_token(
 
 /// Rotate an API token
 ///
-/// Replaces the secret and keeps the id; the old secret stops working at once. The new raw secret
-/// is returned only in this response. Needs `api_tokens:write` and every scope the token holds.
+/// Replaces the secret and keeps the id. Without a body (or with `grace_seconds` 0) the old secret
+/// stops working at once; with `{"grace_seconds": N}` both work for N seconds (and
+/// `retire_when_unused_seconds` ends the old one earlier once it goes unused). Rotating again
+/// during a grace period ends the earlier previous secret at once. The new raw secret is returned
+/// only in this response. Needs `api_tokens:write` and every scope the token holds.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/api-tokens/{id}/rotate", tag = TAG_API_TOKENS,
     params(
@@ -208,13 +224,14 @@ pub async fn delete_api_token(
         ("id" = Uuid, Path, description = "API token id."),
         IdempotencyKeyHeader,
     ),
+    request_body(content = Option<RotateRequest>, description = "Optional: the grace period and cutover (no body: the old secret stops at once)."),
     responses(
         (status = 200, description = "Rotated. Contains the new one-time raw secret.", body = ApiTokenCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
         (status = 409, description = "The token has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
-        (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID, a body field is invalid, the resulting expiry breaks the organization's credential policy (`policy_violation`), or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -222,14 +239,113 @@ pub async fn rotate_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
-    idempotency: Idempotency<Aether>,
+    IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Aether, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let spec = crate::wire::rotate_spec(&request);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
             let issued =
-                ops::rotate_live_credential(&app, &who, &context, org, API_TOKENS, id).await?;
+                ops::rotate_live_credential(&app, &who, &context, org, API_TOKENS, id, spec)
+                    .await?;
             Ok(Json(ApiTokenCreated::from(issued)))
         })
         .await)
+}
+
+/// Suspend an API token
+///
+/// The token stops authenticating everywhere (401; `active: false` in introspection) but keeps its
+/// id, scopes and secret: `resume` brings it back. Suspending a suspended token changes nothing.
+/// Needs what revoking needs: `api_tokens:write` and every scope the token holds.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/api-tokens/{id}/suspend", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 200, description = "Suspended (`suspended_at` is set).", body = ApiTokenView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn suspend_api_token(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<ApiTokenView>, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let credential = ops::set_suspended(&app, &who, &context, org, API_TOKENS, id, true, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(credential.into()))
+}
+
+/// Resume an API token
+///
+/// Ends a suspension: the token authenticates again. Resuming a token that is not suspended
+/// changes nothing. Needs `api_tokens:write` and every scope the token holds.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/api-tokens/{id}/resume", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 200, description = "Active again (`suspended_at` is null).", body = ApiTokenView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn resume_api_token(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<ApiTokenView>, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let credential = ops::set_suspended(&app, &who, &context, org, API_TOKENS, id, false, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(credential.into()))
+}
+
+/// Retire an API token's previous secret
+///
+/// Ends, now, the previous secret a rotation with a grace period kept working. Without one the
+/// token is returned unchanged. Needs `api_tokens:write` and every scope the token holds.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/api-tokens/{id}/retire-previous", tag = TAG_API_TOKENS,
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("id" = Uuid, Path, description = "API token id."),
+    ),
+    responses(
+        (status = 200, description = "The token; `previous_secret_expires_at` is null.", body = ApiTokenView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
+        (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn retire_previous_api_token_secret(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<ApiTokenView>, ApiError> {
+    let (org, id) = (org_id(&org)?, token_id(&id)?);
+    let credential = ops::retire_previous_secret(&app, &who, &context, org, API_TOKENS, id, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(credential.into()))
 }

@@ -3,6 +3,7 @@
 
 mod api_tokens;
 mod audit;
+mod policy;
 mod registry;
 mod server_wire;
 
@@ -26,6 +27,7 @@ pub type ApiError = crate::error::ApiError<Aether>;
 pub const TAG_API_TOKENS: &str = "Aether: API tokens";
 pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";
 pub const TAG_AUDIT: &str = "Aether: audit events";
+pub const TAG_POLICY: &str = "Aether: credential policy";
 
 fn org_id(raw: &str) -> Result<keyplane_core::TenantId, DomainError> {
     crate::extract::path_id("orgID", raw, keyplane_core::TenantId::parse)
@@ -73,6 +75,13 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
             api_tokens::delete_api_token
         ))
         .routes(routes!(api_tokens::rotate_api_token))
+        .routes(routes!(api_tokens::suspend_api_token))
+        .routes(routes!(api_tokens::resume_api_token))
+        .routes(routes!(api_tokens::retire_previous_api_token_secret))
+        .routes(routes!(
+            policy::get_credential_policy,
+            policy::put_credential_policy
+        ))
         .routes(routes!(registry::get_registry, registry::enable_registry))
         .routes(routes!(
             registry::list_robot_accounts,
@@ -84,5 +93,8 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
             registry::delete_robot_account
         ))
         .routes(routes!(registry::rotate_robot_account))
+        .routes(routes!(registry::suspend_robot_account))
+        .routes(routes!(registry::resume_robot_account))
+        .routes(routes!(registry::retire_previous_robot_secret))
         .routes(routes!(audit::list_audit_events))
 }

@@ -8,14 +8,18 @@ use super::wire::{
 use super::{org_id, resource_id, Aether, ApiError, TAG_REGISTRY};
 use crate::app::App;
 use crate::extract::{ApiJson, Authenticated};
-use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
+use crate::idempotency::{
+    Idempotency, IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson,
+};
 use crate::ops::{self, CredentialSpec, ROBOTS};
-use axum::extract::{Path, State};
+use crate::wire::RotateRequest;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyplane_core::registry::robot_username;
 use keyplane_core::{Error as DomainError, ScopeSet};
+use std::collections::HashMap;
 
 type Caller = Authenticated<Aether>;
 
@@ -98,12 +102,16 @@ pub async fn enable_registry(
 /// Live robot accounts in creation order. Needs `registry:read`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/registry/robot-accounts", tag = TAG_REGISTRY,
-    params(("orgID" = Uuid, Path, description = "Organization UUID.")),
+    params(
+        ("orgID" = Uuid, Path, description = "Organization UUID."),
+        ("expiring_within_days" = Option<u32>, Query, minimum = 1, maximum = 3650, description = "Only robots that have not expired yet and expire within this many days (1–3650)."),
+    ),
     responses(
         (status = 200, description = "The robot accounts.", body = RobotAccountPage),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 422, description = "Bad `expiring_within_days`.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -111,9 +119,15 @@ pub async fn list_robot_accounts(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
     Path(org): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<RobotAccountPage>, ApiError> {
     let org = org_id(&org)?;
-    let (robots, _) = ops::list_credentials(&app, &who, org, ROBOTS, None, None, false).await?;
+    let expiring = crate::extract::expiring_within_days(&query).map_err(DomainError::from)?;
+    let spec = ops::ListSpec {
+        expiring_within_days: expiring,
+        ..Default::default()
+    };
+    let (robots, _) = ops::list_credentials(&app, &who, org, ROBOTS, spec).await?;
     Ok(Json(RobotAccountPage {
         items: robots.into_iter().map(RobotAccountView::from).collect(),
     }))
@@ -152,7 +166,7 @@ pub async fn create_robot_account(
         name: request.name,
         scopes: ScopeSet::empty(),
         permissions: request.permissions,
-        expires_at: None,
+        expires_at: request.expires_at,
     };
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
@@ -250,18 +264,21 @@ pub async fn delete_robot_account(
 
 /// Rotate a robot account's secret
 ///
-/// Replaces the secret and keeps the id; the old secret stops working at once. The new secret is
-/// returned only in this response. Needs `registry:write`.
+/// Replaces the secret and keeps the id. Without a body (or with `grace_seconds` 0) the old secret
+/// stops working at once; with `{"grace_seconds": N}` both log in to the registry for N seconds
+/// (and `retire_when_unused_seconds` ends the old one earlier once it goes unused). The new secret
+/// is returned only in this response. Needs `registry:write`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate", tag = TAG_REGISTRY,
     params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id."), IdempotencyKeyHeader),
+    request_body(content = Option<RotateRequest>, description = "Optional: the grace period and cutover (no body: the old secret stops at once)."),
     responses(
         (status = 200, description = "Rotated. Contains the new one-time secret.", body = RobotAccountCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
         (status = 409, description = "The robot account has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
-        (status = 422, description = "A path id is not a UUID, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID, a body field is invalid, the resulting expiry breaks the organization's credential policy (`policy_violation`), or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]
@@ -269,13 +286,103 @@ pub async fn rotate_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
     Path((org, id)): Path<(String, String)>,
-    idempotency: Idempotency<Aether>,
+    IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Aether, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let spec = crate::wire::rotate_spec(&request);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
-            let issued = ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id).await?;
+            let issued =
+                ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id, spec).await?;
             Ok(Json(RobotAccountCreated::from(issued)))
         })
         .await)
+}
+
+/// Suspend a robot account
+///
+/// The robot can no longer log in to the registry (its token requests answer 401) but keeps its
+/// id, permissions and secret: `resume` brings it back. Suspending a suspended robot changes
+/// nothing. Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/suspend", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 200, description = "Suspended (`suspended_at` is set).", body = RobotAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn suspend_robot_account(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<RobotAccountView>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let robot = ops::set_suspended(&app, &who, &context, org, ROBOTS, id, true, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(robot.into()))
+}
+
+/// Resume a robot account
+///
+/// Ends a suspension: the robot logs in again. Resuming a robot that is not suspended changes
+/// nothing. Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/resume", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 200, description = "Active again (`suspended_at` is null).", body = RobotAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn resume_robot_account(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<RobotAccountView>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let robot = ops::set_suspended(&app, &who, &context, org, ROBOTS, id, false, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(robot.into()))
+}
+
+/// Retire a robot account's previous secret
+///
+/// Ends, now, the previous secret a rotation with a grace period kept working. Without one the
+/// robot is returned unchanged. Needs `registry:write`.
+#[utoipa::path(
+    post, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/retire-previous", tag = TAG_REGISTRY,
+    params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
+    responses(
+        (status = 200, description = "The robot; `previous_secret_expires_at` is null.", body = RobotAccountView),
+        (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
+        (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn retire_previous_robot_secret(
+    State(app): State<App>,
+    Authenticated(who, _, context): Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<RobotAccountView>, ApiError> {
+    let (org, id) = (org_id(&org)?, resource_id(&id)?);
+    let robot = ops::retire_previous_secret(&app, &who, &context, org, ROBOTS, id, || {
+        DomainError::NotFound
+    })
+    .await?;
+    Ok(Json(robot.into()))
 }

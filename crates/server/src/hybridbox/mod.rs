@@ -75,6 +75,11 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         ))
         .routes(routes!(service_accounts::revoke_service_account))
         .routes(routes!(service_accounts::rotate_service_account))
+        .routes(routes!(service_accounts::suspend_service_account))
+        .routes(routes!(service_accounts::resume_service_account))
+        .routes(routes!(
+            service_accounts::retire_previous_service_account_token
+        ))
         .routes(routes!(
             authorizations::list_authorizations,
             authorizations::create_authorization

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-const FIELDS: [&str; 8] = [
+const FIELDS: [&str; 11] = [
     "id",
     "org_id",
     "name",
@@ -16,6 +16,10 @@ const FIELDS: [&str; 8] = [
     "last_used_at",
     "expires_at",
     "created_at",
+    // The lifecycle (rotation with a grace period, suspension).
+    "previous_secret_expires_at",
+    "previous_secret_last_used_at",
+    "suspended_at",
 ];
 
 fn keys(value: &Value) -> BTreeSet<String> {

@@ -4,11 +4,11 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, Grant, GrantId, Rotation,
-    SubjectType, Tenant, TenantId, TokenHash, UserId,
+    AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, CredentialPolicy, Grant,
+    GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId,
 };
 use keyplane_store::{
-    AuditChainState, AuditQuery, GrantFilter, IdempotencyClaim, IdempotencyRecord,
+    AuditChainState, AuditQuery, CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord,
     InvalidationHandler, ListCredentials, SigningKey, Store, StoreError, StoreFault,
     StoredResponse, Unavailable, WriteHealth,
 };
@@ -150,6 +150,107 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner
             .rotate_credential(tenant_id, kind, id, replaces, rotation, event)
+            .await
+    }
+
+    async fn set_credential_suspended(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        suspended_at: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<(Credential, bool), StoreError> {
+        self.check()?;
+        self.inner
+            .set_credential_suspended(tenant_id, kind, id, suspended_at, at, event)
+            .await
+    }
+
+    async fn retire_previous_secret(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        id: CredentialId,
+        previous: &TokenHash,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.check()?;
+        self.inner
+            .retire_previous_secret(tenant_id, kind, id, previous, at, event)
+            .await
+    }
+
+    async fn credentials_with_previous_secret(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner.credentials_with_previous_secret(limit).await
+    }
+
+    async fn clear_ended_previous_secrets(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.clear_ended_previous_secrets(now).await
+    }
+
+    async fn credentials_due_for_expiry_notice(
+        &self,
+        stage: u32,
+        due_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner
+            .credentials_due_for_expiry_notice(stage, due_before, limit)
+            .await
+    }
+
+    async fn record_expiry_notice(
+        &self,
+        credential: &Credential,
+        stage: u32,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner
+            .record_expiry_notice(credential, stage, event)
+            .await
+    }
+
+    async fn get_credential_policy(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Option<(CredentialPolicy, DateTime<Utc>)>, StoreError> {
+        self.check()?;
+        self.inner.get_credential_policy(tenant_id).await
+    }
+
+    async fn put_credential_policy(
+        &self,
+        tenant_id: TenantId,
+        policy: &CredentialPolicy,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .put_credential_policy(tenant_id, policy, at, event)
+            .await
+    }
+
+    async fn count_credentials_exceeding(
+        &self,
+        tenant_id: TenantId,
+        kind: CredentialKind,
+        rule: &LifetimeRule,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner
+            .count_credentials_exceeding(tenant_id, kind, rule, now)
             .await
     }
 
@@ -308,10 +409,7 @@ impl Store for FaultyStore {
             .await
     }
 
-    async fn record_last_used(
-        &self,
-        uses: &[(CredentialId, DateTime<Utc>)],
-    ) -> Result<(), StoreError> {
+    async fn record_last_used(&self, uses: &[CredentialUse]) -> Result<(), StoreError> {
         self.check()?;
         self.inner.record_last_used(uses).await
     }

@@ -7,7 +7,7 @@ use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-const SERVICE_ACCOUNT_FIELDS: [&str; 13] = [
+const SERVICE_ACCOUNT_FIELDS: [&str; 16] = [
     "account_id",
     "id",
     "name",
@@ -21,6 +21,10 @@ const SERVICE_ACCOUNT_FIELDS: [&str; 13] = [
     "last_used_at",
     "revoked_at",
     "revoked_by_user_id",
+    // The lifecycle (rotation with a grace period, suspension).
+    "previous_secret_expires_at",
+    "previous_secret_last_used_at",
+    "suspended_at",
 ];
 
 const AUTHORIZATION_FIELDS: [&str; 9] = [
@@ -1087,10 +1091,6 @@ async fn authorization_validation_reports_every_bad_field(backend: Backend) {
             vec![(body("subject_id"), "not_found")],
         ),
         (
-            with(json!({"subject_id": gone})),
-            vec![(body("subject_id"), "not_found")],
-        ),
-        (
             with(json!({"subject_id": foreign})),
             vec![(body("subject_id"), "not_found")],
         ),
@@ -1099,6 +1099,14 @@ async fn authorization_validation_reports_every_bad_field(backend: Backend) {
             vec![(body("subject_id"), "not_found")],
         ),
     ];
+    // A revoked one is no unknown subject but one that can no longer receive grants: 409.
+    assert!(assert_detail(
+        app.post(&path, &org.token, with(json!({"subject_id": gone})))
+            .await,
+        409
+    )
+    .await
+    .contains("revoked"));
     for (request, expected) in cases {
         assert_eq!(
             assert_422(app.post(&path, &org.token, request.clone()).await).await,
@@ -2041,7 +2049,7 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
         (
             "/service-accounts",
             "get",
-            vec!["account_id", "include_revoked"],
+            vec!["account_id", "include_revoked", "expiring_within_days"],
         ),
         (
             "/service-accounts",
@@ -2056,6 +2064,21 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
         (
             "/service-accounts/{service_account_id}",
             "delete",
+            vec!["account_id", "service_account_id"],
+        ),
+        (
+            "/service-accounts/{service_account_id}/suspend",
+            "post",
+            vec!["account_id", "service_account_id"],
+        ),
+        (
+            "/service-accounts/{service_account_id}/resume",
+            "post",
+            vec!["account_id", "service_account_id"],
+        ),
+        (
+            "/service-accounts/{service_account_id}/retire-previous",
+            "post",
             vec!["account_id", "service_account_id"],
         ),
         (

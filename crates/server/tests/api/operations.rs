@@ -137,6 +137,44 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
             "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/rotate",
             "post",
         ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/suspend",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/resume",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}/retire-previous",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/api-tokens/{id}/suspend",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/api-tokens/{id}/resume",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/api-tokens/{id}/retire-previous",
+            "post",
+        ),
+        ("/api/v1/organizations/{orgID}/credential-policy", "get"),
+        ("/api/v1/organizations/{orgID}/credential-policy", "put"),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/suspend",
+            "post",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/resume",
+            "post",
+        ),
+        (
+            "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}/retire-previous",
+            "post",
+        ),
         ("/api/v1/organizations/{orgID}/audit-events", "get"),
         ("/registry/token", "get"),
         ("/registry/token", "post"),

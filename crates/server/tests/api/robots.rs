@@ -19,7 +19,7 @@ const REGISTRY_FIELDS: [&str; 9] = [
     "updated_at",
 ];
 
-const ROBOT_FIELDS: [&str; 8] = [
+const ROBOT_FIELDS: [&str; 12] = [
     "id",
     "org_id",
     "name",
@@ -28,6 +28,11 @@ const ROBOT_FIELDS: [&str; 8] = [
     "last_used_at",
     "created_at",
     "updated_at",
+    "expires_at",
+    // The lifecycle (rotation with a grace period, suspension).
+    "previous_secret_expires_at",
+    "previous_secret_last_used_at",
+    "suspended_at",
 ];
 
 fn keys(value: &Value) -> BTreeSet<String> {

@@ -92,6 +92,7 @@ async fn introspection_describes_live_credentials_of_its_own_org(backend: Backen
             "username": "deployer",
             "exp": 4070908800i64,
             "iat": chrono::DateTime::parse_from_rfc3339(deployer["created_at"].as_str().unwrap()).unwrap().timestamp(),
+            "secret": "current",
         })
     );
     // JSON bodies work too; a credential without expiry has no `exp`.
@@ -302,7 +303,7 @@ async fn whoami_describes_the_caller(backend: Backend) {
         .unwrap();
     assert_eq!(
         who,
-        json!({"kind": "api_token", "id": me["id"], "org_id": org.id, "name": "me", "scopes": ["deploy"], "expires_at": "2099-01-01T00:00:00Z"})
+        json!({"kind": "api_token", "id": me["id"], "org_id": org.id, "name": "me", "scopes": ["deploy"], "expires_at": "2099-01-01T00:00:00Z", "secret": "current"})
     );
     let (sa_id, sa_token, _) = service_account_with_grant(&app, &org, "auth.manage").await;
     let who: Value = app.get("/v1/whoami", &sa_token).await.json().await.unwrap();

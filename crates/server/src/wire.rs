@@ -1,0 +1,42 @@
+//! The serializers every surface shares live in `keyplane_api_types::wire` (re-exported here);
+//! this is the server's half of the shapes defined there: reading a rotate body field by field.
+
+pub use keyplane_api_types::wire::*;
+
+use chrono::{DateTime, Utc};
+
+/// What a rotate body asks of `ops`.
+pub fn rotate_spec(request: &RotateRequest) -> crate::ops::RotateSpec {
+    crate::ops::RotateSpec {
+        options: keyplane_core::RotationOptions {
+            grace_seconds: request.grace_seconds.unwrap_or(0),
+            retire_when_unused_seconds: request.retire_when_unused_seconds,
+        },
+        expires_at: request.expires_at,
+    }
+}
+
+impl crate::extract::FromJsonBody for RotateRequest {
+    fn from_json(r: &mut crate::extract::ObjectReader, now: DateTime<Utc>) -> Option<Self> {
+        use keyplane_core::error::codes;
+        use keyplane_core::{FieldError, FieldPath};
+        let max = keyplane_core::credential::MAX_GRACE_SECONDS;
+        let grace_seconds = r.optional_u32("grace_seconds", 0, max);
+        let retire = r.optional_u32("retire_when_unused_seconds", 1, max);
+        let expires_at = r.expires_at("expires_at", now);
+        let (grace_seconds, retire_when_unused_seconds) = (grace_seconds?, retire?);
+        if retire_when_unused_seconds.is_some() && grace_seconds.unwrap_or(0) == 0 {
+            r.check::<()>(Err(FieldError::new(
+                FieldPath::body("retire_when_unused_seconds"),
+                codes::INVALID_FORMAT,
+                "needs a grace_seconds above 0: without a grace period there is nothing to retire",
+            )));
+            return None;
+        }
+        Some(Self {
+            grace_seconds,
+            retire_when_unused_seconds,
+            expires_at: expires_at?,
+        })
+    }
+}
