@@ -81,7 +81,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Organization API tokens: list, create, get, rotate, revoke.
+    /// Organization API tokens: list, create, get, rotate, suspend, resume, retire-previous, revoke.
     #[command(after_help = example!("keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d", "keyplane tokens list -o json | jq -r '.items[].name'"))]
     Tokens {
         #[command(flatten)]
@@ -89,7 +89,7 @@ enum Command {
         #[command(subcommand)]
         command: remote::TokensCommand,
     },
-    /// Service accounts (Hybridbox): list, create, rotate, revoke.
+    /// Service accounts (Hybridbox): list, create, rotate, suspend, resume, retire-previous, revoke.
     #[command(after_help = example!("keyplane service-accounts create --name billing-sync --secret-file sa.token"))]
     ServiceAccounts {
         #[command(flatten)]
@@ -113,13 +113,22 @@ enum Command {
         #[command(subcommand)]
         command: remote::RegistryCommand,
     },
-    /// Registry robot accounts: list, create, get, update, rotate, revoke.
+    /// Registry robot accounts: list, create, get, update, rotate, suspend, resume,
+    /// retire-previous, revoke.
     #[command(after_help = example!("keyplane robots create --name ci --permission pull --permission 'push:team-a/*'"))]
     Robots {
         #[command(flatten)]
         target: Target,
         #[command(subcommand)]
         command: remote::RobotsCommand,
+    },
+    /// The organization's credential policy (lifetimes, leak action): show, set.
+    #[command(after_help = example!("keyplane policy set --max-lifetime-days 90 --require-expiry", "keyplane policy show"))]
+    Policy {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::PolicyCommand,
     },
     /// The organization's audit events over the API: list, tail [--follow].
     #[command(after_help = example!("keyplane audit tail --follow", "keyplane audit list --action 'api_token.*' -o jsonl"))]
@@ -399,6 +408,9 @@ async fn run_client(command: Command) -> Result<(), keyplane_client::Error> {
         }
         Command::Robots { target, command } => {
             remote::robots(Session::open(&target, &env)?, command).await
+        }
+        Command::Policy { target, command } => {
+            remote::policy(Session::open(&target, &env)?, command).await
         }
         Command::Audit { target, command } => {
             remote::audit(Session::open(&target, &env)?, command).await

@@ -6,15 +6,20 @@
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use keyplane_api_types::aether::{
-    ApiTokenPage, CreateApiTokenRequest, CreateRobotAccountRequest, UpdateRobotAccountRequest,
+    ApiTokenPage, CreateApiTokenRequest, CreateRobotAccountRequest, PutCredentialPolicyRequest,
+    UpdateRobotAccountRequest,
 };
 use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{CreateAuthorizationRequest, CreateServiceAccountRequest};
+use keyplane_api_types::wire::RotateRequest;
 use keyplane_client::output::{Format, Output, Record, SecretFile};
 use keyplane_client::profile::{Profile, Profiles};
-use keyplane_client::{AuditFilter, Client, Error, GrantFilter, Page, Plaintext, DEFAULT_URL};
+use keyplane_client::{
+    AuditFilter, Client, Error, GrantFilter, Page, Plaintext, Transition, DEFAULT_URL,
+};
 use keyplane_core::{
-    FieldError, FieldPath, GrantKind, RobotPermission, Scope, ScopeSet, SubjectType,
+    FieldError, FieldPath, GrantKind, LeakAction, LifetimeRule, RobotPermission, Scope, ScopeSet,
+    SubjectType,
 };
 use serde::Serialize;
 use std::io::{IsTerminal, Read, Write};
@@ -165,7 +170,10 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 #[derive(Subcommand)]
 pub enum TokensCommand {
     /// List the organization's live API tokens (never their secrets).
-    #[command(after_help = example!("keyplane tokens list", "keyplane tokens list -o jsonl | jq -r .name"))]
+    #[command(after_help = example!(
+        "keyplane tokens list",
+        "keyplane tokens list --expiring-within 14d -o jsonl | jq -r .name"
+    ))]
     List(ListArgs),
     /// Create an API token; its secret is printed once.
     #[command(after_help = example!(
@@ -192,13 +200,37 @@ pub enum TokensCommand {
         /// The token's id.
         id: Uuid,
     },
-    /// Replace a token's secret (same id); the new secret is printed once.
-    #[command(after_help = example!("keyplane tokens rotate 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f --secret-file new.token"))]
+    /// Replace a token's secret (same id); the new secret is printed once. With --grace the old
+    /// one keeps working for that long.
+    #[command(after_help = example!(
+        "keyplane tokens rotate 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f --secret-file new.token",
+        "keyplane tokens rotate ID --grace 1h --retire-when-unused 10m"
+    ))]
     Rotate {
         /// The token's id.
         id: Uuid,
         #[command(flatten)]
+        rotation: RotateArgs,
+        #[command(flatten)]
         secret: SecretArgs,
+    },
+    /// Stop it authenticating anywhere until resumed (keeps its id, rights and secret).
+    #[command(after_help = example!("keyplane tokens suspend 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Suspend {
+        /// The token's id.
+        id: Uuid,
+    },
+    /// End a suspension: it authenticates again.
+    #[command(after_help = example!("keyplane tokens resume 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Resume {
+        /// The token's id.
+        id: Uuid,
+    },
+    /// End, now, the previous secret a rotation with --grace kept working.
+    #[command(after_help = example!("keyplane tokens retire-previous 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    RetirePrevious {
+        /// The token's id.
+        id: Uuid,
     },
     /// Revoke a token for good.
     #[command(after_help = example!("keyplane tokens revoke 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
@@ -216,6 +248,55 @@ pub struct ListArgs {
     /// Start after this `next_cursor` of a previous page (one page only).
     #[arg(long, value_name = "CURSOR")]
     cursor: Option<String>,
+    #[command(flatten)]
+    expiring: ExpiringArgs,
+}
+
+#[derive(Args)]
+pub struct ExpiringArgs {
+    /// Only those not expired yet that expire within this long, in whole days, rounded up
+    /// (7d, 2w; the API counts days).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    expiring_within: Option<Duration>,
+}
+
+impl ExpiringArgs {
+    fn days(&self) -> Option<u32> {
+        self.expiring_within
+            .map(|within| u32::try_from(within.as_secs().div_ceil(86_400)).unwrap_or(u32::MAX))
+    }
+}
+
+/// `rotate`'s options: a grace period for the old secret, and a new expiry.
+#[derive(Args)]
+pub struct RotateArgs {
+    /// Keep the old secret working beside the new one for this long (up to 7d): 1h, 30m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    grace: Option<Duration>,
+    /// With --grace: retire the old secret earlier, once it has gone unused this long and the
+    /// new one has been used.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    retire_when_unused: Option<Duration>,
+    #[command(flatten)]
+    expiry: Expiry,
+}
+
+impl RotateArgs {
+    fn request(&self) -> Result<RotateRequest, Error> {
+        let seconds = |flag: &str, duration: Option<Duration>| {
+            duration
+                .map(|d| {
+                    u32::try_from(d.as_secs())
+                        .map_err(|_| Error::Usage(format!("{flag} is too long")))
+                })
+                .transpose()
+        };
+        Ok(RotateRequest {
+            grace_seconds: seconds("--grace", self.grace)?,
+            retire_when_unused_seconds: seconds("--retire-when-unused", self.retire_when_unused)?,
+            expires_at: self.expiry.at(Utc::now())?,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -247,7 +328,27 @@ pub enum ServiceAccountsCommand {
         /// The service account's id.
         id: Uuid,
         #[command(flatten)]
+        rotation: RotateArgs,
+        #[command(flatten)]
         secret: SecretArgs,
+    },
+    /// Stop it authenticating anywhere until resumed (keeps its id, rights and secret).
+    #[command(after_help = example!("keyplane service-accounts suspend 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Suspend {
+        /// The service account's id.
+        id: Uuid,
+    },
+    /// End a suspension: it authenticates again.
+    #[command(after_help = example!("keyplane service-accounts resume 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Resume {
+        /// The service account's id.
+        id: Uuid,
+    },
+    /// End, now, the previous secret a rotation with --grace kept working.
+    #[command(after_help = example!("keyplane service-accounts retire-previous 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    RetirePrevious {
+        /// The service account's id.
+        id: Uuid,
     },
     /// Revoke a service account and its token for good.
     #[command(after_help = example!("keyplane service-accounts revoke 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
@@ -336,8 +437,11 @@ pub enum RegistryCommand {
 #[derive(Subcommand)]
 pub enum RobotsCommand {
     /// List the registry's robot accounts.
-    #[command(after_help = example!("keyplane robots list"))]
-    List,
+    #[command(after_help = example!("keyplane robots list --expiring-within 14d"))]
+    List {
+        #[command(flatten)]
+        expiring: ExpiringArgs,
+    },
     /// Create a robot account; its secret (the registry password) is printed once.
     #[command(after_help = example!(
         "keyplane robots create --name ci --permission pull --permission 'push:team-a/*'"
@@ -350,6 +454,8 @@ pub enum RobotsCommand {
         /// repeatable [default: pull].
         #[arg(long = "permission", value_name = "PERMISSION")]
         permissions: Vec<String>,
+        #[command(flatten)]
+        expiry: Expiry,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -374,7 +480,27 @@ pub enum RobotsCommand {
         /// The robot's id.
         id: Uuid,
         #[command(flatten)]
+        rotation: RotateArgs,
+        #[command(flatten)]
         secret: SecretArgs,
+    },
+    /// Stop it authenticating anywhere until resumed (keeps its id, rights and secret).
+    #[command(after_help = example!("keyplane robots suspend 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Suspend {
+        /// The robot's id.
+        id: Uuid,
+    },
+    /// End a suspension: it authenticates again.
+    #[command(after_help = example!("keyplane robots resume 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Resume {
+        /// The robot's id.
+        id: Uuid,
+    },
+    /// End, now, the previous secret a rotation with --grace kept working.
+    #[command(after_help = example!("keyplane robots retire-previous 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    RetirePrevious {
+        /// The robot's id.
+        id: Uuid,
     },
     /// Revoke a robot account for good.
     #[command(after_help = example!("keyplane robots revoke 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
@@ -382,6 +508,66 @@ pub enum RobotsCommand {
         /// The robot's id.
         id: Uuid,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Show the organization's credential policy and how many live credentials break it.
+    #[command(after_help = example!("keyplane policy show"))]
+    Show,
+    /// Replace the whole policy, as the API's PUT does: what is not given is no rule (leaks
+    /// revoke). Needs `*` or account_owner.
+    #[command(after_help = example!(
+        "keyplane policy set --max-lifetime-days 90 --require-expiry --default-lifetime-days 30",
+        "keyplane policy set --robot-accounts max=365,require --on-leak suspend",
+        "keyplane policy set                # back to the default: no rules"
+    ))]
+    Set {
+        /// The rule for every kind without its own: the longest lifetime, in days (1–36500).
+        #[arg(long, value_name = "DAYS")]
+        max_lifetime_days: Option<u32>,
+        /// ... every credential must have an expiry.
+        #[arg(long)]
+        require_expiry: bool,
+        /// ... the lifetime, in days, of one created without an expiry.
+        #[arg(long, value_name = "DAYS")]
+        default_lifetime_days: Option<u32>,
+        /// API tokens' own rule, e.g. `max=90,default=30,require`.
+        #[arg(long, value_name = "RULE", value_parser = parse_rule)]
+        api_tokens: Option<LifetimeRule>,
+        /// Service accounts' own rule.
+        #[arg(long, value_name = "RULE", value_parser = parse_rule)]
+        service_accounts: Option<LifetimeRule>,
+        /// Robot accounts' own rule.
+        #[arg(long, value_name = "RULE", value_parser = parse_rule)]
+        robot_accounts: Option<LifetimeRule>,
+        /// What a reported leak does: revoke (default) or suspend.
+        #[arg(long, value_name = "ACTION", value_parser = parse_leak_action)]
+        on_leak: Option<LeakAction>,
+    },
+}
+
+/// `max=DAYS,default=DAYS,require`, each part optional.
+fn parse_rule(text: &str) -> Result<LifetimeRule, String> {
+    let mut rule = LifetimeRule::default();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let days = |value: &str| {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("`{value}` is not a number of days"))
+        };
+        match part.split_once('=') {
+            Some(("max", value)) => rule.max_lifetime_days = Some(days(value)?),
+            Some(("default", value)) => rule.default_lifetime_days = Some(days(value)?),
+            None if part == "require" => rule.require_expiry = true,
+            _ => return Err(format!("`{part}` is not max=DAYS, default=DAYS or require")),
+        }
+    }
+    Ok(rule)
+}
+
+fn parse_leak_action(text: &str) -> Result<LeakAction, String> {
+    LeakAction::parse(text).ok_or_else(|| "must be revoke or suspend".into())
 }
 
 #[derive(Args, Clone)]
@@ -614,10 +800,15 @@ fn usage(flag: &str, errors: Vec<FieldError>) -> Error {
 pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error> {
     let org = s.org().await?;
     match command {
-        TokensCommand::List(ListArgs { limit, cursor }) => {
+        TokensCommand::List(ListArgs {
+            limit,
+            cursor,
+            expiring,
+        }) => {
+            let expiring = expiring.days();
             let page = if limit.is_some() || cursor.is_some() {
                 s.client
-                    .list_api_tokens(org, &Page { cursor, limit })
+                    .list_api_tokens(org, &Page { cursor, limit }, expiring)
                     .await?
             } else {
                 // Every page, as one page with no next one: the same shape for scripts.
@@ -630,7 +821,7 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
                     limit: Some(100),
                 };
                 loop {
-                    let next = s.client.list_api_tokens(org, &page).await?;
+                    let next = s.client.list_api_tokens(org, &page, expiring).await?;
                     all.items.extend(next.items);
                     match next.next_cursor {
                         Some(cursor) => page.cursor = Some(cursor.to_string()),
@@ -667,9 +858,14 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
             let token = s.client.get_api_token(org, id).await?;
             s.print_one(&token)
         }
-        TokensCommand::Rotate { id, secret } => {
+        TokensCommand::Rotate {
+            id,
+            rotation,
+            secret,
+        } => {
+            let request = rotation.request()?;
             let file = secret.open()?;
-            let rotated = s.client.rotate_api_token(org, id).await?;
+            let rotated = s.client.rotate_api_token(org, id, &request).await?;
             s.print_created(
                 &rotated,
                 &rotated.api_token,
@@ -677,6 +873,25 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
                 &["token"],
                 file,
             )
+        }
+        TokensCommand::Suspend { id } => {
+            let token = s
+                .client
+                .transition_api_token(org, id, Transition::Suspend)
+                .await?;
+            s.print_one(&token)
+        }
+        TokensCommand::Resume { id } => {
+            let token = s
+                .client
+                .transition_api_token(org, id, Transition::Resume)
+                .await?;
+            s.print_one(&token)
+        }
+        TokensCommand::RetirePrevious { id } => {
+            let step = Transition::RetirePrevious;
+            let token = s.client.transition_api_token(org, id, step).await?;
+            s.print_one(&token)
         }
         TokensCommand::Revoke { id } => {
             s.client.revoke_api_token(org, id).await?;
@@ -717,9 +932,17 @@ pub async fn service_accounts(
                 file,
             )
         }
-        ServiceAccountsCommand::Rotate { id, secret } => {
+        ServiceAccountsCommand::Rotate {
+            id,
+            rotation,
+            secret,
+        } => {
+            let request = rotation.request()?;
             let file = secret.open()?;
-            let rotated = s.client.rotate_service_account(account, id).await?;
+            let rotated = s
+                .client
+                .rotate_service_account(account, id, &request)
+                .await?;
             s.print_created(
                 &rotated,
                 &rotated.service_account,
@@ -727,6 +950,30 @@ pub async fn service_accounts(
                 &["token"],
                 file,
             )
+        }
+        ServiceAccountsCommand::Suspend { id } => {
+            let step = Transition::Suspend;
+            let account = s
+                .client
+                .transition_service_account(account, id, step)
+                .await?;
+            s.print_one(&account)
+        }
+        ServiceAccountsCommand::Resume { id } => {
+            let step = Transition::Resume;
+            let account = s
+                .client
+                .transition_service_account(account, id, step)
+                .await?;
+            s.print_one(&account)
+        }
+        ServiceAccountsCommand::RetirePrevious { id } => {
+            let step = Transition::RetirePrevious;
+            let account = s
+                .client
+                .transition_service_account(account, id, step)
+                .await?;
+            s.print_one(&account)
         }
         ServiceAccountsCommand::Revoke { id } => {
             let revoked = s.client.revoke_service_account(account, id).await?;
@@ -810,13 +1057,14 @@ fn permissions(raw: &[String]) -> Result<Vec<RobotPermission>, Error> {
 pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error> {
     let org = s.org().await?;
     match command {
-        RobotsCommand::List => {
-            let page = s.client.list_robots(org).await?;
+        RobotsCommand::List { expiring } => {
+            let page = s.client.list_robots(org, expiring.days()).await?;
             s.print_list(&page, &page.items)
         }
         RobotsCommand::Create {
             name,
             permissions: raw,
+            expiry,
             secret,
         } => {
             let request = CreateRobotAccountRequest {
@@ -827,7 +1075,7 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
                 } else {
                     permissions(&raw)?
                 },
-                expires_at: None,
+                expires_at: expiry.at(Utc::now())?,
             };
             let file = secret.open()?;
             let created = s.client.create_robot(org, &request).await?;
@@ -853,9 +1101,14 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
             let robot = s.client.update_robot(org, id, &request).await?;
             s.print_one(&robot)
         }
-        RobotsCommand::Rotate { id, secret } => {
+        RobotsCommand::Rotate {
+            id,
+            rotation,
+            secret,
+        } => {
+            let request = rotation.request()?;
             let file = secret.open()?;
-            let rotated = s.client.rotate_robot(org, id).await?;
+            let rotated = s.client.rotate_robot(org, id, &request).await?;
             s.print_created(
                 &rotated,
                 &rotated.robot_account,
@@ -864,9 +1117,61 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
                 file,
             )
         }
+        RobotsCommand::Suspend { id } => {
+            let robot = s
+                .client
+                .transition_robot(org, id, Transition::Suspend)
+                .await?;
+            s.print_one(&robot)
+        }
+        RobotsCommand::Resume { id } => {
+            let robot = s
+                .client
+                .transition_robot(org, id, Transition::Resume)
+                .await?;
+            s.print_one(&robot)
+        }
+        RobotsCommand::RetirePrevious { id } => {
+            let step = Transition::RetirePrevious;
+            let robot = s.client.transition_robot(org, id, step).await?;
+            s.print_one(&robot)
+        }
         RobotsCommand::Revoke { id } => {
             s.client.revoke_robot(org, id).await?;
             s.print_done(&format!("Revoked robot account {id}."))
+        }
+    }
+}
+
+pub async fn policy(mut s: Session, command: PolicyCommand) -> Result<(), Error> {
+    let org = s.org().await?;
+    match command {
+        PolicyCommand::Show => {
+            let policy = s.client.get_credential_policy(org).await?;
+            s.print_one(&policy)
+        }
+        PolicyCommand::Set {
+            max_lifetime_days,
+            require_expiry,
+            default_lifetime_days,
+            api_tokens,
+            service_accounts,
+            robot_accounts,
+            on_leak,
+        } => {
+            let request = PutCredentialPolicyRequest {
+                all: Some(LifetimeRule {
+                    max_lifetime_days,
+                    require_expiry,
+                    default_lifetime_days,
+                }),
+                api_tokens,
+                service_accounts,
+                robot_accounts,
+                on_leak,
+            };
+            let policy = s.client.put_credential_policy(org, &request).await?;
+            s.print_one(&policy)
         }
     }
 }

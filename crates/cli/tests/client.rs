@@ -146,6 +146,17 @@ fn str_of<'v>(value: &'v Value, field: &str) -> &'v str {
         .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
 }
 
+/// The value of `key` in a detail table (`key  value` lines, the keys padded to one width).
+fn field(table: &str, key: &str) -> String {
+    table
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(key)?;
+            rest.starts_with("  ").then(|| rest.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no `{key}` in:\n{table}"))
+}
+
 fn names(items: &[Value]) -> Vec<&str> {
     items.iter().map(|item| str_of(item, "name")).collect()
 }
@@ -172,6 +183,8 @@ async fn every_client_command(backend: Backend) {
     registry_and_robots(&cli).await;
     audit(&cli).await;
     exit_statuses(&cli).await;
+    lifecycle(&cli).await;
+    credential_policy(&cli).await;
     login_through_a_terminal(&cli).await;
 }
 
@@ -180,8 +193,8 @@ async fn whoami_and_introspect(cli: &Cli, org_id: &str) {
     assert_eq!(str_of(&me, "org_id"), org_id);
     assert_eq!(me["scopes"], serde_json::json!(["*"]));
     let table = cli.table(&["whoami"]).await;
-    assert!(table.contains("kind        api_token"), "{table}");
-    assert!(table.contains("expires_at  never"), "{table}");
+    assert_eq!(field(&table, "kind"), "api_token");
+    assert_eq!(field(&table, "expires_at"), "never");
 
     // `-` reads the token from stdin, so it stays out of argv.
     let answer = cli
@@ -262,16 +275,12 @@ async fn tokens(cli: &Cli, org_id: &str) {
             "2030-01-01T00:00:00Z",
         ])
         .await;
-    assert!(table.contains("name          deploy"), "{table}");
+    assert_eq!(field(&table, "name"), "deploy");
     assert!(
-        table.contains("expires_at    2030-01-01T00:00:00Z (in "),
+        field(&table, "expires_at").starts_with("2030-01-01T00:00:00Z (in "),
         "{table}"
     );
-    let table_secret = table
-        .lines()
-        .find_map(|line| line.strip_prefix("token"))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no token line in:\n{table}"));
+    let table_secret = field(&table, "token");
     assert!(table_secret.starts_with("aether_"), "{table}");
 
     // list: every page by default, one page with --limit, then --cursor.
@@ -313,7 +322,7 @@ async fn tokens(cli: &Cli, org_id: &str) {
     assert_eq!(str_of(&got, "name"), "ci-reader");
     assert!(got.get("token").is_none());
     let table = cli.table(&["tokens", "get", &id]).await;
-    assert!(table.contains(&format!("id            {id}")), "{table}");
+    assert_eq!(field(&table, "id"), id);
 
     // rotate: same id, new secret; the old one stops working (401: exit 3).
     let rotated = cli.json(&["tokens", "rotate", &id]).await;
@@ -532,7 +541,7 @@ async fn service_accounts_and_grants(cli: &Cli) {
         conflict.describe()
     );
     let table = cli.table(&["service-accounts", "revoke", &id]).await;
-    assert!(table.contains("revoked_at    20"), "{table}");
+    assert!(field(&table, "revoked_at").starts_with("20"), "{table}");
 }
 
 async fn registry_and_robots(cli: &Cli) {
@@ -552,10 +561,7 @@ async fn registry_and_robots(cli: &Cli) {
     assert_eq!(str_of(&shown, "harbor_project"), project);
     assert_eq!(shown["enabled"], true);
     let table = cli.table(&["registry", "show"]).await;
-    assert!(
-        table.contains(&format!("harbor_project  {project}")),
-        "{table}"
-    );
+    assert_eq!(field(&table, "harbor_project"), project);
 
     let created = cli
         .json(&[
@@ -576,8 +582,11 @@ async fn registry_and_robots(cli: &Cli) {
     );
     let id = str_of(&created, "id").to_string();
     let default = cli.table(&["robots", "create", "--name", "reader"]).await;
-    assert!(default.contains("permissions   pull\n"), "{default}");
-    assert!(default.contains("token         kprobot_"), "{default}");
+    assert_eq!(field(&default, "permissions"), "pull");
+    assert!(
+        field(&default, "token").starts_with("kprobot_"),
+        "{default}"
+    );
 
     let listed = cli.json(&["robots", "list"]).await;
     assert_eq!(
@@ -595,10 +604,10 @@ async fn registry_and_robots(cli: &Cli) {
         str_of(&cli.json(&["robots", "get", &id]).await, "name"),
         "ci"
     );
-    assert!(cli
-        .table(&["robots", "get", &id])
-        .await
-        .contains("name          ci"));
+    assert_eq!(
+        field(&cli.table(&["robots", "get", &id]).await, "name"),
+        "ci"
+    );
     let updated = cli
         .json(&["robots", "update", &id, "--permission", "pull"])
         .await;
@@ -606,7 +615,7 @@ async fn registry_and_robots(cli: &Cli) {
     let table = cli
         .table(&["robots", "update", &id, "--permission", "delete"])
         .await;
-    assert!(table.contains("permissions   delete"), "{table}");
+    assert_eq!(field(&table, "permissions"), "delete");
     // A malformed permission is a usage error, found before anything is sent.
     let bad = cli
         .fails(&["robots", "update", &id, "--permission", "fly"], 2)
@@ -774,6 +783,257 @@ async fn exit_statuses(cli: &Cli) {
         let script = cli.ok(&["completion", shell]).await.stdout;
         assert!(script.contains("service-accounts"), "{shell}: {script}");
     }
+}
+
+/// Seconds from now to an RFC 3339 time in `value[field]`.
+fn seconds_until(value: &Value, field: &str) -> i64 {
+    let at: chrono::DateTime<chrono::Utc> = str_of(value, field).parse().unwrap();
+    (at - chrono::Utc::now()).num_seconds()
+}
+
+/// Rotation with a grace period, retire-previous, suspend and resume on every kind, and the
+/// expiring-within filter.
+async fn lifecycle(cli: &Cli) {
+    let created = cli
+        .json(&[
+            "tokens",
+            "create",
+            "--name",
+            "graceful",
+            "--expires-in",
+            "3d",
+        ])
+        .await;
+    let (id, old) = (
+        str_of(&created, "id").to_string(),
+        str_of(&created, "token").to_string(),
+    );
+    cli.json(&[
+        "tokens",
+        "create",
+        "--name",
+        "long-lived",
+        "--expires-in",
+        "30d",
+    ])
+    .await;
+
+    // --grace: both secrets work for an hour; whoami says which one was presented.
+    let rotated = cli.json(&["tokens", "rotate", &id, "--grace", "1h"]).await;
+    let grace = seconds_until(&rotated, "previous_secret_expires_at");
+    assert!((3_500..=3_600).contains(&grace), "{rotated}");
+    let new = str_of(&rotated, "token").to_string();
+    let me = cli.with_token(&old).json(&["whoami"]).await;
+    assert_eq!(str_of(&me, "secret"), "previous");
+    assert_eq!(
+        str_of(&cli.with_token(&new).json(&["whoami"]).await, "secret"),
+        "current"
+    );
+    let table = cli.table(&["tokens", "get", &id]).await;
+    let until = field(&table, "previous_secret_expires_at");
+    assert!(
+        until.starts_with("20") && until.ends_with("(in 59m)"),
+        "{table}"
+    );
+    let list = cli.table(&["tokens", "list"]).await;
+    assert!(
+        list.lines()
+            .any(|l| l.contains("graceful") && l.contains("rotating")),
+        "{list}"
+    );
+    // retire-previous ends the old secret now.
+    let retired = cli.json(&["tokens", "retire-previous", &id]).await;
+    assert_eq!(
+        retired["previous_secret_expires_at"],
+        Value::Null,
+        "{retired}"
+    );
+    cli.with_token(&old).fails(&["whoami"], 3).await;
+    // The API's own checks come through: a cutover needs a grace period.
+    let refused = cli
+        .fails(&["tokens", "rotate", &id, "--retire-when-unused", "10m"], 1)
+        .await;
+    assert!(
+        refused.stderr.contains("retire_when_unused_seconds"),
+        "{}",
+        refused.describe()
+    );
+    let rotated = cli
+        .json(&[
+            "tokens",
+            "rotate",
+            &id,
+            "--grace",
+            "10m",
+            "--retire-when-unused",
+            "1m",
+            "--expires-in",
+            "5d",
+        ])
+        .await;
+    assert!(
+        (4 * 86_400..=5 * 86_400).contains(&seconds_until(&rotated, "expires_at")),
+        "{rotated}"
+    );
+    let current = str_of(&rotated, "token").to_string();
+
+    // suspend / resume
+    let suspended = cli.json(&["tokens", "suspend", &id]).await;
+    assert!(suspended["suspended_at"].is_string(), "{suspended}");
+    cli.with_token(&current).fails(&["whoami"], 3).await;
+    let list = cli.table(&["tokens", "list"]).await;
+    assert!(
+        list.lines()
+            .any(|l| l.contains("graceful") && l.contains("suspended")),
+        "{list}"
+    );
+    let table = cli.table(&["tokens", "resume", &id]).await;
+    assert_eq!(field(&table, "suspended_at"), "-");
+    cli.with_token(&current).ok(&["whoami"]).await;
+
+    // --expiring-within: whole days, only live credentials expiring by then.
+    let soon = cli
+        .json(&["tokens", "list", "--expiring-within", "7d"])
+        .await;
+    assert_eq!(names(soon["items"].as_array().unwrap()), ["graceful"]);
+    let lines = cli
+        .jsonl(&["tokens", "list", "--expiring-within", "60d"])
+        .await;
+    assert_eq!(names(&lines), ["graceful", "long-lived"]);
+
+    // Service accounts.
+    let account = cli
+        .json(&["service-accounts", "create", "--name", "graceful-sa"])
+        .await;
+    let (sa, sa_old) = (
+        str_of(&account, "id").to_string(),
+        str_of(&account, "token").to_string(),
+    );
+    let rotated = cli
+        .json(&["service-accounts", "rotate", &sa, "--grace", "30m"])
+        .await;
+    assert!(
+        rotated["previous_secret_expires_at"].is_string(),
+        "{rotated}"
+    );
+    let table = cli.table(&["service-accounts", "list"]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("graceful-sa") && l.contains("rotating")),
+        "{table}"
+    );
+    let retired = cli
+        .json(&["service-accounts", "retire-previous", &sa])
+        .await;
+    assert_eq!(retired["previous_secret_expires_at"], Value::Null);
+    let suspended = cli.json(&["service-accounts", "suspend", &sa]).await;
+    assert!(suspended["suspended_at"].is_string(), "{suspended}");
+    let resumed = cli.table(&["service-accounts", "resume", &sa]).await;
+    assert_eq!(field(&resumed, "suspended_at"), "-");
+    cli.with_token(&sa_old).fails(&["whoami"], 3).await;
+
+    // Robots.
+    let robot = cli
+        .json(&[
+            "robots",
+            "create",
+            "--name",
+            "expiring",
+            "--expires-in",
+            "2d",
+        ])
+        .await;
+    let robot_id = str_of(&robot, "id").to_string();
+    assert!(robot["expires_at"].is_string(), "{robot}");
+    let soon = cli
+        .json(&["robots", "list", "--expiring-within", "3d"])
+        .await;
+    assert_eq!(names(soon["items"].as_array().unwrap()), ["expiring"]);
+    let rotated = cli
+        .json(&["robots", "rotate", &robot_id, "--grace", "1h"])
+        .await;
+    assert!(
+        rotated["previous_secret_expires_at"].is_string(),
+        "{rotated}"
+    );
+    let retired = cli.json(&["robots", "retire-previous", &robot_id]).await;
+    assert_eq!(retired["previous_secret_expires_at"], Value::Null);
+    let suspended = cli.json(&["robots", "suspend", &robot_id]).await;
+    assert!(suspended["suspended_at"].is_string());
+    let table = cli.table(&["robots", "list"]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("expiring") && l.contains("suspended")),
+        "{table}"
+    );
+    let resumed = cli.json(&["robots", "resume", &robot_id]).await;
+    assert_eq!(resumed["suspended_at"], Value::Null);
+}
+
+async fn credential_policy(cli: &Cli) {
+    let default = cli.json(&["policy", "show"]).await;
+    assert_eq!(str_of(&default, "on_leak"), "revoke");
+    assert_eq!(default["updated_at"], Value::Null);
+    let set = cli
+        .json(&[
+            "policy",
+            "set",
+            "--max-lifetime-days",
+            "90",
+            "--require-expiry",
+            "--default-lifetime-days",
+            "30",
+            "--robot-accounts",
+            "max=365,require",
+            "--on-leak",
+            "suspend",
+        ])
+        .await;
+    assert_eq!(
+        set["all"],
+        serde_json::json!({"max_lifetime_days": 90, "require_expiry": true, "default_lifetime_days": 30})
+    );
+    assert_eq!(set["robot_accounts"]["max_lifetime_days"], 365);
+    assert_eq!(set["api_tokens"], Value::Null);
+    assert_eq!(str_of(&set, "on_leak"), "suspend");
+    let table = cli.table(&["policy", "show"]).await;
+    assert_eq!(
+        field(&table, "all"),
+        "max 90d, default 30d, expiry required"
+    );
+    assert_eq!(field(&table, "api_tokens"), "as all");
+    // The policy applies: a default lifetime, and a refusal past the maximum (exit 1).
+    let token = cli.json(&["tokens", "create", "--name", "policed"]).await;
+    assert!(
+        (29 * 86_400..=30 * 86_400).contains(&seconds_until(&token, "expires_at")),
+        "{token}"
+    );
+    let refused = cli
+        .fails(
+            &[
+                "tokens",
+                "create",
+                "--name",
+                "too-long",
+                "--expires-in",
+                "200d",
+            ],
+            1,
+        )
+        .await;
+    assert!(
+        refused.stderr.contains("policy_violation"),
+        "{}",
+        refused.describe()
+    );
+    // A malformed rule is a usage error; `policy set` alone restores the default.
+    cli.fails(&["policy", "set", "--api-tokens", "max=soon"], 2)
+        .await;
+    let reset = cli.json(&["policy", "set"]).await;
+    assert_eq!(str_of(&reset, "on_leak"), "revoke");
+    assert_eq!(reset["all"]["max_lifetime_days"], Value::Null);
 }
 
 /// `keyplane login` in a real pseudo-terminal: the prompt, the token typed with echo off, the

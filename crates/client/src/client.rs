@@ -3,8 +3,8 @@
 use crate::error::{ApiFailure, Error};
 use keyplane_api_types::aether::{
     ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, CreateRobotAccountRequest,
-    RegistryEnabled, RegistryState, RobotAccountCreated, RobotAccountPage, RobotAccountView,
-    UpdateRobotAccountRequest,
+    CredentialPolicyView, PutCredentialPolicyRequest, RegistryEnabled, RegistryState,
+    RobotAccountCreated, RobotAccountPage, RobotAccountView, UpdateRobotAccountRequest,
 };
 use keyplane_api_types::audit::AuditEventPage;
 use keyplane_api_types::hybridbox::{
@@ -12,6 +12,7 @@ use keyplane_api_types::hybridbox::{
     ServiceAccountCreated, ServiceAccountView,
 };
 use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
+use keyplane_api_types::wire::RotateRequest;
 use keyplane_core::Plaintext;
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
@@ -63,6 +64,24 @@ pub struct AuditFilter {
     pub until: Option<String>,
 }
 
+/// A credential's lifecycle step without a body: `POST .../{id}/<step>`.
+#[derive(Clone, Copy, Debug)]
+pub enum Transition {
+    Suspend,
+    Resume,
+    RetirePrevious,
+}
+
+impl Transition {
+    fn path(self) -> &'static str {
+        match self {
+            Transition::Suspend => "suspend",
+            Transition::Resume => "resume",
+            Transition::RetirePrevious => "retire-previous",
+        }
+    }
+}
+
 enum Body {
     None,
     Json(serde_json::Value),
@@ -97,6 +116,13 @@ impl<'a> Call<'a> {
 
     fn idempotent(mut self) -> Self {
         self.idempotent = true;
+        self
+    }
+
+    fn expiring_within(mut self, days: Option<u32>) -> Self {
+        if let Some(days) = days {
+            self.query.push(("expiring_within_days", days.to_string()));
+        }
         self
     }
 
@@ -266,9 +292,15 @@ impl Client {
     // ----------------------------------------------------------------------------------------
     // Aether: API tokens
 
-    pub async fn list_api_tokens(&self, org: Uuid, page: &Page) -> Result<ApiTokenPage, Error> {
-        self.send(Call::new(Method::GET, org_path(org, "/api-tokens")).page(page))
-            .await
+    /// `expiring_within_days`: only tokens not expired yet that expire within that many days.
+    pub async fn list_api_tokens(
+        &self,
+        org: Uuid,
+        page: &Page,
+        expiring_within_days: Option<u32>,
+    ) -> Result<ApiTokenPage, Error> {
+        let call = Call::new(Method::GET, org_path(org, "/api-tokens")).page(page);
+        self.send(call.expiring_within(expiring_within_days)).await
     }
 
     pub async fn create_api_token(
@@ -285,9 +317,25 @@ impl Client {
         self.send(Call::new(Method::GET, path)).await
     }
 
-    pub async fn rotate_api_token(&self, org: Uuid, id: Uuid) -> Result<ApiTokenCreated, Error> {
+    pub async fn rotate_api_token(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        request: &RotateRequest,
+    ) -> Result<ApiTokenCreated, Error> {
         let path = org_path(org, &format!("/api-tokens/{id}/rotate"));
-        self.send(Call::new(Method::POST, path).idempotent()).await
+        self.send(Call::new(Method::POST, path).json(request).idempotent())
+            .await
+    }
+
+    pub async fn transition_api_token(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        step: Transition,
+    ) -> Result<ApiTokenView, Error> {
+        let path = org_path(org, &format!("/api-tokens/{id}/{}", step.path()));
+        self.send(Call::new(Method::POST, path)).await
     }
 
     /// 204 on success: there is no body to return.
@@ -311,9 +359,14 @@ impl Client {
         self.send(call.idempotent()).await
     }
 
-    pub async fn list_robots(&self, org: Uuid) -> Result<RobotAccountPage, Error> {
+    pub async fn list_robots(
+        &self,
+        org: Uuid,
+        expiring_within_days: Option<u32>,
+    ) -> Result<RobotAccountPage, Error> {
         let path = org_path(org, "/registry/robot-accounts");
-        self.send(Call::new(Method::GET, path)).await
+        self.send(Call::new(Method::GET, path).expiring_within(expiring_within_days))
+            .await
     }
 
     pub async fn create_robot(
@@ -340,9 +393,45 @@ impl Client {
         self.send(Call::new(Method::PUT, path).json(request)).await
     }
 
-    pub async fn rotate_robot(&self, org: Uuid, id: Uuid) -> Result<RobotAccountCreated, Error> {
+    pub async fn rotate_robot(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        request: &RotateRequest,
+    ) -> Result<RobotAccountCreated, Error> {
         let path = org_path(org, &format!("/registry/robot-accounts/{id}/rotate"));
-        self.send(Call::new(Method::POST, path).idempotent()).await
+        self.send(Call::new(Method::POST, path).json(request).idempotent())
+            .await
+    }
+
+    pub async fn transition_robot(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        step: Transition,
+    ) -> Result<RobotAccountView, Error> {
+        let path = org_path(
+            org,
+            &format!("/registry/robot-accounts/{id}/{}", step.path()),
+        );
+        self.send(Call::new(Method::POST, path)).await
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Aether: credential policy
+
+    pub async fn get_credential_policy(&self, org: Uuid) -> Result<CredentialPolicyView, Error> {
+        self.send(Call::new(Method::GET, org_path(org, "/credential-policy")))
+            .await
+    }
+
+    pub async fn put_credential_policy(
+        &self,
+        org: Uuid,
+        request: &PutCredentialPolicyRequest,
+    ) -> Result<CredentialPolicyView, Error> {
+        let call = Call::new(Method::PUT, org_path(org, "/credential-policy"));
+        self.send(call.json(request)).await
     }
 
     pub async fn revoke_robot(&self, org: Uuid, id: Uuid) -> Result<(), Error> {
@@ -408,9 +497,21 @@ impl Client {
         &self,
         account: Uuid,
         id: Uuid,
+        request: &RotateRequest,
     ) -> Result<ServiceAccountCreated, Error> {
         let path = account_path(account, &format!("/service-accounts/{id}/rotate"));
-        self.send(Call::new(Method::POST, path).idempotent()).await
+        self.send(Call::new(Method::POST, path).json(request).idempotent())
+            .await
+    }
+
+    pub async fn transition_service_account(
+        &self,
+        account: Uuid,
+        id: Uuid,
+        step: Transition,
+    ) -> Result<ServiceAccountView, Error> {
+        let path = account_path(account, &format!("/service-accounts/{id}/{}", step.path()));
+        self.send(Call::new(Method::POST, path)).await
     }
 
     pub async fn revoke_service_account(

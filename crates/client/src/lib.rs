@@ -13,7 +13,7 @@ mod error;
 pub mod output;
 pub mod profile;
 
-pub use client::{AuditFilter, Client, GrantFilter, Page};
+pub use client::{AuditFilter, Client, GrantFilter, Page, Transition};
 pub use error::{printable, ApiFailure, Error, ExitStatus};
 pub use keyplane_core::Plaintext;
 

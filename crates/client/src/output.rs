@@ -7,7 +7,8 @@ use crate::profile::private_file;
 use crate::Error;
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use keyplane_api_types::aether::{
-    ApiTokenView, RegistryEnabled, RegistryState, RegistryView, RobotAccountView,
+    ApiTokenView, CredentialPolicyView, LifetimeRuleView, RegistryEnabled, RegistryState,
+    RegistryView, RobotAccountView,
 };
 use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{AuthorizationView, ServiceAccountView};
@@ -246,6 +247,35 @@ fn list_or_dash(items: &[String]) -> String {
     }
 }
 
+/// One word for a list: `suspended`, `rotating` (a previous secret still works) or `active`.
+fn status(suspended_at: &Option<DateTime<Utc>>, previous_until: &Option<DateTime<Utc>>) -> String {
+    match (suspended_at, previous_until) {
+        (Some(_), _) => "suspended".into(),
+        (None, Some(_)) => "rotating".into(),
+        (None, None) => "active".into(),
+    }
+}
+
+/// The lifecycle fields every credential view carries, for a detail view.
+fn lifecycle_fields(
+    now: DateTime<Utc>,
+    suspended_at: &Option<DateTime<Utc>>,
+    previous_until: &Option<DateTime<Utc>>,
+    previous_used: &Option<DateTime<Utc>>,
+) -> [(&'static str, String); 3] {
+    [
+        ("suspended_at", optional_time(suspended_at, now, "-")),
+        (
+            "previous_secret_expires_at",
+            optional_time(previous_until, now, "-"),
+        ),
+        (
+            "previous_secret_last_used_at",
+            optional_time(previous_used, now, "-"),
+        ),
+    ]
+}
+
 /// `--secret-file PATH`: created (0600, never over an existing file) before the request is
 /// sent, so a bad path fails before a secret is minted; removed again if no secret arrives.
 pub struct SecretFile {
@@ -305,8 +335,15 @@ impl Drop for SecretFile {
 // Records
 
 impl Record for ApiTokenView {
-    const COLUMNS: &'static [&'static str] =
-        &["ID", "NAME", "PREFIX", "SCOPES", "EXPIRES", "LAST USED"];
+    const COLUMNS: &'static [&'static str] = &[
+        "ID",
+        "NAME",
+        "PREFIX",
+        "SCOPES",
+        "STATUS",
+        "EXPIRES",
+        "LAST USED",
+    ];
 
     fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
         vec![
@@ -314,13 +351,14 @@ impl Record for ApiTokenView {
             self.name.clone(),
             self.prefix.clone(),
             list_or_dash(&self.scopes),
+            status(&self.suspended_at, &self.previous_secret_expires_at),
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
         ]
     }
 
     fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             ("id", self.id.to_string()),
             ("org_id", self.org_id.to_string()),
             ("name", self.name.clone()),
@@ -332,19 +370,38 @@ impl Record for ApiTokenView {
                 optional_time(&self.last_used_at, now, "never"),
             ),
             ("created_at", time(&self.created_at, now)),
-        ]
+        ];
+        fields.extend(lifecycle_fields(
+            now,
+            &self.suspended_at,
+            &self.previous_secret_expires_at,
+            &self.previous_secret_last_used_at,
+        ));
+        fields
     }
 }
 
 impl Record for ServiceAccountView {
-    const COLUMNS: &'static [&'static str] =
-        &["ID", "NAME", "TOKEN", "EXPIRES", "LAST USED", "REVOKED"];
+    const COLUMNS: &'static [&'static str] = &[
+        "ID",
+        "NAME",
+        "TOKEN",
+        "STATUS",
+        "EXPIRES",
+        "LAST USED",
+        "REVOKED",
+    ];
 
     fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
+        let state = match self.revoked_at {
+            Some(_) => "revoked".into(),
+            None => status(&self.suspended_at, &self.previous_secret_expires_at),
+        };
         vec![
             self.id.to_string(),
             self.name.clone(),
             token_hint(self),
+            state,
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
             optional_time(&self.revoked_at, now, "-"),
@@ -352,7 +409,7 @@ impl Record for ServiceAccountView {
     }
 
     fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             ("id", self.id.to_string()),
             ("account_id", self.account_id.to_string()),
             ("name", self.name.clone()),
@@ -365,7 +422,14 @@ impl Record for ServiceAccountView {
             ("created_at", time(&self.created_at, now)),
             ("updated_at", time(&self.updated_at, now)),
             ("revoked_at", optional_time(&self.revoked_at, now, "-")),
-        ]
+        ];
+        fields.extend(lifecycle_fields(
+            now,
+            &self.suspended_at,
+            &self.previous_secret_expires_at,
+            &self.previous_secret_last_used_at,
+        ));
+        fields
     }
 }
 
@@ -422,31 +486,47 @@ fn resource(grant: &AuthorizationView) -> String {
 }
 
 impl Record for RobotAccountView {
-    const COLUMNS: &'static [&'static str] = &["ID", "NAME", "PERMISSIONS", "LAST USED", "UPDATED"];
+    const COLUMNS: &'static [&'static str] = &[
+        "ID",
+        "NAME",
+        "PERMISSIONS",
+        "STATUS",
+        "EXPIRES",
+        "LAST USED",
+    ];
 
     fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
         vec![
             self.id.to_string(),
             self.name.clone(),
             list_or_dash(&self.permissions),
+            status(&self.suspended_at, &self.previous_secret_expires_at),
+            optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
-            time(&self.updated_at, now),
         ]
     }
 
     fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             ("id", self.id.to_string()),
             ("org_id", self.org_id.to_string()),
             ("name", self.name.clone()),
             ("permissions", list_or_dash(&self.permissions)),
+            ("expires_at", optional_time(&self.expires_at, now, "never")),
             (
                 "last_used_at",
                 optional_time(&self.last_used_at, now, "never"),
             ),
             ("created_at", time(&self.created_at, now)),
             ("updated_at", time(&self.updated_at, now)),
-        ]
+        ];
+        fields.extend(lifecycle_fields(
+            now,
+            &self.suspended_at,
+            &self.previous_secret_expires_at,
+            &self.previous_secret_last_used_at,
+        ));
+        fields
     }
 }
 
@@ -507,6 +587,59 @@ impl Record for RegistryEnabled {
         let mut fields = self.registry.fields(now);
         fields.push(("username", self.credentials.username.clone()));
         fields
+    }
+}
+
+/// A lifetime rule in words: `max 90d, default 30d, expiry required`.
+fn rule_text(rule: &LifetimeRuleView) -> String {
+    let mut parts = Vec::new();
+    if let Some(days) = rule.max_lifetime_days {
+        parts.push(format!("max {days}d"));
+    }
+    if let Some(days) = rule.default_lifetime_days {
+        parts.push(format!("default {days}d"));
+    }
+    if rule.require_expiry {
+        parts.push("expiry required".into());
+    }
+    match parts.is_empty() {
+        true => "no rule".into(),
+        false => parts.join(", "),
+    }
+}
+
+impl Record for CredentialPolicyView {
+    const COLUMNS: &'static [&'static str] = &["ORG", "ALL", "ON LEAK", "UPDATED"];
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
+        vec![
+            self.org_id.to_string(),
+            rule_text(&self.all),
+            self.on_leak.clone(),
+            optional_time(&self.updated_at, now, "never"),
+        ]
+    }
+
+    fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+        let own =
+            |rule: &Option<LifetimeRuleView>| rule.as_ref().map_or("as all".to_string(), rule_text);
+        let exceeding = &self.exceeding;
+        vec![
+            ("org_id", self.org_id.to_string()),
+            ("all", rule_text(&self.all)),
+            ("api_tokens", own(&self.api_tokens)),
+            ("service_accounts", own(&self.service_accounts)),
+            ("robot_accounts", own(&self.robot_accounts)),
+            ("on_leak", self.on_leak.clone()),
+            ("updated_at", optional_time(&self.updated_at, now, "never")),
+            (
+                "exceeding",
+                format!(
+                    "api_tokens={} service_accounts={} robot_accounts={}",
+                    exceeding.api_tokens, exceeding.service_accounts, exceeding.robot_accounts
+                ),
+            ),
+        ]
     }
 }
 
@@ -586,6 +719,7 @@ impl Record for WhoAmI {
             ("name", self.name.clone()),
             ("scopes", list_or_dash(&self.scopes)),
             ("expires_at", expires.unwrap_or_else(|| "never".into())),
+            ("secret", self.secret.clone()),
         ]
     }
 }
@@ -619,6 +753,7 @@ impl Record for IntrospectionResponse {
                 ("scope", or_dash(&self.scope)),
                 ("exp", epoch(&self.exp).unwrap_or_else(|| "never".into())),
                 ("iat", epoch(&self.iat).unwrap_or_else(|| "-".into())),
+                ("secret", or_dash(&self.secret)),
             ]);
         }
         fields

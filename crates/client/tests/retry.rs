@@ -106,7 +106,7 @@ async fn a_read_answered_503_is_reported_not_retried() {
     .await;
     let client = Client::new(&url, Plaintext::received("aether_caller".into()), false).unwrap();
     let error = match client
-        .list_api_tokens(Uuid::new_v4(), &Page::default())
+        .list_api_tokens(Uuid::new_v4(), &Page::default(), None)
         .await
     {
         Err(error) => error,
