@@ -138,6 +138,19 @@ pub struct ServeArgs {
     /// retiring unused previous secrets (`retire_when_unused_seconds`), forgetting ended ones.
     #[arg(long, env = "KEYPLANE_LIFECYCLE_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lifecycle_sweep_seconds: u64,
+    /// Where GitHub's secret-scanning public keys are fetched (cached; refetched when a request
+    /// names an unknown key, at most every 10 s). `https`, or `http` to a loopback host.
+    #[arg(
+        long,
+        env = "KEYPLANE_GITHUB_SECRET_SCANNING_KEYS_URL",
+        value_name = "URL",
+        default_value = keyplane_server::leaks::GITHUB_KEYS_URL
+    )]
+    github_secret_scanning_keys_url: String,
+    /// Unauthenticated `POST /v1/credentials/revoke` requests (up to 100 tokens each) per client
+    /// address per minute; 0 turns the limit off. Behind a proxy, see --trusted-proxies.
+    #[arg(long, env = "KEYPLANE_PUBLIC_REVOKE_PER_MINUTE", default_value_t = 10)]
+    public_revoke_per_minute: u32,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -184,6 +197,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    keyplane_server::leaks::check_keys_url(&args.github_secret_scanning_keys_url)
+        .map_err(|e| anyhow::anyhow!("--github-secret-scanning-keys-url: {e}"))?;
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
     if let Some(oidc) = &oidc {
@@ -224,6 +239,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         audit_retention_days: args.audit_retention_days,
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
         lifecycle_sweep_interval: Duration::from_secs(args.lifecycle_sweep_seconds),
+        github_keys: keyplane_server::leaks::GithubKeysConfig {
+            url: args.github_secret_scanning_keys_url,
+            ..Default::default()
+        },
+        public_revoke_per_minute: args.public_revoke_per_minute,
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

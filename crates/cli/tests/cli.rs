@@ -508,3 +508,32 @@ fn option_blocks(help: &str) -> Vec<String> {
     }
     blocks
 }
+
+/// GitHub's keys fetched in the clear from anywhere but loopback would let anyone on the path
+/// forge GitHub's leak reports: `serve` refuses such a URL at start, in one line naming the flag.
+#[tokio::test]
+async fn plain_http_keys_url_off_loopback_fails_with_one_clear_line() {
+    let data_dir = tempfile::tempdir().expect("create a temporary directory");
+    let output = run(
+        keyplane()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--github-secret-scanning-keys-url",
+                "http://keys.example/secret_scanning",
+                "--data-dir",
+            ])
+            .arg(data_dir.path()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(!output.status.success(), "serve accepted a plain-http URL");
+    let lines: Vec<&str> = output.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{}", output.stderr);
+    assert!(
+        lines[0].contains("--github-secret-scanning-keys-url") && lines[0].contains("https"),
+        "{}",
+        lines[0]
+    );
+}

@@ -44,6 +44,9 @@ pub mod actions {
     /// A credential's expiry has passed (the sweep, actor `system`).
     pub const CREDENTIAL_EXPIRED: &str = "credential.expired";
     pub const CREDENTIAL_POLICY_UPDATED: &str = "credential_policy.updated";
+    /// A credential's secret was reported found in public (GitHub secret scanning, the public
+    /// revocation endpoint) and keyplane acted on it; the target names the credential.
+    pub const CREDENTIAL_LEAKED: &str = "credential.leaked";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

@@ -28,6 +28,11 @@ pub(crate) struct Inner {
     pub refusals: Arc<crate::audit::Refusals>,
     /// Notified on SIGHUP: the audit log export reopens its file.
     pub reopen_audit_log: Arc<tokio::sync::Notify>,
+    /// Leaked-token response: GitHub's signing keys, the public revocation limit per address,
+    /// and the reports being worked off.
+    pub github_keys: crate::leaks::GithubKeys,
+    pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
+    pub leak_jobs: crate::leaks::LeakJobs,
 }
 
 impl App {
@@ -48,6 +53,11 @@ impl App {
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
+        let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
+        let public_revoke_limiter = crate::ratelimit::KeyedRateLimiter::new(
+            config.public_revoke_per_minute,
+            config.public_revoke_per_minute,
+        );
         Self(Arc::new(Inner {
             store,
             config,
@@ -60,6 +70,9 @@ impl App {
             registry_signer: tokio::sync::OnceCell::new(),
             refusals,
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
+            github_keys,
+            public_revoke_limiter,
+            leak_jobs: crate::leaks::LeakJobs::new(),
         }))
     }
 

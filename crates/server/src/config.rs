@@ -36,6 +36,11 @@ pub struct Config {
     /// How often the lifecycle sweep runs: expiry warnings, the usage-aware cutover of previous
     /// secrets, forgetting ended ones.
     pub lifecycle_sweep_interval: Duration,
+    /// Leaked-token response (`leaks`): where and how GitHub's secret-scanning keys are fetched.
+    pub github_keys: crate::leaks::GithubKeysConfig,
+    /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
+    /// off.
+    pub public_revoke_per_minute: u32,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
@@ -138,6 +143,8 @@ impl Default for Config {
             audit_refusal_window: Duration::from_secs(60),
             clock: Clock::default(),
             lifecycle_sweep_interval: Duration::from_secs(60),
+            github_keys: crate::leaks::GithubKeysConfig::default(),
+            public_revoke_per_minute: 10,
         }
     }
 }

@@ -161,7 +161,10 @@ pub fn render_for_path(path: &str, error: AppError) -> Response {
         crate::registry::error_response(error)
     } else if path.starts_with("/v1/public/") {
         ApiError::<crate::hybridbox::Hybridbox>::from(error).into_response()
-    } else if path.starts_with("/oauth2/") || path.starts_with("/v1/auth/") || path == "/v1/whoami"
+    } else if path.starts_with("/oauth2/")
+        || path.starts_with("/v1/auth/")
+        || path == "/v1/whoami"
+        || crate::leaks::owns_path(path)
     {
         ApiError::<crate::verify::Verification>::from(error).into_response()
     } else {

@@ -61,7 +61,7 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
         if !is_json(request.headers()) {
             return Err(AppError::UnsupportedMediaType.into());
         }
-        let bytes = body_bytes(request, app).await?;
+        let bytes = read_body(request, app).await?;
         let value = read_json_body(&bytes, crate::ops::now())?;
         Ok((Self(value, PhantomData), bytes))
     }
@@ -85,7 +85,7 @@ impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
         app: &App,
     ) -> Result<(Self, Bytes), ApiError<S>> {
         let json = is_json(request.headers());
-        let bytes = body_bytes(request, app).await?;
+        let bytes = read_body(request, app).await?;
         if bytes.is_empty() {
             return Ok((Self(T::default(), PhantomData), bytes));
         }
@@ -97,7 +97,8 @@ impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
     }
 }
 
-async fn body_bytes(request: Request, app: &App) -> Result<Bytes, AppError> {
+/// The whole body as sent, within the body limit (413 past it).
+pub(crate) async fn read_body(request: Request, app: &App) -> Result<Bytes, AppError> {
     Bytes::from_request(request, app)
         .await
         .map_err(|rejection| {
@@ -125,7 +126,7 @@ pub(crate) fn read_json_body<T: FromJsonBody>(
     }
 }
 
-fn is_json(headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
     let Some(content_type) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -19,6 +19,7 @@ mod failed_auth;
 pub mod fuzzing;
 pub mod hybridbox;
 mod idempotency;
+pub mod leaks;
 mod metrics;
 pub mod oidc;
 mod openapi;

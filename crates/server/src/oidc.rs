@@ -109,7 +109,7 @@ pub fn user_id(issuer: &str, sub: &str, uuid_subjects: Option<&str>) -> UserId {
 }
 
 /// `https`, or `http` to a loopback host.
-fn check_url(text: &str) -> Result<(), String> {
+pub(crate) fn check_url(text: &str) -> Result<(), String> {
     let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     let host = url.host_str().unwrap_or_default();
     let loopback = host.eq_ignore_ascii_case("localhost")
@@ -482,7 +482,10 @@ async fn fetch_keys(http: &reqwest::Client, issuer: &str) -> anyhow::Result<Vec<
     Ok(keys)
 }
 
-async fn get_json<T: DeserializeOwned>(http: &reqwest::Client, url: &str) -> anyhow::Result<T> {
+pub(crate) async fn get_json<T: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<T> {
     let mut response = http
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")

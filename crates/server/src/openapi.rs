@@ -69,7 +69,10 @@ fn error_schema(path: &str) -> Option<&'static str> {
         Some("Error")
     } else if path.starts_with("/v1/public/") {
         Some("ErrorMessage")
-    } else if path.starts_with("/oauth2/") || path.starts_with("/v1/auth/") || path == "/v1/whoami"
+    } else if path.starts_with("/oauth2/")
+        || path.starts_with("/v1/auth/")
+        || path == "/v1/whoami"
+        || crate::leaks::owns_path(path)
     {
         Some("OAuthError")
     } else if path.starts_with("/registry/") {

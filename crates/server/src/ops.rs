@@ -42,7 +42,7 @@ fn audit_event(
 }
 
 /// A credential as an event's target, with what identifies it without its secret.
-fn credential_event(
+pub(crate) fn credential_event(
     action: &str,
     actor: AuditActor,
     context: &RequestContext,
@@ -559,6 +559,29 @@ async fn require_manage(
     Ok(who.may_delegate(tenant, &needed)?)
 }
 
+/// The live credential a suspend, resume or retire-previous acts on, once the caller may manage it
+/// ([`require_manage`]); a revoked one answers `revoked()`.
+async fn live_target(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+    revoked: fn() -> DomainError,
+) -> Result<Credential, AppError> {
+    who.require(tenant, rights.write)?;
+    let target = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    if target.is_revoked() {
+        return Err(revoked().into());
+    }
+    require_manage(app, who, tenant, rights, &target).await?;
+    Ok(target)
+}
+
 /// Suspends (`suspend`) or resumes a credential: reversible, unlike revocation. A suspended
 /// credential authenticates nowhere but keeps its id, grants and secret. Repeating either is a
 /// no-op that records nothing. A revoked credential answers `revoked()`.
@@ -573,16 +596,7 @@ pub async fn set_suspended(
     suspend: bool,
     revoked: fn() -> DomainError,
 ) -> Result<Credential, AppError> {
-    who.require(tenant, rights.write)?;
-    let target = app
-        .store()
-        .get_credential(tenant, rights.kind, id)
-        .await?
-        .ok_or(DomainError::NotFound)?;
-    if target.is_revoked() {
-        return Err(revoked().into());
-    }
-    require_manage(app, who, tenant, rights, &target).await?;
+    let target = live_target(app, who, tenant, rights, id, revoked).await?;
     let change = if suspend {
         CredentialChange::Suspended
     } else {
@@ -621,16 +635,7 @@ pub async fn retire_previous_secret(
     id: CredentialId,
     revoked: fn() -> DomainError,
 ) -> Result<Credential, AppError> {
-    who.require(tenant, rights.write)?;
-    let target = app
-        .store()
-        .get_credential(tenant, rights.kind, id)
-        .await?
-        .ok_or(DomainError::NotFound)?;
-    if target.is_revoked() {
-        return Err(revoked().into());
-    }
-    require_manage(app, who, tenant, rights, &target).await?;
+    let target = live_target(app, who, tenant, rights, id, revoked).await?;
     let Some(previous) = target.live_previous_secret(app.now()).cloned() else {
         return Ok(target.as_of(app.now()));
     };

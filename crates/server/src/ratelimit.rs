@@ -1,17 +1,22 @@
-//! The management API's per-principal token bucket (governor's GCRA, keyed by credential or user id).
+//! Token buckets (governor's GCRA) keyed by who is charged: the management API's per-principal
+//! limit (credential or user id) and the public revocation endpoint's per-address limit.
 
 use crate::error::AppError;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-pub(crate) struct CredentialRateLimiter {
-    limiter: DefaultKeyedRateLimiter<uuid::Uuid>,
+pub(crate) struct KeyedRateLimiter<K: Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
     clock: DefaultClock,
 }
 
-impl CredentialRateLimiter {
+/// The management API's limit, per principal.
+pub(crate) type CredentialRateLimiter = KeyedRateLimiter<uuid::Uuid>;
+
+impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// `None` when `per_minute` is 0 (off).
     pub fn new(per_minute: u32, burst: u32) -> Option<Self> {
         let per_minute = NonZeroU32::new(per_minute)?;
@@ -24,8 +29,8 @@ impl CredentialRateLimiter {
         })
     }
 
-    pub fn check(&self, principal: uuid::Uuid) -> Result<(), AppError> {
-        self.limiter.check_key(&principal).map_err(|not_until| {
+    pub fn check(&self, key: K) -> Result<(), AppError> {
+        self.limiter.check_key(&key).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
             AppError::RateLimited {
                 retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
@@ -33,7 +38,7 @@ impl CredentialRateLimiter {
         })
     }
 
-    /// Forgets credentials whose buckets are full again, so memory stays bounded.
+    /// Forgets keys whose buckets are full again, so memory stays bounded.
     pub fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();

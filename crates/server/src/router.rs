@@ -57,6 +57,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .merge(crate::registry::routes())
         .merge(crate::verify::routes())
         .merge(crate::system::routes())
+        .merge(crate::leaks::routes())
 }
 
 pub(crate) fn openapi_document() -> OpenApiDoc {
@@ -274,6 +275,10 @@ pub async fn serve(
     for task in audit_tasks {
         let _ = task.await;
     }
+    app.inner()
+        .leak_jobs
+        .drain(app.inner().config.http.shutdown_timeout)
+        .await;
     app.flush_usage().await;
     Ok(())
 }
@@ -351,6 +356,9 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
             limiter.prune();
         }
         if let Some(limiter) = &app.inner().rate_limiter {
+            limiter.prune();
+        }
+        if let Some(limiter) = &app.inner().public_revoke_limiter {
             limiter.prune();
         }
     }

@@ -10,6 +10,7 @@ mod faulty_store;
 mod hybridbox;
 mod idempotency;
 mod input_limits;
+mod leaks;
 mod lifecycle;
 mod logs;
 mod oidc;

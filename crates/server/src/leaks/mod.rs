@@ -1,0 +1,249 @@
+//! Leaked-token response: keyplane's tokens carry a prefix and a CRC32 so that scanners find them
+//! (`contrib/` has a detect-secrets plugin and a gitleaks rule); this module is where a found
+//! token comes back and is killed.
+//!
+//! - `POST /v1/secret-scanning/github` ([`github`]): GitHub's secret-scanning partner endpoint,
+//!   signed by GitHub (ECDSA P-256 over the raw body, keys from GitHub's keys document).
+//! - `POST /v1/credentials/revoke` ([`revoke`]): anyone who finds a keyplane token may kill it
+//!   without authenticating, as GitHub's own credential-revocation API allows.
+//!
+//! Either way a reported token is checked offline first ([`keyplane_core::token::parse`]: prefix,
+//! length, alphabet, CRC32), so garbage never reaches the store, and a real one goes through the
+//! one use case [`respond_to_leak`]. Both routes speak the verification endpoints' OAuth-style
+//! error dialect.
+
+mod github;
+mod revoke;
+
+use crate::app::App;
+use crate::error::AppError;
+use keyplane_core::audit::{actions, AuditActor};
+use keyplane_core::token::ParsedToken;
+use keyplane_core::LeakAction;
+use keyplane_core::{Credential, RequestContext};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub(crate) use github::GithubKeys;
+pub use github::{FeedbackLabel, GithubFeedback, GithubKeysConfig, GithubMatch};
+pub use revoke::{RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
+
+/// GitHub's secret-scanning keys document (`--github-secret-scanning-keys-url`'s default).
+pub const GITHUB_KEYS_URL: &str = "https://api.github.com/meta/public_keys/secret_scanning";
+
+/// Checks a keys document URL as `serve` takes it: `https`, or `http` to a loopback host (keys
+/// fetched in the clear would let anyone on the path forge GitHub's reports).
+pub fn check_keys_url(url: &str) -> Result<(), String> {
+    crate::oidc::check_url(url)
+}
+
+pub(crate) const TAG: &str = "Leaked tokens";
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(github::github_secret_scanning))
+        .routes(routes!(revoke::revoke_credentials))
+}
+
+/// Whether `path` is one of this module's routes: they answer errors in the verification
+/// endpoints' OAuth style (`error::render_for_path`, `openapi::error_schema`).
+pub(crate) fn owns_path(path: &str) -> bool {
+    path == "/v1/secret-scanning/github" || path == "/v1/credentials/revoke"
+}
+
+/// How a leak reached keyplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeakSource {
+    /// GitHub's secret scanning, in a request signed by GitHub.
+    GithubSecretScanning,
+    /// Anyone, through the unauthenticated `POST /v1/credentials/revoke`.
+    PublicRevoke,
+}
+
+impl LeakSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakSource::GithubSecretScanning => "github_secret_scanning",
+            LeakSource::PublicRevoke => "public_revoke",
+        }
+    }
+
+    /// Who reported it, as the audit trail names them: GitHub proved who it is by its signature,
+    /// a public reporter is known only by its address (the event's `client_ip`).
+    fn reported_by(self) -> &'static str {
+        match self {
+            LeakSource::GithubSecretScanning => "github",
+            LeakSource::PublicRevoke => "anonymous",
+        }
+    }
+}
+
+/// Where and how a token was found, as far as the reporter says.
+#[derive(Debug, Clone)]
+pub struct LeakReport {
+    pub source: LeakSource,
+    /// Where it was found (GitHub: the file, commit, issue… URL).
+    pub url: Option<String>,
+    /// GitHub's `source`: `content`, `commit`, `pull_request`, `issue`, `npm`, ….
+    pub found_in: Option<String>,
+    /// GitHub's `type`: the token type the partner registered for this pattern.
+    pub token_type: Option<String>,
+    /// The reporting request: its id, the reporter's address (through trusted proxies), agent.
+    pub context: RequestContext,
+}
+
+/// What [`respond_to_leak`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeakOutcome {
+    /// The credential was live (or expired) and is now revoked; `credential.leaked` was recorded.
+    Revoked,
+    /// The tenant's policy says `on_leak: suspend`: it is now suspended; `credential.leaked` was
+    /// recorded.
+    Suspended,
+    /// It was already revoked (or, under `suspend`, already suspended): nothing changed and
+    /// nothing was recorded.
+    AlreadyHandled,
+}
+
+/// Longest reporter-supplied text kept in an event (a URL, GitHub's type or source); longer is
+/// cut on a character boundary. The values come from a signed GitHub request, but are bounded
+/// anyway: the audit trail keeps them for a long time.
+const MAX_REPORTED_CHARS: usize = 2048;
+
+fn bounded(text: &str) -> String {
+    text.chars().take(MAX_REPORTED_CHARS).collect()
+}
+
+/// The credential a well-formed token is, if any (revoked ones included). Takes the result of
+/// [`keyplane_core::token::parse`], so only a token that passed the offline checks is looked up.
+pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Credential>, AppError> {
+    Ok(app.store().find_credential_by_hash(&token.hash).await?)
+}
+
+/// The one use case for a leaked credential, whoever reported it: an API token, a service
+/// account's token and a robot secret are all treated alike.
+///
+/// The tenant's credential policy decides (`on_leak`, read here and nowhere else): `revoke` (the
+/// default) or `suspend` (reversible, for tenants who want a human to look first). Either change
+/// carries a `credential.leaked` event as its one audit event, actor `system`, details `source`,
+/// `reported_by`, `response` (`revoked` | `suspended`), and `url` / `found_in` / `token_type`
+/// when the reporter gave them; the reporter's address is the event's `client_ip`. The whole
+/// credential is acted on, also when the secret reported is the previous one of a rotation's
+/// grace period: its holder cannot tell which copies leaked with it.
+///
+/// A report of an already revoked (under `suspend`: already suspended) credential changes nothing
+/// and records nothing: GitHub rescans and anyone holding a public copy may report the same token
+/// again and again; recording each would let strangers fill a tenant's audit trail and its
+/// webhooks. Such repeats are logged (credential id, source) for the operator.
+pub async fn respond_to_leak(
+    app: &App,
+    credential: &Credential,
+    report: &LeakReport,
+) -> Result<LeakOutcome, AppError> {
+    let action = crate::ops::credential_policy(app.store().as_ref(), credential.tenant_id)
+        .await?
+        .on_leak;
+    let handled = match action {
+        LeakAction::Revoke => credential.is_revoked(),
+        LeakAction::Suspend => credential.is_revoked() || credential.suspended_at.is_some(),
+    };
+    if handled {
+        tracing::info!(tenant.id = %credential.tenant_id, credential.id = %credential.id, leak.source = report.source.as_str(), "leaked credential reported again; it is already revoked or suspended");
+        return Ok(LeakOutcome::AlreadyHandled);
+    }
+    let mut event = crate::ops::credential_event(
+        actions::CREDENTIAL_LEAKED,
+        AuditActor::system(),
+        &report.context,
+        credential,
+    )
+    .text("source", report.source.as_str())
+    .text("reported_by", report.source.reported_by())
+    .text(
+        "response",
+        match action {
+            LeakAction::Revoke => "revoked",
+            LeakAction::Suspend => "suspended",
+        },
+    );
+    for (key, value) in [
+        ("url", &report.url),
+        ("found_in", &report.found_in),
+        ("token_type", &report.token_type),
+    ] {
+        if let Some(value) = value {
+            event = event.text(key, bounded(value));
+        }
+    }
+    let at = crate::ops::now();
+    let store = app.store();
+    let (tenant, kind, id) = (credential.tenant_id, credential.kind, credential.id);
+    let outcome = match action {
+        LeakAction::Revoke => {
+            let revoked = store
+                .revoke_credential(tenant, kind, id, at, None, &event)
+                .await?;
+            // Revoked by someone else between the lookup and this write: theirs is the record.
+            if revoked.revoked_at == Some(at) {
+                LeakOutcome::Revoked
+            } else {
+                LeakOutcome::AlreadyHandled
+            }
+        }
+        LeakAction::Suspend => {
+            match store
+                .set_credential_suspended(tenant, kind, id, Some(at), at, &event)
+                .await
+            {
+                Ok((_, true)) => LeakOutcome::Suspended,
+                // Suspended or revoked by someone else in the meantime.
+                Ok((_, false)) | Err(keyplane_store::StoreError::Conflict(_)) => {
+                    LeakOutcome::AlreadyHandled
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+    };
+    app.invalidate(id.as_uuid());
+    if outcome != LeakOutcome::AlreadyHandled {
+        tracing::warn!(tenant.id = %tenant, credential.id = %id, credential.kind = kind.as_str(), leak.source = report.source.as_str(), response = action.as_str(), "leaked credential acted on");
+    }
+    Ok(outcome)
+}
+
+/// Public revocation reports are worked off after the answer (so its timing tells nothing), by
+/// at most this many tasks at once; past it new reports answer 503.
+const MAX_PENDING_REPORTS: usize = 64;
+
+/// The background work of public revocation reports: a bound on how many run at once, and a way
+/// for shutdown to wait for them.
+pub(crate) struct LeakJobs {
+    permits: Arc<Semaphore>,
+}
+
+impl LeakJobs {
+    pub(crate) fn new() -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(MAX_PENDING_REPORTS)),
+        }
+    }
+
+    /// A slot for one request's reports; `None` when all are taken.
+    pub(crate) fn try_start(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits (at most `limit`) for the reports being worked off: `serve` calls it after the last
+    /// connection closed, before the store is closed.
+    pub(crate) async fn drain(&self, limit: Duration) {
+        let all = self.permits.acquire_many(MAX_PENDING_REPORTS as u32);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(
+                "public revocation reports still running at shutdown were abandoned; their reporters may send them again"
+            );
+        }
+    }
+}

@@ -1,0 +1,911 @@
+//! Leaked-token response: GitHub's secret-scanning partner endpoint (signed reports, verified with
+//! keys from a keys document this test serves on 127.0.0.1) and the public revocation endpoint.
+
+use crate::helpers::{both_backends, eventually, test_config, Org, TestApp};
+use data_encoding::BASE64;
+use keyplane_core::CredentialKind;
+use keyplane_server::Config;
+use keyplane_store::testing::Backend;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::pkcs8::{EncodePublicKey, LineEnding};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+both_backends!(
+    a_suspend_policy_suspends_leaked_credentials_instead,
+    github_report_revokes_real_credentials_and_labels_every_match,
+    github_refuses_unsigned_and_badly_signed_reports,
+    public_revoke_kills_tokens_and_answers_the_same_for_anything,
+);
+
+const GITHUB_ROUTE: &str = "/v1/secret-scanning/github";
+const REVOKE_ROUTE: &str = "/v1/credentials/revoke";
+
+/// A keys document in GitHub's shape, served on 127.0.0.1, counting its fetches.
+struct KeysServer {
+    url: String,
+    document: Arc<RwLock<Value>>,
+    hits: Arc<AtomicUsize>,
+}
+
+impl KeysServer {
+    async fn start(document: Value) -> Self {
+        let document = Arc::new(RwLock::new(document));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (served, counted) = (document.clone(), hits.clone());
+        let router = axum::Router::new().route(
+            "/meta/public_keys/secret_scanning",
+            axum::routing::get(move || {
+                let (served, counted) = (served.clone(), counted.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(served.read().unwrap().clone())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/meta/public_keys/secret_scanning",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self {
+            url,
+            document,
+            hits,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn publish(&self, keys: &[&TestKey]) {
+        *self.document.write().unwrap() = document(keys);
+    }
+}
+
+/// A P-256 key pair made by the test, with the identifier it is published under.
+struct TestKey {
+    id: String,
+    signing: SigningKey,
+}
+
+impl TestKey {
+    fn new(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            signing: SigningKey::random(&mut rand::rngs::OsRng),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.signing
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    }
+
+    /// `GITHUB-PUBLIC-KEY-SIGNATURE` of `body`: base64 DER, as GitHub sends it.
+    fn sign(&self, body: &[u8]) -> String {
+        let signature: Signature = self.signing.sign(body);
+        BASE64.encode(signature.to_der().as_bytes())
+    }
+}
+
+fn document(keys: &[&TestKey]) -> Value {
+    json!({
+        "public_keys": keys
+            .iter()
+            .map(|k| json!({"key_identifier": k.id, "key": k.pem(), "is_current": true}))
+            .collect::<Vec<_>>()
+    })
+}
+
+fn config_with_keys(url: &str) -> Config {
+    let mut config = test_config();
+    config.github_keys.url = url.into();
+    config
+}
+
+/// Posts `body` as GitHub would, with the given identifier and signature headers (each optional).
+async fn post_github(
+    app: &TestApp,
+    body: &[u8],
+    key_id: Option<&str>,
+    signature: Option<&str>,
+) -> reqwest::Response {
+    let mut request = app
+        .request(Method::POST, GITHUB_ROUTE, None)
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(key_id) = key_id {
+        request = request.header("GITHUB-PUBLIC-KEY-IDENTIFIER", key_id);
+    }
+    if let Some(signature) = signature {
+        request = request.header("GITHUB-PUBLIC-KEY-SIGNATURE", signature);
+    }
+    request.send().await.unwrap()
+}
+
+async fn post_signed(app: &TestApp, key: &TestKey, body: &[u8]) -> reqwest::Response {
+    post_github(app, body, Some(&key.id), Some(&key.sign(body))).await
+}
+
+fn matches_body(tokens: &[(&str, &str)]) -> Vec<u8> {
+    let matches: Vec<Value> = tokens
+        .iter()
+        .map(|(token, token_type)| {
+            json!({
+                "token": token,
+                "type": token_type,
+                "url": "https://github.com/octo/leaky/blob/abc123/config.yml",
+                "source": "content",
+            })
+        })
+        .collect();
+    serde_json::to_vec(&matches).unwrap()
+}
+
+/// A keyplane token with its last checksum digit changed.
+fn wrong_checksum(token: &str) -> String {
+    let mut bytes = token.as_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] = if bytes[last] == b'0' { b'1' } else { b'0' };
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A well-formed token (real format and checksum) that no credential has.
+fn unknown_token(kind: CredentialKind) -> String {
+    keyplane_core::token::mint(kind, &mut rand::rngs::OsRng)
+        .plaintext
+        .expose_secret()
+        .to_string()
+}
+
+/// Live credentials of all three kinds in `org`: (API token, service account token, robot secret).
+async fn three_credentials(app: &TestApp, org: &Org) -> (String, String, String) {
+    let api = app.create_token(org, "leaky", &["api_tokens:read"]).await;
+    let res = app
+        .post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            json!({"name": "leaky-sa"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201, "creating a service account");
+    let sa: Value = res.json().await.unwrap();
+    let res = app
+        .request(Method::POST, &org.path("/registry"), Some(&org.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "enabling the registry");
+    let registry: Value = res.json().await.unwrap();
+    (
+        api["token"].as_str().unwrap().to_string(),
+        sa["token"].as_str().unwrap().to_string(),
+        registry["credentials"]["password"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+async fn whoami_status(app: &TestApp, token: &str) -> u16 {
+    app.get("/v1/whoami", token).await.status().as_u16()
+}
+
+async fn robot_login_status(app: &TestApp, project: &str, secret: &str) -> u16 {
+    app.request(Method::GET, "/registry/token", None)
+        .basic_auth(format!("robot${project}+default"), Some(secret))
+        .query(&[("service", "keyplane-registry")])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn leak_events(app: &TestApp, org: &Org) -> Vec<Value> {
+    let res = app
+        .get(
+            &org.path("/audit-events?action=credential.leaked"),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200, "listing credential.leaked events");
+    let page: Value = res.json().await.unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn event_count(app: &TestApp, org: &Org) -> usize {
+    let res = app
+        .get(&org.path("/audit-events?limit=100"), &org.token)
+        .await;
+    assert_eq!(res.status(), 200);
+    let page: Value = res.json().await.unwrap();
+    page["items"].as_array().unwrap().len()
+}
+
+async fn assert_oauth_error(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status(), status, "status");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], code, "error code in {body}");
+    assert!(body["error_description"].is_string(), "{body}");
+    body
+}
+
+/// GitHub's own worked example (docs, partner program: Python validation sample) verifies with
+/// the key it was made with, through the endpoint; one added byte makes it a 401.
+#[tokio::test]
+async fn github_documentation_vector_verifies() {
+    let vector: Value = serde_json::from_str(include_str!(
+        "../fixtures/github-secret-scanning-vector.json"
+    ))
+    .unwrap();
+    let keys = KeysServer::start(vector["public_keys_document"].clone()).await;
+    let app = TestApp::spawn_with(Backend::Sqlite, config_with_keys(&keys.url)).await;
+    let body = vector["body"].as_str().unwrap().as_bytes();
+    let key_id = vector["headers"]["GITHUB-PUBLIC-KEY-IDENTIFIER"]
+        .as_str()
+        .unwrap();
+    let signature = vector["headers"]["GITHUB-PUBLIC-KEY-SIGNATURE"]
+        .as_str()
+        .unwrap();
+
+    let res = post_github(&app, body, Some(key_id), Some(signature)).await;
+    assert_eq!(res.status(), 200, "GitHub's example verifies");
+    let feedback: Value = res.json().await.unwrap();
+    assert_eq!(
+        feedback,
+        json!([{"token_raw": "some_token", "token_type": "some_type", "label": "false_positive"}])
+    );
+
+    let mut altered = body.to_vec();
+    altered.push(b' ');
+    let res = post_github(&app, &altered, Some(key_id), Some(signature)).await;
+    assert_oauth_error(res, 401, "invalid_token").await;
+    assert_eq!(keys.hits(), 1, "the keys were fetched once and cached");
+}
+
+async fn github_report_revokes_real_credentials_and_labels_every_match(backend: Backend) {
+    let key = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let app = TestApp::spawn_with(backend, config_with_keys(&keys.url)).await;
+    let org = app.create_org("acme").await;
+    let (api, sa, robot) = three_credentials(&app, &org).await;
+    assert_eq!(whoami_status(&app, &api).await, 200);
+    assert_eq!(whoami_status(&app, &sa).await, 200);
+    assert_eq!(robot_login_status(&app, "acme", &robot).await, 200);
+    let bystander = app.create_token(&org, "bystander", &[]).await;
+    let bystander = bystander["token"].as_str().unwrap();
+
+    let bad_checksum = wrong_checksum(&api);
+    let unknown = unknown_token(CredentialKind::ApiToken);
+    let body = matches_body(&[
+        (&api, "keyplane_api_token"),
+        (&sa, "keyplane_service_account_token"),
+        (&robot, "keyplane_robot_secret"),
+        (&bad_checksum, "keyplane_api_token"),
+        (&unknown, "keyplane_api_token"),
+        ("aether_not_a_token", "keyplane_api_token"),
+    ]);
+    let res = post_signed(&app, &key, &body).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    let labels: Vec<(&str, &str, &str)> = feedback
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["token_raw"].as_str().unwrap(),
+                f["token_type"].as_str().unwrap(),
+                f["label"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        vec![
+            (api.as_str(), "keyplane_api_token", "true_positive"),
+            (
+                sa.as_str(),
+                "keyplane_service_account_token",
+                "true_positive"
+            ),
+            (robot.as_str(), "keyplane_robot_secret", "true_positive"),
+            (
+                bad_checksum.as_str(),
+                "keyplane_api_token",
+                "false_positive"
+            ),
+            (unknown.as_str(), "keyplane_api_token", "false_positive"),
+            ("aether_not_a_token", "keyplane_api_token", "false_positive"),
+        ]
+    );
+
+    // All three kinds are dead at once; the organization's other token is not.
+    assert_eq!(whoami_status(&app, &api).await, 401);
+    assert_eq!(whoami_status(&app, &sa).await, 401);
+    assert_eq!(robot_login_status(&app, "acme", &robot).await, 401);
+    assert_eq!(whoami_status(&app, bystander).await, 200);
+
+    // One credential.leaked per credential: where it was found and by whom.
+    let events = leak_events(&app, &org).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    let mut targets: Vec<&str> = events
+        .iter()
+        .map(|e| e["target"]["type"].as_str().unwrap())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["api_token", "robot_account", "service_account"]);
+    for event in &events {
+        assert_eq!(event["actor"]["type"], "system", "{event}");
+        assert_eq!(event["outcome"], "success");
+        assert_eq!(event["client_ip"], "127.0.0.1");
+        let details = &event["details"];
+        assert_eq!(details["source"], "github_secret_scanning", "{event}");
+        assert_eq!(details["reported_by"], "github");
+        assert_eq!(details["response"], "revoked");
+        assert_eq!(
+            details["url"],
+            "https://github.com/octo/leaky/blob/abc123/config.yml"
+        );
+        assert_eq!(details["found_in"], "content");
+        assert!(details["token_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("keyplane_"));
+        let text = event.to_string();
+        for secret in [&api, &sa, &robot] {
+            assert!(!text.contains(secret.as_str()), "no secret in {text}");
+        }
+    }
+    // GitHub reports the same tokens again (a rescan, a fork): still true positives, nothing new
+    // is recorded.
+    let before = event_count(&app, &org).await;
+    let res = post_signed(&app, &key, &matches_body(&[(&api, "keyplane_api_token")])).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    assert_eq!(feedback[0]["label"], "true_positive");
+    assert_eq!(event_count(&app, &org).await, before);
+
+    // Reported tokens, real or not, never reach the log (trace level, everything captured).
+    let logged = crate::logs::captured();
+    for token in [&api, &sa, &robot, &bad_checksum, &unknown] {
+        assert!(
+            !logged.contains(token.as_str()),
+            "a reported token was logged"
+        );
+    }
+}
+
+async fn github_refuses_unsigned_and_badly_signed_reports(backend: Backend) {
+    let key = TestKey::new("test-key-1");
+    let impostor = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let app = TestApp::spawn_with(backend, config_with_keys(&keys.url)).await;
+    let org = app.create_org("acme").await;
+    let api = app.create_token(&org, "leaky", &[]).await;
+    let api = api["token"].as_str().unwrap();
+    let before = event_count(&app, &org).await;
+    let body = matches_body(&[(api, "keyplane_api_token")]);
+    let good_signature = key.sign(&body);
+    let mut tampered = body.clone();
+    tampered.insert(1, b' ');
+
+    let refused: Vec<(&str, reqwest::Response)> = vec![
+        ("no headers", post_github(&app, &body, None, None).await),
+        (
+            "no signature",
+            post_github(&app, &body, Some(&key.id), None).await,
+        ),
+        (
+            "no key identifier",
+            post_github(&app, &body, None, Some(&good_signature)).await,
+        ),
+        (
+            "signed by another key under the same identifier",
+            post_signed(&app, &impostor, &body).await,
+        ),
+        (
+            "body changed after signing",
+            post_github(&app, &tampered, Some(&key.id), Some(&good_signature)).await,
+        ),
+        (
+            "signature not base64",
+            post_github(&app, &body, Some(&key.id), Some("%%%not base64%%%")).await,
+        ),
+        (
+            "signature not DER",
+            post_github(&app, &body, Some(&key.id), Some(&BASE64.encode(b"garbage"))).await,
+        ),
+        (
+            "unknown key identifier",
+            post_github(&app, &body, Some("no-such-key"), Some(&good_signature)).await,
+        ),
+    ];
+    for (what, res) in refused {
+        assert_eq!(res.status(), 401, "{what}");
+        assert_eq!(
+            res.headers()["www-authenticate"],
+            "Bearer",
+            "{what}: 401 with its challenge"
+        );
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_token", "{what}: {body}");
+    }
+    // Nothing changed: the token works and no event was written.
+    assert_eq!(whoami_status(&app, api).await, 200);
+    assert_eq!(event_count(&app, &org).await, before);
+
+    // Signed but not an array of matches: 400, after the signature was checked.
+    let not_matches = br#"{"token": "x"}"#;
+    let res = post_signed(&app, &key, not_matches).await;
+    assert_oauth_error(res, 400, "invalid_request").await;
+    assert_eq!(whoami_status(&app, api).await, 200);
+}
+
+/// An identifier the cached document lacks refetches it (GitHub added a key), at most once per
+/// `min_refresh_interval` however many requests name unknown identifiers.
+#[tokio::test]
+async fn github_unknown_key_refetches_the_keys_at_a_bounded_rate() {
+    let first = TestKey::new("key-1");
+    let second = TestKey::new("key-2");
+    let keys = KeysServer::start(document(&[&first])).await;
+    let interval = Duration::from_millis(500);
+    let mut config = config_with_keys(&keys.url);
+    config.github_keys.min_refresh_interval = interval;
+    let app = TestApp::spawn_with(Backend::Sqlite, config).await;
+    let body = matches_body(&[("aether_nothing", "keyplane_api_token")]);
+
+    assert_eq!(post_signed(&app, &first, &body).await.status(), 200);
+    assert_eq!(keys.hits(), 1);
+
+    // A flood of unknown identifiers: 401s, and at most one fetch per interval.
+    let started = Instant::now();
+    for n in 0..30 {
+        let res = post_github(
+            &app,
+            &body,
+            Some(&format!("made-up-{n}")),
+            Some(&first.sign(&body)),
+        )
+        .await;
+        assert_eq!(res.status(), 401);
+    }
+    let elapsed = started.elapsed();
+    let allowed = 1 + (elapsed.as_millis() / interval.as_millis()) as usize + 1;
+    assert!(
+        keys.hits() <= allowed,
+        "{} fetches for 30 unknown identifiers in {elapsed:?}",
+        keys.hits()
+    );
+
+    // GitHub publishes a new key: once the interval has passed, a request signed with it
+    // refetches the document and verifies.
+    keys.publish(&[&first, &second]);
+    tokio::time::sleep(interval + Duration::from_millis(50)).await;
+    let hits = keys.hits();
+    assert_eq!(post_signed(&app, &second, &body).await.status(), 200);
+    assert_eq!(keys.hits(), hits + 1, "one refetch for the new key");
+    assert_eq!(post_signed(&app, &first, &body).await.status(), 200);
+    assert_eq!(keys.hits(), hits + 1, "known keys come from the cache");
+}
+
+/// The keys document cannot be fetched: nothing can be verified, and the answer says so with a
+/// 5xx (GitHub retries) instead of calling GitHub's report forged.
+#[tokio::test]
+async fn github_report_without_reachable_keys_is_a_server_error() {
+    let key = TestKey::new("key-1");
+    // A port nothing listens on: bind, note it, close.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        config_with_keys(&format!("http://{closed}/keys")),
+    )
+    .await;
+    let body = matches_body(&[("aether_nothing", "keyplane_api_token")]);
+    let res = post_signed(&app, &key, &body).await;
+    assert_oauth_error(res, 500, "server_error").await;
+}
+
+async fn revoke(app: &TestApp, body: Value) -> reqwest::Response {
+    app.request(Method::POST, REVOKE_ROUTE, None)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let (api, sa, robot) = three_credentials(&app, &org).await;
+    let bystander = app.create_token(&org, "bystander", &[]).await;
+    let bystander = bystander["token"].as_str().unwrap();
+
+    // Four lists of the same shape: real tokens, unknown well-formed ones, wrong checksums, and
+    // a mix. The answers are identical.
+    let lists = [
+        vec![api.clone(), sa.clone(), "not a token".into()],
+        vec![
+            unknown_token(CredentialKind::ApiToken),
+            unknown_token(CredentialKind::ServiceAccount),
+            "not a token".into(),
+        ],
+        vec![
+            unknown_token(CredentialKind::RobotAccount),
+            unknown_token(CredentialKind::ApiToken),
+            wrong_checksum(&robot),
+        ],
+    ];
+    let mut answers = Vec::new();
+    for list in &lists {
+        let res = revoke(&app, json!({ "credentials": list })).await;
+        answers.push((res.status().as_u16(), res.text().await.unwrap()));
+    }
+    assert_eq!(answers[0].0, 202);
+    let expected: Value = json!({"received": 3, "well_formed": 2});
+    for (status, body) in &answers {
+        assert_eq!(*status, 202);
+        assert_eq!(serde_json::from_str::<Value>(body).unwrap(), expected);
+    }
+
+    // The real ones die within moments; the wrong-checksum robot secret never reached the store.
+    eventually("the reported tokens are revoked", || async {
+        whoami_status(&app, &api).await == 401 && whoami_status(&app, &sa).await == 401
+    })
+    .await;
+    assert_eq!(robot_login_status(&app, "acme", &robot).await, 200);
+    assert_eq!(whoami_status(&app, bystander).await, 200);
+
+    let events = leak_events(&app, &org).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    for event in &events {
+        assert_eq!(event["actor"]["type"], "system");
+        assert_eq!(event["client_ip"], "127.0.0.1", "the reporter's address");
+        assert_eq!(event["details"]["source"], "public_revoke");
+        assert_eq!(event["details"]["reported_by"], "anonymous");
+        assert_eq!(event["details"]["response"], "revoked");
+        assert!(event["details"].get("url").is_none());
+    }
+
+    // Reporting the robot secret itself kills it; reporting dead tokens again records nothing.
+    let res = revoke(&app, json!({ "credentials": [robot, api] })).await;
+    assert_eq!(res.status(), 202);
+    eventually("the robot secret is revoked", || async {
+        robot_login_status(&app, "acme", &robot).await == 401
+    })
+    .await;
+    let res = app
+        .get(
+            &org.path("/audit-events?action=credential.leaked"),
+            &org.token,
+        )
+        .await;
+    let page: Value = res.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+
+    let logged = crate::logs::captured();
+    let reported = lists.iter().flatten().chain(std::iter::once(&robot));
+    for token in reported.filter(|t| t.len() > 40) {
+        assert!(
+            !logged.contains(token.as_str()),
+            "a reported token was logged"
+        );
+    }
+}
+
+/// `on_leak: suspend` in the tenant's credential policy: a leak suspends (reversibly) instead of
+/// revoking, once; resuming brings the credential back; a previous secret within a rotation's
+/// grace period counts as the credential.
+async fn a_suspend_policy_suspends_leaked_credentials_instead(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path("/credential-policy"),
+            Some(&org.token),
+        )
+        .json(&json!({"on_leak": "suspend"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let created = app.create_token(&org, "leaky", &[]).await;
+    let (id, old) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["token"].as_str().unwrap().to_string(),
+    );
+    let rotated: Value = app
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({"grace_seconds": 3600}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let new = rotated["token"].as_str().unwrap().to_string();
+    // The old secret, still valid in its grace period, turns up in public.
+    assert_eq!(
+        revoke(&app, json!({ "credentials": [old] })).await.status(),
+        202
+    );
+    eventually("the leaked credential is suspended", || async {
+        whoami_status(&app, &new).await == 401
+    })
+    .await;
+    let view: Value = app
+        .get(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        view["suspended_at"].is_string(),
+        "suspended, not revoked: {view}"
+    );
+    // Reported again: already handled, nothing more recorded.
+    assert_eq!(
+        revoke(&app, json!({ "credentials": [new] })).await.status(),
+        202
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let events = leak_events(&app, &org).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["details"]["response"], "suspended");
+    // A human looked, retired the leaked old secret and resumed: the new secret works again.
+    for step in ["retire-previous", "resume"] {
+        let res = app
+            .post_empty(&org.path(&format!("/api-tokens/{id}/{step}")), &org.token)
+            .await;
+        assert_eq!(res.status(), 200, "{step}");
+    }
+    assert_eq!(whoami_status(&app, &new).await, 200);
+    assert_eq!(whoami_status(&app, &old).await, 401);
+}
+
+#[tokio::test]
+async fn public_revoke_validates_its_body() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let token = unknown_token(CredentialKind::ApiToken);
+    let too_many: Vec<String> = (0..101).map(|_| token.clone()).collect();
+    let at_most: Vec<String> = (0..100).map(|_| token.clone()).collect();
+    for (what, body) in [
+        ("empty list", json!({"credentials": []})),
+        ("over 100", json!({ "credentials": too_many })),
+        ("missing", json!({})),
+        ("not strings", json!({"credentials": [1, 2]})),
+        (
+            "unknown field",
+            json!({"credentials": [token], "reason": "x"}),
+        ),
+        ("not an object", json!([token])),
+    ] {
+        let res = revoke(&app, body).await;
+        assert_oauth_error(res, 400, "invalid_request").await;
+        let _ = what;
+    }
+    let res = revoke(&app, json!({ "credentials": at_most })).await;
+    assert_eq!(res.status(), 202, "100 is allowed");
+    let res = app
+        .request(Method::POST, REVOKE_ROUTE, None)
+        .header("content-type", "text/plain")
+        .body(format!("credentials={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_oauth_error(res, 415, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn public_revoke_is_limited_per_address() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Config {
+            public_revoke_per_minute: 3,
+            ..test_config()
+        },
+    )
+    .await;
+    let body = json!({"credentials": ["nothing"]});
+    for n in 0..3 {
+        assert_eq!(
+            revoke(&app, body.clone()).await.status(),
+            202,
+            "request {n}"
+        );
+    }
+    let res = revoke(&app, body).await;
+    let retry_after: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    assert_oauth_error(res, 429, "rate_limited").await;
+    // The limit is the public endpoint's own: verification is not affected.
+    let org = app.create_org("acme").await;
+    assert_eq!(whoami_status(&app, &org.token).await, 200);
+}
+
+/// The scanner fixture in contrib/ (what the detect-secrets plugin and the gitleaks rules are
+/// tested on) is what it says, by keyplane's own parser: its real tokens parse, its
+/// wrong-checksum tokens fail on the checksum only, its look-alikes fail.
+#[test]
+fn scanner_fixture_agrees_with_the_token_format() {
+    use keyplane_core::token::{parse, FormatError};
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../../../../contrib/tests/fixtures/tokens.json"
+    ))
+    .unwrap();
+    let list = |name: &str| -> Vec<String> {
+        fixture[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let real = list("real");
+    let kinds: Vec<CredentialKind> = real.iter().map(|t| parse(t).unwrap().kind).collect();
+    for kind in [
+        CredentialKind::ApiToken,
+        CredentialKind::ServiceAccount,
+        CredentialKind::RobotAccount,
+    ] {
+        assert!(kinds.contains(&kind), "the fixture has a real {kind:?}");
+    }
+    for token in list("wrong_checksum") {
+        assert_eq!(parse(&token), Err(FormatError::Checksum), "{token}");
+    }
+    for token in list("look_alikes") {
+        // Embedded in a longer word, a real token still parses on its own: the scanners must
+        // not find it there, which the Python tests check.
+        if let Some(inner) = token.strip_prefix("my_") {
+            assert!(parse(inner).is_ok());
+            continue;
+        }
+        assert!(parse(&token).is_err(), "{token}");
+    }
+}
+
+/// Both routes are in the OpenAPI document with every status they answer, need no credential,
+/// and speak the verification endpoints' error schema.
+#[tokio::test]
+async fn leak_routes_are_declared_in_the_openapi_document() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let res = app
+        .request(Method::GET, "/openapi.json", None)
+        .send()
+        .await
+        .unwrap();
+    let document: Value = res.json().await.unwrap();
+    for (path, statuses) in [
+        (
+            GITHUB_ROUTE,
+            &["200", "400", "401", "413", "415", "429", "500", "503"][..],
+        ),
+        (
+            REVOKE_ROUTE,
+            &["202", "400", "413", "415", "429", "503"][..],
+        ),
+    ] {
+        let operation = &document["paths"][path]["post"];
+        let mut declared: Vec<&str> = operation["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{path} is declared"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        declared.sort();
+        assert_eq!(declared, statuses, "{path}");
+        assert_eq!(
+            operation["security"],
+            json!([{}]),
+            "{path} needs no credential"
+        );
+        for status in statuses.iter().filter(|s| !s.starts_with('2')) {
+            assert_eq!(
+                operation["responses"][status]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/OAuthError",
+                "{path} {status}"
+            );
+        }
+    }
+    let revoke_body = &document["components"]["schemas"]["RevokeCredentialsRequest"];
+    assert_eq!(revoke_body["additionalProperties"], false, "{revoke_body}");
+    assert_eq!(revoke_body["properties"]["credentials"]["maxItems"], 100);
+}
+
+/// A server whose store the test can switch off, and its switch.
+async fn spawn_with_switch(config: Config) -> (TestApp, Arc<crate::faulty_store::FaultyStore>) {
+    let mut switch = None;
+    let app = TestApp::spawn_wrapped(Backend::Sqlite, config, |store| {
+        let faulty = crate::faulty_store::FaultyStore::new(store);
+        switch = Some(faulty.clone());
+        faulty
+    })
+    .await;
+    (app, switch.unwrap())
+}
+
+/// Garbage never reaches the store: with the store switched off, a signed report of strings that
+/// are not keyplane tokens (wrong checksum included) is still answered; one well-formed token
+/// makes it ask the store (503, GitHub retries).
+#[tokio::test]
+async fn github_reports_only_well_formed_tokens_reach_the_store() {
+    let key = TestKey::new("key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let (app, store) = spawn_with_switch(config_with_keys(&keys.url)).await;
+    let real = unknown_token(CredentialKind::ServiceAccount);
+    store.set_down(true);
+
+    let garbage = matches_body(&[
+        (&wrong_checksum(&real), "keyplane_service_account_token"),
+        ("aether_short", "keyplane_api_token"),
+        ("ghp_somebody_elses", "keyplane_api_token"),
+    ]);
+    let res = post_signed(&app, &key, &garbage).await;
+    assert_eq!(res.status(), 200, "answered without the store");
+    let feedback: Value = res.json().await.unwrap();
+    assert!(
+        feedback
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["label"] == "false_positive"),
+        "{feedback}"
+    );
+
+    let well_formed = matches_body(&[(&real, "keyplane_service_account_token")]);
+    let res = post_signed(&app, &key, &well_formed).await;
+    assert_eq!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
+        1
+    );
+    assert_oauth_error(res, 503, "temporarily_unavailable").await;
+}
+
+/// The public answer does not wait for the store (it is the same when the store is down), and a
+/// report that meets a store outage is retried: the token dies once the store is back.
+#[tokio::test]
+async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
+    let (app, store) = spawn_with_switch(test_config()).await;
+    let org = app.create_org("acme").await;
+    let leaked = app.create_token(&org, "leaky", &[]).await;
+    let leaked = leaked["token"].as_str().unwrap().to_string();
+    assert_eq!(whoami_status(&app, &leaked).await, 200);
+
+    store.set_down(true);
+    let res = revoke(&app, json!({ "credentials": [leaked] })).await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"received": 1, "well_formed": 1})
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.set_down(false);
+    eventually("the report is retried once the store is back", || async {
+        whoami_status(&app, &leaked).await == 401
+    })
+    .await;
+    assert_eq!(leak_events(&app, &org).await.len(), 1);
+}
