@@ -9,5 +9,6 @@
 pub mod aether;
 pub mod audit;
 pub mod hybridbox;
+pub mod leaks;
 pub mod verify;
 pub mod wire;

@@ -81,6 +81,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Report leaked tokens (found in a paste, a log, a repository) for revocation; needs no
+    /// credential. The answer only counts what was sent, never which tokens were real.
+    #[command(after_help = concat!(
+        "Example:\n  keyplane revoke-leaked - < found-tokens.txt\n",
+        "  grep -ohE 'aether_[0-9a-f]{56}' build.log | keyplane revoke-leaked -\n\n",
+        exit_codes!()
+    ))]
+    RevokeLeaked {
+        /// The tokens, or `-` to read them from stdin (whitespace-separated).
+        #[arg(required = true, value_name = "TOKEN")]
+        tokens: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Organization API tokens: list, create, get, rotate, suspend, resume, retire-previous, revoke.
     #[command(after_help = example!("keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d", "keyplane tokens list -o json | jq -r '.items[].name'"))]
     Tokens {
@@ -393,6 +407,9 @@ async fn run_client(command: Command) -> Result<(), keyplane_client::Error> {
         Command::Whoami { target } => remote::whoami(Session::open(&target, &env)?).await,
         Command::Introspect { token, target } => {
             remote::introspect(Session::open(&target, &env)?, token).await
+        }
+        Command::RevokeLeaked { tokens, target } => {
+            remote::revoke_leaked(Session::anonymous(&target, &env)?, tokens).await
         }
         Command::Tokens { target, command } => {
             remote::tokens(Session::open(&target, &env)?, command).await

@@ -11,6 +11,7 @@ use keyplane_api_types::aether::{
 };
 use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{CreateAuthorizationRequest, CreateServiceAccountRequest};
+use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
 use keyplane_api_types::wire::RotateRequest;
 use keyplane_client::output::{Format, Output, Record, SecretFile};
 use keyplane_client::profile::{Profile, Profiles};
@@ -681,7 +682,28 @@ impl Session {
             .or_else(|| profile.as_ref().map(|p| p.url.clone()))
             .unwrap_or_else(|| DEFAULT_URL.to_string());
         Ok(Self {
-            client: Client::new(&url, token, target.verbose)?,
+            client: Client::new(&url, Some(token), target.verbose)?,
+            output: Output {
+                format: format_of(target.output),
+                now: Utc::now(),
+            },
+            org: target.org,
+        })
+    }
+
+    /// A session without a credential, for the one route anyone may call.
+    pub fn anonymous(target: &Target, env: &Environment) -> Result<Self, Error> {
+        let profile = match (&target.url, env.profiles()) {
+            (None, Ok(profiles)) => profiles.load(&target.profile)?,
+            _ => None,
+        };
+        let url = target
+            .url
+            .clone()
+            .or_else(|| profile.map(|p| p.url))
+            .unwrap_or_else(|| DEFAULT_URL.to_string());
+        Ok(Self {
+            client: Client::new(&url, None, target.verbose)?,
             output: Output {
                 format: format_of(target.output),
                 now: Utc::now(),
@@ -1321,6 +1343,39 @@ pub async fn introspect(s: Session, token: String) -> Result<(), Error> {
     s.print_one(&answer)
 }
 
+/// `revoke-leaked TOKEN...|-`: reports tokens found where they should not be, with no
+/// credential, 100 per request; prints what the server received (never which were real).
+pub async fn revoke_leaked(s: Session, tokens: Vec<String>) -> Result<(), Error> {
+    let mut found = Vec::new();
+    for token in tokens {
+        if token == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| Error::Local(format!("cannot read tokens from stdin: {e}")))?;
+            found.extend(text.split_whitespace().map(str::to_string));
+        } else {
+            found.push(token);
+        }
+    }
+    if found.is_empty() {
+        return Err(Error::Usage("no token to revoke".into()));
+    }
+    let mut total = RevokeAccepted {
+        received: 0,
+        well_formed: 0,
+    };
+    for batch in found.chunks(MAX_CREDENTIALS) {
+        let request = RevokeCredentialsRequest {
+            credentials: batch.to_vec(),
+        };
+        let accepted = s.client.revoke_leaked(&request).await?;
+        total.received += accepted.received;
+        total.well_formed += accepted.well_formed;
+    }
+    s.print_one(&total)
+}
+
 /// `keyplane login`: asks for the token (no echo) or reads it from stdin, checks it with whoami,
 /// and saves URL and token as a profile readable only by its owner.
 pub async fn login(target: Target, token_stdin: bool, env: &Environment) -> Result<(), Error> {
@@ -1352,7 +1407,7 @@ pub async fn login(target: Target, token_stdin: bool, env: &Environment) -> Resu
     }
     let client = Client::new(
         &url,
-        Plaintext::received(token.expose_secret().to_string()),
+        Some(Plaintext::received(token.expose_secret().to_string())),
         target.verbose,
     )?;
     let me = client.whoami().await?;

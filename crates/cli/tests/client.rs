@@ -185,6 +185,7 @@ async fn every_client_command(backend: Backend) {
     exit_statuses(&cli).await;
     lifecycle(&cli).await;
     credential_policy(&cli).await;
+    revoke_leaked(&cli).await;
     login_through_a_terminal(&cli).await;
 }
 
@@ -1034,6 +1035,42 @@ async fn credential_policy(cli: &Cli) {
     let reset = cli.json(&["policy", "set"]).await;
     assert_eq!(str_of(&reset, "on_leak"), "revoke");
     assert_eq!(reset["all"]["max_lifetime_days"], Value::Null);
+}
+
+/// Public revocation: no credential is sent, the tokens never show on stderr, and the token dies.
+async fn revoke_leaked(cli: &Cli) {
+    let leaked = cli.json(&["tokens", "create", "--name", "leaked"]).await;
+    let secret = str_of(&leaked, "token").to_string();
+    let mut anonymous = cli.command();
+    anonymous.env_remove("KEYPLANE_TOKEN");
+    let args = ["revoke-leaked", "-", "--verbose", "-o", "json"];
+    let output = cli
+        .run_with(anonymous, &args, &format!("{secret}\nnot-a-token\n"))
+        .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let accepted: Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(
+        accepted,
+        serde_json::json!({"received": 2, "well_formed": 1})
+    );
+    assert!(!output.stderr.contains(&secret), "{}", output.describe());
+    assert!(
+        !output.stderr.to_lowercase().contains("authorization"),
+        "{}",
+        output.describe()
+    );
+    assert!(output.stderr.contains("redacted"), "{}", output.describe());
+    // Worked off in the background: the token stops working within moments.
+    let deadline = Instant::now() + TIMEOUT;
+    while cli.with_token(&secret).run(&["whoami"]).await.status.code() != Some(3) {
+        assert!(Instant::now() < deadline, "the reported token still works");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let table = cli.table(&["revoke-leaked", "not-a-token"]).await;
+    assert_eq!(
+        (field(&table, "received"), field(&table, "well_formed")),
+        ("1".into(), "0".into())
+    );
 }
 
 /// `keyplane login` in a real pseudo-terminal: the prompt, the token typed with echo off, the

@@ -11,6 +11,7 @@ use keyplane_api_types::hybridbox::{
     AuthorizationView, CreateAuthorizationRequest, CreateServiceAccountRequest,
     ServiceAccountCreated, ServiceAccountView,
 };
+use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest};
 use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_api_types::wire::RotateRequest;
 use keyplane_core::Plaintext;
@@ -32,7 +33,8 @@ const LONGEST_RETRY_WAIT: Duration = Duration::from_secs(5);
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    token: Plaintext,
+    /// `None` for the one route anyone may call (public revocation of leaked tokens).
+    token: Option<Plaintext>,
     verbose: bool,
 }
 
@@ -87,6 +89,8 @@ enum Body {
     Json(serde_json::Value),
     /// RFC 7662's form: `token=...`, never shown.
     IntrospectionForm(Plaintext),
+    /// JSON that lists secrets (leaked tokens to revoke): sent, never shown.
+    SecretJson(serde_json::Value),
 }
 
 struct Call<'a> {
@@ -148,7 +152,7 @@ fn account_path(account: Uuid, rest: &str) -> String {
 impl Client {
     /// `base` is the server's URL (`http://127.0.0.1:8080`); `verbose` dumps each request and
     /// answer's head to stderr, the credential redacted.
-    pub fn new(base: &str, token: Plaintext, verbose: bool) -> Result<Self, Error> {
+    pub fn new(base: &str, token: Option<Plaintext>, verbose: bool) -> Result<Self, Error> {
         let base = base.trim_end_matches('/').to_string();
         match reqwest::Url::parse(&base) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
@@ -197,17 +201,17 @@ impl Client {
             let mut request = self
                 .http
                 .request(call.method.clone(), &url)
-                .query(&call.query)
-                .header(
-                    AUTHORIZATION,
-                    format!("Bearer {}", self.token.expose_secret()),
-                );
+                .query(&call.query);
+            if let Some(token) = &self.token {
+                request =
+                    request.header(AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
+            }
             if let Some(key) = &key {
                 request = request.header("idempotency-key", key);
             }
             request = match &call.body {
                 Body::None => request,
-                Body::Json(value) => request.json(value),
+                Body::Json(value) | Body::SecretJson(value) => request.json(value),
                 Body::IntrospectionForm(token) => request.form(&[("token", token.expose_secret())]),
             };
             let request = request
@@ -273,6 +277,7 @@ impl Client {
             // Request bodies carry names, scopes and expiry: never a secret.
             Body::Json(value) => eprintln!("> {value}"),
             Body::IntrospectionForm(_) => eprintln!("> token=<redacted>"),
+            Body::SecretJson(_) => eprintln!("> <a body of secrets, redacted>"),
         }
     }
 
@@ -286,6 +291,18 @@ impl Client {
     pub async fn introspect(&self, token: Plaintext) -> Result<IntrospectionResponse, Error> {
         let mut call = Call::new(Method::POST, "/oauth2/introspect".into());
         call.body = Body::IntrospectionForm(token);
+        self.send(call).await
+    }
+
+    /// Public revocation: anyone may report leaked tokens (at most
+    /// `keyplane_api_types::leaks::MAX_CREDENTIALS` a request); the answer never says which were
+    /// real.
+    pub async fn revoke_leaked(
+        &self,
+        request: &RevokeCredentialsRequest,
+    ) -> Result<RevokeAccepted, Error> {
+        let mut call = Call::new(Method::POST, "/v1/credentials/revoke".into());
+        call.body = Body::SecretJson(serde_json::to_value(request).expect("strings are JSON"));
         self.send(call).await
     }
 

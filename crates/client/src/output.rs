@@ -12,6 +12,7 @@ use keyplane_api_types::aether::{
 };
 use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{AuthorizationView, ServiceAccountView};
+use keyplane_api_types::leaks::RevokeAccepted;
 use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::Plaintext;
 use serde::Serialize;
@@ -639,6 +640,21 @@ impl Record for CredentialPolicyView {
                     exceeding.api_tokens, exceeding.service_accounts, exceeding.robot_accounts
                 ),
             ),
+        ]
+    }
+}
+
+impl Record for RevokeAccepted {
+    const COLUMNS: &'static [&'static str] = &["RECEIVED", "WELL FORMED"];
+
+    fn cells(&self, _now: DateTime<Utc>) -> Vec<String> {
+        vec![self.received.to_string(), self.well_formed.to_string()]
+    }
+
+    fn fields(&self, _now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+        vec![
+            ("received", self.received.to_string()),
+            ("well_formed", self.well_formed.to_string()),
         ]
     }
 }

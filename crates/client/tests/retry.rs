@@ -80,7 +80,12 @@ async fn a_create_answered_503_is_retried_with_the_same_idempotency_key() {
         ("201 Created", CREATED),
     ])
     .await;
-    let client = Client::new(&url, Plaintext::received("aether_caller".into()), false).unwrap();
+    let client = Client::new(
+        &url,
+        Some(Plaintext::received("aether_caller".into())),
+        false,
+    )
+    .unwrap();
     let request = CreateApiTokenRequest {
         name: "ci".into(),
         scopes: ScopeSet::empty(),
@@ -104,7 +109,12 @@ async fn a_read_answered_503_is_reported_not_retried() {
         ("200 OK", "{}"),
     ])
     .await;
-    let client = Client::new(&url, Plaintext::received("aether_caller".into()), false).unwrap();
+    let client = Client::new(
+        &url,
+        Some(Plaintext::received("aether_caller".into())),
+        false,
+    )
+    .unwrap();
     let error = match client
         .list_api_tokens(Uuid::new_v4(), &Page::default(), None)
         .await
