@@ -796,8 +796,18 @@ const SWEEP_MAX_BATCHES: usize = 20;
 pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
     let store = app.store().as_ref();
     let now = app.now();
-    store.clear_ended_previous_secrets(now).await?;
-    for candidate in store.credentials_with_previous_secret(SWEEP_BATCH).await? {
+    // Soonest-ending first, so ended ones are among them. Only reads when there is nothing to
+    // do: a replica on a read-only store stays healthy.
+    let with_previous = store.credentials_with_previous_secret(SWEEP_BATCH).await?;
+    let any_ended = with_previous.iter().any(|c| {
+        c.previous_secret
+            .as_ref()
+            .is_some_and(|p| p.expires_at <= now)
+    });
+    if any_ended {
+        store.clear_ended_previous_secrets(now).await?;
+    }
+    for candidate in with_previous {
         let (Some(previous), true) = (
             candidate.previous_secret.as_ref(),
             candidate.previous_secret_unused(now),
