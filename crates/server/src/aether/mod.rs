@@ -5,8 +5,11 @@ mod api_tokens;
 mod audit;
 mod policy;
 mod registry;
+mod server_wire;
 pub(crate) mod webhooks;
-pub mod wire;
+
+/// The wire shapes, shared with the client; the server's half is in `server_wire`.
+pub use keyplane_api_types::aether as wire;
 
 pub use audit::{parse_audit_query, AuditEventPage, AuditEventView};
 
