@@ -68,7 +68,10 @@ pub(crate) fn openapi_document() -> OpenApiDoc {
 
 /// The full application router, ready to serve.
 pub fn router(app: App) -> Router {
-    let (routes, _) = api_routes().split_for_parts();
+    let (mut routes, _) = api_routes().split_for_parts();
+    if app.inner().config.console.enabled {
+        routes = routes.merge(crate::console::routes());
+    }
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again. Outermost first.
     let layers = ServiceBuilder::new()
