@@ -166,11 +166,29 @@ pub struct ServeArgs {
     console_session_hours: u64,
     /// "Sign in with <issuer>" on the console: the OAuth client id registered at the first
     /// --oidc-issuer (a public client: authorization code with PKCE, no secret).
-    #[arg(long, env = "KEYPLANE_CONSOLE_OIDC_CLIENT_ID", requires_all = ["oidc_issuers", "console_oidc_redirect_url"])]
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_CLIENT_ID",
+        requires = "oidc_issuers"
+    )]
     console_oidc_client_id: Option<String>,
-    /// Where the issuer sends the browser back: this server's public URL + /console/oidc/callback.
-    #[arg(long, env = "KEYPLANE_CONSOLE_OIDC_REDIRECT_URL", requires = "console_oidc_client_id")]
+    /// Where the issuer sends the browser back: this server's public URL +
+    /// /console/oidc/callback. Default: built from the Host the browser used.
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_REDIRECT_URL",
+        requires = "console_oidc_client_id"
+    )]
     console_oidc_redirect_url: Option<String>,
+    /// The scope the console asks the issuer for: `openid` plus whatever puts --oidc-audience in
+    /// the access token at that issuer.
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_SCOPE",
+        default_value = "openid",
+        requires = "console_oidc_client_id"
+    )]
+    console_oidc_scope: String,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -204,23 +222,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections = allowed;
         }
     }
-    let console_oidc = match (&args.console_oidc_client_id, &args.console_oidc_redirect_url) {
-        (Some(client_id), Some(redirect_url)) => Some(
+    let console_oidc = match &args.console_oidc_client_id {
+        Some(client_id) => Some(
             keyplane_server::console::ConsoleOidc::new(
                 args.oidc_issuers.first().cloned().unwrap_or_default(),
                 client_id.clone(),
-                redirect_url.clone(),
+                args.console_oidc_redirect_url.clone(),
+                args.console_oidc_scope.clone(),
             )
-            .map_err(|e| anyhow::anyhow!("--console-oidc-redirect-url: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("--console-oidc-client-id: {e}"))?,
         ),
-        _ => None,
+        None => None,
     };
     let console = keyplane_server::console::ConsoleConfig {
         enabled: args.console,
         secure_cookies: args.console_https
             || console_oidc
                 .as_ref()
-                .is_some_and(|o| o.redirect_url.starts_with("https://")),
+                .and_then(|o| o.redirect_url.as_deref())
+                .is_some_and(|url| url.starts_with("https://")),
         idle_timeout: Duration::from_secs(args.console_idle_minutes * 60),
         absolute_timeout: Duration::from_secs(args.console_session_hours * 3600),
         oidc: console_oidc,

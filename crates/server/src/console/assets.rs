@@ -18,7 +18,10 @@ pub(crate) struct Names {
 
 fn hashed(stem: &str, ext: &str, content: &str) -> String {
     let digest = Sha256::digest(content.as_bytes());
-    format!("{stem}-{}.{ext}", data_encoding::HEXLOWER.encode(&digest[..8]))
+    format!(
+        "{stem}-{}.{ext}",
+        data_encoding::HEXLOWER.encode(&digest[..8])
+    )
 }
 
 pub(crate) fn names() -> &'static Names {

@@ -35,7 +35,10 @@ pub(crate) fn maybe_time(at: Option<&DateTime<Utc>>, none: &str) -> String {
 
 /// The hidden CSRF field every state-changing form carries.
 pub(crate) fn csrf_field(csrf: &str) -> String {
-    format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", esc(csrf))
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(csrf)
+    )
 }
 
 /// A POST form around `inner` (buttons and fields), with the CSRF field.
@@ -110,10 +113,7 @@ pub(crate) fn page(frame: &Frame<'_>, title: &str, body: &str) -> String {
         ),
     );
     let notice = frame.notice.as_deref().map_or(String::new(), |text| {
-        format!(
-            "<p class=\"notice\" role=\"status\">{}</p>",
-            esc(text)
-        )
+        format!("<p class=\"notice\" role=\"status\">{}</p>", esc(text))
     });
     document(
         title,

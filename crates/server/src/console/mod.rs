@@ -69,15 +69,27 @@ impl Default for ConsoleConfig {
 pub struct ConsoleOidc {
     pub issuer: String,
     pub client_id: String,
-    /// Where the issuer sends the browser back: `<console URL>/console/oidc/callback`.
-    pub redirect_url: String,
+    /// Where the issuer sends the browser back: `<console URL>/console/oidc/callback`; `None`:
+    /// built from the request's `Host` (the issuer accepts only the redirect URIs registered for
+    /// the client, so a forged `Host` only makes the sign-in fail).
+    pub redirect_url: Option<String>,
+    /// The `scope` asked for: `openid` and whatever the issuer needs to put this server's
+    /// audience in the access token.
+    pub scope: String,
 }
 
 impl ConsoleOidc {
-    pub fn new(issuer: String, client_id: String, redirect_url: String) -> Result<Self, String> {
-        crate::oidc::check_url(&redirect_url)?;
-        if !redirect_url.ends_with("/console/oidc/callback") {
-            return Err("must end with /console/oidc/callback".into());
+    pub fn new(
+        issuer: String,
+        client_id: String,
+        redirect_url: Option<String>,
+        scope: String,
+    ) -> Result<Self, String> {
+        if let Some(url) = &redirect_url {
+            crate::oidc::check_url(url).map_err(|e| format!("the redirect URL {e}"))?;
+            if !url.ends_with("/console/oidc/callback") {
+                return Err("the redirect URL must end with /console/oidc/callback".into());
+            }
         }
         if client_id.trim().is_empty() {
             return Err("the client id is empty".into());
@@ -86,6 +98,7 @@ impl ConsoleOidc {
             issuer,
             client_id,
             redirect_url,
+            scope,
         })
     }
 }
@@ -394,6 +407,10 @@ impl FromRequestParts<App> for Console {
             }
             Err(other) => return Err(other.into()),
         };
+        // A refusal below is recorded as the API's are (`access.denied`).
+        if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
+            slot.set(&who);
+        }
         Ok(Self {
             app: app.clone(),
             who,
@@ -442,9 +459,8 @@ impl Form {
 }
 
 fn parse_form(body: &Bytes, csrf: &str) -> Result<Form, ConsoleError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|_| {
-        ConsoleError::page(StatusCode::BAD_REQUEST, "The form could not be read.")
-    })?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| ConsoleError::page(StatusCode::BAD_REQUEST, "The form could not be read."))?;
     let form = Form(pairs);
     match form.get("csrf") {
         Some(sent) if same_text(sent, csrf) => Ok(form),
@@ -478,7 +494,11 @@ impl Console {
             label: "Overview",
         }];
         let entries = [
-            (Capability::ApiTokensRead, "/console/api-tokens", "API tokens"),
+            (
+                Capability::ApiTokensRead,
+                "/console/api-tokens",
+                "API tokens",
+            ),
             (
                 Capability::AuthManage,
                 "/console/service-accounts",
@@ -659,7 +679,10 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
         header::SET_COOKIE,
         set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
     );
-    headers.append(header::SET_COOKIE, clear_cookie(app, login_cookie_name(app)));
+    headers.append(
+        header::SET_COOKIE,
+        clear_cookie(app, login_cookie_name(app)),
+    );
     Ok(response)
 }
 

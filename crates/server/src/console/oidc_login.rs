@@ -56,7 +56,10 @@ async fn endpoints(http: &reqwest::Client, issuer: &str) -> Result<Endpoints, Co
         .await
         .map_err(|e| unavailable("discovery", format!("{e:#}")))?;
     if found.issuer != issuer {
-        return Err(unavailable("discovery", "the document names another issuer"));
+        return Err(unavailable(
+            "discovery",
+            "the document names another issuer",
+        ));
     }
     for endpoint in [&found.authorization_endpoint, &found.token_endpoint] {
         crate::oidc::check_url(endpoint).map_err(|e| unavailable("discovery", e))?;
@@ -71,7 +74,38 @@ fn not_configured() -> ConsoleError {
     )
 }
 
-pub(super) async fn start(State(app): State<App>) -> Result<Response, ConsoleError> {
+/// The configured redirect URL, or this server's own callback under the `Host` the browser used.
+fn redirect_uri(
+    app: &App,
+    oidc: &super::ConsoleOidc,
+    headers: &HeaderMap,
+) -> Result<String, ConsoleError> {
+    if let Some(url) = &oidc.redirect_url {
+        return Ok(url.clone());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
+        .ok_or_else(|| {
+            ConsoleError::page(StatusCode::BAD_REQUEST, "The request names no usable host.")
+        })?;
+    let scheme = if app.inner().config.console.secure_cookies {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{host}/console/oidc/callback"))
+}
+
+pub(super) async fn start(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> Result<Response, ConsoleError> {
     let oidc = app
         .inner()
         .config
@@ -86,12 +120,13 @@ pub(super) async fn start(State(app): State<App>) -> Result<Response, ConsoleErr
         code_verifier: random_text(),
         started: Instant::now(),
     };
+    let redirect = redirect_uri(&app, &oidc, &headers)?;
     let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));
     let query = serde_urlencoded::to_string([
         ("response_type", "code"),
         ("client_id", oidc.client_id.as_str()),
-        ("redirect_uri", oidc.redirect_url.as_str()),
-        ("scope", "openid"),
+        ("redirect_uri", redirect.as_str()),
+        ("scope", oidc.scope.as_str()),
         ("state", login.state.as_str()),
         ("nonce", login.nonce.as_str()),
         ("code_challenge", challenge.as_str()),
@@ -182,12 +217,16 @@ pub(super) async fn callback(
     let refused = |message: &str| ConsoleError::page(StatusCode::BAD_REQUEST, message);
     let cookie = super::read_cookie(&headers, pending_cookie_name(&app))
         .and_then(CookieValue::parse)
-        .ok_or_else(|| refused("This sign-in was not started here, or it took too long. Start again."))?;
+        .ok_or_else(|| {
+            refused("This sign-in was not started here, or it took too long. Start again.")
+        })?;
     let login = app
         .inner()
         .console_sessions
         .take_pending(&cookie)
-        .ok_or_else(|| refused("This sign-in was not started here, or it took too long. Start again."))?;
+        .ok_or_else(|| {
+            refused("This sign-in was not started here, or it took too long. Start again.")
+        })?;
     if query.error.is_some() {
         return Err(refused("The identity provider did not sign you in."));
     }
@@ -195,8 +234,11 @@ pub(super) async fn callback(
         return Err(refused("The identity provider's answer is incomplete."));
     };
     if !same_text(&state, &login.state) {
-        return Err(refused("This answer belongs to another sign-in. Start again."));
+        return Err(refused(
+            "This answer belongs to another sign-in. Start again.",
+        ));
     }
+    let redirect = redirect_uri(&app, &oidc, &headers)?;
     let http = http_client();
     let found = endpoints(&http, &oidc.issuer).await?;
     let response = http
@@ -205,7 +247,7 @@ pub(super) async fn callback(
         .form(&[
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
-            ("redirect_uri", oidc.redirect_url.as_str()),
+            ("redirect_uri", redirect.as_str()),
             ("client_id", oidc.client_id.as_str()),
             ("code_verifier", login.code_verifier.as_str()),
         ])
@@ -221,13 +263,18 @@ pub(super) async fn callback(
         .map_err(|e| unavailable("token exchange", e))?;
     if let Some(id_token) = &tokens.id_token {
         if !check_id_token(id_token, &oidc.issuer, &oidc.client_id, &login.nonce) {
-            return Err(refused("The identity provider's ID token does not match this sign-in."));
+            return Err(refused(
+                "The identity provider's ID token does not match this sign-in.",
+            ));
         }
     }
     let who = match super::authenticate(&app, &tokens.access_token).await {
         Ok(who) => who,
         Err(AppError::Unauthenticated(reason)) => {
-            tracing::info!(reason, "console sign-in: the issuer's access token was refused");
+            tracing::info!(
+                reason,
+                "console sign-in: the issuer's access token was refused"
+            );
             return Err(ConsoleError::page(
                 StatusCode::UNAUTHORIZED,
                 "The identity provider's access token was not accepted here (wrong audience, \
@@ -241,7 +288,12 @@ pub(super) async fn callback(
         // The issuer's redirect is a cross-site navigation, after which a browser does not send
         // a SameSite=Strict cookie on a redirect either; a page that continues from this origin
         // does.
-        let set_cookies: Vec<_> = response.headers().get_all(header::SET_COOKIE).iter().cloned().collect();
+        let set_cookies: Vec<_> = response
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
         response = (
             Html(html::bare_page(
                 "Signed in",
@@ -253,8 +305,9 @@ pub(super) async fn callback(
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
     }
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, super::clear_cookie(&app, pending_cookie_name(&app)));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        super::clear_cookie(&app, pending_cookie_name(&app)),
+    );
     Ok(response)
 }

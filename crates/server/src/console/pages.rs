@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use keyplane_core::audit::{ActorType, DetailValue, Outcome};
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, FieldPath, RobotPermission, RotationOptions,
-    Scope, ScopeSet, SubjectType,
+    Capability, Credential, CredentialId, CredentialKind, FieldPath, RobotPermission,
+    RotationOptions, Scope, ScopeSet, SubjectType,
 };
 use keyplane_store::{AuditOrder, AuditQuery, GrantFilter};
 use std::collections::HashMap;
@@ -109,7 +109,10 @@ fn status(credential: &Credential, now: DateTime<Utc>) -> String {
 
 /// The expiry a create form asks for: a date, a number of days, or none (the tenant's policy may
 /// then fill its default or refuse).
-fn expiry_from(form: &super::Form, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, ConsoleError> {
+fn expiry_from(
+    form: &super::Form,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, ConsoleError> {
     if let Some(date) = form.text("expires_on") {
         let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| {
             ConsoleError::page(
@@ -117,10 +120,7 @@ fn expiry_from(form: &super::Form, now: DateTime<Utc>) -> Result<Option<DateTime
                 "The expiry date must be a date such as 2030-01-31.",
             )
         })?;
-        let at = day
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists")
-            .and_utc();
+        let at = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
         let at = keyplane_core::validate::expires_at(
             FieldPath::body("expires_at"),
             &at.to_rfc3339(),
@@ -222,7 +222,9 @@ pub(crate) async fn overview(console: Console) -> PageResult {
     body.push_str("</div></section>");
 
     expiring.sort_by_key(|c| c.expires_at);
-    body.push_str("<section aria-labelledby=\"expiring\"><h2 id=\"expiring\">Expiring within 30 days</h2>");
+    body.push_str(
+        "<section aria-labelledby=\"expiring\"><h2 id=\"expiring\">Expiring within 30 days</h2>",
+    );
     if expiring.is_empty() {
         body.push_str("<p class=\"muted\">Nothing expires in the next 30 days.</p>");
     } else {
@@ -246,13 +248,13 @@ pub(crate) async fn overview(console: Console) -> PageResult {
             app,
             &console.who,
             AuditQuery {
-                limit: 10,
+                limit: 5,
                 ..audit_query(&console, None)
             },
         )
         .await?;
         body.push_str("<section aria-labelledby=\"recent\"><h2 id=\"recent\">Recent activity</h2>");
-        body.push_str(&audit_table(&events));
+        body.push_str(&audit_table(&events, false));
         body.push_str("<p><a href=\"/console/audit\">The whole audit log</a></p></section>");
     }
     let frame = console.frame("/console").await?;
@@ -279,14 +281,25 @@ pub(crate) struct TokenFilters {
     expiring: String,
 }
 
-pub(crate) async fn api_tokens(console: Console, Query(filters): Query<TokenFilters>) -> PageResult {
+pub(crate) async fn api_tokens(
+    console: Console,
+    Query(filters): Query<TokenFilters>,
+) -> PageResult {
     let app = &console.app;
     let now = app.now();
     let expiring_within_days = match filters.expiring.as_str() {
         "" => None,
-        days => Some(days.parse::<u32>().ok().filter(|d| (1..=3650).contains(d)).ok_or_else(
-            || ConsoleError::page(StatusCode::UNPROCESSABLE_ENTITY, "Choose an expiry filter from the list."),
-        )?),
+        days => Some(
+            days.parse::<u32>()
+                .ok()
+                .filter(|d| (1..=3650).contains(d))
+                .ok_or_else(|| {
+                    ConsoleError::page(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Choose an expiry filter from the list.",
+                    )
+                })?,
+        ),
     };
     let (tokens, more) = ops::list_credentials(
         app,
@@ -310,7 +323,13 @@ pub(crate) async fn api_tokens(console: Console, Query(filters): Query<TokenFilt
     let may_write = console.may(Capability::ApiTokensWrite);
 
     let mut body = String::new();
-    let selected = |value: &str| if filters.expiring == value { " selected" } else { "" };
+    let selected = |value: &str| {
+        if filters.expiring == value {
+            " selected"
+        } else {
+            ""
+        }
+    };
     let _ = write!(
         body,
         "<form method=\"get\" action=\"/console/api-tokens\" class=\"filters\" role=\"search\">\
@@ -408,9 +427,7 @@ fn scope_picker(console: &Console) -> String {
             .zip(rights)
             .is_some_and(|(scope, rights)| rights.covers(&scope))
     };
-    let mut picker = String::from(
-        "<fieldset><legend>Scopes</legend>",
-    );
+    let mut picker = String::from("<fieldset><legend>Scopes</legend>");
     let mut options: Vec<&str> = vec!["*"];
     options.extend(Capability::ALL.iter().map(|c| c.key()));
     for (i, scope) in options.into_iter().enumerate() {
@@ -450,11 +467,17 @@ fn row_actions(slug: &str, credential: &Credential) -> String {
 pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
     let app = &console.app;
-    let name = keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
-        .map_err(keyplane_core::Error::from)?;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
+            .map_err(keyplane_core::Error::from)?;
     let mut raw_scopes: Vec<String> = form.all("scopes").into_iter().map(str::to_string).collect();
     if let Some(other) = form.text("other_scopes") {
-        raw_scopes.extend(other.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_string));
+        raw_scopes.extend(
+            other
+                .split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
     }
     let scopes = ScopeSet::parse_list(&FieldPath::body("scopes"), &raw_scopes)
         .map_err(keyplane_core::Error::Validation)?;
@@ -473,7 +496,12 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
         },
     )
     .await?;
-    Ok(show_secret_once(&console, &issued, "Created.".into(), Vec::new()))
+    Ok(show_secret_once(
+        &console,
+        &issued,
+        "Created.".into(),
+        Vec::new(),
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -487,10 +515,15 @@ pub(crate) async fn secret(console: Console) -> PageResult {
         .take_secret(&console.cookie);
     let frame = console.frame("").await?;
     let Some(flash) = taken else {
-        let body = "<div class=\"error\" role=\"alert\"><p>This secret was shown once and is gone. \
+        let body =
+            "<div class=\"error\" role=\"alert\"><p>This secret was shown once and is gone. \
                     If it was not stored, rotate the credential to get a new one.</p></div>\
                     <p><a href=\"/console\" data-autofocus>Back to the console</a></p>";
-        return Ok((StatusCode::GONE, console.render(frame, "Secret no longer shown", body)).into_response());
+        return Ok((
+            StatusCode::GONE,
+            console.render(frame, "Secret no longer shown", body),
+        )
+            .into_response());
     };
     let Some(secret) = console.cookie.open(&flash.sealed) else {
         return Err(ConsoleError::SignIn);
@@ -520,7 +553,9 @@ pub(crate) async fn secret(console: Console) -> PageResult {
          <div><button type=\"submit\" id=\"stored-done\">Done</button></div></form>",
         list = page.list
     );
-    Ok(console.render(frame, "Store this secret now", &body).into_response())
+    Ok(console
+        .render(frame, "Store this secret now", &body)
+        .into_response())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -531,14 +566,13 @@ async fn live_credential(
     kind: &KindPage,
     id: CredentialId,
 ) -> Result<Credential, ConsoleError> {
-    Ok(ops::get_live_credential(&console.app, &console.who, console.tenant, kind.rights, id).await?)
+    Ok(
+        ops::get_live_credential(&console.app, &console.who, console.tenant, kind.rights, id)
+            .await?,
+    )
 }
 
-pub(crate) async fn rotate_page(
-    console: Console,
-    uri: Uri,
-    Path(id): Path<String>,
-) -> PageResult {
+pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
     let kind = kind_page(&uri)?;
     let credential = live_credential(&console, kind, credential_id(&id)?).await?;
     console.who.require(console.tenant, kind.rights.write)?;
@@ -615,11 +649,7 @@ pub(crate) async fn rotate(
     Ok(show_secret_once(&console, &issued, note, commands))
 }
 
-pub(crate) async fn revoke_page(
-    console: Console,
-    uri: Uri,
-    Path(id): Path<String>,
-) -> PageResult {
+pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
     let kind = kind_page(&uri)?;
     let credential = live_credential(&console, kind, credential_id(&id)?).await?;
     console.who.require(console.tenant, kind.rights.write)?;
@@ -753,14 +783,17 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
         expiry = expiry_fields(),
     );
     let frame = console.frame("/console/service-accounts").await?;
-    Ok(console.render(frame, "Service accounts", &body).into_response())
+    Ok(console
+        .render(frame, "Service accounts", &body)
+        .into_response())
 }
 
 pub(crate) async fn create_service_account(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
     let app = &console.app;
-    let name = keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
-        .map_err(keyplane_core::Error::from)?;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
+            .map_err(keyplane_core::Error::from)?;
     let expires_at = expiry_from(&form, app.now())?;
     let issued = ops::create_credential(
         app,
@@ -776,7 +809,12 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
         },
     )
     .await?;
-    Ok(show_secret_once(&console, &issued, "Created.".into(), Vec::new()))
+    Ok(show_secret_once(
+        &console,
+        &issued,
+        "Created.".into(),
+        Vec::new(),
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -784,18 +822,22 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
 
 /// The lines that log a robot in, reading the secret from standard input (never a command-line
 /// argument, which other users of the machine can see).
-async fn robot_commands(console: &Console, credential: &Credential) -> Result<Vec<String>, ConsoleError> {
+async fn robot_commands(
+    console: &Console,
+    credential: &Credential,
+) -> Result<Vec<String>, ConsoleError> {
     if credential.kind != CredentialKind::RobotAccount {
         return Ok(Vec::new());
     }
-    let Some(registry) = ops::get_registry(&console.app, &console.who, console.tenant).await? else {
+    let Some(registry) = ops::get_registry(&console.app, &console.who, console.tenant).await?
+    else {
         return Ok(Vec::new());
     };
     let user = keyplane_core::registry::robot_username(&registry.project, &credential.name);
     let endpoint = &console.app.inner().config.registry.endpoint;
     Ok(vec![
-        format!("docker login {endpoint} --username '{user}' --password-stdin"),
-        format!("skopeo login {endpoint} --username '{user}' --password-stdin"),
+        format!("docker login --username '{user}' --password-stdin {endpoint}"),
+        format!("skopeo login --username '{user}' --password-stdin {endpoint}"),
     ])
 }
 
@@ -854,12 +896,12 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                     .join(" ");
                 let _ = write!(
                     body,
-                    "<tr><td data-label=\"Login\">{}<pre class=\"cmd\">docker login {} --username '{}' --password-stdin</pre></td>\
+                    "<tr><td data-label=\"Login\">{}<pre class=\"cmd\">docker login --username '{}' --password-stdin {}</pre></td>\
                      <td data-label=\"Permissions\">{}</td><td data-label=\"Expires\">{}</td>\
                      <td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>",
                     code(&user),
-                    esc(endpoint),
                     esc(&user),
+                    esc(endpoint),
                     permissions,
                     maybe_time(robot.expires_at.as_ref(), "never"),
                     maybe_time(robot.last_used_at.as_ref(), "never"),
@@ -867,12 +909,13 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                 );
                 if may_write {
                     let id = robot.id.as_uuid();
+                    let name = esc(&robot.name);
                     let _ = write!(
                         body,
                         "<td data-label=\"Actions\" class=\"actions\">\
-                         <a href=\"/console/robots/{id}/permissions\">Permissions</a>\
-                         <a href=\"/console/robots/{id}/rotate\">Rotate</a>\
-                         <a href=\"/console/robots/{id}/revoke\">Revoke</a></td>"
+                         <a href=\"/console/robots/{id}/permissions\" aria-label=\"Permissions of {name}\">Permissions</a>\
+                         <a href=\"/console/robots/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>\
+                         <a href=\"/console/robots/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></td>"
                     );
                 }
                 body.push_str("</tr>");
@@ -921,8 +964,10 @@ fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, Console
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
-    Ok(RobotPermission::parse_list(&FieldPath::body("permissions"), &lines)
-        .map_err(keyplane_core::Error::Validation)?)
+    Ok(
+        RobotPermission::parse_list(&FieldPath::body("permissions"), &lines)
+            .map_err(keyplane_core::Error::Validation)?,
+    )
 }
 
 pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult {
@@ -962,12 +1007,19 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
     )
     .await?;
     let commands = robot_commands(&console, &issued.credential).await?;
-    Ok(show_secret_once(&console, &issued, "Created.".into(), commands))
+    Ok(show_secret_once(
+        &console,
+        &issued,
+        "Created.".into(),
+        commands,
+    ))
 }
 
 pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {
     let robot = live_credential(&console, &KINDS[2], credential_id(&id)?).await?;
-    console.who.require(console.tenant, Capability::RegistryWrite)?;
+    console
+        .who
+        .require(console.tenant, Capability::RegistryWrite)?;
     let current = robot
         .permissions
         .iter()
@@ -1042,16 +1094,20 @@ fn audit_query(console: &Console, before: Option<uuid::Uuid>) -> AuditQuery {
     }
 }
 
-fn audit_table(events: &[keyplane_core::ChainedEvent]) -> String {
+/// Events as a table; `with_details` adds each event's details (the audit page, not the overview).
+fn audit_table(events: &[keyplane_core::ChainedEvent], with_details: bool) -> String {
     if events.is_empty() {
         return "<p class=\"muted\">No events.</p>".into();
     }
     let mut table = String::from(
         "<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Audit events\"><thead><tr>\
          <th scope=\"col\">When</th><th scope=\"col\">Action</th><th scope=\"col\">Outcome</th>\
-         <th scope=\"col\">Actor</th><th scope=\"col\">Target</th><th scope=\"col\">Details</th>\
-         <th scope=\"col\">From</th></tr></thead><tbody>",
+         <th scope=\"col\">Actor</th><th scope=\"col\">Target</th>",
     );
+    if with_details {
+        table.push_str("<th scope=\"col\">Details</th>");
+    }
+    table.push_str("<th scope=\"col\">From</th></tr></thead><tbody>");
     for chained in events {
         let event = &chained.event;
         let actor = match (event.actor.actor_type, event.actor.id) {
@@ -1066,26 +1122,34 @@ fn audit_table(events: &[keyplane_core::ChainedEvent]) -> String {
             format!(
                 "{} {}",
                 esc(&t.target_type),
-                t.name.as_deref().map_or_else(|| code(&t.id.to_string()), |n| format!("<strong>{}</strong>", esc(n)))
+                t.name.as_deref().map_or_else(
+                    || code(&t.id.to_string()),
+                    |n| format!("<strong>{}</strong>", esc(n))
+                )
             )
         });
-        let details = event
-            .details
-            .iter()
-            .map(|(key, value)| {
-                let value = match value {
-                    DetailValue::Text(text) => text.clone(),
-                    DetailValue::Count(count) => count.to_string(),
-                    DetailValue::List(items) => items.join(", "),
-                };
-                format!("{}: {}", esc(key), esc(&value))
-            })
-            .collect::<Vec<_>>()
-            .join("<br>");
+        let details = if !with_details {
+            String::new()
+        } else {
+            let text = event
+                .details
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        DetailValue::Text(text) => text.clone(),
+                        DetailValue::Count(count) => count.to_string(),
+                        DetailValue::List(items) => items.join(", "),
+                    };
+                    format!("{}: {}", esc(key), esc(&value))
+                })
+                .collect::<Vec<_>>()
+                .join("<br>");
+            format!("<td data-label=\"Details\">{text}</td>")
+        };
         let _ = write!(
             table,
             "<tr><td data-label=\"When\">{}</td><td data-label=\"Action\">{}</td><td data-label=\"Outcome\">{}</td>\
-             <td data-label=\"Actor\">{}</td><td data-label=\"Target\">{}</td><td data-label=\"Details\">{}</td>\
+             <td data-label=\"Actor\">{}</td><td data-label=\"Target\">{}</td>{}\
              <td data-label=\"From\">{}</td></tr>",
             time(&event.occurred_at),
             code(&event.action),
@@ -1104,7 +1168,10 @@ pub(crate) async fn audit(console: Console, Query(filters): Query<AuditFilters>)
     let before = match filters.before.as_str() {
         "" => None,
         raw => Some(uuid::Uuid::parse_str(raw).map_err(|_| {
-            ConsoleError::page(StatusCode::UNPROCESSABLE_ENTITY, "That page link is not valid.")
+            ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "That page link is not valid.",
+            )
         })?),
     };
     let mut query = audit_query(&console, before);
@@ -1118,11 +1185,20 @@ pub(crate) async fn audit(console: Console, Query(filters): Query<AuditFilters>)
     }
     if !filters.outcome.is_empty() {
         query.outcome = Some(Outcome::parse(&filters.outcome).ok_or_else(|| {
-            ConsoleError::page(StatusCode::UNPROCESSABLE_ENTITY, "Choose an outcome from the list.")
+            ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Choose an outcome from the list.",
+            )
         })?);
     }
     let (events, next) = ops::list_audit_events(&console.app, &console.who, query).await?;
-    let outcome_selected = |v: &str| if filters.outcome == v { " selected" } else { "" };
+    let outcome_selected = |v: &str| {
+        if filters.outcome == v {
+            " selected"
+        } else {
+            ""
+        }
+    };
     let mut body = format!(
         "<form method=\"get\" action=\"/console/audit\" class=\"filters\" role=\"search\">\
          <label>Action <span class=\"hint\">exact, or a prefix ending in <code>.</code></span>\
@@ -1137,7 +1213,7 @@ pub(crate) async fn audit(console: Console, Query(filters): Query<AuditFilters>)
         any = outcome_selected(""),
         ok = outcome_selected("success"),
         denied = outcome_selected("denied"),
-        table = audit_table(&events),
+        table = audit_table(&events, true),
     );
     body.push_str("<nav class=\"pager\" aria-label=\"Pages\">");
     if before.is_some() {

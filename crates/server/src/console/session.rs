@@ -241,7 +241,11 @@ impl Sessions {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, p| now.duration_since(p.started) < PENDING_TTL);
         if pending.len() >= MAX_PENDING {
-            if let Some(oldest) = pending.iter().min_by_key(|(_, p)| p.started).map(|(k, _)| *k) {
+            if let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k)
+            {
                 pending.remove(&oldest);
             }
         }
@@ -284,7 +288,10 @@ mod tests {
 
         let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(60));
         let ended = sessions.create(tenant, "t", "who".into(), Some(Instant::now()));
-        assert!(sessions.touch(&ended).is_none(), "the token's end bounds it");
+        assert!(
+            sessions.touch(&ended).is_none(),
+            "the token's end bounds it"
+        );
         let cookie = sessions.create(tenant, "t", "who".into(), None);
         sessions.end(&cookie);
         assert!(sessions.touch(&cookie).is_none(), "signed out");

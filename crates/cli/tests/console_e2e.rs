@@ -1,0 +1,230 @@
+//! The web console end to end: `keyplane serve` on 127.0.0.1 (either store) and a real OpenID
+//! provider (panva's `oidc-provider`, `../server/tests/oidc-provider/`, with its development login
+//! page), driven in Debian's Chromium by `playwright-core` (`tests/console/console.spec.mjs`).
+//! The spec signs in with a token and through the provider, creates a token and reads its secret
+//! once, rotates with a grace period, revokes, checks a read-only token and CSRF refusals, and
+//! signs out. It saves screenshots of each page at 375 and 1440 px under
+//! `target/console-screenshots/`; with `KEYPLANE_UPDATE_SCREENSHOTS=1` the SQLite run refreshes
+//! the README's, in `docs/console/`.
+//!
+//! Needs /usr/bin/chromium (Debian's `chromium`; `scripts/test` installs it) and Node.js with
+//! npm (the packages are installed with `npm ci` on first use). Without them these tests fail,
+//! they never skip.
+
+mod common;
+
+use common::*;
+use keyplane_store::testing::Backend;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+/// The whole browser run: a few dozen page loads and two dozen screenshots.
+const SPEC_LIMIT: Duration = Duration::from_secs(240);
+const CHROMIUM: &str = "/usr/bin/chromium";
+const AUDIENCE: &str = "https://api.keyplane.test";
+const OIDC_USER: &str = "e2e-user";
+
+both_stores!(console_end_to_end, console_can_be_turned_off);
+
+/// `--console=false`: no console routes at all; the API is unaffected.
+async fn console_can_be_turned_off(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let keyplane = Keyplane::start(&store, &["--console=false"], LIMIT).await;
+    for path in ["/console", "/console/login", "/console/api-tokens"] {
+        let response = keyplane.http.get(keyplane.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path} with the console off");
+    }
+    let org = store.bootstrap_org();
+    let listed = keyplane
+        .http
+        .get(keyplane.tokens_url(&org.id))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    drop(keyplane);
+
+    let on = Keyplane::start(&store, &[], LIMIT).await;
+    let response = on.http.get(on.url("/console/login")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the console is on by default");
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn console_dir() -> PathBuf {
+    manifest_dir().join("tests/console")
+}
+
+fn provider_dir() -> PathBuf {
+    manifest_dir().join("../server/tests/oidc-provider")
+}
+
+/// `npm ci` in `dir` unless `package` is installed there already.
+async fn npm_ci(dir: &Path, package: &str) {
+    if dir
+        .join("node_modules")
+        .join(package)
+        .join("package.json")
+        .exists()
+    {
+        return;
+    }
+    let output = run(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+            .current_dir(dir),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "`npm ci` in {} failed; the console tests need Node.js with npm and the npm registry \
+         once:\n{}",
+        dir.display(),
+        output.describe()
+    );
+}
+
+fn require_chromium() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the console tests drive Debian's Chromium at {CHROMIUM}, which is missing: install it \
+         with `apt-get install chromium` (scripts/test does when run as root)"
+    );
+}
+
+/// The OIDC provider with the console's client, killed when dropped.
+struct Provider {
+    _process: KillOnDrop,
+    issuer: String,
+}
+
+impl Provider {
+    fn start(port: u16, keys_file: &Path, console_callback: &str) -> Self {
+        let mut child = Command::new("node")
+            .arg("provider.mjs")
+            .current_dir(provider_dir())
+            .env("PORT", port.to_string())
+            .env("KEYS_FILE", keys_file)
+            .env("AUDIENCE", AUDIENCE)
+            .env("CONSOLE_REDIRECT_URI", console_callback)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node provider.mjs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let process = KillOnDrop(child);
+        let (ready, listening) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(issuer) = line.strip_prefix("listening on ") {
+                    let _ = ready.send(issuer.to_string());
+                }
+            }
+        });
+        let issuer = listening
+            .recv_timeout(LIMIT)
+            .expect("the OIDC provider prints `listening on` within the limit");
+        Self {
+            _process: process,
+            issuer,
+        }
+    }
+}
+
+async fn console_end_to_end(backend: Backend) {
+    require_chromium();
+    npm_ci(&console_dir(), "playwright-core").await;
+    npm_ci(&provider_dir(), "oidc-provider").await;
+
+    let store = TestStore::new(backend).await;
+    let provider_port = free_loopback_port();
+    let issuer = format!("http://127.0.0.1:{provider_port}");
+    let keyplane = Keyplane::start(
+        &store,
+        &[
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-audience",
+            AUDIENCE,
+            "--console-oidc-client-id",
+            "keyplane-console",
+            "--console-oidc-scope",
+            "openid keyplane",
+        ],
+        LIMIT,
+    )
+    .await;
+    let keys = tempfile::tempdir().expect("a temporary directory");
+    let provider = Provider::start(
+        provider_port,
+        &keys.path().join("keys.json"),
+        &keyplane.url("/console/oidc/callback"),
+    );
+    assert_eq!(provider.issuer, issuer);
+
+    let org = store.bootstrap_org();
+    let reader = keyplane
+        .create_token(&org, "reader", &["api_tokens:read"], None)
+        .await;
+    let mut grant = keyplane_command(&["admin", "grant", "--org", &org.id]);
+    grant
+        .args([
+            "--user-sub",
+            OIDC_USER,
+            "--issuer",
+            &issuer,
+            "--account-owner",
+        ])
+        .args(store.args());
+    let granted = run(&mut grant, LIMIT).await;
+    assert!(granted.status.success(), "{}", granted.describe());
+
+    let mut spec = Command::new("node");
+    spec.arg("console.spec.mjs")
+        .current_dir(console_dir())
+        .env("KP_URL", keyplane.url(""))
+        .env("KP_ORG", &org.id)
+        .env("KP_ROOT", &org.token)
+        .env("KP_READER", &reader.secret)
+        .env("KP_OIDC_USER", OIDC_USER);
+    // Every run keeps its screenshots under target/; the README's (docs/console/) are refreshed
+    // on request, so a test run leaves the tree as it was.
+    let shots = if backend == Backend::Sqlite
+        && std::env::var_os("KEYPLANE_UPDATE_SCREENSHOTS").is_some()
+    {
+        manifest_dir().join("../../docs/console")
+    } else {
+        manifest_dir().join(format!("../../target/console-screenshots/{backend:?}"))
+    };
+    spec.env("KP_SHOTS", &shots);
+    let output = run(&mut spec, SPEC_LIMIT).await;
+    println!("{}", output.stdout);
+    assert!(
+        output.status.success(),
+        "the console spec failed:\n{}\nserver log:\n{}",
+        output.describe(),
+        keyplane.log()
+    );
+    for secret in [&org.token, &reader.secret] {
+        assert!(
+            !keyplane.log().contains(secret.as_str()),
+            "a token reached the server log"
+        );
+    }
+}
+
+/// `keyplane <args>` with a clean environment.
+fn keyplane_command(args: &[&str]) -> Command {
+    let mut command = keyplane();
+    command.args(args);
+    command
+}
