@@ -28,7 +28,198 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const AUDIENCE: &str = "https://api.keyplane.test";
 const OIDC_USER: &str = "e2e-user";
 
-both_stores!(console_end_to_end, console_can_be_turned_off);
+both_stores!(
+    console_end_to_end,
+    console_can_be_turned_off,
+    console_http_rules
+);
+
+/// A client that shows redirects instead of following them, and ignores proxies.
+fn manual_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(LIMIT)
+        .build()
+        .expect("build an HTTP client")
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The value of cookie `name` in a response's `Set-Cookie` headers, and its attributes.
+fn set_cookie(response: &reqwest::Response, name: &str) -> (String, String) {
+    let line = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no Set-Cookie {name} in {:?}", response.headers()))
+        .to_owned();
+    let value = line[name.len() + 1..].split(';').next().unwrap().to_owned();
+    (value, line)
+}
+
+/// The hidden CSRF field's value in a page.
+fn csrf_in(html: &str) -> String {
+    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    html[start..start + html[start..].find('"').unwrap()].to_owned()
+}
+
+/// The console's HTTP rules without a browser: headers, cookies (with `--console-https`: `Secure`
+/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages.
+async fn console_http_rules(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let keyplane = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let org = store.bootstrap_org();
+    let http = manual_client();
+    let url = |path: &str| keyplane.url(path);
+
+    let first = http.get(url("/console")).send().await.unwrap();
+    assert_eq!(first.status(), 303);
+    assert_eq!(header(&first, "location"), "/console/login");
+    let csp = header(&first, "content-security-policy");
+    for rule in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+        "base-uri 'none'",
+    ] {
+        assert!(csp.contains(rule), "CSP {csp:?} lacks {rule}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(header(&first, "x-frame-options"), "DENY");
+    assert_eq!(header(&first, "cache-control"), "no-store");
+
+    let login = http.get(url("/console/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    let (login_cookie, attributes) = set_cookie(&login, "__Host-keyplane_login");
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(attributes.contains(attribute), "{attributes}");
+    }
+    let page = login.text().await.unwrap();
+    assert_eq!(csrf_in(&page), login_cookie);
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "no inline script or style"
+    );
+
+    let css = &page[page.find("/console/assets/console-").unwrap()..];
+    let css = &css[..css.find('"').unwrap()];
+    let asset = http.get(url(css)).send().await.unwrap();
+    assert_eq!(asset.status(), 200, "{css}");
+    assert!(header(&asset, "content-type").starts_with("text/"));
+    assert!(header(&asset, "cache-control").contains("immutable"));
+    let stale = http
+        .get(url("/console/assets/console-0000000000000000.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 404);
+
+    let sign_in = |cookie: Option<String>, csrf: &str, token: &str| {
+        let mut request = http
+            .post(url("/console/login"))
+            .form(&[("csrf", csrf), ("token", token)]);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", format!("__Host-keyplane_login={cookie}"));
+        }
+        request.send()
+    };
+    let no_cookie = sign_in(None, &login_cookie, &org.token).await.unwrap();
+    assert_eq!(no_cookie.status(), 403, "sign-in without its CSRF cookie");
+    let other = sign_in(Some(login_cookie.clone()), "forged", &org.token)
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 403, "sign-in with another CSRF token");
+    let bad = sign_in(
+        Some(login_cookie.clone()),
+        &login_cookie,
+        "aether_not_a_token",
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), 401);
+    let text = bad.text().await.unwrap();
+    assert!(
+        text.contains("was not accepted") && !text.contains("panicked"),
+        "{text}"
+    );
+
+    let signed_in = sign_in(Some(login_cookie.clone()), &login_cookie, &org.token)
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(header(&signed_in, "location"), "/console");
+    let (session, attributes) = set_cookie(&signed_in, "__Host-keyplane_session");
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(attributes.contains(attribute), "{attributes}");
+    }
+    assert!(!header(&signed_in, "set-cookie").contains(&org.token));
+    let cookie = format!("__Host-keyplane_session={session}");
+
+    let overview = http
+        .get(url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let page = overview.text().await.unwrap();
+    assert!(page.contains("<h1>Overview</h1>") && !page.contains(&org.token));
+    let csrf = csrf_in(&page);
+
+    let invalid = http
+        .post(url("/console/api-tokens"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("name", "   "),
+            ("scopes", "api_tokens:read"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invalid.status(), 422);
+    assert!(header(&invalid, "content-type").starts_with("text/html"));
+    assert!(invalid
+        .text()
+        .await
+        .unwrap()
+        .contains("name: must have at least 1 character"));
+
+    let logout = |csrf: &str| {
+        http.post(url("/console/logout"))
+            .header("cookie", &cookie)
+            .form(&[("csrf", csrf)])
+            .send()
+    };
+    assert_eq!(
+        logout("").await.unwrap().status(),
+        403,
+        "sign-out without CSRF"
+    );
+    let out = logout(&csrf).await.unwrap();
+    assert_eq!(out.status(), 303);
+    assert_eq!(header(&out, "location"), "/console/login?signed_out=1");
+    let after = http
+        .get(url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 303, "the session ended on the server");
+}
 
 /// `--console=false`: no console routes at all; the API is unaffected.
 async fn console_can_be_turned_off(backend: Backend) {

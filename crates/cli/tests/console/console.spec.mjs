@@ -55,8 +55,8 @@ const browser = await chromium.launch({
 });
 
 /// A fresh browser context (its own cookies); CSP violations and page errors fail the test.
-async function newPage(viewport = WIDTHS.wide) {
-  const context = await browser.newContext({ viewport });
+async function newPage(viewport = WIDTHS.wide, options = {}) {
+  const context = await browser.newContext({ viewport, ...options });
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
   page.on('console', (message) => {
@@ -256,8 +256,8 @@ try {
   await shoot(page, 'overview');
   log('service accounts, registry and robots, audit log and overview work');
 
-  // --- A read-only token ------------------------------------------------------------------------
-  const reader = await newPage();
+  // --- A read-only token, in another time zone ------------------------------------------------
+  const reader = await newPage(WIDTHS.wide, { timezoneId: 'Asia/Tokyo' });
   await signIn(reader.page, READER);
   await reader.page.goto(`${URL}/console/api-tokens`);
   await reader.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
@@ -270,8 +270,13 @@ try {
   check(forged.status === 403 && forged.text.includes('You may not do this'), `a forged create with a valid CSRF token is refused by the use case (${forged.status})`);
   const audit = await reader.page.goto(`${URL}/console/audit`);
   check(audit.status() === 403, `the audit page is refused (${audit.status()})`);
+  await reader.page.goto(`${URL}/console/api-tokens`);
+  const shown = reader.page.locator('tbody time').first();
+  const utc = await shown.getAttribute('title');
+  const local = await shown.textContent();
+  check(/GMT\+9|JST/.test(local) && utc.endsWith('Z'), `dates in the browser's time zone (${local}), UTC on hover (${utc})`);
   await shoot(reader.page, 'read-only');
-  log('a read-only token sees no create button and its forged POST is refused');
+  log('a read-only token sees no create button and its forged POST is refused; dates in its time zone');
 
   // --- Revoking the signed-in token ends its session ---------------------------------------------
   const victimToken = JSON.parse((await api('POST', `${API}/api-tokens`, ROOT, { name: 'e2e-session', scopes: ['api_tokens:read'] })).body);
