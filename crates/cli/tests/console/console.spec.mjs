@@ -222,6 +222,15 @@ try {
   check((await page.locator('#secret').textContent()).trim().length > 20, 'a service account secret is shown');
   await page.goto(`${URL}/console/service-accounts`);
   check((await page.textContent('tbody')).includes('e2e-worker'), 'the service account is listed');
+  await page.getByLabel('Grant', { exact: true }).selectOption('registry:read');
+  await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
+  await page.getByRole('status').filter({ hasText: 'Granted to “e2e-worker”' }).waitFor();
+  await page.getByLabel('Grant', { exact: true }).selectOption('audit:read');
+  await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
+  await page.getByRole('button', { name: 'Revoke grant registry:read of e2e-worker' }).click();
+  await page.getByRole('status').filter({ hasText: 'Revoked the grant' }).waitFor();
+  const grants = await page.locator('td[data-label="Grants"] code').allTextContents();
+  check(grants.join() === 'audit:read', `grants are given and revoked (${grants})`);
   await shoot(page, 'service-accounts');
 
   await page.goto(`${URL}/console/registry`);
@@ -254,7 +263,7 @@ try {
   await page.goto(`${URL}/console`);
   check((await page.textContent('main')).includes('Recent activity'), 'the overview shows recent activity');
   await shoot(page, 'overview');
-  log('service accounts, registry and robots, audit log and overview work');
+  log('service accounts and their grants, registry and robots, audit log and overview work');
 
   // --- A read-only token, in another time zone ------------------------------------------------
   const reader = await newPage(WIDTHS.wide, { timezoneId: 'Asia/Tokyo' });

@@ -145,6 +145,11 @@ pub(crate) fn routes() -> Router<App> {
             "/console/registry",
             get(pages::registry).post(pages::enable_registry),
         )
+        .route(
+            "/console/service-accounts/{id}/grants",
+            post(pages::create_grant),
+        )
+        .route("/console/grants/{id}/revoke", post(pages::revoke_grant))
         .route("/console/robots", post(pages::create_robot))
         .route(
             "/console/robots/{id}/permissions",

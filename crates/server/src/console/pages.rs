@@ -727,7 +727,7 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
         },
     )
     .await?;
-    let mut by_account: HashMap<uuid::Uuid, Vec<String>> = HashMap::new();
+    let mut by_account: HashMap<uuid::Uuid, Vec<(keyplane_core::GrantId, String)>> = HashMap::new();
     for grant in &grants {
         let mut text = match &grant.capability_key {
             Some(key) => key.as_str().to_string(),
@@ -739,22 +739,22 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
                 let _ = write!(text, " {id}");
             }
         }
-        by_account.entry(grant.subject_id).or_default().push(text);
+        by_account
+            .entry(grant.subject_id)
+            .or_default()
+            .push((grant.id, text));
     }
     // auth.manage reads and writes service accounts (as Hybridbox documents).
     let mut body = String::from(
-        "<p class=\"muted\">A service account holds what its grants confer. Grants are managed \
-         with <code>keyplane admin grant</code> or the Hybridbox authorizations API.</p>\
+        "<p class=\"muted\">A service account holds what its grants confer; you can give only \
+         rights you hold yourself.</p>\
          <div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Service accounts\"><thead><tr>\
          <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Grants</th>\
          <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>\
          <th scope=\"col\">Actions</th></tr></thead><tbody>",
     );
     for account in &accounts {
-        let grants = by_account
-            .get(&account.id.as_uuid())
-            .map(|g| g.iter().map(|t| code(t)).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|| "<span class=\"muted\">none</span>".into());
+        let grants = grants_cell(&console, account, by_account.get(&account.id.as_uuid()));
         let _ = write!(
             body,
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Grants\">{}</td>\
@@ -786,6 +786,133 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
     Ok(console
         .render(frame, "Service accounts", &body)
         .into_response())
+}
+
+/// A service account's grants, each with a revoke button, and a form to grant one more right.
+fn grants_cell(
+    console: &Console,
+    account: &Credential,
+    grants: Option<&Vec<(keyplane_core::GrantId, String)>>,
+) -> String {
+    let mut cell = String::new();
+    for (id, text) in grants.into_iter().flatten() {
+        let _ = write!(
+            cell,
+            "<div>{}{}</div>",
+            code(text),
+            post_form(
+                &format!("/console/grants/{}/revoke", id.as_uuid()),
+                &console.csrf,
+                "inline",
+                &format!(
+                    " <button type=\"submit\" class=\"link\" aria-label=\"Revoke grant {} of {}\">revoke</button>",
+                    esc(text),
+                    esc(&account.name)
+                ),
+            )
+        );
+    }
+    if cell.is_empty() {
+        cell.push_str("<div class=\"muted\">none</div>");
+    }
+    let rights = console.who.rights_in(console.tenant);
+    let mut options = String::new();
+    if rights.is_some_and(ScopeSet::holds_everything) {
+        options.push_str("<option value=\"account_owner\">account owner (everything)</option>");
+    }
+    for capability in Capability::ALL {
+        if rights.is_some_and(|r| r.grants(capability)) {
+            let _ = write!(
+                options,
+                "<option value=\"{0}\">{0}</option>",
+                capability.key()
+            );
+        }
+    }
+    let id = account.id.as_uuid();
+    let _ = write!(
+        cell,
+        "{}",
+        post_form(
+            &format!("/console/service-accounts/{id}/grants"),
+            &console.csrf,
+            "inline",
+            &format!(
+                "<label class=\"hint\" for=\"grant-{id}\">Grant</label> \
+                 <select id=\"grant-{id}\" name=\"right\">{options}</select> \
+                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {}\">Grant</button>",
+                esc(&account.name)
+            ),
+        )
+    );
+    cell
+}
+
+pub(crate) async fn create_grant(
+    console: Console,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    let form = console.form(&body)?;
+    let account = live_credential(&console, &KINDS[1], credential_id(&id)?).await?;
+    let (kind, capability_key) = match form.get("right").unwrap_or("") {
+        "account_owner" => (keyplane_core::GrantKind::AccountOwner, None),
+        key => match Capability::from_key(key) {
+            Some(capability) => (
+                keyplane_core::GrantKind::Capability,
+                Some(Scope::parse(capability.key()).expect("capability keys are scopes")),
+            ),
+            None => {
+                return Err(ConsoleError::page(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Choose a right from the list.",
+                ))
+            }
+        },
+    };
+    ops::create_grant(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        keyplane_core::NewGrant {
+            kind,
+            subject_type: SubjectType::ServiceAccount,
+            subject_id: account.id.as_uuid(),
+            capability_key,
+            resource: keyplane_core::GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        },
+    )
+    .await?;
+    Ok(console.done(
+        "/console/service-accounts",
+        format!("Granted to “{}”.", account.name),
+    ))
+}
+
+pub(crate) async fn revoke_grant(
+    console: Console,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    console.form(&body)?;
+    let id = keyplane_core::GrantId::parse(&id)
+        .ok_or_else(|| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such grant."))?;
+    ops::revoke_grant(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        id,
+    )
+    .await?;
+    Ok(console.done(
+        "/console/service-accounts",
+        "Revoked the grant.".to_string(),
+    ))
 }
 
 pub(crate) async fn create_service_account(console: Console, body: Bytes) -> PageResult {
