@@ -198,8 +198,19 @@ async fn console_http_rules(backend: Backend) {
         .unwrap()
         .contains("name: must have at least 1 character"));
 
+    // Sessions live in the store: a restarted server (or another replica) knows this one.
+    drop(keyplane);
+    let restarted = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let again = http
+        .get(restarted.url("/console/api-tokens"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "the session outlives a restart");
+
     let logout = |csrf: &str| {
-        http.post(url("/console/logout"))
+        http.post(restarted.url("/console/logout"))
             .header("cookie", &cookie)
             .form(&[("csrf", csrf)])
             .send()
@@ -213,7 +224,7 @@ async fn console_http_rules(backend: Backend) {
     assert_eq!(out.status(), 303);
     assert_eq!(header(&out, "location"), "/console/login?signed_out=1");
     let after = http
-        .get(url("/console"))
+        .get(restarted.url("/console"))
         .header("cookie", &cookie)
         .send()
         .await

@@ -354,6 +354,9 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
         }
         app.flush_usage().await;
         crate::idempotency::prune(&app).await;
+        if app.inner().config.console.enabled {
+            app.inner().console_sessions.prune(&app).await;
+        }
         app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().failed_auth {
             limiter.prune();

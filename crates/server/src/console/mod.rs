@@ -389,6 +389,9 @@ pub(crate) struct Console {
     pub csrf: String,
     pub cookie: CookieValue,
     pub context: RequestContext,
+    /// The one-time notice and sealed secret the session held when this request began.
+    pub notice: Option<String>,
+    pub sealed_secret: Option<Vec<u8>>,
 }
 
 impl FromRequestParts<App> for Console {
@@ -399,15 +402,15 @@ impl FromRequestParts<App> for Console {
             .and_then(CookieValue::parse)
             .ok_or(ConsoleError::SignIn)?;
         let sessions = &app.inner().console_sessions;
-        let session = sessions.touch(&cookie).ok_or(ConsoleError::SignIn)?;
-        let token = cookie
-            .open(&session.sealed_token)
+        let session = sessions
+            .touch(app, &cookie)
+            .await?
             .ok_or(ConsoleError::SignIn)?;
-        let who = match authenticate(app, &token).await {
+        let who = match authenticate(app, &session.token).await {
             Ok(who) => who,
             Err(AppError::Unauthenticated(_)) => {
                 // Revoked, suspended or expired since sign-in: the session ends with it.
-                sessions.end(&cookie);
+                sessions.end(app, &cookie).await?;
                 return Err(ConsoleError::SignIn);
             }
             Err(other) => return Err(other.into()),
@@ -421,8 +424,10 @@ impl FromRequestParts<App> for Console {
             who,
             tenant: session.tenant,
             label: session.who,
-            csrf: session.csrf,
+            csrf: cookie.csrf(),
             cookie,
+            notice: session.notice,
+            sealed_secret: session.sealed_secret,
             context: crate::audit::request_context(&parts.headers, &parts.extensions),
         })
     }
@@ -518,11 +523,18 @@ impl Console {
                 nav.push(html::NavItem { href, label });
             }
         }
+        if self.notice.is_some() {
+            self.app
+                .inner()
+                .console_sessions
+                .set_notice(&self.app, &self.cookie, None)
+                .await?;
+        }
         Ok(FrameData {
             tenant_name,
             nav,
             current,
-            notice: self.app.inner().console_sessions.take_notice(&self.cookie),
+            notice: self.notice.clone(),
         })
     }
 
@@ -543,12 +555,13 @@ impl Console {
     }
 
     /// Redirects (303) to `to`, showing `notice` there.
-    pub(crate) fn done(&self, to: &str, notice: String) -> Response {
+    pub(crate) async fn done(&self, to: &str, notice: String) -> Result<Response, ConsoleError> {
         self.app
             .inner()
             .console_sessions
-            .set_notice(&self.cookie, notice);
-        Redirect::to(to).into_response()
+            .set_notice(&self.app, &self.cookie, Some(&notice))
+            .await?;
+        Ok(Redirect::to(to).into_response())
     }
 }
 
@@ -669,14 +682,11 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
             None => who.id().to_string(),
         },
     };
-    let token_ends = who.expires_at.and_then(|at| {
-        let left = (at - app.now()).to_std().ok()?;
-        Some(std::time::Instant::now() + left)
-    });
     let cookie = app
         .inner()
         .console_sessions
-        .create(*tenant, token, label, token_ends);
+        .create(app, *tenant, token, label, who.expires_at)
+        .await?;
     tracing::info!(principal.id = %who.id(), tenant.id = %tenant, "console session started");
     let mut response = Redirect::to("/console").into_response();
     let headers = response.headers_mut();
@@ -694,7 +704,10 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
 async fn sign_out(console: Console, body: Bytes) -> Result<Response, ConsoleError> {
     console.form(&body)?;
     let app = &console.app;
-    app.inner().console_sessions.end(&console.cookie);
+    app.inner()
+        .console_sessions
+        .end(app, &console.cookie)
+        .await?;
     tracing::info!(principal.id = %console.who.id(), "console session ended");
     let mut response = Redirect::to("/console/login?signed_out=1").into_response();
     response.headers_mut().append(

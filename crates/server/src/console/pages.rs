@@ -159,25 +159,31 @@ fn expiry_fields() -> &'static str {
 }
 
 /// Shows `issued`'s secret once, on the secret page the browser is sent to.
-fn show_secret_once(
+async fn show_secret_once(
     console: &Console,
     issued: &ops::Issued,
     note: String,
     commands: Vec<String>,
-) -> Response {
+) -> PageResult {
     let credential = &issued.credential;
-    console.app.inner().console_sessions.set_secret(
-        &console.cookie,
-        SecretFlash {
-            kind: credential.kind,
-            id: credential.id,
-            name: credential.name.clone(),
-            sealed: console.cookie.seal(issued.secret.expose_secret()),
-            note,
-            commands,
-        },
-    );
-    Redirect::to("/console/secret").into_response()
+    console
+        .app
+        .inner()
+        .console_sessions
+        .set_secret(
+            &console.app,
+            &console.cookie,
+            &SecretFlash {
+                kind: credential.kind.as_str().to_string(),
+                id: credential.id.as_uuid(),
+                name: credential.name.clone(),
+                secret: issued.secret.expose_secret().to_string(),
+                note,
+                commands,
+            },
+        )
+        .await?;
+    Ok(Redirect::to("/console/secret").into_response())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -496,23 +502,24 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
         },
     )
     .await?;
-    Ok(show_secret_once(
-        &console,
-        &issued,
-        "Created.".into(),
-        Vec::new(),
-    ))
+    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
 }
 
 // ------------------------------------------------------------------------------------------------
 // The secret, once
 
 pub(crate) async fn secret(console: Console) -> PageResult {
-    let taken = console
-        .app
-        .inner()
-        .console_sessions
-        .take_secret(&console.cookie);
+    let taken = match &console.sealed_secret {
+        Some(sealed) => {
+            console
+                .app
+                .inner()
+                .console_sessions
+                .take_secret(&console.app, &console.cookie, sealed)
+                .await?
+        }
+        None => None,
+    };
     let frame = console.frame("").await?;
     let Some(flash) = taken else {
         let body =
@@ -525,10 +532,14 @@ pub(crate) async fn secret(console: Console) -> PageResult {
         )
             .into_response());
     };
-    let Some(secret) = console.cookie.open(&flash.sealed) else {
-        return Err(ConsoleError::SignIn);
+    let Some(kind) = flash.kind() else {
+        return Err(ConsoleError::page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The secret could not be shown.",
+        ));
     };
-    let page = kind_of(flash.kind);
+    let secret = &flash.secret;
+    let page = kind_of(kind);
     let mut body = format!(
         "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
          (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
@@ -539,8 +550,8 @@ pub(crate) async fn secret(console: Console) -> PageResult {
         note = esc(&flash.note),
         singular = page.singular,
         name = esc(&flash.name),
-        id = flash.id.as_uuid(),
-        secret = esc(&secret),
+        id = flash.id,
+        secret = esc(secret),
     );
     for command in &flash.commands {
         let _ = write!(body, "<pre class=\"cmd\">{}</pre>", esc(command));
@@ -646,7 +657,7 @@ pub(crate) async fn rotate(
         _ => "Rotated. The previous secret has stopped working.".into(),
     };
     let commands = robot_commands(&console, &issued.credential).await?;
-    Ok(show_secret_once(&console, &issued, note, commands))
+    show_secret_once(&console, &issued, note, commands).await
 }
 
 pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
@@ -691,10 +702,12 @@ pub(crate) async fn revoke(
         credential_id(&id)?,
     )
     .await?;
-    Ok(console.done(
-        kind.list,
-        format!("Revoked {} “{}”.", kind.singular, credential.name),
-    ))
+    console
+        .done(
+            kind.list,
+            format!("Revoked {} “{}”.", kind.singular, credential.name),
+        )
+        .await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -887,10 +900,12 @@ pub(crate) async fn create_grant(
         },
     )
     .await?;
-    Ok(console.done(
-        "/console/service-accounts",
-        format!("Granted to “{}”.", account.name),
-    ))
+    console
+        .done(
+            "/console/service-accounts",
+            format!("Granted to “{}”.", account.name),
+        )
+        .await
 }
 
 pub(crate) async fn revoke_grant(
@@ -909,10 +924,12 @@ pub(crate) async fn revoke_grant(
         id,
     )
     .await?;
-    Ok(console.done(
-        "/console/service-accounts",
-        "Revoked the grant.".to_string(),
-    ))
+    console
+        .done(
+            "/console/service-accounts",
+            "Revoked the grant.".to_string(),
+        )
+        .await
 }
 
 pub(crate) async fn create_service_account(console: Console, body: Bytes) -> PageResult {
@@ -936,12 +953,7 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
         },
     )
     .await?;
-    Ok(show_secret_once(
-        &console,
-        &issued,
-        "Created.".into(),
-        Vec::new(),
-    ))
+    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1102,12 +1114,13 @@ pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult
     let (_, issued) =
         ops::enable_registry(&console.app, &console.who, &console.context, console.tenant).await?;
     let commands = robot_commands(&console, &issued.credential).await?;
-    Ok(show_secret_once(
+    show_secret_once(
         &console,
         &issued,
         "The registry is enabled.".into(),
         commands,
-    ))
+    )
+    .await
 }
 
 pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
@@ -1134,12 +1147,7 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
     )
     .await?;
     let commands = robot_commands(&console, &issued.credential).await?;
-    Ok(show_secret_once(
-        &console,
-        &issued,
-        "Created.".into(),
-        commands,
-    ))
+    show_secret_once(&console, &issued, "Created.".into(), commands).await
 }
 
 pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {
@@ -1187,10 +1195,12 @@ pub(crate) async fn update_robot_permissions(
         permissions,
     )
     .await?;
-    Ok(console.done(
-        "/console/registry",
-        format!("Saved the permissions of “{}”.", robot.name),
-    ))
+    console
+        .done(
+            "/console/registry",
+            format!("Saved the permissions of “{}”.", robot.name),
+        )
+        .await
 }
 
 // ------------------------------------------------------------------------------------------------

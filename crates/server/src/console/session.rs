@@ -1,19 +1,24 @@
-//! Server-side console sessions. The browser holds only a random cookie value; the server keeps
+//! Server-side console sessions, in the store (`console_sessions`), so every replica knows them
+//! and a restart signs no one out. The browser holds only a random cookie value; the store keeps
 //! its SHA-256 and, sealed with a key derived from the cookie value (HKDF-SHA256 →
-//! ChaCha20-Poly1305), the credential the user signed in with. Every request unseals it and
-//! authenticates it through the normal `Verifier`, so a revocation, suspension or expiry of that
-//! credential ends the console session at once, and a copy of the server's memory without the
-//! browser's cookie holds no usable token.
+//! ChaCha20-Poly1305), the credential the user signed in with and any one-time secret waiting to
+//! be shown: a copy of the store (a backup) holds no usable token. Every request unseals the token
+//! and authenticates it through the normal `Verifier`, so a revocation, suspension or expiry of
+//! that credential ends the console session at once. The CSRF token is derived from the cookie
+//! value too, so nothing else is stored.
 //!
-//! Sessions live in this process (a restart signs everyone out; several replicas behind one name
-//! need sticky sessions): the console is for people, at human rates, and keeping the sealed token
-//! out of the store keeps it out of backups.
+//! Pending "Sign in with …" logins (ten minutes at most) stay in this process: behind several
+//! replicas, the issuer's redirect must reach the replica that started the login.
 
+use crate::app::App;
+use crate::error::AppError;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::ChaCha20Poly1305;
+use chrono::{DateTime, TimeDelta, Utc};
 use data_encoding::BASE64URL_NOPAD;
 use hkdf::Hkdf;
-use keyplane_core::{CredentialId, CredentialKind, TenantId};
+use keyplane_core::{CredentialKind, TenantId};
+use keyplane_store::ConsoleSession;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -21,9 +26,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
-/// More live sessions than this: the oldest are dropped first (a flood of sign-ins cannot grow
-/// memory without bound).
-const MAX_SESSIONS: usize = 10_000;
 /// Pending "Sign in with …" logins kept at once, and how long each may take.
 const MAX_PENDING: usize = 1_000;
 pub(crate) const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -61,6 +63,16 @@ impl CookieValue {
         ChaCha20Poly1305::new(&key.into())
     }
 
+    /// The session's CSRF token: derived from the cookie value, so the page can carry it while
+    /// the cookie itself stays out of reach of scripts.
+    pub(crate) fn csrf(&self) -> String {
+        let mut token = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(b"keyplane console csrf v1", &mut token)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        BASE64URL_NOPAD.encode(&token)
+    }
+
     /// Seals `secret` so that only a request bearing this cookie can read it back.
     pub(crate) fn seal(&self, secret: &str) -> Sealed {
         let mut nonce = [0u8; 12];
@@ -87,34 +99,49 @@ pub(crate) struct Sealed {
     ciphertext: Vec<u8>,
 }
 
+impl Sealed {
+    /// Nonce, then ciphertext: how the store keeps it.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        [&self.nonce[..], &self.ciphertext].concat()
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (nonce, ciphertext) = bytes.split_first_chunk::<12>()?;
+        Some(Self {
+            nonce: *nonce,
+            ciphertext: ciphertext.to_vec(),
+        })
+    }
+}
+
 /// A secret to show once, on the next visit of the secret page.
-#[derive(Clone)]
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct SecretFlash {
-    pub kind: CredentialKind,
-    pub id: CredentialId,
+    pub kind: String,
+    pub id: uuid::Uuid,
     pub name: String,
-    pub sealed: Sealed,
-    /// What the secret page says it came from ("created", "rotated; the old secret works until …").
+    pub secret: String,
+    /// What the secret page says it came from ("Created.", "Rotated. The previous secret …").
     pub note: String,
     /// Robots: the login lines for docker and skopeo (they read the secret from stdin).
     pub commands: Vec<String>,
 }
 
-#[derive(Clone)]
+impl SecretFlash {
+    pub(crate) fn kind(&self) -> Option<CredentialKind> {
+        CredentialKind::parse(&self.kind)
+    }
+}
+
+/// A live session, as a request sees it.
 pub(crate) struct Session {
     pub tenant: TenantId,
     /// The credential (API token, service-account secret or user access token) it acts with.
-    pub sealed_token: Sealed,
-    pub csrf: String,
+    pub token: String,
     /// Who signed in, for the header: a token's name or a user's subject.
     pub who: String,
-    pub created: Instant,
-    pub last_seen: Instant,
-    /// The absolute end: the absolute timeout, or earlier when the signed-in token expires.
-    pub ends: Instant,
-    /// A one-time message for the next page.
     pub notice: Option<String>,
-    pub secret: Option<SecretFlash>,
+    pub sealed_secret: Option<Vec<u8>>,
 }
 
 /// A started "Sign in with …": what the callback must match.
@@ -126,11 +153,13 @@ pub(crate) struct PendingLogin {
 }
 
 pub(crate) struct Sessions {
-    live: Mutex<HashMap<[u8; 32], Session>>,
     pending: Mutex<HashMap<[u8; 32], PendingLogin>>,
     idle: Duration,
     absolute: Duration,
 }
+
+/// Sessions pruned per store call (the background work calls it every few seconds).
+const PRUNE_BATCH: u32 = 500;
 
 pub(crate) fn random_text() -> String {
     let mut bytes = [0u8; 32];
@@ -143,96 +172,137 @@ pub(crate) fn same_text(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
+fn delta(duration: Duration) -> TimeDelta {
+    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
+}
+
 impl Sessions {
     pub(crate) fn new(idle: Duration, absolute: Duration) -> Self {
         Self {
-            live: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             idle,
             absolute,
         }
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Starts a session acting with `token` in `tenant`; `token_ends` bounds it further (an access
-    /// token's expiry). Returns the cookie value for the browser.
-    pub(crate) fn create(
+    /// Starts a session acting with `token` in `tenant`, ending at the absolute timeout or at
+    /// `token_ends` (an access token's expiry), whichever comes first. Returns the cookie value
+    /// for the browser.
+    pub(crate) async fn create(
         &self,
+        app: &App,
         tenant: TenantId,
         token: &str,
         who: String,
-        token_ends: Option<Instant>,
-    ) -> CookieValue {
+        token_ends: Option<DateTime<Utc>>,
+    ) -> Result<CookieValue, AppError> {
         let cookie = CookieValue::fresh();
-        let now = Instant::now();
-        let absolute = now + self.absolute;
-        let session = Session {
-            tenant,
-            sealed_token: cookie.seal(token),
-            csrf: random_text(),
-            who,
-            created: now,
-            last_seen: now,
-            ends: token_ends.map_or(absolute, |end| end.min(absolute)),
-            notice: None,
-            secret: None,
+        let now = app.now();
+        let absolute = now + delta(self.absolute);
+        app.store()
+            .insert_console_session(&ConsoleSession {
+                id_hash: cookie.id(),
+                tenant_id: tenant,
+                sealed_token: cookie.seal(token).to_bytes(),
+                label: who,
+                created_at: now,
+                last_seen_at: now,
+                ends_at: token_ends.map_or(absolute, |end| end.min(absolute)),
+                notice: None,
+                sealed_secret: None,
+            })
+            .await?;
+        Ok(cookie)
+    }
+
+    /// The live session of `cookie`, touched (its idle timer restarts); `None` when there is none
+    /// or it timed out.
+    pub(crate) async fn touch(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+    ) -> Result<Option<Session>, AppError> {
+        let now = app.now();
+        let Some(stored) = app
+            .store()
+            .touch_console_session(&cookie.id(), now, now - delta(self.idle))
+            .await?
+        else {
+            return Ok(None);
         };
-        let mut live = self.live();
-        live.retain(|_, s| self.is_alive(s, now));
-        while live.len() >= MAX_SESSIONS {
-            let Some(oldest) = live.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| *k) else {
-                break;
-            };
-            live.remove(&oldest);
+        let Some(token) = Sealed::from_bytes(&stored.sealed_token).and_then(|s| cookie.open(&s))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Session {
+            tenant: stored.tenant_id,
+            token,
+            who: stored.label,
+            notice: stored.notice,
+            sealed_secret: stored.sealed_secret,
+        }))
+    }
+
+    pub(crate) async fn end(&self, app: &App, cookie: &CookieValue) -> Result<(), AppError> {
+        Ok(app.store().delete_console_session(&cookie.id()).await?)
+    }
+
+    pub(crate) async fn set_notice(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        notice: Option<&str>,
+    ) -> Result<(), AppError> {
+        Ok(app
+            .store()
+            .set_console_session_notice(&cookie.id(), notice)
+            .await?)
+    }
+
+    pub(crate) async fn set_secret(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        secret: &SecretFlash,
+    ) -> Result<(), AppError> {
+        let json = serde_json::to_string(secret)
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("serialize a console secret: {e}")))?;
+        Ok(app
+            .store()
+            .set_console_session_secret(&cookie.id(), &cookie.seal(&json).to_bytes())
+            .await?)
+    }
+
+    /// The secret `sealed` (read with the session), taken out of the store: of two requests, one
+    /// gets it, and a reload finds nothing.
+    pub(crate) async fn take_secret(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        sealed: &[u8],
+    ) -> Result<Option<SecretFlash>, AppError> {
+        if !app
+            .store()
+            .take_console_session_secret(&cookie.id(), sealed)
+            .await?
+        {
+            return Ok(None);
         }
-        live.insert(cookie.id(), session);
-        cookie
+        Ok(Sealed::from_bytes(sealed)
+            .and_then(|s| cookie.open(&s))
+            .and_then(|json| serde_json::from_str(&json).ok()))
     }
 
-    fn is_alive(&self, session: &Session, now: Instant) -> bool {
-        now < session.ends && now.duration_since(session.last_seen) < self.idle
-    }
-
-    /// The live session of `cookie`, touched (its idle timer restarts). An expired one is removed.
-    pub(crate) fn touch(&self, cookie: &CookieValue) -> Option<Session> {
-        let now = Instant::now();
-        let mut live = self.live();
-        let id = cookie.id();
-        let session = live.get_mut(&id)?;
-        if !self.is_alive(session, now) {
-            live.remove(&id);
-            return None;
+    /// Forgets ended and idle sessions (the background work).
+    pub(crate) async fn prune(&self, app: &App) {
+        let now = app.now();
+        if let Err(error) = app
+            .store()
+            .prune_console_sessions(now, now - delta(self.idle), PRUNE_BATCH)
+            .await
+        {
+            tracing::warn!(error = %error, "pruning console sessions failed; the next round retries");
         }
-        session.last_seen = now;
-        Some(session.clone())
-    }
-
-    pub(crate) fn end(&self, cookie: &CookieValue) {
-        self.live().remove(&cookie.id());
-    }
-
-    pub(crate) fn set_notice(&self, cookie: &CookieValue, notice: String) {
-        if let Some(session) = self.live().get_mut(&cookie.id()) {
-            session.notice = Some(notice);
-        }
-    }
-
-    pub(crate) fn take_notice(&self, cookie: &CookieValue) -> Option<String> {
-        self.live().get_mut(&cookie.id())?.notice.take()
-    }
-
-    pub(crate) fn set_secret(&self, cookie: &CookieValue, secret: SecretFlash) {
-        if let Some(session) = self.live().get_mut(&cookie.id()) {
-            session.secret = Some(secret);
-        }
-    }
-
-    /// The secret waiting to be shown, removed: a reload finds nothing.
-    pub(crate) fn take_secret(&self, cookie: &CookieValue) -> Option<SecretFlash> {
-        self.live().get_mut(&cookie.id())?.secret.take()
     }
 
     /// Remembers a started OIDC login under the browser's pending-login cookie.
@@ -278,22 +348,13 @@ mod tests {
     }
 
     #[test]
-    fn idle_and_absolute_timeouts_end_a_session() {
-        let sessions = Sessions::new(Duration::from_millis(50), Duration::from_secs(60));
-        let tenant = TenantId::from_uuid(uuid::Uuid::new_v4());
-        let cookie = sessions.create(tenant, "t", "who".into(), None);
-        assert!(sessions.touch(&cookie).is_some());
-        std::thread::sleep(Duration::from_millis(80));
-        assert!(sessions.touch(&cookie).is_none(), "idle timeout");
-
-        let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(60));
-        let ended = sessions.create(tenant, "t", "who".into(), Some(Instant::now()));
-        assert!(
-            sessions.touch(&ended).is_none(),
-            "the token's end bounds it"
-        );
-        let cookie = sessions.create(tenant, "t", "who".into(), None);
-        sessions.end(&cookie);
-        assert!(sessions.touch(&cookie).is_none(), "signed out");
+    fn sealed_bytes_round_trip_and_csrf_is_per_cookie() {
+        let cookie = CookieValue::fresh();
+        let bytes = cookie.seal("t").to_bytes();
+        let sealed = Sealed::from_bytes(&bytes).expect("nonce and ciphertext");
+        assert_eq!(cookie.open(&sealed).as_deref(), Some("t"));
+        assert!(Sealed::from_bytes(&bytes[..5]).is_none());
+        assert_eq!(cookie.csrf(), cookie.csrf());
+        assert_ne!(cookie.csrf(), CookieValue::fresh().csrf());
     }
 }
