@@ -389,6 +389,19 @@ async fn console_end_to_end(backend: Backend) {
         .args(store.args());
     let granted = run(&mut grant, LIMIT).await;
     assert!(granted.status.success(), "{}", granted.describe());
+    // A second organization where the user may only read tokens: the console offers to switch.
+    let mut create = keyplane_command(&["admin", "create-org", "--name", "second", "--json"]);
+    create.args(store.args());
+    let created = run(&mut create, LIMIT).await;
+    assert!(created.status.success(), "{}", created.describe());
+    let second = Org::from_json(created.stdout.trim());
+    let mut grant = keyplane_command(&["admin", "grant", "--org", &second.id]);
+    grant
+        .args(["--user-sub", OIDC_USER, "--issuer", &issuer])
+        .args(["--capability", "api_tokens:read"])
+        .args(store.args());
+    let granted = run(&mut grant, LIMIT).await;
+    assert!(granted.status.success(), "{}", granted.describe());
 
     let mut spec = Command::new("node");
     spec.arg("console.spec.mjs")

@@ -313,7 +313,15 @@ try {
     check(!userCookies.some((c) => c.value.split('.').length === 3), 'no JWT in any cookie');
     await user.page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'API tokens' }).click();
     await user.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
-    log(`signed in with the OIDC provider as ${OIDC_USER}`);
+    check(await user.page.getByRole('button', { name: 'Create token' }).count() === 1, 'an account owner may create');
+    // The user also holds api_tokens:read in a second organization.
+    await user.page.getByLabel('Organization', { exact: true }).selectOption({ label: 'second' });
+    await user.page.getByRole('button', { name: 'Switch' }).click();
+    await user.page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+    check((await user.page.textContent('header .tenant')) === 'second', 'switched to the second organization');
+    await user.page.goto(`${URL}/console/api-tokens`);
+    check(await user.page.getByRole('button', { name: 'Create token' }).count() === 0, 'there it may only read');
+    log(`signed in with the OIDC provider as ${OIDC_USER}, and switched organizations`);
   }
 
   // --- Sign-out ends the session on the server -----------------------------------------------------

@@ -60,6 +60,8 @@ pub(crate) struct NavItem {
 pub(crate) struct Frame<'a> {
     pub who: &'a str,
     pub tenant_name: &'a str,
+    /// The other organizations the principal holds rights in (a user may have several).
+    pub other_tenants: &'a [(uuid::Uuid, String)],
     pub csrf: &'a str,
     pub nav: Vec<NavItem>,
     pub current: &'static str,
@@ -98,9 +100,30 @@ pub(crate) fn page(frame: &Frame<'_>, title: &str, body: &str) -> String {
             item.href, item.label
         );
     }
+    let switcher = if frame.other_tenants.is_empty() {
+        String::new()
+    } else {
+        let mut options = format!(
+            "<option value=\"\" selected>{}</option>",
+            esc(frame.tenant_name)
+        );
+        for (id, name) in frame.other_tenants {
+            let _ = write!(options, "<option value=\"{id}\">{}</option>", esc(name));
+        }
+        post_form(
+            "/console/organization",
+            frame.csrf,
+            "inline",
+            &format!(
+                " <label for=\"organization\" class=\"hint\">Organization</label> \
+                 <select id=\"organization\" name=\"organization\" required>{options}</select> \
+                 <button type=\"submit\" class=\"secondary\">Switch</button>"
+            ),
+        )
+    };
     let header = format!(
         "<header class=\"top\"><div class=\"brand\"><a href=\"/console\">keyplane</a>\
-         <span class=\"tenant\">{tenant}</span></div>\
+         <span class=\"tenant\">{tenant}</span>{switcher}</div>\
          <nav aria-label=\"Console\"><ul>{nav}</ul></nav>\
          <div class=\"who\"><span>Signed in as <strong>{who}</strong></span>{signout}</div></header>",
         tenant = esc(frame.tenant_name),

@@ -130,6 +130,7 @@ pub(crate) fn routes() -> Router<App> {
         .route("/console/", get(|| async { Redirect::to("/console") }))
         .route("/console/login", get(sign_in_page).post(sign_in))
         .route("/console/logout", post(sign_out))
+        .route("/console/organization", post(switch_organization))
         .route("/console/oidc/start", get(oidc_login::start))
         .route("/console/oidc/callback", get(oidc_login::callback))
         .route("/console/assets/{name}", get(assets::serve))
@@ -392,6 +393,10 @@ pub(crate) struct Console {
     /// The one-time notice and sealed secret the session held when this request began.
     pub notice: Option<String>,
     pub sealed_secret: Option<Vec<u8>>,
+    /// The token the session acts with, and the session's end (to move it to another
+    /// organization).
+    token: String,
+    ends_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl FromRequestParts<App> for Console {
@@ -428,6 +433,8 @@ impl FromRequestParts<App> for Console {
             cookie,
             notice: session.notice,
             sealed_secret: session.sealed_secret,
+            token: session.token,
+            ends_at: session.ends_at,
             context: crate::audit::request_context(&parts.headers, &parts.extensions),
         })
     }
@@ -523,6 +530,22 @@ impl Console {
                 nav.push(html::NavItem { href, label });
             }
         }
+        // A user may hold rights in several organizations (at most a page of them is offered).
+        let mut other_tenants = Vec::new();
+        for (tenant, _) in self.who.tenants().iter().take(50) {
+            if *tenant == self.tenant {
+                continue;
+            }
+            if let Some(found) = self
+                .app
+                .store()
+                .get_tenant(*tenant)
+                .await
+                .map_err(AppError::from)?
+            {
+                other_tenants.push((tenant.as_uuid(), found.name));
+            }
+        }
         if self.notice.is_some() {
             self.app
                 .inner()
@@ -532,6 +555,7 @@ impl Console {
         }
         Ok(FrameData {
             tenant_name,
+            other_tenants,
             nav,
             current,
             notice: self.notice.clone(),
@@ -544,6 +568,7 @@ impl Console {
             &html::Frame {
                 who: &self.label,
                 tenant_name: &frame.tenant_name,
+                other_tenants: &frame.other_tenants,
                 csrf: &self.csrf,
                 nav: frame.nav,
                 current: frame.current,
@@ -567,6 +592,7 @@ impl Console {
 
 pub(crate) struct FrameData {
     tenant_name: String,
+    other_tenants: Vec<(uuid::Uuid, String)>,
     nav: Vec<html::NavItem>,
     current: &'static str,
     notice: Option<String>,
@@ -697,6 +723,41 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
     headers.append(
         header::SET_COOKIE,
         clear_cookie(app, login_cookie_name(app)),
+    );
+    Ok(response)
+}
+
+/// Moves a principal with rights in several organizations to another one: a new session there
+/// (a new cookie), the old one ended.
+async fn switch_organization(console: Console, body: Bytes) -> Result<Response, ConsoleError> {
+    let form = console.form(&body)?;
+    let Some(tenant) = form.text("organization").and_then(TenantId::parse) else {
+        return Ok(Redirect::to("/console").into_response());
+    };
+    if console.who.rights_in(tenant).is_none() {
+        return Err(AppError::from(DomainError::NotFound).into());
+    }
+    let app = &console.app;
+    let cookie = app
+        .inner()
+        .console_sessions
+        // The new session ends when the old one would have: switching extends nothing.
+        .create(
+            app,
+            tenant,
+            &console.token,
+            console.label.clone(),
+            Some(console.ends_at),
+        )
+        .await?;
+    app.inner()
+        .console_sessions
+        .end(app, &console.cookie)
+        .await?;
+    let mut response = Redirect::to("/console").into_response();
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
     );
     Ok(response)
 }

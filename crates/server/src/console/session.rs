@@ -142,6 +142,7 @@ pub(crate) struct Session {
     pub who: String,
     pub notice: Option<String>,
     pub sealed_secret: Option<Vec<u8>>,
+    pub ends_at: DateTime<Utc>,
 }
 
 /// A started "Sign in with …": what the callback must match.
@@ -240,6 +241,7 @@ impl Sessions {
             who: stored.label,
             notice: stored.notice,
             sealed_secret: stored.sealed_secret,
+            ends_at: stored.ends_at,
         }))
     }
 
