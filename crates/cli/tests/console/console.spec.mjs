@@ -116,7 +116,7 @@ async function postFromPage(page, action, fields) {
 
 try {
   // --- Sign in with a token ----------------------------------------------------------------
-  const { context, page } = await newPage();
+  const { context, page } = await newPage(WIDTHS.wide, { permissions: ['clipboard-read', 'clipboard-write'] });
   await page.goto(`${URL}/console`);
   await page.getByRole('heading', { name: 'Sign in to keyplane' }).waitFor();
   const headers = (await page.request.get(`${URL}/console/login`)).headers();
@@ -151,12 +151,15 @@ try {
   check(/^aether_[A-Za-z0-9]+/.test(secret), `the page shows the new secret (${secret.slice(0, 7)}…)`);
   const again = await page.request.get(page.url());
   check(!(await again.text()).includes(secret), 'a second fetch of the page does not show it');
+  await page.getByRole('button', { name: 'Copy' }).click();
+  await page.getByText('Copied.').waitFor();
+  check(await page.evaluate(() => navigator.clipboard.readText()) === secret, 'the copy button copies the secret');
   const used = await api('GET', `${API}/api-tokens`, secret);
   check(used.status === 200, `the shown secret works on the API (${used.status})`);
   await page.goto(`${URL}/console/api-tokens`);
   await page.goBack();
   check(!(await page.content()).includes(secret), 'going back does not show the secret again');
-  log('created a token; its secret works and is shown once');
+  log('created a token; its secret is copied by the button, works, and is shown once');
 
   // A second token, to show the secret page (its secret masked in the screenshot).
   await page.goto(`${URL}/console/api-tokens`);
@@ -313,14 +316,17 @@ try {
     check(!userCookies.some((c) => c.value.split('.').length === 3), 'no JWT in any cookie');
     await user.page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'API tokens' }).click();
     await user.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
-    check(await user.page.getByRole('button', { name: 'Create token' }).count() === 1, 'an account owner may create');
-    // The user also holds api_tokens:read in a second organization.
-    await user.page.getByLabel('Organization', { exact: true }).selectOption({ label: 'second' });
+    // The user owns `default` and may only read tokens in `second`; it starts in either.
+    const mayCreate = async () => (await user.page.getByRole('button', { name: 'Create token' }).count()) === 1;
+    const first = await user.page.textContent('header .tenant');
+    check(await mayCreate() === (first === 'default'), `rights as granted in ${first}`);
+    const other = first === 'default' ? 'second' : 'default';
+    await user.page.getByLabel('Organization', { exact: true }).selectOption({ label: other });
     await user.page.getByRole('button', { name: 'Switch' }).click();
     await user.page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
-    check((await user.page.textContent('header .tenant')) === 'second', 'switched to the second organization');
+    check((await user.page.textContent('header .tenant')) === other, `switched to ${other}`);
     await user.page.goto(`${URL}/console/api-tokens`);
-    check(await user.page.getByRole('button', { name: 'Create token' }).count() === 0, 'there it may only read');
+    check(await mayCreate() === (other === 'default'), `rights as granted in ${other}`);
     log(`signed in with the OIDC provider as ${OIDC_USER}, and switched organizations`);
   }
 
