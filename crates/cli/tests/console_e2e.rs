@@ -209,6 +209,56 @@ async fn console_http_rules(backend: Backend) {
         .unwrap();
     assert_eq!(again.status(), 200, "the session outlives a restart");
 
+    // The audit log pages 50 events at a time, newest first.
+    for i in 0..55 {
+        restarted
+            .create_token(&org, &format!("paged-{i:02}"), &["api_tokens:read"], None)
+            .await;
+    }
+    let audit_page = |query: String| {
+        http.get(restarted.url(&format!("/console/audit{query}")))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let newest = audit_page(String::new())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(newest.matches("<tr><td data-label=\"When\">").count(), 50);
+    assert!(
+        newest.contains("paged-54") && !newest.contains("paged-04"),
+        "newest first"
+    );
+    let older = newest
+        .split("before=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("an \"Older events\" link");
+    let oldest = audit_page(format!("?before={older}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(oldest.contains("paged-04") && oldest.contains("organization.created"));
+    assert!(
+        !oldest.contains("paged-54") && !oldest.contains("rel=\"next\""),
+        "the last page"
+    );
+    let filtered = audit_page("?action=organization.&outcome=success".into())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        filtered.matches("<tr><td data-label=\"When\">").count(),
+        1,
+        "the action filter"
+    );
+
     let logout = |csrf: &str| {
         http.post(restarted.url("/console/logout"))
             .header("cookie", &cookie)
