@@ -11,6 +11,7 @@ pub mod auth;
 pub mod client_addr;
 pub mod config;
 mod connection;
+pub mod console;
 mod docs;
 pub mod error;
 mod extract;
