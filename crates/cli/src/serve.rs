@@ -151,6 +151,23 @@ pub struct ServeArgs {
     /// address per minute; 0 turns the limit off. Behind a proxy, see --trusted-proxies.
     #[arg(long, env = "KEYPLANE_PUBLIC_REVOKE_PER_MINUTE", default_value_t = 10)]
     public_revoke_per_minute: u32,
+    /// Serve HTTPS with this PEM certificate chain (leaf first): TLS 1.2 and 1.3, HTTP/2 or
+    /// HTTP/1.1 by ALPN. Reloaded without a restart when the file changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "KEYPLANE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(
+        long,
+        env = "KEYPLANE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -196,6 +213,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             })
         }
         None => None,
+    };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = keyplane_server::tls::TlsFiles { cert, key };
+            files
+                .load()
+                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
+            Some(files)
+        }
+        _ => None,
     };
     keyplane_server::leaks::check_keys_url(&args.github_secret_scanning_keys_url)
         .map_err(|e| anyhow::anyhow!("--github-secret-scanning-keys-url: {e}"))?;
@@ -244,14 +271,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         public_revoke_per_minute: args.public_revoke_per_minute,
+        tls,
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(address = %listener.local_addr()?, scheme, "listening");
     let app = App::new(store.clone(), config);
-    reopen_audit_log_on_sighup(app.clone());
+    reload_on_sighup(app.clone());
     keyplane_server::serve(listener, app, shutdown_signal()).await?;
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
@@ -315,8 +348,9 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// `logrotate` renames the file and sends SIGHUP: the export reopens its path.
-fn reopen_audit_log_on_sighup(app: App) {
+/// SIGHUP: the audit log export reopens its path (`logrotate` renamed the file) and the TLS
+/// certificate and key are read again.
+fn reload_on_sighup(app: App) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hangups) =
@@ -325,8 +359,9 @@ fn reopen_audit_log_on_sighup(app: App) {
             return;
         };
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reopening the audit log");
+            tracing::info!("SIGHUP: reopening the audit log, reloading the TLS certificate");
             app.reopen_audit_log();
+            app.reload_tls();
         }
     });
 }

@@ -33,6 +33,8 @@ pub(crate) struct Inner {
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     pub leak_jobs: crate::leaks::LeakJobs,
+    /// Notified on SIGHUP: the TLS certificate and key are read again.
+    pub reload_tls: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -73,6 +75,7 @@ impl App {
             github_keys,
             public_revoke_limiter,
             leak_jobs: crate::leaks::LeakJobs::new(),
+            reload_tls: Arc::new(tokio::sync::Notify::new()),
         }))
     }
 
@@ -128,6 +131,12 @@ impl App {
     /// Reopens the `--audit-log` file (after an outside tool renamed it).
     pub fn reopen_audit_log(&self) {
         self.0.reopen_audit_log.notify_one();
+    }
+
+    /// Reads the `--tls-cert` / `--tls-key` files again (SIGHUP); a pair that does not load is
+    /// logged and the previous one keeps serving.
+    pub fn reload_tls(&self) {
+        self.0.reload_tls.notify_one();
     }
 
     /// Writes pending `last_used_at` updates now (shutdown, tests).

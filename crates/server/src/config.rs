@@ -41,6 +41,9 @@ pub struct Config {
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
     /// off.
     pub public_revoke_per_minute: u32,
+    /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key, reloaded when the
+    /// files change or on `App::reload_tls`; `None`: plain HTTP/1.1.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
@@ -145,6 +148,7 @@ impl Default for Config {
             lifecycle_sweep_interval: Duration::from_secs(60),
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
+            tls: None,
         }
     }
 }

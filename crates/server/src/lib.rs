@@ -28,6 +28,7 @@ mod ratelimit;
 pub mod registry;
 mod router;
 mod system;
+pub mod tls;
 mod usage;
 pub mod verify;
 pub mod wire;

@@ -254,25 +254,40 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // First, so that a certificate that does not load stops `serve` before anything starts.
+    let (stop_background, stopped) = tokio::sync::watch::channel(false);
+    let (tls, tls_watch) = match app.inner().config.tls.clone() {
+        Some(files) => {
+            let (current, task) = crate::tls::watch_files(
+                files,
+                app.inner().reload_tls.clone(),
+                std::time::Duration::from_secs(1),
+                stopped.clone(),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            (Some(current), Some(task))
+        }
+        None => (None, None),
+    };
     let verifier_app = app.clone();
     app.store()
         .listen_invalidations(std::sync::Arc::new(move |event| {
             verifier_app.inner().verifier.invalidate(event)
         }));
-    let (stop_background, stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
     crate::connection::serve_http(
         listener,
         router(app.clone()),
         &app.inner().config.http,
+        tls,
         shutdown,
     )
     .await;
     // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
     let _ = stop_background.send(true);
     let _ = background.await;
-    for task in audit_tasks {
+    for task in audit_tasks.into_iter().chain(tls_watch) {
         let _ = task.await;
     }
     app.inner()
