@@ -35,6 +35,7 @@ pub(crate) struct Inner {
     pub leak_jobs: crate::leaks::LeakJobs,
     /// Notified on SIGHUP: the TLS certificate and key are read again.
     pub reload_tls: Arc<tokio::sync::Notify>,
+    pub revocation_streams: crate::revocations::RevocationStreams,
 }
 
 impl App {
@@ -56,6 +57,7 @@ impl App {
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
         let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
+        let config_max_streams = config.max_revocation_streams;
         let public_revoke_limiter = crate::ratelimit::KeyedRateLimiter::new(
             config.public_revoke_per_minute,
             config.public_revoke_per_minute,
@@ -76,6 +78,7 @@ impl App {
             public_revoke_limiter,
             leak_jobs: crate::leaks::LeakJobs::new(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),
+            revocation_streams: crate::revocations::RevocationStreams::new(config_max_streams),
         }))
     }
 
@@ -126,6 +129,7 @@ impl App {
         self.0
             .verifier
             .invalidate(keyplane_store::Invalidation::Subject(subject));
+        self.0.revocation_streams.wake();
     }
 
     /// Reopens the `--audit-log` file (after an outside tool renamed it).

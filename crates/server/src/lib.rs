@@ -26,6 +26,7 @@ mod openapi;
 pub mod ops;
 mod ratelimit;
 pub mod registry;
+pub mod revocations;
 mod router;
 mod system;
 pub mod tls;

@@ -58,6 +58,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .merge(crate::verify::routes())
         .merge(crate::system::routes())
         .merge(crate::leaks::routes())
+        .merge(crate::revocations::routes())
 }
 
 pub(crate) fn openapi_document() -> OpenApiDoc {
@@ -272,10 +273,17 @@ pub async fn serve(
     let verifier_app = app.clone();
     app.store()
         .listen_invalidations(std::sync::Arc::new(move |event| {
-            verifier_app.inner().verifier.invalidate(event)
+            verifier_app.inner().verifier.invalidate(event);
+            verifier_app.inner().revocation_streams.wake();
         }));
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
+    let streams_app = app.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Open streams never finish on their own: end them so their connections can close.
+        streams_app.inner().revocation_streams.stop();
+    };
     crate::connection::serve_http(
         listener,
         router(app.clone()),

@@ -16,5 +16,6 @@ mod logs;
 mod oidc;
 mod operations;
 mod pg_proxy;
+mod revocations;
 mod robots;
 mod verify;
