@@ -11,10 +11,11 @@
 //!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
-//! or the id is ahead of the chain): the client must forget what it cached. Heartbeat comments
-//! every `revocation_heartbeat` say the stream is alive. A stream ends when the store cannot be
-//! read (the client reconnects with `Last-Event-ID`), when the caller's own credential stops
-//! verifying, or when the server stops.
+//! or the id is ahead of the chain): the client must forget what it cached. A heartbeat comment
+//! after `revocation_heartbeat` without an event, sent right after a successful read of the
+//! head, says the stream is alive and up to date (a stuck store stops the heartbeats too). A
+//! stream ends when the store cannot be read (the client reconnects with `Last-Event-ID`), when
+//! the caller's own credential stops verifying, or when the server stops.
 
 use crate::app::App;
 use crate::auth::bearer_token;
@@ -22,7 +23,7 @@ use crate::error::{ApiError, AppError};
 use crate::verify::Verification;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
@@ -221,15 +222,15 @@ async fn revocation_stream(
         wake: streams.wake.subscribe(),
         stop: streams.stop.subscribe(),
         poll: config.revocation_poll_interval,
+        heartbeat,
+        last_sent: tokio::time::Instant::now(),
         _permit: permit,
     };
     let events = futures::stream::unfold(stream, |mut stream| async move {
         let event = stream.next().await?;
         Some((Ok::<_, std::convert::Infallible>(event), stream))
     });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
-        .into_response())
+    Ok(Sse::new(events).into_response())
 }
 
 /// One open stream: where it is in its tenant's chain and the events read but not yet sent.
@@ -247,6 +248,10 @@ struct Stream {
     wake: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
     poll: Duration,
+    /// A heartbeat is sent when nothing else was for this long, and only right after the head
+    /// was read: it tells the client the stream is alive *and* up to date.
+    heartbeat: Duration,
+    last_sent: tokio::time::Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -255,12 +260,19 @@ impl Stream {
     async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
+                self.last_sent = tokio::time::Instant::now();
                 return Some(event);
             }
             if self.head <= self.cursor {
+                let heartbeat_due = self.last_sent + self.heartbeat;
+                if heartbeat_due <= tokio::time::Instant::now() {
+                    self.last_sent = tokio::time::Instant::now();
+                    return Some(Event::default().comment("heartbeat"));
+                }
+                let next_read = (tokio::time::Instant::now() + self.poll).min(heartbeat_due);
                 tokio::select! {
                     _ = self.wake.changed() => {}
-                    () = tokio::time::sleep(self.poll) => {}
+                    () = tokio::time::sleep_until(next_read) => {}
                     _ = self.stop.wait_for(|stop| *stop) => return None,
                 }
                 if self
