@@ -168,6 +168,13 @@ pub struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<std::path::PathBuf>,
+    /// Revocation streams (`GET /v1/revocations/stream`) open at once; more answer 429.
+    #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_revocation_streams: u64,
+    /// Seconds between heartbeats on an idle revocation stream; clients take a stream silent for
+    /// two heartbeats for dead, so keep it well below their max_staleness.
+    #[arg(long, env = "KEYPLANE_REVOCATION_HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    revocation_heartbeat_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -272,6 +279,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         public_revoke_per_minute: args.public_revoke_per_minute,
         tls,
+        max_revocation_streams: args.max_revocation_streams as usize,
+        revocation_heartbeat: Duration::from_secs(args.revocation_heartbeat_seconds),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
