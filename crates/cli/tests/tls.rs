@@ -402,3 +402,68 @@ async fn a_bad_or_mismatched_pair_stops_the_start_with_one_line() {
     // Nothing was bootstrapped: the start stopped before touching the store.
     assert!(!store.data_dir_has("bootstrap.json"));
 }
+
+/// The revocation stream over HTTP/2 with TLS; a stop ends it at once rather than waiting for
+/// the shutdown deadline.
+#[tokio::test]
+async fn revocation_stream_over_http2_ends_when_the_server_stops() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let mut server = start(&store, &leaf).await;
+    let org = store.bootstrap_org();
+
+    let stream = connect(&server, &ca.client(&rustls::version::TLS13, b"h2")).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::get("https://localhost/v1/revocations/stream")
+        .header("authorization", format!("Bearer {}", org.token))
+        .body(String::new())
+        .unwrap();
+    let response = tokio::time::timeout(LIMIT, sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while !text.contains("event: ready") {
+        let frame = tokio::time::timeout(
+            LIMIT,
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)),
+        )
+        .await
+        .expect("the ready event in time")
+        .expect("the stream stays open")
+        .expect("a frame");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    let pid = server.process.0.id().to_string();
+    let stopped = Instant::now();
+    let term = run(
+        std::process::Command::new("kill").args(["-TERM", &pid]),
+        LIMIT,
+    )
+    .await;
+    assert!(term.status.success(), "{}", term.describe());
+    // The default shutdown deadline is 20 s: an open stream must not hold the stop that long.
+    let status = common::wait_for_exit(&mut server.process.0, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("serve still runs 5 s after SIGTERM:\n{}", server.log()));
+    assert!(status.success(), "{status}");
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    let ended = tokio::time::timeout(LIMIT, async {
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends with the server");
+}
