@@ -60,8 +60,10 @@ where
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(|v| v.split_once(' '))
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim());
             let verified = match presented {
                 Some(token) => verifier.verify(token).await,
                 None => Err(VerifyError::Inactive),

@@ -115,6 +115,8 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether the credential holds `scope`, as forward-auth's `scope` check decides: `*` covers
+    /// every scope.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope || s == "*")
     }

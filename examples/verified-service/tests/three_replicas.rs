@@ -256,6 +256,25 @@ async fn a_revoke_anywhere_is_refused_within_the_bound_and_a_cut_stream_misses_n
     let before = world.verifier.metrics();
     assert!(before.cache_hits >= 1, "{before:?}");
     assert_eq!(world.hello("aether_not-even-close").await, 401);
+    let anonymous = world
+        .http
+        .get(format!("{}/hello", world.service))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    let lower_case = world
+        .http
+        .get(format!("{}/hello", world.service))
+        .header("authorization", format!("bearer {a}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower_case.status(), 200);
+    assert!(lower_case.text().await.unwrap().contains(&a_id));
+    let malformed_before = world.verifier.metrics().malformed;
+    assert!(malformed_before >= 1 && world.verifier.metrics().introspections <= 3);
 
     // Revoked through replica 1; the service verifies through replica 2.
     world.revoke(0, &a_id).await;
