@@ -331,6 +331,18 @@ async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
     let event = stream.next().await;
     assert_revocation(&event, "api_token.revoked", "api_token", &id);
     assert!(seq(&event) > head);
+
+    // An id whose events were pruned (retention) cannot be resumed either.
+    let store = app.app.store();
+    let future = chrono::Utc::now() + chrono::TimeDelta::days(1);
+    while store.prune_audit_events(future, 1000).await.unwrap() > 0 {}
+    let mut pruned = SseReader::connect(&app, &verifier, Some("1")).await;
+    let reset = pruned.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(seq(&reset), seq(&event));
+    // While an id still inside the chain resumes as usual.
+    let mut current = SseReader::connect(&app, &verifier, Some(&seq(&event).to_string())).await;
+    assert_eq!(current.next().await.event, "ready");
 }
 
 async fn stream_count_is_bounded_and_heartbeats_flow(backend: Backend) {
