@@ -2,8 +2,9 @@
 //! provider (panva's `oidc-provider`, `../server/tests/oidc-provider/`, with its development login
 //! page), driven in Debian's Chromium by `playwright-core` (`tests/console/console.spec.mjs`).
 //! The spec signs in with a token and through the provider, creates a token and reads its secret
-//! once, rotates with a grace period, revokes, checks a read-only token and CSRF refusals, and
-//! signs out. It saves screenshots of each page at 375 and 1440 px under
+//! once, rotates with a grace period, revokes, manages a webhook (secret once, edit, deliveries
+//! to a loopback receiver and a retry, rotation, deletion), checks a read-only token and CSRF
+//! refusals, and signs out. It saves screenshots of each page at 375 and 1440 px under
 //! `target/console-screenshots/`; with `KEYPLANE_UPDATE_SCREENSHOTS=1` the SQLite run refreshes
 //! the README's, in `docs/console/`.
 //!
@@ -403,6 +404,7 @@ async fn console_end_to_end(backend: Backend) {
     let keyplane = Keyplane::start(
         &store,
         &[
+            "--webhook-allow-private-targets",
             "--oidc-issuer",
             &issuer,
             "--oidc-audience",
@@ -453,6 +455,8 @@ async fn console_end_to_end(backend: Backend) {
     let granted = run(&mut grant, LIMIT).await;
     assert!(granted.status.success(), "{}", granted.describe());
 
+    let receiver = Receiver::start(LIMIT).await;
+
     let mut spec = Command::new("node");
     spec.arg("console.spec.mjs")
         .current_dir(console_dir())
@@ -460,6 +464,7 @@ async fn console_end_to_end(backend: Backend) {
         .env("KP_ORG", &org.id)
         .env("KP_ROOT", &org.token)
         .env("KP_READER", &reader.secret)
+        .env("KP_HOOK_URL", &receiver.url)
         .env("KP_OIDC_USER", OIDC_USER);
     // Every run keeps its screenshots under target/; the README's (docs/console/) are refreshed
     // on request, so a test run leaves the tree as it was.
@@ -479,6 +484,9 @@ async fn console_end_to_end(backend: Backend) {
         output.describe(),
         keyplane.log()
     );
+    // The delivery the spec saw, and its retry, reached the receiver (the rotation and deletion
+    // events do not match the webhook's `api_token.*`).
+    assert_eq!(receiver.count(), 2, "deliveries the receiver answered");
     for secret in [&org.token, &reader.secret] {
         assert!(
             !keyplane.log().contains(secret.as_str()),
