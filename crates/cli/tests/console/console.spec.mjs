@@ -344,7 +344,22 @@ try {
   await shoot(page, 'webhook-deliveries');
   const forgedRetry = await postFromPage(page, `/console/webhooks/${hookId}/deliveries/${hookId}/retry`, { csrf: 'x'.repeat(43) });
   check(forgedRetry.status === 403, `a retry without the session's CSRF token is refused (${forgedRetry.status})`);
-  log('the delivery is shown with its response code and latency, and retried');
+  const deliveryId = (await page.locator('tbody td[data-label="Event"] code').nth(1).textContent()).trim();
+  await page.goto(`${URL}/console/webhooks/${hookId}`);
+  await page.getByRole('checkbox', { name: 'Enabled' }).uncheck();
+  await page.getByRole('button', { name: 'Save webhook' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the webhook' }).waitFor();
+  check((await page.locator('tbody td[data-label="Enabled"]').first().textContent()).trim() === 'no', 'the list shows it disabled');
+  await page.goto(`${URL}/console/webhooks/${hookId}/deliveries`);
+  check(await page.getByRole('button', { name: /^Retry/ }).count() === 0, 'no retry button while the webhook is disabled');
+  const disabledRetry = await postFromPage(page, `/console/webhooks/${hookId}/deliveries/${deliveryId}/retry`, { csrf: await csrfOf(page) });
+  check(disabledRetry.status === 409 && disabledRetry.text.includes('disabled'), `a retry of a disabled webhook's delivery is refused (${disabledRetry.status})`);
+  await page.goto(`${URL}/console/webhooks/${hookId}`);
+  await page.getByRole('checkbox', { name: 'Enabled' }).check();
+  await page.getByRole('button', { name: 'Save webhook' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the webhook' }).waitFor();
+  check(JSON.parse((await api('GET', `${API}/webhooks/${hookId}`, ROOT)).body).enabled, 'enabled again');
+  log('the delivery is shown with its response code and latency, and retried; not while the webhook is disabled');
 
   await page.goto(`${URL}/console/webhooks`);
   await page.getByRole('link', { name: 'Rotate the secret of e2e-hook' }).click();
@@ -401,7 +416,7 @@ try {
   const local = await shown.textContent();
   check(/GMT\+9|JST/.test(local) && utc.endsWith('Z'), `dates in the browser's time zone (${local}), UTC on hover (${utc})`);
   await shoot(reader.page, 'read-only');
-  log('a read-only token sees no create button and its forged POST is refused; dates in its time zone');
+  log('a read-only token sees no create button and no Webhooks page; its forged POSTs are refused; dates in its time zone');
 
   // --- Revoking the signed-in token ends its session ---------------------------------------------
   const victimToken = JSON.parse((await api('POST', `${API}/api-tokens`, ROOT, { name: 'e2e-session', scopes: ['api_tokens:read'] })).body);

@@ -471,17 +471,22 @@ pub(crate) async fn deliveries(
                 None => "—".into(),
             },
         };
-        let retry = post_form(
-            &format!("{LIST}/{id}/deliveries/{}/retry", delivery.event_id),
-            &console.csrf,
-            "inline",
-            &format!(
-                "<button type=\"submit\" class=\"secondary\" \
-                 aria-label=\"Retry the delivery of {action} {event}\">Retry</button>",
-                action = esc(&delivery.action),
-                event = delivery.event_id,
-            ),
-        );
+        // A disabled webhook's deliveries cannot be retried (the use case refuses with 409).
+        let retry = if !webhook.enabled {
+            "<span class=\"muted\">—</span>".to_string()
+        } else {
+            post_form(
+                &format!("{LIST}/{id}/deliveries/{}/retry", delivery.event_id),
+                &console.csrf,
+                "inline",
+                &format!(
+                    "<button type=\"submit\" class=\"secondary\" \
+                     aria-label=\"Retry the delivery of {action} {event}\">Retry</button>",
+                    action = esc(&delivery.action),
+                    event = delivery.event_id,
+                ),
+            )
+        };
         let _ = write!(
             body,
             "<tr><td data-label=\"Event\">{action}<br>{event}</td>\
