@@ -76,7 +76,8 @@ fn csrf_in(html: &str) -> String {
 }
 
 /// The console's HTTP rules without a browser: headers, cookies (with `--console-https`: `Secure`
-/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages.
+/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages, paging of the audit log
+/// and of a webhook's deliveries.
 async fn console_http_rules(backend: Backend) {
     let store = TestStore::new(backend).await;
     let keyplane = Keyplane::start(&store, &["--console-https"], LIMIT).await;
@@ -201,7 +202,12 @@ async fn console_http_rules(backend: Backend) {
 
     // Sessions live in the store: a restarted server (or another replica) knows this one.
     drop(keyplane);
-    let restarted = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let restarted = Keyplane::start(
+        &store,
+        &["--console-https", "--webhook-allow-private-targets"],
+        LIMIT,
+    )
+    .await;
     let again = http
         .get(restarted.url("/console/api-tokens"))
         .header("cookie", &cookie)
@@ -209,6 +215,21 @@ async fn console_http_rules(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again.status(), 200, "the session outlives a restart");
+
+    // A webhook for the tokens below: its deliveries page as the audit log does.
+    let receiver = Receiver::start(LIMIT).await;
+    let hook: serde_json::Value = restarted
+        .http
+        .post(restarted.url(&format!("/api/v1/organizations/{}/webhooks", org.id)))
+        .bearer_auth(&org.token)
+        .json(&serde_json::json!({"url": receiver.url, "events": ["api_token.*"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hook_id = hook["id"].as_str().expect("a webhook id").to_owned();
 
     // The audit log pages 50 events at a time, newest first.
     for i in 0..55 {
@@ -259,6 +280,35 @@ async fn console_http_rules(backend: Backend) {
         1,
         "the action filter"
     );
+
+    // A webhook's deliveries: 50 a page, newest first, then the older ones; a bad filter is a
+    // message page.
+    let deliveries = |query: String| {
+        http.get(restarted.url(&format!("/console/webhooks/{hook_id}/deliveries{query}")))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let first_page = deliveries(String::new()).await.unwrap();
+    assert_eq!(first_page.status(), 200);
+    let first_page = first_page.text().await.unwrap();
+    assert_eq!(first_page.matches("<td data-label=\"Status\">").count(), 50);
+    let cursor = first_page
+        .split("cursor=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("an \"Older deliveries\" link");
+    let last_page = deliveries(format!("?cursor={cursor}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(last_page.matches("<td data-label=\"Status\">").count(), 5);
+    assert!(!last_page.contains("rel=\"next\""), "the last page");
+    let bad = deliveries("?status=lost".into()).await.unwrap();
+    assert_eq!(bad.status(), 422);
+    assert!(bad.text().await.unwrap().contains("Choose a status filter"));
+    drop(receiver);
 
     let logout = |csrf: &str| {
         http.post(restarted.url("/console/logout"))
