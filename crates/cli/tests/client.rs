@@ -8,7 +8,8 @@
 mod common;
 
 use common::{
-    both_stores, free_loopback_port, keyplane, CommandOutput, Keyplane, KillOnDrop, TestStore,
+    both_stores, free_loopback_port, keyplane, CommandOutput, Keyplane, KillOnDrop, Receiver,
+    TestStore,
 };
 use keyplane_store::testing::Backend;
 use serde_json::Value;
@@ -1075,76 +1076,6 @@ async fn revoke_leaked(cli: &Cli) {
     );
 }
 
-/// A webhook receiver on loopback: answers every request 204 and counts them.
-struct Receiver {
-    url: String,
-    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Receiver {
-    async fn start() -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let received = std::sync::Arc::new(AtomicUsize::new(0));
-        let counter = received.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    // Reads the head and a Content-Length body (bounded), then answers.
-                    let mut request = Vec::new();
-                    let mut buffer = [0u8; 4096];
-                    let complete = loop {
-                        let Ok(Ok(n)) =
-                            tokio::time::timeout(TIMEOUT, stream.read(&mut buffer)).await
-                        else {
-                            break false;
-                        };
-                        if n == 0 || request.len() > 1 << 20 {
-                            break false;
-                        }
-                        request.extend_from_slice(&buffer[..n]);
-                        let text = String::from_utf8_lossy(&request).to_lowercase();
-                        if let Some(end) = text.find("\r\n\r\n") {
-                            let length = text[..end]
-                                .lines()
-                                .find_map(|line| line.strip_prefix("content-length:"))
-                                .and_then(|value| value.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            if request.len() >= end + 4 + length {
-                                break true;
-                            }
-                        }
-                    };
-                    if complete {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        let answer = "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
-                        let _ = stream.write_all(answer.as_bytes()).await;
-                    }
-                });
-            }
-        });
-        Self {
-            url,
-            received,
-            task,
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.received.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Asserts a create or rotate-secret answer printed its secret once on stdout and warned on
 /// stderr in one line without it.
 fn secret_once(output: &CommandOutput, secret: &str) {
@@ -1167,7 +1098,7 @@ fn secret_once(output: &CommandOutput, secret: &str) {
 /// `keyplane webhooks ...`: every command in table and JSON, the signing secret printed only by
 /// create and rotate-secret, and a real delivery to a receiver on loopback, listed and retried.
 async fn webhooks(cli: &Cli) {
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::start(TIMEOUT).await;
     assert_eq!(
         cli.json(&["webhooks", "list"]).await,
         serde_json::json!({"items": []})

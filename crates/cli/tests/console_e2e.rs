@@ -2,8 +2,9 @@
 //! provider (panva's `oidc-provider`, `../server/tests/oidc-provider/`, with its development login
 //! page), driven in Debian's Chromium by `playwright-core` (`tests/console/console.spec.mjs`).
 //! The spec signs in with a token and through the provider, creates a token and reads its secret
-//! once, rotates with a grace period, revokes, checks a read-only token and CSRF refusals, and
-//! signs out. It saves screenshots of each page at 375 and 1440 px under
+//! once, rotates with a grace period, revokes, manages a webhook (secret once, edit, deliveries
+//! to a loopback receiver and a retry, rotation, deletion), checks a read-only token and CSRF
+//! refusals, and signs out. It saves screenshots of each page at 375 and 1440 px under
 //! `target/console-screenshots/`; with `KEYPLANE_UPDATE_SCREENSHOTS=1` the SQLite run refreshes
 //! the README's, in `docs/console/`.
 //!
@@ -75,7 +76,8 @@ fn csrf_in(html: &str) -> String {
 }
 
 /// The console's HTTP rules without a browser: headers, cookies (with `--console-https`: `Secure`
-/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages.
+/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages, paging of the audit log
+/// and of a webhook's deliveries.
 async fn console_http_rules(backend: Backend) {
     let store = TestStore::new(backend).await;
     let keyplane = Keyplane::start(&store, &["--console-https"], LIMIT).await;
@@ -200,7 +202,12 @@ async fn console_http_rules(backend: Backend) {
 
     // Sessions live in the store: a restarted server (or another replica) knows this one.
     drop(keyplane);
-    let restarted = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let restarted = Keyplane::start(
+        &store,
+        &["--console-https", "--webhook-allow-private-targets"],
+        LIMIT,
+    )
+    .await;
     let again = http
         .get(restarted.url("/console/api-tokens"))
         .header("cookie", &cookie)
@@ -208,6 +215,21 @@ async fn console_http_rules(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again.status(), 200, "the session outlives a restart");
+
+    // A webhook for the tokens below: its deliveries page as the audit log does.
+    let receiver = Receiver::start(LIMIT).await;
+    let hook: serde_json::Value = restarted
+        .http
+        .post(restarted.url(&format!("/api/v1/organizations/{}/webhooks", org.id)))
+        .bearer_auth(&org.token)
+        .json(&serde_json::json!({"url": receiver.url, "events": ["api_token.*"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hook_id = hook["id"].as_str().expect("a webhook id").to_owned();
 
     // The audit log pages 50 events at a time, newest first.
     for i in 0..55 {
@@ -258,6 +280,35 @@ async fn console_http_rules(backend: Backend) {
         1,
         "the action filter"
     );
+
+    // A webhook's deliveries: 50 a page, newest first, then the older ones; a bad filter is a
+    // message page.
+    let deliveries = |query: String| {
+        http.get(restarted.url(&format!("/console/webhooks/{hook_id}/deliveries{query}")))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let first_page = deliveries(String::new()).await.unwrap();
+    assert_eq!(first_page.status(), 200);
+    let first_page = first_page.text().await.unwrap();
+    assert_eq!(first_page.matches("<td data-label=\"Status\">").count(), 50);
+    let cursor = first_page
+        .split("cursor=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("an \"Older deliveries\" link");
+    let last_page = deliveries(format!("?cursor={cursor}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(last_page.matches("<td data-label=\"Status\">").count(), 5);
+    assert!(!last_page.contains("rel=\"next\""), "the last page");
+    let bad = deliveries("?status=lost".into()).await.unwrap();
+    assert_eq!(bad.status(), 422);
+    assert!(bad.text().await.unwrap().contains("Choose a status filter"));
+    drop(receiver);
 
     let logout = |csrf: &str| {
         http.post(restarted.url("/console/logout"))
@@ -403,6 +454,7 @@ async fn console_end_to_end(backend: Backend) {
     let keyplane = Keyplane::start(
         &store,
         &[
+            "--webhook-allow-private-targets",
             "--oidc-issuer",
             &issuer,
             "--oidc-audience",
@@ -453,6 +505,8 @@ async fn console_end_to_end(backend: Backend) {
     let granted = run(&mut grant, LIMIT).await;
     assert!(granted.status.success(), "{}", granted.describe());
 
+    let receiver = Receiver::start(LIMIT).await;
+
     let mut spec = Command::new("node");
     spec.arg("console.spec.mjs")
         .current_dir(console_dir())
@@ -460,6 +514,7 @@ async fn console_end_to_end(backend: Backend) {
         .env("KP_ORG", &org.id)
         .env("KP_ROOT", &org.token)
         .env("KP_READER", &reader.secret)
+        .env("KP_HOOK_URL", &receiver.url)
         .env("KP_OIDC_USER", OIDC_USER);
     // Every run keeps its screenshots under target/; the README's (docs/console/) are refreshed
     // on request, so a test run leaves the tree as it was.
@@ -479,6 +534,9 @@ async fn console_end_to_end(backend: Backend) {
         output.describe(),
         keyplane.log()
     );
+    // The delivery the spec saw, and its retry, reached the receiver (the rotation and deletion
+    // events do not match the webhook's `api_token.*`).
+    assert_eq!(receiver.count(), 2, "deliveries the receiver answered");
     for secret in [&org.token, &reader.secret] {
         assert!(
             !keyplane.log().contains(secret.as_str()),

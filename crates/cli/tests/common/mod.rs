@@ -421,3 +421,73 @@ fn listening_address(line: &str) -> Option<String> {
     }
     event["address"].as_str().map(str::to_owned)
 }
+
+/// A webhook receiver on loopback: answers every request 204 and counts them.
+pub struct Receiver {
+    pub url: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Each connection is read for at most `limit`.
+    pub async fn start(limit: Duration) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    // Reads the head and a Content-Length body (bounded), then answers.
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    let complete = loop {
+                        let Ok(Ok(n)) = tokio::time::timeout(limit, stream.read(&mut buffer)).await
+                        else {
+                            break false;
+                        };
+                        if n == 0 || request.len() > 1 << 20 {
+                            break false;
+                        }
+                        request.extend_from_slice(&buffer[..n]);
+                        let text = String::from_utf8_lossy(&request).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|line| line.strip_prefix("content-length:"))
+                                .and_then(|value| value.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                break true;
+                            }
+                        }
+                    };
+                    if complete {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            received,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -4,6 +4,7 @@
 //   KP_ORG          the organization id
 //   KP_ROOT         a token with scope `*`
 //   KP_READER       a token with only `api_tokens:read`
+//   KP_HOOK_URL     a webhook receiver on loopback that answers 204
 //   KP_SHOTS        where to save screenshots (optional)
 //   KP_OIDC_USER    when set, the login name to use at the OIDC provider's login page
 // Exits non-zero with a message on the first failed check.
@@ -17,7 +18,8 @@ const ROOT = process.env.KP_ROOT;
 const READER = process.env.KP_READER;
 const SHOTS = process.env.KP_SHOTS;
 const OIDC_USER = process.env.KP_OIDC_USER;
-for (const [name, value] of Object.entries({ KP_URL: URL, KP_ORG: ORG, KP_ROOT: ROOT, KP_READER: READER })) {
+const HOOK_URL = process.env.KP_HOOK_URL;
+for (const [name, value] of Object.entries({ KP_URL: URL, KP_ORG: ORG, KP_ROOT: ROOT, KP_READER: READER, KP_HOOK_URL: HOOK_URL })) {
   if (!value) throw new Error(`${name} is required`);
 }
 const API = `${URL}/api/v1/organizations/${ORG}`;
@@ -95,6 +97,16 @@ async function signIn(page, token) {
   await page.getByLabel('API token or service-account token').fill(token);
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+}
+
+/// Reloads `page` until `await ready()` holds, at most 40 times half a second apart.
+async function reloadUntil(page, ready, what) {
+  for (let i = 0; i < 40; i++) {
+    if (await ready()) return;
+    await page.waitForTimeout(500);
+    await page.reload();
+  }
+  throw new Error(`check failed: ${what} (not within 20 s)`);
 }
 
 async function csrfOf(page) {
@@ -268,6 +280,113 @@ try {
   await shoot(page, 'overview');
   log('service accounts and their grants, registry and robots, audit log and overview work');
 
+  // --- Webhooks and their deliveries -----------------------------------------------------------
+  await page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'Webhooks' }).click();
+  await page.getByRole('heading', { name: 'Webhooks', level: 1 }).waitFor();
+  const badHook = await postFromPage(page, '/console/webhooks', {
+    csrf: await csrfOf(page), url: 'ftp://example.com/', events: 'Not An Action', description: '',
+  });
+  check(badHook.status === 422 && badHook.text.includes('url: ') && badHook.text.includes('events #1: '),
+    `a bad URL and event pattern are refused field by field (${badHook.status})`);
+  await page.getByLabel('URL', { exact: true }).fill(HOOK_URL);
+  await page.getByLabel('Events', { exact: true }).fill('api_token.*');
+  await page.getByLabel(/^Description/).fill('e2e-hook');
+  check(await page.getByRole('checkbox', { name: 'Enabled' }).isChecked(), 'a new webhook is enabled by default');
+  await page.getByRole('button', { name: 'Create webhook' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const hookSecret = (await page.locator('#secret').textContent()).trim();
+  check(/^whsec_[A-Za-z0-9+/=]{40,}$/.test(hookSecret), `the webhook's signing secret is shown (${hookSecret.slice(0, 6)}…)`);
+  check((await page.textContent('main')).includes('webhook e2e-hook'), 'the secret page names the webhook');
+  check(await page.getByRole('button', { name: 'Done' }).isDisabled(), '"Done" waits for "I have stored it"');
+  await page.reload();
+  await page.getByRole('heading', { name: 'Secret no longer shown' }).waitFor();
+  check(!(await page.content()).includes(hookSecret), 'after a reload the signing secret is gone');
+  await page.goto(`${URL}/console/webhooks`);
+  const hookRow = page.locator('tbody tr').filter({ hasText: 'e2e-hook' });
+  check((await hookRow.textContent()).includes(HOOK_URL), 'the list shows the webhook and its URL');
+  check(!(await page.content()).includes(hookSecret), 'the list does not show the secret');
+  const hooks = JSON.parse((await api('GET', `${API}/webhooks`, ROOT)).body).items;
+  check(hooks.length === 1 && hooks[0].events.join() === 'api_token.*' && hooks[0].enabled, `the API sees the webhook (${JSON.stringify(hooks)})`);
+  const hookId = hooks[0].id;
+  log('created a webhook; its signing secret is shown once');
+
+  await page.getByRole('link', { name: 'Edit e2e-hook' }).click();
+  await page.getByRole('heading', { name: 'Edit e2e-hook' }).waitFor();
+  check(await page.getByLabel('URL', { exact: true }).inputValue() === HOOK_URL, 'the edit form holds the URL');
+  await page.getByLabel('Events', { exact: true }).fill('api_token.* robot_account.created');
+  await shoot(page, 'webhook-edit');
+  await page.getByRole('button', { name: 'Save webhook' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the webhook “e2e-hook”' }).waitFor();
+  const edited = JSON.parse((await api('GET', `${API}/webhooks/${hookId}`, ROOT)).body);
+  check(edited.events.join() === 'api_token.*,robot_account.created', `the edit is saved (${edited.events})`);
+  await shoot(page, 'webhooks');
+  log('edited the webhook');
+
+  const hookToken = await api('POST', `${API}/api-tokens`, ROOT, { name: 'e2e-hook-trigger', scopes: ['api_tokens:read'] });
+  check(hookToken.status === 201, `a token is created to trigger a delivery (${hookToken.status})`);
+  await page.getByRole('link', { name: 'Deliveries of e2e-hook' }).click();
+  await page.getByRole('heading', { name: 'Deliveries of e2e-hook' }).waitFor();
+  const attempts = async () => (await page.locator('tbody td[data-label="Attempts"]').first().textContent()).trim();
+  const deliveryStatus = async () => (await page.locator('tbody td[data-label="Status"]').first().textContent()).trim();
+  await reloadUntil(page, async () => await page.locator('tbody td[data-label="Status"]').count() > 0 && await deliveryStatus() === 'succeeded',
+    'the api_token.created delivery succeeds');
+  const row = await page.locator('tbody tr').first().textContent();
+  check(row.includes('api_token.created') && row.includes('204') && row.includes(' ms'), `the delivery shows its event, code and latency (${row})`);
+  check(await attempts() === '1', 'one attempt so far');
+  await page.getByLabel('Status').selectOption('failed');
+  await page.getByRole('button', { name: 'Filter' }).click();
+  check((await page.textContent('tbody')).includes('No deliveries.'), 'the status filter applies');
+  await page.goto(`${URL}/console/webhooks/${hookId}/deliveries`);
+  await page.getByRole('button', { name: /^Retry the delivery of api_token.created/ }).click();
+  await page.getByRole('status').filter({ hasText: 'Queued the delivery of api_token.created' }).waitFor();
+  await reloadUntil(page, async () => await deliveryStatus() === 'succeeded' && await attempts() === '2',
+    'the retry makes a second attempt, which succeeds');
+  await shoot(page, 'webhook-deliveries');
+  const forgedRetry = await postFromPage(page, `/console/webhooks/${hookId}/deliveries/${hookId}/retry`, { csrf: 'x'.repeat(43) });
+  check(forgedRetry.status === 403, `a retry without the session's CSRF token is refused (${forgedRetry.status})`);
+  const deliveryId = (await page.locator('tbody td[data-label="Event"] code').nth(1).textContent()).trim();
+  await page.goto(`${URL}/console/webhooks/${hookId}`);
+  await page.getByRole('checkbox', { name: 'Enabled' }).uncheck();
+  await page.getByRole('button', { name: 'Save webhook' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the webhook' }).waitFor();
+  check((await page.locator('tbody td[data-label="Enabled"]').first().textContent()).trim() === 'no', 'the list shows it disabled');
+  await page.goto(`${URL}/console/webhooks/${hookId}/deliveries`);
+  check(await page.getByRole('button', { name: /^Retry/ }).count() === 0, 'no retry button while the webhook is disabled');
+  const disabledRetry = await postFromPage(page, `/console/webhooks/${hookId}/deliveries/${deliveryId}/retry`, { csrf: await csrfOf(page) });
+  check(disabledRetry.status === 409 && disabledRetry.text.includes('disabled'), `a retry of a disabled webhook's delivery is refused (${disabledRetry.status})`);
+  await page.goto(`${URL}/console/webhooks/${hookId}`);
+  await page.getByRole('checkbox', { name: 'Enabled' }).check();
+  await page.getByRole('button', { name: 'Save webhook' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the webhook' }).waitFor();
+  check(JSON.parse((await api('GET', `${API}/webhooks/${hookId}`, ROOT)).body).enabled, 'enabled again');
+  log('the delivery is shown with its response code and latency, and retried; not while the webhook is disabled');
+
+  await page.goto(`${URL}/console/webhooks`);
+  await page.getByRole('link', { name: 'Rotate the secret of e2e-hook' }).click();
+  await page.getByRole('button', { name: 'Rotate the secret' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const rotatedHook = (await page.locator('#secret').textContent()).trim();
+  check(rotatedHook.startsWith('whsec_') && rotatedHook !== hookSecret, 'rotation shows a new signing secret');
+  check((await page.textContent('main')).includes('previous secret too until'), 'the overlap is stated');
+  await page.getByLabel('I have stored it').check();
+  await page.getByRole('button', { name: 'Done' }).click();
+  await page.getByRole('heading', { name: 'Webhooks', level: 1 }).waitFor();
+  await page.goBack();
+  check(!(await page.content()).includes(rotatedHook), 'going back does not show the rotated secret again');
+  const afterRotation = JSON.parse((await api('GET', `${API}/webhooks/${hookId}`, ROOT)).body);
+  check(afterRotation.previous_secret_expires_at, 'the API shows the previous secret\'s overlap');
+  log('rotated the signing secret; shown once');
+
+  await page.goto(`${URL}/console/webhooks`);
+  await page.getByRole('link', { name: 'Delete e2e-hook' }).click();
+  await page.getByRole('heading', { name: 'Delete e2e-hook' }).waitFor();
+  await shoot(page, 'webhook-delete');
+  await page.getByRole('button', { name: 'Delete for good' }).click();
+  await page.getByRole('status').filter({ hasText: 'Deleted the webhook “e2e-hook”' }).waitFor();
+  check((await page.textContent('tbody')).includes('No webhooks yet.'), 'the list is empty');
+  check(JSON.parse((await api('GET', `${API}/webhooks`, ROOT)).body).items.length === 0, 'the API sees no webhook');
+  log('deleted the webhook after a confirmation page');
+
   // --- A read-only token, in another time zone ------------------------------------------------
   const reader = await newPage(WIDTHS.wide, { timezoneId: 'Asia/Tokyo' });
   await signIn(reader.page, READER);
@@ -282,13 +401,22 @@ try {
   check(forged.status === 403 && forged.text.includes('You may not do this'), `a forged create with a valid CSRF token is refused by the use case (${forged.status})`);
   const audit = await reader.page.goto(`${URL}/console/audit`);
   check(audit.status() === 403, `the audit page is refused (${audit.status()})`);
+  check(await reader.page.getByRole('link', { name: 'Webhooks' }).count() === 0, 'no Webhooks page for a token without webhooks:manage');
+  const readerHooks = await reader.page.goto(`${URL}/console/webhooks`);
+  check(readerHooks.status() === 403, `the webhooks page is refused (${readerHooks.status()})`);
+  await reader.page.goto(`${URL}/console/api-tokens`);
+  const forgedHook = await postFromPage(reader.page, '/console/webhooks', {
+    csrf: await csrfOf(reader.page), url: HOOK_URL, events: '*', description: 'forged', enabled: 'true',
+  });
+  check(forgedHook.status === 403 && forgedHook.text.includes('You may not do this'), `a forged webhook create is refused (${forgedHook.status})`);
+  check(JSON.parse((await api('GET', `${API}/webhooks`, ROOT)).body).items.length === 0, 'no webhook was created');
   await reader.page.goto(`${URL}/console/api-tokens`);
   const shown = reader.page.locator('tbody time').first();
   const utc = await shown.getAttribute('title');
   const local = await shown.textContent();
   check(/GMT\+9|JST/.test(local) && utc.endsWith('Z'), `dates in the browser's time zone (${local}), UTC on hover (${utc})`);
   await shoot(reader.page, 'read-only');
-  log('a read-only token sees no create button and its forged POST is refused; dates in its time zone');
+  log('a read-only token sees no create button and no Webhooks page; its forged POSTs are refused; dates in its time zone');
 
   // --- Revoking the signed-in token ends its session ---------------------------------------------
   const victimToken = JSON.parse((await api('POST', `${API}/api-tokens`, ROOT, { name: 'e2e-session', scopes: ['api_tokens:read'] })).body);

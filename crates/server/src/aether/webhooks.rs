@@ -38,7 +38,7 @@ fn delivery_id(raw: &str) -> Result<Uuid, DomainError> {
     path_id("delivery_id", raw, |text| Uuid::parse_str(text).ok())
 }
 
-fn description(path: FieldPath, raw: &str) -> Result<String, FieldError> {
+pub(crate) fn description(path: FieldPath, raw: &str) -> Result<String, FieldError> {
     let trimmed = raw.trim();
     if trimmed.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(FieldError::new(

@@ -15,6 +15,7 @@ mod html;
 mod oidc_login;
 mod pages;
 pub(crate) mod session;
+mod webhook_pages;
 
 use crate::app::App;
 use crate::error::AppError;
@@ -182,6 +183,30 @@ pub(crate) fn routes() -> Router<App> {
         )
         .route("/console/secret", get(pages::secret))
         .route("/console/audit", get(pages::audit))
+        .route(
+            "/console/webhooks",
+            get(webhook_pages::list).post(webhook_pages::create),
+        )
+        .route(
+            "/console/webhooks/{id}",
+            get(webhook_pages::edit_page).post(webhook_pages::update),
+        )
+        .route(
+            "/console/webhooks/{id}/rotate",
+            get(webhook_pages::rotate_page).post(webhook_pages::rotate),
+        )
+        .route(
+            "/console/webhooks/{id}/delete",
+            get(webhook_pages::delete_page).post(webhook_pages::delete),
+        )
+        .route(
+            "/console/webhooks/{id}/deliveries",
+            get(webhook_pages::deliveries),
+        )
+        .route(
+            "/console/webhooks/{id}/deliveries/{delivery}/retry",
+            post(webhook_pages::retry),
+        )
         .route("/console/{*rest}", get(not_found).post(not_found))
         .layer(headers)
 }
@@ -523,7 +548,7 @@ impl Console {
             ),
             (Capability::RegistryRead, "/console/registry", "Registry"),
             (Capability::AuditRead, "/console/audit", "Audit log"),
-            // Webhooks: add ("/console/webhooks", "Webhooks") here when that branch lands.
+            (Capability::WebhooksManage, webhook_pages::LIST, "Webhooks"),
         ];
         for (capability, href, label) in entries {
             if self.may(capability) {

@@ -524,7 +524,7 @@ pub(crate) async fn secret(console: Console) -> PageResult {
     let Some(flash) = taken else {
         let body =
             "<div class=\"error\" role=\"alert\"><p>This secret was shown once and is gone. \
-                    If it was not stored, rotate the credential to get a new one.</p></div>\
+                    If it was not stored, rotate it to get a new one.</p></div>\
                     <p><a href=\"/console\" data-autofocus>Back to the console</a></p>";
         return Ok((
             StatusCode::GONE,
@@ -532,14 +532,20 @@ pub(crate) async fn secret(console: Console) -> PageResult {
         )
             .into_response());
     };
-    let Some(kind) = flash.kind() else {
-        return Err(ConsoleError::page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The secret could not be shown.",
-        ));
+    // Where "Done" leads, and what the secret belongs to.
+    let (singular, list) = match flash.kind() {
+        Some(kind) => (kind_of(kind).singular, kind_of(kind).list),
+        None if flash.kind == super::webhook_pages::SECRET_KIND => {
+            ("webhook", super::webhook_pages::LIST)
+        }
+        None => {
+            return Err(ConsoleError::page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The secret could not be shown.",
+            ))
+        }
     };
     let secret = &flash.secret;
-    let page = kind_of(kind);
     let mut body = format!(
         "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
          (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
@@ -548,7 +554,6 @@ pub(crate) async fn secret(console: Console) -> PageResult {
          <button type=\"button\" data-copy=\"secret\" data-status=\"copy-status\" hidden>Copy</button>\
          <span id=\"copy-status\" class=\"copied\" role=\"status\"></span></div>",
         note = esc(&flash.note),
-        singular = page.singular,
         name = esc(&flash.name),
         id = flash.id,
         secret = esc(secret),
@@ -562,7 +567,6 @@ pub(crate) async fn secret(console: Console) -> PageResult {
          <label><input type=\"checkbox\" id=\"stored\" required data-enables=\"stored-done\" data-autofocus> \
          I have stored it</label>\
          <div><button type=\"submit\" id=\"stored-done\">Done</button></div></form>",
-        list = page.list
     );
     Ok(console
         .render(frame, "Store this secret now", &body)
