@@ -32,7 +32,9 @@ pub(crate) struct Inner {
     /// and the reports being worked off.
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
-    pub leak_jobs: crate::leaks::LeakJobs,
+    pub leak_jobs: crate::jobs::Jobs,
+    /// Where canary presentations are recorded (the verifier's, and leak reports').
+    pub canaries: Arc<crate::canary::CanaryAlarm>,
 }
 
 impl App {
@@ -42,6 +44,10 @@ impl App {
         let refusals = Arc::new(crate::audit::Refusals::new());
         let rate_limiter =
             CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let canaries = Arc::new(crate::canary::CanaryAlarm::new(
+            store.clone(),
+            config.clock.clone(),
+        ));
         let verifier = Verifier::new(
             store.clone(),
             usage.clone(),
@@ -50,6 +56,7 @@ impl App {
             config.oidc.clone(),
             refusals.clone(),
             config.clock.clone(),
+            canaries.clone(),
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
@@ -72,7 +79,8 @@ impl App {
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
             github_keys,
             public_revoke_limiter,
-            leak_jobs: crate::leaks::LeakJobs::new(),
+            leak_jobs: crate::leaks::leak_jobs(),
+            canaries,
         }))
     }
 
@@ -93,8 +101,9 @@ impl App {
     pub(crate) async fn authenticate_management(
         &self,
         headers: &HeaderMap,
+        at: crate::canary::Presented<'_>,
     ) -> Result<Principal, AppError> {
-        let principal = self.0.verifier.authenticate(headers).await?;
+        let principal = self.0.verifier.authenticate(headers, at).await?;
         if let Some(limiter) = &self.0.rate_limiter {
             limiter.check(principal.id())?;
         }
@@ -109,12 +118,14 @@ impl App {
     }
 
     /// Verifies a presented secret of any kind through the cache: the verification hot path,
-    /// without HTTP.
+    /// without HTTP (a canary's trigger names the surface `in_process`).
     pub async fn verify_secret(
         &self,
         presented: &str,
     ) -> Result<Arc<crate::auth::Verified>, AppError> {
-        self.0.verifier.verify_secret(presented).await
+        use crate::canary::{CanarySurface, Presentation};
+        let at = || Presentation::new(CanarySurface::InProcess, String::new(), Default::default());
+        self.0.verifier.verify_secret(presented, &at).await
     }
 
     /// Makes cached verifications of `subject` stale, here at once (other replicas hear of it

@@ -279,6 +279,10 @@ pub async fn serve(
         .leak_jobs
         .drain(app.inner().config.http.shutdown_timeout)
         .await;
+    app.inner()
+        .canaries
+        .drain(app.inner().config.http.shutdown_timeout)
+        .await;
     app.flush_usage().await;
     Ok(())
 }

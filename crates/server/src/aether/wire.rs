@@ -28,6 +28,13 @@ pub struct CreateApiTokenRequest {
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint, is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `api_tokens:write`. Default false.
+    #[schema(default = false)]
+    pub canary: bool,
 }
 
 impl FromJsonBody for CreateApiTokenRequest {
@@ -41,10 +48,12 @@ impl FromJsonBody for CreateApiTokenRequest {
             Err(()) => None,
         };
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             scopes: scopes?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }
@@ -82,6 +91,9 @@ pub struct ApiTokenView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `api_tokens:write`.
+    pub canary: bool,
 }
 
 impl From<Credential> for ApiTokenView {
@@ -107,6 +119,7 @@ impl From<Credential> for ApiTokenView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -120,6 +133,7 @@ impl From<Credential> for ApiTokenView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }
@@ -192,6 +206,13 @@ pub struct CreateRobotAccountRequest {
     /// the organization's credential policy may require one or fill in its default lifetime.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint (a registry login included), is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `registry:write`. Default false.
+    #[schema(default = false)]
+    pub canary: bool,
 }
 
 fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPermission>> {
@@ -218,10 +239,12 @@ impl FromJsonBody for CreateRobotAccountRequest {
             .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
         let permissions = permissions_field(r, false);
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             permissions: permissions?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }
@@ -280,6 +303,9 @@ pub struct RobotAccountView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `registry:write`.
+    pub canary: bool,
 }
 
 impl From<Credential> for RobotAccountView {
@@ -305,6 +331,7 @@ impl From<Credential> for RobotAccountView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -319,6 +346,7 @@ impl From<Credential> for RobotAccountView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }

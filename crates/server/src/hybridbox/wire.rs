@@ -23,6 +23,13 @@ pub struct CreateServiceAccountRequest {
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Grants to it are kept but never honoured. Every presentation of it, on any endpoint, is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `auth.manage`. Default false.
+    #[schema(default = false)]
+    pub canary: bool,
 }
 
 impl FromJsonBody for CreateServiceAccountRequest {
@@ -31,9 +38,11 @@ impl FromJsonBody for CreateServiceAccountRequest {
             .string("name")
             .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }
@@ -80,6 +89,9 @@ pub struct ServiceAccountView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `auth.manage`.
+    pub canary: bool,
 }
 
 impl From<Credential> for ServiceAccountView {
@@ -105,6 +117,7 @@ impl From<Credential> for ServiceAccountView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             account_id: tenant_id.as_uuid(),
@@ -123,6 +136,7 @@ impl From<Credential> for ServiceAccountView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }
