@@ -18,9 +18,7 @@ pub fn request_context(headers: &HeaderMap, extensions: &Extensions) -> RequestC
     // The trusted-proxy rule's answer, set by `router::observe` before any handler runs.
     request_context_of(
         headers,
-        extensions
-            .get::<crate::client_addr::ClientAddr>()
-            .copied(),
+        extensions.get::<crate::client_addr::ClientAddr>().copied(),
     )
 }
 

@@ -287,16 +287,19 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let result = self.verify_uncounted(presented, at).await.and_then(|verified| {
-            match verified.credential.kind {
-                CredentialKind::RobotAccount => {
-                    // Robot secrets log in to the registry only.
-                    self.refuse(&verified.credential, "robot secret");
-                    Err(AppError::Unauthenticated("robot secret"))
+        let result = self
+            .verify_uncounted(presented, at)
+            .await
+            .and_then(|verified| {
+                match verified.credential.kind {
+                    CredentialKind::RobotAccount => {
+                        // Robot secrets log in to the registry only.
+                        self.refuse(&verified.credential, "robot secret");
+                        Err(AppError::Unauthenticated("robot secret"))
+                    }
+                    _ => Ok(verified),
                 }
-                _ => Ok(verified),
-            }
-        });
+            });
         self.count(result.as_ref());
         result
     }
@@ -310,15 +313,16 @@ impl Verifier {
         tenant: TenantId,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let result = self.verify_uncounted(presented, at).await.and_then(|verified| {
-            match &verified.credential {
-                c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
-                c if c.kind == CredentialKind::RobotAccount => {
-                    Err(AppError::Unauthenticated("robot secret"))
-                }
-                _ => Ok(verified),
-            }
-        });
+        let result =
+            self.verify_uncounted(presented, at)
+                .await
+                .and_then(|verified| match &verified.credential {
+                    c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
+                    c if c.kind == CredentialKind::RobotAccount => {
+                        Err(AppError::Unauthenticated("robot secret"))
+                    }
+                    _ => Ok(verified),
+                });
         self.count(result.as_ref());
         result
     }
@@ -369,11 +373,12 @@ impl Verifier {
         let cached = self.cache.get(hash);
         if let Some(known) = cached.as_ref().filter(|known| self.is_fresh(known)) {
             // A revoked credential would be in the negative cache: count a canary as it would be.
-            self.metrics.verify_cache(if known.verified.credential.canary {
-                crate::metrics::CacheOutcome::Unknown
-            } else {
-                crate::metrics::CacheOutcome::Hit
-            });
+            self.metrics
+                .verify_cache(if known.verified.credential.canary {
+                    crate::metrics::CacheOutcome::Unknown
+                } else {
+                    crate::metrics::CacheOutcome::Hit
+                });
             return Ok(known.verified.clone());
         }
         let outcome = match cached {

@@ -33,7 +33,10 @@ impl Jobs {
             .permits
             .acquire_many(u32::try_from(self.capacity).unwrap_or(u32::MAX));
         if tokio::time::timeout(limit, all).await.is_err() {
-            tracing::warn!(jobs = self.what, "background jobs still running at shutdown were abandoned");
+            tracing::warn!(
+                jobs = self.what,
+                "background jobs still running at shutdown were abandoned"
+            );
         }
     }
 }

@@ -2,9 +2,9 @@
 //! (the OAuth2 password form the docker CLI uses).
 
 use crate::app::App;
-use crate::error::AppError;
 use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
+use crate::error::AppError;
 use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
