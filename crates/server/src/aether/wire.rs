@@ -33,7 +33,7 @@ pub struct CreateApiTokenRequest {
     /// refused exactly as a revoked credential's would be and recorded as
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `api_tokens:write`. Default false.
-    #[schema(default = false)]
+    #[schema(value_type = Option<bool>, default = false)]
     pub canary: bool,
 }
 
@@ -211,7 +211,7 @@ pub struct CreateRobotAccountRequest {
     /// refused exactly as a revoked credential's would be and recorded as
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `registry:write`. Default false.
-    #[schema(default = false)]
+    #[schema(value_type = Option<bool>, default = false)]
     pub canary: bool,
 }
 

@@ -28,7 +28,7 @@ pub struct CreateServiceAccountRequest {
     /// refused exactly as a revoked credential's would be and recorded as
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `auth.manage`. Default false.
-    #[schema(default = false)]
+    #[schema(value_type = Option<bool>, default = false)]
     pub canary: bool,
 }
 

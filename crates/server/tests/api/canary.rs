@@ -461,19 +461,19 @@ async fn triggers_are_bounded_per_canary_and_address(backend: Backend) {
             .send()
     };
     for _ in 0..10 {
-        assert_eq!(present("198.51.100.1").await.unwrap().status(), 401);
+        assert_eq!(present("100.64.0.1").await.unwrap().status(), 401);
     }
     expect_triggers(&app, &org, 1).await;
-    assert_eq!(present("198.51.100.2").await.unwrap().status(), 401);
+    assert_eq!(present("100.64.0.2").await.unwrap().status(), 401);
     expect_triggers(&app, &org, 2).await;
 
     // A minute later the first address is recorded again.
     clock.advance(Duration::from_secs(61));
-    assert_eq!(present("198.51.100.1").await.unwrap().status(), 401);
+    assert_eq!(present("100.64.0.1").await.unwrap().status(), 401);
     expect_triggers(&app, &org, 3).await;
     // Many addresses within that minute: 20 events in all, then nothing more.
     for i in 0..30 {
-        let client = format!("198.51.100.{}", 10 + i);
+        let client = format!("100.64.0.{}", 10 + i);
         assert_eq!(present(&client).await.unwrap().status(), 401);
     }
     let events = expect_triggers(&app, &org, 3 + 19).await;

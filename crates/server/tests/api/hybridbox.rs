@@ -2156,7 +2156,8 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
             "token_public_id",
             "token_last4",
             "created_at",
-            "updated_at"
+            "updated_at",
+            "canary"
         ])
     );
     // The create body as the docs state it; the create and rotate answers add the token.
