@@ -33,8 +33,6 @@ pub(crate) struct Inner {
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     pub leak_jobs: crate::jobs::Jobs,
-    /// Where canary presentations are recorded (the verifier's, and leak reports').
-    pub canaries: Arc<crate::canary::CanaryAlarm>,
 }
 
 impl App {
@@ -44,10 +42,6 @@ impl App {
         let refusals = Arc::new(crate::audit::Refusals::new());
         let rate_limiter =
             CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
-        let canaries = Arc::new(crate::canary::CanaryAlarm::new(
-            store.clone(),
-            config.clock.clone(),
-        ));
         let verifier = Verifier::new(
             store.clone(),
             usage.clone(),
@@ -56,7 +50,6 @@ impl App {
             config.oidc.clone(),
             refusals.clone(),
             config.clock.clone(),
-            canaries.clone(),
         );
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
@@ -80,7 +73,6 @@ impl App {
             github_keys,
             public_revoke_limiter,
             leak_jobs: crate::leaks::leak_jobs(),
-            canaries,
         }))
     }
 

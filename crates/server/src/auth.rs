@@ -153,7 +153,7 @@ pub(crate) struct Verifier {
     /// What expiry, grace periods and suspension are judged against.
     clock: crate::config::Clock,
     /// Where canary presentations are recorded.
-    canaries: Arc<CanaryAlarm>,
+    canaries: CanaryAlarm,
 }
 
 impl Verifier {
@@ -165,13 +165,13 @@ impl Verifier {
         oidc: Option<OidcConfig>,
         refusals: Arc<crate::audit::Refusals>,
         clock: crate::config::Clock,
-        canaries: Arc<CanaryAlarm>,
     ) -> Self {
         let oidc = oidc.map(Oidc::new);
         if let Some(oidc) = &oidc {
             oidc.warm_up();
         }
         Self {
+            canaries: CanaryAlarm::new(store.clone(), clock.clone()),
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
             epoch: Instant::now(),
@@ -187,8 +187,12 @@ impl Verifier {
             any_invalidated: AtomicBool::new(false),
             refusals,
             clock,
-            canaries,
         }
+    }
+
+    /// Where canary presentations are recorded (also leak reports', and drained by `serve`).
+    pub(crate) fn canaries(&self) -> &CanaryAlarm {
+        &self.canaries
     }
 
     /// Forgets what is cached about `subject` (a credential, or a grant's subject).

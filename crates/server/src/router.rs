@@ -280,7 +280,8 @@ pub async fn serve(
         .drain(app.inner().config.http.shutdown_timeout)
         .await;
     app.inner()
-        .canaries
+        .verifier
+        .canaries()
         .drain(app.inner().config.http.shutdown_timeout)
         .await;
     app.flush_usage().await;

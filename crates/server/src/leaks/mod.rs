@@ -176,10 +176,11 @@ pub async fn respond_to_leak(
                 presentation = presentation.detail(key, bounded(value));
             }
         }
-        let admitted = app
-            .inner()
-            .canaries
-            .admit(credential, presentation, AuditActor::system());
+        let admitted =
+            app.inner()
+                .verifier
+                .canaries()
+                .admit(credential, presentation, AuditActor::system());
         if let Some(event) = admitted {
             app.store().append_audit_event(&event).await?;
         }
