@@ -17,6 +17,7 @@ both_backends!(
     canaries_are_shown_only_to_holders_of_the_write_right,
     canaries_are_revoked_but_never_rotated_or_suspended,
     a_reported_canary_is_recorded_and_left_armed,
+    another_organizations_introspection_of_a_canary_is_recorded_without_its_ids,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -716,4 +717,45 @@ async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
         trigger_from(&events, "198.18.0.9")["details"]["surface"],
         "whoami"
     );
+}
+
+/// A resource server of another organization that introspects a canary learns nothing (inactive,
+/// as for any credential not its own); the canary's organization learns that it was presented
+/// and from where, but not the other organization's credential id.
+async fn another_organizations_introspection_of_a_canary_is_recorded_without_its_ids(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let acme = app.create_org("acme").await;
+    let other = app.create_org("other").await;
+    let canary = create_api_token(&app, &acme, json!({"name": "bait", "canary": true})).await;
+    let resource_server = create_api_token(
+        &app,
+        &other,
+        json!({"name": "rs", "scopes": ["tokens:verify"]}),
+    )
+    .await;
+    let res = from(
+        &app,
+        Method::POST,
+        "/oauth2/introspect",
+        "192.0.2.200",
+        "rs/1",
+    )
+    .bearer_auth(text(&resource_server, "token"))
+    .form(&[("token", text(&canary, "token"))])
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"active": false}));
+    let events = expect_triggers(&app, &acme, 1).await;
+    let event = &events[0];
+    assert_eq!(event["client_ip"], "192.0.2.200");
+    assert_eq!(event["details"]["surface"], "introspected_token");
+    assert_eq!(event["details"]["introspected_by"], "another organization");
+    assert!(!event
+        .to_string()
+        .contains(resource_server["id"].as_str().unwrap()));
+    assert!(triggers(&app, &other).await.is_empty());
 }
