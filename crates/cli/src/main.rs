@@ -2,9 +2,12 @@
 //! place the tracing subscriber is installed.
 
 mod admin;
+mod remote;
 mod serve;
+mod tty;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use remote::{example, exit_codes, Environment, Target};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,7 +21,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "keyplane",
     version,
-    about = "Issue, rotate, revoke and verify machine credentials"
+    about = "Issue, rotate, revoke and verify machine credentials",
+    after_help = concat!(
+        "Example:\n",
+        "  keyplane serve\n",
+        "  keyplane login --url http://127.0.0.1:8080\n",
+        "  keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d\n\n",
+        "The client commands take a token from --token-file, KEYPLANE_TOKEN, or the profile saved by \
+         `keyplane login` (under $XDG_CONFIG_HOME/keyplane), and the server from --url or KEYPLANE_URL.\n\n",
+        exit_codes!(),
+    )
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +44,122 @@ enum Command {
     /// Administrative commands that work directly on the store (safe while a server runs).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Save a server URL and token as a profile for the client commands (checked with whoami).
+    #[command(after_help = concat!(
+        "Asks for the token without echo on a terminal; otherwise pass --token-stdin.\n\n",
+        "Example:\n  keyplane login --url https://keyplane.example.com\n",
+        "  jq -r .token keyplane-data/bootstrap.json | keyplane login --token-stdin --profile local\n\n",
+        exit_codes!()
+    ))]
+    Login {
+        #[command(flatten)]
+        target: Target,
+        /// Read the token from stdin instead of asking for it.
+        #[arg(long)]
+        token_stdin: bool,
+    },
+    /// Forget a saved profile's URL and token.
+    #[command(after_help = concat!("Example:\n  keyplane logout --profile local\n\n", exit_codes!()))]
+    Logout {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Describe the calling credential (kind, id, organization, scopes).
+    #[command(after_help = concat!("Example:\n  keyplane whoami -o json | jq -r .org_id\n\n", exit_codes!()))]
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Ask whether a token is active (RFC 7662; the caller needs tokens:verify).
+    #[command(after_help = concat!(
+        "Example:\n  keyplane introspect - < token.txt     # `-` reads the token from stdin, out of shell history\n\n",
+        exit_codes!()
+    ))]
+    Introspect {
+        /// The token to check, or `-` to read it from stdin.
+        token: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Report leaked tokens (found in a paste, a log, a repository) for revocation; needs no
+    /// credential. The answer only counts what was sent, never which tokens were real.
+    #[command(after_help = concat!(
+        "Example:\n  keyplane revoke-leaked - < found-tokens.txt\n",
+        "  grep -ohE 'aether_[0-9a-f]{56}' build.log | keyplane revoke-leaked -\n\n",
+        exit_codes!()
+    ))]
+    RevokeLeaked {
+        /// The tokens, or `-` to read them from stdin (whitespace-separated).
+        #[arg(required = true, value_name = "TOKEN")]
+        tokens: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Organization API tokens: list, create, get, rotate, suspend, resume, retire-previous, revoke.
+    #[command(after_help = example!("keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d", "keyplane tokens list -o json | jq -r '.items[].name'"))]
+    Tokens {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::TokensCommand,
+    },
+    /// Service accounts (Hybridbox): list, create, rotate, suspend, resume, retire-previous, revoke.
+    #[command(after_help = example!("keyplane service-accounts create --name billing-sync --secret-file sa.token"))]
+    ServiceAccounts {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::ServiceAccountsCommand,
+    },
+    /// Grants (Hybridbox authorizations): list, create, revoke.
+    #[command(after_help = example!("keyplane grants create --subject-type service_account --subject-id ID --capability-key auth.manage"))]
+    Grants {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::GrantsCommand,
+    },
+    /// The organization's container registry project: show, enable.
+    #[command(after_help = example!("keyplane registry enable --secret-file robot.password", "keyplane registry show"))]
+    Registry {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::RegistryCommand,
+    },
+    /// Registry robot accounts: list, create, get, update, rotate, suspend, resume,
+    /// retire-previous, revoke.
+    #[command(after_help = example!("keyplane robots create --name ci --permission pull --permission 'push:team-a/*'"))]
+    Robots {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::RobotsCommand,
+    },
+    /// The organization's credential policy (lifetimes, leak action): show, set.
+    #[command(after_help = example!("keyplane policy set --max-lifetime-days 90 --require-expiry", "keyplane policy show"))]
+    Policy {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::PolicyCommand,
+    },
+    /// The organization's audit events over the API: list, tail [--follow].
+    #[command(after_help = example!("keyplane audit tail --follow", "keyplane audit list --action 'api_token.*' -o jsonl"))]
+    Audit {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::AuditCommand,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  keyplane completion bash > /etc/bash_completion.d/keyplane\n  keyplane completion zsh > \"${fpath[1]}/_keyplane\"\n  keyplane completion fish > ~/.config/fish/completions/keyplane.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where the state lives; shared by `serve` and every `admin` command.
@@ -249,8 +377,78 @@ impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
     }
 }
 
+/// Why a command failed: the server side's errors exit 1, the client commands' say their status.
+enum Failure {
+    Local(anyhow::Error),
+    Client(keyplane_client::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Local(e)
+    }
+}
+
+impl From<keyplane_client::Error> for Failure {
+    fn from(e: keyplane_client::Error) -> Self {
+        Failure::Client(e)
+    }
+}
+
+async fn run_client(command: Command) -> Result<(), keyplane_client::Error> {
+    use remote::Session;
+    let env = Environment::from_process();
+    match command {
+        Command::Login {
+            target,
+            token_stdin,
+        } => remote::login(target, token_stdin, &env).await,
+        Command::Logout { target } => remote::logout(&target, &env),
+        Command::Whoami { target } => remote::whoami(Session::open(&target, &env)?).await,
+        Command::Introspect { token, target } => {
+            remote::introspect(Session::open(&target, &env)?, token).await
+        }
+        Command::RevokeLeaked { tokens, target } => {
+            remote::revoke_leaked(Session::anonymous(&target, &env)?, tokens).await
+        }
+        Command::Tokens { target, command } => {
+            remote::tokens(Session::open(&target, &env)?, command).await
+        }
+        Command::ServiceAccounts { target, command } => {
+            remote::service_accounts(Session::open(&target, &env)?, command).await
+        }
+        Command::Grants { target, command } => {
+            remote::grants(Session::open(&target, &env)?, command).await
+        }
+        Command::Registry { target, command } => {
+            remote::registry(Session::open(&target, &env)?, command).await
+        }
+        Command::Robots { target, command } => {
+            remote::robots(Session::open(&target, &env)?, command).await
+        }
+        Command::Policy { target, command } => {
+            remote::policy(Session::open(&target, &env)?, command).await
+        }
+        Command::Audit { target, command } => {
+            remote::audit(Session::open(&target, &env)?, command).await
+        }
+        Command::Serve(_) | Command::Admin(_) | Command::Completion { .. } => {
+            unreachable!("not a client command")
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "keyplane",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -261,20 +459,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
+    let result: Result<(), Failure> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
                 install_tracing(args.log_format);
-                serve::run(args).await
+                Ok(serve::run(args).await?)
             }
-            Command::Admin(command) => admin::run(command).await,
+            Command::Admin(command) => Ok(admin::run(command).await?),
+            client => Ok(run_client(client).await?),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Local(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+        Err(Failure::Client(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_status() as u8)
         }
     }
 }
@@ -282,7 +485,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn control_characters_are_escaped() {
@@ -295,6 +497,33 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every client command's `--help` ends with an example and the exit statuses.
+    #[test]
+    fn client_commands_have_examples_and_exit_statuses() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            let help = command.get_after_help().map(|h| h.to_string());
+            let help = help.unwrap_or_default();
+            assert!(help.contains("Example:\n  keyplane "), "{path}: no example");
+            if !path.contains("completion") {
+                assert!(
+                    help.contains("4 cannot reach the server"),
+                    "{path}: no exit statuses"
+                );
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &path);
+            }
+        }
+        let cli = Cli::command();
+        let server_side = ["serve", "admin", "help"];
+        for command in cli.get_subcommands() {
+            if !server_side.contains(&command.get_name()) {
+                check(command, "keyplane");
+            }
+        }
     }
 
     #[test]

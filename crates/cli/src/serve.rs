@@ -151,6 +151,15 @@ pub struct ServeArgs {
     /// address per minute; 0 turns the limit off. Behind a proxy, see --trusted-proxies.
     #[arg(long, env = "KEYPLANE_PUBLIC_REVOKE_PER_MINUTE", default_value_t = 10)]
     public_revoke_per_minute: u32,
+    /// Let webhooks target loopback, private, link-local and cloud-metadata addresses (tests,
+    /// closed networks). Without it such targets are refused at creation and at every attempt.
+    #[arg(long, env = "KEYPLANE_WEBHOOK_ALLOW_PRIVATE_TARGETS")]
+    webhook_allow_private_targets: bool,
+    /// Delays before each retry of a failed webhook delivery: comma-separated, each a whole
+    /// number with `ms`, `s`, `m` or `h` (at most 20, each at most 48h), stretched by 0-20 %
+    /// jitter. After the last retry fails the delivery is marked failed.
+    #[arg(long, env = "KEYPLANE_WEBHOOK_RETRY_SCHEDULE", value_name = "DELAYS", default_value = keyplane_server::webhooks::DEFAULT_RETRY_SCHEDULE)]
+    webhook_retry_schedule: String,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -199,6 +208,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     keyplane_server::leaks::check_keys_url(&args.github_secret_scanning_keys_url)
         .map_err(|e| anyhow::anyhow!("--github-secret-scanning-keys-url: {e}"))?;
+    let webhook_retry_schedule =
+        keyplane_server::webhooks::parse_schedule(&args.webhook_retry_schedule)
+            .map_err(|e| anyhow::anyhow!("--webhook-retry-schedule: {e}"))?;
     let store = args.store.open().await?;
     tracing::info!(store = store.backend(), "store ready, migrations applied");
     if let Some(oidc) = &oidc {
@@ -244,6 +256,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         public_revoke_per_minute: args.public_revoke_per_minute,
+        webhooks: keyplane_server::webhooks::WebhookConfig {
+            allow_private_targets: args.webhook_allow_private_targets,
+            retry_schedule: webhook_retry_schedule,
+            ..Default::default()
+        },
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

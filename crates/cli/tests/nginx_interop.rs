@@ -36,7 +36,8 @@ const ORG_ID: &str = "x-keyplane-org-id";
 const SUBJECT: &str = "x-keyplane-subject";
 const KIND: &str = "x-keyplane-credential-kind";
 const SCOPES: &str = "x-keyplane-scopes";
-const IDENTITY_HEADERS: [&str; 4] = [ORG_ID, SUBJECT, KIND, SCOPES];
+const SECRET: &str = "x-keyplane-secret";
+const IDENTITY_HEADERS: [&str; 5] = [ORG_ID, SUBJECT, KIND, SCOPES, SECRET];
 /// `serve` flags of the README's nginx set-up: nginx (on loopback) names the client.
 const KEYPLANE_BEHIND_NGINX: &[&str] = &["--trusted-proxies", "127.0.0.1/32"];
 
@@ -90,6 +91,7 @@ async fn nginx_passes_live_tokens_with_their_identity(backend: Backend) {
         .header(SCOPES, "*")
         .header(SCOPES, "admin")
         .header("X-KEYPLANE-SCOPES", "deploy")
+        .header(SECRET, "previous")
         .send()
         .await
         .expect("GET through nginx with spoofed identity headers");
@@ -353,6 +355,7 @@ fn identity(org_id: &str, subject: &str, scopes: &str) -> BTreeMap<String, Strin
         (SUBJECT, subject),
         (KIND, "api_token"),
         (SCOPES, scopes),
+        (SECRET, "current"),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value.to_owned()))
@@ -714,10 +717,12 @@ fn nginx_conf(dir: &Path, listen: &str, keyplane: &str, upstream: &str) -> Strin
             auth_request_set $kp_subject $upstream_http_x_keyplane_subject;
             auth_request_set $kp_kind $upstream_http_x_keyplane_credential_kind;
             auth_request_set $kp_scopes $upstream_http_x_keyplane_scopes;
+            auth_request_set $kp_secret $upstream_http_x_keyplane_secret;
             proxy_set_header X-Keyplane-Org-Id $kp_org;
             proxy_set_header X-Keyplane-Subject $kp_subject;
             proxy_set_header X-Keyplane-Credential-Kind $kp_kind;
-            proxy_set_header X-Keyplane-Scopes $kp_scopes;";
+            proxy_set_header X-Keyplane-Scopes $kp_scopes;
+            proxy_set_header X-Keyplane-Secret $kp_secret;";
     let forward = "\
             internal;
             proxy_pass_request_body off;

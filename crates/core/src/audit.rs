@@ -50,6 +50,13 @@ pub mod actions {
     /// A canary credential was presented (to any surface, or reported leaked); the target names
     /// the canary, the context and details say where it was presented.
     pub const CREDENTIAL_CANARY_TRIGGERED: &str = "credential.canary_triggered";
+    pub const WEBHOOK_CREATED: &str = "webhook.created";
+    pub const WEBHOOK_UPDATED: &str = "webhook.updated";
+    pub const WEBHOOK_DELETED: &str = "webhook.deleted";
+    pub const WEBHOOK_SECRET_ROTATED: &str = "webhook.secret_rotated";
+    /// Turned off by keyplane after failing for too long.
+    pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
+    pub const WEBHOOK_DELIVERY_RETRIED: &str = "webhook.delivery_retried";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

@@ -17,6 +17,7 @@ pub mod scope;
 pub mod secret;
 pub mod token;
 pub mod validate;
+pub mod webhook;
 
 pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
@@ -31,3 +32,4 @@ pub use policy::{CredentialPolicy, LeakAction, LifetimeRule};
 pub use registry::{Registry, RobotPermission};
 pub use scope::{Capability, Scope, ScopeSet};
 pub use secret::{Plaintext, PrivateKeyPem, TokenHash};
+pub use webhook::{ActionPattern, DeliveryStatus, Webhook, WebhookSecret};

@@ -18,10 +18,12 @@ pub enum Capability {
     AuditRead,
     /// Calling introspection and forward-auth.
     TokensVerify,
+    /// The tenant's webhooks and their deliveries.
+    WebhooksManage,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::AuthManage,
         Capability::ApiTokensRead,
         Capability::ApiTokensWrite,
@@ -29,6 +31,7 @@ impl Capability {
         Capability::RegistryWrite,
         Capability::AuditRead,
         Capability::TokensVerify,
+        Capability::WebhooksManage,
     ];
 
     pub fn key(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Capability {
             Capability::RegistryWrite => "registry:write",
             Capability::AuditRead => "audit:read",
             Capability::TokensVerify => "tokens:verify",
+            Capability::WebhooksManage => "webhooks:manage",
         }
     }
 

@@ -13,6 +13,12 @@ impl Plaintext {
         Self(text)
     }
 
+    /// A secret a client received in a create or rotate response (the `keyplane` CLI): typed
+    /// from the moment it is read, so it redacts like a minted one.
+    pub fn received(text: String) -> Self {
+        Self(text)
+    }
+
     /// The one door out: used to hash, and to put the secret in a create or rotate response.
     pub fn expose_secret(&self) -> &str {
         &self.0

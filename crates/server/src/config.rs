@@ -41,6 +41,8 @@ pub struct Config {
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
     /// off.
     pub public_revoke_per_minute: u32,
+    /// How webhook deliveries are made (targets allowed, retry schedule, timeouts).
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
@@ -145,6 +147,7 @@ impl Default for Config {
             lifecycle_sweep_interval: Duration::from_secs(60),
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }

@@ -233,7 +233,7 @@ impl ObjectReader {
             None | Some(Value::Null) => Some(default),
             Some(Value::Bool(b)) => Some(b),
             Some(_) => {
-                self.type_error(key, "a boolean");
+                self.type_error(key, "true or false");
                 None
             }
         }

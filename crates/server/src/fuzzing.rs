@@ -1,5 +1,6 @@
 //! Entry points for the cargo-fuzz targets in fuzz/ (not a public API).
 
+use crate::aether::webhooks::WebhookRequest;
 use crate::aether::wire::{
     CreateApiTokenRequest, CreateRobotAccountRequest, UpdateRobotAccountRequest,
 };
@@ -18,6 +19,7 @@ pub fn read_create_bodies(bytes: &[u8]) {
     read::<CreateRobotAccountRequest>(bytes, now);
     read::<UpdateRobotAccountRequest>(bytes, now);
     read::<CreateServiceAccountRequest>(bytes, now);
+    read::<WebhookRequest>(bytes, now);
     if let Some(request) = read::<CreateAuthorizationRequest>(bytes, now) {
         let _ = request.into_domain();
     }
@@ -50,6 +52,13 @@ mod tests {
         match read_json_body::<CreateRobotAccountRequest>(bad_robot, now) {
             Err(AppError::Domain(DomainError::Validation(errors))) => assert_eq!(errors.len(), 3),
             _ => panic!("a bad robot body is a validation error"),
+        }
+        let webhook = br#"{"url": "https://hooks.example.invalid/k?a=1", "events": ["api_token.*", "*"], "enabled": false}"#;
+        assert!(read::<WebhookRequest>(webhook, now).is_some());
+        let bad_webhook = br#"{"url": "ftp://x", "events": ["a*"], "description": 1}"#;
+        match read_json_body::<WebhookRequest>(bad_webhook, now) {
+            Err(AppError::Domain(DomainError::Validation(errors))) => assert_eq!(errors.len(), 3),
+            _ => panic!("a bad webhook body is a validation error"),
         }
         read_create_bodies(b"{\"name\": \"x\"");
         read_create_bodies(b"[1, 2, 3]");

@@ -1,8 +1,8 @@
 //! keyplane's HTTP service: one router over the Aether and Hybridbox surfaces, the operations
 //! endpoints and the OpenAPI document, all on one [`App`].
 //!
-//! Architecture invariant: this is the only crate that serializes. Wire types live in each
-//! surface's `wire.rs`; a secret becomes JSON only through [`wire::one_time_secret`].
+//! Architecture invariant: only this crate and `keyplane-api-types` (the wire shapes it shares with
+//! the client) serialize; a secret becomes JSON only through [`wire::one_time_secret`].
 
 pub mod aether;
 mod app;
@@ -32,6 +32,7 @@ mod router;
 mod system;
 mod usage;
 pub mod verify;
+pub mod webhooks;
 pub mod wire;
 
 pub use app::App;

@@ -143,6 +143,12 @@ fn add_links(openapi: &mut OpenApiDoc) {
             else {
                 continue;
             };
+            // Every other parameter must come from the create's own path: what lies deeper
+            // (`.../deliveries/{delivery_id}`) is not known from the created resource.
+            let known: Vec<&str> = path_parameters(parent).collect();
+            if !path_parameters(child).all(|name| name == created || known.contains(&name)) {
+                continue;
+            }
             for operation in operations(child_item) {
                 let Some(id) = &operation.operation_id else {
                     continue;

@@ -25,7 +25,7 @@ pub fn now() -> DateTime<Utc> {
 
 /// The one place audit events of changes are started: a time-ordered id, the clock, the action,
 /// who acted and the request it came with.
-fn audit_event(
+pub(crate) fn audit_event(
     tenant: TenantId,
     action: &str,
     actor: AuditActor,
@@ -586,6 +586,29 @@ async fn require_manage(
     Ok(who.may_delegate(tenant, &needed)?)
 }
 
+/// The live credential a suspend, resume or retire-previous acts on, once the caller may manage it
+/// ([`require_manage`]); a revoked one answers `revoked()`.
+async fn live_target(
+    app: &App,
+    who: &Principal,
+    tenant: TenantId,
+    rights: KindRights,
+    id: CredentialId,
+    revoked: fn() -> DomainError,
+) -> Result<Credential, AppError> {
+    who.require(tenant, rights.write)?;
+    let target = app
+        .store()
+        .get_credential(tenant, rights.kind, id)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    if target.is_revoked() {
+        return Err(revoked().into());
+    }
+    require_manage(app, who, tenant, rights, &target).await?;
+    Ok(target)
+}
+
 /// Suspends (`suspend`) or resumes a credential: reversible, unlike revocation. A suspended
 /// credential authenticates nowhere but keeps its id, grants and secret. Repeating either is a
 /// no-op that records nothing. A revoked credential answers `revoked()`.
@@ -600,19 +623,10 @@ pub async fn set_suspended(
     suspend: bool,
     revoked: fn() -> DomainError,
 ) -> Result<Credential, AppError> {
-    who.require(tenant, rights.write)?;
-    let target = app
-        .store()
-        .get_credential(tenant, rights.kind, id)
-        .await?
-        .ok_or(DomainError::NotFound)?;
-    if target.is_revoked() {
-        return Err(revoked().into());
-    }
+    let target = live_target(app, who, tenant, rights, id, revoked).await?;
     if target.canary {
         return Err(DomainError::Conflict(CANARY_IS_FIXED.into()).into());
     }
-    require_manage(app, who, tenant, rights, &target).await?;
     let change = if suspend {
         CredentialChange::Suspended
     } else {
@@ -651,16 +665,7 @@ pub async fn retire_previous_secret(
     id: CredentialId,
     revoked: fn() -> DomainError,
 ) -> Result<Credential, AppError> {
-    who.require(tenant, rights.write)?;
-    let target = app
-        .store()
-        .get_credential(tenant, rights.kind, id)
-        .await?
-        .ok_or(DomainError::NotFound)?;
-    if target.is_revoked() {
-        return Err(revoked().into());
-    }
-    require_manage(app, who, tenant, rights, &target).await?;
+    let target = live_target(app, who, tenant, rights, id, revoked).await?;
     let Some(previous) = target.live_previous_secret(app.now()).cloned() else {
         return Ok(target.as_of(app.now()));
     };
@@ -821,8 +826,18 @@ const SWEEP_MAX_BATCHES: usize = 20;
 pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
     let store = app.store().as_ref();
     let now = app.now();
-    store.clear_ended_previous_secrets(now).await?;
-    for candidate in store.credentials_with_previous_secret(SWEEP_BATCH).await? {
+    // Soonest-ending first, so ended ones are among them. Only reads when there is nothing to
+    // do: a replica on a read-only store stays healthy.
+    let with_previous = store.credentials_with_previous_secret(SWEEP_BATCH).await?;
+    let any_ended = with_previous.iter().any(|c| {
+        c.previous_secret
+            .as_ref()
+            .is_some_and(|p| p.expires_at <= now)
+    });
+    if any_ended {
+        store.clear_ended_previous_secrets(now).await?;
+    }
+    for candidate in with_previous {
         let (Some(previous), true) = (
             candidate.previous_secret.as_ref(),
             candidate.previous_secret_unused(now),

@@ -288,8 +288,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Background work that writes the audit trail: refusal flushing, the `--audit-log` export,
-/// retention, and the lifecycle sweep.
+/// The audit trail's background work: refusal flushing, the `--audit-log` export, webhook
+/// deliveries, retention, and the lifecycle sweep (whose events go to the trail).
 fn spawn_audit_tasks(
     app: &App,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -311,6 +311,10 @@ fn spawn_audit_tasks(
     tasks.push(tokio::spawn(lifecycle_sweeps(
         app.clone(),
         config.lifecycle_sweep_interval,
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::webhooks::worker::run(
+        app.clone(),
         stop.clone(),
     )));
     if config.audit_retention_days > 0 {

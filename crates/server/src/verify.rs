@@ -12,10 +12,10 @@ use axum::extract::{Extension, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use keyplane_api_types::verify::VerificationError;
+pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope};
-use serde::Serialize;
-use serde_json::{json, Value};
-use utoipa::ToSchema;
+use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -45,7 +45,11 @@ impl Surface for Verification {
                 .join("; "),
             other => other.public_message(),
         };
-        json!({ "error": code, "error_description": description })
+        serde_json::to_value(VerificationError {
+            error: code.to_string(),
+            error_description: description,
+        })
+        .expect("a struct of strings is JSON")
     }
 
     /// RFC 6749 §5.2: a malformed request is `400 invalid_request`, whatever the field.
@@ -74,52 +78,6 @@ const SECRET: HeaderName = HeaderName::from_static("x-keyplane-secret");
 fn scope_string(verified: &Verified) -> String {
     let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
     scopes.join(" ")
-}
-
-/// RFC 7662 answer.
-#[derive(Serialize, ToSchema)]
-pub struct IntrospectionResponse {
-    pub active: bool,
-    /// `api_token` or `service_account`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_type: Option<&'static str>,
-    /// Space-separated scopes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
-    /// The credential id.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub org_id: Option<String>,
-    /// The credential's name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Expiry (seconds since the epoch); absent when the credential does not expire.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exp: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub iat: Option<i64>,
-    /// Which secret was presented: `current`, or `previous` during a rotation's grace period (find
-    /// the callers that still use the old one).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, pattern = "^(current|previous)$")]
-    pub secret: Option<&'static str>,
-}
-
-impl IntrospectionResponse {
-    fn inactive() -> Self {
-        Self {
-            active: false,
-            token_type: None,
-            scope: None,
-            sub: None,
-            org_id: None,
-            username: None,
-            exp: None,
-            iat: None,
-            secret: None,
-        }
-    }
 }
 
 /// The `token` of an introspection request, from a form or JSON body.
@@ -231,14 +189,14 @@ async fn introspect(
     let credential = &verified.credential;
     Ok(Json(IntrospectionResponse {
         active: true,
-        token_type: Some(credential.kind.as_str()),
+        token_type: Some(credential.kind.as_str().to_string()),
         scope: Some(scope_string(&verified)),
         sub: Some(credential.id.to_string()),
         org_id: Some(credential.tenant_id.to_string()),
         username: Some(credential.name.clone()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
-        secret: Some(verified.secret.as_str()),
+        secret: Some(verified.secret.as_str().to_string()),
     })
     .into_response())
 }
@@ -331,23 +289,6 @@ impl ForwardHeaders {
     }
 }
 
-/// The calling credential, as `whoami` describes it.
-#[derive(Serialize, ToSchema)]
-pub struct WhoAmI {
-    /// `api_token` or `service_account`.
-    pub kind: &'static str,
-    pub id: String,
-    pub org_id: String,
-    pub name: String,
-    /// Its scopes (a service account's come from its grants).
-    pub scopes: Vec<String>,
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub expires_at: Option<String>,
-    /// Which secret was presented: `current`, or `previous` during a rotation's grace period.
-    #[schema(value_type = String, pattern = "^(current|previous)$")]
-    pub secret: &'static str,
-}
-
 /// Who am I
 ///
 /// The calling credential describes itself.
@@ -369,12 +310,12 @@ async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>
         .await?;
     let credential = &verified.credential;
     Ok(Json(WhoAmI {
-        kind: credential.kind.as_str(),
+        kind: credential.kind.as_str().to_string(),
         id: credential.id.to_string(),
         org_id: credential.tenant_id.to_string(),
         name: credential.name.clone(),
         scopes: verified.rights.to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
-        secret: verified.secret.as_str(),
+        secret: verified.secret.as_str().to_string(),
     }))
 }

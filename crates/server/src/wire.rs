@@ -1,87 +1,30 @@
-//! Serialization helpers every surface shares.
+//! The serializers every surface shares live in `keyplane_api_types::wire` (re-exported here);
+//! this is the server's half of the shapes defined there: reading a rotate body field by field.
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use keyplane_core::Plaintext;
+pub use keyplane_api_types::wire::*;
+
+use chrono::{DateTime, Utc};
+use keyplane_core::WebhookSecret;
 use serde::Serializer;
 
-/// The only way a secret becomes JSON: the `token` field of a create or rotate response.
-pub fn one_time_secret<S: Serializer>(
-    secret: &Plaintext,
+/// A webhook's signing secret, the way `one_time_secret` does a token's: only in the create and
+/// rotate-secret responses. (The webhook shapes are the server's own until the client speaks
+/// webhooks.)
+pub fn one_time_webhook_secret<S: Serializer>(
+    secret: &WebhookSecret,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())
 }
 
-/// RFC 3339 in UTC with `Z`, fractional seconds only when present.
-pub fn rfc3339(at: &DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-pub fn timestamp<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&rfc3339(at))
-}
-
-pub fn optional_timestamp<S: Serializer>(
-    at: &Option<DateTime<Utc>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match at {
-        Some(at) => serializer.serialize_str(&rfc3339(at)),
-        None => serializer.serialize_none(),
-    }
-}
-
-/// What every surface shows of a credential's lifecycle, beside its own fields (each view carries
-/// these three, documented there).
-pub struct Lifecycle {
-    pub previous_secret_expires_at: Option<DateTime<Utc>>,
-    pub previous_secret_last_used_at: Option<DateTime<Utc>>,
-    pub suspended_at: Option<DateTime<Utc>>,
-}
-
-impl Lifecycle {
-    /// As stored: the use cases hand surfaces credentials as of their clock
-    /// ([`keyplane_core::Credential::as_of`]), so an ended previous secret is already gone.
-    pub fn of(credential: &keyplane_core::Credential) -> Self {
-        let previous = credential.previous_secret.as_ref();
-        Self {
-            previous_secret_expires_at: previous.map(|p| p.expires_at),
-            previous_secret_last_used_at: previous.and_then(|p| p.last_used_at),
-            suspended_at: credential.suspended_at,
-        }
-    }
-}
-
-/// `POST .../{id}/rotate` body, on every surface; no body at all is `{}`: the old secret stops
-/// working at once.
-#[derive(Default, utoipa::ToSchema)]
-#[schema(example = json!({"grace_seconds": 3600, "retire_when_unused_seconds": 600}))]
-pub struct RotateRequest {
-    /// How long the replaced secret keeps working beside the new one, 0–604800 seconds (7 days).
-    /// Default 0: it stops at once. A rotation always ends an earlier previous secret at once, so
-    /// at most two secrets are ever live.
-    #[schema(minimum = 0, maximum = 604800)]
-    pub grace_seconds: Option<u32>,
-    /// Retire the replaced secret before the grace period ends, once it has not been presented
-    /// for this many seconds (1–604800) and the new secret has been used at least once. Needs a
-    /// `grace_seconds` above 0.
-    #[schema(minimum = 1, maximum = 604800)]
-    pub retire_when_unused_seconds: Option<u32>,
-    /// A new expiry for the credential (RFC 3339, in the future); default: it keeps its own. The
-    /// organization's credential policy applies to the expiry the credential ends up with.
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-impl RotateRequest {
-    pub fn spec(&self) -> crate::ops::RotateSpec {
-        crate::ops::RotateSpec {
-            options: keyplane_core::RotationOptions {
-                grace_seconds: self.grace_seconds.unwrap_or(0),
-                retire_when_unused_seconds: self.retire_when_unused_seconds,
-            },
-            expires_at: self.expires_at,
-        }
+/// What a rotate body asks of `ops`.
+pub fn rotate_spec(request: &RotateRequest) -> crate::ops::RotateSpec {
+    crate::ops::RotateSpec {
+        options: keyplane_core::RotationOptions {
+            grace_seconds: request.grace_seconds.unwrap_or(0),
+            retire_when_unused_seconds: request.retire_when_unused_seconds,
+        },
+        expires_at: request.expires_at,
     }
 }
 

@@ -186,6 +186,15 @@ macro_rules! impl_audit {
                     .bind(&hash)
                     .execute(&mut **tx)
                     .await?;
+                // Every event reaches the tenant's webhooks: queued here, so in the same
+                // transaction as the change it records.
+                sqlx::query($crate::webhooks::QUEUE_DELIVERIES)
+                    .bind(event.tenant_id.as_uuid())
+                    .bind(event.id)
+                    .bind(&event.action)
+                    .bind($crate::webhooks::millis(event.occurred_at))
+                    .execute(&mut **tx)
+                    .await?;
                 Ok(())
             }
 

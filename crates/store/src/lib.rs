@@ -12,6 +12,7 @@ mod sql;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod webhooks;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -25,6 +26,9 @@ pub use audit::{AuditChainState, AuditOrder, AuditQuery};
 pub use error::{StoreError, StoreFault, Unavailable};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use webhooks::{
+    AttemptNext, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
+};
 
 /// A page request over one tenant's credentials of one kind, in creation order.
 #[derive(Debug, Clone)]
@@ -460,6 +464,96 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_idempotency_keys(
         &self,
         created_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores a new webhook. `Conflict` when its tenant already has `max_per_tenant`.
+    async fn create_webhook(
+        &self,
+        webhook: &keyplane_core::Webhook,
+        max_per_tenant: u32,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// The tenant's webhooks, oldest first.
+    async fn list_webhooks(
+        &self,
+        tenant_id: TenantId,
+    ) -> Result<Vec<keyplane_core::Webhook>, StoreError>;
+
+    async fn get_webhook(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+    ) -> Result<Option<keyplane_core::Webhook>, StoreError>;
+
+    /// Replaces the webhook's URL, patterns, description and enabled flag (its `failing_since`
+    /// is cleared when it is enabled again); not its secrets. `NotFound` outside its tenant.
+    async fn update_webhook(
+        &self,
+        webhook: &keyplane_core::Webhook,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// Makes `secret` the webhook's signing secret, and the one it replaces its previous secret
+    /// until `previous_until`, in one statement. Returns the webhook. `NotFound` outside the tenant.
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+        secret: &keyplane_core::WebhookSecret,
+        previous_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<keyplane_core::Webhook, StoreError>;
+
+    /// Deletes the webhook and its deliveries. `NotFound` outside the tenant.
+    async fn delete_webhook(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// A page of one webhook's deliveries, newest event first.
+    async fn list_webhook_deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> Result<Vec<WebhookDelivery>, StoreError>;
+
+    /// Makes a delivery pending again, due at `at`, at `schedule_step` of the retry schedule.
+    /// `NotFound` if the tenant's webhook has no delivery of that event.
+    async fn retry_webhook_delivery(
+        &self,
+        tenant_id: TenantId,
+        webhook_id: uuid::Uuid,
+        event_id: uuid::Uuid,
+        at: DateTime<Utc>,
+        schedule_step: u32,
+        event: &AuditEvent,
+    ) -> Result<WebhookDelivery, StoreError>;
+
+    /// Leases up to `claim.limit` due deliveries of enabled webhooks to this claim. Of replicas
+    /// claiming at once, each delivery goes to one.
+    async fn claim_webhook_deliveries(
+        &self,
+        claim: &DeliveryClaim,
+    ) -> Result<Vec<DeliveryJob>, StoreError>;
+
+    /// Records an attempt made under `attempt.lease_id` (nothing if that lease was lost). After a
+    /// failure, a webhook failing since `disable_failing_since` or earlier is disabled, with
+    /// `disable_event`, in the same transaction. Returns whether it was disabled.
+    async fn record_webhook_attempt(
+        &self,
+        attempt: &DeliveryAttempt,
+        disable_failing_since: DateTime<Utc>,
+        disable_event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` finished deliveries queued before `before`; returns how many.
+    async fn prune_webhook_deliveries(
+        &self,
+        before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError>;
 }

@@ -1,5 +1,6 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store};
+use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -169,3 +170,4 @@ async fn deliver_until_silent(
 bind_credential_fn!(sqlx::Postgres);
 impl_store!(PostgresStore, "postgres");
 impl_audit!(PostgresStore, sqlx::Postgres);
+impl_webhooks!(PostgresStore, sqlx::Postgres);

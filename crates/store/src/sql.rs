@@ -1122,6 +1122,121 @@ macro_rules! impl_store {
                     .await?
                     .rows_affected())
             }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id))]
+            async fn create_webhook(
+                &self,
+                webhook: &keyplane_core::Webhook,
+                max_per_tenant: u32,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                self.write(self.webhook_create(webhook, max_per_tenant, event)).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
+            async fn list_webhooks(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+            ) -> Result<Vec<keyplane_core::Webhook>, $crate::StoreError> {
+                self.webhooks_of(tenant_id, None).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, webhook.id = %id))]
+            async fn get_webhook(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: uuid::Uuid,
+            ) -> Result<Option<keyplane_core::Webhook>, $crate::StoreError> {
+                Ok(self.webhooks_of(tenant_id, Some(id)).await?.pop())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id))]
+            async fn update_webhook(
+                &self,
+                webhook: &keyplane_core::Webhook,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                self.write(self.webhook_update(webhook, event)).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, webhook.id = %id))]
+            async fn rotate_webhook_secret(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: uuid::Uuid,
+                secret: &keyplane_core::WebhookSecret,
+                previous_until: chrono::DateTime<chrono::Utc>,
+                at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<keyplane_core::Webhook, $crate::StoreError> {
+                self.write(self.secret_rotate(tenant_id, id, secret, previous_until, at, event))
+                    .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, webhook.id = %id))]
+            async fn delete_webhook(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                id: uuid::Uuid,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                self.write(self.webhook_delete(tenant_id, id, event)).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %query.tenant_id, webhook.id = %query.webhook_id))]
+            async fn list_webhook_deliveries(
+                &self,
+                query: &$crate::DeliveryQuery,
+            ) -> Result<Vec<$crate::WebhookDelivery>, $crate::StoreError> {
+                Self::deliveries_of(&self.pool, query, None).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, webhook.id = %webhook_id))]
+            async fn retry_webhook_delivery(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                webhook_id: uuid::Uuid,
+                event_id: uuid::Uuid,
+                at: chrono::DateTime<chrono::Utc>,
+                schedule_step: u32,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<$crate::WebhookDelivery, $crate::StoreError> {
+                self.write(self.delivery_retry(tenant_id, webhook_id, event_id, at, schedule_step, event))
+                    .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn claim_webhook_deliveries(
+                &self,
+                claim: &$crate::DeliveryClaim,
+            ) -> Result<Vec<$crate::DeliveryJob>, $crate::StoreError> {
+                if !self.deliveries_due(claim.now).await? {
+                    return Ok(Vec::new());
+                }
+                self.write(self.deliveries_claim(claim)).await
+            }
+
+            #[tracing::instrument(skip_all, fields(webhook.id = %attempt.webhook_id))]
+            async fn record_webhook_attempt(
+                &self,
+                attempt: &$crate::DeliveryAttempt,
+                disable_failing_since: chrono::DateTime<chrono::Utc>,
+                disable_event: &keyplane_core::AuditEvent,
+            ) -> Result<bool, $crate::StoreError> {
+                self.write(self.attempt_record(attempt, disable_failing_since, disable_event))
+                    .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_webhook_deliveries(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                // Background housekeeping, like the idempotency prune: not a client's write, so
+                // it does not count towards `/readyz`.
+                self.deliveries_prune(before, limit).await
+            }
         }
     };
 }

@@ -1,5 +1,6 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store};
+use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
@@ -128,3 +129,4 @@ impl SqliteStore {
 bind_credential_fn!(sqlx::Sqlite);
 impl_store!(SqliteStore, "sqlite");
 impl_audit!(SqliteStore, sqlx::Sqlite);
+impl_webhooks!(SqliteStore, sqlx::Sqlite);

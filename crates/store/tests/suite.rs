@@ -1523,3 +1523,458 @@ async fn canaries_round_trip_and_are_listed_only_when_asked_for(backend: Backend
     with.sort();
     assert_eq!(with, ["bait", "bootstrap", "imported-bait", "plain"]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Webhooks
+
+store_suite! {
+    deliveries_are_queued_with_each_event_for_matching_enabled_webhooks,
+    deliveries_are_leased_to_one_claim_and_recorded_by_it,
+    a_webhook_failing_too_long_is_disabled_with_its_event,
+    webhooks_update_rotate_retry_delete_prune_and_limit,
+}
+
+fn action_event(tenant: TenantId, action: &str) -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent {
+        action: action.into(),
+        ..event_in(tenant, now())
+    }
+}
+
+fn webhook(tenant: TenantId, patterns: &[&str], enabled: bool) -> keyplane_core::Webhook {
+    keyplane_core::Webhook {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: tenant,
+        url: "https://hooks.example.com/in".into(),
+        events: patterns
+            .iter()
+            .map(|p| keyplane_core::ActionPattern::parse(p).unwrap())
+            .collect(),
+        description: String::new(),
+        enabled,
+        secret: keyplane_core::WebhookSecret::generate(&mut OsRng),
+        previous_secret: None,
+        failing_since: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+async fn add_webhook(store: &dyn Store, hook: &keyplane_core::Webhook) {
+    store
+        .create_webhook(hook, 20, &action_event(hook.tenant_id, "webhook.created"))
+        .await
+        .unwrap();
+}
+
+async fn deliveries_of(
+    store: &dyn Store,
+    hook: &keyplane_core::Webhook,
+) -> Vec<keyplane_store::WebhookDelivery> {
+    store
+        .list_webhook_deliveries(&keyplane_store::DeliveryQuery {
+            tenant_id: hook.tenant_id,
+            webhook_id: hook.id,
+            before: None,
+            status: None,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+}
+
+fn claim_at(at: DateTime<Utc>) -> keyplane_store::DeliveryClaim {
+    keyplane_store::DeliveryClaim {
+        now: at,
+        lease_until: at + TimeDelta::seconds(15),
+        lease_id: uuid::Uuid::new_v4(),
+        limit: 10,
+    }
+}
+
+fn attempt(
+    job: &keyplane_store::DeliveryJob,
+    lease_id: uuid::Uuid,
+    next: keyplane_store::AttemptNext,
+) -> keyplane_store::DeliveryAttempt {
+    keyplane_store::DeliveryAttempt {
+        webhook_id: job.webhook.id,
+        event_id: job.event_id,
+        lease_id,
+        at: now(),
+        status_code: Some(if next == keyplane_store::AttemptNext::Succeeded {
+            204
+        } else {
+            503
+        }),
+        latency_ms: 12,
+        error: (next != keyplane_store::AttemptNext::Succeeded).then(|| "answered 503".into()),
+        next,
+    }
+}
+
+async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let tenant = f.tenant.id;
+    let tokens = webhook(tenant, &["api_token.*"], true);
+    let created = webhook(tenant, &["api_token.created", "registry.enabled"], true);
+    let disabled = webhook(tenant, &["*"], false);
+    let accounts = webhook(tenant, &["service_account.*"], true);
+    let other = Tenant {
+        id: TenantId::new(),
+        name: "globex".into(),
+        created_at: now(),
+    };
+    let (first, _) = new_token(other.id, "bootstrap");
+    store
+        .create_tenant_with_credential(&other, &first, &ev())
+        .await
+        .unwrap();
+    let elsewhere = webhook(other.id, &["*"], true);
+    for hook in [&tokens, &created, &disabled, &accounts, &elsewhere] {
+        add_webhook(store, hook).await;
+    }
+    // `elsewhere` got its own creation event; clear the slate for the counts below.
+    let base_elsewhere = deliveries_of(store, &elsewhere).await.len();
+
+    let (credential, _) = new_token(tenant, "ci");
+    let event = action_event(tenant, "api_token.created");
+    store.insert_credential(&credential, &event).await.unwrap();
+    store
+        .append_audit_event(&action_event(tenant, "api_token.revoked"))
+        .await
+        .unwrap();
+    // A change that fails queues nothing: its event never commits.
+    let (duplicate, _) = new_token(tenant, "ci");
+    assert!(store
+        .insert_credential(&duplicate, &action_event(tenant, "api_token.created"))
+        .await
+        .is_err());
+
+    let queued = deliveries_of(store, &tokens).await;
+    assert_eq!(
+        queued.iter().map(|d| d.action.as_str()).collect::<Vec<_>>(),
+        ["api_token.revoked", "api_token.created"]
+    );
+    let first = &queued[1];
+    assert_eq!(first.event_id, event.id);
+    assert_eq!(first.status, keyplane_core::DeliveryStatus::Pending);
+    assert_eq!(first.attempts, 0);
+    assert!(first.next_attempt_at.is_some());
+    let exact = deliveries_of(store, &created).await;
+    assert_eq!(exact.len(), 1);
+    assert_eq!(exact[0].event_id, event.id);
+    assert!(deliveries_of(store, &disabled).await.is_empty());
+    assert!(deliveries_of(store, &accounts).await.is_empty());
+    assert_eq!(deliveries_of(store, &elsewhere).await.len(), base_elsewhere);
+}
+
+async fn deliveries_are_leased_to_one_claim_and_recorded_by_it(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    let f = fixture(backend).await;
+    let store = f.store.clone();
+    let hook = webhook(f.tenant.id, &["api_token.*"], true);
+    add_webhook(store.as_ref(), &hook).await;
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        let event = action_event(f.tenant.id, "api_token.created");
+        store.append_audit_event(&event).await.unwrap();
+        events.push(event.id);
+    }
+
+    // Racing claims share the due deliveries out: each is leased once.
+    let at = now();
+    let racing = results_of((0..4).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim_webhook_deliveries(&claim_at(at)).await })
+    }))
+    .await;
+    let mut claimed: Vec<uuid::Uuid> = Vec::new();
+    for jobs in racing {
+        claimed.extend(jobs.unwrap().iter().map(|j| j.event_id));
+    }
+    claimed.sort();
+    assert_eq!(claimed, events, "each delivery leased exactly once");
+    assert!(store
+        .claim_webhook_deliveries(&claim_at(now()))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Once the leases run out another claim takes them; the first claim's record is refused.
+    let later = claim_at(now() + TimeDelta::seconds(20));
+    let jobs = store.claim_webhook_deliveries(&later).await.unwrap();
+    assert_eq!(jobs.len(), 3);
+    let job = &jobs[0];
+    assert_eq!(job.webhook.secret, hook.secret);
+    assert_eq!(job.webhook.url, hook.url);
+    let event = job.event.as_ref().expect("the event travels with the job");
+    assert_eq!(event.event.id, job.event_id);
+    let stale = attempt(job, uuid::Uuid::new_v4(), AttemptNext::Succeeded);
+    assert!(!store
+        .record_webhook_attempt(&stale, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap());
+    let pending = deliveries_of(store.as_ref(), &hook).await;
+    assert!(pending.iter().all(|d| d.attempts == 0));
+
+    // Succeeded, retried later, failed for good.
+    let done = attempt(&jobs[0], later.lease_id, AttemptNext::Succeeded);
+    store
+        .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let retry_at = now() + TimeDelta::seconds(60);
+    let retried = attempt(&jobs[1], later.lease_id, AttemptNext::RetryAt(retry_at));
+    store
+        .record_webhook_attempt(&retried, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let failed = attempt(&jobs[2], later.lease_id, AttemptNext::Failed);
+    store
+        .record_webhook_attempt(&failed, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let listed = deliveries_of(store.as_ref(), &hook).await;
+    let by_id = |id: uuid::Uuid| listed.iter().find(|d| d.event_id == id).unwrap();
+    let ok = by_id(jobs[0].event_id);
+    assert_eq!(
+        (
+            ok.status,
+            ok.attempts,
+            ok.last_status_code,
+            ok.last_latency_ms
+        ),
+        (
+            keyplane_core::DeliveryStatus::Succeeded,
+            1,
+            Some(204),
+            Some(12)
+        )
+    );
+    assert_eq!(ok.next_attempt_at, None);
+    let waiting = by_id(jobs[1].event_id);
+    assert_eq!(waiting.status, keyplane_core::DeliveryStatus::Pending);
+    assert_eq!(
+        waiting.next_attempt_at.map(|t| t.timestamp_millis()),
+        Some(retry_at.timestamp_millis())
+    );
+    assert_eq!(waiting.last_error.as_deref(), Some("answered 503"));
+    assert_eq!(
+        by_id(jobs[2].event_id).status,
+        keyplane_core::DeliveryStatus::Failed
+    );
+
+    // Only the retry is due, and only once its time has come.
+    assert!(store
+        .claim_webhook_deliveries(&claim_at(now() + TimeDelta::seconds(30)))
+        .await
+        .unwrap()
+        .is_empty());
+    let due = store
+        .claim_webhook_deliveries(&claim_at(retry_at + TimeDelta::seconds(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|j| j.event_id).collect::<Vec<_>>(),
+        [jobs[1].event_id]
+    );
+    assert_eq!(due[0].schedule_step, 1);
+    assert_eq!(due[0].attempts, 1);
+}
+
+async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let hook = webhook(f.tenant.id, &["*"], true);
+    add_webhook(store, &hook).await;
+    store
+        .append_audit_event(&action_event(f.tenant.id, "api_token.created"))
+        .await
+        .unwrap();
+    let lease = claim_at(now());
+    let jobs = store.claim_webhook_deliveries(&lease).await.unwrap();
+    // Its own creation event and the token's.
+    assert_eq!(jobs.len(), 2);
+    let head = store.audit_chain_state(f.tenant.id).await.unwrap().head_seq;
+    let disabled_event = action_event(f.tenant.id, "webhook.disabled");
+
+    // Failing since this attempt: not for long enough yet.
+    let first = attempt(&jobs[0], lease.lease_id, AttemptNext::RetryAt(now()));
+    assert!(!store
+        .record_webhook_attempt(&first, now() - TimeDelta::days(5), &disabled_event)
+        .await
+        .unwrap());
+    let got = store
+        .get_webhook(f.tenant.id, hook.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.enabled);
+    assert!(got.failing_since.is_some());
+    // Failing since before the cutoff: disabled, with its event, in the same transaction.
+    let second = attempt(&jobs[1], lease.lease_id, AttemptNext::RetryAt(now()));
+    assert!(store
+        .record_webhook_attempt(&second, now() + TimeDelta::seconds(1), &disabled_event)
+        .await
+        .unwrap());
+    let got = store
+        .get_webhook(f.tenant.id, hook.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!got.enabled);
+    assert_eq!(
+        store.audit_chain_state(f.tenant.id).await.unwrap().head_seq,
+        head + 1
+    );
+    // A disabled webhook's deliveries wait: none is claimed, and new events queue none.
+    store
+        .append_audit_event(&action_event(f.tenant.id, "api_token.revoked"))
+        .await
+        .unwrap();
+    assert!(store
+        .claim_webhook_deliveries(&claim_at(now() + TimeDelta::hours(1)))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(deliveries_of(store, &hook).await.len(), 2);
+    // Enabled again: failing_since is cleared, and the waiting deliveries are due.
+    let mut enabled = got.clone();
+    enabled.enabled = true;
+    store.update_webhook(&enabled, &ev()).await.unwrap();
+    let got = store
+        .get_webhook(f.tenant.id, hook.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.enabled && got.failing_since.is_none());
+    assert_eq!(
+        store
+            .claim_webhook_deliveries(&claim_at(now() + TimeDelta::seconds(1)))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let tenant = f.tenant.id;
+    let hook = webhook(tenant, &["api_token.created"], true);
+    assert!(matches!(
+        store
+            .create_webhook(&webhook(tenant, &["*"], true), 0, &ev())
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    add_webhook(store, &hook).await;
+    assert_eq!(store.list_webhooks(tenant).await.unwrap().len(), 1);
+    assert!(store
+        .get_webhook(TenantId::new(), hook.id)
+        .await
+        .unwrap()
+        .is_none());
+
+    // New patterns apply to the next event.
+    let mut changed = hook.clone();
+    changed.events = vec![keyplane_core::ActionPattern::parse("grant.*").unwrap()];
+    changed.url = "https://hooks.example.com/other".into();
+    store.update_webhook(&changed, &ev()).await.unwrap();
+    store
+        .append_audit_event(&action_event(tenant, "api_token.created"))
+        .await
+        .unwrap();
+    store
+        .append_audit_event(&action_event(tenant, "grant.created"))
+        .await
+        .unwrap();
+    let listed = deliveries_of(store, &hook).await;
+    assert_eq!(
+        listed.iter().map(|d| d.action.as_str()).collect::<Vec<_>>(),
+        ["grant.created"]
+    );
+    let got = store.get_webhook(tenant, hook.id).await.unwrap().unwrap();
+    assert_eq!(got.url, changed.url);
+    assert_eq!(got.secret, hook.secret, "an update keeps the secret");
+    let mut foreign = changed.clone();
+    foreign.tenant_id = TenantId::new();
+    assert!(matches!(
+        store.update_webhook(&foreign, &ev()).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Rotation: the old secret becomes the previous one.
+    let fresh = keyplane_core::WebhookSecret::generate(&mut OsRng);
+    let until = now() + TimeDelta::hours(24);
+    let rotated = store
+        .rotate_webhook_secret(tenant, hook.id, &fresh, until, now(), &ev())
+        .await
+        .unwrap();
+    assert_eq!(rotated.secret, fresh);
+    let (previous, previous_until) = rotated.previous_secret.expect("a previous secret");
+    assert_eq!(previous, hook.secret);
+    assert_eq!(previous_until.timestamp_millis(), until.timestamp_millis());
+
+    // A failed delivery retried: pending, due now, at the given schedule step.
+    let lease = claim_at(now());
+    let jobs = store.claim_webhook_deliveries(&lease).await.unwrap();
+    let failed = attempt(&jobs[0], lease.lease_id, AttemptNext::Failed);
+    store
+        .record_webhook_attempt(&failed, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let retried = store
+        .retry_webhook_delivery(tenant, hook.id, jobs[0].event_id, now(), 7, &ev())
+        .await
+        .unwrap();
+    assert_eq!(retried.status, keyplane_core::DeliveryStatus::Pending);
+    assert_eq!(retried.attempts, 1);
+    let due_claim = claim_at(now() + TimeDelta::seconds(1));
+    let due = store.claim_webhook_deliveries(&due_claim).await.unwrap();
+    assert_eq!(due[0].schedule_step, 7);
+    assert!(matches!(
+        store
+            .retry_webhook_delivery(tenant, hook.id, uuid::Uuid::now_v7(), now(), 0, &ev())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Pruning takes finished deliveries queued before the cutoff only.
+    let prune = |before| store.prune_webhook_deliveries(before, 10);
+    assert_eq!(
+        prune(now() + TimeDelta::days(1)).await.unwrap(),
+        0,
+        "a pending one stays"
+    );
+    let done = attempt(&due[0], due_claim.lease_id, AttemptNext::Succeeded);
+    store
+        .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    assert_eq!(
+        prune(now() - TimeDelta::days(1)).await.unwrap(),
+        0,
+        "too young"
+    );
+    assert_eq!(prune(now() + TimeDelta::days(1)).await.unwrap(), 1);
+    assert!(deliveries_of(store, &hook).await.is_empty());
+    store
+        .append_audit_event(&action_event(tenant, "grant.revoked"))
+        .await
+        .unwrap();
+
+    // Deleting takes its deliveries along.
+    assert!(matches!(
+        store.delete_webhook(TenantId::new(), hook.id, &ev()).await,
+        Err(StoreError::NotFound)
+    ));
+    store.delete_webhook(tenant, hook.id, &ev()).await.unwrap();
+    assert!(store.get_webhook(tenant, hook.id).await.unwrap().is_none());
+    assert!(deliveries_of(store, &hook).await.is_empty());
+}

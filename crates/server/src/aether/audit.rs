@@ -1,21 +1,20 @@
-//! `/api/v1/organizations/{orgID}/audit-events`, and the one JSON shape of an audit event (the API,
-//! `serve --audit-log` and `keyplane admin audit` all print it).
+//! `/api/v1/organizations/{orgID}/audit-events`. The one JSON shape of an audit event (the API,
+//! `serve --audit-log`, `keyplane admin audit` and `keyplane audit` all print it) is
+//! `keyplane_api_types::audit::AuditEventView`.
 
 use super::wire::ErrorEnvelope;
 use super::{org_id, Aether, ApiError, TAG_AUDIT};
 use crate::app::App;
 use crate::extract::Authenticated;
 use crate::ops;
-use crate::wire::timestamp;
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use keyplane_core::audit::{DetailValue, Outcome};
+pub use keyplane_api_types::audit::{AuditEventPage, AuditEventView};
+use keyplane_core::audit::Outcome;
 use keyplane_core::error::codes;
-use keyplane_core::{ChainedEvent, Error as DomainError, FieldError, FieldPath, TenantId};
+use keyplane_core::{Error as DomainError, FieldError, FieldPath, TenantId};
 use keyplane_store::{AuditOrder, AuditQuery};
-use serde::Serialize;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 const DEFAULT_PAGE: u32 = 50;
@@ -23,118 +22,6 @@ const MAX_PAGE: u32 = 100;
 /// Longest accepted `action` filter value, and how many may be given.
 const MAX_ACTION_CHARS: usize = 100;
 const MAX_ACTIONS: usize = 20;
-
-/// Who acted.
-#[derive(Serialize, ToSchema)]
-#[schema(as = AuditActor)]
-pub struct AuditActorView {
-    /// `api_token`, `service_account`, `user`, `robot_account` or `system`.
-    #[serde(rename = "type")]
-    pub actor_type: &'static str,
-    /// The credential or user id; null for `system`.
-    pub id: Option<Uuid>,
-    /// Users: the OIDC issuer.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
-    /// Users: the OIDC `sub`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-}
-
-/// What was acted on.
-#[derive(Serialize, ToSchema)]
-#[schema(as = AuditTarget)]
-pub struct AuditTargetView {
-    /// `organization`, `api_token`, `service_account`, `robot_account`, `registry`,
-    /// `authorization` or `credential_policy`.
-    #[serde(rename = "type")]
-    pub target_type: String,
-    pub id: Uuid,
-    pub name: Option<String>,
-}
-
-/// One recorded change or refused attempt. Never holds a secret or a secret's hash.
-#[derive(Serialize, ToSchema)]
-#[schema(as = AuditEvent)]
-pub struct AuditEventView {
-    /// UUIDv7, time-ordered.
-    pub id: Uuid,
-    pub org_id: Uuid,
-    /// Position in the organization's hash chain (1, 2, ...).
-    pub seq: u64,
-    #[serde(serialize_with = "timestamp")]
-    #[schema(value_type = String, format = DateTime)]
-    pub occurred_at: DateTime<Utc>,
-    /// Dotted and stable: `api_token.created`, `authorization.revoked`, `access.denied`, ...
-    pub action: String,
-    /// `success` or `denied`.
-    pub outcome: &'static str,
-    pub actor: AuditActorView,
-    pub target: Option<AuditTargetView>,
-    /// The `x-request-id` of the call.
-    pub request_id: Option<String>,
-    pub client_ip: Option<String>,
-    pub user_agent: Option<String>,
-    /// What changed: scopes or capability granted, old and new display prefix, a refusal's
-    /// `count`, ...
-    #[schema(value_type = Object)]
-    pub details: serde_json::Map<String, serde_json::Value>,
-    /// Lowercase hex SHA-256(previous event's `chain_hash` || this event's canonical bytes).
-    pub chain_hash: String,
-}
-
-impl From<&ChainedEvent> for AuditEventView {
-    fn from(stored: &ChainedEvent) -> Self {
-        let event = &stored.event;
-        Self {
-            id: event.id,
-            org_id: event.tenant_id.as_uuid(),
-            seq: stored.seq,
-            occurred_at: event.occurred_at,
-            action: event.action.clone(),
-            outcome: event.outcome.as_str(),
-            actor: AuditActorView {
-                actor_type: event.actor.actor_type.as_str(),
-                id: event.actor.id,
-                issuer: event.actor.issuer.clone(),
-                sub: event.actor.subject.clone(),
-            },
-            target: event.target.as_ref().map(|t| AuditTargetView {
-                target_type: t.target_type.clone(),
-                id: t.id,
-                name: t.name.clone(),
-            }),
-            request_id: event.context.request_id.clone(),
-            client_ip: event.context.client_ip.clone(),
-            user_agent: event.context.user_agent.clone(),
-            details: event
-                .details
-                .iter()
-                .map(|(key, value)| {
-                    let value = match value {
-                        DetailValue::Text(text) => serde_json::Value::from(text.as_str()),
-                        DetailValue::Count(count) => serde_json::Value::from(*count),
-                        DetailValue::List(items) => serde_json::Value::from(items.clone()),
-                    };
-                    (key.clone(), value)
-                })
-                .collect(),
-            chain_hash: stored
-                .chain_hash
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        }
-    }
-}
-
-/// A page of audit events, newest first.
-#[derive(Serialize, ToSchema)]
-pub struct AuditEventPage {
-    pub items: Vec<AuditEventView>,
-    /// Pass as `cursor` for the next (older) page; null on the last page.
-    pub next_cursor: Option<Uuid>,
-}
 
 /// Reads the filters of an audit query from `(name, value)` pairs (the query string), reporting
 /// every bad one. `action` may repeat; `api_token.*` matches every `api_token.` action.

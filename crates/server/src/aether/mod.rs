@@ -5,7 +5,11 @@ mod api_tokens;
 mod audit;
 mod policy;
 mod registry;
-pub mod wire;
+mod server_wire;
+pub(crate) mod webhooks;
+
+/// The wire shapes, shared with the client; the server's half is in `server_wire`.
+pub use keyplane_api_types::aether as wire;
 
 pub use audit::{parse_audit_query, AuditEventPage, AuditEventView};
 
@@ -25,6 +29,7 @@ pub const TAG_API_TOKENS: &str = "Aether: API tokens";
 pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";
 pub const TAG_AUDIT: &str = "Aether: audit events";
 pub const TAG_POLICY: &str = "Aether: credential policy";
+pub const TAG_WEBHOOKS: &str = "Aether: webhooks";
 
 fn org_id(raw: &str) -> Result<keyplane_core::TenantId, DomainError> {
     crate::extract::path_id("orgID", raw, keyplane_core::TenantId::parse)
@@ -94,4 +99,13 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(registry::resume_robot_account))
         .routes(routes!(registry::retire_previous_robot_secret))
         .routes(routes!(audit::list_audit_events))
+        .routes(routes!(webhooks::list_webhooks, webhooks::create_webhook))
+        .routes(routes!(
+            webhooks::get_webhook,
+            webhooks::update_webhook,
+            webhooks::delete_webhook
+        ))
+        .routes(routes!(webhooks::rotate_webhook_secret))
+        .routes(routes!(webhooks::list_webhook_deliveries))
+        .routes(routes!(webhooks::retry_webhook_delivery))
 }

@@ -33,7 +33,7 @@ pub async fn get_credential_policy(
 ) -> Result<Json<CredentialPolicyView>, ApiError> {
     let org = org_id(&org)?;
     let report = ops::get_credential_policy(&app, &who, org).await?;
-    Ok(Json(CredentialPolicyView::new(org, report)))
+    Ok(Json(super::server_wire::policy_view(org, report)))
 }
 
 /// Set the credential policy
@@ -68,5 +68,5 @@ pub async fn put_credential_policy(
     let org = org_id(&org)?;
     let report =
         ops::put_credential_policy(&app, &who, &context, org, request.into_policy()).await?;
-    Ok(Json(CredentialPolicyView::new(org, report)))
+    Ok(Json(super::server_wire::policy_view(org, report)))
 }

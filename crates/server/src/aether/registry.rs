@@ -291,7 +291,7 @@ pub async fn rotate_robot_account(
     IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Aether, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
-    let spec = request.spec();
+    let spec = crate::wire::rotate_spec(&request);
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
             let issued =

@@ -2,8 +2,11 @@
 //! dialect its docs come from: 422 `{"detail":[{"loc","msg","type"}]}`, otherwise `{"detail": "..."}`.
 
 mod authorizations;
+mod server_wire;
 mod service_accounts;
-pub mod wire;
+
+/// The wire shapes, shared with the client; the server's half is in `server_wire`.
+pub use keyplane_api_types::hybridbox as wire;
 
 use crate::app::App;
 use crate::error::{AppError, Surface};

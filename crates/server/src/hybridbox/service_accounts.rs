@@ -156,7 +156,7 @@ pub async fn rotate_service_account(
     IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Hybridbox, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
-    let spec = request.spec();
+    let spec = crate::wire::rotate_spec(&request);
     Ok(idempotency
         .run(app, who, account, move |app, who| async move {
             let issued =

@@ -17,31 +17,17 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
+pub use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest};
 use keyplane_core::error::codes;
 use keyplane_core::token::ParsedToken;
 use keyplane_core::{FieldError, FieldPath, RequestContext};
 use keyplane_store::{StoreFault, Unavailable};
-use serde::Serialize;
 use std::time::Duration;
-use utoipa::ToSchema;
 
-/// Tokens per request at most.
-pub const MAX_CREDENTIALS: usize = 100;
+pub use keyplane_api_types::leaks::MAX_CREDENTIALS;
 
 /// Attempts per reported token when the store has a transient fault.
 const ATTEMPTS: u32 = 3;
-
-/// `POST /v1/credentials/revoke` body.
-#[derive(ToSchema)]
-// Unknown fields are refused (400): say so, so that a client or a tester does not send them.
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"credentials": ["aether_0123456789abcdef0123456789abcdef0123456789abcdef3a5c01d2"]}))]
-pub struct RevokeCredentialsRequest {
-    /// The tokens found: 1–100 strings. Strings that are not keyplane tokens (wrong prefix,
-    /// length, alphabet or checksum) are ignored.
-    #[schema(min_items = 1, max_items = 100)]
-    pub credentials: Vec<String>,
-}
 
 impl FromJsonBody for RevokeCredentialsRequest {
     fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
@@ -74,16 +60,6 @@ impl FromJsonBody for RevokeCredentialsRequest {
             credentials: credentials?,
         })
     }
-}
-
-/// The answer: what was received, never what was found.
-#[derive(Serialize, ToSchema)]
-pub struct RevokeAccepted {
-    /// How many strings the request listed.
-    pub received: usize,
-    /// How many of them have a keyplane token's shape and checksum (computed offline); each of
-    /// those that is a credential is revoked within moments.
-    pub well_formed: usize,
 }
 
 /// Revoke leaked credentials

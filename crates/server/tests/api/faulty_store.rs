@@ -5,13 +5,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyplane_core::{
     AuditEvent, ChainedEvent, Credential, CredentialId, CredentialKind, CredentialPolicy, Grant,
-    GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId,
+    GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId, Webhook,
 };
 use keyplane_store::{
     AuditChainState, AuditQuery, CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord,
     InvalidationHandler, ListCredentials, SigningKey, Store, StoreError, StoreFault,
     StoredResponse, Unavailable, WriteHealth,
 };
+use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -454,5 +455,117 @@ impl Store for FaultyStore {
         self.inner
             .prune_idempotency_keys(created_before, limit)
             .await
+    }
+
+    async fn create_webhook(
+        &self,
+        webhook: &Webhook,
+        max_per_tenant: u32,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .create_webhook(webhook, max_per_tenant, event)
+            .await
+    }
+
+    async fn list_webhooks(&self, tenant_id: TenantId) -> Result<Vec<Webhook>, StoreError> {
+        self.check()?;
+        self.inner.list_webhooks(tenant_id).await
+    }
+
+    async fn get_webhook(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+    ) -> Result<Option<Webhook>, StoreError> {
+        self.check()?;
+        self.inner.get_webhook(tenant_id, id).await
+    }
+
+    async fn update_webhook(
+        &self,
+        webhook: &Webhook,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update_webhook(webhook, event).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+        secret: &keyplane_core::WebhookSecret,
+        previous_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+        event: &AuditEvent,
+    ) -> Result<Webhook, StoreError> {
+        self.check()?;
+        self.inner
+            .rotate_webhook_secret(tenant_id, id, secret, previous_until, at, event)
+            .await
+    }
+
+    async fn delete_webhook(
+        &self,
+        tenant_id: TenantId,
+        id: uuid::Uuid,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.delete_webhook(tenant_id, id, event).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.check()?;
+        self.inner.list_webhook_deliveries(query).await
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        tenant_id: TenantId,
+        webhook_id: uuid::Uuid,
+        event_id: uuid::Uuid,
+        at: DateTime<Utc>,
+        schedule_step: u32,
+        event: &AuditEvent,
+    ) -> Result<WebhookDelivery, StoreError> {
+        self.check()?;
+        self.inner
+            .retry_webhook_delivery(tenant_id, webhook_id, event_id, at, schedule_step, event)
+            .await
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        claim: &DeliveryClaim,
+    ) -> Result<Vec<DeliveryJob>, StoreError> {
+        self.check()?;
+        self.inner.claim_webhook_deliveries(claim).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        attempt: &DeliveryAttempt,
+        disable_failing_since: DateTime<Utc>,
+        disable_event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner
+            .record_webhook_attempt(attempt, disable_failing_since, disable_event)
+            .await
+    }
+
+    async fn prune_webhook_deliveries(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.prune_webhook_deliveries(before, limit).await
     }
 }

@@ -19,3 +19,4 @@ mod operations;
 mod pg_proxy;
 mod robots;
 mod verify;
+mod webhooks;

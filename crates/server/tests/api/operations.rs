@@ -176,6 +176,23 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
             "post",
         ),
         ("/api/v1/organizations/{orgID}/audit-events", "get"),
+        ("/api/v1/organizations/{orgID}/webhooks", "get"),
+        ("/api/v1/organizations/{orgID}/webhooks", "post"),
+        ("/api/v1/organizations/{orgID}/webhooks/{id}", "get"),
+        ("/api/v1/organizations/{orgID}/webhooks/{id}", "put"),
+        ("/api/v1/organizations/{orgID}/webhooks/{id}", "delete"),
+        (
+            "/api/v1/organizations/{orgID}/webhooks/{id}/rotate-secret",
+            "post",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/webhooks/{id}/deliveries",
+            "get",
+        ),
+        (
+            "/api/v1/organizations/{orgID}/webhooks/{id}/deliveries/{delivery_id}/retry",
+            "post",
+        ),
         ("/registry/token", "get"),
         ("/registry/token", "post"),
         ("/oauth2/introspect", "post"),

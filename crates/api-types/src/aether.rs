@@ -1,32 +1,37 @@
 //! Aether wire shapes, one struct per shape, field names exactly as the reference spells them.
 
-use crate::extract::{FromJsonBody, ObjectReader};
-use crate::wire::{one_time_secret, optional_timestamp, timestamp, Lifecycle};
-use chrono::{DateTime, Utc};
-use keyplane_core::registry::{self, RegistryAction};
-use keyplane_core::{
-    validate, Credential, FieldPath, Plaintext, Registry, RobotPermission, ScopeSet,
+use crate::wire::{
+    no_scopes, one_time_secret, optional_leak_action, optional_rule, optional_timestamp,
+    permission_list, received_secret, scope_list, timestamp, Lifecycle,
 };
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use keyplane_core::{Credential, Plaintext, Registry, RobotPermission, ScopeSet};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// `POST /api-tokens` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"name": "ci-deploy", "scopes": ["api_tokens:read", "deploy:prod"], "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateApiTokenRequest {
     /// 1–120 characters after trimming, without control, format (bidi, zero-width) or line
     /// separator characters; unique among the org's live tokens.
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,
-    /// `auth.manage`, `audit:read`, `tokens:verify`, `*`) or other scopes carried through to
+    /// `auth.manage`, `audit:read`, `tokens:verify`, `webhooks:manage`, `*`) or other scopes carried through to
     /// verification. At most the caller's own scopes, at most 64, each 1–128 characters of
     /// `[A-Za-z0-9_.:/-]` starting with a letter or digit, or `*`. Default: none.
     #[schema(value_type = Option<Vec<String>>, max_items = 64)]
+    // Empty means none, which is also what leaving the field out means.
+    #[serde(serialize_with = "scope_list", skip_serializing_if = "no_scopes")]
     pub scopes: ScopeSet,
     /// Optional expiry timestamp (RFC 3339), in the future and no later than
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
     /// A canary: a credential that looks like any other (same token format, same answer, `token`
     /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint, is
@@ -34,32 +39,12 @@ pub struct CreateApiTokenRequest {
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `api_tokens:write`. Default false.
     #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
 }
 
-impl FromJsonBody for CreateApiTokenRequest {
-    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
-        let name = r
-            .string("name")
-            .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
-        let scopes = match r.string_list("scopes") {
-            Ok(Some(raw)) => r.check_all(ScopeSet::parse_list(&FieldPath::body("scopes"), &raw)),
-            Ok(None) => Some(ScopeSet::empty()),
-            Err(()) => None,
-        };
-        let expires_at = r.expires_at("expires_at", now);
-        let canary = r.optional_bool("canary", false);
-        Some(Self {
-            name: name?,
-            scopes: scopes?,
-            expires_at: expires_at?,
-            canary: canary?,
-        })
-    }
-}
-
 /// An API token as listed: never its secret.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiToken)]
 pub struct ApiTokenView {
     pub id: Uuid,
@@ -139,27 +124,21 @@ impl From<Credential> for ApiTokenView {
 }
 
 /// Create and rotate answer: the token plus its raw secret, shown only this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiTokenWithSecret)]
 pub struct ApiTokenCreated {
     #[serde(flatten)]
     pub api_token: ApiTokenView,
     /// The raw API token (aether_<hex>). Shown only once, at creation (or rotation).
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub token: Plaintext,
 }
 
-impl From<crate::ops::Issued> for ApiTokenCreated {
-    fn from(issued: crate::ops::Issued) -> Self {
-        Self {
-            api_token: issued.credential.into(),
-            token: issued.secret,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ApiTokenList)]
 pub struct ApiTokenPage {
     pub items: Vec<ApiTokenView>,
@@ -168,13 +147,13 @@ pub struct ApiTokenPage {
 }
 
 /// The Aether error envelope.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = Error)]
 pub struct ErrorEnvelope {
     pub error: ErrorObject,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ErrorObject {
     /// A stable, machine-readable error code.
     pub code: String,
@@ -182,7 +161,7 @@ pub struct ErrorObject {
     pub details: Option<Vec<ErrorDetail>>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// JSON path of the field, e.g. `scopes[1]`.
     pub field: String,
@@ -191,7 +170,7 @@ pub struct ErrorDetail {
 }
 
 /// `POST /registry/robot-accounts` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"name": "ci", "permissions": ["pull", "push:team-a/*"]}))]
 pub struct CreateRobotAccountRequest {
     /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
@@ -201,10 +180,19 @@ pub struct CreateRobotAccountRequest {
     /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each
     /// listed once. Default `["pull"]`.
     #[schema(value_type = Option<Vec<String>>, min_items = 1, max_items = 50)]
+    // Left out when empty, so that the server applies its default (`["pull"]`).
+    #[serde(
+        serialize_with = "permission_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub permissions: Vec<RobotPermission>,
     /// Optional expiry (RFC 3339), in the future and no later than 9999-12-31T23:59:59.999999Z;
     /// the organization's credential policy may require one or fill in its default lifetime.
     #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
     /// A canary: a credential that looks like any other (same token format, same answer, `token`
     /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint (a registry login included), is
@@ -212,61 +200,21 @@ pub struct CreateRobotAccountRequest {
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `registry:write`. Default false.
     #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
 }
 
-fn permissions_field(r: &mut ObjectReader, required: bool) -> Option<Vec<RobotPermission>> {
-    let path = FieldPath::body("permissions");
-    match r.string_list("permissions") {
-        Ok(Some(raw)) => r.check_all(RobotPermission::parse_list(&path, &raw)),
-        Ok(None) if required => r.check(Err(keyplane_core::FieldError::new(
-            path,
-            keyplane_core::error::codes::REQUIRED,
-            "is required",
-        ))),
-        Ok(None) => Some(vec![RobotPermission {
-            action: RegistryAction::Pull,
-            repository: None,
-        }]),
-        Err(()) => None,
-    }
-}
-
-impl FromJsonBody for CreateRobotAccountRequest {
-    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
-        let name = r
-            .string("name")
-            .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
-        let permissions = permissions_field(r, false);
-        let expires_at = r.expires_at("expires_at", now);
-        let canary = r.optional_bool("canary", false);
-        Some(Self {
-            name: name?,
-            permissions: permissions?,
-            expires_at: expires_at?,
-            canary: canary?,
-        })
-    }
-}
-
 /// `PUT /registry/robot-accounts/{id}` body.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(example = json!({"permissions": ["pull"]}))]
 pub struct UpdateRobotAccountRequest {
     /// The robot's new permissions (replacing the old ones): 1–50, each listed once.
     #[schema(value_type = Vec<String>, min_items = 1, max_items = 50)]
+    #[serde(serialize_with = "permission_list")]
     pub permissions: Vec<RobotPermission>,
 }
 
-impl FromJsonBody for UpdateRobotAccountRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
-        Some(Self {
-            permissions: permissions_field(r, true)?,
-        })
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccount)]
 pub struct RobotAccountView {
     pub id: Uuid,
@@ -352,34 +300,28 @@ impl From<Credential> for RobotAccountView {
 }
 
 /// Create and rotate answer: the robot and its secret, shown only this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccountWithToken)]
 pub struct RobotAccountCreated {
     #[serde(flatten)]
     pub robot_account: RobotAccountView,
     /// The one-time robot account secret: the registry password for
     /// `robot$<harbor_project>+<name>`.
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub token: Plaintext,
 }
 
-impl From<crate::ops::Issued> for RobotAccountCreated {
-    fn from(issued: crate::ops::Issued) -> Self {
-        Self {
-            robot_account: issued.credential.into(),
-            token: issued.secret,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = RobotAccountList)]
 pub struct RobotAccountPage {
     pub items: Vec<RobotAccountView>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = Registry)]
 pub struct RegistryView {
     pub id: Uuid,
@@ -427,7 +369,7 @@ impl RegistryView {
 }
 
 /// `GET /registry` answer: the registry, or `{"enabled": false}` when none is provisioned.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum RegistryState {
     Enabled(RegistryView),
@@ -435,7 +377,7 @@ pub enum RegistryState {
 }
 
 /// `GET /registry` when no registry is provisioned.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 // No other property, so an enabled registry never also reads as this shape.
 #[serde(deny_unknown_fields)]
 pub struct RegistryDisabled {
@@ -443,25 +385,28 @@ pub struct RegistryDisabled {
     pub enabled: bool,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct RegistryCredentials {
     /// `robot$<harbor_project>+default`.
     pub username: String,
     /// Shown once.
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub password: Plaintext,
 }
 
 /// `POST /registry` answer.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct RegistryEnabled {
     pub registry: RegistryView,
     pub credentials: RegistryCredentials,
 }
 
 /// Lifetime rules for one kind of credential, or for all.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = LifetimeRule)]
 pub struct LifetimeRuleView {
     /// No credential may expire later than this many days after it is created or rotated
@@ -487,7 +432,7 @@ impl From<&keyplane_core::LifetimeRule> for LifetimeRuleView {
 }
 
 /// How many live credentials of each kind break the policy now (it does not change them).
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct PolicyExceeding {
     pub api_tokens: u64,
     pub service_accounts: u64,
@@ -495,7 +440,7 @@ pub struct PolicyExceeding {
 }
 
 /// The organization's credential policy.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = CredentialPolicy)]
 pub struct CredentialPolicyView {
     pub org_id: Uuid,
@@ -507,7 +452,7 @@ pub struct CredentialPolicyView {
     pub robot_accounts: Option<LifetimeRuleView>,
     /// What a reported leak does to the credential: `revoke` (default) or `suspend`.
     #[schema(value_type = String, pattern = "^(revoke|suspend)$")]
-    pub on_leak: &'static str,
+    pub on_leak: String,
     /// When the policy was last set; null: never (this is the default policy).
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -515,35 +460,8 @@ pub struct CredentialPolicyView {
     pub exceeding: PolicyExceeding,
 }
 
-impl CredentialPolicyView {
-    pub fn new(org: keyplane_core::TenantId, report: crate::ops::PolicyReport) -> Self {
-        let policy = &report.policy;
-        let count = |kind| {
-            report
-                .exceeding
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map_or(0, |(_, n)| *n)
-        };
-        Self {
-            org_id: org.as_uuid(),
-            all: (&policy.all).into(),
-            api_tokens: policy.api_tokens.as_ref().map(Into::into),
-            service_accounts: policy.service_accounts.as_ref().map(Into::into),
-            robot_accounts: policy.robot_accounts.as_ref().map(Into::into),
-            on_leak: policy.on_leak.as_str(),
-            updated_at: report.updated_at,
-            exceeding: PolicyExceeding {
-                api_tokens: count(keyplane_core::CredentialKind::ApiToken),
-                service_accounts: count(keyplane_core::CredentialKind::ServiceAccount),
-                robot_accounts: count(keyplane_core::CredentialKind::RobotAccount),
-            },
-        }
-    }
-}
-
 /// One lifetime rule in a `PUT /credential-policy` body; absent fields take their defaults.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(as = LifetimeRuleInput)]
 pub struct LifetimeRuleInput {
     #[schema(minimum = 1, maximum = 36500)]
@@ -555,82 +473,40 @@ pub struct LifetimeRuleInput {
 
 /// `PUT /credential-policy` body: the whole policy (absent fields take their defaults: no rules,
 /// leaks revoke).
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(as = CredentialPolicyUpdate, example = json!({"all": {"max_lifetime_days": 90, "require_expiry": true, "default_lifetime_days": 30}, "robot_accounts": {"max_lifetime_days": 365}, "on_leak": "revoke"}))]
 pub struct PutCredentialPolicyRequest {
     #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub all: Option<keyplane_core::LifetimeRule>,
     #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub api_tokens: Option<keyplane_core::LifetimeRule>,
     #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub service_accounts: Option<keyplane_core::LifetimeRule>,
     #[schema(value_type = Option<LifetimeRuleInput>)]
+    #[serde(
+        serialize_with = "optional_rule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub robot_accounts: Option<keyplane_core::LifetimeRule>,
     /// `revoke` (default) or `suspend`.
     #[schema(value_type = Option<String>, pattern = "^(revoke|suspend)$")]
+    #[serde(
+        serialize_with = "optional_leak_action",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub on_leak: Option<keyplane_core::LeakAction>,
-}
-
-fn lifetime_rule(
-    r: &mut ObjectReader,
-    key: &'static str,
-) -> Option<Option<keyplane_core::LifetimeRule>> {
-    let max = keyplane_core::policy::MAX_POLICY_DAYS;
-    let mut nested = match r.nested_object(key) {
-        Ok(Some(nested)) => nested,
-        Ok(None) => return Some(None),
-        Err(()) => return None,
-    };
-    let max_lifetime_days = nested.optional_u32("max_lifetime_days", 1, max);
-    let require_expiry = nested.optional_bool("require_expiry", false);
-    let default_lifetime_days = nested.optional_u32("default_lifetime_days", 1, max);
-    let rule = match (max_lifetime_days, require_expiry, default_lifetime_days) {
-        (Some(max_lifetime_days), Some(require_expiry), Some(default_lifetime_days)) => {
-            let rule = keyplane_core::LifetimeRule {
-                max_lifetime_days,
-                require_expiry,
-                default_lifetime_days,
-            };
-            let problems = rule.check(&FieldPath::body(key));
-            let ok = problems.is_empty();
-            nested.check_all::<()>(if ok { Ok(()) } else { Err(problems) });
-            ok.then_some(rule)
-        }
-        _ => None,
-    };
-    r.absorb(nested);
-    rule.map(Some)
-}
-
-impl FromJsonBody for PutCredentialPolicyRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
-        let all = lifetime_rule(r, "all");
-        let api_tokens = lifetime_rule(r, "api_tokens");
-        let service_accounts = lifetime_rule(r, "service_accounts");
-        let robot_accounts = lifetime_rule(r, "robot_accounts");
-        let on_leak = match r.nullable_string("on_leak") {
-            Ok(None) => Some(None),
-            Ok(Some(text)) => match keyplane_core::LeakAction::parse(&text) {
-                Some(action) => Some(Some(action)),
-                None => {
-                    r.check::<()>(Err(keyplane_core::FieldError::new(
-                        FieldPath::body("on_leak"),
-                        keyplane_core::error::codes::INVALID_CHOICE,
-                        "must be one of: revoke, suspend",
-                    )));
-                    None
-                }
-            },
-            Err(()) => None,
-        };
-        Some(Self {
-            all: all?,
-            api_tokens: api_tokens?,
-            service_accounts: service_accounts?,
-            robot_accounts: robot_accounts?,
-            on_leak: on_leak?,
-        })
-    }
 }
 
 impl PutCredentialPolicyRequest {

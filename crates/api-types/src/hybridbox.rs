@@ -1,19 +1,20 @@
 //! Hybridbox wire shapes, field names exactly as the reference spells them.
 
-use crate::extract::{FromJsonBody, ObjectReader};
-use crate::wire::{one_time_secret, optional_timestamp, timestamp, Lifecycle};
-use chrono::{DateTime, Utc};
-use keyplane_core::error::codes;
-use keyplane_core::{
-    grant, validate, Credential, FieldError, FieldPath, Grant, GrantKind, GrantResource, NewGrant,
-    Plaintext, Scope, SubjectType,
+use crate::wire::{
+    grant_kind, one_time_secret, optional_scope, optional_timestamp, received_secret, subject_type,
+    timestamp, Lifecycle,
 };
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use keyplane_core::{
+    Credential, FieldError, Grant, GrantKind, GrantResource, NewGrant, Plaintext, Scope,
+    SubjectType,
+};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Request body for creating a service account.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(as = ServiceAccountCreate, example = json!({"name": "billing-sync", "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateServiceAccountRequest {
     /// Human-readable service account name (1–120 characters after trimming).
@@ -22,6 +23,10 @@ pub struct CreateServiceAccountRequest {
     /// Optional UTC token expiry timestamp (RFC 3339), in the future and no later than
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
+    #[serde(
+        serialize_with = "optional_timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
     /// A canary: a credential that looks like any other (same token format, same answer, `token`
     /// shown once) but authenticates nowhere. Grants to it are kept but never honoured. Every presentation of it, on any endpoint, is
@@ -29,25 +34,11 @@ pub struct CreateServiceAccountRequest {
     /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
     /// holding `auth.manage`. Default false.
     #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
 }
 
-impl FromJsonBody for CreateServiceAccountRequest {
-    fn from_json(r: &mut ObjectReader, now: DateTime<Utc>) -> Option<Self> {
-        let name = r
-            .string("name")
-            .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
-        let expires_at = r.expires_at("expires_at", now);
-        let canary = r.optional_bool("canary", false);
-        Some(Self {
-            name: name?,
-            expires_at: expires_at?,
-            canary: canary?,
-        })
-    }
-}
-
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ServiceAccount)]
 pub struct ServiceAccountView {
     pub account_id: Uuid,
@@ -142,43 +133,36 @@ impl From<Credential> for ServiceAccountView {
 }
 
 /// Create and rotate answer: the service account and its bearer token, shown only this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ServiceAccountWithToken)]
 pub struct ServiceAccountCreated {
     #[serde(flatten)]
     pub service_account: ServiceAccountView,
     /// Plaintext bearer token. Store it now; it is never returned again.
-    #[serde(serialize_with = "one_time_secret")]
+    #[serde(
+        serialize_with = "one_time_secret",
+        deserialize_with = "received_secret"
+    )]
     #[schema(value_type = String)]
     pub token: Plaintext,
 }
 
-impl From<crate::ops::Issued> for ServiceAccountCreated {
-    fn from(issued: crate::ops::Issued) -> Self {
-        Self {
-            service_account: issued.credential.into(),
-            token: issued.secret,
-        }
-    }
-}
-
-fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<&'static str> {
-    all.iter().map(|v| name(*v)).collect()
-}
-
 /// Request body for granting a right.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 #[schema(as = AuthorizationCreate, example = json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f", "capability_key": "auth.manage", "resource_type": null, "resource_id": null}))]
 pub struct CreateAuthorizationRequest {
     /// `capability`, `account_owner` or `super_admin`.
     #[schema(value_type = String)]
+    #[serde(serialize_with = "grant_kind")]
     pub grant_kind: GrantKind,
     /// `user`, `group` or `service_account`.
     #[schema(value_type = String)]
+    #[serde(serialize_with = "subject_type")]
     pub subject_type: SubjectType,
     pub subject_id: Uuid,
     /// Required for `capability` grants (e.g. `auth.manage`), null otherwise.
     #[schema(value_type = Option<String>)]
+    #[serde(serialize_with = "optional_scope")]
     pub capability_key: Option<Scope>,
     /// Narrows the grant to one resource; such a grant confers no account-wide right. 1–64
     /// characters of `[a-z0-9_.:-]` starting with a lower-case letter (`project`).
@@ -187,52 +171,6 @@ pub struct CreateAuthorizationRequest {
     /// 1–255 printable ASCII characters without spaces (a UUID, a slug, `team-a/app`).
     #[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
     pub resource_id: Option<String>,
-}
-
-impl FromJsonBody for CreateAuthorizationRequest {
-    fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
-        let grant_kind = r.choice(
-            "grant_kind",
-            GrantKind::parse,
-            &names(&GrantKind::ALL, GrantKind::as_str),
-        );
-        let subject_type = r.choice(
-            "subject_type",
-            SubjectType::parse,
-            &names(&SubjectType::ALL, SubjectType::as_str),
-        );
-        let subject_id = r.uuid("subject_id");
-        let capability_key = match r.nullable_string("capability_key") {
-            Ok(Some(raw)) => r
-                .check(
-                    Scope::parse(&raw)
-                        .and_then(|scope| match scope.is_wildcard() {
-                            true => Err("`*` is granted with grant_kind account_owner"),
-                            false => Ok(scope),
-                        })
-                        .map_err(|message| {
-                            FieldError::new(
-                                FieldPath::body("capability_key"),
-                                codes::INVALID_SCOPE,
-                                message,
-                            )
-                        }),
-                )
-                .map(Some),
-            Ok(None) => Some(None),
-            Err(()) => None,
-        };
-        let resource_type = r.nullable_checked("resource_type", grant::resource_type);
-        let resource_id = r.nullable_checked("resource_id", grant::resource_id);
-        Some(Self {
-            grant_kind: grant_kind?,
-            subject_type: subject_type?,
-            subject_id: subject_id?,
-            capability_key: capability_key?,
-            resource_type: resource_type?,
-            resource_id: resource_id?,
-        })
-    }
 }
 
 impl CreateAuthorizationRequest {
@@ -252,7 +190,7 @@ impl CreateAuthorizationRequest {
     }
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = Authorization)]
 pub struct AuthorizationView {
     pub id: Uuid,
@@ -299,20 +237,20 @@ impl From<Grant> for AuthorizationView {
 }
 
 /// `{"detail": "..."}`: every error except validation.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ErrorMessage)]
 pub struct ErrorMessage {
     pub detail: String,
 }
 
 /// `{"detail": [...]}`: 422 validation errors.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = HTTPValidationError)]
 pub struct ValidationErrorBody {
     pub detail: Vec<ValidationErrorItem>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ValidationError)]
 pub struct ValidationErrorItem {
     /// Where: `["body", "name"]`, `["query", "include_revoked"]`, `["path", "account_id"]`.
@@ -324,7 +262,7 @@ pub struct ValidationErrorItem {
 }
 
 /// One step of a `loc`: a location or field name, or an index into a list.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum LocItem {
     Name(String),

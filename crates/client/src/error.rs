@@ -1,0 +1,207 @@
+//! What can go wrong, in the words of whichever dialect the server answered in, and the exit
+//! status each failure means.
+
+use keyplane_api_types::aether::ErrorEnvelope;
+use keyplane_api_types::hybridbox::{ErrorMessage, LocItem, ValidationErrorBody};
+use keyplane_api_types::verify::VerificationError;
+use serde::Deserialize;
+use std::fmt;
+
+/// The documented exit statuses (`keyplane --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Ok = 0,
+    /// The API answered with an error (4xx other than 401, 5xx), or a local file could not be
+    /// written.
+    Refused = 1,
+    /// The command line is wrong (also reported by clap with this status).
+    Usage = 2,
+    /// No credential, or the server did not accept it (401).
+    Unauthenticated = 3,
+    /// The server could not be reached (connection refused, DNS, timeout, TLS).
+    Unreachable = 4,
+}
+
+/// An error answer from the API.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: u16,
+    /// The dialect's machine-readable code (`validation_failed`, `invalid_token`, ...) when it
+    /// has one; Hybridbox's `{"detail": "..."}` has none.
+    pub code: Option<String>,
+    pub message: String,
+    /// One line per bad field: `scopes[1]: ... (invalid_scope)`.
+    pub details: Vec<String>,
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Error {
+    /// A bad argument found before anything was sent.
+    Usage(String),
+    /// No credential was given, or it could not be read.
+    NoCredential(String),
+    /// The server answered 401.
+    Unauthenticated(ApiFailure),
+    /// The server answered another error.
+    Refused(ApiFailure),
+    /// No answer: the server could not be reached or did not answer in time.
+    Unreachable(String),
+    /// An answer that is not what the route promises (a proxy's page, another program).
+    Protocol(String),
+    /// A local file (profile, `--secret-file`, `--token-file`) could not be read or written.
+    Local(String),
+}
+
+impl Error {
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Error::Usage(_) => ExitStatus::Usage,
+            Error::NoCredential(_) | Error::Unauthenticated(_) => ExitStatus::Unauthenticated,
+            Error::Unreachable(_) => ExitStatus::Unreachable,
+            Error::Refused(_) | Error::Protocol(_) | Error::Local(_) => ExitStatus::Refused,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(message)
+            | Error::NoCredential(message)
+            | Error::Unreachable(message)
+            | Error::Protocol(message)
+            | Error::Local(message) => f.write_str(&printable(message)),
+            Error::Unauthenticated(failure) | Error::Refused(failure) => {
+                write!(f, "{}", printable(&failure.message))?;
+                match &failure.code {
+                    Some(code) => write!(f, " ({}, HTTP {})", printable(code), failure.status)?,
+                    None => write!(f, " (HTTP {})", failure.status)?,
+                }
+                for detail in &failure.details {
+                    write!(f, "\n  {}", printable(detail))?;
+                }
+                if let Some(id) = &failure.request_id {
+                    write!(f, "\n  request id: {}", printable(id))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A server's text with control characters escaped, so that no name or message it echoes can
+/// move the cursor or forge a line on the user's terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(
+            |c| match c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                true => c.escape_default().collect::<Vec<_>>(),
+                false => vec![c],
+            },
+        )
+        .collect()
+}
+
+/// The three error dialects keyplane answers in.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorBody {
+    Aether(ErrorEnvelope),
+    Verification(VerificationError),
+    HybridboxValidation(ValidationErrorBody),
+    Hybridbox(ErrorMessage),
+}
+
+impl ApiFailure {
+    /// Reads an error answer in any of keyplane's dialects; a body in none of them is reported
+    /// by its status alone (it may be a proxy's page: it is not echoed).
+    pub fn read(status: u16, body: &[u8], request_id: Option<String>) -> Self {
+        let mut failure = ApiFailure {
+            status,
+            code: None,
+            message: format!("the server answered HTTP {status}"),
+            details: Vec::new(),
+            request_id,
+        };
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(ErrorBody::Aether(envelope)) => {
+                let error = envelope.error;
+                failure.code = Some(error.code);
+                failure.message = error.message;
+                failure.details = error
+                    .details
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|d| format!("{}: {} ({})", d.field, d.message, d.code))
+                    .collect();
+            }
+            Ok(ErrorBody::Verification(error)) => {
+                failure.code = Some(error.error);
+                failure.message = error.error_description;
+            }
+            Ok(ErrorBody::HybridboxValidation(body)) => {
+                failure.code = Some("validation_failed".into());
+                failure.message = "the request was not valid".into();
+                failure.details = body
+                    .detail
+                    .into_iter()
+                    .map(|item| {
+                        let location: Vec<String> = item
+                            .loc
+                            .iter()
+                            .map(
+                                |step| match serde_json::from_value::<LocItem>(step.clone()) {
+                                    Ok(LocItem::Name(name)) => name,
+                                    Ok(LocItem::Index(index)) => index.to_string(),
+                                    Err(_) => step.to_string(),
+                                },
+                            )
+                            .collect();
+                        format!("{}: {} ({})", location.join("."), item.msg, item.error_type)
+                    })
+                    .collect();
+            }
+            Ok(ErrorBody::Hybridbox(body)) => failure.message = body.detail,
+            Err(_) => {}
+        }
+        failure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dialect_is_read() {
+        let aether = br#"{"error":{"code":"validation_failed","message":"bad","details":[{"field":"scopes[0]","code":"invalid_scope","message":"no"}]}}"#;
+        let failure = ApiFailure::read(422, aether, None);
+        assert_eq!(failure.code.as_deref(), Some("validation_failed"));
+        assert_eq!(failure.details, ["scopes[0]: no (invalid_scope)"]);
+
+        let verification = br#"{"error":"invalid_token","error_description":"unknown"}"#;
+        let failure = ApiFailure::read(401, verification, None);
+        assert_eq!(failure.code.as_deref(), Some("invalid_token"));
+        assert_eq!(failure.message, "unknown");
+
+        let hybridbox =
+            br#"{"detail":[{"loc":["body","name"],"msg":"is required","type":"missing"}]}"#;
+        let failure = ApiFailure::read(422, hybridbox, None);
+        assert_eq!(failure.details, ["body.name: is required (missing)"]);
+
+        let failure = ApiFailure::read(404, br#"{"detail":"Not found"}"#, None);
+        assert_eq!(
+            (failure.code, failure.message.as_str()),
+            (None, "Not found")
+        );
+
+        let failure = ApiFailure::read(502, b"<html>Bad gateway</html>", None);
+        assert_eq!(failure.message, "the server answered HTTP 502");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("a\u{1b}[31m\nb"), "a\\u{1b}[31m\\nb");
+    }
+}

@@ -1,0 +1,335 @@
+//! Each replica's delivery loop: lease due deliveries from the store, send them at once (each
+//! bounded by the timeout), record every attempt, and schedule the retry or give up. A replica
+//! killed mid-attempt leaves its leases to run out; another (or itself, restarted) sends those
+//! deliveries again: at least once.
+
+use super::target::{literal_refusal, FilteringResolver, TargetRefused};
+use super::{disabled_event, retry_at, WebhookConfig};
+use crate::aether::AuditEventView;
+use crate::app::App;
+use crate::ops::now;
+use crate::wire::rfc3339;
+use chrono::TimeDelta;
+use keyplane_core::ChainedEvent;
+use keyplane_store::{AttemptNext, DeliveryAttempt, DeliveryClaim, DeliveryJob};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Deliveries one replica leases at a time, and sends at once.
+const BATCH: u32 = 32;
+/// How much of a receiver's answer is read (and then dropped).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Finished deliveries deleted per transaction, and how often the prune runs.
+const PRUNE_BATCH: u32 = 1000;
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long the loop waits after the store failed a claim.
+const CLAIM_BACKOFF: Duration = Duration::from_secs(5);
+const USER_AGENT: &str = concat!("keyplane-webhooks/", env!("CARGO_PKG_VERSION"));
+
+/// The lease on a claimed delivery: longer than an attempt can take (the timeout) plus recording
+/// it, so that no other replica sends it meanwhile.
+fn lease(config: &WebhookConfig) -> Duration {
+    config.timeout + Duration::from_secs(10)
+}
+
+/// The webhook HTTP client: no redirects, no proxy (a proxy would resolve names where this
+/// replica cannot check them), the address filter, system root certificates for https.
+fn client(config: &WebhookConfig) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout)
+        .user_agent(USER_AGENT)
+        .dns_resolver(Arc::new(FilteringResolver {
+            allow_private: config.allow_private_targets,
+        }))
+        .tls_built_in_webpki_certs(false)
+        .tls_built_in_native_certs(true)
+        .build()
+}
+
+/// Runs until `stop` turns true, finishing the batch in hand.
+pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let config = app.inner().config.webhooks.clone();
+    let client = match client(&config) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot build the webhook HTTP client: no webhook is delivered by this replica");
+            return;
+        }
+    };
+    let mut pruned_at: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(claimed) = deliver_due(&app, &client, &config).await else {
+            // The store is failing: try again later, without a warning every poll.
+            tokio::select! {
+                _ = tokio::time::sleep(config.poll_interval.max(CLAIM_BACKOFF)) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        };
+        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            prune(&app, &config).await;
+            pruned_at = Some(Instant::now());
+        }
+        if claimed == BATCH as usize {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Leases one batch of due deliveries and sends them; returns how many it leased, `None` when
+/// the store failed.
+async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig) -> Option<usize> {
+    let started = now();
+    let claim = DeliveryClaim {
+        now: started,
+        lease_until: started + TimeDelta::from_std(lease(config)).unwrap_or(TimeDelta::minutes(1)),
+        lease_id: uuid::Uuid::new_v4(),
+        limit: BATCH,
+    };
+    let jobs = match app.store().claim_webhook_deliveries(&claim).await {
+        Ok(jobs) => jobs,
+        Err(error) => {
+            tracing::warn!(%error, "cannot claim webhook deliveries; retrying");
+            return None;
+        }
+    };
+    let count = jobs.len();
+    futures::future::join_all(
+        jobs.into_iter()
+            .map(|job| deliver(app, client, config, claim.lease_id, job)),
+    )
+    .await;
+    Some(count)
+}
+
+async fn deliver(
+    app: &App,
+    client: &reqwest::Client,
+    config: &WebhookConfig,
+    lease_id: uuid::Uuid,
+    job: DeliveryJob,
+) {
+    let outcome = match &job.event {
+        Some(event) => send(client, config, &job, event).await,
+        None => Outcome {
+            status_code: None,
+            latency_ms: 0,
+            error: Some("the event was pruned from the audit trail".into()),
+            permanent: true,
+        },
+    };
+    let at = now();
+    let next = if outcome.error.is_none() {
+        AttemptNext::Succeeded
+    } else if outcome.permanent {
+        AttemptNext::Failed
+    } else {
+        let jitter = rand::thread_rng().gen_range(0.0..0.2);
+        match retry_at(&config.retry_schedule, job.schedule_step, at, jitter) {
+            Some(when) => AttemptNext::RetryAt(when),
+            None => AttemptNext::Failed,
+        }
+    };
+    let webhook = &job.webhook;
+    match &outcome.error {
+        None => {
+            tracing::debug!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, http.status = outcome.status_code, "webhook delivered")
+        }
+        Some(error) => {
+            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, gives_up = next == AttemptNext::Failed, "webhook delivery attempt failed")
+        }
+    }
+    let attempt = DeliveryAttempt {
+        webhook_id: webhook.id,
+        event_id: job.event_id,
+        lease_id,
+        at,
+        status_code: outcome.status_code,
+        latency_ms: outcome.latency_ms,
+        error: outcome.error,
+        next,
+    };
+    let failing_since =
+        at - TimeDelta::from_std(config.disable_after).unwrap_or(TimeDelta::days(5));
+    match app
+        .store()
+        .record_webhook_attempt(
+            &attempt,
+            failing_since,
+            &disabled_event(webhook, config.disable_after),
+        )
+        .await
+    {
+        Ok(true) => {
+            tracing::warn!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, "webhook disabled: every delivery attempt failed for too long")
+        }
+        Ok(false) => {}
+        // The lease runs out and the delivery is attempted again: at least once.
+        Err(error) => {
+            tracing::warn!(%error, webhook.id = %webhook.id, event.id = %job.event_id, "cannot record a webhook delivery attempt")
+        }
+    }
+}
+
+struct Outcome {
+    status_code: Option<u16>,
+    latency_ms: u64,
+    /// `None`: delivered (a 2xx answer).
+    error: Option<String>,
+    /// No retry can succeed.
+    permanent: bool,
+}
+
+/// The body every receiver gets: `{"type", "timestamp", "data"}`, `data` being the event as
+/// `GET .../audit-events` shows it.
+pub fn payload(event: &ChainedEvent) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "type": event.event.action,
+        "timestamp": rfc3339(&event.event.occurred_at),
+        "data": AuditEventView::from(event),
+    }))
+    .expect("an audit event serializes")
+}
+
+async fn send(
+    client: &reqwest::Client,
+    config: &WebhookConfig,
+    job: &DeliveryJob,
+    event: &ChainedEvent,
+) -> Outcome {
+    let refused = |error: String| Outcome {
+        status_code: None,
+        latency_ms: 0,
+        error: Some(error),
+        permanent: false,
+    };
+    let Ok(url) = reqwest::Url::parse(&job.webhook.url) else {
+        return refused("the stored URL does not parse".into());
+    };
+    // Names are checked by the resolver; address literals never reach it.
+    if !config.allow_private_targets {
+        if let Some(refusal) = literal_refusal(&url) {
+            return refused(format!("refused: {refusal}"));
+        }
+    }
+    let body = payload(event);
+    let message_id = job.event_id.to_string();
+    let timestamp = chrono::Utc::now().timestamp();
+    let signature = job
+        .webhook
+        .signatures(&message_id, timestamp, &body, chrono::Utc::now());
+    let started = Instant::now();
+    let attempt = async {
+        let mut response = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("webhook-id", &message_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        // Read a bounded part of the answer, so a receiver cannot make this replica buffer much.
+        let mut read = 0;
+        while read < MAX_RESPONSE_BYTES {
+            match response.chunk().await? {
+                Some(chunk) => read += chunk.len(),
+                None => break,
+            }
+        }
+        Ok::<_, reqwest::Error>(status)
+    };
+    let answered = tokio::time::timeout(config.timeout, attempt).await;
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match answered {
+        Ok(Ok(status)) => Outcome {
+            status_code: Some(status.as_u16()),
+            latency_ms,
+            error: (!status.is_success()).then(|| match status.as_u16() {
+                300..=399 => format!("answered {status}; redirects are not followed"),
+                _ => format!("answered {status}"),
+            }),
+            permanent: false,
+        },
+        Ok(Err(error)) => Outcome {
+            status_code: None,
+            latency_ms,
+            error: Some(describe(&error, config.timeout)),
+            permanent: false,
+        },
+        Err(_) => Outcome {
+            status_code: None,
+            latency_ms,
+            error: Some(format!("no answer within {:?}", config.timeout)),
+            permanent: false,
+        },
+    }
+}
+
+/// Why a request failed, without its URL (which may carry a receiver's token): reqwest's own
+/// message names the URL, so only the causes under it are told.
+fn describe(error: &reqwest::Error, timeout: Duration) -> String {
+    let mut source = std::error::Error::source(error);
+    let mut causes = Vec::new();
+    while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<TargetRefused>() {
+            return format!("refused: {refused}");
+        }
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    if error.is_timeout() {
+        return format!("no answer within {timeout:?}");
+    }
+    let what = if error.is_connect() {
+        "cannot connect"
+    } else if error.is_body() || error.is_decode() {
+        "the answer broke off"
+    } else {
+        "the request failed"
+    };
+    causes.dedup();
+    let mut text = match causes.last() {
+        Some(cause) => format!("{what}: {cause}"),
+        None => what.to_string(),
+    };
+    if text.len() > 300 {
+        let mut end = 300;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+async fn prune(app: &App, config: &WebhookConfig) {
+    let before =
+        now() - TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
+    for _ in 0..10 {
+        match app
+            .store()
+            .prune_webhook_deliveries(before, PRUNE_BATCH)
+            .await
+        {
+            Ok(deleted) if deleted == u64::from(PRUNE_BATCH) => continue,
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, "cannot prune old webhook deliveries; retrying later");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! Webhooks: the API, and deliveries to a real receiver that verifies every signature with the
+//! `standardwebhooks` package (`tests/webhook-receiver/`), goes down and comes back. The server
+//! runs with `webhooks.allow_private_targets` (the receiver is on 127.0.0.1) and a retry schedule
+//! in milliseconds, except where the address check itself is tested.
+
+#[path = "../webhook-receiver/receiver.rs"]
+mod receiver;
+
+use crate::helpers::{assert_error, both_backends, fields, test_config, Org, TestApp};
+use keyplane_server::webhooks::WebhookConfig;
+use keyplane_server::Config;
+use receiver::{Behaviour, Receiver};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+both_backends!(
+    deliveries_are_signed_and_carry_the_matching_events,
+    management_validation_capability_and_tenant_isolation,
+    private_targets_are_refused_without_the_flag,
+    a_receiver_that_goes_down_gets_every_event_when_it_is_back,
+    a_rotated_secret_signs_alongside_the_old_one_for_the_overlap,
+    exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
+    https_targets_must_present_a_certificate_the_system_trusts,
+);
+
+fn fast(config: WebhookConfig) -> Config {
+    Config {
+        webhooks: WebhookConfig {
+            allow_private_targets: true,
+            retry_schedule: vec![Duration::from_millis(200); 30],
+            poll_interval: Duration::from_millis(25),
+            ..config
+        },
+        ..test_config()
+    }
+}
+
+/// Waits (at most `limit`) until `check` holds.
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {limit:?} waiting for: {what}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+async fn create_webhook(app: &TestApp, org: &Org, url: &str, events: &[&str]) -> Value {
+    let res = app
+        .post(
+            &org.path("/webhooks"),
+            &org.token,
+            json!({"url": url, "events": events, "description": "test receiver"}),
+        )
+        .await;
+    let status = res.status();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(status, 201, "create webhook: {body}");
+    body
+}
+
+async fn deliveries(app: &TestApp, org: &Org, webhook: &str) -> Vec<Value> {
+    let res = app
+        .get(
+            &org.path(&format!("/webhooks/{webhook}/deliveries?limit=100")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let page: Value = res.json().await.unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+/// The `type`s received (verified or not), by event id.
+fn received_by_id(receiver: &Receiver) -> HashMap<String, Vec<Value>> {
+    let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
+    for delivery in receiver.deliveries() {
+        by_id
+            .entry(delivery["id"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(delivery);
+    }
+    by_id
+}
+
+async fn create_tokens(app: &TestApp, org: &Org, prefix: &str, count: usize) -> Vec<Value> {
+    let mut made = Vec::new();
+    for i in 0..count {
+        made.push(app.create_token(org, &format!("{prefix}-{i}"), &[]).await);
+    }
+    made
+}
+
+async fn audit_ids(app: &TestApp, org: &Org, action: &str) -> Vec<String> {
+    let res = app
+        .get(
+            &org.path(&format!("/audit-events?action={action}&limit=100")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let page: Value = res.json().await.unwrap();
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn deliveries_are_signed_and_carry_the_matching_events(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/hooks"),
+        &["api_token.*"],
+    )
+    .await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let receiver = Receiver::start(&Behaviour::verifying(&[&secret]), port);
+
+    let token = app.create_token(&org, "ci", &["api_tokens:read"]).await;
+    let id = token["id"].as_str().unwrap();
+    let res = app
+        .post_empty(&org.path(&format!("/api-tokens/{id}/rotate")), &org.token)
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    // Not subscribed: a service account's event.
+    let res = app
+        .post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            json!({"name": "sa"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+
+    wait_until(
+        "three api_token deliveries",
+        Duration::from_secs(15),
+        || async { received_by_id(&receiver).len() >= 3 },
+    )
+    .await;
+    let received = receiver.deliveries();
+    let types: Vec<&str> = received
+        .iter()
+        .map(|d| d["payload"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([
+            "api_token.created",
+            "api_token.rotated",
+            "api_token.revoked"
+        ]),
+        "{received:?}"
+    );
+    // What the audit trail shows is what was delivered, field for field.
+    let page: Value = app
+        .get(&org.path("/audit-events?action=api_token.*"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    for delivery in &received {
+        assert_eq!(delivery["verified"], json!([0]), "signature: {delivery}");
+        assert_eq!(delivery["signatures"], 1);
+        let payload = &delivery["payload"];
+        assert_eq!(
+            payload["data"]["id"], delivery["id"],
+            "webhook-id is the event id"
+        );
+        assert_eq!(payload["data"]["action"], payload["type"]);
+        assert_eq!(payload["timestamp"], payload["data"]["occurred_at"]);
+        assert_eq!(payload["data"]["org_id"], json!(org.id));
+        let listed = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == payload["data"]["id"])
+            .expect("the delivered event is in the audit trail");
+        assert_eq!(&payload["data"], listed);
+        assert!(!delivery.to_string().contains(&secret));
+    }
+    let hook_id = hook["id"].as_str().unwrap();
+    wait_until(
+        "the deliveries are recorded",
+        Duration::from_secs(5),
+        || async {
+            deliveries(&app, &org, hook_id)
+                .await
+                .iter()
+                .all(|d| d["status"] == "succeeded")
+        },
+    )
+    .await;
+    let listed = deliveries(&app, &org, hook_id).await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for delivery in &listed {
+        assert_eq!(delivery["last_response_code"], 204);
+        assert!(delivery["last_latency_ms"].is_u64());
+        assert!(delivery["next_attempt_at"].is_null());
+        assert!(delivery["attempts"].as_u64().unwrap() >= 1);
+    }
+    assert!(
+        !crate::logs::captured().contains(&secret[6..]),
+        "a webhook secret was logged"
+    );
+}
+
+async fn management_validation_capability_and_tenant_isolation(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("globex").await;
+    let hook = create_webhook(&app, &org, "http://127.0.0.1:9/a?x=1", &["*"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    assert_eq!(hook["events"], json!(["*"]));
+    assert_eq!(hook["enabled"], true);
+    assert_eq!(hook["org_id"], json!(org.id));
+
+    // Read back: never the secret.
+    let got: Value = app
+        .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(got.get("secret").is_none(), "{got}");
+    assert_eq!(got["url"], "http://127.0.0.1:9/a?x=1");
+    let list: Value = app
+        .get(&org.path("/webhooks"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains(&secret));
+
+    // Replace.
+    let res = app
+        .request(Method::PUT, &org.path(&format!("/webhooks/{id}")), Some(&org.token))
+        .json(&json!({"url": "https://127.0.0.1:9/b", "events": ["api_token.created", "webhook.*"], "enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let updated: Value = res.json().await.unwrap();
+    assert_eq!(updated["events"], json!(["api_token.created", "webhook.*"]));
+    assert_eq!(updated["enabled"], false);
+    assert_eq!(updated["description"], "");
+
+    // Bad bodies: every problem at once, in the Aether dialect.
+    let res = app
+        .post(
+            &org.path("/webhooks"),
+            &org.token,
+            json!({"url": "ftp://x", "events": ["api_token*", "*", "*"], "enabled": "yes", "colour": 1}),
+        )
+        .await;
+    let details = assert_error(res, 422, "validation_failed").await;
+    let found = fields(&details);
+    for expected in [
+        ("url", "invalid_format"),
+        ("events[0]", "invalid_format"),
+        ("events[2]", "duplicate"),
+        ("enabled", "invalid_type"),
+        ("colour", "unknown_field"),
+    ] {
+        assert!(
+            found.contains(&(expected.0.to_string(), expected.1.to_string())),
+            "{expected:?} not in {found:?}"
+        );
+    }
+    for body in [
+        json!({"url": "http://127.0.0.1:9/", "events": []}),
+        json!({"url": "http://127.0.0.1:9/"}),
+        json!({"url": "https://u:p@example.com/", "events": ["*"]}),
+        json!({"url": "not a url", "events": ["*"]}),
+    ] {
+        let res = app
+            .post(&org.path("/webhooks"), &org.token, body.clone())
+            .await;
+        assert_error(res, 422, "validation_failed").await;
+    }
+
+    // The capability, and another tenant: 403 and 404.
+    let reader = app
+        .create_token(&org, "reader", &["api_tokens:read", "audit:read"])
+        .await;
+    let reader = reader["token"].as_str().unwrap();
+    let res = app.get(&org.path("/webhooks"), reader).await;
+    assert_error(res, 403, "forbidden").await;
+    let manager = app
+        .create_token(&org, "manager", &["webhooks:manage"])
+        .await;
+    let manager = manager["token"].as_str().unwrap();
+    assert_eq!(
+        app.get(&org.path(&format!("/webhooks/{id}")), manager)
+            .await
+            .status(),
+        200
+    );
+    for (method, path) in [
+        (Method::GET, format!("/webhooks/{id}")),
+        (Method::DELETE, format!("/webhooks/{id}")),
+        (Method::POST, format!("/webhooks/{id}/rotate-secret")),
+        (Method::GET, format!("/webhooks/{id}/deliveries")),
+    ] {
+        // The other org's token on this org's webhook, and on its own org's path.
+        let res = app
+            .request(method.clone(), &org.path(&path), Some(&other.token))
+            .send()
+            .await
+            .unwrap();
+        assert_error(res, 404, "not_found").await;
+        let res = app
+            .request(method, &other.path(&path), Some(&other.token))
+            .send()
+            .await
+            .unwrap();
+        assert_error(res, 404, "not_found").await;
+    }
+    let res = app
+        .post_empty(
+            &org.path(&format!(
+                "/webhooks/{id}/deliveries/{}/retry",
+                uuid::Uuid::now_v7()
+            )),
+            &org.token,
+        )
+        .await;
+    assert_error(res, 409, "conflict").await; // disabled above
+    let res = app.get(&org.path("/webhooks/not-a-uuid"), &org.token).await;
+    assert_error(res, 422, "validation_failed").await;
+    let res = app
+        .get(
+            &org.path(&format!("/webhooks/{id}/deliveries?status=lost&limit=0")),
+            &org.token,
+        )
+        .await;
+    let details = assert_error(res, 422, "validation_failed").await;
+    assert_eq!(fields(&details).len(), 2);
+
+    // Rotation shows the new secret once; the old one is kept for the overlap only.
+    let res = app
+        .post_empty(
+            &org.path(&format!("/webhooks/{id}/rotate-secret")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let rotated: Value = res.json().await.unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert!(new_secret.starts_with("whsec_") && new_secret != secret);
+    assert!(rotated["previous_secret_expires_at"].is_string());
+
+    // Every change is in the audit trail, without a secret.
+    let res = app
+        .delete(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_error(
+        app.get(&org.path(&format!("/webhooks/{id}")), &org.token)
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.delete(&org.path(&format!("/webhooks/{id}")), &org.token)
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    let audit: Value = app
+        .get(&org.path("/audit-events?action=webhook.*"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "webhook.deleted",
+            "webhook.secret_rotated",
+            "webhook.updated",
+            "webhook.created"
+        ]
+    );
+    let text = audit.to_string();
+    assert!(!text.contains(&secret) && !text.contains(new_secret));
+    assert!(
+        !text.contains("x=1"),
+        "the URL's query is not recorded: {text}"
+    );
+    let logged = crate::logs::captured();
+    assert!(!logged.contains(&secret[6..]) && !logged.contains(&new_secret[6..]));
+
+    // At most 20 per organization.
+    for i in 0..20 {
+        create_webhook(&app, &org, &format!("http://127.0.0.1:9/{i}"), &["*"]).await;
+    }
+    let res = app
+        .post(
+            &org.path("/webhooks"),
+            &org.token,
+            json!({"url": "http://127.0.0.1:9/x", "events": ["*"]}),
+        )
+        .await;
+    assert_error(res, 409, "conflict").await;
+}
+
+async fn private_targets_are_refused_without_the_flag(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    for url in [
+        "http://127.0.0.1:8080/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+        "http://localhost:9000/",
+        "http://10.0.0.8/",
+        "http://2130706433/",
+        "https://[::ffff:169.254.169.254]/",
+    ] {
+        let res = app
+            .post(
+                &org.path("/webhooks"),
+                &org.token,
+                json!({"url": url, "events": ["*"]}),
+            )
+            .await;
+        let details = assert_error(res, 422, "validation_failed").await;
+        assert_eq!(
+            fields(&details),
+            [("url".to_string(), "invalid_format".to_string())],
+            "{url}"
+        );
+        let message = details[0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("--webhook-allow-private-targets"),
+            "{message}"
+        );
+    }
+    // And on update: a webhook with a public address cannot be pointed inward.
+    // Disabled: nothing is ever sent to this public address.
+    let res = app
+        .post(
+            &org.path("/webhooks"),
+            &org.token,
+            json!({"url": "https://192.0.43.10/hook", "events": ["*"], "enabled": false}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let hook: Value = res.json().await.unwrap();
+    let id = hook["id"].as_str().unwrap();
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path(&format!("/webhooks/{id}")),
+            Some(&org.token),
+        )
+        .json(&json!({"url": "http://169.254.169.254/", "events": ["*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 422, "validation_failed").await;
+    let got: Value = app
+        .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["url"], "https://192.0.43.10/hook");
+}
+
+async fn a_receiver_that_goes_down_gets_every_event_when_it_is_back(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let behaviour = Behaviour::verifying(&[hook["secret"].as_str().unwrap()]);
+    let mut receiver = Receiver::start(&behaviour, port);
+
+    create_tokens(&app, &org, "before", 5).await;
+    // Answered and recorded, so that the outage below fails only the events made during it.
+    wait_until("5 deliveries while up", Duration::from_secs(15), || async {
+        let listed = deliveries(&app, &org, &hook_id).await;
+        listed.len() == 5 && listed.iter().all(|d| d["status"] == "succeeded")
+    })
+    .await;
+
+    receiver.stop();
+    create_tokens(&app, &org, "while-down", 5).await;
+    wait_until(
+        "failed attempts while down",
+        Duration::from_secs(15),
+        || async {
+            let listed = deliveries(&app, &org, &hook_id).await;
+            listed
+                .iter()
+                .filter(|d| d["status"] == "pending" && d["attempts"].as_u64() >= Some(2))
+                .count()
+                == 5
+        },
+    )
+    .await;
+    let listed = deliveries(&app, &org, &hook_id).await;
+    let waiting = listed.iter().find(|d| d["status"] == "pending").unwrap();
+    assert!(
+        waiting["last_error"].as_str().unwrap().contains("connect"),
+        "{waiting}"
+    );
+    assert!(waiting["last_response_code"].is_null());
+    assert!(waiting["next_attempt_at"].is_string());
+
+    receiver.restart(&behaviour);
+    create_tokens(&app, &org, "after", 2).await;
+    let expected: HashSet<String> = audit_ids(&app, &org, "api_token.created")
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(expected.len(), 12);
+    wait_until(
+        "all 12 events at the receiver",
+        Duration::from_secs(20),
+        || async {
+            let got: HashSet<String> = received_by_id(&receiver).into_keys().collect();
+            expected.is_subset(&got)
+        },
+    )
+    .await;
+    assert!(receiver
+        .deliveries()
+        .iter()
+        .all(|d| d["verified"] == json!([0])));
+    wait_until(
+        "every delivery recorded as succeeded",
+        Duration::from_secs(5),
+        || async {
+            deliveries(&app, &org, &hook_id)
+                .await
+                .iter()
+                .all(|d| d["status"] == "succeeded")
+        },
+    )
+    .await;
+    let listed = deliveries(&app, &org, &hook_id).await;
+    assert_eq!(listed.len(), 12);
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|d| d["attempts"].as_u64().unwrap() > 1)
+            .count(),
+        5,
+        "the events sent while it was down took several attempts: {listed:?}"
+    );
+}
+
+async fn a_rotated_secret_signs_alongside_the_old_one_for_the_overlap(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(
+        backend,
+        fast(WebhookConfig {
+            secret_overlap: Duration::from_millis(1500),
+            ..WebhookConfig::default()
+        }),
+    )
+    .await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap();
+    let old = hook["secret"].as_str().unwrap().to_string();
+    let res = app
+        .post_empty(
+            &org.path(&format!("/webhooks/{id}/rotate-secret")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let new = res.json::<Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A receiver that knows only the old secret, and one that knows only the new one, both
+    // accept what is sent during the overlap.
+    let receiver = Receiver::start(&Behaviour::verifying(&[&old, &new]), port);
+    let during = app.create_token(&org, "during", &[]).await;
+    wait_until(
+        "the delivery during the overlap",
+        Duration::from_secs(10),
+        || async { !receiver.deliveries().is_empty() },
+    )
+    .await;
+    let first = &receiver.deliveries()[0];
+    assert_eq!(first["payload"]["data"]["target"]["id"], during["id"]);
+    assert_eq!(first["signatures"], 2);
+    assert_eq!(first["verified"], json!([0, 1]));
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    app.create_token(&org, "after", &[]).await;
+    wait_until(
+        "the delivery after the overlap",
+        Duration::from_secs(10),
+        || async { receiver.deliveries().len() >= 2 },
+    )
+    .await;
+    let second = &receiver.deliveries()[1];
+    assert_eq!(second["signatures"], 1);
+    assert_eq!(
+        second["verified"],
+        json!([1]),
+        "only the new secret signs now"
+    );
+    let got: Value = app
+        .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(got["previous_secret_expires_at"].is_null());
+}
+
+async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(
+        backend,
+        Config {
+            webhooks: WebhookConfig {
+                allow_private_targets: true,
+                retry_schedule: vec![Duration::from_millis(50), Duration::from_millis(50)],
+                poll_interval: Duration::from_millis(25),
+                disable_after: Duration::from_millis(700),
+                ..WebhookConfig::default()
+            },
+            ..test_config()
+        },
+    )
+    .await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.*"],
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let failing = Behaviour {
+        status: 503,
+        ..Behaviour::verifying(&[&secret])
+    };
+    let mut receiver = Receiver::start(&failing, port);
+
+    app.create_token(&org, "first", &[]).await;
+    wait_until(
+        "the first delivery gives up",
+        Duration::from_secs(10),
+        || async {
+            deliveries(&app, &org, &id)
+                .await
+                .iter()
+                .any(|d| d["status"] == "failed")
+        },
+    )
+    .await;
+    let listed = deliveries(&app, &org, &id).await;
+    let failed = &listed[0];
+    assert_eq!(
+        failed["attempts"], 3,
+        "the first attempt and two retries: {failed}"
+    );
+    assert_eq!(failed["last_response_code"], 503);
+    assert!(failed["next_attempt_at"].is_null());
+    assert_eq!(receiver.deliveries().len(), 3);
+    let failed_id = failed["id"].as_str().unwrap().to_string();
+
+    // Still failing past `disable_after`: the next failure disables it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    app.create_token(&org, "second", &[]).await;
+    wait_until(
+        "the webhook is disabled",
+        Duration::from_secs(10),
+        || async {
+            let got: Value = app
+                .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+                .await
+                .json()
+                .await
+                .unwrap();
+            got["enabled"] == false
+        },
+    )
+    .await;
+    let got: Value = app
+        .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(got["failing_since"].is_string());
+    let audit: Value = app
+        .get(
+            &org.path("/audit-events?action=webhook.disabled"),
+            &org.token,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let disabled = &audit["items"][0];
+    assert_eq!(disabled["actor"]["type"], "system");
+    assert_eq!(disabled["target"]["id"], json!(id));
+    let received_when_disabled = receiver.deliveries().len();
+    app.create_token(&org, "while-disabled", &[]).await;
+    let res = app
+        .post_empty(
+            &org.path(&format!("/webhooks/{id}/deliveries/{failed_id}/retry")),
+            &org.token,
+        )
+        .await;
+    assert_error(res, 409, "conflict").await;
+
+    // Enabled again and healthy: a retried delivery goes through once more.
+    receiver.restart(&Behaviour::verifying(&[&secret]));
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path(&format!("/webhooks/{id}")),
+            Some(&org.token),
+        )
+        .json(&json!({"url": format!("http://127.0.0.1:{port}/"), "events": ["api_token.*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app
+        .post_empty(
+            &org.path(&format!("/webhooks/{id}/deliveries/{failed_id}/retry")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 202);
+    let queued: Value = res.json().await.unwrap();
+    assert_eq!(queued["status"], "pending");
+    assert_eq!(queued["id"], json!(failed_id));
+    wait_until(
+        "the retried delivery succeeds",
+        Duration::from_secs(10),
+        || async {
+            deliveries(&app, &org, &id)
+                .await
+                .iter()
+                .any(|d| d["id"] == json!(failed_id) && d["status"] == "succeeded")
+        },
+    )
+    .await;
+    let retried = deliveries(&app, &org, &id)
+        .await
+        .into_iter()
+        .find(|d| d["id"] == json!(failed_id))
+        .unwrap();
+    assert_eq!(retried["attempts"], 4);
+    assert_eq!(retried["last_response_code"], 204);
+    // No event of the disabled time was queued for it.
+    let after: Vec<Value> = receiver.deliveries()[received_when_disabled..].to_vec();
+    assert!(
+        after
+            .iter()
+            .all(|d| d["payload"]["data"]["target"]["name"] != "while-disabled"),
+        "{after:?}"
+    );
+    let audit = audit_ids(&app, &org, "webhook.delivery_retried").await;
+    assert_eq!(audit.len(), 1);
+}
+
+async fn https_targets_must_present_a_certificate_the_system_trusts(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("https://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap();
+    // A receiver with a self-signed certificate for 127.0.0.1: nobody the system trusts signed it.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let receiver = Receiver::start(
+        &Behaviour {
+            tls: Some((cert_file, key_file)),
+            ..Behaviour::verifying(&[hook["secret"].as_str().unwrap()])
+        },
+        port,
+    );
+    app.create_token(&org, "ci", &[]).await;
+    wait_until("a refused handshake", Duration::from_secs(10), || async {
+        deliveries(&app, &org, id)
+            .await
+            .iter()
+            .any(|d| d["attempts"].as_u64() >= Some(1))
+    })
+    .await;
+    let delivery = &deliveries(&app, &org, id).await[0];
+    assert_eq!(delivery["status"], "pending");
+    let error = delivery["last_error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert!(
+        receiver.deliveries().is_empty(),
+        "a request went through an untrusted connection"
+    );
+}
+
+/// Several replicas on one PostgreSQL: each delivery is leased by one of them at a time, so a
+/// healthy receiver gets every event exactly once.
+#[tokio::test]
+async fn replicas_on_postgres_send_each_delivery_once() {
+    let config = fast(WebhookConfig::default());
+    let first = TestApp::spawn_with(keyplane_store::testing::Backend::Postgres, config).await;
+    let _second = first.replica().await;
+    let _third = first.replica().await;
+    let org = first.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &first,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let receiver = Receiver::start(
+        &Behaviour {
+            delay: Duration::from_millis(100),
+            ..Behaviour::verifying(&[hook["secret"].as_str().unwrap()])
+        },
+        port,
+    );
+    create_tokens(&first, &org, "t", 30).await;
+    wait_until("30 deliveries", Duration::from_secs(20), || async {
+        received_by_id(&receiver).len() >= 30
+    })
+    .await;
+    // A little longer, for any duplicate to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let by_id = received_by_id(&receiver);
+    assert_eq!(by_id.len(), 30);
+    for (id, copies) in by_id {
+        assert_eq!(
+            copies.len(),
+            1,
+            "event {id} was sent {} times",
+            copies.len()
+        );
+    }
+}

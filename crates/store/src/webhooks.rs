@@ -1,0 +1,633 @@
+//! Webhooks' SQL: the endpoints, and their deliveries, which [`QUEUE_DELIVERIES`] queues inside
+//! every audit append (so in the writing transaction), and which each replica's worker claims
+//! with a lease (a conditional UPDATE: works alike on SQLite and PostgreSQL). Shared by both
+//! backends through [`impl_webhooks!`], like [`crate::sql`].
+
+use crate::StoreError;
+use chrono::{DateTime, TimeZone, Utc};
+use keyplane_core::{
+    ActionPattern, ChainedEvent, DeliveryStatus, TenantId, Webhook, WebhookSecret,
+};
+use uuid::Uuid;
+
+/// Which deliveries of one webhook to list: newest first.
+#[derive(Debug, Clone)]
+pub struct DeliveryQuery {
+    pub tenant_id: TenantId,
+    pub webhook_id: Uuid,
+    /// Exclusive: only deliveries of events older than this one.
+    pub before: Option<Uuid>,
+    pub status: Option<DeliveryStatus>,
+    pub limit: u32,
+}
+
+/// One event to one webhook, and how its attempts went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    pub webhook_id: Uuid,
+    /// Also the delivery's id and its `webhook-id` header.
+    pub event_id: Uuid,
+    pub tenant_id: TenantId,
+    pub action: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    /// Pending deliveries only.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub last_status_code: Option<u16>,
+    pub last_latency_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// A worker's request for due deliveries.
+#[derive(Debug, Clone)]
+pub struct DeliveryClaim {
+    pub now: DateTime<Utc>,
+    /// The claimed deliveries are this worker's until then; after it, another may take them.
+    pub lease_until: DateTime<Utc>,
+    /// Names this claim: only it may record the attempt.
+    pub lease_id: Uuid,
+    pub limit: u32,
+}
+
+/// A claimed delivery with what sending it takes.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub webhook: Webhook,
+    pub event_id: Uuid,
+    pub attempts: u32,
+    /// Delays of the retry schedule used up so far.
+    pub schedule_step: u32,
+    /// `None` when the event was pruned from the audit trail since it was queued.
+    pub event: Option<ChainedEvent>,
+}
+
+/// What became of one attempt.
+#[derive(Debug, Clone)]
+pub struct DeliveryAttempt {
+    pub webhook_id: Uuid,
+    pub event_id: Uuid,
+    pub lease_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub status_code: Option<u16>,
+    pub latency_ms: u64,
+    /// Why it failed, in words free of the URL and any secret.
+    pub error: Option<String>,
+    pub next: AttemptNext,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptNext {
+    Succeeded,
+    RetryAt(DateTime<Utc>),
+    /// The retry schedule is used up.
+    Failed,
+}
+
+/// Queues a delivery of the event being appended to every enabled webhook of its tenant with a
+/// matching pattern: one statement, which finds nothing (an index lookup) in a tenant without
+/// webhooks.
+pub(crate) const QUEUE_DELIVERIES: &str = "INSERT INTO webhook_deliveries (webhook_id, event_id, tenant_id, action, status, attempts, schedule_step, created_ms, next_attempt_ms, locked_until_ms) \
+     SELECT w.id, $2, w.tenant_id, $3, 'pending', 0, 0, $4, $4, 0 FROM webhooks w \
+     WHERE w.tenant_id = $1 AND w.enabled = TRUE AND EXISTS (SELECT 1 FROM webhook_event_patterns p WHERE p.webhook_id = w.id \
+     AND ((p.is_prefix = FALSE AND p.pattern = $3) OR (p.is_prefix = TRUE AND substr($3, 1, length(p.pattern)) = p.pattern)))";
+
+pub(crate) const WEBHOOK_COLUMNS: &str = "id, tenant_id, url, events, description, enabled, secret, previous_secret, previous_secret_until_ms, failing_since_ms, created_at, updated_at";
+const MAX_WEBHOOKS_PARAM: &str = "$13";
+pub(crate) fn insert_webhook_sql() -> String {
+    format!(
+        "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+         WHERE (SELECT COUNT(*) FROM webhooks WHERE tenant_id = $2) < {MAX_WEBHOOKS_PARAM}"
+    )
+}
+pub(crate) const UPDATE_WEBHOOK: &str = "UPDATE webhooks SET url = $3, events = $4, description = $5, \
+     failing_since_ms = CASE WHEN $6 = TRUE AND enabled = FALSE THEN NULL ELSE failing_since_ms END, \
+     enabled = $6, updated_at = $7 WHERE tenant_id = $1 AND id = $2";
+/// One statement, so that of two rotations at once neither loses the other's secret.
+pub(crate) const ROTATE_SECRET: &str =
+    "UPDATE webhooks SET previous_secret = secret, previous_secret_until_ms = $3, \
+     secret = $4, updated_at = $5 WHERE tenant_id = $1 AND id = $2";
+pub(crate) const INSERT_PATTERN: &str =
+    "INSERT INTO webhook_event_patterns (webhook_id, pattern, is_prefix) VALUES ($1, $2, $3)";
+pub(crate) const DELETE_PATTERNS: &str = "DELETE FROM webhook_event_patterns WHERE webhook_id = $1";
+pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, action, status, attempts, created_ms, next_attempt_ms, last_attempt_ms, last_status_code, last_latency_ms, last_error";
+/// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`. The outer
+/// conditions are checked again on each row as it is updated, so of replicas racing for a row
+/// (PostgreSQL re-reads a row another transaction changed) exactly one leases it.
+pub(crate) const CLAIM_DELIVERIES: &str = "UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
+     WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3 \
+     AND (webhook_id, event_id) IN (SELECT d.webhook_id, d.event_id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     WHERE d.status = 'pending' AND d.next_attempt_ms <= $3 AND d.locked_until_ms <= $3 AND w.enabled = TRUE \
+     ORDER BY d.next_attempt_ms LIMIT $4)";
+/// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
+/// (and a read-only or full store is not written to every poll).
+pub(crate) const ANY_DUE: &str = "SELECT 1 FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     WHERE d.status = 'pending' AND d.next_attempt_ms <= $1 AND d.locked_until_ms <= $1 AND w.enabled = TRUE LIMIT 1";
+pub(crate) const CLAIMED_JOBS: &str = "SELECT w.id, w.tenant_id, w.url, w.events, w.description, w.enabled, w.secret, w.previous_secret, w.previous_secret_until_ms, w.failing_since_ms, w.created_at, w.updated_at, \
+     d.event_id, d.attempts, d.schedule_step FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     WHERE d.lease_id = $1 AND d.status = 'pending' ORDER BY d.next_attempt_ms";
+pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = $4, attempts = attempts + 1, \
+     schedule_step = schedule_step + 1, next_attempt_ms = $5, locked_until_ms = 0, lease_id = NULL, \
+     last_attempt_ms = $6, last_status_code = $7, last_latency_ms = $8, last_error = $9 \
+     WHERE webhook_id = $1 AND event_id = $2 AND lease_id = $3";
+pub(crate) const WEBHOOK_SUCCEEDED: &str =
+    "UPDATE webhooks SET failing_since_ms = NULL WHERE id = $1 AND failing_since_ms IS NOT NULL";
+pub(crate) const WEBHOOK_FAILED: &str =
+    "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, $2) WHERE id = $1";
+/// Turns off a webhook failing since `$2` or earlier; affects no row otherwise.
+pub(crate) const DISABLE_FAILING_WEBHOOK: &str =
+    "UPDATE webhooks SET enabled = FALSE, updated_at = $3 \
+     WHERE id = $1 AND enabled = TRUE AND failing_since_ms IS NOT NULL AND failing_since_ms <= $2";
+/// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule.
+pub(crate) const RETRY_DELIVERY: &str =
+    "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $4, schedule_step = $5 \
+     WHERE tenant_id = $1 AND webhook_id = $2 AND event_id = $3";
+pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE (webhook_id, event_id) IN \
+     (SELECT webhook_id, event_id FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 ORDER BY created_ms LIMIT $2)";
+
+pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(ms).single()
+}
+
+pub(crate) fn events_json(patterns: &[ActionPattern]) -> String {
+    serde_json::Value::from(
+        patterns
+            .iter()
+            .map(ActionPattern::to_wire)
+            .collect::<Vec<_>>(),
+    )
+    .to_string()
+}
+
+fn corrupt(id: Uuid, what: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("stored webhook {id} has a bad {what}"))
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct WebhookRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    url: String,
+    events: String,
+    description: String,
+    enabled: bool,
+    secret: String,
+    previous_secret: Option<String>,
+    previous_secret_until_ms: Option<i64>,
+    failing_since_ms: Option<i64>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<WebhookRow> for Webhook {
+    type Error = StoreError;
+
+    fn try_from(row: WebhookRow) -> Result<Self, StoreError> {
+        let id = row.id;
+        let events: Vec<String> =
+            serde_json::from_str(&row.events).map_err(|_| corrupt(id, "event list"))?;
+        let events = events
+            .iter()
+            .map(|e| ActionPattern::parse(e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| corrupt(id, "event pattern"))?;
+        let secret = WebhookSecret::from_stored(row.secret).ok_or_else(|| corrupt(id, "secret"))?;
+        let previous_secret = match (row.previous_secret, row.previous_secret_until_ms) {
+            (Some(previous), Some(until)) => Some((
+                WebhookSecret::from_stored(previous).ok_or_else(|| corrupt(id, "secret"))?,
+                from_millis(until).ok_or_else(|| corrupt(id, "time"))?,
+            )),
+            _ => None,
+        };
+        Ok(Webhook {
+            id,
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            url: row.url,
+            events,
+            description: row.description,
+            enabled: row.enabled,
+            secret,
+            previous_secret,
+            failing_since: row.failing_since_ms.and_then(from_millis),
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    #[sqlx(flatten)]
+    webhook: WebhookRow,
+    event_id: Uuid,
+    attempts: i64,
+    schedule_step: i64,
+}
+
+impl JobRow {
+    pub(crate) fn into_job(self, event: Option<ChainedEvent>) -> Result<DeliveryJob, StoreError> {
+        Ok(DeliveryJob {
+            event_id: self.event_id,
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+            schedule_step: u32::try_from(self.schedule_step).unwrap_or(u32::MAX),
+            webhook: self.webhook.try_into()?,
+            event,
+        })
+    }
+
+    pub(crate) fn event_key(&self) -> (Uuid, Uuid) {
+        (self.webhook.tenant_id, self.event_id)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeliveryRow {
+    webhook_id: Uuid,
+    event_id: Uuid,
+    tenant_id: Uuid,
+    action: String,
+    status: String,
+    attempts: i64,
+    created_ms: i64,
+    next_attempt_ms: i64,
+    last_attempt_ms: Option<i64>,
+    last_status_code: Option<i64>,
+    last_latency_ms: Option<i64>,
+    last_error: Option<String>,
+}
+
+impl TryFrom<DeliveryRow> for WebhookDelivery {
+    type Error = StoreError;
+
+    fn try_from(row: DeliveryRow) -> Result<Self, StoreError> {
+        let status =
+            DeliveryStatus::parse(&row.status).ok_or_else(|| corrupt(row.webhook_id, "status"))?;
+        Ok(WebhookDelivery {
+            webhook_id: row.webhook_id,
+            event_id: row.event_id,
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            action: row.action,
+            status,
+            attempts: u32::try_from(row.attempts).unwrap_or(u32::MAX),
+            created_at: from_millis(row.created_ms)
+                .ok_or_else(|| corrupt(row.webhook_id, "time"))?,
+            next_attempt_at: (status == DeliveryStatus::Pending)
+                .then(|| from_millis(row.next_attempt_ms))
+                .flatten(),
+            last_attempt_at: row.last_attempt_ms.and_then(from_millis),
+            last_status_code: row.last_status_code.and_then(|c| u16::try_from(c).ok()),
+            last_latency_ms: row.last_latency_ms.and_then(|l| u64::try_from(l).ok()),
+            last_error: row.last_error,
+        })
+    }
+}
+
+/// Implements the webhook methods of [`crate::Store`] for `$store` (over `$db`), called from
+/// [`crate::sql::impl_store!`].
+macro_rules! impl_webhooks {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            async fn insert_patterns(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                webhook: &keyplane_core::Webhook,
+            ) -> Result<(), $crate::StoreError> {
+                for pattern in &webhook.events {
+                    let (text, is_prefix) = pattern.stored();
+                    sqlx::query($crate::webhooks::INSERT_PATTERN)
+                        .bind(webhook.id)
+                        .bind(text)
+                        .bind(is_prefix)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn webhook_create(
+                &self,
+                webhook: &keyplane_core::Webhook,
+                max_per_tenant: u32,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                use $crate::webhooks::*;
+                let mut tx = self.writer.begin().await?;
+                let (previous, until) = match &webhook.previous_secret {
+                    Some((secret, until)) => (Some(secret.expose_secret()), Some(millis(*until))),
+                    None => (None, None),
+                };
+                let inserted = sqlx::query(&insert_webhook_sql())
+                    .bind(webhook.id)
+                    .bind(webhook.tenant_id.as_uuid())
+                    .bind(&webhook.url)
+                    .bind(events_json(&webhook.events))
+                    .bind(&webhook.description)
+                    .bind(webhook.enabled)
+                    .bind(webhook.secret.expose_secret())
+                    .bind(previous)
+                    .bind(until)
+                    .bind(webhook.failing_since.map(millis))
+                    .bind(webhook.created_at)
+                    .bind(webhook.updated_at)
+                    .bind(i64::from(max_per_tenant))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if inserted == 0 {
+                    return Err($crate::StoreError::Conflict(format!(
+                        "an organization has at most {max_per_tenant} webhooks"
+                    )));
+                }
+                Self::insert_patterns(&mut tx, webhook).await?;
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn webhook_update(
+                &self,
+                webhook: &keyplane_core::Webhook,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                use $crate::webhooks::*;
+                let mut tx = self.writer.begin().await?;
+                let updated = sqlx::query(UPDATE_WEBHOOK)
+                    .bind(webhook.tenant_id.as_uuid())
+                    .bind(webhook.id)
+                    .bind(&webhook.url)
+                    .bind(events_json(&webhook.events))
+                    .bind(&webhook.description)
+                    .bind(webhook.enabled)
+                    .bind(webhook.updated_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated == 0 {
+                    return Err($crate::StoreError::NotFound);
+                }
+                sqlx::query(DELETE_PATTERNS)
+                    .bind(webhook.id)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::insert_patterns(&mut tx, webhook).await?;
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn secret_rotate(
+                &self,
+                tenant: keyplane_core::TenantId,
+                id: uuid::Uuid,
+                secret: &keyplane_core::WebhookSecret,
+                previous_until: chrono::DateTime<chrono::Utc>,
+                at: chrono::DateTime<chrono::Utc>,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<keyplane_core::Webhook, $crate::StoreError> {
+                use $crate::webhooks::*;
+                let mut tx = self.writer.begin().await?;
+                let rotated = sqlx::query(ROTATE_SECRET)
+                    .bind(tenant.as_uuid())
+                    .bind(id)
+                    .bind(millis(previous_until))
+                    .bind(secret.expose_secret())
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if rotated == 0 {
+                    return Err($crate::StoreError::NotFound);
+                }
+                Self::append_audit(&mut tx, event).await?;
+                let sql = format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1");
+                let row: WebhookRow = sqlx::query_as(&sql).bind(id).fetch_one(&mut *tx).await?;
+                tx.commit().await?;
+                row.try_into()
+            }
+
+            async fn webhook_delete(
+                &self,
+                tenant: keyplane_core::TenantId,
+                id: uuid::Uuid,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                // Its patterns and deliveries go with it (ON DELETE CASCADE).
+                let deleted = sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant.as_uuid())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Err($crate::StoreError::NotFound);
+                }
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn webhooks_of(
+                &self,
+                tenant: keyplane_core::TenantId,
+                id: Option<uuid::Uuid>,
+            ) -> Result<Vec<keyplane_core::Webhook>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM webhooks WHERE tenant_id = $1 AND ($2 IS NULL OR id = $2) ORDER BY id",
+                    $crate::webhooks::WEBHOOK_COLUMNS
+                );
+                let rows: Vec<$crate::webhooks::WebhookRow> = sqlx::query_as(&sql)
+                    .bind(tenant.as_uuid())
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn deliveries_of(
+                pool: &sqlx::Pool<$db>,
+                query: &$crate::DeliveryQuery,
+                event_id: Option<uuid::Uuid>,
+            ) -> Result<Vec<$crate::WebhookDelivery>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM webhook_deliveries WHERE tenant_id = $1 AND webhook_id = $2 \
+                     AND ($3 IS NULL OR event_id < $3) AND ($4 IS NULL OR status = $4) \
+                     AND ($5 IS NULL OR event_id = $5) ORDER BY event_id DESC LIMIT $6",
+                    $crate::webhooks::DELIVERY_COLUMNS
+                );
+                let rows: Vec<$crate::webhooks::DeliveryRow> = sqlx::query_as(&sql)
+                    .bind(query.tenant_id.as_uuid())
+                    .bind(query.webhook_id)
+                    .bind(query.before)
+                    .bind(query.status.map(|s| s.as_str()))
+                    .bind(event_id)
+                    .bind(i64::from(query.limit))
+                    .fetch_all(pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn delivery_retry(
+                &self,
+                tenant: keyplane_core::TenantId,
+                webhook_id: uuid::Uuid,
+                event_id: uuid::Uuid,
+                at: chrono::DateTime<chrono::Utc>,
+                schedule_step: u32,
+                event: &keyplane_core::AuditEvent,
+            ) -> Result<$crate::WebhookDelivery, $crate::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                let updated = sqlx::query($crate::webhooks::RETRY_DELIVERY)
+                    .bind(tenant.as_uuid())
+                    .bind(webhook_id)
+                    .bind(event_id)
+                    .bind($crate::webhooks::millis(at))
+                    .bind(i64::from(schedule_step))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated == 0 {
+                    return Err($crate::StoreError::NotFound);
+                }
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                let query = $crate::DeliveryQuery {
+                    tenant_id: tenant,
+                    webhook_id,
+                    before: None,
+                    status: None,
+                    limit: 1,
+                };
+                Self::deliveries_of(&self.writer, &query, Some(event_id))
+                    .await?
+                    .pop()
+                    .ok_or($crate::StoreError::NotFound)
+            }
+
+            async fn deliveries_due(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::StoreError> {
+                let due: Option<(i32,)> = sqlx::query_as($crate::webhooks::ANY_DUE)
+                    .bind($crate::webhooks::millis(now))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(due.is_some())
+            }
+
+            async fn deliveries_claim(
+                &self,
+                claim: &$crate::DeliveryClaim,
+            ) -> Result<Vec<$crate::DeliveryJob>, $crate::StoreError> {
+                use $crate::webhooks::*;
+                let claimed = sqlx::query(CLAIM_DELIVERIES)
+                    .bind(millis(claim.lease_until))
+                    .bind(claim.lease_id)
+                    .bind(millis(claim.now))
+                    .bind(i64::from(claim.limit))
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    return Ok(Vec::new());
+                }
+                let rows: Vec<JobRow> = sqlx::query_as(CLAIMED_JOBS)
+                    .bind(claim.lease_id)
+                    .fetch_all(&self.writer)
+                    .await?;
+                let event_sql = format!(
+                    "SELECT {} FROM audit_events WHERE tenant_id = $1 AND id = $2",
+                    $crate::audit::AUDIT_COLUMNS
+                );
+                let mut jobs = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let (tenant, event_id) = row.event_key();
+                    let event: Option<$crate::rows::AuditRow> = sqlx::query_as(&event_sql)
+                        .bind(tenant)
+                        .bind(event_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    jobs.push(row.into_job(event.map(TryInto::try_into).transpose()?)?);
+                }
+                Ok(jobs)
+            }
+
+            async fn attempt_record(
+                &self,
+                attempt: &$crate::DeliveryAttempt,
+                disable_failing_since: chrono::DateTime<chrono::Utc>,
+                disable_event: &keyplane_core::AuditEvent,
+            ) -> Result<bool, $crate::StoreError> {
+                use $crate::webhooks::*;
+                let (status, next_ms) = match attempt.next {
+                    AttemptNext::Succeeded => ("succeeded", millis(attempt.at)),
+                    AttemptNext::RetryAt(at) => ("pending", millis(at)),
+                    AttemptNext::Failed => ("failed", millis(attempt.at)),
+                };
+                let mut tx = self.writer.begin().await?;
+                let recorded = sqlx::query(RECORD_ATTEMPT)
+                    .bind(attempt.webhook_id)
+                    .bind(attempt.event_id)
+                    .bind(attempt.lease_id)
+                    .bind(status)
+                    .bind(next_ms)
+                    .bind(millis(attempt.at))
+                    .bind(attempt.status_code.map(i64::from))
+                    .bind(i64::try_from(attempt.latency_ms).unwrap_or(i64::MAX))
+                    .bind(&attempt.error)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if recorded == 0 {
+                    // The lease ran out and another claim took the delivery (or it was deleted).
+                    return Ok(false);
+                }
+                let mut disabled = false;
+                if attempt.next == AttemptNext::Succeeded {
+                    sqlx::query(WEBHOOK_SUCCEEDED)
+                        .bind(attempt.webhook_id)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(WEBHOOK_FAILED)
+                        .bind(attempt.webhook_id)
+                        .bind(millis(attempt.at))
+                        .execute(&mut *tx)
+                        .await?;
+                    disabled = sqlx::query(DISABLE_FAILING_WEBHOOK)
+                        .bind(attempt.webhook_id)
+                        .bind(millis(disable_failing_since))
+                        .bind(attempt.at)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    if disabled {
+                        Self::append_audit(&mut tx, disable_event).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(disabled)
+            }
+
+            async fn deliveries_prune(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                Ok(sqlx::query($crate::webhooks::PRUNE_DELIVERIES)
+                    .bind($crate::webhooks::millis(before))
+                    .bind(i64::from(limit))
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_webhooks;
