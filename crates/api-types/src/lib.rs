@@ -4,11 +4,13 @@
 //! changes both at once.
 //!
 //! Architecture invariant: no axum, sqlx or tokio. A secret becomes JSON only through
-//! [`wire::one_time_secret`], and is read back only through [`wire::received_secret`].
+//! [`wire::one_time_secret`] (a webhook signing secret: [`wire::one_time_webhook_secret`]), and is
+//! read back only through [`wire::received_secret`] ([`wire::received_webhook_secret`]).
 
 pub mod aether;
 pub mod audit;
 pub mod hybridbox;
 pub mod leaks;
 pub mod verify;
+pub mod webhooks;
 pub mod wire;

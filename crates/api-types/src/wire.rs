@@ -3,6 +3,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use keyplane_core::{
     GrantKind, LeakAction, LifetimeRule, Plaintext, RobotPermission, Scope, ScopeSet, SubjectType,
+    WebhookSecret,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -12,6 +13,25 @@ pub fn one_time_secret<S: Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())
+}
+
+/// A webhook's signing secret, the way [`one_time_secret`] does a token's: only in the create and
+/// rotate-secret responses.
+pub fn one_time_webhook_secret<S: Serializer>(
+    secret: &WebhookSecret,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(secret.expose_secret())
+}
+
+/// The client's side of [`one_time_webhook_secret`]: refused unless it is `whsec_<base64>`.
+pub fn received_webhook_secret<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<WebhookSecret, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    // No part of the text goes into the error: it is a secret, however malformed.
+    WebhookSecret::from_stored(text)
+        .ok_or_else(|| serde::de::Error::custom("the secret is not a whsec_<base64> signing key"))
 }
 
 /// RFC 3339 in UTC with `Z`, fractional seconds only when present.

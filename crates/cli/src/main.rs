@@ -37,6 +37,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and moved out at once: the size of the serve flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP service.
@@ -143,6 +145,18 @@ enum Command {
         target: Target,
         #[command(subcommand)]
         command: remote::PolicyCommand,
+    },
+    /// The organization's webhooks and their deliveries: list, create, get, update, delete,
+    /// rotate-secret, deliveries, retry.
+    #[command(after_help = example!(
+        "keyplane webhooks create --endpoint https://hooks.example.com/keyplane --event 'api_token.*'",
+        "keyplane webhooks deliveries WEBHOOK_ID --status failed"
+    ))]
+    Webhooks {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: remote::WebhooksCommand,
     },
     /// The organization's audit events over the API: list, tail [--follow].
     #[command(after_help = example!("keyplane audit tail --follow", "keyplane audit list --action 'api_token.*' -o jsonl"))]
@@ -428,6 +442,9 @@ async fn run_client(command: Command) -> Result<(), keyplane_client::Error> {
         }
         Command::Policy { target, command } => {
             remote::policy(Session::open(&target, &env)?, command).await
+        }
+        Command::Webhooks { target, command } => {
+            remote::webhooks(Session::open(&target, &env)?, command).await
         }
         Command::Audit { target, command } => {
             remote::audit(Session::open(&target, &env)?, command).await

@@ -1,5 +1,5 @@
-//! The client commands: `keyplane tokens|service-accounts|grants|registry|robots|audit|whoami|
-//! introspect|login|logout` against a running keyplane, local or remote. Each is a thin call of
+//! The client commands: `keyplane tokens|service-accounts|grants|registry|robots|policy|webhooks|
+//! audit|whoami|introspect|revoke-leaked|login|logout` against a running keyplane, local or remote. Each is a thin call of
 //! one route through `keyplane_client::Client`; this module only reads the command line and the
 //! environment, and prints.
 
@@ -12,6 +12,7 @@ use keyplane_api_types::aether::{
 use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{CreateAuthorizationRequest, CreateServiceAccountRequest};
 use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
+use keyplane_api_types::webhooks::{Url, WebhookRequest, WebhookView};
 use keyplane_api_types::wire::RotateRequest;
 use keyplane_client::output::{Format, Output, Record, SecretFile};
 use keyplane_client::profile::{Profile, Profiles};
@@ -19,8 +20,8 @@ use keyplane_client::{
     AuditFilter, Client, Error, GrantFilter, Page, Plaintext, Transition, DEFAULT_URL,
 };
 use keyplane_core::{
-    FieldError, FieldPath, GrantKind, LeakAction, LifetimeRule, RobotPermission, Scope, ScopeSet,
-    SubjectType,
+    ActionPattern, FieldError, FieldPath, GrantKind, LeakAction, LifetimeRule, RobotPermission,
+    Scope, ScopeSet, SubjectType,
 };
 use serde::Serialize;
 use std::io::{IsTerminal, Read, Write};
@@ -582,6 +583,154 @@ fn parse_rule(text: &str) -> Result<LifetimeRule, String> {
 
 fn parse_leak_action(text: &str) -> Result<LeakAction, String> {
     LeakAction::parse(text).ok_or_else(|| "must be revoke or suspend".into())
+}
+
+#[derive(Subcommand)]
+pub enum WebhooksCommand {
+    /// List the organization's webhooks (never their secrets).
+    #[command(after_help = example!("keyplane webhooks list", "keyplane webhooks list -o jsonl | jq -r .url"))]
+    List,
+    /// Create a webhook; its signing secret is printed once. Needs webhooks:manage.
+    #[command(after_help = example!(
+        "keyplane webhooks create --endpoint https://hooks.example.com/keyplane --event 'api_token.*'",
+        "keyplane webhooks create --endpoint https://siem.example.com/in --event '*' --secret-file whsec.txt"
+    ))]
+    Create {
+        #[command(flatten)]
+        fields: WebhookFields,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Show one webhook.
+    #[command(after_help = example!("keyplane webhooks get 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Get {
+        /// The webhook's id.
+        id: Uuid,
+    },
+    /// Change a webhook: what is given replaces its value, the rest (and the secret) stays.
+    #[command(after_help = example!(
+        "keyplane webhooks update ID --disabled",
+        "keyplane webhooks update ID --event 'api_token.*' --event credential.expiring --enabled"
+    ))]
+    Update {
+        /// The webhook's id.
+        id: Uuid,
+        #[command(flatten)]
+        fields: WebhookFields,
+    },
+    /// Delete a webhook, its pending deliveries and its delivery history.
+    #[command(after_help = example!("keyplane webhooks delete 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
+    Delete {
+        /// The webhook's id.
+        id: Uuid,
+    },
+    /// Replace a webhook's signing secret; the new one is printed once. For 24 hours deliveries
+    /// carry a signature with each secret.
+    #[command(after_help = example!("keyplane webhooks rotate-secret 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f --secret-file whsec.txt"))]
+    RotateSecret {
+        /// The webhook's id.
+        id: Uuid,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// List a webhook's deliveries, newest first, one page.
+    #[command(after_help = example!(
+        "keyplane webhooks deliveries 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f --status failed",
+        "keyplane webhooks deliveries ID --limit 100 -o jsonl"
+    ))]
+    Deliveries {
+        /// The webhook's id.
+        webhook_id: Uuid,
+        /// Only pending, succeeded or failed deliveries.
+        #[arg(long, value_parser = ["pending", "succeeded", "failed"])]
+        status: Option<String>,
+        /// Page size, 1–100 [default: the server's, 50].
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// `next_cursor` of the previous page, for older deliveries.
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
+    },
+    /// Attempt a delivery once more, now, whatever its status.
+    #[command(after_help = example!("keyplane webhooks retry WEBHOOK_ID DELIVERY_ID"))]
+    Retry {
+        /// The webhook's id.
+        webhook_id: Uuid,
+        /// The delivery's id (its event's id).
+        delivery_id: Uuid,
+    },
+}
+
+/// A webhook's fields, as the API names them (its `url` is `--endpoint`: `--url` names the
+/// keyplane server).
+#[derive(Args)]
+pub struct WebhookFields {
+    /// Where deliveries are POSTed: an http or https URL whose host has public addresses only
+    /// (unless the server allows private targets). Required by create.
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// An audit action to deliver (api_token.created), every action under a prefix
+    /// (api_token.*), or `*`; repeatable. Required by create.
+    #[arg(long = "event", value_name = "PATTERN")]
+    events: Vec<String>,
+    /// Free text, at most 500 characters.
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Deliver events (the default of create; resumes pending deliveries).
+    #[arg(long, conflicts_with = "disabled")]
+    enabled: bool,
+    /// Stop delivering events.
+    #[arg(long)]
+    disabled: bool,
+}
+
+impl WebhookFields {
+    fn given(&self) -> bool {
+        self.endpoint.is_some()
+            || !self.events.is_empty()
+            || self.description.is_some()
+            || self.enabled
+            || self.disabled
+    }
+
+    /// The PUT body: what was given over `current` (a create's is the API's defaults).
+    fn request(self, current: Option<WebhookView>) -> Result<WebhookRequest, Error> {
+        let endpoint = match (self.endpoint, &current) {
+            (Some(endpoint), _) => endpoint,
+            (None, Some(current)) => current.url.clone(),
+            (None, None) => return Err(Error::Usage("--endpoint is required".into())),
+        };
+        let url = Url::parse(&endpoint).map_err(|e| {
+            Error::Usage(format!(
+                "--endpoint: `{endpoint}` is not an absolute URL: {e}"
+            ))
+        })?;
+        let events = match (self.events.is_empty(), &current) {
+            (false, _) => self.events,
+            (true, Some(current)) => current.events.clone(),
+            (true, None) => {
+                return Err(Error::Usage(
+                    "--event is required (repeatable; `*` for every event)".into(),
+                ))
+            }
+        };
+        let events = ActionPattern::parse_list(&FieldPath::body("events"), &events)
+            .map_err(|e| usage("--event", e))?;
+        let enabled = match (self.enabled, self.disabled) {
+            (true, _) => true,
+            (_, true) => false,
+            _ => current.as_ref().is_none_or(|current| current.enabled),
+        };
+        Ok(WebhookRequest {
+            url,
+            events,
+            description: self
+                .description
+                .or_else(|| current.map(|current| current.description))
+                .unwrap_or_default(),
+            enabled,
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -1213,6 +1362,86 @@ pub async fn policy(mut s: Session, command: PolicyCommand) -> Result<(), Error>
             };
             let policy = s.client.put_credential_policy(org, &request).await?;
             s.print_one(&policy)
+        }
+    }
+}
+
+/// A webhook secret as the printing code takes every secret.
+fn webhook_secret(secret: &keyplane_core::WebhookSecret) -> Plaintext {
+    Plaintext::received(secret.expose_secret().to_string())
+}
+
+pub async fn webhooks(mut s: Session, command: WebhooksCommand) -> Result<(), Error> {
+    let org = s.org().await?;
+    match command {
+        WebhooksCommand::List => {
+            let list = s.client.list_webhooks(org).await?;
+            s.print_list(&list, &list.items)
+        }
+        WebhooksCommand::Create { fields, secret } => {
+            let request = fields.request(None)?;
+            let file = secret.open()?;
+            let created = s.client.create_webhook(org, &request).await?;
+            let shown = webhook_secret(&created.secret);
+            s.print_created(&created, &created.webhook, &shown, &["secret"], file)
+        }
+        WebhooksCommand::Get { id } => {
+            let webhook = s.client.get_webhook(org, id).await?;
+            s.print_one(&webhook)
+        }
+        WebhooksCommand::Update { id, fields } => {
+            if !fields.given() {
+                return Err(Error::Usage(
+                    "nothing to change: give --endpoint, --event, --description, --enabled or --disabled"
+                        .into(),
+                ));
+            }
+            // The API replaces the whole webhook: what is not given keeps its current value.
+            let current = s.client.get_webhook(org, id).await?;
+            let request = fields.request(Some(current))?;
+            let webhook = s.client.update_webhook(org, id, &request).await?;
+            s.print_one(&webhook)
+        }
+        WebhooksCommand::Delete { id } => {
+            s.client.delete_webhook(org, id).await?;
+            s.print_done(&format!("Deleted webhook {id}."))
+        }
+        WebhooksCommand::RotateSecret { id, secret } => {
+            let file = secret.open()?;
+            let rotated = s.client.rotate_webhook_secret(org, id).await?;
+            let shown = webhook_secret(&rotated.secret);
+            s.print_created(&rotated, &rotated.webhook, &shown, &["secret"], file)
+        }
+        WebhooksCommand::Deliveries {
+            webhook_id,
+            status,
+            limit,
+            cursor,
+        } => {
+            let page = s
+                .client
+                .list_webhook_deliveries(
+                    org,
+                    webhook_id,
+                    status.as_deref(),
+                    &Page { cursor, limit },
+                )
+                .await?;
+            s.print_list(&page, &page.items)?;
+            if let (Format::Table, Some(next)) = (s.output.format, page.next_cursor) {
+                eprintln!("More: --cursor {next}");
+            }
+            Ok(())
+        }
+        WebhooksCommand::Retry {
+            webhook_id,
+            delivery_id,
+        } => {
+            let delivery = s
+                .client
+                .retry_webhook_delivery(org, webhook_id, delivery_id)
+                .await?;
+            s.print_one(&delivery)
         }
     }
 }

@@ -160,6 +160,44 @@ pub struct ServeArgs {
     /// jitter. After the last retry fails the delivery is marked failed.
     #[arg(long, env = "KEYPLANE_WEBHOOK_RETRY_SCHEDULE", value_name = "DELAYS", default_value = keyplane_server::webhooks::DEFAULT_RETRY_SCHEDULE)]
     webhook_retry_schedule: String,
+    /// Serve the web console at /console (`--console=false` turns it off).
+    #[arg(long, env = "KEYPLANE_CONSOLE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    console: bool,
+    /// The console is reached over https (directly or through a TLS-terminating proxy): its
+    /// cookies get `Secure` and the `__Host-` prefix. Implied by an https --console-oidc-redirect-url.
+    #[arg(long, env = "KEYPLANE_CONSOLE_HTTPS")]
+    console_https: bool,
+    /// A console session unused this many minutes ends.
+    #[arg(long, env = "KEYPLANE_CONSOLE_IDLE_MINUTES", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1440))]
+    console_idle_minutes: u64,
+    /// A console session ends this many hours after sign-in, however busy.
+    #[arg(long, env = "KEYPLANE_CONSOLE_SESSION_HOURS", default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=168))]
+    console_session_hours: u64,
+    /// "Sign in with <issuer>" on the console: the OAuth client id registered at the first
+    /// --oidc-issuer (a public client: authorization code with PKCE, no secret).
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_CLIENT_ID",
+        requires = "oidc_issuers"
+    )]
+    console_oidc_client_id: Option<String>,
+    /// Where the issuer sends the browser back: this server's public URL +
+    /// /console/oidc/callback. Default: built from the Host the browser used.
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_REDIRECT_URL",
+        requires = "console_oidc_client_id"
+    )]
+    console_oidc_redirect_url: Option<String>,
+    /// The scope the console asks the issuer for: `openid` plus whatever puts --oidc-audience in
+    /// the access token at that issuer.
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_SCOPE",
+        default_value = "openid",
+        requires = "console_oidc_client_id"
+    )]
+    console_oidc_scope: String,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -193,6 +231,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections = allowed;
         }
     }
+    let console_oidc = match &args.console_oidc_client_id {
+        Some(client_id) => Some(
+            keyplane_server::console::ConsoleOidc::new(
+                args.oidc_issuers.first().cloned().unwrap_or_default(),
+                client_id.clone(),
+                args.console_oidc_redirect_url.clone(),
+                args.console_oidc_scope.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("--console-oidc-client-id: {e}"))?,
+        ),
+        None => None,
+    };
+    let console = keyplane_server::console::ConsoleConfig {
+        enabled: args.console,
+        secure_cookies: args.console_https
+            || console_oidc
+                .as_ref()
+                .and_then(|o| o.redirect_url.as_deref())
+                .is_some_and(|url| url.starts_with("https://")),
+        idle_timeout: Duration::from_secs(args.console_idle_minutes * 60),
+        absolute_timeout: Duration::from_secs(args.console_session_hours * 3600),
+        oidc: console_oidc,
+    };
     let oidc = match args.oidc_audience {
         Some(audience) => {
             let config = OidcConfig::new(args.oidc_issuers, audience)
@@ -261,6 +322,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             retry_schedule: webhook_retry_schedule,
             ..Default::default()
         },
+        console,
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -169,7 +169,8 @@ fn mode(path: &Path) -> u32 {
 
 async fn every_client_command(backend: Backend) {
     let store = TestStore::new(backend).await;
-    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    // Private targets: the webhooks step's receiver listens on loopback.
+    let server = Keyplane::start(&store, &["--webhook-allow-private-targets"], TIMEOUT).await;
     let org = store.bootstrap_org();
     let cli = Cli {
         url: server.url(""),
@@ -186,6 +187,7 @@ async fn every_client_command(backend: Backend) {
     lifecycle(&cli).await;
     credential_policy(&cli).await;
     revoke_leaked(&cli).await;
+    webhooks(&cli).await;
     login_through_a_terminal(&cli).await;
 }
 
@@ -1084,6 +1086,402 @@ async fn revoke_leaked(cli: &Cli) {
     assert_eq!(
         (field(&table, "received"), field(&table, "well_formed")),
         ("1".into(), "0".into())
+    );
+}
+
+/// A webhook receiver on loopback: answers every request 204 and counts them.
+struct Receiver {
+    url: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    // Reads the head and a Content-Length body (bounded), then answers.
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    let complete = loop {
+                        let Ok(Ok(n)) =
+                            tokio::time::timeout(TIMEOUT, stream.read(&mut buffer)).await
+                        else {
+                            break false;
+                        };
+                        if n == 0 || request.len() > 1 << 20 {
+                            break false;
+                        }
+                        request.extend_from_slice(&buffer[..n]);
+                        let text = String::from_utf8_lossy(&request).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|line| line.strip_prefix("content-length:"))
+                                .and_then(|value| value.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                break true;
+                            }
+                        }
+                    };
+                    if complete {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            received,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Asserts a create or rotate-secret answer printed its secret once on stdout and warned on
+/// stderr in one line without it.
+fn secret_once(output: &CommandOutput, secret: &str) {
+    assert!(secret.starts_with("whsec_"), "{}", output.describe());
+    assert_eq!(
+        output.stdout.matches(secret).count(),
+        1,
+        "{}",
+        output.describe()
+    );
+    assert!(!output.stderr.contains(secret), "{}", output.describe());
+    assert_eq!(output.stderr.lines().count(), 1, "{}", output.describe());
+    assert!(
+        output.stderr.contains("shown only this once"),
+        "{}",
+        output.describe()
+    );
+}
+
+/// `keyplane webhooks ...`: every command in table and JSON, the signing secret printed only by
+/// create and rotate-secret, and a real delivery to a receiver on loopback, listed and retried.
+async fn webhooks(cli: &Cli) {
+    let receiver = Receiver::start().await;
+    assert_eq!(
+        cli.json(&["webhooks", "list"]).await,
+        serde_json::json!({"items": []})
+    );
+
+    // create, JSON: the secret once on stdout.
+    let args = [
+        "webhooks",
+        "create",
+        "--endpoint",
+        &receiver.url,
+        "--event",
+        "api_token.*",
+        "--description",
+        "cli tour",
+        "-o",
+        "json",
+    ];
+    let created = cli.run(&args).await;
+    assert!(created.status.success(), "{}", created.describe());
+    let hook: Value = serde_json::from_str(&created.stdout).unwrap();
+    let first_secret = str_of(&hook, "secret").to_string();
+    secret_once(&created, &first_secret);
+    assert_eq!(str_of(&hook, "url"), receiver.url);
+    assert_eq!(hook["events"], serde_json::json!(["api_token.*"]));
+    assert_eq!(str_of(&hook, "description"), "cli tour");
+    assert_eq!(hook["enabled"], true);
+    let id = str_of(&hook, "id").to_string();
+
+    // create, table, --disabled, the secret to a file and nowhere else.
+    let file = cli.path("webhook.secret");
+    let output = cli
+        .run(&[
+            "webhooks",
+            "create",
+            "--endpoint",
+            &receiver.url,
+            "--event",
+            "*",
+            "--disabled",
+            "--secret-file",
+            file.to_str().unwrap(),
+            "-o",
+            "table",
+        ])
+        .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let written = std::fs::read_to_string(&file).unwrap();
+    let file_secret = written.trim();
+    assert!(file_secret.starts_with("whsec_"), "{written}");
+    #[cfg(unix)]
+    assert_eq!(mode(&file), 0o600);
+    assert!(
+        !output.stdout.contains(file_secret),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        !output.stderr.contains(file_secret),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        output.stderr.contains("written to"),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        !output.stdout.lines().any(|line| line.starts_with("secret")),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(field(&output.stdout, "enabled"), "false");
+    assert_eq!(field(&output.stdout, "events"), "*");
+    let second = field(&output.stdout, "id");
+
+    // list and get: never a secret.
+    let list = cli.json(&["webhooks", "list"]).await;
+    let items = list["items"].as_array().unwrap();
+    let ids: Vec<&str> = items.iter().map(|item| str_of(item, "id")).collect();
+    assert_eq!(ids, [id.as_str(), second.as_str()]);
+    assert!(
+        items.iter().all(|item| item.get("secret").is_none()),
+        "{list}"
+    );
+    let lines = cli.jsonl(&["webhooks", "list"]).await;
+    assert_eq!(lines.len(), 2);
+    let table = cli.table(&["webhooks", "list"]).await;
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("URL") && header.contains("EVENTS"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        table.contains("api_token.*") && table.contains("cli tour"),
+        "{table}"
+    );
+    assert!(!table.contains("whsec_"), "{table}");
+    let got = cli.json(&["webhooks", "get", &id]).await;
+    assert_eq!(str_of(&got, "url"), receiver.url);
+    assert!(got.get("secret").is_none(), "{got}");
+    let table = cli.table(&["webhooks", "get", &id]).await;
+    assert_eq!(field(&table, "id"), id);
+    assert_eq!(field(&table, "description"), "cli tour");
+    assert!(!table.contains("whsec_"), "{table}");
+
+    // update: what is given changes, the rest stays.
+    let updated = cli
+        .json(&["webhooks", "update", &second, "--description", "all events"])
+        .await;
+    assert_eq!(str_of(&updated, "description"), "all events");
+    assert_eq!(updated["events"], serde_json::json!(["*"]));
+    assert_eq!(updated["enabled"], false);
+    assert_eq!(str_of(&updated, "url"), receiver.url);
+    let updated = cli
+        .json(&[
+            "webhooks",
+            "update",
+            &second,
+            "--event",
+            "credential.*",
+            "--enabled",
+        ])
+        .await;
+    assert_eq!(updated["events"], serde_json::json!(["credential.*"]));
+    assert_eq!(updated["enabled"], true);
+    assert_eq!(str_of(&updated, "description"), "all events");
+    let table = cli
+        .table(&["webhooks", "update", &second, "--disabled"])
+        .await;
+    assert_eq!(field(&table, "enabled"), "false");
+    assert_eq!(field(&table, "events"), "credential.*");
+    cli.fails(&["webhooks", "update", &second], 2).await;
+    cli.fails(&["webhooks", "update", &second, "--event", "Bad*"], 2)
+        .await;
+    cli.fails(
+        &["webhooks", "update", &second, "--enabled", "--disabled"],
+        2,
+    )
+    .await;
+    cli.fails(&["webhooks", "create", "--event", "*"], 2).await;
+    // The server's own checks answer with its code (exit 1).
+    let refused = cli
+        .fails(
+            &[
+                "webhooks",
+                "update",
+                &second,
+                "--endpoint",
+                "ftp://example.com/",
+            ],
+            1,
+        )
+        .await;
+    assert!(
+        refused.stderr.contains("HTTP 422"),
+        "{}",
+        refused.describe()
+    );
+
+    // rotate-secret: a new secret, once; --verbose never shows it.
+    let rotated = cli
+        .run(&["webhooks", "rotate-secret", &id, "--verbose", "-o", "json"])
+        .await;
+    assert!(rotated.status.success(), "{}", rotated.describe());
+    let answer: Value = serde_json::from_str(&rotated.stdout).unwrap();
+    let rotated_secret = str_of(&answer, "secret").to_string();
+    assert_ne!(rotated_secret, first_secret);
+    assert_eq!(str_of(&answer, "id"), id);
+    assert!(answer["previous_secret_expires_at"].is_string(), "{answer}");
+    assert!(rotated.stderr.contains("> POST "), "{}", rotated.describe());
+    assert!(
+        !rotated.stderr.contains(&rotated_secret),
+        "{}",
+        rotated.describe()
+    );
+    assert!(
+        !rotated.stderr.contains(&first_secret),
+        "{}",
+        rotated.describe()
+    );
+    assert_eq!(
+        rotated.stdout.matches(&rotated_secret).count(),
+        1,
+        "{}",
+        rotated.describe()
+    );
+    let output = cli
+        .run(&["webhooks", "rotate-secret", &id, "-o", "table"])
+        .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let table_secret = field(&output.stdout, "secret");
+    secret_once(&output, &table_secret);
+    assert_ne!(table_secret, rotated_secret);
+
+    // A token created now is an `api_token.created` event: delivered to the receiver.
+    cli.json(&["tokens", "create", "--name", "hooked", "--expires-in", "1d"])
+        .await;
+    let deadline = Instant::now() + TIMEOUT;
+    let delivery = loop {
+        let page = cli.json(&["webhooks", "deliveries", &id]).await;
+        let done = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["type"] == "api_token.created" && item["status"] == "succeeded");
+        if let Some(done) = done {
+            break done.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery succeeded in time: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(receiver.count() >= 1);
+    assert_eq!(str_of(&delivery, "webhook_id"), id);
+    assert_eq!(delivery["last_response_code"], 204);
+    assert_eq!(delivery["attempts"], 1);
+    let delivery_id = str_of(&delivery, "id").to_string();
+    let table = cli.table(&["webhooks", "deliveries", &id]).await;
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("TYPE") && header.contains("STATUS"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|line| line.starts_with(&delivery_id))
+        .unwrap_or_else(|| panic!("no row for {delivery_id}:\n{table}"));
+    assert!(
+        row.contains("api_token.created") && row.contains("succeeded") && row.contains("204"),
+        "{table}"
+    );
+    let failed = cli
+        .json(&["webhooks", "deliveries", &id, "--status", "failed"])
+        .await;
+    assert_eq!(failed["items"], serde_json::json!([]));
+    let one = cli
+        .jsonl(&["webhooks", "deliveries", &id, "--limit", "1"])
+        .await;
+    assert_eq!(one.len(), 1);
+    cli.fails(&["webhooks", "deliveries", &id, "--status", "lost"], 2)
+        .await;
+
+    // retry: queued now, then attempted again.
+    let before = receiver.count();
+    let retried = cli.json(&["webhooks", "retry", &id, &delivery_id]).await;
+    assert_eq!(str_of(&retried, "id"), delivery_id);
+    assert_eq!(str_of(&retried, "webhook_id"), id);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let page = cli.json(&["webhooks", "deliveries", &id]).await;
+        let again = page["items"].as_array().unwrap().iter().any(|item| {
+            item["id"] == delivery_id.as_str()
+                && item["status"] == "succeeded"
+                && item["attempts"].as_u64() >= Some(2)
+        });
+        if again && receiver.count() > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the retry was not attempted: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let table = cli.table(&["webhooks", "retry", &id, &delivery_id]).await;
+    assert_eq!(field(&table, "id"), delivery_id);
+    assert_eq!(field(&table, "type"), "api_token.created");
+    // A disabled webhook's deliveries are not retried (409: exit 1).
+    cli.json(&["webhooks", "update", &id, "--disabled"]).await;
+    let refused = cli
+        .fails(&["webhooks", "retry", &id, &delivery_id], 1)
+        .await;
+    assert!(
+        refused.stderr.contains("HTTP 409"),
+        "{}",
+        refused.describe()
+    );
+
+    // delete: a line for people, nothing for scripts; then it is gone (404: exit 1).
+    let table = cli.table(&["webhooks", "delete", &second]).await;
+    assert_eq!(table.trim(), format!("Deleted webhook {second}."));
+    let quiet = cli.ok(&["webhooks", "delete", &id, "-o", "json"]).await;
+    assert_eq!(quiet.stdout, "");
+    let gone = cli.fails(&["webhooks", "get", &id], 1).await;
+    assert!(gone.stderr.contains("HTTP 404"), "{}", gone.describe());
+    assert_eq!(
+        cli.json(&["webhooks", "list"]).await,
+        serde_json::json!({"items": []})
+    );
+    let help = cli
+        .ok(&["webhooks", "rotate-secret", "--help"])
+        .await
+        .stdout;
+    assert!(
+        help.contains("Example:") && help.contains("4 cannot reach the server"),
+        "{help}"
     );
 }
 

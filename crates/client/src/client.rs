@@ -13,6 +13,10 @@ use keyplane_api_types::hybridbox::{
 };
 use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest};
 use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
+use keyplane_api_types::webhooks::{
+    WebhookCreated, WebhookDeliveryPage, WebhookDeliveryView, WebhookList, WebhookRequest,
+    WebhookView,
+};
 use keyplane_api_types::wire::RotateRequest;
 use keyplane_core::Plaintext;
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
@@ -484,6 +488,82 @@ impl Client {
             }
         }
         self.send(call).await
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Aether: webhooks
+
+    pub async fn list_webhooks(&self, org: Uuid) -> Result<WebhookList, Error> {
+        self.send(Call::new(Method::GET, org_path(org, "/webhooks")))
+            .await
+    }
+
+    pub async fn create_webhook(
+        &self,
+        org: Uuid,
+        request: &WebhookRequest,
+    ) -> Result<WebhookCreated, Error> {
+        let call = Call::new(Method::POST, org_path(org, "/webhooks"));
+        self.send(call.json(request).idempotent()).await
+    }
+
+    pub async fn get_webhook(&self, org: Uuid, id: Uuid) -> Result<WebhookView, Error> {
+        let path = org_path(org, &format!("/webhooks/{id}"));
+        self.send(Call::new(Method::GET, path)).await
+    }
+
+    /// A PUT: replaces every field the request carries (the secret stays).
+    pub async fn update_webhook(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        request: &WebhookRequest,
+    ) -> Result<WebhookView, Error> {
+        let path = org_path(org, &format!("/webhooks/{id}"));
+        self.send(Call::new(Method::PUT, path).json(request)).await
+    }
+
+    /// 204 on success: there is no body to return.
+    pub async fn delete_webhook(&self, org: Uuid, id: Uuid) -> Result<(), Error> {
+        let path = org_path(org, &format!("/webhooks/{id}"));
+        self.send_raw(Call::new(Method::DELETE, path))
+            .await
+            .map(drop)
+    }
+
+    pub async fn rotate_webhook_secret(
+        &self,
+        org: Uuid,
+        id: Uuid,
+    ) -> Result<WebhookCreated, Error> {
+        let path = org_path(org, &format!("/webhooks/{id}/rotate-secret"));
+        self.send(Call::new(Method::POST, path).idempotent()).await
+    }
+
+    /// `status`: only `pending`, `succeeded` or `failed` deliveries.
+    pub async fn list_webhook_deliveries(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        status: Option<&str>,
+        page: &Page,
+    ) -> Result<WebhookDeliveryPage, Error> {
+        let path = org_path(org, &format!("/webhooks/{id}/deliveries"));
+        let mut call = Call::new(Method::GET, path).page(page);
+        if let Some(status) = status {
+            call.query.push(("status", status.to_string()));
+        }
+        self.send(call).await
+    }
+
+    pub async fn retry_webhook_delivery(
+        &self,
+        org: Uuid,
+        id: Uuid,
+        delivery: Uuid,
+    ) -> Result<WebhookDeliveryView, Error> {
+        let path = org_path(org, &format!("/webhooks/{id}/deliveries/{delivery}/retry"));
+        self.send(Call::new(Method::POST, path)).await
     }
 
     // ----------------------------------------------------------------------------------------

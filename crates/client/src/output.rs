@@ -14,6 +14,7 @@ use keyplane_api_types::audit::AuditEventView;
 use keyplane_api_types::hybridbox::{AuthorizationView, ServiceAccountView};
 use keyplane_api_types::leaks::RevokeAccepted;
 use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
+use keyplane_api_types::webhooks::{WebhookDeliveryView, WebhookView};
 use keyplane_core::Plaintext;
 use serde::Serialize;
 use serde_json::Value;
@@ -807,6 +808,104 @@ impl Record for IntrospectionResponse {
             ]);
         }
         fields
+    }
+}
+
+/// `webhooks create|rotate-secret` add the signing secret through [`Output::created`].
+impl Record for WebhookView {
+    const COLUMNS: &'static [&'static str] = &[
+        "ID",
+        "URL",
+        "EVENTS",
+        "ENABLED",
+        "FAILING SINCE",
+        "DESCRIPTION",
+    ];
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.url.clone(),
+            list_or_dash(&self.events),
+            self.enabled.to_string(),
+            optional_time(&self.failing_since, now, "-"),
+            self.description.clone(),
+        ]
+    }
+
+    fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.to_string()),
+            ("org_id", self.org_id.to_string()),
+            ("url", self.url.clone()),
+            ("events", list_or_dash(&self.events)),
+            ("description", self.description.clone()),
+            ("enabled", self.enabled.to_string()),
+            (
+                "failing_since",
+                optional_time(&self.failing_since, now, "-"),
+            ),
+            (
+                "previous_secret_expires_at",
+                optional_time(&self.previous_secret_expires_at, now, "-"),
+            ),
+            ("created_at", time(&self.created_at, now)),
+            ("updated_at", time(&self.updated_at, now)),
+        ]
+    }
+}
+
+impl Record for WebhookDeliveryView {
+    const COLUMNS: &'static [&'static str] = &[
+        "ID",
+        "TYPE",
+        "STATUS",
+        "ATTEMPTS",
+        "LAST CODE",
+        "CREATED",
+        "NEXT ATTEMPT",
+    ];
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.event_type.clone(),
+            self.status.clone(),
+            self.attempts.to_string(),
+            self.last_response_code
+                .map_or("-".into(), |code| code.to_string()),
+            time(&self.created_at, now),
+            optional_time(&self.next_attempt_at, now, "-"),
+        ]
+    }
+
+    fn fields(&self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.to_string()),
+            ("webhook_id", self.webhook_id.to_string()),
+            ("type", self.event_type.clone()),
+            ("status", self.status.clone()),
+            ("attempts", self.attempts.to_string()),
+            ("created_at", time(&self.created_at, now)),
+            (
+                "next_attempt_at",
+                optional_time(&self.next_attempt_at, now, "-"),
+            ),
+            (
+                "last_attempt_at",
+                optional_time(&self.last_attempt_at, now, "-"),
+            ),
+            (
+                "last_response_code",
+                self.last_response_code
+                    .map_or("-".into(), |code| code.to_string()),
+            ),
+            (
+                "last_latency_ms",
+                self.last_latency_ms.map_or("-".into(), |ms| ms.to_string()),
+            ),
+            ("last_error", or_dash(&self.last_error)),
+        ]
     }
 }
 

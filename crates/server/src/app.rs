@@ -33,6 +33,8 @@ pub(crate) struct Inner {
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     pub leak_jobs: crate::jobs::Jobs,
+    /// The web console's server-side sessions.
+    pub console_sessions: crate::console::Sessions,
 }
 
 impl App {
@@ -58,6 +60,10 @@ impl App {
             config.public_revoke_per_minute,
             config.public_revoke_per_minute,
         );
+        let console_sessions = crate::console::Sessions::new(
+            config.console.idle_timeout,
+            config.console.absolute_timeout,
+        );
         Self(Arc::new(Inner {
             store,
             config,
@@ -73,6 +79,7 @@ impl App {
             github_keys,
             public_revoke_limiter,
             leak_jobs: crate::leaks::leak_jobs(),
+            console_sessions,
         }))
     }
 

@@ -50,7 +50,9 @@ impl CallerSlot {
 
 /// Whether `path` is a management API whose refusals are recorded.
 fn is_management(path: &str) -> bool {
-    path.starts_with("/api/v1/organizations/") || path.starts_with("/v1/public/accounts/")
+    path.starts_with("/api/v1/organizations/")
+        || path.starts_with("/v1/public/accounts/")
+        || path.starts_with("/console/")
 }
 
 /// Before a request: a slot for its caller, on management routes only (verification stays free).

@@ -48,6 +48,8 @@ pub enum CanarySurface {
     RegistryToken,
     GithubSecretScanning,
     PublicRevoke,
+    /// The web console: a token pasted to sign in, or a session's token re-verified.
+    Console,
     /// `App::verify_secret`, without HTTP.
     InProcess,
 }
@@ -63,6 +65,7 @@ impl CanarySurface {
             CanarySurface::RegistryToken => "registry_token",
             CanarySurface::GithubSecretScanning => "github_secret_scanning",
             CanarySurface::PublicRevoke => "public_revoke",
+            CanarySurface::Console => "console",
             CanarySurface::InProcess => "in_process",
         }
     }

@@ -43,6 +43,8 @@ pub struct Config {
     pub public_revoke_per_minute: u32,
     /// How webhook deliveries are made (targets allowed, retry schedule, timeouts).
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// The web console at `/console` (`console`).
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
@@ -148,6 +150,7 @@ impl Default for Config {
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            console: crate::console::ConsoleConfig::default(),
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Entry points for the cargo-fuzz targets in fuzz/ (not a public API).
 
-use crate::aether::webhooks::WebhookRequest;
 use crate::aether::wire::{
     CreateApiTokenRequest, CreateRobotAccountRequest, UpdateRobotAccountRequest,
 };
@@ -8,6 +7,7 @@ use crate::error::AppError;
 use crate::extract::{read_json_body, FromJsonBody};
 use crate::hybridbox::wire::{CreateAuthorizationRequest, CreateServiceAccountRequest};
 use chrono::{DateTime, Utc};
+use keyplane_api_types::webhooks::WebhookRequest;
 use keyplane_core::Error as DomainError;
 
 /// Reads `bytes` as every create/update body the handlers accept, the way they do (the JSON field

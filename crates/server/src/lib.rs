@@ -12,6 +12,7 @@ pub mod canary;
 pub mod client_addr;
 pub mod config;
 mod connection;
+pub mod console;
 mod docs;
 pub mod error;
 mod extract;

@@ -68,7 +68,10 @@ pub(crate) fn openapi_document() -> OpenApiDoc {
 
 /// The full application router, ready to serve.
 pub fn router(app: App) -> Router {
-    let (routes, _) = api_routes().split_for_parts();
+    let (mut routes, _) = api_routes().split_for_parts();
+    if app.inner().config.console.enabled {
+        routes = routes.merge(crate::console::routes());
+    }
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again. Outermost first.
     let layers = ServiceBuilder::new()
@@ -360,6 +363,9 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
         }
         app.flush_usage().await;
         crate::idempotency::prune(&app).await;
+        if app.inner().config.console.enabled {
+            app.inner().console_sessions.prune(&app).await;
+        }
         app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().failed_auth {
             limiter.prune();

@@ -4,18 +4,6 @@
 pub use keyplane_api_types::wire::*;
 
 use chrono::{DateTime, Utc};
-use keyplane_core::WebhookSecret;
-use serde::Serializer;
-
-/// A webhook's signing secret, the way `one_time_secret` does a token's: only in the create and
-/// rotate-secret responses. (The webhook shapes are the server's own until the client speaks
-/// webhooks.)
-pub fn one_time_webhook_secret<S: Serializer>(
-    secret: &WebhookSecret,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(secret.expose_secret())
-}
 
 /// What a rotate body asks of `ops`.
 pub fn rotate_spec(request: &RotateRequest) -> crate::ops::RotateSpec {

@@ -114,6 +114,25 @@ impl GrantFilter {
     }
 }
 
+/// A web-console session as stored. The cookie value the browser holds is not: only its SHA-256
+/// (`id_hash`); the signed-in token and a one-time secret waiting to be shown are sealed under a
+/// key derived from the cookie value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub id_hash: [u8; 32],
+    pub tenant_id: TenantId,
+    pub sealed_token: Vec<u8>,
+    /// Who signed in, as the console shows it.
+    pub label: String,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// The absolute end (absolute timeout, or the signed-in token's expiry).
+    pub ends_at: DateTime<Utc>,
+    /// A one-time message for the next page.
+    pub notice: Option<String>,
+    pub sealed_secret: Option<Vec<u8>>,
+}
+
 /// One attempt to take an `Idempotency-Key` for a request. The store sees only values derived
 /// from the key, never the key itself.
 #[derive(Debug, Clone)]
@@ -554,6 +573,52 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_webhook_deliveries(
         &self,
         before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores a new web-console session.
+    async fn insert_console_session(&self, session: &ConsoleSession) -> Result<(), StoreError>;
+
+    /// The session `id_hash` if it is live at `now` (before its end, and seen after
+    /// `idle_before`), its `last_seen_at` moved to `now`; `None` otherwise.
+    async fn touch_console_session(
+        &self,
+        id_hash: &[u8; 32],
+        now: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Option<ConsoleSession>, StoreError>;
+
+    /// Sets (or clears) the session's one-time notice.
+    async fn set_console_session_notice(
+        &self,
+        id_hash: &[u8; 32],
+        notice: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// Sets the session's sealed one-time secret.
+    async fn set_console_session_secret(
+        &self,
+        id_hash: &[u8; 32],
+        sealed: &[u8],
+    ) -> Result<(), StoreError>;
+
+    /// Clears the session's one-time secret if it is still `sealed`: `true` for exactly one of
+    /// racing callers, so a secret is shown once.
+    async fn take_console_session_secret(
+        &self,
+        id_hash: &[u8; 32],
+        sealed: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// Ends a session (sign-out, or its credential stopped working).
+    async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` sessions that ended by `now` or were last seen by `idle_before`;
+    /// returns how many.
+    async fn prune_console_sessions(
+        &self,
+        now: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError>;
 }

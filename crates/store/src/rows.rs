@@ -412,3 +412,40 @@ pub(crate) fn policy_from_json(text: &str) -> Result<CredentialPolicy, StoreErro
         },
     })
 }
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ConsoleSessionRow {
+    id_hash: Vec<u8>,
+    tenant_id: uuid::Uuid,
+    sealed_token: Vec<u8>,
+    label: String,
+    created_at_ms: i64,
+    last_seen_at_ms: i64,
+    ends_at_ms: i64,
+    notice: Option<String>,
+    sealed_secret: Option<Vec<u8>>,
+}
+
+impl TryFrom<ConsoleSessionRow> for crate::ConsoleSession {
+    type Error = StoreError;
+
+    fn try_from(row: ConsoleSessionRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Other(anyhow::anyhow!("stored console session has a bad {what}"))
+        };
+        let time = |ms: i64, what: &str| {
+            chrono::DateTime::from_timestamp_millis(ms).ok_or_else(|| corrupt(what))
+        };
+        Ok(Self {
+            id_hash: row.id_hash.try_into().map_err(|_| corrupt("id"))?,
+            tenant_id: keyplane_core::TenantId::from_uuid(row.tenant_id),
+            sealed_token: row.sealed_token,
+            label: row.label,
+            created_at: time(row.created_at_ms, "creation time")?,
+            last_seen_at: time(row.last_seen_at_ms, "last-seen time")?,
+            ends_at: time(row.ends_at_ms, "end")?,
+            notice: row.notice,
+            sealed_secret: row.sealed_secret,
+        })
+    }
+}

@@ -82,6 +82,17 @@ pub(crate) const COMPLETE_IDEMPOTENCY_KEY: &str = "UPDATE idempotency_keys SET s
 pub(crate) const RELEASE_IDEMPOTENCY_KEY: &str =
     "DELETE FROM idempotency_keys WHERE lookup_id = $1 AND claim_id = $2 AND status IS NULL";
 /// Neither backend takes `DELETE ... LIMIT` (SQLite only when built for it): a bounded sub-select.
+pub(crate) const INSERT_CONSOLE_SESSION: &str = "INSERT INTO console_sessions (id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(crate) const TOUCH_CONSOLE_SESSION: &str = "UPDATE console_sessions SET last_seen_at_ms = $2 WHERE id_hash = $1 AND ends_at_ms > $2 AND last_seen_at_ms > $3 \
+     RETURNING id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms, notice, sealed_secret";
+pub(crate) const SET_CONSOLE_SESSION_NOTICE: &str =
+    "UPDATE console_sessions SET notice = $2 WHERE id_hash = $1";
+pub(crate) const SET_CONSOLE_SESSION_SECRET: &str =
+    "UPDATE console_sessions SET sealed_secret = $2 WHERE id_hash = $1";
+pub(crate) const TAKE_CONSOLE_SESSION_SECRET: &str =
+    "UPDATE console_sessions SET sealed_secret = NULL WHERE id_hash = $1 AND sealed_secret = $2";
+pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WHERE id_hash = $1";
+pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
 /// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
@@ -1236,6 +1247,112 @@ macro_rules! impl_store {
                 // Background housekeeping, like the idempotency prune: not a client's write, so
                 // it does not count towards `/readyz`.
                 self.deliveries_prune(before, limit).await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn insert_console_session(
+                &self,
+                session: &$crate::ConsoleSession,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::INSERT_CONSOLE_SESSION)
+                    .bind(&session.id_hash[..])
+                    .bind(session.tenant_id.as_uuid())
+                    .bind(&session.sealed_token)
+                    .bind(&session.label)
+                    .bind(session.created_at.timestamp_millis())
+                    .bind(session.last_seen_at.timestamp_millis())
+                    .bind(session.ends_at.timestamp_millis())
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn touch_console_session(
+                &self,
+                id_hash: &[u8; 32],
+                now: chrono::DateTime<chrono::Utc>,
+                idle_before: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<$crate::ConsoleSession>, $crate::StoreError> {
+                let row: Option<$crate::rows::ConsoleSessionRow> =
+                    sqlx::query_as($crate::sql::TOUCH_CONSOLE_SESSION)
+                        .bind(&id_hash[..])
+                        .bind(now.timestamp_millis())
+                        .bind(idle_before.timestamp_millis())
+                        .fetch_optional(&self.writer)
+                        .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn set_console_session_notice(
+                &self,
+                id_hash: &[u8; 32],
+                notice: Option<&str>,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::SET_CONSOLE_SESSION_NOTICE)
+                    .bind(&id_hash[..])
+                    .bind(notice)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn set_console_session_secret(
+                &self,
+                id_hash: &[u8; 32],
+                sealed: &[u8],
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::SET_CONSOLE_SESSION_SECRET)
+                    .bind(&id_hash[..])
+                    .bind(sealed)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn take_console_session_secret(
+                &self,
+                id_hash: &[u8; 32],
+                sealed: &[u8],
+            ) -> Result<bool, $crate::StoreError> {
+                Ok(sqlx::query($crate::sql::TAKE_CONSOLE_SESSION_SECRET)
+                    .bind(&id_hash[..])
+                    .bind(sealed)
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected()
+                    == 1)
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn delete_console_session(
+                &self,
+                id_hash: &[u8; 32],
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::DELETE_CONSOLE_SESSION)
+                    .bind(&id_hash[..])
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_console_sessions(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                idle_before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                Ok(sqlx::query($crate::sql::PRUNE_CONSOLE_SESSIONS)
+                    .bind(now.timestamp_millis())
+                    .bind(idle_before.timestamp_millis())
+                    .bind(i64::from(limit))
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected())
             }
         }
     };

@@ -892,6 +892,184 @@ async fn idempotency_records_are_pruned_in_batches(backend: Backend) {
     ));
 }
 
+fn console_session(tenant: TenantId, id: u8, at: DateTime<Utc>) -> keyplane_store::ConsoleSession {
+    keyplane_store::ConsoleSession {
+        id_hash: [id; 32],
+        tenant_id: tenant,
+        sealed_token: vec![id, 1, 2, 3],
+        label: format!("token {id}"),
+        created_at: at,
+        last_seen_at: at,
+        ends_at: at + TimeDelta::hours(12),
+        notice: None,
+        sealed_secret: None,
+    }
+}
+
+async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let idle = TimeDelta::minutes(30);
+    let session = console_session(f.tenant.id, 1, t);
+    f.store.insert_console_session(&session).await.unwrap();
+    assert_eq!(
+        f.store
+            .insert_console_session(&session)
+            .await
+            .err()
+            .map(|e| matches!(e, StoreError::Conflict(_))),
+        Some(true),
+        "one row per session id"
+    );
+    let later = t + TimeDelta::minutes(20);
+    let touched = f
+        .store
+        .touch_console_session(&[1; 32], later, later - idle)
+        .await
+        .unwrap()
+        .expect("a live session");
+    assert_eq!(touched.last_seen_at, truncate_to_millis(later));
+    assert_eq!(touched.sealed_token, session.sealed_token);
+    assert_eq!(touched.tenant_id, f.tenant.id);
+    assert_eq!(touched.label, "token 1");
+    // 40 minutes after the first touch, but 20 after the second: still live.
+    let t40 = t + TimeDelta::minutes(40);
+    assert!(f
+        .store
+        .touch_console_session(&[1; 32], t40, t40 - idle)
+        .await
+        .unwrap()
+        .is_some());
+    // Idle for 31 minutes: gone.
+    let t71 = t40 + TimeDelta::minutes(31);
+    assert!(f
+        .store
+        .touch_console_session(&[1; 32], t71, t71 - idle)
+        .await
+        .unwrap()
+        .is_none());
+    // Past its absolute end, however busy.
+    let busy = console_session(f.tenant.id, 2, t);
+    f.store.insert_console_session(&busy).await.unwrap();
+    let past_end = t + TimeDelta::hours(12);
+    assert!(f
+        .store
+        .touch_console_session(&[2; 32], past_end, past_end - idle)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .touch_console_session(&[9; 32], t, t - idle)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Signing out.
+    f.store
+        .insert_console_session(&console_session(f.tenant.id, 3, t))
+        .await
+        .unwrap();
+    f.store.delete_console_session(&[3; 32]).await.unwrap();
+    assert!(f
+        .store
+        .touch_console_session(&[3; 32], t, t - idle)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Pruning: idle and ended sessions go, live ones stay.
+    let fresh = console_session(f.tenant.id, 4, t + TimeDelta::minutes(60));
+    f.store.insert_console_session(&fresh).await.unwrap();
+    let ended = keyplane_store::ConsoleSession {
+        ends_at: t + TimeDelta::minutes(70),
+        ..console_session(f.tenant.id, 6, t + TimeDelta::minutes(65))
+    };
+    f.store.insert_console_session(&ended).await.unwrap();
+    assert_eq!(
+        f.store
+            .prune_console_sessions(t71, t71 - idle, 2)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        f.store
+            .prune_console_sessions(t71, t71 - idle, 2)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        f.store
+            .prune_console_sessions(t71, t71 - idle, 2)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(f
+        .store
+        .touch_console_session(&[4; 32], t71, t71 - idle)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn a_console_secret_is_taken_once(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let idle = t - TimeDelta::minutes(30);
+    f.store
+        .insert_console_session(&console_session(f.tenant.id, 5, t))
+        .await
+        .unwrap();
+    f.store
+        .set_console_session_notice(&[5; 32], Some("Revoked."))
+        .await
+        .unwrap();
+    f.store
+        .set_console_session_secret(&[5; 32], &[7, 7, 7])
+        .await
+        .unwrap();
+    let seen = f
+        .store
+        .touch_console_session(&[5; 32], t, idle)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.notice.as_deref(), Some("Revoked."));
+    assert_eq!(seen.sealed_secret.as_deref(), Some(&[7u8, 7, 7][..]));
+    let takers = (0..4).map(|_| {
+        let store = f.store.clone();
+        tokio::spawn(async move {
+            store
+                .take_console_session_secret(&[5; 32], &[7, 7, 7])
+                .await
+                .unwrap()
+        })
+    });
+    let mut taken = 0;
+    for taker in takers.collect::<Vec<_>>() {
+        taken += u32::from(taker.await.unwrap());
+    }
+    assert_eq!(taken, 1, "exactly one reader gets the secret");
+    f.store
+        .set_console_session_notice(&[5; 32], None)
+        .await
+        .unwrap();
+    let after = f
+        .store
+        .touch_console_session(&[5; 32], t, idle)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((after.notice, after.sealed_secret), (None, None));
+}
+
+fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap()
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -933,6 +1111,8 @@ store_suite! {
     idempotency_records_are_pruned_in_batches,
     pruning_keeps_the_rest_of_the_chain_verifiable,
     a_failed_change_writes_no_event,
+    console_sessions_live_until_idle_or_ended,
+    a_console_secret_is_taken_once,
 }
 
 fn event_in(tenant: TenantId, at: DateTime<Utc>) -> keyplane_core::AuditEvent {

@@ -1,5 +1,7 @@
 //! `/api/v1/organizations/{orgID}/webhooks`: endpoints that receive the organization's audit
-//! events, signed per Standard Webhooks, and their deliveries.
+//! events, signed per Standard Webhooks, and their deliveries. The shapes live in
+//! `keyplane_api_types::webhooks` (shared with the client); this is the server's half: reading a
+//! body field by field, and building answers.
 
 use super::wire::ErrorEnvelope;
 use super::{org_id, Aether, ApiError, TAG_WEBHOOKS};
@@ -7,22 +9,20 @@ use crate::app::App;
 use crate::extract::{path_id, ApiJson, Authenticated, FromJsonBody, ObjectReader};
 use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
 use crate::webhooks::{self, target, WebhookSpec};
-use crate::wire::{one_time_webhook_secret, optional_timestamp, timestamp};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use keyplane_api_types::webhooks::{
+    WebhookCreated, WebhookDeliveryPage, WebhookDeliveryView, WebhookList, WebhookRequest,
+    WebhookView,
+};
 use keyplane_core::error::codes;
 use keyplane_core::validate::is_disguising;
-use keyplane_core::{
-    ActionPattern, DeliveryStatus, Error as DomainError, FieldError, FieldPath, Webhook,
-    WebhookSecret,
-};
+use keyplane_core::{ActionPattern, DeliveryStatus, Error as DomainError, FieldError, FieldPath};
 use keyplane_store::WebhookDelivery;
-use serde::Serialize;
 use std::collections::HashMap;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 type Caller = Authenticated<Aether>;
@@ -36,29 +36,6 @@ fn webhook_id(raw: &str) -> Result<Uuid, DomainError> {
 
 fn delivery_id(raw: &str) -> Result<Uuid, DomainError> {
     path_id("delivery_id", raw, |text| Uuid::parse_str(text).ok())
-}
-
-/// `POST /webhooks` and `PUT /webhooks/{id}` body.
-#[derive(ToSchema)]
-#[schema(example = json!({"url": "https://hooks.example.invalid/keyplane", "events": ["api_token.*", "credential.expiring"], "description": "security team"}))]
-pub struct WebhookRequest {
-    /// Where deliveries are POSTed: an `http` or `https` URL, at most 2048 characters, without a
-    /// user name, password or fragment. Its host must resolve to public addresses only (loopback,
-    /// private, link-local and metadata addresses are refused, now and at every attempt) unless
-    /// the server runs with `--webhook-allow-private-targets`.
-    #[schema(value_type = String, max_length = 2048)]
-    pub url: reqwest::Url,
-    /// 1–50 audit actions to deliver: an action (`api_token.created`), every action under a prefix
-    /// (`api_token.*`), or `*` for every event.
-    #[schema(value_type = Vec<String>, min_items = 1, max_items = 50)]
-    pub events: Vec<ActionPattern>,
-    /// Free text, at most 500 characters, without control or format characters. Default empty.
-    #[schema(value_type = Option<String>, max_length = 500)]
-    pub description: String,
-    /// Whether events are delivered. Default true; enabling a disabled webhook resumes its pending
-    /// deliveries.
-    #[schema(value_type = Option<bool>)]
-    pub enabled: bool,
 }
 
 fn description(path: FieldPath, raw: &str) -> Result<String, FieldError> {
@@ -118,139 +95,21 @@ impl From<WebhookRequest> for WebhookSpec {
     }
 }
 
-/// A webhook, without its secret.
-#[derive(Serialize, ToSchema)]
-#[schema(as = Webhook)]
-pub struct WebhookView {
-    pub id: Uuid,
-    pub org_id: Uuid,
-    pub url: String,
-    /// The action patterns, as given.
-    pub events: Vec<String>,
-    pub description: String,
-    /// False when turned off by a caller, or by keyplane after 5 days of failed attempts (a
-    /// `webhook.disabled` audit event says so).
-    pub enabled: bool,
-    /// Since when every attempt has failed; null after a success.
-    #[serde(serialize_with = "optional_timestamp")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub failing_since: Option<DateTime<Utc>>,
-    /// After a rotation: until when deliveries also carry a signature with the previous secret.
-    #[serde(serialize_with = "optional_timestamp")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub previous_secret_expires_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "timestamp")]
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: DateTime<Utc>,
-    #[serde(serialize_with = "timestamp")]
-    #[schema(value_type = String, format = DateTime)]
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<&Webhook> for WebhookView {
-    fn from(webhook: &Webhook) -> Self {
-        Self {
-            id: webhook.id,
-            org_id: webhook.tenant_id.as_uuid(),
-            url: webhook.url.clone(),
-            events: webhook.events.iter().map(ActionPattern::to_wire).collect(),
-            description: webhook.description.clone(),
-            enabled: webhook.enabled,
-            failing_since: webhook.failing_since,
-            previous_secret_expires_at: webhook
-                .previous_secret
-                .as_ref()
-                .map(|(_, until)| *until)
-                .filter(|until| *until > Utc::now()),
-            created_at: webhook.created_at,
-            updated_at: webhook.updated_at,
-        }
+/// The view of a stored delivery (a free function: both types are other crates').
+fn delivery_view(delivery: WebhookDelivery) -> WebhookDeliveryView {
+    WebhookDeliveryView {
+        id: delivery.event_id,
+        webhook_id: delivery.webhook_id,
+        event_type: delivery.action,
+        status: delivery.status.as_str().to_string(),
+        attempts: delivery.attempts,
+        created_at: delivery.created_at,
+        next_attempt_at: delivery.next_attempt_at,
+        last_attempt_at: delivery.last_attempt_at,
+        last_response_code: delivery.last_status_code,
+        last_latency_ms: delivery.last_latency_ms,
+        last_error: delivery.last_error,
     }
-}
-
-/// Create and rotate-secret answer: the webhook and its signing secret, shown only this once.
-#[derive(Serialize, ToSchema)]
-#[schema(as = WebhookWithSecret)]
-pub struct WebhookCreated {
-    #[serde(flatten)]
-    pub webhook: WebhookView,
-    /// `whsec_` and the base64 signing key, as Standard Webhooks libraries take it. Shown only at
-    /// creation and rotation.
-    #[serde(serialize_with = "one_time_webhook_secret")]
-    #[schema(value_type = String)]
-    pub secret: WebhookSecret,
-}
-
-impl From<Webhook> for WebhookCreated {
-    fn from(webhook: Webhook) -> Self {
-        Self {
-            webhook: WebhookView::from(&webhook),
-            secret: webhook.secret,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct WebhookList {
-    /// Oldest first; at most 20.
-    pub items: Vec<WebhookView>,
-}
-
-/// One event sent (or to be sent) to one webhook.
-#[derive(Serialize, ToSchema)]
-#[schema(as = WebhookDelivery)]
-pub struct WebhookDeliveryView {
-    /// The audit event's id: the `webhook-id` header of every attempt.
-    pub id: Uuid,
-    pub webhook_id: Uuid,
-    /// The event's action (the payload's `type`).
-    #[serde(rename = "type")]
-    pub event_type: String,
-    /// `pending` (queued or waiting for a retry), `succeeded` or `failed` (the retry schedule is
-    /// used up).
-    pub status: &'static str,
-    pub attempts: u32,
-    #[serde(serialize_with = "timestamp")]
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: DateTime<Utc>,
-    /// Pending deliveries: when the next attempt is due.
-    #[serde(serialize_with = "optional_timestamp")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "optional_timestamp")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub last_attempt_at: Option<DateTime<Utc>>,
-    /// The HTTP status of the last answer; null when none came.
-    pub last_response_code: Option<u16>,
-    pub last_latency_ms: Option<u64>,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-}
-
-impl From<WebhookDelivery> for WebhookDeliveryView {
-    fn from(delivery: WebhookDelivery) -> Self {
-        Self {
-            id: delivery.event_id,
-            webhook_id: delivery.webhook_id,
-            event_type: delivery.action,
-            status: delivery.status.as_str(),
-            attempts: delivery.attempts,
-            created_at: delivery.created_at,
-            next_attempt_at: delivery.next_attempt_at,
-            last_attempt_at: delivery.last_attempt_at,
-            last_response_code: delivery.last_status_code,
-            last_latency_ms: delivery.last_latency_ms,
-            last_error: delivery.last_error,
-        }
-    }
-}
-
-/// A page of deliveries, newest event first.
-#[derive(Serialize, ToSchema)]
-pub struct WebhookDeliveryPage {
-    pub items: Vec<WebhookDeliveryView>,
-    /// Pass as `cursor` for the next (older) page; null on the last page.
-    pub next_cursor: Option<Uuid>,
 }
 
 /// Create a webhook
@@ -523,7 +382,7 @@ pub async fn list_webhook_deliveries(
     let (page, next) =
         webhooks::list_deliveries(&app, &who, org, id, cursor, status, limit).await?;
     Ok(Json(WebhookDeliveryPage {
-        items: page.into_iter().map(WebhookDeliveryView::from).collect(),
+        items: page.into_iter().map(delivery_view).collect(),
         next_cursor: next,
     }))
 }
@@ -556,5 +415,5 @@ pub async fn retry_webhook_delivery(
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let (org, id, delivery) = (org_id(&org)?, webhook_id(&id)?, delivery_id(&delivery)?);
     let delivery = webhooks::retry_delivery(&app, &who, &context, org, id, delivery).await?;
-    Ok((StatusCode::ACCEPTED, Json(delivery.into())))
+    Ok((StatusCode::ACCEPTED, Json(delivery_view(delivery))))
 }

@@ -568,4 +568,70 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.prune_webhook_deliveries(before, limit).await
     }
+
+    async fn insert_console_session(
+        &self,
+        session: &keyplane_store::ConsoleSession,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_console_session(session).await
+    }
+
+    async fn touch_console_session(
+        &self,
+        id_hash: &[u8; 32],
+        now: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+    ) -> Result<Option<keyplane_store::ConsoleSession>, StoreError> {
+        self.check()?;
+        self.inner
+            .touch_console_session(id_hash, now, idle_before)
+            .await
+    }
+
+    async fn set_console_session_notice(
+        &self,
+        id_hash: &[u8; 32],
+        notice: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.set_console_session_notice(id_hash, notice).await
+    }
+
+    async fn set_console_session_secret(
+        &self,
+        id_hash: &[u8; 32],
+        sealed: &[u8],
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.set_console_session_secret(id_hash, sealed).await
+    }
+
+    async fn take_console_session_secret(
+        &self,
+        id_hash: &[u8; 32],
+        sealed: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner
+            .take_console_session_secret(id_hash, sealed)
+            .await
+    }
+
+    async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.delete_console_session(id_hash).await
+    }
+
+    async fn prune_console_sessions(
+        &self,
+        now: DateTime<Utc>,
+        idle_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner
+            .prune_console_sessions(now, idle_before, limit)
+            .await
+    }
 }

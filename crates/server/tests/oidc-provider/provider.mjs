@@ -7,6 +7,10 @@
 //   KEYS_FILE  private JWKS; created with fresh RS256 and ES256 keys if missing, so deleting it
 //              and restarting rotates the keys
 //   AUDIENCE   the `aud` of access tokens (default https://api.keyplane.test)
+//   CONSOLE_REDIRECT_URI  when set, also a public client `keyplane-console` for the web console's
+//              authorization code flow with PKCE, redirecting there; the provider's development
+//              login and consent pages (any login name is accepted, and becomes the `sub`) are on
+//              only then
 //
 // Each client is a user: its client_id is the token's `sub` and its secret is `<client_id>-secret`.
 // Resources (the `resource` token parameter):
@@ -56,19 +60,31 @@ const resource = (audience, alg) => ({
   jwt: { sign: { alg } },
 });
 
+const CONSOLE_REDIRECT_URI = process.env.CONSOLE_REDIRECT_URI;
+const clients = USERS.map((id) => ({
+  client_id: id,
+  client_secret: `${id}-secret`,
+  grant_types: ['client_credentials'],
+  response_types: [],
+  redirect_uris: [],
+  token_endpoint_auth_method: 'client_secret_basic',
+}));
+if (CONSOLE_REDIRECT_URI) {
+  clients.push({
+    client_id: 'keyplane-console',
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    redirect_uris: [CONSOLE_REDIRECT_URI],
+    token_endpoint_auth_method: 'none',
+  });
+}
+
 const provider = new Provider(issuer, {
   jwks,
-  clients: USERS.map((id) => ({
-    client_id: id,
-    client_secret: `${id}-secret`,
-    grant_types: ['client_credentials'],
-    response_types: [],
-    redirect_uris: [],
-    token_endpoint_auth_method: 'client_secret_basic',
-  })),
+  clients,
   scopes: ['openid', 'keyplane'],
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: Boolean(CONSOLE_REDIRECT_URI) },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,

@@ -1,0 +1,348 @@
+// End-to-end test of keyplane's web console in Debian's Chromium, driven by playwright-core.
+// Started by crates/cli/tests/console_e2e.rs, which runs `keyplane serve` on 127.0.0.1 and passes:
+//   KP_URL          the server's base URL
+//   KP_ORG          the organization id
+//   KP_ROOT         a token with scope `*`
+//   KP_READER       a token with only `api_tokens:read`
+//   KP_SHOTS        where to save screenshots (optional)
+//   KP_OIDC_USER    when set, the login name to use at the OIDC provider's login page
+// Exits non-zero with a message on the first failed check.
+import { chromium } from 'playwright-core';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+const URL = process.env.KP_URL;
+const ORG = process.env.KP_ORG;
+const ROOT = process.env.KP_ROOT;
+const READER = process.env.KP_READER;
+const SHOTS = process.env.KP_SHOTS;
+const OIDC_USER = process.env.KP_OIDC_USER;
+for (const [name, value] of Object.entries({ KP_URL: URL, KP_ORG: ORG, KP_ROOT: ROOT, KP_READER: READER })) {
+  if (!value) throw new Error(`${name} is required`);
+}
+const API = `${URL}/api/v1/organizations/${ORG}`;
+const WIDTHS = { narrow: { width: 375, height: 812 }, wide: { width: 1440, height: 900 } };
+const STEP_TIMEOUT = 15_000;
+
+function check(condition, message) {
+  if (!condition) throw new Error(`check failed: ${message}`);
+}
+
+function log(message) {
+  console.log(`- ${message}`);
+}
+
+async function api(method, url, token, body) {
+  const response = await fetch(url, {
+    method,
+    headers: {
+      authorization: `Bearer ${token}`,
+      ...(body ? { 'content-type': 'application/json' } : {}),
+    },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  return { status: response.status, body: await response.text() };
+}
+
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  // Playwright gives each launch a fresh, empty profile directory.
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+  timeout: 60_000,
+});
+
+/// A fresh browser context (its own cookies); CSP violations and page errors fail the test.
+async function newPage(viewport = WIDTHS.wide, options = {}) {
+  const context = await browser.newContext({ viewport, ...options });
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  page.on('console', (message) => {
+    const text = message.text();
+    if (/Content.Security.Policy|Refused to/i.test(text)) {
+      console.error(`browser: ${text}`);
+      process.exitCode = 1;
+    }
+  });
+  page.on('pageerror', (error) => {
+    console.error(`page error: ${error}`);
+    process.exitCode = 1;
+  });
+  return { context, page };
+}
+
+/// Saves the current page at both widths (as `<name>-375.png` and `<name>-1440.png`).
+async function shoot(page, name, options = {}) {
+  if (!SHOTS) return;
+  fs.mkdirSync(SHOTS, { recursive: true });
+  const original = page.viewportSize();
+  for (const [, size] of Object.entries(WIDTHS)) {
+    await page.setViewportSize(size);
+    await page.screenshot({
+      path: path.join(SHOTS, `${name}-${size.width}.png`),
+      fullPage: true,
+      ...options,
+    });
+  }
+  await page.setViewportSize(original);
+}
+
+async function signIn(page, token) {
+  await page.goto(`${URL}/console`);
+  check(page.url().endsWith('/console/login'), `not signed in, /console sends to the sign-in page (at ${page.url()})`);
+  await page.getByLabel('API token or service-account token').fill(token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+}
+
+async function csrfOf(page) {
+  return page.locator('input[name="csrf"]').first().inputValue();
+}
+
+/// A POST from the page's own origin, as a forged form or script would send it.
+async function postFromPage(page, action, fields) {
+  return page.evaluate(async ({ action, fields }) => {
+    const response = await fetch(action, {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams(fields).toString(),
+      redirect: 'manual',
+    });
+    return { status: response.status, text: await response.text() };
+  }, { action, fields });
+}
+
+try {
+  // --- Sign in with a token ----------------------------------------------------------------
+  const { context, page } = await newPage(WIDTHS.wide, { permissions: ['clipboard-read', 'clipboard-write'] });
+  await page.goto(`${URL}/console`);
+  await page.getByRole('heading', { name: 'Sign in to keyplane' }).waitFor();
+  const headers = (await page.request.get(`${URL}/console/login`)).headers();
+  check(headers['content-security-policy']?.includes("script-src 'self'"), 'strict CSP on the console');
+  check(headers['content-security-policy']?.includes("frame-ancestors 'none'"), "CSP frame-ancestors 'none'");
+  check(!headers['content-security-policy']?.includes('unsafe'), 'no unsafe-* in the CSP');
+  await shoot(page, 'sign-in');
+
+  await signIn(page, ROOT);
+  const cookies = await context.cookies();
+  const session = cookies.find((c) => c.name === 'keyplane_session');
+  check(session, `a session cookie (${cookies.map((c) => c.name)})`);
+  check(session.httpOnly && session.sameSite === 'Strict', 'the session cookie is HttpOnly and SameSite=Strict');
+  check(!cookies.some((c) => c.value.includes(ROOT)), 'the token is in no cookie');
+  const storage = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }));
+  check(!storage.includes(ROOT) && storage === '{}{}', 'nothing in localStorage or sessionStorage');
+  check(!page.url().includes(ROOT), 'the token is not in the URL');
+  const overviewText = await page.textContent('main');
+  check(overviewText.includes('Live credentials'), 'the overview shows counts');
+  log('signed in with a token; the browser holds only an HttpOnly, SameSite=Strict session cookie');
+
+  // --- Create a token and read its secret once ----------------------------------------------
+  await page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'API tokens' }).click();
+  await page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
+  await page.getByLabel('Name', { exact: true }).fill('e2e-deploy');
+  await page.getByRole('checkbox', { name: 'api_tokens:read' }).check();
+  await page.getByLabel('Other scopes').fill('deploy:run');
+  await page.getByLabel('Expires').selectOption('30');
+  await page.getByRole('button', { name: 'Create token' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const secret = (await page.locator('#secret').textContent()).trim();
+  check(/^aether_[A-Za-z0-9]+/.test(secret), `the page shows the new secret (${secret.slice(0, 7)}…)`);
+  const again = await page.request.get(page.url());
+  check(!(await again.text()).includes(secret), 'a second fetch of the page does not show it');
+  await page.getByRole('button', { name: 'Copy' }).click();
+  await page.getByText('Copied.').waitFor();
+  check(await page.evaluate(() => navigator.clipboard.readText()) === secret, 'the copy button copies the secret');
+  const used = await api('GET', `${API}/api-tokens`, secret);
+  check(used.status === 200, `the shown secret works on the API (${used.status})`);
+  await page.goto(`${URL}/console/api-tokens`);
+  await page.goBack();
+  check(!(await page.content()).includes(secret), 'going back does not show the secret again');
+  log('created a token; its secret is copied by the button, works, and is shown once');
+
+  // A second token, to show the secret page (its secret masked in the screenshot).
+  await page.goto(`${URL}/console/api-tokens`);
+  await page.getByLabel('Name', { exact: true }).fill('e2e-screenshot');
+  await page.getByRole('checkbox', { name: 'audit:read' }).check();
+  await page.getByRole('button', { name: 'Create token' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const done = page.getByRole('button', { name: 'Done' });
+  check(await done.isDisabled(), '"Done" waits for "I have stored it"');
+  await shoot(page, 'secret-once', { mask: [page.locator('#secret')], maskColor: '#9aa7b4' });
+  await page.reload();
+  await page.getByRole('heading', { name: 'Secret no longer shown' }).waitFor();
+  check(!(await page.content()).includes('aether_'), 'after a reload the secret is gone');
+  log('reloading the secret page shows that it is gone');
+
+  await page.goto(`${URL}/console/api-tokens?q=e2e`);
+  await shoot(page, 'api-tokens');
+
+  // --- Rotate with a grace period ------------------------------------------------------------
+  await page.getByRole('link', { name: 'Rotate e2e-deploy' }).click();
+  await page.getByRole('radio', { name: 'for 1 hour' }).check();
+  await shoot(page, 'rotate');
+  await page.getByRole('button', { name: 'Rotate' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const rotated = (await page.locator('#secret').textContent()).trim();
+  check(rotated !== secret && rotated.startsWith('aether_'), 'rotation shows a new secret');
+  check((await page.textContent('main')).includes('previous secret keeps working until'), 'the grace period is stated');
+  check((await api('GET', `${API}/api-tokens`, secret)).status === 200, 'the old secret works during the grace period');
+  check((await api('GET', `${API}/api-tokens`, rotated)).status === 200, 'the new secret works');
+  await page.getByLabel('I have stored it').check();
+  await page.getByRole('button', { name: 'Done' }).click();
+  await page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
+  check((await page.textContent('main')).includes('previous secret accepted until'), 'the list shows the grace period');
+  log('rotated with a 1 hour grace period: both secrets work');
+
+  // --- Revoke with confirmation ---------------------------------------------------------------
+  await page.getByRole('link', { name: 'Revoke e2e-deploy' }).click();
+  await page.getByRole('heading', { name: 'Revoke e2e-deploy' }).waitFor();
+  await shoot(page, 'revoke');
+  await page.getByRole('button', { name: 'Revoke for good' }).click();
+  await page.getByRole('status').filter({ hasText: 'Revoked API token' }).waitFor();
+  check((await api('GET', `${API}/api-tokens`, rotated)).status === 401, 'the revoked token is refused');
+  check((await api('GET', `${API}/api-tokens`, secret)).status === 401, 'its previous secret too');
+  check(!(await page.textContent('tbody')).includes('e2e-deploy'), 'the list no longer shows it');
+  log('revoked after a confirmation page; both secrets are refused');
+
+  // --- CSRF ------------------------------------------------------------------------------------
+  const without = await postFromPage(page, '/console/api-tokens', { name: 'no-csrf', scopes: 'api_tokens:read' });
+  check(without.status === 403 && without.text.includes('CSRF'), `a POST without the CSRF token is refused (${without.status})`);
+  const wrong = await postFromPage(page, '/console/api-tokens', { csrf: 'x'.repeat(43), name: 'bad-csrf', scopes: 'api_tokens:read' });
+  check(wrong.status === 403, `a POST with a wrong CSRF token is refused (${wrong.status})`);
+  const names = JSON.parse((await api('GET', `${API}/api-tokens`, ROOT)).body).items.map((t) => t.name);
+  check(!names.includes('no-csrf') && !names.includes('bad-csrf'), `nothing was created (${names})`);
+  const loginWithout = await page.request.post(`${URL}/console/login`, { form: { token: ROOT }, maxRedirects: 0 });
+  check(loginWithout.status() === 403, `the sign-in form needs its CSRF token too (${loginWithout.status()})`);
+  log('POSTs without or with a wrong CSRF token are refused');
+
+  // --- The other pages --------------------------------------------------------------------------
+  await page.goto(`${URL}/console/service-accounts`);
+  await page.getByLabel('Name', { exact: true }).fill('e2e-worker');
+  await page.getByRole('button', { name: 'Create service account' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  check((await page.locator('#secret').textContent()).trim().length > 20, 'a service account secret is shown');
+  await page.goto(`${URL}/console/service-accounts`);
+  check((await page.textContent('tbody')).includes('e2e-worker'), 'the service account is listed');
+  await page.getByLabel('Grant', { exact: true }).selectOption('registry:read');
+  await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
+  await page.getByRole('status').filter({ hasText: 'Granted to “e2e-worker”' }).waitFor();
+  await page.getByLabel('Grant', { exact: true }).selectOption('audit:read');
+  await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
+  await page.getByRole('button', { name: 'Revoke grant registry:read of e2e-worker' }).click();
+  await page.getByRole('status').filter({ hasText: 'Revoked the grant' }).waitFor();
+  const grants = await page.locator('td[data-label="Grants"] code').allTextContents();
+  check(grants.join() === 'audit:read', `grants are given and revoked (${grants})`);
+  await shoot(page, 'service-accounts');
+
+  await page.goto(`${URL}/console/registry`);
+  await page.getByRole('button', { name: 'Enable the registry' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  check((await page.textContent('main')).includes('docker login'), 'the default robot comes with a docker login line');
+  await page.goto(`${URL}/console/registry`);
+  await page.locator('#name').fill('ci-pusher');
+  await page.getByRole('textbox', { name: /^Permissions/ }).fill('pull\npush:team/*');
+  await page.getByRole('button', { name: 'Create robot' }).click();
+  await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
+  const robotText = await page.textContent('main');
+  check(robotText.includes('skopeo login') && robotText.includes('+ci-pusher'), 'the robot secret page has docker and skopeo lines');
+  await page.goto(`${URL}/console/registry`);
+  await page.getByRole('link', { name: 'Permissions of ci-pusher' }).click();
+  await page.getByRole('textbox', { name: /^Permissions/ }).fill('pull:team/*');
+  await page.getByRole('button', { name: 'Save permissions' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved the permissions' }).waitFor();
+  await shoot(page, 'registry');
+
+  await page.goto(`${URL}/console/audit`);
+  const auditText = await page.textContent('main');
+  check(auditText.includes('api_token.revoked') && auditText.includes('api_token.created'), 'the audit log shows the changes');
+  await page.getByLabel('Action').fill('api_token.');
+  await page.getByRole('button', { name: 'Filter' }).click();
+  check(!(await page.textContent('tbody')).includes('robot_account.created'), 'the action filter applies');
+  const hover = await page.locator('tbody time').first().getAttribute('title');
+  check(/Z$/.test(hover), `dates keep their UTC value on hover (${hover})`);
+  await shoot(page, 'audit');
+  await page.goto(`${URL}/console`);
+  check((await page.textContent('main')).includes('Recent activity'), 'the overview shows recent activity');
+  await shoot(page, 'overview');
+  log('service accounts and their grants, registry and robots, audit log and overview work');
+
+  // --- A read-only token, in another time zone ------------------------------------------------
+  const reader = await newPage(WIDTHS.wide, { timezoneId: 'Asia/Tokyo' });
+  await signIn(reader.page, READER);
+  await reader.page.goto(`${URL}/console/api-tokens`);
+  await reader.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
+  check(await reader.page.getByRole('button', { name: 'Create token' }).count() === 0, 'no create button for a read-only token');
+  check(await reader.page.getByRole('link', { name: /^Rotate / }).count() === 0, 'no rotate links for a read-only token');
+  check(await reader.page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'Audit log' }).count() === 0, 'no audit log for a token without audit:read');
+  const forged = await postFromPage(reader.page, '/console/api-tokens', {
+    csrf: await csrfOf(reader.page), name: 'forged', scopes: 'api_tokens:read', expires_in_days: '30',
+  });
+  check(forged.status === 403 && forged.text.includes('You may not do this'), `a forged create with a valid CSRF token is refused by the use case (${forged.status})`);
+  const audit = await reader.page.goto(`${URL}/console/audit`);
+  check(audit.status() === 403, `the audit page is refused (${audit.status()})`);
+  await reader.page.goto(`${URL}/console/api-tokens`);
+  const shown = reader.page.locator('tbody time').first();
+  const utc = await shown.getAttribute('title');
+  const local = await shown.textContent();
+  check(/GMT\+9|JST/.test(local) && utc.endsWith('Z'), `dates in the browser's time zone (${local}), UTC on hover (${utc})`);
+  await shoot(reader.page, 'read-only');
+  log('a read-only token sees no create button and its forged POST is refused; dates in its time zone');
+
+  // --- Revoking the signed-in token ends its session ---------------------------------------------
+  const victimToken = JSON.parse((await api('POST', `${API}/api-tokens`, ROOT, { name: 'e2e-session', scopes: ['api_tokens:read'] })).body);
+  const victim = await newPage();
+  await signIn(victim.page, victimToken.token);
+  check((await api('DELETE', `${API}/api-tokens/${victimToken.id}`, ROOT)).status === 204, 'revoked through the API');
+  await victim.page.goto(`${URL}/console/api-tokens`);
+  check(victim.page.url().endsWith('/console/login'), `the session of a revoked token ends at once (${victim.page.url()})`);
+  log('revoking the signed-in token ends its console session');
+
+  // --- OIDC sign-in through the provider's login page --------------------------------------------
+  if (OIDC_USER) {
+    const user = await newPage();
+    await user.page.goto(`${URL}/console/login`);
+    await user.page.getByRole('link', { name: /^Sign in with / }).click();
+    await user.page.locator('input[name="login"]').fill(OIDC_USER);
+    await user.page.locator('input[name="password"]').fill('any');
+    await user.page.locator('button[type="submit"]').click();
+    // The provider's development consent page.
+    await user.page.locator('button[type="submit"]').click();
+    await user.page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+    check((await user.page.textContent('header')).includes(OIDC_USER), 'signed in as the provider user');
+    const userCookies = await user.context.cookies();
+    check(userCookies.some((c) => c.name === 'keyplane_session' && c.httpOnly), 'an OIDC sign-in gets a session cookie too');
+    check(!userCookies.some((c) => c.value.split('.').length === 3), 'no JWT in any cookie');
+    await user.page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name: 'API tokens' }).click();
+    await user.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
+    // The user owns `default` and may only read tokens in `second`; it starts in either.
+    const mayCreate = async () => (await user.page.getByRole('button', { name: 'Create token' }).count()) === 1;
+    const first = await user.page.textContent('header .tenant');
+    check(await mayCreate() === (first === 'default'), `rights as granted in ${first}`);
+    const other = first === 'default' ? 'second' : 'default';
+    await user.page.getByLabel('Organization', { exact: true }).selectOption({ label: other });
+    await user.page.getByRole('button', { name: 'Switch' }).click();
+    await user.page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+    check((await user.page.textContent('header .tenant')) === other, `switched to ${other}`);
+    await user.page.goto(`${URL}/console/api-tokens`);
+    check(await mayCreate() === (other === 'default'), `rights as granted in ${other}`);
+    log(`signed in with the OIDC provider as ${OIDC_USER}, and switched organizations`);
+  }
+
+  // --- Sign-out ends the session on the server -----------------------------------------------------
+  const before = (await context.cookies()).find((c) => c.name === 'keyplane_session');
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await page.getByText('You have signed out.').waitFor();
+  const replay = await browser.newContext();
+  await replay.addCookies([{ ...before }]);
+  const replayPage = await replay.newPage();
+  await replayPage.goto(`${URL}/console/api-tokens`);
+  check(replayPage.url().endsWith('/console/login'), `the old session cookie no longer works (${replayPage.url()})`);
+  log('signed out; the old cookie is dead on the server');
+} catch (error) {
+  console.error(error.stack || String(error));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,495 @@
+//! The web console end to end: `keyplane serve` on 127.0.0.1 (either store) and a real OpenID
+//! provider (panva's `oidc-provider`, `../server/tests/oidc-provider/`, with its development login
+//! page), driven in Debian's Chromium by `playwright-core` (`tests/console/console.spec.mjs`).
+//! The spec signs in with a token and through the provider, creates a token and reads its secret
+//! once, rotates with a grace period, revokes, checks a read-only token and CSRF refusals, and
+//! signs out. It saves screenshots of each page at 375 and 1440 px under
+//! `target/console-screenshots/`; with `KEYPLANE_UPDATE_SCREENSHOTS=1` the SQLite run refreshes
+//! the README's, in `docs/console/`.
+//!
+//! Needs /usr/bin/chromium (Debian's `chromium`; `scripts/test` installs it) and Node.js with
+//! npm (the packages are installed with `npm ci` on first use). Without them these tests fail,
+//! they never skip.
+
+mod common;
+
+use common::*;
+use keyplane_store::testing::Backend;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+/// The whole browser run: a few dozen page loads and two dozen screenshots.
+const SPEC_LIMIT: Duration = Duration::from_secs(240);
+const CHROMIUM: &str = "/usr/bin/chromium";
+const AUDIENCE: &str = "https://api.keyplane.test";
+const OIDC_USER: &str = "e2e-user";
+
+both_stores!(
+    console_end_to_end,
+    console_can_be_turned_off,
+    console_http_rules
+);
+
+/// A client that shows redirects instead of following them, and ignores proxies.
+fn manual_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(LIMIT)
+        .build()
+        .expect("build an HTTP client")
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The value of cookie `name` in a response's `Set-Cookie` headers, and its attributes.
+fn set_cookie(response: &reqwest::Response, name: &str) -> (String, String) {
+    let line = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no Set-Cookie {name} in {:?}", response.headers()))
+        .to_owned();
+    let value = line[name.len() + 1..].split(';').next().unwrap().to_owned();
+    (value, line)
+}
+
+/// The hidden CSRF field's value in a page.
+fn csrf_in(html: &str) -> String {
+    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    html[start..start + html[start..].find('"').unwrap()].to_owned()
+}
+
+/// The console's HTTP rules without a browser: headers, cookies (with `--console-https`: `Secure`
+/// and `__Host-`), assets, CSRF on sign-in and sign-out, errors as pages.
+async fn console_http_rules(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let keyplane = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let org = store.bootstrap_org();
+    let http = manual_client();
+    let url = |path: &str| keyplane.url(path);
+
+    let first = http.get(url("/console")).send().await.unwrap();
+    assert_eq!(first.status(), 303);
+    assert_eq!(header(&first, "location"), "/console/login");
+    let csp = header(&first, "content-security-policy");
+    for rule in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+        "base-uri 'none'",
+    ] {
+        assert!(csp.contains(rule), "CSP {csp:?} lacks {rule}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(header(&first, "x-frame-options"), "DENY");
+    assert_eq!(header(&first, "cache-control"), "no-store");
+
+    let login = http.get(url("/console/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    let (login_cookie, attributes) = set_cookie(&login, "__Host-keyplane_login");
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(attributes.contains(attribute), "{attributes}");
+    }
+    let page = login.text().await.unwrap();
+    assert_eq!(csrf_in(&page), login_cookie);
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "no inline script or style"
+    );
+
+    let css = &page[page.find("/console/assets/console-").unwrap()..];
+    let css = &css[..css.find('"').unwrap()];
+    let asset = http.get(url(css)).send().await.unwrap();
+    assert_eq!(asset.status(), 200, "{css}");
+    assert!(header(&asset, "content-type").starts_with("text/"));
+    assert!(header(&asset, "cache-control").contains("immutable"));
+    let stale = http
+        .get(url("/console/assets/console-0000000000000000.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 404);
+
+    let sign_in = |cookie: Option<String>, csrf: &str, token: &str| {
+        let mut request = http
+            .post(url("/console/login"))
+            .form(&[("csrf", csrf), ("token", token)]);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", format!("__Host-keyplane_login={cookie}"));
+        }
+        request.send()
+    };
+    let no_cookie = sign_in(None, &login_cookie, &org.token).await.unwrap();
+    assert_eq!(no_cookie.status(), 403, "sign-in without its CSRF cookie");
+    let other = sign_in(Some(login_cookie.clone()), "forged", &org.token)
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 403, "sign-in with another CSRF token");
+    let bad = sign_in(
+        Some(login_cookie.clone()),
+        &login_cookie,
+        "aether_not_a_token",
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), 401);
+    let text = bad.text().await.unwrap();
+    assert!(
+        text.contains("was not accepted") && !text.contains("panicked"),
+        "{text}"
+    );
+
+    let signed_in = sign_in(Some(login_cookie.clone()), &login_cookie, &org.token)
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(header(&signed_in, "location"), "/console");
+    let (session, attributes) = set_cookie(&signed_in, "__Host-keyplane_session");
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(attributes.contains(attribute), "{attributes}");
+    }
+    assert!(!header(&signed_in, "set-cookie").contains(&org.token));
+    let cookie = format!("__Host-keyplane_session={session}");
+
+    let overview = http
+        .get(url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let page = overview.text().await.unwrap();
+    assert!(page.contains("<h1>Overview</h1>") && !page.contains(&org.token));
+    let csrf = csrf_in(&page);
+
+    let invalid = http
+        .post(url("/console/api-tokens"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("name", "   "),
+            ("scopes", "api_tokens:read"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invalid.status(), 422);
+    assert!(header(&invalid, "content-type").starts_with("text/html"));
+    assert!(invalid
+        .text()
+        .await
+        .unwrap()
+        .contains("name: must have at least 1 character"));
+
+    // Sessions live in the store: a restarted server (or another replica) knows this one.
+    drop(keyplane);
+    let restarted = Keyplane::start(&store, &["--console-https"], LIMIT).await;
+    let again = http
+        .get(restarted.url("/console/api-tokens"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "the session outlives a restart");
+
+    // The audit log pages 50 events at a time, newest first.
+    for i in 0..55 {
+        restarted
+            .create_token(&org, &format!("paged-{i:02}"), &["api_tokens:read"], None)
+            .await;
+    }
+    let audit_page = |query: String| {
+        http.get(restarted.url(&format!("/console/audit{query}")))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let newest = audit_page(String::new())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(newest.matches("<tr><td data-label=\"When\">").count(), 50);
+    assert!(
+        newest.contains("paged-54") && !newest.contains("paged-04"),
+        "newest first"
+    );
+    let older = newest
+        .split("before=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("an \"Older events\" link");
+    let oldest = audit_page(format!("?before={older}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(oldest.contains("paged-04") && oldest.contains("organization.created"));
+    assert!(
+        !oldest.contains("paged-54") && !oldest.contains("rel=\"next\""),
+        "the last page"
+    );
+    let filtered = audit_page("?action=organization.&outcome=success".into())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        filtered.matches("<tr><td data-label=\"When\">").count(),
+        1,
+        "the action filter"
+    );
+
+    let logout = |csrf: &str| {
+        http.post(restarted.url("/console/logout"))
+            .header("cookie", &cookie)
+            .form(&[("csrf", csrf)])
+            .send()
+    };
+    assert_eq!(
+        logout("").await.unwrap().status(),
+        403,
+        "sign-out without CSRF"
+    );
+    let out = logout(&csrf).await.unwrap();
+    assert_eq!(out.status(), 303);
+    assert_eq!(header(&out, "location"), "/console/login?signed_out=1");
+    let after = http
+        .get(restarted.url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 303, "the session ended on the server");
+}
+
+/// `--console=false`: no console routes at all; the API is unaffected.
+async fn console_can_be_turned_off(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let keyplane = Keyplane::start(&store, &["--console=false"], LIMIT).await;
+    for path in ["/console", "/console/login", "/console/api-tokens"] {
+        let response = keyplane.http.get(keyplane.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path} with the console off");
+    }
+    let org = store.bootstrap_org();
+    let listed = keyplane
+        .http
+        .get(keyplane.tokens_url(&org.id))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    drop(keyplane);
+
+    let on = Keyplane::start(&store, &[], LIMIT).await;
+    let response = on.http.get(on.url("/console/login")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the console is on by default");
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn console_dir() -> PathBuf {
+    manifest_dir().join("tests/console")
+}
+
+fn provider_dir() -> PathBuf {
+    manifest_dir().join("../server/tests/oidc-provider")
+}
+
+/// `npm ci` in `dir` unless `package` is installed there already.
+async fn npm_ci(dir: &Path, package: &str) {
+    if dir
+        .join("node_modules")
+        .join(package)
+        .join("package.json")
+        .exists()
+    {
+        return;
+    }
+    let output = run(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+            .current_dir(dir),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "`npm ci` in {} failed; the console tests need Node.js with npm and the npm registry \
+         once:\n{}",
+        dir.display(),
+        output.describe()
+    );
+}
+
+fn require_chromium() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the console tests drive Debian's Chromium at {CHROMIUM}, which is missing: install it \
+         with `apt-get install chromium` (scripts/test does when run as root)"
+    );
+}
+
+/// The OIDC provider with the console's client, killed when dropped.
+struct Provider {
+    _process: KillOnDrop,
+    issuer: String,
+}
+
+impl Provider {
+    fn start(port: u16, keys_file: &Path, console_callback: &str) -> Self {
+        let mut child = Command::new("node")
+            .arg("provider.mjs")
+            .current_dir(provider_dir())
+            .env("PORT", port.to_string())
+            .env("KEYS_FILE", keys_file)
+            .env("AUDIENCE", AUDIENCE)
+            .env("CONSOLE_REDIRECT_URI", console_callback)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node provider.mjs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let process = KillOnDrop(child);
+        let (ready, listening) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(issuer) = line.strip_prefix("listening on ") {
+                    let _ = ready.send(issuer.to_string());
+                }
+            }
+        });
+        let issuer = listening
+            .recv_timeout(LIMIT)
+            .expect("the OIDC provider prints `listening on` within the limit");
+        Self {
+            _process: process,
+            issuer,
+        }
+    }
+}
+
+async fn console_end_to_end(backend: Backend) {
+    require_chromium();
+    npm_ci(&console_dir(), "playwright-core").await;
+    npm_ci(&provider_dir(), "oidc-provider").await;
+
+    let store = TestStore::new(backend).await;
+    let provider_port = free_loopback_port();
+    let issuer = format!("http://127.0.0.1:{provider_port}");
+    let keyplane = Keyplane::start(
+        &store,
+        &[
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-audience",
+            AUDIENCE,
+            "--console-oidc-client-id",
+            "keyplane-console",
+            "--console-oidc-scope",
+            "openid keyplane",
+        ],
+        LIMIT,
+    )
+    .await;
+    let keys = tempfile::tempdir().expect("a temporary directory");
+    let provider = Provider::start(
+        provider_port,
+        &keys.path().join("keys.json"),
+        &keyplane.url("/console/oidc/callback"),
+    );
+    assert_eq!(provider.issuer, issuer);
+
+    let org = store.bootstrap_org();
+    let reader = keyplane
+        .create_token(&org, "reader", &["api_tokens:read"], None)
+        .await;
+    let mut grant = keyplane_command(&["admin", "grant", "--org", &org.id]);
+    grant
+        .args([
+            "--user-sub",
+            OIDC_USER,
+            "--issuer",
+            &issuer,
+            "--account-owner",
+        ])
+        .args(store.args());
+    let granted = run(&mut grant, LIMIT).await;
+    assert!(granted.status.success(), "{}", granted.describe());
+    // A second organization where the user may only read tokens: the console offers to switch.
+    let mut create = keyplane_command(&["admin", "create-org", "--name", "second", "--json"]);
+    create.args(store.args());
+    let created = run(&mut create, LIMIT).await;
+    assert!(created.status.success(), "{}", created.describe());
+    let second = Org::from_json(created.stdout.trim());
+    let mut grant = keyplane_command(&["admin", "grant", "--org", &second.id]);
+    grant
+        .args(["--user-sub", OIDC_USER, "--issuer", &issuer])
+        .args(["--capability", "api_tokens:read"])
+        .args(store.args());
+    let granted = run(&mut grant, LIMIT).await;
+    assert!(granted.status.success(), "{}", granted.describe());
+
+    let mut spec = Command::new("node");
+    spec.arg("console.spec.mjs")
+        .current_dir(console_dir())
+        .env("KP_URL", keyplane.url(""))
+        .env("KP_ORG", &org.id)
+        .env("KP_ROOT", &org.token)
+        .env("KP_READER", &reader.secret)
+        .env("KP_OIDC_USER", OIDC_USER);
+    // Every run keeps its screenshots under target/; the README's (docs/console/) are refreshed
+    // on request, so a test run leaves the tree as it was.
+    let shots = if backend == Backend::Sqlite
+        && std::env::var_os("KEYPLANE_UPDATE_SCREENSHOTS").is_some()
+    {
+        manifest_dir().join("../../docs/console")
+    } else {
+        manifest_dir().join(format!("../../target/console-screenshots/{backend:?}"))
+    };
+    spec.env("KP_SHOTS", &shots);
+    let output = run(&mut spec, SPEC_LIMIT).await;
+    println!("{}", output.stdout);
+    assert!(
+        output.status.success(),
+        "the console spec failed:\n{}\nserver log:\n{}",
+        output.describe(),
+        keyplane.log()
+    );
+    for secret in [&org.token, &reader.secret] {
+        assert!(
+            !keyplane.log().contains(secret.as_str()),
+            "a token reached the server log"
+        );
+    }
+}
+
+/// `keyplane <args>` with a clean environment.
+fn keyplane_command(args: &[&str]) -> Command {
+    let mut command = keyplane();
+    command.args(args);
+    command
+}

@@ -1,0 +1,800 @@
+//! `/console`: the web console, served by `keyplane serve` itself. Server-rendered HTML with forms;
+//! the stylesheet and a small script are compiled in (`assets`), nothing comes from another host.
+//!
+//! Every page acts as the signed-in principal through the same `ops::*` use cases as the APIs, so
+//! the console has no policy of its own. A session (`session`) is server-side: the browser holds
+//! a random `HttpOnly`, `SameSite=Strict` cookie (`__Host-` and `Secure` over https); the token it
+//! signed in with is sealed under a key derived from that cookie and verified on every request, so
+//! revoking or suspending it ends the session at once. Every POST carries the session's CSRF
+//! token. Responses carry a strict Content-Security-Policy (no inline script or style) and
+//! `Cache-Control: no-store` (set for every route by `router`), so a one-time secret is gone on
+//! reload and on back navigation.
+
+pub(crate) mod assets;
+mod html;
+mod oidc_login;
+mod pages;
+pub(crate) mod session;
+
+use crate::app::App;
+use crate::error::AppError;
+use axum::body::Bytes;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use keyplane_core::{
+    Capability, CredentialId, CredentialKind, Error as DomainError, PathSegment, Principal,
+    RequestContext, TenantId,
+};
+use session::{random_text, same_text, CookieValue};
+use std::time::Duration;
+use tower::ServiceBuilder;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+pub(crate) use session::Sessions;
+
+/// How the console is offered (`keyplane serve --console…`).
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// `--console=false` turns `/console` off entirely.
+    pub enabled: bool,
+    /// The console is reached over https (directly or through a TLS proxy): cookies get `Secure`
+    /// and the `__Host-` prefix.
+    pub secure_cookies: bool,
+    /// A session unused this long ends.
+    pub idle_timeout: Duration,
+    /// A session ends this long after sign-in, however busy.
+    pub absolute_timeout: Duration,
+    /// "Sign in with <issuer>": OAuth 2.0 authorization code with PKCE.
+    pub oidc: Option<ConsoleOidc>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            secure_cookies: false,
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
+            oidc: None,
+        }
+    }
+}
+
+/// The console's OAuth client at one of the `--oidc-issuer`s.
+#[derive(Debug, Clone)]
+pub struct ConsoleOidc {
+    pub issuer: String,
+    pub client_id: String,
+    /// Where the issuer sends the browser back: `<console URL>/console/oidc/callback`; `None`:
+    /// built from the request's `Host` (the issuer accepts only the redirect URIs registered for
+    /// the client, so a forged `Host` only makes the sign-in fail).
+    pub redirect_url: Option<String>,
+    /// The `scope` asked for: `openid` and whatever the issuer needs to put this server's
+    /// audience in the access token.
+    pub scope: String,
+}
+
+impl ConsoleOidc {
+    pub fn new(
+        issuer: String,
+        client_id: String,
+        redirect_url: Option<String>,
+        scope: String,
+    ) -> Result<Self, String> {
+        if let Some(url) = &redirect_url {
+            crate::oidc::check_url(url).map_err(|e| format!("the redirect URL {e}"))?;
+            if !url.ends_with("/console/oidc/callback") {
+                return Err("the redirect URL must end with /console/oidc/callback".into());
+            }
+        }
+        if client_id.trim().is_empty() {
+            return Err("the client id is empty".into());
+        }
+        Ok(Self {
+            issuer,
+            client_id,
+            redirect_url,
+            scope,
+        })
+    }
+}
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; frame-ancestors 'none'; form-action 'self'; \
+                   base-uri 'none'; object-src 'none'";
+
+pub(crate) fn routes() -> Router<App> {
+    let headers = ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ));
+    Router::new()
+        .route("/console", get(pages::overview))
+        .route("/console/", get(|| async { Redirect::to("/console") }))
+        .route("/console/login", get(sign_in_page).post(sign_in))
+        .route("/console/logout", post(sign_out))
+        .route("/console/organization", post(switch_organization))
+        .route("/console/oidc/start", get(oidc_login::start))
+        .route("/console/oidc/callback", get(oidc_login::callback))
+        .route("/console/assets/{name}", get(assets::serve))
+        .route(
+            "/console/api-tokens",
+            get(pages::api_tokens).post(pages::create_api_token),
+        )
+        .route(
+            "/console/service-accounts",
+            get(pages::service_accounts).post(pages::create_service_account),
+        )
+        .route(
+            "/console/registry",
+            get(pages::registry).post(pages::enable_registry),
+        )
+        .route(
+            "/console/service-accounts/{id}/grants",
+            post(pages::create_grant),
+        )
+        .route("/console/grants/{id}/revoke", post(pages::revoke_grant))
+        .route("/console/robots", post(pages::create_robot))
+        .route(
+            "/console/robots/{id}/permissions",
+            get(pages::robot_permissions_page).post(pages::update_robot_permissions),
+        )
+        .route(
+            "/console/api-tokens/{id}/rotate",
+            get(pages::rotate_page).post(pages::rotate),
+        )
+        .route(
+            "/console/api-tokens/{id}/revoke",
+            get(pages::revoke_page).post(pages::revoke),
+        )
+        .route(
+            "/console/service-accounts/{id}/rotate",
+            get(pages::rotate_page).post(pages::rotate),
+        )
+        .route(
+            "/console/service-accounts/{id}/revoke",
+            get(pages::revoke_page).post(pages::revoke),
+        )
+        .route(
+            "/console/robots/{id}/rotate",
+            get(pages::rotate_page).post(pages::rotate),
+        )
+        .route(
+            "/console/robots/{id}/revoke",
+            get(pages::revoke_page).post(pages::revoke),
+        )
+        .route("/console/secret", get(pages::secret))
+        .route("/console/audit", get(pages::audit))
+        .route("/console/{*rest}", get(not_found).post(not_found))
+        .layer(headers)
+}
+
+async fn not_found() -> Response {
+    ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page.").into_response()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cookies
+
+fn session_cookie_name(app: &App) -> &'static str {
+    if app.inner().config.console.secure_cookies {
+        "__Host-keyplane_session"
+    } else {
+        "keyplane_session"
+    }
+}
+
+fn login_cookie_name(app: &App) -> &'static str {
+    if app.inner().config.console.secure_cookies {
+        "__Host-keyplane_login"
+    } else {
+        "keyplane_login"
+    }
+}
+
+fn read_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// A `Set-Cookie` value. `SameSite=Strict` unless `lax` (the pending-login cookie must come back
+/// on the issuer's redirect, a cross-site navigation).
+fn set_cookie(app: &App, name: &str, value: &str, lax: bool, max_age: Option<u64>) -> HeaderValue {
+    let mut cookie = format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite={}",
+        if lax { "Lax" } else { "Strict" }
+    );
+    if app.inner().config.console.secure_cookies {
+        cookie.push_str("; Secure");
+    }
+    if let Some(age) = max_age {
+        cookie.push_str(&format!("; Max-Age={age}"));
+    }
+    HeaderValue::from_str(&cookie).expect("cookie names and base64url values are header-safe")
+}
+
+fn clear_cookie(app: &App, name: &str) -> HeaderValue {
+    set_cookie(app, name, "", false, Some(0))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Errors
+
+/// What a console request ends with when it does not succeed: back to sign-in, or a message page
+/// (never a stack trace; causes go to the log).
+pub(crate) enum ConsoleError {
+    SignIn,
+    Page {
+        status: StatusCode,
+        message: String,
+        details: Vec<String>,
+    },
+}
+
+impl ConsoleError {
+    pub(crate) fn page(status: StatusCode, message: &str) -> Self {
+        Self::Page {
+            status,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    fn csrf() -> Self {
+        Self::page(
+            StatusCode::FORBIDDEN,
+            "This form did not come from this console session (the CSRF check failed). Reload \
+             the page and try again.",
+        )
+    }
+}
+
+fn field_name(path: &keyplane_core::FieldPath) -> String {
+    path.segments
+        .iter()
+        .map(|segment| match segment {
+            PathSegment::Key(key) => key.replace('_', " "),
+            PathSegment::Index(i) => format!("#{}", i + 1),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl From<AppError> for ConsoleError {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Unauthenticated(_) => ConsoleError::SignIn,
+            AppError::Domain(DomainError::Validation(fields)) => ConsoleError::Page {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: "Some fields need another look.".into(),
+                details: fields
+                    .iter()
+                    .map(|f| format!("{}: {}", field_name(&f.path), f.message))
+                    .collect(),
+            },
+            other => {
+                let status = other.status();
+                if status.is_server_error() {
+                    tracing::warn!(error = %other, "console request failed");
+                }
+                let message = match &other {
+                    AppError::Domain(DomainError::NotFound) => {
+                        "Not found: it does not exist, or you may not see it.".to_string()
+                    }
+                    AppError::Domain(DomainError::Forbidden(message)) => {
+                        format!("You may not do this: {message}.")
+                    }
+                    other => {
+                        let mut text = other.public_message();
+                        if let Some(first) = text.get_mut(..1) {
+                            first.make_ascii_uppercase();
+                        }
+                        format!("{text}.")
+                    }
+                };
+                ConsoleError::Page {
+                    status,
+                    message,
+                    details: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+impl From<DomainError> for ConsoleError {
+    fn from(error: DomainError) -> Self {
+        AppError::from(error).into()
+    }
+}
+
+impl IntoResponse for ConsoleError {
+    fn into_response(self) -> Response {
+        match self {
+            ConsoleError::SignIn => Redirect::to("/console/login").into_response(),
+            ConsoleError::Page {
+                status,
+                message,
+                details,
+            } => {
+                let mut body = format!(
+                    "<div class=\"error\" role=\"alert\"><p>{}</p>",
+                    html::esc(&message)
+                );
+                if !details.is_empty() {
+                    body.push_str("<ul>");
+                    for detail in &details {
+                        body.push_str(&format!("<li>{}</li>", html::esc(detail)));
+                    }
+                    body.push_str("</ul>");
+                }
+                body.push_str(
+                    "</div><p><a href=\"/console\" data-autofocus>Back to the console</a></p>",
+                );
+                let title = status.canonical_reason().unwrap_or("Error");
+                (status, Html(html::bare_page(title, &body))).into_response()
+            }
+        }
+    }
+}
+
+/// An HTML response.
+pub(crate) struct Html(pub String);
+
+impl IntoResponse for Html {
+    fn into_response(self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            )],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The signed-in request
+
+/// A request of a signed-in browser: the principal (verified now, from the sealed token), its
+/// tenant and the session's CSRF token.
+pub(crate) struct Console {
+    pub app: App,
+    pub who: Principal,
+    pub tenant: TenantId,
+    pub label: String,
+    pub csrf: String,
+    pub cookie: CookieValue,
+    pub context: RequestContext,
+    /// The one-time notice and sealed secret the session held when this request began.
+    pub notice: Option<String>,
+    pub sealed_secret: Option<Vec<u8>>,
+    /// The token the session acts with, and the session's end (to move it to another
+    /// organization).
+    token: String,
+    ends_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl FromRequestParts<App> for Console {
+    type Rejection = ConsoleError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, ConsoleError> {
+        let cookie = read_cookie(&parts.headers, session_cookie_name(app))
+            .and_then(CookieValue::parse)
+            .ok_or(ConsoleError::SignIn)?;
+        let sessions = &app.inner().console_sessions;
+        let session = sessions
+            .touch(app, &cookie)
+            .await?
+            .ok_or(ConsoleError::SignIn)?;
+        let parts_read: &Parts = parts;
+        let at = || presentation(parts_read);
+        let who = match authenticate(app, &session.token, &at).await {
+            Ok(who) => who,
+            Err(AppError::Unauthenticated(_)) => {
+                // Revoked, suspended or expired since sign-in: the session ends with it.
+                sessions.end(app, &cookie).await?;
+                return Err(ConsoleError::SignIn);
+            }
+            Err(other) => return Err(other.into()),
+        };
+        // A refusal below is recorded as the API's are (`access.denied`).
+        if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
+            slot.set(&who);
+        }
+        Ok(Self {
+            app: app.clone(),
+            who,
+            tenant: session.tenant,
+            label: session.who,
+            csrf: cookie.csrf(),
+            cookie,
+            notice: session.notice,
+            sealed_secret: session.sealed_secret,
+            token: session.token,
+            ends_at: session.ends_at,
+            context: crate::audit::request_context(&parts.headers, &parts.extensions),
+        })
+    }
+}
+
+/// The console authenticates exactly as the management API does: the same verifier, the same
+/// rate limit.
+/// A canary token pasted here is refused as a revoked one and recorded (`surface` `console`).
+async fn authenticate(
+    app: &App,
+    token: &str,
+    at: crate::canary::Presented<'_>,
+) -> Result<Principal, AppError> {
+    let mut headers = HeaderMap::new();
+    let value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| AppError::Unauthenticated("malformed token"))?;
+    headers.insert(header::AUTHORIZATION, value);
+    app.authenticate_management(&headers, at).await
+}
+
+/// Describes a console request for a canary's trigger.
+fn presentation(parts: &Parts) -> crate::canary::Presentation {
+    crate::canary::Presentation::of_parts(crate::canary::CanarySurface::Console, parts)
+}
+
+/// A submitted form, its CSRF token checked.
+pub(crate) struct Form(Vec<(String, String)>);
+
+impl Form {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A trimmed, non-empty value.
+    pub(crate) fn text(&self, key: &str) -> Option<&str> {
+        self.get(key).map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+fn parse_form(body: &Bytes, csrf: &str) -> Result<Form, ConsoleError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| ConsoleError::page(StatusCode::BAD_REQUEST, "The form could not be read."))?;
+    let form = Form(pairs);
+    match form.get("csrf") {
+        Some(sent) if same_text(sent, csrf) => Ok(form),
+        _ => Err(ConsoleError::csrf()),
+    }
+}
+
+impl Console {
+    /// The submitted form, refused (403) unless it carries this session's CSRF token.
+    pub(crate) fn form(&self, body: &Bytes) -> Result<Form, ConsoleError> {
+        parse_form(body, &self.csrf)
+    }
+
+    pub(crate) fn may(&self, capability: Capability) -> bool {
+        self.who
+            .rights_in(self.tenant)
+            .is_some_and(|rights| rights.grants(capability))
+    }
+
+    /// The layout around a page: navigation for what this principal may see, and a pending notice.
+    pub(crate) async fn frame(&self, current: &'static str) -> Result<FrameData, ConsoleError> {
+        let tenant_name = self
+            .app
+            .store()
+            .get_tenant(self.tenant)
+            .await
+            .map_err(AppError::from)?
+            .map_or_else(|| self.tenant.to_string(), |t| t.name);
+        let mut nav = vec![html::NavItem {
+            href: "/console",
+            label: "Overview",
+        }];
+        let entries = [
+            (
+                Capability::ApiTokensRead,
+                "/console/api-tokens",
+                "API tokens",
+            ),
+            (
+                Capability::AuthManage,
+                "/console/service-accounts",
+                "Service accounts",
+            ),
+            (Capability::RegistryRead, "/console/registry", "Registry"),
+            (Capability::AuditRead, "/console/audit", "Audit log"),
+            // Webhooks: add ("/console/webhooks", "Webhooks") here when that branch lands.
+        ];
+        for (capability, href, label) in entries {
+            if self.may(capability) {
+                nav.push(html::NavItem { href, label });
+            }
+        }
+        // A user may hold rights in several organizations (at most a page of them is offered).
+        let mut other_tenants = Vec::new();
+        for (tenant, _) in self.who.tenants().iter().take(50) {
+            if *tenant == self.tenant {
+                continue;
+            }
+            if let Some(found) = self
+                .app
+                .store()
+                .get_tenant(*tenant)
+                .await
+                .map_err(AppError::from)?
+            {
+                other_tenants.push((tenant.as_uuid(), found.name));
+            }
+        }
+        if self.notice.is_some() {
+            self.app
+                .inner()
+                .console_sessions
+                .set_notice(&self.app, &self.cookie, None)
+                .await?;
+        }
+        Ok(FrameData {
+            tenant_name,
+            other_tenants,
+            nav,
+            current,
+            notice: self.notice.clone(),
+        })
+    }
+
+    /// Renders a signed-in page.
+    pub(crate) fn render(&self, frame: FrameData, title: &str, body: &str) -> Html {
+        Html(html::page(
+            &html::Frame {
+                who: &self.label,
+                tenant_name: &frame.tenant_name,
+                other_tenants: &frame.other_tenants,
+                csrf: &self.csrf,
+                nav: frame.nav,
+                current: frame.current,
+                notice: frame.notice,
+            },
+            title,
+            body,
+        ))
+    }
+
+    /// Redirects (303) to `to`, showing `notice` there.
+    pub(crate) async fn done(&self, to: &str, notice: String) -> Result<Response, ConsoleError> {
+        self.app
+            .inner()
+            .console_sessions
+            .set_notice(&self.app, &self.cookie, Some(&notice))
+            .await?;
+        Ok(Redirect::to(to).into_response())
+    }
+}
+
+pub(crate) struct FrameData {
+    tenant_name: String,
+    other_tenants: Vec<(uuid::Uuid, String)>,
+    nav: Vec<html::NavItem>,
+    current: &'static str,
+    notice: Option<String>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Sign-in and sign-out
+
+#[derive(serde::Deserialize)]
+pub(crate) struct SignInQuery {
+    #[serde(default)]
+    signed_out: Option<String>,
+}
+
+async fn sign_in_page(
+    axum::extract::State(app): axum::extract::State<App>,
+    axum::extract::Query(query): axum::extract::Query<SignInQuery>,
+) -> Response {
+    sign_in_form(&app, query.signed_out.is_some(), None, StatusCode::OK)
+}
+
+/// The sign-in page, with a fresh pre-session CSRF token in a cookie and in the form (a login
+/// form is a target for CSRF too: it would sign a victim in as the attacker).
+fn sign_in_form(app: &App, signed_out: bool, error: Option<&str>, status: StatusCode) -> Response {
+    let csrf = random_text();
+    let mut body = String::new();
+    if signed_out {
+        body.push_str("<p class=\"notice\" role=\"status\">You have signed out.</p>");
+    }
+    if let Some(error) = error {
+        body.push_str(&format!(
+            "<div class=\"error\" role=\"alert\"><p>{}</p></div>",
+            html::esc(error)
+        ));
+    }
+    body.push_str(&format!(
+        "<div class=\"signin\"><form method=\"post\" action=\"/console/login\" class=\"stack\">{}\
+         <div class=\"field\"><label for=\"token\">API token or service-account token</label>\
+         <input type=\"password\" id=\"token\" name=\"token\" autocomplete=\"off\" \
+         spellcheck=\"false\" required data-autofocus aria-describedby=\"token-hint\">\
+         <span class=\"hint\" id=\"token-hint\">The token stays on the server for this session \
+         only; the browser keeps just a session cookie.</span></div>\
+         <div><button type=\"submit\">Sign in</button></div></form>",
+        html::csrf_field(&csrf)
+    ));
+    if let Some(oidc) = &app.inner().config.console.oidc {
+        body.push_str(&format!(
+            "<p class=\"or\">or</p><p><a class=\"button secondary\" href=\"/console/oidc/start\">\
+             Sign in with {}</a></p>",
+            html::esc(&oidc.issuer)
+        ));
+    }
+    body.push_str("</div>");
+    let cookie = set_cookie(app, login_cookie_name(app), &csrf, false, Some(3600));
+    (
+        status,
+        [(header::SET_COOKIE, cookie)],
+        Html(html::bare_page("Sign in to keyplane", &body)),
+    )
+        .into_response()
+}
+
+async fn sign_in(
+    axum::extract::State(app): axum::extract::State<App>,
+    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ConsoleError> {
+    let expected = read_cookie(&headers, login_cookie_name(&app)).unwrap_or_default();
+    if expected.is_empty() {
+        return Err(ConsoleError::csrf());
+    }
+    let form = parse_form(&body, expected)?;
+    let Some(token) = form.text("token") else {
+        return Ok(sign_in_form(
+            &app,
+            false,
+            Some("Paste a token to sign in."),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ));
+    };
+    let client = client.map(|axum::extract::Extension(client)| client);
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::Console,
+            "POST /console/login".into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+    };
+    match authenticate(&app, token, &at).await {
+        Ok(who) => start_session(&app, &who, token).await,
+        Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
+            &app,
+            false,
+            Some("That token was not accepted: it is unknown, revoked, suspended or expired."),
+            StatusCode::UNAUTHORIZED,
+        )),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Starts the session of `who`, acting with `token`, and sends the browser to the overview. A
+/// principal without rights in any tenant cannot use the console.
+async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Response, ConsoleError> {
+    let Some((tenant, _)) = who.tenants().first() else {
+        return Ok(sign_in_form(
+            app,
+            false,
+            Some("You hold no rights in any organization yet: ask an administrator for a grant."),
+            StatusCode::FORBIDDEN,
+        ));
+    };
+    let label = match who.user_identity() {
+        Some((_, subject)) => subject.to_string(),
+        None => match CredentialKind::parse(who.kind()) {
+            Some(kind) => app
+                .store()
+                .get_credential(*tenant, kind, CredentialId::from_uuid(who.id()))
+                .await
+                .map_err(AppError::from)?
+                .map_or_else(|| who.id().to_string(), |c| c.name),
+            None => who.id().to_string(),
+        },
+    };
+    let cookie = app
+        .inner()
+        .console_sessions
+        .create(app, *tenant, token, label, who.expires_at)
+        .await?;
+    tracing::info!(principal.id = %who.id(), tenant.id = %tenant, "console session started");
+    let mut response = Redirect::to("/console").into_response();
+    let headers = response.headers_mut();
+    headers.append(
+        header::SET_COOKIE,
+        set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
+    );
+    headers.append(
+        header::SET_COOKIE,
+        clear_cookie(app, login_cookie_name(app)),
+    );
+    Ok(response)
+}
+
+/// Moves a principal with rights in several organizations to another one: a new session there
+/// (a new cookie), the old one ended.
+async fn switch_organization(console: Console, body: Bytes) -> Result<Response, ConsoleError> {
+    let form = console.form(&body)?;
+    let Some(tenant) = form.text("organization").and_then(TenantId::parse) else {
+        return Ok(Redirect::to("/console").into_response());
+    };
+    if console.who.rights_in(tenant).is_none() {
+        return Err(AppError::from(DomainError::NotFound).into());
+    }
+    let app = &console.app;
+    let cookie = app
+        .inner()
+        .console_sessions
+        // The new session ends when the old one would have: switching extends nothing.
+        .create(
+            app,
+            tenant,
+            &console.token,
+            console.label.clone(),
+            Some(console.ends_at),
+        )
+        .await?;
+    app.inner()
+        .console_sessions
+        .end(app, &console.cookie)
+        .await?;
+    let mut response = Redirect::to("/console").into_response();
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
+    );
+    Ok(response)
+}
+
+async fn sign_out(console: Console, body: Bytes) -> Result<Response, ConsoleError> {
+    console.form(&body)?;
+    let app = &console.app;
+    app.inner()
+        .console_sessions
+        .end(app, &console.cookie)
+        .await?;
+    tracing::info!(principal.id = %console.who.id(), "console session ended");
+    let mut response = Redirect::to("/console/login?signed_out=1").into_response();
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        clear_cookie(app, session_cookie_name(app)),
+    );
+    Ok(response)
+}

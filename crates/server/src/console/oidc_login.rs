@@ -1,0 +1,321 @@
+//! "Sign in with <issuer>": OAuth 2.0 authorization code with PKCE (RFC 7636, S256) against the
+//! configured `--oidc-issuer`. `state`, `nonce` and the code verifier stay on the server, under a
+//! short-lived pending-login cookie; the code is exchanged on the back channel, and the access
+//! token it yields is validated by the same `Verifier` as any API call, then sealed in the session
+//! like a pasted token (its expiry bounds the session).
+
+use super::session::{random_text, same_text, CookieValue, PendingLogin, PENDING_TTL};
+use super::{html, set_cookie, ConsoleError, Html};
+use crate::app::App;
+use crate::error::AppError;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use data_encoding::BASE64URL_NOPAD;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+
+fn pending_cookie_name(app: &App) -> &'static str {
+    if app.inner().config.console.secure_cookies {
+        "__Host-keyplane_oidc"
+    } else {
+        "keyplane_oidc"
+    }
+}
+
+#[derive(Deserialize)]
+struct Endpoints {
+    issuer: String,
+    authorization_endpoint: String,
+    token_endpoint: String,
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client with a TLS backend builds")
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> ConsoleError {
+    tracing::warn!(error = %error, "console sign-in with the issuer failed: {what}");
+    ConsoleError::page(
+        StatusCode::BAD_GATEWAY,
+        "Signing in with the identity provider did not work. Try again, or sign in with a token.",
+    )
+}
+
+async fn endpoints(http: &reqwest::Client, issuer: &str) -> Result<Endpoints, ConsoleError> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let found: Endpoints = crate::oidc::get_json(http, &url)
+        .await
+        .map_err(|e| unavailable("discovery", format!("{e:#}")))?;
+    if found.issuer != issuer {
+        return Err(unavailable(
+            "discovery",
+            "the document names another issuer",
+        ));
+    }
+    for endpoint in [&found.authorization_endpoint, &found.token_endpoint] {
+        crate::oidc::check_url(endpoint).map_err(|e| unavailable("discovery", e))?;
+    }
+    Ok(found)
+}
+
+fn not_configured() -> ConsoleError {
+    ConsoleError::page(
+        StatusCode::NOT_FOUND,
+        "Signing in with an identity provider is not configured here.",
+    )
+}
+
+/// The configured redirect URL, or this server's own callback under the `Host` the browser used.
+fn redirect_uri(
+    app: &App,
+    oidc: &super::ConsoleOidc,
+    headers: &HeaderMap,
+) -> Result<String, ConsoleError> {
+    if let Some(url) = &oidc.redirect_url {
+        return Ok(url.clone());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
+        .ok_or_else(|| {
+            ConsoleError::page(StatusCode::BAD_REQUEST, "The request names no usable host.")
+        })?;
+    let scheme = if app.inner().config.console.secure_cookies {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{host}/console/oidc/callback"))
+}
+
+pub(super) async fn start(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> Result<Response, ConsoleError> {
+    let oidc = app
+        .inner()
+        .config
+        .console
+        .oidc
+        .clone()
+        .ok_or_else(not_configured)?;
+    let found = endpoints(&http_client(), &oidc.issuer).await?;
+    let login = PendingLogin {
+        state: random_text(),
+        nonce: random_text(),
+        code_verifier: random_text(),
+        started: Instant::now(),
+    };
+    let redirect = redirect_uri(&app, &oidc, &headers)?;
+    let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));
+    let query = serde_urlencoded::to_string([
+        ("response_type", "code"),
+        ("client_id", oidc.client_id.as_str()),
+        ("redirect_uri", redirect.as_str()),
+        ("scope", oidc.scope.as_str()),
+        ("state", login.state.as_str()),
+        ("nonce", login.nonce.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ])
+    .expect("text pairs encode");
+    let separator = if found.authorization_endpoint.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let cookie = CookieValue::fresh();
+    app.inner().console_sessions.start_pending(&cookie, login);
+    let mut response = Redirect::to(&format!(
+        "{}{separator}{query}",
+        found.authorization_endpoint
+    ))
+    .into_response();
+    // Lax: it must come back on the issuer's redirect, a cross-site navigation.
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(
+            &app,
+            pending_cookie_name(&app),
+            &cookie.encode(),
+            true,
+            Some(PENDING_TTL.as_secs()),
+        ),
+    );
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub(super) struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    id_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdClaims {
+    iss: String,
+    aud: serde_json::Value,
+    nonce: Option<String>,
+}
+
+/// The ID token came straight from the token endpoint over the back channel, which OpenID
+/// Connect Core §3.1.3.7 accepts in place of its signature; what is checked is that it answers
+/// this login (`nonce`), from this issuer, for this client.
+fn check_id_token(id_token: &str, issuer: &str, client_id: &str, nonce: &str) -> bool {
+    let Some(payload) = id_token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(bytes) = BASE64URL_NOPAD.decode(payload.trim_end_matches('=').as_bytes()) else {
+        return false;
+    };
+    let Ok(claims) = serde_json::from_slice::<IdClaims>(&bytes) else {
+        return false;
+    };
+    let audience_ok = match &claims.aud {
+        serde_json::Value::String(aud) => aud == client_id,
+        serde_json::Value::Array(auds) => auds.iter().any(|a| a.as_str() == Some(client_id)),
+        _ => false,
+    };
+    claims.iss == issuer
+        && audience_ok
+        && claims.nonce.as_deref().is_some_and(|n| same_text(n, nonce))
+}
+
+pub(super) async fn callback(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(query): Query<CallbackQuery>,
+) -> Result<Response, ConsoleError> {
+    let oidc = app
+        .inner()
+        .config
+        .console
+        .oidc
+        .clone()
+        .ok_or_else(not_configured)?;
+    let refused = |message: &str| ConsoleError::page(StatusCode::BAD_REQUEST, message);
+    let cookie = super::read_cookie(&headers, pending_cookie_name(&app))
+        .and_then(CookieValue::parse)
+        .ok_or_else(|| {
+            refused("This sign-in was not started here, or it took too long. Start again.")
+        })?;
+    let login = app
+        .inner()
+        .console_sessions
+        .take_pending(&cookie)
+        .ok_or_else(|| {
+            refused("This sign-in was not started here, or it took too long. Start again.")
+        })?;
+    if query.error.is_some() {
+        return Err(refused("The identity provider did not sign you in."));
+    }
+    let (Some(code), Some(state)) = (query.code, query.state) else {
+        return Err(refused("The identity provider's answer is incomplete."));
+    };
+    if !same_text(&state, &login.state) {
+        return Err(refused(
+            "This answer belongs to another sign-in. Start again.",
+        ));
+    }
+    let redirect = redirect_uri(&app, &oidc, &headers)?;
+    let http = http_client();
+    let found = endpoints(&http, &oidc.issuer).await?;
+    let response = http
+        .post(&found.token_endpoint)
+        .header(header::ACCEPT, "application/json")
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", redirect.as_str()),
+            ("client_id", oidc.client_id.as_str()),
+            ("code_verifier", login.code_verifier.as_str()),
+        ])
+        .send()
+        .await
+        .map_err(|e| unavailable("token exchange", e))?;
+    if !response.status().is_success() {
+        return Err(unavailable("token exchange", response.status()));
+    }
+    let tokens: TokenResponse = response
+        .json()
+        .await
+        .map_err(|e| unavailable("token exchange", e))?;
+    if let Some(id_token) = &tokens.id_token {
+        if !check_id_token(id_token, &oidc.issuer, &oidc.client_id, &login.nonce) {
+            return Err(refused(
+                "The identity provider's ID token does not match this sign-in.",
+            ));
+        }
+    }
+    // An access token (a JWT) never reaches the canary path; the description is for form's sake.
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::Console,
+            "GET /console/oidc/callback".into(),
+            crate::audit::request_context_of(&headers, None),
+        )
+    };
+    let who = match super::authenticate(&app, &tokens.access_token, &at).await {
+        Ok(who) => who,
+        Err(AppError::Unauthenticated(reason)) => {
+            tracing::info!(
+                reason,
+                "console sign-in: the issuer's access token was refused"
+            );
+            return Err(ConsoleError::page(
+                StatusCode::UNAUTHORIZED,
+                "The identity provider's access token was not accepted here (wrong audience, \
+                 or expired).",
+            ));
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let mut response = super::start_session(&app, &who, &tokens.access_token).await?;
+    if response.status().is_redirection() {
+        // The issuer's redirect is a cross-site navigation, after which a browser does not send
+        // a SameSite=Strict cookie on a redirect either; a page that continues from this origin
+        // does.
+        let set_cookies: Vec<_> = response
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        response = (
+            Html(html::bare_page(
+                "Signed in",
+                "<p>You are signed in. <a href=\"/console\" data-continue data-autofocus>Continue to the console</a>.</p>",
+            )),
+        )
+            .into_response();
+        for cookie in set_cookies {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        super::clear_cookie(&app, pending_cookie_name(&app)),
+    );
+    Ok(response)
+}

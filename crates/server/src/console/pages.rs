@@ -1,0 +1,1384 @@
+//! The console's pages. Each handler reads its input, calls the same `ops::*` use case an API
+//! route calls with the session's principal, and renders the answer; a refusal there is the
+//! refusal here.
+
+use super::html::{self, code, esc, maybe_time, post_form, time};
+use super::session::SecretFlash;
+use super::{Console, ConsoleError};
+use crate::ops::{self, CredentialSpec, KindRights, ListSpec, RotateSpec};
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use keyplane_core::audit::{ActorType, DetailValue, Outcome};
+use keyplane_core::{
+    Capability, Credential, CredentialId, CredentialKind, FieldPath, RobotPermission,
+    RotationOptions, Scope, ScopeSet, SubjectType,
+};
+use keyplane_store::{AuditOrder, AuditQuery, GrantFilter};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+type PageResult = Result<Response, ConsoleError>;
+
+/// The most credentials a list page reads; the filters apply within them.
+const LIST_LIMIT: u32 = 1000;
+const AUDIT_PAGE: u32 = 50;
+
+/// A kind of credential as the console addresses it: `/console/<slug>/…`.
+struct KindPage {
+    slug: &'static str,
+    list: &'static str,
+    singular: &'static str,
+    rights: KindRights,
+}
+
+const KINDS: [KindPage; 3] = [
+    KindPage {
+        slug: "api-tokens",
+        list: "/console/api-tokens",
+        singular: "API token",
+        rights: ops::API_TOKENS,
+    },
+    KindPage {
+        slug: "service-accounts",
+        list: "/console/service-accounts",
+        singular: "service account",
+        rights: ops::SERVICE_ACCOUNTS,
+    },
+    KindPage {
+        slug: "robots",
+        list: "/console/registry",
+        singular: "robot account",
+        rights: ops::ROBOTS,
+    },
+];
+
+/// The kind a `/console/<slug>/{id}/…` route is about.
+fn kind_page(uri: &Uri) -> Result<&'static KindPage, ConsoleError> {
+    let slug = uri.path().split('/').nth(2).unwrap_or_default();
+    KINDS
+        .iter()
+        .find(|k| k.slug == slug)
+        .ok_or_else(|| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page."))
+}
+
+fn kind_of(kind: CredentialKind) -> &'static KindPage {
+    match kind {
+        CredentialKind::ApiToken => &KINDS[0],
+        CredentialKind::ServiceAccount => &KINDS[1],
+        CredentialKind::RobotAccount => &KINDS[2],
+    }
+}
+
+fn credential_id(raw: &str) -> Result<CredentialId, ConsoleError> {
+    CredentialId::parse(raw)
+        .ok_or_else(|| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such credential."))
+}
+
+/// `aether_AbCd…wxyz`: enough to recognise a token, never its secret.
+fn token_hint(credential: &Credential) -> String {
+    format!("{}…{}", credential.display.prefix, credential.display.last4)
+}
+
+/// A credential's state in words: suspended, a previous secret still accepted, expired.
+fn status(credential: &Credential, now: DateTime<Utc>) -> String {
+    let mut parts = Vec::new();
+    if credential.revoked_at.is_some() {
+        parts.push("revoked".to_string());
+    }
+    if credential.suspended_at.is_some() {
+        parts.push("suspended".to_string());
+    }
+    if credential.expires_at.is_some_and(|at| at <= now) {
+        parts.push("expired".to_string());
+    }
+    if let Some(previous) = credential.live_previous_secret(now) {
+        parts.push(format!(
+            "previous secret accepted until {}",
+            time(&previous.expires_at)
+        ));
+    }
+    if parts.is_empty() {
+        "active".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// The expiry a create form asks for: a date, a number of days, or none (the tenant's policy may
+/// then fill its default or refuse).
+fn expiry_from(
+    form: &super::Form,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, ConsoleError> {
+    if let Some(date) = form.text("expires_on") {
+        let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| {
+            ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "The expiry date must be a date such as 2030-01-31.",
+            )
+        })?;
+        let at = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
+        let at = keyplane_core::validate::expires_at(
+            FieldPath::body("expires_at"),
+            &at.to_rfc3339(),
+            now,
+        )
+        .map_err(keyplane_core::Error::from)?;
+        return Ok(Some(at));
+    }
+    match form.text("expires_in_days") {
+        None | Some("never") => Ok(None),
+        Some(days) => {
+            let days: i64 = days
+                .parse()
+                .ok()
+                .filter(|d| (1..=3650).contains(d))
+                .ok_or_else(|| {
+                    ConsoleError::page(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Choose an expiry from the list.",
+                    )
+                })?;
+            Ok(Some(now + TimeDelta::days(days)))
+        }
+    }
+}
+
+fn expiry_fields() -> &'static str {
+    "<div class=\"field\"><label for=\"expires_in_days\">Expires</label>\
+     <select id=\"expires_in_days\" name=\"expires_in_days\">\
+     <option value=\"7\">in 7 days</option><option value=\"30\">in 30 days</option>\
+     <option value=\"90\" selected>in 90 days</option><option value=\"365\">in 1 year</option>\
+     <option value=\"never\">never (if the organization's policy allows)</option></select></div>\
+     <div class=\"field\"><label for=\"expires_on\">or on this date (UTC midnight) \
+     <span class=\"hint\">optional; overrides the choice above</span></label>\
+     <input type=\"date\" id=\"expires_on\" name=\"expires_on\"></div>"
+}
+
+/// Shows `issued`'s secret once, on the secret page the browser is sent to.
+async fn show_secret_once(
+    console: &Console,
+    issued: &ops::Issued,
+    note: String,
+    commands: Vec<String>,
+) -> PageResult {
+    let credential = &issued.credential;
+    console
+        .app
+        .inner()
+        .console_sessions
+        .set_secret(
+            &console.app,
+            &console.cookie,
+            &SecretFlash {
+                kind: credential.kind.as_str().to_string(),
+                id: credential.id.as_uuid(),
+                name: credential.name.clone(),
+                secret: issued.secret.expose_secret().to_string(),
+                note,
+                commands,
+            },
+        )
+        .await?;
+    Ok(Redirect::to("/console/secret").into_response())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Overview
+
+pub(crate) async fn overview(console: Console) -> PageResult {
+    let app = &console.app;
+    let now = app.now();
+    let mut body = String::from("<section aria-labelledby=\"counts\"><h2 id=\"counts\">Live credentials</h2><div class=\"cards\">");
+    let mut expiring: Vec<Credential> = Vec::new();
+    for kind in &KINDS {
+        if !console.may(kind.rights.read) {
+            continue;
+        }
+        let (list, more) = ops::list_credentials(
+            app,
+            &console.who,
+            console.tenant,
+            kind.rights,
+            ListSpec {
+                limit: Some(LIST_LIMIT),
+                ..ListSpec::default()
+            },
+        )
+        .await?;
+        let count = if more.is_some() {
+            format!("{LIST_LIMIT}+")
+        } else {
+            list.len().to_string()
+        };
+        let _ = write!(
+            body,
+            "<div class=\"card\"><span class=\"count\">{count}</span><a href=\"{}\">{}s</a></div>",
+            kind.list,
+            esc(&capitalized(kind.singular))
+        );
+        expiring.extend(list.into_iter().filter(|c| {
+            c.expires_at
+                .is_some_and(|at| at > now && at <= now + TimeDelta::days(30))
+        }));
+    }
+    body.push_str("</div></section>");
+
+    expiring.sort_by_key(|c| c.expires_at);
+    body.push_str(
+        "<section aria-labelledby=\"expiring\"><h2 id=\"expiring\">Expiring within 30 days</h2>",
+    );
+    if expiring.is_empty() {
+        body.push_str("<p class=\"muted\">Nothing expires in the next 30 days.</p>");
+    } else {
+        body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Kind</th><th scope=\"col\">Expires</th></tr></thead><tbody>");
+        for c in expiring.iter().take(20) {
+            let _ = write!(
+                body,
+                "<tr><td data-label=\"Name\"><a href=\"{}\">{}</a></td><td data-label=\"Kind\">{}</td><td data-label=\"Expires\">{}</td></tr>",
+                kind_of(c.kind).list,
+                esc(&c.name),
+                kind_of(c.kind).singular,
+                maybe_time(c.expires_at.as_ref(), "never")
+            );
+        }
+        body.push_str("</tbody></table></div>");
+    }
+    body.push_str("</section>");
+
+    if console.may(Capability::AuditRead) {
+        let (events, _) = ops::list_audit_events(
+            app,
+            &console.who,
+            AuditQuery {
+                limit: 5,
+                ..audit_query(&console, None)
+            },
+        )
+        .await?;
+        body.push_str("<section aria-labelledby=\"recent\"><h2 id=\"recent\">Recent activity</h2>");
+        body.push_str(&audit_table(&events, false));
+        body.push_str("<p><a href=\"/console/audit\">The whole audit log</a></p></section>");
+    }
+    let frame = console.frame("/console").await?;
+    Ok(console.render(frame, "Overview", &body).into_response())
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().collect::<String>() + chars.as_str()
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// API tokens
+
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct TokenFilters {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    expiring: String,
+}
+
+pub(crate) async fn api_tokens(
+    console: Console,
+    Query(filters): Query<TokenFilters>,
+) -> PageResult {
+    let app = &console.app;
+    let now = app.now();
+    let expiring_within_days = match filters.expiring.as_str() {
+        "" => None,
+        days => Some(
+            days.parse::<u32>()
+                .ok()
+                .filter(|d| (1..=3650).contains(d))
+                .ok_or_else(|| {
+                    ConsoleError::page(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Choose an expiry filter from the list.",
+                    )
+                })?,
+        ),
+    };
+    let (tokens, more) = ops::list_credentials(
+        app,
+        &console.who,
+        console.tenant,
+        ops::API_TOKENS,
+        ListSpec {
+            limit: Some(LIST_LIMIT),
+            expiring_within_days,
+            ..ListSpec::default()
+        },
+    )
+    .await?;
+    let needle = filters.q.trim().to_lowercase();
+    let scope = filters.scope.trim();
+    let shown: Vec<&Credential> = tokens
+        .iter()
+        .filter(|t| needle.is_empty() || t.name.to_lowercase().contains(&needle))
+        .filter(|t| scope.is_empty() || t.scopes.iter().any(|s| s.as_str() == scope))
+        .collect();
+    let may_write = console.may(Capability::ApiTokensWrite);
+
+    let mut body = String::new();
+    let selected = |value: &str| {
+        if filters.expiring == value {
+            " selected"
+        } else {
+            ""
+        }
+    };
+    let _ = write!(
+        body,
+        "<form method=\"get\" action=\"/console/api-tokens\" class=\"filters\" role=\"search\">\
+         <label>Name contains<input type=\"text\" name=\"q\" value=\"{q}\"></label>\
+         <label>Holds scope<input type=\"text\" name=\"scope\" value=\"{scope}\" list=\"known-scopes\"></label>\
+         <label>Expiring<select name=\"expiring\"><option value=\"\"{any}>any time</option>\
+         <option value=\"7\"{d7}>within 7 days</option><option value=\"30\"{d30}>within 30 days</option>\
+         <option value=\"90\"{d90}>within 90 days</option></select></label>\
+         <button type=\"submit\" class=\"secondary\">Filter</button></form>{datalist}",
+        q = esc(&filters.q),
+        scope = esc(&filters.scope),
+        any = selected(""),
+        d7 = selected("7"),
+        d30 = selected("30"),
+        d90 = selected("90"),
+        datalist = known_scopes_datalist(),
+    );
+    if may_write {
+        body.push_str("<p><a class=\"button\" href=\"#create\">Create an API token</a></p>");
+    }
+    let _ = write!(
+        body,
+        "<p class=\"muted\" role=\"status\">{} of {}{} live tokens shown.</p>",
+        shown.len(),
+        tokens.len(),
+        if more.is_some() { "+" } else { "" }
+    );
+    body.push_str("<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"API tokens\"><thead><tr>\
+        <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Scopes</th>\
+        <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
+    if may_write {
+        body.push_str("<th scope=\"col\">Actions</th>");
+    }
+    body.push_str("</tr></thead><tbody>");
+    for token in &shown {
+        let scopes = token
+            .scopes
+            .iter()
+            .map(|s| code(s.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let _ = write!(
+            body,
+            "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Scopes\">{}</td>\
+             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>",
+            esc(&token.name),
+            code(&token_hint(token)),
+            if scopes.is_empty() { "<span class=\"muted\">none</span>".into() } else { scopes },
+            maybe_time(token.expires_at.as_ref(), "never"),
+            maybe_time(token.last_used_at.as_ref(), "never"),
+            status(token, now),
+        );
+        if may_write {
+            body.push_str(&row_actions("api-tokens", token));
+        }
+        body.push_str("</tr>");
+    }
+    if shown.is_empty() {
+        body.push_str("<tr><td colspan=\"7\" class=\"muted\">No tokens match.</td></tr>");
+    }
+    body.push_str("</tbody></table></div>");
+
+    if may_write {
+        let _ = write!(
+            body,
+            "<h2 id=\"create\">Create an API token</h2>\
+             <form method=\"post\" action=\"/console/api-tokens\" class=\"stack\">{csrf}\
+             <div class=\"field\"><label for=\"name\">Name</label>\
+             <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\"></div>\
+             {scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
+            csrf = html::csrf_field(&console.csrf),
+            scopes = scope_picker(&console),
+            expiry = expiry_fields(),
+        );
+    }
+    let frame = console.frame("/console/api-tokens").await?;
+    Ok(console.render(frame, "API tokens", &body).into_response())
+}
+
+fn known_scopes_datalist() -> String {
+    let mut list = String::from("<datalist id=\"known-scopes\"><option value=\"*\">");
+    for capability in Capability::ALL {
+        let _ = write!(list, "<option value=\"{}\">", capability.key());
+    }
+    list.push_str("</datalist>");
+    list
+}
+
+/// Checkboxes for the scopes this principal may hand on, and a field for others.
+fn scope_picker(console: &Console) -> String {
+    let rights = console.who.rights_in(console.tenant);
+    let may_give = |scope: &str| {
+        Scope::parse(scope)
+            .ok()
+            .zip(rights)
+            .is_some_and(|(scope, rights)| rights.covers(&scope))
+    };
+    let mut picker = String::from("<fieldset><legend>Scopes</legend>");
+    let mut options: Vec<&str> = vec!["*"];
+    options.extend(Capability::ALL.iter().map(|c| c.key()));
+    for (i, scope) in options.into_iter().enumerate() {
+        if !may_give(scope) {
+            continue;
+        }
+        let label = if scope == "*" {
+            "* (everything in this organization)".to_string()
+        } else {
+            scope.to_string()
+        };
+        let _ = write!(
+            picker,
+            "<label><input type=\"checkbox\" name=\"scopes\" value=\"{}\" id=\"scope-{i}\"> {}</label>",
+            esc(scope),
+            esc(&label)
+        );
+    }
+    picker.push_str(
+        "<div class=\"field\"><label for=\"other_scopes\">Other scopes \
+         <span class=\"hint\">for your own services, separated by spaces</span></label>\
+         <input type=\"text\" id=\"other_scopes\" name=\"other_scopes\" placeholder=\"billing/invoices:read\"></div></fieldset>",
+    );
+    picker
+}
+
+fn row_actions(slug: &str, credential: &Credential) -> String {
+    let id = credential.id.as_uuid();
+    let name = esc(&credential.name);
+    format!(
+        "<td data-label=\"Actions\" class=\"actions\">\
+         <a href=\"/console/{slug}/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>\
+         <a href=\"/console/{slug}/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></td>"
+    )
+}
+
+pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResult {
+    let form = console.form(&body)?;
+    let app = &console.app;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
+            .map_err(keyplane_core::Error::from)?;
+    let mut raw_scopes: Vec<String> = form.all("scopes").into_iter().map(str::to_string).collect();
+    if let Some(other) = form.text("other_scopes") {
+        raw_scopes.extend(
+            other
+                .split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+    }
+    let scopes = ScopeSet::parse_list(&FieldPath::body("scopes"), &raw_scopes)
+        .map_err(keyplane_core::Error::Validation)?;
+    let expires_at = expiry_from(&form, app.now())?;
+    let issued = ops::create_credential(
+        app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        ops::API_TOKENS,
+        CredentialSpec {
+            name,
+            scopes,
+            permissions: Vec::new(),
+            expires_at,
+            canary: false,
+        },
+    )
+    .await?;
+    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
+}
+
+// ------------------------------------------------------------------------------------------------
+// The secret, once
+
+pub(crate) async fn secret(console: Console) -> PageResult {
+    let taken = match &console.sealed_secret {
+        Some(sealed) => {
+            console
+                .app
+                .inner()
+                .console_sessions
+                .take_secret(&console.app, &console.cookie, sealed)
+                .await?
+        }
+        None => None,
+    };
+    let frame = console.frame("").await?;
+    let Some(flash) = taken else {
+        let body =
+            "<div class=\"error\" role=\"alert\"><p>This secret was shown once and is gone. \
+                    If it was not stored, rotate the credential to get a new one.</p></div>\
+                    <p><a href=\"/console\" data-autofocus>Back to the console</a></p>";
+        return Ok((
+            StatusCode::GONE,
+            console.render(frame, "Secret no longer shown", body),
+        )
+            .into_response());
+    };
+    let Some(kind) = flash.kind() else {
+        return Err(ConsoleError::page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The secret could not be shown.",
+        ));
+    };
+    let secret = &flash.secret;
+    let page = kind_of(kind);
+    let mut body = format!(
+        "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
+         (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
+         used. Reloading or going back will not show it again.</p>\
+         <div class=\"secret-box\"><code id=\"secret\" aria-label=\"Secret\">{secret}</code>\
+         <button type=\"button\" data-copy=\"secret\" data-status=\"copy-status\" hidden>Copy</button>\
+         <span id=\"copy-status\" class=\"copied\" role=\"status\"></span></div>",
+        note = esc(&flash.note),
+        singular = page.singular,
+        name = esc(&flash.name),
+        id = flash.id,
+        secret = esc(secret),
+    );
+    for command in &flash.commands {
+        let _ = write!(body, "<pre class=\"cmd\">{}</pre>", esc(command));
+    }
+    let _ = write!(
+        body,
+        "<form method=\"get\" action=\"{list}\" class=\"stack\">\
+         <label><input type=\"checkbox\" id=\"stored\" required data-enables=\"stored-done\" data-autofocus> \
+         I have stored it</label>\
+         <div><button type=\"submit\" id=\"stored-done\">Done</button></div></form>",
+        list = page.list
+    );
+    Ok(console
+        .render(frame, "Store this secret now", &body)
+        .into_response())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rotate and revoke (every kind)
+
+async fn live_credential(
+    console: &Console,
+    kind: &KindPage,
+    id: CredentialId,
+) -> Result<Credential, ConsoleError> {
+    Ok(
+        ops::get_live_credential(&console.app, &console.who, console.tenant, kind.rights, id)
+            .await?,
+    )
+}
+
+pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
+    let kind = kind_page(&uri)?;
+    let credential = live_credential(&console, kind, credential_id(&id)?).await?;
+    console.who.require(console.tenant, kind.rights.write)?;
+    let body = format!(
+        "<p>Rotating gives the {singular} <strong>{name}</strong> a new secret; its id, name and \
+         rights stay. Choose how long the current secret keeps working, so whatever uses it can \
+         switch over.</p>{form}<p><a href=\"{list}\">Cancel</a></p>",
+        singular = kind.singular,
+        name = esc(&credential.name),
+        list = kind.list,
+        form = post_form(
+            &format!("/console/{}/{}/rotate", kind.slug, credential.id.as_uuid()),
+            &console.csrf,
+            "stack",
+            "<fieldset><legend>The current secret keeps working</legend>\
+             <label><input type=\"radio\" name=\"grace_seconds\" value=\"0\" checked data-autofocus> not at all: it stops now</label>\
+             <label><input type=\"radio\" name=\"grace_seconds\" value=\"3600\"> for 1 hour</label>\
+             <label><input type=\"radio\" name=\"grace_seconds\" value=\"86400\"> for 1 day</label>\
+             <label><input type=\"radio\" name=\"grace_seconds\" value=\"604800\"> for 7 days</label></fieldset>\
+             <div><button type=\"submit\">Rotate</button></div>",
+        ),
+    );
+    let frame = console.frame(kind.list).await?;
+    Ok(console
+        .render(frame, &format!("Rotate {}", credential.name), &body)
+        .into_response())
+}
+
+pub(crate) async fn rotate(
+    console: Console,
+    uri: Uri,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    let form = console.form(&body)?;
+    let kind = kind_page(&uri)?;
+    let id = credential_id(&id)?;
+    let grace_seconds: u32 = match form.get("grace_seconds").unwrap_or("0") {
+        "0" => 0,
+        "3600" => 3600,
+        "86400" => 86_400,
+        "604800" => 604_800,
+        _ => {
+            return Err(ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Choose a grace period from the list.",
+            ))
+        }
+    };
+    let issued = ops::rotate_live_credential(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        kind.rights,
+        id,
+        RotateSpec {
+            options: RotationOptions {
+                grace_seconds,
+                retire_when_unused_seconds: None,
+            },
+            expires_at: None,
+        },
+    )
+    .await?;
+    let note = match issued.credential.previous_secret.as_ref() {
+        Some(previous) if grace_seconds > 0 => format!(
+            "Rotated. The previous secret keeps working until {} UTC.",
+            previous.expires_at.format("%Y-%m-%d %H:%M")
+        ),
+        _ => "Rotated. The previous secret has stopped working.".into(),
+    };
+    let commands = robot_commands(&console, &issued.credential).await?;
+    show_secret_once(&console, &issued, note, commands).await
+}
+
+pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
+    let kind = kind_page(&uri)?;
+    let credential = live_credential(&console, kind, credential_id(&id)?).await?;
+    console.who.require(console.tenant, kind.rights.write)?;
+    let body = format!(
+        "<div class=\"error\" role=\"alert\"><p>Revoke the {singular} <strong>{name}</strong> \
+         (<code>{hint}</code>)? Everything that uses it stops working at once. This cannot be \
+         undone.</p></div>{form}<p><a href=\"{list}\" data-autofocus>Cancel</a></p>",
+        singular = kind.singular,
+        name = esc(&credential.name),
+        hint = esc(&token_hint(&credential)),
+        list = kind.list,
+        form = post_form(
+            &format!("/console/{}/{}/revoke", kind.slug, credential.id.as_uuid()),
+            &console.csrf,
+            "stack",
+            "<div><button type=\"submit\" class=\"danger\">Revoke for good</button></div>",
+        ),
+    );
+    let frame = console.frame(kind.list).await?;
+    Ok(console
+        .render(frame, &format!("Revoke {}", credential.name), &body)
+        .into_response())
+}
+
+pub(crate) async fn revoke(
+    console: Console,
+    uri: Uri,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    console.form(&body)?;
+    let kind = kind_page(&uri)?;
+    let (credential, _) = ops::revoke_credential(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        kind.rights,
+        credential_id(&id)?,
+    )
+    .await?;
+    console
+        .done(
+            kind.list,
+            format!("Revoked {} “{}”.", kind.singular, credential.name),
+        )
+        .await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Service accounts and their grants
+
+pub(crate) async fn service_accounts(console: Console) -> PageResult {
+    let app = &console.app;
+    let now = app.now();
+    let (accounts, _) = ops::list_credentials(
+        app,
+        &console.who,
+        console.tenant,
+        ops::SERVICE_ACCOUNTS,
+        ListSpec {
+            limit: Some(LIST_LIMIT),
+            ..ListSpec::default()
+        },
+    )
+    .await?;
+    let grants = ops::list_grants(
+        app,
+        &console.who,
+        GrantFilter {
+            tenant_id: console.tenant,
+            subject_type: Some(SubjectType::ServiceAccount),
+            subject_id: None,
+            kind: None,
+            capability_key: None,
+            include_revoked: false,
+        },
+    )
+    .await?;
+    let mut by_account: HashMap<uuid::Uuid, Vec<(keyplane_core::GrantId, String)>> = HashMap::new();
+    for grant in &grants {
+        let mut text = match &grant.capability_key {
+            Some(key) => key.as_str().to_string(),
+            None => grant.kind.as_str().to_string(),
+        };
+        if let Some(resource) = &grant.resource.resource_type {
+            let _ = write!(text, " on {resource}");
+            if let Some(id) = &grant.resource.resource_id {
+                let _ = write!(text, " {id}");
+            }
+        }
+        by_account
+            .entry(grant.subject_id)
+            .or_default()
+            .push((grant.id, text));
+    }
+    // auth.manage reads and writes service accounts (as Hybridbox documents).
+    let mut body = String::from(
+        "<p class=\"muted\">A service account holds what its grants confer; you can give only \
+         rights you hold yourself.</p>\
+         <div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Service accounts\"><thead><tr>\
+         <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Grants</th>\
+         <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>\
+         <th scope=\"col\">Actions</th></tr></thead><tbody>",
+    );
+    for account in &accounts {
+        let grants = grants_cell(&console, account, by_account.get(&account.id.as_uuid()));
+        let _ = write!(
+            body,
+            "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Grants\">{}</td>\
+             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>{}</tr>",
+            esc(&account.name),
+            code(&token_hint(account)),
+            grants,
+            maybe_time(account.expires_at.as_ref(), "never"),
+            maybe_time(account.last_used_at.as_ref(), "never"),
+            status(account, now),
+            row_actions("service-accounts", account),
+        );
+    }
+    if accounts.is_empty() {
+        body.push_str("<tr><td colspan=\"7\" class=\"muted\">No service accounts yet.</td></tr>");
+    }
+    body.push_str("</tbody></table></div>");
+    let _ = write!(
+        body,
+        "<h2 id=\"create\">Create a service account</h2>\
+         <form method=\"post\" action=\"/console/service-accounts\" class=\"stack\">{csrf}\
+         <div class=\"field\"><label for=\"name\">Name</label>\
+         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\"></div>\
+         {expiry}<div><button type=\"submit\">Create service account</button></div></form>",
+        csrf = html::csrf_field(&console.csrf),
+        expiry = expiry_fields(),
+    );
+    let frame = console.frame("/console/service-accounts").await?;
+    Ok(console
+        .render(frame, "Service accounts", &body)
+        .into_response())
+}
+
+/// A service account's grants, each with a revoke button, and a form to grant one more right.
+fn grants_cell(
+    console: &Console,
+    account: &Credential,
+    grants: Option<&Vec<(keyplane_core::GrantId, String)>>,
+) -> String {
+    let mut cell = String::new();
+    for (id, text) in grants.into_iter().flatten() {
+        let _ = write!(
+            cell,
+            "<div>{}{}</div>",
+            code(text),
+            post_form(
+                &format!("/console/grants/{}/revoke", id.as_uuid()),
+                &console.csrf,
+                "inline",
+                &format!(
+                    " <button type=\"submit\" class=\"link\" aria-label=\"Revoke grant {} of {}\">revoke</button>",
+                    esc(text),
+                    esc(&account.name)
+                ),
+            )
+        );
+    }
+    if cell.is_empty() {
+        cell.push_str("<div class=\"muted\">none</div>");
+    }
+    let rights = console.who.rights_in(console.tenant);
+    let mut options = String::new();
+    if rights.is_some_and(ScopeSet::holds_everything) {
+        options.push_str("<option value=\"account_owner\">account owner (everything)</option>");
+    }
+    for capability in Capability::ALL {
+        if rights.is_some_and(|r| r.grants(capability)) {
+            let _ = write!(
+                options,
+                "<option value=\"{0}\">{0}</option>",
+                capability.key()
+            );
+        }
+    }
+    let id = account.id.as_uuid();
+    let _ = write!(
+        cell,
+        "{}",
+        post_form(
+            &format!("/console/service-accounts/{id}/grants"),
+            &console.csrf,
+            "inline",
+            &format!(
+                "<label class=\"hint\" for=\"grant-{id}\">Grant</label> \
+                 <select id=\"grant-{id}\" name=\"right\">{options}</select> \
+                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {}\">Grant</button>",
+                esc(&account.name)
+            ),
+        )
+    );
+    cell
+}
+
+pub(crate) async fn create_grant(
+    console: Console,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    let form = console.form(&body)?;
+    let account = live_credential(&console, &KINDS[1], credential_id(&id)?).await?;
+    let (kind, capability_key) = match form.get("right").unwrap_or("") {
+        "account_owner" => (keyplane_core::GrantKind::AccountOwner, None),
+        key => match Capability::from_key(key) {
+            Some(capability) => (
+                keyplane_core::GrantKind::Capability,
+                Some(Scope::parse(capability.key()).expect("capability keys are scopes")),
+            ),
+            None => {
+                return Err(ConsoleError::page(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Choose a right from the list.",
+                ))
+            }
+        },
+    };
+    ops::create_grant(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        keyplane_core::NewGrant {
+            kind,
+            subject_type: SubjectType::ServiceAccount,
+            subject_id: account.id.as_uuid(),
+            capability_key,
+            resource: keyplane_core::GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        },
+    )
+    .await?;
+    console
+        .done(
+            "/console/service-accounts",
+            format!("Granted to “{}”.", account.name),
+        )
+        .await
+}
+
+pub(crate) async fn revoke_grant(
+    console: Console,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    console.form(&body)?;
+    let id = keyplane_core::GrantId::parse(&id)
+        .ok_or_else(|| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such grant."))?;
+    ops::revoke_grant(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        id,
+    )
+    .await?;
+    console
+        .done(
+            "/console/service-accounts",
+            "Revoked the grant.".to_string(),
+        )
+        .await
+}
+
+pub(crate) async fn create_service_account(console: Console, body: Bytes) -> PageResult {
+    let form = console.form(&body)?;
+    let app = &console.app;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
+            .map_err(keyplane_core::Error::from)?;
+    let expires_at = expiry_from(&form, app.now())?;
+    let issued = ops::create_credential(
+        app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        ops::SERVICE_ACCOUNTS,
+        CredentialSpec {
+            name,
+            scopes: ScopeSet::empty(),
+            permissions: Vec::new(),
+            expires_at,
+            canary: false,
+        },
+    )
+    .await?;
+    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Registry and robot accounts
+
+/// The lines that log a robot in, reading the secret from standard input (never a command-line
+/// argument, which other users of the machine can see).
+async fn robot_commands(
+    console: &Console,
+    credential: &Credential,
+) -> Result<Vec<String>, ConsoleError> {
+    if credential.kind != CredentialKind::RobotAccount {
+        return Ok(Vec::new());
+    }
+    let Some(registry) = ops::get_registry(&console.app, &console.who, console.tenant).await?
+    else {
+        return Ok(Vec::new());
+    };
+    let user = keyplane_core::registry::robot_username(&registry.project, &credential.name);
+    let endpoint = &console.app.inner().config.registry.endpoint;
+    Ok(vec![
+        format!("docker login --username '{user}' --password-stdin {endpoint}"),
+        format!("skopeo login --username '{user}' --password-stdin {endpoint}"),
+    ])
+}
+
+pub(crate) async fn registry(console: Console) -> PageResult {
+    let app = &console.app;
+    let now = app.now();
+    let may_write = console.may(Capability::RegistryWrite);
+    let mut body = String::new();
+    match ops::get_registry(app, &console.who, console.tenant).await? {
+        None => {
+            body.push_str("<p>The registry is not enabled for this organization.</p>");
+            if may_write {
+                body.push_str(&post_form(
+                    "/console/registry",
+                    &console.csrf,
+                    "stack",
+                    "<p>Enabling it creates the project and a <code>default</code> robot that may \
+                     pull and push; its secret is shown once.</p>\
+                     <div><button type=\"submit\">Enable the registry</button></div>",
+                ));
+            }
+        }
+        Some(registry) => {
+            let endpoint = &app.inner().config.registry.endpoint;
+            let _ = write!(
+                body,
+                "<p>Project <code>{}</code> at <code>{}</code>.</p>",
+                esc(&registry.project),
+                esc(endpoint)
+            );
+            let (robots, _) = ops::list_credentials(
+                app,
+                &console.who,
+                console.tenant,
+                ops::ROBOTS,
+                ListSpec {
+                    limit: Some(LIST_LIMIT),
+                    ..ListSpec::default()
+                },
+            )
+            .await?;
+            body.push_str("<h2>Robot accounts</h2><div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Robot accounts\"><thead><tr>\
+                <th scope=\"col\">Login</th><th scope=\"col\">Permissions</th><th scope=\"col\">Expires</th>\
+                <th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
+            if may_write {
+                body.push_str("<th scope=\"col\">Actions</th>");
+            }
+            body.push_str("</tr></thead><tbody>");
+            for robot in &robots {
+                let user = keyplane_core::registry::robot_username(&registry.project, &robot.name);
+                let permissions = robot
+                    .permissions
+                    .iter()
+                    .map(|p| code(&p.to_wire()))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let _ = write!(
+                    body,
+                    "<tr><td data-label=\"Login\">{}<pre class=\"cmd\">docker login --username '{}' --password-stdin {}</pre></td>\
+                     <td data-label=\"Permissions\">{}</td><td data-label=\"Expires\">{}</td>\
+                     <td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>",
+                    code(&user),
+                    esc(&user),
+                    esc(endpoint),
+                    permissions,
+                    maybe_time(robot.expires_at.as_ref(), "never"),
+                    maybe_time(robot.last_used_at.as_ref(), "never"),
+                    status(robot, now),
+                );
+                if may_write {
+                    let id = robot.id.as_uuid();
+                    let name = esc(&robot.name);
+                    let _ = write!(
+                        body,
+                        "<td data-label=\"Actions\" class=\"actions\">\
+                         <a href=\"/console/robots/{id}/permissions\" aria-label=\"Permissions of {name}\">Permissions</a>\
+                         <a href=\"/console/robots/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>\
+                         <a href=\"/console/robots/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></td>"
+                    );
+                }
+                body.push_str("</tr>");
+            }
+            if robots.is_empty() {
+                body.push_str("<tr><td colspan=\"6\" class=\"muted\">No robot accounts.</td></tr>");
+            }
+            body.push_str("</tbody></table></div>");
+            if may_write {
+                let _ = write!(
+                    body,
+                    "<h2 id=\"create\">Create a robot account</h2>\
+                     <form method=\"post\" action=\"/console/robots\" class=\"stack\">{csrf}\
+                     <div class=\"field\"><label for=\"name\">Name \
+                     <span class=\"hint\">lowercase letters, digits, <code>._-</code></span></label>\
+                     <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"255\"></div>\
+                     {permissions}{expiry}<div><button type=\"submit\">Create robot</button></div></form>",
+                    csrf = html::csrf_field(&console.csrf),
+                    permissions = permissions_field(""),
+                    expiry = expiry_fields(),
+                );
+            }
+        }
+    }
+    let frame = console.frame("/console/registry").await?;
+    Ok(console.render(frame, "Registry", &body).into_response())
+}
+
+fn permissions_field(current: &str) -> String {
+    format!(
+        "<div class=\"field\"><label for=\"permissions\">Permissions \
+         <span class=\"hint\" id=\"permissions-hint\">one per line: <code>pull</code>, \
+         <code>push</code> or <code>delete</code>, optionally <code>:repository-glob</code> \
+         (<code>pull:team/*</code>)</span></label>\
+         <textarea id=\"permissions\" name=\"permissions\" aria-describedby=\"permissions-hint\" required>{}</textarea></div>",
+        esc(current)
+    )
+}
+
+fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, ConsoleError> {
+    let lines: Vec<String> = form
+        .get("permissions")
+        .unwrap_or("")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok(
+        RobotPermission::parse_list(&FieldPath::body("permissions"), &lines)
+            .map_err(keyplane_core::Error::Validation)?,
+    )
+}
+
+pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult {
+    console.form(&body)?;
+    let (_, issued) =
+        ops::enable_registry(&console.app, &console.who, &console.context, console.tenant).await?;
+    let commands = robot_commands(&console, &issued.credential).await?;
+    show_secret_once(
+        &console,
+        &issued,
+        "The registry is enabled.".into(),
+        commands,
+    )
+    .await
+}
+
+pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
+    let form = console.form(&body)?;
+    let app = &console.app;
+    let name = keyplane_core::registry::robot_name(
+        FieldPath::body("name"),
+        form.get("name").unwrap_or("").trim(),
+    )
+    .map_err(keyplane_core::Error::from)?;
+    let permissions = parse_permissions(&form)?;
+    let expires_at = expiry_from(&form, app.now())?;
+    let issued = ops::create_robot(
+        app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        CredentialSpec {
+            name,
+            scopes: ScopeSet::empty(),
+            permissions,
+            expires_at,
+            canary: false,
+        },
+    )
+    .await?;
+    let commands = robot_commands(&console, &issued.credential).await?;
+    show_secret_once(&console, &issued, "Created.".into(), commands).await
+}
+
+pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {
+    let robot = live_credential(&console, &KINDS[2], credential_id(&id)?).await?;
+    console
+        .who
+        .require(console.tenant, Capability::RegistryWrite)?;
+    let current = robot
+        .permissions
+        .iter()
+        .map(RobotPermission::to_wire)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let body = format!(
+        "{}<p><a href=\"/console/registry\">Cancel</a></p>",
+        post_form(
+            &format!("/console/robots/{}/permissions", robot.id.as_uuid()),
+            &console.csrf,
+            "stack",
+            &format!(
+                "{}<div><button type=\"submit\">Save permissions</button></div>",
+                permissions_field(&current)
+            ),
+        )
+    );
+    let frame = console.frame("/console/registry").await?;
+    Ok(console
+        .render(frame, &format!("Permissions of {}", robot.name), &body)
+        .into_response())
+}
+
+pub(crate) async fn update_robot_permissions(
+    console: Console,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    let form = console.form(&body)?;
+    let permissions = parse_permissions(&form)?;
+    let robot = ops::update_robot_permissions(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        credential_id(&id)?,
+        permissions,
+    )
+    .await?;
+    console
+        .done(
+            "/console/registry",
+            format!("Saved the permissions of “{}”.", robot.name),
+        )
+        .await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Audit log
+
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct AuditFilters {
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    outcome: String,
+    #[serde(default)]
+    before: String,
+}
+
+fn audit_query(console: &Console, before: Option<uuid::Uuid>) -> AuditQuery {
+    AuditQuery {
+        tenant_id: console.tenant,
+        order: AuditOrder::NewestBefore(before),
+        limit: AUDIT_PAGE,
+        actions: Vec::new(),
+        action_prefixes: Vec::new(),
+        actor_id: None,
+        target_id: None,
+        outcome: None,
+        since: None,
+        until: None,
+    }
+}
+
+/// Events as a table; `with_details` adds each event's details (the audit page, not the overview).
+fn audit_table(events: &[keyplane_core::ChainedEvent], with_details: bool) -> String {
+    if events.is_empty() {
+        return "<p class=\"muted\">No events.</p>".into();
+    }
+    let mut table = String::from(
+        "<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Audit events\"><thead><tr>\
+         <th scope=\"col\">When</th><th scope=\"col\">Action</th><th scope=\"col\">Outcome</th>\
+         <th scope=\"col\">Actor</th><th scope=\"col\">Target</th>",
+    );
+    if with_details {
+        table.push_str("<th scope=\"col\">Details</th>");
+    }
+    table.push_str("<th scope=\"col\">From</th></tr></thead><tbody>");
+    for chained in events {
+        let event = &chained.event;
+        let actor = match (event.actor.actor_type, event.actor.id) {
+            (ActorType::System, _) => "system".to_string(),
+            (kind, Some(id)) => match &event.actor.subject {
+                Some(sub) => format!("{} {sub}", kind.as_str()),
+                None => format!("{} {id}", kind.as_str()),
+            },
+            (kind, None) => kind.as_str().to_string(),
+        };
+        let target = event.target.as_ref().map_or(String::new(), |t| {
+            format!(
+                "{} {}",
+                esc(&t.target_type),
+                t.name.as_deref().map_or_else(
+                    || code(&t.id.to_string()),
+                    |n| format!("<strong>{}</strong>", esc(n))
+                )
+            )
+        });
+        let details = if !with_details {
+            String::new()
+        } else {
+            let text = event
+                .details
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        DetailValue::Text(text) => text.clone(),
+                        DetailValue::Count(count) => count.to_string(),
+                        DetailValue::List(items) => items.join(", "),
+                    };
+                    format!("{}: {}", esc(key), esc(&value))
+                })
+                .collect::<Vec<_>>()
+                .join("<br>");
+            format!("<td data-label=\"Details\">{text}</td>")
+        };
+        let _ = write!(
+            table,
+            "<tr><td data-label=\"When\">{}</td><td data-label=\"Action\">{}</td><td data-label=\"Outcome\">{}</td>\
+             <td data-label=\"Actor\">{}</td><td data-label=\"Target\">{}</td>{}\
+             <td data-label=\"From\">{}</td></tr>",
+            time(&event.occurred_at),
+            code(&event.action),
+            event.outcome.as_str(),
+            esc(&actor),
+            target,
+            details,
+            esc(event.context.client_ip.as_deref().unwrap_or("")),
+        );
+    }
+    table.push_str("</tbody></table></div>");
+    table
+}
+
+pub(crate) async fn audit(console: Console, Query(filters): Query<AuditFilters>) -> PageResult {
+    let before = match filters.before.as_str() {
+        "" => None,
+        raw => Some(uuid::Uuid::parse_str(raw).map_err(|_| {
+            ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "That page link is not valid.",
+            )
+        })?),
+    };
+    let mut query = audit_query(&console, before);
+    let action = filters.action.trim();
+    if !action.is_empty() {
+        if action.ends_with('.') {
+            query.action_prefixes.push(action.to_string());
+        } else {
+            query.actions.push(action.to_string());
+        }
+    }
+    if !filters.outcome.is_empty() {
+        query.outcome = Some(Outcome::parse(&filters.outcome).ok_or_else(|| {
+            ConsoleError::page(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Choose an outcome from the list.",
+            )
+        })?);
+    }
+    let (events, next) = ops::list_audit_events(&console.app, &console.who, query).await?;
+    let outcome_selected = |v: &str| {
+        if filters.outcome == v {
+            " selected"
+        } else {
+            ""
+        }
+    };
+    let mut body = format!(
+        "<form method=\"get\" action=\"/console/audit\" class=\"filters\" role=\"search\">\
+         <label>Action <span class=\"hint\">exact, or a prefix ending in <code>.</code></span>\
+         <input type=\"text\" name=\"action\" value=\"{action}\" list=\"actions\"></label>\
+         <datalist id=\"actions\"><option value=\"api_token.\"><option value=\"service_account.\">\
+         <option value=\"robot_account.\"><option value=\"authorization.\"><option value=\"registry.\">\
+         <option value=\"credential.\"><option value=\"access.denied\"></datalist>\
+         <label>Outcome<select name=\"outcome\"><option value=\"\"{any}>any</option>\
+         <option value=\"success\"{ok}>success</option><option value=\"denied\"{denied}>denied</option></select></label>\
+         <button type=\"submit\" class=\"secondary\">Filter</button></form>{table}",
+        action = esc(action),
+        any = outcome_selected(""),
+        ok = outcome_selected("success"),
+        denied = outcome_selected("denied"),
+        table = audit_table(&events, true),
+    );
+    body.push_str("<nav class=\"pager\" aria-label=\"Pages\">");
+    if before.is_some() {
+        let _ = write!(
+            body,
+            "<a href=\"/console/audit?action={}&amp;outcome={}\">Newest</a>",
+            esc(&urlencode(action)),
+            esc(&urlencode(&filters.outcome))
+        );
+    }
+    if let Some(next) = next {
+        let _ = write!(
+            body,
+            "<a href=\"/console/audit?action={}&amp;outcome={}&amp;before={next}\" rel=\"next\">Older events</a>",
+            esc(&urlencode(action)),
+            esc(&urlencode(&filters.outcome))
+        );
+    }
+    body.push_str("</nav>");
+    let frame = console.frame("/console/audit").await?;
+    Ok(console.render(frame, "Audit log", &body).into_response())
+}
+
+fn urlencode(text: &str) -> String {
+    serde_urlencoded::to_string([("", text)])
+        .map(|pair| pair.trim_start_matches('=').to_string())
+        .unwrap_or_default()
+}

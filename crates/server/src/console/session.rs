@@ -1,0 +1,362 @@
+//! Server-side console sessions, in the store (`console_sessions`), so every replica knows them
+//! and a restart signs no one out. The browser holds only a random cookie value; the store keeps
+//! its SHA-256 and, sealed with a key derived from the cookie value (HKDF-SHA256 →
+//! ChaCha20-Poly1305), the credential the user signed in with and any one-time secret waiting to
+//! be shown: a copy of the store (a backup) holds no usable token. Every request unseals the token
+//! and authenticates it through the normal `Verifier`, so a revocation, suspension or expiry of
+//! that credential ends the console session at once. The CSRF token is derived from the cookie
+//! value too, so nothing else is stored.
+//!
+//! Pending "Sign in with …" logins (ten minutes at most) stay in this process: behind several
+//! replicas, the issuer's redirect must reach the replica that started the login.
+
+use crate::app::App;
+use crate::error::AppError;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::ChaCha20Poly1305;
+use chrono::{DateTime, TimeDelta, Utc};
+use data_encoding::BASE64URL_NOPAD;
+use hkdf::Hkdf;
+use keyplane_core::{CredentialKind, TenantId};
+use keyplane_store::ConsoleSession;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+
+/// Pending "Sign in with …" logins kept at once, and how long each may take.
+const MAX_PENDING: usize = 1_000;
+pub(crate) const PENDING_TTL: Duration = Duration::from_secs(600);
+
+/// The random value a browser holds (cookie), 32 bytes.
+#[derive(Clone)]
+pub(crate) struct CookieValue([u8; 32]);
+
+impl CookieValue {
+    pub(crate) fn fresh() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        Self(bytes)
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let bytes = BASE64URL_NOPAD.decode(text.as_bytes()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        BASE64URL_NOPAD.encode(&self.0)
+    }
+
+    /// What the server indexes sessions by: never the value itself.
+    fn id(&self) -> [u8; 32] {
+        Sha256::digest(self.0).into()
+    }
+
+    fn cipher(&self) -> ChaCha20Poly1305 {
+        let mut key = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(b"keyplane console session seal v1", &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        ChaCha20Poly1305::new(&key.into())
+    }
+
+    /// The session's CSRF token: derived from the cookie value, so the page can carry it while
+    /// the cookie itself stays out of reach of scripts.
+    pub(crate) fn csrf(&self) -> String {
+        let mut token = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(b"keyplane console csrf v1", &mut token)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        BASE64URL_NOPAD.encode(&token)
+    }
+
+    /// Seals `secret` so that only a request bearing this cookie can read it back.
+    pub(crate) fn seal(&self, secret: &str) -> Sealed {
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ciphertext = self
+            .cipher()
+            .encrypt(&nonce.into(), secret.as_bytes())
+            .expect("ChaCha20-Poly1305 seals any secret this size");
+        Sealed { nonce, ciphertext }
+    }
+
+    pub(crate) fn open(&self, sealed: &Sealed) -> Option<String> {
+        let plain = self
+            .cipher()
+            .decrypt(&sealed.nonce.into(), sealed.ciphertext.as_slice())
+            .ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Sealed {
+    nonce: [u8; 12],
+    ciphertext: Vec<u8>,
+}
+
+impl Sealed {
+    /// Nonce, then ciphertext: how the store keeps it.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        [&self.nonce[..], &self.ciphertext].concat()
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (nonce, ciphertext) = bytes.split_first_chunk::<12>()?;
+        Some(Self {
+            nonce: *nonce,
+            ciphertext: ciphertext.to_vec(),
+        })
+    }
+}
+
+/// A secret to show once, on the next visit of the secret page.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct SecretFlash {
+    pub kind: String,
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub secret: String,
+    /// What the secret page says it came from ("Created.", "Rotated. The previous secret …").
+    pub note: String,
+    /// Robots: the login lines for docker and skopeo (they read the secret from stdin).
+    pub commands: Vec<String>,
+}
+
+impl SecretFlash {
+    pub(crate) fn kind(&self) -> Option<CredentialKind> {
+        CredentialKind::parse(&self.kind)
+    }
+}
+
+/// A live session, as a request sees it.
+pub(crate) struct Session {
+    pub tenant: TenantId,
+    /// The credential (API token, service-account secret or user access token) it acts with.
+    pub token: String,
+    /// Who signed in, for the header: a token's name or a user's subject.
+    pub who: String,
+    pub notice: Option<String>,
+    pub sealed_secret: Option<Vec<u8>>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// A started "Sign in with …": what the callback must match.
+pub(crate) struct PendingLogin {
+    pub state: String,
+    pub nonce: String,
+    pub code_verifier: String,
+    pub started: Instant,
+}
+
+pub(crate) struct Sessions {
+    pending: Mutex<HashMap<[u8; 32], PendingLogin>>,
+    idle: Duration,
+    absolute: Duration,
+}
+
+/// Sessions pruned per store call (the background work calls it every few seconds).
+const PRUNE_BATCH: u32 = 500;
+
+pub(crate) fn random_text() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    BASE64URL_NOPAD.encode(&bytes)
+}
+
+/// Constant-time equality of two texts (CSRF tokens, OAuth `state`).
+pub(crate) fn same_text(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+fn delta(duration: Duration) -> TimeDelta {
+    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
+}
+
+impl Sessions {
+    pub(crate) fn new(idle: Duration, absolute: Duration) -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            idle,
+            absolute,
+        }
+    }
+
+    /// Starts a session acting with `token` in `tenant`, ending at the absolute timeout or at
+    /// `token_ends` (an access token's expiry), whichever comes first. Returns the cookie value
+    /// for the browser.
+    pub(crate) async fn create(
+        &self,
+        app: &App,
+        tenant: TenantId,
+        token: &str,
+        who: String,
+        token_ends: Option<DateTime<Utc>>,
+    ) -> Result<CookieValue, AppError> {
+        let cookie = CookieValue::fresh();
+        let now = app.now();
+        let absolute = now + delta(self.absolute);
+        app.store()
+            .insert_console_session(&ConsoleSession {
+                id_hash: cookie.id(),
+                tenant_id: tenant,
+                sealed_token: cookie.seal(token).to_bytes(),
+                label: who,
+                created_at: now,
+                last_seen_at: now,
+                ends_at: token_ends.map_or(absolute, |end| end.min(absolute)),
+                notice: None,
+                sealed_secret: None,
+            })
+            .await?;
+        Ok(cookie)
+    }
+
+    /// The live session of `cookie`, touched (its idle timer restarts); `None` when there is none
+    /// or it timed out.
+    pub(crate) async fn touch(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+    ) -> Result<Option<Session>, AppError> {
+        let now = app.now();
+        let Some(stored) = app
+            .store()
+            .touch_console_session(&cookie.id(), now, now - delta(self.idle))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(token) = Sealed::from_bytes(&stored.sealed_token).and_then(|s| cookie.open(&s))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Session {
+            tenant: stored.tenant_id,
+            token,
+            who: stored.label,
+            notice: stored.notice,
+            sealed_secret: stored.sealed_secret,
+            ends_at: stored.ends_at,
+        }))
+    }
+
+    pub(crate) async fn end(&self, app: &App, cookie: &CookieValue) -> Result<(), AppError> {
+        Ok(app.store().delete_console_session(&cookie.id()).await?)
+    }
+
+    pub(crate) async fn set_notice(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        notice: Option<&str>,
+    ) -> Result<(), AppError> {
+        Ok(app
+            .store()
+            .set_console_session_notice(&cookie.id(), notice)
+            .await?)
+    }
+
+    pub(crate) async fn set_secret(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        secret: &SecretFlash,
+    ) -> Result<(), AppError> {
+        let json = serde_json::to_string(secret)
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("serialize a console secret: {e}")))?;
+        Ok(app
+            .store()
+            .set_console_session_secret(&cookie.id(), &cookie.seal(&json).to_bytes())
+            .await?)
+    }
+
+    /// The secret `sealed` (read with the session), taken out of the store: of two requests, one
+    /// gets it, and a reload finds nothing.
+    pub(crate) async fn take_secret(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        sealed: &[u8],
+    ) -> Result<Option<SecretFlash>, AppError> {
+        if !app
+            .store()
+            .take_console_session_secret(&cookie.id(), sealed)
+            .await?
+        {
+            return Ok(None);
+        }
+        Ok(Sealed::from_bytes(sealed)
+            .and_then(|s| cookie.open(&s))
+            .and_then(|json| serde_json::from_str(&json).ok()))
+    }
+
+    /// Forgets ended and idle sessions (the background work).
+    pub(crate) async fn prune(&self, app: &App) {
+        let now = app.now();
+        if let Err(error) = app
+            .store()
+            .prune_console_sessions(now, now - delta(self.idle), PRUNE_BATCH)
+            .await
+        {
+            tracing::warn!(error = %error, "pruning console sessions failed; the next round retries");
+        }
+    }
+
+    /// Remembers a started OIDC login under the browser's pending-login cookie.
+    pub(crate) fn start_pending(&self, cookie: &CookieValue, login: PendingLogin) {
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|_, p| now.duration_since(p.started) < PENDING_TTL);
+        if pending.len() >= MAX_PENDING {
+            if let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k)
+            {
+                pending.remove(&oldest);
+            }
+        }
+        pending.insert(cookie.id(), login);
+    }
+
+    /// The pending login of this cookie, removed (a callback is used once).
+    pub(crate) fn take_pending(&self, cookie: &CookieValue) -> Option<PendingLogin> {
+        let login = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie.id())?;
+        (login.started.elapsed() < PENDING_TTL).then_some(login)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_token_opens_only_with_its_cookie() {
+        let cookie = CookieValue::fresh();
+        let sealed = cookie.seal("aether_secret");
+        assert_eq!(cookie.open(&sealed).as_deref(), Some("aether_secret"));
+        assert_eq!(CookieValue::fresh().open(&sealed), None);
+        let parsed = CookieValue::parse(&cookie.encode()).expect("round trip");
+        assert_eq!(parsed.open(&sealed).as_deref(), Some("aether_secret"));
+    }
+
+    #[test]
+    fn sealed_bytes_round_trip_and_csrf_is_per_cookie() {
+        let cookie = CookieValue::fresh();
+        let bytes = cookie.seal("t").to_bytes();
+        let sealed = Sealed::from_bytes(&bytes).expect("nonce and ciphertext");
+        assert_eq!(cookie.open(&sealed).as_deref(), Some("t"));
+        assert!(Sealed::from_bytes(&bytes[..5]).is_none());
+        assert_eq!(cookie.csrf(), cookie.csrf());
+        assert_ne!(cookie.csrf(), CookieValue::fresh().csrf());
+    }
+}
