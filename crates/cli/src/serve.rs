@@ -198,6 +198,30 @@ pub struct ServeArgs {
         requires = "console_oidc_client_id"
     )]
     console_oidc_scope: String,
+    /// Serve HTTPS with this PEM certificate chain (leaf first): TLS 1.2 and 1.3, HTTP/2 or
+    /// HTTP/1.1 by ALPN. Reloaded without a restart when the file changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "KEYPLANE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(
+        long,
+        env = "KEYPLANE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// Revocation streams (`GET /v1/revocations/stream`) open at once; more answer 429.
+    #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_revocation_streams: u64,
+    /// Seconds between heartbeats on an idle revocation stream; clients take a stream silent for
+    /// two heartbeats for dead, so keep it well below their max_staleness.
+    #[arg(long, env = "KEYPLANE_REVOCATION_HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    revocation_heartbeat_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -267,6 +291,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = keyplane_server::tls::TlsFiles { cert, key };
+            files
+                .load()
+                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
+            Some(files)
+        }
+        _ => None,
+    };
     keyplane_server::leaks::check_keys_url(&args.github_secret_scanning_keys_url)
         .map_err(|e| anyhow::anyhow!("--github-secret-scanning-keys-url: {e}"))?;
     let webhook_retry_schedule =
@@ -323,14 +357,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         console,
+        tls,
+        max_revocation_streams: args.max_revocation_streams as usize,
+        revocation_heartbeat: Duration::from_secs(args.revocation_heartbeat_seconds),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(address = %listener.local_addr()?, scheme, "listening");
     let app = App::new(store.clone(), config);
-    reopen_audit_log_on_sighup(app.clone());
+    reload_on_sighup(app.clone());
     keyplane_server::serve(listener, app, shutdown_signal()).await?;
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
@@ -394,8 +436,9 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// `logrotate` renames the file and sends SIGHUP: the export reopens its path.
-fn reopen_audit_log_on_sighup(app: App) {
+/// SIGHUP: the audit log export reopens its path (`logrotate` renamed the file) and the TLS
+/// certificate and key are read again.
+fn reload_on_sighup(app: App) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hangups) =
@@ -404,34 +447,47 @@ fn reopen_audit_log_on_sighup(app: App) {
             return;
         };
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reopening the audit log");
+            tracing::info!("SIGHUP: reopening the audit log, reloading the TLS certificate");
             app.reopen_audit_log();
+            app.reload_tls();
         }
     });
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
+/// future is first polled: a SIGTERM that arrives while the server is still starting must stop it
+/// gracefully too, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
+    let (interrupt, terminate) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(interrupt) => {},
+                _ = wait(terminate) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested: finishing in-flight requests");
     }
-    tracing::info!("shutdown requested: finishing in-flight requests");
 }
 
 /// Raises the soft open-file limit to the hard one (each connection holds a descriptor; the soft

@@ -35,6 +35,9 @@ pub(crate) struct Inner {
     pub leak_jobs: crate::jobs::Jobs,
     /// The web console's server-side sessions.
     pub console_sessions: crate::console::Sessions,
+    /// Notified on SIGHUP: the TLS certificate and key are read again.
+    pub reload_tls: Arc<tokio::sync::Notify>,
+    pub revocation_streams: crate::revocations::RevocationStreams,
 }
 
 impl App {
@@ -56,6 +59,7 @@ impl App {
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
         let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
+        let config_max_streams = config.max_revocation_streams;
         let public_revoke_limiter = crate::ratelimit::KeyedRateLimiter::new(
             config.public_revoke_per_minute,
             config.public_revoke_per_minute,
@@ -80,6 +84,8 @@ impl App {
             public_revoke_limiter,
             leak_jobs: crate::leaks::leak_jobs(),
             console_sessions,
+            reload_tls: Arc::new(tokio::sync::Notify::new()),
+            revocation_streams: crate::revocations::RevocationStreams::new(config_max_streams),
         }))
     }
 
@@ -133,11 +139,18 @@ impl App {
         self.0
             .verifier
             .invalidate(keyplane_store::Invalidation::Subject(subject));
+        self.0.revocation_streams.wake();
     }
 
     /// Reopens the `--audit-log` file (after an outside tool renamed it).
     pub fn reopen_audit_log(&self) {
         self.0.reopen_audit_log.notify_one();
+    }
+
+    /// Reads the `--tls-cert` / `--tls-key` files again (SIGHUP); a pair that does not load is
+    /// logged and the previous one keeps serving.
+    pub fn reload_tls(&self) {
+        self.0.reload_tls.notify_one();
     }
 
     /// Writes pending `last_used_at` updates now (shutdown, tests).

@@ -50,6 +50,8 @@ pub enum CanarySurface {
     PublicRevoke,
     /// The web console: a token pasted to sign in, or a session's token re-verified.
     Console,
+    /// As the bearer credential of `GET /v1/revocations/stream`.
+    RevocationStream,
     /// `App::verify_secret`, without HTTP.
     InProcess,
 }
@@ -66,6 +68,7 @@ impl CanarySurface {
             CanarySurface::GithubSecretScanning => "github_secret_scanning",
             CanarySurface::PublicRevoke => "public_revoke",
             CanarySurface::Console => "console",
+            CanarySurface::RevocationStream => "revocation_stream",
             CanarySurface::InProcess => "in_process",
         }
     }

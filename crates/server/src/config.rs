@@ -45,6 +45,16 @@ pub struct Config {
     pub webhooks: crate::webhooks::WebhookConfig,
     /// The web console at `/console` (`console`).
     pub console: crate::console::ConsoleConfig,
+    /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key, reloaded when the
+    /// files change or on `App::reload_tls`; `None`: plain HTTP/1.1.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Revocation streams (`GET /v1/revocations/stream`) open at once on this replica.
+    pub max_revocation_streams: usize,
+    /// A revocation stream reads its tenant's chain head at least this often (it also wakes at
+    /// once on every cache invalidation this replica hears of).
+    pub revocation_poll_interval: Duration,
+    /// Heartbeat comments on an idle revocation stream.
+    pub revocation_heartbeat: Duration,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
@@ -151,6 +161,10 @@ impl Default for Config {
             public_revoke_per_minute: 10,
             webhooks: crate::webhooks::WebhookConfig::default(),
             console: crate::console::ConsoleConfig::default(),
+            tls: None,
+            max_revocation_streams: 1000,
+            revocation_poll_interval: Duration::from_secs(1),
+            revocation_heartbeat: Duration::from_secs(15),
         }
     }
 }

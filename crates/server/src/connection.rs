@@ -1,25 +1,30 @@
-//! The HTTP/1 server loop under `router::serve`: every connection is bounded in number, in time
+//! The HTTP server loop under `router::serve`: every connection is bounded in number, in time
 //! and in memory, so slow or idle clients cannot exhaust file descriptors or keep a stop waiting.
+//! Plain TCP speaks HTTP/1.1; with TLS (`crate::tls`) ALPN picks HTTP/2 or HTTP/1.1.
 //!
 //! - at most `max_connections` at once (a semaphore; more wait in the listen backlog);
-//! - a request head must arrive within `header_read_timeout` (from accept, then from the first
-//!   byte of each next request) and stay under `max_header_bytes` (431 otherwise);
+//! - a request head must arrive within `header_read_timeout` (from accept, so the TLS handshake
+//!   counts, then from the first byte of each next request) and stay under `max_header_bytes`
+//!   (431 on HTTP/1.1; on HTTP/2 the header list limit);
 //! - a kept-alive connection that moves no byte for `idle_timeout` between requests is closed, and
-//!   so is one whose client stops reading a response;
+//!   so is one whose client stops reading a response; on HTTP/2, a frame sent between requests
+//!   (a ping) must be followed by a request within `header_read_timeout`, as any byte on HTTP/1.1;
 //! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
-//! - on shutdown, idle connections close at once, busy ones after their request, and whatever is
-//!   still open at `shutdown_timeout` is closed.
+//! - on shutdown, idle connections close at once, busy ones after their request (HTTP/2: a GOAWAY,
+//!   then its open streams), and whatever is still open at `shutdown_timeout` is closed.
 //!
 //! One watchdog timer per connection enforces the first three: the connection's I/O and its
 //! requests record when they last made progress ([`Activity`]), and the timer re-arms itself from
-//! that instead of being reset on every read.
+//! that instead of being reset on every read. It counts TCP bytes, under TLS.
 
 use crate::config::HttpLimits;
+use crate::tls::CurrentTls;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -35,23 +40,33 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+
 /// Serves `router` on `listener` until `shutdown` resolves, then drains connections until
-/// `limits.shutdown_timeout`.
+/// `limits.shutdown_timeout`. With `tls`, every connection is accepted with the configuration
+/// current at its accept.
 pub(crate) async fn serve_http(
     listener: TcpListener,
     router: Router,
     limits: &HttpLimits,
+    tls: Option<CurrentTls>,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = Arc::new(limits.clone());
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop, stopping) = watch::channel(false);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.max_header_size(limits.max_header_bytes)
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .max_header_size(limits.max_header_bytes)
         // hyper's minimum; the head cannot grow past `max_header_size` anyway.
         .max_buf_size(limits.max_header_bytes.max(8 * 1024))
         // Enforced by the watchdog, which tells idle from slow (hyper's starts when idle).
         .header_read_timeout(None);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -71,7 +86,9 @@ pub(crate) async fn serve_http(
         };
         while connections.try_join_next().is_some() {}
         let connection = Connection {
-            http: http.clone(),
+            http1: http1.clone(),
+            http2: http2.clone(),
+            tls: tls.as_ref().map(|current| current.borrow().clone()),
             router: router.clone(),
             limits: limits.clone(),
             peer,
@@ -112,7 +129,10 @@ async fn accept_failed(error: io::Error) {
 }
 
 struct Connection {
-    http: hyper::server::conn::http1::Builder,
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// The TLS configuration this connection is accepted with; `None`: plain HTTP/1.1.
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     router: Router,
     limits: Arc<HttpLimits>,
     peer: SocketAddr,
@@ -120,12 +140,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, stream: TcpStream) {
+    async fn serve(self, stream: TcpStream) {
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked {
+        let tracked = Tracked {
             stream,
             activity: activity.clone(),
-        });
+        };
         let (router, peer, body_timeout) =
             (self.router.clone(), self.peer, self.limits.body_timeout);
         let requests = activity.clone();
@@ -140,7 +160,38 @@ impl Connection {
                 response
             }
         });
-        let connection = self.http.serve_connection(io, service);
+        let Some(config) = self.tls.clone() else {
+            let connection = self.http1.serve_connection(TokioIo::new(tracked), service);
+            return self.drive(connection, &activity).await;
+        };
+        // The handshake is part of the first request's head time.
+        let due = activity
+            .deadline(&self.limits)
+            .unwrap_or_else(|| Instant::now() + self.limits.header_read_timeout);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tracked);
+        let stream = match tokio::time::timeout_at(due, accept).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(client.peer = %peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client.peer = %peer, "TLS handshake too slow");
+                return;
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            let connection = self.http2.serve_connection(TokioIo::new(stream), service);
+            self.drive(connection, &activity).await
+        } else {
+            let connection = self.http1.serve_connection(TokioIo::new(stream), service);
+            self.drive(connection, &activity).await
+        }
+    }
+
+    /// Runs `connection` under the watchdog until it ends, is too slow or idle, or the server
+    /// stops (gracefully: the request in progress finishes).
+    async fn drive<C: GracefulConnection>(mut self, connection: C, activity: &Activity) {
         tokio::pin!(connection);
         let mut draining = false;
         loop {
@@ -150,7 +201,7 @@ impl Connection {
                 _ = connection.as_mut() => return,
                 () = tokio::time::sleep_until(wake) => {
                     if activity.deadline(&self.limits).is_some_and(|d| d <= Instant::now()) {
-                        tracing::debug!(client.peer = %peer, "closing a connection that is too slow or idle");
+                        tracing::debug!(client.peer = %self.peer, "closing a connection that is too slow or idle");
                         return;
                     }
                 }

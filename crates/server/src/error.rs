@@ -165,6 +165,7 @@ pub fn render_for_path(path: &str, error: AppError) -> Response {
         || path.starts_with("/v1/auth/")
         || path == "/v1/whoami"
         || crate::leaks::owns_path(path)
+        || crate::revocations::owns_path(path)
     {
         ApiError::<crate::verify::Verification>::from(error).into_response()
     } else {

@@ -73,6 +73,7 @@ fn error_schema(path: &str) -> Option<&'static str> {
         || path.starts_with("/v1/auth/")
         || path == "/v1/whoami"
         || crate::leaks::owns_path(path)
+        || crate::revocations::owns_path(path)
     {
         Some("OAuthError")
     } else if path.starts_with("/registry/") {

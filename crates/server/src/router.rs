@@ -58,6 +58,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .merge(crate::verify::routes())
         .merge(crate::system::routes())
         .merge(crate::leaks::routes())
+        .merge(crate::revocations::routes())
 }
 
 pub(crate) fn openapi_document() -> OpenApiDoc {
@@ -257,25 +258,47 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // First, so that a certificate that does not load stops `serve` before anything starts.
+    let (stop_background, stopped) = tokio::sync::watch::channel(false);
+    let (tls, tls_watch) = match app.inner().config.tls.clone() {
+        Some(files) => {
+            let (current, task) = crate::tls::watch_files(
+                files,
+                app.inner().reload_tls.clone(),
+                std::time::Duration::from_secs(1),
+                stopped.clone(),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            (Some(current), Some(task))
+        }
+        None => (None, None),
+    };
     let verifier_app = app.clone();
     app.store()
         .listen_invalidations(std::sync::Arc::new(move |event| {
-            verifier_app.inner().verifier.invalidate(event)
+            verifier_app.inner().verifier.invalidate(event);
+            verifier_app.inner().revocation_streams.wake();
         }));
-    let (stop_background, stopped) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
+    let streams_app = app.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Open streams never finish on their own: end them so their connections can close.
+        streams_app.inner().revocation_streams.stop();
+    };
     crate::connection::serve_http(
         listener,
         router(app.clone()),
         &app.inner().config.http,
+        tls,
         shutdown,
     )
     .await;
     // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
     let _ = stop_background.send(true);
     let _ = background.await;
-    for task in audit_tasks {
+    for task in audit_tasks.into_iter().chain(tls_watch) {
         let _ = task.await;
     }
     app.inner()

@@ -20,6 +20,9 @@ pub(crate) struct LastUse {
 pub(crate) struct UsageRecorder {
     store: Arc<dyn Store>,
     queue: Mutex<Vec<Arc<Verified>>>,
+    /// Held while a batch is written, so that a flush returns only once every use recorded before
+    /// it is in the store, even when another flush had already taken part of the queue.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl UsageRecorder {
@@ -27,6 +30,7 @@ impl UsageRecorder {
         Self {
             store,
             queue: Mutex::new(Vec::new()),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -45,6 +49,7 @@ impl UsageRecorder {
     }
 
     pub async fn flush(&self) {
+        let _one_at_a_time = self.flushing.lock().await;
         let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
         if queued.is_empty() {
             return;

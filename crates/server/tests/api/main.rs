@@ -17,6 +17,7 @@ mod logs;
 mod oidc;
 mod operations;
 mod pg_proxy;
+mod revocations;
 mod robots;
 mod verify;
 mod webhooks;

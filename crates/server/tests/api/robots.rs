@@ -328,6 +328,8 @@ async fn robot_crud_with_the_documented_fields(backend: Backend) {
     .await;
     assert_eq!(status, 200);
     assert_eq!(claims["access"][0]["actions"], json!(["pull", "push"]));
+    // Its last_used_at is written now, not between the two reads compared below.
+    app.app.flush_usage().await;
 
     // PUT replaces the permissions.
     let updated = json_of(

@@ -1,0 +1,469 @@
+//! `keyplane serve --tls-cert --tls-key`: the real binary with a certificate made here (rcgen),
+//! clients that trust exactly its CA, TLS 1.2 and 1.3 each pinned, HTTP/2 and HTTP/1.1 by ALPN,
+//! a reload while a connection stays open, and a pair that does not belong together.
+
+mod common;
+
+use common::{both_stores, keyplane, run, Keyplane, TestStore};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyplane_store::testing::Backend;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A CA made for one test, and the server certificates it signs.
+struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+/// A server certificate (for `localhost` and 127.0.0.1) and its key, as PEM files.
+struct Leaf {
+    der: CertificateDer<'static>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Authority {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("self-sign the CA");
+        Self {
+            issuer,
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    fn leaf(&self, name: &str) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+            .expect("leaf params");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign the leaf");
+        let (cert_path, key_path) = (
+            self.path(&format!("{name}.crt")),
+            self.path(&format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
+        Leaf {
+            der: cert.der().clone(),
+            cert: cert_path,
+            key: key_path,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A rustls client that trusts this CA only, speaking exactly `version` and offering `alpn`.
+    fn client(
+        &self,
+        version: &'static rustls::SupportedProtocolVersion,
+        alpn: &[u8],
+    ) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).expect("trust the CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .expect("a protocol version")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// reqwest trusting this CA only (not the system's roots).
+    fn reqwest(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.issuer.pem().as_bytes()).expect("CA PEM");
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(LIMIT)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .expect("an HTTPS client")
+    }
+}
+
+fn tls_args(leaf: &Leaf) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        leaf.cert.display().to_string(),
+        "--tls-key".into(),
+        leaf.key.display().to_string(),
+    ]
+}
+
+async fn start(store: &TestStore, leaf: &Leaf) -> Keyplane {
+    let args = tls_args(leaf);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Keyplane::start(store, &args, LIMIT).await
+}
+
+async fn connect(
+    server: &Keyplane,
+    connector: &tokio_rustls::TlsConnector,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(&server.addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("a server name");
+    tokio::time::timeout(LIMIT, connector.connect(name, tcp))
+        .await
+        .expect("the handshake finishes in time")
+        .expect("the handshake succeeds with the trusted CA")
+}
+
+/// Reads a whole response body.
+async fn body_of(mut body: Incoming) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        if let Ok(data) = frame.expect("a body frame").into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    out
+}
+
+/// An HTTP/1.1 connection over `stream`, kept open for several requests.
+async fn http1(stream: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<String> {
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn get_http1(
+    sender: &mut hyper::client::conn::http1::SendRequest<String>,
+    path: &str,
+) -> (u16, hyper::Version, Vec<u8>) {
+    let request = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(String::new())
+        .expect("a request");
+    let response = tokio::time::timeout(LIMIT, sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    let (status, version) = (response.status().as_u16(), response.version());
+    (status, version, body_of(response.into_body()).await)
+}
+
+async fn get_http2(stream: TlsStream<TcpStream>, path: &str) -> (u16, hyper::Version, Vec<u8>) {
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::get(format!("https://localhost{path}"))
+        .body(String::new())
+        .expect("a request");
+    let response = tokio::time::timeout(LIMIT, sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    let (status, version) = (response.status().as_u16(), response.version());
+    (status, version, body_of(response.into_body()).await)
+}
+
+both_stores!(serves_tls_1_2_and_1_3_with_http2_and_http1_by_alpn);
+
+async fn serves_tls_1_2_and_1_3_with_http2_and_http1_by_alpn(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start(&store, &leaf).await;
+
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let stream = connect(&server, &ca.client(version, b"h2")).await;
+        let (_, session) = stream.get_ref();
+        assert_eq!(session.protocol_version(), Some(version.version));
+        assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(session.peer_certificates(), Some(&[leaf.der.clone()][..]));
+        let (status, http, body) = get_http2(stream, "/readyz").await;
+        assert_eq!(
+            (status, http),
+            (200, hyper::Version::HTTP_2),
+            "{version:?} h2"
+        );
+        assert!(String::from_utf8_lossy(&body).contains("ready"), "{body:?}");
+
+        let stream = connect(&server, &ca.client(version, b"http/1.1")).await;
+        let (_, session) = stream.get_ref();
+        assert_eq!(session.protocol_version(), Some(version.version));
+        assert_eq!(session.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let mut sender = http1(stream).await;
+        let (status, http, _) = get_http1(&mut sender, "/readyz").await;
+        assert_eq!(
+            (status, http),
+            (200, hyper::Version::HTTP_11),
+            "{version:?} http/1.1"
+        );
+    }
+
+    // An ordinary HTTPS client that trusts only this CA, on the API itself.
+    let org = store.bootstrap_org();
+    let https = ca.reqwest();
+    let whoami = https
+        .get(format!("https://localhost:{}/v1/whoami", port_of(&server)))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .expect("GET /v1/whoami over HTTPS");
+    assert_eq!(whoami.status(), 200);
+    // The same port does not answer plain HTTP.
+    let plain = common::http_client(LIMIT)
+        .get(format!("http://{}/healthz", server.addr))
+        .send()
+        .await;
+    assert!(
+        plain.map(|r| r.status().as_u16()).unwrap_or(0) != 200,
+        "plain HTTP must not be served on a TLS port"
+    );
+}
+
+fn port_of(server: &Keyplane) -> &str {
+    server.addr.rsplit(':').next().expect("a port")
+}
+
+/// Replaces the files `server` was started with by `leaf`'s contents (the paths stay the same).
+fn install(target: &Leaf, leaf: &Leaf) {
+    // The key first: while only one file is new, a reload fails and the old pair keeps serving.
+    std::fs::copy(&leaf.key, &target.key).expect("replace the key");
+    std::fs::copy(&leaf.cert, &target.cert).expect("replace the certificate");
+}
+
+async fn peer_certificate(server: &Keyplane, ca: &Authority) -> CertificateDer<'static> {
+    let stream = connect(server, &ca.client(&rustls::version::TLS13, b"http/1.1")).await;
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a certificate")[0]
+        .clone()
+}
+
+/// Polls until new connections are served `expected`, for at most `limit`.
+async fn wait_for_certificate(server: &Keyplane, ca: &Authority, expected: &Leaf, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if peer_certificate(server, ca).await == expected.der {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new connections still get the old certificate after {limit:?}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn reloads_the_certificate_while_connections_stay_open() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let first = ca.leaf("server");
+    let second = ca.leaf("second");
+    let server = start(&store, &first).await;
+
+    let stream = connect(&server, &ca.client(&rustls::version::TLS13, b"http/1.1")).await;
+    assert_eq!(
+        stream.get_ref().1.peer_certificates().unwrap()[0],
+        first.der
+    );
+    let mut kept = http1(stream).await;
+    assert_eq!(get_http1(&mut kept, "/healthz").await.0, 200);
+    let h2_stream = connect(&server, &ca.client(&rustls::version::TLS13, b"h2")).await;
+    let (mut kept_h2, h2_connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2_stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(h2_connection);
+
+    // Changed files are picked up (polled every second) without a restart.
+    install(&first, &second);
+    wait_for_certificate(&server, &ca, &second, Duration::from_secs(10)).await;
+
+    // The connections opened before keep working, on the certificate they began with.
+    assert_eq!(get_http1(&mut kept, "/healthz").await.0, 200);
+    let response = kept_h2
+        .send_request(
+            hyper::Request::get("https://localhost/healthz")
+                .body(String::new())
+                .unwrap(),
+        )
+        .await
+        .expect("the open HTTP/2 connection still answers");
+    assert_eq!(response.status(), 200);
+
+    // A key that does not match is refused at reload: the last good pair keeps serving.
+    let third = ca.leaf("third");
+    std::fs::copy(&third.cert, &first.cert).expect("replace the certificate only");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("not reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload error logged:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(peer_certificate(&server, &ca).await, second.der);
+    assert!(
+        server.log().contains("does not belong to the certificate"),
+        "{}",
+        server.log()
+    );
+
+    // SIGHUP reloads too: the matching key arrives with the old modification time and size, so
+    // only the signal can make the server read it.
+    let before = std::fs::metadata(&first.key).unwrap();
+    assert_eq!(before.len(), std::fs::metadata(&third.key).unwrap().len());
+    std::fs::copy(&third.key, &first.key).expect("replace the key");
+    std::fs::File::options()
+        .write(true)
+        .open(&first.key)
+        .and_then(|f| f.set_modified(before.modified()?))
+        .expect("keep the modification time");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        peer_certificate(&server, &ca).await,
+        second.der,
+        "unchanged files are not reread"
+    );
+    let pid = server.process.0.id().to_string();
+    let hup = run(
+        std::process::Command::new("kill").args(["-HUP", &pid]),
+        LIMIT,
+    )
+    .await;
+    assert!(hup.status.success(), "{}", hup.describe());
+    wait_for_certificate(&server, &ca, &third, Duration::from_secs(10)).await;
+    assert_eq!(get_http1(&mut kept, "/healthz").await.0, 200);
+}
+
+async fn start_fails(store: &TestStore, cert: &Path, key: &Path) -> String {
+    let output = run(
+        keyplane()
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(store.args())
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key),
+        LIMIT,
+    )
+    .await;
+    assert!(!output.status.success(), "{}", output.describe());
+    let lines: Vec<&str> = output.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one clear line: {}", output.describe());
+    lines[0].to_string()
+}
+
+#[tokio::test]
+async fn a_bad_or_mismatched_pair_stops_the_start_with_one_line() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let (one, two) = (ca.leaf("one"), ca.leaf("two"));
+
+    let line = start_fails(&store, &one.cert, &two.key).await;
+    assert!(
+        line.starts_with("error: --tls-cert / --tls-key: the private key in")
+            && line.contains("does not belong to the certificate in"),
+        "{line}"
+    );
+    let missing = ca.path("missing.crt");
+    let line = start_fails(&store, &missing, &one.key).await;
+    assert!(
+        line.contains("cannot read") && line.contains("missing.crt"),
+        "{line}"
+    );
+    let line = start_fails(&store, &one.key, &one.key).await;
+    assert!(line.contains("holds no PEM certificate"), "{line}");
+    let line = start_fails(&store, &one.cert, &one.cert).await;
+    assert!(line.contains("holds no PEM private key"), "{line}");
+    // The key never appears in a message.
+    let key_text = std::fs::read_to_string(&one.key).unwrap();
+    let body = key_text.lines().nth(1).unwrap();
+    assert!(!line.contains(body));
+    // Nothing was bootstrapped: the start stopped before touching the store.
+    assert!(!store.data_dir_has("bootstrap.json"));
+}
+
+/// The revocation stream over HTTP/2 with TLS; a stop ends it at once rather than waiting for
+/// the shutdown deadline.
+#[tokio::test]
+async fn revocation_stream_over_http2_ends_when_the_server_stops() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let mut server = start(&store, &leaf).await;
+    let org = store.bootstrap_org();
+
+    let stream = connect(&server, &ca.client(&rustls::version::TLS13, b"h2")).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::get("https://localhost/v1/revocations/stream")
+        .header("authorization", format!("Bearer {}", org.token))
+        .body(String::new())
+        .unwrap();
+    let response = tokio::time::timeout(LIMIT, sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while !text.contains("event: ready") {
+        let frame = tokio::time::timeout(
+            LIMIT,
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)),
+        )
+        .await
+        .expect("the ready event in time")
+        .expect("the stream stays open")
+        .expect("a frame");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    let pid = server.process.0.id().to_string();
+    let stopped = Instant::now();
+    let term = run(
+        std::process::Command::new("kill").args(["-TERM", &pid]),
+        LIMIT,
+    )
+    .await;
+    assert!(term.status.success(), "{}", term.describe());
+    // The default shutdown deadline is 20 s: an open stream must not hold the stop that long.
+    let status = common::wait_for_exit(&mut server.process.0, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("serve still runs 5 s after SIGTERM:\n{}", server.log()));
+    assert!(status.success(), "{status}");
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    let ended = tokio::time::timeout(LIMIT, async {
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends with the server");
+}

@@ -1,0 +1,362 @@
+//! `GET /v1/revocations/stream`: every change that can make a verification answer differently
+//! (revoke, rotate, suspend, resume, a retired previous secret, expiry, a leak, grant and robot
+//! permission changes) of the caller's tenant, as Server-Sent Events, in commit order.
+//!
+//! Built on the audit trail, with no table of its own: an event's `id` is its audit `seq`, which
+//! is per tenant, gap-free and in commit order (ARCHITECTURE.md, "Audit trail"), so
+//! `Last-Event-ID` resumes exactly where a client stopped. A stream wakes when this replica
+//! invalidates its verification cache (its own writes at once, other replicas' through the
+//! store's notifications) and at the latest every `revocation_poll_interval`; it then reads the
+//! tenant's chain head and, when that moved, the events after its cursor.
+//!
+//! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
+//! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
+//! or the id is ahead of the chain): the client must forget what it cached. A heartbeat comment
+//! after `revocation_heartbeat` without an event, sent right after a successful read of the
+//! head, says the stream is alive and up to date (a stuck store stops the heartbeats too). A
+//! stream ends when the store cannot be read (the client reconnects with `Last-Event-ID`), when
+//! the caller's own credential stops verifying, or when the server stops.
+
+use crate::app::App;
+use crate::auth::bearer_token;
+use crate::error::{ApiError, AppError};
+use crate::verify::Verification;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use keyplane_core::audit::actions;
+use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
+use keyplane_store::AuditQuery;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// Events read from the store at once.
+const BATCH: u32 = 100;
+
+/// The actions a stream carries: those after which a cached verification may be wrong.
+pub const STREAMED_ACTIONS: &[&str] = &[
+    actions::API_TOKEN_ROTATED,
+    actions::API_TOKEN_REVOKED,
+    actions::API_TOKEN_SUSPENDED,
+    actions::API_TOKEN_RESUMED,
+    actions::API_TOKEN_PREVIOUS_SECRET_RETIRED,
+    actions::SERVICE_ACCOUNT_ROTATED,
+    actions::SERVICE_ACCOUNT_REVOKED,
+    actions::SERVICE_ACCOUNT_SUSPENDED,
+    actions::SERVICE_ACCOUNT_RESUMED,
+    actions::SERVICE_ACCOUNT_PREVIOUS_SECRET_RETIRED,
+    actions::ROBOT_ACCOUNT_ROTATED,
+    actions::ROBOT_ACCOUNT_REVOKED,
+    actions::ROBOT_ACCOUNT_SUSPENDED,
+    actions::ROBOT_ACCOUNT_RESUMED,
+    actions::ROBOT_ACCOUNT_PREVIOUS_SECRET_RETIRED,
+    actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
+    actions::AUTHORIZATION_CREATED,
+    actions::AUTHORIZATION_REVOKED,
+    actions::CREDENTIAL_EXPIRED,
+    actions::CREDENTIAL_LEAKED,
+];
+
+/// The streams open on this replica: their number is bounded, and they end when it stops.
+pub(crate) struct RevocationStreams {
+    slots: Arc<Semaphore>,
+    /// Bumped on every local cache invalidation: streams look at the store at once.
+    wake: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl RevocationStreams {
+    pub(crate) fn new(max_streams: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_streams)),
+            wake: watch::Sender::new(0),
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// Something changed (here or, as the store told us, elsewhere): streams read their heads.
+    pub(crate) fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The server stops: every stream ends, so that connections can close.
+    pub(crate) fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// The stream answers errors in the verification endpoints' OAuth dialect.
+pub(crate) fn owns_path(path: &str) -> bool {
+    path == "/v1/revocations/stream"
+}
+
+pub(crate) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new().routes(routes!(revocation_stream))
+}
+
+/// One `revocation` event's data. No secret, no hash: what changed, for which credential.
+#[derive(Serialize, ToSchema)]
+pub struct RevocationEvent {
+    /// The audit event's `seq` (also the SSE `id`).
+    pub seq: u64,
+    /// The audit action, e.g. `api_token.revoked`, `authorization.created`.
+    pub action: String,
+    /// The affected credential's kind (`api_token`, `service_account`, `robot_account`; for a
+    /// grant change, the grant's subject type).
+    pub kind: String,
+    /// The affected credential (for a grant change: the grant's subject).
+    #[schema(value_type = String, format = Uuid)]
+    pub credential_id: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub occurred_at: String,
+}
+
+/// The data of `ready` and `reset`.
+#[derive(Serialize, ToSchema)]
+pub struct StreamPosition {
+    /// The seq the stream continues after.
+    pub seq: u64,
+    /// Seconds between heartbeat comments: a client that hears nothing for longer than this
+    /// should take the stream for dead.
+    pub heartbeat_seconds: u64,
+}
+
+/// Revocation stream (Server-Sent Events)
+///
+/// Every change of the caller's organization that can change a verification answer, as it
+/// commits: `revoked`, `rotated`, `suspended`, `resumed`, `previous_secret_retired` of API tokens,
+/// service accounts and robot accounts, robot permission changes, grants created or revoked,
+/// `credential.expired` and `credential.leaked`. The caller needs `tokens:verify`.
+///
+/// Events: `ready` (first; data `{seq, heartbeat_seconds}`), `revocation` (data: `seq`, `action`,
+/// `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be resumed:
+/// drop every cached verification). Each carries `id:` = the audit `seq`, increasing; send the
+/// last one seen as `Last-Event-ID` to resume without missing or repeating a change. Comments
+/// (`: `) are heartbeats.
+#[utoipa::path(
+    get, path = "/v1/revocations/stream", tag = "Verification",
+    params(("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (an audit seq).")),
+    responses(
+        (status = 200, description = "The event stream; it stays open.", content_type = "text/event-stream", body = String),
+        (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
+        (status = 403, description = "The caller lacks `tokens:verify`."),
+        (status = 429, description = "Too many streams are open on this server; retry after `Retry-After`."),
+    ),
+    security(("bearer" = [])),
+)]
+async fn revocation_stream(
+    State(app): State<App>,
+    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError<Verification>> {
+    let presented = bearer_token(&headers)?.to_string();
+    let client = client.map(|axum::extract::Extension(client)| client);
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::RevocationStream,
+            "GET /v1/revocations/stream".into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+    };
+    let caller = app.inner().verifier.verify_bearer(&presented, &at).await?;
+    if !caller.rights.grants(Capability::TokensVerify) {
+        return Err(AppError::Domain(DomainError::Forbidden(
+            "the revocation stream needs a credential with the `tokens:verify` capability".into(),
+        ))
+        .into());
+    }
+    let resume = match headers.get(LAST_EVENT_ID) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    AppError::Domain(DomainError::Validation(vec![
+                        keyplane_core::FieldError::new(
+                            keyplane_core::FieldPath::header("Last-Event-ID"),
+                            keyplane_core::error::codes::INVALID_FORMAT,
+                            "must be a whole number (an event id of this stream)",
+                        ),
+                    ]))
+                })?,
+        ),
+    };
+    let streams = &app.inner().revocation_streams;
+    let Ok(permit) = streams.slots.clone().try_acquire_owned() else {
+        return Err(AppError::RateLimited {
+            retry_after_secs: 5,
+        }
+        .into());
+    };
+    let tenant = caller.credential.tenant_id;
+    let state = app.store().audit_chain_state(tenant).await?;
+    let config = &app.inner().config;
+    let heartbeat = config.revocation_heartbeat;
+    let position = |seq| StreamPosition {
+        seq,
+        heartbeat_seconds: heartbeat.as_secs().max(1),
+    };
+    let (first, cursor) = match resume {
+        None => (("ready", position(state.head_seq)), state.head_seq),
+        // The events after `seq` are all still there.
+        Some(seq) if seq >= state.anchor_seq && seq <= state.head_seq => {
+            (("ready", position(seq)), seq)
+        }
+        Some(_) => (("reset", position(state.head_seq)), state.head_seq),
+    };
+    let first = Event::default()
+        .event(first.0)
+        .id(first.1.seq.to_string())
+        .retry(Duration::from_secs(1))
+        .json_data(&first.1)
+        .map_err(|e| AppError::Internal(anyhow::anyhow!("render an event: {e}")))?;
+    let stream = Stream {
+        app: app.clone(),
+        presented,
+        tenant,
+        cursor,
+        head: state.head_seq,
+        pending: VecDeque::from([first]),
+        wake: streams.wake.subscribe(),
+        stop: streams.stop.subscribe(),
+        poll: config.revocation_poll_interval,
+        heartbeat,
+        last_sent: tokio::time::Instant::now(),
+        _permit: permit,
+    };
+    let events = futures::stream::unfold(stream, |mut stream| async move {
+        let event = stream.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), stream))
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+/// One open stream: where it is in its tenant's chain and the events read but not yet sent.
+struct Stream {
+    app: App,
+    /// The caller's own secret, re-verified (from the cache) at each wake-up, so a stream ends
+    /// once its credential is revoked.
+    presented: String,
+    tenant: TenantId,
+    /// Every streamed event up to this seq has been queued.
+    cursor: u64,
+    /// The chain head last read.
+    head: u64,
+    pending: VecDeque<Event>,
+    wake: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    poll: Duration,
+    /// A heartbeat is sent when nothing else was for this long, and only right after the head
+    /// was read: it tells the client the stream is alive *and* up to date.
+    heartbeat: Duration,
+    last_sent: tokio::time::Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Stream {
+    /// The next event to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                self.last_sent = tokio::time::Instant::now();
+                return Some(event);
+            }
+            if self.head <= self.cursor {
+                let heartbeat_due = self.last_sent + self.heartbeat;
+                if heartbeat_due <= tokio::time::Instant::now() {
+                    self.last_sent = tokio::time::Instant::now();
+                    return Some(Event::default().comment("heartbeat"));
+                }
+                let next_read = (tokio::time::Instant::now() + self.poll).min(heartbeat_due);
+                tokio::select! {
+                    _ = self.wake.changed() => {}
+                    () = tokio::time::sleep_until(next_read) => {}
+                    _ = self.stop.wait_for(|stop| *stop) => return None,
+                }
+                // A canary never opened a stream (refused above, and never stops being one): this
+                // description is for form's sake.
+                let at = || {
+                    crate::canary::Presentation::new(
+                        crate::canary::CanarySurface::RevocationStream,
+                        "GET /v1/revocations/stream".into(),
+                        Default::default(),
+                    )
+                };
+                if self
+                    .app
+                    .inner()
+                    .verifier
+                    .verify_bearer(&self.presented, &at)
+                    .await
+                    .is_err()
+                {
+                    return None;
+                }
+                self.head = match self.app.store().audit_chain_state(self.tenant).await {
+                    Ok(state) => state.head_seq,
+                    Err(error) => {
+                        tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
+                        return None;
+                    }
+                };
+                continue;
+            }
+            let mut query = AuditQuery::after_seq(self.tenant, self.cursor, BATCH);
+            query.actions = STREAMED_ACTIONS.iter().map(|a| a.to_string()).collect();
+            let events = match self.app.store().list_audit_events(&query).await {
+                Ok(events) => events,
+                Err(error) => {
+                    tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
+                    return None;
+                }
+            };
+            let full = events.len() == BATCH as usize;
+            let last = events.last().map(|e| e.seq);
+            self.pending.extend(events.iter().filter_map(render));
+            // Every streamed event up to the head read before this query has been seen (seq order
+            // is commit order); a full batch continues from its last event.
+            self.cursor = match last {
+                Some(last) if full => last,
+                Some(last) => last.max(self.head),
+                None => self.head,
+            };
+        }
+    }
+}
+
+fn render(chained: &ChainedEvent) -> Option<Event> {
+    let event = &chained.event;
+    let target = event.target.as_ref()?;
+    let (kind, credential_id) = if target.target_type == "authorization" {
+        let text = |key: &str| match event.details.get(key) {
+            Some(keyplane_core::audit::DetailValue::Text(text)) => Some(text.clone()),
+            _ => None,
+        };
+        (text("subject_type")?, text("subject_id")?)
+    } else {
+        (target.target_type.clone(), target.id.to_string())
+    };
+    let data = RevocationEvent {
+        seq: chained.seq,
+        action: event.action.clone(),
+        kind,
+        credential_id,
+        occurred_at: crate::wire::rfc3339(&event.occurred_at),
+    };
+    Event::default()
+        .event("revocation")
+        .id(chained.seq.to_string())
+        .json_data(&data)
+        .ok()
+}

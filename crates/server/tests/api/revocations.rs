@@ -1,0 +1,376 @@
+//! `GET /v1/revocations/stream`: Server-Sent Events of every change that can alter a verification,
+//! resumable with `Last-Event-ID`, heartbeats, bounded in number, tenant-scoped.
+
+use crate::helpers::{both_backends, test_config, Org, TestApp};
+use keyplane_store::testing::Backend;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+both_backends!(
+    stream_carries_each_change_once_in_order_and_resumes,
+    stream_refuses_bad_callers_and_bad_ids,
+    stream_count_is_bounded_and_heartbeats_flow,
+);
+
+const STREAM: &str = "/v1/revocations/stream";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One Server-Sent Event (or a comment, as `event == ":"`).
+#[derive(Debug, Clone)]
+struct Sse {
+    event: String,
+    id: Option<String>,
+    data: Value,
+}
+
+/// Reads events off an open stream.
+struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    async fn open(app: &TestApp, token: &str, last_event_id: Option<&str>) -> reqwest::Response {
+        let mut request = app
+            .request(reqwest::Method::GET, STREAM, Some(token))
+            .timeout(Duration::from_secs(120));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        request.send().await.expect("GET the stream")
+    }
+
+    async fn connect(app: &TestApp, token: &str, last_event_id: Option<&str>) -> Self {
+        let response = Self::open(app, token, last_event_id).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event or comment, within `WAIT`.
+    async fn next_any(&mut self) -> Sse {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut sse = Sse {
+                    event: "message".into(),
+                    id: None,
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        sse.event = ":".into();
+                        sse.data = json!(comment.trim());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        sse.event = v.trim().into();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        sse.id = Some(v.trim().into());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if !data.is_empty() {
+                    sse.data = serde_json::from_str(&data).expect("event data is JSON");
+                }
+                return sse;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.response.chunk())
+                .await
+                .expect("an event within the wait")
+                .expect("read the stream")
+                .expect("the stream stays open");
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// The next event, skipping heartbeats.
+    async fn next(&mut self) -> Sse {
+        loop {
+            let sse = self.next_any().await;
+            if sse.event != ":" {
+                return sse;
+            }
+        }
+    }
+
+    /// Asserts that no event (other than heartbeats) arrives for `quiet`.
+    async fn nothing_for(&mut self, quiet: Duration) {
+        if let Ok(sse) = tokio::time::timeout(quiet, self.next()).await {
+            panic!("unexpected event: {sse:?}");
+        }
+    }
+}
+
+async fn verifier_token(app: &TestApp, org: &Org) -> String {
+    let created = app.create_token(org, "verifier", &["tokens:verify"]).await;
+    created["token"].as_str().unwrap().to_string()
+}
+
+async fn token_id(app: &TestApp, org: &Org, name: &str) -> String {
+    app.create_token(org, name, &[]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn assert_revocation(sse: &Sse, action: &str, kind: &str, credential_id: &str) {
+    assert_eq!(sse.event, "revocation", "{sse:?}");
+    assert_eq!(sse.data["action"], action, "{sse:?}");
+    assert_eq!(sse.data["kind"], kind, "{sse:?}");
+    assert_eq!(sse.data["credential_id"], credential_id, "{sse:?}");
+    assert_eq!(
+        sse.id.as_deref(),
+        Some(sse.data["seq"].to_string().as_str()),
+        "{sse:?}"
+    );
+    assert!(sse.data["occurred_at"].is_string(), "{sse:?}");
+    // What changed, never a secret or a hash.
+    let fields: Vec<&str> = sse
+        .data
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        ["action", "credential_id", "kind", "occurred_at", "seq"],
+        "{sse:?}"
+    );
+}
+
+fn seq(sse: &Sse) -> u64 {
+    sse.id.as_deref().unwrap().parse().unwrap()
+}
+
+async fn stream_carries_each_change_once_in_order_and_resumes(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("other").await;
+    let verifier = verifier_token(&app, &org).await;
+    let (revoked, rotated, suspended) = (
+        token_id(&app, &org, "revoked").await,
+        token_id(&app, &org, "rotated").await,
+        token_id(&app, &org, "suspended").await,
+    );
+
+    let mut stream = SseReader::connect(&app, &verifier, None).await;
+    let ready = stream.next().await;
+    assert_eq!(ready.event, "ready", "{ready:?}");
+    let start = seq(&ready);
+    assert_eq!(ready.data["seq"], start);
+
+    // Another organization's changes never show here; creations are not revocations.
+    let foreign = token_id(&app, &other, "foreign").await;
+    let res = app
+        .delete(&other.path(&format!("/api-tokens/{foreign}")), &other.token)
+        .await;
+    assert_eq!(res.status(), 204);
+
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{revoked}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    let first = stream.next().await;
+    assert_revocation(&first, "api_token.revoked", "api_token", &revoked);
+    assert!(seq(&first) > start);
+
+    let res = app
+        .post_empty(
+            &org.path(&format!("/api-tokens/{rotated}/rotate")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = app
+        .post_empty(
+            &org.path(&format!("/api-tokens/{suspended}/suspend")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let second = stream.next().await;
+    assert_revocation(&second, "api_token.rotated", "api_token", &rotated);
+    let third = stream.next().await;
+    assert_revocation(&third, "api_token.suspended", "api_token", &suspended);
+    assert!(seq(&first) < seq(&second) && seq(&second) < seq(&third));
+
+    // A grant change names the service account it changes.
+    let sa: Value = app
+        .post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            json!({"name": "svc"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sa_id = sa["id"].as_str().unwrap();
+    let res = app
+        .post(
+            &org.account_path("/authorizations"),
+            &org.token,
+            json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": sa_id, "capability_key": "audit:read"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let grant = stream.next().await;
+    assert_revocation(&grant, "authorization.created", "service_account", sa_id);
+    stream.nothing_for(Duration::from_millis(600)).await;
+    drop(stream);
+
+    // Changes made while no one listens are delivered on resumption, from Last-Event-ID on,
+    // none twice.
+    let res = app
+        .post_empty(
+            &org.path(&format!("/api-tokens/{suspended}/resume")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{rotated}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    let last = seq(&grant).to_string();
+    let mut resumed = SseReader::connect(&app, &verifier, Some(&last)).await;
+    let ready = resumed.next().await;
+    assert_eq!(
+        (ready.event.as_str(), ready.id.as_deref()),
+        ("ready", Some(last.as_str()))
+    );
+    assert_revocation(
+        &resumed.next().await,
+        "api_token.resumed",
+        "api_token",
+        &suspended,
+    );
+    assert_revocation(
+        &resumed.next().await,
+        "api_token.revoked",
+        "api_token",
+        &rotated,
+    );
+    resumed.nothing_for(Duration::from_millis(600)).await;
+
+    // Resuming from the start replays everything after it, in the same order with the same ids.
+    let mut replay = SseReader::connect(&app, &verifier, Some(&start.to_string())).await;
+    assert_eq!(replay.next().await.event, "ready");
+    for expected in [&first, &second, &third, &grant] {
+        let got = replay.next().await;
+        assert_eq!(
+            (got.id.clone(), got.data.clone()),
+            (expected.id.clone(), expected.data.clone())
+        );
+    }
+
+    // The stream ends when its caller's own credential is revoked.
+    let verifier_id = app
+        .app
+        .verify_secret(&verifier)
+        .await
+        .unwrap()
+        .credential
+        .id;
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{verifier_id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204);
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match replay.response.chunk().await {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a revoked caller must end");
+}
+
+async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let verifier = verifier_token(&app, &org).await;
+    let plain = app.create_token(&org, "plain", &["api_tokens:read"]).await;
+
+    let res = app
+        .request(reqwest::Method::GET, STREAM, None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_token");
+    let res = SseReader::open(&app, plain["token"].as_str().unwrap(), None).await;
+    assert_eq!(res.status(), 403);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "insufficient_scope");
+    let res = SseReader::open(&app, &verifier, Some("twelve")).await;
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
+
+    // An id ahead of the chain cannot be resumed: the client is told to start over.
+    let mut stream = SseReader::connect(&app, &verifier, Some("999999")).await;
+    let reset = stream.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let head = seq(&reset);
+    assert!(head < 999_999);
+    let id = token_id(&app, &org, "doomed").await;
+    app.delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await;
+    let event = stream.next().await;
+    assert_revocation(&event, "api_token.revoked", "api_token", &id);
+    assert!(seq(&event) > head);
+
+    // An id whose events were pruned (retention) cannot be resumed either.
+    let store = app.app.store();
+    let future = chrono::Utc::now() + chrono::TimeDelta::days(1);
+    while store.prune_audit_events(future, 1000).await.unwrap() > 0 {}
+    let mut pruned = SseReader::connect(&app, &verifier, Some("1")).await;
+    let reset = pruned.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(seq(&reset), seq(&event));
+    // While an id still inside the chain resumes as usual.
+    let mut current = SseReader::connect(&app, &verifier, Some(&seq(&event).to_string())).await;
+    assert_eq!(current.next().await.event, "ready");
+}
+
+async fn stream_count_is_bounded_and_heartbeats_flow(backend: Backend) {
+    let config = keyplane_server::Config {
+        max_revocation_streams: 1,
+        revocation_heartbeat: Duration::from_millis(200),
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let verifier = verifier_token(&app, &org).await;
+
+    let mut stream = SseReader::connect(&app, &verifier, None).await;
+    assert_eq!(stream.next().await.event, "ready");
+    let second = SseReader::open(&app, &verifier, None).await;
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after"));
+    for _ in 0..3 {
+        let beat = stream.next_any().await;
+        assert_eq!(
+            (beat.event.as_str(), &beat.data),
+            (":", &json!("heartbeat"))
+        );
+    }
+    drop(stream);
+    // The slot is free again once the client is gone.
+    crate::helpers::eventually("a stream slot is released", || async {
+        SseReader::open(&app, &verifier, None).await.status() == 200
+    })
+    .await;
+}
