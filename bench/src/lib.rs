@@ -31,6 +31,7 @@ pub async fn seed_api_tokens(
                 permissions: Vec::new(),
                 expires_at: None,
                 created_by_user_id: None,
+                canary: false,
             }
             .issue(now, &mut OsRng);
             batch.push(credential);

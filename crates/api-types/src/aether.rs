@@ -33,6 +33,14 @@ pub struct CreateApiTokenRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint, is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `api_tokens:write`. Default false.
+    #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
 }
 
 /// An API token as listed: never its secret.
@@ -68,6 +76,9 @@ pub struct ApiTokenView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `api_tokens:write`.
+    pub canary: bool,
 }
 
 impl From<Credential> for ApiTokenView {
@@ -93,6 +104,7 @@ impl From<Credential> for ApiTokenView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -106,6 +118,7 @@ impl From<Credential> for ApiTokenView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }
@@ -181,6 +194,14 @@ pub struct CreateRobotAccountRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Every presentation of it, on any endpoint (a registry login included), is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `registry:write`. Default false.
+    #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
 }
 
 /// `PUT /registry/robot-accounts/{id}` body.
@@ -230,6 +251,9 @@ pub struct RobotAccountView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `registry:write`.
+    pub canary: bool,
 }
 
 impl From<Credential> for RobotAccountView {
@@ -255,6 +279,7 @@ impl From<Credential> for RobotAccountView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             id: id.as_uuid(),
@@ -269,6 +294,7 @@ impl From<Credential> for RobotAccountView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }

@@ -28,6 +28,14 @@ pub struct CreateServiceAccountRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary: a credential that looks like any other (same token format, same answer, `token`
+    /// shown once) but authenticates nowhere. Grants to it are kept but never honoured. Every presentation of it, on any endpoint, is
+    /// refused exactly as a revoked credential's would be and recorded as
+    /// `credential.canary_triggered` (client address, user agent, route). Listed only to callers
+    /// holding `auth.manage`. Default false.
+    #[schema(value_type = Option<bool>, default = false)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -72,6 +80,9 @@ pub struct ServiceAccountView {
     #[serde(serialize_with = "optional_timestamp")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub suspended_at: Option<DateTime<Utc>>,
+    /// True for a canary credential (authenticates nowhere; every presentation is recorded as
+    /// `credential.canary_triggered`). Canaries are listed only to callers holding `auth.manage`.
+    pub canary: bool,
 }
 
 impl From<Credential> for ServiceAccountView {
@@ -97,6 +108,7 @@ impl From<Credential> for ServiceAccountView {
             rotated_at: _,
             previous_secret: _,
             expiry_notice_days: _,
+            canary,
         } = credential;
         Self {
             account_id: tenant_id.as_uuid(),
@@ -115,6 +127,7 @@ impl From<Credential> for ServiceAccountView {
             previous_secret_expires_at: lifecycle.previous_secret_expires_at,
             previous_secret_last_used_at: lifecycle.previous_secret_last_used_at,
             suspended_at: lifecycle.suspended_at,
+            canary,
         }
     }
 }

@@ -191,6 +191,10 @@ pub enum TokensCommand {
         /// (deploy:prod). At most the caller's own.
         #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
+        /// A canary: it looks like any API token but authenticates nowhere, and every presentation
+        /// of it is recorded as `credential.canary_triggered` (then delivered by webhooks).
+        #[arg(long)]
+        canary: bool,
         #[command(flatten)]
         expiry: Expiry,
         #[command(flatten)]
@@ -319,6 +323,11 @@ pub enum ServiceAccountsCommand {
         /// 1–120 characters, unique among the account's live service accounts.
         #[arg(long)]
         name: String,
+        /// A canary: it looks like any service account but authenticates nowhere, and every
+        /// presentation of it is recorded as `credential.canary_triggered` (then delivered by
+        /// webhooks).
+        #[arg(long)]
+        canary: bool,
         #[command(flatten)]
         expiry: Expiry,
         #[command(flatten)]
@@ -456,6 +465,10 @@ pub enum RobotsCommand {
         /// repeatable [default: pull].
         #[arg(long = "permission", value_name = "PERMISSION")]
         permissions: Vec<String>,
+        /// A canary: it looks like any robot but authenticates nowhere, and every presentation of
+        /// it is recorded as `credential.canary_triggered` (then delivered by webhooks).
+        #[arg(long)]
+        canary: bool,
         #[command(flatten)]
         expiry: Expiry,
         #[command(flatten)]
@@ -1005,6 +1018,7 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
         TokensCommand::Create {
             name,
             scopes,
+            canary,
             expiry,
             secret,
         } => {
@@ -1014,6 +1028,7 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
                 name,
                 scopes,
                 expires_at: expiry.at(Utc::now())?,
+                canary,
             };
             let file = secret.open()?;
             let created = s.client.create_api_token(org, &request).await?;
@@ -1086,12 +1101,14 @@ pub async fn service_accounts(
         }
         ServiceAccountsCommand::Create {
             name,
+            canary,
             expiry,
             secret,
         } => {
             let request = CreateServiceAccountRequest {
                 name,
                 expires_at: expiry.at(Utc::now())?,
+                canary,
             };
             let file = secret.open()?;
             let created = s.client.create_service_account(account, &request).await?;
@@ -1235,6 +1252,7 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
         RobotsCommand::Create {
             name,
             permissions: raw,
+            canary,
             expiry,
             secret,
         } => {
@@ -1247,6 +1265,7 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
                     permissions(&raw)?
                 },
                 expires_at: expiry.at(Utc::now())?,
+                canary,
             };
             let file = secret.open()?;
             let created = s.client.create_robot(org, &request).await?;

@@ -157,6 +157,7 @@ async fn sigkill_loses_no_event_and_the_export_resumes(backend: Backend) {
             limit: None,
             include_revoked: true,
             expiring: None,
+            include_canaries: true,
         })
         .await
         .unwrap();

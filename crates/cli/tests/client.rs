@@ -386,6 +386,20 @@ async fn tokens(cli: &Cli, org_id: &str) {
         gone.describe()
     );
     cli.with_token(&from_file).fails(&["whoami"], 3).await;
+
+    // --canary: a token like any other that authenticates nowhere (401: exit 3), shown as such.
+    let bait = cli
+        .json(&[
+            "tokens", "create", "--name", "bait", "--scope", "*", "--canary",
+        ])
+        .await;
+    assert_eq!(bait["canary"], true, "{bait}");
+    let bait_secret = str_of(&bait, "token").to_string();
+    assert!(bait_secret.starts_with("aether_"));
+    cli.with_token(&bait_secret).fails(&["whoami"], 3).await;
+    let table = cli.table(&["tokens", "list"]).await;
+    let row = table.lines().find(|line| line.contains("bait")).unwrap();
+    assert!(row.contains("canary"), "{table}");
 }
 
 async fn secrets_stay_out_of_stderr_and_verbose(cli: &Cli) {

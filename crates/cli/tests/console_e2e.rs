@@ -158,6 +158,76 @@ async fn console_http_rules(backend: Backend) {
         "{text}"
     );
 
+    // A canary pasted here is refused exactly as a revoked token is, and recorded.
+    let tokens = url(&format!("/api/v1/organizations/{}/api-tokens", org.id));
+    let create = |body: serde_json::Value| {
+        http.post(tokens.clone())
+            .bearer_auth(&org.token)
+            .json(&body)
+            .send()
+    };
+    let canary: serde_json::Value = create(serde_json::json!({"name": "bait", "canary": true}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let old: serde_json::Value = create(serde_json::json!({"name": "old"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let revoked = http
+        .delete(format!("{tokens}/{}", old["id"].as_str().unwrap()))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let secret = |v: &serde_json::Value| v["token"].as_str().unwrap().to_string();
+    let with_canary = sign_in(Some(login_cookie.clone()), &login_cookie, &secret(&canary))
+        .await
+        .unwrap();
+    let with_revoked = sign_in(Some(login_cookie.clone()), &login_cookie, &secret(&old))
+        .await
+        .unwrap();
+    assert_eq!(with_canary.status(), 401);
+    assert_eq!(with_canary.status(), with_revoked.status());
+    // The same page, but for the fresh CSRF token each answer carries.
+    let page = |html: String| html.replace(&csrf_in(&html), "CSRF");
+    assert_eq!(
+        page(with_canary.text().await.unwrap()),
+        page(with_revoked.text().await.unwrap())
+    );
+    let events = url(&format!(
+        "/api/v1/organizations/{}/audit-events?action=credential.canary_triggered",
+        org.id
+    ));
+    let mut recorded = serde_json::Value::Null;
+    for _ in 0..100 {
+        let page: serde_json::Value = http
+            .get(events.clone())
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(event) = page["items"].get(0) {
+            recorded = event.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded["details"]["surface"], "console", "{recorded}");
+    assert_eq!(
+        recorded["details"]["route"], "POST /console/login",
+        "{recorded}"
+    );
+    assert_eq!(recorded["target"]["id"], canary["id"], "{recorded}");
+
     let signed_in = sign_in(Some(login_cookie.clone()), &login_cookie, &org.token)
         .await
         .unwrap();

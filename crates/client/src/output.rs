@@ -258,6 +258,19 @@ fn status(suspended_at: &Option<DateTime<Utc>>, previous_until: &Option<DateTime
     }
 }
 
+/// A credential's status cell: a canary says so (it is never suspended or rotating).
+fn credential_status(
+    canary: bool,
+    suspended_at: &Option<DateTime<Utc>>,
+    previous_until: &Option<DateTime<Utc>>,
+) -> String {
+    if canary {
+        "canary".into()
+    } else {
+        status(suspended_at, previous_until)
+    }
+}
+
 /// The lifecycle fields every credential view carries, for a detail view.
 fn lifecycle_fields(
     now: DateTime<Utc>,
@@ -353,7 +366,11 @@ impl Record for ApiTokenView {
             self.name.clone(),
             self.prefix.clone(),
             list_or_dash(&self.scopes),
-            status(&self.suspended_at, &self.previous_secret_expires_at),
+            credential_status(
+                self.canary,
+                &self.suspended_at,
+                &self.previous_secret_expires_at,
+            ),
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
         ]
@@ -379,6 +396,9 @@ impl Record for ApiTokenView {
             &self.previous_secret_expires_at,
             &self.previous_secret_last_used_at,
         ));
+        if self.canary {
+            fields.push(("canary", "true".into()));
+        }
         fields
     }
 }
@@ -397,7 +417,11 @@ impl Record for ServiceAccountView {
     fn cells(&self, now: DateTime<Utc>) -> Vec<String> {
         let state = match self.revoked_at {
             Some(_) => "revoked".into(),
-            None => status(&self.suspended_at, &self.previous_secret_expires_at),
+            None => credential_status(
+                self.canary,
+                &self.suspended_at,
+                &self.previous_secret_expires_at,
+            ),
         };
         vec![
             self.id.to_string(),
@@ -431,6 +455,9 @@ impl Record for ServiceAccountView {
             &self.previous_secret_expires_at,
             &self.previous_secret_last_used_at,
         ));
+        if self.canary {
+            fields.push(("canary", "true".into()));
+        }
         fields
     }
 }
@@ -502,7 +529,11 @@ impl Record for RobotAccountView {
             self.id.to_string(),
             self.name.clone(),
             list_or_dash(&self.permissions),
-            status(&self.suspended_at, &self.previous_secret_expires_at),
+            credential_status(
+                self.canary,
+                &self.suspended_at,
+                &self.previous_secret_expires_at,
+            ),
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
         ]
@@ -528,6 +559,9 @@ impl Record for RobotAccountView {
             &self.previous_secret_expires_at,
             &self.previous_secret_last_used_at,
         ));
+        if self.canary {
+            fields.push(("canary", "true".into()));
+        }
         fields
     }
 }

@@ -90,6 +90,7 @@ async fn a_create_answered_503_is_retried_with_the_same_idempotency_key() {
         name: "ci".into(),
         scopes: ScopeSet::empty(),
         expires_at: None,
+        canary: false,
     };
     let created = client
         .create_api_token(Uuid::new_v4(), &request)

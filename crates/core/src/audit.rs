@@ -47,6 +47,9 @@ pub mod actions {
     /// A credential's secret was reported found in public (GitHub secret scanning, the public
     /// revocation endpoint) and keyplane acted on it; the target names the credential.
     pub const CREDENTIAL_LEAKED: &str = "credential.leaked";
+    /// A canary credential was presented (to any surface, or reported leaked); the target names
+    /// the canary, the context and details say where it was presented.
+    pub const CREDENTIAL_CANARY_TRIGGERED: &str = "credential.canary_triggered";
     pub const WEBHOOK_CREATED: &str = "webhook.created";
     pub const WEBHOOK_UPDATED: &str = "webhook.updated";
     pub const WEBHOOK_DELETED: &str = "webhook.deleted";

@@ -78,6 +78,10 @@ pub struct Credential {
     /// The expiry warning stage already announced for the current `expires_at` (days before it:
     /// 30, 7, 1; 0 = the expiry itself); `None` when none was. Reset when `expires_at` changes.
     pub expiry_notice_days: Option<u32>,
+    /// A canary: it looks like any credential of its kind but authenticates nowhere; every
+    /// presentation of it is recorded (`credential.canary_triggered`). Set at creation, never
+    /// changed, and not readable from the token.
+    pub canary: bool,
 }
 
 /// The secret replaced by a rotation with a grace period: it keeps authenticating, as
@@ -214,6 +218,8 @@ pub struct NewCredential {
     pub permissions: Vec<RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_by_user_id: Option<UserId>,
+    /// A canary credential (see [`Credential::canary`]).
+    pub canary: bool,
 }
 
 impl NewCredential {
@@ -244,6 +250,7 @@ impl NewCredential {
             rotated_at: None,
             previous_secret: None,
             expiry_notice_days: None,
+            canary: self.canary,
         };
         (credential, minted.plaintext)
     }

@@ -32,7 +32,7 @@ pub(crate) struct Inner {
     /// and the reports being worked off.
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
-    pub leak_jobs: crate::leaks::LeakJobs,
+    pub leak_jobs: crate::jobs::Jobs,
     /// The web console's server-side sessions.
     pub console_sessions: crate::console::Sessions,
     /// Notified on SIGHUP: the TLS certificate and key are read again.
@@ -82,7 +82,7 @@ impl App {
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
             github_keys,
             public_revoke_limiter,
-            leak_jobs: crate::leaks::LeakJobs::new(),
+            leak_jobs: crate::leaks::leak_jobs(),
             console_sessions,
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams: crate::revocations::RevocationStreams::new(config_max_streams),
@@ -106,8 +106,9 @@ impl App {
     pub(crate) async fn authenticate_management(
         &self,
         headers: &HeaderMap,
+        at: crate::canary::Presented<'_>,
     ) -> Result<Principal, AppError> {
-        let principal = self.0.verifier.authenticate(headers).await?;
+        let principal = self.0.verifier.authenticate(headers, at).await?;
         if let Some(limiter) = &self.0.rate_limiter {
             limiter.check(principal.id())?;
         }
@@ -122,12 +123,14 @@ impl App {
     }
 
     /// Verifies a presented secret of any kind through the cache: the verification hot path,
-    /// without HTTP.
+    /// without HTTP (a canary's trigger names the surface `in_process`).
     pub async fn verify_secret(
         &self,
         presented: &str,
     ) -> Result<Arc<crate::auth::Verified>, AppError> {
-        self.0.verifier.verify_secret(presented).await
+        use crate::canary::{CanarySurface, Presentation};
+        let at = || Presentation::new(CanarySurface::InProcess, String::new(), Default::default());
+        self.0.verifier.verify_secret(presented, &at).await
     }
 
     /// Makes cached verifications of `subject` stale, here at once (other replicas hear of it

@@ -15,11 +15,20 @@ use std::time::Duration;
 
 /// Where an event's request came from. The one place the client address is read.
 pub fn request_context(headers: &HeaderMap, extensions: &Extensions) -> RequestContext {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     // The trusted-proxy rule's answer, set by `router::observe` before any handler runs.
-    let client_ip = extensions
-        .get::<crate::client_addr::ClientAddr>()
-        .map(|client| client.0.to_string());
+    request_context_of(
+        headers,
+        extensions.get::<crate::client_addr::ClientAddr>().copied(),
+    )
+}
+
+/// [`request_context`] for a handler that took the client address out of the extensions.
+pub(crate) fn request_context_of(
+    headers: &HeaderMap,
+    client: Option<crate::client_addr::ClientAddr>,
+) -> RequestContext {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let client_ip = client.map(|client| client.0.to_string());
     RequestContext::new(
         header("x-request-id"),
         client_ip,

@@ -20,7 +20,13 @@
 //! by [`crate::oidc`], the user's rights are read from its grants, and the principal is cached by the
 //! token's hash for at most `positive_ttl` and never past the token's `exp`; grant changes reach it
 //! through the same invalidation marks, keyed by the user id.
+//!
+//! Canaries ([`crate::canary`]) are cached like live credentials, and answered on every path as a
+//! revoked credential is (the same 401, the same `reason` in logs and metrics); the only extra
+//! work, a bool check on the entry, is what ordinary credentials pay. Only for a canary is the
+//! request described ([`Presented`]) and the trigger recorded.
 
+use crate::canary::{CanaryAlarm, Presented};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::oidc::{Oidc, OidcConfig};
@@ -111,6 +117,10 @@ impl Default for CacheConfig {
     }
 }
 
+/// The reason a revoked credential is refused for, and so a canary too: logs and metrics must not
+/// tell them apart.
+const REVOKED: &str = "unknown or revoked";
+
 /// After a store fault, stale-servable entries are served without asking the store again for this
 /// long, so an outage does not make every verification wait for the store's timeout.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -142,6 +152,8 @@ pub(crate) struct Verifier {
     refusals: Arc<crate::audit::Refusals>,
     /// What expiry, grace periods and suspension are judged against.
     clock: crate::config::Clock,
+    /// Where canary presentations are recorded.
+    canaries: CanaryAlarm,
 }
 
 impl Verifier {
@@ -159,6 +171,7 @@ impl Verifier {
             oidc.warm_up();
         }
         Self {
+            canaries: CanaryAlarm::new(store.clone(), clock.clone()),
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
             epoch: Instant::now(),
@@ -175,6 +188,11 @@ impl Verifier {
             refusals,
             clock,
         }
+    }
+
+    /// Where canary presentations are recorded (also leak reports', and drained by `serve`).
+    pub(crate) fn canaries(&self) -> &CanaryAlarm {
+        &self.canaries
     }
 
     /// Forgets what is cached about `subject` (a credential, or a grant's subject).
@@ -244,8 +262,12 @@ impl Verifier {
 
     /// Verifies a presented secret of any kind, recording the outcome in metrics and the use in
     /// `last_used_at`.
-    pub async fn verify_secret(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let result = self.verify_uncounted(presented).await;
+    pub async fn verify_secret(
+        &self,
+        presented: &str,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
+        let result = self.verify_uncounted(presented, at).await;
         self.count(result.as_ref());
         result
     }
@@ -264,17 +286,24 @@ impl Verifier {
 
     /// A credential authenticating itself at forward-auth, whoami or as an introspection caller:
     /// any live credential but a robot secret, which logs in to the registry only.
-    pub async fn verify_bearer(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let result = self.verify_uncounted(presented).await.and_then(|verified| {
-            match verified.credential.kind {
-                CredentialKind::RobotAccount => {
-                    // Robot secrets log in to the registry only.
-                    self.refuse(&verified.credential, "robot secret");
-                    Err(AppError::Unauthenticated("robot secret"))
+    pub async fn verify_bearer(
+        &self,
+        presented: &str,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
+        let result = self
+            .verify_uncounted(presented, at)
+            .await
+            .and_then(|verified| {
+                match verified.credential.kind {
+                    CredentialKind::RobotAccount => {
+                        // Robot secrets log in to the registry only.
+                        self.refuse(&verified.credential, "robot secret");
+                        Err(AppError::Unauthenticated("robot secret"))
+                    }
+                    _ => Ok(verified),
                 }
-                _ => Ok(verified),
-            }
-        });
+            });
         self.count(result.as_ref());
         result
     }
@@ -286,26 +315,37 @@ impl Verifier {
         &self,
         presented: &str,
         tenant: TenantId,
+        at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let result = self.verify_uncounted(presented).await.and_then(|verified| {
-            match &verified.credential {
-                c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
-                c if c.kind == CredentialKind::RobotAccount => {
-                    Err(AppError::Unauthenticated("robot secret"))
-                }
-                _ => Ok(verified),
-            }
-        });
+        let result =
+            self.verify_uncounted(presented, at)
+                .await
+                .and_then(|verified| match &verified.credential {
+                    c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
+                    c if c.kind == CredentialKind::RobotAccount => {
+                        Err(AppError::Unauthenticated("robot secret"))
+                    }
+                    _ => Ok(verified),
+                });
         self.count(result.as_ref());
         result
     }
 
-    async fn verify_uncounted(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
+    async fn verify_uncounted(
+        &self,
+        presented: &str,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
         let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
         let verified = self.lookup(&parsed.hash).await?;
         let credential = &verified.credential;
         if credential.kind != parsed.kind {
             return Err(AppError::Unauthenticated("unknown"));
+        }
+        if credential.canary {
+            // Whatever the surface, kind or state: refused as a revoked credential is.
+            self.canaries.presented(credential, at());
+            return Err(AppError::Unauthenticated(REVOKED));
         }
         let now = self.clock.now();
         match credential.secret_slot(&parsed.hash, now) {
@@ -336,7 +376,13 @@ impl Verifier {
         }
         let cached = self.cache.get(hash);
         if let Some(known) = cached.as_ref().filter(|known| self.is_fresh(known)) {
-            self.metrics.verify_cache(crate::metrics::CacheOutcome::Hit);
+            // A revoked credential would be in the negative cache: count a canary as it would be.
+            self.metrics
+                .verify_cache(if known.verified.credential.canary {
+                    crate::metrics::CacheOutcome::Unknown
+                } else {
+                    crate::metrics::CacheOutcome::Hit
+                });
             return Ok(known.verified.clone());
         }
         let outcome = match cached {
@@ -387,9 +433,14 @@ impl Verifier {
             self.cache.remove(hash);
             self.unknown
                 .insert(*hash, loaded + self.config.negative_ttl);
-            return Err(AppError::Unauthenticated("unknown or revoked"));
+            return Err(AppError::Unauthenticated(REVOKED));
         };
-        let rights = crate::ops::rights_of(self.store.as_ref(), &credential).await?;
+        // A canary holds nothing, whatever scopes or grants it was given for show.
+        let rights = if credential.canary {
+            ScopeSet::empty()
+        } else {
+            crate::ops::rights_of(self.store.as_ref(), &credential).await?
+        };
         let secret = if credential.secret_hash.matches(hash) {
             SecretSlot::Current
         } else {
@@ -408,7 +459,11 @@ impl Verifier {
 
     /// A management API caller: a user's JWT access token, or any live credential but a robot
     /// secret.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AppError> {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        at: Presented<'_>,
+    ) -> Result<Principal, AppError> {
         let presented = bearer_token(headers)?;
         if crate::oidc::looks_like_jwt(presented) {
             let result = self.authenticate_user(presented).await;
@@ -417,7 +472,7 @@ impl Verifier {
             }
             return result;
         }
-        Ok(self.verify_bearer(presented).await?.principal())
+        Ok(self.verify_bearer(presented, at).await?.principal())
     }
 
     async fn authenticate_user(&self, token: &str) -> Result<Principal, AppError> {
@@ -456,8 +511,9 @@ impl Verifier {
         &self,
         username: &str,
         secret: &str,
+        at: Presented<'_>,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
-        let result = self.verify_robot(username, secret).await;
+        let result = self.verify_robot(username, secret, at).await;
         self.count(result.as_ref().map(|(verified, _)| verified));
         result
     }
@@ -466,8 +522,9 @@ impl Verifier {
         &self,
         username: &str,
         secret: &str,
+        at: Presented<'_>,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
-        let verified = self.verify_uncounted(secret).await?;
+        let verified = self.verify_uncounted(secret, at).await?;
         if verified.credential.kind != CredentialKind::RobotAccount {
             self.refuse(&verified.credential, "not a robot secret");
             return Err(AppError::Unauthenticated("not a robot secret"));

@@ -25,7 +25,16 @@ impl<S: Surface> FromRequestParts<App> for Authenticated<S> {
     type Rejection = ApiError<S>;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
-        let principal = app.authenticate_management(&parts.headers).await?;
+        let principal = {
+            let parts: &Parts = parts;
+            let at = || {
+                crate::canary::Presentation::of_parts(
+                    crate::canary::CanarySurface::ManagementApi,
+                    parts,
+                )
+            };
+            app.authenticate_management(&parts.headers, &at).await?
+        };
         if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
             slot.set(&principal);
         }

@@ -162,6 +162,7 @@ pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
         permissions: Vec::new(),
         expires_at: None,
         created_by_user_id: None,
+        canary: false,
     }
     .issue(now, &mut OsRng);
     Ok(OrgCreated {
@@ -202,6 +203,9 @@ pub struct CredentialSpec {
     /// Robot accounts only.
     pub permissions: Vec<keyplane_core::RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// A canary ([`crate::canary`]): its scopes, permissions or later grants are kept and shown
+    /// (a believable bait) but never honoured, since it never authenticates.
+    pub canary: bool,
 }
 
 /// The capabilities that read and write one kind of credential.
@@ -325,14 +329,18 @@ pub async fn create_credential(
         permissions: spec.permissions,
         expires_at,
         created_by_user_id: who.user_id(),
+        canary: spec.canary,
     }
     .issue(issued_at, &mut OsRng);
-    let event = credential_event(
+    let mut event = credential_event(
         credential_action(rights.kind, CredentialChange::Created),
         AuditActor::of(who),
         context,
         &credential,
     );
+    if credential.canary {
+        event = event.text("canary", "true");
+    }
     app.store()
         .insert_credential(&credential, &event)
         .await
@@ -363,6 +371,7 @@ pub async fn list_credentials(
 ) -> Result<(Vec<Credential>, Option<CredentialId>), AppError> {
     who.require(tenant, rights.read)?;
     let now = app.now();
+    let include_canaries = sees_canaries(who, tenant, rights);
     let mut page = app
         .store()
         .list_credentials(&ListCredentials {
@@ -375,6 +384,7 @@ pub async fn list_credentials(
                 after: now,
                 until: now + chrono::TimeDelta::days(i64::from(days)),
             }),
+            include_canaries,
         })
         .await?;
     let next = match spec.limit {
@@ -387,7 +397,15 @@ pub async fn list_credentials(
     Ok((page.into_iter().map(|c| c.as_of(now)).collect(), next))
 }
 
-/// A live credential; revoked ones are `NotFound` here.
+/// Canaries are shown only to callers who hold the kind's write right (who could have made
+/// them); to others they do not exist.
+fn sees_canaries(who: &Principal, tenant: TenantId, rights: KindRights) -> bool {
+    who.rights_in(tenant)
+        .is_some_and(|held| held.grants(rights.write))
+}
+
+/// A live credential; revoked ones, and canaries for callers without the kind's write right, are
+/// `NotFound` here.
 pub async fn get_live_credential(
     app: &App,
     who: &Principal,
@@ -396,10 +414,11 @@ pub async fn get_live_credential(
     id: CredentialId,
 ) -> Result<Credential, AppError> {
     who.require(tenant, rights.read)?;
+    let sees_canaries = sees_canaries(who, tenant, rights);
     app.store()
         .get_credential(tenant, rights.kind, id)
         .await?
-        .filter(|c| !c.is_revoked())
+        .filter(|c| !c.is_revoked() && (sees_canaries || !c.canary))
         .map(|c| c.as_of(app.now()))
         .ok_or(DomainError::NotFound.into())
 }
@@ -480,6 +499,9 @@ async fn rotate(
         }
         Ok(()) | Err(_) => {}
     }
+    if current.canary {
+        return Err(DomainError::Conflict(CANARY_IS_FIXED.into()).into());
+    }
     who.may_delegate(
         tenant,
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
@@ -544,6 +566,11 @@ async fn rotate(
     Ok(Issued { credential, secret })
 }
 
+/// A canary's secret and state never change (no rotation, no suspension): what was planted stays
+/// what triggers, until it is revoked.
+const CANARY_IS_FIXED: &str =
+    "a canary credential cannot be rotated, suspended or resumed: revoke it and create a new one";
+
 /// What managing `target` (revoking, suspending, resuming, retiring its previous secret) needs:
 /// the kind's write right and every right the credential holds, so an `api_tokens:write` token
 /// cannot take down the org's `*` token.
@@ -597,6 +624,9 @@ pub async fn set_suspended(
     revoked: fn() -> DomainError,
 ) -> Result<Credential, AppError> {
     let target = live_target(app, who, tenant, rights, id, revoked).await?;
+    if target.canary {
+        return Err(DomainError::Conflict(CANARY_IS_FIXED.into()).into());
+    }
     let change = if suspend {
         CredentialChange::Suspended
     } else {
@@ -1112,6 +1142,7 @@ pub async fn enable_registry(
             )
             .map_err(DomainError::from)?,
         created_by_user_id: who.user_id(),
+        canary: false,
     }
     .issue(now, &mut OsRng);
     let event = |registry: &Registry| {

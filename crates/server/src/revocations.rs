@@ -155,10 +155,19 @@ pub struct StreamPosition {
 )]
 async fn revocation_stream(
     State(app): State<App>,
+    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError<Verification>> {
     let presented = bearer_token(&headers)?.to_string();
-    let caller = app.inner().verifier.verify_bearer(&presented).await?;
+    let client = client.map(|axum::extract::Extension(client)| client);
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::RevocationStream,
+            "GET /v1/revocations/stream".into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+    };
+    let caller = app.inner().verifier.verify_bearer(&presented, &at).await?;
     if !caller.rights.grants(Capability::TokensVerify) {
         return Err(AppError::Domain(DomainError::Forbidden(
             "the revocation stream needs a credential with the `tokens:verify` capability".into(),
@@ -275,11 +284,20 @@ impl Stream {
                     () = tokio::time::sleep_until(next_read) => {}
                     _ = self.stop.wait_for(|stop| *stop) => return None,
                 }
+                // A canary never opened a stream (refused above, and never stops being one): this
+                // description is for form's sake.
+                let at = || {
+                    crate::canary::Presentation::new(
+                        crate::canary::CanarySurface::RevocationStream,
+                        "GET /v1/revocations/stream".into(),
+                        Default::default(),
+                    )
+                };
                 if self
                     .app
                     .inner()
                     .verifier
-                    .verify_bearer(&self.presented)
+                    .verify_bearer(&self.presented, &at)
                     .await
                     .is_err()
                 {

@@ -305,6 +305,11 @@ pub async fn serve(
         .leak_jobs
         .drain(app.inner().config.http.shutdown_timeout)
         .await;
+    app.inner()
+        .verifier
+        .canaries()
+        .drain(app.inner().config.http.shutdown_timeout)
+        .await;
     app.flush_usage().await;
     Ok(())
 }

@@ -4,9 +4,11 @@
 
 use crate::app::App;
 use crate::auth::{bearer_token, Verified};
+use crate::canary::{CanarySurface, Presentation};
+use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -134,11 +136,23 @@ fn form_urlencoded_token(body: &[u8]) -> Option<String> {
 )]
 async fn introspect(
     State(app): State<App>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, VerifyError> {
+    const ROUTE: &str = "POST /oauth2/introspect";
+    let client = client.map(|Extension(client)| client);
     let verifier = &app.inner().verifier;
-    let caller = verifier.verify_bearer(bearer_token(&headers)?).await?;
+    let at_caller = || {
+        Presentation::new(
+            CanarySurface::IntrospectionCaller,
+            ROUTE.into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+    };
+    let caller = verifier
+        .verify_bearer(bearer_token(&headers)?, &at_caller)
+        .await?;
     if !caller.rights.grants(Capability::TokensVerify) {
         return Err(AppError::Domain(DomainError::Forbidden(
             "introspection needs a credential with the `tokens:verify` capability".into(),
@@ -146,8 +160,19 @@ async fn introspect(
         .into());
     }
     let token = presented_token(&headers, &body)?;
+    // The introspected token was presented to the caller (a resource server), which asks here: the
+    // trigger's address and agent are the caller's, and it names the caller when it is of the
+    // canary's organization.
+    let at_token = || {
+        Presentation::new(
+            CanarySurface::IntrospectedToken,
+            ROUTE.into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+        .introspected_by(&caller.credential)
+    };
     let verified = match verifier
-        .introspect(&token, caller.credential.tenant_id)
+        .introspect(&token, caller.credential.tenant_id, &at_token)
         .await
     {
         Ok(verified) => verified,
@@ -194,11 +219,14 @@ async fn introspect(
     ),
     security(("bearer" = [])),
 )]
-async fn forward_auth(
-    State(app): State<App>,
-    AuthorizationHeader(headers): AuthorizationHeader,
-    Query(required): Query<Vec<(String, String)>>,
-) -> Result<Response, VerifyError> {
+async fn forward_auth(State(app): State<App>, request: Request) -> Result<Response, VerifyError> {
+    // The whole request, not extractors: its parts describe a canary's presentation, read only
+    // when one is presented, and nothing is copied on the hot path.
+    let (parts, _) = request.into_parts();
+    let required = match Query::<Vec<(String, String)>>::try_from_uri(&parts.uri) {
+        Ok(Query(required)) => required,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     // A misspelt parameter must not silently drop the check it was meant to add.
     if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope") {
         return Err(AppError::Domain(DomainError::Validation(vec![
@@ -210,10 +238,11 @@ async fn forward_auth(
         ]))
         .into());
     }
+    let at = || Presentation::of_parts(CanarySurface::ForwardAuth, &parts);
     let verified = app
         .inner()
         .verifier
-        .verify_bearer(bearer_token(&headers)?)
+        .verify_bearer(bearer_token(&parts.headers)?, &at)
         .await?;
     let holds = &verified.rights;
     for (_, scope) in &required {
@@ -236,25 +265,6 @@ async fn forward_auth(
     out.insert(SCOPES, identity.scopes.clone());
     out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
     Ok(response)
-}
-
-/// Only the request's `Authorization` header, as a map `bearer_token` reads: extracting the whole
-/// `HeaderMap` would copy every header of every forward-auth request.
-struct AuthorizationHeader(HeaderMap);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuthorizationHeader {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _: &S,
-    ) -> Result<Self, Self::Rejection> {
-        let mut headers = HeaderMap::with_capacity(1);
-        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
-            headers.insert(header::AUTHORIZATION, value.clone());
-        }
-        Ok(Self(headers))
-    }
 }
 
 /// Forward-auth's identity headers for one verified credential. Ids are UUIDs and scopes are
@@ -290,11 +300,13 @@ impl ForwardHeaders {
     ),
     security(("bearer" = [])),
 )]
-async fn whoami(State(app): State<App>, headers: HeaderMap) -> Result<Json<WhoAmI>, VerifyError> {
+async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>, VerifyError> {
+    let (parts, _) = request.into_parts();
+    let at = || Presentation::of_parts(CanarySurface::Whoami, &parts);
     let verified = app
         .inner()
         .verifier
-        .verify_bearer(bearer_token(&headers)?)
+        .verify_bearer(bearer_token(&parts.headers)?, &at)
         .await?;
     let credential = &verified.credential;
     Ok(Json(WhoAmI {

@@ -43,6 +43,9 @@ pub struct ListCredentials {
     /// Only live credentials expiring in this window (exclusive start: already expired ones are
     /// not "about to expire").
     pub expiring: Option<ExpiryWindow>,
+    /// Canary credentials are listed only when asked for (callers holding the kind's write
+    /// right).
+    pub include_canaries: bool,
 }
 
 /// `expires_at` in `(after, until]`.

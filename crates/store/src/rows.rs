@@ -53,6 +53,7 @@ pub(crate) struct CredentialRow {
     previous_secret_last_used_at: Option<DateTime<Utc>>,
     retire_previous_when_unused_seconds: Option<i32>,
     expiry_notice_days: Option<i32>,
+    canary: bool,
 }
 
 impl TryFrom<CredentialRow> for Credential {
@@ -119,6 +120,7 @@ impl TryFrom<CredentialRow> for Credential {
                 .expiry_notice_days
                 .map(|d| u32::try_from(d).map_err(|_| corrupt("expiry notice stage")))
                 .transpose()?,
+            canary: row.canary,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! one implementation of [`Store`](crate::Store) over them, instantiated per backend by
 //! [`impl_store!`]. Only DDL differs, in `migrations/{sqlite,postgres}`.
 
-pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days";
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days, canary";
 
 pub(crate) const INSERT_TENANT: &str =
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
@@ -12,7 +12,7 @@ pub(crate) const CLAIM_BOOTSTRAP: &str =
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
 /// A new credential. The lifecycle columns (suspension, previous secret, expiry notices) start
 /// NULL: only later changes set them.
-pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 pub(crate) const REGISTRY_COLUMNS: &str =
     "id, tenant_id, project, quota_gb, created_at, updated_at";
 pub(crate) const INSERT_REGISTRY: &str = "INSERT INTO registries (id, tenant_id, project, quota_gb, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)";
@@ -95,12 +95,12 @@ pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WH
 pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
-/// Rows per multi-row INSERT when importing: 17 parameters each stays under SQLite's and
+/// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
-const CREDENTIAL_FIELDS: usize = 17;
+const CREDENTIAL_FIELDS: usize = 18;
 
-/// `INSERT INTO credentials (...) VALUES ($1..$17), ($18..$34), ...` for `rows` rows.
+/// `INSERT INTO credentials (...) VALUES ($1..$18), ($19..$36), ...` for `rows` rows.
 pub(crate) fn multi_row_insert(rows: usize) -> String {
     let (head, _) = INSERT_CREDENTIAL
         .split_once(" VALUES ")
@@ -315,6 +315,7 @@ macro_rules! impl_store {
                     "SELECT {} FROM credentials WHERE tenant_id = $1 AND kind = $2 \
                      AND ($3 OR revoked_at IS NULL) AND ($4 IS NULL OR id > $4) \
                      AND ($6 IS NULL OR (revoked_at IS NULL AND expires_at > $6 AND expires_at <= $7)) \
+                     AND ($8 OR canary = FALSE) \
                      ORDER BY id LIMIT $5",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
@@ -326,6 +327,7 @@ macro_rules! impl_store {
                     .bind(query.limit.map_or(i64::MAX, i64::from))
                     .bind(query.expiring.map(|w| w.after))
                     .bind(query.expiring.map(|w| w.until))
+                    .bind(query.include_canaries)
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
@@ -1381,6 +1383,7 @@ macro_rules! bind_credential_fn {
                 .bind(c.revoked_at)
                 .bind(c.created_by_user_id.map(|u| u.as_uuid()))
                 .bind(c.revoked_by_user_id.map(|u| u.as_uuid()))
+                .bind(c.canary)
         }
     };
 }

@@ -66,6 +66,7 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
         permissions: Vec::new(),
         expires_at: Some(now() + TimeDelta::days(1)),
         created_by_user_id: None,
+        canary: false,
     }
     .issue(now(), &mut OsRng)
 }
@@ -244,6 +245,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
         limit: Some(3),
         include_revoked,
         expiring: None,
+        include_canaries: true,
     };
     let first = f.store.list_credentials(&query(None, false)).await.unwrap();
     let names: Vec<_> = first.iter().map(|c| c.name.as_str()).collect();
@@ -504,6 +506,7 @@ async fn import_is_all_or_nothing(backend: Backend) {
             limit: None,
             include_revoked: true,
             expiring: None,
+            include_canaries: true,
         })
         .await
         .unwrap();
@@ -1570,6 +1573,7 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             permissions: Vec::new(),
             expires_at: None,
             created_by_user_id: None,
+            canary: false,
         }
         .issue(now(), &mut OsRng)
         .0
@@ -1641,6 +1645,63 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             Err(StoreError::Conflict(_))
         ));
     }
+}
+
+store_suite! {
+    canaries_round_trip_and_are_listed_only_when_asked_for,
+}
+
+async fn canaries_round_trip_and_are_listed_only_when_asked_for(backend: Backend) {
+    let f = fixture(backend).await;
+    let (mut canary, secret) = new_token(f.tenant.id, "bait");
+    canary.canary = true;
+    f.store.insert_credential(&canary, &ev()).await.unwrap();
+    let (mut imported, _) = new_token(f.tenant.id, "imported-bait");
+    imported.canary = true;
+    let (plain, _) = new_token(f.tenant.id, "plain");
+    f.store
+        .import_credentials(&[imported.clone(), plain.clone()], &[ev()])
+        .await
+        .unwrap();
+    let found = f
+        .store
+        .find_credential_by_hash(&secret.hash())
+        .await
+        .unwrap()
+        .expect("the canary is found by its hash");
+    assert!(found.canary);
+    assert_eq!(found, canary);
+    let got = |id| {
+        let store = f.store.clone();
+        let tenant = f.tenant.id;
+        async move {
+            store
+                .get_credential(tenant, CredentialKind::ApiToken, id)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert!(got(imported.id).await.canary);
+    assert!(!got(plain.id).await.canary);
+    let list = |include_canaries| ListCredentials {
+        tenant_id: f.tenant.id,
+        kind: CredentialKind::ApiToken,
+        after: None,
+        limit: None,
+        include_revoked: false,
+        expiring: None,
+        include_canaries,
+    };
+    let names = |credentials: Vec<Credential>| -> Vec<String> {
+        credentials.into_iter().map(|c| c.name).collect()
+    };
+    let mut without = names(f.store.list_credentials(&list(false)).await.unwrap());
+    without.sort();
+    assert_eq!(without, ["bootstrap", "plain"]);
+    let mut with = names(f.store.list_credentials(&list(true)).await.unwrap());
+    with.sort();
+    assert_eq!(with, ["bait", "bootstrap", "imported-bait", "plain"]);
 }
 
 // ------------------------------------------------------------------------------------------------

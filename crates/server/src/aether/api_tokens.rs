@@ -25,7 +25,8 @@ const MAX_PAGE: u32 = 100;
 ///
 /// Creates a new API token. The raw token secret is returned only in this response and is never
 /// retrievable again. Needs `api_tokens:write`, and the new token's scopes must all be held by the
-/// caller.
+/// caller. With `"canary": true` it is a canary: it authenticates nowhere, its scopes are shown but
+/// never honoured, and every presentation is recorded as `credential.canary_triggered`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
     params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),
@@ -56,6 +57,7 @@ pub async fn create_api_token(
         scopes: request.scopes,
         permissions: Vec::new(),
         expires_at: request.expires_at,
+        canary: request.canary,
     };
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
@@ -109,7 +111,8 @@ fn parse_page(
 /// List API tokens
 ///
 /// Live tokens in creation order, `limit` (1–100, default 50) at a time; pass `next_cursor` back
-/// as `cursor` for the next page. Secrets are never returned. Needs `api_tokens:read`.
+/// as `cursor` for the next page. Secrets are never returned. Needs `api_tokens:read`; canary tokens
+/// are listed (with `canary: true`) only to callers holding `api_tokens:write`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/api-tokens", tag = TAG_API_TOKENS,
     params(
@@ -150,7 +153,8 @@ pub async fn list_api_tokens(
 
 /// Get an API token
 ///
-/// Needs `api_tokens:read`. Revoked tokens are not found.
+/// Needs `api_tokens:read`. Revoked tokens are not found, nor are canaries without
+/// `api_tokens:write`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/api-tokens/{id}", tag = TAG_API_TOKENS,
     params(
@@ -230,7 +234,7 @@ pub async fn delete_api_token(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
-        (status = 409, description = "The token has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 409, description = "The token is a canary (canaries are never rotated), has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID, a body field is invalid, the resulting expiry breaks the organization's credential policy (`policy_violation`), or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -269,6 +273,7 @@ pub async fn rotate_api_token(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 409, description = "The token is a canary: canaries are never suspended or resumed.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -301,6 +306,7 @@ pub async fn suspend_api_token(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or one of the token's scopes.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
+        (status = 409, description = "The token is a canary: canaries are never suspended or resumed.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),

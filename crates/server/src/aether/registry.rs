@@ -99,7 +99,8 @@ pub async fn enable_registry(
 
 /// List robot accounts
 ///
-/// Live robot accounts in creation order. Needs `registry:read`.
+/// Live robot accounts in creation order. Needs `registry:read`; canary robots are listed (with
+/// `canary: true`) only to callers holding `registry:write`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/registry/robot-accounts", tag = TAG_REGISTRY,
     params(
@@ -167,6 +168,7 @@ pub async fn create_robot_account(
         scopes: ScopeSet::empty(),
         permissions: request.permissions,
         expires_at: request.expires_at,
+        canary: request.canary,
     };
     Ok(idempotency
         .run(app, who, org, move |app, who| async move {
@@ -178,7 +180,7 @@ pub async fn create_robot_account(
 
 /// Get a robot account
 ///
-/// Needs `registry:read`.
+/// Needs `registry:read`; a canary robot is not found without `registry:write`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/registry/robot-accounts/{id}", tag = TAG_REGISTRY,
     params(("orgID" = Uuid, Path, description = "Organization UUID."), ("id" = Uuid, Path, description = "Robot account id.")),
@@ -277,7 +279,7 @@ pub async fn delete_robot_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
-        (status = 409, description = "The robot account has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 409, description = "The robot account is a canary (canaries are never rotated), has expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID, a body field is invalid, the resulting expiry breaks the organization's credential policy (`policy_violation`), or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -312,6 +314,7 @@ pub async fn rotate_robot_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 409, description = "The robot account is a canary: canaries are never suspended or resumed.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -341,6 +344,7 @@ pub async fn suspend_robot_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:write`.", body = ErrorEnvelope),
         (status = 404, description = "No such live robot account.", body = ErrorEnvelope),
+        (status = 409, description = "The robot account is a canary: canaries are never suspended or resumed.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),

@@ -21,10 +21,12 @@ impl FromJsonBody for CreateApiTokenRequest {
             Err(()) => None,
         };
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             scopes: scopes?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }
@@ -53,10 +55,12 @@ impl FromJsonBody for CreateRobotAccountRequest {
             .and_then(|raw| r.check(registry::robot_name(FieldPath::body("name"), &raw)));
         let permissions = permissions_field(r, false);
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             permissions: permissions?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }

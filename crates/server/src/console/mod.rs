@@ -436,7 +436,9 @@ impl FromRequestParts<App> for Console {
             .touch(app, &cookie)
             .await?
             .ok_or(ConsoleError::SignIn)?;
-        let who = match authenticate(app, &session.token).await {
+        let parts_read: &Parts = parts;
+        let at = || presentation(parts_read);
+        let who = match authenticate(app, &session.token, &at).await {
             Ok(who) => who,
             Err(AppError::Unauthenticated(_)) => {
                 // Revoked, suspended or expired since sign-in: the session ends with it.
@@ -467,12 +469,22 @@ impl FromRequestParts<App> for Console {
 
 /// The console authenticates exactly as the management API does: the same verifier, the same
 /// rate limit.
-async fn authenticate(app: &App, token: &str) -> Result<Principal, AppError> {
+/// A canary token pasted here is refused as a revoked one and recorded (`surface` `console`).
+async fn authenticate(
+    app: &App,
+    token: &str,
+    at: crate::canary::Presented<'_>,
+) -> Result<Principal, AppError> {
     let mut headers = HeaderMap::new();
     let value = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| AppError::Unauthenticated("malformed token"))?;
     headers.insert(header::AUTHORIZATION, value);
-    app.authenticate_management(&headers).await
+    app.authenticate_management(&headers, at).await
+}
+
+/// Describes a console request for a canary's trigger.
+fn presentation(parts: &Parts) -> crate::canary::Presentation {
+    crate::canary::Presentation::of_parts(crate::canary::CanarySurface::Console, parts)
 }
 
 /// A submitted form, its CSRF token checked.
@@ -682,6 +694,7 @@ fn sign_in_form(app: &App, signed_out: bool, error: Option<&str>, status: Status
 
 async fn sign_in(
     axum::extract::State(app): axum::extract::State<App>,
+    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ConsoleError> {
@@ -698,7 +711,15 @@ async fn sign_in(
             StatusCode::UNPROCESSABLE_ENTITY,
         ));
     };
-    match authenticate(&app, token).await {
+    let client = client.map(|axum::extract::Extension(client)| client);
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::Console,
+            "POST /console/login".into(),
+            crate::audit::request_context_of(&headers, client),
+        )
+    };
+    match authenticate(&app, token, &at).await {
         Ok(who) => start_session(&app, &who, token).await,
         Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
             &app,

@@ -268,7 +268,15 @@ pub(super) async fn callback(
             ));
         }
     }
-    let who = match super::authenticate(&app, &tokens.access_token).await {
+    // An access token (a JWT) never reaches the canary path; the description is for form's sake.
+    let at = || {
+        crate::canary::Presentation::new(
+            crate::canary::CanarySurface::Console,
+            "GET /console/oidc/callback".into(),
+            crate::audit::request_context_of(&headers, None),
+        )
+    };
+    let who = match super::authenticate(&app, &tokens.access_token, &at).await {
         Ok(who) => who,
         Err(AppError::Unauthenticated(reason)) => {
             tracing::info!(

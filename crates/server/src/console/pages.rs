@@ -499,6 +499,7 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
             scopes,
             permissions: Vec::new(),
             expires_at,
+            canary: false,
         },
     )
     .await?;
@@ -954,6 +955,7 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
             scopes: ScopeSet::empty(),
             permissions: Vec::new(),
             expires_at,
+            canary: false,
         },
     )
     .await?;
@@ -1147,6 +1149,7 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
             scopes: ScopeSet::empty(),
             permissions,
             expires_at,
+            canary: false,
         },
     )
     .await?;

@@ -14,9 +14,11 @@ impl FromJsonBody for CreateServiceAccountRequest {
             .string("name")
             .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
         let expires_at = r.expires_at("expires_at", now);
+        let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,
             expires_at: expires_at?,
+            canary: canary?,
         })
     }
 }

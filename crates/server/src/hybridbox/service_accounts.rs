@@ -109,6 +109,7 @@ pub async fn create_service_account(
         scopes: ScopeSet::empty(),
         permissions: Vec::new(),
         expires_at: request.expires_at,
+        canary: request.canary,
     };
     Ok(idempotency
         .run(app, who, account, move |app, who| async move {
@@ -141,7 +142,7 @@ pub async fn create_service_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked or expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 409, description = "The service account is a canary (canaries are never rotated), revoked or expired, another rotation of it happened at the same time, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
         (status = 413, description = "Body over 64 KiB.", body = ErrorMessage),
         (status = 415, description = "A body that is not application/json.", body = ErrorMessage),
         (status = 422, description = "Validation Error (also an expiry that breaks the account's credential policy, a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
@@ -185,7 +186,7 @@ fn revoked_account() -> DomainError {
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked.", body = ErrorMessage),
+        (status = 409, description = "The service account is revoked, or is a canary (canaries are never suspended).", body = ErrorMessage),
         (status = 422, description = "Validation Error", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
@@ -224,7 +225,7 @@ pub async fn suspend_service_account(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
-        (status = 409, description = "The service account is revoked.", body = ErrorMessage),
+        (status = 409, description = "The service account is revoked, or is a canary (canaries are never suspended).", body = ErrorMessage),
         (status = 422, description = "Validation Error", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),

@@ -21,9 +21,6 @@ use keyplane_core::audit::{actions, AuditActor};
 use keyplane_core::token::ParsedToken;
 use keyplane_core::LeakAction;
 use keyplane_core::{Credential, RequestContext};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::Semaphore;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -71,6 +68,20 @@ impl LeakSource {
         }
     }
 
+    /// The canary trigger's surface and route for a report from this source.
+    fn canary_surface(self) -> (crate::canary::CanarySurface, &'static str) {
+        match self {
+            LeakSource::GithubSecretScanning => (
+                crate::canary::CanarySurface::GithubSecretScanning,
+                "POST /v1/secret-scanning/github",
+            ),
+            LeakSource::PublicRevoke => (
+                crate::canary::CanarySurface::PublicRevoke,
+                "POST /v1/credentials/revoke",
+            ),
+        }
+    }
+
     /// Who reported it, as the audit trail names them: GitHub proved who it is by its signature,
     /// a public reporter is known only by its address (the event's `client_ip`).
     fn reported_by(self) -> &'static str {
@@ -106,6 +117,9 @@ pub enum LeakOutcome {
     /// It was already revoked (or, under `suspend`, already suspended): nothing changed and
     /// nothing was recorded.
     AlreadyHandled,
+    /// A live canary: left armed (whoever copies it from where it leaked is caught next), and
+    /// `credential.canary_triggered` recorded (within the canary bound).
+    CanaryTriggered,
 }
 
 /// Longest reporter-supplied text kept in an event (a URL, GitHub's type or source); longer is
@@ -138,11 +152,40 @@ pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Cred
 /// and records nothing: GitHub rescans and anyone holding a public copy may report the same token
 /// again and again; recording each would let strangers fill a tenant's audit trail and its
 /// webhooks. Such repeats are logged (credential id, source) for the operator.
+///
+/// A live canary is what a canary is for: it is not revoked (left armed, it catches whoever uses
+/// the leaked copy next) and the report is recorded as `credential.canary_triggered` (surface and
+/// `source` the report's, `reported_by`, and what GitHub said), within the canary bound.
 pub async fn respond_to_leak(
     app: &App,
     credential: &Credential,
     report: &LeakReport,
 ) -> Result<LeakOutcome, AppError> {
+    if credential.canary && !credential.is_revoked() {
+        let (surface, route) = report.source.canary_surface();
+        let mut presentation =
+            crate::canary::Presentation::new(surface, route.into(), report.context.clone())
+                .detail("source", report.source.as_str())
+                .detail("reported_by", report.source.reported_by());
+        for (key, value) in [
+            ("url", &report.url),
+            ("found_in", &report.found_in),
+            ("token_type", &report.token_type),
+        ] {
+            if let Some(value) = value {
+                presentation = presentation.detail(key, bounded(value));
+            }
+        }
+        let admitted =
+            app.inner()
+                .verifier
+                .canaries()
+                .admit(credential, presentation, AuditActor::system());
+        if let Some(event) = admitted {
+            app.store().append_audit_event(&event).await?;
+        }
+        return Ok(LeakOutcome::CanaryTriggered);
+    }
     let action = crate::ops::credential_policy(app.store().as_ref(), credential.tenant_id)
         .await?
         .on_leak;
@@ -218,32 +261,8 @@ pub async fn respond_to_leak(
 /// at most this many tasks at once; past it new reports answer 503.
 const MAX_PENDING_REPORTS: usize = 64;
 
-/// The background work of public revocation reports: a bound on how many run at once, and a way
-/// for shutdown to wait for them.
-pub(crate) struct LeakJobs {
-    permits: Arc<Semaphore>,
-}
-
-impl LeakJobs {
-    pub(crate) fn new() -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(MAX_PENDING_REPORTS)),
-        }
-    }
-
-    /// A slot for one request's reports; `None` when all are taken.
-    pub(crate) fn try_start(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
-    }
-
-    /// Waits (at most `limit`) for the reports being worked off: `serve` calls it after the last
-    /// connection closed, before the store is closed.
-    pub(crate) async fn drain(&self, limit: Duration) {
-        let all = self.permits.acquire_many(MAX_PENDING_REPORTS as u32);
-        if tokio::time::timeout(limit, all).await.is_err() {
-            tracing::warn!(
-                "public revocation reports still running at shutdown were abandoned; their reporters may send them again"
-            );
-        }
-    }
+/// The background work of public revocation reports (their reporters may send them again if
+/// shutdown abandons them).
+pub(crate) fn leak_jobs() -> crate::jobs::Jobs {
+    crate::jobs::Jobs::new(MAX_PENDING_REPORTS, "public revocation reports")
 }

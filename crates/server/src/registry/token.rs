@@ -2,8 +2,10 @@
 //! (the OAuth2 password form the docker CLI uses).
 
 use crate::app::App;
+use crate::canary::{CanarySurface, Presentation};
+use crate::client_addr::ClientAddr;
 use crate::error::AppError;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
@@ -147,12 +149,13 @@ async fn issue(
     username: &str,
     secret: &str,
     params: &[(String, String)],
+    at: crate::canary::Presented<'_>,
 ) -> Result<Response, RegistryError> {
     let config = &app.inner().config.registry;
     let (verified, registry) = app
         .inner()
         .verifier
-        .authenticate_robot(username, secret)
+        .authenticate_robot(username, secret, at)
         .await?;
     let robot = &verified.credential;
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
@@ -238,12 +241,30 @@ async fn issue(
 )]
 async fn issue_registry_token(
     State(app): State<App>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, RegistryError> {
     let (username, secret) = basic_credentials(&headers)
         .ok_or(AppError::Unauthenticated("missing basic credentials"))?;
-    issue(&app, &username, &secret, &params).await
+    let at = presentation("GET /registry/token", &headers, client);
+    issue(&app, &username, &secret, &params, &at).await
+}
+
+/// Describes a token request, for a canary robot's trigger.
+fn presentation<'a>(
+    route: &'static str,
+    headers: &'a HeaderMap,
+    client: Option<Extension<ClientAddr>>,
+) -> impl Fn() -> Presentation + Sync + 'a {
+    let client = client.map(|Extension(client)| client);
+    move || {
+        Presentation::new(
+            CanarySurface::RegistryToken,
+            route.into(),
+            crate::audit::request_context_of(headers, client),
+        )
+    }
 }
 
 /// Issue a registry token (OAuth2 form)
@@ -261,6 +282,8 @@ async fn issue_registry_token(
 )]
 async fn issue_registry_token_oauth(
     State(app): State<App>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, RegistryError> {
     let Form(params) =
@@ -280,7 +303,8 @@ async fn issue_registry_token_oauth(
     let (Some(username), Some(secret)) = (field("username"), field("password")) else {
         return Err(AppError::Unauthenticated("missing username or password").into());
     };
-    match issue(&app, &username, &secret, &params).await {
+    let at = presentation("POST /registry/token", &headers, client);
+    match issue(&app, &username, &secret, &params, &at).await {
         Err(RegistryError::InvalidScope(error)) => {
             Ok(oauth_error("invalid_scope", &error.to_string()))
         }

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "id",
     "org_id",
     "name",
@@ -20,6 +20,8 @@ const FIELDS: [&str; 11] = [
     "previous_secret_expires_at",
     "previous_secret_last_used_at",
     "suspended_at",
+    // Always present: true only for a canary.
+    "canary",
 ];
 
 fn keys(value: &Value) -> BTreeSet<String> {

@@ -7,7 +7,7 @@ use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-const SERVICE_ACCOUNT_FIELDS: [&str; 16] = [
+const SERVICE_ACCOUNT_FIELDS: [&str; 17] = [
     "account_id",
     "id",
     "name",
@@ -25,6 +25,8 @@ const SERVICE_ACCOUNT_FIELDS: [&str; 16] = [
     "previous_secret_expires_at",
     "previous_secret_last_used_at",
     "suspended_at",
+    // Always present: true only for a canary.
+    "canary",
 ];
 
 const AUTHORIZATION_FIELDS: [&str; 9] = [
@@ -2154,7 +2156,8 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
             "token_public_id",
             "token_last4",
             "created_at",
-            "updated_at"
+            "updated_at",
+            "canary"
         ])
     );
     // The create body as the docs state it; the create and rotate answers add the token.

@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 both_backends!(
+    a_canary_reported_by_github_is_recorded_and_left_armed,
     a_suspend_policy_suspends_leaked_credentials_instead,
     github_report_revokes_real_credentials_and_labels_every_match,
     github_refuses_unsigned_and_badly_signed_reports,
@@ -908,4 +909,58 @@ async fn public_revoke_answers_without_the_store_and_retries_through_an_outage()
     })
     .await;
     assert_eq!(leak_events(&app, &org).await.len(), 1);
+}
+
+/// A canary found by GitHub is a true positive like any keyplane token, but it is not revoked: the
+/// report is recorded as `credential.canary_triggered` with what GitHub said, and the canary stays
+/// armed for whoever copies it next.
+async fn a_canary_reported_by_github_is_recorded_and_left_armed(backend: Backend) {
+    let key = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let app = TestApp::spawn_with(backend, config_with_keys(&keys.url)).await;
+    let org = app.create_org("acme").await;
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "bait", "scopes": ["*"], "canary": true}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let canary: Value = res.json().await.unwrap();
+    let token = canary["token"].as_str().unwrap().to_string();
+    let body = matches_body(&[(&token, "keyplane_api_token")]);
+    let res = post_signed(&app, &key, &body).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    assert_eq!(feedback[0]["label"], "true_positive", "{feedback}");
+
+    let triggers = || async {
+        let res = app
+            .get(
+                &org.path("/audit-events?action=credential.canary_triggered"),
+                &org.token,
+            )
+            .await;
+        let page: Value = res.json().await.unwrap();
+        page["items"].as_array().unwrap().clone()
+    };
+    let events = triggers().await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let event = &events[0];
+    assert_eq!(event["target"]["id"], canary["id"]);
+    assert_eq!(event["details"]["surface"], "github_secret_scanning");
+    assert_eq!(event["details"]["source"], "github_secret_scanning");
+    assert_eq!(event["details"]["reported_by"], "github");
+    assert!(event["details"]["url"].is_string(), "{event}");
+    assert!(
+        leak_events(&app, &org).await.is_empty(),
+        "not revoked as leaked"
+    );
+    let one = org.path(&format!("/api-tokens/{}", canary["id"].as_str().unwrap()));
+    assert_eq!(app.get(&one, &org.token).await.status(), 200, "still armed");
+    // GitHub's rescans of the same match are bounded like any presentation from one address.
+    let res = post_signed(&app, &key, &body).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(triggers().await.len(), 1);
 }

@@ -5,6 +5,7 @@ mod helpers;
 
 mod aether_api_tokens;
 mod audit;
+mod canary;
 mod edge;
 mod faulty_store;
 mod hybridbox;

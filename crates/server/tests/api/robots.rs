@@ -19,7 +19,7 @@ const REGISTRY_FIELDS: [&str; 9] = [
     "updated_at",
 ];
 
-const ROBOT_FIELDS: [&str; 12] = [
+const ROBOT_FIELDS: [&str; 13] = [
     "id",
     "org_id",
     "name",
@@ -33,6 +33,8 @@ const ROBOT_FIELDS: [&str; 12] = [
     "previous_secret_expires_at",
     "previous_secret_last_used_at",
     "suspended_at",
+    // Always present: true only for a canary.
+    "canary",
 ];
 
 fn keys(value: &Value) -> BTreeSet<String> {

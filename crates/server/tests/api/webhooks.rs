@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 both_backends!(
+    a_canary_trigger_is_delivered_at_once,
     deliveries_are_signed_and_carry_the_matching_events,
     management_validation_capability_and_tenant_isolation,
     private_targets_are_refused_without_the_flag,
@@ -918,4 +919,54 @@ async fn replicas_on_postgres_send_each_delivery_once() {
             copies.len()
         );
     }
+}
+
+/// A canary presented anywhere reaches a subscribed receiver within moments: its trigger is
+/// written at once (not aggregated like refusals), and delivered like any event.
+async fn a_canary_trigger_is_delivered_at_once(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/hooks"),
+        &["credential.canary_triggered"],
+    )
+    .await;
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let receiver = Receiver::start(&Behaviour::verifying(&[&secret]), port);
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "bait", "canary": true}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let canary: Value = res.json().await.unwrap();
+    let res = app
+        .request(Method::GET, "/v1/auth/forward", None)
+        .bearer_auth(canary["token"].as_str().unwrap())
+        .header("user-agent", "intruder/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    wait_until(
+        "the canary trigger's delivery",
+        Duration::from_secs(15),
+        || async { !receiver.deliveries().is_empty() },
+    )
+    .await;
+    let delivered = receiver.deliveries();
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    assert_eq!(delivered[0]["verified"], json!([0]), "signature");
+    let payload = &delivered[0]["payload"];
+    assert_eq!(payload["type"], "credential.canary_triggered", "{payload}");
+    assert!(
+        payload.to_string().contains(canary["id"].as_str().unwrap()),
+        "{payload}"
+    );
+    assert!(payload.to_string().contains("intruder/1"), "{payload}");
 }

@@ -1,0 +1,761 @@
+//! Canary credentials: on every surface a canary is answered byte for byte as a revoked credential
+//! is, and each presentation is recorded as `credential.canary_triggered` (within its bound); it
+//! never authorizes anything, and only holders of the kind's write right see it listed.
+
+use crate::helpers::{both_backends, eventually, test_config, Org, TestApp};
+use keyplane_server::client_addr::{ForwardedHeader, TrustedProxies};
+use keyplane_server::Config;
+use keyplane_store::testing::Backend;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+both_backends!(
+    canaries_answer_as_revoked_credentials_on_every_surface,
+    triggers_are_bounded_per_canary_and_address,
+    canaries_are_shown_only_to_holders_of_the_write_right,
+    canaries_are_revoked_but_never_rotated_or_suspended,
+    a_reported_canary_is_recorded_and_left_armed,
+    another_organizations_introspection_of_a_canary_is_recorded_without_its_ids,
+);
+
+const TRIGGERED: &str = "credential.canary_triggered";
+
+/// Behind a trusted proxy on 127.0.0.1, so each request can come from its own client address.
+fn behind_proxy() -> Config {
+    Config {
+        trusted_proxies: TrustedProxies::parse(
+            &["127.0.0.1/32".to_string()],
+            ForwardedHeader::XForwardedFor,
+        )
+        .unwrap(),
+        ..test_config()
+    }
+}
+
+/// A request from `client` (through the trusted proxy) with its own user agent.
+fn from(app: &TestApp, method: Method, path: &str, client: &str, agent: &str) -> RequestBuilder {
+    app.request(method, path, None)
+        .header("x-forwarded-for", client)
+        .header("user-agent", agent)
+}
+
+/// What a client can observe of an answer, but for the request id.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    www_authenticate: Option<String>,
+    content_type: Option<String>,
+    body: Vec<u8>,
+}
+
+async fn answer(res: Response) -> Answer {
+    let header = |name: &str| {
+        res.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (www_authenticate, content_type) = (header("www-authenticate"), header("content-type"));
+    Answer {
+        status: res.status().as_u16(),
+        www_authenticate,
+        content_type,
+        body: res.bytes().await.unwrap().to_vec(),
+    }
+}
+
+async fn created(res: Response, what: &str) -> Value {
+    assert_eq!(res.status(), 201, "creating {what}");
+    res.json().await.unwrap()
+}
+
+fn text(value: &Value, key: &str) -> String {
+    value[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} in {value}"))
+        .to_string()
+}
+
+async fn create_api_token(app: &TestApp, org: &Org, body: Value) -> Value {
+    created(
+        app.post(&org.path("/api-tokens"), &org.token, body).await,
+        "an API token",
+    )
+    .await
+}
+
+async fn create_service_account(app: &TestApp, org: &Org, body: Value) -> Value {
+    created(
+        app.post(&org.account_path("/service-accounts"), &org.token, body)
+            .await,
+        "a service account",
+    )
+    .await
+}
+
+async fn create_robot(app: &TestApp, org: &Org, body: Value) -> Value {
+    created(
+        app.post(&org.path("/registry/robot-accounts"), &org.token, body)
+            .await,
+        "a robot",
+    )
+    .await
+}
+
+async fn enable_registry(app: &TestApp, org: &Org) {
+    let res = app
+        .request(Method::POST, &org.path("/registry"), Some(&org.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "enabling the registry");
+}
+
+/// Every `credential.canary_triggered` event of the organization, oldest first.
+async fn triggers(app: &TestApp, org: &Org) -> Vec<Value> {
+    let res = app
+        .get(
+            &org.path(&format!("/audit-events?action={TRIGGERED}&limit=100")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200, "listing canary triggers");
+    let page: Value = res.json().await.unwrap();
+    let mut items = page["items"].as_array().unwrap().clone();
+    items.reverse();
+    items
+}
+
+/// Waits until exactly `count` triggers are recorded, and checks that no more follow.
+async fn expect_triggers(app: &TestApp, org: &Org, count: usize) -> Vec<Value> {
+    eventually(&format!("{count} canary triggers"), || async {
+        triggers(app, org).await.len() >= count
+    })
+    .await;
+    // Trigger events are written at once, on their own task: give a stray one time to land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = triggers(app, org).await;
+    assert_eq!(events.len(), count, "canary triggers: {events:#?}");
+    events
+}
+
+/// The one trigger recorded for `client`.
+fn trigger_from<'a>(events: &'a [Value], client: &str) -> &'a Value {
+    let found: Vec<&Value> = events.iter().filter(|e| e["client_ip"] == client).collect();
+    assert_eq!(found.len(), 1, "one trigger from {client} in {events:#?}");
+    found[0]
+}
+
+fn assert_trigger(event: &Value, canary_id: &str, surface: &str, route: &str, agent: &str) {
+    assert_eq!(event["action"], TRIGGERED, "{event}");
+    assert_eq!(event["outcome"], "denied", "{event}");
+    assert_eq!(event["target"]["id"], canary_id, "{event}");
+    assert_eq!(event["actor"]["id"], canary_id, "{event}");
+    assert_eq!(event["details"]["surface"], surface, "{event}");
+    assert_eq!(event["details"]["route"], route, "{event}");
+    assert_eq!(event["user_agent"], agent, "{event}");
+}
+
+/// For each surface, a canary and a revoked credential of the same kind get the same status,
+/// body and `WWW-Authenticate`; the canary's presentation is recorded with the client's address,
+/// user agent and route, the revoked one's is not. The canaries hold every right they could be
+/// given (scope `*`, an `account_owner` grant, pull and push) and still authorize nothing.
+async fn canaries_answer_as_revoked_credentials_on_every_surface(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    enable_registry(&app, &org).await;
+
+    let canary = create_api_token(
+        &app,
+        &org,
+        json!({"name": "bait", "scopes": ["*"], "canary": true}),
+    )
+    .await;
+    let revoked = create_api_token(&app, &org, json!({"name": "old", "scopes": ["*"]})).await;
+    let sa_canary =
+        create_service_account(&app, &org, json!({"name": "bait-sa", "canary": true})).await;
+    let sa_revoked = create_service_account(&app, &org, json!({"name": "old-sa"})).await;
+    let robot_canary = create_robot(
+        &app,
+        &org,
+        json!({"name": "bait-robot", "permissions": ["pull", "push"], "canary": true}),
+    )
+    .await;
+    let robot_revoked = create_robot(
+        &app,
+        &org,
+        json!({"name": "old-robot", "permissions": ["pull", "push"]}),
+    )
+    .await;
+    // The canary service account holds everything a grant can give (kept, never honoured).
+    let res = app
+        .post(
+            &org.account_path("/authorizations"),
+            &org.token,
+            json!({"grant_kind": "account_owner", "subject_type": "service_account",
+                   "subject_id": sa_canary["id"]}),
+        )
+        .await;
+    assert_eq!(res.status(), 201, "granting the canary account_owner");
+    for path in [
+        org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
+        org.path(&format!(
+            "/registry/robot-accounts/{}",
+            text(&robot_revoked, "id")
+        )),
+    ] {
+        assert_eq!(app.delete(&path, &org.token).await.status(), 204);
+    }
+    let res = app
+        .delete(
+            &org.account_path(&format!("/service-accounts/{}", text(&sa_revoked, "id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 200, "revoking a service account");
+    let resource_server = create_api_token(
+        &app,
+        &org,
+        json!({"name": "rs", "scopes": ["tokens:verify"]}),
+    )
+    .await;
+    let verifier = text(&resource_server, "token");
+
+    let (token, old) = (text(&canary, "token"), text(&revoked, "token"));
+    let (sa_token, sa_old) = (text(&sa_canary, "token"), text(&sa_revoked, "token"));
+    let (robot_secret, robot_old) = (text(&robot_canary, "token"), text(&robot_revoked, "token"));
+
+    // Each surface from its own client address, so the per-address bound records each.
+    type Surface<'a> = (&'a str, &'a str, &'a str, &'a str, Method, String);
+    let bearer_surfaces: Vec<Surface> = vec![
+        (
+            "203.0.113.1",
+            "management_api",
+            "GET /api/v1/organizations/{orgID}/api-tokens",
+            "aether-cli/1",
+            Method::GET,
+            org.path("/api-tokens"),
+        ),
+        (
+            "203.0.113.2",
+            "forward_auth",
+            "GET /v1/auth/forward",
+            "nginx/1.25",
+            Method::GET,
+            "/v1/auth/forward?scope=deploy".into(),
+        ),
+        (
+            "203.0.113.3",
+            "whoami",
+            "GET /v1/whoami",
+            "curl/8.5",
+            Method::GET,
+            "/v1/whoami".into(),
+        ),
+    ];
+    for (client, surface, _, agent, method, path) in &bearer_surfaces {
+        let present = |secret: &str| {
+            from(&app, method.clone(), path, client, agent)
+                .bearer_auth(secret)
+                .send()
+        };
+        let canary_answer = answer(present(&token).await.unwrap()).await;
+        let revoked_answer = answer(present(&old).await.unwrap()).await;
+        assert_eq!(canary_answer.status, 401, "{surface}");
+        assert_eq!(
+            canary_answer, revoked_answer,
+            "{surface}: canary vs revoked"
+        );
+    }
+    // The Hybridbox management API, with the service accounts.
+    let hybridbox = |secret: &str| {
+        from(
+            &app,
+            Method::GET,
+            &org.account_path("/service-accounts"),
+            "203.0.113.4",
+            "hbx/2",
+        )
+        .bearer_auth(secret.to_string())
+        .send()
+    };
+    let canary_answer = answer(hybridbox(&sa_token).await.unwrap()).await;
+    assert_eq!(canary_answer.status, 401);
+    assert_eq!(
+        canary_answer,
+        answer(hybridbox(&sa_old).await.unwrap()).await,
+        "hybridbox"
+    );
+    // Introspection: the canary as the caller, and as the token asked about.
+    let introspect = |client: &str, caller: &str, token: &str| {
+        from(
+            &app,
+            Method::POST,
+            "/oauth2/introspect",
+            client,
+            "resource-server/3",
+        )
+        .bearer_auth(caller.to_string())
+        .form(&[("token", token.to_string())])
+        .send()
+    };
+    let canary_answer = answer(introspect("203.0.113.5", &token, &verifier).await.unwrap()).await;
+    assert_eq!(canary_answer.status, 401);
+    let revoked_answer = answer(introspect("203.0.113.5", &old, &verifier).await.unwrap()).await;
+    assert_eq!(canary_answer, revoked_answer, "introspection caller");
+    for (canary_secret, revoked_secret) in [(&token, &old), (&sa_token, &sa_old)] {
+        let canary_answer = answer(
+            introspect("203.0.113.6", &verifier, canary_secret)
+                .await
+                .unwrap(),
+        )
+        .await;
+        let revoked_answer = answer(
+            introspect("203.0.113.6", &verifier, revoked_secret)
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(canary_answer.status, 200);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&canary_answer.body).unwrap(),
+            json!({"active": false})
+        );
+        assert_eq!(canary_answer, revoked_answer, "introspected token");
+    }
+    // The registry token service, both forms.
+    let login = |name: &str, secret: &str| {
+        from(
+            &app,
+            Method::GET,
+            "/registry/token",
+            "203.0.113.7",
+            "skopeo/1.13",
+        )
+        .basic_auth(format!("robot$acme+{name}"), Some(secret.to_string()))
+        .query(&[
+            ("service", "keyplane-registry"),
+            ("scope", "repository:acme/app:pull,push"),
+        ])
+        .send()
+    };
+    let canary_answer = answer(login("bait-robot", &robot_secret).await.unwrap()).await;
+    assert_eq!(canary_answer.status, 401);
+    let revoked_answer = answer(login("old-robot", &robot_old).await.unwrap()).await;
+    assert_eq!(canary_answer, revoked_answer, "registry token (GET)");
+    let oauth = |name: &str, secret: &str| {
+        from(
+            &app,
+            Method::POST,
+            "/registry/token",
+            "203.0.113.8",
+            "docker/27",
+        )
+        .form(&[
+            ("grant_type", "password"),
+            ("username", &format!("robot$acme+{name}")),
+            ("password", secret),
+            ("service", "keyplane-registry"),
+        ])
+        .send()
+    };
+    let canary_answer = answer(oauth("bait-robot", &robot_secret).await.unwrap()).await;
+    assert_eq!(canary_answer.status, 401);
+    assert_eq!(
+        canary_answer,
+        answer(oauth("old-robot", &robot_old).await.unwrap()).await,
+        "registry token (POST)"
+    );
+
+    // One trigger per surface and canary (the introspected service account comes from the same
+    // address as the introspected token, but is bounded apart: it is another canary).
+    let events = expect_triggers(&app, &org, 9).await;
+    let canary_id = text(&canary, "id");
+    for (client, surface, route, agent, _, _) in &bearer_surfaces {
+        assert_trigger(
+            trigger_from(&events, client),
+            &canary_id,
+            surface,
+            route,
+            agent,
+        );
+    }
+    assert_trigger(
+        trigger_from(&events, "203.0.113.4"),
+        &text(&sa_canary, "id"),
+        "management_api",
+        "GET /v1/public/accounts/{account_id}/auth/service-accounts",
+        "hbx/2",
+    );
+    assert_trigger(
+        trigger_from(&events, "203.0.113.5"),
+        &canary_id,
+        "introspection_caller",
+        "POST /oauth2/introspect",
+        "resource-server/3",
+    );
+    let introspected: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["client_ip"] == "203.0.113.6")
+        .collect();
+    assert_eq!(introspected.len(), 2, "{events:#?}");
+    let verifier_id = resource_server["id"].clone();
+    for event in &introspected {
+        assert_eq!(event["details"]["surface"], "introspected_token");
+        assert_eq!(event["details"]["client"], "introspection_caller");
+        assert_eq!(event["details"]["introspected_by"], verifier_id);
+        assert_eq!(event["details"]["route"], "POST /oauth2/introspect");
+    }
+    let ids: BTreeSet<&str> = introspected
+        .iter()
+        .map(|e| e["target"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([canary_id.as_str(), sa_canary["id"].as_str().unwrap()])
+    );
+    let robot_id = text(&robot_canary, "id");
+    assert_trigger(
+        trigger_from(&events, "203.0.113.7"),
+        &robot_id,
+        "registry_token",
+        "GET /registry/token",
+        "skopeo/1.13",
+    );
+    assert_trigger(
+        trigger_from(&events, "203.0.113.8"),
+        &robot_id,
+        "registry_token",
+        "POST /registry/token",
+        "docker/27",
+    );
+    // The canary's scopes are in its events (what it would have held), its grants never applied.
+    let first = trigger_from(&events, "203.0.113.1");
+    assert_eq!(first["details"]["scopes"], json!(["*"]), "{first}");
+
+    // Nothing worked with a canary: no use was recorded.
+    app.app.flush_usage().await;
+    let listed = app.get(&org.path("/api-tokens"), &org.token).await;
+    let listed: Value = listed.json().await.unwrap();
+    let bait = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == canary["id"])
+        .unwrap();
+    assert!(bait["last_used_at"].is_null(), "{bait}");
+}
+
+/// At most one event per canary per client address per 60 s, and at most 20 per canary in any
+/// 60 s, however many presentations.
+async fn triggers_are_bounded_per_canary_and_address(backend: Backend) {
+    let config = behind_proxy();
+    let clock = config.clock.clone();
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let token = text(&canary, "token");
+    let present = |client: &str| {
+        from(&app, Method::GET, "/v1/auth/forward", client, "flood/1")
+            .bearer_auth(token.clone())
+            .send()
+    };
+    for _ in 0..10 {
+        assert_eq!(present("100.64.0.1").await.unwrap().status(), 401);
+    }
+    expect_triggers(&app, &org, 1).await;
+    assert_eq!(present("100.64.0.2").await.unwrap().status(), 401);
+    expect_triggers(&app, &org, 2).await;
+
+    // A minute later the first address is recorded again.
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(present("100.64.0.1").await.unwrap().status(), 401);
+    expect_triggers(&app, &org, 3).await;
+    // Many addresses within that minute: 20 events in all, then nothing more.
+    for i in 0..30 {
+        let client = format!("100.64.0.{}", 10 + i);
+        assert_eq!(present(&client).await.unwrap().status(), 401);
+    }
+    let events = expect_triggers(&app, &org, 3 + 19).await;
+    assert!(events.iter().all(|e| e["target"]["id"] == canary["id"]));
+}
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value.as_object().unwrap().keys().cloned().collect()
+}
+
+/// A canary is created like any credential (same answer shape, same token format), and shown only
+/// to callers holding the kind's write right, marked `canary: true`; for others it does not exist.
+async fn canaries_are_shown_only_to_holders_of_the_write_right(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable_registry(&app, &org).await;
+    let plain = create_api_token(
+        &app,
+        &org,
+        json!({"name": "plain", "scopes": ["deploy:prod"]}),
+    )
+    .await;
+    let canary = create_api_token(
+        &app,
+        &org,
+        json!({"name": "bait", "scopes": ["deploy:prod"], "canary": true}),
+    )
+    .await;
+    assert_eq!(
+        keys(&plain),
+        keys(&canary),
+        "the create answer has one shape"
+    );
+    assert_eq!(plain["canary"], false);
+    assert_eq!(canary["canary"], true);
+    let (plain_token, canary_token) = (text(&plain, "token"), text(&canary, "token"));
+    assert!(canary_token.starts_with("aether_") && canary_token.len() == plain_token.len());
+    assert_eq!(text(&canary, "prefix").len(), text(&plain, "prefix").len());
+
+    let reader = text(
+        &create_api_token(
+            &app,
+            &org,
+            json!({"name": "reader", "scopes": ["api_tokens:read", "registry:read"]}),
+        )
+        .await,
+        "token",
+    );
+    let writer = text(
+        &create_api_token(
+            &app,
+            &org,
+            json!({"name": "writer", "scopes": ["api_tokens:read", "api_tokens:write"]}),
+        )
+        .await,
+        "token",
+    );
+    let names = |page: &Value| -> Vec<(String, bool)> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (text(t, "name"), t["canary"].as_bool().unwrap()))
+            .collect()
+    };
+    let page: Value = app
+        .get(&org.path("/api-tokens"), &reader)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        !names(&page).iter().any(|(name, _)| name == "bait"),
+        "{page}"
+    );
+    assert!(names(&page).iter().all(|(_, canary)| !canary));
+    let page: Value = app
+        .get(&org.path("/api-tokens"), &writer)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(names(&page).contains(&("bait".into(), true)), "{page}");
+    assert!(names(&page).contains(&("plain".into(), false)), "{page}");
+    let one = org.path(&format!("/api-tokens/{}", text(&canary, "id")));
+    assert_eq!(app.get(&one, &reader).await.status(), 404);
+    let shown: Value = app.get(&one, &writer).await.json().await.unwrap();
+    assert_eq!(shown["canary"], true);
+    assert_eq!(
+        shown["scopes"],
+        json!(["deploy:prod"]),
+        "its scopes are shown, for realism"
+    );
+
+    // Robots: registry:read does not see them, registry:write does.
+    let robot = create_robot(&app, &org, json!({"name": "bait-robot", "canary": true})).await;
+    assert_eq!(robot["canary"], true);
+    assert!(text(&robot, "token").starts_with("kprobot_"));
+    let registry_writer = text(
+        &create_api_token(
+            &app,
+            &org,
+            json!({"name": "rw", "scopes": ["registry:read", "registry:write"]}),
+        )
+        .await,
+        "token",
+    );
+    let robots = |token: String| {
+        let app = &app;
+        let path = org.path("/registry/robot-accounts");
+        async move {
+            let page: Value = app.get(&path, &token).await.json().await.unwrap();
+            names(&page)
+        }
+    };
+    assert_eq!(
+        robots(reader.clone()).await,
+        vec![("default".to_string(), false)]
+    );
+    assert_eq!(
+        robots(registry_writer.clone()).await,
+        vec![
+            ("default".to_string(), false),
+            ("bait-robot".to_string(), true)
+        ]
+    );
+    let one = org.path(&format!("/registry/robot-accounts/{}", text(&robot, "id")));
+    assert_eq!(app.get(&one, &reader).await.status(), 404);
+    assert_eq!(app.get(&one, &registry_writer).await.status(), 200);
+
+    // Service accounts are read and managed with auth.manage: its holders see the canary.
+    let sa = create_service_account(&app, &org, json!({"name": "bait-sa", "canary": true})).await;
+    assert!(text(&sa, "token").starts_with("hbx_sa_"));
+    let listed: Value = app
+        .get(&org.account_path("/service-accounts"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["canary"], true, "{listed}");
+
+    // `canary` must be a boolean.
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "x", "canary": "yes"}),
+        )
+        .await;
+    let details = crate::helpers::assert_error(res, 422, "validation_failed").await;
+    assert_eq!(
+        crate::helpers::fields(&details),
+        vec![("canary".to_string(), "invalid_type".to_string())]
+    );
+}
+
+/// A canary is retired by revoking it, like any credential; its secret never changes (rotation and
+/// suspension are refused), and once revoked it is a revoked credential: no more triggers.
+async fn canaries_are_revoked_but_never_rotated_or_suspended(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let one = org.path(&format!("/api-tokens/{}", text(&canary, "id")));
+    for action in ["/rotate", "/suspend", "/resume"] {
+        let res = app.post_empty(&format!("{one}{action}"), &org.token).await;
+        crate::helpers::assert_error(res, 409, "conflict").await;
+    }
+    let sa = create_service_account(&app, &org, json!({"name": "bait-sa", "canary": true})).await;
+    let sa_path = org.account_path(&format!("/service-accounts/{}", text(&sa, "id")));
+    let res = app
+        .post_empty(&format!("{sa_path}/rotate"), &org.token)
+        .await;
+    assert_eq!(res.status(), 409);
+
+    let token = text(&canary, "token");
+    assert_eq!(app.get("/v1/whoami", &token).await.status(), 401);
+    expect_triggers(&app, &org, 1).await;
+    assert_eq!(app.delete(&one, &org.token).await.status(), 204);
+    assert_eq!(app.get("/v1/whoami", &token).await.status(), 401);
+    let res = app
+        .request(Method::GET, "/v1/whoami", Some(&token))
+        .header("x-forwarded-for", "192.0.2.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    expect_triggers(&app, &org, 1).await;
+}
+
+/// A reported canary is the point of a canary: the report is recorded as a trigger (source,
+/// reporter's address), and the canary stays armed rather than revoked.
+async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let token = text(&canary, "token");
+    let res = from(
+        &app,
+        Method::POST,
+        "/v1/credentials/revoke",
+        "192.0.2.77",
+        "finder/1",
+    )
+    .json(&json!({"credentials": [token]}))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 202);
+    let events = expect_triggers(&app, &org, 1).await;
+    let event = &events[0];
+    assert_eq!(event["client_ip"], "192.0.2.77");
+    assert_eq!(event["details"]["surface"], "public_revoke");
+    assert_eq!(event["details"]["source"], "public_revoke");
+    assert_eq!(event["details"]["reported_by"], "anonymous");
+    assert_eq!(event["actor"]["type"], "system");
+    assert_eq!(event["target"]["id"], canary["id"]);
+    let leaked = app
+        .get(
+            &org.path("/audit-events?action=credential.leaked"),
+            &org.token,
+        )
+        .await;
+    let leaked: Value = leaked.json().await.unwrap();
+    assert_eq!(
+        leaked["items"],
+        json!([]),
+        "a canary is not revoked as leaked"
+    );
+    let one = org.path(&format!("/api-tokens/{}", text(&canary, "id")));
+    assert_eq!(app.get(&one, &org.token).await.status(), 200, "still armed");
+    // Whoever copies it from where it leaked is caught next.
+    let res = from(&app, Method::GET, "/v1/whoami", "198.18.0.9", "attacker/0")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let events = expect_triggers(&app, &org, 2).await;
+    assert_eq!(
+        trigger_from(&events, "198.18.0.9")["details"]["surface"],
+        "whoami"
+    );
+}
+
+/// A resource server of another organization that introspects a canary learns nothing (inactive,
+/// as for any credential not its own); the canary's organization learns that it was presented
+/// and from where, but not the other organization's credential id.
+async fn another_organizations_introspection_of_a_canary_is_recorded_without_its_ids(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let acme = app.create_org("acme").await;
+    let other = app.create_org("other").await;
+    let canary = create_api_token(&app, &acme, json!({"name": "bait", "canary": true})).await;
+    let resource_server = create_api_token(
+        &app,
+        &other,
+        json!({"name": "rs", "scopes": ["tokens:verify"]}),
+    )
+    .await;
+    let res = from(
+        &app,
+        Method::POST,
+        "/oauth2/introspect",
+        "192.0.2.200",
+        "rs/1",
+    )
+    .bearer_auth(text(&resource_server, "token"))
+    .form(&[("token", text(&canary, "token"))])
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"active": false}));
+    let events = expect_triggers(&app, &acme, 1).await;
+    let event = &events[0];
+    assert_eq!(event["client_ip"], "192.0.2.200");
+    assert_eq!(event["details"]["surface"], "introspected_token");
+    assert_eq!(event["details"]["introspected_by"], "another organization");
+    assert!(!event
+        .to_string()
+        .contains(resource_server["id"].as_str().unwrap()));
+    assert!(triggers(&app, &other).await.is_empty());
+}
