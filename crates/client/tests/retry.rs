@@ -70,7 +70,7 @@ async fn scripted(
     (url, server)
 }
 
-const CREATED: &str = r#"{"id":"01a2378e-befb-71e9-b38b-74c564da670a","org_id":"40cfb09e-3d7f-4a70-8dee-e2987421256f","name":"ci","prefix":"aether_0f284d36","scopes":[],"last_used_at":null,"expires_at":null,"created_at":"2030-01-01T00:00:00Z","token":"aether_secret"}"#;
+const CREATED: &str = r#"{"id":"01a2378e-befb-71e9-b38b-74c564da670a","org_id":"40cfb09e-3d7f-4a70-8dee-e2987421256f","name":"ci","prefix":"aether_0f284d36","scopes":[],"last_used_at":null,"expires_at":null,"created_at":"2030-01-01T00:00:00Z","previous_secret_expires_at":null,"previous_secret_last_used_at":null,"suspended_at":null,"canary":false,"token":"aether_secret"}"#;
 const UNAVAILABLE: &str = r#"{"error":{"code":"unavailable","message":"the store is busy"}}"#;
 
 #[tokio::test]
