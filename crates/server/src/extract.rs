@@ -77,16 +77,9 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
 }
 
 /// A body that may be left out (a rotation): no body at all reads as `T::default()`; a body
-/// present is JSON like any other.
+/// present is JSON like any other. Read through `idempotency::IdempotentOptionalJson`, which also
+/// needs the bytes.
 pub struct OptionalApiJson<S, T>(pub T, pub PhantomData<S>);
-
-impl<S: Surface, T: FromJsonBody + Default> FromRequest<App> for OptionalApiJson<S, T> {
-    type Rejection = ApiError<S>;
-
-    async fn from_request(request: Request, app: &App) -> Result<Self, Self::Rejection> {
-        Self::with_bytes(request, app).await.map(|(json, _)| json)
-    }
-}
 
 impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
     pub(crate) async fn with_bytes(
