@@ -52,7 +52,7 @@ cargo build --release -q -p keyplane -p keyplane-bench
 # Starts keyplane on 127.0.0.1:PORT pinned to the server CPU; prints nothing; remembers the PID.
 start_keyplane() { # port data-dir [extra args...]
     local port="$1" dir="$2"; shift 2
-    mkdir -p "$dir"
+    mkdir -p "$dir" && chmod 700 "$dir"  # keyplane refuses a data directory others can read
     taskset -c "$SERVER_CPU" "$KP" serve --listen "127.0.0.1:$port" --data-dir "$dir" \
         --rate-limit-per-minute 0 "$@" >"$dir/server.log" 2>&1 &
     PIDS+=($!)
