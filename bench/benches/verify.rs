@@ -25,7 +25,7 @@ fn verify(c: &mut Criterion) {
             .await
             .unwrap();
         let org = ops::create_org(store.as_ref(), "bench").await.unwrap();
-        let secrets = keyplane_bench::seed_api_tokens(store.as_ref(), org.tenant.id, count)
+        let (secrets, _) = keyplane_bench::seed_api_tokens(store.as_ref(), org.tenant.id, count)
             .await
             .unwrap();
         let config = Config {

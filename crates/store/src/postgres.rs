@@ -1,5 +1,5 @@
 use crate::audit::impl_audit;
-use crate::sql::{bind_credential_fn, impl_store};
+use crate::sql::{bind_credential_fn, impl_store, ImportConnection, Placeholders};
 use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -59,6 +59,16 @@ impl PostgresStore {
 const CHANNEL: &str = "keyplane_invalidation";
 
 impl PostgresStore {
+    const PLACEHOLDERS: Placeholders = Placeholders::Numbered;
+
+    /// Any writer connection, as it is.
+    async fn import_connection(&self) -> Result<ImportConnection<sqlx::Postgres>, StoreError> {
+        Ok(ImportConnection {
+            connection: self.writer.acquire().await?,
+            restore: None,
+        })
+    }
+
     /// Sent inside the writing transaction: PostgreSQL delivers it at commit, never for a rollback.
     async fn notify_invalidation(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,

@@ -100,8 +100,20 @@ pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WH
 pub(crate) const IMPORT_CHUNK: usize = 500;
 const CREDENTIAL_FIELDS: usize = 18;
 
+/// How a backend spells the bind parameters of the import's multi-row INSERT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placeholders {
+    /// `$1, $2, ...`
+    Numbered,
+    /// `?, ?, ...`. For SQLite: sqlx reads the name of every numbered parameter it binds, and
+    /// SQLite finds a name by walking the statement's list of them, so the 9,000 `$n` of one chunk
+    /// cost time quadratic in their number (90% of a 1M import).
+    Anonymous,
+}
+
 /// `INSERT INTO credentials (...) VALUES ($1..$18), ($19..$36), ...` for `rows` rows.
-pub(crate) fn multi_row_insert(rows: usize) -> String {
+pub(crate) fn multi_row_insert(rows: usize, placeholders: Placeholders) -> String {
+    use std::fmt::Write;
     let (head, _) = INSERT_CREDENTIAL
         .split_once(" VALUES ")
         .expect("INSERT_CREDENTIAL has a VALUES clause");
@@ -117,11 +129,34 @@ pub(crate) fn multi_row_insert(rows: usize) -> String {
             if field > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("${}", row * CREDENTIAL_FIELDS + field + 1));
+            match placeholders {
+                Placeholders::Numbered => {
+                    write!(sql, "${}", row * CREDENTIAL_FIELDS + field + 1)
+                        .expect("writing to a String cannot fail");
+                }
+                Placeholders::Anonymous => sql.push('?'),
+            }
         }
         sql.push(')');
     }
     sql
+}
+
+/// The connection an import writes through. A backend may tune it for the import (SQLite: a
+/// larger page cache); `restore` then holds the statement that undoes that, and a connection
+/// dropped before it ran (the import failed or was cancelled) is closed rather than returned to
+/// the pool still tuned.
+pub(crate) struct ImportConnection<DB: sqlx::Database> {
+    pub(crate) connection: sqlx::pool::PoolConnection<DB>,
+    pub(crate) restore: Option<String>,
+}
+
+impl<DB: sqlx::Database> Drop for ImportConnection<DB> {
+    fn drop(&mut self) {
+        if self.restore.is_some() {
+            self.connection.close_on_drop();
+        }
+    }
 }
 
 /// Implements [`crate::Store`] for `$store`, whose `pool` field (reads) and `writer` field (writes)
@@ -268,10 +303,21 @@ macro_rules! impl_store {
                 events: &[keyplane_core::AuditEvent],
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
-                    let mut tx = self.writer.begin().await?;
+                    let mut import = self.import_connection().await?;
+                    let mut tx = sqlx::Connection::begin(&mut *import.connection).await?;
+                    let mut full_chunk_sql = None;
                     for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
-                        let sql = $crate::sql::multi_row_insert(chunk.len());
-                        let mut query = sqlx::query(&sql);
+                        let partial_chunk_sql;
+                        let sql = if chunk.len() == $crate::sql::IMPORT_CHUNK {
+                            full_chunk_sql.get_or_insert_with(|| {
+                                $crate::sql::multi_row_insert(chunk.len(), Self::PLACEHOLDERS)
+                            })
+                        } else {
+                            partial_chunk_sql =
+                                $crate::sql::multi_row_insert(chunk.len(), Self::PLACEHOLDERS);
+                            &partial_chunk_sql
+                        };
+                        let mut query = sqlx::query(sql);
                         for credential in chunk {
                             query = bind_credential(query, credential);
                         }
@@ -281,6 +327,14 @@ macro_rules! impl_store {
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
+                    if let Some(restore) = import.restore.as_deref() {
+                        // The import is committed: a failure here only costs the connection,
+                        // which is then closed on drop.
+                        match sqlx::query(restore).execute(&mut *import.connection).await {
+                            Ok(_) => import.restore = None,
+                            Err(error) => tracing::warn!(%error, "cannot restore the writer connection after an import; closing it"),
+                        }
+                    }
                     Ok(())
                 })
                 .await

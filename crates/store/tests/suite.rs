@@ -511,6 +511,19 @@ async fn import_is_all_or_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(listed.len(), 1235);
+    // The failed import's connection was given up, not broken: the next writes go through.
+    let (late, late_secret) = new_token(f.tenant.id, "after-the-conflict");
+    f.store
+        .import_credentials(std::slice::from_ref(&late), &[ev()])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store
+            .find_credential_by_hash(&late_secret.hash())
+            .await
+            .unwrap(),
+        Some(late)
+    );
 }
 
 async fn a_subjects_live_grants_span_tenants(backend: Backend) {
