@@ -3,7 +3,7 @@
 # summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
 #
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
-#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale
+#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios memory import
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
@@ -31,8 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT
 say() { printf '==> %s\n' "$*" | tee -a "$OUT/summary.txt" >&2; }
-KP="$ROOT/target/release/keyplane"
-KB="$ROOT/target/release/keyplane-bench"
+# A separate CARGO_TARGET_DIR keeps the release build apart from a debug one in progress.
+KP="${CARGO_TARGET_DIR:-$ROOT/target}/release/keyplane"
+KB="${CARGO_TARGET_DIR:-$ROOT/target}/release/keyplane-bench"
 
 {
     echo "date: $(date -u +%FT%TZ)"
@@ -60,6 +61,32 @@ start_keyplane() { # port data-dir [extra args...]
     echo "keyplane on $port did not start" >&2; cat "$dir/server.log" >&2; return 1
 }
 json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+WRK=(timeout 60 taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d10s --timeout 5s --latency)
+run() { # name, then wrk args
+    local name="$1"; shift
+    echo "=== $name"
+    "${WRK[@]}" "$@" | grep -E "Requests/sec|Latency  |50%|75%|90%|99%|Non-2xx|Socket errors|responses:|requests in"
+}
+# The axum hello world of the peers recipe, built once, listening on 127.0.0.1:8080.
+start_baseline() {
+    mkdir -p "$PEERS/baseline/src"
+    cp "$PEERS_RECIPE/baseline/Cargo.toml" "$PEERS/baseline/"
+    cp "$PEERS_RECIPE/baseline/src/main.rs" "$PEERS/baseline/src/"
+    (cd "$PEERS/baseline" && cargo build --release -q)
+    BIND=127.0.0.1:8080 taskset -c "$SERVER_CPU" "$PEERS/baseline/target/release/baseline" >"$WORK/baseline.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8080/verify && return 0; sleep 0.1; done
+    echo "the hello-world baseline did not start" >&2; return 1
+}
+# Mints a token named $2 with scopes $3 (JSON list) through the Aether API of the keyplane at $1,
+# whose bootstrap.json is in $4; prints it.
+mint_token() { # base name scopes-json data-dir
+    local org root
+    org=$(json_field '["org_id"]' < "$4/bootstrap.json")
+    root=$(json_field '["token"]' < "$4/bootstrap.json")
+    curl -sf -X POST "$1/api/v1/organizations/$org/api-tokens" -H "Authorization: Bearer $root" \
+        -H 'content-type: application/json' -d "{\"name\":\"$2\",\"scopes\":$3}" | json_field '["token"]'
+}
 fresh_pg_db() { # name -> url
     psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null
     echo "$PG_BASE/$1"
@@ -87,12 +114,6 @@ if [[ " $PARTS " == *" http "* ]]; then
     DRF_KEY=$(cat "$PEERS/drf/app/key.txt")
     OIDC_TOKEN=$(cat "$PEERS/oidc/token.txt")
     BASIC=$(printf 'bench-client:bench-secret-bench-secret-bench-secret' | base64 -w0)
-    WRK=(timeout 60 taskset -c "$CLIENT_CPU" wrk -t1 -c32 -d10s --timeout 5s --latency)
-    run() { # name, then wrk args
-        local name="$1"; shift
-        echo "=== $name"
-        "${WRK[@]}" "$@" | grep -E "Requests/sec|Latency  |50%|75%|90%|99%|Non-2xx|Socket errors|responses:|requests in"
-    }
     for s in $(seq "$SITTINGS"); do
         {
             run "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
@@ -167,6 +188,63 @@ if [[ " $PARTS " == *" scale "* ]]; then
             | tee -a "$OUT/summary.txt"
         echo "peak RSS ($backend, after 50k verified + 2k created): $(awk '/VmHWM/ {print $2, $3}' /proc/$pid/status)" | tee -a "$OUT/summary.txt"
         kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
+fi
+if [[ " $PARTS " == *" ratios "* ]]; then
+    # keyplane's verification routes against the hello world alone (no other peers), in
+    # interleaved sittings so that drift in the machine's speed hits all three alike.
+    say "ratios: forward-auth and introspection against the axum hello world"
+    start_baseline
+    start_keyplane 8090 "$WORK/ratios"
+    SUBJECT=$(mint_token http://127.0.0.1:8090 bench-subject '["deploy","logs:read"]' "$WORK/ratios")
+    VERIFIER=$(mint_token http://127.0.0.1:8090 bench-verifier '["tokens:verify"]' "$WORK/ratios")
+    for s in $(seq "${RATIO_SITTINGS:-5}"); do
+        {
+            run "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
+            AUTH="Bearer $SUBJECT" run "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8090/v1/auth/forward
+            VERIFIER="$VERIFIER" TOKEN="$SUBJECT" run "keyplane introspection" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8090
+        } > "$OUT/ratios$s.txt"
+    done
+    python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    PIDS=()
+fi
+
+if [[ " $PARTS " == *" memory "* ]]; then
+    # The server's resident memory with SCALE credentials in its verification cache, each loaded
+    # by one forward-auth check (so its forward-auth headers are rendered and cached too).
+    say "memory: $SCALE credentials cached in the server"
+    dir="$WORK/memory"; mkdir -p "$dir" && chmod 700 "$dir"
+    timeout 1800 "$KB" seed --database-url "sqlite://$dir/keyplane.db" --count "$SCALE" --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
+    start_keyplane 8095 "$dir" --database-url "sqlite://$dir/keyplane.db" --verify-cache-capacity $((SCALE + SCALE / 10))
+    pid="${PIDS[-1]}"
+    rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+    before=$(rss)
+    timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$dir/tokens.txt" --count "$SCALE" \
+        | tee -a "$OUT/summary.txt"
+    after=$(rss)
+    misses=$(curl -sf http://127.0.0.1:8095/metrics | awk '/^keyplane_verify_cache_lookups_total\{result="miss"\}/ {print $2}')
+    # A second pass must find every credential still cached.
+    timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$dir/tokens.txt" --count "$SCALE" >/dev/null
+    hits=$(curl -sf http://127.0.0.1:8095/metrics | awk '/^keyplane_verify_cache_lookups_total\{result="hit"\}/ {print $2}')
+    {
+        echo "memory: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential); peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
+        echo "memory: cache misses while filling: $misses; hits on the second pass: $hits"
+    } | tee -a "$OUT/summary.txt"
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+fi
+
+if [[ " $PARTS " == *" import "* ]]; then
+    # Bulk import alone, repeated: its time varies more between runs than the others' (disk).
+    for run in $(seq "${IMPORT_RUNS:-3}"); do
+        for backend in sqlite postgres; do
+            dir="$WORK/import-$backend-$run"; mkdir -p "$dir"
+            if [ "$backend" = sqlite ]; then url="sqlite://$dir/keyplane.db"; else url=$(fresh_pg_db kp_bench_import); fi
+            timeout 1800 taskset -c "$SERVER_CPU" "$KB" seed --database-url "$url" --count "$SCALE" --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
+            python3 -c "import json,sys; d=json.load(sys.stdin); print(f\"import ($backend, run $run): {d['import_seconds']:.1f} s for {d['imported']} credentials (store {d['store_seconds']:.1f} s, minting {d['mint_seconds']:.1f} s)\")" \
+                < "$dir/seed.json" | tee -a "$OUT/summary.txt"
+            rm -rf "$dir"
+        done
     done
 fi
 say "results in $OUT"

@@ -14,9 +14,10 @@ def ms(text):
     return float(m.group(1)) * UNIT[m.group(2)]
 
 
-data, order = {}, []
+data, order, sittings = {}, [], []
 for path in sys.argv[1:]:
     name = None
+    sittings.append({})
     for line in open(path):
         line = line.strip()
         if line.startswith("=== "):
@@ -26,6 +27,7 @@ for path in sys.argv[1:]:
                 order.append(name)
         elif name and line.startswith("Requests/sec:"):
             data[name]["rps"].append(float(line.split()[1]))
+            sittings[-1][name] = float(line.split()[1])
         elif name and line.startswith("50%"):
             data[name]["p50"].append(ms(line.split()[1]))
         elif name and line.startswith("99%"):
@@ -35,12 +37,22 @@ for path in sys.argv[1:]:
 
 median = {name: statistics.median(data[name]["rps"]) for name in order}
 base = median[order[0]]
-print("| endpoint | n | req/s median | min - max | % of baseline | p50 ms | p99 ms | bad replies |")
-print("|---|---|---|---|---|---|---|---|")
+
+
+def paired(name):
+    """Each sitting's endpoint/baseline ratio (the two ran minutes apart): median, min, max."""
+    ratios = [s[name] / s[order[0]] for s in sittings if name in s and order[0] in s]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+print("| endpoint | n | req/s median | min - max | % of baseline (medians) | % of baseline, per sitting: median (min - max) | p50 ms | p99 ms | bad replies |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name in order:
     d = data[name]
+    mid, low, high = paired(name)
     print(f"| {name} | {len(d['rps'])} | {median[name]:,.0f} | {min(d['rps']):,.0f} - {max(d['rps']):,.0f} | "
-          f"{100 * median[name] / base:.1f}% | {statistics.median(d['p50']):.2f} | {statistics.median(d['p99']):.2f} | {d['bad']} |")
+          f"{100 * median[name] / base:.1f}% | {100 * mid:.1f}% ({100 * low:.1f} - {100 * high:.1f}) | "
+          f"{statistics.median(d['p50']):.2f} | {statistics.median(d['p99']):.2f} | {d['bad']} |")
 print()
 pairs = [("keyplane forward-auth", "DRF HasAPIKey /protected/"),
          ("keyplane introspection", "oidc-provider introspection"),

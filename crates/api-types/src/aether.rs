@@ -14,7 +14,7 @@ use uuid::Uuid;
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"name": "ci-deploy", "scopes": ["api_tokens:read", "deploy:prod"], "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateApiTokenRequest {
-    /// 1–120 characters after trimming, without control, format (bidi, zero-width) or line
+    /// 1–120 characters (at least one besides surrounding whitespace, which is trimmed), without control, format (bidi, zero-width) or line
     /// separator characters; unique among the org's live tokens.
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,

@@ -17,7 +17,8 @@ use uuid::Uuid;
 #[derive(Serialize, ToSchema)]
 #[schema(as = ServiceAccountCreate, example = json!({"name": "billing-sync", "expires_at": "2030-01-01T00:00:00Z"}))]
 pub struct CreateServiceAccountRequest {
-    /// Human-readable service account name (1–120 characters after trimming).
+    /// Human-readable service account name (1–120 characters, at least one besides surrounding
+    /// whitespace, which is trimmed).
     #[schema(min_length = 1, max_length = 120)]
     pub name: String,
     /// Optional UTC token expiry timestamp (RFC 3339), in the future and no later than

@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// cannot be reached (stale-if-error); revoked, unknown and uncached ones fail closed. 0 = off.
     #[arg(long, env = "KEYPLANE_STALE_IF_ERROR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     stale_if_error_seconds: u64,
+    /// Live credentials the verification cache holds (LRU-like beyond that: a credential used
+    /// again is kept over one used once). Size it above the credentials in active use across all
+    /// organizations; past it, verifications read the store.
+    #[arg(long, env = "KEYPLANE_VERIFY_CACHE_CAPACITY", default_value_t = CacheConfig::default().capacity as u64, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    verify_cache_capacity: u64,
     /// Reverse proxies (CIDRs or addresses, comma-separated) whose forwarding header names the
     /// client; from anyone else the TCP peer is the client. Default: none.
     #[arg(
@@ -328,6 +333,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         oidc,
         verify_cache: CacheConfig {
             stale_if_error: Duration::from_secs(args.stale_if_error_seconds),
+            capacity: usize::try_from(args.verify_cache_capacity)
+                .context("--verify-cache-capacity does not fit this machine")?,
             ..CacheConfig::default()
         },
         trusted_proxies,

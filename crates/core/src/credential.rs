@@ -134,19 +134,68 @@ impl Unusable {
     }
 }
 
-impl Credential {
-    /// Revocation, suspension and expiry, checked everywhere a credential is used.
-    pub fn usable_at(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
-        if self.revoked_at.is_some() {
+/// Whether something ending at `end` (never, if `None`) has ended by `now`: the one rule for
+/// expiry and for a previous secret's grace period.
+fn ended(end: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    end.is_some_and(|end| end <= now)
+}
+
+/// Everything that decides whether one of a credential's secrets may be used at a given time,
+/// copied out of the record: a verification cache keeps it at the head of its entry, so a cached
+/// verification reads one small block rather than the whole record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretGate {
+    pub kind: CredentialKind,
+    pub canary: bool,
+    revoked: bool,
+    suspended: bool,
+    expires_at: Option<DateTime<Utc>>,
+    /// When this secret stops authenticating on its own: a previous secret's grace end.
+    secret_ends_at: Option<DateTime<Utc>>,
+}
+
+impl SecretGate {
+    /// The secret's own end first, then revocation, suspension and expiry.
+    pub fn check(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
+        if ended(self.secret_ends_at, now) {
+            return Err(Unusable::PreviousSecretEnded);
+        }
+        if self.revoked {
             return Err(Unusable::Revoked);
         }
-        if self.suspended_at.is_some() {
+        if self.suspended {
             return Err(Unusable::Suspended);
         }
-        match self.expires_at {
-            Some(expires_at) if expires_at <= now => Err(Unusable::Expired),
-            _ => Ok(()),
+        if ended(self.expires_at, now) {
+            return Err(Unusable::Expired);
         }
+        Ok(())
+    }
+}
+
+impl Credential {
+    /// The gate of the secret in `slot`. A previous secret the record no longer has is ended.
+    pub fn gate(&self, slot: SecretSlot) -> SecretGate {
+        SecretGate {
+            kind: self.kind,
+            canary: self.canary,
+            revoked: self.revoked_at.is_some(),
+            suspended: self.suspended_at.is_some(),
+            expires_at: self.expires_at,
+            secret_ends_at: match slot {
+                SecretSlot::Current => None,
+                SecretSlot::Previous => Some(
+                    self.previous_secret
+                        .as_ref()
+                        .map_or(DateTime::<Utc>::MIN_UTC, |previous| previous.expires_at),
+                ),
+            },
+        }
+    }
+
+    /// Revocation, suspension and expiry, checked everywhere a credential is used.
+    pub fn usable_at(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
+        self.gate(SecretSlot::Current).check(now)
     }
 
     /// Which secret `presented` is: the current one, or the previous one within its grace period.
@@ -161,10 +210,10 @@ impl Credential {
         }
         match &self.previous_secret {
             Some(previous) if previous.hash.matches(presented) => {
-                if previous.expires_at > now {
-                    Ok(SecretSlot::Previous)
-                } else {
+                if ended(Some(previous.expires_at), now) {
                     Err(Some(Unusable::PreviousSecretEnded))
+                } else {
+                    Ok(SecretSlot::Previous)
                 }
             }
             _ => Err(None),
@@ -175,7 +224,7 @@ impl Credential {
     pub fn live_previous_secret(&self, now: DateTime<Utc>) -> Option<&PreviousSecret> {
         self.previous_secret
             .as_ref()
-            .filter(|previous| previous.expires_at > now)
+            .filter(|previous| !ended(Some(previous.expires_at), now))
     }
 
     /// The credential as of `now`: a previous secret whose grace period has ended is none (the
@@ -311,5 +360,87 @@ impl Rotation {
             },
             minted.plaintext,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeDelta;
+
+    fn credential(now: DateTime<Utc>) -> Credential {
+        NewCredential {
+            tenant_id: crate::TenantId::new(),
+            kind: CredentialKind::ApiToken,
+            name: "ci".into(),
+            scopes: ScopeSet::empty(),
+            permissions: Vec::new(),
+            expires_at: Some(now + TimeDelta::hours(1)),
+            created_by_user_id: None,
+            canary: false,
+        }
+        .issue(now, &mut rand::rngs::OsRng)
+        .0
+    }
+
+    #[test]
+    fn a_gate_answers_as_the_record_does() {
+        let now = crate::validate::truncate_to_micros(Utc::now());
+        let mut credential = credential(now);
+        let previous = self::credential(now).secret_hash;
+        credential.previous_secret = Some(PreviousSecret {
+            hash: previous,
+            expires_at: now + TimeDelta::minutes(5),
+            last_used_at: None,
+            retire_when_unused_seconds: None,
+        });
+        let current = credential.gate(SecretSlot::Current);
+        let grace = credential.gate(SecretSlot::Previous);
+        for at in [now, now + TimeDelta::minutes(5), now + TimeDelta::hours(1)] {
+            assert_eq!(current.check(at), credential.usable_at(at), "at {at}");
+            let slot = credential.secret_slot(&previous, at);
+            match grace.check(at) {
+                Ok(()) => assert_eq!(slot, Ok(SecretSlot::Previous)),
+                Err(Unusable::PreviousSecretEnded) => {
+                    assert_eq!(slot, Err(Some(Unusable::PreviousSecretEnded)))
+                }
+                Err(other) => assert_eq!(credential.usable_at(at), Err(other)),
+            }
+        }
+        // The grace period ends at its instant exactly, and before the credential expires.
+        assert_eq!(
+            grace.check(now + TimeDelta::minutes(5) - TimeDelta::microseconds(1)),
+            Ok(())
+        );
+        assert_eq!(
+            grace.check(now + TimeDelta::minutes(5)),
+            Err(Unusable::PreviousSecretEnded)
+        );
+        assert_eq!(current.check(now + TimeDelta::minutes(5)), Ok(()));
+        assert_eq!(
+            current.check(now + TimeDelta::hours(1)),
+            Err(Unusable::Expired)
+        );
+    }
+
+    #[test]
+    fn revocation_and_suspension_close_every_secret() {
+        let now = Utc::now();
+        let mut credential = credential(now);
+        credential.suspended_at = Some(now);
+        assert_eq!(
+            credential.gate(SecretSlot::Current).check(now),
+            Err(Unusable::Suspended)
+        );
+        credential.revoked_at = Some(now);
+        assert_eq!(
+            credential.gate(SecretSlot::Current).check(now),
+            Err(Unusable::Revoked)
+        );
+        // A previous secret the record no longer holds authenticates nothing.
+        assert_eq!(
+            credential.gate(SecretSlot::Previous).check(now),
+            Err(Unusable::PreviousSecretEnded)
+        );
     }
 }

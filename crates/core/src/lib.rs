@@ -23,7 +23,7 @@ pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
 pub use credential::{
     Credential, CredentialKind, NewCredential, PreviousSecret, Rotation, RotationOptions,
-    SecretSlot, Tenant, TokenDisplay, Unusable,
+    SecretGate, SecretSlot, Tenant, TokenDisplay, Unusable,
 };
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
 pub use grant::{Grant, GrantKind, GrantResource, NewGrant, SubjectType};

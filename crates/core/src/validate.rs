@@ -23,8 +23,9 @@ pub fn is_disguising(c: char) -> bool {
     )
 }
 
-/// Names are 1–120 characters after trimming, with no control, format (bidi) or line-separator
-/// characters. Returns the trimmed name.
+/// Names are at most 120 characters as sent (the documented `maxLength` counts what the client
+/// sends, whitespace included), at least 1 after trimming, with no control, format (bidi) or
+/// line-separator characters. Returns the trimmed name.
 pub fn name(path: FieldPath, raw: &str) -> Result<String, FieldError> {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
@@ -34,7 +35,7 @@ pub fn name(path: FieldPath, raw: &str) -> Result<String, FieldError> {
             "must have at least 1 character after trimming whitespace",
         ));
     }
-    if trimmed.chars().count() > MAX_NAME_CHARS {
+    if raw.chars().count() > MAX_NAME_CHARS {
         return Err(FieldError::new(
             path,
             codes::TOO_LONG,
@@ -130,6 +131,14 @@ mod tests {
         assert!(name(FieldPath::body("name"), &"é".repeat(120)).is_ok());
         assert_eq!(
             name(FieldPath::body("name"), &"é".repeat(121))
+                .unwrap_err()
+                .code,
+            codes::TOO_LONG
+        );
+        // Surrounding whitespace counts toward the limit: a schema-checking client sees the raw
+        // string, so accepting it would break the published `maxLength`.
+        assert_eq!(
+            name(FieldPath::body("name"), &format!("\r{}", "a".repeat(120)))
                 .unwrap_err()
                 .code,
             codes::TOO_LONG
