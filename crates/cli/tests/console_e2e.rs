@@ -441,6 +441,10 @@ fn provider_dir() -> PathBuf {
 
 /// `npm ci` in `dir` unless `package` is installed there already.
 async fn npm_ci(dir: &Path, package: &str) {
+    // The tests run in parallel: without the lock one finds `package` half written by the
+    // other's `npm ci` and node fails to parse its files.
+    static INSTALLING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _installing = INSTALLING.lock().await;
     if dir
         .join("node_modules")
         .join(package)
