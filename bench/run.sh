@@ -53,11 +53,19 @@ cargo build --release -q -p keyplane -p keyplane-bench
 # Starts keyplane on 127.0.0.1:PORT pinned to the server CPU; prints nothing; remembers the PID.
 start_keyplane() { # port data-dir [extra args...]
     local port="$1" dir="$2"; shift 2
+    # With --tls-cert it serves https only: probe that, trusting the certificate it was given.
+    local probe=(curl -sf "http://127.0.0.1:$port/readyz") prev="" arg
+    for arg in "$@"; do
+        if [ "$prev" = --tls-cert ]; then probe=(curl -sf --cacert "$arg" "https://127.0.0.1:$port/readyz"); fi
+        prev="$arg"
+    done
+    # Else the probe below could find another server there and take it for this one.
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "127.0.0.1:$port is already in use" >&2; return 1; fi
     mkdir -p "$dir" && chmod 700 "$dir"  # keyplane refuses a data directory others can read
     taskset -c "$SERVER_CPU" "$KP" serve --listen "127.0.0.1:$port" --data-dir "$dir" \
         --rate-limit-per-minute 0 "$@" >"$dir/server.log" 2>&1 &
     PIDS+=($!)
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return 0; sleep 0.1; done
+    for _ in $(seq 100); do "${probe[@]}" >/dev/null && return 0; sleep 0.1; done
     echo "keyplane on $port did not start" >&2; cat "$dir/server.log" >&2; return 1
 }
 json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
@@ -207,6 +215,54 @@ if [[ " $PARTS " == *" ratios "* ]]; then
     done
     python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    PIDS=()
+fi
+
+if [[ " $PARTS " == *" tls "* ]]; then
+    # Forward-auth over TLS beside the axum hello world over TLS (tls-hello: keyplane's own rustls
+    # configuration, acceptor and HTTP builders), and both over plain HTTP, in interleaved sittings
+    # with identical requests (the hello worlds get the same Authorization header and ignore it).
+    # wrk (OpenSSL) offers no ALPN, so every run is HTTP/1.1 on kept-alive connections.
+    say "tls: forward-auth over TLS against the axum hello world over TLS"
+    # Servers left by earlier parts would share the server CPU (and could hold ports).
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+    TLS_HELLO="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
+    dir="$WORK/tls"; mkdir -p "$dir"
+    "$TLS_HELLO" cert "$dir/pki" 2>/dev/null
+    CERT="$dir/pki/cert.pem"; KEY="$dir/pki/key.pem"
+    start_baseline
+    if (exec 3<>/dev/tcp/127.0.0.1/8444) 2>/dev/null; then echo "127.0.0.1:8444 is already in use" >&2; exit 1; fi
+    BIND=127.0.0.1:8444 taskset -c "$SERVER_CPU" "$TLS_HELLO" serve --cert "$CERT" --key "$KEY" >"$dir/tls-hello.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do curl -sf --cacert "$CERT" -o /dev/null https://127.0.0.1:8444/verify && break; sleep 0.1; done
+    curl -sf --cacert "$CERT" -o /dev/null https://127.0.0.1:8444/verify \
+        || { echo "tls-hello did not start" >&2; cat "$dir/tls-hello.log" >&2; exit 1; }
+    start_keyplane 8096 "$dir/keyplane-plain"
+    start_keyplane 8095 "$dir/keyplane-tls" --tls-cert "$CERT" --tls-key "$KEY"
+    SUBJECT=$(mint_token http://127.0.0.1:8096 bench-subject '["deploy","logs:read"]' "$dir/keyplane-plain")
+    SUBJECT_TLS=$(CURL_CA_BUNDLE="$CERT" mint_token https://127.0.0.1:8095 bench-subject '["deploy","logs:read"]' "$dir/keyplane-tls")
+    # What a client without ALPN (as wrk, same OpenSSL defaults) and one offering h2 (curl) get.
+    for server in "tls-hello 8444 /verify" "keyplane 8095 /readyz"; do
+        read -r name port path <<<"$server"
+        echo "=== $name: openssl s_client, no ALPN (as wrk)"
+        timeout 10 openssl s_client -brief -connect "127.0.0.1:$port" -servername localhost </dev/null 2>&1 \
+            | grep -E "Protocol version|Ciphersuite|Signature type|Hash used|Server Temp Key" || true
+        echo "=== $name: curl, ALPN h2 and http/1.1"
+        curl -sv --cacert "$CERT" -o /dev/null "https://127.0.0.1:$port$path" 2>&1 \
+            | grep -E "SSL connection using|ALPN: server|HTTP/[12]" || true
+    done > "$OUT/tls-handshake.txt"
+    grep -E "^===|Protocol version|Ciphersuite|Server Temp Key" "$OUT/tls-handshake.txt" | tee -a "$OUT/summary.txt"
+    for s in $(seq "${TLS_SITTINGS:-5}"); do
+        {
+            AUTH="Bearer $SUBJECT" run "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
+            AUTH="Bearer $SUBJECT_TLS" run "axum hello over TLS (tls-hello)" -s "$PEERS_RECIPE/header.lua" https://127.0.0.1:8444/verify
+            AUTH="Bearer $SUBJECT" run "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8096/v1/auth/forward
+            AUTH="Bearer $SUBJECT_TLS" run "keyplane forward-auth over TLS" -s "$PEERS_RECIPE/header.lua" https://127.0.0.1:8095/v1/auth/forward
+        } > "$OUT/tls$s.txt"
+    done
+    python3 "$ROOT/bench/tls_summary.py" "$OUT"/tls[0-9]*.txt | tee -a "$OUT/summary.txt"
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
     PIDS=()
 fi
 
