@@ -304,3 +304,81 @@ if [[ " $PARTS " == *" import "* ]]; then
     done
 fi
 say "results in $OUT"
+
+if [[ " $PARTS " == *" verifier "* ]]; then
+    # keyplane-verifier (issue #15). Throughput: the embedded verifier (in-process, one core: the
+    # server core, idle meanwhile) against keyplane's forward-auth (one server core, wrk on the
+    # client core), in interleaved sittings of one run. Then revocation to refusal through the
+    # revocation stream: SQLite on one server, and three PostgreSQL replicas (revoked through
+    # replica 2, the verifier on replica 1). Ports 8096-8099, apart from the other parts'.
+    VERIFIER_TOKENS="${VERIFIER_TOKENS:-10000}"
+    REVOCATION_ROUNDS="${REVOCATION_ROUNDS:-200}"
+    say "verifier: embedded verification ($VERIFIER_TOKENS cached tokens) against forward-auth, one core each"
+    dir="$WORK/verifier"; mkdir -p "$dir" && chmod 700 "$dir"
+    timeout 600 "$KB" seed --database-url "sqlite://$dir/keyplane.db" --count "$VERIFIER_TOKENS" \
+        --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
+    ORG=$(json_field '["org_id"]' < "$dir/seed.json"); ROOT_TOKEN=$(json_field '["token"]' < "$dir/seed.json")
+    start_keyplane 8096 "$dir" --database-url "sqlite://$dir/keyplane.db"
+    verifier_pids=("${PIDS[-1]}")
+    VERIFY_TOKEN=$(curl -sf -X POST "http://127.0.0.1:8096/api/v1/organizations/$ORG/api-tokens" \
+        -H "Authorization: Bearer $ROOT_TOKEN" -H 'content-type: application/json' \
+        -d '{"name":"bench-embedded-verifier","scopes":["tokens:verify"]}' | json_field '["token"]')
+    SUBJECT=$(head -n1 "$dir/tokens.txt")
+    # The forward-auth script of the other parts when the peers recipe is there (same wrk cost).
+    if [ -f "$PEERS_RECIPE/header.lua" ]; then forward=(-s "$PEERS_RECIPE/header.lua"); else forward=(-H "Authorization: Bearer $SUBJECT"); fi
+    for s in $(seq "${VERIFIER_SITTINGS:-3}"); do
+        AUTH="Bearer $SUBJECT" run "keyplane forward-auth" "${forward[@]}" http://127.0.0.1:8096/v1/auth/forward \
+            > "$OUT/verifier-forward-auth$s.txt"
+        timeout 300 taskset -c "$SERVER_CPU" "$KB" embedded-verify --base http://127.0.0.1:8096 \
+            --verify-token "$VERIFY_TOKEN" --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10 \
+            > "$OUT/verifier-embedded$s.json"
+    done
+    python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import glob, json, re, statistics, sys
+out = sys.argv[1]
+wrk = [float(m.group(1)) for f in sorted(glob.glob(f"{out}/verifier-forward-auth*.txt"))
+       for m in [re.search(r"Requests/sec:\s+([\d.]+)", open(f).read())] if m]
+emb = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/verifier-embedded*.json"))]
+rates = [e["verifies_per_second"] for e in emb]
+ratios = [e / w for e, w in zip(rates, wrk)]
+print(f"verifier: embedded {statistics.median(rates):.0f} verifies/s on one core "
+      f"(p50 {statistics.median(e['p50_us'] for e in emb):.2f} us, p99 {statistics.median(e['p99_us'] for e in emb):.2f} us); "
+      f"forward-auth {statistics.median(wrk):.0f} req/s on one server core; "
+      f"ratio {statistics.median(ratios):.1f}x (median of {len(ratios)} sittings: {', '.join(f'{r:.1f}' for r in ratios)})")
+PY
+    # Verifier::verify alone on a warm cache (criterion; the cache-hit path, no HTTP).
+    KEYPLANE_BENCH_VERIFIER_TOKENS="$VERIFIER_TOKENS" taskset -c "$SERVER_CPU" \
+        cargo bench -q -p keyplane-bench --bench verifier -- --noplot 2>&1 | tee "$OUT/criterion-verifier.txt" \
+        | grep -E "^verifier/|time:" | tee -a "$OUT/summary.txt"
+
+    revocation_summary() { # label < json
+        python3 -c "
+import json, sys
+d = json.load(sys.stdin)
+e, r = d['event_applied'], d['refused']
+print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p50_ms']} ms p99 {e['p99_ms']} ms max {e['max_ms']} ms; refused p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms max {r['max_ms']} ms; refused before the event: {d['refused_before_the_event']}\")"
+    }
+    say "verifier: revocation to refusal through the stream, SQLite, one server ($REVOCATION_ROUNDS rounds)"
+    timeout 900 taskset -c "$CLIENT_CPU" "$KB" verifier-revocation --base http://127.0.0.1:8096 \
+        --org "$ORG" --token "$ROOT_TOKEN" --verify-token "$VERIFY_TOKEN" --rounds "$REVOCATION_ROUNDS" \
+        > "$OUT/verifier-revocation-sqlite.json"
+    revocation_summary "SQLite, one server" < "$OUT/verifier-revocation-sqlite.json" | tee -a "$OUT/summary.txt"
+    for pid in "${verifier_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+
+    say "verifier: revocation to refusal through the stream, three PostgreSQL replicas ($REVOCATION_ROUNDS rounds)"
+    URL=$(fresh_pg_db kp_bench_verifier)
+    verifier_pids=()
+    for port in 8097 8098 8099; do
+        start_keyplane "$port" "$WORK/verifier-pg$port" --database-url "$URL"
+        verifier_pids+=("${PIDS[-1]}")
+    done
+    ORG=$(json_field '["org_id"]' < "$WORK/verifier-pg8097/bootstrap.json")
+    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/verifier-pg8097/bootstrap.json")
+    timeout 900 taskset -c "$CLIENT_CPU" "$KB" verifier-revocation --base http://127.0.0.1:8097 \
+        --revoke-base http://127.0.0.1:8098 --org "$ORG" --token "$ROOT_TOKEN" --rounds "$REVOCATION_ROUNDS" \
+        > "$OUT/verifier-revocation-postgres.json"
+    revocation_summary "PostgreSQL, revoked on replica 2, verifier on replica 1" \
+        < "$OUT/verifier-revocation-postgres.json" | tee -a "$OUT/summary.txt"
+    for pid in "${verifier_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    say "verifier: results in $OUT"
+fi

@@ -62,3 +62,85 @@ pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
+
+/// Latencies of a long run without keeping every sample: nanosecond buckets below
+/// [`Histogram::FINE_NS`] (where a cache hit falls), the rare slower samples kept as they are.
+pub struct Histogram {
+    fine: Vec<u64>,
+    slow: Vec<std::time::Duration>,
+    count: u64,
+    max: std::time::Duration,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            fine: vec![0; Self::FINE_NS as usize],
+            slow: Vec::new(),
+            count: 0,
+            max: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl Histogram {
+    pub const FINE_NS: u64 = 65_536;
+
+    pub fn record(&mut self, took: std::time::Duration) {
+        self.count += 1;
+        self.max = self.max.max(took);
+        match u64::try_from(took.as_nanos()) {
+            Ok(ns) if ns < Self::FINE_NS => self.fine[ns as usize] += 1,
+            _ => self.slow.push(took),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max(&self) -> std::time::Duration {
+        self.max
+    }
+
+    /// Nearest rank, as [`percentile`].
+    pub fn percentile(&mut self, p: f64) -> std::time::Duration {
+        if self.count == 0 {
+            return std::time::Duration::ZERO;
+        }
+        let rank = (((p / 100.0) * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (ns, n) in self.fine.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return std::time::Duration::from_nanos(ns as u64);
+            }
+        }
+        self.slow.sort_unstable();
+        self.slow[(rank - seen - 1) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_percentiles_match_the_sorted_samples() {
+        let mut samples: Vec<Duration> = (0..10_000u64)
+            .map(|i| Duration::from_nanos((i * 7919) % 90_000 + 1))
+            .collect();
+        let mut histogram = Histogram::default();
+        for sample in &samples {
+            histogram.record(*sample);
+        }
+        samples.sort();
+        for p in [0.0, 1.0, 50.0, 72.5, 99.0, 99.9, 100.0] {
+            assert_eq!(histogram.percentile(p), percentile(&samples, p), "p{p}");
+        }
+        assert_eq!(histogram.count(), 10_000);
+        assert_eq!(histogram.max(), *samples.last().unwrap());
+        assert_eq!(Histogram::default().percentile(50.0), Duration::ZERO);
+    }
+}

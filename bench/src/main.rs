@@ -95,6 +95,55 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// keyplane-verifier in-process on ONE current-thread runtime (the verifier, its revocation
+    /// stream and the load share one thread): warms its cache with TAKE tokens, then verifies them
+    /// round-robin for SECONDS (at most COUNT verifies); prints verifies/s and latency as JSON.
+    EmbeddedVerify {
+        #[arg(long)]
+        base: String,
+        /// A credential holding `tokens:verify`.
+        #[arg(long)]
+        verify_token: String,
+        /// Subject tokens, one per line (e.g. `seed --tokens-out`); without it, TAKE tokens are
+        /// created through the API with --org and --org-token.
+        #[arg(long)]
+        tokens: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 10_000)]
+        take: usize,
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        org_token: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100_000_000)]
+        count: u64,
+    },
+    /// Revocation to refusal through keyplane-verifier: ROUNDS times, create a token, verify it
+    /// (then cached), revoke it through REVOKE_BASE (default: BASE) and poll `verify` until it is
+    /// refused; the verifier follows BASE's revocation stream. Prints, from the revoke call's
+    /// return, when the verifier applied the event and when it refused, as JSON.
+    VerifierRevocation {
+        /// The replica the verifier introspects and follows.
+        #[arg(long)]
+        base: String,
+        /// The replica tokens are created and revoked through.
+        #[arg(long)]
+        revoke_base: Option<String>,
+        #[arg(long)]
+        org: String,
+        /// A credential of ORG that may create and revoke API tokens.
+        #[arg(long)]
+        token: String,
+        /// A credential holding `tokens:verify`; default: one created through BASE.
+        #[arg(long)]
+        verify_token: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        /// How long one round may wait for the refusal.
+        #[arg(long, default_value_t = 10)]
+        round_timeout_seconds: u64,
+    },
 }
 
 fn client() -> reqwest::Client {
@@ -558,9 +607,290 @@ async fn cache_flood(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Creates COUNT API tokens in ORG through BASE, 16 at a time; returns their secrets.
+async fn create_tokens(
+    client: &reqwest::Client,
+    base: &str,
+    org: &str,
+    token: &str,
+    scopes: &[&str],
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let url = format!("{base}/api/v1/organizations/{org}/api-tokens");
+    let run = format!("{:x}", rand::random::<u32>());
+    stream::iter(0..count)
+        .map(|i| {
+            let (url, run) = (&url, &run);
+            async move {
+                let res = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&json!({"name": format!("bench-{run}-{i}"), "scopes": scopes}))
+                    .send()
+                    .await?;
+                if res.status() != 201 {
+                    bail!("create answered {}", res.status());
+                }
+                let created: Value = res.json().await?;
+                Ok(created["token"]
+                    .as_str()
+                    .context("the created token")?
+                    .to_string())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// A verifier that has heard from the stream (it refuses everything before).
+async fn fresh_verifier(
+    config: keyplane_verifier::VerifierConfig,
+) -> anyhow::Result<keyplane_verifier::Verifier> {
+    let verifier = keyplane_verifier::Verifier::new(config)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while verifier.is_stale() {
+        if Instant::now() > deadline {
+            bail!(
+                "the verifier did not connect to the revocation stream within 10 s: {:?}",
+                verifier.metrics()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(verifier)
+}
+
+fn micros(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e9).round() / 1e3
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn embedded_verify(
+    base: &str,
+    verify_token: &str,
+    tokens: Option<&std::path::Path>,
+    take: usize,
+    org: Option<&str>,
+    org_token: Option<&str>,
+    seconds: u64,
+    count: u64,
+) -> anyhow::Result<()> {
+    let client = client();
+    let tokens: Vec<String> = match (tokens, org, org_token) {
+        (Some(file), _, _) => std::fs::read_to_string(file)
+            .context("reading the tokens file")?
+            .lines()
+            .take(take)
+            .map(str::to_string)
+            .collect(),
+        (None, Some(org), Some(org_token)) => {
+            create_tokens(&client, base, org, org_token, &["deploy"], take).await?
+        }
+        _ => bail!("give --tokens FILE, or --org and --org-token to create them"),
+    };
+    if tokens.is_empty() {
+        bail!("no tokens to verify");
+    }
+    let mut config = keyplane_verifier::VerifierConfig::new(base, verify_token);
+    // Every token stays cached for the whole run: this measures the cache-hit path.
+    config.max_entries = tokens.len() + tokens.len() / 10 + 16;
+    config.cache_ttl = Duration::from_secs(3600);
+    let verifier = fresh_verifier(config).await?;
+    let warmed: Vec<anyhow::Result<()>> = stream::iter(&tokens)
+        .map(|token| {
+            let verifier = &verifier;
+            async move {
+                verifier
+                    .verify(token)
+                    .await
+                    .map(drop)
+                    .map_err(|e| anyhow::anyhow!("warming: {e}"))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    warmed.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let before = verifier.metrics();
+
+    let mut histogram = keyplane_bench::Histogram::default();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut next = 0;
+    for n in 0..count {
+        if n % 1024 == 0 {
+            // A cache hit never waits: let the stream task read its heartbeats now and then, as
+            // a service's requests would.
+            tokio::task::yield_now().await;
+        }
+        let sent = Instant::now();
+        if sent >= deadline {
+            break;
+        }
+        let verified = verifier.verify(&tokens[next]).await;
+        histogram.record(sent.elapsed());
+        if let Err(e) = verified {
+            bail!("a warm token was refused: {e}; {:?}", verifier.metrics());
+        }
+        next = (next + 1) % tokens.len();
+    }
+    let elapsed = started.elapsed();
+    let after = verifier.metrics();
+    let verifies = histogram.count();
+    println!(
+        "{}",
+        json!({
+            "mode": "embedded-verify",
+            "tokens": tokens.len(),
+            "verifies": verifies,
+            "seconds": elapsed.as_secs_f64(),
+            "verifies_per_second": (verifies as f64 / elapsed.as_secs_f64()).round(),
+            "p50_us": micros(histogram.percentile(50.0)),
+            "p99_us": micros(histogram.percentile(99.0)),
+            "max_us": micros(histogram.max()),
+            "cache_hits": after.cache_hits - before.cache_hits,
+            "introspections": after.introspections - before.introspections,
+        })
+    );
+    Ok(())
+}
+
+fn summary_ms(mut samples: Vec<Duration>) -> Value {
+    samples.sort();
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    json!({
+        "n": samples.len(),
+        "p50_ms": ms(percentile(&samples, 50.0)),
+        "p99_ms": ms(percentile(&samples, 99.0)),
+        "max_ms": ms(samples.last().copied().unwrap_or_default()),
+    })
+}
+
+async fn verifier_revocation(
+    base: &str,
+    revoke_base: &str,
+    org: &str,
+    token: &str,
+    verify_token: Option<String>,
+    rounds: usize,
+    round_timeout: Duration,
+) -> anyhow::Result<()> {
+    use keyplane_verifier::VerifyError;
+    let client = client();
+    let verify_token = match verify_token {
+        Some(verify_token) => verify_token,
+        None => create_tokens(&client, base, org, token, &["tokens:verify"], 1)
+            .await?
+            .remove(0),
+    };
+    let verifier =
+        fresh_verifier(keyplane_verifier::VerifierConfig::new(base, verify_token)).await?;
+    let tokens_url = format!("{revoke_base}/api/v1/organizations/{org}/api-tokens");
+    let (mut applied, mut refused) = (Vec::new(), Vec::new());
+    let mut refused_before_event = 0;
+    let run = format!("{:x}", rand::random::<u32>());
+    let started = Instant::now();
+    for round in 0..rounds {
+        let res = client
+            .post(&tokens_url)
+            .bearer_auth(token)
+            .json(&json!({"name": format!("verifier-revocation-{run}-{round}")}))
+            .send()
+            .await?;
+        if res.status() != 201 {
+            bail!("create answered {}", res.status());
+        }
+        let created: Value = res.json().await?;
+        let (id, secret) = (
+            created["id"].as_str().context("created id")?,
+            created["token"].as_str().context("created token")?,
+        );
+        // The first verify asks keyplane, the second must be answered from the cache.
+        verifier
+            .verify(secret)
+            .await
+            .map_err(|e| anyhow::anyhow!("a fresh token was refused: {e}"))?;
+        let hits = verifier.metrics().cache_hits;
+        verifier
+            .verify(secret)
+            .await
+            .map_err(|e| anyhow::anyhow!("a fresh token was refused: {e}"))?;
+        if verifier.metrics().cache_hits != hits + 1 {
+            bail!("a fresh token was not cached: {:?}", verifier.metrics());
+        }
+        let events = verifier.metrics().stream_events;
+        let res = client
+            .delete(format!("{tokens_url}/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let revoked_at = Instant::now();
+        if res.status() != 204 {
+            bail!("revoke answered {}", res.status());
+        }
+        let mut event_applied = None;
+        // When the loop last looked at the event counter before the refusing `verify`.
+        let looked = loop {
+            let looked = revoked_at.elapsed();
+            if event_applied.is_none() && verifier.metrics().stream_events > events {
+                event_applied = Some(looked);
+            }
+            match verifier.verify(secret).await {
+                Err(VerifyError::Inactive) => break looked,
+                Ok(_) => {}
+                Err(other) => bail!("verify failed: {other}"),
+            }
+            if revoked_at.elapsed() > round_timeout {
+                bail!(
+                    "the revoked token was still accepted after {round_timeout:?}: {:?}",
+                    verifier.metrics()
+                );
+            }
+            // A cache hit never waits: give the stream task its turn.
+            tokio::task::yield_now().await;
+        };
+        refused.push(revoked_at.elapsed());
+        match event_applied {
+            Some(at) => applied.push(at),
+            // The event landed between the last look and `verify`'s cache lookup, which follows
+            // it by the microseconds of parsing and hashing the token.
+            None if verifier.metrics().stream_events > events => applied.push(looked),
+            None => refused_before_event += 1,
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "mode": "verifier-revocation",
+            "verifier_follows": base,
+            "revoked_through": revoke_base,
+            "rounds": rounds,
+            "seconds": started.elapsed().as_secs_f64(),
+            "event_applied": summary_ms(applied),
+            "refused": summary_ms(refused),
+            "refused_before_the_event": refused_before_event,
+        })
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    let runtime = match command {
+        // One core's worth: the verifier's whole cost on the thread that runs the load.
+        Command::EmbeddedVerify { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run(command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Seed {
             database_url,
             count,
@@ -598,5 +928,48 @@ async fn main() -> anyhow::Result<()> {
             flood,
             concurrency,
         } => cache_flood(database_url, victims, flood, concurrency).await,
+        Command::EmbeddedVerify {
+            base,
+            verify_token,
+            tokens,
+            take,
+            org,
+            org_token,
+            seconds,
+            count,
+        } => {
+            embedded_verify(
+                &base,
+                &verify_token,
+                tokens.as_deref(),
+                take,
+                org.as_deref(),
+                org_token.as_deref(),
+                seconds,
+                count,
+            )
+            .await
+        }
+        Command::VerifierRevocation {
+            base,
+            revoke_base,
+            org,
+            token,
+            verify_token,
+            rounds,
+            round_timeout_seconds,
+        } => {
+            let revoke_base = revoke_base.unwrap_or_else(|| base.clone());
+            verifier_revocation(
+                &base,
+                &revoke_base,
+                &org,
+                &token,
+                verify_token,
+                rounds,
+                Duration::from_secs(round_timeout_seconds),
+            )
+            .await
+        }
     }
 }

@@ -5,6 +5,10 @@
 //! with a valid credential is answered as usual whatever its address did, so garbage from one
 //! client behind a NAT or a proxy cannot lock the others out. (Guessing is not what this stops:
 //! secrets carry 256 random bits.)
+//!
+//! A failure is a 401 answer, nothing else. In particular an introspection answering
+//! `{"active": false}` is not one: its caller authenticated with `tokens:verify`, and an embedded
+//! verifier re-checking revoked tokens must not be throttled into failing its own service.
 
 use crate::app::App;
 use crate::client_addr::ClientAddr;
@@ -68,19 +72,6 @@ impl FailedAuthLimiter {
     }
 }
 
-/// Marks an answer that is a failed authentication although its status is not 401: an
-/// introspection of a token the caller does not own is how a caller would test guessed tokens.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FailedAuthentication;
-
-fn is_failure(response: &Response) -> bool {
-    response.status() == StatusCode::UNAUTHORIZED
-        || response
-            .extensions()
-            .get::<FailedAuthentication>()
-            .is_some()
-}
-
 /// Counts every failed authentication against the client's address and, past the budget,
 /// answers the address's failures with 429; runs inside `observe`, after `ClientAddr` is known.
 pub(crate) async fn limit_failed_authentications(
@@ -97,7 +88,7 @@ pub(crate) async fn limit_failed_authentications(
     // The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
     let uri = request.uri().clone();
     let response = next.run(request).await;
-    if !is_failure(&response) {
+    if response.status() != StatusCode::UNAUTHORIZED {
         return response;
     }
     match limiter.record_failure(ip) {

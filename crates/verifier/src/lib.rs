@@ -28,7 +28,7 @@
 
 use keyplane_core::CredentialKind;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -188,17 +188,127 @@ struct Entry {
     until: Instant,
 }
 
+/// The cached answers, with an index by credential so that an event drops that credential's
+/// answers without scanning the others. Every change to `entries` goes through the methods
+/// below, which keep the index equal to the accepted entries' keys.
 #[derive(Default)]
 struct Cache {
     entries: HashMap<[u8; 32], Entry>,
+    /// Credential id -> the keys of its accepted answers: one secret, two during a rotation's
+    /// grace period, so a short list. Refusals name no credential and are not indexed.
+    by_credential: HashMap<String, Vec<[u8; 32]>>,
     /// Bumped by every invalidation: an answer fetched across one is not cached.
     generation: u64,
     /// Credentials changed in the last [`RECENT`]: their answers are not cached yet, since the
     /// replica answering an introspection may hear of the change a moment after the stream's.
     recent: HashMap<String, Instant>,
+    /// `recent`'s insertions in time order, so pruning it costs what it drops, not its size.
+    recent_order: VecDeque<(Instant, String)>,
 }
 
 const RECENT: Duration = Duration::from_secs(2);
+
+impl Cache {
+    fn insert(&mut self, key: [u8; 32], entry: Entry) {
+        // Unindexes the answer it replaces, whichever credential that one named.
+        self.remove(&key);
+        if let Some(identity) = &entry.identity {
+            self.by_credential
+                .entry(identity.credential_id.clone())
+                .or_default()
+                .push(key);
+        }
+        self.entries.insert(key, entry);
+    }
+
+    /// Inserts, first making room if the cache holds `max` answers.
+    fn admit(&mut self, key: [u8; 32], entry: Entry, max: usize) {
+        if self.entries.len() >= max && !self.entries.contains_key(&key) {
+            self.make_room(max);
+        }
+        self.insert(key, entry);
+    }
+
+    fn remove(&mut self, key: &[u8; 32]) {
+        if let Some(Entry {
+            identity: Some(identity),
+            ..
+        }) = self.entries.remove(key)
+        {
+            self.unindex(&identity.credential_id, key);
+        }
+    }
+
+    fn unindex(&mut self, credential_id: &str, key: &[u8; 32]) {
+        if let Some(keys) = self.by_credential.get_mut(credential_id) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_credential.remove(credential_id);
+            }
+        }
+    }
+
+    /// Drops the answers about `credential_id`: as many map operations as it has answers.
+    fn drop_credential(&mut self, credential_id: &str) {
+        for key in self.by_credential.remove(credential_id).unwrap_or_default() {
+            self.entries.remove(&key);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.by_credential.clear();
+    }
+
+    /// Frees a tenth of `max`: expired entries first, then arbitrary ones. Freeing a tenth at
+    /// once, not just one slot, keeps the scan this costs to once per `max / 10` insertions.
+    fn make_room(&mut self, max: usize) {
+        let target = max.saturating_sub(max / 10 + 1);
+        let now = Instant::now();
+        let expired: Vec<[u8; 32]> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.until <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            self.remove(&key);
+        }
+        let excess = self.entries.len().saturating_sub(target);
+        let arbitrary: Vec<[u8; 32]> = self.entries.keys().take(excess).copied().collect();
+        for key in arbitrary {
+            self.remove(&key);
+        }
+    }
+
+    fn note_recent(&mut self, credential_id: &str, now: Instant) {
+        self.prune_recent(now);
+        self.recent.insert(credential_id.to_string(), now);
+        self.recent_order
+            .push_back((now, credential_id.to_string()));
+    }
+
+    /// Forgets the changes older than [`RECENT`]; called on every event and every insertion, so
+    /// `recent` holds at most the last [`RECENT`]'s changes whatever the traffic.
+    fn prune_recent(&mut self, now: Instant) {
+        while let Some((at, _)) = self.recent_order.front() {
+            if now.duration_since(*at) < RECENT {
+                break;
+            }
+            let (at, id) = self.recent_order.pop_front().expect("a front element");
+            // A later change of the same credential keeps it recent.
+            if self.recent.get(&id) == Some(&at) {
+                self.recent.remove(&id);
+            }
+        }
+    }
+
+    fn is_recent(&self, credential_id: &str, now: Instant) -> bool {
+        self.recent
+            .get(credential_id)
+            .is_some_and(|at| now.duration_since(*at) < RECENT)
+    }
+}
 
 struct Inner {
     config: VerifierConfig,
@@ -385,21 +495,20 @@ impl Verifier {
                 None => inner.config.negative_ttl,
             };
             let mut cache = inner.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.recent.retain(|_, at| at.elapsed() < RECENT);
+            let now = Instant::now();
+            cache.prune_recent(now);
             let recent = identity
                 .as_ref()
-                .is_some_and(|i| cache.recent.contains_key(&i.credential_id));
+                .is_some_and(|i| cache.is_recent(&i.credential_id, now));
             // An invalidation while the question was out may concern this very answer.
             if cache.generation == generation && !recent {
-                if cache.entries.len() >= inner.config.max_entries {
-                    make_room(&mut cache.entries, inner.config.max_entries);
-                }
-                cache.entries.insert(
+                cache.admit(
                     key,
                     Entry {
                         identity: identity.clone(),
-                        until: Instant::now() + ttl,
+                        until: now + ttl,
                     },
+                    inner.config.max_entries,
                 );
             }
         }
@@ -450,22 +559,15 @@ impl Inner {
     fn invalidate(&self, credential_id: &str) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.generation += 1;
-        cache
-            .recent
-            .insert(credential_id.to_string(), Instant::now());
-        cache.entries.retain(|_, entry| {
-            entry
-                .identity
-                .as_ref()
-                .is_none_or(|identity| identity.credential_id != credential_id)
-        });
+        cache.note_recent(credential_id, Instant::now());
+        cache.drop_credential(credential_id);
     }
 
     /// Drops every cached answer.
     fn invalidate_all(&self) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.generation += 1;
-        cache.entries.clear();
+        cache.clear();
     }
 }
 
@@ -474,18 +576,6 @@ fn expired(identity: &Identity) -> bool {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     identity.expires_at.is_some_and(|exp| exp <= now)
-}
-
-/// Expired entries first; if that is not enough, an arbitrary tenth.
-fn make_room(entries: &mut HashMap<[u8; 32], Entry>, max: usize) {
-    let now = Instant::now();
-    entries.retain(|_, entry| entry.until > now);
-    if entries.len() >= max {
-        let drop: Vec<[u8; 32]> = entries.keys().take(max / 10 + 1).copied().collect();
-        for key in drop {
-            entries.remove(&key);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -507,6 +597,139 @@ mod tests {
         let metrics = verifier.metrics();
         assert_eq!((metrics.malformed, metrics.introspections), (4, 0));
         assert!(metrics.stale && !metrics.stream_connected);
+    }
+
+    fn identity(credential_id: &str) -> Option<Arc<Identity>> {
+        Some(Arc::new(Identity {
+            credential_id: credential_id.into(),
+            org_id: "org".into(),
+            kind: "api_token".into(),
+            name: credential_id.into(),
+            scopes: vec!["read".into()],
+            expires_at: None,
+        }))
+    }
+
+    fn entry(credential_id: Option<&str>, ttl: Duration) -> Entry {
+        Entry {
+            identity: credential_id.and_then(identity),
+            until: Instant::now() + ttl,
+        }
+    }
+
+    fn key(n: u32) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&n.to_le_bytes());
+        key
+    }
+
+    /// The index names exactly the accepted entries' keys, under their own credentials.
+    fn assert_index_consistent(cache: &Cache) {
+        let accepted = cache
+            .entries
+            .values()
+            .filter(|e| e.identity.is_some())
+            .count();
+        let indexed: usize = cache.by_credential.values().map(Vec::len).sum();
+        assert_eq!(indexed, accepted, "every accepted answer indexed once");
+        for (credential_id, keys) in &cache.by_credential {
+            assert!(!keys.is_empty(), "no empty index lists are kept");
+            for key in keys {
+                let named = cache.entries[key]
+                    .identity
+                    .as_ref()
+                    .map(|i| &i.credential_id);
+                assert_eq!(named, Some(credential_id));
+            }
+        }
+    }
+
+    fn inner() -> Inner {
+        Inner {
+            config: VerifierConfig::new("http://127.0.0.1:9", "unused"),
+            http: reqwest::Client::new(),
+            introspect_url: String::new(),
+            cache: Mutex::new(Cache::default()),
+            counters: Counters::default(),
+            last_contact: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn an_event_drops_its_credentials_answers_and_keeps_the_others() {
+        let inner = inner();
+        {
+            let mut cache = inner.cache.lock().unwrap();
+            let hour = Duration::from_secs(3600);
+            // A in its rotation's grace period: two secrets, two answers.
+            cache.admit(key(1), entry(Some("A"), hour), 100);
+            cache.admit(key(2), entry(Some("A"), hour), 100);
+            cache.admit(key(3), entry(Some("B"), hour), 100);
+            cache.admit(key(4), entry(None, hour), 100);
+        }
+        inner.invalidate("A");
+        let cache = inner.cache.lock().unwrap();
+        let mut left: Vec<[u8; 32]> = cache.entries.keys().copied().collect();
+        left.sort();
+        assert_eq!(left, [key(3), key(4)]);
+        assert!(cache.by_credential.contains_key("B") && !cache.by_credential.contains_key("A"));
+        assert!(cache.is_recent("A", Instant::now()) && !cache.is_recent("B", Instant::now()));
+        assert_eq!(cache.generation, 1);
+        assert_index_consistent(&cache);
+    }
+
+    #[test]
+    fn eviction_expiry_and_replacement_keep_the_index_consistent() {
+        let max = 50;
+        let mut cache = Cache::default();
+        for n in 0..5_000u32 {
+            // Every third answer is already expired, every seventh a refusal.
+            let ttl = if n % 3 == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(3600)
+            };
+            let credential = format!("c{n}");
+            let named = (n % 7 != 0).then_some(credential.as_str());
+            cache.admit(key(n), entry(named, ttl), max);
+            assert!(cache.entries.len() <= max);
+            assert!(cache.by_credential.len() <= max, "no stale index growth");
+        }
+        assert_index_consistent(&cache);
+        // A key's answer replaced by a refusal, then by another credential's answer.
+        let live = *cache
+            .entries
+            .iter()
+            .find(|(_, e)| e.identity.is_some())
+            .unwrap()
+            .0;
+        cache.admit(live, entry(None, Duration::from_secs(60)), max);
+        assert_index_consistent(&cache);
+        cache.admit(live, entry(Some("other"), Duration::from_secs(60)), max);
+        assert_eq!(cache.by_credential["other"], [live]);
+        assert_index_consistent(&cache);
+        cache.clear();
+        assert!(cache.entries.is_empty() && cache.by_credential.is_empty());
+    }
+
+    #[test]
+    fn recent_changes_are_forgotten_without_insertions() {
+        let mut cache = Cache::default();
+        let start = Instant::now();
+        // 1,000 events 10 ms apart and no introspection at all: only the last 2 s stay.
+        for n in 0..1_000u64 {
+            cache.note_recent(&format!("c{n}"), start + Duration::from_millis(10 * n));
+        }
+        assert_eq!(cache.recent.len(), 200);
+        assert_eq!(cache.recent_order.len(), 200);
+        // A credential changed twice stays recent until 2 s after its last change.
+        let later = start + Duration::from_secs(100);
+        cache.note_recent("A", later);
+        cache.note_recent("A", later + Duration::from_millis(1500));
+        cache.prune_recent(later + Duration::from_millis(2500));
+        assert!(cache.is_recent("A", later + Duration::from_millis(2500)));
+        cache.prune_recent(later + Duration::from_millis(3600));
+        assert!(cache.recent.is_empty() && cache.recent_order.is_empty());
     }
 
     #[test]

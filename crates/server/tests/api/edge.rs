@@ -92,41 +92,79 @@ async fn forwarding_headers_of_untrusted_peers_are_ignored(backend: Backend) {
     assert!(!crate::logs::captured().contains("client.ip=198.51.100."));
 }
 
-/// Introspecting tokens one does not own is how a caller would test guesses: each inactive answer
-/// counts as a failure of the caller's address; its valid calls keep working.
-async fn introspecting_unknown_tokens_counts_as_failures(backend: Backend) {
+/// An authenticated caller holding `tokens:verify` that introspects revoked, unknown or malformed
+/// tokens gets `{"active": false}` every time, however many: an embedded verifier re-checks
+/// revoked tokens as its job, and secrets are not guessable. Its address's 401s still count.
+async fn inactive_introspections_are_not_failures_of_the_caller(backend: Backend) {
+    let budget = 3;
     let config = Config {
-        failed_auth_per_minute: 3,
+        failed_auth_per_minute: budget,
         ..test_config()
     };
     let app = TestApp::spawn_with(backend, config).await;
     let org = app.create_org("acme").await;
     let verifier = app.create_token(&org, "verifier", &["tokens:verify"]).await;
     let verifier = verifier["token"].as_str().unwrap();
+    let revoked = app.create_token(&org, "revoked", &["deploy"]).await;
+    let revoked_path = org.path(&format!("/api-tokens/{}", revoked["id"].as_str().unwrap()));
+    assert_eq!(app.delete(&revoked_path, &org.token).await.status(), 204);
+    let revoked = revoked["token"].as_str().unwrap().to_string();
+    let unknown = keyplane_core::token::mint(
+        keyplane_core::CredentialKind::ApiToken,
+        &mut rand::rngs::OsRng,
+    )
+    .plaintext
+    .expose_secret()
+    .to_string();
     let introspect = |token: String| {
         app.request(Method::POST, "/oauth2/introspect", Some(verifier))
             .form(&[("token", token)])
             .send()
     };
-    for n in 0..3 {
-        let res = introspect(format!("aether_unknown{n}")).await.unwrap();
-        assert_eq!(res.status(), 200);
-        assert_eq!(res.json::<Value>().await.unwrap()["active"], false);
+    // Ten times the budget, of each kind.
+    for n in 0..budget * 10 {
+        for token in [
+            revoked.clone(),
+            unknown.clone(),
+            format!("aether_unknown{n}"),
+        ] {
+            let res = introspect(token).await.unwrap();
+            assert_eq!(res.status(), 200);
+            assert_eq!(
+                res.json::<Value>().await.unwrap(),
+                serde_json::json!({"active": false})
+            );
+        }
     }
-    let res = introspect("aether_unknown".into()).await.unwrap();
-    assert_eq!(res.status(), 429);
-    assert!(res.headers().contains_key("retry-after"));
-    assert_eq!(res.json::<Value>().await.unwrap()["error"], "rate_limited");
     let res = introspect(org.token.clone()).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<Value>().await.unwrap()["active"], true);
+
+    // The same address's failed authentications are still limited, on introspection too.
+    let mut statuses = Vec::new();
+    for _ in 0..budget {
+        let res = app
+            .request(Method::POST, "/oauth2/introspect", Some("aether_guess"))
+            .form(&[("token", org.token.as_str())])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    let res = app.get(&org.path("/api-tokens"), "aether_guess").await;
+    statuses.push(res.status().as_u16());
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(statuses, [401, 401, 401, 429]);
+    // And its valid calls are still served.
+    let res = introspect(revoked.clone()).await.unwrap();
+    assert_eq!(res.status(), 200);
     assert_eq!(app.get("/v1/auth/forward", verifier).await.status(), 200);
 }
 
 both_backends!(
     failures_are_counted_per_client_behind_trusted_proxies,
     forwarding_headers_of_untrusted_peers_are_ignored,
-    introspecting_unknown_tokens_counts_as_failures,
+    inactive_introspections_are_not_failures_of_the_caller,
 );
 
 #[tokio::test]

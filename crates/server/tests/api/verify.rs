@@ -625,7 +625,6 @@ fn random_token() -> String {
 async fn random_token_floods_do_not_evict_other_tenants(backend: Backend) {
     let capacity = 100;
     let config = Config {
-        failed_auth_per_minute: 0,
         verify_cache: CacheConfig {
             capacity,
             negative_capacity: 20,
