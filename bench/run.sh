@@ -3,7 +3,7 @@
 # summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
 #
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
-#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios memory import
+#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
@@ -30,6 +30,11 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# Stops every server started so far (so the next part has the server CPU and its ports to itself).
+stop_servers() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+}
 say() { printf '==> %s\n' "$*" | tee -a "$OUT/summary.txt" >&2; }
 # A separate CARGO_TARGET_DIR keeps the release build apart from a debug one in progress.
 KP="${CARGO_TARGET_DIR:-$ROOT/target}/release/keyplane"
@@ -80,7 +85,8 @@ start_baseline() {
     mkdir -p "$PEERS/baseline/src"
     cp "$PEERS_RECIPE/baseline/Cargo.toml" "$PEERS/baseline/"
     cp "$PEERS_RECIPE/baseline/src/main.rs" "$PEERS/baseline/src/"
-    (cd "$PEERS/baseline" && cargo build --release -q)
+    # Its own target directory even when CARGO_TARGET_DIR is exported for keyplane's build.
+    (cd "$PEERS/baseline" && CARGO_TARGET_DIR="$PEERS/baseline/target" cargo build --release -q)
     BIND=127.0.0.1:8080 taskset -c "$SERVER_CPU" "$PEERS/baseline/target/release/baseline" >"$WORK/baseline.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8080/verify && return 0; sleep 0.1; done
@@ -166,6 +172,7 @@ PY
     done
     cat "$OUT/half-load.txt" >> "$OUT/summary.txt"
     bash "$PEERS_RECIPE/stop.sh" >/dev/null 2>&1 || true
+    stop_servers
 fi
 
 if [[ " $PARTS " == *" replicas "* ]]; then
@@ -214,8 +221,7 @@ if [[ " $PARTS " == *" ratios "* ]]; then
         } > "$OUT/ratios$s.txt"
     done
     python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    PIDS=()
+    stop_servers
 fi
 
 if [[ " $PARTS " == *" tls "* ]]; then
@@ -224,9 +230,7 @@ if [[ " $PARTS " == *" tls "* ]]; then
     # with identical requests (the hello worlds get the same Authorization header and ignore it).
     # wrk (OpenSSL) offers no ALPN, so every run is HTTP/1.1 on kept-alive connections.
     say "tls: forward-auth over TLS against the axum hello world over TLS"
-    # Servers left by earlier parts would share the server CPU (and could hold ports).
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-    PIDS=()
+    stop_servers
     TLS_HELLO="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
     dir="$WORK/tls"; mkdir -p "$dir"
     "$TLS_HELLO" cert "$dir/pki" 2>/dev/null
@@ -262,8 +266,7 @@ if [[ " $PARTS " == *" tls "* ]]; then
         } > "$OUT/tls$s.txt"
     done
     python3 "$ROOT/bench/tls_summary.py" "$OUT"/tls[0-9]*.txt | tee -a "$OUT/summary.txt"
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-    PIDS=()
+    stop_servers
 fi
 
 if [[ " $PARTS " == *" memory "* ]]; then
@@ -303,7 +306,6 @@ if [[ " $PARTS " == *" import "* ]]; then
         done
     done
 fi
-say "results in $OUT"
 
 if [[ " $PARTS " == *" verifier "* ]]; then
     # keyplane-verifier (issue #15). Throughput: the embedded verifier (in-process, one core: the
@@ -319,13 +321,12 @@ if [[ " $PARTS " == *" verifier "* ]]; then
         --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
     ORG=$(json_field '["org_id"]' < "$dir/seed.json"); ROOT_TOKEN=$(json_field '["token"]' < "$dir/seed.json")
     start_keyplane 8096 "$dir" --database-url "sqlite://$dir/keyplane.db"
-    verifier_pids=("${PIDS[-1]}")
     VERIFY_TOKEN=$(curl -sf -X POST "http://127.0.0.1:8096/api/v1/organizations/$ORG/api-tokens" \
         -H "Authorization: Bearer $ROOT_TOKEN" -H 'content-type: application/json' \
         -d '{"name":"bench-embedded-verifier","scopes":["tokens:verify"]}' | json_field '["token"]')
     SUBJECT=$(head -n1 "$dir/tokens.txt")
     # The forward-auth script of the other parts when the peers recipe is there (same wrk cost).
-    if [ -f "$PEERS_RECIPE/header.lua" ]; then forward=(-s "$PEERS_RECIPE/header.lua"); else forward=(-H "Authorization: Bearer $SUBJECT"); fi
+    forward=(-s "$PEERS_RECIPE/header.lua")
     for s in $(seq "${VERIFIER_SITTINGS:-3}"); do
         AUTH="Bearer $SUBJECT" run "keyplane forward-auth" "${forward[@]}" http://127.0.0.1:8096/v1/auth/forward \
             > "$OUT/verifier-forward-auth$s.txt"
@@ -363,14 +364,12 @@ print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p
         --org "$ORG" --token "$ROOT_TOKEN" --verify-token "$VERIFY_TOKEN" --rounds "$REVOCATION_ROUNDS" \
         > "$OUT/verifier-revocation-sqlite.json"
     revocation_summary "SQLite, one server" < "$OUT/verifier-revocation-sqlite.json" | tee -a "$OUT/summary.txt"
-    for pid in "${verifier_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    stop_servers
 
     say "verifier: revocation to refusal through the stream, three PostgreSQL replicas ($REVOCATION_ROUNDS rounds)"
     URL=$(fresh_pg_db kp_bench_verifier)
-    verifier_pids=()
     for port in 8097 8098 8099; do
         start_keyplane "$port" "$WORK/verifier-pg$port" --database-url "$URL"
-        verifier_pids+=("${PIDS[-1]}")
     done
     ORG=$(json_field '["org_id"]' < "$WORK/verifier-pg8097/bootstrap.json")
     ROOT_TOKEN=$(json_field '["token"]' < "$WORK/verifier-pg8097/bootstrap.json")
@@ -379,6 +378,6 @@ print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p
         > "$OUT/verifier-revocation-postgres.json"
     revocation_summary "PostgreSQL, revoked on replica 2, verifier on replica 1" \
         < "$OUT/verifier-revocation-postgres.json" | tee -a "$OUT/summary.txt"
-    for pid in "${verifier_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-    say "verifier: results in $OUT"
+    stop_servers
 fi
+say "results in $OUT"
