@@ -3,7 +3,7 @@
 # summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
 #
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
-#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier
+#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier callgrind
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
@@ -80,14 +80,19 @@ run() { # name, then wrk args
     echo "=== $name"
     "${WRK[@]}" "$@" | grep -E "Requests/sec|Latency  |50%|75%|90%|99%|Non-2xx|Socket errors|responses:|requests in"
 }
-# The axum hello world of the peers recipe, built once, listening on 127.0.0.1:8080.
-start_baseline() {
+# The axum hello world of the peers recipe, built once.
+BASELINE_BIN="$PEERS/baseline/target/release/baseline"
+build_baseline() {
     mkdir -p "$PEERS/baseline/src"
     cp "$PEERS_RECIPE/baseline/Cargo.toml" "$PEERS/baseline/"
     cp "$PEERS_RECIPE/baseline/src/main.rs" "$PEERS/baseline/src/"
     # Its own target directory even when CARGO_TARGET_DIR is exported for keyplane's build.
     (cd "$PEERS/baseline" && CARGO_TARGET_DIR="$PEERS/baseline/target" cargo build --release -q)
-    BIND=127.0.0.1:8080 taskset -c "$SERVER_CPU" "$PEERS/baseline/target/release/baseline" >"$WORK/baseline.log" 2>&1 &
+}
+# ... listening on 127.0.0.1:8080.
+start_baseline() {
+    build_baseline
+    BIND=127.0.0.1:8080 taskset -c "$SERVER_CPU" "$BASELINE_BIN" >"$WORK/baseline.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8080/verify && return 0; sleep 0.1; done
     echo "the hello-world baseline did not start" >&2; return 1
@@ -379,5 +384,45 @@ print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p
     revocation_summary "PostgreSQL, revoked on replica 2, verifier on replica 1" \
         < "$OUT/verifier-revocation-postgres.json" | tee -a "$OUT/summary.txt"
     stop_servers
+fi
+if [[ " $PARTS " == *" callgrind "* ]]; then
+    # Instructions per request, counted by callgrind: unlike req/s, the same for the same binary
+    # whatever else the machine does. Each figure is the difference between a server run that
+    # answered WARM + N requests and one that answered WARM only (same start-up, same tokens'
+    # cost), divided by N.
+    N="${CALLGRIND_REQUESTS:-5000}"; WARM=200
+    say "callgrind: instructions per request (N=$N after $WARM to warm up)"
+    stop_servers
+    build_baseline
+    # Runs one server under callgrind (an argument @DATA@ becomes a fresh data directory), sends
+    # WARM then COUNT requests of KIND, stops it with SIGTERM, prints the instructions it ran.
+    count_instructions() { # name kind count command...
+        local name="$1" kind="$2" count="$3"; shift 3
+        local dir; dir="$(mktemp -d "$WORK/callgrind.XXXXXX")"; chmod 700 "$dir"
+        valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" "${@//@DATA@/$dir}" >"$dir/server.log" 2>&1 &
+        local pid=$!
+        for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:8097/readyz" && break; sleep 0.1; done
+        if [ "$kind" != hello ]; then
+            SUBJECT=$(mint_token http://127.0.0.1:8097 bench-subject '["deploy","logs:read"]' "$dir")
+            VERIFIER=$(mint_token http://127.0.0.1:8097 bench-verifier '["tokens:verify"]' "$dir")
+        fi
+        SUBJECT="${SUBJECT:-none}" VERIFIER="${VERIFIER:-none}" python3 "$ROOT/bench/requests.py" 8097 "$kind" $((WARM + count))
+        kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+        awk '/^totals:/ {print $2}' "$dir/callgrind.out"
+    }
+    per_request() { # name kind command...
+        local name="$1" kind="$2"; shift 2
+        local base full
+        base=$(count_instructions "$name" "$kind" 0 "$@")
+        full=$(count_instructions "$name" "$kind" "$N" "$@")
+        echo "callgrind: $name: $(( (full - base) / N )) instructions per request ($full - $base over $N)"
+    }
+    {
+        BIND=127.0.0.1:8097 per_request "axum hello (baseline)" hello "$BASELINE_BIN"
+        for kind in forward introspect; do
+            per_request "keyplane $kind" "$kind" "$KP" serve --listen 127.0.0.1:8097 \
+                --data-dir @DATA@ --rate-limit-per-minute 0
+        done
+    } | tee -a "$OUT/summary.txt"
 fi
 say "results in $OUT"
