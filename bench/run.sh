@@ -7,7 +7,8 @@
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
-# allow CREATE DATABASE), wrk and oha (installed here if missing), root for apt-get.
+# allow CREATE DATABASE), wrk and oha (installed here if missing; oha for the http part only),
+# valgrind for the callgrind part, root for apt-get.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -50,8 +51,11 @@ KB="${CARGO_TARGET_DIR:-$ROOT/target}/release/keyplane-bench"
 cat "$OUT/machine.txt" >&2
 
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
-command -v oha >/dev/null || [ -x "$HOME/.cargo/bin/oha" ] || cargo install oha --locked
-OHA="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
+# oha (open-loop latency at half load) only for the http part: installing it is a long build.
+if [[ " $PARTS " == *" http "* ]]; then
+    command -v oha >/dev/null || [ -x "$HOME/.cargo/bin/oha" ] || cargo install oha --locked
+    OHA="$(command -v oha || echo "$HOME/.cargo/bin/oha")"
+fi
 say "building release binaries"
 cargo build --release -q -p keyplane -p keyplane-bench
 
