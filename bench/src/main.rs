@@ -292,18 +292,9 @@ async fn propagation(bases: &str, org: &str, token: &str, rounds: usize) -> anyh
     let mut samples = Vec::with_capacity(rounds * (bases.len() - 1));
     let started = Instant::now();
     for round in 0..rounds {
-        let created: Value = client
-            .post(&tokens_url)
-            .bearer_auth(token)
-            .json(&json!({"name": format!("propagation-{round}-{:x}", rand::random::<u32>())}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let (id, secret) = (
-            created["id"].as_str().context("created id")?,
-            created["token"].as_str().context("created token")?,
-        );
+        let name = format!("propagation-{round}-{:x}", rand::random::<u32>());
+        let (id, secret) = create_token(&client, &tokens_url, token, &name).await?;
+        let (id, secret) = (id.as_str(), secret.as_str());
         for base in &bases[1..] {
             let status = client
                 .get(format!("{base}/v1/auth/forward"))
@@ -315,15 +306,7 @@ async fn propagation(bases: &str, org: &str, token: &str, rounds: usize) -> anyh
                 bail!("{base} did not accept a fresh token: {status}");
             }
         }
-        let res = client
-            .delete(format!("{tokens_url}/{id}"))
-            .bearer_auth(token)
-            .send()
-            .await?;
-        let revoked_at = Instant::now();
-        if res.status() != 204 {
-            bail!("revoke answered {}", res.status());
-        }
+        let revoked_at = revoke_token(&client, &tokens_url, token, id).await?;
         let waits = futures::future::try_join_all(
             bases[1..]
                 .iter()
@@ -794,20 +777,9 @@ async fn verifier_revocation(
     let run = format!("{:x}", rand::random::<u32>());
     let started = Instant::now();
     for round in 0..rounds {
-        let res = client
-            .post(&tokens_url)
-            .bearer_auth(token)
-            .json(&json!({"name": format!("verifier-revocation-{run}-{round}")}))
-            .send()
-            .await?;
-        if res.status() != 201 {
-            bail!("create answered {}", res.status());
-        }
-        let created: Value = res.json().await?;
-        let (id, secret) = (
-            created["id"].as_str().context("created id")?,
-            created["token"].as_str().context("created token")?,
-        );
+        let name = format!("verifier-revocation-{run}-{round}");
+        let (id, secret) = create_token(&client, &tokens_url, token, &name).await?;
+        let (id, secret) = (id.as_str(), secret.as_str());
         // The first verify asks keyplane, the second must be answered from the cache.
         verifier
             .verify(secret)
@@ -822,15 +794,7 @@ async fn verifier_revocation(
             bail!("a fresh token was not cached: {:?}", verifier.metrics());
         }
         let events = verifier.metrics().stream_events;
-        let res = client
-            .delete(format!("{tokens_url}/{id}"))
-            .bearer_auth(token)
-            .send()
-            .await?;
-        let revoked_at = Instant::now();
-        if res.status() != 204 {
-            bail!("revoke answered {}", res.status());
-        }
+        let revoked_at = revoke_token(&client, &tokens_url, token, id).await?;
         let mut event_applied = None;
         // When the loop last looked at the event counter before the refusing `verify`.
         let looked = loop {
@@ -972,4 +936,49 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// Creates an API token named `name` through the Aether API at `tokens_url`; its id and secret.
+async fn create_token(
+    client: &reqwest::Client,
+    tokens_url: &str,
+    token: &str,
+    name: &str,
+) -> anyhow::Result<(String, String)> {
+    let res = client
+        .post(tokens_url)
+        .bearer_auth(token)
+        .json(&json!({ "name": name }))
+        .send()
+        .await?;
+    if res.status() != 201 {
+        bail!("create answered {}", res.status());
+    }
+    let created: Value = res.json().await?;
+    Ok((
+        created["id"].as_str().context("created id")?.to_string(),
+        created["token"]
+            .as_str()
+            .context("created token")?
+            .to_string(),
+    ))
+}
+
+/// Revokes token `id` through the Aether API at `tokens_url`; when the revocation answered.
+async fn revoke_token(
+    client: &reqwest::Client,
+    tokens_url: &str,
+    token: &str,
+    id: &str,
+) -> anyhow::Result<Instant> {
+    let res = client
+        .delete(format!("{tokens_url}/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let revoked_at = Instant::now();
+    if res.status() != 204 {
+        bail!("revoke answered {}", res.status());
+    }
+    Ok(revoked_at)
 }
