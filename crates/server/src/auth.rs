@@ -44,8 +44,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// A verification's one reading of the clock, taken when first needed, and shared by the expiry
-/// check and the usage record: a refusal by format or from the unknown cache reads no clock (one
-/// read costs about 100 ns on this project's VMs, as much as the whole format check).
+/// check and the usage record: a refusal by format or from the unknown cache reads no clock (a
+/// read, with its rounding to microseconds, is a large share of rejecting a malformed token:
+/// criterion's `reject_bad_checksum` went from 132 to 260 ns with one before the format check).
 pub(crate) struct VerificationTime<'a> {
     clock: &'a crate::config::Clock,
     read: std::sync::OnceLock<DateTime<Utc>>,

@@ -262,21 +262,23 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
     let out = response.headers_mut();
     // Sized once: the identity headers, and the two the middleware adds (request id, cache-control).
     out.reserve(7);
-    out.insert(ORG_ID, identity.org_id());
-    out.insert(SUBJECT, identity.subject());
-    out.insert(
-        KIND,
-        HeaderValue::from_static(verified.credential.kind.as_str()),
-    );
-    out.insert(SCOPES, identity.scopes());
+    out.insert(ORG_ID, identity.org_id.clone());
+    out.insert(SUBJECT, identity.subject.clone());
+    out.insert(KIND, HeaderValue::from_static(verified.gate.kind.as_str()));
+    out.insert(SCOPES, identity.scopes.clone());
     out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
     Ok(response)
 }
 
-/// Forward-auth's identity headers for one verified credential, rendered once per cache entry
-/// into one buffer (organization id, credential id, then the scopes) that every response's
-/// header values share: one allocation per cached credential rather than one per header.
-pub(crate) struct ForwardHeaders(Bytes);
+/// Forward-auth's identity headers for one verified credential, rendered and checked once per
+/// cache entry: the three values share one buffer (organization id, credential id, then the
+/// scopes), so a cached credential costs one allocation, and a response clones each value (a
+/// reference count) instead of checking its bytes again.
+pub(crate) struct ForwardHeaders {
+    org_id: HeaderValue,
+    subject: HeaderValue,
+    scopes: HeaderValue,
+}
 
 /// A hyphenated UUID's length.
 const UUID_TEXT: usize = uuid::fmt::Hyphenated::LENGTH;
@@ -290,24 +292,16 @@ impl ForwardHeaders {
         text.extend_from_slice(credential.id.to_string().as_bytes());
         debug_assert_eq!(text.len(), 2 * UUID_TEXT);
         text.extend_from_slice(scopes.as_bytes());
-        Self(Bytes::from(text))
-    }
-
-    /// Ids are UUIDs and scopes are ASCII by their grammar: every part is a valid header value.
-    fn value(&self, range: std::ops::Range<usize>) -> HeaderValue {
-        HeaderValue::from_maybe_shared(self.0.slice(range)).expect("ASCII header value")
-    }
-
-    fn org_id(&self) -> HeaderValue {
-        self.value(0..UUID_TEXT)
-    }
-
-    fn subject(&self) -> HeaderValue {
-        self.value(UUID_TEXT..2 * UUID_TEXT)
-    }
-
-    fn scopes(&self) -> HeaderValue {
-        self.value(2 * UUID_TEXT..self.0.len())
+        let text = Bytes::from(text);
+        // Ids are UUIDs and scopes are ASCII by their grammar: every part is a valid header value.
+        let value = |range: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(text.slice(range)).expect("ASCII header value")
+        };
+        Self {
+            org_id: value(0..UUID_TEXT),
+            subject: value(UUID_TEXT..2 * UUID_TEXT),
+            scopes: value(2 * UUID_TEXT..text.len()),
+        }
     }
 }
 
