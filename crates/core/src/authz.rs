@@ -3,7 +3,7 @@
 //! against a tenant where the principal holds nothing is `NotFound`, never `Forbidden`, so tenant ids
 //! cannot be probed.
 
-use crate::credential::{Credential, CredentialKind};
+use crate::credential::{CredentialIdentity, CredentialKind};
 use crate::error::Error;
 use crate::ids::{CredentialId, TenantId, UserId};
 use crate::scope::{Capability, Scope, ScopeSet};
@@ -32,7 +32,7 @@ pub struct Principal {
 impl Principal {
     /// A credential acting with `rights` in its tenant (an API token's scopes, a service account's
     /// grants).
-    pub fn for_credential(credential: &Credential, rights: ScopeSet) -> Self {
+    pub fn for_credential(credential: &CredentialIdentity, rights: ScopeSet) -> Self {
         Self {
             actor: Actor::Credential {
                 id: credential.id,

@@ -84,6 +84,21 @@ pub struct Credential {
     pub canary: bool,
 }
 
+/// What a verification keeps of a credential: who it is and what its answers show (introspection,
+/// whoami, a robot's registry login, a refusal's audit event). The rest of the record stays in
+/// the store, so a cache of a million verified credentials holds a million of these, not records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialIdentity {
+    pub id: CredentialId,
+    pub tenant_id: TenantId,
+    pub kind: CredentialKind,
+    pub name: Box<str>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Robot accounts only (empty, unallocated, for the others).
+    pub permissions: Box<[RobotPermission]>,
+}
+
 /// The secret replaced by a rotation with a grace period: it keeps authenticating, as
 /// [`SecretSlot::Previous`], until `expires_at` or until it is retired earlier.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,6 +265,18 @@ impl Credential {
         let new_secret_used = self.last_used_at.is_some_and(|at| at >= rotated_at);
         let quiet_since = previous.last_used_at.unwrap_or(rotated_at).max(rotated_at);
         new_secret_used && now - quiet_since >= chrono::TimeDelta::seconds(i64::from(seconds))
+    }
+
+    pub fn identity(&self) -> CredentialIdentity {
+        CredentialIdentity {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            kind: self.kind,
+            name: self.name.as_str().into(),
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            permissions: self.permissions.as_slice().into(),
+        }
     }
 
     pub fn is_revoked(&self) -> bool {

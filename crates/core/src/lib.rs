@@ -22,8 +22,8 @@ pub mod webhook;
 pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
 pub use credential::{
-    Credential, CredentialKind, NewCredential, PreviousSecret, Rotation, RotationOptions,
-    SecretGate, SecretSlot, Tenant, TokenDisplay, Unusable,
+    Credential, CredentialIdentity, CredentialKind, NewCredential, PreviousSecret, Rotation,
+    RotationOptions, SecretGate, SecretSlot, Tenant, TokenDisplay, Unusable,
 };
 pub use error::{Error, FieldError, FieldLocation, FieldPath, PathSegment};
 pub use grant::{Grant, GrantKind, GrantResource, NewGrant, SubjectType};

@@ -93,7 +93,7 @@ impl Scope {
 }
 
 /// The scopes a credential holds, in the order they were given.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct ScopeSet(Vec<Scope>);
 
 impl ScopeSet {

@@ -6,7 +6,7 @@
 use crate::app::App;
 use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use keyplane_core::audit::{actions, ActorType, AuditActor, DetailValue};
-use keyplane_core::{AuditEvent, Credential, Principal, RequestContext, TenantId};
+use keyplane_core::{AuditEvent, Principal, RequestContext, TenantId};
 use keyplane_store::{AuditQuery, Store};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -198,7 +198,7 @@ impl Refusals {
     /// A presented credential that is known but revoked, expired or of the wrong kind.
     pub(crate) fn credential_refused(
         &self,
-        credential: &Credential,
+        credential: &keyplane_core::CredentialIdentity,
         reason: &str,
         metrics: &crate::metrics::Metrics,
     ) {

@@ -34,13 +34,13 @@ use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
 use chrono::{DateTime, Utc};
 use keyplane_core::{
-    token, Credential, CredentialKind, Principal, Registry, ScopeSet, SecretGate, SecretSlot,
-    TenantId, TokenHash,
+    token, Credential, CredentialIdentity, CredentialKind, Principal, Registry, ScopeSet,
+    SecretGate, SecretSlot, TenantId, TokenHash,
 };
 use keyplane_store::{Invalidation, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// A verification's one reading of the clock, taken when first needed, and shared by the expiry
@@ -65,40 +65,46 @@ impl<'a> VerificationTime<'a> {
     }
 }
 
-/// A live credential as verification sees it: the record and the rights it acts with.
+/// A live credential as verification sees it: who it is, the rights it acts with, and whether the
+/// presented secret may be used. Not the whole record (that stays in the store): with a million of
+/// these cached, the size of one is the server's memory.
 ///
-/// In this order (`repr(C)`): what a cached verification reads (the gate and the last use) comes
-/// first, so that with a million entries it costs one memory fetch, not one per field spread over
-/// the record.
+/// In this order (`repr(C)`): what a cached verification reads (the gate, the load time and the
+/// last use) comes first, so that with a million entries it costs as few memory fetches as can be.
 #[repr(C)]
 pub struct Verified {
     /// Whether this entry's secret may be used: the record's state, copied at load.
     pub gate: SecretGate,
-    pub(crate) last_use: crate::usage::LastUse,
     /// Which of the credential's secrets this entry's hash is: the current one, or the previous
     /// one during a rotation's grace period.
     pub secret: SecretSlot,
-    pub credential: Credential,
-    pub rights: ScopeSet,
-    /// Forward-auth's identity headers, rendered once per cache entry rather than per request.
-    pub(crate) forward_headers: std::sync::OnceLock<crate::verify::ForwardHeaders>,
+    loaded: Instant,
+    pub(crate) last_use: crate::usage::LastUse,
+    pub credential: CredentialIdentity,
+    pub rights: Arc<Rights>,
+    /// The previous secret's hash when that is the one presented: its use is recorded apart.
+    previous_hash: Option<Box<TokenHash>>,
+    /// A canary's whole record, for its trigger event (canaries are few; no other entry holds one).
+    canary: Option<Box<Credential>>,
 }
 
 impl Verified {
-    fn new(credential: Credential, rights: ScopeSet, secret: SecretSlot) -> Self {
-        Self {
-            gate: credential.gate(secret),
-            last_use: Default::default(),
-            secret,
-            credential,
-            rights,
-            forward_headers: std::sync::OnceLock::new(),
-        }
+    pub fn principal(&self) -> Principal {
+        Principal::for_credential(&self.credential, self.rights.scopes.clone())
     }
 
-    pub fn principal(&self) -> Principal {
-        Principal::for_credential(&self.credential, self.rights.clone())
+    /// The hash of the previous secret, when this entry is for it.
+    pub(crate) fn previous_hash(&self) -> Option<TokenHash> {
+        self.previous_hash.as_deref().copied()
     }
+}
+
+/// A scope set as verification answers with it, with forward-auth's organization and scopes
+/// headers rendered once: shared by every cached credential of one organization holding the same
+/// set (interned at load), so a million cached tokens cost one copy each of a few scope sets.
+pub struct Rights {
+    pub scopes: ScopeSet,
+    pub(crate) headers: crate::verify::ForwardHeaders,
 }
 
 /// A user's principal, valid until `until` unless the user's grants changed after `loaded`.
@@ -107,13 +113,6 @@ struct CachedUser {
     principal: Principal,
     loaded: Instant,
     until: Instant,
-}
-
-/// A known, live credential as it was loaded from the store.
-#[derive(Clone)]
-struct Known {
-    verified: Arc<Verified>,
-    loaded: Instant,
 }
 
 /// Cache sizing and lifetimes.
@@ -161,7 +160,7 @@ pub(crate) struct Verifier {
     usage: Arc<UsageRecorder>,
     metrics: Metrics,
     config: CacheConfig,
-    cache: quick_cache::sync::Cache<TokenHash, Known>,
+    cache: quick_cache::sync::Cache<TokenHash, Arc<Verified>>,
     /// Unknown secrets, until when they are known to be unknown.
     unknown: quick_cache::sync::Cache<TokenHash, Instant>,
     /// The origin of the instants below, kept as atomics for the hot path.
@@ -175,6 +174,9 @@ pub(crate) struct Verifier {
     /// subject's invalidation is stale. Older marks are pruned; the entries they would catch have
     /// expired anyway.
     invalidated: RwLock<HashMap<uuid::Uuid, Instant>>,
+    /// The scope sets cached credentials hold, one copy per organization and set; taken only when
+    /// a credential is loaded, and pruned of sets no entry holds.
+    rights: Mutex<HashMap<(TenantId, ScopeSet), Arc<Rights>>>,
     any_invalidated: AtomicBool,
     /// `None` when no issuer is configured: then no JWT authenticates.
     oidc: Option<Oidc>,
@@ -215,6 +217,7 @@ impl Verifier {
             metrics,
             config,
             invalidated: RwLock::new(HashMap::new()),
+            rights: Mutex::new(HashMap::new()),
             any_invalidated: AtomicBool::new(false),
             refusals,
             clock,
@@ -266,24 +269,30 @@ impl Verifier {
         marks.retain(|_, at| at.elapsed() <= horizon);
         self.any_invalidated
             .store(!marks.is_empty(), Ordering::Release);
+        drop(marks);
+        // A scope set no cached credential holds any more.
+        self.rights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, rights| Arc::strong_count(rights) > 1);
     }
 
-    fn is_fresh(&self, known: &Known) -> bool {
+    fn is_fresh(&self, known: &Verified) -> bool {
         known.loaded.elapsed() <= self.config.positive_ttl
             && !self.marked_since(&self.reset_at, known.loaded)
             && !self.entry_invalidated(known)
     }
 
-    /// Whether `known`'s credential was invalidated since it was loaded. Reads the record (a
-    /// memory fetch of its own) only when some subject was invalidated recently.
-    fn entry_invalidated(&self, known: &Known) -> bool {
+    /// Whether `known`'s credential was invalidated since it was loaded. Reads the identity
+    /// (another memory fetch) only when some subject was invalidated recently.
+    fn entry_invalidated(&self, known: &Verified) -> bool {
         self.any_invalidated.load(Ordering::Acquire)
-            && self.invalidated_since(known.verified.credential.id.as_uuid(), known.loaded)
+            && self.invalidated_since(known.credential.id.as_uuid(), known.loaded)
     }
 
     /// Whether `known` may answer while the store cannot: young enough, and its credential not
     /// changed since (a reset alone does not say it changed).
-    fn may_serve_stale(&self, known: &Known) -> bool {
+    fn may_serve_stale(&self, known: &Verified) -> bool {
         !self.config.stale_if_error.is_zero()
             && known.loaded.elapsed() <= self.config.positive_ttl + self.config.stale_if_error
             && !self.entry_invalidated(known)
@@ -388,7 +397,9 @@ impl Verifier {
         }
         if gate.canary {
             // Whatever the surface, kind or state: refused as a revoked credential is.
-            self.canaries.presented(&verified.credential, at());
+            if let Some(record) = verified.canary.as_deref() {
+                self.canaries.presented(record, at());
+            }
             return Err(AppError::Unauthenticated(REVOKED));
         }
         // The entry is keyed by the presented hash, so its secret slot was settled at load.
@@ -416,12 +427,12 @@ impl Verifier {
         }
         if let Some(known) = cached.as_ref().filter(|known| self.is_fresh(known)) {
             // A revoked credential would be in the negative cache: count a canary as it would be.
-            self.metrics.verify_cache(if known.verified.gate.canary {
+            self.metrics.verify_cache(if known.gate.canary {
                 crate::metrics::CacheOutcome::Unknown
             } else {
                 crate::metrics::CacheOutcome::Hit
             });
-            return Ok(known.verified.clone());
+            return Ok(known.clone());
         }
         let outcome = match cached {
             Some(_) => crate::metrics::CacheOutcome::Reload,
@@ -433,7 +444,7 @@ impl Verifier {
             if self.marked_since(&self.store_fault_at, retry_from) {
                 self.metrics
                     .verify_cache(crate::metrics::CacheOutcome::Stale);
-                return Ok(known.verified.clone());
+                return Ok(known.clone());
             }
         }
         self.metrics.verify_cache(outcome);
@@ -443,10 +454,10 @@ impl Verifier {
                     .store(self.nanos_since_epoch(), Ordering::Release);
                 match servable {
                     Some(known) => {
-                        tracing::debug!(credential.id = %known.verified.credential.id, error = %fault, "store fault: answering from the cache (stale-if-error)");
+                        tracing::debug!(credential.id = %known.credential.id, error = %fault, "store fault: answering from the cache (stale-if-error)");
                         self.metrics
                             .verify_cache(crate::metrics::CacheOutcome::Stale);
-                        Ok(known.verified)
+                        Ok(known)
                     }
                     None => Err(fault),
                 }
@@ -456,7 +467,7 @@ impl Verifier {
     }
 
     /// Notes a known credential's refusal for the audit trail (aggregated, off the store path).
-    fn refuse(&self, credential: &Credential, reason: &str) {
+    fn refuse(&self, credential: &CredentialIdentity, reason: &str) {
         self.refusals
             .credential_refused(credential, reason, &self.metrics);
     }
@@ -465,7 +476,7 @@ impl Verifier {
         let loaded = Instant::now();
         let found = self.store.find_credential_by_hash(hash).await?;
         if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
-            self.refuse(revoked, "revoked");
+            self.refuse(&revoked.identity(), "revoked");
         }
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(hash);
@@ -484,16 +495,33 @@ impl Verifier {
         } else {
             SecretSlot::Previous
         };
-        let verified = Arc::new(Verified::new(credential, rights, secret));
+        let verified = Arc::new(Verified {
+            gate: credential.gate(secret),
+            secret,
+            loaded,
+            last_use: Default::default(),
+            credential: credential.identity(),
+            rights: self.interned(credential.tenant_id, rights),
+            previous_hash: (secret == SecretSlot::Previous).then(|| Box::new(*hash)),
+            canary: credential.canary.then(|| Box::new(credential)),
+        });
         self.unknown.remove(hash);
-        self.cache.insert(
-            *hash,
-            Known {
-                verified: verified.clone(),
-                loaded,
-            },
-        );
+        self.cache.insert(*hash, verified.clone());
         Ok(verified)
+    }
+
+    /// The one shared copy of `scopes` for `tenant`'s credentials.
+    fn interned(&self, tenant: TenantId, scopes: ScopeSet) -> Arc<Rights> {
+        let mut rights = self.rights.lock().unwrap_or_else(|p| p.into_inner());
+        rights
+            .entry((tenant, scopes))
+            .or_insert_with_key(|(tenant, scopes)| {
+                Arc::new(Rights {
+                    headers: crate::verify::ForwardHeaders::of(*tenant, scopes),
+                    scopes: scopes.clone(),
+                })
+            })
+            .clone()
     }
 
     /// A management API caller: a user's JWT access token, or any live credential but a robot

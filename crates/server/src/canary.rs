@@ -118,7 +118,7 @@ impl Presentation {
     }
 
     /// An introspected token: the request is the introspection caller's, not the presenter's.
-    pub(crate) fn introspected_by(mut self, caller: &Credential) -> Self {
+    pub(crate) fn introspected_by(mut self, caller: &keyplane_core::CredentialIdentity) -> Self {
         self.introspected_by = Some((caller.tenant_id, caller.id));
         self.detail("client", "introspection_caller")
     }

@@ -168,7 +168,7 @@ async fn revocation_stream(
         )
     };
     let caller = app.inner().verifier.verify_bearer(&presented, &at).await?;
-    if !caller.rights.grants(Capability::TokensVerify) {
+    if !caller.rights.scopes.grants(Capability::TokensVerify) {
         return Err(AppError::Domain(DomainError::Forbidden(
             "the revocation stream needs a credential with the `tokens:verify` capability".into(),
         ))

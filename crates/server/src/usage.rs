@@ -4,7 +4,6 @@
 
 use crate::auth::Verified;
 use chrono::{DateTime, Utc};
-use keyplane_core::SecretSlot;
 use keyplane_store::{CredentialUse, Store};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,12 +62,7 @@ impl UsageRecorder {
                 DateTime::from_timestamp_micros(micros).map(|at| CredentialUse {
                     id: verified.credential.id,
                     at,
-                    previous_secret: match verified.secret {
-                        SecretSlot::Current => None,
-                        SecretSlot::Previous => {
-                            verified.credential.previous_secret.as_ref().map(|p| p.hash)
-                        }
-                    },
+                    previous_secret: verified.previous_hash(),
                 })
             })
             .collect();

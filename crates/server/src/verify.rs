@@ -3,7 +3,7 @@
 //! them. Errors use the OAuth style `{"error", "error_description"}`.
 
 use crate::app::App;
-use crate::auth::{bearer_token, Verified};
+use crate::auth::bearer_token;
 use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyplane_api_types::verify::VerificationError;
 pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
-use keyplane_core::{Capability, Error as DomainError, Scope};
+use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet, TenantId};
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -75,8 +75,8 @@ const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
 const SECRET: HeaderName = HeaderName::from_static("x-keyplane-secret");
 
 /// A credential's scopes as one space-separated string. (Robot secrets never verify here.)
-fn scope_string(verified: &Verified) -> String {
-    let scopes: Vec<&str> = verified.rights.iter().map(Scope::as_str).collect();
+fn scope_string(scopes: &ScopeSet) -> String {
+    let scopes: Vec<&str> = scopes.iter().map(Scope::as_str).collect();
     scopes.join(" ")
 }
 
@@ -153,7 +153,7 @@ async fn introspect(
     let caller = verifier
         .verify_bearer(bearer_token(&headers)?, &at_caller)
         .await?;
-    if !caller.rights.grants(Capability::TokensVerify) {
+    if !caller.rights.scopes.grants(Capability::TokensVerify) {
         return Err(AppError::Domain(DomainError::Forbidden(
             "introspection needs a credential with the `tokens:verify` capability".into(),
         ))
@@ -187,10 +187,10 @@ async fn introspect(
     Ok(Json(IntrospectionResponse {
         active: true,
         token_type: Some(credential.kind.as_str().to_string()),
-        scope: Some(scope_string(&verified)),
+        scope: Some(scope_string(&verified.rights.scopes)),
         sub: Some(credential.id.to_string()),
         org_id: Some(credential.tenant_id.to_string()),
-        username: Some(credential.name.clone()),
+        username: Some(credential.name.to_string()),
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: Some(credential.created_at.timestamp()),
         secret: Some(verified.secret.as_str().to_string()),
@@ -245,7 +245,7 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
         .verifier
         .verify_bearer(bearer_token(&parts.headers)?, &at)
         .await?;
-    let holds = &verified.rights;
+    let holds = &verified.rights.scopes;
     for (_, scope) in &required {
         let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
         if !held {
@@ -255,28 +255,35 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
             .into());
         }
     }
-    let identity = verified
-        .forward_headers
-        .get_or_init(|| ForwardHeaders::of(&verified));
+    let shared = &verified.rights.headers;
+    let mut subject = [0; UUID_TEXT];
+    let subject = verified
+        .credential
+        .id
+        .as_uuid()
+        .hyphenated()
+        .encode_lower(&mut subject);
     let mut response = StatusCode::OK.into_response();
     let out = response.headers_mut();
     // Sized once: the identity headers, and the two the middleware adds (request id, cache-control).
     out.reserve(7);
-    out.insert(ORG_ID, identity.org_id.clone());
-    out.insert(SUBJECT, identity.subject.clone());
+    out.insert(ORG_ID, shared.org_id.clone());
+    out.insert(
+        SUBJECT,
+        HeaderValue::from_str(subject).expect("a UUID is a header value"),
+    );
     out.insert(KIND, HeaderValue::from_static(verified.gate.kind.as_str()));
-    out.insert(SCOPES, identity.scopes.clone());
+    out.insert(SCOPES, shared.scopes.clone());
     out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
     Ok(response)
 }
 
-/// Forward-auth's identity headers for one verified credential, rendered and checked once per
-/// cache entry: the three values share one buffer (organization id, credential id, then the
-/// scopes), so a cached credential costs one allocation, and a response clones each value (a
-/// reference count) instead of checking its bytes again.
+/// Forward-auth's organization and scopes headers, rendered and checked once per interned scope
+/// set ([`crate::auth::Rights`]): a response clones each value (a reference count) instead of
+/// rendering it. The subject, one per credential, is rendered per response instead: kept, it
+/// would cost every cached credential a buffer and its header values.
 pub(crate) struct ForwardHeaders {
     org_id: HeaderValue,
-    subject: HeaderValue,
     scopes: HeaderValue,
 }
 
@@ -284,23 +291,12 @@ pub(crate) struct ForwardHeaders {
 const UUID_TEXT: usize = uuid::fmt::Hyphenated::LENGTH;
 
 impl ForwardHeaders {
-    fn of(verified: &Verified) -> Self {
-        let credential = &verified.credential;
-        let scopes = scope_string(verified);
-        let mut text = Vec::with_capacity(2 * UUID_TEXT + scopes.len());
-        text.extend_from_slice(credential.tenant_id.to_string().as_bytes());
-        text.extend_from_slice(credential.id.to_string().as_bytes());
-        debug_assert_eq!(text.len(), 2 * UUID_TEXT);
-        text.extend_from_slice(scopes.as_bytes());
-        let text = Bytes::from(text);
-        // Ids are UUIDs and scopes are ASCII by their grammar: every part is a valid header value.
-        let value = |range: std::ops::Range<usize>| {
-            HeaderValue::from_maybe_shared(text.slice(range)).expect("ASCII header value")
-        };
+    pub(crate) fn of(tenant: TenantId, scopes: &ScopeSet) -> Self {
+        // Ids are UUIDs and scopes are ASCII by their grammar: both are valid header values.
+        let value = |text: String| HeaderValue::try_from(text).expect("ASCII header value");
         Self {
-            org_id: value(0..UUID_TEXT),
-            subject: value(UUID_TEXT..2 * UUID_TEXT),
-            scopes: value(2 * UUID_TEXT..text.len()),
+            org_id: value(tenant.to_string()),
+            scopes: value(scope_string(scopes)),
         }
     }
 }
@@ -329,8 +325,8 @@ async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>
         kind: credential.kind.as_str().to_string(),
         id: credential.id.to_string(),
         org_id: credential.tenant_id.to_string(),
-        name: credential.name.clone(),
-        scopes: verified.rights.to_strings(),
+        name: credential.name.to_string(),
+        scopes: verified.rights.scopes.to_strings(),
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
         secret: verified.secret.as_str().to_string(),
     }))
