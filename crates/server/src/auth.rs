@@ -627,3 +627,75 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
     }
     Ok(token.trim())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyplane_core::{FieldPath, NewCredential, Plaintext};
+
+    /// An API token of `tenant` holding `scopes`, in the store.
+    async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let (credential, secret) = NewCredential {
+            tenant_id: tenant,
+            kind: CredentialKind::ApiToken,
+            name: uuid::Uuid::new_v4().to_string(),
+            scopes: ScopeSet::parse_list(&FieldPath::body("scopes"), &scopes).unwrap(),
+            permissions: Vec::new(),
+            expires_at: None,
+            created_by_user_id: None,
+            canary: false,
+        }
+        .issue(crate::ops::now(), &mut rand::rngs::OsRng);
+        store.import_credentials(&[credential], &[]).await.unwrap();
+        secret
+    }
+
+    #[tokio::test]
+    async fn credentials_holding_the_same_scopes_in_one_organization_share_one_rights() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir.path()))
+            .await
+            .unwrap();
+        let one = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let two = crate::ops::create_org(store.as_ref(), "two").await.unwrap();
+        let (one, two) = (one.tenant.id, two.tenant.id);
+        let app = crate::App::new(store.clone(), crate::Config::default());
+        let verify = |secret: &Plaintext| {
+            let app = app.clone();
+            let secret = secret.expose_secret().to_string();
+            async move { app.verify_secret(&secret).await.unwrap() }
+        };
+        let a = verify(&token(store.as_ref(), one, &["deploy", "logs:read"]).await).await;
+        let b = verify(&token(store.as_ref(), one, &["deploy", "logs:read"]).await).await;
+        let other_scopes = verify(&token(store.as_ref(), one, &["deploy"]).await).await;
+        let other_org = verify(&token(store.as_ref(), two, &["deploy", "logs:read"]).await).await;
+        assert!(Arc::ptr_eq(&a.rights, &b.rights));
+        assert!(!Arc::ptr_eq(&a.rights, &other_scopes.rights));
+        assert!(!Arc::ptr_eq(&a.rights, &other_org.rights));
+        assert_eq!(other_org.rights.scopes, a.rights.scopes);
+        assert_eq!(
+            other_org.rights.headers.org_id,
+            two.to_string().as_str(),
+            "each organization's header names it"
+        );
+
+        // A set no cached credential holds any more is dropped; one still held stays shared.
+        let verifier = &app.inner().verifier;
+        let held = |verifier: &Verifier| verifier.rights.lock().unwrap().len();
+        assert_eq!(held(verifier), 3);
+        let dropped = other_scopes.credential.id;
+        verifier
+            .cache
+            .retain(|_, cached| cached.credential.id != dropped);
+        drop(other_scopes);
+        // Its use, queued for `last_used_at`, holds it until written.
+        verifier.prune();
+        assert_eq!(held(verifier), 3);
+        app.inner().usage.flush().await;
+        verifier.prune();
+        assert_eq!(held(verifier), 2);
+        let again = verify(&token(store.as_ref(), one, &["deploy", "logs:read"]).await).await;
+        assert!(Arc::ptr_eq(&a.rights, &again.rights));
+    }
+}

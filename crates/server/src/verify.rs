@@ -283,7 +283,7 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
 /// rendering it. The subject, one per credential, is rendered per response instead: kept, it
 /// would cost every cached credential a buffer and its header values.
 pub(crate) struct ForwardHeaders {
-    org_id: HeaderValue,
+    pub(crate) org_id: HeaderValue,
     scopes: HeaderValue,
 }
 
