@@ -280,7 +280,7 @@ fi
 
 if [[ " $PARTS " == *" memory "* ]]; then
     # The server's resident memory with SCALE credentials in its verification cache, each loaded
-    # by one forward-auth check (so its forward-auth headers are rendered and cached too).
+    # by one forward-auth check (the path that serves them, shared header values and all).
     say "memory: $SCALE credentials cached in the server"
     dir="$WORK/memory"; mkdir -p "$dir" && chmod 700 "$dir"
     timeout 1800 "$KB" seed --database-url "sqlite://$dir/keyplane.db" --count "$SCALE" --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
