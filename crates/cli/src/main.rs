@@ -2,6 +2,7 @@
 //! place the tracing subscriber is installed.
 
 mod admin;
+mod allocator;
 mod remote;
 mod serve;
 mod tty;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 /// mimalloc: the request path allocates small, short-lived buffers (headers, futures); a faster
 /// allocator is a measured throughput gain on verification (BENCHMARKS.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 #[derive(Parser)]
 #[command(

@@ -107,6 +107,19 @@ pub fn cap_field_errors(mut errors: Vec<FieldError>) -> Vec<FieldError> {
     errors
 }
 
+/// The system clock moved by `offset_micros`, at the microseconds both stores keep: read as a
+/// count of microseconds and made a time once (a read, an addition and a rounding of a `DateTime`
+/// each redo its calendar arithmetic, which was most of a clock read on the verification path).
+pub fn now_micros(offset_micros: i64) -> DateTime<Utc> {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let micros = i64::try_from(since_epoch.as_micros())
+        .unwrap_or(i64::MAX)
+        .saturating_add(offset_micros);
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// Both stores keep microseconds; truncating up front makes what is returned equal what is stored.
 pub fn truncate_to_micros(at: DateTime<Utc>) -> DateTime<Utc> {
     at.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(at)
@@ -119,6 +132,22 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 8, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn the_clock_reads_whole_microseconds_moved_by_the_offset() {
+        let before = truncate_to_micros(Utc::now());
+        let read = now_micros(0);
+        let moved = now_micros(90_000_000);
+        let after = Utc::now();
+        assert_eq!(read.timestamp_subsec_nanos() % 1_000, 0);
+        assert!(
+            before <= read && read <= after,
+            "{before} <= {read} <= {after}"
+        );
+        assert!(moved - read >= TimeDelta::seconds(90));
+        assert!(moved - after <= TimeDelta::seconds(90));
+        assert_eq!(now_micros(i64::MAX), DateTime::<Utc>::MAX_UTC);
     }
 
     #[test]

@@ -70,9 +70,7 @@ impl Clock {
         let offset = self
             .offset_micros
             .load(std::sync::atomic::Ordering::Relaxed);
-        keyplane_core::validate::truncate_to_micros(
-            chrono::Utc::now() + chrono::TimeDelta::microseconds(offset),
-        )
+        keyplane_core::validate::now_micros(offset)
     }
 
     /// Moves this clock (and its clones) forward.

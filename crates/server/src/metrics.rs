@@ -6,7 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -73,6 +74,16 @@ impl CacheOutcome {
 #[derive(Clone)]
 pub(crate) struct Metrics(Arc<Inner>);
 
+/// One route's request metrics, resolved once: a request on it adds to them without hashing
+/// labels or taking the families' locks.
+pub(crate) struct RouteMetrics {
+    /// The matched route, the label (`unmatched` for every path no route matched).
+    pub route: &'static str,
+    latency: Histogram,
+    /// `http_requests` by method and status, as answered so far on this route (a handful).
+    requests: RwLock<Vec<(&'static str, u16, Counter)>>,
+}
+
 struct Inner {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -84,6 +95,7 @@ struct Inner {
     cache_by_outcome: Vec<Counter>,
     audit_refusals_dropped: Counter,
     audit_refusals_unrecorded: Counter,
+    routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -171,28 +183,67 @@ impl Metrics {
             cache_by_outcome,
             audit_refusals_dropped,
             audit_refusals_unrecorded,
+            routes: RwLock::default(),
         }))
+    }
+
+    /// The metrics of `route` (a matched route, or `unmatched`): made on its first request.
+    /// `intern` gives the route's `'static` copy, asked for only then.
+    pub fn route(
+        &self,
+        route: &str,
+        intern: impl FnOnce(&str) -> &'static str,
+    ) -> Arc<RouteMetrics> {
+        let routes = self.0.routes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = routes.get(route) {
+            return known.clone();
+        }
+        drop(routes);
+        let mut routes = self.0.routes.write().unwrap_or_else(|p| p.into_inner());
+        let route = intern(route);
+        routes
+            .entry(route)
+            .or_insert_with(|| {
+                Arc::new(RouteMetrics {
+                    route,
+                    latency: self.0.latency.get_or_create(&RouteLabels { route }).clone(),
+                    requests: RwLock::default(),
+                })
+            })
+            .clone()
     }
 
     pub fn observe_request(
         &self,
+        route: &RouteMetrics,
         method: &'static str,
-        route: &'static str,
         status: u16,
         seconds: f64,
     ) {
-        self.0
-            .requests
-            .get_or_create(&RequestLabels {
-                method,
-                route,
-                status,
-            })
-            .inc();
-        self.0
-            .latency
-            .get_or_create(&RouteLabels { route })
-            .observe(seconds);
+        route.latency.observe(seconds);
+        let is_this = |(m, s, _): &&(&str, u16, Counter)| *m == method && *s == status;
+        let counted = route.requests.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, counter)) = counted.iter().find(is_this) {
+            counter.inc();
+            return;
+        }
+        drop(counted);
+        let mut counted = route.requests.write().unwrap_or_else(|p| p.into_inner());
+        if counted.iter().find(is_this).is_none() {
+            let counter = self
+                .0
+                .requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    route: route.route,
+                    status,
+                })
+                .clone();
+            counted.push((method, status, counter));
+        }
+        if let Some((_, _, counter)) = counted.iter().find(is_this) {
+            counter.inc();
+        }
     }
 
     /// On the hot path: an atomic increment of a counter resolved at start, no map lookup.

@@ -8,7 +8,6 @@ use keyplane_core::audit::{actions, credential_action, AuditActor, CredentialCha
 use keyplane_core::error::codes;
 use keyplane_core::grant::rights_from_grants;
 use keyplane_core::registry::{self, RegistryAction};
-use keyplane_core::validate::truncate_to_micros;
 use keyplane_core::{
     AuditEvent, Capability, Credential, CredentialId, CredentialKind, Error as DomainError,
     FieldError, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
@@ -20,7 +19,7 @@ use rand::rngs::OsRng;
 
 /// The clock, at the precision both stores keep.
 pub fn now() -> DateTime<Utc> {
-    truncate_to_micros(Utc::now())
+    keyplane_core::validate::now_micros(0)
 }
 
 /// The one place audit events of changes are started: a time-ordered id, the clock, the action,

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::Instrument;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
@@ -76,11 +75,6 @@ pub fn router(app: App) -> Router {
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again. Outermost first.
     let layers = ServiceBuilder::new()
-        // Credentials and their metadata must not sit in shared caches.
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        ))
         .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
         .layer(middleware::from_fn_with_state(app.clone(), observe));
     routes
@@ -149,7 +143,8 @@ fn fresh_request_id() -> HeaderValue {
 /// One log line and one metrics observation per request, under a span carrying the request id
 /// and the client's address, around the failed-authentication limit (one middleware, not
 /// several: each costs a boxed future). Sets the request id (the client's when plain, else a
-/// fresh UUID) on the request and the response, and the [`ClientAddr`] extension.
+/// fresh UUID) on the request and the response, `Cache-Control: no-store` on a response that
+/// names no other policy, and the [`ClientAddr`] extension.
 /// The log names the matched route, never the raw URI or any header value but the request id.
 async fn observe(
     axum::extract::State(app): axum::extract::State<App>,
@@ -159,10 +154,14 @@ async fn observe(
     let started = Instant::now();
     let method = method_label(request.method());
     // Unmatched paths share one label, so probing cannot grow the metrics without bound.
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| interned(p.as_str()));
+    let route_metrics = app.inner().metrics.route(
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", MatchedPath::as_str),
+        interned,
+    );
+    let route = route_metrics.route;
     let request_id = match request.headers().get(&REQUEST_ID) {
         Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
         _ => {
@@ -220,9 +219,12 @@ async fn observe(
     if let Some(watched) = audit_watch {
         crate::audit::after_response(&app, watched, status);
     }
-    app.inner()
-        .metrics
-        .observe_request(method, route, status.as_u16(), elapsed.as_secs_f64());
+    app.inner().metrics.observe_request(
+        &route_metrics,
+        method,
+        status.as_u16(),
+        elapsed.as_secs_f64(),
+    );
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
     {
         let _entered = span.enter();
@@ -243,10 +245,12 @@ async fn observe(
             None => tracing::info!(http.status = status.as_u16(), duration_ms, "request served"),
         }
     }
-    response
-        .headers_mut()
-        .entry(REQUEST_ID)
-        .or_insert(request_id);
+    let headers = response.headers_mut();
+    headers.entry(REQUEST_ID).or_insert(request_id);
+    // Credentials and their metadata must not sit in shared caches.
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
     response
 }
 

@@ -108,12 +108,11 @@ fn presented_token(headers: &HeaderMap, body: &[u8]) -> Result<String, AppError>
     })
 }
 
+/// The first `token` field: the other fields are skipped, not decoded into strings.
 fn form_urlencoded_token(body: &[u8]) -> Option<String> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).ok()?;
-    pairs
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
+    form_urlencoded::parse(body)
+        .find(|(key, _)| key == "token")
+        .map(|(_, value)| value.into_owned())
 }
 
 /// Introspect a token (RFC 7662)
