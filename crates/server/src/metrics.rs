@@ -74,6 +74,24 @@ impl CacheOutcome {
 #[derive(Clone)]
 pub(crate) struct Metrics(Arc<Inner>);
 
+/// A `'static` copy of a matched route, made once per distinct route in the process (there are
+/// a few dozen), so metrics labels cost no allocation per request.
+fn interned(route: &str) -> &'static str {
+    static ROUTES: std::sync::OnceLock<RwLock<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(known) = routes.read().unwrap_or_else(|p| p.into_inner()).get(route) {
+        return known;
+    }
+    let mut routes = routes.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = routes.get(route) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(route.to_string().into_boxed_str());
+    routes.insert(leaked);
+    leaked
+}
+
 /// One route's request metrics, resolved once: a request on it adds to them without hashing
 /// labels or taking the families' locks.
 pub(crate) struct RouteMetrics {
@@ -188,19 +206,14 @@ impl Metrics {
     }
 
     /// The metrics of `route` (a matched route, or `unmatched`): made on its first request.
-    /// `intern` gives the route's `'static` copy, asked for only then.
-    pub fn route(
-        &self,
-        route: &str,
-        intern: impl FnOnce(&str) -> &'static str,
-    ) -> Arc<RouteMetrics> {
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
         let routes = self.0.routes.read().unwrap_or_else(|p| p.into_inner());
         if let Some(known) = routes.get(route) {
             return known.clone();
         }
         drop(routes);
         let mut routes = self.0.routes.write().unwrap_or_else(|p| p.into_inner());
-        let route = intern(route);
+        let route = interned(route);
         routes
             .entry(route)
             .or_insert_with(|| {
@@ -229,21 +242,22 @@ impl Metrics {
         }
         drop(counted);
         let mut counted = route.requests.write().unwrap_or_else(|p| p.into_inner());
-        if counted.iter().find(is_this).is_none() {
-            let counter = self
-                .0
-                .requests
-                .get_or_create(&RequestLabels {
-                    method,
-                    route: route.route,
-                    status,
-                })
-                .clone();
-            counted.push((method, status, counter));
-        }
+        // Another request may have added it between the two locks.
         if let Some((_, _, counter)) = counted.iter().find(is_this) {
             counter.inc();
+            return;
         }
+        let counter = self
+            .0
+            .requests
+            .get_or_create(&RequestLabels {
+                method,
+                route: route.route,
+                status,
+            })
+            .clone();
+        counter.inc();
+        counted.push((method, status, counter));
     }
 
     /// On the hot path: an atomic increment of a counter resolved at start, no map lookup.

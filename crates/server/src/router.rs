@@ -93,24 +93,6 @@ fn is_verification_route(route: &str) -> bool {
     )
 }
 
-/// A `'static` copy of a matched route, made once per distinct route (there are a few dozen), so
-/// metrics labels cost no allocation per request.
-fn interned(route: &str) -> &'static str {
-    static ROUTES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
-        std::sync::OnceLock::new();
-    let routes = ROUTES.get_or_init(Default::default);
-    if let Some(known) = routes.read().unwrap_or_else(|p| p.into_inner()).get(route) {
-        return known;
-    }
-    let mut routes = routes.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(known) = routes.get(route) {
-        return known;
-    }
-    let leaked: &'static str = Box::leak(route.to_string().into_boxed_str());
-    routes.insert(leaked);
-    leaked
-}
-
 fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
@@ -134,9 +116,10 @@ fn is_plain_request_id(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-fn fresh_request_id() -> HeaderValue {
+/// A UUID as a header value (hyphenated, lowercase), rendered on the stack.
+pub(crate) fn uuid_header(id: uuid::Uuid) -> HeaderValue {
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let text = id.hyphenated().encode_lower(&mut text);
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
@@ -159,13 +142,12 @@ async fn observe(
             .extensions()
             .get::<MatchedPath>()
             .map_or("unmatched", MatchedPath::as_str),
-        interned,
     );
     let route = route_metrics.route;
     let request_id = match request.headers().get(&REQUEST_ID) {
         Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
         _ => {
-            let id = fresh_request_id();
+            let id = uuid_header(uuid::Uuid::new_v4());
             request.headers_mut().insert(REQUEST_ID, id.clone());
             id
         }

@@ -186,7 +186,7 @@ async fn introspect(
     Ok(Json(IntrospectionResponse {
         active: true,
         token_type: Some(credential.kind.as_str().to_string()),
-        scope: Some(scope_string(&verified.rights.scopes)),
+        scope: Some(verified.rights.headers.scope_text().to_string()),
         sub: Some(credential.id.to_string()),
         org_id: Some(credential.tenant_id.to_string()),
         username: Some(credential.name.to_string()),
@@ -255,13 +255,6 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
         }
     }
     let shared = &verified.rights.headers;
-    let mut subject = [0; UUID_TEXT];
-    let subject = verified
-        .credential
-        .id
-        .as_uuid()
-        .hyphenated()
-        .encode_lower(&mut subject);
     let mut response = StatusCode::OK.into_response();
     let out = response.headers_mut();
     // Sized once: the identity headers, and the two the middleware adds (request id, cache-control).
@@ -269,7 +262,7 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
     out.insert(ORG_ID, shared.org_id.clone());
     out.insert(
         SUBJECT,
-        HeaderValue::from_str(subject).expect("a UUID is a header value"),
+        crate::router::uuid_header(verified.credential.id.as_uuid()),
     );
     out.insert(KIND, HeaderValue::from_static(verified.gate.kind.as_str()));
     out.insert(SCOPES, shared.scopes.clone());
@@ -286,17 +279,18 @@ pub(crate) struct ForwardHeaders {
     scopes: HeaderValue,
 }
 
-/// A hyphenated UUID's length.
-const UUID_TEXT: usize = uuid::fmt::Hyphenated::LENGTH;
-
 impl ForwardHeaders {
     pub(crate) fn of(tenant: TenantId, scopes: &ScopeSet) -> Self {
-        // Ids are UUIDs and scopes are ASCII by their grammar: both are valid header values.
-        let value = |text: String| HeaderValue::try_from(text).expect("ASCII header value");
         Self {
-            org_id: value(tenant.to_string()),
-            scopes: value(scope_string(scopes)),
+            org_id: crate::router::uuid_header(tenant.as_uuid()),
+            // Scopes are ASCII by their grammar.
+            scopes: HeaderValue::try_from(scope_string(scopes)).expect("ASCII header value"),
         }
+    }
+
+    /// The scopes, space-separated, as rendered for the header (introspection's `scope`).
+    pub(crate) fn scope_text(&self) -> &str {
+        self.scopes.to_str().expect("scopes are ASCII")
     }
 }
 
