@@ -10,6 +10,11 @@ use keyplane_server::{ops, App, Config};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The server's allocator: where the cache's entries live, and how (mimalloc's arenas, huge pages
+/// and all), is part of what a verification costs.
+#[global_allocator]
+static ALLOCATOR: keyplane_server::allocator::Allocator = keyplane_server::allocator::Allocator;
+
 fn verify(c: &mut Criterion) {
     let count: usize = std::env::var("KEYPLANE_BENCH_CREDENTIALS")
         .ok()

@@ -2,7 +2,6 @@
 //! place the tracing subscriber is installed.
 
 mod admin;
-mod allocator;
 mod remote;
 mod serve;
 mod tty;
@@ -16,7 +15,7 @@ use std::process::ExitCode;
 /// mimalloc: the request path allocates small, short-lived buffers (headers, futures); a faster
 /// allocator is a measured throughput gain on verification (BENCHMARKS.md).
 #[global_allocator]
-static ALLOCATOR: allocator::Allocator = allocator::Allocator;
+static ALLOCATOR: keyplane_server::allocator::Allocator = keyplane_server::allocator::Allocator;
 
 #[derive(Parser)]
 #[command(

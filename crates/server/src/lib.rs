@@ -5,6 +5,7 @@
 //! the client) serialize; a secret becomes JSON only through [`wire::one_time_secret`].
 
 pub mod aether;
+pub mod allocator;
 mod app;
 pub mod audit;
 pub mod auth;
