@@ -8,7 +8,7 @@ use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
 use axum::body::Bytes;
-use axum::extract::{Extension, Query, Request, State};
+use axum::extract::{Extension, FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,6 +16,7 @@ use keyplane_api_types::verify::VerificationError;
 pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet, TenantId};
 use serde_json::Value;
+use std::borrow::Cow;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -80,22 +81,24 @@ fn scope_string(scopes: &ScopeSet) -> String {
     scopes.join(" ")
 }
 
-/// The `token` of an introspection request, from a form or JSON body.
-fn presented_token(headers: &HeaderMap, body: &[u8]) -> Result<String, AppError> {
-    let content_type = headers
+/// The `token` of an introspection request, from a form or JSON body: borrowed from the body when
+/// it needs no decoding.
+fn presented_token<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<Cow<'a, str>, AppError> {
+    let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let token = match content_type.as_str() {
-        "application/x-www-form-urlencoded" => form_urlencoded_token(body),
-        "application/json" => serde_json::from_slice::<Value>(body)
+        .map_or("", str::trim);
+    let token = if media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        form_field(body, "token")
+    } else if media_type.eq_ignore_ascii_case("application/json") {
+        serde_json::from_slice::<Value>(body)
             .map_err(|e| AppError::InvalidJson(e.to_string()))?
             .get("token")
             .and_then(Value::as_str)
-            .map(str::to_string),
-        _ => return Err(AppError::UnsupportedMediaType),
+            .map(|token| Cow::Owned(token.to_string()))
+    } else {
+        return Err(AppError::UnsupportedMediaType);
     };
     token.ok_or_else(|| {
         AppError::Domain(DomainError::Validation(vec![
@@ -108,11 +111,21 @@ fn presented_token(headers: &HeaderMap, body: &[u8]) -> Result<String, AppError>
     })
 }
 
-/// The first `token` field: the other fields are skipped, not decoded into strings.
-fn form_urlencoded_token(body: &[u8]) -> Option<String> {
+/// The first field called `name` of a form body. A body with nothing to decode (no `%`, no `+`,
+/// valid UTF-8: a token's alphabet) is split in place; any other is decoded pair by pair.
+fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>> {
+    if !body.contains(&b'%') && !body.contains(&b'+') {
+        if let Ok(text) = std::str::from_utf8(body) {
+            return text.split('&').find_map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (key == name).then_some(Cow::Borrowed(value))
+            });
+        }
+    }
+    // Other fields are skipped, not decoded into strings.
     form_urlencoded::parse(body)
-        .find(|(key, _)| key == "token")
-        .map(|(_, value)| value.into_owned())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value)
 }
 
 /// Introspect a token (RFC 7662)
@@ -136,10 +149,16 @@ fn form_urlencoded_token(body: &[u8]) -> Option<String> {
 async fn introspect(
     State(app): State<App>,
     client: Option<Extension<ClientAddr>>,
-    headers: HeaderMap,
-    body: Bytes,
+    mut request: Request,
 ) -> Result<Response, VerifyError> {
     const ROUTE: &str = "POST /oauth2/introspect";
+    // The headers taken rather than cloned (as a `HeaderMap` extractor would), then the body
+    // read as the `Bytes` extractor reads it: under the body limit, with its rejection.
+    let headers = std::mem::take(request.headers_mut());
+    let body = match Bytes::from_request(request, &app).await {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let client = client.map(|Extension(client)| client);
     let verifier = &app.inner().verifier;
     let at_caller = || {
@@ -183,18 +202,67 @@ async fn introspect(
         Err(other) => return Err(other.into()),
     };
     let credential = &verified.credential;
-    Ok(Json(IntrospectionResponse {
-        active: true,
-        token_type: Some(credential.kind.as_str().to_string()),
-        scope: Some(verified.rights.headers.scope_text().to_string()),
-        sub: Some(credential.id.to_string()),
-        org_id: Some(credential.tenant_id.to_string()),
-        username: Some(credential.name.to_string()),
+    let answer = ActiveAnswer {
+        token_type: credential.kind.as_str(),
+        scope: verified.rights.headers.scope_text(),
+        sub: credential.id.as_uuid(),
+        org_id: credential.tenant_id.as_uuid(),
+        username: &credential.name,
         exp: credential.expires_at.map(|at| at.timestamp()),
-        iat: Some(credential.created_at.timestamp()),
-        secret: Some(verified.secret.as_str().to_string()),
-    })
-    .into_response())
+        iat: credential.created_at.timestamp(),
+        secret: verified.secret.as_str(),
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        answer.to_json(),
+    )
+        .into_response())
+}
+
+/// An active introspection answer, borrowed from the cache entry.
+struct ActiveAnswer<'a> {
+    token_type: &'a str,
+    scope: &'a str,
+    sub: uuid::Uuid,
+    org_id: uuid::Uuid,
+    username: &'a str,
+    exp: Option<i64>,
+    iat: i64,
+    secret: &'a str,
+}
+
+impl ActiveAnswer<'_> {
+    /// The bytes `serde_json` makes of the same [`IntrospectionResponse`] (a test holds them
+    /// equal), written without a `String` per field or escaping what cannot need it: kinds, ids,
+    /// scopes (`[A-Za-z0-9_.:/-]` or `*`) and `current`/`previous`. Only the name is user text.
+    fn to_json(&self) -> Vec<u8> {
+        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let mut json = Vec::with_capacity(256 + self.scope.len() + self.username.len());
+        json.extend_from_slice(br#"{"active":true,"token_type":""#);
+        json.extend_from_slice(self.token_type.as_bytes());
+        json.extend_from_slice(br#"","scope":""#);
+        json.extend_from_slice(self.scope.as_bytes());
+        json.extend_from_slice(br#"","sub":""#);
+        json.extend_from_slice(self.sub.hyphenated().encode_lower(&mut uuid).as_bytes());
+        json.extend_from_slice(br#"","org_id":""#);
+        json.extend_from_slice(self.org_id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        json.extend_from_slice(br#"","username":"#);
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, self.username);
+        if let Some(exp) = self.exp {
+            json.extend_from_slice(br#","exp":"#);
+            let _ = serde_json::to_writer(&mut json, &exp);
+        }
+        json.extend_from_slice(br#","iat":"#);
+        let _ = serde_json::to_writer(&mut json, &self.iat);
+        json.extend_from_slice(br#","secret":""#);
+        json.extend_from_slice(self.secret.as_bytes());
+        json.extend_from_slice(br#""}"#);
+        json
+    }
 }
 
 /// Forward-auth
@@ -323,4 +391,80 @@ async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>
         expires_at: credential.expires_at.as_ref().map(crate::wire::rfc3339),
         secret: verified.secret.as_str().to_string(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_active_answer_is_the_json_serde_makes_of_the_introspection_response() {
+        let names = [
+            "ci",
+            "",
+            "quote \" and back\\slash",
+            "tab\tnewline\ncontrol\u{1}\u{1f}",
+            "ünïcødé ✓ 🔑",
+        ];
+        for username in names {
+            for exp in [None, Some(1_900_000_000), Some(-5)] {
+                let answer = ActiveAnswer {
+                    token_type: "service_account",
+                    scope: "api_tokens:read billing/invoices:read *",
+                    sub: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+                    org_id: uuid::Uuid::from_u128(u128::MAX),
+                    username,
+                    exp,
+                    iat: 1_700_000_000,
+                    secret: "previous",
+                };
+                let expected = serde_json::to_vec(&IntrospectionResponse {
+                    active: true,
+                    token_type: Some(answer.token_type.to_string()),
+                    scope: Some(answer.scope.to_string()),
+                    sub: Some(answer.sub.to_string()),
+                    org_id: Some(answer.org_id.to_string()),
+                    username: Some(username.to_string()),
+                    exp,
+                    iat: Some(answer.iat),
+                    secret: Some(answer.secret.to_string()),
+                })
+                .unwrap();
+                assert_eq!(
+                    String::from_utf8(answer.to_json()).unwrap(),
+                    String::from_utf8(expected).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_form_field_is_read_as_form_urlencoded_decodes_it() {
+        let cases: [(&[u8], Option<&str>); 11] = [
+            (b"token=kp_abc", Some("kp_abc")),
+            (b"a=1&token=first&token=second", Some("first")),
+            (b"&&token=q&", Some("q")),
+            (b"token", Some("")),
+            (b"token=", Some("")),
+            (b"tokens=1&xtoken=2", None),
+            (b"", None),
+            (b"token=a%2Bb%3D", Some("a+b=")),
+            (b"token=a+b", Some("a b")),
+            (b"%74oken=z", Some("z")),
+            (b"token=\xff", Some("\u{fffd}")),
+        ];
+        for (body, expected) in cases {
+            let oracle = form_urlencoded::parse(body)
+                .find(|(key, _)| key == "token")
+                .map(|(_, value)| value.into_owned());
+            let found = form_field(body, "token");
+            assert_eq!(
+                found.as_deref(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(found.map(Cow::into_owned), oracle);
+        }
+    }
 }
