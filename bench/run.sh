@@ -219,14 +219,27 @@ if [[ " $PARTS " == *" ratios "* ]]; then
     # interleaved sittings so that drift in the machine's speed hits all three alike.
     say "ratios: forward-auth and introspection against the axum hello world"
     start_baseline
+    baseline_pid="${PIDS[-1]}"
     start_keyplane 8090 "$WORK/ratios"
+    keyplane_pid="${PIDS[-1]}"
     SUBJECT=$(mint_token http://127.0.0.1:8090 bench-subject '["deploy","logs:read"]' "$WORK/ratios")
     VERIFIER=$(mint_token http://127.0.0.1:8090 bench-verifier '["tokens:verify"]' "$WORK/ratios")
+    # Also the server's own CPU time per request, user and kernel apart (from /proc/PID/stat):
+    # where the difference to the hello world lies, and less at the mercy of the load generator.
+    run_timed() { # pid name, then wrk args
+        local pid="$1" name="$2" before after; shift 2
+        before=$(awk '{print $14, $15}' "/proc/$pid/stat")
+        run "$name" "$@" | tee "$WORK/last-run.txt"
+        after=$(awk '{print $14, $15}' "/proc/$pid/stat")
+        python3 -c "import sys; b, a, hz = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3]); n = int(sys.argv[4])
+print(f'cpu per request: user {(int(a[0]) - int(b[0])) / hz / n * 1e6:.2f} us, kernel {(int(a[1]) - int(b[1])) / hz / n * 1e6:.2f} us')" \
+            "$before" "$after" "$(getconf CLK_TCK)" "$(awk '/requests in/ {print $1}' "$WORK/last-run.txt")"
+    }
     for s in $(seq "${RATIO_SITTINGS:-5}"); do
         {
-            run "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
-            AUTH="Bearer $SUBJECT" run "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8090/v1/auth/forward
-            VERIFIER="$VERIFIER" TOKEN="$SUBJECT" run "keyplane introspection" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8090
+            run_timed "$baseline_pid" "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
+            AUTH="Bearer $SUBJECT" run_timed "$keyplane_pid" "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8090/v1/auth/forward
+            VERIFIER="$VERIFIER" TOKEN="$SUBJECT" run_timed "$keyplane_pid" "keyplane introspection" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8090
         } > "$OUT/ratios$s.txt"
     done
     python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"

@@ -34,6 +34,10 @@ for path in sys.argv[1:]:
             data[name]["p99"].append(ms(line.split()[1]))
         elif name and ("responses:" in line or line.startswith("Non-2xx")):
             data[name]["bad"] += int(line.split()[-1])
+        elif name and line.startswith("cpu per request:"):
+            fields = line.split()
+            data[name].setdefault("user", []).append(float(fields[4]))
+            data[name].setdefault("kernel", []).append(float(fields[7]))
 
 median = {name: statistics.median(data[name]["rps"]) for name in order}
 base = median[order[0]]
@@ -54,6 +58,14 @@ for name in order:
           f"{100 * median[name] / base:.1f}% | {100 * mid:.1f}% ({100 * low:.1f} - {100 * high:.1f}) | "
           f"{statistics.median(d['p50']):.2f} | {statistics.median(d['p99']):.2f} | {d['bad']} |")
 print()
+if all("user" in data[name] for name in order):
+    print("| endpoint | server CPU per request, median: user µs | kernel µs | total µs | hello world's total / this (CPU-bound ratio) |")
+    print("|---|---|---|---|---|")
+    total = {name: statistics.median(u + k for u, k in zip(data[name]["user"], data[name]["kernel"])) for name in order}
+    for name in order:
+        print(f"| {name} | {statistics.median(data[name]['user']):.2f} | {statistics.median(data[name]['kernel']):.2f} | "
+              f"{total[name]:.2f} | {100 * total[order[0]] / total[name]:.1f}% |")
+    print()
 pairs = [("keyplane forward-auth", "DRF HasAPIKey /protected/"),
          ("keyplane introspection", "oidc-provider introspection"),
          ("keyplane forward-auth", "oidc-provider introspection"),
