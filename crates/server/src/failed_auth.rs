@@ -15,11 +15,11 @@ use crate::client_addr::ClientAddr;
 use crate::error::AppError;
 use axum::extract::Request;
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -74,20 +74,24 @@ impl FailedAuthLimiter {
 
 /// Counts every failed authentication against the client's address and, past the budget,
 /// answers the address's failures with 429; runs inside `observe`, after `ClientAddr` is known.
-pub(crate) async fn limit_failed_authentications(
+/// `handler` (the route's service) is ready: the layer that calls this polled it.
+pub(crate) async fn limit_failed_authentications<S>(
     app: &App,
     request: Request,
-    next: Next,
-) -> Response {
-    let Some(limiter) = app.inner().failed_auth.as_ref() else {
-        return next.run(request).await;
-    };
-    let Some(ClientAddr(ip)) = request.extensions().get::<ClientAddr>().copied() else {
-        return next.run(request).await;
+    mut handler: S,
+) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    let limiter = app.inner().failed_auth.as_ref();
+    let client = request.extensions().get::<ClientAddr>().copied();
+    let (Some(limiter), Some(ClientAddr(ip))) = (limiter, client) else {
+        let Ok(response) = handler.call(request).await;
+        return response;
     };
     // The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
     let uri = request.uri().clone();
-    let response = next.run(request).await;
+    let Ok(response) = handler.call(request).await;
     if response.status() != StatusCode::UNAUTHORIZED {
         return response;
     }

@@ -5,11 +5,13 @@ use crate::app::App;
 use crate::error::ErrorCause;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
-use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
@@ -76,7 +78,7 @@ pub fn router(app: App) -> Router {
     // clone, per request) the route's service again. Outermost first.
     let layers = ServiceBuilder::new()
         .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
-        .layer(middleware::from_fn_with_state(app.clone(), observe));
+        .layer(ObserveLayer(app.clone()));
     routes
         .fallback(crate::system::not_found)
         .method_not_allowed_fallback(crate::system::method_not_allowed)
@@ -123,17 +125,61 @@ pub(crate) fn uuid_header(id: uuid::Uuid) -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
+/// Puts [`observe`] around each route. A layer of its own rather than `middleware::from_fn`, which
+/// per request splits the request to extract its state, boxes a clone of the inner service, and
+/// moves the larger futures that makes.
+#[derive(Clone)]
+struct ObserveLayer(App);
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            app: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Observe<S> {
+    app: App,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Observe<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The service made ready serves this request; a fresh clone waits for the next.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        let app = self.app.clone();
+        Box::pin(async move { Ok(observe(app, request, ready).await) })
+    }
+}
+
 /// One log line and one metrics observation per request, under a span carrying the request id
 /// and the client's address, around the failed-authentication limit (one middleware, not
 /// several: each costs a boxed future). Sets the request id (the client's when plain, else a
 /// fresh UUID) on the request and the response, `Cache-Control: no-store` on a response that
 /// names no other policy, and the [`ClientAddr`] extension.
 /// The log names the matched route, never the raw URI or any header value but the request id.
-async fn observe(
-    axum::extract::State(app): axum::extract::State<App>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+async fn observe<S>(app: App, mut request: Request, handler: S) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
     let started = Instant::now();
     let method = method_label(request.method());
     // Unmatched paths share one label, so probing cannot grow the metrics without bound.
@@ -193,7 +239,7 @@ async fn observe(
             client.ip = client_ip
         )
     };
-    let mut response = crate::failed_auth::limit_failed_authentications(&app, request, next)
+    let mut response = crate::failed_auth::limit_failed_authentications(&app, request, handler)
         .instrument(span.clone())
         .await;
     let elapsed = started.elapsed();
