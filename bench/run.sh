@@ -405,35 +405,35 @@ print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p
 fi
 if [[ " $PARTS " == *" callgrind "* ]]; then
     # Instructions per request, counted by callgrind: unlike req/s, the same for the same binary
-    # whatever else the machine does. Each figure is the difference between a server run that
-    # answered WARM + N requests and one that answered WARM only (same start-up, same tokens'
-    # cost), divided by N.
+    # whatever else the machine does. Counting starts only after start-up and WARM requests
+    # (`--instr-atstart=no`, then `callgrind_control -i on`): start-up varies from run to run
+    # (governor's clock calibrates itself by spinning for a stretch of wall time), so a
+    # difference of two whole runs carried ±1,500 a request of it; this way two runs agree to
+    # within a few instructions.
     N="${CALLGRIND_REQUESTS:-5000}"; WARM=200
     say "callgrind: instructions per request (N=$N after $WARM to warm up)"
     stop_servers
     build_baseline
     # Runs one server under callgrind (an argument @DATA@ becomes a fresh data directory), sends
-    # WARM then COUNT requests of KIND, stops it with SIGTERM, prints the instructions it ran.
-    count_instructions() { # name kind count command...
-        local name="$1" kind="$2" count="$3"; shift 3
+    # WARM requests of KIND uncounted and N counted, stops it, prints the instructions per request.
+    per_request() { # name kind command...
+        local name="$1" kind="$2"; shift 2
         local dir; dir="$(mktemp -d "$WORK/callgrind.XXXXXX")"; chmod 700 "$dir"
-        valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" "${@//@DATA@/$dir}" >"$dir/server.log" 2>&1 &
-        local pid=$!
+        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out" \
+            "${@//@DATA@/$dir}" >"$dir/server.log" 2>&1 &
+        local pid=$! total
         for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:8097/readyz" && break; sleep 0.1; done
         if [ "$kind" != hello ]; then
             SUBJECT=$(mint_token http://127.0.0.1:8097 bench-subject '["deploy","logs:read"]' "$dir")
             VERIFIER=$(mint_token http://127.0.0.1:8097 bench-verifier '["tokens:verify"]' "$dir")
         fi
-        SUBJECT="${SUBJECT:-none}" VERIFIER="${VERIFIER:-none}" python3 "$ROOT/bench/requests.py" 8097 "$kind" $((WARM + count))
+        SUBJECT="${SUBJECT:-none}" VERIFIER="${VERIFIER:-none}" python3 "$ROOT/bench/requests.py" 8097 "$kind" "$WARM"
+        callgrind_control -i on "$pid" >/dev/null
+        SUBJECT="${SUBJECT:-none}" VERIFIER="${VERIFIER:-none}" python3 "$ROOT/bench/requests.py" 8097 "$kind" "$N"
+        callgrind_control -i off "$pid" >/dev/null
         kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
-        awk '/^totals:/ {print $2}' "$dir/callgrind.out"
-    }
-    per_request() { # name kind command...
-        local name="$1" kind="$2"; shift 2
-        local base full
-        base=$(count_instructions "$name" "$kind" 0 "$@")
-        full=$(count_instructions "$name" "$kind" "$N" "$@")
-        echo "callgrind: $name: $(( (full - base) / N )) instructions per request ($full - $base over $N)"
+        total=$(awk '/^totals:/ {sum += $2} END {print sum}' "$dir"/callgrind.out*)
+        echo "callgrind: $name: $((total / N)) instructions per request ($total over $N)"
     }
     {
         BIND=127.0.0.1:8097 per_request "axum hello (baseline)" hello "$BASELINE_BIN"
