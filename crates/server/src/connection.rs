@@ -17,9 +17,9 @@
 //! requests record when they last made progress ([`Activity`]), and the timer re-arms itself from
 //! that instead of being reset on every read. It counts TCP bytes, under TLS.
 
+use crate::client_addr::TrustedProxies;
 use crate::config::HttpLimits;
 use crate::tls::CurrentTls;
-use axum::extract::ConnectInfo;
 use axum::http::Request;
 use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -45,15 +45,18 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Serves `router` on `listener` until `shutdown` resolves, then drains connections until
 /// `limits.shutdown_timeout`. With `tls`, every connection is accepted with the configuration
-/// current at its accept.
+/// current at its accept. Each request carries its [`crate::client_addr::ClientAddr`]: the peer,
+/// or the client a trusted proxy names.
 pub(crate) async fn serve_http(
     listener: TcpListener,
     router: Router,
     limits: &HttpLimits,
+    trusted_proxies: &TrustedProxies,
     tls: Option<CurrentTls>,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = Arc::new(limits.clone());
+    let trusted_proxies = Arc::new(trusted_proxies.clone());
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop, stopping) = watch::channel(false);
     let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -91,6 +94,7 @@ pub(crate) async fn serve_http(
             tls: tls.as_ref().map(|current| current.borrow().clone()),
             router: router.clone(),
             limits: limits.clone(),
+            trusted_proxies: trusted_proxies.clone(),
             peer,
             stopping: stopping.clone(),
         };
@@ -135,6 +139,7 @@ struct Connection {
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     router: Router,
     limits: Arc<HttpLimits>,
+    trusted_proxies: Arc<TrustedProxies>,
     peer: SocketAddr,
     stopping: watch::Receiver<bool>,
 }
@@ -148,10 +153,12 @@ impl Connection {
         };
         let (router, peer, body_timeout) =
             (self.router.clone(), self.peer, self.limits.body_timeout);
+        let trusted_proxies = self.trusted_proxies.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             requests.request_started();
-            request.extensions_mut().insert(ConnectInfo(peer));
+            let client = trusted_proxies.client_of(peer, request.headers());
+            request.extensions_mut().insert(client);
             let request = request.map(|body| DeadlineBody::new(body, body_timeout));
             let (router, requests) = (router.clone(), requests.clone());
             async move {

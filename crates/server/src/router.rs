@@ -2,14 +2,14 @@
 //! OpenAPI document come from one list.
 
 use crate::app::App;
+use crate::client_addr::ClientAddr;
 use crate::error::ErrorCause;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::Router;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -171,10 +171,10 @@ where
 }
 
 /// One log line and one metrics observation per request, under a span carrying the request id
-/// and the client's address, around the failed-authentication limit (one middleware, not
-/// several: each costs a boxed future). Sets the request id (the client's when plain, else a
-/// fresh UUID) on the request and the response, `Cache-Control: no-store` on a response that
-/// names no other policy, and the [`ClientAddr`] extension.
+/// and the client's address (the [`ClientAddr`] the connection set), around the
+/// failed-authentication limit (one middleware, not several: each costs a boxed future). Sets the
+/// request id (the client's when plain, else a fresh UUID) on the request and the response, and
+/// `Cache-Control: no-store` on a response that names no other policy.
 /// The log names the matched route, never the raw URI or any header value but the request id.
 async fn observe<S>(app: App, mut request: Request, handler: S) -> Response
 where
@@ -198,18 +198,8 @@ where
             id
         }
     };
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|peer| {
-            app.inner()
-                .config
-                .trusted_proxies
-                .client_of(peer.0, request.headers())
-        });
-    if let Some(client) = client {
-        request.extensions_mut().insert(client);
-    }
+    // Set by the connection (`None` for a request that came through no listener).
+    let client = request.extensions().get::<ClientAddr>().copied();
     let client_ip = client.map(|c| tracing::field::display(c.0));
     // Plain by the check above, so it is text.
     let id_text = request_id.to_str().unwrap_or_default();
@@ -323,6 +313,7 @@ pub async fn serve(
         listener,
         router(app.clone()),
         &app.inner().config.http,
+        &app.inner().config.trusted_proxies,
         tls,
         shutdown,
     )
