@@ -114,6 +114,18 @@ fresh_pg_db() { # name -> url
     psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null
     echo "$PG_BASE/$1"
 }
+# Keyplane replicas sharing one fresh PostgreSQL database kp_bench_NAME, on the ports given,
+# data directories $WORK/NAME<port>; sets ORG and ROOT_TOKEN from the first one's bootstrap (the
+# replicas share the store, so that org and token serve them all).
+start_replicas() { # name port...
+    local name="$1" url port; shift
+    url=$(fresh_pg_db "kp_bench_$name")
+    for port in "$@"; do
+        start_keyplane "$port" "$WORK/$name$port" --database-url "$url"
+    done
+    ORG=$(json_field '["org_id"]' < "$WORK/$name$1/bootstrap.json")
+    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/$name$1/bootstrap.json")
+}
 
 if [[ " $PARTS " == *" criterion "* ]]; then
     say "criterion: in-process verify with $SCALE cached credentials"
@@ -186,12 +198,7 @@ fi
 
 if [[ " $PARTS " == *" replicas "* ]]; then
     say "replicas: revocation propagation across three keyplane replicas on PostgreSQL"
-    URL=$(fresh_pg_db kp_bench_replicas)
-    for port in 8091 8092 8093; do
-        start_keyplane "$port" "$WORK/replica$port" --database-url "$URL"
-    done
-    ORG=$(json_field '["org_id"]' < "$WORK/replica8091/bootstrap.json")
-    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/replica8091/bootstrap.json")
+    start_replicas replicas 8091 8092 8093
     timeout 600 taskset -c "$CLIENT_CPU" "$KB" propagation --bases http://127.0.0.1:8091,http://127.0.0.1:8092,http://127.0.0.1:8093 \
         --org "$ORG" --token "$ROOT_TOKEN" --rounds 300 | tee -a "$OUT/summary.txt"
 fi
@@ -390,12 +397,7 @@ print(f\"verifier revocation ($1, {d['rounds']} rounds): event applied p50 {e['p
     stop_servers
 
     say "verifier: revocation to refusal through the stream, three PostgreSQL replicas ($REVOCATION_ROUNDS rounds)"
-    URL=$(fresh_pg_db kp_bench_verifier)
-    for port in 8097 8098 8099; do
-        start_keyplane "$port" "$WORK/verifier-pg$port" --database-url "$URL"
-    done
-    ORG=$(json_field '["org_id"]' < "$WORK/verifier-pg8097/bootstrap.json")
-    ROOT_TOKEN=$(json_field '["token"]' < "$WORK/verifier-pg8097/bootstrap.json")
+    start_replicas verifier 8097 8098 8099
     timeout 900 taskset -c "$CLIENT_CPU" "$KB" verifier-revocation --base http://127.0.0.1:8097 \
         --revoke-base http://127.0.0.1:8098 --org "$ORG" --token "$ROOT_TOKEN" --rounds "$REVOCATION_ROUNDS" \
         > "$OUT/verifier-revocation-postgres.json"
