@@ -48,8 +48,9 @@ use std::time::{Duration, Instant};
 /// read, with its rounding to microseconds, is a large share of rejecting a malformed token:
 /// criterion's `reject_bad_checksum` went from 132 to 260 ns with one before the format check).
 ///
-/// A `Cell`, not a `OnceLock` (whose synchronization cost more than the clock read): it is made
-/// and read only after a verification's last `await`, by one task.
+/// A `Cell`, not a `OnceLock` (whose synchronization cost more than the clock read): one task
+/// owns it, and no reference to it is held across an `await` (the lookup, `find`, comes before
+/// it), so the verification's future stays `Send`.
 pub(crate) struct VerificationTime<'a> {
     clock: &'a crate::config::Clock,
     read: std::cell::Cell<Option<DateTime<Utc>>>,
