@@ -410,7 +410,7 @@ if [[ " $PARTS " == *" callgrind "* ]]; then
     # whatever else the machine does. Counting starts only after start-up and WARM requests
     # (`--instr-atstart=no`, then `callgrind_control -i on`): start-up varies from run to run
     # (governor's clock calibrates itself by spinning for a stretch of wall time), so a
-    # difference of two whole runs carried ±1,500 a request of it; this way two runs agree to
+    # difference of two whole runs carried up to ±1,600 a request of it; this way two runs agree to
     # within a few instructions.
     N="${CALLGRIND_REQUESTS:-5000}"; WARM=200
     say "callgrind: instructions per request (N=$N after $WARM to warm up)"

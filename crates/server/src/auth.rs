@@ -325,9 +325,7 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let found = self.find(presented).await;
-        let now = VerificationTime::new(&self.clock);
-        let result = found.and_then(|verified| self.admit(verified, at, &now));
+        let (result, now) = self.verify_uncounted(presented, at).await;
         self.count(result.as_ref(), &now);
         result
     }
@@ -352,20 +350,17 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let found = self.find(presented).await;
-        let now = VerificationTime::new(&self.clock);
-        let result = found
-            .and_then(|verified| self.admit(verified, at, &now))
-            .and_then(|verified| {
-                match verified.credential.kind {
-                    CredentialKind::RobotAccount => {
-                        // Robot secrets log in to the registry only.
-                        self.refuse(&verified.credential, "robot secret");
-                        Err(AppError::Unauthenticated("robot secret"))
-                    }
-                    _ => Ok(verified),
+        let (admitted, now) = self.verify_uncounted(presented, at).await;
+        let result = admitted.and_then(|verified| {
+            match verified.credential.kind {
+                CredentialKind::RobotAccount => {
+                    // Robot secrets log in to the registry only.
+                    self.refuse(&verified.credential, "robot secret");
+                    Err(AppError::Unauthenticated("robot secret"))
                 }
-            });
+                _ => Ok(verified),
+            }
+        });
         self.count(result.as_ref(), &now);
         result
     }
@@ -379,19 +374,29 @@ impl Verifier {
         tenant: TenantId,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let found = self.find(presented).await;
-        let now = VerificationTime::new(&self.clock);
-        let result = found
-            .and_then(|verified| self.admit(verified, at, &now))
-            .and_then(|verified| match &verified.credential {
-                c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
-                c if c.kind == CredentialKind::RobotAccount => {
-                    Err(AppError::Unauthenticated("robot secret"))
-                }
-                _ => Ok(verified),
-            });
+        let (admitted, now) = self.verify_uncounted(presented, at).await;
+        let result = admitted.and_then(|verified| match &verified.credential {
+            c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
+            c if c.kind == CredentialKind::RobotAccount => {
+                Err(AppError::Unauthenticated("robot secret"))
+            }
+            _ => Ok(verified),
+        });
         self.count(result.as_ref(), &now);
         result
+    }
+
+    /// `presented` found and admitted, not yet counted: the outcome, and the time it was judged
+    /// against, for `count` once the caller's own checks are done.
+    async fn verify_uncounted(
+        &self,
+        presented: &str,
+        at: Presented<'_>,
+    ) -> (Result<Arc<Verified>, AppError>, VerificationTime<'_>) {
+        let found = self.find(presented).await;
+        let now = VerificationTime::new(&self.clock);
+        let admitted = found.and_then(|verified| self.admit(verified, at, &now));
+        (admitted, now)
     }
 
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
@@ -601,17 +606,14 @@ impl Verifier {
         secret: &str,
         at: Presented<'_>,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
-        let found = self.find(secret).await;
-        let now = VerificationTime::new(&self.clock);
-        let admitted = found
-            .and_then(|verified| self.admit(verified, at, &now))
-            .and_then(|verified| {
-                if verified.credential.kind != CredentialKind::RobotAccount {
-                    self.refuse(&verified.credential, "not a robot secret");
-                    return Err(AppError::Unauthenticated("not a robot secret"));
-                }
-                Ok(verified)
-            });
+        let (admitted, now) = self.verify_uncounted(secret, at).await;
+        let admitted = admitted.and_then(|verified| {
+            if verified.credential.kind != CredentialKind::RobotAccount {
+                self.refuse(&verified.credential, "not a robot secret");
+                return Err(AppError::Unauthenticated("not a robot secret"));
+            }
+            Ok(verified)
+        });
         let result = match admitted {
             Ok(verified) => self.robot_registry(verified, username).await,
             Err(refused) => Err(refused),
