@@ -289,7 +289,8 @@ impl Verifier {
     }
 
     fn is_fresh(&self, known: &Verified) -> bool {
-        known.loaded.elapsed() <= self.config.positive_ttl
+        crate::coarse_clock::now().saturating_duration_since(known.loaded)
+            <= self.config.positive_ttl
             && !self.marked_since(&self.reset_at, known.loaded)
             && !self.entry_invalidated(known)
     }
@@ -305,7 +306,8 @@ impl Verifier {
     /// changed since (a reset alone does not say it changed).
     fn may_serve_stale(&self, known: &Verified) -> bool {
         !self.config.stale_if_error.is_zero()
-            && known.loaded.elapsed() <= self.config.positive_ttl + self.config.stale_if_error
+            && crate::coarse_clock::now().saturating_duration_since(known.loaded)
+                <= self.config.positive_ttl + self.config.stale_if_error
             && !self.entry_invalidated(known)
     }
 

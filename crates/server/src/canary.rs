@@ -112,6 +112,15 @@ impl Presentation {
         )
     }
 
+    /// A request of `route` (served without the router, so with no `MatchedPath` to read).
+    pub(crate) fn of_route(surface: CanarySurface, route: &str, parts: &Parts) -> Self {
+        Self::new(
+            surface,
+            format!("{} {route}", parts.method),
+            crate::audit::request_context(&parts.headers, &parts.extensions),
+        )
+    }
+
     pub fn detail(mut self, key: &'static str, value: impl Into<String>) -> Self {
         self.details.push((key, value.into()));
         self

@@ -21,7 +21,6 @@ use crate::client_addr::TrustedProxies;
 use crate::config::HttpLimits;
 use crate::tls::CurrentTls;
 use axum::http::Request;
-use axum::Router;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
@@ -38,7 +37,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -49,7 +47,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// or the client a trusted proxy names.
 pub(crate) async fn serve_http(
     listener: TcpListener,
-    router: Router,
+    front: crate::router::Front,
     limits: &HttpLimits,
     trusted_proxies: &TrustedProxies,
     tls: Option<CurrentTls>,
@@ -92,7 +90,7 @@ pub(crate) async fn serve_http(
             http1: http1.clone(),
             http2: http2.clone(),
             tls: tls.as_ref().map(|current| current.borrow().clone()),
-            router: router.clone(),
+            front: front.clone(),
             limits: limits.clone(),
             trusted_proxies: trusted_proxies.clone(),
             peer,
@@ -137,7 +135,7 @@ struct Connection {
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// The TLS configuration this connection is accepted with; `None`: plain HTTP/1.1.
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    router: Router,
+    front: crate::router::Front,
     limits: Arc<HttpLimits>,
     trusted_proxies: Arc<TrustedProxies>,
     peer: SocketAddr,
@@ -151,18 +149,18 @@ impl Connection {
             stream,
             activity: activity.clone(),
         };
-        let (router, peer, body_timeout) =
-            (self.router.clone(), self.peer, self.limits.body_timeout);
+        let (front, peer, body_timeout) = (self.front.clone(), self.peer, self.limits.body_timeout);
         let trusted_proxies = self.trusted_proxies.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             requests.request_started();
             let client = trusted_proxies.client_of(peer, request.headers());
             request.extensions_mut().insert(client);
-            let request = request.map(|body| DeadlineBody::new(body, body_timeout));
-            let (router, requests) = (router.clone(), requests.clone());
+            let request =
+                request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
+            let (response, requests) = (front.serve(request), requests.clone());
             async move {
-                let response = router.oneshot(request).await;
+                let response = response.await;
                 requests.request_finished();
                 response
             }
@@ -246,8 +244,11 @@ impl Activity {
         }
     }
 
+    /// Read three times a request: the coarse clock (milliseconds against deadlines of seconds).
     fn now(&self) -> u64 {
-        self.accepted.elapsed().as_millis() as u64
+        crate::coarse_clock::now()
+            .saturating_duration_since(self.accepted.into_std())
+            .as_millis() as u64
     }
 
     fn read_some(&self) {
@@ -359,7 +360,8 @@ impl DeadlineBody {
     fn new(body: Incoming, timeout: Duration) -> Self {
         Self {
             body,
-            deadline: Instant::now() + timeout,
+            // Seconds away: the coarse clock will do.
+            deadline: Instant::from_std(crate::coarse_clock::now()) + timeout,
             timer: None,
         }
     }

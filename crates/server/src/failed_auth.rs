@@ -14,12 +14,11 @@ use crate::app::App;
 use crate::client_addr::ClientAddr;
 use crate::error::AppError;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -72,34 +71,41 @@ impl FailedAuthLimiter {
     }
 }
 
-/// Counts every failed authentication against the client's address and, past the budget,
-/// answers the address's failures with 429; runs inside `observe`, after `ClientAddr` is known.
-/// `handler` (the route's service) is ready: the layer that calls this polled it.
-pub(crate) async fn limit_failed_authentications<S>(
-    app: &App,
-    request: Request,
-    mut handler: S,
-) -> Response
-where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
-{
-    let limiter = app.inner().failed_auth.as_ref();
-    let client = request.extensions().get::<ClientAddr>().copied();
-    let (Some(limiter), Some(ClientAddr(ip))) = (limiter, client) else {
-        let Ok(response) = handler.call(request).await;
-        return response;
-    };
-    // The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
-    let uri = request.uri().clone();
-    let Ok(response) = handler.call(request).await;
-    if response.status() != StatusCode::UNAUTHORIZED {
-        return response;
+/// Counts a request's failed authentication against the client's address and, past the budget,
+/// answers the address's failures with 429. Taken inside `observe`, after `ClientAddr` is known.
+pub(crate) struct FailureWatch {
+    client: IpAddr,
+    /// The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
+    uri: Uri,
+}
+
+impl FailureWatch {
+    /// `None` when the limit is off or the request came through no listener.
+    pub(crate) fn of(app: &App, request: &Request) -> Option<Self> {
+        app.inner().failed_auth.as_ref()?;
+        let ClientAddr(client) = *request.extensions().get::<ClientAddr>()?;
+        Some(Self {
+            client,
+            uri: request.uri().clone(),
+        })
     }
-    match limiter.record_failure(ip) {
-        None => response,
-        Some(wait) => {
-            let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            crate::error::render_for_path(uri.path(), AppError::RateLimited { retry_after_secs })
+
+    pub(crate) fn finish(self, app: &App, response: Response) -> Response {
+        let Some(limiter) = app.inner().failed_auth.as_ref() else {
+            return response;
+        };
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return response;
+        }
+        match limiter.record_failure(self.client) {
+            None => response,
+            Some(wait) => {
+                let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                crate::error::render_for_path(
+                    self.uri.path(),
+                    AppError::RateLimited { retry_after_secs },
+                )
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 use crate::app::App;
 use crate::client_addr::ClientAddr;
 use crate::error::ErrorCause;
+use crate::metrics::RouteMetrics;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
@@ -11,11 +12,12 @@ use axum::Router;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tower::layer::util::{Identity, Stack};
 use tower::ServiceBuilder;
-use tracing::Instrument;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi};
@@ -75,15 +77,87 @@ pub fn router(app: App) -> Router {
         routes = routes.merge(crate::console::routes());
     }
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
-    // clone, per request) the route's service again. Outermost first.
-    let layers = ServiceBuilder::new()
-        .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
-        .layer(ObserveLayer(app.clone()));
+    // clone, per request) the route's service again.
+    let layers = layers(&app, None);
     routes
         .fallback(crate::system::not_found)
         .method_not_allowed_fallback(crate::system::method_not_allowed)
         .layer(layers)
         .with_state(app)
+}
+
+/// What each connection serves. The verification routes, most of a deployment's traffic, are
+/// served without the router: its routing table and the boxed service each route is behind cost
+/// them more than anything else around their handler (BENCHMARKS.md, "Fourth sitting"). They run
+/// the same layers and handlers as through the router, which serves everything else, and any
+/// other method on their paths.
+#[derive(Clone)]
+pub(crate) struct Front {
+    app: App,
+    router: Router,
+}
+
+impl Front {
+    pub(crate) fn new(app: App) -> Self {
+        Self {
+            router: router(app.clone()),
+            app,
+        }
+    }
+
+    pub(crate) fn serve(
+        &self,
+        request: Request,
+    ) -> impl Future<Output = Result<Response, Infallible>> + Send + 'static {
+        use futures::future::Either;
+        use tower::{Service, ServiceExt};
+        let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
+        else {
+            return Either::Right(self.router.clone().oneshot(request));
+        };
+        let mut service = layers(&self.app, Some(route.path())).service(DirectService {
+            app: self.app.clone(),
+            route,
+        });
+        // Always ready, as every layer here is: no `poll_ready` to wait for.
+        Either::Left(service.call(request))
+    }
+}
+
+/// A verification route's handler as a service.
+#[derive(Clone)]
+struct DirectService {
+    app: App,
+    route: crate::verify::DirectRoute,
+}
+
+impl tower::Service<Request> for DirectService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (app, route) = (self.app.clone(), self.route);
+        Box::pin(async move { Ok(route.serve(app, request).await) })
+    }
+}
+
+/// What runs around every route, outermost first: the body limit, then [`Observe`], for `route`
+/// (`None`: the one the router matched).
+fn layers(
+    app: &App,
+    route: Option<&'static str>,
+) -> ServiceBuilder<Stack<ObserveLayer, Stack<DefaultBodyLimit, Identity>>> {
+    ServiceBuilder::new()
+        .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
+        .layer(ObserveLayer {
+            app: app.clone(),
+            route,
+        })
 }
 
 /// Routes that serve other services' traffic at high rates: their requests are logged at debug
@@ -125,18 +199,24 @@ pub(crate) fn uuid_header(id: uuid::Uuid) -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
-/// Puts [`observe`] around each route. A layer of its own rather than `middleware::from_fn`, which
-/// per request splits the request to extract its state, boxes a clone of the inner service, and
-/// moves the larger futures that makes.
+/// Puts [`Observation`] around each route. A layer of its own rather than `middleware::from_fn`,
+/// which per request splits the request to extract its state, boxes a clone of the inner service,
+/// and moves the larger futures that makes. Its future is a plain struct around the route's: no
+/// box, no clone of the route, nothing moved but the response.
 #[derive(Clone)]
-struct ObserveLayer(App);
+struct ObserveLayer {
+    app: App,
+    /// The route served, when not matched by the router (which names it in `MatchedPath`).
+    route: Option<&'static str>,
+}
 
 impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
-            app: self.0.clone(),
+            app: self.app.clone(),
+            route: self.route,
             inner,
         }
     }
@@ -145,131 +225,189 @@ impl<S> tower::Layer<S> for ObserveLayer {
 #[derive(Clone)]
 struct Observe<S> {
     app: App,
+    /// As in [`ObserveLayer`].
+    route: Option<&'static str>,
     inner: S,
 }
 
 impl<S> tower::Service<Request> for Observe<S>
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Observed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
-        // The service made ready serves this request; a fresh clone waits for the next.
-        let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
-        let app = self.app.clone();
-        Box::pin(async move { Ok(observe(app, request, ready).await) })
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let observation = Observation::start(&self.app, self.route, &mut request);
+        let failures = crate::failed_auth::FailureWatch::of(&self.app, &request);
+        // Ready: our own `poll_ready` was its `poll_ready`.
+        let response = {
+            let _entered = observation.span.enter();
+            self.inner.call(request)
+        };
+        Observed {
+            response,
+            finish: Some((observation, failures)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A route's response under way, observed when it is ready.
+    struct Observed<F> {
+        #[pin]
+        response: F,
+        finish: Option<(Observation, Option<crate::failed_auth::FailureWatch>)>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let (observation, _) = this.finish.as_ref().expect("polled after completion");
+        let polled = {
+            let _entered = observation.span.enter();
+            this.response.poll(cx)
+        };
+        let Ok(response) = std::task::ready!(polled);
+        let (observation, failures) = this.finish.take().expect("polled after completion");
+        let response = match failures {
+            Some(failures) => failures.finish(&observation.app, response),
+            None => response,
+        };
+        Poll::Ready(Ok(observation.finish(response)))
     }
 }
 
 /// One log line and one metrics observation per request, under a span carrying the request id
 /// and the client's address (the [`ClientAddr`] the connection set), around the
-/// failed-authentication limit (one middleware, not several: each costs a boxed future). Sets the
-/// request id (the client's when plain, else a fresh UUID) on the request and the response, and
-/// `Cache-Control: no-store` on a response that names no other policy.
-/// The log names the matched route, never the raw URI or any header value but the request id.
-async fn observe<S>(app: App, mut request: Request, handler: S) -> Response
-where
-    S: tower::Service<Request, Response = Response, Error = Infallible>,
-{
-    let started = Instant::now();
-    let method = method_label(request.method());
-    // Unmatched paths share one label, so probing cannot grow the metrics without bound.
-    let route_metrics = app.inner().metrics.route(
-        request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", MatchedPath::as_str),
-    );
-    let route = route_metrics.route;
-    let request_id = match request.headers().get(&REQUEST_ID) {
-        Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
-        _ => {
-            let id = uuid_header(uuid::Uuid::new_v4());
-            request.headers_mut().insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
-    // Set by the connection (`None` for a request that came through no listener).
-    let client = request.extensions().get::<ClientAddr>().copied();
-    let client_ip = client.map(|c| tracing::field::display(c.0));
-    // Plain by the check above, so it is text.
-    let id_text = request_id.to_str().unwrap_or_default();
-    let audit_slot = crate::audit::watch_request(&mut request);
-    let audit_watch = audit_slot.map(|slot| crate::audit::Watched {
-        slot,
-        context: crate::audit::request_context(request.headers(), request.extensions()),
-        method,
-        route,
-        path: request.uri().path().to_string(),
-    });
-    let hot = is_verification_route(route);
-    let span = if hot {
-        tracing::debug_span!(
-            "request",
-            request.id = id_text,
-            http.method = method,
-            http.route = route,
-            client.ip = client_ip
-        )
-    } else {
-        tracing::info_span!(
-            "request",
-            request.id = id_text,
-            http.method = method,
-            http.route = route,
-            client.ip = client_ip
-        )
-    };
-    let mut response = crate::failed_auth::limit_failed_authentications(&app, request, handler)
-        .instrument(span.clone())
-        .await;
-    let elapsed = started.elapsed();
-    let status = response.status();
-    if let Some(watched) = audit_watch {
-        crate::audit::after_response(&app, watched, status);
-    }
-    app.inner().metrics.observe_request(
-        &route_metrics,
-        method,
-        status.as_u16(),
-        elapsed.as_secs_f64(),
-    );
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    {
-        let _entered = span.enter();
-        let cause = response.extensions().get::<ErrorCause>();
-        match cause {
-            Some(cause) if status.is_server_error() => {
-                tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
+/// failed-authentication limit. Sets the request id (the client's when plain, else a fresh UUID)
+/// on the request and the response, and `Cache-Control: no-store` on
+/// a response that names no other policy. The log names the matched route, never the raw URI or
+/// any header value but the request id.
+struct Observation {
+    app: App,
+    started: Instant,
+    method: &'static str,
+    route: Arc<RouteMetrics>,
+    request_id: HeaderValue,
+    /// Logged at debug level: a verification route.
+    hot: bool,
+    span: tracing::Span,
+    audit: Option<crate::audit::Watched>,
+}
+
+impl Observation {
+    fn start(app: &App, route: Option<&str>, request: &mut Request) -> Self {
+        let started = Instant::now();
+        let method = method_label(request.method());
+        // Unmatched paths share one label, so probing cannot grow the metrics without bound.
+        let route_metrics = app.inner().metrics.route(route.unwrap_or_else(|| {
+            request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str)
+        }));
+        let route = route_metrics.route;
+        let request_id = match request.headers().get(&REQUEST_ID) {
+            Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
+            _ => {
+                let id = uuid_header(uuid::Uuid::new_v4());
+                request.headers_mut().insert(REQUEST_ID, id.clone());
+                id
             }
-            _ if hot => tracing::debug!(
-                http.status = status.as_u16(),
-                duration_ms,
-                cause = cause.map(|c| c.0.as_str()),
-                "request served"
-            ),
-            Some(cause) => {
-                tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
-            }
-            None => tracing::info!(http.status = status.as_u16(), duration_ms, "request served"),
+        };
+        // Set by the connection (`None` for a request that came through no listener).
+        let client = request.extensions().get::<ClientAddr>().copied();
+        let client_ip = client.map(|c| tracing::field::display(c.0));
+        // Plain by the check above, so it is text.
+        let id_text = request_id.to_str().unwrap_or_default();
+        let audit = crate::audit::watch_request(request).map(|slot| crate::audit::Watched {
+            slot,
+            context: crate::audit::request_context(request.headers(), request.extensions()),
+            method,
+            route,
+            path: request.uri().path().to_string(),
+        });
+        let hot = is_verification_route(route);
+        let span = if hot {
+            tracing::debug_span!(
+                "request",
+                request.id = id_text,
+                http.method = method,
+                http.route = route,
+                client.ip = client_ip
+            )
+        } else {
+            tracing::info_span!(
+                "request",
+                request.id = id_text,
+                http.method = method,
+                http.route = route,
+                client.ip = client_ip
+            )
+        };
+        Self {
+            app: app.clone(),
+            started,
+            method,
+            route: route_metrics,
+            request_id,
+            hot,
+            span,
+            audit,
         }
     }
-    let headers = response.headers_mut();
-    headers.entry(REQUEST_ID).or_insert(request_id);
-    // Credentials and their metadata must not sit in shared caches.
-    headers
-        .entry(header::CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
-    response
+
+    fn finish(self, mut response: Response) -> Response {
+        let elapsed = self.started.elapsed();
+        let status = response.status();
+        if let Some(watched) = self.audit {
+            crate::audit::after_response(&self.app, watched, status);
+        }
+        self.app.inner().metrics.observe_request(
+            &self.route,
+            self.method,
+            status.as_u16(),
+            elapsed.as_secs_f64(),
+        );
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        {
+            let _entered = self.span.enter();
+            let cause = response.extensions().get::<ErrorCause>();
+            match cause {
+                Some(cause) if status.is_server_error() => {
+                    tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
+                }
+                _ if self.hot => tracing::debug!(
+                    http.status = status.as_u16(),
+                    duration_ms,
+                    cause = cause.map(|c| c.0.as_str()),
+                    "request served"
+                ),
+                Some(cause) => {
+                    tracing::info!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request refused")
+                }
+                None => {
+                    tracing::info!(http.status = status.as_u16(), duration_ms, "request served")
+                }
+            }
+        }
+        let headers = response.headers_mut();
+        headers.entry(REQUEST_ID).or_insert(self.request_id);
+        // Credentials and their metadata must not sit in shared caches.
+        headers
+            .entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+        response
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests finish (for at
@@ -311,7 +449,7 @@ pub async fn serve(
     };
     crate::connection::serve_http(
         listener,
-        router(app.clone()),
+        Front::new(app.clone()),
         &app.inner().config.http,
         &app.inner().config.trusted_proxies,
         tls,

@@ -9,7 +9,7 @@ use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
 use axum::body::Bytes;
 use axum::extract::{Extension, FromRequest, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyplane_api_types::verify::VerificationError;
@@ -67,6 +67,52 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(introspect))
         .routes(routes!(forward_auth))
         .routes(routes!(whoami))
+}
+
+/// The verification routes, which [`crate::router::Front`] serves without the router.
+#[derive(Clone, Copy)]
+pub(crate) enum DirectRoute {
+    ForwardAuth,
+    Introspect,
+    Whoami,
+}
+
+impl DirectRoute {
+    /// The route a request is for, when it is one of these and of its method.
+    pub(crate) fn of(method: &Method, path: &str) -> Option<Self> {
+        [Self::ForwardAuth, Self::Introspect, Self::Whoami]
+            .into_iter()
+            .find(|route| route.path() == path && route.method() == method)
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Self::Introspect => Method::POST,
+            Self::ForwardAuth | Self::Whoami => Method::GET,
+        }
+    }
+
+    /// As the router's `MatchedPath` would name it.
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Self::ForwardAuth => "/v1/auth/forward",
+            Self::Introspect => "/oauth2/introspect",
+            Self::Whoami => "/v1/whoami",
+        }
+    }
+
+    pub(crate) async fn serve(self, app: App, request: Request) -> Response {
+        match self {
+            Self::ForwardAuth => forward_auth(State(app), request).await.into_response(),
+            Self::Introspect => {
+                let client = request.extensions().get::<ClientAddr>().copied();
+                introspect(State(app), client.map(Extension), request)
+                    .await
+                    .into_response()
+            }
+            Self::Whoami => whoami(State(app), request).await.into_response(),
+        }
+    }
 }
 
 const ORG_ID: HeaderName = HeaderName::from_static("x-keyplane-org-id");
@@ -306,7 +352,13 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
         ]))
         .into());
     }
-    let at = || Presentation::of_parts(CanarySurface::ForwardAuth, &parts);
+    let at = || {
+        Presentation::of_route(
+            CanarySurface::ForwardAuth,
+            DirectRoute::ForwardAuth.path(),
+            &parts,
+        )
+    };
     let verified = app
         .inner()
         .verifier
@@ -375,7 +427,7 @@ impl ForwardHeaders {
 )]
 async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>, VerifyError> {
     let (parts, _) = request.into_parts();
-    let at = || Presentation::of_parts(CanarySurface::Whoami, &parts);
+    let at = || Presentation::of_route(CanarySurface::Whoami, DirectRoute::Whoami.path(), &parts);
     let verified = app
         .inner()
         .verifier

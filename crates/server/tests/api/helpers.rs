@@ -153,6 +153,17 @@ impl TestApp {
         }
     }
 
+    /// The `/metrics` exposition, as text.
+    pub async fn metrics(&self) -> String {
+        self.request(Method::GET, "/metrics", None)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> Response {
         self.request(Method::GET, path, Some(token))
             .send()

@@ -41,14 +41,7 @@ async fn metrics_count_requests_and_verifications(backend: Backend) {
             .status(),
         401
     );
-    let text = app
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains(r#"keyplane_http_requests_total{method="GET",route="/api/v1/organizations/{orgID}/api-tokens",status="200"} 1"#), "{text}");
     assert!(text.contains(r#"route="/api/v1/organizations/{orgID}/api-tokens",status="401"} 1"#));
     assert!(text.contains("keyplane_http_request_duration_seconds_bucket"));

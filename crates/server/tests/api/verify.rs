@@ -578,14 +578,7 @@ async fn introspecting_another_tenants_token_leaves_its_last_used_at(backend: Ba
 
 /// `keyplane_verify_cache_lookups_total` by result, from `/metrics`.
 async fn cache_lookups(app: &TestApp, result: &str) -> u64 {
-    let text = app
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let series = format!("keyplane_verify_cache_lookups_total{{result=\"{result}\"}} ");
     text.lines()
         .find_map(|line| line.strip_prefix(&series))
@@ -844,7 +837,95 @@ async fn a_frozen_listener_is_detected_and_revocations_still_arrive() {
     );
 }
 
+/// The verification routes are served without the router for their one method (`GET` forward-auth
+/// and whoami, `POST` introspection); every other method on their paths still goes through it.
+/// Both ways answer alike: the same headers (HEAD forward-auth is the router's), request ids,
+/// `Cache-Control`, metrics labels and body limit.
+async fn verification_routes_answer_alike_with_or_without_the_router(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let deployer = app.create_token(&org, "deployer", &["deploy"]).await;
+    let token = deployer["token"].as_str().unwrap();
+    let verifier = verifier_token(&app, &org).await;
+
+    let direct = forward(&app, Some(token), "").await;
+    let routed = app
+        .request(Method::HEAD, "/v1/auth/forward", Some(token))
+        .header("x-request-id", "routed-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 200);
+    assert_eq!(routed.status(), 200);
+    let names = |res: &Response| {
+        let mut names: Vec<String> = res
+            .headers()
+            .keys()
+            .map(|name| name.to_string())
+            .filter(|name| name != "date")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&direct), names(&routed));
+    for name in [
+        "x-keyplane-org-id",
+        "x-keyplane-subject",
+        "x-keyplane-credential-kind",
+        "x-keyplane-scopes",
+        "x-keyplane-secret",
+        "cache-control",
+    ] {
+        assert_eq!(direct.headers()[name], routed.headers()[name], "{name}");
+    }
+    assert_eq!(direct.headers()["cache-control"], "no-store");
+    assert_eq!(routed.headers()["x-request-id"], "routed-1");
+    let generated = direct.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
+
+    // Other methods: the router's 405, naming the method that is served.
+    for (method, path, allowed) in [
+        (Method::POST, "/v1/auth/forward", "GET,HEAD"),
+        (Method::GET, "/oauth2/introspect", "POST"),
+        (Method::DELETE, "/v1/whoami", "GET,HEAD"),
+    ] {
+        let res = app
+            .request(method.clone(), path, Some(token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 405, "{method} {path}");
+        assert_eq!(res.headers()["allow"], allowed, "{method} {path}");
+    }
+    // Only the exact path is served directly; the router does not match a trailing slash.
+    assert_eq!(forward(&app, Some(token), "/").await.status(), 404);
+
+    // The body limit holds for introspection as for any route.
+    let padding = "x".repeat(70 * 1024);
+    let res = app
+        .request(Method::POST, "/oauth2/introspect", Some(&verifier))
+        .form(&[("token", token), ("padding", padding.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    assert_eq!(introspect(&app, &verifier, token).await["active"], true);
+    assert_eq!(app.get("/v1/whoami", token).await.status(), 200);
+
+    let text = app.metrics().await;
+    for counted in [
+        r#"keyplane_http_requests_total{method="GET",route="/v1/auth/forward",status="200"} 1"#,
+        r#"keyplane_http_requests_total{method="HEAD",route="/v1/auth/forward",status="200"} 1"#,
+        r#"keyplane_http_requests_total{method="POST",route="/oauth2/introspect",status="200"} 1"#,
+        r#"keyplane_http_requests_total{method="POST",route="/oauth2/introspect",status="413"} 1"#,
+        r#"keyplane_http_requests_total{method="GET",route="/v1/whoami",status="200"} 1"#,
+    ] {
+        assert!(text.contains(counted), "{counted} in\n{text}");
+    }
+}
+
 both_backends!(
+    verification_routes_answer_alike_with_or_without_the_router,
     robot_secrets_verify_only_at_the_registry,
     introspecting_another_tenants_token_leaves_its_last_used_at,
     random_token_floods_do_not_evict_other_tenants,
