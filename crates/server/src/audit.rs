@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Where an event's request came from. The one place the client address is read.
 pub fn request_context(headers: &HeaderMap, extensions: &Extensions) -> RequestContext {
-    // The trusted-proxy rule's answer, set by `router::observe` before any handler runs.
+    // The trusted-proxy rule's answer, set by the connection (`connection.rs`) for each request.
     request_context_of(
         headers,
         extensions.get::<crate::client_addr::ClientAddr>().copied(),

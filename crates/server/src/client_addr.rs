@@ -1,5 +1,5 @@
 //! The address of the client a request comes from, worked out once per request in
-//! `router::observe` and stored in the request's extensions as a [`ClientAddr`].
+//! the connection (`connection.rs`) and stored in the request's extensions as a [`ClientAddr`].
 //!
 //! Behind a reverse proxy every TCP peer is the proxy, so the client's own address is taken from
 //! the forwarding header, but only when the TCP peer is one of `serve --trusted-proxies`: anyone

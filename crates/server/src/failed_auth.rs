@@ -72,7 +72,7 @@ impl FailedAuthLimiter {
 }
 
 /// Counts a request's failed authentication against the client's address and, past the budget,
-/// answers the address's failures with 429. Taken inside `observe`, after `ClientAddr` is known.
+/// answers the address's failures with 429. Taken and finished by `router::Observe`.
 pub(crate) struct FailureWatch {
     client: IpAddr,
     /// The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
