@@ -160,15 +160,6 @@ fn layers(
         })
 }
 
-/// Routes that serve other services' traffic at high rates: their requests are logged at debug
-/// level, so the default `info` log stays readable and the hot path stays cheap.
-fn is_verification_route(route: &str) -> bool {
-    matches!(
-        route,
-        "/v1/auth/forward" | "/oauth2/introspect" | "/v1/whoami"
-    )
-}
-
 fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
@@ -336,7 +327,9 @@ impl Observation {
             route,
             path: request.uri().path().to_string(),
         });
-        let hot = is_verification_route(route);
+        // Other services' traffic, at high rates: logged at debug level, so the default `info`
+        // log stays readable and the hot path stays cheap.
+        let hot = crate::verify::DirectRoute::serves_path(route);
         let span = if hot {
             tracing::debug_span!(
                 "request",

@@ -78,11 +78,18 @@ pub(crate) enum DirectRoute {
 }
 
 impl DirectRoute {
+    const ALL: [Self; 3] = [Self::ForwardAuth, Self::Introspect, Self::Whoami];
+
     /// The route a request is for, when it is one of these and of its method.
     pub(crate) fn of(method: &Method, path: &str) -> Option<Self> {
-        [Self::ForwardAuth, Self::Introspect, Self::Whoami]
+        Self::ALL
             .into_iter()
             .find(|route| route.path() == path && route.method() == method)
+    }
+
+    /// Whether `path` is one of these routes' (whatever the method).
+    pub(crate) fn serves_path(path: &str) -> bool {
+        Self::ALL.into_iter().any(|route| route.path() == path)
     }
 
     fn method(self) -> Method {
