@@ -4,6 +4,7 @@
 #
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
 #   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier callgrind
+#   KP_B=/path/to/other/keyplane PARTS=ratios bash bench/run.sh   # A/B: that build in the same sittings
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
@@ -231,6 +232,14 @@ if [[ " $PARTS " == *" ratios "* ]]; then
     keyplane_pid="${PIDS[-1]}"
     SUBJECT=$(mint_token http://127.0.0.1:8090 bench-subject '["deploy","logs:read"]' "$WORK/ratios")
     VERIFIER=$(mint_token http://127.0.0.1:8090 bench-verifier '["tokens:verify"]' "$WORK/ratios")
+    # KP_B: another build's keyplane binary, measured in the same sittings (an A/B comparison: a
+    # change of a few percent is lost between runs minutes apart, not within one sitting).
+    if [ -n "${KP_B:-}" ]; then
+        KP="$KP_B" start_keyplane 8091 "$WORK/ratios-b"
+        keyplane_b_pid="${PIDS[-1]}"
+        SUBJECT_B=$(mint_token http://127.0.0.1:8091 bench-subject '["deploy","logs:read"]' "$WORK/ratios-b")
+        VERIFIER_B=$(mint_token http://127.0.0.1:8091 bench-verifier '["tokens:verify"]' "$WORK/ratios-b")
+    fi
     # Also the server's own CPU time per request, user and kernel apart (from /proc/PID/stat):
     # where the difference to the hello world lies, and less at the mercy of the load generator.
     run_timed() { # pid name, then wrk args
@@ -247,6 +256,10 @@ print(f'cpu per request: user {(int(a[0]) - int(b[0])) / hz / n * 1e6:.2f} us, k
             run_timed "$baseline_pid" "axum hello (baseline)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8080/verify
             AUTH="Bearer $SUBJECT" run_timed "$keyplane_pid" "keyplane forward-auth" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8090/v1/auth/forward
             VERIFIER="$VERIFIER" TOKEN="$SUBJECT" run_timed "$keyplane_pid" "keyplane introspection" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8090
+            if [ -n "${KP_B:-}" ]; then
+                AUTH="Bearer $SUBJECT_B" run_timed "$keyplane_b_pid" "keyplane forward-auth (KP_B)" -s "$PEERS_RECIPE/header.lua" http://127.0.0.1:8091/v1/auth/forward
+                VERIFIER="$VERIFIER_B" TOKEN="$SUBJECT_B" run_timed "$keyplane_b_pid" "keyplane introspection (KP_B)" -s "$ROOT/bench/introspect.lua" http://127.0.0.1:8091
+            fi
         } > "$OUT/ratios$s.txt"
     done
     python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"
