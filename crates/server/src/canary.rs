@@ -105,14 +105,10 @@ impl Presentation {
             .extensions
             .get::<MatchedPath>()
             .map_or("unmatched", MatchedPath::as_str);
-        Self::new(
-            surface,
-            format!("{} {route}", parts.method),
-            crate::audit::request_context(&parts.headers, &parts.extensions),
-        )
+        Self::of_route(surface, route, parts)
     }
 
-    /// A request of `route` (served without the router, so with no `MatchedPath` to read).
+    /// A request of `route`, given for one served without the router (no `MatchedPath` to read).
     pub(crate) fn of_route(surface: CanarySurface, route: &str, parts: &Parts) -> Self {
         Self::new(
             surface,

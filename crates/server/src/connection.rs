@@ -41,7 +41,7 @@ use tokio::time::Instant;
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains connections until
+/// Serves `front` on `listener` until `shutdown` resolves, then drains connections until
 /// `limits.shutdown_timeout`. With `tls`, every connection is accepted with the configuration
 /// current at its accept. Each request carries its [`crate::client_addr::ClientAddr`]: the peer,
 /// or the client a trusted proxy names.
