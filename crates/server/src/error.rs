@@ -154,21 +154,47 @@ impl<S: Surface> IntoResponse for ApiError<S> {
     }
 }
 
-/// Renders `error` in the dialect of the surface that owns `path`, for answers given before any
-/// handler runs (unknown path, wrong method, refused client).
-pub fn render_for_path(path: &str, error: AppError) -> Response {
-    if path.starts_with("/registry/token") {
-        crate::registry::error_response(error)
-    } else if path.starts_with("/v1/public/") {
-        ApiError::<crate::hybridbox::Hybridbox>::from(error).into_response()
-    } else if path.starts_with("/oauth2/")
-        || path.starts_with("/v1/auth/")
-        || path == "/v1/whoami"
-        || crate::leaks::owns_path(path)
-        || crate::revocations::owns_path(path)
-    {
-        ApiError::<crate::verify::Verification>::from(error).into_response()
-    } else {
-        ApiError::<crate::aether::Aether>::from(error).into_response()
+/// The error format of the surface that owns a path, for answers given before or around any
+/// handler (unknown path, wrong method, refused client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ErrorDialect {
+    Registry,
+    Hybridbox,
+    Verification,
+    Aether,
+}
+
+impl ErrorDialect {
+    pub(crate) fn of_path(path: &str) -> Self {
+        if path.starts_with("/registry/token") {
+            Self::Registry
+        } else if path.starts_with("/v1/public/") {
+            Self::Hybridbox
+        } else if path.starts_with("/oauth2/")
+            || path.starts_with("/v1/auth/")
+            || path == "/v1/whoami"
+            || crate::leaks::owns_path(path)
+            || crate::revocations::owns_path(path)
+        {
+            Self::Verification
+        } else {
+            Self::Aether
+        }
     }
+
+    pub(crate) fn render(self, error: AppError) -> Response {
+        match self {
+            Self::Registry => crate::registry::error_response(error),
+            Self::Hybridbox => ApiError::<crate::hybridbox::Hybridbox>::from(error).into_response(),
+            Self::Verification => {
+                ApiError::<crate::verify::Verification>::from(error).into_response()
+            }
+            Self::Aether => ApiError::<crate::aether::Aether>::from(error).into_response(),
+        }
+    }
+}
+
+/// Renders `error` in the dialect of the surface that owns `path`.
+pub fn render_for_path(path: &str, error: AppError) -> Response {
+    ErrorDialect::of_path(path).render(error)
 }

@@ -5,7 +5,7 @@ use crate::app::App;
 use crate::error::{ApiError, AppError, Surface};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::{header, request::Parts, StatusCode};
+use axum::http::{header, request::Parts};
 use chrono::{DateTime, Utc};
 use keyplane_core::error::codes;
 use keyplane_core::validate;
@@ -99,17 +99,22 @@ impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
     }
 }
 
-/// The whole body as sent, within the body limit (413 past it).
+/// The whole body as sent, within the body limit (413 past it). The limit is applied here rather
+/// than left to the router's `DefaultBodyLimit` layer, which the verification routes, served
+/// without the router, do not pass through.
 pub(crate) async fn read_body(request: Request, app: &App) -> Result<Bytes, AppError> {
-    Bytes::from_request(request, app)
+    use http_body_util::BodyExt;
+    let limit = app.inner().config.max_body_bytes;
+    match http_body_util::Limited::new(request.into_body(), limit)
+        .collect()
         .await
-        .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge
-            } else {
-                AppError::InvalidJson("the body could not be read".into())
-            }
-        })
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(AppError::PayloadTooLarge)
+        }
+        Err(_) => Err(AppError::InvalidJson("the body could not be read".into())),
+    }
 }
 
 /// Parses a request body as JSON and reads it as a `T`, with every bad field reported.

@@ -12,9 +12,9 @@
 
 use crate::app::App;
 use crate::client_addr::ClientAddr;
-use crate::error::AppError;
+use crate::error::{AppError, ErrorDialect};
 use axum::extract::Request;
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -75,8 +75,8 @@ impl FailedAuthLimiter {
 /// answers the address's failures with 429. Taken and finished by `router::Observe`.
 pub(crate) struct FailureWatch {
     client: IpAddr,
-    /// The path picks the error dialect of a refusal; cloning a `Uri` shares its bytes.
-    uri: Uri,
+    /// The format of a refusal, picked by the request's path (when it is taken, not kept).
+    dialect: ErrorDialect,
 }
 
 impl FailureWatch {
@@ -86,7 +86,7 @@ impl FailureWatch {
         let ClientAddr(client) = *request.extensions().get::<ClientAddr>()?;
         Some(Self {
             client,
-            uri: request.uri().clone(),
+            dialect: ErrorDialect::of_path(request.uri().path()),
         })
     }
 
@@ -101,10 +101,8 @@ impl FailureWatch {
             None => response,
             Some(wait) => {
                 let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                crate::error::render_for_path(
-                    self.uri.path(),
-                    AppError::RateLimited { retry_after_secs },
-                )
+                self.dialect
+                    .render(AppError::RateLimited { retry_after_secs })
             }
         }
     }

@@ -6,6 +6,7 @@ use crate::client_addr::ClientAddr;
 use crate::error::ErrorCause;
 use crate::metrics::RouteMetrics;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::header::Entry;
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::Router;
@@ -23,7 +24,7 @@ use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(OpenApi)]
 #[openapi(
@@ -78,7 +79,7 @@ pub fn router(app: App) -> Router {
     }
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again.
-    let layers = layers(&app, None);
+    let layers = layers(&app);
     routes
         .fallback(crate::system::not_found)
         .method_not_allowed_fallback(crate::system::method_not_allowed)
@@ -87,21 +88,41 @@ pub fn router(app: App) -> Router {
 }
 
 /// What each connection serves. The verification routes, most of a deployment's traffic, are
-/// served without the router: its routing table and the boxed service each route is behind cost
-/// them more than anything else around their handler (BENCHMARKS.md, "Fourth sitting"). They run
-/// the same layers and handlers as through the router, which serves everything else, and any
-/// other method on their paths.
+/// served without the router: its routing table, the boxed service each route is behind and the
+/// layers rebuilt around it per request cost them more than anything else around their handler
+/// (BENCHMARKS.md, "Fourth sitting", "Fifth sitting"). They run the same [`Observer`] and handlers
+/// as through the router (the body limit is the handler's: `extract::read_body`), which serves
+/// everything else, and any other method on their paths.
 #[derive(Clone)]
 pub(crate) struct Front {
     app: App,
     router: Router,
+    /// One per [`crate::verify::DirectRoute`], in `DirectRoute::ALL`'s order, its metrics
+    /// resolved once.
+    direct: Arc<[Observer]>,
 }
 
 impl Front {
     pub(crate) fn new(app: App) -> Self {
+        use crate::verify::DirectRoute;
+        let direct = DirectRoute::ALL
+            .iter()
+            .enumerate()
+            .map(|(index, route)| {
+                assert_eq!(
+                    *route as usize, index,
+                    "DirectRoute::ALL is in declaration order"
+                );
+                Observer {
+                    app: app.clone(),
+                    route: Some(app.inner().metrics.route(route.path())),
+                }
+            })
+            .collect();
         Self {
             router: router(app.clone()),
             app,
+            direct,
         }
     }
 
@@ -110,54 +131,28 @@ impl Front {
         request: Request,
     ) -> impl Future<Output = Result<Response, Infallible>> + Send + 'static {
         use futures::future::Either;
-        use tower::{Service, ServiceExt};
+        use tower::ServiceExt;
         let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
         else {
-            return Either::Right(self.router.clone().oneshot(request));
+            // Boxed: the router's future is the larger, and would make every request's as large.
+            return Either::Right(Box::pin(self.router.clone().oneshot(request)));
         };
-        let mut service = layers(&self.app, Some(route.path())).service(DirectService {
-            app: self.app.clone(),
-            route,
-        });
-        // Always ready, as every layer here is: no `poll_ready` to wait for.
-        Either::Left(service.call(request))
+        let app = self.app.clone();
+        Either::Left(
+            self.direct[route as usize].observe(request, |request| route.serve(app, request)),
+        )
     }
 }
 
-/// A verification route's handler as a service.
-#[derive(Clone)]
-struct DirectService {
-    app: App,
-    route: crate::verify::DirectRoute,
-}
-
-impl tower::Service<Request> for DirectService {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        let (app, route) = (self.app.clone(), self.route);
-        Box::pin(async move { Ok(route.serve(app, request).await) })
-    }
-}
-
-/// What runs around every route, outermost first: the body limit, then [`Observe`], for `route`
-/// (`None`: the one the router matched).
-fn layers(
-    app: &App,
-    route: Option<&'static str>,
-) -> ServiceBuilder<Stack<ObserveLayer, Stack<DefaultBodyLimit, Identity>>> {
+/// What runs around every route matched by the router, outermost first: the body limit, then
+/// [`Observer`].
+fn layers(app: &App) -> ServiceBuilder<Stack<ObserveLayer, Stack<DefaultBodyLimit, Identity>>> {
     ServiceBuilder::new()
         .layer(DefaultBodyLimit::max(app.inner().config.max_body_bytes))
-        .layer(ObserveLayer {
+        .layer(ObserveLayer(Observer {
             app: app.clone(),
-            route,
-        })
+            route: None,
+        }))
 }
 
 fn method_label(method: &axum::http::Method) -> &'static str {
@@ -190,24 +185,44 @@ pub(crate) fn uuid_header(id: uuid::Uuid) -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
-/// Puts [`Observation`] around each route. A layer of its own rather than `middleware::from_fn`,
-/// which per request splits the request to extract its state, boxes a clone of the inner service,
-/// and moves the larger futures that makes. Its future is a plain struct around the route's: no
-/// box, no clone of the route, nothing moved but the response.
+/// Puts [`Observation`] around a route's response (and the failed-authentication limit,
+/// [`crate::failed_auth::FailureWatch`]). Its future is a plain struct around the route's: no box,
+/// no clone of the route, nothing moved but the response.
 #[derive(Clone)]
-struct ObserveLayer {
+struct Observer {
     app: App,
-    /// The route served, when not matched by the router (which names it in `MatchedPath`).
-    route: Option<&'static str>,
+    /// The route served, resolved once when it is known before the request
+    /// ([`Front`]'s direct routes); `None`: the one the router names in `MatchedPath`.
+    route: Option<Arc<RouteMetrics>>,
 }
+
+impl Observer {
+    fn observe<F>(&self, mut request: Request, call: impl FnOnce(Request) -> F) -> Observed<F> {
+        let observation = Observation::start(&self.app, self.route.as_ref(), &mut request);
+        let failures = crate::failed_auth::FailureWatch::of(&self.app, &request);
+        let response = {
+            let _entered = observation.span.enter();
+            call(request)
+        };
+        Observed {
+            response,
+            finish: Some((observation, failures)),
+        }
+    }
+}
+
+/// [`Observer`] as a tower layer, for the router. A layer of its own rather than
+/// `middleware::from_fn`, which per request splits the request to extract its state, boxes a
+/// clone of the inner service, and moves the larger futures that makes.
+#[derive(Clone)]
+struct ObserveLayer(Observer);
 
 impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
-            app: self.app.clone(),
-            route: self.route,
+            observer: self.0.clone(),
             inner,
         }
     }
@@ -215,9 +230,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
 
 #[derive(Clone)]
 struct Observe<S> {
-    app: App,
-    /// As in [`ObserveLayer`].
-    route: Option<&'static str>,
+    observer: Observer,
     inner: S,
 }
 
@@ -233,18 +246,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
-        let observation = Observation::start(&self.app, self.route, &mut request);
-        let failures = crate::failed_auth::FailureWatch::of(&self.app, &request);
+    fn call(&mut self, request: Request) -> Self::Future {
+        let inner = &mut self.inner;
         // Ready: our own `poll_ready` was its `poll_ready`.
-        let response = {
-            let _entered = observation.span.enter();
-            self.inner.call(request)
-        };
-        Observed {
-            response,
-            finish: Some((observation, failures)),
-        }
+        self.observer
+            .observe(request, |request| inner.call(request))
     }
 }
 
@@ -296,23 +302,38 @@ struct Observation {
 }
 
 impl Observation {
-    fn start(app: &App, route: Option<&str>, request: &mut Request) -> Self {
+    fn start(app: &App, route: Option<&Arc<RouteMetrics>>, request: &mut Request) -> Self {
         let started = Instant::now();
         let method = method_label(request.method());
-        // Unmatched paths share one label, so probing cannot grow the metrics without bound.
-        let route_metrics = app.inner().metrics.route(route.unwrap_or_else(|| {
-            request
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("unmatched", MatchedPath::as_str)
-        }));
+        let route_metrics = match route {
+            Some(known) => known.clone(),
+            // Unmatched paths share one label, so probing cannot grow the metrics without bound.
+            None => app.inner().metrics.route(
+                request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str),
+            ),
+        };
         let route = route_metrics.route;
-        let request_id = match request.headers().get(&REQUEST_ID) {
-            Some(id) if is_plain_request_id(id.as_bytes()) => id.clone(),
-            _ => {
-                let id = uuid_header(uuid::Uuid::new_v4());
-                request.headers_mut().insert(REQUEST_ID, id.clone());
-                id
+        // One lookup (a custom name is hashed byte by byte) for reading and replacing.
+        let request_id = match request.headers_mut().entry(REQUEST_ID) {
+            Entry::Occupied(given) if is_plain_request_id(given.get().as_bytes()) => {
+                given.get().clone()
+            }
+            slot => {
+                // Rendered twice rather than cloned: a clone makes both share one buffer, which
+                // costs an allocation and reference counting of its own.
+                let id = uuid::Uuid::new_v4();
+                match slot {
+                    Entry::Occupied(mut given) => {
+                        given.insert(uuid_header(id));
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(uuid_header(id));
+                    }
+                }
+                uuid_header(id)
             }
         };
         // Set by the connection (`None` for a request that came through no listener).
@@ -394,7 +415,8 @@ impl Observation {
             }
         }
         let headers = response.headers_mut();
-        headers.entry(REQUEST_ID).or_insert(self.request_id);
+        // Replacing a slot a handler left for it (`verify::forward_answer_headers`).
+        headers.insert(REQUEST_ID, self.request_id);
         // Credentials and their metadata must not sit in shared caches.
         headers
             .entry(header::CACHE_CONTROL)

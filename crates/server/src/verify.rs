@@ -7,16 +7,17 @@ use crate::auth::bearer_token;
 use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
-use axum::body::Bytes;
-use axum::extract::{Extension, FromRequest, Query, Request, State};
+use axum::extract::{Extension, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::future::{BoxFuture, FutureExt};
 use keyplane_api_types::verify::VerificationError;
 pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet, TenantId};
 use serde_json::Value;
 use std::borrow::Cow;
+use std::convert::Infallible;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -78,7 +79,7 @@ pub(crate) enum DirectRoute {
 }
 
 impl DirectRoute {
-    const ALL: [Self; 3] = [Self::ForwardAuth, Self::Introspect, Self::Whoami];
+    pub(crate) const ALL: [Self; 3] = [Self::ForwardAuth, Self::Introspect, Self::Whoami];
 
     /// The route a request is for, when it is one of these and of its method.
     pub(crate) fn of(method: &Method, path: &str) -> Option<Self> {
@@ -108,16 +109,25 @@ impl DirectRoute {
         }
     }
 
-    pub(crate) async fn serve(self, app: App, request: Request) -> Response {
+    /// The route's handler called as the router would call it. Boxed per route, so that each
+    /// request builds and moves only its own route's future.
+    pub(crate) fn serve(
+        self,
+        app: App,
+        request: Request,
+    ) -> BoxFuture<'static, Result<Response, Infallible>> {
+        fn answer(response: impl IntoResponse) -> Result<Response, Infallible> {
+            Ok(response.into_response())
+        }
         match self {
-            Self::ForwardAuth => forward_auth(State(app), request).await.into_response(),
+            Self::ForwardAuth => forward_auth(State(app), request).map(answer).boxed(),
             Self::Introspect => {
                 let client = request.extensions().get::<ClientAddr>().copied();
                 introspect(State(app), client.map(Extension), request)
-                    .await
-                    .into_response()
+                    .map(answer)
+                    .boxed()
             }
-            Self::Whoami => whoami(State(app), request).await.into_response(),
+            Self::Whoami => whoami(State(app), request).map(answer).boxed(),
         }
     }
 }
@@ -205,13 +215,9 @@ async fn introspect(
     mut request: Request,
 ) -> Result<Response, VerifyError> {
     const ROUTE: &str = "POST /oauth2/introspect";
-    // The headers taken rather than cloned (as a `HeaderMap` extractor would), then the body
-    // read as the `Bytes` extractor reads it: under the body limit, with its rejection.
+    // The headers taken rather than cloned (as a `HeaderMap` extractor would).
     let headers = std::mem::take(request.headers_mut());
-    let body = match Bytes::from_request(request, &app).await {
-        Ok(body) => body,
-        Err(rejection) => return Ok(rejection.into_response()),
-    };
+    let body = crate::extract::read_body(request, &app).await?;
     let client = client.map(|Extension(client)| client);
     let verifier = &app.inner().verifier;
     let at_caller = || {
@@ -383,18 +389,37 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
     }
     let shared = &verified.rights.headers;
     let mut response = StatusCode::OK.into_response();
-    let out = response.headers_mut();
-    // Sized once: the identity headers, and the two the middleware adds (request id, cache-control).
-    out.reserve(7);
-    out.insert(ORG_ID, shared.org_id.clone());
-    out.insert(
-        SUBJECT,
+    *response.headers_mut() = forward_answer_headers([
+        shared.org_id.clone(),
         crate::router::uuid_header(verified.credential.id.as_uuid()),
-    );
-    out.insert(KIND, HeaderValue::from_static(verified.gate.kind.as_str()));
-    out.insert(SCOPES, shared.scopes.clone());
-    out.insert(SECRET, HeaderValue::from_static(verified.secret.as_str()));
+        HeaderValue::from_static(verified.gate.kind.as_str()),
+        shared.scopes.clone(),
+        HeaderValue::from_static(verified.secret.as_str()),
+    ]);
     Ok(response)
+}
+
+/// A forward-auth answer's headers: the identity headers with `values` (organization, subject,
+/// kind, scopes, secret), `Cache-Control: no-store`, and a slot for the request id, which
+/// `router::Observation` fills as on every answer. The names are laid out once and each answer
+/// clones the layout, which copies its table: inserting them would hash each name anew, byte by
+/// byte, and that was most of what these headers cost (BENCHMARKS.md, "Fifth sitting").
+fn forward_answer_headers(values: [HeaderValue; 5]) -> HeaderMap {
+    static LAYOUT: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(|| {
+        let mut layout = HeaderMap::with_capacity(7);
+        for name in [ORG_ID, SUBJECT, KIND, SCOPES, SECRET] {
+            layout.insert(name, HeaderValue::from_static(""));
+        }
+        layout.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        layout.insert(crate::router::REQUEST_ID, HeaderValue::from_static(""));
+        layout
+    });
+    let mut headers = LAYOUT.clone();
+    // In insertion order: the layout is never removed from.
+    for (slot, value) in headers.values_mut().zip(values) {
+        *slot = value;
+    }
+    headers
 }
 
 /// Forward-auth's organization and scopes headers, rendered and checked once per interned scope
@@ -455,6 +480,24 @@ async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forward_answer_names_each_value_it_is_given() {
+        let values = ["org", "subject", "kind", "scopes", "secret"].map(HeaderValue::from_static);
+        let headers = forward_answer_headers(values);
+        for (name, value) in [
+            (ORG_ID, "org"),
+            (SUBJECT, "subject"),
+            (KIND, "kind"),
+            (SCOPES, "scopes"),
+            (SECRET, "secret"),
+            (header::CACHE_CONTROL, "no-store"),
+            (crate::router::REQUEST_ID, ""),
+        ] {
+            assert_eq!(headers[&name], value, "{name}");
+        }
+        assert_eq!(headers.len(), 7);
+    }
 
     #[test]
     fn an_active_answer_is_the_json_serde_makes_of_the_introspection_response() {

@@ -909,6 +909,10 @@ async fn verification_routes_answer_alike_with_or_without_the_router(backend: Ba
         .await
         .unwrap();
     assert_eq!(res.status(), 413);
+    // In the verification endpoints' error format, as their OpenAPI document says.
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let refused: Value = res.json().await.unwrap();
+    assert_eq!(refused["error"], "invalid_request", "{refused}");
     assert_eq!(introspect(&app, &verifier, token).await["active"], true);
     assert_eq!(app.get("/v1/whoami", token).await.status(), 200);
 
