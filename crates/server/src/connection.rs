@@ -63,7 +63,11 @@ pub(crate) async fn serve_http(
         // hyper's minimum; the head cannot grow past `max_header_size` anyway.
         .max_buf_size(limits.max_header_bytes.max(8 * 1024))
         // Enforced by the watchdog, which tells idle from slow (hyper's starts when idle).
-        .header_read_timeout(None);
+        .header_read_timeout(None)
+        // One buffer and one `write` per response rather than a `writev` of head and body: the
+        // copy is smaller than what vectored writes cost in hyper and the kernel, for the small
+        // answers that are most of the traffic (BENCHMARKS.md, "Fifth sitting"), and under TLS.
+        .writev(false);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))

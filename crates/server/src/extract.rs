@@ -103,18 +103,40 @@ impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
 /// than left to the router's `DefaultBodyLimit` layer, which the verification routes, served
 /// without the router, do not pass through.
 pub(crate) async fn read_body(request: Request, app: &App) -> Result<Bytes, AppError> {
+    read_limited(request.into_body(), app.inner().config.max_body_bytes).await
+}
+
+async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes, AppError> {
+    use axum::body::HttpBody;
     use http_body_util::BodyExt;
-    let limit = app.inner().config.max_body_bytes;
-    match http_body_util::Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(AppError::PayloadTooLarge)
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut whole = Bytes::new();
+    let mut joined: Option<Vec<u8>> = None;
+    // Done once the declared length has arrived, not only when the connection closes the body: that
+    // comes a turn of the connection's task later.
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                AppError::PayloadTooLarge
+            } else {
+                AppError::InvalidJson("the body could not be read".into())
+            }
+        })?;
+        // Trailers, if any, are not part of the body.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match joined.as_mut() {
+            // Most bodies come whole: kept as they are, not copied.
+            None if whole.is_empty() => whole = data,
+            None => joined = Some([whole.as_ref(), data.as_ref()].concat()),
+            Some(joined) => joined.extend_from_slice(&data),
         }
-        Err(_) => Err(AppError::InvalidJson("the body could not be read".into())),
     }
+    Ok(joined.map_or(whole, Bytes::from))
 }
 
 /// Parses a request body as JSON and reads it as a `T`, with every bad field reported.
@@ -455,4 +477,48 @@ pub fn path_id<T>(name: &str, raw: &str, parse: fn(&str) -> Option<T>) -> Result
     parse(raw).ok_or_else(|| {
         FieldError::new(FieldPath::path(name), codes::INVALID_UUID, "must be a UUID").into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    fn chunked(chunks: &[&'static str]) -> Body {
+        let frames = chunks
+            .iter()
+            .map(|chunk| Ok::<_, std::convert::Infallible>(Bytes::from_static(chunk.as_bytes())));
+        Body::from_stream(futures::stream::iter(frames.collect::<Vec<_>>()))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_however_many_frames_and_refused_past_the_limit() {
+        for (chunks, read) in [
+            (&[][..], ""),
+            (&["token=abc"][..], "token=abc"),
+            (&["", "token=abc"][..], "token=abc"),
+            (&["token=", "abc"][..], "token=abc"),
+            (&["to", "ken=", "abc"][..], "token=abc"),
+        ] {
+            let bytes = read_limited(chunked(chunks), 16).await.unwrap();
+            assert_eq!(bytes, read.as_bytes(), "{chunks:?}");
+        }
+        assert_eq!(
+            read_limited(Body::from("x".repeat(16)), 16)
+                .await
+                .unwrap()
+                .len(),
+            16
+        );
+        for over in [
+            Body::from("x".repeat(17)),
+            chunked(&["0123456789", "0123456789"]),
+        ] {
+            let refused = read_limited(over, 16).await;
+            assert!(
+                matches!(refused, Err(AppError::PayloadTooLarge)),
+                "{refused:?}"
+            );
+        }
+    }
 }

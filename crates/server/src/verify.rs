@@ -174,15 +174,24 @@ fn presented_token<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<Cow<'a, st
     })
 }
 
-/// The first field called `name` of a form body. A body with nothing to decode (no `%`, no `+`,
-/// valid UTF-8: a token's alphabet) is split in place; any other is decoded pair by pair.
-fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>> {
-    if !body.contains(&b'%') && !body.contains(&b'+') {
-        if let Ok(text) = std::str::from_utf8(body) {
-            return text.split('&').find_map(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (key == name).then_some(Cow::Borrowed(value))
-            });
+/// The first field called `name` of a form body. A body with nothing to decode (no `%`, no `+`)
+/// is split in place, and its field's value borrowed when it is UTF-8 (a token's alphabet is);
+/// any other is decoded pair by pair.
+pub(crate) fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>> {
+    if !body.iter().any(|b| matches!(b, b'%' | b'+')) {
+        let value = body.split(|b| *b == b'&').find_map(|pair| {
+            let (key, value) = match pair.iter().position(|b| *b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &pair[pair.len()..]),
+            };
+            // A key that is not UTF-8 decodes with a replacement character, so never to `name`.
+            (key == name.as_bytes()).then_some(value)
+        });
+        match value.map(std::str::from_utf8) {
+            None => return None,
+            Some(Ok(value)) => return Some(Cow::Borrowed(value)),
+            // Decoded below, replacing what is not UTF-8 as `form_urlencoded` does.
+            Some(Err(_)) => {}
         }
     }
     // Other fields are skipped, not decoded into strings.
@@ -542,7 +551,7 @@ mod tests {
 
     #[test]
     fn a_form_field_is_read_as_form_urlencoded_decodes_it() {
-        let cases: [(&[u8], Option<&str>); 11] = [
+        let cases: [(&[u8], Option<&str>); 14] = [
             (b"token=kp_abc", Some("kp_abc")),
             (b"a=1&token=first&token=second", Some("first")),
             (b"&&token=q&", Some("q")),
@@ -554,6 +563,9 @@ mod tests {
             (b"token=a+b", Some("a b")),
             (b"%74oken=z", Some("z")),
             (b"token=\xff", Some("\u{fffd}")),
+            (b"\xff=1&token=ok", Some("ok")),
+            (b"token==a=b&token=c", Some("=a=b")),
+            (b"x=\xff&token=t", Some("t")),
         ];
         for (body, expected) in cases {
             let oracle = form_urlencoded::parse(body)
