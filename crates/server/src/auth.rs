@@ -289,8 +289,7 @@ impl Verifier {
     }
 
     fn is_fresh(&self, known: &Verified) -> bool {
-        crate::coarse_clock::now().saturating_duration_since(known.loaded)
-            <= self.config.positive_ttl
+        crate::coarse_clock::elapsed(known.loaded) <= self.config.positive_ttl
             && !self.marked_since(&self.reset_at, known.loaded)
             && !self.entry_invalidated(known)
     }
@@ -306,7 +305,7 @@ impl Verifier {
     /// changed since (a reset alone does not say it changed).
     fn may_serve_stale(&self, known: &Verified) -> bool {
         !self.config.stale_if_error.is_zero()
-            && crate::coarse_clock::now().saturating_duration_since(known.loaded)
+            && crate::coarse_clock::elapsed(known.loaded)
                 <= self.config.positive_ttl + self.config.stale_if_error
             && !self.entry_invalidated(known)
     }

@@ -13,6 +13,11 @@ pub(crate) fn now() -> Instant {
     imp::now()
 }
 
+/// What `since.elapsed()` would say, up to a tick; zero when `since` is a tick ahead of now.
+pub(crate) fn elapsed(since: Instant) -> std::time::Duration {
+    now().saturating_duration_since(since)
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
     use super::*;

@@ -250,9 +250,7 @@ impl Activity {
 
     /// Read three times a request: the coarse clock (milliseconds against deadlines of seconds).
     fn now(&self) -> u64 {
-        crate::coarse_clock::now()
-            .saturating_duration_since(self.accepted.into_std())
-            .as_millis() as u64
+        crate::coarse_clock::elapsed(self.accepted.into_std()).as_millis() as u64
     }
 
     fn read_some(&self) {

@@ -72,7 +72,7 @@ impl FailedAuthLimiter {
 }
 
 /// Counts a request's failed authentication against the client's address and, past the budget,
-/// answers the address's failures with 429. Taken and finished by `router::Observe`.
+/// answers the address's failures with 429. Taken and finished by `router::Observer`.
 pub(crate) struct FailureWatch {
     client: IpAddr,
     /// The format of a refusal, picked by the request's path (when it is taken, not kept).
