@@ -648,21 +648,61 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(AppError::Unauthenticated("missing"))?
-        .to_str()
-        .map_err(|_| AppError::Unauthenticated("malformed"))?;
-    let (scheme, token) = value
-        .split_once(' ')
+        .as_bytes();
+    // What `HeaderValue::to_str` accepts: a header value holds no control byte but tab, so ASCII
+    // is visible ASCII. Checked a word at a time (`to_str` goes byte by byte).
+    let value = std::str::from_utf8(value)
+        .ok()
+        .filter(|value| value.is_ascii())
         .ok_or(AppError::Unauthenticated("malformed"))?;
+    let space = value
+        .bytes()
+        .position(|b| b == b' ')
+        .ok_or(AppError::Unauthenticated("malformed"))?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AppError::Unauthenticated("not a bearer credential"));
     }
-    Ok(token.trim())
+    Ok(token.trim_ascii())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use keyplane_core::{FieldPath, NewCredential, Plaintext};
+
+    #[test]
+    fn bearer_token_reads_the_authorization_header() {
+        let read = |value: Option<&[u8]>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                let value = axum::http::HeaderValue::from_bytes(value).unwrap();
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            match bearer_token(&headers) {
+                Ok(token) => Ok(token.to_string()),
+                Err(AppError::Unauthenticated(reason)) => Err(reason),
+                Err(other) => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(read(Some(b"Bearer kp_abc")), Ok("kp_abc".into()));
+        assert_eq!(read(Some(b"bEaReR   kp_abc \t")), Ok("kp_abc".into()));
+        assert_eq!(read(Some(b"Bearer ")), Ok(String::new()));
+        assert_eq!(read(None), Err("missing"));
+        assert_eq!(read(Some(b"Bearer")), Err("malformed"));
+        assert_eq!(read(Some(b"Bearer\tkp_abc")), Err("malformed"));
+        // Bytes a header may hold but `to_str` refuses, in the scheme or in the token.
+        assert_eq!(read(Some(b"Bearer kp_\xc3\xa9")), Err("malformed"));
+        assert_eq!(read(Some(b"B\xe9arer kp_abc")), Err("malformed"));
+        assert_eq!(
+            read(Some(b"Basic a3A6YWJj")),
+            Err("not a bearer credential")
+        );
+        assert_eq!(
+            read(Some(b"Bearerx kp_abc")),
+            Err("not a bearer credential")
+        );
+    }
 
     /// An API token of `tenant` holding `scopes`, in the store.
     async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {

@@ -105,15 +105,22 @@ impl Presentation {
             .extensions
             .get::<MatchedPath>()
             .map_or("unmatched", MatchedPath::as_str);
-        Self::of_route(surface, route, parts)
+        let client = parts.extensions.get::<crate::client_addr::ClientAddr>();
+        Self::of_route(surface, route, parts, client.copied())
     }
 
-    /// A request of `route`, given for one served without the router (no `MatchedPath` to read).
-    pub(crate) fn of_route(surface: CanarySurface, route: &str, parts: &Parts) -> Self {
+    /// A request of `route` from `client`, given for one served without the router (no
+    /// `MatchedPath` to read, the client an argument rather than an extension).
+    pub(crate) fn of_route(
+        surface: CanarySurface,
+        route: &str,
+        parts: &Parts,
+        client: Option<crate::client_addr::ClientAddr>,
+    ) -> Self {
         Self::new(
             surface,
             format!("{} {route}", parts.method),
-            crate::audit::request_context(&parts.headers, &parts.extensions),
+            crate::audit::request_context_of(&parts.headers, client),
         )
     }
 

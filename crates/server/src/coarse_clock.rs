@@ -13,6 +13,12 @@ pub(crate) fn now() -> Instant {
     imp::now()
 }
 
+/// Time on this clock since an origin fixed when it is first read: for a stopwatch read often,
+/// where two readings' difference is all that matters (no conversion to an `Instant`).
+pub(crate) fn reading() -> std::time::Duration {
+    imp::reading()
+}
+
 /// What `since.elapsed()` would say, up to a tick; zero when `since` is a tick ahead of now.
 pub(crate) fn elapsed(since: Instant) -> std::time::Duration {
     now().saturating_duration_since(since)
@@ -43,8 +49,11 @@ mod imp {
     }
 
     pub(super) fn now() -> Instant {
-        let (instant, coarse_origin) = *ORIGIN;
-        instant + coarse().saturating_sub(coarse_origin)
+        ORIGIN.0 + reading()
+    }
+
+    pub(super) fn reading() -> Duration {
+        coarse().saturating_sub(ORIGIN.1)
     }
 }
 
@@ -52,8 +61,14 @@ mod imp {
 mod imp {
     use super::*;
 
+    static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
     pub(super) fn now() -> Instant {
         Instant::now()
+    }
+
+    pub(super) fn reading() -> std::time::Duration {
+        ORIGIN.elapsed()
     }
 }
 
@@ -83,6 +98,18 @@ mod tests {
         assert!(
             moved >= Duration::from_millis(30) && moved < Duration::from_secs(5),
             "{moved:?}"
+        );
+    }
+
+    #[test]
+    fn readings_measure_what_the_precise_clock_does_within_two_ticks() {
+        let tick = Duration::from_millis(10);
+        let (first, started) = (reading(), Instant::now());
+        std::thread::sleep(Duration::from_millis(50));
+        let (moved, precise) = (reading() - first, started.elapsed());
+        assert!(
+            moved + 2 * tick >= precise && moved <= precise + 2 * tick,
+            "coarse {moved:?} against precise {precise:?}"
         );
     }
 }

@@ -156,13 +156,18 @@ impl Connection {
         let (front, peer, body_timeout) = (self.front.clone(), self.peer, self.limits.body_timeout);
         let trusted_proxies = self.trusted_proxies.clone();
         let requests = activity.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             requests.request_started();
             let client = trusted_proxies.client_of(peer, request.headers());
-            request.extensions_mut().insert(client);
-            let request =
-                request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
-            let (response, requests) = (front.serve(request), requests.clone());
+            let request = request.map(|body| {
+                // Most requests have no body: nothing to wait for, so no deadline to keep.
+                if body.is_end_stream() {
+                    axum::body::Body::empty()
+                } else {
+                    axum::body::Body::new(DeadlineBody::new(body, body_timeout))
+                }
+            });
+            let (response, requests) = (front.serve(request, client), requests.clone());
             async move {
                 let response = response.await;
                 requests.request_finished();
@@ -231,6 +236,8 @@ const UNSET: u64 = u64::MAX;
 /// a connection, so relaxed atomics suffice (they only make the state shareable with the service).
 struct Activity {
     accepted: Instant,
+    /// `accepted` on the coarse clock ([`crate::coarse_clock::reading`]).
+    accepted_reading: Duration,
     last_io: AtomicU64,
     /// When the request head being read started; `UNSET` between requests.
     head_started: AtomicU64,
@@ -241,6 +248,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             accepted: Instant::now(),
+            accepted_reading: crate::coarse_clock::reading(),
             last_io: AtomicU64::new(0),
             // The first request's head is due from accept.
             head_started: AtomicU64::new(0),
@@ -250,7 +258,8 @@ impl Activity {
 
     /// Read three times a request: the coarse clock (milliseconds against deadlines of seconds).
     fn now(&self) -> u64 {
-        crate::coarse_clock::elapsed(self.accepted.into_std()).as_millis() as u64
+        let reading = crate::coarse_clock::reading();
+        reading.saturating_sub(self.accepted_reading).as_millis() as u64
     }
 
     fn read_some(&self) {

@@ -81,9 +81,9 @@ pub(crate) struct FailureWatch {
 
 impl FailureWatch {
     /// `None` when the limit is off or the request came through no listener.
-    pub(crate) fn of(app: &App, request: &Request) -> Option<Self> {
+    pub(crate) fn of(app: &App, request: &Request, client: Option<ClientAddr>) -> Option<Self> {
         app.inner().failed_auth.as_ref()?;
-        let ClientAddr(client) = *request.extensions().get::<ClientAddr>()?;
+        let ClientAddr(client) = client?;
         Some(Self {
             client,
             dialect: ErrorDialect::of_path(request.uri().path()),

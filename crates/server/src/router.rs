@@ -126,20 +126,26 @@ impl Front {
         }
     }
 
+    /// Serves `request` from `client`: an extension of the request for the router's handlers,
+    /// an argument for the direct routes' (a request's first extension costs three allocations).
     pub(crate) fn serve(
         &self,
-        request: Request,
+        mut request: Request,
+        client: ClientAddr,
     ) -> impl Future<Output = Result<Response, Infallible>> + Send + 'static {
         use futures::future::Either;
         use tower::ServiceExt;
         let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
         else {
+            request.extensions_mut().insert(client);
             // Boxed: the router's future is the larger, and would make every request's as large.
             return Either::Right(Box::pin(self.router.clone().oneshot(request)));
         };
         let app = self.app.clone();
         Either::Left(
-            self.direct[route as usize].observe(request, |request| route.serve(app, request)),
+            self.direct[route as usize].observe(request, Some(client), |request| {
+                route.serve(app, request, client)
+            }),
         )
     }
 }
@@ -197,9 +203,15 @@ struct Observer {
 }
 
 impl Observer {
-    fn observe<F>(&self, mut request: Request, call: impl FnOnce(Request) -> F) -> Observed<F> {
-        let observation = Observation::start(&self.app, self.route.as_ref(), &mut request);
-        let failures = crate::failed_auth::FailureWatch::of(&self.app, &request);
+    /// `client`: the [`ClientAddr`] the request comes from (`None`: through no listener).
+    fn observe<F>(
+        &self,
+        mut request: Request,
+        client: Option<ClientAddr>,
+        call: impl FnOnce(Request) -> F,
+    ) -> Observed<F> {
+        let observation = Observation::start(&self.app, self.route.as_ref(), &mut request, client);
+        let failures = crate::failed_auth::FailureWatch::of(&self.app, &request, client);
         let response = {
             let _entered = observation.span.enter();
             call(request)
@@ -248,9 +260,11 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let inner = &mut self.inner;
+        // Set by `Front::serve` (`None` for a request that came through no listener).
+        let client = request.extensions().get::<ClientAddr>().copied();
         // Ready: our own `poll_ready` was its `poll_ready`.
         self.observer
-            .observe(request, |request| inner.call(request))
+            .observe(request, client, |request| inner.call(request))
     }
 }
 
@@ -302,7 +316,12 @@ struct Observation {
 }
 
 impl Observation {
-    fn start(app: &App, route: Option<&Arc<RouteMetrics>>, request: &mut Request) -> Self {
+    fn start(
+        app: &App,
+        route: Option<&Arc<RouteMetrics>>,
+        request: &mut Request,
+        client: Option<ClientAddr>,
+    ) -> Self {
         let started = Instant::now();
         let method = method_label(request.method());
         let route_metrics = match route {
@@ -322,28 +341,28 @@ impl Observation {
                 given.get().clone()
             }
             slot => {
-                // Rendered twice rather than cloned: a clone makes both share one buffer, which
+                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+                // Two copies rather than a clone: a clone makes both share one buffer, which
                 // costs an allocation and reference counting of its own.
-                let id = uuid::Uuid::new_v4();
+                let fresh = || HeaderValue::from_str(text).expect("a UUID is a valid header value");
                 match slot {
                     Entry::Occupied(mut given) => {
-                        given.insert(uuid_header(id));
+                        given.insert(fresh());
                     }
                     Entry::Vacant(slot) => {
-                        slot.insert(uuid_header(id));
+                        slot.insert(fresh());
                     }
                 }
-                uuid_header(id)
+                fresh()
             }
         };
-        // Set by the connection (`None` for a request that came through no listener).
-        let client = request.extensions().get::<ClientAddr>().copied();
         let client_ip = client.map(|c| tracing::field::display(c.0));
         // Plain by the check above, so it is text.
         let id_text = request_id.to_str().unwrap_or_default();
         let audit = crate::audit::watch_request(request).map(|slot| crate::audit::Watched {
             slot,
-            context: crate::audit::request_context(request.headers(), request.extensions()),
+            context: crate::audit::request_context_of(request.headers(), client),
             method,
             route,
             path: request.uri().path().to_string(),

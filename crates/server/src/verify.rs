@@ -115,19 +115,21 @@ impl DirectRoute {
         self,
         app: App,
         request: Request,
+        client: ClientAddr,
     ) -> BoxFuture<'static, Result<Response, Infallible>> {
         fn answer(response: impl IntoResponse) -> Result<Response, Infallible> {
             Ok(response.into_response())
         }
         match self {
-            Self::ForwardAuth => forward_auth(State(app), request).map(answer).boxed(),
-            Self::Introspect => {
-                let client = request.extensions().get::<ClientAddr>().copied();
-                introspect(State(app), client.map(Extension), request)
-                    .map(answer)
-                    .boxed()
-            }
-            Self::Whoami => whoami(State(app), request).map(answer).boxed(),
+            Self::ForwardAuth => forward_auth(State(app), Some(Extension(client)), request)
+                .map(answer)
+                .boxed(),
+            Self::Introspect => introspect(State(app), Some(Extension(client)), request)
+                .map(answer)
+                .boxed(),
+            Self::Whoami => whoami(State(app), Some(Extension(client)), request)
+                .map(answer)
+                .boxed(),
         }
     }
 }
@@ -351,7 +353,11 @@ impl ActiveAnswer<'_> {
     ),
     security(("bearer" = [])),
 )]
-async fn forward_auth(State(app): State<App>, request: Request) -> Result<Response, VerifyError> {
+async fn forward_auth(
+    State(app): State<App>,
+    client: Option<Extension<ClientAddr>>,
+    request: Request,
+) -> Result<Response, VerifyError> {
     // The whole request, not extractors: its parts describe a canary's presentation, read only
     // when one is presented, and nothing is copied on the hot path.
     let (parts, _) = request.into_parts();
@@ -374,11 +380,13 @@ async fn forward_auth(State(app): State<App>, request: Request) -> Result<Respon
         ]))
         .into());
     }
+    let client = client.map(|Extension(client)| client);
     let at = || {
         Presentation::of_route(
             CanarySurface::ForwardAuth,
             DirectRoute::ForwardAuth.path(),
             &parts,
+            client,
         )
     };
     let verified = app
@@ -466,9 +474,17 @@ impl ForwardHeaders {
     ),
     security(("bearer" = [])),
 )]
-async fn whoami(State(app): State<App>, request: Request) -> Result<Json<WhoAmI>, VerifyError> {
+async fn whoami(
+    State(app): State<App>,
+    client: Option<Extension<ClientAddr>>,
+    request: Request,
+) -> Result<Json<WhoAmI>, VerifyError> {
     let (parts, _) = request.into_parts();
-    let at = || Presentation::of_route(CanarySurface::Whoami, DirectRoute::Whoami.path(), &parts);
+    let client = client.map(|Extension(client)| client);
+    let at = || {
+        let route = DirectRoute::Whoami.path();
+        Presentation::of_route(CanarySurface::Whoami, route, &parts, client)
+    };
     let verified = app
         .inner()
         .verifier
