@@ -19,6 +19,11 @@ pub(crate) fn reading() -> std::time::Duration {
     imp::reading()
 }
 
+/// The `Instant` of a [`reading`] (up to a tick), for a deadline to wait on.
+pub(crate) fn instant_at(reading: std::time::Duration) -> Instant {
+    imp::instant_at(reading)
+}
+
 /// What `since.elapsed()` would say, up to a tick; zero when `since` is a tick ahead of now.
 pub(crate) fn elapsed(since: Instant) -> std::time::Duration {
     now().saturating_duration_since(since)
@@ -49,7 +54,11 @@ mod imp {
     }
 
     pub(super) fn now() -> Instant {
-        ORIGIN.0 + reading()
+        instant_at(reading())
+    }
+
+    pub(super) fn instant_at(reading: Duration) -> Instant {
+        ORIGIN.0 + reading
     }
 
     pub(super) fn reading() -> Duration {
@@ -69,6 +78,10 @@ mod imp {
 
     pub(super) fn reading() -> std::time::Duration {
         ORIGIN.elapsed()
+    }
+
+    pub(super) fn instant_at(reading: std::time::Duration) -> Instant {
+        *ORIGIN + reading
     }
 }
 
@@ -110,6 +123,11 @@ mod tests {
         assert!(
             moved + 2 * tick >= precise && moved <= precise + 2 * tick,
             "coarse {moved:?} against precise {precise:?}"
+        );
+        let (at, precise) = (instant_at(reading()), Instant::now());
+        assert!(
+            at + tick >= precise && at <= precise + tick,
+            "{at:?} against {precise:?}"
         );
     }
 }

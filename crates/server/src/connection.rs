@@ -235,9 +235,8 @@ const UNSET: u64 = u64::MAX;
 /// When a connection last made progress, in milliseconds since it was accepted. One task drives
 /// a connection, so relaxed atomics suffice (they only make the state shareable with the service).
 struct Activity {
-    accepted: Instant,
-    /// `accepted` on the coarse clock ([`crate::coarse_clock::reading`]).
-    accepted_reading: Duration,
+    /// The coarse clock's [`reading`](crate::coarse_clock::reading) at accept.
+    accepted: Duration,
     last_io: AtomicU64,
     /// When the request head being read started; `UNSET` between requests.
     head_started: AtomicU64,
@@ -247,8 +246,7 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Self {
-            accepted: Instant::now(),
-            accepted_reading: crate::coarse_clock::reading(),
+            accepted: crate::coarse_clock::reading(),
             last_io: AtomicU64::new(0),
             // The first request's head is due from accept.
             head_started: AtomicU64::new(0),
@@ -259,7 +257,7 @@ impl Activity {
     /// Read three times a request: the coarse clock (milliseconds against deadlines of seconds).
     fn now(&self) -> u64 {
         let reading = crate::coarse_clock::reading();
-        reading.saturating_sub(self.accepted_reading).as_millis() as u64
+        reading.saturating_sub(self.accepted).as_millis() as u64
     }
 
     fn read_some(&self) {
@@ -290,7 +288,10 @@ impl Activity {
         if self.in_flight.load(Relaxed) > 0 {
             return None;
         }
-        let at = |ms: u64, limit: Duration| self.accepted + Duration::from_millis(ms) + limit;
+        let at = |ms: u64, limit: Duration| {
+            let reading = self.accepted + Duration::from_millis(ms);
+            Instant::from_std(crate::coarse_clock::instant_at(reading)) + limit
+        };
         Some(match self.head_started.load(Relaxed) {
             UNSET => at(self.last_io.load(Relaxed), limits.idle_timeout),
             started => at(started, limits.header_read_timeout),
@@ -363,7 +364,8 @@ impl AsyncWrite for Tracked {
 pub(crate) struct DeadlineBody {
     body: Incoming,
     deadline: Instant,
-    /// Armed on the first wait only: most requests have no body or one that is already here.
+    /// Armed on the first wait only: a body is most often here with its head (and a request
+    /// without one gets no `DeadlineBody`).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 

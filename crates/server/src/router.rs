@@ -341,20 +341,19 @@ impl Observation {
                 given.get().clone()
             }
             slot => {
-                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-                // Two copies rather than a clone: a clone makes both share one buffer, which
-                // costs an allocation and reference counting of its own.
-                let fresh = || HeaderValue::from_str(text).expect("a UUID is a valid header value");
+                let fresh = uuid_header(uuid::Uuid::new_v4());
+                // A copy rather than a clone: a clone makes both share one buffer, which costs an
+                // allocation and reference counting of its own.
+                let copy = HeaderValue::from_bytes(fresh.as_bytes()).expect("it is a header value");
                 match slot {
                     Entry::Occupied(mut given) => {
-                        given.insert(fresh());
+                        given.insert(copy);
                     }
                     Entry::Vacant(slot) => {
-                        slot.insert(fresh());
+                        slot.insert(copy);
                     }
                 }
-                fresh()
+                fresh
             }
         };
         let client_ip = client.map(|c| tracing::field::display(c.0));
