@@ -351,7 +351,28 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let (admitted, now) = self.verify_uncounted(presented, at).await;
+        let found = self.find(presented).await;
+        self.settle_bearer(found, at)
+    }
+
+    /// [`Self::verify_bearer`] from the caches alone, without a future to build and poll: `None`
+    /// when only the store can tell, and nothing was counted (ask `verify_bearer` then).
+    pub(crate) fn verify_bearer_cached(
+        &self,
+        presented: &str,
+        at: Presented<'_>,
+    ) -> Option<Result<Arc<Verified>, AppError>> {
+        let found = self.find_cached(presented)?;
+        Some(self.settle_bearer(found, at))
+    }
+
+    /// A found bearer credential admitted, or refused, and counted.
+    fn settle_bearer(
+        &self,
+        found: Result<Arc<Verified>, AppError>,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
+        let (admitted, now) = self.admitted(found, at);
         let result = admitted.and_then(|verified| {
             match verified.credential.kind {
                 CredentialKind::RobotAccount => {
@@ -395,6 +416,16 @@ impl Verifier {
         at: Presented<'_>,
     ) -> (Result<Arc<Verified>, AppError>, VerificationTime<'_>) {
         let found = self.find(presented).await;
+        self.admitted(found, at)
+    }
+
+    /// A found credential admitted or refused (`admit`), not yet counted, and the time it was
+    /// judged against.
+    fn admitted(
+        &self,
+        found: Result<Arc<Verified>, AppError>,
+        at: Presented<'_>,
+    ) -> (Result<Arc<Verified>, AppError>, VerificationTime<'_>) {
         let now = VerificationTime::new(&self.clock);
         let admitted = found.and_then(|verified| self.admit(verified, at, &now));
         (admitted, now)
@@ -404,8 +435,26 @@ impl Verifier {
     /// and of the kind its format says. Reads no clock.
     async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
         let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
-        let verified = self.lookup(&parsed.hash).await?;
-        if verified.gate.kind != parsed.kind {
+        let verified = match self.lookup_cached(&parsed.hash) {
+            Some(found) => found?,
+            None => self.lookup_stored(&parsed.hash).await?,
+        };
+        Self::of_kind(verified, parsed.kind)
+    }
+
+    /// [`Self::find`] from the caches alone: `None` when only the store can tell.
+    fn find_cached(&self, presented: &str) -> Option<Result<Arc<Verified>, AppError>> {
+        let parsed = match token::parse(presented) {
+            Ok(parsed) => parsed,
+            Err(_) => return Some(Err(AppError::Unauthenticated("malformed"))),
+        };
+        let found = self.lookup_cached(&parsed.hash)?;
+        Some(found.and_then(|verified| Self::of_kind(verified, parsed.kind)))
+    }
+
+    /// A secret's format names its kind: one that found another kind's credential is unknown.
+    fn of_kind(verified: Arc<Verified>, kind: CredentialKind) -> Result<Arc<Verified>, AppError> {
+        if verified.gate.kind != kind {
             return Err(AppError::Unauthenticated("unknown"));
         }
         Ok(verified)
@@ -434,10 +483,11 @@ impl Verifier {
         Ok(verified)
     }
 
-    /// The caches, then the store; a cached valid credential answers stale when the store cannot.
-    /// Known credentials are looked up first: they are what a verification finds almost always,
-    /// and a hash is never in both caches (loading one drops it from the other).
-    async fn lookup(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
+    /// What the caches say of `hash`: a fresh known credential, or one known to be unknown;
+    /// `None` when only the store can tell ([`Self::lookup_stored`]). Known credentials are looked
+    /// up first: they are what a verification finds almost always, and a hash is never in both
+    /// caches (loading one drops it from the other).
+    fn lookup_cached(&self, hash: &TokenHash) -> Option<Result<Arc<Verified>, AppError>> {
         let cached = self.cache.get(hash);
         if cached.is_none()
             && self
@@ -447,17 +497,22 @@ impl Verifier {
         {
             self.metrics
                 .verify_cache(crate::metrics::CacheOutcome::Unknown);
-            return Err(AppError::Unauthenticated("unknown"));
+            return Some(Err(AppError::Unauthenticated("unknown")));
         }
-        if let Some(known) = cached.as_ref().filter(|known| self.is_fresh(known)) {
-            // A revoked credential would be in the negative cache: count a canary as it would be.
-            self.metrics.verify_cache(if known.gate.canary {
-                crate::metrics::CacheOutcome::Unknown
-            } else {
-                crate::metrics::CacheOutcome::Hit
-            });
-            return Ok(known.clone());
-        }
+        let known = cached.filter(|known| self.is_fresh(known))?;
+        // A revoked credential would be in the negative cache: count a canary as it would be.
+        self.metrics.verify_cache(if known.gate.canary {
+            crate::metrics::CacheOutcome::Unknown
+        } else {
+            crate::metrics::CacheOutcome::Hit
+        });
+        Some(Ok(known))
+    }
+
+    /// The store, for what the caches could not answer ([`Self::lookup_cached`]); an entry past
+    /// its time to live answers, stale, when the store cannot.
+    async fn lookup_stored(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
+        let cached = self.cache.get(hash);
         let outcome = match cached {
             Some(_) => crate::metrics::CacheOutcome::Reload,
             None => crate::metrics::CacheOutcome::Miss,

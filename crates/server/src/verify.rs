@@ -3,21 +3,23 @@
 //! them. Errors use the OAuth style `{"error", "error_description"}`.
 
 use crate::app::App;
-use crate::auth::bearer_token;
+use crate::auth::{bearer_token, Verified};
 use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
 use axum::extract::{Extension, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::{ready, BoxFuture, Either, FutureExt, Ready};
 use keyplane_api_types::verify::VerificationError;
 pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet, TenantId};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -70,6 +72,9 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(whoami))
 }
 
+/// What a [`DirectRoute`] answers, as a tower service would.
+type DirectAnswer = Result<Response, Infallible>;
+
 /// The verification routes, which [`crate::router::Front`] serves without the router.
 #[derive(Clone, Copy)]
 pub(crate) enum DirectRoute {
@@ -109,28 +114,37 @@ impl DirectRoute {
         }
     }
 
-    /// The route's handler called as the router would call it. Boxed per route, so that each
-    /// request builds and moves only its own route's future.
+    /// The route's handler called as the router would call it, its future boxed per route so
+    /// that each request builds and moves only its own route's; forward-auth is answered at once,
+    /// with no future, when the verification caches can ([`forward_auth_cached`]).
     pub(crate) fn serve(
         self,
         app: App,
         request: Request,
         client: ClientAddr,
-    ) -> BoxFuture<'static, Result<Response, Infallible>> {
-        fn answer(response: impl IntoResponse) -> Result<Response, Infallible> {
+    ) -> Either<Ready<DirectAnswer>, BoxFuture<'static, DirectAnswer>> {
+        fn answer(response: impl IntoResponse) -> DirectAnswer {
             Ok(response.into_response())
         }
-        match self {
-            Self::ForwardAuth => forward_auth(State(app), Some(Extension(client)), request)
-                .map(answer)
-                .boxed(),
+        let pending = match self {
+            Self::ForwardAuth => {
+                let (parts, body) = request.into_parts();
+                if let Some(response) = forward_auth_cached(&app, &parts, client) {
+                    return Either::Left(ready(Ok(response)));
+                }
+                let request = Request::from_parts(parts, body);
+                forward_auth(State(app), Some(Extension(client)), request)
+                    .map(answer)
+                    .boxed()
+            }
             Self::Introspect => introspect(State(app), Some(Extension(client)), request)
                 .map(answer)
                 .boxed(),
             Self::Whoami => whoami(State(app), Some(Extension(client)), request)
                 .map(answer)
                 .boxed(),
-        }
+        };
+        Either::Right(pending)
     }
 }
 
@@ -357,63 +371,117 @@ async fn forward_auth(
     State(app): State<App>,
     client: Option<Extension<ClientAddr>>,
     request: Request,
-) -> Result<Response, VerifyError> {
+) -> Response {
     // The whole request, not extractors: its parts describe a canary's presentation, read only
     // when one is presented, and nothing is copied on the hot path.
     let (parts, _) = request.into_parts();
-    // Most checks name no scope: no query, nothing to parse.
-    let required = match parts.uri.query() {
-        None => Vec::new(),
-        Some(_) => match Query::<Vec<(String, String)>>::try_from_uri(&parts.uri) {
-            Ok(Query(required)) => required,
-            Err(rejection) => return Ok(rejection.into_response()),
-        },
-    };
-    // A misspelt parameter must not silently drop the check it was meant to add.
-    if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope") {
-        return Err(AppError::Domain(DomainError::Validation(vec![
-            keyplane_core::FieldError::new(
-                keyplane_core::FieldPath::query(unknown),
-                keyplane_core::error::codes::UNKNOWN_FIELD,
-                "is not a known parameter (only `scope`)",
-            ),
-        ]))
-        .into());
-    }
     let client = client.map(|Extension(client)| client);
-    let at = || {
-        Presentation::of_route(
-            CanarySurface::ForwardAuth,
-            DirectRoute::ForwardAuth.path(),
-            &parts,
-            client,
-        )
+    let check = match ForwardCheck::read(&parts) {
+        Ok(check) => check,
+        Err(refused) => return refusal(refused),
     };
+    let at = || forward_presentation(&parts, client);
+    let verified = app.inner().verifier.verify_bearer(check.token, &at).await;
+    check.answer(verified)
+}
+
+/// [`forward_auth`]'s answer when the verification caches can give it, as they do for almost
+/// every request: without its future, which would be built, boxed and polled for an answer that
+/// is ready at once. `None`: only the store can tell (serve `forward_auth` then).
+fn forward_auth_cached(app: &App, parts: &Parts, client: ClientAddr) -> Option<Response> {
+    let check = match ForwardCheck::read(parts) {
+        Ok(check) => check,
+        Err(refused) => return Some(refusal(refused)),
+    };
+    let at = || forward_presentation(parts, Some(client));
     let verified = app
         .inner()
         .verifier
-        .verify_bearer(bearer_token(&parts.headers)?, &at)
-        .await?;
-    let holds = &verified.rights.scopes;
-    for (_, scope) in &required {
-        let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
-        if !held {
-            return Err(AppError::Domain(DomainError::Forbidden(format!(
-                "the credential lacks the `{scope}` scope"
-            )))
-            .into());
+        .verify_bearer_cached(check.token, &at)?;
+    Some(check.answer(verified))
+}
+
+/// How a canary presented at forward-auth is described.
+fn forward_presentation(parts: &Parts, client: Option<ClientAddr>) -> Presentation {
+    Presentation::of_route(
+        CanarySurface::ForwardAuth,
+        DirectRoute::ForwardAuth.path(),
+        parts,
+        client,
+    )
+}
+
+/// A forward-auth request read: the credential it presents and the scopes that must hold.
+struct ForwardCheck<'a> {
+    token: &'a str,
+    required: Vec<(String, String)>,
+}
+
+impl<'a> ForwardCheck<'a> {
+    /// `parts` read, or why they cannot be checked.
+    fn read(parts: &'a Parts) -> Result<Self, AppError> {
+        // Most checks name no scope: no query, nothing to parse.
+        let required = match parts.uri.query() {
+            None => Vec::new(),
+            Some(_) => match Query::<Vec<(String, String)>>::try_from_uri(&parts.uri) {
+                Ok(Query(required)) => required,
+                Err(_) => {
+                    return Err(AppError::Domain(DomainError::Validation(vec![
+                        keyplane_core::FieldError::new(
+                            keyplane_core::FieldPath::query("scope"),
+                            keyplane_core::error::codes::INVALID_FORMAT,
+                            "is not a query string of `scope` parameters",
+                        ),
+                    ])))
+                }
+            },
+        };
+        // A misspelt parameter must not silently drop the check it was meant to add.
+        if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope") {
+            return Err(AppError::Domain(DomainError::Validation(vec![
+                keyplane_core::FieldError::new(
+                    keyplane_core::FieldPath::query(unknown),
+                    keyplane_core::error::codes::UNKNOWN_FIELD,
+                    "is not a known parameter (only `scope`)",
+                ),
+            ])));
         }
+        let token = bearer_token(&parts.headers)?;
+        Ok(Self { token, required })
     }
-    let shared = &verified.rights.headers;
-    let mut response = StatusCode::OK.into_response();
-    *response.headers_mut() = forward_answer_headers([
-        shared.org_id.clone(),
-        crate::router::uuid_header(verified.credential.id.as_uuid()),
-        HeaderValue::from_static(verified.gate.kind.as_str()),
-        shared.scopes.clone(),
-        HeaderValue::from_static(verified.secret.as_str()),
-    ]);
-    Ok(response)
+
+    /// The answer to the verification of `self.token`: 200 with the identity headers, 403 when
+    /// a required scope is not held, else the refusal.
+    fn answer(&self, verified: Result<Arc<Verified>, AppError>) -> Response {
+        let verified = match verified {
+            Ok(verified) => verified,
+            Err(refused) => return refusal(refused),
+        };
+        let holds = &verified.rights.scopes;
+        for (_, scope) in &self.required {
+            let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
+            if !held {
+                return refusal(AppError::Domain(DomainError::Forbidden(format!(
+                    "the credential lacks the `{scope}` scope"
+                ))));
+            }
+        }
+        let shared = &verified.rights.headers;
+        let mut response = StatusCode::OK.into_response();
+        *response.headers_mut() = forward_answer_headers([
+            shared.org_id.clone(),
+            crate::router::uuid_header(verified.credential.id.as_uuid()),
+            HeaderValue::from_static(verified.gate.kind.as_str()),
+            shared.scopes.clone(),
+            HeaderValue::from_static(verified.secret.as_str()),
+        ]);
+        response
+    }
+}
+
+/// An error as this surface answers it.
+fn refusal(error: AppError) -> Response {
+    VerifyError::from(error).into_response()
 }
 
 /// A forward-auth answer's headers: the identity headers with `values` (organization, subject,

@@ -587,19 +587,22 @@ async fn cache_lookups(app: &TestApp, result: &str) -> u64 {
         .unwrap()
 }
 
-/// Forward-auths every token once; returns (cache hits, misses) it caused.
-async fn verify_all(app: &TestApp, tokens: &[String]) -> (u64, u64) {
-    let (hits, misses) = (
+/// `keyplane_verify_cache_lookups_total`'s hits and misses so far.
+async fn cache_hits_and_misses(app: &TestApp) -> (u64, u64) {
+    (
         cache_lookups(app, "hit").await,
         cache_lookups(app, "miss").await,
-    );
+    )
+}
+
+/// Forward-auths every token once; returns (cache hits, misses) it caused.
+async fn verify_all(app: &TestApp, tokens: &[String]) -> (u64, u64) {
+    let (hits, misses) = cache_hits_and_misses(app).await;
     for token in tokens {
         assert_eq!(forward(app, Some(token), "").await.status(), 200);
     }
-    (
-        cache_lookups(app, "hit").await - hits,
-        cache_lookups(app, "miss").await - misses,
-    )
+    let (now_hits, now_misses) = cache_hits_and_misses(app).await;
+    (now_hits - hits, now_misses - misses)
 }
 
 /// A random, well-formed API token (right prefix and checksum) that names no credential.
@@ -928,8 +931,82 @@ async fn verification_routes_answer_alike_with_or_without_the_router(backend: Ba
     }
 }
 
+/// A forward-auth answer without headers that differ per request (`date`, `x-request-id`): its
+/// status, its other headers, and its body.
+async fn forward_answer(
+    app: &TestApp,
+    token: &str,
+    query: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    let res = forward(app, Some(token), query).await;
+    let status = res.status().as_u16();
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "date" | "x-request-id"))
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_string()))
+        .collect();
+    headers.sort();
+    (status, headers, res.text().await.unwrap())
+}
+
+/// Forward-auth answers from the verification caches without the handler's future, and from the
+/// store through it: the two give the same answers, accepted or refused, and each counts one cache
+/// lookup.
+async fn forward_auth_answers_alike_from_the_store_and_from_the_cache(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    for (n, (query, status)) in [("", 200), ("?scope=deploy", 200), ("?scope=admin", 403)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("t{n}");
+        let created = app
+            .create_token(&org, &name, &["deploy", "logs:read"])
+            .await;
+        let token = created["token"].as_str().unwrap();
+        let lookups = cache_hits_and_misses(&app).await;
+        let stored = forward_answer(&app, token, query).await;
+        let after_store = cache_hits_and_misses(&app).await;
+        let cached = forward_answer(&app, token, query).await;
+        let after_cache = cache_hits_and_misses(&app).await;
+        assert_eq!(
+            [after_store, after_cache].map(|(h, m)| (h - lookups.0, m - lookups.1)),
+            [(0, 1), (1, 1)],
+            "a new credential's first check asks the store, the second the cache ({query})"
+        );
+        assert_eq!(stored.0, status, "{query}: {stored:?}");
+        assert_eq!(stored, cached, "{query}");
+        if status == 200 {
+            let subject = stored
+                .1
+                .iter()
+                .find(|(name, _)| name == "x-keyplane-subject");
+            assert_eq!(subject.unwrap().1, created["id"].as_str().unwrap());
+        }
+    }
+    // An unknown secret: refused by the store, then by the cache of unknown secrets.
+    let unknown = random_token();
+    let (stored, cached) = (
+        forward_answer(&app, &unknown, "").await,
+        forward_answer(&app, &unknown, "").await,
+    );
+    assert_eq!(stored.0, 401, "{stored:?}");
+    assert_eq!(stored, cached);
+    // A revoked one: refused alike once its revocation reached the cache.
+    let created = app.create_token(&org, "r", &["deploy"]).await;
+    let token = created["token"].as_str().unwrap();
+    assert_eq!(forward_answer(&app, token, "").await.0, 200);
+    let revoke = org.path(&format!("/api-tokens/{}", created["id"].as_str().unwrap()));
+    assert_eq!(app.delete(&revoke, &org.token).await.status(), 204);
+    let refused = forward_answer(&app, token, "").await;
+    assert_eq!(refused.0, 401, "{refused:?}");
+    assert_eq!(refused, forward_answer(&app, token, "").await);
+}
+
 both_backends!(
     verification_routes_answer_alike_with_or_without_the_router,
+    forward_auth_answers_alike_from_the_store_and_from_the_cache,
     robot_secrets_verify_only_at_the_registry,
     introspecting_another_tenants_token_leaves_its_last_used_at,
     random_token_floods_do_not_evict_other_tenants,
