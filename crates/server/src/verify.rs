@@ -7,18 +7,18 @@ use crate::auth::{bearer_token, Verified};
 use crate::canary::{CanarySurface, Presentation};
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
+use crate::router::Answer;
 use axum::extract::{Extension, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::future::{ready, BoxFuture, Either, FutureExt, Ready};
+use futures::future::{BoxFuture, Either, FutureExt};
 use keyplane_api_types::verify::VerificationError;
 pub use keyplane_api_types::verify::{IntrospectionResponse, WhoAmI};
 use keyplane_core::{Capability, Error as DomainError, Scope, ScopeSet, TenantId};
 use serde_json::Value;
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -72,9 +72,6 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(whoami))
 }
 
-/// What a [`DirectRoute`] answers, as a tower service would.
-type DirectAnswer = Result<Response, Infallible>;
-
 /// The verification routes, which [`crate::router::Front`] serves without the router.
 #[derive(Clone, Copy)]
 pub(crate) enum DirectRoute {
@@ -122,15 +119,15 @@ impl DirectRoute {
         app: App,
         request: Request,
         client: ClientAddr,
-    ) -> Either<Ready<DirectAnswer>, BoxFuture<'static, DirectAnswer>> {
-        fn answer(response: impl IntoResponse) -> DirectAnswer {
+    ) -> Either<Response, BoxFuture<'static, Answer>> {
+        fn answer(response: impl IntoResponse) -> Answer {
             Ok(response.into_response())
         }
         let pending = match self {
             Self::ForwardAuth => {
                 let (parts, body) = request.into_parts();
                 if let Some(response) = forward_auth_cached(&app, &parts, client) {
-                    return Either::Left(ready(Ok(response)));
+                    return Either::Left(response);
                 }
                 let request = Request::from_parts(parts, body);
                 forward_auth(State(app), Some(Extension(client)), request)
