@@ -5,6 +5,7 @@
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
 #   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier callgrind
 #   KP_B=/path/to/other/keyplane PARTS=ratios bash bench/run.sh   # A/B: that build in the same sittings
+#   (ratios: RATIO_SITTINGS sittings of 10 s runs, then RATIO_ROUNDS interleaved rounds of ROUND_SECONDS)
 #
 # Needs: the peers recipe in ../shared/recipes/peers (PEERS_RECIPE), PostgreSQL at
 # KEYPLANE_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test, the server must
@@ -263,6 +264,30 @@ print(f'cpu per request: user {(int(a[0]) - int(b[0])) / hz / n * 1e6:.2f} us, k
         } > "$OUT/ratios$s.txt"
     done
     python3 "$ROOT/bench/summarize.py" "$OUT"/ratios*.txt | tee -a "$OUT/summary.txt"
+    # Then short runs interleaved round by round (bench/interleave.py): steadier ratios on a VM
+    # whose speed drifts within minutes. RATIO_ROUNDS=0 skips them.
+    if [ "${RATIO_ROUNDS:-30}" -gt 0 ]; then
+        say "ratios: ${RATIO_ROUNDS:-30} interleaved rounds of ${ROUND_SECONDS:-2} s"
+        # Also the hello world and forward-auth under bench/status.lua, whose load generator does
+        # no per-header work (header.lua's response callback makes wrk build a table of each
+        # answer's headers: three for the hello world, nine for forward-auth).
+        servers=(
+            "hello=http://127.0.0.1:8080/verify=$baseline_pid=$PEERS_RECIPE/header.lua"
+            "forward-auth=http://127.0.0.1:8090/v1/auth/forward=$keyplane_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT"
+            "introspection=http://127.0.0.1:8090=$keyplane_pid=$ROOT/bench/introspect.lua=VERIFIER:$VERIFIER=TOKEN:$SUBJECT"
+            "hello (status.lua)=http://127.0.0.1:8080/verify=$baseline_pid=$ROOT/bench/status.lua"
+            "forward-auth (status.lua)=http://127.0.0.1:8090/v1/auth/forward=$keyplane_pid=$ROOT/bench/status.lua=AUTH:Bearer $SUBJECT"
+        )
+        if [ -n "${KP_B:-}" ]; then
+            servers+=(
+                "forward-auth (KP_B)=http://127.0.0.1:8091/v1/auth/forward=$keyplane_b_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_B"
+                "introspection (KP_B)=http://127.0.0.1:8091=$keyplane_b_pid=$ROOT/bench/introspect.lua=VERIFIER:$VERIFIER_B=TOKEN:$SUBJECT_B"
+            )
+        fi
+        CLIENT_CPU="$CLIENT_CPU" python3 "$ROOT/bench/interleave.py" "${RATIO_ROUNDS:-30}" "${ROUND_SECONDS:-2}" "${servers[@]}" \
+            > "$OUT/interleave.txt"
+        sed -n '/^| server/,$p' "$OUT/interleave.txt" | tee -a "$OUT/summary.txt"
+    fi
     stop_servers
 fi
 
