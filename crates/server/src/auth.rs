@@ -434,7 +434,7 @@ impl Verifier {
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
     /// and of the kind its format says. Reads no clock.
     async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let parsed = token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
+        let parsed = Self::parse(presented)?;
         let verified = match self.lookup_cached(&parsed.hash) {
             Some(found) => found?,
             None => self.lookup_stored(&parsed.hash).await?,
@@ -444,12 +444,17 @@ impl Verifier {
 
     /// [`Self::find`] from the caches alone: `None` when only the store can tell.
     fn find_cached(&self, presented: &str) -> Option<Result<Arc<Verified>, AppError>> {
-        let parsed = match token::parse(presented) {
+        let parsed = match Self::parse(presented) {
             Ok(parsed) => parsed,
-            Err(_) => return Some(Err(AppError::Unauthenticated("malformed"))),
+            Err(malformed) => return Some(Err(malformed)),
         };
         let found = self.lookup_cached(&parsed.hash)?;
         Some(found.and_then(|verified| Self::of_kind(verified, parsed.kind)))
+    }
+
+    /// `presented`'s format checked and its hash taken (`token::parse`), or a malformed secret.
+    fn parse(presented: &str) -> Result<token::ParsedToken, AppError> {
+        token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))
     }
 
     /// A secret's format names its kind: one that found another kind's credential is unknown.
