@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# cg.sh BIN [N] : callgrind instructions per request for forward and introspect
+# cg.sh BIN [N] : callgrind instructions per request for forward and introspect (KINDS="forward" for one)
 set -euo pipefail
 BIN=$1; N=${2:-2000}; WARM=200
 jf() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
-for kind in forward introspect; do
+for kind in ${KINDS:-forward introspect}; do
   dir=$(mktemp -d /tmp/prof/cg.XXXX); chmod 700 $dir
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$dir/callgrind.out "$BIN" serve --listen 127.0.0.1:8097 --data-dir $dir --rate-limit-per-minute 0 >$dir/server.log 2>&1 &
   pid=$!

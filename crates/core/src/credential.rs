@@ -157,22 +157,31 @@ fn ended(end: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
 
 /// Everything that decides whether one of a credential's secrets may be used at a given time,
 /// copied out of the record: a verification cache keeps it at the head of its entry, so a cached
-/// verification reads one small block rather than the whole record.
+/// verification reads one small block rather than the whole record. Its ends are microseconds
+/// since the Unix epoch (`i64::MAX`: never), so that checking them is two comparisons of integers
+/// with no calendar arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SecretGate {
     pub kind: CredentialKind,
     pub canary: bool,
     revoked: bool,
     suspended: bool,
-    expires_at: Option<DateTime<Utc>>,
+    expires_at_micros: i64,
     /// When this secret stops authenticating on its own: a previous secret's grace end.
-    secret_ends_at: Option<DateTime<Utc>>,
+    secret_ends_at_micros: i64,
+}
+
+/// An end as a [`SecretGate`] keeps it.
+fn end_micros(end: Option<DateTime<Utc>>) -> i64 {
+    end.map_or(i64::MAX, |end| end.timestamp_micros())
 }
 
 impl SecretGate {
-    /// The secret's own end first, then revocation, suspension and expiry.
-    pub fn check(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
-        if ended(self.secret_ends_at, now) {
+    /// The secret's own end first, then revocation, suspension and expiry, at `now_micros`
+    /// (microseconds since the Unix epoch); an end is reached at its own microsecond, as by
+    /// [`ended`].
+    pub fn check(&self, now_micros: i64) -> Result<(), Unusable> {
+        if self.secret_ends_at_micros <= now_micros {
             return Err(Unusable::PreviousSecretEnded);
         }
         if self.revoked {
@@ -181,7 +190,7 @@ impl SecretGate {
         if self.suspended {
             return Err(Unusable::Suspended);
         }
-        if ended(self.expires_at, now) {
+        if self.expires_at_micros <= now_micros {
             return Err(Unusable::Expired);
         }
         Ok(())
@@ -196,21 +205,20 @@ impl Credential {
             canary: self.canary,
             revoked: self.revoked_at.is_some(),
             suspended: self.suspended_at.is_some(),
-            expires_at: self.expires_at,
-            secret_ends_at: match slot {
-                SecretSlot::Current => None,
-                SecretSlot::Previous => Some(
-                    self.previous_secret
-                        .as_ref()
-                        .map_or(DateTime::<Utc>::MIN_UTC, |previous| previous.expires_at),
-                ),
+            expires_at_micros: end_micros(self.expires_at),
+            secret_ends_at_micros: match slot {
+                SecretSlot::Current => i64::MAX,
+                SecretSlot::Previous => self
+                    .previous_secret
+                    .as_ref()
+                    .map_or(i64::MIN, |previous| previous.expires_at.timestamp_micros()),
             },
         }
     }
 
     /// Revocation, suspension and expiry, checked everywhere a credential is used.
     pub fn usable_at(&self, now: DateTime<Utc>) -> Result<(), Unusable> {
-        self.gate(SecretSlot::Current).check(now)
+        self.gate(SecretSlot::Current).check(now.timestamp_micros())
     }
 
     /// Which secret `presented` is: the current one, or the previous one within its grace period.
@@ -424,9 +432,13 @@ mod tests {
         let current = credential.gate(SecretSlot::Current);
         let grace = credential.gate(SecretSlot::Previous);
         for at in [now, now + TimeDelta::minutes(5), now + TimeDelta::hours(1)] {
-            assert_eq!(current.check(at), credential.usable_at(at), "at {at}");
+            assert_eq!(
+                current.check(at.timestamp_micros()),
+                credential.usable_at(at),
+                "at {at}"
+            );
             let slot = credential.secret_slot(&previous, at);
-            match grace.check(at) {
+            match grace.check(at.timestamp_micros()) {
                 Ok(()) => assert_eq!(slot, Ok(SecretSlot::Previous)),
                 Err(Unusable::PreviousSecretEnded) => {
                     assert_eq!(slot, Err(Some(Unusable::PreviousSecretEnded)))
@@ -436,16 +448,19 @@ mod tests {
         }
         // The grace period ends at its instant exactly, and before the credential expires.
         assert_eq!(
-            grace.check(now + TimeDelta::minutes(5) - TimeDelta::microseconds(1)),
+            grace.check((now + TimeDelta::minutes(5)).timestamp_micros() - 1),
             Ok(())
         );
         assert_eq!(
-            grace.check(now + TimeDelta::minutes(5)),
+            grace.check((now + TimeDelta::minutes(5)).timestamp_micros()),
             Err(Unusable::PreviousSecretEnded)
         );
-        assert_eq!(current.check(now + TimeDelta::minutes(5)), Ok(()));
         assert_eq!(
-            current.check(now + TimeDelta::hours(1)),
+            current.check((now + TimeDelta::minutes(5)).timestamp_micros()),
+            Ok(())
+        );
+        assert_eq!(
+            current.check((now + TimeDelta::hours(1)).timestamp_micros()),
             Err(Unusable::Expired)
         );
     }
@@ -456,17 +471,23 @@ mod tests {
         let mut credential = credential(now);
         credential.suspended_at = Some(now);
         assert_eq!(
-            credential.gate(SecretSlot::Current).check(now),
+            credential
+                .gate(SecretSlot::Current)
+                .check(now.timestamp_micros()),
             Err(Unusable::Suspended)
         );
         credential.revoked_at = Some(now);
         assert_eq!(
-            credential.gate(SecretSlot::Current).check(now),
+            credential
+                .gate(SecretSlot::Current)
+                .check(now.timestamp_micros()),
             Err(Unusable::Revoked)
         );
         // A previous secret the record no longer holds authenticates nothing.
         assert_eq!(
-            credential.gate(SecretSlot::Previous).check(now),
+            credential
+                .gate(SecretSlot::Previous)
+                .check(now.timestamp_micros()),
             Err(Unusable::PreviousSecretEnded)
         );
     }

@@ -111,13 +111,19 @@ pub fn cap_field_errors(mut errors: Vec<FieldError>) -> Vec<FieldError> {
 /// count of microseconds and made a time once (a read, an addition and a rounding of a `DateTime`
 /// each redo its calendar arithmetic, which was most of a clock read on the verification path).
 pub fn now_micros(offset_micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(unix_micros_now(offset_micros))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// [`now_micros`] as microseconds since the Unix epoch, for a comparison or a record that needs no
+/// calendar (the verification path: making a `DateTime` of it and back cost more than the read).
+pub fn unix_micros_now(offset_micros: i64) -> i64 {
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let micros = i64::try_from(since_epoch.as_micros())
+    i64::try_from(since_epoch.as_micros())
         .unwrap_or(i64::MAX)
-        .saturating_add(offset_micros);
-    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .saturating_add(offset_micros)
 }
 
 /// Both stores keep microseconds; truncating up front makes what is returned equal what is stored.

@@ -32,7 +32,6 @@ use crate::metrics::Metrics;
 use crate::oidc::{Oidc, OidcConfig};
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
-use chrono::{DateTime, Utc};
 use keyplane_core::{
     token, Credential, CredentialIdentity, CredentialKind, Principal, Registry, ScopeSet,
     SecretGate, SecretSlot, TenantId, TokenHash,
@@ -53,7 +52,8 @@ use std::time::{Duration, Instant};
 /// it), so the verification's future stays `Send`.
 pub(crate) struct VerificationTime<'a> {
     clock: &'a crate::config::Clock,
-    read: std::cell::Cell<Option<DateTime<Utc>>>,
+    /// Microseconds since the Unix epoch.
+    read: std::cell::Cell<Option<i64>>,
 }
 
 impl<'a> VerificationTime<'a> {
@@ -64,11 +64,11 @@ impl<'a> VerificationTime<'a> {
         }
     }
 
-    fn get(&self) -> DateTime<Utc> {
+    fn get(&self) -> i64 {
         match self.read.get() {
             Some(now) => now,
             None => {
-                let now = self.clock.now();
+                let now = self.clock.now_unix_micros();
                 self.read.set(Some(now));
                 now
             }

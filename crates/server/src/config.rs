@@ -67,10 +67,17 @@ pub struct Clock {
 impl Clock {
     /// Now, at the precision both stores keep.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        let offset = self
-            .offset_micros
-            .load(std::sync::atomic::Ordering::Relaxed);
-        keyplane_core::validate::now_micros(offset)
+        keyplane_core::validate::now_micros(self.offset())
+    }
+
+    /// [`Self::now`] as microseconds since the Unix epoch (no calendar arithmetic).
+    pub fn now_unix_micros(&self) -> i64 {
+        keyplane_core::validate::unix_micros_now(self.offset())
+    }
+
+    fn offset(&self) -> i64 {
+        self.offset_micros
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves this clock (and its clones) forward.

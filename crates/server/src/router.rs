@@ -150,9 +150,9 @@ impl Front {
             let routed: BoxFuture<'static, Answer> = Box::pin(self.router.clone().oneshot(request));
             return Either::Right(routed);
         };
-        let app = self.app.clone();
-        self.direct[route as usize]
-            .observe_direct(request, client, |request| route.serve(app, request, client))
+        self.direct[route as usize].observe_direct(request, client, |request| {
+            route.serve(&self.app, request, client)
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! period reaches the store, never one write per request, and the hot path touches no shared map.
 
 use crate::auth::Verified;
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use keyplane_store::{CredentialUse, Store};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,11 +33,10 @@ impl UsageRecorder {
         }
     }
 
-    pub fn record(&self, verified: &Arc<Verified>, at: DateTime<Utc>) {
+    /// A use of `verified` at `at_micros` (microseconds since the Unix epoch).
+    pub fn record(&self, verified: &Arc<Verified>, at_micros: i64) {
         let marker = &verified.last_use;
-        marker
-            .at_micros
-            .fetch_max(at.timestamp_micros(), Ordering::Relaxed);
+        marker.at_micros.fetch_max(at_micros, Ordering::Relaxed);
         // Read before swapping: the common case (already queued) stays a shared cache line.
         if !marker.queued.load(Ordering::Relaxed) && !marker.queued.swap(true, Ordering::AcqRel) {
             self.queue

@@ -113,10 +113,11 @@ impl DirectRoute {
 
     /// The route's handler called as the router would call it, its future boxed per route so
     /// that each request builds and moves only its own route's; forward-auth is answered at once,
-    /// with no future, when the verification caches can ([`forward_auth_cached`]).
+    /// with no future (nor a clone of `app`), when the verification caches can
+    /// ([`forward_auth_cached`]).
     pub(crate) fn serve(
         self,
-        app: App,
+        app: &App,
         request: Request,
         client: ClientAddr,
     ) -> Either<Response, BoxFuture<'static, Answer>> {
@@ -126,18 +127,18 @@ impl DirectRoute {
         let pending = match self {
             Self::ForwardAuth => {
                 let (parts, body) = request.into_parts();
-                if let Some(response) = forward_auth_cached(&app, &parts, client) {
+                if let Some(response) = forward_auth_cached(app, &parts, client) {
                     return Either::Left(response);
                 }
                 let request = Request::from_parts(parts, body);
-                forward_auth(State(app), Some(Extension(client)), request)
+                forward_auth(State(app.clone()), Some(Extension(client)), request)
                     .map(answer)
                     .boxed()
             }
-            Self::Introspect => introspect(State(app), Some(Extension(client)), request)
+            Self::Introspect => introspect(State(app.clone()), Some(Extension(client)), request)
                 .map(answer)
                 .boxed(),
-            Self::Whoami => whoami(State(app), Some(Extension(client)), request)
+            Self::Whoami => whoami(State(app.clone()), Some(Extension(client)), request)
                 .map(answer)
                 .boxed(),
         };
