@@ -149,10 +149,10 @@ pub fn parse(token: &str) -> Result<ParsedToken, FormatError> {
         return Err(FormatError::Alphabet);
     }
     let (covered, checksum) = bytes.split_at(bytes.len() - CHECKSUM_HEX);
-    // Both halves are ASCII by now, so these conversions cannot fail.
-    let expected = u32::from_str_radix(std::str::from_utf8(checksum).unwrap_or(""), 16)
-        .map_err(|_| FormatError::Alphabet)?;
-    if crc32fast::hash(covered) != expected {
+    // Lowercase hex by now, so this cannot fail; decoded as bytes, without a `str` to check.
+    let mut expected = [0u8; CHECKSUM_HEX / 2];
+    hex::decode_to_slice(checksum, &mut expected).map_err(|_| FormatError::Alphabet)?;
+    if crc32fast::hash(covered) != u32::from_be_bytes(expected) {
         return Err(FormatError::Checksum);
     }
     Ok(ParsedToken {

@@ -707,18 +707,19 @@ impl Verifier {
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
     let value = headers
         .get(header::AUTHORIZATION)
-        .ok_or(AppError::Unauthenticated("missing"))?
+        .ok_or_else(|| AppError::Unauthenticated("missing"))?
         .as_bytes();
     // What `HeaderValue::to_str` accepts: a header value holds no control byte but tab, so ASCII
-    // is visible ASCII. Checked a word at a time (`to_str` goes byte by byte).
+    // is visible ASCII. Checked a word at a time (`to_str` goes byte by byte). The errors are
+    // made only when returned (`ok_or` would make and drop one on every verification).
     let value = std::str::from_utf8(value)
         .ok()
         .filter(|value| value.is_ascii())
-        .ok_or(AppError::Unauthenticated("malformed"))?;
+        .ok_or_else(|| AppError::Unauthenticated("malformed"))?;
     let space = value
         .bytes()
         .position(|b| b == b' ')
-        .ok_or(AppError::Unauthenticated("malformed"))?;
+        .ok_or_else(|| AppError::Unauthenticated("malformed"))?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AppError::Unauthenticated("not a bearer credential"));

@@ -411,8 +411,9 @@ impl Observation {
             }
         };
         let client_ip = client.map(|c| tracing::field::display(c.0));
-        // Plain by the check above, so it is text.
-        let id_text = request_id.to_str().unwrap_or_default();
+        // Plain by the check above, so it is text. Read as text only by a span that is enabled
+        // (the hot routes' are not, at the default level): `to_str` checks every byte.
+        let id_text = || request_id.to_str().unwrap_or_default();
         let audit = crate::audit::watch_request(request).map(|slot| crate::audit::Watched {
             slot,
             context: crate::audit::request_context_of(request.headers(), client),
@@ -426,7 +427,7 @@ impl Observation {
         let span = if hot {
             tracing::debug_span!(
                 "request",
-                request.id = id_text,
+                request.id = id_text(),
                 http.method = method,
                 http.route = route,
                 client.ip = client_ip
@@ -434,7 +435,7 @@ impl Observation {
         } else {
             tracing::info_span!(
                 "request",
-                request.id = id_text,
+                request.id = id_text(),
                 http.method = method,
                 http.route = route,
                 client.ip = client_ip
