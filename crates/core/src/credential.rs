@@ -149,10 +149,17 @@ impl Unusable {
     }
 }
 
-/// Whether something ending at `end` (never, if `None`) has ended by `now`: the one rule for
-/// expiry and for a previous secret's grace period.
+/// Whether something ending at `end_micros` has ended by `now_micros` (both microseconds since
+/// the Unix epoch, the precision both stores keep; [`end_micros`] of no end never arrives): the
+/// one rule for expiry and for a previous secret's grace period, reached at the end's own
+/// microsecond.
+fn ended_micros(end_micros: i64, now_micros: i64) -> bool {
+    end_micros <= now_micros
+}
+
+/// [`ended_micros`] of times: something ending at `end` (never, if `None`) ended by `now`.
 fn ended(end: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
-    end.is_some_and(|end| end <= now)
+    ended_micros(end_micros(end), now.timestamp_micros())
 }
 
 /// Everything that decides whether one of a credential's secrets may be used at a given time,
@@ -178,10 +185,9 @@ fn end_micros(end: Option<DateTime<Utc>>) -> i64 {
 
 impl SecretGate {
     /// The secret's own end first, then revocation, suspension and expiry, at `now_micros`
-    /// (microseconds since the Unix epoch); an end is reached at its own microsecond, as by
-    /// [`ended`].
+    /// (microseconds since the Unix epoch).
     pub fn check(&self, now_micros: i64) -> Result<(), Unusable> {
-        if self.secret_ends_at_micros <= now_micros {
+        if ended_micros(self.secret_ends_at_micros, now_micros) {
             return Err(Unusable::PreviousSecretEnded);
         }
         if self.revoked {
@@ -190,7 +196,7 @@ impl SecretGate {
         if self.suspended {
             return Err(Unusable::Suspended);
         }
-        if self.expires_at_micros <= now_micros {
+        if ended_micros(self.expires_at_micros, now_micros) {
             return Err(Unusable::Expired);
         }
         Ok(())
