@@ -9,7 +9,7 @@ usage: interleave.py ROUNDS SECONDS NAME=URL=PID=LUA[=VAR:VALUE]... ...
   the first server is the baseline; each VAR:VALUE is set in the environment of that server's wrk
   runs, for its Lua script (e.g. AUTH:Bearer <token>). Servers must be running; wrk runs pinned to
   $CLIENT_CPU (default 0). A run with any bad reply (the script's `..._responses: N` line, or
-  wrk's Non-2xx line) stops everything.
+  wrk's Non-2xx line) stops everything. $ALSO_BASE names a further server to take ratios to.
 """
 import os
 import re
@@ -58,6 +58,10 @@ def main():
             cpu[name].append(per_request)
         print(f"round {r + 1}: " + " ".join(f"{s[0]} {rps[s[0]][-1]:.0f}" for s in servers), flush=True)
     print_table(servers, rps, cpu, servers[0][0], rounds, seconds)
+    # And with the server named in $ALSO_BASE (e.g. a peer), if any.
+    also = os.environ.get("ALSO_BASE")
+    if also:
+        print_table(servers, rps, cpu, also, rounds, seconds)
     # A server named "<x> (<how>)" is also compared with the baseline measured the same way.
     for name, *_ in servers[1:]:
         if "(" in name and name.startswith(servers[0][0] + " ("):

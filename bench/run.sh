@@ -3,7 +3,7 @@
 # summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
 #
 #   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
-#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls memory import verifier callgrind
+#   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls kanidm memory import verifier callgrind
 #   KP_B=/path/to/other/keyplane PARTS=ratios bash bench/run.sh   # A/B: that build in the same sittings
 #   (ratios: RATIO_SITTINGS sittings of 10 s runs, then RATIO_ROUNDS interleaved rounds of ROUND_SECONDS)
 #
@@ -333,6 +333,54 @@ if [[ " $PARTS " == *" tls "* ]]; then
         } > "$OUT/tls$s.txt"
     done
     python3 "$ROOT/bench/tls_summary.py" "$OUT"/tls[0-9]*.txt | tee -a "$OUT/summary.txt"
+    stop_servers
+fi
+
+if [[ " $PARTS " == *" kanidm "* ]]; then
+    # Forward-auth over TLS beside kanidm's `GET /v1/auth/valid` over TLS and the hello world over
+    # TLS, in interleaved rounds. kanidm's server cannot be built here (its repository is out of
+    # reach), so the peer is bench/peers/kanidm: kanidmd 1.7.4's token validation (its library
+    # crate, from crates.io) behind tls-hello's TLS and HTTP front, without kanidmd's middleware
+    # and logging, so at least as fast as kanidmd (its src/main.rs). Its first build takes ~15 min.
+    say "kanidm: forward-auth over TLS, kanidm's auth/valid (kanidmd_lib 1.7.4) and the hello world over TLS, ${KANIDM_ROUNDS:-20} interleaved rounds of ${ROUND_SECONDS:-2} s"
+    stop_servers
+    KANIDM_TARGET="${KANIDM_TARGET:-${CARGO_TARGET_DIR:-$ROOT/target}/kanidm-peer}"
+    (cd "$ROOT/bench/peers/kanidm" && CARGO_TARGET_DIR="$KANIDM_TARGET" cargo build --release --locked -q)
+    TLS_HELLO="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
+    dir="$WORK/kanidm"; mkdir -p "$dir" && chmod 700 "$dir"
+    "$TLS_HELLO" cert "$dir/pki" 2>/dev/null
+    CERT="$dir/pki/cert.pem"; KEY="$dir/pki/key.pem"
+    for port in 8444 8445; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "127.0.0.1:$port is already in use" >&2; exit 1; fi
+    done
+    BIND=127.0.0.1:8444 taskset -c "$SERVER_CPU" "$TLS_HELLO" serve --cert "$CERT" --key "$KEY" >"$dir/tls-hello.log" 2>&1 &
+    PIDS+=($!); hello_pid=$!
+    BIND=127.0.0.1:8445 CERT="$CERT" KEY="$KEY" DB_DIR="$dir/kanidm-db" TOKEN_OUT="$dir/kanidm-token.txt" \
+        taskset -c "$SERVER_CPU" "$KANIDM_TARGET/release/kanidm-valid-peer" >"$dir/kanidm.log" 2>&1 &
+    PIDS+=($!); kanidm_pid=$!
+    start_keyplane 8095 "$dir/keyplane-tls" --tls-cert "$CERT" --tls-key "$KEY"
+    keyplane_pid="${PIDS[-1]}"
+    for _ in $(seq 300); do [ -s "$dir/kanidm-token.txt" ] && curl -s --cacert "$CERT" -o /dev/null https://127.0.0.1:8445/v1/auth/valid && break; sleep 0.1; done
+    SUBJECT_TLS=$(CURL_CA_BUNDLE="$CERT" mint_token https://127.0.0.1:8095 bench-subject '["deploy","logs:read"]' "$dir/keyplane-tls")
+    KANIDM_TOKEN=$(cat "$dir/kanidm-token.txt")
+    # Each peer must accept its credential and refuse a forged one before it is timed.
+    check_answers() { # url good-token
+        local good bad
+        good=$(curl -s --cacert "$CERT" -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "$1")
+        bad=$(curl -s --cacert "$CERT" -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${2%?}x" "$1")
+        [ "$good" = 200 ] && [ "$bad" = 401 ] \
+            || { echo "$1: $good with its token, $bad with a forged one (want 200, 401)" >&2; cat "$dir/kanidm.log" >&2; exit 1; }
+    }
+    check_answers https://127.0.0.1:8445/v1/auth/valid "$KANIDM_TOKEN"
+    check_answers https://127.0.0.1:8095/v1/auth/forward "$SUBJECT_TLS"
+    servers=(
+        "hello over TLS=https://127.0.0.1:8444/verify=$hello_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_TLS"
+        "forward-auth over TLS=https://127.0.0.1:8095/v1/auth/forward=$keyplane_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_TLS"
+        "kanidm auth/valid over TLS=https://127.0.0.1:8445/v1/auth/valid=$kanidm_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $KANIDM_TOKEN"
+    )
+    CLIENT_CPU="$CLIENT_CPU" ALSO_BASE="kanidm auth/valid over TLS" python3 "$ROOT/bench/interleave.py" \
+        "${KANIDM_ROUNDS:-20}" "${ROUND_SECONDS:-2}" "${servers[@]}" > "$OUT/kanidm.txt"
+    sed -n '/^| server/,$p' "$OUT/kanidm.txt" | tee -a "$OUT/summary.txt"
     stop_servers
 fi
 

@@ -3,9 +3,8 @@
 //! `bench/run.sh` (`PARTS=tls`) can put keyplane over TLS beside a hello world over TLS:
 //!
 //! - the rustls configuration is keyplane's own: [`TlsFiles::load`] (versions, provider, ALPN);
-//! - each connection is accepted with [`tokio_rustls::TlsAcceptor`], then served by hyper's
-//!   HTTP/2 builder when ALPN chose `h2`, its HTTP/1.1 builder otherwise, with the builder
-//!   settings of keyplane's connection loop at its default limits.
+//! - each connection is accepted and served by `tls_front` (bench/src/tls_front.rs): keyplane's
+//!   HTTP builder settings at its default limits, HTTP/2 or HTTP/1.1 as ALPN chose.
 //!
 //! What it leaves out is keyplane's own per-connection work (connection cap, watchdog, body
 //! deadline), which the comparison is meant to measure. It keeps the system allocator, as the
@@ -18,19 +17,12 @@ use anyhow::Context;
 use axum::routing::get;
 use axum::Router;
 use clap::{Parser, Subcommand};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyplane_server::tls::TlsFiles;
 use std::path::PathBuf;
-use std::time::Duration;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
-/// keyplane's defaults (`HttpLimits::default()` and `connection::MAX_CONCURRENT_STREAMS`).
-const MAX_HEADER_BYTES: usize = 32 * 1024;
-const MAX_CONCURRENT_STREAMS: u32 = 100;
-/// keyplane's default `header_read_timeout`, which bounds its handshakes too.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+#[path = "../tls_front.rs"]
+mod tls_front;
 
 #[derive(Parser)]
 #[command(about = "The axum hello world over TLS, terminated as keyplane terminates it")]
@@ -96,45 +88,5 @@ async fn serve(files: TlsFiles) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     eprintln!("tls-hello listening on https://{addr}");
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .max_header_size(MAX_HEADER_BYTES)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .header_read_timeout(None);
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors, say: wait rather than spin.
-                eprintln!("accept: {error}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (acceptor, http1, http2, app) =
-            (acceptor.clone(), http1.clone(), http2.clone(), app.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-            else {
-                return;
-            };
-            // As keyplane: the router answers each request through `oneshot`.
-            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                app.clone().oneshot(request)
-            });
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            // A connection that ends in an error concerns that client only.
-            let _ = if h2 {
-                http2.serve_connection(TokioIo::new(stream), service).await
-            } else {
-                http1.serve_connection(TokioIo::new(stream), service).await
-            };
-        });
-    }
+    tls_front::serve(listener, config, |_| app.clone()).await
 }
