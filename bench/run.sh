@@ -103,6 +103,18 @@ start_baseline() {
     for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8080/verify && return 0; sleep 0.1; done
     echo "the hello-world baseline did not start" >&2; return 1
 }
+# Writes a self-signed certificate to DIR/pki (sets CERT and KEY) and starts tls-hello with it on
+# 127.0.0.1:8444, pinned to the server CPU; sets TLS_HELLO_PID.
+start_tls_hello() { # dir
+    local tls_hello="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
+    "$tls_hello" cert "$1/pki" 2>/dev/null
+    CERT="$1/pki/cert.pem"; KEY="$1/pki/key.pem"
+    if (exec 3<>/dev/tcp/127.0.0.1/8444) 2>/dev/null; then echo "127.0.0.1:8444 is already in use" >&2; return 1; fi
+    BIND=127.0.0.1:8444 taskset -c "$SERVER_CPU" "$tls_hello" serve --cert "$CERT" --key "$KEY" >"$1/tls-hello.log" 2>&1 &
+    PIDS+=($!); TLS_HELLO_PID=$!
+    for _ in $(seq 100); do curl -sf --cacert "$CERT" -o /dev/null https://127.0.0.1:8444/verify && return 0; sleep 0.1; done
+    echo "tls-hello did not start" >&2; cat "$1/tls-hello.log" >&2; return 1
+}
 # Mints a token named $2 with scopes $3 (JSON list) through the Aether API of the keyplane at $1,
 # whose bootstrap.json is in $4; prints it.
 mint_token() { # base name scopes-json data-dir
@@ -298,17 +310,9 @@ if [[ " $PARTS " == *" tls "* ]]; then
     # wrk (OpenSSL) offers no ALPN, so every run is HTTP/1.1 on kept-alive connections.
     say "tls: forward-auth over TLS against the axum hello world over TLS"
     stop_servers
-    TLS_HELLO="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
     dir="$WORK/tls"; mkdir -p "$dir"
-    "$TLS_HELLO" cert "$dir/pki" 2>/dev/null
-    CERT="$dir/pki/cert.pem"; KEY="$dir/pki/key.pem"
     start_baseline
-    if (exec 3<>/dev/tcp/127.0.0.1/8444) 2>/dev/null; then echo "127.0.0.1:8444 is already in use" >&2; exit 1; fi
-    BIND=127.0.0.1:8444 taskset -c "$SERVER_CPU" "$TLS_HELLO" serve --cert "$CERT" --key "$KEY" >"$dir/tls-hello.log" 2>&1 &
-    PIDS+=($!)
-    for _ in $(seq 100); do curl -sf --cacert "$CERT" -o /dev/null https://127.0.0.1:8444/verify && break; sleep 0.1; done
-    curl -sf --cacert "$CERT" -o /dev/null https://127.0.0.1:8444/verify \
-        || { echo "tls-hello did not start" >&2; cat "$dir/tls-hello.log" >&2; exit 1; }
+    start_tls_hello "$dir"
     start_keyplane 8096 "$dir/keyplane-plain"
     start_keyplane 8095 "$dir/keyplane-tls" --tls-cert "$CERT" --tls-key "$KEY"
     SUBJECT=$(mint_token http://127.0.0.1:8096 bench-subject '["deploy","logs:read"]' "$dir/keyplane-plain")
@@ -346,15 +350,9 @@ if [[ " $PARTS " == *" kanidm "* ]]; then
     stop_servers
     KANIDM_TARGET="${KANIDM_TARGET:-${CARGO_TARGET_DIR:-$ROOT/target}/kanidm-peer}"
     (cd "$ROOT/bench/peers/kanidm" && CARGO_TARGET_DIR="$KANIDM_TARGET" cargo build --release --locked -q)
-    TLS_HELLO="${CARGO_TARGET_DIR:-$ROOT/target}/release/tls-hello"
     dir="$WORK/kanidm"; mkdir -p "$dir" && chmod 700 "$dir"
-    "$TLS_HELLO" cert "$dir/pki" 2>/dev/null
-    CERT="$dir/pki/cert.pem"; KEY="$dir/pki/key.pem"
-    for port in 8444 8445; do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "127.0.0.1:$port is already in use" >&2; exit 1; fi
-    done
-    BIND=127.0.0.1:8444 taskset -c "$SERVER_CPU" "$TLS_HELLO" serve --cert "$CERT" --key "$KEY" >"$dir/tls-hello.log" 2>&1 &
-    PIDS+=($!); hello_pid=$!
+    start_tls_hello "$dir"
+    if (exec 3<>/dev/tcp/127.0.0.1/8445) 2>/dev/null; then echo "127.0.0.1:8445 is already in use" >&2; exit 1; fi
     BIND=127.0.0.1:8445 CERT="$CERT" KEY="$KEY" DB_DIR="$dir/kanidm-db" TOKEN_OUT="$dir/kanidm-token.txt" \
         taskset -c "$SERVER_CPU" "$KANIDM_TARGET/release/kanidm-valid-peer" >"$dir/kanidm.log" 2>&1 &
     PIDS+=($!); kanidm_pid=$!
@@ -374,7 +372,7 @@ if [[ " $PARTS " == *" kanidm "* ]]; then
     check_answers https://127.0.0.1:8445/v1/auth/valid "$KANIDM_TOKEN"
     check_answers https://127.0.0.1:8095/v1/auth/forward "$SUBJECT_TLS"
     servers=(
-        "hello over TLS=https://127.0.0.1:8444/verify=$hello_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_TLS"
+        "hello over TLS=https://127.0.0.1:8444/verify=$TLS_HELLO_PID=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_TLS"
         "forward-auth over TLS=https://127.0.0.1:8095/v1/auth/forward=$keyplane_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $SUBJECT_TLS"
         "kanidm auth/valid over TLS=https://127.0.0.1:8445/v1/auth/valid=$kanidm_pid=$PEERS_RECIPE/header.lua=AUTH:Bearer $KANIDM_TOKEN"
     )
