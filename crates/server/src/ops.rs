@@ -865,7 +865,9 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
         }
     }
     // Nearest stage first, so a credential past several thresholds at once is announced only at
-    // the nearest one.
+    // the nearest one. Each is announced at the stage it has reached, not the one whose query
+    // found it: a credential created while another sweep is between stages is found at a further
+    // stage than its own.
     for stage in
         std::iter::once(0).chain(keyplane_core::policy::EXPIRY_WARNING_DAYS.into_iter().rev())
     {
@@ -876,7 +878,11 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
                 .await?;
             let mut announced = 0;
             for credential in &due {
-                let action = if stage == 0 {
+                let reached = credential
+                    .expires_at
+                    .and_then(|at| keyplane_core::policy::expiry_stage(at, now))
+                    .map_or(stage, |reached| reached.min(stage));
+                let action = if reached == 0 {
                     actions::CREDENTIAL_EXPIRED
                 } else {
                     actions::CREDENTIAL_EXPIRING
@@ -888,11 +894,11 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
                     credential,
                 )
                 .text("kind", credential.kind.as_str());
-                if stage > 0 {
-                    event = event.detail("days_before", DetailValue::Count(u64::from(stage)));
+                if reached > 0 {
+                    event = event.detail("days_before", DetailValue::Count(u64::from(reached)));
                 }
                 if store
-                    .record_expiry_notice(credential, stage, &event)
+                    .record_expiry_notice(credential, reached, &event)
                     .await?
                 {
                     announced += 1;

@@ -1,5 +1,7 @@
 //! A store that can be switched off: every call fails as an unreachable database does, until it
 //! is switched back on. For an outage of a store the test cannot take away otherwise (SQLite).
+//! It can also hide what one expiry-sweep stage finds, as a store read just before a credential
+//! was created would, to replay a sweep racing a create.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,12 +15,14 @@ use keyplane_store::{
     StoredResponse, Unavailable, WriteHealth,
 };
 use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     down: AtomicBool,
+    /// The expiry-notice stage whose query answers nothing; `u32::MAX`: none.
+    hidden_expiry_stage: AtomicU32,
 }
 
 impl FaultyStore {
@@ -26,7 +30,14 @@ impl FaultyStore {
         Arc::new(Self {
             inner,
             down: AtomicBool::new(false),
+            hidden_expiry_stage: AtomicU32::new(u32::MAX),
         })
+    }
+
+    /// Until set again, the sweep's query for this stage finds nothing.
+    pub fn hide_expiry_stage(&self, stage: Option<u32>) {
+        self.hidden_expiry_stage
+            .store(stage.unwrap_or(u32::MAX), Ordering::SeqCst);
     }
 
     pub fn set_down(&self, down: bool) {
@@ -204,6 +215,9 @@ impl Store for FaultyStore {
         limit: u32,
     ) -> Result<Vec<Credential>, StoreError> {
         self.check()?;
+        if self.hidden_expiry_stage.load(Ordering::SeqCst) == stage {
+            return Ok(Vec::new());
+        }
         self.inner
             .credentials_due_for_expiry_notice(stage, due_before, limit)
             .await

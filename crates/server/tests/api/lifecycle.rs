@@ -23,6 +23,7 @@ both_backends!(
     the_policy_bounds_creates_and_rotations,
     the_policy_needs_an_owner_and_checks_its_body,
     expiry_warnings_go_out_once_per_stage,
+    a_sweep_racing_a_create_announces_the_stage_reached,
     lists_filter_what_is_about_to_expire,
 );
 
@@ -1125,6 +1126,50 @@ async fn expiry_warnings_go_out_once_per_stage(backend: Backend) {
     clock.advance(Duration::from_secs(3 * 86400));
     sweep(&restarted).await;
     assert_eq!(announced().await.len(), 7);
+}
+
+/// A credential created while a sweep is between stages is found by a further stage's query
+/// (30 days) than the one it has reached (7): it is announced at 7, once, as if the sweep had seen
+/// it from the start. (The server's own sweep at start-up raced the test's creates this way.)
+async fn a_sweep_racing_a_create_announces_the_stage_reached(backend: Backend) {
+    let config = test_config();
+    let mut switch = None;
+    let app = TestApp::spawn_wrapped(backend, config, |store| {
+        let faulty = crate::faulty_store::FaultyStore::new(store);
+        switch = Some(faulty.clone());
+        faulty
+    })
+    .await;
+    let switch = switch.unwrap();
+    let org = app.create_org("acme").await;
+    let expires_at = (chrono::Utc::now() + chrono::TimeDelta::days(5)).to_rfc3339();
+    let created = ok(
+        app.post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "d5", "expires_at": expires_at}),
+        )
+        .await,
+        201,
+        "create",
+    )
+    .await;
+    let sweep = || async {
+        keyplane_server::ops::lifecycle_sweep(&app.app)
+            .await
+            .expect("sweep")
+    };
+    // The 7-day query ran before the create; the 30-day one after it.
+    switch.hide_expiry_stage(Some(7));
+    sweep().await;
+    switch.hide_expiry_stage(None);
+    sweep().await;
+    let announced = events(&app, &org, "credential.*").await;
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let event = &announced[0];
+    assert_eq!(event["target"]["id"], created["id"]);
+    assert_eq!(event["action"], "credential.expiring");
+    assert_eq!(event["details"]["days_before"], 7, "{event}");
 }
 
 async fn lists_filter_what_is_about_to_expire(backend: Backend) {
