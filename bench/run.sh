@@ -400,8 +400,9 @@ if [[ " $PARTS " == *" memory "* ]]; then
     # A second pass must find every credential still held: reloads (entries older than the 30 s
     # lifetime are read again, in place) but no misses.
     timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$dir/tokens.txt" --count "$SCALE" >/dev/null
+    again=$(rss)
     {
-        echo "memory: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential); peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
+        echo "memory: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
         echo "memory: cache misses while filling: $filled; misses on a second pass over the same tokens: $(( $(misses) - filled ))"
     } | tee -a "$OUT/summary.txt"
     kill "$pid"; wait "$pid" 2>/dev/null || true
