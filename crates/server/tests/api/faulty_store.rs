@@ -26,6 +26,21 @@ pub struct FaultyStore {
 }
 
 impl FaultyStore {
+    /// A test server on `backend` whose store is wrapped in a `FaultyStore`, and the wrapper.
+    pub async fn spawn(
+        backend: keyplane_store::testing::Backend,
+        config: keyplane_server::config::Config,
+    ) -> (crate::helpers::TestApp, Arc<Self>) {
+        let mut switch = None;
+        let app = crate::helpers::TestApp::spawn_wrapped(backend, config, |store| {
+            let faulty = Self::new(store);
+            switch = Some(faulty.clone());
+            faulty
+        })
+        .await;
+        (app, switch.expect("spawn_wrapped calls its wrapper"))
+    }
+
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self {
             inner,

@@ -832,18 +832,6 @@ async fn leak_routes_are_declared_in_the_openapi_document() {
     assert_eq!(revoke_body["properties"]["credentials"]["maxItems"], 100);
 }
 
-/// A server whose store the test can switch off, and its switch.
-async fn spawn_with_switch(config: Config) -> (TestApp, Arc<crate::faulty_store::FaultyStore>) {
-    let mut switch = None;
-    let app = TestApp::spawn_wrapped(Backend::Sqlite, config, |store| {
-        let faulty = crate::faulty_store::FaultyStore::new(store);
-        switch = Some(faulty.clone());
-        faulty
-    })
-    .await;
-    (app, switch.unwrap())
-}
-
 /// Garbage never reaches the store: with the store switched off, a signed report of strings that
 /// are not keyplane tokens (wrong checksum included) is still answered; one well-formed token
 /// makes it ask the store (503, GitHub retries).
@@ -851,7 +839,8 @@ async fn spawn_with_switch(config: Config) -> (TestApp, Arc<crate::faulty_store:
 async fn github_reports_only_well_formed_tokens_reach_the_store() {
     let key = TestKey::new("key-1");
     let keys = KeysServer::start(document(&[&key])).await;
-    let (app, store) = spawn_with_switch(config_with_keys(&keys.url)).await;
+    let (app, store) =
+        crate::faulty_store::FaultyStore::spawn(Backend::Sqlite, config_with_keys(&keys.url)).await;
     let real = unknown_token(CredentialKind::ServiceAccount);
     store.set_down(true);
 
@@ -889,7 +878,8 @@ async fn github_reports_only_well_formed_tokens_reach_the_store() {
 /// report that meets a store outage is retried: the token dies once the store is back.
 #[tokio::test]
 async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
-    let (app, store) = spawn_with_switch(test_config()).await;
+    let (app, store) =
+        crate::faulty_store::FaultyStore::spawn(Backend::Sqlite, test_config()).await;
     let org = app.create_org("acme").await;
     let leaked = app.create_token(&org, "leaky", &[]).await;
     let leaked = leaked["token"].as_str().unwrap().to_string();

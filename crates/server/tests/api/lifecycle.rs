@@ -1132,15 +1132,7 @@ async fn expiry_warnings_go_out_once_per_stage(backend: Backend) {
 /// (30 days) than the one it has reached (7): it is announced at 7, once, as if the sweep had seen
 /// it from the start. (The server's own sweep at start-up raced the test's creates this way.)
 async fn a_sweep_racing_a_create_announces_the_stage_reached(backend: Backend) {
-    let config = test_config();
-    let mut switch = None;
-    let app = TestApp::spawn_wrapped(backend, config, |store| {
-        let faulty = crate::faulty_store::FaultyStore::new(store);
-        switch = Some(faulty.clone());
-        faulty
-    })
-    .await;
-    let switch = switch.unwrap();
+    let (app, switch) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
     let org = app.create_org("acme").await;
     let expires_at = (chrono::Utc::now() + chrono::TimeDelta::days(5)).to_rfc3339();
     let created = ok(

@@ -699,14 +699,8 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
             (writer, Some(app), Outage::Proxy(proxy))
         }
         Backend::Sqlite => {
-            let mut switch = None;
-            let app = TestApp::spawn_wrapped(backend, config, |store| {
-                let faulty = FaultyStore::new(store);
-                switch = Some(faulty.clone());
-                faulty
-            })
-            .await;
-            (app, None, Outage::Switch(switch.unwrap()))
+            let (app, switch) = FaultyStore::spawn(backend, config).await;
+            (app, None, Outage::Switch(switch))
         }
     };
     let app = app.as_ref().unwrap_or(&writer);
