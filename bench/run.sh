@@ -384,28 +384,36 @@ fi
 
 if [[ " $PARTS " == *" memory "* ]]; then
     # The server's resident memory with SCALE credentials in its verification cache, each loaded
-    # by one forward-auth check (the path that serves them, shared header values and all).
+    # by one forward-auth check (the path that serves them, shared header values and all). With
+    # KP_B, that build too, one after the other, each on its own copy of the same seeded database.
     say "memory: $SCALE credentials cached in the server"
-    dir="$WORK/memory"; mkdir -p "$dir" && chmod 700 "$dir"
-    timeout 1800 "$KB" seed --database-url "sqlite://$dir/keyplane.db" --count "$SCALE" --tokens-out "$dir/tokens.txt" > "$dir/seed.json"
-    start_keyplane 8095 "$dir" --database-url "sqlite://$dir/keyplane.db" --verify-cache-capacity $((SCALE + SCALE / 10))
-    pid="${PIDS[-1]}"
-    rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
-    before=$(rss)
-    timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$dir/tokens.txt" --count "$SCALE" \
-        | tee -a "$OUT/summary.txt"
-    after=$(rss)
-    misses() { curl -sf http://127.0.0.1:8095/metrics | awk '/^keyplane_verify_cache_lookups_total\{result="miss"\}/ {print $2}'; }
-    filled=$(misses)
-    # A second pass must find every credential still held: reloads (entries older than the 30 s
-    # lifetime are read again, in place) but no misses.
-    timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$dir/tokens.txt" --count "$SCALE" >/dev/null
-    again=$(rss)
-    {
-        echo "memory: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
-        echo "memory: cache misses while filling: $filled; misses on a second pass over the same tokens: $(( $(misses) - filled ))"
-    } | tee -a "$OUT/summary.txt"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    seeded="$WORK/memory-seed"; mkdir -p "$seeded" && chmod 700 "$seeded"
+    timeout 1800 "$KB" seed --database-url "sqlite://$seeded/keyplane.db" --count "$SCALE" --tokens-out "$seeded/tokens.txt" > "$seeded/seed.json"
+    memory_builds=("$KP")
+    [ -n "${KP_B:-}" ] && memory_builds+=("$KP_B")
+    for build in "${memory_builds[@]}"; do
+        label=""; [ "$build" != "$KP" ] && label=" (KP_B)"
+        dir="$WORK/memory"; rm -rf "$dir"; mkdir -p "$dir" && chmod 700 "$dir"
+        cp "$seeded"/keyplane.db* "$dir/"
+        KP="$build" start_keyplane 8095 "$dir" --database-url "sqlite://$dir/keyplane.db" --verify-cache-capacity $((SCALE + SCALE / 10))
+        pid="${PIDS[-1]}"
+        rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+        before=$(rss)
+        timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" \
+            | sed "s/^/memory$label: /" | tee -a "$OUT/summary.txt"
+        after=$(rss)
+        lookups() { curl -sf http://127.0.0.1:8095/metrics | awk -v result="$1" '$1 == "keyplane_verify_cache_lookups_total{result=\"" result "\"}" {print $2}'; }
+        filled=$(lookups miss)
+        # A second pass must find every credential still held: reloads (entries older than the 30 s
+        # lifetime are read again, and refreshed in place when unchanged) but no misses.
+        timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" >/dev/null
+        again=$(rss)
+        {
+            echo "memory$label: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
+            echo "memory$label: cache misses while filling: $filled; on a second pass over the same tokens: $(( $(lookups miss) - filled )) misses, $(lookups reload) reloads"
+        } | tee -a "$OUT/summary.txt"
+        stop_servers
+    done
 fi
 
 if [[ " $PARTS " == *" import "* ]]; then

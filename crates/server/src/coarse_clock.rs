@@ -24,11 +24,6 @@ pub(crate) fn instant_at(reading: std::time::Duration) -> Instant {
     imp::instant_at(reading)
 }
 
-/// What `since.elapsed()` would say, up to a tick; zero when `since` is a tick ahead of now.
-pub(crate) fn elapsed(since: Instant) -> std::time::Duration {
-    now().saturating_duration_since(since)
-}
-
 #[cfg(target_os = "linux")]
 mod imp {
     use super::*;
