@@ -94,8 +94,8 @@ pub struct Verified {
     /// in place instead of replacing it (a million reloads would otherwise reallocate the cache).
     loaded: AtomicU64,
     /// Unused: keeps an entry with its `Arc` counts at 200 bytes, in mimalloc's 224-byte class.
-    /// At 192 bytes (this field's absence) criterion's `cached_api_token_1000000` took 1.02-1.04 µs
-    /// against 0.93-0.94 µs, in interleaved runs (BENCHMARKS.md, "Eleventh sitting"); why that class
+    /// At 192 bytes (this field's absence) criterion's `cached_api_token_1000000` took 1.00-1.04 µs
+    /// against 0.90-0.94 µs, in interleaved runs (BENCHMARKS.md, "Eleventh sitting"); why that class
     /// is slower with a million entries was not found.
     _size_class: u64,
     pub(crate) last_use: crate::usage::LastUse,
