@@ -402,6 +402,7 @@ if [[ " $PARTS " == *" memory "* ]]; then
         timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" \
             | sed "s/^/memory$label: /" | tee -a "$OUT/summary.txt"
         after=$(rss)
+        filled_peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status")
         lookups() { curl -sf http://127.0.0.1:8095/metrics | awk -v result="$1" '$1 == "keyplane_verify_cache_lookups_total{result=\"" result "\"}" {print $2}'; }
         filled=$(lookups miss)
         # A second pass must find every credential still held: reloads (entries older than the 30 s
@@ -409,7 +410,7 @@ if [[ " $PARTS " == *" memory "* ]]; then
         timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" >/dev/null
         again=$(rss)
         {
-            echo "memory$label: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB"
+            echo "memory$label: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $filled_peak MiB during the fill, $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB in all"
             echo "memory$label: cache misses while filling: $filled; on a second pass over the same tokens: $(( $(lookups miss) - filled )) misses, $(lookups reload) reloads"
         } | tee -a "$OUT/summary.txt"
         stop_servers
