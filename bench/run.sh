@@ -389,6 +389,9 @@ if [[ " $PARTS " == *" memory "* ]]; then
     say "memory: $SCALE credentials cached in the server"
     seeded="$WORK/memory-seed"; mkdir -p "$seeded" && chmod 700 "$seeded"
     timeout 1800 "$KB" seed --database-url "sqlite://$seeded/keyplane.db" --count "$SCALE" --tokens-out "$seeded/tokens.txt" > "$seeded/seed.json"
+    # Of the server started last ($pid): its RSS in KiB, and its cache lookups with one result.
+    rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+    lookups() { curl -sf http://127.0.0.1:8095/metrics | awk -v result="$1" '$1 == "keyplane_verify_cache_lookups_total{result=\"" result "\"}" {print $2}'; }
     memory_builds=("$KP")
     [ -n "${KP_B:-}" ] && memory_builds+=("$KP_B")
     for build in "${memory_builds[@]}"; do
@@ -397,13 +400,11 @@ if [[ " $PARTS " == *" memory "* ]]; then
         cp "$seeded"/keyplane.db* "$dir/"
         KP="$build" start_keyplane 8095 "$dir" --database-url "sqlite://$dir/keyplane.db" --verify-cache-capacity $((SCALE + SCALE / 10))
         pid="${PIDS[-1]}"
-        rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
         before=$(rss)
         timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" \
             | sed "s/^/memory$label: /" | tee -a "$OUT/summary.txt"
         after=$(rss)
         filled_peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status")
-        lookups() { curl -sf http://127.0.0.1:8095/metrics | awk -v result="$1" '$1 == "keyplane_verify_cache_lookups_total{result=\"" result "\"}" {print $2}'; }
         filled=$(lookups miss)
         # A second pass must find every credential still held: reloads (entries older than the 30 s
         # lifetime are read again, and refreshed in place when unchanged) but no misses.

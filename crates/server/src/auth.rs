@@ -551,9 +551,11 @@ impl Verifier {
             .as_ref()
             .filter(|known| self.may_serve_stale(known))
             .cloned();
-        let retry_from = Instant::now() - STORE_RETRY_INTERVAL.min(self.epoch.elapsed());
+        let retry_from = self
+            .nanos_since_epoch()
+            .saturating_sub(u64::try_from(STORE_RETRY_INTERVAL.as_nanos()).unwrap_or(u64::MAX));
         if let Some(known) = servable.as_ref() {
-            if Self::marked_since(&self.store_fault_at, self.nanos_at(retry_from)) {
+            if Self::marked_since(&self.store_fault_at, retry_from) {
                 self.metrics
                     .verify_cache(crate::metrics::CacheOutcome::Stale);
                 return Ok(known.clone());
@@ -819,6 +821,13 @@ mod tests {
         );
     }
 
+    /// A SQLite store in a temporary directory, kept as long as the directory is.
+    async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = keyplane_store::sqlite_url_for_data_dir(dir.path());
+        (dir, keyplane_store::connect(&url).await.unwrap())
+    }
+
     /// An API token of `tenant` holding `scopes`, in the store.
     async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
@@ -841,10 +850,7 @@ mod tests {
     /// its cache entry, refreshed; one that finds it changed replaces the entry.
     #[tokio::test]
     async fn a_reload_refreshes_an_unchanged_entry_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir.path()))
-            .await
-            .unwrap();
+        let (_dir, store) = sqlite_store().await;
         let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
         let tenant = tenant.tenant.id;
         let mut config = crate::Config::default();
@@ -908,10 +914,7 @@ mod tests {
 
     #[tokio::test]
     async fn credentials_holding_the_same_scopes_in_one_organization_share_one_rights() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir.path()))
-            .await
-            .unwrap();
+        let (_dir, store) = sqlite_store().await;
         let one = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
         let two = crate::ops::create_org(store.as_ref(), "two").await.unwrap();
         let (one, two) = (one.tenant.id, two.tenant.id);
