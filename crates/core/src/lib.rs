@@ -31,5 +31,5 @@ pub use ids::{CredentialId, GrantId, TenantId, UserId};
 pub use policy::{CredentialPolicy, LeakAction, LifetimeRule};
 pub use registry::{Registry, RobotPermission};
 pub use scope::{Capability, Scope, ScopeSet};
-pub use secret::{Plaintext, PrivateKeyPem, TokenHash};
+pub use secret::{CacheKey, CacheKeyer, Plaintext, PrivateKeyPem, TokenHash};
 pub use webhook::{ActionPattern, DeliveryStatus, Webhook, WebhookSecret};

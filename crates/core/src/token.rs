@@ -127,6 +127,15 @@ pub fn mint(kind: CredentialKind, rng: &mut (impl RngCore + CryptoRng)) -> Minte
 
 /// Checks prefix, length, alphabet and checksum, then hashes. Does no I/O and never panics.
 pub fn parse(token: &str) -> Result<ParsedToken, FormatError> {
+    Ok(ParsedToken {
+        kind: kind_of(token)?,
+        hash: TokenHash::of(token),
+    })
+}
+
+/// The kind a token's format names, once its prefix, length, alphabet and checksum are checked:
+/// [`parse`] without the hash, for a caller that may not need it. No I/O, never panics.
+pub fn kind_of(token: &str) -> Result<CredentialKind, FormatError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(FormatError::Length);
     }
@@ -155,10 +164,7 @@ pub fn parse(token: &str) -> Result<ParsedToken, FormatError> {
     if crc32fast::hash(covered) != u32::from_be_bytes(expected) {
         return Err(FormatError::Checksum);
     }
-    Ok(ParsedToken {
-        kind: format.kind,
-        hash: TokenHash::of(token),
-    })
+    Ok(format.kind)
 }
 
 fn display_of(format: &Format, text: &str) -> TokenDisplay {

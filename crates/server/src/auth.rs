@@ -1,5 +1,6 @@
-//! Verification, the hot path: parse and checksum with no I/O, SHA-256, a bounded in-memory cache
-//! (positive entries, and short negative ones for unknown secrets), the store on a miss, then
+//! Verification, the hot path: parse and checksum with no I/O, a keyed hash ([`CacheKey`]), a
+//! bounded in-memory cache (positive entries, and short negative ones for unknown secrets), the
+//! store on a miss (by SHA-256, as it keeps secrets), then
 //! revocation and expiry, then coalesced `last_used_at`. Every failure is the same 401 to the
 //! client; the reason goes to the log and metrics.
 //!
@@ -33,8 +34,8 @@ use crate::oidc::{Oidc, OidcConfig};
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
 use keyplane_core::{
-    token, Credential, CredentialIdentity, CredentialKind, Principal, Registry, ScopeSet,
-    SecretGate, SecretSlot, TenantId, TokenHash,
+    token, CacheKey, CacheKeyer, Credential, CredentialIdentity, CredentialKind, Principal,
+    Registry, ScopeSet, SecretGate, SecretSlot, TenantId, TokenHash,
 };
 use keyplane_store::{Invalidation, Store};
 use std::collections::HashMap;
@@ -179,9 +180,12 @@ pub(crate) struct Verifier {
     usage: Arc<UsageRecorder>,
     metrics: Metrics,
     config: CacheConfig,
-    cache: quick_cache::sync::Cache<TokenHash, Arc<Verified>>,
+    /// Known credentials, by the presented secret's [`CacheKey`].
+    cache: quick_cache::sync::Cache<CacheKey, Arc<Verified>>,
     /// Unknown secrets, until when they are known to be unknown.
-    unknown: quick_cache::sync::Cache<TokenHash, Instant>,
+    unknown: quick_cache::sync::Cache<CacheKey, Instant>,
+    /// The caches' keys: a keyed hash, cheaper than the SHA-256 a miss looks up.
+    keys: CacheKeyer,
     /// The origin of the instants below, kept as atomics for the hot path.
     epoch: Instant,
     /// When an [`Invalidation::Reset`] last arrived (nanoseconds after `epoch`, 0: never): every
@@ -199,7 +203,7 @@ pub(crate) struct Verifier {
     any_invalidated: AtomicBool,
     /// `None` when no issuer is configured: then no JWT authenticates.
     oidc: Option<Oidc>,
-    users: quick_cache::sync::Cache<TokenHash, CachedUser>,
+    users: quick_cache::sync::Cache<CacheKey, CachedUser>,
     /// Known credentials presented when revoked, expired or of the wrong kind.
     refusals: Arc<crate::audit::Refusals>,
     /// What expiry, grace periods and suspension are judged against.
@@ -226,6 +230,7 @@ impl Verifier {
             canaries: CanaryAlarm::new(store.clone(), clock.clone()),
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
+            keys: CacheKeyer::random(),
             epoch: Instant::now(),
             reset_at: AtomicU64::new(0),
             store_fault_at: AtomicU64::new(0),
@@ -459,27 +464,29 @@ impl Verifier {
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
     /// and of the kind its format says. Reads no clock.
     async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let parsed = Self::parse(presented)?;
-        let verified = match self.lookup_cached(&parsed.hash) {
+        let kind = Self::kind_of(presented)?;
+        let key = self.keys.key(presented);
+        let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
-            None => self.lookup_stored(&parsed.hash).await?,
+            None => self.lookup_stored(key, presented).await?,
         };
-        Self::of_kind(verified, parsed.kind)
+        Self::of_kind(verified, kind)
     }
 
     /// [`Self::find`] from the caches alone: `None` when only the store can tell.
     fn find_cached(&self, presented: &str) -> Option<Result<Arc<Verified>, AppError>> {
-        let parsed = match Self::parse(presented) {
-            Ok(parsed) => parsed,
+        let kind = match Self::kind_of(presented) {
+            Ok(kind) => kind,
             Err(malformed) => return Some(Err(malformed)),
         };
-        let found = self.lookup_cached(&parsed.hash)?;
-        Some(found.and_then(|verified| Self::of_kind(verified, parsed.kind)))
+        let found = self.lookup_cached(&self.keys.key(presented))?;
+        Some(found.and_then(|verified| Self::of_kind(verified, kind)))
     }
 
-    /// `presented`'s format checked and its hash taken (`token::parse`), or a malformed secret.
-    fn parse(presented: &str) -> Result<token::ParsedToken, AppError> {
-        token::parse(presented).map_err(|_| AppError::Unauthenticated("malformed"))
+    /// The kind `presented`'s format names, once checked (`token::kind_of`), or a malformed
+    /// secret.
+    fn kind_of(presented: &str) -> Result<CredentialKind, AppError> {
+        token::kind_of(presented).map_err(|_| AppError::Unauthenticated("malformed"))
     }
 
     /// A secret's format names its kind: one that found another kind's credential is unknown.
@@ -517,12 +524,12 @@ impl Verifier {
     /// `None` when only the store can tell ([`Self::lookup_stored`]). Known credentials are looked
     /// up first: they are what a verification finds almost always, and a hash is never in both
     /// caches (loading one drops it from the other).
-    fn lookup_cached(&self, hash: &TokenHash) -> Option<Result<Arc<Verified>, AppError>> {
-        let cached = self.cache.get(hash);
+    fn lookup_cached(&self, key: &CacheKey) -> Option<Result<Arc<Verified>, AppError>> {
+        let cached = self.cache.get(key);
         if cached.is_none()
             && self
                 .unknown
-                .get(hash)
+                .get(key)
                 .is_some_and(|until| Instant::now() < until)
         {
             self.metrics
@@ -541,8 +548,12 @@ impl Verifier {
 
     /// The store, for what the caches could not answer ([`Self::lookup_cached`]); an entry past
     /// its time to live answers, stale, when the store cannot.
-    async fn lookup_stored(&self, hash: &TokenHash) -> Result<Arc<Verified>, AppError> {
-        let cached = self.cache.get(hash);
+    async fn lookup_stored(
+        &self,
+        key: CacheKey,
+        presented: &str,
+    ) -> Result<Arc<Verified>, AppError> {
+        let cached = self.cache.get(&key);
         let outcome = match cached {
             Some(_) => crate::metrics::CacheOutcome::Reload,
             None => crate::metrics::CacheOutcome::Miss,
@@ -565,7 +576,7 @@ impl Verifier {
         // Boxed: the load's state (the store's answer, a whole record) would otherwise be part of
         // every verification's future, a cache hit's too, and make each one that much larger to
         // build and move (callgrind: ~2 KiB futures, a memcpy of them per request).
-        match Box::pin(self.load(hash, cached.as_ref())).await {
+        match Box::pin(self.load(key, presented, cached.as_ref())).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
                     .store(self.nanos_since_epoch(), Ordering::Release);
@@ -589,22 +600,24 @@ impl Verifier {
             .credential_refused(credential, reason, &self.metrics);
     }
 
-    /// Reads `hash`'s credential from the store and caches what it found; `cached` is the entry
-    /// this reload replaces, refreshed in place instead when the credential has not changed.
+    /// Reads `presented`'s credential from the store (by its SHA-256, as the store keeps it) and
+    /// caches what it found under `key`; `cached` is the entry this reload replaces, refreshed in
+    /// place instead when the credential has not changed.
     async fn load(
         &self,
-        hash: &TokenHash,
+        key: CacheKey,
+        presented: &str,
         cached: Option<&Arc<Verified>>,
     ) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
-        let found = self.store.find_credential_by_hash(hash).await?;
+        let hash = TokenHash::of(presented);
+        let found = self.store.find_credential_by_hash(&hash).await?;
         if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
             self.refuse(&revoked.identity(), "revoked");
         }
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
-            self.cache.remove(hash);
-            self.unknown
-                .insert(*hash, loaded + self.config.negative_ttl);
+            self.cache.remove(&key);
+            self.unknown.insert(key, loaded + self.config.negative_ttl);
             return Err(AppError::Unauthenticated(REVOKED));
         };
         // A canary holds nothing, whatever scopes or grants it was given for show.
@@ -613,7 +626,7 @@ impl Verifier {
         } else {
             crate::ops::rights_of(self.store.as_ref(), &credential).await?
         };
-        let secret = if credential.secret_hash.matches(hash) {
+        let secret = if credential.secret_hash.matches(&hash) {
             SecretSlot::Current
         } else {
             SecretSlot::Previous
@@ -644,12 +657,12 @@ impl Verifier {
                 last_use: Default::default(),
                 credential: identity,
                 rights,
-                previous_hash: (secret == SecretSlot::Previous).then(|| Box::new(*hash)),
+                previous_hash: (secret == SecretSlot::Previous).then(|| Box::new(hash)),
                 canary: credential.canary.then(|| Box::new(credential)),
             }),
         };
-        self.unknown.remove(hash);
-        self.cache.insert(*hash, verified.clone());
+        self.unknown.remove(&key);
+        self.cache.insert(key, verified.clone());
         Ok(verified)
     }
 
@@ -689,8 +702,8 @@ impl Verifier {
         let oidc = self.oidc.as_ref().ok_or(AppError::Unauthenticated(
             "jwt but no oidc issuer configured",
         ))?;
-        let hash = TokenHash::of(token);
-        if let Some(hit) = self.users.get(&hash) {
+        let key = self.keys.key(token);
+        if let Some(hit) = self.users.get(&key) {
             if Instant::now() < hit.until && !self.invalidated_since(hit.principal.id(), hit.loaded)
             {
                 return Ok(hit.principal);
@@ -705,7 +718,7 @@ impl Verifier {
             .to_std()
             .unwrap_or(Duration::ZERO);
         self.users.insert(
-            hash,
+            key,
             CachedUser {
                 principal: principal.clone(),
                 loaded,
@@ -872,7 +885,7 @@ mod tests {
             "and it counts as just loaded"
         );
         assert!(Arc::ptr_eq(
-            &verifier.cache.get(&TokenHash::of(secret)).unwrap(),
+            &verifier.cache.get(&verifier.keys.key(secret)).unwrap(),
             &first
         ));
 
@@ -904,7 +917,7 @@ mod tests {
         suspend(true).await;
         outlive().await;
         assert!(app.verify_secret(secret).await.is_err(), "suspended");
-        let suspended = verifier.cache.get(&TokenHash::of(secret)).unwrap();
+        let suspended = verifier.cache.get(&verifier.keys.key(secret)).unwrap();
         assert!(!Arc::ptr_eq(&suspended, &first), "changed: a new entry");
         suspend(false).await;
         outlive().await;

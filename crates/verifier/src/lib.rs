@@ -1,7 +1,8 @@
 //! Verify keyplane credentials inside a Rust service, without a network hop per request.
 //!
 //! [`Verifier::verify`] checks a presented token's format and CRC32 locally (garbage never leaves
-//! the process), answers from a cache keyed by the token's SHA-256, and on a miss asks keyplane
+//! the process), answers from a cache keyed by a keyed hash of the token (never the token itself),
+//! and on a miss asks keyplane
 //! (`POST /oauth2/introspect`, with a credential holding `tokens:verify`). A background task
 //! follows keyplane's revocation stream (`GET /v1/revocations/stream`): each revoke, rotation,
 //! suspension, grant change, expiry or leak of the organization drops the cached answers of that
@@ -26,7 +27,7 @@
 //!
 //! The server's heartbeat interval (15 s by default) must be well below `max_staleness`.
 
-use keyplane_core::CredentialKind;
+use keyplane_core::{CacheKey, CacheKeyer, CredentialKind};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -193,10 +194,10 @@ struct Entry {
 /// below, which keep the index equal to the accepted entries' keys.
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<[u8; 32], Entry>,
+    entries: HashMap<CacheKey, Entry>,
     /// Credential id -> the keys of its accepted answers: one secret, two during a rotation's
     /// grace period, so a short list. Refusals name no credential and are not indexed.
-    by_credential: HashMap<String, Vec<[u8; 32]>>,
+    by_credential: HashMap<String, Vec<CacheKey>>,
     /// Bumped by every invalidation: an answer fetched across one is not cached.
     generation: u64,
     /// Credentials changed in the last [`RECENT`]: their answers are not cached yet, since the
@@ -209,7 +210,7 @@ struct Cache {
 const RECENT: Duration = Duration::from_secs(2);
 
 impl Cache {
-    fn insert(&mut self, key: [u8; 32], entry: Entry) {
+    fn insert(&mut self, key: CacheKey, entry: Entry) {
         // Unindexes the answer it replaces, whichever credential that one named.
         self.remove(&key);
         if let Some(identity) = &entry.identity {
@@ -222,14 +223,14 @@ impl Cache {
     }
 
     /// Inserts, first making room if the cache holds `max` answers.
-    fn admit(&mut self, key: [u8; 32], entry: Entry, max: usize) {
+    fn admit(&mut self, key: CacheKey, entry: Entry, max: usize) {
         if self.entries.len() >= max && !self.entries.contains_key(&key) {
             self.make_room(max);
         }
         self.insert(key, entry);
     }
 
-    fn remove(&mut self, key: &[u8; 32]) {
+    fn remove(&mut self, key: &CacheKey) {
         if let Some(Entry {
             identity: Some(identity),
             ..
@@ -239,7 +240,7 @@ impl Cache {
         }
     }
 
-    fn unindex(&mut self, credential_id: &str, key: &[u8; 32]) {
+    fn unindex(&mut self, credential_id: &str, key: &CacheKey) {
         if let Some(keys) = self.by_credential.get_mut(credential_id) {
             keys.retain(|k| k != key);
             if keys.is_empty() {
@@ -265,7 +266,7 @@ impl Cache {
     fn make_room(&mut self, max: usize) {
         let target = max.saturating_sub(max / 10 + 1);
         let now = Instant::now();
-        let expired: Vec<[u8; 32]> = self
+        let expired: Vec<CacheKey> = self
             .entries
             .iter()
             .filter(|(_, entry)| entry.until <= now)
@@ -275,7 +276,7 @@ impl Cache {
             self.remove(&key);
         }
         let excess = self.entries.len().saturating_sub(target);
-        let arbitrary: Vec<[u8; 32]> = self.entries.keys().take(excess).copied().collect();
+        let arbitrary: Vec<CacheKey> = self.entries.keys().take(excess).copied().collect();
         for key in arbitrary {
             self.remove(&key);
         }
@@ -315,6 +316,8 @@ struct Inner {
     http: reqwest::Client,
     introspect_url: String,
     cache: Mutex<Cache>,
+    /// The cache's keys: a keyed hash of the token, never the token itself.
+    keys: CacheKeyer,
     counters: Counters,
     /// When the stream last delivered anything (an event or a heartbeat); `None`: never.
     last_contact: Mutex<Option<Instant>>,
@@ -362,6 +365,7 @@ impl Verifier {
             http,
             config,
             cache: Mutex::new(Cache::default()),
+            keys: CacheKeyer::random(),
             counters: Counters::default(),
             last_contact: Mutex::new(None),
         });
@@ -389,12 +393,12 @@ impl Verifier {
     }
 
     async fn verify_inner(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {
-        let parsed = keyplane_core::token::parse(token).map_err(|_| VerifyError::Malformed)?;
+        let kind = keyplane_core::token::kind_of(token).map_err(|_| VerifyError::Malformed)?;
         // Robot secrets log in to the registry only; keyplane would say inactive.
-        if parsed.kind == CredentialKind::RobotAccount {
+        if kind == CredentialKind::RobotAccount {
             return Err(VerifyError::Inactive);
         }
-        let key = *parsed.hash.as_bytes();
+        let key = self.inner.keys.key(token);
         let counters = &self.inner.counters;
         if self.is_stale() {
             match self.inner.config.stale_policy {
@@ -415,7 +419,7 @@ impl Verifier {
         self.introspect(token, key, true).await
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<Result<Arc<Identity>, VerifyError>> {
+    fn cached(&self, key: &CacheKey) -> Option<Result<Arc<Identity>, VerifyError>> {
         let cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
         let entry = cache.entries.get(key)?;
         if entry.until <= Instant::now() {
@@ -430,7 +434,7 @@ impl Verifier {
     async fn introspect(
         &self,
         token: &str,
-        key: [u8; 32],
+        key: CacheKey,
         cache: bool,
     ) -> Result<Arc<Identity>, VerifyError> {
         let inner = &self.inner;
@@ -581,6 +585,7 @@ fn expired(identity: &Identity) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[tokio::test]
     async fn garbage_is_refused_without_a_request_and_the_verifier_starts_stale() {
@@ -617,10 +622,9 @@ mod tests {
         }
     }
 
-    fn key(n: u32) -> [u8; 32] {
-        let mut key = [0u8; 32];
-        key[..4].copy_from_slice(&n.to_le_bytes());
-        key
+    fn key(n: u32) -> CacheKey {
+        static KEYS: std::sync::LazyLock<CacheKeyer> = std::sync::LazyLock::new(CacheKeyer::random);
+        KEYS.key(&n.to_string())
     }
 
     /// The index names exactly the accepted entries' keys, under their own credentials.
@@ -650,6 +654,7 @@ mod tests {
             http: reqwest::Client::new(),
             introspect_url: String::new(),
             cache: Mutex::new(Cache::default()),
+            keys: CacheKeyer::random(),
             counters: Counters::default(),
             last_contact: Mutex::new(None),
         }
@@ -669,9 +674,8 @@ mod tests {
         }
         inner.invalidate("A");
         let cache = inner.cache.lock().unwrap();
-        let mut left: Vec<[u8; 32]> = cache.entries.keys().copied().collect();
-        left.sort();
-        assert_eq!(left, [key(3), key(4)]);
+        let left: HashSet<CacheKey> = cache.entries.keys().copied().collect();
+        assert_eq!(left, HashSet::from([key(3), key(4)]));
         assert!(cache.by_credential.contains_key("B") && !cache.by_credential.contains_key("A"));
         assert!(cache.is_recent("A", Instant::now()) && !cache.is_recent("B", Instant::now()));
         assert_eq!(cache.generation, 1);
