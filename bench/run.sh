@@ -392,6 +392,18 @@ if [[ " $PARTS " == *" memory "* ]]; then
     # Of the server started last ($pid): its RSS in KiB, and its cache lookups with one result.
     rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
     lookups() { curl -sf http://127.0.0.1:8095/metrics | awk -v result="$1" '$1 == "keyplane_verify_cache_lookups_total{result=\"" result "\"}" {print $2}'; }
+    # Of $pid, until the file $1 exists: every 0.05 s its RSS split; prints the split of the largest
+    # (MiB: all, anonymous, file-backed, shared memory), to tell what a peak is made of.
+    rss_split_at_peak() {
+        local stop="$1" best="0 0 0 0" sample
+        until [ -e "$stop" ]; do
+            sample=$(awk '/^VmRSS:/ {r = $2} /^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} /^RssShmem:/ {s = $2}
+                END {printf "%d %d %d %d", r / 1024, a / 1024, f / 1024, s / 1024}' "/proc/$pid/status") || break
+            [ "${sample%% *}" -gt "${best%% *}" ] && best="$sample"
+            sleep 0.05
+        done
+        echo "$best"
+    }
     memory_builds=("$KP")
     [ -n "${KP_B:-}" ] && memory_builds+=("$KP_B")
     for build in "${memory_builds[@]}"; do
@@ -401,18 +413,27 @@ if [[ " $PARTS " == *" memory "* ]]; then
         KP="$build" start_keyplane 8095 "$dir" --database-url "sqlite://$dir/keyplane.db" --verify-cache-capacity $((SCALE + SCALE / 10))
         pid="${PIDS[-1]}"
         before=$(rss)
+        rm -f "$dir/filled" "$dir/passed"
+        rss_split_at_peak "$dir/filled" > "$dir/fill-peak" &
         timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" \
             | sed "s/^/memory$label: /" | tee -a "$OUT/summary.txt"
+        touch "$dir/filled"; wait $!
         after=$(rss)
         filled_peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status")
         filled=$(lookups miss)
         # A second pass must find every credential still held: reloads (entries older than the 30 s
         # lifetime are read again, and refreshed in place when unchanged) but no misses.
+        rss_split_at_peak "$dir/passed" > "$dir/pass-peak" &
         timeout 1800 taskset -c "$CLIENT_CPU" "$KB" cold-verify --base http://127.0.0.1:8095 --tokens "$seeded/tokens.txt" --count "$SCALE" >/dev/null
+        touch "$dir/passed"; wait $!
         again=$(rss)
         {
             echo "memory$label: RSS $((before / 1024)) MiB started, $((after / 1024)) MiB with $SCALE cached ($(( (after - before) * 1024 / SCALE )) bytes per credential), $((again / 1024)) MiB after the second pass; peak $filled_peak MiB during the fill, $(awk '/VmHWM/ {print $2 / 1024}' "/proc/$pid/status") MiB in all"
             echo "memory$label: cache misses while filling: $filled; on a second pass over the same tokens: $(( $(lookups miss) - filled )) misses, $(lookups reload) reloads"
+            for pass in fill pass; do
+                read -r all anon file shmem < "$dir/$pass-peak"
+                echo "memory$label: largest RSS sampled during the $pass (every 0.05 s): $all MiB = $anon anonymous + $file file-backed + $shmem shared"
+            done
         } | tee -a "$OUT/summary.txt"
         stop_servers
     done

@@ -797,7 +797,7 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use keyplane_core::{FieldPath, NewCredential, Plaintext};
 
@@ -835,14 +835,14 @@ mod tests {
     }
 
     /// A SQLite store in a temporary directory, kept as long as the directory is.
-    async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    pub(crate) async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
         let url = keyplane_store::sqlite_url_for_data_dir(dir.path());
         (dir, keyplane_store::connect(&url).await.unwrap())
     }
 
     /// An API token of `tenant` holding `scopes`, in the store.
-    async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {
+    pub(crate) async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let (credential, secret) = NewCredential {
             tenant_id: tenant,

@@ -1,6 +1,7 @@
 //! `last_used_at`, coalesced: a use is an atomic store into the cached verification it hit, and a
-//! credential joins the flush queue only on its first use since the last flush. One batch per flush
-//! period reaches the store, never one write per request, and the hot path touches no shared map.
+//! credential joins the flush queue only on its first use since the last flush. Once per flush
+//! period the queue reaches the store, in batches of at most [`FLUSH_CHUNK`] uses, never one write
+//! per request, and the hot path touches no shared map.
 
 use crate::auth::Verified;
 use chrono::DateTime;
@@ -16,9 +17,17 @@ pub(crate) struct LastUse {
     queued: AtomicBool,
 }
 
+/// At most this many uses per store write. A batch is built as it is written: a backlog (the store
+/// writing slower than credentials are used) costs its queue, a pointer per credential, and not a
+/// copy of every pending use at once, which with a million credentials was a spike of ~90 MiB
+/// (BENCHMARKS.md, "Twelfth sitting").
+const FLUSH_CHUNK: usize = 4096;
+
 pub(crate) struct UsageRecorder {
     store: Arc<dyn Store>,
     queue: Mutex<Vec<Arc<Verified>>>,
+    /// Uses per store write: [`FLUSH_CHUNK`], smaller in tests.
+    chunk: usize,
     /// Held while a batch is written, so that a flush returns only once every use recorded before
     /// it is in the store, even when another flush had already taken part of the queue.
     flushing: tokio::sync::Mutex<()>,
@@ -26,9 +35,14 @@ pub(crate) struct UsageRecorder {
 
 impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_chunk(store, FLUSH_CHUNK)
+    }
+
+    fn with_chunk(store: Arc<dyn Store>, chunk: usize) -> Self {
         Self {
             store,
             queue: Mutex::new(Vec::new()),
+            chunk,
             flushing: tokio::sync::Mutex::new(()),
         }
     }
@@ -39,43 +53,124 @@ impl UsageRecorder {
         marker.at_micros.fetch_max(at_micros, Ordering::Relaxed);
         // Read before swapping: the common case (already queued) stays a shared cache line.
         if !marker.queued.load(Ordering::Relaxed) && !marker.queued.swap(true, Ordering::AcqRel) {
-            self.queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(verified.clone());
+            self.lock_queue().push(verified.clone());
         }
     }
 
     pub async fn flush(&self) {
         let _one_at_a_time = self.flushing.lock().await;
-        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-        if queued.is_empty() {
-            return;
-        }
-        let batch: Vec<_> = queued
-            .iter()
-            .filter_map(|verified| {
-                // Clear first: a use racing with this flush re-queues itself.
-                verified.last_use.queued.store(false, Ordering::Release);
-                let micros = verified.last_use.at_micros.load(Ordering::Relaxed);
-                DateTime::from_timestamp_micros(micros).map(|at| CredentialUse {
-                    id: verified.credential.id,
-                    at,
-                    previous_secret: verified.previous_hash(),
+        let mut queued = std::mem::take(&mut *self.lock_queue());
+        // In id order, which is creation order: consecutive updates find their rows on the same
+        // store pages.
+        queued.sort_unstable_by_key(|verified| verified.credential.id);
+        let mut unwritten = queued.as_slice();
+        while !unwritten.is_empty() {
+            let (chunk, rest) = unwritten.split_at(unwritten.len().min(self.chunk));
+            let batch: Vec<_> = chunk
+                .iter()
+                .filter_map(|verified| {
+                    // Clear first: a use racing with this write re-queues itself.
+                    verified.last_use.queued.store(false, Ordering::Release);
+                    let micros = verified.last_use.at_micros.load(Ordering::Relaxed);
+                    DateTime::from_timestamp_micros(micros).map(|at| CredentialUse {
+                        id: verified.credential.id,
+                        at,
+                        previous_secret: verified.previous_hash(),
+                    })
                 })
-            })
-            .collect();
-        if let Err(error) = self.store.record_last_used(&batch).await {
-            // Requeue so the next flush retries, keeping any newer uses.
-            tracing::warn!(error = %error, count = batch.len(), "could not record last_used_at; will retry");
-            for verified in queued {
-                if !verified.last_use.queued.swap(true, Ordering::AcqRel) {
-                    self.queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(verified);
-                }
+                .collect();
+            if let Err(error) = self.store.record_last_used(&batch).await {
+                tracing::warn!(error = %error, count = unwritten.len(), "could not record last_used_at; will retry");
+                self.requeue(chunk, rest);
+                return;
+            }
+            unwritten = rest;
+        }
+    }
+
+    /// Queues again what a failed flush did not write, keeping any newer uses: `failed`, whose
+    /// markers that flush cleared (unless a use queued one again meanwhile), and `unread`, which
+    /// are still marked queued.
+    fn requeue(&self, failed: &[Arc<Verified>], unread: &[Arc<Verified>]) {
+        let mut queue = self.lock_queue();
+        for verified in failed {
+            if !verified.last_use.queued.swap(true, Ordering::AcqRel) {
+                queue.push(verified.clone());
             }
         }
+        queue.extend_from_slice(unread);
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Verified>>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::tests::{sqlite_store, token};
+
+    /// `count` API tokens of one organization, each verified once: their cache entries, with the
+    /// app's own recorder flushed, so that no use is queued.
+    async fn used(store: &Arc<dyn Store>, count: usize) -> (crate::App, Vec<Arc<Verified>>) {
+        let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let app = crate::App::new(store.clone(), crate::Config::default());
+        let mut verified = Vec::new();
+        for _ in 0..count {
+            let secret = token(store.as_ref(), tenant.tenant.id, &["deploy"]).await;
+            verified.push(app.verify_secret(secret.expose_secret()).await.unwrap());
+        }
+        app.flush_usage().await;
+        (app, verified)
+    }
+
+    /// Seven uses in batches of two: four writes, the last one short, and every use recorded.
+    #[tokio::test]
+    async fn a_flush_writes_every_use_in_batches() {
+        let (_dir, store) = sqlite_store().await;
+        let (_app, verified) = used(&store, 7).await;
+        let recorder = UsageRecorder::with_chunk(store.clone(), 2);
+        let at = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+        for entry in &verified {
+            recorder.record(entry, at.timestamp_micros());
+        }
+        recorder.flush().await;
+        assert!(recorder.lock_queue().is_empty());
+        for entry in &verified {
+            let identity = &entry.credential;
+            let stored = store
+                .get_credential(identity.tenant_id, identity.kind, identity.id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.last_used_at, Some(at), "{}", entry.credential.id);
+        }
+    }
+
+    /// A flush that cannot write keeps every use queued, the batch it tried and the ones after it,
+    /// each once.
+    #[tokio::test]
+    async fn a_failed_flush_keeps_every_use_queued() {
+        let (_dir, store) = sqlite_store().await;
+        let (_app, verified) = used(&store, 5).await;
+        let recorder = UsageRecorder::with_chunk(store.clone(), 2);
+        for entry in &verified {
+            recorder.record(entry, 1_900_000_000_000_000);
+        }
+        store.close().await;
+        recorder.flush().await;
+        let mut queued: Vec<_> = recorder
+            .lock_queue()
+            .iter()
+            .map(|v| v.credential.id)
+            .collect();
+        queued.sort();
+        let mut expected: Vec<_> = verified.iter().map(|v| v.credential.id).collect();
+        expected.sort();
+        assert_eq!(queued, expected);
+        assert!(verified
+            .iter()
+            .all(|v| v.last_use.queued.load(Ordering::Acquire)));
     }
 }
