@@ -464,8 +464,7 @@ impl Verifier {
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
     /// and of the kind its format says. Reads no clock.
     async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let kind = Self::kind_of(presented)?;
-        let key = self.keys.key(presented);
+        let (kind, key) = self.parse(presented)?;
         let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
             None => self.lookup_stored(key, presented).await?,
@@ -475,18 +474,19 @@ impl Verifier {
 
     /// [`Self::find`] from the caches alone: `None` when only the store can tell.
     fn find_cached(&self, presented: &str) -> Option<Result<Arc<Verified>, AppError>> {
-        let kind = match Self::kind_of(presented) {
-            Ok(kind) => kind,
+        let (kind, key) = match self.parse(presented) {
+            Ok(parsed) => parsed,
             Err(malformed) => return Some(Err(malformed)),
         };
-        let found = self.lookup_cached(&self.keys.key(presented))?;
+        let found = self.lookup_cached(&key)?;
         Some(found.and_then(|verified| Self::of_kind(verified, kind)))
     }
 
-    /// The kind `presented`'s format names, once checked (`token::kind_of`), or a malformed
-    /// secret.
-    fn kind_of(presented: &str) -> Result<CredentialKind, AppError> {
-        token::kind_of(presented).map_err(|_| AppError::Unauthenticated("malformed"))
+    /// The kind `presented`'s format names, once checked (`token::kind_of`), and its key in the
+    /// caches; or a malformed secret.
+    fn parse(&self, presented: &str) -> Result<(CredentialKind, CacheKey), AppError> {
+        let kind = token::kind_of(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
+        Ok((kind, self.keys.key(presented)))
     }
 
     /// A secret's format names its kind: one that found another kind's credential is unknown.
@@ -522,7 +522,7 @@ impl Verifier {
 
     /// What the caches say of `hash`: a fresh known credential, or one known to be unknown;
     /// `None` when only the store can tell ([`Self::lookup_stored`]). Known credentials are looked
-    /// up first: they are what a verification finds almost always, and a hash is never in both
+    /// up first: they are what a verification finds almost always, and a key is never in both
     /// caches (loading one drops it from the other).
     fn lookup_cached(&self, key: &CacheKey) -> Option<Result<Arc<Verified>, AppError>> {
         let cached = self.cache.get(key);
