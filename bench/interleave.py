@@ -3,7 +3,8 @@
 ratio to the first server's in the same round. On a VM whose speed drifts by 5-10% within
 minutes, the ratio of two runs seconds apart is steadier than the ratio of two 10-second runs a
 minute apart (BENCHMARKS.md, "Seventh sitting"). Also the servers' own CPU time per request, from
-/proc.
+/proc, and how busy the server's CPU and the load generator's were: a run whose load generator is
+busier than its server measures the load generator.
 
 usage: interleave.py ROUNDS SECONDS NAME=URL=PID=LUA[=VAR:VALUE]... ...
   the first server is the baseline; each VAR:VALUE is set in the environment of that server's wrk
@@ -13,9 +14,11 @@ usage: interleave.py ROUNDS SECONDS NAME=URL=PID=LUA[=VAR:VALUE]... ...
 """
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
+import time
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -26,12 +29,20 @@ def cpu_ticks(pid):
     return int(fields[11]), int(fields[12])
 
 
+def children_cpu():
+    """User plus kernel seconds of this process's waited-for children (wrk, through taskset)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(url, pid, lua, variables, seconds):
     before = cpu_ticks(pid)
     env = dict(os.environ, **variables)
     wrk = ["taskset", "-c", os.environ.get("CLIENT_CPU", "0"), "wrk", "-t1", "-c32",
            f"-d{seconds}s", "--timeout", "5s", "-s", lua, url]
+    client_before, started = children_cpu(), time.monotonic()
     out = subprocess.run(wrk, capture_output=True, text=True, env=env, timeout=60 + 2 * int(seconds)).stdout
+    wall, client = time.monotonic() - started, children_cpu() - client_before
     after = cpu_ticks(pid)
     bad = re.search(r"_responses: (\d+)", out) or re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad and int(bad.group(1)):
@@ -39,7 +50,8 @@ def run(url, pid, lua, variables, seconds):
     served = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     per_request = [(a - b) / HZ / served * 1e6 for a, b in zip(after, before)]
-    return rps, per_request
+    busy = (sum(after) - sum(before)) / HZ / wall, client / wall
+    return rps, per_request, busy
 
 
 def main():
@@ -50,14 +62,17 @@ def main():
         servers.append((name, url, int(pid), lua, dict(v.split(":", 1) for v in variables)))
     rps = {s[0]: [] for s in servers}
     cpu = {s[0]: [] for s in servers}
+    busy = {s[0]: [] for s in servers}
     for r in range(rounds):
         # Each server takes each place in the order in turn.
         for name, url, pid, lua, variables in servers[r % len(servers):] + servers[:r % len(servers)]:
-            got, per_request = run(url, pid, lua, variables, seconds)
+            got, per_request, how_busy = run(url, pid, lua, variables, seconds)
             rps[name].append(got)
             cpu[name].append(per_request)
+            busy[name].append(how_busy)
         print(f"round {r + 1}: " + " ".join(f"{s[0]} {rps[s[0]][-1]:.0f}" for s in servers), flush=True)
     print_table(servers, rps, cpu, servers[0][0], rounds, seconds)
+    print_busy(servers, busy, seconds)
     # And with the server named in $ALSO_BASE (e.g. a peer), if any.
     also = os.environ.get("ALSO_BASE")
     if also:
@@ -67,6 +82,16 @@ def main():
         if "(" in name and name.startswith(servers[0][0] + " ("):
             how = name[name.index("("):]
             print_table([s for s in servers if s[0].endswith(how)], rps, cpu, name, rounds, seconds)
+
+
+def print_busy(servers, busy, seconds):
+    """How busy each run kept the server's CPU and the load generator's, over its wall time."""
+    print(f"\n| server | server CPU busy, median of the {seconds} s runs | load generator CPU busy |")
+    print("|---|---|---|")
+    for name, *_ in servers:
+        server = statistics.median(b[0] for b in busy[name])
+        client = statistics.median(b[1] for b in busy[name])
+        print(f"| {name} | {100 * server:.0f}% | {100 * client:.0f}% |")
 
 
 def print_table(servers, rps, cpu, base, rounds, seconds):

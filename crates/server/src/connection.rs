@@ -21,6 +21,7 @@ use crate::client_addr::TrustedProxies;
 use crate::config::HttpLimits;
 use crate::tls::CurrentTls;
 use axum::http::Request;
+use futures::future::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
@@ -30,12 +31,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{unconstrained, JoinSet};
 use tokio::time::Instant;
 
 /// Streams one HTTP/2 connection may have open at once.
@@ -167,11 +168,20 @@ impl Connection {
                     axum::body::Body::new(DeadlineBody::new(body, body_timeout))
                 }
             });
-            let (response, requests) = (front.serve(request, client), requests.clone());
-            async move {
-                let response = response.await;
-                requests.request_finished();
-                response
+            match front.serve(request, client) {
+                // Answered at once, as most verifications are: nothing to wait for.
+                Either::Left(answered) => {
+                    requests.request_finished();
+                    Either::Left(answered)
+                }
+                Either::Right(answering) => {
+                    let requests = requests.clone();
+                    Either::Right(async move {
+                        let response = answering.await;
+                        requests.request_finished();
+                        response
+                    })
+                }
             }
         });
         let Some(config) = self.tls.clone() else {
@@ -205,27 +215,100 @@ impl Connection {
 
     /// Runs `connection` under the watchdog until it ends, is too slow or idle, or the server
     /// stops (gracefully: the request in progress finishes).
-    async fn drive<C: GracefulConnection>(mut self, connection: C, activity: &Activity) {
-        tokio::pin!(connection);
-        let mut draining = false;
+    async fn drive<C: GracefulConnection>(self, connection: C, activity: &Activity) {
+        let first = activity
+            .deadline(&self.limits)
+            .unwrap_or_else(|| Instant::now() + self.limits.idle_timeout);
+        let mut stopping = self.stopping.clone();
+        Watchdog {
+            connection,
+            timer: tokio::time::sleep_until(first),
+            stop: Box::pin(async move { stopping.changed().await.is_ok() }),
+            stopping: self.stopping,
+            draining: false,
+            registered: None,
+            activity,
+            limits: &self.limits,
+            peer: self.peer,
+        }
+        .await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection under its watchdog timer and the server's stop signal. Each wake of the
+    /// connection's task (one or more per request) polls the connection; the timer and the stop
+    /// signal are polled only when they may have fired, or to register the task's waker with
+    /// them: once registered, they wake the task themselves. Polling them on every wake, as a
+    /// `select!` does, re-registers the waker each time, which costs a request more than the
+    /// watchdog's own bookkeeping (BENCHMARKS.md, "Thirteenth sitting").
+    struct Watchdog<'a, C> {
+        #[pin]
+        connection: C,
+        #[pin]
+        timer: tokio::time::Sleep,
+        // Resolves when the server stops (`true`) or its stop signal is gone (`false`).
+        stop: Pin<Box<dyn Future<Output = bool> + Send>>,
+        // Read, without registering, for whether `stop` may be ready.
+        stopping: watch::Receiver<bool>,
+        draining: bool,
+        // The waker `timer` and `stop` were last polled with.
+        registered: Option<Waker>,
+        activity: &'a Activity,
+        limits: &'a HttpLimits,
+        peer: SocketAddr,
+    }
+}
+
+impl<C: GracefulConnection> Future for Watchdog<'_, C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
         loop {
-            let deadline = activity.deadline(&self.limits);
-            let wake = deadline.unwrap_or_else(|| Instant::now() + self.limits.idle_timeout);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                () = tokio::time::sleep_until(wake) => {
-                    if activity.deadline(&self.limits).is_some_and(|d| d <= Instant::now()) {
-                        tracing::debug!(client.peer = %self.peer, "closing a connection that is too slow or idle");
-                        return;
-                    }
-                }
-                changed = self.stopping.changed(), if !draining => {
-                    draining = true;
-                    if changed.is_ok() {
-                        connection.as_mut().graceful_shutdown();
+            if this.connection.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            let registered = this
+                .registered
+                .as_ref()
+                .is_some_and(|waker| waker.will_wake(cx.waker()));
+            let stop_may_be_ready =
+                !registered || !matches!(this.stopping.has_changed(), Ok(false));
+            // Unconstrained: a poll refused for lack of the task's cooperative budget would
+            // register nothing, and the next wake would take the waker for registered.
+            if !*this.draining && stop_may_be_ready {
+                if let Poll::Ready(stopped) =
+                    Pin::new(&mut unconstrained(this.stop.as_mut())).poll(cx)
+                {
+                    *this.draining = true;
+                    if stopped {
+                        this.connection.as_mut().graceful_shutdown();
+                        continue;
                     }
                 }
             }
+            let timer_may_be_ready = !registered || this.timer.is_elapsed();
+            if timer_may_be_ready
+                && Pin::new(&mut unconstrained(this.timer.as_mut()))
+                    .poll(cx)
+                    .is_ready()
+            {
+                let due = this.activity.deadline(this.limits);
+                if due.is_some_and(|due| due <= Instant::now()) {
+                    tracing::debug!(client.peer = %this.peer, "closing a connection that is too slow or idle");
+                    return Poll::Ready(());
+                }
+                let wake = due.unwrap_or_else(|| Instant::now() + this.limits.idle_timeout);
+                this.timer.as_mut().reset(wake);
+                // To register the new deadline.
+                *this.registered = None;
+                continue;
+            }
+            if !registered {
+                *this.registered = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
         }
     }
 }

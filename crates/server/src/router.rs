@@ -11,6 +11,7 @@ use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::Router;
 use futures::future::{ready, BoxFuture, Either, Ready};
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -93,9 +94,9 @@ pub(crate) type Answer = Result<Response, Infallible>;
 
 /// What [`Front::serve`] gives for a request: its answer at once (a verification answered from
 /// the caches), or a future of it (boxed: the router's is large, and a direct route's would make
-/// every request's future as large as the largest). Opaque where it is returned to the
-/// connection: as a named type, rustc cannot prove the connection's task `Send`.
-type Served = Either<Ready<Answer>, BoxFuture<'static, Answer>>;
+/// every request's future as large as the largest). The connection tells the two apart: an answer
+/// given at once ends its request without a future around it.
+pub(crate) type Served = Either<Ready<Answer>, BoxFuture<'static, Answer>>;
 
 /// What each connection serves. The verification routes, most of a deployment's traffic, are
 /// served without the router: its routing table, the boxed service each route is behind and the
@@ -138,11 +139,7 @@ impl Front {
 
     /// Serves `request` from `client`: an extension of the request for the router's handlers,
     /// an argument for the direct routes' (a request's first extension costs three allocations).
-    pub(crate) fn serve(
-        &self,
-        mut request: Request,
-        client: ClientAddr,
-    ) -> impl Future<Output = Answer> + Send + 'static {
+    pub(crate) fn serve(&self, mut request: Request, client: ClientAddr) -> Served {
         use tower::ServiceExt;
         let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
         else {
@@ -219,7 +216,7 @@ impl Observer {
         let (watch, response) = self.begin(request, client, call);
         Observed {
             response,
-            finish: Some(watch),
+            finish: Some(watch.into_owned()),
         }
     }
 
@@ -236,7 +233,7 @@ impl Observer {
             (watch, Either::Left(response)) => Either::Left(ready(Ok(watch.conclude(response)))),
             (watch, Either::Right(response)) => Either::Right(Box::pin(Observed {
                 response,
-                finish: Some(watch),
+                finish: Some(watch.into_owned()),
             })),
         }
     }
@@ -247,8 +244,20 @@ impl Observer {
         mut request: Request,
         client: Option<ClientAddr>,
         call: impl FnOnce(Request) -> T,
-    ) -> (Watch, T) {
-        let observation = Observation::start(&self.app, self.route.as_ref(), &mut request, client);
+    ) -> (Watch<'_>, T) {
+        let route = match &self.route {
+            Some(known) => Cow::Borrowed(known),
+            // Unmatched paths share one label, so probing cannot grow the metrics without bound.
+            None => Cow::Owned(
+                self.app.inner().metrics.route(
+                    request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", MatchedPath::as_str),
+                ),
+            ),
+        };
+        let observation = Observation::start(route.route, &mut request, client);
         let failures = crate::failed_auth::FailureWatch::of(&self.app, &request, client);
         let called = {
             let _entered = observation.span.enter();
@@ -256,6 +265,8 @@ impl Observer {
         };
         (
             Watch {
+                app: Cow::Borrowed(&self.app),
+                route,
                 observation,
                 failures,
             },
@@ -264,20 +275,33 @@ impl Observer {
     }
 }
 
-/// What an [`Observer`] keeps of a request until its response: the observation and the
-/// failed-authentication watch.
-struct Watch {
+/// What an [`Observer`] keeps of a request until its response: the observation, the
+/// failed-authentication watch, and where they report. Borrowed from the observer for an answer
+/// given at once, as most verifications are (two reference counts fewer to take and drop, on a
+/// path where nothing else is shared); owned by a future that answers later.
+struct Watch<'a> {
+    app: Cow<'a, App>,
+    route: Cow<'a, Arc<RouteMetrics>>,
     observation: Observation,
     failures: Option<crate::failed_auth::FailureWatch>,
 }
 
-impl Watch {
+impl Watch<'_> {
+    fn into_owned(self) -> Watch<'static> {
+        Watch {
+            app: Cow::Owned(self.app.into_owned()),
+            route: Cow::Owned(self.route.into_owned()),
+            observation: self.observation,
+            failures: self.failures,
+        }
+    }
+
     fn conclude(self, response: Response) -> Response {
         let response = match self.failures {
-            Some(failures) => failures.finish(&self.observation.app, response),
+            Some(failures) => failures.finish(&self.app, response),
             None => response,
         };
-        self.observation.finish(response)
+        self.observation.finish(&self.app, &self.route, response)
     }
 }
 
@@ -331,7 +355,7 @@ pin_project_lite::pin_project! {
     struct Observed<F> {
         #[pin]
         response: F,
-        finish: Option<Watch>,
+        finish: Option<Watch<'static>>,
     }
 }
 
@@ -358,10 +382,8 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
 /// a response that names no other policy. The log names the matched route, never the raw URI or
 /// any header value but the request id.
 struct Observation {
-    app: App,
     started: Instant,
     method: &'static str,
-    route: Arc<RouteMetrics>,
     request_id: HeaderValue,
     /// Logged at debug level: a verification route.
     hot: bool,
@@ -370,25 +392,10 @@ struct Observation {
 }
 
 impl Observation {
-    fn start(
-        app: &App,
-        route: Option<&Arc<RouteMetrics>>,
-        request: &mut Request,
-        client: Option<ClientAddr>,
-    ) -> Self {
+    /// `route`: the label of the route served.
+    fn start(route: &'static str, request: &mut Request, client: Option<ClientAddr>) -> Self {
         let started = Instant::now();
         let method = method_label(request.method());
-        let route_metrics = match route {
-            Some(known) => known.clone(),
-            // Unmatched paths share one label, so probing cannot grow the metrics without bound.
-            None => app.inner().metrics.route(
-                request
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map_or("unmatched", MatchedPath::as_str),
-            ),
-        };
-        let route = route_metrics.route;
         // One lookup (a custom name is hashed byte by byte) for reading and replacing.
         let request_id = match request.headers_mut().entry(REQUEST_ID) {
             Entry::Occupied(given) if is_plain_request_id(given.get().as_bytes()) => {
@@ -442,10 +449,8 @@ impl Observation {
             )
         };
         Self {
-            app: app.clone(),
             started,
             method,
-            route: route_metrics,
             request_id,
             hot,
             span,
@@ -453,14 +458,15 @@ impl Observation {
         }
     }
 
-    fn finish(self, mut response: Response) -> Response {
+    /// Reported to `app`'s log and metrics, under `route`.
+    fn finish(self, app: &App, route: &RouteMetrics, mut response: Response) -> Response {
         let elapsed = self.started.elapsed();
         let status = response.status();
         if let Some(watched) = self.audit {
-            crate::audit::after_response(&self.app, watched, status);
+            crate::audit::after_response(app, watched, status);
         }
-        self.app.inner().metrics.observe_request(
-            &self.route,
+        app.inner().metrics.observe_request(
+            route,
             self.method,
             status.as_u16(),
             elapsed.as_secs_f64(),

@@ -335,6 +335,48 @@ async fn idle_kept_alive_connections_are_closed_after_the_idle_timeout() {
     assert!(idle >= Duration::from_millis(2500), "closed after {idle:?}");
 }
 
+/// Asks for `/healthz` on `stream` until `busy` has passed, `pause` between answers, each 200.
+async fn ask_health_for(stream: &mut TcpStream, busy: Duration, pause: Duration) {
+    let busy_from = Instant::now();
+    while busy_from.elapsed() < busy {
+        stream.write_all(HEALTH).await.unwrap();
+        let answer = read_response(stream, Duration::from_secs(5)).await;
+        assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The watchdog keeps watching a connection it has seen busy for longer than its timeouts:
+/// after many requests, an idle spell and then a slow head are each still cut off in time.
+#[tokio::test]
+async fn a_busy_connection_is_still_watched_when_it_falls_idle_or_slows_down() {
+    let server = LimitedServer::start(limits()).await;
+    let mut stream = server.connect().await;
+    // 4 s of requests: past the idle timeout (3 s) and the header timeout (1 s).
+    ask_health_for(
+        &mut stream,
+        Duration::from_secs(4),
+        Duration::from_millis(50),
+    )
+    .await;
+    let idle_from = Instant::now();
+    assert!(closed_within(&mut stream, Duration::from_secs(6)).await);
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2500) && idle < Duration::from_millis(4500),
+        "closed after {idle:?} idle"
+    );
+
+    let mut stream = server.connect().await;
+    ask_health_for(&mut stream, Duration::from_secs(2), Duration::ZERO).await;
+    // Half a head, then nothing: due within the header timeout (1 s), not the idle one.
+    stream.write_all(&HEALTH[..10]).await.unwrap();
+    let slow_from = Instant::now();
+    assert!(closed_within(&mut stream, Duration::from_secs(6)).await);
+    let slow = slow_from.elapsed();
+    assert!(slow < Duration::from_millis(2500), "closed after {slow:?}");
+}
+
 #[tokio::test]
 async fn a_request_body_sent_too_slowly_is_cut_off() {
     let server = LimitedServer::start(limits()).await;
