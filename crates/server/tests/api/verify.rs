@@ -182,6 +182,19 @@ async fn introspection_callers_need_tokens_verify(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(res.status(), 415);
+    // A form is a form whatever the media type's case and parameters.
+    let res = app
+        .request(Method::POST, "/oauth2/introspect", Some(&verifier))
+        .header(
+            "content-type",
+            "Application/X-WWW-Form-Urlencoded ; charset=UTF-8",
+        )
+        .body(format!("token={}", org.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["active"], true);
     let res = app
         .request(Method::POST, "/oauth2/introspect", Some(&verifier))
         .form(&[("nothing", "here")])
