@@ -216,9 +216,7 @@ impl Connection {
     /// Runs `connection` under the watchdog until it ends, is too slow or idle, or the server
     /// stops (gracefully: the request in progress finishes).
     async fn drive<C: GracefulConnection>(self, connection: C, activity: &Activity) {
-        let first = activity
-            .deadline(&self.limits)
-            .unwrap_or_else(|| Instant::now() + self.limits.idle_timeout);
+        let first = wake_at(activity.deadline(&self.limits), &self.limits);
         let mut stopping = self.stopping.clone();
         Watchdog {
             connection,
@@ -233,6 +231,12 @@ impl Connection {
         }
         .await
     }
+}
+
+/// When the watchdog looks next at a connection due at `due` ([`Activity::deadline`]): then, or,
+/// while a request is being handled, one idle timeout from now.
+fn wake_at(due: Option<Instant>, limits: &HttpLimits) -> Instant {
+    due.unwrap_or_else(|| Instant::now() + limits.idle_timeout)
 }
 
 pin_project_lite::pin_project! {
@@ -299,8 +303,7 @@ impl<C: GracefulConnection> Future for Watchdog<'_, C> {
                     tracing::debug!(client.peer = %this.peer, "closing a connection that is too slow or idle");
                     return Poll::Ready(());
                 }
-                let wake = due.unwrap_or_else(|| Instant::now() + this.limits.idle_timeout);
-                this.timer.as_mut().reset(wake);
+                this.timer.as_mut().reset(wake_at(due, this.limits));
                 // To register the new deadline.
                 *this.registered = None;
                 continue;

@@ -92,11 +92,11 @@ fn interned(route: &str) -> &'static str {
     leaked
 }
 
-/// One route's request metrics, resolved once: a request on it adds to them without hashing
-/// labels or taking the families' locks.
 /// The method and status combinations a route remembers ([`RouteMetrics`]).
 const REQUEST_SLOTS: usize = 16;
 
+/// One route's request metrics, resolved once: a request on it adds to them without hashing
+/// labels or taking the families' locks.
 pub(crate) struct RouteMetrics {
     /// The matched route, the label (`unmatched` for every path no route matched).
     pub route: &'static str,
