@@ -2,6 +2,8 @@ import re,sys
 def load(f, rps):
     d={}
     for line in open(f):
+        # perf separates the share from the rest by a tab or, in some versions, two spaces.
+        line=line.replace('%  ','%\t',1)
         if '\t' not in line: continue
         p,rest=line.split('\t',1)
         try: p=float(p.rstrip('%'))
@@ -9,7 +11,8 @@ def load(f, rps):
         m=re.match(r'(\S+)\s+\[(.)\]\s+(.*)',rest.strip())
         if not m: continue
         dso,kind,sym=m.groups()
-        if dso in('keyplane','baseline'): dso='APP'
+        # A binary copied aside is named keyplane-<commit>.
+        if dso.startswith('keyplane') or dso=='baseline': dso='APP'
         if kind=='k': dso='kernel'
         key=(dso,sym)
         d[key]=d.get(key,0)+p/100*1e9/rps
