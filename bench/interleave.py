@@ -4,7 +4,8 @@ ratio to the first server's in the same round. On a VM whose speed drifts by 5-1
 minutes, the ratio of two runs seconds apart is steadier than the ratio of two 10-second runs a
 minute apart (BENCHMARKS.md, "Seventh sitting"). Also the servers' own CPU time per request, from
 /proc, and how busy the server's CPU and the load generator's were: a run whose load generator is
-busier than its server measures the load generator.
+busier than its server measures the load generator. Then the rate ratio is bounded by the ratio of
+the load generator's own CPU per answer (the baseline's over this server's), which is printed too.
 
 usage: interleave.py ROUNDS SECONDS NAME=URL=PID=LUA[=VAR:VALUE]... ...
   the first server is the baseline; each VAR:VALUE is set in the environment of that server's wrk
@@ -50,7 +51,7 @@ def run(url, pid, lua, variables, seconds):
     served = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     per_request = [(a - b) / HZ / served * 1e6 for a, b in zip(after, before)]
-    busy = (sum(after) - sum(before)) / HZ / wall, client / wall
+    busy = (sum(after) - sum(before)) / HZ / wall, client / wall, client / served * 1e6
     return rps, per_request, busy
 
 
@@ -72,7 +73,7 @@ def main():
             busy[name].append(how_busy)
         print(f"round {r + 1}: " + " ".join(f"{s[0]} {rps[s[0]][-1]:.0f}" for s in servers), flush=True)
     print_table(servers, rps, cpu, servers[0][0], rounds, seconds)
-    print_busy(servers, busy, seconds)
+    print_busy(servers, busy, servers[0][0], seconds)
     # And with the server named in $ALSO_BASE (e.g. a peer), if any.
     also = os.environ.get("ALSO_BASE")
     if also:
@@ -84,14 +85,20 @@ def main():
             print_table([s for s in servers if s[0].endswith(how)], rps, cpu, name, rounds, seconds)
 
 
-def print_busy(servers, busy, seconds):
-    """How busy each run kept the server's CPU and the load generator's, over its wall time."""
-    print(f"\n| server | server CPU busy, median of the {seconds} s runs | load generator CPU busy |")
-    print("|---|---|---|")
+def print_busy(servers, busy, base, seconds):
+    """How busy each run kept the server's CPU and the load generator's, over its wall time, and
+    the load generator's CPU per answer: where it is the busier CPU, the baseline's per-answer CPU
+    over this server's bounds the rate ratio, however little the server itself costs."""
+    print(f"\n| server | server CPU busy, median of the {seconds} s runs | load generator CPU busy "
+          f"| load generator µs/answer | its bound: % of {base} |")
+    print("|---|---|---|---|---|")
+    base_client = statistics.median(b[2] for b in busy[base])
     for name, *_ in servers:
         server = statistics.median(b[0] for b in busy[name])
         client = statistics.median(b[1] for b in busy[name])
-        print(f"| {name} | {100 * server:.0f}% | {100 * client:.0f}% |")
+        per_answer = statistics.median(b[2] for b in busy[name])
+        print(f"| {name} | {100 * server:.0f}% | {100 * client:.0f}% | {per_answer:.2f} "
+              f"| {100 * base_client / per_answer:.1f}% |")
 
 
 def print_table(servers, rps, cpu, base, rounds, seconds):
