@@ -301,6 +301,9 @@ print(f'cpu per request: user {(int(a[0]) - int(b[0])) / hz / n * 1e6:.2f} us, k
         sed -n '/^| server/,$p' "$OUT/interleave.txt" | tee -a "$OUT/summary.txt"
     fi
     stop_servers
+    # hyper's polls of a connection task per request, with no keyplane code: introspection pays a
+    # second poll for its body until a hyper release fixes that (bench/src/bin/body-wake.rs).
+    "${CARGO_TARGET_DIR:-$ROOT/target}/release/body-wake" --requests 20000 | tee -a "$OUT/summary.txt"
 fi
 
 if [[ " $PARTS " == *" tls "* ]]; then
