@@ -65,7 +65,10 @@ async fn read_body(mut body: Incoming) -> anyhow::Result<usize> {
 
 /// Serves one connection on a current-thread runtime; returns (requests, polls).
 async fn serve_one(listener: tokio::net::TcpListener) -> anyhow::Result<(u64, u64)> {
-    let (stream, _) = listener.accept().await?;
+    // Bounded: were the client never to connect, the server thread would otherwise wait forever.
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .context("no client connected within 10 s")??;
     let served = Arc::new(AtomicU64::new(0));
     let polls = Arc::new(AtomicU64::new(0));
     let counter = served.clone();
