@@ -13,7 +13,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::future::Future;
 use std::io::{Read, Write};
@@ -50,19 +50,6 @@ impl<F: Future> Future for Counted<F> {
     }
 }
 
-/// Reads a request's whole body, as a handler taking a form does.
-async fn read_body(mut body: Incoming) -> anyhow::Result<usize> {
-    let mut read = 0;
-    while let Some(frame) =
-        std::future::poll_fn(|cx: &mut Context<'_>| Pin::new(&mut body).poll_frame(cx)).await
-    {
-        if let Ok(data) = frame?.into_data() {
-            read += data.len();
-        }
-    }
-    Ok(read)
-}
-
 /// Serves one connection on a current-thread runtime; returns (requests, polls).
 async fn serve_one(listener: tokio::net::TcpListener) -> anyhow::Result<(u64, u64)> {
     // Bounded: were the client never to connect, the server thread would otherwise wait forever.
@@ -80,7 +67,10 @@ async fn serve_one(listener: tokio::net::TcpListener) -> anyhow::Result<(u64, u6
             } else {
                 0
             };
-            let read = read_body(request.into_body()).await?;
+            // The whole body, as a handler taking a form reads it.
+            let read = axum::body::to_bytes(axum::body::Body::new(request.into_body()), 1024)
+                .await?
+                .len();
             if read != sent {
                 bail!("read {read} body bytes, sent {sent}");
             }
