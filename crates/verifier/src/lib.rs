@@ -187,6 +187,8 @@ struct Entry {
     /// `None`: refused.
     identity: Option<Arc<Identity>>,
     until: Instant,
+    /// The credential's `exp` on the monotonic clock, so that a cache hit reads one clock.
+    expires: Option<Instant>,
 }
 
 /// The cached answers, with an index by credential so that an event drops that credential's
@@ -319,8 +321,11 @@ struct Inner {
     /// The cache's keys: a keyed hash of the token, never the token itself.
     keys: CacheKeyer,
     counters: Counters,
-    /// When the stream last delivered anything (an event or a heartbeat); `None`: never.
-    last_contact: Mutex<Option<Instant>>,
+    /// The origin of `last_contact`.
+    started: Instant,
+    /// When the stream last delivered anything (an event or a heartbeat), in nanoseconds after
+    /// `started` plus one; 0: never. An atomic, not a lock: every verify reads it.
+    last_contact: AtomicU64,
 }
 
 /// Verifies keyplane credentials in-process. Cheap to clone; the stream task ends when the last
@@ -367,7 +372,8 @@ impl Verifier {
             cache: Mutex::new(Cache::default()),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
-            last_contact: Mutex::new(None),
+            started: Instant::now(),
+            last_contact: AtomicU64::new(0),
         });
         tokio::spawn(stream::follow(
             Arc::downgrade(&inner),
@@ -400,7 +406,8 @@ impl Verifier {
         }
         let key = self.inner.keys.key(token);
         let counters = &self.inner.counters;
-        if self.is_stale() {
+        let now = Instant::now();
+        if self.inner.is_stale_at(now) {
             match self.inner.config.stale_policy {
                 StalePolicy::FailClosed => {
                     counters.stale_refusals.fetch_add(1, Relaxed);
@@ -412,21 +419,21 @@ impl Verifier {
                 }
             }
         }
-        if let Some(cached) = self.cached(&key) {
+        if let Some(cached) = self.cached(&key, now) {
             counters.cache_hits.fetch_add(1, Relaxed);
             return cached;
         }
         self.introspect(token, key, true).await
     }
 
-    fn cached(&self, key: &CacheKey) -> Option<Result<Arc<Identity>, VerifyError>> {
+    fn cached(&self, key: &CacheKey, now: Instant) -> Option<Result<Arc<Identity>, VerifyError>> {
         let cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
         let entry = cache.entries.get(key)?;
-        if entry.until <= Instant::now() {
+        if entry.until <= now {
             return None;
         }
         Some(match &entry.identity {
-            Some(identity) if !expired(identity) => Ok(identity.clone()),
+            Some(identity) if entry.expires.is_none_or(|exp| now < exp) => Ok(identity.clone()),
             Some(_) | None => Err(VerifyError::Inactive),
         })
     }
@@ -509,6 +516,7 @@ impl Verifier {
                 cache.admit(
                     key,
                     Entry {
+                        expires: identity.as_ref().and_then(|i| monotonic_expiry(i, now)),
                         identity: identity.clone(),
                         until: now + ttl,
                     },
@@ -551,12 +559,22 @@ impl Verifier {
 
 impl Inner {
     fn is_stale(&self) -> bool {
-        let last = *self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
-        last.is_none_or(|at| at.elapsed() > self.config.max_staleness)
+        self.is_stale_at(Instant::now())
+    }
+
+    fn is_stale_at(&self, now: Instant) -> bool {
+        match self.last_contact.load(Relaxed) {
+            0 => true,
+            heard => {
+                let heard = self.started + Duration::from_nanos(heard - 1);
+                now.saturating_duration_since(heard) > self.config.max_staleness
+            }
+        }
     }
 
     fn heard_from_stream(&self) {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let since_start = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last_contact.fetch_max(since_start + 1, Relaxed);
     }
 
     /// Drops every cached answer about `credential_id`.
@@ -573,6 +591,15 @@ impl Inner {
         cache.generation += 1;
         cache.clear();
     }
+}
+
+/// When `identity` expires, on the monotonic clock as read at `now`; `None`: never. A wall-clock
+/// step after this is not followed, but the answer is cached for `cache_ttl` at most.
+fn monotonic_expiry(identity: &Identity, now: Instant) -> Option<Instant> {
+    let seconds = u64::try_from(identity.expires_at?).unwrap_or(0);
+    // Past what the clocks can hold is never, not a panic.
+    let exp = UNIX_EPOCH.checked_add(Duration::from_secs(seconds))?;
+    now.checked_add(exp.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
 fn expired(identity: &Identity) -> bool {
@@ -619,6 +646,7 @@ mod tests {
         Entry {
             identity: credential_id.and_then(identity),
             until: Instant::now() + ttl,
+            expires: None,
         }
     }
 
@@ -656,7 +684,8 @@ mod tests {
             cache: Mutex::new(Cache::default()),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
-            last_contact: Mutex::new(None),
+            started: Instant::now(),
+            last_contact: AtomicU64::new(0),
         }
     }
 
@@ -734,6 +763,60 @@ mod tests {
         assert!(cache.is_recent("A", later + Duration::from_millis(2500)));
         cache.prune_recent(later + Duration::from_millis(3600));
         assert!(cache.recent.is_empty() && cache.recent_order.is_empty());
+    }
+
+    #[test]
+    fn staleness_follows_the_last_contact() {
+        let inner = inner();
+        let max = inner.config.max_staleness;
+        assert!(inner.is_stale(), "stale until the stream is heard from");
+        inner.heard_from_stream();
+        let heard = Instant::now();
+        assert!(!inner.is_stale_at(heard));
+        assert!(!inner.is_stale_at(heard + max - Duration::from_millis(1)));
+        assert!(inner.is_stale_at(heard + max + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_cached_answer_is_refused_from_its_expiry() {
+        let verifier = Verifier {
+            inner: Arc::new(inner()),
+            _guard: Arc::new(StopOnDrop(tokio::sync::watch::channel(false).0)),
+        };
+        let now = Instant::now();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let in_a_minute = Identity {
+            expires_at: Some(unix_now + 60),
+            ..(*identity("A").unwrap()).clone()
+        };
+        let expires = monotonic_expiry(&in_a_minute, now).expect("an expiry");
+        assert!(
+            expires > now + Duration::from_secs(58) && expires <= now + Duration::from_secs(61)
+        );
+        verifier.inner.cache.lock().unwrap().insert(
+            key(1),
+            Entry {
+                identity: Some(Arc::new(in_a_minute)),
+                until: now + Duration::from_secs(3600),
+                expires: Some(expires),
+            },
+        );
+        assert!(verifier.cached(&key(1), now).unwrap().is_ok());
+        assert_eq!(
+            verifier.cached(&key(1), expires).unwrap(),
+            Err(VerifyError::Inactive)
+        );
+        // Expiries before the epoch are past; one at the end of time is far off, not a panic.
+        let at = |exp| Identity {
+            expires_at: Some(exp),
+            ..(*identity("A").unwrap()).clone()
+        };
+        assert!(monotonic_expiry(&at(-5), now).is_some_and(|exp| exp <= now));
+        let century = Duration::from_secs(100 * 365 * 86_400);
+        assert!(monotonic_expiry(&at(i64::MAX), now).is_none_or(|exp| exp > now + century));
     }
 
     #[test]
