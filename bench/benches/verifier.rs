@@ -1,5 +1,5 @@
 //! keyplane-verifier in-process on a warm cache: the cost of `Verifier::verify` for a cached, live
-//! API token (parse + CRC32 + SHA-256 + staleness check + one locked map lookup + expiry), no
+//! API token (parse + CRC32 + the cache key + one clock read + one locked map lookup), no
 //! HTTP: what a service embedding the verifier pays per request instead of a forward-auth hop.
 //!
 //! `KEYPLANE_BENCH_VERIFIER_TOKENS` (default 10,000) live credentials are imported into a SQLite
