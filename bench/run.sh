@@ -459,7 +459,8 @@ fi
 if [[ " $PARTS " == *" verifier "* ]]; then
     # keyplane-verifier (issue #15). Throughput: the embedded verifier (in-process, one core: the
     # server core, idle meanwhile) against keyplane's forward-auth (one server core, wrk on the
-    # client core), in interleaved sittings of one run. Then revocation to refusal through the
+    # client core), in interleaved sittings of one run, and the same verifier shared by one thread
+    # per CPU (unpinned: its scaling). Then revocation to refusal through the
     # revocation stream: SQLite on one server, and three PostgreSQL replicas (revoked through
     # replica 2, the verifier on replica 1). Ports 8096-8099, apart from the other parts'.
     VERIFIER_TOKENS="${VERIFIER_TOKENS:-10000}"
@@ -482,6 +483,10 @@ if [[ " $PARTS " == *" verifier "* ]]; then
         timeout 300 taskset -c "$SERVER_CPU" "$KB" embedded-verify --base http://127.0.0.1:8096 \
             --verify-token "$VERIFY_TOKEN" --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10 \
             > "$OUT/verifier-embedded$s.json"
+        # The same verifier shared by one thread per CPU: how a multi-threaded service scales.
+        timeout 300 "$KB" embedded-verify --base http://127.0.0.1:8096 --threads "$(nproc)" \
+            --verify-token "$VERIFY_TOKEN" --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10 \
+            > "$OUT/verifier-threads$s.json"
     done
     python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import glob, json, re, statistics, sys
@@ -495,6 +500,11 @@ print(f"verifier: embedded {statistics.median(rates):.0f} verifies/s on one core
       f"(p50 {statistics.median(e['p50_us'] for e in emb):.2f} us, p99 {statistics.median(e['p99_us'] for e in emb):.2f} us); "
       f"forward-auth {statistics.median(wrk):.0f} req/s on one server core; "
       f"ratio {statistics.median(ratios):.1f}x (median of {len(ratios)} sittings: {', '.join(f'{r:.1f}' for r in ratios)})")
+many = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/verifier-threads*.json"))]
+scaling = [m["verifies_per_second"] / r for m, r in zip(many, rates)]
+print(f"verifier: {many[0]['threads']} threads sharing it, {statistics.median(m['verifies_per_second'] for m in many):.0f} verifies/s "
+      f"(p50 {statistics.median(m['p50_us'] for m in many):.2f} us, p99 {statistics.median(m['p99_us'] for m in many):.2f} us); "
+      f"{statistics.median(scaling):.2f}x one thread (sittings: {', '.join(f'{x:.2f}' for x in scaling)})")
 PY
     # Verifier::verify alone on a warm cache (criterion; the cache-hit path, no HTTP).
     KEYPLANE_BENCH_VERIFIER_TOKENS="$VERIFIER_TOKENS" taskset -c "$SERVER_CPU" \

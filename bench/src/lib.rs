@@ -99,6 +99,16 @@ impl Histogram {
         self.count
     }
 
+    /// Adds `other`'s samples, as if they had been recorded here.
+    pub fn merge(&mut self, other: Histogram) {
+        self.count += other.count;
+        self.max = self.max.max(other.max);
+        for (mine, theirs) in self.fine.iter_mut().zip(other.fine) {
+            *mine += theirs;
+        }
+        self.slow.extend(other.slow);
+    }
+
     pub fn max(&self) -> std::time::Duration {
         self.max
     }
@@ -142,5 +152,32 @@ mod tests {
         assert_eq!(histogram.count(), 10_000);
         assert_eq!(histogram.max(), *samples.last().unwrap());
         assert_eq!(Histogram::default().percentile(50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn merged_histograms_match_all_their_samples() {
+        let samples: Vec<Duration> = (0..10_000u64)
+            .map(|i| Duration::from_nanos((i * 7919) % 90_000 + 1))
+            .collect();
+        // Three threads' histograms, split unevenly, both sides of the fine range in each.
+        let mut parts = [
+            Histogram::default(),
+            Histogram::default(),
+            Histogram::default(),
+        ];
+        for (i, sample) in samples.iter().enumerate() {
+            parts[i % 5 % 3].record(*sample);
+        }
+        let mut merged = Histogram::default();
+        for part in parts {
+            merged.merge(part);
+        }
+        let mut sorted = samples.clone();
+        sorted.sort();
+        for p in [0.0, 50.0, 99.0, 99.9, 100.0] {
+            assert_eq!(merged.percentile(p), percentile(&sorted, p), "p{p}");
+        }
+        assert_eq!(merged.count(), 10_000);
+        assert_eq!(merged.max(), *sorted.last().unwrap());
     }
 }

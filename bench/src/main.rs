@@ -98,6 +98,8 @@ enum Command {
     /// keyplane-verifier in-process on ONE current-thread runtime (the verifier, its revocation
     /// stream and the load share one thread): warms its cache with TAKE tokens, then verifies them
     /// round-robin for SECONDS (at most COUNT verifies); prints verifies/s and latency as JSON.
+    /// With THREADS > 1, that many threads verify at once through the same verifier (each from
+    /// its own place in the list), while the runtime's thread keeps the stream.
     EmbeddedVerify {
         #[arg(long)]
         base: String,
@@ -118,6 +120,8 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100_000_000)]
         count: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+        threads: u32,
     },
     /// Revocation to refusal through keyplane-verifier: ROUNDS times, create a token, verify it
     /// (then cached), revoke it through REVOKE_BASE (default: BASE) and poll `verify` until it is
@@ -660,6 +664,7 @@ async fn embedded_verify(
     org_token: Option<&str>,
     seconds: u64,
     count: u64,
+    threads: u32,
 ) -> anyhow::Result<()> {
     let client = client();
     let tokens: Vec<String> = match (tokens, org, org_token) {
@@ -699,10 +704,68 @@ async fn embedded_verify(
     warmed.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let before = verifier.metrics();
 
-    let mut histogram = keyplane_bench::Histogram::default();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
-    let mut next = 0;
+    let tokens = std::sync::Arc::new(tokens);
+    let mut histogram = if threads == 1 {
+        verify_round_robin(&verifier, &tokens, 0, deadline, count).await?
+    } else {
+        // Each thread blocks in its own loop; this runtime's thread stays free for the stream.
+        let handle = tokio::runtime::Handle::current();
+        let loops: Vec<_> = (0..threads as usize)
+            .map(|t| {
+                let (verifier, tokens, handle) = (verifier.clone(), tokens.clone(), handle.clone());
+                let first = t * tokens.len() / threads as usize;
+                tokio::task::spawn_blocking(move || {
+                    handle.block_on(verify_round_robin(
+                        &verifier,
+                        &tokens,
+                        first,
+                        deadline,
+                        count / u64::from(threads),
+                    ))
+                })
+            })
+            .collect();
+        let mut merged = keyplane_bench::Histogram::default();
+        for one in loops {
+            merged.merge(one.await.context("a verifying thread panicked")??);
+        }
+        merged
+    };
+    let elapsed = started.elapsed();
+    let after = verifier.metrics();
+    let verifies = histogram.count();
+    println!(
+        "{}",
+        json!({
+            "mode": "embedded-verify",
+            "threads": threads,
+            "tokens": tokens.len(),
+            "verifies": verifies,
+            "seconds": elapsed.as_secs_f64(),
+            "verifies_per_second": (verifies as f64 / elapsed.as_secs_f64()).round(),
+            "p50_us": micros(histogram.percentile(50.0)),
+            "p99_us": micros(histogram.percentile(99.0)),
+            "max_us": micros(histogram.max()),
+            "cache_hits": after.cache_hits - before.cache_hits,
+            "introspections": after.introspections - before.introspections,
+        })
+    );
+    Ok(())
+}
+
+/// Verifies `tokens` in turn from `first` on until `deadline` or `count` verifies; every one
+/// must be accepted (they are cached and live).
+async fn verify_round_robin(
+    verifier: &keyplane_verifier::Verifier,
+    tokens: &[String],
+    first: usize,
+    deadline: Instant,
+    count: u64,
+) -> anyhow::Result<keyplane_bench::Histogram> {
+    let mut histogram = keyplane_bench::Histogram::default();
+    let mut next = first % tokens.len();
     for n in 0..count {
         if n % 1024 == 0 {
             // A cache hit never waits: let the stream task read its heartbeats now and then, as
@@ -720,25 +783,7 @@ async fn embedded_verify(
         }
         next = (next + 1) % tokens.len();
     }
-    let elapsed = started.elapsed();
-    let after = verifier.metrics();
-    let verifies = histogram.count();
-    println!(
-        "{}",
-        json!({
-            "mode": "embedded-verify",
-            "tokens": tokens.len(),
-            "verifies": verifies,
-            "seconds": elapsed.as_secs_f64(),
-            "verifies_per_second": (verifies as f64 / elapsed.as_secs_f64()).round(),
-            "p50_us": micros(histogram.percentile(50.0)),
-            "p99_us": micros(histogram.percentile(99.0)),
-            "max_us": micros(histogram.max()),
-            "cache_hits": after.cache_hits - before.cache_hits,
-            "introspections": after.introspections - before.introspections,
-        })
-    );
-    Ok(())
+    Ok(histogram)
 }
 
 fn summary_ms(mut samples: Vec<Duration>) -> Value {
@@ -901,6 +946,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             org_token,
             seconds,
             count,
+            threads,
         } => {
             embedded_verify(
                 &base,
@@ -911,6 +957,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 org_token.as_deref(),
                 seconds,
                 count,
+                threads,
             )
             .await
         }

@@ -30,7 +30,7 @@
 use keyplane_core::{CacheKey, CacheKeyer, CredentialKind};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,7 +64,9 @@ pub struct VerifierConfig {
     pub cache_ttl: Duration,
     /// How long a refusal (unknown, revoked, suspended) is kept.
     pub negative_ttl: Duration,
-    /// Cached answers at most; past it, expired ones go first, then arbitrary ones.
+    /// Cached answers at most (threads inserting at once may pass it by one each). Past it, the
+    /// inserting answer's shard (a sixteenth of the cache) frees a tenth of itself, expired
+    /// answers first, then arbitrary ones.
     pub max_entries: usize,
     /// Timeout of one introspection request.
     pub request_timeout: Duration,
@@ -170,7 +172,6 @@ struct Counters {
     accepted: AtomicU64,
     refused: AtomicU64,
     malformed: AtomicU64,
-    cache_hits: AtomicU64,
     introspections: AtomicU64,
     introspection_errors: AtomicU64,
     stale_refusals: AtomicU64,
@@ -191,30 +192,54 @@ struct Entry {
     expires: Option<Instant>,
 }
 
-/// The cached answers, with an index by credential so that an event drops that credential's
-/// answers without scanning the others. Every change to `entries` goes through the methods
-/// below, which keep the index equal to the accepted entries' keys.
+/// A verify's outcome, and whether the cache answered it (then its shard counted it).
+enum Answer {
+    Cached(Result<Arc<Identity>, VerifyError>),
+    Fresh(Result<Arc<Identity>, VerifyError>),
+}
+
+/// One shard of the cached answers, with an index by credential so that an event drops that
+/// credential's answers without scanning the others. Every change to `entries` goes through the
+/// methods below, which keep the index equal to the accepted entries' keys.
 #[derive(Default)]
 struct Cache {
     entries: HashMap<CacheKey, Entry>,
     /// Credential id -> the keys of its accepted answers: one secret, two during a rotation's
     /// grace period, so a short list. Refusals name no credential and are not indexed.
     by_credential: HashMap<String, Vec<CacheKey>>,
-    /// Bumped by every invalidation: an answer fetched across one is not cached.
-    generation: u64,
-    /// Credentials changed in the last [`RECENT`]: their answers are not cached yet, since the
-    /// replica answering an introspection may hear of the change a moment after the stream's.
-    recent: HashMap<String, Instant>,
-    /// `recent`'s insertions in time order, so pruning it costs what it drops, not its size.
-    recent_order: VecDeque<(Instant, String)>,
+    /// Verifies answered from this shard, and how many of them accepted: counted under the
+    /// shard's lock, so a cache hit writes no memory other threads' hits write.
+    hits: u64,
+    accepted_hits: u64,
+}
+
+/// The cache is split by key into this many shards, each behind its own lock: threads verifying
+/// different credentials neither wait for each other nor write to a shared cache line. (One lock
+/// made two threads verify fewer credentials per second than one: BENCHMARKS.md, "Eighteenth
+/// sitting".)
+const SHARDS: usize = 16;
+
+/// A shard on cache lines of its own (128 bytes: adjacent-line prefetching pairs 64-byte lines).
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Cache>);
+
+/// Credentials changed in the last [`RECENT`]: their answers are not cached yet, since the
+/// replica answering an introspection may hear of the change a moment after the stream's.
+#[derive(Default)]
+struct Recent {
+    at: HashMap<String, Instant>,
+    /// `at`'s insertions in time order, so pruning it costs what it drops, not its size.
+    order: VecDeque<(Instant, String)>,
 }
 
 const RECENT: Duration = Duration::from_secs(2);
 
 impl Cache {
-    fn insert(&mut self, key: CacheKey, entry: Entry) {
+    /// Inserts, replacing the key's answer if any; returns how many answers were added (0 or 1).
+    fn insert(&mut self, key: CacheKey, entry: Entry) -> usize {
         // Unindexes the answer it replaces, whichever credential that one named.
-        self.remove(&key);
+        let replaced = self.remove(&key);
         if let Some(identity) = &entry.identity {
             self.by_credential
                 .entry(identity.credential_id.clone())
@@ -222,23 +247,21 @@ impl Cache {
                 .push(key);
         }
         self.entries.insert(key, entry);
+        1 - replaced
     }
 
-    /// Inserts, first making room if the cache holds `max` answers.
-    fn admit(&mut self, key: CacheKey, entry: Entry, max: usize) {
-        if self.entries.len() >= max && !self.entries.contains_key(&key) {
-            self.make_room(max);
-        }
-        self.insert(key, entry);
-    }
-
-    fn remove(&mut self, key: &CacheKey) {
-        if let Some(Entry {
-            identity: Some(identity),
-            ..
-        }) = self.entries.remove(key)
-        {
-            self.unindex(&identity.credential_id, key);
+    /// Returns how many answers were removed (0 or 1).
+    fn remove(&mut self, key: &CacheKey) -> usize {
+        match self.entries.remove(key) {
+            Some(Entry {
+                identity: Some(identity),
+                ..
+            }) => {
+                self.unindex(&identity.credential_id, key);
+                1
+            }
+            Some(_) => 1,
+            None => 0,
         }
     }
 
@@ -252,21 +275,31 @@ impl Cache {
     }
 
     /// Drops the answers about `credential_id`: as many map operations as it has answers.
-    fn drop_credential(&mut self, credential_id: &str) {
-        for key in self.by_credential.remove(credential_id).unwrap_or_default() {
-            self.entries.remove(&key);
+    /// Returns how many were dropped.
+    fn drop_credential(&mut self, credential_id: &str) -> usize {
+        let keys = self.by_credential.remove(credential_id).unwrap_or_default();
+        for key in &keys {
+            self.entries.remove(key);
         }
+        keys.len()
     }
 
-    fn clear(&mut self) {
+    /// Returns how many answers were dropped.
+    fn clear(&mut self) -> usize {
+        let dropped = self.entries.len();
         self.entries.clear();
         self.by_credential.clear();
+        dropped
     }
 
-    /// Frees a tenth of `max`: expired entries first, then arbitrary ones. Freeing a tenth at
-    /// once, not just one slot, keeps the scan this costs to once per `max / 10` insertions.
-    fn make_room(&mut self, max: usize) {
-        let target = max.saturating_sub(max / 10 + 1);
+    /// Frees a tenth of this shard (at least one answer): expired answers first, then arbitrary
+    /// ones. Freeing a tenth at once, not one slot, keeps the scan this costs to once per tenth
+    /// of the shard's insertions. Returns how many were freed.
+    fn make_room(&mut self) -> usize {
+        let target = self
+            .entries
+            .len()
+            .saturating_sub((self.entries.len() / 10).max(1));
         let now = Instant::now();
         let expired: Vec<CacheKey> = self
             .entries
@@ -274,40 +307,43 @@ impl Cache {
             .filter(|(_, entry)| entry.until <= now)
             .map(|(key, _)| *key)
             .collect();
+        let mut freed = 0;
         for key in expired {
-            self.remove(&key);
+            freed += self.remove(&key);
         }
         let excess = self.entries.len().saturating_sub(target);
         let arbitrary: Vec<CacheKey> = self.entries.keys().take(excess).copied().collect();
         for key in arbitrary {
-            self.remove(&key);
+            freed += self.remove(&key);
         }
+        freed
     }
+}
 
-    fn note_recent(&mut self, credential_id: &str, now: Instant) {
-        self.prune_recent(now);
-        self.recent.insert(credential_id.to_string(), now);
-        self.recent_order
-            .push_back((now, credential_id.to_string()));
+impl Recent {
+    fn note(&mut self, credential_id: &str, now: Instant) {
+        self.prune(now);
+        self.at.insert(credential_id.to_string(), now);
+        self.order.push_back((now, credential_id.to_string()));
     }
 
     /// Forgets the changes older than [`RECENT`]; called on every event and every insertion, so
-    /// `recent` holds at most the last [`RECENT`]'s changes whatever the traffic.
-    fn prune_recent(&mut self, now: Instant) {
-        while let Some((at, _)) = self.recent_order.front() {
+    /// `at` holds at most the last [`RECENT`]'s changes whatever the traffic.
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < RECENT {
                 break;
             }
-            let (at, id) = self.recent_order.pop_front().expect("a front element");
+            let (at, id) = self.order.pop_front().expect("a front element");
             // A later change of the same credential keeps it recent.
-            if self.recent.get(&id) == Some(&at) {
-                self.recent.remove(&id);
+            if self.at.get(&id) == Some(&at) {
+                self.at.remove(&id);
             }
         }
     }
 
-    fn is_recent(&self, credential_id: &str, now: Instant) -> bool {
-        self.recent
+    fn contains(&self, credential_id: &str, now: Instant) -> bool {
+        self.at
             .get(credential_id)
             .is_some_and(|at| now.duration_since(*at) < RECENT)
     }
@@ -317,7 +353,13 @@ struct Inner {
     config: VerifierConfig,
     http: reqwest::Client,
     introspect_url: String,
-    cache: Mutex<Cache>,
+    /// The cached answers, in [`SHARDS`] shards by key.
+    shards: Box<[Shard]>,
+    /// How many answers the shards hold together, kept to `max_entries`.
+    cached: AtomicUsize,
+    /// Bumped by every invalidation: an answer fetched across one is not cached.
+    generation: AtomicU64,
+    recent: Mutex<Recent>,
     /// The cache's keys: a keyed hash of the token, never the token itself.
     keys: CacheKeyer,
     counters: Counters,
@@ -369,7 +411,10 @@ impl Verifier {
             introspect_url: format!("{base}/oauth2/introspect"),
             http,
             config,
-            cache: Mutex::new(Cache::default()),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            cached: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            recent: Mutex::new(Recent::default()),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
             started: Instant::now(),
@@ -388,7 +433,10 @@ impl Verifier {
 
     /// Verifies a presented credential (the bare token, without `Bearer `).
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {
-        let result = self.verify_inner(token).await;
+        let result = match self.verify_inner(token).await {
+            Answer::Cached(result) => return result,
+            Answer::Fresh(result) => result,
+        };
         let counters = &self.inner.counters;
         match &result {
             Ok(_) => counters.accepted.fetch_add(1, Relaxed),
@@ -398,44 +446,49 @@ impl Verifier {
         result
     }
 
-    async fn verify_inner(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {
-        let kind = keyplane_core::token::kind_of(token).map_err(|_| VerifyError::Malformed)?;
+    async fn verify_inner(&self, token: &str) -> Answer {
+        let Ok(kind) = keyplane_core::token::kind_of(token) else {
+            return Answer::Fresh(Err(VerifyError::Malformed));
+        };
         // Robot secrets log in to the registry only; keyplane would say inactive.
         if kind == CredentialKind::RobotAccount {
-            return Err(VerifyError::Inactive);
+            return Answer::Fresh(Err(VerifyError::Inactive));
         }
         let key = self.inner.keys.key(token);
         let counters = &self.inner.counters;
         let now = Instant::now();
         if self.inner.is_stale_at(now) {
-            match self.inner.config.stale_policy {
+            return Answer::Fresh(match self.inner.config.stale_policy {
                 StalePolicy::FailClosed => {
                     counters.stale_refusals.fetch_add(1, Relaxed);
-                    return Err(VerifyError::Stale);
+                    Err(VerifyError::Stale)
                 }
                 StalePolicy::Recheck => {
                     counters.stale_rechecks.fetch_add(1, Relaxed);
-                    return self.introspect(token, key, false).await;
+                    self.introspect(token, key, false).await
                 }
-            }
+            });
         }
         if let Some(cached) = self.cached(&key, now) {
-            counters.cache_hits.fetch_add(1, Relaxed);
-            return cached;
+            return Answer::Cached(cached);
         }
-        self.introspect(token, key, true).await
+        Answer::Fresh(self.introspect(token, key, true).await)
     }
 
+    /// The cached answer, counted in its shard.
     fn cached(&self, key: &CacheKey, now: Instant) -> Option<Result<Arc<Identity>, VerifyError>> {
-        let cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.inner.shard(key);
         let entry = cache.entries.get(key)?;
         if entry.until <= now {
             return None;
         }
-        Some(match &entry.identity {
+        let result = match &entry.identity {
             Some(identity) if entry.expires.is_none_or(|exp| now < exp) => Ok(identity.clone()),
             Some(_) | None => Err(VerifyError::Inactive),
-        })
+        };
+        cache.hits += 1;
+        cache.accepted_hits += u64::from(result.is_ok());
+        Some(result)
     }
 
     async fn introspect(
@@ -445,11 +498,7 @@ impl Verifier {
         cache: bool,
     ) -> Result<Arc<Identity>, VerifyError> {
         let inner = &self.inner;
-        let generation = inner
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .generation;
+        let generation = inner.generation.load(SeqCst);
         inner.counters.introspections.fetch_add(1, Relaxed);
         let answer = inner
             .http
@@ -505,23 +554,25 @@ impl Verifier {
                 Some(_) => inner.config.cache_ttl,
                 None => inner.config.negative_ttl,
             };
-            let mut cache = inner.cache.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            cache.prune_recent(now);
-            let recent = identity
-                .as_ref()
-                .is_some_and(|i| cache.is_recent(&i.credential_id, now));
-            // An invalidation while the question was out may concern this very answer.
-            if cache.generation == generation && !recent {
-                cache.admit(
-                    key,
-                    Entry {
+            let recent = identity.as_ref().is_some_and(|i| {
+                let mut recent = lock(&inner.recent);
+                recent.prune(now);
+                recent.contains(&i.credential_id, now)
+            });
+            if !recent {
+                let mut cache = inner.shard(&key);
+                // An invalidation while the question was out may concern this very answer. It
+                // bumps the generation before it locks the shards, so reading it under this
+                // shard's lock either sees the bump or inserts before the invalidation drops.
+                if inner.generation.load(SeqCst) == generation {
+                    let entry = Entry {
                         expires: identity.as_ref().and_then(|i| monotonic_expiry(i, now)),
                         identity: identity.clone(),
                         until: now + ttl,
-                    },
-                    inner.config.max_entries,
-                );
+                    };
+                    inner.admit(&mut cache, key, entry);
+                }
             }
         }
         match identity {
@@ -537,11 +588,15 @@ impl Verifier {
 
     pub fn metrics(&self) -> Metrics {
         let c = &self.inner.counters;
+        let (hits, accepted_hits) = self.inner.shards.iter().fold((0, 0), |(h, a), shard| {
+            let cache = lock(&shard.0);
+            (h + cache.hits, a + cache.accepted_hits)
+        });
         Metrics {
-            accepted: c.accepted.load(Relaxed),
-            refused: c.refused.load(Relaxed),
+            accepted: c.accepted.load(Relaxed) + accepted_hits,
+            refused: c.refused.load(Relaxed) + (hits - accepted_hits),
             malformed: c.malformed.load(Relaxed),
-            cache_hits: c.cache_hits.load(Relaxed),
+            cache_hits: hits,
             introspections: c.introspections.load(Relaxed),
             introspection_errors: c.introspection_errors.load(Relaxed),
             stale_refusals: c.stale_refusals.load(Relaxed),
@@ -577,20 +632,49 @@ impl Inner {
         self.last_contact.fetch_max(since_start + 1, Relaxed);
     }
 
+    /// The shard holding `key`, locked.
+    fn shard(&self, key: &CacheKey) -> std::sync::MutexGuard<'_, Cache> {
+        lock(&self.shards[key.shard(SHARDS)].0)
+    }
+
+    /// Inserts into `cache` (the key's shard, locked), first making room there if the shards
+    /// hold `max_entries` together; an answer that finds no room is not cached. Threads
+    /// inserting into different shards at once may pass `max_entries` by one answer each.
+    fn admit(&self, cache: &mut Cache, key: CacheKey, entry: Entry) {
+        let max = self.config.max_entries;
+        if self.cached.load(Relaxed) >= max && !cache.entries.contains_key(&key) {
+            let freed = cache.make_room();
+            if self.cached.fetch_sub(freed, Relaxed).saturating_sub(freed) >= max {
+                return;
+            }
+        }
+        self.cached.fetch_add(cache.insert(key, entry), Relaxed);
+    }
+
     /// Drops every cached answer about `credential_id`.
     fn invalidate(&self, credential_id: &str) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.generation += 1;
-        cache.note_recent(credential_id, Instant::now());
-        cache.drop_credential(credential_id);
+        lock(&self.recent).note(credential_id, Instant::now());
+        // Before the shards are locked: see `Verifier::introspect`.
+        self.generation.fetch_add(1, SeqCst);
+        for shard in &self.shards {
+            let dropped = lock(&shard.0).drop_credential(credential_id);
+            self.cached.fetch_sub(dropped, Relaxed);
+        }
     }
 
     /// Drops every cached answer.
     fn invalidate_all(&self) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.generation += 1;
-        cache.clear();
+        self.generation.fetch_add(1, SeqCst);
+        for shard in &self.shards {
+            let dropped = lock(&shard.0).clear();
+            self.cached.fetch_sub(dropped, Relaxed);
+        }
     }
+}
+
+/// A lock whose holder panicked still guards consistent data: no method here panics midway.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// When `identity` expires, on the monotonic clock as read at `now`; `None`: never. A wall-clock
@@ -681,7 +765,10 @@ mod tests {
             config: VerifierConfig::new("http://127.0.0.1:9", "unused"),
             http: reqwest::Client::new(),
             introspect_url: String::new(),
-            cache: Mutex::new(Cache::default()),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            cached: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            recent: Mutex::new(Recent::default()),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
             started: Instant::now(),
@@ -689,32 +776,70 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_event_drops_its_credentials_answers_and_keeps_the_others() {
-        let inner = inner();
-        {
-            let mut cache = inner.cache.lock().unwrap();
-            let hour = Duration::from_secs(3600);
-            // A in its rotation's grace period: two secrets, two answers.
-            cache.admit(key(1), entry(Some("A"), hour), 100);
-            cache.admit(key(2), entry(Some("A"), hour), 100);
-            cache.admit(key(3), entry(Some("B"), hour), 100);
-            cache.admit(key(4), entry(None, hour), 100);
+    fn inner_holding(max_entries: usize) -> Inner {
+        let mut inner = inner();
+        inner.config.max_entries = max_entries;
+        inner
+    }
+
+    fn admit(inner: &Inner, key: CacheKey, entry: Entry) {
+        let mut cache = inner.shard(&key);
+        inner.admit(&mut cache, key, entry);
+    }
+
+    fn cached_keys(inner: &Inner) -> HashSet<CacheKey> {
+        let shards = inner.shards.iter().map(|shard| lock(&shard.0));
+        shards
+            .flat_map(|c| c.entries.keys().copied().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Each shard's index is consistent, each key is in its own shard, and `cached` counts them.
+    fn assert_consistent(inner: &Inner) {
+        let mut total = 0;
+        for (n, shard) in inner.shards.iter().enumerate() {
+            let cache = lock(&shard.0);
+            assert_index_consistent(&cache);
+            assert!(cache.entries.keys().all(|key| key.shard(SHARDS) == n));
+            total += cache.entries.len();
         }
-        inner.invalidate("A");
-        let cache = inner.cache.lock().unwrap();
-        let left: HashSet<CacheKey> = cache.entries.keys().copied().collect();
-        assert_eq!(left, HashSet::from([key(3), key(4)]));
-        assert!(cache.by_credential.contains_key("B") && !cache.by_credential.contains_key("A"));
-        assert!(cache.is_recent("A", Instant::now()) && !cache.is_recent("B", Instant::now()));
-        assert_eq!(cache.generation, 1);
-        assert_index_consistent(&cache);
+        assert_eq!(inner.cached.load(Relaxed), total);
     }
 
     #[test]
-    fn eviction_expiry_and_replacement_keep_the_index_consistent() {
+    fn an_event_drops_its_credentials_answers_and_keeps_the_others() {
+        let inner = inner();
+        let hour = Duration::from_secs(3600);
+        // A in its rotation's grace period: two secrets, two answers.
+        admit(&inner, key(1), entry(Some("A"), hour));
+        admit(&inner, key(2), entry(Some("A"), hour));
+        admit(&inner, key(3), entry(Some("B"), hour));
+        admit(&inner, key(4), entry(None, hour));
+        assert_consistent(&inner);
+        inner.invalidate("A");
+        assert_eq!(cached_keys(&inner), HashSet::from([key(3), key(4)]));
+        let indexed = |id: &str| {
+            inner
+                .shards
+                .iter()
+                .any(|s| lock(&s.0).by_credential.contains_key(id))
+        };
+        assert!(indexed("B") && !indexed("A"));
+        let recent = lock(&inner.recent);
+        assert!(recent.contains("A", Instant::now()) && !recent.contains("B", Instant::now()));
+        assert_eq!(inner.generation.load(SeqCst), 1);
+        drop(recent);
+        assert_consistent(&inner);
+        inner.invalidate_all();
+        assert!(cached_keys(&inner).is_empty());
+        assert_eq!(inner.generation.load(SeqCst), 2);
+        assert_consistent(&inner);
+    }
+
+    #[test]
+    fn eviction_expiry_and_replacement_keep_the_shards_consistent() {
         let max = 50;
-        let mut cache = Cache::default();
+        let inner = inner_holding(max);
         for n in 0..5_000u32 {
             // Every third answer is already expired, every seventh a refusal.
             let ttl = if n % 3 == 0 {
@@ -724,45 +849,82 @@ mod tests {
             };
             let credential = format!("c{n}");
             let named = (n % 7 != 0).then_some(credential.as_str());
-            cache.admit(key(n), entry(named, ttl), max);
-            assert!(cache.entries.len() <= max);
-            assert!(cache.by_credential.len() <= max, "no stale index growth");
+            admit(&inner, key(n), entry(named, ttl));
+            // One thread: the bound is exact.
+            assert!(inner.cached.load(Relaxed) <= max);
+            let indexed: usize = inner
+                .shards
+                .iter()
+                .map(|s| lock(&s.0).by_credential.len())
+                .sum();
+            assert!(indexed <= max, "no stale index growth");
         }
-        assert_index_consistent(&cache);
+        assert_consistent(&inner);
+        assert!(
+            inner.cached.load(Relaxed) > max / 2,
+            "eviction frees a tenth, not all"
+        );
         // A key's answer replaced by a refusal, then by another credential's answer.
-        let live = *cache
-            .entries
+        let live = *cached_keys(&inner)
             .iter()
-            .find(|(_, e)| e.identity.is_some())
-            .unwrap()
-            .0;
-        cache.admit(live, entry(None, Duration::from_secs(60)), max);
-        assert_index_consistent(&cache);
-        cache.admit(live, entry(Some("other"), Duration::from_secs(60)), max);
-        assert_eq!(cache.by_credential["other"], [live]);
-        assert_index_consistent(&cache);
-        cache.clear();
-        assert!(cache.entries.is_empty() && cache.by_credential.is_empty());
+            .find(|k| inner.shard(k).entries[*k].identity.is_some())
+            .unwrap();
+        admit(&inner, live, entry(None, Duration::from_secs(60)));
+        assert_consistent(&inner);
+        admit(&inner, live, entry(Some("other"), Duration::from_secs(60)));
+        assert_eq!(inner.shard(&live).by_credential["other"], [live]);
+        assert_consistent(&inner);
+        inner.invalidate_all();
+        assert!(cached_keys(&inner).is_empty());
+        assert_consistent(&inner);
+    }
+
+    #[test]
+    fn threads_admitting_and_invalidating_at_once_keep_the_count() {
+        let max = 100;
+        let inner = inner_holding(max);
+        let threads = 4u32;
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let inner = &inner;
+                scope.spawn(move || {
+                    for n in 0..2_000u32 {
+                        let id = format!("c{}", n % 300);
+                        admit(
+                            inner,
+                            key(t * 10_000 + n),
+                            entry(Some(&id), Duration::from_secs(60)),
+                        );
+                        if n % 50 == t {
+                            inner.invalidate(&id);
+                        }
+                    }
+                });
+            }
+        });
+        assert_consistent(&inner);
+        // Each thread may pass the bound by one answer while the others insert.
+        assert!(inner.cached.load(Relaxed) <= max + threads as usize);
     }
 
     #[test]
     fn recent_changes_are_forgotten_without_insertions() {
-        let mut cache = Cache::default();
+        let mut recent = Recent::default();
         let start = Instant::now();
         // 1,000 events 10 ms apart and no introspection at all: only the last 2 s stay.
         for n in 0..1_000u64 {
-            cache.note_recent(&format!("c{n}"), start + Duration::from_millis(10 * n));
+            recent.note(&format!("c{n}"), start + Duration::from_millis(10 * n));
         }
-        assert_eq!(cache.recent.len(), 200);
-        assert_eq!(cache.recent_order.len(), 200);
+        assert_eq!(recent.at.len(), 200);
+        assert_eq!(recent.order.len(), 200);
         // A credential changed twice stays recent until 2 s after its last change.
         let later = start + Duration::from_secs(100);
-        cache.note_recent("A", later);
-        cache.note_recent("A", later + Duration::from_millis(1500));
-        cache.prune_recent(later + Duration::from_millis(2500));
-        assert!(cache.is_recent("A", later + Duration::from_millis(2500)));
-        cache.prune_recent(later + Duration::from_millis(3600));
-        assert!(cache.recent.is_empty() && cache.recent_order.is_empty());
+        recent.note("A", later);
+        recent.note("A", later + Duration::from_millis(1500));
+        recent.prune(later + Duration::from_millis(2500));
+        assert!(recent.contains("A", later + Duration::from_millis(2500)));
+        recent.prune(later + Duration::from_millis(3600));
+        assert!(recent.at.is_empty() && recent.order.is_empty());
     }
 
     #[test]
@@ -796,7 +958,7 @@ mod tests {
         assert!(
             expires > now + Duration::from_secs(58) && expires <= now + Duration::from_secs(61)
         );
-        verifier.inner.cache.lock().unwrap().insert(
+        verifier.inner.shard(&key(1)).insert(
             key(1),
             Entry {
                 identity: Some(Arc::new(in_a_minute)),
@@ -808,6 +970,12 @@ mod tests {
         assert_eq!(
             verifier.cached(&key(1), expires).unwrap(),
             Err(VerifyError::Inactive)
+        );
+        // Hits are counted in their shard, and reported with the rest.
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.cache_hits, metrics.accepted, metrics.refused),
+            (2, 1, 1)
         );
         // Expiries before the epoch are past; one at the end of time is far off, not a panic.
         let at = |exp| Identity {
