@@ -477,16 +477,14 @@ if [[ " $PARTS " == *" verifier "* ]]; then
     SUBJECT=$(head -n1 "$dir/tokens.txt")
     # The forward-auth script of the other parts when the peers recipe is there (same wrk cost).
     forward=(-s "$PEERS_RECIPE/header.lua")
+    embedded=(embedded-verify --base http://127.0.0.1:8096 --verify-token "$VERIFY_TOKEN"
+              --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10)
     for s in $(seq "${VERIFIER_SITTINGS:-3}"); do
         AUTH="Bearer $SUBJECT" run "keyplane forward-auth" "${forward[@]}" http://127.0.0.1:8096/v1/auth/forward \
             > "$OUT/verifier-forward-auth$s.txt"
-        timeout 300 taskset -c "$SERVER_CPU" "$KB" embedded-verify --base http://127.0.0.1:8096 \
-            --verify-token "$VERIFY_TOKEN" --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10 \
-            > "$OUT/verifier-embedded$s.json"
+        timeout 300 taskset -c "$SERVER_CPU" "$KB" "${embedded[@]}" > "$OUT/verifier-embedded$s.json"
         # The same verifier shared by one thread per CPU: how a multi-threaded service scales.
-        timeout 300 "$KB" embedded-verify --base http://127.0.0.1:8096 --threads "$(nproc)" \
-            --verify-token "$VERIFY_TOKEN" --tokens "$dir/tokens.txt" --take "$VERIFIER_TOKENS" --seconds 10 \
-            > "$OUT/verifier-threads$s.json"
+        timeout 300 "$KB" "${embedded[@]}" --threads "$(nproc)" > "$OUT/verifier-threads$s.json"
     done
     python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import glob, json, re, statistics, sys

@@ -407,19 +407,7 @@ impl Verifier {
         };
         let base = config.base_url.trim_end_matches('/').to_string();
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let inner = Arc::new(Inner {
-            introspect_url: format!("{base}/oauth2/introspect"),
-            http,
-            config,
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            cached: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
-            recent: Mutex::new(Recent::default()),
-            keys: CacheKeyer::random(),
-            counters: Counters::default(),
-            started: Instant::now(),
-            last_contact: AtomicU64::new(0),
-        });
+        let inner = Arc::new(Inner::new(config, http, &base));
         tokio::spawn(stream::follow(
             Arc::downgrade(&inner),
             format!("{base}/v1/revocations/stream"),
@@ -483,7 +471,7 @@ impl Verifier {
             return None;
         }
         let result = match &entry.identity {
-            Some(identity) if entry.expires.is_none_or(|exp| now < exp) => Ok(identity.clone()),
+            Some(identity) if unexpired(entry.expires, now) => Ok(identity.clone()),
             Some(_) | None => Err(VerifyError::Inactive),
         };
         cache.hits += 1;
@@ -549,12 +537,13 @@ impl Verifier {
             })),
             _ => None,
         };
+        let now = Instant::now();
+        let expires = identity.as_ref().and_then(|i| monotonic_expiry(i, now));
         if cache {
             let ttl = match identity {
                 Some(_) => inner.config.cache_ttl,
                 None => inner.config.negative_ttl,
             };
-            let now = Instant::now();
             let recent = identity.as_ref().is_some_and(|i| {
                 let mut recent = lock(&inner.recent);
                 recent.prune(now);
@@ -567,7 +556,7 @@ impl Verifier {
                 // shard's lock either sees the bump or inserts before the invalidation drops.
                 if inner.generation.load(SeqCst) == generation {
                     let entry = Entry {
-                        expires: identity.as_ref().and_then(|i| monotonic_expiry(i, now)),
+                        expires,
                         identity: identity.clone(),
                         until: now + ttl,
                     };
@@ -576,7 +565,7 @@ impl Verifier {
             }
         }
         match identity {
-            Some(identity) if !expired(&identity) => Ok(identity),
+            Some(identity) if unexpired(expires, now) => Ok(identity),
             _ => Err(VerifyError::Inactive),
         }
     }
@@ -613,6 +602,23 @@ impl Verifier {
 }
 
 impl Inner {
+    /// An empty cache, never yet in contact with the stream, for keyplane at `base`.
+    fn new(config: VerifierConfig, http: reqwest::Client, base: &str) -> Self {
+        Self {
+            introspect_url: format!("{base}/oauth2/introspect"),
+            http,
+            config,
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            cached: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            recent: Mutex::new(Recent::default()),
+            keys: CacheKeyer::random(),
+            counters: Counters::default(),
+            started: Instant::now(),
+            last_contact: AtomicU64::new(0),
+        }
+    }
+
     fn is_stale(&self) -> bool {
         self.is_stale_at(Instant::now())
     }
@@ -686,11 +692,9 @@ fn monotonic_expiry(identity: &Identity, now: Instant) -> Option<Instant> {
     now.checked_add(exp.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
-fn expired(identity: &Identity) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    identity.expires_at.is_some_and(|exp| exp <= now)
+/// Whether a credential expiring at `expires` ([`monotonic_expiry`]) is still live at `now`.
+fn unexpired(expires: Option<Instant>, now: Instant) -> bool {
+    expires.is_none_or(|exp| now < exp)
 }
 
 #[cfg(test)]
@@ -761,19 +765,12 @@ mod tests {
     }
 
     fn inner() -> Inner {
-        Inner {
-            config: VerifierConfig::new("http://127.0.0.1:9", "unused"),
-            http: reqwest::Client::new(),
-            introspect_url: String::new(),
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            cached: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
-            recent: Mutex::new(Recent::default()),
-            keys: CacheKeyer::random(),
-            counters: Counters::default(),
-            started: Instant::now(),
-            last_contact: AtomicU64::new(0),
-        }
+        let base = "http://127.0.0.1:9";
+        Inner::new(
+            VerifierConfig::new(base, "unused"),
+            reqwest::Client::new(),
+            base,
+        )
     }
 
     fn inner_holding(max_entries: usize) -> Inner {

@@ -24,10 +24,11 @@ pub(crate) struct SseReader {
     line: Vec<u8>,
     /// The last chunk ended in CR: an LF opening the next one ends no second line.
     after_cr: bool,
-    /// The block being read: its fields so far, and its size in bytes.
+    /// The block being read: its fields so far, whether it has had a line (comments count) or
+    /// a field, and its size in bytes.
     block: SseEvent,
+    block_started: bool,
     block_has_field: bool,
-    block_lines: usize,
     block_bytes: usize,
 }
 
@@ -72,15 +73,14 @@ impl SseReader {
     /// Takes one complete line; a blank one ends the block, if it had any line.
     fn end_line(&mut self, line: &[u8]) -> Option<Block> {
         if line.is_empty() {
-            let lines = std::mem::take(&mut self.block_lines);
+            let started = std::mem::take(&mut self.block_started);
             let has_field = std::mem::take(&mut self.block_has_field);
-            let event = std::mem::take(&mut self.block);
+            let mut event = std::mem::take(&mut self.block);
             self.block_bytes = 0;
-            return match (lines, has_field) {
-                (0, _) => None,
-                (_, false) => Some(Block::Comment),
-                (_, true) => {
-                    let mut event = event;
+            return match (started, has_field) {
+                (false, _) => None,
+                (true, false) => Some(Block::Comment),
+                (true, true) => {
                     if event.event.is_empty() {
                         event.event = "message".into();
                     }
@@ -92,7 +92,7 @@ impl SseReader {
                 }
             };
         }
-        self.block_lines += 1;
+        self.block_started = true;
         if line.starts_with(b":") {
             return None;
         }
