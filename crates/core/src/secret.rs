@@ -105,6 +105,15 @@ impl CacheKeyer {
         }
     }
 
+    /// The key of a presented credential, or `None` when it is longer than any credential (not
+    /// hashed). Its format is not checked: a cache that admits only keys of well-formed tokens
+    /// (checked by [`crate::token::kind_of`] on a miss) makes a hit vouch for the format too,
+    /// since a hit is decided by the key alone (above), and a verification that hits skips the
+    /// check.
+    pub fn key_of_presented(&self, presented: &str) -> Option<CacheKey> {
+        (presented.len() <= crate::token::MAX_TOKEN_LEN).then(|| self.key(presented))
+    }
+
     pub fn key(&self, token: &str) -> CacheKey {
         let mut hasher = SipHasher24::new_with_keys(self.key.0, self.key.1);
         // The bytes alone (`write_str` would add a terminator): tokens are compared whole.

@@ -63,6 +63,11 @@ impl Format {
             .expect("every credential kind has a token format")
     }
 
+    /// The format whose prefix `token` starts with, nothing else checked.
+    fn named_by(token: &str) -> Option<&'static Format> {
+        FORMATS.iter().find(|f| token.starts_with(f.prefix))
+    }
+
     fn public_len(&self) -> usize {
         if self.has_public_id {
             PUBLIC_ID_HEX + 1
@@ -139,10 +144,7 @@ pub fn kind_of(token: &str) -> Result<CredentialKind, FormatError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(FormatError::Length);
     }
-    let format = FORMATS
-        .iter()
-        .find(|f| token.starts_with(f.prefix))
-        .ok_or(FormatError::UnknownPrefix)?;
+    let format = Format::named_by(token).ok_or(FormatError::UnknownPrefix)?;
     if token.len() != format.len() {
         return Err(FormatError::Length);
     }
@@ -165,6 +167,12 @@ pub fn kind_of(token: &str) -> Result<CredentialKind, FormatError> {
         return Err(FormatError::Checksum);
     }
     Ok(format.kind)
+}
+
+/// The kind a token's prefix names, nothing else checked: for a token already known to be
+/// well-formed, as one whose [`crate::CacheKey`] a cache holds is ([`crate::CacheKeyer::key_of_presented`]).
+pub fn kind_named(token: &str) -> Option<CredentialKind> {
+    Format::named_by(token).map(|format| format.kind)
 }
 
 fn display_of(format: &Format, text: &str) -> TokenDisplay {

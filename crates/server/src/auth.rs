@@ -170,6 +170,8 @@ impl Default for CacheConfig {
 /// The reason a revoked credential is refused for, and so a canary too: logs and metrics must not
 /// tell them apart.
 const REVOKED: &str = "unknown or revoked";
+/// The reason a secret that is not a keyplane token's shape is refused for.
+const MALFORMED: &str = "malformed";
 
 /// After a store fault, stale-servable entries are served without asking the store again for this
 /// long, so an outage does not make every verification wait for the store's timeout.
@@ -464,34 +466,47 @@ impl Verifier {
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
     /// and of the kind its format says. Reads no clock.
     async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
-        let (kind, key) = self.parse(presented)?;
+        let key = self.key_of(presented)?;
         let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
-            None => self.lookup_stored(key, presented).await?,
+            None => {
+                Self::check_format(presented)?;
+                self.lookup_stored(key, presented).await?
+            }
         };
-        Self::of_kind(verified, kind)
+        Self::of_kind(verified, presented)
     }
 
-    /// [`Self::find`] from the caches alone: `None` when only the store can tell.
+    /// [`Self::find`] from the caches alone: `None` when only the store can tell, or the format
+    /// has to be checked.
     fn find_cached(&self, presented: &str) -> Option<Result<Arc<Verified>, AppError>> {
-        let (kind, key) = match self.parse(presented) {
-            Ok(parsed) => parsed,
+        let key = match self.key_of(presented) {
+            Ok(key) => key,
             Err(malformed) => return Some(Err(malformed)),
         };
         let found = self.lookup_cached(&key)?;
-        Some(found.and_then(|verified| Self::of_kind(verified, kind)))
+        Some(found.and_then(|verified| Self::of_kind(verified, presented)))
     }
 
-    /// The kind `presented`'s format names, once checked (`token::kind_of`), and its key in the
-    /// caches; or a malformed secret.
-    fn parse(&self, presented: &str) -> Result<(CredentialKind, CacheKey), AppError> {
-        let kind = token::kind_of(presented).map_err(|_| AppError::Unauthenticated("malformed"))?;
-        Ok((kind, self.keys.key(presented)))
+    /// `presented`'s key in the caches, or a malformed secret when it is longer than any
+    /// credential. Its format is checked on a miss only ([`Self::check_format`]): the caches
+    /// hold keys of well-formed secrets alone (`load` follows the check), and a key decides a hit.
+    fn key_of(&self, presented: &str) -> Result<CacheKey, AppError> {
+        self.keys
+            .key_of_presented(presented)
+            .ok_or(AppError::Unauthenticated(MALFORMED))
+    }
+
+    /// Prefix, length, alphabet and checksum (`token::kind_of`), before the store is asked.
+    fn check_format(presented: &str) -> Result<(), AppError> {
+        token::kind_of(presented)
+            .map(drop)
+            .map_err(|_| AppError::Unauthenticated(MALFORMED))
     }
 
     /// A secret's format names its kind: one that found another kind's credential is unknown.
-    fn of_kind(verified: Arc<Verified>, kind: CredentialKind) -> Result<Arc<Verified>, AppError> {
-        if verified.gate.kind != kind {
+    fn of_kind(verified: Arc<Verified>, presented: &str) -> Result<Arc<Verified>, AppError> {
+        if token::kind_named(presented) != Some(verified.gate.kind) {
             return Err(AppError::Unauthenticated("unknown"));
         }
         Ok(verified)
@@ -784,11 +799,11 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, AppError> {
     let value = std::str::from_utf8(value)
         .ok()
         .filter(|value| value.is_ascii())
-        .ok_or_else(|| AppError::Unauthenticated("malformed"))?;
+        .ok_or(AppError::Unauthenticated(MALFORMED))?;
     let space = value
         .bytes()
         .position(|b| b == b' ')
-        .ok_or_else(|| AppError::Unauthenticated("malformed"))?;
+        .ok_or(AppError::Unauthenticated(MALFORMED))?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AppError::Unauthenticated("not a bearer credential"));
@@ -923,6 +938,67 @@ pub(crate) mod tests {
         outlive().await;
         let resumed = app.verify_secret(secret).await.unwrap();
         assert!(!Arc::ptr_eq(&resumed, &suspended));
+    }
+
+    /// The caches are keyed by the presented secret alone and checked before its format (a
+    /// hit vouches for it). So a secret they do not hold is checked before the store is asked,
+    /// and a hit is still held to the kind its format names.
+    #[tokio::test]
+    async fn the_format_is_checked_before_the_store_and_the_kind_on_every_hit() {
+        let (_dir, store) = sqlite_store().await;
+        let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let tenant = tenant.tenant.id;
+        let app = crate::App::new(store.clone(), crate::Config::default());
+        let verifier = &app.inner().verifier;
+        let secret = token(store.as_ref(), tenant, &["deploy"]).await;
+        let secret = secret.expose_secret();
+        assert!(app.verify_secret(secret).await.is_ok());
+
+        // The last checksum digit changed: well-formed but for the checksum.
+        let last = if secret.ends_with('0') { "1" } else { "0" };
+        let corrupted = format!("{}{last}", &secret[..secret.len() - 1]);
+        let too_long = format!("{secret}{}", "0".repeat(token::MAX_TOKEN_LEN));
+        for malformed in [corrupted.as_str(), too_long.as_str(), "aether_", ""] {
+            let refused = app.verify_secret(malformed).await.err().unwrap();
+            assert!(
+                matches!(refused, AppError::Unauthenticated(MALFORMED)),
+                "{malformed:?}: {refused}"
+            );
+            // A secret the store was asked about would be cached, as unknown at least.
+            let key = verifier.keys.key(malformed);
+            assert!(verifier.cache.get(&key).is_none() && verifier.unknown.get(&key).is_none());
+        }
+
+        // A credential stored under another kind than its secret's format names.
+        let (mut mislabelled, secret) = NewCredential {
+            tenant_id: tenant,
+            kind: CredentialKind::ApiToken,
+            name: "mislabelled".into(),
+            scopes: ScopeSet::parse_list(&FieldPath::body("scopes"), &["deploy".to_string()])
+                .unwrap(),
+            permissions: Vec::new(),
+            expires_at: None,
+            created_by_user_id: None,
+            canary: false,
+        }
+        .issue(crate::ops::now(), &mut rand::rngs::OsRng);
+        mislabelled.kind = CredentialKind::ServiceAccount;
+        store.import_credentials(&[mislabelled], &[]).await.unwrap();
+        for attempt in ["from the store", "from the cache"] {
+            let refused = app
+                .verify_secret(secret.expose_secret())
+                .await
+                .err()
+                .unwrap();
+            assert!(
+                matches!(refused, AppError::Unauthenticated("unknown")),
+                "{attempt}: {refused}"
+            );
+        }
+        assert!(verifier
+            .cache
+            .get(&verifier.keys.key(secret.expose_secret()))
+            .is_some());
     }
 
     #[tokio::test]

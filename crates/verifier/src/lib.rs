@@ -1,8 +1,8 @@
 //! Verify keyplane credentials inside a Rust service, without a network hop per request.
 //!
-//! [`Verifier::verify`] checks a presented token's format and CRC32 locally (garbage never leaves
-//! the process), answers from a cache keyed by a keyed hash of the token (never the token itself),
-//! and on a miss asks keyplane
+//! [`Verifier::verify`] answers from a cache keyed by a keyed hash of the token (never the token
+//! itself); on a miss it checks the token's format and CRC32 locally (garbage never leaves the
+//! process), then asks keyplane
 //! (`POST /oauth2/introspect`, with a credential holding `tokens:verify`). A background task
 //! follows keyplane's revocation stream (`GET /v1/revocations/stream`): each revoke, rotation,
 //! suspension, grant change, expiry or leak of the organization drops the cached answers of that
@@ -435,6 +435,18 @@ impl Verifier {
     }
 
     async fn verify_inner(&self, token: &str) -> Answer {
+        // The format is checked on a miss only: the cache holds answers for well-formed tokens
+        // alone, and a hit is decided by the key (`CacheKeyer::key_of_presented`).
+        let Some(key) = self.inner.keys.key_of_presented(token) else {
+            return Answer::Fresh(Err(VerifyError::Malformed));
+        };
+        let now = Instant::now();
+        let stale = self.inner.is_stale_at(now);
+        if !stale {
+            if let Some(cached) = self.cached(&key, now) {
+                return Answer::Cached(cached);
+            }
+        }
         let Ok(kind) = keyplane_core::token::kind_of(token) else {
             return Answer::Fresh(Err(VerifyError::Malformed));
         };
@@ -442,25 +454,20 @@ impl Verifier {
         if kind == CredentialKind::RobotAccount {
             return Answer::Fresh(Err(VerifyError::Inactive));
         }
-        let key = self.inner.keys.key(token);
+        if !stale {
+            return Answer::Fresh(self.introspect(token, key, true).await);
+        }
         let counters = &self.inner.counters;
-        let now = Instant::now();
-        if self.inner.is_stale_at(now) {
-            return Answer::Fresh(match self.inner.config.stale_policy {
-                StalePolicy::FailClosed => {
-                    counters.stale_refusals.fetch_add(1, Relaxed);
-                    Err(VerifyError::Stale)
-                }
-                StalePolicy::Recheck => {
-                    counters.stale_rechecks.fetch_add(1, Relaxed);
-                    self.introspect(token, key, false).await
-                }
-            });
-        }
-        if let Some(cached) = self.cached(&key, now) {
-            return Answer::Cached(cached);
-        }
-        Answer::Fresh(self.introspect(token, key, true).await)
+        Answer::Fresh(match self.inner.config.stale_policy {
+            StalePolicy::FailClosed => {
+                counters.stale_refusals.fetch_add(1, Relaxed);
+                Err(VerifyError::Stale)
+            }
+            StalePolicy::Recheck => {
+                counters.stale_rechecks.fetch_add(1, Relaxed);
+                self.introspect(token, key, false).await
+            }
+        })
     }
 
     /// The cached answer, counted in its shard.
@@ -717,6 +724,64 @@ mod tests {
         let metrics = verifier.metrics();
         assert_eq!((metrics.malformed, metrics.introspections), (4, 0));
         assert!(metrics.stale && !metrics.stream_connected);
+    }
+
+    /// A cached answer skips the format check (the cache holds well-formed tokens' answers alone,
+    /// and the key decides a hit); every other token is checked before keyplane would be asked,
+    /// stale or not.
+    #[tokio::test]
+    async fn only_a_cached_answer_skips_the_format_check() {
+        // Nothing listens on port 9: an answer that needed keyplane would be `Unavailable`.
+        let mut config = VerifierConfig::new("http://127.0.0.1:9", "unused");
+        config.stale_policy = StalePolicy::Recheck;
+        let verifier = Verifier::new(config).unwrap();
+        let mint = |kind| {
+            let minted = keyplane_core::token::mint(kind, &mut rand::rngs::OsRng);
+            minted.plaintext.expose_secret().to_string()
+        };
+        let (robot, cached) = (
+            mint(CredentialKind::RobotAccount),
+            mint(CredentialKind::ApiToken),
+        );
+        let last = if cached.ends_with('0') { "1" } else { "0" };
+        let corrupted = format!("{}{last}", &cached[..cached.len() - 1]);
+        let too_long = format!(
+            "{cached}{}",
+            "0".repeat(keyplane_core::token::MAX_TOKEN_LEN)
+        );
+        let inner = &verifier.inner;
+        admit(
+            inner,
+            inner.keys.key(&cached),
+            entry(Some("cached"), Duration::from_secs(60)),
+        );
+        for stale in [true, false] {
+            if !stale {
+                inner.heard_from_stream();
+            }
+            assert_eq!(inner.is_stale(), stale);
+            assert_eq!(
+                verifier.verify(&corrupted).await,
+                Err(VerifyError::Malformed)
+            );
+            assert_eq!(
+                verifier.verify(&too_long).await,
+                Err(VerifyError::Malformed)
+            );
+            assert_eq!(verifier.verify(&robot).await, Err(VerifyError::Inactive));
+        }
+        let identity = verifier.verify(&cached).await.unwrap();
+        assert_eq!(identity.credential_id, "cached");
+        let metrics = verifier.metrics();
+        assert_eq!((metrics.malformed, metrics.refused), (4, 2));
+        assert_eq!(
+            (
+                metrics.introspections,
+                metrics.stale_rechecks,
+                metrics.cache_hits
+            ),
+            (0, 0, 1)
+        );
     }
 
     fn identity(credential_id: &str) -> Option<Arc<Identity>> {
