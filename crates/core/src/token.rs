@@ -170,7 +170,7 @@ pub fn kind_of(token: &str) -> Result<CredentialKind, FormatError> {
 }
 
 /// The kind a token's prefix names, nothing else checked: for a token already known to be
-/// well-formed, as one whose [`crate::CacheKey`] a cache holds is ([`crate::CacheKeyer::key_of_presented`]).
+/// well-formed, as one whose key a cache holds is ([`crate::CacheKeyer::key_of_presented`]).
 pub fn kind_named(token: &str) -> Option<CredentialKind> {
     Format::named_by(token).map(|format| format.kind)
 }
