@@ -1,17 +1,5 @@
 #!/bin/bash
-# embedded verifier: 1 thread vs 2 threads, alternated; server idle after warm-up
+# embedded verifier: 1 thread vs 2 threads, one lock (553418b) against shards (ad09248), alternated;
+# the bench binaries copied to /work/base as kb-onelock and kb-sharded.
 set -euo pipefail
-KB=${KB:-/work/target-release/release/keyplane-bench}
-KP=${KP:-/work/target-release/release/keyplane}
-dir=$(mktemp -d /tmp/thr.XXXX); chmod 700 $dir
-timeout 600 $KB seed --database-url "sqlite://$dir/keyplane.db" --count 10000 --tokens-out $dir/tokens.txt > $dir/seed.json
-ORG=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["org_id"])' < $dir/seed.json)
-ROOT=$(python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])' < $dir/seed.json)
-$KP serve --listen 127.0.0.1:8096 --data-dir $dir --database-url "sqlite://$dir/keyplane.db" --rate-limit-per-minute 0 > $dir/server.log 2>&1 &
-PID=$!
-trap "kill $PID" EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:8096/readyz >/dev/null && break; sleep 0.1; done
-VT=$(curl -sf -X POST "http://127.0.0.1:8096/api/v1/organizations/$ORG/api-tokens" -H "Authorization: Bearer $ROOT" -H 'content-type: application/json' -d '{"name":"v","scopes":["tokens:verify"]}' | python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])')
-for s in 1 2 3; do for KBX in /work/base/kb-onelock /work/base/kb-sharded; do for t in 1 2; do echo -n "$(basename $KBX) "
-  timeout 120 $KBX embedded-verify --base http://127.0.0.1:8096 --verify-token "$VT" --tokens $dir/tokens.txt --take 10000 --seconds ${SECONDS_PER:-5} --threads $t
-done; done; done
+A=/work/base/kb-onelock B=/work/base/kb-sharded exec bash "$(dirname "$0")/../ab-20261205-19/verifier-ab.sh"

@@ -858,8 +858,15 @@ pub(crate) mod tests {
 
     /// An API token of `tenant` holding `scopes`, in the store.
     pub(crate) async fn token(store: &dyn Store, tenant: TenantId, scopes: &[&str]) -> Plaintext {
+        let (credential, secret) = issued(tenant, scopes);
+        store.import_credentials(&[credential], &[]).await.unwrap();
+        secret
+    }
+
+    /// An API token of `tenant` holding `scopes`, not yet stored.
+    fn issued(tenant: TenantId, scopes: &[&str]) -> (keyplane_core::Credential, Plaintext) {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        let (credential, secret) = NewCredential {
+        NewCredential {
             tenant_id: tenant,
             kind: CredentialKind::ApiToken,
             name: uuid::Uuid::new_v4().to_string(),
@@ -869,9 +876,7 @@ pub(crate) mod tests {
             created_by_user_id: None,
             canary: false,
         }
-        .issue(crate::ops::now(), &mut rand::rngs::OsRng);
-        store.import_credentials(&[credential], &[]).await.unwrap();
-        secret
+        .issue(crate::ops::now(), &mut rand::rngs::OsRng)
     }
 
     /// A reload (here after every use: a 1 ms lifetime) that finds the credential as it was keeps
@@ -970,18 +975,7 @@ pub(crate) mod tests {
         }
 
         // A credential stored under another kind than its secret's format names.
-        let (mut mislabelled, secret) = NewCredential {
-            tenant_id: tenant,
-            kind: CredentialKind::ApiToken,
-            name: "mislabelled".into(),
-            scopes: ScopeSet::parse_list(&FieldPath::body("scopes"), &["deploy".to_string()])
-                .unwrap(),
-            permissions: Vec::new(),
-            expires_at: None,
-            created_by_user_id: None,
-            canary: false,
-        }
-        .issue(crate::ops::now(), &mut rand::rngs::OsRng);
+        let (mut mislabelled, secret) = issued(tenant, &["deploy"]);
         mislabelled.kind = CredentialKind::ServiceAccount;
         store.import_credentials(&[mislabelled], &[]).await.unwrap();
         for attempt in ["from the store", "from the cache"] {

@@ -454,20 +454,18 @@ impl Verifier {
         if kind == CredentialKind::RobotAccount {
             return Answer::Fresh(Err(VerifyError::Inactive));
         }
-        if !stale {
-            return Answer::Fresh(self.introspect(token, key, true).await);
+        if stale {
+            let counters = &self.inner.counters;
+            match self.inner.config.stale_policy {
+                StalePolicy::FailClosed => {
+                    counters.stale_refusals.fetch_add(1, Relaxed);
+                    return Answer::Fresh(Err(VerifyError::Stale));
+                }
+                StalePolicy::Recheck => counters.stale_rechecks.fetch_add(1, Relaxed),
+            };
         }
-        let counters = &self.inner.counters;
-        Answer::Fresh(match self.inner.config.stale_policy {
-            StalePolicy::FailClosed => {
-                counters.stale_refusals.fetch_add(1, Relaxed);
-                Err(VerifyError::Stale)
-            }
-            StalePolicy::Recheck => {
-                counters.stale_rechecks.fetch_add(1, Relaxed);
-                self.introspect(token, key, false).await
-            }
-        })
+        // A stale verifier's answer is not cached: the stream may have missed its change.
+        Answer::Fresh(self.introspect(token, key, !stale).await)
     }
 
     /// The cached answer, counted in its shard.
