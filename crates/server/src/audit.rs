@@ -13,24 +13,23 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// Where an event's request came from. The one place the client address is read.
+/// Where an event's request came from. The one place the client address and the request id are
+/// read for the audit trail.
 pub fn request_context(headers: &HeaderMap, extensions: &Extensions) -> RequestContext {
-    // The trusted-proxy rule's answer, set by the connection (`connection.rs`) for each request.
-    request_context_of(
-        headers,
-        extensions.get::<crate::client_addr::ClientAddr>().copied(),
-    )
+    // Set for each request by the connection (the trusted-proxy rule's answer, `connection.rs`)
+    // and the observer (`router.rs`).
+    request_context_of(headers, &crate::request_id::Origin::of(extensions))
 }
 
-/// [`request_context`] for a handler that took the client address out of the extensions.
+/// [`request_context`] for a handler that took its [`crate::request_id::Origin`] as an argument.
 pub(crate) fn request_context_of(
     headers: &HeaderMap,
-    client: Option<crate::client_addr::ClientAddr>,
+    origin: &crate::request_id::Origin,
 ) -> RequestContext {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let client_ip = client.map(|client| client.0.to_string());
+    let request_id = origin.request_id.as_ref().map(ToString::to_string);
+    let client_ip = origin.client.map(|client| client.0.to_string());
     RequestContext::new(
-        header("x-request-id"),
+        request_id.as_deref(),
         client_ip,
         headers
             .get(header::USER_AGENT)

@@ -105,22 +105,22 @@ impl Presentation {
             .extensions
             .get::<MatchedPath>()
             .map_or("unmatched", MatchedPath::as_str);
-        let client = parts.extensions.get::<crate::client_addr::ClientAddr>();
-        Self::of_route(surface, route, parts, client.copied())
+        let origin = crate::request_id::Origin::of(&parts.extensions);
+        Self::of_route(surface, route, parts, &origin)
     }
 
-    /// A request of `route` from `client`, given for one served without the router (no
-    /// `MatchedPath` to read, the client an argument rather than an extension).
+    /// A request of `route` from `origin`, given for one served without the router (no
+    /// `MatchedPath` to read, the origin an argument rather than extensions).
     pub(crate) fn of_route(
         surface: CanarySurface,
         route: &str,
         parts: &Parts,
-        client: Option<crate::client_addr::ClientAddr>,
+        origin: &crate::request_id::Origin,
     ) -> Self {
         Self::new(
             surface,
             format!("{} {route}", parts.method),
-            crate::audit::request_context_of(&parts.headers, client),
+            crate::audit::request_context_of(&parts.headers, origin),
         )
     }
 

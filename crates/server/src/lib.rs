@@ -31,6 +31,7 @@ mod openapi;
 pub mod ops;
 mod ratelimit;
 pub mod registry;
+mod request_id;
 pub mod revocations;
 mod router;
 mod system;

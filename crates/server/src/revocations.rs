@@ -155,16 +155,15 @@ pub struct StreamPosition {
 )]
 async fn revocation_stream(
     State(app): State<App>,
-    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
+    origin: crate::request_id::Origin,
     headers: HeaderMap,
 ) -> Result<Response, ApiError<Verification>> {
     let presented = bearer_token(&headers)?.to_string();
-    let client = client.map(|axum::extract::Extension(client)| client);
     let at = || {
         crate::canary::Presentation::new(
             crate::canary::CanarySurface::RevocationStream,
             "GET /v1/revocations/stream".into(),
-            crate::audit::request_context_of(&headers, client),
+            crate::audit::request_context_of(&headers, &origin),
         )
     };
     let caller = app.inner().verifier.verify_bearer(&presented, &at).await?;

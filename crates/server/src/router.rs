@@ -5,9 +5,9 @@ use crate::app::App;
 use crate::client_addr::ClientAddr;
 use crate::error::ErrorCause;
 use crate::metrics::RouteMetrics;
+use crate::request_id::{Origin, RequestId, REQUEST_ID};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::header::Entry;
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::Router;
 use futures::future::{ready, BoxFuture, Either, Ready};
@@ -25,8 +25,6 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
-
-pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(OpenApi)]
 #[openapi(
@@ -137,8 +135,9 @@ impl Front {
         }
     }
 
-    /// Serves `request` from `client`: an extension of the request for the router's handlers,
-    /// an argument for the direct routes' (a request's first extension costs three allocations).
+    /// Serves `request` from `client`: the client and the request id ([`Origin`]) are extensions
+    /// of the request for the router's handlers, an argument for the direct routes' (a request's
+    /// first extension costs three allocations).
     pub(crate) fn serve(&self, mut request: Request, client: ClientAddr) -> Served {
         use tower::ServiceExt;
         let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
@@ -147,8 +146,12 @@ impl Front {
             let routed: BoxFuture<'static, Answer> = Box::pin(self.router.clone().oneshot(request));
             return Either::Right(routed);
         };
-        self.direct[route as usize].observe_direct(request, client, |request| {
-            route.serve(&self.app, request, client)
+        self.direct[route as usize].observe_direct(request, client, |request, request_id| {
+            let origin = Origin {
+                client: Some(client),
+                request_id: Some(request_id),
+            };
+            route.serve(&self.app, request, origin)
         })
     }
 }
@@ -178,15 +181,6 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// A client's `X-Request-Id` is kept only when it is short and plain, so that it cannot break a
-/// log line or a downstream system that copies it.
-fn is_plain_request_id(id: &[u8]) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
 /// A UUID as a header value (hyphenated, lowercase), rendered on the stack.
 pub(crate) fn uuid_header(id: uuid::Uuid) -> HeaderValue {
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -211,7 +205,7 @@ impl Observer {
         &self,
         request: Request,
         client: Option<ClientAddr>,
-        call: impl FnOnce(Request) -> F,
+        call: impl FnOnce(Request, RequestId) -> F,
     ) -> Observed<F> {
         let (watch, response) = self.begin(request, client, call);
         Observed {
@@ -227,7 +221,7 @@ impl Observer {
         &self,
         request: Request,
         client: ClientAddr,
-        call: impl FnOnce(Request) -> Either<Response, BoxFuture<'static, Answer>>,
+        call: impl FnOnce(Request, RequestId) -> Either<Response, BoxFuture<'static, Answer>>,
     ) -> Served {
         match self.begin(request, Some(client), call) {
             (watch, Either::Left(response)) => Either::Left(ready(Ok(watch.conclude(response)))),
@@ -243,7 +237,7 @@ impl Observer {
         &self,
         mut request: Request,
         client: Option<ClientAddr>,
-        call: impl FnOnce(Request) -> T,
+        call: impl FnOnce(Request, RequestId) -> T,
     ) -> (Watch<'_>, T) {
         let route = match &self.route {
             Some(known) => Cow::Borrowed(known),
@@ -261,7 +255,7 @@ impl Observer {
         let failures = crate::failed_auth::FailureWatch::of(&self.app, &request, client);
         let called = {
             let _entered = observation.span.enter();
-            call(request)
+            call(request, observation.request_id.clone())
         };
         (
             Watch {
@@ -346,7 +340,11 @@ where
         let client = request.extensions().get::<ClientAddr>().copied();
         // Ready: our own `poll_ready` was its `poll_ready`.
         self.observer
-            .observe(request, client, |request| inner.call(request))
+            .observe(request, client, |mut request, request_id| {
+                // For handlers, as `Origin` reads it.
+                request.extensions_mut().insert(request_id);
+                inner.call(request)
+            })
     }
 }
 
@@ -377,14 +375,14 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
 
 /// One log line and one metrics observation per request, under a span carrying the request id
 /// and the client's address (the [`ClientAddr`] the connection set), around the
-/// failed-authentication limit. Sets the request id (the client's when plain, else a fresh UUID)
-/// on the request and the response, and `Cache-Control: no-store` on
-/// a response that names no other policy. The log names the matched route, never the raw URI or
+/// failed-authentication limit. Works out the request id ([`RequestId`]: the client's when plain,
+/// else a fresh UUID), which the route is called with and the response carries, and sets
+/// `Cache-Control: no-store` on a response that names no other policy. The log names the matched route, never the raw URI or
 /// any header value but the request id.
 struct Observation {
     started: Instant,
     method: &'static str,
-    request_id: HeaderValue,
+    request_id: RequestId,
     /// Logged at debug level: a verification route.
     hot: bool,
     span: tracing::Span,
@@ -396,34 +394,19 @@ impl Observation {
     fn start(route: &'static str, request: &mut Request, client: Option<ClientAddr>) -> Self {
         let started = Instant::now();
         let method = method_label(request.method());
-        // One lookup (a custom name is hashed byte by byte) for reading and replacing.
-        let request_id = match request.headers_mut().entry(REQUEST_ID) {
-            Entry::Occupied(given) if is_plain_request_id(given.get().as_bytes()) => {
-                given.get().clone()
-            }
-            slot => {
-                let fresh = uuid_header(uuid::Uuid::new_v4());
-                // A copy rather than a clone: a clone makes both share one buffer, which costs an
-                // allocation and reference counting of its own.
-                let copy = HeaderValue::from_bytes(fresh.as_bytes()).expect("it is a header value");
-                match slot {
-                    Entry::Occupied(mut given) => {
-                        given.insert(copy);
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(copy);
-                    }
-                }
-                fresh
-            }
-        };
+        let request_id = RequestId::of(request.headers());
         let client_ip = client.map(|c| tracing::field::display(c.0));
-        // Plain by the check above, so it is text. Read as text only by a span that is enabled
-        // (the hot routes' are not, at the default level): `to_str` checks every byte.
-        let id_text = || request_id.to_str().unwrap_or_default();
+        // Rendered only by a span that is enabled (the hot routes' are not, at the default level).
+        let id_text = || tracing::field::display(&request_id);
         let audit = crate::audit::watch_request(request).map(|slot| crate::audit::Watched {
             slot,
-            context: crate::audit::request_context_of(request.headers(), client),
+            context: crate::audit::request_context_of(
+                request.headers(),
+                &Origin {
+                    client,
+                    request_id: Some(request_id.clone()),
+                },
+            ),
             method,
             route,
             path: request.uri().path().to_string(),
@@ -495,7 +478,7 @@ impl Observation {
         }
         let headers = response.headers_mut();
         // Replacing a slot a handler left for it (`verify::forward_answer_headers`).
-        headers.insert(REQUEST_ID, self.request_id);
+        headers.insert(REQUEST_ID, self.request_id.into_header_value());
         // Credentials and their metadata must not sit in shared caches.
         headers
             .entry(header::CACHE_CONTROL)

@@ -5,10 +5,10 @@
 use crate::app::App;
 use crate::auth::{bearer_token, Verified};
 use crate::canary::{CanarySurface, Presentation};
-use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError, Surface};
+use crate::request_id::Origin;
 use crate::router::Answer;
-use axum::extract::{Extension, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -119,7 +119,7 @@ impl DirectRoute {
         self,
         app: &App,
         request: Request,
-        client: ClientAddr,
+        origin: Origin,
     ) -> Either<Response, BoxFuture<'static, Answer>> {
         fn answer(response: impl IntoResponse) -> Answer {
             Ok(response.into_response())
@@ -127,18 +127,18 @@ impl DirectRoute {
         let pending = match self {
             Self::ForwardAuth => {
                 let (parts, body) = request.into_parts();
-                if let Some(response) = forward_auth_cached(app, &parts, client) {
+                if let Some(response) = forward_auth_cached(app, &parts, &origin) {
                     return Either::Left(response);
                 }
                 let request = Request::from_parts(parts, body);
-                forward_auth(State(app.clone()), Some(Extension(client)), request)
+                forward_auth(State(app.clone()), origin, request)
                     .map(answer)
                     .boxed()
             }
-            Self::Introspect => introspect(State(app.clone()), Some(Extension(client)), request)
+            Self::Introspect => introspect(State(app.clone()), origin, request)
                 .map(answer)
                 .boxed(),
-            Self::Whoami => whoami(State(app.clone()), Some(Extension(client)), request)
+            Self::Whoami => whoami(State(app.clone()), origin, request)
                 .map(answer)
                 .boxed(),
         };
@@ -252,20 +252,19 @@ pub(crate) fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>>
 )]
 async fn introspect(
     State(app): State<App>,
-    client: Option<Extension<ClientAddr>>,
+    origin: Origin,
     mut request: Request,
 ) -> Result<Response, VerifyError> {
     const ROUTE: &str = "POST /oauth2/introspect";
     // The headers taken rather than cloned (as a `HeaderMap` extractor would).
     let headers = std::mem::take(request.headers_mut());
     let body = crate::extract::read_body(request, &app).await?;
-    let client = client.map(|Extension(client)| client);
     let verifier = &app.inner().verifier;
     let at_caller = || {
         Presentation::new(
             CanarySurface::IntrospectionCaller,
             ROUTE.into(),
-            crate::audit::request_context_of(&headers, client),
+            crate::audit::request_context_of(&headers, &origin),
         )
     };
     let caller = verifier
@@ -285,7 +284,7 @@ async fn introspect(
         Presentation::new(
             CanarySurface::IntrospectedToken,
             ROUTE.into(),
-            crate::audit::request_context_of(&headers, client),
+            crate::audit::request_context_of(&headers, &origin),
         )
         .introspected_by(&caller.credential)
     };
@@ -385,20 +384,15 @@ impl ActiveAnswer<'_> {
     ),
     security(("bearer" = [])),
 )]
-async fn forward_auth(
-    State(app): State<App>,
-    client: Option<Extension<ClientAddr>>,
-    request: Request,
-) -> Response {
+async fn forward_auth(State(app): State<App>, origin: Origin, request: Request) -> Response {
     // The whole request, not extractors: its parts describe a canary's presentation, read only
     // when one is presented, and nothing is copied on the hot path.
     let (parts, _) = request.into_parts();
-    let client = client.map(|Extension(client)| client);
     let check = match ForwardCheck::read(&parts) {
         Ok(check) => check,
         Err(refused) => return refusal(refused),
     };
-    let at = || forward_presentation(&parts, client);
+    let at = || forward_presentation(&parts, &origin);
     let verified = app.inner().verifier.verify_bearer(check.token, &at).await;
     check.answer(verified)
 }
@@ -406,12 +400,12 @@ async fn forward_auth(
 /// [`forward_auth`]'s answer when the verification caches can give it, as they do for almost
 /// every request: without its future, which would be built, boxed and polled for an answer that
 /// is ready at once. `None`: only the store can tell (serve `forward_auth` then).
-fn forward_auth_cached(app: &App, parts: &Parts, client: ClientAddr) -> Option<Response> {
+fn forward_auth_cached(app: &App, parts: &Parts, origin: &Origin) -> Option<Response> {
     let check = match ForwardCheck::read(parts) {
         Ok(check) => check,
         Err(refused) => return Some(refusal(refused)),
     };
-    let at = || forward_presentation(parts, Some(client));
+    let at = || forward_presentation(parts, origin);
     let verified = app
         .inner()
         .verifier
@@ -420,12 +414,12 @@ fn forward_auth_cached(app: &App, parts: &Parts, client: ClientAddr) -> Option<R
 }
 
 /// How a canary presented at forward-auth is described.
-fn forward_presentation(parts: &Parts, client: Option<ClientAddr>) -> Presentation {
+fn forward_presentation(parts: &Parts, origin: &Origin) -> Presentation {
     Presentation::of_route(
         CanarySurface::ForwardAuth,
         DirectRoute::ForwardAuth.path(),
         parts,
-        client,
+        origin,
     )
 }
 
@@ -514,7 +508,7 @@ fn forward_answer_headers(values: [HeaderValue; 5]) -> HeaderMap {
             layout.insert(name, HeaderValue::from_static(""));
         }
         layout.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        layout.insert(crate::router::REQUEST_ID, HeaderValue::from_static(""));
+        layout.insert(crate::request_id::REQUEST_ID, HeaderValue::from_static(""));
         layout
     });
     let mut headers = LAYOUT.clone();
@@ -562,14 +556,13 @@ impl ForwardHeaders {
 )]
 async fn whoami(
     State(app): State<App>,
-    client: Option<Extension<ClientAddr>>,
+    origin: Origin,
     request: Request,
 ) -> Result<Json<WhoAmI>, VerifyError> {
     let (parts, _) = request.into_parts();
-    let client = client.map(|Extension(client)| client);
     let at = || {
         let route = DirectRoute::Whoami.path();
-        Presentation::of_route(CanarySurface::Whoami, route, &parts, client)
+        Presentation::of_route(CanarySurface::Whoami, route, &parts, &origin)
     };
     let verified = app
         .inner()
@@ -603,7 +596,7 @@ mod tests {
             (SCOPES, "scopes"),
             (SECRET, "secret"),
             (header::CACHE_CONTROL, "no-store"),
-            (crate::router::REQUEST_ID, ""),
+            (crate::request_id::REQUEST_ID, ""),
         ] {
             assert_eq!(headers[&name], value, "{name}");
         }

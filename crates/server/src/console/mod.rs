@@ -694,7 +694,7 @@ fn sign_in_form(app: &App, signed_out: bool, error: Option<&str>, status: Status
 
 async fn sign_in(
     axum::extract::State(app): axum::extract::State<App>,
-    client: Option<axum::extract::Extension<crate::client_addr::ClientAddr>>,
+    origin: crate::request_id::Origin,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ConsoleError> {
@@ -711,12 +711,11 @@ async fn sign_in(
             StatusCode::UNPROCESSABLE_ENTITY,
         ));
     };
-    let client = client.map(|axum::extract::Extension(client)| client);
     let at = || {
         crate::canary::Presentation::new(
             crate::canary::CanarySurface::Console,
             "POST /console/login".into(),
-            crate::audit::request_context_of(&headers, client),
+            crate::audit::request_context_of(&headers, &origin),
         )
     };
     match authenticate(&app, token, &at).await {

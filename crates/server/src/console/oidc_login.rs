@@ -204,6 +204,7 @@ fn check_id_token(id_token: &str, issuer: &str, client_id: &str, nonce: &str) ->
 
 pub(super) async fn callback(
     State(app): State<App>,
+    origin: crate::request_id::Origin,
     headers: HeaderMap,
     Query(query): Query<CallbackQuery>,
 ) -> Result<Response, ConsoleError> {
@@ -273,7 +274,7 @@ pub(super) async fn callback(
         crate::canary::Presentation::new(
             crate::canary::CanarySurface::Console,
             "GET /console/oidc/callback".into(),
-            crate::audit::request_context_of(&headers, None),
+            crate::audit::request_context_of(&headers, &origin),
         )
     };
     let who = match super::authenticate(&app, &tokens.access_token, &at).await {

@@ -3,9 +3,9 @@
 
 use crate::app::App;
 use crate::canary::{CanarySurface, Presentation};
-use crate::client_addr::ClientAddr;
 use crate::error::AppError;
-use axum::extract::{Extension, Query, State};
+use crate::request_id::Origin;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
@@ -241,13 +241,13 @@ async fn issue(
 )]
 async fn issue_registry_token(
     State(app): State<App>,
-    client: Option<Extension<ClientAddr>>,
+    origin: Origin,
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, RegistryError> {
     let (username, secret) = basic_credentials(&headers)
         .ok_or(AppError::Unauthenticated("missing basic credentials"))?;
-    let at = presentation("GET /registry/token", &headers, client);
+    let at = presentation("GET /registry/token", &headers, origin);
     issue(&app, &username, &secret, &params, &at).await
 }
 
@@ -255,14 +255,13 @@ async fn issue_registry_token(
 fn presentation<'a>(
     route: &'static str,
     headers: &'a HeaderMap,
-    client: Option<Extension<ClientAddr>>,
+    origin: Origin,
 ) -> impl Fn() -> Presentation + Sync + 'a {
-    let client = client.map(|Extension(client)| client);
     move || {
         Presentation::new(
             CanarySurface::RegistryToken,
             route.into(),
-            crate::audit::request_context_of(headers, client),
+            crate::audit::request_context_of(headers, &origin),
         )
     }
 }
@@ -282,7 +281,7 @@ fn presentation<'a>(
 )]
 async fn issue_registry_token_oauth(
     State(app): State<App>,
-    client: Option<Extension<ClientAddr>>,
+    origin: Origin,
     headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, RegistryError> {
@@ -303,7 +302,7 @@ async fn issue_registry_token_oauth(
     let (Some(username), Some(secret)) = (field("username"), field("password")) else {
         return Err(AppError::Unauthenticated("missing username or password").into());
     };
-    let at = presentation("POST /registry/token", &headers, client);
+    let at = presentation("POST /registry/token", &headers, origin);
     match issue(&app, &username, &secret, &params, &at).await {
         Err(RegistryError::InvalidScope(error)) => {
             Ok(oauth_error("invalid_scope", &error.to_string()))

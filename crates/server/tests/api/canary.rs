@@ -18,6 +18,7 @@ both_backends!(
     canaries_are_revoked_but_never_rotated_or_suspended,
     a_reported_canary_is_recorded_and_left_armed,
     another_organizations_introspection_of_a_canary_is_recorded_without_its_ids,
+    audit_events_name_the_request_id_their_answer_carried,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -758,4 +759,84 @@ async fn another_organizations_introspection_of_a_canary_is_recorded_without_its
         .to_string()
         .contains(resource_server["id"].as_str().unwrap()));
     assert!(triggers(&app, &other).await.is_empty());
+}
+
+/// The request id an audit event names is the one its answer carried: made by the server when the
+/// client sent none or one that is not plain, the client's own otherwise; on a route the router
+/// serves and on the verification routes served without it.
+async fn audit_events_name_the_request_id_their_answer_carried(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    enable_registry(&app, &org).await;
+    let id_of = |res: &Response| res.headers()["x-request-id"].to_str().unwrap().to_string();
+
+    // A change through the management API, with no id from the client.
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "ci", "scopes": ["deploy"]}),
+        )
+        .await;
+    let created_id = id_of(&res);
+    let token = created(res, "an API token").await;
+    assert!(uuid::Uuid::parse_str(&created_id).is_ok(), "{created_id}");
+    let res = app
+        .get(
+            &org.path("/audit-events?action=api_token.created"),
+            &org.token,
+        )
+        .await;
+    let page: Value = res.json().await.unwrap();
+    let event = &page["items"][0];
+    assert_eq!(event["target"]["id"], token["id"], "{event}");
+    assert_eq!(event["request_id"], created_id.as_str(), "{event}");
+
+    // A canary presented on each kind of route, with a request id of each kind.
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let robot = create_robot(
+        &app,
+        &org,
+        json!({"name": "bait-robot", "permissions": ["pull"], "canary": true}),
+    )
+    .await;
+    let secret = text(&canary, "token");
+    let mut expected = Vec::new();
+    for (client, path, sent) in [
+        ("203.0.113.91", "/v1/auth/forward", None),
+        ("203.0.113.92", "/v1/whoami", Some("not plain")),
+        ("203.0.113.93", "/v1/auth/forward", Some("trace-7:span.1")),
+    ] {
+        let mut request = from(&app, Method::GET, path, client, "probe/1").bearer_auth(&secret);
+        if let Some(sent) = sent {
+            request = request.header("x-request-id", sent);
+        }
+        let res = request.send().await.unwrap();
+        assert_eq!(res.status(), 401, "{path}");
+        expected.push((client, id_of(&res), sent));
+    }
+    let res = from(
+        &app,
+        Method::GET,
+        "/registry/token",
+        "203.0.113.94",
+        "skopeo/1.13",
+    )
+    .basic_auth("robot$acme+bait-robot", Some(text(&robot, "token")))
+    .query(&[("service", "keyplane-registry")])
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 401, "registry token");
+    expected.push(("203.0.113.94", id_of(&res), None));
+
+    let events = expect_triggers(&app, &org, expected.len()).await;
+    for (client, answered, sent) in expected {
+        match sent {
+            Some(plain) if !plain.contains(' ') => assert_eq!(answered, plain),
+            _ => assert!(uuid::Uuid::parse_str(&answered).is_ok(), "{answered}"),
+        }
+        let event = trigger_from(&events, client);
+        assert_eq!(event["request_id"], answered.as_str(), "{event}");
+    }
 }
