@@ -377,8 +377,8 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
 /// and the client's address (the [`ClientAddr`] the connection set), around the
 /// failed-authentication limit. Works out the request id ([`RequestId`]: the client's when plain,
 /// else a fresh UUID), which the route is called with and the response carries, and sets
-/// `Cache-Control: no-store` on a response that names no other policy. The log names the matched route, never the raw URI or
-/// any header value but the request id.
+/// `Cache-Control: no-store` on a response that names no other policy. The log names the matched
+/// route, never the raw URI or any header value but the request id.
 struct Observation {
     started: Instant,
     method: &'static str,
