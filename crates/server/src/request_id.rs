@@ -66,7 +66,7 @@ fn is_plain(id: &[u8]) -> bool {
 /// Where a request came from: the client's address (the trusted-proxy rule's answer, see
 /// [`crate::client_addr`]) and the request's id. Both are `None` only for a request that reached
 /// its handler through no listener and no observer, as in-process tests may drive one.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Origin {
     pub client: Option<ClientAddr>,
     pub request_id: Option<RequestId>,
