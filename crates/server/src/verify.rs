@@ -303,30 +303,30 @@ async fn introspect(
     let credential = &verified.credential;
     let answer = ActiveAnswer {
         token_type: credential.kind.as_str(),
-        scope: verified.rights.headers.scope_text(),
+        scope: &verified.rights.headers.scopes,
         sub: credential.id.as_uuid(),
-        org_id: credential.tenant_id.as_uuid(),
+        org_id: &verified.rights.headers.org_id,
         username: &credential.name,
         exp: credential.expires_at.map(|at| at.timestamp()),
         iat: credential.created_at.timestamp(),
         secret: verified.secret.as_str(),
     };
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        answer.to_json(),
-    )
-        .into_response())
+    // Built as it is sent: `Bytes`' own answer would be labelled `application/octet-stream` first.
+    let mut response = Response::new(axum::body::Body::from(answer.to_json()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
 }
 
-/// An active introspection answer, borrowed from the cache entry.
+/// An active introspection answer, borrowed from the cache entry: the organization and the scopes
+/// as their forward-auth headers hold them, rendered once per interned scope set.
 struct ActiveAnswer<'a> {
     token_type: &'a str,
-    scope: &'a str,
+    scope: &'a HeaderValue,
     sub: uuid::Uuid,
-    org_id: uuid::Uuid,
+    org_id: &'a HeaderValue,
     username: &'a str,
     exp: Option<i64>,
     iat: i64,
@@ -349,7 +349,7 @@ impl ActiveAnswer<'_> {
         json.extend_from_slice(br#"","sub":""#);
         json.extend_from_slice(self.sub.hyphenated().encode_lower(&mut uuid).as_bytes());
         json.extend_from_slice(br#"","org_id":""#);
-        json.extend_from_slice(self.org_id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        json.extend_from_slice(self.org_id.as_bytes());
         json.extend_from_slice(br#"","username":"#);
         // Writing into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut json, self.username);
@@ -521,8 +521,9 @@ fn forward_answer_headers(values: [HeaderValue; 5]) -> HeaderMap {
 
 /// Forward-auth's organization and scopes headers, rendered and checked once per interned scope
 /// set ([`crate::auth::Rights`]): a response clones each value (a reference count) instead of
-/// rendering it. The subject, one per credential, is rendered per response instead: kept, it
-/// would cost every cached credential a buffer and its header values.
+/// rendering it, and an introspection answer copies their bytes. The subject, one per credential,
+/// is rendered per response instead: kept, it would cost every cached credential a buffer and its
+/// header values.
 pub(crate) struct ForwardHeaders {
     pub(crate) org_id: HeaderValue,
     scopes: HeaderValue,
@@ -535,11 +536,6 @@ impl ForwardHeaders {
             // Scopes are ASCII by their grammar.
             scopes: HeaderValue::try_from(scope_string(scopes)).expect("ASCII header value"),
         }
-    }
-
-    /// The scopes, space-separated, as rendered for the header (introspection's `scope`).
-    pub(crate) fn scope_text(&self) -> &str {
-        self.scopes.to_str().expect("scopes are ASCII")
     }
 }
 
@@ -616,9 +612,9 @@ mod tests {
             for exp in [None, Some(1_900_000_000), Some(-5)] {
                 let answer = ActiveAnswer {
                     token_type: "service_account",
-                    scope: "api_tokens:read billing/invoices:read *",
+                    scope: &HeaderValue::from_static("api_tokens:read billing/invoices:read *"),
                     sub: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
-                    org_id: uuid::Uuid::from_u128(u128::MAX),
+                    org_id: &HeaderValue::from_static("ffffffff-ffff-ffff-ffff-ffffffffffff"),
                     username,
                     exp,
                     iat: 1_700_000_000,
@@ -627,9 +623,9 @@ mod tests {
                 let expected = serde_json::to_vec(&IntrospectionResponse {
                     active: true,
                     token_type: Some(answer.token_type.to_string()),
-                    scope: Some(answer.scope.to_string()),
+                    scope: Some(answer.scope.to_str().unwrap().to_string()),
                     sub: Some(answer.sub.to_string()),
-                    org_id: Some(answer.org_id.to_string()),
+                    org_id: Some(answer.org_id.to_str().unwrap().to_string()),
                     username: Some(username.to_string()),
                     exp,
                     iat: Some(answer.iat),

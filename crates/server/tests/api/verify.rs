@@ -22,6 +22,9 @@ async fn introspect_form(app: &TestApp, caller: &str, token: &str) -> Response {
 async fn introspect(app: &TestApp, caller: &str, token: &str) -> Value {
     let res = introspect_form(app, caller, token).await;
     assert_eq!(res.status(), 200);
+    // RFC 7662 §2.2: the answer is `application/json`, and holds nothing to cache.
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(res.headers()["cache-control"], "no-store");
     res.json().await.unwrap()
 }
 
