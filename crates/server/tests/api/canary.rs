@@ -113,30 +113,15 @@ async fn enable_registry(app: &TestApp, org: &Org) {
     assert_eq!(res.status(), 201, "enabling the registry");
 }
 
-/// Every `credential.canary_triggered` event of the organization, oldest first.
-async fn triggers(app: &TestApp, org: &Org) -> Vec<Value> {
-    let res = app
-        .get(
-            &org.path(&format!("/audit-events?action={TRIGGERED}&limit=100")),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 200, "listing canary triggers");
-    let page: Value = res.json().await.unwrap();
-    let mut items = page["items"].as_array().unwrap().clone();
-    items.reverse();
-    items
-}
-
 /// Waits until exactly `count` triggers are recorded, and checks that no more follow.
 async fn expect_triggers(app: &TestApp, org: &Org, count: usize) -> Vec<Value> {
     eventually(&format!("{count} canary triggers"), || async {
-        triggers(app, org).await.len() >= count
+        app.audit_events(org, TRIGGERED).await.len() >= count
     })
     .await;
     // Trigger events are written at once, on their own task: give a stray one time to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let events = triggers(app, org).await;
+    let events = app.audit_events(org, TRIGGERED).await;
     assert_eq!(events.len(), count, "canary triggers: {events:#?}");
     events
 }
@@ -692,17 +677,10 @@ async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
     assert_eq!(event["details"]["reported_by"], "anonymous");
     assert_eq!(event["actor"]["type"], "system");
     assert_eq!(event["target"]["id"], canary["id"]);
-    let leaked = app
-        .get(
-            &org.path("/audit-events?action=credential.leaked"),
-            &org.token,
-        )
-        .await;
-    let leaked: Value = leaked.json().await.unwrap();
-    assert_eq!(
-        leaked["items"],
-        json!([]),
-        "a canary is not revoked as leaked"
+    let leaked = app.audit_events(&org, "credential.leaked").await;
+    assert!(
+        leaked.is_empty(),
+        "a canary is not revoked as leaked: {leaked:#?}"
     );
     let one = org.path(&format!("/api-tokens/{}", text(&canary, "id")));
     assert_eq!(app.get(&one, &org.token).await.status(), 200, "still armed");
@@ -758,7 +736,7 @@ async fn another_organizations_introspection_of_a_canary_is_recorded_without_its
     assert!(!event
         .to_string()
         .contains(resource_server["id"].as_str().unwrap()));
-    assert!(triggers(&app, &other).await.is_empty());
+    assert!(app.audit_events(&other, TRIGGERED).await.is_empty());
 }
 
 /// The request id an audit event names is the one its answer carried: made by the server when the
@@ -781,14 +759,8 @@ async fn audit_events_name_the_request_id_their_answer_carried(backend: Backend)
     let created_id = id_of(&res);
     let token = created(res, "an API token").await;
     assert!(uuid::Uuid::parse_str(&created_id).is_ok(), "{created_id}");
-    let res = app
-        .get(
-            &org.path("/audit-events?action=api_token.created"),
-            &org.token,
-        )
-        .await;
-    let page: Value = res.json().await.unwrap();
-    let event = &page["items"][0];
+    let created_events = app.audit_events(&org, "api_token.created").await;
+    let event = created_events.first().expect("an api_token.created event");
     assert_eq!(event["target"]["id"], token["id"], "{event}");
     assert_eq!(event["request_id"], created_id.as_str(), "{event}");
 

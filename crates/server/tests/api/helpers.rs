@@ -206,6 +206,25 @@ impl TestApp {
         assert_eq!(res.status(), 201, "creating token {name}");
         res.json().await.unwrap()
     }
+
+    /// `org`'s audit events with `action` (or a `prefix.*`), newest first as the API lists them,
+    /// asserting 200: the one way tests read the trail, so a failed listing is never read as empty.
+    pub async fn audit_events(&self, org: &Org, action: &str) -> Vec<Value> {
+        let res = self
+            .get(
+                &org.path(&format!("/audit-events?action={action}&limit=100")),
+                &org.token,
+            )
+            .await;
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        assert_eq!(status, 200, "listing {action} audit events: {body}");
+        let page: Value = serde_json::from_str(&body).expect("audit events are JSON");
+        page["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("items in {page}"))
+            .clone()
+    }
 }
 
 impl Drop for TestApp {

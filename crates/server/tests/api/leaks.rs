@@ -212,18 +212,6 @@ async fn robot_login_status(app: &TestApp, project: &str, secret: &str) -> u16 {
         .as_u16()
 }
 
-async fn leak_events(app: &TestApp, org: &Org) -> Vec<Value> {
-    let res = app
-        .get(
-            &org.path("/audit-events?action=credential.leaked"),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 200, "listing credential.leaked events");
-    let page: Value = res.json().await.unwrap();
-    page["items"].as_array().unwrap().clone()
-}
-
 async fn event_count(app: &TestApp, org: &Org) -> usize {
     let res = app
         .get(&org.path("/audit-events?limit=100"), &org.token)
@@ -338,7 +326,7 @@ async fn github_report_revokes_real_credentials_and_labels_every_match(backend: 
     assert_eq!(whoami_status(&app, bystander).await, 200);
 
     // One credential.leaked per credential: where it was found and by whom.
-    let events = leak_events(&app, &org).await;
+    let events = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(events.len(), 3, "{events:?}");
     let mut targets: Vec<&str> = events
         .iter()
@@ -570,7 +558,7 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
     assert_eq!(robot_login_status(&app, "acme", &robot).await, 200);
     assert_eq!(whoami_status(&app, bystander).await, 200);
 
-    let events = leak_events(&app, &org).await;
+    let events = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(events.len(), 2, "{events:?}");
     for event in &events {
         assert_eq!(event["actor"]["type"], "system");
@@ -588,14 +576,8 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
         robot_login_status(&app, "acme", &robot).await == 401
     })
     .await;
-    let res = app
-        .get(
-            &org.path("/audit-events?action=credential.leaked"),
-            &org.token,
-        )
-        .await;
-    let page: Value = res.json().await.unwrap();
-    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+    let leaked = app.audit_events(&org, "credential.leaked").await;
+    assert_eq!(leaked.len(), 3, "{leaked:#?}");
 
     let logged = crate::logs::captured();
     let reported = lists.iter().flatten().chain(std::iter::once(&robot));
@@ -665,7 +647,7 @@ async fn a_suspend_policy_suspends_leaked_credentials_instead(backend: Backend) 
         202
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let events = leak_events(&app, &org).await;
+    let events = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["details"]["response"], "suspended");
     // A human looked, retired the leaked old secret and resumed: the new secret works again.
@@ -898,7 +880,7 @@ async fn public_revoke_answers_without_the_store_and_retries_through_an_outage()
         whoami_status(&app, &leaked).await == 401
     })
     .await;
-    assert_eq!(leak_events(&app, &org).await.len(), 1);
+    assert_eq!(app.audit_events(&org, "credential.leaked").await.len(), 1);
 }
 
 /// A canary found by GitHub is a true positive like any keyplane token, but it is not revoked: the
@@ -925,16 +907,7 @@ async fn a_canary_reported_by_github_is_recorded_and_left_armed(backend: Backend
     let feedback: Value = res.json().await.unwrap();
     assert_eq!(feedback[0]["label"], "true_positive", "{feedback}");
 
-    let triggers = || async {
-        let res = app
-            .get(
-                &org.path("/audit-events?action=credential.canary_triggered"),
-                &org.token,
-            )
-            .await;
-        let page: Value = res.json().await.unwrap();
-        page["items"].as_array().unwrap().clone()
-    };
+    let triggers = || app.audit_events(&org, "credential.canary_triggered");
     let events = triggers().await;
     assert_eq!(events.len(), 1, "{events:#?}");
     let event = &events[0];
@@ -944,7 +917,7 @@ async fn a_canary_reported_by_github_is_recorded_and_left_armed(backend: Backend
     assert_eq!(event["details"]["reported_by"], "github");
     assert!(event["details"]["url"].is_string(), "{event}");
     assert!(
-        leak_events(&app, &org).await.is_empty(),
+        app.audit_events(&org, "credential.leaked").await.is_empty(),
         "not revoked as leaked"
     );
     let one = org.path(&format!("/api-tokens/{}", canary["id"].as_str().unwrap()));

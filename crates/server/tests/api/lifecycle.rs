@@ -89,28 +89,6 @@ async fn rotate(app: &TestApp, path: &str, token: &str, body: Value) -> Value {
     ok(app.post(path, token, body).await, 200, "rotation").await
 }
 
-/// The audit events of `org` with `action` (or a `prefix.*`), oldest first.
-async fn events(app: &TestApp, org: &Org, action: &str) -> Vec<Value> {
-    let page = ok(
-        app.get(
-            &org.path(&format!("/audit-events?action={action}&limit=100")),
-            &org.token,
-        )
-        .await,
-        200,
-        "audit events",
-    )
-    .await;
-    // The list is newest first.
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .cloned()
-        .collect()
-}
-
 fn assert_close(at: &Value, expected: chrono::DateTime<chrono::Utc>, what: &str) {
     let at: chrono::DateTime<chrono::Utc> = at
         .as_str()
@@ -202,7 +180,7 @@ async fn a_grace_rotation_keeps_both_secrets_working_until_it_ends(backend: Back
     assert!(view["previous_secret_expires_at"].is_null(), "{view}");
     assert!(view["previous_secret_last_used_at"].is_null(), "{view}");
 
-    let rotations = events(&app, &org, "api_token.rotated").await;
+    let rotations = app.audit_events(&org, "api_token.rotated").await;
     assert_eq!(rotations.len(), 1);
     assert_eq!(rotations[0]["details"]["grace_seconds"], 3600);
     assert!(rotations[0]["details"]["previous_secret_expires_at"].is_string());
@@ -227,7 +205,9 @@ async fn rotating_again_during_grace_ends_the_earlier_previous_secret(backend: B
     assert_eq!(forward(&app, &first).await.status(), 401, "the first ended");
     assert_eq!(forward(&app, &second).await.status(), 200, "now previous");
     assert_eq!(forward(&app, &third).await.status(), 200, "current");
-    let rotations = events(&app, &org, "api_token.rotated").await;
+    let mut rotations = app.audit_events(&org, "api_token.rotated").await;
+    // Oldest first: [1] is the second rotation.
+    rotations.reverse();
     assert_eq!(rotations[1]["details"]["earlier_previous_secret"], "ended");
 
     // Without a grace period (no body at all, the documented call) the old secret stops at once.
@@ -270,7 +250,9 @@ async fn retire_previous_ends_the_old_secret_now(backend: Backend) {
     assert_eq!(forward(&app, &new).await.status(), 200);
     // Again: nothing left to retire, nothing recorded.
     ok(app.post_empty(&retire, &org.token).await, 200, "again").await;
-    let retired = events(&app, &org, "api_token.previous_secret_retired").await;
+    let retired = app
+        .audit_events(&org, "api_token.previous_secret_retired")
+        .await;
     assert_eq!(retired.len(), 1);
     assert_eq!(retired[0]["details"]["reason"], "on_demand");
     assert_eq!(retired[0]["target"]["id"], id.as_str());
@@ -333,7 +315,9 @@ async fn an_unused_previous_secret_is_retired_early(backend: Backend) {
     sweep().await;
     assert_eq!(forward(&app, &old).await.status(), 401, "retired as unused");
     assert_eq!(forward(&app, &new).await.status(), 200);
-    let retired = events(&app, &org, "api_token.previous_secret_retired").await;
+    let retired = app
+        .audit_events(&org, "api_token.previous_secret_retired")
+        .await;
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert_eq!(retired[0]["details"]["reason"], "unused");
     assert_eq!(retired[0]["actor"]["type"], "system");
@@ -479,8 +463,8 @@ async fn suspension_stops_a_token_everywhere_and_resume_restores_it(backend: Bac
         "resume again",
     )
     .await;
-    assert_eq!(events(&app, &org, "api_token.suspended").await.len(), 1);
-    assert_eq!(events(&app, &org, "api_token.resumed").await.len(), 1);
+    assert_eq!(app.audit_events(&org, "api_token.suspended").await.len(), 1);
+    assert_eq!(app.audit_events(&org, "api_token.resumed").await.len(), 1);
 
     // A suspended token can be rotated (and stays suspended).
     ok(app.post_empty(&suspend, &org.token).await, 200, "suspend").await;
@@ -614,7 +598,9 @@ async fn service_accounts_rotate_with_grace_and_suspend(backend: Backend) {
     let body = ok(res, 409, "suspend revoked").await;
     assert!(body["detail"].is_string(), "{body}");
     assert_eq!(
-        events(&app, &org, "service_account.suspended").await.len(),
+        app.audit_events(&org, "service_account.suspended")
+            .await
+            .len(),
         1
     );
 }
@@ -788,7 +774,12 @@ async fn robots_log_in_with_the_previous_secret_during_grace_only(backend: Backe
     )
     .await;
     assert_eq!(robot_token(&app, user, &new).await, 200, "resumed");
-    assert_eq!(events(&app, &org, "robot_account.suspended").await.len(), 1);
+    assert_eq!(
+        app.audit_events(&org, "robot_account.suspended")
+            .await
+            .len(),
+        1
+    );
 }
 
 async fn put_policy(app: &TestApp, org: &Org, body: Value) -> Value {
@@ -949,7 +940,7 @@ async fn the_policy_bounds_creates_and_rotations(backend: Backend) {
     .await;
     assert_eq!(policy["exceeding"]["api_tokens"], 2, "{policy}");
 
-    let updates = events(&app, &org, "credential_policy.updated").await;
+    let updates = app.audit_events(&org, "credential_policy.updated").await;
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0]["target"]["type"], "credential_policy");
 }
@@ -1078,7 +1069,7 @@ async fn expiry_warnings_go_out_once_per_stage(backend: Backend) {
     // What was announced, as (name, action, days_before), in order.
     let announced = || async {
         let mut seen = Vec::new();
-        for event in events(&app, &org, "credential.*").await {
+        for event in app.audit_events(&org, "credential.*").await {
             let name = ids[event["target"]["id"].as_str().unwrap()];
             assert_eq!(event["actor"]["type"], "system");
             seen.push((
@@ -1119,7 +1110,9 @@ async fn expiry_warnings_go_out_once_per_stage(backend: Backend) {
             ("svc", expiring.clone(), 1),
         ]
     );
-    let event = &events(&app, &org, "credential.expired").await[0];
+    // The oldest (the list is newest first).
+    let expired_events = app.audit_events(&org, "credential.expired").await;
+    let event = expired_events.last().expect("a credential.expired event");
     assert!(event["details"]["expires_at"].is_string(), "{event}");
     assert!(event["details"]["kind"].is_string(), "{event}");
     // Three more days: d20 reaches 7 days.
@@ -1156,7 +1149,7 @@ async fn a_sweep_racing_a_create_announces_the_stage_reached(backend: Backend) {
     sweep().await;
     switch.hide_expiry_stage(None);
     sweep().await;
-    let announced = events(&app, &org, "credential.*").await;
+    let announced = app.audit_events(&org, "credential.*").await;
     assert_eq!(announced.len(), 1, "{announced:?}");
     let event = &announced[0];
     assert_eq!(event["target"]["id"], created["id"]);

@@ -388,14 +388,8 @@ async fn a_user_without_grants_sees_nothing_and_acts_once_granted(backend: Backe
     assert!(revoked["revoked_at"].is_string());
 
     // The audit trail names her by user id, issuer and `sub`.
-    let res = app
-        .get(
-            &org.path("/audit-events?action=service_account.created"),
-            &org.token,
-        )
-        .await;
-    let page: Value = res.json().await.unwrap();
-    let actor = &page["items"][0]["actor"];
+    let created_events = app.audit_events(&org, "service_account.created").await;
+    let actor = &created_events[0]["actor"];
     assert_eq!(actor["type"], "user");
     assert_eq!(actor["id"], alice.to_string());
     assert_eq!(actor["issuer"], provider.issuer.as_str());

@@ -107,23 +107,6 @@ async fn create_tokens(app: &TestApp, org: &Org, prefix: &str, count: usize) -> 
     made
 }
 
-async fn audit_ids(app: &TestApp, org: &Org, action: &str) -> Vec<String> {
-    let res = app
-        .get(
-            &org.path(&format!("/audit-events?action={action}&limit=100")),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 200);
-    let page: Value = res.json().await.unwrap();
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 async fn deliveries_are_signed_and_carry_the_matching_events(
     backend: keyplane_store::testing::Backend,
 ) {
@@ -182,12 +165,7 @@ async fn deliveries_are_signed_and_carry_the_matching_events(
         "{received:?}"
     );
     // What the audit trail shows is what was delivered, field for field.
-    let page: Value = app
-        .get(&org.path("/audit-events?action=api_token.*"), &org.token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let trail = app.audit_events(&org, "api_token.*").await;
     for delivery in &received {
         assert_eq!(delivery["verified"], json!([0]), "signature: {delivery}");
         assert_eq!(delivery["signatures"], 1);
@@ -199,9 +177,7 @@ async fn deliveries_are_signed_and_carry_the_matching_events(
         assert_eq!(payload["data"]["action"], payload["type"]);
         assert_eq!(payload["timestamp"], payload["data"]["occurred_at"]);
         assert_eq!(payload["data"]["org_id"], json!(org.id));
-        let listed = page["items"]
-            .as_array()
-            .unwrap()
+        let listed = trail
             .iter()
             .find(|e| e["id"] == payload["data"]["id"])
             .expect("the delivered event is in the audit trail");
@@ -402,15 +378,8 @@ async fn management_validation_capability_and_tenant_isolation(
         "not_found",
     )
     .await;
-    let audit: Value = app
-        .get(&org.path("/audit-events?action=webhook.*"), &org.token)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let actions: Vec<&str> = audit["items"]
-        .as_array()
-        .unwrap()
+    let audit = app.audit_events(&org, "webhook.*").await;
+    let actions: Vec<&str> = audit
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
@@ -423,7 +392,7 @@ async fn management_validation_capability_and_tenant_isolation(
             "webhook.created"
         ]
     );
-    let text = audit.to_string();
+    let text = Value::from(audit).to_string();
     assert!(!text.contains(&secret) && !text.contains(new_secret));
     assert!(
         !text.contains("x=1"),
@@ -560,9 +529,11 @@ async fn a_receiver_that_goes_down_gets_every_event_when_it_is_back(
 
     receiver.restart(&behaviour);
     create_tokens(&app, &org, "after", 2).await;
-    let expected: HashSet<String> = audit_ids(&app, &org, "api_token.created")
+    let expected: HashSet<String> = app
+        .audit_events(&org, "api_token.created")
         .await
-        .into_iter()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(expected.len(), 12);
     wait_until(
@@ -754,16 +725,8 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
         .await
         .unwrap();
     assert!(got["failing_since"].is_string());
-    let audit: Value = app
-        .get(
-            &org.path("/audit-events?action=webhook.disabled"),
-            &org.token,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let disabled = &audit["items"][0];
+    let audit = app.audit_events(&org, "webhook.disabled").await;
+    let disabled = &audit[0];
     assert_eq!(disabled["actor"]["type"], "system");
     assert_eq!(disabled["target"]["id"], json!(id));
     let received_when_disabled = receiver.deliveries().len();
@@ -825,7 +788,7 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
             .all(|d| d["payload"]["data"]["target"]["name"] != "while-disabled"),
         "{after:?}"
     );
-    let audit = audit_ids(&app, &org, "webhook.delivery_retried").await;
+    let audit = app.audit_events(&org, "webhook.delivery_retried").await;
     assert_eq!(audit.len(), 1);
 }
 
