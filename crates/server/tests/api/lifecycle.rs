@@ -205,10 +205,9 @@ async fn rotating_again_during_grace_ends_the_earlier_previous_secret(backend: B
     assert_eq!(forward(&app, &first).await.status(), 401, "the first ended");
     assert_eq!(forward(&app, &second).await.status(), 200, "now previous");
     assert_eq!(forward(&app, &third).await.status(), 200, "current");
-    let mut rotations = app.audit_events(&org, "api_token.rotated").await;
-    // Oldest first: [1] is the second rotation.
-    rotations.reverse();
-    assert_eq!(rotations[1]["details"]["earlier_previous_secret"], "ended");
+    let rotations = app.audit_events(&org, "api_token.rotated").await;
+    // Newest first: [0] is the second rotation.
+    assert_eq!(rotations[0]["details"]["earlier_previous_secret"], "ended");
 
     // Without a grace period (no body at all, the documented call) the old secret stops at once.
     let fourth = text(
