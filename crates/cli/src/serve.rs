@@ -220,6 +220,10 @@ pub struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<std::path::PathBuf>,
+    /// Seconds between checks of --tls-cert and --tls-key for a change (contents, inode, owner,
+    /// mode); 0: reload on SIGHUP only.
+    #[arg(long, env = "KEYPLANE_TLS_CHECK_SECONDS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    tls_check_seconds: u64,
     /// Revocation streams (`GET /v1/revocations/stream`) open at once; more answer 429.
     #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_revocation_streams: u64,
@@ -242,6 +246,9 @@ enum ForwardedHeaderArg {
 const RESERVED_FILES: u64 = 256;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything slow (the store may take a while to connect): SIGHUP's default action
+    // would end the process, and a `logrotate` or `systemctl reload` may send one at any time.
+    let hangups = hangup_signal();
     let header = match args.forwarded_header {
         ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
         ForwardedHeaderArg::Forwarded => ForwardedHeader::Forwarded,
@@ -365,6 +372,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         console,
         tls,
+        tls_check_interval: (args.tls_check_seconds > 0)
+            .then(|| Duration::from_secs(args.tls_check_seconds)),
         max_revocation_streams: args.max_revocation_streams as usize,
         revocation_heartbeat: Duration::from_secs(args.revocation_heartbeat_seconds),
         ..Config::default()
@@ -379,7 +388,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(address = %listener.local_addr()?, scheme, "listening");
     let app = App::new(store.clone(), config);
-    reload_on_sighup(app.clone());
+    reload_on_sighup(hangups, app.clone());
     keyplane_server::serve(listener, app, shutdown_signal()).await?;
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
@@ -443,22 +452,35 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// Takes SIGHUP over from its default action (ending the process); a hangup that arrives before
+/// [`reload_on_sighup`] runs is acted on then.
+fn hangup_signal() -> Hangups {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|error| tracing::warn!(%error, "cannot handle SIGHUP"))
+        .ok();
+}
+
 /// SIGHUP: the audit log export reopens its path (`logrotate` renamed the file) and the TLS
 /// certificate and key are read again.
-fn reload_on_sighup(app: App) {
+fn reload_on_sighup(hangups: Hangups, app: App) {
     #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reopening the audit log, reloading the TLS certificate");
-            app.reopen_audit_log();
-            app.reload_tls();
-        }
-    });
+    if let Some(mut hangups) = hangups {
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reopening the audit log, reloading the TLS certificate");
+                app.reopen_audit_log();
+                app.reload_tls();
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, app);
 }
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the

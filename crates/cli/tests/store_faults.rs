@@ -1010,3 +1010,59 @@ async fn a_postgres_restart_under_writes_answers_503_then_recovers() {
     }
     drop(server);
 }
+
+/// A SIGHUP (`logrotate`, `systemctl reload`) while the store is still connecting must not end
+/// `serve`: the start goes on, and here fails on its own, with the store's error.
+#[tokio::test]
+async fn a_sighup_while_the_store_connects_does_not_end_serve() {
+    // A "database" that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!(
+        "postgres://postgres@{}/never",
+        silent.local_addr().expect("its address")
+    );
+    let data_dir = tempfile::tempdir().expect("a temporary directory");
+    let mut serve = common::KillOnDrop(
+        common::keyplane()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &url,
+                "--data-dir",
+            ])
+            .arg(data_dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start keyplane serve"),
+    );
+    // Connecting to the store is under way: the start is past its first steps.
+    let (_held, _) = tokio::time::timeout(TIMEOUT, silent.accept())
+        .await
+        .expect("serve connects to the store in time")
+        .expect("accept");
+    let pid = serve.0.id().to_string();
+    let hup = common::run(Command::new("kill").args(["-HUP", &pid]), TIMEOUT).await;
+    assert!(hup.status.success(), "{}", hup.describe());
+
+    let status = common::wait_for_exit(&mut serve.0, TIMEOUT)
+        .await
+        .expect("serve gives up on a silent store in time");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        None,
+        "serve was ended by a signal: {status}"
+    );
+    assert_eq!(status.code(), Some(1), "{status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(serve.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("PostgreSQL") || stderr.contains("store"),
+        "{stderr}"
+    );
+}

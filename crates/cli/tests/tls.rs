@@ -270,6 +270,36 @@ async fn wait_for_certificate(server: &Keyplane, ca: &Authority, expected: &Leaf
     }
 }
 
+/// A replacement that keeps each file's size and modification time, as `rsync -a` makes it (a
+/// new file with the old time, renamed over the old one), is noticed too.
+#[tokio::test]
+async fn notices_a_replacement_that_keeps_size_and_modification_time() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let first = ca.leaf("server");
+    let server = start(&store, &first).await;
+    let size = |path: &Path| std::fs::metadata(path).expect("metadata").len();
+    // ECDSA signatures vary by a byte or two in length: make leaves until one has the same sizes.
+    let second = (0..200)
+        .map(|i| ca.leaf(&format!("same-size-{i}")))
+        .find(|leaf| size(&leaf.cert) == size(&first.cert) && size(&leaf.key) == size(&first.key))
+        .expect("a leaf with the same file sizes");
+    // Served (so loaded) before the files change.
+    assert_eq!(peer_certificate(&server, &ca).await, first.der);
+    for (new, old) in [(&second.key, &first.key), (&second.cert, &first.cert)] {
+        let modified = std::fs::metadata(old)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        std::fs::File::options()
+            .write(true)
+            .open(new)
+            .and_then(|file| file.set_modified(modified))
+            .expect("keep the old modification time");
+        std::fs::rename(new, old).expect("rename over the old file");
+    }
+    wait_for_certificate(&server, &ca, &second, Duration::from_secs(10)).await;
+}
+
 #[tokio::test]
 async fn reloads_the_certificate_while_connections_stay_open() {
     let store = TestStore::new(Backend::Sqlite).await;
@@ -327,21 +357,30 @@ async fn reloads_the_certificate_while_connections_stay_open() {
         server.log()
     );
 
-    // SIGHUP reloads too: the matching key arrives with the old modification time and size, so
-    // only the signal can make the server read it.
-    let before = std::fs::metadata(&first.key).unwrap();
-    assert_eq!(before.len(), std::fs::metadata(&third.key).unwrap().len());
+    // Once the matching key arrives, the pair loads.
     std::fs::copy(&third.key, &first.key).expect("replace the key");
-    std::fs::File::options()
-        .write(true)
-        .open(&first.key)
-        .and_then(|f| f.set_modified(before.modified()?))
-        .expect("keep the modification time");
+    wait_for_certificate(&server, &ca, &third, Duration::from_secs(10)).await;
+    assert_eq!(get_http1(&mut kept, "/healthz").await.0, 200);
+}
+
+/// With the checks off (`--tls-check-seconds 0`), changed files are read on SIGHUP only.
+#[tokio::test]
+async fn reloads_on_sighup() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let first = ca.leaf("server");
+    let second = ca.leaf("second");
+    let server = start_with(&store, &first, &["--tls-check-seconds", "0"]).await;
+
+    // Served (so loaded) before the files change.
+    assert_eq!(peer_certificate(&server, &ca).await, first.der);
+    install(&first, &second);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         peer_certificate(&server, &ca).await,
-        second.der,
-        "unchanged files are not reread"
+        first.der,
+        "with the checks off, changed files are not read before SIGHUP\n{}",
+        server.log()
     );
     let pid = server.process.0.id().to_string();
     let hup = run(
@@ -350,8 +389,7 @@ async fn reloads_the_certificate_while_connections_stay_open() {
     )
     .await;
     assert!(hup.status.success(), "{}", hup.describe());
-    wait_for_certificate(&server, &ca, &third, Duration::from_secs(10)).await;
-    assert_eq!(get_http1(&mut kept, "/healthz").await.0, 200);
+    wait_for_certificate(&server, &ca, &second, Duration::from_secs(10)).await;
 }
 
 async fn start_fails(store: &TestStore, cert: &Path, key: &Path) -> String {
@@ -466,4 +504,144 @@ async fn revocation_stream_over_http2_ends_when_the_server_stops() {
     })
     .await;
     assert!(ended.is_ok(), "the stream ends with the server");
+}
+
+/// `start` with more arguments after the certificate's.
+async fn start_with(store: &TestStore, leaf: &Leaf, extra: &[&str]) -> Keyplane {
+    let mut args = tls_args(leaf);
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Keyplane::start(store, &args, LIMIT).await
+}
+
+/// An HTTP/2 client (the `h2` crate: it can cancel a stream and ping) over TLS; the connection is
+/// driven by a task that ends when the server closes it.
+async fn h2_client(
+    server: &Keyplane,
+    ca: &Authority,
+) -> (
+    h2::client::SendRequest<hyper::body::Bytes>,
+    h2::PingPong,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = connect(server, &ca.client(&rustls::version::TLS13, b"h2")).await;
+    let (client, mut connection) = h2::client::handshake(stream)
+        .await
+        .expect("HTTP/2 handshake");
+    let pings = connection.ping_pong().expect("the connection's pinger");
+    let driven = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, pings, driven)
+}
+
+/// A request the client cancels (`RST_STREAM`) while its handler waits (here: on the store's
+/// write lock) leaves the connection to its idle timeout: HTTP/2 drops the handler's future, and
+/// cancelling must not pin a connection (and its slot) open.
+#[tokio::test]
+async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
+    use sqlx::{Connection, Executor};
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start_with(&store, &leaf, &["--idle-timeout-seconds", "1"]).await;
+    let org = store.bootstrap_org();
+    let mut lock = sqlx::SqliteConnection::connect(&store.db.url)
+        .await
+        .expect("open the SQLite database");
+    lock.execute("BEGIN EXCLUSIVE")
+        .await
+        .expect("take SQLite's write lock");
+    let (mut client, _pings, driven) = h2_client(&server, &ca).await;
+
+    let body = br#"{"name":"cancelled","scopes":[]}"#;
+    let request = hyper::Request::post(format!(
+        "https://localhost/api/v1/organizations/{}/api-tokens",
+        org.id
+    ))
+    .header("authorization", format!("Bearer {}", org.token))
+    .header("content-type", "application/json")
+    .header("content-length", body.len().to_string())
+    .body(())
+    .unwrap();
+    let (_response, mut sending) = client.send_request(request, false).expect("send the head");
+    sending
+        .send_data(hyper::body::Bytes::from_static(body), true)
+        .expect("send the body");
+    // The handler now waits for the write lock; the client gives up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sending.send_reset(h2::Reason::CANCEL);
+    drop(lock);
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), driven).await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection was still open 10 s after its only request was cancelled \
+         (idle timeout: 1 s)\n{}",
+        server.log()
+    );
+    drop(client);
+}
+
+/// The revocation stream over HTTP/2 stays open past the header-read and idle timeouts while the
+/// client sends frames (pings, window updates) and the server its heartbeats.
+#[tokio::test]
+async fn an_http2_revocation_stream_outlives_the_timeouts_while_frames_flow() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start_with(
+        &store,
+        &leaf,
+        &[
+            "--header-read-timeout-seconds",
+            "1",
+            "--idle-timeout-seconds",
+            "2",
+            "--revocation-heartbeat-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let org = store.bootstrap_org();
+    let (mut client, mut pings, driven) = h2_client(&server, &ca).await;
+
+    let request = hyper::Request::get("https://localhost/v1/revocations/stream")
+        .header("authorization", format!("Bearer {}", org.token))
+        .body(())
+        .unwrap();
+    let (response, _) = client
+        .send_request(request, true)
+        .expect("send the request");
+    let response = tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut heartbeats = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut ping_every = tokio::time::interval(Duration::from_millis(300));
+    while Instant::now() < until {
+        tokio::select! {
+            data = body.data() => {
+                let data = data
+                    .unwrap_or_else(|| panic!("the stream ended after {text:?}\n{}", server.log()))
+                    .unwrap_or_else(|e| panic!("the stream broke ({e}) after {text:?}\n{}", server.log()));
+                let _ = body.flow_control().release_capacity(data.len());
+                text.push_str(&String::from_utf8_lossy(&data));
+                heartbeats = text.matches("\n: heartbeat\n").count();
+            }
+            _ = ping_every.tick() => {
+                tokio::time::timeout(LIMIT, pings.ping(h2::Ping::opaque()))
+                    .await
+                    .expect("a pong in time")
+                    .expect("a pong");
+            }
+        }
+    }
+    assert!(text.contains("event: ready"), "{text}");
+    assert!(heartbeats >= 3, "heartbeats in 5 s: {heartbeats}\n{text}");
+    assert!(!driven.is_finished(), "the connection was closed");
 }

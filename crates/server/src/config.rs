@@ -48,6 +48,8 @@ pub struct Config {
     /// Serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with this certificate and key, reloaded when the
     /// files change or on `App::reload_tls`; `None`: plain HTTP/1.1.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// How often the TLS files are checked for a change; `None`: only on `App::reload_tls`.
+    pub tls_check_interval: Option<Duration>,
     /// Revocation streams (`GET /v1/revocations/stream`) open at once on this replica.
     pub max_revocation_streams: usize,
     /// A revocation stream reads its tenant's chain head at least this often (it also wakes at
@@ -167,6 +169,7 @@ impl Default for Config {
             webhooks: crate::webhooks::WebhookConfig::default(),
             console: crate::console::ConsoleConfig::default(),
             tls: None,
+            tls_check_interval: Some(Duration::from_secs(1)),
             max_revocation_streams: 1000,
             revocation_poll_interval: Duration::from_secs(1),
             revocation_heartbeat: Duration::from_secs(15),

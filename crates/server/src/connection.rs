@@ -9,6 +9,8 @@
 //! - a kept-alive connection that moves no byte for `idle_timeout` between requests is closed, and
 //!   so is one whose client stops reading a response; on HTTP/2, a frame sent between requests
 //!   (a ping) must be followed by a request within `header_read_timeout`, as any byte on HTTP/1.1;
+//! - a streamed response (the revocation stream) keeps its connection open as long as it moves
+//!   bytes, whatever the client sends meanwhile (HTTP/2 window updates and pings);
 //! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
 //! - on shutdown, idle connections close at once, busy ones after their request (HTTP/2: a GOAWAY,
 //!   then its open streams), and whatever is still open at `shutdown_timeout` is closed.
@@ -175,11 +177,12 @@ impl Connection {
                     Either::Left(answered)
                 }
                 Either::Right(answering) => {
-                    let requests = requests.clone();
+                    // Finished when dropped: HTTP/2 drops a request's future when the client
+                    // cancels the stream, and a count left up would suspend every deadline.
+                    let handling = Handling(requests.clone());
                     Either::Right(async move {
-                        let response = answering.await;
-                        requests.request_finished();
-                        response
+                        let answer = answering.await;
+                        answer.map(|response| handling.into_response(response))
                     })
                 }
             }
@@ -326,7 +329,10 @@ struct Activity {
     last_io: AtomicU64,
     /// When the request head being read started; `UNSET` between requests.
     head_started: AtomicU64,
+    /// Requests whose handler runs: no deadline meanwhile (their bodies have their own).
     in_flight: AtomicU32,
+    /// Responses being streamed ([`StreamedBody`]): the connection lives while bytes move.
+    streaming: AtomicU32,
 }
 
 impl Activity {
@@ -337,6 +343,7 @@ impl Activity {
             // The first request's head is due from accept.
             head_started: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            streaming: AtomicU32::new(0),
         }
     }
 
@@ -349,7 +356,10 @@ impl Activity {
     fn read_some(&self) {
         let now = self.now();
         self.last_io.store(now, Relaxed);
-        if self.in_flight.load(Relaxed) == 0 && self.head_started.load(Relaxed) == UNSET {
+        if self.in_flight.load(Relaxed) == 0
+            && self.streaming.load(Relaxed) == 0
+            && self.head_started.load(Relaxed) == UNSET
+        {
             self.head_started.store(now, Relaxed);
         }
     }
@@ -378,10 +388,76 @@ impl Activity {
             let reading = self.accepted + Duration::from_millis(ms);
             Instant::from_std(crate::coarse_clock::instant_at(reading)) + limit
         };
-        Some(match self.head_started.load(Relaxed) {
-            UNSET => at(self.last_io.load(Relaxed), limits.idle_timeout),
-            started => at(started, limits.header_read_timeout),
+        let started = self.head_started.load(Relaxed);
+        Some(if started == UNSET || self.streaming.load(Relaxed) > 0 {
+            at(self.last_io.load(Relaxed), limits.idle_timeout)
+        } else {
+            at(started, limits.header_read_timeout)
         })
+    }
+}
+
+/// A request whose handler runs, counted in [`Activity::in_flight`] until dropped.
+struct Handling(Arc<Activity>);
+
+impl Handling {
+    /// The handler's answer; a streamed body (no known length: the revocation stream) is counted
+    /// in [`Activity::streaming`] until it ends or is dropped.
+    fn into_response(self, response: axum::response::Response) -> axum::response::Response {
+        let body = response.body();
+        if body.is_end_stream() || body.size_hint().exact().is_some() {
+            return response;
+        }
+        // Counted before the handler stops being: never neither in between.
+        self.0.streaming.fetch_add(1, Relaxed);
+        let streaming = Streaming(self.0.clone());
+        response.map(|body| {
+            axum::body::Body::new(StreamedBody {
+                body,
+                _streaming: streaming,
+            })
+        })
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// A streamed response, counted in [`Activity::streaming`] until dropped.
+struct Streaming(Arc<Activity>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Relaxed);
+        self.0.last_io.store(self.0.now(), Relaxed);
+    }
+}
+
+struct StreamedBody {
+    body: axum::body::Body,
+    _streaming: Streaming,
+}
+
+impl Body for StreamedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -502,7 +502,7 @@ pub async fn serve(
             let (current, task) = crate::tls::watch_files(
                 files,
                 app.inner().reload_tls.clone(),
-                std::time::Duration::from_secs(1),
+                app.inner().config.tls_check_interval,
                 stopped.clone(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;

@@ -1,6 +1,6 @@
 //! Native TLS (`serve --tls-cert PEM --tls-key PEM`): rustls with the ring provider, TLS 1.2 and
 //! 1.3, HTTP/2 or HTTP/1.1 by ALPN. The certificate and key are reloaded without a restart when
-//! either file changes (polled every second) or on [`App::reload_tls`](crate::App::reload_tls)
+//! either file changes (checked every second by default) or on [`App::reload_tls`](crate::App::reload_tls)
 //! (SIGHUP); a pair that does not load leaves the previous one serving. Each connection keeps the
 //! configuration it was accepted with, so a reload never disturbs an open connection.
 
@@ -102,36 +102,69 @@ impl TlsFiles {
         Ok(Arc::new(config))
     }
 
-    /// When each file was last changed (and its size), to notice a replacement.
-    fn stamp(&self) -> Option<[(SystemTime, u64); 2]> {
+    /// What tells each file's replacement or repair: its modification time and size and, on
+    /// Unix, its inode and status-change time, because the tools that install certificates may
+    /// keep the first two (`rsync -a`, `cp -p`: a new inode with the old time and, often, the old
+    /// size) or fix only ownership and mode after a failed reload (`chown`, `chmod`).
+    fn stamp(&self) -> Option<[FileStamp; 2]> {
         let of = |path: &Path| {
             let meta = std::fs::metadata(path).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
+            #[cfg(unix)]
+            let identity = {
+                use std::os::unix::fs::MetadataExt;
+                (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+            };
+            #[cfg(not(unix))]
+            let identity = ();
+            Some(FileStamp {
+                modified: meta.modified().ok()?,
+                len: meta.len(),
+                identity,
+            })
         };
         Some([of(&self.cert)?, of(&self.key)?])
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    #[cfg(unix)]
+    identity: (u64, u64, i64, i64),
+    #[cfg(not(unix))]
+    identity: (),
 }
 
 /// The configuration new connections are accepted with; replaced by [`watch_files`].
 pub(crate) type CurrentTls = watch::Receiver<Arc<rustls::ServerConfig>>;
 
 /// Loads `files` once (the caller has checked them at start) and keeps the result current:
-/// polls the files' modification times every `poll` and reloads on `reload` (SIGHUP). A pair
+/// polls the files' metadata ([`TlsFiles::stamp`]) every `poll` (if any) and reloads on `reload`
+/// (SIGHUP). A pair
 /// that fails to load is logged and the previous one keeps serving. Ends when `stop` turns true.
 pub(crate) fn watch_files(
     files: TlsFiles,
     reload: Arc<Notify>,
-    poll: Duration,
+    poll: Option<Duration>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(CurrentTls, tokio::task::JoinHandle<()>), TlsError> {
     let mut seen = files.stamp();
     let (current, receiver) = watch::channel(files.load()?);
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = poll.map(tokio::time::interval);
+        if let Some(tick) = &mut tick {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         loop {
+            let checked = async {
+                match &mut tick {
+                    Some(tick) => drop(tick.tick().await),
+                    None => std::future::pending().await,
+                }
+            };
             let forced = tokio::select! {
-                _ = tick.tick() => false,
+                () = checked => false,
                 () = reload.notified() => true,
                 _ = stop.changed() => return,
             };
