@@ -13,9 +13,10 @@
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
 //! or the id is ahead of the chain): the client must forget what it cached. A heartbeat comment
 //! after `revocation_heartbeat` without an event, sent right after a successful read of the
-//! head, says the stream is alive and up to date (a stuck store stops the heartbeats too). A
+//! head, says the stream is alive and up to date (a stuck store stops the heartbeats too); one
+//! also follows the missed events of a resumed stream whose last event is short of the head. A
 //! stream ends when the store cannot be read (the client reconnects with `Last-Event-ID`), when
-//! the caller's own credential stops verifying, or when the server stops.
+//! the caller's own credential stops verifying or loses `tokens:verify`, or when the server stops.
 
 use crate::app::App;
 use crate::auth::bearer_token;
@@ -128,6 +129,10 @@ pub struct StreamPosition {
     /// Seconds between heartbeat comments: a client that hears nothing for longer than this
     /// should take the stream for dead.
     pub heartbeat_seconds: u64,
+    /// The newest seq of the chain when the stream opened: a client is up to date once it has
+    /// seen events up to here or a heartbeat. Equal to `seq` unless resuming; it may name an event
+    /// the stream does not carry, which a heartbeat then vouches for.
+    pub head: u64,
 }
 
 /// Revocation stream (Server-Sent Events)
@@ -137,11 +142,14 @@ pub struct StreamPosition {
 /// service accounts and robot accounts, robot permission changes, grants created or revoked,
 /// `credential.expired` and `credential.leaked`. The caller needs `tokens:verify`.
 ///
-/// Events: `ready` (first; data `{seq, heartbeat_seconds}`), `revocation` (data: `seq`, `action`,
-/// `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be resumed:
-/// drop every cached verification). Each carries `id:` = the audit `seq`, increasing; send the
-/// last one seen as `Last-Event-ID` to resume without missing or repeating a change. Comments
-/// (`: `) are heartbeats.
+/// Events: `ready` (first; data `{seq, heartbeat_seconds, head}`), `revocation` (data: `seq`,
+/// `action`, `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be
+/// resumed: drop every cached verification; same data as `ready`). Each carries `id:` = the audit
+/// `seq`, increasing; send the last one seen as `Last-Event-ID` to resume without missing or
+/// repeating a change. Comments (`: `) are heartbeats, each sent right after the chain's head was
+/// read with every event up to it before: a client is up to date once it has had one, or events
+/// up to `head` (on resumption, `ready` comes before the missed events; a stream that ends
+/// before them has not caught up).
 #[utoipa::path(
     get, path = "/v1/revocations/stream", tag = "Verification",
     params(("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (an audit seq).")),
@@ -205,6 +213,7 @@ async fn revocation_stream(
     let position = |seq| StreamPosition {
         seq,
         heartbeat_seconds: heartbeat.as_secs().max(1),
+        head: state.head_seq,
     };
     let (first, cursor) = match resume {
         None => (("ready", position(state.head_seq)), state.head_seq),
@@ -245,7 +254,7 @@ async fn revocation_stream(
 struct Stream {
     app: App,
     /// The caller's own secret, re-verified (from the cache) at each wake-up, so a stream ends
-    /// once its credential is revoked.
+    /// once its credential is revoked or loses `tokens:verify`.
     presented: String,
     tenant: TenantId,
     /// Every streamed event up to this seq has been queued.
@@ -292,14 +301,18 @@ impl Stream {
                         Default::default(),
                     )
                 };
-                if self
+                // A caller that lost `tokens:verify` (a grant removed) is refused as a new one is.
+                let still_allowed = match self
                     .app
                     .inner()
                     .verifier
                     .verify_bearer(&self.presented, &at)
                     .await
-                    .is_err()
                 {
+                    Ok(caller) => caller.rights.scopes.grants(Capability::TokensVerify),
+                    Err(_) => false,
+                };
+                if !still_allowed {
                     return None;
                 }
                 self.head = match self.app.store().audit_chain_state(self.tenant).await {
@@ -322,7 +335,20 @@ impl Stream {
             };
             let full = events.len() == BATCH as usize;
             let last = events.last().map(|e| e.seq);
-            self.pending.extend(events.iter().filter_map(render));
+            let mut last_rendered = None;
+            for chained in &events {
+                if let Some(event) = render(chained) {
+                    self.pending.push_back(event);
+                    last_rendered = Some(chained.seq);
+                }
+            }
+            // Caught up to a head the client cannot see in the ids (the newest events are not
+            // streamed ones): a heartbeat after these says so now rather than a heartbeat
+            // interval later. A resumed client counts itself up to date only then.
+            if !full && last_rendered.is_none_or(|seq| seq < self.head) {
+                self.pending
+                    .push_back(Event::default().comment("heartbeat"));
+            }
             // Every streamed event up to the head read before this query has been seen (seq order
             // is commit order); a full batch continues from its last event.
             self.cursor = match last {

@@ -11,16 +11,25 @@
 //!
 //! # The staleness contract
 //!
-//! - While the stream is connected, a credential revoked, rotated, suspended or whose grants
-//!   changed through **any** keyplane replica is refused here within the stream's delivery time:
-//!   the replica serving the stream reads its organization's audit chain at once on every cache
-//!   invalidation it hears of (its own writes, other replicas' through PostgreSQL NOTIFY) and at
-//!   least every second, so about a second at worst, plus network.
+//! - While the stream is connected and up to date, a credential revoked, rotated, suspended or
+//!   whose grants changed through **any** keyplane replica is refused here within the stream's
+//!   delivery time: the replica serving the stream reads its organization's audit chain at once
+//!   on every cache invalidation it hears of (its own writes, other replicas' through PostgreSQL
+//!   NOTIFY) and at least every second, so about a second at worst, plus network.
+//! - The stream counts as heard from only when it is up to date: on a heartbeat (sent right after
+//!   the server read the chain's head), or on an event once this connection has delivered the
+//!   events up to the head its `ready` named. A resumed stream that keeps ending before the events
+//!   it missed arrive is therefore not heard from at all.
 //! - Whatever happens, a cached answer is never used once nothing has been heard from the stream
-//!   (an event or a heartbeat) for longer than [`VerifierConfig::max_staleness`]: the verifier
-//!   is then *stale* and applies [`StalePolicy`] — refuse everything ([`StalePolicy::FailClosed`])
-//!   or ask keyplane on every request ([`StalePolicy::Recheck`]). So a change is refused here
-//!   within `max_staleness` in every case. [`Verifier::metrics`] says whether it is stale.
+//!   for longer than [`VerifierConfig::max_staleness`]: the verifier is then *stale* and applies
+//!   [`StalePolicy`] — refuse everything ([`StalePolicy::FailClosed`]) or ask keyplane on every
+//!   request ([`StalePolicy::Recheck`]). So a change is refused here within `max_staleness` in
+//!   every case. [`Verifier::metrics`] says whether it is stale.
+//! - The replica answering an introspection may not have heard of a change the stream delivered.
+//!   A revoke (or a leak, until the credential is resumed) is remembered for
+//!   [`VerifierConfig::revocation_memory`] (330 s, the longest a replica may answer from its cache
+//!   under keyplane's defaults) and an answer still calling that credential active is refused;
+//!   answers about a credential with any other change in the last 5 s are used but not cached.
 //! - Independently, no answer is cached longer than [`VerifierConfig::cache_ttl`] (this bounds
 //!   changes no event announces, such as a rotation's grace period running out), refusals for
 //!   [`VerifierConfig::negative_ttl`], and no credential is accepted past its `exp`.
@@ -64,6 +73,13 @@ pub struct VerifierConfig {
     pub cache_ttl: Duration,
     /// How long a refusal (unknown, revoked, suspended) is kept.
     pub negative_ttl: Duration,
+    /// How long a revoke (or a leak, until the credential is resumed) the stream delivered is
+    /// remembered, refusing any introspection answer that still calls the credential active. It
+    /// must cover how long a keyplane replica may answer from a cache loaded before the revoke:
+    /// a replica cut off from its database answers up to 30 s (its cache lifetime) +
+    /// `--stale-if-error-seconds` after loading. Default 330 s, for keyplane's default of 300;
+    /// raise it with that flag.
+    pub revocation_memory: Duration,
     /// Cached answers at most (threads inserting at once may pass it by one each). Past it, the
     /// inserting answer's shard (a sixteenth of the cache) frees a tenth of itself, expired
     /// answers first, then arbitrary ones.
@@ -83,6 +99,7 @@ impl VerifierConfig {
             stale_policy: StalePolicy::FailClosed,
             cache_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(2),
+            revocation_memory: Duration::from_secs(30 + 300),
             max_entries: 100_000,
             request_timeout: Duration::from_secs(5),
             http: None,
@@ -98,6 +115,7 @@ impl std::fmt::Debug for VerifierConfig {
             .field("max_staleness", &self.max_staleness)
             .field("stale_policy", &self.stale_policy)
             .field("cache_ttl", &self.cache_ttl)
+            .field("revocation_memory", &self.revocation_memory)
             .finish_non_exhaustive()
     }
 }
@@ -224,16 +242,41 @@ const SHARDS: usize = 16;
 #[derive(Default)]
 struct Shard(Mutex<Cache>);
 
-/// Credentials changed in the last [`RECENT`]: their answers are not cached yet, since the
-/// replica answering an introspection may hear of the change a moment after the stream's.
-#[derive(Default)]
-struct Recent {
-    at: HashMap<String, Instant>,
-    /// `at`'s insertions in time order, so pruning it costs what it drops, not its size.
-    order: VecDeque<(Instant, String)>,
+/// Credentials the stream named lately, each remembered for `window` after its last mention,
+/// and at most `max` mentions at once (past that, the oldest are forgotten first).
+struct Memory {
+    window: Duration,
+    max: usize,
+    /// Credential id -> when it was last noted, and that note's number.
+    at: HashMap<String, (Instant, u64)>,
+    /// The notes in time order, so pruning costs what it drops, not the memory's size.
+    order: VecDeque<(Instant, u64, String)>,
+    /// Numbers the notes: a later note of the same credential outlives the earlier one's entry
+    /// in `order`, even at the same instant.
+    notes: u64,
 }
 
-const RECENT: Duration = Duration::from_secs(2);
+/// What the stream said lately that an introspection answer must be weighed against.
+struct Changes {
+    /// Every change, for [`RECENT`]: answers about these credentials are not cached yet.
+    recent: Memory,
+    /// Revokes (final), for `revocation_memory`: an answer calling one active is refused.
+    revoked: Memory,
+    /// Leaks, as `revoked` until the credential is resumed: the stream does not say whether
+    /// the organization's policy revoked the credential or suspended it, and both refuse.
+    leaked: Memory,
+}
+
+/// How long after a change of a credential its introspection answers are not cached: the
+/// replica answering may hear of the change after the stream's replica. Through PostgreSQL
+/// NOTIFY that is milliseconds, and a replica whose listener stalls notices within about 4 s
+/// (1 s self-heartbeat, 3 s to miss it) and reloads; 5 s covers that, from the event's arrival
+/// here, which is after the commit. A revoke is not merely left uncached: see `revocation_memory`.
+const RECENT: Duration = Duration::from_secs(5);
+
+/// Mentions each [`Memory`] keeps at most: about 200 bytes each, so 20 MB at worst, reached
+/// only by as many changes within a window.
+const MAX_REMEMBERED: usize = 100_000;
 
 impl Cache {
     /// Inserts, replacing the key's answer if any; returns how many answers were added (0 or 1).
@@ -320,32 +363,110 @@ impl Cache {
     }
 }
 
-impl Recent {
-    fn note(&mut self, credential_id: &str, now: Instant) {
-        self.prune(now);
-        self.at.insert(credential_id.to_string(), now);
-        self.order.push_back((now, credential_id.to_string()));
+impl Memory {
+    fn new(window: Duration, max: usize) -> Self {
+        Self {
+            window,
+            max,
+            at: HashMap::new(),
+            order: VecDeque::new(),
+            notes: 0,
+        }
     }
 
-    /// Forgets the changes older than [`RECENT`]; called on every event and every insertion, so
-    /// `at` holds at most the last [`RECENT`]'s changes whatever the traffic.
+    fn note(&mut self, credential_id: &str, now: Instant) {
+        self.prune(now);
+        self.notes += 1;
+        self.at.insert(credential_id.to_string(), (now, self.notes));
+        self.order
+            .push_back((now, self.notes, credential_id.to_string()));
+        while self.order.len() > self.max {
+            self.drop_oldest();
+        }
+    }
+
+    /// The credential is no longer to be remembered (its `order` entry goes when pruned).
+    fn forget(&mut self, credential_id: &str) {
+        self.at.remove(credential_id);
+    }
+
+    /// Forgets the notes older than `window`; called on every event and every lookup, so `at`
+    /// holds at most the last `window`'s changes whatever the traffic.
     fn prune(&mut self, now: Instant) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < RECENT {
+        while let Some((at, _, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < self.window {
                 break;
             }
-            let (at, id) = self.order.pop_front().expect("a front element");
-            // A later change of the same credential keeps it recent.
-            if self.at.get(&id) == Some(&at) {
-                self.at.remove(&id);
-            }
+            self.drop_oldest();
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        let Some((_, note, id)) = self.order.pop_front() else {
+            return;
+        };
+        // A later note of the same credential keeps it.
+        if self.at.get(&id).is_some_and(|(_, n)| *n == note) {
+            self.at.remove(&id);
         }
     }
 
     fn contains(&self, credential_id: &str, now: Instant) -> bool {
         self.at
             .get(credential_id)
-            .is_some_and(|at| now.duration_since(*at) < RECENT)
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < self.window)
+    }
+}
+
+/// What the stream said lately about one credential, as an introspection answer sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Lately {
+    Nothing,
+    /// Changed in the last [`RECENT`]: the answer may be older than the change; not cached.
+    Changed,
+    /// Revoked (or leaked, not resumed since): an "active" answer is out of date.
+    Revoked,
+}
+
+impl Changes {
+    fn new(revocation_memory: Duration) -> Self {
+        Self {
+            recent: Memory::new(RECENT, MAX_REMEMBERED),
+            revoked: Memory::new(revocation_memory, MAX_REMEMBERED),
+            leaked: Memory::new(revocation_memory, MAX_REMEMBERED),
+        }
+    }
+
+    /// Notes a `revocation` event's action on `credential_id`.
+    fn note(&mut self, action: &str, credential_id: &str, now: Instant) {
+        use keyplane_core::audit::actions::*;
+        match action {
+            // Final: no credential is ever un-revoked. (`authorization.revoked` is a grant
+            // change: the credential stays.)
+            API_TOKEN_REVOKED | SERVICE_ACCOUNT_REVOKED | ROBOT_ACCOUNT_REVOKED => {
+                self.revoked.note(credential_id, now)
+            }
+            CREDENTIAL_LEAKED => self.leaked.note(credential_id, now),
+            // A leak's suspension lifted; a revoke cannot be.
+            API_TOKEN_RESUMED | SERVICE_ACCOUNT_RESUMED | ROBOT_ACCOUNT_RESUMED => {
+                self.leaked.forget(credential_id)
+            }
+            _ => {}
+        }
+        self.recent.note(credential_id, now);
+    }
+
+    fn about(&mut self, credential_id: &str, now: Instant) -> Lately {
+        for memory in [&mut self.recent, &mut self.revoked, &mut self.leaked] {
+            memory.prune(now);
+        }
+        if self.revoked.contains(credential_id, now) || self.leaked.contains(credential_id, now) {
+            Lately::Revoked
+        } else if self.recent.contains(credential_id, now) {
+            Lately::Changed
+        } else {
+            Lately::Nothing
+        }
     }
 }
 
@@ -359,7 +480,7 @@ struct Inner {
     cached: AtomicUsize,
     /// Bumped by every invalidation: an answer fetched across one is not cached.
     generation: AtomicU64,
-    recent: Mutex<Recent>,
+    changes: Mutex<Changes>,
     /// The cache's keys: a keyed hash of the token, never the token itself.
     keys: CacheKeyer,
     counters: Counters,
@@ -543,18 +664,22 @@ impl Verifier {
             _ => None,
         };
         let now = Instant::now();
+        let lately = match &identity {
+            Some(i) => lock(&inner.changes).about(&i.credential_id, now),
+            None => Lately::Nothing,
+        };
+        // The stream said it is revoked: this "active" comes from a replica that has not heard
+        // yet (or answers from its cache, cut off from its database). Refused, and not cached.
+        if lately == Lately::Revoked {
+            return Err(VerifyError::Inactive);
+        }
         let expires = identity.as_ref().and_then(|i| monotonic_expiry(i, now));
         if cache {
             let ttl = match identity {
                 Some(_) => inner.config.cache_ttl,
                 None => inner.config.negative_ttl,
             };
-            let recent = identity.as_ref().is_some_and(|i| {
-                let mut recent = lock(&inner.recent);
-                recent.prune(now);
-                recent.contains(&i.credential_id, now)
-            });
-            if !recent {
+            if lately == Lately::Nothing {
                 let mut cache = inner.shard(&key);
                 // An invalidation while the question was out may concern this very answer. It
                 // bumps the generation before it locks the shards, so reading it under this
@@ -609,6 +734,7 @@ impl Verifier {
 impl Inner {
     /// An empty cache, never yet in contact with the stream, for keyplane at `base`.
     fn new(config: VerifierConfig, http: reqwest::Client, base: &str) -> Self {
+        let revocation_memory = config.revocation_memory;
         Self {
             introspect_url: format!("{base}/oauth2/introspect"),
             http,
@@ -616,7 +742,7 @@ impl Inner {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             cached: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
-            recent: Mutex::new(Recent::default()),
+            changes: Mutex::new(Changes::new(revocation_memory)),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
             started: Instant::now(),
@@ -662,9 +788,15 @@ impl Inner {
         self.cached.fetch_add(cache.insert(key, entry), Relaxed);
     }
 
+    /// A `revocation` event: remembers it ([`Changes::note`]) and drops every cached answer
+    /// about `credential_id`.
+    fn apply(&self, action: &str, credential_id: &str) {
+        lock(&self.changes).note(action, credential_id, Instant::now());
+        self.drop_answers(credential_id);
+    }
+
     /// Drops every cached answer about `credential_id`.
-    fn invalidate(&self, credential_id: &str) {
-        lock(&self.recent).note(credential_id, Instant::now());
+    fn drop_answers(&self, credential_id: &str) {
         // Before the shards are locked: see `Verifier::introspect`.
         self.generation.fetch_add(1, SeqCst);
         for shard in &self.shards {
@@ -703,8 +835,9 @@ fn unexpired(expires: Option<Instant>, now: Instant) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use serde_json::json;
     use std::collections::HashSet;
 
     #[tokio::test]
@@ -876,7 +1009,7 @@ mod tests {
         admit(&inner, key(3), entry(Some("B"), hour));
         admit(&inner, key(4), entry(None, hour));
         assert_consistent(&inner);
-        inner.invalidate("A");
+        inner.apply("api_token.rotated", "A");
         assert_eq!(cached_keys(&inner), HashSet::from([key(3), key(4)]));
         let indexed = |id: &str| {
             inner
@@ -885,10 +1018,11 @@ mod tests {
                 .any(|s| lock(&s.0).by_credential.contains_key(id))
         };
         assert!(indexed("B") && !indexed("A"));
-        let recent = lock(&inner.recent);
-        assert!(recent.contains("A", Instant::now()) && !recent.contains("B", Instant::now()));
+        let mut changes = lock(&inner.changes);
+        assert_eq!(changes.about("A", Instant::now()), Lately::Changed);
+        assert_eq!(changes.about("B", Instant::now()), Lately::Nothing);
         assert_eq!(inner.generation.load(SeqCst), 1);
-        drop(recent);
+        drop(changes);
         assert_consistent(&inner);
         inner.invalidate_all();
         assert!(cached_keys(&inner).is_empty());
@@ -956,7 +1090,7 @@ mod tests {
                             entry(Some(&id), Duration::from_secs(60)),
                         );
                         if n % 50 == t {
-                            inner.invalidate(&id);
+                            inner.apply("api_token.rotated", &id);
                         }
                     }
                 });
@@ -969,7 +1103,7 @@ mod tests {
 
     #[test]
     fn recent_changes_are_forgotten_without_insertions() {
-        let mut recent = Recent::default();
+        let mut recent = Memory::new(Duration::from_secs(2), MAX_REMEMBERED);
         let start = Instant::now();
         // 1,000 events 10 ms apart and no introspection at all: only the last 2 s stay.
         for n in 0..1_000u64 {
@@ -985,6 +1119,77 @@ mod tests {
         assert!(recent.contains("A", later + Duration::from_millis(2500)));
         recent.prune(later + Duration::from_millis(3600));
         assert!(recent.at.is_empty() && recent.order.is_empty());
+    }
+
+    #[test]
+    fn a_memory_keeps_its_newest_mentions_within_its_count() {
+        let mut memory = Memory::new(Duration::from_secs(60), 100);
+        let now = Instant::now();
+        for n in 0..1_000 {
+            memory.note(&format!("c{n}"), now);
+        }
+        assert_eq!((memory.at.len(), memory.order.len()), (100, 100));
+        assert!(memory.contains("c999", now) && memory.contains("c900", now));
+        assert!(!memory.contains("c899", now));
+        // Noted again, a credential is kept past its first note's eviction, even at one instant.
+        memory.note("c900", now);
+        memory.note("x", now);
+        assert!(memory.contains("c900", now) && !memory.contains("c901", now));
+        // Forgotten, it is gone at once; its note leaves when pruned.
+        memory.forget("c950");
+        assert!(!memory.contains("c950", now));
+        memory.prune(now + Duration::from_secs(60));
+        assert!(memory.at.is_empty() && memory.order.is_empty());
+    }
+
+    /// Revokes are final; a leak may have suspended, so a resume lifts it; other changes,
+    /// `authorization.revoked` included, only keep answers out of the cache for [`RECENT`].
+    #[test]
+    fn only_revokes_and_unresumed_leaks_refuse_answers() {
+        let mut changes = Changes::new(Duration::from_secs(330));
+        let now = Instant::now();
+        for (action, id) in [
+            ("api_token.revoked", "token"),
+            ("service_account.revoked", "sa"),
+            ("robot_account.revoked", "robot"),
+            ("credential.leaked", "leaked"),
+            ("credential.leaked", "leaked-then-resumed"),
+            ("api_token.resumed", "leaked-then-resumed"),
+            ("api_token.resumed", "token"),
+            ("authorization.revoked", "grant-subject"),
+            ("api_token.rotated", "rotated"),
+            ("api_token.suspended", "suspended"),
+            ("service_account.previous_secret_retired", "retired"),
+            ("credential.expired", "expired"),
+        ] {
+            changes.note(action, id, now);
+        }
+        let revoked = ["token", "sa", "robot", "leaked"];
+        let changed = [
+            "leaked-then-resumed",
+            "grant-subject",
+            "rotated",
+            "suspended",
+            "retired",
+            "expired",
+        ];
+        // (Lookups prune: each instant below is no earlier than the one before.)
+        for id in revoked {
+            assert_eq!(changes.about(id, now), Lately::Revoked, "{id}");
+        }
+        for id in changed {
+            assert_eq!(changes.about(id, now), Lately::Changed, "{id}");
+        }
+        for id in changed {
+            assert_eq!(changes.about(id, now + RECENT), Lately::Nothing, "{id}");
+        }
+        for id in revoked {
+            let later = now + Duration::from_secs(329);
+            assert_eq!(changes.about(id, later), Lately::Revoked, "{id}");
+        }
+        let past = now + Duration::from_secs(330);
+        assert_eq!(changes.about("token", past), Lately::Nothing);
+        assert!(changes.revoked.at.is_empty() && changes.leaked.at.is_empty());
     }
 
     #[test]
@@ -1051,5 +1256,248 @@ mod tests {
     fn the_config_never_shows_its_token() {
         let config = VerifierConfig::new("http://keyplane", "aether_secret");
         assert!(!format!("{config:?}").contains("aether_secret"));
+    }
+
+    /// A keyplane stand-in on loopback, in plain threads (the crate has no HTTP server to spare):
+    /// `GET /v1/revocations/stream` runs the test's script on the connection, then closes it;
+    /// `POST /oauth2/introspect` answers the test's JSON.
+    pub(crate) struct FakeKeyplane {
+        pub(crate) base: String,
+    }
+
+    /// One stream connection, as the script sees it.
+    pub(crate) struct StreamConn {
+        /// The client's `Last-Event-ID`, if it sent one.
+        pub(crate) last_event_id: Option<u64>,
+        socket: std::net::TcpStream,
+    }
+
+    impl StreamConn {
+        /// Writes raw SSE text; false once the client is gone.
+        pub(crate) fn send(&mut self, text: &str) -> bool {
+            use std::io::Write;
+            self.socket
+                .write_all(text.as_bytes())
+                .and_then(|()| self.socket.flush())
+                .is_ok()
+        }
+    }
+
+    impl FakeKeyplane {
+        pub(crate) fn start(
+            stream: impl Fn(&mut StreamConn) + Send + Sync + 'static,
+            introspect: impl Fn() -> String + Send + Sync + 'static,
+        ) -> Self {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let stream: Arc<dyn Fn(&mut StreamConn) + Send + Sync> = Arc::new(stream);
+            let introspect: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(introspect);
+            std::thread::spawn(move || {
+                for socket in listener.incoming().flatten() {
+                    let (stream, introspect) = (stream.clone(), introspect.clone());
+                    std::thread::spawn(move || Self::serve(socket, &*stream, &*introspect));
+                }
+            });
+            Self { base }
+        }
+
+        fn serve(
+            mut socket: std::net::TcpStream,
+            stream: &(dyn Fn(&mut StreamConn) + Send + Sync),
+            introspect: &(dyn Fn() -> String + Send + Sync),
+        ) {
+            use std::io::{Read, Write};
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let head_end = loop {
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+                match socket.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                    .map(|value| value.trim().to_string())
+            };
+            if head.starts_with("get /v1/revocations/stream") {
+                let mut conn = StreamConn {
+                    last_event_id: header("last-event-id").and_then(|id| id.parse().ok()),
+                    socket,
+                };
+                if conn.send("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n") {
+                    stream(&mut conn);
+                }
+            } else if head.starts_with("post /oauth2/introspect") {
+                let length: usize = header("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                while request.len() < head_end + length {
+                    match socket.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = introspect();
+                let _ = write!(
+                    socket,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            } else {
+                let _ = socket.write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        }
+    }
+
+    /// A `ready` or `reset` block; `head: None` as servers before it sent.
+    pub(crate) fn position(event: &str, seq: u64, head: Option<u64>) -> String {
+        let mut data = json!({"seq": seq, "heartbeat_seconds": 15});
+        if let Some(head) = head {
+            data["head"] = json!(head);
+        }
+        format!("event: {event}\nid: {seq}\ndata: {data}\n\n")
+    }
+
+    pub(crate) fn revocation(seq: u64, action: &str, credential_id: &str) -> String {
+        let data = json!({
+            "seq": seq, "action": action, "kind": "api_token",
+            "credential_id": credential_id, "occurred_at": "2026-01-01T00:00:00Z",
+        });
+        format!("event: revocation\nid: {seq}\ndata: {data}\n\n")
+    }
+
+    pub(crate) const HEARTBEAT: &str = ": heartbeat\n\n";
+
+    /// An introspection answer for an active API token, credential `sub`.
+    pub(crate) fn active(sub: &str) -> String {
+        json!({
+            "active": true, "token_type": "api_token", "scope": "read", "sub": sub,
+            "org_id": "org", "username": "name",
+        })
+        .to_string()
+    }
+
+    pub(crate) fn fake_verifier(
+        fake: &FakeKeyplane,
+        max_staleness: Duration,
+        policy: StalePolicy,
+    ) -> Verifier {
+        let mut config = VerifierConfig::new(fake.base.clone(), "unused");
+        config.max_staleness = max_staleness;
+        config.stale_policy = policy;
+        config.http = Some(reqwest::Client::builder().no_proxy().build().unwrap());
+        Verifier::new(config).unwrap()
+    }
+
+    pub(crate) fn api_token() -> String {
+        let minted = keyplane_core::token::mint(CredentialKind::ApiToken, &mut rand::rngs::OsRng);
+        minted.plaintext.expose_secret().to_string()
+    }
+
+    /// Polls `check` every 10 ms until it holds; fails after `limit`.
+    pub(crate) async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !check() {
+            assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A stream that sends `ready`, then what the test queues, and heartbeats in between.
+    fn queued_stream(
+        queue: Arc<Mutex<VecDeque<String>>>,
+    ) -> impl Fn(&mut StreamConn) + Send + Sync {
+        move |conn| {
+            let from = conn.last_event_id.unwrap_or(5);
+            if !conn.send(&position("ready", from, Some(from))) {
+                return;
+            }
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                let next = lock(&queue).pop_front();
+                if !conn.send(next.as_deref().unwrap_or(HEARTBEAT)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The replica answering introspections has not heard of the revoke the stream delivered
+    /// (its NOTIFY listener stalled, or it is cut off from its database and answers from its
+    /// cache): it still says "active". The verifier believes the stream.
+    #[tokio::test]
+    async fn a_revoked_credential_is_refused_whatever_a_lagging_replica_answers() {
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let fake = FakeKeyplane::start(queued_stream(queue.clone()), || active("A"));
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let token = api_token();
+        assert_eq!(verifier.verify(&token).await.unwrap().credential_id, "A");
+        assert!(verifier.verify(&token).await.is_ok());
+        assert_eq!(
+            verifier.metrics().introspections,
+            1,
+            "the second answer came from the cache"
+        );
+
+        lock(&queue).push_back(revocation(6, "api_token.revoked", "A"));
+        until("the revoke arrives", Duration::from_secs(5), || {
+            verifier.metrics().stream_events == 1
+        })
+        .await;
+        assert_eq!(verifier.verify(&token).await, Err(VerifyError::Inactive));
+        // Past the window in which any change's answers go uncached, still refused, and each
+        // answer is asked for again: none was cached.
+        tokio::time::sleep(RECENT + Duration::from_millis(500)).await;
+        assert_eq!(verifier.verify(&token).await, Err(VerifyError::Inactive));
+        assert_eq!(verifier.verify(&token).await, Err(VerifyError::Inactive));
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.introspections, metrics.cache_hits),
+            (4, 1),
+            "{metrics:?}"
+        );
+        assert!(!metrics.stale, "{metrics:?}");
+    }
+
+    /// A change that is not final (here a rotation) keeps answers out of the cache for a while
+    /// but does not refuse them; a leak refuses them until the credential is resumed.
+    #[tokio::test]
+    async fn a_leak_refuses_until_resumed_and_other_changes_only_skip_the_cache() {
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let fake = FakeKeyplane::start(queued_stream(queue.clone()), || active("A"));
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let token = api_token();
+        let verifier = &verifier;
+        let events = |n| move || verifier.metrics().stream_events == n;
+        let limit = Duration::from_secs(5);
+
+        lock(&queue).push_back(revocation(6, "api_token.rotated", "A"));
+        until("the rotation arrives", limit, events(1)).await;
+        assert!(verifier.verify(&token).await.is_ok());
+        assert!(verifier.verify(&token).await.is_ok());
+        assert_eq!(
+            verifier.metrics().introspections,
+            2,
+            "neither answer was cached"
+        );
+
+        lock(&queue).push_back(revocation(7, "credential.leaked", "A"));
+        until("the leak arrives", limit, events(2)).await;
+        assert_eq!(verifier.verify(&token).await, Err(VerifyError::Inactive));
+
+        lock(&queue).push_back(revocation(8, "api_token.resumed", "A"));
+        until("the resumption arrives", limit, events(3)).await;
+        assert!(verifier.verify(&token).await.is_ok());
+        assert_eq!(verifier.metrics().introspections, 4);
     }
 }

@@ -99,13 +99,7 @@ async fn every_change_is_recorded_with_its_actor_target_and_request(
     )
     .await;
     let grant_id = text(&grant, "id");
-    let res = app
-        .delete(
-            &org.account_path(&format!("/authorizations/{grant_id}")),
-            &org.token,
-        )
-        .await;
-    assert!(res.status().is_success(), "revoke grant: {}", res.status());
+    app.revoke_grant(&org, &grant_id).await;
     let rotated = ok_json(
         app.post_empty(
             &org.account_path(&format!("/service-accounts/{sa_id}/rotate")),

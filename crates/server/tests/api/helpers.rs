@@ -207,6 +207,50 @@ impl TestApp {
         res.json().await.unwrap()
     }
 
+    /// Creates a service account in `org` and grants it `capability`, asserting 201; returns its
+    /// id, its secret and the grant's id.
+    pub async fn service_account_with_grant(
+        &self,
+        org: &Org,
+        capability: &str,
+    ) -> (String, String, String) {
+        let res = self
+            .post(
+                &org.account_path("/service-accounts"),
+                &org.token,
+                serde_json::json!({"name": "svc"}),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "creating a service account");
+        let sa: Value = res.json().await.unwrap();
+        let id = sa["id"].as_str().unwrap().to_string();
+        let grant = self
+            .post(
+                &org.account_path("/authorizations"),
+                &org.token,
+                serde_json::json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": id, "capability_key": capability}),
+            )
+            .await;
+        assert_eq!(grant.status(), 201, "granting {capability}");
+        let grant: Value = grant.json().await.unwrap();
+        (
+            id,
+            sa["token"].as_str().unwrap().to_string(),
+            grant["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Revokes the grant `grant_id` of `org`, asserting 200.
+    pub async fn revoke_grant(&self, org: &Org, grant_id: &str) {
+        let res = self
+            .delete(
+                &org.account_path(&format!("/authorizations/{grant_id}")),
+                &org.token,
+            )
+            .await;
+        assert_eq!(res.status(), 200, "revoking grant {grant_id}");
+    }
+
     /// `org`'s audit events with `action` (or a `prefix.*`), newest first as the API lists them,
     /// asserting 200: the one way tests read the trail, so a failed listing is never read as empty.
     pub async fn audit_events(&self, org: &Org, action: &str) -> Vec<Value> {

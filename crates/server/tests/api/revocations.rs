@@ -10,6 +10,7 @@ both_backends!(
     stream_carries_each_change_once_in_order_and_resumes,
     stream_refuses_bad_callers_and_bad_ids,
     stream_count_is_bounded_and_heartbeats_flow,
+    stream_ends_when_its_caller_loses_tokens_verify,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
@@ -166,6 +167,8 @@ async fn stream_carries_each_change_once_in_order_and_resumes(backend: Backend) 
     assert_eq!(ready.event, "ready", "{ready:?}");
     let start = seq(&ready);
     assert_eq!(ready.data["seq"], start);
+    // A new stream starts at the head: up to date at once.
+    assert_eq!(ready.data["head"], start);
 
     // Another organization's changes never show here; creations are not revocations.
     let foreign = token_id(&app, &other, "foreign").await;
@@ -247,18 +250,18 @@ async fn stream_carries_each_change_once_in_order_and_resumes(backend: Backend) 
         (ready.event.as_str(), ready.id.as_deref()),
         ("ready", Some(last.as_str()))
     );
+    assert_eq!(ready.data["seq"], seq(&grant));
     assert_revocation(
         &resumed.next().await,
         "api_token.resumed",
         "api_token",
         &suspended,
     );
-    assert_revocation(
-        &resumed.next().await,
-        "api_token.revoked",
-        "api_token",
-        &rotated,
-    );
+    let newest = resumed.next().await;
+    assert_revocation(&newest, "api_token.revoked", "api_token", &rotated);
+    // A resumed `ready` comes before the missed events and names the head they lead to: the
+    // client is up to date only once it has seen them.
+    assert_eq!(ready.data["head"], seq(&newest));
     resumed.nothing_for(Duration::from_millis(600)).await;
 
     // Resuming from the start replays everything after it, in the same order with the same ids.
@@ -325,6 +328,10 @@ async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
     assert_eq!(reset.event, "reset", "{reset:?}");
     let head = seq(&reset);
     assert!(head < 999_999);
+    assert_eq!(
+        (&reset.data["seq"], &reset.data["head"]),
+        (&json!(head), &json!(head))
+    );
     let id = token_id(&app, &org, "doomed").await;
     app.delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
         .await;
@@ -340,9 +347,15 @@ async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
     let reset = pruned.next().await;
     assert_eq!(reset.event, "reset", "{reset:?}");
     assert_eq!(seq(&reset), seq(&event));
-    // While an id still inside the chain resumes as usual.
+    assert_eq!(reset.data["head"], seq(&event));
+    // While an id still inside the chain resumes as usual; at the head, it is up to date at once.
     let mut current = SseReader::connect(&app, &verifier, Some(&seq(&event).to_string())).await;
-    assert_eq!(current.next().await.event, "ready");
+    let ready = current.next().await;
+    assert_eq!(ready.event, "ready");
+    assert_eq!(
+        (&ready.data["seq"], &ready.data["head"]),
+        (&json!(seq(&event)), &json!(seq(&event)))
+    );
 }
 
 async fn stream_count_is_bounded_and_heartbeats_flow(backend: Backend) {
@@ -373,4 +386,25 @@ async fn stream_count_is_bounded_and_heartbeats_flow(backend: Backend) {
         SseReader::open(&app, &verifier, None).await.status() == 200
     })
     .await;
+}
+
+async fn stream_ends_when_its_caller_loses_tokens_verify(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let (_, sa_token, grant_id) = app.service_account_with_grant(&org, "tokens:verify").await;
+    let mut stream = SseReader::connect(&app, &sa_token, None).await;
+    assert_eq!(stream.next().await.event, "ready");
+
+    app.revoke_grant(&org, &grant_id).await;
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(_)) = stream.response.chunk().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream of a caller without tokens:verify must end"
+    );
+    // The service account itself still verifies: it is the capability that went.
+    let res = SseReader::open(&app, &sa_token, None).await;
+    assert_eq!(res.status(), 403);
 }

@@ -40,38 +40,6 @@ async fn verifier_token(app: &TestApp, org: &Org) -> String {
     created["token"].as_str().unwrap().to_string()
 }
 
-async fn service_account_with_grant(
-    app: &TestApp,
-    org: &Org,
-    capability: &str,
-) -> (String, String, String) {
-    let sa: Value = app
-        .post(
-            &org.account_path("/service-accounts"),
-            &org.token,
-            json!({"name": "svc"}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = sa["id"].as_str().unwrap().to_string();
-    let grant = app
-        .post(
-            &org.account_path("/authorizations"),
-            &org.token,
-            json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": id, "capability_key": capability}),
-        )
-        .await;
-    assert_eq!(grant.status(), 201);
-    let grant: Value = grant.json().await.unwrap();
-    (
-        id,
-        sa["token"].as_str().unwrap().to_string(),
-        grant["id"].as_str().unwrap().to_string(),
-    )
-}
-
 async fn introspection_describes_live_credentials_of_its_own_org(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
@@ -111,7 +79,7 @@ async fn introspection_describes_live_credentials_of_its_own_org(backend: Backen
     assert!(answer.get("exp").is_none());
 
     // A service account's scope comes from its grants.
-    let (_, sa_token, _) = service_account_with_grant(&app, &org, "auth.manage").await;
+    let (_, sa_token, _) = app.service_account_with_grant(&org, "auth.manage").await;
     let answer = introspect(&app, &verifier, &sa_token).await;
     assert_eq!(
         (answer["token_type"].as_str(), answer["scope"].as_str()),
@@ -321,7 +289,7 @@ async fn whoami_describes_the_caller(backend: Backend) {
         who,
         json!({"kind": "api_token", "id": me["id"], "org_id": org.id, "name": "me", "scopes": ["deploy"], "expires_at": "2099-01-01T00:00:00Z", "secret": "current"})
     );
-    let (sa_id, sa_token, _) = service_account_with_grant(&app, &org, "auth.manage").await;
+    let (sa_id, sa_token, _) = app.service_account_with_grant(&org, "auth.manage").await;
     let who: Value = app.get("/v1/whoami", &sa_token).await.json().await.unwrap();
     assert_eq!(
         (who["kind"].as_str(), who["id"].as_str()),
@@ -375,20 +343,14 @@ async fn cached_verifications_die_with_their_credential(backend: Backend) {
         200
     );
 
-    let (_, sa_token, grant_id) = service_account_with_grant(&app, &org, "deploy").await;
+    let (_, sa_token, grant_id) = app.service_account_with_grant(&org, "deploy").await;
     assert_eq!(
         forward(&app, Some(&sa_token), "?scope=deploy")
             .await
             .status(),
         200
     );
-    let res = app
-        .delete(
-            &org.account_path(&format!("/authorizations/{grant_id}")),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 200);
+    app.revoke_grant(&org, &grant_id).await;
     assert_eq!(
         forward(&app, Some(&sa_token), "?scope=deploy")
             .await
@@ -479,7 +441,7 @@ async fn three_replicas_on_postgres_see_every_change() {
     })
     .await;
 
-    let (_, sa_token, grant_id) = service_account_with_grant(&first, &org, "deploy").await;
+    let (_, sa_token, grant_id) = first.service_account_with_grant(&org, "deploy").await;
     for replica in &replicas {
         assert_eq!(
             forward(replica, Some(&sa_token), "?scope=deploy")
@@ -488,13 +450,7 @@ async fn three_replicas_on_postgres_see_every_change() {
             200
         );
     }
-    let res = replicas[1]
-        .delete(
-            &org.account_path(&format!("/authorizations/{grant_id}")),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 200);
+    replicas[1].revoke_grant(&org, &grant_id).await;
     time_until(bound, 403, async || {
         forward(&first, Some(&sa_token), "?scope=deploy")
             .await
