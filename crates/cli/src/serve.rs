@@ -169,7 +169,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYPLANE_CONSOLE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     console: bool,
     /// The console is reached over https (directly or through a TLS-terminating proxy): its
-    /// cookies get `Secure` and the `__Host-` prefix. Implied by an https --console-oidc-redirect-url.
+    /// cookies get `Secure` and the `__Host-` prefix. Implied by --tls-cert and by an https
+    /// --console-oidc-redirect-url.
     #[arg(long, env = "KEYPLANE_CONSOLE_HTTPS")]
     console_https: bool,
     /// A console session unused this many minutes ends.
@@ -279,9 +280,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = keyplane_server::tls::TlsFiles { cert, key };
+            files
+                .load()
+                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
+            Some(files)
+        }
+        _ => None,
+    };
     let console = keyplane_server::console::ConsoleConfig {
         enabled: args.console,
+        // Served over TLS here, the console is reached over https too: a cookie without
+        // `Secure` would go out in clear to any http:// URL of this host an attacker lures to.
         secure_cookies: args.console_https
+            || tls.is_some()
             || console_oidc
                 .as_ref()
                 .and_then(|o| o.redirect_url.as_deref())
@@ -302,16 +316,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             })
         }
         None => None,
-    };
-    let tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let files = keyplane_server::tls::TlsFiles { cert, key };
-            files
-                .load()
-                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
-            Some(files)
-        }
-        _ => None,
     };
     keyplane_server::leaks::check_keys_url(&args.github_secret_scanning_keys_url)
         .map_err(|e| anyhow::anyhow!("--github-secret-scanning-keys-url: {e}"))?;

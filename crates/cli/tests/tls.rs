@@ -645,3 +645,32 @@ async fn an_http2_revocation_stream_outlives_the_timeouts_while_frames_flow() {
     assert!(heartbeats >= 3, "heartbeats in 5 s: {heartbeats}\n{text}");
     assert!(!driven.is_finished(), "the connection was closed");
 }
+
+/// Served over TLS, the console's cookies are `Secure` with the `__Host-` prefix without
+/// `--console-https`: they must never go out over plain HTTP.
+#[tokio::test]
+async fn console_cookies_are_secure_over_tls() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start(&store, &leaf).await;
+    let url = format!("https://localhost:{}/console/login", port_of(&server));
+    let login = ca
+        .reqwest()
+        .get(url)
+        .send()
+        .await
+        .expect("the sign-in page");
+    assert_eq!(login.status(), 200);
+    let cookie = login
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|value| value.to_str().expect("a text cookie").to_string())
+        .find(|value| value.starts_with("__Host-keyplane_login="))
+        .unwrap_or_else(|| panic!("no __Host- login cookie: {:?}", login.headers()));
+    let attributes: Vec<&str> = cookie.split("; ").skip(1).collect();
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(attributes.contains(&attribute), "{cookie}");
+    }
+}

@@ -29,8 +29,17 @@ pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
                 return v4_reason(v4);
             }
             let segments = v6.segments();
+            let octets = v6.octets();
+            // NAT64's well-known prefix: the IPv4 address is the last 32 bits.
             if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [a, b, c, d] = v6.octets()[12..16] else {
+                let [a, b, c, d] = octets[12..16] else {
+                    unreachable!()
+                };
+                return v4_reason(Ipv4Addr::new(a, b, c, d));
+            }
+            // 6to4: the IPv4 address of the relay's far end follows the prefix.
+            if segments[0] == 0x2002 {
+                let [a, b, c, d] = octets[2..6] else {
                     unreachable!()
                 };
                 return v4_reason(Ipv4Addr::new(a, b, c, d));
@@ -84,6 +93,11 @@ fn ranges_v6() -> &'static [(Ipv6Net, &'static str)] {
             ("::1/128", "loopback"),
             ("::/96", "reserved"),
             ("100::/64", "reserved (discard)"),
+            // Local-use NAT64 (RFC 8215): the embedded IPv4 address's place depends on the
+            // prefix length the network chose, so none of it can be judged.
+            ("64:ff9b:1::/48", "local-use NAT64 (embeds an IPv4 address)"),
+            // Teredo embeds an obfuscated IPv4 address.
+            ("2001::/32", "Teredo (embeds an IPv4 address)"),
             ("2001:db8::/32", "reserved for documentation"),
             ("fc00::/7", "private (unique local)"),
             ("fe80::/10", "link-local"),
@@ -276,6 +290,11 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             let ip: IpAddr = refused.parse().unwrap();
             assert!(forbidden_reason(ip).is_some(), "{refused} is allowed");
@@ -285,6 +304,9 @@ mod tests {
             "93.184.216.34",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2001:4860:4860::8888",
         ] {
             let ip: IpAddr = allowed.parse().unwrap();
             assert_eq!(forbidden_reason(ip), None, "{allowed} is refused");
