@@ -32,7 +32,8 @@ const OIDC_USER: &str = "e2e-user";
 both_stores!(
     console_end_to_end,
     console_can_be_turned_off,
-    console_http_rules
+    console_http_rules,
+    console_rotating_own_credential
 );
 
 /// A client that shows redirects instead of following them, and ignores proxies.
@@ -401,6 +402,210 @@ async fn console_http_rules(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(after.status(), 303, "the session ended on the server");
+}
+
+/// The one-time secret on the secret page.
+fn secret_in(html: &str) -> String {
+    let label = "aria-label=\"Secret\">";
+    let start = html.find(label).expect("the secret on the page") + label.len();
+    html[start..start + html[start..].find('<').unwrap()].to_owned()
+}
+
+/// A browser without JavaScript: one session cookie (`keyplane_session`, plain http), updated from
+/// every answer's `Set-Cookie` as a browser would, and redirects shown rather than followed.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    session: Option<String>,
+}
+
+impl Browser {
+    fn new(keyplane: &Keyplane) -> Self {
+        Self {
+            http: manual_client(),
+            base: keyplane.url(""),
+            session: None,
+        }
+    }
+
+    fn keep_cookie(&mut self, response: &reqwest::Response) {
+        for line in response.headers().get_all("set-cookie") {
+            let line = line.to_str().unwrap();
+            if let Some(rest) = line.strip_prefix("keyplane_session=") {
+                let value = rest.split(';').next().unwrap();
+                self.session =
+                    (!value.is_empty() && !line.contains("Max-Age=0")).then(|| value.to_owned());
+            }
+        }
+    }
+
+    fn with_cookie(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.session {
+            Some(session) => request.header("cookie", format!("keyplane_session={session}")),
+            None => request,
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> reqwest::Response {
+        let request = self.with_cookie(self.http.get(format!("{}{path}", self.base)));
+        let response = request.send().await.unwrap();
+        self.keep_cookie(&response);
+        response
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let request = self.with_cookie(self.http.post(format!("{}{path}", self.base)).form(form));
+        let response = request.send().await.unwrap();
+        self.keep_cookie(&response);
+        response
+    }
+
+    /// Signs in with `token` through the sign-in form (its CSRF cookie sent by hand).
+    async fn sign_in(&mut self, token: &str) {
+        let login = self.get("/console/login").await;
+        let (csrf, _) = set_cookie(&login, "keyplane_login");
+        let signed_in = self
+            .http
+            .post(format!("{}/console/login", self.base))
+            .header("cookie", format!("keyplane_login={csrf}"))
+            .form(&[("csrf", csrf.as_str()), ("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(signed_in.status(), 303, "signing in");
+        self.keep_cookie(&signed_in);
+        assert!(self.session.is_some(), "a session cookie");
+    }
+
+    /// Rotates `path` (`/console/<kind>/<id>/rotate`) with the pre-selected grace, "it stops
+    /// now", and reads the secret page it leads to; checks the secret stays out of URLs and
+    /// cookies.
+    async fn rotate_now(&mut self, path: &str) -> String {
+        let form = self.get(path).await;
+        assert_eq!(form.status(), 200, "the rotate page");
+        let form = form.text().await.unwrap();
+        assert!(
+            form.contains("value=\"0\" checked"),
+            "\"it stops now\" is pre-selected"
+        );
+        let rotated = self
+            .post(path, &[("csrf", &csrf_in(&form)), ("grace_seconds", "0")])
+            .await;
+        assert_eq!(rotated.status(), 303, "rotating");
+        assert_eq!(header(&rotated, "location"), "/console/secret");
+        let cookies = header(&rotated, "set-cookie");
+        let shown = self.get("/console/secret").await;
+        assert_eq!(
+            shown.status(),
+            200,
+            "the secret page, not {:?}",
+            header(&shown, "location")
+        );
+        let page = shown.text().await.unwrap();
+        let secret = secret_in(&page);
+        assert!(secret.len() > 20, "{secret:?}");
+        assert!(
+            !cookies.contains(&secret),
+            "the secret stays out of cookies"
+        );
+        assert_eq!(page.matches(&secret).count(), 1, "shown once on the page");
+        let again = self.get("/console/secret").await;
+        assert_eq!(again.status(), 410, "the secret page shows it only once");
+        assert!(!again.text().await.unwrap().contains(&secret));
+        secret
+    }
+}
+
+/// Rotating, with "it stops now", the very credential the session signed in with: the session
+/// moves to the new secret, so the secret page shows it (once) and the user stays signed in. For
+/// an API token and a service account, the kinds one signs in with.
+async fn console_rotating_own_credential(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let keyplane = Keyplane::start(&store, &[], LIMIT).await;
+    let org = store.bootstrap_org();
+    let status = |token: String, path: String| {
+        let request = keyplane.http.get(keyplane.url(&path)).bearer_auth(token);
+        async move { request.send().await.unwrap().status() }
+    };
+
+    let token = keyplane
+        .create_token(
+            &org,
+            "console-self",
+            &["api_tokens:read", "api_tokens:write", "auth.manage"],
+            None,
+        )
+        .await;
+    let mut browser = Browser::new(&keyplane);
+    browser.sign_in(&token.secret).await;
+    let new = browser
+        .rotate_now(&format!("/console/api-tokens/{}/rotate", token.id))
+        .await;
+    assert_ne!(new, token.secret);
+    let tokens = keyplane.tokens_url(&org.id).replace(&keyplane.url(""), "");
+    assert_eq!(
+        status(new.clone(), tokens.clone()).await,
+        200,
+        "the new secret"
+    );
+    assert_eq!(status(token.secret.clone(), tokens.clone()).await, 401);
+    let still = browser.get("/console/api-tokens").await;
+    assert_eq!(still.status(), 200, "still signed in");
+    assert!(still.text().await.unwrap().contains("console-self"));
+
+    // A service account with `auth.manage`, created and granted in the console, signs in with
+    // its own secret and rotates it.
+    let page = browser
+        .get("/console/service-accounts")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let created = browser
+        .post(
+            "/console/service-accounts",
+            &[
+                ("csrf", &csrf_in(&page)),
+                ("name", "console-account-self"),
+                ("expires_in_days", "30"),
+            ],
+        )
+        .await;
+    assert_eq!(header(&created, "location"), "/console/secret");
+    let page = browser.get("/console/secret").await.text().await.unwrap();
+    let account_secret = secret_in(&page);
+    let account_id = page[page.find("(<code>").unwrap() + 7..]
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+    let granted = browser
+        .post(
+            &format!("/console/service-accounts/{account_id}/grants"),
+            &[("csrf", &csrf_in(&page)), ("right", "auth.manage")],
+        )
+        .await;
+    assert_eq!(granted.status(), 303, "granting auth.manage");
+
+    let mut account = Browser::new(&keyplane);
+    account.sign_in(&account_secret).await;
+    let new_account_secret = account
+        .rotate_now(&format!("/console/service-accounts/{account_id}/rotate"))
+        .await;
+    assert_ne!(new_account_secret, account_secret);
+    let accounts = format!("/v1/public/accounts/{}/auth/service-accounts", org.id);
+    assert_eq!(
+        status(new_account_secret, accounts.clone()).await,
+        200,
+        "the service account's new secret"
+    );
+    assert_eq!(status(account_secret, accounts).await, 401);
+    let still = account.get("/console/service-accounts").await;
+    assert_eq!(
+        still.status(),
+        200,
+        "the service account is still signed in"
+    );
 }
 
 /// `--console=false`: no console routes at all; the API is unaffected.

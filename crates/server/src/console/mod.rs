@@ -71,8 +71,8 @@ pub struct ConsoleOidc {
     pub issuer: String,
     pub client_id: String,
     /// Where the issuer sends the browser back: `<console URL>/console/oidc/callback`; `None`:
-    /// built from the request's `Host` (the issuer accepts only the redirect URIs registered for
-    /// the client, so a forged `Host` only makes the sign-in fail).
+    /// built from the request's `Host` (over HTTP/2, its `:authority`; the issuer accepts only the
+    /// redirect URIs registered for the client, so a forged host only makes the sign-in fail).
     pub redirect_url: Option<String>,
     /// The `scope` asked for: `openid` and whatever the issuer needs to put this server's
     /// audience in the access token.

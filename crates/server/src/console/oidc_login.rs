@@ -9,7 +9,7 @@ use super::{html, set_cookie, ConsoleError, Html};
 use crate::app::App;
 use crate::error::AppError;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use data_encoding::BASE64URL_NOPAD;
 use serde::Deserialize;
@@ -74,26 +74,34 @@ fn not_configured() -> ConsoleError {
     )
 }
 
-/// The configured redirect URL, or this server's own callback under the `Host` the browser used.
-fn redirect_uri(
-    app: &App,
-    oidc: &super::ConsoleOidc,
-    headers: &HeaderMap,
-) -> Result<String, ConsoleError> {
-    if let Some(url) = &oidc.redirect_url {
-        return Ok(url.clone());
-    }
-    let host = headers
+/// The host (and port) the browser asked for: `Host`, as HTTP/1.1 sends it, else the request
+/// URI's authority, which is where hyper puts HTTP/2's `:authority` (browsers send no `Host`
+/// over h2, which they use with native TLS). Only a plain host name or address is usable.
+fn request_host<'r>(headers: &'r HeaderMap, uri: &'r Uri) -> Option<&'r str> {
+    headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .filter(|h| {
             !h.is_empty()
                 && h.chars()
                     .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         })
-        .ok_or_else(|| {
-            ConsoleError::page(StatusCode::BAD_REQUEST, "The request names no usable host.")
-        })?;
+}
+
+/// The configured redirect URL, or this server's own callback under the host the browser used.
+fn redirect_uri(
+    app: &App,
+    oidc: &super::ConsoleOidc,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<String, ConsoleError> {
+    if let Some(url) = &oidc.redirect_url {
+        return Ok(url.clone());
+    }
+    let host = request_host(headers, uri).ok_or_else(|| {
+        ConsoleError::page(StatusCode::BAD_REQUEST, "The request names no usable host.")
+    })?;
     let scheme = if app.inner().config.console.secure_cookies {
         "https"
     } else {
@@ -105,6 +113,7 @@ fn redirect_uri(
 pub(super) async fn start(
     State(app): State<App>,
     headers: HeaderMap,
+    uri: Uri,
 ) -> Result<Response, ConsoleError> {
     let oidc = app
         .inner()
@@ -120,7 +129,7 @@ pub(super) async fn start(
         code_verifier: random_text(),
         started: Instant::now(),
     };
-    let redirect = redirect_uri(&app, &oidc, &headers)?;
+    let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
     let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));
     let query = serde_urlencoded::to_string([
         ("response_type", "code"),
@@ -206,6 +215,7 @@ pub(super) async fn callback(
     State(app): State<App>,
     origin: crate::request_id::Origin,
     headers: HeaderMap,
+    uri: Uri,
     Query(query): Query<CallbackQuery>,
 ) -> Result<Response, ConsoleError> {
     let oidc = app
@@ -239,7 +249,7 @@ pub(super) async fn callback(
             "This answer belongs to another sign-in. Start again.",
         ));
     }
-    let redirect = redirect_uri(&app, &oidc, &headers)?;
+    let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
     let http = http_client();
     let found = endpoints(&http, &oidc.issuer).await?;
     let response = http
@@ -319,4 +329,55 @@ pub(super) async fn callback(
         super::clear_cookie(&app, pending_cookie_name(&app)),
     );
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, Request, Version};
+
+    fn host_of(request: &Request<()>) -> Option<&str> {
+        request_host(request.headers(), request.uri())
+    }
+
+    #[test]
+    fn the_host_comes_from_the_host_header() {
+        let request = Request::get("/console/oidc/start")
+            .header(header::HOST, "console.example:8443")
+            .body(())
+            .unwrap();
+        assert_eq!(host_of(&request), Some("console.example:8443"));
+    }
+
+    /// HTTP/2 carries the host as `:authority`, which hyper puts in the request URI; it sends no
+    /// `Host` header.
+    #[test]
+    fn over_http2_the_host_comes_from_the_authority() {
+        let request = Request::get("https://console.example:8443/console/oidc/start")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(request.headers().get(header::HOST).is_none());
+        assert_eq!(host_of(&request), Some("console.example:8443"));
+        let v6 = Request::get("https://[::1]:8443/console/oidc/callback?code=c")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert_eq!(host_of(&v6), Some("[::1]:8443"));
+    }
+
+    #[test]
+    fn an_unusable_host_is_refused_wherever_it_comes_from() {
+        let none = Request::get("/console/oidc/start").body(()).unwrap();
+        assert_eq!(host_of(&none), None);
+        let mut odd = Request::get("/console/oidc/start").body(()).unwrap();
+        odd.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("evil.example/path"));
+        assert_eq!(host_of(&odd), None);
+        let user = Request::get("https://user@console.example/console/oidc/start")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert_eq!(host_of(&user), None);
+    }
 }

@@ -12,6 +12,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use keyplane_core::audit::{ActorType, DetailValue, Outcome};
+use keyplane_core::authz::Actor;
 use keyplane_core::{
     Capability, Credential, CredentialId, CredentialKind, FieldPath, RobotPermission,
     RotationOptions, Scope, ScopeSet, SubjectType,
@@ -166,24 +167,51 @@ async fn show_secret_once(
     commands: Vec<String>,
 ) -> PageResult {
     let credential = &issued.credential;
-    console
-        .app
-        .inner()
-        .console_sessions
-        .set_secret(
-            &console.app,
+    let flash = SecretFlash {
+        kind: credential.kind.as_str().to_string(),
+        id: credential.id.as_uuid(),
+        name: credential.name.clone(),
+        secret: issued.secret.expose_secret().to_string(),
+        note,
+        commands,
+    };
+    let app = &console.app;
+    let sessions = &app.inner().console_sessions;
+    let own = Actor::Credential {
+        id: credential.id,
+        kind: credential.kind,
+    };
+    if console.who.actor != own {
+        sessions.set_secret(app, &console.cookie, &flash).await?;
+        return Ok(Redirect::to("/console/secret").into_response());
+    }
+    // The session's own credential was rotated: its sealed secret stops working (at once, or
+    // when the grace ends), which would end the session and lose the new secret with it. The
+    // session moves to the new secret (a new cookie; the secret stays sealed in the store).
+    let cookie = sessions
+        .replace(
+            app,
             &console.cookie,
-            &SecretFlash {
-                kind: credential.kind.as_str().to_string(),
-                id: credential.id.as_uuid(),
-                name: credential.name.clone(),
-                secret: issued.secret.expose_secret().to_string(),
-                note,
-                commands,
-            },
+            console.tenant,
+            issued.secret.expose_secret(),
+            console.label.clone(),
+            console.ends_at,
+            &flash,
         )
         .await?;
-    Ok(Redirect::to("/console/secret").into_response())
+    tracing::info!(principal.id = %console.who.id(), "console session moved to the rotated secret");
+    let mut response = Redirect::to("/console/secret").into_response();
+    response.headers_mut().append(
+        axum::http::header::SET_COOKIE,
+        super::set_cookie(
+            app,
+            super::session_cookie_name(app),
+            &cookie.encode(),
+            false,
+            None,
+        ),
+    );
+    Ok(response)
 }
 
 // ------------------------------------------------------------------------------------------------
