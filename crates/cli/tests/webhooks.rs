@@ -105,7 +105,7 @@ async fn sigkill_during_deliveries_loses_none(backend: Backend) {
     let org = store.bootstrap_org();
     let port = free_loopback_port();
     let hook = created_webhook(&server, &org, &format!("http://127.0.0.1:{port}/")).await;
-    // Slow answers: when the first delivery arrives, a batch is in flight and not yet recorded.
+    // Slow answers: when the first delivery arrives, it is in flight and not yet recorded.
     let receiver = Receiver::start(
         &Behaviour {
             delay: Duration::from_millis(500),

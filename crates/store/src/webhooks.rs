@@ -49,6 +49,10 @@ pub struct DeliveryClaim {
     /// Names this claim: only it may record the attempt.
     pub lease_id: Uuid,
     pub limit: u32,
+    /// A webhook's deliveries leased at once at most, this claim's and others' (every replica's)
+    /// together: the rest of its due deliveries wait, in due order, so that one slow endpoint
+    /// holds this many of the workers' slots and no more.
+    pub max_per_webhook: u32,
 }
 
 /// A claimed delivery with what sending it takes.
@@ -112,16 +116,26 @@ pub(crate) const INSERT_PATTERN: &str =
     "INSERT INTO webhook_event_patterns (webhook_id, pattern, is_prefix) VALUES ($1, $2, $3)";
 pub(crate) const DELETE_PATTERNS: &str = "DELETE FROM webhook_event_patterns WHERE webhook_id = $1";
 pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, action, status, attempts, created_ms, next_attempt_ms, last_attempt_ms, last_status_code, last_latency_ms, last_error";
-/// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`. The outer
-/// conditions are checked again on each row as it is updated, so of replicas racing for a row
-/// (PostgreSQL re-reads a row another transaction changed) exactly one leases it.
+/// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`, oldest due
+/// first, taking of each webhook only its oldest due ones, and only so many that it has at most
+/// `$5` leased (counting unexpired leases of other claims). The outer conditions are checked again
+/// on each row as it is updated, so of replicas racing for a row (PostgreSQL re-reads a row
+/// another transaction changed) exactly one leases it. Racing claims see a webhook's same oldest
+/// rows, so together they keep to `$5` too (unless its due rows change between their snapshots).
 pub(crate) const CLAIM_DELIVERIES: &str = "UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
      WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3 \
-     AND (webhook_id, event_id) IN (SELECT d.webhook_id, d.event_id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
-     WHERE d.status = 'pending' AND d.next_attempt_ms <= $3 AND d.locked_until_ms <= $3 AND w.enabled = TRUE \
-     ORDER BY d.next_attempt_ms LIMIT $4)";
+     AND (webhook_id, event_id) IN (SELECT webhook_id, event_id FROM (\
+     SELECT d.webhook_id, d.event_id, d.next_attempt_ms, \
+     ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_ms, d.event_id) + COALESCE(l.leased, 0) AS place \
+     FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     LEFT JOIN (SELECT webhook_id, COUNT(*) AS leased FROM webhook_deliveries \
+     WHERE lease_id IS NOT NULL AND status = 'pending' AND locked_until_ms > $3 GROUP BY webhook_id) l ON l.webhook_id = d.webhook_id \
+     WHERE d.status = 'pending' AND d.next_attempt_ms <= $3 AND d.locked_until_ms <= $3 AND w.enabled = TRUE) due \
+     WHERE place <= $5 ORDER BY next_attempt_ms LIMIT $4)";
 /// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
-/// (and a read-only or full store is not written to every poll).
+/// (and a read-only or full store is not written to every poll). It does not weigh the claim's
+/// per-webhook limit: when every due delivery waits behind its webhook's lease, the claim that
+/// follows leases nothing.
 pub(crate) const ANY_DUE: &str = "SELECT 1 FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.status = 'pending' AND d.next_attempt_ms <= $1 AND d.locked_until_ms <= $1 AND w.enabled = TRUE LIMIT 1";
 pub(crate) const CLAIMED_JOBS: &str = "SELECT w.id, w.tenant_id, w.url, w.events, w.description, w.enabled, w.secret, w.previous_secret, w.previous_secret_until_ms, w.failing_since_ms, w.created_at, w.updated_at, \
@@ -230,19 +244,51 @@ pub(crate) struct JobRow {
 }
 
 impl JobRow {
-    pub(crate) fn into_job(self, event: Option<ChainedEvent>) -> Result<DeliveryJob, StoreError> {
+    /// The job without its event (set once read); `Err` when the stored webhook is unreadable.
+    pub(crate) fn into_job(self) -> Result<DeliveryJob, StoreError> {
         Ok(DeliveryJob {
             event_id: self.event_id,
             attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
             schedule_step: u32::try_from(self.schedule_step).unwrap_or(u32::MAX),
             webhook: self.webhook.try_into()?,
-            event,
+            event: None,
         })
     }
+}
 
-    pub(crate) fn event_key(&self) -> (Uuid, Uuid) {
-        (self.webhook.tenant_id, self.event_id)
+/// A claimed delivery that cannot be sent because what it is made of does not decode: it fails
+/// for good, alone, instead of failing every claim it is part of (it would be the oldest due again
+/// once its lease ran out, so no delivery of any tenant would be made).
+pub(crate) struct Unreadable {
+    pub(crate) webhook_id: Uuid,
+    pub(crate) event_id: Uuid,
+    /// The delivery's `last_error`, which the tenant sees.
+    pub(crate) error: &'static str,
+    /// For the operator's log: which column or field, never a stored value.
+    pub(crate) reason: String,
+}
+
+pub(crate) const UNREADABLE_WEBHOOK: &str = "the stored delivery or its webhook cannot be read";
+pub(crate) const UNREADABLE_EVENT: &str = "the stored event cannot be read";
+
+/// Why a row does not decode, naming the column only: sqlx's own message may quote the value.
+pub(crate) fn decode_failure(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::ColumnDecode { index, .. } => format!("column {index} does not decode"),
+        sqlx::Error::ColumnNotFound(column) => format!("column {column} is missing"),
+        _ => "a column does not decode".into(),
     }
+}
+
+/// Logs an unreadable delivery by its ids (no stored value: the webhook row holds its secrets).
+pub(crate) fn log_unreadable(unreadable: &Unreadable) {
+    tracing::error!(
+        webhook.id = %unreadable.webhook_id,
+        event.id = %unreadable.event_id,
+        reason = %unreadable.reason,
+        "{}; the delivery is marked failed",
+        unreadable.error
+    );
 }
 
 #[derive(sqlx::FromRow)]
@@ -529,13 +575,15 @@ macro_rules! impl_webhooks {
                     .bind(claim.lease_id)
                     .bind(millis(claim.now))
                     .bind(i64::from(claim.limit))
+                    .bind(i64::from(claim.max_per_webhook))
                     .execute(&self.writer)
                     .await?
                     .rows_affected();
                 if claimed == 0 {
                     return Ok(Vec::new());
                 }
-                let rows: Vec<JobRow> = sqlx::query_as(CLAIMED_JOBS)
+                // Raw rows, decoded one by one: a row that does not decode fails alone.
+                let rows = sqlx::query(CLAIMED_JOBS)
                     .bind(claim.lease_id)
                     .fetch_all(&self.writer)
                     .await?;
@@ -544,14 +592,89 @@ macro_rules! impl_webhooks {
                     $crate::audit::AUDIT_COLUMNS
                 );
                 let mut jobs = Vec::with_capacity(rows.len());
+                let mut unreadable = Vec::new();
                 for row in rows {
-                    let (tenant, event_id) = row.event_key();
-                    let event: Option<$crate::rows::AuditRow> = sqlx::query_as(&event_sql)
-                        .bind(tenant)
-                        .bind(event_id)
+                    use sqlx::{FromRow, Row};
+                    let decoded = JobRow::from_row(&row)
+                        .map_err(|e| decode_failure(&e))
+                        .and_then(|job| job.into_job().map_err(|e| e.to_string()));
+                    let mut job = match decoded {
+                        Ok(job) => job,
+                        Err(reason) => {
+                            // `id` is the webhook's (`w.id = d.webhook_id`).
+                            let webhook_id = row.try_get::<uuid::Uuid, _>("id");
+                            match (webhook_id, row.try_get::<uuid::Uuid, _>("event_id")) {
+                                (Ok(webhook_id), Ok(event_id)) => unreadable.push(Unreadable {
+                                    webhook_id,
+                                    event_id,
+                                    error: UNREADABLE_WEBHOOK,
+                                    reason,
+                                }),
+                                // Not even its key: nothing to mark. Its lease runs out and it is
+                                // claimed (and skipped) again, taking one place in a claim.
+                                _ => tracing::error!(
+                                    lease.id = %claim.lease_id,
+                                    "a claimed webhook delivery cannot be read, not even its key"
+                                ),
+                            }
+                            continue;
+                        }
+                    };
+                    // A failure to fetch is the store's (transient): the claim fails, as before.
+                    let event = sqlx::query(&event_sql)
+                        .bind(job.webhook.tenant_id.as_uuid())
+                        .bind(job.event_id)
                         .fetch_optional(&self.pool)
                         .await?;
-                    jobs.push(row.into_job(event.map(TryInto::try_into).transpose()?)?);
+                    if let Some(event) = event {
+                        let decoded = $crate::rows::AuditRow::from_row(&event)
+                            .map_err(|e| decode_failure(&e))
+                            .and_then(|event| {
+                                keyplane_core::ChainedEvent::try_from(event)
+                                    .map_err(|e| e.to_string())
+                            });
+                        match decoded {
+                            Ok(event) => job.event = Some(event),
+                            Err(reason) => {
+                                unreadable.push(Unreadable {
+                                    webhook_id: job.webhook.id,
+                                    event_id: job.event_id,
+                                    error: UNREADABLE_EVENT,
+                                    reason,
+                                });
+                                continue;
+                            }
+                        }
+                    }
+                    jobs.push(job);
+                }
+                for bad in &unreadable {
+                    log_unreadable(bad);
+                    // Recorded as a final failed attempt under this claim's lease, as the worker
+                    // records a pruned event. The webhook's `failing_since` is left alone: its
+                    // endpoint did not fail.
+                    let at = millis(claim.now);
+                    let marked = sqlx::query(RECORD_ATTEMPT)
+                        .bind(bad.webhook_id)
+                        .bind(bad.event_id)
+                        .bind(claim.lease_id)
+                        .bind("failed")
+                        .bind(at)
+                        .bind(at)
+                        .bind(None::<i64>)
+                        .bind(0_i64)
+                        .bind(bad.error)
+                        .execute(&self.writer)
+                        .await;
+                    // Unmarked, it is claimed again once its lease runs out, and marked then.
+                    if let Err(error) = marked {
+                        tracing::warn!(
+                            %error,
+                            webhook.id = %bad.webhook_id,
+                            event.id = %bad.event_id,
+                            "cannot mark an unreadable webhook delivery failed"
+                        );
+                    }
                 }
                 Ok(jobs)
             }

@@ -1725,6 +1725,8 @@ store_suite! {
     deliveries_are_leased_to_one_claim_and_recorded_by_it,
     a_webhook_failing_too_long_is_disabled_with_its_event,
     webhooks_update_rotate_retry_delete_prune_and_limit,
+    a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share,
+    an_unreadable_delivery_fails_alone,
 }
 
 fn action_event(tenant: TenantId, action: &str) -> keyplane_core::AuditEvent {
@@ -1782,6 +1784,7 @@ fn claim_at(at: DateTime<Utc>) -> keyplane_store::DeliveryClaim {
         lease_until: at + TimeDelta::seconds(15),
         lease_id: uuid::Uuid::new_v4(),
         limit: 10,
+        max_per_webhook: 10,
     }
 }
 
@@ -2170,4 +2173,177 @@ async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
     store.delete_webhook(tenant, hook.id, &ev()).await.unwrap();
     assert!(store.get_webhook(tenant, hook.id).await.unwrap().is_none());
     assert!(deliveries_of(store, &hook).await.is_empty());
+}
+
+/// A webhook whose deliveries pile up (a slow or dead endpoint, many events) gets no more than
+/// `max_per_webhook` of them leased at once, however old they are: the others' come first.
+async fn a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let tenant = f.tenant.id;
+    let hog = webhook(tenant, &["api_token.*"], true);
+    let quiet = webhook(tenant, &["grant.*"], true);
+    add_webhook(store, &hog).await;
+    add_webhook(store, &quiet).await;
+    // Every one of the hog's deliveries is due before any of the quiet one's.
+    let base = now() - TimeDelta::minutes(1);
+    let (mut hogs, mut quiets) = (Vec::new(), Vec::new());
+    for second in 0..14 {
+        let (action, ids) = match second {
+            0..12 => ("api_token.created", &mut hogs),
+            _ => ("grant.created", &mut quiets),
+        };
+        let event = keyplane_core::AuditEvent {
+            action: action.into(),
+            ..event_in(tenant, base + TimeDelta::seconds(second))
+        };
+        store.append_audit_event(&event).await.unwrap();
+        ids.push(event.id);
+    }
+    let claim = |at: DateTime<Utc>, max_per_webhook| keyplane_store::DeliveryClaim {
+        now: at,
+        lease_until: at + TimeDelta::seconds(15),
+        lease_id: uuid::Uuid::new_v4(),
+        limit: 10,
+        max_per_webhook,
+    };
+    let ids = |jobs: &[keyplane_store::DeliveryJob]| -> Vec<uuid::Uuid> {
+        jobs.iter().map(|j| j.event_id).collect()
+    };
+
+    // One of each, the oldest due first.
+    let first = claim(now(), 1);
+    let jobs = store.claim_webhook_deliveries(&first).await.unwrap();
+    assert_eq!(ids(&jobs), [hogs[0], quiets[0]]);
+    // Both are at their share while those leases last.
+    assert!(store
+        .claim_webhook_deliveries(&claim(now(), 1))
+        .await
+        .unwrap()
+        .is_empty());
+    // The quiet one's attempt ends: its next delivery is claimed; the hog's still wait.
+    let done = attempt(&jobs[1], first.lease_id, AttemptNext::Succeeded);
+    store
+        .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let jobs = store
+        .claim_webhook_deliveries(&claim(now(), 1))
+        .await
+        .unwrap();
+    assert_eq!(ids(&jobs), [quiets[1]]);
+    // A share of 3 counts the hog's delivery still leased: two more, in due order.
+    let jobs = store
+        .claim_webhook_deliveries(&claim(now(), 3))
+        .await
+        .unwrap();
+    assert_eq!(ids(&jobs), [hogs[1], hogs[2]]);
+    // Once the leases run out, they count no more: the oldest again, one each.
+    let jobs = store
+        .claim_webhook_deliveries(&claim(now() + TimeDelta::seconds(20), 1))
+        .await
+        .unwrap();
+    assert_eq!(ids(&jobs), [hogs[0], quiets[1]]);
+}
+
+/// Runs `sql` with `id` on the fixture's database directly, as damage from outside would.
+async fn damage(f: &Fixture, sql: &str, id: uuid::Uuid) {
+    let changed = if f._db.url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(&f._db.url).await.unwrap();
+        let done = sqlx::query(sql).bind(id).execute(&pool).await.unwrap();
+        pool.close().await;
+        done.rows_affected()
+    } else {
+        let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+        let done = sqlx::query(sql).bind(id).execute(&pool).await.unwrap();
+        pool.close().await;
+        done.rows_affected()
+    };
+    assert_eq!(changed, 1, "{sql}");
+}
+
+/// A delivery whose webhook or event no longer decodes fails for good, alone; the claim hands
+/// out the rest.
+async fn an_unreadable_delivery_fails_alone(backend: Backend) {
+    use keyplane_core::DeliveryStatus;
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let tenant = f.tenant.id;
+    let good = webhook(tenant, &["api_token.*"], true);
+    let broken = webhook(tenant, &["api_token.*"], true);
+    // A column sqlx itself cannot decode (SQLite keeps any text in any column).
+    let odd = webhook(tenant, &["api_token.*"], true);
+    add_webhook(store, &good).await;
+    add_webhook(store, &broken).await;
+    add_webhook(store, &odd).await;
+    let readable = action_event(tenant, "api_token.created");
+    store.append_audit_event(&readable).await.unwrap();
+    let unreadable = action_event(tenant, "api_token.revoked");
+    store.append_audit_event(&unreadable).await.unwrap();
+    damage(
+        &f,
+        "UPDATE webhooks SET secret = secret || '!' WHERE id = $1",
+        broken.id,
+    )
+    .await;
+    damage(
+        &f,
+        "UPDATE audit_events SET details = 'not json' WHERE id = $1",
+        unreadable.id,
+    )
+    .await;
+    if backend == Backend::Sqlite {
+        damage(
+            &f,
+            "UPDATE webhooks SET created_at = 'not a time' WHERE id = $1",
+            odd.id,
+        )
+        .await;
+    } else {
+        store.delete_webhook(tenant, odd.id, &ev()).await.unwrap();
+    }
+
+    let at = now();
+    let jobs = store.claim_webhook_deliveries(&claim_at(at)).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (jobs[0].webhook.id, jobs[0].event_id),
+        (good.id, readable.id)
+    );
+    assert!(jobs[0].event.is_some());
+    let to_good = deliveries_of(store, &good).await;
+    let of = |list: &[keyplane_store::WebhookDelivery], id| {
+        list.iter().find(|d| d.event_id == id).unwrap().clone()
+    };
+    assert_eq!(of(&to_good, readable.id).status, DeliveryStatus::Pending);
+    let failed = of(&to_good, unreadable.id);
+    assert_eq!(
+        (failed.status, failed.attempts, failed.next_attempt_at),
+        (DeliveryStatus::Failed, 1, None)
+    );
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("the stored event cannot be read")
+    );
+    let mut to_broken = deliveries_of(store, &broken).await;
+    to_broken.extend(deliveries_of(store, &odd).await);
+    let expected = if backend == Backend::Sqlite { 4 } else { 2 };
+    assert_eq!(to_broken.len(), expected);
+    for delivery in &to_broken {
+        assert_eq!(delivery.status, DeliveryStatus::Failed);
+        assert_eq!(
+            delivery.last_error.as_deref(),
+            Some("the stored delivery or its webhook cannot be read")
+        );
+    }
+    // Failed for good: once the lease runs out, only the readable delivery is claimed again.
+    let again = store
+        .claim_webhook_deliveries(&claim_at(at + TimeDelta::seconds(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|j| j.event_id).collect::<Vec<_>>(),
+        [readable.id]
+    );
 }

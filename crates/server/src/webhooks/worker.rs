@@ -1,7 +1,7 @@
-//! Each replica's delivery loop: lease due deliveries from the store, send them at once (each
-//! bounded by the timeout), record every attempt, and schedule the retry or give up. A replica
-//! killed mid-attempt leaves its leases to run out; another (or itself, restarted) sends those
-//! deliveries again: at least once.
+//! Each replica's delivery loop: keep up to [`MAX_IN_FLIGHT`] attempts going, leasing due
+//! deliveries from the store as slots free (each attempt bounded by the timeout), record every
+//! attempt, and schedule the retry or give up. A replica killed mid-attempt leaves its leases to
+//! run out; another (or itself, restarted) sends those deliveries again: at least once.
 
 use super::target::{literal_refusal, FilteringResolver, TargetRefused};
 use super::{disabled_event, retry_at, WebhookConfig};
@@ -15,9 +15,16 @@ use keyplane_store::{AttemptNext, DeliveryAttempt, DeliveryClaim, DeliveryJob};
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
 
-/// Deliveries one replica leases at a time, and sends at once.
-const BATCH: u32 = 32;
+/// Attempts one replica has in flight at most. Slots are refilled as attempts end, not batch by
+/// batch, so an endpoint that never answers holds its own slot for the timeout and nobody else's.
+const MAX_IN_FLIGHT: usize = 64;
+/// A webhook's deliveries in flight at once, across replicas (the store counts leases): the rest
+/// of its due deliveries wait behind them, so one slow endpoint cannot take the slots, and an
+/// organization's [`super::MAX_WEBHOOKS`] (20) take at most 40 of [`MAX_IN_FLIGHT`]. Two, not one:
+/// a healthy endpoint behind a bulk change (thousands of events) is served twice as fast.
+const PER_WEBHOOK: u32 = 2;
 /// How much of a receiver's answer is read (and then dropped).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Finished deliveries deleted per transaction, and how often the prune runs.
@@ -28,7 +35,7 @@ const CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 const USER_AGENT: &str = concat!("keyplane-webhooks/", env!("CARGO_PKG_VERSION"));
 
 /// The lease on a claimed delivery: longer than an attempt can take (the timeout) plus recording
-/// it, so that no other replica sends it meanwhile.
+/// it, so that no other replica sends it meanwhile. A claim takes only what starts at once.
 fn lease(config: &WebhookConfig) -> Duration {
     config.timeout + Duration::from_secs(10)
 }
@@ -50,9 +57,9 @@ fn client(config: &WebhookConfig) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Runs until `stop` turns true, finishing the batch in hand.
+/// Runs until `stop` turns true, then finishes the attempts in flight.
 pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let config = app.inner().config.webhooks.clone();
+    let config = Arc::new(app.inner().config.webhooks.clone());
     let client = match client(&config) {
         Ok(client) => client,
         Err(error) => {
@@ -60,68 +67,97 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
             return;
         }
     };
+    let mut in_flight = JoinSet::new();
     let mut pruned_at: Option<Instant> = None;
+    // Not before then: the store failed the last claim.
+    let mut claim_after = Instant::now();
     loop {
         if *stop.borrow() {
-            return;
+            break;
         }
-        let Some(claimed) = deliver_due(&app, &client, &config).await else {
-            // The store is failing: try again later, without a warning every poll.
-            tokio::select! {
-                _ = tokio::time::sleep(config.poll_interval.max(CLAIM_BACKOFF)) => {}
-                _ = stop.changed() => return,
+        let free = MAX_IN_FLIGHT - in_flight.len();
+        if free > 0 && Instant::now() >= claim_after {
+            match claim(&app, &config, free).await {
+                Some((lease_id, jobs)) => {
+                    for job in jobs {
+                        in_flight.spawn(deliver(
+                            app.clone(),
+                            client.clone(),
+                            config.clone(),
+                            lease_id,
+                            job,
+                        ));
+                    }
+                    if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                        prune(&app, &config).await;
+                        pruned_at = Some(Instant::now());
+                    }
+                }
+                // The store is failing: try again later, without a warning every poll.
+                None => claim_after = Instant::now() + config.poll_interval.max(CLAIM_BACKOFF),
             }
-            continue;
-        };
-        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-            prune(&app, &config).await;
-            pruned_at = Some(Instant::now());
         }
-        if claimed == BATCH as usize {
-            continue;
-        }
+        // An attempt that ends frees a slot, and its webhook's next delivery: claim again then.
+        // Otherwise look again after the poll interval (or the backoff).
+        let wait = claim_after
+            .checked_duration_since(Instant::now())
+            .unwrap_or(config.poll_interval);
         tokio::select! {
-            _ = tokio::time::sleep(config.poll_interval) => {}
-            _ = stop.changed() => return,
+            Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
+                ended_attempt(ended);
+                while let Some(ended) = in_flight.try_join_next() {
+                    ended_attempt(ended);
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => break,
         }
+    }
+    while let Some(ended) = in_flight.join_next().await {
+        ended_attempt(ended);
     }
 }
 
-/// Leases one batch of due deliveries and sends them; returns how many it leased, `None` when
-/// the store failed.
-async fn deliver_due(app: &App, client: &reqwest::Client, config: &WebhookConfig) -> Option<usize> {
+fn ended_attempt(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = ended {
+        // Its lease runs out and the delivery is attempted again: at least once.
+        tracing::error!(%error, "a webhook delivery attempt panicked");
+    }
+}
+
+/// Leases up to `free` due deliveries; `None` when the store failed.
+async fn claim(
+    app: &App,
+    config: &WebhookConfig,
+    free: usize,
+) -> Option<(uuid::Uuid, Vec<DeliveryJob>)> {
     let started = now();
     let claim = DeliveryClaim {
         now: started,
         lease_until: started + TimeDelta::from_std(lease(config)).unwrap_or(TimeDelta::minutes(1)),
         lease_id: uuid::Uuid::new_v4(),
-        limit: BATCH,
+        limit: u32::try_from(free).unwrap_or(u32::MAX),
+        max_per_webhook: PER_WEBHOOK,
     };
-    let jobs = match app.store().claim_webhook_deliveries(&claim).await {
-        Ok(jobs) => jobs,
+    match app.store().claim_webhook_deliveries(&claim).await {
+        Ok(jobs) => Some((claim.lease_id, jobs)),
         Err(error) => {
             tracing::warn!(%error, "cannot claim webhook deliveries; retrying");
-            return None;
+            None
         }
-    };
-    let count = jobs.len();
-    futures::future::join_all(
-        jobs.into_iter()
-            .map(|job| deliver(app, client, config, claim.lease_id, job)),
-    )
-    .await;
-    Some(count)
+    }
 }
 
 async fn deliver(
-    app: &App,
-    client: &reqwest::Client,
-    config: &WebhookConfig,
+    app: App,
+    client: reqwest::Client,
+    config: Arc<WebhookConfig>,
     lease_id: uuid::Uuid,
     job: DeliveryJob,
 ) {
+    let config = config.as_ref();
     let outcome = match &job.event {
-        Some(event) => send(client, config, &job, event).await,
+        Some(event) => send(&client, config, &job, event).await,
         None => Outcome {
             status_code: None,
             latency_ms: 0,

@@ -13,6 +13,8 @@ use receiver::{Behaviour, Receiver};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 both_backends!(
@@ -24,6 +26,8 @@ both_backends!(
     a_rotated_secret_signs_alongside_the_old_one_for_the_overlap,
     exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
     https_targets_must_present_a_certificate_the_system_trusts,
+    a_black_hole_endpoint_does_not_hold_up_other_organizations,
+    an_unreadable_webhook_or_event_fails_alone,
 );
 
 fn fast(config: WebhookConfig) -> Config {
@@ -932,4 +936,251 @@ async fn a_canary_trigger_is_delivered_at_once(backend: keyplane_store::testing:
         "{payload}"
     );
     assert!(payload.to_string().contains("intruder/1"), "{payload}");
+}
+
+/// An endpoint that accepts every connection and never answers (a black-holed or hung server).
+struct BlackHole {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            // Held open, never read from nor written to.
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        Self {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An endpoint that never answers holds one of the worker's slots for the timeout, not the
+/// worker: another organization's deliveries, queued behind many of its own, arrive at once.
+async fn a_black_hole_endpoint_does_not_hold_up_other_organizations(
+    backend: keyplane_store::testing::Backend,
+) {
+    let timeout = Duration::from_secs(10);
+    let app = TestApp::spawn_with(
+        backend,
+        fast(WebhookConfig {
+            timeout,
+            ..WebhookConfig::default()
+        }),
+    )
+    .await;
+    let stuck = app.create_org("stuck").await;
+    let org = app.create_org("acme").await;
+    let hole = BlackHole::start().await;
+    create_webhook(
+        &app,
+        &stuck,
+        &format!("http://127.0.0.1:{}/", hole.port),
+        &["api_token.*"],
+    )
+    .await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let receiver = Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    );
+    // More than a batch (32) of deliveries to the black hole, all due before the others.
+    create_tokens(&app, &stuck, "stuck", 40).await;
+    wait_until(
+        "attempts at the black hole",
+        Duration::from_secs(10),
+        || async { hole.accepted() >= 2 },
+    )
+    .await;
+    let expected: HashSet<String> = create_tokens(&app, &org, "healthy", 5)
+        .await
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    // Well within one attempt's timeout: no delivery waits for the black hole's.
+    wait_until(
+        "the other organization's deliveries",
+        timeout / 4,
+        || async {
+            let got: HashSet<String> = receiver
+                .deliveries()
+                .iter()
+                .filter_map(|d| d["payload"]["data"]["target"]["id"].as_str())
+                .map(str::to_string)
+                .collect();
+            expected.is_subset(&got)
+        },
+    )
+    .await;
+    // Its deliveries wait behind each other: two connections at a time.
+    assert_eq!(hole.accepted(), 2, "attempts at once to one endpoint");
+}
+
+/// Runs `sql` with the id `id` on the test's database directly: damage from outside.
+async fn damage(app: &TestApp, sql: &str, id: &str) {
+    let id = uuid::Uuid::parse_str(id).unwrap();
+    let changed = if app.database_url().starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected()
+    } else {
+        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected()
+    };
+    assert_eq!(changed, 1, "{sql}");
+}
+
+/// Each stored delivery of the webhook `id`: status and last error, read from the database (the
+/// API cannot read a webhook that does not decode).
+async fn stored_deliveries(app: &TestApp, id: &str) -> Vec<(String, Option<String>)> {
+    let id = uuid::Uuid::parse_str(id).unwrap();
+    let sql = "SELECT status, last_error FROM webhook_deliveries WHERE webhook_id = $1";
+    if app.database_url().starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
+        sqlx::query_as(sql).bind(id).fetch_all(&pool).await.unwrap()
+    } else {
+        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
+        sqlx::query_as(sql).bind(id).fetch_all(&pool).await.unwrap()
+    }
+}
+
+/// A webhook or an event that no longer decodes fails its own deliveries, for good; every other
+/// delivery goes on.
+async fn an_unreadable_webhook_or_event_fails_alone(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let damaged = app.create_org("damaged").await;
+    let org = app.create_org("acme").await;
+    // A webhook whose stored secret no longer decodes.
+    let broken = create_webhook(&app, &damaged, "http://127.0.0.1:9/", &["api_token.*"]).await;
+    let broken_id = broken["id"].as_str().unwrap();
+    let broken_secret = broken["secret"].as_str().unwrap();
+    damage(
+        &app,
+        "UPDATE webhooks SET secret = secret || '!' WHERE id = $1",
+        broken_id,
+    )
+    .await;
+    create_tokens(&app, &damaged, "lost", 3).await;
+
+    // An event that no longer decodes, damaged while its delivery waits for the receiver.
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let hook_id = hook["id"].as_str().unwrap();
+    app.create_token(&org, "doomed", &[]).await;
+    wait_until(
+        "a failed attempt while the receiver is down",
+        Duration::from_secs(10),
+        || async {
+            deliveries(&app, &org, hook_id)
+                .await
+                .iter()
+                .any(|d| d["attempts"].as_u64() >= Some(1))
+        },
+    )
+    .await;
+    let doomed = deliveries(&app, &org, hook_id).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    damage(
+        &app,
+        "UPDATE audit_events SET details = 'not json' WHERE id = $1",
+        &doomed,
+    )
+    .await;
+    wait_until(
+        "the delivery of the damaged event fails",
+        Duration::from_secs(10),
+        || async {
+            deliveries(&app, &org, hook_id)
+                .await
+                .iter()
+                .any(|d| d["id"] == json!(doomed) && d["status"] == "failed")
+        },
+    )
+    .await;
+    let failed = deliveries(&app, &org, hook_id).await;
+    assert_eq!(failed[0]["last_error"], "the stored event cannot be read");
+
+    // The rest is delivered.
+    let receiver = Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    );
+    create_tokens(&app, &org, "fine", 3).await;
+    wait_until(
+        "the readable deliveries",
+        Duration::from_secs(10),
+        || async { received_by_id(&receiver).len() >= 3 },
+    )
+    .await;
+    wait_until(
+        "the broken webhook's deliveries fail",
+        Duration::from_secs(10),
+        || async {
+            let stored = stored_deliveries(&app, broken_id).await;
+            stored.len() == 3 && stored.iter().all(|(status, _)| status == "failed")
+        },
+    )
+    .await;
+    for (_, error) in stored_deliveries(&app, broken_id).await {
+        assert_eq!(
+            error.as_deref(),
+            Some("the stored delivery or its webhook cannot be read")
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = received_by_id(&receiver);
+    assert_eq!(received.len(), 3, "{received:?}");
+    assert!(!received.contains_key(&doomed));
+    let logged = crate::logs::captured();
+    assert!(logged.contains(broken_id), "the broken webhook is named");
+    assert!(
+        !logged.contains(&broken_secret[6..]),
+        "a webhook secret was logged"
+    );
 }
