@@ -18,6 +18,7 @@ mod revoke;
 use crate::app::App;
 use crate::error::AppError;
 use keyplane_core::audit::{actions, AuditActor};
+use keyplane_core::credential::Unusable;
 use keyplane_core::token::ParsedToken;
 use keyplane_core::LeakAction;
 use keyplane_core::{Credential, RequestContext};
@@ -133,8 +134,17 @@ fn bounded(text: &str) -> String {
 
 /// The credential a well-formed token is, if any (revoked ones included). Takes the result of
 /// [`keyplane_core::token::parse`], so only a token that passed the offline checks is looked up.
+/// A previous secret whose grace period is over is no longer the credential (the store keeps its
+/// hash until the lifecycle sweep): it neither authenticates nor can take the live secret down.
 pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Credential>, AppError> {
-    Ok(app.store().find_credential_by_hash(&token.hash).await?)
+    let Some(credential) = app.store().find_credential_by_hash(&token.hash).await? else {
+        return Ok(None);
+    };
+    let now = app.inner().config.clock.now();
+    if let Err(Some(Unusable::PreviousSecretEnded)) = credential.secret_slot(&token.hash, now) {
+        return Ok(None);
+    }
+    Ok(Some(credential))
 }
 
 /// The one use case for a leaked credential, whoever reported it: an API token, a service

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 both_backends!(
     a_canary_reported_by_github_is_recorded_and_left_armed,
+    a_previous_secret_past_its_grace_is_not_the_credential,
     a_suspend_policy_suspends_leaked_credentials_instead,
     github_report_revokes_real_credentials_and_labels_every_match,
     github_refuses_unsigned_and_badly_signed_reports,
@@ -659,6 +660,42 @@ async fn a_suspend_policy_suspends_leaked_credentials_instead(backend: Backend) 
     }
     assert_eq!(whoami_status(&app, &new).await, 200);
     assert_eq!(whoami_status(&app, &old).await, 401);
+}
+
+/// A previous secret whose grace period is over no longer is the credential: reported, it is a
+/// false positive, and the live secret is left alone.
+async fn a_previous_secret_past_its_grace_is_not_the_credential(backend: Backend) {
+    let key = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let config = config_with_keys(&keys.url);
+    let clock = config.clock.clone();
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let created = app.create_token(&org, "rotated", &[]).await;
+    let (id, old) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["token"].as_str().unwrap().to_string(),
+    );
+    let rotated: Value = app
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({"grace_seconds": 60}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let new = rotated["token"].as_str().unwrap().to_string();
+    clock.advance(std::time::Duration::from_secs(61));
+    assert_eq!(whoami_status(&app, &old).await, 401, "the grace is over");
+
+    let res = post_signed(&app, &key, &matches_body(&[(&old, "keyplane_api_token")])).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    assert_eq!(feedback[0]["label"], "false_positive", "{feedback}");
+    assert_eq!(whoami_status(&app, &new).await, 200);
+    assert!(app.audit_events(&org, "credential.leaked").await.is_empty());
 }
 
 #[tokio::test]
