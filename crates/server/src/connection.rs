@@ -408,7 +408,8 @@ impl Handling {
         if body.is_end_stream() || body.size_hint().exact().is_some() {
             return response;
         }
-        // Counted before the handler stops being: never neither in between.
+        // Counted before the handler's count is released, so the connection never looks idle
+        // in between.
         self.0.streaming.fetch_add(1, Relaxed);
         let streaming = Streaming(self.0.clone());
         response.map(|body| {
