@@ -218,6 +218,11 @@ async fn not_found() -> Response {
 // ------------------------------------------------------------------------------------------------
 // Cookies
 
+/// The `Set-Cookie` of a new session.
+fn session_cookie(app: &App, cookie: &CookieValue) -> HeaderValue {
+    set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None)
+}
+
 fn session_cookie_name(app: &App) -> &'static str {
     if app.inner().config.console.secure_cookies {
         "__Host-keyplane_session"
@@ -761,10 +766,7 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
     tracing::info!(principal.id = %who.id(), tenant.id = %tenant, "console session started");
     let mut response = Redirect::to("/console").into_response();
     let headers = response.headers_mut();
-    headers.append(
-        header::SET_COOKIE,
-        set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
-    );
+    headers.append(header::SET_COOKIE, session_cookie(app, &cookie));
     headers.append(
         header::SET_COOKIE,
         clear_cookie(app, login_cookie_name(app)),
@@ -786,24 +788,20 @@ async fn switch_organization(console: Console, body: Bytes) -> Result<Response, 
     let cookie = app
         .inner()
         .console_sessions
-        // The new session ends when the old one would have: switching extends nothing.
-        .create(
+        .replace(
             app,
+            &console.cookie,
             tenant,
             &console.token,
             console.label.clone(),
-            Some(console.ends_at),
+            console.ends_at,
+            None,
         )
         .await?;
-    app.inner()
-        .console_sessions
-        .end(app, &console.cookie)
-        .await?;
     let mut response = Redirect::to("/console").into_response();
-    response.headers_mut().append(
-        header::SET_COOKIE,
-        set_cookie(app, session_cookie_name(app), &cookie.encode(), false, None),
-    );
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, session_cookie(app, &cookie));
     Ok(response)
 }
 

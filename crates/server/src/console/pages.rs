@@ -196,20 +196,14 @@ async fn show_secret_once(
             issued.secret.expose_secret(),
             console.label.clone(),
             console.ends_at,
-            &flash,
+            Some(&flash),
         )
         .await?;
     tracing::info!(principal.id = %console.who.id(), "console session moved to the rotated secret");
     let mut response = Redirect::to("/console/secret").into_response();
     response.headers_mut().append(
         axum::http::header::SET_COOKIE,
-        super::set_cookie(
-            app,
-            super::session_cookie_name(app),
-            &cookie.encode(),
-            false,
-            None,
-        ),
+        super::session_cookie(app, &cookie),
     );
     Ok(response)
 }

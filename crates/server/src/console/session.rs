@@ -216,12 +216,12 @@ impl Sessions {
         Ok(cookie)
     }
 
-    /// Replaces the session of `old` by one acting with `token` (the same tenant and label,
-    /// ending no later than `ends_at`) that holds `secret` to show once, and ends `old`. For a
-    /// session whose own credential was rotated: its sealed token is about to stop working, and
-    /// with it the session and the new secret waiting in it. The store keeps no way to reseal a
-    /// session in place, and a credential change earns a fresh session id anyway. Returns the new
-    /// cookie value.
+    /// Replaces the session of `old` by one in `tenant` acting with `token`, labelled `who`,
+    /// ending when `old` would have (a move extends nothing) and holding `secret` to show once if
+    /// any, and ends `old`. For a switch of organization, and for a session whose own credential
+    /// was rotated: its sealed token is about to stop working, and with it the session and the new
+    /// secret waiting in it. The store keeps no way to reseal a session in place, and a credential
+    /// change earns a fresh session id anyway. Returns the new cookie value.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn replace(
         &self,
@@ -231,10 +231,12 @@ impl Sessions {
         token: &str,
         who: String,
         ends_at: DateTime<Utc>,
-        secret: &SecretFlash,
+        secret: Option<&SecretFlash>,
     ) -> Result<CookieValue, AppError> {
         let cookie = self.create(app, tenant, token, who, Some(ends_at)).await?;
-        self.set_secret(app, &cookie, secret).await?;
+        if let Some(secret) = secret {
+            self.set_secret(app, &cookie, secret).await?;
+        }
         self.end(app, old).await?;
         Ok(cookie)
     }
