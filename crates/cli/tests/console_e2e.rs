@@ -56,20 +56,6 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .join("\n")
 }
 
-/// The value of cookie `name` in a response's `Set-Cookie` headers, and its attributes.
-fn set_cookie(response: &reqwest::Response, name: &str) -> (String, String) {
-    let line = response
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("no Set-Cookie {name} in {:?}", response.headers()))
-        .to_owned();
-    let value = line[name.len() + 1..].split(';').next().unwrap().to_owned();
-    (value, line)
-}
-
 /// The hidden CSRF field's value in a page.
 fn csrf_in(html: &str) -> String {
     let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;

@@ -662,13 +662,7 @@ async fn console_cookies_are_secure_over_tls() {
         .await
         .expect("the sign-in page");
     assert_eq!(login.status(), 200);
-    let cookie = login
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|value| value.to_str().expect("a text cookie").to_string())
-        .find(|value| value.starts_with("__Host-keyplane_login="))
-        .unwrap_or_else(|| panic!("no __Host- login cookie: {:?}", login.headers()));
+    let (_, cookie) = common::set_cookie(&login, "__Host-keyplane_login");
     let attributes: Vec<&str> = cookie.split("; ").skip(1).collect();
     for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
         assert!(attributes.contains(&attribute), "{cookie}");

@@ -231,6 +231,20 @@ pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
     }
 }
 
+/// The value of cookie `name` in a response's `Set-Cookie` headers, and its attributes.
+pub fn set_cookie(response: &reqwest::Response, name: &str) -> (String, String) {
+    let line = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no Set-Cookie {name} in {:?}", response.headers()))
+        .to_owned();
+    let value = line[name.len() + 1..].split(';').next().unwrap().to_owned();
+    (value, line)
+}
+
 /// A client that ignores proxy settings and gives up on a request after `limit`.
 pub fn http_client(limit: Duration) -> reqwest::Client {
     reqwest::Client::builder()

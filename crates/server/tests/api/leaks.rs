@@ -590,6 +590,32 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
     }
 }
 
+/// An API token named `name`, rotated with `grace_seconds` of overlap: its id, its previous
+/// secret and its current one.
+async fn rotated_with_grace(
+    app: &TestApp,
+    org: &Org,
+    name: &str,
+    grace_seconds: u64,
+) -> (String, String, String) {
+    let created = app.create_token(org, name, &[]).await;
+    let (id, old) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["token"].as_str().unwrap().to_string(),
+    );
+    let res = app
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({ "grace_seconds": grace_seconds }),
+        )
+        .await;
+    assert_eq!(res.status(), 200, "rotating {name}");
+    let rotated: Value = res.json().await.unwrap();
+    let new = rotated["token"].as_str().unwrap().to_string();
+    (id, old, new)
+}
+
 /// `on_leak: suspend` in the tenant's credential policy: a leak suspends (reversibly) instead of
 /// revoking, once; resuming brings the credential back; a previous secret within a rotation's
 /// grace period counts as the credential.
@@ -607,22 +633,7 @@ async fn a_suspend_policy_suspends_leaked_credentials_instead(backend: Backend) 
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let created = app.create_token(&org, "leaky", &[]).await;
-    let (id, old) = (
-        created["id"].as_str().unwrap().to_string(),
-        created["token"].as_str().unwrap().to_string(),
-    );
-    let rotated: Value = app
-        .post(
-            &org.path(&format!("/api-tokens/{id}/rotate")),
-            &org.token,
-            json!({"grace_seconds": 3600}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let new = rotated["token"].as_str().unwrap().to_string();
+    let (id, old, new) = rotated_with_grace(&app, &org, "leaky", 3600).await;
     // The old secret, still valid in its grace period, turns up in public.
     assert_eq!(
         revoke(&app, json!({ "credentials": [old] })).await.status(),
@@ -671,22 +682,7 @@ async fn a_previous_secret_past_its_grace_is_not_the_credential(backend: Backend
     let clock = config.clock.clone();
     let app = TestApp::spawn_with(backend, config).await;
     let org = app.create_org("acme").await;
-    let created = app.create_token(&org, "rotated", &[]).await;
-    let (id, old) = (
-        created["id"].as_str().unwrap().to_string(),
-        created["token"].as_str().unwrap().to_string(),
-    );
-    let rotated: Value = app
-        .post(
-            &org.path(&format!("/api-tokens/{id}/rotate")),
-            &org.token,
-            json!({"grace_seconds": 60}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let new = rotated["token"].as_str().unwrap().to_string();
+    let (_, old, new) = rotated_with_grace(&app, &org, "rotated", 60).await;
     clock.advance(std::time::Duration::from_secs(61));
     assert_eq!(whoami_status(&app, &old).await, 401, "the grace is over");
 
