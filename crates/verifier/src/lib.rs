@@ -82,7 +82,8 @@ pub struct VerifierConfig {
     pub revocation_memory: Duration,
     /// Cached answers at most (threads inserting at once may pass it by one each). Past it, the
     /// inserting answer's shard (a sixteenth of the cache) frees a tenth of itself, expired
-    /// answers first, then arbitrary ones.
+    /// answers first, then refusals, then (for an accepted answer only) arbitrary ones: a flood
+    /// of made-up tokens never evicts a valid credential's answer.
     pub max_entries: usize,
     /// Timeout of one introspection request.
     pub request_timeout: Duration,
@@ -180,6 +181,8 @@ pub struct Metrics {
     pub stream_resets: u64,
     /// The last event id (audit seq) received; 0 before the first.
     pub last_event_id: u64,
+    /// A stream connection is open; it may still be catching up (`stale` says whether the
+    /// verifier is up to date).
     pub stream_connected: bool,
     /// Nothing heard from the stream for longer than `max_staleness` (or never).
     pub stale: bool,
@@ -335,10 +338,12 @@ impl Cache {
         dropped
     }
 
-    /// Frees a tenth of this shard (at least one answer): expired answers first, then arbitrary
-    /// ones. Freeing a tenth at once, not one slot, keeps the scan this costs to once per tenth
-    /// of the shard's insertions. Returns how many were freed.
-    fn make_room(&mut self) -> usize {
+    /// Frees a tenth of this shard (at least one answer): expired answers first, then refusals,
+    /// then, only to make room for an accepted answer, arbitrary accepted ones. Anyone can mint
+    /// well-formed tokens that keyplane refuses, so a flood of them may evict other refusals but
+    /// never a valid credential's answer. Freeing a tenth at once, not one slot, keeps the scan
+    /// this costs to once per tenth of the shard's insertions. Returns how many were freed.
+    fn make_room(&mut self, for_refusal: bool) -> usize {
         let target = self
             .entries
             .len()
@@ -355,9 +360,22 @@ impl Cache {
             freed += self.remove(&key);
         }
         let excess = self.entries.len().saturating_sub(target);
-        let arbitrary: Vec<CacheKey> = self.entries.keys().take(excess).copied().collect();
-        for key in arbitrary {
+        let refusals: Vec<CacheKey> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.identity.is_none())
+            .map(|(key, _)| *key)
+            .take(excess)
+            .collect();
+        for key in refusals {
             freed += self.remove(&key);
+        }
+        if !for_refusal {
+            let excess = self.entries.len().saturating_sub(target);
+            let arbitrary: Vec<CacheKey> = self.entries.keys().take(excess).copied().collect();
+            for key in arbitrary {
+                freed += self.remove(&key);
+            }
         }
         freed
     }
@@ -780,7 +798,7 @@ impl Inner {
     fn admit(&self, cache: &mut Cache, key: CacheKey, entry: Entry) {
         let max = self.config.max_entries;
         if self.cached.load(Relaxed) >= max && !cache.entries.contains_key(&key) {
-            let freed = cache.make_room();
+            let freed = cache.make_room(entry.identity.is_none());
             if self.cached.fetch_sub(freed, Relaxed).saturating_sub(freed) >= max {
                 return;
             }
@@ -1071,6 +1089,54 @@ pub(crate) mod tests {
         inner.invalidate_all();
         assert!(cached_keys(&inner).is_empty());
         assert_consistent(&inner);
+    }
+
+    /// Well-formed tokens keyplane refuses cost an attacker nothing to mint: a flood of them
+    /// must not push valid credentials' answers out of the cache, while a valid answer may
+    /// push refusals out.
+    #[test]
+    fn refusals_never_evict_accepted_answers() {
+        let max = 64;
+        let inner = inner_holding(max);
+        for n in 0..max as u32 {
+            admit(
+                &inner,
+                key(n),
+                entry(Some(&format!("c{n}")), Duration::from_secs(3600)),
+            );
+        }
+        let valid = cached_keys(&inner);
+        assert_eq!(valid.len(), max);
+        for n in 0..10_000u32 {
+            admit(
+                &inner,
+                key(1_000_000 + n),
+                entry(None, Duration::from_secs(3600)),
+            );
+        }
+        assert_eq!(
+            cached_keys(&inner),
+            valid,
+            "the flood evicted no valid answer"
+        );
+        assert_consistent(&inner);
+
+        let refusals = inner_holding(max);
+        for n in 0..max as u32 {
+            admit(&refusals, key(n), entry(None, Duration::from_secs(3600)));
+        }
+        let valid = key(1_000);
+        admit(
+            &refusals,
+            valid,
+            entry(Some("c"), Duration::from_secs(3600)),
+        );
+        assert!(
+            refusals.shard(&valid).entries.contains_key(&valid),
+            "a valid answer displaces refusals"
+        );
+        assert!(refusals.cached.load(Relaxed) <= max);
+        assert_consistent(&refusals);
     }
 
     #[test]
