@@ -36,6 +36,121 @@ both_stores!(
     console_rotating_own_credential
 );
 
+/// `/console/oidc/start` needs no sign-in: starting sign-ins over and over must not make
+/// keyplane fetch the issuer's discovery document each time.
+#[tokio::test]
+async fn starting_sign_ins_fetches_the_discovery_document_once() {
+    let issuer = FakeIssuer::start().await;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(
+        &store,
+        &[
+            "--oidc-issuer",
+            &issuer.url,
+            "--oidc-audience",
+            AUDIENCE,
+            "--console-oidc-client-id",
+            "keyplane-console",
+        ],
+        LIMIT,
+    )
+    .await;
+    // The API's own key loading reads the document too, at start; wait for it to finish.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while issuer.fetched("/jwks") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key set was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = issuer.fetched("/.well-known/openid-configuration");
+    let client = manual_client();
+    for _ in 0..20 {
+        let started = client
+            .get(keyplane.url("/console/oidc/start"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 303);
+        let location = header(&started, "location");
+        assert!(
+            location.starts_with(&format!("{}/authorize?", issuer.url)),
+            "{location}"
+        );
+    }
+    assert_eq!(
+        issuer.fetched("/.well-known/openid-configuration") - before,
+        1,
+        "twenty sign-ins, one fetch of the discovery document"
+    );
+}
+
+/// An issuer that serves its discovery document and an empty key set on 127.0.0.1, counting
+/// the requests for each path.
+struct FakeIssuer {
+    url: String,
+    hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeIssuer {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let document = serde_json::json!({
+            "issuer": url,
+            "authorization_endpoint": format!("{url}/authorize"),
+            "token_endpoint": format!("{url}/token"),
+            "jwks_uri": format!("{url}/jwks"),
+        })
+        .to_string();
+        let counted = hits.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&head)
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = match path.as_str() {
+                    "/.well-known/openid-configuration" => document.clone(),
+                    _ => r#"{"keys":[]}"#.to_owned(),
+                };
+                *counted.lock().unwrap().entry(path).or_insert(0) += 1;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        Self {
+            url,
+            hits,
+            _server: server,
+        }
+    }
+
+    fn fetched(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
 /// A client that shows redirects instead of following them, and ignores proxies.
 fn manual_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -89,6 +204,11 @@ async fn console_http_rules(backend: Backend) {
     assert!(!csp.contains("unsafe"), "{csp}");
     assert_eq!(header(&first, "x-frame-options"), "DENY");
     assert_eq!(header(&first, "cache-control"), "no-store");
+    assert_eq!(
+        header(&first, "strict-transport-security"),
+        "max-age=31536000",
+        "reached over https, the console keeps browsers to it"
+    );
 
     let login = http.get(url("/console/login")).send().await.unwrap();
     assert_eq!(login.status(), 200);
@@ -616,6 +736,13 @@ async fn console_can_be_turned_off(backend: Backend) {
     let on = Keyplane::start(&store, &[], LIMIT).await;
     let response = on.http.get(on.url("/console/login")).send().await.unwrap();
     assert_eq!(response.status(), 200, "the console is on by default");
+    assert!(
+        response
+            .headers()
+            .get("strict-transport-security")
+            .is_none(),
+        "over plain http, no HSTS"
+    );
 }
 
 fn manifest_dir() -> &'static Path {

@@ -35,6 +35,8 @@ pub(crate) struct Inner {
     pub leak_jobs: crate::jobs::Jobs,
     /// The web console's server-side sessions.
     pub console_sessions: crate::console::Sessions,
+    /// The console's "Sign in with …" issuer: its HTTP client and discovery document.
+    pub(crate) console_issuer: crate::console::IssuerEndpoints,
     /// Notified on SIGHUP: the TLS certificate and key are read again.
     pub reload_tls: Arc<tokio::sync::Notify>,
     pub revocation_streams: crate::revocations::RevocationStreams,
@@ -84,6 +86,7 @@ impl App {
             public_revoke_limiter,
             leak_jobs: crate::leaks::leak_jobs(),
             console_sessions,
+            console_issuer: Default::default(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams: crate::revocations::RevocationStreams::new(config_max_streams),
         }))

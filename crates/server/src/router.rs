@@ -75,7 +75,7 @@ pub(crate) fn openapi_document() -> OpenApiDoc {
 pub fn router(app: App) -> Router {
     let (mut routes, _) = api_routes().split_for_parts();
     if app.inner().config.console.enabled {
-        routes = routes.merge(crate::console::routes());
+        routes = routes.merge(crate::console::routes(&app.inner().config.console));
     }
     // One `ServiceBuilder` stack, applied once: each separate `Router::layer` call would box (and
     // clone, per request) the route's service again.

@@ -35,6 +35,7 @@ use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+pub(crate) use oidc_login::IssuerEndpoints;
 pub(crate) use session::Sessions;
 
 /// How the console is offered (`keyplane serve --console…`).
@@ -43,7 +44,7 @@ pub struct ConsoleConfig {
     /// `--console=false` turns `/console` off entirely.
     pub enabled: bool,
     /// The console is reached over https (directly or through a TLS proxy): cookies get `Secure`
-    /// and the `__Host-` prefix.
+    /// and the `__Host-` prefix, and responses `Strict-Transport-Security`.
     pub secure_cookies: bool,
     /// A session unused this long ends.
     pub idle_timeout: Duration,
@@ -108,8 +109,21 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
                    connect-src 'self'; frame-ancestors 'none'; form-action 'self'; \
                    base-uri 'none'; object-src 'none'";
 
-pub(crate) fn routes() -> Router<App> {
+/// Browsers keep to https for a year once they saw the console there (RFC 6797); not
+/// `includeSubDomains`: the console cannot know what else its domain serves.
+const HSTS: &str = "max-age=31536000";
+
+/// The console's routes; `config` says whether it is reached over https (then it asks browsers
+/// to keep to https: `Strict-Transport-Security`).
+pub(crate) fn routes(config: &ConsoleConfig) -> Router<App> {
+    let https = config.secure_cookies.then(|| {
+        SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(HSTS),
+        )
+    });
     let headers = ServiceBuilder::new()
+        .option_layer(https)
         .layer(SetResponseHeaderLayer::overriding(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(CSP),

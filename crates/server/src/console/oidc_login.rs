@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use data_encoding::BASE64URL_NOPAD;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn pending_cookie_name(app: &App) -> &'static str {
@@ -31,12 +32,59 @@ struct Endpoints {
     token_endpoint: String,
 }
 
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("an HTTP client with a TLS backend builds")
+/// How long the issuer's discovery document is used before it is fetched again.
+const DISCOVERY_TTL: Duration = Duration::from_secs(300);
+/// How long after a failed fetch sign-ins are refused without asking the issuer again.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+
+/// The console's view of its issuer: one HTTP client, and the discovery document for
+/// [`DISCOVERY_TTL`]. Anyone may start a sign-in, so starting one must not cost a request to the
+/// issuer each time; fetches happen one at a time, and a failure is remembered briefly.
+#[derive(Default)]
+pub(crate) struct IssuerEndpoints {
+    http: std::sync::OnceLock<reqwest::Client>,
+    found: tokio::sync::Mutex<Option<Fetched>>,
+}
+
+struct Fetched {
+    at: Instant,
+    endpoints: Option<Arc<Endpoints>>,
+}
+
+impl IssuerEndpoints {
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client with a TLS backend builds")
+        })
+    }
+
+    /// The issuer's endpoints, fetched when the last fetch is older than its time to live.
+    async fn of(&self, issuer: &str) -> Result<Arc<Endpoints>, ConsoleError> {
+        let mut found = self.found.lock().await;
+        if let Some(fetched) = found.as_ref() {
+            let age = fetched.at.elapsed();
+            match &fetched.endpoints {
+                Some(endpoints) if age < DISCOVERY_TTL => return Ok(endpoints.clone()),
+                None if age < DISCOVERY_RETRY => {
+                    return Err(unavailable(
+                        "discovery",
+                        "the last fetch failed moments ago",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let fetched = discover(self.http(), issuer).await;
+        *found = Some(Fetched {
+            at: Instant::now(),
+            endpoints: fetched.as_ref().ok().cloned(),
+        });
+        fetched
+    }
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> ConsoleError {
@@ -47,7 +95,7 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ConsoleError {
     )
 }
 
-async fn endpoints(http: &reqwest::Client, issuer: &str) -> Result<Endpoints, ConsoleError> {
+async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Arc<Endpoints>, ConsoleError> {
     let url = format!(
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
@@ -64,7 +112,7 @@ async fn endpoints(http: &reqwest::Client, issuer: &str) -> Result<Endpoints, Co
     for endpoint in [&found.authorization_endpoint, &found.token_endpoint] {
         crate::oidc::check_url(endpoint).map_err(|e| unavailable("discovery", e))?;
     }
-    Ok(found)
+    Ok(Arc::new(found))
 }
 
 fn not_configured() -> ConsoleError {
@@ -112,6 +160,7 @@ fn redirect_uri(
 
 pub(super) async fn start(
     State(app): State<App>,
+    origin: crate::request_id::Origin,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ConsoleError> {
@@ -122,12 +171,14 @@ pub(super) async fn start(
         .oidc
         .clone()
         .ok_or_else(not_configured)?;
-    let found = endpoints(&http_client(), &oidc.issuer).await?;
+    let issuer = &app.inner().console_issuer;
+    let found = issuer.of(&oidc.issuer).await?;
     let login = PendingLogin {
         state: random_text(),
         nonce: random_text(),
         code_verifier: random_text(),
         started: Instant::now(),
+        client: origin.client.map(|c| c.0),
     };
     let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
     let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));
@@ -250,9 +301,10 @@ pub(super) async fn callback(
         ));
     }
     let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
-    let http = http_client();
-    let found = endpoints(&http, &oidc.issuer).await?;
-    let response = http
+    let issuer = &app.inner().console_issuer;
+    let found = issuer.of(&oidc.issuer).await?;
+    let response = issuer
+        .http()
         .post(&found.token_endpoint)
         .header(header::ACCEPT, "application/json")
         .form(&[

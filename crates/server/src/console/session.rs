@@ -28,6 +28,8 @@ use subtle::ConstantTimeEq;
 
 /// Pending "Sign in with …" logins kept at once, and how long each may take.
 const MAX_PENDING: usize = 1_000;
+/// Sign-ins one client address may have started and not finished (a person with a few tabs).
+const MAX_PENDING_PER_CLIENT: usize = 10;
 pub(crate) const PENDING_TTL: Duration = Duration::from_secs(600);
 
 /// The random value a browser holds (cookie), 32 bytes.
@@ -151,6 +153,8 @@ pub(crate) struct PendingLogin {
     pub nonce: String,
     pub code_verifier: String,
     pub started: Instant,
+    /// Where the sign-in was started from (`None`: through no listener, as in-process tests).
+    pub client: Option<std::net::IpAddr>,
 }
 
 pub(crate) struct Sessions {
@@ -332,19 +336,30 @@ impl Sessions {
         }
     }
 
-    /// Remembers a started OIDC login under the browser's pending-login cookie.
+    /// Remembers a started OIDC login under the browser's pending-login cookie. Anyone may start
+    /// one, so each client address holds at most [`MAX_PENDING_PER_CLIENT`]: past it, that
+    /// address's oldest goes, and one address cannot push out other people's sign-ins.
     pub(crate) fn start_pending(&self, cookie: &CookieValue, login: PendingLogin) {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, p| now.duration_since(p.started) < PENDING_TTL);
-        if pending.len() >= MAX_PENDING {
-            if let Some(oldest) = pending
-                .iter()
-                .min_by_key(|(_, p)| p.started)
-                .map(|(k, _)| *k)
-            {
-                pending.remove(&oldest);
-            }
+        let client = login.client;
+        let same_client = pending.values().filter(|p| p.client == client).count();
+        let evict_from = if same_client >= MAX_PENDING_PER_CLIENT {
+            Some(client)
+        } else if pending.len() >= MAX_PENDING {
+            None
+        } else {
+            pending.insert(cookie.id(), login);
+            return;
+        };
+        if let Some(oldest) = pending
+            .iter()
+            .filter(|(_, p)| evict_from.is_none_or(|c| p.client == c))
+            .min_by_key(|(_, p)| p.started)
+            .map(|(k, _)| *k)
+        {
+            pending.remove(&oldest);
         }
         pending.insert(cookie.id(), login);
     }
@@ -363,6 +378,68 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn login_from(client: [u8; 4], started: Instant) -> PendingLogin {
+        PendingLogin {
+            state: random_text(),
+            nonce: random_text(),
+            code_verifier: random_text(),
+            started,
+            client: Some(std::net::IpAddr::from(client)),
+        }
+    }
+
+    /// `/console/oidc/start` needs no sign-in: one address starting sign-ins in a loop must not
+    /// push out a sign-in someone else has under way.
+    #[test]
+    fn one_address_cannot_push_out_others_pending_sign_ins() {
+        let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
+        let start = Instant::now();
+        let theirs = CookieValue::fresh();
+        sessions.start_pending(&theirs, login_from([192, 0, 2, 1], start));
+        let mine: Vec<CookieValue> = (0..(MAX_PENDING as u32 * 2))
+            .map(|n| {
+                let cookie = CookieValue::fresh();
+                let at = start + Duration::from_millis(u64::from(n) + 1);
+                sessions.start_pending(&cookie, login_from([198, 51, 100, 7], at));
+                cookie
+            })
+            .collect();
+        assert!(
+            sessions.take_pending(&theirs).is_some(),
+            "the other address's sign-in stays"
+        );
+        let kept: Vec<bool> = mine
+            .iter()
+            .map(|c| sessions.take_pending(c).is_some())
+            .collect();
+        let newest = kept.len() - MAX_PENDING_PER_CLIENT;
+        assert!(
+            kept[newest..].iter().all(|k| *k),
+            "the address's newest stay"
+        );
+        assert!(!kept[..newest].iter().any(|k| *k), "and only they");
+    }
+
+    /// Past the overall bound, made of many addresses' sign-ins, the oldest goes.
+    #[test]
+    fn past_the_overall_bound_the_oldest_sign_in_goes() {
+        let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
+        let start = Instant::now();
+        let cookies: Vec<CookieValue> = (0..=MAX_PENDING as u32)
+            .map(|n| {
+                let cookie = CookieValue::fresh();
+                let address = [10, (n >> 16) as u8, (n >> 8) as u8, n as u8];
+                let at = start + Duration::from_millis(u64::from(n));
+                sessions.start_pending(&cookie, login_from(address, at));
+                cookie
+            })
+            .collect();
+        assert!(sessions.take_pending(&cookies[0]).is_none());
+        assert!(cookies[1..]
+            .iter()
+            .all(|c| sessions.take_pending(c).is_some()));
+    }
 
     #[test]
     fn a_sealed_token_opens_only_with_its_cookie() {
