@@ -472,11 +472,36 @@ pub fn expiring_within_days(
 
 pub const MAX_EXPIRING_WITHIN_DAYS: u32 = 3650;
 
+/// A route's path parameters, raw, for a handler of surface `S`: where axum's `Path` answers a
+/// segment that is not UTF-8 once percent-decoded (`/organizations/%FF/...`) in plain text, this
+/// answers the 422 of a malformed id ([`path_id`]) in the surface's error format. Every path
+/// parameter is a UUID, parsed by the handler.
+pub struct PathParams<S, T>(pub T, pub PhantomData<S>);
+
+impl<S: Surface, T: serde::de::DeserializeOwned + Send> FromRequestParts<App> for PathParams<S, T> {
+    type Rejection = ApiError<S>;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        use axum::extract::path::{ErrorKind, Path};
+        use axum::extract::rejection::PathRejection;
+        match Path::<T>::from_request_parts(parts, app).await {
+            Ok(Path(params)) => Ok(Self(params, PhantomData)),
+            Err(PathRejection::FailedToDeserializePathParams(failed)) => match failed.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } => Err(malformed_id(key).into()),
+                _ => Err(AppError::Internal(anyhow::anyhow!("{}", failed.body_text())).into()),
+            },
+            Err(other) => Err(AppError::Internal(anyhow::anyhow!("{}", other.body_text())).into()),
+        }
+    }
+}
+
 /// Parses a UUID path segment; a bad one is a 422 naming the parameter as the docs spell it.
 pub fn path_id<T>(name: &str, raw: &str, parse: fn(&str) -> Option<T>) -> Result<T, DomainError> {
-    parse(raw).ok_or_else(|| {
-        FieldError::new(FieldPath::path(name), codes::INVALID_UUID, "must be a UUID").into()
-    })
+    parse(raw).ok_or_else(|| malformed_id(name))
+}
+
+fn malformed_id(name: &str) -> DomainError {
+    FieldError::new(FieldPath::path(name), codes::INVALID_UUID, "must be a UUID").into()
 }
 
 #[cfg(test)]

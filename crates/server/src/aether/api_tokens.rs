@@ -3,13 +3,15 @@
 use super::wire::{
     ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, ErrorEnvelope,
 };
+use super::Path;
 use super::{org_id, resource_id as token_id, Aether, ApiError, TAG_API_TOKENS};
 use crate::app::App;
 use crate::extract::Authenticated;
+use crate::extract::PathParams;
 use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson};
 use crate::ops::{self, CredentialSpec, ListSpec, API_TOKENS};
 use crate::wire::RotateRequest;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -48,7 +50,7 @@ const MAX_PAGE: u32 = 100;
 pub async fn create_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateApiTokenRequest>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
@@ -133,7 +135,7 @@ fn parse_page(
 pub async fn list_api_tokens(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<ApiTokenPage>, ApiError> {
     let org = org_id(&org)?;
@@ -173,7 +175,7 @@ pub async fn list_api_tokens(
 pub async fn get_api_token(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<ApiTokenView>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let credential = ops::get_live_credential(&app, &who, org, API_TOKENS, id).await?;
@@ -201,7 +203,7 @@ pub async fn get_api_token(
 pub async fn delete_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let (_, revoked_now) =
@@ -242,7 +244,7 @@ pub async fn delete_api_token(
 pub async fn rotate_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Aether, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
@@ -281,7 +283,7 @@ pub async fn rotate_api_token(
 pub async fn suspend_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<ApiTokenView>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let credential = ops::set_suspended(&app, &who, &context, org, API_TOKENS, id, true, || {
@@ -314,7 +316,7 @@ pub async fn suspend_api_token(
 pub async fn resume_api_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<ApiTokenView>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let credential = ops::set_suspended(&app, &who, &context, org, API_TOKENS, id, false, || {
@@ -346,7 +348,7 @@ pub async fn resume_api_token(
 pub async fn retire_previous_api_token_secret(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<ApiTokenView>, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let credential = ops::retire_previous_secret(&app, &who, &context, org, API_TOKENS, id, || {

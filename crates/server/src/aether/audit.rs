@@ -3,11 +3,13 @@
 //! `keyplane_api_types::audit::AuditEventView`.
 
 use super::wire::ErrorEnvelope;
+use super::Path;
 use super::{org_id, Aether, ApiError, TAG_AUDIT};
 use crate::app::App;
 use crate::extract::Authenticated;
+use crate::extract::PathParams;
 use crate::ops;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 pub use keyplane_api_types::audit::{AuditEventPage, AuditEventView};
@@ -148,7 +150,7 @@ pub fn parse_audit_query(
 pub async fn list_audit_events(
     State(app): State<App>,
     Authenticated(who, ..): Authenticated<Aether>,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<AuditEventPage>, ApiError> {
     let org = org_id(&org)?;

@@ -24,6 +24,8 @@ use utoipa_axum::routes;
 pub struct Aether;
 
 pub type ApiError = crate::error::ApiError<Aether>;
+/// Path parameters, rejected in this surface's error format.
+type Path<T> = crate::extract::PathParams<Aether, T>;
 
 pub const TAG_API_TOKENS: &str = "Aether: API tokens";
 pub const TAG_REGISTRY: &str = "Aether: registry and robot accounts";

@@ -1,11 +1,13 @@
 //! `/api/v1/organizations/{orgID}/credential-policy`: the tenant's lifetime rules and leak action.
 
 use super::wire::{CredentialPolicyView, ErrorEnvelope, PutCredentialPolicyRequest};
+use super::Path;
 use super::{org_id, Aether, ApiError, TAG_POLICY};
 use crate::app::App;
+use crate::extract::PathParams;
 use crate::extract::{ApiJson, Authenticated};
 use crate::ops;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 
 type Caller = Authenticated<Aether>;
@@ -29,7 +31,7 @@ type Caller = Authenticated<Aether>;
 pub async fn get_credential_policy(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
 ) -> Result<Json<CredentialPolicyView>, ApiError> {
     let org = org_id(&org)?;
     let report = ops::get_credential_policy(&app, &who, org).await?;
@@ -62,7 +64,7 @@ pub async fn get_credential_policy(
 pub async fn put_credential_policy(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     ApiJson(request, ..): ApiJson<Aether, PutCredentialPolicyRequest>,
 ) -> Result<Json<CredentialPolicyView>, ApiError> {
     let org = org_id(&org)?;

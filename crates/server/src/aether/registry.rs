@@ -5,15 +5,17 @@ use super::wire::{
     RegistryEnabled, RegistryState, RegistryView, RobotAccountCreated, RobotAccountPage,
     RobotAccountView, UpdateRobotAccountRequest,
 };
+use super::Path;
 use super::{org_id, resource_id, Aether, ApiError, TAG_REGISTRY};
 use crate::app::App;
+use crate::extract::PathParams;
 use crate::extract::{ApiJson, Authenticated};
 use crate::idempotency::{
     Idempotency, IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson,
 };
 use crate::ops::{self, CredentialSpec, ROBOTS};
 use crate::wire::RotateRequest;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -41,7 +43,7 @@ type Caller = Authenticated<Aether>;
 pub async fn get_registry(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     Ok(match ops::get_registry(&app, &who, org).await? {
@@ -75,7 +77,7 @@ pub async fn get_registry(
 pub async fn enable_registry(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
@@ -119,7 +121,7 @@ pub async fn enable_registry(
 pub async fn list_robot_accounts(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<RobotAccountPage>, ApiError> {
     let org = org_id(&org)?;
@@ -159,7 +161,7 @@ pub async fn list_robot_accounts(
 pub async fn create_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Aether, CreateRobotAccountRequest>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
@@ -196,7 +198,7 @@ pub async fn create_robot_account(
 pub async fn get_robot_account(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     Ok(Json(
@@ -226,7 +228,7 @@ pub async fn get_robot_account(
 pub async fn update_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     ApiJson(request, ..): ApiJson<Aether, UpdateRobotAccountRequest>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
@@ -253,7 +255,7 @@ pub async fn update_robot_account(
 pub async fn delete_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     let (_, revoked_now) = ops::revoke_credential(&app, &who, &context, org, ROBOTS, id).await?;
@@ -287,7 +289,7 @@ pub async fn delete_robot_account(
 pub async fn rotate_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Aether, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
@@ -322,7 +324,7 @@ pub async fn rotate_robot_account(
 pub async fn suspend_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     let robot = ops::set_suspended(&app, &who, &context, org, ROBOTS, id, true, || {
@@ -352,7 +354,7 @@ pub async fn suspend_robot_account(
 pub async fn resume_robot_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     let robot = ops::set_suspended(&app, &who, &context, org, ROBOTS, id, false, || {
@@ -381,7 +383,7 @@ pub async fn resume_robot_account(
 pub async fn retire_previous_robot_secret(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<RobotAccountView>, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     let robot = ops::retire_previous_secret(&app, &who, &context, org, ROBOTS, id, || {

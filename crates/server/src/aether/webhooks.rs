@@ -4,12 +4,14 @@
 //! body field by field, and building answers.
 
 use super::wire::ErrorEnvelope;
+use super::Path;
 use super::{org_id, Aether, ApiError, TAG_WEBHOOKS};
 use crate::app::App;
+use crate::extract::PathParams;
 use crate::extract::{path_id, ApiJson, Authenticated, FromJsonBody, ObjectReader};
 use crate::idempotency::{Idempotency, IdempotencyKeyHeader, IdempotentJson};
 use crate::webhooks::{self, target, WebhookSpec};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -138,7 +140,7 @@ fn delivery_view(delivery: WebhookDelivery) -> WebhookDeliveryView {
 pub async fn create_webhook(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Aether, WebhookRequest>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
@@ -169,7 +171,7 @@ pub async fn create_webhook(
 pub async fn list_webhooks(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(org): Path<String>,
+    PathParams(org, _): Path<String>,
 ) -> Result<Json<WebhookList>, ApiError> {
     let org = org_id(&org)?;
     let list = webhooks::list_webhooks(&app, &who, org).await?;
@@ -199,7 +201,7 @@ pub async fn list_webhooks(
 pub async fn get_webhook(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
     let webhook = webhooks::get_webhook(&app, &who, org, id).await?;
@@ -229,7 +231,7 @@ pub async fn get_webhook(
 pub async fn update_webhook(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     ApiJson(request, ..): ApiJson<Aether, WebhookRequest>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
@@ -259,7 +261,7 @@ pub async fn update_webhook(
 pub async fn delete_webhook(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
     webhooks::delete_webhook(&app, &who, &context, org, id).await?;
@@ -291,7 +293,7 @@ pub async fn delete_webhook(
 pub async fn rotate_webhook_secret(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
@@ -374,7 +376,7 @@ fn parse_delivery_page(
 pub async fn list_webhook_deliveries(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path((org, id)): Path<(String, String)>,
+    PathParams((org, id), _): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<WebhookDeliveryPage>, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
@@ -411,7 +413,7 @@ pub async fn list_webhook_deliveries(
 pub async fn retry_webhook_delivery(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((org, id, delivery)): Path<(String, String, String)>,
+    PathParams((org, id, delivery), _): Path<(String, String, String)>,
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let (org, id, delivery) = (org_id(&org)?, webhook_id(&id)?, delivery_id(&delivery)?);
     let delivery = webhooks::retry_delivery(&app, &who, &context, org, id, delivery).await?;

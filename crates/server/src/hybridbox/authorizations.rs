@@ -4,12 +4,14 @@ use super::service_accounts::account_id;
 use super::wire::{
     AuthorizationView, CreateAuthorizationRequest, ErrorMessage, ValidationErrorBody,
 };
+use super::Path;
 use super::{ApiError, Hybridbox, TAG_AUTHORIZATIONS};
 use crate::app::App;
+use crate::extract::PathParams;
 use crate::extract::{path_id, query_bool, Authenticated};
 use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson};
 use crate::ops;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -114,7 +116,7 @@ fn parse_filter(
 pub async fn list_authorizations(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(account): Path<String>,
+    PathParams(account, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<AuthorizationView>>, ApiError> {
     let account = account_id(&account)?;
@@ -149,7 +151,7 @@ pub async fn list_authorizations(
 pub async fn create_authorization(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(account): Path<String>,
+    PathParams(account, _): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateAuthorizationRequest>,
 ) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
@@ -182,7 +184,7 @@ pub async fn create_authorization(
 pub async fn revoke_authorization(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
 ) -> Result<Json<AuthorizationView>, ApiError> {
     let account = account_id(&account)?;
     let id = path_id("authorization_id", &id, GrantId::parse)?;

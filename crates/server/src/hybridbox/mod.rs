@@ -20,6 +20,8 @@ use utoipa_axum::routes;
 pub struct Hybridbox;
 
 pub type ApiError = crate::error::ApiError<Hybridbox>;
+/// Path parameters, rejected in this surface's error format.
+type Path<T> = crate::extract::PathParams<Hybridbox, T>;
 
 pub const TAG_SERVICE_ACCOUNTS: &str = "Hybridbox: service accounts";
 pub const TAG_AUTHORIZATIONS: &str = "Hybridbox: authorizations";

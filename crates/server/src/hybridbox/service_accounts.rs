@@ -4,13 +4,15 @@ use super::wire::{
     CreateServiceAccountRequest, ErrorMessage, ServiceAccountCreated, ServiceAccountView,
     ValidationErrorBody,
 };
+use super::Path;
 use super::{ApiError, Hybridbox, TAG_SERVICE_ACCOUNTS};
 use crate::app::App;
+use crate::extract::PathParams;
 use crate::extract::{path_id, query_bool, Authenticated};
 use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson};
 use crate::ops::{self, CredentialSpec, SERVICE_ACCOUNTS};
 use crate::wire::RotateRequest;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -50,7 +52,7 @@ fn service_account_id(raw: &str) -> Result<CredentialId, DomainError> {
 pub async fn list_service_accounts(
     State(app): State<App>,
     Authenticated(who, ..): Caller,
-    Path(account): Path<String>,
+    PathParams(account, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<ServiceAccountView>>, ApiError> {
     let account = account_id(&account)?;
@@ -100,7 +102,7 @@ pub async fn list_service_accounts(
 pub async fn create_service_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path(account): Path<String>,
+    PathParams(account, _): Path<String>,
     IdempotentJson(idempotency, request): IdempotentJson<Hybridbox, CreateServiceAccountRequest>,
 ) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
@@ -152,7 +154,7 @@ pub async fn create_service_account(
 pub async fn rotate_service_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
     IdempotentOptionalJson(idempotency, request): IdempotentOptionalJson<Hybridbox, RotateRequest>,
 ) -> Result<Response, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
@@ -194,7 +196,7 @@ fn revoked_account() -> DomainError {
 pub async fn suspend_service_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     let credential = ops::set_suspended(
@@ -233,7 +235,7 @@ pub async fn suspend_service_account(
 pub async fn resume_service_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     let credential = ops::set_suspended(
@@ -272,7 +274,7 @@ pub async fn resume_service_account(
 pub async fn retire_previous_service_account_token(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     let credential = ops::retire_previous_secret(
@@ -309,7 +311,7 @@ pub async fn retire_previous_service_account_token(
 pub async fn revoke_service_account(
     State(app): State<App>,
     Authenticated(who, _, context): Caller,
-    Path((account, id)): Path<(String, String)>,
+    PathParams((account, id), _): Path<(String, String)>,
 ) -> Result<Json<ServiceAccountView>, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     let (revoked, _) =

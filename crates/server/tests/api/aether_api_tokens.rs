@@ -212,16 +212,33 @@ async fn get_unknown_or_malformed_ids(backend: Backend) {
         fields(&details),
         [("id".to_string(), "invalid_uuid".to_string())]
     );
-    let details = assert_error(
-        app.get("/api/v1/organizations/xyz/api-tokens", &org.token)
+    // `%FF` is not UTF-8 once decoded: the same answer, not a plain-text 400.
+    for bad in ["xyz", "%FF"] {
+        let details = assert_error(
+            app.get(
+                &format!("/api/v1/organizations/{bad}/api-tokens"),
+                &org.token,
+            )
             .await,
+            422,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(
+            fields(&details),
+            [("orgID".to_string(), "invalid_uuid".to_string())],
+            "{bad}"
+        );
+    }
+    let details = assert_error(
+        app.get(&org.path("/api-tokens/%C3%28"), &org.token).await,
         422,
         "validation_failed",
     )
     .await;
     assert_eq!(
         fields(&details),
-        [("orgID".to_string(), "invalid_uuid".to_string())]
+        [("id".to_string(), "invalid_uuid".to_string())]
     );
     // Path UUIDs are accepted in upper case, as the docs' examples write them.
     let upper = org

@@ -1140,8 +1140,12 @@ async fn bad_path_and_query_parameters_are_422(backend: Backend) {
     let granted = grant(&app, &org, &org.token, capability(&sa, "auth.manage")).await;
     let authorization = text(&granted, "id");
 
-    // A bad account id, on every route.
-    for (method, path, body) in every_route("not-a-uuid", &sa, &authorization, &sa) {
+    // A bad account id, on every route; `%FF` is not UTF-8 once decoded.
+    let bad_accounts = ["not-a-uuid", "%FF"];
+    for (method, path, body) in bad_accounts
+        .iter()
+        .flat_map(|bad| every_route(bad, &sa, &authorization, &sa))
+    {
         let res = send(&app, method.clone(), &path, Some(&org.token), body.as_ref()).await;
         assert_eq!(
             assert_422(res).await,
