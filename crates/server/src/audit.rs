@@ -85,7 +85,10 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
         .split('/')
         .filter_map(|segment| uuid::Uuid::parse_str(segment).ok());
     let org = ids.next();
-    let resource = ids.next_back();
+    // The thing the route acts on is its first id after the organization's (a webhook's, not its
+    // delivery's); `resource_id` names the last one in the path.
+    let acted_on = ids.next();
+    let resource = ids.next_back().or(acted_on);
     // The event goes where the caller belongs: the org it asked for when it holds rights there, or
     // its own tenant (a credential probing another org). A user holding nothing there has no
     // tenant of its own: counted in metrics only.
@@ -118,6 +121,12 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
     .denied()
     .text("attempted", attempted)
     .detail("status", DetailValue::Count(u64::from(status.as_u16())));
+    // A target, so that `target_id` finds the attempts on a resource, as it finds its changes.
+    match (acted_on, target_type(watched.route), org) {
+        (Some(id), Some(target_type), _) => event = event.target(target_type, id, None),
+        (None, _, Some(org)) => event = event.target("organization", org, None),
+        _ => {}
+    }
     if let Some(org) = org {
         event = event.text("org_id", org.to_string());
     }
@@ -127,6 +136,21 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
     app.inner()
         .refusals
         .record(key, event, &app.inner().metrics);
+}
+
+/// What a route's first id after the organization's names, as events name targets (from its
+/// path template, e.g. `/api/v1/organizations/{orgID}/api-tokens/{id}/rotate`).
+fn target_type(route: &str) -> Option<&'static str> {
+    [
+        ("/api-tokens/{", "api_token"),
+        ("/robot-accounts/{", "robot_account"),
+        ("/service-accounts/{", "service_account"),
+        ("/authorizations/{", "authorization"),
+        ("/webhooks/{", "webhook"),
+    ]
+    .into_iter()
+    .find(|(segment, _)| route.contains(segment))
+    .map(|(_, target_type)| target_type)
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -199,6 +223,7 @@ impl Refusals {
         &self,
         credential: &keyplane_core::CredentialIdentity,
         reason: &str,
+        context: RequestContext,
         metrics: &crate::metrics::Metrics,
     ) {
         let key = RefusalKey {
@@ -218,7 +243,7 @@ impl Refusals {
                 issuer: None,
                 subject: None,
             },
-            RequestContext::default(),
+            context,
         )
         .denied()
         .target(

@@ -383,7 +383,7 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let found = self.find(presented).await;
+        let found = self.find(presented, at).await;
         self.settle_bearer(found, at)
     }
 
@@ -409,7 +409,7 @@ impl Verifier {
             match verified.credential.kind {
                 CredentialKind::RobotAccount => {
                     // Robot secrets log in to the registry only.
-                    self.refuse(&verified.credential, "robot secret");
+                    self.refuse(&verified.credential, "robot secret", at);
                     Err(AppError::Unauthenticated("robot secret"))
                 }
                 _ => Ok(verified),
@@ -447,7 +447,7 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> (Result<Arc<Verified>, AppError>, VerificationTime<'_>) {
-        let found = self.find(presented).await;
+        let found = self.find(presented, at).await;
         self.admitted(found, at)
     }
 
@@ -465,13 +465,13 @@ impl Verifier {
 
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
     /// and of the kind its format says. Reads no clock.
-    async fn find(&self, presented: &str) -> Result<Arc<Verified>, AppError> {
+    async fn find(&self, presented: &str, at: Presented<'_>) -> Result<Arc<Verified>, AppError> {
         let key = self.key_of(presented)?;
         let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
             None => {
                 Self::check_format(presented)?;
-                self.lookup_stored(key, presented).await?
+                self.lookup_stored(key, presented, at).await?
             }
         };
         Self::of_kind(verified, presented)
@@ -529,7 +529,7 @@ impl Verifier {
         }
         // The entry is keyed by the presented hash, so its secret slot was settled at load.
         if let Err(why) = gate.check(now.get()) {
-            self.refuse(&verified.credential, why.as_str());
+            self.refuse(&verified.credential, why.as_str(), at);
             return Err(AppError::Unauthenticated(why.as_str()));
         }
         Ok(verified)
@@ -567,6 +567,7 @@ impl Verifier {
         &self,
         key: CacheKey,
         presented: &str,
+        at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
         let outcome = match cached {
@@ -591,7 +592,7 @@ impl Verifier {
         // Boxed: the load's state (the store's answer, a whole record) would otherwise be part of
         // every verification's future, a cache hit's too, and make each one that much larger to
         // build and move (callgrind: ~2 KiB futures, a memcpy of them per request).
-        match Box::pin(self.load(key, presented, cached.as_ref())).await {
+        match Box::pin(self.load(key, presented, cached.as_ref(), at)).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
                     .store(self.nanos_since_epoch(), Ordering::Release);
@@ -609,10 +610,12 @@ impl Verifier {
         }
     }
 
-    /// Notes a known credential's refusal for the audit trail (aggregated, off the store path).
-    fn refuse(&self, credential: &CredentialIdentity, reason: &str) {
+    /// Notes a known credential's refusal for the audit trail (aggregated, off the store path),
+    /// with where the request came from, so an auditor can tell where a revoked or expired
+    /// credential is still in use.
+    fn refuse(&self, credential: &CredentialIdentity, reason: &str, at: Presented<'_>) {
         self.refusals
-            .credential_refused(credential, reason, &self.metrics);
+            .credential_refused(credential, reason, at().context, &self.metrics);
     }
 
     /// Reads `presented`'s credential from the store (by its SHA-256, as the store keeps it) and
@@ -623,12 +626,13 @@ impl Verifier {
         key: CacheKey,
         presented: &str,
         cached: Option<&Arc<Verified>>,
+        at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
         let hash = TokenHash::of(presented);
         let found = self.store.find_credential_by_hash(&hash).await?;
         if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
-            self.refuse(&revoked.identity(), "revoked");
+            self.refuse(&revoked.identity(), "revoked", at);
         }
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(&key);
@@ -754,7 +758,7 @@ impl Verifier {
         let (admitted, now) = self.verify_uncounted(secret, at).await;
         let admitted = admitted.and_then(|verified| {
             if verified.credential.kind != CredentialKind::RobotAccount {
-                self.refuse(&verified.credential, "not a robot secret");
+                self.refuse(&verified.credential, "not a robot secret", at);
                 return Err(AppError::Unauthenticated("not a robot secret"));
             }
             Ok(verified)

@@ -330,13 +330,46 @@ async fn refused_attempts_are_recorded_once_per_window_with_a_count(
         "POST /api/v1/organizations/{orgID}/api-tokens"
     );
     assert_eq!(event["client_ip"], "127.0.0.1");
+    assert_eq!(event["target"]["type"], "organization");
+    assert_eq!(event["target"]["id"], org.id.as_str());
+
+    // An attempt on one resource is found by its id, as its changes are.
+    let victim = text(&app.create_token(&org, "victim", &[]).await, "id");
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{victim}")), &reader_token)
+        .await;
+    assert_eq!(res.status(), 403);
+    let about_victim = org.path(&format!("/audit-events?outcome=denied&target_id={victim}"));
+    eventually("the attempt on the token is found by its id", || async {
+        let page: Value = app
+            .get(&about_victim, &org.token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        page["items"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "access.denied"
+                && e["actor"]["id"] == reader_id.as_str()
+                && e["target"]["type"] == "api_token"
+                && e["details"]["attempted"]
+                    == "DELETE /api/v1/organizations/{orgID}/api-tokens/{id}"
+        })
+    })
+    .await;
 
     // A known but revoked credential presented: recorded against it, by id.
     let res = app
         .delete(&org.path(&format!("/api-tokens/{reader_id}")), &org.token)
         .await;
     assert_eq!(res.status(), 204);
-    let res = app.get(&org.path("/api-tokens"), &reader_token).await;
+    let res = reqwest::Client::new()
+        .get(format!("{}{}", app.base, org.path("/api-tokens")))
+        .bearer_auth(&reader_token)
+        .header("user-agent", "leaky-ci/1.0")
+        .header("x-request-id", "revoked-use-1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
     eventually("the revoked credential's refusal is recorded", || async {
         denied(&app)
@@ -345,6 +378,15 @@ async fn refused_attempts_are_recorded_once_per_window_with_a_count(
             .any(|e| e["target"]["id"] == reader_id.as_str() && e["details"]["reason"] == "revoked")
     })
     .await;
+    // With where it came from: an auditor can find who still uses it.
+    let items = denied(&app).await;
+    let revoked_use = items
+        .iter()
+        .find(|e| e["target"]["id"] == reader_id.as_str() && e["details"]["reason"] == "revoked")
+        .unwrap();
+    assert_eq!(revoked_use["client_ip"], "127.0.0.1", "{revoked_use}");
+    assert_eq!(revoked_use["user_agent"], "leaky-ci/1.0", "{revoked_use}");
+    assert_eq!(revoked_use["request_id"], "revoked-use-1", "{revoked_use}");
 
     // Garbage tokens are only counted in metrics.
     for _ in 0..3 {
