@@ -583,6 +583,49 @@ async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
     drop(client);
 }
 
+/// An idle HTTP/2 connection closed by the server is told so first (GOAWAY, no error), so the
+/// client knows no request of its was lost and opens a new connection for the next.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_a_goaway() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start_with(
+        &store,
+        &leaf,
+        &[
+            "--idle-timeout-seconds",
+            "1",
+            "--header-read-timeout-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let (mut client, _pings, driven) = h2_client(&server, &ca).await;
+    let request = hyper::Request::get("https://localhost/healthz")
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).expect("send a request");
+    let response = tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), driven).await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection was still open after 10 s"
+    );
+    let refused = std::future::poll_fn(|cx| client.poll_ready(cx))
+        .await
+        .expect_err("the connection is closed");
+    assert!(
+        refused.is_go_away() && refused.reason() == Some(h2::Reason::NO_ERROR),
+        "closed without a GOAWAY: {refused:?}"
+    );
+}
+
 /// The revocation stream over HTTP/2 stays open past the header-read and idle timeouts while the
 /// client sends frames (pings, window updates) and the server its heartbeats.
 #[tokio::test]

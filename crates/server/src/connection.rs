@@ -9,6 +9,7 @@
 //! - a kept-alive connection that moves no byte for `idle_timeout` between requests is closed, and
 //!   so is one whose client stops reading a response; on HTTP/2, a frame sent between requests
 //!   (a ping) must be followed by a request within `header_read_timeout`, as any byte on HTTP/1.1;
+//!   an HTTP/2 connection closed for either is sent a GOAWAY first, and closed a second later;
 //! - a streamed response (the revocation stream) keeps its connection open as long as it moves
 //!   bytes, whatever the client sends meanwhile (HTTP/2 window updates and pings);
 //! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
@@ -43,6 +44,10 @@ use tokio::time::Instant;
 
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// How long an HTTP/2 connection closed for being idle or too slow has, after its GOAWAY, to
+/// flush it and end; a client that reads nothing does not keep it longer.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves `front` on `listener` until `shutdown` resolves, then drains connections until
 /// `limits.shutdown_timeout`. With `tls`, every connection is accepted with the configuration
@@ -189,7 +194,7 @@ impl Connection {
         });
         let Some(config) = self.tls.clone() else {
             let connection = self.http1.serve_connection(TokioIo::new(tracked), service);
-            return self.drive(connection, &activity).await;
+            return self.drive(connection, &activity, false).await;
         };
         // The handshake is part of the first request's head time.
         let due = activity
@@ -209,16 +214,16 @@ impl Connection {
         };
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
             let connection = self.http2.serve_connection(TokioIo::new(stream), service);
-            self.drive(connection, &activity).await
+            self.drive(connection, &activity, true).await
         } else {
             let connection = self.http1.serve_connection(TokioIo::new(stream), service);
-            self.drive(connection, &activity).await
+            self.drive(connection, &activity, false).await
         }
     }
 
     /// Runs `connection` under the watchdog until it ends, is too slow or idle, or the server
     /// stops (gracefully: the request in progress finishes).
-    async fn drive<C: GracefulConnection>(self, connection: C, activity: &Activity) {
+    async fn drive<C: GracefulConnection>(self, connection: C, activity: &Activity, goaway: bool) {
         let first = wake_at(activity.deadline(&self.limits), &self.limits);
         let mut stopping = self.stopping.clone();
         Watchdog {
@@ -227,6 +232,8 @@ impl Connection {
             stop: Box::pin(async move { stopping.changed().await.is_ok() }),
             stopping: self.stopping,
             draining: false,
+            goaway,
+            closing: false,
             registered: None,
             activity,
             limits: &self.limits,
@@ -259,6 +266,9 @@ pin_project_lite::pin_project! {
         // Read, without registering, for whether `stop` may be ready.
         stopping: watch::Receiver<bool>,
         draining: bool,
+        // HTTP/2: a connection due to close is first told so (GOAWAY), then given `CLOSE_GRACE`.
+        goaway: bool,
+        closing: bool,
         // The waker `timer` and `stop` were last polled with.
         registered: Option<Waker>,
         activity: &'a Activity,
@@ -301,10 +311,22 @@ impl<C: GracefulConnection> Future for Watchdog<'_, C> {
                     .poll(cx)
                     .is_ready()
             {
+                if *this.closing {
+                    return Poll::Ready(());
+                }
                 let due = this.activity.deadline(this.limits);
                 if due.is_some_and(|due| due <= Instant::now()) {
                     tracing::debug!(client.peer = %this.peer, "closing a connection that is too slow or idle");
-                    return Poll::Ready(());
+                    if !*this.goaway {
+                        return Poll::Ready(());
+                    }
+                    // A GOAWAY tells the client not to send more on this connection: a request
+                    // it sends meanwhile would otherwise be lost with the connection, unanswered.
+                    *this.closing = true;
+                    this.connection.as_mut().graceful_shutdown();
+                    this.timer.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                    *this.registered = None;
+                    continue;
                 }
                 this.timer.as_mut().reset(wake_at(due, this.limits));
                 // To register the new deadline.
