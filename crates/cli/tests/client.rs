@@ -14,7 +14,7 @@ use common::{
 use keyplane_store::testing::Backend;
 use serde_json::Value;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,34 +111,7 @@ impl Cli {
 }
 
 async fn run_with_stdin(command: &mut Command, input: &str) -> CommandOutput {
-    let described = format!("{command:?}");
-    let mut stdout = tempfile::tempfile().unwrap();
-    let mut stderr = tempfile::tempfile().unwrap();
-    let mut stdin = tempfile::tempfile().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    stdin.rewind().unwrap();
-    let child = command
-        .stdin(stdin)
-        .stdout(stdout.try_clone().unwrap())
-        .stderr(stderr.try_clone().unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {described}: {e}"));
-    let mut process = KillOnDrop(child);
-    let status = common::wait_for_exit(&mut process.0, TIMEOUT)
-        .await
-        .unwrap_or_else(|| panic!("{described} did not finish within {TIMEOUT:?}"));
-    let read = |file: &mut File| {
-        let mut text = String::new();
-        file.rewind().unwrap();
-        file.read_to_string(&mut text).unwrap();
-        text
-    };
-    CommandOutput {
-        command: described,
-        status,
-        stdout: read(&mut stdout),
-        stderr: read(&mut stderr),
-    }
+    common::run_with_input(command, input, TIMEOUT).await
 }
 
 fn str_of<'v>(value: &'v Value, field: &str) -> &'v str {

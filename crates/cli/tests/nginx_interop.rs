@@ -11,8 +11,8 @@ mod common;
 
 use chrono::{TimeDelta, Utc};
 use common::{
-    both_stores, free_loopback_port, http_client, string_field, Keyplane, KillOnDrop, Org,
-    TestStore,
+    both_stores, free_loopback_port, http_client, read_request, string_field, Keyplane, KillOnDrop,
+    Org, Seen, TestStore,
 };
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const NGINX_BIN: &str = "/usr/sbin/nginx";
@@ -516,16 +516,6 @@ impl Keyplane {
     }
 }
 
-/// A request as the upstream received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    /// Lower-cased names; a repeated header keeps its last value.
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
 /// The protected application: a minimal HTTP/1.1 responder on 127.0.0.1 that answers every
 /// request with 200, `upstream ok` and the identity headers it received, one `name: value` a line.
 /// Its accept loop is aborted when it is dropped.
@@ -567,59 +557,21 @@ impl Drop for Upstream {
     }
 }
 
-/// Reads one request (head, then a `Content-Length` body), records it and answers it.
+/// Reads one request, records it and answers it.
 async fn serve_one(mut stream: TcpStream, record: Arc<Mutex<Vec<Seen>>>) {
-    const MAX_REQUEST: usize = 64 * 1024;
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at;
-        }
-        if buffer.len() > MAX_REQUEST {
-            return;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut request_line = lines.next().unwrap_or_default().split(' ');
-    let method = request_line.next().unwrap_or_default().to_owned();
-    let path = request_line.next().unwrap_or_default().to_owned();
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    let length: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if length > MAX_REQUEST {
+    let Some(seen) = read_request(&mut stream).await else {
         return;
-    }
-    let mut body = buffer[head_end + 4..].to_vec();
-    while body.len() < length {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    body.truncate(length);
-
+    };
     let mut text = format!("{UPSTREAM_OK}\n");
     for name in IDENTITY_HEADERS {
-        let value = headers.get(name).map(String::as_str).unwrap_or_default();
+        let value = seen
+            .headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default();
         text.push_str(&format!("{name}: {value}\n"));
     }
-    record.lock().unwrap_or_else(|p| p.into_inner()).push(Seen {
-        method,
-        path,
-        headers,
-        body,
-    });
+    record.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{text}",

@@ -1,7 +1,7 @@
 //! What the black-box tests of the `keyplane` binary share (`cli.rs`, `admin_grant.rs`,
 //! `nginx_interop.rs`, `registry_interop.rs`): the binary with a clean environment, a fresh store
-//! for it on either backend, short commands run to completion, and a `keyplane serve` on
-//! 127.0.0.1 that is killed when dropped.
+//! for it on either backend, short commands run to completion, a `keyplane serve` on 127.0.0.1
+//! that is killed when dropped, and the request reader of a stand-in HTTP server.
 //!
 //! Every wait here is bounded by a limit the caller passes: the test files allow different times
 //! (the registry interop tests drive slower peers than the rest).
@@ -14,6 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use keyplane_store::testing::{Backend, TestDatabase};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek};
@@ -27,6 +28,8 @@ use tokio::sync::oneshot;
 pub const KEYPLANE: &str = env!("CARGO_BIN_EXE_keyplane");
 
 /// `both_stores!(name, ..)` runs `async fn name(Backend)` as `name::sqlite` and `name::postgres`.
+// Not every test binary starts a store.
+#[allow(unused_macros)]
 macro_rules! both_stores {
     ($($name:ident),+ $(,)?) => {$(
         mod $name {
@@ -42,6 +45,7 @@ macro_rules! both_stores {
         }
     )+};
 }
+#[allow(unused_imports)]
 pub(crate) use both_stores;
 
 // ------------------------------------------------------------------------------------------------
@@ -196,11 +200,22 @@ impl CommandOutput {
 /// Runs a command to completion within `limit` (killed otherwise), its output captured in
 /// anonymous files so that no pipe can fill up.
 pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
+    run_with_input(command, "", limit).await
+}
+
+/// [`run`] with `input` on the command's stdin.
+pub async fn run_with_input(command: &mut Command, input: &str, limit: Duration) -> CommandOutput {
+    use std::io::Write;
     let described = format!("{command:?}");
     let mut stdout = tempfile::tempfile().expect("create a temporary file");
     let mut stderr = tempfile::tempfile().expect("create a temporary file");
+    let mut stdin = tempfile::tempfile().expect("create a temporary file");
+    stdin
+        .write_all(input.as_bytes())
+        .and_then(|()| stdin.rewind())
+        .expect("write the command's input");
     let child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(stdout.try_clone().expect("clone a file handle"))
         .stderr(stderr.try_clone().expect("clone a file handle"))
         .spawn()
@@ -252,6 +267,67 @@ pub fn http_client(limit: Duration) -> reqwest::Client {
         .timeout(limit)
         .build()
         .expect("build an HTTP client")
+}
+
+/// A request as a stand-in server on 127.0.0.1 received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// Lower-cased names; a repeated header keeps its last value.
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// Reads one HTTP/1.1 request from `stream`: the head, then a `Content-Length` body. `None` if
+/// the connection ends first or the request passes 64 KiB.
+pub async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Seen> {
+    use tokio::io::AsyncReadExt;
+    const MAX_REQUEST: usize = 64 * 1024;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if buffer.len() > MAX_REQUEST {
+            return None;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_owned();
+    let path = request_line.next().unwrap_or_default().to_owned();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if length > MAX_REQUEST {
+        return None;
+    }
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    body.truncate(length);
+    Some(Seen {
+        method,
+        path,
+        headers,
+        body,
+    })
 }
 
 /// A port nobody listens on right now (bound on 127.0.0.1, then released for a peer to bind).
