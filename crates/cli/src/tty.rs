@@ -23,6 +23,9 @@ pub fn read_hidden(prompt: &str) -> Result<Option<String>, Error> {
     if unsafe { libc::tcgetattr(fd, &mut original) } != 0 {
         return Ok(None);
     }
+    // Before echo goes off, and (declared before `_restore`) dropped after it is back on: no
+    // signal in between leaves the terminal without echo.
+    let _signals = signals::RestoreOnSignal::install(fd, original);
     let mut hidden = original;
     hidden.c_lflag &= !libc::ECHO;
     // Still echo the newline, so the next output starts on its own line.
@@ -51,6 +54,80 @@ pub fn read_hidden(prompt: &str) -> Result<Option<String>, Error> {
         .read_line(&mut line)
         .map_err(terminal)?;
     Ok(Some(line))
+}
+
+/// Ctrl-C (or a kill) at the prompt would end the process with echo still off, since no
+/// destructor runs: while the prompt waits, those signals put the terminal back first.
+#[cfg(unix)]
+mod signals {
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP];
+
+    struct Saved {
+        fd: libc::c_int,
+        termios: libc::termios,
+    }
+
+    /// What the handler restores; set before it is installed, never freed (a handler on another
+    /// thread may still be reading it; one prompt per process).
+    static SAVED: AtomicPtr<Saved> = AtomicPtr::new(std::ptr::null_mut());
+
+    extern "C" fn restore_then_die(signal: libc::c_int) {
+        let saved = SAVED.load(Ordering::SeqCst);
+        // SAFETY: only async-signal-safe calls (tcsetattr, write, signal, raise); `saved` is
+        // null or a leaked, never-changed `Saved`.
+        unsafe {
+            if let Some(saved) = saved.as_ref() {
+                libc::tcsetattr(saved.fd, libc::TCSANOW, &saved.termios);
+                // The shell's prompt then starts on a line of its own.
+                libc::write(saved.fd, b"\n".as_ptr().cast(), 1);
+            }
+            // Dies of the same signal, as it would have without this handler.
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
+
+    /// The handlers replaced, put back when dropped.
+    pub struct RestoreOnSignal(Vec<(libc::c_int, libc::sigaction)>);
+
+    impl RestoreOnSignal {
+        pub fn install(fd: libc::c_int, termios: libc::termios) -> Self {
+            let saved = Box::into_raw(Box::new(Saved { fd, termios }));
+            SAVED.store(saved, Ordering::SeqCst);
+            let mut replaced = Vec::new();
+            for signal in SIGNALS {
+                // SAFETY: sigaction structs are plain data, filled in by sigaction or here.
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    // An ignored signal (nohup) stays ignored: it ends nothing.
+                    if libc::sigaction(signal, std::ptr::null(), &mut old) != 0
+                        || old.sa_sigaction == libc::SIG_IGN
+                    {
+                        continue;
+                    }
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = restore_then_die as extern "C" fn(libc::c_int) as usize;
+                    libc::sigemptyset(&mut action.sa_mask);
+                    if libc::sigaction(signal, &action, std::ptr::null_mut()) == 0 {
+                        replaced.push((signal, old));
+                    }
+                }
+            }
+            Self(replaced)
+        }
+    }
+
+    impl Drop for RestoreOnSignal {
+        fn drop(&mut self) {
+            for (signal, old) in &self.0 {
+                // SAFETY: `old` is what sigaction returned for this signal.
+                unsafe { libc::sigaction(*signal, old, std::ptr::null_mut()) };
+            }
+            SAVED.store(std::ptr::null_mut(), Ordering::SeqCst);
+        }
+    }
 }
 
 #[cfg(not(unix))]

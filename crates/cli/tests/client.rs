@@ -1462,6 +1462,31 @@ async fn login_through_a_terminal(cli: &Cli) {
     assert_eq!(output.status.code(), Some(3), "{}", output.describe());
 }
 
+/// Ctrl-C at `login`'s hidden prompt ends it as SIGINT does, with the terminal's echo back on.
+#[cfg(unix)]
+#[tokio::test]
+async fn ctrl_c_at_the_token_prompt_turns_echo_back_on() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::ExitStatusExt;
+    let home = tempfile::tempdir().expect("create a temporary directory");
+    let mut command = keyplane();
+    command
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("HOME", home.path())
+        // Nothing is sent: the prompt comes first.
+        .args(["login", "--url", "http://127.0.0.1:9", "--profile", "pty"]);
+    let mut terminal = Pty::spawn(command);
+    terminal.expect("Token for ").await;
+    terminal.master.write_all(&[0x03]).unwrap();
+    let status = terminal.exit_status().await;
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{}", terminal.screen());
+    // SAFETY: termios is plain data, filled in by tcgetattr (a pty's master reads its slave's).
+    let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+    let read = unsafe { libc::tcgetattr(terminal.master.as_raw_fd(), &mut termios) };
+    assert_eq!(read, 0, "tcgetattr: {}", std::io::Error::last_os_error());
+    assert_ne!(termios.c_lflag & libc::ECHO, 0, "echo is still off");
+}
+
 /// Runs `command` in a new session with no controlling terminal (so /dev/tty cannot open).
 #[cfg(unix)]
 async fn setsid_without_terminal(mut command: Command) -> CommandOutput {
