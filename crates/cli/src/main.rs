@@ -28,7 +28,8 @@ static ALLOCATOR: keyplane_server::allocator::Allocator = keyplane_server::alloc
         "  keyplane login --url http://127.0.0.1:8080\n",
         "  keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d\n\n",
         "The client commands take a token from --token-file, KEYPLANE_TOKEN, or the profile saved by \
-         `keyplane login` (under $XDG_CONFIG_HOME/keyplane), and the server from --url or KEYPLANE_URL.\n\n",
+         `keyplane login` (under $XDG_CONFIG_HOME/keyplane; its token is sent only to the URL it was \
+         saved with), and the server from --url or KEYPLANE_URL.\n\n",
         exit_codes!(),
     )
 )]
@@ -84,7 +85,8 @@ enum Command {
         target: Target,
     },
     /// Report leaked tokens (found in a paste, a log, a repository) for revocation; needs no
-    /// credential. The answer only counts what was sent, never which tokens were real.
+    /// credential. Each distinct token is sent once, 100 a request, waiting out the server's
+    /// per-address limit. The answer only counts what was sent, never which tokens were real.
     #[command(after_help = concat!(
         "Example:\n  keyplane revoke-leaked - < found-tokens.txt\n",
         "  grep -ohE 'aether_[0-9a-f]{56}' build.log | keyplane revoke-leaked -\n\n",

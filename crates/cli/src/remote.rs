@@ -55,15 +55,10 @@ pub struct Target {
     /// Read the bearer token from this file [default: KEYPLANE_TOKEN, else the profile's].
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// The saved login to use (see `keyplane login`).
-    #[arg(
-        long,
-        env = "KEYPLANE_PROFILE",
-        global = true,
-        default_value = "default",
-        value_name = "NAME"
-    )]
-    pub profile: String,
+    /// The saved login to use (see `keyplane login`); its token is sent only to the URL it was
+    /// saved with [default: default].
+    #[arg(long, env = "KEYPLANE_PROFILE", global = true, value_name = "NAME")]
+    pub profile: Option<String>,
     /// The organization (Hybridbox account) to act on [default: the credential's own, from
     /// whoami].
     #[arg(long, env = "KEYPLANE_ORG", global = true, value_name = "ORG_ID")]
@@ -76,6 +71,13 @@ pub struct Target {
     /// secret redacted; answer bodies are never printed).
     #[arg(long, short = 'v', global = true)]
     pub verbose: bool,
+}
+
+impl Target {
+    /// The profile named by `--profile` or KEYPLANE_PROFILE, else `default`.
+    fn profile_name(&self) -> &str {
+        self.profile.as_deref().unwrap_or("default")
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,14 +123,47 @@ pub struct SecretArgs {
     /// instead of printing it.
     #[arg(long, value_name = "PATH")]
     secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    idempotency: IdempotencyArgs,
 }
 
 impl SecretArgs {
-    fn open(&self) -> Result<Option<SecretFile>, Error> {
+    /// Before the request: the secret file (created first, so that a bad path fails before a
+    /// secret is minted), and the Idempotency-Key to send.
+    fn open(&self, s: &mut Session) -> Result<Option<SecretFile>, Error> {
+        self.idempotency.apply(s);
         self.secret_file
             .as_deref()
             .map(SecretFile::create)
             .transpose()
+    }
+}
+
+#[derive(Args)]
+pub struct IdempotencyArgs {
+    /// The Idempotency-Key to send (16–255 visible ASCII characters) instead of a fresh one. When
+    /// a run fails without knowing whether it was done, it names its key: run the same command
+    /// again with it, within 24 hours, to get that request's answer (secret included) rather than
+    /// doing it twice.
+    #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
+    idempotency_key: Option<String>,
+}
+
+impl IdempotencyArgs {
+    fn apply(&self, s: &mut Session) {
+        s.client.set_idempotency_key(self.idempotency_key.clone());
+    }
+}
+
+/// The server's rule for the header, checked before anything is sent.
+fn parse_idempotency_key(text: &str) -> Result<String, String> {
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII characters only (no spaces)".into());
+    }
+    match text.len() {
+        0..=15 => Err("must be at least 16 characters".into()),
+        16..=255 => Ok(text.to_string()),
+        _ => Err("must be at most 255 characters".into()),
     }
 }
 
@@ -152,6 +187,18 @@ impl Expiry {
                 .map(Some)
                 .ok_or_else(|| Error::Usage("--expires-in is too far in the future".into())),
             (None, at) => Ok(at),
+        }
+    }
+
+    /// A request repeated with its Idempotency-Key must be the same, but --expires-in would
+    /// come to another time: tell the user the time to give instead.
+    fn keep(&self, error: Error, at: Option<DateTime<Utc>>) -> Error {
+        match (self.expires_in, at) {
+            (Some(_), Some(at)) => error.retry_also(&format!(
+                " --expires-at {} (in place of --expires-in)",
+                keyplane_api_types::wire::rfc3339(&at)
+            )),
+            _ => error,
         }
     }
 }
@@ -411,6 +458,8 @@ pub enum GrantsCommand {
         /// ... and id (team-a/app).
         #[arg(long, value_name = "ID", requires = "resource_type")]
         resource_id: Option<String>,
+        #[command(flatten)]
+        idempotency: IdempotencyArgs,
     },
     /// Revoke a grant; its subject loses the right on its next request.
     #[command(after_help = example!("keyplane grants revoke 0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f"))]
@@ -794,7 +843,8 @@ pub enum AuditCommand {
         /// How many of the latest events to print first (0–100).
         #[arg(long, short = 'n', default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
         lines: u32,
-        /// Keep polling for new events until interrupted.
+        /// Keep polling for new events until interrupted; a failed poll (the server restarting,
+        /// a 503) is retried, backing off up to 30 s, with a notice on stderr.
         #[arg(long, short = 'f')]
         follow: bool,
         /// Time between polls with --follow.
@@ -815,34 +865,53 @@ pub struct Session {
 
 impl Session {
     /// Resolves URL and credential: `--url`/KEYPLANE_URL, else the profile's, else the default;
-    /// `--token-file`, else KEYPLANE_TOKEN, else the profile's token.
+    /// `--token-file`, else KEYPLANE_TOKEN, else the profile's token, which goes to the profile's
+    /// URL only.
     pub fn open(target: &Target, env: &Environment) -> Result<Self, Error> {
+        let name = target.profile_name();
+        // Two credentials named: which one was meant cannot be told, and KEYPLANE_TOKEN (often
+        // exported for another server) would go to the profile's server.
+        if let (None, Some(_), Some(profile)) = (&target.token_file, &env.token, &target.profile) {
+            return Err(Error::Usage(format!(
+                "KEYPLANE_TOKEN is set and --profile (or KEYPLANE_PROFILE) names `{profile}`: \
+                 unset KEYPLANE_TOKEN to use the profile's login, or drop the profile to use \
+                 KEYPLANE_TOKEN"
+            )));
+        }
         // The profile is read only when something must come from it, so a flag or the
         // environment works even beside a broken profiles file.
         let needs_profile =
             target.url.is_none() || (target.token_file.is_none() && env.token.is_none());
         let profile = match env.profiles() {
-            Ok(profiles) if needs_profile => profiles.load(&target.profile)?,
+            Ok(profiles) if needs_profile => profiles.load(name)?,
             _ => None,
-        };
-        let token = match (&target.token_file, &env.token, &profile) {
-            (Some(path), _, _) => read_token_file(path)?,
-            (None, Some(token), _) => Plaintext::received(token.trim().to_string()),
-            (None, None, Some(profile)) => {
-                Plaintext::received(profile.token.expose_secret().to_string())
-            }
-            (None, None, None) => {
-                return Err(Error::NoCredential(format!(
-                "no credential: run `keyplane login{}`, set KEYPLANE_TOKEN, or pass --token-file",
-                profile_flag(&target.profile)
-            )))
-            }
         };
         let url = target
             .url
             .clone()
             .or_else(|| profile.as_ref().map(|p| p.url.clone()))
             .unwrap_or_else(|| DEFAULT_URL.to_string());
+        let token = match (&target.token_file, &env.token, &profile) {
+            (Some(path), _, _) => read_token_file(path)?,
+            (None, Some(token), _) => Plaintext::received(token.trim().to_string()),
+            (None, None, Some(profile)) if profile.serves(&url) => {
+                Plaintext::received(profile.token.expose_secret().to_string())
+            }
+            (None, None, Some(profile)) => {
+                return Err(Error::NoCredential(format!(
+                    "no credential for {url}: profile `{name}` was saved for {}, and its token \
+                     is sent nowhere else; run `keyplane login --url {url} --profile NAME` and \
+                     use that profile, set KEYPLANE_TOKEN, or pass --token-file",
+                    profile.url
+                )))
+            }
+            (None, None, None) => {
+                return Err(Error::NoCredential(format!(
+                "no credential: run `keyplane login{}`, set KEYPLANE_TOKEN, or pass --token-file",
+                profile_flag(name)
+            )))
+            }
+        };
         Ok(Self {
             client: Client::new(&url, Some(token), target.verbose)?,
             output: Output {
@@ -856,7 +925,7 @@ impl Session {
     /// A session without a credential, for the one route anyone may call.
     pub fn anonymous(target: &Target, env: &Environment) -> Result<Self, Error> {
         let profile = match (&target.url, env.profiles()) {
-            (None, Ok(profiles)) => profiles.load(&target.profile)?,
+            (None, Ok(profiles)) => profiles.load(target.profile_name())?,
             _ => None,
         };
         let url = target
@@ -910,10 +979,16 @@ impl Session {
         secret_at: &[&'static str],
         file: Option<SecretFile>,
     ) -> Result<(), Error> {
+        // Without a file, stdout is the secret's only way out: it must get there.
+        let on_stdout = file.is_none();
         let created = self
             .output
             .created(document, record, secret, secret_at, file)?;
-        emit(&created.stdout)?;
+        match on_stdout {
+            true => write_stdout(&created.stdout)
+                .map_err(|e| keyplane_client::output::secret_lost("the secret to stdout", &e))?,
+            false => emit(&created.stdout)?,
+        }
         eprintln!("{}", created.note);
         Ok(())
     }
@@ -944,18 +1019,22 @@ fn format_of(flag: Option<OutputFormat>) -> Format {
     }
 }
 
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
+/// Writes to stdout; a reader that went away (`| head`) is not an error (but see
+/// [`Session::print_created`]).
 fn emit(text: &str) -> Result<(), Error> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
+    match write_stdout(text) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             Err(Error::Local(format!("cannot write to stdout: {e}")))
         }
         _ => Ok(()),
     }
+}
+
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
 }
 
 fn read_token_file(path: &std::path::Path) -> Result<Plaintext, Error> {
@@ -1030,8 +1109,9 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
                 expires_at: expiry.at(Utc::now())?,
                 canary,
             };
-            let file = secret.open()?;
-            let created = s.client.create_api_token(org, &request).await?;
+            let file = secret.open(&mut s)?;
+            let created = (s.client.create_api_token(org, &request).await)
+                .map_err(|e| expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &created,
                 &created.api_token,
@@ -1050,8 +1130,9 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
             secret,
         } => {
             let request = rotation.request()?;
-            let file = secret.open()?;
-            let rotated = s.client.rotate_api_token(org, id, &request).await?;
+            let file = secret.open(&mut s)?;
+            let rotated = (s.client.rotate_api_token(org, id, &request).await)
+                .map_err(|e| rotation.expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &rotated,
                 &rotated.api_token,
@@ -1110,8 +1191,9 @@ pub async fn service_accounts(
                 expires_at: expiry.at(Utc::now())?,
                 canary,
             };
-            let file = secret.open()?;
-            let created = s.client.create_service_account(account, &request).await?;
+            let file = secret.open(&mut s)?;
+            let created = (s.client.create_service_account(account, &request).await)
+                .map_err(|e| expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &created,
                 &created.service_account,
@@ -1126,11 +1208,9 @@ pub async fn service_accounts(
             secret,
         } => {
             let request = rotation.request()?;
-            let file = secret.open()?;
-            let rotated = s
-                .client
-                .rotate_service_account(account, id, &request)
-                .await?;
+            let file = secret.open(&mut s)?;
+            let rotated = (s.client.rotate_service_account(account, id, &request).await)
+                .map_err(|e| rotation.expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &rotated,
                 &rotated.service_account,
@@ -1197,7 +1277,9 @@ pub async fn grants(mut s: Session, command: GrantsCommand) -> Result<(), Error>
             capability_key,
             resource_type,
             resource_id,
+            idempotency,
         } => {
+            idempotency.apply(&mut s);
             let request = CreateAuthorizationRequest {
                 grant_kind,
                 subject_type,
@@ -1224,7 +1306,7 @@ pub async fn registry(mut s: Session, command: RegistryCommand) -> Result<(), Er
             s.print_one(&state)
         }
         RegistryCommand::Enable { secret } => {
-            let file = secret.open()?;
+            let file = secret.open(&mut s)?;
             let enabled = s.client.enable_registry(org).await?;
             s.print_created(
                 &enabled,
@@ -1267,8 +1349,9 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
                 expires_at: expiry.at(Utc::now())?,
                 canary,
             };
-            let file = secret.open()?;
-            let created = s.client.create_robot(org, &request).await?;
+            let file = secret.open(&mut s)?;
+            let created = (s.client.create_robot(org, &request).await)
+                .map_err(|e| expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &created,
                 &created.robot_account,
@@ -1297,8 +1380,9 @@ pub async fn robots(mut s: Session, command: RobotsCommand) -> Result<(), Error>
             secret,
         } => {
             let request = rotation.request()?;
-            let file = secret.open()?;
-            let rotated = s.client.rotate_robot(org, id, &request).await?;
+            let file = secret.open(&mut s)?;
+            let rotated = (s.client.rotate_robot(org, id, &request).await)
+                .map_err(|e| rotation.expiry.keep(e, request.expires_at))?;
             s.print_created(
                 &rotated,
                 &rotated.robot_account,
@@ -1380,7 +1464,7 @@ pub async fn webhooks(mut s: Session, command: WebhooksCommand) -> Result<(), Er
         }
         WebhooksCommand::Create { fields, secret } => {
             let request = fields.request(None)?;
-            let file = secret.open()?;
+            let file = secret.open(&mut s)?;
             let created = s.client.create_webhook(org, &request).await?;
             let shown = webhook_secret(&created.secret);
             s.print_created(&created, &created.webhook, &shown, &["secret"], file)
@@ -1407,7 +1491,7 @@ pub async fn webhooks(mut s: Session, command: WebhooksCommand) -> Result<(), Er
             s.print_done(&format!("Deleted webhook {id}."))
         }
         WebhooksCommand::RotateSecret { id, secret } => {
-            let file = secret.open()?;
+            let file = secret.open(&mut s)?;
             let rotated = s.client.rotate_webhook_secret(org, id).await?;
             let shown = webhook_secret(&rotated.secret);
             s.print_created(&rotated, &rotated.webhook, &shown, &["secret"], file)
@@ -1527,29 +1611,67 @@ async fn tail(
     if !follow {
         return Ok(());
     }
+    // Failed polls in a row: a restart or a 503 pauses the tail, it does not end it.
+    let mut failures: u32 = 0;
     loop {
-        tokio::time::sleep(interval).await;
-        let mut fresh = Vec::new();
-        let mut filter = filter.clone();
-        if let Some(at) = last_time {
-            filter.since = Some(keyplane_api_types::wire::rfc3339(&(at - TAIL_OVERLAP)));
-        }
-        let mut page = Page {
-            cursor: None,
-            limit: Some(100),
+        let pause = match failures {
+            0 => interval,
+            n => follow_backoff(n),
         };
-        loop {
-            let answer = s.client.list_audit_events(org, &filter, &page).await?;
-            let reached_seen = answer.items.iter().any(|e| e.seq <= last_seq);
-            fresh.extend(answer.items.into_iter().filter(|e| e.seq > last_seq));
-            match answer.next_cursor {
-                Some(cursor) if !reached_seen => page.cursor = Some(cursor.to_string()),
-                _ => break,
+        tokio::time::sleep(pause).await;
+        let fresh = match poll(s, org, &filter, last_seq, last_time).await {
+            Ok(fresh) => fresh,
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                let first_line = e.to_string().lines().next().unwrap_or_default().to_string();
+                let wait = follow_backoff(failures).as_secs();
+                eprintln!("audit tail: {first_line}; reconnecting in {wait} s");
+                continue;
             }
+            Err(e) => return Err(e),
+        };
+        if failures > 0 {
+            eprintln!("audit tail: reconnected");
+            failures = 0;
         }
-        fresh.sort_by_key(|e| e.seq);
         print_stream(s, fresh, &mut last_seq, &mut last_time)?;
     }
+}
+
+/// `audit tail --follow`'s wait after `failures` failed polls in a row: 1 s, doubling, at most
+/// 30 s.
+fn follow_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+/// The events after `last_seq`, oldest first, every page of them.
+async fn poll(
+    s: &Session,
+    org: Uuid,
+    filter: &AuditFilter,
+    last_seq: u64,
+    last_time: Option<DateTime<Utc>>,
+) -> Result<Vec<AuditEventView>, Error> {
+    let mut fresh = Vec::new();
+    let mut filter = filter.clone();
+    if let Some(at) = last_time {
+        filter.since = Some(keyplane_api_types::wire::rfc3339(&(at - TAIL_OVERLAP)));
+    }
+    let mut page = Page {
+        cursor: None,
+        limit: Some(100),
+    };
+    loop {
+        let answer = s.client.list_audit_events(org, &filter, &page).await?;
+        let reached_seen = answer.items.iter().any(|e| e.seq <= last_seq);
+        fresh.extend(answer.items.into_iter().filter(|e| e.seq > last_seq));
+        match answer.next_cursor {
+            Some(cursor) if !reached_seen => page.cursor = Some(cursor.to_string()),
+            _ => break,
+        }
+    }
+    fresh.sort_by_key(|e| e.seq);
+    Ok(fresh)
 }
 
 fn print_stream(
@@ -1592,7 +1714,8 @@ pub async fn introspect(s: Session, token: String) -> Result<(), Error> {
 }
 
 /// `revoke-leaked TOKEN...|-`: reports tokens found where they should not be, with no
-/// credential, 100 per request; prints what the server received (never which were real).
+/// credential, each once, 100 per request (the client waits out the server's per-address limit);
+/// prints what the server received (never which were real).
 pub async fn revoke_leaked(s: Session, tokens: Vec<String>) -> Result<(), Error> {
     let mut found = Vec::new();
     for token in tokens {
@@ -1609,17 +1732,37 @@ pub async fn revoke_leaked(s: Session, tokens: Vec<String>) -> Result<(), Error>
     if found.is_empty() {
         return Err(Error::Usage("no token to revoke".into()));
     }
+    // A token reported twice costs a request of the limited budget for nothing.
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|token| seen.insert(token.clone()));
     let mut total = RevokeAccepted {
         received: 0,
         well_formed: 0,
     };
+    let mut sent = 0;
     for batch in found.chunks(MAX_CREDENTIALS) {
         let request = RevokeCredentialsRequest {
             credentials: batch.to_vec(),
         };
-        let accepted = s.client.revoke_leaked(&request).await?;
-        total.received += accepted.received;
-        total.well_formed += accepted.well_formed;
+        match s.client.revoke_leaked(&request).await {
+            Ok(accepted) => {
+                sent += batch.len();
+                total.received += accepted.received;
+                total.well_formed += accepted.well_formed;
+            }
+            // Say what was reported already, so that a rerun can leave it out.
+            Err(e) if found.len() > MAX_CREDENTIALS => {
+                eprintln!(
+                    "Reported the first {sent} of {} distinct tokens (received {}, well_formed {}) \
+                     before this failure; the rest were not sent.",
+                    found.len(),
+                    total.received,
+                    total.well_formed
+                );
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
     }
     s.print_one(&total)
 }
@@ -1628,7 +1771,8 @@ pub async fn revoke_leaked(s: Session, tokens: Vec<String>) -> Result<(), Error>
 /// and saves URL and token as a profile readable only by its owner.
 pub async fn login(target: Target, token_stdin: bool, env: &Environment) -> Result<(), Error> {
     let profiles = env.profiles()?;
-    let existing = profiles.load(&target.profile).ok().flatten();
+    let name = target.profile_name();
+    let existing = profiles.load(name).ok().flatten();
     let url = target
         .url
         .clone()
@@ -1660,20 +1804,21 @@ pub async fn login(target: Target, token_stdin: bool, env: &Environment) -> Resu
     )?;
     let me = client.whoami().await?;
     profiles.save(
-        &target.profile,
+        name,
         &Profile {
             url: client.base_url().to_string(),
             token,
         },
     )?;
+    // Everything the server said is escaped: none of it may drive the terminal.
+    let printable = keyplane_client::printable;
     eprintln!(
-        "Logged in to {} as {} `{}` ({}) in organization {}; saved as profile `{}` in {}.",
+        "Logged in to {} as {} `{}` ({}) in organization {}; saved as profile `{name}` in {}.",
         client.base_url(),
-        me.kind,
-        keyplane_client::printable(&me.name),
-        me.id,
-        me.org_id,
-        target.profile,
+        printable(&me.kind),
+        printable(&me.name),
+        printable(&me.id),
+        printable(&me.org_id),
         profiles.path().display()
     );
     Ok(())
@@ -1681,14 +1826,14 @@ pub async fn login(target: Target, token_stdin: bool, env: &Environment) -> Resu
 
 pub fn logout(target: &Target, env: &Environment) -> Result<(), Error> {
     let profiles = env.profiles()?;
-    if profiles.remove(&target.profile)? {
+    let name = target.profile_name();
+    if profiles.remove(name)? {
         eprintln!(
-            "Removed profile `{}` from {}.",
-            target.profile,
+            "Removed profile `{name}` from {}.",
             profiles.path().display()
         );
     } else {
-        eprintln!("No profile `{}`: nothing to remove.", target.profile);
+        eprintln!("No profile `{name}`: nothing to remove.");
     }
     Ok(())
 }

@@ -19,8 +19,8 @@ use keyplane_api_types::webhooks::{
 };
 use keyplane_api_types::wire::RotateRequest;
 use keyplane_core::Plaintext;
-use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
-use reqwest::{Method, StatusCode};
+use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -28,10 +28,15 @@ use uuid::Uuid;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Creates and rotates carry an `Idempotency-Key`, so a retry after a lost answer or a 503 is
-/// safe: the server replays the first answer (secret included) instead of minting twice.
-const ATTEMPTS: u32 = 3;
-const LONGEST_RETRY_WAIT: Duration = Duration::from_secs(5);
+/// No retry of a call starts later than this after its first attempt: long enough to outlast the
+/// server's 60 s hold on an `Idempotency-Key` whose first request is still running, short enough
+/// for a command line.
+const RETRY_DEADLINE: Duration = Duration::from_secs(60);
+/// The longest `Retry-After` waited for: one asking for more is reported at once (a CLI does not
+/// sleep for minutes), one asking for less is honoured (the public revocation limit asks for 6 s).
+const LONGEST_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// The longest pause between attempts that no `Retry-After` paced.
+const LONGEST_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A connection to one keyplane, with one credential.
 pub struct Client {
@@ -39,6 +44,8 @@ pub struct Client {
     base: String,
     /// `None` for the one route anyone may call (public revocation of leaked tokens).
     token: Option<Plaintext>,
+    /// Sent as the `Idempotency-Key` of idempotent calls instead of a fresh one each.
+    idempotency_key: Option<String>,
     verbose: bool,
 }
 
@@ -97,13 +104,24 @@ enum Body {
     SecretJson(serde_json::Value),
 }
 
+/// Whether a call may be sent again when its answer is lost or says "later".
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Never: sent twice, it could be done twice.
+    Never,
+    /// With one `Idempotency-Key` for every attempt: the server does it at most once and replays
+    /// its answer (secret included) to a retry.
+    WithKey,
+    /// As it is: done twice, it is done once (public revocation).
+    Harmless,
+}
+
 struct Call<'a> {
     method: Method,
     path: String,
     query: Vec<(&'a str, String)>,
     body: Body,
-    /// Send an `Idempotency-Key` and retry a lost answer or a 503 with it.
-    idempotent: bool,
+    retry: Retry,
 }
 
 impl<'a> Call<'a> {
@@ -113,7 +131,7 @@ impl<'a> Call<'a> {
             path,
             query: Vec::new(),
             body: Body::None,
-            idempotent: false,
+            retry: Retry::Never,
         }
     }
 
@@ -122,8 +140,10 @@ impl<'a> Call<'a> {
         self
     }
 
+    /// Sends an `Idempotency-Key` and retries a lost answer, a "still in progress" or a
+    /// gateway's failure with it.
     fn idempotent(mut self) -> Self {
-        self.idempotent = true;
+        self.retry = Retry::WithKey;
         self
     }
 
@@ -167,6 +187,9 @@ impl Client {
             }
         }
         let http = reqwest::Client::builder()
+            // A redirect is reported, never followed: following would send the token (and a
+            // body of secrets) to wherever a server or proxy points, https to http included.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("keyplane-cli/", env!("CARGO_PKG_VERSION")))
@@ -176,12 +199,20 @@ impl Client {
             http,
             base,
             token,
+            idempotency_key: None,
             verbose,
         })
     }
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Sends `key` as the `Idempotency-Key` of the idempotent calls (creates and rotates) instead
+    /// of a fresh one each: to get, within the server's 24 hours, the answer of an earlier
+    /// identical request whose outcome was lost. `None` goes back to fresh keys.
+    pub fn set_idempotency_key(&mut self, key: Option<String>) {
+        self.idempotency_key = key;
     }
 
     async fn send<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T, Error> {
@@ -194,75 +225,155 @@ impl Client {
         })
     }
 
-    /// Sends `call` (retrying an idempotent one), returns the body of a 2xx answer.
+    /// Sends `call` (retrying it as its [`Retry`] allows, within [`RETRY_DEADLINE`]), returns the
+    /// body of a 2xx answer.
     async fn send_raw(&self, call: Call<'_>) -> Result<Vec<u8>, Error> {
         let url = format!("{}{}", self.base, call.path);
-        let key = call.idempotent.then(|| Uuid::new_v4().to_string());
-        let attempts = if call.idempotent { ATTEMPTS } else { 1 };
+        let key = (call.retry == Retry::WithKey).then(|| {
+            self.idempotency_key
+                .clone()
+                .unwrap_or_else(|| Uuid::new_v4().to_string())
+        });
+        let deadline = Instant::now() + RETRY_DEADLINE;
         let mut attempt = 0;
+        // Whether some attempt may have reached the server without its answer reaching us: until a
+        // later one is answered, the change may have been made.
+        let mut unsure = false;
         loop {
             attempt += 1;
-            let mut request = self
-                .http
-                .request(call.method.clone(), &url)
-                .query(&call.query);
-            if let Some(token) = &self.token {
-                request =
-                    request.header(AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
-            }
-            if let Some(key) = &key {
-                request = request.header("idempotency-key", key);
-            }
-            request = match &call.body {
-                Body::None => request,
-                Body::Json(value) | Body::SecretJson(value) => request.json(value),
-                Body::IntrospectionForm(token) => request.form(&[("token", token.expose_secret())]),
+            let request = self.request(&call, &url, key.as_deref())?;
+            let (error, wait) = match self.attempt(request, &call, attempt).await {
+                Attempt::Answered(body) => return Ok(body),
+                Attempt::Final(error) => return Err(error),
+                Attempt::Transient { error, wait, sent } => {
+                    unsure |= sent;
+                    (error, wait)
+                }
             };
-            let request = request
-                .build()
-                .map_err(|e| Error::Usage(format!("cannot build a request for {url}: {e}")))?;
+            let again = call.retry != Retry::Never
+                && wait <= LONGEST_RETRY_WAIT
+                && Instant::now() + wait < deadline;
+            if !again {
+                return Err(match key {
+                    Some(idempotency_key) if unsure => Error::MaybeDone {
+                        cause: Box::new(error),
+                        idempotency_key,
+                        retry_flags: String::new(),
+                    },
+                    _ => error,
+                });
+            }
             if self.verbose {
-                self.dump_request(&request, &call.body);
+                eprintln!("< retrying in {} ms ({error})", wait.as_millis());
             }
-            let started = Instant::now();
-            let outcome = self.http.execute(request).await;
-            let retry_after = match outcome {
-                Err(e) => {
-                    // Not connected: nothing was sent, retrying cannot help.
-                    if e.is_connect() || attempt >= attempts {
-                        return Err(unreachable(&self.base, e));
-                    }
-                    if self.verbose {
-                        eprintln!("< no answer ({}); retrying", describe(&e));
-                    }
-                    Duration::from_secs(1)
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn request(
+        &self,
+        call: &Call<'_>,
+        url: &str,
+        key: Option<&str>,
+    ) -> Result<reqwest::Request, Error> {
+        let mut request = self
+            .http
+            .request(call.method.clone(), url)
+            .query(&call.query);
+        if let Some(token) = &self.token {
+            request = request.header(AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request = match &call.body {
+            Body::None => request,
+            Body::Json(value) | Body::SecretJson(value) => request.json(value),
+            Body::IntrospectionForm(token) => request.form(&[("token", token.expose_secret())]),
+        };
+        let request = request
+            .build()
+            .map_err(|e| Error::Usage(format!("cannot build a request for {url}: {e}")))?;
+        if self.verbose {
+            self.dump_request(&request, &call.body);
+        }
+        Ok(request)
+    }
+
+    /// One attempt, and whether another may help.
+    async fn attempt(&self, request: reqwest::Request, call: &Call<'_>, attempt: u32) -> Attempt {
+        let sent_to = request.url().clone();
+        let started = Instant::now();
+        let response = match self.http.execute(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                // Not connected at first: a wrong URL or a server down, which waiting rarely mends.
+                // Later (a restart under way) it may.
+                if e.is_connect() && attempt == 1 {
+                    return Attempt::Final(unreachable(&self.base, e));
                 }
-                Ok(response) => {
-                    let status = response.status();
-                    let headers = response.headers().clone();
-                    if self.verbose {
-                        dump_response(status, &headers, started.elapsed());
-                    }
-                    let body = response
-                        .bytes()
-                        .await
-                        .map_err(|e| unreachable(&self.base, e))?;
-                    if status.is_success() {
-                        return Ok(body.to_vec());
-                    }
-                    if status == StatusCode::SERVICE_UNAVAILABLE && attempt < attempts {
-                        retry_wait(&headers)
-                    } else {
-                        let request_id = header_text(&headers, "x-request-id");
-                        let failure = ApiFailure::read(status.as_u16(), &body, request_id);
-                        return Err(match status {
-                            StatusCode::UNAUTHORIZED => Error::Unauthenticated(failure),
-                            _ => Error::Refused(failure),
-                        });
-                    }
+                return Attempt::Transient {
+                    sent: !e.is_connect(),
+                    error: unreachable(&self.base, e),
+                    wait: backoff(attempt),
+                };
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        if self.verbose {
+            dump_response(status, &headers, started.elapsed());
+        }
+        if status.is_redirection() {
+            return Attempt::Final(redirected(
+                &self.base, &sent_to, &call.path, status, &headers,
+            ));
+        }
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            // A success cut short: done, but its answer (perhaps a secret) is lost.
+            Err(e) if status.is_success() => {
+                return Attempt::Transient {
+                    sent: true,
+                    error: unreachable(&self.base, e),
+                    wait: backoff(attempt),
                 }
-            };
-            tokio::time::sleep(retry_after).await;
+            }
+            // The status says enough.
+            Err(_) => Default::default(),
+        };
+        if status.is_success() {
+            return Attempt::Answered(body.to_vec());
+        }
+        let failure = ApiFailure::read(
+            status.as_u16(),
+            &body,
+            header_text(&headers, "x-request-id"),
+        );
+        let error = match status {
+            StatusCode::UNAUTHORIZED => Error::Unauthenticated(failure),
+            _ => Error::Refused(failure),
+        };
+        let transient = match status {
+            StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => true,
+            // "Still in progress": an earlier attempt holds the key, and its answer will be
+            // replayed to a retry.
+            StatusCode::CONFLICT => {
+                call.retry == Retry::WithKey && headers.contains_key(RETRY_AFTER)
+            }
+            _ => false,
+        };
+        if !transient {
+            return Attempt::Final(error);
+        }
+        Attempt::Transient {
+            // A limit refuses before anything is done; a gateway may have passed it on.
+            sent: status != StatusCode::TOO_MANY_REQUESTS,
+            error,
+            wait: retry_wait(&headers, attempt),
         }
     }
 
@@ -306,6 +417,8 @@ impl Client {
         request: &RevokeCredentialsRequest,
     ) -> Result<RevokeAccepted, Error> {
         let mut call = Call::new(Method::POST, "/v1/credentials/revoke".into());
+        // Revoking twice is revoking once: a limit's 429 or a lost answer is simply retried.
+        call.retry = Retry::Harmless;
         call.body = Body::SecretJson(serde_json::to_value(request).expect("strings are JSON"));
         self.send(call).await
     }
@@ -669,12 +782,64 @@ fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `Retry-After` in seconds, capped: a CLI waits a little, then reports the 503.
-fn retry_wait(headers: &HeaderMap) -> Duration {
+/// What one attempt came to.
+enum Attempt {
+    Answered(Vec<u8>),
+    /// An answer another attempt would not change.
+    Final(Error),
+    /// Worth another attempt after `wait`; `sent` when it may have reached the server and been
+    /// carried out.
+    Transient {
+        error: Error,
+        wait: Duration,
+        sent: bool,
+    },
+}
+
+/// 1 s, 2 s, 4 s, ... up to [`LONGEST_BACKOFF`], after attempt `attempt`.
+fn backoff(attempt: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(attempt.saturating_sub(1))).min(LONGEST_BACKOFF)
+}
+
+/// `Retry-After` in seconds (at least 1), else [`backoff`]. Not capped here: the caller gives up
+/// rather than wait longer than [`LONGEST_RETRY_WAIT`].
+fn retry_wait(headers: &HeaderMap, attempt: u32) -> Duration {
     header_text(headers, "retry-after")
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(1), Duration::from_secs)
-        .min(LONGEST_RETRY_WAIT)
+        .map_or_else(|| backoff(attempt), |secs| Duration::from_secs(secs.max(1)))
+}
+
+/// A 3xx: where it pointed (without credentials or query, which may carry anything), and the
+/// `--url` that would reach it, for the user to judge; nothing was sent there.
+fn redirected(
+    base: &str,
+    sent_to: &Url,
+    path: &str,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Error {
+    let target = header_text(headers, LOCATION.as_str()).and_then(|to| sent_to.join(&to).ok());
+    let Some(mut target) = target else {
+        return Error::Protocol(format!(
+            "keyplane at {base} answered HTTP {status} (a redirect) without a usable Location; \
+             check --url or KEYPLANE_URL"
+        ));
+    };
+    let _ = target.set_username("");
+    let _ = target.set_password(None);
+    target.set_query(None);
+    target.set_fragment(None);
+    let shown = target.to_string();
+    // The server's own base: the redirect's path without this route's, else its origin.
+    let suggested = match target.path().strip_suffix(path) {
+        Some(prefix) => format!("{}{prefix}", target.origin().ascii_serialization()),
+        None => target.origin().ascii_serialization(),
+    };
+    Error::Protocol(format!(
+        "keyplane at {base} redirected (HTTP {status}) to {shown}; redirects are not followed, \
+         so nothing was sent there: if that is your keyplane, use --url {} (or KEYPLANE_URL)",
+        suggested.trim_end_matches('/')
+    ))
 }
 
 fn dump_response(status: StatusCode, headers: &HeaderMap, took: Duration) {

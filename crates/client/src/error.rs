@@ -51,6 +51,16 @@ pub enum Error {
     Protocol(String),
     /// A local file (profile, `--secret-file`, `--token-file`) could not be read or written.
     Local(String),
+    /// A create or rotate sent with `idempotency_key` whose outcome is unknown (its answer was
+    /// lost, or the server still worked on it when retries ran out): it may have been done, and
+    /// only a request with the same key (and body) gets its answer, secret included.
+    MaybeDone {
+        cause: Box<Error>,
+        idempotency_key: String,
+        /// What the repeated command needs besides `--idempotency-key` (` --expires-at ...` where
+        /// `--expires-in` would compute another time, and so another request).
+        retry_flags: String,
+    },
 }
 
 impl Error {
@@ -60,7 +70,31 @@ impl Error {
             Error::NoCredential(_) | Error::Unauthenticated(_) => ExitStatus::Unauthenticated,
             Error::Unreachable(_) => ExitStatus::Unreachable,
             Error::Refused(_) | Error::Protocol(_) | Error::Local(_) => ExitStatus::Refused,
+            Error::MaybeDone { cause, .. } => cause.exit_status(),
         }
+    }
+
+    /// Whether asking again later may succeed: no answer, a limit, or the server (or a gateway)
+    /// failing for now; not a refusal of the request or the credential.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unreachable(_) => true,
+            Error::Refused(failure) => matches!(failure.status, 408 | 429 | 500..=599),
+            Error::MaybeDone { cause, .. } => cause.is_transient(),
+            // A redirect or a stranger's answer stays what it is.
+            Error::Protocol(_) => false,
+            Error::Usage(_) | Error::NoCredential(_) | Error::Unauthenticated(_) => false,
+            Error::Local(_) => false,
+        }
+    }
+
+    /// Adds `flags` to what a [`Error::MaybeDone`] tells the user to repeat the command with;
+    /// other errors are returned as they are.
+    pub fn retry_also(mut self, flags: &str) -> Self {
+        if let Error::MaybeDone { retry_flags, .. } = &mut self {
+            retry_flags.push_str(flags);
+        }
+        self
     }
 }
 
@@ -86,6 +120,18 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Error::MaybeDone {
+                cause,
+                idempotency_key,
+                retry_flags,
+            } => write!(
+                f,
+                "{cause}\n  It may have been done all the same (a credential or secret created or \
+                 rotated). Run the same command again within 24 hours with --idempotency-key {}{} \
+                 to get its answer, any secret included, instead of doing it twice.",
+                printable(idempotency_key),
+                printable(retry_flags)
+            ),
         }
     }
 }

@@ -329,13 +329,21 @@ impl SecretFile {
             Err(e) => {
                 // The secret is lost: say so, and leave no half-written file.
                 self.file = Some(file);
-                Err(Error::Local(format!(
-                    "cannot write --secret-file {}: {e}; the credential was created or rotated, rotate it again",
-                    self.path.display()
-                )))
+                Err(secret_lost(
+                    &format!("--secret-file {}", self.path.display()),
+                    &e,
+                ))
             }
         }
     }
+}
+
+/// A secret minted but not delivered to `place`: only another rotation gets one, so say so.
+pub fn secret_lost(place: &str, error: &std::io::Error) -> Error {
+    Error::Local(format!(
+        "cannot write {place}: {error}; the credential was created or rotated, but its secret \
+         could not be shown: rotate it again"
+    ))
 }
 
 impl Drop for SecretFile {

@@ -15,6 +15,19 @@ pub struct Profile {
     pub token: Plaintext,
 }
 
+impl Profile {
+    /// Whether `url` names the server this profile was saved for, the only one its token is sent
+    /// to. Compared as parsed URLs (host case, a default port and a trailing `/` do not matter).
+    pub fn serves(&self, url: &str) -> bool {
+        let normal = |url: &str| {
+            reqwest::Url::parse(url)
+                .ok()
+                .map(|url| url.as_str().trim_end_matches('/').to_string())
+        };
+        normal(&self.url).is_some_and(|saved| normal(url) == Some(saved))
+    }
+}
+
 /// The profiles file.
 pub struct Profiles {
     path: PathBuf,
@@ -140,4 +153,33 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
         builder.mode(0o700);
     }
     builder.create(dir).map_err(|e| local(dir, "create", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_serves_its_own_url_only() {
+        let profile = Profile {
+            url: "https://keyplane.example.com".into(),
+            token: Plaintext::received("t".into()),
+        };
+        for same in [
+            "https://keyplane.example.com",
+            "https://KEYPLANE.example.com:443/",
+        ] {
+            assert!(profile.serves(same), "{same}");
+        }
+        for other in [
+            "http://keyplane.example.com",
+            "https://keyplane.example.com:8443",
+            "https://keyplane.example.com.evil",
+            "https://keyplane.example.com/other",
+            "http://localhost:9999",
+            "not a url",
+        ] {
+            assert!(!profile.serves(other), "{other}");
+        }
+    }
 }

@@ -1,0 +1,619 @@
+//! The client commands against a scripted stand-in for keyplane on 127.0.0.1, for what a real
+//! server does not do on demand: lose an answer, cut one short, hold an `Idempotency-Key`, answer
+//! through a failing gateway, redirect, rate limit, restart under `audit tail --follow`, or echo
+//! control characters. Each stand-in records every request it received.
+
+mod common;
+
+use common::{keyplane, read_request, wait_for_exit, CommandOutput, KillOnDrop, Seen};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "aether_caller_token_that_must_stay_private";
+const SECRET: &str = "aether_the_one_time_secret_of_the_created_token";
+const ORG: &str = "6f1c2e1a-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+fn header<'s>(seen: &'s Seen, name: &str) -> Option<&'s str> {
+    seen.headers.get(name).map(String::as_str)
+}
+
+fn body_json(seen: &Seen) -> Value {
+    serde_json::from_slice(&seen.body).expect("a JSON request body")
+}
+
+type Script = dyn Fn(usize, &Seen) -> Vec<u8> + Send + Sync;
+
+/// A stand-in server: request `n` (counted from 0) gets the bytes `script(n, request)` returns,
+/// then the connection is closed (no bytes at all: a lost answer).
+struct Fake {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fake {
+    async fn start(script: impl Fn(usize, &Seen) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let script: Arc<Script> = Arc::new(script);
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve_one(stream, seen.clone(), script.clone()));
+                }
+            })
+        };
+        Self { addr, seen, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        lock(&self.seen).clone()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_one(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>, script: Arc<Script>) {
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    let n = {
+        let mut seen = lock(&seen);
+        seen.push(request.clone());
+        seen.len() - 1
+    };
+    let reply = script(n, &request);
+    let _ = stream.write_all(&reply).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The requests seen, even if a connection task panicked while holding them.
+fn lock(seen: &Mutex<Vec<Seen>>) -> std::sync::MutexGuard<'_, Vec<Seen>> {
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A whole answer, the connection closed after it.
+fn answer(status: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut text = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    text.into_bytes()
+}
+
+/// A 2xx whose body stops half-way.
+fn cut_short(status: &str, body: &str) -> Vec<u8> {
+    let mut whole = answer(status, &[], body);
+    whole.truncate(whole.len() - body.len() / 2);
+    whole
+}
+
+const LOST: Vec<u8> = Vec::new();
+
+fn aether_error(code: &str, message: &str) -> String {
+    json!({"error": {"code": code, "message": message}}).to_string()
+}
+
+fn created_token() -> String {
+    json!({
+        "id": "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f",
+        "org_id": ORG,
+        "name": "ci",
+        "prefix": "aether_the",
+        "scopes": [],
+        "last_used_at": null,
+        "expires_at": null,
+        "created_at": "2030-01-01T00:00:00Z",
+        "previous_secret_expires_at": null,
+        "previous_secret_last_used_at": null,
+        "suspended_at": null,
+        "canary": false,
+        "token": SECRET,
+    })
+    .to_string()
+}
+
+/// The binary with `args`, its profiles in `home`, KEYPLANE_TOKEN set unless `token` is `None`.
+fn client(home: &tempfile::TempDir, token: Option<&str>, args: &[&str]) -> Command {
+    let mut command = keyplane();
+    command
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("HOME", home.path())
+        .args(args);
+    if let Some(token) = token {
+        command.env("KEYPLANE_TOKEN", token);
+    }
+    command
+}
+
+async fn run(command: &mut Command) -> CommandOutput {
+    run_with_input(command, "").await
+}
+
+async fn run_with_input(command: &mut Command, input: &str) -> CommandOutput {
+    let output = common::run_with_input(command, input, TIMEOUT).await;
+    assert!(
+        !output.stderr.contains(TOKEN) && !output.stdout.contains(TOKEN),
+        "the caller's token was printed:\n{}",
+        output.describe()
+    );
+    output
+}
+
+fn idempotency_keys(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .map(|s| {
+            header(s, "idempotency-key")
+                .expect("an Idempotency-Key")
+                .to_string()
+        })
+        .collect()
+}
+
+/// A create whose first attempt's answer is lost: the retries with its key meet "still in
+/// progress", a success cut short and a gateway timeout, and the command still gets the secret.
+#[tokio::test]
+async fn a_create_is_retried_with_its_key_until_its_answer_arrives() {
+    let fake = Fake::start(|n, _| match n {
+        0 => LOST,
+        1 => answer(
+            "409 Conflict",
+            &[("retry-after", "1")],
+            &aether_error(
+                "conflict",
+                "a request with this Idempotency-Key is still in progress; retry it shortly",
+            ),
+        ),
+        2 => cut_short("201 Created", &created_token()),
+        3 => answer("504 Gateway Timeout", &[], "<html>gateway timeout</html>"),
+        _ => answer("201 Created", &[], &created_token()),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let args = [
+        "tokens", "create", "--name", "ci", "--org", ORG, "--url", &url,
+    ];
+    let output = run(&mut client(
+        &home,
+        Some(TOKEN),
+        &[&args[..], &["-o", "json"]].concat(),
+    ))
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let printed: Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(printed["token"], SECRET, "{}", output.describe());
+
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let keys = idempotency_keys(&seen);
+    assert!(keys.iter().all(|k| k == &keys[0]), "{keys:?}");
+    assert!(seen.iter().all(|s| s.body == seen[0].body));
+}
+
+/// When the retries run out without an answer, the error says the token may exist and names the
+/// key; the same command with that key (and the expiry it came to) sends the same request.
+#[tokio::test]
+async fn an_unknown_outcome_names_the_key_that_gets_its_answer() {
+    let fake = Fake::start(|n, _| match n {
+        0 => LOST,
+        // Longer than a command line waits: reported at once.
+        _ => answer(
+            "503 Service Unavailable",
+            &[("retry-after", "120")],
+            &aether_error("unavailable", "the store is unavailable"),
+        ),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let create = [
+        "tokens", "create", "--name", "ci", "--org", ORG, "--url", &url,
+    ];
+    let args = [&create[..], &["--expires-in", "30d"]].concat();
+    let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    let first = fake.seen();
+    assert_eq!(first.len(), 2, "{first:?}");
+    let key = idempotency_keys(&first)[0].clone();
+    assert!(
+        output.stderr.contains("may have been done")
+            && output.stderr.contains(&format!("--idempotency-key {key}")),
+        "{}",
+        output.describe()
+    );
+    let expires_at = body_json(&first[0])["expires_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        output.stderr.contains(&format!(
+            "--expires-at {expires_at} (in place of --expires-in)"
+        )),
+        "{}",
+        output.describe()
+    );
+
+    let retry = Fake::start(|_, _| answer("201 Created", &[], &created_token())).await;
+    let url = retry.url();
+    let create = [
+        "tokens", "create", "--name", "ci", "--org", ORG, "--url", &url,
+    ];
+    let again = [
+        &create[..],
+        &["--expires-at", &expires_at, "--idempotency-key", &key],
+        &["-o", "json"],
+    ]
+    .concat();
+    let output = run(&mut client(&home, Some(TOKEN), &again)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = retry.seen();
+    assert_eq!(idempotency_keys(&seen), [key]);
+    assert_eq!(seen[0].body, first[0].body, "not the same request");
+
+    // A key the server would refuse is refused before anything is sent.
+    let bad = [&create[..], &["--idempotency-key", "short"]].concat();
+    let output = run(&mut client(&home, Some(TOKEN), &bad)).await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("at least 16"),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(retry.seen().len(), 1);
+}
+
+/// A redirect is reported with the URL it points to; neither the token nor a body of secrets
+/// follows it.
+#[tokio::test]
+async fn redirects_are_reported_and_not_followed() {
+    let elsewhere = Fake::start(|_, _| answer("200 OK", &[], "{}")).await;
+    let target = elsewhere.url();
+    let fake = Fake::start(move |_, request| {
+        let location = format!("{target}{}", request.path);
+        answer("307 Temporary Redirect", &[("location", &location)], "")
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let leaked = "aether_a_token_to_introspect_that_must_not_travel";
+    for args in [
+        vec!["whoami", "--url", &url],
+        vec!["introspect", leaked, "--url", &url],
+    ] {
+        let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+        assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+        assert!(
+            output.stderr.contains("redirected")
+                && output
+                    .stderr
+                    .contains(&format!("use --url {}", elsewhere.url())),
+            "{}",
+            output.describe()
+        );
+        assert!(!output.stderr.contains(leaked), "{}", output.describe());
+    }
+    assert_eq!(fake.seen().len(), 2);
+    assert!(elsewhere.seen().is_empty(), "{:?}", elsewhere.seen());
+}
+
+/// A profile's token is sent only to the URL it was saved with; KEYPLANE_TOKEN beside a named
+/// profile is refused as ambiguous. `login` escapes whatever the server says about the caller.
+#[tokio::test]
+async fn a_profile_token_goes_to_its_own_server_only() {
+    let whoami = json!({
+        "kind": "api_token\u{1b}[2J",
+        "id": "\u{1b}]0;forged title\u{7}",
+        "org_id": "org\ninjected line",
+        "name": "ci",
+        "scopes": ["*"],
+        "expires_at": null,
+        "secret": "current",
+    })
+    .to_string();
+    let home = tempfile::tempdir().unwrap();
+    let saved_for = Fake::start(move |_, _| answer("200 OK", &[], &whoami)).await;
+    let other = Fake::start(|_, _| answer("200 OK", &[], "{}")).await;
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let url = saved_for.url();
+    let login = [
+        "login",
+        "--url",
+        &url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--profile",
+        "prod",
+    ];
+    let output = run(&mut client(&home, None, &login)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(
+        !output.stderr.contains('\u{1b}') && !output.stderr.contains("\ninjected"),
+        "control characters reached the terminal:\n{}",
+        output.describe()
+    );
+    assert!(
+        output.stderr.contains(r"\u{1b}[2J"),
+        "{}",
+        output.describe()
+    );
+
+    let elsewhere = other.url();
+    let output = run(&mut client(
+        &home,
+        None,
+        &["whoami", "--profile", "prod", "--url", &elsewhere],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{}", output.describe());
+    assert!(
+        output.stderr.contains(&format!("was saved for {url}")),
+        "{}",
+        output.describe()
+    );
+    assert!(other.seen().is_empty(), "{:?}", other.seen());
+    // The same server, spelled with a trailing slash, is the profile's.
+    let output = run(&mut client(
+        &home,
+        None,
+        &["whoami", "--profile", "prod", "--url", &format!("{url}/")],
+    ))
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = saved_for.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(
+        header(last, "authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+
+    let output = run(&mut client(
+        &home,
+        Some("aether_another_token"),
+        &["whoami", "--profile", "prod"],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("KEYPLANE_TOKEN"),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(saved_for.seen().len(), seen.len());
+}
+
+/// A one-time secret that cannot reach stdout (its reader is gone) fails the command and says
+/// the credential exists and needs a rotation.
+#[tokio::test]
+async fn a_secret_that_cannot_be_printed_fails_the_command() {
+    let fake = Fake::start(|_, _| answer("201 Created", &[], &created_token())).await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    for format in ["json", "table"] {
+        let mut command = client(
+            &home,
+            Some(TOKEN),
+            &[
+                "tokens", "create", "--name", "ci", "--org", ORG, "--url", &url, "-o", format,
+            ],
+        );
+        let mut stderr = tempfile::tempfile().unwrap();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(stderr.try_clone().unwrap())
+            .spawn()
+            .unwrap();
+        // As `| head -0` would: the reader is gone before anything is written.
+        drop(child.stdout.take());
+        let mut child = KillOnDrop(child);
+        let status = wait_for_exit(&mut child.0, TIMEOUT).await.expect("exits");
+        let mut text = String::new();
+        stderr.rewind().unwrap();
+        stderr.read_to_string(&mut text).unwrap();
+        assert_eq!(status.code(), Some(1), "{format}: {text}");
+        assert!(text.contains("rotate it again"), "{format}: {text}");
+        assert!(!text.contains(SECRET) && !text.contains(TOKEN), "{text}");
+    }
+}
+
+/// `revoke-leaked` sends each token once, waits out a 429, and on a failure says how far it got.
+#[tokio::test]
+async fn revoke_leaked_sends_each_token_once_and_waits_out_the_limit() {
+    let accepted = |request: &Seen| {
+        let count = body_json(request)["credentials"].as_array().unwrap().len();
+        answer(
+            "202 Accepted",
+            &[],
+            &json!({"received": count, "well_formed": 0}).to_string(),
+        )
+    };
+    let fake = Fake::start(move |n, request| match n {
+        // The server's default limit: a burst of 10 requests per address.
+        10 => answer(
+            "429 Too Many Requests",
+            &[("retry-after", "1")],
+            &json!({"error": "rate_limited", "error_description": "too many requests"}).to_string(),
+        ),
+        _ => accepted(request),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let tokens: Vec<String> = (0..1100).map(|i| format!("leaked-{i}")).collect();
+    // Every token twice, one a line, as `grep -o` finds them.
+    let twice: String = tokens
+        .iter()
+        .chain(&tokens)
+        .map(|t| format!("{t}\n"))
+        .collect();
+    let url = fake.url();
+    let args = ["revoke-leaked", "-", "--url", &url, "-o", "json"];
+    let output = run_with_input(&mut client(&home, None, &args), &twice).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let total: Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(total, json!({"received": 1100, "well_formed": 0}));
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 12, "11 batches and one retry");
+    let mut reported: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != 10)
+        .flat_map(|(_, s)| body_json(s)["credentials"].as_array().unwrap().clone())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    reported.sort();
+    reported.dedup();
+    assert_eq!(reported.len(), 1100);
+
+    let failing = Fake::start(move |n, request| match n {
+        2 => answer(
+            "400 Bad Request",
+            &[],
+            &json!({"error": "invalid_request", "error_description": "no"}).to_string(),
+        ),
+        _ => accepted(request),
+    })
+    .await;
+    let url = failing.url();
+    let args = ["revoke-leaked", "-", "--url", &url];
+    let output = run_with_input(&mut client(&home, None, &args), &twice).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(
+        output
+            .stderr
+            .contains("Reported the first 200 of 1100 distinct tokens"),
+        "{}",
+        output.describe()
+    );
+}
+
+fn event(seq: u64) -> Value {
+    json!({
+        "id": format!("00000000-0000-4000-8000-{seq:012}"),
+        "org_id": ORG,
+        "seq": seq,
+        "occurred_at": "2030-01-01T00:00:00Z",
+        "action": "api_token.created",
+        "outcome": "success",
+        "actor": {"type": "api_token", "id": null},
+        "target": null,
+        "request_id": null,
+        "client_ip": null,
+        "user_agent": null,
+        "details": {},
+        "chain_hash": "00",
+    })
+}
+
+/// `audit tail --follow` keeps following through a 503 and a dropped connection, saying so.
+#[tokio::test]
+async fn audit_tail_follows_through_a_restart() {
+    let fake = Fake::start(|n, _| match n {
+        0 => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [event(1)], "next_cursor": null}).to_string(),
+        ),
+        1 => answer(
+            "503 Service Unavailable",
+            &[("retry-after", "1")],
+            &aether_error("unavailable", "the store is unavailable"),
+        ),
+        2 => LOST,
+        _ => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [event(2), event(1)], "next_cursor": null}).to_string(),
+        ),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let mut command = client(
+        &home,
+        Some(TOKEN),
+        &[
+            "audit",
+            "tail",
+            "-n",
+            "1",
+            "--follow",
+            "--interval",
+            "1s",
+            "--org",
+            ORG,
+            "--url",
+            &url,
+            "-o",
+            "jsonl",
+        ],
+    );
+    let mut stdout = tempfile::tempfile().unwrap();
+    let mut stderr = tempfile::tempfile().unwrap();
+    let mut child = KillOnDrop(
+        command
+            .stdout(stdout.try_clone().unwrap())
+            .stderr(stderr.try_clone().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let read = |file: &mut File| {
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        text
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let printed = read(&mut stdout);
+        if printed.lines().count() >= 2 {
+            break;
+        }
+        let exited = child.0.try_wait().unwrap();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "exited: {exited:?}\nstdout: {printed}\nstderr: {}",
+            read(&mut stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let printed = read(&mut stdout);
+    let seqs: Vec<u64> = printed
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    let notices = read(&mut stderr);
+    assert!(
+        notices.contains("reconnecting in") && notices.contains("reconnected"),
+        "{notices}"
+    );
+    assert!(!notices.contains(TOKEN));
+}
