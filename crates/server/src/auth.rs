@@ -610,6 +610,20 @@ impl Verifier {
         }
     }
 
+    /// Whether an answer given now may come from the cache without the store's confirmation:
+    /// the store failed within the last retry interval, so cached credentials answer stale
+    /// (stale-if-error) and may miss a change made through another replica. Introspection says
+    /// so (`X-Keyplane-Stale`) for embedded verifiers, which may know of such a change.
+    pub(crate) fn answering_stale(&self) -> bool {
+        // No clock read while the store has never failed.
+        self.store_fault_at.load(Ordering::Acquire) != 0 && {
+            let retry_from = self
+                .nanos_since_epoch()
+                .saturating_sub(u64::try_from(STORE_RETRY_INTERVAL.as_nanos()).unwrap_or(u64::MAX));
+            Self::marked_since(&self.store_fault_at, retry_from)
+        }
+    }
+
     /// Notes a known credential's refusal for the audit trail (aggregated, off the store path),
     /// with where the request came from, so an auditor can tell where a revoked or expired
     /// credential is still in use.

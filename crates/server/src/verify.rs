@@ -151,6 +151,8 @@ const SUBJECT: HeaderName = HeaderName::from_static("x-keyplane-subject");
 const KIND: HeaderName = HeaderName::from_static("x-keyplane-credential-kind");
 const SCOPES: HeaderName = HeaderName::from_static("x-keyplane-scopes");
 const SECRET: HeaderName = HeaderName::from_static("x-keyplane-secret");
+/// Marks an active introspection answer given from the cache while the store was failing.
+const STALE: HeaderName = HeaderName::from_static("x-keyplane-stale");
 
 /// A credential's scopes as one space-separated string. (Robot secrets never verify here.)
 fn scope_string(scopes: &ScopeSet) -> String {
@@ -243,7 +245,8 @@ pub(crate) fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>>
     post, path = "/oauth2/introspect", tag = TAG,
     request_body(content_type = "application/x-www-form-urlencoded", description = "token=<the credential to check>"),
     responses(
-        (status = 200, description = "The introspection answer.", body = IntrospectionResponse),
+        (status = 200, description = "The introspection answer.", body = IntrospectionResponse,
+            headers(("X-Keyplane-Stale" = String, description = "`1` on an active answer given while keyplane's store could not be read (stale-if-error): it comes from this replica's cache and may miss a change made through another replica since."))),
         (status = 401, description = "The caller's own credential is missing or invalid, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
         (status = 429, description = "Too many failed authentications (401s) from the caller's address; see Retry-After. Inactive answers do not count."),
@@ -317,6 +320,11 @@ async fn introspect(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if verifier.answering_stale() {
+        response
+            .headers_mut()
+            .insert(STALE, HeaderValue::from_static("1"));
+    }
     Ok(response)
 }
 

@@ -30,6 +30,11 @@
 //!   [`VerifierConfig::revocation_memory`] (330 s, the longest a replica may answer from its cache
 //!   under keyplane's defaults) and an answer still calling that credential active is refused;
 //!   answers about a credential with any other change in the last 5 s are used but not cached.
+//! - An answer keyplane marks unconfirmed (`X-Keyplane-Stale`: the replica answered from its
+//!   cache because its store could not be read) is never cached, and is refused
+//!   ([`VerifyError::Unavailable`]) for a credential the stream named within
+//!   `revocation_memory`, or for any credential within `revocation_memory` of a `reset`: it may
+//!   predate a suspension, rotation or grant change made through another replica.
 //! - Independently, no answer is cached longer than [`VerifierConfig::cache_ttl`] (this bounds
 //!   changes no event announces, such as a rotation's grace period running out), refusals for
 //!   [`VerifierConfig::negative_ttl`], and no credential is accepted past its `exp`.
@@ -268,6 +273,11 @@ struct Changes {
     /// Leaks, as `revoked` until the credential is resumed: the stream does not say whether
     /// the organization's policy revoked the credential or suspended it, and both refuse.
     leaked: Memory,
+    /// Every change, for `revocation_memory`: an unconfirmed answer (a replica answering from
+    /// its cache, its store unreadable) about one of these may predate the change.
+    changed: Memory,
+    /// The last `reset`: the changes since the last event id are unknown.
+    reset_at: Option<Instant>,
 }
 
 /// How long after a change of a credential its introspection answers are not cached: the
@@ -452,7 +462,25 @@ impl Changes {
             recent: Memory::new(RECENT, MAX_REMEMBERED),
             revoked: Memory::new(revocation_memory, MAX_REMEMBERED),
             leaked: Memory::new(revocation_memory, MAX_REMEMBERED),
+            changed: Memory::new(revocation_memory, MAX_REMEMBERED),
+            reset_at: None,
         }
+    }
+
+    /// A `reset`: whatever happened since the last event id is unknown.
+    fn reset(&mut self, now: Instant) {
+        self.reset_at = Some(now);
+    }
+
+    /// Whether an unconfirmed answer about `credential_id` may predate a change the stream
+    /// told of (or could not tell of, across a reset) within `revocation_memory`.
+    fn may_predate_a_change(&mut self, credential_id: &str, now: Instant) -> bool {
+        self.changed.prune(now);
+        let window = self.changed.window;
+        self.changed.contains(credential_id, now)
+            || self
+                .reset_at
+                .is_some_and(|at| now.saturating_duration_since(at) < window)
     }
 
     /// Notes a `revocation` event's action on `credential_id`.
@@ -472,6 +500,7 @@ impl Changes {
             _ => {}
         }
         self.recent.note(credential_id, now);
+        self.changed.note(credential_id, now);
     }
 
     fn about(&mut self, credential_id: &str, now: Instant) -> Lately {
@@ -652,6 +681,9 @@ impl Verifier {
                 response.status()
             )));
         }
+        // The replica answered from its cache, its store unreadable: the answer may predate a
+        // change made through another replica.
+        let unconfirmed = response.headers().contains_key("x-keyplane-stale");
         let body: Introspection = response.json().await.map_err(|e| {
             failed(format!(
                 "introspection answer unreadable: {}",
@@ -691,8 +723,18 @@ impl Verifier {
         if lately == Lately::Revoked {
             return Err(VerifyError::Inactive);
         }
+        if unconfirmed {
+            if let Some(identity) = &identity {
+                if lock(&inner.changes).may_predate_a_change(&identity.credential_id, now) {
+                    return Err(failed(
+                        "keyplane answered from a stale cache about a credential changed lately"
+                            .into(),
+                    ));
+                }
+            }
+        }
         let expires = identity.as_ref().and_then(|i| monotonic_expiry(i, now));
-        if cache {
+        if cache && !unconfirmed {
             let ttl = match identity {
                 Some(_) => inner.config.cache_ttl,
                 None => inner.config.negative_ttl,
@@ -821,6 +863,12 @@ impl Inner {
             let dropped = lock(&shard.0).drop_credential(credential_id);
             self.cached.fetch_sub(dropped, Relaxed);
         }
+    }
+
+    /// A `reset` event: remembers it ([`Changes::reset`]) and drops every cached answer.
+    fn reset(&self) {
+        lock(&self.changes).reset(Instant::now());
+        self.invalidate_all();
     }
 
     /// Drops every cached answer.
@@ -1408,10 +1456,14 @@ pub(crate) mod tests {
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-                let body = introspect();
+                let answer = introspect();
+                let (marks, body) = match answer.strip_prefix(UNCONFIRMED) {
+                    Some(body) => ("x-keyplane-stale: 1\r\n", body),
+                    None => ("", answer.as_str()),
+                };
                 let _ = write!(
                     socket,
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{marks}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
             } else {
@@ -1440,6 +1492,10 @@ pub(crate) mod tests {
     }
 
     pub(crate) const HEARTBEAT: &str = ": heartbeat\n\n";
+
+    /// Put before an introspection answer, it makes the fake send it as keyplane does an answer
+    /// from its cache while its store is unreadable (`X-Keyplane-Stale`).
+    const UNCONFIRMED: &str = "unconfirmed:";
 
     /// An introspection answer for an active API token, credential `sub`.
     pub(crate) fn active(sub: &str) -> String {
@@ -1532,6 +1588,60 @@ pub(crate) mod tests {
             "{metrics:?}"
         );
         assert!(!metrics.stale, "{metrics:?}");
+    }
+
+    /// A replica cut off from its store answers from its cache, and says so: such an answer is
+    /// used for a credential the stream has not named lately, but never cached; for one it named
+    /// (a suspension here, which is not final), or for any after a `reset`, it is refused as
+    /// unavailable for as long as a replica may answer from a cache loaded before the change.
+    #[tokio::test]
+    async fn unconfirmed_answers_are_not_trusted_about_changed_credentials() {
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let asked = Arc::new(Mutex::new(String::from("A")));
+        let answering = asked.clone();
+        let fake = FakeKeyplane::start(queued_stream(queue.clone()), move || {
+            format!("{UNCONFIRMED}{}", active(&lock(&answering)))
+        });
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let token = api_token();
+        assert!(verifier.verify(&token).await.is_ok());
+        assert!(verifier.verify(&token).await.is_ok());
+        assert_eq!(
+            verifier.metrics().introspections,
+            2,
+            "neither answer was cached"
+        );
+
+        lock(&queue).push_back(revocation(6, "api_token.suspended", "A"));
+        until("the suspension arrives", Duration::from_secs(5), || {
+            verifier.metrics().stream_events == 1
+        })
+        .await;
+        tokio::time::sleep(RECENT + Duration::from_millis(500)).await;
+        assert!(
+            matches!(
+                verifier.verify(&token).await,
+                Err(VerifyError::Unavailable(_))
+            ),
+            "an unconfirmed \"active\" may predate the suspension"
+        );
+
+        *lock(&asked) = "B".into();
+        let other = api_token();
+        assert!(verifier.verify(&other).await.is_ok(), "B was never named");
+        lock(&queue).push_back(position("reset", 9, Some(9)));
+        until("the reset arrives", Duration::from_secs(5), || {
+            verifier.metrics().stream_resets == 1
+        })
+        .await;
+        assert!(
+            matches!(
+                verifier.verify(&other).await,
+                Err(VerifyError::Unavailable(_))
+            ),
+            "after a reset, any change may have been missed"
+        );
     }
 
     /// A change that is not final (here a rotation) keeps answers out of the cache for a while

@@ -112,7 +112,7 @@ async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Resu
                 "ready" | "reset" => {
                     if event.event == "reset" {
                         // The events since our last id are gone: nothing cached can be trusted.
-                        inner.invalidate_all();
+                        inner.reset();
                         inner.counters.stream_resets.fetch_add(1, Relaxed);
                     }
                     let position = serde_json::from_str::<Position>(&event.data).ok();

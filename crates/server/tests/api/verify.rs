@@ -697,6 +697,10 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
         forward(app, Some(&revoked), "").await.status().as_u16()
     })
     .await;
+    let caller = verifier_token(&writer, &org).await;
+    let stale_mark = |answer: &Response| answer.headers().get("x-keyplane-stale").cloned();
+    let confirmed = introspect_form(app, &caller, &kept).await;
+    assert_eq!(stale_mark(&confirmed), None, "the store answered");
     assert_eq!(forward(app, Some(&kept), "").await.status(), 200);
     let loaded = Instant::now();
 
@@ -707,6 +711,15 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
         200,
         "a cached valid credential verifies past its cache lifetime during the outage"
     );
+    // An embedded verifier is told the answer is unconfirmed: it may know of a change since.
+    let unconfirmed = introspect_form(app, &caller, &kept).await;
+    assert_eq!(unconfirmed.status(), 200);
+    assert_eq!(
+        stale_mark(&unconfirmed).as_ref().map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let unconfirmed: Value = unconfirmed.json().await.unwrap();
+    assert_eq!(unconfirmed["active"], true);
     for (what, token) in [
         ("uncached", &uncached),
         ("revoked", &revoked),
