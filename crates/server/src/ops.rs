@@ -1164,22 +1164,27 @@ pub async fn enable_registry(
             robot.permissions.iter().map(RobotPermission::to_wire),
         )
     };
-    if let Err(StoreError::Conflict(_)) = store
+    match store
         .create_registry(&registry, &robot, &event(&registry))
         .await
     {
-        // Lost a race: either this tenant just enabled it, or another took the project name.
-        if store.get_registry(tenant).await?.is_some() {
-            return Err(DomainError::Conflict("the registry is already enabled".into()).into());
+        Ok(()) => {}
+        Err(StoreError::Conflict(_)) => {
+            // Lost a race: either this tenant just enabled it, or another took the project name.
+            if store.get_registry(tenant).await?.is_some() {
+                return Err(DomainError::Conflict("the registry is already enabled".into()).into());
+            }
+            registry.project = format!(
+                "{}-{}",
+                registry.project,
+                &tenant.as_uuid().simple().to_string()[..8]
+            );
+            store
+                .create_registry(&registry, &robot, &event(&registry))
+                .await?;
         }
-        registry.project = format!(
-            "{}-{}",
-            registry.project,
-            &tenant.as_uuid().simple().to_string()[..8]
-        );
-        store
-            .create_registry(&registry, &robot, &event(&registry))
-            .await?;
+        // Anything else stored nothing: answering 201 would hand out a password that never works.
+        Err(other) => return Err(other.into()),
     }
     tracing::info!(tenant.id = %tenant, registry.project = %registry.project, principal.id = %who.id(), "registry enabled");
     Ok((

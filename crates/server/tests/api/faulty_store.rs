@@ -23,6 +23,8 @@ pub struct FaultyStore {
     down: AtomicBool,
     /// The expiry-notice stage whose query answers nothing; `u32::MAX`: none.
     hidden_expiry_stage: AtomicU32,
+    /// Only enabling a registry fails, as a store that went away during that one write would.
+    registry_down: AtomicBool,
 }
 
 impl FaultyStore {
@@ -46,6 +48,7 @@ impl FaultyStore {
             inner,
             down: AtomicBool::new(false),
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
+            registry_down: AtomicBool::new(false),
         })
     }
 
@@ -59,8 +62,17 @@ impl FaultyStore {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// Until set again, `create_registry` alone fails (every read still answers).
+    pub fn set_registry_down(&self, down: bool) {
+        self.registry_down.store(down, Ordering::SeqCst);
+    }
+
     fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
+        Self::fail_if(&self.down)
+    }
+
+    fn fail_if(switch: &AtomicBool) -> Result<(), StoreError> {
+        if switch.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(Unavailable::new(
                 StoreFault::Unreachable,
                 "switched off by the test",
@@ -320,6 +332,7 @@ impl Store for FaultyStore {
         event: &AuditEvent,
     ) -> Result<(), StoreError> {
         self.check()?;
+        Self::fail_if(&self.registry_down)?;
         self.inner
             .create_registry(registry, default_robot, event)
             .await

@@ -242,6 +242,43 @@ async fn registry_is_disabled_until_enabled(backend: Backend) {
     assert_eq!(list_names(&list), ["default"]);
 }
 
+/// A store failure while enabling answers 503 (never a 201 whose password was not stored), seals
+/// nothing under the Idempotency-Key, and the same request succeeds once the store is back.
+async fn a_failed_enable_answers_503_and_can_be_retried(backend: Backend) {
+    let (app, switch) =
+        crate::faulty_store::FaultyStore::spawn(backend, crate::helpers::test_config()).await;
+    let org = app.create_org("acme").await;
+    let enable_with_key = || {
+        app.request(Method::POST, &org.path("/registry"), Some(&org.token))
+            .header("Idempotency-Key", "enable-registry-1")
+            .send()
+    };
+    switch.set_registry_down(true);
+    let res = enable_with_key().await.unwrap();
+    assert!(res.headers().contains_key("retry-after"), "{res:?}");
+    assert_error(res, 503, "unavailable").await;
+    switch.set_registry_down(false);
+    let before = json_of(
+        app.get(&org.path("/registry"), &org.token).await,
+        200,
+        "GET /registry after the failed enable",
+    )
+    .await;
+    assert_eq!(before, json!({"enabled": false}));
+    // The retry is served anew, and its password is the stored one.
+    let enabled = json_of(enable_with_key().await.unwrap(), 201, "the retry").await;
+    let (status, _) = registry_token(
+        &app,
+        str_of(&enabled["credentials"], "username"),
+        str_of(&enabled["credentials"], "password"),
+        "repository:acme/app:pull",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let events = app.audit_events(&org, "registry.enabled").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+}
+
 async fn robots_need_an_enabled_registry(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
@@ -1366,6 +1403,7 @@ async fn bad_requested_scopes_are_refused(backend: Backend) {
 both_backends!(
     a_refused_login_does_not_count_as_use,
     registry_is_disabled_until_enabled,
+    a_failed_enable_answers_503_and_can_be_retried,
     robots_need_an_enabled_registry,
     robot_crud_with_the_documented_fields,
     robot_validation_reports_every_bad_field,
