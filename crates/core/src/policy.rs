@@ -154,6 +154,24 @@ impl CredentialPolicy {
             _ => Ok(expires_at),
         }
     }
+
+    /// The expiry a credential of `kind` issued at `now` with no caller to choose one (a
+    /// registry's default robot) gets: the default lifetime, else the latest the rule allows,
+    /// else, when the rule requires an expiry without bounding it, the longest lifetime a policy
+    /// can name. `None` when the rule asks for none. [`Self::expiry_for`] accepts it, so such a
+    /// credential can always be issued.
+    pub fn unrequested_expiry(
+        &self,
+        kind: CredentialKind,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let (rule, _) = self.rule_for(kind);
+        let days = rule
+            .default_lifetime_days
+            .or(rule.max_lifetime_days)
+            .or(rule.require_expiry.then_some(MAX_POLICY_DAYS))?;
+        Some(now + TimeDelta::days(i64::from(days)))
+    }
 }
 
 /// Days before `expires_at` at which a `credential.expiring` warning goes out, furthest first.
@@ -252,6 +270,49 @@ mod tests {
             error.message.contains("credential policy (all"),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn an_unrequested_expiry_is_the_latest_the_rule_accepts() {
+        let now = at(0);
+        let path = FieldPath::body("expires_at");
+        for (rule, expected) in [
+            (LifetimeRule::default(), None),
+            (
+                LifetimeRule {
+                    max_lifetime_days: Some(90),
+                    default_lifetime_days: Some(30),
+                    ..Default::default()
+                },
+                Some(at(30)),
+            ),
+            (
+                LifetimeRule {
+                    max_lifetime_days: Some(90),
+                    ..Default::default()
+                },
+                Some(at(90)),
+            ),
+            (
+                LifetimeRule {
+                    require_expiry: true,
+                    ..Default::default()
+                },
+                Some(at(i64::from(MAX_POLICY_DAYS))),
+            ),
+        ] {
+            let policy = CredentialPolicy {
+                robot_accounts: Some(rule),
+                ..Default::default()
+            };
+            let got = policy.unrequested_expiry(CredentialKind::RobotAccount, now);
+            assert_eq!(got, expected, "{rule:?}");
+            assert_eq!(
+                policy.expiry_for(CredentialKind::RobotAccount, got, now, path.clone()),
+                Ok(expected),
+                "{rule:?}"
+            );
+        }
     }
 
     #[test]

@@ -1136,16 +1136,22 @@ pub async fn enable_registry(
                 repository: None,
             },
         ],
-        // The default robot is a credential like any other: the policy's default lifetime applies.
-        expires_at: credential_policy(store.as_ref(), tenant)
-            .await?
-            .expiry_for(
-                CredentialKind::RobotAccount,
-                None,
-                app.now(),
-                FieldPath::body("expires_at"),
-            )
-            .map_err(DomainError::from)?,
+        expires_at: {
+            // No caller chooses its expiry (the request has no body): the policy's default
+            // lifetime, else the latest expiry the policy allows, so that a policy bounding
+            // lifetimes without a default does not make the registry impossible to enable.
+            let policy = credential_policy(store.as_ref(), tenant).await?;
+            let at = app.now();
+            let kind = CredentialKind::RobotAccount;
+            policy
+                .expiry_for(
+                    kind,
+                    policy.unrequested_expiry(kind, at),
+                    at,
+                    FieldPath::body("expires_at"),
+                )
+                .map_err(DomainError::from)?
+        },
         created_by_user_id: who.user_id(),
         canary: false,
     }

@@ -60,7 +60,9 @@ pub async fn get_registry(
 ///
 /// Provisions the organization's registry project (named after the organization) and a default
 /// robot (`robot$<harbor_project>+default`, may pull and push) whose password is returned only in
-/// this response. Enabling twice answers 409. Needs `registry:write`.
+/// this response. The robot expires as the organization's credential policy says: its default
+/// lifetime, else the latest expiry it allows, else never. Enabling twice answers 409. Needs
+/// `registry:write`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/registry", tag = TAG_REGISTRY,
     params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),

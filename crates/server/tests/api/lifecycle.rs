@@ -21,6 +21,7 @@ both_backends!(
     only_a_usable_service_account_receives_grants,
     robots_log_in_with_the_previous_secret_during_grace_only,
     the_policy_bounds_creates_and_rotations,
+    a_policy_without_a_default_lifetime_still_lets_the_registry_be_enabled,
     the_policy_needs_an_owner_and_checks_its_body,
     expiry_warnings_go_out_once_per_stage,
     a_sweep_racing_a_create_announces_the_stage_reached,
@@ -942,6 +943,37 @@ async fn the_policy_bounds_creates_and_rotations(backend: Backend) {
     let updates = app.audit_events(&org, "credential_policy.updated").await;
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0]["target"]["type"], "credential_policy");
+}
+
+/// The default robot has no caller to choose its expiry: under a policy that bounds or requires
+/// expiries but names no default lifetime, it gets the latest expiry the policy allows.
+async fn a_policy_without_a_default_lifetime_still_lets_the_registry_be_enabled(backend: Backend) {
+    let (app, _clock) = spawn(backend).await;
+    for (name, rule, days) in [
+        ("bounded", json!({"max_lifetime_days": 90}), 90),
+        ("required", json!({"require_expiry": true}), 36_500),
+    ] {
+        let org = app.create_org(name).await;
+        put_policy(&app, &org, json!({ "all": rule })).await;
+        ok(
+            app.post_empty(&org.path("/registry"), &org.token).await,
+            201,
+            &format!("enable registry under the {name} policy"),
+        )
+        .await;
+        let robots = ok(
+            app.get(&org.path("/registry/robot-accounts"), &org.token)
+                .await,
+            200,
+            "robots",
+        )
+        .await;
+        assert_close(
+            &robots["items"][0]["expires_at"],
+            chrono::Utc::now() + chrono::TimeDelta::days(days),
+            &format!("default robot's expiry under the {name} policy"),
+        );
+    }
 }
 
 async fn the_policy_needs_an_owner_and_checks_its_body(backend: Backend) {
