@@ -823,12 +823,18 @@ const SWEEP_MAX_BATCHES: usize = 20;
 /// (usage-aware cutover), and announces expiries: `credential.expiring` 30, 7 and 1 days before
 /// `expires_at` and `credential.expired` after it, each once per credential and stage.
 pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
+    lifecycle_sweep_in_pages(app, SWEEP_BATCH).await
+}
+
+/// [`lifecycle_sweep`] reading at most `page` credentials at once: tests make it small.
+#[doc(hidden)]
+pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppError> {
     let store = app.store().as_ref();
     let now = app.now();
-    // Soonest-ending first, so ended ones are among them. Only reads when there is nothing to
-    // do: a replica on a read-only store stays healthy.
-    let with_previous = store.credentials_with_previous_secret(SWEEP_BATCH).await?;
-    let any_ended = with_previous.iter().any(|c| {
+    // The soonest-ending previous secret tells whether any has ended. Only reads when there is
+    // nothing to do: a replica on a read-only store stays healthy.
+    let soonest = store.credentials_with_previous_secret(1).await?;
+    let any_ended = soonest.iter().any(|c| {
         c.previous_secret
             .as_ref()
             .is_some_and(|p| p.expires_at <= now)
@@ -836,32 +842,25 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
     if any_ended {
         store.clear_ended_previous_secrets(now).await?;
     }
-    for candidate in with_previous {
-        let (Some(previous), true) = (
-            candidate.previous_secret.as_ref(),
-            candidate.previous_secret_unused(now),
-        ) else {
-            continue;
-        };
-        let event = previous_retired_event(
-            &candidate,
-            "unused",
-            AuditActor::system(),
-            &RequestContext::default(),
-        );
-        let retired = store
-            .retire_previous_secret(
-                candidate.tenant_id,
-                candidate.kind,
-                candidate.id,
-                &previous.hash,
-                now,
-                &event,
-            )
+    // Candidates stay after a look that does not retire them, so this pages with a cursor, up to
+    // the same bound as each expiry stage; the next sweep starts over.
+    let mut after = None;
+    for _ in 0..SWEEP_MAX_BATCHES {
+        let candidates = store
+            .credentials_retiring_previous_when_unused(after, page)
             .await?;
-        if retired.is_some() {
-            app.invalidate(candidate.id.as_uuid());
-            tracing::info!(tenant.id = %candidate.tenant_id, credential.id = %candidate.id, "previous secret retired: unused");
+        for candidate in &candidates {
+            retire_if_unused(app, candidate, now).await?;
+        }
+        after = match candidates.last() {
+            Some(last) if candidates.len() == page as usize => last
+                .previous_secret
+                .as_ref()
+                .map(|previous| (previous.expires_at, last.id)),
+            _ => None,
+        };
+        if after.is_none() {
+            break;
         }
     }
     // Nearest stage first, so a credential past several thresholds at once is announced only at
@@ -874,7 +873,7 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
         let due_before = now + chrono::TimeDelta::days(i64::from(stage));
         for _ in 0..SWEEP_MAX_BATCHES {
             let due = store
-                .credentials_due_for_expiry_notice(stage, due_before, SWEEP_BATCH)
+                .credentials_due_for_expiry_notice(stage, due_before, page)
                 .await?;
             let mut announced = 0;
             for credential in &due {
@@ -904,10 +903,46 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
                     announced += 1;
                 }
             }
-            if due.len() < SWEEP_BATCH as usize || announced == 0 {
+            if due.len() < page as usize || announced == 0 {
                 break;
             }
         }
+    }
+    Ok(())
+}
+
+/// The usage-aware cutover of one candidate: retires its previous secret if it has gone unused.
+async fn retire_if_unused(
+    app: &App,
+    candidate: &Credential,
+    now: DateTime<Utc>,
+) -> Result<(), AppError> {
+    let (Some(previous), true) = (
+        candidate.previous_secret.as_ref(),
+        candidate.previous_secret_unused(now),
+    ) else {
+        return Ok(());
+    };
+    let event = previous_retired_event(
+        candidate,
+        "unused",
+        AuditActor::system(),
+        &RequestContext::default(),
+    );
+    let retired = app
+        .store()
+        .retire_previous_secret(
+            candidate.tenant_id,
+            candidate.kind,
+            candidate.id,
+            &previous.hash,
+            now,
+            &event,
+        )
+        .await?;
+    if retired.is_some() {
+        app.invalidate(candidate.id.as_uuid());
+        tracing::info!(tenant.id = %candidate.tenant_id, credential.id = %candidate.id, "previous secret retired: unused");
     }
     Ok(())
 }

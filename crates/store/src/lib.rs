@@ -287,10 +287,20 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Credential>, StoreError>;
 
-    /// Live credentials that hold a previous secret, at most `limit`: the usage-aware cutover's
-    /// candidates.
+    /// Live credentials that hold a previous secret, soonest-ending first, at most `limit` (the
+    /// sweep reads the first to learn whether any has ended).
     async fn credentials_with_previous_secret(
         &self,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError>;
+
+    /// Live credentials whose previous secret is to be retired once unused
+    /// (`retire_when_unused_seconds`) and whose new secret has been used since the rotation: the
+    /// usage-aware cutover's candidates. Soonest-ending previous secret first, after `after` (the
+    /// last page's `(previous secret's expires_at, id)`; `None`: from the start), at most `limit`.
+    async fn credentials_retiring_previous_when_unused(
+        &self,
+        after: Option<(DateTime<Utc>, CredentialId)>,
         limit: u32,
     ) -> Result<Vec<Credential>, StoreError>;
 

@@ -950,6 +950,35 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all)]
+            async fn credentials_retiring_previous_when_unused(
+                &self,
+                after: Option<(chrono::DateTime<chrono::Utc>, keyplane_core::CredentialId)>,
+                limit: u32,
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                // `previous_secret_hash IS NOT NULL` lets the partial index on it serve the query.
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE previous_secret_hash IS NOT NULL \
+                     AND revoked_at IS NULL AND retire_previous_when_unused_seconds IS NOT NULL \
+                     AND last_used_at >= rotated_at{} \
+                     ORDER BY previous_secret_expires_at, id LIMIT $1",
+                    $crate::sql::CREDENTIAL_COLUMNS,
+                    if after.is_some() {
+                        " AND (previous_secret_expires_at > $2 \
+                         OR (previous_secret_expires_at = $2 AND id > $3))"
+                    } else {
+                        ""
+                    },
+                );
+                let mut query =
+                    sqlx::query_as::<_, $crate::rows::CredentialRow>(&sql).bind(i64::from(limit));
+                if let Some((expires_at, id)) = after {
+                    query = query.bind(expires_at).bind(id.as_uuid());
+                }
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all)]
             async fn clear_ended_previous_secrets(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,

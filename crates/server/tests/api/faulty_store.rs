@@ -230,6 +230,17 @@ impl Store for FaultyStore {
         self.inner.credentials_with_previous_secret(limit).await
     }
 
+    async fn credentials_retiring_previous_when_unused(
+        &self,
+        after: Option<(DateTime<Utc>, CredentialId)>,
+        limit: u32,
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner
+            .credentials_retiring_previous_when_unused(after, limit)
+            .await
+    }
+
     async fn clear_ended_previous_secrets(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         self.check()?;
         self.inner.clear_ended_previous_secrets(now).await

@@ -14,6 +14,7 @@ both_backends!(
     rotating_again_during_grace_ends_the_earlier_previous_secret,
     retire_previous_ends_the_old_secret_now,
     an_unused_previous_secret_is_retired_early,
+    the_cutover_pages_past_secrets_it_may_not_retire,
     rotation_bodies_are_validated,
     suspension_stops_a_token_everywhere_and_resume_restores_it,
     service_accounts_rotate_with_grace_and_suspend,
@@ -321,6 +322,54 @@ async fn an_unused_previous_secret_is_retired_early(backend: Backend) {
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert_eq!(retired[0]["details"]["reason"], "unused");
     assert_eq!(retired[0]["actor"]["type"], "system");
+}
+
+/// The sweep reads retirement candidates a page at a time (here 2), skipping previous secrets
+/// that asked for no usage-aware cutover even when they end sooner, and reads every page: each
+/// of the later-ending unused secrets is retired.
+async fn the_cutover_pages_past_secrets_it_may_not_retire(backend: Backend) {
+    let (app, clock) = spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let rotate_token = |id: String, body: Value| {
+        let path = org.path(&format!("/api-tokens/{id}/rotate"));
+        let app = &app;
+        let token = org.token.clone();
+        async move { text(&rotate(app, &path, &token, body).await, "token") }
+    };
+    // Soonest-ending, and not to be retired when unused.
+    for i in 0..3 {
+        let id = text(
+            &app.create_token(&org, &format!("kept{i}"), &[]).await,
+            "id",
+        );
+        rotate_token(id, json!({"grace_seconds": 3600})).await;
+    }
+    let mut retiring = Vec::new();
+    for i in 0..3 {
+        let created = app.create_token(&org, &format!("retiring{i}"), &[]).await;
+        let (id, old) = (text(&created, "id"), text(&created, "token"));
+        let new = rotate_token(
+            id.clone(),
+            json!({"grace_seconds": 86400, "retire_when_unused_seconds": 600}),
+        )
+        .await;
+        assert_eq!(forward(&app, &new).await.status(), 200);
+        retiring.push((id, old));
+    }
+    for (id, _) in &retiring {
+        used(&app, &org, id, &["last_used_at"]).await;
+    }
+    clock.advance(Duration::from_secs(601));
+    keyplane_server::ops::lifecycle_sweep_in_pages(&app.app, 2)
+        .await
+        .expect("sweep");
+    for (id, old) in &retiring {
+        assert_eq!(forward(&app, old).await.status(), 401, "{id} retired");
+    }
+    let retired = app
+        .audit_events(&org, "api_token.previous_secret_retired")
+        .await;
+    assert_eq!(retired.len(), 3, "{retired:?}");
 }
 
 async fn rotation_bodies_are_validated(backend: Backend) {
