@@ -22,9 +22,13 @@ pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, cer
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrapped' \
      UNION ALL SELECT 1 FROM tenants LIMIT 1";
-pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1";
+/// Last uses only move forward: replicas, and a flush that lost a race with another, may write an
+/// older use after a newer one. Comparing works on SQLite's text too: sqlx writes every time as
+/// RFC 3339 in UTC (`+00:00`) with 0, 3, 6 or 9 fractional digits, which sorts as the times do
+/// (`+` sorts before `.`, and both before digits).
+pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)";
 /// A previous secret's use counts only while it is still that credential's previous secret.
-pub(crate) const TOUCH_PREVIOUS_LAST_USED: &str = "UPDATE credentials SET previous_secret_last_used_at = $2 WHERE id = $1 AND previous_secret_hash = $3";
+pub(crate) const TOUCH_PREVIOUS_LAST_USED: &str = "UPDATE credentials SET previous_secret_last_used_at = $2 WHERE id = $1 AND previous_secret_hash = $3 AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2)";
 /// Rows the expiry sweep may still announce a stage for; the same text as the partial index
 /// `credentials_expiry_sweep`'s predicate, so both backends use that index.
 pub(crate) const EXPIRY_SWEEP_PREDICATE: &str = "revoked_at IS NULL AND expires_at IS NOT NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > 0)";

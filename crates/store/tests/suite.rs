@@ -37,6 +37,17 @@ struct Fixture {
     _db: TestDatabase,
 }
 
+impl Fixture {
+    /// The stored API token `id` of the fixture's tenant.
+    async fn api_token(&self, id: keyplane_core::CredentialId) -> Credential {
+        self.store
+            .get_credential(self.tenant.id, CredentialKind::ApiToken, id)
+            .await
+            .unwrap()
+            .expect("the token is stored")
+    }
+}
+
 async fn fixture(backend: Backend) -> Fixture {
     let db = TestDatabase::new(backend).await;
     let store = keyplane_store::connect(&db.url).await.expect("connect");
@@ -75,12 +86,7 @@ async fn created_credential_round_trips(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, plaintext) = new_token(f.tenant.id, "ci");
     f.store.insert_credential(&credential, &ev()).await.unwrap();
-    let got = f
-        .store
-        .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let got = f.api_token(credential.id).await;
     assert_eq!(got, credential);
     let by_hash = f
         .store
@@ -305,13 +311,60 @@ async fn last_used_batches_are_applied(backend: Backend) {
         .await
         .unwrap();
     for id in [a.id, b.id] {
-        let got = f
-            .store
-            .get_credential(f.tenant.id, CredentialKind::ApiToken, id)
-            .await
-            .unwrap()
-            .unwrap();
+        let got = f.api_token(id).await;
         assert_eq!(got.last_used_at, Some(at));
+    }
+}
+
+/// An older use written after a newer one (another replica's flush) leaves the newer one, for the
+/// current and the previous secret alike. The times differ below the second, where SQLite's text
+/// has 0, 3 or 6 fractional digits.
+async fn last_uses_only_move_forward(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old) = new_token(f.tenant.id, "used");
+    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    let (rotation, _) = Rotation::mint(
+        &credential,
+        grace(3600),
+        credential.expires_at,
+        now(),
+        &mut OsRng,
+    );
+    rotate(&f, &credential, &rotation).await;
+    let whole = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+    let millis = whole + TimeDelta::milliseconds(500);
+    let micros = millis + TimeDelta::microseconds(1);
+    let later = whole + TimeDelta::seconds(1);
+    for (at, expected) in [
+        (millis, millis),
+        (whole, millis),
+        (micros, micros),
+        (millis, micros),
+        (whole, micros),
+        (later, later),
+    ] {
+        f.store
+            .record_last_used(&[
+                CredentialUse {
+                    id: credential.id,
+                    at,
+                    previous_secret: None,
+                },
+                CredentialUse {
+                    id: credential.id,
+                    at,
+                    previous_secret: Some(old.hash()),
+                },
+            ])
+            .await
+            .unwrap();
+        let got = f.api_token(credential.id).await;
+        assert_eq!(got.last_used_at, Some(expected), "after a use at {at}");
+        assert_eq!(
+            got.previous_secret.unwrap().last_used_at,
+            Some(expected),
+            "previous secret, after a use at {at}"
+        );
     }
 }
 
@@ -1109,6 +1162,7 @@ store_suite! {
     other_tenants_and_kinds_are_invisible,
     listing_pages_in_creation_order,
     last_used_batches_are_applied,
+    last_uses_only_move_forward,
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
     grants_filter_conflict_and_revoke,
@@ -1261,12 +1315,7 @@ async fn a_grace_rotation_keeps_the_previous_secret_findable(backend: Backend) {
         }])
         .await
         .unwrap();
-    let got = f
-        .store
-        .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let got = f.api_token(credential.id).await;
     assert_eq!(got.previous_secret.unwrap().last_used_at, Some(at));
     assert_eq!(got.last_used_at, None);
     // Rotating again without a grace period ends the previous secret.

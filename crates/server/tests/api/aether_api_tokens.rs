@@ -831,6 +831,40 @@ async fn last_used_at_is_recorded_in_batches(backend: Backend) {
     .await;
 }
 
+/// Two replicas flush their uses of one token, the one whose use is newer first: the older use
+/// written after it does not move `last_used_at` backwards.
+async fn last_used_at_never_moves_backwards(backend: Backend) {
+    let config = test_config();
+    let clock = config.clock.clone();
+    let ahead = TestApp::spawn_with(backend, config).await;
+    // Its own clock (`test_config` makes a new one), which the test does not move.
+    let behind = ahead.replica_at(ahead.database_url(), test_config()).await;
+    let org = ahead.create_org("acme").await;
+    let created = ahead.create_token(&org, "used", &["api_tokens:read"]).await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let path = org.path(&format!("/api-tokens/{}", created["id"].as_str().unwrap()));
+    let last_used = || async {
+        let body: Value = ahead.get(&path, &org.token).await.json().await.unwrap();
+        let at = body["last_used_at"].as_str().map(str::to_string);
+        at.map(|at| chrono::DateTime::parse_from_rfc3339(&at).unwrap())
+    };
+    clock.advance(std::time::Duration::from_secs(3600));
+    let hour_ahead = chrono::Utc::now() + chrono::TimeDelta::minutes(59);
+    assert_eq!(
+        ahead.get(&org.path("/api-tokens"), &token).await.status(),
+        200
+    );
+    ahead.app.flush_usage().await;
+    let newest = last_used().await.expect("the newer use is recorded");
+    assert!(newest > hour_ahead, "{newest}");
+    assert_eq!(
+        behind.get(&org.path("/api-tokens"), &token).await.status(),
+        200
+    );
+    behind.app.flush_usage().await;
+    assert_eq!(last_used().await, Some(newest));
+}
+
 async fn the_rate_limit_answers_429_with_retry_after(backend: Backend) {
     let config = Config {
         rate_limit_per_minute: 60,
@@ -884,6 +918,7 @@ async fn the_rate_limit_can_be_turned_off(backend: Backend) {
 
 both_backends!(
     create_returns_the_documented_fields_and_a_one_time_token,
+    last_used_at_never_moves_backwards,
     scopes_default_to_none_and_null_expiry_is_allowed,
     list_pages_with_cursor_and_limit,
     get_unknown_or_malformed_ids,
