@@ -119,6 +119,22 @@ fn grant_event(
     event
 }
 
+/// The events of the grants a service account's revocation revokes with it: by the same actor,
+/// in the same request.
+pub(crate) fn grants_revoked_with(
+    actor: AuditActor,
+    context: &RequestContext,
+) -> impl Fn(&Grant) -> AuditEvent + Send + Sync + '_ {
+    move |grant| {
+        grant_event(
+            actions::AUTHORIZATION_REVOKED,
+            actor.clone(),
+            context,
+            grant,
+        )
+    }
+}
+
 /// The event of a bulk import of `count` credentials into `tenant` by the operator.
 pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> AuditEvent {
     audit_event(
@@ -974,7 +990,15 @@ pub async fn revoke_credential(
     );
     let credential = app
         .store()
-        .revoke_credential(tenant, rights.kind, id, at, who.user_id(), &event)
+        .revoke_credential(
+            tenant,
+            rights.kind,
+            id,
+            at,
+            who.user_id(),
+            &event,
+            &grants_revoked_with(AuditActor::of(who), context),
+        )
         .await?;
     app.invalidate(id.as_uuid());
     let revoked_now = credential.revoked_at == Some(at);

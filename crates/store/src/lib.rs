@@ -174,6 +174,11 @@ pub enum IdempotencyRecord {
     },
 }
 
+/// Makes a write's event from what the write found inside its transaction (a grant it revoked
+/// along with its subject, a record as it was just before the change): only there is that known
+/// for sure, and there the event is appended.
+pub type EventOf<'a, T> = &'a (dyn Fn(&T) -> AuditEvent + Send + Sync);
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, for logs and `/readyz`.
@@ -352,7 +357,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Permanent and idempotent: revoking again returns the record with its first `revoked_at`,
     /// and writes no event (nothing changed). A service account's live grants are revoked with it,
-    /// at the same `revoked_at`.
+    /// at the same `revoked_at`, each with the event `grant_event` makes of it, after `event` and
+    /// in the same transaction.
+    #[allow(clippy::too_many_arguments)] // what is revoked, when, by whom, and the two events
     async fn revoke_credential(
         &self,
         tenant_id: TenantId,
@@ -361,6 +368,7 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
         by_user: Option<UserId>,
         event: &AuditEvent,
+        grant_event: EventOf<'_, Grant>,
     ) -> Result<Credential, StoreError>;
 
     /// Replaces a live robot's permissions. `NotFound` if absent or revoked.

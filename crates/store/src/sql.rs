@@ -483,6 +483,7 @@ macro_rules! impl_store {
                 at: chrono::DateTime<chrono::Utc>,
                 by_user: Option<keyplane_core::UserId>,
                 event: &keyplane_core::AuditEvent,
+                grant_event: $crate::EventOf<'_, keyplane_core::Grant>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     let sql = format!(
@@ -501,18 +502,33 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
+                        let mut grants = Vec::new();
                         if kind == keyplane_core::CredentialKind::ServiceAccount {
-                            // Its grants go with it, at the same instant.
-                            sqlx::query($crate::sql::REVOKE_GRANTS_OF_SUBJECT)
+                            // Its grants go with it, at the same instant, each with its event.
+                            let sql = format!(
+                                "{} RETURNING {}",
+                                $crate::sql::REVOKE_GRANTS_OF_SUBJECT,
+                                $crate::sql::GRANT_COLUMNS
+                            );
+                            let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
                                 .bind(at)
                                 .bind(tenant_id.as_uuid())
                                 .bind(keyplane_core::SubjectType::ServiceAccount.as_str())
                                 .bind(id.as_uuid())
-                                .execute(&mut *tx)
+                                .fetch_all(&mut *tx)
                                 .await?;
+                            grants = rows
+                                .into_iter()
+                                .map(keyplane_core::Grant::try_from)
+                                .collect::<Result<Vec<_>, _>>()?;
+                            // RETURNING has no order: the trail lists them in creation order.
+                            grants.sort_by_key(|grant| grant.id);
                         }
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
+                        for grant in &grants {
+                            Self::append_audit(&mut tx, &grant_event(grant)).await?;
+                        }
                     }
                     tx.commit().await?;
                     match row {

@@ -118,6 +118,7 @@ async fn names_are_unique_among_live_credentials(backend: Backend) {
             now(),
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -173,6 +174,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             now(),
             Some(user),
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -185,6 +187,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             now() + TimeDelta::seconds(5),
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -231,7 +234,8 @@ async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
                 credential.id,
                 now(),
                 None,
-                &ev()
+                &ev(),
+                &|_| ev(),
             )
             .await,
         Err(StoreError::NotFound)
@@ -271,6 +275,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
             now(),
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -1462,6 +1467,7 @@ async fn suspension_changes_state_once(backend: Backend) {
             now(),
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -1618,6 +1624,7 @@ async fn policies_round_trip_and_count_what_exceeds_them(backend: Backend) {
             now(),
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();
@@ -1662,6 +1669,7 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             at,
             None,
             &ev(),
+            &|_| ev(),
         )
         .await
         .unwrap();

@@ -236,8 +236,10 @@ pub async fn respond_to_leak(
     let (tenant, kind, id) = (credential.tenant_id, credential.kind, credential.id);
     let outcome = match action {
         LeakAction::Revoke => {
+            let grant_event =
+                crate::ops::grants_revoked_with(AuditActor::system(), &report.context);
             let revoked = store
-                .revoke_credential(tenant, kind, id, at, None, &event)
+                .revoke_credential(tenant, kind, id, at, None, &event, &grant_event)
                 .await?;
             // Revoked by someone else between the lookup and this write: theirs is the record.
             if revoked.revoked_at == Some(at) {

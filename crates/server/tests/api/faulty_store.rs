@@ -10,9 +10,9 @@ use keyplane_core::{
     GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId, Webhook,
 };
 use keyplane_store::{
-    AuditChainState, AuditQuery, CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord,
-    InvalidationHandler, ListCredentials, SigningKey, Store, StoreError, StoreFault,
-    StoredResponse, Unavailable, WriteHealth,
+    AuditChainState, AuditQuery, CredentialUse, EventOf, GrantFilter, IdempotencyClaim,
+    IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey, Store, StoreError,
+    StoreFault, StoredResponse, Unavailable, WriteHealth,
 };
 use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -315,10 +315,11 @@ impl Store for FaultyStore {
         at: DateTime<Utc>,
         by_user: Option<UserId>,
         event: &AuditEvent,
+        grant_event: EventOf<'_, Grant>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner
-            .revoke_credential(tenant_id, kind, id, at, by_user, event)
+            .revoke_credential(tenant_id, kind, id, at, by_user, event, grant_event)
             .await
     }
 

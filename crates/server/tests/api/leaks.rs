@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 both_backends!(
     a_canary_reported_by_github_is_recorded_and_left_armed,
+    a_leaked_service_accounts_grants_are_revoked_on_the_record,
     a_previous_secret_past_its_grace_is_not_the_credential,
     a_suspend_policy_suspends_leaked_credentials_instead,
     github_report_revokes_real_credentials_and_labels_every_match,
@@ -588,6 +589,27 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
             "a reported token was logged"
         );
     }
+}
+
+/// A leaked service account is revoked with its grants, and each grant's revocation is recorded
+/// as the leak's is: by the system, with the reporter's address.
+async fn a_leaked_service_accounts_grants_are_revoked_on_the_record(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let (sa_id, secret, grant_id) = app.service_account_with_grant(&org, "deploy").await;
+    let res = revoke(&app, json!({ "credentials": [secret] })).await;
+    assert_eq!(res.status(), 202);
+    eventually("the leaked service account is revoked", || async {
+        whoami_status(&app, &secret).await == 401
+    })
+    .await;
+    let events = app.audit_events(&org, "authorization.revoked").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let event = &events[0];
+    assert_eq!(event["target"]["id"], grant_id.as_str());
+    assert_eq!(event["details"]["subject_id"], sa_id.as_str());
+    assert_eq!(event["actor"]["type"], "system");
+    assert_eq!(event["client_ip"], "127.0.0.1", "the reporter's address");
 }
 
 /// An API token named `name`, rotated with `grace_seconds` of overlap: its id, its previous

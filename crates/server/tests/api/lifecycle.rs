@@ -659,8 +659,12 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
     let org = app.create_org("acme").await;
     let (id, _) = service_account(&app, &org, "svc", json!({})).await;
     let (other, _) = service_account(&app, &org, "other", json!({})).await;
+    let mut grant_ids = Vec::new();
     for (subject, capability) in [(&id, "deploy"), (&id, "audit:read"), (&other, "deploy")] {
-        assert_eq!(grant(&app, &org, subject, capability).await.status(), 201);
+        let granted = ok(grant(&app, &org, subject, capability).await, 201, "grant").await;
+        if subject == &id {
+            grant_ids.push(text(&granted, "id"));
+        }
     }
     let revoked = ok(
         app.delete(
@@ -710,6 +714,36 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
         .unwrap()
         .iter()
         .all(|g| g["subject_id"] != id.as_str()));
+
+    // Each grant's revocation is on the record, by the same caller in the same request.
+    let account_revoked = app.audit_events(&org, "service_account.revoked").await;
+    assert_eq!(account_revoked.len(), 1, "{account_revoked:?}");
+    let cause = &account_revoked[0];
+    let events = app.audit_events(&org, "authorization.revoked").await;
+    let mut targets: Vec<String> = events.iter().map(|e| text(&e["target"], "id")).collect();
+    targets.sort();
+    grant_ids.sort();
+    assert_eq!(targets, grant_ids, "{events:?}");
+    for event in &events {
+        assert_eq!(event["actor"], cause["actor"], "{event}");
+        assert_eq!(event["request_id"], cause["request_id"], "{event}");
+        assert_eq!(event["details"]["subject_id"], id.as_str(), "{event}");
+        assert!(event["seq"].as_u64() > cause["seq"].as_u64(), "{event}");
+    }
+    let by_target = ok(
+        app.get(
+            &org.path(&format!(
+                "/audit-events?action=authorization.revoked&target_id={}",
+                grant_ids[0]
+            )),
+            &org.token,
+        )
+        .await,
+        200,
+        "events of one grant",
+    )
+    .await;
+    assert_eq!(by_target["items"].as_array().unwrap().len(), 1);
 }
 
 /// An expired, suspended or revoked service account cannot receive a grant (409); an unknown one
