@@ -1289,31 +1289,29 @@ pub async fn update_robot_permissions(
     permissions: Vec<RobotPermission>,
 ) -> Result<Credential, AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
-    let current = app
-        .store()
-        .get_credential(tenant, CredentialKind::RobotAccount, id)
-        .await?
-        .filter(|robot| !robot.is_revoked())
-        .ok_or(DomainError::NotFound)?;
-    let event = audit_event(
-        tenant,
-        actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
-        AuditActor::of(who),
-        context,
-    )
-    .target(
-        CredentialKind::RobotAccount.as_str(),
-        id.as_uuid(),
-        Some(&current.name),
-    )
-    .list(
-        "old_permissions",
-        current.permissions.iter().map(RobotPermission::to_wire),
-    )
-    .list(
-        "permissions",
-        permissions.iter().map(RobotPermission::to_wire),
-    );
+    // Built from the robot as the store's write finds it under its row lock: a copy read before
+    // could be a concurrent update's old value.
+    let event = |current: &Credential| {
+        audit_event(
+            tenant,
+            actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
+            AuditActor::of(who),
+            context,
+        )
+        .target(
+            CredentialKind::RobotAccount.as_str(),
+            id.as_uuid(),
+            Some(&current.name),
+        )
+        .list(
+            "old_permissions",
+            current.permissions.iter().map(RobotPermission::to_wire),
+        )
+        .list(
+            "permissions",
+            permissions.iter().map(RobotPermission::to_wire),
+        )
+    };
     let robot = app
         .store()
         .update_robot_permissions(tenant, id, &permissions, now(), &event)

@@ -371,14 +371,16 @@ pub trait Store: Send + Sync + 'static {
         grant_event: EventOf<'_, Grant>,
     ) -> Result<Credential, StoreError>;
 
-    /// Replaces a live robot's permissions. `NotFound` if absent or revoked.
+    /// Replaces a live robot's permissions, with the event `event` makes of the robot as it was
+    /// just before, read under the write's row lock (so concurrent updates each record the
+    /// permissions they replaced). `NotFound` if absent or revoked.
     async fn update_robot_permissions(
         &self,
         tenant_id: TenantId,
         id: CredentialId,
         permissions: &[keyplane_core::RobotPermission],
         at: DateTime<Utc>,
-        event: &AuditEvent,
+        event: EventOf<'_, Credential>,
     ) -> Result<Credential, StoreError>;
 
     /// The tenant's registry and its default robot, atomically. `Conflict` if the tenant has one or

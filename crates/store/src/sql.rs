@@ -549,16 +549,33 @@ macro_rules! impl_store {
                 id: keyplane_core::CredentialId,
                 permissions: &[keyplane_core::RobotPermission],
                 at: chrono::DateTime<chrono::Utc>,
-                event: &keyplane_core::AuditEvent,
+                event: $crate::EventOf<'_, keyplane_core::Credential>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    // The robot as this write replaces it: a no-op UPDATE locks the row until
+                    // commit on PostgreSQL (SQLite has one writer), so a concurrent update waits
+                    // and then reads what this one wrote.
+                    let lock = format!(
+                        "UPDATE credentials SET updated_at = updated_at \
+                         WHERE tenant_id = $1 AND kind = $2 AND id = $3 AND revoked_at IS NULL \
+                         RETURNING {}",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    );
+                    let before: Option<$crate::rows::CredentialRow> = sqlx::query_as(&lock)
+                        .bind(tenant_id.as_uuid())
+                        .bind(keyplane_core::CredentialKind::RobotAccount.as_str())
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let before: keyplane_core::Credential =
+                        before.ok_or($crate::StoreError::NotFound)?.try_into()?;
                     let sql = format!(
                         "UPDATE credentials SET permissions = $1, updated_at = $2 \
                          WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
                          RETURNING {}",
                         $crate::sql::CREDENTIAL_COLUMNS
                     );
-                    let mut tx = self.writer.begin().await?;
                     let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                         .bind($crate::rows::permission_list_json(permissions))
                         .bind(at)
@@ -569,7 +586,7 @@ macro_rules! impl_store {
                         .await?;
                     if row.is_some() {
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
-                        Self::append_audit(&mut tx, event).await?;
+                        Self::append_audit(&mut tx, &event(&before)).await?;
                     }
                     tx.commit().await?;
                     row.ok_or($crate::StoreError::NotFound)?.try_into()

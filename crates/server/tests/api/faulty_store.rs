@@ -329,7 +329,7 @@ impl Store for FaultyStore {
         id: CredentialId,
         permissions: &[keyplane_core::RobotPermission],
         at: DateTime<Utc>,
-        event: &AuditEvent,
+        event: EventOf<'_, Credential>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
         self.inner

@@ -279,6 +279,40 @@ async fn a_failed_enable_answers_503_and_can_be_retried(backend: Backend) {
     assert_eq!(events.len(), 1, "{events:?}");
 }
 
+/// Permission updates racing each other: each event's `old_permissions` is what the update
+/// before it (in the trail's order) set, never a value another update had already replaced.
+async fn concurrent_permission_updates_record_what_each_replaced(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let created = create_robot(&app, &org, json!({"name": "ci", "permissions": ["pull"]})).await;
+    let path = robot(&org, str_of(&created, "id"));
+    for round in 0..3 {
+        let updates: Vec<_> = (0..12)
+            .map(|i| {
+                tokio::spawn(
+                    app.request(Method::PUT, &path, Some(&org.token))
+                        .json(&json!({"permissions": [format!("pull:r{round}-{i}/*")]}))
+                        .send(),
+                )
+            })
+            .collect();
+        for update in updates {
+            assert_eq!(update.await.unwrap().unwrap().status(), 200);
+        }
+    }
+    let mut events = app
+        .audit_events(&org, "robot_account.permissions_updated")
+        .await;
+    assert_eq!(events.len(), 36);
+    events.sort_by_key(|event| event["seq"].as_u64());
+    let mut current = json!(["pull"]);
+    for event in &events {
+        assert_eq!(event["details"]["old_permissions"], current, "{event}");
+        current = event["details"]["permissions"].clone();
+    }
+}
+
 async fn robots_need_an_enabled_registry(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
@@ -1254,14 +1288,16 @@ async fn pathological_globs_case(backend: Backend) {
             keyplane_core::CredentialId::from_uuid(str_of(&old, "id").parse().unwrap()),
             &[legacy],
             chrono::Utc::now(),
-            &keyplane_core::AuditEvent::new(
-                uuid::Uuid::now_v7(),
-                keyplane_core::TenantId::from_uuid(org.id.parse().unwrap()),
-                chrono::Utc::now(),
-                keyplane_core::audit::actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
-                keyplane_core::AuditActor::system(),
-                Default::default(),
-            ),
+            &|_| {
+                keyplane_core::AuditEvent::new(
+                    uuid::Uuid::now_v7(),
+                    keyplane_core::TenantId::from_uuid(org.id.parse().unwrap()),
+                    chrono::Utc::now(),
+                    keyplane_core::audit::actions::ROBOT_ACCOUNT_PERMISSIONS_UPDATED,
+                    keyplane_core::AuditActor::system(),
+                    Default::default(),
+                )
+            },
         )
         .await
         .unwrap();
@@ -1404,6 +1440,7 @@ both_backends!(
     a_refused_login_does_not_count_as_use,
     registry_is_disabled_until_enabled,
     a_failed_enable_answers_503_and_can_be_retried,
+    concurrent_permission_updates_record_what_each_replaced,
     robots_need_an_enabled_registry,
     robot_crud_with_the_documented_fields,
     robot_validation_reports_every_bad_field,
