@@ -167,32 +167,97 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Events read at once by `verify`.
+const VERIFY_PAGE: u32 = 1000;
+
 /// Recomputes the chain from its anchor up to the head read first (events committed meanwhile are
 /// left for the next run). Returns how many events it checked, or the first break.
 async fn verify_audit(
     store: &dyn keyplane_store::Store,
     org: TenantId,
 ) -> anyhow::Result<Result<u64, keyplane_core::audit::ChainBreak>> {
-    let state = store.audit_chain_state(org).await?;
+    verify_chain(store, org, VERIFY_PAGE).await
+}
+
+/// What `verify` reads: a trait so that a test can prune between its reads.
+trait ChainReader {
+    async fn state(
+        &self,
+        org: TenantId,
+    ) -> Result<keyplane_store::AuditChainState, keyplane_store::StoreError>;
+    async fn events_after(
+        &self,
+        org: TenantId,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Vec<keyplane_core::ChainedEvent>, keyplane_store::StoreError>;
+}
+
+impl ChainReader for dyn keyplane_store::Store + '_ {
+    async fn state(
+        &self,
+        org: TenantId,
+    ) -> Result<keyplane_store::AuditChainState, keyplane_store::StoreError> {
+        self.audit_chain_state(org).await
+    }
+
+    async fn events_after(
+        &self,
+        org: TenantId,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Vec<keyplane_core::ChainedEvent>, keyplane_store::StoreError> {
+        self.list_audit_events(&keyplane_store::AuditQuery::after_seq(org, seq, limit))
+            .await
+    }
+}
+
+async fn verify_chain<R: ChainReader + ?Sized>(
+    reader: &R,
+    org: TenantId,
+    page: u32,
+) -> anyhow::Result<Result<u64, keyplane_core::audit::ChainBreak>> {
+    let state = reader.state(org).await?;
     let mut verifier =
         keyplane_core::audit::ChainVerifier::from_anchor(state.anchor_seq, state.anchor_hash);
     let mut after = state.anchor_seq;
     'pages: loop {
-        let page = store
-            .list_audit_events(&keyplane_store::AuditQuery::after_seq(org, after, 1000))
-            .await?;
-        if page.is_empty() {
-            break;
-        }
-        for event in &page {
+        let events = reader.events_after(org, after, page).await?;
+        let mut gap = None;
+        for event in &events {
             if event.seq > state.head_seq {
-                break 'pages;
+                break;
             }
-            if let Err(broken) = verifier.check(event) {
-                return Ok(Err(broken));
+            match verifier.check(event) {
+                Ok(()) => after = event.seq,
+                Err(missing @ keyplane_core::audit::ChainBreak::Missing { .. }) => {
+                    gap = Some(missing);
+                    break;
+                }
+                Err(broken) => return Ok(Err(broken)),
             }
-            after = event.seq;
         }
+        let read_to_head = after >= state.head_seq;
+        let page_ended = events.len() < page as usize;
+        if gap.is_none() && (read_to_head || !page_ended) {
+            if read_to_head {
+                break;
+            }
+            continue;
+        }
+        // A gap, or an end before the head: retention pruning may have deleted the events after
+        // the last one checked while this read. If the anchor has moved past that event, the
+        // missing ones are pruned, not removed: go on from the anchor.
+        let now = reader.state(org).await?;
+        if now.anchor_seq > after {
+            verifier.resume_from_anchor(now.anchor_seq, now.anchor_hash);
+            after = now.anchor_seq;
+            continue 'pages;
+        }
+        if let Some(broken) = gap {
+            return Ok(Err(broken));
+        }
+        break;
     }
     Ok(verifier.finish(state.head_seq))
 }
@@ -357,5 +422,93 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::Audit(AuditArgs { list, .. }) => print_audit(list).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyplane_store::testing::{Backend, TestDatabase};
+    use keyplane_store::Store;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Reads the store, and after the first page of events prunes everything older than `before`,
+    /// as the server's retention would while `verify` runs.
+    struct PruningMidway<'a> {
+        store: &'a dyn Store,
+        before: chrono::DateTime<chrono::Utc>,
+        pruned: AtomicBool,
+    }
+
+    impl ChainReader for PruningMidway<'_> {
+        async fn state(
+            &self,
+            org: TenantId,
+        ) -> Result<keyplane_store::AuditChainState, keyplane_store::StoreError> {
+            self.store.state(org).await
+        }
+
+        async fn events_after(
+            &self,
+            org: TenantId,
+            seq: u64,
+            limit: u32,
+        ) -> Result<Vec<keyplane_core::ChainedEvent>, keyplane_store::StoreError> {
+            let page = self.store.events_after(org, seq, limit).await?;
+            if !self.pruned.swap(true, Ordering::SeqCst) {
+                while self.store.prune_audit_events(self.before, 2).await? > 0 {}
+            }
+            Ok(page)
+        }
+    }
+
+    /// `old` events older than the retention, then `young` ones, in a new tenant.
+    async fn chain(store: &dyn Store, old: usize, young: usize) -> TenantId {
+        let org = TenantId::new();
+        let now = chrono::Utc::now();
+        for i in 0..old + young {
+            let at = if i < old {
+                now - chrono::TimeDelta::days(500)
+            } else {
+                now
+            };
+            let event = keyplane_core::AuditEvent::new(
+                uuid::Uuid::now_v7(),
+                org,
+                at,
+                keyplane_core::audit::actions::API_TOKEN_CREATED,
+                keyplane_core::AuditActor::system(),
+                Default::default(),
+            );
+            store.append_audit_event(&event).await.unwrap();
+        }
+        org
+    }
+
+    /// Pruning between two pages of `verify` leaves a gap after what it checked (or nothing
+    /// before the head): the chain goes on from the new anchor, and is intact.
+    #[tokio::test]
+    async fn verify_goes_on_from_an_anchor_pruning_moved() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let db = TestDatabase::new(backend).await;
+            let store = keyplane_store::connect(&db.url).await.unwrap();
+            let before = chrono::Utc::now() - chrono::TimeDelta::days(400);
+            for (old, young, checked) in [(8, 4, 3 + 4), (6, 0, 3)] {
+                let org = chain(store.as_ref(), old, young).await;
+                let reader = PruningMidway {
+                    store: store.as_ref(),
+                    before,
+                    pruned: AtomicBool::new(false),
+                };
+                let verified = verify_chain(&reader, org, 3).await.unwrap();
+                assert_eq!(
+                    verified,
+                    Ok(checked),
+                    "{backend:?}: {old} old, {young} young"
+                );
+                let state = store.audit_chain_state(org).await.unwrap();
+                assert_eq!(state.anchor_seq, old as u64, "{backend:?}: pruned");
+            }
+        }
     }
 }

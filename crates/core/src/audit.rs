@@ -456,6 +456,13 @@ impl ChainVerifier {
         }
     }
 
+    /// Goes on from a later anchor (retention pruned the events up to it while they were being
+    /// read), keeping the count of events checked so far.
+    pub fn resume_from_anchor(&mut self, anchor_seq: u64, anchor: [u8; 32]) {
+        self.previous = anchor;
+        self.next_seq = anchor_seq + 1;
+    }
+
     pub fn check(&mut self, stored: &ChainedEvent) -> Result<(), ChainBreak> {
         if stored.seq != self.next_seq {
             return Err(if stored.seq > self.next_seq {
