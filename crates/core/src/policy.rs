@@ -155,6 +155,13 @@ impl CredentialPolicy {
         }
     }
 
+    /// Whether the rule for `kind` requires credentials to expire (explicitly, or by bounding
+    /// their lifetime).
+    pub fn requires_expiry(&self, kind: CredentialKind) -> bool {
+        let (rule, _) = self.rule_for(kind);
+        rule.require_expiry || rule.max_lifetime_days.is_some()
+    }
+
     /// The expiry a credential of `kind` issued at `now` with no caller to choose one (a
     /// registry's default robot) gets: the default lifetime, else the latest the rule allows,
     /// else, when the rule requires an expiry without bounding it, the longest lifetime a policy

@@ -521,15 +521,17 @@ async fn rotate(
         tenant,
         &rights_to_hand_on(app.store().as_ref(), &current).await?,
     )?;
-    let expires_at = credential_policy(app.store().as_ref(), tenant)
-        .await?
-        .expiry_for(
-            rights.kind,
-            spec.expires_at.or(current.expires_at),
-            now,
-            FieldPath::body("expires_at"),
-        )
-        .map_err(DomainError::from)?;
+    let policy = credential_policy(app.store().as_ref(), tenant).await?;
+    let requested = spec.expires_at.or(current.expires_at);
+    // A rotation keeps the credential's own expiry, none included: the policy's default lifetime
+    // is for creates, unless the policy requires credentials to expire.
+    let expires_at = if requested.is_none() && !policy.requires_expiry(rights.kind) {
+        None
+    } else {
+        policy
+            .expiry_for(rights.kind, requested, now, FieldPath::body("expires_at"))
+            .map_err(DomainError::from)?
+    };
     let (rotation, secret) = Rotation::mint(&current, spec.options, expires_at, now, &mut OsRng);
     let mut event = credential_event(
         credential_action(rights.kind, CredentialChange::Rotated),

@@ -22,6 +22,7 @@ both_backends!(
     only_a_usable_service_account_receives_grants,
     robots_log_in_with_the_previous_secret_during_grace_only,
     the_policy_bounds_creates_and_rotations,
+    a_default_lifetime_is_for_creates_not_rotations,
     a_policy_without_a_default_lifetime_still_lets_the_registry_be_enabled,
     the_policy_needs_an_owner_and_checks_its_body,
     expiry_warnings_go_out_once_per_stage,
@@ -1026,6 +1027,42 @@ async fn the_policy_bounds_creates_and_rotations(backend: Backend) {
     let updates = app.audit_events(&org, "credential_policy.updated").await;
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0]["target"]["type"], "credential_policy");
+}
+
+/// A policy's default lifetime fills a create's missing expiry; a rotation keeps the credential's
+/// own, none included, unless the policy requires or bounds expiries.
+async fn a_default_lifetime_is_for_creates_not_rotations(backend: Backend) {
+    let (app, _clock) = spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let open = app.create_token(&org, "open", &[]).await;
+    assert!(open["expires_at"].is_null());
+    put_policy(&app, &org, json!({"all": {"default_lifetime_days": 30}})).await;
+    let created = app.create_token(&org, "new", &[]).await;
+    assert_close(
+        &created["expires_at"],
+        chrono::Utc::now() + chrono::TimeDelta::days(30),
+        "a create gets the default lifetime",
+    );
+    let path = org.path(&format!("/api-tokens/{}/rotate", text(&open, "id")));
+    let rotated = rotate(&app, &path, &org.token, json!({})).await;
+    assert!(
+        rotated["expires_at"].is_null(),
+        "a rotation keeps no expiry: {}",
+        rotated["expires_at"]
+    );
+    // Once the policy requires an expiry, a rotation without one gets the default.
+    put_policy(
+        &app,
+        &org,
+        json!({"all": {"default_lifetime_days": 30, "require_expiry": true}}),
+    )
+    .await;
+    let rotated = rotate(&app, &path, &org.token, json!({})).await;
+    assert_close(
+        &rotated["expires_at"],
+        chrono::Utc::now() + chrono::TimeDelta::days(30),
+        "a required expiry is filled in",
+    );
 }
 
 /// The default robot has no caller to choose its expiry: under a policy that bounds or requires
