@@ -1475,6 +1475,16 @@ async fn ctrl_c_at_the_token_prompt_turns_echo_back_on() {
         .env("HOME", home.path())
         // Nothing is sent: the prompt comes first.
         .args(["login", "--url", "http://127.0.0.1:9", "--profile", "pty"]);
+    // A user's shell starts a command with SIGINT at its default; this test may run under one
+    // that ignores it (a script's `cmd &`), which the login keeps as it finds it.
+    // SAFETY: signal() is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut terminal = Pty::spawn(command);
     terminal.expect("Token for ").await;
     terminal.master.write_all(&[0x03]).unwrap();
