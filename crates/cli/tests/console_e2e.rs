@@ -357,6 +357,21 @@ async fn console_http_rules(backend: Backend) {
     let page = overview.text().await.unwrap();
     assert!(page.contains("<h1>Overview</h1>") && !page.contains(&org.token));
     let csrf = csrf_in(&page);
+    // An id that is not UTF-8 once decoded names nothing: the console's own not-found page.
+    for path in ["/console/api-tokens/%FF/rotate", "/console/webhooks/%C3%28"] {
+        let odd = http
+            .get(url(path))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(odd.status(), 404, "{path}");
+        assert!(
+            header(&odd, "content-type").starts_with("text/html"),
+            "{path}"
+        );
+        assert_eq!(header(&odd, "x-frame-options"), "DENY", "{path}");
+    }
 
     let invalid = http
         .post(url("/console/api-tokens"))

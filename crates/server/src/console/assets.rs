@@ -2,7 +2,7 @@
 //! host) and served under names carrying a hash of their content, so browsers may cache them for
 //! good and a new build is never served stale.
 
-use axum::extract::Path;
+use super::Path;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};

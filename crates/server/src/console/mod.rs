@@ -225,6 +225,21 @@ pub(crate) fn routes(config: &ConsoleConfig) -> Router<App> {
         .layer(headers)
 }
 
+/// Path parameters. One that is not UTF-8 once decoded (`/console/api-tokens/%FF/rotate`) names
+/// nothing here: the not-found page, where axum's `Path` answers a plain-text 400.
+pub(crate) struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ConsoleError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ConsoleError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(params)| Self(params))
+            .map_err(|_| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page."))
+    }
+}
+
 async fn not_found() -> Response {
     ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page.").into_response()
 }

@@ -4,10 +4,11 @@
 
 use super::html::{self, code, esc, maybe_time, post_form, time};
 use super::session::SecretFlash;
+use super::Path;
 use super::{Console, ConsoleError};
 use crate::ops::{self, CredentialSpec, KindRights, ListSpec, RotateSpec};
 use axum::body::Bytes;
-use axum::extract::{Path, Query};
+use axum::extract::Query;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};

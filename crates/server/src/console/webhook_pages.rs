@@ -4,10 +4,11 @@
 
 use super::html::{code, esc, maybe_time, post_form, time};
 use super::session::SecretFlash;
+use super::Path;
 use super::{Console, ConsoleError, Form};
 use crate::webhooks::{self, target, WebhookSpec};
 use axum::body::Bytes;
-use axum::extract::{Path, Query};
+use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use keyplane_core::{
