@@ -105,7 +105,17 @@ pub struct Verified {
     /// The previous secret's hash when that is the one presented: its use is recorded apart.
     previous_hash: Option<Box<TokenHash>>,
     /// A canary's whole record, for its trigger event (canaries are few; no other entry holds one).
-    canary: Option<Box<Credential>>,
+    canary: Option<Box<CanaryEntry>>,
+}
+
+/// What a canary's cache entry holds besides a plain entry's. A canary must look revoked from
+/// outside, metrics and timing included: a revoked secret's first presentation is read from the
+/// store (`unknown or revoked`), then answered from the negative cache (`unknown`) for
+/// `negative_ttl`. A canary's entry lives that long too ([`Verifier::is_fresh`]), and answers
+/// `unknown` once it has answered once.
+struct CanaryEntry {
+    record: Credential,
+    answered: AtomicBool,
 }
 
 impl Verified {
@@ -317,7 +327,13 @@ impl Verifier {
 
     fn is_fresh(&self, known: &Verified) -> bool {
         let loaded = known.loaded.load(Ordering::Acquire);
-        self.coarse_age(loaded) <= self.config.positive_ttl.as_nanos()
+        // A canary lives as long as a revoked secret's negative entry would (`CanaryEntry`).
+        let ttl = if known.gate.canary {
+            self.config.negative_ttl
+        } else {
+            self.config.positive_ttl
+        };
+        self.coarse_age(loaded) <= ttl.as_nanos()
             && !Self::marked_since(&self.reset_at, loaded)
             && !self.entry_invalidated(known, loaded)
     }
@@ -522,10 +538,16 @@ impl Verifier {
         let gate = &verified.gate;
         if gate.canary {
             // Whatever the surface, kind or state: refused as a revoked credential is.
-            if let Some(record) = verified.canary.as_deref() {
-                self.canaries.presented(record, at());
-            }
-            return Err(AppError::Unauthenticated(REVOKED));
+            let Some(entry) = verified.canary.as_deref() else {
+                return Err(AppError::Unauthenticated(REVOKED));
+            };
+            self.canaries.presented(&entry.record, at());
+            let reason = if entry.answered.swap(true, Ordering::Relaxed) {
+                "unknown"
+            } else {
+                REVOKED
+            };
+            return Err(AppError::Unauthenticated(reason));
         }
         // The entry is keyed by the presented hash, so its secret slot was settled at load.
         if let Err(why) = gate.check(now.get()) {
@@ -571,8 +593,10 @@ impl Verifier {
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
         let outcome = match cached {
-            Some(_) => crate::metrics::CacheOutcome::Reload,
-            None => crate::metrics::CacheOutcome::Miss,
+            // A revoked secret is never reloaded: it is read anew once the negative cache forgets
+            // it. A canary's reload is counted as that.
+            Some(ref known) if !known.gate.canary => crate::metrics::CacheOutcome::Reload,
+            _ => crate::metrics::CacheOutcome::Miss,
         };
         let servable = cached
             .as_ref()
@@ -691,7 +715,12 @@ impl Verifier {
                 credential: identity,
                 rights,
                 previous_hash: (secret == SecretSlot::Previous).then(|| Box::new(hash)),
-                canary: credential.canary.then(|| Box::new(credential)),
+                canary: credential.canary.then(|| {
+                    Box::new(CanaryEntry {
+                        record: credential,
+                        answered: AtomicBool::new(false),
+                    })
+                }),
             }),
         };
         self.unknown.remove(&key);
@@ -737,7 +766,11 @@ impl Verifier {
         ))?;
         let key = self.keys.key(token);
         if let Some(hit) = self.users.get(&key) {
-            if Instant::now() < hit.until && !self.invalidated_since(hit.principal.id(), hit.loaded)
+            // A load that began before a reset may have read grants a lost notification changed:
+            // the reset clears the cache, but such a load inserts after it.
+            if Instant::now() < hit.until
+                && !Self::marked_since(&self.reset_at, self.nanos_at(hit.loaded))
+                && !self.invalidated_since(hit.principal.id(), hit.loaded)
             {
                 return Ok(hit.principal);
             }

@@ -19,6 +19,7 @@ both_backends!(
     a_reported_canary_is_recorded_and_left_armed,
     another_organizations_introspection_of_a_canary_is_recorded_without_its_ids,
     audit_events_name_the_request_id_their_answer_carried,
+    canaries_move_the_metrics_as_revoked_credentials_do,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -811,4 +812,66 @@ async fn audit_events_name_the_request_id_their_answer_carried(backend: Backend)
         let event = trigger_from(&events, client);
         assert_eq!(event["request_id"], answered.as_str(), "{event}");
     }
+}
+
+/// The verification counters of `/metrics` (public): rejections by reason, cache lookups by
+/// outcome.
+async fn verification_counters(app: &TestApp) -> std::collections::BTreeMap<String, f64> {
+    app.metrics()
+        .await
+        .lines()
+        .filter(|line| {
+            line.starts_with("keyplane_credentials_rejected")
+                || line.starts_with("keyplane_verify_cache_lookups")
+        })
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What presenting `token` to whoami `times` times, then again once the negative cache has
+/// forgotten it, adds to the verification counters.
+async fn counted(app: &TestApp, token: &str) -> Vec<(String, f64)> {
+    let before = verification_counters(app).await;
+    for _ in 0..2 {
+        let res = app.get("/v1/whoami", token).await;
+        assert_eq!(res.status(), 401);
+    }
+    tokio::time::sleep(
+        keyplane_server::auth::CacheConfig::default().negative_ttl + Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(app.get("/v1/whoami", token).await.status(), 401);
+    let after = verification_counters(app).await;
+    after
+        .into_iter()
+        .map(|(name, value)| {
+            let added = value - before.get(&name).copied().unwrap_or(0.0);
+            (name, added)
+        })
+        .filter(|(_, added)| *added != 0.0)
+        .collect()
+}
+
+/// `/metrics` needs no credential: a thief presenting a token a few times and reading it must
+/// not learn that the token is a canary rather than merely revoked (the reasons and cache
+/// outcomes counted, and when the store is asked again).
+async fn canaries_move_the_metrics_as_revoked_credentials_do(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let revoked = create_api_token(&app, &org, json!({"name": "old"})).await;
+    let res = app
+        .delete(
+            &org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    let as_revoked = counted(&app, &text(&revoked, "token")).await;
+    let as_canary = counted(&app, &text(&canary, "token")).await;
+    assert!(!as_revoked.is_empty());
+    assert_eq!(as_canary, as_revoked);
 }
