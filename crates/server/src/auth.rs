@@ -22,9 +22,10 @@
 //! token's hash for at most `positive_ttl` and never past the token's `exp`; grant changes reach it
 //! through the same invalidation marks, keyed by the user id.
 //!
-//! Canaries ([`crate::canary`]) are cached like live credentials, and answered on every path as a
-//! revoked credential is (the same 401, the same `reason` in logs and metrics); the only extra
-//! work, a bool check on the entry, is what ordinary credentials pay. Only for a canary is the
+//! Canaries ([`crate::canary`]) are cached like live credentials but for `negative_ttl`, and
+//! answered on every path as a revoked credential is (the same 401, the same `reason` and cache
+//! outcome in logs and metrics, `CanaryEntry`); the only extra work, a bool check on the entry,
+//! is what ordinary credentials pay. Only for a canary is the
 //! request described ([`Presented`]) and the trigger recorded.
 
 use crate::canary::{CanaryAlarm, Presented};
