@@ -11,7 +11,9 @@
 //!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
-//! or the id is ahead of the chain): the client must forget what it cached. A heartbeat comment
+//! or the id is ahead of the chain), or when retention prunes events the stream has not sent yet
+//! (checked at each read of the chain state, and after each read of events): the client must
+//! forget what it cached, and the stream goes on from the head. A heartbeat comment
 //! after `revocation_heartbeat` without an event, sent right after a successful read of the
 //! head, says the stream is alive and up to date (a stuck store stops the heartbeats too); one
 //! also follows the missed events of a resumed stream whose last event is short of the head. A
@@ -28,7 +30,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
-use keyplane_store::AuditQuery;
+use keyplane_store::{AuditChainState, AuditQuery};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -144,7 +146,8 @@ pub struct StreamPosition {
 ///
 /// Events: `ready` (first; data `{seq, heartbeat_seconds, head}`), `revocation` (data: `seq`,
 /// `action`, `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be
-/// resumed: drop every cached verification; same data as `ready`). Each carries `id:` = the audit
+/// resumed, or retention deleted events before the stream sent them: drop every cached
+/// verification; same data as `ready`; it may come at any point of the stream). Each carries `id:` = the audit
 /// `seq`, increasing; send the last one seen as `Last-Event-ID` to resume without missing or
 /// repeating a change. Comments (`: `) are heartbeats, each sent right after the chain's head was
 /// read with every event up to it before: a client is up to date once it has had one, or events
@@ -212,7 +215,7 @@ async fn revocation_stream(
     let heartbeat = config.revocation_heartbeat;
     let position = |seq| StreamPosition {
         seq,
-        heartbeat_seconds: heartbeat.as_secs().max(1),
+        heartbeat_seconds: heartbeat_seconds(heartbeat),
         head: state.head_seq,
     };
     let (first, cursor) = match resume {
@@ -223,11 +226,7 @@ async fn revocation_stream(
         }
         Some(_) => (("reset", position(state.head_seq)), state.head_seq),
     };
-    let first = Event::default()
-        .event(first.0)
-        .id(first.1.seq.to_string())
-        .retry(Duration::from_secs(1))
-        .json_data(&first.1)
+    let first = position_event(first.0, &first.1)
         .map_err(|e| AppError::Internal(anyhow::anyhow!("render an event: {e}")))?;
     let stream = Stream {
         app: app.clone(),
@@ -315,13 +314,11 @@ impl Stream {
                 if !still_allowed {
                     return None;
                 }
-                self.head = match self.app.store().audit_chain_state(self.tenant).await {
-                    Ok(state) => state.head_seq,
-                    Err(error) => {
-                        tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
-                        return None;
-                    }
-                };
+                let state = self.chain_state().await?;
+                self.head = state.head_seq;
+                if state.anchor_seq > self.cursor {
+                    self.reset(state.head_seq);
+                }
                 continue;
             }
             let mut query = AuditQuery::after_seq(self.tenant, self.cursor, BATCH);
@@ -333,6 +330,15 @@ impl Stream {
                     return None;
                 }
             };
+            // Retention may have deleted events after the cursor before the query read them (a
+            // resumed stream catching up from just above the anchor): the query then skipped
+            // them without a trace. The anchor only moves forward, so one read after the query
+            // tells: at or below the cursor, the query saw every event after it.
+            let state = self.chain_state().await?;
+            if state.anchor_seq > self.cursor {
+                self.reset(state.head_seq);
+                continue;
+            }
             let full = events.len() == BATCH as usize;
             let last = events.last().map(|e| e.seq);
             let mut last_rendered = None;
@@ -356,8 +362,49 @@ impl Stream {
                 Some(last) => last.max(self.head),
                 None => self.head,
             };
+            self.head = self.head.max(state.head_seq);
         }
     }
+
+    /// The tenant's chain state; `None` (the stream ends) when the store cannot be read.
+    async fn chain_state(&self) -> Option<AuditChainState> {
+        match self.app.store().audit_chain_state(self.tenant).await {
+            Ok(state) => Some(state),
+            Err(error) => {
+                tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
+                None
+            }
+        }
+    }
+
+    /// Events after the cursor were pruned before the stream read them: `reset`, as for a
+    /// `Last-Event-ID` below the anchor, and go on from `head`.
+    fn reset(&mut self, head: u64) {
+        let position = StreamPosition {
+            seq: head,
+            heartbeat_seconds: heartbeat_seconds(self.heartbeat),
+            head,
+        };
+        match position_event("reset", &position) {
+            Ok(event) => self.pending.push_back(event),
+            Err(error) => tracing::error!(%error, "cannot render a reset event"),
+        }
+        self.cursor = head;
+        self.head = head;
+    }
+}
+
+fn heartbeat_seconds(heartbeat: Duration) -> u64 {
+    heartbeat.as_secs().max(1)
+}
+
+/// `ready` or `reset`: where the stream goes on from.
+fn position_event(name: &'static str, position: &StreamPosition) -> Result<Event, axum::Error> {
+    Event::default()
+        .event(name)
+        .id(position.seq.to_string())
+        .retry(Duration::from_secs(1))
+        .json_data(position)
 }
 
 fn render(chained: &ChainedEvent) -> Option<Event> {

@@ -1,7 +1,8 @@
 //! A store that can be switched off: every call fails as an unreachable database does, until it
 //! is switched back on. For an outage of a store the test cannot take away otherwise (SQLite).
 //! It can also hide what one expiry-sweep stage finds, as a store read just before a credential
-//! was created would, to replay a sweep racing a create.
+//! was created would, to replay a sweep racing a create. And it can run retention at the moment a
+//! reader of the audit trail asks for a page, to replay pruning racing a reader.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,7 +11,7 @@ use keyplane_core::{
     GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId, Webhook,
 };
 use keyplane_store::{
-    AuditChainState, AuditQuery, CredentialUse, EventOf, GrantFilter, IdempotencyClaim,
+    AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter, IdempotencyClaim,
     IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey, Store, StoreError,
     StoreFault, StoredResponse, Unavailable, WriteHealth,
 };
@@ -25,6 +26,9 @@ pub struct FaultyStore {
     hidden_expiry_stage: AtomicU32,
     /// Only enabling a registry fails, as a store that went away during that one write would.
     registry_down: AtomicBool,
+    /// Once an audit page after this seq is asked for, every event older than the time is pruned
+    /// first.
+    prune_on_read: std::sync::Mutex<Option<(u64, DateTime<Utc>)>>,
 }
 
 impl FaultyStore {
@@ -49,7 +53,14 @@ impl FaultyStore {
             down: AtomicBool::new(false),
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
             registry_down: AtomicBool::new(false),
+            prune_on_read: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The first time a page of events after `after_seq` (or later) is read, retention first
+    /// deletes every event older than `before`, as if it ran just then.
+    pub fn prune_when_read_after(&self, after_seq: u64, before: DateTime<Utc>) {
+        *self.prune_on_read.lock().unwrap() = Some((after_seq, before));
     }
 
     /// Until set again, the sweep's query for this stage finds nothing.
@@ -423,6 +434,19 @@ impl Store for FaultyStore {
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError> {
         self.check()?;
+        let prune = {
+            let mut armed = self.prune_on_read.lock().unwrap();
+            match (*armed, query.order) {
+                (Some((from, before)), AuditOrder::OldestAfterSeq(after)) if after >= from => {
+                    armed.take();
+                    Some(before)
+                }
+                _ => None,
+            }
+        };
+        if let Some(before) = prune {
+            while self.inner.prune_audit_events(before, 1000).await? > 0 {}
+        }
         self.inner.list_audit_events(query).await
     }
 

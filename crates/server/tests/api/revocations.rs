@@ -11,6 +11,7 @@ both_backends!(
     stream_refuses_bad_callers_and_bad_ids,
     stream_count_is_bounded_and_heartbeats_flow,
     stream_ends_when_its_caller_loses_tokens_verify,
+    a_stream_catching_up_is_reset_when_retention_prunes_past_it,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
@@ -407,4 +408,59 @@ async fn stream_ends_when_its_caller_loses_tokens_verify(backend: Backend) {
     // The service account itself still verifies: it is the capability that went.
     let res = SseReader::open(&app, &sa_token, None).await;
     assert_eq!(res.status(), 403);
+}
+
+async fn a_stream_catching_up_is_reset_when_retention_prunes_past_it(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let verifier = verifier_token(&app, &org).await;
+    let spun = token_id(&app, &org, "spun").await;
+    let mut stream = SseReader::connect(&app, &verifier, None).await;
+    let start = seq(&stream.next().await);
+    drop(stream);
+    // More changes than the stream reads at once (100), then one more after `cutoff`.
+    for _ in 0..150 {
+        let res = app
+            .post_empty(&org.path(&format!("/api-tokens/{spun}/rotate")), &org.token)
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = token_id(&app, &org, "late").await;
+    revoke(&app, &org, &late).await;
+
+    // A client resumes just above the anchor; between its first and second page, retention
+    // deletes every rotation.
+    store.prune_when_read_after(start + 1, cutoff);
+    let mut resumed = SseReader::connect(&app, &verifier, Some(&start.to_string())).await;
+    let ready = resumed.next().await;
+    assert_eq!((ready.event.as_str(), seq(&ready)), ("ready", start));
+    for _ in 0..100 {
+        let rotated = resumed.next().await;
+        assert_revocation(&rotated, "api_token.rotated", "api_token", &spun);
+    }
+    // The other 50 are gone: the client is told so, rather than handed the revocation after
+    // them as if it came next.
+    let reset = resumed.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let head = seq(&reset);
+    assert_eq!(
+        (&reset.data["seq"], &reset.data["head"]),
+        (&json!(head), &json!(head))
+    );
+    // And it goes on from the head.
+    let after = token_id(&app, &org, "after").await;
+    revoke(&app, &org, &after).await;
+    let event = resumed.next().await;
+    assert_revocation(&event, "api_token.revoked", "api_token", &after);
+    assert!(seq(&event) > head);
+}
+
+async fn revoke(app: &TestApp, org: &Org, id: &str) {
+    let res = app
+        .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await;
+    assert_eq!(res.status(), 204, "revoking {id}");
 }
