@@ -179,6 +179,40 @@ struct Pending {
     keys_per_tenant: HashMap<TenantId, usize>,
 }
 
+impl Pending {
+    /// `count` refusals under `key`: added to the same key's, folded into the actor's
+    /// `(various)` past [`KEYS_PER_TENANT`], dropped (and counted) past [`MAX_PENDING`].
+    fn add(
+        &mut self,
+        mut key: RefusalKey,
+        mut event: AuditEvent,
+        count: u64,
+        metrics: &crate::metrics::Metrics,
+    ) {
+        if let Some((_, pending)) = self.events.get_mut(&key) {
+            *pending += count;
+            return;
+        }
+        if self.keys_per_tenant.get(&key.tenant).copied().unwrap_or(0) >= KEYS_PER_TENANT {
+            key.attempted = "(various)".into();
+            key.target = None;
+            event.target = None;
+            event.details.clear();
+            event = event.text("attempted", "(various)");
+            if let Some((_, pending)) = self.events.get_mut(&key) {
+                *pending += count;
+                return;
+            }
+        }
+        if self.events.len() >= MAX_PENDING {
+            metrics.audit_refusals_dropped(count);
+            return;
+        }
+        *self.keys_per_tenant.entry(key.tenant).or_default() += 1;
+        self.events.insert(key, (event, count));
+    }
+}
+
 impl Refusals {
     pub(crate) fn new() -> Self {
         Self {
@@ -186,36 +220,12 @@ impl Refusals {
         }
     }
 
-    fn record(&self, mut key: RefusalKey, event: AuditEvent, metrics: &crate::metrics::Metrics) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, count)) = pending.events.get_mut(&key) {
-            *count += 1;
-            return;
-        }
-        let mut event = event;
-        if pending
-            .keys_per_tenant
-            .get(&key.tenant)
-            .copied()
-            .unwrap_or(0)
-            >= KEYS_PER_TENANT
-        {
-            key.attempted = "(various)".into();
-            key.target = None;
-            event.target = None;
-            event.details.clear();
-            event = event.text("attempted", "(various)");
-            if let Some((_, count)) = pending.events.get_mut(&key) {
-                *count += 1;
-                return;
-            }
-        }
-        if pending.events.len() >= MAX_PENDING {
-            metrics.audit_refusal_dropped();
-            return;
-        }
-        *pending.keys_per_tenant.entry(key.tenant).or_default() += 1;
-        pending.events.insert(key, (event, 1));
+    fn record(&self, key: RefusalKey, event: AuditEvent, metrics: &crate::metrics::Metrics) {
+        self.lock().add(key, event, 1, metrics);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A presented credential that is known but revoked, expired or of the wrong kind.
@@ -256,18 +266,49 @@ impl Refusals {
         self.record(key, event, metrics);
     }
 
-    /// Writes one event per pending refusal, with its count.
-    pub(crate) async fn flush(&self, store: &dyn Store) {
-        let drained: Vec<(AuditEvent, u64)> = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+    /// Writes one event per pending refusal, with its count. What the store cannot take now is
+    /// queued again (merged with refusals that came meanwhile, within the bounds), to be written
+    /// by the next flush; on the `last` flush, or when the store refuses the event itself, it is
+    /// dropped and counted.
+    pub(crate) async fn flush(
+        &self,
+        store: &dyn Store,
+        metrics: &crate::metrics::Metrics,
+        last: bool,
+    ) {
+        let drained: Vec<(RefusalKey, (AuditEvent, u64))> = {
+            let mut pending = self.lock();
             pending.keys_per_tenant.clear();
-            pending.events.drain().map(|(_, v)| v).collect()
+            pending.events.drain().collect()
         };
-        for (event, count) in drained {
-            let event = event.detail("count", DetailValue::Count(count));
-            if let Err(error) = store.append_audit_event(&event).await {
-                tracing::warn!(%error, tenant.id = %event.tenant_id, "cannot record a refused attempt");
+        let mut drained = drained.into_iter();
+        while let Some((key, (event, count))) = drained.next() {
+            let written = event.clone().detail("count", DetailValue::Count(count));
+            let Err(error) = store.append_audit_event(&written).await else {
+                continue;
+            };
+            if !matches!(error, keyplane_store::StoreError::Unavailable(_)) {
+                tracing::warn!(%error, tenant.id = %event.tenant_id, count, "cannot record refused attempts; dropped");
+                metrics.audit_refusals_dropped(count);
+                continue;
             }
+            // The store is away: keep this and the rest for the next flush rather than try each;
+            // the last flush has no next one.
+            let unwritten = std::iter::once((key, (event, count))).chain(drained.by_ref());
+            if last {
+                let lost: u64 = unwritten.map(|(_, (_, count))| count).sum();
+                tracing::warn!(%error, count = lost, "cannot record refused attempts at shutdown; dropped");
+                metrics.audit_refusals_dropped(lost);
+                return;
+            }
+            let mut pending = self.lock();
+            let mut kept = 0;
+            for (key, (event, count)) in unwritten {
+                pending.add(key, event, count, metrics);
+                kept += 1;
+            }
+            tracing::warn!(%error, events = kept, "cannot record refused attempts; will retry");
+            return;
         }
     }
 }
@@ -463,7 +504,11 @@ pub(crate) async fn flush_refusals(
             _ = tokio::time::sleep(window) => false,
             _ = stop.changed() => true,
         };
-        app.inner().refusals.flush(app.store().as_ref()).await;
+        let inner = app.inner();
+        inner
+            .refusals
+            .flush(app.store().as_ref(), &inner.metrics, stopping)
+            .await;
         if stopping {
             return;
         }

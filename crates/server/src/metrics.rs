@@ -178,7 +178,7 @@ impl Metrics {
         let audit_refusals_dropped = Counter::default();
         registry.register(
             "audit_refusals_dropped",
-            "Refused attempts not recorded because too many were pending",
+            "Refused attempts not recorded: too many were pending, or the store could not take them",
             audit_refusals_dropped.clone(),
         );
         let audit_refusals_unrecorded = Counter::default();
@@ -287,8 +287,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn audit_refusal_dropped(&self) {
-        self.0.audit_refusals_dropped.inc();
+    pub fn audit_refusals_dropped(&self, count: u64) {
+        self.0.audit_refusals_dropped.inc_by(count);
     }
 
     pub fn audit_refusal_unrecorded(&self) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 both_backends!(
     every_change_is_recorded_with_its_actor_target_and_request,
     refused_attempts_are_recorded_once_per_window_with_a_count,
+    refused_attempts_outlive_a_store_outage,
     pages_filters_and_tenant_isolation,
 );
 
@@ -418,6 +419,64 @@ async fn refused_attempts_are_recorded_once_per_window_with_a_count(
     assert!(denied(&app).await.iter().all(
         |e| e["details"]["org_id"] != org.id.as_str() || e["actor"]["id"] == reader_id.as_str()
     ));
+}
+
+async fn refused_attempts_outlive_a_store_outage(backend: keyplane_store::testing::Backend) {
+    let config = keyplane_server::Config {
+        audit_refusal_window: Duration::from_millis(100),
+        ..test_config()
+    };
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let reader = app.create_token(&org, "reader", &["api_tokens:read"]).await;
+    let (reader_token, reader_id) = (text(&reader, "token"), text(&reader, "id"));
+    // Verified once while the store answers: its refusals below need no store.
+    let res = app.get(&org.path("/api-tokens"), &reader_token).await;
+    assert_eq!(res.status(), 200);
+
+    let refuse = |times: usize| {
+        let (app, org, token) = (&app, &org, &reader_token);
+        async move {
+            for _ in 0..times {
+                let res = app
+                    .post(
+                        &org.path("/api-tokens"),
+                        token,
+                        json!({"name": "x", "scopes": []}),
+                    )
+                    .await;
+                assert_eq!(res.status(), 403);
+            }
+        }
+    };
+    store.set_down(true);
+    refuse(3).await;
+    // Flushes fail meanwhile, and the same refusal comes again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    refuse(2).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store.set_down(false);
+
+    let mine = || async {
+        let page = events(&app, &org, &org.token, "?outcome=denied").await;
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["actor"]["id"] == reader_id.as_str())
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    eventually(
+        "the refusals are recorded once the store is back",
+        || async { !mine().await.is_empty() },
+    )
+    .await;
+    // Every attempt counted, in one event: kept and merged, none lost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recorded = mine().await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["details"]["count"], 5, "{recorded:?}");
 }
 
 async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Backend) {
