@@ -201,6 +201,13 @@ impl SecretGate {
         }
         Ok(())
     }
+
+    /// When this secret stops authenticating on its own, in microseconds since the Unix epoch
+    /// (`i64::MAX`: never): the credential's expiry, or a previous secret's grace end if sooner.
+    /// What this secret obtains (a registry token) must not outlive it.
+    pub fn ends_at_micros(&self) -> i64 {
+        self.expires_at_micros.min(self.secret_ends_at_micros)
+    }
 }
 
 impl Credential {

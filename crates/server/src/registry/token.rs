@@ -28,6 +28,8 @@ pub struct RegistryTokenResponse {
     pub token: String,
     /// The same JWT, for OAuth2 clients.
     pub access_token: String,
+    /// Seconds from `issued_at` to the token's `exp`: the token lifetime, or less when the robot
+    /// (or the previous secret it logged in with) stops authenticating sooner.
     pub expires_in: u64,
     pub issued_at: String,
 }
@@ -186,12 +188,15 @@ async fn issue(
                 .map_err(|e| AppError::Internal(e.into()))?
         };
     let now = crate::ops::now();
-    let ttl = config.token_ttl.as_secs();
+    // Never past the robot's own end (its expiry, or the grace end of the previous secret it
+    // logged in with): `exp` is the first second the registry refuses the token.
+    let exp = (now.timestamp() + config.token_ttl.as_secs() as i64)
+        .min(verified.gate.ends_at_micros().div_euclid(1_000_000));
     let claims = Claims {
         iss: &config.issuer,
         sub: username,
         aud: &config.service,
-        exp: now.timestamp() + ttl as i64,
+        exp,
         nbf: now.timestamp() - 1,
         iat: now.timestamp(),
         jti: uuid::Uuid::new_v4().simple().to_string(),
@@ -210,7 +215,7 @@ async fn issue(
     Ok(Json(RegistryTokenResponse {
         access_token: token.clone(),
         token,
-        expires_in: ttl,
+        expires_in: (exp - now.timestamp()).max(0) as u64,
         issued_at: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
     })
     .into_response())

@@ -131,6 +131,17 @@ fn list_names(list: &Value) -> Vec<String> {
 /// `GET /registry/token` with HTTP Basic, as skopeo asks; returns the status and the JWT's payload
 /// (null when refused).
 async fn registry_token(app: &TestApp, username: &str, secret: &str, scope: &str) -> (u16, Value) {
+    let (status, _, claims) = registry_answer(app, username, secret, scope).await;
+    (status, claims)
+}
+
+/// [`registry_token`] with the answer's body too.
+async fn registry_answer(
+    app: &TestApp,
+    username: &str,
+    secret: &str,
+    scope: &str,
+) -> (u16, Value, Value) {
     let res = app
         .request(Method::GET, "/registry/token", None)
         .basic_auth(username, Some(secret))
@@ -152,7 +163,7 @@ async fn registry_token(app: &TestApp, username: &str, secret: &str, scope: &str
         }
         None => Value::Null,
     };
-    (status, claims)
+    (status, body, claims)
 }
 
 async fn registry_is_disabled_until_enabled(backend: Backend) {
@@ -1452,4 +1463,52 @@ both_backends!(
     robot_globs_are_bounded_and_canonical,
     pathological_globs_answer_at_once,
     bad_requested_scopes_are_refused,
+    a_registry_token_ends_when_its_robot_does,
 );
+
+async fn a_registry_token_ends_when_its_robot_does(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let expires_at = chrono::Utc::now() + chrono::TimeDelta::seconds(5);
+    let robot = create_robot(
+        &app,
+        &org,
+        json!({"name": "brief", "expires_at": expires_at.to_rfc3339()}),
+    )
+    .await;
+    let pull = |name: &str, robot: &Value| {
+        let (username, secret) = (
+            format!("robot$acme+{name}"),
+            str_of(robot, "token").to_string(),
+        );
+        let app = &app;
+        async move {
+            let (status, body, claims) =
+                registry_answer(app, &username, &secret, "repository:acme/app:pull").await;
+            assert_eq!(status, 200, "{body}");
+            (body, claims)
+        }
+    };
+    let (body, claims) = pull("brief", &robot).await;
+    // Not the token lifetime (300 s): the registry would take it long after the robot expired.
+    let exp = claims["exp"].as_i64().unwrap();
+    assert!(exp <= expires_at.timestamp(), "exp {exp} past {expires_at}");
+    assert!(exp > claims["iat"].as_i64().unwrap(), "{claims}");
+    // The answer's lifetime says the same.
+    let issued = chrono::DateTime::parse_from_rfc3339(body["issued_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        issued.timestamp() + body["expires_in"].as_i64().unwrap(),
+        exp,
+        "{body}"
+    );
+
+    // A robot without expiry gets the full lifetime.
+    let lasting = create_robot(&app, &org, json!({"name": "lasting"})).await;
+    let (body, claims) = pull("lasting", &lasting).await;
+    assert_eq!(body["expires_in"], 300);
+    assert_eq!(
+        claims["exp"].as_i64().unwrap(),
+        claims["iat"].as_i64().unwrap() + 300
+    );
+}
