@@ -511,11 +511,14 @@ pub async fn serve(
         None => (None, None),
     };
     let verifier_app = app.clone();
-    app.store()
-        .listen_invalidations(std::sync::Arc::new(move |event| {
+    // Stopped with the rest of the background work: it holds the App and a connection.
+    app.store().listen_invalidations(
+        std::sync::Arc::new(move |event| {
             verifier_app.inner().verifier.invalidate(event);
             verifier_app.inner().revocation_streams.wake();
-        }));
+        }),
+        stopped.clone(),
+    );
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
     let streams_app = app.clone();

@@ -85,6 +85,9 @@ pub enum Invalidation {
 
 pub type InvalidationHandler = Arc<dyn Fn(Invalidation) + Send + Sync>;
 
+/// What ends a background task of the store: `true` sent, or the sender dropped.
+pub type StopSignal = tokio::sync::watch::Receiver<bool>;
+
 /// Which grants of a tenant to list; `None` fields match anything.
 #[derive(Debug, Clone)]
 pub struct GrantFilter {
@@ -437,9 +440,10 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Grant, StoreError>;
 
-    /// Calls `on_event` for every change other processes commit that affects cached verifications.
+    /// Calls `on_event` for every change other processes commit that affects cached verifications,
+    /// until `stop` turns true (or its sender is dropped); then the listener lets its connection go.
     /// A no-op where one process owns the store (SQLite).
-    fn listen_invalidations(&self, on_event: InvalidationHandler);
+    fn listen_invalidations(&self, on_event: InvalidationHandler, stop: StopSignal);
 
     /// Appends an event that comes with no change (a refused attempt) to its tenant's chain.
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;

@@ -82,30 +82,39 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Listens on [`CHANNEL`] for as long as the process runs, reconnecting after failures. Every
-    /// (re)connection, and every loss of one, reports [`Invalidation::Reset`](crate::Invalidation::Reset):
-    /// notifications sent meanwhile are lost, so everything cached must be re-checked.
+    /// Listens on [`CHANNEL`] until `stop`, reconnecting after failures. Every (re)connection, and
+    /// every loss of one, reports [`Invalidation::Reset`](crate::Invalidation::Reset): notifications
+    /// sent meanwhile are lost, so everything cached must be re-checked. While no connection is
+    /// listening (connect attempts failing or hanging, e.g. PostgreSQL at its connection limit
+    /// while the pooled readers still work) a reset is reported every [`UNHEARD_RESET_INTERVAL`]:
+    /// an entry loaded during the gap could miss a revocation too, so none counts as fresh for
+    /// longer than that. Connecting and issuing the LISTEN are bounded by [`CONNECT_DEADLINE`].
     ///
     /// A connection can also stop delivering without closing (a frozen backend, a dropped network
     /// path). So the listener NOTIFYs its own heartbeat every [`HEARTBEAT_INTERVAL`] through the
-    /// shared pool and, when none comes back within [`HEARTBEAT_DEADLINE`], reports a reset and
-    /// reconnects: a revocation elsewhere is missed for at most about the deadline.
-    fn spawn_invalidation_listener(&self, on_event: crate::InvalidationHandler) {
+    /// shared pool and, when one it sent is not heard back within [`HEARTBEAT_DEADLINE`], reports a
+    /// reset and reconnects: a revocation elsewhere is missed for at most about the deadline plus
+    /// an interval. A heartbeat that could not be sent (the pool saturated) proves nothing and is
+    /// not waited for.
+    fn spawn_invalidation_listener(
+        &self,
+        on_event: crate::InvalidationHandler,
+        mut stop: crate::StopSignal,
+    ) {
         let pool = self.pool.clone();
-        let heartbeat = format!("{HEARTBEAT_PREFIX}{}", uuid::Uuid::new_v4());
+        let heartbeat = format!("{HEARTBEAT_PREFIX}{}:", uuid::Uuid::new_v4());
         tokio::spawn(async move {
-            loop {
-                // A pool of its own per connection: a listener given up on a frozen connection
-                // leaves behind a task waiting on it, which must not hold a shared connection.
-                let own = PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect_lazy_with((*pool.connect_options()).clone());
-                match sqlx::postgres::PgListener::connect_with(&own).await {
-                    Ok(mut listener) => {
-                        if let Err(error) = listener.listen(CHANNEL).await {
-                            tracing::warn!(%error, "cannot LISTEN for cache invalidations; retrying");
-                        } else {
+            let listening = async {
+                let mut first = true;
+                loop {
+                    let attempt = async {
+                        if !std::mem::take(&mut first) {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        tokio::time::timeout(CONNECT_DEADLINE, connect_listener(&pool)).await
+                    };
+                    match resetting_until(attempt, &on_event).await {
+                        Ok(Ok(mut listener)) => {
                             on_event(crate::Invalidation::Reset);
                             let why =
                                 deliver_until_silent(&mut listener, &pool, &heartbeat, &on_event)
@@ -116,26 +125,70 @@ impl PostgresStore {
                             );
                             on_event(crate::Invalidation::Reset);
                         }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot connect the invalidation listener; retrying")
+                        Ok(Err(error)) => tracing::warn!(
+                            %error,
+                            "cannot connect the invalidation listener; retrying"
+                        ),
+                        Err(_) => tracing::warn!(
+                            "connecting the invalidation listener took over {CONNECT_DEADLINE:?}; retrying"
+                        ),
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            tokio::select! {
+                () = listening => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
             }
         });
     }
 }
 
+/// A listener connection that has issued its LISTEN.
+async fn connect_listener(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    // A pool of its own per connection: a listener given up on a frozen connection leaves behind a
+    // task waiting on it, which must not hold a shared connection.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(CONNECT_DEADLINE)
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Runs `attempt` while reporting a reset every [`UNHEARD_RESET_INTERVAL`] (the first at once):
+/// nothing is listening meanwhile.
+async fn resetting_until<T>(
+    attempt: impl std::future::Future<Output = T>,
+    on_event: &crate::InvalidationHandler,
+) -> T {
+    let mut tick = tokio::time::interval(UNHEARD_RESET_INTERVAL);
+    tokio::pin!(attempt);
+    loop {
+        tokio::select! {
+            done = &mut attempt => return done,
+            _ = tick.tick() => on_event(crate::Invalidation::Reset),
+        }
+    }
+}
+
 /// How often each replica's listener NOTIFYs its own heartbeat on [`CHANNEL`].
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a listener may go without hearing its own heartbeat before it is taken for dead.
+/// How long a heartbeat sent may go unheard before the listener is taken for dead.
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(3);
-/// Heartbeat payloads: not a UUID, so other replicas (and older versions) ignore them.
+/// Heartbeat payloads (`heartbeat:<listener>:<sequence>`): not a UUID, so other replicas (and
+/// older versions) ignore them.
 const HEARTBEAT_PREFIX: &str = "heartbeat:";
+/// How late a tick may fire compared with the one a heartbeat was sent on.
+const TICK_JITTER: Duration = Duration::from_millis(100);
+/// How often a reset is reported while no listener connection is listening.
+const UNHEARD_RESET_INTERVAL: Duration = Duration::from_secs(1);
+/// How long connecting the listener and issuing its LISTEN may take before it is tried again.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Hands notifications to `on_event` until the connection fails or `heartbeat` goes unheard for
-/// [`HEARTBEAT_DEADLINE`]; returns why it stopped.
+/// Hands notifications to `on_event` until the connection fails or a heartbeat it sent (payload
+/// `heartbeat` + its sequence number) goes unheard for [`HEARTBEAT_DEADLINE`]; returns why it
+/// stopped.
 async fn deliver_until_silent(
     listener: &mut sqlx::postgres::PgListener,
     pool: &PgPool,
@@ -144,15 +197,22 @@ async fn deliver_until_silent(
 ) -> String {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heard = tokio::time::Instant::now();
+    // Heartbeats sent and not heard yet, oldest first, with when their sending began.
+    let mut unheard = std::collections::VecDeque::<(u64, tokio::time::Instant)>::new();
+    let mut sequence = 0u64;
     loop {
         tokio::select! {
             received = listener.try_recv() => match received {
-                Ok(Some(notification)) if notification.payload() == heartbeat => {
-                    heard = tokio::time::Instant::now();
-                }
                 Ok(Some(notification)) => {
-                    if let Ok(subject) = uuid::Uuid::parse_str(notification.payload()) {
+                    let payload = notification.payload();
+                    if let Some(heard) = payload.strip_prefix(heartbeat) {
+                        // Delivered in order: every heartbeat sent up to this one has arrived.
+                        if let Ok(heard) = heard.parse::<u64>() {
+                            while unheard.front().is_some_and(|(sent, _)| *sent <= heard) {
+                                unheard.pop_front();
+                            }
+                        }
+                    } else if let Ok(subject) = uuid::Uuid::parse_str(payload) {
                         on_event(crate::Invalidation::Subject(subject));
                     }
                 }
@@ -160,17 +220,29 @@ async fn deliver_until_silent(
                 Err(error) => return format!("failed: {error}"),
             },
             _ = tick.tick() => {
-                if heard.elapsed() > HEARTBEAT_DEADLINE {
+                let now = tokio::time::Instant::now();
+                // The check falls on a tick three after the send: allow for the ticks' jitter.
+                if unheard.front().is_some_and(|(_, sent)| {
+                    now.duration_since(*sent) + TICK_JITTER >= HEARTBEAT_DEADLINE
+                }) {
                     return format!("heard no heartbeat for {HEARTBEAT_DEADLINE:?}");
                 }
-                // Bounded, so a slow store cannot hold up the deadline check. A heartbeat that
-                // cannot be sent is simply not heard, which is the point.
+                // Bounded, so a slow store cannot hold up the deadline check. Only a heartbeat
+                // that was sent can go unheard: one the saturated pool could not send says nothing
+                // about this connection.
+                sequence += 1;
                 let sent = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(CHANNEL)
-                    .bind(heartbeat)
+                    .bind(format!("{heartbeat}{sequence}"))
                     .execute(pool);
-                if let Ok(Err(error)) = tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await {
-                    tracing::debug!(%error, "cannot send the invalidation listener's heartbeat");
+                match tokio::time::timeout(HEARTBEAT_INTERVAL, sent).await {
+                    Ok(Ok(_)) => unheard.push_back((sequence, now)),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "cannot send the invalidation listener's heartbeat");
+                    }
+                    Err(_) => {
+                        tracing::debug!("the invalidation listener's heartbeat could not be sent in time");
+                    }
                 }
             }
         }

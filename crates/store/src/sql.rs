@@ -1140,8 +1140,12 @@ macro_rules! impl_store {
                 Ok(u64::try_from(count).unwrap_or(0))
             }
 
-            fn listen_invalidations(&self, on_event: $crate::InvalidationHandler) {
-                self.spawn_invalidation_listener(on_event);
+            fn listen_invalidations(
+                &self,
+                on_event: $crate::InvalidationHandler,
+                stop: $crate::StopSignal,
+            ) {
+                self.spawn_invalidation_listener(on_event, stop);
             }
 
             #[tracing::instrument(skip_all, fields(count = uses.len()))]

@@ -146,7 +146,12 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn spawn_invalidation_listener(&self, _on_event: crate::InvalidationHandler) {}
+    fn spawn_invalidation_listener(
+        &self,
+        _on_event: crate::InvalidationHandler,
+        _stop: crate::StopSignal,
+    ) {
+    }
 }
 
 bind_credential_fn!(sqlx::Sqlite);

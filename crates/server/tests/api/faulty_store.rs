@@ -12,8 +12,8 @@ use keyplane_core::{
 };
 use keyplane_store::{
     AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter, IdempotencyClaim,
-    IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey, Store, StoreError,
-    StoreFault, StoredResponse, Unavailable, WriteHealth,
+    IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey, StopSignal, Store,
+    StoreError, StoreFault, StoredResponse, Unavailable, WriteHealth,
 };
 use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -423,8 +423,8 @@ impl Store for FaultyStore {
         self.inner.revoke_grant(tenant_id, id, at, event).await
     }
 
-    fn listen_invalidations(&self, on_event: InvalidationHandler) {
-        self.inner.listen_invalidations(on_event)
+    fn listen_invalidations(&self, on_event: InvalidationHandler, stop: StopSignal) {
+        self.inner.listen_invalidations(on_event, stop)
     }
 
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {

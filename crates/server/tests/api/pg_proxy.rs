@@ -1,7 +1,9 @@
 //! A TCP proxy on 127.0.0.1 in front of the test PostgreSQL, so a test can take the database away
-//! from one server without touching the shared PostgreSQL: refuse every connection (an outage), or
+//! from one server without touching the shared PostgreSQL: refuse every connection (an outage),
 //! freeze the connections that issued `LISTEN` (bytes stop flowing, nothing closes: a frozen
-//! backend or a dropped network path, as a listener sees it).
+//! backend or a dropped network path, as a listener sees it) or all the others (a saturated
+//! pool, as the listener's heartbeat sees it), or close the listeners and refuse new connections
+//! while the pooled ones work (PostgreSQL at its connection limit after a listener's loss).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,8 +16,32 @@ pub enum Mode {
     Forward,
     /// Connections that sent `LISTEN` stop forwarding in both directions, without closing.
     FreezeListeners,
+    /// Connections that did not send `LISTEN` (new ones too) stop forwarding, without closing.
+    FreezeOthers,
+    /// Connections that sent `LISTEN` are closed, and new ones are closed as soon as they are
+    /// accepted; the others keep forwarding.
+    DropListeners,
     /// Every connection is closed, and new ones are closed as soon as they are accepted.
     Refuse,
+}
+
+/// What `mode` does to a connection that has (`listener`) or has not sent `LISTEN`.
+#[derive(PartialEq, Eq)]
+enum Action {
+    Forward,
+    Hold,
+    Close,
+}
+
+fn action(mode: Mode, listener: bool) -> Action {
+    match (mode, listener) {
+        (Mode::Forward, _) | (Mode::FreezeListeners, false) | (Mode::FreezeOthers, true) => {
+            Action::Forward
+        }
+        (Mode::DropListeners, false) => Action::Forward,
+        (Mode::FreezeListeners, true) | (Mode::FreezeOthers, false) => Action::Hold,
+        (Mode::DropListeners, true) | (Mode::Refuse, _) => Action::Close,
+    }
 }
 
 pub struct PgProxy {
@@ -40,7 +66,7 @@ impl PgProxy {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                if *watcher.borrow() == Mode::Refuse {
+                if matches!(*watcher.borrow(), Mode::Refuse | Mode::DropListeners) {
                     drop(client);
                     continue;
                 }
@@ -97,10 +123,11 @@ async fn pump(
     from_client: bool,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
+    let listening = || is_listener.load(Ordering::Acquire);
     loop {
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
-            _ = mode.wait_for(|m| *m == Mode::Refuse) => return,
+            _ = mode.wait_for(|m| action(*m, listening()) == Action::Close) => return,
         };
         let n = match read {
             Ok(0) | Err(_) => return,
@@ -109,16 +136,13 @@ async fn pump(
         if from_client && buffer[..n].windows(7).any(|w| w == b"LISTEN ") {
             is_listener.store(true, Ordering::Release);
         }
-        // A frozen connection holds what it read and forwards nothing, until unfrozen or refused.
-        if is_listener.load(Ordering::Acquire) {
-            let resumed = mode
-                .wait_for(|m| *m != Mode::FreezeListeners)
-                .await
-                .map(|m| *m);
-            match resumed {
-                Ok(Mode::Forward) => {}
-                _ => return,
-            }
+        // A frozen connection holds what it read and forwards nothing, until unfrozen or closed.
+        let resumed = mode
+            .wait_for(|m| action(*m, listening()) != Action::Hold)
+            .await
+            .map(|m| action(*m, listening()));
+        if resumed.ok() != Some(Action::Forward) {
+            return;
         }
         if to.write_all(&buffer[..n]).await.is_err() {
             return;

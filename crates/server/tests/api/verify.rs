@@ -819,6 +819,148 @@ async fn a_frozen_listener_is_detected_and_revocations_still_arrive() {
     );
 }
 
+/// A replica whose listener is lost and cannot listen again (its reconnects refused while the
+/// pooled connections still work, as at PostgreSQL's connection limit; or its LISTEN hanging)
+/// counts nothing it loads meanwhile as fresh: a token first verified after the loss and revoked
+/// elsewhere is refused within seconds, not after the 30 s cache lifetime.
+async fn revocations_arrive_while_the_listener_cannot_listen(mode: Mode, noticed_within: Duration) {
+    let writer = TestApp::spawn(Backend::Postgres).await;
+    let proxy = PgProxy::start(writer.database_url()).await;
+    let replica = writer.replica_at(&proxy.url, test_config()).await;
+    let org = writer.create_org("acme").await;
+    let token_of = |created: Value| created["token"].as_str().unwrap().to_string();
+    // A verification before the loss, so the replica's reader pool holds a connection.
+    let before = token_of(writer.create_token(&org, "before", &[]).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(forward(&replica, Some(&before), "").await.status(), 200);
+
+    proxy.set(mode);
+    // The listener's loss is noticed (a closed connection at once, a frozen one by its heartbeat).
+    tokio::time::sleep(noticed_within).await;
+    let created = writer.create_token(&org, "after", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let after = token_of(created);
+    assert_eq!(
+        forward(&replica, Some(&after), "").await.status(),
+        200,
+        "loaded through a pooled connection"
+    );
+    assert_eq!(
+        writer
+            .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+            .await
+            .status(),
+        204
+    );
+    let took = time_until(Duration::from_secs(3), 401, async || {
+        forward(&replica, Some(&after), "").await.status().as_u16()
+    })
+    .await;
+    eprintln!(
+        "listener down ({mode:?}): revoked token refused after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+}
+
+#[tokio::test]
+async fn revocations_arrive_while_the_listener_cannot_reconnect() {
+    revocations_arrive_while_the_listener_cannot_listen(
+        Mode::DropListeners,
+        Duration::from_secs(1),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn revocations_arrive_while_the_listeners_listen_hangs() {
+    // Frozen: noticed by the heartbeat within 4 s; the new connection's LISTEN then hangs.
+    revocations_arrive_while_the_listener_cannot_listen(
+        Mode::FreezeListeners,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// A listener whose heartbeats cannot be sent (the shared pool saturated; here its connections
+/// frozen) keeps its connection and leaves the cache alone: only a heartbeat sent and not heard
+/// back marks the listener dead. A reset would send every cached credential to the stuck store.
+#[tokio::test]
+async fn heartbeats_that_cannot_be_sent_do_not_reset_the_cache() {
+    let writer = TestApp::spawn(Backend::Postgres).await;
+    let proxy = PgProxy::start(writer.database_url()).await;
+    let replica = writer.replica_at(&proxy.url, test_config()).await;
+    let org = writer.create_org("acme").await;
+    let created = writer.create_token(&org, "cached", &[]).await;
+    let token = created["token"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(forward(&replica, Some(&token), "").await.status(), 200);
+    let reloads = cache_lookups(&replica, "reload").await;
+
+    proxy.set(Mode::FreezeOthers);
+    // Past the heartbeat deadline and an interval, with no heartbeat sent all along.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(2), forward(&replica, Some(&token), ""))
+        .await
+        .map(|answer| answer.status());
+    let reloaded = cache_lookups(&replica, "reload").await - reloads;
+    proxy.set(Mode::Forward);
+    assert_eq!(
+        answer.ok(),
+        Some(reqwest::StatusCode::OK),
+        "answered from the cache"
+    );
+    assert_eq!(reloaded, 0, "the cache was reset");
+}
+
+/// The invalidation listener ends with `serve`: it lets its PostgreSQL connection go instead of
+/// listening, heartbeating and reconnecting for as long as the process runs.
+#[tokio::test]
+async fn the_invalidation_listener_stops_with_the_server() {
+    let writer = TestApp::spawn(Backend::Postgres).await;
+    let store = keyplane_store::connect(writer.database_url())
+        .await
+        .expect("open the test store");
+    let app = keyplane_server::App::new(store, test_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(keyplane_server::serve(listener, app.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(writer.database_url())
+        .await
+        .unwrap();
+    let mut listeners = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+    };
+    // The writer's listener and this server's.
+    let started = Instant::now();
+    while listeners().await < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    stop.send(()).unwrap();
+    served.await.unwrap().unwrap();
+    let stopped = Instant::now();
+    while listeners().await > 1 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "the listener outlived serve"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nor does it come back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listeners().await, 1);
+    drop(app);
+}
+
 /// The verification routes are served without the router for their one method (`GET` forward-auth
 /// and whoami, `POST` introspection); every other method on their paths still goes through it.
 /// Both ways answer alike: the same headers (HEAD forward-auth is the router's), request ids,
