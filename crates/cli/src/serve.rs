@@ -21,8 +21,9 @@ pub struct ServeArgs {
     /// Management API requests per minute per credential (token bucket); 0 turns the limit off.
     #[arg(long, env = "KEYPLANE_RATE_LIMIT_PER_MINUTE", default_value_t = 100)]
     rate_limit_per_minute: u32,
-    /// Requests a credential may send in a burst before the per-minute rate applies.
-    #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10)]
+    /// Requests a credential may send in a burst before the per-minute rate applies: at least 1,
+    /// and at most --rate-limit-per-minute (when the limit is on).
+    #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     rate_limit_burst: u32,
     /// Failed authentications allowed per client address per minute; past it the address's failures
     /// answer 429 until its budget refills (requests with a valid credential are always served).
@@ -229,7 +230,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_revocation_streams: u64,
     /// Seconds between heartbeats on an idle revocation stream; clients take a stream silent for
-    /// two heartbeats for dead, so keep it well below their max_staleness.
+    /// two heartbeats for dead, so keep it well below their max_staleness. Must be below
+    /// --idle-timeout-seconds, which would otherwise close every idle stream first.
     #[arg(long, env = "KEYPLANE_REVOCATION_HEARTBEAT_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
     revocation_heartbeat_seconds: u64,
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
@@ -250,6 +252,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything slow (the store may take a while to connect): SIGHUP's default action
     // would end the process, and a `logrotate` or `systemctl reload` may send one at any time.
     let hangups = hangup_signal();
+    check_limits(&args)?;
     let header = match args.forwarded_header {
         ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
         ForwardedHeaderArg::Forwarded => ForwardedHeader::Forwarded,
@@ -397,6 +400,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Refuses flag combinations that would quietly not do what they say.
+fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
+    if args.revocation_heartbeat_seconds >= args.idle_timeout_seconds {
+        anyhow::bail!(
+            "--revocation-heartbeat-seconds ({}) must be below --idle-timeout-seconds ({}): an idle revocation stream would be closed before its heartbeat",
+            args.revocation_heartbeat_seconds,
+            args.idle_timeout_seconds
+        );
+    }
+    if args.rate_limit_per_minute > 0 && args.rate_limit_burst > args.rate_limit_per_minute {
+        anyhow::bail!(
+            "--rate-limit-burst ({}) must not exceed --rate-limit-per-minute ({}): the limiter lets a burst be at most one minute's requests",
+            args.rate_limit_burst,
+            args.rate_limit_per_minute
+        );
+    }
     Ok(())
 }
 

@@ -537,3 +537,65 @@ async fn plain_http_keys_url_off_loopback_fails_with_one_clear_line() {
         lines[0]
     );
 }
+
+/// Flag combinations `serve` would not honour are refused at start, in one line naming both flags:
+/// a revocation heartbeat at or past the idle timeout (every idle stream would be cut before its
+/// heartbeat), and a burst of 0 or above the per-minute rate (once silently made 1 or the rate).
+#[tokio::test]
+async fn contradictory_limits_fail_with_one_clear_line() {
+    for (flags, named) in [
+        (
+            &["--revocation-heartbeat-seconds", "90"][..],
+            &["--revocation-heartbeat-seconds", "--idle-timeout-seconds"][..],
+        ),
+        (
+            &["--idle-timeout-seconds", "10"][..],
+            &["--revocation-heartbeat-seconds", "--idle-timeout-seconds"][..],
+        ),
+        (
+            &["--idle-timeout-seconds", "15"][..],
+            &["--revocation-heartbeat-seconds", "--idle-timeout-seconds"][..],
+        ),
+        (
+            &["--rate-limit-burst", "101"][..],
+            &["--rate-limit-burst", "--rate-limit-per-minute"][..],
+        ),
+        (
+            &["--rate-limit-burst", "0"][..],
+            &["--rate-limit-burst"][..],
+        ),
+    ] {
+        let data_dir = tempfile::tempdir().expect("create a temporary directory");
+        // Private, so nothing but the flags could stop the start.
+        std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let output = run(
+            keyplane()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(flags)
+                .arg("--data-dir")
+                .arg(data_dir.path()),
+            // Refused before the store is opened: at once.
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(!output.status.success(), "serve accepted {flags:?}");
+        let lines: Vec<&str> = output.stderr.lines().collect();
+        assert!(
+            named.iter().all(|flag| output.stderr.contains(flag)),
+            "{flags:?}: {}",
+            output.stderr
+        );
+        assert!(
+            !data_dir.path().join("bootstrap.json").exists(),
+            "{flags:?}: started anyway"
+        );
+        if named.len() == 2 {
+            assert_eq!(
+                lines.len(),
+                1,
+                "{flags:?}: expected one line, got:\n{}",
+                output.stderr
+            );
+        }
+    }
+}

@@ -81,6 +81,8 @@ async fn slow_clients_cannot_starve_the_server(backend: Backend) {
             "3",
             "--idle-timeout-seconds",
             "3",
+            "--revocation-heartbeat-seconds",
+            "2",
         ],
         TIMEOUT,
     )

@@ -544,7 +544,17 @@ async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
     let store = TestStore::new(Backend::Sqlite).await;
     let ca = Authority::new();
     let leaf = ca.leaf("server");
-    let server = start_with(&store, &leaf, &["--idle-timeout-seconds", "1"]).await;
+    let server = start_with(
+        &store,
+        &leaf,
+        &[
+            "--idle-timeout-seconds",
+            "2",
+            "--revocation-heartbeat-seconds",
+            "1",
+        ],
+    )
+    .await;
     let org = store.bootstrap_org();
     let mut lock = sqlx::SqliteConnection::connect(&store.db.url)
         .await
@@ -577,7 +587,7 @@ async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
     assert!(
         closed.is_ok(),
         "an idle connection was still open 10 s after its only request was cancelled \
-         (idle timeout: 1 s)\n{}",
+         (idle timeout: 2 s)\n{}",
         server.log()
     );
     drop(client);
@@ -595,6 +605,8 @@ async fn an_idle_http2_connection_is_closed_with_a_goaway() {
         &leaf,
         &[
             "--idle-timeout-seconds",
+            "2",
+            "--revocation-heartbeat-seconds",
             "1",
             "--header-read-timeout-seconds",
             "1",

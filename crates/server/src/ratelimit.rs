@@ -17,7 +17,8 @@ pub(crate) struct KeyedRateLimiter<K: Hash + Eq + Clone> {
 pub(crate) type CredentialRateLimiter = KeyedRateLimiter<uuid::Uuid>;
 
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
-    /// `None` when `per_minute` is 0 (off).
+    /// `None` when `per_minute` is 0 (off). `burst` is held to `1..=per_minute`; `serve` refuses
+    /// any other `--rate-limit-burst`.
     pub fn new(per_minute: u32, burst: u32) -> Option<Self> {
         let per_minute = NonZeroU32::new(per_minute)?;
         let burst = NonZeroU32::new(burst.clamp(1, per_minute.get())).unwrap_or(NonZeroU32::MIN);
