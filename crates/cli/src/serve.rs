@@ -252,6 +252,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything slow (the store may take a while to connect): SIGHUP's default action
     // would end the process, and a `logrotate` or `systemctl reload` may send one at any time.
     let hangups = hangup_signal();
+    // SIGTERM and Ctrl-C likewise: one during the start ends it cleanly, never between the
+    // bootstrap's commit and its file's rename.
+    let mut shutdown = Box::pin(shutdown_signal());
     check_limits(&args)?;
     let header = match args.forwarded_header {
         ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
@@ -325,13 +328,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let webhook_retry_schedule =
         keyplane_server::webhooks::parse_schedule(&args.webhook_retry_schedule)
             .map_err(|e| anyhow::anyhow!("--webhook-retry-schedule: {e}"))?;
-    let store = args.store.open().await?;
+    let store = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopped while connecting to the store");
+            return Ok(());
+        }
+        store = args.store.open() => store?,
+    };
     tracing::info!(store = store.backend(), "store ready, migrations applied");
     if let Some(oidc) = &oidc {
         tracing::info!(oidc.issuers = ?oidc.issuers, oidc.audience = %oidc.audience, "users authenticate with access tokens from these issuers");
     }
 
+    // Not interrupted: the bootstrap file is settled before a stop is acted on.
     bootstrap(store.as_ref(), &args.store.data_dir).await?;
+    if already_done(&mut shutdown).await {
+        store.close().await;
+        tracing::info!("stopped before serving");
+        return Ok(());
+    }
 
     let config = Config {
         rate_limit_per_minute: args.rate_limit_per_minute,
@@ -396,11 +412,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, scheme, "listening");
     let app = App::new(store.clone(), config);
     reload_on_sighup(hangups, app.clone());
-    keyplane_server::serve(listener, app, shutdown_signal()).await?;
+    keyplane_server::serve(listener, app, shutdown).await?;
     // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether `future` has already finished (polled once, never waited for).
+async fn already_done(future: &mut (impl std::future::Future<Output = ()> + Unpin)) -> bool {
+    tokio::select! {
+        biased;
+        () = future => true,
+        () = std::future::ready(()) => false,
+    }
 }
 
 /// Refuses flag combinations that would quietly not do what they say.

@@ -1011,6 +1011,56 @@ async fn a_postgres_restart_under_writes_answers_503_then_recovers() {
     drop(server);
 }
 
+/// A SIGTERM (or Ctrl-C) while the store is still connecting ends `serve` cleanly and at once: it
+/// does not kill the process, nor wait for the store.
+#[tokio::test]
+async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
+    // A "database" that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!(
+        "postgres://postgres@{}/never",
+        silent.local_addr().expect("its address")
+    );
+    let data_dir = tempfile::tempdir().expect("a temporary directory");
+    let mut serve = common::KillOnDrop(
+        common::keyplane()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &url,
+                "--data-dir",
+            ])
+            .arg(data_dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start keyplane serve"),
+    );
+    let (_held, _) = tokio::time::timeout(TIMEOUT, silent.accept())
+        .await
+        .expect("serve connects to the store in time")
+        .expect("accept");
+    let pid = serve.0.id().to_string();
+    let term = common::run(Command::new("kill").args(["-TERM", &pid]), TIMEOUT).await;
+    assert!(term.status.success(), "{}", term.describe());
+
+    let status = common::wait_for_exit(&mut serve.0, Duration::from_secs(5))
+        .await
+        .expect("serve stops within 5 s of SIGTERM");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        None,
+        "serve was ended by a signal: {status}"
+    );
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!data_dir.path().join("bootstrap.json.pending").exists());
+}
+
 /// A SIGHUP (`logrotate`, `systemctl reload`) while the store is still connecting must not end
 /// `serve`: the start goes on, and here fails on its own, with the store's error.
 #[tokio::test]
