@@ -22,9 +22,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYPLANE_RATE_LIMIT_PER_MINUTE", default_value_t = 100)]
     rate_limit_per_minute: u32,
     /// Requests a credential may send in a burst before the per-minute rate applies: at least 1,
-    /// and at most --rate-limit-per-minute (when the limit is on).
-    #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
-    rate_limit_burst: u32,
+    /// and at most --rate-limit-per-minute (when the limit is on). Default: 10, or the
+    /// per-minute rate when that is lower.
+    #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit_burst: Option<u32>,
     /// Failed authentications allowed per client address per minute; past it the address's failures
     /// answer 429 until its budget refills (requests with a valid credential are always served).
     /// 0 turns the limit off. Behind a proxy, see --trusted-proxies.
@@ -351,7 +352,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let config = Config {
         rate_limit_per_minute: args.rate_limit_per_minute,
-        rate_limit_burst: args.rate_limit_burst,
+        rate_limit_burst: args
+            .rate_limit_burst
+            .unwrap_or(DEFAULT_RATE_LIMIT_BURST.min(args.rate_limit_per_minute.max(1))),
         failed_auth_per_minute: args.failed_auth_per_minute,
         last_used_flush_interval: Duration::from_millis(args.last_used_flush_ms),
         registry: RegistryConfig {
@@ -428,6 +431,9 @@ async fn already_done(future: &mut (impl std::future::Future<Output = ()> + Unpi
     }
 }
 
+/// `--rate-limit-burst` when not given (lowered to the per-minute rate below it).
+const DEFAULT_RATE_LIMIT_BURST: u32 = 10;
+
 /// Refuses flag combinations that would quietly not do what they say.
 fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
     if args.revocation_heartbeat_seconds >= args.idle_timeout_seconds {
@@ -437,12 +443,14 @@ fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
             args.idle_timeout_seconds
         );
     }
-    if args.rate_limit_per_minute > 0 && args.rate_limit_burst > args.rate_limit_per_minute {
-        anyhow::bail!(
-            "--rate-limit-burst ({}) must not exceed --rate-limit-per-minute ({}): the limiter lets a burst be at most one minute's requests",
-            args.rate_limit_burst,
-            args.rate_limit_per_minute
-        );
+    match args.rate_limit_burst {
+        Some(burst) if args.rate_limit_per_minute > 0 && burst > args.rate_limit_per_minute => {
+            anyhow::bail!(
+                "--rate-limit-burst ({burst}) must not exceed --rate-limit-per-minute ({}): the limiter lets a burst be at most one minute's requests",
+                args.rate_limit_per_minute
+            );
+        }
+        _ => {}
     }
     Ok(())
 }

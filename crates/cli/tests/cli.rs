@@ -541,6 +541,34 @@ async fn plain_http_keys_url_off_loopback_fails_with_one_clear_line() {
 /// Flag combinations `serve` would not honour are refused at start, in one line naming both flags:
 /// a revocation heartbeat at or past the idle timeout (every idle stream would be cut before its
 /// heartbeat), and a burst of 0 or above the per-minute rate (once silently made 1 or the rate).
+/// A per-minute rate below the default burst, alone, is not a contradiction: the burst follows it.
+#[tokio::test]
+async fn a_low_rate_limit_alone_lowers_the_default_burst() {
+    let store = common::TestStore::new(Backend::Sqlite).await;
+    let keyplane = common::Keyplane::start(
+        &store,
+        &["--rate-limit-per-minute", "3"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let org = store.bootstrap_org();
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            let answer = keyplane
+                .http
+                .get(keyplane.tokens_url(&org.id))
+                .bearer_auth(&org.token)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(answer.status().as_u16());
+        }
+        statuses
+    };
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "a burst of 3");
+}
+
 #[tokio::test]
 async fn contradictory_limits_fail_with_one_clear_line() {
     for (flags, named) in [

@@ -370,10 +370,11 @@ impl Keyplane {
     ) -> Self {
         let child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--rate-limit-per-minute", "0"])
             .args(store.args())
             .args(extra_args)
             .env("KEYPLANE_LOG", "info")
+            // Unlimited unless a test's own flag says otherwise (a flag overrides its variable).
+            .env("KEYPLANE_RATE_LIMIT_PER_MINUTE", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
