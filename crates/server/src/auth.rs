@@ -353,7 +353,10 @@ impl Verifier {
     /// changed since (a reset alone does not say it changed).
     fn may_serve_stale(&self, known: &Verified) -> bool {
         let loaded = known.loaded.load(Ordering::Acquire);
-        !self.config.stale_if_error.is_zero()
+        // A revoked secret is never served stale (its negative entry is not kept past its time):
+        // neither is a canary, which must answer as one does (503 while the store is away).
+        !known.gate.canary
+            && !self.config.stale_if_error.is_zero()
             && self.coarse_age(loaded)
                 <= (self.config.positive_ttl + self.config.stale_if_error).as_nanos()
             && !self.entry_invalidated(known, loaded)

@@ -20,6 +20,7 @@ both_backends!(
     another_organizations_introspection_of_a_canary_is_recorded_without_its_ids,
     audit_events_name_the_request_id_their_answer_carried,
     canaries_move_the_metrics_as_revoked_credentials_do,
+    canaries_answer_as_revoked_credentials_while_the_store_is_away,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -874,4 +875,44 @@ async fn canaries_move_the_metrics_as_revoked_credentials_do(backend: Backend) {
     let as_canary = counted(&app, &text(&canary, "token")).await;
     assert!(!as_revoked.is_empty());
     assert_eq!(as_canary, as_revoked);
+}
+
+/// While the store cannot answer, a revoked secret fails closed as unavailable (its negative
+/// entry does not outlive its time): a canary, cached or not, must answer the same, not a 401
+/// from a cache entry served stale.
+async fn canaries_answer_as_revoked_credentials_while_the_store_is_away(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let canary = text(
+        &create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await,
+        "token",
+    );
+    let revoked = create_api_token(&app, &org, json!({"name": "old"})).await;
+    let res = app
+        .delete(
+            &org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    let revoked = text(&revoked, "token");
+    // Both presented once, so both are known to this replica's caches.
+    for token in [&canary, &revoked] {
+        assert_eq!(app.get("/v1/whoami", token).await.status(), 401);
+    }
+    store.set_down(true);
+    tokio::time::sleep(
+        keyplane_server::auth::CacheConfig::default().negative_ttl + Duration::from_millis(300),
+    )
+    .await;
+    let during: Vec<Answer> = {
+        let mut answers = Vec::new();
+        for token in [&canary, &revoked] {
+            answers.push(answer(app.get("/v1/whoami", token).await).await);
+        }
+        answers
+    };
+    store.set_down(false);
+    assert_eq!(during[0].status, 503, "{:?}", during[0]);
+    assert_eq!(during[0], during[1]);
 }
