@@ -266,15 +266,14 @@ struct Memory {
 
 /// What the stream said lately that an introspection answer must be weighed against.
 struct Changes {
-    /// Every change, for [`RECENT`]: answers about these credentials are not cached yet.
-    recent: Memory,
     /// Revokes (final), for `revocation_memory`: an answer calling one active is refused.
     revoked: Memory,
     /// Leaks, as `revoked` until the credential is resumed: the stream does not say whether
     /// the organization's policy revoked the credential or suspended it, and both refuse.
     leaked: Memory,
-    /// Every change, for `revocation_memory`: an unconfirmed answer (a replica answering from
-    /// its cache, its store unreadable) about one of these may predate the change.
+    /// Every change, for `revocation_memory` (and at least [`RECENT`]): answers about those of
+    /// the last [`RECENT`] are not cached yet, and an unconfirmed answer (a replica answering
+    /// from its cache, its store unreadable) about any may predate the change.
     changed: Memory,
     /// The last `reset`: the changes since the last event id are unknown.
     reset_at: Option<Instant>,
@@ -440,9 +439,15 @@ impl Memory {
     }
 
     fn contains(&self, credential_id: &str, now: Instant) -> bool {
+        self.noted_within(credential_id, now, self.window)
+    }
+
+    /// Whether `credential_id` was last noted less than `window` (at most the memory's own)
+    /// before `now`.
+    fn noted_within(&self, credential_id: &str, now: Instant, window: Duration) -> bool {
         self.at
             .get(credential_id)
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < self.window)
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < window)
     }
 }
 
@@ -459,10 +464,9 @@ enum Lately {
 impl Changes {
     fn new(revocation_memory: Duration) -> Self {
         Self {
-            recent: Memory::new(RECENT, MAX_REMEMBERED),
             revoked: Memory::new(revocation_memory, MAX_REMEMBERED),
             leaked: Memory::new(revocation_memory, MAX_REMEMBERED),
-            changed: Memory::new(revocation_memory, MAX_REMEMBERED),
+            changed: Memory::new(revocation_memory.max(RECENT), MAX_REMEMBERED),
             reset_at: None,
         }
     }
@@ -476,8 +480,9 @@ impl Changes {
     /// told of (or could not tell of, across a reset) within `revocation_memory`.
     fn may_predate_a_change(&mut self, credential_id: &str, now: Instant) -> bool {
         self.changed.prune(now);
-        let window = self.changed.window;
-        self.changed.contains(credential_id, now)
+        // `revocation_memory`, the window every memory but `changed` keeps.
+        let window = self.revoked.window;
+        self.changed.noted_within(credential_id, now, window)
             || self
                 .reset_at
                 .is_some_and(|at| now.saturating_duration_since(at) < window)
@@ -499,17 +504,16 @@ impl Changes {
             }
             _ => {}
         }
-        self.recent.note(credential_id, now);
         self.changed.note(credential_id, now);
     }
 
     fn about(&mut self, credential_id: &str, now: Instant) -> Lately {
-        for memory in [&mut self.recent, &mut self.revoked, &mut self.leaked] {
+        for memory in [&mut self.changed, &mut self.revoked, &mut self.leaked] {
             memory.prune(now);
         }
         if self.revoked.contains(credential_id, now) || self.leaked.contains(credential_id, now) {
             Lately::Revoked
-        } else if self.recent.contains(credential_id, now) {
+        } else if self.changed.noted_within(credential_id, now, RECENT) {
             Lately::Changed
         } else {
             Lately::Nothing
