@@ -1011,10 +1011,11 @@ async fn a_postgres_restart_under_writes_answers_503_then_recovers() {
     drop(server);
 }
 
-/// A SIGTERM (or Ctrl-C) while the store is still connecting ends `serve` cleanly and at once: it
-/// does not kill the process, nor wait for the store.
-#[tokio::test]
-async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
+/// `keyplane serve` on PostgreSQL at a "database" that accepts connections and never answers,
+/// once it is connecting to it: its start is past its first steps. The data directory and the
+/// held connection live as long as the caller keeps them.
+async fn serve_connecting_to_a_silent_store(
+) -> (common::KillOnDrop, tempfile::TempDir, tokio::net::TcpStream) {
     // A "database" that accepts connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1024,7 +1025,7 @@ async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
         silent.local_addr().expect("its address")
     );
     let data_dir = tempfile::tempdir().expect("a temporary directory");
-    let mut serve = common::KillOnDrop(
+    let serve = common::KillOnDrop(
         common::keyplane()
             .args([
                 "serve",
@@ -1040,10 +1041,18 @@ async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
             .spawn()
             .expect("start keyplane serve"),
     );
-    let (_held, _) = tokio::time::timeout(TIMEOUT, silent.accept())
+    let (held, _) = tokio::time::timeout(TIMEOUT, silent.accept())
         .await
         .expect("serve connects to the store in time")
         .expect("accept");
+    (serve, data_dir, held)
+}
+
+/// A SIGTERM (or Ctrl-C) while the store is still connecting ends `serve` cleanly and at once: it
+/// does not kill the process, nor wait for the store.
+#[tokio::test]
+async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
+    let (mut serve, data_dir, _held) = serve_connecting_to_a_silent_store().await;
     let pid = serve.0.id().to_string();
     let term = common::run(Command::new("kill").args(["-TERM", &pid]), TIMEOUT).await;
     assert!(term.status.success(), "{}", term.describe());
@@ -1065,36 +1074,7 @@ async fn a_sigterm_while_the_store_connects_ends_serve_cleanly() {
 /// `serve`: the start goes on, and here fails on its own, with the store's error.
 #[tokio::test]
 async fn a_sighup_while_the_store_connects_does_not_end_serve() {
-    // A "database" that accepts connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let url = format!(
-        "postgres://postgres@{}/never",
-        silent.local_addr().expect("its address")
-    );
-    let data_dir = tempfile::tempdir().expect("a temporary directory");
-    let mut serve = common::KillOnDrop(
-        common::keyplane()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                &url,
-                "--data-dir",
-            ])
-            .arg(data_dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start keyplane serve"),
-    );
-    // Connecting to the store is under way: the start is past its first steps.
-    let (_held, _) = tokio::time::timeout(TIMEOUT, silent.accept())
-        .await
-        .expect("serve connects to the store in time")
-        .expect("accept");
+    let (mut serve, _data_dir, _held) = serve_connecting_to_a_silent_store().await;
     let pid = serve.0.id().to_string();
     let hup = common::run(Command::new("kill").args(["-HUP", &pid]), TIMEOUT).await;
     assert!(hup.status.success(), "{}", hup.describe());

@@ -815,6 +815,22 @@ async fn audit_events_name_the_request_id_their_answer_carried(backend: Backend)
     }
 }
 
+/// The secrets of a canary API token and of a revoked one, neither presented yet, in a new
+/// organization.
+async fn canary_and_revoked(app: &TestApp) -> (String, String) {
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(app, &org, json!({"name": "bait", "canary": true})).await;
+    let revoked = create_api_token(app, &org, json!({"name": "old"})).await;
+    let res = app
+        .delete(
+            &org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    (text(&canary, "token"), text(&revoked, "token"))
+}
+
 /// The verification counters of `/metrics` (public): rejections by reason, cache lookups by
 /// outcome.
 async fn verification_counters(app: &TestApp) -> std::collections::BTreeMap<String, f64> {
@@ -861,18 +877,9 @@ async fn counted(app: &TestApp, token: &str) -> Vec<(String, f64)> {
 /// outcomes counted, and when the store is asked again).
 async fn canaries_move_the_metrics_as_revoked_credentials_do(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let org = app.create_org("acme").await;
-    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
-    let revoked = create_api_token(&app, &org, json!({"name": "old"})).await;
-    let res = app
-        .delete(
-            &org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 204);
-    let as_revoked = counted(&app, &text(&revoked, "token")).await;
-    let as_canary = counted(&app, &text(&canary, "token")).await;
+    let (canary, revoked) = canary_and_revoked(&app).await;
+    let as_revoked = counted(&app, &revoked).await;
+    let as_canary = counted(&app, &canary).await;
     assert!(!as_revoked.is_empty());
     assert_eq!(as_canary, as_revoked);
 }
@@ -882,20 +889,7 @@ async fn canaries_move_the_metrics_as_revoked_credentials_do(backend: Backend) {
 /// from a cache entry served stale.
 async fn canaries_answer_as_revoked_credentials_while_the_store_is_away(backend: Backend) {
     let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
-    let org = app.create_org("acme").await;
-    let canary = text(
-        &create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await,
-        "token",
-    );
-    let revoked = create_api_token(&app, &org, json!({"name": "old"})).await;
-    let res = app
-        .delete(
-            &org.path(&format!("/api-tokens/{}", text(&revoked, "id"))),
-            &org.token,
-        )
-        .await;
-    assert_eq!(res.status(), 204);
-    let revoked = text(&revoked, "token");
+    let (canary, revoked) = canary_and_revoked(&app).await;
     // Both presented once, so both are known to this replica's caches.
     for token in [&canary, &revoked] {
         assert_eq!(app.get("/v1/whoami", token).await.status(), 401);
