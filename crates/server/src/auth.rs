@@ -606,11 +606,9 @@ impl Verifier {
             .as_ref()
             .filter(|known| self.may_serve_stale(known))
             .cloned();
-        let retry_from = self
-            .nanos_since_epoch()
-            .saturating_sub(u64::try_from(STORE_RETRY_INTERVAL.as_nanos()).unwrap_or(u64::MAX));
         if let Some(known) = servable.as_ref() {
-            if Self::marked_since(&self.store_fault_at, retry_from) {
+            // The store failed within the retry interval: not asked again yet.
+            if self.answering_stale() {
                 self.metrics
                     .verify_cache(crate::metrics::CacheOutcome::Stale);
                 return Ok(known.clone());
@@ -639,9 +637,10 @@ impl Verifier {
     }
 
     /// Whether an answer given now may come from the cache without the store's confirmation:
-    /// the store failed within the last retry interval, so cached credentials answer stale
-    /// (stale-if-error) and may miss a change made through another replica. Introspection says
-    /// so (`X-Keyplane-Stale`) for embedded verifiers, which may know of such a change.
+    /// the store failed within the last retry interval ([`STORE_RETRY_INTERVAL`]: until then it
+    /// is not asked again), so cached credentials answer stale (stale-if-error) and may miss a
+    /// change made through another replica. Introspection says so (`X-Keyplane-Stale`) for
+    /// embedded verifiers, which may know of such a change.
     pub(crate) fn answering_stale(&self) -> bool {
         // No clock read while the store has never failed.
         self.store_fault_at.load(Ordering::Acquire) != 0 && {
