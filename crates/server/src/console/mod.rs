@@ -236,12 +236,17 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(params)| Self(params))
-            .map_err(|_| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page."))
+            .map_err(|_| no_such_page())
     }
 }
 
+/// The console's 404: for an unknown path, and for a known one naming nothing.
+pub(crate) fn no_such_page() -> ConsoleError {
+    ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page.")
+}
+
 async fn not_found() -> Response {
-    ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page.").into_response()
+    no_such_page().into_response()
 }
 
 // ------------------------------------------------------------------------------------------------

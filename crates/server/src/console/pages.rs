@@ -63,7 +63,7 @@ fn kind_page(uri: &Uri) -> Result<&'static KindPage, ConsoleError> {
     KINDS
         .iter()
         .find(|k| k.slug == slug)
-        .ok_or_else(|| ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page."))
+        .ok_or_else(super::no_such_page)
 }
 
 fn kind_of(kind: CredentialKind) -> &'static KindPage {
