@@ -431,8 +431,36 @@ fn access_token(
 
 #[derive(Deserialize)]
 struct Discovery {
-    issuer: String,
     jwks_uri: String,
+}
+
+/// A discovery document: the issuer it names, and the members `T` reads.
+#[derive(Deserialize)]
+struct DiscoveryDocument<T> {
+    issuer: String,
+    #[serde(flatten)]
+    members: T,
+}
+
+/// `issuer`'s discovery document, read as `T`. It must name the issuer we asked about (OpenID
+/// Connect Discovery §4.3), so one provider cannot speak for another.
+pub(crate) async fn discovery<T: DeserializeOwned>(
+    http: &reqwest::Client,
+    issuer: &str,
+) -> anyhow::Result<T> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let document: DiscoveryDocument<T> =
+        get_json(http, &url).await.context("discovery document")?;
+    if document.issuer != issuer {
+        anyhow::bail!(
+            "the discovery document names issuer {:?}, not this one",
+            document.issuer
+        );
+    }
+    Ok(document.members)
 }
 
 #[derive(Deserialize)]
@@ -455,22 +483,9 @@ struct Jwk {
     y: Option<String>,
 }
 
-/// Discovery, then the JWKS it points to. The discovery document must name the issuer we asked
-/// about (OpenID Connect Discovery §4.3), so one provider cannot speak for another.
+/// Discovery, then the JWKS it points to.
 async fn fetch_keys(http: &reqwest::Client, issuer: &str) -> anyhow::Result<Vec<VerifyingKey>> {
-    let discovery_url = format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    );
-    let discovery: Discovery = get_json(http, &discovery_url)
-        .await
-        .context("discovery document")?;
-    if discovery.issuer != issuer {
-        anyhow::bail!(
-            "the discovery document names issuer {:?}, not this one",
-            discovery.issuer
-        );
-    }
+    let discovery: Discovery = discovery(http, issuer).await?;
     check_url(&discovery.jwks_uri)
         .map_err(|e| anyhow::anyhow!("jwks_uri {:?}: {e}", discovery.jwks_uri))?;
     let set: JwkSet = get_json(http, &discovery.jwks_uri).await.context("JWKS")?;

@@ -27,7 +27,6 @@ fn pending_cookie_name(app: &App) -> &'static str {
 
 #[derive(Deserialize)]
 struct Endpoints {
-    issuer: String,
     authorization_endpoint: String,
     token_endpoint: String,
 }
@@ -96,19 +95,9 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> ConsoleError {
 }
 
 async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Arc<Endpoints>, ConsoleError> {
-    let url = format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    );
-    let found: Endpoints = crate::oidc::get_json(http, &url)
+    let found: Endpoints = crate::oidc::discovery(http, issuer)
         .await
         .map_err(|e| unavailable("discovery", format!("{e:#}")))?;
-    if found.issuer != issuer {
-        return Err(unavailable(
-            "discovery",
-            "the document names another issuer",
-        ));
-    }
     for endpoint in [&found.authorization_endpoint, &found.token_endpoint] {
         crate::oidc::check_url(endpoint).map_err(|e| unavailable("discovery", e))?;
     }
