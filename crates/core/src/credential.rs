@@ -303,6 +303,12 @@ impl Credential {
     pub fn is_revoked(&self) -> bool {
         self.revoked_at.is_some()
     }
+
+    /// Whether its expiry has passed, whatever else holds it back (a suspension): an expired
+    /// credential stays expired, so nothing (a rotation with a new expiry) may bring it back.
+    pub fn has_expired(&self, now: DateTime<Utc>) -> bool {
+        ended(self.expires_at, now)
+    }
 }
 
 /// What a caller asks for when issuing a credential, already validated.

@@ -347,15 +347,14 @@ pub async fn create_credential(
         canary: spec.canary,
     }
     .issue(issued_at, &mut OsRng);
-    let mut event = credential_event(
+    // A canary's creation reads as any other's: `audit:read` (and a webhook receiver) must not
+    // learn which credentials are bait; only the kind's write right shows it (views).
+    let event = credential_event(
         credential_action(rights.kind, CredentialChange::Created),
         AuditActor::of(who),
         context,
         &credential,
     );
-    if credential.canary {
-        event = event.text("canary", "true");
-    }
     app.store()
         .insert_credential(&credential, &event)
         .await
@@ -504,15 +503,15 @@ async fn rotate(
         .await?
         .ok_or(DomainError::NotFound)?;
     let now = app.now();
-    match current.usable_at(now) {
-        Err(keyplane_core::Unusable::Revoked) => return Err(revoked().into()),
-        Err(keyplane_core::Unusable::Expired) => {
-            return Err(DomainError::Conflict(
-                "the credential has expired: create a new one".into(),
-            )
-            .into())
-        }
-        Ok(()) | Err(_) => {}
+    // Each on its own, not through `usable_at`'s first reason: a suspended credential that has
+    // expired is expired all the same.
+    if current.is_revoked() {
+        return Err(revoked().into());
+    }
+    if current.has_expired(now) {
+        return Err(
+            DomainError::Conflict("the credential has expired: create a new one".into()).into(),
+        );
     }
     if current.canary {
         return Err(DomainError::Conflict(CANARY_IS_FIXED.into()).into());
@@ -1320,7 +1319,7 @@ pub async fn update_robot_permissions(
         .await?;
     app.invalidate(id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "robot permissions changed");
-    Ok(robot)
+    Ok(robot.as_of(app.now()))
 }
 
 /// One page of the tenant's audit events (newest first) and the cursor of the next page. Needs

@@ -498,6 +498,28 @@ async fn canaries_are_shown_only_to_holders_of_the_write_right(backend: Backend)
     );
     assert_eq!(plain["canary"], false);
     assert_eq!(canary["canary"], true);
+    // The audit trail, readable with `audit:read` alone (and sent to webhooks), does not tell
+    // them apart either: a creation event has the same details.
+    let created = app.audit_events(&org, "api_token.created").await;
+    let created_event = |id: &Value| {
+        created
+            .iter()
+            .find(|e| e["target"]["id"] == *id)
+            .unwrap_or_else(|| panic!("{id} in {created:?}"))
+    };
+    let details = |event: &Value| -> Vec<String> {
+        event["details"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        details(created_event(&plain["id"])),
+        details(created_event(&canary["id"])),
+        "{created:?}"
+    );
     let (plain_token, canary_token) = (text(&plain, "token"), text(&canary, "token"));
     assert!(canary_token.starts_with("aether_") && canary_token.len() == plain_token.len());
     assert_eq!(text(&canary, "prefix").len(), text(&plain, "prefix").len());

@@ -448,7 +448,7 @@ async fn rotation_bodies_are_validated(backend: Backend) {
 /// Suspension: 401 everywhere, `active: false`, the record keeps everything; resume restores it.
 /// Repeats change nothing; both are audited once; it needs what revoking needs.
 async fn suspension_stops_a_token_everywhere_and_resume_restores_it(backend: Backend) {
-    let (app, _clock) = spawn(backend).await;
+    let (app, clock) = spawn(backend).await;
     let org = app.create_org("acme").await;
     let verifier = text(
         &app.create_token(&org, "verifier", &["tokens:verify"]).await,
@@ -531,6 +531,44 @@ async fn suspension_stops_a_token_everywhere_and_resume_restores_it(backend: Bac
         401,
         "still suspended"
     );
+    // An expired token stays expired: suspending it first does not let a rotation with a new
+    // expiry bring it back.
+    let soon = (chrono::Utc::now() + chrono::TimeDelta::hours(1)).to_rfc3339();
+    let expiring = ok(
+        app.post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "short", "expires_at": soon}),
+        )
+        .await,
+        201,
+        "create",
+    )
+    .await;
+    let expiring = text(&expiring, "id");
+    ok(
+        app.post_empty(
+            &org.path(&format!("/api-tokens/{expiring}/suspend")),
+            &org.token,
+        )
+        .await,
+        200,
+        "suspend",
+    )
+    .await;
+    clock.advance(Duration::from_secs(7200));
+    assert_error(
+        app.post(
+            &org.path(&format!("/api-tokens/{expiring}/rotate")),
+            &org.token,
+            json!({"expires_at": "2031-01-01T00:00:00Z"}),
+        )
+        .await,
+        409,
+        "conflict",
+    )
+    .await;
+
     // Revoked: gone, as for any Aether call.
     assert_eq!(
         app.delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
@@ -840,6 +878,15 @@ async fn robots_log_in_with_the_previous_secret_during_grace_only(backend: Backe
     assert_eq!(robot_token(&app, user, &new).await, 200);
 
     let robot_path = org.path(&format!("/registry/robot-accounts/{id}"));
+    // The grace period is over: no view shows the previous secret's end any more.
+    let updated = app
+        .request(Method::PUT, &robot_path, Some(&org.token))
+        .json(&json!({"permissions": ["pull", "push"]}))
+        .send()
+        .await
+        .unwrap();
+    let updated = ok(updated, 200, "update permissions").await;
+    assert!(updated["previous_secret_expires_at"].is_null(), "{updated}");
     ok(
         app.post_empty(&format!("{robot_path}/suspend"), &org.token)
             .await,
