@@ -122,7 +122,7 @@ fn delivery_view(delivery: WebhookDelivery) -> WebhookDeliveryView {
 /// HMAC-SHA256>`), at least once: retried after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h
 /// (each delay stretched by 0–20 % jitter; over 27 h in all), then marked failed. A webhook whose
 /// attempts all fail for 5 days is disabled. The signing secret is returned only in this
-/// response. Needs `webhooks:manage`.
+/// response. Needs `webhooks:manage` and `audit:read` (a subscription sends the audit trail out).
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/webhooks", tag = TAG_WEBHOOKS,
     params(("orgID" = Uuid, Path, description = "Organization UUID."), IdempotencyKeyHeader),
@@ -130,7 +130,7 @@ fn delivery_view(delivery: WebhookDelivery) -> WebhookDeliveryView {
     responses(
         (status = 201, description = "Created. Contains the one-time signing secret.", body = WebhookCreated),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
-        (status = 403, description = "The caller lacks `webhooks:manage`.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `webhooks:manage` or `audit:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
         (status = 409, description = "The organization has 20 webhooks already, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 422, description = "Request validation failed (a refused target address included), or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),
@@ -211,7 +211,7 @@ pub async fn get_webhook(
 /// Update a webhook
 ///
 /// Replaces `url`, `events`, `description` (default empty) and `enabled` (default true); the
-/// secret stays. Needs `webhooks:manage`.
+/// secret stays. Needs `webhooks:manage` and `audit:read`.
 #[utoipa::path(
     put, path = "/api/v1/organizations/{orgID}/webhooks/{id}", tag = TAG_WEBHOOKS,
     params(
@@ -222,7 +222,7 @@ pub async fn get_webhook(
     responses(
         (status = 200, description = "The updated webhook.", body = WebhookView),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
-        (status = 403, description = "The caller lacks `webhooks:manage`.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `webhooks:manage` or `audit:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such webhook.", body = ErrorEnvelope),
         (status = 422, description = "Request validation failed (a refused target address included).", body = ErrorEnvelope),
     ),

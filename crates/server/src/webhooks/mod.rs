@@ -151,6 +151,13 @@ async fn check_spec(app: &App, spec: &WebhookSpec) -> Result<(), AppError> {
     .map_err(|e| AppError::from(DomainError::from(e)))
 }
 
+/// What choosing a webhook's URL and events needs: `webhooks:manage`, and `audit:read`, since a
+/// subscription sends the audit trail out (a manager without it could read it from a receiver).
+fn require_subscriber(who: &Principal, tenant: TenantId) -> Result<(), AppError> {
+    who.require(tenant, Capability::WebhooksManage)?;
+    Ok(who.require(tenant, Capability::AuditRead)?)
+}
+
 /// A new webhook and its signing secret (the caller shows it once).
 pub async fn create_webhook(
     app: &App,
@@ -159,7 +166,7 @@ pub async fn create_webhook(
     tenant: TenantId,
     spec: WebhookSpec,
 ) -> Result<Webhook, AppError> {
-    who.require(tenant, Capability::WebhooksManage)?;
+    require_subscriber(who, tenant)?;
     check_spec(app, &spec).await?;
     let now = now();
     let webhook = Webhook {
@@ -223,6 +230,7 @@ pub async fn update_webhook(
     id: uuid::Uuid,
     spec: WebhookSpec,
 ) -> Result<Webhook, AppError> {
+    require_subscriber(who, tenant)?;
     let mut webhook = get_webhook(app, who, tenant, id).await?;
     check_spec(app, &spec).await?;
     webhook.url = spec.url.to_string();

@@ -309,6 +309,37 @@ async fn management_validation_capability_and_tenant_isolation(
             .status(),
         200
     );
+    // A subscription sends the audit trail out: choosing one also needs `audit:read`.
+    let subscription = json!({"url": "https://127.0.0.1:9/c", "events": ["*"], "enabled": false});
+    let res = app
+        .post(&org.path("/webhooks"), manager, subscription.clone())
+        .await;
+    assert_error(res, 403, "forbidden").await;
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path(&format!("/webhooks/{id}")),
+            Some(manager),
+        )
+        .json(&subscription)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 403, "forbidden").await;
+    let subscriber = app
+        .create_token(&org, "subscriber", &["webhooks:manage", "audit:read"])
+        .await;
+    let res = app
+        .request(
+            Method::PUT,
+            &org.path(&format!("/webhooks/{id}")),
+            subscriber["token"].as_str(),
+        )
+        .json(&subscription)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     for (method, path) in [
         (Method::GET, format!("/webhooks/{id}")),
         (Method::DELETE, format!("/webhooks/{id}")),
@@ -392,6 +423,7 @@ async fn management_validation_capability_and_tenant_isolation(
         [
             "webhook.deleted",
             "webhook.secret_rotated",
+            "webhook.updated",
             "webhook.updated",
             "webhook.created"
         ]
