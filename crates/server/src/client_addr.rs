@@ -20,6 +20,20 @@ use std::net::{IpAddr, SocketAddr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ClientAddr(pub IpAddr);
 
+impl ClientAddr {
+    /// What per-address limits count against: an IPv4 address, or an IPv6 address's /64. A /64
+    /// is what one subscriber gets (RFC 6177), and its owner can take a new address from it for
+    /// every request: counted one by one, they would never reach a limit.
+    pub(crate) fn limit_key(self) -> IpAddr {
+        match self.0 {
+            IpAddr::V4(_) => self.0,
+            IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        }
+    }
+}
+
 /// Which forwarding header trusted proxies maintain. Only that one is read: a client may send the
 /// other one, and a proxy that does not manage it passes it through unchanged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! Failed authentications are limited per client address (`client_addr`: the real client behind
-//! trusted proxies): past the budget (default 300 a minute), the address's failures answer 429
+//! trusted proxies; an IPv6 client's /64): past the budget (default 300 a minute), the address's failures answer 429
 //! with `Retry-After` instead of 401 until the bucket refills, so a client stuck in a loop on a
 //! stale or guessed secret is told to back off. The limit counts failures, not people: a request
 //! with a valid credential is answered as usual whatever its address did, so garbage from one
@@ -74,6 +74,7 @@ impl FailedAuthLimiter {
 /// Counts a request's failed authentication against the client's address and, past the budget,
 /// answers the address's failures with 429. Taken and finished by `router::Observer`.
 pub(crate) struct FailureWatch {
+    /// The client's [`ClientAddr::limit_key`].
     client: IpAddr,
     /// The format of a refusal, picked by the request's path (when it is taken, not kept).
     dialect: ErrorDialect,
@@ -83,9 +84,8 @@ impl FailureWatch {
     /// `None` when the limit is off or the request came through no listener.
     pub(crate) fn of(app: &App, request: &Request, client: Option<ClientAddr>) -> Option<Self> {
         app.inner().failed_auth.as_ref()?;
-        let ClientAddr(client) = client?;
         Some(Self {
-            client,
+            client: client?.limit_key(),
             dialect: ErrorDialect::of_path(request.uri().path()),
         })
     }

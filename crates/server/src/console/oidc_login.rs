@@ -167,7 +167,7 @@ pub(super) async fn start(
         nonce: random_text(),
         code_verifier: random_text(),
         started: Instant::now(),
-        client: origin.client.map(|c| c.0),
+        client: origin.client.map(|c| c.limit_key()),
     };
     let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
     let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));

@@ -153,7 +153,8 @@ pub(crate) struct PendingLogin {
     pub nonce: String,
     pub code_verifier: String,
     pub started: Instant,
-    /// Where the sign-in was started from (`None`: through no listener, as in-process tests).
+    /// Where the sign-in was started from, as a [`crate::client_addr::ClientAddr::limit_key`]
+    /// (`None`: through no listener, as in-process tests).
     pub client: Option<std::net::IpAddr>,
 }
 

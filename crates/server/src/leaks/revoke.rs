@@ -85,11 +85,11 @@ pub(crate) async fn revoke_credentials(
     request: Request,
 ) -> Result<(StatusCode, Json<RevokeAccepted>), ApiError<Verification>> {
     // Charged before the body is read, so that malformed floods cost their sender too.
-    if let (Some(limiter), Some(ClientAddr(ip))) = (
+    if let (Some(limiter), Some(client)) = (
         &app.inner().public_revoke_limiter,
         request.extensions().get::<ClientAddr>().copied(),
     ) {
-        limiter.check(ip)?;
+        limiter.check(client.limit_key())?;
     }
     let context = crate::audit::request_context(request.headers(), request.extensions());
     let (ApiJson(body, _), _) =

@@ -60,6 +60,24 @@ async fn failures_are_counted_per_client_behind_trusted_proxies(backend: Backend
     assert!(!log.contains("client.ip=6.6.6.6"));
 }
 
+/// An IPv6 client can take a new address from its /64 for every request: the budget is the /64's.
+async fn an_ipv6_client_is_counted_by_its_64(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_local_proxy(3)).await;
+    let org = app.create_org("acme").await;
+    let path = org.path("/api-tokens");
+    let mut statuses = Vec::new();
+    for host in 1..=5 {
+        let address = format!("2001:db8:7:1::{host:x}");
+        statuses.push(get_from(&app, &path, "aether_guess", &address).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429]);
+    // The next /64 is someone else.
+    assert_eq!(
+        get_from(&app, &path, "aether_guess", "2001:db8:7:2::1").await,
+        401
+    );
+}
+
 async fn futures_statuses(
     app: &TestApp,
     path: &str,
@@ -163,6 +181,7 @@ async fn inactive_introspections_are_not_failures_of_the_caller(backend: Backend
 
 both_backends!(
     failures_are_counted_per_client_behind_trusted_proxies,
+    an_ipv6_client_is_counted_by_its_64,
     forwarding_headers_of_untrusted_peers_are_ignored,
     inactive_introspections_are_not_failures_of_the_caller,
 );
