@@ -33,7 +33,8 @@ use uuid::Uuid;
 macro_rules! exit_codes {
     () => {
         "Exit status: 0 ok, 1 the API refused (its message and code on stderr), 2 usage error, \
-         3 cannot authenticate (no credential, or 401), 4 cannot reach the server."
+         3 cannot authenticate (no credential, or 401), 4 cannot reach the server, \
+         5 the token is not active (introspect)."
     };
 }
 pub(crate) use exit_codes;
@@ -1710,7 +1711,12 @@ pub async fn introspect(s: Session, token: String) -> Result<(), Error> {
         return Err(Error::Usage("no token to introspect".into()));
     }
     let answer = s.client.introspect(Plaintext::received(token)).await?;
-    s.print_one(&answer)
+    s.print_one(&answer)?;
+    if answer.active {
+        Ok(())
+    } else {
+        Err(Error::Inactive)
+    }
 }
 
 /// `revoke-leaked TOKEN...|-`: reports tokens found where they should not be, with no

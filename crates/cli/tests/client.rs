@@ -185,11 +185,14 @@ async fn whoami_and_introspect(cli: &Cli, org_id: &str) {
     let answer: Value = serde_json::from_str(&answer.stdout).unwrap();
     assert_eq!(answer["active"], true);
     assert_eq!(str_of(&answer, "org_id"), org_id);
+    // Not active: the answer is printed, and the status (5) lets a script test it.
     let unknown = format!("aether_{}", "0".repeat(56));
-    let inactive = cli.json(&["introspect", &unknown]).await;
+    let inactive = cli.fails(&["introspect", &unknown, "-o", "json"], 5).await;
+    let inactive: Value = serde_json::from_str(&inactive.stdout).unwrap();
     assert_eq!(inactive, serde_json::json!({"active": false}));
-    let table = cli.table(&["introspect", &unknown]).await;
-    assert_eq!(table.trim(), "active  false");
+    let table = cli.fails(&["introspect", &unknown, "-o", "table"], 5).await;
+    assert_eq!(table.stdout.trim(), "active  false");
+    assert!(table.stderr.contains("not active"), "{}", table.describe());
 }
 
 async fn tokens(cli: &Cli, org_id: &str) {

@@ -20,6 +20,9 @@ pub enum ExitStatus {
     Unauthenticated = 3,
     /// The server could not be reached (connection refused, DNS, timeout, TLS).
     Unreachable = 4,
+    /// `introspect`: the server answered, and the token is not active (unknown, revoked,
+    /// suspended or expired), so a script can test it like `grep`.
+    Inactive = 5,
 }
 
 /// An error answer from the API.
@@ -51,6 +54,8 @@ pub enum Error {
     Protocol(String),
     /// A local file (profile, `--secret-file`, `--token-file`) could not be read or written.
     Local(String),
+    /// `introspect` asked about a token the server holds not active.
+    Inactive,
     /// A create or rotate sent with `idempotency_key` whose outcome is unknown (its answer was
     /// lost, or the server still worked on it when retries ran out): it may have been done, and
     /// only a request with the same key (and body) gets its answer, secret included.
@@ -71,6 +76,7 @@ impl Error {
             Error::Unreachable(_) => ExitStatus::Unreachable,
             Error::Refused(_) | Error::Protocol(_) | Error::Local(_) => ExitStatus::Refused,
             Error::MaybeDone { cause, .. } => cause.exit_status(),
+            Error::Inactive => ExitStatus::Inactive,
         }
     }
 
@@ -84,7 +90,7 @@ impl Error {
             // A redirect or a stranger's answer stays what it is.
             Error::Protocol(_) => false,
             Error::Usage(_) | Error::NoCredential(_) | Error::Unauthenticated(_) => false,
-            Error::Local(_) => false,
+            Error::Local(_) | Error::Inactive => false,
         }
     }
 
@@ -106,6 +112,9 @@ impl fmt::Display for Error {
             | Error::Unreachable(message)
             | Error::Protocol(message)
             | Error::Local(message) => f.write_str(&printable(message)),
+            Error::Inactive => {
+                f.write_str("the token is not active (unknown, revoked, suspended or expired)")
+            }
             Error::Unauthenticated(failure) | Error::Refused(failure) => {
                 write!(f, "{}", printable(&failure.message))?;
                 match &failure.code {
