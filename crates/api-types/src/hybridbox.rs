@@ -148,16 +148,39 @@ pub struct ServiceAccountCreated {
     pub token: Plaintext,
 }
 
+// `GrantKindName` and `SubjectTypeName` only give the document its enums: the fields are read and
+// written through the domain's `GrantKind` and `SubjectType`.
+
+/// What a grant gives: one capability, everything in the account, or everything everywhere.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = GrantKind)]
+pub enum GrantKindName {
+    Capability,
+    AccountOwner,
+    SuperAdmin,
+}
+
+/// Who a grant is given to.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = SubjectType)]
+pub enum SubjectTypeName {
+    User,
+    Group,
+    ServiceAccount,
+}
+
 /// Request body for granting a right.
 #[derive(Serialize, ToSchema)]
 #[schema(as = AuthorizationCreate, example = json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f", "capability_key": "auth.manage", "resource_type": null, "resource_id": null}))]
 pub struct CreateAuthorizationRequest {
     /// `capability`, `account_owner` or `super_admin`.
-    #[schema(value_type = String)]
+    #[schema(value_type = GrantKindName)]
     #[serde(serialize_with = "grant_kind")]
     pub grant_kind: GrantKind,
     /// `user`, `group` or `service_account`.
-    #[schema(value_type = String)]
+    #[schema(value_type = SubjectTypeName)]
     #[serde(serialize_with = "subject_type")]
     pub subject_type: SubjectType,
     pub subject_id: Uuid,
@@ -195,7 +218,9 @@ impl CreateAuthorizationRequest {
 #[schema(as = Authorization)]
 pub struct AuthorizationView {
     pub id: Uuid,
+    #[schema(value_type = GrantKindName)]
     pub grant_kind: String,
+    #[schema(value_type = SubjectTypeName)]
     pub subject_type: String,
     pub subject_id: Uuid,
     pub capability_key: Option<String>,

@@ -37,6 +37,7 @@ type Caller = Authenticated<Aether>;
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `registry:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
+        (status = 422, description = "The organization id is not a UUID.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
 )]

@@ -98,9 +98,9 @@ fn parse_filter(
     get, path = "/v1/public/accounts/{account_id}/auth/authorizations", tag = TAG_AUTHORIZATIONS,
     params(
         ("account_id" = Uuid, Path),
-        ("subject_type" = Option<String>, Query, description = "user, group or service_account"),
+        ("subject_type" = Option<keyplane_api_types::hybridbox::SubjectTypeName>, Query, description = "user, group or service_account"),
         ("subject_id" = Option<Uuid>, Query),
-        ("grant_kind" = Option<String>, Query, description = "capability, account_owner or super_admin"),
+        ("grant_kind" = Option<keyplane_api_types::hybridbox::GrantKindName>, Query, description = "capability, account_owner or super_admin"),
         ("capability_key" = Option<String>, Query),
         ("include_revoked" = Option<bool>, Query, description = "Include revoked grants (default false)."),
     ),
