@@ -16,6 +16,7 @@ use uuid::Uuid;
 pub struct CreateApiTokenRequest {
     /// 1–120 characters (at least one besides surrounding whitespace, which is trimmed), without control, format (bidi, zero-width) or line
     /// separator characters; unique among the org's live tokens.
+    #[schema(min_length = 1, max_length = 120)]
     pub name: String,
     /// Capability keys (`api_tokens:read`, `api_tokens:write`, `registry:read`, `registry:write`,
     /// `auth.manage`, `audit:read`, `tokens:verify`, `webhooks:manage`, `*`) or other scopes carried through to
@@ -175,6 +176,7 @@ pub struct ErrorDetail {
 pub struct CreateRobotAccountRequest {
     /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
     /// name is `robot$<harbor_project>+<name>` (`harbor_project` from `GET /registry`).
+    #[schema(min_length = 1, max_length = 120, pattern = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")]
     pub name: String,
     /// `pull`, `push`, `delete`, each optionally narrowed to repositories of the project matching a
     /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each
