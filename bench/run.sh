@@ -2,7 +2,7 @@
 # keyplane's benchmark suite. Writes every raw output to bench/results/<timestamp>/ and prints a
 # summary. Everything listens on 127.0.0.1; every load run is bounded by count and time.
 #
-#   bash bench/run.sh                 # all of it (~25 min on 2 cores after the first build)
+#   bash bench/run.sh                 # the default parts: criterion http replicas scale (~25 min on 2 cores after the first build)
 #   PARTS="http" bash bench/run.sh    # some of it: criterion http replicas scale ratios tls kanidm memory import verifier callgrind
 #   KP_B=/path/to/other/keyplane PARTS=ratios bash bench/run.sh   # A/B: that build in the same sittings
 #   (ratios: RATIO_SITTINGS sittings of 10 s runs, then RATIO_ROUNDS interleaved rounds of ROUND_SECONDS)
