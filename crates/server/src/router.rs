@@ -615,15 +615,25 @@ async fn lifecycle_sweeps(
     }
 }
 
+/// How often the store's planner statistics are refreshed (the store refreshes them at open).
+const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit
-/// buckets.
+/// buckets, prune expired records, refresh the store's planner statistics hourly.
 async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(app.inner().config.last_used_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut statistics_at = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        if statistics_at.elapsed() >= STATISTICS_EVERY {
+            statistics_at = Instant::now();
+            if let Err(error) = app.store().refresh_statistics().await {
+                tracing::warn!(%error, "cannot refresh the store's planner statistics");
+            }
         }
         app.flush_usage().await;
         crate::idempotency::prune(&app).await;

@@ -195,6 +195,13 @@ pub trait Store: Send + Sync + 'static {
     /// one met. No I/O.
     fn write_health(&self) -> WriteHealth;
 
+    /// Refreshes the statistics the query planner chooses indexes by, where the backend does
+    /// not by itself (SQLite: `PRAGMA optimize`, usually a no-op). For a background task, about
+    /// hourly.
+    async fn refresh_statistics(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Closes every connection, waiting for those in use to be returned. SQLite checkpoints and
     /// removes its WAL. Every later call answers `Unavailable`.
     async fn close(&self);

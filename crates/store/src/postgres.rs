@@ -49,6 +49,11 @@ impl PostgresStore {
         })
     }
 
+    /// PostgreSQL's autovacuum analyzes tables as they change: nothing to do.
+    async fn refresh_planner_statistics(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn close_pools(&self) {
         self.pool.close().await;
         self.writer.close().await;

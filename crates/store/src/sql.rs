@@ -198,6 +198,11 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all)]
+            async fn refresh_statistics(&self) -> Result<(), $crate::StoreError> {
+                self.refresh_planner_statistics().await
+            }
+
+            #[tracing::instrument(skip_all)]
             async fn is_bootstrapped(&self) -> Result<bool, $crate::StoreError> {
                 let found = sqlx::query($crate::sql::BOOTSTRAPPED)
                     .fetch_optional(&self.pool)

@@ -122,15 +122,25 @@ pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, acti
 /// on each row as it is updated, so of replicas racing for a row (PostgreSQL re-reads a row
 /// another transaction changed) exactly one leases it. Racing claims see a webhook's same oldest
 /// rows, so together they keep to `$5` too (unless its due rows change between their snapshots).
-pub(crate) const CLAIM_DELIVERIES: &str = "UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
+///
+/// The pending rows are read first, each set in a materialized CTE of its own that nothing needs
+/// in any order: only the partial index `webhook_deliveries_due` (pending rows only) serves them,
+/// whatever the statistics say. Ranked in one query, the planner may instead walk the whole table
+/// by its primary key (it yields the rows grouped by webhook, as the ranking wants), which on a
+/// SQLite store never analyzed is every finished delivery too, under the write lock.
+pub(crate) const CLAIM_DELIVERIES: &str = "WITH due AS MATERIALIZED (\
+     SELECT webhook_id, event_id, next_attempt_ms FROM webhook_deliveries \
+     WHERE status = 'pending' AND next_attempt_ms <= $3 AND locked_until_ms <= $3), \
+     leases AS MATERIALIZED (SELECT webhook_id FROM webhook_deliveries \
+     WHERE status = 'pending' AND lease_id IS NOT NULL AND locked_until_ms > $3) \
+     UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
      WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3 \
      AND (webhook_id, event_id) IN (SELECT webhook_id, event_id FROM (\
      SELECT d.webhook_id, d.event_id, d.next_attempt_ms, \
      ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_ms, d.event_id) + COALESCE(l.leased, 0) AS place \
-     FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
-     LEFT JOIN (SELECT webhook_id, COUNT(*) AS leased FROM webhook_deliveries \
-     WHERE lease_id IS NOT NULL AND status = 'pending' AND locked_until_ms > $3 GROUP BY webhook_id) l ON l.webhook_id = d.webhook_id \
-     WHERE d.status = 'pending' AND d.next_attempt_ms <= $3 AND d.locked_until_ms <= $3 AND w.enabled = TRUE) due \
+     FROM due d JOIN webhooks w ON w.id = d.webhook_id \
+     LEFT JOIN (SELECT webhook_id, COUNT(*) AS leased FROM leases GROUP BY webhook_id) l ON l.webhook_id = d.webhook_id \
+     WHERE w.enabled = TRUE) ranked \
      WHERE place <= $5 ORDER BY next_attempt_ms LIMIT $4)";
 /// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
 /// (and a read-only or full store is not written to every poll). It does not weigh the claim's
