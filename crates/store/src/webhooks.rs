@@ -97,6 +97,16 @@ pub(crate) const QUEUE_DELIVERIES: &str = "INSERT INTO webhook_deliveries (webho
      WHERE w.tenant_id = $1 AND w.enabled = TRUE AND EXISTS (SELECT 1 FROM webhook_event_patterns p WHERE p.webhook_id = w.id \
      AND ((p.is_prefix = FALSE AND p.pattern = $3) OR (p.is_prefix = TRUE AND substr($3, 1, length(p.pattern)) = p.pattern)))";
 
+/// Takes the tenant's audit head row, which the transaction's own event (`append_audit`'s
+/// `ADVANCE_HEAD`) takes at its end anyway, at its start: on PostgreSQL its row lock then
+/// serializes the tenant's writes from their first statement (SQLite has one writer). A head that
+/// does not exist yet is created at seq 0 with the genesis hash, which `ADVANCE_HEAD` then moves
+/// to seq 1 with that hash, as when it creates the row itself; the caller's event must be the
+/// same tenant's, so that the row is never left at seq 0 (a rollback takes it away too).
+pub(crate) const LOCK_AUDIT_HEAD: &str =
+    "INSERT INTO audit_chain_heads (tenant_id, seq, chain_hash) VALUES ($1, 0, $2) \
+     ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_chain_heads.seq";
+
 pub(crate) const WEBHOOK_COLUMNS: &str = "id, tenant_id, url, events, description, enabled, secret, previous_secret, previous_secret_until_ms, failing_since_ms, created_at, updated_at";
 const MAX_WEBHOOKS_PARAM: &str = "$13";
 pub(crate) fn insert_webhook_sql() -> String {
@@ -348,6 +358,20 @@ impl TryFrom<DeliveryRow> for WebhookDelivery {
 macro_rules! impl_webhooks {
     ($store:ty, $db:ty) => {
         impl $store {
+            /// See [`LOCK_AUDIT_HEAD`]($crate::webhooks::LOCK_AUDIT_HEAD).
+            async fn lock_audit_head(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant: keyplane_core::TenantId,
+            ) -> Result<(), $crate::StoreError> {
+                let genesis = $crate::audit::hash_hex(&keyplane_core::audit::GENESIS);
+                sqlx::query($crate::webhooks::LOCK_AUDIT_HEAD)
+                    .bind(tenant.as_uuid())
+                    .bind(genesis)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
             async fn insert_patterns(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 webhook: &keyplane_core::Webhook,
@@ -372,6 +396,9 @@ macro_rules! impl_webhooks {
             ) -> Result<(), $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
+                // Counting the tenant's webhooks and inserting one is not atomic under READ
+                // COMMITTED: two creates at once would both see room for one. One at a time.
+                Self::lock_audit_head(&mut tx, webhook.tenant_id).await?;
                 let (previous, until) = match &webhook.previous_secret {
                     Some((secret, until)) => (Some(secret.expose_secret()), Some(millis(*until))),
                     None => (None, None),
@@ -472,6 +499,11 @@ macro_rules! impl_webhooks {
                 event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
                 let mut tx = self.writer.begin().await?;
+                // The head before the webhook's row: another write of the tenant holds its head
+                // until it commits, and queuing its event's delivery to this webhook waits for
+                // the webhook's row (the foreign key's share lock). Deleting first and then
+                // waiting for the head would deadlock with it.
+                Self::lock_audit_head(&mut tx, event.tenant_id).await?;
                 // Its patterns and deliveries go with it (ON DELETE CASCADE).
                 let deleted = sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2")
                     .bind(tenant.as_uuid())

@@ -2404,3 +2404,92 @@ async fn an_unreadable_delivery_fails_alone(backend: Backend) {
         [readable.id]
     );
 }
+
+store_suite! {
+    concurrent_creates_keep_to_the_webhook_cap,
+    deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
+}
+
+/// Of creates racing in one tenant (PostgreSQL runs them at once under READ COMMITTED), no more
+/// than the cap succeed, and those that do not are told so.
+async fn concurrent_creates_keep_to_the_webhook_cap(backend: Backend) {
+    const CAP: u32 = 2;
+    let f = fixture(backend).await;
+    for _ in 0..4 {
+        let tenant = TenantId::new();
+        let creates = (0..8).map(|_| {
+            let store = f.store.clone();
+            tokio::spawn(async move {
+                let hook = webhook(tenant, &["*"], true);
+                let event = action_event(tenant, "webhook.created");
+                store.create_webhook(&hook, CAP, &event).await
+            })
+        });
+        let outcomes = results_of(creates).await;
+        let created = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Ok(()) | Err(StoreError::Conflict(_)))),
+            "{outcomes:?}"
+        );
+        assert_eq!(created, CAP as usize, "{outcomes:?}");
+        assert_eq!(f.store.list_webhooks(tenant).await.unwrap().len(), created);
+    }
+}
+
+/// PostgreSQL: another write of the tenant holds its audit head and then queues its event's
+/// delivery to the webhook being deleted (which takes a share lock on the webhook's row). The
+/// delete must not take the webhook's row before the head, or the two deadlock and one fails.
+/// SQLite has one writer: nothing to race.
+async fn deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock(backend: Backend) {
+    if backend != Backend::Postgres {
+        return;
+    }
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let hook = webhook(tenant, &["*"], true);
+    add_webhook(f.store.as_ref(), &hook).await;
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    // The other write's event: it takes the head first...
+    sqlx::query("UPDATE audit_chain_heads SET seq = seq + 1 WHERE tenant_id = $1")
+        .bind(tenant.as_uuid())
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let delete = {
+        let store = f.store.clone();
+        tokio::spawn(async move {
+            let event = action_event(tenant, "webhook.deleted");
+            store.delete_webhook(tenant, hook.id, &event).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...then queues the event's delivery to every matching webhook, this one included.
+    let queued = sqlx::query(
+        "INSERT INTO webhook_deliveries (webhook_id, event_id, tenant_id, action, status, attempts, \
+         schedule_step, created_ms, next_attempt_ms, locked_until_ms) \
+         VALUES ($1, $2, $3, 'grant.created', 'pending', 0, 0, 0, 0, 0)",
+    )
+    .bind(hook.id)
+    .bind(uuid::Uuid::now_v7())
+    .bind(tenant.as_uuid())
+    .execute(&mut *other)
+    .await;
+    let committed = match queued {
+        Ok(_) => other.commit().await.map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    let deleted = delete.await.unwrap();
+    assert!(committed.is_ok(), "{committed:?}");
+    assert!(deleted.is_ok(), "{deleted:?}");
+    assert!(f
+        .store
+        .get_webhook(tenant, hook.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(deliveries_of(f.store.as_ref(), &hook).await.is_empty());
+    pool.close().await;
+}
