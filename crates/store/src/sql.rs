@@ -99,6 +99,18 @@ pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WH
 pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
+/// A query builder for `pool`'s backend, for SQL that holds only the conditions that apply.
+pub(crate) fn query_builder<'args, DB>(
+    _pool: &sqlx::Pool<DB>,
+    init: impl Into<String>,
+) -> sqlx::QueryBuilder<'args, DB>
+where
+    DB: sqlx::Database,
+    <DB as sqlx::Database>::Arguments<'args>: Default,
+{
+    sqlx::QueryBuilder::new(init)
+}
+
 /// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
@@ -374,25 +386,39 @@ macro_rules! impl_store {
                 &self,
                 query: &$crate::ListCredentials,
             ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM credentials WHERE tenant_id = $1 AND kind = $2 \
-                     AND ($3 OR revoked_at IS NULL) AND ($4 IS NULL OR id > $4) \
-                     AND ($6 IS NULL OR (revoked_at IS NULL AND expires_at > $6 AND expires_at <= $7)) \
-                     AND ($8 OR canary = FALSE) \
-                     ORDER BY id LIMIT $5",
-                    $crate::sql::CREDENTIAL_COLUMNS
+                // Only the conditions that apply: `($n IS NULL OR id > $n)` would keep the
+                // planner from seeking the listing index to the cursor, and each page would
+                // read every row before it.
+                let mut sql = $crate::sql::query_builder(
+                    &self.pool,
+                    format!(
+                        "SELECT {} FROM credentials WHERE tenant_id = ",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    ),
                 );
-                let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind(query.tenant_id.as_uuid())
-                    .bind(query.kind.as_str())
-                    .bind(query.include_revoked)
-                    .bind(query.after.map(|id| id.as_uuid()))
-                    .bind(query.limit.map_or(i64::MAX, i64::from))
-                    .bind(query.expiring.map(|w| w.after))
-                    .bind(query.expiring.map(|w| w.until))
-                    .bind(query.include_canaries)
-                    .fetch_all(&self.pool)
-                    .await?;
+                sql.push_bind(query.tenant_id.as_uuid());
+                sql.push(" AND kind = ");
+                sql.push_bind(query.kind.as_str());
+                if !query.include_revoked {
+                    sql.push(" AND revoked_at IS NULL");
+                }
+                if let Some(after) = query.after {
+                    sql.push(" AND id > ");
+                    sql.push_bind(after.as_uuid());
+                }
+                if let Some(window) = query.expiring {
+                    sql.push(" AND revoked_at IS NULL AND expires_at > ");
+                    sql.push_bind(window.after);
+                    sql.push(" AND expires_at <= ");
+                    sql.push_bind(window.until);
+                }
+                if !query.include_canaries {
+                    sql.push(" AND canary = FALSE");
+                }
+                sql.push(" ORDER BY id LIMIT ");
+                sql.push_bind(query.limit.map_or(i64::MAX, i64::from));
+                let rows: Vec<$crate::rows::CredentialRow> =
+                    sql.build_query_as().fetch_all(&self.pool).await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 

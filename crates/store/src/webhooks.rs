@@ -541,21 +541,31 @@ macro_rules! impl_webhooks {
                 query: &$crate::DeliveryQuery,
                 event_id: Option<uuid::Uuid>,
             ) -> Result<Vec<$crate::WebhookDelivery>, $crate::StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM webhook_deliveries WHERE tenant_id = $1 AND webhook_id = $2 \
-                     AND ($3 IS NULL OR event_id < $3) AND ($4 IS NULL OR status = $4) \
-                     AND ($5 IS NULL OR event_id = $5) ORDER BY event_id DESC LIMIT $6",
+                // Only the conditions that apply: `($n IS NULL OR event_id < $n)` would keep the
+                // planner from seeking the primary key to the cursor.
+                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM webhook_deliveries WHERE tenant_id = ",
                     $crate::webhooks::DELIVERY_COLUMNS
-                );
-                let rows: Vec<$crate::webhooks::DeliveryRow> = sqlx::query_as(&sql)
-                    .bind(query.tenant_id.as_uuid())
-                    .bind(query.webhook_id)
-                    .bind(query.before)
-                    .bind(query.status.map(|s| s.as_str()))
-                    .bind(event_id)
-                    .bind(i64::from(query.limit))
-                    .fetch_all(pool)
-                    .await?;
+                ));
+                sql.push_bind(query.tenant_id.as_uuid());
+                sql.push(" AND webhook_id = ");
+                sql.push_bind(query.webhook_id);
+                if let Some(before) = query.before {
+                    sql.push(" AND event_id < ");
+                    sql.push_bind(before);
+                }
+                if let Some(status) = query.status {
+                    sql.push(" AND status = ");
+                    sql.push_bind(status.as_str());
+                }
+                if let Some(event_id) = event_id {
+                    sql.push(" AND event_id = ");
+                    sql.push_bind(event_id);
+                }
+                sql.push(" ORDER BY event_id DESC LIMIT ");
+                sql.push_bind(i64::from(query.limit));
+                let rows: Vec<$crate::webhooks::DeliveryRow> =
+                    sql.build_query_as().fetch_all(pool).await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
