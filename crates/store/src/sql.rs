@@ -96,8 +96,13 @@ pub(crate) const SET_CONSOLE_SESSION_SECRET: &str =
 pub(crate) const TAKE_CONSOLE_SESSION_SECRET: &str =
     "UPDATE console_sessions SET sealed_secret = NULL WHERE id_hash = $1 AND sealed_secret = $2";
 pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WHERE id_hash = $1";
-pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
-pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
+/// The prunes' condition is in the outer WHERE too: PostgreSQL checks only that on a row another
+/// transaction changed while the DELETE waited for it, so a row renewed meanwhile (a session
+/// touched, a key claimed again) is kept, where the sub-select alone would still name it.
+pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE (ends_at_ms <= $1 OR last_seen_at_ms <= $2) \
+     AND id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
+pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at_ms < $1 \
+     AND lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
 /// A query builder for `pool`'s backend, for SQL that holds only the conditions that apply.
 pub(crate) fn query_builder<'args, DB>(

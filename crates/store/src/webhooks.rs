@@ -177,7 +177,10 @@ pub(crate) const DISABLE_FAILING_WEBHOOK: &str =
 pub(crate) const RETRY_DELIVERY: &str =
     "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $4, schedule_step = $5 \
      WHERE tenant_id = $1 AND webhook_id = $2 AND event_id = $3";
-pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE (webhook_id, event_id) IN \
+/// The condition is in the outer WHERE too (as in [`crate::sql::PRUNE_IDEMPOTENCY_KEYS`]): a
+/// delivery retried (set back to pending) while the DELETE waited for its row is kept.
+pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 \
+     AND (webhook_id, event_id) IN \
      (SELECT webhook_id, event_id FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 ORDER BY created_ms LIMIT $2)";
 
 pub(crate) fn millis(at: DateTime<Utc>) -> i64 {

@@ -2408,6 +2408,142 @@ async fn an_unreadable_delivery_fails_alone(backend: Backend) {
 store_suite! {
     concurrent_creates_keep_to_the_webhook_cap,
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
+    prunes_keep_rows_renewed_while_they_wait,
+}
+
+/// Returns once a session of the test's PostgreSQL database waits for a lock.
+async fn wait_for_a_lock_wait(pool: &sqlx::PgPool) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("nobody waits for a lock");
+}
+
+/// PostgreSQL: `renew` (another transaction) takes the row out of the prune's reach, and commits
+/// while the prune, started by `prune`, waits for that row. Returns how many rows it deleted.
+async fn prune_while_renewed(
+    url: &str,
+    renew: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    prune: impl FnOnce() -> tokio::task::JoinHandle<Result<u64, StoreError>>,
+) -> u64 {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    assert_eq!(renew.execute(&mut *other).await.unwrap().rows_affected(), 1);
+    let pruning = prune();
+    wait_for_a_lock_wait(&pool).await;
+    other.commit().await.unwrap();
+    let deleted = pruning.await.unwrap().unwrap();
+    pool.close().await;
+    deleted
+}
+
+/// A bounded prune picks its rows, then deletes them: one renewed in between (an expired
+/// idempotency key claimed again, a finished delivery retried, an idle session touched) stays.
+/// SQLite has one writer: nothing changes in between.
+async fn prunes_keep_rows_renewed_while_they_wait(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    if backend != Backend::Postgres {
+        return;
+    }
+    let f = fixture(backend).await;
+    let t = now();
+    let url = f._db.url.clone();
+
+    let old = claim(f.tenant.id, 30, 9, t - TimeDelta::hours(25));
+    f.store.claim_idempotency_key(&old).await.unwrap();
+    // As a claim of the expired key does.
+    let renew = sqlx::query(
+        "UPDATE idempotency_keys SET created_at_ms = $1, locked_until_ms = $2 WHERE lookup_id = $3",
+    )
+    .bind(t.timestamp_millis())
+    .bind((t + TimeDelta::seconds(60)).timestamp_millis())
+    .bind(old.lookup_id.to_vec());
+    let store = f.store.clone();
+    let prune = move || {
+        tokio::spawn(async move {
+            store
+                .prune_idempotency_keys(t - TimeDelta::hours(24), 10)
+                .await
+        })
+    };
+    let key_pruned = prune_while_renewed(&url, renew, prune).await;
+
+    let session = console_session(f.tenant.id, 31, t - TimeDelta::hours(1));
+    f.store.insert_console_session(&session).await.unwrap();
+    let renew = sqlx::query("UPDATE console_sessions SET last_seen_at_ms = $1 WHERE id_hash = $2")
+        .bind(t.timestamp_millis())
+        .bind(session.id_hash.to_vec());
+    let store = f.store.clone();
+    let prune = move || {
+        tokio::spawn(async move {
+            store
+                .prune_console_sessions(t, t - TimeDelta::minutes(30), 10)
+                .await
+        })
+    };
+    let session_pruned = prune_while_renewed(&url, renew, prune).await;
+
+    let hook = webhook(f.tenant.id, &["*"], true);
+    add_webhook(f.store.as_ref(), &hook).await;
+    f.store
+        .append_audit_event(&action_event(f.tenant.id, "grant.created"))
+        .await
+        .unwrap();
+    let lease = claim_at(now());
+    let jobs = f.store.claim_webhook_deliveries(&lease).await.unwrap();
+    f.store
+        .record_webhook_attempt(
+            &attempt(&jobs[0], lease.lease_id, AttemptNext::Failed),
+            now() - TimeDelta::days(5),
+            &ev(),
+        )
+        .await
+        .unwrap();
+    let renew = sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'pending' WHERE webhook_id = $1 AND event_id = $2",
+    )
+    .bind(hook.id)
+    .bind(jobs[0].event_id);
+    let store = f.store.clone();
+    let prune = move || {
+        tokio::spawn(async move {
+            store
+                .prune_webhook_deliveries(t + TimeDelta::days(1), 10)
+                .await
+        })
+    };
+    let delivery_pruned = prune_while_renewed(&url, renew, prune).await;
+
+    // Deleted by the idempotency, console session and delivery prunes: none.
+    assert_eq!([key_pruned, session_pruned, delivery_pruned], [0, 0, 0]);
+
+    assert!(matches!(
+        f.store
+            .claim_idempotency_key(&claim(f.tenant.id, 30, 9, t))
+            .await
+            .unwrap(),
+        IdempotencyRecord::InFlight { .. }
+    ));
+    assert!(f
+        .store
+        .touch_console_session(&session.id_hash, t, t - TimeDelta::minutes(30))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(deliveries_of(f.store.as_ref(), &hook)
+        .await
+        .iter()
+        .any(|d| d.event_id == jobs[0].event_id));
 }
 
 /// Of creates racing in one tenant (PostgreSQL runs them at once under READ COMMITTED), no more
@@ -2465,7 +2601,7 @@ async fn deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock(b
             store.delete_webhook(tenant, hook.id, &event).await
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_for_a_lock_wait(&pool).await;
     // ...then queues the event's delivery to every matching webhook, this one included.
     let queued = sqlx::query(
         "INSERT INTO webhook_deliveries (webhook_id, event_id, tenant_id, action, status, attempts, \
