@@ -300,36 +300,42 @@ macro_rules! impl_audit {
                 })
             }
 
-            /// Deletes up to `batch` of one tenant's oldest events that are older than `before`,
-            /// only as a prefix of its chain, and moves its anchor to the last one deleted.
+            /// Deletes up to `batch` of the oldest events, older than `before`, of a tenant whose
+            /// chain begins with such an event, only as a prefix of its chain, and moves its
+            /// anchor to the last one deleted. 0: no tenant's chain begins with one.
             async fn prune_audit_batch(
                 pool: &sqlx::Pool<$db>,
                 before: chrono::DateTime<chrono::Utc>,
                 batch: u32,
             ) -> Result<u64, $crate::StoreError> {
-                let oldest: Option<(uuid::Uuid,)> = sqlx::query_as(
-                    "SELECT tenant_id FROM audit_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT 1",
-                )
-                .bind(before)
-                .fetch_optional(pool)
-                .await?;
-                let Some((tenant,)) = oldest else {
-                    return Ok(0);
-                };
-                let mut tx = pool.begin().await?;
+                // Immediate on SQLite: it reads before it writes, and a deferred transaction
+                // whose snapshot another process (`keyplane admin`) wrote past cannot write
+                // (SQLITE_BUSY_SNAPSHOT).
+                let mut tx = pool.begin_with(Self::BEGIN_WRITE).await?;
+                // The tenant and its chain's first events, in one snapshot. Not merely the
+                // tenant with the oldest event: events are chained in seq order, which times
+                // need not follow (clocks of replicas, events recorded after their time), and
+                // a tenant whose chain begins with a younger event has no prefix to prune; it
+                // would be chosen again and again while the others' old events stay.
+                let rows: Vec<(uuid::Uuid, i64, String, chrono::DateTime<chrono::Utc>)> =
+                    sqlx::query_as(
+                        "SELECT tenant_id, seq, chain_hash, occurred_at FROM audit_events \
+                         WHERE tenant_id = (SELECT e.tenant_id FROM audit_events e \
+                         WHERE e.occurred_at < $1 AND NOT EXISTS (SELECT 1 FROM audit_events p \
+                         WHERE p.tenant_id = e.tenant_id AND p.seq < e.seq) \
+                         ORDER BY e.occurred_at LIMIT 1) \
+                         ORDER BY seq LIMIT $2",
+                    )
+                    .bind(before)
+                    .bind(i64::from(batch.max(1)))
+                    .fetch_all(&mut *tx)
+                    .await?;
                 // The prefix: events before the tenant's first one that is still young enough.
-                let rows: Vec<(i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-                    "SELECT seq, chain_hash, occurred_at FROM audit_events WHERE tenant_id = $1 \
-                     ORDER BY seq LIMIT $2",
-                )
-                .bind(tenant)
-                .bind(i64::from(batch.max(1)))
-                .fetch_all(&mut *tx)
-                .await?;
-                let prefix: Vec<_> = rows.iter().take_while(|(_, _, at)| *at < before).collect();
-                let Some((last_seq, last_hash, _)) = prefix.last() else {
+                let prefix: Vec<_> = rows.iter().take_while(|(_, _, _, at)| *at < before).collect();
+                let Some((tenant, last_seq, last_hash, _)) = prefix.last() else {
                     return Ok(0);
                 };
+                // Fewer (even none) when another replica's prune took them meanwhile.
                 let deleted = sqlx::query("DELETE FROM audit_events WHERE tenant_id = $1 AND seq <= $2")
                     .bind(tenant)
                     .bind(*last_seq)

@@ -464,7 +464,10 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_heads(&self) -> Result<Vec<(TenantId, u64)>, StoreError>;
 
     /// Deletes at most `batch` of the oldest events (a prefix of one tenant's chain) that occurred
-    /// before `before`, recording the new anchor. Returns how many it deleted; 0: nothing is left.
+    /// before `before`, recording the new anchor. Returns how many it deleted; 0: nothing is left
+    /// to prune (or another process pruned the same events at once). Events are pruned in chain
+    /// order: an old event behind a younger one (times need not follow the chain) stays until
+    /// that one is old too, and does not hold up other tenants'.
     async fn prune_audit_events(
         &self,
         before: DateTime<Utc>,

@@ -66,6 +66,9 @@ const CHANNEL: &str = "keyplane_invalidation";
 impl PostgresStore {
     const PLACEHOLDERS: Placeholders = Placeholders::Numbered;
 
+    /// Begins a transaction that reads before it writes: as `begin` does.
+    const BEGIN_WRITE: &'static str = "BEGIN";
+
     /// Any writer connection, as it is.
     async fn import_connection(&self) -> Result<ImportConnection<sqlx::Postgres>, StoreError> {
         Ok(ImportConnection {

@@ -80,6 +80,9 @@ impl SqliteStore {
 
     const PLACEHOLDERS: Placeholders = Placeholders::Anonymous;
 
+    /// Begins a transaction that reads before it writes: takes the write lock at once.
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+
     /// The writer, with a page cache of [`IMPORT_PAGE_CACHE_KIB`] for the import's duration: with
     /// SQLite's default 2 MiB, the unique indexes of a million-row table no longer fit and each
     /// insert reads their pages back from the file.

@@ -1182,6 +1182,7 @@ store_suite! {
     racing_claims_have_one_winner,
     idempotency_records_are_pruned_in_batches,
     pruning_keeps_the_rest_of_the_chain_verifiable,
+    pruning_passes_over_a_chain_that_begins_young,
     a_failed_change_writes_no_event,
     console_sessions_live_until_idle_or_ended,
     a_console_secret_is_taken_once,
@@ -1233,6 +1234,49 @@ async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
     let state = f.store.audit_chain_state(tenant).await.unwrap();
     assert_eq!(state.anchor_seq, 3);
     assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3);
+}
+
+/// A tenant whose chain begins with an event younger than the cutoff, followed by older ones
+/// (times need not follow the chain), has nothing to prune; it neither stops the pruning of
+/// other tenants nor is chosen over and over.
+async fn pruning_passes_over_a_chain_that_begins_young(backend: Backend) {
+    let f = fixture(backend).await;
+    let (young_first, other) = (TenantId::new(), TenantId::new());
+    let store = f.store.as_ref();
+    let append = |tenant, at| async move {
+        store
+            .append_audit_event(&event_in(tenant, at))
+            .await
+            .unwrap();
+    };
+    append(young_first, now()).await;
+    for _ in 0..3 {
+        append(young_first, now() - TimeDelta::days(500)).await;
+    }
+    for _ in 0..2 {
+        append(other, now() - TimeDelta::days(450)).await;
+    }
+    append(other, now()).await;
+    let cutoff = now() - TimeDelta::days(400);
+    let mut pruned = Vec::new();
+    for _ in 0..10 {
+        match store.prune_audit_events(cutoff, 1000).await.unwrap() {
+            0 => break,
+            deleted => pruned.push(deleted),
+        }
+    }
+    assert_eq!(pruned, [2], "the other tenant's old events, once");
+    assert_eq!(store.audit_chain_state(other).await.unwrap().anchor_seq, 2);
+    assert_eq!(
+        store
+            .audit_chain_state(young_first)
+            .await
+            .unwrap()
+            .anchor_seq,
+        0
+    );
+    assert_eq!(verify_chain(store, other).await, 1);
+    assert_eq!(verify_chain(store, young_first).await, 4);
 }
 
 async fn a_failed_change_writes_no_event(backend: Backend) {
