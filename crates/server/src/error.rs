@@ -29,6 +29,11 @@ pub enum AppError {
     /// `Retry-After`, whichever surface answers.
     #[error("store unavailable: {0}")]
     Unavailable(Unavailable),
+    /// Another request holds the `Idempotency-Key` (it is running, or took the key over from this
+    /// one after its lock ran out, in which case this one's change rolled back): 409 with
+    /// `Retry-After`.
+    #[error("a request with this Idempotency-Key is in flight")]
+    IdempotencyKeyInFlight,
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -39,6 +44,7 @@ impl From<StoreError> for AppError {
             StoreError::NotFound => AppError::Domain(DomainError::NotFound),
             StoreError::Conflict(message) => AppError::Domain(DomainError::Conflict(message)),
             StoreError::Unavailable(message) => AppError::Unavailable(message),
+            StoreError::IdempotencyClaimLost => AppError::IdempotencyKeyInFlight,
             StoreError::Config(message) => AppError::Internal(anyhow::anyhow!(message)),
             StoreError::Other(error) => AppError::Internal(error),
         }
@@ -52,7 +58,9 @@ impl AppError {
             AppError::Domain(DomainError::Validation(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Domain(DomainError::NotFound) => StatusCode::NOT_FOUND,
             AppError::Domain(DomainError::Forbidden(_)) => StatusCode::FORBIDDEN,
-            AppError::Domain(DomainError::Conflict(_)) => StatusCode::CONFLICT,
+            AppError::Domain(DomainError::Conflict(_)) | AppError::IdempotencyKeyInFlight => {
+                StatusCode::CONFLICT
+            }
             AppError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -77,6 +85,9 @@ impl AppError {
             AppError::MethodNotAllowed => "this method is not allowed on this path".into(),
             AppError::RateLimited { .. } => "too many requests".into(),
             AppError::Unavailable(unavailable) => unavailable.fault.public_message().into(),
+            AppError::IdempotencyKeyInFlight => {
+                "a request with this Idempotency-Key is still in progress; retry it shortly".into()
+            }
             AppError::Internal(_) => "internal server error".into(),
         }
     }
@@ -88,6 +99,7 @@ impl AppError {
         match self {
             AppError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             AppError::Unavailable(unavailable) => Some(unavailable.fault.retry_after_secs()),
+            AppError::IdempotencyKeyInFlight => Some(1),
             _ => None,
         }
     }

@@ -7,6 +7,12 @@
 //! tenant and the caller) gives the record's lookup id and, with another `info`, the
 //! ChaCha20-Poly1305 key that seals the answer's body.
 //!
+//! A success is kept in the change's own store transaction: the answer is rendered and sealed
+//! inside it (from the record as that transaction wrote it) and completes the claimed record there,
+//! so a change is committed if and only if its answer is kept. No crash or store failure after the
+//! commit can leave a change whose retry would run it again; and a request whose claim was taken
+//! over (its lock ran out while it was still running) changes nothing and answers 409.
+//!
 //! Only successes are kept. Every refusal of these routes changes nothing (each change is one
 //! store transaction), so a refused request releases its key and the client may retry it, with the
 //! same key, once the cause is fixed; a 503 in particular is never kept.
@@ -14,7 +20,7 @@
 use crate::app::App;
 use crate::error::{ApiError, AppError, Surface};
 use crate::extract::{ApiJson, FromJsonBody};
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,11 +30,14 @@ use chrono::TimeDelta;
 use hkdf::Hkdf;
 use keyplane_core::error::codes;
 use keyplane_core::{Error as DomainError, FieldError, FieldPath, Principal, TenantId};
-use keyplane_store::{IdempotencyClaim, IdempotencyRecord, StoredResponse};
+use keyplane_store::{
+    IdempotencyClaim, IdempotencyRecord, IdempotentAnswer, StoreError, StoredResponse,
+};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 
 pub const HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 /// Set on an answer replayed from an earlier request (Stripe's name).
@@ -40,8 +49,8 @@ const MAX_LEN: usize = 255;
 /// How long an answer is replayed, and kept.
 pub const RETENTION: TimeDelta = TimeDelta::hours(24);
 /// How long a request holds its key before a retry may take it over: the bound after a crash
-/// between the change and storing its answer. Well above the store's own timeouts (10 s), so a
-/// slow request is not run twice.
+/// before the change (which then never happens). Well above the store's own timeouts (10 s), so a
+/// slow request is rarely taken over; if one is, its change rolls back.
 pub const LOCK: TimeDelta = TimeDelta::seconds(60);
 const PRUNE_BATCH: u32 = 500;
 /// Batches per background tick: the prune never holds the store for long.
@@ -72,9 +81,10 @@ pub struct IdempotencyKeyHeader {
     /// Makes the request safe to retry: a random value (a UUID), 16–255 visible ASCII characters,
     /// new for each new request. A retry with the same key, by the same caller, on the same route
     /// and with the same body within 24 h answers the first request's status and body again (the
-    /// one-time secret included, `Idempotent-Replayed: true`) without a second change. The same key
-    /// with a different request is 422; while the first request is still running, 409. Only
-    /// successes are kept: after a refusal the key may be sent again.
+    /// one-time secret included, `Idempotent-Replayed: true`) without a second change: the answer
+    /// is stored in the same transaction as the change, so no change is ever made without it. The
+    /// same key with a different request is 422; while the first request is still running, 409
+    /// (with `Retry-After`). Only successes are kept: after a refusal the key may be sent again.
     #[param(
         rename = "Idempotency-Key",
         min_length = 16,
@@ -201,24 +211,35 @@ impl<S: Surface> Idempotency<S> {
         })
     }
 
-    /// Runs `work` (the change, as `work(app, caller)`) at most once per key: without a key, just
-    /// runs it; with one, claims the key first, then replays, refuses, or runs `work` and keeps its
-    /// successful answer. `work` runs on its own task, so a client that hangs up mid-request does
-    /// not cut it between the change and storing the answer its retry will get.
-    pub async fn run<F, Fut, R>(
+    /// Runs `work` (the change, as `work(app, caller, seal)`) at most once per key, and answers
+    /// what it made as `render` shows it (as JSON). Without a key, just runs it. With one, claims
+    /// the key first, then replays, refuses, or runs `work`, which hands [`Seal::answer`] to its
+    /// use case: the store renders and seals the answer inside the change's transaction and keeps
+    /// it there, and that very answer is sent. A refusal releases the key. `work` runs on its own
+    /// task, so a client that hangs up mid-request does not cut it.
+    pub async fn run<T, W, R, F, Fut>(
         self,
         app: App,
         caller: Principal,
         tenant: TenantId,
+        render: R,
         work: F,
     ) -> Response
     where
-        F: FnOnce(App, Principal) -> Fut,
-        Fut: Future<Output = Result<R, ApiError<S>>> + Send + 'static,
-        R: IntoResponse,
+        T: Send + 'static,
+        W: serde::Serialize,
+        R: Fn(T) -> (StatusCode, W) + Send + Sync + 'static,
+        F: FnOnce(App, Principal, Seal<T>) -> Fut,
+        Fut: Future<Output = Result<T, ApiError<S>>> + Send + 'static,
     {
         let Some(key) = self.key else {
-            return work(app, caller).await.into_response();
+            return match work(app, caller, Seal { seal: None }).await {
+                Ok(made) => {
+                    let (status, body) = render(made);
+                    (status, axum::Json(body)).into_response()
+                }
+                Err(error) => error.into_response(),
+            };
         };
         let keys = DerivedKeys::new(&key.value, tenant, caller.id());
         let now = crate::ops::now();
@@ -249,11 +270,52 @@ impl<S: Surface> Idempotency<S> {
                 return reused::<S>()
             }
         }
-        let (store, claim_id) = (app.store().clone(), claim.claim_id);
-        let change = work(app, caller);
+        let (store, lookup_id, claim_id) = (app.store().clone(), keys.lookup_id, claim.claim_id);
+        let render = Arc::new(render);
+        // The answer as last sealed: the one kept, if the change committed.
+        let sealed = Arc::new(Mutex::new(None));
+        let seal = {
+            let (render, sealed) = (render.clone(), sealed.clone());
+            move |made: T| keys.seal(claim_id, render(made), &sealed)
+        };
+        let change = work(
+            app,
+            caller,
+            Seal {
+                seal: Some(Box::new(seal)),
+            },
+        );
         let settled = tokio::spawn(async move {
-            let response = change.await.into_response();
-            keys.settle(store.as_ref(), claim_id, response).await
+            match change.await {
+                Ok(made) => {
+                    let kept = sealed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    match kept {
+                        Some(KeptAnswer { status, body }) => first_answer(status, body),
+                        None => {
+                            // A use case that did not hand its seal to the store: a bug. The
+                            // client still gets what was made; the key stays in flight until its
+                            // lock runs out.
+                            tracing::error!(
+                                "an idempotent change was made without keeping its answer"
+                            );
+                            let (status, body) = render(made);
+                            (status, axum::Json(body)).into_response()
+                        }
+                    }
+                }
+                Err(error) => {
+                    // Taken over: the key is another request's now, and nothing changed.
+                    if !matches!(error.0, AppError::IdempotencyKeyInFlight) {
+                        if let Err(error) =
+                            store.release_idempotency_key(&lookup_id, claim_id).await
+                        {
+                            // The claim's lock runs out by itself.
+                            tracing::warn!(%error, "cannot release an Idempotency-Key after a refusal");
+                        }
+                    }
+                    error.into_response()
+                }
+            }
         });
         settled.await.unwrap_or_else(|error| {
             ApiError::<S>::from(AppError::Internal(anyhow::anyhow!(
@@ -264,15 +326,41 @@ impl<S: Surface> Idempotency<S> {
     }
 }
 
+/// What [`Idempotency::run`] hands its work: the use case passes [`Seal::answer`] to the store
+/// with its change, which keeps the sealed answer in the change's transaction.
+pub struct Seal<T> {
+    seal: Option<Box<crate::ops::AnswerSeal<T>>>,
+}
+
+impl<T> Seal<T> {
+    /// `None` without an `Idempotency-Key`: the change keeps nothing.
+    pub fn answer(&self) -> crate::ops::Answer<'_, T> {
+        self.seal.as_deref()
+    }
+}
+
+/// An answer as sealed, in plaintext: sent to the client once its change has committed.
+struct KeptAnswer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+/// The first answer of a kept request: the bytes sealed, as a replay sends them (but for
+/// `Idempotent-Replayed`).
+fn first_answer(status: StatusCode, body: Bytes) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
 fn in_progress<S: Surface>() -> Response {
-    let mut response = ApiError::<S>::from(DomainError::Conflict(
-        "a request with this Idempotency-Key is still in progress; retry it shortly".into(),
-    ))
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    ApiError::<S>::from(AppError::IdempotencyKeyInFlight).into_response()
 }
 
 fn reused<S: Surface>() -> Response {
@@ -316,66 +404,47 @@ impl DerivedKeys {
         aad
     }
 
-    /// Keeps a success (sealed) or releases the key after a refusal; the client gets `response`
-    /// either way.
-    async fn settle(
+    /// Renders `answer` as JSON and seals it for the record `claim_id` holds; the plaintext goes
+    /// to `kept`, to be sent once the change commits. The store calls this inside the change's
+    /// transaction.
+    fn seal<W: serde::Serialize>(
         &self,
-        store: &dyn keyplane_store::Store,
         claim_id: uuid::Uuid,
-        response: Response,
-    ) -> Response {
-        if !response.status().is_success() {
-            if let Err(error) = store
-                .release_idempotency_key(&self.lookup_id, claim_id)
-                .await
-            {
-                // The claim's lock runs out by itself.
-                tracing::warn!(%error, "cannot release an Idempotency-Key after a refusal");
-            }
-            return response;
+        (status, answer): (StatusCode, W),
+        kept: &Mutex<Option<KeptAnswer>>,
+    ) -> Result<IdempotentAnswer, StoreError> {
+        let body = serde_json::to_vec(&answer)
+            .map_err(|error| anyhow::anyhow!("cannot render an idempotent answer: {error}"))?;
+        if body.len() > MAX_STORED_BODY {
+            return Err(
+                anyhow::anyhow!("an idempotent answer is over {MAX_STORED_BODY} bytes").into(),
+            );
         }
-        let (parts, body) = response.into_parts();
-        let body = match axum::body::to_bytes(body, MAX_STORED_BODY).await {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::error!(%error, "cannot buffer an idempotent answer");
-                let _ = store
-                    .release_idempotency_key(&self.lookup_id, claim_id)
-                    .await;
-                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-            }
-        };
-        let status = parts.status.as_u16();
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let sealed = self
+        let ciphertext = self
             .cipher
             .encrypt(
                 &nonce.into(),
                 Payload {
                     msg: &body,
-                    aad: &self.associated_data(status),
+                    aad: &self.associated_data(status.as_u16()),
                 },
             )
             .expect("ChaCha20-Poly1305 seals any body this size");
-        let stored = StoredResponse {
+        *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(KeptAnswer {
             status,
-            nonce: nonce.to_vec(),
-            ciphertext: sealed,
-        };
-        match store
-            .complete_idempotency_key(&self.lookup_id, claim_id, &stored)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "an Idempotency-Key's lock ran out before its request finished; its answer is not kept"
-            ),
-            // The change is made: the client gets its answer, and a retry after the lock runs out
-            // would run again.
-            Err(error) => tracing::warn!(%error, "cannot keep an idempotent answer"),
-        }
-        Response::from_parts(parts, Body::from(body))
+            body: Bytes::from(body),
+        });
+        Ok(IdempotentAnswer {
+            lookup_id: self.lookup_id,
+            claim_id,
+            response: StoredResponse {
+                status: status.as_u16(),
+                nonce: nonce.to_vec(),
+                ciphertext,
+            },
+        })
     }
 
     fn replay<S: Surface>(&self, stored: &StoredResponse) -> Response {

@@ -14,7 +14,9 @@ use keyplane_core::{
     RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_core::{CredentialPolicy, RotationOptions};
-use keyplane_store::{ExpiryWindow, GrantFilter, ListCredentials, Store, StoreError};
+use keyplane_store::{
+    ExpiryWindow, GrantFilter, IdempotentAnswer, ListCredentials, Store, StoreError,
+};
 use rand::rngs::OsRng;
 
 /// The clock, at the precision both stores keep.
@@ -152,6 +154,27 @@ pub struct Issued {
     pub credential: Credential,
     pub secret: Plaintext,
 }
+
+impl Issued {
+    /// The record the store wrote, with `secret`: what an idempotent answer is made of. The copy
+    /// of the secret lives only as long as the answer being sealed.
+    fn as_stored(credential: &Credential, secret: &Plaintext) -> Self {
+        Self {
+            credential: credential.clone(),
+            secret: Plaintext::received(secret.expose_secret().to_owned()),
+        }
+    }
+}
+
+/// Seals the answer of a request made with an `Idempotency-Key` from what its change stored (a
+/// `T` the use case builds of the record the store hands [`keyplane_store::AnswerOf`], inside the
+/// change's transaction), so that the store keeps it with the change: made by
+/// [`crate::idempotency`], handed down to the store by the create and rotate use cases. `None`
+/// without a key.
+pub type Answer<'a, T> = Option<&'a AnswerSeal<T>>;
+
+/// What an [`Answer`] calls: renders what a change made and seals it.
+pub type AnswerSeal<T> = dyn Fn(T) -> Result<IdempotentAnswer, StoreError> + Send + Sync;
 
 /// A new tenant and its first `*`-scoped API token.
 pub struct OrgCreated {
@@ -323,6 +346,7 @@ pub async fn create_credential(
     tenant: TenantId,
     rights: KindRights,
     spec: CredentialSpec,
+    answer: Answer<'_, Issued>,
 ) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
     who.may_delegate(tenant, &spec.scopes)?;
@@ -355,8 +379,10 @@ pub async fn create_credential(
         context,
         &credential,
     );
+    let seal =
+        answer.map(|answer| |stored: &Credential| answer(Issued::as_stored(stored, &secret)));
     app.store()
-        .insert_credential(&credential, &event)
+        .insert_credential(&credential, &event, seal.as_ref().map(|s| s as _))
         .await
         .map_err(|e| conflict_on_name(e, rights.kind))?;
     tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.id(), "credential created");
@@ -453,6 +479,7 @@ pub struct RotateSpec {
 /// one read here); the others, and rotations of revoked or expired credentials, are `Conflict`: a
 /// secret that does not work is never handed out. A suspended credential may be rotated (and stays
 /// suspended): the usual answer to a suspected leak.
+#[allow(clippy::too_many_arguments)] // who rotates what, how, and where its answer goes
 pub async fn rotate_credential(
     app: &App,
     who: &Principal,
@@ -461,8 +488,9 @@ pub async fn rotate_credential(
     rights: KindRights,
     id: CredentialId,
     spec: RotateSpec,
+    answer: Answer<'_, Issued>,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, context, tenant, rights, id, spec, || {
+    rotate(app, who, context, tenant, rights, id, spec, answer, || {
         DomainError::Conflict("the credential is revoked".into())
     })
     .await
@@ -470,6 +498,7 @@ pub async fn rotate_credential(
 
 /// [`rotate_credential`] where a revoked credential is `NotFound`: to an Aether client, a deleted
 /// resource is gone. Races and expiry are still `Conflict`.
+#[allow(clippy::too_many_arguments)] // who rotates what, how, and where its answer goes
 pub async fn rotate_live_credential(
     app: &App,
     who: &Principal,
@@ -478,8 +507,9 @@ pub async fn rotate_live_credential(
     rights: KindRights,
     id: CredentialId,
     spec: RotateSpec,
+    answer: Answer<'_, Issued>,
 ) -> Result<Issued, AppError> {
-    rotate(app, who, context, tenant, rights, id, spec, || {
+    rotate(app, who, context, tenant, rights, id, spec, answer, || {
         DomainError::NotFound
     })
     .await
@@ -494,6 +524,7 @@ async fn rotate(
     rights: KindRights,
     id: CredentialId,
     spec: RotateSpec,
+    answer: Answer<'_, Issued>,
     revoked: fn() -> DomainError,
 ) -> Result<Issued, AppError> {
     who.require(tenant, rights.write)?;
@@ -566,6 +597,10 @@ async fn rotate(
             expires_at.map_or("none".into(), keyplane_core::audit::canonical_time),
         );
     }
+    // The answer shows the row as the rotation left it (another request may have changed what it
+    // shows, `last_used_at` or a suspension, since `current` was read).
+    let seal =
+        answer.map(|answer| |rotated: &Credential| answer(Issued::as_stored(rotated, &secret)));
     let credential = app
         .store()
         .rotate_credential(
@@ -575,6 +610,7 @@ async fn rotate(
             &current.secret_hash,
             &rotation,
             &event,
+            seal.as_ref().map(|s| s as _),
         )
         .await?;
     app.invalidate(id.as_uuid());
@@ -1017,6 +1053,7 @@ pub async fn create_grant(
     context: &RequestContext,
     tenant: TenantId,
     grant: NewGrant,
+    answer: Answer<'_, Grant>,
 ) -> Result<Grant, AppError> {
     who.require(tenant, Capability::AuthManage)?;
     who.may_grant(tenant, &grant)?;
@@ -1028,7 +1065,10 @@ pub async fn create_grant(
         context,
         &grant,
     );
-    app.store().insert_grant(&grant, &event).await?;
+    let seal = answer.map(|answer| move |stored: &Grant| answer(stored.clone()));
+    app.store()
+        .insert_grant(&grant, &event, seal.as_ref().map(|s| s as _))
+        .await?;
     app.invalidate(grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.id(), "grant created");
     Ok(grant)
@@ -1093,7 +1133,7 @@ pub async fn grant_as_operator(
         &RequestContext::default(),
         &grant,
     );
-    store.insert_grant(&grant, &event).await?;
+    store.insert_grant(&grant, &event, None).await?;
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), "grant created by the operator");
     Ok(grant)
 }
@@ -1155,6 +1195,7 @@ pub async fn enable_registry(
     who: &Principal,
     context: &RequestContext,
     tenant: TenantId,
+    answer: Answer<'_, (Registry, Issued)>,
 ) -> Result<(Registry, Issued), AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
     let store = app.store();
@@ -1230,8 +1271,12 @@ pub async fn enable_registry(
             robot.permissions.iter().map(RobotPermission::to_wire),
         )
     };
+    let seal = answer.map(|answer| {
+        |stored: &Registry| answer((stored.clone(), Issued::as_stored(&robot, &secret)))
+    });
+    let seal = seal.as_ref().map(|s| s as _);
     match store
-        .create_registry(&registry, &robot, &event(&registry))
+        .create_registry(&registry, &robot, &event(&registry), seal)
         .await
     {
         Ok(()) => {}
@@ -1246,7 +1291,7 @@ pub async fn enable_registry(
                 &tenant.as_uuid().simple().to_string()[..8]
             );
             store
-                .create_registry(&registry, &robot, &event(&registry))
+                .create_registry(&registry, &robot, &event(&registry), seal)
                 .await?;
         }
         // Anything else stored nothing: answering 201 would hand out a password that never works.
@@ -1275,10 +1320,11 @@ pub async fn create_robot(
     context: &RequestContext,
     tenant: TenantId,
     spec: CredentialSpec,
+    answer: Answer<'_, Issued>,
 ) -> Result<Issued, AppError> {
     who.require(tenant, Capability::RegistryWrite)?;
     require_registry(app, tenant).await?;
-    create_credential(app, who, context, tenant, ROBOTS, spec).await
+    create_credential(app, who, context, tenant, ROBOTS, spec, answer).await
 }
 
 pub async fn update_robot_permissions(

@@ -198,6 +198,36 @@ macro_rules! impl_audit {
                 Ok(())
             }
 
+            /// Keeps an idempotent request's answer ([`crate::AnswerOf`]) made of `record` in `tx`,
+            /// the transaction of the change it answers. Every change that answers an idempotent
+            /// request appends its one event just before, through [`Self::append_audit`]: the two
+            /// commit with the change or not at all. Fails, so the caller's transaction rolls
+            /// back, when the claim no longer holds the record in flight.
+            async fn keep_answer<T: Sync>(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                answer: $crate::AnswerOf<'_, T>,
+                record: &T,
+            ) -> Result<(), $crate::StoreError> {
+                let Some(seal) = answer else {
+                    return Ok(());
+                };
+                let answer = seal(record)?;
+                let kept = sqlx::query($crate::sql::COMPLETE_IDEMPOTENCY_KEY)
+                    .bind(&answer.lookup_id[..])
+                    .bind(answer.claim_id)
+                    .bind(i32::from(answer.response.status))
+                    .bind(&answer.response.nonce)
+                    .bind(&answer.response.ciphertext)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                if kept == 1 {
+                    Ok(())
+                } else {
+                    Err($crate::StoreError::IdempotencyClaimLost)
+                }
+            }
+
             async fn query_audit(
                 pool: &sqlx::Pool<$db>,
                 query: &$crate::AuditQuery,

@@ -11,6 +11,10 @@ pub enum StoreError {
     /// [`StoreFault`]); the request may succeed later.
     #[error("store unavailable: {0}")]
     Unavailable(Unavailable),
+    /// A write that was to keep an idempotent request's answer ([`crate::AnswerOf`]) found its
+    /// claim gone: another attempt took the key after the claim's lock ran out. Nothing changed.
+    #[error("the Idempotency-Key was taken over by another attempt; nothing changed")]
+    IdempotencyClaimLost,
     #[error("store configuration: {0}")]
     Config(String),
     #[error(transparent)]

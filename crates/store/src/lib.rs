@@ -164,10 +164,32 @@ pub struct StoredResponse {
     pub ciphertext: Vec<u8>,
 }
 
+/// An idempotent request's answer, sealed by the server, and the claim it is kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotentAnswer {
+    /// The record the request claimed ([`IdempotencyClaim::lookup_id`]).
+    pub lookup_id: [u8; 32],
+    /// The claim that must still hold the record ([`IdempotencyClaim::claim_id`]).
+    pub claim_id: uuid::Uuid,
+    pub response: StoredResponse,
+}
+
+/// How a create or rotate keeps the answer of the request that asked for it with an
+/// `Idempotency-Key`: the store calls it, inside the write's transaction, with the record as that
+/// transaction wrote it (a rotation's row as rotated, not as read before), and completes the
+/// claimed record in the same transaction. So the change commits if and only if its answer is
+/// kept: a crash after the commit cannot leave a change whose retry would run it again. If the
+/// claim no longer holds the record (its lock ran out and another attempt took the key), the write
+/// fails with [`StoreError::IdempotencyClaimLost`] and changes nothing. `None`: no key, nothing to
+/// keep.
+pub type AnswerOf<'a, T> =
+    Option<&'a (dyn Fn(&T) -> Result<IdempotentAnswer, StoreError> + Send + Sync)>;
+
 /// What [`Store::claim_idempotency_key`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyRecord {
-    /// The claim holds the key now: run the request, then complete or release it.
+    /// The claim holds the key now: run the request, and keep its answer with its change
+    /// ([`AnswerOf`]) or release the key.
     Claimed,
     /// Another attempt holds the key and has not finished.
     InFlight { fingerprint: [u8; 32] },
@@ -229,11 +251,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
 
-    /// `Conflict` when a live credential of the same kind and name exists in the tenant.
+    /// `Conflict` when a live credential of the same kind and name exists in the tenant. `answer`
+    /// is called with `credential`.
     async fn insert_credential(
         &self,
         credential: &Credential,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Credential>,
     ) -> Result<(), StoreError>;
 
     /// Bulk import (seeding, migration from another system): all or nothing, in one transaction.
@@ -266,7 +290,8 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces the secret `replaces`, keeps the id, and sets the previous secret and expiry the
     /// rotation carries (an earlier previous secret ends). `NotFound` if absent; `Conflict` if
     /// revoked, or if its secret is no longer `replaces` (another rotation came first: of
-    /// concurrent rotations exactly one succeeds).
+    /// concurrent rotations exactly one succeeds). `answer` is called with the record returned.
+    #[allow(clippy::too_many_arguments)] // what is rotated, from which secret, how, and its answer
     async fn rotate_credential(
         &self,
         tenant_id: TenantId,
@@ -275,6 +300,7 @@ pub trait Store: Send + Sync + 'static {
         replaces: &TokenHash,
         rotation: &Rotation,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Credential>,
     ) -> Result<Credential, StoreError>;
 
     /// Suspends (`suspended_at: Some`) or resumes (`None`) a credential. Returns the record and
@@ -394,12 +420,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Credential, StoreError>;
 
     /// The tenant's registry and its default robot, atomically. `Conflict` if the tenant has one or
-    /// the project name is taken.
+    /// the project name is taken. `answer` is called with `registry`.
     async fn create_registry(
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
         event: &AuditEvent,
+        answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError>;
 
     async fn get_registry(
@@ -416,8 +443,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// `Conflict` when the same live grant exists, or when its subject is a service account of the
     /// tenant that is revoked, suspended or expired at the grant's `created_at` (checked under the
-    /// account's row lock, so a grant cannot slip past a concurrent revocation).
-    async fn insert_grant(&self, grant: &Grant, event: &AuditEvent) -> Result<(), StoreError>;
+    /// account's row lock, so a grant cannot slip past a concurrent revocation). `answer` is called
+    /// with `grant`.
+    async fn insert_grant(
+        &self,
+        grant: &Grant,
+        event: &AuditEvent,
+        answer: AnswerOf<'_, Grant>,
+    ) -> Result<(), StoreError>;
 
     /// Grants in creation order.
     async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError>;
@@ -497,15 +530,6 @@ pub trait Store: Send + Sync + 'static {
         claim: &IdempotencyClaim,
     ) -> Result<IdempotencyRecord, StoreError>;
 
-    /// Stores the answer of the request that holds `claim_id`. `false` if that claim no longer
-    /// holds the record (its lock ran out and another attempt took it, or it was pruned).
-    async fn complete_idempotency_key(
-        &self,
-        lookup_id: &[u8; 32],
-        claim_id: uuid::Uuid,
-        response: &StoredResponse,
-    ) -> Result<bool, StoreError>;
-
     /// Forgets an in-flight record held by `claim_id`, so the key can be used again at once.
     async fn release_idempotency_key(
         &self,
@@ -520,12 +544,14 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<u64, StoreError>;
 
-    /// Stores a new webhook. `Conflict` when its tenant already has `max_per_tenant`.
+    /// Stores a new webhook. `Conflict` when its tenant already has `max_per_tenant`. `answer` is
+    /// called with `webhook`.
     async fn create_webhook(
         &self,
         webhook: &keyplane_core::Webhook,
         max_per_tenant: u32,
         event: &AuditEvent,
+        answer: AnswerOf<'_, keyplane_core::Webhook>,
     ) -> Result<(), StoreError>;
 
     /// The tenant's webhooks, oldest first.
@@ -549,7 +575,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Makes `secret` the webhook's signing secret, and the one it replaces its previous secret
-    /// until `previous_until`, in one statement. Returns the webhook. `NotFound` outside the tenant.
+    /// until `previous_until`, in one statement. Returns the webhook, which `answer` is called
+    /// with. `NotFound` outside the tenant.
+    #[allow(clippy::too_many_arguments)] // what is rotated, to what, until when, and its answer
     async fn rotate_webhook_secret(
         &self,
         tenant_id: TenantId,
@@ -558,6 +586,7 @@ pub trait Store: Send + Sync + 'static {
         previous_until: DateTime<Utc>,
         at: DateTime<Utc>,
         event: &AuditEvent,
+        answer: AnswerOf<'_, keyplane_core::Webhook>,
     ) -> Result<keyplane_core::Webhook, StoreError>;
 
     /// Deletes the webhook and its deliveries. `NotFound` outside the tenant.

@@ -82,6 +82,8 @@ pub(crate) const CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys (lo
      ON CONFLICT (lookup_id) DO UPDATE SET tenant_id = excluded.tenant_id, principal_id = excluded.principal_id, fingerprint = excluded.fingerprint, claim_id = excluded.claim_id, created_at_ms = excluded.created_at_ms, locked_until_ms = excluded.locked_until_ms, status = NULL, nonce = NULL, response = NULL \
      WHERE idempotency_keys.created_at_ms < $8 OR (idempotency_keys.status IS NULL AND idempotency_keys.locked_until_ms <= $6)";
 pub(crate) const SELECT_IDEMPOTENCY_KEY: &str = "SELECT fingerprint, status, nonce, response FROM idempotency_keys WHERE lookup_id = $1 AND tenant_id = $2 AND principal_id = $3";
+/// Keeps an answer in the transaction of the change it answers, only while the claim still holds
+/// the record in flight.
 pub(crate) const COMPLETE_IDEMPOTENCY_KEY: &str = "UPDATE idempotency_keys SET status = $3, nonce = $4, response = $5 WHERE lookup_id = $1 AND claim_id = $2 AND status IS NULL";
 pub(crate) const RELEASE_IDEMPOTENCY_KEY: &str =
     "DELETE FROM idempotency_keys WHERE lookup_id = $1 AND claim_id = $2 AND status IS NULL";
@@ -309,6 +311,7 @@ macro_rules! impl_store {
                 &self,
                 credential: &keyplane_core::Credential,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Credential>,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -316,6 +319,7 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                     Self::append_audit(&mut tx, event).await?;
+                    Self::keep_answer(&mut tx, answer, credential).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -452,6 +456,7 @@ macro_rules! impl_store {
                 replaces: &keyplane_core::TokenHash,
                 rotation: &keyplane_core::Rotation,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Credential>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     // Compare-and-swap on the secret the caller saw: a rotation that lost a race
@@ -491,13 +496,17 @@ macro_rules! impl_store {
                         .bind(rotation.keeps_expiry)
                         .fetch_optional(&mut *tx)
                         .await?;
-                    if row.is_some() {
+                    let rotated: Option<keyplane_core::Credential> =
+                        row.map(TryInto::try_into).transpose()?;
+                    if let Some(rotated) = &rotated {
                         Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
+                        // The answer shows the row as this statement left it.
+                        Self::keep_answer(&mut tx, answer, rotated).await?;
                     }
                     tx.commit().await?;
-                    match row {
-                        Some(row) => row.try_into(),
+                    match rotated {
+                        Some(rotated) => Ok(rotated),
                         None => match self.get_credential(tenant_id, kind, id).await? {
                             Some(c) if c.is_revoked() => Err($crate::StoreError::Conflict("the credential is revoked".into())),
                             Some(_) => Err($crate::StoreError::Conflict(
@@ -636,6 +645,7 @@ macro_rules! impl_store {
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Registry>,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -658,6 +668,7 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                     Self::append_audit(&mut tx, event).await?;
+                    Self::keep_answer(&mut tx, answer, registry).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -712,6 +723,7 @@ macro_rules! impl_store {
                 &self,
                 grant: &keyplane_core::Grant,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Grant>,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -759,6 +771,7 @@ macro_rules! impl_store {
                         })?;
                     Self::notify_invalidation(&mut tx, grant.subject_id).await?;
                     Self::append_audit(&mut tx, event).await?;
+                    Self::keep_answer(&mut tx, answer, grant).await?;
                     tx.commit().await?;
                     Ok(())
                 })
@@ -1248,25 +1261,6 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all)]
-            async fn complete_idempotency_key(
-                &self,
-                lookup_id: &[u8; 32],
-                claim_id: uuid::Uuid,
-                response: &$crate::StoredResponse,
-            ) -> Result<bool, $crate::StoreError> {
-                let stored = sqlx::query($crate::sql::COMPLETE_IDEMPOTENCY_KEY)
-                    .bind(&lookup_id[..])
-                    .bind(claim_id)
-                    .bind(i32::from(response.status))
-                    .bind(&response.nonce)
-                    .bind(&response.ciphertext)
-                    .execute(&self.writer)
-                    .await?
-                    .rows_affected();
-                Ok(stored == 1)
-            }
-
-            #[tracing::instrument(skip_all)]
             async fn release_idempotency_key(
                 &self,
                 lookup_id: &[u8; 32],
@@ -1300,8 +1294,9 @@ macro_rules! impl_store {
                 webhook: &keyplane_core::Webhook,
                 max_per_tenant: u32,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Webhook>,
             ) -> Result<(), $crate::StoreError> {
-                self.write(self.webhook_create(webhook, max_per_tenant, event)).await
+                self.write(self.webhook_create(webhook, max_per_tenant, event, answer)).await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id))]
@@ -1339,8 +1334,9 @@ macro_rules! impl_store {
                 previous_until: chrono::DateTime<chrono::Utc>,
                 at: chrono::DateTime<chrono::Utc>,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Webhook>,
             ) -> Result<keyplane_core::Webhook, $crate::StoreError> {
-                self.write(self.secret_rotate(tenant_id, id, secret, previous_until, at, event))
+                self.write(self.secret_rotate(tenant_id, id, secret, previous_until, at, event, answer))
                     .await
             }
 

@@ -396,6 +396,7 @@ macro_rules! impl_webhooks {
                 webhook: &keyplane_core::Webhook,
                 max_per_tenant: u32,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Webhook>,
             ) -> Result<(), $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
@@ -430,6 +431,7 @@ macro_rules! impl_webhooks {
                 }
                 Self::insert_patterns(&mut tx, webhook).await?;
                 Self::append_audit(&mut tx, event).await?;
+                Self::keep_answer(&mut tx, answer, webhook).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -465,6 +467,7 @@ macro_rules! impl_webhooks {
                 Ok(())
             }
 
+            #[allow(clippy::too_many_arguments)] // the trait method's, passed on
             async fn secret_rotate(
                 &self,
                 tenant: keyplane_core::TenantId,
@@ -473,6 +476,7 @@ macro_rules! impl_webhooks {
                 previous_until: chrono::DateTime<chrono::Utc>,
                 at: chrono::DateTime<chrono::Utc>,
                 event: &keyplane_core::AuditEvent,
+                answer: $crate::AnswerOf<'_, keyplane_core::Webhook>,
             ) -> Result<keyplane_core::Webhook, $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
@@ -491,8 +495,11 @@ macro_rules! impl_webhooks {
                 Self::append_audit(&mut tx, event).await?;
                 let sql = format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1");
                 let row: WebhookRow = sqlx::query_as(&sql).bind(id).fetch_one(&mut *tx).await?;
+                let rotated: keyplane_core::Webhook = row.try_into()?;
+                // The answer shows the webhook as this transaction left it.
+                Self::keep_answer(&mut tx, answer, &rotated).await?;
                 tx.commit().await?;
-                row.try_into()
+                Ok(rotated)
             }
 
             async fn webhook_delete(

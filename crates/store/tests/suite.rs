@@ -9,8 +9,8 @@ use keyplane_core::{
 };
 use keyplane_store::testing::{Backend, TestDatabase};
 use keyplane_store::{
-    CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, ListCredentials, Store,
-    StoreError, StoredResponse,
+    CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, IdempotentAnswer,
+    ListCredentials, Store, StoreError, StoredResponse,
 };
 use rand::rngs::OsRng;
 use std::sync::Arc;
@@ -85,7 +85,10 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
 async fn created_credential_round_trips(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, plaintext) = new_token(f.tenant.id, "ci");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let got = f.api_token(credential.id).await;
     assert_eq!(got, credential);
     let by_hash = f
@@ -104,10 +107,13 @@ async fn created_credential_round_trips(backend: Backend) {
 async fn names_are_unique_among_live_credentials(backend: Backend) {
     let f = fixture(backend).await;
     let (first, _) = new_token(f.tenant.id, "deploy");
-    f.store.insert_credential(&first, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&first, &ev(), None)
+        .await
+        .unwrap();
     let (second, _) = new_token(f.tenant.id, "deploy");
     assert!(matches!(
-        f.store.insert_credential(&second, &ev()).await,
+        f.store.insert_credential(&second, &ev(), None).await,
         Err(StoreError::Conflict(_))
     ));
     f.store
@@ -122,13 +128,19 @@ async fn names_are_unique_among_live_credentials(backend: Backend) {
         )
         .await
         .unwrap();
-    f.store.insert_credential(&second, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&second, &ev(), None)
+        .await
+        .unwrap();
 }
 
 async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "rotating");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let (rotation, new) = Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
     let rotated = f
         .store
@@ -139,6 +151,7 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
             &credential.secret_hash,
             &rotation,
             &ev(),
+            None,
         )
         .await
         .unwrap();
@@ -163,7 +176,10 @@ async fn rotation_keeps_the_id_and_replaces_the_hash(backend: Backend) {
 async fn revocation_is_permanent_and_idempotent(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "revoked");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let user = UserId::from_subject("https://idp", "alice");
     let first = f
         .store
@@ -202,7 +218,8 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
                 credential.id,
                 &credential.secret_hash,
                 &rotation,
-                &ev()
+                &ev(),
+                None
             )
             .await,
         Err(StoreError::Conflict(_))
@@ -212,7 +229,10 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
 async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "mine");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let other = TenantId::new();
     assert!(f
         .store
@@ -246,7 +266,10 @@ async fn listing_pages_in_creation_order(backend: Backend) {
     let f = fixture(backend).await;
     for i in 0..5 {
         let (credential, _) = new_token(f.tenant.id, &format!("t{i}"));
-        f.store.insert_credential(&credential, &ev()).await.unwrap();
+        f.store
+            .insert_credential(&credential, &ev(), None)
+            .await
+            .unwrap();
     }
     let query = |after, include_revoked| ListCredentials {
         tenant_id: f.tenant.id,
@@ -297,8 +320,8 @@ async fn last_used_batches_are_applied(backend: Backend) {
     let f = fixture(backend).await;
     let (a, _) = new_token(f.tenant.id, "a");
     let (b, _) = new_token(f.tenant.id, "b");
-    f.store.insert_credential(&a, &ev()).await.unwrap();
-    f.store.insert_credential(&b, &ev()).await.unwrap();
+    f.store.insert_credential(&a, &ev(), None).await.unwrap();
+    f.store.insert_credential(&b, &ev(), None).await.unwrap();
     let at = now();
     f.store
         .record_last_used(&[
@@ -327,7 +350,10 @@ async fn last_used_batches_are_applied(backend: Backend) {
 async fn last_uses_only_move_forward(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "used");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let (rotation, _) = Rotation::mint(
         &credential,
         grace(3600),
@@ -438,11 +464,15 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     let a_read = capability_grant(f.tenant.id, sa, "api_tokens:read");
     let b_manage = capability_grant(f.tenant.id, sb, "auth.manage");
     for g in [&a_manage, &a_read, &b_manage] {
-        f.store.insert_grant(g, &ev()).await.unwrap();
+        f.store.insert_grant(g, &ev(), None).await.unwrap();
     }
     assert!(matches!(
         f.store
-            .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
+            .insert_grant(
+                &capability_grant(f.tenant.id, sa, "auth.manage"),
+                &ev(),
+                None
+            )
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -516,7 +546,11 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
     );
     // A revoked grant no longer blocks an identical new one.
     f.store
-        .insert_grant(&capability_grant(f.tenant.id, sa, "auth.manage"), &ev())
+        .insert_grant(
+            &capability_grant(f.tenant.id, sa, "auth.manage"),
+            &ev(),
+            None,
+        )
         .await
         .unwrap();
     assert!(matches!(
@@ -621,7 +655,7 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
         ..someone_else
     };
     for g in [&here, &there, &revoked, &service_account, &someone_else] {
-        f.store.insert_grant(g, &ev()).await.unwrap();
+        f.store.insert_grant(g, &ev(), None).await.unwrap();
     }
     f.store
         .revoke_grant(other.id, revoked.id, now(), &ev())
@@ -656,7 +690,10 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
 async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "contested");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let (first, first_secret) =
         Rotation::mint(&credential, Default::default(), None, now(), &mut OsRng);
     let (second, second_secret) =
@@ -673,6 +710,7 @@ async fn a_rotation_that_lost_the_race_changes_nothing(backend: Backend) {
                     &seen,
                     &rotation,
                     &ev(),
+                    None,
                 )
                 .await
         }
@@ -727,7 +765,7 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     use sqlx::{Connection, Executor};
     let f = fixture(backend).await;
     let (kept, _) = new_token(f.tenant.id, "kept");
-    f.store.insert_credential(&kept, &ev()).await.unwrap();
+    f.store.insert_credential(&kept, &ev(), None).await.unwrap();
     assert_eq!(f.store.write_health(), Default::default());
 
     let lock: Box<dyn std::any::Any> = match backend {
@@ -747,7 +785,7 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     };
     let (blocked, _) = new_token(f.tenant.id, "blocked");
     let started = std::time::Instant::now();
-    let outcome = f.store.insert_credential(&blocked, &ev()).await;
+    let outcome = f.store.insert_credential(&blocked, &ev(), None).await;
     assert!(
         matches!(&outcome, Err(e) if e.fault() == Some(keyplane_store::StoreFault::Busy)),
         "a write behind a held lock: {outcome:?}"
@@ -773,7 +811,10 @@ async fn a_locked_store_answers_busy_while_reads_go_on(backend: Backend) {
     f.store.ping().await.unwrap();
 
     drop(lock);
-    f.store.insert_credential(&blocked, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&blocked, &ev(), None)
+        .await
+        .unwrap();
     let health = f.store.write_health();
     assert!(!health.failing, "a write succeeded: {health:?}");
     assert!(health.last_failure.is_some(), "the last failure is kept");
@@ -789,7 +830,7 @@ async fn a_closed_store_answers_unavailable(backend: Backend) {
     );
     let (late, _) = new_token(f.tenant.id, "late");
     assert!(matches!(
-        f.store.insert_credential(&late, &ev()).await,
+        f.store.insert_credential(&late, &ev(), None).await,
         Err(StoreError::Unavailable(_))
     ));
 }
@@ -815,6 +856,46 @@ fn stored(status: u16) -> StoredResponse {
     }
 }
 
+/// The answer `response` for the record `lookup`, kept under `claim_id`.
+fn sealed_answer(lookup: u8, claim_id: uuid::Uuid, response: StoredResponse) -> IdempotentAnswer {
+    IdempotentAnswer {
+        lookup_id: [lookup; 32],
+        claim_id,
+        response,
+    }
+}
+
+/// Completes the record `lookup` held by `claim_id` the one way the store has: in the transaction
+/// of a change (a new API token), which is stored if and only if the answer is.
+async fn complete_with_a_change(
+    f: &Fixture,
+    lookup: u8,
+    claim_id: uuid::Uuid,
+    response: StoredResponse,
+) -> Result<(), StoreError> {
+    let name = format!("answered-{}", uuid::Uuid::new_v4().simple());
+    let (credential, _) = new_token(f.tenant.id, &name);
+    let answer = move |_: &Credential| Ok(sealed_answer(lookup, claim_id, response.clone()));
+    let outcome = f
+        .store
+        .insert_credential(&credential, &ev(), Some(&answer))
+        .await;
+    let stored = f
+        .store
+        .get_credential(f.tenant.id, CredentialKind::ApiToken, credential.id)
+        .await
+        .unwrap();
+    assert_eq!(stored.is_some(), outcome.is_ok(), "{outcome:?}");
+    outcome
+}
+
+fn assert_claim_lost<T: std::fmt::Debug>(outcome: Result<T, StoreError>) {
+    assert!(
+        matches!(outcome, Err(StoreError::IdempotencyClaimLost)),
+        "{outcome:?}"
+    );
+}
+
 async fn an_idempotency_key_is_claimed_once_then_replayed(backend: Backend) {
     let f = fixture(backend).await;
     let t = now();
@@ -835,22 +916,12 @@ async fn an_idempotency_key_is_claimed_once_then_replayed(backend: Backend) {
             }
         );
     }
-    // Only the holder completes it.
-    assert!(!f
-        .store
-        .complete_idempotency_key(&[1; 32], uuid::Uuid::new_v4(), &stored(201))
+    // Only the holder completes it, once.
+    assert_claim_lost(complete_with_a_change(&f, 1, uuid::Uuid::new_v4(), stored(201)).await);
+    complete_with_a_change(&f, 1, first.claim_id, stored(201))
         .await
-        .unwrap());
-    assert!(f
-        .store
-        .complete_idempotency_key(&[1; 32], first.claim_id, &stored(201))
-        .await
-        .unwrap());
-    assert!(!f
-        .store
-        .complete_idempotency_key(&[1; 32], first.claim_id, &stored(200))
-        .await
-        .unwrap());
+        .unwrap();
+    assert_claim_lost(complete_with_a_change(&f, 1, first.claim_id, stored(200)).await);
     let later = claim(f.tenant.id, 1, 9, t + TimeDelta::hours(23));
     assert_eq!(
         f.store.claim_idempotency_key(&later).await.unwrap(),
@@ -881,11 +952,7 @@ async fn a_crashed_claim_expires_and_a_released_one_frees_the_key(backend: Backe
         IdempotencyRecord::Claimed
     );
     // The crashed attempt, were it to wake up, can neither complete nor release the retry's claim.
-    assert!(!f
-        .store
-        .complete_idempotency_key(&[2; 32], crashed.claim_id, &stored(201))
-        .await
-        .unwrap());
+    assert_claim_lost(complete_with_a_change(&f, 2, crashed.claim_id, stored(201)).await);
     f.store
         .release_idempotency_key(&[2; 32], crashed.claim_id)
         .await
@@ -908,6 +975,216 @@ async fn a_crashed_claim_expires_and_a_released_one_frees_the_key(backend: Backe
             .unwrap(),
         IdempotencyRecord::Claimed
     );
+}
+
+/// An answer under a claim that is lost: another attempt took its key over.
+fn lost<T>(lookup: u8) -> impl Fn(&T) -> Result<IdempotentAnswer, StoreError> + Send + Sync {
+    move |_| Ok(sealed_answer(lookup, uuid::Uuid::new_v4(), stored(201)))
+}
+
+/// Every write that answers an idempotent request completes its record in its own transaction:
+/// with the record as that transaction wrote it, and not at all (nothing changed, no event) once
+/// its claim is lost.
+async fn each_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let event = || event_in(tenant, now());
+    let f = &f;
+    let head = || async move { f.store.audit_chain_state(tenant).await.unwrap().head_seq };
+    let claimed = |lookup: u8| async move {
+        let claim = claim(tenant, lookup, 9, now());
+        assert_eq!(
+            f.store.claim_idempotency_key(&claim).await.unwrap(),
+            IdempotencyRecord::Claimed
+        );
+        claim
+    };
+    let completed = |claim: IdempotencyClaim| async move {
+        assert_eq!(
+            f.store.claim_idempotency_key(&claim).await.unwrap(),
+            IdempotencyRecord::Completed {
+                fingerprint: [9; 32],
+                response: stored(201),
+            }
+        );
+    };
+
+    // A credential, then its rotation.
+    let claim = claimed(30).await;
+    let (token, _) = new_token(tenant, "answered");
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .insert_credential(&token, &event(), Some(&lost::<Credential>(30)))
+            .await,
+    );
+    assert!(f
+        .store
+        .get_credential(tenant, CredentialKind::ApiToken, token.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(head().await, before, "no event");
+    let kept = |stored_token: &Credential| {
+        assert_eq!(stored_token, &token);
+        Ok(sealed_answer(30, claim.claim_id, stored(201)))
+    };
+    f.store
+        .insert_credential(&token, &event(), Some(&kept))
+        .await
+        .unwrap();
+    completed(claim).await;
+
+    let claim = claimed(31).await;
+    let (rotation, _) = Rotation::mint(&token, Default::default(), None, now(), &mut OsRng);
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .rotate_credential(
+                tenant,
+                CredentialKind::ApiToken,
+                token.id,
+                &token.secret_hash,
+                &rotation,
+                &event(),
+                Some(&lost::<Credential>(31)),
+            )
+            .await,
+    );
+    assert_eq!(f.api_token(token.id).await.secret_hash, token.secret_hash);
+    assert_eq!(head().await, before, "no event");
+    let kept = |rotated: &Credential| {
+        assert_eq!(
+            rotated.secret_hash, rotation.secret_hash,
+            "the row as rotated"
+        );
+        Ok(sealed_answer(31, claim.claim_id, stored(201)))
+    };
+    let rotated = f
+        .store
+        .rotate_credential(
+            tenant,
+            CredentialKind::ApiToken,
+            token.id,
+            &token.secret_hash,
+            &rotation,
+            &event(),
+            Some(&kept),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.secret_hash, rotation.secret_hash);
+    completed(claim).await;
+
+    // A grant.
+    let claim = claimed(32).await;
+    let grant = capability_grant(tenant, uuid::Uuid::new_v4(), "auth.manage");
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .insert_grant(&grant, &event(), Some(&lost::<Grant>(32)))
+            .await,
+    );
+    assert!(f.store.get_grant(tenant, grant.id).await.unwrap().is_none());
+    assert_eq!(head().await, before, "no event");
+    let kept = |_: &Grant| Ok(sealed_answer(32, claim.claim_id, stored(201)));
+    f.store
+        .insert_grant(&grant, &event(), Some(&kept))
+        .await
+        .unwrap();
+    completed(claim).await;
+
+    // A registry and its default robot.
+    let claim = claimed(33).await;
+    let registry = keyplane_core::Registry {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: tenant,
+        project: format!("p-{}", uuid::Uuid::new_v4().simple()),
+        quota_gb: -1,
+        created_at: now(),
+        updated_at: now(),
+    };
+    let (robot, _) = new_token(tenant, "robot");
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .create_registry(
+                &registry,
+                &robot,
+                &event(),
+                Some(&lost::<keyplane_core::Registry>(33)),
+            )
+            .await,
+    );
+    assert_eq!(f.store.get_registry(tenant).await.unwrap(), None);
+    assert_eq!(head().await, before, "no event");
+    let kept = |_: &keyplane_core::Registry| Ok(sealed_answer(33, claim.claim_id, stored(201)));
+    f.store
+        .create_registry(&registry, &robot, &event(), Some(&kept))
+        .await
+        .unwrap();
+    completed(claim).await;
+
+    // A webhook, then its secret's rotation.
+    let claim = claimed(34).await;
+    let hook = webhook(tenant, &["*"], true);
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .create_webhook(
+                &hook,
+                20,
+                &event(),
+                Some(&lost::<keyplane_core::Webhook>(34)),
+            )
+            .await,
+    );
+    assert!(f
+        .store
+        .get_webhook(tenant, hook.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(head().await, before, "no event");
+    let kept = |_: &keyplane_core::Webhook| Ok(sealed_answer(34, claim.claim_id, stored(201)));
+    f.store
+        .create_webhook(&hook, 20, &event(), Some(&kept))
+        .await
+        .unwrap();
+    completed(claim).await;
+
+    let claim = claimed(35).await;
+    let fresh = keyplane_core::WebhookSecret::generate(&mut OsRng);
+    let until = now() + TimeDelta::hours(1);
+    let before = head().await;
+    assert_claim_lost(
+        f.store
+            .rotate_webhook_secret(
+                tenant,
+                hook.id,
+                &fresh,
+                until,
+                now(),
+                &event(),
+                Some(&lost::<keyplane_core::Webhook>(35)),
+            )
+            .await,
+    );
+    let unchanged = f.store.get_webhook(tenant, hook.id).await.unwrap().unwrap();
+    assert_eq!(
+        unchanged.secret.expose_secret(),
+        hook.secret.expose_secret()
+    );
+    assert_eq!(head().await, before, "no event");
+    let kept = |rotated: &keyplane_core::Webhook| {
+        assert_eq!(rotated.secret.expose_secret(), fresh.expose_secret());
+        Ok(sealed_answer(35, claim.claim_id, stored(201)))
+    };
+    f.store
+        .rotate_webhook_secret(tenant, hook.id, &fresh, until, now(), &event(), Some(&kept))
+        .await
+        .unwrap();
+    completed(claim).await;
 }
 
 async fn racing_claims_have_one_winner(backend: Backend) {
@@ -943,8 +1220,7 @@ async fn idempotency_records_are_pruned_in_batches(backend: Backend) {
     for lookup in 10..15 {
         let old = claim(f.tenant.id, lookup, 9, t - TimeDelta::hours(25));
         f.store.claim_idempotency_key(&old).await.unwrap();
-        f.store
-            .complete_idempotency_key(&old.lookup_id, old.claim_id, &stored(201))
+        complete_with_a_change(&f, lookup, old.claim_id, stored(201))
             .await
             .unwrap();
     }
@@ -1181,6 +1457,7 @@ store_suite! {
     a_crashed_claim_expires_and_a_released_one_frees_the_key,
     racing_claims_have_one_winner,
     idempotency_records_are_pruned_in_batches,
+    each_change_keeps_its_answer_in_its_own_transaction,
     pruning_keeps_the_rest_of_the_chain_verifiable,
     pruning_passes_over_a_chain_that_begins_young,
     a_failed_change_writes_no_event,
@@ -1283,13 +1560,13 @@ async fn a_failed_change_writes_no_event(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "ci");
     f.store
-        .insert_credential(&credential, &event_in(f.tenant.id, now()))
+        .insert_credential(&credential, &event_in(f.tenant.id, now()), None)
         .await
         .unwrap();
     let (duplicate, _) = new_token(f.tenant.id, "ci");
     assert!(matches!(
         f.store
-            .insert_credential(&duplicate, &event_in(f.tenant.id, now()))
+            .insert_credential(&duplicate, &event_in(f.tenant.id, now()), None)
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -1323,6 +1600,7 @@ async fn rotate(f: &Fixture, current: &Credential, rotation: &Rotation) -> Crede
             &current.secret_hash,
             rotation,
             &ev(),
+            None,
         )
         .await
         .unwrap()
@@ -1331,7 +1609,10 @@ async fn rotate(f: &Fixture, current: &Credential, rotation: &Rotation) -> Crede
 async fn a_grace_rotation_keeps_the_previous_secret_findable(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "graceful");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let at = now();
     let (rotation, new) = Rotation::mint(
         &credential,
@@ -1390,7 +1671,10 @@ async fn a_grace_rotation_keeps_the_previous_secret_findable(backend: Backend) {
 async fn retiring_a_previous_secret_is_a_compare_and_set(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, old) = new_token(f.tenant.id, "retiring");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let (rotation, new) = Rotation::mint(
         &credential,
         grace(600),
@@ -1433,7 +1717,10 @@ async fn retiring_a_previous_secret_is_a_compare_and_set(backend: Backend) {
 
     // A grace period that has ended is forgotten by the sweep's clean-up.
     let (credential, old) = new_token(f.tenant.id, "ended");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let long_ago = now() - TimeDelta::seconds(120);
     let (rotation, _) = Rotation::mint(
         &credential,
@@ -1472,7 +1759,10 @@ async fn retiring_a_previous_secret_is_a_compare_and_set(backend: Backend) {
 async fn suspension_changes_state_once(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, _) = new_token(f.tenant.id, "suspendable");
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let set = |suspended: Option<DateTime<Utc>>| {
         let store = f.store.clone();
         let (tenant, id) = (f.tenant.id, credential.id);
@@ -1538,7 +1828,10 @@ async fn expiry_notices_are_claimed_once_per_stage(backend: Backend) {
     let f = fixture(backend).await;
     let (mut credential, _) = new_token(f.tenant.id, "expiring");
     credential.expires_at = Some(now() + TimeDelta::days(5));
-    f.store.insert_credential(&credential, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
     let due = |stage: u32, days: i64| {
         let store = f.store.clone();
         async move {
@@ -1638,7 +1931,10 @@ async fn policies_round_trip_and_count_what_exceeds_them(backend: Backend) {
     let (mut forever, _) = new_token(f.tenant.id, "forever");
     forever.expires_at = None;
     for credential in [&far, &forever] {
-        f.store.insert_credential(credential, &ev()).await.unwrap();
+        f.store
+            .insert_credential(credential, &ev(), None)
+            .await
+            .unwrap();
     }
     let count = |rule: LifetimeRule| {
         let store = f.store.clone();
@@ -1693,13 +1989,17 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
     };
     let (sa, suspended, other) = (account("sa"), account("suspended"), account("other"));
     for credential in [&sa, &suspended, &other] {
-        f.store.insert_credential(credential, &ev()).await.unwrap();
+        f.store
+            .insert_credential(credential, &ev(), None)
+            .await
+            .unwrap();
     }
     for (subject, key) in [(&sa, "deploy"), (&sa, "audit:read"), (&other, "deploy")] {
         f.store
             .insert_grant(
                 &capability_grant(f.tenant.id, subject.id.as_uuid(), key),
                 &ev(),
+                None,
             )
             .await
             .unwrap();
@@ -1753,7 +2053,8 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             f.store
                 .insert_grant(
                     &capability_grant(f.tenant.id, subject.id.as_uuid(), "tokens:verify"),
-                    &ev()
+                    &ev(),
+                    None
                 )
                 .await,
             Err(StoreError::Conflict(_))
@@ -1769,7 +2070,10 @@ async fn canaries_round_trip_and_are_listed_only_when_asked_for(backend: Backend
     let f = fixture(backend).await;
     let (mut canary, secret) = new_token(f.tenant.id, "bait");
     canary.canary = true;
-    f.store.insert_credential(&canary, &ev()).await.unwrap();
+    f.store
+        .insert_credential(&canary, &ev(), None)
+        .await
+        .unwrap();
     let (mut imported, _) = new_token(f.tenant.id, "imported-bait");
     imported.canary = true;
     let (plain, _) = new_token(f.tenant.id, "plain");
@@ -1858,7 +2162,12 @@ fn webhook(tenant: TenantId, patterns: &[&str], enabled: bool) -> keyplane_core:
 
 async fn add_webhook(store: &dyn Store, hook: &keyplane_core::Webhook) {
     store
-        .create_webhook(hook, 20, &action_event(hook.tenant_id, "webhook.created"))
+        .create_webhook(
+            hook,
+            20,
+            &action_event(hook.tenant_id, "webhook.created"),
+            None,
+        )
         .await
         .unwrap();
 }
@@ -1937,7 +2246,10 @@ async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(bac
 
     let (credential, _) = new_token(tenant, "ci");
     let event = action_event(tenant, "api_token.created");
-    store.insert_credential(&credential, &event).await.unwrap();
+    store
+        .insert_credential(&credential, &event, None)
+        .await
+        .unwrap();
     store
         .append_audit_event(&action_event(tenant, "api_token.revoked"))
         .await
@@ -1945,7 +2257,7 @@ async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(bac
     // A change that fails queues nothing: its event never commits.
     let (duplicate, _) = new_token(tenant, "ci");
     assert!(store
-        .insert_credential(&duplicate, &action_event(tenant, "api_token.created"))
+        .insert_credential(&duplicate, &action_event(tenant, "api_token.created"), None)
         .await
         .is_err());
 
@@ -2166,7 +2478,7 @@ async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
     let hook = webhook(tenant, &["api_token.created"], true);
     assert!(matches!(
         store
-            .create_webhook(&webhook(tenant, &["*"], true), 0, &ev())
+            .create_webhook(&webhook(tenant, &["*"], true), 0, &ev(), None)
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -2210,7 +2522,7 @@ async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
     let fresh = keyplane_core::WebhookSecret::generate(&mut OsRng);
     let until = now() + TimeDelta::hours(24);
     let rotated = store
-        .rotate_webhook_secret(tenant, hook.id, &fresh, until, now(), &ev())
+        .rotate_webhook_secret(tenant, hook.id, &fresh, until, now(), &ev(), None)
         .await
         .unwrap();
     assert_eq!(rotated.secret, fresh);
@@ -2602,7 +2914,7 @@ async fn concurrent_creates_keep_to_the_webhook_cap(backend: Backend) {
             tokio::spawn(async move {
                 let hook = webhook(tenant, &["*"], true);
                 let event = action_event(tenant, "webhook.created");
-                store.create_webhook(&hook, CAP, &event).await
+                store.create_webhook(&hook, CAP, &event, None).await
             })
         });
         let outcomes = results_of(creates).await;

@@ -61,11 +61,11 @@ pub async fn create_api_token(
         expires_at: request.expires_at,
         canary: request.canary,
     };
+    let render = |issued| (StatusCode::CREATED, ApiTokenCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let issued =
-                ops::create_credential(&app, &who, &context, org, API_TOKENS, spec).await?;
-            Ok((StatusCode::CREATED, Json(ApiTokenCreated::from(issued))))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            let answer = seal.answer();
+            Ok(ops::create_credential(&app, &who, &context, org, API_TOKENS, spec, answer).await?)
         })
         .await)
 }
@@ -249,12 +249,16 @@ pub async fn rotate_api_token(
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, token_id(&id)?);
     let spec = crate::wire::rotate_spec(&request);
+    let render = |issued| (StatusCode::OK, ApiTokenCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let issued =
-                ops::rotate_live_credential(&app, &who, &context, org, API_TOKENS, id, spec)
-                    .await?;
-            Ok(Json(ApiTokenCreated::from(issued)))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            let answer = seal.answer();
+            Ok(
+                ops::rotate_live_credential(
+                    &app, &who, &context, org, API_TOKENS, id, spec, answer,
+                )
+                .await?,
+            )
         })
         .await)
 }

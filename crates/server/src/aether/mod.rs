@@ -48,7 +48,9 @@ impl Surface for Aether {
             AppError::Domain(DomainError::Validation(_)) => "validation_failed",
             AppError::Domain(DomainError::NotFound) => "not_found",
             AppError::Domain(DomainError::Forbidden(_)) => "forbidden",
-            AppError::Domain(DomainError::Conflict(_)) => "conflict",
+            AppError::Domain(DomainError::Conflict(_)) | AppError::IdempotencyKeyInFlight => {
+                "conflict"
+            }
             AppError::InvalidJson(_) => "invalid_json",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::PayloadTooLarge => "payload_too_large",

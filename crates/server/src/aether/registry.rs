@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyplane_core::registry::robot_username;
-use keyplane_core::{Error as DomainError, ScopeSet};
+use keyplane_core::{Error as DomainError, Registry, ScopeSet};
 use std::collections::HashMap;
 
 type Caller = Authenticated<Aether>;
@@ -84,20 +84,23 @@ pub async fn enable_registry(
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
+    let endpoint = app.inner().config.registry.endpoint.clone();
+    let render = move |(registry, robot): (Registry, ops::Issued)| {
+        let username = robot_username(&registry.project, &robot.credential.name);
+        (
+            StatusCode::CREATED,
+            RegistryEnabled {
+                registry: RegistryView::new(registry, &endpoint),
+                credentials: RegistryCredentials {
+                    username,
+                    password: robot.secret,
+                },
+            },
+        )
+    };
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let (registry, robot) = ops::enable_registry(&app, &who, &context, org).await?;
-            let username = robot_username(&registry.project, &robot.credential.name);
-            Ok((
-                StatusCode::CREATED,
-                Json(RegistryEnabled {
-                    registry: RegistryView::new(registry, &app.inner().config.registry.endpoint),
-                    credentials: RegistryCredentials {
-                        username,
-                        password: robot.secret,
-                    },
-                }),
-            ))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            Ok(ops::enable_registry(&app, &who, &context, org, seal.answer()).await?)
         })
         .await)
 }
@@ -175,10 +178,10 @@ pub async fn create_robot_account(
         expires_at: request.expires_at,
         canary: request.canary,
     };
+    let render = |issued| (StatusCode::CREATED, RobotAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let issued = ops::create_robot(&app, &who, &context, org, spec).await?;
-            Ok((StatusCode::CREATED, Json(RobotAccountCreated::from(issued))))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            Ok(ops::create_robot(&app, &who, &context, org, spec, seal.answer()).await?)
         })
         .await)
 }
@@ -297,11 +300,14 @@ pub async fn rotate_robot_account(
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, resource_id(&id)?);
     let spec = crate::wire::rotate_spec(&request);
+    let render = |issued| (StatusCode::OK, RobotAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let issued =
-                ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id, spec).await?;
-            Ok(Json(RobotAccountCreated::from(issued)))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            let answer = seal.answer();
+            Ok(
+                ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id, spec, answer)
+                    .await?,
+            )
         })
         .await)
 }

@@ -144,11 +144,11 @@ pub async fn create_webhook(
     IdempotentJson(idempotency, request): IdempotentJson<Aether, WebhookRequest>,
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
+    let render = |webhook| (StatusCode::CREATED, WebhookCreated::from(webhook));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let webhook =
-                webhooks::create_webhook(&app, &who, &context, org, request.into()).await?;
-            Ok((StatusCode::CREATED, Json(WebhookCreated::from(webhook))))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            let answer = seal.answer();
+            Ok(webhooks::create_webhook(&app, &who, &context, org, request.into(), answer).await?)
         })
         .await)
 }
@@ -297,10 +297,11 @@ pub async fn rotate_webhook_secret(
     idempotency: Idempotency<Aether>,
 ) -> Result<Response, ApiError> {
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
+    let render = |webhook| (StatusCode::OK, WebhookCreated::from(webhook));
     Ok(idempotency
-        .run(app, who, org, move |app, who| async move {
-            let webhook = webhooks::rotate_webhook_secret(&app, &who, &context, org, id).await?;
-            Ok(Json(WebhookCreated::from(webhook)))
+        .run(app, who, org, render, move |app, who, seal| async move {
+            let answer = seal.answer();
+            Ok(webhooks::rotate_webhook_secret(&app, &who, &context, org, id, answer).await?)
         })
         .await)
 }

@@ -524,6 +524,7 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
             expires_at,
             canary: false,
         },
+        None,
     )
     .await?;
     show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
@@ -675,6 +676,7 @@ pub(crate) async fn rotate(
             },
             expires_at: None,
         },
+        None,
     )
     .await?;
     let note = match issued.credential.previous_secret.as_ref() {
@@ -926,6 +928,7 @@ pub(crate) async fn create_grant(
                 resource_id: None,
             },
         },
+        None,
     )
     .await?;
     console
@@ -980,6 +983,7 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
             expires_at,
             canary: false,
         },
+        None,
     )
     .await?;
     show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
@@ -1140,8 +1144,14 @@ fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, Console
 
 pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult {
     console.form(&body)?;
-    let (_, issued) =
-        ops::enable_registry(&console.app, &console.who, &console.context, console.tenant).await?;
+    let (_, issued) = ops::enable_registry(
+        &console.app,
+        &console.who,
+        &console.context,
+        console.tenant,
+        None,
+    )
+    .await?;
     let commands = robot_commands(&console, &issued.credential).await?;
     show_secret_once(
         &console,
@@ -1174,6 +1184,7 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
             expires_at,
             canary: false,
         },
+        None,
     )
     .await?;
     let commands = robot_commands(&console, &issued.credential).await?;

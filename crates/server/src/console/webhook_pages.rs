@@ -216,6 +216,7 @@ pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
         &console.context,
         console.tenant,
         spec,
+        None,
     )
     .await?;
     show_secret_once(
@@ -330,6 +331,7 @@ pub(crate) async fn rotate(console: Console, Path(id): Path<String>, body: Bytes
         &console.context,
         console.tenant,
         webhook_id(&id)?,
+        None,
     )
     .await?;
     let note = match &webhook.previous_secret {

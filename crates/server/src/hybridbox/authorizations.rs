@@ -156,11 +156,17 @@ pub async fn create_authorization(
 ) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
     let grant = request.into_domain().map_err(DomainError::from)?;
+    let render = |grant| (StatusCode::CREATED, AuthorizationView::from(grant));
     Ok(idempotency
-        .run(app, who, account, move |app, who| async move {
-            let grant = ops::create_grant(&app, &who, &context, account, grant).await?;
-            Ok((StatusCode::CREATED, Json(AuthorizationView::from(grant))))
-        })
+        .run(
+            app,
+            who,
+            account,
+            render,
+            move |app, who, seal| async move {
+                Ok(ops::create_grant(&app, &who, &context, account, grant, seal.answer()).await?)
+            },
+        )
         .await)
 }
 

@@ -113,16 +113,27 @@ pub async fn create_service_account(
         expires_at: request.expires_at,
         canary: request.canary,
     };
+    let render = |issued| (StatusCode::CREATED, ServiceAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, account, move |app, who| async move {
-            let issued =
-                ops::create_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, spec)
-                    .await?;
-            Ok((
-                StatusCode::CREATED,
-                Json(ServiceAccountCreated::from(issued)),
-            ))
-        })
+        .run(
+            app,
+            who,
+            account,
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(ops::create_credential(
+                    &app,
+                    &who,
+                    &context,
+                    account,
+                    SERVICE_ACCOUNTS,
+                    spec,
+                    answer,
+                )
+                .await?)
+            },
+        )
         .await)
 }
 
@@ -159,13 +170,28 @@ pub async fn rotate_service_account(
 ) -> Result<Response, ApiError> {
     let (account, id) = (account_id(&account)?, service_account_id(&id)?);
     let spec = crate::wire::rotate_spec(&request);
+    let render = |issued| (StatusCode::OK, ServiceAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, account, move |app, who| async move {
-            let issued =
-                ops::rotate_credential(&app, &who, &context, account, SERVICE_ACCOUNTS, id, spec)
-                    .await?;
-            Ok(Json(ServiceAccountCreated::from(issued)))
-        })
+        .run(
+            app,
+            who,
+            account,
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(ops::rotate_credential(
+                    &app,
+                    &who,
+                    &context,
+                    account,
+                    SERVICE_ACCOUNTS,
+                    id,
+                    spec,
+                    answer,
+                )
+                .await?)
+            },
+        )
         .await)
 }
 

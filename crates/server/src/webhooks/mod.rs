@@ -165,6 +165,7 @@ pub async fn create_webhook(
     context: &RequestContext,
     tenant: TenantId,
     spec: WebhookSpec,
+    answer: crate::ops::Answer<'_, Webhook>,
 ) -> Result<Webhook, AppError> {
     require_subscriber(who, tenant)?;
     check_spec(app, &spec).await?;
@@ -188,8 +189,14 @@ pub async fn create_webhook(
         context,
         &webhook,
     );
+    let seal = answer.map(|answer| move |stored: &Webhook| answer(stored.clone()));
     app.store()
-        .create_webhook(&webhook, MAX_WEBHOOKS, &event)
+        .create_webhook(
+            &webhook,
+            MAX_WEBHOOKS,
+            &event,
+            seal.as_ref().map(|s| s as _),
+        )
         .await
         .map_err(|e| match e {
             StoreError::Conflict(message) => DomainError::Conflict(message).into(),
@@ -279,6 +286,7 @@ pub async fn rotate_webhook_secret(
     context: &RequestContext,
     tenant: TenantId,
     id: uuid::Uuid,
+    answer: crate::ops::Answer<'_, Webhook>,
 ) -> Result<Webhook, AppError> {
     let webhook = get_webhook(app, who, tenant, id).await?;
     let now = now();
@@ -295,9 +303,19 @@ pub async fn rotate_webhook_secret(
         keyplane_core::audit::canonical_time(now + overlap),
     );
     let secret = WebhookSecret::generate(&mut OsRng);
+    // The answer shows the webhook as the rotation left it (read in its transaction).
+    let seal = answer.map(|answer| move |stored: &Webhook| answer(stored.clone()));
     let rotated = app
         .store()
-        .rotate_webhook_secret(tenant, id, &secret, now + overlap, now, &event)
+        .rotate_webhook_secret(
+            tenant,
+            id,
+            &secret,
+            now + overlap,
+            now,
+            &event,
+            seal.as_ref().map(|s| s as _),
+        )
         .await?;
     tracing::info!(tenant.id = %tenant, webhook.id = %id, principal.id = %who.id(), "webhook secret rotated");
     Ok(rotated)

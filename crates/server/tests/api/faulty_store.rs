@@ -2,7 +2,9 @@
 //! is switched back on. For an outage of a store the test cannot take away otherwise (SQLite).
 //! It can also hide what one expiry-sweep stage finds, as a store read just before a credential
 //! was created would, to replay a sweep racing a create. And it can run retention at the moment a
-//! reader of the audit trail asks for a page, to replay pruning racing a reader.
+//! reader of the audit trail asks for a page, to replay pruning racing a reader. And it can hold
+//! the next create or rotate before it reaches the store, or switch itself off right after one,
+//! to replay a request overtaken while it ran or a process that dies once its change is made.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -11,9 +13,9 @@ use keyplane_core::{
     GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId, Webhook,
 };
 use keyplane_store::{
-    AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter, IdempotencyClaim,
-    IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey, StopSignal, Store,
-    StoreError, StoreFault, StoredResponse, Unavailable, WriteHealth,
+    AnswerOf, AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter,
+    IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey,
+    StopSignal, Store, StoreError, StoreFault, Unavailable, WriteHealth,
 };
 use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -29,6 +31,34 @@ pub struct FaultyStore {
     /// Once an audit page after this seq is asked for, every event older than the time is pruned
     /// first.
     prune_on_read: std::sync::Mutex<Option<(u64, DateTime<Utc>)>>,
+    /// The next create or rotate waits here before it reaches the store.
+    hold_next_change: std::sync::Mutex<Option<Hold>>,
+    /// The next create or rotate that succeeds switches the store off.
+    down_after_next_change: AtomicBool,
+}
+
+/// The store's side of [`HeldChange`].
+struct Hold {
+    reached: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// A create or rotate held before it reaches the store ([`FaultyStore::hold_next_change`]).
+pub struct HeldChange {
+    reached: tokio::sync::oneshot::Receiver<()>,
+    release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HeldChange {
+    /// Waits until a change is held.
+    pub async fn reached(&mut self) {
+        (&mut self.reached).await.expect("the store holds a change");
+    }
+
+    /// Lets the held change reach the store.
+    pub fn release(self) {
+        let _ = self.release.send(());
+    }
 }
 
 impl FaultyStore {
@@ -54,7 +84,44 @@ impl FaultyStore {
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
             registry_down: AtomicBool::new(false),
             prune_on_read: std::sync::Mutex::new(None),
+            hold_next_change: std::sync::Mutex::new(None),
+            down_after_next_change: AtomicBool::new(false),
         })
+    }
+
+    /// The next create or rotate (a credential, registry, grant or webhook) waits before it
+    /// reaches the store until the returned [`HeldChange`] is released.
+    pub fn hold_next_change(&self) -> HeldChange {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        *self.hold_next_change.lock().unwrap() = Some(Hold { reached, release });
+        HeldChange {
+            reached: reached_rx,
+            release: release_tx,
+        }
+    }
+
+    /// Once the next create or rotate has been made, the store is switched off ([`Self::set_down`]):
+    /// every later call fails, as if the process lost its store (or died) right after the change.
+    pub fn go_down_after_next_change(&self) {
+        self.down_after_next_change.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs `write`, a create or rotate, with the faults the test asked for.
+    async fn change<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let hold = self.hold_next_change.lock().unwrap().take();
+        if let Some(hold) = hold {
+            let _ = hold.reached.send(());
+            let _ = hold.release.await;
+        }
+        let outcome = write.await;
+        if outcome.is_ok() && self.down_after_next_change.swap(false, Ordering::SeqCst) {
+            self.set_down(true);
+        }
+        outcome
     }
 
     /// The first time a page of events after `after_seq` (or later) is read, retention first
@@ -148,9 +215,11 @@ impl Store for FaultyStore {
         &self,
         credential: &Credential,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Credential>,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.insert_credential(credential, event).await
+        self.change(self.inner.insert_credential(credential, event, answer))
+            .await
     }
 
     async fn import_credentials(
@@ -196,11 +265,14 @@ impl Store for FaultyStore {
         replaces: &TokenHash,
         rotation: &Rotation,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Credential>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
-        self.inner
-            .rotate_credential(tenant_id, kind, id, replaces, rotation, event)
-            .await
+        self.change(
+            self.inner
+                .rotate_credential(tenant_id, kind, id, replaces, rotation, event, answer),
+        )
+        .await
     }
 
     async fn set_credential_suspended(
@@ -353,12 +425,15 @@ impl Store for FaultyStore {
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
         event: &AuditEvent,
+        answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError> {
         self.check()?;
         Self::fail_if(&self.registry_down)?;
-        self.inner
-            .create_registry(registry, default_robot, event)
-            .await
+        self.change(
+            self.inner
+                .create_registry(registry, default_robot, event, answer),
+        )
+        .await
     }
 
     async fn get_registry(
@@ -382,9 +457,15 @@ impl Store for FaultyStore {
         self.inner.signing_key_or_insert(candidate).await
     }
 
-    async fn insert_grant(&self, grant: &Grant, event: &AuditEvent) -> Result<(), StoreError> {
+    async fn insert_grant(
+        &self,
+        grant: &Grant,
+        event: &AuditEvent,
+        answer: AnswerOf<'_, Grant>,
+    ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.insert_grant(grant, event).await
+        self.change(self.inner.insert_grant(grant, event, answer))
+            .await
     }
 
     async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<Grant>, StoreError> {
@@ -501,18 +582,6 @@ impl Store for FaultyStore {
         self.inner.claim_idempotency_key(claim).await
     }
 
-    async fn complete_idempotency_key(
-        &self,
-        lookup_id: &[u8; 32],
-        claim_id: uuid::Uuid,
-        response: &StoredResponse,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner
-            .complete_idempotency_key(lookup_id, claim_id, response)
-            .await
-    }
-
     async fn release_idempotency_key(
         &self,
         lookup_id: &[u8; 32],
@@ -540,11 +609,14 @@ impl Store for FaultyStore {
         webhook: &Webhook,
         max_per_tenant: u32,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Webhook>,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner
-            .create_webhook(webhook, max_per_tenant, event)
-            .await
+        self.change(
+            self.inner
+                .create_webhook(webhook, max_per_tenant, event, answer),
+        )
+        .await
     }
 
     async fn list_webhooks(&self, tenant_id: TenantId) -> Result<Vec<Webhook>, StoreError> {
@@ -578,11 +650,19 @@ impl Store for FaultyStore {
         previous_until: DateTime<Utc>,
         at: DateTime<Utc>,
         event: &AuditEvent,
+        answer: AnswerOf<'_, Webhook>,
     ) -> Result<Webhook, StoreError> {
         self.check()?;
-        self.inner
-            .rotate_webhook_secret(tenant_id, id, secret, previous_until, at, event)
-            .await
+        self.change(self.inner.rotate_webhook_secret(
+            tenant_id,
+            id,
+            secret,
+            previous_until,
+            at,
+            event,
+            answer,
+        ))
+        .await
     }
 
     async fn delete_webhook(

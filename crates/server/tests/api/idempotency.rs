@@ -2,7 +2,8 @@
 //! answer (the one-time secret included) without a second change, and the store keeps nothing a
 //! reader of the database could use.
 
-use crate::helpers::{assert_error, both_backends, fields, Org, TestApp};
+use crate::faulty_store::FaultyStore;
+use crate::helpers::{assert_error, both_backends, fields, test_config, Org, TestApp};
 use keyplane_store::testing::Backend;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, Response};
@@ -625,40 +626,189 @@ async fn a_key_is_kept_for_a_day_then_pruned(backend: Backend) {
     assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
 }
 
-async fn a_crashed_request_holds_its_key_for_a_minute(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
-    let org = app.create_org("acme").await;
-    let target = app.create_token(&org, "target", &["api_tokens:read"]).await;
-    let rotate = org.path(&format!("/api-tokens/{}/rotate", str_of(&target, "/id")));
-    let key = new_key();
-    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
-    assert_eq!(res.status(), 200);
-    // As a process killed between the change and storing its answer leaves it: in flight.
+/// Lets every in-flight record's lock run out, as 61 s would.
+async fn expire_locks(app: &TestApp) {
     execute(
-        &app,
-        "UPDATE idempotency_keys SET status = NULL, nonce = NULL, response = NULL",
-    )
-    .await;
-    let res = post_with_key(&app, &rotate, &org.token, &key, None).await;
-    assert_eq!(res.headers()["retry-after"], "1");
-    assert_error(res, 409, "conflict").await;
-    // Its lock runs out after 60 s: the retry runs, and its secret works.
-    execute(
-        &app,
+        app,
         "UPDATE idempotency_keys SET locked_until_ms = locked_until_ms - 61000",
     )
     .await;
-    let (status, replayed, fresh) =
-        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
-    assert_eq!((status, replayed), (200, false));
-    assert_eq!(whoami(&app, str_of(&fresh, "/token")).await, 200);
+}
+
+/// Sends a request with a new key while the store goes away the moment its change is made (as a
+/// process that dies then would leave it); once the store is back and the first request's lock
+/// has run out, a retry replays the first answer. Returns it.
+async fn kept_through_an_outage(
+    app: &TestApp,
+    store: &FaultyStore,
+    path: &str,
+    body: Option<&Value>,
+    token: &str,
+    status: u16,
+) -> Value {
+    let key = new_key();
+    store.go_down_after_next_change();
+    let (first_status, replayed, first) =
+        answer(post_with_key(app, path, token, &key, body).await).await;
+    assert_eq!((first_status, replayed), (status, false), "{path}: {first}");
+    store.set_down(false);
+    expire_locks(app).await;
+    let (again_status, replayed, again) =
+        answer(post_with_key(app, path, token, &key, body).await).await;
+    assert_eq!(
+        (again_status, replayed),
+        (status, true),
+        "a retry of {path} replays the answer kept with the change: {again}"
+    );
+    assert_eq!(again, first, "{path}");
+    first
+}
+
+/// Every create and rotate keeps its answer in the change's own transaction: nothing the server
+/// does after the change (it loses its store here) can leave the change without its answer, so a
+/// retry never runs it twice, even once the first request's lock has run out.
+async fn every_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
+    let mut config = test_config();
+    config.webhooks.allow_private_targets = true;
+    let (app, store) = FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let token = org.token.as_str();
+
+    // API tokens: the create is not run again (it would be a 409: the name is taken).
+    let body = json!({"name": "ci", "scopes": ["api_tokens:read"]});
+    let created = kept_through_an_outage(
+        &app,
+        &store,
+        &org.path("/api-tokens"),
+        Some(&body),
+        token,
+        201,
+    )
+    .await;
+    assert_eq!(api_token_count(&app, &org).await, 2);
+    // Nor the rotation: a second one would end at once the secret the first kept alive for its
+    // grace period, the one the client still uses.
+    let id = str_of(&created, "/id");
+    let rotate = org.path(&format!("/api-tokens/{id}/rotate"));
+    let grace = json!({"grace_seconds": 3600});
+    let rotated = kept_through_an_outage(&app, &store, &rotate, Some(&grace), token, 200).await;
+    assert_eq!(whoami(&app, str_of(&created, "/token")).await, 200);
+    assert_eq!(whoami(&app, str_of(&rotated, "/token")).await, 200);
+    assert_eq!(app.audit_events(&org, "api_token.rotated").await.len(), 1);
+
+    // Registry and robot accounts.
+    kept_through_an_outage(&app, &store, &org.path("/registry"), None, token, 201).await;
+    let robots = org.path("/registry/robot-accounts");
+    let body = json!({"name": "ci", "permissions": ["pull"]});
+    let robot = kept_through_an_outage(&app, &store, &robots, Some(&body), token, 201).await;
+    let rotate = format!("{robots}/{}/rotate", str_of(&robot, "/id"));
+    kept_through_an_outage(&app, &store, &rotate, None, token, 200).await;
+    assert_eq!(count(&app, &robots, token, Some("items")).await, 2);
+    assert_eq!(
+        app.audit_events(&org, "robot_account.rotated").await.len(),
+        1
+    );
+
+    // Service accounts and authorizations.
+    let accounts = org.account_path("/service-accounts");
+    let body = json!({"name": "deployer"});
+    let account = kept_through_an_outage(&app, &store, &accounts, Some(&body), token, 201).await;
+    let id = str_of(&account, "/id");
+    let rotate = org.account_path(&format!("/service-accounts/{id}/rotate"));
+    kept_through_an_outage(&app, &store, &rotate, None, token, 200).await;
+    let grant = json!({
+        "grant_kind": "capability",
+        "subject_type": "service_account",
+        "subject_id": id,
+        "capability_key": "auth.manage",
+    });
+    let grants = org.account_path("/authorizations");
+    kept_through_an_outage(&app, &store, &grants, Some(&grant), token, 201).await;
+    assert_eq!(count(&app, &grants, token, None).await, 1);
+
+    // Webhooks.
+    let body = json!({"url": "http://127.0.0.1:9/in", "events": ["*"]});
+    let webhooks = org.path("/webhooks");
+    let webhook = kept_through_an_outage(&app, &store, &webhooks, Some(&body), token, 201).await;
+    let rotate = format!("{webhooks}/{}/rotate-secret", str_of(&webhook, "/id"));
+    kept_through_an_outage(&app, &store, &rotate, None, token, 200).await;
+    assert_eq!(
+        app.audit_events(&org, "webhook.secret_rotated").await.len(),
+        1
+    );
+}
+
+/// A request whose lock ran out while it was still running, and whose key another request took
+/// over, changes nothing: its change rolls back instead of committing with no answer kept, and it
+/// answers as a request in flight does.
+async fn a_request_whose_key_was_taken_over_changes_nothing(backend: Backend) {
+    let (app, store) = FaultyStore::spawn(backend, test_config()).await;
+    let app = std::sync::Arc::new(app);
+    let org = std::sync::Arc::new(app.create_org("acme").await);
+    let key = new_key();
+    let overtaken = json!({"name": "overtaken", "scopes": ["api_tokens:read"]});
+    let mut held = store.hold_next_change();
+    let first = tokio::spawn({
+        let (app, org, key, overtaken) = (app.clone(), org.clone(), key.clone(), overtaken.clone());
+        async move {
+            let res = post_with_key(
+                &app,
+                &org.path("/api-tokens"),
+                &org.token,
+                &key,
+                Some(&overtaken),
+            )
+            .await;
+            let retry_after = res.headers().get("retry-after").cloned();
+            (retry_after, answer(res).await)
+        }
+    });
+    held.reached().await;
+    // While it runs, its retry is told to wait.
+    let tokens = org.path("/api-tokens");
+    let res = post_with_key(&app, &tokens, &org.token, &key, Some(&overtaken)).await;
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_error(res, 409, "conflict").await;
+    // Once its lock has run out, another request takes the key over and runs.
+    expire_locks(&app).await;
+    let taker = json!({"name": "taker", "scopes": ["api_tokens:read"]});
+    let (status, replayed, taken) =
+        answer(post_with_key(&app, &tokens, &org.token, &key, Some(&taker)).await).await;
+    assert_eq!((status, replayed), (201, false), "{taken}");
+
+    held.release();
+    let (retry_after, (status, replayed, body)) = first.await.unwrap();
+    assert_eq!((status, replayed), (409, false), "{body}");
+    assert_eq!(body["error"]["code"], "conflict");
+    assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
+    let list = app
+        .get(&tokens, &org.token)
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let names: BTreeSet<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains("overtaken"), "{names:?}");
+    assert!(names.contains("taker"), "{names:?}");
+    let events = app.audit_events(&org, "api_token.created").await;
+    assert!(
+        !events.iter().any(|e| e.to_string().contains("overtaken")),
+        "no event of the change rolled back: {events:?}"
+    );
+    // The key is the request that took it over: its answer replays.
     let (status, replayed, again) =
-        answer(post_with_key(&app, &rotate, &org.token, &key, None).await).await;
-    assert_eq!((status, replayed, again), (200, true, fresh));
+        answer(post_with_key(&app, &tokens, &org.token, &key, Some(&taker)).await).await;
+    assert_eq!((status, replayed, again), (201, true, taken));
 }
 
 both_backends! {
-    a_crashed_request_holds_its_key_for_a_minute,
+    every_change_keeps_its_answer_in_its_own_transaction,
+    a_request_whose_key_was_taken_over_changes_nothing,
     aether_creates_and_rotates_replay_a_retry,
     hybridbox_creates_and_rotates_replay_a_retry,
     the_key_with_another_request_is_422,
