@@ -176,7 +176,11 @@ pub struct ErrorDetail {
 pub struct CreateRobotAccountRequest {
     /// `^[a-z0-9]+(?:[._-][a-z0-9]+)*$`, unique among the org's live robots. The registry login
     /// name is `robot$<harbor_project>+<name>` (`harbor_project` from `GET /registry`).
-    #[schema(min_length = 1, max_length = 120, pattern = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 120,
+        pattern = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$"
+    )]
     pub name: String,
     /// `pull`, `push`, `delete`, each optionally narrowed to repositories of the project matching a
     /// glob: `push:team-a/*` (`*` within one path segment, `**` across). 1–50 of them, each

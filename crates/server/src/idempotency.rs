@@ -29,7 +29,7 @@ use chacha20poly1305::ChaCha20Poly1305;
 use chrono::TimeDelta;
 use hkdf::Hkdf;
 use keyplane_core::error::codes;
-use keyplane_core::{Error as DomainError, FieldError, FieldPath, Principal, TenantId};
+use keyplane_core::{Capability, Error as DomainError, FieldError, FieldPath, Principal, TenantId};
 use keyplane_store::{
     IdempotencyClaim, IdempotencyRecord, IdempotentAnswer, StoreError, StoredResponse,
 };
@@ -212,8 +212,9 @@ impl<S: Surface> Idempotency<S> {
     }
 
     /// Runs `work` (the change, as `work(app, caller, seal)`) at most once per key, and answers
-    /// what it made as `render` shows it (as JSON). Without a key, just runs it. With one, claims
-    /// the key first, then replays, refuses, or runs `work`, which hands [`Seal::answer`] to its
+    /// what it made as `render` shows it (as JSON). Without a key, just runs it. With one, checks
+    /// that the caller holds `needs` in `tenant`, claims the key, then replays, refuses, or runs
+    /// `work`, which hands [`Seal::answer`] to its
     /// use case: the store renders and seals the answer inside the change's transaction and keeps
     /// it there, and that very answer is sent. A refusal releases the key. `work` runs on its own
     /// task, so a client that hangs up mid-request does not cut it.
@@ -222,6 +223,7 @@ impl<S: Surface> Idempotency<S> {
         app: App,
         caller: Principal,
         tenant: TenantId,
+        needs: &[Capability],
         render: R,
         work: F,
     ) -> Response
@@ -241,6 +243,13 @@ impl<S: Surface> Idempotency<S> {
                 Err(error) => error.into_response(),
             };
         };
+        // A replay hands the answer (a secret) out again, without `work`'s own checks: only to a
+        // caller that still holds the route's rights.
+        for &right in needs {
+            if let Err(error) = caller.require(tenant, right) {
+                return ApiError::<S>::from(error).into_response();
+            }
+        }
         let keys = DerivedKeys::new(&key.value, tenant, caller.id());
         let now = crate::ops::now();
         let claim = IdempotencyClaim {

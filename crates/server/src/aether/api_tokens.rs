@@ -63,10 +63,20 @@ pub async fn create_api_token(
     };
     let render = |issued| (StatusCode::CREATED, ApiTokenCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            let answer = seal.answer();
-            Ok(ops::create_credential(&app, &who, &context, org, API_TOKENS, spec, answer).await?)
-        })
+        .run(
+            app,
+            who,
+            org,
+            &[API_TOKENS.write],
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(
+                    ops::create_credential(&app, &who, &context, org, API_TOKENS, spec, answer)
+                        .await?,
+                )
+            },
+        )
         .await)
 }
 
@@ -251,15 +261,20 @@ pub async fn rotate_api_token(
     let spec = crate::wire::rotate_spec(&request);
     let render = |issued| (StatusCode::OK, ApiTokenCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            let answer = seal.answer();
-            Ok(
-                ops::rotate_live_credential(
+        .run(
+            app,
+            who,
+            org,
+            &[API_TOKENS.write],
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(ops::rotate_live_credential(
                     &app, &who, &context, org, API_TOKENS, id, spec, answer,
                 )
-                .await?,
-            )
-        })
+                .await?)
+            },
+        )
         .await)
 }
 

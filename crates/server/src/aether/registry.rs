@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyplane_core::registry::robot_username;
-use keyplane_core::{Error as DomainError, Registry, ScopeSet};
+use keyplane_core::{Capability, Error as DomainError, Registry, ScopeSet};
 use std::collections::HashMap;
 
 type Caller = Authenticated<Aether>;
@@ -99,9 +99,16 @@ pub async fn enable_registry(
         )
     };
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            Ok(ops::enable_registry(&app, &who, &context, org, seal.answer()).await?)
-        })
+        .run(
+            app,
+            who,
+            org,
+            &[Capability::RegistryWrite],
+            render,
+            move |app, who, seal| async move {
+                Ok(ops::enable_registry(&app, &who, &context, org, seal.answer()).await?)
+            },
+        )
         .await)
 }
 
@@ -180,9 +187,16 @@ pub async fn create_robot_account(
     };
     let render = |issued| (StatusCode::CREATED, RobotAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            Ok(ops::create_robot(&app, &who, &context, org, spec, seal.answer()).await?)
-        })
+        .run(
+            app,
+            who,
+            org,
+            &[Capability::RegistryWrite],
+            render,
+            move |app, who, seal| async move {
+                Ok(ops::create_robot(&app, &who, &context, org, spec, seal.answer()).await?)
+            },
+        )
         .await)
 }
 
@@ -302,13 +316,22 @@ pub async fn rotate_robot_account(
     let spec = crate::wire::rotate_spec(&request);
     let render = |issued| (StatusCode::OK, RobotAccountCreated::from(issued));
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            let answer = seal.answer();
-            Ok(
-                ops::rotate_live_credential(&app, &who, &context, org, ROBOTS, id, spec, answer)
+        .run(
+            app,
+            who,
+            org,
+            &[Capability::RegistryWrite],
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(
+                    ops::rotate_live_credential(
+                        &app, &who, &context, org, ROBOTS, id, spec, answer,
+                    )
                     .await?,
-            )
-        })
+                )
+            },
+        )
         .await)
 }
 

@@ -22,7 +22,9 @@ use keyplane_api_types::webhooks::{
 };
 use keyplane_core::error::codes;
 use keyplane_core::validate::is_disguising;
-use keyplane_core::{ActionPattern, DeliveryStatus, Error as DomainError, FieldError, FieldPath};
+use keyplane_core::{
+    ActionPattern, Capability, DeliveryStatus, Error as DomainError, FieldError, FieldPath,
+};
 use keyplane_store::WebhookDelivery;
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -145,11 +147,22 @@ pub async fn create_webhook(
 ) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     let render = |webhook| (StatusCode::CREATED, WebhookCreated::from(webhook));
+    let needs = [Capability::WebhooksManage, Capability::AuditRead];
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            let answer = seal.answer();
-            Ok(webhooks::create_webhook(&app, &who, &context, org, request.into(), answer).await?)
-        })
+        .run(
+            app,
+            who,
+            org,
+            &needs,
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(
+                    webhooks::create_webhook(&app, &who, &context, org, request.into(), answer)
+                        .await?,
+                )
+            },
+        )
         .await)
 }
 
@@ -299,10 +312,17 @@ pub async fn rotate_webhook_secret(
     let (org, id) = (org_id(&org)?, webhook_id(&id)?);
     let render = |webhook| (StatusCode::OK, WebhookCreated::from(webhook));
     Ok(idempotency
-        .run(app, who, org, render, move |app, who, seal| async move {
-            let answer = seal.answer();
-            Ok(webhooks::rotate_webhook_secret(&app, &who, &context, org, id, answer).await?)
-        })
+        .run(
+            app,
+            who,
+            org,
+            &[Capability::WebhooksManage],
+            render,
+            move |app, who, seal| async move {
+                let answer = seal.answer();
+                Ok(webhooks::rotate_webhook_secret(&app, &who, &context, org, id, answer).await?)
+            },
+        )
         .await)
 }
 

@@ -17,7 +17,7 @@ use axum::response::Response;
 use axum::Json;
 use keyplane_core::error::codes;
 use keyplane_core::{
-    Error as DomainError, FieldError, FieldPath, GrantId, GrantKind, Scope, SubjectType,
+    Capability, Error as DomainError, FieldError, FieldPath, GrantId, GrantKind, Scope, SubjectType,
 };
 use keyplane_store::GrantFilter;
 use std::collections::HashMap;
@@ -162,6 +162,7 @@ pub async fn create_authorization(
             app,
             who,
             account,
+            &[Capability::AuthManage],
             render,
             move |app, who, seal| async move {
                 Ok(ops::create_grant(&app, &who, &context, account, grant, seal.answer()).await?)

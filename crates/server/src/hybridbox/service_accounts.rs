@@ -119,6 +119,7 @@ pub async fn create_service_account(
             app,
             who,
             account,
+            &[SERVICE_ACCOUNTS.write],
             render,
             move |app, who, seal| async move {
                 let answer = seal.answer();
@@ -176,6 +177,7 @@ pub async fn rotate_service_account(
             app,
             who,
             account,
+            &[SERVICE_ACCOUNTS.write],
             render,
             move |app, who, seal| async move {
                 let answer = seal.answer();

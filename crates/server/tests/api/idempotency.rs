@@ -806,7 +806,51 @@ async fn a_request_whose_key_was_taken_over_changes_nothing(backend: Backend) {
     assert_eq!((status, replayed, again), (201, true, taken));
 }
 
+/// A replay hands a secret out again: a caller that has since lost the route's right gets the
+/// refusal any request of its would, not the kept answer.
+async fn a_replay_needs_the_rights_of_its_route(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let accounts = org.account_path("/service-accounts");
+    let manager = app
+        .post(&accounts, &org.token, json!({"name": "manager"}))
+        .await;
+    let (_, _, manager) = answer(manager).await;
+    let grant = app
+        .post(
+            &org.account_path("/authorizations"),
+            &org.token,
+            json!({
+                "grant_kind": "capability",
+                "subject_type": "service_account",
+                "subject_id": str_of(&manager, "/id"),
+                "capability_key": "auth.manage",
+            }),
+        )
+        .await;
+    let (status, _, grant) = answer(grant).await;
+    assert_eq!(status, 201, "{grant}");
+    let manager = str_of(&manager, "/token");
+
+    let key = new_key();
+    let body = json!({"name": "deployer"});
+    let res = post_with_key(&app, &accounts, manager, &key, Some(&body)).await;
+    assert_eq!(res.status(), 201);
+    let revoked = app
+        .delete(
+            &org.account_path(&format!("/authorizations/{}", str_of(&grant, "/id"))),
+            &org.token,
+        )
+        .await;
+    assert_eq!(revoked.status(), 200);
+    let (status, replayed, again) =
+        answer(post_with_key(&app, &accounts, manager, &key, Some(&body)).await).await;
+    assert_eq!((status, replayed), (403, false), "{again}");
+    assert!(!again.to_string().contains("hbx_"), "{again}");
+}
+
 both_backends! {
+    a_replay_needs_the_rights_of_its_route,
     every_change_keeps_its_answer_in_its_own_transaction,
     a_request_whose_key_was_taken_over_changes_nothing,
     aether_creates_and_rotates_replay_a_retry,
