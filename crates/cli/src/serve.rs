@@ -26,6 +26,15 @@ pub struct ServeArgs {
     /// per-minute rate when that is lower.
     #[arg(long, env = "KEYPLANE_RATE_LIMIT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     rate_limit_burst: Option<u32>,
+    /// Management API requests per minute per organization, all its credentials together (a
+    /// tenth of it may come at once), so that minting credentials cannot multiply a budget and one
+    /// organization cannot take the store from the others. 0 (the default) turns it off.
+    #[arg(
+        long,
+        env = "KEYPLANE_TENANT_RATE_LIMIT_PER_MINUTE",
+        default_value_t = 0
+    )]
+    tenant_rate_limit_per_minute: u32,
     /// Failed authentications allowed per client address per minute; past it the address's failures
     /// answer 429 until its budget refills (requests with a valid credential are always served).
     /// 0 turns the limit off. Behind a proxy, see --trusted-proxies.
@@ -352,6 +361,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let config = Config {
         rate_limit_per_minute: args.rate_limit_per_minute,
+        tenant_rate_limit_per_minute: args.tenant_rate_limit_per_minute,
         rate_limit_burst: args
             .rate_limit_burst
             .unwrap_or(DEFAULT_RATE_LIMIT_BURST.min(args.rate_limit_per_minute.max(1))),

@@ -20,6 +20,7 @@ pub(crate) struct Inner {
     pub verifier: Verifier,
     pub usage: Arc<UsageRecorder>,
     pub rate_limiter: Option<CredentialRateLimiter>,
+    pub tenant_rate_limiter: Option<crate::ratelimit::TenantRateLimiter>,
     pub failed_auth: Option<crate::failed_auth::FailedAuthLimiter>,
     pub metrics: Metrics,
     pub openapi_json: String,
@@ -49,6 +50,10 @@ impl App {
         let refusals = Arc::new(crate::audit::Refusals::new());
         let rate_limiter =
             CredentialRateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst);
+        let tenant_rate_limiter = crate::ratelimit::TenantRateLimiter::new(
+            config.tenant_rate_limit_per_minute,
+            crate::ratelimit::tenant_burst(config.tenant_rate_limit_per_minute),
+        );
         let verifier = Verifier::new(
             store.clone(),
             usage.clone(),
@@ -77,6 +82,7 @@ impl App {
             usage,
             failed_auth,
             rate_limiter,
+            tenant_rate_limiter,
             metrics,
             openapi_json,
             registry_signer: tokio::sync::OnceCell::new(),
@@ -114,6 +120,13 @@ impl App {
         let principal = self.0.verifier.authenticate(headers, at).await?;
         if let Some(limiter) = &self.0.rate_limiter {
             limiter.check(principal.id())?;
+        }
+        // Only a credential's organization: credentials can mint credentials, each with a bucket
+        // of its own; a user is one person, and acts in several organizations.
+        if let (Some(limiter), None) = (&self.0.tenant_rate_limiter, principal.user_id()) {
+            if let [(tenant, _)] = principal.tenants() {
+                limiter.check(*tenant)?;
+            }
         }
         Ok(principal)
     }

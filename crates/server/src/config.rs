@@ -8,6 +8,9 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     /// How many requests a credential may send at once before the per-minute rate applies.
     pub rate_limit_burst: u32,
+    /// Management API requests per minute per organization, all its credentials together (a
+    /// credential cannot multiply its budget by minting more); 0 turns the limit off.
+    pub tenant_rate_limit_per_minute: u32,
     /// Failed authentications allowed per client address per minute before that address is
     /// refused (429) until its budget refills; 0 turns the limit off.
     pub failed_auth_per_minute: u32,
@@ -151,6 +154,7 @@ impl Default for Config {
         Self {
             rate_limit_per_minute: 100,
             rate_limit_burst: 10,
+            tenant_rate_limit_per_minute: 0,
             failed_auth_per_minute: 300,
             last_used_flush_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,

@@ -16,6 +16,15 @@ pub(crate) struct KeyedRateLimiter<K: Hash + Eq + Clone> {
 /// The management API's limit, per principal.
 pub(crate) type CredentialRateLimiter = KeyedRateLimiter<uuid::Uuid>;
 
+/// The management API's limit per organization, over all its credentials.
+pub(crate) type TenantRateLimiter = KeyedRateLimiter<keyplane_core::TenantId>;
+
+/// A tenant's burst: a tenth of a minute's budget, at least 1 (a burst of a whole minute's budget
+/// would let one client take it at once).
+pub(crate) fn tenant_burst(per_minute: u32) -> u32 {
+    (per_minute / 10).max(1)
+}
+
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// `None` when `per_minute` is 0 (off). `burst` is held to `1..=per_minute`; `serve` refuses
     /// any other `--rate-limit-burst`.

@@ -650,5 +650,8 @@ async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>)
         if let Some(limiter) = &app.inner().public_revoke_limiter {
             limiter.prune();
         }
+        if let Some(limiter) = &app.inner().tenant_rate_limiter {
+            limiter.prune();
+        }
     }
 }

@@ -903,6 +903,41 @@ async fn the_rate_limit_answers_429_with_retry_after(backend: Backend) {
     );
 }
 
+/// Tokens minted by a token each have a bucket of their own; the organization's limit counts them
+/// together, so minting cannot multiply a budget.
+async fn the_organization_limit_counts_all_its_credentials(backend: Backend) {
+    let config = Config {
+        tenant_rate_limit_per_minute: 100, // a burst of 10
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("other").await;
+    let mut minted = Vec::new();
+    for name in ["a", "b", "c", "d", "e"] {
+        let token = app.create_token(&org, name, &["api_tokens:read"]).await;
+        minted.push(token["token"].as_str().unwrap().to_string());
+    }
+    let path = org.path("/api-tokens?limit=1");
+    let mut statuses = Vec::new();
+    for token in minted.iter().cycle().take(6) {
+        statuses.push(app.get(&path, token).await.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 200, 429],
+        "5 creates, then 5 lists"
+    );
+    assert_error(app.get(&path, &org.token).await, 429, "rate_limited").await;
+    assert_eq!(
+        app.get(&other.path("/api-tokens"), &other.token)
+            .await
+            .status(),
+        200,
+        "another organization has its own budget"
+    );
+}
+
 async fn the_rate_limit_can_be_turned_off(backend: Backend) {
     let app = TestApp::spawn(backend).await; // test_config: rate_limit_per_minute = 0
     let org = app.create_org("acme").await;
@@ -933,6 +968,7 @@ both_backends!(
     duplicate_live_names_conflict,
     last_used_at_is_recorded_in_batches,
     the_rate_limit_answers_429_with_retry_after,
+    the_organization_limit_counts_all_its_credentials,
     the_rate_limit_can_be_turned_off,
 );
 
