@@ -467,36 +467,98 @@ fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// On an empty store: org `default` and a `*` token, written to `<data-dir>/bootstrap.json`.
 /// The file is written (mode 0600, fresh inode) before the store commits, and only moved into place
-/// once it has, so the token can neither be lost nor land in a file others can read. A bootstrapped
-/// store is only read: `serve` writes nothing at start, so it starts on a full disk or a read-only
-/// store and serves verification and reads.
+/// once it has, so the token can neither be lost nor land in a file others can read. Each attempt
+/// writes a pending file of its own (`bootstrap.<org id>.json.pending`): replicas starting at once
+/// on one data directory never touch each other's, and only the one whose org the store took moves
+/// its file. A pending file an earlier start left behind (it died, or lost the store, between the
+/// commit and the move) is settled at the next start ([`settle_pending_bootstrap`]). A
+/// bootstrapped store is only read: `serve` writes nothing to it at start, so it starts on a full
+/// disk or a read-only store and serves verification and reads.
 async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join("bootstrap.json");
     if store
         .is_bootstrapped()
         .await
         .map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?
     {
+        settle_pending_bootstrap(store, data_dir, &path).await;
         return Ok(());
     }
     let created =
         ops::mint_first_org("default").map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?;
-    let path = data_dir.join("bootstrap.json");
-    let pending = data_dir.join("bootstrap.json.pending");
+    let pending = data_dir.join(format!("bootstrap.{}.json.pending", created.tenant.id));
     write_private(&pending, &crate::admin::org_json(&created))
         .with_context(|| format!("writing {}", pending.display()))?;
-    let bootstrapped = ops::bootstrap(store, &created).await;
-    match bootstrapped {
+    match ops::bootstrap(store, &created).await {
         Ok(true) => {
-            std::fs::rename(&pending, &path)
+            publish(&pending, &path)
                 .with_context(|| format!("moving the bootstrap token to {}", path.display()))?;
             tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");
             Ok(())
         }
-        Ok(false) => Ok(std::fs::remove_file(&pending)?),
-        Err(e) => {
-            let _ = std::fs::remove_file(&pending);
-            Err(anyhow::anyhow!("bootstrap failed: {e}"))
+        Ok(false) => remove_if_present(&pending)
+            .with_context(|| format!("removing {}", pending.display())),
+        // The store may have committed all the same (a connection lost during the commit): the
+        // pending file stays, for the next start to settle.
+        Err(e) => Err(anyhow::anyhow!(
+            "bootstrap failed: {e} (if the store took it all the same, its token is in {}, which the next start moves to {})",
+            pending.display(),
+            path.display()
+        )),
+    }
+}
+
+/// What earlier starts left pending on a bootstrapped store: the file whose token the store holds
+/// is moved to `path` (unless that exists), the others (attempts the store did not take) removed.
+/// Store reads only; a failure leaves the files for the next start.
+async fn settle_pending_bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path, path: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with("bootstrap.") && name.ends_with(".json.pending")) {
+            continue;
         }
+        let pending = entry.path();
+        let token = std::fs::read_to_string(&pending)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|json| json["token"].as_str().map(keyplane_core::TokenHash::of));
+        let taken = match token {
+            Some(hash) => match store.find_credential_by_hash(&hash).await {
+                Ok(found) => found.is_some_and(|credential| !credential.is_revoked()),
+                Err(error) => {
+                    tracing::warn!(%error, path = %pending.display(), "cannot check a pending bootstrap file; the next start tries again");
+                    continue;
+                }
+            },
+            None => false,
+        };
+        let settled = if taken && !path.exists() {
+            publish(&pending, path).map(|()| {
+                tracing::warn!(path = %path.display(), "the bootstrap token an earlier start left pending is now in the bootstrap file");
+            })
+        } else {
+            remove_if_present(&pending)
+        };
+        if let Err(error) = settled {
+            tracing::warn!(%error, path = %pending.display(), "cannot settle a pending bootstrap file");
+        }
+    }
+}
+
+/// Moves `pending` to `path` and makes the move durable (the directory is synced).
+fn publish(pending: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::rename(pending, path)?;
+    sync_dir_of(path)
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -505,10 +567,7 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         crate::create_private_dir(dir).map_err(std::io::Error::other)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
+    remove_if_present(path)?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -518,7 +577,17 @@ fn write_private(path: &Path, body: &str) -> std::io::Result<()> {
     }
     let mut file = options.open(path)?;
     writeln!(file, "{body}")?;
-    file.sync_all()
+    file.sync_all()?;
+    sync_dir_of(path)
+}
+
+/// Makes a new or moved directory entry durable, as `sync_all` does a file's contents.
+fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

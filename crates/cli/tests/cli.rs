@@ -26,6 +26,7 @@ both_stores!(
     sigkill_keeps_every_acknowledged_write,
     sigterm_flushes_last_used_at,
     bootstrap_replaces_a_stale_file_with_a_private_one,
+    a_bootstrap_token_left_pending_is_moved_into_place_at_the_next_start,
 );
 
 async fn serve_bootstraps_default_org_once(backend: Backend) {
@@ -99,7 +100,47 @@ async fn bootstrap_replaces_a_stale_file_with_a_private_one(backend: Backend) {
     );
     let org = Org::from_json(&std::fs::read_to_string(&path).unwrap());
     assert_eq!(names(&server.list_tokens(&org).await), ["bootstrap"]);
-    assert!(!store.data_dir_has("bootstrap.json.pending"));
+    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".pending"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    server.stop_term().await;
+}
+
+/// A start that died between the store's commit and moving the token into place left it in its
+/// pending file: the next start puts it where the operator looks, and removes the pending files of
+/// attempts the store did not take.
+async fn a_bootstrap_token_left_pending_is_moved_into_place_at_the_next_start(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let path = store.bootstrap_path();
+    Keyplane::start(&store, &[], TIMEOUT)
+        .await
+        .stop_term()
+        .await;
+    let org = store.bootstrap_org();
+    let dir = path.parent().unwrap();
+    let pending = format!("bootstrap.{}.json.pending", org.id);
+    std::fs::rename(&path, dir.join(&pending)).unwrap();
+    let lost = "bootstrap.00000000-0000-4000-8000-000000000000.json.pending";
+    std::fs::write(
+        dir.join(lost),
+        format!(
+            "{{\"org_id\":\"x\",\"token\":\"aether_{}\"}}",
+            "0".repeat(56)
+        ),
+    )
+    .unwrap();
+
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    assert_eq!(store.bootstrap_org().token, org.token);
+    assert!(!store.data_dir_has(&pending));
+    assert!(
+        !store.data_dir_has(lost),
+        "an attempt the store did not take"
+    );
+    assert_eq!(names(&server.list_tokens(&org).await), ["bootstrap"]);
     server.stop_term().await;
 }
 
