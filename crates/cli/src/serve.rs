@@ -654,6 +654,30 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutdown requested: finishing in-flight requests");
+        exit_on_a_second_signal();
+    }
+}
+
+/// Once a stop is under way, another SIGTERM or Ctrl-C ends the process at once (exit 1): the way
+/// out of a stop that takes too long, short of SIGKILL.
+fn exit_on_a_second_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
+            }
+            tracing::warn!("second stop signal: exiting now, without finishing");
+            std::process::exit(1);
+        });
     }
 }
 

@@ -275,6 +275,45 @@ async fn sigterm_flushes_last_used_at(backend: Backend) {
     );
 }
 
+/// A stop waits for an in-flight request up to `--shutdown-timeout-seconds`; a second SIGTERM
+/// ends it at once, with status 1.
+#[tokio::test]
+async fn a_second_sigterm_ends_a_stop_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let mut server = Keyplane::start(&store, &["--shutdown-timeout-seconds", "60"], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    // A create whose body never finishes arriving: in flight until the stop gives up on it.
+    let mut held = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/organizations/{}/api-tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\":",
+        org.id, org.token
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.process.0.id().to_string();
+    let term = || {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    term();
+    assert!(
+        wait_for_exit(&mut server.process.0, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "the stop waits for the request in flight"
+    );
+    term();
+    let status = wait_for_exit(&mut server.process.0, Duration::from_secs(5))
+        .await
+        .expect("a second SIGTERM ends the stop at once");
+    assert_eq!(status.code(), Some(1));
+    drop(held);
+}
+
 #[tokio::test]
 async fn serve_help_documents_every_flag_with_its_env_var() {
     let output = run(keyplane().args(["serve", "--help"]), TIMEOUT).await;

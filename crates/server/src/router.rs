@@ -487,9 +487,10 @@ impl Observation {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests finish (for at
-/// most `config.http.shutdown_timeout`) and pending `last_used_at` updates are written. Every
-/// connection is bounded by `config.http` (see `connection`).
+/// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests, leak responses
+/// and canary alarms finish, pending `last_used_at` updates are written, and the audit work makes
+/// its last pass, all within `config.http.shutdown_timeout` of the signal. Every connection is
+/// bounded by `config.http` (see `connection`).
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -522,10 +523,15 @@ pub async fn serve(
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
     let streams_app = app.clone();
-    let shutdown = async move {
-        shutdown.await;
-        // Open streams never finish on their own: end them so their connections can close.
-        streams_app.inner().revocation_streams.stop();
+    let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown.await;
+            let _ = signalled.set(tokio::time::Instant::now());
+            // Open streams never finish on their own: end them so their connections can close.
+            streams_app.inner().revocation_streams.stop();
+        }
     };
     crate::connection::serve_http(
         listener,
@@ -536,23 +542,37 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    // Let a flush in progress finish (aborting it would drop its batch), then write the rest.
-    let _ = stop_background.send(true);
-    let _ = background.await;
-    for task in audit_tasks.into_iter().chain(tls_watch) {
-        let _ = task.await;
-    }
-    app.inner()
-        .leak_jobs
-        .drain(app.inner().config.http.shutdown_timeout)
-        .await;
+    // One deadline for everything after the signal, the time an orchestrator's grace period must
+    // exceed; each step below gets what is left of it.
+    let deadline = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now)
+        + app.inner().config.http.shutdown_timeout;
+    // Leak responses and canary alarms first: they revoke credentials and record events, which
+    // the audit tasks' last pass then carries.
+    app.inner().leak_jobs.drain(left_until(deadline)).await;
     app.inner()
         .verifier
         .canaries()
-        .drain(app.inner().config.http.shutdown_timeout)
+        .drain(left_until(deadline))
         .await;
+    // Let a flush in progress finish (aborting it would drop its batch), then write the rest:
+    // last-use times before anything that may run out the deadline, since a kill loses them.
+    let _ = stop_background.send(true);
+    let _ = background.await;
     app.flush_usage().await;
+    for task in audit_tasks.into_iter().chain(tls_watch) {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("audit work still running at the shutdown deadline was abandoned; the next start resumes it");
+            break;
+        }
+    }
     Ok(())
+}
+
+fn left_until(deadline: tokio::time::Instant) -> std::time::Duration {
+    deadline.saturating_duration_since(tokio::time::Instant::now())
 }
 
 /// The audit trail's background work: refusal flushing, the `--audit-log` export, webhook
