@@ -689,22 +689,37 @@ async fn audit(cli: &Cli) {
         .stdout(out.reopen().unwrap())
         .stderr(Stdio::null());
     let _follower = KillOnDrop(follow.spawn().expect("spawn audit tail --follow"));
-    // Give it time to read the newest event before the new ones commit.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for name in ["followed-1", "followed-2"] {
-        cli.ok(&["tokens", "create", "--name", name, "-o", "json"])
-            .await;
-    }
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    let created = || {
         let text = std::fs::read_to_string(out.path()).unwrap();
-        let targets: Vec<String> = text
+        let names: Vec<String> = text
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .filter(|e| e["action"] == "api_token.created")
             .map(|e| e["target"]["name"].as_str().unwrap_or_default().to_string())
             .collect();
-        if targets == ["followed-1", "followed-2"] {
+        (names, text)
+    };
+    // Markers until one is printed: then it follows (one that starts late takes the events
+    // before it for history, which `-n 0` leaves out).
+    let deadline = Instant::now() + TIMEOUT;
+    for marker in 1.. {
+        cli.ok(&["tokens", "create", "--name", &format!("marker-{marker}")])
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (names, text) = created();
+        if !names.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tail --follow printed:\n{text}");
+    }
+    for name in ["followed-1", "followed-2"] {
+        cli.ok(&["tokens", "create", "--name", name, "-o", "json"])
+            .await;
+    }
+    loop {
+        let (names, text) = created();
+        let followed: Vec<&String> = names.iter().filter(|n| !n.starts_with("marker-")).collect();
+        if followed == ["followed-1", "followed-2"] {
             break;
         }
         assert!(Instant::now() < deadline, "tail --follow printed:\n{text}");

@@ -104,6 +104,35 @@ impl TestApp {
         &self.db.url
     }
 
+    /// Waits (at most 10 s) until `count` invalidation listeners are connected to this PostgreSQL
+    /// database, so that a change made now reaches every replica. SQLite has none to wait for.
+    pub async fn await_listeners(&self, count: i64) {
+        if !self.db.url.starts_with("postgres") {
+            return;
+        }
+        let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url)
+            .await
+            .expect("connect to count the listeners");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .expect("count the listeners");
+            if listening >= count {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{listening} of {count} invalidation listeners after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn serve_on(db: std::sync::Arc<TestDatabase>, config: Config) -> Self {
         let store = keyplane_store::connect(&db.url)
             .await

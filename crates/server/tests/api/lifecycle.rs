@@ -1456,7 +1456,7 @@ async fn three_replicas_on_postgres_agree_on_the_lifecycle() {
     let (first, clock) = spawn(Backend::Postgres).await;
     let replicas = [first.replica().await, first.replica().await];
     let org = first.create_org("acme").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.await_listeners(3).await;
     let bound = Duration::from_secs(5);
     let all = || std::iter::once(&first).chain(replicas.iter());
     let refused_everywhere = |token: String, what: &'static str| {

@@ -382,8 +382,7 @@ async fn three_replicas_on_postgres_see_every_change() {
     let first = TestApp::spawn(Backend::Postgres).await;
     let replicas = [first.replica().await, first.replica().await];
     let org = first.create_org("acme").await;
-    // Give the replicas' LISTEN connections a moment to be established.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.await_listeners(3).await;
     // Stated bound: NOTIFY delivery, far below the 30 s cache TTL. Measured in BENCHMARKS.md.
     let bound = Duration::from_secs(5);
 
@@ -683,8 +682,8 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
     let revoked = writer.create_token(&org, "revoked", &[]).await;
     let revoked_id = revoked["id"].as_str().unwrap().to_string();
     let revoked = token_of(revoked);
-    // Let a replica's LISTEN connection settle, so the revocation below reaches it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The writer's and the replica's listeners, so the revocation below reaches it.
+    writer.await_listeners(2).await;
     assert_eq!(forward(app, Some(&revoked), "").await.status(), 200);
     assert_eq!(
         writer
