@@ -143,8 +143,9 @@ pub struct ServeArgs {
     /// rotation).
     #[arg(long, env = "KEYPLANE_AUDIT_LOG", value_name = "PATH")]
     audit_log: Option<String>,
-    /// Prune audit events older than this many days, in the background; 0 keeps them forever.
-    #[arg(long, env = "KEYPLANE_AUDIT_RETENTION_DAYS", default_value_t = 400)]
+    /// Prune audit events older than this many days (at most 36500), in the background; 0 keeps
+    /// them forever.
+    #[arg(long, env = "KEYPLANE_AUDIT_RETENTION_DAYS", default_value_t = 400, value_parser = clap::value_parser!(u32).range(0..=36_500))]
     audit_retention_days: u32,
     /// Refused attempts are aggregated over this many milliseconds into one event per caller,
     /// attempt and target (with a `count`).
@@ -306,6 +307,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let audit_log = match args.audit_log.as_deref() {
+        Some(raw) => {
+            let target = keyplane_server::audit::AuditLogTarget::parse(raw);
+            // Like the TLS files: a log the export could not open stops the start, rather than a
+            // server that runs without its audit export.
+            target.check().map_err(|e| {
+                anyhow::anyhow!("--audit-log: cannot open {raw} for appending: {e}")
+            })?;
+            Some(target)
+        }
+        None => None,
+    };
     let console = keyplane_server::console::ConsoleConfig {
         enabled: args.console,
         // Served over TLS here, the console is reached over https too: a cookie without
@@ -389,10 +402,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: max_connections as usize,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
         },
-        audit_log: args
-            .audit_log
-            .as_deref()
-            .map(keyplane_server::audit::AuditLogTarget::parse),
+        audit_log,
         audit_retention_days: args.audit_retention_days,
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
         lifecycle_sweep_interval: Duration::from_secs(args.lifecycle_sweep_seconds),

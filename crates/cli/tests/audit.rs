@@ -3,12 +3,15 @@
 
 mod common;
 
-use common::{both_stores, keyplane, run, Keyplane, KillOnDrop, Org, TestStore};
+use common::{
+    both_stores, keyplane, keyplane_with_umask, run, Keyplane, KillOnDrop, Org, TestStore,
+};
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -341,4 +344,99 @@ async fn sighup_reopens_the_audit_log(backend: Backend) {
     .await;
     assert!(!ids_where(&read_lines(&rotated), "api_token.created").contains(&second.id));
     assert!(ids_where(&read_lines(&rotated), "api_token.created").contains(&first.id));
+}
+
+/// `serve` on `store` with `flags`, which must stop before it serves.
+async fn serve_refusing(store: &TestStore, flags: &[&std::ffi::OsStr]) -> common::CommandOutput {
+    run(
+        keyplane()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store.args())
+            .args(flags),
+        // Refused before the store is opened: at once (a server that starts never exits).
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// `serve --audit-log PATH`, which must fail to start; its one stderr line.
+async fn start_fails_with(store: &TestStore, path: &std::path::Path) -> String {
+    let output = serve_refusing(store, &["--audit-log".as_ref(), path.as_os_str()]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    let lines: Vec<&str> = output.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one clear line: {}", output.describe());
+    lines[0].to_string()
+}
+
+/// An audit log path the server cannot append to stops the start, in one line naming the flag,
+/// the path and the OS error, rather than a server that retries opening it forever.
+#[tokio::test]
+async fn an_audit_log_that_cannot_be_opened_stops_the_start() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let missing = std::path::Path::new("/nonexistent-dir/x.log");
+    let line = start_fails_with(&store, missing).await;
+    assert!(
+        line.starts_with("error: --audit-log: cannot open /nonexistent-dir/x.log")
+            && line.contains("No such file or directory"),
+        "{line}"
+    );
+    let line = start_fails_with(&store, &store.db.data_dir).await;
+    assert!(
+        line.contains(&store.db.data_dir.display().to_string()) && line.contains("Is a directory"),
+        "{line}"
+    );
+    // Root writes whatever the mode says: only an unprivileged run can check a read-only file.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        let read_only = store.db.data_dir.join("read-only.log");
+        std::fs::write(&read_only, "").unwrap();
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let line = start_fails_with(&store, &read_only).await;
+        assert!(line.contains("Permission denied"), "{line}");
+    }
+    // Nothing was bootstrapped: the start stopped before touching the store.
+    assert!(!store.data_dir_has("bootstrap.json"));
+}
+
+/// The audit log holds client addresses, user agents, user ids and credential names: a new one is
+/// created 0600 whatever the umask, like everything else `serve` writes.
+#[tokio::test]
+async fn a_new_audit_log_is_private_whatever_the_umask() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let log = store.db.data_dir.join("audit.log");
+    let server = Keyplane::start_from(
+        keyplane_with_umask(0o022),
+        &store,
+        // The longest retention the flag takes starts.
+        &[
+            "--audit-log",
+            log.to_str().unwrap(),
+            "--audit-retention-days",
+            "36500",
+        ],
+        TIMEOUT,
+    )
+    .await;
+    wait_until("the audit log is created", || log.exists()).await;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the audit log's mode is {mode:o}");
+    drop(server);
+}
+
+/// A retention past 100 years is refused as a usage error (once accepted up to where the
+/// cutoff's arithmetic panicked inside the retention task).
+#[tokio::test]
+async fn audit_retention_days_is_bounded() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let output = serve_refusing(
+        &store,
+        &["--audit-retention-days".as_ref(), "36501".as_ref()],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("--audit-retention-days") && output.stderr.contains("36501"),
+        "{}",
+        output.describe()
+    );
 }

@@ -330,6 +330,13 @@ impl AuditLogTarget {
         }
     }
 
+    /// Opens the log as the export will (creating the file, 0600, if it is missing) and closes it
+    /// again: a start-up check, so that a path the server cannot append to stops the start
+    /// instead of leaving the export retrying.
+    pub fn check(&self) -> std::io::Result<()> {
+        Sink::open(self).map(drop)
+    }
+
     /// The name its cursors are stored under.
     fn consumer(&self) -> String {
         match self {
@@ -345,6 +352,9 @@ impl AuditLogTarget {
 /// How often the export looks for new events.
 const EXPORT_POLL: Duration = Duration::from_millis(200);
 const EXPORT_BATCH: u32 = 500;
+/// The longest wait between attempts to open a log that cannot be opened (the wait starts at
+/// [`EXPORT_POLL`] and doubles), so a file that goes away does not flood the log.
+const EXPORT_REOPEN_MAX: Duration = Duration::from_secs(30);
 
 enum Sink {
     Stdout(std::io::Stdout),
@@ -355,12 +365,20 @@ impl Sink {
     fn open(target: &AuditLogTarget) -> std::io::Result<Self> {
         Ok(match target {
             AuditLogTarget::Stdout => Sink::Stdout(std::io::stdout()),
-            AuditLogTarget::File(path) => Sink::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            AuditLogTarget::File(path) => {
+                let mut options = std::fs::OpenOptions::new();
+                options.create(true).append(true);
+                // The events hold client addresses, user agents, user ids and credential names:
+                // a new file is readable by its owner only, whatever the umask. The mode applies
+                // only when the file is created; an existing one (e.g. made by logrotate's
+                // `create`) keeps its own.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    options.mode(0o600);
+                }
+                Sink::File(options.open(path)?)
+            }
         })
     }
 
@@ -393,12 +411,20 @@ pub(crate) async fn export(
 ) {
     let consumer = target.consumer();
     let mut sink = None;
+    // The wait before the next attempt to open the log: doubled at each failure, up to
+    // EXPORT_REOPEN_MAX.
+    let mut reopen_wait = EXPORT_POLL;
     let mut cursors: Option<HashMap<TenantId, u64>> = None;
     loop {
         if sink.is_none() {
             match Sink::open(&target) {
-                Ok(opened) => sink = Some(opened),
-                Err(error) => tracing::error!(%error, "cannot open the audit log; retrying"),
+                Ok(opened) => {
+                    sink = Some(opened);
+                    reopen_wait = EXPORT_POLL;
+                }
+                Err(error) => {
+                    tracing::error!(%error, audit_log = %consumer, retry_in = ?reopen_wait, "cannot open the audit log; retrying");
+                }
             }
         }
         if cursors.is_none() {
@@ -412,10 +438,19 @@ pub(crate) async fn export(
                 tracing::warn!(%error, "audit export stalled; retrying");
             }
         }
+        let wait = if sink.is_some() {
+            EXPORT_POLL
+        } else {
+            let wait = reopen_wait;
+            reopen_wait = next_reopen_wait(reopen_wait);
+            wait
+        };
         let stopping = tokio::select! {
-            _ = tokio::time::sleep(EXPORT_POLL) => false,
+            _ = tokio::time::sleep(wait) => false,
             _ = reopen.notified() => {
+                // A SIGHUP tries at once, however long the wait had grown.
                 sink = None;
+                reopen_wait = EXPORT_POLL;
                 false
             }
             _ = stop.changed() => true,
@@ -428,6 +463,11 @@ pub(crate) async fn export(
             return;
         }
     }
+}
+
+/// The wait after `wait` between attempts to open the log: doubled, at most [`EXPORT_REOPEN_MAX`].
+fn next_reopen_wait(wait: Duration) -> Duration {
+    (wait * 2).min(EXPORT_REOPEN_MAX)
 }
 
 async fn export_pending(
@@ -471,19 +511,21 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Deletes events older than `days` days, in bounded batches, at start and then hourly.
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        let cutoff = crate::ops::now() - chrono::TimeDelta::days(i64::from(days));
-        loop {
-            match app.store().prune_audit_events(cutoff, PRUNE_BATCH).await {
-                Ok(0) => break,
-                Ok(deleted) => tracing::info!(deleted, "pruned audit events"),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot prune audit events");
-                    break;
+        // `None`: nothing can be that old, so there is nothing to prune.
+        if let Some(cutoff) = retention_cutoff(crate::ops::now(), days) {
+            loop {
+                match app.store().prune_audit_events(cutoff, PRUNE_BATCH).await {
+                    Ok(0) => break,
+                    Ok(deleted) => tracing::info!(deleted, "pruned audit events"),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot prune audit events");
+                        break;
+                    }
                 }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(PRUNE_PAUSE) => {}
-                _ = stop.changed() => return,
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_PAUSE) => {}
+                    _ = stop.changed() => return,
+                }
             }
         }
         tokio::select! {
@@ -491,6 +533,15 @@ pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch:
             _ = stop.changed() => return,
         }
     }
+}
+
+/// `now` less `days` days; `None` when that is before the earliest time chrono can hold (a panic,
+/// with `-`, that would silently end the retention task).
+fn retention_cutoff(
+    now: chrono::DateTime<chrono::Utc>,
+    days: u32,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    now.checked_sub_signed(chrono::TimeDelta::try_days(i64::from(days))?)
 }
 
 /// Flushes aggregated refusals every `window` until `stop`, then once more.
@@ -512,5 +563,33 @@ pub(crate) async fn flush_refusals(
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod export_and_retention_tests {
+    use super::*;
+
+    #[test]
+    fn reopening_backs_off_to_thirty_seconds() {
+        let waits: Vec<u64> =
+            std::iter::successors(Some(EXPORT_POLL), |w| Some(next_reopen_wait(*w)))
+                .take(11)
+                .map(|w| w.as_millis() as u64)
+                .collect();
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000, 30_000]
+        );
+    }
+
+    #[test]
+    fn no_retention_panics_its_cutoff() {
+        let now = crate::ops::now();
+        assert_eq!(retention_cutoff(now, u32::MAX), None);
+        assert_eq!(
+            retention_cutoff(now, 400),
+            Some(now - chrono::TimeDelta::days(400))
+        );
     }
 }
