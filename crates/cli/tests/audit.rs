@@ -309,7 +309,10 @@ async fn follow_prints_events_as_they_commit(backend: Backend) {
     let event: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["action"], "api_token.created");
     assert_eq!(event["target"]["id"], token.id.as_str());
-    let _ = server.revoke_token(&org, &token.id).await;
+    assert_eq!(
+        server.revoke_token(&org, &token.id).await,
+        StatusCode::NO_CONTENT
+    );
     let line = tokio::time::timeout(TIMEOUT, lines_rx.recv())
         .await
         .unwrap()

@@ -1,4 +1,5 @@
-//! One suite, both backends: every case runs against SQLite and against PostgreSQL.
+//! One suite, both backends: every case runs against SQLite and against PostgreSQL, but for the
+//! few races only PostgreSQL has (`postgres_suite!`), which run against PostgreSQL alone.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use keyplane_core::validate::truncate_to_micros;
@@ -2763,6 +2764,24 @@ async fn an_unreadable_delivery_fails_alone(backend: Backend) {
 
 store_suite! {
     concurrent_creates_keep_to_the_webhook_cap,
+}
+
+/// Races only PostgreSQL has (SQLite has one writer): a PostgreSQL test alone, rather than a
+/// SQLite one that could only pass.
+macro_rules! postgres_suite {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case().await
+                }
+            }
+        )*
+    };
+}
+
+postgres_suite! {
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
     prunes_keep_rows_renewed_while_they_wait,
 }
@@ -2806,12 +2825,9 @@ async fn prune_while_renewed(
 /// A bounded prune picks its rows, then deletes them: one renewed in between (an expired
 /// idempotency key claimed again, a finished delivery retried, an idle session touched) stays.
 /// SQLite has one writer: nothing changes in between.
-async fn prunes_keep_rows_renewed_while_they_wait(backend: Backend) {
+async fn prunes_keep_rows_renewed_while_they_wait() {
     use keyplane_store::AttemptNext;
-    if backend != Backend::Postgres {
-        return;
-    }
-    let f = fixture(backend).await;
+    let f = fixture(Backend::Postgres).await;
     let t = now();
     let url = f._db.url.clone();
 
@@ -2934,11 +2950,8 @@ async fn concurrent_creates_keep_to_the_webhook_cap(backend: Backend) {
 /// delivery to the webhook being deleted (which takes a share lock on the webhook's row). The
 /// delete must not take the webhook's row before the head, or the two deadlock and one fails.
 /// SQLite has one writer: nothing to race.
-async fn deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock(backend: Backend) {
-    if backend != Backend::Postgres {
-        return;
-    }
-    let f = fixture(backend).await;
+async fn deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock() {
+    let f = fixture(Backend::Postgres).await;
     let tenant = f.tenant.id;
     let hook = webhook(tenant, &["*"], true);
     add_webhook(f.store.as_ref(), &hook).await;

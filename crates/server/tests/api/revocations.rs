@@ -92,14 +92,19 @@ impl SseReader {
         }
     }
 
-    /// The next event, skipping heartbeats.
+    /// The next event, skipping heartbeats, within `WAIT`: heartbeats alone fail the test rather
+    /// than keep it waiting.
     async fn next(&mut self) -> Sse {
-        loop {
-            let sse = self.next_any().await;
-            if sse.event != ":" {
-                return sse;
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let sse = self.next_any().await;
+                if sse.event != ":" {
+                    return sse;
+                }
             }
-        }
+        })
+        .await
+        .expect("an event (not only heartbeats) within the wait")
     }
 
     /// Asserts that no event (other than heartbeats) arrives for `quiet`.
