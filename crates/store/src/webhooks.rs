@@ -102,7 +102,12 @@ pub(crate) const QUEUE_DELIVERIES: &str = "INSERT INTO webhook_deliveries (webho
 /// serializes the tenant's writes from their first statement (SQLite has one writer). A head that
 /// does not exist yet is created at seq 0 with the genesis hash, which `ADVANCE_HEAD` then moves
 /// to seq 1 with that hash, as when it creates the row itself; the caller's event must be the
-/// same tenant's, so that the row is never left at seq 0 (a rollback takes it away too).
+/// same tenant's, so that the row is never left at seq 0 (a rollback takes it away too; a
+/// recorded delivery attempt, which writes no event unless it disables its webhook, is for an
+/// event, so its tenant's head exists). Every webhook write takes it first: then no two of them,
+/// nor a webhook write and any other event's write (which takes the head, then queues deliveries
+/// under a key-share lock on each matching webhook), lock the head and a webhook's rows in
+/// opposite orders.
 pub(crate) const LOCK_AUDIT_HEAD: &str =
     "INSERT INTO audit_chain_heads (tenant_id, seq, chain_hash) VALUES ($1, 0, $2) \
      ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_chain_heads.seq";
@@ -443,6 +448,7 @@ macro_rules! impl_webhooks {
             ) -> Result<(), $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
+                Self::lock_audit_head(&mut tx, webhook.tenant_id).await?;
                 let updated = sqlx::query(UPDATE_WEBHOOK)
                     .bind(webhook.tenant_id.as_uuid())
                     .bind(webhook.id)
@@ -480,6 +486,7 @@ macro_rules! impl_webhooks {
             ) -> Result<keyplane_core::Webhook, $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
+                Self::lock_audit_head(&mut tx, tenant).await?;
                 let rotated = sqlx::query(ROTATE_SECRET)
                     .bind(tenant.as_uuid())
                     .bind(id)
@@ -589,6 +596,7 @@ macro_rules! impl_webhooks {
                 event: &keyplane_core::AuditEvent,
             ) -> Result<$crate::WebhookDelivery, $crate::StoreError> {
                 let mut tx = self.writer.begin().await?;
+                Self::lock_audit_head(&mut tx, tenant).await?;
                 let updated = sqlx::query($crate::webhooks::RETRY_DELIVERY)
                     .bind(tenant.as_uuid())
                     .bind(webhook_id)
@@ -754,6 +762,9 @@ macro_rules! impl_webhooks {
                     AttemptNext::Failed => ("failed", millis(attempt.at)),
                 };
                 let mut tx = self.writer.begin().await?;
+                // It may disable the webhook, which is an event: the head first, as every webhook
+                // write takes it (see `LOCK_AUDIT_HEAD`).
+                Self::lock_audit_head(&mut tx, disable_event.tenant_id).await?;
                 let recorded = sqlx::query(RECORD_ATTEMPT)
                     .bind(attempt.webhook_id)
                     .bind(attempt.event_id)

@@ -2783,6 +2783,7 @@ macro_rules! postgres_suite {
 
 postgres_suite! {
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
+    webhook_writes_take_the_audit_head_before_the_webhook,
     prunes_keep_rows_renewed_while_they_wait,
 }
 
@@ -2996,5 +2997,59 @@ async fn deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock()
         .unwrap()
         .is_none());
     assert!(deliveries_of(f.store.as_ref(), &hook).await.is_empty());
+    pool.close().await;
+}
+
+/// PostgreSQL: an update or a secret rotation waiting for the tenant's audit head (held by another
+/// write) holds no lock on the webhook yet. Had it locked the webhook's row first, it and a delete
+/// (head first, then the row) would deadlock.
+async fn webhook_writes_take_the_audit_head_before_the_webhook() {
+    let f = fixture(Backend::Postgres).await;
+    let tenant = f.tenant.id;
+    let hook = webhook(tenant, &["*"], true);
+    add_webhook(f.store.as_ref(), &hook).await;
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    for write in ["update", "rotate"] {
+        let mut other = pool.begin().await.unwrap();
+        sqlx::query("UPDATE audit_chain_heads SET seq = seq WHERE tenant_id = $1")
+            .bind(tenant.as_uuid())
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        let waiting = {
+            let (store, hook) = (f.store.clone(), hook.clone());
+            tokio::spawn(async move {
+                let event = action_event(tenant, "webhook.updated");
+                match write {
+                    "update" => store.update_webhook(&hook, &event).await.map(|_| ()),
+                    _ => store
+                        .rotate_webhook_secret(
+                            tenant,
+                            hook.id,
+                            &keyplane_core::WebhookSecret::generate(&mut OsRng),
+                            Utc::now(),
+                            Utc::now(),
+                            &event,
+                            None,
+                        )
+                        .await
+                        .map(|_| ()),
+                }
+            })
+        };
+        wait_for_a_lock_wait(&pool).await;
+        let mut probe = pool.begin().await.unwrap();
+        let row = sqlx::query("SELECT id FROM webhooks WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(hook.id)
+            .execute(&mut *probe)
+            .await;
+        assert!(
+            row.is_ok(),
+            "{write} locked the webhook before the head: {row:?}"
+        );
+        probe.rollback().await.unwrap();
+        other.commit().await.unwrap();
+        assert!(waiting.await.unwrap().is_ok(), "{write}");
+    }
     pool.close().await;
 }
