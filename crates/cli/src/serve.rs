@@ -501,8 +501,18 @@ async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow
         .with_context(|| format!("writing {}", pending.display()))?;
     match ops::bootstrap(store, &created).await {
         Ok(true) => {
-            publish(&pending, &path)
-                .with_context(|| format!("moving the bootstrap token to {}", path.display()))?;
+            match publish(&pending, &path) {
+                Ok(()) => {}
+                // Another replica, starting on the bootstrapped store, settled it first.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && token_in(&path) == Some(created.token.secret.hash()) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("moving the bootstrap token to {}", path.display())
+                    })
+                }
+            }
             tracing::info!(path = %path.display(), tenant.id = %created.tenant.id, "empty store: created org `default`; its token is in the bootstrap file");
             Ok(())
         }
@@ -519,44 +529,66 @@ async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow
 }
 
 /// What earlier starts left pending on a bootstrapped store: the file whose token the store holds
-/// is moved to `path` (unless that exists), the others (attempts the store did not take) removed.
-/// Store reads only; a failure leaves the files for the next start.
+/// becomes `path`, unless `path` already holds a live token (one left from a wiped store does
+/// not); the others (attempts the store did not take) are removed. Store reads only; a failure
+/// leaves the files for the next start.
 async fn settle_pending_bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path, path: &Path) {
     let Ok(entries) = std::fs::read_dir(data_dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !(name.starts_with("bootstrap.") && name.ends_with(".json.pending")) {
-            continue;
-        }
-        let pending = entry.path();
-        let token = std::fs::read_to_string(&pending)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|json| json["token"].as_str().map(keyplane_core::TokenHash::of));
-        let taken = match token {
-            Some(hash) => match store.find_credential_by_hash(&hash).await {
-                Ok(found) => found.is_some_and(|credential| !credential.is_revoked()),
-                Err(error) => {
-                    tracing::warn!(%error, path = %pending.display(), "cannot check a pending bootstrap file; the next start tries again");
-                    continue;
-                }
-            },
-            None => false,
-        };
-        let settled = if taken && !path.exists() {
-            publish(&pending, path).map(|()| {
+    let mut pending: Vec<_> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|file| {
+            file.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| {
+                    name.starts_with("bootstrap.") && name.ends_with(".json.pending")
+                })
+        })
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    pending.sort();
+    let Ok(mut settled) = holds_a_live_token(store, path).await else {
+        return;
+    };
+    for file in pending {
+        let result = match holds_a_live_token(store, &file).await {
+            Ok(true) if !settled => publish(&file, path).map(|()| {
+                settled = true;
                 tracing::warn!(path = %path.display(), "the bootstrap token an earlier start left pending is now in the bootstrap file");
-            })
-        } else {
-            remove_if_present(&pending)
+            }),
+            Ok(_) => remove_if_present(&file),
+            Err(error) => {
+                tracing::warn!(%error, path = %file.display(), "cannot check a pending bootstrap file; the next start tries again");
+                continue;
+            }
         };
-        if let Err(error) = settled {
-            tracing::warn!(%error, path = %pending.display(), "cannot settle a pending bootstrap file");
+        if let Err(error) = result {
+            tracing::warn!(%error, path = %file.display(), "cannot settle a pending bootstrap file");
         }
     }
+}
+
+/// The hash of the token in a bootstrap file, if it holds one.
+fn token_in(file: &Path) -> Option<keyplane_core::TokenHash> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["token"].as_str().map(keyplane_core::TokenHash::of)
+}
+
+/// Whether `file` holds a token the store knows and has not revoked.
+async fn holds_a_live_token(
+    store: &dyn keyplane_store::Store,
+    file: &Path,
+) -> Result<bool, keyplane_store::StoreError> {
+    let Some(hash) = token_in(file) else {
+        return Ok(false);
+    };
+    let found = store.find_credential_by_hash(&hash).await?;
+    Ok(found.is_some_and(|credential| !credential.is_revoked()))
 }
 
 /// Moves `pending` to `path` and makes the move durable (the directory is synced).

@@ -142,6 +142,16 @@ async fn a_bootstrap_token_left_pending_is_moved_into_place_at_the_next_start(ba
     );
     assert_eq!(names(&server.list_tokens(&org).await), ["bootstrap"]);
     server.stop_term().await;
+
+    // A bootstrap file left from a wiped store holds a dead token: the pending one replaces it.
+    std::fs::rename(&path, dir.join(&pending)).unwrap();
+    std::fs::write(&path, "{\"org_id\":\"stale\",\"token\":\"stale\"}").unwrap();
+    Keyplane::start(&store, &[], TIMEOUT)
+        .await
+        .stop_term()
+        .await;
+    assert_eq!(store.bootstrap_org().token, org.token);
+    assert!(!store.data_dir_has(&pending));
 }
 
 async fn admin_create_org_while_server_runs(backend: Backend) {
