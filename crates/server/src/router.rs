@@ -489,7 +489,8 @@ impl Observation {
 
 /// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests, leak responses
 /// and canary alarms finish, pending `last_used_at` updates are written, and the audit work makes
-/// its last pass, all within `config.http.shutdown_timeout` of the signal. Every connection is
+/// its last pass, within `config.http.shutdown_timeout` of the signal (leak responses and canary
+/// alarms get at least [`LEAST_FOR_ALARMS`]). Every connection is
 /// bounded by `config.http` (see `connection`).
 pub async fn serve(
     listener: TcpListener,
@@ -550,26 +551,35 @@ pub async fn serve(
         .unwrap_or_else(tokio::time::Instant::now)
         + app.inner().config.http.shutdown_timeout;
     // Leak responses and canary alarms first: they revoke credentials and record events, which
-    // the audit tasks' last pass then carries.
-    app.inner().leak_jobs.drain(left_until(deadline)).await;
-    app.inner()
-        .verifier
-        .canaries()
-        .drain(left_until(deadline))
-        .await;
-    // Let a flush in progress finish (aborting it would drop its batch), then write the rest:
-    // last-use times before anything that may run out the deadline, since a kill loses them.
+    // the audit tasks' last pass then carries. Their queues are in memory only, so they get at
+    // least `LEAST_FOR_ALARMS` even when the connections took the whole deadline.
+    let for_alarms = left_until(deadline).max(LEAST_FOR_ALARMS);
+    app.inner().leak_jobs.drain(for_alarms).await;
+    app.inner().verifier.canaries().drain(for_alarms).await;
+    // Let a flush in progress finish (aborting it would drop its batch; a write waits 5 s at
+    // most), then write the rest: last-use times before anything that may run out the deadline,
+    // since a kill loses them.
     let _ = stop_background.send(true);
     let _ = background.await;
     app.flush_usage().await;
-    for task in audit_tasks.into_iter().chain(tls_watch) {
-        if tokio::time::timeout_at(deadline, task).await.is_err() {
-            tracing::warn!("audit work still running at the shutdown deadline was abandoned; the next start resumes it");
+    // Aborted at the deadline, not left running: what they hold (store connections) goes, so
+    // closing the store does not wait for them. The export resumes from its saved cursors.
+    let mut tasks = audit_tasks.into_iter().chain(tls_watch).collect::<Vec<_>>();
+    for task in &mut tasks {
+        if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+            tracing::warn!("audit work still running at the shutdown deadline was stopped; the next start resumes it");
             break;
         }
     }
+    for task in &tasks {
+        task.abort();
+    }
     Ok(())
 }
+
+/// What leak responses and canary alarms get after a stop's signal, however little of its
+/// deadline the connections left: their queues live in memory only.
+const LEAST_FOR_ALARMS: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn left_until(deadline: tokio::time::Instant) -> std::time::Duration {
     deadline.saturating_duration_since(tokio::time::Instant::now())
