@@ -42,8 +42,10 @@ impl FailedAuthLimiter {
         })
     }
 
-    /// Charges one failure to `ip`; `Some(wait)` when the address is over budget, for how long.
-    fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+    /// Charges one failure to `client`'s [`ClientAddr::limit_key`]; `Some(wait)` when it is over
+    /// budget, for how long.
+    fn record_failure(&self, client: ClientAddr) -> Option<Duration> {
+        let ip = client.limit_key();
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if let Some(wait) = blocked
@@ -56,7 +58,7 @@ impl FailedAuthLimiter {
         let wait = not_until.wait_time_from(self.clock.now());
         blocked.insert(ip, now + wait);
         // Once per block, not per refused failure: a flood must not flood the log too.
-        tracing::warn!(client.ip = %ip, retry_after_ms = wait.as_millis() as u64, "too many failed authentications from this address; its failures answer 429 for a while");
+        tracing::warn!(client.ip = %client.0, client.limit_key = %ip, retry_after_ms = wait.as_millis() as u64, "too many failed authentications from this address; its failures answer 429 for a while");
         Some(wait)
     }
 
@@ -74,8 +76,7 @@ impl FailedAuthLimiter {
 /// Counts a request's failed authentication against the client's address and, past the budget,
 /// answers the address's failures with 429. Taken and finished by `router::Observer`.
 pub(crate) struct FailureWatch {
-    /// The client's [`ClientAddr::limit_key`].
-    client: IpAddr,
+    client: ClientAddr,
     /// The format of a refusal, picked by the request's path (when it is taken, not kept).
     dialect: ErrorDialect,
 }
@@ -85,7 +86,7 @@ impl FailureWatch {
     pub(crate) fn of(app: &App, request: &Request, client: Option<ClientAddr>) -> Option<Self> {
         app.inner().failed_auth.as_ref()?;
         Some(Self {
-            client: client?.limit_key(),
+            client: client?,
             dialect: ErrorDialect::of_path(request.uri().path()),
         })
     }
