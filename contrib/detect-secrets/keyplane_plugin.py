@@ -1,6 +1,11 @@
 """detect-secrets plugin for keyplane tokens.
 
-    detect-secrets scan --plugin contrib/detect-secrets/keyplane_plugin.py
+    detect-secrets scan --plugin contrib/detect-secrets/keyplane_plugin.py \
+        --disable-filter detect_secrets.filters.heuristic.is_indirect_reference
+
+That filter, on by default, drops every line that looks like a call or an index on either side of
+`=` or `:` (`client = Client(token="aether_...")`, `os.environ.get("X", "aether_...")`), which is
+where hard-coded tokens most often are; the checksum keeps look-alikes out without it.
 
 Finds the three keyplane token formats and reports only those whose CRC32 checksum holds, so a
 string that merely looks like a token (a truncated one, a typo, a made-up example) is not
@@ -26,9 +31,10 @@ from detect_secrets.plugins.base import RegexBasedDetector
 _CHECKSUM_HEX = 8
 
 # Not inside a longer word on either side: a token is never preceded or followed by another
-# identifier character.
+# identifier character, except where an escape ends just before it (`\n` in a JSON log line,
+# `%3D` in a URL-encoded one).
 _TOKEN = re.compile(
-    r'(?<![A-Za-z0-9_])'
+    r'(?:(?<![A-Za-z0-9_])|(?<=\\[nrt])|(?<=%[0-9A-Fa-f]{2}))'
     r'(aether_[0-9a-f]{56}|hbx_sa_[0-9a-f]{16}_[0-9a-f]{56}|kprobot_[0-9a-f]{56})'
     r'(?![A-Za-z0-9_])',
 )
