@@ -571,7 +571,8 @@ struct Introspection {
 
 impl Verifier {
     /// Starts following the revocation stream (on the current tokio runtime) and returns the
-    /// verifier. It is stale until the stream's first event arrives.
+    /// verifier. It is stale until the stream has caught up (its `ready` at the head, a catch-up
+    /// event, or a heartbeat).
     pub fn new(config: VerifierConfig) -> Result<Self, reqwest::Error> {
         let http = match &config.http {
             Some(client) => client.clone(),
