@@ -1,5 +1,7 @@
 //! An example service whose `/hello` only answers callers holding a live keyplane credential,
-//! checked in-process by `keyplane-verifier`; `/verifier` shows the verifier's metrics.
+//! checked in-process by `keyplane-verifier`; `/verifier` shows the verifier's metrics. It answers
+//! anyone, for the example's test; the last event id there is the organization's audit sequence
+//! (its activity volume), so a real service keeps such metrics on an internal listener.
 
 use axum::extract::State;
 use axum::routing::get;
