@@ -35,7 +35,16 @@ impl PostgresStore {
         // full database refuses, and such a database must still serve verification.
         if crate::sql::migrations_pending(&migrator, crate::sql::applied_migrations(&writer).await)
         {
-            migrator.run(&writer).await?;
+            // On a connection of its own, without the writers' `lock_timeout`: a replica starting
+            // while another runs the migrations waits for sqlx's migration lock, and a migration
+            // may wait for a table that serving replicas use; neither is a write to refuse in 5 s.
+            let migrating = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            let migrated = migrator.run(&migrating).await;
+            migrating.close().await;
+            migrated?;
         }
         let pool = PgPoolOptions::new()
             .max_connections(16)

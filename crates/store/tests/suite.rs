@@ -2782,6 +2782,7 @@ macro_rules! postgres_suite {
 }
 
 postgres_suite! {
+    a_replica_waits_for_another_replicas_migrations,
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
     webhook_writes_take_the_audit_head_before_the_webhook,
     prunes_keep_rows_renewed_while_they_wait,
@@ -3052,4 +3053,41 @@ async fn webhook_writes_take_the_audit_head_before_the_webhook() {
         assert!(waiting.await.unwrap().is_ok(), "{write}");
     }
     pool.close().await;
+}
+
+/// PostgreSQL: a replica starting while another holds the migration lock (running a migration that
+/// takes longer than the writers' 5 s `lock_timeout`) waits for it and starts, instead of failing.
+async fn a_replica_waits_for_another_replicas_migrations() {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    // sqlx's migration lock: its id is derived from the database's name (sqlx-postgres migrate.rs).
+    let lock_id = 0x3d32ad9e_i64 * i64::from(crc32fast::hash(name.as_bytes()));
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock_id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let url = db.url.clone();
+    let starting = tokio::spawn(async move { keyplane_store::connect(&url).await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    assert!(
+        !starting.is_finished(),
+        "it waits for the lock (and does not fail)"
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock_id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = tokio::time::timeout(std::time::Duration::from_secs(30), starting)
+        .await
+        .expect("it starts once the lock is released")
+        .unwrap();
+    assert!(started.is_ok(), "{started:?}");
 }
