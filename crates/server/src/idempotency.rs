@@ -236,10 +236,7 @@ impl<S: Surface> Idempotency<S> {
     {
         let Some(key) = self.key else {
             return match work(app, caller, Seal { seal: None }).await {
-                Ok(made) => {
-                    let (status, body) = render(made);
-                    (status, axum::Json(body)).into_response()
-                }
+                Ok(made) => rendered(render(made)),
                 Err(error) => error.into_response(),
             };
         };
@@ -299,7 +296,7 @@ impl<S: Surface> Idempotency<S> {
                 Ok(made) => {
                     let kept = sealed.lock().unwrap_or_else(|p| p.into_inner()).take();
                     match kept {
-                        Some(KeptAnswer { status, body }) => first_answer(status, body),
+                        Some(KeptAnswer { status, body }) => kept_answer(status, body),
                         None => {
                             // A use case that did not hand its seal to the store: a bug. The
                             // client still gets what was made; the key stays in flight until its
@@ -307,8 +304,7 @@ impl<S: Surface> Idempotency<S> {
                             tracing::error!(
                                 "an idempotent change was made without keeping its answer"
                             );
-                            let (status, body) = render(made);
-                            (status, axum::Json(body)).into_response()
+                            rendered(render(made))
                         }
                     }
                 }
@@ -354,9 +350,14 @@ struct KeptAnswer {
     body: Bytes,
 }
 
-/// The first answer of a kept request: the bytes sealed, as a replay sends them (but for
-/// `Idempotent-Replayed`).
-fn first_answer(status: StatusCode, body: Bytes) -> Response {
+/// What a route's `render` made, as JSON: the answer of a request not kept.
+fn rendered<W: serde::Serialize>((status, body): (StatusCode, W)) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// A kept answer's bytes, as JSON: the first answer sends what was sealed, a replay what opened
+/// (and says so).
+fn kept_answer(status: StatusCode, body: Bytes) -> Response {
     (
         status,
         [(
@@ -476,18 +477,11 @@ impl DerivedKeys {
             )))
             .into_response();
         };
-        (
-            status,
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                ),
-                (REPLAYED, HeaderValue::from_static("true")),
-            ],
-            Bytes::from(body),
-        )
-            .into_response()
+        let mut response = kept_answer(status, Bytes::from(body));
+        response
+            .headers_mut()
+            .insert(REPLAYED, HeaderValue::from_static("true"));
+        response
     }
 }
 
