@@ -665,8 +665,24 @@ fn reload_on_sighup(hangups: Hangups, app: App) {
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
 /// future is first polled: a SIGTERM that arrives while the server is still starting must stop it
-/// gracefully too, not kill it.
+/// gracefully too, not kill it. Once the stop is under way, another SIGTERM or Ctrl-C ends the
+/// process at once (exit 1): the way out of a stop that takes too long, short of SIGKILL.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let first = stop_signal();
+    async move {
+        first.await;
+        tracing::info!("shutdown requested: finishing in-flight requests");
+        let second = stop_signal();
+        tokio::spawn(async move {
+            second.await;
+            tracing::warn!("second stop signal: exiting now, without finishing");
+            std::process::exit(1);
+        });
+    }
+}
+
+/// The next SIGTERM or Ctrl-C after this call (its handlers are installed by the call itself).
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let (interrupt, terminate) = {
         use tokio::signal::unix::{signal, SignalKind};
@@ -695,31 +711,6 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
-        tracing::info!("shutdown requested: finishing in-flight requests");
-        exit_on_a_second_signal();
-    }
-}
-
-/// Once a stop is under way, another SIGTERM or Ctrl-C ends the process at once (exit 1): the way
-/// out of a stop that takes too long, short of SIGKILL.
-fn exit_on_a_second_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut interrupt), Ok(mut terminate)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = interrupt.recv() => {},
-                _ = terminate.recv() => {},
-            }
-            tracing::warn!("second stop signal: exiting now, without finishing");
-            std::process::exit(1);
-        });
     }
 }
 
