@@ -212,8 +212,8 @@ impl<S: Surface> Idempotency<S> {
     }
 
     /// Runs `work` (the change, as `work(app, caller, seal)`) at most once per key, and answers
-    /// what it made as `render` shows it (as JSON). Without a key, just runs it. With one, checks
-    /// that the caller holds `needs` in `tenant`, claims the key, then replays, refuses, or runs
+    /// what it made as `render` shows it (as JSON). Without a key, just runs it. With one, claims
+    /// the key, then replays (if the caller still holds `needs` in `tenant`), refuses, or runs
     /// `work`, which hands [`Seal::answer`] to its
     /// use case: the store renders and seals the answer inside the change's transaction and keeps
     /// it there, and that very answer is sent. A refusal releases the key. `work` runs on its own
@@ -240,13 +240,6 @@ impl<S: Surface> Idempotency<S> {
                 Err(error) => error.into_response(),
             };
         };
-        // A replay hands the answer (a secret) out again, without `work`'s own checks: only to a
-        // caller that still holds the route's rights.
-        for &right in needs {
-            if let Err(error) = caller.require(tenant, right) {
-                return ApiError::<S>::from(error).into_response();
-            }
-        }
         let keys = DerivedKeys::new(&key.value, tenant, caller.id());
         let now = crate::ops::now();
         let claim = IdempotencyClaim {
@@ -271,7 +264,17 @@ impl<S: Surface> Idempotency<S> {
             IdempotencyRecord::Completed {
                 fingerprint,
                 response,
-            } if fingerprint == key.fingerprint => return keys.replay::<S>(&response),
+            } if fingerprint == key.fingerprint => {
+                // A replay hands the answer (a secret) out again without `work`, whose use case
+                // checks the caller's rights: only to a caller that still holds the route's.
+                if let Some(error) = needs
+                    .iter()
+                    .find_map(|&right| caller.require(tenant, right).err())
+                {
+                    return ApiError::<S>::from(error).into_response();
+                }
+                return keys.replay::<S>(&response);
+            }
             IdempotencyRecord::InFlight { .. } | IdempotencyRecord::Completed { .. } => {
                 return reused::<S>()
             }

@@ -267,6 +267,6 @@ async fn deliver_until_silent(
 }
 
 bind_credential_fn!(sqlx::Postgres);
-impl_store!(PostgresStore, "postgres");
+impl_store!(PostgresStore, sqlx::Postgres, "postgres");
 impl_audit!(PostgresStore, sqlx::Postgres);
 impl_webhooks!(PostgresStore, sqlx::Postgres);

@@ -106,18 +106,6 @@ pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WH
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at_ms < $1 \
      AND lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
-/// A query builder for `pool`'s backend, for SQL that holds only the conditions that apply.
-pub(crate) fn query_builder<'args, DB>(
-    _pool: &sqlx::Pool<DB>,
-    init: impl Into<String>,
-) -> sqlx::QueryBuilder<'args, DB>
-where
-    DB: sqlx::Database,
-    <DB as sqlx::Database>::Arguments<'args>: Default,
-{
-    sqlx::QueryBuilder::new(init)
-}
-
 /// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
@@ -185,7 +173,7 @@ impl<DB: sqlx::Database> Drop for ImportConnection<DB> {
 /// Implements [`crate::Store`] for `$store`, whose `pool` field (reads) and `writer` field (writes)
 /// are `sqlx::Pool<$db>`s and whose `writes` field is a [`crate::WriteTracker`].
 macro_rules! impl_store {
-    ($store:ty, $backend:literal) => {
+    ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
             /// Runs one write operation and records how it went for `/readyz`.
             async fn write<T>(
@@ -398,13 +386,10 @@ macro_rules! impl_store {
                 // Only the conditions that apply: `($n IS NULL OR id > $n)` would keep the
                 // planner from seeking the listing index to the cursor, and each page would
                 // read every row before it.
-                let mut sql = $crate::sql::query_builder(
-                    &self.pool,
-                    format!(
-                        "SELECT {} FROM credentials WHERE tenant_id = ",
-                        $crate::sql::CREDENTIAL_COLUMNS
-                    ),
-                );
+                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM credentials WHERE tenant_id = ",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                ));
                 sql.push_bind(query.tenant_id.as_uuid());
                 sql.push(" AND kind = ");
                 sql.push_bind(query.kind.as_str());

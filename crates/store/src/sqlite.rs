@@ -176,7 +176,7 @@ impl SqliteStore {
 }
 
 bind_credential_fn!(sqlx::Sqlite);
-impl_store!(SqliteStore, "sqlite");
+impl_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 impl_audit!(SqliteStore, sqlx::Sqlite);
 impl_webhooks!(SqliteStore, sqlx::Sqlite);
 
