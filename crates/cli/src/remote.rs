@@ -235,7 +235,8 @@ pub enum TokensCommand {
         #[arg(long)]
         name: String,
         /// A scope the token holds (repeatable): api_tokens:read, api_tokens:write,
-        /// registry:read, registry:write, auth.manage, audit:read, tokens:verify, `*`, or your own
+        /// registry:read, registry:write, auth.manage, audit:read, tokens:verify,
+        /// webhooks:manage, `*`, or your own
         /// (deploy:prod). At most the caller's own.
         #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
@@ -356,11 +357,16 @@ impl RotateArgs {
 #[derive(Subcommand)]
 pub enum ServiceAccountsCommand {
     /// List the account's service accounts.
-    #[command(after_help = example!("keyplane service-accounts list --include-revoked"))]
+    #[command(after_help = example!(
+        "keyplane service-accounts list --include-revoked",
+        "keyplane service-accounts list --expiring-within 14d"
+    ))]
     List {
         /// Also list revoked ones.
         #[arg(long)]
         include_revoked: bool,
+        #[command(flatten)]
+        expiring: ExpiringArgs,
     },
     /// Create a service account (it holds no right until granted one); its token is printed once.
     #[command(after_help = example!(
@@ -1174,10 +1180,13 @@ pub async fn service_accounts(
 ) -> Result<(), Error> {
     let account = s.org().await?;
     match command {
-        ServiceAccountsCommand::List { include_revoked } => {
+        ServiceAccountsCommand::List {
+            include_revoked,
+            expiring,
+        } => {
             let accounts = s
                 .client
-                .list_service_accounts(account, include_revoked)
+                .list_service_accounts(account, include_revoked, expiring.days())
                 .await?;
             s.print_list(&accounts, &accounts)
         }

@@ -135,7 +135,9 @@ pub struct ServeArgs {
     /// open-file limit allows.
     #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: u64,
-    /// Seconds a stop (SIGTERM, Ctrl-C) waits for open connections before closing them.
+    /// Seconds a stop (SIGTERM, Ctrl-C) may take in all: open connections, then leak reports and
+    /// canary alarms (at least 5 s), the last-used flush and the audit export's last pass; what is
+    /// left at the deadline is cut off.
     #[arg(long, env = "KEYPLANE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_timeout_seconds: u64,
     /// Write every committed audit event as one JSON line to this file (`-`: stdout), at least

@@ -914,6 +914,19 @@ async fn lifecycle(cli: &Cli) {
     let account = cli
         .json(&["service-accounts", "create", "--name", "graceful-sa"])
         .await;
+    cli.json(&[
+        "service-accounts",
+        "create",
+        "--name",
+        "expiring-sa",
+        "--expires-in",
+        "2d",
+    ])
+    .await;
+    let soon = cli
+        .json(&["service-accounts", "list", "--expiring-within", "3d"])
+        .await;
+    assert_eq!(names(soon.as_array().unwrap()), ["expiring-sa"]);
     let (sa, sa_old) = (
         str_of(&account, "id").to_string(),
         str_of(&account, "token").to_string(),

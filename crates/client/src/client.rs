@@ -686,12 +686,13 @@ impl Client {
         &self,
         account: Uuid,
         include_revoked: bool,
+        expiring_within_days: Option<u32>,
     ) -> Result<Vec<ServiceAccountView>, Error> {
         let mut call = Call::new(Method::GET, account_path(account, "/service-accounts"));
         if include_revoked {
             call.query.push(("include_revoked", "true".into()));
         }
-        self.send(call).await
+        self.send(call.expiring_within(expiring_within_days)).await
     }
 
     pub async fn create_service_account(
