@@ -216,8 +216,8 @@ impl<S: Surface> Idempotency<S> {
     /// the key, then replays (if the caller still holds `needs` in `tenant`), refuses, or runs
     /// `work`, which hands [`Seal::answer`] to its
     /// use case: the store renders and seals the answer inside the change's transaction and keeps
-    /// it there, and that very answer is sent. A refusal releases the key. `work` runs on its own
-    /// task, so a client that hangs up mid-request does not cut it.
+    /// it there, and that very answer is sent. A refusal releases the key. (A change runs on a task
+    /// of its own, `router::Front::serve`: a client that hangs up mid-request does not cut it.)
     pub async fn run<T, W, R, F, Fut>(
         self,
         app: App,
@@ -294,43 +294,31 @@ impl<S: Surface> Idempotency<S> {
                 seal: Some(Box::new(seal)),
             },
         );
-        let settled = tokio::spawn(async move {
-            match change.await {
-                Ok(made) => {
-                    let kept = sealed.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    match kept {
-                        Some(KeptAnswer { status, body }) => kept_answer(status, body),
-                        None => {
-                            // A use case that did not hand its seal to the store: a bug. The
-                            // client still gets what was made; the key stays in flight until its
-                            // lock runs out.
-                            tracing::error!(
-                                "an idempotent change was made without keeping its answer"
-                            );
-                            rendered(render(made))
-                        }
+        match change.await {
+            Ok(made) => {
+                let kept = sealed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match kept {
+                    Some(KeptAnswer { status, body }) => kept_answer(status, body),
+                    None => {
+                        // A use case that did not hand its seal to the store: a bug. The
+                        // client still gets what was made; the key stays in flight until its
+                        // lock runs out.
+                        tracing::error!("an idempotent change was made without keeping its answer");
+                        rendered(render(made))
                     }
-                }
-                Err(error) => {
-                    // Taken over: the key is another request's now, and nothing changed.
-                    if !matches!(error.0, AppError::IdempotencyKeyInFlight) {
-                        if let Err(error) =
-                            store.release_idempotency_key(&lookup_id, claim_id).await
-                        {
-                            // The claim's lock runs out by itself.
-                            tracing::warn!(%error, "cannot release an Idempotency-Key after a refusal");
-                        }
-                    }
-                    error.into_response()
                 }
             }
-        });
-        settled.await.unwrap_or_else(|error| {
-            ApiError::<S>::from(AppError::Internal(anyhow::anyhow!(
-                "the idempotent request's task failed: {error}"
-            )))
-            .into_response()
-        })
+            Err(error) => {
+                // Taken over: the key is another request's now, and nothing changed.
+                if !matches!(error.0, AppError::IdempotencyKeyInFlight) {
+                    if let Err(error) = store.release_idempotency_key(&lookup_id, claim_id).await {
+                        // The claim's lock runs out by itself.
+                        tracing::warn!(%error, "cannot release an Idempotency-Key after a refusal");
+                    }
+                }
+                error.into_response()
+            }
+        }
     }
 }
 

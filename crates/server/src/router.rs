@@ -7,7 +7,7 @@ use crate::error::ErrorCause;
 use crate::metrics::RouteMetrics;
 use crate::request_id::{Origin, RequestId, REQUEST_ID};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::Router;
 use futures::future::{ready, BoxFuture, Either, Ready};
@@ -143,7 +143,27 @@ impl Front {
         let Some(route) = crate::verify::DirectRoute::of(request.method(), request.uri().path())
         else {
             request.extensions_mut().insert(client);
-            let routed: BoxFuture<'static, Answer> = Box::pin(self.router.clone().oneshot(request));
+            let reads_only = matches!(*request.method(), Method::GET | Method::HEAD);
+            let call = self.router.clone().oneshot(request);
+            if reads_only {
+                return Either::Right(Box::pin(call));
+            }
+            // A change runs to its end on a task of its own: hyper drops a request's future when
+            // its client hangs up, which would cut a change between its commit and what follows
+            // it (the local caches' invalidation: SQLite has no notification to fall back on;
+            // an idempotent answer's completion), however briefly the client waited.
+            let routed: BoxFuture<'static, Answer> = Box::pin(async move {
+                match tokio::spawn(call).await {
+                    Ok(answer) => answer,
+                    Err(failed) => match failed.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        // Only a runtime shutting down cancels it.
+                        Err(_) => Ok(axum::response::IntoResponse::into_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                        )),
+                    },
+                }
+            });
             return Either::Right(routed);
         };
         self.direct[route as usize].observe_direct(request, client, |request, request_id| {

@@ -35,6 +35,8 @@ pub struct FaultyStore {
     hold_next_change: std::sync::Mutex<Option<Hold>>,
     /// The next create or rotate that succeeds switches the store off.
     down_after_next_change: AtomicBool,
+    /// The next revoke waits here once the store has made it.
+    hold_after_next_revoke: std::sync::Mutex<Option<Hold>>,
 }
 
 /// The store's side of [`HeldChange`].
@@ -55,7 +57,14 @@ impl HeldChange {
         (&mut self.reached).await.expect("the store holds a change");
     }
 
-    /// Lets the held change reach the store.
+    /// Whether the held call was given up (its request's future dropped) within `wait`.
+    pub async fn given_up_within(&mut self, wait: std::time::Duration) -> bool {
+        tokio::time::timeout(wait, self.release.closed())
+            .await
+            .is_ok()
+    }
+
+    /// Lets the held change go on.
     pub fn release(self) {
         let _ = self.release.send(());
     }
@@ -86,7 +95,20 @@ impl FaultyStore {
             prune_on_read: std::sync::Mutex::new(None),
             hold_next_change: std::sync::Mutex::new(None),
             down_after_next_change: AtomicBool::new(false),
+            hold_after_next_revoke: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The next revoke, once the store has made (committed) it, waits until the returned
+    /// [`HeldChange`] is released: what follows a commit can be cut there.
+    pub fn hold_after_next_revoke(&self) -> HeldChange {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        *self.hold_after_next_revoke.lock().unwrap() = Some(Hold { reached, release });
+        HeldChange {
+            reached: reached_rx,
+            release: release_tx,
+        }
     }
 
     /// The next create or rotate (a credential, registry, grant or webhook) waits before it
@@ -401,9 +423,16 @@ impl Store for FaultyStore {
         grant_event: EventOf<'_, Grant>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
-        self.inner
+        let revoked = self
+            .inner
             .revoke_credential(tenant_id, kind, id, at, by_user, event, grant_event)
-            .await
+            .await;
+        let hold = self.hold_after_next_revoke.lock().unwrap().take();
+        if let Some(hold) = hold {
+            let _ = hold.reached.send(());
+            let _ = hold.release.await;
+        }
+        revoked
     }
 
     async fn update_robot_permissions(

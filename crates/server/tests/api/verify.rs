@@ -35,6 +35,52 @@ async fn forward(app: &TestApp, token: Option<&str>, query: &str) -> Response {
         .unwrap()
 }
 
+/// A revoke whose client hangs up after the store made it still reaches the verification cache:
+/// hyper drops the request's future with the connection, and the change must run to its end
+/// regardless. SQLite only: on PostgreSQL the replica's own NOTIFY would invalidate it anyway.
+#[tokio::test]
+async fn a_revoke_whose_client_hung_up_still_reaches_the_cache() {
+    use tokio::io::AsyncWriteExt;
+    let (app, store) = FaultyStore::spawn(Backend::Sqlite, test_config()).await;
+    let org = app.create_org("acme").await;
+    let created = app
+        .create_token(&org, "leaving", &["api_tokens:read"])
+        .await;
+    let (id, secret) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
+    assert_eq!(forward(&app, Some(secret), "").await.status(), 200);
+
+    let mut held = store.hold_after_next_revoke();
+    let address = app.base.trim_start_matches("http://");
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "DELETE {} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\r\n",
+        org.path(&format!("/api-tokens/{id}")),
+        org.token
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    held.reached().await;
+    // Committed; the client gives up before the answer.
+    drop(client);
+    let given_up = held.given_up_within(Duration::from_secs(2)).await;
+    held.release();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = forward(&app, Some(secret), "").await.status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked token still verifies ({status}; the revoke was given up: {given_up})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn verifier_token(app: &TestApp, org: &Org) -> String {
     let created = app.create_token(org, "verifier", &["tokens:verify"]).await;
     created["token"].as_str().unwrap().to_string()
