@@ -56,6 +56,15 @@ impl TokenHash {
         &self.0
     }
 
+    /// The first 8 bytes: enough to tell a credential's current secret from its previous one
+    /// (a presented secret's use is credited by them), where the whole hash would not fit a cache
+    /// entry's size.
+    pub fn prefix(&self) -> [u8; 8] {
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        prefix
+    }
+
     /// Constant-time comparison, for every place a presented secret meets a stored one.
     pub fn matches(&self, other: &TokenHash) -> bool {
         self.0.ct_eq(&other.0).into()

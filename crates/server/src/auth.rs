@@ -103,8 +103,9 @@ pub struct Verified {
     pub(crate) last_use: crate::usage::LastUse,
     pub credential: CredentialIdentity,
     pub rights: Arc<Rights>,
-    /// The previous secret's hash when that is the one presented: its use is recorded apart.
-    previous_hash: Option<Box<TokenHash>>,
+    /// The presented secret's hash's first bytes: a use is credited to whichever of the
+    /// credential's secrets that is when it is written (a rotation may have come since).
+    presented: [u8; 8],
     /// A canary's whole record, for its trigger event (canaries are few; no other entry holds one).
     canary: Option<Box<CanaryEntry>>,
 }
@@ -124,9 +125,9 @@ impl Verified {
         Principal::for_credential(&self.credential, self.rights.scopes.clone())
     }
 
-    /// The hash of the previous secret, when this entry is for it.
-    pub(crate) fn previous_hash(&self) -> Option<TokenHash> {
-        self.previous_hash.as_deref().copied()
+    /// What names the presented secret to [`keyplane_store::CredentialUse`].
+    pub(crate) fn presented(&self) -> [u8; 8] {
+        self.presented
     }
 }
 
@@ -717,7 +718,7 @@ impl Verifier {
                 last_use: Default::default(),
                 credential: identity,
                 rights,
-                previous_hash: (secret == SecretSlot::Previous).then(|| Box::new(hash)),
+                presented: hash.prefix(),
                 canary: credential.canary.then(|| {
                     Box::new(CanaryEntry {
                         record: credential,

@@ -50,9 +50,13 @@ impl UsageRecorder {
     /// A use of `verified` at `at_micros` (microseconds since the Unix epoch).
     pub fn record(&self, verified: &Arc<Verified>, at_micros: i64) {
         let marker = &verified.last_use;
-        marker.at_micros.fetch_max(at_micros, Ordering::Relaxed);
+        // SeqCst, here and in `flush`: each side writes one field, then reads the other. With
+        // weaker orders both reads may see the old values (the flush the old time, this the old
+        // `queued`) and the use would be neither written nor queued. (On x86 these compile to
+        // the same instructions as Relaxed; only the flush's store becomes an `xchg`.)
+        marker.at_micros.fetch_max(at_micros, Ordering::SeqCst);
         // Read before swapping: the common case (already queued) stays a shared cache line.
-        if !marker.queued.load(Ordering::Relaxed) && !marker.queued.swap(true, Ordering::AcqRel) {
+        if !marker.queued.load(Ordering::SeqCst) && !marker.queued.swap(true, Ordering::AcqRel) {
             self.lock_queue().push(verified.clone());
         }
     }
@@ -70,12 +74,12 @@ impl UsageRecorder {
                 .iter()
                 .filter_map(|verified| {
                     // Clear first: a use racing with this write re-queues itself.
-                    verified.last_use.queued.store(false, Ordering::Release);
-                    let micros = verified.last_use.at_micros.load(Ordering::Relaxed);
+                    verified.last_use.queued.store(false, Ordering::SeqCst);
+                    let micros = verified.last_use.at_micros.load(Ordering::SeqCst);
                     DateTime::from_timestamp_micros(micros).map(|at| CredentialUse {
                         id: verified.credential.id,
                         at,
-                        previous_secret: verified.previous_hash(),
+                        secret: verified.presented(),
                     })
                 })
                 .collect();

@@ -60,8 +60,10 @@ pub struct ExpiryWindow {
 pub struct CredentialUse {
     pub id: CredentialId,
     pub at: DateTime<Utc>,
-    /// `Some`: the previous secret (this hash) was used, which has its own `last_used_at`.
-    pub previous_secret: Option<TokenHash>,
+    /// The first bytes of the presented secret's hash ([`TokenHash::prefix`]): the credential's
+    /// current secret, or its previous one (which has its own `last_used_at`). The store credits
+    /// whichever it is when it writes.
+    pub secret: [u8; 8],
 }
 
 /// The registry token signing key and its self-signed certificate (the registry's

@@ -26,9 +26,21 @@ pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrap
 /// older use after a newer one. Comparing works on SQLite's text too: sqlx writes every time as
 /// RFC 3339 in UTC (`+00:00`) with 0, 3, 6 or 9 fractional digits, which sorts as the times do
 /// (`+` sorts before `.`, and both before digits).
-pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)";
-/// A previous secret's use counts only while it is still that credential's previous secret.
-pub(crate) const TOUCH_PREVIOUS_LAST_USED: &str = "UPDATE credentials SET previous_secret_last_used_at = $2 WHERE id = $1 AND previous_secret_hash = $3 AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2)";
+/// A use is credited to the secret that was presented ($3), as the row holds it when the use is
+/// written: a use of a secret that a rotation has made the previous one since (a replica's cache
+/// still held it as current) counts for the previous secret, never for the new one, whose first
+/// use may retire the old one early; a secret that is neither any more counts for nothing.
+/// The secret is named by its hash's first 8 bytes (all a cache entry keeps of it; two secrets of
+/// one credential share them with odds of 2^-64). `substr` takes bytes of a blob on both backends.
+pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET \
+     last_used_at = CASE WHEN substr(secret_hash, 1, 8) = $3 AND (last_used_at IS NULL OR last_used_at < $2) \
+         THEN $2 ELSE last_used_at END, \
+     previous_secret_last_used_at = CASE WHEN substr(previous_secret_hash, 1, 8) = $3 \
+         AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2) \
+         THEN $2 ELSE previous_secret_last_used_at END \
+     WHERE id = $1 AND ((substr(secret_hash, 1, 8) = $3 AND (last_used_at IS NULL OR last_used_at < $2)) \
+         OR (substr(previous_secret_hash, 1, 8) = $3 \
+             AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2)))";
 /// Rows the expiry sweep may still announce a stage for; the same text as the partial index
 /// `credentials_expiry_sweep`'s predicate, so both backends use that index.
 pub(crate) const EXPIRY_SWEEP_PREDICATE: &str = "revoked_at IS NULL AND expires_at IS NOT NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > 0)";
@@ -1190,16 +1202,12 @@ macro_rules! impl_store {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
                     for used in uses {
-                        let sql = match used.previous_secret {
-                            None => $crate::sql::TOUCH_LAST_USED,
-                            Some(_) => $crate::sql::TOUCH_PREVIOUS_LAST_USED,
-                        };
-                        let query = sqlx::query(sql).bind(used.id.as_uuid()).bind(used.at);
-                        let query = match &used.previous_secret {
-                            Some(hash) => query.bind(&hash.as_bytes()[..]),
-                            None => query,
-                        };
-                        query.execute(&mut *tx).await?;
+                        sqlx::query($crate::sql::TOUCH_LAST_USED)
+                            .bind(used.id.as_uuid())
+                            .bind(used.at)
+                            .bind(&used.secret[..])
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     tx.commit().await?;
                     Ok(())

@@ -329,12 +329,12 @@ async fn last_used_batches_are_applied(backend: Backend) {
             CredentialUse {
                 id: a.id,
                 at,
-                previous_secret: None,
+                secret: a.secret_hash.prefix(),
             },
             CredentialUse {
                 id: b.id,
                 at,
-                previous_secret: None,
+                secret: b.secret_hash.prefix(),
             },
         ])
         .await
@@ -380,12 +380,12 @@ async fn last_uses_only_move_forward(backend: Backend) {
                 CredentialUse {
                     id: credential.id,
                     at,
-                    previous_secret: None,
+                    secret: rotation.secret_hash.prefix(),
                 },
                 CredentialUse {
                     id: credential.id,
                     at,
-                    previous_secret: Some(old.hash()),
+                    secret: old.hash().prefix(),
                 },
             ])
             .await
@@ -1642,7 +1642,7 @@ async fn a_grace_rotation_keeps_the_previous_secret_findable(backend: Backend) {
         .record_last_used(&[CredentialUse {
             id: credential.id,
             at,
-            previous_secret: Some(old.hash()),
+            secret: old.hash().prefix(),
         }])
         .await
         .unwrap();

@@ -1555,3 +1555,54 @@ async fn three_replicas_on_postgres_agree_on_the_lifecycle() {
         }
     }
 }
+
+/// A use of the old secret on a replica that still held it as current when another rotated it
+/// counts as the previous secret's use, never as the new one's (whose first use lets the old one
+/// be retired early). SQLite only: there a replica hears of another's change only when its cache
+/// entry ages out, which holds the window open; PostgreSQL's NOTIFY closes it in milliseconds.
+#[tokio::test]
+async fn a_use_of_the_old_secret_on_a_replica_behind_the_rotation_is_the_old_secrets() {
+    let writer = TestApp::spawn(Backend::Sqlite).await;
+    let behind = writer.replica().await;
+    let org = writer.create_org("acme").await;
+    let created = writer
+        .create_token(&org, "rolled", &["api_tokens:read"])
+        .await;
+    let old = text(&created, "token");
+    let path = org.path(&format!("/api-tokens/{}", text(&created, "id")));
+    let listing = org.path("/api-tokens");
+    assert_eq!(behind.get(&listing, &old).await.status(), 200);
+    behind.app.flush_usage().await;
+
+    let before_rotation = chrono::Utc::now();
+    ok(
+        writer
+            .post(
+                &format!("{path}/rotate"),
+                &org.token,
+                json!({"grace_seconds": 3600, "retire_when_unused_seconds": 60}),
+            )
+            .await,
+        200,
+        "rotate",
+    )
+    .await;
+    // The replica answers from the entry it cached before the rotation.
+    assert_eq!(behind.get(&listing, &old).await.status(), 200);
+    behind.app.flush_usage().await;
+
+    let view = ok(writer.get(&path, &org.token).await, 200, "get").await;
+    let at = |field: &str| {
+        view[field]
+            .as_str()
+            .map(|at| chrono::DateTime::parse_from_rfc3339(at).unwrap())
+    };
+    let current = at("last_used_at");
+    assert!(
+        current.is_none_or(|used| used < before_rotation),
+        "the new secret was never presented: {view}"
+    );
+    let previous = at("previous_secret_last_used_at")
+        .unwrap_or_else(|| panic!("the old secret's use is recorded: {view}"));
+    assert!(previous >= before_rotation, "{view}");
+}
