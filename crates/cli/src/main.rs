@@ -29,7 +29,8 @@ static ALLOCATOR: keyplane_server::allocator::Allocator = keyplane_server::alloc
         "  keyplane tokens create --name ci --scope api_tokens:read --expires-in 30d\n\n",
         "The client commands take a token from --token-file, KEYPLANE_TOKEN, or the profile saved by \
          `keyplane login` (under $XDG_CONFIG_HOME/keyplane; its token is sent only to the URL it was \
-         saved with), and the server from --url or KEYPLANE_URL.\n\n",
+         saved with), and the server from --url or KEYPLANE_URL (which KEYPLANE_TOKEN needs: it is never \
+         sent to a profile's server).\n\n",
         exit_codes!(),
     )
 )]

@@ -50,7 +50,8 @@ pub(crate) use example;
 /// Where to connect, with which credential, and how to print: every client command takes these.
 #[derive(Args, Clone)]
 pub struct Target {
-    /// The keyplane server [default: the profile's URL, else http://127.0.0.1:8080].
+    /// The keyplane server [default: the profile's URL (never with KEYPLANE_TOKEN, which needs
+    /// its own), else http://127.0.0.1:8080].
     #[arg(long, env = "KEYPLANE_URL", global = true, value_name = "URL")]
     pub url: Option<String>,
     /// Read the bearer token from this file [default: KEYPLANE_TOKEN, else the profile's].
@@ -873,7 +874,7 @@ pub struct Session {
 impl Session {
     /// Resolves URL and credential: `--url`/KEYPLANE_URL, else the profile's, else the default;
     /// `--token-file`, else KEYPLANE_TOKEN, else the profile's token, which goes to the profile's
-    /// URL only.
+    /// URL only. KEYPLANE_TOKEN never goes to a profile's URL.
     pub fn open(target: &Target, env: &Environment) -> Result<Self, Error> {
         let name = target.profile_name();
         // Two credentials named: which one was meant cannot be told, and KEYPLANE_TOKEN (often
@@ -893,6 +894,19 @@ impl Session {
             Ok(profiles) if needs_profile => profiles.load(name)?,
             _ => None,
         };
+        // KEYPLANE_TOKEN, exported for one server, would otherwise go to whatever server the
+        // `default` profile was saved for.
+        if let (None, None, Some(_), Some(profile)) =
+            (&target.url, &target.token_file, &env.token, &profile)
+        {
+            return Err(Error::Usage(format!(
+                "KEYPLANE_TOKEN is set without --url or KEYPLANE_URL, and profile `{name}` was \
+                 saved for {}: KEYPLANE_TOKEN is never sent to a profile's server. Pass --url \
+                 (or set KEYPLANE_URL) for the server KEYPLANE_TOKEN belongs to, or unset \
+                 KEYPLANE_TOKEN to use the profile's login",
+                profile.url
+            )));
+        }
         let url = target
             .url
             .clone()

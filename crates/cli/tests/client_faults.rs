@@ -406,6 +406,87 @@ async fn a_profile_token_goes_to_its_own_server_only() {
     assert_eq!(saved_for.seen().len(), seen.len());
 }
 
+/// KEYPLANE_TOKEN never travels to a URL taken from a profile, the implicit `default` one
+/// included: exported for another server, it would go to the profile's. With a URL of its own
+/// it works beside the profile.
+#[tokio::test]
+async fn keyplane_token_goes_only_to_a_url_given_beside_it() {
+    let home = tempfile::tempdir().unwrap();
+    let prod = Fake::start(|_, _| answer("200 OK", &[], &whoami_answer())).await;
+    let staging = Fake::start(|_, _| answer("200 OK", &[], &whoami_answer())).await;
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let prod_url = prod.url();
+    let login = [
+        "login",
+        "--url",
+        &prod_url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let output = run(&mut client(&home, None, &login)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let logged_in = prod.seen().len();
+
+    let staging_token = "aether_a_staging_token_exported_in_this_shell";
+    let output = run(&mut client(
+        &home,
+        Some(staging_token),
+        &["tokens", "list", "--org", ORG],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("KEYPLANE_TOKEN")
+            && output.stderr.contains("--url")
+            && output.stderr.contains("KEYPLANE_URL"),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        !output.stderr.contains(staging_token),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(prod.seen().len(), logged_in, "{:?}", prod.seen());
+
+    // The token's own server, named beside it, is used; the profile stays out of it.
+    let staging_url = staging.url();
+    let mut command = client(&home, Some(staging_token), &["whoami"]);
+    command.env("KEYPLANE_URL", &staging_url);
+    let output = run(&mut command).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let output = run(&mut client(
+        &home,
+        Some(staging_token),
+        &["whoami", "--url", &staging_url],
+    ))
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = staging.seen();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(
+            header(request, "authorization"),
+            Some(format!("Bearer {staging_token}").as_str())
+        );
+    }
+    assert_eq!(prod.seen().len(), logged_in);
+}
+
+fn whoami_answer() -> String {
+    json!({
+        "kind": "api_token",
+        "id": "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f",
+        "org_id": ORG,
+        "name": "ci",
+        "scopes": ["*"],
+        "expires_at": null,
+        "secret": "current",
+    })
+    .to_string()
+}
+
 /// A one-time secret that cannot reach stdout (its reader is gone) fails the command and says
 /// the credential exists and needs a rotation.
 #[tokio::test]
