@@ -399,7 +399,7 @@ async fn secrets_stay_out_of_stderr_and_verbose(cli: &Cli) {
         created.describe()
     );
     assert!(
-        created.stderr.contains("idempotency-key: "),
+        created.stderr.contains("idempotency-key: <redacted>"),
         "{}",
         created.describe()
     );

@@ -487,6 +487,42 @@ fn whoami_answer() -> String {
     .to_string()
 }
 
+/// `--verbose` shows an idempotent request's headers without its Idempotency-Key: the key
+/// derives the one that seals the stored answer (secret included) for 24 hours.
+#[tokio::test]
+async fn verbose_output_redacts_the_idempotency_key() {
+    let fake = Fake::start(|_, _| answer("201 Created", &[], &created_token())).await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let key = "a-key-the-verbose-dump-must-not-show";
+    let output = run(&mut client(
+        &home,
+        Some(TOKEN),
+        &[
+            "tokens",
+            "create",
+            "-v",
+            "--name",
+            "x",
+            "--idempotency-key",
+            key,
+            "--org",
+            ORG,
+            "--url",
+            &url,
+        ],
+    ))
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(
+        output.stderr.contains("> idempotency-key: <redacted>"),
+        "{}",
+        output.describe()
+    );
+    assert!(!output.stderr.contains(key), "{}", output.describe());
+    assert_eq!(idempotency_keys(&fake.seen()), [key]);
+}
+
 /// A one-time secret that cannot reach stdout (its reader is gone) fails the command and says
 /// the credential exists and needs a rotation.
 #[tokio::test]

@@ -26,6 +26,9 @@ use serde::Serialize;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// The header of idempotent calls (creates and rotates).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// No retry of a call starts later than this after its first attempt: long enough to outlast the
@@ -284,7 +287,7 @@ impl Client {
             request = request.header(AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
         }
         if let Some(key) = key {
-            request = request.header("idempotency-key", key);
+            request = request.header(IDEMPOTENCY_KEY, key);
         }
         request = match &call.body {
             Body::None => request,
@@ -382,6 +385,9 @@ impl Client {
         for (name, value) in request.headers() {
             let shown = if name == AUTHORIZATION {
                 "Bearer <redacted>".to_string()
+            } else if name == IDEMPOTENCY_KEY {
+                // The server derives from it the key sealing the stored answer (secret included).
+                "<redacted>".to_string()
             } else {
                 String::from_utf8_lossy(value.as_bytes()).into_owned()
             };
