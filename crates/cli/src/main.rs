@@ -76,12 +76,15 @@ enum Command {
     },
     /// Ask whether a token is active (RFC 7662; the caller needs tokens:verify).
     #[command(after_help = concat!(
-        "Example:\n  keyplane introspect - < token.txt     # `-` reads the token from stdin, out of shell history\n\n",
+        "Example:\n  keyplane introspect - < token.txt\n",
+        "  printf %s \"$TOKEN\" | keyplane introspect -\n\n",
         exit_codes!()
     ))]
     Introspect {
-        /// The token to check, or `-` to read it from stdin.
-        token: String,
+        /// `-`: the token to check is read from stdin. A token given here is refused: `ps` and
+        /// the shell's history would show it.
+        #[arg(value_name = "-")]
+        stdin: String,
         #[command(flatten)]
         target: Target,
     },
@@ -422,8 +425,10 @@ async fn run_client(command: Command) -> Result<(), keyplane_client::Error> {
         } => remote::login(target, token_stdin, &env).await,
         Command::Logout { target } => remote::logout(&target, &env),
         Command::Whoami { target } => remote::whoami(Session::open(&target, &env)?).await,
-        Command::Introspect { token, target } => {
-            remote::introspect(Session::open(&target, &env)?, token).await
+        Command::Introspect { stdin, target } => {
+            // Refused before a credential is looked for, whatever else is wrong.
+            remote::stdin_marker(&stdin)?;
+            remote::introspect(Session::open(&target, &env)?).await
         }
         Command::RevokeLeaked { tokens, target } => {
             remote::revoke_leaked(Session::anonymous(&target, &env)?, tokens).await

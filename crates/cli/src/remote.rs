@@ -1719,17 +1719,27 @@ pub async fn whoami(s: Session) -> Result<(), Error> {
     s.print_one(&me)
 }
 
-/// `introspect TOKEN` or `introspect -` (the token from stdin, out of shell history and `ps`).
-pub async fn introspect(s: Session, token: String) -> Result<(), Error> {
-    let token = if token == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| Error::Local(format!("cannot read the token from stdin: {e}")))?;
-        text.trim().to_string()
-    } else {
-        token
-    };
+/// `introspect -`'s argument: only `-`. A live token on the command line would be seen by every
+/// user of the machine (`ps`) and kept in the shell's history; the error does not repeat it.
+pub fn stdin_marker(given: &str) -> Result<(), Error> {
+    if given == "-" {
+        return Ok(());
+    }
+    Err(Error::Usage(
+        "introspect takes the token on stdin, never as an argument (`ps` and the shell's \
+         history would show it): give `-`, as in `keyplane introspect - < token.txt` or \
+         `printf %s \"$TOKEN\" | keyplane introspect -`"
+            .into(),
+    ))
+}
+
+/// `introspect -`: the token from stdin.
+pub async fn introspect(s: Session) -> Result<(), Error> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Local(format!("cannot read the token from stdin: {e}")))?;
+    let token = text.trim().to_string();
     if token.is_empty() {
         return Err(Error::Usage("no token to introspect".into()));
     }

@@ -187,10 +187,16 @@ async fn whoami_and_introspect(cli: &Cli, org_id: &str) {
     assert_eq!(str_of(&answer, "org_id"), org_id);
     // Not active: the answer is printed, and the status (5) lets a script test it.
     let unknown = format!("aether_{}", "0".repeat(56));
-    let inactive = cli.fails(&["introspect", &unknown, "-o", "json"], 5).await;
+    let inactive = cli
+        .run_with(cli.command(), &["introspect", "-", "-o", "json"], &unknown)
+        .await;
+    assert_eq!(inactive.status.code(), Some(5), "{}", inactive.describe());
     let inactive: Value = serde_json::from_str(&inactive.stdout).unwrap();
     assert_eq!(inactive, serde_json::json!({"active": false}));
-    let table = cli.fails(&["introspect", &unknown, "-o", "table"], 5).await;
+    let table = cli
+        .run_with(cli.command(), &["introspect", "-", "-o", "table"], &unknown)
+        .await;
+    assert_eq!(table.status.code(), Some(5), "{}", table.describe());
     assert_eq!(table.stdout.trim(), "active  false");
     assert!(table.stderr.contains("not active"), "{}", table.describe());
 }

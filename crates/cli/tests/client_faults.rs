@@ -300,11 +300,11 @@ async fn redirects_are_reported_and_not_followed() {
     let home = tempfile::tempdir().unwrap();
     let url = fake.url();
     let leaked = "aether_a_token_to_introspect_that_must_not_travel";
-    for args in [
-        vec!["whoami", "--url", &url],
-        vec!["introspect", leaked, "--url", &url],
+    for (args, input) in [
+        (vec!["whoami", "--url", &url], ""),
+        (vec!["introspect", "-", "--url", &url], leaked),
     ] {
-        let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+        let output = run_with_input(&mut client(&home, Some(TOKEN), &args), input).await;
         assert_eq!(output.status.code(), Some(1), "{}", output.describe());
         assert!(
             output.stderr.contains("redirected")
@@ -521,6 +521,51 @@ async fn verbose_output_redacts_the_idempotency_key() {
     );
     assert!(!output.stderr.contains(key), "{}", output.describe());
     assert_eq!(idempotency_keys(&fake.seen()), [key]);
+}
+
+/// `introspect` takes the token from stdin only: on the command line, a live credential would
+/// show in `ps` and the shell's history. Such a run is refused before anything is sent.
+#[tokio::test]
+async fn introspect_refuses_a_token_on_the_command_line() {
+    let fake = Fake::start(|_, _| answer("200 OK", &[], r#"{"active":false}"#)).await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let given = "aether_a_live_token_typed_where_ps_can_see_it";
+    let output = run(&mut client(
+        &home,
+        Some(TOKEN),
+        &["introspect", given, "--url", &url],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("keyplane introspect - < token.txt"),
+        "{}",
+        output.describe()
+    );
+    assert!(!output.stderr.contains(given), "{}", output.describe());
+    // Refused before a credential is looked for: the same without one.
+    let output = run(&mut client(
+        &home,
+        None,
+        &["introspect", given, "--url", &url],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+
+    let output = run_with_input(
+        &mut client(&home, Some(TOKEN), &["introspect", "-", "--url", &url]),
+        given,
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(5), "{}", output.describe());
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&seen[0].body),
+        format!("token={given}")
+    );
 }
 
 /// A one-time secret that cannot reach stdout (its reader is gone) fails the command and says
