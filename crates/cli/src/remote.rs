@@ -650,7 +650,7 @@ pub enum WebhooksCommand {
     /// Create a webhook; its signing secret is printed once. Needs webhooks:manage.
     #[command(after_help = example!(
         "keyplane webhooks create --endpoint https://hooks.example.com/keyplane --event 'api_token.*'",
-        "keyplane webhooks create --endpoint https://siem.example.com/in --event '*' --secret-file whsec.txt"
+        "keyplane webhooks create --endpoint-file siem-endpoint.txt --event '*' --secret-file whsec.txt"
     ))]
     Create {
         #[command(flatten)]
@@ -723,9 +723,14 @@ pub enum WebhooksCommand {
 #[derive(Args)]
 pub struct WebhookFields {
     /// Where deliveries are POSTed: an http or https URL whose host has public addresses only
-    /// (unless the server allows private targets). Required by create.
+    /// (unless the server allows private targets). Create needs it or --endpoint-file. Other
+    /// users of the machine see it (`ps`) and the shell keeps it in its history: a URL whose
+    /// path or query carries a token belongs in --endpoint-file.
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
+    /// Read --endpoint's URL from this file (whitespace around it ignored).
+    #[arg(long, value_name = "PATH", conflicts_with = "endpoint")]
+    endpoint_file: Option<PathBuf>,
     /// An audit action to deliver (api_token.created), every action under a prefix
     /// (api_token.*), or `*`; repeatable. Required by create.
     #[arg(long = "event", value_name = "PATTERN")]
@@ -744,6 +749,7 @@ pub struct WebhookFields {
 impl WebhookFields {
     fn given(&self) -> bool {
         self.endpoint.is_some()
+            || self.endpoint_file.is_some()
             || !self.events.is_empty()
             || self.description.is_some()
             || self.enabled
@@ -752,16 +758,23 @@ impl WebhookFields {
 
     /// The PUT body: what was given over `current` (a create's is the API's defaults).
     fn request(self, current: Option<WebhookView>) -> Result<WebhookRequest, Error> {
-        let endpoint = match (self.endpoint, &current) {
-            (Some(endpoint), _) => endpoint,
-            (None, Some(current)) => current.url.clone(),
-            (None, None) => return Err(Error::Usage("--endpoint is required".into())),
+        let given = match (self.endpoint, &self.endpoint_file) {
+            (Some(endpoint), _) => Some(("--endpoint", endpoint)),
+            (None, Some(path)) => Some(("--endpoint-file", read_endpoint_file(path)?)),
+            (None, None) => None,
         };
-        let url = Url::parse(&endpoint).map_err(|e| {
-            Error::Usage(format!(
-                "--endpoint: `{endpoint}` is not an absolute URL: {e}"
-            ))
-        })?;
+        let (source, endpoint) = match (given, &current) {
+            (Some(given), _) => given,
+            (None, Some(current)) => ("the webhook's url", current.url.clone()),
+            (None, None) => {
+                return Err(Error::Usage(
+                    "--endpoint or --endpoint-file is required".into(),
+                ))
+            }
+        };
+        // Not quoted: its path or query may hold a receiver's token.
+        let url = Url::parse(&endpoint)
+            .map_err(|e| Error::Usage(format!("{source}: not an absolute URL: {e}")))?;
         let events = match (self.events.is_empty(), &current) {
             (false, _) => self.events,
             (true, Some(current)) => current.events.clone(),
@@ -1070,6 +1083,22 @@ fn read_token_file(path: &std::path::Path) -> Result<Plaintext, Error> {
         )));
     }
     Ok(Plaintext::received(token.to_string()))
+}
+
+fn read_endpoint_file(path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Local(format!(
+            "cannot read --endpoint-file {}: {e}",
+            path.display()
+        ))
+    })?;
+    match text.trim() {
+        "" => Err(Error::Usage(format!(
+            "--endpoint-file {} is empty",
+            path.display()
+        ))),
+        endpoint => Ok(endpoint.to_string()),
+    }
 }
 
 /// Domain rules broken by an argument, as a usage error naming the flag.
@@ -1500,7 +1529,8 @@ pub async fn webhooks(mut s: Session, command: WebhooksCommand) -> Result<(), Er
         WebhooksCommand::Update { id, fields } => {
             if !fields.given() {
                 return Err(Error::Usage(
-                    "nothing to change: give --endpoint, --event, --description, --enabled or --disabled"
+                    "nothing to change: give --endpoint (or --endpoint-file), --event, --description, \
+                     --enabled or --disabled"
                         .into(),
                 ));
             }

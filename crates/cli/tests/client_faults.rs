@@ -568,6 +568,138 @@ async fn introspect_refuses_a_token_on_the_command_line() {
     );
 }
 
+const WEBHOOK: &str = "0b9c2d7e-4f1a-4c3b-9e2d-7a6b5c4d3e2f";
+
+fn webhook_json(url: &str, secret: bool) -> String {
+    let mut webhook = json!({
+        "id": WEBHOOK,
+        "org_id": ORG,
+        "url": url,
+        "events": ["*"],
+        "description": "",
+        "enabled": true,
+        "failing_since": null,
+        "previous_secret_expires_at": null,
+        "created_at": "2030-01-01T00:00:00Z",
+        "updated_at": "2030-01-01T00:00:00Z",
+    });
+    if secret {
+        webhook["secret"] = json!(format!("whsec_{}", "A".repeat(43) + "="));
+    }
+    webhook.to_string()
+}
+
+/// `--endpoint-file` gives a webhook's URL from a file, so a receiver's token in its path or
+/// query stays out of `ps` and the shell's history; create and update send it as the `url`, and
+/// no error repeats it.
+#[tokio::test]
+async fn a_webhook_endpoint_is_read_from_a_file() {
+    let fake = Fake::start(|_, request| match request.method.as_str() {
+        "POST" => answer(
+            "201 Created",
+            &[],
+            &webhook_json(body_json(request)["url"].as_str().unwrap(), true),
+        ),
+        "PUT" => answer(
+            "200 OK",
+            &[],
+            &webhook_json(body_json(request)["url"].as_str().unwrap(), false),
+        ),
+        _ => answer(
+            "200 OK",
+            &[],
+            &webhook_json("https://old.example.com/x", false),
+        ),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let endpoint = "https://hooks.example.com/in/a-receivers-token?key=a-second-secret";
+    let file = home.path().join("endpoint");
+    std::fs::write(&file, format!("{endpoint}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let target = ["--org", ORG, "--url", &url];
+
+    let create = [
+        &[
+            "webhooks",
+            "create",
+            "--endpoint-file",
+            file,
+            "--event",
+            "*",
+        ],
+        &target[..],
+    ];
+    let output = run(&mut client(&home, Some(TOKEN), &create.concat())).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = fake.seen();
+    assert_eq!(
+        (seen[0].method.as_str(), body_json(&seen[0])["url"].as_str()),
+        ("POST", Some(endpoint))
+    );
+
+    let moved = "https://hooks.example.com/in/another-receivers-token";
+    let other = home.path().join("moved");
+    std::fs::write(&other, moved).unwrap();
+    let other = other.to_str().unwrap();
+    let update = [
+        &["webhooks", "update", WEBHOOK, "--endpoint-file", other],
+        &target[..],
+    ];
+    let output = run(&mut client(&home, Some(TOKEN), &update.concat())).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        (seen[2].method.as_str(), body_json(&seen[2])["url"].as_str()),
+        ("PUT", Some(moved))
+    );
+
+    // One of the two, and a file that holds no URL is a usage error that does not quote it.
+    let both = [
+        &[
+            "webhooks",
+            "create",
+            "--endpoint-file",
+            file,
+            "--endpoint",
+            endpoint,
+            "--event",
+            "*",
+        ],
+        &target[..],
+    ];
+    let output = run(&mut client(&home, Some(TOKEN), &both.concat())).await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    let garbled = home.path().join("garbled");
+    std::fs::write(&garbled, "hooks.example.com/in/a-receivers-token").unwrap();
+    let create = [
+        &[
+            "webhooks",
+            "create",
+            "--endpoint-file",
+            garbled.to_str().unwrap(),
+            "--event",
+            "*",
+        ],
+        &target[..],
+    ];
+    let output = run(&mut client(&home, Some(TOKEN), &create.concat())).await;
+    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("--endpoint-file"),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        !output.stderr.contains("a-receivers-token"),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(fake.seen().len(), 3);
+}
+
 /// A one-time secret that cannot reach stdout (its reader is gone) fails the command and says
 /// the credential exists and needs a rotation.
 #[tokio::test]
