@@ -591,7 +591,7 @@ fn webhook_json(url: &str, secret: bool) -> String {
 
 /// `--endpoint-file` gives a webhook's URL from a file, so a receiver's token in its path or
 /// query stays out of `ps` and the shell's history; create and update send it as the `url`, and
-/// no error repeats it.
+/// neither `--verbose` nor an error repeats it.
 #[tokio::test]
 async fn a_webhook_endpoint_is_read_from_a_file() {
     let fake = Fake::start(|_, request| match request.method.as_str() {
@@ -628,11 +628,25 @@ async fn a_webhook_endpoint_is_read_from_a_file() {
             file,
             "--event",
             "*",
+            "-v",
         ],
         &target[..],
     ];
     let output = run(&mut client(&home, Some(TOKEN), &create.concat())).await;
     assert!(output.status.success(), "{}", output.describe());
+    // --verbose shows the body with the endpoint's origin only, as the audit trail does.
+    assert!(
+        output
+            .stderr
+            .contains(r#""url":"https://hooks.example.com/<redacted>""#),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        !output.stderr.contains("a-receivers-token"),
+        "{}",
+        output.describe()
+    );
     let seen = fake.seen();
     assert_eq!(
         (seen[0].method.as_str(), body_json(&seen[0])["url"].as_str()),

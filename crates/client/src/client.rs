@@ -105,6 +105,9 @@ enum Body {
     IntrospectionForm(Plaintext),
     /// JSON that lists secrets (leaked tokens to revoke): sent, never shown.
     SecretJson(serde_json::Value),
+    /// A webhook's JSON: its `url`'s path and query may carry a receiver's token, so only the
+    /// origin is shown (as the audit trail names an endpoint).
+    WebhookJson(serde_json::Value),
 }
 
 /// Whether a call may be sent again when its answer is lost or says "later".
@@ -140,6 +143,11 @@ impl<'a> Call<'a> {
 
     fn json(mut self, body: &impl Serialize) -> Self {
         self.body = Body::Json(serde_json::to_value(body).expect("request types are JSON"));
+        self
+    }
+
+    fn webhook_json(mut self, body: &WebhookRequest) -> Self {
+        self.body = Body::WebhookJson(serde_json::to_value(body).expect("request types are JSON"));
         self
     }
 
@@ -291,7 +299,9 @@ impl Client {
         }
         request = match &call.body {
             Body::None => request,
-            Body::Json(value) | Body::SecretJson(value) => request.json(value),
+            Body::Json(value) | Body::SecretJson(value) | Body::WebhookJson(value) => {
+                request.json(value)
+            }
             Body::IntrospectionForm(token) => request.form(&[("token", token.expose_secret())]),
         };
         let request = request
@@ -399,6 +409,18 @@ impl Client {
             Body::Json(value) => eprintln!("> {value}"),
             Body::IntrospectionForm(_) => eprintln!("> token=<redacted>"),
             Body::SecretJson(_) => eprintln!("> <a body of secrets, redacted>"),
+            Body::WebhookJson(value) => {
+                let mut shown = value.clone();
+                if let Some(url) = shown.get_mut("url") {
+                    let origin = url
+                        .as_str()
+                        .and_then(|text| Url::parse(text).ok())
+                        .map(|url| url.origin().ascii_serialization())
+                        .unwrap_or_default();
+                    *url = format!("{origin}/<redacted>").into();
+                }
+                eprintln!("> {shown}");
+            }
         }
     }
 
@@ -623,7 +645,7 @@ impl Client {
         request: &WebhookRequest,
     ) -> Result<WebhookCreated, Error> {
         let call = Call::new(Method::POST, org_path(org, "/webhooks"));
-        self.send(call.json(request).idempotent()).await
+        self.send(call.webhook_json(request).idempotent()).await
     }
 
     pub async fn get_webhook(&self, org: Uuid, id: Uuid) -> Result<WebhookView, Error> {
@@ -639,7 +661,8 @@ impl Client {
         request: &WebhookRequest,
     ) -> Result<WebhookView, Error> {
         let path = org_path(org, &format!("/webhooks/{id}"));
-        self.send(Call::new(Method::PUT, path).json(request)).await
+        self.send(Call::new(Method::PUT, path).webhook_json(request))
+            .await
     }
 
     /// 204 on success: there is no body to return.
