@@ -11,14 +11,21 @@
 //!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
-//! or the id is ahead of the chain), or when retention prunes events the stream has not sent yet
-//! (checked at each read of the chain state, and after each read of events): the client must
-//! forget what it cached, and the stream goes on from the head. A heartbeat comment
-//! after `revocation_heartbeat` without an event, sent right after a successful read of the
-//! head, says the stream is alive and up to date (a stuck store stops the heartbeats too); one
-//! also follows the missed events of a resumed stream whose last event is short of the head. A
-//! stream ends when the store cannot be read (the client reconnects with `Last-Event-ID`), when
-//! the caller's own credential stops verifying or loses `tokens:verify`, or when the server stops.
+//! or the id is ahead of the chain), when retention prunes events the stream has not sent yet,
+//! or when the chain no longer holds the event at the stream's cursor (it went back: a failover
+//! to a standby that lost the last commits, a restore from a backup; its next events take the
+//! seqs the stream already sent). Both are checked at each read of the chain state (every
+//! wake-up, and after each read of events): the client must forget what it cached, and the
+//! stream goes on from the head. The check is cheap: the stream keeps the chain hash of the
+//! event at its cursor, compared with the head's when the head has not moved, and with the event
+//! read by its seq only when the head moved past it (there are events to read anyway).
+//!
+//! A heartbeat comment after `revocation_heartbeat` without an event, sent right after a
+//! successful read of the head, says the stream is alive and up to date (a stuck store stops the
+//! heartbeats too); one also follows the missed events of a resumed stream whose last event is
+//! short of the head. A stream ends when the store cannot be read (the client reconnects with
+//! `Last-Event-ID`), when the caller's own credential stops verifying or loses `tokens:verify`,
+//! or when the server stops.
 
 use crate::app::App;
 use crate::auth::bearer_token;
@@ -146,10 +153,12 @@ pub struct StreamPosition {
 ///
 /// Events: `ready` (first; data `{seq, heartbeat_seconds, head}`), `revocation` (data: `seq`,
 /// `action`, `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be
-/// resumed, or retention deleted events before the stream sent them: drop every cached
-/// verification; same data as `ready`; it may come at any point of the stream). Each carries `id:` = the audit
-/// `seq`, increasing; send the last one seen as `Last-Event-ID` to resume without missing or
-/// repeating a change. Comments (`: `) are heartbeats, each sent right after the chain's head was
+/// resumed, retention deleted events before the stream sent them, or the audit trail went back,
+/// as after a database failover or restore that lost its last commits: drop every cached
+/// verification; same data as `ready`; it may come at any point of the stream). Each carries
+/// `id:` = the audit `seq`, increasing (a `reset` after the trail went back names a lower one,
+/// and the ids go on from it); send the last one seen as `Last-Event-ID` to resume without
+/// missing or repeating a change. Comments (`: `) are heartbeats, each sent right after the chain's head was
 /// read with every event up to it before: a client is up to date once it has had one, or events
 /// up to `head` (on resumption, `ready` comes before the missed events; a stream that ends
 /// before them has not caught up).
@@ -218,13 +227,22 @@ async fn revocation_stream(
         heartbeat_seconds: heartbeat_seconds(heartbeat),
         head: state.head_seq,
     };
-    let (first, cursor) = match resume {
-        None => (("ready", position(state.head_seq)), state.head_seq),
-        // The events after `seq` are all still there.
-        Some(seq) if seq >= state.anchor_seq && seq <= state.head_seq => {
-            (("ready", position(seq)), seq)
-        }
-        Some(_) => (("reset", position(state.head_seq)), state.head_seq),
+    // Where the stream starts, and the chain hash there: the head, or the client's
+    // `Last-Event-ID` while the chain holds an event there (the events after it are all still
+    // there: pruning deletes only up to the anchor). Whether that event is the one the client saw
+    // cannot be told: an id carries no hash.
+    let start = match resume {
+        None => Some((state.head_seq, state.head_hash)),
+        Some(seq) => chain_hash_at(&app, tenant, &state, seq)
+            .await?
+            .map(|hash| (seq, hash)),
+    };
+    let (first, (cursor, cursor_hash)) = match start {
+        Some((seq, hash)) => (("ready", position(seq)), (seq, hash)),
+        None => (
+            ("reset", position(state.head_seq)),
+            (state.head_seq, state.head_hash),
+        ),
     };
     let first = position_event(first.0, &first.1)
         .map_err(|e| AppError::Internal(anyhow::anyhow!("render an event: {e}")))?;
@@ -233,7 +251,9 @@ async fn revocation_stream(
         presented,
         tenant,
         cursor,
+        cursor_hash,
         head: state.head_seq,
+        head_hash: state.head_hash,
         pending: VecDeque::from([first]),
         wake: streams.wake.subscribe(),
         stop: streams.stop.subscribe(),
@@ -258,8 +278,12 @@ struct Stream {
     tenant: TenantId,
     /// Every streamed event up to this seq has been queued.
     cursor: u64,
-    /// The chain head last read.
+    /// The chain hash of the event at `cursor`: the chain the stream follows is still the one
+    /// it sent from while the event there has this hash.
+    cursor_hash: [u8; 32],
+    /// The chain head last read, and its hash.
     head: u64,
+    head_hash: [u8; 32],
     pending: VecDeque<Event>,
     wake: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
@@ -315,10 +339,7 @@ impl Stream {
                     return None;
                 }
                 let state = self.chain_state().await?;
-                self.head = state.head_seq;
-                if state.anchor_seq > self.cursor {
-                    self.reset(state.head_seq);
-                }
+                self.observe(&state).await?;
                 continue;
             }
             let mut query = AuditQuery::after_seq(self.tenant, self.cursor, BATCH);
@@ -336,11 +357,10 @@ impl Stream {
             // tells: at or below the cursor, the query saw every event after it.
             let state = self.chain_state().await?;
             if state.anchor_seq > self.cursor {
-                self.reset(state.head_seq);
+                self.reset(&state);
                 continue;
             }
             let full = events.len() == BATCH as usize;
-            let last = events.last().map(|e| e.seq);
             let mut last_rendered = None;
             for chained in &events {
                 if let Some(event) = render(chained) {
@@ -351,19 +371,50 @@ impl Stream {
             // Caught up to a head the client cannot see in the ids (the newest events are not
             // streamed ones): a heartbeat after these says so now rather than a heartbeat
             // interval later. A resumed client counts itself up to date only then.
-            if !full && last_rendered.is_none_or(|seq| seq < self.head) {
+            let heartbeat = !full && last_rendered.is_none_or(|seq| seq < self.head);
+            // Every streamed event up to the head read before this query has been seen (seq order
+            // is commit order); a full batch continues from its last event.
+            (self.cursor, self.cursor_hash) = match events.last() {
+                Some(last) if full || last.seq > self.head => (last.seq, last.chain_hash),
+                _ => (self.head, self.head_hash),
+            };
+            // Not after a reset: that names the head itself.
+            if self.observe(&state).await? && heartbeat {
                 self.pending
                     .push_back(Event::default().comment("heartbeat"));
             }
-            // Every streamed event up to the head read before this query has been seen (seq order
-            // is commit order); a full batch continues from its last event.
-            self.cursor = match last {
-                Some(last) if full => last,
-                Some(last) => last.max(self.head),
-                None => self.head,
-            };
-            self.head = self.head.max(state.head_seq);
         }
+    }
+
+    /// Takes in a read of the chain state: `reset` when the chain no longer holds what the stream
+    /// went past (pruned past the cursor, or gone back), else its head is where to read up to.
+    /// `Some(false)` after a reset; `None` (the stream ends) when the store cannot be read.
+    async fn observe(&mut self, state: &AuditChainState) -> Option<bool> {
+        if state.anchor_seq > self.cursor {
+            self.reset(state);
+            return Some(false);
+        }
+        let at_cursor = match chain_hash_at(&self.app, self.tenant, state, self.cursor).await {
+            Ok(hash) => hash,
+            Err(error) => {
+                tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
+                return None;
+            }
+        };
+        let kept = at_cursor == Some(self.cursor_hash);
+        if kept {
+            self.head = state.head_seq;
+            self.head_hash = state.head_hash;
+        } else {
+            tracing::warn!(
+                tenant.id = %self.tenant,
+                stream.seq = self.cursor,
+                chain.head = state.head_seq,
+                "the audit chain no longer holds the events a revocation stream sent (a failover or a restore lost them?): the stream is reset"
+            );
+            self.reset(state);
+        }
+        Some(kept)
     }
 
     /// The tenant's chain state; `None` (the stream ends) when the store cannot be read.
@@ -377,21 +428,51 @@ impl Stream {
         }
     }
 
-    /// Events after the cursor were pruned before the stream read them: `reset`, as for a
-    /// `Last-Event-ID` below the anchor, and go on from `head`.
-    fn reset(&mut self, head: u64) {
+    /// The stream cannot go on from its cursor (events after it were pruned before the stream
+    /// read them, or the chain went back): `reset`, as for a `Last-Event-ID` that cannot be
+    /// resumed, and go on from the head.
+    fn reset(&mut self, state: &AuditChainState) {
         let position = StreamPosition {
-            seq: head,
+            seq: state.head_seq,
             heartbeat_seconds: heartbeat_seconds(self.heartbeat),
-            head,
+            head: state.head_seq,
         };
         match position_event("reset", &position) {
             Ok(event) => self.pending.push_back(event),
             Err(error) => tracing::error!(%error, "cannot render a reset event"),
         }
-        self.cursor = head;
-        self.head = head;
+        (self.cursor, self.cursor_hash) = (state.head_seq, state.head_hash);
+        (self.head, self.head_hash) = (state.head_seq, state.head_hash);
     }
+}
+
+/// The chain hash of the tenant's event at `seq` in the chain `state` describes; `None` when the
+/// chain holds no event there (pruned, or past its head). Read from the store only for an event
+/// strictly between the anchor and the head.
+async fn chain_hash_at(
+    app: &App,
+    tenant: TenantId,
+    state: &AuditChainState,
+    seq: u64,
+) -> Result<Option<[u8; 32]>, keyplane_store::StoreError> {
+    if seq == state.head_seq {
+        return Ok(Some(state.head_hash));
+    }
+    if seq == state.anchor_seq {
+        return Ok(Some(state.anchor_hash));
+    }
+    if seq < state.anchor_seq || seq > state.head_seq {
+        return Ok(None);
+    }
+    // Pruned since `state` was read, or a chain gone back since: no event at `seq`.
+    let events = app
+        .store()
+        .list_audit_events(&AuditQuery::after_seq(tenant, seq - 1, 1))
+        .await?;
+    Ok(events
+        .first()
+        .filter(|e| e.seq == seq)
+        .map(|e| e.chain_hash))
 }
 
 fn heartbeat_seconds(heartbeat: Duration) -> u64 {

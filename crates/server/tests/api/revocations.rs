@@ -12,6 +12,7 @@ both_backends!(
     stream_count_is_bounded_and_heartbeats_flow,
     stream_ends_when_its_caller_loses_tokens_verify,
     a_stream_catching_up_is_reset_when_retention_prunes_past_it,
+    a_stream_is_reset_when_its_chain_goes_back,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
@@ -461,6 +462,110 @@ async fn a_stream_catching_up_is_reset_when_retention_prunes_past_it(backend: Ba
     let event = resumed.next().await;
     assert_revocation(&event, "api_token.revoked", "api_token", &after);
     assert!(seq(&event) > head);
+}
+
+async fn a_stream_is_reset_when_its_chain_goes_back(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let tenant: uuid::Uuid = org.id.parse().unwrap();
+    let verifier = verifier_token(&app, &org).await;
+    let doomed = token_id(&app, &org, "doomed").await;
+    // Events to lose.
+    for name in ["one", "two", "three"] {
+        token_id(&app, &org, name).await;
+    }
+    let mut stream = SseReader::connect(&app, &verifier, None).await;
+    let head = seq(&stream.next().await);
+    assert!(head > 4, "{head}");
+
+    // A failover to a standby that lost the last three commits (or a restore from a backup): the
+    // chain ends short of what the stream has sent, and its next events take those seqs again.
+    edit_chain(&app, tenant, &roll_back_to(head - 3)).await;
+    let reset = stream.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(
+        (seq(&reset), &reset.data["head"]),
+        (head - 3, &json!(head - 3))
+    );
+    revoke(&app, &org, &doomed).await;
+    let event = stream.next().await;
+    assert_revocation(&event, "api_token.revoked", "api_token", &doomed);
+    assert_eq!(seq(&event), head - 2);
+
+    // The same, and the other history already longer than the stream's position when the stream
+    // reads it: the event at that position is not the one the stream sent.
+    edit_chain(&app, tenant, &fork_after(backend, head - 4)).await;
+    let reset = stream.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(
+        (seq(&reset), &reset.data["head"]),
+        (head - 1, &json!(head - 1))
+    );
+}
+
+/// The tenant's chain as a standby that never received its events after `seq` has it.
+fn roll_back_to(seq: u64) -> Vec<String> {
+    vec![
+        format!("DELETE FROM audit_events WHERE tenant_id = $1 AND seq > {seq}"),
+        format!(
+            "UPDATE audit_chain_heads SET seq = {seq}, chain_hash = \
+             (SELECT chain_hash FROM audit_events WHERE tenant_id = $1 AND seq = {seq}) \
+             WHERE tenant_id = $1"
+        ),
+    ]
+}
+
+/// The tenant's chain as another history has it: its events after `seq` differ (their hashes do),
+/// and it has one more, a copy of the last.
+fn fork_after(backend: Backend, seq: u64) -> Vec<String> {
+    let new_id = match backend {
+        Backend::Sqlite => "randomblob(16)",
+        Backend::Postgres => "gen_random_uuid()",
+    };
+    let other = "substr(chain_hash, 2) || substr(chain_hash, 1, 1)";
+    vec![
+        format!("UPDATE audit_events SET chain_hash = {other} WHERE tenant_id = $1 AND seq > {seq}"),
+        format!(
+            "INSERT INTO audit_events (tenant_id, seq, id, occurred_at, action, outcome, \
+             actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, \
+             request_id, client_ip, user_agent, details, chain_hash) \
+             SELECT tenant_id, seq + 1, {new_id}, occurred_at, action, outcome, actor_type, \
+             actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, request_id, \
+             client_ip, user_agent, details, {other} FROM audit_events \
+             WHERE tenant_id = $1 AND seq = (SELECT seq FROM audit_chain_heads WHERE tenant_id = $1)"
+        ),
+        "UPDATE audit_chain_heads SET seq = seq + 1, chain_hash = \
+         (SELECT e.chain_hash FROM audit_events e WHERE e.tenant_id = $1 AND e.seq = audit_chain_heads.seq + 1) \
+         WHERE tenant_id = $1"
+            .to_string(),
+    ]
+}
+
+/// Runs `statements` (`$1`: the tenant) in one transaction on the test database, behind the
+/// server's back: nothing wakes a stream, which finds the change at its next read.
+async fn edit_chain(app: &TestApp, tenant: uuid::Uuid, statements: &[String]) {
+    macro_rules! run {
+        ($connection:ty) => {{
+            use sqlx::Connection;
+            let mut db = <$connection>::connect(app.database_url())
+                .await
+                .expect("connect to the test database");
+            let mut tx = db.begin().await.unwrap();
+            for sql in statements {
+                sqlx::query(sql)
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            tx.commit().await.unwrap();
+        }};
+    }
+    if app.database_url().starts_with("postgres") {
+        run!(sqlx::PgConnection)
+    } else {
+        run!(sqlx::SqliteConnection)
+    }
 }
 
 async fn revoke(app: &TestApp, org: &Org, id: &str) {
