@@ -242,6 +242,11 @@ pub struct ServeArgs {
     /// Revocation streams (`GET /v1/revocations/stream`) open at once; more answer 429.
     #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_revocation_streams: u64,
+    /// Revocation streams of one organization open at once, so that one cannot take every slot;
+    /// more answer 429. At most --max-revocation-streams. Default: 100, or
+    /// --max-revocation-streams when that is lower.
+    #[arg(long, env = "KEYPLANE_MAX_REVOCATION_STREAMS_PER_ORG", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_revocation_streams_per_org: Option<u64>,
     /// Seconds between heartbeats on an idle revocation stream; clients take a stream silent for
     /// two heartbeats for dead, so keep it well below their max_staleness. Must be below
     /// --idle-timeout-seconds, which would otherwise close every idle stream first.
@@ -423,6 +428,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls_check_interval: (args.tls_check_seconds > 0)
             .then(|| Duration::from_secs(args.tls_check_seconds)),
         max_revocation_streams: args.max_revocation_streams as usize,
+        max_revocation_streams_per_org: args
+            .max_revocation_streams_per_org
+            .unwrap_or(DEFAULT_MAX_REVOCATION_STREAMS_PER_ORG.min(args.max_revocation_streams))
+            as usize,
         revocation_heartbeat: Duration::from_secs(args.revocation_heartbeat_seconds),
         ..Config::default()
     };
@@ -456,6 +465,10 @@ async fn already_done(future: &mut (impl std::future::Future<Output = ()> + Unpi
 /// `--rate-limit-burst` when not given (lowered to the per-minute rate below it).
 const DEFAULT_RATE_LIMIT_BURST: u32 = 10;
 
+/// `--max-revocation-streams-per-org` when not given (lowered to `--max-revocation-streams`
+/// below it).
+const DEFAULT_MAX_REVOCATION_STREAMS_PER_ORG: u64 = 100;
+
 /// Refuses flag combinations that would quietly not do what they say.
 fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
     if args.revocation_heartbeat_seconds >= args.idle_timeout_seconds {
@@ -464,6 +477,15 @@ fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
             args.revocation_heartbeat_seconds,
             args.idle_timeout_seconds
         );
+    }
+    match args.max_revocation_streams_per_org {
+        Some(per_org) if per_org > args.max_revocation_streams => {
+            anyhow::bail!(
+                "--max-revocation-streams-per-org ({per_org}) must not exceed --max-revocation-streams ({}): an organization cannot have more streams than the server",
+                args.max_revocation_streams
+            );
+        }
+        _ => {}
     }
     match args.rate_limit_burst {
         Some(burst) if args.rate_limit_per_minute > 0 && burst > args.rate_limit_per_minute => {

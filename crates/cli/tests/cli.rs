@@ -659,6 +659,33 @@ async fn a_low_rate_limit_alone_lowers_the_default_burst() {
     assert_eq!(statuses, [200, 200, 200, 429, 429], "a burst of 3");
 }
 
+/// The per-organization default (100) follows a lower --max-revocation-streams rather than
+/// contradict it.
+#[tokio::test]
+async fn a_low_stream_limit_alone_starts_and_bounds_the_streams() {
+    let store = common::TestStore::new(Backend::Sqlite).await;
+    let keyplane = common::Keyplane::start(
+        &store,
+        &["--max-revocation-streams", "2"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let org = store.bootstrap_org();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let answer = keyplane
+            .http
+            .get(keyplane.url("/v1/revocations/stream"))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .unwrap();
+        open.push(answer);
+    }
+    let statuses: Vec<u16> = open.iter().map(|a| a.status().as_u16()).collect();
+    assert_eq!(statuses, [200, 200, 429], "two streams, all the server has");
+}
+
 #[tokio::test]
 async fn contradictory_limits_fail_with_one_clear_line() {
     for (flags, named) in [
@@ -681,6 +708,25 @@ async fn contradictory_limits_fail_with_one_clear_line() {
         (
             &["--rate-limit-burst", "0"][..],
             &["--rate-limit-burst"][..],
+        ),
+        (
+            &["--max-revocation-streams-per-org", "1001"][..],
+            &[
+                "--max-revocation-streams-per-org",
+                "--max-revocation-streams",
+            ][..],
+        ),
+        (
+            &[
+                "--max-revocation-streams",
+                "10",
+                "--max-revocation-streams-per-org",
+                "11",
+            ][..],
+            &[
+                "--max-revocation-streams-per-org",
+                "--max-revocation-streams",
+            ][..],
         ),
     ] {
         let data_dir = tempfile::tempdir().expect("create a temporary directory");

@@ -66,7 +66,10 @@ impl App {
         let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
         let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
-        let config_max_streams = config.max_revocation_streams;
+        let revocation_streams = crate::revocations::RevocationStreams::new(
+            config.max_revocation_streams,
+            config.max_revocation_streams_per_org,
+        );
         let public_revoke_limiter = crate::ratelimit::KeyedRateLimiter::new(
             config.public_revoke_per_minute,
             config.public_revoke_per_minute,
@@ -94,7 +97,7 @@ impl App {
             console_sessions,
             console_issuer: Default::default(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),
-            revocation_streams: crate::revocations::RevocationStreams::new(config_max_streams),
+            revocation_streams,
         }))
     }
 

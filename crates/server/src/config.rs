@@ -55,6 +55,9 @@ pub struct Config {
     pub tls_check_interval: Option<Duration>,
     /// Revocation streams (`GET /v1/revocations/stream`) open at once on this replica.
     pub max_revocation_streams: usize,
+    /// Revocation streams of one organization open at once on this replica (so that one cannot
+    /// take every slot).
+    pub max_revocation_streams_per_org: usize,
     /// A revocation stream reads its tenant's chain head at least this often (it also wakes at
     /// once on every cache invalidation this replica hears of).
     pub revocation_poll_interval: Duration,
@@ -175,6 +178,7 @@ impl Default for Config {
             tls: None,
             tls_check_interval: Some(Duration::from_secs(1)),
             max_revocation_streams: 1000,
+            max_revocation_streams_per_org: 100,
             revocation_poll_interval: Duration::from_secs(1),
             revocation_heartbeat: Duration::from_secs(15),
         }

@@ -39,8 +39,9 @@ use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
 use keyplane_store::{AuditChainState, AuditQuery};
 use serde::Serialize;
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
@@ -76,21 +77,71 @@ pub const STREAMED_ACTIONS: &[&str] = &[
     actions::CREDENTIAL_LEAKED,
 ];
 
-/// The streams open on this replica: their number is bounded, and they end when it stops.
+/// The streams open on this replica: their number is bounded, in all and per organization (one
+/// tenant cannot take every slot), and they end when it stops.
 pub(crate) struct RevocationStreams {
     slots: Arc<Semaphore>,
+    per_org: Arc<OrgSlots>,
     /// Bumped on every local cache invalidation: streams look at the store at once.
     wake: watch::Sender<u64>,
     stop: watch::Sender<bool>,
 }
 
+/// The streams open per organization, each at most `max`; a tenant without one has no entry.
+struct OrgSlots {
+    max: usize,
+    open: Mutex<HashMap<TenantId, usize>>,
+}
+
+/// A stream's slots, in all and in its organization: given back when the stream ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    org: Arc<OrgSlots>,
+    tenant: TenantId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.org.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Entry::Occupied(mut count) = open.entry(self.tenant) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+}
+
 impl RevocationStreams {
-    pub(crate) fn new(max_streams: usize) -> Self {
+    pub(crate) fn new(max_streams: usize, max_per_org: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max_streams)),
+            per_org: Arc::new(OrgSlots {
+                max: max_per_org,
+                open: Mutex::new(HashMap::new()),
+            }),
             wake: watch::Sender::new(0),
             stop: watch::Sender::new(false),
         }
+    }
+
+    /// A slot for one more stream of `tenant`; `None` when the replica or the organization has
+    /// as many open as allowed.
+    fn take_slot(&self, tenant: TenantId) -> Option<Slot> {
+        let mut open = self.per_org.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open
+            .get(&tenant)
+            .is_some_and(|count| *count >= self.per_org.max)
+        {
+            return None;
+        }
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        *open.entry(tenant).or_insert(0) += 1;
+        Some(Slot {
+            _permit: permit,
+            org: self.per_org.clone(),
+            tenant,
+        })
     }
 
     /// Something changed (here or, as the store told us, elsewhere): streams read their heads.
@@ -169,7 +220,7 @@ pub struct StreamPosition {
         (status = 200, description = "The event stream; it stays open.", content_type = "text/event-stream", body = String),
         (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
-        (status = 429, description = "Too many streams are open on this server; retry after `Retry-After`."),
+        (status = 429, description = "Too many streams are open on this server, or of the caller's organization; retry after `Retry-After`."),
     ),
     security(("bearer" = [])),
 )]
@@ -212,13 +263,13 @@ async fn revocation_stream(
         ),
     };
     let streams = &app.inner().revocation_streams;
-    let Ok(permit) = streams.slots.clone().try_acquire_owned() else {
+    let tenant = caller.credential.tenant_id;
+    let Some(slot) = streams.take_slot(tenant) else {
         return Err(AppError::RateLimited {
             retry_after_secs: 5,
         }
         .into());
     };
-    let tenant = caller.credential.tenant_id;
     let state = app.store().audit_chain_state(tenant).await?;
     let config = &app.inner().config;
     let heartbeat = config.revocation_heartbeat;
@@ -260,7 +311,7 @@ async fn revocation_stream(
         poll: config.revocation_poll_interval,
         heartbeat,
         last_sent: tokio::time::Instant::now(),
-        _permit: permit,
+        _slot: slot,
     };
     let events = futures::stream::unfold(stream, |mut stream| async move {
         let event = stream.next().await?;
@@ -292,7 +343,7 @@ struct Stream {
     /// was read: it tells the client the stream is alive *and* up to date.
     heartbeat: Duration,
     last_sent: tokio::time::Instant,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Stream {

@@ -13,6 +13,7 @@ both_backends!(
     stream_ends_when_its_caller_loses_tokens_verify,
     a_stream_catching_up_is_reset_when_retention_prunes_past_it,
     a_stream_is_reset_when_its_chain_goes_back,
+    one_organization_cannot_take_every_stream,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
@@ -391,6 +392,50 @@ async fn stream_count_is_bounded_and_heartbeats_flow(backend: Backend) {
     // The slot is free again once the client is gone.
     crate::helpers::eventually("a stream slot is released", || async {
         SseReader::open(&app, &verifier, None).await.status() == 200
+    })
+    .await;
+}
+
+async fn one_organization_cannot_take_every_stream(backend: Backend) {
+    let config = keyplane_server::Config {
+        max_revocation_streams: 4,
+        max_revocation_streams_per_org: 2,
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let (a, b, c) = (
+        app.create_org("a").await,
+        app.create_org("b").await,
+        app.create_org("c").await,
+    );
+    let (verifier_a, verifier_b, verifier_c) = (
+        verifier_token(&app, &a).await,
+        verifier_token(&app, &b).await,
+        verifier_token(&app, &c).await,
+    );
+    let mut first_a = SseReader::connect(&app, &verifier_a, None).await;
+    assert_eq!(first_a.next().await.event, "ready");
+    let _second_a = SseReader::connect(&app, &verifier_a, None).await;
+    let at_org_cap = SseReader::open(&app, &verifier_a, None).await;
+    assert_eq!(at_org_cap.status(), 429);
+    // The other organizations still get theirs, up to the server's bound.
+    let _first_b = SseReader::connect(&app, &verifier_b, None).await;
+    let _second_b = SseReader::connect(&app, &verifier_b, None).await;
+    let at_server_cap = SseReader::open(&app, &verifier_c, None).await;
+    assert_eq!(at_server_cap.status(), 429);
+    // Either refusal reads the same.
+    let refusal = |res: reqwest::Response| async move {
+        let retry_after = res.headers()["retry-after"].to_str().unwrap().to_string();
+        assert!(retry_after.parse::<u64>().is_ok(), "{retry_after}");
+        let body: Value = res.json().await.unwrap();
+        (retry_after, body["error"].clone())
+    };
+    assert_eq!(refusal(at_org_cap).await, refusal(at_server_cap).await);
+
+    // A slot given back is the organization's again.
+    drop(first_a);
+    crate::helpers::eventually("an organization's stream slot is released", || async {
+        SseReader::open(&app, &verifier_a, None).await.status() == 200
     })
     .await;
 }
