@@ -380,15 +380,19 @@ impl ActiveAnswer<'_> {
 /// own `Authorization: Bearer` credential and answers 200 with `X-Keyplane-Org-Id`,
 /// `X-Keyplane-Subject` (credential id), `X-Keyplane-Credential-Kind`, `X-Keyplane-Scopes`
 /// (space-separated) and `X-Keyplane-Secret` (`current`, or `previous` during a rotation's grace
-/// period), or 401. Each `scope` query parameter is a scope the credential must hold
-/// (403 otherwise).
+/// period), or 401. Each `scope` query parameter is a scope the credential must hold, and `org`
+/// parameters name the organizations it may belong to (403 otherwise): any organization can mint
+/// a credential with any scope string, so a proxy in front of one organization's service names it.
 #[utoipa::path(
     get, path = "/v1/auth/forward", tag = TAG,
-    params(("scope" = Option<String>, Query, description = "Repeatable: a scope the credential must hold.")),
+    params(
+        ("scope" = Option<String>, Query, description = "Repeatable: a scope the credential must hold."),
+        ("org" = Option<Uuid>, Query, description = "Repeatable: an organization the credential may belong to; with none, any."),
+    ),
     responses(
         (status = 200, description = "Valid; identity in the X-Keyplane-* headers."),
         (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
-        (status = 403, description = "Valid, but without a required scope."),
+        (status = 403, description = "Valid, but without a required scope, or of an organization not named by `org`."),
     ),
     security(("bearer" = [])),
 )]
@@ -431,10 +435,12 @@ fn forward_presentation(parts: &Parts, origin: &Origin) -> Presentation {
     )
 }
 
-/// A forward-auth request read: the credential it presents and the scopes that must hold.
+/// A forward-auth request read: the credential it presents, the scopes that must hold and the
+/// organizations it may belong to (none: any).
 struct ForwardCheck<'a> {
     token: &'a str,
     required: Vec<(String, String)>,
+    orgs: Vec<TenantId>,
 }
 
 impl<'a> ForwardCheck<'a> {
@@ -457,17 +463,38 @@ impl<'a> ForwardCheck<'a> {
             },
         };
         // A misspelt parameter must not silently drop the check it was meant to add.
-        if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope") {
+        if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope" && k != "org") {
             return Err(AppError::Domain(DomainError::Validation(vec![
                 keyplane_core::FieldError::new(
                     keyplane_core::FieldPath::query(unknown),
                     keyplane_core::error::codes::UNKNOWN_FIELD,
-                    "is not a known parameter (only `scope`)",
+                    "is not a known parameter (only `scope` and `org`)",
                 ),
             ])));
         }
+        let orgs = required
+            .iter()
+            .filter(|(k, _)| k == "org")
+            .map(|(_, org)| {
+                uuid::Uuid::parse_str(org)
+                    .map(TenantId::from_uuid)
+                    .map_err(|_| {
+                        AppError::Domain(DomainError::Validation(vec![
+                            keyplane_core::FieldError::new(
+                                keyplane_core::FieldPath::query("org"),
+                                keyplane_core::error::codes::INVALID_FORMAT,
+                                "is not an organization id (a UUID)",
+                            ),
+                        ]))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         let token = bearer_token(&parts.headers)?;
-        Ok(Self { token, required })
+        Ok(Self {
+            token,
+            required,
+            orgs,
+        })
     }
 
     /// The answer to the verification of `self.token`: 200 with the identity headers, 403 when
@@ -477,8 +504,13 @@ impl<'a> ForwardCheck<'a> {
             Ok(verified) => verified,
             Err(refused) => return refusal(refused),
         };
+        if !self.orgs.is_empty() && !self.orgs.contains(&verified.credential.tenant_id) {
+            return refusal(AppError::Domain(DomainError::Forbidden(
+                "the credential belongs to another organization".into(),
+            )));
+        }
         let holds = &verified.rights.scopes;
-        for (_, scope) in &self.required {
+        for (_, scope) in self.required.iter().filter(|(k, _)| k == "scope") {
             let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
             if !held {
                 return refusal(AppError::Domain(DomainError::Forbidden(format!(

@@ -302,6 +302,20 @@ async fn forward_auth_answers_with_identity_headers(backend: Backend) {
     assert_eq!(res.status(), 403);
     assert!(res.headers().get("x-keyplane-subject").is_none());
 
+    // Another organization can mint a credential with the same scope: `org` keeps it out.
+    let other = app.create_org("other").await;
+    let theirs = app.create_token(&other, "deployer", &["deploy"]).await;
+    let theirs = theirs["token"].as_str().unwrap();
+    let ours = format!("?scope=deploy&org={}", org.id);
+    assert_eq!(forward(&app, Some(token), &ours).await.status(), 200);
+    let res = forward(&app, Some(theirs), &ours).await;
+    assert_eq!(res.status(), 403);
+    assert!(res.headers().get("x-keyplane-org-id").is_none());
+    let either = format!("?org={}&org={}", org.id, other.id);
+    assert_eq!(forward(&app, Some(theirs), &either).await.status(), 200);
+    let res = forward(&app, Some(token), "?org=acme").await;
+    assert_eq!(res.status(), 400);
+
     for bad in [
         None,
         Some("garbage"),
