@@ -106,7 +106,7 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
     let attempted = format!("{} {}", watched.method, watched.route);
     let key = RefusalKey {
         tenant: home,
-        actor: principal.id(),
+        actor: Some(principal.id()),
         attempted: attempted.clone(),
         target: resource.or(org),
     };
@@ -156,19 +156,28 @@ fn target_type(route: &str) -> Option<&'static str> {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct RefusalKey {
     tenant: TenantId,
-    actor: uuid::Uuid,
+    /// `None`: the tenant's refusals folded past [`MAX_KEYS_PER_TENANT`], whoever's.
+    actor: Option<uuid::Uuid>,
     attempted: String,
     target: Option<uuid::Uuid>,
 }
 
 /// At most this many distinct refusals per tenant per window; more are folded into one per actor.
 const KEYS_PER_TENANT: usize = 32;
+/// At most this many pending keys per tenant, its actors' folds included; the last is one
+/// `(various)` for the whole tenant, so that a tenant refused under many actors (its own expired
+/// tokens introspected one by one) keeps its count without taking the room other tenants need.
+const MAX_KEYS_PER_TENANT: usize = 64;
 /// At most this many pending refusals in all; more are dropped and counted in metrics.
 const MAX_PENDING: usize = 10_000;
+/// Past this many pending, a tenant's new refusals fold into its one `(various)`: the rest of
+/// [`MAX_PENDING`] is kept for other tenants' first keys (and those folds).
+const SHARED_PENDING: usize = MAX_PENDING / 2;
 
 /// Refused attempts, aggregated in memory: one `access.denied` event per (tenant, actor, attempt,
 /// target) per window, carrying how many times it happened (`count`). So a caller hammering
-/// refusals writes at most [`KEYS_PER_TENANT`] + 1 events per tenant per window.
+/// refusals writes at most [`KEYS_PER_TENANT`] + 1 events per tenant per window, and a tenant at
+/// most [`MAX_KEYS_PER_TENANT`].
 pub(crate) struct Refusals {
     pending: Mutex<Pending>,
 }
@@ -181,7 +190,8 @@ struct Pending {
 
 impl Pending {
     /// `count` refusals under `key`: added to the same key's, folded into the actor's
-    /// `(various)` past [`KEYS_PER_TENANT`], dropped (and counted) past [`MAX_PENDING`].
+    /// `(various)` past [`KEYS_PER_TENANT`], into the tenant's past [`MAX_KEYS_PER_TENANT`] or
+    /// [`SHARED_PENDING`], dropped (and counted) past [`MAX_PENDING`].
     fn add(
         &mut self,
         mut key: RefusalKey,
@@ -189,18 +199,38 @@ impl Pending {
         count: u64,
         metrics: &crate::metrics::Metrics,
     ) {
-        if let Some((_, pending)) = self.events.get_mut(&key) {
-            *pending += count;
+        if self.merge(&key, count) {
             return;
         }
-        if self.keys_per_tenant.get(&key.tenant).copied().unwrap_or(0) >= KEYS_PER_TENANT {
+        let held = self.keys_per_tenant.get(&key.tenant).copied().unwrap_or(0);
+        if held >= KEYS_PER_TENANT && key.actor.is_some() {
             key.attempted = "(various)".into();
             key.target = None;
             event.target = None;
             event.details.clear();
             event = event.text("attempted", "(various)");
-            if let Some((_, pending)) = self.events.get_mut(&key) {
-                *pending += count;
+            if self.merge(&key, count) {
+                return;
+            }
+        }
+        // A tenant's first key is its own whatever the others hold; past that, a crowded queue
+        // or the tenant's last key takes the rest of its refusals as one.
+        if held + 1 >= MAX_KEYS_PER_TENANT || (held > 0 && self.events.len() >= SHARED_PENDING) {
+            // Many actors' refusals in one event: the server's summary, with no one's request.
+            key = RefusalKey {
+                tenant: key.tenant,
+                actor: None,
+                attempted: "(various)".into(),
+                target: None,
+            };
+            event.actor = AuditActor::system();
+            event.target = None;
+            event.context = RequestContext::default();
+            event.details.clear();
+            event = event
+                .text("attempted", "(various)")
+                .text("actors", "(various)");
+            if self.merge(&key, count) {
                 return;
             }
         }
@@ -210,6 +240,17 @@ impl Pending {
         }
         *self.keys_per_tenant.entry(key.tenant).or_default() += 1;
         self.events.insert(key, (event, count));
+    }
+
+    /// Adds `count` to `key`'s pending refusals, if it has any.
+    fn merge(&mut self, key: &RefusalKey, count: u64) -> bool {
+        match self.events.get_mut(key) {
+            Some((_, pending)) => {
+                *pending += count;
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -238,7 +279,7 @@ impl Refusals {
     ) {
         let key = RefusalKey {
             tenant: credential.tenant_id,
-            actor: credential.id.as_uuid(),
+            actor: Some(credential.id.as_uuid()),
             attempted: reason.to_string(),
             target: Some(credential.id.as_uuid()),
         };
@@ -591,5 +632,135 @@ mod export_and_retention_tests {
             retention_cutoff(now, 400),
             Some(now - chrono::TimeDelta::days(400))
         );
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// One refusal of `actor` in `tenant`, as `after_response` records it.
+    fn refusal(tenant: TenantId, actor: uuid::Uuid) -> (RefusalKey, AuditEvent) {
+        let key = RefusalKey {
+            tenant,
+            actor: Some(actor),
+            attempted: "introspect".into(),
+            target: Some(actor),
+        };
+        let event = AuditEvent::new(
+            uuid::Uuid::now_v7(),
+            tenant,
+            crate::ops::now(),
+            actions::ACCESS_DENIED,
+            AuditActor {
+                actor_type: ActorType::ApiToken,
+                id: Some(actor),
+                issuer: None,
+                subject: None,
+            },
+            RequestContext::default(),
+        )
+        .denied()
+        .text("attempted", "introspect");
+        (key, event)
+    }
+
+    fn add(pending: &mut Pending, tenant: TenantId, metrics: &crate::metrics::Metrics) {
+        let (key, event) = refusal(tenant, uuid::Uuid::new_v4());
+        pending.add(key, event, 1, metrics);
+    }
+
+    fn of(pending: &Pending, tenant: TenantId) -> Vec<(&RefusalKey, u64)> {
+        pending
+            .events
+            .iter()
+            .filter(|(key, _)| key.tenant == tenant)
+            .map(|(key, (_, count))| (key, *count))
+            .collect()
+    }
+
+    fn dropped(metrics: &crate::metrics::Metrics) -> String {
+        metrics
+            .render()
+            .lines()
+            .find(|line| line.starts_with("keyplane_audit_refusals_dropped"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// One tenant refused under as many actors as the queue holds (its own expired tokens,
+    /// introspected one by one) keeps a bounded number of keys, its count whole; another tenant
+    /// refused afterwards gets its own.
+    #[test]
+    fn one_tenant_cannot_fill_the_queue_for_the_others() {
+        let metrics = crate::metrics::Metrics::new();
+        let mut pending = Pending::default();
+        let (hog, other) = (TenantId::new(), TenantId::new());
+        for _ in 0..MAX_PENDING {
+            add(&mut pending, hog, &metrics);
+        }
+        let (key, event) = refusal(other, uuid::Uuid::new_v4());
+        pending.add(key.clone(), event, 1, &metrics);
+        assert_eq!(pending.events.get(&key).map(|(_, count)| *count), Some(1));
+
+        let hogs = of(&pending, hog);
+        assert_eq!(hogs.len(), MAX_KEYS_PER_TENANT);
+        let total: u64 = hogs.iter().map(|(_, count)| count).sum();
+        assert_eq!(total, MAX_PENDING as u64, "every refusal counted");
+        let (folded, count) = hogs
+            .iter()
+            .find(|(key, _)| key.actor.is_none())
+            .expect("the tenant's (various)");
+        assert_eq!(folded.attempted, "(various)");
+        assert_eq!(
+            *count,
+            (MAX_PENDING - (MAX_KEYS_PER_TENANT - 1)) as u64,
+            "each actor past the tenant's keys folded into one"
+        );
+        let (event, _) = &pending.events[*folded];
+        assert_eq!(event.actor, AuditActor::system());
+        assert_eq!(event.context, RequestContext::default());
+        assert!(dropped(&metrics).ends_with(" 0"), "{}", dropped(&metrics));
+    }
+
+    /// Many tenants at once: past [`SHARED_PENDING`] each tenant's first refusal still gets its
+    /// key and the rest fold into one per tenant; only past [`MAX_PENDING`] is anything dropped.
+    #[test]
+    fn a_crowded_queue_keeps_room_for_each_tenants_first_refusal() {
+        let metrics = crate::metrics::Metrics::new();
+        let mut pending = Pending::default();
+        let tenants: Vec<TenantId> = (0..SHARED_PENDING / MAX_KEYS_PER_TENANT + 1)
+            .map(|_| TenantId::new())
+            .collect();
+        for tenant in &tenants {
+            for _ in 0..MAX_KEYS_PER_TENANT * 2 {
+                add(&mut pending, *tenant, &metrics);
+            }
+        }
+        assert!(pending.events.len() >= SHARED_PENDING);
+        let late = TenantId::new();
+        for _ in 0..5 {
+            add(&mut pending, late, &metrics);
+        }
+        let lates = of(&pending, late);
+        assert_eq!(lates.len(), 2, "its first refusal, and one for the rest");
+        assert!(lates
+            .iter()
+            .any(|(key, count)| key.actor.is_none() && *count == 4));
+        assert!(dropped(&metrics).ends_with(" 0"), "{}", dropped(&metrics));
+
+        // A store flush puts back what it could not write, in any order, within the bounds: no
+        // more keys, the same counts.
+        let drained: Vec<_> = pending.events.drain().collect();
+        pending.keys_per_tenant.clear();
+        let before: u64 = drained.iter().map(|(_, (_, count))| count).sum();
+        let keys = drained.len();
+        for (key, (event, count)) in drained {
+            pending.add(key, event, count, &metrics);
+        }
+        assert!(pending.events.len() <= keys);
+        let after: u64 = pending.events.values().map(|(_, count)| count).sum();
+        assert_eq!(after, before);
+        assert!(dropped(&metrics).ends_with(" 0"), "{}", dropped(&metrics));
     }
 }
