@@ -37,13 +37,33 @@ pub(crate) fn request_context_of(
     )
 }
 
-/// Filled by the `Authenticated` extractor, read after the response: who was refused.
+/// Filled by the `Authenticated` extractor (and the console's), read after the response: who was
+/// refused.
 #[derive(Clone, Default)]
-pub(crate) struct CallerSlot(Arc<OnceLock<Principal>>);
+pub(crate) struct CallerSlot(Arc<OnceLock<Caller>>);
+
+struct Caller {
+    principal: Principal,
+    /// The organization a console session acts in: its paths name none, only the resource.
+    /// `None`: the path's first id is the organization (the APIs).
+    organization: Option<TenantId>,
+}
 
 impl CallerSlot {
     pub(crate) fn set(&self, principal: &Principal) {
-        let _ = self.0.set(principal.clone());
+        self.fill(principal, None);
+    }
+
+    /// A console request, acting in the session's `organization`.
+    pub(crate) fn set_in(&self, principal: &Principal, organization: TenantId) {
+        self.fill(principal, Some(organization));
+    }
+
+    fn fill(&self, principal: &Principal, organization: Option<TenantId>) {
+        let _ = self.0.set(Caller {
+            principal: principal.clone(),
+            organization,
+        });
     }
 }
 
@@ -77,14 +97,18 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
     if status != StatusCode::FORBIDDEN && status != StatusCode::NOT_FOUND {
         return;
     }
-    let Some(principal) = watched.slot.0.get() else {
+    let Some(caller) = watched.slot.0.get() else {
         return;
     };
+    let principal = &caller.principal;
     let mut ids = watched
         .path
         .split('/')
         .filter_map(|segment| uuid::Uuid::parse_str(segment).ok());
-    let org = ids.next();
+    let org = match caller.organization {
+        Some(org) => Some(org.as_uuid()),
+        None => ids.next(),
+    };
     // The thing the route acts on is its first id after the organization's (a webhook's, not its
     // delivery's); `resource_id` names the last one in the path.
     let acted_on = ids.next();
@@ -139,13 +163,16 @@ pub(crate) fn after_response(app: &App, watched: Watched, status: StatusCode) {
 }
 
 /// What a route's first id after the organization's names, as events name targets (from its
-/// path template, e.g. `/api/v1/organizations/{orgID}/api-tokens/{id}/rotate`).
+/// path template, e.g. `/api/v1/organizations/{orgID}/api-tokens/{id}/rotate`, or the console's
+/// `/console/robots/{id}/rotate`).
 fn target_type(route: &str) -> Option<&'static str> {
     [
         ("/api-tokens/{", "api_token"),
         ("/robot-accounts/{", "robot_account"),
+        ("/robots/{", "robot_account"),
         ("/service-accounts/{", "service_account"),
         ("/authorizations/{", "authorization"),
+        ("/grants/{", "authorization"),
         ("/webhooks/{", "webhook"),
     ]
     .into_iter()

@@ -486,9 +486,10 @@ impl FromRequestParts<App> for Console {
             }
             Err(other) => return Err(other.into()),
         };
-        // A refusal below is recorded as the API's are (`access.denied`).
+        // A refusal below is recorded as the API's are (`access.denied`), in the session's
+        // organization.
         if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
-            slot.set(&who);
+            slot.set_in(&who, session.tenant);
         }
         Ok(Self {
             app: app.clone(),

@@ -32,6 +32,7 @@ both_backends!(
     a_provider_that_is_down_breaks_no_other_credential,
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
+    a_users_console_refusals_are_recorded_in_the_sessions_organization,
 );
 
 fn provider_dir() -> PathBuf {
@@ -896,4 +897,56 @@ async fn one_issuer_can_never_act_as_another_issuers_users(backend: Backend) {
     assert_eq!(res.status(), 201);
     let created: Value = res.json().await.unwrap();
     assert_eq!(created["created_by_user_id"], bob.to_string());
+}
+
+/// A user signed in to the console (with an access token, as the sign-in form takes it) and
+/// refused there: recorded in the session's organization, as the same refusal on the API is.
+async fn a_users_console_refusals_are_recorded_in_the_sessions_organization(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = TestApp::spawn_with(
+        backend,
+        Config {
+            oidc: Some(oidc(&[&provider.issuer])),
+            audit_refusal_window: Duration::from_millis(100),
+            ..test_config()
+        },
+    )
+    .await;
+    let org = app.create_org("acme").await;
+    let dave = provider.user("dave");
+    grant(
+        &app,
+        &org,
+        user_grant("capability", dave, Some("api_tokens:read")),
+    )
+    .await;
+    let token = provider.token("dave", None).await;
+    let console = crate::console::sign_in(&app, &token).await;
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let res = console
+        .post(&app, &format!("/console/api-tokens/{id}/revoke"), &[])
+        .await;
+    assert!(
+        matches!(res.status().as_u16(), 403 | 404),
+        "{}",
+        res.status()
+    );
+    eventually("the console refusal is recorded", || async {
+        !crate::console::refusals_of(&app, &org, &id)
+            .await
+            .is_empty()
+    })
+    .await;
+    let events = crate::console::refusals_of(&app, &org, &id).await;
+    let event = &events[0];
+    assert_eq!(event["actor"]["type"], "user", "{event}");
+    assert_eq!(event["actor"]["id"], dave.to_string(), "{event}");
+    assert_eq!(event["target"]["type"], "api_token", "{event}");
+    assert_eq!(event["details"]["org_id"], org.id.as_str(), "{event}");
+    assert_eq!(
+        event["details"]["attempted"], "POST /console/api-tokens/{id}/revoke",
+        "{event}"
+    );
 }

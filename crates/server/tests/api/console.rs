@@ -1,0 +1,153 @@
+//! The web console over plain HTTP (no browser: `cli/tests/console_e2e.rs` drives one): signing
+//! in with a token, and its refusals recorded as the API's are.
+
+use crate::helpers::{both_backends, eventually, test_config, Org, TestApp};
+use reqwest::{Method, Response};
+use serde_json::Value;
+use std::time::Duration;
+
+both_backends!(console_refusals_are_recorded_in_the_sessions_organization);
+
+/// A signed-in console: its session cookie and CSRF token.
+pub struct ConsoleSession {
+    cookie: String,
+    pub csrf: String,
+}
+
+/// The hidden CSRF field's value in a page.
+fn csrf_in(html: &str) -> String {
+    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    html[start..start + html[start..].find('"').unwrap()].to_owned()
+}
+
+/// The value of the cookie `name` an answer sets.
+fn cookie_set(res: &Response, name: &str) -> String {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("a {name} cookie"))
+        .to_string()
+}
+
+/// Signs in to the console with `token`, as the sign-in form does.
+pub async fn sign_in(app: &TestApp, token: &str) -> ConsoleSession {
+    let login = app
+        .request(Method::GET, "/console/login", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let login_cookie = cookie_set(&login, "keyplane_login");
+    let signed_in = app
+        .request(Method::POST, "/console/login", None)
+        .header("cookie", format!("keyplane_login={login_cookie}"))
+        .form(&[("csrf", login_cookie.as_str()), ("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303, "signing in to the console");
+    let cookie = format!(
+        "keyplane_session={}",
+        cookie_set(&signed_in, "keyplane_session")
+    );
+    let overview = app
+        .request(Method::GET, "/console", None)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let csrf = csrf_in(&overview.text().await.unwrap());
+    ConsoleSession { cookie, csrf }
+}
+
+impl ConsoleSession {
+    /// Submits a console form at `path`, with the session's CSRF token and `fields`.
+    pub async fn post(&self, app: &TestApp, path: &str, fields: &[(&str, &str)]) -> Response {
+        let mut form = vec![("csrf", self.csrf.as_str())];
+        form.extend_from_slice(fields);
+        app.request(Method::POST, path, None)
+            .header("cookie", &self.cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// `org`'s `access.denied` events about `target_id`.
+pub async fn refusals_of(app: &TestApp, org: &Org, target_id: &str) -> Vec<Value> {
+    let page: Value = app
+        .get(
+            &org.path(&format!(
+                "/audit-events?action=access.denied&target_id={target_id}"
+            )),
+            &org.token,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+/// A console path names no organization: a refusal there is the session's organization's, its
+/// target the resource the path names (as the API's refusal of the same action is).
+async fn console_refusals_are_recorded_in_the_sessions_organization(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = keyplane_server::Config {
+        audit_refusal_window: Duration::from_millis(100),
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let reader = app.create_token(&org, "reader", &["api_tokens:read"]).await;
+    let console = sign_in(&app, reader["token"].as_str().unwrap()).await;
+
+    let checks = [
+        ("api-tokens", "rotate", "api_token"),
+        ("service-accounts", "revoke", "service_account"),
+        ("robots", "rotate", "robot_account"),
+        ("webhooks", "delete", "webhook"),
+    ];
+    let mut attempted = Vec::new();
+    for (kind, action, target_type) in checks {
+        let id = uuid::Uuid::new_v4().to_string();
+        let path = format!("/console/{kind}/{id}/{action}");
+        let res = console.post(&app, &path, &[]).await;
+        let status = res.status().as_u16();
+        assert!(status == 403 || status == 404, "{path}: {status}");
+        attempted.push((
+            id,
+            format!("POST /console/{kind}/{{id}}/{action}"),
+            target_type,
+        ));
+    }
+    for (id, route, target_type) in &attempted {
+        eventually(&format!("the refusal of {route} is recorded"), || async {
+            !refusals_of(&app, &org, id).await.is_empty()
+        })
+        .await;
+        let events = refusals_of(&app, &org, id).await;
+        assert_eq!(events.len(), 1, "{events:#?}");
+        let event = &events[0];
+        assert_eq!(event["target"]["type"], *target_type, "{event}");
+        assert_eq!(event["details"]["org_id"], org.id.as_str(), "{event}");
+        assert_eq!(event["details"]["attempted"], route.as_str(), "{event}");
+        assert_eq!(event["actor"]["id"], reader["id"], "{event}");
+    }
+    // Nothing recorded as if the resource's id were an organization.
+    let page: Value = app
+        .get(&org.path("/audit-events?action=access.denied"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    for event in page["items"].as_array().unwrap() {
+        assert_eq!(event["details"]["org_id"], org.id.as_str(), "{event}");
+    }
+}
