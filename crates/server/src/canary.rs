@@ -10,14 +10,17 @@
 //! [`MAX_TRIGGERS_PER_WINDOW`] per canary in any window, so a flood of presentations cannot
 //! flood the audit trail or its webhooks. Presentations past the bound are logged at debug level
 //! only: no metric counts canaries, since `/metrics` answers anyone who can reach it and a counter
-//! that moves when a token is presented would tell a canary from a revoked credential.
+//! that moves when a token is presented would tell a canary from a revoked credential. Events are
+//! written on tasks of their own, at most [`MAX_PENDING_WRITES`] at once and
+//! [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a trigger past either is logged (at
+//! error level) and not recorded.
 
 use crate::jobs::Jobs;
 use axum::extract::MatchedPath;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use keyplane_core::audit::{actions, ActorType, AuditActor};
-use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext};
+use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext, TenantId};
 use keyplane_store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,9 @@ pub const MAX_TRIGGERS_PER_WINDOW: usize = 20;
 const MAX_TRACKED: usize = 10_000;
 /// Trigger events being written at once; past it a trigger is dropped (and logged).
 const MAX_PENDING_WRITES: usize = 256;
+/// Of those, one organization's at most: presenting its own canaries in a flood while the store
+/// is slow, a tenant cannot take the slots another's alarms need.
+const MAX_PENDING_WRITES_PER_TENANT: usize = 64;
 
 /// Where a canary can be presented: the `surface` detail of its trigger event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +155,42 @@ pub(crate) struct CanaryAlarm {
     clock: crate::config::Clock,
     recent: Mutex<HashMap<CredentialId, Recent>>,
     writes: Jobs,
+    /// Trigger events being written, per organization.
+    writing: Arc<Mutex<HashMap<TenantId, usize>>>,
+}
+
+/// One of an organization's trigger events being written: counted in its share until dropped.
+struct Share {
+    writing: Arc<Mutex<HashMap<TenantId, usize>>>,
+    tenant: TenantId,
+}
+
+impl Share {
+    /// A place in `tenant`'s share, or `None` when it holds [`MAX_PENDING_WRITES_PER_TENANT`].
+    fn take(writing: &Arc<Mutex<HashMap<TenantId, usize>>>, tenant: TenantId) -> Option<Self> {
+        let mut counts = writing.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(tenant).or_default();
+        if *count >= MAX_PENDING_WRITES_PER_TENANT {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            writing: writing.clone(),
+            tenant,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut counts = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl CanaryAlarm {
@@ -158,6 +200,7 @@ impl CanaryAlarm {
             clock,
             recent: Mutex::new(HashMap::new()),
             writes: Jobs::new(MAX_PENDING_WRITES, "canary trigger events"),
+            writing: Arc::default(),
         }
     }
 
@@ -233,13 +276,17 @@ impl CanaryAlarm {
         let Some(event) = self.admit(canary, presentation, actor) else {
             return;
         };
+        let Some(share) = Share::take(&self.writing, canary.tenant_id) else {
+            tracing::error!(tenant.id = %canary.tenant_id, credential.id = %canary.id, "canary trigger not recorded: too many of its organization's trigger events being written");
+            return;
+        };
         let Some(permit) = self.writes.try_start() else {
             tracing::error!(tenant.id = %canary.tenant_id, credential.id = %canary.id, "canary trigger not recorded: too many trigger events being written");
             return;
         };
         let store = self.store.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, share);
             if let Err(error) = store.append_audit_event(&event).await {
                 tracing::error!(%error, tenant.id = %event.tenant_id, "canary trigger could not be recorded");
             }

@@ -21,6 +21,7 @@ both_backends!(
     audit_events_name_the_request_id_their_answer_carried,
     canaries_move_the_metrics_as_revoked_credentials_do,
     canaries_answer_as_revoked_credentials_while_the_store_is_away,
+    one_organizations_flood_of_triggers_leaves_room_for_anothers,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -931,4 +932,65 @@ async fn canaries_answer_as_revoked_credentials_while_the_store_is_away(backend:
     store.set_down(false);
     assert_eq!(during[0].status, 503, "{:?}", during[0]);
     assert_eq!(during[0], during[1]);
+}
+
+/// An organization presenting many of its own canaries while trigger events cannot be written
+/// (a slow store) takes at most its share of the slots: another organization's canary, presented
+/// then, is recorded once the store answers.
+async fn one_organizations_flood_of_triggers_leaves_room_for_anothers(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, behind_proxy()).await;
+    let flooder = app.create_org("flooder").await;
+    let victim = app.create_org("acme").await;
+    // 16 canaries presented from 20 addresses each: 320 triggers, more than all the slots (256).
+    let mut baits = Vec::new();
+    for i in 0..16 {
+        let canary = json!({"name": format!("bait-{i}"), "canary": true});
+        baits.push(text(
+            &create_api_token(&app, &flooder, canary).await,
+            "token",
+        ));
+    }
+    let alarm = create_api_token(&app, &victim, json!({"name": "bait", "canary": true})).await;
+
+    store.hold_audit_appends(true);
+    for (i, bait) in baits.iter().enumerate() {
+        for address in 0..20 {
+            let res = from(
+                &app,
+                Method::GET,
+                "/v1/auth/forward",
+                &format!("100.64.{i}.{address}"),
+                "flood/1",
+            )
+            .bearer_auth(bait)
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(res.status(), 401);
+        }
+    }
+    let res = from(
+        &app,
+        Method::GET,
+        "/v1/auth/forward",
+        "100.65.0.1",
+        "intruder/1",
+    )
+    .bearer_auth(text(&alarm, "token"))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 401);
+    store.hold_audit_appends(false);
+
+    let events = expect_triggers(&app, &victim, 1).await;
+    assert_trigger(
+        &events[0],
+        alarm["id"].as_str().unwrap(),
+        "forward_auth",
+        "GET /v1/auth/forward",
+        "intruder/1",
+    );
+    // The flooder's share was written; the rest of its triggers were not recorded.
+    expect_triggers(&app, &flooder, 64).await;
 }

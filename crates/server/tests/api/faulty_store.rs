@@ -4,7 +4,8 @@
 //! was created would, to replay a sweep racing a create. And it can run retention at the moment a
 //! reader of the audit trail asks for a page, to replay pruning racing a reader. And it can hold
 //! the next create or rotate before it reaches the store, or switch itself off right after one,
-//! to replay a request overtaken while it ran or a process that dies once its change is made.
+//! to replay a request overtaken while it ran or a process that dies once its change is made. And
+//! it can hold lone events before they are written, as a store that does not answer.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -37,6 +38,8 @@ pub struct FaultyStore {
     down_after_next_change: AtomicBool,
     /// The next revoke waits here once the store has made it.
     hold_after_next_revoke: std::sync::Mutex<Option<Hold>>,
+    /// While true, every `append_audit_event` waits before it reaches the store.
+    audit_appends_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// The store's side of [`HeldChange`].
@@ -96,6 +99,7 @@ impl FaultyStore {
             hold_next_change: std::sync::Mutex::new(None),
             down_after_next_change: AtomicBool::new(false),
             hold_after_next_revoke: std::sync::Mutex::new(None),
+            audit_appends_held: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -109,6 +113,13 @@ impl FaultyStore {
             reached: reached_rx,
             release: release_tx,
         }
+    }
+
+    /// Until called again with `false`, every lone event written (`append_audit_event`: canary
+    /// triggers, refusals, notices) waits before it reaches the store, as on a store that does
+    /// not answer.
+    pub fn hold_audit_appends(&self, held: bool) {
+        self.audit_appends_held.send_replace(held);
     }
 
     /// The next create or rotate (a credential, registry, grant or webhook) waits before it
@@ -538,6 +549,11 @@ impl Store for FaultyStore {
     }
 
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let _ = self
+            .audit_appends_held
+            .subscribe()
+            .wait_for(|held| !*held)
+            .await;
         self.check()?;
         self.inner.append_audit_event(event).await
     }
