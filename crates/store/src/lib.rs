@@ -618,7 +618,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<WebhookDelivery, StoreError>;
 
     /// Leases up to `claim.limit` due deliveries of enabled webhooks to this claim, each webhook's
-    /// oldest first and no webhook past `claim.max_per_webhook` unexpired leases. Of replicas
+    /// oldest first, no webhook past `claim.max_per_webhook` unexpired leases and no tenant past
+    /// `claim.max_per_tenant`. Of replicas
     /// claiming at once, each delivery goes to one. A delivery whose stored webhook or event
     /// cannot be read is marked failed under the claim's lease instead of being returned.
     async fn claim_webhook_deliveries(

@@ -222,6 +222,7 @@ mod tests {
             .bind(1_i64)
             .bind(10_i64)
             .bind(2_i64)
+            .bind(16_i64)
             .fetch_all(&store.writer)
             .await
             .unwrap();

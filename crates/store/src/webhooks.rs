@@ -53,6 +53,9 @@ pub struct DeliveryClaim {
     /// together: the rest of its due deliveries wait, in due order, so that one slow endpoint
     /// holds this many of the workers' slots and no more.
     pub max_per_webhook: u32,
+    /// A tenant's deliveries leased at once at most, across its webhooks and every replica: so
+    /// that a tenant's many slow endpoints hold this many of the workers' slots and no more.
+    pub max_per_tenant: u32,
 }
 
 /// A claimed delivery with what sending it takes.
@@ -133,10 +136,13 @@ pub(crate) const DELETE_PATTERNS: &str = "DELETE FROM webhook_event_patterns WHE
 pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, action, status, attempts, created_ms, next_attempt_ms, last_attempt_ms, last_status_code, last_latency_ms, last_error";
 /// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`, oldest due
 /// first, taking of each webhook only its oldest due ones, and only so many that it has at most
-/// `$5` leased (counting unexpired leases of other claims). The outer conditions are checked again
-/// on each row as it is updated, so of replicas racing for a row (PostgreSQL re-reads a row
-/// another transaction changed) exactly one leases it. Racing claims see a webhook's same oldest
-/// rows, so together they keep to `$5` too (unless its due rows change between their snapshots).
+/// `$5` leased, and of each tenant only so many that it has at most `$6` leased (both counting
+/// unexpired leases of other claims). A tenant at its share takes no place in the claim, so the
+/// others' deliveries go on. The outer conditions are checked again on each row as it is
+/// updated, so of replicas racing for a row (PostgreSQL re-reads a row another transaction
+/// changed) exactly one leases it. Racing claims see a webhook's (and a tenant's) same oldest
+/// rows, so together they keep to `$5` and `$6` too (unless its due rows change between their
+/// snapshots).
 ///
 /// The pending rows are read first, each set in a materialized CTE of its own that nothing needs
 /// in any order: only the partial index `webhook_deliveries_due` (pending rows only) serves them,
@@ -144,19 +150,24 @@ pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, acti
 /// by its primary key (it yields the rows grouped by webhook, as the ranking wants), which on a
 /// SQLite store never analyzed is every finished delivery too, under the write lock.
 pub(crate) const CLAIM_DELIVERIES: &str = "WITH due AS MATERIALIZED (\
-     SELECT webhook_id, event_id, next_attempt_ms FROM webhook_deliveries \
+     SELECT webhook_id, event_id, tenant_id, next_attempt_ms FROM webhook_deliveries \
      WHERE status = 'pending' AND next_attempt_ms <= $3 AND locked_until_ms <= $3), \
-     leases AS MATERIALIZED (SELECT webhook_id FROM webhook_deliveries \
+     leases AS MATERIALIZED (SELECT webhook_id, tenant_id FROM webhook_deliveries \
      WHERE status = 'pending' AND lease_id IS NOT NULL AND locked_until_ms > $3) \
      UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
      WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3 \
      AND (webhook_id, event_id) IN (SELECT webhook_id, event_id FROM (\
-     SELECT d.webhook_id, d.event_id, d.next_attempt_ms, \
+     SELECT r.webhook_id, r.event_id, r.next_attempt_ms, \
+     ROW_NUMBER() OVER (PARTITION BY r.tenant_id ORDER BY r.next_attempt_ms, r.webhook_id, r.event_id) + COALESCE(t.leased, 0) AS tenant_place \
+     FROM (\
+     SELECT d.webhook_id, d.event_id, d.tenant_id, d.next_attempt_ms, \
      ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_ms, d.event_id) + COALESCE(l.leased, 0) AS place \
      FROM due d JOIN webhooks w ON w.id = d.webhook_id \
      LEFT JOIN (SELECT webhook_id, COUNT(*) AS leased FROM leases GROUP BY webhook_id) l ON l.webhook_id = d.webhook_id \
-     WHERE w.enabled = TRUE) ranked \
-     WHERE place <= $5 ORDER BY next_attempt_ms LIMIT $4)";
+     WHERE w.enabled = TRUE) r \
+     LEFT JOIN (SELECT tenant_id, COUNT(*) AS leased FROM leases GROUP BY tenant_id) t ON t.tenant_id = r.tenant_id \
+     WHERE r.place <= $5) ranked \
+     WHERE tenant_place <= $6 ORDER BY next_attempt_ms LIMIT $4)";
 /// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
 /// (and a read-only or full store is not written to every poll). It does not weigh the claim's
 /// per-webhook limit: when every due delivery waits behind its webhook's lease, the claim that
@@ -646,6 +657,7 @@ macro_rules! impl_webhooks {
                     .bind(millis(claim.now))
                     .bind(i64::from(claim.limit))
                     .bind(i64::from(claim.max_per_webhook))
+                    .bind(i64::from(claim.max_per_tenant))
                     .execute(&self.writer)
                     .await?
                     .rows_affected();

@@ -2132,6 +2132,7 @@ store_suite! {
     a_webhook_failing_too_long_is_disabled_with_its_event,
     webhooks_update_rotate_retry_delete_prune_and_limit,
     a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share,
+    a_claim_takes_each_tenants_deliveries_up_to_its_share,
     an_unreadable_delivery_fails_alone,
 }
 
@@ -2196,6 +2197,7 @@ fn claim_at(at: DateTime<Utc>) -> keyplane_store::DeliveryClaim {
         lease_id: uuid::Uuid::new_v4(),
         limit: 10,
         max_per_webhook: 10,
+        max_per_tenant: 10,
     }
 }
 
@@ -2621,6 +2623,7 @@ async fn a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share(backe
         lease_id: uuid::Uuid::new_v4(),
         limit: 10,
         max_per_webhook,
+        max_per_tenant: 10,
     };
     let ids = |jobs: &[keyplane_store::DeliveryJob]| -> Vec<uuid::Uuid> {
         jobs.iter().map(|j| j.event_id).collect()
@@ -2659,6 +2662,84 @@ async fn a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share(backe
         .await
         .unwrap();
     assert_eq!(ids(&jobs), [hogs[0], quiets[1]]);
+}
+
+/// A tenant whose many webhooks' deliveries pile up (slow endpoints, many events) gets no more
+/// than `max_per_tenant` of them leased at once, however old they are: another tenant's, due
+/// later, are claimed meanwhile, and the first tenant's rest wait without taking a place.
+async fn a_claim_takes_each_tenants_deliveries_up_to_its_share(backend: Backend) {
+    use keyplane_store::AttemptNext;
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let busy = f.tenant.id;
+    let other = Tenant {
+        id: TenantId::new(),
+        name: "globex".into(),
+        created_at: now(),
+    };
+    let (first, _) = new_token(other.id, "bootstrap");
+    store
+        .create_tenant_with_credential(&other, &first, &ev())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        add_webhook(store, &webhook(busy, &["api_token.*"], true)).await;
+    }
+    add_webhook(store, &webhook(other.id, &["api_token.*"], true)).await;
+    // Two events of the busy tenant (six deliveries, two per webhook), then the other's, due last.
+    let base = now() - TimeDelta::minutes(1);
+    for second in 0..2 {
+        let event = keyplane_core::AuditEvent {
+            action: "api_token.created".into(),
+            ..event_in(busy, base + TimeDelta::seconds(second))
+        };
+        store.append_audit_event(&event).await.unwrap();
+    }
+    let late = keyplane_core::AuditEvent {
+        action: "api_token.created".into(),
+        ..event_in(other.id, base + TimeDelta::seconds(10))
+    };
+    store.append_audit_event(&late).await.unwrap();
+    let claim = |at: DateTime<Utc>| keyplane_store::DeliveryClaim {
+        now: at,
+        lease_until: at + TimeDelta::seconds(15),
+        lease_id: uuid::Uuid::new_v4(),
+        limit: 10,
+        max_per_webhook: 2,
+        max_per_tenant: 4,
+    };
+    let of = |jobs: &[keyplane_store::DeliveryJob], tenant: TenantId| {
+        jobs.iter()
+            .filter(|j| j.webhook.tenant_id == tenant)
+            .count()
+    };
+
+    // The busy tenant's share, and the other's delivery.
+    let first = claim(now());
+    let jobs = store.claim_webhook_deliveries(&first).await.unwrap();
+    assert_eq!((of(&jobs, busy), of(&jobs, other.id)), (4, 1));
+    assert!(jobs.iter().any(|j| j.event_id == late.id));
+    // While those leases last, the busy tenant's two others wait.
+    assert!(store
+        .claim_webhook_deliveries(&claim(now()))
+        .await
+        .unwrap()
+        .is_empty());
+    // One of its attempts ends: one more of its deliveries is claimed.
+    let done = jobs.iter().find(|j| j.webhook.tenant_id == busy).unwrap();
+    let done = attempt(done, first.lease_id, AttemptNext::Succeeded);
+    store
+        .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
+        .await
+        .unwrap();
+    let jobs = store.claim_webhook_deliveries(&claim(now())).await.unwrap();
+    assert_eq!((of(&jobs, busy), of(&jobs, other.id)), (1, 0));
+    // Once the leases run out, they count no more: its share again.
+    let jobs = store
+        .claim_webhook_deliveries(&claim(now() + TimeDelta::seconds(20)))
+        .await
+        .unwrap();
+    assert_eq!(of(&jobs, busy), 4);
 }
 
 /// Runs `sql` with `id` on the fixture's database directly, as damage from outside would.

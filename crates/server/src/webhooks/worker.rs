@@ -21,10 +21,14 @@ use tokio::task::JoinSet;
 /// batch, so an endpoint that never answers holds its own slot for the timeout and nobody else's.
 const MAX_IN_FLIGHT: usize = 64;
 /// A webhook's deliveries in flight at once, across replicas (the store counts leases): the rest
-/// of its due deliveries wait behind them, so one slow endpoint cannot take the slots, and an
-/// organization's [`super::MAX_WEBHOOKS`] (20) take at most 40 of [`MAX_IN_FLIGHT`]. Two, not one:
-/// a healthy endpoint behind a bulk change (thousands of events) is served twice as fast.
+/// of its due deliveries wait behind them, so one slow endpoint cannot take the slots. Two, not
+/// one: a healthy endpoint behind a bulk change (thousands of events) is served twice as fast.
 const PER_WEBHOOK: u32 = 2;
+/// An organization's deliveries in flight at once, across its webhooks and replicas: its
+/// [`super::MAX_WEBHOOKS`] (20) endpoints hanging would otherwise hold 40 of [`MAX_IN_FLIGHT`], and
+/// two such organizations every slot. Its other due deliveries wait in the store and take no
+/// place in a claim, so the others' are claimed meanwhile.
+const PER_TENANT: u32 = 16;
 /// How much of a receiver's answer is read (and then dropped).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Finished deliveries deleted per transaction, and how often the prune runs.
@@ -138,6 +142,7 @@ async fn claim(
         lease_id: uuid::Uuid::new_v4(),
         limit: u32::try_from(free).unwrap_or(u32::MAX),
         max_per_webhook: PER_WEBHOOK,
+        max_per_tenant: PER_TENANT,
     };
     match app.store().claim_webhook_deliveries(&claim).await {
         Ok(jobs) => Some((claim.lease_id, jobs)),

@@ -27,6 +27,7 @@ both_backends!(
     exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
     https_targets_must_present_a_certificate_the_system_trusts,
     a_black_hole_endpoint_does_not_hold_up_other_organizations,
+    organizations_whose_endpoints_all_hang_do_not_hold_up_the_others,
     an_unreadable_webhook_or_event_fails_alone,
 );
 
@@ -1075,6 +1076,68 @@ async fn a_black_hole_endpoint_does_not_hold_up_other_organizations(
     .await;
     // Its deliveries wait behind each other: two connections at a time.
     assert_eq!(hole.accepted(), 2, "attempts at once to one endpoint");
+}
+
+/// Organizations whose every endpoint hangs (each its 20 webhooks, each webhook two deliveries at
+/// a time: together more than a replica's 64 slots) hold at most their share of the slots for the
+/// timeout: another organization's delivery arrives at once.
+async fn organizations_whose_endpoints_all_hang_do_not_hold_up_the_others(
+    backend: keyplane_store::testing::Backend,
+) {
+    let timeout = Duration::from_secs(10);
+    let app = TestApp::spawn_with(
+        backend,
+        fast(WebhookConfig {
+            timeout,
+            ..WebhookConfig::default()
+        }),
+    )
+    .await;
+    let hole = BlackHole::start().await;
+    let hung = format!("http://127.0.0.1:{}/", hole.port);
+    for name in ["stuck", "jammed"] {
+        let stuck = app.create_org(name).await;
+        for _ in 0..20 {
+            create_webhook(&app, &stuck, &hung, &["api_token.*"]).await;
+        }
+        // Two deliveries per webhook: 40 due for each organization, all before the others'.
+        create_tokens(&app, &stuck, name, 2).await;
+    }
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let receiver = Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    );
+    wait_until(
+        "attempts at the hanging endpoints",
+        Duration::from_secs(10),
+        || async { hole.accepted() >= 32 },
+    )
+    .await;
+    let token = app.create_token(&org, "healthy", &[]).await;
+    let id = token["id"].as_str().unwrap().to_string();
+    // Well within one attempt's timeout: no slot this delivery needs is held by the others.
+    wait_until("the other organization's delivery", timeout / 4, || async {
+        receiver
+            .deliveries()
+            .iter()
+            .any(|d| d["payload"]["data"]["target"]["id"] == id.as_str())
+    })
+    .await;
+    // Each hanging organization holds 16 attempts at once, not every slot its webhooks could.
+    assert_eq!(
+        hole.accepted(),
+        32,
+        "attempts at once to the hanging endpoints"
+    );
 }
 
 /// Runs `sql` with the id `id` on the test's database directly: damage from outside.
