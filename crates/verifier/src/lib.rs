@@ -92,7 +92,10 @@ pub struct VerifierConfig {
     pub max_entries: usize,
     /// Timeout of one introspection request.
     pub request_timeout: Duration,
-    /// The HTTP client to use (e.g. one trusting a private CA); default: reqwest's, with rustls.
+    /// The HTTP client to use (e.g. one trusting a private CA); default: reqwest's, with rustls,
+    /// following no redirect. A client given here must not follow redirects either
+    /// (`.redirect(reqwest::redirect::Policy::none())`): on a 307 or 308 it would re-send the
+    /// introspection's form body, the caller's credential, to the redirect's target.
     pub http: Option<reqwest::Client>,
 }
 
@@ -576,7 +579,11 @@ impl Verifier {
     pub fn new(config: VerifierConfig) -> Result<Self, reqwest::Error> {
         let http = match &config.http {
             Some(client) => client.clone(),
-            None => reqwest::Client::builder().build()?,
+            // A redirect would re-send the introspection's form body, the caller's credential,
+            // to wherever it points.
+            None => reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
         };
         let base = config.base_url.trim_end_matches('/').to_string();
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -1425,19 +1432,11 @@ pub(crate) mod tests {
             stream: &(dyn Fn(&mut StreamConn) + Send + Sync),
             introspect: &(dyn Fn() -> String + Send + Sync),
         ) {
-            use std::io::{Read, Write};
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            let head_end = loop {
-                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break end + 4;
-                }
-                match socket.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
+            use std::io::Write;
+            let Some(request) = read_request(&mut socket) else {
+                return;
             };
-            let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+            let head = request.to_lowercase();
             let header = |name: &str| {
                 head.lines()
                     .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
@@ -1452,15 +1451,6 @@ pub(crate) mod tests {
                     stream(&mut conn);
                 }
             } else if head.starts_with("post /oauth2/introspect") {
-                let length: usize = header("content-length")
-                    .and_then(|l| l.parse().ok())
-                    .unwrap_or(0);
-                while request.len() < head_end + length {
-                    match socket.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
                 let answer = introspect();
                 let (marks, body) = match answer.strip_prefix(UNCONFIRMED) {
                     Some(body) => ("x-keyplane-stale: 1\r\n", body),
@@ -1476,6 +1466,83 @@ pub(crate) mod tests {
                     b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
                 );
             }
+        }
+    }
+
+    /// Reads one request (its head, and its body as `content-length` says) as text; `None` if
+    /// the client went away first.
+    fn read_request(socket: &mut std::net::TcpStream) -> Option<String> {
+        use std::io::Read;
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            match socket.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        };
+        let length: usize = String::from_utf8_lossy(&request[..head_end])
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while request.len() < head_end + length {
+            match socket.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(String::from_utf8_lossy(&request).into_owned())
+    }
+
+    /// A loopback server in plain threads that answers the `n`th request (from 0) with the raw
+    /// HTTP text `answer(n, request)` and closes the connection, and records every request with
+    /// the time it came.
+    pub(crate) struct RawServer {
+        pub(crate) base: String,
+        pub(crate) requests: Arc<Mutex<Vec<(Instant, String)>>>,
+    }
+
+    impl RawServer {
+        pub(crate) fn start(
+            answer: impl Fn(usize, &str) -> String + Send + Sync + 'static,
+        ) -> Self {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let (answer, recorded) = (Arc::new(answer), requests.clone());
+            std::thread::spawn(move || {
+                for mut socket in listener.incoming().flatten() {
+                    let (answer, recorded) = (answer.clone(), recorded.clone());
+                    std::thread::spawn(move || {
+                        use std::io::Write;
+                        let Some(request) = read_request(&mut socket) else {
+                            return;
+                        };
+                        let n = {
+                            let mut recorded = lock(&recorded);
+                            recorded.push((Instant::now(), request.clone()));
+                            recorded.len() - 1
+                        };
+                        let _ = socket.write_all(answer(n, &request).as_bytes());
+                    });
+                }
+            });
+            Self { base, requests }
+        }
+
+        /// How many requests came whose text starts with `start` (e.g. `GET`).
+        pub(crate) fn count(&self, start: &str) -> usize {
+            lock(&self.requests)
+                .iter()
+                .filter(|(_, request)| request.starts_with(start))
+                .count()
         }
     }
 
@@ -1555,6 +1622,41 @@ pub(crate) mod tests {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// Whatever answers at keyplane's address redirects elsewhere: following would send the
+    /// caller's credential (the introspection's form body) and the verify token there.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let elsewhere = RawServer::start(|_, _| {
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+        });
+        let target = elsewhere.base.clone();
+        let keyplane = RawServer::start(move |_, request| {
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}{path}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+        });
+        // The default HTTP client; asking keyplane though stale.
+        let mut config = VerifierConfig::new(keyplane.base.clone(), "unused");
+        config.stale_policy = StalePolicy::Recheck;
+        let verifier = Verifier::new(config).unwrap();
+        let token = api_token();
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(VerifyError::Unavailable(_))
+        ));
+        until("the stream was tried", Duration::from_secs(5), || {
+            keyplane.count("GET") > 0
+        })
+        .await;
+        assert_eq!(keyplane.count("POST"), 1);
+        assert!(
+            lock(&elsewhere.requests).is_empty(),
+            "{} requests were redirected",
+            lock(&elsewhere.requests).len()
+        );
     }
 
     /// The replica answering introspections has not heard of the revoke the stream delivered
