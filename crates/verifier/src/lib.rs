@@ -90,8 +90,14 @@ pub struct VerifierConfig {
     /// answers first, then refusals, then (for an accepted answer only) arbitrary ones: a flood
     /// of made-up tokens never evicts a valid credential's answer.
     pub max_entries: usize,
-    /// Timeout of one introspection request.
+    /// How long a verify waits for keyplane at most, queueing for an introspection slot (see
+    /// `max_concurrent_introspections`) included; then it answers [`VerifyError::Unavailable`].
     pub request_timeout: Duration,
+    /// Introspections in flight at most (default 64): past it, a verify that must ask keyplane
+    /// waits for one to end, within its `request_timeout`. Verifies of one token that miss the
+    /// cache at once share one introspection, so this bounds what a flood of distinct made-up
+    /// (well-formed) tokens can make keyplane do.
+    pub max_concurrent_introspections: usize,
     /// The HTTP client to use (e.g. one trusting a private CA); default: reqwest's, with rustls,
     /// following no redirect. A client given here must not follow redirects either
     /// (`.redirect(reqwest::redirect::Policy::none())`): on a 307 or 308 it would re-send the
@@ -111,6 +117,7 @@ impl VerifierConfig {
             revocation_memory: Duration::from_secs(30 + 300),
             max_entries: 100_000,
             request_timeout: Duration::from_secs(5),
+            max_concurrent_introspections: 64,
             http: None,
         }
     }
@@ -152,7 +159,7 @@ impl Identity {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum VerifyError {
     /// Not a keyplane token (prefix, length, alphabet or checksum): no request was made.
     #[error("not a keyplane credential")]
@@ -538,6 +545,11 @@ struct Inner {
     /// The cache's keys: a keyed hash of the token, never the token itself.
     keys: CacheKeyer,
     counters: Counters,
+    /// Introspections under way, by key, with the generation they started in: a miss joins
+    /// its key's (see [`Flight`]) rather than asking again.
+    flights: Mutex<HashMap<CacheKey, (u64, Arc<FlightAnswer>)>>,
+    /// `max_concurrent_introspections` slots, one per introspection in flight.
+    introspection_slots: tokio::sync::Semaphore,
     /// The origin of `last_contact`.
     started: Instant,
     /// When the stream last delivered anything (an event or a heartbeat), in nanoseconds after
@@ -645,7 +657,24 @@ impl Verifier {
             };
         }
         // A stale verifier's answer is not cached: the stream may have missed its change.
-        Answer::Fresh(self.introspect(token, key, !stale).await)
+        Answer::Fresh(self.introspect_shared(token, key, !stale).await)
+    }
+
+    /// [`Verifier::introspect`], shared by the verifies of `key` that miss at the same time: one
+    /// introspection however many ask (if the one asking is dropped, one of the others asks).
+    async fn introspect_shared(
+        &self,
+        token: &str,
+        key: CacheKey,
+        cache: bool,
+    ) -> Result<Arc<Identity>, VerifyError> {
+        let deadline = later(Instant::now(), self.inner.config.request_timeout);
+        let flight = Flight::join(&self.inner, key);
+        flight
+            .answer()
+            .get_or_init(|| self.introspect(token, key, cache, deadline))
+            .await
+            .clone()
     }
 
     /// The cached answer, counted in its shard.
@@ -664,13 +693,30 @@ impl Verifier {
         Some(result)
     }
 
+    /// Asks keyplane about `token`, once one of the `max_concurrent_introspections` slots is
+    /// free, and gives up at `deadline`.
     async fn introspect(
         &self,
         token: &str,
         key: CacheKey,
         cache: bool,
+        deadline: Instant,
     ) -> Result<Arc<Identity>, VerifyError> {
         let inner = &self.inner;
+        let failed = |message: String| {
+            inner.counters.introspection_errors.fetch_add(1, Relaxed);
+            VerifyError::Unavailable(message)
+        };
+        let slot = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            inner.introspection_slots.acquire(),
+        )
+        .await;
+        let Ok(Ok(_slot)) = slot else {
+            return Err(failed(
+                "too many introspections in flight for the request timeout".into(),
+            ));
+        };
         let generation = inner.generation.load(SeqCst);
         inner.counters.introspections.fetch_add(1, Relaxed);
         let answer = inner
@@ -678,13 +724,9 @@ impl Verifier {
             .post(&inner.introspect_url)
             .bearer_auth(&inner.config.verify_token)
             .form(&[("token", token)])
-            .timeout(inner.config.request_timeout)
+            .timeout(deadline.saturating_duration_since(Instant::now()))
             .send()
             .await;
-        let failed = |message: String| {
-            inner.counters.introspection_errors.fetch_add(1, Relaxed);
-            VerifyError::Unavailable(message)
-        };
         let response =
             answer.map_err(|e| failed(format!("introspection failed: {}", e.without_url())))?;
         if !response.status().is_success() {
@@ -807,7 +849,12 @@ impl Inner {
     /// An empty cache, never yet in contact with the stream, for keyplane at `base`.
     fn new(config: VerifierConfig, http: reqwest::Client, base: &str) -> Self {
         let revocation_memory = config.revocation_memory;
+        let slots = config
+            .max_concurrent_introspections
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Self {
+            flights: Mutex::default(),
+            introspection_slots: tokio::sync::Semaphore::new(slots),
             introspect_url: format!("{base}/oauth2/introspect"),
             http,
             config,
@@ -891,6 +938,74 @@ impl Inner {
             self.cached.fetch_sub(dropped, Relaxed);
         }
     }
+}
+
+/// One introspection's answer, awaited by every verify sharing it.
+type FlightAnswer = tokio::sync::OnceCell<Result<Arc<Identity>, VerifyError>>;
+
+/// A verify's share in the introspection of its key. A verify joins one only if it started
+/// since the last invalidation (an older one may predate a change the stream told of before
+/// this verify began) and is not answered yet (an answer that was not to be cached is not to be
+/// reused either); otherwise it starts its own.
+struct Flight<'a> {
+    inner: &'a Inner,
+    key: CacheKey,
+    /// `None` once dropped.
+    answer: Option<Arc<FlightAnswer>>,
+}
+
+impl<'a> Flight<'a> {
+    fn join(inner: &'a Inner, key: CacheKey) -> Self {
+        let generation = inner.generation.load(SeqCst);
+        let mut flights = lock(&inner.flights);
+        let answer = match flights.get(&key) {
+            Some((started, answer)) if *started == generation && !answer.initialized() => {
+                answer.clone()
+            }
+            _ => {
+                let answer = Arc::new(FlightAnswer::new());
+                flights.insert(key, (generation, answer.clone()));
+                answer
+            }
+        };
+        Self {
+            inner,
+            key,
+            answer: Some(answer),
+        }
+    }
+
+    fn answer(&self) -> &FlightAnswer {
+        self.answer.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.inner.flights);
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        let current = flights
+            .get(&self.key)
+            .is_some_and(|(_, a)| Arc::ptr_eq(a, &answer));
+        // Answered, the next miss asks afresh; left by every verify (their callers gone), no one
+        // would finish it. (The map's reference and this one: no other verify holds it.)
+        if current && (answer.initialized() || Arc::strong_count(&answer) == 2) {
+            flights.remove(&self.key);
+        }
+        // Under the lock, so that a verify leaving next sees this one gone.
+        drop(answer);
+        drop(flights);
+    }
+}
+
+/// `now + duration`; past what the clock holds, a century (never, in practice), not a panic.
+fn later(now: Instant, duration: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(duration)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
 }
 
 /// A lock whose holder panicked still guards consistent data: no method here panics midway.
@@ -1578,16 +1693,31 @@ pub(crate) mod tests {
         .to_string()
     }
 
+    /// A configuration for keyplane at `base`, with the given staleness contract.
+    pub(crate) fn fake_config(
+        base: &str,
+        max_staleness: Duration,
+        policy: StalePolicy,
+    ) -> VerifierConfig {
+        let mut config = VerifierConfig::new(base, "unused");
+        config.max_staleness = max_staleness;
+        config.stale_policy = policy;
+        config.http = Some(
+            reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        );
+        config
+    }
+
     pub(crate) fn fake_verifier(
         fake: &FakeKeyplane,
         max_staleness: Duration,
         policy: StalePolicy,
     ) -> Verifier {
-        let mut config = VerifierConfig::new(fake.base.clone(), "unused");
-        config.max_staleness = max_staleness;
-        config.stale_policy = policy;
-        config.http = Some(reqwest::Client::builder().no_proxy().build().unwrap());
-        Verifier::new(config).unwrap()
+        Verifier::new(fake_config(&fake.base, max_staleness, policy)).unwrap()
     }
 
     pub(crate) fn api_token() -> String {
@@ -1657,6 +1787,114 @@ pub(crate) mod tests {
             "{} requests were redirected",
             lock(&elsewhere.requests).len()
         );
+    }
+
+    /// Verifies of `tokens`, all at once (each in its own task), in order.
+    async fn verify_all(
+        verifier: &Verifier,
+        tokens: Vec<String>,
+    ) -> Vec<Result<Arc<Identity>, VerifyError>> {
+        let tasks: Vec<_> = tokens
+            .into_iter()
+            .map(|token| {
+                let verifier = verifier.clone();
+                tokio::spawn(async move { verifier.verify(&token).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        answers
+    }
+
+    /// A hot token's answer expires (or a `reset` drops every answer) while it is presented
+    /// many times at once: the misses share one introspection.
+    #[tokio::test]
+    async fn concurrent_misses_for_one_token_share_one_introspection() {
+        let fake = FakeKeyplane::start(queued_stream(Arc::default()), || {
+            std::thread::sleep(Duration::from_millis(300));
+            active("A")
+        });
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let token = api_token();
+        let answers = verify_all(&verifier, vec![token; 32]).await;
+        assert!(answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|i| i.credential_id == "A")));
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.introspections, metrics.accepted),
+            (1, 32),
+            "{metrics:?}"
+        );
+    }
+
+    /// A verify whose caller is gone leaves the introspection it started to the verifies that
+    /// share it, and a flight left by all leaves nothing behind.
+    #[tokio::test]
+    async fn a_shared_introspection_outlives_the_verify_that_started_it() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counting = asked.clone();
+        let fake = FakeKeyplane::start(queued_stream(Arc::default()), move || {
+            counting.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            active("A")
+        });
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let (token, limit) = (api_token(), Duration::from_secs(5));
+        let spawn = |token: &String| {
+            let (verifier, token) = (verifier.clone(), token.clone());
+            tokio::spawn(async move { verifier.verify(&token).await })
+        };
+        let sharing = |n: usize| {
+            let flights = lock(&verifier.inner.flights);
+            let key = verifier.inner.keys.key(&token);
+            flights.get(&key).map(|(_, a)| Arc::strong_count(a)) == Some(n + 1)
+        };
+        let first = spawn(&token);
+        until("asked", limit, || asked.load(SeqCst) == 1).await;
+        let second = spawn(&token);
+        until("shared", limit, || sharing(2)).await;
+        first.abort();
+        assert!(second.await.unwrap().is_ok());
+        assert_eq!(
+            verifier.metrics().introspections,
+            2,
+            "the second asked anew"
+        );
+        assert!(lock(&verifier.inner.flights).is_empty());
+
+        let alone = spawn(&api_token());
+        until("asked", limit, || asked.load(SeqCst) == 3).await;
+        alone.abort();
+        assert!(alone.await.unwrap_err().is_cancelled());
+        assert!(lock(&verifier.inner.flights).is_empty());
+    }
+
+    /// Distinct tokens cannot be shared: they queue for `max_concurrent_introspections` slots.
+    #[tokio::test]
+    async fn introspections_in_flight_never_pass_the_cap() {
+        let (in_flight, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counting, peaking) = (in_flight.clone(), peak.clone());
+        let fake = FakeKeyplane::start(queued_stream(Arc::default()), move || {
+            let now = counting.fetch_add(1, SeqCst) + 1;
+            peaking.fetch_max(now, SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            counting.fetch_sub(1, SeqCst);
+            active("A")
+        });
+        let mut config = fake_config(&fake.base, Duration::from_secs(10), StalePolicy::FailClosed);
+        config.max_concurrent_introspections = 4;
+        config.request_timeout = Duration::from_secs(60);
+        let verifier = Verifier::new(config).unwrap();
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let answers = verify_all(&verifier, (0..24).map(|_| api_token()).collect()).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(verifier.metrics().introspections, 24);
+        assert!(peak.load(SeqCst) <= 4, "{} at once", peak.load(SeqCst));
     }
 
     /// The replica answering introspections has not heard of the revoke the stream delivered
