@@ -3,10 +3,11 @@
 
 use crate::sse::{Block, SseReader};
 use crate::Inner;
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 #[derive(Deserialize)]
@@ -25,10 +26,87 @@ struct Position {
     head: Option<u64>,
 }
 
-/// How long to wait before reconnecting: short at first (a replica restarting), then at most a
-/// second, well under any sensible `max_staleness`.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100 * u64::from(failures.min(10)))
+/// The first reconnection's delay; each failure in a row doubles it, up to [`max_backoff`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest wait between two attempts, and the longest `Retry-After` believed.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The longest wait between two attempts: half of `max_staleness`, within [`FIRST_BACKOFF`] and
+/// [`MAX_BACKOFF`]. Staleness is measured from the stream's last contact whatever the attempts
+/// do, so a longer wait would not weaken the contract; it would keep the verifier stale longer
+/// after keyplane is back.
+fn max_backoff(max_staleness: Duration) -> Duration {
+    (max_staleness / 2).clamp(FIRST_BACKOFF, MAX_BACKOFF)
+}
+
+/// The wait before the next attempt after `failures` in a row (at least 1): [`FIRST_BACKOFF`]
+/// doubled per failure up to `cap`, of which a random half or more, so that verifiers cut off
+/// together do not come back in step; and never less than keyplane's `Retry-After` (up to
+/// [`MAX_BACKOFF`]).
+fn delay(failures: u32, cap: Duration, retry_after: Option<Duration>) -> Duration {
+    let full = FIRST_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(20))
+        .min(cap);
+    let jittered = full / 2 + (full / 2).mul_f64(random_fraction());
+    jittered.max(retry_after.unwrap_or_default().min(MAX_BACKOFF))
+}
+
+/// A number in [0, 1), from std's randomly keyed hasher: jitter needs no more.
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Why a connection attempt ended.
+struct Ended {
+    /// keyplane's answer, if it refused the stream.
+    status: Option<u16>,
+    reason: String,
+    /// keyplane asked for this long before the next attempt.
+    retry_after: Option<Duration>,
+}
+
+impl From<String> for Ended {
+    fn from(reason: String) -> Self {
+        Self {
+            status: None,
+            reason,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<&str> for Ended {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+impl Ended {
+    /// keyplane (or what answers at its address) answered `response` instead of a stream.
+    fn refused(response: &reqwest::Response) -> Self {
+        let status = response.status();
+        let reason = match status.as_u16() {
+            401 | 403 => format!(
+                "keyplane refused the stream ({status}): the verify token must be a live \
+                 credential of the organization holding `tokens:verify`"
+            ),
+            429 => format!("keyplane has no stream slot free ({status})"),
+            _ => format!("the stream answered {status}"),
+        };
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+            .map(Duration::from_secs);
+        Self {
+            status: Some(status.as_u16()),
+            reason,
+            retry_after,
+        }
+    }
 }
 
 /// Runs until `stop` turns true or the verifier is dropped.
@@ -39,30 +117,41 @@ pub(crate) async fn follow(inner: Weak<Inner>, url: String, mut stop: watch::Rec
         let Some(verifier) = inner.upgrade() else {
             return;
         };
-        tokio::select! {
-            outcome = session(&verifier, &url, &mut last_id) => {
-                verifier.counters.stream_connected.store(false, Relaxed);
-                match outcome {
-                    Ok(()) => failures = 1,
-                    Err(reason) => {
-                        failures = failures.saturating_add(1);
-                        tracing::warn!(reason, "keyplane revocation stream interrupted; reconnecting");
-                    }
-                }
-                verifier.counters.stream_disconnects.fetch_add(1, Relaxed);
-            }
+        let mut caught_up = false;
+        let ended = tokio::select! {
+            ended = session(&verifier, &url, &mut last_id, &mut caught_up) => ended,
             _ = stop.wait_for(|stop| *stop) => return,
+        };
+        verifier.counters.stream_connected.store(false, Relaxed);
+        verifier.counters.stream_disconnects.fetch_add(1, Relaxed);
+        // A connection that was up to date worked: only the failures since count.
+        if caught_up {
+            failures = 0;
         }
+        failures = failures.saturating_add(1);
+        let cap = max_backoff(verifier.config.max_staleness);
+        let wait = delay(failures, cap, ended.retry_after);
+        tracing::warn!(
+            status = ?ended.status,
+            reason = %ended.reason,
+            retry_in = ?wait,
+            "keyplane revocation stream interrupted; reconnecting"
+        );
         drop(verifier);
         tokio::select! {
-            () = tokio::time::sleep(backoff(failures)) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-/// One connection, until it ends (`Ok`) or fails.
-async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Result<(), String> {
+/// One connection, until it ends; `caught_up` turns true once it is up to date.
+async fn session(
+    inner: &Inner,
+    url: &str,
+    last_id: &mut Option<String>,
+    caught_up: &mut bool,
+) -> Ended {
     let mut request = inner
         .http
         .get(url)
@@ -74,10 +163,29 @@ async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Resu
     let connect = tokio::time::timeout(inner.config.request_timeout, request.send()).await;
     let mut response = match connect {
         Ok(Ok(response)) if response.status().is_success() => response,
-        Ok(Ok(response)) => return Err(format!("the stream answered {}", response.status())),
-        Ok(Err(e)) => return Err(format!("cannot connect: {}", e.without_url())),
-        Err(_) => return Err("cannot connect: timed out".into()),
+        Ok(Ok(response)) => return Ended::refused(&response),
+        Ok(Err(e)) => return format!("cannot connect: {}", e.without_url()).into(),
+        Err(_) => return "cannot connect: timed out".into(),
     };
+    // Anything else (a proxy's sign-in page, another service at `base_url`) is no stream.
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case("text/event-stream") {
+        let shown: String = content_type.chars().take(64).collect();
+        return Ended {
+            status: Some(response.status().as_u16()),
+            reason: format!(
+                "the stream answered {} with content type {shown:?}, not text/event-stream \
+                 (is keyplane at base_url, with no proxy in between answering?)",
+                response.status()
+            ),
+            retry_after: None,
+        };
+    }
     inner.counters.stream_connects.fetch_add(1, Relaxed);
     let resumed = last_id.is_some();
     let mut reader = SseReader::default();
@@ -87,23 +195,22 @@ async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Resu
     // missed events, and a stream that keeps ending there would otherwise look fresh forever.
     // `None`: no `ready` yet; then the seq to reach, `u64::MAX` meaning a heartbeat alone will do.
     let mut catch_up_to: Option<u64> = None;
-    let mut caught_up = false;
     loop {
         let chunk = match tokio::time::timeout(silence, response.chunk()).await {
-            Err(_) => return Err("the stream went silent".into()),
-            Ok(Err(e)) => return Err(format!("read failed: {}", e.without_url())),
-            Ok(Ok(None)) => return Ok(()),
+            Err(_) => return "the stream went silent".into(),
+            Ok(Err(e)) => return format!("read failed: {}", e.without_url()).into(),
+            Ok(Ok(None)) => return "the stream ended".into(),
             Ok(Ok(Some(chunk))) => chunk,
         };
-        let blocks = reader
-            .push(&chunk)
-            .map_err(|()| "an oversized event".to_string())?;
+        let Ok(blocks) = reader.push(&chunk) else {
+            return "an oversized event".into();
+        };
         for block in blocks {
             let Block::Event(event) = block else {
                 // A heartbeat: sent right after the server read the head, with every event up to
                 // it sent before: alive and up to date.
                 if catch_up_to.is_some() {
-                    caught_up = true;
+                    *caught_up = true;
                     inner.heard_from_stream();
                 }
                 continue;
@@ -135,7 +242,7 @@ async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Resu
                 }
                 "revocation" => {
                     let Ok(revocation) = serde_json::from_str::<Revocation>(&event.data) else {
-                        return Err("an unreadable revocation event".into());
+                        return "an unreadable revocation event".into();
                     };
                     inner.apply(&revocation.action, &revocation.credential_id);
                     inner.counters.stream_events.fetch_add(1, Relaxed);
@@ -145,13 +252,13 @@ async fn session(inner: &Inner, url: &str, last_id: &mut Option<String>) -> Resu
             if let Some(id) = event.id {
                 if let Ok(seq) = id.parse::<u64>() {
                     inner.counters.last_event_id.store(seq, Relaxed);
-                    caught_up |= catch_up_to.is_some_and(|head| seq >= head);
+                    *caught_up |= catch_up_to.is_some_and(|head| seq >= head);
                 }
                 *last_id = Some(id);
             }
             // Once caught up, every event is news: a steady flow of them keeps the verifier
             // fresh though the server sends no heartbeat between them.
-            if caught_up {
+            if *caught_up {
                 inner.heard_from_stream();
             }
         }
@@ -233,13 +340,12 @@ mod tests {
         })
         .await;
         let connects = verifier.metrics().stream_connects;
-        tokio::time::sleep(MAX_STALENESS).await;
+        until("it keeps reconnecting", MAX_STALENESS * 4, || {
+            verifier.metrics().stream_connects >= connects + 3
+        })
+        .await;
         let metrics = verifier.metrics();
         assert!(metrics.stale, "{metrics:?}");
-        assert!(
-            metrics.stream_connects >= connects + 3,
-            "it kept reconnecting: {metrics:?}"
-        );
         assert_eq!(metrics.last_event_id, 7, "{metrics:?}");
         // The policy applies.
         assert_eq!(verifier.verify(&api_token()).await, Err(VerifyError::Stale));
@@ -362,5 +468,106 @@ mod tests {
         .await;
         stays_fresh(&verifier, MAX_STALENESS * 3).await;
         assert_eq!(verifier.metrics().stream_connects, 2);
+    }
+}
+
+/// Reconnection: when, and what counts as a connection.
+#[cfg(test)]
+mod reconnection {
+    use super::tests_support::*;
+    use crate::tests::{position, RawServer};
+    use std::time::Duration;
+
+    /// keyplane answers 429 with `Retry-After` when its stream slots are full: the verifier
+    /// leaves it alone that long.
+    #[tokio::test]
+    async fn a_busy_server_is_left_alone_for_its_retry_after() {
+        let server =
+            RawServer::start(|_, _| answer("429 Too Many Requests", "retry-after: 1\r\n", ""));
+        let _verifier = verifier(&server);
+        let gaps = gaps(&server, 3).await;
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_secs(1)),
+            "{gaps:?}"
+        );
+    }
+
+    /// A 200 that is not an event stream (a proxy's sign-in page, another service at
+    /// `base_url`) is a failed attempt, retried later each time, not a connection.
+    #[tokio::test]
+    async fn an_answer_that_is_not_an_event_stream_is_a_failure() {
+        let server = RawServer::start(|_, _| {
+            answer(
+                "200 OK",
+                "content-type: text/html\r\n",
+                "<html>sign in</html>",
+            )
+        });
+        let verifier = verifier(&server);
+        let gaps = gaps(&server, 5).await;
+        // Doubling from 100 ms, of which at least half: the fourth wait is 400 ms at least.
+        assert!(gaps[3] >= Duration::from_millis(400), "{gaps:?}");
+        let metrics = verifier.metrics();
+        assert_eq!(metrics.stream_connects, 0, "{metrics:?}");
+        assert!(metrics.stream_disconnects >= 4, "{metrics:?}");
+    }
+
+    /// Failures in a row wait ever longer; a connection that caught up forgives them, so the
+    /// next attempt after it comes soon.
+    #[tokio::test]
+    async fn failures_before_a_connection_that_caught_up_are_forgiven() {
+        let server = RawServer::start(|n, _| match n {
+            5 => answer(
+                "200 OK",
+                "content-type: text/event-stream\r\n",
+                &position("ready", 5, Some(5)),
+            ),
+            _ => answer("503 Service Unavailable", "", ""),
+        });
+        let _verifier = verifier(&server);
+        let gaps = gaps(&server, 7).await;
+        // The fifth failure in a row waits 800 ms at least; the first after the connection
+        // that caught up, 100 ms at most (and the time to connect).
+        assert!(gaps[4] >= Duration::from_millis(800), "{gaps:?}");
+        assert!(gaps[5] < Duration::from_millis(800), "{gaps:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use crate::tests::{fake_config, until, RawServer};
+    use crate::{lock, StalePolicy, Verifier};
+    use std::time::{Duration, Instant};
+
+    /// A raw HTTP answer that closes the connection.
+    pub(crate) fn answer(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A verifier following the stream at `server` (`max_staleness` 10 s: backoff up to 5 s).
+    pub(crate) fn verifier(server: &RawServer) -> Verifier {
+        let config = fake_config(
+            &server.base,
+            Duration::from_secs(10),
+            StalePolicy::FailClosed,
+        );
+        Verifier::new(config).unwrap()
+    }
+
+    /// The times between the first `n` stream requests, once they came.
+    pub(crate) async fn gaps(server: &RawServer, n: usize) -> Vec<Duration> {
+        until("the attempts", Duration::from_secs(30), || {
+            server.count("GET /v1/revocations/stream") >= n
+        })
+        .await;
+        let times: Vec<Instant> = lock(&server.requests)
+            .iter()
+            .map(|(at, _)| *at)
+            .take(n)
+            .collect();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
     }
 }
