@@ -84,7 +84,7 @@ fn refusal(error: &VerifyError) -> Response<Body> {
         VerifyError::Malformed | VerifyError::Inactive => {
             (StatusCode::UNAUTHORIZED, "invalid or missing credential")
         }
-        VerifyError::Stale | VerifyError::Unavailable(_) => (
+        VerifyError::Stale(_) | VerifyError::Unavailable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "credentials cannot be verified right now",
         ),

@@ -167,13 +167,29 @@ pub enum VerifyError {
     /// Unknown, revoked, suspended, expired, of another organization, or a robot secret.
     #[error("the credential is not active")]
     Inactive,
-    /// The revocation stream has been silent longer than `max_staleness` and the policy is
-    /// [`StalePolicy::FailClosed`].
-    #[error("the verifier is stale: keyplane's revocation stream is down")]
-    Stale,
+    /// Nothing up to date has been heard from the revocation stream for longer than
+    /// `max_staleness` and the policy is [`StalePolicy::FailClosed`]. The text says why, as far
+    /// as the verifier knows ([`Verifier::last_stream_error`]): keyplane unreachable, or
+    /// refusing the verify token, which waiting will not mend.
+    #[error("the verifier is stale, nothing up to date heard from keyplane's revocation stream within max_staleness: {0}")]
+    Stale(String),
     /// keyplane could not be asked (unreachable, an error answer).
     #[error("keyplane is unavailable: {0}")]
     Unavailable(String),
+}
+
+/// Why the revocation stream last failed or ended ([`Verifier::last_stream_error`]). It names
+/// no secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+#[non_exhaustive]
+pub struct StreamError {
+    /// The HTTP status given instead of the stream, if one was: 401 or 403 mean the verify
+    /// token is not live or lacks `tokens:verify` (a misconfiguration, not an outage), 429 that
+    /// keyplane had no stream slot free.
+    pub status: Option<u16>,
+    /// What happened, for a person.
+    pub reason: String,
 }
 
 /// Counters and state for monitoring, as plain numbers.
@@ -548,6 +564,8 @@ struct Inner {
     /// Introspections under way, by key, with the generation they started in: a miss joins
     /// its key's (see [`Flight`]) rather than asking again.
     flights: Mutex<HashMap<CacheKey, (u64, Arc<FlightAnswer>)>>,
+    /// Why the stream last failed or ended; `None` once a connection caught up since.
+    last_stream_error: Mutex<Option<StreamError>>,
     /// `max_concurrent_introspections` slots, one per introspection in flight.
     introspection_slots: tokio::sync::Semaphore,
     /// The origin of `last_contact`.
@@ -651,7 +669,7 @@ impl Verifier {
             match self.inner.config.stale_policy {
                 StalePolicy::FailClosed => {
                     counters.stale_refusals.fetch_add(1, Relaxed);
-                    return Answer::Fresh(Err(VerifyError::Stale));
+                    return Answer::Fresh(Err(VerifyError::Stale(self.inner.stale_reason())));
                 }
                 StalePolicy::Recheck => counters.stale_rechecks.fetch_add(1, Relaxed),
             };
@@ -819,6 +837,13 @@ impl Verifier {
         self.inner.is_stale()
     }
 
+    /// Why the revocation stream last failed or ended; `None` before the first attempt ends,
+    /// and again once a connection has caught up. A [`StreamError::status`] of 401 or 403 is a
+    /// verify token keyplane refuses: look at this when the verifier stays stale.
+    pub fn last_stream_error(&self) -> Option<StreamError> {
+        lock(&self.inner.last_stream_error).clone()
+    }
+
     pub fn metrics(&self) -> Metrics {
         let c = &self.inner.counters;
         let (hits, accepted_hits) = self.inner.shards.iter().fold((0, 0), |(h, a), shard| {
@@ -854,6 +879,7 @@ impl Inner {
             .min(tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             flights: Mutex::default(),
+            last_stream_error: Mutex::default(),
             introspection_slots: tokio::sync::Semaphore::new(slots),
             introspect_url: format!("{base}/oauth2/introspect"),
             http,
@@ -880,6 +906,17 @@ impl Inner {
                 let heard = self.started + Duration::from_nanos(heard - 1);
                 now.saturating_duration_since(heard) > self.config.max_staleness
             }
+        }
+    }
+
+    /// Why the verifier is stale, for [`VerifyError::Stale`].
+    fn stale_reason(&self) -> String {
+        match &*lock(&self.last_stream_error) {
+            Some(error) => format!("the stream's last problem: {error}"),
+            None if self.counters.stream_connected.load(Relaxed) => {
+                "the stream is connected but not up to date".into()
+            }
+            None => "the stream is not connected yet".into(),
         }
     }
 
@@ -1511,11 +1548,28 @@ pub(crate) mod tests {
         /// The client's `Last-Event-ID`, if it sent one.
         pub(crate) last_event_id: Option<u64>,
         socket: std::net::TcpStream,
+        /// The answer's head is sent: a 200 event stream unless the script answered otherwise.
+        answered: bool,
     }
 
     impl StreamConn {
-        /// Writes raw SSE text; false once the client is gone.
+        /// Writes raw SSE text, after a 200 event stream's head; false once the client is gone.
         pub(crate) fn send(&mut self, text: &str) -> bool {
+            if !self.answered
+                && !self.answer("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+            {
+                return false;
+            }
+            self.write(text)
+        }
+
+        /// Answers with raw HTTP text instead of the stream.
+        pub(crate) fn answer(&mut self, raw: &str) -> bool {
+            self.answered = true;
+            self.write(raw)
+        }
+
+        fn write(&mut self, text: &str) -> bool {
             use std::io::Write;
             self.socket
                 .write_all(text.as_bytes())
@@ -1561,9 +1615,12 @@ pub(crate) mod tests {
                 let mut conn = StreamConn {
                     last_event_id: header("last-event-id").and_then(|id| id.parse().ok()),
                     socket,
+                    answered: false,
                 };
-                if conn.send("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n") {
-                    stream(&mut conn);
+                // The head goes at once, as keyplane's does, unless the script answers otherwise.
+                stream(&mut conn);
+                if !conn.answered {
+                    conn.send("");
                 }
             } else if head.starts_with("post /oauth2/introspect") {
                 let answer = introspect();

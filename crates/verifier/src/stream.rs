@@ -2,7 +2,7 @@
 //! sign of life, and reconnect with `Last-Event-ID` when the connection ends or goes silent.
 
 use crate::sse::{Block, SseReader};
-use crate::Inner;
+use crate::{lock, Inner, StreamError};
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use std::sync::atomic::Ordering::Relaxed;
@@ -61,30 +61,19 @@ fn random_fraction() -> f64 {
 
 /// Why a connection attempt ended.
 struct Ended {
-    /// keyplane's answer, if it refused the stream.
-    status: Option<u16>,
-    reason: String,
+    error: StreamError,
     /// keyplane asked for this long before the next attempt.
     retry_after: Option<Duration>,
 }
 
-impl From<String> for Ended {
-    fn from(reason: String) -> Self {
+impl Ended {
+    fn new(status: Option<u16>, reason: String) -> Self {
         Self {
-            status: None,
-            reason,
+            error: StreamError { status, reason },
             retry_after: None,
         }
     }
-}
 
-impl From<&str> for Ended {
-    fn from(reason: &str) -> Self {
-        reason.to_string().into()
-    }
-}
-
-impl Ended {
     /// keyplane (or what answers at its address) answered `response` instead of a stream.
     fn refused(response: &reqwest::Response) -> Self {
         let status = response.status();
@@ -102,10 +91,21 @@ impl Ended {
             .and_then(|v| v.to_str().ok()?.trim().parse().ok())
             .map(Duration::from_secs);
         Self {
-            status: Some(status.as_u16()),
-            reason,
             retry_after,
+            ..Self::new(Some(status.as_u16()), reason)
         }
+    }
+}
+
+impl From<String> for Ended {
+    fn from(reason: String) -> Self {
+        Self::new(None, reason)
+    }
+}
+
+impl From<&str> for Ended {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
     }
 }
 
@@ -132,11 +132,12 @@ pub(crate) async fn follow(inner: Weak<Inner>, url: String, mut stop: watch::Rec
         let cap = max_backoff(verifier.config.max_staleness);
         let wait = delay(failures, cap, ended.retry_after);
         tracing::warn!(
-            status = ?ended.status,
-            reason = %ended.reason,
+            status = ?ended.error.status,
+            reason = %ended.error.reason,
             retry_in = ?wait,
             "keyplane revocation stream interrupted; reconnecting"
         );
+        *lock(&verifier.last_stream_error) = Some(ended.error);
         drop(verifier);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -176,15 +177,14 @@ async fn session(
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     if !essence.eq_ignore_ascii_case("text/event-stream") {
         let shown: String = content_type.chars().take(64).collect();
-        return Ended {
-            status: Some(response.status().as_u16()),
-            reason: format!(
+        return Ended::new(
+            Some(response.status().as_u16()),
+            format!(
                 "the stream answered {} with content type {shown:?}, not text/event-stream \
                  (is keyplane at base_url, with no proxy in between answering?)",
                 response.status()
             ),
-            retry_after: None,
-        };
+        );
     }
     inner.counters.stream_connects.fetch_add(1, Relaxed);
     let resumed = last_id.is_some();
@@ -195,6 +195,13 @@ async fn session(
     // missed events, and a stream that keeps ending there would otherwise look fresh forever.
     // `None`: no `ready` yet; then the seq to reach, `u64::MAX` meaning a heartbeat alone will do.
     let mut catch_up_to: Option<u64> = None;
+    // Up to date: alive, and whatever failed before is over.
+    let up_to_date = |caught_up: &mut bool| {
+        if !std::mem::replace(caught_up, true) {
+            *lock(&inner.last_stream_error) = None;
+        }
+        inner.heard_from_stream();
+    };
     loop {
         let chunk = match tokio::time::timeout(silence, response.chunk()).await {
             Err(_) => return "the stream went silent".into(),
@@ -210,8 +217,7 @@ async fn session(
                 // A heartbeat: sent right after the server read the head, with every event up to
                 // it sent before: alive and up to date.
                 if catch_up_to.is_some() {
-                    *caught_up = true;
-                    inner.heard_from_stream();
+                    up_to_date(caught_up);
                 }
                 continue;
             };
@@ -249,17 +255,18 @@ async fn session(
                 }
                 _ => {}
             }
+            let mut reached = *caught_up;
             if let Some(id) = event.id {
                 if let Ok(seq) = id.parse::<u64>() {
                     inner.counters.last_event_id.store(seq, Relaxed);
-                    *caught_up |= catch_up_to.is_some_and(|head| seq >= head);
+                    reached |= catch_up_to.is_some_and(|head| seq >= head);
                 }
                 *last_id = Some(id);
             }
             // Once caught up, every event is news: a steady flow of them keeps the verifier
             // fresh though the server sends no heartbeat between them.
-            if *caught_up {
-                inner.heard_from_stream();
+            if reached {
+                up_to_date(caught_up);
             }
         }
     }
@@ -268,9 +275,12 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use crate::tests::{
-        api_token, fake_verifier, position, revocation, until, FakeKeyplane, StreamConn, HEARTBEAT,
+        active, api_token, fake_verifier, position, revocation, until, FakeKeyplane, StreamConn,
+        HEARTBEAT,
     };
     use crate::{StalePolicy, VerifyError};
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     const MAX_STALENESS: Duration = Duration::from_millis(700);
@@ -348,7 +358,10 @@ mod tests {
         assert!(metrics.stale, "{metrics:?}");
         assert_eq!(metrics.last_event_id, 7, "{metrics:?}");
         // The policy applies.
-        assert_eq!(verifier.verify(&api_token()).await, Err(VerifyError::Stale));
+        assert!(matches!(
+            verifier.verify(&api_token()).await,
+            Err(VerifyError::Stale(_))
+        ));
         assert_eq!(verifier.metrics().stale_refusals, 1);
     }
 
@@ -444,6 +457,52 @@ mod tests {
         assert_eq!(verifier.metrics().stream_connects, 2);
     }
 
+    /// keyplane refuses the stream (a wrong verify token): that is kept for monitoring and a
+    /// stale refusal names it, rather than calling keyplane down; a connection that catches up
+    /// clears it.
+    #[tokio::test]
+    async fn a_refused_stream_says_why() {
+        let refuse = Arc::new(AtomicBool::new(true));
+        let refusing = refuse.clone();
+        let fake = FakeKeyplane::start(
+            move |conn: &mut StreamConn| {
+                if refusing.load(SeqCst) {
+                    conn.answer("HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    return;
+                }
+                conn.send(&position("ready", 5, Some(5)));
+                send_for(
+                    conn,
+                    Duration::from_millis(100),
+                    Duration::from_secs(30),
+                    |_| HEARTBEAT.into(),
+                );
+            },
+            || active("A"),
+        );
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("refused", Duration::from_secs(5), || {
+            verifier
+                .last_stream_error()
+                .is_some_and(|e| e.status == Some(401))
+        })
+        .await;
+        let refusal = verifier.verify(&api_token()).await.unwrap_err();
+        assert!(matches!(refusal, VerifyError::Stale(_)), "{refusal:?}");
+        let message = refusal.to_string();
+        assert!(
+            message.contains("401") && !message.contains("down"),
+            "{message}"
+        );
+
+        refuse.store(false, SeqCst);
+        until("caught up", Duration::from_secs(10), || {
+            !verifier.is_stale()
+        })
+        .await;
+        assert_eq!(verifier.last_stream_error(), None);
+    }
+
     /// A heartbeat says the server read the head and sent everything up to it: caught up, even
     /// though the head itself is an event the stream does not carry.
     #[tokio::test]
@@ -510,6 +569,8 @@ mod reconnection {
         let metrics = verifier.metrics();
         assert_eq!(metrics.stream_connects, 0, "{metrics:?}");
         assert!(metrics.stream_disconnects >= 4, "{metrics:?}");
+        let error = verifier.last_stream_error().unwrap();
+        assert!(error.reason.contains("text/html"), "{error:?}");
     }
 
     /// Failures in a row wait ever longer; a connection that caught up forgives them, so the
