@@ -131,9 +131,36 @@ impl std::fmt::Debug for VerifierConfig {
             .field("max_staleness", &self.max_staleness)
             .field("stale_policy", &self.stale_policy)
             .field("cache_ttl", &self.cache_ttl)
+            .field("negative_ttl", &self.negative_ttl)
             .field("revocation_memory", &self.revocation_memory)
-            .finish_non_exhaustive()
+            .field("max_entries", &self.max_entries)
+            .field("request_timeout", &self.request_timeout)
+            .field(
+                "max_concurrent_introspections",
+                &self.max_concurrent_introspections,
+            )
+            .field("http", &self.http.as_ref().map(|_| "<caller's client>"))
+            .finish()
     }
+}
+
+/// Why [`Verifier::new`] refused to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `base_url` is not an absolute `http` or `https` URL.
+    #[error("base_url must be an http or https URL: {0}")]
+    BaseUrl(String),
+    /// A setting that must be above zero (named) is zero.
+    #[error("{0} must be above zero")]
+    Zero(&'static str),
+    /// [`Verifier::new`] was called outside a tokio runtime: it spawns the task following the
+    /// revocation stream on the caller's runtime.
+    #[error("Verifier::new must be called within a tokio runtime")]
+    NoRuntime,
+    /// The default HTTP client could not be built.
+    #[error("the HTTP client cannot be built")]
+    Http(#[source] reqwest::Error),
 }
 
 /// A verified credential, as keyplane's introspection describes it.
@@ -564,6 +591,9 @@ struct Inner {
     /// Introspections under way, by key, with the generation they started in: a miss joins
     /// its key's (see [`Flight`]) rather than asking again.
     flights: Mutex<HashMap<CacheKey, (u64, Arc<FlightAnswer>)>>,
+    /// `max_staleness` was found under twice the heartbeat interval a `ready` announced, and
+    /// said so (once).
+    warned_of_heartbeat: AtomicBool,
     /// Why the stream last failed or ended; `None` once a connection caught up since.
     last_stream_error: Mutex<Option<StreamError>>,
     /// `max_concurrent_introspections` slots, one per introspection in flight.
@@ -581,6 +611,16 @@ struct Inner {
 pub struct Verifier {
     inner: Arc<Inner>,
     _guard: Arc<StopOnDrop>,
+}
+
+/// The configuration (its verify token redacted) and whether the verifier is stale.
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("config", &self.inner.config)
+            .field("stale", &self.is_stale())
+            .finish_non_exhaustive()
+    }
 }
 
 struct StopOnDrop(tokio::sync::watch::Sender<bool>);
@@ -603,22 +643,47 @@ struct Introspection {
 }
 
 impl Verifier {
-    /// Starts following the revocation stream (on the current tokio runtime) and returns the
+    /// Starts following the revocation stream on the current tokio runtime and returns the
     /// verifier. It is stale until the stream has caught up (its `ready` at the head, a catch-up
     /// event, or a heartbeat).
-    pub fn new(config: VerifierConfig) -> Result<Self, reqwest::Error> {
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`]: called outside a tokio runtime; `base_url` not an `http(s)` URL;
+    /// `max_staleness`, `request_timeout` or `max_concurrent_introspections` zero; the default
+    /// HTTP client failing to build.
+    pub fn new(config: VerifierConfig) -> Result<Self, ConfigError> {
+        let positive = [
+            ("max_staleness", !config.max_staleness.is_zero()),
+            ("request_timeout", !config.request_timeout.is_zero()),
+            (
+                "max_concurrent_introspections",
+                config.max_concurrent_introspections > 0,
+            ),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, positive)| !positive) {
+            return Err(ConfigError::Zero(name));
+        }
+        let url = reqwest::Url::parse(&config.base_url)
+            .map_err(|e| ConfigError::BaseUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            let scheme = url.scheme();
+            return Err(ConfigError::BaseUrl(format!("its scheme is {scheme}")));
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let http = match &config.http {
             Some(client) => client.clone(),
             // A redirect would re-send the introspection's form body, the caller's credential,
             // to wherever it points.
             None => reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+                .build()
+                .map_err(ConfigError::Http)?,
         };
         let base = config.base_url.trim_end_matches('/').to_string();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner::new(config, http, &base));
-        tokio::spawn(stream::follow(
+        runtime.spawn(stream::follow(
             Arc::downgrade(&inner),
             format!("{base}/v1/revocations/stream"),
             stopped,
@@ -820,7 +885,7 @@ impl Verifier {
                     let entry = Entry {
                         expires,
                         identity: identity.clone(),
-                        until: now + ttl,
+                        until: later(now, ttl),
                     };
                     inner.admit(&mut cache, key, entry);
                 }
@@ -880,6 +945,7 @@ impl Inner {
         Self {
             flights: Mutex::default(),
             last_stream_error: Mutex::default(),
+            warned_of_heartbeat: AtomicBool::new(false),
             introspection_slots: tokio::sync::Semaphore::new(slots),
             introspect_url: format!("{base}/oauth2/introspect"),
             http,
@@ -1069,6 +1135,7 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::json;
     use std::collections::HashSet;
+    use std::sync::atomic::AtomicBool;
 
     #[tokio::test]
     async fn garbage_is_refused_without_a_request_and_the_verifier_starts_stale() {
@@ -1530,10 +1597,143 @@ pub(crate) mod tests {
         assert!(monotonic_expiry(&at(i64::MAX), now).is_none_or(|exp| exp > now + century));
     }
 
+    /// `Verifier::new` refuses what it cannot honour, rather than accepting it silently (a zero
+    /// `max_staleness` makes the verifier stale for good) or panicking.
+    #[tokio::test]
+    async fn new_refuses_a_config_it_cannot_keep() {
+        let config = || VerifierConfig::new("http://127.0.0.1:9", "unused");
+        let zero: [(&str, fn(&mut VerifierConfig)); 3] = [
+            ("max_staleness", |c| c.max_staleness = Duration::ZERO),
+            ("request_timeout", |c| c.request_timeout = Duration::ZERO),
+            ("max_concurrent_introspections", |c| {
+                c.max_concurrent_introspections = 0
+            }),
+        ];
+        for (name, set) in zero {
+            let mut config = config();
+            set(&mut config);
+            let refused = Verifier::new(config).unwrap_err();
+            assert!(
+                matches!(refused, ConfigError::Zero(n) if n == name),
+                "{refused:?}"
+            );
+            assert_eq!(refused.to_string(), format!("{name} must be above zero"));
+        }
+        for base in ["keyplane.internal:8443", "ftp://keyplane", "http://", ""] {
+            let mut config = config();
+            config.base_url = base.into();
+            let refused = Verifier::new(config).unwrap_err();
+            assert!(
+                matches!(refused, ConfigError::BaseUrl(_)),
+                "{base}: {refused:?}"
+            );
+        }
+        assert!(Verifier::new(config()).is_ok());
+    }
+
     #[test]
-    fn the_config_never_shows_its_token() {
+    fn new_outside_a_runtime_is_an_error_not_a_panic() {
+        let config = VerifierConfig::new("http://127.0.0.1:9", "unused");
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Verifier::new(config).map(drop)
+        }));
+        assert!(matches!(made, Ok(Err(ConfigError::NoRuntime))), "{made:?}");
+    }
+
+    /// The warnings logged on this thread while it is the default subscriber (a
+    /// `current_thread` runtime runs its tasks on it).
+    struct Warnings(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message<'a>(&'a mut String);
+            impl tracing::field::Visit for Message<'_> {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        *self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            if *event.metadata().level() == tracing::Level::WARN {
+                let mut message = String::new();
+                event.record(&mut Message(&mut message));
+                lock(&self.0).push(message);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// With `max_staleness` under twice the heartbeat keyplane announces, one late heartbeat
+    /// makes the verifier stale: said once the `ready` tells the interval (15 s here).
+    #[tokio::test]
+    async fn a_max_staleness_under_two_heartbeats_is_warned_of() {
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let _default = tracing::subscriber::set_default(Warnings(warnings.clone()));
+        let fake = FakeKeyplane::start(queued_stream(Arc::default()), || active("A"));
+        let warned = || {
+            let warnings = lock(&warnings);
+            warnings.iter().filter(|w| w.contains("heartbeat")).count()
+        };
+        let limit = Duration::from_secs(5);
+        let enough = fake_verifier(&fake, Duration::from_secs(30), StalePolicy::FailClosed);
+        until("fresh", limit, || !enough.is_stale()).await;
+        let short = fake_verifier(&fake, Duration::from_secs(20), StalePolicy::FailClosed);
+        until("fresh", limit, || !short.is_stale()).await;
+        until("warned", limit, || warned() == 1).await;
+    }
+
+    /// Lifetimes past what the clock can hold keep answers for good rather than panicking.
+    #[tokio::test]
+    async fn a_cache_lifetime_past_the_clock_is_forever() {
+        let refuse = Arc::new(AtomicBool::new(false));
+        let refusing = refuse.clone();
+        let fake = FakeKeyplane::start(queued_stream(Arc::default()), move || {
+            if refusing.load(SeqCst) {
+                r#"{"active":false}"#.into()
+            } else {
+                active("A")
+            }
+        });
+        let mut config = fake_config(&fake.base, Duration::from_secs(10), StalePolicy::FailClosed);
+        (config.cache_ttl, config.negative_ttl) = (Duration::MAX, Duration::MAX);
+        let verifier = Verifier::new(config).unwrap();
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let (accepted, refused) = (api_token(), api_token());
+        for _ in 0..2 {
+            assert!(verifier.verify(&accepted).await.is_ok());
+        }
+        refuse.store(true, SeqCst);
+        for _ in 0..2 {
+            assert_eq!(verifier.verify(&refused).await, Err(VerifyError::Inactive));
+        }
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.introspections, metrics.cache_hits),
+            (2, 2),
+            "{metrics:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn neither_the_config_nor_the_verifier_shows_its_token() {
         let config = VerifierConfig::new("http://keyplane", "aether_secret");
         assert!(!format!("{config:?}").contains("aether_secret"));
+        let verifier = Verifier::new(config).unwrap();
+        let shown = format!("{verifier:?}");
+        assert!(shown.contains("http://keyplane") && !shown.contains("aether_secret"));
     }
 
     /// A keyplane stand-in on loopback, in plain threads (the crate has no HTTP server to spare):

@@ -230,10 +230,21 @@ async fn session(
                     }
                     let position = serde_json::from_str::<Position>(&event.data).ok();
                     if let Some(position) = &position {
+                        let heartbeat = Duration::from_secs(position.heartbeat_seconds);
                         // Two heartbeats missed: take the connection for dead.
-                        silence = silence.min(Duration::from_secs(
-                            position.heartbeat_seconds.saturating_mul(2).max(1),
-                        ));
+                        silence =
+                            silence.min(heartbeat.saturating_mul(2).max(Duration::from_secs(1)));
+                        let max_staleness = inner.config.max_staleness;
+                        if max_staleness < heartbeat.saturating_mul(2)
+                            && !inner.warned_of_heartbeat.swap(true, Relaxed)
+                        {
+                            tracing::warn!(
+                                ?max_staleness,
+                                ?heartbeat,
+                                "max_staleness is under twice keyplane's heartbeat interval: \
+                                 one late heartbeat makes the verifier stale"
+                            );
+                        }
                     }
                     catch_up_to = Some(match position {
                         Some(Position {
