@@ -290,6 +290,14 @@ struct Cache {
     /// shard's lock, so a cache hit writes no memory other threads' hits write.
     hits: u64,
     accepted_hits: u64,
+    /// How many of `entries` are refusals.
+    refusals: usize,
+    /// No answer in `entries` expires before this (a lower bound: exact after `make_room`
+    /// looked through the shard, lowered by each insertion); `None`: unknown.
+    soonest_expiry: Option<Instant>,
+    /// How many times `make_room` looked through the shard.
+    #[cfg(test)]
+    scans: usize,
 }
 
 /// The cache is split by key into this many shards, each behind its own lock: threads verifying
@@ -348,12 +356,15 @@ impl Cache {
     fn insert(&mut self, key: CacheKey, entry: Entry) -> usize {
         // Unindexes the answer it replaces, whichever credential that one named.
         let replaced = self.remove(&key);
-        if let Some(identity) = &entry.identity {
-            self.by_credential
+        match &entry.identity {
+            Some(identity) => self
+                .by_credential
                 .entry(identity.credential_id.clone())
                 .or_default()
-                .push(key);
+                .push(key),
+            None => self.refusals += 1,
         }
+        self.soonest_expiry = self.soonest_expiry.map(|at| at.min(entry.until));
         self.entries.insert(key, entry);
         1 - replaced
     }
@@ -368,7 +379,10 @@ impl Cache {
                 self.unindex(&identity.credential_id, key);
                 1
             }
-            Some(_) => 1,
+            Some(_) => {
+                self.refusals -= 1;
+                1
+            }
             None => 0,
         }
     }
@@ -397,6 +411,8 @@ impl Cache {
         let dropped = self.entries.len();
         self.entries.clear();
         self.by_credential.clear();
+        self.refusals = 0;
+        self.soonest_expiry = None;
         dropped
     }
 
@@ -404,32 +420,42 @@ impl Cache {
     /// then, only to make room for an accepted answer, arbitrary accepted ones. Anyone can mint
     /// well-formed tokens that keyplane refuses, so a flood of them may evict other refusals but
     /// never a valid credential's answer. Freeing a tenth at once, not one slot, keeps the scan
-    /// this costs to once per tenth of the shard's insertions. Returns how many were freed.
+    /// this costs to once per tenth of the shard's insertions. For a refusal, the shard is not
+    /// even looked through while fewer than a tenth of it are refusals and none has expired
+    /// (then the refusal is not cached): else a flood of them into a shard full of live accepted
+    /// answers would look through it for each, freeing nothing. Returns how many were freed.
     fn make_room(&mut self, for_refusal: bool) -> usize {
-        let target = self
-            .entries
-            .len()
-            .saturating_sub((self.entries.len() / 10).max(1));
+        let tenth = (self.entries.len() / 10).max(1);
         let now = Instant::now();
-        let expired: Vec<CacheKey> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.until <= now)
-            .map(|(key, _)| *key)
-            .collect();
+        let none_expired = self.soonest_expiry.is_some_and(|at| now < at);
+        if for_refusal && self.refusals < tenth && none_expired {
+            return 0;
+        }
+        #[cfg(test)]
+        {
+            self.scans += 1;
+        }
+        let target = self.entries.len().saturating_sub(tenth);
+        let (mut expired, mut refusals) = (Vec::new(), Vec::new());
+        let mut soonest: Option<Instant> = None;
+        for (key, entry) in &self.entries {
+            if entry.until <= now {
+                expired.push(*key);
+            } else {
+                soonest = Some(soonest.map_or(entry.until, |at| at.min(entry.until)));
+                if entry.identity.is_none() {
+                    refusals.push(*key);
+                }
+            }
+        }
+        // The entries freed below only raise it: still a lower bound.
+        self.soonest_expiry = soonest;
         let mut freed = 0;
         for key in expired {
             freed += self.remove(&key);
         }
         let excess = self.entries.len().saturating_sub(target);
-        let refusals: Vec<CacheKey> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.identity.is_none())
-            .map(|(key, _)| *key)
-            .take(excess)
-            .collect();
-        for key in refusals {
+        for key in refusals.into_iter().take(excess) {
             freed += self.remove(&key);
         }
         if !for_refusal {
@@ -1245,6 +1271,14 @@ pub(crate) mod tests {
             .count();
         let indexed: usize = cache.by_credential.values().map(Vec::len).sum();
         assert_eq!(indexed, accepted, "every accepted answer indexed once");
+        assert_eq!(cache.refusals, cache.entries.len() - accepted);
+        let soonest = cache.entries.values().map(|e| e.until).min();
+        assert!(
+            cache
+                .soonest_expiry
+                .is_none_or(|at| soonest.is_none_or(|s| at <= s)),
+            "a lower bound"
+        );
         for (credential_id, keys) in &cache.by_credential {
             assert!(!keys.is_empty(), "no empty index lists are kept");
             for key in keys {
@@ -1416,6 +1450,34 @@ pub(crate) mod tests {
         );
         assert!(refusals.cached.load(Relaxed) <= max);
         assert_consistent(&refusals);
+    }
+
+    /// A cache full of live accepted answers has no room a refusal may take: a flood of made-up
+    /// tokens finds that out once per shard, not by looking through the shard for each.
+    #[test]
+    fn a_full_cache_of_accepted_answers_is_not_scanned_for_each_refusal() {
+        let max = 160;
+        let inner = inner_holding(max);
+        for n in 0..max as u32 {
+            let credential = format!("c{n}");
+            admit(
+                &inner,
+                key(n),
+                entry(Some(&credential), Duration::from_secs(3600)),
+            );
+        }
+        let valid = cached_keys(&inner);
+        for n in 0..10_000u32 {
+            admit(
+                &inner,
+                key(1_000_000 + n),
+                entry(None, Duration::from_secs(3600)),
+            );
+        }
+        assert_eq!(cached_keys(&inner), valid);
+        let scans: usize = inner.shards.iter().map(|s| lock(&s.0).scans).sum();
+        assert!(scans <= SHARDS, "{scans} scans");
+        assert_consistent(&inner);
     }
 
     #[test]
