@@ -39,7 +39,53 @@
 //!   changes no event announces, such as a rotation's grace period running out), refusals for
 //!   [`VerifierConfig::negative_ttl`], and no credential is accepted past its `exp`.
 //!
-//! The server's heartbeat interval (15 s by default) must be well below `max_staleness`.
+//! The server's heartbeat interval (15 s by default) must be under half of `max_staleness`
+//! (a warning is logged otherwise): one late heartbeat would make the verifier stale.
+//!
+//! After a failed attempt or an ended connection the stream is tried again after 100 ms,
+//! doubling with each failure in a row up to half of `max_staleness` (at most 30 s), of which a
+//! random half or more; never sooner than keyplane's `Retry-After` (believed up to 30 s). A
+//! connection that caught up resets that count. The wait does not weaken the contract above,
+//! which counts from the stream's last contact; it only delays recovery.
+//! [`Verifier::last_stream_error`] says why the stream last failed: a 401 or 403 is a verify
+//! token keyplane refuses, which waiting will not mend.
+//!
+//! # Using it
+//!
+//! Create one [`Verifier`] per organization at start (within a tokio runtime: it follows the
+//! stream on it) and clone it where needed; clones share the cache and the stream.
+//!
+//! ```no_run
+//! use keyplane_verifier::{Verifier, VerifierConfig, VerifyError};
+//!
+//! # async fn example(presented: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = VerifierConfig::new(
+//!     "https://keyplane.internal:8443",
+//!     std::env::var("KEYPLANE_VERIFY_TOKEN")?,
+//! );
+//! let verifier = Verifier::new(config)?;
+//! match verifier.verify(presented).await {
+//!     Ok(identity) if identity.has_scope("deploy") => { /* allowed */ }
+//!     Ok(_) => { /* authenticated, not allowed: 403 */ }
+//!     Err(VerifyError::Malformed | VerifyError::Inactive) => { /* 401 */ }
+//!     Err(_) => { /* cannot verify now (stale, keyplane unavailable): 503 */ }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `axum` feature, `VerifyLayer` does this for each request: a handler behind it reads
+//! the identity as `Extension<Arc<Identity>>`. (`Extension<Identity>` compiles too, but the
+//! layer inserts an `Arc<Identity>`, so every request would fail with a 500 at run time.)
+//!
+//! # Memory
+//!
+//! The cache holds at most [`VerifierConfig::max_entries`] answers (a few hundred bytes each).
+//! The changes the stream told of are remembered for `revocation_memory` in three memories
+//! (revokes, leaks, every change), each holding at most 100,000 mentions of about 200 bytes: 60
+//! MB at worst, reached only by that many changes within the window.
+
+#![warn(missing_docs)]
 
 use keyplane_core::{CacheKey, CacheKeyer, CredentialKind};
 use serde::Deserialize;
@@ -65,18 +111,23 @@ pub enum StalePolicy {
     Recheck,
 }
 
+/// How a [`Verifier`] reaches keyplane and how long it trusts what it heard. Start from
+/// [`VerifierConfig::new`] and set the fields to change.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct VerifierConfig {
     /// keyplane's base URL, e.g. `https://keyplane.internal:8443`.
     pub base_url: String,
     /// A credential of the organization to verify for, holding `tokens:verify`.
     pub verify_token: String,
-    /// See the staleness contract in the crate documentation.
+    /// See the staleness contract in the crate documentation. Default 30 s; at least twice
+    /// keyplane's heartbeat interval (15 s by default).
     pub max_staleness: Duration,
+    /// What to do once stale. Default [`StalePolicy::FailClosed`].
     pub stale_policy: StalePolicy,
-    /// How long an accepted credential's answer is kept at most.
+    /// How long an accepted credential's answer is kept at most. Default 60 s.
     pub cache_ttl: Duration,
-    /// How long a refusal (unknown, revoked, suspended) is kept.
+    /// How long a refusal (unknown, revoked, suspended) is kept. Default 2 s.
     pub negative_ttl: Duration,
     /// How long a revoke (or a leak, until the credential is resumed) the stream delivered is
     /// remembered, refusing any introspection answer that still calls the credential active. It
@@ -85,13 +136,15 @@ pub struct VerifierConfig {
     /// `--stale-if-error-seconds` after loading. Default 330 s, for keyplane's default of 300;
     /// raise it with that flag.
     pub revocation_memory: Duration,
-    /// Cached answers at most (threads inserting at once may pass it by one each). Past it, the
-    /// inserting answer's shard (a sixteenth of the cache) frees a tenth of itself, expired
-    /// answers first, then refusals, then (for an accepted answer only) arbitrary ones: a flood
-    /// of made-up tokens never evicts a valid credential's answer.
+    /// Cached answers at most (threads inserting at once may pass it by one each); default
+    /// 100,000. Past it, the inserting answer's shard (a sixteenth of the cache) frees a tenth of
+    /// itself, expired answers first, then refusals, then (for an accepted answer only)
+    /// arbitrary ones: a flood of made-up tokens never evicts a valid credential's answer (a
+    /// refusal that finds no room is not cached).
     pub max_entries: usize,
     /// How long a verify waits for keyplane at most, queueing for an introspection slot (see
     /// `max_concurrent_introspections`) included; then it answers [`VerifyError::Unavailable`].
+    /// Also how long connecting to the stream may take. Default 5 s.
     pub request_timeout: Duration,
     /// Introspections in flight at most (default 64): past it, a verify that must ask keyplane
     /// waits for one to end, within its `request_timeout`. Verifies of one token that miss the
@@ -99,13 +152,21 @@ pub struct VerifierConfig {
     /// (well-formed) tokens can make keyplane do.
     pub max_concurrent_introspections: usize,
     /// The HTTP client to use (e.g. one trusting a private CA); default: reqwest's, with rustls,
-    /// following no redirect. A client given here must not follow redirects either
-    /// (`.redirect(reqwest::redirect::Policy::none())`): on a 307 or 308 it would re-send the
-    /// introspection's form body, the caller's credential, to the redirect's target.
+    /// following no redirect. A client given here:
+    /// - must not follow redirects (`.redirect(reqwest::redirect::Policy::none())`): on a 307
+    ///   or 308 it would re-send the introspection's form body, the caller's credential, to the
+    ///   redirect's target;
+    /// - must have no client-wide timeout (`ClientBuilder::timeout`): it bounds a whole
+    ///   response, and would cut the stream, which stays open (`request_timeout` bounds each
+    ///   introspection, and a silent stream is noticed without it);
+    /// - and if it goes through a proxy, that proxy must pass `text/event-stream` through
+    ///   unbuffered: one holding heartbeats back makes the verifier stale.
     pub http: Option<reqwest::Client>,
 }
 
 impl VerifierConfig {
+    /// A configuration with the defaults documented on each field, for keyplane at `base_url`
+    /// with `verify_token`.
     pub fn new(base_url: impl Into<String>, verify_token: impl Into<String>) -> Self {
         Self {
             base_url: base_url.into(),
@@ -168,11 +229,13 @@ pub enum ConfigError {
 pub struct Identity {
     /// The credential id (introspection's `sub`).
     pub credential_id: String,
+    /// The organization the credential belongs to (the verify token's).
     pub org_id: String,
     /// `api_token` or `service_account`.
     pub kind: String,
     /// The credential's name.
     pub name: String,
+    /// The credential's scopes; see [`Identity::has_scope`].
     pub scopes: Vec<String>,
     /// Expiry, seconds since the epoch.
     pub expires_at: Option<i64>,
@@ -186,7 +249,10 @@ impl Identity {
     }
 }
 
+/// Why [`Verifier::verify`] did not accept a credential. `Malformed` and `Inactive` are the
+/// caller's (401); `Stale` and `Unavailable` are the verifier's (503: try again later).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VerifyError {
     /// Not a keyplane token (prefix, length, alphabet or checksum): no request was made.
     #[error("not a keyplane credential")]
@@ -200,7 +266,9 @@ pub enum VerifyError {
     /// refusing the verify token, which waiting will not mend.
     #[error("the verifier is stale, nothing up to date heard from keyplane's revocation stream within max_staleness: {0}")]
     Stale(String),
-    /// keyplane could not be asked (unreachable, an error answer).
+    /// keyplane could not be asked, or not in time (unreachable, an error answer, no
+    /// introspection slot free within `request_timeout`), or answered from a stale cache about
+    /// a credential changed lately.
     #[error("keyplane is unavailable: {0}")]
     Unavailable(String),
 }
@@ -219,23 +287,40 @@ pub struct StreamError {
     pub reason: String,
 }
 
-/// Counters and state for monitoring, as plain numbers.
+/// Counters (since the verifier started) and state for monitoring, as plain numbers. Each
+/// verify counts once in `accepted`, `refused` or `malformed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Metrics {
+    /// Verifies that accepted the credential, from the cache or not.
     pub accepted: u64,
+    /// Verifies that refused a well-formed credential: inactive, but also every stale refusal
+    /// (`stale_refusals`) and every verify keyplane could not answer ([`VerifyError::Stale`],
+    /// [`VerifyError::Unavailable`]).
     pub refused: u64,
+    /// Verifies of something that is not a keyplane credential (no request was made).
     pub malformed: u64,
+    /// Verifies answered from the cache (accepted or refused).
     pub cache_hits: u64,
+    /// Introspection requests sent to keyplane (one per miss, shared by the verifies of one
+    /// token that miss at once).
     pub introspections: u64,
+    /// Introspections that gave no usable answer (keyplane unreachable, an error answer, an
+    /// unreadable body, an unconfirmed answer about a credential changed lately), and verifies
+    /// that found no introspection slot within `request_timeout`.
     pub introspection_errors: u64,
-    /// Requests refused because the verifier was stale (FailClosed).
+    /// Requests refused because the verifier was stale ([`StalePolicy::FailClosed`]); also
+    /// counted in `refused`.
     pub stale_refusals: u64,
-    /// Requests sent to keyplane because the verifier was stale (Recheck).
+    /// Requests sent to keyplane because the verifier was stale ([`StalePolicy::Recheck`]).
     pub stale_rechecks: u64,
+    /// Stream connections keyplane accepted (a 200 event stream).
     pub stream_connects: u64,
+    /// Stream connections that ended, and attempts that failed (refused, unreachable, not an
+    /// event stream): it grows while keyplane is unreachable, by one per attempt.
     pub stream_disconnects: u64,
     /// `revocation` events received.
     pub stream_events: u64,
+    /// `reset` events received (every cached answer dropped).
     pub stream_resets: u64,
     /// The last event id (audit seq) received; 0 before the first.
     pub last_event_id: u64,
@@ -347,8 +432,9 @@ struct Changes {
 /// here, which is after the commit. A revoke is not merely left uncached: see `revocation_memory`.
 const RECENT: Duration = Duration::from_secs(5);
 
-/// Mentions each [`Memory`] keeps at most: about 200 bytes each, so 20 MB at worst, reached
-/// only by as many changes within a window.
+/// Mentions each [`Memory`] keeps at most: about 200 bytes each (the id twice, in `at` and
+/// `order`), so 20 MB at worst per memory and 60 MB for the three of [`Changes`], reached only
+/// by as many changes within `revocation_memory`.
 const MAX_REMEMBERED: usize = 100_000;
 
 impl Cache {
@@ -720,7 +806,9 @@ impl Verifier {
         })
     }
 
-    /// Verifies a presented credential (the bare token, without `Bearer `).
+    /// Verifies a presented credential (the bare token, without `Bearer `): from the cache,
+    /// else by asking keyplane (see [`VerifierConfig::request_timeout`] and
+    /// [`VerifierConfig::max_concurrent_introspections`] for how long that may take).
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {
         let result = match self.verify_inner(token).await {
             Answer::Cached(result) => return result,
@@ -935,6 +1023,7 @@ impl Verifier {
         lock(&self.inner.last_stream_error).clone()
     }
 
+    /// The counters and state for monitoring; see [`Metrics`] for what each means.
     pub fn metrics(&self) -> Metrics {
         let c = &self.inner.counters;
         let (hits, accepted_hits) = self.inner.shards.iter().fold((0, 0), |(h, a), shard| {
@@ -1664,7 +1753,8 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn new_refuses_a_config_it_cannot_keep() {
         let config = || VerifierConfig::new("http://127.0.0.1:9", "unused");
-        let zero: [(&str, fn(&mut VerifierConfig)); 3] = [
+        type Set = fn(&mut VerifierConfig);
+        let zero: [(&str, Set); 3] = [
             ("max_staleness", |c| c.max_staleness = Duration::ZERO),
             ("request_timeout", |c| c.request_timeout = Duration::ZERO),
             ("max_concurrent_introspections", |c| {
