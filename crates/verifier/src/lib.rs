@@ -107,7 +107,8 @@ pub use layer::{VerifyLayer, VerifyService};
 pub enum StalePolicy {
     /// Refuse every credential ([`VerifyError::Stale`]) until the stream is back.
     FailClosed,
-    /// Ask keyplane on every request, ignoring the cache, until the stream is back.
+    /// Ask keyplane on every request, ignoring the cache, until the stream is back (verifies of
+    /// one token at the same moment share one question).
     Recheck,
 }
 

@@ -286,10 +286,10 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use crate::tests::{
-        active, api_token, fake_verifier, position, revocation, until, FakeKeyplane, StreamConn,
-        HEARTBEAT,
+        active, api_token, fake_config, fake_verifier, position, revocation, until, FakeKeyplane,
+        RawServer, StreamConn, HEARTBEAT,
     };
-    use crate::{StalePolicy, VerifyError};
+    use crate::{lock, StalePolicy, Verifier, VerifyError};
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -539,14 +539,40 @@ mod tests {
         stays_fresh(&verifier, MAX_STALENESS * 3).await;
         assert_eq!(verifier.metrics().stream_connects, 2);
     }
-}
 
-/// Reconnection: when, and what counts as a connection.
-#[cfg(test)]
-mod reconnection {
-    use super::tests_support::*;
-    use crate::tests::{position, RawServer};
-    use std::time::Duration;
+    // Reconnection: when, and what counts as a connection.
+
+    /// A raw HTTP answer that closes the connection.
+    fn answer(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A verifier following the stream at `server` (`max_staleness` 10 s: backoff up to 5 s).
+    fn verifier(server: &RawServer) -> Verifier {
+        let config = fake_config(
+            &server.base,
+            Duration::from_secs(10),
+            StalePolicy::FailClosed,
+        );
+        Verifier::new(config).unwrap()
+    }
+
+    /// The times between the first `n` stream requests, once they came.
+    async fn gaps(server: &RawServer, n: usize) -> Vec<Duration> {
+        until("the attempts", Duration::from_secs(30), || {
+            server.count("GET /v1/revocations/stream") >= n
+        })
+        .await;
+        let times: Vec<Instant> = lock(&server.requests)
+            .iter()
+            .map(|(at, _)| *at)
+            .take(n)
+            .collect();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
 
     /// keyplane answers 429 with `Retry-After` when its stream slots are full: the verifier
     /// leaves it alone that long.
@@ -602,44 +628,5 @@ mod reconnection {
         // that caught up, 100 ms at most (and the time to connect).
         assert!(gaps[4] >= Duration::from_millis(800), "{gaps:?}");
         assert!(gaps[5] < Duration::from_millis(800), "{gaps:?}");
-    }
-}
-
-#[cfg(test)]
-mod tests_support {
-    use crate::tests::{fake_config, until, RawServer};
-    use crate::{lock, StalePolicy, Verifier};
-    use std::time::{Duration, Instant};
-
-    /// A raw HTTP answer that closes the connection.
-    pub(crate) fn answer(status: &str, headers: &str, body: &str) -> String {
-        format!(
-            "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    }
-
-    /// A verifier following the stream at `server` (`max_staleness` 10 s: backoff up to 5 s).
-    pub(crate) fn verifier(server: &RawServer) -> Verifier {
-        let config = fake_config(
-            &server.base,
-            Duration::from_secs(10),
-            StalePolicy::FailClosed,
-        );
-        Verifier::new(config).unwrap()
-    }
-
-    /// The times between the first `n` stream requests, once they came.
-    pub(crate) async fn gaps(server: &RawServer, n: usize) -> Vec<Duration> {
-        until("the attempts", Duration::from_secs(30), || {
-            server.count("GET /v1/revocations/stream") >= n
-        })
-        .await;
-        let times: Vec<Instant> = lock(&server.requests)
-            .iter()
-            .map(|(at, _)| *at)
-            .take(n)
-            .collect();
-        times.windows(2).map(|w| w[1] - w[0]).collect()
     }
 }
