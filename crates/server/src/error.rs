@@ -17,8 +17,10 @@ pub enum AppError {
     Domain(#[from] DomainError),
     #[error("malformed JSON: {0}")]
     InvalidJson(String),
+    /// The body's `Content-Type` is not one the route reads; the media types it does read, as the
+    /// client is told (`application/json`).
     #[error("unsupported media type")]
-    UnsupportedMediaType,
+    UnsupportedMediaType(&'static str),
     #[error("payload too large")]
     PayloadTooLarge,
     #[error("method not allowed")]
@@ -62,7 +64,7 @@ impl AppError {
                 StatusCode::CONFLICT
             }
             AppError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -80,7 +82,7 @@ impl AppError {
             AppError::Domain(DomainError::Forbidden(message)) => message.clone(),
             AppError::Domain(DomainError::Conflict(message)) => message.clone(),
             AppError::InvalidJson(message) => format!("request body is not valid JSON: {message}"),
-            AppError::UnsupportedMediaType => "request body must be application/json".into(),
+            AppError::UnsupportedMediaType(expected) => format!("request body must be {expected}"),
             AppError::PayloadTooLarge => "request body is too large".into(),
             AppError::MethodNotAllowed => "this method is not allowed on this path".into(),
             AppError::RateLimited { .. } => "too many requests".into(),

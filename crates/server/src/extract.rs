@@ -68,7 +68,7 @@ impl<S: Surface, T: FromJsonBody> ApiJson<S, T> {
         app: &App,
     ) -> Result<(Self, Bytes), ApiError<S>> {
         if !is_json(request.headers()) {
-            return Err(AppError::UnsupportedMediaType.into());
+            return Err(AppError::UnsupportedMediaType("application/json").into());
         }
         let bytes = read_body(request, app).await?;
         let value = read_json_body(&bytes, crate::ops::now())?;
@@ -92,7 +92,7 @@ impl<S: Surface, T: FromJsonBody + Default> OptionalApiJson<S, T> {
             return Ok((Self(T::default(), PhantomData), bytes));
         }
         if !json {
-            return Err(AppError::UnsupportedMediaType.into());
+            return Err(AppError::UnsupportedMediaType("application/json").into());
         }
         let value = read_json_body(&bytes, crate::ops::now())?;
         Ok((Self(value, PhantomData), bytes))

@@ -184,7 +184,9 @@ fn presented_token<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<Cow<'a, st
             .and_then(Value::as_str)
             .map(|token| Cow::Owned(token.to_string()))
     } else {
-        return Err(AppError::UnsupportedMediaType);
+        return Err(AppError::UnsupportedMediaType(
+            "application/x-www-form-urlencoded or application/json",
+        ));
     };
     token.ok_or_else(|| {
         AppError::Domain(DomainError::Validation(vec![

@@ -52,7 +52,7 @@ impl Surface for Aether {
                 "conflict"
             }
             AppError::InvalidJson(_) => "invalid_json",
-            AppError::UnsupportedMediaType => "unsupported_media_type",
+            AppError::UnsupportedMediaType(_) => "unsupported_media_type",
             AppError::PayloadTooLarge => "payload_too_large",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::RateLimited { .. } => "rate_limited",

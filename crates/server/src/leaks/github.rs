@@ -301,7 +301,7 @@ pub(crate) async fn github_secret_scanning(
         .verify(key_id, signature, &body)
         .await?;
     if !crate::extract::is_json(&headers) {
-        return Err(AppError::UnsupportedMediaType.into());
+        return Err(AppError::UnsupportedMediaType("application/json").into());
     }
     let matches: Vec<GithubMatch> =
         serde_json::from_slice(&body).map_err(|e| AppError::InvalidJson(e.to_string()))?;

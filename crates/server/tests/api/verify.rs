@@ -199,6 +199,11 @@ async fn introspection_callers_need_tokens_verify(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(res.status(), 415);
+    // The form first: it is what RFC 7662 names.
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["error_description"],
+        "request body must be application/x-www-form-urlencoded or application/json"
+    );
     // A form is a form whatever the media type's case and parameters.
     let res = app
         .request(Method::POST, "/oauth2/introspect", Some(&verifier))
