@@ -120,6 +120,10 @@ pub trait Surface: Send + Sync + 'static {
     fn status(error: &AppError) -> StatusCode {
         error.status()
     }
+
+    /// The `WWW-Authenticate` challenge of a 401; `None` for a route that takes no credential in
+    /// `Authorization` (a challenge there would ask for a scheme it does not use).
+    const CHALLENGE: Option<&'static str> = Some("Bearer");
 }
 
 /// An [`AppError`] that renders in surface `S`'s dialect.
@@ -155,8 +159,11 @@ impl<S: Surface> IntoResponse for ApiError<S> {
         let status = S::status(&error);
         let mut response = (status, axum::Json(S::error_body(&error))).into_response();
         let headers = response.headers_mut();
-        if let AppError::Unauthenticated(_) = &error {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        if let (AppError::Unauthenticated(_), Some(challenge)) = (&error, S::CHALLENGE) {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         if let Some(seconds) = error.retry_after_secs() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

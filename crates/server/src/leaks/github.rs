@@ -9,10 +9,10 @@
 
 use super::{find_reported, respond_to_leak, LeakReport, LeakSource, TAG};
 use crate::app::App;
-use crate::error::{ApiError, AppError};
+use crate::error::{ApiError, AppError, Surface};
 use crate::verify::Verification;
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use data_encoding::BASE64;
 use p256::ecdsa::signature::Verifier as _;
@@ -23,6 +23,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use utoipa::ToSchema;
+
+/// GitHub's reports answer errors as the verification endpoints do, but a 401 carries no
+/// `WWW-Authenticate`: GitHub signs the body and sends nothing in `Authorization`.
+pub(crate) struct GithubSigned;
+
+impl Surface for GithubSigned {
+    fn error_body(error: &AppError) -> serde_json::Value {
+        Verification::error_body(error)
+    }
+
+    fn status(error: &AppError) -> StatusCode {
+        Verification::status(error)
+    }
+
+    const CHALLENGE: Option<&'static str> = None;
+}
 
 const KEY_IDENTIFIER: &str = "github-public-key-identifier";
 const KEY_SIGNATURE: &str = "github-public-key-signature";
@@ -289,7 +305,7 @@ pub enum FeedbackLabel {
 pub(crate) async fn github_secret_scanning(
     State(app): State<App>,
     request: Request,
-) -> Result<Json<Vec<GithubFeedback>>, ApiError<Verification>> {
+) -> Result<Json<Vec<GithubFeedback>>, ApiError<GithubSigned>> {
     let context = crate::audit::request_context(request.headers(), request.extensions());
     let headers = request.headers().clone();
     let body = crate::extract::read_body(request, &app).await?;
