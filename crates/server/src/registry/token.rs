@@ -5,6 +5,7 @@ use crate::app::App;
 use crate::canary::{CanarySurface, Presentation};
 use crate::error::AppError;
 use crate::request_id::Origin;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -59,6 +60,40 @@ struct Claims<'a> {
 /// async workers; below it, handing it over would cost more than the match.
 const INLINE_GRANT_COST: usize = 10_000;
 
+/// The Distribution token service's error body.
+#[derive(Serialize, ToSchema)]
+pub struct RegistryErrors {
+    /// One entry.
+    pub errors: Vec<RegistryErrorItem>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RegistryErrorItem {
+    pub code: RegistryErrorCode,
+    pub message: String,
+}
+
+/// The Distribution error codes the token service answers.
+#[derive(Serialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryErrorCode {
+    /// 401: bad or missing robot credentials.
+    #[serde(rename = "UNAUTHORIZED")]
+    Unauthorized,
+    /// 400, 413, 415: a request the token service does not serve (another service, a scope
+    /// outside the grammar, a body that is not a form within the size limit).
+    #[serde(rename = "UNSUPPORTED")]
+    Unsupported,
+    /// 400: a scope names a repository that is not a canonical repository name.
+    #[serde(rename = "NAME_INVALID")]
+    NameInvalid,
+    /// 429: too many failed logins from this address.
+    #[serde(rename = "TOOMANYREQUESTS")]
+    TooManyRequests,
+    /// 500, 503.
+    #[serde(rename = "UNAVAILABLE")]
+    Unavailable,
+}
+
 /// A refusal in the registry's error format.
 enum RegistryError {
     App(AppError),
@@ -68,45 +103,55 @@ enum RegistryError {
     InvalidScope(ScopeError),
 }
 
+/// A Distribution error answer.
+fn registry_errors(status: StatusCode, code: RegistryErrorCode, message: String) -> Response {
+    let body = RegistryErrors {
+        errors: vec![RegistryErrorItem { code, message }],
+    };
+    (status, Json(body)).into_response()
+}
+
 impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let error = match self {
             RegistryError::App(error) => error,
             RegistryError::Unsupported(message) => {
-                let body = json!({ "errors": [{ "code": "UNSUPPORTED", "message": message }] });
-                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+                return registry_errors(
+                    StatusCode::BAD_REQUEST,
+                    RegistryErrorCode::Unsupported,
+                    message,
+                );
             }
             RegistryError::InvalidScope(error) => {
                 let code = match error {
-                    ScopeError::InvalidName { .. } => "NAME_INVALID",
-                    ScopeError::Malformed { .. } | ScopeError::TooMany => "UNSUPPORTED",
+                    ScopeError::InvalidName { .. } => RegistryErrorCode::NameInvalid,
+                    ScopeError::Malformed { .. } | ScopeError::TooMany => {
+                        RegistryErrorCode::Unsupported
+                    }
                 };
-                let body = json!({ "errors": [{ "code": code, "message": error.to_string() }] });
-                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+                return registry_errors(StatusCode::BAD_REQUEST, code, error.to_string());
             }
         };
         let status = error.status();
         let code = match status {
-            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
-            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
-                "UNSUPPORTED"
-            }
-            StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
-            _ => "UNAVAILABLE",
+            StatusCode::UNAUTHORIZED => RegistryErrorCode::Unauthorized,
+            StatusCode::BAD_REQUEST
+            | StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE => RegistryErrorCode::Unsupported,
+            StatusCode::TOO_MANY_REQUESTS => RegistryErrorCode::TooManyRequests,
+            _ => RegistryErrorCode::Unavailable,
         };
         let message = match &error {
             AppError::Unauthenticated(_) => "invalid username or password".to_string(),
             other => other.public_message(),
         };
-        let mut response = (
-            status,
-            Json(json!({ "errors": [{ "code": code, "message": message }] })),
-        )
-            .into_response();
+        let mut response = registry_errors(status, code, message);
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"keyplane registry\""),
+                HeaderValue::from_static(BASIC_CHALLENGE),
             );
         }
         if let Some(seconds) = error.retry_after_secs() {
@@ -120,6 +165,9 @@ impl IntoResponse for RegistryError {
         response
     }
 }
+
+/// The challenge of the token service's 401.
+pub(crate) const BASIC_CHALLENGE: &str = "Basic realm=\"keyplane registry\"";
 
 /// An [`AppError`] in the registry's error format, for refusals made before the handler runs.
 pub(crate) fn error_response(error: AppError) -> Response {
@@ -288,10 +336,9 @@ async fn issue_registry_token_oauth(
     State(app): State<App>,
     origin: Origin,
     headers: HeaderMap,
-    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+    form: Result<Form<Vec<(String, String)>>, FormRejection>,
 ) -> Result<Response, RegistryError> {
-    let Form(params) =
-        form.map_err(|rejection| RegistryError::Unsupported(rejection.body_text()))?;
+    let Form(params) = form.map_err(form_refusal)?;
     let field = |name: &str| {
         params
             .iter()
@@ -313,6 +360,18 @@ async fn issue_registry_token_oauth(
             Ok(oauth_error("invalid_scope", &error.to_string()))
         }
         other => other,
+    }
+}
+
+/// A body the form extractor refused: 413 past the size limit, 415 when it is not labelled a
+/// form, 400 otherwise.
+fn form_refusal(rejection: FormRejection) -> RegistryError {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge.into(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            AppError::UnsupportedMediaType("application/x-www-form-urlencoded").into()
+        }
+        _ => RegistryError::Unsupported(rejection.body_text()),
     }
 }
 

@@ -1447,7 +1447,50 @@ async fn bad_requested_scopes_are_refused(backend: Backend) {
     );
 }
 
+/// `POST /registry/token` refuses a body it cannot read as HTTP says, in the Distribution shape:
+/// 415 for one that is not labelled a form, 413 for one over the size limit. Neither is a 400: a
+/// client told to fix its request's syntax could not.
+async fn the_token_form_refuses_what_it_cannot_read(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let robot = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let form = format!(
+        "grant_type=password&username=robot%24acme%2Bci&password={}&service=keyplane-registry",
+        str_of(&robot, "token")
+    );
+    let post = |content_type: Option<&str>, body: String| {
+        let mut request = app.request(Method::POST, "/registry/token", None);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        async move { request.body(body).send().await.unwrap() }
+    };
+    let refused = |res: Response, status: u16| async move {
+        assert_eq!(res.status(), status);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNSUPPORTED", "{body}");
+        body["errors"][0]["message"].as_str().unwrap().to_string()
+    };
+    for content_type in [Some("text/plain"), Some("application/json"), None] {
+        let message = refused(post(content_type, form.clone()).await, 415).await;
+        assert_eq!(
+            message, "request body must be application/x-www-form-urlencoded",
+            "{content_type:?}"
+        );
+    }
+    let oversized = format!("{form}&scope={}", "a".repeat(70 * 1024));
+    let message = refused(post(Some(FORM), oversized).await, 413).await;
+    assert_eq!(message, "request body is too large");
+    // The same form, labelled as one and within the limit, is served.
+    let res = post(Some(FORM), form.clone()).await;
+    assert_eq!(res.status(), 200);
+}
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
 both_backends!(
+    the_token_form_refuses_what_it_cannot_read,
     a_refused_login_does_not_count_as_use,
     registry_is_disabled_until_enabled,
     a_failed_enable_answers_503_and_can_be_retried,
