@@ -202,14 +202,15 @@ pub struct StreamPosition {
 /// service accounts and robot accounts, robot permission changes, grants created or revoked,
 /// `credential.expired` and `credential.leaked`. The caller needs `tokens:verify`.
 ///
-/// Events: `ready` (first; data `{seq, heartbeat_seconds, head}`), `revocation` (data: `seq`,
-/// `action`, `kind`, `credential_id`, `occurred_at`), and `reset` (the `Last-Event-ID` cannot be
-/// resumed, retention deleted events before the stream sent them, or the audit trail went back,
-/// as after a database failover or restore that lost its last commits: drop every cached
-/// verification; same data as `ready`; it may come at any point of the stream). Each carries
-/// `id:` = the audit `seq`, increasing (a `reset` after the trail went back names a lower one,
-/// and the ids go on from it); send the last one seen as `Last-Event-ID` to resume without
-/// missing or repeating a change. Comments (`: `) are heartbeats, each sent right after the chain's head was
+/// Events: `ready` (first; data: a `StreamPosition`, `{seq, heartbeat_seconds, head}`),
+/// `revocation` (data: a `RevocationEvent`, `{seq, action, kind, credential_id, occurred_at}`),
+/// and `reset` (the `Last-Event-ID` cannot be resumed, retention deleted events before the stream
+/// sent them, or the audit trail went back, as after a database failover or restore that lost its
+/// last commits: drop every cached verification; data: a `StreamPosition`; it may come at any
+/// point of the stream); both schemas are in the document's components. Each carries `id:` = the
+/// audit `seq`, increasing (a `reset` after the trail went back names a lower one, and the ids go
+/// on from it); send the last one seen as `Last-Event-ID` to resume without missing or repeating a
+/// change. Comments (`: `) are heartbeats, each sent right after the chain's head was
 /// read with every event up to it before: a client is up to date once it has had one, or events
 /// up to `head` (on resumption, `ready` comes before the missed events; a stream that ends
 /// before them has not caught up).
@@ -217,10 +218,10 @@ pub struct StreamPosition {
     get, path = "/v1/revocations/stream", tag = "Verification",
     params(("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (an audit seq).")),
     responses(
-        (status = 200, description = "The event stream; it stays open.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream; it stays open. Each event's `data` is one line of JSON: a `StreamPosition` (`#/components/schemas/StreamPosition`) for `ready` and `reset`, a `RevocationEvent` (`#/components/schemas/RevocationEvent`) for `revocation`.", content_type = "text/event-stream", body = String),
         (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
-        (status = 429, description = "Too many streams are open on this server, or of the caller's organization; retry after `Retry-After`."),
+        (status = 429, description = "Too many streams are open on this server, or of the caller's organization, or too many failed authentications from this address; retry after `Retry-After`."),
     ),
     security(("bearer" = [])),
 )]

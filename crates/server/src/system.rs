@@ -7,8 +7,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use keyplane_core::Error as DomainError;
 use keyplane_store::StoreFault;
-use serde_json::json;
+use serde::Serialize;
 use std::time::Duration;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -23,10 +24,72 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(docs))
 }
 
+/// `/healthz`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    status: Alive,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Alive {
+    Ok,
+}
+
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/healthz", tag = TAG, responses((status = 200, description = "Alive.")))]
+#[utoipa::path(get, path = "/healthz", tag = TAG, responses((status = 200, description = "Alive.", body = Health)))]
 async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
+    axum::Json(Health { status: Alive::Ok })
+}
+
+/// `/readyz`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`; `degraded`: reads work, writes are failing; `unavailable`: reads fail (503).
+    status: ReadinessStatus,
+    /// The store's kind: `sqlite` or `postgres`.
+    #[schema(value_type = String)]
+    store: &'static str,
+    /// Whether writes are failing now.
+    writes: WriteHealth,
+    /// The last transient fault a write met; it stays after writes recover. `null` if none did
+    /// since the start.
+    #[schema(required = true)]
+    last_write_failure: Option<WriteFailure>,
+    /// On 503 only: why reads fail (`unreachable`, `busy`, `timed out`, `disk full`,
+    /// `read-only`, `I/O error`, or `error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
+    reason: Option<&'static str>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ReadinessStatus {
+    Ready,
+    Degraded,
+    Unavailable,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum WriteHealth {
+    Ok,
+    Failing,
+}
+
+/// A write's transient fault.
+#[derive(Serialize, ToSchema)]
+pub struct WriteFailure {
+    /// `unreachable`, `busy`, `timed out`, `disk full`, `read-only` or `I/O error`.
+    #[schema(value_type = String)]
+    kind: &'static str,
+    /// What it means, for a person.
+    #[schema(value_type = String)]
+    message: &'static str,
+    /// When it happened (RFC 3339, milliseconds, UTC).
+    #[schema(value_type = String, format = DateTime)]
+    at: String,
 }
 
 /// How long `/readyz` waits for the store: a load balancer must get an answer even when the store
@@ -38,8 +101,8 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
 /// `last_write_failure` names the last transient fault a write met (`disk full`, `read-only`,
 /// `busy`, `unreachable`, ...), and stays after writes recover.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
-    (status = 200, description = "Ready, or degraded: reads work, writes are failing."),
-    (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second)."),
+    (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
+    (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second); `reason` says which.", body = Readiness),
 ))]
 async fn readyz(State(app): State<App>) -> Response {
     let store = app.store();
@@ -55,28 +118,32 @@ async fn readyz(State(app): State<App>) -> Response {
             "no answer within 1 s".to_string(),
         )),
     };
-    let last_write_failure = writes.last_failure.map(|(fault, at)| {
-        json!({
-            "kind": fault.as_str(),
-            "message": fault.public_message(),
-            "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        })
-    });
-    let mut body = json!({
-        "store": store.backend(),
-        "writes": if writes.failing { "failing" } else { "ok" },
-        "last_write_failure": last_write_failure,
-    });
+    let mut readiness = Readiness {
+        status: if writes.failing {
+            ReadinessStatus::Degraded
+        } else {
+            ReadinessStatus::Ready
+        },
+        store: store.backend(),
+        writes: if writes.failing {
+            WriteHealth::Failing
+        } else {
+            WriteHealth::Ok
+        },
+        last_write_failure: writes.last_failure.map(|(fault, at)| WriteFailure {
+            kind: fault.as_str(),
+            message: fault.public_message(),
+            at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }),
+        reason: None,
+    };
     match reads {
-        Ok(()) => {
-            body["status"] = json!(if writes.failing { "degraded" } else { "ready" });
-            axum::Json(body).into_response()
-        }
+        Ok(()) => axum::Json(readiness).into_response(),
         Err((kind, detail)) => {
             tracing::warn!(store.fault = kind, error = %detail, "readiness check failed");
-            body["status"] = json!("unavailable");
-            body["reason"] = json!(kind);
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+            readiness.status = ReadinessStatus::Unavailable;
+            readiness.reason = Some(kind);
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(readiness)).into_response()
         }
     }
 }

@@ -236,6 +236,15 @@ pub(crate) fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>>
         .map(|(_, value)| value)
 }
 
+/// An introspection request's body, as a form (`token=...`) or JSON. For the document only: the
+/// handler reads the field itself (`presented_token`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct IntrospectionRequest {
+    /// The credential to check. Other fields (RFC 7662's `token_type_hint`) are ignored.
+    token: String,
+}
+
 /// Introspect a token (RFC 7662)
 ///
 /// Tells whether a keyplane credential is active and what it holds. The caller authenticates with
@@ -245,7 +254,10 @@ pub(crate) fn form_field<'a>(body: &'a [u8], name: &str) -> Option<Cow<'a, str>>
 /// is `token=...` (form) or `{"token": "..."}` (JSON).
 #[utoipa::path(
     post, path = "/oauth2/introspect", tag = TAG,
-    request_body(content_type = "application/x-www-form-urlencoded", description = "token=<the credential to check>"),
+    request_body(content(
+        (IntrospectionRequest = "application/x-www-form-urlencoded"),
+        (IntrospectionRequest = "application/json"),
+    )),
     responses(
         (status = 200, description = "The introspection answer.", body = IntrospectionResponse,
             headers(("X-Keyplane-Stale" = String, description = "`1` on an active answer given while keyplane's store could not be read (stale-if-error): it comes from this replica's cache and may miss a change made through another replica since."))),
@@ -392,7 +404,14 @@ impl ActiveAnswer<'_> {
         ("org" = Option<Uuid>, Query, description = "Repeatable: an organization the credential may belong to; with none, any."),
     ),
     responses(
-        (status = 200, description = "Valid; identity in the X-Keyplane-* headers."),
+        (status = 200, description = "Valid; identity in the X-Keyplane-* headers. No body.",
+            headers(
+                ("X-Keyplane-Org-Id" = String, description = "The credential's organization (UUID)."),
+                ("X-Keyplane-Subject" = String, description = "The credential's id (UUID)."),
+                ("X-Keyplane-Credential-Kind" = String, description = "`api_token` or `service_account`."),
+                ("X-Keyplane-Scopes" = String, description = "The credential's scopes, space-separated."),
+                ("X-Keyplane-Secret" = String, description = "`current`, or `previous` for the previous secret during a rotation's grace period."),
+            )),
         (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
         (status = 403, description = "Valid, but without a required scope, or of an organization not named by `org`."),
     ),

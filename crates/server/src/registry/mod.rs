@@ -6,4 +6,5 @@ mod keys;
 mod token;
 
 pub use keys::{load_or_create_signing_key, Signer};
-pub(crate) use token::{error_response, routes};
+pub(crate) use token::{error_response, routes, BASIC_CHALLENGE};
+pub use token::{RegistryErrorCode, RegistryErrorItem, RegistryErrors};

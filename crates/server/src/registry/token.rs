@@ -94,6 +94,37 @@ pub enum RegistryErrorCode {
     Unavailable,
 }
 
+/// What a refused `POST /registry/token` answers: RFC 6749's error (`unsupported_grant_type`,
+/// `invalid_scope`) where OAuth2 names one, as its clients read it; the Distribution errors
+/// otherwise (another service, a body that is not a form). For the document only.
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum RegistryFormRefusal {
+    OAuth(crate::openapi::OAuthError),
+    Distribution(RegistryErrors),
+}
+
+/// `POST /registry/token`'s form, as the docker CLI sends it. For the document only: the handler
+/// reads the pairs as sent.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct RegistryTokenForm {
+    /// Only `password` is served (400 `unsupported_grant_type` otherwise).
+    #[schema(value_type = String, pattern = "^password$")]
+    grant_type: String,
+    /// The robot's login name, `robot$<harbor_project>+<name>`.
+    username: String,
+    /// The robot's secret.
+    password: String,
+    /// The registry's service name (400 for another).
+    #[schema(nullable = false)]
+    service: Option<String>,
+    /// `repository:<name>:<actions>`; several separated by spaces, or the field repeated.
+    #[schema(nullable = false)]
+    scope: Option<String>,
+}
+
 /// A refusal in the registry's error format.
 enum RegistryError {
     App(AppError),
@@ -325,11 +356,11 @@ fn presentation<'a>(
 /// (`username`, `password`, `service`, `scope` form fields). Refresh tokens are not issued.
 #[utoipa::path(
     post, path = "/registry/token", tag = TAG,
-    request_body(content_type = "application/x-www-form-urlencoded", description = "grant_type=password&username=...&password=...&service=...&scope=..."),
+    request_body(content = RegistryTokenForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
-        (status = 400, description = "Unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes)."),
-        (status = 401, description = "Bad robot credentials."),
+        (status = 400, description = "In RFC 6749's shape (`{error, error_description}`): an unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes). In the Distribution shape (`{errors}`, `UNSUPPORTED`): another service, or a body that cannot be read as a form.", body = RegistryFormRefusal),
+        (status = 401, description = "Bad or missing robot credentials (`username`, `password`)."),
     ),
 )]
 async fn issue_registry_token_oauth(

@@ -839,7 +839,7 @@ async fn leak_routes_are_declared_in_the_openapi_document() {
         ),
         (
             REVOKE_ROUTE,
-            &["202", "400", "413", "415", "429", "503"][..],
+            &["202", "400", "413", "415", "429", "500", "503"][..],
         ),
     ] {
         let operation = &document["paths"][path]["post"];
@@ -864,6 +864,12 @@ async fn leak_routes_are_declared_in_the_openapi_document() {
             );
         }
     }
+    // GitHub signs its reports and sends no credential: its 401 carries no challenge.
+    let unsigned = &document["paths"][GITHUB_ROUTE]["post"]["responses"]["401"];
+    assert!(
+        unsigned["headers"].get("WWW-Authenticate").is_none(),
+        "{unsigned}"
+    );
     let revoke_body = &document["components"]["schemas"]["RevokeCredentialsRequest"];
     assert_eq!(revoke_body["additionalProperties"], false, "{revoke_body}");
     assert_eq!(revoke_body["properties"]["credentials"]["maxItems"], 100);

@@ -3,7 +3,7 @@
 use crate::helpers::{assert_error, both_backends, TestApp};
 use keyplane_store::testing::Backend;
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 async fn health_and_readiness(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -14,6 +14,10 @@ async fn health_and_readiness(backend: Backend) {
         .unwrap();
     assert_eq!(health.status(), 200);
     assert!(health.headers().contains_key("x-request-id"));
+    assert_eq!(
+        health.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
     let ready = app
         .request(Method::GET, "/readyz", None)
         .send()
@@ -25,7 +29,11 @@ async fn health_and_readiness(backend: Backend) {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
-    assert_eq!(body["store"], expected);
+    // `reason` only on a 503.
+    assert_eq!(
+        body,
+        json!({"status": "ready", "store": expected, "writes": "ok", "last_write_failure": null})
+    );
 }
 
 async fn metrics_count_requests_and_verifications(backend: Backend) {
@@ -241,6 +249,183 @@ async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
         "created_at",
     ] {
         assert!(token_schema[field].is_object(), "ApiToken.{field}");
+    }
+}
+
+/// The operations endpoints: they answer in no surface's error shape.
+const OPERATIONS: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"];
+
+/// The document is the contract: every status, header and body shape a route can answer is in
+/// it (schemathesis holds the server to it; this holds the document to what the code sends).
+#[tokio::test]
+async fn the_document_declares_every_answer() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let doc: Value = app
+        .request(Method::GET, "/openapi.json", None)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            operations += 1;
+            let at = format!("{method} {path}");
+            let responses = operation["responses"].as_object().unwrap();
+            let api = !OPERATIONS.contains(&path.as_str());
+            if api {
+                assert!(responses.contains_key("500"), "{at}: 500");
+            }
+            let takes_key = operation["parameters"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "Idempotency-Key"));
+            for (status, response) in responses {
+                let at = format!("{at} {status}");
+                let headers = &response["headers"];
+                assert_eq!(headers["X-Request-Id"]["required"], true, "{at}");
+                if api && status.as_str() >= "400" {
+                    assert!(
+                        response["content"]["application/json"]["schema"].is_object(),
+                        "{at}: an error body"
+                    );
+                }
+                match status.as_str() {
+                    "401" if path != "/v1/secret-scanning/github" => {
+                        let challenge = &headers["WWW-Authenticate"];
+                        assert_eq!(challenge["required"], true, "{at}");
+                        let expected = if path == "/registry/token" {
+                            r#"Basic realm="keyplane registry""#
+                        } else {
+                            "Bearer"
+                        };
+                        assert_eq!(challenge["schema"]["enum"], json!([expected]), "{at}");
+                        // Past an address's failure budget, its 401s answer 429.
+                        assert!(responses.contains_key("429"), "{at}: and 429");
+                    }
+                    "429" | "503" if api => {
+                        assert_eq!(headers["Retry-After"]["required"], true, "{at}");
+                        assert_eq!(headers["Retry-After"]["schema"]["type"], "integer");
+                    }
+                    "409" if takes_key => {
+                        assert!(headers["Retry-After"].is_object(), "{at}");
+                    }
+                    success if takes_key && success.starts_with('2') => {
+                        assert!(headers["Idempotent-Replayed"].is_object(), "{at}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(operations > 50, "{operations} operations");
+
+    let schemas = &doc["components"]["schemas"];
+    let schema_of = |path: &str, method: &str, status: &str| {
+        doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+            ["$ref"]
+            .clone()
+    };
+    // Verification: its refusals in the OAuth shape; whoami reads nothing that can be malformed.
+    for (path, method, status) in [
+        ("/oauth2/introspect", "post", "401"),
+        ("/oauth2/introspect", "post", "403"),
+        ("/oauth2/introspect", "post", "429"),
+        ("/v1/auth/forward", "get", "401"),
+        ("/v1/auth/forward", "get", "403"),
+        ("/v1/auth/forward", "get", "429"),
+        ("/v1/whoami", "get", "401"),
+        ("/v1/revocations/stream", "get", "401"),
+        ("/v1/revocations/stream", "get", "403"),
+        ("/v1/revocations/stream", "get", "429"),
+    ] {
+        assert_eq!(
+            schema_of(path, method, status),
+            "#/components/schemas/OAuthError",
+            "{method} {path} {status}"
+        );
+    }
+    assert!(doc["paths"]["/v1/whoami"]["get"]["responses"]
+        .get("400")
+        .is_none());
+    let introspect = &doc["paths"]["/oauth2/introspect"]["post"]["requestBody"]["content"];
+    for media_type in ["application/x-www-form-urlencoded", "application/json"] {
+        assert_eq!(
+            introspect[media_type]["schema"]["$ref"], "#/components/schemas/IntrospectionRequest",
+            "{media_type}"
+        );
+    }
+    assert_eq!(
+        schemas["IntrospectionRequest"]["required"],
+        json!(["token"])
+    );
+    let forward = &doc["paths"]["/v1/auth/forward"]["get"]["responses"]["200"]["headers"];
+    for name in [
+        "X-Keyplane-Org-Id",
+        "X-Keyplane-Subject",
+        "X-Keyplane-Credential-Kind",
+        "X-Keyplane-Scopes",
+        "X-Keyplane-Secret",
+    ] {
+        assert_eq!(forward[name]["required"], true, "{name}");
+    }
+    // The registry: its own shape, both of the form's shapes for a 400, every code it answers.
+    for (method, status) in [
+        ("get", "400"),
+        ("get", "401"),
+        ("post", "401"),
+        ("post", "413"),
+    ] {
+        assert_eq!(
+            schema_of("/registry/token", method, status),
+            "#/components/schemas/RegistryErrors",
+            "{method} {status}"
+        );
+    }
+    assert_eq!(
+        schema_of("/registry/token", "post", "400"),
+        "#/components/schemas/RegistryFormRefusal"
+    );
+    assert_eq!(
+        schemas["RegistryFormRefusal"]["oneOf"],
+        json!([
+            {"$ref": "#/components/schemas/OAuthError"},
+            {"$ref": "#/components/schemas/RegistryErrors"},
+        ])
+    );
+    assert_eq!(
+        schemas["RegistryErrorCode"]["enum"],
+        json!([
+            "UNAUTHORIZED",
+            "UNSUPPORTED",
+            "NAME_INVALID",
+            "TOOMANYREQUESTS",
+            "UNAVAILABLE"
+        ])
+    );
+    // The operations endpoints' bodies, and the revocation stream's event data.
+    assert_eq!(
+        schema_of("/healthz", "get", "200"),
+        "#/components/schemas/Health"
+    );
+    for status in ["200", "503"] {
+        assert_eq!(
+            schema_of("/readyz", "get", status),
+            "#/components/schemas/Readiness"
+        );
+    }
+    assert_eq!(
+        schemas["Readiness"]["required"],
+        json!(["status", "store", "writes", "last_write_failure"])
+    );
+    assert_eq!(
+        schemas["ReadinessStatus"]["enum"],
+        json!(["ready", "degraded", "unavailable"])
+    );
+    for name in ["RevocationEvent", "StreamPosition"] {
+        assert!(schemas[name]["properties"]["seq"].is_object(), "{name}");
     }
 }
 
