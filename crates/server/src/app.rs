@@ -34,6 +34,9 @@ pub(crate) struct Inner {
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     pub leak_jobs: crate::jobs::Jobs,
+    /// Changes (requests but GET/HEAD) running on their own task, so that a client hanging up
+    /// cannot cut one between its commit and what must follow it (`router::Front::serve`).
+    pub(crate) changes: crate::jobs::Jobs,
     /// The web console's server-side sessions.
     pub console_sessions: crate::console::Sessions,
     /// The console's "Sign in with …" issuer: its HTTP client and discovery document.
@@ -94,6 +97,7 @@ impl App {
             github_keys,
             public_revoke_limiter,
             leak_jobs: crate::leaks::leak_jobs(),
+            changes: crate::jobs::Jobs::new(crate::router::MAX_CHANGES, "changes"),
             console_sessions,
             console_issuer: Default::default(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),

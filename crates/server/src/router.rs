@@ -151,17 +151,28 @@ impl Front {
             // A change runs to its end on a task of its own: hyper drops a request's future when
             // its client hangs up, which would cut a change between its commit and what follows
             // it (the local caches' invalidation: SQLite has no notification to fall back on;
-            // an idempotent answer's completion), however briefly the client waited.
+            // an idempotent answer's completion), however briefly the client waited. Such tasks
+            // are bounded (past `MAX_CHANGES`, a change is cut with its connection, as a read
+            // is), and a stop waits for them before the store closes.
+            let Some(slot) = self.app.inner().changes.try_start() else {
+                return Either::Right(Box::pin(call));
+            };
             let routed: BoxFuture<'static, Answer> = Box::pin(async move {
-                match tokio::spawn(call).await {
+                let change = tokio::spawn(async move {
+                    let answer = call.await;
+                    drop(slot);
+                    answer
+                });
+                match change.await {
                     Ok(answer) => answer,
-                    Err(failed) => match failed.try_into_panic() {
-                        Ok(panic) => std::panic::resume_unwind(panic),
-                        // Only a runtime shutting down cancels it.
-                        Err(_) => Ok(axum::response::IntoResponse::into_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                        )),
-                    },
+                    Err(failed) => {
+                        if failed.is_panic() {
+                            tracing::error!("a request's handler panicked");
+                        }
+                        Ok(axum::response::IntoResponse::into_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                        ))
+                    }
                 }
             });
             return Either::Right(routed);
@@ -570,6 +581,9 @@ pub async fn serve(
         .copied()
         .unwrap_or_else(tokio::time::Instant::now)
         + app.inner().config.http.shutdown_timeout;
+    // Changes whose client left run on after their connection closed; what they start (leak
+    // responses, canary alarms, last uses) is drained below.
+    app.inner().changes.drain(left_until(deadline)).await;
     // Leak responses and canary alarms first: they revoke credentials and record events, which
     // the audit tasks' last pass then carries. Their queues are in memory only, so they get at
     // least `LEAST_FOR_ALARMS` even when the connections took the whole deadline.
@@ -596,6 +610,10 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Changes running on their own task at once (`Front::serve`); past it a change is cut with its
+/// connection, as a read is: so clients that hang up at once cannot pile up work.
+pub(crate) const MAX_CHANGES: usize = 1024;
 
 /// What leak responses and canary alarms get after a stop's signal, however little of its
 /// deadline the connections left: their queues live in memory only.

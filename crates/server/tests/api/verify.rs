@@ -81,6 +81,54 @@ async fn a_revoke_whose_client_hung_up_still_reaches_the_cache() {
     }
 }
 
+/// A stop waits (within its deadline) for a change still running after its client left, rather
+/// than closing the store under it.
+#[tokio::test]
+async fn a_stop_waits_for_a_change_whose_client_left() {
+    use tokio::io::AsyncWriteExt;
+    let first = TestApp::spawn(Backend::Sqlite).await;
+    let org = first.create_org("acme").await;
+    let created = first
+        .create_token(&org, "leaving", &["api_tokens:read"])
+        .await;
+    let store = FaultyStore::new(
+        keyplane_store::connect(first.database_url())
+            .await
+            .expect("open the test store"),
+    );
+    let app = keyplane_server::App::new(store.clone(), test_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut served = tokio::spawn(keyplane_server::serve(listener, app, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut held = store.hold_after_next_revoke();
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "DELETE {} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\r\n",
+        org.path(&format!("/api-tokens/{}", created["id"].as_str().unwrap())),
+        org.token
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    held.reached().await;
+    drop(client);
+    stop.send(()).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut served)
+            .await
+            .is_err(),
+        "the server stopped while a change was still running"
+    );
+    held.release();
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the server stops once the change is done")
+        .unwrap()
+        .unwrap();
+}
+
 async fn verifier_token(app: &TestApp, org: &Org) -> String {
     let created = app.create_token(org, "verifier", &["tokens:verify"]).await;
     created["token"].as_str().unwrap().to_string()
