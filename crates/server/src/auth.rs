@@ -984,6 +984,7 @@ pub(crate) mod tests {
                         suspended_at,
                         at,
                         &event,
+                        None,
                     )
                     .await
                     .unwrap();

@@ -693,7 +693,15 @@ pub async fn set_suspended(
     );
     let (credential, changed) = app
         .store()
-        .set_credential_suspended(tenant, rights.kind, id, suspend.then_some(at), at, &event)
+        .set_credential_suspended(
+            tenant,
+            rights.kind,
+            id,
+            suspend.then_some(at),
+            at,
+            &event,
+            None,
+        )
         .await
         .map_err(|e| match e {
             StoreError::Conflict(_) => AppError::from(revoked()),
@@ -1035,6 +1043,7 @@ pub async fn revoke_credential(
             who.user_id(),
             &event,
             &grants_revoked_with(AuditActor::of(who), context),
+            None,
         )
         .await?;
     app.invalidate(id.as_uuid());

@@ -307,7 +307,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Suspends (`suspended_at: Some`) or resumes (`None`) a credential. Returns the record and
     /// whether it changed; an unchanged one writes no event. `NotFound` if absent, `Conflict` if
-    /// revoked.
+    /// revoked. With `while_live`, only while that secret is the credential's (see
+    /// [`Store::revoke_credential`]).
+    #[allow(clippy::too_many_arguments)] // what is suspended, how, when, on which condition, the event
     async fn set_credential_suspended(
         &self,
         tenant_id: TenantId,
@@ -316,6 +318,7 @@ pub trait Store: Send + Sync + 'static {
         suspended_at: Option<DateTime<Utc>>,
         at: DateTime<Utc>,
         event: &AuditEvent,
+        while_live: Option<&TokenHash>,
     ) -> Result<(Credential, bool), StoreError>;
 
     /// Ends the previous secret `previous` before its grace period does (on demand, or unused).
@@ -397,7 +400,12 @@ pub trait Store: Send + Sync + 'static {
     /// and writes no event (nothing changed). A service account's live grants are revoked with it,
     /// at the same `revoked_at`, each with the event `grant_event` makes of it, after `event` and
     /// in the same transaction.
-    #[allow(clippy::too_many_arguments)] // what is revoked, when, by whom, and the two events
+    ///
+    /// With `while_live` (a leak report's secret) it changes nothing unless that secret is still
+    /// the credential's as of `at`: its current one, or its previous one within the grace period.
+    /// The report read the credential earlier; a rotation since then must not let it take down a
+    /// new secret that never leaked.
+    #[allow(clippy::too_many_arguments)] // what is revoked, when, by whom, the two events, and on which condition
     async fn revoke_credential(
         &self,
         tenant_id: TenantId,
@@ -407,6 +415,7 @@ pub trait Store: Send + Sync + 'static {
         by_user: Option<UserId>,
         event: &AuditEvent,
         grant_event: EventOf<'_, Grant>,
+        while_live: Option<&TokenHash>,
     ) -> Result<Credential, StoreError>;
 
     /// Replaces a live robot's permissions, with the event `event` makes of the robot as it was

@@ -54,6 +54,17 @@ pub(crate) const UPSERT_CREDENTIAL_POLICY: &str = "INSERT INTO credential_polici
 pub(crate) const COUNT_CREDENTIALS_EXCEEDING: &str = "SELECT COUNT(*) FROM credentials WHERE tenant_id = $1 AND kind = $2 AND revoked_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $3) \
      AND ((expires_at IS NULL AND $4) OR (expires_at IS NOT NULL AND $5 IS NOT NULL AND expires_at > $5))";
+
+/// The condition of a write that acts only while a reported secret (parameter `hash`, or NULL for
+/// no condition) is the credential's as of `at`: its current secret, or its previous one within the
+/// grace period (as `Credential::secret_slot` decides).
+pub(crate) fn while_live(hash: &str, at: &str) -> String {
+    format!(
+        "({hash} IS NULL OR secret_hash = {hash} \
+         OR (previous_secret_hash = {hash} AND previous_secret_expires_at > {at}))"
+    )
+}
+
 pub(crate) const CLEAR_ENDED_PREVIOUS_SECRETS: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $1";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
@@ -526,12 +537,14 @@ macro_rules! impl_store {
                 by_user: Option<keyplane_core::UserId>,
                 event: &keyplane_core::AuditEvent,
                 grant_event: $crate::EventOf<'_, keyplane_core::Grant>,
+                while_live: Option<&keyplane_core::TokenHash>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
                     let sql = format!(
                         "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
-                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL \
+                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {} \
                          RETURNING {}",
+                        $crate::sql::while_live("$6", "$1"),
                         $crate::sql::CREDENTIAL_COLUMNS
                     );
                     let mut tx = self.writer.begin().await?;
@@ -541,6 +554,7 @@ macro_rules! impl_store {
                         .bind(tenant_id.as_uuid())
                         .bind(kind.as_str())
                         .bind(id.as_uuid())
+                        .bind(while_live.map(|hash| hash.as_bytes().to_vec()))
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
@@ -941,6 +955,7 @@ macro_rules! impl_store {
                 suspended_at: Option<chrono::DateTime<chrono::Utc>>,
                 at: chrono::DateTime<chrono::Utc>,
                 event: &keyplane_core::AuditEvent,
+                while_live: Option<&keyplane_core::TokenHash>,
             ) -> Result<(keyplane_core::Credential, bool), $crate::StoreError> {
                 self.write(async {
                     // Only a change of state matches: suspending a suspended credential (or
@@ -948,8 +963,9 @@ macro_rules! impl_store {
                     let state = if suspended_at.is_some() { "suspended_at IS NULL" } else { "suspended_at IS NOT NULL" };
                     let sql = format!(
                         "UPDATE credentials SET suspended_at = $1, updated_at = $2 \
-                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {state} \
+                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {state} AND {} \
                          RETURNING {}",
+                        $crate::sql::while_live("$6", "$2"),
                         $crate::sql::CREDENTIAL_COLUMNS
                     );
                     let mut tx = self.writer.begin().await?;
@@ -959,6 +975,7 @@ macro_rules! impl_store {
                         .bind(tenant_id.as_uuid())
                         .bind(kind.as_str())
                         .bind(id.as_uuid())
+                        .bind(while_live.map(|hash| hash.as_bytes().to_vec()))
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {

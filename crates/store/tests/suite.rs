@@ -126,6 +126,7 @@ async fn names_are_unique_among_live_credentials(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -192,6 +193,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             Some(user),
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -205,6 +207,7 @@ async fn revocation_is_permanent_and_idempotent(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -257,6 +260,7 @@ async fn other_tenants_and_kinds_are_invisible(backend: Backend) {
                 None,
                 &ev(),
                 &|_| ev(),
+                None,
             )
             .await,
         Err(StoreError::NotFound)
@@ -300,6 +304,7 @@ async fn listing_pages_in_creation_order(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -1776,6 +1781,7 @@ async fn suspension_changes_state_once(backend: Backend) {
                     suspended,
                     now(),
                     &ev(),
+                    None,
                 )
                 .await
         }
@@ -1803,6 +1809,7 @@ async fn suspension_changes_state_once(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -1818,7 +1825,8 @@ async fn suspension_changes_state_once(backend: Backend) {
                 keyplane_core::CredentialId::new(),
                 None,
                 now(),
-                &ev()
+                &ev(),
+                None
             )
             .await,
         Err(StoreError::NotFound)
@@ -1966,6 +1974,7 @@ async fn policies_round_trip_and_count_what_exceeds_them(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -2015,6 +2024,7 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             None,
             &ev(),
             &|_| ev(),
+            None,
         )
         .await
         .unwrap();
@@ -2046,6 +2056,7 @@ async fn revoking_a_service_account_revokes_its_grants(backend: Backend) {
             Some(now()),
             now(),
             &ev(),
+            None,
         )
         .await
         .unwrap();

@@ -7,7 +7,7 @@
 //! made-up identifiers cannot be used to hammer GitHub. Anything not signed by a listed key is a
 //! 401 before the body is even parsed.
 
-use super::{find_reported, respond_to_leak, LeakReport, LeakSource, TAG};
+use super::{find_reported, respond_to_leak, LeakOutcome, LeakReport, LeakSource, TAG};
 use crate::app::App;
 use crate::error::{ApiError, AppError, Surface};
 use crate::verify::Verification;
@@ -351,8 +351,10 @@ async fn label_and_respond(
         token_type: Some(found.token_type.clone()),
         context: context.clone(),
     };
-    respond_to_leak(app, &credential, &report).await?;
-    Ok(FeedbackLabel::TruePositive)
+    match respond_to_leak(app, &credential, &parsed.hash, &report).await? {
+        LeakOutcome::NoLongerLive => Ok(FeedbackLabel::FalsePositive),
+        _ => Ok(FeedbackLabel::TruePositive),
+    }
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

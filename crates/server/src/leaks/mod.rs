@@ -21,7 +21,7 @@ use keyplane_core::audit::{actions, AuditActor};
 use keyplane_core::credential::Unusable;
 use keyplane_core::token::ParsedToken;
 use keyplane_core::LeakAction;
-use keyplane_core::{Credential, RequestContext};
+use keyplane_core::{Credential, RequestContext, TokenHash};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -121,6 +121,9 @@ pub enum LeakOutcome {
     /// A live canary: left armed (whoever copies it from where it leaked is caught next), and
     /// `credential.canary_triggered` recorded (within the canary bound).
     CanaryTriggered,
+    /// The reported secret stopped being the credential's after it was looked up (rotated away,
+    /// or its grace period ended): as if it had not been found, nothing changed or was recorded.
+    NoLongerLive,
 }
 
 /// Longest reporter-supplied text kept in an event (a URL, GitHub's type or source); longer is
@@ -156,7 +159,10 @@ pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Cred
 /// `reported_by`, `response` (`revoked` | `suspended`), and `url` / `found_in` / `token_type`
 /// when the reporter gave them; the reporter's address is the event's `client_ip`. The whole
 /// credential is acted on, also when the secret reported is the previous one of a rotation's
-/// grace period: its holder cannot tell which copies leaked with it.
+/// grace period: its holder cannot tell which copies leaked with it. But only while the `reported`
+/// secret still is the credential's when the change is written: a rotation (without grace) since
+/// the lookup leaves a new secret that never leaked, and the report then changes nothing
+/// ([`LeakOutcome::NoLongerLive`]).
 ///
 /// A report of an already revoked (under `suspend`: already suspended) credential changes nothing
 /// and records nothing: GitHub rescans and anyone holding a public copy may report the same token
@@ -169,6 +175,7 @@ pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Cred
 pub async fn respond_to_leak(
     app: &App,
     credential: &Credential,
+    reported: &TokenHash,
     report: &LeakReport,
 ) -> Result<LeakOutcome, AppError> {
     if credential.canary && !credential.is_revoked() {
@@ -239,21 +246,35 @@ pub async fn respond_to_leak(
             let grant_event =
                 crate::ops::grants_revoked_with(AuditActor::system(), &report.context);
             let revoked = store
-                .revoke_credential(tenant, kind, id, at, None, &event, &grant_event)
+                .revoke_credential(
+                    tenant,
+                    kind,
+                    id,
+                    at,
+                    None,
+                    &event,
+                    &grant_event,
+                    Some(reported),
+                )
                 .await?;
-            // Revoked by someone else between the lookup and this write: theirs is the record.
             if revoked.revoked_at == Some(at) {
                 LeakOutcome::Revoked
-            } else {
+            } else if revoked.is_revoked() {
+                // Revoked by someone else between the lookup and this write: theirs is the record.
                 LeakOutcome::AlreadyHandled
+            } else {
+                LeakOutcome::NoLongerLive
             }
         }
         LeakAction::Suspend => {
             match store
-                .set_credential_suspended(tenant, kind, id, Some(at), at, &event)
+                .set_credential_suspended(tenant, kind, id, Some(at), at, &event, Some(reported))
                 .await
             {
                 Ok((_, true)) => LeakOutcome::Suspended,
+                Ok((unchanged, false)) if unchanged.suspended_at.is_none() => {
+                    LeakOutcome::NoLongerLive
+                }
                 // Suspended or revoked by someone else in the meantime.
                 Ok((_, false)) | Err(keyplane_store::StoreError::Conflict(_)) => {
                     LeakOutcome::AlreadyHandled
@@ -263,7 +284,9 @@ pub async fn respond_to_leak(
         }
     };
     app.invalidate(id.as_uuid());
-    if outcome != LeakOutcome::AlreadyHandled {
+    if outcome == LeakOutcome::NoLongerLive {
+        tracing::info!(tenant.id = %tenant, credential.id = %id, leak.source = report.source.as_str(), "reported secret stopped being the credential's before the leak response; nothing changed");
+    } else if outcome != LeakOutcome::AlreadyHandled {
         tracing::warn!(tenant.id = %tenant, credential.id = %id, credential.kind = kind.as_str(), leak.source = report.source.as_str(), response = action.as_str(), "leaked credential acted on");
     }
     Ok(outcome)

@@ -139,9 +139,9 @@ async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) 
     for token in &tokens {
         for attempt in 1..=ATTEMPTS {
             let outcome = match find_reported(app, token).await {
-                Ok(Some(credential)) => {
-                    respond_to_leak(app, &credential, &report).await.map(|_| ())
-                }
+                Ok(Some(credential)) => respond_to_leak(app, &credential, &token.hash, &report)
+                    .await
+                    .map(|_| ()),
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };

@@ -3,9 +3,10 @@
 //! It can also hide what one expiry-sweep stage finds, as a store read just before a credential
 //! was created would, to replay a sweep racing a create. And it can run retention at the moment a
 //! reader of the audit trail asks for a page, to replay pruning racing a reader. And it can hold
-//! the next create or rotate before it reaches the store, or switch itself off right after one,
-//! to replay a request overtaken while it ran or a process that dies once its change is made. And
-//! it can hold lone events before they are written, as a store that does not answer.
+//! the next create, rotate or revoke before it reaches the store, or switch itself off right after
+//! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
+//! change is made. And it can hold lone events before they are written, as a store that does not
+//! answer.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -36,6 +37,8 @@ pub struct FaultyStore {
     hold_next_change: std::sync::Mutex<Option<Hold>>,
     /// The next create or rotate that succeeds switches the store off.
     down_after_next_change: AtomicBool,
+    /// The next revoke waits here before it reaches the store.
+    hold_before_next_revoke: std::sync::Mutex<Option<Hold>>,
     /// The next revoke waits here once the store has made it.
     hold_after_next_revoke: std::sync::Mutex<Option<Hold>>,
     /// While true, every `append_audit_event` waits before it reaches the store.
@@ -98,9 +101,22 @@ impl FaultyStore {
             prune_on_read: std::sync::Mutex::new(None),
             hold_next_change: std::sync::Mutex::new(None),
             down_after_next_change: AtomicBool::new(false),
+            hold_before_next_revoke: std::sync::Mutex::new(None),
             hold_after_next_revoke: std::sync::Mutex::new(None),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// The next revoke waits before it reaches the store until the returned [`HeldChange`] is
+    /// released: what it read before can be changed meanwhile.
+    pub fn hold_before_next_revoke(&self) -> HeldChange {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        *self.hold_before_next_revoke.lock().unwrap() = Some(Hold { reached, release });
+        HeldChange {
+            reached: reached_rx,
+            release: release_tx,
+        }
     }
 
     /// The next revoke, once the store has made (committed) it, waits until the returned
@@ -316,10 +332,11 @@ impl Store for FaultyStore {
         suspended_at: Option<DateTime<Utc>>,
         at: DateTime<Utc>,
         event: &AuditEvent,
+        while_live: Option<&TokenHash>,
     ) -> Result<(Credential, bool), StoreError> {
         self.check()?;
         self.inner
-            .set_credential_suspended(tenant_id, kind, id, suspended_at, at, event)
+            .set_credential_suspended(tenant_id, kind, id, suspended_at, at, event, while_live)
             .await
     }
 
@@ -432,11 +449,26 @@ impl Store for FaultyStore {
         by_user: Option<UserId>,
         event: &AuditEvent,
         grant_event: EventOf<'_, Grant>,
+        while_live: Option<&TokenHash>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
+        let hold = self.hold_before_next_revoke.lock().unwrap().take();
+        if let Some(hold) = hold {
+            let _ = hold.reached.send(());
+            let _ = hold.release.await;
+        }
         let revoked = self
             .inner
-            .revoke_credential(tenant_id, kind, id, at, by_user, event, grant_event)
+            .revoke_credential(
+                tenant_id,
+                kind,
+                id,
+                at,
+                by_user,
+                event,
+                grant_event,
+                while_live,
+            )
             .await;
         let hold = self.hold_after_next_revoke.lock().unwrap().take();
         if let Some(hold) = hold {

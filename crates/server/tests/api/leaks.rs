@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 both_backends!(
     a_canary_reported_by_github_is_recorded_and_left_armed,
     a_leaked_service_accounts_grants_are_revoked_on_the_record,
+    a_report_overtaken_by_a_rotation_leaves_the_new_secret_alone,
     a_previous_secret_past_its_grace_is_not_the_credential,
     a_suspend_policy_suspends_leaked_credentials_instead,
     github_report_revokes_real_credentials_and_labels_every_match,
@@ -714,6 +715,54 @@ async fn a_previous_secret_past_its_grace_is_not_the_credential(backend: Backend
     assert_eq!(feedback[0]["label"], "false_positive", "{feedback}");
     assert_eq!(whoami_status(&app, &new).await, 200);
     assert!(app.audit_events(&org, "credential.leaked").await.is_empty());
+}
+
+/// A report acts only while the reported secret still is the credential's: rotated without grace
+/// (as an owner answering the leak would) between the report's lookup and its write, the new
+/// secret never leaked, keeps working, and nothing is recorded as leaked.
+async fn a_report_overtaken_by_a_rotation_leaves_the_new_secret_alone(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let created = app.create_token(&org, "leaky", &[]).await;
+    let (id, old) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
+
+    let mut before = store.hold_before_next_revoke();
+    assert_eq!(
+        revoke(&app, json!({ "credentials": [old] })).await.status(),
+        202
+    );
+    // The report has found the credential by the old secret and is about to revoke it.
+    before.reached().await;
+    let res = app
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(res.status(), 200, "rotating without grace");
+    let rotated: Value = res.json().await.unwrap();
+    let new = rotated["token"].as_str().unwrap();
+    let mut after = store.hold_after_next_revoke();
+    before.release();
+    // The report's write has been made (or refused) once it is held after the store.
+    after.reached().await;
+    after.release();
+
+    assert_eq!(whoami_status(&app, new).await, 200, "the new secret works");
+    assert_eq!(whoami_status(&app, old).await, 401);
+    let view: Value = app
+        .get(&org.path(&format!("/api-tokens/{id}")), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(view["revoked_at"].is_null(), "not revoked: {view}");
+    assert!(app.audit_events(&org, "credential.leaked").await.is_empty());
+    assert!(app.audit_events(&org, "api_token.revoked").await.is_empty());
 }
 
 #[tokio::test]
