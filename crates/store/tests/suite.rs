@@ -1585,6 +1585,7 @@ store_suite! {
     a_grace_rotation_keeps_the_previous_secret_findable,
     retiring_a_previous_secret_is_a_compare_and_set,
     suspension_changes_state_once,
+    leak_writes_act_only_while_the_reported_secret_is_live,
     expiry_notices_are_claimed_once_per_stage,
     policies_round_trip_and_count_what_exceeds_them,
     revoking_a_service_account_revokes_its_grants,
@@ -1760,6 +1761,91 @@ async fn retiring_a_previous_secret_is_a_compare_and_set(backend: Backend) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// A leak's suspend or revoke acts only while the reported secret is the credential's as of the
+/// write: its current secret, or its previous one within the grace period; never a secret it no
+/// longer has.
+async fn leak_writes_act_only_while_the_reported_secret_is_live(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old) = new_token(f.tenant.id, "leaky");
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
+    let at = now();
+    let (rotation, new) = Rotation::mint(
+        &credential,
+        grace(60),
+        credential.expires_at,
+        at,
+        &mut OsRng,
+    );
+    rotate(&f, &credential, &rotation).await;
+    let (kind, id) = (credential.kind, credential.id);
+    let (_, stranger) = new_token(f.tenant.id, "stranger");
+    let after_grace = at + TimeDelta::seconds(61);
+    for (secret, write_at) in [(stranger.hash(), at), (old.hash(), after_grace)] {
+        let (unchanged, changed) = f
+            .store
+            .set_credential_suspended(
+                f.tenant.id,
+                kind,
+                id,
+                Some(write_at),
+                write_at,
+                &ev(),
+                Some(&secret),
+            )
+            .await
+            .unwrap();
+        assert!(!changed && unchanged.suspended_at.is_none());
+        let unchanged = f
+            .store
+            .revoke_credential(
+                f.tenant.id,
+                kind,
+                id,
+                write_at,
+                None,
+                &ev(),
+                &|_| ev(),
+                Some(&secret),
+            )
+            .await
+            .unwrap();
+        assert!(!unchanged.is_revoked());
+    }
+    let in_grace = at + TimeDelta::seconds(1);
+    let (suspended, changed) = f
+        .store
+        .set_credential_suspended(
+            f.tenant.id,
+            kind,
+            id,
+            Some(in_grace),
+            in_grace,
+            &ev(),
+            Some(&old.hash()),
+        )
+        .await
+        .unwrap();
+    assert!(changed && suspended.suspended_at == Some(in_grace));
+    let revoked = f
+        .store
+        .revoke_credential(
+            f.tenant.id,
+            kind,
+            id,
+            in_grace,
+            None,
+            &ev(),
+            &|_| ev(),
+            Some(&new.hash()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(in_grace));
 }
 
 async fn suspension_changes_state_once(backend: Backend) {
