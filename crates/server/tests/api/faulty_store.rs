@@ -34,13 +34,13 @@ pub struct FaultyStore {
     /// first.
     prune_on_read: std::sync::Mutex<Option<(u64, DateTime<Utc>)>>,
     /// The next create or rotate waits here before it reaches the store.
-    hold_next_change: std::sync::Mutex<Option<Hold>>,
+    hold_next_change: HoldSlot,
     /// The next create or rotate that succeeds switches the store off.
     down_after_next_change: AtomicBool,
     /// The next revoke waits here before it reaches the store.
-    hold_before_next_revoke: std::sync::Mutex<Option<Hold>>,
+    hold_before_next_revoke: HoldSlot,
     /// The next revoke waits here once the store has made it.
-    hold_after_next_revoke: std::sync::Mutex<Option<Hold>>,
+    hold_after_next_revoke: HoldSlot,
     /// While true, every `append_audit_event` waits before it reaches the store.
     audit_appends_held: tokio::sync::watch::Sender<bool>,
 }
@@ -49,6 +49,32 @@ pub struct FaultyStore {
 struct Hold {
     reached: tokio::sync::oneshot::Sender<()>,
     release: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Where one call waits, once a test arms it.
+#[derive(Default)]
+struct HoldSlot(std::sync::Mutex<Option<Hold>>);
+
+impl HoldSlot {
+    /// The next call to [`Self::pass`] waits until the returned [`HeldChange`] is released.
+    fn arm(&self) -> HeldChange {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        *self.0.lock().unwrap() = Some(Hold { reached, release });
+        HeldChange {
+            reached: reached_rx,
+            release: release_tx,
+        }
+    }
+
+    /// Waits here if armed (once), else goes on at once.
+    async fn pass(&self) {
+        let hold = self.0.lock().unwrap().take();
+        if let Some(hold) = hold {
+            let _ = hold.reached.send(());
+            let _ = hold.release.await;
+        }
+    }
 }
 
 /// A create or rotate held before it reaches the store ([`FaultyStore::hold_next_change`]).
@@ -99,10 +125,10 @@ impl FaultyStore {
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
             registry_down: AtomicBool::new(false),
             prune_on_read: std::sync::Mutex::new(None),
-            hold_next_change: std::sync::Mutex::new(None),
+            hold_next_change: HoldSlot::default(),
             down_after_next_change: AtomicBool::new(false),
-            hold_before_next_revoke: std::sync::Mutex::new(None),
-            hold_after_next_revoke: std::sync::Mutex::new(None),
+            hold_before_next_revoke: HoldSlot::default(),
+            hold_after_next_revoke: HoldSlot::default(),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -110,25 +136,13 @@ impl FaultyStore {
     /// The next revoke waits before it reaches the store until the returned [`HeldChange`] is
     /// released: what it read before can be changed meanwhile.
     pub fn hold_before_next_revoke(&self) -> HeldChange {
-        let (reached, reached_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release) = tokio::sync::oneshot::channel();
-        *self.hold_before_next_revoke.lock().unwrap() = Some(Hold { reached, release });
-        HeldChange {
-            reached: reached_rx,
-            release: release_tx,
-        }
+        self.hold_before_next_revoke.arm()
     }
 
     /// The next revoke, once the store has made (committed) it, waits until the returned
     /// [`HeldChange`] is released: what follows a commit can be cut there.
     pub fn hold_after_next_revoke(&self) -> HeldChange {
-        let (reached, reached_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release) = tokio::sync::oneshot::channel();
-        *self.hold_after_next_revoke.lock().unwrap() = Some(Hold { reached, release });
-        HeldChange {
-            reached: reached_rx,
-            release: release_tx,
-        }
+        self.hold_after_next_revoke.arm()
     }
 
     /// Until called again with `false`, every lone event written (`append_audit_event`: canary
@@ -141,13 +155,7 @@ impl FaultyStore {
     /// The next create or rotate (a credential, registry, grant or webhook) waits before it
     /// reaches the store until the returned [`HeldChange`] is released.
     pub fn hold_next_change(&self) -> HeldChange {
-        let (reached, reached_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release) = tokio::sync::oneshot::channel();
-        *self.hold_next_change.lock().unwrap() = Some(Hold { reached, release });
-        HeldChange {
-            reached: reached_rx,
-            release: release_tx,
-        }
+        self.hold_next_change.arm()
     }
 
     /// Once the next create or rotate has been made, the store is switched off ([`Self::set_down`]):
@@ -161,11 +169,7 @@ impl FaultyStore {
         &self,
         write: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let hold = self.hold_next_change.lock().unwrap().take();
-        if let Some(hold) = hold {
-            let _ = hold.reached.send(());
-            let _ = hold.release.await;
-        }
+        self.hold_next_change.pass().await;
         let outcome = write.await;
         if outcome.is_ok() && self.down_after_next_change.swap(false, Ordering::SeqCst) {
             self.set_down(true);
@@ -452,11 +456,7 @@ impl Store for FaultyStore {
         while_live: Option<&TokenHash>,
     ) -> Result<Credential, StoreError> {
         self.check()?;
-        let hold = self.hold_before_next_revoke.lock().unwrap().take();
-        if let Some(hold) = hold {
-            let _ = hold.reached.send(());
-            let _ = hold.release.await;
-        }
+        self.hold_before_next_revoke.pass().await;
         let revoked = self
             .inner
             .revoke_credential(
@@ -470,11 +470,7 @@ impl Store for FaultyStore {
                 while_live,
             )
             .await;
-        let hold = self.hold_after_next_revoke.lock().unwrap().take();
-        if let Some(hold) = hold {
-            let _ = hold.reached.send(());
-            let _ = hold.release.await;
-        }
+        self.hold_after_next_revoke.pass().await;
         revoked
     }
 

@@ -99,6 +99,17 @@ impl TestApp {
         Self::serve_store(self.db.clone(), store, config).await
     }
 
+    /// The server's OpenAPI document (`GET /openapi.json`).
+    pub async fn openapi(&self) -> Value {
+        self.request(Method::GET, "/openapi.json", None)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// What `serve --database-url` is given for this test's database.
     pub fn database_url(&self) -> &str {
         &self.db.url

@@ -2042,14 +2042,7 @@ async fn tokens_cross_surfaces_only_as_far_as_their_rights_go(backend: Backend) 
 
 async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let doc: Value = app
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.openapi().await;
     let base = "/v1/public/accounts/{account_id}/auth";
     let operations = [
         (

@@ -867,14 +867,7 @@ both_backends! {
 #[tokio::test]
 async fn the_document_declares_the_header_on_every_create_and_rotate() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let doc: Value = app
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.openapi().await;
     for path in [
         "/api/v1/organizations/{orgID}/api-tokens",
         "/api/v1/organizations/{orgID}/api-tokens/{id}/rotate",

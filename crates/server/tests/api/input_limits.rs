@@ -333,14 +333,7 @@ async fn an_empty_cursor_is_not_a_uuid(backend: Backend) {
 /// The contract points schemathesis found, read from the served document.
 async fn the_openapi_document_states_the_limits_and_shapes(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let doc: Value = app
-        .request(reqwest::Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.openapi().await;
     let schemas = &doc["components"]["schemas"];
     assert_eq!(
         schemas["CreateApiTokenRequest"]["properties"]["scopes"]["maxItems"],

@@ -875,12 +875,7 @@ fn scanner_fixture_agrees_with_the_token_format() {
 #[tokio::test]
 async fn leak_routes_are_declared_in_the_openapi_document() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let res = app
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap();
-    let document: Value = res.json().await.unwrap();
+    let document = app.openapi().await;
     for (path, statuses) in [
         (
             GITHUB_ROUTE,

@@ -61,14 +61,7 @@ async fn metrics_count_requests_and_verifications(backend: Backend) {
 
 async fn openapi_covers_every_route_with_the_docs_spelling(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let doc: Value = app
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.openapi().await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let expected = [
         ("/api/v1/organizations/{orgID}/api-tokens", "get"),
@@ -260,14 +253,7 @@ const OPERATIONS: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/openapi.json
 #[tokio::test]
 async fn the_document_declares_every_answer() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let doc: Value = app
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.openapi().await;
     let paths = doc["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, item) in paths {

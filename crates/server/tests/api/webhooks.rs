@@ -80,6 +80,16 @@ async fn create_webhook(app: &TestApp, org: &Org, url: &str, events: &[&str]) ->
     body
 }
 
+/// A receiver verifying signatures with the secret of a new webhook of `org` for `events`.
+async fn verifying_receiver(app: &TestApp, org: &Org, events: &[&str]) -> Receiver {
+    let port = free_port();
+    let hook = create_webhook(app, org, &format!("http://127.0.0.1:{port}/"), events).await;
+    Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    )
+}
+
 async fn deliveries(app: &TestApp, org: &Org, webhook: &str) -> Vec<Value> {
     let res = app
         .get(
@@ -926,16 +936,7 @@ async fn replicas_on_postgres_send_each_delivery_once() {
 async fn a_canary_trigger_is_delivered_at_once(backend: keyplane_store::testing::Backend) {
     let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
     let org = app.create_org("acme").await;
-    let port = free_port();
-    let hook = create_webhook(
-        &app,
-        &org,
-        &format!("http://127.0.0.1:{port}/hooks"),
-        &["credential.canary_triggered"],
-    )
-    .await;
-    let secret = hook["secret"].as_str().unwrap().to_string();
-    let receiver = Receiver::start(&Behaviour::verifying(&[&secret]), port);
+    let receiver = verifying_receiver(&app, &org, &["credential.canary_triggered"]).await;
     let res = app
         .post(
             &org.path("/api-tokens"),
@@ -1034,18 +1035,7 @@ async fn a_black_hole_endpoint_does_not_hold_up_other_organizations(
         &["api_token.*"],
     )
     .await;
-    let port = free_port();
-    let hook = create_webhook(
-        &app,
-        &org,
-        &format!("http://127.0.0.1:{port}/"),
-        &["api_token.created"],
-    )
-    .await;
-    let receiver = Receiver::start(
-        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
-        port,
-    );
+    let receiver = verifying_receiver(&app, &org, &["api_token.created"]).await;
     // More than a batch (32) of deliveries to the black hole, all due before the others.
     create_tokens(&app, &stuck, "stuck", 40).await;
     wait_until(
@@ -1104,18 +1094,7 @@ async fn organizations_whose_endpoints_all_hang_do_not_hold_up_the_others(
         create_tokens(&app, &stuck, name, 2).await;
     }
     let org = app.create_org("acme").await;
-    let port = free_port();
-    let hook = create_webhook(
-        &app,
-        &org,
-        &format!("http://127.0.0.1:{port}/"),
-        &["api_token.created"],
-    )
-    .await;
-    let receiver = Receiver::start(
-        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
-        port,
-    );
+    let receiver = verifying_receiver(&app, &org, &["api_token.created"]).await;
     wait_until(
         "attempts at the hanging endpoints",
         Duration::from_secs(10),
