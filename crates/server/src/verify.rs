@@ -460,60 +460,61 @@ fn forward_presentation(parts: &Parts, origin: &Origin) -> Presentation {
 /// organizations it may belong to (none: any).
 struct ForwardCheck<'a> {
     token: &'a str,
-    required: Vec<(String, String)>,
+    scopes: Vec<String>,
     orgs: Vec<TenantId>,
 }
 
 impl<'a> ForwardCheck<'a> {
     /// `parts` read, or why they cannot be checked.
     fn read(parts: &'a Parts) -> Result<Self, AppError> {
-        // Most checks name no scope: no query, nothing to parse.
-        let required = match parts.uri.query() {
-            None => Vec::new(),
-            Some(_) => match Query::<Vec<(String, String)>>::try_from_uri(&parts.uri) {
-                Ok(Query(required)) => required,
-                Err(_) => {
-                    return Err(AppError::Domain(DomainError::Validation(vec![
-                        keyplane_core::FieldError::new(
-                            keyplane_core::FieldPath::query("scope"),
-                            keyplane_core::error::codes::INVALID_FORMAT,
-                            "is not a query string of `scope` parameters",
-                        ),
-                    ])))
-                }
-            },
-        };
-        // A misspelt parameter must not silently drop the check it was meant to add.
-        if let Some((unknown, _)) = required.iter().find(|(k, _)| k != "scope" && k != "org") {
-            return Err(AppError::Domain(DomainError::Validation(vec![
+        let invalid = |field: &str, code, message: &str| {
+            AppError::Domain(DomainError::Validation(vec![
                 keyplane_core::FieldError::new(
-                    keyplane_core::FieldPath::query(unknown),
-                    keyplane_core::error::codes::UNKNOWN_FIELD,
-                    "is not a known parameter (only `scope` and `org`)",
+                    keyplane_core::FieldPath::query(field),
+                    code,
+                    message,
                 ),
-            ])));
+            ]))
+        };
+        let (mut scopes, mut orgs) = (Vec::new(), Vec::new());
+        // Most checks name no scope: no query, nothing to parse.
+        if parts.uri.query().is_some() {
+            let Ok(Query(pairs)) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri) else {
+                return Err(invalid(
+                    "scope",
+                    keyplane_core::error::codes::INVALID_FORMAT,
+                    "is not a query string of `scope` parameters",
+                ));
+            };
+            for (name, value) in pairs {
+                match name.as_str() {
+                    "scope" => scopes.push(value),
+                    "org" => orgs.push(
+                        uuid::Uuid::parse_str(&value)
+                            .map(TenantId::from_uuid)
+                            .map_err(|_| {
+                                invalid(
+                                    "org",
+                                    keyplane_core::error::codes::INVALID_FORMAT,
+                                    "is not an organization id (a UUID)",
+                                )
+                            })?,
+                    ),
+                    // A misspelt parameter must not silently drop the check it was meant to add.
+                    unknown => {
+                        return Err(invalid(
+                            unknown,
+                            keyplane_core::error::codes::UNKNOWN_FIELD,
+                            "is not a known parameter (only `scope` and `org`)",
+                        ))
+                    }
+                }
+            }
         }
-        let orgs = required
-            .iter()
-            .filter(|(k, _)| k == "org")
-            .map(|(_, org)| {
-                uuid::Uuid::parse_str(org)
-                    .map(TenantId::from_uuid)
-                    .map_err(|_| {
-                        AppError::Domain(DomainError::Validation(vec![
-                            keyplane_core::FieldError::new(
-                                keyplane_core::FieldPath::query("org"),
-                                keyplane_core::error::codes::INVALID_FORMAT,
-                                "is not an organization id (a UUID)",
-                            ),
-                        ]))
-                    })
-            })
-            .collect::<Result<_, _>>()?;
         let token = bearer_token(&parts.headers)?;
         Ok(Self {
             token,
-            required,
+            scopes,
             orgs,
         })
     }
@@ -531,7 +532,7 @@ impl<'a> ForwardCheck<'a> {
             )));
         }
         let holds = &verified.rights.scopes;
-        for (_, scope) in self.required.iter().filter(|(k, _)| k == "scope") {
+        for scope in &self.scopes {
             let held = Scope::parse(scope).is_ok_and(|s| holds.covers(&s));
             if !held {
                 return refusal(AppError::Domain(DomainError::Forbidden(format!(
