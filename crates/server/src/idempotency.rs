@@ -228,11 +228,10 @@ impl<S: Surface> Idempotency<S> {
         work: F,
     ) -> Response
     where
-        T: Send + 'static,
         W: serde::Serialize,
         R: Fn(T) -> (StatusCode, W) + Send + Sync + 'static,
         F: FnOnce(App, Principal, Seal<T>) -> Fut,
-        Fut: Future<Output = Result<T, ApiError<S>>> + Send + 'static,
+        Fut: Future<Output = Result<T, ApiError<S>>>,
     {
         let Some(key) = self.key else {
             return match work(app, caller, Seal { seal: None }).await {
