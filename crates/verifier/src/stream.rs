@@ -7,7 +7,7 @@ use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 #[derive(Deserialize)]
@@ -48,15 +48,8 @@ fn delay(failures: u32, cap: Duration, retry_after: Option<Duration>) -> Duratio
     let full = FIRST_BACKOFF
         .saturating_mul(1 << failures.saturating_sub(1).min(20))
         .min(cap);
-    let jittered = full / 2 + (full / 2).mul_f64(random_fraction());
+    let jittered = full / 2 + (full / 2).mul_f64(rand::random::<f64>());
     jittered.max(retry_after.unwrap_or_default().min(MAX_BACKOFF))
-}
-
-/// A number in [0, 1), from std's randomly keyed hasher: jitter needs no more.
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Why a connection attempt ended.
