@@ -15,12 +15,12 @@
 //! [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a trigger past either is logged (at
 //! error level) and not recorded.
 
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, TenantShares};
 use axum::extract::MatchedPath;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use keyplane_core::audit::{actions, ActorType, AuditActor};
-use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext, TenantId};
+use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext};
 use keyplane_store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -156,41 +156,7 @@ pub(crate) struct CanaryAlarm {
     recent: Mutex<HashMap<CredentialId, Recent>>,
     writes: Jobs,
     /// Trigger events being written, per organization.
-    writing: Arc<Mutex<HashMap<TenantId, usize>>>,
-}
-
-/// One of an organization's trigger events being written: counted in its share until dropped.
-struct Share {
-    writing: Arc<Mutex<HashMap<TenantId, usize>>>,
-    tenant: TenantId,
-}
-
-impl Share {
-    /// A place in `tenant`'s share, or `None` when it holds [`MAX_PENDING_WRITES_PER_TENANT`].
-    fn take(writing: &Arc<Mutex<HashMap<TenantId, usize>>>, tenant: TenantId) -> Option<Self> {
-        let mut counts = writing.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(tenant).or_default();
-        if *count >= MAX_PENDING_WRITES_PER_TENANT {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            writing: writing.clone(),
-            tenant,
-        })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let mut counts = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.tenant);
-            }
-        }
-    }
+    writing: TenantShares,
 }
 
 impl CanaryAlarm {
@@ -200,7 +166,7 @@ impl CanaryAlarm {
             clock,
             recent: Mutex::new(HashMap::new()),
             writes: Jobs::new(MAX_PENDING_WRITES, "canary trigger events"),
-            writing: Arc::default(),
+            writing: TenantShares::new(MAX_PENDING_WRITES_PER_TENANT),
         }
     }
 
@@ -276,7 +242,7 @@ impl CanaryAlarm {
         let Some(event) = self.admit(canary, presentation, actor) else {
             return;
         };
-        let Some(share) = Share::take(&self.writing, canary.tenant_id) else {
+        let Some(share) = self.writing.take(canary.tenant_id) else {
             tracing::error!(tenant.id = %canary.tenant_id, credential.id = %canary.id, "canary trigger not recorded: too many of its organization's trigger events being written");
             return;
         };

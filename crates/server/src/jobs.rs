@@ -1,7 +1,9 @@
 //! Background work done after an answer (public revocation reports, canary trigger events): a
 //! bound on how much runs at once, and a way for shutdown to wait for it.
 
-use std::sync::Arc;
+use keyplane_core::TenantId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -37,6 +39,53 @@ impl Jobs {
                 jobs = self.what,
                 "background jobs still running at shutdown were abandoned"
             );
+        }
+    }
+}
+
+/// Each organization's share of something bounded in all (open streams, events being written):
+/// at most `max` held by one tenant at once, so one cannot take every place.
+pub(crate) struct TenantShares {
+    max: usize,
+    held: Arc<Mutex<HashMap<TenantId, usize>>>,
+}
+
+impl TenantShares {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    /// One place in `tenant`'s share, given back when dropped; `None` while it holds `max`.
+    pub(crate) fn take(&self, tenant: TenantId) -> Option<TenantShare> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(&tenant).is_some_and(|count| *count >= self.max) {
+            return None;
+        }
+        *held.entry(tenant).or_insert(0) += 1;
+        Some(TenantShare {
+            held: self.held.clone(),
+            tenant,
+        })
+    }
+}
+
+/// A place in a [`TenantShares`]; a tenant holding none has no entry.
+pub(crate) struct TenantShare {
+    held: Arc<Mutex<HashMap<TenantId, usize>>>,
+    tenant: TenantId,
+}
+
+impl Drop for TenantShare {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = held.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.tenant);
+            }
         }
     }
 }

@@ -30,6 +30,7 @@
 use crate::app::App;
 use crate::auth::bearer_token;
 use crate::error::{ApiError, AppError};
+use crate::jobs::{TenantShare, TenantShares};
 use crate::verify::Verification;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName};
@@ -39,9 +40,8 @@ use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
 use keyplane_store::{AuditChainState, AuditQuery};
 use serde::Serialize;
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
@@ -81,45 +81,23 @@ pub const STREAMED_ACTIONS: &[&str] = &[
 /// tenant cannot take every slot), and they end when it stops.
 pub(crate) struct RevocationStreams {
     slots: Arc<Semaphore>,
-    per_org: Arc<OrgSlots>,
+    per_org: TenantShares,
     /// Bumped on every local cache invalidation: streams look at the store at once.
     wake: watch::Sender<u64>,
     stop: watch::Sender<bool>,
 }
 
-/// The streams open per organization, each at most `max`; a tenant without one has no entry.
-struct OrgSlots {
-    max: usize,
-    open: Mutex<HashMap<TenantId, usize>>,
-}
-
 /// A stream's slots, in all and in its organization: given back when the stream ends.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    org: Arc<OrgSlots>,
-    tenant: TenantId,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.org.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Entry::Occupied(mut count) = open.entry(self.tenant) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
-            }
-        }
-    }
+    _share: TenantShare,
 }
 
 impl RevocationStreams {
     pub(crate) fn new(max_streams: usize, max_per_org: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max_streams)),
-            per_org: Arc::new(OrgSlots {
-                max: max_per_org,
-                open: Mutex::new(HashMap::new()),
-            }),
+            per_org: TenantShares::new(max_per_org),
             wake: watch::Sender::new(0),
             stop: watch::Sender::new(false),
         }
@@ -128,19 +106,11 @@ impl RevocationStreams {
     /// A slot for one more stream of `tenant`; `None` when the replica or the organization has
     /// as many open as allowed.
     fn take_slot(&self, tenant: TenantId) -> Option<Slot> {
-        let mut open = self.per_org.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open
-            .get(&tenant)
-            .is_some_and(|count| *count >= self.per_org.max)
-        {
-            return None;
-        }
+        let share = self.per_org.take(tenant)?;
         let permit = self.slots.clone().try_acquire_owned().ok()?;
-        *open.entry(tenant).or_insert(0) += 1;
         Some(Slot {
             _permit: permit,
-            org: self.per_org.clone(),
-            tenant,
+            _share: share,
         })
     }
 
