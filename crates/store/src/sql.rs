@@ -65,7 +65,8 @@ pub(crate) fn while_live(hash: &str, at: &str) -> String {
     )
 }
 
-pub(crate) const CLEAR_ENDED_PREVIOUS_SECRETS: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $1";
+pub(crate) const ENDED_PREVIOUS_SECRETS: &str = "SELECT id FROM credentials WHERE previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $1";
+pub(crate) const CLEAR_ENDED_PREVIOUS_SECRET: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE id = $1 AND previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $2";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
@@ -1083,12 +1084,24 @@ macro_rules! impl_store {
                 &self,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::StoreError> {
+                // A row a statement: one UPDATE of them all would lock the rows in the table's
+                // order while waiting for the next, and deadlock on PostgreSQL with a last-use
+                // flush holding them in id order.
                 self.write(async {
-                    Ok(sqlx::query($crate::sql::CLEAR_ENDED_PREVIOUS_SECRETS)
+                    let ended: Vec<(uuid::Uuid,)> = sqlx::query_as($crate::sql::ENDED_PREVIOUS_SECRETS)
                         .bind(now)
-                        .execute(&self.writer)
-                        .await?
-                        .rows_affected())
+                        .fetch_all(&self.writer)
+                        .await?;
+                    let mut cleared = 0;
+                    for (id,) in ended {
+                        cleared += sqlx::query($crate::sql::CLEAR_ENDED_PREVIOUS_SECRET)
+                            .bind(id)
+                            .bind(now)
+                            .execute(&self.writer)
+                            .await?
+                            .rows_affected();
+                    }
+                    Ok(cleared)
                 })
                 .await
             }
@@ -1216,9 +1229,13 @@ macro_rules! impl_store {
                 &self,
                 uses: &[$crate::CredentialUse],
             ) -> Result<(), $crate::StoreError> {
+                // In one order (the credentials' ids) on every replica: two flushes locking the
+                // same rows in the orders their uses came in would deadlock on PostgreSQL.
+                let mut in_id_order: Vec<&$crate::CredentialUse> = uses.iter().collect();
+                in_id_order.sort_unstable_by_key(|used| used.id);
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
-                    for used in uses {
+                    for used in in_id_order {
                         sqlx::query($crate::sql::TOUCH_LAST_USED)
                             .bind(used.id.as_uuid())
                             .bind(used.at)

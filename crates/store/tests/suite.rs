@@ -2961,9 +2961,109 @@ macro_rules! postgres_suite {
 
 postgres_suite! {
     a_replica_waits_for_another_replicas_migrations,
+    last_use_flushes_lock_their_credentials_in_id_order,
+    the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting,
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
     webhook_writes_take_the_audit_head_before_the_webhook,
     prunes_keep_rows_renewed_while_they_wait,
+}
+
+/// Two credentials of the fixture's tenant, the one with the lower id second.
+async fn two_tokens_higher_id_first(f: &Fixture) -> (Credential, Credential) {
+    let (one, _) = new_token(f.tenant.id, "one");
+    let (two, _) = new_token(f.tenant.id, "two");
+    let (low, high) = if one.id < two.id {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    for credential in [&high, &low] {
+        f.store
+            .insert_credential(credential, &ev(), None)
+            .await
+            .unwrap();
+    }
+    (low, high)
+}
+
+/// Locks a credential's row in `tx`, as a write of it would.
+async fn lock_credential(tx: &mut sqlx::PgConnection, credential: &Credential) {
+    sqlx::query("UPDATE credentials SET updated_at = updated_at WHERE id = $1")
+        .bind(credential.id.as_uuid())
+        .execute(tx)
+        .await
+        .unwrap();
+}
+
+/// PostgreSQL: another replica's flush holds the lower id and will take the higher; a flush whose
+/// uses came in the other order must not hold the higher one while it waits, or they deadlock and
+/// one fails (`/readyz` then says degraded until the next write).
+async fn last_use_flushes_lock_their_credentials_in_id_order() {
+    let f = fixture(Backend::Postgres).await;
+    let (low, high) = two_tokens_higher_id_first(&f).await;
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    lock_credential(&mut other, &low).await;
+    let flush = {
+        let store = f.store.clone();
+        let uses = [&high, &low].map(|c| CredentialUse {
+            id: c.id,
+            at: now(),
+            secret: c.secret_hash.prefix(),
+        });
+        tokio::spawn(async move { store.record_last_used(&uses).await })
+    };
+    wait_for_a_lock_wait(&pool).await;
+    lock_credential(&mut other, &high).await;
+    other.commit().await.unwrap();
+    flush.await.unwrap().unwrap();
+    for credential in [&low, &high] {
+        let stored = f
+            .store
+            .get_credential(f.tenant.id, credential.kind, credential.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(stored.last_used_at.is_some(), "{}", stored.name);
+    }
+    pool.close().await;
+}
+
+/// PostgreSQL: a flush (in id order) holds the lower id of two credentials whose grace periods have
+/// ended and will take the higher, which the table holds first. The sweep's clear-up must not hold
+/// the higher one while it waits for the lower.
+async fn the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting() {
+    let f = fixture(Backend::Postgres).await;
+    let (low, high) = two_tokens_higher_id_first(&f).await;
+    let long_ago = now() - TimeDelta::seconds(120);
+    for (credential, started) in [(&high, long_ago), (&low, long_ago + TimeDelta::seconds(1))] {
+        let (rotation, _) = Rotation::mint(
+            credential,
+            grace(60),
+            credential.expires_at,
+            started,
+            &mut OsRng,
+        );
+        rotate(&f, credential, &rotation).await;
+    }
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut other = pool.begin().await.unwrap();
+    lock_credential(&mut other, &low).await;
+    let clear = {
+        let store = f.store.clone();
+        tokio::spawn(async move { store.clear_ended_previous_secrets(now()).await })
+    };
+    wait_for_a_lock_wait(&pool).await;
+    lock_credential(&mut other, &high).await;
+    other.commit().await.unwrap();
+    assert_eq!(clear.await.unwrap().unwrap(), 2);
+    assert!(f
+        .store
+        .credentials_with_previous_secret(100)
+        .await
+        .unwrap()
+        .is_empty());
+    pool.close().await;
 }
 
 /// Returns once a session of the test's PostgreSQL database waits for a lock.
