@@ -22,7 +22,8 @@ pub struct IntrospectionResponse {
     /// The credential's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
-    /// Expiry (seconds since the epoch); absent when the credential does not expire.
+    /// When the presented secret stops authenticating (seconds since the epoch): the credential's
+    /// expiry, or a previous secret's grace end if sooner; absent when neither ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -324,7 +324,11 @@ async fn introspect(
         sub: credential.id.as_uuid(),
         org_id: &verified.rights.headers.org_id,
         username: &credential.name,
-        exp: credential.expires_at.map(|at| at.timestamp()),
+        // The presented secret's end: a previous secret's grace end when that is sooner, so a
+        // verifier caching the answer stops accepting the old secret when keyplane does.
+        exp: Some(verified.gate.ends_at_micros())
+            .filter(|end| *end != i64::MAX)
+            .map(|end| end.div_euclid(1_000_000)),
         iat: credential.created_at.timestamp(),
         secret: verified.secret.as_str(),
     };

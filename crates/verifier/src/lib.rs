@@ -36,8 +36,9 @@
 //!   `revocation_memory`, or for any credential within `revocation_memory` of a `reset`: it may
 //!   predate a suspension, rotation or grant change made through another replica.
 //! - Independently, no answer is cached longer than [`VerifierConfig::cache_ttl`] (this bounds
-//!   changes no event announces, such as a rotation's grace period running out), refusals for
-//!   [`VerifierConfig::negative_ttl`], and no credential is accepted past its `exp`.
+//!   changes no event announces), refusals for [`VerifierConfig::negative_ttl`], and no credential
+//!   is accepted past its `exp` (for a previous secret, its grace end: a rotation's grace period
+//!   running out needs no event).
 //!
 //! The server's heartbeat interval (15 s by default) must be under half of `max_staleness`
 //! (a warning is logged otherwise): one late heartbeat would make the verifier stale.

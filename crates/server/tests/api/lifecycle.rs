@@ -145,6 +145,13 @@ async fn a_grace_rotation_keeps_both_secrets_working_until_it_ends(backend: Back
         assert_eq!(answer["active"], true, "{which}: {answer}");
         assert_eq!(answer["secret"], which);
         assert_eq!(answer["sub"], id.as_str());
+        // A verifier caching the answer must not take the old secret past its grace end.
+        let grace_end = chrono::DateTime::parse_from_rfc3339(
+            rotated["previous_secret_expires_at"].as_str().unwrap(),
+        )
+        .unwrap();
+        let exp = (which == "previous").then(|| grace_end.timestamp());
+        assert_eq!(answer["exp"].as_i64(), exp, "{which}: {answer}");
         let listed = app.get(&org.path("/api-tokens"), secret).await;
         assert_eq!(listed.status(), 200, "{which} secret on the management API");
     }
