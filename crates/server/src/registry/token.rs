@@ -60,6 +60,10 @@ struct Claims<'a> {
 /// async workers; below it, handing it over would cost more than the match.
 const INLINE_GRANT_COST: usize = 10_000;
 
+/// How long past a token's `exp` Distribution still accepts it (`Leeway` in its
+/// `registry/auth/token`), both ways for clock skew.
+const REGISTRY_EXP_LEEWAY_SECONDS: i64 = 60;
+
 /// The Distribution token service's error body.
 #[derive(Serialize, ToSchema)]
 pub struct RegistryErrors {
@@ -268,9 +272,10 @@ async fn issue(
         };
     let now = crate::ops::now();
     // Never past the robot's own end (its expiry, or the grace end of the previous secret it
-    // logged in with): `exp` is the first second the registry refuses the token.
+    // logged in with). Distribution accepts a token up to `REGISTRY_EXP_LEEWAY_SECONDS` past its
+    // `exp`, so the end is brought forward by that much.
     let exp = (now.timestamp() + config.token_ttl.as_secs() as i64)
-        .min(verified.gate.ends_at_micros().div_euclid(1_000_000));
+        .min(verified.gate.ends_at_micros().div_euclid(1_000_000) - REGISTRY_EXP_LEEWAY_SECONDS);
     let claims = Claims {
         iss: &config.issuer,
         sub: username,
