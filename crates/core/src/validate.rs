@@ -1,7 +1,7 @@
 //! Field rules both surfaces share.
 
 use crate::error::{codes, FieldError, FieldPath};
-use chrono::{DateTime, DurationRound, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 pub const MAX_NAME_CHARS: usize = 120;
@@ -127,8 +127,10 @@ pub fn unix_micros_now(offset_micros: i64) -> i64 {
 }
 
 /// Both stores keep microseconds; truncating up front makes what is returned equal what is stored.
+/// A leap second (`23:59:60`, which chrono takes at any minute) becomes the next minute's first:
+/// PostgreSQL would store it so, SQLite would keep `:60`, and many clients cannot parse that.
 pub fn truncate_to_micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    at.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(at)
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 #[cfg(test)]
@@ -154,6 +156,20 @@ mod tests {
         assert!(moved - read >= TimeDelta::seconds(90));
         assert!(moved - after <= TimeDelta::seconds(90));
         assert_eq!(now_micros(i64::MAX), DateTime::<Utc>::MAX_UTC);
+    }
+
+    #[test]
+    fn a_leap_second_is_the_next_minutes_first() {
+        let at = expires_at(
+            FieldPath::body("expires_at"),
+            "2030-06-30T23:59:60.5Z",
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            "2030-07-01T00:00:00.500Z"
+        );
     }
 
     #[test]
