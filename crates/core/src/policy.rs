@@ -118,6 +118,7 @@ impl CredentialPolicy {
 
     /// The expiry a credential of `kind` gets when issued or rotated at `now` with `requested`
     /// (the caller's `expires_at`, or the one it keeps): the default lifetime fills a missing one,
+    /// an expiry up to [`CALLER_CLOCK_TOLERANCE`] past the latest the rule allows is accepted,
     /// and a result that breaks the policy is a field error on `path` that names the rule.
     pub fn expiry_for(
         &self,
@@ -142,15 +143,17 @@ impl CredentialPolicy {
                         .unwrap_or_default()
                 ),
             )),
-            (Some(at), Some(latest)) if at > latest => Err(FieldError::new(
-                path,
-                codes::POLICY_VIOLATION,
-                format!(
+            (Some(at), Some(latest)) if at > latest + CALLER_CLOCK_TOLERANCE => {
+                Err(FieldError::new(
+                    path,
+                    codes::POLICY_VIOLATION,
+                    format!(
                     "the organization's credential policy ({name}: max_lifetime_days {}) allows \
                      an expiry at most that many days ahead",
                     rule.max_lifetime_days.unwrap_or_default()
                 ),
-            )),
+                ))
+            }
             _ => Ok(expires_at),
         }
     }
@@ -196,6 +199,10 @@ pub fn expiry_stage(expires_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<u32
         .find(|days| expires_at - now <= TimeDelta::days(i64::from(*days)))
 }
 
+/// How far past the latest expiry a policy allows a requested one may lie: a client that asks for
+/// the longest lifetime (`--expires-in 90d`) computes it from its own clock, which may run ahead.
+pub const CALLER_CLOCK_TOLERANCE: TimeDelta = TimeDelta::seconds(60);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +246,20 @@ mod tests {
             policy.expiry_for(CredentialKind::ApiToken, Some(at(90)), now, path.clone()),
             Ok(Some(at(90)))
         );
+        // The longest lifetime by a client whose clock is ahead, kept as asked.
+        let ahead = at(90) + TimeDelta::seconds(59);
+        assert_eq!(
+            policy.expiry_for(CredentialKind::ApiToken, Some(ahead), now, path.clone()),
+            Ok(Some(ahead))
+        );
+        assert!(policy
+            .expiry_for(
+                CredentialKind::ApiToken,
+                Some(at(90) + TimeDelta::seconds(61)),
+                now,
+                path.clone()
+            )
+            .is_err());
         assert_eq!(
             policy.expiry_for(CredentialKind::RobotAccount, None, now, path),
             Ok(None)

@@ -1205,12 +1205,16 @@ macro_rules! impl_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::StoreError> {
                 let unbounded_exceeds = rule.require_expiry || rule.max_lifetime_days.is_some();
+                // What `expiry_for` still accepts is not exceeding.
+                let latest_accepted = rule
+                    .latest_expiry(now)
+                    .map(|latest| latest + keyplane_core::policy::CALLER_CLOCK_TOLERANCE);
                 let (count,): (i64,) = sqlx::query_as($crate::sql::COUNT_CREDENTIALS_EXCEEDING)
                     .bind(tenant_id.as_uuid())
                     .bind(kind.as_str())
                     .bind(now)
                     .bind(unbounded_exceeds)
-                    .bind(rule.latest_expiry(now))
+                    .bind(latest_accepted)
                     .fetch_one(&self.pool)
                     .await?;
                 Ok(u64::try_from(count).unwrap_or(0))
