@@ -834,6 +834,7 @@ impl AuditFilterArgs {
             outcome: self.outcome.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
+            after_seq: None,
         }
     }
 }
@@ -1611,10 +1612,6 @@ pub async fn audit(mut s: Session, command: AuditCommand) -> Result<(), Error> {
     }
 }
 
-/// How far back a poll looks before the newest event seen: an event's time is taken before its
-/// transaction commits, so one committed later (higher `seq`) can carry an earlier time.
-const TAIL_OVERLAP: chrono::Duration = chrono::Duration::seconds(60);
-
 async fn tail(
     s: &mut Session,
     org: Uuid,
@@ -1625,7 +1622,6 @@ async fn tail(
 ) -> Result<(), Error> {
     emit(&s.output.stream_header::<AuditEventView>())?;
     let mut last_seq = 0;
-    let mut last_time: Option<DateTime<Utc>> = None;
     if lines > 0 {
         let page = s
             .client
@@ -1638,12 +1634,7 @@ async fn tail(
                 },
             )
             .await?;
-        print_stream(
-            s,
-            page.items.into_iter().rev().collect(),
-            &mut last_seq,
-            &mut last_time,
-        )?;
+        print_stream(s, page.items.into_iter().rev().collect(), &mut last_seq)?;
     } else {
         // Start from the newest event without printing it.
         let page = s
@@ -1659,7 +1650,6 @@ async fn tail(
             .await?;
         if let Some(newest) = page.items.first() {
             last_seq = newest.seq;
-            last_time = Some(newest.occurred_at);
         }
     }
     if !follow {
@@ -1673,7 +1663,7 @@ async fn tail(
             n => follow_backoff(n),
         };
         tokio::time::sleep(pause).await;
-        let fresh = match poll(s, org, &filter, last_seq, last_time).await {
+        let fresh = match poll(s, org, &filter, last_seq).await {
             Ok(fresh) => fresh,
             Err(e) if e.is_transient() => {
                 failures += 1;
@@ -1688,7 +1678,7 @@ async fn tail(
             eprintln!("audit tail: reconnected");
             failures = 0;
         }
-        print_stream(s, fresh, &mut last_seq, &mut last_time)?;
+        print_stream(s, fresh, &mut last_seq)?;
     }
 }
 
@@ -1699,47 +1689,49 @@ fn follow_backoff(failures: u32) -> Duration {
 }
 
 /// The events after `last_seq`, oldest first, every page of them.
+/// The events after `last_seq`, oldest first. By `seq`, not time: an event's time is taken before
+/// its transaction commits (an aggregated refusal's, at the first refusal, up to a window earlier),
+/// so one committed later can carry an earlier time.
 async fn poll(
     s: &Session,
     org: Uuid,
     filter: &AuditFilter,
     last_seq: u64,
-    last_time: Option<DateTime<Utc>>,
 ) -> Result<Vec<AuditEventView>, Error> {
-    let mut fresh = Vec::new();
+    const PAGE: u32 = 100;
+    let mut fresh: Vec<AuditEventView> = Vec::new();
     let mut filter = filter.clone();
-    if let Some(at) = last_time {
-        filter.since = Some(keyplane_api_types::wire::rfc3339(&(at - TAIL_OVERLAP)));
-    }
-    let mut page = Page {
+    let page = Page {
         cursor: None,
-        limit: Some(100),
+        limit: Some(PAGE),
     };
     loop {
+        let after = fresh.last().map_or(last_seq, |e| e.seq);
+        filter.after_seq = Some(after);
         let answer = s.client.list_audit_events(org, &filter, &page).await?;
-        let reached_seen = answer.items.iter().any(|e| e.seq <= last_seq);
-        fresh.extend(answer.items.into_iter().filter(|e| e.seq > last_seq));
-        match answer.next_cursor {
-            Some(cursor) if !reached_seen => page.cursor = Some(cursor.to_string()),
-            _ => break,
+        let full = answer.items.len() >= PAGE as usize;
+        // In order and past `after` even from a server that ignores `after_seq`.
+        let mut new: Vec<AuditEventView> =
+            answer.items.into_iter().filter(|e| e.seq > after).collect();
+        new.sort_by_key(|e| e.seq);
+        let progressed = !new.is_empty();
+        fresh.extend(new);
+        if !full || !progressed {
+            return Ok(fresh);
         }
     }
-    fresh.sort_by_key(|e| e.seq);
-    Ok(fresh)
 }
 
 fn print_stream(
     s: &mut Session,
     events: Vec<AuditEventView>,
     last_seq: &mut u64,
-    last_time: &mut Option<DateTime<Utc>>,
 ) -> Result<(), Error> {
     s.output.now = Utc::now();
     let mut text = String::new();
     for event in events {
         text.push_str(&s.output.stream(&event));
         *last_seq = (*last_seq).max(event.seq);
-        *last_time = Some(last_time.map_or(event.occurred_at, |t| t.max(event.occurred_at)));
     }
     emit(&text)
 }

@@ -836,30 +836,10 @@ fn event(seq: u64) -> Value {
     })
 }
 
-/// `audit tail --follow` keeps following through a 503 and a dropped connection, saying so.
-#[tokio::test]
-async fn audit_tail_follows_through_a_restart() {
-    let fake = Fake::start(|n, _| match n {
-        0 => answer(
-            "200 OK",
-            &[],
-            &json!({"items": [event(1)], "next_cursor": null}).to_string(),
-        ),
-        1 => answer(
-            "503 Service Unavailable",
-            &[("retry-after", "1")],
-            &aether_error("unavailable", "the store is unavailable"),
-        ),
-        2 => LOST,
-        _ => answer(
-            "200 OK",
-            &[],
-            &json!({"items": [event(2), event(1)], "next_cursor": null}).to_string(),
-        ),
-    })
-    .await;
+/// Runs `audit tail -n 1 --follow` against `url` until it printed `lines` events; their `seq`s,
+/// and what it wrote to stderr.
+async fn tail_follow(url: &str, lines: usize) -> (Vec<u64>, String) {
     let home = tempfile::tempdir().unwrap();
-    let url = fake.url();
     let mut command = client(
         &home,
         Some(TOKEN),
@@ -874,7 +854,7 @@ async fn audit_tail_follows_through_a_restart() {
             "--org",
             ORG,
             "--url",
-            &url,
+            url,
             "-o",
             "jsonl",
         ],
@@ -897,7 +877,7 @@ async fn audit_tail_follows_through_a_restart() {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let printed = read(&mut stdout);
-        if printed.lines().count() >= 2 {
+        if printed.lines().count() >= lines {
             break;
         }
         let exited = child.0.try_wait().unwrap();
@@ -917,11 +897,65 @@ async fn audit_tail_follows_through_a_restart() {
                 .unwrap()
         })
         .collect();
+    (seqs, read(&mut stderr))
+}
+
+/// `audit tail --follow` keeps following through a 503 and a dropped connection, saying so.
+#[tokio::test]
+async fn audit_tail_follows_through_a_restart() {
+    let fake = Fake::start(|n, _| match n {
+        0 => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [event(1)], "next_cursor": null}).to_string(),
+        ),
+        1 => answer(
+            "503 Service Unavailable",
+            &[("retry-after", "1")],
+            &aether_error("unavailable", "the store is unavailable"),
+        ),
+        2 => LOST,
+        _ => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [event(2), event(1)], "next_cursor": null}).to_string(),
+        ),
+    })
+    .await;
+    let (seqs, notices) = tail_follow(&fake.url(), 2).await;
     assert_eq!(seqs, [1, 2]);
-    let notices = read(&mut stderr);
     assert!(
         notices.contains("reconnecting in") && notices.contains("reconnected"),
         "{notices}"
     );
     assert!(!notices.contains(TOKEN));
+}
+
+/// `audit tail --follow` follows by `seq`: an event committed after one it printed, though stamped
+/// over a minute earlier (an aggregated refusal carries its first refusal's time), is printed too.
+#[tokio::test]
+async fn audit_tail_prints_an_event_committed_late_with_an_earlier_time() {
+    let at = |seq: u64, time: &str| {
+        let mut event = event(seq);
+        event["occurred_at"] = json!(time);
+        event
+    };
+    let fake = Fake::start(move |n, seen| {
+        let items = if n == 0 {
+            vec![at(2, "2030-01-01T00:01:00Z")]
+        } else if seen.path.contains("after_seq=2") {
+            vec![at(3, "2029-12-31T23:58:00Z")]
+        } else {
+            // What the server answers a `since` a minute before the newest event seen.
+            vec![at(2, "2030-01-01T00:01:00Z")]
+        };
+        answer(
+            "200 OK",
+            &[],
+            &json!({"items": items, "next_cursor": null}).to_string(),
+        )
+    })
+    .await;
+    let (seqs, _) = tail_follow(&fake.url(), 2).await;
+    assert_eq!(seqs, [2, 3]);
 }

@@ -78,6 +78,8 @@ pub struct AuditFilter {
     pub outcome: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
+    /// Only events with a greater `seq`, oldest first (not with a page's `cursor`).
+    pub after_seq: Option<u64>,
 }
 
 /// A credential's lifecycle step without a body: `POST .../{id}/<step>`.
@@ -627,6 +629,9 @@ impl Client {
             if let Some(value) = value {
                 call.query.push((name, value.clone()));
             }
+        }
+        if let Some(seq) = filter.after_seq {
+            call.query.push(("after_seq", seq.to_string()));
         }
         self.send(call).await
     }

@@ -1388,11 +1388,12 @@ pub async fn list_audit_events(
     let limit = query.limit;
     query.limit = limit + 1;
     let mut page = app.store().list_audit_events(&query).await?;
-    let next = if page.len() > limit as usize {
-        page.truncate(limit as usize);
-        page.last().map(|e| e.event.id)
-    } else {
-        None
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    // Forward pages continue from their last `seq`, which the caller has; a cursor pages back.
+    let next = match query.order {
+        keyplane_store::AuditOrder::NewestBefore(_) if more => page.last().map(|e| e.event.id),
+        _ => None,
     };
     Ok((page, next))
 }

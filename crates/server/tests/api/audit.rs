@@ -561,6 +561,38 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
     reported.sort();
     assert_eq!(reported, ["action", "cursor", "limit", "outcome", "since"]);
 
+    // Forward from a `seq`, oldest first, whatever the events' times: how a follower misses none.
+    let seqs = |page: &Value| -> Vec<u64> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let mut oldest_first = seqs(&past);
+    oldest_first.reverse();
+    let forward = events(
+        &app,
+        &org,
+        &org.token,
+        &format!("?after_seq={}&limit=2", oldest_first[1]),
+    )
+    .await;
+    assert_eq!(seqs(&forward), oldest_first[2..4]);
+    assert!(forward["next_cursor"].is_null(), "{forward}");
+    for bad in [
+        "after_seq=-1",
+        "after_seq=3&cursor=0190aaaa-0000-7000-8000-000000000000",
+    ] {
+        let res = app
+            .get(&org.path(&format!("/audit-events?{bad}")), &org.token)
+            .await;
+        let details = assert_error(res, 422, "validation_failed").await;
+        let reported: Vec<String> = fields(&details).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(reported, ["after_seq"], "{bad}");
+    }
+
     // `audit:read` is needed; another org's caller gets 404.
     let deployer = app
         .create_token(&org, "deployer", &["api_tokens:read"])
