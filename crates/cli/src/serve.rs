@@ -158,7 +158,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYPLANE_LIFECYCLE_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lifecycle_sweep_seconds: u64,
     /// Where GitHub's secret-scanning public keys are fetched (cached; refetched when a request
-    /// names an unknown key, at most every 10 s). `https`, or `http` to a loopback host.
+    /// names an unknown key, at most every 5 min once keys are loaded, every 10 s until then).
+    /// `https`, or `http` to a loopback host.
     #[arg(
         long,
         env = "KEYPLANE_GITHUB_SECRET_SCANNING_KEYS_URL",

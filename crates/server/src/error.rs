@@ -36,6 +36,13 @@ pub enum AppError {
     /// `Retry-After`.
     #[error("a request with this Idempotency-Key is in flight")]
     IdempotencyKeyInFlight,
+    /// Something outside keyplane the answer depends on cannot be reached (GitHub's keys
+    /// document): 503 with `Retry-After`.
+    #[error("{what} cannot be fetched")]
+    UpstreamUnavailable {
+        what: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -68,7 +75,9 @@ impl AppError {
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unavailable(_) | AppError::UpstreamUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +96,9 @@ impl AppError {
             AppError::MethodNotAllowed => "this method is not allowed on this path".into(),
             AppError::RateLimited { .. } => "too many requests".into(),
             AppError::Unavailable(unavailable) => unavailable.fault.public_message().into(),
+            AppError::UpstreamUnavailable { what, .. } => {
+                format!("{what} cannot be fetched; retry later")
+            }
             AppError::IdempotencyKeyInFlight => {
                 "a request with this Idempotency-Key is still in progress; retry it shortly".into()
             }
@@ -102,6 +114,9 @@ impl AppError {
             AppError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             AppError::Unavailable(unavailable) => Some(unavailable.fault.retry_after_secs()),
             AppError::IdempotencyKeyInFlight => Some(1),
+            AppError::UpstreamUnavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }

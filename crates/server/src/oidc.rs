@@ -207,14 +207,7 @@ struct Inner {
 
 impl Oidc {
     pub fn new(config: OidcConfig) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(config.http_timeout)
-            .connect_timeout(config.http_timeout)
-            // The discovery document and JWKS are where the issuer says; a redirect elsewhere is
-            // not followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client with a TLS backend builds");
+        let http = key_fetch_client(config.http_timeout);
         let issuers = config
             .issuers
             .iter()
@@ -495,6 +488,22 @@ async fn fetch_keys(http: &reqwest::Client, issuer: &str) -> anyhow::Result<Vec<
         anyhow::bail!("the JWKS holds no RS256 or ES256 signature key");
     }
     Ok(keys)
+}
+
+/// What keyplane's key fetches (OIDC discovery and JWKS, GitHub's secret-scanning keys) call
+/// themselves: GitHub's API refuses a request without a `User-Agent` (403).
+const USER_AGENT: &str = concat!("keyplane/", env!("CARGO_PKG_VERSION"));
+
+/// The client for fetching signing keys: bounded by `timeout`, naming keyplane, and not following
+/// redirects (the documents are where the configuration says; a redirect elsewhere is refused).
+pub(crate) fn key_fetch_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client with a TLS backend builds")
 }
 
 pub(crate) async fn get_json<T: DeserializeOwned>(

@@ -3,9 +3,10 @@
 //! `GITHUB-PUBLIC-KEY-SIGNATURE` is the base64 DER signature, `GITHUB-PUBLIC-KEY-IDENTIFIER` names
 //! the key in GitHub's keys document (`--github-secret-scanning-keys-url`). The keys are cached;
 //! an unknown identifier refetches the document, at most once per
-//! [`GithubKeysConfig::min_refresh_interval`] (10 s), so
-//! made-up identifiers cannot be used to hammer GitHub. Anything not signed by a listed key is a
-//! 401 before the body is even parsed.
+//! [`GithubKeysConfig::unknown_key_refresh_interval`] (5 min) once keys are loaded, so made-up
+//! identifiers cannot spend GitHub's quota for unauthenticated API calls (60 an hour per address).
+//! Anything not signed by a listed key is a 401 before the body is even parsed; while no keys
+//! could ever be loaded nothing can be told, and the answer is a 503 GitHub retries.
 
 use super::{find_reported, respond_to_leak, LeakOutcome, LeakReport, LeakSource, TAG};
 use crate::app::App;
@@ -48,9 +49,14 @@ const KEY_SIGNATURE: &str = "github-public-key-signature";
 pub struct GithubKeysConfig {
     /// The keys document (`--github-secret-scanning-keys-url`).
     pub url: String,
-    /// At most one fetch within this interval, whatever asks for it (unknown key identifiers,
-    /// old keys, a failed fetch).
+    /// Until keys are first loaded, at most one fetch within this interval (a failed first fetch
+    /// is retried soon: until then every report answers 503).
     pub min_refresh_interval: Duration,
+    /// Once keys are loaded, at most one fetch within this interval, whatever asks for it (an
+    /// unknown key identifier, old keys, a failed fetch): anyone can send made-up identifiers,
+    /// and GitHub allows 60 unauthenticated API calls an hour per address. GitHub announces new
+    /// keys ahead of using them, which the refetch after `max_key_age` picks up anyway.
+    pub unknown_key_refresh_interval: Duration,
     /// Keys older than this are refetched in the background, so a key GitHub withdrew stops being
     /// trusted even if no request ever names an unknown one.
     pub max_key_age: Duration,
@@ -63,6 +69,7 @@ impl Default for GithubKeysConfig {
         Self {
             url: super::GITHUB_KEYS_URL.into(),
             min_refresh_interval: Duration::from_secs(10),
+            unknown_key_refresh_interval: Duration::from_secs(300),
             max_key_age: Duration::from_secs(600),
             http_timeout: Duration::from_secs(5),
         }
@@ -87,8 +94,6 @@ struct KeyState {
     keys: Arc<HashMap<String, VerifyingKey>>,
     /// When the current keys were fetched; `None`: never.
     fetched: Option<Instant>,
-    /// Whether the latest fetch failed: an unknown identifier is then "cannot tell", not "no".
-    last_fetch_failed: bool,
 }
 
 /// GitHub's signing keys, fetched on first use and cached. Cloning shares the cache.
@@ -105,27 +110,22 @@ struct Inner {
 
 impl GithubKeys {
     pub(crate) fn new(config: GithubKeysConfig) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(config.http_timeout)
-            .connect_timeout(config.http_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client with a TLS backend builds");
+        let http = crate::oidc::key_fetch_client(config.http_timeout);
         Self(Arc::new(Inner {
             config,
             http,
             state: RwLock::new(KeyState {
                 keys: Arc::new(HashMap::new()),
                 fetched: None,
-                last_fetch_failed: false,
             }),
             last_attempt: tokio::sync::Mutex::new(None),
         }))
     }
 
     /// Checks that `body` was signed by the GitHub key `key_id`. `Unauthenticated` for anything
-    /// unsigned, malformed, unknown or not matching; `Internal` when the keys document cannot be
-    /// fetched and so nothing can be told (GitHub retries on a 5xx).
+    /// unsigned, malformed, unknown or not matching; `UpstreamUnavailable` (503) when nothing can
+    /// be told: no keys were ever loaded, or the refetch this identifier caused just failed
+    /// (GitHub retries on a 5xx).
     async fn verify(&self, key_id: &str, signature: &str, body: &[u8]) -> Result<(), AppError> {
         if key_id.is_empty() || key_id.len() > MAX_HEADER_CHARS {
             return Err(reject("github key identifier malformed"));
@@ -143,14 +143,14 @@ impl GithubKeys {
             }
             None => {
                 // GitHub may have added a key: refetch (rate-limited) and look again.
-                self.refresh().await;
+                let fetched = self.refresh().await;
                 match self.cached(key_id) {
                     Some(key) => key,
-                    None if self.0.state.read().unwrap_or_else(|p| p.into_inner()).last_fetch_failed => {
-                        return Err(AppError::Internal(anyhow::anyhow!(
-                            "GitHub's secret-scanning keys could not be fetched from {}; the request cannot be verified",
-                            self.0.config.url
-                        )))
+                    None if fetched == Some(false) || !self.loaded() => {
+                        return Err(AppError::UpstreamUnavailable {
+                            what: "GitHub's secret-scanning keys",
+                            retry_after_secs: self.next_fetch_in().as_secs().max(1),
+                        })
                     }
                     None => return Err(reject("github key identifier unknown")),
                 }
@@ -170,12 +170,40 @@ impl GithubKeys {
             .copied()
     }
 
-    /// Fetches the keys document unless a fetch started less than `min_refresh_interval` ago.
-    /// A failure is logged and keeps the keys already loaded.
-    async fn refresh(&self) {
+    /// Whether keys were ever loaded.
+    fn loaded(&self) -> bool {
+        self.0
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .fetched
+            .is_some()
+    }
+
+    /// The least time between two fetches: short until keys are first loaded, long after.
+    fn refresh_interval(&self) -> Duration {
+        if self.loaded() {
+            self.0.config.unknown_key_refresh_interval
+        } else {
+            self.0.config.min_refresh_interval
+        }
+    }
+
+    /// How long until another fetch may start (zero: now, or one is running).
+    fn next_fetch_in(&self) -> Duration {
+        match self.0.last_attempt.try_lock().map(|last| *last) {
+            Ok(Some(at)) => self.refresh_interval().saturating_sub(at.elapsed()),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Fetches the keys document unless a fetch started less than [`Self::refresh_interval`] ago:
+    /// `Some(loaded)` when this call fetched, `None` when it was too soon. A failure is logged and
+    /// keeps the keys already loaded.
+    async fn refresh(&self) -> Option<bool> {
         let mut last_attempt = self.0.last_attempt.lock().await;
-        if last_attempt.is_some_and(|at| at.elapsed() < self.0.config.min_refresh_interval) {
-            return;
+        if last_attempt.is_some_and(|at| at.elapsed() < self.refresh_interval()) {
+            return None;
         }
         *last_attempt = Some(Instant::now());
         let fetched = fetch_keys(&self.0.http, &self.0.config.url).await;
@@ -186,12 +214,12 @@ impl GithubKeys {
                 *state = KeyState {
                     keys: Arc::new(keys),
                     fetched: Some(Instant::now()),
-                    last_fetch_failed: false,
                 };
+                Some(true)
             }
             Err(e) => {
                 tracing::warn!(url = %self.0.config.url, error = %format!("{e:#}"), "cannot load GitHub's secret-scanning keys; keys already loaded stay in use");
-                state.last_fetch_failed = true;
+                Some(false)
             }
         }
     }
@@ -205,9 +233,11 @@ impl GithubKeys {
             .fetched
             .is_some_and(|at| at.elapsed() > self.0.config.max_key_age);
         let due = old
-            && self.0.last_attempt.try_lock().is_ok_and(|last| {
-                last.is_none_or(|at| at.elapsed() >= self.0.config.min_refresh_interval)
-            });
+            && self
+                .0
+                .last_attempt
+                .try_lock()
+                .is_ok_and(|last| last.is_none_or(|at| at.elapsed() >= self.refresh_interval()));
         if due {
             let keys = self.clone();
             tokio::spawn(async move { keys.refresh().await });
@@ -298,7 +328,7 @@ pub enum FeedbackLabel {
         (status = 400, description = "Signed, but not a JSON array of matches.", body = crate::openapi::OAuthError),
         (status = 401, description = "Unsigned, or not signed by a key in GitHub's keys document.", body = crate::openapi::OAuthError),
         (status = 429, description = "Too many failed authentications from this address; see Retry-After.", body = crate::openapi::OAuthError),
-        (status = 500, description = "GitHub's keys document cannot be fetched, so the request cannot be verified; GitHub retries.", body = crate::openapi::OAuthError),
+        (status = 503, description = "GitHub's keys document cannot be fetched, so the request cannot be verified; GitHub retries (see Retry-After).", body = crate::openapi::OAuthError),
     ),
     security(()),
 )]

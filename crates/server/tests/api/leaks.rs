@@ -29,7 +29,8 @@ both_backends!(
 const GITHUB_ROUTE: &str = "/v1/secret-scanning/github";
 const REVOKE_ROUTE: &str = "/v1/credentials/revoke";
 
-/// A keys document in GitHub's shape, served on 127.0.0.1, counting its fetches.
+/// A keys document in GitHub's shape, served on 127.0.0.1, counting its fetches. Like GitHub's
+/// API, it refuses a request that does not say who sends it (`User-Agent`): 403.
 struct KeysServer {
     url: String,
     document: Arc<RwLock<Value>>,
@@ -43,11 +44,18 @@ impl KeysServer {
         let (served, counted) = (document.clone(), hits.clone());
         let router = axum::Router::new().route(
             "/meta/public_keys/secret_scanning",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let (served, counted) = (served.clone(), counted.clone());
                 async move {
                     counted.fetch_add(1, Ordering::SeqCst);
-                    axum::Json(served.read().unwrap().clone())
+                    let agent = headers
+                        .get(axum::http::header::USER_AGENT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    if !agent.starts_with("keyplane/") {
+                        return Err(axum::http::StatusCode::FORBIDDEN);
+                    }
+                    Ok(axum::Json(served.read().unwrap().clone()))
                 }
             }),
         );
@@ -138,6 +146,17 @@ async fn post_github(
 
 async fn post_signed(app: &TestApp, key: &TestKey, body: &[u8]) -> reqwest::Response {
     post_github(app, body, Some(&key.id), Some(&key.sign(body))).await
+}
+
+/// `body` validly signed by `key`, but naming a made-up identifier (anyone can send this).
+async fn post_made_up_key(
+    app: &TestApp,
+    key: &TestKey,
+    body: &[u8],
+    n: usize,
+) -> reqwest::Response {
+    let key_id = format!("made-up-{n}");
+    post_github(app, body, Some(&key_id), Some(&key.sign(body))).await
 }
 
 fn matches_body(tokens: &[(&str, &str)]) -> Vec<u8> {
@@ -445,7 +464,7 @@ async fn github_refuses_unsigned_and_badly_signed_reports(backend: Backend) {
 }
 
 /// An identifier the cached document lacks refetches it (GitHub added a key), at most once per
-/// `min_refresh_interval` however many requests name unknown identifiers.
+/// `unknown_key_refresh_interval` however many requests name unknown identifiers.
 #[tokio::test]
 async fn github_unknown_key_refetches_the_keys_at_a_bounded_rate() {
     let first = TestKey::new("key-1");
@@ -453,7 +472,7 @@ async fn github_unknown_key_refetches_the_keys_at_a_bounded_rate() {
     let keys = KeysServer::start(document(&[&first])).await;
     let interval = Duration::from_millis(500);
     let mut config = config_with_keys(&keys.url);
-    config.github_keys.min_refresh_interval = interval;
+    config.github_keys.unknown_key_refresh_interval = interval;
     let app = TestApp::spawn_with(Backend::Sqlite, config).await;
     let body = matches_body(&[("aether_nothing", "keyplane_api_token")]);
 
@@ -463,13 +482,7 @@ async fn github_unknown_key_refetches_the_keys_at_a_bounded_rate() {
     // A flood of unknown identifiers: 401s, and at most one fetch per interval.
     let started = Instant::now();
     for n in 0..30 {
-        let res = post_github(
-            &app,
-            &body,
-            Some(&format!("made-up-{n}")),
-            Some(&first.sign(&body)),
-        )
-        .await;
+        let res = post_made_up_key(&app, &first, &body, n).await;
         assert_eq!(res.status(), 401);
     }
     let elapsed = started.elapsed();
@@ -491,10 +504,45 @@ async fn github_unknown_key_refetches_the_keys_at_a_bounded_rate() {
     assert_eq!(keys.hits(), hits + 1, "known keys come from the cache");
 }
 
-/// The keys document cannot be fetched: nothing can be verified, and the answer says so with a
-/// 5xx (GitHub retries) instead of calling GitHub's report forged.
+/// Once keys are loaded, made-up identifiers (anyone can send them, with any well-formed
+/// signature) refetch GitHub's keys document at most once per 5 minutes, not at the pace of the
+/// retry a failed first load gets: GitHub allows 60 unauthenticated calls an hour. They answer
+/// 401, also when GitHub stops answering.
 #[tokio::test]
-async fn github_report_without_reachable_keys_is_a_server_error() {
+async fn github_made_up_key_identifiers_do_not_spend_githubs_quota() {
+    let key = TestKey::new("key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let mut config = config_with_keys(&keys.url);
+    // The retry before any key is loaded, short here; the refetch for unknown identifiers is
+    // left at its default.
+    config.github_keys.min_refresh_interval = Duration::from_millis(100);
+    let app = TestApp::spawn_with(Backend::Sqlite, config).await;
+    let body = matches_body(&[("aether_nothing", "keyplane_api_token")]);
+    assert_eq!(post_signed(&app, &key, &body).await.status(), 200);
+    assert_eq!(keys.hits(), 1, "the first report loads the keys");
+
+    for n in 0..20 {
+        if n == 10 {
+            // GitHub stops answering: still 401, not a server error.
+            *keys.document.write().unwrap() = json!({"public_keys": []});
+        }
+        let res = post_made_up_key(&app, &key, &body, n).await;
+        assert_oauth_error(res, 401, "invalid_token").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        keys.hits() <= 2,
+        "{} fetches for 20 made-up identifiers within a second",
+        keys.hits() - 1
+    );
+    assert_eq!(post_signed(&app, &key, &body).await.status(), 200);
+}
+
+/// The keys document cannot be fetched and no keys were ever loaded: nothing can be verified, and
+/// the answer says so with a 503 and `Retry-After` (GitHub retries) instead of calling GitHub's
+/// report forged.
+#[tokio::test]
+async fn github_report_without_reachable_keys_is_unavailable() {
     let key = TestKey::new("key-1");
     // A port nothing listens on: bind, note it, close.
     let closed = {
@@ -508,7 +556,12 @@ async fn github_report_without_reachable_keys_is_a_server_error() {
     .await;
     let body = matches_body(&[("aether_nothing", "keyplane_api_token")]);
     let res = post_signed(&app, &key, &body).await;
-    assert_oauth_error(res, 500, "server_error").await;
+    let retry_after = &res.headers()["retry-after"];
+    assert!(
+        (1..=10).contains(&retry_after.to_str().unwrap().parse::<u64>().unwrap()),
+        "Retry-After {retry_after:?}"
+    );
+    assert_oauth_error(res, 503, "temporarily_unavailable").await;
 }
 
 async fn revoke(app: &TestApp, body: Value) -> reqwest::Response {
