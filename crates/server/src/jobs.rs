@@ -2,6 +2,7 @@
 //! bound on how much runs at once, and a way for shutdown to wait for it.
 
 use keyplane_core::TenantId;
+use keyplane_store::StoreFault;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +41,50 @@ impl Jobs {
                 "background jobs still running at shutdown were abandoned"
             );
         }
+    }
+}
+
+/// How long a job whose reporter was already answered (a public revocation report, a canary's
+/// trigger event) is retried through a store outage before it is given up.
+pub(crate) const RETRY_THROUGH_OUTAGE_FOR: Duration = Duration::from_secs(3600);
+/// The longest wait between two of its attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The waits between a job's attempts while the store has a transient fault: first the fault's
+/// `Retry-After`, then doubling up to [`MAX_BACKOFF`], for [`RETRY_THROUGH_OUTAGE_FOR`] in all.
+/// Shutdown abandons a waiting job when its drain ends.
+pub(crate) struct Backoff {
+    started: tokio::time::Instant,
+    last: Option<Duration>,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    /// Whether this is the first wait (for a log line once per job).
+    pub(crate) fn is_first(&self) -> bool {
+        self.last.is_none()
+    }
+
+    /// Waits before the next attempt after an attempt met `fault`; `false` (at once) when the
+    /// job has been retried long enough and is to be given up.
+    pub(crate) async fn wait(&mut self, fault: StoreFault) -> bool {
+        if self.started.elapsed() >= RETRY_THROUGH_OUTAGE_FOR {
+            return false;
+        }
+        let next = self
+            .last
+            .map_or(Duration::from_secs(fault.retry_after_secs()), |last| {
+                (last * 2).min(MAX_BACKOFF)
+            });
+        self.last = Some(next);
+        tokio::time::sleep(next).await;
+        true
     }
 }
 

@@ -22,12 +22,13 @@ use keyplane_core::error::codes;
 use keyplane_core::token::ParsedToken;
 use keyplane_core::{FieldError, FieldPath, RequestContext};
 use keyplane_store::{StoreFault, Unavailable};
-use std::time::Duration;
 
 pub use keyplane_api_types::leaks::MAX_CREDENTIALS;
 
-/// Attempts per reported token when the store has a transient fault.
-const ATTEMPTS: u32 = 3;
+/// A write failure at most this old means the store's writes are failing now: a report is then
+/// refused (503) rather than accepted and left waiting. An older one is not trusted (nothing may
+/// have written since), so a report is accepted and its own attempt tells.
+const RECENT_WRITE_FAILURE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 impl FromJsonBody for RevokeCredentialsRequest {
     fn from_json(r: &mut ObjectReader, _now: DateTime<Utc>) -> Option<Self> {
@@ -69,6 +70,8 @@ impl FromJsonBody for RevokeCredentialsRequest {
 /// lookup; each real credential is revoked shortly after the answer, and `credential.leaked` is
 /// recorded in its organization's audit trail with the reporter's address. The answer is the same
 /// whether or not any token existed, and is sent before any lookup. Limited per client address.
+/// While the store's writes are failing the answer is 503 with `Retry-After` (send the report
+/// again then); a report accepted is retried through a store outage for up to an hour.
 #[utoipa::path(
     post, path = "/v1/credentials/revoke", tag = TAG,
     request_body(content = RevokeCredentialsRequest, content_type = "application/json"),
@@ -76,7 +79,7 @@ impl FromJsonBody for RevokeCredentialsRequest {
         (status = 202, description = "Accepted: every listed keyplane credential is being revoked.", body = RevokeAccepted),
         (status = 400, description = "`invalid_request`: not a JSON object with 1–100 `credentials` strings.", body = crate::openapi::OAuthError),
         (status = 429, description = "Too many requests from this address; see Retry-After.", body = crate::openapi::OAuthError),
-        (status = 503, description = "Too many reports are being worked off, or the store is unavailable; retry later (see Retry-After).", body = crate::openapi::OAuthError),
+        (status = 503, description = "Too many reports are being worked off, or the store's writes are failing; send the report again later (see Retry-After).", body = crate::openapi::OAuthError),
     ),
     security(()),
 )]
@@ -105,6 +108,18 @@ pub(crate) async fn revoke_credentials(
         }
     }
     if !tokens.is_empty() {
+        // Refused now rather than accepted and lost: the reporter retries. Says nothing about the
+        // tokens (the same for any).
+        let writes = app.store().write_health();
+        if let (true, Some((fault, at))) = (writes.failing, writes.last_failure) {
+            if Utc::now() - at < RECENT_WRITE_FAILURE {
+                return Err(AppError::Unavailable(Unavailable::new(
+                    fault,
+                    "the store's writes are failing; public revocation reports are refused",
+                ))
+                .into());
+            }
+        }
         let permit = app.inner().leak_jobs.try_start().ok_or_else(|| {
             AppError::Unavailable(Unavailable::new(
                 StoreFault::Busy,
@@ -126,8 +141,10 @@ pub(crate) async fn revoke_credentials(
     ))
 }
 
-/// Looks up each reported token and responds to the real ones; a transient store fault is retried
-/// a few times. Never logs a token.
+/// Looks up each reported token and responds to the real ones. The reporter was told its tokens
+/// are being revoked, so a transient store fault is retried until the store is back, for up to an
+/// hour ([`crate::jobs::Backoff`]). Logged once per report when an outage delays it, and once more
+/// if it is given up. Never logs a token.
 async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) {
     let report = LeakReport {
         source: LeakSource::PublicRevoke,
@@ -136,8 +153,10 @@ async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) 
         token_type: None,
         context,
     };
-    for token in &tokens {
-        for attempt in 1..=ATTEMPTS {
+    let mut backoff = crate::jobs::Backoff::new();
+    let request_id = report.context.request_id.as_deref();
+    for (done, token) in tokens.iter().enumerate() {
+        loop {
             let outcome = match find_reported(app, token).await {
                 Ok(Some(credential)) => respond_to_leak(app, &credential, &token.hash, &report)
                     .await
@@ -147,15 +166,26 @@ async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) 
             };
             match outcome {
                 Ok(()) => break,
-                Err(AppError::Unavailable(unavailable)) if attempt < ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_secs(unavailable.fault.retry_after_secs()))
-                        .await;
+                Err(AppError::Unavailable(unavailable)) => {
+                    if backoff.is_first() {
+                        tracing::warn!(error = %unavailable, request.id = request_id, "a public revocation report waits for the store; retrying until it is back");
+                    }
+                    if !backoff.wait(unavailable.fault).await {
+                        tracing::error!(error = %unavailable, request.id = request_id, tokens.left = tokens.len() - done, "a public revocation report was given up: the store stayed unavailable");
+                        return;
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, request.id = report.context.request_id.as_deref(), "a public revocation report could not be worked off");
+                    tracing::error!(error = %e, request.id = request_id, "a public revocation report could not be worked off");
                     break;
                 }
             }
         }
+    }
+    if !backoff.is_first() {
+        tracing::info!(
+            request.id = request_id,
+            "a public revocation report delayed by the store was worked off"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! the next create, rotate or revoke before it reaches the store, or switch itself off right after
 //! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
 //! change is made. And it can hold lone events before they are written, as a store that does not
-//! answer.
+//! answer. And it can report its writes failing (`Store::write_health`) whatever they do.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -43,6 +43,8 @@ pub struct FaultyStore {
     hold_after_next_revoke: HoldSlot,
     /// While true, every `append_audit_event` waits before it reaches the store.
     audit_appends_held: tokio::sync::watch::Sender<bool>,
+    /// While true, `write_health` says writes are failing (the disk is full).
+    writes_reported_failing: AtomicBool,
 }
 
 /// The store's side of [`HeldChange`].
@@ -130,6 +132,7 @@ impl FaultyStore {
             hold_before_next_revoke: HoldSlot::default(),
             hold_after_next_revoke: HoldSlot::default(),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
+            writes_reported_failing: AtomicBool::new(false),
         })
     }
 
@@ -189,6 +192,13 @@ impl FaultyStore {
             .store(stage.unwrap_or(u32::MAX), Ordering::SeqCst);
     }
 
+    /// Until set again, `write_health` says the latest write failed just now on a full disk, as
+    /// the store says once its writes fail (the writes themselves are not changed).
+    pub fn report_writes_failing(&self, failing: bool) {
+        self.writes_reported_failing
+            .store(failing, Ordering::SeqCst);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
@@ -225,6 +235,12 @@ impl Store for FaultyStore {
     }
 
     fn write_health(&self) -> WriteHealth {
+        if self.writes_reported_failing.load(Ordering::SeqCst) {
+            return WriteHealth {
+                failing: true,
+                last_failure: Some((StoreFault::DiskFull, Utc::now())),
+            };
+        }
         self.inner.write_health()
     }
 

@@ -1014,15 +1014,22 @@ async fn github_reports_only_well_formed_tokens_reach_the_store() {
     assert_oauth_error(res, 503, "temporarily_unavailable").await;
 }
 
-/// The public answer does not wait for the store (it is the same when the store is down), and a
-/// report that meets a store outage is retried: the token dies once the store is back.
-#[tokio::test]
-async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
+/// A server on a [`crate::faulty_store::FaultyStore`], an organization, and a live API token of it.
+async fn token_on_faulty_store() -> (TestApp, Arc<crate::faulty_store::FaultyStore>, Org, String) {
     let (app, store) =
         crate::faulty_store::FaultyStore::spawn(Backend::Sqlite, test_config()).await;
     let org = app.create_org("acme").await;
     let leaked = app.create_token(&org, "leaky", &[]).await;
     let leaked = leaked["token"].as_str().unwrap().to_string();
+    (app, store, org, leaked)
+}
+
+/// The public answer does not wait for the store (it is the same when the store is down), and a
+/// report that meets a store outage is retried until the store is back, however many attempts
+/// fail meanwhile: the token dies then.
+#[tokio::test]
+async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
+    let (app, store, org, leaked) = token_on_faulty_store().await;
     assert_eq!(whoami_status(&app, &leaked).await, 200);
 
     store.set_down(true);
@@ -1032,13 +1039,45 @@ async fn public_revoke_answers_without_the_store_and_retries_through_an_outage()
         res.json::<Value>().await.unwrap(),
         json!({"received": 1, "well_formed": 1})
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Longer than three attempts a second apart.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     store.set_down(false);
     eventually("the report is retried once the store is back", || async {
         whoami_status(&app, &leaked).await == 401
     })
     .await;
     assert_eq!(app.audit_events(&org, "credential.leaked").await.len(), 1);
+}
+
+/// While the store says its writes are failing, a report is refused with 503 and `Retry-After`
+/// (the reporter sends it again) instead of being accepted and left waiting; the same answer for
+/// any tokens. Once writes work, it is accepted.
+#[tokio::test]
+async fn public_revoke_is_refused_while_the_stores_writes_fail() {
+    let (app, store, _, leaked) = token_on_faulty_store().await;
+
+    store.report_writes_failing(true);
+    for body in [
+        json!({ "credentials": [leaked] }),
+        json!({ "credentials": [unknown_token(CredentialKind::ApiToken)] }),
+    ] {
+        let res = revoke(&app, body).await;
+        assert_eq!(res.headers()["retry-after"], "5");
+        assert_oauth_error(res, 503, "temporarily_unavailable").await;
+    }
+    assert_eq!(whoami_status(&app, &leaked).await, 200);
+
+    store.report_writes_failing(false);
+    assert_eq!(
+        revoke(&app, json!({ "credentials": [leaked] }))
+            .await
+            .status(),
+        202
+    );
+    eventually("the report is worked off", || async {
+        whoami_status(&app, &leaked).await == 401
+    })
+    .await;
 }
 
 /// A canary found by GitHub is a true positive like any keyplane token, but it is not revoked: the
