@@ -10,21 +10,23 @@
 //! [`MAX_TRIGGERS_PER_WINDOW`] per canary in any window, so a flood of presentations cannot
 //! flood the audit trail or its webhooks. Presentations past the bound are logged at debug level
 //! only: no metric counts canaries, since `/metrics` answers anyone who can reach it and a counter
-//! that moves when a token is presented would tell a canary from a revoked credential. Events are
-//! written on tasks of their own, at most [`MAX_PENDING_WRITES`] at once and
-//! [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a trigger past either is logged (at
-//! error level) and not recorded.
+//! that moves when a token is presented would tell a canary from a revoked credential. The bound
+//! counts a trigger from when it is admitted, so that concurrent presentations make one event, but
+//! a trigger whose event is not written after all gives its place back. Events are written on
+//! tasks of their own, retried through a store outage (`jobs::Backoff`), at most
+//! [`MAX_PENDING_WRITES`] at once and [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a
+//! trigger past either is logged (at error level) and not recorded.
 
 use crate::jobs::{Jobs, TenantShares};
 use axum::extract::MatchedPath;
 use axum::http::request::Parts;
-use chrono::{DateTime, Utc};
 use keyplane_core::audit::{actions, ActorType, AuditActor};
 use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext};
-use keyplane_store::Store;
+use keyplane_store::{Store, StoreError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One event per canary per client address within this long.
 pub const TRIGGER_WINDOW: Duration = Duration::from_secs(60);
@@ -145,15 +147,61 @@ impl Presentation {
 /// Describes the request a secret came with; called only for a canary.
 pub type Presented<'a> = &'a (dyn Fn() -> Presentation + Sync);
 
-/// The recent triggers of one canary: which addresses, when.
+/// One admitted trigger of a canary: from which address, when (monotonic), and which admission
+/// (so that one not recorded after all can give its place back).
+struct Seen {
+    address: Option<String>,
+    at: Instant,
+    admission: u64,
+}
+
+/// The recent triggers of one canary.
 #[derive(Default)]
-struct Recent(Vec<(Option<String>, DateTime<Utc>)>);
+struct Recent(Vec<Seen>);
+
+type RecentTriggers = Arc<Mutex<HashMap<CredentialId, Recent>>>;
+
+/// A trigger the bound admitted: its event, and its place in the bound, given back when this is
+/// dropped before [`CanaryAlarm::record`] wrote the event.
+pub(crate) struct Trigger {
+    event: AuditEvent,
+    place: Option<Place>,
+}
+
+impl Trigger {
+    /// Its event is written: its place in the bound is kept until its window ends.
+    fn written(mut self) {
+        if let Some(place) = &mut self.place {
+            place.kept = true;
+        }
+    }
+}
+
+struct Place {
+    recent: RecentTriggers,
+    canary: CredentialId,
+    admission: u64,
+    kept: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = recent.get_mut(&self.canary) {
+            seen.0.retain(|s| s.admission != self.admission);
+        }
+    }
+}
 
 /// Records canary triggers, within the bound.
 pub(crate) struct CanaryAlarm {
     store: Arc<dyn Store>,
     clock: crate::config::Clock,
-    recent: Mutex<HashMap<CredentialId, Recent>>,
+    recent: RecentTriggers,
+    admissions: AtomicU64,
     writes: Jobs,
     /// Trigger events being written, per organization.
     writing: TenantShares,
@@ -164,44 +212,59 @@ impl CanaryAlarm {
         Self {
             store,
             clock,
-            recent: Mutex::new(HashMap::new()),
+            recent: Arc::default(),
+            admissions: AtomicU64::new(0),
             writes: Jobs::new(MAX_PENDING_WRITES, "canary trigger events"),
             writing: TenantShares::new(MAX_PENDING_WRITES_PER_TENANT),
         }
     }
 
-    /// The trigger event for `canary` presented as `presentation` says, or `None` when the bound
-    /// leaves it out.
+    /// The trigger for `canary` presented as `presentation` says, or `None` when the bound leaves
+    /// it out. It takes its place in the bound until dropped unrecorded.
     pub(crate) fn admit(
         &self,
         canary: &Credential,
         presentation: Presentation,
         actor: AuditActor,
-    ) -> Option<AuditEvent> {
-        let now = self.clock.now();
-        let window = chrono::TimeDelta::from_std(TRIGGER_WINDOW).unwrap_or(chrono::TimeDelta::MAX);
+    ) -> Option<Trigger> {
+        let now = self.clock.monotonic();
+        let in_window = |seen: &Seen| now.saturating_duration_since(seen.at) < TRIGGER_WINDOW;
         let address = presentation.context.client_ip.clone();
-        {
+        let place = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() >= MAX_TRACKED && !recent.contains_key(&canary.id) {
-                recent.retain(|_, seen| seen.0.iter().any(|(_, at)| now - *at < window));
+                recent.retain(|_, seen| seen.0.iter().any(in_window));
             }
             let seen = if recent.len() < MAX_TRACKED {
                 Some(recent.entry(canary.id).or_default())
             } else {
                 recent.get_mut(&canary.id)
             };
-            if let Some(seen) = seen {
-                seen.0.retain(|(_, at)| now - *at < window);
-                if seen.0.len() >= MAX_TRIGGERS_PER_WINDOW
-                    || seen.0.iter().any(|(seen_from, _)| *seen_from == address)
-                {
-                    tracing::debug!(tenant.id = %canary.tenant_id, credential.id = %canary.id, "canary presented again within the bound: not recorded");
-                    return None;
+            match seen {
+                Some(seen) => {
+                    seen.0.retain(in_window);
+                    if seen.0.len() >= MAX_TRIGGERS_PER_WINDOW
+                        || seen.0.iter().any(|s| s.address == address)
+                    {
+                        tracing::debug!(tenant.id = %canary.tenant_id, credential.id = %canary.id, "canary presented again within the bound: not recorded");
+                        return None;
+                    }
+                    let admission = self.admissions.fetch_add(1, Ordering::Relaxed);
+                    seen.0.push(Seen {
+                        address,
+                        at: now,
+                        admission,
+                    });
+                    Some(Place {
+                        recent: self.recent.clone(),
+                        canary: canary.id,
+                        admission,
+                        kept: false,
+                    })
                 }
-                seen.0.push((address, now));
+                None => None,
             }
-        }
+        };
         tracing::warn!(tenant.id = %canary.tenant_id, credential.id = %canary.id, credential.kind = canary.kind.as_str(), canary.surface = presentation.surface.as_str(), http.route = %presentation.route, "canary credential presented");
         let mut event = crate::ops::credential_event(
             actions::CREDENTIAL_CANARY_TRIGGERED,
@@ -227,7 +290,15 @@ impl CanaryAlarm {
                 },
             );
         }
-        Some(event)
+        Some(Trigger { event, place })
+    }
+
+    /// Writes `trigger`'s event; on an error it gives its place in the bound back, so that a
+    /// retry (or the next presentation) is admitted again.
+    pub(crate) async fn record(&self, trigger: Trigger) -> Result<(), StoreError> {
+        self.store.append_audit_event(&trigger.event).await?;
+        trigger.written();
+        Ok(())
     }
 
     /// A canary presented to a verification path: the event is written at once, on its own task,
@@ -239,7 +310,7 @@ impl CanaryAlarm {
             issuer: None,
             subject: None,
         };
-        let Some(event) = self.admit(canary, presentation, actor) else {
+        let Some(trigger) = self.admit(canary, presentation, actor) else {
             return;
         };
         let Some(share) = self.writing.take(canary.tenant_id) else {
@@ -253,9 +324,7 @@ impl CanaryAlarm {
         let store = self.store.clone();
         tokio::spawn(async move {
             let _held = (permit, share);
-            if let Err(error) = store.append_audit_event(&event).await {
-                tracing::error!(%error, tenant.id = %event.tenant_id, "canary trigger could not be recorded");
-            }
+            record_through_outage(store.as_ref(), trigger).await;
         });
     }
 
@@ -263,5 +332,31 @@ impl CanaryAlarm {
     /// store is closed.
     pub(crate) async fn drain(&self, limit: Duration) {
         self.writes.drain(limit).await;
+    }
+}
+
+/// Writes a trigger's event, retrying a transient store fault with [`crate::jobs::Backoff`]; its
+/// place in the bound is held meanwhile (the same address presenting again adds nothing), and
+/// given back if the event is not written after all.
+async fn record_through_outage(store: &dyn Store, trigger: Trigger) {
+    let tenant = trigger.event.tenant_id;
+    let mut backoff = crate::jobs::Backoff::new();
+    loop {
+        match store.append_audit_event(&trigger.event).await {
+            Ok(()) => return trigger.written(),
+            Err(StoreError::Unavailable(unavailable)) => {
+                if backoff.is_first() {
+                    tracing::warn!(error = %unavailable, tenant.id = %tenant, "a canary trigger waits for the store; retrying until it is back");
+                }
+                if !backoff.wait(unavailable.fault).await {
+                    tracing::error!(error = %unavailable, tenant.id = %tenant, "canary trigger could not be recorded: the store stayed unavailable");
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, tenant.id = %tenant, "canary trigger could not be recorded");
+                return;
+            }
+        }
     }
 }

@@ -83,6 +83,13 @@ impl Clock {
         keyplane_core::validate::unix_micros_now(self.offset())
     }
 
+    /// A monotonic reading that [`Self::advance`] moves too: for windows a step of the wall clock
+    /// must not stretch or cut short.
+    pub(crate) fn monotonic(&self) -> std::time::Instant {
+        let offset = u64::try_from(self.offset()).unwrap_or(0);
+        crate::coarse_clock::now() + Duration::from_micros(offset)
+    }
+
     fn offset(&self) -> i64 {
         self.offset_micros
             .load(std::sync::atomic::Ordering::Relaxed)

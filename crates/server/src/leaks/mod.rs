@@ -193,13 +193,12 @@ pub async fn respond_to_leak(
                 presentation = presentation.detail(key, bounded(value));
             }
         }
-        let admitted =
-            app.inner()
-                .verifier
-                .canaries()
-                .admit(credential, presentation, AuditActor::system());
-        if let Some(event) = admitted {
-            app.store().append_audit_event(&event).await?;
+        let alarm = app.inner().verifier.canaries();
+        // Not admitted: this address's report of it is recorded already (or being written).
+        // Admitted but not written: its place in the bound is given back, so the reporter's retry
+        // (GitHub's after a 5xx, a public report's backoff) records it.
+        if let Some(trigger) = alarm.admit(credential, presentation, AuditActor::system()) {
+            alarm.record(trigger).await?;
         }
         return Ok(LeakOutcome::CanaryTriggered);
     }

@@ -22,6 +22,8 @@ both_backends!(
     canaries_move_the_metrics_as_revoked_credentials_do,
     canaries_answer_as_revoked_credentials_while_the_store_is_away,
     one_organizations_flood_of_triggers_leaves_room_for_anothers,
+    a_trigger_is_recorded_once_through_a_write_outage,
+    a_reported_canary_is_recorded_through_a_write_outage,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -675,15 +677,10 @@ async fn canaries_are_revoked_but_never_rotated_or_suspended(backend: Backend) {
     expect_triggers(&app, &org, 1).await;
 }
 
-/// A reported canary is the point of a canary: the report is recorded as a trigger (source,
-/// reporter's address), and the canary stays armed rather than revoked.
-async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
-    let app = TestApp::spawn_with(backend, behind_proxy()).await;
-    let org = app.create_org("acme").await;
-    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
-    let token = text(&canary, "token");
-    let res = from(
-        &app,
+/// `token` reported through `/v1/credentials/revoke`, from 192.0.2.77.
+async fn report_publicly(app: &TestApp, token: &str) -> Response {
+    from(
+        app,
         Method::POST,
         "/v1/credentials/revoke",
         "192.0.2.77",
@@ -692,8 +689,17 @@ async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
     .json(&json!({"credentials": [token]}))
     .send()
     .await
-    .unwrap();
-    assert_eq!(res.status(), 202);
+    .unwrap()
+}
+
+/// A reported canary is the point of a canary: the report is recorded as a trigger (source,
+/// reporter's address), and the canary stays armed rather than revoked.
+async fn a_reported_canary_is_recorded_and_left_armed(backend: Backend) {
+    let app = TestApp::spawn_with(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let token = text(&canary, "token");
+    assert_eq!(report_publicly(&app, &token).await.status(), 202);
     let events = expect_triggers(&app, &org, 1).await;
     let event = &events[0];
     assert_eq!(event["client_ip"], "192.0.2.77");
@@ -993,4 +999,69 @@ async fn one_organizations_flood_of_triggers_leaves_room_for_anothers(backend: B
     );
     // The flooder's share was written; the rest of its triggers were not recorded.
     expect_triggers(&app, &flooder, 64).await;
+}
+
+/// A server behind a proxy on a [`crate::faulty_store::FaultyStore`], an organization, and its
+/// canary's token.
+async fn canary_on_faulty_store(
+    backend: Backend,
+) -> (
+    TestApp,
+    std::sync::Arc<crate::faulty_store::FaultyStore>,
+    Org,
+    String,
+) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    let canary = create_api_token(&app, &org, json!({"name": "bait", "canary": true})).await;
+    let token = text(&canary, "token");
+    (app, store, org, token)
+}
+
+/// A trigger whose event cannot be written at first (the store refuses writes for a while) is
+/// retried until it is recorded, once: the same address presenting the canary again, during the
+/// outage or after, within the window, adds nothing.
+async fn a_trigger_is_recorded_once_through_a_write_outage(backend: Backend) {
+    let (app, store, org, token) = canary_on_faulty_store(backend).await;
+    let present = || async {
+        from(
+            &app,
+            Method::GET,
+            "/v1/auth/forward",
+            "100.64.0.1",
+            "thief/1",
+        )
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+    };
+
+    store.fail_audit_appends(true);
+    assert_eq!(present().await, 401);
+    // The first write and its first retry fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(present().await, 401);
+    store.fail_audit_appends(false);
+    let events = expect_triggers(&app, &org, 1).await;
+    assert_eq!(events[0]["client_ip"], "100.64.0.1");
+    assert_eq!(present().await, 401);
+    expect_triggers(&app, &org, 1).await;
+}
+
+/// A canary reported through `/v1/credentials/revoke` while the store refuses writes is recorded
+/// once the store takes them again (the report's retry is not mistaken for the same address's
+/// trigger already recorded).
+async fn a_reported_canary_is_recorded_through_a_write_outage(backend: Backend) {
+    let (app, store, org, token) = canary_on_faulty_store(backend).await;
+
+    store.fail_audit_appends(true);
+    assert_eq!(report_publicly(&app, &token).await.status(), 202);
+    // The first attempt and its first retry fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    store.fail_audit_appends(false);
+    let events = expect_triggers(&app, &org, 1).await;
+    assert_eq!(events[0]["client_ip"], "192.0.2.77");
+    assert_eq!(events[0]["details"]["surface"], "public_revoke");
 }

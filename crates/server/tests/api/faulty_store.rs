@@ -6,7 +6,8 @@
 //! the next create, rotate or revoke before it reaches the store, or switch itself off right after
 //! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
 //! change is made. And it can hold lone events before they are written, as a store that does not
-//! answer. And it can report its writes failing (`Store::write_health`) whatever they do.
+//! answer, or fail them. And it can report its writes failing (`Store::write_health`) whatever they
+//! do.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -45,6 +46,8 @@ pub struct FaultyStore {
     audit_appends_held: tokio::sync::watch::Sender<bool>,
     /// While true, `write_health` says writes are failing (the disk is full).
     writes_reported_failing: AtomicBool,
+    /// While true, every `append_audit_event` fails (reads and other writes work).
+    audit_appends_down: AtomicBool,
 }
 
 /// The store's side of [`HeldChange`].
@@ -133,6 +136,7 @@ impl FaultyStore {
             hold_after_next_revoke: HoldSlot::default(),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
             writes_reported_failing: AtomicBool::new(false),
+            audit_appends_down: AtomicBool::new(false),
         })
     }
 
@@ -153,6 +157,12 @@ impl FaultyStore {
     /// not answer.
     pub fn hold_audit_appends(&self, held: bool) {
         self.audit_appends_held.send_replace(held);
+    }
+
+    /// Until called again with `false`, every lone event written (`append_audit_event`) fails as
+    /// on an unreachable store, while everything else works.
+    pub fn fail_audit_appends(&self, down: bool) {
+        self.audit_appends_down.store(down, Ordering::SeqCst);
     }
 
     /// The next create or rotate (a credential, registry, grant or webhook) waits before it
@@ -599,6 +609,7 @@ impl Store for FaultyStore {
             .wait_for(|held| !*held)
             .await;
         self.check()?;
+        Self::fail_if(&self.audit_appends_down)?;
         self.inner.append_audit_event(event).await
     }
 
