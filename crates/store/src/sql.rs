@@ -86,11 +86,28 @@ where
         .ok()
 }
 
+/// Whether `migrator` has anything to do on the database `pool` opens; an error if that database
+/// was migrated by a newer keyplane ([`refuse_unknown_migrations`]).
+pub(crate) async fn check_migrations<DB>(
+    migrator: &sqlx::migrate::Migrator,
+    pool: &sqlx::Pool<DB>,
+) -> Result<bool, crate::StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'r> (i64, Vec<u8>): sqlx::FromRow<'r, DB::Row>,
+{
+    let applied = applied_migrations(pool).await;
+    refuse_unknown_migrations(migrator, applied.as_deref())?;
+    Ok(migrations_pending(migrator, applied.as_deref()))
+}
+
 /// Whether `migrator` has anything to do given what is `applied`. A changed checksum counts as
 /// pending, so that running the migrator reports it.
 pub(crate) fn migrations_pending(
     migrator: &sqlx::migrate::Migrator,
-    applied: Option<Vec<(i64, Vec<u8>)>>,
+    applied: Option<&[(i64, Vec<u8>)]>,
 ) -> bool {
     let Some(applied) = applied else {
         return true;
@@ -99,6 +116,40 @@ pub(crate) fn migrations_pending(
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
         .any(|m| !applied.contains(&(m.version, m.checksum.to_vec())))
+}
+
+/// Refuses a database that a newer keyplane has migrated: this binary would serve it without the
+/// columns it does not know (a canary would verify as an ordinary credential, a suspended one as
+/// live), and nothing else would notice.
+pub(crate) fn refuse_unknown_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<&[(i64, Vec<u8>)]>,
+) -> Result<(), crate::StoreError> {
+    let known_up_to = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let Some(unknown) = applied
+        .unwrap_or_default()
+        .iter()
+        .map(|(version, _)| *version)
+        .filter(|version| !migrator.iter().any(|m| m.version == *version))
+        .max()
+    else {
+        return Ok(());
+    };
+    let schema_at = applied
+        .unwrap_or_default()
+        .iter()
+        .map(|(version, _)| *version)
+        .max()
+        .unwrap_or(unknown);
+    Err(crate::StoreError::Config(if unknown > known_up_to {
+        format!(
+            "the database's schema is at {schema_at}, written by a newer keyplane; this one knows up to {known_up_to}"
+        )
+    } else {
+        format!(
+            "the database records migration {unknown}, which this keyplane does not have (it knows up to {known_up_to}); it was written by another build"
+        )
+    }))
 }
 /// Takes a key: inserts the record, or replaces one that has expired or whose in-flight attempt
 /// held its lock too long (it crashed). Affects no row when a live record holds the key.

@@ -58,8 +58,8 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await?;
         let migrator = sqlx::migrate!("./migrations/sqlite");
-        if crate::sql::migrations_pending(&migrator, crate::sql::applied_migrations(&writer).await)
-        {
+        let pending = crate::sql::check_migrations(&migrator, &writer).await?;
+        if pending {
             migrator.run(&writer).await?;
         }
         // Best effort: a read-only or full store refuses it and must still serve verification.

@@ -405,6 +405,63 @@ async fn last_uses_only_move_forward(backend: Backend) {
     }
 }
 
+/// Records a migration newer than any this keyplane has as applied, as a newer keyplane would;
+/// returns the highest one that was applied before.
+async fn record_a_newer_migration(url: &str, version: i64) -> i64 {
+    let highest = "SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE";
+    let record =
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, 'from a newer keyplane', TRUE, $2, 0)";
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        let known = sqlx::query_scalar(highest).fetch_one(&pool).await.unwrap();
+        let recorded = sqlx::query(record)
+            .bind(version)
+            .bind([0_u8; 48].as_slice());
+        recorded.execute(&pool).await.unwrap();
+        known
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let known = sqlx::query_scalar(highest).fetch_one(&pool).await.unwrap();
+        sqlx::query(record)
+            .bind(version)
+            .bind([0_u8; 48].as_slice())
+            .execute(&pool)
+            .await
+            .unwrap();
+        known
+    }
+}
+
+/// A rollback: a database that a newer keyplane has migrated is refused, by `serve` and `admin`
+/// alike (both open it with `connect`), rather than served without the columns this one does not
+/// know. A database at this keyplane's own schema opens again as before.
+async fn a_schema_from_a_newer_keyplane_is_refused(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    keyplane_store::connect(&db.url)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    keyplane_store::connect(&db.url)
+        .await
+        .expect("a re-connect at the same schema")
+        .close()
+        .await;
+    let known = record_a_newer_migration(&db.url, 9999).await;
+    let refused = keyplane_store::connect(&db.url)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    let expected = format!(
+        "the database's schema is at 9999, written by a newer keyplane; this one knows up to {known}"
+    );
+    assert!(
+        refused.as_deref().is_some_and(|e| e.contains(&expected)),
+        "{refused:?}"
+    );
+}
+
 async fn bootstrap_happens_once(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = keyplane_store::connect(&db.url).await.unwrap();
@@ -1450,6 +1507,7 @@ store_suite! {
     listing_pages_in_creation_order,
     last_used_batches_are_applied,
     last_uses_only_move_forward,
+    a_schema_from_a_newer_keyplane_is_refused,
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
     grants_filter_conflict_and_revoke,
