@@ -31,10 +31,9 @@ impl PostgresStore {
             .connect_with(options.clone().options([("lock_timeout", "5s")]))
             .await?;
         let migrator = sqlx::migrate!("./migrations/postgres");
-        let pending = crate::sql::check_migrations(&migrator, &writer).await?;
         // Only when something is pending: running them takes locks and writes, which a read-only or
         // full database refuses, and such a database must still serve verification.
-        if pending {
+        if crate::sql::check_migrations(&migrator, &writer).await? {
             // On a connection of its own, without the writers' `lock_timeout`: a replica starting
             // while another runs the migrations waits for sqlx's migration lock, and a migration
             // may wait for a table that serving replicas use; neither is a write to refuse in 5 s.

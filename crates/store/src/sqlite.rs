@@ -47,6 +47,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: an acknowledged write survives power loss, not only a process crash.
             .synchronous(SqliteSynchronous::Full);
+        let migrating_options = writer_options.clone();
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             // Kept open for the process's life: it is the connection that checkpoints and removes
@@ -58,9 +59,8 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await?;
         let migrator = sqlx::migrate!("./migrations/sqlite");
-        let pending = crate::sql::check_migrations(&migrator, &writer).await?;
-        if pending {
-            migrator.run(&writer).await?;
+        if crate::sql::check_migrations(&migrator, &writer).await? {
+            run_migrations(&migrator, migrating_options).await?;
         }
         // Best effort: a read-only or full store refuses it and must still serve verification.
         if let Err(error) = sqlx::query(OPTIMIZE_AT_OPEN).execute(&writer).await {
@@ -122,6 +122,28 @@ impl SqliteStore {
         self.writer.close().await;
     }
 }
+
+/// Runs the pending migrations under SQLite's write lock, taken first: sqlx's migration lock does
+/// nothing on SQLite, so two processes opening one new store at once both applied its first
+/// migration and one failed ("table already exists"). The second now waits for the lock, then finds
+/// them applied. On a connection of its own, without the writers' 5 s busy timeout: a migration of
+/// a large store may take longer than that.
+async fn run_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    options: SqliteConnectOptions,
+) -> Result<(), StoreError> {
+    use sqlx::{ConnectOptions, Connection};
+    let mut connection = options.busy_timeout(MIGRATION_WAIT).connect().await?;
+    let mut locked = connection.begin_with(SqliteStore::BEGIN_WRITE).await?;
+    // `run` takes this connection too, but its future is then not `Send` (sqlx's `Acquire`).
+    migrator.run_direct(&mut *locked).await?;
+    locked.commit().await?;
+    connection.close().await?;
+    Ok(())
+}
+
+/// How long a process starting waits for another one's migrations.
+const MIGRATION_WAIT: Duration = Duration::from_secs(600);
 
 /// Creates the database file readable by its owner only, whatever the umask: it holds every
 /// credential hash and the registry signing key. SQLite gives its `-wal` and `-shm` files the

@@ -462,6 +462,24 @@ async fn a_schema_from_a_newer_keyplane_is_refused(backend: Backend) {
     );
 }
 
+/// Two processes opening one new store at once (e.g. `serve` and an `admin` command) both start:
+/// one applies the migrations and the other finds them applied.
+async fn two_processes_migrating_one_new_store_both_start(backend: Backend) {
+    for attempt in 0..5 {
+        let db = TestDatabase::new(backend).await;
+        let (first, second) = tokio::join!(
+            keyplane_store::connect(&db.url),
+            keyplane_store::connect(&db.url)
+        );
+        for store in [first, second] {
+            match store {
+                Ok(store) => store.close().await,
+                Err(error) => panic!("attempt {attempt}: {error}"),
+            }
+        }
+    }
+}
+
 async fn bootstrap_happens_once(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = keyplane_store::connect(&db.url).await.unwrap();
@@ -1508,6 +1526,7 @@ store_suite! {
     last_used_batches_are_applied,
     last_uses_only_move_forward,
     a_schema_from_a_newer_keyplane_is_refused,
+    two_processes_migrating_one_new_store_both_start,
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
     grants_filter_conflict_and_revoke,
