@@ -85,6 +85,22 @@ impl PostgresStore {
         })
     }
 
+    /// Locks the credentials a last-use flush writes, in id order, before it writes them: the
+    /// flush's `UPDATE ... FROM` locks rows in whatever order its plan visits them, and two
+    /// transactions taking the same rows in different orders deadlock (another replica's flush,
+    /// a sweep). `NO KEY`: the lock the UPDATE takes anyway.
+    async fn lock_used_credentials(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        in_id_order: &[crate::CredentialUse],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<uuid::Uuid> = in_id_order.iter().map(|used| used.id.as_uuid()).collect();
+        sqlx::query("SELECT id FROM credentials WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Sent inside the writing transaction: PostgreSQL delivers it at commit, never for a rollback.
     async fn notify_invalidation(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,

@@ -26,21 +26,72 @@ pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrap
 /// older use after a newer one. Comparing works on SQLite's text too: sqlx writes every time as
 /// RFC 3339 in UTC (`+00:00`) with 0, 3, 6 or 9 fractional digits, which sorts as the times do
 /// (`+` sorts before `.`, and both before digits).
-/// A use is credited to the secret that was presented ($3), as the row holds it when the use is
-/// written: a use of a secret that a rotation has made the previous one since (a replica's cache
-/// still held it as current) counts for the previous secret, never for the new one, whose first
-/// use may retire the old one early; a secret that is neither any more counts for nothing.
+/// A use is credited to the secret that was presented (`u.column3`), as the row holds it when the
+/// use is written: a use of a secret that a rotation has made the previous one since (a replica's
+/// cache still held it as current) counts for the previous secret, never for the new one, whose
+/// first use may retire the old one early; a secret that is neither any more counts for nothing.
 /// The secret is named by its hash's first 8 bytes (all a cache entry keeps of it; two secrets of
 /// one credential share them with odds of 2^-64). `substr` takes bytes of a blob on both backends.
-pub(crate) const TOUCH_LAST_USED: &str = "UPDATE credentials SET \
-     last_used_at = CASE WHEN substr(secret_hash, 1, 8) = $3 AND (last_used_at IS NULL OR last_used_at < $2) \
-         THEN $2 ELSE last_used_at END, \
-     previous_secret_last_used_at = CASE WHEN substr(previous_secret_hash, 1, 8) = $3 \
-         AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2) \
-         THEN $2 ELSE previous_secret_last_used_at END \
-     WHERE id = $1 AND ((substr(secret_hash, 1, 8) = $3 AND (last_used_at IS NULL OR last_used_at < $2)) \
-         OR (substr(previous_secret_hash, 1, 8) = $3 \
-             AND (previous_secret_last_used_at IS NULL OR previous_secret_last_used_at < $2)))";
+/// One statement for a batch: a use is a row `(id, at, secret)` of `u`, and no credential may have
+/// two rows, or it is updated once, with either (as `UPDATE ... FROM` does on both backends).
+/// `u.columnN`: the names both give a VALUES list's columns (SQLite takes no names after `AS u`).
+pub(crate) fn touch_last_used(rows: usize, placeholders: Placeholders) -> String {
+    let mut sql = String::from(
+        "UPDATE credentials SET \
+         last_used_at = CASE WHEN substr(credentials.secret_hash, 1, 8) = u.column3 \
+             AND (credentials.last_used_at IS NULL OR credentials.last_used_at < u.column2) \
+             THEN u.column2 ELSE credentials.last_used_at END, \
+         previous_secret_last_used_at = CASE WHEN substr(credentials.previous_secret_hash, 1, 8) = u.column3 \
+             AND (credentials.previous_secret_last_used_at IS NULL OR credentials.previous_secret_last_used_at < u.column2) \
+             THEN u.column2 ELSE credentials.previous_secret_last_used_at END \
+         FROM (VALUES ",
+    );
+    push_value_rows(&mut sql, rows, LAST_USE_FIELDS, placeholders);
+    sql.push_str(
+        ") AS u WHERE credentials.id = u.column1 \
+         AND ((substr(credentials.secret_hash, 1, 8) = u.column3 \
+             AND (credentials.last_used_at IS NULL OR credentials.last_used_at < u.column2)) \
+         OR (substr(credentials.previous_secret_hash, 1, 8) = u.column3 \
+             AND (credentials.previous_secret_last_used_at IS NULL OR credentials.previous_secret_last_used_at < u.column2)))",
+    );
+    sql
+}
+
+/// Uses per statement of a last-use flush: 3 parameters each, 12,288 in all, under SQLite's limit
+/// (32,766) and PostgreSQL's (65,535); one flush batch of the server's is one statement.
+pub(crate) const LAST_USE_CHUNK: usize = 4096;
+const LAST_USE_FIELDS: usize = 3;
+
+/// A batch of uses as [`touch_last_used`] takes them: the latest use of each credential and
+/// secret, in rounds in which each credential has at most one (one round, unless a credential
+/// was used with two secrets: its current and previous one, or one that is neither any more), each
+/// round in id order. Applied one after the other they do what applying every use would.
+pub(crate) fn last_use_rounds(uses: &[crate::CredentialUse]) -> Vec<Vec<crate::CredentialUse>> {
+    let mut latest = std::collections::BTreeMap::new();
+    for used in uses {
+        latest
+            .entry((used.id, used.secret))
+            .and_modify(|at: &mut chrono::DateTime<chrono::Utc>| *at = (*at).max(used.at))
+            .or_insert(used.at);
+    }
+    let mut rounds: Vec<Vec<crate::CredentialUse>> = Vec::new();
+    let mut previous_id = None;
+    let mut round = 0;
+    for ((id, secret), at) in latest {
+        round = if previous_id == Some(id) {
+            round + 1
+        } else {
+            0
+        };
+        previous_id = Some(id);
+        if round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[round].push(crate::CredentialUse { id, at, secret });
+    }
+    rounds
+}
+
 /// Rows the expiry sweep may still announce a stage for; the same text as the partial index
 /// `credentials_expiry_sweep`'s predicate, so both backends use that index.
 pub(crate) const EXPIRY_SWEEP_PREDICATE: &str = "revoked_at IS NULL AND expires_at IS NOT NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > 0)";
@@ -199,25 +250,31 @@ pub(crate) enum Placeholders {
 
 /// `INSERT INTO credentials (...) VALUES ($1..$18), ($19..$36), ...` for `rows` rows.
 pub(crate) fn multi_row_insert(rows: usize, placeholders: Placeholders) -> String {
-    use std::fmt::Write;
     let (head, _) = INSERT_CREDENTIAL
         .split_once(" VALUES ")
         .expect("INSERT_CREDENTIAL has a VALUES clause");
     let mut sql = String::with_capacity(head.len() + rows * 120);
     sql.push_str(head);
     sql.push_str(" VALUES ");
+    push_value_rows(&mut sql, rows, CREDENTIAL_FIELDS, placeholders);
+    sql
+}
+
+/// `($1, $2, ...), ($k, ...), ...`: `rows` rows of `fields` parameters each.
+fn push_value_rows(sql: &mut String, rows: usize, fields: usize, placeholders: Placeholders) {
+    use std::fmt::Write;
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
         }
         sql.push('(');
-        for field in 0..CREDENTIAL_FIELDS {
+        for field in 0..fields {
             if field > 0 {
                 sql.push_str(", ");
             }
             match placeholders {
                 Placeholders::Numbered => {
-                    write!(sql, "${}", row * CREDENTIAL_FIELDS + field + 1)
+                    write!(sql, "${}", row * fields + field + 1)
                         .expect("writing to a String cannot fail");
                 }
                 Placeholders::Anonymous => sql.push('?'),
@@ -225,7 +282,6 @@ pub(crate) fn multi_row_insert(rows: usize, placeholders: Placeholders) -> Strin
         }
         sql.push(')');
     }
-    sql
 }
 
 /// The connection an import writes through. A backend may tune it for the import (SQLite: a
@@ -1284,19 +1340,29 @@ macro_rules! impl_store {
                 &self,
                 uses: &[$crate::CredentialUse],
             ) -> Result<(), $crate::StoreError> {
-                // In one order (the credentials' ids) on every replica: two flushes locking the
-                // same rows in the orders their uses came in would deadlock on PostgreSQL.
-                let mut in_id_order: Vec<&$crate::CredentialUse> = uses.iter().collect();
-                in_id_order.sort_unstable_by_key(|used| used.id);
+                // A statement a chunk, never one a use: each round trip would hold the rows
+                // written before it longer, and a revocation of one waits for the commit.
+                let rounds = $crate::sql::last_use_rounds(uses);
+                let Some(every_credential) = rounds.first() else {
+                    return Ok(());
+                };
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
-                    for used in in_id_order {
-                        sqlx::query($crate::sql::TOUCH_LAST_USED)
-                            .bind(used.id.as_uuid())
-                            .bind(used.at)
-                            .bind(&used.secret[..])
-                            .execute(&mut *tx)
-                            .await?;
+                    Self::lock_used_credentials(&mut tx, every_credential).await?;
+                    for round in &rounds {
+                        for chunk in round.chunks($crate::sql::LAST_USE_CHUNK) {
+                            let sql = $crate::sql::touch_last_used(chunk.len(), Self::PLACEHOLDERS);
+                            // Not kept prepared: batch sizes vary, and each would be another
+                            // statement in the connection's cache.
+                            let mut query = sqlx::query(&sql).persistent(false);
+                            for used in chunk {
+                                query = query
+                                    .bind(used.id.as_uuid())
+                                    .bind(used.at)
+                                    .bind(&used.secret[..]);
+                            }
+                            query.execute(&mut *tx).await?;
+                        }
                     }
                     tx.commit().await?;
                     Ok(())

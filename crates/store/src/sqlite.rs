@@ -189,6 +189,14 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// SQLite locks the whole store for a write: no row order to keep.
+    async fn lock_used_credentials(
+        _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _in_id_order: &[crate::CredentialUse],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn spawn_invalidation_listener(
         &self,
         _on_event: crate::InvalidationHandler,

@@ -350,12 +350,13 @@ async fn last_used_batches_are_applied(backend: Backend) {
     }
 }
 
-/// An older use written after a newer one (another replica's flush) leaves the newer one, for the
-/// current and the previous secret alike. The times differ below the second, where SQLite's text
-/// has 0, 3 or 6 fractional digits.
-async fn last_uses_only_move_forward(backend: Backend) {
-    let f = fixture(backend).await;
-    let (credential, old) = new_token(f.tenant.id, "used");
+/// A new API token of the fixture's tenant, rotated with an hour's grace: the token, its previous
+/// secret and the rotation (its current secret).
+async fn rotated_within_an_hours_grace(
+    f: &Fixture,
+    name: &str,
+) -> (Credential, keyplane_core::Plaintext, Rotation) {
+    let (credential, previous) = new_token(f.tenant.id, name);
     f.store
         .insert_credential(&credential, &ev(), None)
         .await
@@ -367,7 +368,16 @@ async fn last_uses_only_move_forward(backend: Backend) {
         now(),
         &mut OsRng,
     );
-    rotate(&f, &credential, &rotation).await;
+    rotate(f, &credential, &rotation).await;
+    (credential, previous, rotation)
+}
+
+/// An older use written after a newer one (another replica's flush) leaves the newer one, for the
+/// current and the previous secret alike. The times differ below the second, where SQLite's text
+/// has 0, 3 or 6 fractional digits.
+async fn last_uses_only_move_forward(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, old, rotation) = rotated_within_an_hours_grace(&f, "used").await;
     let whole = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
     let millis = whole + TimeDelta::milliseconds(500);
     let micros = millis + TimeDelta::microseconds(1);
@@ -403,6 +413,40 @@ async fn last_uses_only_move_forward(backend: Backend) {
             "previous secret, after a use at {at}"
         );
     }
+}
+
+/// One batch may hold a credential's uses under its current and its previous secret, several of
+/// each, and a secret that is neither any more, in any order: each secret keeps its own latest use,
+/// and the stranger's counts for nothing.
+async fn a_batch_credits_each_secret_its_latest_use(backend: Backend) {
+    let f = fixture(backend).await;
+    let (credential, previous, rotation) = rotated_within_an_hours_grace(&f, "rotated").await;
+    let (other, _) = new_token(f.tenant.id, "other");
+    f.store
+        .insert_credential(&other, &ev(), None)
+        .await
+        .unwrap();
+    let (stranger, _) = new_token(f.tenant.id, "stranger");
+    let at = |seconds: i64| DateTime::from_timestamp(1_900_000_000 + seconds, 0).unwrap();
+    let current = rotation.secret_hash.prefix();
+    let previous = previous.hash().prefix();
+    let uses = [
+        (credential.id, at(2), current),
+        (credential.id, at(9), stranger.secret_hash.prefix()),
+        (other.id, at(4), other.secret_hash.prefix()),
+        (credential.id, at(5), previous),
+        (credential.id, at(7), current),
+        (credential.id, at(1), previous),
+        (other.id, at(6), other.secret_hash.prefix()),
+        (credential.id, at(3), current),
+        (other.id, at(5), other.secret_hash.prefix()),
+    ]
+    .map(|(id, at, secret)| CredentialUse { id, at, secret });
+    f.store.record_last_used(&uses).await.unwrap();
+    let got = f.api_token(credential.id).await;
+    assert_eq!(got.last_used_at, Some(at(7)));
+    assert_eq!(got.previous_secret.unwrap().last_used_at, Some(at(5)));
+    assert_eq!(f.api_token(other.id).await.last_used_at, Some(at(6)));
 }
 
 /// Records a migration newer than any this keyplane has as applied, as a newer keyplane would;
@@ -1525,6 +1569,7 @@ store_suite! {
     listing_pages_in_creation_order,
     last_used_batches_are_applied,
     last_uses_only_move_forward,
+    a_batch_credits_each_secret_its_latest_use,
     a_schema_from_a_newer_keyplane_is_refused,
     two_processes_migrating_one_new_store_both_start,
     bootstrap_happens_once,
