@@ -172,8 +172,71 @@ fn classify_sqlstate(code: &str) -> Option<StoreFault> {
     }
 }
 
+/// How long one direct connection attempt may take to tell why a pool has no connection to give:
+/// short enough for `/readyz`'s second.
+const CONNECT_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Why the database at `options` cannot be reached, if it cannot: one direct connection attempt,
+/// bounded. A pool retries a refused connection until its acquire timeout and then says only that
+/// it timed out (which reads as busy), where the database is down and the attempt's own error
+/// (connection refused, unknown host, ...) says so.
+pub(crate) async fn unreachable_database<O>(options: &O) -> Option<StoreError>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    let detail = match tokio::time::timeout(CONNECT_PROBE_TIMEOUT, options.connect()).await {
+        Ok(Ok(connection)) => {
+            let _ = sqlx::Connection::close(connection).await;
+            return None;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {} ms", CONNECT_PROBE_TIMEOUT.as_millis()),
+    };
+    Some(StoreError::Unavailable(Unavailable::new(
+        StoreFault::Unreachable,
+        format!("cannot connect to the database: {detail}"),
+    )))
+}
+
+/// Opening a pool: a timeout is what a direct attempt says when it cannot connect either.
+pub(crate) async fn opening_failed<O>(error: sqlx::Error, options: &O) -> StoreError
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    if matches!(error, sqlx::Error::PoolTimedOut) {
+        if let Some(unreachable) = unreachable_database(options).await {
+            return unreachable;
+        }
+    }
+    error.into()
+}
+
+/// A pool's timeout ([`POOL_TIMED_OUT`], `busy`) while the pool holds no connection at all, nor
+/// opens one: it could open none, so the database is unreachable rather than busy.
+pub(crate) fn without_connections(error: StoreError, open_connections: u32) -> StoreError {
+    match error {
+        StoreError::Unavailable(unavailable)
+            if open_connections == 0 && unavailable.detail == POOL_TIMED_OUT =>
+        {
+            StoreError::Unavailable(Unavailable::new(
+                StoreFault::Unreachable,
+                "no connection to the database could be opened",
+            ))
+        }
+        error => error,
+    }
+}
+
+/// The detail of a pool's timeout: sqlx's own words.
+const POOL_TIMED_OUT: &str = "pool timed out while waiting for an open connection";
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
+        if matches!(error, sqlx::Error::PoolTimedOut) {
+            return StoreError::Unavailable(Unavailable::new(StoreFault::Busy, POOL_TIMED_OUT));
+        }
         if let Some(fault) = classify(&error) {
             return StoreError::Unavailable(Unavailable::new(fault, error.to_string()));
         }

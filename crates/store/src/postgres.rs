@@ -29,7 +29,11 @@ impl PostgresStore {
             .acquire_timeout(WRITE_WAIT)
             // A write queued behind a lock answers `Busy` (503) in bounded time, as on SQLite.
             .connect_with(options.clone().options([("lock_timeout", "5s")]))
-            .await?;
+            .await;
+        let writer = match writer {
+            Ok(writer) => writer,
+            Err(error) => return Err(crate::error::opening_failed(error, &options).await),
+        };
         let migrator = sqlx::migrate!("./migrations/postgres");
         // Only when something is pending: running them takes locks and writes, which a read-only or
         // full database refuses, and such a database must still serve verification.

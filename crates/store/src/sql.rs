@@ -20,6 +20,8 @@ pub(crate) const INSERT_SIGNING_KEY: &str = "INSERT INTO registry_signing_keys (
 pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at FROM registry_signing_keys WHERE slot = 'current'";
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
+/// A ping slower than this asks whether the database can be reached at all.
+pub(crate) const SLOW_PING: std::time::Duration = std::time::Duration::from_millis(200);
 pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrapped' \
      UNION ALL SELECT 1 FROM tenants LIMIT 1";
 /// Last uses only move forward: replicas, and a flush that lost a race with another, may write an
@@ -311,7 +313,10 @@ macro_rules! impl_store {
                 &self,
                 operation: impl std::future::Future<Output = Result<T, $crate::StoreError>>,
             ) -> Result<T, $crate::StoreError> {
-                self.writes.observe(operation.await)
+                let outcome = operation.await.map_err(|error| {
+                    $crate::error::without_connections(error, self.writer.size())
+                });
+                self.writes.observe(outcome)
             }
         }
 
@@ -323,7 +328,18 @@ macro_rules! impl_store {
 
             #[tracing::instrument(skip_all)]
             async fn ping(&self) -> Result<(), $crate::StoreError> {
-                sqlx::query($crate::sql::PING).fetch_optional(&self.pool).await?;
+                let mut ping = std::pin::pin!(sqlx::query($crate::sql::PING).fetch_optional(&self.pool));
+                if let Ok(pinged) = tokio::time::timeout($crate::sql::SLOW_PING, &mut ping).await {
+                    pinged?;
+                    return Ok(());
+                }
+                // Slow: the pool may be retrying a database that refuses connections (it would say
+                // only that it timed out); one direct attempt tells.
+                let options = self.pool.connect_options();
+                if let Some(unreachable) = $crate::error::unreachable_database(&*options).await {
+                    return Err(unreachable);
+                }
+                ping.await?;
                 Ok(())
             }
 

@@ -3082,6 +3082,7 @@ macro_rules! postgres_suite {
 }
 
 postgres_suite! {
+    a_database_that_refuses_connections_is_unreachable,
     a_replica_waits_for_another_replicas_migrations,
     last_use_flushes_lock_their_credentials_in_id_order,
     the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting,
@@ -3490,4 +3491,94 @@ async fn a_replica_waits_for_another_replicas_migrations() {
         .expect("it starts once the lock is released")
         .unwrap();
     assert!(started.is_ok(), "{started:?}");
+}
+
+/// A port that forwards every connection to the test PostgreSQL until it is closed, and then
+/// refuses connections, as a stopped PostgreSQL does.
+struct ClosingProxy {
+    /// The test database's URL, through the proxy.
+    url: String,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl ClosingProxy {
+    async fn to(url: &str) -> Self {
+        use std::str::FromStr;
+        let upstream = sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+        let upstream = format!("{}:{}", upstream.get_host(), upstream.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let through = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        assert!(url.contains(&upstream), "{url} names {upstream}");
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let url = url.replacen(&upstream, &through, 1);
+        let accepting = {
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    let forwarding = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    tasks.lock().unwrap().push(forwarding);
+                }
+            })
+        };
+        tasks.lock().unwrap().push(accepting);
+        Self { url, tasks }
+    }
+
+    /// Stops listening and drops every forwarded connection.
+    fn close(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// PostgreSQL stopped: its pools retry the refused connections until their timeout and said only
+/// that they timed out (`busy`). The readiness ping says, within `/readyz`'s second, that it is
+/// unreachable and why; a failed write says unreachable; and so does a start-up.
+async fn a_database_that_refuses_connections_is_unreachable() {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let proxy = ClosingProxy::to(&db.url).await;
+    let store = keyplane_store::connect(&proxy.url).await.unwrap();
+    store.ping().await.unwrap();
+    proxy.close();
+    // The connection the ping had is gone (a stopped PostgreSQL ends them): unreachable, whatever
+    // the words.
+    let dropped = store.ping().await.err();
+    assert_eq!(
+        dropped.as_ref().and_then(StoreError::fault),
+        Some(keyplane_store::StoreFault::Unreachable),
+        "{dropped:?}"
+    );
+    let started = std::time::Instant::now();
+    let ping = store.ping().await.err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let refused = |error: &Option<StoreError>| {
+        error.as_ref().is_some_and(|e| {
+            e.fault() == Some(keyplane_store::StoreFault::Unreachable)
+                && e.to_string().contains("refused")
+        })
+    };
+    assert!(refused(&ping), "{ping:?}");
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "late".into(),
+        created_at: now(),
+    };
+    let (credential, _) = new_token(tenant.id, "late");
+    let write = store
+        .create_tenant_with_credential(&tenant, &credential, &ev())
+        .await
+        .err();
+    assert_eq!(
+        write.as_ref().and_then(StoreError::fault),
+        Some(keyplane_store::StoreFault::Unreachable),
+        "{write:?}"
+    );
+    let starting = keyplane_store::connect(&proxy.url).await.err();
+    assert!(refused(&starting), "{starting:?}");
 }
