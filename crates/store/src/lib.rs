@@ -27,7 +27,8 @@ pub use error::{StoreError, StoreFault, Unavailable};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use webhooks::{
-    AttemptNext, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
+    AttemptNext, AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery,
+    WebhookDelivery,
 };
 
 /// A page request over one tenant's credentials of one kind, in creation order.
@@ -636,15 +637,26 @@ pub trait Store: Send + Sync + 'static {
         claim: &DeliveryClaim,
     ) -> Result<Vec<DeliveryJob>, StoreError>;
 
+    /// Moves the lease `lease_id` of the deliveries still pending under it to `until`, and
+    /// returns them (webhook id, event id): a claim renews its lease once it has read what
+    /// sending takes, so that the lease covers the attempts however long the claim took. A
+    /// delivery another claim took once the lease ran out is not returned: not this claim's to
+    /// send.
+    async fn renew_webhook_lease(
+        &self,
+        lease_id: uuid::Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, StoreError>;
+
     /// Records an attempt made under `attempt.lease_id` (nothing if that lease was lost). After a
     /// failure, a webhook failing since `disable_failing_since` or earlier is disabled, with
-    /// `disable_event`, in the same transaction. Returns whether it was disabled.
+    /// `disable_event`, in the same transaction.
     async fn record_webhook_attempt(
         &self,
         attempt: &DeliveryAttempt,
         disable_failing_since: DateTime<Utc>,
         disable_event: &AuditEvent,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<AttemptRecorded, StoreError>;
 
     /// Deletes up to `limit` finished deliveries queued before `before`; returns how many.
     async fn prune_webhook_deliveries(

@@ -1547,13 +1547,22 @@ macro_rules! impl_store {
                 self.write(self.deliveries_claim(claim)).await
             }
 
+            #[tracing::instrument(skip_all, fields(lease.id = %lease_id))]
+            async fn renew_webhook_lease(
+                &self,
+                lease_id: uuid::Uuid,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, $crate::StoreError> {
+                self.write(self.lease_renew(lease_id, until)).await
+            }
+
             #[tracing::instrument(skip_all, fields(webhook.id = %attempt.webhook_id))]
             async fn record_webhook_attempt(
                 &self,
                 attempt: &$crate::DeliveryAttempt,
                 disable_failing_since: chrono::DateTime<chrono::Utc>,
                 disable_event: &keyplane_core::AuditEvent,
-            ) -> Result<bool, $crate::StoreError> {
+            ) -> Result<$crate::AttemptRecorded, $crate::StoreError> {
                 self.write(self.attempt_record(attempt, disable_failing_since, disable_event))
                     .await
             }

@@ -92,6 +92,17 @@ pub enum AttemptNext {
     Failed,
 }
 
+/// What recording an attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptRecorded {
+    Recorded,
+    /// Recorded, and the webhook, failing for too long, was disabled.
+    Disabled,
+    /// Nothing: the delivery is no longer under the attempt's lease (another claim took it once
+    /// the lease ran out, it is no longer pending, or it was deleted).
+    NotLeased,
+}
+
 /// Queues a delivery of the event being appended to every enabled webhook of its tenant with a
 /// matching pattern: one statement, which finds nothing (an index lookup) in a tenant without
 /// webhooks.
@@ -177,6 +188,19 @@ pub(crate) const ANY_DUE: &str = "SELECT 1 FROM webhook_deliveries d JOIN webhoo
 pub(crate) const CLAIMED_JOBS: &str = "SELECT w.id, w.tenant_id, w.url, w.events, w.description, w.enabled, w.secret, w.previous_secret, w.previous_secret_until_ms, w.failing_since_ms, w.created_at, w.updated_at, \
      d.event_id, d.attempts, d.schedule_step FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.lease_id = $1 AND d.status = 'pending' ORDER BY d.next_attempt_ms";
+/// The events of the deliveries still pending under the claim `$1`: one read for all of them, not
+/// one per delivery, since the claim's lease runs while it reads.
+pub(crate) fn claimed_events_sql() -> String {
+    format!(
+        "SELECT {} FROM audit_events WHERE (tenant_id, id) IN \
+         (SELECT tenant_id, event_id FROM webhook_deliveries WHERE lease_id = $1 AND status = 'pending')",
+        crate::audit::AUDIT_COLUMNS
+    )
+}
+/// Moves the lease `$1` of its pending deliveries to `$2`. A delivery another claim took once the
+/// lease ran out carries that claim's lease id, so it is neither moved nor returned.
+pub(crate) const RENEW_LEASE: &str = "UPDATE webhook_deliveries SET locked_until_ms = $2 \
+     WHERE lease_id = $1 AND status = 'pending' RETURNING webhook_id, event_id";
 pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = $4, attempts = attempts + 1, \
      schedule_step = schedule_step + 1, next_attempt_ms = $5, locked_until_ms = 0, lease_id = NULL, \
      last_attempt_ms = $6, last_status_code = $7, last_latency_ms = $8, last_error = $9 \
@@ -669,10 +693,31 @@ macro_rules! impl_webhooks {
                     .bind(claim.lease_id)
                     .fetch_all(&self.writer)
                     .await?;
-                let event_sql = format!(
-                    "SELECT {} FROM audit_events WHERE tenant_id = $1 AND id = $2",
-                    $crate::audit::AUDIT_COLUMNS
-                );
+                // A failure to fetch is the store's (transient): the claim fails, as before.
+                let event_rows = sqlx::query(&claimed_events_sql())
+                    .bind(claim.lease_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut events = std::collections::HashMap::with_capacity(event_rows.len());
+                // An event whose key does not decode cannot be told from a pruned one.
+                let mut keyless_events = false;
+                for event in event_rows {
+                    use sqlx::{FromRow, Row};
+                    let key = (
+                        event.try_get::<uuid::Uuid, _>("tenant_id"),
+                        event.try_get::<uuid::Uuid, _>("id"),
+                    );
+                    let (Ok(tenant_id), Ok(event_id)) = key else {
+                        keyless_events = true;
+                        continue;
+                    };
+                    let decoded = $crate::rows::AuditRow::from_row(&event)
+                        .map_err(|e| decode_failure(&e))
+                        .and_then(|event| {
+                            keyplane_core::ChainedEvent::try_from(event).map_err(|e| e.to_string())
+                        });
+                    events.insert((tenant_id, event_id), decoded);
+                }
                 let mut jobs = Vec::with_capacity(rows.len());
                 let mut unreadable = Vec::new();
                 for row in rows {
@@ -702,31 +747,29 @@ macro_rules! impl_webhooks {
                             continue;
                         }
                     };
-                    // A failure to fetch is the store's (transient): the claim fails, as before.
-                    let event = sqlx::query(&event_sql)
-                        .bind(job.webhook.tenant_id.as_uuid())
-                        .bind(job.event_id)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                    if let Some(event) = event {
-                        let decoded = $crate::rows::AuditRow::from_row(&event)
-                            .map_err(|e| decode_failure(&e))
-                            .and_then(|event| {
-                                keyplane_core::ChainedEvent::try_from(event)
-                                    .map_err(|e| e.to_string())
+                    // One event may be several webhooks' deliveries.
+                    match events.get(&(job.webhook.tenant_id.as_uuid(), job.event_id)) {
+                        Some(Ok(event)) => job.event = Some(event.clone()),
+                        Some(Err(reason)) => {
+                            unreadable.push(Unreadable {
+                                webhook_id: job.webhook.id,
+                                event_id: job.event_id,
+                                error: UNREADABLE_EVENT,
+                                reason: reason.clone(),
                             });
-                        match decoded {
-                            Ok(event) => job.event = Some(event),
-                            Err(reason) => {
-                                unreadable.push(Unreadable {
-                                    webhook_id: job.webhook.id,
-                                    event_id: job.event_id,
-                                    error: UNREADABLE_EVENT,
-                                    reason,
-                                });
-                                continue;
-                            }
+                            continue;
                         }
+                        None if keyless_events => {
+                            unreadable.push(Unreadable {
+                                webhook_id: job.webhook.id,
+                                event_id: job.event_id,
+                                error: UNREADABLE_EVENT,
+                                reason: "a claimed event's key does not decode".into(),
+                            });
+                            continue;
+                        }
+                        // Pruned from the audit trail since it was queued.
+                        None => {}
                     }
                     jobs.push(job);
                 }
@@ -766,7 +809,7 @@ macro_rules! impl_webhooks {
                 attempt: &$crate::DeliveryAttempt,
                 disable_failing_since: chrono::DateTime<chrono::Utc>,
                 disable_event: &keyplane_core::AuditEvent,
-            ) -> Result<bool, $crate::StoreError> {
+            ) -> Result<$crate::AttemptRecorded, $crate::StoreError> {
                 use $crate::webhooks::*;
                 let (status, next_ms) = match attempt.next {
                     AttemptNext::Succeeded => ("succeeded", millis(attempt.at)),
@@ -791,8 +834,7 @@ macro_rules! impl_webhooks {
                     .await?
                     .rows_affected();
                 if recorded == 0 {
-                    // The lease ran out and another claim took the delivery (or it was deleted).
-                    return Ok(false);
+                    return Ok(AttemptRecorded::NotLeased);
                 }
                 let mut disabled = false;
                 if attempt.next == AttemptNext::Succeeded {
@@ -819,7 +861,23 @@ macro_rules! impl_webhooks {
                     }
                 }
                 tx.commit().await?;
-                Ok(disabled)
+                Ok(if disabled {
+                    AttemptRecorded::Disabled
+                } else {
+                    AttemptRecorded::Recorded
+                })
+            }
+
+            async fn lease_renew(
+                &self,
+                lease_id: uuid::Uuid,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, $crate::StoreError> {
+                Ok(sqlx::query_as($crate::webhooks::RENEW_LEASE)
+                    .bind(lease_id)
+                    .bind($crate::webhooks::millis(until))
+                    .fetch_all(&self.writer)
+                    .await?)
             }
 
             async fn deliveries_prune(

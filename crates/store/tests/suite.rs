@@ -2353,6 +2353,7 @@ store_suite! {
     a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share,
     a_claim_takes_each_tenants_deliveries_up_to_its_share,
     an_unreadable_delivery_fails_alone,
+    a_renewed_lease_keeps_only_the_deliveries_still_under_it,
 }
 
 fn action_event(tenant: TenantId, action: &str) -> keyplane_core::AuditEvent {
@@ -2501,6 +2502,66 @@ async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(bac
     assert_eq!(deliveries_of(store, &elsewhere).await.len(), base_elsewhere);
 }
 
+/// A claim renews its lease once it has read its jobs: the renewed deliveries are no other
+/// claim's until the new end, and one another claim took once the lease ran out stays that one's.
+async fn a_renewed_lease_keeps_only_the_deliveries_still_under_it(backend: Backend) {
+    use keyplane_store::{AttemptNext, AttemptRecorded};
+    let f = fixture(backend).await;
+    let store = f.store.clone();
+    let hook = webhook(f.tenant.id, &["api_token.*"], true);
+    add_webhook(store.as_ref(), &hook).await;
+    for _ in 0..2 {
+        let event = action_event(f.tenant.id, "api_token.created");
+        store.append_audit_event(&event).await.unwrap();
+    }
+    let first = claim_at(now());
+    let jobs = store.claim_webhook_deliveries(&first).await.unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert!(jobs.iter().all(|job| job.event.is_some()));
+
+    // The first lease ran out before it was renewed: another claim took one delivery.
+    let second = keyplane_store::DeliveryClaim {
+        limit: 1,
+        ..claim_at(now() + TimeDelta::seconds(20))
+    };
+    let taken = store.claim_webhook_deliveries(&second).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    let renewed = store
+        .renew_webhook_lease(first.lease_id, now() + TimeDelta::seconds(40))
+        .await
+        .unwrap();
+    let kept: Vec<_> = jobs
+        .iter()
+        .filter(|job| job.event_id != taken[0].event_id)
+        .map(|job| (job.webhook.id, job.event_id))
+        .collect();
+    assert_eq!(renewed, kept);
+
+    // Past the first lease's old end, within its new one: no claim takes either delivery.
+    assert!(store
+        .claim_webhook_deliveries(&claim_at(now() + TimeDelta::seconds(30)))
+        .await
+        .unwrap()
+        .is_empty());
+    let mine = jobs.iter().find(|job| job.event_id == kept[0].1).unwrap();
+    let done = attempt(mine, first.lease_id, AttemptNext::Succeeded);
+    assert_eq!(
+        store
+            .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
+            .await
+            .unwrap(),
+        AttemptRecorded::Recorded
+    );
+    let lost = attempt(&taken[0], first.lease_id, AttemptNext::Succeeded);
+    assert_eq!(
+        store
+            .record_webhook_attempt(&lost, now() - TimeDelta::days(5), &ev())
+            .await
+            .unwrap(),
+        AttemptRecorded::NotLeased
+    );
+}
+
 async fn deliveries_are_leased_to_one_claim_and_recorded_by_it(backend: Backend) {
     use keyplane_store::AttemptNext;
     let f = fixture(backend).await;
@@ -2543,10 +2604,13 @@ async fn deliveries_are_leased_to_one_claim_and_recorded_by_it(backend: Backend)
     let event = job.event.as_ref().expect("the event travels with the job");
     assert_eq!(event.event.id, job.event_id);
     let stale = attempt(job, uuid::Uuid::new_v4(), AttemptNext::Succeeded);
-    assert!(!store
-        .record_webhook_attempt(&stale, now() - TimeDelta::days(5), &ev())
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .record_webhook_attempt(&stale, now() - TimeDelta::days(5), &ev())
+            .await
+            .unwrap(),
+        keyplane_store::AttemptRecorded::NotLeased
+    );
     let pending = deliveries_of(store.as_ref(), &hook).await;
     assert!(pending.iter().all(|d| d.attempts == 0));
 
@@ -2634,10 +2698,13 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
 
     // Failing since this attempt: not for long enough yet.
     let first = attempt(&jobs[0], lease.lease_id, AttemptNext::RetryAt(now()));
-    assert!(!store
-        .record_webhook_attempt(&first, now() - TimeDelta::days(5), &disabled_event)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .record_webhook_attempt(&first, now() - TimeDelta::days(5), &disabled_event)
+            .await
+            .unwrap(),
+        keyplane_store::AttemptRecorded::Recorded
+    );
     let got = store
         .get_webhook(f.tenant.id, hook.id)
         .await
@@ -2647,10 +2714,13 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
     assert!(got.failing_since.is_some());
     // Failing since before the cutoff: disabled, with its event, in the same transaction.
     let second = attempt(&jobs[1], lease.lease_id, AttemptNext::RetryAt(now()));
-    assert!(store
-        .record_webhook_attempt(&second, now() + TimeDelta::seconds(1), &disabled_event)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .record_webhook_attempt(&second, now() + TimeDelta::seconds(1), &disabled_event)
+            .await
+            .unwrap(),
+        keyplane_store::AttemptRecorded::Disabled
+    );
     let got = store
         .get_webhook(f.tenant.id, hook.id)
         .await

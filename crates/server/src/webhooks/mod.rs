@@ -33,6 +33,9 @@ pub struct WebhookConfig {
     pub retry_schedule: Vec<Duration>,
     /// One attempt (resolving, connecting, sending, reading the answer) takes at most this.
     pub timeout: Duration,
+    /// A claimed delivery is leased for the timeout and this much more, to record the attempt;
+    /// the lease is renewed once the claim has read what sending takes.
+    pub lease_margin: Duration,
     /// How often each replica looks for due deliveries when it found none.
     pub poll_interval: Duration,
     /// A webhook whose every attempt has failed for this long is disabled.
@@ -54,6 +57,7 @@ impl Default for WebhookConfig {
             retry_schedule: parse_schedule(DEFAULT_RETRY_SCHEDULE)
                 .expect("the default schedule parses"),
             timeout: Duration::from_secs(5),
+            lease_margin: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
             disable_after: Duration::from_secs(5 * 24 * 3600),
             secret_overlap: Duration::from_secs(24 * 3600),

@@ -11,8 +11,9 @@ use crate::ops::now;
 use crate::wire::rfc3339;
 use chrono::TimeDelta;
 use keyplane_core::ChainedEvent;
-use keyplane_store::{AttemptNext, DeliveryAttempt, DeliveryClaim, DeliveryJob};
+use keyplane_store::{AttemptNext, AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob};
 use rand::Rng;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -39,9 +40,10 @@ const CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 const USER_AGENT: &str = concat!("keyplane-webhooks/", env!("CARGO_PKG_VERSION"));
 
 /// The lease on a claimed delivery: longer than an attempt can take (the timeout) plus recording
-/// it, so that no other replica sends it meanwhile. A claim takes only what starts at once.
-fn lease(config: &WebhookConfig) -> Duration {
-    config.timeout + Duration::from_secs(10)
+/// it, so that no other replica sends it meanwhile. A claim takes only what starts at once, and
+/// renews the lease from the time it has read what sending takes.
+fn lease(config: &WebhookConfig) -> TimeDelta {
+    TimeDelta::from_std(config.timeout + config.lease_margin).unwrap_or(TimeDelta::minutes(1))
 }
 
 /// The webhook HTTP client: no redirects, no proxy (a proxy would resolve names where this
@@ -129,7 +131,8 @@ fn ended_attempt(ended: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Leases up to `free` due deliveries; `None` when the store failed.
+/// Leases up to `free` due deliveries; `None` when the store failed, or was too slow to leave a
+/// lease an attempt fits in.
 async fn claim(
     app: &App,
     config: &WebhookConfig,
@@ -138,19 +141,53 @@ async fn claim(
     let started = now();
     let claim = DeliveryClaim {
         now: started,
-        lease_until: started + TimeDelta::from_std(lease(config)).unwrap_or(TimeDelta::minutes(1)),
+        lease_until: started + lease(config),
         lease_id: uuid::Uuid::new_v4(),
         limit: u32::try_from(free).unwrap_or(u32::MAX),
         max_per_webhook: PER_WEBHOOK,
         max_per_tenant: PER_TENANT,
     };
-    match app.store().claim_webhook_deliveries(&claim).await {
-        Ok(jobs) => Some((claim.lease_id, jobs)),
+    let jobs = match app.store().claim_webhook_deliveries(&claim).await {
+        Ok(jobs) if jobs.is_empty() => return Some((claim.lease_id, jobs)),
+        Ok(jobs) => jobs,
         Err(error) => {
             tracing::warn!(%error, "cannot claim webhook deliveries; retrying");
-            None
+            return None;
         }
+    };
+    // The lease ran while the claim read the jobs, which a slow store takes seconds for: renewed
+    // from now, it covers each attempt and its record. Once it had run out, another claim may
+    // have taken a delivery: that one is the other claim's to send.
+    let until = now() + lease(config);
+    let renewed = match app.store().renew_webhook_lease(claim.lease_id, until).await {
+        Ok(renewed) => renewed.into_iter().collect::<HashSet<_>>(),
+        Err(error) => {
+            // They are claimed again once the lease runs out.
+            tracing::warn!(%error, "cannot renew the lease of claimed webhook deliveries; retrying");
+            return None;
+        }
+    };
+    // The renewal too may have been slow: an attempt starts only if it ends within the lease.
+    let timeout = TimeDelta::from_std(config.timeout).unwrap_or(TimeDelta::MAX);
+    if until - now() < timeout {
+        tracing::warn!(
+            deliveries = jobs.len(),
+            "the store took so long to claim webhook deliveries that their lease would run out during the attempts; they are claimed again once it runs out"
+        );
+        return None;
     }
+    let claimed = jobs.len();
+    let jobs: Vec<DeliveryJob> = jobs
+        .into_iter()
+        .filter(|job| renewed.contains(&(job.webhook.id, job.event_id)))
+        .collect();
+    if jobs.len() < claimed {
+        tracing::warn!(
+            taken = claimed - jobs.len(),
+            "the store took so long to claim webhook deliveries that their lease ran out and another claim took some; that claim sends those"
+        );
+    }
+    Some((claim.lease_id, jobs))
 }
 
 async fn deliver(
@@ -212,10 +249,14 @@ async fn deliver(
         )
         .await
     {
-        Ok(true) => {
+        Ok(AttemptRecorded::Recorded) => {}
+        Ok(AttemptRecorded::Disabled) => {
             tracing::warn!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, "webhook disabled: every delivery attempt failed for too long")
         }
-        Ok(false) => {}
+        // Sent, but its outcome is not kept: the claim that took it sends it again (at least once).
+        Ok(AttemptRecorded::NotLeased) => {
+            tracing::warn!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, "a webhook delivery attempt was not recorded: its lease had run out and another claim had taken the delivery, or it had ended meanwhile (its webhook disabled or deleted)")
+        }
         // The lease runs out and the delivery is attempted again: at least once.
         Err(error) => {
             tracing::warn!(%error, webhook.id = %webhook.id, event.id = %job.event_id, "cannot record a webhook delivery attempt")

@@ -7,7 +7,7 @@
 //! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
 //! change is made. And it can hold lone events before they are written, as a store that does not
 //! answer, or fail them. And it can report its writes failing (`Store::write_health`) whatever they
-//! do.
+//! do. And it can answer webhook claims late, as a slow store.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,7 +20,9 @@ use keyplane_store::{
     IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey,
     StopSignal, Store, StoreError, StoreFault, Unavailable, WriteHealth,
 };
-use keyplane_store::{DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery};
+use keyplane_store::{
+    AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
+};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -48,6 +50,9 @@ pub struct FaultyStore {
     writes_reported_failing: AtomicBool,
     /// While true, every `append_audit_event` fails (reads and other writes work).
     audit_appends_down: AtomicBool,
+    /// A webhook claim that leased something answers this much later, as a store whose reads of
+    /// what sending takes are slow.
+    slow_webhook_claims: std::sync::Mutex<std::time::Duration>,
 }
 
 /// The store's side of [`HeldChange`].
@@ -137,7 +142,13 @@ impl FaultyStore {
             audit_appends_held: tokio::sync::watch::Sender::new(false),
             writes_reported_failing: AtomicBool::new(false),
             audit_appends_down: AtomicBool::new(false),
+            slow_webhook_claims: std::sync::Mutex::new(std::time::Duration::ZERO),
         })
+    }
+
+    /// From now on every webhook claim that leased something answers `delay` later.
+    pub fn slow_webhook_claims(&self, delay: std::time::Duration) {
+        *self.slow_webhook_claims.lock().unwrap() = delay;
     }
 
     /// The next revoke waits before it reaches the store until the returned [`HeldChange`] is
@@ -803,7 +814,21 @@ impl Store for FaultyStore {
         claim: &DeliveryClaim,
     ) -> Result<Vec<DeliveryJob>, StoreError> {
         self.check()?;
-        self.inner.claim_webhook_deliveries(claim).await
+        let jobs = self.inner.claim_webhook_deliveries(claim).await?;
+        let slow = *self.slow_webhook_claims.lock().unwrap();
+        if !jobs.is_empty() && !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
+        Ok(jobs)
+    }
+
+    async fn renew_webhook_lease(
+        &self,
+        lease_id: uuid::Uuid,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, StoreError> {
+        self.check()?;
+        self.inner.renew_webhook_lease(lease_id, until).await
     }
 
     async fn record_webhook_attempt(
@@ -811,7 +836,7 @@ impl Store for FaultyStore {
         attempt: &DeliveryAttempt,
         disable_failing_since: DateTime<Utc>,
         disable_event: &AuditEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<AttemptRecorded, StoreError> {
         self.check()?;
         self.inner
             .record_webhook_attempt(attempt, disable_failing_since, disable_event)

@@ -29,6 +29,7 @@ both_backends!(
     a_black_hole_endpoint_does_not_hold_up_other_organizations,
     organizations_whose_endpoints_all_hang_do_not_hold_up_the_others,
     an_unreadable_webhook_or_event_fails_alone,
+    a_store_slower_than_the_lease_to_claim_sends_each_delivery_once,
 );
 
 fn fast(config: WebhookConfig) -> Config {
@@ -82,12 +83,27 @@ async fn create_webhook(app: &TestApp, org: &Org, url: &str, events: &[&str]) ->
 
 /// A receiver verifying signatures with the secret of a new webhook of `org` for `events`.
 async fn verifying_receiver(app: &TestApp, org: &Org, events: &[&str]) -> Receiver {
+    webhook_with_receiver(app, org, events, Duration::ZERO)
+        .await
+        .1
+}
+
+/// A new webhook of `org` for `events` and a receiver verifying its signatures that answers
+/// after `delay`: the webhook's id and the receiver.
+async fn webhook_with_receiver(
+    app: &TestApp,
+    org: &Org,
+    events: &[&str],
+    delay: Duration,
+) -> (String, Receiver) {
     let port = free_port();
     let hook = create_webhook(app, org, &format!("http://127.0.0.1:{port}/"), events).await;
-    Receiver::start(
-        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
-        port,
-    )
+    let behaviour = Behaviour {
+        delay,
+        ..Behaviour::verifying(&[hook["secret"].as_str().unwrap()])
+    };
+    let id = hook["id"].as_str().unwrap().to_string();
+    (id, Receiver::start(&behaviour, port))
 }
 
 async fn deliveries(app: &TestApp, org: &Org, webhook: &str) -> Vec<Value> {
@@ -1257,4 +1273,53 @@ async fn an_unreadable_webhook_or_event_fails_alone(backend: keyplane_store::tes
         !logged.contains(&broken_secret[6..]),
         "a webhook secret was logged"
     );
+}
+
+/// A store that takes longer than the lease to claim (to read what sending takes) still gets each
+/// delivery sent once and recorded: the lease is renewed once the claim has answered, so the next
+/// claim does not take the deliveries in flight.
+async fn a_store_slower_than_the_lease_to_claim_sends_each_delivery_once(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = fast(WebhookConfig {
+        timeout: Duration::from_secs(1),
+        lease_margin: Duration::from_secs(1),
+        ..WebhookConfig::default()
+    });
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    // Two webhooks with two deliveries each: one claim takes all four.
+    let mut hooks = Vec::new();
+    for _ in 0..2 {
+        // Answering a little late, so that the worker's next claim runs while these are in flight.
+        let delay = Duration::from_millis(200);
+        hooks.push(webhook_with_receiver(&app, &org, &["api_token.created"], delay).await);
+    }
+    // Longer than the lease (the 1 s timeout and 1 s more).
+    store.slow_webhook_claims(Duration::from_millis(2500));
+    create_tokens(&app, &org, "slow", 2).await;
+    for (id, _) in &hooks {
+        wait_until(
+            "both deliveries of each webhook succeed",
+            Duration::from_secs(8),
+            || async {
+                let listed = deliveries(&app, &org, id).await;
+                listed.len() == 2 && listed.iter().all(|d| d["status"] == "succeeded")
+            },
+        )
+        .await;
+    }
+    // A claim that took them again would have sent them again by now.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    for (id, receiver) in &hooks {
+        let received = received_by_id(receiver);
+        assert_eq!(received.len(), 2, "{received:?}");
+        assert!(
+            received.values().all(|got| got.len() == 1),
+            "each delivery is received once: {received:?}"
+        );
+        for delivery in deliveries(&app, &org, id).await {
+            assert_eq!(delivery["attempts"], 1, "{delivery}");
+        }
+    }
 }
