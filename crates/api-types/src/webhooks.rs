@@ -32,8 +32,9 @@ pub struct WebhookRequest {
     /// Free text, at most 500 characters, without control or format characters. Default empty.
     #[schema(value_type = Option<String>, max_length = 500)]
     pub description: String,
-    /// Whether events are delivered. Default true; enabling a disabled webhook resumes its pending
-    /// deliveries.
+    /// Whether events are delivered. Default true. Disabling fails the pending deliveries (their
+    /// `last_error` says so), and no delivery is queued while disabled: enabling again delivers
+    /// only the events that come after (the audit events API has the ones between).
     #[schema(value_type = Option<bool>)]
     pub enabled: bool,
 }
@@ -140,8 +141,9 @@ pub struct WebhookDeliveryView {
     /// The event's action (the payload's `type`).
     #[serde(rename = "type")]
     pub event_type: String,
-    /// `pending` (queued or waiting for a retry), `succeeded` or `failed` (the retry schedule is
-    /// used up).
+    /// `pending` (queued or waiting for a retry), `succeeded` or `failed`: the retry schedule is
+    /// used up, the event can no longer be read, or the webhook was disabled (by `PUT` or after
+    /// failing for too long) while the delivery waited; `last_error` says which.
     pub status: String,
     pub attempts: u32,
     #[serde(serialize_with = "timestamp")]
@@ -157,7 +159,8 @@ pub struct WebhookDeliveryView {
     /// The HTTP status of the last answer; null when none came.
     pub last_response_code: Option<u16>,
     pub last_latency_ms: Option<u64>,
-    /// Why the last attempt failed.
+    /// Why the last attempt failed, or why the delivery failed without another attempt (`the
+    /// webhook was disabled before the delivery was made`).
     pub last_error: Option<String>,
 }
 

@@ -738,10 +738,11 @@ pub struct WebhookFields {
     /// Free text, at most 500 characters.
     #[arg(long, value_name = "TEXT")]
     description: Option<String>,
-    /// Deliver events (the default of create; resumes pending deliveries).
+    /// Deliver events (the default of create): those from then on, not those missed while
+    /// disabled.
     #[arg(long, conflicts_with = "disabled")]
     enabled: bool,
-    /// Stop delivering events.
+    /// Stop delivering events; the pending deliveries fail.
     #[arg(long)]
     disabled: bool,
 }

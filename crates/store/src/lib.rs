@@ -28,7 +28,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use webhooks::{
     AttemptNext, AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery,
-    WebhookDelivery,
+    WebhookDelivery, DISABLED_WEBHOOK_ERROR,
 };
 
 /// A page request over one tenant's credentials of one kind, in creation order.
@@ -579,7 +579,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<keyplane_core::Webhook>, StoreError>;
 
     /// Replaces the webhook's URL, patterns, description and enabled flag (its `failing_since`
-    /// is cleared when it is enabled again); not its secrets. `NotFound` outside its tenant.
+    /// is cleared when it is enabled again); not its secrets. A disabled webhook's pending
+    /// deliveries fail ([`DISABLED_WEBHOOK_ERROR`]) in the same transaction. `NotFound` outside its
+    /// tenant.
     async fn update_webhook(
         &self,
         webhook: &keyplane_core::Webhook,
@@ -650,7 +652,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records an attempt made under `attempt.lease_id` (nothing if that lease was lost). After a
     /// failure, a webhook failing since `disable_failing_since` or earlier is disabled, with
-    /// `disable_event`, in the same transaction.
+    /// `disable_event`, and its pending deliveries fail ([`DISABLED_WEBHOOK_ERROR`]), in the same
+    /// transaction.
     async fn record_webhook_attempt(
         &self,
         attempt: &DeliveryAttempt,

@@ -213,6 +213,14 @@ pub(crate) const WEBHOOK_FAILED: &str =
 pub(crate) const DISABLE_FAILING_WEBHOOK: &str =
     "UPDATE webhooks SET enabled = FALSE, updated_at = $3 \
      WHERE id = $1 AND enabled = TRUE AND failing_since_ms IS NOT NULL AND failing_since_ms <= $2";
+/// The error of the deliveries a disable ended: the deliveries API shows it.
+pub const DISABLED_WEBHOOK_ERROR: &str = "the webhook was disabled before the delivery was made";
+/// Fails the pending deliveries of the webhook `$1`, which is being disabled, with the error `$2`:
+/// no claim takes them (nor scans them: the due index holds pending rows only), the prune removes
+/// them after the retention, and enabling the webhook again does not send them all at once.
+/// Leased ones too: their attempt's record finds no lease and changes nothing.
+pub(crate) const FAIL_PENDING_DELIVERIES: &str = "UPDATE webhook_deliveries SET status = 'failed', \
+     locked_until_ms = 0, lease_id = NULL, last_error = $2 WHERE webhook_id = $1 AND status = 'pending'";
 /// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule.
 pub(crate) const RETRY_DELIVERY: &str =
     "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $4, schedule_step = $5 \
@@ -415,6 +423,19 @@ macro_rules! impl_webhooks {
                 Ok(())
             }
 
+            /// See [`FAIL_PENDING_DELIVERIES`]($crate::webhooks::FAIL_PENDING_DELIVERIES).
+            async fn fail_pending_deliveries(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                webhook_id: uuid::Uuid,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::webhooks::FAIL_PENDING_DELIVERIES)
+                    .bind(webhook_id)
+                    .bind($crate::webhooks::DISABLED_WEBHOOK_ERROR)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
             async fn insert_patterns(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 webhook: &keyplane_core::Webhook,
@@ -497,6 +518,9 @@ macro_rules! impl_webhooks {
                     .rows_affected();
                 if updated == 0 {
                     return Err($crate::StoreError::NotFound);
+                }
+                if !webhook.enabled {
+                    Self::fail_pending_deliveries(&mut tx, webhook.id).await?;
                 }
                 sqlx::query(DELETE_PATTERNS)
                     .bind(webhook.id)
@@ -857,6 +881,7 @@ macro_rules! impl_webhooks {
                         .rows_affected()
                         == 1;
                     if disabled {
+                        Self::fail_pending_deliveries(&mut tx, attempt.webhook_id).await?;
                         Self::append_audit(&mut tx, disable_event).await?;
                     }
                 }

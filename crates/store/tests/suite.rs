@@ -2354,6 +2354,7 @@ store_suite! {
     a_claim_takes_each_tenants_deliveries_up_to_its_share,
     an_unreadable_delivery_fails_alone,
     a_renewed_lease_keeps_only_the_deliveries_still_under_it,
+    a_webhook_disabled_by_an_update_fails_its_pending_deliveries,
 }
 
 fn action_event(tenant: TenantId, action: &str) -> keyplane_core::AuditEvent {
@@ -2731,7 +2732,9 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         store.audit_chain_state(f.tenant.id).await.unwrap().head_seq,
         head + 1
     );
-    // A disabled webhook's deliveries wait: none is claimed, and new events queue none.
+    // Its pending deliveries (the retried one and the one that disabled it) failed with it, and
+    // new events queue none.
+    assert_disabled_deliveries_failed(store, &hook, 2).await;
     store
         .append_audit_event(&action_event(f.tenant.id, "api_token.revoked"))
         .await
@@ -2742,7 +2745,7 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         .unwrap()
         .is_empty());
     assert_eq!(deliveries_of(store, &hook).await.len(), 2);
-    // Enabled again: failing_since is cleared, and the waiting deliveries are due.
+    // Enabled again: failing_since is cleared, and only new events are delivered.
     let mut enabled = got.clone();
     enabled.enabled = true;
     store.update_webhook(&enabled, &ev()).await.unwrap();
@@ -2752,13 +2755,86 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         .unwrap()
         .unwrap();
     assert!(got.enabled && got.failing_since.is_none());
+    let later = claim_at(now() + TimeDelta::seconds(1));
+    assert!(store
+        .claim_webhook_deliveries(&later)
+        .await
+        .unwrap()
+        .is_empty());
+    let new = action_event(f.tenant.id, "api_token.created");
+    store.append_audit_event(&new).await.unwrap();
+    let jobs = store
+        .claim_webhook_deliveries(&claim_at(now() + TimeDelta::seconds(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        jobs.iter().map(|job| job.event_id).collect::<Vec<_>>(),
+        [new.id]
+    );
+}
+
+/// Every delivery of `hook` failed (`count` of them), the pending ones with the disable's error.
+async fn assert_disabled_deliveries_failed(
+    store: &dyn Store,
+    hook: &keyplane_core::Webhook,
+    count: usize,
+) {
+    let listed = deliveries_of(store, hook).await;
+    assert_eq!(listed.len(), count);
+    for delivery in listed {
+        assert_eq!(
+            (delivery.status, delivery.last_error.as_deref()),
+            (
+                keyplane_core::DeliveryStatus::Failed,
+                Some(keyplane_store::DISABLED_WEBHOOK_ERROR)
+            ),
+            "{delivery:?}"
+        );
+        assert!(delivery.next_attempt_at.is_none());
+    }
+}
+
+/// Disabling a webhook by an update fails its pending deliveries in the same transaction, leased
+/// ones too (their attempt then records nothing); the prune removes them after the retention.
+async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: Backend) {
+    use keyplane_store::{AttemptNext, AttemptRecorded};
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let hook = webhook(f.tenant.id, &["api_token.*"], true);
+    add_webhook(store, &hook).await;
+    for _ in 0..3 {
+        store
+            .append_audit_event(&action_event(f.tenant.id, "api_token.created"))
+            .await
+            .unwrap();
+    }
+    // One in flight, under a lease, when the webhook is disabled.
+    let lease = keyplane_store::DeliveryClaim {
+        limit: 1,
+        ..claim_at(now())
+    };
+    let in_flight = store.claim_webhook_deliveries(&lease).await.unwrap();
+    assert_eq!(in_flight.len(), 1);
+    let mut disabled = hook.clone();
+    disabled.enabled = false;
+    store.update_webhook(&disabled, &ev()).await.unwrap();
+    assert_disabled_deliveries_failed(store, &hook, 3).await;
+    let done = attempt(&in_flight[0], lease.lease_id, AttemptNext::RetryAt(now()));
     assert_eq!(
         store
-            .claim_webhook_deliveries(&claim_at(now() + TimeDelta::seconds(1)))
+            .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
             .await
-            .unwrap()
-            .len(),
-        2
+            .unwrap(),
+        AttemptRecorded::NotLeased
+    );
+    assert_disabled_deliveries_failed(store, &hook, 3).await;
+    // Finished, so pruned after the retention like any other.
+    assert_eq!(
+        store
+            .prune_webhook_deliveries(now() + TimeDelta::seconds(1), 100)
+            .await
+            .unwrap(),
+        3
     );
 }
 

@@ -30,7 +30,11 @@ both_backends!(
     organizations_whose_endpoints_all_hang_do_not_hold_up_the_others,
     an_unreadable_webhook_or_event_fails_alone,
     a_store_slower_than_the_lease_to_claim_sends_each_delivery_once,
+    disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_only_new_events,
 );
+
+/// The `last_error` of a delivery that was waiting when its webhook was disabled.
+const DISABLED_ERROR: &str = "the webhook was disabled before the delivery was made";
 
 fn fast(config: WebhookConfig) -> Config {
     Config {
@@ -792,6 +796,13 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
     let disabled = &audit[0];
     assert_eq!(disabled["actor"]["type"], "system");
     assert_eq!(disabled["target"]["id"], json!(id));
+    // The delivery that was waiting for a retry failed with it, saying why.
+    let listed = deliveries(&app, &org, &id).await;
+    assert!(listed.iter().all(|d| d["status"] == "failed"), "{listed:?}");
+    assert!(
+        listed.iter().any(|d| d["last_error"] == DISABLED_ERROR),
+        "{listed:?}"
+    );
     let received_when_disabled = receiver.deliveries().len();
     app.create_token(&org, "while-disabled", &[]).await;
     let res = app
@@ -843,12 +854,13 @@ async fn exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled(
         .unwrap();
     assert_eq!(retried["attempts"], 4);
     assert_eq!(retried["last_response_code"], 204);
-    // No event of the disabled time was queued for it.
+    // No event of the disabled time was queued for it, and the one that was waiting is not sent.
     let after: Vec<Value> = receiver.deliveries()[received_when_disabled..].to_vec();
     assert!(
-        after
-            .iter()
-            .all(|d| d["payload"]["data"]["target"]["name"] != "while-disabled"),
+        after.iter().all(|d| {
+            let name = &d["payload"]["data"]["target"]["name"];
+            name != "while-disabled" && name != "second"
+        }),
         "{after:?}"
     );
     let audit = app.audit_events(&org, "webhook.delivery_retried").await;
@@ -1322,4 +1334,75 @@ async fn a_store_slower_than_the_lease_to_claim_sends_each_delivery_once(
             assert_eq!(delivery["attempts"], 1, "{delivery}");
         }
     }
+}
+
+/// `PUT` with `enabled: false` fails the webhook's waiting deliveries (the deliveries API says
+/// why), and enabling it again sends only the events that come after.
+async fn disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_only_new_events(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    // Nobody listens yet: every attempt fails and is retried.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let hook = create_webhook(&app, &org, &url, &["api_token.*"]).await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    create_tokens(&app, &org, "waiting", 2).await;
+    wait_until(
+        "both deliveries failed an attempt",
+        Duration::from_secs(10),
+        || async {
+            let listed = deliveries(&app, &org, &id).await;
+            listed.len() == 2 && listed.iter().all(|d| d["attempts"].as_u64() >= Some(1))
+        },
+    )
+    .await;
+    let put = |enabled: bool| {
+        app.request(
+            Method::PUT,
+            &org.path(&format!("/webhooks/{id}")),
+            Some(&org.token),
+        )
+        .json(&json!({"url": url, "events": ["api_token.*"], "enabled": enabled}))
+        .send()
+    };
+    assert_eq!(put(false).await.unwrap().status(), 200);
+    let listed = deliveries(&app, &org, &id).await;
+    for delivery in &listed {
+        assert_eq!(delivery["status"], "failed", "{delivery}");
+        assert_eq!(delivery["last_error"], DISABLED_ERROR, "{delivery}");
+        assert!(delivery["next_attempt_at"].is_null(), "{delivery}");
+    }
+    let res = app
+        .get(
+            &org.path(&format!("/webhooks/{id}/deliveries?status=pending")),
+            &org.token,
+        )
+        .await;
+    let pending: Value = res.json().await.unwrap();
+    assert_eq!(pending["items"], json!([]));
+    app.create_token(&org, "while-disabled", &[]).await;
+
+    // Enabled again with a receiver: only what comes after is sent.
+    let receiver = Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    );
+    assert_eq!(put(true).await.unwrap().status(), 200);
+    app.create_token(&org, "after", &[]).await;
+    wait_until(
+        "the new event's delivery",
+        Duration::from_secs(10),
+        || async { !receiver.deliveries().is_empty() },
+    )
+    .await;
+    // Several polls and retry delays: a waiting delivery would have been sent by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let names: Vec<Value> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| d["payload"]["data"]["target"]["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("after")]);
 }
