@@ -28,7 +28,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use webhooks::{
     AttemptNext, AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery,
-    WebhookDelivery, DISABLED_WEBHOOK_ERROR,
+    WebhookDelivery, DISABLED_WEBHOOK_ERROR, RETRY_OF_DISABLED_WEBHOOK,
 };
 
 /// A page request over one tenant's credentials of one kind, in creation order.
@@ -618,7 +618,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<WebhookDelivery>, StoreError>;
 
     /// Makes a delivery pending again, due at `at`, at `schedule_step` of the retry schedule.
-    /// `NotFound` if the tenant's webhook has no delivery of that event.
+    /// `NotFound` if the tenant's webhook has no delivery of that event; `Conflict`
+    /// ([`RETRY_OF_DISABLED_WEBHOOK`]) if the webhook is disabled.
     async fn retry_webhook_delivery(
         &self,
         tenant_id: TenantId,

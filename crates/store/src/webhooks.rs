@@ -221,10 +221,15 @@ pub const DISABLED_WEBHOOK_ERROR: &str = "the webhook was disabled before the de
 /// Leased ones too: their attempt's record finds no lease and changes nothing.
 pub(crate) const FAIL_PENDING_DELIVERIES: &str = "UPDATE webhook_deliveries SET status = 'failed', \
      locked_until_ms = 0, lease_id = NULL, last_error = $2 WHERE webhook_id = $1 AND status = 'pending'";
-/// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule.
+/// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule. Only
+/// while its webhook is enabled: a disabled webhook has no pending delivery.
 pub(crate) const RETRY_DELIVERY: &str =
     "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $4, schedule_step = $5 \
-     WHERE tenant_id = $1 AND webhook_id = $2 AND event_id = $3";
+     WHERE tenant_id = $1 AND webhook_id = $2 AND event_id = $3 \
+     AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = $2 AND w.enabled = TRUE)";
+/// Why a delivery of a disabled webhook is not retried.
+pub const RETRY_OF_DISABLED_WEBHOOK: &str =
+    "the webhook is disabled: enable it (PUT with `enabled: true`) first";
 /// The condition is in the outer WHERE too (as in [`crate::sql::PRUNE_IDEMPOTENCY_KEYS`]): a
 /// delivery retried (set back to pending) while the DELETE waited for its row is kept.
 pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 \
@@ -666,7 +671,19 @@ macro_rules! impl_webhooks {
                     .await?
                     .rows_affected();
                 if updated == 0 {
-                    return Err($crate::StoreError::NotFound);
+                    // Disabled since the caller looked (or no such delivery).
+                    let enabled: Option<(bool,)> =
+                        sqlx::query_as("SELECT enabled FROM webhooks WHERE tenant_id = $1 AND id = $2")
+                            .bind(tenant.as_uuid())
+                            .bind(webhook_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    return Err(match enabled {
+                        Some((false,)) => $crate::StoreError::Conflict(
+                            $crate::webhooks::RETRY_OF_DISABLED_WEBHOOK.into(),
+                        ),
+                        _ => $crate::StoreError::NotFound,
+                    });
                 }
                 Self::append_audit(&mut tx, event).await?;
                 tx.commit().await?;

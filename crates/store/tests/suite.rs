@@ -2828,6 +2828,14 @@ async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: B
         AttemptRecorded::NotLeased
     );
     assert_disabled_deliveries_failed(store, &hook, 3).await;
+    // Nor is one retried while the webhook is disabled.
+    assert!(matches!(
+        store
+            .retry_webhook_delivery(f.tenant.id, hook.id, in_flight[0].event_id, now(), 0, &ev())
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_disabled_deliveries_failed(store, &hook, 3).await;
     // Finished, so pruned after the retention like any other.
     assert_eq!(
         store

@@ -365,11 +365,9 @@ pub async fn retry_delivery(
     event_id: uuid::Uuid,
 ) -> Result<WebhookDelivery, AppError> {
     let webhook = get_webhook(app, who, tenant, webhook_id).await?;
+    // The store checks again, in the retry's transaction.
     if !webhook.enabled {
-        return Err(DomainError::Conflict(
-            "the webhook is disabled: enable it (PUT with `enabled: true`) first".into(),
-        )
-        .into());
+        return Err(DomainError::Conflict(keyplane_store::RETRY_OF_DISABLED_WEBHOOK.into()).into());
     }
     let event = audit_event(
         tenant,
