@@ -139,6 +139,16 @@ pub struct Rights {
     pub(crate) headers: crate::verify::ForwardHeaders,
 }
 
+/// The one reload asking a store that failed whether it is back ([`Verifier::probe`]); given up
+/// when dropped, also when its request is.
+struct StoreProbe<'a>(&'a AtomicBool);
+
+impl Drop for StoreProbe<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A user's principal, valid until `until` unless the user's grants changed after `loaded`.
 #[derive(Clone)]
 struct CachedUser {
@@ -186,7 +196,10 @@ const REVOKED: &str = "unknown or revoked";
 const MALFORMED: &str = "malformed";
 
 /// After a store fault, stale-servable entries are served without asking the store again for this
-/// long, so an outage does not make every verification wait for the store's timeout.
+/// long, so an outage does not make every verification wait for the store's timeout. Past it, until
+/// a load succeeds, one reload at a time (a probe) asks the store whether it is back, while the
+/// others answer stale at once: a failing load takes the store's own timeout (the PostgreSQL
+/// pool's `acquire_timeout`, 5 s) to fail.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Verifier {
@@ -205,8 +218,11 @@ pub(crate) struct Verifier {
     /// When an [`Invalidation::Reset`] last arrived (nanoseconds after `epoch`, 0: never): every
     /// entry loaded before it must be reloaded.
     reset_at: AtomicU64,
-    /// When a reload last failed on a store fault (nanoseconds after `epoch`, 0: never).
+    /// When a load last failed on a store fault (nanoseconds after `epoch`), 0: none since the
+    /// store last answered.
     store_fault_at: AtomicU64,
+    /// Taken by the one reload that asks a faulty store whether it is back ([`StoreProbe`]).
+    probing: AtomicBool,
     /// Subjects invalidated within the last `positive_ttl`, and when: an entry loaded before its
     /// subject's invalidation is stale. Older marks are pruned; the entries they would catch have
     /// expired anyway.
@@ -248,6 +264,7 @@ impl Verifier {
             epoch: Instant::now(),
             reset_at: AtomicU64::new(0),
             store_fault_at: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             users: quick_cache::sync::Cache::new(config.capacity.max(1)),
             oidc,
             store,
@@ -607,9 +624,16 @@ impl Verifier {
             .as_ref()
             .filter(|known| self.may_serve_stale(known))
             .cloned();
-        if let Some(known) = servable.as_ref() {
-            // The store failed within the retry interval: not asked again yet.
-            if self.answering_stale() {
+        // The store failed and has not answered since: an entry that may answer stale does so,
+        // unless it is the one probe, when the retry interval has passed and no other is under way.
+        let fault_seen = self.store_fault_at.load(Ordering::Acquire);
+        let mut probe = None;
+        if let Some(known) = servable.as_ref().filter(|_| fault_seen != 0) {
+            probe = self
+                .recent_fault_retried(fault_seen)
+                .then(|| self.probe())
+                .flatten();
+            if probe.is_none() {
                 self.metrics
                     .verify_cache(crate::metrics::CacheOutcome::Stale);
                 return Ok(known.clone());
@@ -619,7 +643,7 @@ impl Verifier {
         // Boxed: the load's state (the store's answer, a whole record) would otherwise be part of
         // every verification's future, a cache hit's too, and make each one that much larger to
         // build and move (callgrind: ~2 KiB futures, a memcpy of them per request).
-        match Box::pin(self.load(key, presented, cached.as_ref(), at)).await {
+        let result = match Box::pin(self.load(key, presented, cached.as_ref(), at)).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
                     .store(self.nanos_since_epoch(), Ordering::Release);
@@ -633,23 +657,42 @@ impl Verifier {
                     None => Err(fault),
                 }
             }
-            other => other,
-        }
+            answered => {
+                // The store answered: unless it failed again meanwhile, it is back.
+                if fault_seen != 0 {
+                    let _ = self.store_fault_at.compare_exchange(
+                        fault_seen,
+                        0,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                answered
+            }
+        };
+        drop(probe);
+        result
+    }
+
+    /// Whether the retry interval has passed since the store fault recorded as `fault_at`.
+    fn recent_fault_retried(&self, fault_at: u64) -> bool {
+        let retry_interval = u64::try_from(STORE_RETRY_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos_since_epoch().saturating_sub(fault_at) >= retry_interval
+    }
+
+    /// The probe's turn, if no other reload holds it.
+    fn probe(&self) -> Option<StoreProbe<'_>> {
+        // Made only when taken: a `StoreProbe` dropped gives the turn up.
+        (!self.probing.swap(true, Ordering::AcqRel)).then(|| StoreProbe(&self.probing))
     }
 
     /// Whether an answer given now may come from the cache without the store's confirmation:
-    /// the store failed within the last retry interval ([`STORE_RETRY_INTERVAL`]: until then it
-    /// is not asked again), so cached credentials answer stale (stale-if-error) and may miss a
+    /// the store failed and has not answered since ([`STORE_RETRY_INTERVAL`]: until then a single
+    /// probe at a time asks it), so cached credentials answer stale (stale-if-error) and may miss a
     /// change made through another replica. Introspection says so (`X-Keyplane-Stale`) for
     /// embedded verifiers, which may know of such a change.
     pub(crate) fn answering_stale(&self) -> bool {
-        // No clock read while the store has never failed.
-        self.store_fault_at.load(Ordering::Acquire) != 0 && {
-            let retry_from = self
-                .nanos_since_epoch()
-                .saturating_sub(u64::try_from(STORE_RETRY_INTERVAL.as_nanos()).unwrap_or(u64::MAX));
-            Self::marked_since(&self.store_fault_at, retry_from)
-        }
+        self.store_fault_at.load(Ordering::Acquire) != 0
     }
 
     /// Notes a known credential's refusal for the audit trail (aggregated, off the store path),

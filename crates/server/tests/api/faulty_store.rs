@@ -23,7 +23,7 @@ use keyplane_store::{
 use keyplane_store::{
     AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
 };
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct FaultyStore {
@@ -53,6 +53,11 @@ pub struct FaultyStore {
     /// A webhook claim that leased something answers this much later, as a store whose reads of
     /// what sending takes are slow.
     slow_webhook_claims: std::sync::Mutex<std::time::Duration>,
+    /// While switched off, how long (milliseconds) a credential lookup takes to fail, as one on
+    /// a pool that waits for a connection until its timeout.
+    failing_lookup_ms: AtomicU64,
+    /// How many times `find_credential_by_hash` was called, answered or not.
+    hash_lookups: AtomicU64,
 }
 
 /// The store's side of [`HeldChange`].
@@ -143,12 +148,25 @@ impl FaultyStore {
             writes_reported_failing: AtomicBool::new(false),
             audit_appends_down: AtomicBool::new(false),
             slow_webhook_claims: std::sync::Mutex::new(std::time::Duration::ZERO),
+            failing_lookup_ms: AtomicU64::new(0),
+            hash_lookups: AtomicU64::new(0),
         })
     }
 
     /// From now on every webhook claim that leased something answers `delay` later.
     pub fn slow_webhook_claims(&self, delay: std::time::Duration) {
         *self.slow_webhook_claims.lock().unwrap() = delay;
+    }
+
+    /// While the store is switched off, a credential lookup fails only after `wait`.
+    pub fn fail_lookups_after(&self, wait: std::time::Duration) {
+        self.failing_lookup_ms
+            .store(wait.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many credential lookups by hash (`find_credential_by_hash`) were asked so far.
+    pub fn hash_lookups(&self) -> u64 {
+        self.hash_lookups.load(Ordering::SeqCst)
     }
 
     /// The next revoke waits before it reaches the store until the returned [`HeldChange`] is
@@ -343,6 +361,11 @@ impl Store for FaultyStore {
         &self,
         hash: &TokenHash,
     ) -> Result<Option<Credential>, StoreError> {
+        self.hash_lookups.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            let wait = self.failing_lookup_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        }
         self.check()?;
         self.inner.find_credential_by_hash(hash).await
     }

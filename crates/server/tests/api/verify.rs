@@ -872,6 +872,70 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
     assert_eq!(forward(app, Some(&revoked), "").await.status(), 401);
 }
 
+/// During a store outage whose lookups take the store's timeout to fail, cached credentials past
+/// their lifetime answer stale at once: one reload at a time asks the store whether it is back,
+/// not every verification.
+async fn an_outage_makes_one_verification_at_a_time_wait_for_the_store(backend: Backend) {
+    let cache = CacheConfig {
+        positive_ttl: Duration::from_millis(500),
+        stale_if_error: Duration::from_secs(60),
+        ..CacheConfig::default()
+    };
+    let config = Config {
+        verify_cache: cache.clone(),
+        ..test_config()
+    };
+    let (app, store) = FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let token = app.create_token(&org, "kept", &[]).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(forward(&app, Some(&token), "").await.status(), 200);
+
+    let failing_lookup = Duration::from_secs(2);
+    store.fail_lookups_after(failing_lookup);
+    store.set_down(true);
+    tokio::time::sleep(cache.positive_ttl + Duration::from_millis(100)).await;
+    // The first reload finds the store away (it could not know before).
+    assert_eq!(forward(&app, Some(&token), "").await.status(), 200);
+    let lookups_before = store.hash_lookups();
+
+    // Thirty, one every 100 ms, each not waiting for the others: past the retry interval (1 s)
+    // and through a failing lookup's whole time.
+    let verifications = (0..30u64).map(|i| {
+        let (app, token) = (&app, &token);
+        async move {
+            tokio::time::sleep(Duration::from_millis(100 * i)).await;
+            let started = Instant::now();
+            let status = forward(app, Some(token), "").await.status();
+            (status, started.elapsed())
+        }
+    });
+    let answers = futures::future::join_all(verifications).await;
+    for (status, _) in &answers {
+        assert_eq!(
+            *status, 200,
+            "a cached credential answers during the outage"
+        );
+    }
+    let lookups = store.hash_lookups() - lookups_before;
+    let waited = answers
+        .iter()
+        .filter(|(_, took)| *took >= failing_lookup)
+        .count();
+    assert!(
+        lookups <= 2 && waited <= 2,
+        "{lookups} of 30 verifications asked the store, {waited} waited for it to fail"
+    );
+
+    store.set_down(false);
+    time_until(Duration::from_secs(5), 200, async || {
+        forward(&app, Some(&token), "").await.status().as_u16()
+    })
+    .await;
+}
+
 /// A replica whose LISTEN connection freezes (stops delivering without closing) notices through
 /// its heartbeat and resets its cache: a token revoked elsewhere is refused within seconds, not
 /// after the 30 s cache lifetime. Prints each round's time (the `frozen-listener` measurement;
@@ -1244,6 +1308,7 @@ both_backends!(
     introspecting_another_tenants_token_leaves_its_last_used_at,
     random_token_floods_do_not_evict_other_tenants,
     cached_credentials_outlive_a_store_outage_for_a_bound,
+    an_outage_makes_one_verification_at_a_time_wait_for_the_store,
     introspection_describes_live_credentials_of_its_own_org,
     introspection_callers_need_tokens_verify,
     verification_is_not_rate_limited,
