@@ -21,7 +21,7 @@ pub(crate) struct Inner {
     pub usage: Arc<UsageRecorder>,
     pub rate_limiter: Option<CredentialRateLimiter>,
     pub tenant_rate_limiter: Option<crate::ratelimit::TenantRateLimiter>,
-    pub failed_auth: Option<crate::failed_auth::FailedAuthLimiter>,
+    pub failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
     pub metrics: Metrics,
     pub openapi_json: String,
     /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
@@ -57,16 +57,16 @@ impl App {
             config.tenant_rate_limit_per_minute,
             crate::ratelimit::tenant_burst(config.tenant_rate_limit_per_minute),
         );
+        let failed_auth =
+            crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute).map(Arc::new);
         let verifier = Verifier::new(
             store.clone(),
             usage.clone(),
             metrics.clone(),
-            config.verify_cache.clone(),
-            config.oidc.clone(),
+            &config,
             refusals.clone(),
-            config.clock.clone(),
+            failed_auth.clone(),
         );
-        let failed_auth = crate::failed_auth::FailedAuthLimiter::new(config.failed_auth_per_minute);
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
         let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
         let revocation_streams = crate::revocations::RevocationStreams::new(

@@ -31,7 +31,7 @@
 use crate::canary::{CanaryAlarm, Presented};
 use crate::error::AppError;
 use crate::metrics::Metrics;
-use crate::oidc::{Oidc, OidcConfig};
+use crate::oidc::Oidc;
 use crate::usage::UsageRecorder;
 use axum::http::{header, HeaderMap};
 use keyplane_core::{
@@ -194,6 +194,8 @@ impl Default for CacheConfig {
 const REVOKED: &str = "unknown or revoked";
 /// The reason a secret that is not a keyplane token's shape is refused for.
 const MALFORMED: &str = "malformed";
+/// The reason an uncached secret from an address over its failure budget is refused for, unread.
+const OVER_FAILURE_BUDGET: &str = "address over its failure budget";
 
 /// After a store fault, stale-servable entries are served without asking the store again for this
 /// long, so an outage does not make every verification wait for the store's timeout. Past it, until
@@ -240,19 +242,25 @@ pub(crate) struct Verifier {
     clock: crate::config::Clock,
     /// Where canary presentations are recorded.
     canaries: CanaryAlarm,
+    /// The failed-authentication limit (`None`: off): an address over its budget gets no store
+    /// lookups for secrets the caches do not hold.
+    failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
 }
 
 impl Verifier {
+    /// Sized and timed by `settings`' `verify_cache`, users' tokens validated by its `oidc` issuer,
+    /// expiry judged by its `clock`.
     pub fn new(
         store: Arc<dyn Store>,
         usage: Arc<UsageRecorder>,
         metrics: Metrics,
-        config: CacheConfig,
-        oidc: Option<OidcConfig>,
+        settings: &crate::config::Config,
         refusals: Arc<crate::audit::Refusals>,
-        clock: crate::config::Clock,
+        failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
     ) -> Self {
-        let oidc = oidc.map(Oidc::new);
+        let config = settings.verify_cache.clone();
+        let clock = settings.clock.clone();
+        let oidc = settings.oidc.clone().map(Oidc::new);
         if let Some(oidc) = &oidc {
             oidc.warm_up();
         }
@@ -276,6 +284,7 @@ impl Verifier {
             any_invalidated: AtomicBool::new(false),
             refusals,
             clock,
+            failed_auth,
         }
     }
 
@@ -614,6 +623,10 @@ impl Verifier {
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
+        if cached.is_none() && self.over_failure_budget(at) {
+            // Answered 429 by `FailureWatch::finish`, as the address's failures are.
+            return Err(AppError::Unauthenticated(OVER_FAILURE_BUDGET));
+        }
         let outcome = match cached {
             // A revoked secret is never reloaded: it is read anew once the negative cache forgets
             // it. A canary's reload is counted as that.
@@ -672,6 +685,14 @@ impl Verifier {
         };
         drop(probe);
         result
+    }
+
+    /// Whether the request presenting a secret authenticates from an address over its failure
+    /// budget. Describes the request (`at`) only while some address is.
+    fn over_failure_budget(&self, at: Presented<'_>) -> bool {
+        self.failed_auth.as_ref().is_some_and(|limiter| {
+            limiter.any_blocked() && at().client.is_some_and(|client| limiter.is_blocked(client))
+        })
     }
 
     /// Whether the retry interval has passed since the store fault recorded as `fault_at`.

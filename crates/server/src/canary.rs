@@ -94,6 +94,9 @@ pub struct Presentation {
     /// The introspection caller that asked about the canary: named in the event only when it is
     /// of the canary's organization (another's ids are none of its business).
     introspected_by: Option<(keyplane_core::TenantId, CredentialId)>,
+    /// The address that presented the secret to authenticate itself, for the failed-authentication
+    /// limit (`failed_auth`); `None` when no request's own authentication is at stake.
+    pub(crate) client: Option<crate::client_addr::ClientAddr>,
 }
 
 impl Presentation {
@@ -104,6 +107,24 @@ impl Presentation {
             context,
             details: Vec::new(),
             introspected_by: None,
+            client: None,
+        }
+    }
+
+    /// A request of `route` from `origin` that authenticates with the secret it presents.
+    pub(crate) fn of_request(
+        surface: CanarySurface,
+        route: String,
+        headers: &axum::http::HeaderMap,
+        origin: &crate::request_id::Origin,
+    ) -> Self {
+        Self {
+            client: origin.client,
+            ..Self::new(
+                surface,
+                route,
+                crate::audit::request_context_of(headers, origin),
+            )
         }
     }
 
@@ -125,10 +146,11 @@ impl Presentation {
         parts: &Parts,
         origin: &crate::request_id::Origin,
     ) -> Self {
-        Self::new(
+        Self::of_request(
             surface,
             format!("{} {route}", parts.method),
-            crate::audit::request_context_of(&parts.headers, origin),
+            &parts.headers,
+            origin,
         )
     }
 

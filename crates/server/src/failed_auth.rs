@@ -2,9 +2,16 @@
 //! trusted proxies; an IPv6 client's /64): past the budget (default 300 a minute), the address's failures answer 429
 //! with `Retry-After` instead of 401 until the bucket refills, so a client stuck in a loop on a
 //! stale or guessed secret is told to back off. The limit counts failures, not people: a request
-//! with a valid credential is answered as usual whatever its address did, so garbage from one
-//! client behind a NAT or a proxy cannot lock the others out. (Guessing is not what this stops:
-//! secrets carry 256 random bits.)
+//! with a valid credential the verification caches hold (verified on this replica within the
+//! last `positive_ttl`, 30 s) is answered as usual whatever its address did, so garbage from one
+//! client behind a NAT or a proxy cannot lock out the others' credentials in use. (Guessing is not
+//! what this stops: secrets carry 256 random bits.)
+//!
+//! An address over its budget cuts the work it makes too: a secret it presents that the caches do
+//! not hold is refused (429) without the store lookup (`auth::Verifier` asks
+//! [`FailedAuthLimiter::is_blocked`] on a cache miss), so a flood of well-formed random secrets
+//! (the checksum is public) cannot keep the store's readers busy. A valid credential not cached
+//! there is refused with them until the block ends.
 //!
 //! A failure is a 401 answer, nothing else. In particular an introspection answering
 //! `{"active": false}` is not one: its caller authenticated with `tokens:verify`, and an embedded
@@ -60,6 +67,27 @@ impl FailedAuthLimiter {
         // Once per block, not per refused failure: a flood must not flood the log too.
         tracing::warn!(client.ip = %client.0, client.limit_key = %ip, retry_after_ms = wait.as_millis() as u64, "too many failed authentications from this address; its failures answer 429 for a while");
         Some(wait)
+    }
+
+    /// Whether some address may be over its budget: when none is, a verification need not
+    /// describe its request to ask [`Self::is_blocked`].
+    pub fn any_blocked(&self) -> bool {
+        !self
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Whether `client`'s [`ClientAddr::limit_key`] is over its budget now: its failures answer
+    /// 429 (`FailureWatch::finish`), so its secrets the caches do not hold are not looked up.
+    pub fn is_blocked(&self, client: ClientAddr) -> bool {
+        let ip = client.limit_key();
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Forgets addresses whose block ended and whose buckets are full again.

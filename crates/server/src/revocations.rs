@@ -202,10 +202,11 @@ async fn revocation_stream(
 ) -> Result<Response, ApiError<Verification>> {
     let presented = bearer_token(&headers)?.to_string();
     let at = || {
-        crate::canary::Presentation::new(
+        crate::canary::Presentation::of_request(
             crate::canary::CanarySurface::RevocationStream,
             "GET /v1/revocations/stream".into(),
-            crate::audit::request_context_of(&headers, &origin),
+            &headers,
+            &origin,
         )
     };
     let caller = app.inner().verifier.verify_bearer(&presented, &at).await?;

@@ -280,10 +280,11 @@ async fn introspect(
     let body = crate::extract::read_body(request, &app).await?;
     let verifier = &app.inner().verifier;
     let at_caller = || {
-        Presentation::new(
+        Presentation::of_request(
             CanarySurface::IntrospectionCaller,
             ROUTE.into(),
-            crate::audit::request_context_of(&headers, &origin),
+            &headers,
+            &origin,
         )
     };
     let caller = verifier
@@ -299,6 +300,7 @@ async fn introspect(
     // The introspected token was presented to the caller (a resource server), which asks here: the
     // trigger's address and agent are the caller's, and it names the caller when it is of the
     // canary's organization.
+    // No client: an inactive answer is no failure of the caller's, which authenticated.
     let at_token = || {
         Presentation::new(
             CanarySurface::IntrospectedToken,

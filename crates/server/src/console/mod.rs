@@ -752,10 +752,11 @@ async fn sign_in(
         ));
     };
     let at = || {
-        crate::canary::Presentation::new(
+        crate::canary::Presentation::of_request(
             crate::canary::CanarySurface::Console,
             "POST /console/login".into(),
-            crate::audit::request_context_of(&headers, &origin),
+            &headers,
+            &origin,
         )
     };
     match authenticate(&app, token, &at).await {

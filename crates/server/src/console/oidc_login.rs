@@ -322,10 +322,11 @@ pub(super) async fn callback(
     }
     // An access token (a JWT) never reaches the canary path; the description is for form's sake.
     let at = || {
-        crate::canary::Presentation::new(
+        crate::canary::Presentation::of_request(
             crate::canary::CanarySurface::Console,
             "GET /console/oidc/callback".into(),
-            crate::audit::request_context_of(&headers, &origin),
+            &headers,
+            &origin,
         )
     };
     let who = match super::authenticate(&app, &tokens.access_token, &at).await {

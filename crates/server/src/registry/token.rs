@@ -346,13 +346,7 @@ fn presentation<'a>(
     headers: &'a HeaderMap,
     origin: Origin,
 ) -> impl Fn() -> Presentation + Sync + 'a {
-    move || {
-        Presentation::new(
-            CanarySurface::RegistryToken,
-            route.into(),
-            crate::audit::request_context_of(headers, &origin),
-        )
-    }
+    move || Presentation::of_request(CanarySurface::RegistryToken, route.into(), headers, &origin)
 }
 
 /// Issue a registry token (OAuth2 form)

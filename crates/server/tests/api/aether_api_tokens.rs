@@ -968,7 +968,7 @@ both_backends!(
 );
 
 /// Past the failure budget, an address's failures answer 429 on every surface until the budget
-/// refills, while its requests with a valid credential are served as usual.
+/// refills, while its requests with a valid cached credential are served as usual.
 async fn failed_authentications_are_limited_per_address(backend: Backend) {
     let config = Config {
         failed_auth_per_minute: 3,
@@ -1005,7 +1005,7 @@ async fn failed_authentications_are_limited_per_address(backend: Backend) {
         res.json::<Value>().await.unwrap()["errors"][0]["code"],
         "TOOMANYREQUESTS"
     );
-    // The same address's valid credential is never refused for those failures.
+    // The same address's valid credential, cached (in use above), is never refused for those failures.
     assert_eq!(app.get(&path, &org.token).await.status(), 200);
     let res = app
         .get(&org.account_path("/service-accounts"), &org.token)

@@ -936,6 +936,48 @@ async fn an_outage_makes_one_verification_at_a_time_wait_for_the_store(backend: 
     .await;
 }
 
+/// An address over its failed-authentication budget costs no store lookups: its secrets the caches
+/// do not hold are refused (429) without one, while its valid cached credential still verifies.
+async fn an_address_over_its_failure_budget_gets_no_store_lookups(backend: Backend) {
+    let budget = 5;
+    let config = Config {
+        failed_auth_per_minute: budget,
+        ..test_config()
+    };
+    let (app, store) = FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let cached = app.create_token(&org, "cached", &[]).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let uncached = app.create_token(&org, "uncached", &[]).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(forward(&app, Some(&cached), "").await.status(), 200);
+    let lookups_before = store.hash_lookups();
+
+    let mut statuses = Vec::new();
+    for _ in 0..3 * budget {
+        let answer = forward(&app, Some(&random_token()), "").await;
+        if answer.status() == 429 {
+            assert!(answer.headers().contains_key("retry-after"));
+        }
+        statuses.push(answer.status().as_u16());
+    }
+    let lookups = store.hash_lookups() - lookups_before;
+    assert!(
+        lookups <= u64::from(budget) + 1,
+        "{lookups} store lookups for {} unknown secrets on a budget of {budget}: {statuses:?}",
+        3 * budget
+    );
+    assert_eq!(statuses.last(), Some(&429));
+    assert_eq!(forward(&app, Some(&cached), "").await.status(), 200);
+    // Not in the caches: refused as unknown secrets are, without asking the store.
+    assert_eq!(forward(&app, Some(&uncached), "").await.status(), 429);
+    assert_eq!(store.hash_lookups() - lookups_before, lookups);
+}
+
 /// A replica whose LISTEN connection freezes (stops delivering without closing) notices through
 /// its heartbeat and resets its cache: a token revoked elsewhere is refused within seconds, not
 /// after the 30 s cache lifetime. Prints each round's time (the `frozen-listener` measurement;
@@ -1309,6 +1351,7 @@ both_backends!(
     random_token_floods_do_not_evict_other_tenants,
     cached_credentials_outlive_a_store_outage_for_a_bound,
     an_outage_makes_one_verification_at_a_time_wait_for_the_store,
+    an_address_over_its_failure_budget_gets_no_store_lookups,
     introspection_describes_live_credentials_of_its_own_org,
     introspection_callers_need_tokens_verify,
     verification_is_not_rate_limited,
