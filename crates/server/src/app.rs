@@ -44,6 +44,9 @@ pub(crate) struct Inner {
     /// Notified on SIGHUP: the TLS certificate and key are read again.
     pub reload_tls: Arc<tokio::sync::Notify>,
     pub revocation_streams: crate::revocations::RevocationStreams,
+    /// Registry grants costly enough for a blocking thread, at most this many at once
+    /// (`registry::token`): the rest wait their turn, and the blocking pool is not theirs alone.
+    pub(crate) costly_grants: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -102,6 +105,10 @@ impl App {
             console_issuer: Default::default(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams,
+            costly_grants: Arc::new(tokio::sync::Semaphore::new(
+                crate::registry::MAX_COSTLY_GRANTS_PER_CORE
+                    * std::thread::available_parallelism().map_or(1, usize::from),
+            )),
         }))
     }
 
@@ -125,17 +132,30 @@ impl App {
         at: crate::canary::Presented<'_>,
     ) -> Result<Principal, AppError> {
         let principal = self.0.verifier.authenticate(headers, at).await?;
-        if let Some(limiter) = &self.0.rate_limiter {
-            limiter.check(principal.id())?;
-        }
         // Only a credential's organization: credentials can mint credentials, each with a bucket
         // of its own; a user is one person, and acts in several organizations.
-        if let (Some(limiter), None) = (&self.0.tenant_rate_limiter, principal.user_id()) {
-            if let [(tenant, _)] = principal.tenants() {
-                limiter.check(*tenant)?;
-            }
-        }
+        let tenant = match (principal.user_id(), principal.tenants()) {
+            (None, [(tenant, _)]) => Some(*tenant),
+            _ => None,
+        };
+        self.charge(principal.id(), tenant)?;
         Ok(principal)
+    }
+
+    /// Charges one request to `principal`'s rate limit and, for a credential, to its
+    /// organization's (`tenant`): the management APIs' and the registry token service's.
+    pub(crate) fn charge(
+        &self,
+        principal: uuid::Uuid,
+        tenant: Option<keyplane_core::TenantId>,
+    ) -> Result<(), AppError> {
+        if let Some(limiter) = &self.0.rate_limiter {
+            limiter.check(principal)?;
+        }
+        if let (Some(limiter), Some(tenant)) = (&self.0.tenant_rate_limiter, tenant) {
+            limiter.check(tenant)?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn registry_signer(&self) -> Result<&crate::registry::Signer, AppError> {

@@ -6,5 +6,5 @@ mod keys;
 mod token;
 
 pub use keys::{load_or_create_signing_key, Signer};
-pub(crate) use token::{error_response, routes, BASIC_CHALLENGE};
+pub(crate) use token::{error_response, routes, BASIC_CHALLENGE, MAX_COSTLY_GRANTS_PER_CORE};
 pub use token::{RegistryErrorCode, RegistryErrorItem, RegistryErrors};

@@ -64,6 +64,10 @@ const INLINE_GRANT_COST: usize = 10_000;
 /// `registry/auth/token`), both ways for clock skew.
 const REGISTRY_EXP_LEEWAY_SECONDS: i64 = 60;
 
+/// Grants over [`INLINE_GRANT_COST`] computed at once, per core (`App::costly_grants`): each takes
+/// up to ~10 ms of a blocking thread.
+pub(crate) const MAX_COSTLY_GRANTS_PER_CORE: usize = 2;
+
 /// The Distribution token service's error body.
 #[derive(Serialize, ToSchema)]
 pub struct RegistryErrors {
@@ -243,6 +247,9 @@ async fn issue(
         .authenticate_robot(username, secret, at)
         .await?;
     let robot = &verified.credential;
+    // A login costs what a management request does (a verification, and maybe a costly grant):
+    // charged to the same limits, the robot's and its organization's.
+    app.charge(robot.id.as_uuid(), Some(robot.tenant_id))?;
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
         if service != &config.service {
             return Err(RegistryError::Unsupported(format!(
@@ -266,9 +273,21 @@ async fn issue(
         } else {
             let permissions = robot.permissions.clone();
             let project = registry.project.clone();
-            tokio::task::spawn_blocking(move || grant_access(&permissions, &project, &requested))
+            let turn = app
+                .inner()
+                .costly_grants
+                .clone()
+                .acquire_owned()
                 .await
-                .map_err(|e| AppError::Internal(e.into()))?
+                .map_err(|e| AppError::Internal(e.into()))?;
+            // The turn goes with the work: a request given up still holds it until it ends.
+            tokio::task::spawn_blocking(move || {
+                let granted = grant_access(&permissions, &project, &requested);
+                drop(turn);
+                granted
+            })
+            .await
+            .map_err(|e| AppError::Internal(e.into()))?
         };
     let now = crate::ops::now();
     // Never past the robot's own end (its expiry, or the grace end of the previous secret it
@@ -325,6 +344,7 @@ async fn issue(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "A `scope` outside the Distribution grammar (`NAME_INVALID` for a name that is not a canonical repository name, `UNSUPPORTED` otherwise; at most 32 scopes), or another service."),
         (status = 401, description = "Bad or missing robot credentials."),
+        (status = 429, description = "The robot's rate limit (`--rate-limit-per-minute`, each login counts as a management request does) or its organization's (`--tenant-rate-limit-per-minute`), or too many failed logins from this address (`TOOMANYREQUESTS`); see Retry-After."),
     ),
     security(("basic" = [])),
 )]
@@ -360,6 +380,7 @@ fn presentation<'a>(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "In RFC 6749's shape (`{error, error_description}`): an unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes). In the Distribution shape (`{errors}`, `UNSUPPORTED`): another service, or a body that cannot be read as a form.", body = RegistryFormRefusal),
         (status = 401, description = "Bad or missing robot credentials (`username`, `password`)."),
+        (status = 429, description = "The robot's rate limit (`--rate-limit-per-minute`, each login counts as a management request does) or its organization's (`--tenant-rate-limit-per-minute`), or too many failed logins from this address (`TOOMANYREQUESTS`); see Retry-After."),
     ),
 )]
 async fn issue_registry_token_oauth(

@@ -26,6 +26,17 @@ macro_rules! both_backends {
 }
 pub(crate) use both_backends;
 
+/// A 429's `Retry-After`, asserted to be whole seconds within a minute.
+pub fn retry_after_secs(refused: &Response) -> u64 {
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    retry_after
+}
+
 /// The defaults tests run with: no rate limit (tests send bursts), fast `last_used_at` flushes.
 pub fn test_config() -> Config {
     Config {

@@ -1,7 +1,9 @@
 //! `/api/v1/organizations/{orgID}/registry` and its robot accounts, every status path, plus what
 //! the registry token service makes of the robots they manage.
 
-use crate::helpers::{assert_error, both_backends, fields, Org, TestApp};
+use crate::helpers::{
+    assert_error, both_backends, fields, retry_after_secs, test_config, Org, TestApp,
+};
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
@@ -1154,6 +1156,44 @@ async fn a_refused_login_does_not_count_as_use(backend: Backend) {
     assert!(used["last_used_at"].is_string());
 }
 
+/// A robot's logins are charged to its rate limit, as a management request is: past its burst it
+/// is answered 429, in the token service's error shape, with Retry-After.
+async fn robot_logins_are_rate_limited(backend: Backend) {
+    let burst = 3;
+    let config = keyplane_server::Config {
+        rate_limit_per_minute: 60,
+        rate_limit_burst: burst,
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let secret = str_of(
+        &create_robot(&app, &org, json!({"name": "ci"})).await,
+        "token",
+    )
+    .to_string();
+    for _ in 0..burst {
+        let (status, _) =
+            registry_token(&app, "robot$acme+ci", &secret, "repository:acme/app:pull").await;
+        assert_eq!(status, 200);
+    }
+    let refused = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth("robot$acme+ci", Some(&secret))
+        .query(&[
+            ("service", "keyplane-registry"),
+            ("scope", "repository:acme/app:pull"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    retry_after_secs(&refused);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+}
+
 /// Aether create and update refuse a glob over the bounds, or whose literal parts cannot be those
 /// of a canonical repository name, with one field error each; the largest allowed one is accepted.
 async fn robot_globs_are_bounded_and_canonical(backend: Backend) {
@@ -1492,6 +1532,7 @@ const FORM: &str = "application/x-www-form-urlencoded";
 both_backends!(
     the_token_form_refuses_what_it_cannot_read,
     a_refused_login_does_not_count_as_use,
+    robot_logins_are_rate_limited,
     registry_is_disabled_until_enabled,
     a_failed_enable_answers_503_and_can_be_retried,
     concurrent_permission_updates_record_what_each_replaced,
