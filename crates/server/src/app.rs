@@ -23,7 +23,9 @@ pub(crate) struct Inner {
     pub tenant_rate_limiter: Option<crate::ratelimit::TenantRateLimiter>,
     pub failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
     pub metrics: Metrics,
-    pub openapi_json: String,
+    /// `/openapi.json` and `/docs`, rendered once at start: each answer shares these bytes.
+    pub openapi_json: axum::body::Bytes,
+    pub docs_html: axum::body::Bytes,
     /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
     pub registry_signer: tokio::sync::OnceCell<crate::registry::Signer>,
     pub refusals: Arc<crate::audit::Refusals>,
@@ -71,6 +73,8 @@ impl App {
             failed_auth.clone(),
         );
         let openapi_json = crate::openapi::to_json(&crate::router::openapi_document());
+        let docs_html = axum::body::Bytes::from(crate::docs::render(&openapi_json));
+        let openapi_json = axum::body::Bytes::from(openapi_json);
         let github_keys = crate::leaks::GithubKeys::new(config.github_keys.clone());
         let revocation_streams = crate::revocations::RevocationStreams::new(
             config.max_revocation_streams,
@@ -94,6 +98,7 @@ impl App {
             tenant_rate_limiter,
             metrics,
             openapi_json,
+            docs_html,
             registry_signer: tokio::sync::OnceCell::new(),
             refusals,
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),

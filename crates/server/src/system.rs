@@ -172,8 +172,8 @@ async fn openapi_json(State(app): State<App>) -> Response {
 
 /// The API reference, rendered from the OpenAPI document.
 #[utoipa::path(get, path = "/docs", tag = TAG, responses((status = 200, description = "HTML API reference.", content_type = "text/html")))]
-async fn docs(State(app): State<App>) -> Html<String> {
-    Html(crate::docs::render(&app.inner().openapi_json))
+async fn docs(State(app): State<App>) -> Html<axum::body::Bytes> {
+    Html(app.inner().docs_html.clone())
 }
 
 /// Unknown routes answer in the dialect of the surface the path belongs to.
