@@ -247,9 +247,6 @@ async fn issue(
         .authenticate_robot(username, secret, at)
         .await?;
     let robot = &verified.credential;
-    // A login costs what a management request does (a verification, and maybe a costly grant):
-    // charged to the same limits, the robot's and its organization's.
-    app.charge(robot.id.as_uuid(), Some(robot.tenant_id))?;
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
         if service != &config.service {
             return Err(RegistryError::Unsupported(format!(
@@ -271,6 +268,10 @@ async fn issue(
         if grant_cost(&robot.permissions, &requested) <= INLINE_GRANT_COST {
             grant_access(&robot.permissions, &registry.project, &requested)
         } else {
+            // Only a costly login is charged to the robot's and its organization's limits (those
+            // of management requests): a CI fleet sharing one robot logs in in bursts, and a cheap
+            // grant costs less than the verification before it.
+            app.charge(robot.id.as_uuid(), Some(robot.tenant_id))?;
             let permissions = robot.permissions.clone();
             let project = registry.project.clone();
             let turn = app
@@ -344,7 +345,7 @@ async fn issue(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "A `scope` outside the Distribution grammar (`NAME_INVALID` for a name that is not a canonical repository name, `UNSUPPORTED` otherwise; at most 32 scopes), or another service."),
         (status = 401, description = "Bad or missing robot credentials."),
-        (status = 429, description = "The robot's rate limit (`--rate-limit-per-minute`, each login counts as a management request does) or its organization's (`--tenant-rate-limit-per-minute`), or too many failed logins from this address (`TOOMANYREQUESTS`); see Retry-After."),
+        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`) (`TOOMANYREQUESTS`); see Retry-After."),
     ),
     security(("basic" = [])),
 )]
@@ -380,7 +381,7 @@ fn presentation<'a>(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "In RFC 6749's shape (`{error, error_description}`): an unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes). In the Distribution shape (`{errors}`, `UNSUPPORTED`): another service, or a body that cannot be read as a form.", body = RegistryFormRefusal),
         (status = 401, description = "Bad or missing robot credentials (`username`, `password`)."),
-        (status = 429, description = "The robot's rate limit (`--rate-limit-per-minute`, each login counts as a management request does) or its organization's (`--tenant-rate-limit-per-minute`), or too many failed logins from this address (`TOOMANYREQUESTS`); see Retry-After."),
+        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`) (`TOOMANYREQUESTS`); see Retry-After."),
     ),
 )]
 async fn issue_registry_token_oauth(
