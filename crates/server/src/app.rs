@@ -46,6 +46,8 @@ pub(crate) struct Inner {
     /// Notified on SIGHUP: the TLS certificate and key are read again.
     pub reload_tls: Arc<tokio::sync::Notify>,
     pub revocation_streams: crate::revocations::RevocationStreams,
+    /// `/readyz`'s shared check of the store's reads.
+    pub(crate) read_checks: crate::system::ReadChecks,
     /// Registry grants costly enough for a blocking thread, at most this many at once
     /// (`registry::token`): the rest wait their turn, and the blocking pool is not theirs alone.
     pub(crate) costly_grants: Arc<tokio::sync::Semaphore>,
@@ -110,6 +112,7 @@ impl App {
             console_issuer: Default::default(),
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams,
+            read_checks: Default::default(),
             costly_grants: Arc::new(tokio::sync::Semaphore::new(
                 crate::registry::MAX_COSTLY_GRANTS_PER_CORE
                     * std::thread::available_parallelism().map_or(1, usize::from),

@@ -95,6 +95,46 @@ pub struct WriteFailure {
 /// How long `/readyz` waits for the store: a load balancer must get an answer even when the store
 /// hangs.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one check of the store's reads answers every `/readyz`.
+const READ_CHECK_REUSE: Duration = Duration::from_secs(1);
+
+/// Whether the store answers reads: `Err((fault kind, detail))` if not.
+type ReadCheck = Result<(), (&'static str, String)>;
+
+/// The last check of the store's reads, shared by every `/readyz`: anyone may ask, as often as they
+/// like, and a store that is slow or refusing is pinged (and, then, dialled directly) once a second
+/// at most, its failure logged once. Those who ask during a check wait for it (at most
+/// [`READINESS_TIMEOUT`]) and take its answer.
+#[derive(Default)]
+pub(crate) struct ReadChecks(tokio::sync::Mutex<Option<(std::time::Instant, ReadCheck)>>);
+
+impl ReadChecks {
+    async fn check(&self, store: &dyn keyplane_store::Store) -> ReadCheck {
+        let mut last = self.0.lock().await;
+        if let Some((_, check)) = last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < READ_CHECK_REUSE)
+        {
+            return check.clone();
+        }
+        let check = match tokio::time::timeout(READINESS_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err((
+                error.fault().map_or("error", StoreFault::as_str),
+                error.to_string(),
+            )),
+            Err(_) => Err((
+                StoreFault::TimedOut.as_str(),
+                "no answer within 1 s".to_string(),
+            )),
+        };
+        if let Err((kind, detail)) = &check {
+            tracing::warn!(store.fault = kind, error = %detail, "readiness check failed");
+        }
+        *last = Some((std::time::Instant::now(), check.clone()));
+        check
+    }
+}
 
 /// Readiness: the store answers reads (within a second). `status` is `ready`, `degraded` (reads
 /// work, writes are failing: verification keeps serving, changes answer 503) or `unavailable`.
@@ -107,17 +147,7 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
 async fn readyz(State(app): State<App>) -> Response {
     let store = app.store();
     let writes = store.write_health();
-    let reads = match tokio::time::timeout(READINESS_TIMEOUT, store.ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err((
-            error.fault().map_or("error", StoreFault::as_str),
-            error.to_string(),
-        )),
-        Err(_) => Err((
-            StoreFault::TimedOut.as_str(),
-            "no answer within 1 s".to_string(),
-        )),
-    };
+    let reads = app.inner().read_checks.check(store.as_ref()).await;
     let mut readiness = Readiness {
         status: if writes.failing {
             ReadinessStatus::Degraded
@@ -139,8 +169,7 @@ async fn readyz(State(app): State<App>) -> Response {
     };
     match reads {
         Ok(()) => axum::Json(readiness).into_response(),
-        Err((kind, detail)) => {
-            tracing::warn!(store.fault = kind, error = %detail, "readiness check failed");
+        Err((kind, _)) => {
             readiness.status = ReadinessStatus::Unavailable;
             readiness.reason = Some(kind);
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(readiness)).into_response()

@@ -58,6 +58,8 @@ pub struct FaultyStore {
     failing_lookup_ms: AtomicU64,
     /// How many times `find_credential_by_hash` was called, answered or not.
     hash_lookups: AtomicU64,
+    /// How many times `ping` was called, answered or not.
+    pings: AtomicU64,
 }
 
 /// The store's side of [`HeldChange`].
@@ -150,6 +152,7 @@ impl FaultyStore {
             slow_webhook_claims: std::sync::Mutex::new(std::time::Duration::ZERO),
             failing_lookup_ms: AtomicU64::new(0),
             hash_lookups: AtomicU64::new(0),
+            pings: AtomicU64::new(0),
         })
     }
 
@@ -162,6 +165,11 @@ impl FaultyStore {
     pub fn fail_lookups_after(&self, wait: std::time::Duration) {
         self.failing_lookup_ms
             .store(wait.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many readiness pings were asked so far.
+    pub fn pings(&self) -> u64 {
+        self.pings.load(Ordering::SeqCst)
     }
 
     /// How many credential lookups by hash (`find_credential_by_hash`) were asked so far.
@@ -269,6 +277,7 @@ impl Store for FaultyStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        self.pings.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.ping().await
     }

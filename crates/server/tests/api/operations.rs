@@ -469,7 +469,32 @@ async fn unknown_routes_are_404_in_json(backend: Backend) {
     assert!(res.json::<Value>().await.unwrap()["detail"].is_string());
 }
 
+/// Anyone may ask `/readyz`, as often as they like: a flood of it costs the store one check a
+/// second, up or down (a slow or refusing store is then also dialled directly).
+async fn readiness_checks_the_store_once_for_many_askers(backend: Backend) {
+    let (app, store) =
+        crate::faulty_store::FaultyStore::spawn(backend, crate::helpers::test_config()).await;
+    for (down, status) in [(false, 200), (true, 503)] {
+        store.set_down(down);
+        // Past the last check's reuse.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let before = store.pings();
+        let asked = (0..40).map(|_| async {
+            app.request(Method::GET, "/readyz", None)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        let answers = futures::future::join_all(asked).await;
+        assert!(answers.iter().all(|s| *s == status), "{answers:?}");
+        let pings = store.pings() - before;
+        assert!(pings <= 2, "40 askers pinged the store {pings} times");
+    }
+}
+
 both_backends!(
+    readiness_checks_the_store_once_for_many_askers,
     health_and_readiness,
     metrics_count_requests_and_verifications,
     openapi_covers_every_route_with_the_docs_spelling,
