@@ -164,11 +164,7 @@ async fn sigkill_loses_no_event_and_the_export_resumes(backend: Backend) {
         })
         .await
         .unwrap();
-    let in_store: BTreeSet<String> = all
-        .iter()
-        .filter(|c| c.name != "bootstrap")
-        .map(|c| c.id.to_string())
-        .collect();
+    let in_store: BTreeSet<String> = all.iter().map(|c| c.id.to_string()).collect();
     let revoked_in_store: BTreeSet<String> = all
         .iter()
         .filter(|c| c.is_revoked())
@@ -239,7 +235,7 @@ async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
     let output = verify(&store, &org).await;
     assert!(output.status.success(), "{}", output.describe());
     assert!(
-        output.stdout.contains("5 events checked"),
+        output.stdout.contains("6 events checked"),
         "{}",
         output.describe()
     );
@@ -301,6 +297,16 @@ async fn follow_prints_events_as_they_commit(backend: Backend) {
             let _ = lines_tx.send(line);
         }
     });
+    let line = tokio::time::timeout(TIMEOUT, lines_rx.recv())
+        .await
+        .expect("--follow printed the existing event in time")
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["action"], "api_token.created");
+    assert_eq!(
+        event["target"]["name"], "bootstrap",
+        "the organization's token first"
+    );
     let token = server.create_token(&org, "followed", &[], None).await;
     let line = tokio::time::timeout(TIMEOUT, lines_rx.recv())
         .await

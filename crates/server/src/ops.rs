@@ -74,8 +74,10 @@ pub(crate) fn credential_event(
     event
 }
 
-fn organization_created(created: &OrgCreated, via: &str) -> AuditEvent {
-    audit_event(
+/// A new organization's events: the organization, then its first token (an `api_token.created`
+/// like any other, so that whoever follows tokens, by action or by `target_id`, hears of it).
+fn organization_created(created: &OrgCreated, via: &str) -> [AuditEvent; 2] {
+    let organization = audit_event(
         created.tenant.id,
         actions::ORGANIZATION_CREATED,
         AuditActor::system(),
@@ -95,7 +97,15 @@ fn organization_created(created: &OrgCreated, via: &str) -> AuditEvent {
         "display_prefix",
         created.token.credential.display.prefix.clone(),
     )
-    .list("scopes", created.token.credential.scopes.to_strings())
+    .list("scopes", created.token.credential.scopes.to_strings());
+    let token = credential_event(
+        actions::API_TOKEN_CREATED,
+        AuditActor::system(),
+        &RequestContext::default(),
+        &created.token.credential,
+    )
+    .text("via", via);
+    [organization, token]
 }
 
 fn grant_event(
@@ -1280,12 +1290,21 @@ pub async fn enable_registry(
             robot.permissions.iter().map(RobotPermission::to_wire),
         )
     };
+    // The default robot is a robot account like any other: its own `robot_account.created`, so
+    // that whoever follows robots, by action or by `target_id`, hears of it.
+    let robot_created = credential_event(
+        actions::ROBOT_ACCOUNT_CREATED,
+        AuditActor::of(who),
+        context,
+        &robot,
+    );
+    let events = |registry: &Registry| [event(registry), robot_created.clone()];
     let seal = answer.map(|answer| {
         |stored: &Registry| answer((stored.clone(), Issued::as_stored(&robot, &secret)))
     });
     let seal = seal.as_ref().map(|s| s as _);
     match store
-        .create_registry(&registry, &robot, &event(&registry), seal)
+        .create_registry(&registry, &robot, &events(&registry), seal)
         .await
     {
         Ok(()) => {}
@@ -1300,7 +1319,7 @@ pub async fn enable_registry(
                 &tenant.as_uuid().simple().to_string()[..8]
             );
             store
-                .create_registry(&registry, &robot, &event(&registry), seal)
+                .create_registry(&registry, &robot, &events(&registry), seal)
                 .await?;
         }
         // Anything else stored nothing: answering 201 would hand out a password that never works.

@@ -240,7 +240,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: &Tenant,
         credential: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
     ) -> Result<(), StoreError>;
 
     /// Creates `tenant` and `credential` only if this store has never been bootstrapped and holds
@@ -249,7 +249,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: &Tenant,
         credential: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
     ) -> Result<bool, StoreError>;
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
@@ -437,7 +437,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
         answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError>;
 

@@ -369,7 +369,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
-                event: &keyplane_core::AuditEvent,
+                events: &[keyplane_core::AuditEvent],
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -382,7 +382,9 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
-                    Self::append_audit(&mut tx, event).await?;
+                    for event in events {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
                     tx.commit().await?;
                     Ok(())
                 })
@@ -394,7 +396,7 @@ macro_rules! impl_store {
                 &self,
                 tenant: &keyplane_core::Tenant,
                 credential: &keyplane_core::Credential,
-                event: &keyplane_core::AuditEvent,
+                events: &[keyplane_core::AuditEvent],
             ) -> Result<bool, $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -422,7 +424,9 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
-                    Self::append_audit(&mut tx, event).await?;
+                    for event in events {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
                     tx.commit().await?;
                     Ok(true)
                 })
@@ -779,7 +783,7 @@ macro_rules! impl_store {
                 &self,
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
-                event: &keyplane_core::AuditEvent,
+                events: &[keyplane_core::AuditEvent],
                 answer: $crate::AnswerOf<'_, keyplane_core::Registry>,
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
@@ -802,7 +806,9 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
                         .execute(&mut *tx)
                         .await?;
-                    Self::append_audit(&mut tx, event).await?;
+                    for event in events {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
                     Self::keep_answer(&mut tx, answer, registry).await?;
                     tx.commit().await?;
                     Ok(())

@@ -59,7 +59,7 @@ async fn fixture(backend: Backend) -> Fixture {
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
     store
-        .create_tenant_with_credential(&tenant, &first, &ev())
+        .create_tenant_with_credential(&tenant, &first, &[ev()])
         .await
         .unwrap();
     Fixture {
@@ -534,7 +534,7 @@ async fn bootstrap_happens_once(backend: Backend) {
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
     assert!(store
-        .bootstrap_once(&tenant, &credential, &ev())
+        .bootstrap_once(&tenant, &credential, &[ev()])
         .await
         .unwrap());
     let tenant2 = Tenant {
@@ -544,7 +544,7 @@ async fn bootstrap_happens_once(backend: Backend) {
     };
     let (credential2, _) = new_token(tenant2.id, "bootstrap");
     assert!(!store
-        .bootstrap_once(&tenant2, &credential2, &ev())
+        .bootstrap_once(&tenant2, &credential2, &[ev()])
         .await
         .unwrap());
     // Reopening (a restart) applies migrations again without harm.
@@ -563,7 +563,7 @@ async fn a_store_with_tenants_is_never_bootstrapped(backend: Backend) {
     let (credential, _) = new_token(tenant.id, "bootstrap");
     assert!(!f
         .store
-        .bootstrap_once(&tenant, &credential, &ev())
+        .bootstrap_once(&tenant, &credential, &[ev()])
         .await
         .unwrap());
 }
@@ -752,7 +752,7 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
     };
     let (first, _) = new_token(other.id, "bootstrap");
     f.store
-        .create_tenant_with_credential(&other, &first, &ev())
+        .create_tenant_with_credential(&other, &first, &[ev()])
         .await
         .unwrap();
     let user = UserId::from_subject("https://idp.example", "alice").as_uuid();
@@ -871,7 +871,7 @@ async fn is_bootstrapped_says_whether_bootstrap_could_run(backend: Backend) {
     };
     let (credential, _) = new_token(tenant.id, "bootstrap");
     assert!(store
-        .bootstrap_once(&tenant, &credential, &ev())
+        .bootstrap_once(&tenant, &credential, &[ev()])
         .await
         .unwrap());
     assert!(store.is_bootstrapped().await.unwrap());
@@ -1236,7 +1236,7 @@ async fn each_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
             .create_registry(
                 &registry,
                 &robot,
-                &event(),
+                &[event()],
                 Some(&lost::<keyplane_core::Registry>(33)),
             )
             .await,
@@ -1245,7 +1245,7 @@ async fn each_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
     assert_eq!(head().await, before, "no event");
     let kept = |_: &keyplane_core::Registry| Ok(sealed_answer(33, claim.claim_id, stored(201)));
     f.store
-        .create_registry(&registry, &robot, &event(), Some(&kept))
+        .create_registry(&registry, &robot, &[event()], Some(&kept))
         .await
         .unwrap();
     completed(claim).await;
@@ -2458,7 +2458,7 @@ async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(bac
     };
     let (first, _) = new_token(other.id, "bootstrap");
     store
-        .create_tenant_with_credential(&other, &first, &ev())
+        .create_tenant_with_credential(&other, &first, &[ev()])
         .await
         .unwrap();
     let elsewhere = webhook(other.id, &["*"], true);
@@ -3052,7 +3052,7 @@ async fn a_claim_takes_each_tenants_deliveries_up_to_its_share(backend: Backend)
     };
     let (first, _) = new_token(other.id, "bootstrap");
     store
-        .create_tenant_with_credential(&other, &first, &ev())
+        .create_tenant_with_credential(&other, &first, &[ev()])
         .await
         .unwrap();
     for _ in 0..3 {

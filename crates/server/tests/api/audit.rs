@@ -11,6 +11,7 @@ both_backends!(
     refused_attempts_are_recorded_once_per_window_with_a_count,
     refused_attempts_outlive_a_store_outage,
     pages_filters_and_tenant_isolation,
+    first_credentials_have_their_own_created_events,
 );
 
 async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
@@ -189,6 +190,7 @@ async fn every_change_is_recorded_with_its_actor_target_and_request(
         [
             "organization.created",
             "api_token.created",
+            "api_token.created",
             "api_token.rotated",
             "api_token.revoked",
             "service_account.created",
@@ -197,6 +199,7 @@ async fn every_change_is_recorded_with_its_actor_target_and_request(
             "service_account.rotated",
             "service_account.revoked",
             "registry.enabled",
+            "robot_account.created",
             "robot_account.created",
             "robot_account.permissions_updated",
             "robot_account.rotated",
@@ -254,7 +257,7 @@ async fn every_change_is_recorded_with_its_actor_target_and_request(
     // Ids are time-ordered (UUIDv7) and seqs count up from 1 without a gap.
     let mut seqs: Vec<u64> = items.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     seqs.reverse();
-    assert_eq!(seqs, (1..=14).collect::<Vec<_>>());
+    assert_eq!(seqs, (1..=16).collect::<Vec<_>>());
     assert!(items
         .iter()
         .all(|e| e["id"].as_str().unwrap().as_bytes()[14] == b'7'));
@@ -493,7 +496,7 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
         .delete(&org.path(&format!("/api-tokens/{}", ids[0])), &org.token)
         .await;
     assert_eq!(res.status(), 204);
-    // 1 org + 5 creates + 1 revoke = 7 events; pages of 3, newest first.
+    // 1 org + its token + 5 creates + 1 revoke = 8 events; pages of 3, newest first.
     let first = events(&app, &org, &org.token, "?limit=3").await;
     assert_eq!(
         actions(&first),
@@ -513,12 +516,15 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
         &format!("?limit=3&cursor={}", text(&second, "next_cursor")),
     )
     .await;
-    assert_eq!(actions(&third), ["organization.created"]);
+    assert_eq!(
+        actions(&third),
+        ["api_token.created", "organization.created"]
+    );
     assert!(third["next_cursor"].is_null());
 
     // Filters: exact action (repeatable), prefix, target, actor, outcome, time.
     let created = events(&app, &org, &org.token, "?action=api_token.created").await;
-    assert_eq!(created["items"].as_array().unwrap().len(), 5);
+    assert_eq!(created["items"].as_array().unwrap().len(), 6);
     let both = events(
         &app,
         &org,
@@ -531,7 +537,11 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
         ["api_token.revoked", "organization.created"]
     );
     let prefixed = events(&app, &org, &org.token, "?action=api_token.*").await;
-    assert_eq!(prefixed["items"].as_array().unwrap().len(), 6);
+    assert_eq!(
+        prefixed["items"].as_array().unwrap().len(),
+        7,
+        "the organization's token's creation too"
+    );
     let about = events(&app, &org, &org.token, &format!("?target_id={}", ids[0])).await;
     assert_eq!(actions(&about), ["api_token.revoked", "api_token.created"]);
     let by_actor = events(&app, &org, &org.token, &format!("?actor_id={}", ids[1])).await;
@@ -547,7 +557,7 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
         "?until=2999-01-01T00:00:00Z&limit=100",
     )
     .await;
-    assert_eq!(past["items"].as_array().unwrap().len(), 7);
+    assert_eq!(past["items"].as_array().unwrap().len(), 8);
 
     // Bad filters: every one reported.
     let res = app
@@ -616,7 +626,10 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
     let res = app.get(&org.path("/audit-events"), &other.token).await;
     assert_error(res, 404, "not_found").await;
     let theirs = events(&app, &other, &other.token, "").await;
-    assert_eq!(actions(&theirs), ["organization.created"]);
+    assert_eq!(
+        actions(&theirs),
+        ["api_token.created", "organization.created"]
+    );
 }
 
 /// Two replicas on one PostgreSQL, creating at once in one org: one chain, no gap, no fork.
@@ -640,7 +653,7 @@ async fn concurrent_replicas_write_one_unbroken_chain() {
     let store = first.app.store();
     let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
     let state = store.audit_chain_state(tenant).await.unwrap();
-    assert_eq!(state.head_seq, 31);
+    assert_eq!(state.head_seq, 32);
     let events = store
         .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
         .await
@@ -651,4 +664,77 @@ async fn concurrent_replicas_write_one_unbroken_chain() {
         verifier.check(event).unwrap();
     }
     assert_eq!(verifier.finish(state.head_seq), Ok(31));
+}
+
+/// The token an organization is created with and the robot enabling its registry creates are
+/// credentials like the others: each has its own `*.created` event, found by its `target_id`.
+async fn first_credentials_have_their_own_created_events(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let by_target = |id: String| {
+        let (app, org) = (&app, &org);
+        async move {
+            let page = events(app, org, &org.token, &format!("?target_id={id}")).await;
+            page["items"].as_array().unwrap().clone()
+        }
+    };
+    let org_created = app.audit_events(&org, "organization.created").await;
+    let first_token = text(&org_created[0]["details"], "api_token_id");
+    let token_events = by_target(first_token).await;
+    assert_eq!(
+        actions(&json!({ "items": token_events })),
+        ["api_token.created"]
+    );
+    assert_eq!(token_events[0]["details"]["scopes"], json!(["*"]));
+    assert_eq!(token_events[0]["details"]["via"], "admin create-org");
+
+    // The bootstrap of an empty store: the same two events.
+    let bootstrapped = TestApp::spawn(backend).await;
+    let created = keyplane_server::ops::mint_first_org("first").unwrap();
+    assert!(
+        keyplane_server::ops::bootstrap(bootstrapped.app.store().as_ref(), &created)
+            .await
+            .unwrap()
+    );
+    let bootstrap_events = bootstrapped
+        .app
+        .store()
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(
+            created.tenant.id,
+            0,
+            10,
+        ))
+        .await
+        .unwrap();
+    let seen: Vec<_> = bootstrap_events
+        .iter()
+        .map(|e| (e.event.action.as_str(), e.event.target.as_ref().unwrap().id))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("organization.created", created.tenant.id.as_uuid()),
+            ("api_token.created", created.token.credential.id.as_uuid())
+        ]
+    );
+
+    ok_json(
+        app.post_empty(&org.path("/registry"), &org.token).await,
+        201,
+        "enable registry",
+    )
+    .await;
+    let enabled = app.audit_events(&org, "registry.enabled").await;
+    let robot_id = text(&enabled[0]["details"], "default_robot_id");
+    let robot_events = by_target(robot_id).await;
+    assert_eq!(
+        actions(&json!({ "items": robot_events })),
+        ["robot_account.created"]
+    );
+    assert_eq!(
+        robot_events[0]["details"]["permissions"],
+        json!(["pull", "push"])
+    );
 }

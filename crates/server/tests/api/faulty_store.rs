@@ -305,11 +305,11 @@ impl Store for FaultyStore {
         &self,
         tenant: &Tenant,
         credential: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
     ) -> Result<(), StoreError> {
         self.check()?;
         self.inner
-            .create_tenant_with_credential(tenant, credential, event)
+            .create_tenant_with_credential(tenant, credential, events)
             .await
     }
 
@@ -317,10 +317,10 @@ impl Store for FaultyStore {
         &self,
         tenant: &Tenant,
         credential: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
     ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.bootstrap_once(tenant, credential, event).await
+        self.inner.bootstrap_once(tenant, credential, events).await
     }
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError> {
@@ -561,14 +561,14 @@ impl Store for FaultyStore {
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
-        event: &AuditEvent,
+        events: &[AuditEvent],
         answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError> {
         self.check()?;
         Self::fail_if(&self.registry_down)?;
         self.change(
             self.inner
-                .create_registry(registry, default_robot, event, answer),
+                .create_registry(registry, default_robot, events, answer),
         )
         .await
     }

@@ -600,6 +600,8 @@ async fn a_receiver_that_goes_down_gets_every_event_when_it_is_back(
         .audit_events(&org, "api_token.created")
         .await
         .iter()
+        // The organization's first token was created before the webhook.
+        .filter(|e| e["target"]["name"] != "bootstrap")
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(expected.len(), 12);
