@@ -46,7 +46,9 @@ pub struct AuditArgs {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Recompute the organization's hash chain: prints how many events it checked, or the first
-    /// event that was changed, deleted or reordered (exit status 1).
+    /// event that was changed, deleted or reordered, or a chain head that does not match (exit
+    /// status 1). The chain is not keyed: someone with write access who rewrites it whole from the
+    /// first changed event to the head passes; compare with the `serve --audit-log` export.
     Verify {
         #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
         org: TenantId,
@@ -218,6 +220,16 @@ async fn verify_chain<R: ChainReader + ?Sized>(
     page: u32,
 ) -> anyhow::Result<Result<u64, keyplane_core::audit::ChainBreak>> {
     let state = reader.state(org).await?;
+    if !state.head_recorded {
+        // Every event is appended under its tenant's head row, so events (or an anchor left by
+        // pruning them) without one mean the row was deleted: nothing says where the chain ends.
+        let any = !reader.events_after(org, 0, 1).await?.is_empty();
+        if any || state.anchor_seq > 0 {
+            return Ok(Err(keyplane_core::audit::ChainBreak::HeadMissing {
+                anchor: state.anchor_seq,
+            }));
+        }
+    }
     let mut verifier =
         keyplane_core::audit::ChainVerifier::from_anchor(state.anchor_seq, state.anchor_hash);
     let mut after = state.anchor_seq;
@@ -259,7 +271,7 @@ async fn verify_chain<R: ChainReader + ?Sized>(
         }
         break;
     }
-    Ok(verifier.finish(state.head_seq))
+    Ok(verifier.finish(state.head_seq, state.head_hash))
 }
 
 #[derive(Args)]
@@ -413,6 +425,9 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             match verify_audit(store.as_ref(), org).await? {
                 Ok(checked) => {
                     println!("audit chain of {org} intact: {checked} events checked");
+                    eprintln!(
+                        "note: the chain is not keyed: a rewrite of it whole, from the first changed event to the head, by someone with write access to the store passes; compare with the events `serve --audit-log` exported"
+                    );
                     Ok(())
                 }
                 Err(broken) => {

@@ -20,6 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 both_stores!(
     sigkill_loses_no_event_and_the_export_resumes,
     verify_points_at_the_row_edited_with_sql,
+    verify_checks_the_chain_head_it_ends_at,
     follow_prints_events_as_they_commit,
     sighup_reopens_the_audit_log,
 );
@@ -224,7 +225,8 @@ async fn verify(store: &TestStore, org: &Org) -> common::CommandOutput {
     .await
 }
 
-async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
+/// A store whose organization has its first token and four more: six events.
+async fn four_tokens(backend: Backend) -> (TestStore, Org) {
     let store = TestStore::new(backend).await;
     let server = Keyplane::start(&store, &[], TIMEOUT).await;
     let org = store.bootstrap_org();
@@ -232,6 +234,11 @@ async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
         server.create_token(&org, &format!("t{i}"), &[], None).await;
     }
     drop(server);
+    (store, org)
+}
+
+async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
+    let (store, org) = four_tokens(backend).await;
     let output = verify(&store, &org).await;
     assert!(output.status.success(), "{}", output.describe());
     assert!(
@@ -267,6 +274,61 @@ async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
     let output = verify(&store, &org).await;
     assert_eq!(output.status.code(), Some(1), "{}", output.describe());
     assert!(output.stdout.contains("deleted"), "{}", output.describe());
+}
+
+/// Edits that the events alone would not show, made with SQL and the chain's (public) hash
+/// function: the newest event changed with its own hash recomputed, the newest deleted with the
+/// head's seq set back, the head row deleted. Each is named.
+async fn verify_checks_the_chain_head_it_ends_at(backend: Backend) {
+    let (store, org) = four_tokens(backend).await;
+    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    let events = store_handle
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap();
+    let n = events.len();
+    assert_eq!(n, 6, "the organization, its token and four more");
+    let mut newest = events[n - 1].clone();
+    newest.event.target.as_mut().unwrap().name = Some("nothing to see".into());
+    let rehashed = keyplane_core::audit::chain_hash(&events[n - 2].chain_hash, &newest.event, 6);
+    let hex: String = rehashed.iter().map(|b| format!("{b:02x}")).collect();
+    tamper(
+        &store,
+        &format!(
+            "UPDATE audit_events SET target_name = 'nothing to see', chain_hash = '{hex}' WHERE seq = 6"
+        ),
+    )
+    .await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stdout.contains(&newest.event.id.to_string())
+            && output.stdout.contains("does not match the chain head"),
+        "{}",
+        output.describe()
+    );
+
+    // The newest deleted and the head's seq set back to the one before it.
+    tamper(&store, "DELETE FROM audit_events WHERE seq = 6").await;
+    tamper(&store, "UPDATE audit_chain_heads SET seq = 5").await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stdout.contains(&events[n - 2].event.id.to_string())
+            && output.stdout.contains("does not match the chain head"),
+        "{}",
+        output.describe()
+    );
+
+    tamper(&store, "DELETE FROM audit_chain_heads").await;
+    let output = verify(&store, &org).await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stdout.contains("head record is missing"),
+        "{}",
+        output.describe()
+    );
 }
 
 async fn follow_prints_events_as_they_commit(backend: Backend) {

@@ -413,14 +413,24 @@ pub enum ChainBreak {
     /// The chain's recorded head is at `head` but the last event found is at `last`: the newest
     /// events were deleted.
     Truncated { last: u64, head: u64 },
+    /// The chain reaches the head's seq, but the newest event there (`id`; `None` when only the
+    /// anchor is left) does not end with the hash the head recorded: that event was changed and
+    /// its own chain hash recomputed, or the head row was.
+    HeadMismatch { seq: u64, id: Option<uuid::Uuid> },
+    /// The tenant has events (or an anchor at `anchor`) but no head row: it was deleted, and with
+    /// it what the newest events must reach.
+    HeadMissing { anchor: u64 },
 }
 
 impl std::fmt::Display for ChainBreak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ChainBreak::Altered { seq, id } => {
-                write!(f, "event {id} (seq {seq}) was changed or reordered")
-            }
+            // The hash a row is checked against is its predecessor's as stored: an edit that
+            // recomputed the predecessor's hash shows up here.
+            ChainBreak::Altered { seq, id } => write!(
+                f,
+                "event {id} (seq {seq}) was changed or reordered, or the event before it was changed and its chain hash recomputed"
+            ),
             ChainBreak::Missing {
                 expected,
                 found,
@@ -434,6 +444,18 @@ impl std::fmt::Display for ChainBreak {
                 f,
                 "events after seq {last} up to {head} are missing: deleted"
             ),
+            ChainBreak::HeadMismatch { seq, id: Some(id) } => write!(
+                f,
+                "the newest event {id} (seq {seq}) does not match the chain head's hash: it was changed and its chain hash recomputed, or the head record was changed"
+            ),
+            ChainBreak::HeadMismatch { seq, id: None } => write!(
+                f,
+                "the pruning anchor at seq {seq} does not match the chain head's hash: the head or anchor record was changed"
+            ),
+            ChainBreak::HeadMissing { anchor } => write!(
+                f,
+                "the chain head record is missing (deleted) while events after seq {anchor} exist: the newest events may have been deleted with it"
+            ),
         }
     }
 }
@@ -444,6 +466,8 @@ pub struct ChainVerifier {
     previous: [u8; 32],
     next_seq: u64,
     checked: u64,
+    /// The last event checked since the anchor; `None` before the first.
+    last_id: Option<uuid::Uuid>,
 }
 
 impl ChainVerifier {
@@ -453,6 +477,7 @@ impl ChainVerifier {
             previous: anchor,
             next_seq: anchor_seq + 1,
             checked: 0,
+            last_id: None,
         }
     }
 
@@ -461,6 +486,7 @@ impl ChainVerifier {
     pub fn resume_from_anchor(&mut self, anchor_seq: u64, anchor: [u8; 32]) {
         self.previous = anchor;
         self.next_seq = anchor_seq + 1;
+        self.last_id = None;
     }
 
     pub fn check(&mut self, stored: &ChainedEvent) -> Result<(), ChainBreak> {
@@ -488,16 +514,25 @@ impl ChainVerifier {
         self.previous = recomputed;
         self.next_seq += 1;
         self.checked += 1;
+        self.last_id = Some(stored.event.id);
         Ok(())
     }
 
-    /// After the last event: the chain must reach the head the store recorded.
-    pub fn finish(self, head_seq: u64) -> Result<u64, ChainBreak> {
+    /// After the last event: the chain must reach the head the store recorded, seq and hash. The
+    /// hash catches the newest event changed with its own chain hash recomputed (no later event
+    /// is chained from it yet) and a head set back to an earlier seq alone.
+    pub fn finish(self, head_seq: u64, head_hash: [u8; 32]) -> Result<u64, ChainBreak> {
         let last = self.next_seq - 1;
         if last != head_seq {
             return Err(ChainBreak::Truncated {
                 last,
                 head: head_seq,
+            });
+        }
+        if self.previous != head_hash {
+            return Err(ChainBreak::HeadMismatch {
+                seq: last,
+                id: self.last_id,
             });
         }
         Ok(self.checked)
@@ -539,12 +574,15 @@ mod tests {
             .collect()
     }
 
+    /// Checks `stored` against a head at `head` whose hash is the original chain's there.
     fn verify(stored: &[ChainedEvent], head: u64) -> Result<u64, ChainBreak> {
+        let original = chain(&[event(1), event(2), event(3)]);
+        let head_hash = original[head as usize - 1].chain_hash;
         let mut verifier = ChainVerifier::from_anchor(0, GENESIS);
         for event in stored {
             verifier.check(event)?;
         }
-        verifier.finish(head)
+        verifier.finish(head, head_hash)
     }
 
     #[test]
@@ -611,6 +649,29 @@ mod tests {
         let mut verifier = ChainVerifier::from_anchor(1, stored[0].chain_hash);
         verifier.check(&stored[1]).unwrap();
         verifier.check(&stored[2]).unwrap();
-        assert_eq!(verifier.finish(3), Ok(2));
+        assert_eq!(verifier.finish(3, stored[2].chain_hash), Ok(2));
+    }
+
+    #[test]
+    fn a_newest_event_rehashed_or_a_head_set_back_is_found() {
+        let mut stored = chain(&[event(1), event(2), event(3)]);
+        stored[2].event.action = "api_token.revoked".into();
+        stored[2].chain_hash = chain_hash(&stored[1].chain_hash, &stored[2].event, 3);
+        assert_eq!(
+            verify(&stored, 3),
+            Err(ChainBreak::HeadMismatch {
+                seq: 3,
+                id: Some(uuid::Uuid::from_u128(3))
+            })
+        );
+        // The newest event deleted and the head's seq (not its hash) set back to the one before.
+        let stored = chain(&[event(1), event(2), event(3)]);
+        let mut verifier = ChainVerifier::from_anchor(0, GENESIS);
+        verifier.check(&stored[0]).unwrap();
+        verifier.check(&stored[1]).unwrap();
+        assert!(matches!(
+            verifier.finish(2, stored[2].chain_hash),
+            Err(ChainBreak::HeadMismatch { seq: 2, .. })
+        ));
     }
 }

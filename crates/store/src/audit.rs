@@ -58,6 +58,9 @@ pub struct AuditChainState {
     pub anchor_hash: [u8; 32],
     pub head_seq: u64,
     pub head_hash: [u8; 32],
+    /// Whether the tenant has a head row. Without one the head reads as seq 0 at the genesis
+    /// hash: a tenant with no events yet, or one whose head row was deleted.
+    pub head_recorded: bool,
 }
 
 pub(crate) fn details_json(details: &BTreeMap<String, DetailValue>) -> String {
@@ -314,6 +317,7 @@ macro_rules! impl_audit {
                 .fetch_optional(pool)
                 .await?;
                 let genesis = keyplane_core::audit::GENESIS;
+                let head_recorded = head.is_some();
                 let (head_seq, head_hash) = match head {
                     Some((seq, hash)) => (seq.max(0) as u64, parse_hash(&hash)?),
                     None => (0, genesis),
@@ -327,6 +331,7 @@ macro_rules! impl_audit {
                     anchor_hash,
                     head_seq,
                     head_hash,
+                    head_recorded,
                 })
             }
 

@@ -1616,7 +1616,7 @@ async fn verify_chain(store: &dyn Store, tenant: TenantId) -> u64 {
     for event in &events {
         verifier.check(event).unwrap();
     }
-    verifier.finish(state.head_seq).unwrap()
+    verifier.finish(state.head_seq, state.head_hash).unwrap()
 }
 
 async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {

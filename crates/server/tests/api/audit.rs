@@ -663,7 +663,7 @@ async fn concurrent_replicas_write_one_unbroken_chain() {
     for event in &events {
         verifier.check(event).unwrap();
     }
-    assert_eq!(verifier.finish(state.head_seq), Ok(31));
+    assert_eq!(verifier.finish(state.head_seq, state.head_hash), Ok(32));
 }
 
 /// The token an organization is created with and the robot enabling its registry creates are
