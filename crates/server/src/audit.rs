@@ -482,7 +482,7 @@ pub(crate) async fn export(
     // The wait before the next attempt to open the log: doubled at each failure, up to
     // EXPORT_REOPEN_MAX.
     let mut reopen_wait = EXPORT_POLL;
-    let mut cursors: Option<HashMap<TenantId, u64>> = None;
+    let mut progress: Option<ExportProgress> = None;
     loop {
         if sink.is_none() {
             match Sink::open(&target) {
@@ -495,13 +495,13 @@ pub(crate) async fn export(
                 }
             }
         }
-        if cursors.is_none() {
+        if progress.is_none() {
             match app.store().audit_export_cursors(&consumer).await {
-                Ok(saved) => cursors = Some(saved.into_iter().collect()),
+                Ok(saved) => progress = Some(ExportProgress::from_saved(saved)),
                 Err(error) => tracing::warn!(%error, "cannot read the audit export cursors"),
             }
         }
-        if let (Some(out), Some(at)) = (sink.as_mut(), cursors.as_mut()) {
+        if let (Some(out), Some(at)) = (sink.as_mut(), progress.as_mut()) {
             if let Err(error) = export_pending(app.store().as_ref(), &consumer, out, at).await {
                 tracing::warn!(%error, "audit export stalled; retrying");
             }
@@ -525,8 +525,10 @@ pub(crate) async fn export(
         };
         if stopping {
             // One last pass, so a clean shutdown leaves nothing behind.
-            if let (Some(out), Some(at)) = (sink.as_mut(), cursors.as_mut()) {
+            if let (Some(out), Some(at)) = (sink.as_mut(), progress.as_mut()) {
                 let _ = export_pending(app.store().as_ref(), &consumer, out, at).await;
+                at.next_save = tokio::time::Instant::now();
+                at.save(app.store().as_ref(), &consumer).await;
             }
             return;
         }
@@ -538,22 +540,115 @@ fn next_reopen_wait(wait: Duration) -> Duration {
     (wait * 2).min(EXPORT_REOPEN_MAX)
 }
 
+/// Earlier positions kept per tenant, to go back to when the chain went back: one per batch
+/// written, so about the last this many polls that found events.
+const EXPORT_CHECKPOINTS: usize = 64;
+
+/// Where the export is in one tenant's chain.
+#[derive(Default)]
+struct ExportCursor {
+    /// Every event up to this seq has been written.
+    seq: u64,
+    /// The chain hash of the event at `seq`: the chain still is the one written while the event
+    /// there has it. `None` until read (a cursor loaded from the store, which is saved in the same
+    /// database as the chain and so goes back with it).
+    hash: Option<[u8; 32]>,
+    /// Earlier positions written and their hashes, oldest first.
+    written: std::collections::VecDeque<(u64, [u8; 32])>,
+}
+
+impl ExportCursor {
+    fn advance(&mut self, seq: u64, hash: [u8; 32]) {
+        if let Some(previous) = self.hash {
+            if self.written.len() == EXPORT_CHECKPOINTS {
+                self.written.pop_front();
+            }
+            self.written.push_back((self.seq, previous));
+        }
+        self.seq = seq;
+        self.hash = Some(hash);
+    }
+}
+
+/// The export's cursors, and those it moved past written lines but could not save yet.
+struct ExportProgress {
+    cursors: HashMap<TenantId, ExportCursor>,
+    unsaved: HashMap<TenantId, u64>,
+    /// A save that failed is tried again only after this wait (doubled at each failure, up to
+    /// [`EXPORT_REOPEN_MAX`]): the lines are written, only the cursor is missing.
+    save_wait: Duration,
+    next_save: tokio::time::Instant,
+}
+
+impl ExportProgress {
+    fn from_saved(saved: Vec<(TenantId, u64)>) -> Self {
+        Self {
+            cursors: saved
+                .into_iter()
+                .map(|(tenant, seq)| {
+                    let hash = (seq == 0).then_some(keyplane_core::audit::GENESIS);
+                    (
+                        tenant,
+                        ExportCursor {
+                            seq,
+                            hash,
+                            ..ExportCursor::default()
+                        },
+                    )
+                })
+                .collect(),
+            unsaved: HashMap::new(),
+            save_wait: EXPORT_POLL,
+            next_save: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Saves the cursors moved since the last save, unless a failed save's wait is not over.
+    async fn save(&mut self, store: &dyn Store, consumer: &str) {
+        if self.unsaved.is_empty() || tokio::time::Instant::now() < self.next_save {
+            return;
+        }
+        let cursors: Vec<(TenantId, u64)> = self.unsaved.iter().map(|(t, s)| (*t, *s)).collect();
+        match store.save_audit_export_cursors(consumer, &cursors).await {
+            Ok(()) => {
+                self.unsaved.clear();
+                self.save_wait = EXPORT_POLL;
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?self.save_wait, "cannot save the audit export cursors (the events are written; after a restart they would be written again)");
+                self.next_save = tokio::time::Instant::now() + self.save_wait;
+                self.save_wait = next_reopen_wait(self.save_wait);
+            }
+        }
+    }
+}
+
 async fn export_pending(
     store: &dyn Store,
     consumer: &str,
     sink: &mut Sink,
-    cursors: &mut HashMap<TenantId, u64>,
+    progress: &mut ExportProgress,
 ) -> anyhow::Result<()> {
-    for (tenant, head) in store.audit_heads().await? {
-        loop {
-            let from = cursors.get(&tenant).copied().unwrap_or(0);
-            if from >= head {
-                break;
-            }
+    for (tenant, head, head_hash) in store.audit_heads().await? {
+        let cursor = progress.cursors.entry(tenant).or_default();
+        if !still_holds(store, tenant, cursor, head, head_hash).await? {
+            let (seq, hash) = go_back_to(store, tenant, cursor, head, head_hash).await?;
+            tracing::warn!(
+                tenant.id = %tenant,
+                export.seq = cursor.seq,
+                chain.head = head,
+                export.from = seq,
+                "the audit chain no longer holds the events the export wrote (a failover or a restore lost them?): exporting again from where it still does"
+            );
+            cursor.written.retain(|(at, _)| *at < seq);
+            (cursor.seq, cursor.hash) = (seq, Some(hash));
+            progress.unsaved.insert(tenant, seq);
+        }
+        while cursor.seq < head {
             let events = store
-                .list_audit_events(&AuditQuery::after_seq(tenant, from, EXPORT_BATCH))
+                .list_audit_events(&AuditQuery::after_seq(tenant, cursor.seq, EXPORT_BATCH))
                 .await?;
-            let Some(last) = events.last().map(|e| e.seq) else {
+            let Some(last) = events.last() else {
                 break;
             };
             let mut lines = Vec::with_capacity(events.len() * 512);
@@ -562,13 +657,84 @@ async fn export_pending(
                 lines.push(b'\n');
             }
             sink.write_durably(&lines)?;
-            store
-                .save_audit_export_cursors(consumer, &[(tenant, last)])
-                .await?;
-            cursors.insert(tenant, last);
+            // Written: the cursor moves now, whether or not its save succeeds, so a failing save
+            // does not write the same lines again at every poll.
+            cursor.advance(last.seq, last.chain_hash);
+            progress.unsaved.insert(tenant, last.seq);
         }
     }
+    progress.save(store, consumer).await;
     Ok(())
+}
+
+/// Whether the tenant's chain still holds, at the cursor, the event the export wrote there. Read
+/// from the store only when there are events to export after it (they are read anyway).
+async fn still_holds(
+    store: &dyn Store,
+    tenant: TenantId,
+    cursor: &mut ExportCursor,
+    head: u64,
+    head_hash: [u8; 32],
+) -> Result<bool, keyplane_store::StoreError> {
+    if cursor.seq > head {
+        return Ok(false);
+    }
+    let found = if cursor.seq == head {
+        Some(head_hash)
+    } else {
+        event_hash_at(store, tenant, cursor.seq).await?
+    };
+    Ok(match (found, cursor.hash) {
+        (Some(found), Some(written)) => found == written,
+        (Some(found), None) => {
+            cursor.hash = Some(found);
+            true
+        }
+        // Pruned by retention: nothing to compare with; the events after it are still there.
+        (None, _) => true,
+    })
+}
+
+/// The newest position written that the chain still holds (an earlier checkpoint whose event has
+/// the same hash), else the chain's anchor: everything after it is exported again.
+async fn go_back_to(
+    store: &dyn Store,
+    tenant: TenantId,
+    cursor: &ExportCursor,
+    head: u64,
+    head_hash: [u8; 32],
+) -> Result<(u64, [u8; 32]), keyplane_store::StoreError> {
+    for &(seq, hash) in cursor.written.iter().rev().filter(|(seq, _)| *seq <= head) {
+        let found = if seq == head {
+            Some(head_hash)
+        } else {
+            event_hash_at(store, tenant, seq).await?
+        };
+        if found == Some(hash) {
+            return Ok((seq, hash));
+        }
+    }
+    let state = store.audit_chain_state(tenant).await?;
+    Ok((state.anchor_seq, state.anchor_hash))
+}
+
+/// The chain hash of the tenant's event at `seq` (the genesis hash at 0); `None` when the chain
+/// holds no event there (pruned, or past its head).
+pub(crate) async fn event_hash_at(
+    store: &dyn Store,
+    tenant: TenantId,
+    seq: u64,
+) -> Result<Option<[u8; 32]>, keyplane_store::StoreError> {
+    let Some(before) = seq.checked_sub(1) else {
+        return Ok(Some(keyplane_core::audit::GENESIS));
+    };
+    let events = store
+        .list_audit_events(&AuditQuery::after_seq(tenant, before, 1))
+        .await?;
+    Ok(events
+        .first()
+        .filter(|e| e.seq == seq)
+        .map(|e| e.chain_hash))
 }
 
 /// Rows per pruning transaction, and the pause between batches, so pruning never holds the store.

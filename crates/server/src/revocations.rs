@@ -488,14 +488,7 @@ async fn chain_hash_at(
         return Ok(None);
     }
     // Pruned since `state` was read, or a chain gone back since: no event at `seq`.
-    let events = app
-        .store()
-        .list_audit_events(&AuditQuery::after_seq(tenant, seq - 1, 1))
-        .await?;
-    Ok(events
-        .first()
-        .filter(|e| e.seq == seq)
-        .map(|e| e.chain_hash))
+    crate::audit::event_hash_at(app.store().as_ref(), tenant, seq).await
 }
 
 fn heartbeat_seconds(heartbeat: Duration) -> u64 {

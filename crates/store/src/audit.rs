@@ -393,15 +393,20 @@ macro_rules! impl_audit {
 
             async fn audit_heads_of(
                 pool: &sqlx::Pool<$db>,
-            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
-                let rows: Vec<(uuid::Uuid, i64)> =
-                    sqlx::query_as("SELECT tenant_id, seq FROM audit_chain_heads")
+            ) -> Result<Vec<(keyplane_core::TenantId, u64, [u8; 32])>, $crate::StoreError> {
+                let rows: Vec<(uuid::Uuid, i64, String)> =
+                    sqlx::query_as("SELECT tenant_id, seq, chain_hash FROM audit_chain_heads")
                         .fetch_all(pool)
                         .await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(t, s)| (keyplane_core::TenantId::from_uuid(t), s.max(0) as u64))
-                    .collect())
+                rows.into_iter()
+                    .map(|(t, s, hash)| {
+                        Ok((
+                            keyplane_core::TenantId::from_uuid(t),
+                            s.max(0) as u64,
+                            $crate::audit::parse_hash(&hash)?,
+                        ))
+                    })
+                    .collect()
             }
 
             async fn export_cursors_of(

@@ -505,8 +505,8 @@ pub trait Store: Send + Sync + 'static {
     /// The tenant's chain anchor (after pruning) and head.
     async fn audit_chain_state(&self, tenant_id: TenantId) -> Result<AuditChainState, StoreError>;
 
-    /// Every tenant's newest seq.
-    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64)>, StoreError>;
+    /// Every tenant's newest seq and the chain hash there.
+    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64, [u8; 32])>, StoreError>;
 
     /// Deletes at most `batch` of the oldest events (a prefix of one tenant's chain) that occurred
     /// before `before`, recording the new anchor. Returns how many it deleted; 0: nothing is left

@@ -1046,7 +1046,7 @@ macro_rules! impl_store {
 
             async fn audit_heads(
                 &self,
-            ) -> Result<Vec<(keyplane_core::TenantId, u64)>, $crate::StoreError> {
+            ) -> Result<Vec<(keyplane_core::TenantId, u64, [u8; 32])>, $crate::StoreError> {
                 Self::audit_heads_of(&self.pool).await
             }
 

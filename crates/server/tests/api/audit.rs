@@ -1,6 +1,7 @@
 //! `/api/v1/organizations/{orgID}/audit-events`: every change leaves one event, refused attempts
 //! are recorded (aggregated), and the list pages and filters like the other lists.
 
+use crate::faulty_store::FaultyStore;
 use crate::helpers::{assert_error, both_backends, eventually, fields, test_config, Org, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -12,6 +13,8 @@ both_backends!(
     refused_attempts_outlive_a_store_outage,
     pages_filters_and_tenant_isolation,
     first_credentials_have_their_own_created_events,
+    the_export_writes_the_events_of_a_chain_that_went_back,
+    a_failing_cursor_save_does_not_repeat_exported_lines,
 );
 
 async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
@@ -736,5 +739,130 @@ async fn first_credentials_have_their_own_created_events(
     assert_eq!(
         robot_events[0]["details"]["permissions"],
         json!(["pull", "push"])
+    );
+}
+
+/// A server exporting to a new file in `dir`, with its store behind a [`FaultyStore`].
+async fn exporting(
+    backend: keyplane_store::testing::Backend,
+    dir: &std::path::Path,
+) -> (TestApp, std::sync::Arc<FaultyStore>, std::path::PathBuf) {
+    let log = dir.join("audit.log");
+    let mut config = test_config();
+    config.audit_log = Some(keyplane_server::audit::AuditLogTarget::File(log.clone()));
+    let (app, store) = FaultyStore::spawn(backend, config).await;
+    (app, store, log)
+}
+
+/// The ids in the exported file, each with how many times it was written.
+fn exported(log: &std::path::Path) -> std::collections::HashMap<String, usize> {
+    let mut ids = std::collections::HashMap::new();
+    let text_of_log = std::fs::read_to_string(log).unwrap_or_default();
+    // A line being written is not whole yet.
+    for event in text_of_log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+    {
+        *ids.entry(text(&event, "id")).or_default() += 1;
+    }
+    ids
+}
+
+/// Every event of `org` listed by the API: (seq, id, chain_hash), oldest first.
+async fn chain(app: &TestApp, org: &Org) -> Vec<(u64, String, String)> {
+    let page = events(app, org, &org.token, "?limit=100").await;
+    let mut chain: Vec<_> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                text(e, "id"),
+                text(e, "chain_hash"),
+            )
+        })
+        .collect();
+    chain.reverse();
+    chain
+}
+
+async fn exported_within(log: &std::path::Path, ids: &[String], what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let written = exported(log);
+        if ids.iter().all(|id| written.contains_key(id)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn every_event_exported(app: &TestApp, org: &Org, log: &std::path::Path, what: &str) {
+    let ids: Vec<String> = chain(app, org)
+        .await
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    exported_within(log, &ids, what).await;
+}
+
+/// The chain goes back after the export wrote it (a failover to a standby that lost the last
+/// commits, a restore): the new events take the seqs already exported, and are exported too.
+async fn the_export_writes_the_events_of_a_chain_that_went_back(
+    backend: keyplane_store::testing::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _store, log) = exporting(backend, dir.path()).await;
+    let org = app.create_org("acme").await;
+    for i in 0..4 {
+        app.create_token(&org, &format!("t{i}"), &[]).await;
+    }
+    let before = chain(&app, &org).await;
+    assert_eq!(before.len(), 6);
+    let ids: Vec<String> = before.iter().map(|(_, id, _)| id.clone()).collect();
+    exported_within(&log, &ids, "the first events exported").await;
+
+    // Back to seq 3, as a standby missing the last three commits would be.
+    let (seq, _, hash) = &before[2];
+    app.execute_sql(&format!("DELETE FROM audit_events WHERE seq > {seq}"))
+        .await;
+    app.execute_sql(&format!(
+        "UPDATE audit_chain_heads SET seq = {seq}, chain_hash = '{hash}'"
+    ))
+    .await;
+    // Three events reuse seqs 4..6, the fourth goes past where the export was.
+    for i in 0..4 {
+        app.create_token(&org, &format!("after{i}"), &[]).await;
+    }
+    let after = chain(&app, &org).await;
+    assert_eq!(after.len(), 7);
+    let new: Vec<String> = after[3..].iter().map(|(_, id, _)| id.clone()).collect();
+    exported_within(&log, &new, "the events after the chain went back").await;
+}
+
+/// While the cursor cannot be saved, what was written is not written again at every poll.
+async fn a_failing_cursor_save_does_not_repeat_exported_lines(
+    backend: keyplane_store::testing::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, store, log) = exporting(backend, dir.path()).await;
+    let org = app.create_org("acme").await;
+    store.set_cursor_saves_down(true);
+    app.create_token(&org, "t0", &[]).await;
+    every_event_exported(&app, &org, &log, "the events exported").await;
+    // Five polls and more.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.set_cursor_saves_down(false);
+    app.create_token(&org, "t1", &[]).await;
+    every_event_exported(&app, &org, &log, "the later events exported").await;
+    let written = exported(&log);
+    assert!(
+        written.values().all(|count| *count == 1),
+        "lines written again: {written:?}"
     );
 }

@@ -33,6 +33,8 @@ pub struct FaultyStore {
     hidden_expiry_stage: AtomicU32,
     /// Only enabling a registry fails, as a store that went away during that one write would.
     registry_down: AtomicBool,
+    /// Only saving the audit export's cursors fails.
+    cursor_saves_down: AtomicBool,
     /// Once an audit page after this seq is asked for, every event older than the time is pruned
     /// first.
     prune_on_read: std::sync::Mutex<Option<(u64, DateTime<Utc>)>>,
@@ -141,6 +143,7 @@ impl FaultyStore {
             down: AtomicBool::new(false),
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
             registry_down: AtomicBool::new(false),
+            cursor_saves_down: AtomicBool::new(false),
             prune_on_read: std::sync::Mutex::new(None),
             hold_next_change: HoldSlot::default(),
             down_after_next_change: AtomicBool::new(false),
@@ -253,6 +256,11 @@ impl FaultyStore {
     /// Until set again, `create_registry` alone fails (every read still answers).
     pub fn set_registry_down(&self, down: bool) {
         self.registry_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Until set again, `save_audit_export_cursors` alone fails (the export reads on).
+    pub fn set_cursor_saves_down(&self, down: bool) {
+        self.cursor_saves_down.store(down, Ordering::SeqCst);
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -679,7 +687,7 @@ impl Store for FaultyStore {
         self.inner.audit_chain_state(tenant_id).await
     }
 
-    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64)>, StoreError> {
+    async fn audit_heads(&self) -> Result<Vec<(TenantId, u64, [u8; 32])>, StoreError> {
         self.check()?;
         self.inner.audit_heads().await
     }
@@ -707,6 +715,7 @@ impl Store for FaultyStore {
         cursors: &[(TenantId, u64)],
     ) -> Result<(), StoreError> {
         self.check()?;
+        Self::fail_if(&self.cursor_saves_down)?;
         self.inner
             .save_audit_export_cursors(consumer, cursors)
             .await

@@ -126,6 +126,21 @@ impl TestApp {
         &self.db.url
     }
 
+    /// Runs `sql` on this test's database directly, as an operator (or a restore) would.
+    pub async fn execute_sql(&self, sql: &str) {
+        if self.database_url().starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(self.database_url())
+                .await
+                .unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(self.database_url()).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+
     /// Waits (at most 10 s) until `count` invalidation listeners are connected to this PostgreSQL
     /// database, so that a change made now reaches every replica. SQLite has none to wait for.
     pub async fn await_listeners(&self, count: i64) {

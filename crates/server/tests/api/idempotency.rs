@@ -540,13 +540,7 @@ async fn age_records(app: &TestApp, hours: i64) {
 }
 
 async fn execute(app: &TestApp, sql: &str) {
-    if app.database_url().starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
-    } else {
-        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
-    }
+    app.execute_sql(sql).await
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
