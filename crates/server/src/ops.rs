@@ -839,16 +839,8 @@ async fn policy_report(app: &App, tenant: TenantId) -> Result<PolicyReport, AppE
     })
 }
 
-/// Replaces the tenant's policy. Existing credentials are not changed; the answer counts those
-/// that break the new policy.
-pub async fn put_credential_policy(
-    app: &App,
-    who: &Principal,
-    context: &RequestContext,
-    tenant: TenantId,
-    policy: CredentialPolicy,
-) -> Result<PolicyReport, AppError> {
-    who.require_owner(tenant)?;
+/// `policy` as an event's details, each name after `prefix` (`old_`: the values replaced).
+fn policy_details(mut event: AuditEvent, prefix: &str, policy: &CredentialPolicy) -> AuditEvent {
     let rule_text = |rule: &keyplane_core::LifetimeRule| {
         format!(
             "max_lifetime_days={} require_expiry={} default_lifetime_days={}",
@@ -859,24 +851,44 @@ pub async fn put_credential_policy(
                 .map_or("none".into(), |d| d.to_string()),
         )
     };
-    let mut event = audit_event(
-        tenant,
-        actions::CREDENTIAL_POLICY_UPDATED,
-        AuditActor::of(who),
-        context,
-    )
-    .target("credential_policy", tenant.as_uuid(), None)
-    .text("all", rule_text(&policy.all))
-    .text("on_leak", policy.on_leak.as_str());
+    event = event
+        .text(&format!("{prefix}all"), rule_text(&policy.all))
+        .text(&format!("{prefix}on_leak"), policy.on_leak.as_str());
     for (key, rule) in [
         ("api_tokens", &policy.api_tokens),
         ("service_accounts", &policy.service_accounts),
         ("robot_accounts", &policy.robot_accounts),
     ] {
         if let Some(rule) = rule {
-            event = event.text(key, rule_text(rule));
+            event = event.text(&format!("{prefix}{key}"), rule_text(rule));
         }
     }
+    event
+}
+
+/// Replaces the tenant's policy. Existing credentials are not changed; the answer counts those
+/// that break the new policy.
+pub async fn put_credential_policy(
+    app: &App,
+    who: &Principal,
+    context: &RequestContext,
+    tenant: TenantId,
+    policy: CredentialPolicy,
+) -> Result<PolicyReport, AppError> {
+    who.require_owner(tenant)?;
+    // Read before the write, not in its transaction (the store offers no read-and-replace): a
+    // concurrent change by another owner in between (recorded by its own event) is not among
+    // this event's old values.
+    let before = credential_policy(app.store().as_ref(), tenant).await?;
+    let event = audit_event(
+        tenant,
+        actions::CREDENTIAL_POLICY_UPDATED,
+        AuditActor::of(who),
+        context,
+    )
+    .target("credential_policy", tenant.as_uuid(), None);
+    let event = policy_details(event, "", &policy);
+    let event = policy_details(event, "old_", &before);
     app.store()
         .put_credential_policy(tenant, &policy, now(), &event)
         .await?;

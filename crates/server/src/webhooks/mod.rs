@@ -107,23 +107,72 @@ pub struct WebhookSpec {
     pub enabled: bool,
 }
 
+/// The URL's scheme, host and port: without its path and query, which may carry a receiver's
+/// token.
+fn endpoint_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .map(|url| url.origin().ascii_serialization())
+        .unwrap_or_default()
+}
+
+/// The first 8 bytes of the SHA-256 of the whole URL, in hex: tells an auditor that the URL
+/// changed (a path moved to another receiver at the same host) without recording its path or
+/// query.
+fn url_fingerprint(url: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(url.as_bytes())[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn enabled_text(enabled: bool) -> &'static str {
+    if enabled {
+        "true"
+    } else {
+        "false"
+    }
+}
+
 fn webhook_event(
     action: &str,
     actor: AuditActor,
     context: &RequestContext,
     webhook: &Webhook,
 ) -> AuditEvent {
-    // The endpoint without its path and query, which may carry a receiver's token.
-    let endpoint = reqwest::Url::parse(&webhook.url)
-        .ok()
-        .map(|url| url.origin().ascii_serialization())
-        .unwrap_or_default();
     let name = (!webhook.description.is_empty()).then_some(webhook.description.as_str());
     audit_event(webhook.tenant_id, action, actor, context)
         .target("webhook", webhook.id, name)
-        .text("endpoint", endpoint)
+        .text("endpoint", endpoint_of(&webhook.url))
+        .text("url_fingerprint", url_fingerprint(&webhook.url))
         .list("events", webhook.events.iter().map(ActionPattern::to_wire))
-        .text("enabled", if webhook.enabled { "true" } else { "false" })
+        .text("enabled", enabled_text(webhook.enabled))
+}
+
+/// An update's event also carries the values it replaced, as `old_*` (as a rotation's
+/// `old_display_prefix`), for each field it changed.
+fn with_old_values(mut event: AuditEvent, before: &Webhook, after: &Webhook) -> AuditEvent {
+    if before.url != after.url {
+        event = event.text("old_url_fingerprint", url_fingerprint(&before.url));
+        let old_endpoint = endpoint_of(&before.url);
+        if old_endpoint != endpoint_of(&after.url) {
+            event = event.text("old_endpoint", old_endpoint);
+        }
+    }
+    let wire = |webhook: &Webhook| -> Vec<String> {
+        webhook.events.iter().map(ActionPattern::to_wire).collect()
+    };
+    if wire(before) != wire(after) {
+        event = event.list("old_events", wire(before));
+    }
+    if before.enabled != after.enabled {
+        event = event.text("old_enabled", enabled_text(before.enabled));
+    }
+    if before.description != after.description {
+        event = event.text("old_description", before.description.clone());
+    }
+    event
 }
 
 /// The event of a webhook that keyplane turned off.
@@ -244,6 +293,7 @@ pub async fn update_webhook(
     require_subscriber(who, tenant)?;
     let mut webhook = get_webhook(app, who, tenant, id).await?;
     check_spec(app, &spec).await?;
+    let before = webhook.clone();
     webhook.url = spec.url.to_string();
     webhook.events = spec.events;
     webhook.description = spec.description;
@@ -252,10 +302,14 @@ pub async fn update_webhook(
     }
     webhook.enabled = spec.enabled;
     webhook.updated_at = now();
-    let event = webhook_event(
-        actions::WEBHOOK_UPDATED,
-        AuditActor::of(who),
-        context,
+    let event = with_old_values(
+        webhook_event(
+            actions::WEBHOOK_UPDATED,
+            AuditActor::of(who),
+            context,
+            &webhook,
+        ),
+        &before,
         &webhook,
     );
     app.store().update_webhook(&webhook, &event).await?;

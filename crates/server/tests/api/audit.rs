@@ -15,6 +15,7 @@ both_backends!(
     first_credentials_have_their_own_created_events,
     the_export_writes_the_events_of_a_chain_that_went_back,
     a_failing_cursor_save_does_not_repeat_exported_lines,
+    a_policy_update_records_the_values_it_replaced,
 );
 
 async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
@@ -864,5 +865,28 @@ async fn a_failing_cursor_save_does_not_repeat_exported_lines(
     assert!(
         written.values().all(|count| *count == 1),
         "lines written again: {written:?}"
+    );
+}
+
+/// Each `credential_policy.updated` carries the policy it replaced, as `old_*`.
+async fn a_policy_update_records_the_values_it_replaced(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    for body in [
+        json!({"all": {"max_lifetime_days": 90}, "api_tokens": {"require_expiry": true}}),
+        json!({"all": {"max_lifetime_days": 30}, "on_leak": "suspend"}),
+    ] {
+        crate::lifecycle::put_policy(&app, &org, body).await;
+    }
+    let updates = app.audit_events(&org, "credential_policy.updated").await;
+    let (second, first) = (&updates[0]["details"], &updates[1]["details"]);
+    for key in ["all", "on_leak", "api_tokens"] {
+        assert_eq!(second[format!("old_{key}")], first[key], "{key}: {second}");
+    }
+    assert!(second.get("api_tokens").is_none(), "{second}");
+    assert_eq!(second["on_leak"], "suspend");
+    assert_eq!(
+        first["old_all"],
+        "max_lifetime_days=none require_expiry=false default_lifetime_days=none"
     );
 }

@@ -920,7 +920,7 @@ async fn robots_log_in_with_the_previous_secret_during_grace_only(backend: Backe
     );
 }
 
-async fn put_policy(app: &TestApp, org: &Org, body: Value) -> Value {
+pub(crate) async fn put_policy(app: &TestApp, org: &Org, body: Value) -> Value {
     ok(
         app.request(
             Method::PUT,

@@ -31,6 +31,7 @@ both_backends!(
     an_unreadable_webhook_or_event_fails_alone,
     a_store_slower_than_the_lease_to_claim_sends_each_delivery_once,
     disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_only_new_events,
+    an_update_records_what_it_changed_without_the_url,
 );
 
 /// The `last_error` of a delivery that was waiting when its webhook was disabled.
@@ -1407,4 +1408,76 @@ async fn disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_
         .map(|d| d["payload"]["data"]["target"]["name"].clone())
         .collect();
     assert_eq!(names, [json!("after")]);
+}
+
+/// A webhook moved to another receiver at the same host (only the path changes): the update's
+/// event tells, by the URL's fingerprint, old and new, without the path or query themselves.
+async fn an_update_records_what_it_changed_without_the_url(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let ours = "http://127.0.0.1:9/services/T0/B0/ours?token=first";
+    let theirs = "http://127.0.0.1:9/services/T9/B9/theirs?token=second";
+    let hook = create_webhook(&app, &org, ours, &["api_token.*"]).await;
+    let id = hook["id"].as_str().unwrap();
+    let put = |url: &'static str, events: &'static [&'static str]| {
+        let app = &app;
+        let org = &org;
+        async move {
+            let res = app
+                .request(
+                    Method::PUT,
+                    &org.path(&format!("/webhooks/{id}")),
+                    Some(&org.token),
+                )
+                .json(&json!({"url": url, "events": events, "description": "test receiver"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+        }
+    };
+    put(theirs, &["api_token.*"]).await;
+    put(theirs, &["robot_account.*"]).await;
+    let updates = app.audit_events(&org, "webhook.updated").await;
+    let (events_changed, url_changed) = (&updates[0]["details"], &updates[1]["details"]);
+    let created = &app.audit_events(&org, "webhook.created").await[0]["details"];
+
+    assert_eq!(url_changed["endpoint"], "http://127.0.0.1:9");
+    assert_eq!(
+        url_changed["old_url_fingerprint"],
+        created["url_fingerprint"]
+    );
+    assert_ne!(
+        url_changed["url_fingerprint"],
+        url_changed["old_url_fingerprint"]
+    );
+    assert_eq!(url_changed["url_fingerprint"].as_str().unwrap().len(), 16);
+    assert!(
+        url_changed.get("old_endpoint").is_none(),
+        "the same host: {url_changed}"
+    );
+    assert!(url_changed.get("old_events").is_none(), "{url_changed}");
+
+    assert_eq!(events_changed["events"], json!(["robot_account.*"]));
+    assert_eq!(events_changed["old_events"], json!(["api_token.*"]));
+    assert_eq!(
+        events_changed["url_fingerprint"],
+        url_changed["url_fingerprint"]
+    );
+    assert!(
+        events_changed.get("old_url_fingerprint").is_none(),
+        "{events_changed}"
+    );
+
+    let trail = app
+        .get(&org.path("/audit-events?limit=100"), &org.token)
+        .await
+        .text()
+        .await
+        .unwrap();
+    for part in ["services", "T0", "T9", "ours", "theirs", "token="] {
+        assert!(!trail.contains(part), "{part} in the audit trail: {trail}");
+    }
 }
