@@ -51,6 +51,9 @@ pub(crate) struct Inner {
     /// Registry grants costly enough for a blocking thread, at most this many at once
     /// (`registry::token`): the rest wait their turn, and the blocking pool is not theirs alone.
     pub(crate) costly_grants: Arc<tokio::sync::Semaphore>,
+    /// Where the usage-aware cutover's last sweep stopped (`ops::lifecycle_sweep`): the next
+    /// continues there, so every candidate is reached within a bounded number of sweeps.
+    pub(crate) retirement_cursor: crate::ops::RetirementCursor,
 }
 
 impl App {
@@ -117,6 +120,7 @@ impl App {
                 crate::registry::MAX_COSTLY_GRANTS_PER_CORE
                     * std::thread::available_parallelism().map_or(1, usize::from),
             )),
+            retirement_cursor: Default::default(),
         }))
     }
 

@@ -896,6 +896,20 @@ pub async fn put_credential_policy(
     policy_report(app, tenant).await
 }
 
+/// Where the usage-aware cutover's sweep continues: the last candidate it read, as
+/// `(previous secret's expires_at, id)`; `None` starts from the soonest-ending. Per replica.
+#[derive(Default)]
+pub(crate) struct RetirementCursor(std::sync::Mutex<Option<(DateTime<Utc>, CredentialId)>>);
+
+impl RetirementCursor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(DateTime<Utc>, CredentialId)>> {
+        // A poisoned cursor is still a valid position: at worst the sweep rereads a page.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Most credentials one sweep step reads at once.
 const SWEEP_BATCH: u32 = 500;
 /// Batches per stage and sweep: a bound, so that a sweep always ends; the next one continues.
@@ -925,9 +939,12 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
     if any_ended {
         store.clear_ended_previous_secrets(now).await?;
     }
-    // Candidates stay after a look that does not retire them, so this pages with a cursor, up to
-    // the same bound as each expiry stage; the next sweep starts over.
-    let mut after = None;
+    // Candidates stay after a look that does not retire them (still in use, or not yet unused
+    // long enough), so this pages with a cursor, up to the same bound as each expiry stage, and
+    // the next sweep continues after the last one read, starting over once it reached the end:
+    // candidates ending sooner (another tenant's, possibly many) cannot keep the later ones
+    // from ever being looked at.
+    let mut after = *app.inner().retirement_cursor.lock();
     for _ in 0..SWEEP_MAX_BATCHES {
         let candidates = store
             .credentials_retiring_previous_when_unused(after, page)
@@ -942,6 +959,7 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
                 .map(|previous| (previous.expires_at, last.id)),
             _ => None,
         };
+        *app.inner().retirement_cursor.lock() = after;
         if after.is_none() {
             break;
         }

@@ -15,6 +15,7 @@ both_backends!(
     retire_previous_ends_the_old_secret_now,
     an_unused_previous_secret_is_retired_early,
     the_cutover_pages_past_secrets_it_may_not_retire,
+    another_tenants_candidates_do_not_hold_back_a_retirement,
     rotation_bodies_are_validated,
     suspension_stops_a_token_everywhere_and_resume_restores_it,
     service_accounts_rotate_with_grace_and_suspend,
@@ -378,6 +379,50 @@ async fn the_cutover_pages_past_secrets_it_may_not_retire(backend: Backend) {
         .audit_events(&org, "api_token.previous_secret_retired")
         .await;
     assert_eq!(retired.len(), 3, "{retired:?}");
+}
+
+/// One sweep reads a bounded number of candidates; the next continues where it stopped, so
+/// another tenant's many candidates ending sooner (here more than one sweep reads, each still
+/// in its retire window) cannot keep a due retirement waiting until the grace period ends.
+async fn another_tenants_candidates_do_not_hold_back_a_retirement(backend: Backend) {
+    let (app, clock) = spawn(backend).await;
+    let busy = app.create_org("busy").await;
+    let quiet = app.create_org("quiet").await;
+    // A token rotated with `body` whose new secret was used: a candidate. Its old secret.
+    async fn candidate(app: &TestApp, org: &Org, name: &str, body: Value) -> String {
+        let created = app.create_token(org, name, &[]).await;
+        let (id, old) = (text(&created, "id"), text(&created, "token"));
+        let path = org.path(&format!("/api-tokens/{id}/rotate"));
+        let new = text(&rotate(app, &path, &org.token, body).await, "token");
+        assert_eq!(forward(app, &new).await.status(), 200);
+        used(app, org, &id, &["last_used_at"]).await;
+        old
+    }
+    // Pages of one and 20 pages per sweep: 25 candidates ending sooner, each still in its retire
+    // window, are more than a sweep reads.
+    for i in 0..25 {
+        let body = json!({"grace_seconds": 3600, "retire_when_unused_seconds": 3000});
+        candidate(&app, &busy, &format!("t{i}"), body).await;
+    }
+    let body = json!({"grace_seconds": 86400, "retire_when_unused_seconds": 600});
+    let old = candidate(&app, &quiet, "t", body).await;
+    clock.advance(Duration::from_secs(601));
+    for _ in 0..3 {
+        keyplane_server::ops::lifecycle_sweep_in_pages(&app.app, 1)
+            .await
+            .expect("sweep");
+    }
+    assert_eq!(forward(&app, &old).await.status(), 401, "retired as unused");
+    let retired = app
+        .audit_events(&quiet, "api_token.previous_secret_retired")
+        .await;
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert!(
+        app.audit_events(&busy, "api_token.previous_secret_retired")
+            .await
+            .is_empty(),
+        "the busy tenant's are still in their retire window"
+    );
 }
 
 async fn rotation_bodies_are_validated(backend: Backend) {
