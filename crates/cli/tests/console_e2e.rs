@@ -42,19 +42,7 @@ both_stores!(
 async fn starting_sign_ins_fetches_the_discovery_document_once() {
     let issuer = FakeIssuer::start().await;
     let store = TestStore::new(Backend::Sqlite).await;
-    let keyplane = Keyplane::start(
-        &store,
-        &[
-            "--oidc-issuer",
-            &issuer.url,
-            "--oidc-audience",
-            AUDIENCE,
-            "--console-oidc-client-id",
-            "keyplane-console",
-        ],
-        LIMIT,
-    )
-    .await;
+    let keyplane = signing_in_at(&issuer, &store, &[]).await;
     // The API's own key loading reads the document too, at start; wait for it to finish.
     let deadline = std::time::Instant::now() + LIMIT;
     while issuer.fetched("/jwks") == 0 {
@@ -84,6 +72,71 @@ async fn starting_sign_ins_fetches_the_discovery_document_once() {
         1,
         "twenty sign-ins, one fetch of the discovery document"
     );
+}
+
+/// `/console/oidc/start` needs no sign-in, and many client addresses are cheap (an IPv6 /64
+/// each): a flood of starts from a thousand addresses fills the pending sign-ins, after which
+/// new starts are refused (503, Retry-After) instead of ending a sign-in someone has under way.
+#[tokio::test]
+async fn a_flood_of_sign_ins_from_many_addresses_ends_no_one_elses() {
+    let issuer = FakeIssuer::start().await;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let keyplane = signing_in_at(&issuer, &store, &["--trusted-proxies", "127.0.0.1/32"]).await;
+    let client = manual_client();
+    let start_from = |address: String| {
+        client
+            .get(keyplane.url("/console/oidc/start"))
+            .header("x-forwarded-for", address)
+            .send()
+    };
+    let mine = start_from("192.0.2.1".into()).await.unwrap();
+    assert_eq!(mine.status(), 303);
+    let (cookie, _) = set_cookie(&mine, "keyplane_oidc");
+    let mut refused = 0;
+    for n in 0..1_100u32 {
+        let started = start_from(format!("2001:db8:{n:x}::1")).await.unwrap();
+        match started.status().as_u16() {
+            303 => assert_eq!(refused, 0, "start {n} after a refusal"),
+            503 => {
+                assert_eq!(header(&started, "retry-after"), "30");
+                assert!(header(&started, "set-cookie").is_empty());
+                let page = started.text().await.unwrap();
+                assert!(page.contains("Too many sign-ins are under way"), "{page}");
+                refused += 1;
+            }
+            other => panic!("start {n}: {other}"),
+        }
+    }
+    assert_eq!(refused, 101, "the 1,000 kept include mine");
+    // The issuer sends the browser back: the pending sign-in is still there to answer it (here
+    // with a refusal from the issuer, so no token exchange is needed to tell).
+    let back = client
+        .get(keyplane.url("/console/oidc/callback?error=access_denied"))
+        .header("cookie", format!("keyplane_oidc={cookie}"))
+        .header("x-forwarded-for", "192.0.2.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(back.status(), 400);
+    let page = back.text().await.unwrap();
+    assert!(
+        page.contains("The identity provider did not sign you in."),
+        "my sign-in was still pending: {page}"
+    );
+}
+
+/// keyplane with "Sign in with" at `issuer`, and `more` flags.
+async fn signing_in_at(issuer: &FakeIssuer, store: &TestStore, more: &[&str]) -> Keyplane {
+    let mut args = vec![
+        "--oidc-issuer",
+        &issuer.url,
+        "--oidc-audience",
+        AUDIENCE,
+        "--console-oidc-client-id",
+        "keyplane-console",
+    ];
+    args.extend_from_slice(more);
+    Keyplane::start(store, &args, LIMIT).await
 }
 
 /// An issuer that serves its discovery document and an empty key set on 127.0.0.1, counting

@@ -158,6 +158,10 @@ pub(crate) struct PendingLogin {
     pub client: Option<std::net::IpAddr>,
 }
 
+/// [`Sessions::start_pending`] holds as many sign-ins under way as it keeps: try again later.
+#[derive(Debug)]
+pub(crate) struct SignInsBusy;
+
 pub(crate) struct Sessions {
     pending: Mutex<HashMap<[u8; 32], PendingLogin>>,
     idle: Duration,
@@ -339,30 +343,33 @@ impl Sessions {
 
     /// Remembers a started OIDC login under the browser's pending-login cookie. Anyone may start
     /// one, so each client address holds at most [`MAX_PENDING_PER_CLIENT`]: past it, that
-    /// address's oldest goes, and one address cannot push out other people's sign-ins.
-    pub(crate) fn start_pending(&self, cookie: &CookieValue, login: PendingLogin) {
+    /// address's oldest goes. Past [`MAX_PENDING`] in all, a new sign-in is refused rather than
+    /// pushing out another address's: many addresses are cheap (an IPv6 /64 each), and evicting
+    /// would let them end every sign-in under way before its callback.
+    pub(crate) fn start_pending(
+        &self,
+        cookie: &CookieValue,
+        login: PendingLogin,
+    ) -> Result<(), SignInsBusy> {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, p| now.duration_since(p.started) < PENDING_TTL);
         let client = login.client;
         let same_client = pending.values().filter(|p| p.client == client).count();
-        let evict_from = if same_client >= MAX_PENDING_PER_CLIENT {
-            Some(client)
+        if same_client >= MAX_PENDING_PER_CLIENT {
+            if let Some(oldest) = pending
+                .iter()
+                .filter(|(_, p)| p.client == client)
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k)
+            {
+                pending.remove(&oldest);
+            }
         } else if pending.len() >= MAX_PENDING {
-            None
-        } else {
-            pending.insert(cookie.id(), login);
-            return;
-        };
-        if let Some(oldest) = pending
-            .iter()
-            .filter(|(_, p)| evict_from.is_none_or(|c| p.client == c))
-            .min_by_key(|(_, p)| p.started)
-            .map(|(k, _)| *k)
-        {
-            pending.remove(&oldest);
+            return Err(SignInsBusy);
         }
         pending.insert(cookie.id(), login);
+        Ok(())
     }
 
     /// The pending login of this cookie, removed (a callback is used once).
@@ -397,12 +404,17 @@ mod tests {
         let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
         let start = Instant::now();
         let theirs = CookieValue::fresh();
-        sessions.start_pending(&theirs, login_from([192, 0, 2, 1], start));
+        sessions
+            .start_pending(&theirs, login_from([192, 0, 2, 1], start))
+            .expect("room");
         let mine: Vec<CookieValue> = (0..(MAX_PENDING as u32 * 2))
             .map(|n| {
                 let cookie = CookieValue::fresh();
                 let at = start + Duration::from_millis(u64::from(n) + 1);
-                sessions.start_pending(&cookie, login_from([198, 51, 100, 7], at));
+                // Past its own bound, an address's oldest makes room: never refused.
+                sessions
+                    .start_pending(&cookie, login_from([198, 51, 100, 7], at))
+                    .expect("its own oldest goes");
                 cookie
             })
             .collect();
@@ -422,24 +434,39 @@ mod tests {
         assert!(!kept[..newest].iter().any(|k| *k), "and only they");
     }
 
-    /// Past the overall bound, made of many addresses' sign-ins, the oldest goes.
+    /// Past the overall bound, made of many addresses' sign-ins (cheap to have: an IPv6 /64
+    /// each), new sign-ins are refused: none pushes out a sign-in someone else has under way.
     #[test]
-    fn past_the_overall_bound_the_oldest_sign_in_goes() {
+    fn past_the_overall_bound_new_sign_ins_wait() {
         let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
         let start = Instant::now();
-        let cookies: Vec<CookieValue> = (0..=MAX_PENDING as u32)
+        let theirs = CookieValue::fresh();
+        assert!(sessions
+            .start_pending(&theirs, login_from([192, 0, 2, 1], start))
+            .is_ok());
+        let many: Vec<CookieValue> = (0..2 * MAX_PENDING as u32)
             .map(|n| {
                 let cookie = CookieValue::fresh();
                 let address = [10, (n >> 16) as u8, (n >> 8) as u8, n as u8];
-                let at = start + Duration::from_millis(u64::from(n));
-                sessions.start_pending(&cookie, login_from(address, at));
+                let at = start + Duration::from_millis(u64::from(n) + 1);
+                let started = sessions.start_pending(&cookie, login_from(address, at));
+                assert_eq!(started.is_ok(), n < MAX_PENDING as u32 - 1, "start {n}");
                 cookie
             })
             .collect();
-        assert!(sessions.take_pending(&cookies[0]).is_none());
-        assert!(cookies[1..]
+        assert!(
+            sessions.take_pending(&theirs).is_some(),
+            "the sign-in under way stays"
+        );
+        let kept: Vec<bool> = many
             .iter()
-            .all(|c| sessions.take_pending(c).is_some()));
+            .map(|c| sessions.take_pending(c).is_some())
+            .collect();
+        assert!(
+            kept[..MAX_PENDING - 1].iter().all(|k| *k),
+            "up to the bound"
+        );
+        assert!(!kept[MAX_PENDING - 1..].iter().any(|k| *k), "none past it");
     }
 
     #[test]
