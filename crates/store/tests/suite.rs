@@ -3725,7 +3725,7 @@ async fn a_database_that_refuses_connections_is_unreachable() {
     };
     let (credential, _) = new_token(tenant.id, "late");
     let write = store
-        .create_tenant_with_credential(&tenant, &credential, &ev())
+        .create_tenant_with_credential(&tenant, &credential, &[ev()])
         .await
         .err();
     assert_eq!(
