@@ -179,7 +179,9 @@ const CONNECT_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_mil
 /// Why the database at `options` cannot be reached, if it cannot: one direct connection attempt,
 /// bounded. A pool retries a refused connection until its acquire timeout and then says only that
 /// it timed out (which reads as busy), where the database is down and the attempt's own error
-/// (connection refused, unknown host, ...) says so.
+/// (connection refused, unknown host, ...) says so. Only a failure to reach it counts: a database
+/// that answers, if only to refuse (too many clients, starting up), or that is too slow to connect
+/// to in time, is reachable, and the pooled query may still get its answer.
 pub(crate) async fn unreachable_database<O>(options: &O) -> Option<StoreError>
 where
     O: sqlx::ConnectOptions,
@@ -190,8 +192,8 @@ where
             let _ = sqlx::Connection::close(connection).await;
             return None;
         }
-        Ok(Err(error)) => error.to_string(),
-        Err(_) => format!("no answer within {} ms", CONNECT_PROBE_TIMEOUT.as_millis()),
+        Ok(Err(error @ sqlx::Error::Io(_))) => error.to_string(),
+        Ok(Err(_)) | Err(_) => return None,
     };
     Some(StoreError::Unavailable(Unavailable::new(
         StoreFault::Unreachable,

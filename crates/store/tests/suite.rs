@@ -3237,6 +3237,7 @@ macro_rules! postgres_suite {
 
 postgres_suite! {
     a_database_that_refuses_connections_is_unreachable,
+    a_slow_database_is_not_called_unreachable,
     a_replica_waits_for_another_replicas_migrations,
     last_use_flushes_lock_their_credentials_in_id_order,
     the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting,
@@ -3653,6 +3654,9 @@ struct ClosingProxy {
     /// The test database's URL, through the proxy.
     url: String,
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// How long a new connection waits before it is forwarded (milliseconds), as to a database
+    /// slow to take one.
+    connect_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClosingProxy {
@@ -3665,12 +3669,16 @@ impl ClosingProxy {
         assert!(url.contains(&upstream), "{url} names {upstream}");
         let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
         let url = url.replacen(&upstream, &through, 1);
+        let connect_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let accepting = {
             let tasks = tasks.clone();
+            let connect_delay_ms = connect_delay_ms.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     let upstream = upstream.clone();
+                    let delay = connect_delay_ms.load(std::sync::atomic::Ordering::SeqCst);
                     let forwarding = tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                         if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                         }
@@ -3680,7 +3688,19 @@ impl ClosingProxy {
             })
         };
         tasks.lock().unwrap().push(accepting);
-        Self { url, tasks }
+        Self {
+            url,
+            tasks,
+            connect_delay_ms,
+        }
+    }
+
+    /// New connections from now on wait `delay` before they reach the database.
+    fn delay_new_connections(&self, delay: std::time::Duration) {
+        self.connect_delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Stops listening and drops every forwarded connection.
@@ -3689,6 +3709,38 @@ impl ClosingProxy {
             task.abort();
         }
     }
+}
+
+/// PostgreSQL slow, both to answer (a lock the ping waits on) and to take a new connection: the
+/// readiness ping's direct attempt to connect does not finish in time, which says nothing of
+/// whether it is reachable, so the ping goes on waiting for its pooled answer.
+async fn a_slow_database_is_not_called_unreachable() {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let proxy = ClosingProxy::to(&db.url).await;
+    let store = keyplane_store::connect(&proxy.url).await.unwrap();
+    store.ping().await.unwrap();
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::Executor::execute(
+        &mut holder,
+        "BEGIN; LOCK TABLE meta IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .unwrap();
+    proxy.delay_new_connections(std::time::Duration::from_secs(3));
+    let ping = {
+        let store = store.clone();
+        tokio::spawn(async move { store.ping().await })
+    };
+    // Past the ping's 200 ms and its direct attempt's 500 ms.
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    sqlx::Executor::execute(&mut holder, "ROLLBACK")
+        .await
+        .unwrap();
+    let pinged = ping.await.unwrap();
+    assert!(pinged.is_ok(), "{pinged:?}");
+    proxy.close();
 }
 
 /// PostgreSQL stopped: its pools retry the refused connections until their timeout and said only
