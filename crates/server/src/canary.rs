@@ -17,7 +17,7 @@
 //! [`MAX_PENDING_WRITES`] at once and [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a
 //! trigger past either is logged (at error level) and not recorded.
 
-use crate::jobs::{Jobs, TenantShares};
+use crate::jobs::{Backoff, Jobs, TenantShares};
 use axum::extract::MatchedPath;
 use axum::http::request::Parts;
 use keyplane_core::audit::{actions, ActorType, AuditActor};
@@ -344,9 +344,10 @@ impl CanaryAlarm {
             return;
         };
         let store = self.store.clone();
+        let backoff = self.writes.backoff();
         tokio::spawn(async move {
             let _held = (permit, share);
-            record_through_outage(store.as_ref(), trigger).await;
+            record_through_outage(store.as_ref(), trigger, backoff).await;
         });
     }
 
@@ -360,9 +361,8 @@ impl CanaryAlarm {
 /// Writes a trigger's event, retrying a transient store fault with [`crate::jobs::Backoff`]; its
 /// place in the bound is held meanwhile (the same address presenting again adds nothing), and
 /// given back if the event is not written after all.
-async fn record_through_outage(store: &dyn Store, trigger: Trigger) {
+async fn record_through_outage(store: &dyn Store, trigger: Trigger, mut backoff: Backoff) {
     let tenant = trigger.event.tenant_id;
-    let mut backoff = crate::jobs::Backoff::new();
     loop {
         match store.append_audit_event(&trigger.event).await {
             Ok(()) => return trigger.written(),

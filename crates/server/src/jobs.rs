@@ -13,6 +13,9 @@ pub(crate) struct Jobs {
     capacity: usize,
     /// What the jobs are, for the shutdown log.
     what: &'static str,
+    /// Turned true when the drain starts: a job waiting to retry ([`Backoff`]) tries once more at
+    /// once, then gives up, rather than sleep through the drain.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Jobs {
@@ -21,6 +24,16 @@ impl Jobs {
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
             what,
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The waits between a job's attempts through a store outage, cut short by the drain.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff {
+            started: tokio::time::Instant::now(),
+            last: None,
+            draining: self.draining.subscribe(),
         }
     }
 
@@ -32,6 +45,7 @@ impl Jobs {
     /// Waits (at most `limit`) for the jobs running: `serve` calls it after the last connection
     /// closed, before the store is closed.
     pub(crate) async fn drain(&self, limit: Duration) {
+        self.draining.send_replace(true);
         let all = self
             .permits
             .acquire_many(u32::try_from(self.capacity).unwrap_or(u32::MAX));
@@ -52,20 +66,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The waits between a job's attempts while the store has a transient fault: first the fault's
 /// `Retry-After`, then doubling up to [`MAX_BACKOFF`], for [`RETRY_THROUGH_OUTAGE_FOR`] in all.
-/// Shutdown abandons a waiting job when its drain ends.
+/// When its [`Jobs`]' drain starts (shutdown), a wait ends at once for one last attempt, and the
+/// job is given up if that fails too: a store back before the stop is not slept through.
 pub(crate) struct Backoff {
     started: tokio::time::Instant,
     last: Option<Duration>,
+    draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self {
-            started: tokio::time::Instant::now(),
-            last: None,
-        }
-    }
-
     /// Whether this is the first wait (for a log line once per job).
     pub(crate) fn is_first(&self) -> bool {
         self.last.is_none()
@@ -74,7 +83,7 @@ impl Backoff {
     /// Waits before the next attempt after an attempt met `fault`; `false` (at once) when the
     /// job has been retried long enough and is to be given up.
     pub(crate) async fn wait(&mut self, fault: StoreFault) -> bool {
-        if self.started.elapsed() >= RETRY_THROUGH_OUTAGE_FOR {
+        if self.started.elapsed() >= RETRY_THROUGH_OUTAGE_FOR || *self.draining.borrow() {
             return false;
         }
         let next = self
@@ -83,7 +92,10 @@ impl Backoff {
                 (last * 2).min(MAX_BACKOFF)
             });
         self.last = Some(next);
-        tokio::time::sleep(next).await;
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = self.draining.wait_for(|draining| *draining) => {}
+        }
         true
     }
 }

@@ -587,9 +587,12 @@ pub async fn serve(
     // Leak responses and canary alarms first: they revoke credentials and record events, which
     // the audit tasks' last pass then carries. Their queues are in memory only, so they get at
     // least `LEAST_FOR_ALARMS` even when the connections took the whole deadline.
+    // Both at once: each gets the whole of it, and together they take no longer.
     let for_alarms = left_until(deadline).max(LEAST_FOR_ALARMS);
-    app.inner().leak_jobs.drain(for_alarms).await;
-    app.inner().verifier.canaries().drain(for_alarms).await;
+    tokio::join!(
+        app.inner().leak_jobs.drain(for_alarms),
+        app.inner().verifier.canaries().drain(for_alarms),
+    );
     // Let a flush in progress finish (aborting it would drop its batch; a write waits 5 s at
     // most), then write the rest: last-use times before anything that may run out the deadline,
     // since a kill loses them.

@@ -153,7 +153,7 @@ async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) 
         token_type: None,
         context,
     };
-    let mut backoff = crate::jobs::Backoff::new();
+    let mut backoff = app.inner().leak_jobs.backoff();
     let request_id = report.context.request_id.as_deref();
     for (done, token) in tokens.iter().enumerate() {
         loop {

@@ -51,6 +51,8 @@ pub struct TestApp {
     pub app: App,
     client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
+    /// `serve`, ending after a stop.
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     db: std::sync::Arc<TestDatabase>,
     config: Config,
 }
@@ -184,7 +186,7 @@ impl TestApp {
             .expect("bind loopback");
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, stop) = oneshot::channel::<()>();
-        tokio::spawn(keyplane_server::serve(listener, app.clone(), async move {
+        let served = tokio::spawn(keyplane_server::serve(listener, app.clone(), async move {
             let _ = stop.await;
         }));
         Self {
@@ -196,6 +198,7 @@ impl TestApp {
                 .build()
                 .unwrap(),
             shutdown: Some(shutdown),
+            served: Some(served),
             db,
             config,
         }
@@ -334,6 +337,22 @@ impl TestApp {
             .as_array()
             .unwrap_or_else(|| panic!("items in {page}"))
             .clone()
+    }
+}
+
+impl TestApp {
+    /// Stops the server as a signal does, and returns once `serve` has ended (its drains and
+    /// last writes done).
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served
+                .await
+                .expect("serve ends without a panic")
+                .expect("serve ends cleanly");
+        }
     }
 }
 

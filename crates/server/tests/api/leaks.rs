@@ -1016,8 +1016,13 @@ async fn github_reports_only_well_formed_tokens_reach_the_store() {
 
 /// A server on a [`crate::faulty_store::FaultyStore`], an organization, and a live API token of it.
 async fn token_on_faulty_store() -> (TestApp, Arc<crate::faulty_store::FaultyStore>, Org, String) {
-    let (app, store) =
-        crate::faulty_store::FaultyStore::spawn(Backend::Sqlite, test_config()).await;
+    token_on_faulty_store_with(test_config()).await
+}
+
+async fn token_on_faulty_store_with(
+    config: keyplane_server::Config,
+) -> (TestApp, Arc<crate::faulty_store::FaultyStore>, Org, String) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(Backend::Sqlite, config).await;
     let org = app.create_org("acme").await;
     let leaked = app.create_token(&org, "leaky", &[]).await;
     let leaked = leaked["token"].as_str().unwrap().to_string();
@@ -1047,6 +1052,33 @@ async fn public_revoke_answers_without_the_store_and_retries_through_an_outage()
     })
     .await;
     assert_eq!(app.audit_events(&org, "credential.leaked").await.len(), 1);
+}
+
+/// A stop while an accepted report waits to be retried through an outage tries it once more at
+/// once: the store may be back, and the report is not slept through the stop's drain and lost.
+#[tokio::test]
+async fn a_stop_retries_a_waiting_report_at_once() {
+    let mut config = test_config();
+    config.http.shutdown_timeout = Duration::from_secs(1);
+    let (mut app, store, org, leaked) = token_on_faulty_store_with(config).await;
+    store.set_down(true);
+    let res = revoke(&app, json!({ "credentials": [leaked] })).await;
+    assert_eq!(res.status(), 202);
+    // Attempts at about 0, 1, 3 and 7 s; the next would be 8 s later, past the stop's drain (5 s).
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    store.set_down(false);
+    app.stop().await;
+    let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
+    let trail = app
+        .app
+        .store()
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap();
+    assert!(
+        trail.iter().any(|e| e.event.action == "credential.leaked"),
+        "the report was worked off before the stop ended"
+    );
 }
 
 /// While the store says its writes are failing, a report is refused with 503 and `Retry-After`
