@@ -184,7 +184,10 @@ struct VerifyingKey {
 
 struct KeySet {
     keys: Arc<Vec<VerifyingKey>>,
+    /// When keys were last loaded; `None`: never.
     fetched: Option<Instant>,
+    /// Whether the last fetch failed.
+    last_fetch_failed: bool,
 }
 
 struct Issuer {
@@ -216,6 +219,7 @@ impl Oidc {
                 keys: RwLock::new(KeySet {
                     keys: Arc::new(Vec::new()),
                     fetched: None,
+                    last_fetch_failed: false,
                 }),
                 last_attempt: tokio::sync::Mutex::new(None),
             })
@@ -239,7 +243,10 @@ impl Oidc {
         }
     }
 
-    /// Validates a JWT access token. Every failure is `Unauthenticated` with a reason for the log.
+    /// Validates a JWT access token. Every failure is `Unauthenticated` with a reason for the log,
+    /// but one: while the issuer's keys were never loaded and the last fetch failed, nothing can be
+    /// told about any of its tokens, and `UpstreamUnavailable` (503) says so: a client takes a 401
+    /// for a bad token, not for an outage.
     pub async fn validate(&self, token: &str) -> Result<AccessToken, AppError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(reject("jwt too large"));
@@ -283,9 +290,17 @@ impl Oidc {
         if keys.iter().any(|key| fits(&key)) {
             self.refresh_if_old(index);
         } else {
+            // A fetch running or tried recently would only be waited for (up to the HTTP timeout
+            // against a blackholed provider) to learn what the last one said: still no keys.
+            if !self.fetch_due(index) {
+                self.unavailable_if_never_loaded(index)?;
+            }
             // Perhaps the provider rotated its keys: refetch (rate-limited) and look again.
             self.refresh(index).await;
             keys = self.cached_keys(index);
+            if !keys.iter().any(|key| fits(&key)) {
+                self.unavailable_if_never_loaded(index)?;
+            }
         }
         let validation = self.validation(index, alg);
         let mut failure = reject("jwt unknown key");
@@ -328,6 +343,42 @@ impl Oidc {
             .clone()
     }
 
+    /// 503 when the issuer's keys were never loaded and the last fetch failed; `Retry-After` is
+    /// when the next fetch may start.
+    fn unavailable_if_never_loaded(&self, index: usize) -> Result<(), AppError> {
+        let issuer = &self.0.issuers[index];
+        let down = {
+            let set = issuer.keys.read().unwrap_or_else(|p| p.into_inner());
+            set.fetched.is_none() && set.last_fetch_failed
+        };
+        if !down {
+            return Ok(());
+        }
+        let next_fetch_in = match issuer.last_attempt.try_lock().map(|last| *last) {
+            Ok(Some(at)) => self
+                .0
+                .config
+                .min_refresh_interval
+                .saturating_sub(at.elapsed()),
+            _ => Duration::ZERO,
+        };
+        Err(AppError::UpstreamUnavailable {
+            what: "the identity provider's keys",
+            retry_after_secs: next_fetch_in.as_secs().max(1),
+        })
+    }
+
+    /// Whether a fetch may start now: none is running and none started within
+    /// `min_refresh_interval`.
+    fn fetch_due(&self, index: usize) -> bool {
+        self.0.issuers[index]
+            .last_attempt
+            .try_lock()
+            .is_ok_and(|last| {
+                last.is_none_or(|at| at.elapsed() >= self.0.config.min_refresh_interval)
+            })
+    }
+
     /// Fetches the issuer's keys unless a fetch started less than `min_refresh_interval` ago.
     /// Failures are logged and leave the cached keys in place.
     async fn refresh(&self, index: usize) {
@@ -343,9 +394,15 @@ impl Oidc {
                 *issuer.keys.write().unwrap_or_else(|p| p.into_inner()) = KeySet {
                     keys: Arc::new(keys),
                     fetched: Some(Instant::now()),
+                    last_fetch_failed: false,
                 };
             }
             Err(e) => {
+                issuer
+                    .keys
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_fetch_failed = true;
                 tracing::warn!(oidc.issuer = %issuer.url, error = %format!("{e:#}"), "cannot load the identity provider's keys; keys already loaded stay in use")
             }
         }
@@ -364,10 +421,7 @@ impl Oidc {
         if !old {
             return;
         }
-        let due = issuer.last_attempt.try_lock().is_ok_and(|last| {
-            last.is_none_or(|at| at.elapsed() >= self.0.config.min_refresh_interval)
-        });
-        if due {
+        if self.fetch_due(index) {
             let oidc = self.clone();
             tokio::spawn(async move { oidc.refresh(index).await });
         }

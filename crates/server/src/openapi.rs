@@ -187,10 +187,17 @@ fn add_errors(path: &str, operation: &mut Operation, schema: &str) {
         "Internal error (its cause is in the server's log, never in the answer).",
         schema,
     );
+    // Users' access tokens authenticate only on the management APIs (under `/api/`).
+    let takes_users = path.starts_with("/api/");
     add(
         operation,
         "503",
-        "The store is temporarily unavailable; retry later.",
+        if takes_users {
+            "The store is temporarily unavailable, or (for a user's access token) the identity \
+             provider's keys were never loaded and cannot be fetched; retry later."
+        } else {
+            "The store is temporarily unavailable; retry later."
+        },
         schema,
     );
     // A route's own error responses are in its surface's shape unless it says otherwise.

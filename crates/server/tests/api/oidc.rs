@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ both_backends!(
     unknown_keys_refetch_the_jwks_at_most_once_per_interval,
     a_key_rotation_is_picked_up_without_restarting,
     a_provider_that_is_down_breaks_no_other_credential,
+    users_get_503_while_their_providers_keys_were_never_loaded,
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
     a_users_console_refusals_are_recorded_in_the_sessions_organization,
@@ -806,7 +808,62 @@ async fn a_provider_that_is_down_breaks_no_other_credential(backend: Backend) {
         issuer: dead,
     }
     .sign(json!({}));
-    assert_eq!(status(&cold, &org.path("/api-tokens"), &forged).await, 401);
+    // No key was ever loaded: nothing can be told about the token, so not a 401.
+    assert_eq!(status(&cold, &org.path("/api-tokens"), &forged).await, 503);
+}
+
+/// An identity provider that answers every request with a 500, on 127.0.0.1: its issuer URL and
+/// how many requests it has served.
+async fn failing_provider() -> (String, Arc<AtomicUsize>) {
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = served.clone();
+    let router = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (issuer, served)
+}
+
+async fn users_get_503_while_their_providers_keys_were_never_loaded(backend: Backend) {
+    let (issuer, served) = failing_provider().await;
+    let config = OidcConfig {
+        // No second fetch may happen during the test.
+        min_refresh_interval: Duration::from_secs(3600),
+        ..oidc(&[&issuer])
+    };
+    let app = keyplane(backend, config).await;
+    let org = app.create_org("acme").await;
+    // Its signature is never checked: there is no key to check it with.
+    let header = b64(&json!({"alg": "ES256", "typ": "at+jwt", "kid": "k"}));
+    let payload = b64(&json!({"iss": issuer, "aud": AUDIENCE, "sub": "alice",
+                               "exp": chrono::Utc::now().timestamp() + 300}));
+    let jwt = format!("{header}.{payload}.c2ln");
+    for attempt in ["first", "second"] {
+        let res = app.get(&org.path("/api-tokens"), &jwt).await;
+        let retry_after: u64 = res
+            .headers()
+            .get("retry-after")
+            .unwrap_or_else(|| panic!("{attempt} answer has a Retry-After: {res:?}"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&retry_after), "{retry_after}");
+        crate::helpers::assert_error(res, 503, "unavailable").await;
+    }
+    // One fetch (the warm-up's, or the first request's): the second request waited for none.
+    assert_eq!(served.load(Ordering::SeqCst), 1, "requests to the provider");
+    // keyplane's own credentials are unaffected.
+    assert_eq!(
+        status(&app, &org.path("/api-tokens"), &org.token).await,
+        200
+    );
 }
 
 /// A loopback port nothing listens on (bound, then released).
