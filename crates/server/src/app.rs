@@ -189,12 +189,12 @@ impl App {
     }
 
     /// Makes cached verifications of `subject` stale, here at once (other replicas hear of it
-    /// through the store).
-    pub(crate) fn invalidate(&self, subject: uuid::Uuid) {
+    /// through the store), and wakes `tenant`'s revocation streams: the change is in its chain.
+    pub(crate) fn invalidate(&self, tenant: keyplane_core::TenantId, subject: uuid::Uuid) {
         self.0
             .verifier
             .invalidate(keyplane_store::Invalidation::Subject(subject));
-        self.0.revocation_streams.wake();
+        self.0.revocation_streams.wake_tenant(tenant, subject);
     }
 
     /// Reopens the `--audit-log` file (after an outside tool renamed it).

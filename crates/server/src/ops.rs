@@ -623,7 +623,7 @@ async fn rotate(
             seal.as_ref().map(|s| s as _),
         )
         .await?;
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), grace_seconds = spec.options.grace_seconds, "credential rotated");
     Ok(Issued { credential, secret })
 }
@@ -717,7 +717,7 @@ pub async fn set_suspended(
             StoreError::Conflict(_) => AppError::from(revoked()),
             other => other.into(),
         })?;
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     if changed {
         tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), suspended = suspend, "credential suspension changed");
     }
@@ -744,7 +744,7 @@ pub async fn retire_previous_secret(
         .store()
         .retire_previous_secret(tenant, rights.kind, id, &previous.hash, now(), &event)
         .await?;
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     match retired {
         Some(credential) => Ok(credential),
         // A rotation or another retirement came first: show what is there now.
@@ -1042,7 +1042,7 @@ async fn retire_if_unused(
         )
         .await?;
     if retired.is_some() {
-        app.invalidate(candidate.id.as_uuid());
+        app.invalidate(candidate.tenant_id, candidate.id.as_uuid());
         tracing::info!(tenant.id = %candidate.tenant_id, credential.id = %candidate.id, "previous secret retired: unused");
     }
     Ok(())
@@ -1086,7 +1086,7 @@ pub async fn revoke_credential(
             None,
         )
         .await?;
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     let revoked_now = credential.revoked_at == Some(at);
     if revoked_now {
         tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "credential revoked");
@@ -1118,7 +1118,7 @@ pub async fn create_grant(
     app.store()
         .insert_grant(&grant, &event, seal.as_ref().map(|s| s as _))
         .await?;
-    app.invalidate(grant.subject_id);
+    app.invalidate(tenant, grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), principal.id = %who.id(), "grant created");
     Ok(grant)
 }
@@ -1222,7 +1222,7 @@ pub async fn revoke_grant(
         &existing,
     );
     let grant = app.store().revoke_grant(tenant, id, now(), &event).await?;
-    app.invalidate(grant.subject_id);
+    app.invalidate(tenant, grant.subject_id);
     tracing::info!(tenant.id = %tenant, grant.id = %id, principal.id = %who.id(), "grant revoked");
     Ok(grant)
 }
@@ -1421,7 +1421,7 @@ pub async fn update_robot_permissions(
         .store()
         .update_robot_permissions(tenant, id, &permissions, now(), &event)
         .await?;
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     tracing::info!(tenant.id = %tenant, credential.id = %id, principal.id = %who.id(), "robot permissions changed");
     Ok(robot.as_of(app.now()))
 }

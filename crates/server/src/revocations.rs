@@ -7,7 +7,11 @@
 //! `Last-Event-ID` resumes exactly where a client stopped. A stream wakes when this replica
 //! invalidates its verification cache (its own writes at once, other replicas' through the
 //! store's notifications) and at the latest every `revocation_poll_interval`; it then reads the
-//! tenant's chain head and, when that moved, the events after its cursor.
+//! tenant's chain head and, when that moved, the events after its cursor. This replica's own
+//! writes wake only their tenant's streams. A notification names only a subject, not its tenant,
+//! so one from another replica (or a reset) wakes every stream; the echo of this replica's own
+//! write (PostgreSQL delivers a NOTIFY to its sender's listener too) wakes none, its tenant's
+//! streams having been woken already.
 //!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
@@ -40,9 +44,9 @@ use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
 use keyplane_store::{AuditChainState, AuditQuery};
 use serde::Serialize;
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -82,10 +86,24 @@ pub const STREAMED_ACTIONS: &[&str] = &[
 pub(crate) struct RevocationStreams {
     slots: Arc<Semaphore>,
     per_org: TenantShares,
-    /// Bumped on every local cache invalidation: streams look at the store at once.
-    wake: watch::Sender<u64>,
+    /// Per tenant with open streams, bumped on this replica's changes in it: its streams look at
+    /// the store at once.
+    tenant_wakes: Mutex<HashMap<TenantId, watch::Sender<u64>>>,
+    /// Bumped on a change the store told of that cannot be placed in a tenant: every stream looks.
+    wake_all: watch::Sender<u64>,
+    /// The subjects of this replica's recent changes, whose store notifications are echoes of a
+    /// wake already done, oldest first.
+    echoes: Mutex<VecDeque<(uuid::Uuid, Instant)>>,
     stop: watch::Sender<bool>,
 }
+
+/// How long a change's notification is taken for the echo of this replica's own: a notification
+/// of the same subject from another replica within it wakes no stream, which then sees the change
+/// at its next poll (`revocation_poll_interval`) instead.
+const ECHO_WINDOW: Duration = Duration::from_secs(5);
+/// The most changes remembered for [`ECHO_WINDOW`]; past it, the oldest are forgotten (their
+/// echoes then wake every stream, as before).
+const MAX_ECHOES: usize = 4096;
 
 /// A stream's slots, in all and in its organization: given back when the stream ends.
 struct Slot {
@@ -98,7 +116,9 @@ impl RevocationStreams {
         Self {
             slots: Arc::new(Semaphore::new(max_streams)),
             per_org: TenantShares::new(max_per_org),
-            wake: watch::Sender::new(0),
+            tenant_wakes: Mutex::new(HashMap::new()),
+            wake_all: watch::Sender::new(0),
+            echoes: Mutex::new(VecDeque::new()),
             stop: watch::Sender::new(false),
         }
     }
@@ -114,9 +134,54 @@ impl RevocationStreams {
         })
     }
 
-    /// Something changed (here or, as the store told us, elsewhere): streams read their heads.
-    pub(crate) fn wake(&self) {
-        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    /// This replica changed `subject` in `tenant`: that tenant's streams read their heads.
+    pub(crate) fn wake_tenant(&self, tenant: TenantId, subject: uuid::Uuid) {
+        if let Some(wake) = self
+            .tenant_wakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tenant)
+        {
+            wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while echoes.front().is_some_and(|(_, at)| {
+            echoes.len() >= MAX_ECHOES || now.duration_since(*at) > ECHO_WINDOW
+        }) {
+            echoes.pop_front();
+        }
+        echoes.push_back((subject, now));
+    }
+
+    /// The store told of a change (another replica's, or the echo of this one's): every stream
+    /// reads its head, unless it is the echo of a change of this replica's, whose tenant's streams
+    /// were woken already.
+    pub(crate) fn heard(&self, event: keyplane_store::Invalidation) {
+        if let keyplane_store::Invalidation::Subject(subject) = event {
+            let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let echo = echoes.iter().position(|(echoed, at)| {
+                *echoed == subject && now.duration_since(*at) <= ECHO_WINDOW
+            });
+            if let Some(index) = echo {
+                echoes.remove(index);
+                return;
+            }
+        }
+        self.wake_all.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// What wakes a stream of `tenant`: its tenant's changes here, and changes the store told of.
+    fn subscribe(&self, tenant: TenantId) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
+        let mut wakes = self.tenant_wakes.lock().unwrap_or_else(|p| p.into_inner());
+        // Tenants whose streams all ended.
+        wakes.retain(|_, wake| wake.receiver_count() > 0);
+        let own = wakes
+            .entry(tenant)
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        (own, self.wake_all.subscribe())
     }
 
     /// The server stops: every stream ends, so that connections can close.
@@ -269,6 +334,7 @@ async fn revocation_stream(
     };
     let first = position_event(first.0, &first.1)
         .map_err(|e| AppError::Internal(anyhow::anyhow!("render an event: {e}")))?;
+    let (wake, wake_all) = streams.subscribe(tenant);
     let stream = Stream {
         app: app.clone(),
         presented,
@@ -278,7 +344,8 @@ async fn revocation_stream(
         head: state.head_seq,
         head_hash: state.head_hash,
         pending: VecDeque::from([first]),
-        wake: streams.wake.subscribe(),
+        wake,
+        wake_all,
         stop: streams.stop.subscribe(),
         poll: config.revocation_poll_interval,
         heartbeat,
@@ -308,7 +375,10 @@ struct Stream {
     head: u64,
     head_hash: [u8; 32],
     pending: VecDeque<Event>,
+    /// Bumped on this replica's changes in the stream's tenant.
     wake: watch::Receiver<u64>,
+    /// Bumped on changes the store told of, which may be in any tenant.
+    wake_all: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
     poll: Duration,
     /// A heartbeat is sent when nothing else was for this long, and only right after the head
@@ -335,6 +405,7 @@ impl Stream {
                 let next_read = (tokio::time::Instant::now() + self.poll).min(heartbeat_due);
                 tokio::select! {
                     _ = self.wake.changed() => {}
+                    _ = self.wake_all.changed() => {}
                     () = tokio::time::sleep_until(next_read) => {}
                     _ = self.stop.wait_for(|stop| *stop) => return None,
                 }

@@ -548,7 +548,7 @@ pub async fn serve(
     app.store().listen_invalidations(
         std::sync::Arc::new(move |event| {
             verifier_app.inner().verifier.invalidate(event);
-            verifier_app.inner().revocation_streams.wake();
+            verifier_app.inner().revocation_streams.heard(event);
         }),
         stopped.clone(),
     );

@@ -282,7 +282,7 @@ pub async fn respond_to_leak(
             }
         }
     };
-    app.invalidate(id.as_uuid());
+    app.invalidate(tenant, id.as_uuid());
     if outcome == LeakOutcome::NoLongerLive {
         tracing::info!(tenant.id = %tenant, credential.id = %id, leak.source = report.source.as_str(), "reported secret stopped being the credential's before the leak response; nothing changed");
     } else if outcome != LeakOutcome::AlreadyHandled {

@@ -62,6 +62,8 @@ pub struct FaultyStore {
     hash_lookups: AtomicU64,
     /// How many times `ping` was called, answered or not.
     pings: AtomicU64,
+    /// How many times `audit_chain_state` was called for each tenant, answered or not.
+    chain_state_reads: std::sync::Mutex<std::collections::HashMap<TenantId, u64>>,
 }
 
 /// The store's side of [`HeldChange`].
@@ -156,6 +158,7 @@ impl FaultyStore {
             failing_lookup_ms: AtomicU64::new(0),
             hash_lookups: AtomicU64::new(0),
             pings: AtomicU64::new(0),
+            chain_state_reads: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -173,6 +176,16 @@ impl FaultyStore {
     /// How many readiness pings were asked so far.
     pub fn pings(&self) -> u64 {
         self.pings.load(Ordering::SeqCst)
+    }
+
+    /// How many times `tenant`'s audit chain state (`audit_chain_state`) was read so far.
+    pub fn chain_state_reads(&self, tenant: TenantId) -> u64 {
+        self.chain_state_reads
+            .lock()
+            .unwrap()
+            .get(&tenant)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many credential lookups by hash (`find_credential_by_hash`) were asked so far.
@@ -683,6 +696,12 @@ impl Store for FaultyStore {
     }
 
     async fn audit_chain_state(&self, tenant_id: TenantId) -> Result<AuditChainState, StoreError> {
+        *self
+            .chain_state_reads
+            .lock()
+            .unwrap()
+            .entry(tenant_id)
+            .or_default() += 1;
         self.check()?;
         self.inner.audit_chain_state(tenant_id).await
     }

@@ -14,6 +14,7 @@ both_backends!(
     a_stream_catching_up_is_reset_when_retention_prunes_past_it,
     a_stream_is_reset_when_its_chain_goes_back,
     one_organization_cannot_take_every_stream,
+    another_organizations_changes_do_not_wake_a_stream,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
@@ -618,4 +619,76 @@ async fn revoke(app: &TestApp, org: &Org, id: &str) {
         .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
         .await;
     assert_eq!(res.status(), 204, "revoking {id}");
+}
+
+/// Streams that neither poll nor send heartbeats within a test: each read of their chain, and
+/// each event they deliver, follows a wake-up.
+fn woken_only() -> keyplane_server::Config {
+    keyplane_server::Config {
+        revocation_poll_interval: Duration::from_secs(600),
+        revocation_heartbeat: Duration::from_secs(600),
+        ..test_config()
+    }
+}
+
+async fn another_organizations_changes_do_not_wake_a_stream(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, woken_only()).await;
+    let busy = app.create_org("busy").await;
+    let quiet = app.create_org("quiet").await;
+    let quiet_tenant = keyplane_core::TenantId::from_uuid(quiet.id.parse().unwrap());
+    let verifier = verifier_token(&app, &quiet).await;
+    let later = token_id(&app, &quiet, "later").await;
+    let toggled = token_id(&app, &busy, "toggled").await;
+    let mut stream = SseReader::connect(&app, &verifier, None).await;
+    assert_eq!(stream.next().await.event, "ready");
+
+    let before = store.chain_state_reads(quiet_tenant);
+    for round in 0..15 {
+        for change in ["suspend", "resume"] {
+            let res = app
+                .post_empty(
+                    &busy.path(&format!("/api-tokens/{toggled}/{change}")),
+                    &busy.token,
+                )
+                .await;
+            assert_eq!(res.status(), 200, "{change} in round {round}");
+        }
+    }
+    // A reset of the PostgreSQL listener wakes every stream: a few reads, not one per change.
+    let woken = store.chain_state_reads(quiet_tenant) - before;
+    assert!(
+        woken <= 3,
+        "30 changes elsewhere made {woken} reads of this stream's chain"
+    );
+
+    // Its own organization's changes still reach it at once, not at the next poll.
+    revoke(&app, &quiet, &later).await;
+    assert_revocation(
+        &stream.next().await,
+        "api_token.revoked",
+        "api_token",
+        &later,
+    );
+}
+
+/// A change through another replica wakes the stream through the store's notification, not at
+/// its next poll: the notification cannot say which organization changed, so it wakes every one.
+#[tokio::test]
+async fn a_stream_hears_another_replicas_changes_at_once() {
+    let first = TestApp::spawn_with(Backend::Postgres, woken_only()).await;
+    let replica = first.replica().await;
+    let org = first.create_org("acme").await;
+    first.await_listeners(2).await;
+    let verifier = verifier_token(&first, &org).await;
+    let doomed = token_id(&first, &org, "doomed").await;
+    let mut stream = SseReader::connect(&replica, &verifier, None).await;
+    assert_eq!(stream.next().await.event, "ready");
+
+    revoke(&first, &org, &doomed).await;
+    assert_revocation(
+        &stream.next().await,
+        "api_token.revoked",
+        "api_token",
+        &doomed,
+    );
 }
