@@ -34,6 +34,7 @@ pub mod registry;
 mod request_id;
 pub mod revocations;
 mod router;
+pub mod streamed_list;
 mod system;
 pub mod tls;
 mod usage;

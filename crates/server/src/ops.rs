@@ -437,14 +437,19 @@ pub async fn list_credentials(
             include_canaries,
         })
         .await?;
-    let next = match spec.limit {
-        Some(limit) if page.len() > limit as usize => {
-            page.truncate(limit as usize);
-            page.last().map(|c| c.id)
-        }
-        _ => None,
-    };
+    let next = cut_page(&mut page, spec.limit, |c| c.id);
     Ok((page.into_iter().map(|c| c.as_of(now)).collect(), next))
+}
+
+/// Cuts a page read with one row more than `limit` back to `limit`; if there was more, the cursor
+/// of the next page (the id of its last row).
+fn cut_page<T, C>(page: &mut Vec<T>, limit: Option<u32>, id: impl Fn(&T) -> C) -> Option<C> {
+    let limit = limit? as usize;
+    if page.len() <= limit {
+        return None;
+    }
+    page.truncate(limit);
+    page.last().map(id)
 }
 
 /// Canaries are shown only to callers who hold the kind's write right (who could have made
@@ -1187,13 +1192,24 @@ pub async fn grant_as_operator(
     Ok(grant)
 }
 
+/// One page of the grants `filter` matches (at most `filter.limit`, after `filter.after`), and the
+/// cursor of the next page if there is one.
 pub async fn list_grants(
     app: &App,
     who: &Principal,
     filter: GrantFilter,
-) -> Result<Vec<Grant>, AppError> {
+) -> Result<(Vec<Grant>, Option<GrantId>), AppError> {
     who.require(filter.tenant_id, Capability::AuthManage)?;
-    Ok(app.store().list_grants(&filter).await?)
+    let limit = filter.limit;
+    let mut page = app
+        .store()
+        .list_grants(&GrantFilter {
+            limit: limit.map(|l| l + 1),
+            ..filter
+        })
+        .await?;
+    let next = cut_page(&mut page, limit, |g| g.id);
+    Ok((page, next))
 }
 
 /// Revokes a grant; idempotent. The subject loses the right on its next request.

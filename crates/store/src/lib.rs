@@ -100,6 +100,10 @@ pub struct GrantFilter {
     pub kind: Option<GrantKind>,
     pub capability_key: Option<String>,
     pub include_revoked: bool,
+    /// Exclusive: only grants created after this one (a page cursor).
+    pub after: Option<GrantId>,
+    /// `None`: every match.
+    pub limit: Option<u32>,
 }
 
 impl GrantFilter {
@@ -116,6 +120,8 @@ impl GrantFilter {
             kind: None,
             capability_key: None,
             include_revoked: false,
+            after: None,
+            limit: None,
         }
     }
 }

@@ -924,22 +924,40 @@ macro_rules! impl_store {
                 &self,
                 filter: &$crate::GrantFilter,
             ) -> Result<Vec<keyplane_core::Grant>, $crate::StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM grants WHERE tenant_id = $1 \
-                     AND ($2 IS NULL OR subject_type = $2) AND ($3 IS NULL OR subject_id = $3) \
-                     AND ($4 IS NULL OR grant_kind = $4) AND ($5 IS NULL OR capability_key = $5) \
-                     AND ($6 OR revoked_at IS NULL) ORDER BY id",
+                // Only the conditions that apply, as for credentials: the cursor seeks the
+                // listing index, so a page costs the same wherever it starts.
+                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM grants WHERE tenant_id = ",
                     $crate::sql::GRANT_COLUMNS
-                );
-                let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
-                    .bind(filter.tenant_id.as_uuid())
-                    .bind(filter.subject_type.map(|t| t.as_str()))
-                    .bind(filter.subject_id)
-                    .bind(filter.kind.map(|k| k.as_str()))
-                    .bind(&filter.capability_key)
-                    .bind(filter.include_revoked)
-                    .fetch_all(&self.pool)
-                    .await?;
+                ));
+                sql.push_bind(filter.tenant_id.as_uuid());
+                if let Some(subject_type) = filter.subject_type {
+                    sql.push(" AND subject_type = ");
+                    sql.push_bind(subject_type.as_str());
+                }
+                if let Some(subject_id) = filter.subject_id {
+                    sql.push(" AND subject_id = ");
+                    sql.push_bind(subject_id);
+                }
+                if let Some(kind) = filter.kind {
+                    sql.push(" AND grant_kind = ");
+                    sql.push_bind(kind.as_str());
+                }
+                if let Some(capability_key) = &filter.capability_key {
+                    sql.push(" AND capability_key = ");
+                    sql.push_bind(capability_key.clone());
+                }
+                if !filter.include_revoked {
+                    sql.push(" AND revoked_at IS NULL");
+                }
+                if let Some(after) = filter.after {
+                    sql.push(" AND id > ");
+                    sql.push_bind(after.as_uuid());
+                }
+                sql.push(" ORDER BY id LIMIT ");
+                sql.push_bind(filter.limit.map_or(i64::MAX, i64::from));
+                let rows: Vec<$crate::rows::GrantRow> =
+                    sql.build_query_as().fetch_all(&self.pool).await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 

@@ -626,6 +626,20 @@ async fn grants_filter_conflict_and_revoke(backend: Backend) {
         ..GrantFilter::live_for(f.tenant.id, SubjectType::User, sa)
     };
     assert_eq!(f.store.list_grants(&all).await.unwrap().len(), 3);
+    // A page at a time from a cursor: the same grants in the same order.
+    let everything = f.store.list_grants(&all).await.unwrap();
+    let first_page = GrantFilter {
+        limit: Some(2),
+        ..all.clone()
+    };
+    let first = f.store.list_grants(&first_page).await.unwrap();
+    let after_first = GrantFilter {
+        after: Some(first[1].id),
+        ..all.clone()
+    };
+    let rest = f.store.list_grants(&after_first).await.unwrap();
+    assert_eq!((first.len(), rest.len()), (2, 1));
+    assert_eq!([first, rest].concat(), everything);
 
     let at = now();
     let revoked = f

@@ -14,6 +14,7 @@ use crate::idempotency::{
     Idempotency, IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson,
 };
 use crate::ops::{self, CredentialSpec, ROBOTS};
+use crate::streamed_list;
 use crate::wire::RotateRequest;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -136,17 +137,24 @@ pub async fn list_robot_accounts(
     Authenticated(who, ..): Caller,
     PathParams(org, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<RobotAccountPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     let expiring = crate::extract::expiring_within_days(&query).map_err(DomainError::from)?;
     let spec = ops::ListSpec {
         expiring_within_days: expiring,
         ..Default::default()
     };
-    let (robots, _) = ops::list_credentials(&app, &who, org, ROBOTS, spec).await?;
-    Ok(Json(RobotAccountPage {
-        items: robots.into_iter().map(RobotAccountView::from).collect(),
-    }))
+    // `RobotAccountPage`, written a page of robots at a time.
+    Ok(streamed_list::credentials(
+        app,
+        who,
+        org,
+        ROBOTS,
+        spec,
+        streamed_list::ITEMS,
+        RobotAccountView::from,
+    )
+    .await?)
 }
 
 /// Create a registry robot account

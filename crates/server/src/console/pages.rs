@@ -757,7 +757,7 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
         },
     )
     .await?;
-    let grants = ops::list_grants(
+    let (grants, _) = ops::list_grants(
         app,
         &console.who,
         GrantFilter {
@@ -767,6 +767,8 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
             kind: None,
             capability_key: None,
             include_revoked: false,
+            after: None,
+            limit: None,
         },
     )
     .await?;

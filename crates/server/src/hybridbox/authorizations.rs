@@ -11,6 +11,7 @@ use crate::extract::PathParams;
 use crate::extract::{path_id, query_bool, Authenticated};
 use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson};
 use crate::ops;
+use crate::streamed_list;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -87,6 +88,8 @@ fn parse_filter(
         kind,
         capability_key,
         include_revoked,
+        after: None,
+        limit: None,
     })
 }
 
@@ -118,13 +121,25 @@ pub async fn list_authorizations(
     Authenticated(who, ..): Caller,
     PathParams(account, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<AuthorizationView>>, ApiError> {
+) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
     let filter = parse_filter(account, &query)?;
-    let grants = ops::list_grants(&app, &who, filter).await?;
-    Ok(Json(
-        grants.into_iter().map(AuthorizationView::from).collect(),
-    ))
+    let listing = streamed_list::json_array(streamed_list::BARE, move |after| {
+        let (app, who) = (app.clone(), who.clone());
+        let page = GrantFilter {
+            after,
+            limit: Some(streamed_list::LIST_PAGE_ROWS),
+            ..filter.clone()
+        };
+        async move {
+            let (grants, next) = ops::list_grants(&app, &who, page).await?;
+            Ok((
+                grants.into_iter().map(AuthorizationView::from).collect(),
+                next,
+            ))
+        }
+    });
+    Ok(listing.await?)
 }
 
 /// Create Authorization

@@ -11,6 +11,7 @@ use crate::extract::PathParams;
 use crate::extract::{path_id, query_bool, Authenticated};
 use crate::idempotency::{IdempotencyKeyHeader, IdempotentJson, IdempotentOptionalJson};
 use crate::ops::{self, CredentialSpec, SERVICE_ACCOUNTS};
+use crate::streamed_list;
 use crate::wire::RotateRequest;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -54,7 +55,7 @@ pub async fn list_service_accounts(
     Authenticated(who, ..): Caller,
     PathParams(account, _): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<ServiceAccountView>>, ApiError> {
+) -> Result<Response, ApiError> {
     let account = account_id(&account)?;
     let include_revoked = query_bool(&query, "include_revoked", false);
     let expiring = crate::extract::expiring_within_days(&query);
@@ -70,10 +71,16 @@ pub async fn list_service_accounts(
         expiring_within_days: expiring,
         ..Default::default()
     };
-    let (accounts, _) = ops::list_credentials(&app, &who, account, SERVICE_ACCOUNTS, spec).await?;
-    Ok(Json(
-        accounts.into_iter().map(ServiceAccountView::from).collect(),
-    ))
+    Ok(streamed_list::credentials(
+        app,
+        who,
+        account,
+        SERVICE_ACCOUNTS,
+        spec,
+        streamed_list::BARE,
+        ServiceAccountView::from,
+    )
+    .await?)
 }
 
 /// Create Service Account

@@ -64,6 +64,8 @@ pub struct FaultyStore {
     pings: AtomicU64,
     /// How many times `audit_chain_state` was called for each tenant, answered or not.
     chain_state_reads: std::sync::Mutex<std::collections::HashMap<TenantId, u64>>,
+    /// How many more `list_credentials` calls are answered before they fail; `u32::MAX`: all.
+    credential_lists_left: AtomicU32,
 }
 
 /// The store's side of [`HeldChange`].
@@ -159,7 +161,14 @@ impl FaultyStore {
             hash_lookups: AtomicU64::new(0),
             pings: AtomicU64::new(0),
             chain_state_reads: std::sync::Mutex::new(std::collections::HashMap::new()),
+            credential_lists_left: AtomicU32::new(u32::MAX),
         })
+    }
+
+    /// The next `answered` credential lists (pages of a list) are read; later ones fail, as a
+    /// store that went away in the middle of a long list does. `u32::MAX`: all are read again.
+    pub fn fail_credential_lists_after(&self, answered: u32) {
+        self.credential_lists_left.store(answered, Ordering::SeqCst);
     }
 
     /// From now on every webhook claim that leased something answers `delay` later.
@@ -384,6 +393,18 @@ impl Store for FaultyStore {
         query: &ListCredentials,
     ) -> Result<Vec<Credential>, StoreError> {
         self.check()?;
+        let left =
+            self.credential_lists_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                    u32::MAX | 0 => None,
+                    left => Some(left - 1),
+                });
+        if left == Err(0) {
+            return Err(StoreError::Unavailable(Unavailable::new(
+                StoreFault::Unreachable,
+                "switched off by the test in the middle of a list",
+            )));
+        }
         self.inner.list_credentials(query).await
     }
 

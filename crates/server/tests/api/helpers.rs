@@ -26,6 +26,36 @@ macro_rules! both_backends {
 }
 pub(crate) use both_backends;
 
+/// More rows than a streamed list reads at a time: two full pages and a partial one.
+pub fn more_than_a_page() -> usize {
+    2 * keyplane_server::streamed_list::LIST_PAGE_ROWS as usize + 200
+}
+
+/// The ids of seeded rows (as [`TestApp::import_credentials`] returns them) that `keep` picks by
+/// whether each is revoked, in id order.
+pub fn seeded_ids(seeded: &[(String, bool)], keep: impl Fn(bool) -> bool) -> Vec<String> {
+    seeded
+        .iter()
+        .filter(|(_, revoked)| keep(*revoked))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// A list answered whole but written a page at a time: 200, JSON, chunked (no `Content-Length`),
+/// and complete; its body.
+pub async fn streamed_list(res: Response) -> Value {
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(
+        res.headers().get("content-length"),
+        None,
+        "a long list is not held whole to be measured"
+    );
+    assert_eq!(res.headers()["transfer-encoding"], "chunked");
+    let body = res.bytes().await.expect("the whole list");
+    serde_json::from_slice(&body).expect("one JSON document")
+}
+
 /// A 429's `Retry-After`, asserted to be whole seconds within a minute.
 pub fn retry_after_secs(refused: &Response) -> u64 {
     let retry_after: u64 = refused.headers()["retry-after"]
@@ -212,6 +242,50 @@ impl TestApp {
             id: created.tenant.id.to_string(),
             token: created.token.secret.expose_secret().to_string(),
         }
+    }
+
+    /// `count` credentials of `kind` imported into `org` at once, as a tenant that made (and
+    /// revoked) many over the years has them; those `revoked(i)` picks are revoked. Their ids and
+    /// whether each is revoked, in id order (the order lists answer them in).
+    pub async fn import_credentials(
+        &self,
+        org: &Org,
+        kind: keyplane_core::CredentialKind,
+        count: usize,
+        revoked: impl Fn(usize) -> bool,
+    ) -> Vec<(String, bool)> {
+        let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
+        let now = ops::now();
+        let credentials: Vec<_> = (0..count)
+            .map(|i| {
+                let (mut credential, _) = keyplane_core::NewCredential {
+                    tenant_id: tenant,
+                    kind,
+                    name: format!("bulk-{i:05}"),
+                    scopes: keyplane_core::ScopeSet::empty(),
+                    permissions: Vec::new(),
+                    expires_at: None,
+                    created_by_user_id: None,
+                    canary: false,
+                }
+                .issue(now, &mut rand::rngs::OsRng);
+                if revoked(i) {
+                    credential.revoked_at = Some(now);
+                }
+                credential
+            })
+            .collect();
+        self.app
+            .store()
+            .import_credentials(&credentials, &[])
+            .await
+            .expect("import the credentials");
+        let mut seeded: Vec<_> = credentials
+            .iter()
+            .map(|c| (c.id.to_string(), c.revoked_at.is_some()))
+            .collect();
+        seeded.sort();
+        seeded
     }
 
     pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {

@@ -1,7 +1,10 @@
 //! `/v1/public/accounts/{account_id}/auth/...`: Hybridbox service accounts and authorizations,
 //! every status path, errors in the FastAPI dialect the Hybridbox docs come from.
 
-use crate::helpers::{assert_error, both_backends, eventually, Org, TestApp};
+use crate::helpers::{
+    assert_error, both_backends, eventually, more_than_a_page, seeded_ids, streamed_list, Org,
+    TestApp,
+};
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
@@ -2201,7 +2204,154 @@ async fn openapi_and_docs_list_the_hybridbox_routes(backend: Backend) {
     }
 }
 
+/// A tenant with thousands of service accounts, half of them revoked (kept forever), gets every
+/// one in id order, as before, without the server holding the list whole: the answer is written
+/// a page at a time (chunked), and is still one bare JSON array.
+async fn long_service_account_lists_are_answered_whole_a_page_at_a_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let path = org.account_path("/service-accounts");
+    let count = 2 * more_than_a_page();
+    let seeded = app
+        .import_credentials(
+            &org,
+            keyplane_core::CredentialKind::ServiceAccount,
+            count,
+            |i| i % 2 == 1,
+        )
+        .await;
+
+    let res = app
+        .get(&format!("{path}?include_revoked=true"), &org.token)
+        .await;
+    let all = streamed_list(res).await;
+    assert_eq!(ids(&all), seeded_ids(&seeded, |_| true));
+    for (item, (_, revoked)) in all.as_array().unwrap().iter().zip(&seeded) {
+        assert_eq!(keys(item), service_account_fields(false));
+        assert_eq!(item["revoked_at"].is_string(), *revoked, "{item}");
+    }
+
+    let live = streamed_list(app.get(&path, &org.token).await).await;
+    let live_ids = seeded_ids(&seeded, |revoked| !revoked);
+    assert_eq!(live_ids.len(), count / 2);
+    assert_eq!(ids(&live), live_ids);
+    assert!(live
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|item| item["revoked_at"].is_null()));
+
+    // A short list is answered as it always was, with its length.
+    let other = app.create_org("small").await;
+    let res = app
+        .get(&other.account_path("/service-accounts"), &other.token)
+        .await;
+    assert_eq!(res.headers()["content-length"], "2");
+    assert_eq!(res.text().await.unwrap(), "[]");
+}
+
+/// A page read after the answer began that fails ends the body early: the client cannot take a
+/// truncated list for the whole one. A failure on the first page is answered as before (503).
+async fn a_list_page_that_cannot_be_read_cuts_the_answer_short(backend: Backend) {
+    let (app, store) =
+        crate::faulty_store::FaultyStore::spawn(backend, crate::helpers::test_config()).await;
+    let org = app.create_org("acme").await;
+    let path = org.account_path("/service-accounts");
+    app.import_credentials(
+        &org,
+        keyplane_core::CredentialKind::ServiceAccount,
+        more_than_a_page(),
+        |_| false,
+    )
+    .await;
+
+    store.fail_credential_lists_after(1);
+    let res = app.get(&path, &org.token).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.bytes().await.is_err(), "the body ends early");
+
+    store.fail_credential_lists_after(0);
+    assert_eq!(app.get(&path, &org.token).await.status(), 503);
+
+    store.fail_credential_lists_after(u32::MAX);
+    let whole = streamed_list(app.get(&path, &org.token).await).await;
+    assert_eq!(whole.as_array().unwrap().len(), more_than_a_page());
+}
+
+/// Grants, `count` of them to users, every other one revoked, straight into the store; their ids
+/// and whether each is revoked, in id order.
+async fn seed_grants(app: &TestApp, org: &Org, count: usize) -> Vec<(String, bool)> {
+    let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
+    let now = keyplane_server::ops::now();
+    let mut seeded = Vec::new();
+    for i in 0..count {
+        let mut grant = keyplane_core::NewGrant {
+            kind: keyplane_core::GrantKind::Capability,
+            subject_type: keyplane_core::SubjectType::User,
+            subject_id: uuid::Uuid::now_v7(),
+            capability_key: Some(keyplane_core::Scope::parse("auth.manage").unwrap()),
+            resource: keyplane_core::GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        }
+        .issue(tenant, now, None);
+        if i % 2 == 1 {
+            grant.revoked_at = Some(now);
+        }
+        let event = keyplane_core::AuditEvent::new(
+            uuid::Uuid::now_v7(),
+            tenant,
+            now,
+            keyplane_core::audit::actions::AUTHORIZATION_CREATED,
+            keyplane_core::AuditActor::system(),
+            Default::default(),
+        );
+        app.app
+            .store()
+            .insert_grant(&grant, &event, None)
+            .await
+            .expect("store the grant");
+        seeded.push((grant.id.to_string(), grant.revoked_at.is_some()));
+    }
+    seeded.sort();
+    seeded
+}
+
+/// Thousands of grants are listed whole, in id order, as before, written a page at a time, with
+/// and without the revoked ones, and filtered as asked.
+async fn long_authorization_lists_are_answered_whole_a_page_at_a_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let path = org.account_path("/authorizations");
+    let seeded = seed_grants(&app, &org, more_than_a_page()).await;
+    let every_id = seeded_ids(&seeded, |_| true);
+    let live_ids = seeded_ids(&seeded, |revoked| !revoked);
+
+    for query in [
+        "include_revoked=true",
+        "include_revoked=true&subject_type=user",
+    ] {
+        let res = app.get(&format!("{path}?{query}"), &org.token).await;
+        let all = streamed_list(res).await;
+        assert_eq!(ids(&all), every_id, "{query}");
+        for (item, (_, revoked)) in all.as_array().unwrap().iter().zip(&seeded) {
+            assert_eq!(keys(item), set(&AUTHORIZATION_FIELDS));
+            assert_eq!(item["revoked_at"].is_string(), *revoked, "{item}");
+        }
+    }
+    // Live ones only: more than a page still.
+    let live = streamed_list(app.get(&path, &org.token).await).await;
+    assert_eq!(ids(&live), live_ids);
+    // A filter that matches none is an empty array, as before.
+    let none = get_ok(&app, &format!("{path}?subject_type=group"), &org.token).await;
+    assert_eq!(none, json!([]));
+}
+
 both_backends!(
+    long_service_account_lists_are_answered_whole_a_page_at_a_time,
+    a_list_page_that_cannot_be_read_cuts_the_answer_short,
+    long_authorization_lists_are_answered_whole_a_page_at_a_time,
     create_returns_the_documented_fields_and_a_one_time_token,
     list_is_a_bare_array_without_revoked_by_default,
     revoke_returns_the_record_and_is_idempotent,

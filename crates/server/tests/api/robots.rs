@@ -2,7 +2,8 @@
 //! the registry token service makes of the robots they manage.
 
 use crate::helpers::{
-    assert_error, both_backends, fields, retry_after_secs, test_config, Org, TestApp,
+    assert_error, both_backends, fields, more_than_a_page, retry_after_secs, seeded_ids,
+    streamed_list, test_config, Org, TestApp,
 };
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
@@ -1540,7 +1541,39 @@ async fn the_token_form_refuses_what_it_cannot_read(backend: Backend) {
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
+/// An organization with more robots than a list reads at a time gets every live one, in id order
+/// as before, in one `{"items": [...]}`, written a page at a time (chunked).
+async fn long_robot_lists_are_answered_whole_a_page_at_a_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let before = json_of(
+        app.get(&robots(&org), &org.token).await,
+        200,
+        "the default robot",
+    )
+    .await;
+    let default_robot = str_of(&before["items"][0], "id").to_string();
+    let kind = keyplane_core::CredentialKind::RobotAccount;
+    let seeded = app
+        .import_credentials(&org, kind, more_than_a_page(), |i| i % 10 == 0)
+        .await;
+    let mut live = seeded_ids(&seeded, |revoked| !revoked);
+    live.push(default_robot);
+    live.sort();
+
+    let list = streamed_list(app.get(&robots(&org), &org.token).await).await;
+    assert_eq!(keys(&list), set(&["items"]));
+    let items = list["items"].as_array().unwrap();
+    let listed: Vec<&str> = items.iter().map(|item| str_of(item, "id")).collect();
+    assert_eq!(listed, live);
+    for item in items {
+        assert_eq!(keys(item), robot_fields(false));
+    }
+}
+
 both_backends!(
+    long_robot_lists_are_answered_whole_a_page_at_a_time,
     the_token_form_refuses_what_it_cannot_read,
     a_refused_login_does_not_count_as_use,
     costly_robot_logins_are_rate_limited,
