@@ -194,8 +194,6 @@ impl Default for CacheConfig {
 const REVOKED: &str = "unknown or revoked";
 /// The reason a secret that is not a keyplane token's shape is refused for.
 const MALFORMED: &str = "malformed";
-/// The reason an uncached secret from an address over its failure budget is refused for, unread.
-const OVER_FAILURE_BUDGET: &str = "address over its failure budget";
 
 /// After a store fault, stale-servable entries are served without asking the store again for this
 /// long, so an outage does not make every verification wait for the store's timeout. Past it, until
@@ -623,9 +621,16 @@ impl Verifier {
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
-        if cached.is_none() && self.over_failure_budget(at) {
-            // Answered 429 by `FailureWatch::finish`, as the address's failures are.
-            return Err(AppError::Unauthenticated(OVER_FAILURE_BUDGET));
+        if let Some(wait) = cached
+            .is_none()
+            .then(|| self.over_failure_budget(at))
+            .flatten()
+        {
+            // A 429 itself, as the address's failures get: a 401 left for `FailureWatch::finish`
+            // would stay one if the block ended meanwhile, telling a client whose secret was never
+            // looked up that it is wrong.
+            let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(AppError::RateLimited { retry_after_secs });
         }
         let outcome = match cached {
             // A revoked secret is never reloaded: it is read anew once the negative cache forgets
@@ -687,12 +692,14 @@ impl Verifier {
         result
     }
 
-    /// Whether the request presenting a secret authenticates from an address over its failure
-    /// budget. Describes the request (`at`) only while some address is.
-    fn over_failure_budget(&self, at: Presented<'_>) -> bool {
-        self.failed_auth.as_ref().is_some_and(|limiter| {
-            limiter.any_blocked() && at().client.is_some_and(|client| limiter.is_blocked(client))
-        })
+    /// How much longer the request presenting a secret comes from an address over its failure
+    /// budget, if it does. Describes the request (`at`) only while some address is.
+    fn over_failure_budget(&self, at: Presented<'_>) -> Option<Duration> {
+        let limiter = self.failed_auth.as_ref()?;
+        if !limiter.any_blocked() {
+            return None;
+        }
+        limiter.blocked_for(at().client?)
     }
 
     /// Whether the retry interval has passed since the store fault recorded as `fault_at`.

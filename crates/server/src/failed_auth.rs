@@ -79,15 +79,17 @@ impl FailedAuthLimiter {
             .is_empty()
     }
 
-    /// Whether `client`'s [`ClientAddr::limit_key`] is over its budget now: its failures answer
-    /// 429 (`FailureWatch::finish`), so its secrets the caches do not hold are not looked up.
-    pub fn is_blocked(&self, client: ClientAddr) -> bool {
+    /// How much longer `client`'s [`ClientAddr::limit_key`] is over its budget, if it is now: its
+    /// failures answer 429 (`FailureWatch::finish`), so its secrets the caches do not hold are not
+    /// looked up.
+    pub fn blocked_for(&self, client: ClientAddr) -> Option<Duration> {
         let ip = client.limit_key();
         self.blocked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&ip)
-            .is_some_and(|until| *until > Instant::now())
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|wait| !wait.is_zero())
     }
 
     /// Forgets addresses whose block ended and whose buckets are full again.
