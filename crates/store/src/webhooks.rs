@@ -201,7 +201,11 @@ pub(crate) fn claimed_events_sql() -> String {
 /// lease ran out carries that claim's lease id, so it is neither moved nor returned.
 pub(crate) const RENEW_LEASE: &str = "UPDATE webhook_deliveries SET locked_until_ms = $2 \
      WHERE lease_id = $1 AND status = 'pending' RETURNING webhook_id, event_id";
-pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = $4, attempts = attempts + 1, \
+/// A delivery to be attempted again (`$4` `pending`) whose webhook was disabled while it was being
+/// sent fails instead: a disabled webhook has no pending delivery.
+pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = CASE WHEN $4 = 'pending' \
+     AND NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = $1 AND w.enabled = TRUE) THEN 'failed' ELSE $4 END, \
+     attempts = attempts + 1, \
      schedule_step = schedule_step + 1, next_attempt_ms = $5, locked_until_ms = 0, lease_id = NULL, \
      last_attempt_ms = $6, last_status_code = $7, last_latency_ms = $8, last_error = $9 \
      WHERE webhook_id = $1 AND event_id = $2 AND lease_id = $3";
@@ -218,9 +222,11 @@ pub const DISABLED_WEBHOOK_ERROR: &str = "the webhook was disabled before the de
 /// Fails the pending deliveries of the webhook `$1`, which is being disabled, with the error `$2`:
 /// no claim takes them (nor scans them: the due index holds pending rows only), the prune removes
 /// them after the retention, and enabling the webhook again does not send them all at once.
-/// Leased ones too: their attempt's record finds no lease and changes nothing.
+/// Not those leased at `$3` (being sent): each ends as its receiver answered, its record failing
+/// it rather than scheduling a retry ([`RECORD_ATTEMPT`]).
 pub(crate) const FAIL_PENDING_DELIVERIES: &str = "UPDATE webhook_deliveries SET status = 'failed', \
-     locked_until_ms = 0, lease_id = NULL, last_error = $2 WHERE webhook_id = $1 AND status = 'pending'";
+     locked_until_ms = 0, lease_id = NULL, last_error = $2 WHERE webhook_id = $1 AND status = 'pending' \
+     AND locked_until_ms <= $3";
 /// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule. Only
 /// while its webhook is enabled: a disabled webhook has no pending delivery.
 pub(crate) const RETRY_DELIVERY: &str =
@@ -432,10 +438,12 @@ macro_rules! impl_webhooks {
             async fn fail_pending_deliveries(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 webhook_id: uuid::Uuid,
+                at: chrono::DateTime<chrono::Utc>,
             ) -> Result<(), $crate::StoreError> {
                 sqlx::query($crate::webhooks::FAIL_PENDING_DELIVERIES)
                     .bind(webhook_id)
                     .bind($crate::webhooks::DISABLED_WEBHOOK_ERROR)
+                    .bind($crate::webhooks::millis(at))
                     .execute(&mut **tx)
                     .await?;
                 Ok(())
@@ -525,7 +533,7 @@ macro_rules! impl_webhooks {
                     return Err($crate::StoreError::NotFound);
                 }
                 if !webhook.enabled {
-                    Self::fail_pending_deliveries(&mut tx, webhook.id).await?;
+                    Self::fail_pending_deliveries(&mut tx, webhook.id, webhook.updated_at).await?;
                 }
                 sqlx::query(DELETE_PATTERNS)
                     .bind(webhook.id)
@@ -898,7 +906,8 @@ macro_rules! impl_webhooks {
                         .rows_affected()
                         == 1;
                     if disabled {
-                        Self::fail_pending_deliveries(&mut tx, attempt.webhook_id).await?;
+                        Self::fail_pending_deliveries(&mut tx, attempt.webhook_id, attempt.at)
+                            .await?;
                         Self::append_audit(&mut tx, disable_event).await?;
                     }
                 }

@@ -2793,9 +2793,19 @@ async fn assert_disabled_deliveries_failed(
     hook: &keyplane_core::Webhook,
     count: usize,
 ) {
+    assert_disabled_deliveries_failed_but(store, hook, count, None).await;
+}
+
+/// [`assert_disabled_deliveries_failed`], but for the delivery of `in_flight`'s event, if given.
+async fn assert_disabled_deliveries_failed_but(
+    store: &dyn Store,
+    hook: &keyplane_core::Webhook,
+    count: usize,
+    in_flight: Option<uuid::Uuid>,
+) {
     let listed = deliveries_of(store, hook).await;
     assert_eq!(listed.len(), count);
-    for delivery in listed {
+    for delivery in listed.into_iter().filter(|d| Some(d.event_id) != in_flight) {
         assert_eq!(
             (delivery.status, delivery.last_error.as_deref()),
             (
@@ -2808,8 +2818,9 @@ async fn assert_disabled_deliveries_failed(
     }
 }
 
-/// Disabling a webhook by an update fails its pending deliveries in the same transaction, leased
-/// ones too (their attempt then records nothing); the prune removes them after the retention.
+/// Disabling a webhook by an update fails its pending deliveries in the same transaction, but for
+/// one being sent: that one ends as its receiver answered, failed rather than retried (a disabled
+/// webhook has no pending delivery). The prune removes them all after the retention.
 async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: Backend) {
     use keyplane_store::{AttemptNext, AttemptRecorded};
     let f = fixture(backend).await;
@@ -2832,16 +2843,35 @@ async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: B
     let mut disabled = hook.clone();
     disabled.enabled = false;
     store.update_webhook(&disabled, &ev()).await.unwrap();
-    assert_disabled_deliveries_failed(store, &hook, 3).await;
+    let sent = Some(in_flight[0].event_id);
+    assert_disabled_deliveries_failed_but(store, &hook, 3, sent).await;
     let done = attempt(&in_flight[0], lease.lease_id, AttemptNext::RetryAt(now()));
     assert_eq!(
         store
             .record_webhook_attempt(&done, now() - TimeDelta::days(5), &ev())
             .await
             .unwrap(),
-        AttemptRecorded::NotLeased
+        AttemptRecorded::Recorded
     );
-    assert_disabled_deliveries_failed(store, &hook, 3).await;
+    let recorded = deliveries_of(store, &hook)
+        .await
+        .into_iter()
+        .find(|d| Some(d.event_id) == sent)
+        .unwrap();
+    assert_eq!(
+        (
+            recorded.status,
+            recorded.attempts,
+            recorded.last_error.as_deref()
+        ),
+        (
+            keyplane_core::DeliveryStatus::Failed,
+            1,
+            Some("answered 503")
+        ),
+        "{recorded:?}"
+    );
+    assert_disabled_deliveries_failed_but(store, &hook, 3, sent).await;
     // Nor is one retried while the webhook is disabled.
     assert!(matches!(
         store
@@ -2849,7 +2879,7 @@ async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: B
             .await,
         Err(StoreError::Conflict(_))
     ));
-    assert_disabled_deliveries_failed(store, &hook, 3).await;
+    assert_disabled_deliveries_failed_but(store, &hook, 3, sent).await;
     // Finished, so pruned after the retention like any other.
     assert_eq!(
         store
