@@ -343,9 +343,11 @@ impl Sessions {
 
     /// Remembers a started OIDC login under the browser's pending-login cookie. Anyone may start
     /// one, so each client address holds at most [`MAX_PENDING_PER_CLIENT`]: past it, that
-    /// address's oldest goes. Past [`MAX_PENDING`] in all, a new sign-in is refused rather than
-    /// pushing out another address's: many addresses are cheap (an IPv6 /64 each), and evicting
-    /// would let them end every sign-in under way before its callback.
+    /// address's oldest goes. Past [`MAX_PENDING`] in all, the oldest of the address holding the
+    /// most goes, if it holds more than one: a person has one or two under way, a flood from a few
+    /// hundred addresses ten each, so the flood pays. Only when every address holds one (a flood
+    /// from a thousand addresses, cheap as IPv6 /64s) is a new sign-in refused rather than ending
+    /// another's before its callback.
     pub(crate) fn start_pending(
         &self,
         cookie: &CookieValue,
@@ -366,7 +368,24 @@ impl Sessions {
                 pending.remove(&oldest);
             }
         } else if pending.len() >= MAX_PENDING {
-            return Err(SignInsBusy);
+            let mut held: HashMap<Option<std::net::IpAddr>, usize> = HashMap::new();
+            for p in pending.values() {
+                *held.entry(p.client).or_default() += 1;
+            }
+            let busiest = held
+                .into_iter()
+                .max_by_key(|(_, count)| *count)
+                .filter(|(_, count)| *count > 1)
+                .map(|(client, _)| client)
+                .ok_or(SignInsBusy)?;
+            if let Some(oldest) = pending
+                .iter()
+                .filter(|(_, p)| p.client == busiest)
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k)
+            {
+                pending.remove(&oldest);
+            }
         }
         pending.insert(cookie.id(), login);
         Ok(())
@@ -467,6 +486,32 @@ mod tests {
             "up to the bound"
         );
         assert!(!kept[MAX_PENDING - 1..].iter().any(|k| *k), "none past it");
+    }
+
+    /// A flood from a hundred addresses fills the bound ten each: a new sign-in pushes out the
+    /// oldest of one of them, never one of a person's, and is never refused.
+    #[test]
+    fn past_the_overall_bound_a_few_addresses_pay_for_their_flood() {
+        let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
+        let start = Instant::now();
+        let theirs = CookieValue::fresh();
+        assert!(sessions
+            .start_pending(&theirs, login_from([192, 0, 2, 1], start))
+            .is_ok());
+        for n in 0..2 * MAX_PENDING as u32 {
+            let address = [10, 0, 0, (n % 100) as u8];
+            let at = start + Duration::from_millis(u64::from(n) + 1);
+            assert!(sessions
+                .start_pending(&CookieValue::fresh(), login_from(address, at))
+                .is_ok());
+        }
+        let late = CookieValue::fresh();
+        let at = start + Duration::from_secs(5);
+        assert!(sessions
+            .start_pending(&late, login_from([192, 0, 2, 2], at))
+            .is_ok());
+        assert!(sessions.take_pending(&theirs).is_some(), "the first stays");
+        assert!(sessions.take_pending(&late).is_some(), "a new one is taken");
     }
 
     #[test]
