@@ -187,8 +187,9 @@ fn add_errors(path: &str, operation: &mut Operation, schema: &str) {
         "Internal error (its cause is in the server's log, never in the answer).",
         schema,
     );
-    // Users' access tokens authenticate only on the management APIs (under `/api/`).
-    let takes_users = path.starts_with("/api/");
+    // Users' access tokens authenticate only on the management APIs (Aether's under `/api/`,
+    // Hybridbox's under `/v1/public/`).
+    let takes_users = path.starts_with("/api/") || path.starts_with("/v1/public/");
     add(
         operation,
         "503",
