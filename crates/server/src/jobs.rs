@@ -83,7 +83,8 @@ impl Backoff {
     /// Waits before the next attempt after an attempt met `fault`; `false` (at once) when the
     /// job has been retried long enough and is to be given up.
     pub(crate) async fn wait(&mut self, fault: StoreFault) -> bool {
-        if self.started.elapsed() >= RETRY_THROUGH_OUTAGE_FOR || *self.draining.borrow() {
+        let gone = self.draining.has_changed().is_err();
+        if self.started.elapsed() >= RETRY_THROUGH_OUTAGE_FOR || gone || *self.draining.borrow() {
             return false;
         }
         let next = self
@@ -94,6 +95,8 @@ impl Backoff {
         self.last = Some(next);
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
+            // Also when its `Jobs` is gone (an `App` dropped without a stop): then it gives up
+            // after this attempt, rather than retry at once for the rest of the hour.
             _ = self.draining.wait_for(|draining| *draining) => {}
         }
         true
