@@ -68,12 +68,13 @@ pub fn parse_audit_query(
                 cursor_given = true;
                 query.order = AuditOrder::NewestBefore(uuid_of("cursor", raw, &mut errors));
             }
+            // The store keeps a seq as a signed 64-bit integer: the document's `int64`.
             "after_seq" => match raw.parse::<u64>() {
-                Ok(seq) => after_seq = Some(seq),
-                Err(_) => errors.push(FieldError::new(
+                Ok(seq) if i64::try_from(seq).is_ok() => after_seq = Some(seq),
+                _ => errors.push(FieldError::new(
                     FieldPath::query("after_seq"),
                     codes::INVALID_FORMAT,
-                    "must be a non-negative integer (an event's `seq`)",
+                    "must be an event's `seq`: an integer from 0 to 9223372036854775807",
                 )),
             },
             "limit" => match raw.parse::<u32>() {

@@ -597,6 +597,7 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
     assert!(forward["next_cursor"].is_null(), "{forward}");
     for bad in [
         "after_seq=-1",
+        "after_seq=9223372036854775808",
         "after_seq=3&cursor=0190aaaa-0000-7000-8000-000000000000",
     ] {
         let res = app
