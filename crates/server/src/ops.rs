@@ -1453,12 +1453,8 @@ pub async fn list_audit_events(
     let limit = query.limit;
     query.limit = limit + 1;
     let mut page = app.store().list_audit_events(&query).await?;
-    let more = page.len() > limit as usize;
-    page.truncate(limit as usize);
+    let next = cut_page(&mut page, Some(limit), |e| e.event.id);
     // Forward pages continue from their last `seq`, which the caller has; a cursor pages back.
-    let next = match query.order {
-        keyplane_store::AuditOrder::NewestBefore(_) if more => page.last().map(|e| e.event.id),
-        _ => None,
-    };
-    Ok((page, next))
+    let pages_back = matches!(query.order, keyplane_store::AuditOrder::NewestBefore(_));
+    Ok((page, next.filter(|_| pages_back)))
 }
