@@ -22,7 +22,7 @@ use crate::error::{ApiError, AppError, Surface};
 use crate::extract::{ApiJson, FromJsonBody};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
@@ -348,15 +348,9 @@ fn rendered<W: serde::Serialize>((status, body): (StatusCode, W)) -> Response {
 /// A kept answer's bytes, as JSON: the first answer sends what was sealed, a replay what opened
 /// (and says so).
 fn kept_answer(status: StatusCode, body: Bytes) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
+    let mut response = crate::wire::json_response(body.into());
+    *response.status_mut() = status;
+    response
 }
 
 fn in_progress<S: Surface>() -> Response {

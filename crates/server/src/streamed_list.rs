@@ -5,8 +5,8 @@
 use crate::app::App;
 use crate::error::AppError;
 use crate::ops::{self, KindRights, ListSpec};
+use crate::wire::json_response;
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use futures::StreamExt;
 use keyplane_core::{Credential, Principal, TenantId};
@@ -144,13 +144,4 @@ fn write_items<T: Serialize>(
         wrote_any = true;
     }
     Ok(wrote_any)
-}
-
-fn json_response(body: Body) -> Response {
-    let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }

@@ -336,12 +336,7 @@ async fn introspect(
         iat: credential.created_at.timestamp(),
         secret: verified.secret.as_str(),
     };
-    // Built as it is sent: `Bytes`' own answer would be labelled `application/octet-stream` first.
-    let mut response = Response::new(axum::body::Body::from(answer.to_json()));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut response = crate::wire::json_response(axum::body::Body::from(answer.to_json()));
     if verifier.answering_stale() {
         response
             .headers_mut()

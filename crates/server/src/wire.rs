@@ -5,6 +5,17 @@ pub use keyplane_api_types::wire::*;
 
 use chrono::{DateTime, Utc};
 
+/// An answer of JSON written already (or streamed): built as it is sent, since `Bytes`' or a
+/// stream's own answer would be labelled `application/octet-stream` first.
+pub(crate) fn json_response(body: axum::body::Body) -> axum::response::Response {
+    let mut response = axum::response::Response::new(body);
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 /// What a rotate body asks of `ops`.
 pub fn rotate_spec(request: &RotateRequest) -> crate::ops::RotateSpec {
     crate::ops::RotateSpec {
