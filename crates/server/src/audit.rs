@@ -420,9 +420,10 @@ impl AuditLogTarget {
 /// How often the export looks for new events.
 const EXPORT_POLL: Duration = Duration::from_millis(200);
 const EXPORT_BATCH: u32 = 500;
-/// The longest wait between attempts to open a log that cannot be opened (the wait starts at
-/// [`EXPORT_POLL`] and doubles), so a file that goes away does not flood the log.
-const EXPORT_REOPEN_MAX: Duration = Duration::from_secs(30);
+/// The longest wait between attempts to open a log that cannot be opened, or to save cursors that
+/// could not be saved (the wait starts at [`EXPORT_POLL`] and doubles), so a file that goes away
+/// or a store that fails does not flood the log.
+const EXPORT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 enum Sink {
     Stdout(std::io::Stdout),
@@ -480,7 +481,7 @@ pub(crate) async fn export(
     let consumer = target.consumer();
     let mut sink = None;
     // The wait before the next attempt to open the log: doubled at each failure, up to
-    // EXPORT_REOPEN_MAX.
+    // EXPORT_RETRY_MAX.
     let mut reopen_wait = EXPORT_POLL;
     let mut progress: Option<ExportProgress> = None;
     loop {
@@ -510,7 +511,7 @@ pub(crate) async fn export(
             EXPORT_POLL
         } else {
             let wait = reopen_wait;
-            reopen_wait = next_reopen_wait(reopen_wait);
+            reopen_wait = next_retry_wait(reopen_wait);
             wait
         };
         let stopping = tokio::select! {
@@ -535,9 +536,10 @@ pub(crate) async fn export(
     }
 }
 
-/// The wait after `wait` between attempts to open the log: doubled, at most [`EXPORT_REOPEN_MAX`].
-fn next_reopen_wait(wait: Duration) -> Duration {
-    (wait * 2).min(EXPORT_REOPEN_MAX)
+/// The wait after `wait` between failed attempts (to open the log, to save the cursors):
+/// doubled, at most [`EXPORT_RETRY_MAX`].
+fn next_retry_wait(wait: Duration) -> Duration {
+    (wait * 2).min(EXPORT_RETRY_MAX)
 }
 
 /// Earlier positions kept per tenant, to go back to when the chain went back: one per batch
@@ -575,7 +577,7 @@ struct ExportProgress {
     cursors: HashMap<TenantId, ExportCursor>,
     unsaved: HashMap<TenantId, u64>,
     /// A save that failed is tried again only after this wait (doubled at each failure, up to
-    /// [`EXPORT_REOPEN_MAX`]): the lines are written, only the cursor is missing.
+    /// [`EXPORT_RETRY_MAX`]): the lines are written, only the cursor is missing.
     save_wait: Duration,
     next_save: tokio::time::Instant,
 }
@@ -617,7 +619,7 @@ impl ExportProgress {
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?self.save_wait, "cannot save the audit export cursors (the events are written; after a restart they would be written again)");
                 self.next_save = tokio::time::Instant::now() + self.save_wait;
-                self.save_wait = next_reopen_wait(self.save_wait);
+                self.save_wait = next_retry_wait(self.save_wait);
             }
         }
     }
@@ -807,7 +809,7 @@ mod export_and_retention_tests {
     #[test]
     fn reopening_backs_off_to_thirty_seconds() {
         let waits: Vec<u64> =
-            std::iter::successors(Some(EXPORT_POLL), |w| Some(next_reopen_wait(*w)))
+            std::iter::successors(Some(EXPORT_POLL), |w| Some(next_retry_wait(*w)))
                 .take(11)
                 .map(|w| w.as_millis() as u64)
                 .collect();
