@@ -3755,14 +3755,21 @@ impl ClosingProxy {
     }
 }
 
-/// PostgreSQL slow, both to answer (a lock the ping waits on) and to take a new connection: the
-/// readiness ping's direct attempt to connect does not finish in time, which says nothing of
-/// whether it is reachable, so the ping goes on waiting for its pooled answer.
-async fn a_slow_database_is_not_called_unreachable() {
+/// A test PostgreSQL database, a [`ClosingProxy`] to it, and a store connected (and pinged)
+/// through the proxy.
+async fn store_through_a_proxy() -> (TestDatabase, ClosingProxy, Arc<dyn Store>) {
     let db = TestDatabase::new(Backend::Postgres).await;
     let proxy = ClosingProxy::to(&db.url).await;
     let store = keyplane_store::connect(&proxy.url).await.unwrap();
     store.ping().await.unwrap();
+    (db, proxy, store)
+}
+
+/// PostgreSQL slow, both to answer (a lock the ping waits on) and to take a new connection: the
+/// readiness ping's direct attempt to connect does not finish in time, which says nothing of
+/// whether it is reachable, so the ping goes on waiting for its pooled answer.
+async fn a_slow_database_is_not_called_unreachable() {
+    let (db, proxy, store) = store_through_a_proxy().await;
     let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
         .await
         .unwrap();
@@ -3791,10 +3798,7 @@ async fn a_slow_database_is_not_called_unreachable() {
 /// that they timed out (`busy`). The readiness ping says, within `/readyz`'s second, that it is
 /// unreachable and why; a failed write says unreachable; and so does a start-up.
 async fn a_database_that_refuses_connections_is_unreachable() {
-    let db = TestDatabase::new(Backend::Postgres).await;
-    let proxy = ClosingProxy::to(&db.url).await;
-    let store = keyplane_store::connect(&proxy.url).await.unwrap();
-    store.ping().await.unwrap();
+    let (_db, proxy, store) = store_through_a_proxy().await;
     proxy.close();
     // The connection the ping had is gone (a stopped PostgreSQL ends them): unreachable, whatever
     // the words.

@@ -453,16 +453,22 @@ mod tests {
         assert!(!kept[..newest].iter().any(|k| *k), "and only they");
     }
 
-    /// Past the overall bound, made of many addresses' sign-ins (cheap to have: an IPv6 /64
-    /// each), new sign-ins are refused: none pushes out a sign-in someone else has under way.
-    #[test]
-    fn past_the_overall_bound_new_sign_ins_wait() {
+    /// Sessions with one person's sign-in under way (from 192.0.2.1), started at the time given.
+    fn one_sign_in_under_way() -> (Sessions, Instant, CookieValue) {
         let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
         let start = Instant::now();
         let theirs = CookieValue::fresh();
         assert!(sessions
             .start_pending(&theirs, login_from([192, 0, 2, 1], start))
             .is_ok());
+        (sessions, start, theirs)
+    }
+
+    /// Past the overall bound, made of many addresses' sign-ins (cheap to have: an IPv6 /64
+    /// each), new sign-ins are refused: none pushes out a sign-in someone else has under way.
+    #[test]
+    fn past_the_overall_bound_new_sign_ins_wait() {
+        let (sessions, start, theirs) = one_sign_in_under_way();
         let many: Vec<CookieValue> = (0..2 * MAX_PENDING as u32)
             .map(|n| {
                 let cookie = CookieValue::fresh();
@@ -492,12 +498,7 @@ mod tests {
     /// oldest of one of them, never one of a person's, and is never refused.
     #[test]
     fn past_the_overall_bound_a_few_addresses_pay_for_their_flood() {
-        let sessions = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
-        let start = Instant::now();
-        let theirs = CookieValue::fresh();
-        assert!(sessions
-            .start_pending(&theirs, login_from([192, 0, 2, 1], start))
-            .is_ok());
+        let (sessions, start, theirs) = one_sign_in_under_way();
         for n in 0..2 * MAX_PENDING as u32 {
             let address = [10, 0, 0, (n % 100) as u8];
             let at = start + Duration::from_millis(u64::from(n) + 1);
