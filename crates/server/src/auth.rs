@@ -621,16 +621,8 @@ impl Verifier {
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
-        if let Some(wait) = cached
-            .is_none()
-            .then(|| self.over_failure_budget(at))
-            .flatten()
-        {
-            // A 429 itself, as the address's failures get: a 401 left for `FailureWatch::finish`
-            // would stay one if the block ended meanwhile, telling a client whose secret was never
-            // looked up that it is wrong.
-            let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(AppError::RateLimited { retry_after_secs });
+        if cached.is_none() {
+            self.refuse_over_failure_budget(at)?;
         }
         let outcome = match cached {
             // A revoked secret is never reloaded: it is read anew once the negative cache forgets
@@ -692,14 +684,24 @@ impl Verifier {
         result
     }
 
-    /// How much longer the request presenting a secret comes from an address over its failure
-    /// budget, if it does. Describes the request (`at`) only while some address is.
-    fn over_failure_budget(&self, at: Presented<'_>) -> Option<Duration> {
-        let limiter = self.failed_auth.as_ref()?;
+    /// Refuses a request presenting what the caches do not hold from an address over its failure
+    /// budget, before any lookup or signature check. Describes the request (`at`) only while some
+    /// address is over. A 429 itself, as the address's failures get: a 401 left for
+    /// `FailureWatch::finish` would stay one if the block ended meanwhile, telling a client whose
+    /// secret was never looked up that it is wrong.
+    fn refuse_over_failure_budget(&self, at: Presented<'_>) -> Result<(), AppError> {
+        let Some(limiter) = self.failed_auth.as_ref() else {
+            return Ok(());
+        };
         if !limiter.any_blocked() {
-            return None;
+            return Ok(());
         }
-        limiter.blocked_for(at().client?)
+        match at().client.and_then(|client| limiter.blocked_for(client)) {
+            Some(wait) => Err(AppError::RateLimited {
+                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether the retry interval has passed since the store fault recorded as `fault_at`.
@@ -826,7 +828,7 @@ impl Verifier {
     ) -> Result<Principal, AppError> {
         let presented = bearer_token(headers)?;
         if crate::oidc::looks_like_jwt(presented) {
-            let result = self.authenticate_user(presented).await;
+            let result = self.authenticate_user(presented, at).await;
             if let Err(AppError::Unauthenticated(reason)) = &result {
                 self.metrics.credential_rejected(reason);
             }
@@ -835,7 +837,11 @@ impl Verifier {
         Ok(self.verify_bearer(presented, at).await?.principal())
     }
 
-    async fn authenticate_user(&self, token: &str) -> Result<Principal, AppError> {
+    async fn authenticate_user(
+        &self,
+        token: &str,
+        at: Presented<'_>,
+    ) -> Result<Principal, AppError> {
         let oidc = self.oidc.as_ref().ok_or(AppError::Unauthenticated(
             "jwt but no oidc issuer configured",
         ))?;
@@ -850,6 +856,7 @@ impl Verifier {
                 return Ok(hit.principal);
             }
         }
+        self.refuse_over_failure_budget(at)?;
         let loaded = Instant::now();
         let access = oidc.validate(token).await?;
         let rights = crate::ops::rights_of_user(self.store.as_ref(), access.user).await?;

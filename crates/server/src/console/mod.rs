@@ -315,6 +315,8 @@ pub(crate) enum ConsoleError {
         status: StatusCode,
         message: String,
         details: Vec<String>,
+        /// The `Retry-After` of a refusal that passes (429, 503), as the APIs send it.
+        retry_after_secs: Option<u64>,
     },
 }
 
@@ -324,6 +326,7 @@ impl ConsoleError {
             status,
             message: message.into(),
             details: Vec::new(),
+            retry_after_secs: None,
         }
     }
 
@@ -358,6 +361,7 @@ impl From<AppError> for ConsoleError {
                     .iter()
                     .map(|f| format!("{}: {}", field_name(&f.path), f.message))
                     .collect(),
+                retry_after_secs: None,
             },
             other => {
                 let status = other.status();
@@ -383,6 +387,7 @@ impl From<AppError> for ConsoleError {
                     status,
                     message,
                     details: Vec::new(),
+                    retry_after_secs: other.retry_after_secs(),
                 }
             }
         }
@@ -403,6 +408,7 @@ impl IntoResponse for ConsoleError {
                 status,
                 message,
                 details,
+                retry_after_secs,
             } => {
                 let mut body = format!(
                     "<div class=\"error\" role=\"alert\"><p>{}</p>",
@@ -419,7 +425,13 @@ impl IntoResponse for ConsoleError {
                     "</div><p><a href=\"/console\" data-autofocus>Back to the console</a></p>",
                 );
                 let title = status.canonical_reason().unwrap_or("Error");
-                (status, Html(html::bare_page(title, &body))).into_response()
+                let mut response = (status, Html(html::bare_page(title, &body))).into_response();
+                if let Some(seconds) = retry_after_secs {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                response
             }
         }
     }

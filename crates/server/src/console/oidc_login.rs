@@ -9,7 +9,7 @@ use super::{html, set_cookie, ConsoleError, Html};
 use crate::app::App;
 use crate::error::AppError;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use data_encoding::BASE64URL_NOPAD;
 use serde::Deserialize;
@@ -149,21 +149,18 @@ fn redirect_uri(
 
 /// How long a browser refused for [`sign_ins_busy`] is asked to wait: sign-ins under way end
 /// within [`PENDING_TTL`], most far sooner.
-const SIGN_INS_BUSY_RETRY_SECS: u32 = 30;
+const SIGN_INS_BUSY_RETRY_SECS: u64 = 30;
 
 /// 503 while as many sign-ins are under way as are kept: the new one waits rather than end
 /// someone else's.
 fn sign_ins_busy() -> Response {
-    let mut response = ConsoleError::page(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Too many sign-ins are under way right now. Try again in a little while.",
-    )
-    .into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(SIGN_INS_BUSY_RETRY_SECS),
-    );
-    response
+    ConsoleError::Page {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "Too many sign-ins are under way right now. Try again in a little while.".into(),
+        details: Vec::new(),
+        retry_after_secs: Some(SIGN_INS_BUSY_RETRY_SECS),
+    }
+    .into_response()
 }
 
 pub(super) async fn start(

@@ -6,7 +6,10 @@ use reqwest::{Method, Response};
 use serde_json::Value;
 use std::time::Duration;
 
-both_backends!(console_refusals_are_recorded_in_the_sessions_organization);
+both_backends!(
+    console_refusals_are_recorded_in_the_sessions_organization,
+    a_console_page_the_store_cannot_serve_says_when_to_retry,
+);
 
 /// A signed-in console: its session cookie and CSRF token.
 pub struct ConsoleSession {
@@ -150,4 +153,32 @@ async fn console_refusals_are_recorded_in_the_sessions_organization(
     for event in page["items"].as_array().unwrap() {
         assert_eq!(event["details"]["org_id"], org.id.as_str(), "{event}");
     }
+}
+
+/// A console page refused because the store is unavailable says when to try again
+/// (`Retry-After`), as the APIs' 503 does: a browser or a proxy in front can wait and retry.
+async fn a_console_page_the_store_cannot_serve_says_when_to_retry(
+    backend: keyplane_store::testing::Backend,
+) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    store.set_down(true);
+    let page = app
+        .request(Method::GET, "/console/api-tokens", None)
+        .header("cookie", &console.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 503);
+    let retry_after: u64 = page
+        .headers()
+        .get("retry-after")
+        .expect("a Retry-After on the console's 503")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    assert!(page.text().await.unwrap().contains("role=\"alert\""));
 }

@@ -35,6 +35,7 @@ both_backends!(
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
     a_users_console_refusals_are_recorded_in_the_sessions_organization,
+    an_address_over_its_failure_budget_gets_no_jwt_validated,
 );
 
 fn provider_dir() -> PathBuf {
@@ -1006,4 +1007,49 @@ async fn a_users_console_refusals_are_recorded_in_the_sessions_organization(back
         event["details"]["attempted"], "POST /console/api-tokens/{id}/revoke",
         "{event}"
     );
+}
+
+/// An address over its failed-authentication budget gets a user's JWT the cache does not hold
+/// refused (429) before its signature is checked, as its unknown secrets are: a blocked client
+/// cannot make keyplane verify signatures (or fetch keys) for it. A JWT it had validated before
+/// still works.
+async fn an_address_over_its_failure_budget_gets_no_jwt_validated(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let budget = 3;
+    let app = TestApp::spawn_with(
+        backend,
+        Config {
+            oidc: Some(oidc(&[&provider.issuer])),
+            failed_auth_per_minute: budget,
+            ..test_config()
+        },
+    )
+    .await;
+    let org = app.create_org("acme").await;
+    grant(
+        &app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    let validated = provider.token("alice", None).await;
+    assert_eq!(status(&app, &accounts, &validated).await, 200);
+    let unvalidated = provider.signer().sign(json!({}));
+
+    let unknown = keyplane_core::token::mint(
+        keyplane_core::CredentialKind::ApiToken,
+        &mut rand::rngs::OsRng,
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 * budget {
+        statuses.push(status(&app, &accounts, unknown.plaintext.expose_secret()).await);
+    }
+    assert_eq!(statuses.last(), Some(&429), "never blocked: {statuses:?}");
+
+    let refused = app.get(&accounts, &unvalidated).await;
+    assert_eq!(refused.status(), 429, "a JWT from a blocked address was validated");
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(status(&app, &accounts, &validated).await, 200);
 }
