@@ -21,9 +21,10 @@ use uuid::Uuid;
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 100;
-/// Longest accepted `action` filter value, and how many may be given.
+/// Longest accepted `action` filter value, and how many may be given: as many as a webhook's
+/// patterns, so a receiver catching up can pass its webhook's patterns as they are.
 const MAX_ACTION_CHARS: usize = 100;
-const MAX_ACTIONS: usize = 20;
+const MAX_ACTIONS: usize = keyplane_core::webhook::MAX_PATTERNS;
 
 /// Reads the filters of an audit query from `(name, value)` pairs (the query string), reporting
 /// every bad one. `action` may repeat; `api_token.*` matches every `api_token.` action.
@@ -62,6 +63,8 @@ pub fn parse_audit_query(
     };
     let mut after_seq = None;
     let mut cursor_given = false;
+    // `*` (a webhook's "every event") filters nothing, whatever else is given.
+    let mut every_action = false;
     for (name, raw) in pairs {
         match name.as_str() {
             "cursor" => {
@@ -85,6 +88,7 @@ pub fn parse_audit_query(
                     format!("must be an integer from 1 to {MAX_PAGE}"),
                 )),
             },
+            "action" if raw == "*" => every_action = true,
             "action" => {
                 let valid = !raw.is_empty()
                     && raw.len() <= MAX_ACTION_CHARS
@@ -97,7 +101,7 @@ pub fn parse_audit_query(
                     errors.push(FieldError::new(
                         FieldPath::query("action"),
                         codes::INVALID_FORMAT,
-                        "must be an action such as `api_token.created`, or a prefix such as `api_token.*`",
+                        "must be an action such as `api_token.created`, a prefix such as `api_token.*`, or `*`",
                     ));
                 } else if let Some(prefix) = raw.strip_suffix('*') {
                     query.action_prefixes.push(prefix.to_string());
@@ -130,12 +134,16 @@ pub fn parse_audit_query(
         }
         query.order = AuditOrder::OldestAfterSeq(seq);
     }
-    if query.actions.len() + query.action_prefixes.len() > MAX_ACTIONS {
+    if query.actions.len() + query.action_prefixes.len() + usize::from(every_action) > MAX_ACTIONS {
         errors.push(FieldError::new(
             FieldPath::query("action"),
             codes::TOO_MANY,
             format!("at most {MAX_ACTIONS} actions"),
         ));
+    }
+    if every_action {
+        query.actions.clear();
+        query.action_prefixes.clear();
     }
     if errors.is_empty() {
         Ok(query)
@@ -158,7 +166,7 @@ pub fn parse_audit_query(
         ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page (a UUID; an empty value is refused)."),
         ("after_seq" = Option<u64>, Query, description = "Only events with a greater `seq`, oldest first; not with `cursor`."),
         ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
-        ("action" = Option<Vec<String>>, Query, description = "Repeatable. An action (`api_token.created`) or a prefix (`api_token.*`)."),
+        ("action" = Option<Vec<String>>, Query, description = "Repeatable, at most 50. An action (`api_token.created`), a prefix (`api_token.*`), or `*` (every action: no filter, as a webhook's `*`)."),
         ("actor_id" = Option<Uuid>, Query, description = "Only events by this credential or user."),
         ("target_id" = Option<Uuid>, Query, description = "Only events about this resource."),
         ("outcome" = Option<String>, Query, description = "`success` or `denied`."),

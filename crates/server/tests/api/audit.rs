@@ -546,6 +546,42 @@ async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Ba
         7,
         "the organization's token's creation too"
     );
+    // A webhook's patterns pass as they are: `*` filters nothing, and as many as it may hold (50).
+    let every = events(
+        &app,
+        &org,
+        &org.token,
+        "?action=*&action=api_token.created&limit=100",
+    )
+    .await;
+    assert_eq!(every["items"].as_array().unwrap().len(), 8, "{every}");
+    let many: String = (0..49)
+        .map(|i| format!("&action=nothing_{}.created", (b'a' + i as u8 % 26) as char))
+        .collect();
+    let fifty = events(
+        &app,
+        &org,
+        &org.token,
+        &format!("?action=api_token.*{many}"),
+    )
+    .await;
+    assert_eq!(fifty["items"].as_array().unwrap().len(), 7, "{fifty}");
+    let res = app
+        .get(
+            &org.path(&format!(
+                "/audit-events?action=api_token.*&action=x.y{many}"
+            )),
+            &org.token,
+        )
+        .await;
+    let details = assert_error(res, 422, "validation_failed").await;
+    assert_eq!(
+        fields(&details)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect::<Vec<_>>(),
+        ["action"]
+    );
     let about = events(&app, &org, &org.token, &format!("?target_id={}", ids[0])).await;
     assert_eq!(actions(&about), ["api_token.revoked", "api_token.created"]);
     let by_actor = events(&app, &org, &org.token, &format!("?actor_id={}", ids[1])).await;
