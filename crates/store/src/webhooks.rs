@@ -90,6 +90,9 @@ pub enum AttemptNext {
     RetryAt(DateTime<Utc>),
     /// The retry schedule is used up.
     Failed,
+    /// Failed without being sent (its event was pruned from the audit trail): its endpoint did
+    /// not fail, so the webhook's `failing_since` is left alone.
+    Abandoned,
 }
 
 /// What recording an attempt did.
@@ -863,7 +866,7 @@ macro_rules! impl_webhooks {
                 let (status, next_ms) = match attempt.next {
                     AttemptNext::Succeeded => ("succeeded", millis(attempt.at)),
                     AttemptNext::RetryAt(at) => ("pending", millis(at)),
-                    AttemptNext::Failed => ("failed", millis(attempt.at)),
+                    AttemptNext::Failed | AttemptNext::Abandoned => ("failed", millis(attempt.at)),
                 };
                 let mut tx = self.writer.begin().await?;
                 // It may disable the webhook, which is an event: the head first, as every webhook
@@ -891,7 +894,7 @@ macro_rules! impl_webhooks {
                         .bind(attempt.webhook_id)
                         .execute(&mut *tx)
                         .await?;
-                } else {
+                } else if attempt.next != AttemptNext::Abandoned {
                     sqlx::query(WEBHOOK_FAILED)
                         .bind(attempt.webhook_id)
                         .bind(millis(attempt.at))

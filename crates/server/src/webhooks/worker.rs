@@ -208,7 +208,9 @@ async fn deliver(
         },
     };
     let at = now();
-    let next = if outcome.error.is_none() {
+    let next = if job.event.is_none() {
+        AttemptNext::Abandoned
+    } else if outcome.error.is_none() {
         AttemptNext::Succeeded
     } else if outcome.permanent {
         AttemptNext::Failed
@@ -225,7 +227,7 @@ async fn deliver(
             tracing::debug!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, http.status = outcome.status_code, "webhook delivered")
         }
         Some(error) => {
-            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, gives_up = next == AttemptNext::Failed, "webhook delivery attempt failed")
+            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, gives_up = matches!(next, AttemptNext::Failed | AttemptNext::Abandoned), "webhook delivery attempt failed")
         }
     }
     let attempt = DeliveryAttempt {

@@ -32,6 +32,7 @@ both_backends!(
     a_store_slower_than_the_lease_to_claim_sends_each_delivery_once,
     disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_only_new_events,
     an_update_records_what_it_changed_without_the_url,
+    a_delivery_whose_event_was_pruned_fails_without_blaming_the_endpoint,
 );
 
 /// The `last_error` of a delivery that was waiting when its webhook was disabled.
@@ -121,6 +122,21 @@ async fn deliveries(app: &TestApp, org: &Org, webhook: &str) -> Vec<Value> {
     assert_eq!(res.status(), 200);
     let page: Value = res.json().await.unwrap();
     page["items"].as_array().unwrap().clone()
+}
+
+/// Waits (at most 10 s) until one of the webhook's deliveries has `status`.
+async fn until_a_delivery_is(app: &TestApp, org: &Org, webhook: &str, status: &str) {
+    wait_until(
+        &format!("a delivery {status}"),
+        Duration::from_secs(10),
+        || async {
+            deliveries(app, org, webhook)
+                .await
+                .iter()
+                .any(|d| d["status"] == status)
+        },
+    )
+    .await;
 }
 
 /// The `type`s received (verified or not), by event id.
@@ -1481,4 +1497,57 @@ async fn an_update_records_what_it_changed_without_the_url(
     for part in ["/services/", "T0/B0", "T9/B9", "/ours", "/theirs", "token="] {
         assert!(!trail.contains(part), "{part} in the audit trail: {trail}");
     }
+}
+
+/// A delivery retried after its event left the audit trail fails, saying so, without sending
+/// anything; its endpoint did not fail, so the webhook is not marked failing (which would count
+/// towards disabling it).
+async fn a_delivery_whose_event_was_pruned_fails_without_blaming_the_endpoint(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap().to_string();
+    let receiver = Receiver::start(
+        &Behaviour::verifying(&[hook["secret"].as_str().unwrap()]),
+        port,
+    );
+    app.create_token(&org, "soon-pruned", &[]).await;
+    until_a_delivery_is(&app, &org, &id, "succeeded").await;
+    let delivered = deliveries(&app, &org, &id).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    damage(&app, "DELETE FROM audit_events WHERE id = $1", &delivered).await;
+    let res = app
+        .post_empty(
+            &org.path(&format!("/webhooks/{id}/deliveries/{delivered}/retry")),
+            &org.token,
+        )
+        .await;
+    assert_eq!(res.status(), 202);
+    until_a_delivery_is(&app, &org, &id, "failed").await;
+    let failed = deliveries(&app, &org, &id).await;
+    assert_eq!(
+        failed[0]["last_error"], "the event was pruned from the audit trail",
+        "{failed:?}"
+    );
+    assert_eq!(
+        receiver.deliveries().len(),
+        1,
+        "sent again without its event"
+    );
+    let res = app
+        .get(&org.path(&format!("/webhooks/{id}")), &org.token)
+        .await;
+    let webhook: Value = res.json().await.unwrap();
+    assert!(webhook["failing_since"].is_null(), "{webhook}");
 }
