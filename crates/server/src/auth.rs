@@ -234,6 +234,10 @@ pub(crate) struct Verifier {
     /// `None` when no issuer is configured: then no JWT authenticates.
     oidc: Option<Oidc>,
     users: quick_cache::sync::Cache<CacheKey, CachedUser>,
+    /// Organizations' registries, once read: a registry is never changed nor removed once
+    /// enabled, so a robot whose secret the caches serve logs in through a store outage too, and
+    /// a login costs no store read for it.
+    registries: quick_cache::sync::Cache<TenantId, Registry>,
     /// Known credentials presented when revoked, expired or of the wrong kind.
     refusals: Arc<crate::audit::Refusals>,
     /// What expiry, grace periods and suspension are judged against.
@@ -272,6 +276,7 @@ impl Verifier {
             store_fault_at: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             users: quick_cache::sync::Cache::new(config.capacity.max(1)),
+            registries: quick_cache::sync::Cache::new(config.capacity.max(1)),
             oidc,
             store,
             usage,
@@ -877,13 +882,15 @@ impl Verifier {
     }
 
     /// A robot's registry login: a live robot secret, whose tenant has a registry, presented under
-    /// its own login name `robot$<project>+<name>`. Only a complete success counts as a use.
-    pub async fn authenticate_robot(
+    /// its own login name `robot$<project>+<name>`. A refusal is counted here; a success only
+    /// once its token is issued ([`Self::robot_logged_in`]): a login refused later (its scopes,
+    /// its service, its rate limit) is not a use that keeps a previous secret alive.
+    pub(crate) async fn authenticate_robot(
         &self,
         username: &str,
         secret: &str,
         at: Presented<'_>,
-    ) -> Result<(Arc<Verified>, Registry), AppError> {
+    ) -> Result<AdmittedRobot, AppError> {
         let (admitted, now) = self.verify_uncounted(secret, at).await;
         let admitted = admitted.and_then(|verified| {
             if verified.credential.kind != CredentialKind::RobotAccount {
@@ -896,8 +903,23 @@ impl Verifier {
             Ok(verified) => self.robot_registry(verified, username).await,
             Err(refused) => Err(refused),
         };
-        self.count(result.as_ref().map(|(verified, _)| verified), &now);
-        result
+        match result {
+            Ok((verified, registry)) => Ok(AdmittedRobot {
+                verified,
+                registry,
+                verified_at_micros: now.get(),
+            }),
+            Err(refused) => {
+                self.count(Err(&refused), &now);
+                Err(refused)
+            }
+        }
+    }
+
+    /// Counts an admitted robot's login as a use, once its registry token is issued.
+    pub(crate) fn robot_logged_in(&self, robot: &AdmittedRobot) {
+        self.metrics.credential_verified(robot.verified.gate.kind);
+        self.usage.record(&robot.verified, robot.verified_at_micros);
     }
 
     /// An admitted robot's registry, if it has one and `username` is the robot's login name.
@@ -906,11 +928,20 @@ impl Verifier {
         verified: Arc<Verified>,
         username: &str,
     ) -> Result<(Arc<Verified>, Registry), AppError> {
-        let registry = self
-            .store
-            .get_registry(verified.credential.tenant_id)
-            .await?
-            .ok_or(AppError::Unauthenticated("no registry"))?;
+        let tenant = verified.credential.tenant_id;
+        let registry = match self.registries.get(&tenant) {
+            Some(registry) => registry,
+            None => {
+                // Not remembered while absent: the registry may be enabled any time.
+                let registry = self
+                    .store
+                    .get_registry(tenant)
+                    .await?
+                    .ok_or(AppError::Unauthenticated("no registry"))?;
+                self.registries.insert(tenant, registry.clone());
+                registry
+            }
+        };
         if username
             != keyplane_core::registry::robot_username(&registry.project, &verified.credential.name)
         {
@@ -918,6 +949,14 @@ impl Verifier {
         }
         Ok((verified, registry))
     }
+}
+
+/// A robot whose registry login [`Verifier::authenticate_robot`] admitted, not yet counted as a
+/// use.
+pub(crate) struct AdmittedRobot {
+    pub verified: Arc<Verified>,
+    pub registry: Registry,
+    verified_at_micros: i64,
 }
 
 /// The token from `Authorization: Bearer <token>` (scheme case-insensitive).

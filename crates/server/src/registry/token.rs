@@ -241,11 +241,12 @@ async fn issue(
     at: crate::canary::Presented<'_>,
 ) -> Result<Response, RegistryError> {
     let config = &app.inner().config.registry;
-    let (verified, registry) = app
+    let admitted = app
         .inner()
         .verifier
         .authenticate_robot(username, secret, at)
         .await?;
+    let (verified, registry) = (&admitted.verified, &admitted.registry);
     let robot = &verified.credential;
     if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
         if service != &config.service {
@@ -315,6 +316,7 @@ async fn issue(
     };
     let signer = app.registry_signer().await?;
     let token = signer.sign(&claims)?;
+    app.inner().verifier.robot_logged_in(&admitted);
     tracing::info!(tenant.id = %robot.tenant_id, credential.id = %robot.id, granted = granted.len(), "registry token issued");
     Ok(Json(RegistryTokenResponse {
         access_token: token.clone(),

@@ -1136,6 +1136,21 @@ async fn a_refused_login_does_not_count_as_use(backend: Backend) {
     )
     .await;
     assert_eq!(status, 401);
+    // Admitted, then refused for what it asked: no token, so no use either.
+    let (status, _) =
+        registry_token(&app, "robot$acme+ci", &secret, "repository:acme/App:pull").await;
+    assert_eq!(status, 400);
+    let res = app
+        .request(Method::GET, "/registry/token", None)
+        .basic_auth("robot$acme+ci", Some(&secret))
+        .query(&[
+            ("service", "another-registry"),
+            ("scope", "repository:acme/app:pull"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
     app.app.flush_usage().await;
     let unused: Value = app
         .get(&robot(&org, &id), &org.token)
@@ -1592,6 +1607,7 @@ both_backends!(
     pathological_globs_answer_at_once,
     bad_requested_scopes_are_refused,
     a_registry_token_ends_when_its_robot_does,
+    a_cached_robot_logs_in_through_a_store_outage,
 );
 
 async fn a_registry_token_ends_when_its_robot_does(backend: Backend) {
@@ -1644,4 +1660,23 @@ async fn a_registry_token_ends_when_its_robot_does(backend: Backend) {
         claims["exp"].as_i64().unwrap(),
         claims["iat"].as_i64().unwrap() + 300
     );
+}
+
+/// A robot whose secret the verification cache holds logs in while the store is down, as any
+/// cached credential verifies (stale-if-error): its organization's registry is remembered too.
+async fn a_cached_robot_logs_in_through_a_store_outage(backend: Backend) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let created = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let secret = str_of(&created, "token").to_string();
+    let (status, before) =
+        registry_token(&app, "robot$acme+ci", &secret, "repository:acme/app:pull").await;
+    assert_eq!(status, 200);
+    store.set_down(true);
+    let (status, during) =
+        registry_token(&app, "robot$acme+ci", &secret, "repository:acme/app:pull").await;
+    assert_eq!(status, 200, "a cached robot refused in a store outage");
+    assert_eq!(during["access"], before["access"]);
+    assert_eq!(during["access"][0]["actions"], json!(["pull"]), "{during}");
 }
