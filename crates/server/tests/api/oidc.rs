@@ -1049,7 +1049,11 @@ async fn an_address_over_its_failure_budget_gets_no_jwt_validated(backend: Backe
     assert_eq!(statuses.last(), Some(&429), "never blocked: {statuses:?}");
 
     let refused = app.get(&accounts, &unvalidated).await;
-    assert_eq!(refused.status(), 429, "a JWT from a blocked address was validated");
+    assert_eq!(
+        refused.status(),
+        429,
+        "a JWT from a blocked address was validated"
+    );
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(status(&app, &accounts, &validated).await, 200);
 }
