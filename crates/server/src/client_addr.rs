@@ -93,11 +93,15 @@ impl TrustedProxies {
             ForwardedHeader::Forwarded => FORWARDED,
         };
         let mut client = peer;
+        // Split as bytes: a value a client began with bytes that are not text (which proxies
+        // pass on, appending the address they saw) must still yield that appended address. An
+        // element that is not text is garbage, where the walk stops.
         let elements = headers
             .get_all(name)
             .iter()
             .rev()
-            .flat_map(|value| value.to_str().unwrap_or("\u{0}").rsplit(','))
+            .flat_map(|value| value.as_bytes().rsplit(|&b| b == b','))
+            .map(|element| std::str::from_utf8(element).unwrap_or("\u{0}"))
             .take(MAX_HOPS);
         for element in elements {
             let hop = match self.header {
@@ -202,6 +206,29 @@ mod tests {
         let garbage = headers("x-forwarded-for", &["198.51.100.4, nonsense"]);
         assert_eq!(client(&trusted, "127.0.0.1", &garbage), "127.0.0.1");
         assert_eq!(client(&trusted, "::ffff:127.0.0.1", &chain), "198.51.100.4");
+    }
+
+    /// A client's bytes that are not text, to which the proxy appended the address it saw, do
+    /// not hide that address (the client would be the proxy, sharing its limits).
+    #[test]
+    fn bytes_a_client_sent_do_not_hide_the_address_a_proxy_appended() {
+        let raw = |name: &str, value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+            headers
+        };
+        let xff = proxies(&["127.0.0.1"], ForwardedHeader::XForwardedFor);
+        let appended = raw("x-forwarded-for", b"\xff\xfe, 198.51.100.4");
+        assert_eq!(client(&xff, "127.0.0.1", &appended), "198.51.100.4");
+        // Where the walk reaches them, they are garbage: it stops at the proxy that passed them.
+        let reached = raw("x-forwarded-for", b"198.51.100.4, \xff, 127.0.0.1");
+        assert_eq!(client(&xff, "127.0.0.1", &reached), "127.0.0.1");
+        let forwarded = proxies(&["127.0.0.1"], ForwardedHeader::Forwarded);
+        let appended = raw("forwarded", b"for=\xff, for=198.51.100.4");
+        assert_eq!(client(&forwarded, "127.0.0.1", &appended), "198.51.100.4");
     }
 
     #[test]
