@@ -315,9 +315,17 @@ pub enum LogFormat {
     Json,
 }
 
-fn install_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYPLANE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Installs the log; a `KEYPLANE_LOG` that does not parse is refused, not replaced by `info`
+/// unsaid (someone raising the level to diagnose would see nothing more, and not know why).
+fn install_tracing(format: LogFormat) -> anyhow::Result<()> {
+    let filter = match std::env::var_os("KEYPLANE_LOG") {
+        None => tracing_subscriber::EnvFilter::new("info"),
+        Some(_) => tracing_subscriber::EnvFilter::try_from_env("KEYPLANE_LOG").map_err(|e| {
+            anyhow::anyhow!(
+                "KEYPLANE_LOG is not a log filter ({e}); write e.g. `info`, `debug` or `info,keyplane_server=debug`"
+            )
+        })?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -326,6 +334,7 @@ fn install_tracing(format: LogFormat) {
         LogFormat::Text => builder.fmt_fields(EscapedFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
 /// The text log's field formatter: the default one's layout, with every control character (and
@@ -487,7 +496,7 @@ fn main() -> ExitCode {
     let result: Result<(), Failure> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
-                install_tracing(args.log_format);
+                install_tracing(args.log_format)?;
                 Ok(serve::run(args).await?)
             }
             Command::Admin(command) => Ok(admin::run(command).await?),

@@ -490,6 +490,31 @@ async fn serve_and_admin_refuse_a_store_others_can_read() {
     assert!(allowed.status.success(), "{}", allowed.describe());
 }
 
+/// A `KEYPLANE_LOG` that is not a log filter stops `serve` with a message that says so, rather
+/// than logging at `info` as if it had not been set.
+#[tokio::test]
+async fn serve_refuses_a_log_filter_it_cannot_read() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let output = run(
+        keyplane()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store.args())
+            .env("KEYPLANE_LOG", "keyplane_server=debg"),
+        TIMEOUT,
+    )
+    .await;
+    assert!(
+        !output.status.success(),
+        "started anyway: {}",
+        output.describe()
+    );
+    assert!(
+        output.stderr.contains("KEYPLANE_LOG is not a log filter"),
+        "{}",
+        output.describe()
+    );
+}
+
 /// SIGTERM closes the store after the last flush: SQLite checkpoints its WAL into the database
 /// and removes it, instead of leaving megabytes behind.
 #[tokio::test]
