@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -321,6 +322,13 @@ impl Watch<'_> {
         }
     }
 
+    /// The request was given up before its answer (the client hung up, or a proxy's timeout):
+    /// counted and logged as `499`, so that the slowest requests do not vanish from the latency
+    /// and the error counts exactly when something is slow.
+    fn abandon(self) {
+        self.observation.abandon(&self.app, &self.route);
+    }
+
     fn conclude(self, response: Response) -> Response {
         let response = match self.failures {
             Some(failures) => failures.finish(&self.app, response),
@@ -380,11 +388,19 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A route's response under way, observed when it is ready.
+    /// A route's response under way, observed when it is ready, or when dropped before that
+    /// (its client went away: hyper drops the future).
     struct Observed<F> {
         #[pin]
         response: F,
         finish: Option<Watch<'static>>,
+    }
+    impl<F> PinnedDrop for Observed<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(watch) = this.project().finish.take() {
+                watch.abandon();
+            }
+        }
     }
 }
 
@@ -404,6 +420,42 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
     }
 }
 
+/// Lets at most one line a second through (an atomic per check): for a failure every request of a
+/// high-rate route may meet at once, such as a store outage.
+struct LineThrottle {
+    /// The coarse clock's second of the last line let through, plus one (0: none yet).
+    last_second: AtomicU64,
+    left_out: AtomicU64,
+}
+
+impl LineThrottle {
+    const fn new() -> Self {
+        Self {
+            last_second: AtomicU64::new(0),
+            left_out: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be written now.
+    fn admit(&self) -> Option<u64> {
+        let second = crate::coarse_clock::reading().as_secs() + 1;
+        let last = self.last_second.load(Ordering::Relaxed);
+        if last != second
+            && self
+                .last_second
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.left_out.swap(0, Ordering::Relaxed));
+        }
+        self.left_out.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// The hot routes' failure lines.
+static HOT_FAILURE_LINES: LineThrottle = LineThrottle::new();
+
 /// One log line and one metrics observation per request, under a span carrying the request id
 /// and the client's address (the [`ClientAddr`] the connection set), around the
 /// failed-authentication limit. Works out the request id ([`RequestId`]: the client's when plain,
@@ -416,6 +468,8 @@ struct Observation {
     request_id: RequestId,
     /// Logged at debug level: a verification route.
     hot: bool,
+    /// For a hot route's failure line, which its (disabled) span cannot carry.
+    client: Option<ClientAddr>,
     span: tracing::Span,
     audit: Option<crate::audit::Watched>,
 }
@@ -467,8 +521,36 @@ impl Observation {
             method,
             request_id,
             hot,
+            client,
             span,
             audit,
+        }
+    }
+
+    /// Reported as given up: the status nginx logs for a client that closed the request.
+    fn abandon(self, app: &App, route: &RouteMetrics) {
+        const CLIENT_CLOSED_REQUEST: u16 = 499;
+        let elapsed = self.started.elapsed();
+        app.inner().metrics.observe_request(
+            route,
+            self.method,
+            CLIENT_CLOSED_REQUEST,
+            elapsed.as_secs_f64(),
+        );
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let _entered = self.span.enter();
+        if self.hot {
+            tracing::debug!(
+                http.status = CLIENT_CLOSED_REQUEST,
+                duration_ms,
+                "request abandoned: the client went away"
+            );
+        } else {
+            tracing::info!(
+                http.status = CLIENT_CLOSED_REQUEST,
+                duration_ms,
+                "request abandoned: the client went away"
+            );
         }
     }
 
@@ -490,6 +572,23 @@ impl Observation {
             let _entered = self.span.enter();
             let cause = response.extensions().get::<ErrorCause>();
             match cause {
+                // The hot routes' span is off at the default level: the line names the request
+                // itself. In an outage every uncached verification fails, so their lines are
+                // kept to one a second (with how many were left out), not one a request.
+                Some(cause) if status.is_server_error() && self.hot => {
+                    if let Some(left_out) = HOT_FAILURE_LINES.admit() {
+                        tracing::error!(
+                            request.id = %self.request_id,
+                            http.route = route.route,
+                            client.ip = self.client.map(|c| tracing::field::display(c.0)),
+                            http.status = status.as_u16(),
+                            duration_ms,
+                            cause = %cause.0,
+                            similar_left_out = left_out,
+                            "request failed"
+                        )
+                    }
+                }
                 Some(cause) if status.is_server_error() => {
                     tracing::error!(http.status = status.as_u16(), duration_ms, cause = %cause.0, "request failed")
                 }

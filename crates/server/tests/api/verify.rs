@@ -1359,3 +1359,71 @@ both_backends!(
     whoami_describes_the_caller,
     cached_verifications_die_with_their_credential,
 );
+
+/// In a store outage every uncached verification fails: the failures are logged a line a second
+/// (saying how many were left out), not a line each, so the log does not flood while the caches
+/// go on serving.
+#[tokio::test]
+async fn verification_failures_in_an_outage_are_logged_a_line_a_second() {
+    let (app, store) = FaultyStore::spawn(Backend::Sqlite, test_config()).await;
+    let org = app.create_org("acme").await;
+    let tokens: Vec<String> = {
+        let mut made = Vec::new();
+        for i in 0..20 {
+            let created = app.create_token(&org, &format!("t{i}"), &[]).await;
+            made.push(created["token"].as_str().unwrap().to_string());
+        }
+        made
+    };
+    store.set_down(true);
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let started = std::time::Instant::now();
+    for (i, token) in tokens.iter().enumerate() {
+        let answer = app
+            .request(Method::GET, "/v1/auth/forward", Some(token))
+            .header("x-request-id", format!("{marker}-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 503);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let lines = crate::logs::captured()
+        .lines()
+        .filter(|line| line.contains(&marker) && line.contains("request failed"))
+        .count() as u64;
+    assert!(
+        lines <= seconds + 1,
+        "{lines} failure lines for 20 failed verifications in under {seconds} s"
+    );
+}
+
+/// A verification its client gives up on before the answer (a proxy's timeout while the store
+/// is slow) is still counted, as `499`, and timed: the slowest requests do not vanish from the
+/// metrics exactly when something is slow.
+#[tokio::test]
+async fn a_verification_given_up_by_its_client_is_counted() {
+    let (app, store) = FaultyStore::spawn(Backend::Sqlite, test_config()).await;
+    let org = app.create_org("acme").await;
+    let token = app.create_token(&org, "slow", &[]).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    store.fail_lookups_after(Duration::from_millis(1500));
+    store.set_down(true);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let given_up = impatient
+        .get(format!("{}/v1/auth/forward", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await;
+    assert!(given_up.is_err(), "answered within 200 ms: {given_up:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counted =
+        r#"keyplane_http_requests_total{method="GET",route="/v1/auth/forward",status="499"} 1"#;
+    let text = app.metrics().await;
+    assert!(text.contains(counted), "{text}");
+}
