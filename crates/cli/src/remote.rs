@@ -1058,11 +1058,15 @@ fn format_of(flag: Option<OutputFormat>) -> Format {
 /// Writes to stdout; a reader that went away (`| head`) is not an error (but see
 /// [`Session::print_created`]).
 fn emit(text: &str) -> Result<(), Error> {
+    emit_while_read(text).map(drop)
+}
+
+/// [`emit`], and whether stdout still has a reader: a stream stops once it has none.
+fn emit_while_read(text: &str) -> Result<bool, Error> {
     match write_stdout(text) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Error::Local(format!("cannot write to stdout: {e}")))
-        }
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Error::Local(format!("cannot write to stdout: {e}"))),
     }
 }
 
@@ -1621,7 +1625,11 @@ async fn tail(
     follow: bool,
     interval: Duration,
 ) -> Result<(), Error> {
-    emit(&s.output.stream_header::<AuditEventView>())?;
+    // A reader gone (`| grep -m1 ...`) ends the tail: Rust ignores SIGPIPE, so without this
+    // --follow would poll on for nobody.
+    if !emit_while_read(&s.output.stream_header::<AuditEventView>())? {
+        return Ok(());
+    }
     let mut last_seq = 0;
     if lines > 0 {
         let page = s
@@ -1635,7 +1643,9 @@ async fn tail(
                 },
             )
             .await?;
-        print_stream(s, page.items.into_iter().rev().collect(), &mut last_seq)?;
+        if !print_stream(s, page.items.into_iter().rev().collect(), &mut last_seq)? {
+            return Ok(());
+        }
     } else {
         // Start from the newest event without printing it.
         let page = s
@@ -1679,7 +1689,9 @@ async fn tail(
             eprintln!("audit tail: reconnected");
             failures = 0;
         }
-        print_stream(s, fresh, &mut last_seq)?;
+        if !print_stream(s, fresh, &mut last_seq)? {
+            return Ok(());
+        }
     }
 }
 
@@ -1723,18 +1735,19 @@ async fn poll(
     }
 }
 
+/// Prints `events`; whether stdout still has a reader.
 fn print_stream(
     s: &mut Session,
     events: Vec<AuditEventView>,
     last_seq: &mut u64,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     s.output.now = Utc::now();
     let mut text = String::new();
     for event in events {
         text.push_str(&s.output.stream(&event));
         *last_seq = (*last_seq).max(event.seq);
     }
-    emit(&text)
+    emit_while_read(&text)
 }
 
 pub async fn whoami(s: Session) -> Result<(), Error> {

@@ -836,12 +836,10 @@ fn event(seq: u64) -> Value {
     })
 }
 
-/// Runs `audit tail -n 1 --follow` against `url` until it printed `lines` events; their `seq`s,
-/// and what it wrote to stderr.
-async fn tail_follow(url: &str, lines: usize) -> (Vec<u64>, String) {
-    let home = tempfile::tempdir().unwrap();
-    let mut command = client(
-        &home,
+/// `audit tail -n 1 --follow --interval 1s -o jsonl` against `url`.
+fn follow_command(home: &tempfile::TempDir, url: &str) -> Command {
+    client(
+        home,
         Some(TOKEN),
         &[
             "audit",
@@ -858,7 +856,14 @@ async fn tail_follow(url: &str, lines: usize) -> (Vec<u64>, String) {
             "-o",
             "jsonl",
         ],
-    );
+    )
+}
+
+/// Runs `audit tail -n 1 --follow` against `url` until it printed `lines` events; their `seq`s,
+/// and what it wrote to stderr.
+async fn tail_follow(url: &str, lines: usize) -> (Vec<u64>, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut command = follow_command(&home, url);
     let mut stdout = tempfile::tempfile().unwrap();
     let mut stderr = tempfile::tempfile().unwrap();
     let mut child = KillOnDrop(
@@ -958,4 +963,42 @@ async fn audit_tail_prints_an_event_committed_late_with_an_earlier_time() {
     .await;
     let (seqs, _) = tail_follow(&fake.url(), 2).await;
     assert_eq!(seqs, [2, 3]);
+}
+
+/// `audit tail --follow` into a reader that went away (`| grep -m1 ...`, `| head -1`) ends, with
+/// status 0, at the next event it cannot write: it does not poll on for nobody.
+#[tokio::test]
+async fn audit_tail_follow_ends_when_its_reader_is_gone() {
+    // Every poll finds one event newer than the last.
+    let fake = Fake::start(|n, _| {
+        answer(
+            "200 OK",
+            &[],
+            &json!({"items": [event(n as u64 + 1)], "next_cursor": null}).to_string(),
+        )
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let mut command = follow_command(&home, &fake.url());
+    let mut stderr = tempfile::tempfile().unwrap();
+    let mut child = KillOnDrop(
+        command
+            .stdout(Stdio::piped())
+            .stderr(stderr.try_clone().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = child.0.stdout.take().unwrap();
+    // Off the runtime, which serves the stand-in meanwhile. Then gone, as `grep -m1` is once it
+    // found its line.
+    let read = tokio::task::spawn_blocking(move || stdout.read_exact(&mut [0u8; 1]))
+        .await
+        .unwrap();
+    let status = wait_for_exit(&mut child.0, Duration::from_secs(10)).await;
+    let mut notices = String::new();
+    stderr.rewind().unwrap();
+    stderr.read_to_string(&mut notices).unwrap();
+    read.unwrap_or_else(|e| panic!("nothing printed ({e}): {notices}"));
+    let status = status.expect("audit tail --follow still runs with nobody reading it");
+    assert_eq!(status.code(), Some(0), "{notices}");
 }
