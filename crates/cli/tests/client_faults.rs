@@ -1002,3 +1002,70 @@ async fn audit_tail_follow_ends_when_its_reader_is_gone() {
     let status = status.expect("audit tail --follow still runs with nobody reading it");
     assert_eq!(status.code(), Some(0), "{notices}");
 }
+
+fn token_view(id: &str) -> Value {
+    let mut view: Value = serde_json::from_str(&created_token()).unwrap();
+    view.as_object_mut().unwrap().remove("token");
+    view["id"] = json!(id);
+    view
+}
+
+fn rate_limited() -> Vec<u8> {
+    answer(
+        "429 Too Many Requests",
+        &[("retry-after", "1")],
+        &aether_error("rate_limited", "too many requests"),
+    )
+}
+
+const FIRST: &str = "11111111-1111-4111-8111-111111111111";
+const LAST: &str = "22222222-2222-4222-8222-222222222222";
+
+/// A 429 means nothing was done: a list's next page and a revoke wait it out like a create does,
+/// instead of failing half-way (a long `tokens list` meets the per-credential limit).
+#[tokio::test]
+async fn a_rate_limited_read_or_revoke_waits_and_goes_on() {
+    let fake = Fake::start(|n, _| match n {
+        0 => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [token_view(FIRST)], "next_cursor": FIRST}).to_string(),
+        ),
+        1 => rate_limited(),
+        _ => answer(
+            "200 OK",
+            &[],
+            &json!({"items": [token_view(LAST)], "next_cursor": null}).to_string(),
+        ),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let args = ["tokens", "list", "--org", ORG, "--url", &url, "-o", "json"];
+    let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let printed: Value = serde_json::from_str(&output.stdout).unwrap();
+    let ids: Vec<&str> = printed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [FIRST, LAST]);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[1].path, seen[2].path, "the same page asked again");
+
+    let fake = Fake::start(|n, _| match n {
+        0 => rate_limited(),
+        _ => answer("204 No Content", &[], ""),
+    })
+    .await;
+    let url = fake.url();
+    let args = ["tokens", "revoke", FIRST, "--org", ORG, "--url", &url];
+    let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.method == "DELETE"));
+}

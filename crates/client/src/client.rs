@@ -112,10 +112,12 @@ enum Body {
     WebhookJson(serde_json::Value),
 }
 
-/// Whether a call may be sent again when its answer is lost or says "later".
+/// Whether a call may be sent again when its answer is lost or says "later". Whatever it says,
+/// an attempt the server certainly did not carry out (a limit's 429) is sent again.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Retry {
-    /// Never: sent twice, it could be done twice.
+    /// Only when certainly not done: sent twice, it could be done twice (and a read answered
+    /// 503 is reported, not retried).
     Never,
     /// With one `Idempotency-Key` for every attempt: the server does it at most once and replays
     /// its answer (secret included) to a retry.
@@ -255,15 +257,15 @@ impl Client {
         loop {
             attempt += 1;
             let request = self.request(&call, &url, key.as_deref())?;
-            let (error, wait) = match self.attempt(request, &call, attempt).await {
+            let (error, wait, sent) = match self.attempt(request, &call, attempt).await {
                 Attempt::Answered(body) => return Ok(body),
                 Attempt::Final(error) => return Err(error),
                 Attempt::Transient { error, wait, sent } => {
                     unsure |= sent;
-                    (error, wait)
+                    (error, wait, sent)
                 }
             };
-            let again = call.retry != Retry::Never
+            let again = (call.retry != Retry::Never || !sent)
                 && wait <= LONGEST_RETRY_WAIT
                 && Instant::now() + wait < deadline;
             if !again {
