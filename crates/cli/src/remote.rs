@@ -1003,6 +1003,21 @@ impl Session {
         emit(&self.output.list(document, items))
     }
 
+    /// One page of a list, and on stderr, in every format, how to get the next one: a script
+    /// reading JSON lines learns it got a page of several, and stdout stays pure data.
+    fn print_page<R: Record + Serialize>(
+        &self,
+        document: &impl Serialize,
+        items: &[R],
+        next_cursor: Option<Uuid>,
+    ) -> Result<(), Error> {
+        self.print_list(document, items)?;
+        if let Some(next) = next_cursor {
+            eprintln!("More: --cursor {next}");
+        }
+        Ok(())
+    }
+
     fn print_one<R: Record + Serialize>(&self, item: &R) -> Result<(), Error> {
         emit(&self.output.one(item))
     }
@@ -1148,7 +1163,7 @@ pub async fn tokens(mut s: Session, command: TokensCommand) -> Result<(), Error>
                     }
                 }
             };
-            s.print_list(&page, &page.items)
+            s.print_page(&page, &page.items, page.next_cursor)
         }
         TokensCommand::Create {
             name,
@@ -1571,11 +1586,7 @@ pub async fn webhooks(mut s: Session, command: WebhooksCommand) -> Result<(), Er
                     &Page { cursor, limit },
                 )
                 .await?;
-            s.print_list(&page, &page.items)?;
-            if let (Format::Table, Some(next)) = (s.output.format, page.next_cursor) {
-                eprintln!("More: --cursor {next}");
-            }
-            Ok(())
+            s.print_page(&page, &page.items, page.next_cursor)
         }
         WebhooksCommand::Retry {
             webhook_id,
@@ -1602,11 +1613,7 @@ pub async fn audit(mut s: Session, command: AuditCommand) -> Result<(), Error> {
                 .client
                 .list_audit_events(org, &filter.filter(), &Page { cursor, limit })
                 .await?;
-            s.print_list(&page, &page.items)?;
-            if let (Format::Table, Some(next)) = (s.output.format, page.next_cursor) {
-                eprintln!("More: --cursor {next}");
-            }
-            Ok(())
+            s.print_page(&page, &page.items, page.next_cursor)
         }
         AuditCommand::Tail {
             filter,

@@ -1069,3 +1069,45 @@ async fn a_rate_limited_read_or_revoke_waits_and_goes_on() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(seen.iter().all(|s| s.method == "DELETE"));
 }
+
+/// The "More: --cursor" hint goes to stderr in every format, so a script reading JSON lines
+/// learns that it got one page of several; stdout stays pure data.
+#[tokio::test]
+async fn every_format_says_there_is_another_page() {
+    let fake = Fake::start(|_, request| {
+        let items = if request.path.contains("/audit-events") {
+            json!([event(2), event(1)])
+        } else {
+            json!([token_view(FIRST)])
+        };
+        answer(
+            "200 OK",
+            &[],
+            &json!({"items": items, "next_cursor": LAST}).to_string(),
+        )
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let target = ["--org", ORG, "--url", &url];
+    for (command, format) in [
+        (&["audit", "list", "--outcome", "denied"][..], "jsonl"),
+        (&["audit", "list"][..], "json"),
+        (&["tokens", "list", "--limit", "1"][..], "jsonl"),
+        (&["tokens", "list", "--cursor", FIRST][..], "table"),
+    ] {
+        let args = [command, &target[..], &["-o", format]].concat();
+        let output = run(&mut client(&home, Some(TOKEN), &args)).await;
+        assert!(output.status.success(), "{}", output.describe());
+        assert!(
+            output.stderr.contains(&format!("More: --cursor {LAST}")),
+            "{}",
+            output.describe()
+        );
+        if format == "jsonl" {
+            for line in output.stdout.lines() {
+                serde_json::from_str::<Value>(line).expect("a JSON line");
+            }
+        }
+    }
+}
