@@ -1111,3 +1111,36 @@ async fn every_format_says_there_is_another_page() {
         }
     }
 }
+
+/// `revoke-leaked` waits out the public revocation limit even when it asks for longer than other
+/// commands wait (`--public-revoke-per-minute` under 6 asks for over 10 s).
+#[tokio::test]
+async fn revoke_leaked_waits_out_a_long_limit() {
+    let fake = Fake::start(|n, _| match n {
+        0 => answer(
+            "429 Too Many Requests",
+            &[("retry-after", "12")],
+            &json!({"error": "rate_limited", "error_description": "too many requests"}).to_string(),
+        ),
+        _ => answer(
+            "202 Accepted",
+            &[],
+            &json!({"received": 1, "well_formed": 0}).to_string(),
+        ),
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let args = ["revoke-leaked", "leaked-1", "--url", &url, "-o", "json"];
+    let started = Instant::now();
+    let output = run(&mut client(&home, None, &args)).await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(started.elapsed() >= Duration::from_secs(12));
+    // A wait that long is not silent.
+    assert!(
+        output.stderr.contains("asked to wait 12 s"),
+        "{}",
+        output.describe()
+    );
+    assert_eq!(fake.seen().len(), 2);
+}

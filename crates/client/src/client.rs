@@ -36,8 +36,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// for a command line.
 const RETRY_DEADLINE: Duration = Duration::from_secs(60);
 /// The longest `Retry-After` waited for: one asking for more is reported at once (a CLI does not
-/// sleep for minutes), one asking for less is honoured (the public revocation limit asks for 6 s).
+/// sleep for minutes), one asking for less is honoured.
 const LONGEST_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// Public revocation's: the server's per-address limit (`--public-revoke-per-minute`, 10 by
+/// default: 6 s) asks for up to a minute, and `revoke-leaked` promises to wait it out.
+const LONGEST_REVOKE_WAIT: Duration = Duration::from_secs(60);
 /// The longest pause between attempts that no `Retry-After` paced.
 const LONGEST_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -132,6 +135,8 @@ struct Call<'a> {
     query: Vec<(&'a str, String)>,
     body: Body,
     retry: Retry,
+    /// The longest `Retry-After` waited for before another attempt.
+    longest_wait: Duration,
 }
 
 impl<'a> Call<'a> {
@@ -142,6 +147,7 @@ impl<'a> Call<'a> {
             query: Vec::new(),
             body: Body::None,
             retry: Retry::Never,
+            longest_wait: LONGEST_RETRY_WAIT,
         }
     }
 
@@ -266,7 +272,7 @@ impl Client {
                 }
             };
             let again = (call.retry != Retry::Never || !sent)
-                && wait <= LONGEST_RETRY_WAIT
+                && wait <= call.longest_wait
                 && Instant::now() + wait < deadline;
             if !again {
                 return Err(match key {
@@ -280,6 +286,13 @@ impl Client {
             }
             if self.verbose {
                 eprintln!("< retrying in {} ms ({error})", wait.as_millis());
+            } else if wait > LONGEST_RETRY_WAIT {
+                // Longer than a command line is silent for.
+                eprintln!(
+                    "keyplane at {} asked to wait {} s (a rate limit); retrying then",
+                    self.base,
+                    wait.as_secs()
+                );
             }
             tokio::time::sleep(wait).await;
         }
@@ -451,6 +464,7 @@ impl Client {
         let mut call = Call::new(Method::POST, "/v1/credentials/revoke".into());
         // Revoking twice is revoking once: a limit's 429 or a lost answer is simply retried.
         call.retry = Retry::Harmless;
+        call.longest_wait = LONGEST_REVOKE_WAIT;
         call.body = Body::SecretJson(serde_json::to_value(request).expect("strings are JSON"));
         self.send(call).await
     }
@@ -839,7 +853,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// `Retry-After` in seconds (at least 1), else [`backoff`]. Not capped here: the caller gives up
-/// rather than wait longer than [`LONGEST_RETRY_WAIT`].
+/// rather than wait longer than its call's `longest_wait`.
 fn retry_wait(headers: &HeaderMap, attempt: u32) -> Duration {
     header_text(headers, "retry-after")
         .and_then(|v| v.trim().parse::<u64>().ok())
