@@ -1144,3 +1144,45 @@ async fn revoke_leaked_waits_out_a_long_limit() {
     );
     assert_eq!(fake.seen().len(), 2);
 }
+
+/// A replica that died between claiming a create's Idempotency-Key and committing holds the key
+/// for the server's 60 s lock, counted from its claim: the client retries past it, gets the
+/// create done once, and does not report "may have been done" for a change never made.
+#[tokio::test]
+async fn a_create_is_retried_until_a_dead_replicas_key_lock_ends() {
+    const LOCK: Duration = Duration::from_secs(60);
+    let claimed: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let fake = Fake::start(move |n, _| {
+        let mut claimed = claimed.lock().unwrap();
+        let at = *claimed.get_or_insert_with(Instant::now);
+        match n {
+            // The replica that claimed the key dies before answering.
+            0 => LOST,
+            _ if at.elapsed() < LOCK => answer(
+                "409 Conflict",
+                &[("retry-after", "1")],
+                &aether_error(
+                    "conflict",
+                    "a request with this Idempotency-Key is still in progress; retry it shortly",
+                ),
+            ),
+            _ => answer("201 Created", &[], &created_token()),
+        }
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let url = fake.url();
+    let args = [
+        "tokens", "create", "--name", "ci", "--org", ORG, "--url", &url, "-o", "json",
+    ];
+    let output = common::run(
+        &mut client(&home, Some(TOKEN), &args),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(output.status.success(), "{}", output.describe());
+    let printed: Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(printed["token"], SECRET);
+    let keys = idempotency_keys(&fake.seen());
+    assert!(keys.iter().all(|k| k == &keys[0]), "{keys:?}");
+}

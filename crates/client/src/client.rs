@@ -31,10 +31,13 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// No retry of a call starts later than this after its first attempt: long enough to outlast the
-/// server's 60 s hold on an `Idempotency-Key` whose first request is still running, short enough
-/// for a command line.
-const RETRY_DEADLINE: Duration = Duration::from_secs(60);
+/// No retry of a call starts later than this after its first attempt. The server holds an
+/// `Idempotency-Key` for 60 s (`LOCK` in keyplane-server's idempotency.rs, which this crate
+/// cannot see) from its claim, which comes after our first send; if the replica that claimed it
+/// dies before committing, retries meet 409 until then. So this must exceed 60 s: the 15 s
+/// margin lets a retry take the key over and do the change, rather than report "may have been
+/// done" for one never made. It also leaves room for public revocation's longest wait.
+const RETRY_DEADLINE: Duration = Duration::from_secs(75);
 /// The longest `Retry-After` waited for: one asking for more is reported at once (a CLI does not
 /// sleep for minutes), one asking for less is honoured.
 const LONGEST_RETRY_WAIT: Duration = Duration::from_secs(10);
