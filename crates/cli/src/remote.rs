@@ -117,6 +117,13 @@ impl Environment {
         })?;
         Ok(Profiles::at(dir.join("keyplane").join("profiles.json")))
     }
+
+    /// Where a run that cannot tell whether it was done saves its Idempotency-Key, beside the
+    /// profiles (which hold secrets too).
+    fn idempotency_key_dir(&self) -> Option<PathBuf> {
+        let dir = self.config_dir.as_ref()?;
+        Some(dir.join("keyplane").join("idempotency-keys"))
+    }
 }
 
 #[derive(Args)]
@@ -133,7 +140,7 @@ impl SecretArgs {
     /// Before the request: the secret file (created first, so that a bad path fails before a
     /// secret is minted), and the Idempotency-Key to send.
     fn open(&self, s: &mut Session) -> Result<Option<SecretFile>, Error> {
-        self.idempotency.apply(s);
+        self.idempotency.apply(s)?;
         self.secret_file
             .as_deref()
             .map(SecretFile::create)
@@ -143,18 +150,39 @@ impl SecretArgs {
 
 #[derive(Args)]
 pub struct IdempotencyArgs {
-    /// The Idempotency-Key to send (16–255 visible ASCII characters) instead of a fresh one. When
-    /// a run fails without knowing whether it was done, it names its key: run the same command
-    /// again with it, within 24 hours, to get that request's answer (secret included) rather than
-    /// doing it twice.
+    /// Send the Idempotency-Key in this file (16–255 visible ASCII characters; whitespace around
+    /// it ignored) instead of a fresh one. When a run fails without knowing whether it was done,
+    /// it saves its key in a new file (mode 0600, under $XDG_CONFIG_HOME/keyplane/) and names it:
+    /// run the same command again with it, within 24 hours, to get that request's answer (secret
+    /// included) rather than doing it twice.
+    #[arg(long, value_name = "PATH", conflicts_with = "idempotency_key")]
+    idempotency_key_file: Option<PathBuf>,
+    /// The Idempotency-Key itself; other users of the machine see it (`ps`) and the shell keeps
+    /// it in its history, and it unlocks the stored answer: prefer --idempotency-key-file.
     #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
     idempotency_key: Option<String>,
 }
 
 impl IdempotencyArgs {
-    fn apply(&self, s: &mut Session) {
-        s.client.set_idempotency_key(self.idempotency_key.clone());
+    fn apply(&self, s: &mut Session) -> Result<(), Error> {
+        let key = match &self.idempotency_key_file {
+            Some(path) => Some(read_idempotency_key_file(path)?),
+            None => self.idempotency_key.clone(),
+        };
+        s.client.set_idempotency_key(key);
+        Ok(())
     }
+}
+
+/// `--idempotency-key-file`'s key, held to the same rule as `--idempotency-key`'s (not quoted).
+fn read_idempotency_key_file(path: &std::path::Path) -> Result<String, Error> {
+    let text = read_flag_file("--idempotency-key-file", path)?;
+    parse_idempotency_key(&text).map_err(|reason| {
+        Error::Usage(format!(
+            "--idempotency-key-file {}: the key {reason}",
+            path.display()
+        ))
+    })
 }
 
 /// The server's rule for the header, checked before anything is sent.
@@ -948,8 +976,12 @@ impl Session {
             )))
             }
         };
+        let mut client = Client::new(&url, Some(token), target.verbose)?;
+        if let Some(dir) = env.idempotency_key_dir() {
+            client.keep_idempotency_keys_in(dir);
+        }
         Ok(Self {
-            client: Client::new(&url, Some(token), target.verbose)?,
+            client,
             output: Output {
                 format: format_of(target.output),
                 now: Utc::now(),
@@ -1106,14 +1138,15 @@ fn read_token_file(path: &std::path::Path) -> Result<Plaintext, Error> {
     Ok(Plaintext::received(token.to_string()))
 }
 
+/// The text of the file `flag` names, whitespace around it dropped.
+fn read_flag_file(flag: &str, path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Local(format!("cannot read {flag} {}: {e}", path.display())))?;
+    Ok(text.trim().to_string())
+}
+
 fn read_endpoint_file(path: &std::path::Path) -> Result<String, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Local(format!(
-            "cannot read --endpoint-file {}: {e}",
-            path.display()
-        ))
-    })?;
-    match text.trim() {
+    match read_flag_file("--endpoint-file", path)?.as_str() {
         "" => Err(Error::Usage(format!(
             "--endpoint-file {} is empty",
             path.display()
@@ -1353,7 +1386,7 @@ pub async fn grants(mut s: Session, command: GrantsCommand) -> Result<(), Error>
             resource_id,
             idempotency,
         } => {
-            idempotency.apply(&mut s);
+            idempotency.apply(&mut s)?;
             let request = CreateAuthorizationRequest {
                 grant_kind,
                 subject_type,

@@ -214,8 +214,10 @@ async fn a_create_is_retried_with_its_key_until_its_answer_arrives() {
     assert!(seen.iter().all(|s| s.body == seen[0].body));
 }
 
-/// When the retries run out without an answer, the error says the token may exist and names the
-/// key; the same command with that key (and the expiry it came to) sends the same request.
+/// When the retries run out without an answer, the error says the token may exist and names a
+/// new 0600 file holding the key (never the key itself: passed as an argument it would show in
+/// `ps` and the shell's history); the same command with that file (and the expiry it came to)
+/// sends the same request.
 #[tokio::test]
 async fn an_unknown_outcome_names_the_key_that_gets_its_answer() {
     let fake = Fake::start(|n, _| match n {
@@ -240,11 +242,24 @@ async fn an_unknown_outcome_names_the_key_that_gets_its_answer() {
     assert_eq!(first.len(), 2, "{first:?}");
     let key = idempotency_keys(&first)[0].clone();
     assert!(
-        output.stderr.contains("may have been done")
-            && output.stderr.contains(&format!("--idempotency-key {key}")),
+        output.stderr.contains("may have been done") && !output.stderr.contains(&key),
         "{}",
         output.describe()
     );
+    let key_file = output
+        .stderr
+        .split("--idempotency-key-file ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no key file named: {}", output.describe()))
+        .to_string();
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), key);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{key_file}");
+    }
     let expires_at = body_json(&first[0])["expires_at"]
         .as_str()
         .unwrap()
@@ -264,7 +279,12 @@ async fn an_unknown_outcome_names_the_key_that_gets_its_answer() {
     ];
     let again = [
         &create[..],
-        &["--expires-at", &expires_at, "--idempotency-key", &key],
+        &[
+            "--expires-at",
+            &expires_at,
+            "--idempotency-key-file",
+            &key_file,
+        ],
         &["-o", "json"],
     ]
     .concat();
@@ -274,15 +294,22 @@ async fn an_unknown_outcome_names_the_key_that_gets_its_answer() {
     assert_eq!(idempotency_keys(&seen), [key]);
     assert_eq!(seen[0].body, first[0].body, "not the same request");
 
-    // A key the server would refuse is refused before anything is sent.
-    let bad = [&create[..], &["--idempotency-key", "short"]].concat();
-    let output = run(&mut client(&home, Some(TOKEN), &bad)).await;
-    assert_eq!(output.status.code(), Some(2), "{}", output.describe());
-    assert!(
-        output.stderr.contains("at least 16"),
-        "{}",
-        output.describe()
-    );
+    // A key the server would refuse is refused before anything is sent, given or in a file.
+    let short = home.path().join("short.key");
+    std::fs::write(&short, "short\n").unwrap();
+    for given in [
+        ["--idempotency-key", "short"],
+        ["--idempotency-key-file", short.to_str().unwrap()],
+    ] {
+        let bad = [&create[..], &given].concat();
+        let output = run(&mut client(&home, Some(TOKEN), &bad)).await;
+        assert_eq!(output.status.code(), Some(2), "{}", output.describe());
+        assert!(
+            output.stderr.contains("at least 16"),
+            "{}",
+            output.describe()
+        );
+    }
     assert_eq!(retry.seen().len(), 1);
 }
 

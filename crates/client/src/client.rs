@@ -1,6 +1,7 @@
 //! One method per route, each a thin HTTP call that sends and reads the server's wire types.
 
 use crate::error::{ApiFailure, Error};
+use crate::profile::{create_private_dir, private_file};
 use keyplane_api_types::aether::{
     ApiTokenCreated, ApiTokenPage, ApiTokenView, CreateApiTokenRequest, CreateRobotAccountRequest,
     CredentialPolicyView, PutCredentialPolicyRequest, RegistryEnabled, RegistryState,
@@ -23,6 +24,8 @@ use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AF
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -55,6 +58,8 @@ pub struct Client {
     token: Option<Plaintext>,
     /// Sent as the `Idempotency-Key` of idempotent calls instead of a fresh one each.
     idempotency_key: Option<String>,
+    /// Where the key of a call whose outcome stays unknown is saved, for the user to send again.
+    key_dir: Option<PathBuf>,
     verbose: bool,
 }
 
@@ -224,6 +229,7 @@ impl Client {
             base,
             token,
             idempotency_key: None,
+            key_dir: None,
             verbose,
         })
     }
@@ -237,6 +243,33 @@ impl Client {
     /// identical request whose outcome was lost. `None` goes back to fresh keys.
     pub fn set_idempotency_key(&mut self, key: Option<String>) {
         self.idempotency_key = key;
+    }
+
+    /// Where to save, each in a new file (0600; the directory 0700), the `Idempotency-Key` of a
+    /// call whose outcome stays unknown ([`Error::MaybeDone`]).
+    pub fn keep_idempotency_keys_in(&mut self, dir: PathBuf) {
+        self.key_dir = Some(dir);
+    }
+
+    /// Saves `key` in a new file under `key_dir`: its path, or why not.
+    fn save_key(&self, key: &str) -> Result<PathBuf, String> {
+        let dir = self.key_dir.as_ref().ok_or("no directory to keep it in")?;
+        create_private_dir(dir).map_err(|e| e.to_string())?;
+        // The time for the user to tell files apart, a random part so two runs never collide.
+        let name = format!(
+            "{}-{}.key",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let path = dir.join(name);
+        private_file(&path)
+            .and_then(|mut file| {
+                file.write_all(key.as_bytes())?;
+                file.write_all(b"\n")?;
+                file.sync_all()
+            })
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
     }
 
     async fn send<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T, Error> {
@@ -281,6 +314,7 @@ impl Client {
                 return Err(match key {
                     Some(idempotency_key) if unsure => Error::MaybeDone {
                         cause: Box::new(error),
+                        key_file: self.save_key(&idempotency_key),
                         idempotency_key,
                         retry_flags: String::new(),
                     },

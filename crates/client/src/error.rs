@@ -6,6 +6,7 @@ use keyplane_api_types::hybridbox::{ErrorMessage, LocItem, ValidationErrorBody};
 use keyplane_api_types::verify::VerificationError;
 use serde::Deserialize;
 use std::fmt;
+use std::path::PathBuf;
 
 /// The documented exit statuses (`keyplane --help`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,10 @@ pub enum Error {
     MaybeDone {
         cause: Box<Error>,
         idempotency_key: String,
+        /// The new file (0600) the key was saved in, or why it could not be (then the key itself
+        /// is shown): the key derives the one sealing the stored answer, so it is kept out of the
+        /// command line the user repeats (`ps`, shell history).
+        key_file: Result<PathBuf, String>,
         /// What the repeated command needs besides `--idempotency-key` (` --expires-at ...` where
         /// `--expires-in` would compute another time, and so another request).
         retry_flags: String,
@@ -132,15 +137,36 @@ impl fmt::Display for Error {
             Error::MaybeDone {
                 cause,
                 idempotency_key,
+                key_file,
                 retry_flags,
-            } => write!(
-                f,
-                "{cause}\n  It may have been done all the same (a credential or secret created or \
-                 rotated). Run the same command again within 24 hours with --idempotency-key {}{} \
-                 to get its answer, any secret included, instead of doing it twice.",
-                printable(idempotency_key),
-                printable(retry_flags)
-            ),
+            } => {
+                write!(
+                    f,
+                    "{cause}\n  It may have been done all the same (a credential or secret \
+                     created or rotated). "
+                )?;
+                let file = match key_file {
+                    Ok(path) => path.display().to_string(),
+                    Err(reason) => {
+                        write!(
+                            f,
+                            "Its Idempotency-Key could not be saved ({}): put {} alone in a new \
+                             file only you can read, as FILE. ",
+                            printable(reason),
+                            printable(idempotency_key)
+                        )?;
+                        "FILE".into()
+                    }
+                };
+                write!(
+                    f,
+                    "Run the same command again within 24 hours with --idempotency-key-file {}{} \
+                     to get its answer, any secret included, instead of doing it twice; then \
+                     delete the file.",
+                    printable(&file),
+                    printable(retry_flags)
+                )
+            }
         }
     }
 }

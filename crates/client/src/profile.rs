@@ -141,7 +141,7 @@ pub fn private_file(path: &Path) -> std::io::Result<fs::File> {
     options.open(path)
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), Error> {
     if dir.is_dir() {
         return Ok(());
     }
