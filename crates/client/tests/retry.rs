@@ -1,6 +1,6 @@
 //! Retries against a scripted HTTP server on 127.0.0.1: a create answered 503 is sent again with
-//! the same `Idempotency-Key` (so the server can replay instead of minting twice); a read is not
-//! retried.
+//! the same `Idempotency-Key` (so the server can replay instead of minting twice); a read
+//! answered 503 is not retried (only a 429, which says nothing was done, is).
 
 use keyplane_api_types::aether::CreateApiTokenRequest;
 use keyplane_client::{Client, Error, Page, Plaintext};
