@@ -723,3 +723,119 @@ async fn console_cookies_are_secure_over_tls() {
         assert!(attributes.contains(&attribute), "{cookie}");
     }
 }
+
+/// [`h2_client`] whose connection stops being driven (nothing more is read or written, the
+/// socket stays open) when `freeze` is sent: a peer that stopped answering.
+async fn h2_client_that_freezes(
+    server: &Keyplane,
+    ca: &Authority,
+) -> (
+    h2::client::SendRequest<hyper::body::Bytes>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = connect(server, &ca.client(&rustls::version::TLS13, b"h2")).await;
+    let (client, mut connection) = h2::client::handshake(stream)
+        .await
+        .expect("HTTP/2 handshake");
+    let (freeze, frozen) = tokio::sync::oneshot::channel::<()>();
+    let driven = tokio::spawn(async move {
+        tokio::select! {
+            _ = &mut connection => return,
+            _ = frozen => {}
+        }
+        std::future::pending::<()>().await;
+        drop(connection);
+    });
+    (client, freeze, driven)
+}
+
+/// A GET of `path` on `client`, its whole body read (and its flow-control capacity released, so
+/// the client sends window updates as a browser would).
+async fn h2_get(client: &mut h2::client::SendRequest<hyper::body::Bytes>, path: &str) -> Vec<u8> {
+    let request = hyper::Request::get(format!("https://localhost{path}"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).expect("send a request");
+    let response = tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut out = Vec::new();
+    while let Some(data) = tokio::time::timeout(LIMIT, body.data())
+        .await
+        .expect("the body in time")
+    {
+        let data = data.expect("a body frame");
+        let _ = body.flow_control().release_capacity(data.len());
+        out.extend_from_slice(&data);
+    }
+    out
+}
+
+/// An HTTP/2 client that stopped reading (it never answers the GOAWAY's ping) does not hold a
+/// stop until the shutdown deadline: its connection is idle, so it closes at once.
+#[tokio::test]
+async fn an_unresponsive_http2_peer_does_not_hold_a_stop() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let mut server = start_with(&store, &leaf, &["--shutdown-timeout-seconds", "15"]).await;
+    let (mut client, freeze, _driven) = h2_client_that_freezes(&server, &ca).await;
+    h2_get(&mut client, "/healthz").await;
+    freeze.send(()).expect("the connection's task runs");
+
+    let pid = server.process.0.id().to_string();
+    let stopped = Instant::now();
+    let term = run(
+        std::process::Command::new("kill").args(["-TERM", &pid]),
+        LIMIT,
+    )
+    .await;
+    assert!(term.status.success(), "{}", term.describe());
+    let status = common::wait_for_exit(&mut server.process.0, LIMIT)
+        .await
+        .unwrap_or_else(|| panic!("serve still runs after SIGTERM:\n{}", server.log()));
+    assert!(status.success(), "{status}");
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the stop took {took:?} (shutdown deadline: 15 s)\n{}",
+        server.log()
+    );
+}
+
+/// Window updates and settings acknowledgements an HTTP/2 client sends after a large response
+/// are not the start of a request: the connection stays open for the idle timeout, not the
+/// header-read timeout.
+#[tokio::test]
+async fn http2_frames_after_a_response_leave_the_connection_to_the_idle_timeout() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start_with(
+        &store,
+        &leaf,
+        &[
+            "--header-read-timeout-seconds",
+            "1",
+            "--idle-timeout-seconds",
+            "30",
+        ],
+    )
+    .await;
+    let (mut client, _pings, driven) = h2_client(&server, &ca).await;
+    let document = h2_get(&mut client, "/openapi.json").await;
+    assert!(document.len() > 100_000, "{} bytes", document.len());
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !driven.is_finished(),
+        "the connection was closed within 5 s of its response (idle timeout: 30 s)\n{}",
+        server.log()
+    );
+    // Still usable.
+    h2_get(&mut client, "/healthz").await;
+}

@@ -7,9 +7,11 @@
 //!   counts, then from the first byte of each next request) and stay under `max_header_bytes`
 //!   (431 on HTTP/1.1; on HTTP/2 the header list limit);
 //! - a kept-alive connection that moves no byte for `idle_timeout` between requests is closed, and
-//!   so is one whose client stops reading a response; on HTTP/2, a frame sent between requests
-//!   (a ping) must be followed by a request within `header_read_timeout`, as any byte on HTTP/1.1;
-//!   an HTTP/2 connection closed for either is sent a GOAWAY first, and closed a second later;
+//!   so is one whose client stops reading a response; on HTTP/2, idle means no request started or
+//!   ended and no response body moved: the protocol's own frames (window updates, settings
+//!   acknowledgements, pings) are neither a request's start nor activity, so they neither cut the
+//!   idle timeout to the header one nor keep a connection open; an HTTP/2 connection closed for
+//!   either is sent a GOAWAY first, and closed a second later;
 //! - a streamed response (the revocation stream) keeps its connection open as long as it moves
 //!   bytes, whatever the client sends meanwhile (HTTP/2 window updates and pings);
 //! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
@@ -18,7 +20,8 @@
 //!
 //! One watchdog timer per connection enforces the first three: the connection's I/O and its
 //! requests record when they last made progress ([`Activity`]), and the timer re-arms itself from
-//! that instead of being reset on every read. It counts TCP bytes, under TLS.
+//! that instead of being reset on every read. On HTTP/1.1 it counts TCP bytes, under TLS; on
+//! HTTP/2 requests and response body frames.
 
 use crate::client_addr::TrustedProxies;
 use crate::config::HttpLimits;
@@ -32,7 +35,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -165,6 +168,7 @@ impl Connection {
         let trusted_proxies = self.trusted_proxies.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let http2 = requests.http2.load(Relaxed);
             requests.request_started();
             let client = trusted_proxies.client_of(peer, request.headers());
             let request = request.map(|body| {
@@ -176,12 +180,13 @@ impl Connection {
                 }
             });
             match front.serve(request, client) {
-                // Answered at once, as most verifications are: nothing to wait for.
-                Either::Left(answered) => {
+                // Answered at once, as most verifications are: nothing to wait for (HTTP/2 waits
+                // for the body, sent as the client's flow control allows).
+                Either::Left(answered) if !http2 => {
                     requests.request_finished();
                     Either::Left(answered)
                 }
-                Either::Right(answering) => {
+                answering => {
                     // Finished when dropped: HTTP/2 drops a request's future when the client
                     // cancels the stream, and a count left up would suspend every deadline.
                     let handling = Handling(requests.clone());
@@ -213,6 +218,7 @@ impl Connection {
             }
         };
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            activity.http2.store(true, Relaxed);
             let connection = self.http2.serve_connection(TokioIo::new(stream), service);
             self.drive(connection, &activity, true).await
         } else {
@@ -355,6 +361,10 @@ struct Activity {
     in_flight: AtomicU32,
     /// Responses being streamed ([`StreamedBody`]): the connection lives while bytes move.
     streaming: AtomicU32,
+    /// HTTP/2, where TCP bytes are not progress (set once ALPN chose it): between requests the
+    /// peer sends window updates, settings acknowledgements and pings, and the server a GOAWAY
+    /// and pings. Requests and response bodies are counted instead, every body as streamed.
+    http2: AtomicBool,
 }
 
 impl Activity {
@@ -366,6 +376,7 @@ impl Activity {
             head_started: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             streaming: AtomicU32::new(0),
+            http2: AtomicBool::new(false),
         }
     }
 
@@ -376,6 +387,9 @@ impl Activity {
     }
 
     fn read_some(&self) {
+        if self.http2.load(Relaxed) {
+            return;
+        }
         let now = self.now();
         self.last_io.store(now, Relaxed);
         if self.in_flight.load(Relaxed) == 0
@@ -387,6 +401,12 @@ impl Activity {
     }
 
     fn wrote_some(&self) {
+        if !self.http2.load(Relaxed) {
+            self.progressed();
+        }
+    }
+
+    fn progressed(&self) {
         self.last_io.store(self.now(), Relaxed);
     }
 
@@ -423,23 +443,19 @@ impl Activity {
 struct Handling(Arc<Activity>);
 
 impl Handling {
-    /// The handler's answer; a streamed body (no known length: the revocation stream) is counted
-    /// in [`Activity::streaming`] until it ends or is dropped.
+    /// The handler's answer; a streamed body (no known length: the revocation stream; on HTTP/2
+    /// any body) is counted in [`Activity::streaming`] until it ends or is dropped.
     fn into_response(self, response: axum::response::Response) -> axum::response::Response {
         let body = response.body();
-        if body.is_end_stream() || body.size_hint().exact().is_some() {
+        let http2 = self.0.http2.load(Relaxed);
+        if body.is_end_stream() || (!http2 && body.size_hint().exact().is_some()) {
             return response;
         }
         // Counted before the handler's count is released, so the connection never looks idle
         // in between.
         self.0.streaming.fetch_add(1, Relaxed);
         let streaming = Streaming(self.0.clone());
-        response.map(|body| {
-            axum::body::Body::new(StreamedBody {
-                body,
-                _streaming: streaming,
-            })
-        })
+        response.map(|body| axum::body::Body::new(StreamedBody { body, streaming }))
     }
 }
 
@@ -455,13 +471,13 @@ struct Streaming(Arc<Activity>);
 impl Drop for Streaming {
     fn drop(&mut self) {
         self.0.streaming.fetch_sub(1, Relaxed);
-        self.0.last_io.store(self.0.now(), Relaxed);
+        self.0.progressed();
     }
 }
 
 struct StreamedBody {
     body: axum::body::Body,
-    _streaming: Streaming,
+    streaming: Streaming,
 }
 
 impl Body for StreamedBody {
@@ -472,7 +488,14 @@ impl Body for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        // HTTP/2 asks for a frame once the client's window has room: it read the previous ones.
+        // (On HTTP/1.1 the TCP writes count.)
+        let activity = &self.streaming.0;
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && activity.http2.load(Relaxed) {
+            activity.progressed();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
