@@ -49,7 +49,9 @@ use tokio::time::Instant;
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// How long an HTTP/2 connection closed for being idle or too slow has, after its GOAWAY, to
-/// flush it and end; a client that reads nothing does not keep it longer.
+/// flush it and end; a client that reads nothing does not keep it longer. Streams the client
+/// opened before it saw the GOAWAY are still served: the connection is looked at again every
+/// `CLOSE_GRACE` until they are done, at most the body timeout.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves `front` on `listener` until `shutdown` resolves, then drains connections until
@@ -239,7 +241,7 @@ impl Connection {
             stopping: self.stopping,
             draining: false,
             goaway,
-            closing: false,
+            closing: None,
             registered: None,
             activity,
             limits: &self.limits,
@@ -274,7 +276,8 @@ pin_project_lite::pin_project! {
         draining: bool,
         // HTTP/2: a connection due to close is first told so (GOAWAY), then given `CLOSE_GRACE`.
         goaway: bool,
-        closing: bool,
+        // Told to close: when it is closed whatever it still serves.
+        closing: Option<Instant>,
         // The waker `timer` and `stop` were last polled with.
         registered: Option<Waker>,
         activity: &'a Activity,
@@ -317,8 +320,14 @@ impl<C: GracefulConnection> Future for Watchdog<'_, C> {
                     .poll(cx)
                     .is_ready()
             {
-                if *this.closing {
-                    return Poll::Ready(());
+                if let Some(until) = *this.closing {
+                    let now = Instant::now();
+                    if until <= now || this.activity.settled(this.limits) {
+                        return Poll::Ready(());
+                    }
+                    this.timer.as_mut().reset(now + CLOSE_GRACE);
+                    *this.registered = None;
+                    continue;
                 }
                 let due = this.activity.deadline(this.limits);
                 if due.is_some_and(|due| due <= Instant::now()) {
@@ -328,9 +337,10 @@ impl<C: GracefulConnection> Future for Watchdog<'_, C> {
                     }
                     // A GOAWAY tells the client not to send more on this connection: a request
                     // it sends meanwhile would otherwise be lost with the connection, unanswered.
-                    *this.closing = true;
+                    let now = Instant::now();
+                    *this.closing = Some(now + this.limits.body_timeout);
                     this.connection.as_mut().graceful_shutdown();
-                    this.timer.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                    this.timer.as_mut().reset(now + CLOSE_GRACE);
                     *this.registered = None;
                     continue;
                 }
@@ -418,6 +428,13 @@ impl Activity {
     fn request_finished(&self) {
         self.in_flight.fetch_sub(1, Relaxed);
         self.last_io.store(self.now(), Relaxed);
+    }
+
+    /// Whether a connection told to close (GOAWAY) may be closed now: no handler runs, and no
+    /// response body still moves (one stalled past the idle timeout does not count).
+    fn settled(&self, limits: &HttpLimits) -> bool {
+        self.deadline(limits)
+            .is_some_and(|due| self.streaming.load(Relaxed) == 0 || due <= Instant::now())
     }
 
     /// When the connection is due to be closed; `None` while a request is being handled (its body
