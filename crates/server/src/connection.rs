@@ -16,7 +16,8 @@
 //!   bytes, whatever the client sends meanwhile (HTTP/2 window updates and pings);
 //! - a request body must arrive within `body_timeout` of the request's start ([`DeadlineBody`]);
 //! - on shutdown, idle connections close at once, busy ones after their request (HTTP/2: a GOAWAY,
-//!   then its open streams), and whatever is still open at `shutdown_timeout` is closed.
+//!   then its open streams, without waiting for a client that no longer answers), and whatever
+//!   is still open at `shutdown_timeout` is closed.
 //!
 //! One watchdog timer per connection enforces the first three: the connection's I/O and its
 //! requests record when they last made progress ([`Activity`]), and the timer re-arms itself from
@@ -308,8 +309,20 @@ impl<C: GracefulConnection> Future for Watchdog<'_, C> {
                     Pin::new(&mut unconstrained(this.stop.as_mut())).poll(cx)
                 {
                     *this.draining = true;
-                    if stopped {
+                    // Already closing (HTTP/2): told so, and looked at every `CLOSE_GRACE`.
+                    if stopped && this.closing.is_none() {
                         this.connection.as_mut().graceful_shutdown();
+                        if *this.goaway {
+                            // HTTP/2 closes an idle connection only once the peer answers the
+                            // GOAWAY's ping, which one that stopped reading never does: the
+                            // GOAWAY is sent, so it is closed once nothing is in flight.
+                            let now = Instant::now();
+                            *this.closing = Some(now + this.limits.shutdown_timeout);
+                            this.timer.as_mut().reset(now + CLOSE_GRACE);
+                            *this.registered = None;
+                        }
+                    }
+                    if stopped {
                         continue;
                     }
                 }
