@@ -260,3 +260,68 @@ async fn a_bad_trusted_proxy_range_is_refused_with_a_clear_message() {
         output.describe()
     );
 }
+
+/// The `keyplane_connections_open` sample in a `/metrics` answer.
+fn connections_open(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keyplane_connections_open "))
+        .unwrap_or_else(|| panic!("no keyplane_connections_open in\n{metrics}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// At `--max-connections`, more connections wait for a slot: the server says so in its log (once
+/// a minute at most, not once per connection), and `/metrics` counts the connections open.
+#[tokio::test]
+async fn the_connection_cap_is_logged_and_counted() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(&store, &["--max-connections", "2"], TIMEOUT).await;
+    // Over the connection the start's readiness probe left open in the client's pool.
+    let metrics = |keyplane: &Keyplane| {
+        let request = keyplane.http.get(keyplane.url("/metrics")).send();
+        async move { request.await.expect("GET /metrics").text().await.unwrap() }
+    };
+    assert_eq!(connections_open(&metrics(&keyplane).await), 1);
+
+    // The second slot; the third connection waits in the backlog with its request written.
+    let held = TcpStream::connect(&keyplane.addr).await.expect("connect");
+    let mut waiting = TcpStream::connect(&keyplane.addr).await.expect("connect");
+    waiting
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: keyplane\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(
+        Duration::from_millis(1500),
+        waiting.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(early.is_err(), "answered past the connection cap");
+    const WARNING: &str = "connection limit reached";
+    assert_eq!(
+        keyplane.log().matches(WARNING).count(),
+        1,
+        "{}",
+        keyplane.log()
+    );
+
+    // A freed slot takes the waiting connection; the cap is reached again at once, unlogged.
+    drop(held);
+    tokio::time::timeout(TIMEOUT, waiting.read_to_end(&mut answer))
+        .await
+        .expect("answered once a slot is free")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(connections_open(&answer), 2, "{answer}");
+    // The log is read by a thread: give it a moment to catch up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        keyplane.log().matches(WARNING).count(),
+        1,
+        "{}",
+        keyplane.log()
+    );
+}

@@ -2,7 +2,8 @@
 //! and in memory, so slow or idle clients cannot exhaust file descriptors or keep a stop waiting.
 //! Plain TCP speaks HTTP/1.1; with TLS (`crate::tls`) ALPN picks HTTP/2 or HTTP/1.1.
 //!
-//! - at most `max_connections` at once (a semaphore; more wait in the listen backlog);
+//! - at most `max_connections` at once (a semaphore; more wait in the listen backlog, which is
+//!   logged, once a minute at most; the `connections_open` gauge counts them);
 //! - a request head must arrive within `header_read_timeout` (from accept, so the TLS handshake
 //!   counts, then from the first byte of each next request) and stay under `max_header_bytes`
 //!   (431 on HTTP/1.1; on HTTP/2 the header list limit);
@@ -32,6 +33,7 @@ use futures::future::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
+use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -42,7 +44,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{unconstrained, JoinSet};
 use tokio::time::Instant;
 
@@ -54,6 +56,9 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// opened before it saw the GOAWAY are still served: the connection is looked at again every
 /// `CLOSE_GRACE` until they are done, at most the body timeout.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often, at most, the server logs that connections wait for a slot.
+const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Serves `front` on `listener` until `shutdown` resolves, then drains connections until
 /// `limits.shutdown_timeout`. With `tls`, every connection is accepted with the configuration
@@ -70,6 +75,8 @@ pub(crate) async fn serve_http(
     let limits = Arc::new(limits.clone());
     let trusted_proxies = Arc::new(trusted_proxies.clone());
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let open = front.metrics().connections_open();
+    let mut cap_warned: Option<Instant> = None;
     let (stop, stopping) = watch::channel(false);
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -89,9 +96,22 @@ pub(crate) async fn serve_http(
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Silent, this would look like a hung server: probes queue too.
+                if cap_warned.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached: new connections wait for one to close"
+                    );
+                    cap_warned = Some(Instant::now());
+                }
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -104,6 +124,7 @@ pub(crate) async fn serve_http(
             () = &mut shutdown => break,
         };
         while connections.try_join_next().is_some() {}
+        let slot = Slot::new(permit, &open);
         let connection = Connection {
             http1: http1.clone(),
             http2: http2.clone(),
@@ -131,6 +152,29 @@ pub(crate) async fn serve_http(
             "shutdown deadline reached: closing the connections still open"
         );
         connections.shutdown().await;
+    }
+}
+
+/// A connection's place under `max_connections`, counted in the `connections_open` gauge until
+/// dropped (also when a stop aborts the connection).
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: &Gauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 

@@ -4,6 +4,7 @@ use keyplane_core::CredentialKind;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
@@ -118,6 +119,7 @@ struct Inner {
     cache_by_outcome: Vec<Counter>,
     audit_refusals_dropped: Counter,
     audit_refusals_unrecorded: Counter,
+    connections_open: Gauge,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -187,6 +189,12 @@ impl Metrics {
             "Refused attempts of users in a tenant where they hold nothing (no tenant to record in)",
             audit_refusals_unrecorded.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "HTTP connections open; at --max-connections, more wait to be accepted",
+            connections_open.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -206,6 +214,7 @@ impl Metrics {
             cache_by_outcome,
             audit_refusals_dropped,
             audit_refusals_unrecorded,
+            connections_open,
             routes: RwLock::default(),
         }))
     }
@@ -293,6 +302,11 @@ impl Metrics {
 
     pub fn audit_refusal_unrecorded(&self) {
         self.0.audit_refusals_unrecorded.inc();
+    }
+
+    /// The `connections_open` gauge, counted by the server loop (an atomic).
+    pub(crate) fn connections_open(&self) -> Gauge {
+        self.0.connections_open.clone()
     }
 
     pub fn render(&self) -> String {

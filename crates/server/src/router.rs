@@ -136,6 +136,11 @@ impl Front {
         }
     }
 
+    /// The process's metrics: the server loop counts its connections there.
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.app.inner().metrics
+    }
+
     /// Serves `request` from `client`: the client and the request id ([`Origin`]) are extensions
     /// of the request for the router's handlers, an argument for the direct routes' (a request's
     /// first extension costs three allocations).
