@@ -382,13 +382,7 @@ async fn reloads_on_sighup() {
         "with the checks off, changed files are not read before SIGHUP\n{}",
         server.log()
     );
-    let pid = server.process.0.id().to_string();
-    let hup = run(
-        std::process::Command::new("kill").args(["-HUP", &pid]),
-        LIMIT,
-    )
-    .await;
-    assert!(hup.status.success(), "{}", hup.describe());
+    signal(&server, "-HUP").await;
     wait_for_certificate(&server, &ca, &second, Duration::from_secs(10)).await;
 }
 
@@ -441,6 +435,31 @@ async fn a_bad_or_mismatched_pair_stops_the_start_with_one_line() {
     assert!(!store.data_dir_has("bootstrap.json"));
 }
 
+/// Sends `server` a signal (`kill`'s option: `-HUP`).
+async fn signal(server: &Keyplane, signal: &str) {
+    let pid = server.process.0.id().to_string();
+    let kill = run(
+        std::process::Command::new("kill").args([signal, &pid]),
+        LIMIT,
+    )
+    .await;
+    assert!(kill.status.success(), "{}", kill.describe());
+}
+
+/// Stops `server` (SIGTERM); it must exit, successfully, within `within`.
+async fn stop(server: &mut Keyplane, within: Duration) {
+    signal(server, "-TERM").await;
+    let status = common::wait_for_exit(&mut server.process.0, within)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "serve still runs {within:?} after SIGTERM:\n{}",
+                server.log()
+            )
+        });
+    assert!(status.success(), "{status}");
+}
+
 /// The revocation stream over HTTP/2 with TLS; a stop ends it at once rather than waiting for
 /// the shutdown deadline.
 #[tokio::test]
@@ -483,20 +502,8 @@ async fn revocation_stream_over_http2_ends_when_the_server_stops() {
         }
     }
 
-    let pid = server.process.0.id().to_string();
-    let stopped = Instant::now();
-    let term = run(
-        std::process::Command::new("kill").args(["-TERM", &pid]),
-        LIMIT,
-    )
-    .await;
-    assert!(term.status.success(), "{}", term.describe());
     // The default shutdown deadline is 20 s: an open stream must not hold the stop that long.
-    let status = common::wait_for_exit(&mut server.process.0, Duration::from_secs(5))
-        .await
-        .unwrap_or_else(|| panic!("serve still runs 5 s after SIGTERM:\n{}", server.log()));
-    assert!(status.success(), "{status}");
-    assert!(stopped.elapsed() < Duration::from_secs(5));
+    stop(&mut server, Duration::from_secs(5)).await;
     let ended = tokio::time::timeout(LIMIT, async {
         while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
@@ -512,6 +519,16 @@ async fn start_with(store: &TestStore, leaf: &Leaf, extra: &[&str]) -> Keyplane 
     args.extend(extra.iter().map(|arg| arg.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Keyplane::start(store, &args, LIMIT).await
+}
+
+/// `start_with` on a new SQLite store, with a certificate from a new CA (kept: it holds the
+/// certificate's files).
+async fn tls_server(extra: &[&str]) -> (TestStore, Authority, Keyplane) {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let leaf = ca.leaf("server");
+    let server = start_with(&store, &leaf, extra).await;
+    (store, ca, server)
 }
 
 /// An HTTP/2 client (the `h2` crate: it can cancel a stream and ping) over TLS; the connection is
@@ -541,19 +558,12 @@ async fn h2_client(
 #[tokio::test]
 async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
     use sqlx::{Connection, Executor};
-    let store = TestStore::new(Backend::Sqlite).await;
-    let ca = Authority::new();
-    let leaf = ca.leaf("server");
-    let server = start_with(
-        &store,
-        &leaf,
-        &[
-            "--idle-timeout-seconds",
-            "2",
-            "--revocation-heartbeat-seconds",
-            "1",
-        ],
-    )
+    let (store, ca, server) = tls_server(&[
+        "--idle-timeout-seconds",
+        "2",
+        "--revocation-heartbeat-seconds",
+        "1",
+    ])
     .await;
     let org = store.bootstrap_org();
     let mut lock = sqlx::SqliteConnection::connect(&store.db.url)
@@ -597,32 +607,17 @@ async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
 /// client knows no request of its was lost and opens a new connection for the next.
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_with_a_goaway() {
-    let store = TestStore::new(Backend::Sqlite).await;
-    let ca = Authority::new();
-    let leaf = ca.leaf("server");
-    let server = start_with(
-        &store,
-        &leaf,
-        &[
-            "--idle-timeout-seconds",
-            "2",
-            "--revocation-heartbeat-seconds",
-            "1",
-            "--header-read-timeout-seconds",
-            "1",
-        ],
-    )
+    let (_store, ca, server) = tls_server(&[
+        "--idle-timeout-seconds",
+        "2",
+        "--revocation-heartbeat-seconds",
+        "1",
+        "--header-read-timeout-seconds",
+        "1",
+    ])
     .await;
     let (mut client, _pings, driven) = h2_client(&server, &ca).await;
-    let request = hyper::Request::get("https://localhost/healthz")
-        .body(())
-        .unwrap();
-    let (response, _) = client.send_request(request, true).expect("send a request");
-    let response = tokio::time::timeout(LIMIT, response)
-        .await
-        .expect("an answer in time")
-        .expect("an answer");
-    assert_eq!(response.status(), 200);
+    h2_get(&mut client, "/healthz").await;
 
     let closed = tokio::time::timeout(Duration::from_secs(10), driven).await;
     assert!(
@@ -642,21 +637,14 @@ async fn an_idle_http2_connection_is_closed_with_a_goaway() {
 /// client sends frames (pings, window updates) and the server its heartbeats.
 #[tokio::test]
 async fn an_http2_revocation_stream_outlives_the_timeouts_while_frames_flow() {
-    let store = TestStore::new(Backend::Sqlite).await;
-    let ca = Authority::new();
-    let leaf = ca.leaf("server");
-    let server = start_with(
-        &store,
-        &leaf,
-        &[
-            "--header-read-timeout-seconds",
-            "1",
-            "--idle-timeout-seconds",
-            "2",
-            "--revocation-heartbeat-seconds",
-            "1",
-        ],
-    )
+    let (store, ca, server) = tls_server(&[
+        "--header-read-timeout-seconds",
+        "1",
+        "--idle-timeout-seconds",
+        "2",
+        "--revocation-heartbeat-seconds",
+        "1",
+    ])
     .await;
     let org = store.bootstrap_org();
     let (mut client, mut pings, driven) = h2_client(&server, &ca).await;
@@ -665,15 +653,7 @@ async fn an_http2_revocation_stream_outlives_the_timeouts_while_frames_flow() {
         .header("authorization", format!("Bearer {}", org.token))
         .body(())
         .unwrap();
-    let (response, _) = client
-        .send_request(request, true)
-        .expect("send the request");
-    let response = tokio::time::timeout(LIMIT, response)
-        .await
-        .expect("an answer in time")
-        .expect("an answer");
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    let mut body = h2_ok(&mut client, request).await.into_body();
     let mut text = String::new();
     let mut heartbeats = 0;
     let until = Instant::now() + Duration::from_secs(5);
@@ -750,19 +730,27 @@ async fn h2_client_that_freezes(
     (client, freeze, driven)
 }
 
-/// A GET of `path` on `client`, its whole body read (and its flow-control capacity released, so
-/// the client sends window updates as a browser would).
-async fn h2_get(client: &mut h2::client::SendRequest<hyper::body::Bytes>, path: &str) -> Vec<u8> {
-    let request = hyper::Request::get(format!("https://localhost{path}"))
-        .body(())
-        .unwrap();
+/// The answer to `request` (no body) on `client`, a 200.
+async fn h2_ok(
+    client: &mut h2::client::SendRequest<hyper::body::Bytes>,
+    request: hyper::Request<()>,
+) -> hyper::Response<h2::RecvStream> {
     let (response, _) = client.send_request(request, true).expect("send a request");
     let response = tokio::time::timeout(LIMIT, response)
         .await
         .expect("an answer in time")
         .expect("an answer");
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    response
+}
+
+/// A GET of `path` on `client`, its whole body read (and its flow-control capacity released, so
+/// the client sends window updates as a browser would).
+async fn h2_get(client: &mut h2::client::SendRequest<hyper::body::Bytes>, path: &str) -> Vec<u8> {
+    let request = hyper::Request::get(format!("https://localhost{path}"))
+        .body(())
+        .unwrap();
+    let mut body = h2_ok(client, request).await.into_body();
     let mut out = Vec::new();
     while let Some(data) = tokio::time::timeout(LIMIT, body.data())
         .await
@@ -779,32 +767,12 @@ async fn h2_get(client: &mut h2::client::SendRequest<hyper::body::Bytes>, path: 
 /// stop until the shutdown deadline: its connection is idle, so it closes at once.
 #[tokio::test]
 async fn an_unresponsive_http2_peer_does_not_hold_a_stop() {
-    let store = TestStore::new(Backend::Sqlite).await;
-    let ca = Authority::new();
-    let leaf = ca.leaf("server");
-    let mut server = start_with(&store, &leaf, &["--shutdown-timeout-seconds", "15"]).await;
+    let (_store, ca, mut server) = tls_server(&["--shutdown-timeout-seconds", "15"]).await;
     let (mut client, freeze, _driven) = h2_client_that_freezes(&server, &ca).await;
     h2_get(&mut client, "/healthz").await;
     freeze.send(()).expect("the connection's task runs");
 
-    let pid = server.process.0.id().to_string();
-    let stopped = Instant::now();
-    let term = run(
-        std::process::Command::new("kill").args(["-TERM", &pid]),
-        LIMIT,
-    )
-    .await;
-    assert!(term.status.success(), "{}", term.describe());
-    let status = common::wait_for_exit(&mut server.process.0, LIMIT)
-        .await
-        .unwrap_or_else(|| panic!("serve still runs after SIGTERM:\n{}", server.log()));
-    assert!(status.success(), "{status}");
-    let took = stopped.elapsed();
-    assert!(
-        took < Duration::from_secs(4),
-        "the stop took {took:?} (shutdown deadline: 15 s)\n{}",
-        server.log()
-    );
+    stop(&mut server, Duration::from_secs(4)).await;
 }
 
 /// Window updates and settings acknowledgements an HTTP/2 client sends after a large response
@@ -812,19 +780,12 @@ async fn an_unresponsive_http2_peer_does_not_hold_a_stop() {
 /// header-read timeout.
 #[tokio::test]
 async fn http2_frames_after_a_response_leave_the_connection_to_the_idle_timeout() {
-    let store = TestStore::new(Backend::Sqlite).await;
-    let ca = Authority::new();
-    let leaf = ca.leaf("server");
-    let server = start_with(
-        &store,
-        &leaf,
-        &[
-            "--header-read-timeout-seconds",
-            "1",
-            "--idle-timeout-seconds",
-            "30",
-        ],
-    )
+    let (_store, ca, server) = tls_server(&[
+        "--header-read-timeout-seconds",
+        "1",
+        "--idle-timeout-seconds",
+        "30",
+    ])
     .await;
     let (mut client, _pings, driven) = h2_client(&server, &ca).await;
     let document = h2_get(&mut client, "/openapi.json").await;
