@@ -552,29 +552,27 @@ async fn h2_client(
     (client, pings, driven)
 }
 
-/// A request the client cancels (`RST_STREAM`) while its handler waits (here: on the store's
-/// write lock) leaves the connection to its idle timeout: HTTP/2 drops the handler's future, and
-/// cancelling must not pin a connection (and its slot) open.
-#[tokio::test]
-async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
+/// SQLite's write lock on `store`, held until dropped: a request that writes waits meanwhile.
+async fn write_lock(store: &TestStore) -> sqlx::SqliteConnection {
     use sqlx::{Connection, Executor};
-    let (store, ca, server) = tls_server(&[
-        "--idle-timeout-seconds",
-        "2",
-        "--revocation-heartbeat-seconds",
-        "1",
-    ])
-    .await;
-    let org = store.bootstrap_org();
     let mut lock = sqlx::SqliteConnection::connect(&store.db.url)
         .await
         .expect("open the SQLite database");
     lock.execute("BEGIN EXCLUSIVE")
         .await
         .expect("take SQLite's write lock");
-    let (mut client, _pings, driven) = h2_client(&server, &ca).await;
+    lock
+}
 
-    let body = br#"{"name":"cancelled","scopes":[]}"#;
+/// Sends a request creating an API token in `org`, head and body.
+fn create_token(
+    client: &mut h2::client::SendRequest<hyper::body::Bytes>,
+    org: &common::Org,
+) -> (
+    h2::client::ResponseFuture,
+    h2::SendStream<hyper::body::Bytes>,
+) {
+    let body = br#"{"name":"over-http2","scopes":[]}"#;
     let request = hyper::Request::post(format!(
         "https://localhost/api/v1/organizations/{}/api-tokens",
         org.id
@@ -584,10 +582,53 @@ async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
     .header("content-length", body.len().to_string())
     .body(())
     .unwrap();
-    let (_response, mut sending) = client.send_request(request, false).expect("send the head");
+    let (response, mut sending) = client.send_request(request, false).expect("send the head");
     sending
         .send_data(hyper::body::Bytes::from_static(body), true)
         .expect("send the body");
+    (response, sending)
+}
+
+/// A stop answers the HTTP/2 requests in flight: their connection, told GOAWAY, is not closed
+/// under them a second later.
+#[tokio::test]
+async fn a_stop_answers_the_http2_requests_in_flight() {
+    let (store, ca, mut server) = tls_server(&[]).await;
+    let lock = write_lock(&store).await;
+    let (mut client, _pings, _driven) = h2_client(&server, &ca).await;
+    let (response, _sending) = create_token(&mut client, &store.bootstrap_org());
+    // The handler now waits for the write lock, past the stop's GOAWAY and a second more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&server, "-TERM").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(lock);
+
+    let response = tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("an answer in time")
+        .unwrap_or_else(|e| panic!("no answer ({e}):\n{}", server.log()));
+    assert_eq!(response.status(), 201);
+    let status = common::wait_for_exit(&mut server.process.0, LIMIT)
+        .await
+        .expect("serve exits after its last request");
+    assert!(status.success(), "{status}");
+}
+
+/// A request the client cancels (`RST_STREAM`) while its handler waits (here: on the store's
+/// write lock) leaves the connection to its idle timeout: HTTP/2 drops the handler's future, and
+/// cancelling must not pin a connection (and its slot) open.
+#[tokio::test]
+async fn a_cancelled_http2_request_leaves_its_connection_to_the_idle_timeout() {
+    let (store, ca, server) = tls_server(&[
+        "--idle-timeout-seconds",
+        "2",
+        "--revocation-heartbeat-seconds",
+        "1",
+    ])
+    .await;
+    let lock = write_lock(&store).await;
+    let (mut client, _pings, driven) = h2_client(&server, &ca).await;
+    let (_response, mut sending) = create_token(&mut client, &store.bootstrap_org());
     // The handler now waits for the write lock; the client gives up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sending.send_reset(h2::Reason::CANCEL);
