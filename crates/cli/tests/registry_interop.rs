@@ -315,6 +315,8 @@ async fn token_endpoint_speaks_the_distribution_protocol(backend: Backend) {
         .token(&ci, &[("scope", &format!("{app}:pull,push"))])
         .await;
     let after = Utc::now();
+    // Distribution 3.x trusts the key by the certificate in `x5c` (2.8 reads it first too).
+    answer.assert_signed_by(&registry_cert(&store).await);
     let claims = answer.claims;
     assert_eq!(
         claims["aud"],
@@ -823,8 +825,10 @@ struct Enabled {
 
 /// A `200` from the token endpoint, checked for the fields clients read, with the JWT decoded.
 struct TokenAnswer {
+    token: String,
     expires_in: i64,
     issued_at: DateTime<Utc>,
+    header: Value,
     claims: Value,
 }
 
@@ -874,11 +878,74 @@ impl TokenAnswer {
             "{what}: kid must be a libtrust key id (12 groups of 4 base32 characters): {header}"
         );
         Self {
+            token: token.to_owned(),
             expires_in,
             issued_at,
+            header,
             claims: jwt_json(parts[1]),
         }
     }
+
+    /// Asserts what a registry trusting `cert_pem` (one certificate) checks: the header's `x5c` is
+    /// that certificate alone, `kid` is the libtrust id of its key, and the signature verifies
+    /// with its key.
+    #[track_caller]
+    fn assert_signed_by(&self, cert_pem: &str) {
+        let der = certificate_der(cert_pem);
+        let x5c: Vec<Vec<u8>> = self.header["x5c"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no `x5c` array in the JWT header: {}", self.header))
+            .iter()
+            .map(|cert| {
+                data_encoding::BASE64
+                    .decode(cert.as_str().unwrap_or_default().as_bytes())
+                    .unwrap_or_else(|e| panic!("x5c entry is not standard base64 ({e}): {cert}"))
+            })
+            .collect();
+        assert!(
+            x5c == [der.clone()],
+            "x5c must be exactly the signing certificate:\n{cert_pem}\nheader: {}",
+            self.header
+        );
+        assert_eq!(
+            self.header["kid"].as_str(),
+            Some(keyplane_core::registry::libtrust_key_id(p256_spki(&der)).as_str()),
+            "kid must be the libtrust id of the certificate's key"
+        );
+        let key = jsonwebtoken::DecodingKey::from_ec_pem(cert_pem.as_bytes())
+            .expect("the certificate's public key");
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_audience(&[SERVICE]);
+        validation.set_issuer(&[ISSUER]);
+        if let Err(e) = jsonwebtoken::decode::<Value>(&self.token, &key, &validation) {
+            panic!("the token does not verify with the certificate's key ({e}):\n{cert_pem}");
+        }
+    }
+}
+
+/// The DER of one PEM certificate.
+fn certificate_der(cert_pem: &str) -> Vec<u8> {
+    let body: String = cert_pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    data_encoding::BASE64
+        .decode(body.trim().as_bytes())
+        .unwrap_or_else(|e| panic!("not a PEM certificate ({e}):\n{cert_pem}"))
+}
+
+/// The P-256 SubjectPublicKeyInfo inside a certificate's DER: its fixed 26-byte prefix (SEQUENCE,
+/// id-ecPublicKey, prime256v1, BIT STRING) and the 65-byte uncompressed point.
+fn p256_spki(der: &[u8]) -> &[u8] {
+    const PREFIX: [u8; 26] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    let start = der
+        .windows(PREFIX.len())
+        .position(|window| window == PREFIX)
+        .expect("the certificate holds a P-256 public key");
+    &der[start..start + 91]
 }
 
 fn jwt_json(part: &str) -> Value {

@@ -8,6 +8,8 @@ use keyplane_core::registry::libtrust_key_id;
 use keyplane_core::PrivateKeyPem;
 use keyplane_store::{SigningKey, Store};
 use serde::Serialize;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 pub struct Signer {
     header: Header,
@@ -58,9 +60,18 @@ pub async fn load_or_create_signing_key(store: &dyn Store) -> Result<Signer, App
         EncodingKey::from_ec_pem(stored.private_key.expose_secret().as_bytes()).map_err(|e| {
             AppError::Internal(anyhow::anyhow!("loading the registry signing key: {e}"))
         })?;
+    // Distribution 3.x matches `rootcertbundle` keys by JWK thumbprint, never by libtrust `kid`:
+    // it (and 2.8, which reads it first) trusts the token by the certificate in `x5c` instead.
+    let certificate =
+        CertificateDer::from_pem_slice(stored.certificate_pem.as_bytes()).map_err(|e| {
+            AppError::Internal(anyhow::anyhow!(
+                "reading the registry signing certificate: {e}"
+            ))
+        })?;
     let mut header = Header::new(Algorithm::ES256);
     header.typ = Some("JWT".into());
     header.kid = Some(stored.key_id);
+    header.x5c = Some(vec![data_encoding::BASE64.encode(&certificate)]);
     Ok(Signer {
         header,
         key,
