@@ -19,12 +19,17 @@ pub enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Print the registry token signing certificate (PEM) for the registry's `rootcertbundle`,
-    /// creating the signing key on first use. The private key stays in the store.
+    /// Print the registry's `rootcertbundle`: the certificates (PEM) of the signing key, of a
+    /// staged next key and of the previous key while it is not retired, creating the signing key
+    /// on first use. The private keys stay in the store.
     RegistryCert {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Rotate the registry token signing key without downtime: `stage`, give the registry the new
+    /// `registry-cert` bundle, `promote`, and a day later `retire-previous`.
+    #[command(subcommand)]
+    RegistryKey(RegistryKeyCommand),
     /// Give a user a right in an organization, as the platform operator: typically its first
     /// `account_owner`, who then grants others through the API. Prints the authorization as JSON.
     /// A server sharing the store sees it at once on PostgreSQL, within 30 s on SQLite.
@@ -33,6 +38,69 @@ pub enum AdminCommand {
     /// then new ones as they commit), or `verify` its hash chain. Safe while a server runs.
     Audit(AuditArgs),
 }
+
+#[derive(Subcommand)]
+pub enum RegistryKeyCommand {
+    /// Create the next signing key, or keep the one already staged; prints its key id. Tokens
+    /// are still signed with the current key; `registry-cert` now prints both certificates.
+    Stage {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Sign with the staged key: it becomes current, and the current key becomes the previous
+    /// one (replacing an older previous). Every `serve` picks it up within its
+    /// --registry-key-refresh-seconds. Prints the new key id.
+    Promote {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Drop the previous key from the bundle. Refused while tokens it signed may still be valid
+    /// (the longest registry token lifetime, 24 h, plus the refresh interval after the
+    /// promotion) unless --force.
+    RetirePrevious {
+        /// Retire it now: registry tokens it signed are refused from the registry's next reload.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        refresh: RegistryKeyRefresh,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// The signing keys by slot (current, next, previous) with their key ids and dates.
+    Show {
+        /// Print `{"current": {...}, "next": null, "previous": {...}}` instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `--registry-key-refresh-seconds`, shared by `serve` (how often it re-reads the signing key) and
+/// `registry-key retire-previous` (how long a promotion may take to reach every `serve`).
+#[derive(Args)]
+pub struct RegistryKeyRefresh {
+    /// Seconds between re-reads of the registry signing key by `serve`: how long a promotion takes
+    /// to reach every replica.
+    #[arg(
+        id = "registry_key_refresh_seconds",
+        long = "registry-key-refresh-seconds",
+        env = "KEYPLANE_REGISTRY_KEY_REFRESH_SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    seconds: u64,
+}
+
+impl RegistryKeyRefresh {
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.seconds)
+    }
+}
+
+/// The longest `serve --registry-token-ttl-seconds`: how long a token may be valid after it was
+/// signed.
+pub const MAX_REGISTRY_TOKEN_TTL_SECONDS: u64 = 86_400;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -391,12 +459,16 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::RegistryCert { store } => {
             let store = store.open().await?;
-            let signer = keyplane_server::registry::load_or_create_signing_key(store.as_ref())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot load the registry signing key: {e}"))?;
-            print!("{}", signer.certificate_pem());
+            let keys = signing_keys(store.as_ref()).await?;
+            for key in [keys.current, keys.next, keys.previous]
+                .into_iter()
+                .flatten()
+            {
+                print!("{}", key.certificate_pem);
+            }
             Ok(())
         }
+        AdminCommand::RegistryKey(command) => registry_key(command).await,
         AdminCommand::Grant(args) => {
             let grant = args.new_grant()?;
             let store = args.store.open().await?;
@@ -437,6 +509,139 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::Audit(AuditArgs { list, .. }) => print_audit(list).await,
+    }
+}
+
+/// Every signing key, creating the current one on first use.
+async fn signing_keys(
+    store: &dyn keyplane_store::Store,
+) -> anyhow::Result<keyplane_store::SigningKeys> {
+    let cannot =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot load the registry signing keys: {e}");
+    keyplane_server::registry::load_or_create_signing_key(store)
+        .await
+        .map_err(|e| cannot(&e))?;
+    store.signing_keys().await.map_err(|e| cannot(&e))
+}
+
+async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
+    match command {
+        RegistryKeyCommand::Stage { store } => {
+            let store = store.open().await?;
+            signing_keys(store.as_ref()).await?;
+            let candidate = keyplane_server::registry::mint_candidate()
+                .map_err(|e| anyhow::anyhow!("cannot create a signing key: {e}"))?;
+            let staged = store
+                .stage_signing_key(&candidate)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot stage a signing key: {e}"))?;
+            println!("{}", staged.key_id);
+            eprintln!(
+                "staged; put `keyplane admin registry-cert` in the registry's rootcertbundle and \
+                 reload the registry, then run `keyplane admin registry-key promote`"
+            );
+            Ok(())
+        }
+        RegistryKeyCommand::Promote { store } => {
+            let store = store.open().await?;
+            let promoted = store
+                .promote_signing_key(ops::now())
+                .await
+                .map_err(|e| match e {
+                    keyplane_store::StoreError::NotFound => anyhow::anyhow!(
+                        "no key is staged: run `keyplane admin registry-key stage` first, and give \
+                         the registry the new `registry-cert` bundle before promoting"
+                    ),
+                    e => anyhow::anyhow!("cannot promote the staged signing key: {e}"),
+                })?;
+            println!("{}", promoted.key_id);
+            eprintln!(
+                "promoted; every `serve` signs with it within its --registry-key-refresh-seconds. \
+                 Keep the previous certificate in the registry's bundle until \
+                 `keyplane admin registry-key retire-previous` accepts"
+            );
+            Ok(())
+        }
+        RegistryKeyCommand::RetirePrevious {
+            force,
+            refresh,
+            store,
+        } => {
+            let store = store.open().await?;
+            let Some(previous) = signing_keys(store.as_ref()).await?.previous else {
+                println!("no previous key: nothing to retire");
+                return Ok(());
+            };
+            let now = ops::now();
+            let valid_until = previous.signed_until.unwrap_or(now)
+                + std::time::Duration::from_secs(MAX_REGISTRY_TOKEN_TTL_SECONDS)
+                + refresh.interval();
+            if !force && now < valid_until {
+                anyhow::bail!(
+                    "tokens signed by the previous key {} may be valid until {}: retire it after \
+                     that, or now with --force (robots holding such a token are refused until \
+                     they log in again)",
+                    previous.key_id,
+                    valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+            }
+            let retired = store
+                .retire_previous_signing_key(&previous.key_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot retire the previous signing key: {e}"))?;
+            if !retired {
+                anyhow::bail!(
+                    "the previous key changed meanwhile (another promotion): run it again"
+                );
+            }
+            println!("{}", previous.key_id);
+            eprintln!(
+                "retired; put `keyplane admin registry-cert` in the registry's rootcertbundle"
+            );
+            Ok(())
+        }
+        RegistryKeyCommand::Show { json, store } => {
+            let store = store.open().await?;
+            let keys = signing_keys(store.as_ref()).await?;
+            let slots = [
+                ("current", keys.current),
+                ("next", keys.next),
+                ("previous", keys.previous),
+            ];
+            let at = |at: chrono::DateTime<chrono::Utc>| {
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            };
+            if json {
+                let view: serde_json::Map<String, serde_json::Value> = slots
+                    .into_iter()
+                    .map(|(slot, key)| {
+                        let view = key.map(|key| {
+                            serde_json::json!({
+                                "key_id": key.key_id,
+                                "created_at": at(key.created_at),
+                                "signed_until": key.signed_until.map(at),
+                            })
+                        });
+                        (slot.to_owned(), view.unwrap_or_default())
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Object(view));
+            } else {
+                for (slot, key) in slots {
+                    let Some(key) = key else { continue };
+                    let until = key
+                        .signed_until
+                        .map(|until| format!("  signed until {}", at(until)))
+                        .unwrap_or_default();
+                    println!(
+                        "{slot:<8}  {}  created {}{until}",
+                        key.key_id,
+                        at(key.created_at)
+                    );
+                }
+            }
+            Ok(())
+        }
     }
 }
 

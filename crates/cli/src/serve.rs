@@ -61,8 +61,10 @@ pub struct ServeArgs {
     )]
     registry_endpoint: String,
     /// Lifetime of registry tokens in seconds (the token spec's minimum is 60).
-    #[arg(long, env = "KEYPLANE_REGISTRY_TOKEN_TTL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    #[arg(long, env = "KEYPLANE_REGISTRY_TOKEN_TTL_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(60..=crate::admin::MAX_REGISTRY_TOKEN_TTL_SECONDS))]
     registry_token_ttl_seconds: u64,
+    #[command(flatten)]
+    registry_key_refresh: crate::admin::RegistryKeyRefresh,
     /// Trust JWT access tokens from this OAuth/OIDC issuer, spelled exactly as its tokens' `iss`
     /// (repeatable; comma-separated in the environment). Its keys come from its discovery document.
     #[arg(
@@ -393,6 +395,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             issuer: args.registry_issuer,
             endpoint: args.registry_endpoint,
             token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
+            key_refresh: args.registry_key_refresh.interval(),
         },
         oidc,
         verify_cache: CacheConfig {

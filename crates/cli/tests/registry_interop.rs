@@ -35,23 +35,15 @@ const ISSUER: &str = "keyplane-interop-issuer";
 both_stores!(
     robots_push_pull_and_delete_through_a_real_registry,
     token_endpoint_speaks_the_distribution_protocol,
+    the_signing_key_rotates_without_downtime,
 );
 
 /// The whole robot lifecycle against the real registry, with skopeo as the client.
 async fn robots_push_pull_and_delete_through_a_real_registry(backend: Backend) {
     require_peer_tools();
     let started = Utc::now();
-    let store = TestStore::new(backend).await;
-    let work = tempfile::Builder::new()
-        .prefix("keyplane-interop-")
-        .tempdir()
-        .expect("create a work directory");
+    let (store, work, registry_addr, keyplane) = token_server(backend).await;
     let work = work.path();
-
-    // keyplane first (the registry's realm is its address), on a registry port picked beforehand
-    // so that the Registry record's `endpoint` is the real one.
-    let registry_addr = format!("127.0.0.1:{}", free_loopback_port());
-    let keyplane = Keyplane::start_as_token_server(&store, &registry_addr).await;
     let cert = registry_cert(&store).await;
     assert_eq!(
         registry_cert(&store).await,
@@ -478,8 +470,180 @@ async fn token_endpoint_speaks_the_distribution_protocol(backend: Backend) {
     assert_unauthorized(posted, "the OAuth2 form with a wrong password").await;
 }
 
+/// `admin registry-key stage`, then `promote` while `serve` runs and a registry trusts the staged
+/// bundle: pushes work throughout without a restart of either, tokens switch to the new key within
+/// the refresh interval, and a registry that trusts only the old key refuses them.
+async fn the_signing_key_rotates_without_downtime(backend: Backend) {
+    require_peer_tools();
+    let (store, work, registry_addr, keyplane) = token_server(backend).await;
+    let work = work.path();
+    let org = store.bootstrap_org();
+    let project = keyplane.enable_registry(&org).await.project;
+    let ci = keyplane
+        .create_robot(&org, &project, "ci", Some(&["pull", "push"]))
+        .await;
+    let image = build_image(work).await;
+    let token = || keyplane.token(&ci, &[]);
+
+    let old_cert = registry_cert(&store).await;
+    assert_eq!(certificates(&old_cert).len(), 1, "{old_cert}");
+    let new_kid = registry_key(&store, &["stage"]).await;
+    assert_eq!(
+        registry_key(&store, &["stage"]).await,
+        new_kid,
+        "a second stage keeps the staged key"
+    );
+    let bundle = registry_cert(&store).await;
+    let staged = certificates(&bundle);
+    assert_eq!(staged.len(), 2, "current and next:\n{bundle}");
+    assert_eq!(staged[0], old_cert, "the current certificate comes first");
+    let new_cert = staged[1].clone();
+    let shown = registry_keys_shown(&store).await;
+    assert_eq!(shown["next"]["key_id"], new_kid.as_str(), "{shown}");
+    // Still signed with the current key.
+    token().await.assert_signed_by(&old_cert);
+
+    let registry_dir = work.join("registry");
+    std::fs::create_dir_all(&registry_dir).expect("create the registry's directory");
+    let registry = Registry::start(&registry_dir, &registry_addr, &keyplane.addr, &bundle).await;
+    let skopeo = Skopeo::new(work, &registry_addr);
+    let stack = Stack {
+        keyplane: &keyplane,
+        registry: &registry,
+    };
+    stack.ok(
+        skopeo
+            .push(&image, &format!("{project}/app:before"), Some(&ci))
+            .await,
+        "a push before the promotion",
+    );
+
+    assert_eq!(registry_key(&store, &["promote"]).await, new_kid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = token().await;
+        if answer.header["kid"] == new_kid.as_str() {
+            answer.assert_signed_by(&new_cert);
+            break;
+        }
+        answer.assert_signed_by(&old_cert);
+        assert!(
+            Instant::now() < deadline,
+            "serve still signs with the old key 10 s after the promotion (refresh every 1 s)\n{}",
+            stack.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = keyplane.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("registry signing key promoted") && line.contains(&new_kid)),
+        "serve must log the promotion it picked up, with the key id:\n{log}"
+    );
+    assert!(!log.contains("PRIVATE KEY"), "serve logged a private key");
+    stack.ok(
+        skopeo
+            .push(&image, &format!("{project}/app:after"), Some(&ci))
+            .await,
+        "a push after the promotion, the registry not restarted",
+    );
+    let bundle = registry_cert(&store).await;
+    assert_eq!(
+        certificates(&bundle),
+        [new_cert.clone(), old_cert.clone()],
+        "current, then previous"
+    );
+
+    let refused = run(common::keyplane()
+        .args(["admin", "registry-key", "retire-previous"])
+        .args(store.args()))
+    .await;
+    assert!(
+        !refused.status.success() && refused.stderr.contains("--force"),
+        "retire-previous right after the promotion must be refused, naming --force: {}",
+        refused.describe()
+    );
+    assert_eq!(certificates(&registry_cert(&store).await).len(), 2);
+    let old_kid = registry_keys_shown(&store).await["previous"]["key_id"]
+        .as_str()
+        .expect("the previous key's id")
+        .to_owned();
+    assert_eq!(
+        registry_key(&store, &["retire-previous", "--force"]).await,
+        old_kid
+    );
+    assert_eq!(
+        certificates(&registry_cert(&store).await),
+        [new_cert],
+        "the current certificate alone once the previous key is retired"
+    );
+
+    // A registry that trusts only the old certificate refuses the new tokens.
+    let stale_dir = work.join("stale-registry");
+    std::fs::create_dir_all(&stale_dir).expect("create the stale registry's directory");
+    let stale_addr = format!("127.0.0.1:{}", free_loopback_port());
+    let stale = Registry::start(&stale_dir, &stale_addr, &keyplane.addr, &old_cert).await;
+    let stale_stack = Stack {
+        keyplane: &keyplane,
+        registry: &stale,
+    };
+    stale_stack.refused(
+        Skopeo::new(work, &stale_addr)
+            .push(&image, &format!("{project}/app:stale"), Some(&ci))
+            .await,
+        "a push to a registry that trusts only the retired key",
+    );
+}
+
+/// `keyplane admin registry-key ARGS`, which must succeed; its stdout (a key id).
+async fn registry_key(store: &TestStore, args: &[&str]) -> String {
+    let out = run(keyplane()
+        .args(["admin", "registry-key"])
+        .args(args)
+        .args(store.args()))
+    .await;
+    assert!(
+        out.status.success(),
+        "admin registry-key {args:?}: {}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("PRIVATE KEY") && !out.stderr.contains("PRIVATE KEY"));
+    out.stdout.trim().to_owned()
+}
+
+/// `keyplane admin registry-key show --json`.
+async fn registry_keys_shown(store: &TestStore) -> Value {
+    let shown = registry_key(store, &["show", "--json"]).await;
+    serde_json::from_str(&shown)
+        .unwrap_or_else(|e| panic!("show --json is not JSON ({e}): {shown}"))
+}
+
+/// The certificate blocks of a PEM bundle, each with its own lines.
+fn certificates(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .filter(|block| block.contains(END))
+        .map(|block| format!("{}\n", block.trim_start()))
+        .collect()
+}
+
 // ------------------------------------------------------------------------------------------------
 // The peers
+
+/// A fresh store, a work directory, the address the registry is to listen on, and keyplane as its
+/// token server: keyplane first (the registry's realm is its address), on a registry port picked
+/// beforehand so that the Registry record's `endpoint` is the real one.
+async fn token_server(backend: Backend) -> (TestStore, tempfile::TempDir, String, Keyplane) {
+    let store = TestStore::new(backend).await;
+    let work = tempfile::Builder::new()
+        .prefix("keyplane-interop-")
+        .tempdir()
+        .expect("create a work directory");
+    let registry_addr = format!("127.0.0.1:{}", free_loopback_port());
+    let keyplane = Keyplane::start_as_token_server(&store, &registry_addr).await;
+    (store, work, registry_addr, keyplane)
+}
 
 /// Fails, never skips, when a peer tool is missing.
 fn require_peer_tools() {
@@ -985,6 +1149,9 @@ impl Keyplane {
             ISSUER,
             "--registry-endpoint",
             registry_endpoint,
+            // A promotion reaches it within a second (the rotation test).
+            "--registry-key-refresh-seconds",
+            "1",
         ];
         Self::start(store, &args, TIMEOUT).await
     }

@@ -26,8 +26,9 @@ pub(crate) struct Inner {
     /// `/openapi.json` and `/docs`, rendered once at start: each answer shares these bytes.
     pub openapi_json: axum::body::Bytes,
     pub docs_html: axum::body::Bytes,
-    /// Loaded (or created) on first use: `serve` needs no signing key until a robot logs in.
-    pub registry_signer: tokio::sync::OnceCell<crate::registry::Signer>,
+    /// Loaded (or created) on first use, since `serve` needs no signing key until a robot logs
+    /// in; replaced when a promotion is seen (`registry::refresh_signer`). Held only to clone.
+    pub registry_signer: std::sync::RwLock<Option<Arc<crate::registry::Signer>>>,
     pub refusals: Arc<crate::audit::Refusals>,
     /// Notified on SIGHUP: the audit log export reopens its file.
     pub reopen_audit_log: Arc<tokio::sync::Notify>,
@@ -104,7 +105,7 @@ impl App {
             metrics,
             openapi_json,
             docs_html,
-            registry_signer: tokio::sync::OnceCell::new(),
+            registry_signer: std::sync::RwLock::new(None),
             refusals,
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
             github_keys,
@@ -170,11 +171,38 @@ impl App {
         Ok(())
     }
 
-    pub(crate) async fn registry_signer(&self) -> Result<&crate::registry::Signer, AppError> {
+    pub(crate) async fn registry_signer(&self) -> Result<Arc<crate::registry::Signer>, AppError> {
+        if let Some(signer) = self.held_registry_signer() {
+            return Ok(signer);
+        }
+        let loaded = crate::registry::load_or_create_signing_key(self.0.store.as_ref()).await?;
+        let mut held = self
+            .0
+            .registry_signer
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        // A refresh that ran meanwhile may have put a newer key in: it wins.
+        Ok(held.get_or_insert_with(|| Arc::new(loaded)).clone())
+    }
+
+    pub(crate) fn held_registry_signer(&self) -> Option<Arc<crate::registry::Signer>> {
         self.0
             .registry_signer
-            .get_or_try_init(|| crate::registry::load_or_create_signing_key(self.0.store.as_ref()))
-            .await
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Signs with `signer` from now on; the one it replaced, if any.
+    pub(crate) fn swap_registry_signer(
+        &self,
+        signer: Arc<crate::registry::Signer>,
+    ) -> Option<Arc<crate::registry::Signer>> {
+        self.0
+            .registry_signer
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(signer)
     }
 
     /// Verifies a presented secret of any kind through the cache: the verification hot path,

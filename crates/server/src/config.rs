@@ -146,6 +146,9 @@ pub struct RegistryConfig {
     pub endpoint: String,
     /// Lifetime of issued registry tokens (at least 60 s, as the token spec requires).
     pub token_ttl: Duration,
+    /// How often the signing key is re-read, so that a promotion (`admin registry-key promote`)
+    /// reaches every replica without a restart.
+    pub key_refresh: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -155,6 +158,7 @@ impl Default for RegistryConfig {
             issuer: "keyplane".into(),
             endpoint: "localhost:5000".into(),
             token_ttl: Duration::from_secs(300),
+            key_refresh: Duration::from_secs(30),
         }
     }
 }

@@ -103,6 +103,29 @@ impl Backoff {
     }
 }
 
+/// A periodic job's clock: a tick every `interval`, the first at once (a late one delays the next
+/// rather than bunching them), until `stop` turns true.
+pub(crate) struct Every {
+    tick: tokio::time::Interval,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Every {
+    pub(crate) fn new(interval: Duration, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, stop }
+    }
+
+    /// Waits for the next tick: `false` once `stop` has changed, when the job is to end.
+    pub(crate) async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.tick.tick() => true,
+            _ = self.stop.changed() => false,
+        }
+    }
+}
+
 /// Each organization's share of something bounded in all (open streams, events being written):
 /// at most `max` held by one tenant at once, so one cannot take every place.
 pub(crate) struct TenantShares {

@@ -658,6 +658,11 @@ pub async fn serve(
     );
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
+    let key_refresh = tokio::spawn(crate::registry::refresh_signer(
+        app.clone(),
+        app.inner().config.registry.key_refresh,
+        stopped.clone(),
+    ));
     let streams_app = app.clone();
     let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
     let shutdown = {
@@ -705,7 +710,11 @@ pub async fn serve(
     app.flush_usage().await;
     // Aborted at the deadline, not left running: what they hold (store connections) goes, so
     // closing the store does not wait for them. The export resumes from its saved cursors.
-    let mut tasks = audit_tasks.into_iter().chain(tls_watch).collect::<Vec<_>>();
+    let mut tasks = audit_tasks
+        .into_iter()
+        .chain(tls_watch)
+        .chain([key_refresh])
+        .collect::<Vec<_>>();
     for task in &mut tasks {
         if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
             tracing::warn!("audit work still running at the shutdown deadline was stopped; the next start resumes it");
@@ -775,15 +784,10 @@ fn spawn_audit_tasks(
 async fn lifecycle_sweeps(
     app: App,
     interval: std::time::Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+    let mut every = crate::jobs::Every::new(interval, stop);
+    while every.tick().await {
         if let Err(error) = crate::ops::lifecycle_sweep(&app).await {
             tracing::warn!(error = %error, "lifecycle sweep failed; the next one retries");
         }

@@ -67,8 +67,8 @@ pub struct CredentialUse {
     pub secret: [u8; 8],
 }
 
-/// The registry token signing key and its self-signed certificate (the registry's
-/// `rootcertbundle`). One per store, shared by every replica.
+/// A registry token signing key and its self-signed certificate (for the registry's
+/// `rootcertbundle`), shared by every replica.
 #[derive(Debug, Clone)]
 pub struct SigningKey {
     /// libtrust key id, the JWT `kid`.
@@ -76,6 +76,20 @@ pub struct SigningKey {
     pub private_key: keyplane_core::PrivateKeyPem,
     pub certificate_pem: String,
     pub created_at: DateTime<Utc>,
+    /// When a promotion replaced it (set on `previous` only): tokens it signed may be valid until
+    /// a token lifetime after that.
+    pub signed_until: Option<DateTime<Utc>>,
+}
+
+/// The registry signing keys by rotation slot (`keyplane admin registry-key`).
+#[derive(Debug, Clone, Default)]
+pub struct SigningKeys {
+    /// The key tokens are signed with.
+    pub current: Option<SigningKey>,
+    /// Staged: in the registry's bundle, not signing yet.
+    pub next: Option<SigningKey>,
+    /// The key the last promotion replaced, in the bundle until it is retired.
+    pub previous: Option<SigningKey>,
 }
 
 /// A change another replica must hear about: cached verifications of this subject (a credential or
@@ -458,6 +472,21 @@ pub trait Store: Send + Sync + 'static {
     /// so racing replicas agree).
     async fn signing_key_or_insert(&self, candidate: &SigningKey)
         -> Result<SigningKey, StoreError>;
+
+    /// Every registry signing key, by slot.
+    async fn signing_keys(&self) -> Result<SigningKeys, StoreError>;
+
+    /// Stores `candidate` as the `next` key unless one is staged; returns the staged key either
+    /// way (racing callers agree on one).
+    async fn stage_signing_key(&self, candidate: &SigningKey) -> Result<SigningKey, StoreError>;
+
+    /// In one transaction: `current` becomes `previous` (replacing it) with `signed_until = at`,
+    /// and `next` becomes `current`, which is returned. `NotFound` when nothing is staged.
+    async fn promote_signing_key(&self, at: DateTime<Utc>) -> Result<SigningKey, StoreError>;
+
+    /// Drops the `previous` key if it is still `key_id` (a promotion since has replaced it with
+    /// another, which stays); whether it was dropped.
+    async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, StoreError>;
 
     /// `Conflict` when the same live grant exists, or when its subject is a service account of the
     /// tenant that is revoked, suspended or expired at the grant's `created_at` (checked under the

@@ -182,6 +182,7 @@ pub(crate) struct SigningKeyRow {
     private_key_pem: String,
     certificate_pem: String,
     created_at: DateTime<Utc>,
+    signed_until: Option<DateTime<Utc>>,
 }
 
 impl From<SigningKeyRow> for crate::SigningKey {
@@ -191,8 +192,16 @@ impl From<SigningKeyRow> for crate::SigningKey {
             private_key: keyplane_core::PrivateKeyPem::new(row.private_key_pem),
             certificate_pem: row.certificate_pem,
             created_at: row.created_at,
+            signed_until: row.signed_until,
         }
     }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SlottedSigningKeyRow {
+    pub(crate) slot: String,
+    #[sqlx(flatten)]
+    pub(crate) key: SigningKeyRow,
 }
 
 #[derive(sqlx::FromRow)]

@@ -17,7 +17,20 @@ pub(crate) const REGISTRY_COLUMNS: &str =
     "id, tenant_id, project, quota_gb, created_at, updated_at";
 pub(crate) const INSERT_REGISTRY: &str = "INSERT INTO registries (id, tenant_id, project, quota_gb, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)";
 pub(crate) const INSERT_SIGNING_KEY: &str = "INSERT INTO registry_signing_keys (slot, key_id, private_key_pem, certificate_pem, created_at) VALUES ('current', $1, $2, $3, $4) ON CONFLICT (slot) DO NOTHING";
-pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at FROM registry_signing_keys WHERE slot = 'current'";
+pub(crate) const SELECT_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at, signed_until FROM registry_signing_keys WHERE slot = 'current'";
+pub(crate) const SELECT_SIGNING_KEYS: &str = "SELECT slot, key_id, private_key_pem, certificate_pem, created_at, signed_until FROM registry_signing_keys";
+pub(crate) const STAGE_SIGNING_KEY: &str = "INSERT INTO registry_signing_keys (slot, key_id, private_key_pem, certificate_pem, created_at) VALUES ('next', $1, $2, $3, $4) ON CONFLICT (slot) DO NOTHING";
+pub(crate) const SELECT_STAGED_SIGNING_KEY: &str = "SELECT key_id, private_key_pem, certificate_pem, created_at, signed_until FROM registry_signing_keys WHERE slot = 'next'";
+/// Reads the staged key under its row lock: a concurrent promotion waits, then finds none.
+pub(crate) const LOCK_STAGED_SIGNING_KEY: &str = "UPDATE registry_signing_keys SET slot = slot WHERE slot = 'next' RETURNING key_id, private_key_pem, certificate_pem, created_at, signed_until";
+pub(crate) const DROP_PREVIOUS_SIGNING_KEY: &str =
+    "DELETE FROM registry_signing_keys WHERE slot = 'previous'";
+pub(crate) const DEMOTE_CURRENT_SIGNING_KEY: &str =
+    "UPDATE registry_signing_keys SET slot = 'previous', signed_until = $1 WHERE slot = 'current'";
+pub(crate) const PROMOTE_NEXT_SIGNING_KEY: &str =
+    "UPDATE registry_signing_keys SET slot = 'current' WHERE slot = 'next'";
+pub(crate) const RETIRE_PREVIOUS_SIGNING_KEY: &str =
+    "DELETE FROM registry_signing_keys WHERE slot = 'previous' AND key_id = $1";
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 /// A ping slower than this asks whether the database can be reached at all.
@@ -308,6 +321,29 @@ impl<DB: sqlx::Database> Drop for ImportConnection<DB> {
 macro_rules! impl_store {
     ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
+            /// Stores `candidate` with `insert` (which does nothing when its slot is taken) and
+            /// returns the slot's key, read with `select`: the first writer's, so racers agree.
+            async fn first_signing_key(
+                &self,
+                insert: &'static str,
+                select: &'static str,
+                candidate: &$crate::SigningKey,
+            ) -> Result<$crate::SigningKey, $crate::StoreError> {
+                self.write(async {
+                    sqlx::query(insert)
+                        .bind(&candidate.key_id)
+                        .bind(candidate.private_key.expose_secret())
+                        .bind(&candidate.certificate_pem)
+                        .bind(candidate.created_at)
+                        .execute(&self.writer)
+                        .await?;
+                    let row: $crate::rows::SigningKeyRow =
+                        sqlx::query_as(select).fetch_one(&self.writer).await?;
+                    Ok(row.into())
+                })
+                .await
+            }
+
             /// Runs one write operation and records how it went for `/readyz`.
             async fn write<T>(
                 &self,
@@ -843,18 +879,89 @@ macro_rules! impl_store {
                 &self,
                 candidate: &$crate::SigningKey,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
+                self.first_signing_key(
+                    $crate::sql::INSERT_SIGNING_KEY,
+                    $crate::sql::SELECT_SIGNING_KEY,
+                    candidate,
+                )
+                .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn signing_keys(&self) -> Result<$crate::SigningKeys, $crate::StoreError> {
+                let rows: Vec<$crate::rows::SlottedSigningKeyRow> =
+                    sqlx::query_as($crate::sql::SELECT_SIGNING_KEYS)
+                        .fetch_all(&self.pool)
+                        .await?;
+                let mut keys = $crate::SigningKeys::default();
+                for row in rows {
+                    let slot = match row.slot.as_str() {
+                        "current" => &mut keys.current,
+                        "next" => &mut keys.next,
+                        "previous" => &mut keys.previous,
+                        other => {
+                            return Err($crate::StoreError::Other(anyhow::anyhow!(
+                                "unknown registry signing key slot {other:?}"
+                            )))
+                        }
+                    };
+                    *slot = Some(row.key.into());
+                }
+                Ok(keys)
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn stage_signing_key(
+                &self,
+                candidate: &$crate::SigningKey,
+            ) -> Result<$crate::SigningKey, $crate::StoreError> {
+                self.first_signing_key(
+                    $crate::sql::STAGE_SIGNING_KEY,
+                    $crate::sql::SELECT_STAGED_SIGNING_KEY,
+                    candidate,
+                )
+                .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn promote_signing_key(
+                &self,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::SigningKey, $crate::StoreError> {
                 self.write(async {
-                    sqlx::query($crate::sql::INSERT_SIGNING_KEY)
-                        .bind(&candidate.key_id)
-                        .bind(candidate.private_key.expose_secret())
-                        .bind(&candidate.certificate_pem)
-                        .bind(candidate.created_at)
+                    let mut tx = self.writer.begin().await?;
+                    let staged: Option<$crate::rows::SigningKeyRow> =
+                        sqlx::query_as($crate::sql::LOCK_STAGED_SIGNING_KEY)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    let Some(staged) = staged else {
+                        return Err($crate::StoreError::NotFound);
+                    };
+                    sqlx::query($crate::sql::DROP_PREVIOUS_SIGNING_KEY)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query($crate::sql::DEMOTE_CURRENT_SIGNING_KEY)
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query($crate::sql::PROMOTE_NEXT_SIGNING_KEY)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(staged.into())
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, $crate::StoreError> {
+                self.write(async {
+                    Ok(sqlx::query($crate::sql::RETIRE_PREVIOUS_SIGNING_KEY)
+                        .bind(key_id)
                         .execute(&self.writer)
-                        .await?;
-                    let row: $crate::rows::SigningKeyRow = sqlx::query_as($crate::sql::SELECT_SIGNING_KEY)
-                        .fetch_one(&self.writer)
-                        .await?;
-                    Ok(row.into())
+                        .await?
+                        .rows_affected()
+                        == 1)
                 })
                 .await
             }

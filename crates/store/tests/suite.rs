@@ -1556,6 +1556,144 @@ fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap()
 }
 
+/// A registry signing key as the store sees it (it never parses the PEM).
+fn signing_key(key_id: &str) -> keyplane_store::SigningKey {
+    keyplane_store::SigningKey {
+        key_id: key_id.into(),
+        private_key: keyplane_core::PrivateKeyPem::new(format!("private key of {key_id}")),
+        certificate_pem: format!("certificate of {key_id}"),
+        created_at: now(),
+        signed_until: None,
+    }
+}
+
+/// The key ids in the current, next and previous slots.
+async fn key_slots(store: &dyn Store) -> [Option<String>; 3] {
+    let keys = store.signing_keys().await.unwrap();
+    [keys.current, keys.next, keys.previous].map(|key| key.map(|key| key.key_id))
+}
+
+fn slots(current: &str, next: Option<&str>, previous: Option<&str>) -> [Option<String>; 3] {
+    [Some(current), next, previous].map(|id| id.map(str::to_owned))
+}
+
+async fn registry_keys_are_staged_promoted_and_retired(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    assert_eq!(
+        store
+            .signing_key_or_insert(&signing_key("k1"))
+            .await
+            .unwrap()
+            .key_id,
+        "k1"
+    );
+    assert!(
+        matches!(
+            store.promote_signing_key(now()).await,
+            Err(StoreError::NotFound)
+        ),
+        "a promotion with nothing staged must be refused"
+    );
+    assert_eq!(key_slots(store).await, slots("k1", None, None));
+
+    let staged = store.stage_signing_key(&signing_key("k2")).await.unwrap();
+    assert_eq!(staged.key_id, "k2");
+    assert_eq!(staged.certificate_pem, "certificate of k2");
+    let again = store.stage_signing_key(&signing_key("k3")).await.unwrap();
+    assert_eq!(again.key_id, "k2", "staging again keeps the staged key");
+    assert_eq!(key_slots(store).await, slots("k1", Some("k2"), None));
+
+    let at = now();
+    let promoted = store.promote_signing_key(at).await.unwrap();
+    assert_eq!(promoted.key_id, "k2");
+    assert_eq!(
+        promoted.private_key.expose_secret(),
+        "private key of k2",
+        "the promoted key signs with its own private key"
+    );
+    assert_eq!(key_slots(store).await, slots("k2", None, Some("k1")));
+    let keys = store.signing_keys().await.unwrap();
+    assert_eq!(keys.previous.unwrap().signed_until, Some(at));
+    assert_eq!(keys.current.unwrap().signed_until, None);
+    assert_eq!(
+        store
+            .signing_key_or_insert(&signing_key("k9"))
+            .await
+            .unwrap()
+            .key_id,
+        "k2",
+        "the promoted key is the one tokens are signed with"
+    );
+
+    // A second rotation replaces the older previous key.
+    store.stage_signing_key(&signing_key("k3")).await.unwrap();
+    store.promote_signing_key(now()).await.unwrap();
+    assert_eq!(key_slots(store).await, slots("k3", None, Some("k2")));
+
+    assert!(
+        !store.retire_previous_signing_key("k1").await.unwrap(),
+        "retiring a key that is no longer the previous one changes nothing"
+    );
+    assert_eq!(key_slots(store).await, slots("k3", None, Some("k2")));
+    assert!(store.retire_previous_signing_key("k2").await.unwrap());
+    assert_eq!(key_slots(store).await, slots("k3", None, None));
+    assert!(!store.retire_previous_signing_key("k2").await.unwrap());
+}
+
+async fn racing_stages_keep_one_next_key(backend: Backend) {
+    let f = fixture(backend).await;
+    f.store
+        .signing_key_or_insert(&signing_key("current"))
+        .await
+        .unwrap();
+    let attempts = (0..8).map(|i| {
+        let store = f.store.clone();
+        tokio::spawn(async move {
+            store
+                .stage_signing_key(&signing_key(&format!("candidate-{i}")))
+                .await
+                .unwrap()
+                .key_id
+        })
+    });
+    let staged = results_of(attempts).await;
+    let next = f.store.signing_keys().await.unwrap().next.unwrap().key_id;
+    assert!(
+        staged.iter().all(|id| *id == next),
+        "every stage must answer the one staged key {next}: {staged:?}"
+    );
+}
+
+async fn racing_promotions_move_the_staged_key_once(backend: Backend) {
+    let f = fixture(backend).await;
+    f.store
+        .signing_key_or_insert(&signing_key("k1"))
+        .await
+        .unwrap();
+    f.store.stage_signing_key(&signing_key("k2")).await.unwrap();
+    let attempts = (0..6).map(|_| {
+        let store = f.store.clone();
+        tokio::spawn(async move { store.promote_signing_key(now()).await })
+    });
+    let outcomes = results_of(attempts).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.is_ok() || matches!(o, Err(StoreError::NotFound))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        key_slots(f.store.as_ref()).await,
+        slots("k2", None, Some("k1"))
+    );
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         $(
@@ -1605,6 +1743,9 @@ store_suite! {
     a_failed_change_writes_no_event,
     console_sessions_live_until_idle_or_ended,
     a_console_secret_is_taken_once,
+    registry_keys_are_staged_promoted_and_retired,
+    racing_stages_keep_one_next_key,
+    racing_promotions_move_the_staged_key_once,
 }
 
 fn event_in(tenant: TenantId, at: DateTime<Utc>) -> keyplane_core::AuditEvent {

@@ -1,13 +1,18 @@
 //! The registry token signing key: ES256 (P-256), created on first use, kept in the store so every
 //! replica signs with the same key, and identified by its libtrust key id (the JWT `kid` the
-//! registry matches against its `rootcertbundle`).
+//! registry matches against its `rootcertbundle`). `keyplane admin registry-key` rotates it in
+//! two phases (stage a `next` key the registry learns to trust, then promote it); each replica
+//! re-reads the current key every `--registry-key-refresh-seconds` ([`refresh_signer`]).
 
 use crate::error::AppError;
+use crate::App;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keyplane_core::registry::libtrust_key_id;
 use keyplane_core::PrivateKeyPem;
 use keyplane_store::{SigningKey, Store};
 use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
@@ -33,7 +38,9 @@ impl Signer {
     }
 }
 
-fn mint_candidate() -> Result<SigningKey, AppError> {
+/// A new key pair and its self-signed certificate, for the store to keep (or to drop when a racing
+/// caller's was kept first).
+pub fn mint_candidate() -> Result<SigningKey, AppError> {
     let internal = |e: rcgen::Error| {
         AppError::Internal(anyhow::anyhow!("creating the registry signing key: {e}"))
     };
@@ -49,13 +56,17 @@ fn mint_candidate() -> Result<SigningKey, AppError> {
         private_key: PrivateKeyPem::new(key_pair.serialize_pem()),
         certificate_pem: certificate.pem(),
         created_at: crate::ops::now(),
+        signed_until: None,
     })
 }
 
 /// The store's signing key, created on first use. Racing callers (replicas, `admin registry-cert`)
 /// all end up with the one the store kept.
 pub async fn load_or_create_signing_key(store: &dyn Store) -> Result<Signer, AppError> {
-    let stored = store.signing_key_or_insert(&mint_candidate()?).await?;
+    signer_of(store.signing_key_or_insert(&mint_candidate()?).await?)
+}
+
+fn signer_of(stored: SigningKey) -> Result<Signer, AppError> {
     let key =
         EncodingKey::from_ec_pem(stored.private_key.expose_secret().as_bytes()).map_err(|e| {
             AppError::Internal(anyhow::anyhow!("loading the registry signing key: {e}"))
@@ -77,4 +88,42 @@ pub async fn load_or_create_signing_key(store: &dyn Store) -> Result<Signer, App
         key,
         certificate_pem: stored.certificate_pem,
     })
+}
+
+/// Re-reads the store's current key every `interval` until `stop` turns true, and signs with it
+/// from then on when a promotion changed it. A failed read keeps the key held.
+pub(crate) async fn refresh_signer(
+    app: App,
+    interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut every = crate::jobs::Every::new(interval, stop);
+    while every.tick().await {
+        let current = match app.store().signing_keys().await {
+            Ok(keys) => keys.current,
+            Err(error) => {
+                tracing::warn!(%error, "cannot re-read the registry signing key; signing with the one held");
+                continue;
+            }
+        };
+        // None until the first token or `admin registry-cert` creates one.
+        let Some(current) = current else { continue };
+        if app
+            .held_registry_signer()
+            .is_some_and(|held| held.key_id() == current.key_id)
+        {
+            continue;
+        }
+        let key_id = current.key_id.clone();
+        match signer_of(current) {
+            Ok(signer) => {
+                if let Some(replaced) = app.swap_registry_signer(Arc::new(signer)) {
+                    tracing::info!(key.id = %key_id, replaced.key.id = %replaced.key_id(), "registry signing key promoted: signing registry tokens with it now");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, key.id = %key_id, "cannot load the promoted registry signing key; signing with the one held");
+            }
+        }
+    }
 }

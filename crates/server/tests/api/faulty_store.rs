@@ -18,7 +18,7 @@ use keyplane_core::{
 use keyplane_store::{
     AnswerOf, AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter,
     IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey,
-    StopSignal, Store, StoreError, StoreFault, Unavailable, WriteHealth,
+    SigningKeys, StopSignal, Store, StoreError, StoreFault, Unavailable, WriteHealth,
 };
 use keyplane_store::{
     AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
@@ -634,6 +634,26 @@ impl Store for FaultyStore {
     ) -> Result<SigningKey, StoreError> {
         self.check()?;
         self.inner.signing_key_or_insert(candidate).await
+    }
+
+    async fn signing_keys(&self) -> Result<SigningKeys, StoreError> {
+        self.check()?;
+        self.inner.signing_keys().await
+    }
+
+    async fn stage_signing_key(&self, candidate: &SigningKey) -> Result<SigningKey, StoreError> {
+        self.check()?;
+        self.inner.stage_signing_key(candidate).await
+    }
+
+    async fn promote_signing_key(&self, at: DateTime<Utc>) -> Result<SigningKey, StoreError> {
+        self.check()?;
+        self.inner.promote_signing_key(at).await
+    }
+
+    async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.retire_previous_signing_key(key_id).await
     }
 
     async fn insert_grant(
