@@ -1608,7 +1608,63 @@ both_backends!(
     bad_requested_scopes_are_refused,
     a_registry_token_ends_when_its_robot_does,
     a_cached_robot_logs_in_through_a_store_outage,
+    a_promotion_after_a_store_outage_is_picked_up,
 );
+
+/// The signing key refresh lives through a store outage (it warns and keeps its key) and still
+/// picks up a promotion once the store answers, without a restart.
+async fn a_promotion_after_a_store_outage_is_picked_up(backend: Backend) {
+    let mut config = test_config();
+    config.registry.key_refresh = std::time::Duration::from_secs(1);
+    let (app, faults) = crate::faulty_store::FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    enable(&app, &org).await;
+    let robot = create_robot(&app, &org, json!({"name": "ci"})).await;
+    let secret = str_of(&robot, "token").to_string();
+    let kid = || async {
+        let (status, body, _) =
+            registry_answer(&app, "robot$acme+ci", &secret, "repository:acme/app:pull").await;
+        assert_eq!(status, 200, "{body}");
+        let header = str_of(&body, "token").split('.').next().unwrap().to_owned();
+        let header: Value = serde_json::from_slice(
+            &data_encoding::BASE64URL_NOPAD
+                .decode(header.as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+        str_of(&header, "kid").to_owned()
+    };
+    let old = kid().await;
+
+    faults.set_down(true);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    faults.set_down(false);
+    assert!(
+        crate::logs::captured().contains("cannot re-read the registry signing key"),
+        "a failed re-read must be logged"
+    );
+    assert_eq!(kid().await, old, "the key held signs on after the outage");
+
+    let store = app.app.store();
+    let candidate = keyplane_server::registry::mint_candidate().unwrap();
+    let staged = store.stage_signing_key(&candidate).await.unwrap();
+    store.promote_signing_key(chrono::Utc::now()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while kid().await != staged.key_id {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the promotion was not picked up within 10 s (refresh every 1 s)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        crate::logs::captured()
+            .lines()
+            .any(|line| line.contains("registry signing key promoted")
+                && line.contains(&staged.key_id)),
+        "the pick-up must be logged with the key id"
+    );
+}
 
 async fn a_registry_token_ends_when_its_robot_does(backend: Backend) {
     let app = TestApp::spawn(backend).await;
