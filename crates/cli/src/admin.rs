@@ -85,6 +85,7 @@ pub struct RegistryKeyRefresh {
     #[arg(
         id = "registry_key_refresh_seconds",
         long = "registry-key-refresh-seconds",
+        value_name = "REGISTRY_KEY_REFRESH_SECONDS",
         env = "KEYPLANE_REGISTRY_KEY_REFRESH_SECONDS",
         default_value_t = 30,
         value_parser = clap::value_parser!(u64).range(1..=3600)
