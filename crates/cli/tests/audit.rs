@@ -23,6 +23,7 @@ both_stores!(
     verify_checks_the_chain_head_it_ends_at,
     follow_prints_events_as_they_commit,
     sighup_reopens_the_audit_log,
+    a_torn_last_line_does_not_swallow_the_next_event,
 );
 
 /// `keyplane admin audit ...` on `store`, which must succeed; its JSON lines.
@@ -58,12 +59,24 @@ fn event_ids(events: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
+/// The events of the export file. A line cut by SIGKILL mid-write is not an event, and the export
+/// writes it again: such a line must be a beginning of a whole line of the file. A line that is
+/// neither (an event glued to a cut one) fails the test, since that event would be lost.
 fn read_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (events, cut): (Vec<_>, Vec<_>) = text
         .lines()
-        // A line cut by SIGKILL mid-write is not an event; the export writes it again.
-        .filter_map(|line| serde_json::from_str(line).ok())
+        .map(|line| (line, serde_json::from_str::<Value>(line).ok()))
+        .partition(|(_, parsed)| parsed.is_some());
+    for (line, _) in cut {
+        assert!(
+            events.iter().any(|(whole, _)| whole.starts_with(line)),
+            "a line of the audit log is neither an event nor the beginning of one: {line}"
+        );
+    }
+    events
+        .into_iter()
+        .filter_map(|(_, parsed)| parsed)
         .collect()
 }
 
@@ -415,6 +428,51 @@ async fn sighup_reopens_the_audit_log(backend: Backend) {
     .await;
     assert!(!ids_where(&read_lines(&rotated), "api_token.created").contains(&second.id));
     assert!(ids_where(&read_lines(&rotated), "api_token.created").contains(&first.id));
+}
+
+/// A log whose last line was cut (SIGKILL mid-write, node loss before fsync, a full disk) ends
+/// without a newline: the export's next line must start a line of its own, not continue the cut
+/// one, or that event is lost to every reader of the file.
+async fn a_torn_last_line_does_not_swallow_the_next_event(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let log = store.db.data_dir.join("audit.log");
+    let torn = r#"{"id":"torn"#;
+    std::fs::write(&log, torn).unwrap();
+    let server = Keyplane::start(&store, &["--audit-log", log.to_str().unwrap()], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    let page: Value = server
+        .http
+        .get(server.url(&format!("/api/v1/organizations/{}/audit-events", org.id)))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let committed = event_ids(page["items"].as_array().unwrap());
+    assert!(
+        ids_where(page["items"].as_array().unwrap(), "organization.created").contains(&org.id),
+        "{page}"
+    );
+    wait_until("the export holds every committed event", || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let whole: Vec<Value> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        event_ids(&whole).is_superset(&committed)
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(torn), "the cut line is left as it was");
+    for line in lines {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not a whole event: {line}"
+        );
+    }
 }
 
 /// `serve` on `store` with `flags`, which must stop before it serves.

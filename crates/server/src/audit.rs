@@ -427,7 +427,11 @@ const EXPORT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 enum Sink {
     Stdout(std::io::Stdout),
-    File(std::fs::File),
+    /// `torn`: a write failed, so the file may end in part of a line.
+    File {
+        file: std::fs::File,
+        torn: bool,
+    },
 }
 
 impl Sink {
@@ -436,7 +440,8 @@ impl Sink {
             AuditLogTarget::Stdout => Sink::Stdout(std::io::stdout()),
             AuditLogTarget::File(path) => {
                 let mut options = std::fs::OpenOptions::new();
-                options.create(true).append(true);
+                // Read too: the last byte tells whether the file ends in a cut line.
+                options.create(true).append(true).read(true);
                 // The events hold client addresses, user agents, user ids and credential names:
                 // a new file is readable by its owner only, whatever the umask. The mode applies
                 // only when the file is created; an existing one (e.g. made by logrotate's
@@ -446,7 +451,9 @@ impl Sink {
                     use std::os::unix::fs::OpenOptionsExt;
                     options.mode(0o600);
                 }
-                Sink::File(options.open(path)?)
+                let mut file = options.open(path)?;
+                end_torn_line(&mut file)?;
+                Sink::File { file, torn: false }
             }
         })
     }
@@ -460,12 +467,40 @@ impl Sink {
                 out.write_all(lines)?;
                 out.flush()
             }
-            Sink::File(file) => {
-                file.write_all(lines)?;
-                file.sync_data()
+            Sink::File { file, torn } => {
+                if *torn {
+                    end_torn_line(file)?;
+                    *torn = false;
+                }
+                let written = file.write_all(lines).and_then(|()| file.sync_data());
+                *torn = written.is_err();
+                written
             }
         }
     }
+}
+
+/// Ends the line a regular file's last bytes leave open (a write cut by SIGKILL, by the node going
+/// down before the sync, by a full disk): the next line written starts a line of its own, or the
+/// first event re-exported would be glued to the fragment, one invalid line, lost to every reader.
+/// The fragment is ended with a newline rather than cut off: bytes already in the file (perhaps
+/// shipped already, or in an append-only file) are never taken back, and the event it began is
+/// written again whole, as the export resumes from its saved cursor.
+fn end_torn_line(file: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, Write};
+    let metadata = file.metadata()?;
+    if !metadata.is_file() || metadata.len() == 0 {
+        return Ok(());
+    }
+    // Appends go to the end whatever the position: reading moves only where reads start.
+    let mut last = [0u8];
+    file.seek(std::io::SeekFrom::End(-1))?;
+    file.read_exact(&mut last)?;
+    if last != *b"\n" {
+        file.write_all(b"\n")?;
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Exports every committed event as one JSON line, at least once: lines are written and synced
