@@ -44,6 +44,8 @@ pub struct Config {
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
     /// off.
     pub public_revoke_per_minute: u32,
+    /// How stored public revocation reports are leased and looked for.
+    pub leak_reports: crate::leaks::LeakReportsConfig,
     /// How webhook deliveries are made (targets allowed, retry schedule, timeouts).
     pub webhooks: crate::webhooks::WebhookConfig,
     /// The web console at `/console` (`console`).
@@ -184,6 +186,7 @@ impl Default for Config {
             lifecycle_sweep_interval: Duration::from_secs(60),
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
+            leak_reports: crate::leaks::LeakReportsConfig::default(),
             webhooks: crate::webhooks::WebhookConfig::default(),
             console: crate::console::ConsoleConfig::default(),
             tls: None,

@@ -37,6 +37,11 @@ impl Jobs {
         }
     }
 
+    /// Whether a stop's drain has started: no new job should start then.
+    pub(crate) fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
     /// A slot for one job, held until the permit is dropped; `None` when all are taken.
     pub(crate) fn try_start(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
@@ -58,8 +63,9 @@ impl Jobs {
     }
 }
 
-/// How long a job whose reporter was already answered (a public revocation report, a canary's
-/// trigger event) is retried through a store outage before it is given up.
+/// How long a job whose reporter was already answered (a canary's trigger event) is retried
+/// through a store outage before it is given up. (A public revocation report is stored, and
+/// retried from the store: `leaks::revoke`.)
 pub(crate) const RETRY_THROUGH_OUTAGE_FOR: Duration = Duration::from_secs(3600);
 /// The longest wait between two of its attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);

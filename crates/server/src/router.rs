@@ -694,8 +694,9 @@ pub async fn serve(
     // responses, canary alarms, last uses) is drained below.
     app.inner().changes.drain(left_until(deadline)).await;
     // Leak responses and canary alarms first: they revoke credentials and record events, which
-    // the audit tasks' last pass then carries. Their queues are in memory only, so they get at
-    // least `LEAST_FOR_ALARMS` even when the connections took the whole deadline.
+    // the audit tasks' last pass then carries. Canary alarms are queued in memory only (a leak
+    // report abandoned here stays stored), so they get at least `LEAST_FOR_ALARMS` even when the
+    // connections took the whole deadline.
     // Both at once: each gets the whole of it, and together they take no longer.
     let for_alarms = left_until(deadline).max(LEAST_FOR_ALARMS);
     tokio::join!(
@@ -732,7 +733,7 @@ pub async fn serve(
 pub(crate) const MAX_CHANGES: usize = 1024;
 
 /// What leak responses and canary alarms get after a stop's signal, however little of its
-/// deadline the connections left: their queues live in memory only.
+/// deadline the connections left: canary alarms are queued in memory only.
 const LEAST_FOR_ALARMS: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn left_until(deadline: tokio::time::Instant) -> std::time::Duration {
@@ -740,7 +741,8 @@ fn left_until(deadline: tokio::time::Instant) -> std::time::Duration {
 }
 
 /// The audit trail's background work: refusal flushing, the `--audit-log` export, webhook
-/// deliveries, retention, and the lifecycle sweep (whose events go to the trail).
+/// deliveries, retention, the lifecycle sweep and stored leak reports (whose events go to the
+/// trail).
 fn spawn_audit_tasks(
     app: &App,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -765,6 +767,10 @@ fn spawn_audit_tasks(
         stop.clone(),
     )));
     tasks.push(tokio::spawn(crate::webhooks::worker::run(
+        app.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::leaks::work_off_stored_reports(
         app.clone(),
         stop.clone(),
     )));

@@ -159,6 +159,19 @@ pub struct ConsoleSession {
     pub sealed_secret: Option<Vec<u8>>,
 }
 
+/// A public revocation report answered 202 and not yet worked off, as the store keeps it until it
+/// is: the reported tokens' hashes (never a token) and the reporting request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakReportRecord {
+    pub id: uuid::Uuid,
+    pub token_hashes: Vec<TokenHash>,
+    pub context: keyplane_core::RequestContext,
+    pub received_at: DateTime<Utc>,
+    /// Leases taken on it so far, the one it is held under included (the receiving replica's is
+    /// the first).
+    pub attempts: u32,
+}
+
 /// One attempt to take an `Idempotency-Key` for a request. The store sees only values derived
 /// from the key, never the key itself.
 #[derive(Debug, Clone)]
@@ -699,6 +712,39 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes up to `limit` finished deliveries queued before `before`; returns how many.
     async fn prune_webhook_deliveries(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores an accepted public revocation report, leased to `lease_id` until `lease_until` (the
+    /// replica that received it works it off at once), unless `max_pending` reports are stored
+    /// already: `false` then, and nothing is stored.
+    async fn insert_leak_report(
+        &self,
+        report: &LeakReportRecord,
+        lease_id: uuid::Uuid,
+        lease_until: DateTime<Utc>,
+        max_pending: u32,
+    ) -> Result<bool, StoreError>;
+
+    /// Leases to `lease_id` until `lease_until` up to `limit` reports whose lease ran out by
+    /// `now` (their replica died, or the store failed their work), oldest first, each one's
+    /// `attempts` counting this lease. Of replicas claiming at once, each report goes to one.
+    async fn claim_leak_reports(
+        &self,
+        lease_id: uuid::Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<LeakReportRecord>, StoreError>;
+
+    /// Forgets a report once it is worked off.
+    async fn finish_leak_report(&self, id: uuid::Uuid) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` reports received before `before` (given up), oldest first; returns
+    /// how many.
+    async fn prune_leak_reports(
         &self,
         before: DateTime<Utc>,
         limit: u32,

@@ -458,3 +458,42 @@ impl TryFrom<ConsoleSessionRow> for crate::ConsoleSession {
         })
     }
 }
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct LeakReportRow {
+    id: Uuid,
+    token_hashes: Vec<u8>,
+    request_id: Option<String>,
+    client_ip: Option<String>,
+    user_agent: Option<String>,
+    received_at_ms: i64,
+    attempts: i32,
+}
+
+impl TryFrom<LeakReportRow> for crate::LeakReportRecord {
+    type Error = StoreError;
+
+    fn try_from(row: LeakReportRow) -> Result<Self, StoreError> {
+        let corrupt =
+            |what: &str| StoreError::Other(anyhow::anyhow!("stored leak report has a bad {what}"));
+        if row.token_hashes.len() % 32 != 0 {
+            return Err(corrupt("token hash list"));
+        }
+        Ok(Self {
+            id: row.id,
+            token_hashes: row
+                .token_hashes
+                .chunks_exact(32)
+                .filter_map(TokenHash::from_bytes)
+                .collect(),
+            context: keyplane_core::RequestContext {
+                request_id: row.request_id,
+                client_ip: row.client_ip,
+                user_agent: row.user_agent,
+            },
+            received_at: DateTime::from_timestamp_millis(row.received_at_ms)
+                .ok_or_else(|| corrupt("receipt time"))?,
+            attempts: u32::try_from(row.attempts).map_err(|_| corrupt("attempt count"))?,
+        })
+    }
+}

@@ -247,6 +247,21 @@ pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WH
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at_ms < $1 \
      AND lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
+/// A report is stored only while fewer than `$9` are: reports pile up only while they cannot be
+/// worked off, and the bound keeps an outage of the workers from filling the database.
+pub(crate) const INSERT_LEAK_REPORT: &str = "INSERT INTO leak_reports (id, token_hashes, request_id, client_ip, user_agent, received_at_ms, attempts, lease_id, locked_until_ms) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE (SELECT COUNT(*) FROM leak_reports) < $10";
+pub(crate) const LEAK_REPORTS_DUE: &str =
+    "SELECT 1 FROM leak_reports WHERE locked_until_ms <= $1 LIMIT 1";
+/// The lease's condition is in the outer WHERE too: of racing claims, the one that waited for
+/// another's (PostgreSQL) sees the new lease there and leaves the report.
+pub(crate) const CLAIM_LEAK_REPORTS: &str = "UPDATE leak_reports SET lease_id = $1, locked_until_ms = $2, attempts = attempts + 1 \
+     WHERE locked_until_ms <= $3 AND id IN (SELECT id FROM leak_reports WHERE locked_until_ms <= $3 ORDER BY received_at_ms LIMIT $4) \
+     RETURNING id, token_hashes, request_id, client_ip, user_agent, received_at_ms, attempts";
+pub(crate) const FINISH_LEAK_REPORT: &str = "DELETE FROM leak_reports WHERE id = $1";
+pub(crate) const PRUNE_LEAK_REPORTS: &str = "DELETE FROM leak_reports WHERE received_at_ms < $1 \
+     AND id IN (SELECT id FROM leak_reports WHERE received_at_ms < $1 ORDER BY received_at_ms LIMIT $2)";
+
 /// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
@@ -1707,6 +1722,86 @@ macro_rules! impl_store {
                 // Background housekeeping, like the idempotency prune: not a client's write, so
                 // it does not count towards `/readyz`.
                 self.deliveries_prune(before, limit).await
+            }
+
+            #[tracing::instrument(skip_all, fields(leak_report.id = %report.id))]
+            async fn insert_leak_report(
+                &self,
+                report: &$crate::LeakReportRecord,
+                lease_id: uuid::Uuid,
+                lease_until: chrono::DateTime<chrono::Utc>,
+                max_pending: u32,
+            ) -> Result<bool, $crate::StoreError> {
+                let hashes: Vec<u8> = report
+                    .token_hashes
+                    .iter()
+                    .flat_map(|hash| *hash.as_bytes())
+                    .collect();
+                let insert = sqlx::query($crate::sql::INSERT_LEAK_REPORT)
+                    .bind(report.id)
+                    .bind(hashes)
+                    .bind(report.context.request_id.as_deref())
+                    .bind(report.context.client_ip.as_deref())
+                    .bind(report.context.user_agent.as_deref())
+                    .bind(report.received_at.timestamp_millis())
+                    .bind(i32::try_from(report.attempts).unwrap_or(i32::MAX))
+                    .bind(lease_id)
+                    .bind(lease_until.timestamp_millis())
+                    .bind(i64::from(max_pending))
+                    .execute(&self.writer);
+                self.write(async { Ok(insert.await?.rows_affected() == 1) })
+                    .await
+            }
+
+            #[tracing::instrument(skip_all, fields(lease.id = %lease_id))]
+            async fn claim_leak_reports(
+                &self,
+                lease_id: uuid::Uuid,
+                now: chrono::DateTime<chrono::Utc>,
+                lease_until: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<Vec<$crate::LeakReportRecord>, $crate::StoreError> {
+                // A read first: most polls find nothing, and write nothing then.
+                let due: Option<(i32,)> = sqlx::query_as($crate::sql::LEAK_REPORTS_DUE)
+                    .bind(now.timestamp_millis())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if due.is_none() {
+                    return Ok(Vec::new());
+                }
+                let claim = sqlx::query_as::<_, $crate::rows::LeakReportRow>(
+                    $crate::sql::CLAIM_LEAK_REPORTS,
+                )
+                .bind(lease_id)
+                .bind(lease_until.timestamp_millis())
+                .bind(now.timestamp_millis())
+                .bind(i64::from(limit))
+                .fetch_all(&self.writer);
+                let rows = self.write(async { Ok(claim.await?) }).await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            #[tracing::instrument(skip_all, fields(leak_report.id = %id))]
+            async fn finish_leak_report(&self, id: uuid::Uuid) -> Result<(), $crate::StoreError> {
+                let delete = sqlx::query($crate::sql::FINISH_LEAK_REPORT)
+                    .bind(id)
+                    .execute(&self.writer);
+                self.write(async { Ok(delete.await.map(drop)?) }).await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn prune_leak_reports(
+                &self,
+                before: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                // Housekeeping, like the other prunes: not counted towards `/readyz`.
+                Ok(sqlx::query($crate::sql::PRUNE_LEAK_REPORTS)
+                    .bind(before.timestamp_millis())
+                    .bind(i64::from(limit))
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected())
             }
 
             #[tracing::instrument(skip_all)]

@@ -1746,6 +1746,98 @@ store_suite! {
     registry_keys_are_staged_promoted_and_retired,
     racing_stages_keep_one_next_key,
     racing_promotions_move_the_staged_key_once,
+    leak_reports_are_leased_claimed_once_and_forgotten,
+}
+
+fn leak_report(hashes: &[u8], at: DateTime<Utc>) -> keyplane_store::LeakReportRecord {
+    keyplane_store::LeakReportRecord {
+        id: uuid::Uuid::now_v7(),
+        token_hashes: hashes
+            .iter()
+            .map(|b| keyplane_core::TokenHash::from_bytes(&[*b; 32]).unwrap())
+            .collect(),
+        context: keyplane_core::RequestContext::new(
+            Some("req-1"),
+            Some("192.0.2.7".into()),
+            Some("curl/8"),
+        ),
+        received_at: truncate_to_millis(at),
+        attempts: 1,
+    }
+}
+
+/// A stored report is held by its lease: nobody claims it until that runs out, then exactly one
+/// claim gets it (with its hashes and request as stored, and its attempts counted), and so on.
+/// Finished, it is gone; the store keeps at most the bound; old ones are pruned, young ones kept.
+async fn leak_reports_are_leased_claimed_once_and_forgotten(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = truncate_to_millis(now());
+    let lease = TimeDelta::seconds(15);
+    let first = leak_report(&[1, 2, 3], t);
+    assert!(f
+        .store
+        .insert_leak_report(&first, uuid::Uuid::new_v4(), t + lease, 10)
+        .await
+        .unwrap());
+
+    // Leased to the replica that received it.
+    let claim = |at: DateTime<Utc>| {
+        let store = f.store.clone();
+        async move {
+            store
+                .claim_leak_reports(uuid::Uuid::new_v4(), at, at + lease, 10)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(claim(t + TimeDelta::seconds(5)).await.is_empty());
+    // Its lease ran out: taken once, as stored.
+    let after = t + TimeDelta::seconds(16);
+    let taken = claim(after).await;
+    assert_eq!(
+        taken,
+        vec![keyplane_store::LeakReportRecord {
+            attempts: 2,
+            ..first.clone()
+        }]
+    );
+    assert!(claim(after).await.is_empty(), "held by the new lease");
+    let again = claim(after + lease).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 3);
+
+    // Worked off: gone for good.
+    f.store.finish_leak_report(first.id).await.unwrap();
+    assert!(claim(after + lease * 10).await.is_empty());
+
+    // At most the bound is stored.
+    for i in 0..2u8 {
+        assert!(f
+            .store
+            .insert_leak_report(&leak_report(&[i], t), uuid::Uuid::new_v4(), t, 2)
+            .await
+            .unwrap());
+    }
+    assert!(!f
+        .store
+        .insert_leak_report(&leak_report(&[9], t), uuid::Uuid::new_v4(), t, 2)
+        .await
+        .unwrap());
+
+    // Pruning takes those received before the cut, oldest first, in batches.
+    let young = leak_report(&[7], t + TimeDelta::hours(2));
+    assert!(f
+        .store
+        .insert_leak_report(&young, uuid::Uuid::new_v4(), t, 10)
+        .await
+        .unwrap());
+    let cut = t + TimeDelta::hours(1);
+    assert_eq!(f.store.prune_leak_reports(cut, 1).await.unwrap(), 1);
+    assert_eq!(f.store.prune_leak_reports(cut, 10).await.unwrap(), 1);
+    assert_eq!(f.store.prune_leak_reports(cut, 10).await.unwrap(), 0);
+    let left = claim(t + TimeDelta::hours(3)).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, young.id);
 }
 
 fn event_in(tenant: TenantId, at: DateTime<Utc>) -> keyplane_core::AuditEvent {

@@ -371,7 +371,7 @@ async fn label_and_respond(
     let Ok(parsed) = keyplane_core::token::parse(&found.token) else {
         return Ok(FeedbackLabel::FalsePositive);
     };
-    let Some(credential) = find_reported(app, &parsed).await? else {
+    let Some(credential) = find_reported(app, &parsed.hash).await? else {
         return Ok(FeedbackLabel::FalsePositive);
     };
     let report = LeakReport {

@@ -19,7 +19,6 @@ use crate::app::App;
 use crate::error::AppError;
 use keyplane_core::audit::{actions, AuditActor};
 use keyplane_core::credential::Unusable;
-use keyplane_core::token::ParsedToken;
 use keyplane_core::LeakAction;
 use keyplane_core::{Credential, RequestContext, TokenHash};
 use utoipa_axum::router::OpenApiRouter;
@@ -27,7 +26,8 @@ use utoipa_axum::routes;
 
 pub(crate) use github::GithubKeys;
 pub use github::{FeedbackLabel, GithubFeedback, GithubKeysConfig, GithubMatch};
-pub use revoke::{RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
+pub(crate) use revoke::run as work_off_stored_reports;
+pub use revoke::{LeakReportsConfig, RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
 
 /// GitHub's secret-scanning keys document (`--github-secret-scanning-keys-url`'s default).
 pub const GITHUB_KEYS_URL: &str = "https://api.github.com/meta/public_keys/secret_scanning";
@@ -135,16 +135,17 @@ fn bounded(text: &str) -> String {
     text.chars().take(MAX_REPORTED_CHARS).collect()
 }
 
-/// The credential a well-formed token is, if any (revoked ones included). Takes the result of
-/// [`keyplane_core::token::parse`], so only a token that passed the offline checks is looked up.
+/// The credential a well-formed token is, if any (revoked ones included). Takes the hash of a
+/// [`keyplane_core::token::parse`] result, so only a token that passed the offline checks is
+/// looked up.
 /// A previous secret whose grace period is over is no longer the credential (the store keeps its
 /// hash until the lifecycle sweep): it neither authenticates nor can take the live secret down.
-pub async fn find_reported(app: &App, token: &ParsedToken) -> Result<Option<Credential>, AppError> {
-    let Some(credential) = app.store().find_credential_by_hash(&token.hash).await? else {
+pub async fn find_reported(app: &App, token: &TokenHash) -> Result<Option<Credential>, AppError> {
+    let Some(credential) = app.store().find_credential_by_hash(token).await? else {
         return Ok(None);
     };
     let now = app.inner().config.clock.now();
-    if let Err(Some(Unusable::PreviousSecretEnded)) = credential.secret_slot(&token.hash, now) {
+    if let Err(Some(Unusable::PreviousSecretEnded)) = credential.secret_slot(token, now) {
         return Ok(None);
     }
     Ok(Some(credential))
@@ -292,11 +293,11 @@ pub async fn respond_to_leak(
 }
 
 /// Public revocation reports are worked off after the answer (so its timing tells nothing), by
-/// at most this many tasks at once; past it new reports answer 503.
+/// at most this many tasks of a replica at once; past it new reports answer 503.
 const MAX_PENDING_REPORTS: usize = 64;
 
-/// The background work of public revocation reports (their reporters may send them again if
-/// shutdown abandons them).
+/// The background work of public revocation reports (what a stop abandons stays stored, and is
+/// worked off after the restart or by another replica).
 pub(crate) fn leak_jobs() -> crate::jobs::Jobs {
     crate::jobs::Jobs::new(MAX_PENDING_REPORTS, "public revocation reports")
 }

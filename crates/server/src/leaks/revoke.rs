@@ -3,9 +3,15 @@
 //!
 //! No oracle: the answer (`202` with counts computed from the request alone: how many strings
 //! were sent and how many have a keyplane token's shape and checksum, which anyone can compute
-//! offline) is sent before the store is consulted, and the reported tokens are worked off in the
-//! background. So neither the answer nor its timing says whether a token existed, was live, or
+//! offline) is sent before any credential is looked up, and the reported tokens are worked off in
+//! the background. So neither the answer nor its timing says whether a token existed, was live, or
 //! belonged to anyone. Requests are limited per client address (`--public-revoke-per-minute`).
+//!
+//! Durable: a report is stored (its tokens' hashes, never a token) before it is answered 202, and
+//! forgotten once worked off. The replica that received it works it off at once under a lease; a
+//! report whose lease runs out (its replica was killed, or the store failed the work) is taken
+//! again by any replica's [`run`] loop, after a restart too. Working a report off twice changes
+//! nothing the second time: a revoked credential is not revoked again, and no event is recorded.
 
 use super::{find_reported, respond_to_leak, LeakReport, LeakSource, TAG};
 use crate::app::App;
@@ -19,11 +25,40 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 pub use keyplane_api_types::leaks::{RevokeAccepted, RevokeCredentialsRequest};
 use keyplane_core::error::codes;
-use keyplane_core::token::ParsedToken;
-use keyplane_core::{FieldError, FieldPath, RequestContext};
-use keyplane_store::{StoreFault, Unavailable};
+use keyplane_core::{FieldError, FieldPath, TokenHash};
+use keyplane_store::{LeakReportRecord, StoreFault, Unavailable};
+use std::time::{Duration, Instant};
 
 pub use keyplane_api_types::leaks::MAX_CREDENTIALS;
+
+/// How a replica works off stored reports.
+#[derive(Debug, Clone)]
+pub struct LeakReportsConfig {
+    /// A report is leased for this long to the replica working it off (far longer than the work
+    /// takes); once it runs out, any replica takes the report again.
+    pub lease: Duration,
+    /// How often each replica looks for reports whose lease ran out.
+    pub poll_interval: Duration,
+}
+
+impl Default for LeakReportsConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Reports stored at once at most, over every replica; past it new reports answer 503. They pile
+/// up only while they cannot be worked off.
+const MAX_STORED_REPORTS: u32 = 10_000;
+/// A report not worked off this long after it was received is given up (logged): the store has
+/// been failing its work all that time.
+const GIVE_UP_AFTER: chrono::TimeDelta = chrono::TimeDelta::days(1);
+/// Given-up reports deleted per transaction, and how often.
+const PRUNE_BATCH: u32 = 1000;
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A write failure at most this old means the store's writes are failing now: a report is then
 /// refused (503) rather than accepted and left waiting. An older one is not trusted (nothing may
@@ -70,8 +105,10 @@ impl FromJsonBody for RevokeCredentialsRequest {
 /// lookup; each real credential is revoked shortly after the answer, and `credential.leaked` is
 /// recorded in its organization's audit trail with the reporter's address. The answer is the same
 /// whether or not any token existed, and is sent before any lookup. Limited per client address.
-/// While the store's writes are failing the answer is 503 with `Retry-After` (send the report
-/// again then); a report accepted is retried through a store outage for up to an hour.
+/// A report answered 202 is stored first, and worked off even if the server stops or dies
+/// meanwhile (after a restart, or by another replica); it is retried through a store outage for up
+/// to a day. While the store's writes are failing the answer is 503 with `Retry-After` (send the
+/// report again then).
 #[utoipa::path(
     post, path = "/v1/credentials/revoke", tag = TAG,
     request_body(content = RevokeCredentialsRequest, content_type = "application/json"),
@@ -79,7 +116,7 @@ impl FromJsonBody for RevokeCredentialsRequest {
         (status = 202, description = "Accepted: every listed keyplane credential is being revoked.", body = RevokeAccepted),
         (status = 400, description = "`invalid_request`: not a JSON object with 1–100 `credentials` strings.", body = crate::openapi::OAuthError),
         (status = 429, description = "Too many requests from this address; see Retry-After.", body = crate::openapi::OAuthError),
-        (status = 503, description = "Too many reports are being worked off, or the store's writes are failing; send the report again later (see Retry-After).", body = crate::openapi::OAuthError),
+        (status = 503, description = "Too many reports are waiting to be worked off, or the store's writes are failing (the report was not stored); send the report again later (see Retry-After).", body = crate::openapi::OAuthError),
     ),
     security(()),
 )]
@@ -97,13 +134,13 @@ pub(crate) async fn revoke_credentials(
     let context = crate::audit::request_context(request.headers(), request.extensions());
     let (ApiJson(body, _), _) =
         ApiJson::<Verification, RevokeCredentialsRequest>::with_bytes(request, &app).await?;
-    let mut tokens: Vec<ParsedToken> = Vec::new();
+    let mut tokens: Vec<TokenHash> = Vec::new();
     let mut well_formed = 0;
     for text in &body.credentials {
         if let Ok(parsed) = keyplane_core::token::parse(text) {
             well_formed += 1;
-            if !tokens.contains(&parsed) {
-                tokens.push(parsed);
+            if !tokens.contains(&parsed.hash) {
+                tokens.push(parsed.hash);
             }
         }
     }
@@ -120,16 +157,40 @@ pub(crate) async fn revoke_credentials(
                 .into());
             }
         }
-        let permit = app.inner().leak_jobs.try_start().ok_or_else(|| {
+        let busy = || {
             AppError::Unavailable(Unavailable::new(
                 StoreFault::Busy,
                 "too many public revocation reports in progress",
             ))
-        })?;
+        };
+        let permit = app.inner().leak_jobs.try_start().ok_or_else(busy)?;
+        let report = LeakReportRecord {
+            id: uuid::Uuid::now_v7(),
+            token_hashes: tokens,
+            context,
+            received_at: crate::ops::now(),
+            attempts: 1,
+        };
+        // Stored before the answer: a 202 is a promise that outlives this process. The same write
+        // whatever the tokens are.
+        let lease_id = uuid::Uuid::new_v4();
+        let stored = app
+            .store()
+            .insert_leak_report(
+                &report,
+                lease_id,
+                lease_until(&app, report.received_at),
+                MAX_STORED_REPORTS,
+            )
+            .await
+            .map_err(AppError::from)?;
+        if !stored {
+            return Err(busy().into());
+        }
         let worker = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            work_off(&worker, tokens, context).await;
+            work_off(&worker, &report).await;
         });
     }
     Ok((
@@ -141,51 +202,126 @@ pub(crate) async fn revoke_credentials(
     ))
 }
 
-/// Looks up each reported token and responds to the real ones. The reporter was told its tokens
-/// are being revoked, so a transient store fault is retried until the store is back, for up to an
-/// hour ([`crate::jobs::Backoff`]). Logged once per report when an outage delays it, and once more
-/// if it is given up. Never logs a token.
-async fn work_off(app: &App, tokens: Vec<ParsedToken>, context: RequestContext) {
+fn lease_until(app: &App, from: DateTime<Utc>) -> DateTime<Utc> {
+    from + chrono::TimeDelta::from_std(app.inner().config.leak_reports.lease)
+        .unwrap_or(chrono::TimeDelta::seconds(15))
+}
+
+/// Looks up each reported token and responds to the real ones, then forgets the report. A
+/// transient store fault leaves the report stored, under its lease: once that runs out it is
+/// worked off again (by any replica), until the store is back or it is given up
+/// ([`GIVE_UP_AFTER`]). Logged once per report when an outage delays it, and once more when it is
+/// worked off. Never logs a token.
+async fn work_off(app: &App, stored: &LeakReportRecord) {
     let report = LeakReport {
         source: LeakSource::PublicRevoke,
         url: None,
         found_in: None,
         token_type: None,
-        context,
+        context: stored.context.clone(),
     };
-    let mut backoff = app.inner().leak_jobs.backoff();
     let request_id = report.context.request_id.as_deref();
-    for (done, token) in tokens.iter().enumerate() {
-        loop {
-            let outcome = match find_reported(app, token).await {
-                Ok(Some(credential)) => respond_to_leak(app, &credential, &token.hash, &report)
-                    .await
-                    .map(|_| ()),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(()) => break,
-                Err(AppError::Unavailable(unavailable)) => {
-                    if backoff.is_first() {
-                        tracing::warn!(error = %unavailable, request.id = request_id, "a public revocation report waits for the store; retrying until it is back");
-                    }
-                    if !backoff.wait(unavailable.fault).await {
-                        tracing::error!(error = %unavailable, request.id = request_id, tokens.left = tokens.len() - done, "a public revocation report was given up: the store stayed unavailable");
-                        return;
-                    }
+    for token in &stored.token_hashes {
+        let outcome = match find_reported(app, token).await {
+            Ok(Some(credential)) => respond_to_leak(app, &credential, token, &report)
+                .await
+                .map(|_| ()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(AppError::Unavailable(unavailable)) => {
+                if stored.attempts == 1 {
+                    tracing::warn!(error = %unavailable, request.id = request_id, leak_report.id = %stored.id, "a public revocation report waits for the store; it is retried until the store is back");
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, request.id = request_id, "a public revocation report could not be worked off");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, request.id = request_id, leak_report.id = %stored.id, "a public revocation report could not be worked off for one of its tokens");
+            }
+        }
+    }
+    // If this fails, the report is worked off once more when its lease runs out: nothing changes.
+    if let Err(error) = app.store().finish_leak_report(stored.id).await {
+        tracing::warn!(%error, leak_report.id = %stored.id, "a worked-off public revocation report could not be forgotten; it is worked off again, to no effect");
+    }
+    if stored.attempts > 1 {
+        tracing::info!(
+            request.id = request_id,
+            leak_report.id = %stored.id,
+            "a public revocation report delayed by the store (or by a stop) was worked off"
+        );
+    }
+}
+
+/// Each replica's loop, until `stop` turns true: takes the stored reports whose lease ran out
+/// (left by a replica that died or stopped, or whose work the store failed), at once at start and
+/// then every [`LeakReportsConfig::poll_interval`], as many as [`super::leak_jobs`] has room
+/// for; and gives up reports older than [`GIVE_UP_AFTER`], hourly.
+pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let config = app.inner().config.leak_reports.clone();
+    let mut tick = tokio::time::interval(config.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_at: Option<Instant> = None;
+    // Whether the last claim failed: logged once per outage, not at every poll.
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            pruned_at = Some(Instant::now());
+            give_up_old_reports(&app).await;
+        }
+        // Once a stop starts, nothing new is taken: what is left waits in the store.
+        while !app.inner().leak_jobs.is_draining() {
+            let Some(permit) = app.inner().leak_jobs.try_start() else {
+                break;
+            };
+            let now = crate::ops::now();
+            let lease_id = uuid::Uuid::new_v4();
+            match app
+                .store()
+                .claim_leak_reports(lease_id, now, lease_until(&app, now), 1)
+                .await
+            {
+                Ok(claimed) => {
+                    failing = false;
+                    let Some(report) = claimed.into_iter().next() else {
+                        break;
+                    };
+                    let worker = app.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        work_off(&worker, &report).await;
+                    });
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(%error, "cannot look for public revocation reports left to work off; retrying");
+                    }
+                    failing = true;
                     break;
                 }
             }
         }
     }
-    if !backoff.is_first() {
-        tracing::info!(
-            request.id = request_id,
-            "a public revocation report delayed by the store was worked off"
-        );
+}
+
+async fn give_up_old_reports(app: &App) {
+    let before = crate::ops::now() - GIVE_UP_AFTER;
+    loop {
+        match app.store().prune_leak_reports(before, PRUNE_BATCH).await {
+            Ok(0) => return,
+            Ok(given_up) => {
+                tracing::error!(given_up, "public revocation reports were given up: the store failed their work for a day")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot give up old public revocation reports");
+                return;
+            }
+        }
     }
 }

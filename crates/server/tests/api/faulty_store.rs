@@ -953,6 +953,48 @@ impl Store for FaultyStore {
         self.inner.prune_webhook_deliveries(before, limit).await
     }
 
+    async fn insert_leak_report(
+        &self,
+        report: &keyplane_store::LeakReportRecord,
+        lease_id: uuid::Uuid,
+        lease_until: DateTime<Utc>,
+        max_pending: u32,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.change(
+            self.inner
+                .insert_leak_report(report, lease_id, lease_until, max_pending),
+        )
+        .await
+    }
+
+    async fn claim_leak_reports(
+        &self,
+        lease_id: uuid::Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<keyplane_store::LeakReportRecord>, StoreError> {
+        self.check()?;
+        self.inner
+            .claim_leak_reports(lease_id, now, lease_until, limit)
+            .await
+    }
+
+    async fn finish_leak_report(&self, id: uuid::Uuid) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.finish_leak_report(id).await
+    }
+
+    async fn prune_leak_reports(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.prune_leak_reports(before, limit).await
+    }
+
     async fn insert_console_session(
         &self,
         session: &keyplane_store::ConsoleSession,

@@ -1029,23 +1029,39 @@ async fn token_on_faulty_store_with(
     (app, store, org, leaked)
 }
 
-/// The public answer does not wait for the store (it is the same when the store is down), and a
-/// report that meets a store outage is retried until the store is back, however many attempts
-/// fail meanwhile: the token dies then.
+/// A server whose stored reports are taken again soon after their lease runs out.
+fn quick_leases() -> keyplane_server::Config {
+    let mut config = test_config();
+    config.leak_reports.lease = Duration::from_millis(300);
+    config.leak_reports.poll_interval = Duration::from_millis(100);
+    config
+}
+
+/// A report is stored before it is answered, so while the store is down it is refused (503 with
+/// `Retry-After`: the reporter sends it again). One accepted just before an outage is retried
+/// until the store is back, however many attempts fail meanwhile: the token dies then, with one
+/// event.
 #[tokio::test]
-async fn public_revoke_answers_without_the_store_and_retries_through_an_outage() {
-    let (app, store, org, leaked) = token_on_faulty_store().await;
+async fn a_report_accepted_before_an_outage_is_worked_off_once_the_store_is_back() {
+    let (app, store, org, leaked) = token_on_faulty_store_with(quick_leases()).await;
     assert_eq!(whoami_status(&app, &leaked).await, 200);
 
     store.set_down(true);
+    let res = revoke(&app, json!({ "credentials": [leaked] })).await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_oauth_error(res, 503, "temporarily_unavailable").await;
+    store.set_down(false);
+
+    // Stored, then the store goes away before the report is worked off.
+    store.go_down_after_next_change();
     let res = revoke(&app, json!({ "credentials": [leaked] })).await;
     assert_eq!(res.status(), 202);
     assert_eq!(
         res.json::<Value>().await.unwrap(),
         json!({"received": 1, "well_formed": 1})
     );
-    // Longer than three attempts a second apart.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Several leases long: several attempts fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     store.set_down(false);
     eventually("the report is retried once the store is back", || async {
         whoami_status(&app, &leaked).await == 401
@@ -1054,31 +1070,31 @@ async fn public_revoke_answers_without_the_store_and_retries_through_an_outage()
     assert_eq!(app.audit_events(&org, "credential.leaked").await.len(), 1);
 }
 
-/// A stop while an accepted report waits to be retried through an outage tries it once more at
-/// once: the store may be back, and the report is not slept through the stop's drain and lost.
+/// A report answered 202 outlives the server that took it: stopped (or killed) with the report's
+/// work unfinished, the next server on the store (another replica, or the same one restarted)
+/// works it off once its lease runs out. Worked off twice, it records one event.
 #[tokio::test]
-async fn a_stop_retries_a_waiting_report_at_once() {
-    let mut config = test_config();
+async fn a_report_left_by_a_stopped_server_is_worked_off_by_the_next() {
+    let mut config = quick_leases();
     config.http.shutdown_timeout = Duration::from_secs(1);
     let (mut app, store, org, leaked) = token_on_faulty_store_with(config).await;
-    store.set_down(true);
+    let mut held = store.hold_before_next_revoke();
     let res = revoke(&app, json!({ "credentials": [leaked] })).await;
     assert_eq!(res.status(), 202);
-    // Attempts at about 0, 1, 3 and 7 s; the next would be 8 s later, past the stop's drain (5 s).
-    tokio::time::sleep(Duration::from_millis(7500)).await;
-    store.set_down(false);
+    held.reached().await;
+    // The stop gives up on the work stuck in the store.
     app.stop().await;
-    let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
-    let trail = app
-        .app
-        .store()
-        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
-        .await
-        .unwrap();
-    assert!(
-        trail.iter().any(|e| e.event.action == "credential.leaked"),
-        "the report was worked off before the stop ended"
-    );
+
+    let next = app.replica().await;
+    eventually("the next server works the report off", || async {
+        whoami_status(&next, &leaked).await == 401
+    })
+    .await;
+    assert_eq!(next.audit_events(&org, "credential.leaked").await.len(), 1);
+    // The first server's work, let go at last, finds it revoked: nothing more is recorded.
+    held.release();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(next.audit_events(&org, "credential.leaked").await.len(), 1);
 }
 
 /// While the store says its writes are failing, a report is refused with 503 and `Retry-After`
