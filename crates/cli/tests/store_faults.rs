@@ -1100,3 +1100,80 @@ async fn a_sighup_while_the_store_connects_does_not_end_serve() {
         "{stderr}"
     );
 }
+
+/// A public revocation report answered 202 is a promise that outlives the process: SIGKILLed
+/// while the report's revocation waits for the store (another connection holds `credentials`), the
+/// server leaves the report stored, and the next start works it off once its lease runs out. The
+/// token stops verifying, with exactly one `credential.leaked` event.
+#[tokio::test]
+async fn a_report_accepted_before_a_sigkill_is_worked_off_after_the_restart() {
+    let store = TestStore::new(Backend::Postgres).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    let leaked = server.create_token(&org, "leaked", &[], None).await;
+    let whoami = |server: &Keyplane| {
+        server
+            .http
+            .get(server.url("/v1/whoami"))
+            .bearer_auth(&leaked.secret)
+            .send()
+    };
+    assert_eq!(whoami(&server).await.unwrap().status(), StatusCode::OK);
+
+    let lock = WriteLock::hold(&store).await;
+    let reported = server
+        .http
+        .post(server.url("/v1/credentials/revoke"))
+        .json(&json!({ "credentials": [leaked.secret] }))
+        .send()
+        .await
+        .expect("POST /v1/credentials/revoke");
+    assert_eq!(reported.status(), StatusCode::ACCEPTED);
+    // The revocation reaches the store and waits for the lock.
+    let mut watcher = sqlx::PgConnection::connect(&store.db.url).await.unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revocation never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(server.process); // SIGKILL
+    lock.release().await;
+
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    // The dead process's lease (15 s) runs out first.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while whoami(&server).await.unwrap().status() != StatusCode::UNAUTHORIZED {
+        assert!(
+            Instant::now() < deadline,
+            "the accepted report was never worked off:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events: Value = server
+        .http
+        .get(server.url(&format!(
+            "/api/v1/organizations/{}/audit-events?action=credential.leaked",
+            org.id
+        )))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(events["items"].as_array().unwrap().len(), 1, "{events}");
+}
