@@ -440,20 +440,11 @@ async fn a_torn_last_line_does_not_swallow_the_next_event(backend: Backend) {
     std::fs::write(&log, torn).unwrap();
     let server = Keyplane::start(&store, &["--audit-log", log.to_str().unwrap()], TIMEOUT).await;
     let org = store.bootstrap_org();
-    let page: Value = server
-        .http
-        .get(server.url(&format!("/api/v1/organizations/{}/audit-events", org.id)))
-        .bearer_auth(&org.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let committed = event_ids(page["items"].as_array().unwrap());
+    let events = server.audit_events(&org, "limit=100").await;
+    let committed = event_ids(&events);
     assert!(
-        ids_where(page["items"].as_array().unwrap(), "organization.created").contains(&org.id),
-        "{page}"
+        ids_where(&events, "organization.created").contains(&org.id),
+        "{events:?}"
     );
     wait_until("the export holds every committed event", || {
         let text = std::fs::read_to_string(&log).unwrap();

@@ -1162,18 +1162,6 @@ async fn a_report_accepted_before_a_sigkill_is_worked_off_after_the_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let events: Value = server
-        .http
-        .get(server.url(&format!(
-            "/api/v1/organizations/{}/audit-events?action=credential.leaked",
-            org.id
-        )))
-        .bearer_auth(&org.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(events["items"].as_array().unwrap().len(), 1, "{events}");
+    let events = server.audit_events(&org, "action=credential.leaked").await;
+    assert_eq!(events.len(), 1, "{events:?}");
 }

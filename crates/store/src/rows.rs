@@ -476,7 +476,7 @@ impl TryFrom<LeakReportRow> for crate::LeakReportRecord {
     fn try_from(row: LeakReportRow) -> Result<Self, StoreError> {
         let corrupt =
             |what: &str| StoreError::Other(anyhow::anyhow!("stored leak report has a bad {what}"));
-        if row.token_hashes.len() % 32 != 0 {
+        if !row.token_hashes.len().is_multiple_of(32) {
             return Err(corrupt("token hash list"));
         }
         Ok(Self {

@@ -470,6 +470,23 @@ impl Keyplane {
         }
     }
 
+    /// The organization's audit events (`GET audit-events?{query}`), newest first: one page.
+    pub async fn audit_events(&self, org: &Org, query: &str) -> Vec<Value> {
+        let response = self
+            .http
+            .get(self.url(&format!(
+                "/api/v1/organizations/{}/audit-events?{query}",
+                org.id
+            )))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .expect("GET audit-events");
+        assert_eq!(response.status(), StatusCode::OK);
+        let page: Value = response.json().await.expect("a JSON page");
+        page["items"].as_array().expect("items").clone()
+    }
+
     pub async fn revoke_token(&self, org: &Org, id: &str) -> StatusCode {
         self.http
             .delete(format!("{}/{id}", self.tokens_url(&org.id)))
