@@ -34,6 +34,7 @@ impl Jobs {
             started: tokio::time::Instant::now(),
             last: None,
             draining: self.draining.subscribe(),
+            deadline: None,
         }
     }
 
@@ -64,8 +65,8 @@ impl Jobs {
 }
 
 /// How long a job whose reporter was already answered (a canary's trigger event) is retried
-/// through a store outage before it is given up. (A public revocation report is stored, and
-/// retried from the store: `leaks::revoke`.)
+/// through a store outage before it is given up. (A public revocation report is retried so only
+/// while its lease lasts, then from the store: `leaks::revoke`.)
 pub(crate) const RETRY_THROUGH_OUTAGE_FOR: Duration = Duration::from_secs(3600);
 /// The longest wait between two of its attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -78,9 +79,19 @@ pub(crate) struct Backoff {
     started: tokio::time::Instant,
     last: Option<Duration>,
     draining: tokio::sync::watch::Receiver<bool>,
+    /// No attempt is waited for past this (the end of a lease on the job).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Backoff {
+    /// The same waits, but none that would end after `deadline`: the job is given up then.
+    pub(crate) fn until(self, deadline: tokio::time::Instant) -> Self {
+        Self {
+            deadline: Some(deadline),
+            ..self
+        }
+    }
+
     /// Whether this is the first wait (for a log line once per job).
     pub(crate) fn is_first(&self) -> bool {
         self.last.is_none()
@@ -98,6 +109,12 @@ impl Backoff {
             .map_or(Duration::from_secs(fault.retry_after_secs()), |last| {
                 (last * 2).min(MAX_BACKOFF)
             });
+        if self
+            .deadline
+            .is_some_and(|deadline| tokio::time::Instant::now() + next > deadline)
+        {
+            return false;
+        }
         self.last = Some(next);
         tokio::select! {
             _ = tokio::time::sleep(next) => {}

@@ -208,10 +208,11 @@ fn lease_until(app: &App, from: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// Looks up each reported token and responds to the real ones, then forgets the report. A
-/// transient store fault leaves the report stored, under its lease: once that runs out it is
-/// worked off again (by any replica), until the store is back or it is given up
-/// ([`GIVE_UP_AFTER`]). Logged once per report when an outage delays it, and once more when it is
-/// worked off. Never logs a token.
+/// transient store fault is retried at once and then with growing waits ([`crate::jobs::Backoff`])
+/// while the report's lease lasts; then the report is left stored, for any replica to take again
+/// once the lease has run out, until the store is back or it is given up ([`GIVE_UP_AFTER`]).
+/// Logged once per report when an outage delays it, and once more when it is worked off. Never
+/// logs a token.
 async fn work_off(app: &App, stored: &LeakReportRecord) {
     let report = LeakReport {
         source: LeakSource::PublicRevoke,
@@ -221,24 +222,37 @@ async fn work_off(app: &App, stored: &LeakReportRecord) {
         context: stored.context.clone(),
     };
     let request_id = report.context.request_id.as_deref();
+    // A fifth of the lease is left for the last attempt: no other replica takes the report while
+    // this one may still be working it off.
+    let lease = app.inner().config.leak_reports.lease;
+    let mut backoff = app
+        .inner()
+        .leak_jobs
+        .backoff()
+        .until(tokio::time::Instant::now() + lease * 4 / 5);
     for token in &stored.token_hashes {
-        let outcome = match find_reported(app, token).await {
-            Ok(Some(credential)) => respond_to_leak(app, &credential, token, &report)
-                .await
-                .map(|_| ()),
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(AppError::Unavailable(unavailable)) => {
-                if stored.attempts == 1 {
-                    tracing::warn!(error = %unavailable, request.id = request_id, leak_report.id = %stored.id, "a public revocation report waits for the store; it is retried until the store is back");
+        loop {
+            let outcome = match find_reported(app, token).await {
+                Ok(Some(credential)) => respond_to_leak(app, &credential, token, &report)
+                    .await
+                    .map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => break,
+                Err(AppError::Unavailable(unavailable)) => {
+                    if backoff.is_first() && stored.attempts == 1 {
+                        tracing::warn!(error = %unavailable, request.id = request_id, leak_report.id = %stored.id, "a public revocation report waits for the store; it is retried until the store is back");
+                    }
+                    if !backoff.wait(unavailable.fault).await {
+                        return;
+                    }
                 }
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, request.id = request_id, leak_report.id = %stored.id, "a public revocation report could not be worked off for one of its tokens");
+                Err(e) => {
+                    tracing::error!(error = %e, request.id = request_id, leak_report.id = %stored.id, "a public revocation report could not be worked off for one of its tokens");
+                    break;
+                }
             }
         }
     }
@@ -246,7 +260,7 @@ async fn work_off(app: &App, stored: &LeakReportRecord) {
     if let Err(error) = app.store().finish_leak_report(stored.id).await {
         tracing::warn!(%error, leak_report.id = %stored.id, "a worked-off public revocation report could not be forgotten; it is worked off again, to no effect");
     }
-    if stored.attempts > 1 {
+    if stored.attempts > 1 || !backoff.is_first() {
         tracing::info!(
             request.id = request_id,
             leak_report.id = %stored.id,
