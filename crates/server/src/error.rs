@@ -54,6 +54,8 @@ impl From<StoreError> for AppError {
             StoreError::Conflict(message) => AppError::Domain(DomainError::Conflict(message)),
             StoreError::Unavailable(message) => AppError::Unavailable(message),
             StoreError::IdempotencyClaimLost => AppError::IdempotencyKeyInFlight,
+            // Signed out (in another tab) while a change was under way: it did not happen.
+            StoreError::ConsoleSessionEnded => AppError::Unauthenticated("the session has ended"),
             StoreError::Config(message) => AppError::Internal(anyhow::anyhow!(message)),
             StoreError::Other(error) => AppError::Internal(error),
         }

@@ -284,7 +284,7 @@ impl<S: Surface> Idempotency<S> {
         let sealed = Arc::new(Mutex::new(None));
         let seal = {
             let (render, sealed) = (render.clone(), sealed.clone());
-            move |made: T| keys.seal(claim_id, render(made), &sealed)
+            move |made: T| keys.seal(claim_id, render(made), &sealed).map(Into::into)
         };
         let change = work(
             app,

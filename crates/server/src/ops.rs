@@ -14,9 +14,7 @@ use keyplane_core::{
     RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
 use keyplane_core::{CredentialPolicy, RotationOptions};
-use keyplane_store::{
-    ExpiryWindow, GrantFilter, IdempotentAnswer, ListCredentials, Store, StoreError,
-};
+use keyplane_store::{ExpiryWindow, GrantFilter, KeptAnswer, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 
 /// The clock, at the precision both stores keep.
@@ -183,8 +181,9 @@ impl Issued {
 /// without a key.
 pub type Answer<'a, T> = Option<&'a AnswerSeal<T>>;
 
-/// What an [`Answer`] calls: renders what a change made and seals it.
-pub type AnswerSeal<T> = dyn Fn(T) -> Result<IdempotentAnswer, StoreError> + Send + Sync;
+/// What an [`Answer`] calls: renders what a change made and seals it (or, from the console, seals
+/// the new secret for the session to show).
+pub type AnswerSeal<T> = dyn Fn(T) -> Result<KeptAnswer, StoreError> + Send + Sync;
 
 /// A new tenant and its first `*`-scoped API token.
 pub struct OrgCreated {

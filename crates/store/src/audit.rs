@@ -201,11 +201,12 @@ macro_rules! impl_audit {
                 Ok(())
             }
 
-            /// Keeps an idempotent request's answer ([`crate::AnswerOf`]) made of `record` in `tx`,
-            /// the transaction of the change it answers. Every change that answers an idempotent
+            /// Keeps an idempotent request's answer, or a console session's secret to show
+            /// ([`crate::AnswerOf`]), made of `record` in `tx`, the transaction of the change it
+            /// answers. Every change that answers an idempotent
             /// request appends its one event just before, through [`Self::append_audit`]: the two
             /// commit with the change or not at all. Fails, so the caller's transaction rolls
-            /// back, when the claim no longer holds the record in flight.
+            /// back, when the claim no longer holds the record in flight or the console session ended.
             async fn keep_answer<T: Sync>(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 answer: $crate::AnswerOf<'_, T>,
@@ -214,7 +215,12 @@ macro_rules! impl_audit {
                 let Some(seal) = answer else {
                     return Ok(());
                 };
-                let answer = seal(record)?;
+                let answer = match seal(record)? {
+                    $crate::KeptAnswer::Idempotent(answer) => answer,
+                    $crate::KeptAnswer::ConsoleSecret(secret) => {
+                        return Self::keep_console_secret(tx, &secret).await
+                    }
+                };
                 let kept = sqlx::query($crate::sql::COMPLETE_IDEMPOTENCY_KEY)
                     .bind(&answer.lookup_id[..])
                     .bind(answer.claim_id)
@@ -229,6 +235,47 @@ macro_rules! impl_audit {
                 } else {
                     Err($crate::StoreError::IdempotencyClaimLost)
                 }
+            }
+
+            /// Stores a new console session through `connection` (a transaction's, or the
+            /// writer's).
+            async fn insert_console_session_in(
+                connection: &mut <$db as sqlx::Database>::Connection,
+                session: &$crate::ConsoleSession,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::INSERT_CONSOLE_SESSION)
+                    .bind(&session.id_hash[..])
+                    .bind(session.tenant_id.as_uuid())
+                    .bind(&session.sealed_token)
+                    .bind(&session.label)
+                    .bind(session.created_at.timestamp_millis())
+                    .bind(session.last_seen_at.timestamp_millis())
+                    .bind(session.ends_at.timestamp_millis())
+                    .execute(connection)
+                    .await?;
+                Ok(())
+            }
+
+            async fn keep_console_secret(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                secret: &$crate::ConsoleSecret,
+            ) -> Result<(), $crate::StoreError> {
+                if let Some(session) = &secret.start {
+                    Self::insert_console_session_in(&mut **tx, session).await?;
+                }
+                for sealed in &secret.sealed {
+                    let kept = sqlx::query($crate::sql::KEEP_CONSOLE_SESSION_SECRET)
+                        .bind(&secret.session[..])
+                        .bind(sealed)
+                        .bind(secret.at.timestamp_millis())
+                        .execute(&mut **tx)
+                        .await?
+                        .rows_affected();
+                    if kept != 1 {
+                        return Err($crate::StoreError::ConsoleSessionEnded);
+                    }
+                }
+                Ok(())
             }
 
             async fn query_audit(

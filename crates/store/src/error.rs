@@ -15,6 +15,10 @@ pub enum StoreError {
     /// claim gone: another attempt took the key after the claim's lock ran out. Nothing changed.
     #[error("the Idempotency-Key was taken over by another attempt; nothing changed")]
     IdempotencyClaimLost,
+    /// A write that was to keep a secret for a console session to show
+    /// ([`crate::KeptAnswer::ConsoleSecret`]) found the session ended. Nothing changed.
+    #[error("the console session has ended; nothing changed")]
+    ConsoleSessionEnded,
     #[error("store configuration: {0}")]
     Config(String),
     #[error(transparent)]

@@ -141,8 +141,8 @@ impl GrantFilter {
 }
 
 /// A web-console session as stored. The cookie value the browser holds is not: only its SHA-256
-/// (`id_hash`); the signed-in token and a one-time secret waiting to be shown are sealed under a
-/// key derived from the cookie value.
+/// (`id_hash`); the signed-in token and the one-time secrets waiting to be shown
+/// ([`ConsoleSecret`]) are sealed under a key derived from the cookie value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleSession {
     pub id_hash: [u8; 32],
@@ -156,7 +156,38 @@ pub struct ConsoleSession {
     pub ends_at: DateTime<Utc>,
     /// A one-time message for the next page.
     pub notice: Option<String>,
-    pub sealed_secret: Option<Vec<u8>>,
+}
+
+/// A new secret kept for a console session to show once, in the transaction of the change that
+/// made it: the change commits if and only if the secret is kept, so no credential goes live with
+/// a secret nobody can see. If the session has ended (signed out in another tab), the write fails
+/// with [`StoreError::ConsoleSessionEnded`] and changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSecret {
+    /// The session that shows it ([`ConsoleSession::id_hash`]).
+    pub session: [u8; 32],
+    /// Sealed secrets, oldest first; each joins those the session already holds.
+    pub sealed: Vec<Vec<u8>>,
+    /// The session must not have ended by then.
+    pub at: DateTime<Utc>,
+    /// A session to start first, the one `sealed` is for: a session whose own credential was
+    /// rotated moves to the new secret, and the secret must not wait in the session that ends.
+    pub start: Option<ConsoleSession>,
+}
+
+/// What a change keeps with itself ([`AnswerOf`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeptAnswer {
+    /// The answer of a request made with an `Idempotency-Key`.
+    Idempotent(IdempotentAnswer),
+    /// A secret a console session shows once.
+    ConsoleSecret(ConsoleSecret),
+}
+
+impl From<IdempotentAnswer> for KeptAnswer {
+    fn from(answer: IdempotentAnswer) -> Self {
+        KeptAnswer::Idempotent(answer)
+    }
 }
 
 /// A public revocation report answered 202 and not yet worked off, as the store keeps it until it
@@ -217,9 +248,8 @@ pub struct IdempotentAnswer {
 /// kept: a crash after the commit cannot leave a change whose retry would run it again. If the
 /// claim no longer holds the record (its lock ran out and another attempt took the key), the write
 /// fails with [`StoreError::IdempotencyClaimLost`] and changes nothing. `None`: no key, nothing to
-/// keep.
-pub type AnswerOf<'a, T> =
-    Option<&'a (dyn Fn(&T) -> Result<IdempotentAnswer, StoreError> + Send + Sync)>;
+/// keep. The console keeps a new secret to show the same way ([`KeptAnswer::ConsoleSecret`]).
+pub type AnswerOf<'a, T> = Option<&'a (dyn Fn(&T) -> Result<KeptAnswer, StoreError> + Send + Sync)>;
 
 /// What [`Store::claim_idempotency_key`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -769,20 +799,16 @@ pub trait Store: Send + Sync + 'static {
         notice: Option<&str>,
     ) -> Result<(), StoreError>;
 
-    /// Sets the session's sealed one-time secret.
-    async fn set_console_session_secret(
-        &self,
-        id_hash: &[u8; 32],
-        sealed: &[u8],
-    ) -> Result<(), StoreError>;
+    /// The sealed one-time secrets the session holds, oldest first, left in place.
+    async fn console_session_secrets(&self, id_hash: &[u8; 32])
+        -> Result<Vec<Vec<u8>>, StoreError>;
 
-    /// Clears the session's one-time secret if it is still `sealed`: `true` for exactly one of
-    /// racing callers, so a secret is shown once.
-    async fn take_console_session_secret(
+    /// Removes and returns the sealed one-time secrets the session holds, oldest first: of racing
+    /// callers, each secret goes to exactly one, so a secret is shown once.
+    async fn take_console_session_secrets(
         &self,
         id_hash: &[u8; 32],
-        sealed: &[u8],
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Vec<Vec<u8>>, StoreError>;
 
     /// Ends a session (sign-out, or its credential stopped working).
     async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError>;

@@ -432,7 +432,6 @@ pub(crate) struct ConsoleSessionRow {
     last_seen_at_ms: i64,
     ends_at_ms: i64,
     notice: Option<String>,
-    sealed_secret: Option<Vec<u8>>,
 }
 
 impl TryFrom<ConsoleSessionRow> for crate::ConsoleSession {
@@ -454,7 +453,6 @@ impl TryFrom<ConsoleSessionRow> for crate::ConsoleSession {
             last_seen_at: time(row.last_seen_at_ms, "last-seen time")?,
             ends_at: time(row.ends_at_ms, "end")?,
             notice: row.notice,
-            sealed_secret: row.sealed_secret,
         })
     }
 }

@@ -231,13 +231,17 @@ pub(crate) const RELEASE_IDEMPOTENCY_KEY: &str =
 /// Neither backend takes `DELETE ... LIMIT` (SQLite only when built for it): a bounded sub-select.
 pub(crate) const INSERT_CONSOLE_SESSION: &str = "INSERT INTO console_sessions (id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)";
 pub(crate) const TOUCH_CONSOLE_SESSION: &str = "UPDATE console_sessions SET last_seen_at_ms = $2 WHERE id_hash = $1 AND ends_at_ms > $2 AND last_seen_at_ms > $3 \
-     RETURNING id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms, notice, sealed_secret";
+     RETURNING id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms, notice";
 pub(crate) const SET_CONSOLE_SESSION_NOTICE: &str =
     "UPDATE console_sessions SET notice = $2 WHERE id_hash = $1";
-pub(crate) const SET_CONSOLE_SESSION_SECRET: &str =
-    "UPDATE console_sessions SET sealed_secret = $2 WHERE id_hash = $1";
-pub(crate) const TAKE_CONSOLE_SESSION_SECRET: &str =
-    "UPDATE console_sessions SET sealed_secret = NULL WHERE id_hash = $1 AND sealed_secret = $2";
+/// Adds a secret to show only to a session that has not ended: none is added to a signed-out one.
+pub(crate) const KEEP_CONSOLE_SESSION_SECRET: &str =
+    "INSERT INTO console_session_secrets (id_hash, sealed) \
+     SELECT id_hash, $2 FROM console_sessions WHERE id_hash = $1 AND ends_at_ms > $3";
+pub(crate) const SELECT_CONSOLE_SESSION_SECRETS: &str =
+    "SELECT seq, sealed FROM console_session_secrets WHERE id_hash = $1 ORDER BY seq";
+pub(crate) const TAKE_CONSOLE_SESSION_SECRETS: &str =
+    "DELETE FROM console_session_secrets WHERE id_hash = $1 RETURNING seq, sealed";
 pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WHERE id_hash = $1";
 /// The prunes' condition is in the outer WHERE too: PostgreSQL checks only that on a row another
 /// transaction changed while the DELETE waited for it, so a row renewed meanwhile (a session
@@ -1809,17 +1813,8 @@ macro_rules! impl_store {
                 &self,
                 session: &$crate::ConsoleSession,
             ) -> Result<(), $crate::StoreError> {
-                sqlx::query($crate::sql::INSERT_CONSOLE_SESSION)
-                    .bind(&session.id_hash[..])
-                    .bind(session.tenant_id.as_uuid())
-                    .bind(&session.sealed_token)
-                    .bind(&session.label)
-                    .bind(session.created_at.timestamp_millis())
-                    .bind(session.last_seen_at.timestamp_millis())
-                    .bind(session.ends_at.timestamp_millis())
-                    .execute(&self.writer)
-                    .await?;
-                Ok(())
+                let mut connection = self.writer.acquire().await?;
+                Self::insert_console_session_in(&mut connection, session).await
             }
 
             #[tracing::instrument(skip_all)]
@@ -1854,32 +1849,31 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all)]
-            async fn set_console_session_secret(
+            async fn console_session_secrets(
                 &self,
                 id_hash: &[u8; 32],
-                sealed: &[u8],
-            ) -> Result<(), $crate::StoreError> {
-                sqlx::query($crate::sql::SET_CONSOLE_SESSION_SECRET)
-                    .bind(&id_hash[..])
-                    .bind(sealed)
-                    .execute(&self.writer)
-                    .await?;
-                Ok(())
+            ) -> Result<Vec<Vec<u8>>, $crate::StoreError> {
+                let rows: Vec<(i64, Vec<u8>)> =
+                    sqlx::query_as($crate::sql::SELECT_CONSOLE_SESSION_SECRETS)
+                        .bind(&id_hash[..])
+                        .fetch_all(&self.writer)
+                        .await?;
+                Ok(rows.into_iter().map(|(_, sealed)| sealed).collect())
             }
 
             #[tracing::instrument(skip_all)]
-            async fn take_console_session_secret(
+            async fn take_console_session_secrets(
                 &self,
                 id_hash: &[u8; 32],
-                sealed: &[u8],
-            ) -> Result<bool, $crate::StoreError> {
-                Ok(sqlx::query($crate::sql::TAKE_CONSOLE_SESSION_SECRET)
-                    .bind(&id_hash[..])
-                    .bind(sealed)
-                    .execute(&self.writer)
-                    .await?
-                    .rows_affected()
-                    == 1)
+            ) -> Result<Vec<Vec<u8>>, $crate::StoreError> {
+                let mut rows: Vec<(i64, Vec<u8>)> =
+                    sqlx::query_as($crate::sql::TAKE_CONSOLE_SESSION_SECRETS)
+                        .bind(&id_hash[..])
+                        .fetch_all(&self.writer)
+                        .await?;
+                // RETURNING promises no order.
+                rows.sort_by_key(|(seq, _)| *seq);
+                Ok(rows.into_iter().map(|(_, sealed)| sealed).collect())
             }
 
             #[tracing::instrument(skip_all)]

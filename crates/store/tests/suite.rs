@@ -10,7 +10,7 @@ use keyplane_core::{
 };
 use keyplane_store::testing::{Backend, TestDatabase};
 use keyplane_store::{
-    CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, IdempotentAnswer,
+    CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, IdempotentAnswer, KeptAnswer,
     ListCredentials, Store, StoreError, StoredResponse,
 };
 use rand::rngs::OsRng;
@@ -996,12 +996,12 @@ fn stored(status: u16) -> StoredResponse {
 }
 
 /// The answer `response` for the record `lookup`, kept under `claim_id`.
-fn sealed_answer(lookup: u8, claim_id: uuid::Uuid, response: StoredResponse) -> IdempotentAnswer {
-    IdempotentAnswer {
+fn sealed_answer(lookup: u8, claim_id: uuid::Uuid, response: StoredResponse) -> KeptAnswer {
+    KeptAnswer::Idempotent(IdempotentAnswer {
         lookup_id: [lookup; 32],
         claim_id,
         response,
-    }
+    })
 }
 
 /// Completes the record `lookup` held by `claim_id` the one way the store has: in the transaction
@@ -1012,9 +1012,19 @@ async fn complete_with_a_change(
     claim_id: uuid::Uuid,
     response: StoredResponse,
 ) -> Result<(), StoreError> {
+    create_keeping(f, move |_| {
+        Ok(sealed_answer(lookup, claim_id, response.clone()))
+    })
+    .await
+}
+
+/// Creates a token whose transaction keeps `answer`; `Ok` if and only if both are stored.
+async fn create_keeping(
+    f: &Fixture,
+    answer: impl Fn(&Credential) -> Result<KeptAnswer, StoreError> + Send + Sync,
+) -> Result<(), StoreError> {
     let name = format!("answered-{}", uuid::Uuid::new_v4().simple());
     let (credential, _) = new_token(f.tenant.id, &name);
-    let answer = move |_: &Credential| Ok(sealed_answer(lookup, claim_id, response.clone()));
     let outcome = f
         .store
         .insert_credential(&credential, &ev(), Some(&answer))
@@ -1117,7 +1127,7 @@ async fn a_crashed_claim_expires_and_a_released_one_frees_the_key(backend: Backe
 }
 
 /// An answer under a claim that is lost: another attempt took its key over.
-fn lost<T>(lookup: u8) -> impl Fn(&T) -> Result<IdempotentAnswer, StoreError> + Send + Sync {
+fn lost<T>(lookup: u8) -> impl Fn(&T) -> Result<KeptAnswer, StoreError> + Send + Sync {
     move |_| Ok(sealed_answer(lookup, uuid::Uuid::new_v4(), stored(201)))
 }
 
@@ -1388,7 +1398,6 @@ fn console_session(tenant: TenantId, id: u8, at: DateTime<Utc>) -> keyplane_stor
         last_seen_at: at,
         ends_at: at + TimeDelta::hours(12),
         notice: None,
-        sealed_secret: None,
     }
 }
 
@@ -1501,6 +1510,25 @@ async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
         .is_some());
 }
 
+/// Creates a token whose secret `sealed` the console session `session` keeps, in the create's
+/// transaction.
+async fn create_with_a_console_secret(
+    f: &Fixture,
+    session: u8,
+    sealed: &[u8],
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let kept = keyplane_store::ConsoleSecret {
+        session: [session; 32],
+        sealed: vec![sealed.to_vec()],
+        at,
+        start: None,
+    };
+    create_keeping(f, move |_| Ok(KeptAnswer::ConsoleSecret(kept.clone()))).await
+}
+
+/// Secrets kept for a console session wait side by side, oldest first, and each is taken once;
+/// none is kept, and nothing changes, for a session that has ended.
 async fn a_console_secret_is_taken_once(backend: Backend) {
     let f = fixture(backend).await;
     let t = now();
@@ -1513,10 +1541,11 @@ async fn a_console_secret_is_taken_once(backend: Backend) {
         .set_console_session_notice(&[5; 32], Some("Revoked."))
         .await
         .unwrap();
-    f.store
-        .set_console_session_secret(&[5; 32], &[7, 7, 7])
-        .await
-        .unwrap();
+    for sealed in [[7u8, 7, 7], [8, 8, 8]] {
+        create_with_a_console_secret(&f, 5, &sealed, t)
+            .await
+            .unwrap();
+    }
     let seen = f
         .store
         .touch_console_session(&[5; 32], t, idle)
@@ -1524,32 +1553,42 @@ async fn a_console_secret_is_taken_once(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(seen.notice.as_deref(), Some("Revoked."));
-    assert_eq!(seen.sealed_secret.as_deref(), Some(&[7u8, 7, 7][..]));
+    assert_eq!(
+        f.store.console_session_secrets(&[5; 32]).await.unwrap(),
+        vec![vec![7u8, 7, 7], vec![8, 8, 8]],
+        "both wait, oldest first, and a look takes none"
+    );
     let takers = (0..4).map(|_| {
         let store = f.store.clone();
-        tokio::spawn(async move {
-            store
-                .take_console_session_secret(&[5; 32], &[7, 7, 7])
-                .await
-                .unwrap()
-        })
+        tokio::spawn(async move { store.take_console_session_secrets(&[5; 32]).await.unwrap() })
     });
-    let mut taken = 0;
+    let mut taken = Vec::new();
     for taker in takers.collect::<Vec<_>>() {
-        taken += u32::from(taker.await.unwrap());
+        taken.extend(taker.await.unwrap());
     }
-    assert_eq!(taken, 1, "exactly one reader gets the secret");
-    f.store
-        .set_console_session_notice(&[5; 32], None)
-        .await
-        .unwrap();
-    let after = f
+    assert_eq!(
+        taken,
+        vec![vec![7u8, 7, 7], vec![8, 8, 8]],
+        "each secret goes to exactly one reader"
+    );
+
+    // Ended (or signed out): the change fails with nothing stored.
+    let ended = t + TimeDelta::hours(12);
+    assert!(matches!(
+        create_with_a_console_secret(&f, 5, &[9], ended).await,
+        Err(StoreError::ConsoleSessionEnded)
+    ));
+    f.store.delete_console_session(&[5; 32]).await.unwrap();
+    assert!(matches!(
+        create_with_a_console_secret(&f, 5, &[9], t).await,
+        Err(StoreError::ConsoleSessionEnded)
+    ));
+    assert!(f
         .store
-        .touch_console_session(&[5; 32], t, idle)
+        .take_console_session_secrets(&[5; 32])
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!((after.notice, after.sealed_secret), (None, None));
+        .is_empty());
 }
 
 fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {

@@ -466,9 +466,8 @@ pub(crate) struct Console {
     pub csrf: String,
     pub cookie: CookieValue,
     pub context: RequestContext,
-    /// The one-time notice and sealed secret the session held when this request began.
+    /// The one-time notice the session held when this request began.
     pub notice: Option<String>,
-    pub sealed_secret: Option<Vec<u8>>,
     /// The token the session acts with, and the session's end (to move it to another
     /// organization).
     token: String,
@@ -511,7 +510,6 @@ impl FromRequestParts<App> for Console {
             csrf: cookie.csrf(),
             cookie,
             notice: session.notice,
-            sealed_secret: session.sealed_secret,
             token: session.token,
             ends_at: session.ends_at,
             context: crate::audit::request_context(&parts.headers, &parts.extensions),
@@ -843,7 +841,6 @@ async fn switch_organization(console: Console, body: Bytes) -> Result<Response, 
             &console.token,
             console.label.clone(),
             console.ends_at,
-            None,
         )
         .await?;
     let mut response = Redirect::to("/console").into_response();

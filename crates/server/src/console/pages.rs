@@ -3,7 +3,7 @@
 //! refusal here.
 
 use super::html::{self, code, esc, maybe_time, post_form, time};
-use super::session::SecretFlash;
+use super::session::{Move, SecretFlash, SecretHome};
 use super::Path;
 use super::{Console, ConsoleError};
 use crate::ops::{self, CredentialSpec, KindRights, ListSpec, RotateSpec};
@@ -160,54 +160,74 @@ fn expiry_fields() -> &'static str {
      <input type=\"date\" id=\"expires_on\" name=\"expires_on\"></div>"
 }
 
-/// Shows `issued`'s secret once, on the secret page the browser is sent to.
-async fn show_secret_once(
+/// Where the change this request makes keeps the secret it makes, in its own transaction
+/// ([`SecretHome`]): this session, or, when `rotated` is the credential the session acts with, a new
+/// session acting with the new secret (the old one's sealed secret stops working, at once or when
+/// the grace ends, which would end the session and lose what waits in it).
+pub(super) async fn secret_home(
     console: &Console,
-    issued: &ops::Issued,
-    note: String,
-    commands: Vec<String>,
-) -> PageResult {
-    let credential = &issued.credential;
-    let flash = SecretFlash {
-        kind: credential.kind.as_str().to_string(),
-        id: credential.id.as_uuid(),
-        name: credential.name.clone(),
-        secret: issued.secret.expose_secret().to_string(),
-        note,
-        commands,
+    rotated: Option<Actor>,
+) -> Result<SecretHome, ConsoleError> {
+    let moving = (rotated == Some(console.who.actor)).then(|| Move {
+        tenant: console.tenant,
+        who: console.label.clone(),
+        ends_at: console.ends_at,
+    });
+    let app = &console.app;
+    Ok(app
+        .inner()
+        .console_sessions
+        .home(app, &console.cookie, moving)
+        .await?)
+}
+
+/// The secret page, once a change kept its secret in `home`: in the new session if it moved.
+pub(super) async fn to_secret_page(console: &Console, home: &SecretHome) -> PageResult {
+    let mut response = Redirect::to("/console/secret").into_response();
+    let Some(cookie) = home.moved_to() else {
+        return Ok(response);
     };
     let app = &console.app;
-    let sessions = &app.inner().console_sessions;
-    let own = Actor::Credential {
-        id: credential.id,
-        kind: credential.kind,
-    };
-    if console.who.actor != own {
-        sessions.set_secret(app, &console.cookie, &flash).await?;
-        return Ok(Redirect::to("/console/secret").into_response());
-    }
-    // The session's own credential was rotated: its sealed secret stops working (at once, or
-    // when the grace ends), which would end the session and lose the new secret with it. The
-    // session moves to the new secret (a new cookie; the secret stays sealed in the store).
-    let cookie = sessions
-        .replace(
-            app,
-            &console.cookie,
-            console.tenant,
-            issued.secret.expose_secret(),
-            console.label.clone(),
-            console.ends_at,
-            Some(&flash),
-        )
-        .await?;
     tracing::info!(principal.id = %console.who.id(), "console session moved to the rotated secret");
-    let mut response = Redirect::to("/console/secret").into_response();
+    // The new session holds the secret: failing here would lose its cookie, and the secret with
+    // it. The old session ends anyway once its secret stops working.
+    if let Err(error) = app.inner().console_sessions.end(app, &console.cookie).await {
+        tracing::warn!(error = %error, "ending the console session that moved failed");
+    }
     response.headers_mut().append(
         axum::http::header::SET_COOKIE,
-        super::session_cookie(app, &cookie),
+        super::session_cookie(app, cookie),
     );
     Ok(response)
 }
+
+/// What the secret page shows of `credential` and its new `secret`.
+fn flash_of(
+    credential: &Credential,
+    secret: &keyplane_core::Plaintext,
+    note: String,
+) -> SecretFlash {
+    SecretFlash {
+        kind: credential.kind.as_str().to_string(),
+        id: credential.id.as_uuid(),
+        name: credential.name.clone(),
+        secret: secret.expose_secret().to_string(),
+        note,
+    }
+}
+
+/// A create's secret, kept in `home` with the create.
+fn created(home: &SecretHome, now: DateTime<Utc>) -> impl Fn(ops::Issued) -> KeptResult {
+    let home = home.clone();
+    move |issued| {
+        home.keep(
+            &flash_of(&issued.credential, &issued.secret, "Created.".into()),
+            now,
+        )
+    }
+}
+
+type KeptResult = Result<keyplane_store::KeptAnswer, keyplane_store::StoreError>;
 
 // ------------------------------------------------------------------------------------------------
 // Overview
@@ -511,7 +531,9 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
     let scopes = ScopeSet::parse_list(&FieldPath::body("scopes"), &raw_scopes)
         .map_err(keyplane_core::Error::Validation)?;
     let expires_at = expiry_from(&form, app.now())?;
-    let issued = ops::create_credential(
+    let home = secret_home(&console, None).await?;
+    let keep = created(&home, app.now());
+    ops::create_credential(
         app,
         &console.who,
         &console.context,
@@ -524,29 +546,24 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
             expires_at,
             canary: false,
         },
-        None,
+        Some(&keep),
     )
     .await?;
-    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
+    to_secret_page(&console, &home).await
 }
 
 // ------------------------------------------------------------------------------------------------
 // The secret, once
 
 pub(crate) async fn secret(console: Console) -> PageResult {
-    let taken = match &console.sealed_secret {
-        Some(sealed) => {
-            console
-                .app
-                .inner()
-                .console_sessions
-                .take_secret(&console.app, &console.cookie, sealed)
-                .await?
-        }
-        None => None,
-    };
+    let app = &console.app;
+    let flashes = app
+        .inner()
+        .console_sessions
+        .take_secrets(app, &console.cookie)
+        .await?;
     let frame = console.frame("").await?;
-    let Some(flash) = taken else {
+    if flashes.is_empty() {
         let body =
             "<div class=\"error\" role=\"alert\"><p>This secret was shown once and is gone. \
                     If it was not stored, rotate it to get a new one.</p></div>\
@@ -556,46 +573,93 @@ pub(crate) async fn secret(console: Console) -> PageResult {
             console.render(frame, "Secret no longer shown", body),
         )
             .into_response());
-    };
-    // Where "Done" leads, and what the secret belongs to.
-    let (singular, list) = match flash.kind() {
-        Some(kind) => (kind_of(kind).singular, kind_of(kind).list),
-        None if flash.kind == super::webhook_pages::SECRET_KIND => {
-            ("webhook", super::webhook_pages::LIST)
+    }
+    // Robots' login lines name the registry's project: read once, and only a help, so a failing
+    // read shows the secrets without them rather than losing them.
+    let project = if flashes
+        .iter()
+        .any(|f| f.kind() == Some(CredentialKind::RobotAccount))
+    {
+        match ops::get_registry(app, &console.who, console.tenant).await {
+            Ok(registry) => registry.map(|r| r.project),
+            Err(error) => {
+                tracing::warn!(error = %error, "the registry for robots' login lines could not be read");
+                None
+            }
         }
-        None => {
-            return Err(ConsoleError::page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "The secret could not be shown.",
-            ))
-        }
+    } else {
+        None
     };
-    let secret = &flash.secret;
-    let mut body = format!(
-        "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
-         (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
-         used. Reloading or going back will not show it again.</p>\
-         <div class=\"secret-box\"><code id=\"secret\" aria-label=\"Secret\">{secret}</code>\
-         <button type=\"button\" data-copy=\"secret\" data-status=\"copy-status\" hidden>Copy</button>\
-         <span id=\"copy-status\" class=\"copied\" role=\"status\"></span></div>",
-        note = esc(&flash.note),
-        name = esc(&flash.name),
-        id = flash.id,
-        secret = esc(secret),
-    );
-    for command in &flash.commands {
-        let _ = write!(body, "<pre class=\"cmd\">{}</pre>", esc(command));
+    let several = flashes.len() > 1;
+    let mut body = String::new();
+    if several {
+        let _ = write!(
+            body,
+            "<p>{} new secrets are waiting, each shown only now.</p>",
+            flashes.len()
+        );
+    }
+    // "Done" leads to the list of the newest secret's kind.
+    let mut list = "/console";
+    for (n, flash) in flashes.iter().enumerate() {
+        let (singular, kind_list) = match flash.kind() {
+            Some(kind) => (kind_of(kind).singular, kind_of(kind).list),
+            None if flash.kind == super::webhook_pages::SECRET_KIND => {
+                ("webhook", super::webhook_pages::LIST)
+            }
+            None => {
+                tracing::warn!(kind = %flash.kind, "a console secret of an unknown kind");
+                continue;
+            }
+        };
+        list = kind_list;
+        // The first keeps the ids the single-secret page always had.
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{}", n + 1)
+        };
+        if several {
+            let _ = write!(
+                body,
+                "<h2>{} {}</h2>",
+                esc(&capitalized(singular)),
+                esc(&flash.name)
+            );
+        }
+        let _ = write!(
+            body,
+            "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
+             (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
+             used. Reloading or going back will not show it again.</p>\
+             <div class=\"secret-box\"><code id=\"secret{suffix}\" aria-label=\"Secret\">{secret}</code>\
+             <button type=\"button\" data-copy=\"secret{suffix}\" data-status=\"copy-status{suffix}\" hidden>Copy</button>\
+             <span id=\"copy-status{suffix}\" class=\"copied\" role=\"status\"></span></div>",
+            note = esc(&flash.note),
+            name = esc(&flash.name),
+            id = flash.id,
+            secret = esc(&flash.secret),
+        );
+        if let (Some(CredentialKind::RobotAccount), Some(project)) = (flash.kind(), &project) {
+            for command in robot_commands(&console, project, &flash.name) {
+                let _ = write!(body, "<pre class=\"cmd\">{}</pre>", esc(&command));
+            }
+        }
     }
     let _ = write!(
         body,
         "<form method=\"get\" action=\"{list}\" class=\"stack\">\
          <label><input type=\"checkbox\" id=\"stored\" required data-enables=\"stored-done\" data-autofocus> \
-         I have stored it</label>\
+         I have stored {it}</label>\
          <div><button type=\"submit\" id=\"stored-done\">Done</button></div></form>",
+        it = if several { "them" } else { "it" },
     );
-    Ok(console
-        .render(frame, "Store this secret now", &body)
-        .into_response())
+    let title = if several {
+        "Store these secrets now"
+    } else {
+        "Store this secret now"
+    };
+    Ok(console.render(frame, title, &body).into_response())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -662,7 +726,26 @@ pub(crate) async fn rotate(
             ))
         }
     };
-    let issued = ops::rotate_live_credential(
+    let own = Actor::Credential {
+        id,
+        kind: kind.rights.kind,
+    };
+    let home = secret_home(&console, Some(own)).await?;
+    let now = console.app.now();
+    let keep = {
+        let home = home.clone();
+        move |issued: ops::Issued| {
+            let note = match issued.credential.previous_secret.as_ref() {
+                Some(previous) if grace_seconds > 0 => format!(
+                    "Rotated. The previous secret keeps working until {} UTC.",
+                    previous.expires_at.format("%Y-%m-%d %H:%M")
+                ),
+                _ => "Rotated. The previous secret has stopped working.".into(),
+            };
+            home.keep(&flash_of(&issued.credential, &issued.secret, note), now)
+        }
+    };
+    ops::rotate_live_credential(
         &console.app,
         &console.who,
         &console.context,
@@ -676,18 +759,10 @@ pub(crate) async fn rotate(
             },
             expires_at: None,
         },
-        None,
+        Some(&keep),
     )
     .await?;
-    let note = match issued.credential.previous_secret.as_ref() {
-        Some(previous) if grace_seconds > 0 => format!(
-            "Rotated. The previous secret keeps working until {} UTC.",
-            previous.expires_at.format("%Y-%m-%d %H:%M")
-        ),
-        _ => "Rotated. The previous secret has stopped working.".into(),
-    };
-    let commands = robot_commands(&console, &issued.credential).await?;
-    show_secret_once(&console, &issued, note, commands).await
+    to_secret_page(&console, &home).await
 }
 
 pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
@@ -972,7 +1047,9 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
         keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
             .map_err(keyplane_core::Error::from)?;
     let expires_at = expiry_from(&form, app.now())?;
-    let issued = ops::create_credential(
+    let home = secret_home(&console, None).await?;
+    let keep = created(&home, app.now());
+    ops::create_credential(
         app,
         &console.who,
         &console.context,
@@ -985,34 +1062,24 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
             expires_at,
             canary: false,
         },
-        None,
+        Some(&keep),
     )
     .await?;
-    show_secret_once(&console, &issued, "Created.".into(), Vec::new()).await
+    to_secret_page(&console, &home).await
 }
 
 // ------------------------------------------------------------------------------------------------
 // Registry and robot accounts
 
-/// The lines that log a robot in, reading the secret from standard input (never a command-line
-/// argument, which other users of the machine can see).
-async fn robot_commands(
-    console: &Console,
-    credential: &Credential,
-) -> Result<Vec<String>, ConsoleError> {
-    if credential.kind != CredentialKind::RobotAccount {
-        return Ok(Vec::new());
-    }
-    let Some(registry) = ops::get_registry(&console.app, &console.who, console.tenant).await?
-    else {
-        return Ok(Vec::new());
-    };
-    let user = keyplane_core::registry::robot_username(&registry.project, &credential.name);
+/// The lines that log the robot `name` of the registry `project` in, reading the secret from
+/// standard input (never a command-line argument, which other users of the machine can see).
+fn robot_commands(console: &Console, project: &str, name: &str) -> Vec<String> {
+    let user = keyplane_core::registry::robot_username(project, name);
     let endpoint = &console.app.inner().config.registry.endpoint;
-    Ok(vec![
+    vec![
         format!("docker login --username '{user}' --password-stdin {endpoint}"),
         format!("skopeo login --username '{user}' --password-stdin {endpoint}"),
-    ])
+    ]
 }
 
 pub(crate) async fn registry(console: Console) -> PageResult {
@@ -1146,22 +1213,24 @@ fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, Console
 
 pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult {
     console.form(&body)?;
-    let (_, issued) = ops::enable_registry(
+    let home = secret_home(&console, None).await?;
+    let now = console.app.now();
+    let keep = {
+        let home = home.clone();
+        move |(_, issued): (keyplane_core::Registry, ops::Issued)| {
+            let note = "The registry is enabled.".to_string();
+            home.keep(&flash_of(&issued.credential, &issued.secret, note), now)
+        }
+    };
+    ops::enable_registry(
         &console.app,
         &console.who,
         &console.context,
         console.tenant,
-        None,
+        Some(&keep),
     )
     .await?;
-    let commands = robot_commands(&console, &issued.credential).await?;
-    show_secret_once(
-        &console,
-        &issued,
-        "The registry is enabled.".into(),
-        commands,
-    )
-    .await
+    to_secret_page(&console, &home).await
 }
 
 pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
@@ -1174,7 +1243,9 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
     .map_err(keyplane_core::Error::from)?;
     let permissions = parse_permissions(&form)?;
     let expires_at = expiry_from(&form, app.now())?;
-    let issued = ops::create_robot(
+    let home = secret_home(&console, None).await?;
+    let keep = created(&home, app.now());
+    ops::create_robot(
         app,
         &console.who,
         &console.context,
@@ -1186,11 +1257,10 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
             expires_at,
             canary: false,
         },
-        None,
+        Some(&keep),
     )
     .await?;
-    let commands = robot_commands(&console, &issued.credential).await?;
-    show_secret_once(&console, &issued, "Created.".into(), commands).await
+    to_secret_page(&console, &home).await
 }
 
 pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {

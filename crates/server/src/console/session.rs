@@ -1,8 +1,9 @@
 //! Server-side console sessions, in the store (`console_sessions`), so every replica knows them
 //! and a restart signs no one out. The browser holds only a random cookie value; the store keeps
 //! its SHA-256 and, sealed with a key derived from the cookie value (HKDF-SHA256 →
-//! ChaCha20-Poly1305), the credential the user signed in with and any one-time secret waiting to
-//! be shown: a copy of the store (a backup) holds no usable token. Every request unseals the token
+//! ChaCha20-Poly1305), the credential the user signed in with and the one-time secrets waiting to
+//! be shown (each kept in the transaction of the change that made it, [`SecretHome`]): a copy of
+//! the store (a backup) holds no usable token. Every request unseals the token
 //! and authenticates it through the normal `Verifier`, so a revocation, suspension or expiry of
 //! that credential ends the console session at once. The CSRF token is derived from the cookie
 //! value too, so nothing else is stored.
@@ -18,7 +19,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use data_encoding::BASE64URL_NOPAD;
 use hkdf::Hkdf;
 use keyplane_core::{CredentialKind, TenantId};
-use keyplane_store::ConsoleSession;
+use keyplane_store::{ConsoleSecret, ConsoleSession, KeptAnswer, StoreError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -125,13 +126,78 @@ pub(crate) struct SecretFlash {
     pub secret: String,
     /// What the secret page says it came from ("Created.", "Rotated. The previous secret …").
     pub note: String,
-    /// Robots: the login lines for docker and skopeo (they read the secret from stdin).
-    pub commands: Vec<String>,
 }
 
 impl SecretFlash {
     pub(crate) fn kind(&self) -> Option<CredentialKind> {
         CredentialKind::parse(&self.kind)
+    }
+}
+
+fn open_flash(cookie: &CookieValue, sealed: &[u8]) -> Option<SecretFlash> {
+    Sealed::from_bytes(sealed)
+        .and_then(|s| cookie.open(&s))
+        .and_then(|json| serde_json::from_str(&json).ok())
+}
+
+/// What a session moving to a new credential keeps: its organization, label and end.
+#[derive(Clone)]
+pub(crate) struct Move {
+    pub tenant: TenantId,
+    pub who: String,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// Where a console change keeps the secret it makes ([`Sessions::home`]).
+#[derive(Clone)]
+pub(crate) struct SecretHome {
+    /// The session that shows it.
+    cookie: CookieValue,
+    /// The move to a new session, and the secrets it carries over (sealed for it).
+    moved: Option<(Move, Vec<Vec<u8>>)>,
+}
+
+impl SecretHome {
+    /// What the change keeps in its transaction ([`keyplane_store::AnswerOf`]): `flash` sealed for
+    /// the session, which must not have ended by `now`; a moving session starts there, acting
+    /// with the new secret.
+    pub(crate) fn keep(
+        &self,
+        flash: &SecretFlash,
+        now: DateTime<Utc>,
+    ) -> Result<KeptAnswer, StoreError> {
+        let json = serde_json::to_string(flash)
+            .map_err(|e| StoreError::Other(anyhow::anyhow!("serialize a console secret: {e}")))?;
+        let sealed = self.cookie.seal(&json).to_bytes();
+        let (start, sealed) = match &self.moved {
+            None => (None, vec![sealed]),
+            Some((moving, carried)) => {
+                let session = ConsoleSession {
+                    id_hash: self.cookie.id(),
+                    tenant_id: moving.tenant,
+                    sealed_token: self.cookie.seal(&flash.secret).to_bytes(),
+                    label: moving.who.clone(),
+                    created_at: now,
+                    last_seen_at: now,
+                    ends_at: moving.ends_at,
+                    notice: None,
+                };
+                let mut all = carried.clone();
+                all.push(sealed);
+                (Some(session), all)
+            }
+        };
+        Ok(KeptAnswer::ConsoleSecret(ConsoleSecret {
+            session: self.cookie.id(),
+            sealed,
+            at: now,
+            start,
+        }))
+    }
+
+    /// The new session's cookie, if the change moved the session.
+    pub(crate) fn moved_to(&self) -> Option<&CookieValue> {
+        self.moved.as_ref().map(|_| &self.cookie)
     }
 }
 
@@ -143,7 +209,6 @@ pub(crate) struct Session {
     /// Who signed in, for the header: a token's name or a user's subject.
     pub who: String,
     pub notice: Option<String>,
-    pub sealed_secret: Option<Vec<u8>>,
     pub ends_at: DateTime<Utc>,
 }
 
@@ -219,19 +284,14 @@ impl Sessions {
                 last_seen_at: now,
                 ends_at: token_ends.map_or(absolute, |end| end.min(absolute)),
                 notice: None,
-                sealed_secret: None,
             })
             .await?;
         Ok(cookie)
     }
 
     /// Replaces the session of `old` by one in `tenant` acting with `token`, labelled `who`,
-    /// ending when `old` would have (a move extends nothing) and holding `secret` to show once if
-    /// any, and ends `old`. For a switch of organization, and for a session whose own credential
-    /// was rotated: its sealed token is about to stop working, and with it the session and the new
-    /// secret waiting in it. The store keeps no way to reseal a session in place, and a credential
-    /// change earns a fresh session id anyway. Returns the new cookie value.
-    #[allow(clippy::too_many_arguments)]
+    /// ending when `old` would have (a move extends nothing), and ends `old`: a switch of
+    /// organization. Returns the new cookie value.
     pub(crate) async fn replace(
         &self,
         app: &App,
@@ -240,12 +300,8 @@ impl Sessions {
         token: &str,
         who: String,
         ends_at: DateTime<Utc>,
-        secret: Option<&SecretFlash>,
     ) -> Result<CookieValue, AppError> {
         let cookie = self.create(app, tenant, token, who, Some(ends_at)).await?;
-        if let Some(secret) = secret {
-            self.set_secret(app, &cookie, secret).await?;
-        }
         self.end(app, old).await?;
         Ok(cookie)
     }
@@ -274,7 +330,6 @@ impl Sessions {
             token,
             who: stored.label,
             notice: stored.notice,
-            sealed_secret: stored.sealed_secret,
             ends_at: stored.ends_at,
         }))
     }
@@ -295,38 +350,53 @@ impl Sessions {
             .await?)
     }
 
-    pub(crate) async fn set_secret(
+    /// The secrets waiting in the session of `cookie`, oldest first, taken out of the store: of
+    /// two requests, each secret goes to one, and a reload finds nothing.
+    pub(crate) async fn take_secrets(
         &self,
         app: &App,
         cookie: &CookieValue,
-        secret: &SecretFlash,
-    ) -> Result<(), AppError> {
-        let json = serde_json::to_string(secret)
-            .map_err(|e| AppError::Internal(anyhow::anyhow!("serialize a console secret: {e}")))?;
-        Ok(app
+    ) -> Result<Vec<SecretFlash>, AppError> {
+        let sealed = app
             .store()
-            .set_console_session_secret(&cookie.id(), &cookie.seal(&json).to_bytes())
-            .await?)
+            .take_console_session_secrets(&cookie.id())
+            .await?;
+        Ok(sealed
+            .iter()
+            .filter_map(|bytes| open_flash(cookie, bytes))
+            .collect())
     }
 
-    /// The secret `sealed` (read with the session), taken out of the store: of two requests, one
-    /// gets it, and a reload finds nothing.
-    pub(crate) async fn take_secret(
+    /// Where a change the session of `cookie` makes keeps its new secret: in that session, or,
+    /// with `moving` (the session's own credential is rotated, so its sealed token is about to
+    /// stop working and the session with it), in a new session acting with the new secret, which
+    /// takes along the secrets still waiting in the old one. The store keeps no way to reseal a
+    /// session in place, and a credential change earns a fresh session id anyway.
+    pub(crate) async fn home(
         &self,
         app: &App,
         cookie: &CookieValue,
-        sealed: &[u8],
-    ) -> Result<Option<SecretFlash>, AppError> {
-        if !app
+        moving: Option<Move>,
+    ) -> Result<SecretHome, AppError> {
+        let Some(moving) = moving else {
+            return Ok(SecretHome {
+                cookie: cookie.clone(),
+                moved: None,
+            });
+        };
+        let new = CookieValue::fresh();
+        let carried = app
             .store()
-            .take_console_session_secret(&cookie.id(), sealed)
+            .console_session_secrets(&cookie.id())
             .await?
-        {
-            return Ok(None);
-        }
-        Ok(Sealed::from_bytes(sealed)
-            .and_then(|s| cookie.open(&s))
-            .and_then(|json| serde_json::from_str(&json).ok()))
+            .iter()
+            .filter_map(|bytes| Sealed::from_bytes(bytes).and_then(|s| cookie.open(&s)))
+            .map(|json| new.seal(&json).to_bytes())
+            .collect();
+        Ok(SecretHome {
+            cookie: new,
+            moved: Some((moving, carried)),
+        })
     }
 
     /// Forgets ended and idle sessions (the background work).

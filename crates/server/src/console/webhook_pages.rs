@@ -3,6 +3,7 @@
 //! routes call, with the session's principal, so `webhooks:manage` is checked there.
 
 use super::html::{code, esc, maybe_time, post_form, time};
+use super::pages::{secret_home, to_secret_page};
 use super::session::SecretFlash;
 use super::Path;
 use super::{Console, ConsoleError, Form};
@@ -10,7 +11,7 @@ use crate::webhooks::{self, target, WebhookSpec};
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use keyplane_core::{
     ActionPattern, DeliveryStatus, Error as DomainError, FieldError, FieldPath, Webhook,
 };
@@ -112,26 +113,15 @@ fn webhook_fields(webhook: Option<&Webhook>) -> String {
     )
 }
 
-/// Sends the browser to the secret page, which shows `webhook`'s signing secret once.
-async fn show_secret_once(console: &Console, webhook: &Webhook, note: String) -> PageResult {
-    console
-        .app
-        .inner()
-        .console_sessions
-        .set_secret(
-            &console.app,
-            &console.cookie,
-            &SecretFlash {
-                kind: SECRET_KIND.to_string(),
-                id: webhook.id,
-                name: label(webhook).to_string(),
-                secret: webhook.secret.expose_secret().to_string(),
-                note,
-                commands: Vec::new(),
-            },
-        )
-        .await?;
-    Ok(Redirect::to("/console/secret").into_response())
+/// What the secret page shows of `webhook`'s signing secret.
+fn flash_of(webhook: &Webhook, note: String) -> SecretFlash {
+    SecretFlash {
+        kind: SECRET_KIND.to_string(),
+        id: webhook.id,
+        name: label(webhook).to_string(),
+        secret: webhook.secret.expose_secret().to_string(),
+        note,
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -210,21 +200,25 @@ pub(crate) async fn list(console: Console) -> PageResult {
 pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
     let spec = spec_from(&form)?;
-    let webhook = webhooks::create_webhook(
+    let home = secret_home(&console, None).await?;
+    let now = console.app.now();
+    let keep = {
+        let home = home.clone();
+        move |webhook: Webhook| {
+            let note = "Created. Verify each delivery's signature with it.".to_string();
+            home.keep(&flash_of(&webhook, note), now)
+        }
+    };
+    webhooks::create_webhook(
         &console.app,
         &console.who,
         &console.context,
         console.tenant,
         spec,
-        None,
+        Some(&keep),
     )
     .await?;
-    show_secret_once(
-        &console,
-        &webhook,
-        "Created. Verify each delivery's signature with it.".into(),
-    )
-    .await
+    to_secret_page(&console, &home).await
 }
 
 pub(crate) async fn edit_page(console: Console, Path(id): Path<String>) -> PageResult {
@@ -325,23 +319,31 @@ pub(crate) async fn rotate_page(console: Console, Path(id): Path<String>) -> Pag
 
 pub(crate) async fn rotate(console: Console, Path(id): Path<String>, body: Bytes) -> PageResult {
     console.form(&body)?;
-    let webhook = webhooks::rotate_webhook_secret(
+    let home = secret_home(&console, None).await?;
+    let now = console.app.now();
+    let keep = {
+        let home = home.clone();
+        move |webhook: Webhook| {
+            let note = match &webhook.previous_secret {
+                Some((_, until)) => format!(
+                "Rotated. Deliveries carry a signature with the previous secret too until {} UTC.",
+                until.format("%Y-%m-%d %H:%M")
+            ),
+                None => "Rotated.".into(),
+            };
+            home.keep(&flash_of(&webhook, note), now)
+        }
+    };
+    webhooks::rotate_webhook_secret(
         &console.app,
         &console.who,
         &console.context,
         console.tenant,
         webhook_id(&id)?,
-        None,
+        Some(&keep),
     )
     .await?;
-    let note = match &webhook.previous_secret {
-        Some((_, until)) => format!(
-            "Rotated. Deliveries carry a signature with the previous secret too until {} UTC.",
-            until.format("%Y-%m-%d %H:%M")
-        ),
-        None => "Rotated.".into(),
-    };
-    show_secret_once(&console, &webhook, note).await
+    to_secret_page(&console, &home).await
 }
 
 pub(crate) async fn delete_page(console: Console, Path(id): Path<String>) -> PageResult {

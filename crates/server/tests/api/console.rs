@@ -9,6 +9,9 @@ use std::time::Duration;
 both_backends!(
     console_refusals_are_recorded_in_the_sessions_organization,
     a_console_page_the_store_cannot_serve_says_when_to_retry,
+    two_creates_before_the_secret_page_show_both_secrets_once,
+    a_console_secret_outlives_a_store_failure_right_after_its_change,
+    a_create_under_way_when_its_session_ends_makes_nothing,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -79,6 +82,36 @@ impl ConsoleSession {
             .await
             .unwrap()
     }
+}
+
+impl ConsoleSession {
+    /// `GET path` in this session.
+    pub async fn get(&self, app: &TestApp, path: &str) -> Response {
+        app.request(Method::GET, path, None)
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The secrets a secret page shows, in order.
+fn secrets_in(html: &str) -> Vec<String> {
+    html.split("aria-label=\"Secret\">")
+        .skip(1)
+        .map(|rest| rest[..rest.find('<').unwrap()].to_owned())
+        .collect()
+}
+
+/// Creates an API token named `name` through the console's form, not following the redirect.
+async fn console_create_token(app: &TestApp, console: &ConsoleSession, name: &str) -> Response {
+    console
+        .post(
+            app,
+            "/console/api-tokens",
+            &[("name", name), ("scopes", "api_tokens:read")],
+        )
+        .await
 }
 
 /// `org`'s `access.denied` events about `target_id`.
@@ -181,4 +214,90 @@ async fn a_console_page_the_store_cannot_serve_says_when_to_retry(
         .unwrap();
     assert!(retry_after >= 1, "{retry_after}");
     assert!(page.text().await.unwrap().contains("role=\"alert\""));
+}
+
+/// Two creates in one session before its secret page is seen (two tabs, a double click): each
+/// secret is kept, the secret page shows both, once, and each works.
+async fn two_creates_before_the_secret_page_show_both_secrets_once(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    for name in ["first-tab", "second-tab"] {
+        let res = console_create_token(&app, &console, name).await;
+        assert_eq!(res.status(), 303, "creating {name}");
+        assert_eq!(res.headers()["location"], "/console/secret");
+    }
+    let page = console.get(&app, "/console/secret").await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let secrets = secrets_in(&html);
+    assert_eq!(secrets.len(), 2, "{html}");
+    assert!(
+        html.find("first-tab").unwrap() < html.find("second-tab").unwrap(),
+        "each secret says whose it is, oldest first: {html}"
+    );
+    for secret in &secrets {
+        let res = app.get(&org.path("/api-tokens"), secret).await;
+        assert_eq!(res.status(), 200, "a shown secret works");
+    }
+    let again = console.get(&app, "/console/secret").await;
+    assert_eq!(again.status(), 410, "shown once");
+    assert!(secrets_in(&again.text().await.unwrap()).is_empty());
+}
+
+/// The store failing right after a create committed loses nothing: the secret was kept with the
+/// change, and the secret page shows it once the store is back.
+async fn a_console_secret_outlives_a_store_failure_right_after_its_change(
+    backend: keyplane_store::testing::Backend,
+) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    store.go_down_after_next_change();
+    let res = console_create_token(&app, &console, "kept").await;
+    assert_eq!(
+        res.headers()["location"],
+        "/console/secret",
+        "{}",
+        res.status()
+    );
+    store.set_down(false);
+    let page = console.get(&app, "/console/secret").await;
+    assert_eq!(page.status(), 200);
+    let secrets = secrets_in(&page.text().await.unwrap());
+    assert_eq!(secrets.len(), 1);
+    let res = app.get(&org.path("/api-tokens"), &secrets[0]).await;
+    assert_eq!(res.status(), 200, "the shown secret is the live one");
+}
+
+/// Signing out (in another tab) while a create is under way: the create fails and no credential
+/// is made whose secret nobody could see.
+async fn a_create_under_way_when_its_session_ends_makes_nothing(
+    backend: keyplane_store::testing::Backend,
+) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, test_config()).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    let mut held = store.hold_next_change();
+    let (res, ()) = tokio::join!(console_create_token(&app, &console, "orphan"), async {
+        held.reached().await;
+        let out = console.post(&app, "/console/logout", &[]).await;
+        assert_eq!(out.status(), 303, "signed out");
+        held.release();
+    });
+    assert_ne!(
+        res.headers().get("location").map(|l| l.to_str().unwrap()),
+        Some("/console/secret"),
+        "no secret page for a session that ended"
+    );
+    let again = sign_in(&app, &org.token).await;
+    let list = again.get(&app, "/console/api-tokens").await;
+    assert_eq!(list.status(), 200);
+    let html = list.text().await.unwrap();
+    assert!(
+        html.contains("bootstrap") && !html.contains("orphan"),
+        "{html}"
+    );
 }

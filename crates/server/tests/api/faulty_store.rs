@@ -1024,24 +1024,20 @@ impl Store for FaultyStore {
         self.inner.set_console_session_notice(id_hash, notice).await
     }
 
-    async fn set_console_session_secret(
+    async fn console_session_secrets(
         &self,
         id_hash: &[u8; 32],
-        sealed: &[u8],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         self.check()?;
-        self.inner.set_console_session_secret(id_hash, sealed).await
+        self.inner.console_session_secrets(id_hash).await
     }
 
-    async fn take_console_session_secret(
+    async fn take_console_session_secrets(
         &self,
         id_hash: &[u8; 32],
-        sealed: &[u8],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         self.check()?;
-        self.inner
-            .take_console_session_secret(id_hash, sealed)
-            .await
+        self.inner.take_console_session_secrets(id_hash).await
     }
 
     async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
