@@ -15,8 +15,8 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use keyplane_core::audit::{ActorType, DetailValue, Outcome};
 use keyplane_core::authz::Actor;
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, FieldPath, RobotPermission,
-    RotationOptions, Scope, ScopeSet, SubjectType,
+    Capability, Credential, CredentialId, CredentialKind, CredentialPolicy, FieldPath,
+    RobotPermission, RotationOptions, Scope, ScopeSet, SubjectType,
 };
 use keyplane_store::{AuditOrder, AuditQuery, GrantFilter};
 use std::collections::HashMap;
@@ -109,8 +109,8 @@ fn status(credential: &Credential, now: DateTime<Utc>) -> String {
     }
 }
 
-/// The expiry a create form asks for: a date, a number of days, or none (the tenant's policy may
-/// then fill its default or refuse).
+/// The expiry a create or rotate form asks for: a date, a number of days, or none (a create's
+/// policy may then fill its default or refuse; a rotation keeps the expiry it has).
 fn expiry_from(
     form: &super::Form,
     now: DateTime<Utc>,
@@ -132,7 +132,8 @@ fn expiry_from(
         return Ok(Some(at));
     }
     match form.text("expires_in_days") {
-        None | Some("never") => Ok(None),
+        // A rotation given none keeps the expiry it has.
+        None | Some("never") | Some("keep") => Ok(None),
         Some(days) => {
             let days: i64 = days
                 .parse()
@@ -149,15 +150,82 @@ fn expiry_from(
     }
 }
 
-fn expiry_fields() -> &'static str {
-    "<div class=\"field\"><label for=\"expires_in_days\">Expires</label>\
-     <select id=\"expires_in_days\" name=\"expires_in_days\">\
-     <option value=\"7\">in 7 days</option><option value=\"30\">in 30 days</option>\
-     <option value=\"90\" selected>in 90 days</option><option value=\"365\">in 1 year</option>\
-     <option value=\"never\">never (if the organization's policy allows)</option></select></div>\
-     <div class=\"field\"><label for=\"expires_on\">or on this date (UTC midnight) \
-     <span class=\"hint\">optional; overrides the choice above</span></label>\
-     <input type=\"date\" id=\"expires_on\" name=\"expires_on\"></div>"
+/// The lifetimes a form offers, in days, before the organization's policy has its say.
+const LIFETIME_CHOICES: [u32; 4] = [7, 30, 90, 365];
+
+/// The expiry choices of a form that issues a credential of `kind`, built from the organization's
+/// `policy`: none longer than its maximum, its default lifetime preselected (else 90 days, or the
+/// maximum when shorter), and "never" only where the policy leaves a credential without expiry.
+/// A rotation (`current`: the credential's expiry) offers keeping the expiry it has when the
+/// policy allows it, and preselects that, or else the longest lifetime allowed.
+fn expiry_fields(
+    policy: &CredentialPolicy,
+    kind: CredentialKind,
+    now: DateTime<Utc>,
+    current: Option<Option<DateTime<Utc>>>,
+) -> String {
+    let (rule, _) = policy.rule_for(kind);
+    let max = rule.max_lifetime_days;
+    let mut days: Vec<u32> = LIFETIME_CHOICES
+        .into_iter()
+        .chain(rule.default_lifetime_days)
+        .chain(max)
+        .filter(|d| max.is_none_or(|max| *d <= max))
+        .collect();
+    days.sort_unstable();
+    days.dedup();
+    let keep = current.filter(|expiry| !rule.exceeded_by(*expiry, now));
+    let selected = match (keep, current) {
+        (Some(_), _) => None,
+        (None, None) => rule
+            .default_lifetime_days
+            .or(Some(max.map_or(90, |max| max.min(90)))),
+        // The expiry it has, clipped to the policy.
+        (None, Some(_)) => max.or(rule.default_lifetime_days).or(Some(90)),
+    };
+    let mut options = String::new();
+    if let Some(expiry) = keep {
+        let _ = write!(
+            options,
+            "<option value=\"keep\" selected>as now: {}</option>",
+            expiry.map_or("never".to_string(), |at| {
+                format!("{} UTC", at.format("%Y-%m-%d %H:%M"))
+            })
+        );
+    }
+    for d in days {
+        let label = match d {
+            365 => "in 1 year".to_string(),
+            d => format!("in {d} days"),
+        };
+        let _ = write!(
+            options,
+            "<option value=\"{d}\"{}>{label}{}</option>",
+            if Some(d) == selected { " selected" } else { "" },
+            if Some(d) == max {
+                " (the longest the policy allows)"
+            } else {
+                ""
+            },
+        );
+    }
+    // "Never" is a choice only where it is what happens: a policy's default lifetime would fill
+    // it, and a rotation keeps its expiry when given none.
+    if current.is_none() && !policy.requires_expiry(kind) && rule.default_lifetime_days.is_none() {
+        options.push_str("<option value=\"never\">never</option>");
+    }
+    format!(
+        "<div class=\"field\"><label for=\"expires_in_days\">Expires</label>\
+         <select id=\"expires_in_days\" name=\"expires_in_days\">{options}</select></div>\
+         <div class=\"field\"><label for=\"expires_on\">or on this date (UTC midnight) \
+         <span class=\"hint\">optional; overrides the choice above</span></label>\
+         <input type=\"date\" id=\"expires_on\" name=\"expires_on\"></div>"
+    )
+}
+
+/// The organization's credential policy, which the forms' expiry choices follow.
+async fn policy(console: &Console) -> Result<CredentialPolicy, ConsoleError> {
+    Ok(ops::credential_policy(console.app.store().as_ref(), console.tenant).await?)
 }
 
 /// Where the change this request makes keeps the secret it makes, in its own transaction
@@ -451,7 +519,12 @@ pub(crate) async fn api_tokens(
              {scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
             csrf = html::csrf_field(&console.csrf),
             scopes = scope_picker(&console),
-            expiry = expiry_fields(),
+            expiry = expiry_fields(
+                &policy(&console).await?,
+                CredentialKind::ApiToken,
+                now,
+                None
+            ),
         );
     }
     let frame = console.frame("/console/api-tokens").await?;
@@ -680,6 +753,12 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
     let kind = kind_page(&uri)?;
     let credential = live_credential(&console, kind, credential_id(&id)?).await?;
     console.who.require(console.tenant, kind.rights.write)?;
+    let expiry = expiry_fields(
+        &policy(&console).await?,
+        kind.rights.kind,
+        console.app.now(),
+        Some(credential.expires_at),
+    );
     let body = format!(
         "<p>Rotating gives the {singular} <strong>{name}</strong> a new secret; its id, name and \
          rights stay. Choose how long the current secret keeps working, so whatever uses it can \
@@ -691,12 +770,12 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
             &format!("/console/{}/{}/rotate", kind.slug, credential.id.as_uuid()),
             &console.csrf,
             "stack",
-            "<fieldset><legend>The current secret keeps working</legend>\
+            &format!("<fieldset><legend>The current secret keeps working</legend>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"0\" checked data-autofocus> not at all: it stops now</label>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"3600\"> for 1 hour</label>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"86400\"> for 1 day</label>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"604800\"> for 7 days</label></fieldset>\
-             <div><button type=\"submit\">Rotate</button></div>",
+             {expiry}<div><button type=\"submit\">Rotate</button></div>"),
         ),
     );
     let frame = console.frame(kind.list).await?;
@@ -726,6 +805,7 @@ pub(crate) async fn rotate(
             ))
         }
     };
+    let expires_at = expiry_from(&form, console.app.now())?;
     let own = Actor::Credential {
         id,
         kind: kind.rights.kind,
@@ -757,7 +837,7 @@ pub(crate) async fn rotate(
                 grace_seconds,
                 retire_when_unused_seconds: None,
             },
-            expires_at: None,
+            expires_at,
         },
         Some(&keep),
     )
@@ -900,7 +980,12 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
          <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\"></div>\
          {expiry}<div><button type=\"submit\">Create service account</button></div></form>",
         csrf = html::csrf_field(&console.csrf),
-        expiry = expiry_fields(),
+        expiry = expiry_fields(
+            &policy(&console).await?,
+            CredentialKind::ServiceAccount,
+            now,
+            None
+        ),
     );
     let frame = console.frame("/console/service-accounts").await?;
     Ok(console
@@ -1176,7 +1261,12 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                      {permissions}{expiry}<div><button type=\"submit\">Create robot</button></div></form>",
                     csrf = html::csrf_field(&console.csrf),
                     permissions = permissions_field(""),
-                    expiry = expiry_fields(),
+                    expiry = expiry_fields(
+                        &policy(&console).await?,
+                        CredentialKind::RobotAccount,
+                        now,
+                        None,
+                    ),
                 );
             }
         }

@@ -12,6 +12,7 @@ both_backends!(
     two_creates_before_the_secret_page_show_both_secrets_once,
     a_console_secret_outlives_a_store_failure_right_after_its_change,
     a_create_under_way_when_its_session_ends_makes_nothing,
+    console_expiry_choices_follow_the_credential_policy,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -300,4 +301,90 @@ async fn a_create_under_way_when_its_session_ends_makes_nothing(
         html.contains("bootstrap") && !html.contains("orphan"),
         "{html}"
     );
+}
+
+/// The value a page's `<select name="name">` has preselected.
+fn selected_in(html: &str, name: &str) -> String {
+    let select = &html[html
+        .find(&format!("<select id=\"{name}\" name=\"{name}\">"))
+        .unwrap_or_else(|| panic!("a {name} choice: {html}"))..];
+    let select = &select[..select.find("</select>").unwrap()];
+    let chosen = select
+        .split("<option ")
+        .find(|o| o.contains(" selected>"))
+        .unwrap_or_else(|| panic!("a preselected {name}: {select}"));
+    let start = chosen.find("value=\"").unwrap() + 7;
+    chosen[start..start + chosen[start..].find('"').unwrap()].to_owned()
+}
+
+/// The console's expiry choices follow the organization's credential policy: a token whose
+/// expiry the policy no longer allows can be rotated with the choice the rotate form preselects,
+/// and a create with the form's preselected expiry succeeds under a short maximum lifetime.
+async fn console_expiry_choices_follow_the_credential_policy(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let far = (chrono::Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            serde_json::json!({"name": "long-lived", "scopes": ["api_tokens:read"], "expires_at": far}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let token: Value = res.json().await.unwrap();
+    crate::lifecycle::put_policy(
+        &app,
+        &org,
+        serde_json::json!({"all": {"max_lifetime_days": 90}}),
+    )
+    .await;
+    let console = sign_in(&app, &org.token).await;
+    let path = format!(
+        "/console/api-tokens/{}/rotate",
+        token["id"].as_str().unwrap()
+    );
+    let page = console.get(&app, &path).await.text().await.unwrap();
+    let expiry = selected_in(&page, "expires_in_days");
+    let rotated = console
+        .post(
+            &app,
+            &path,
+            &[("grace_seconds", "0"), ("expires_in_days", &expiry)],
+        )
+        .await;
+    assert_eq!(rotated.status(), 303, "rotating with {expiry}");
+    assert_eq!(rotated.headers()["location"], "/console/secret");
+
+    crate::lifecycle::put_policy(
+        &app,
+        &org,
+        serde_json::json!({"all": {"max_lifetime_days": 30}}),
+    )
+    .await;
+    let page = console
+        .get(&app, "/console/api-tokens")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let expiry = selected_in(&page, "expires_in_days");
+    assert!(
+        !page.contains("value=\"never\""),
+        "never is no choice under a maximum"
+    );
+    let created = console
+        .post(
+            &app,
+            "/console/api-tokens",
+            &[
+                ("name", "short-lived"),
+                ("scopes", "api_tokens:read"),
+                ("expires_in_days", &expiry),
+            ],
+        )
+        .await;
+    assert_eq!(created.status(), 303, "creating with {expiry}");
 }
