@@ -24,8 +24,10 @@ use std::fmt::Write;
 
 type PageResult = Result<Response, ConsoleError>;
 
-/// The most credentials a list page reads; the filters apply within them.
+/// The most credentials a list page shows; a search reads on until it has found this many.
 const LIST_LIMIT: u32 = 1000;
+/// The soonest-expiring credentials the overview lists.
+const EXPIRING_SHOWN: usize = 20;
 const AUDIT_PAGE: u32 = 50;
 
 /// A kind of credential as the console addresses it: `/console/<slug>/…`.
@@ -302,7 +304,6 @@ type KeptResult = Result<keyplane_store::KeptAnswer, keyplane_store::StoreError>
 
 pub(crate) async fn overview(console: Console) -> PageResult {
     let app = &console.app;
-    let now = app.now();
     let mut body = String::from("<section aria-labelledby=\"counts\"><h2 id=\"counts\">Live credentials</h2><div class=\"cards\">");
     let mut expiring: Vec<Credential> = Vec::new();
     for kind in &KINDS {
@@ -331,10 +332,19 @@ pub(crate) async fn overview(console: Console) -> PageResult {
             kind.list,
             esc(&capitalized(kind.singular))
         );
-        expiring.extend(list.into_iter().filter(|c| {
-            c.expires_at
-                .is_some_and(|at| at > now && at <= now + TimeDelta::days(30))
-        }));
+        // The store picks them, however many credentials the organization has.
+        let (soon, _) = ops::list_credentials(
+            app,
+            &console.who,
+            console.tenant,
+            kind.rights,
+            ListSpec {
+                expiring_within_days: Some(30),
+                ..ListSpec::default()
+            },
+        )
+        .await?;
+        expiring.extend(soon);
     }
     body.push_str("</div></section>");
 
@@ -346,7 +356,7 @@ pub(crate) async fn overview(console: Console) -> PageResult {
         body.push_str("<p class=\"muted\">Nothing expires in the next 30 days.</p>");
     } else {
         body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Kind</th><th scope=\"col\">Expires</th></tr></thead><tbody>");
-        for c in expiring.iter().take(20) {
+        for c in expiring.iter().take(EXPIRING_SHOWN) {
             let _ = write!(
                 body,
                 "<tr><td data-label=\"Name\"><a href=\"{}\">{}</a></td><td data-label=\"Kind\">{}</td><td data-label=\"Expires\">{}</td></tr>",
@@ -357,6 +367,15 @@ pub(crate) async fn overview(console: Console) -> PageResult {
             );
         }
         body.push_str("</tbody></table></div>");
+        if expiring.len() > EXPIRING_SHOWN {
+            let _ = write!(
+                body,
+                "<p class=\"muted\">{} more expire within 30 days, not shown: the soonest are \
+                 above. <a href=\"/console/api-tokens?expiring=30\">API tokens expiring within \
+                 30 days</a></p>",
+                expiring.len() - EXPIRING_SHOWN
+            );
+        }
     }
     body.push_str("</section>");
 
@@ -396,6 +415,58 @@ pub(crate) struct TokenFilters {
     scope: String,
     #[serde(default)]
     expiring: String,
+    /// The page after this token (a cursor; not with a search).
+    #[serde(default)]
+    after: String,
+}
+
+/// Says so when a list shows only the oldest [`LIST_LIMIT`] of its `what`.
+fn more_not_shown(more: bool, what: &str) -> String {
+    if more {
+        format!(
+            "<p class=\"muted\" role=\"status\">The oldest {LIST_LIMIT} live {what} are shown; \
+             there are more (the API lists every one).</p>"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The credentials of `rights`' kind (within `spec`'s expiry window) that `keep` accepts, read
+/// from the store a page at a time so that every one is searched, up to [`LIST_LIMIT`] matches;
+/// and whether more matched.
+async fn search_credentials(
+    console: &Console,
+    rights: KindRights,
+    spec: ListSpec,
+    keep: impl Fn(&Credential) -> bool,
+) -> Result<(Vec<Credential>, bool), ConsoleError> {
+    let mut found = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, next) = ops::list_credentials(
+            &console.app,
+            &console.who,
+            console.tenant,
+            rights,
+            ListSpec {
+                after,
+                limit: Some(LIST_LIMIT),
+                ..spec
+            },
+        )
+        .await?;
+        for credential in page.into_iter().filter(|c| keep(c)) {
+            if found.len() == LIST_LIMIT as usize {
+                return Ok((found, true));
+            }
+            found.push(credential);
+        }
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok((found, false)),
+        }
+    }
 }
 
 pub(crate) async fn api_tokens(
@@ -418,25 +489,39 @@ pub(crate) async fn api_tokens(
                 })?,
         ),
     };
-    let (tokens, more) = ops::list_credentials(
-        app,
-        &console.who,
-        console.tenant,
-        ops::API_TOKENS,
-        ListSpec {
-            limit: Some(LIST_LIMIT),
-            expiring_within_days,
-            ..ListSpec::default()
-        },
-    )
-    .await?;
     let needle = filters.q.trim().to_lowercase();
     let scope = filters.scope.trim();
-    let shown: Vec<&Credential> = tokens
-        .iter()
-        .filter(|t| needle.is_empty() || t.name.to_lowercase().contains(&needle))
-        .filter(|t| scope.is_empty() || t.scopes.iter().any(|s| s.as_str() == scope))
-        .collect();
+    let searching = !needle.is_empty() || !scope.is_empty();
+    let spec = ListSpec {
+        expiring_within_days,
+        ..ListSpec::default()
+    };
+    let (shown, next, more) = if searching {
+        let (found, more) = search_credentials(&console, ops::API_TOKENS, spec, |t| {
+            (needle.is_empty() || t.name.to_lowercase().contains(&needle))
+                && (scope.is_empty() || t.scopes.iter().any(|s| s.as_str() == scope))
+        })
+        .await?;
+        (found, None, more)
+    } else {
+        let after = match filters.after.as_str() {
+            "" => None,
+            raw => Some(credential_id(raw)?),
+        };
+        let (page, next) = ops::list_credentials(
+            app,
+            &console.who,
+            console.tenant,
+            ops::API_TOKENS,
+            ListSpec {
+                after,
+                limit: Some(LIST_LIMIT),
+                ..spec
+            },
+        )
+        .await?;
+        (page, next, false)
+    };
     let may_write = console.may(Capability::ApiTokensWrite);
 
     let mut body = String::new();
@@ -467,13 +552,19 @@ pub(crate) async fn api_tokens(
     if may_write {
         body.push_str("<p><a class=\"button\" href=\"#create\">Create an API token</a></p>");
     }
-    let _ = write!(
-        body,
-        "<p class=\"muted\" role=\"status\">{} of {}{} live tokens shown.</p>",
-        shown.len(),
-        tokens.len(),
-        if more.is_some() { "+" } else { "" }
-    );
+    let status_line = if searching && more {
+        format!(
+            "The first {} matching live tokens shown; narrow the search to see the others.",
+            shown.len()
+        )
+    } else if searching {
+        format!("{} matching live tokens.", shown.len())
+    } else if next.is_some() {
+        format!("{} live tokens shown; more on the next page.", shown.len())
+    } else {
+        format!("{} live tokens shown.", shown.len())
+    };
+    let _ = write!(body, "<p class=\"muted\" role=\"status\">{status_line}</p>");
     body.push_str("<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"API tokens\"><thead><tr>\
         <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Scopes</th>\
         <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
@@ -508,6 +599,14 @@ pub(crate) async fn api_tokens(
         body.push_str("<tr><td colspan=\"7\" class=\"muted\">No tokens match.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
+    if let Some(next) = next {
+        let _ = write!(
+            body,
+            "<p><a rel=\"next\" href=\"/console/api-tokens?expiring={}&amp;after={}\">Next page</a></p>",
+            esc(&filters.expiring),
+            next.as_uuid()
+        );
+    }
 
     if may_write {
         let _ = write!(
@@ -901,7 +1000,7 @@ pub(crate) async fn revoke(
 pub(crate) async fn service_accounts(console: Console) -> PageResult {
     let app = &console.app;
     let now = app.now();
-    let (accounts, _) = ops::list_credentials(
+    let (accounts, more_accounts) = ops::list_credentials(
         app,
         &console.who,
         console.tenant,
@@ -972,6 +1071,7 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
         body.push_str("<tr><td colspan=\"7\" class=\"muted\">No service accounts yet.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
+    body.push_str(&more_not_shown(more_accounts.is_some(), "service accounts"));
     let _ = write!(
         body,
         "<h2 id=\"create\">Create a service account</h2>\
@@ -1194,7 +1294,7 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                 esc(&registry.project),
                 esc(endpoint)
             );
-            let (robots, _) = ops::list_credentials(
+            let (robots, more_robots) = ops::list_credentials(
                 app,
                 &console.who,
                 console.tenant,
@@ -1250,6 +1350,7 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                 body.push_str("<tr><td colspan=\"6\" class=\"muted\">No robot accounts.</td></tr>");
             }
             body.push_str("</tbody></table></div>");
+            body.push_str(&more_not_shown(more_robots.is_some(), "robot accounts"));
             if may_write {
                 let _ = write!(
                     body,

@@ -13,6 +13,7 @@ both_backends!(
     a_console_secret_outlives_a_store_failure_right_after_its_change,
     a_create_under_way_when_its_session_ends_makes_nothing,
     console_expiry_choices_follow_the_credential_policy,
+    the_overview_and_search_see_past_the_first_thousand_tokens,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -86,6 +87,13 @@ impl ConsoleSession {
 }
 
 impl ConsoleSession {
+    /// The page at `path` in this session, asserting 200.
+    pub async fn page(&self, app: &TestApp, path: &str) -> String {
+        let res = self.get(app, path).await;
+        assert_eq!(res.status(), 200, "GET {path}");
+        res.text().await.unwrap()
+    }
+
     /// `GET path` in this session.
     pub async fn get(&self, app: &TestApp, path: &str) -> Response {
         app.request(Method::GET, path, None)
@@ -303,6 +311,15 @@ async fn a_create_under_way_when_its_session_ends_makes_nothing(
     );
 }
 
+/// A new API token named `name` of `org`, expiring `days` days from now, as the API answers it.
+async fn token_expiring_in(app: &TestApp, org: &Org, name: &str, days: i64) -> Value {
+    let at = (chrono::Utc::now() + chrono::TimeDelta::days(days)).to_rfc3339();
+    let body = serde_json::json!({"name": name, "scopes": ["api_tokens:read"], "expires_at": at});
+    let res = app.post(&org.path("/api-tokens"), &org.token, body).await;
+    assert_eq!(res.status(), 201, "creating {name}");
+    res.json().await.unwrap()
+}
+
 /// The value a page's `<select name="name">` has preselected.
 fn selected_in(html: &str, name: &str) -> String {
     let select = &html[html
@@ -325,16 +342,7 @@ async fn console_expiry_choices_follow_the_credential_policy(
 ) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
-    let far = (chrono::Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
-    let res = app
-        .post(
-            &org.path("/api-tokens"),
-            &org.token,
-            serde_json::json!({"name": "long-lived", "scopes": ["api_tokens:read"], "expires_at": far}),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
-    let token: Value = res.json().await.unwrap();
+    let token = token_expiring_in(&app, &org, "long-lived", 365).await;
     crate::lifecycle::put_policy(
         &app,
         &org,
@@ -346,7 +354,7 @@ async fn console_expiry_choices_follow_the_credential_policy(
         "/console/api-tokens/{}/rotate",
         token["id"].as_str().unwrap()
     );
-    let page = console.get(&app, &path).await.text().await.unwrap();
+    let page = console.page(&app, &path).await;
     let expiry = selected_in(&page, "expires_in_days");
     let rotated = console
         .post(
@@ -364,12 +372,7 @@ async fn console_expiry_choices_follow_the_credential_policy(
         serde_json::json!({"all": {"max_lifetime_days": 30}}),
     )
     .await;
-    let page = console
-        .get(&app, "/console/api-tokens")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = console.page(&app, "/console/api-tokens").await;
     let expiry = selected_in(&page, "expires_in_days");
     assert!(
         !page.contains("value=\"never\""),
@@ -387,4 +390,38 @@ async fn console_expiry_choices_follow_the_credential_policy(
         )
         .await;
     assert_eq!(created.status(), 303, "creating with {expiry}");
+}
+
+/// An organization with more than a thousand tokens: the newest, expiring in 5 days, is on the
+/// overview's expiring list and is found by name; the list pages on to it.
+async fn the_overview_and_search_see_past_the_first_thousand_tokens(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    app.import_credentials(&org, keyplane_core::CredentialKind::ApiToken, 1000, |_| {
+        false
+    })
+    .await;
+    token_expiring_in(&app, &org, "needle-token", 5).await;
+    let console = sign_in(&app, &org.token).await;
+
+    let overview = console.page(&app, "/console").await;
+    let expiring = &overview[overview.find("id=\"expiring\"").unwrap()..];
+    assert!(expiring.contains("needle-token"), "{expiring}");
+
+    let found = console.page(&app, "/console/api-tokens?q=needle").await;
+    assert!(
+        found.contains("<td data-label=\"Name\">needle-token</td>"),
+        "{found}"
+    );
+
+    // Without a search, the first page links to the next, which holds the newest.
+    let first = console.page(&app, "/console/api-tokens").await;
+    assert!(!first.contains("needle-token"));
+    let link = "<a rel=\"next\" href=\"";
+    let start = first.find(link).expect("a next page") + link.len();
+    let next = first[start..start + first[start..].find('"').unwrap()].replace("&amp;", "&");
+    let second = console.page(&app, &next).await;
+    assert!(second.contains("<td data-label=\"Name\">needle-token</td>"));
 }
