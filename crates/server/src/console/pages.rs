@@ -86,9 +86,12 @@ fn token_hint(credential: &Credential) -> String {
     format!("{}…{}", credential.display.prefix, credential.display.last4)
 }
 
-/// A credential's state in words: suspended, a previous secret still accepted, expired.
+/// A credential's state in words: a canary, suspended, a previous secret still accepted, expired.
 fn status(credential: &Credential, now: DateTime<Utc>) -> String {
     let mut parts = Vec::new();
+    if credential.canary {
+        parts.push("canary (bait: any use of it raises an alert)".to_string());
+    }
     if credential.revoked_at.is_some() {
         parts.push("revoked".to_string());
     }
@@ -678,9 +681,22 @@ fn scope_picker(console: &Console) -> String {
 fn row_actions(slug: &str, credential: &Credential) -> String {
     let id = credential.id.as_uuid();
     let name = esc(&credential.name);
+    // A canary's secret is fixed (it is bait): rotating it is always refused.
+    let mut actions = String::new();
+    if credential.kind == CredentialKind::RobotAccount {
+        let _ = write!(
+            actions,
+            "<a href=\"/console/{slug}/{id}/permissions\" aria-label=\"Permissions of {name}\">Permissions</a>"
+        );
+    }
+    if !credential.canary {
+        let _ = write!(
+            actions,
+            "<a href=\"/console/{slug}/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>"
+        );
+    }
     format!(
-        "<td data-label=\"Actions\" class=\"actions\">\
-         <a href=\"/console/{slug}/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>\
+        "<td data-label=\"Actions\" class=\"actions\">{actions}\
          <a href=\"/console/{slug}/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></td>"
     )
 }
@@ -852,6 +868,12 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
     let kind = kind_page(&uri)?;
     let credential = live_credential(&console, kind, credential_id(&id)?).await?;
     console.who.require(console.tenant, kind.rights.write)?;
+    if credential.canary {
+        return Err(ConsoleError::page(
+            StatusCode::CONFLICT,
+            "A canary's secret is fixed (it is bait): it cannot be rotated.",
+        ));
+    }
     let expiry = expiry_fields(
         &policy(&console).await?,
         kind.rights.kind,
@@ -1334,15 +1356,7 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                     status(robot, now),
                 );
                 if may_write {
-                    let id = robot.id.as_uuid();
-                    let name = esc(&robot.name);
-                    let _ = write!(
-                        body,
-                        "<td data-label=\"Actions\" class=\"actions\">\
-                         <a href=\"/console/robots/{id}/permissions\" aria-label=\"Permissions of {name}\">Permissions</a>\
-                         <a href=\"/console/robots/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a>\
-                         <a href=\"/console/robots/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></td>"
-                    );
+                    body.push_str(&row_actions("robots", robot));
                 }
                 body.push_str("</tr>");
             }

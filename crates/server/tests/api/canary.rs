@@ -83,7 +83,7 @@ fn text(value: &Value, key: &str) -> String {
         .to_string()
 }
 
-async fn create_api_token(app: &TestApp, org: &Org, body: Value) -> Value {
+pub(crate) async fn create_api_token(app: &TestApp, org: &Org, body: Value) -> Value {
     created(
         app.post(&org.path("/api-tokens"), &org.token, body).await,
         "an API token",

@@ -14,6 +14,7 @@ both_backends!(
     a_create_under_way_when_its_session_ends_makes_nothing,
     console_expiry_choices_follow_the_credential_policy,
     the_overview_and_search_see_past_the_first_thousand_tokens,
+    a_canary_shows_as_one_and_offers_no_rotation,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -315,9 +316,7 @@ async fn a_create_under_way_when_its_session_ends_makes_nothing(
 async fn token_expiring_in(app: &TestApp, org: &Org, name: &str, days: i64) -> Value {
     let at = (chrono::Utc::now() + chrono::TimeDelta::days(days)).to_rfc3339();
     let body = serde_json::json!({"name": name, "scopes": ["api_tokens:read"], "expires_at": at});
-    let res = app.post(&org.path("/api-tokens"), &org.token, body).await;
-    assert_eq!(res.status(), 201, "creating {name}");
-    res.json().await.unwrap()
+    crate::canary::create_api_token(app, org, body).await
 }
 
 /// The value a page's `<select name="name">` has preselected.
@@ -424,4 +423,27 @@ async fn the_overview_and_search_see_past_the_first_thousand_tokens(
     let next = first[start..start + first[start..].find('"').unwrap()].replace("&amp;", "&");
     let second = console.page(&app, &next).await;
     assert!(second.contains("<td data-label=\"Name\">needle-token</td>"));
+}
+
+/// A canary token is listed as a canary, with no Rotate link (rotating one is always refused),
+/// and can still be revoked.
+async fn a_canary_shows_as_one_and_offers_no_rotation(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    crate::canary::create_api_token(
+        &app,
+        &org,
+        serde_json::json!({"name": "bait", "canary": true}),
+    )
+    .await;
+    let console = sign_in(&app, &org.token).await;
+    let page = console.page(&app, "/console/api-tokens").await;
+    let row = &page[page
+        .find("<td data-label=\"Name\">bait</td>")
+        .expect("the canary listed")..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    let status = &row[row.find("data-label=\"Status\">").unwrap()..];
+    assert!(status.starts_with("data-label=\"Status\">canary"), "{row}");
+    assert!(!row.contains("Rotate"), "{row}");
+    assert!(row.contains("aria-label=\"Revoke bait\""), "{row}");
 }
