@@ -697,14 +697,26 @@ pub(crate) struct SignInQuery {
 async fn sign_in_page(
     axum::extract::State(app): axum::extract::State<App>,
     axum::extract::Query(query): axum::extract::Query<SignInQuery>,
+    headers: HeaderMap,
 ) -> Response {
-    sign_in_form(&app, query.signed_out.is_some(), None, StatusCode::OK)
+    let held = read_cookie(&headers, login_cookie_name(&app));
+    sign_in_form(&app, held, query.signed_out.is_some(), None, StatusCode::OK)
 }
 
-/// The sign-in page, with a fresh pre-session CSRF token in a cookie and in the form (a login
-/// form is a target for CSRF too: it would sign a victim in as the attacker).
-fn sign_in_form(app: &App, signed_out: bool, error: Option<&str>, status: StatusCode) -> Response {
-    let csrf = random_text();
+/// The sign-in page, with a pre-session CSRF token in a cookie and in the form (a login form is a
+/// target for CSRF too: it would sign a victim in as the attacker). The token the browser `held`
+/// is kept when it is one of ours, so that every sign-in form open in the browser's tabs still
+/// works; else a fresh one.
+fn sign_in_form(
+    app: &App,
+    held: Option<&str>,
+    signed_out: bool,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let csrf = held
+        .filter(|value| CookieValue::parse(value).is_some())
+        .map_or_else(random_text, str::to_string);
     let mut body = String::new();
     if signed_out {
         body.push_str("<p class=\"notice\" role=\"status\">You have signed out.</p>");
@@ -756,6 +768,7 @@ async fn sign_in(
     let Some(token) = form.text("token") else {
         return Ok(sign_in_form(
             &app,
+            Some(expected),
             false,
             Some("Paste a token to sign in."),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -773,6 +786,7 @@ async fn sign_in(
         Ok(who) => start_session(&app, &who, token).await,
         Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
             &app,
+            Some(expected),
             false,
             Some("That token was not accepted: it is unknown, revoked, suspended or expired."),
             StatusCode::UNAUTHORIZED,
@@ -787,6 +801,7 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
     let Some((tenant, _)) = who.tenants().first() else {
         return Ok(sign_in_form(
             app,
+            None,
             false,
             Some("You hold no rights in any organization yet: ask an administrator for a grant."),
             StatusCode::FORBIDDEN,

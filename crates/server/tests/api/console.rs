@@ -15,6 +15,7 @@ both_backends!(
     console_expiry_choices_follow_the_credential_policy,
     the_overview_and_search_see_past_the_first_thousand_tokens,
     a_canary_shows_as_one_and_offers_no_rotation,
+    two_open_sign_in_forms_both_work,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -446,4 +447,34 @@ async fn a_canary_shows_as_one_and_offers_no_rotation(backend: keyplane_store::t
     assert!(status.starts_with("data-label=\"Status\">canary"), "{row}");
     assert!(!row.contains("Rotate"), "{row}");
     assert!(row.contains("aria-label=\"Revoke bait\""), "{row}");
+}
+
+/// Two sign-in forms open at once (two tabs): the older one still signs in.
+async fn two_open_sign_in_forms_both_work(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let first = app
+        .request(Method::GET, "/console/login", None)
+        .send()
+        .await
+        .unwrap();
+    let login_cookie = cookie_set(&first, "keyplane_login");
+    let first_csrf = csrf_in(&first.text().await.unwrap());
+    let second = app
+        .request(Method::GET, "/console/login", None)
+        .header("cookie", format!("keyplane_login={login_cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    // The browser now holds what the second page set.
+    let held = cookie_set(&second, "keyplane_login");
+    let signed_in = app
+        .request(Method::POST, "/console/login", None)
+        .header("cookie", format!("keyplane_login={held}"))
+        .form(&[("csrf", first_csrf.as_str()), ("token", org.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303, "the first form signs in");
 }
