@@ -519,6 +519,10 @@ pub(crate) async fn export(
     // EXPORT_RETRY_MAX.
     let mut reopen_wait = EXPORT_POLL;
     let mut progress: Option<ExportProgress> = None;
+    // While passes fail (the store away, the log unwritable): the wait before the next one,
+    // doubled at each failure as the reopen's is. Said once when it stalls and once when it goes
+    // on, not at every pass.
+    let mut stalled: Option<Duration> = None;
     loop {
         if sink.is_none() {
             match Sink::open(&target) {
@@ -531,19 +535,37 @@ pub(crate) async fn export(
                 }
             }
         }
+        let mut failure = None;
         if progress.is_none() {
             match app.store().audit_export_cursors(&consumer).await {
                 Ok(saved) => progress = Some(ExportProgress::from_saved(saved)),
-                Err(error) => tracing::warn!(%error, "cannot read the audit export cursors"),
+                Err(error) => failure = Some(format!("cannot read the export cursors: {error}")),
             }
         }
+        let mut passed = false;
         if let (Some(out), Some(at)) = (sink.as_mut(), progress.as_mut()) {
-            if let Err(error) = export_pending(app.store().as_ref(), &consumer, out, at).await {
-                tracing::warn!(%error, "audit export stalled; retrying");
+            match export_pending(app.store().as_ref(), &consumer, out, at).await {
+                Ok(()) => passed = true,
+                Err(error) => failure = Some(format!("{error:#}")),
             }
         }
+        stalled = match (failure, stalled) {
+            (Some(error), None) => {
+                tracing::warn!(%error, audit_log = %consumer, "audit export stalled; retrying with growing waits until it goes on");
+                Some(EXPORT_POLL)
+            }
+            (Some(error), Some(wait)) => {
+                tracing::debug!(%error, audit_log = %consumer, "audit export still stalled");
+                Some(next_retry_wait(wait))
+            }
+            (None, Some(_)) if passed => {
+                tracing::info!(audit_log = %consumer, "audit export goes on");
+                None
+            }
+            (None, stalled) => stalled,
+        };
         let wait = if sink.is_some() {
-            EXPORT_POLL
+            stalled.unwrap_or(EXPORT_POLL)
         } else {
             let wait = reopen_wait;
             reopen_wait = next_retry_wait(reopen_wait);

@@ -16,6 +16,7 @@ both_backends!(
     the_export_writes_the_events_of_a_chain_that_went_back,
     a_failing_cursor_save_does_not_repeat_exported_lines,
     a_policy_update_records_the_values_it_replaced,
+    a_stalled_export_says_so_once_and_again_when_it_goes_on,
 );
 
 async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
@@ -926,4 +927,29 @@ async fn a_policy_update_records_the_values_it_replaced(backend: keyplane_store:
         first["old_all"],
         "max_lifetime_days=none require_expiry=false default_lifetime_days=none"
     );
+}
+
+/// An export stalled by a store outage says so once (naming its log), not at every 200 ms pass,
+/// and says when it goes on.
+async fn a_stalled_export_says_so_once_and_again_when_it_goes_on(
+    backend: keyplane_store::testing::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, store, log) = exporting(backend, dir.path()).await;
+    let org = app.create_org("acme").await;
+    let named = log.display().to_string();
+    let lines_saying = |what: &str| {
+        crate::logs::captured()
+            .lines()
+            .filter(|line| line.contains(what) && line.contains(&named))
+            .count()
+    };
+    store.set_down(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lines_saying("audit export stalled"), 1);
+    store.set_down(false);
+    app.create_token(&org, "after", &[]).await;
+    every_event_exported(&app, &org, &log, "the events written after the outage").await;
+    assert_eq!(lines_saying("audit export stalled"), 1);
+    assert_eq!(lines_saying("audit export goes on"), 1);
 }
