@@ -317,6 +317,9 @@ pub(crate) enum ConsoleError {
         details: Vec<String>,
         /// The `Retry-After` of a refusal that passes (429, 503), as the APIs send it.
         retry_after_secs: Option<u64>,
+        /// For the request log (never shown): a server error's cause, so the log line says
+        /// the request failed, as the APIs' do.
+        cause: Option<String>,
     },
 }
 
@@ -327,6 +330,7 @@ impl ConsoleError {
             message: message.into(),
             details: Vec::new(),
             retry_after_secs: None,
+            cause: None,
         }
     }
 
@@ -362,12 +366,11 @@ impl From<AppError> for ConsoleError {
                     .map(|f| format!("{}: {}", field_name(&f.path), f.message))
                     .collect(),
                 retry_after_secs: None,
+                cause: None,
             },
             other => {
                 let status = other.status();
-                if status.is_server_error() {
-                    tracing::warn!(error = %other, "console request failed");
-                }
+                let cause = status.is_server_error().then(|| other.to_string());
                 let message = match &other {
                     AppError::Domain(DomainError::NotFound) => {
                         "Not found: it does not exist, or you may not see it.".to_string()
@@ -388,6 +391,7 @@ impl From<AppError> for ConsoleError {
                     message,
                     details: Vec::new(),
                     retry_after_secs: other.retry_after_secs(),
+                    cause,
                 }
             }
         }
@@ -409,6 +413,7 @@ impl IntoResponse for ConsoleError {
                 message,
                 details,
                 retry_after_secs,
+                cause,
             } => {
                 let mut body = format!(
                     "<div class=\"error\" role=\"alert\"><p>{}</p>",
@@ -426,6 +431,11 @@ impl IntoResponse for ConsoleError {
                 );
                 let title = status.canonical_reason().unwrap_or("Error");
                 let mut response = (status, Html(html::bare_page(title, &body))).into_response();
+                if let Some(cause) = cause {
+                    response
+                        .extensions_mut()
+                        .insert(crate::error::ErrorCause(cause));
+                }
                 if let Some(seconds) = retry_after_secs {
                     response
                         .headers_mut()

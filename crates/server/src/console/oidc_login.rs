@@ -159,6 +159,7 @@ fn sign_ins_busy() -> Response {
         message: "Too many sign-ins are under way right now. Try again in a little while.".into(),
         details: Vec::new(),
         retry_after_secs: Some(SIGN_INS_BUSY_RETRY_SECS),
+        cause: Some("too many sign-ins under way".into()),
     }
     .into_response()
 }

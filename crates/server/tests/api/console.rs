@@ -200,7 +200,8 @@ async fn console_refusals_are_recorded_in_the_sessions_organization(
 }
 
 /// A console page refused because the store is unavailable says when to try again
-/// (`Retry-After`), as the APIs' 503 does: a browser or a proxy in front can wait and retry.
+/// (`Retry-After`), as the APIs' 503 does: a browser or a proxy in front can wait and retry. And
+/// the request log records it as a failure.
 async fn a_console_page_the_store_cannot_serve_says_when_to_retry(
     backend: keyplane_store::testing::Backend,
 ) {
@@ -208,13 +209,23 @@ async fn a_console_page_the_store_cannot_serve_says_when_to_retry(
     let org = app.create_org("acme").await;
     let console = sign_in(&app, &org.token).await;
     store.set_down(true);
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
     let page = app
         .request(Method::GET, "/console/api-tokens", None)
         .header("cookie", &console.cookie)
+        .header("x-request-id", &request_id)
         .send()
         .await
         .unwrap();
     assert_eq!(page.status(), 503);
+    // Logged as a failure, with its cause, as the APIs' 503s are.
+    let logged = crate::logs::captured();
+    assert!(
+        logged.lines().any(|line| line.contains(&request_id)
+            && line.contains("request failed")
+            && line.contains("http.status=503")),
+        "no failure logged for request {request_id}"
+    );
     let retry_after: u64 = page
         .headers()
         .get("retry-after")
