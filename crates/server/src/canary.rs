@@ -362,21 +362,26 @@ impl CanaryAlarm {
 /// place in the bound is held meanwhile (the same address presenting again adds nothing), and
 /// given back if the event is not written after all.
 async fn record_through_outage(store: &dyn Store, trigger: Trigger, mut backoff: Backoff) {
-    let tenant = trigger.event.tenant_id;
+    // Named in every line: an on-call engineer must be able to tell which alarm was lost (this
+    // runs on a task of its own, outside the request's span).
+    let event = &trigger.event;
+    let tenant = event.tenant_id;
+    let credential = event.target.as_ref().map(|target| target.id.to_string());
+    let request = event.context.request_id.as_deref();
     loop {
-        match store.append_audit_event(&trigger.event).await {
+        match store.append_audit_event(event).await {
             Ok(()) => return trigger.written(),
             Err(StoreError::Unavailable(unavailable)) => {
                 if backoff.is_first() {
-                    tracing::warn!(error = %unavailable, tenant.id = %tenant, "a canary trigger waits for the store; retrying until it is back");
+                    tracing::warn!(error = %unavailable, tenant.id = %tenant, credential.id = credential, request.id = request, "a canary trigger waits for the store; retrying until it is back");
                 }
                 if !backoff.wait(unavailable.fault).await {
-                    tracing::error!(error = %unavailable, tenant.id = %tenant, "canary trigger could not be recorded: the store stayed unavailable");
+                    tracing::error!(error = %unavailable, tenant.id = %tenant, credential.id = credential, request.id = request, "canary trigger could not be recorded: the store stayed unavailable");
                     return;
                 }
             }
             Err(error) => {
-                tracing::error!(%error, tenant.id = %tenant, "canary trigger could not be recorded");
+                tracing::error!(%error, tenant.id = %tenant, credential.id = credential, request.id = request, "canary trigger could not be recorded");
                 return;
             }
         }

@@ -1048,6 +1048,18 @@ async fn a_trigger_is_recorded_once_through_a_write_outage(backend: Backend) {
     assert_eq!(events[0]["client_ip"], "100.64.0.1");
     assert_eq!(present().await, 401);
     expect_triggers(&app, &org, 1).await;
+    // The waiting alarm's log line names its canary and the request that set it off: on a task of
+    // its own, outside the request's span, nothing else would.
+    let canary_id = events[0]["target"]["id"].as_str().unwrap();
+    let request_id = events[0]["request_id"].as_str().unwrap();
+    assert!(
+        crate::logs::captured()
+            .lines()
+            .any(|line| line.contains("a canary trigger waits for the store")
+                && line.contains(canary_id)
+                && line.contains(request_id)),
+        "the waiting trigger's log line names neither canary {canary_id} nor request {request_id}"
+    );
 }
 
 /// A canary reported through `/v1/credentials/revoke` while the store refuses writes is recorded
