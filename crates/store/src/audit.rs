@@ -282,6 +282,19 @@ macro_rules! impl_audit {
                 pool: &sqlx::Pool<$db>,
                 query: &$crate::AuditQuery,
             ) -> Result<Vec<keyplane_core::ChainedEvent>, $crate::StoreError> {
+                let rows: Vec<$crate::rows::AuditRow> = Self::audit_query(query)
+                    .build_query_as()
+                    .fetch_all(pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            /// The statement [`Self::query_audit`] runs: only the conditions that apply, each
+            /// a plain comparison (`($n IS NULL OR col = $n)` would keep the planner from the
+            /// indexes on (tenant, target / actor / action, seq) and (tenant, time)).
+            pub(crate) fn audit_query(
+                query: &$crate::AuditQuery,
+            ) -> sqlx::QueryBuilder<'static, $db> {
                 use $crate::audit::*;
                 let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
                     "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE tenant_id = "
@@ -302,17 +315,23 @@ macro_rules! impl_audit {
                     }
                 }
                 if !query.actions.is_empty() || !query.action_prefixes.is_empty() {
-                    sql.push(" AND (1 = 0");
+                    // No constant term: SQLite does not drop one from an OR, and an OR with a
+                    // term no index serves reads the tenant's whole chain.
+                    let mut separator = " AND (";
                     for action in &query.actions {
-                        sql.push(" OR action = ");
+                        sql.push(separator);
+                        sql.push("action = ");
                         sql.push_bind(action.clone());
+                        separator = " OR ";
                     }
                     for prefix in &query.action_prefixes {
                         // Compared as a leading substring: no LIKE, so `_` and `%` mean themselves.
-                        sql.push(" OR substr(action, 1, ");
+                        sql.push(separator);
+                        sql.push("substr(action, 1, ");
                         sql.push_bind(i32::try_from(prefix.len()).unwrap_or(i32::MAX));
                         sql.push(") = ");
                         sql.push_bind(prefix.clone());
+                        separator = " OR ";
                     }
                     sql.push(")");
                 }
@@ -341,9 +360,7 @@ macro_rules! impl_audit {
                     AuditOrder::OldestAfterSeq(_) => " ORDER BY seq ASC LIMIT ",
                 });
                 sql.push_bind(i64::from(query.limit));
-                let rows: Vec<$crate::rows::AuditRow> =
-                    sql.build_query_as().fetch_all(pool).await?;
-                rows.into_iter().map(TryInto::try_into).collect()
+                sql
             }
 
             async fn audit_chain_state_of(

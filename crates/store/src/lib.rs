@@ -7,6 +7,8 @@
 mod audit;
 mod error;
 mod postgres;
+#[cfg(test)]
+mod query_plans;
 mod rows;
 mod sql;
 mod sqlite;

@@ -107,9 +107,41 @@ pub(crate) fn last_use_rounds(uses: &[crate::CredentialUse]) -> Vec<Vec<crate::C
     rounds
 }
 
-/// Rows the expiry sweep may still announce a stage for; the same text as the partial index
-/// `credentials_expiry_sweep`'s predicate, so both backends use that index.
-pub(crate) const EXPIRY_SWEEP_PREDICATE: &str = "revoked_at IS NULL AND expires_at IS NOT NULL AND (expiry_notice_days IS NULL OR expiry_notice_days > 0)";
+/// The live credentials that expire by `$1` and have not been announced at `stage` (days before
+/// expiry) or nearer, soonest first. The condition is, word for word, the predicate of the
+/// partial index `credentials_expiry_stage_{stage}` (one a stage, migration 0019), so both
+/// backends read only the rows still to announce at that stage: the stage is a literal for that.
+pub(crate) fn expiry_notice_sql(stage: u32) -> String {
+    format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE revoked_at IS NULL AND expires_at IS NOT NULL \
+         AND (expiry_notice_days IS NULL OR expiry_notice_days > {stage}) \
+         AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+    )
+}
+/// The live credentials in a grace period, the one ending first first: the grace-period sweep
+/// sleeps until then. Served by `credentials_previous_secret_expiry`.
+pub(crate) fn in_grace_sql() -> String {
+    format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE previous_secret_hash IS NOT NULL \
+         AND revoked_at IS NULL ORDER BY previous_secret_expires_at LIMIT $1"
+    )
+}
+/// A page of the credentials whose previous secret retires once unused, in the order of
+/// `credentials_previous_secret_expiry` (whose predicate `previous_secret_hash IS NOT NULL` is
+/// spelled out so that it serves it), after `($2, $3)` when `after`: a row value, so that the
+/// index is sought to the cursor rather than read from its start.
+pub(crate) fn retiring_previous_sql(after: bool) -> String {
+    format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE previous_secret_hash IS NOT NULL \
+         AND revoked_at IS NULL AND retire_previous_when_unused_seconds IS NOT NULL \
+         AND last_used_at >= rotated_at{} ORDER BY previous_secret_expires_at, id LIMIT $1",
+        if after {
+            " AND (previous_secret_expires_at, id) > ($2, $3)"
+        } else {
+            ""
+        },
+    )
+}
 /// Locks a grant's service-account subject and reads its state. An UPDATE rather than a SELECT so
 /// that it waits for (and then sees) a concurrent revocation or suspension.
 pub(crate) const LOCK_SERVICE_ACCOUNT: &str = "UPDATE credentials SET updated_at = updated_at WHERE id = $1 AND tenant_id = $2 AND kind = 'service_account' RETURNING revoked_at, suspended_at, expires_at";
@@ -363,6 +395,41 @@ macro_rules! impl_store {
                 .await
             }
 
+            /// The statement `list_credentials` runs.
+            pub(crate) fn credential_list_query(
+                query: &$crate::ListCredentials,
+            ) -> sqlx::QueryBuilder<'static, $db> {
+                // Only the conditions that apply: `($n IS NULL OR id > $n)` would keep the
+                // planner from seeking the listing index to the cursor, and each page would
+                // read every row before it.
+                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM credentials WHERE tenant_id = ",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                ));
+                sql.push_bind(query.tenant_id.as_uuid());
+                sql.push(" AND kind = ");
+                sql.push_bind(query.kind.as_str());
+                if !query.include_revoked {
+                    sql.push(" AND revoked_at IS NULL");
+                }
+                if let Some(after) = query.after {
+                    sql.push(" AND id > ");
+                    sql.push_bind(after.as_uuid());
+                }
+                if let Some(window) = query.expiring {
+                    sql.push(" AND revoked_at IS NULL AND expires_at > ");
+                    sql.push_bind(window.after);
+                    sql.push(" AND expires_at <= ");
+                    sql.push_bind(window.until);
+                }
+                if !query.include_canaries {
+                    sql.push(" AND canary = FALSE");
+                }
+                sql.push(" ORDER BY id LIMIT ");
+                sql.push_bind(query.limit.map_or(i64::MAX, i64::from));
+                sql
+            }
+
             /// Runs one write operation and records how it went for `/readyz`.
             async fn write<T>(
                 &self,
@@ -589,36 +656,10 @@ macro_rules! impl_store {
                 &self,
                 query: &$crate::ListCredentials,
             ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
-                // Only the conditions that apply: `($n IS NULL OR id > $n)` would keep the
-                // planner from seeking the listing index to the cursor, and each page would
-                // read every row before it.
-                let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {} FROM credentials WHERE tenant_id = ",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                ));
-                sql.push_bind(query.tenant_id.as_uuid());
-                sql.push(" AND kind = ");
-                sql.push_bind(query.kind.as_str());
-                if !query.include_revoked {
-                    sql.push(" AND revoked_at IS NULL");
-                }
-                if let Some(after) = query.after {
-                    sql.push(" AND id > ");
-                    sql.push_bind(after.as_uuid());
-                }
-                if let Some(window) = query.expiring {
-                    sql.push(" AND revoked_at IS NULL AND expires_at > ");
-                    sql.push_bind(window.after);
-                    sql.push(" AND expires_at <= ");
-                    sql.push_bind(window.until);
-                }
-                if !query.include_canaries {
-                    sql.push(" AND canary = FALSE");
-                }
-                sql.push(" ORDER BY id LIMIT ");
-                sql.push_bind(query.limit.map_or(i64::MAX, i64::from));
-                let rows: Vec<$crate::rows::CredentialRow> =
-                    sql.build_query_as().fetch_all(&self.pool).await?;
+                let rows: Vec<$crate::rows::CredentialRow> = Self::credential_list_query(query)
+                    .build_query_as()
+                    .fetch_all(&self.pool)
+                    .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
@@ -1311,11 +1352,7 @@ macro_rules! impl_store {
                 &self,
                 limit: u32,
             ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM credentials WHERE previous_secret_hash IS NOT NULL \
-                     AND revoked_at IS NULL ORDER BY previous_secret_expires_at LIMIT $1",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                );
+                let sql = $crate::sql::in_grace_sql();
                 let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool)
@@ -1329,20 +1366,7 @@ macro_rules! impl_store {
                 after: Option<(chrono::DateTime<chrono::Utc>, keyplane_core::CredentialId)>,
                 limit: u32,
             ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
-                // `previous_secret_hash IS NOT NULL` lets the partial index on it serve the query.
-                let sql = format!(
-                    "SELECT {} FROM credentials WHERE previous_secret_hash IS NOT NULL \
-                     AND revoked_at IS NULL AND retire_previous_when_unused_seconds IS NOT NULL \
-                     AND last_used_at >= rotated_at{} \
-                     ORDER BY previous_secret_expires_at, id LIMIT $1",
-                    $crate::sql::CREDENTIAL_COLUMNS,
-                    if after.is_some() {
-                        " AND (previous_secret_expires_at > $2 \
-                         OR (previous_secret_expires_at = $2 AND id > $3))"
-                    } else {
-                        ""
-                    },
-                );
+                let sql = $crate::sql::retiring_previous_sql(after.is_some());
                 let mut query =
                     sqlx::query_as::<_, $crate::rows::CredentialRow>(&sql).bind(i64::from(limit));
                 if let Some((expires_at, id)) = after {
@@ -1386,14 +1410,7 @@ macro_rules! impl_store {
                 due_before: chrono::DateTime<chrono::Utc>,
                 limit: u32,
             ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
-                // The stage is a literal (one of four), so the planner can match the index predicate.
-                let sql = format!(
-                    "SELECT {} FROM credentials WHERE {} \
-                     AND (expiry_notice_days IS NULL OR expiry_notice_days > {stage}) \
-                     AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-                    $crate::sql::CREDENTIAL_COLUMNS,
-                    $crate::sql::EXPIRY_SWEEP_PREDICATE,
-                );
+                let sql = $crate::sql::expiry_notice_sql(stage);
                 let rows: Vec<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind(due_before)
                     .bind(i64::from(limit))

@@ -633,6 +633,18 @@ macro_rules! impl_webhooks {
                 query: &$crate::DeliveryQuery,
                 event_id: Option<uuid::Uuid>,
             ) -> Result<Vec<$crate::WebhookDelivery>, $crate::StoreError> {
+                let rows: Vec<$crate::webhooks::DeliveryRow> = Self::delivery_query(query, event_id)
+                    .build_query_as()
+                    .fetch_all(pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            /// The statement [`Self::deliveries_of`] runs.
+            pub(crate) fn delivery_query(
+                query: &$crate::DeliveryQuery,
+                event_id: Option<uuid::Uuid>,
+            ) -> sqlx::QueryBuilder<'static, $db> {
                 // Only the conditions that apply: `($n IS NULL OR event_id < $n)` would keep the
                 // planner from seeking the primary key to the cursor.
                 let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
@@ -656,9 +668,7 @@ macro_rules! impl_webhooks {
                 }
                 sql.push(" ORDER BY event_id DESC LIMIT ");
                 sql.push_bind(i64::from(query.limit));
-                let rows: Vec<$crate::webhooks::DeliveryRow> =
-                    sql.build_query_as().fetch_all(pool).await?;
-                rows.into_iter().map(TryInto::try_into).collect()
+                sql
             }
 
             async fn delivery_retry(
