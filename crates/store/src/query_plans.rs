@@ -19,7 +19,6 @@ use uuid::Uuid;
 enum Arg {
     Int(i64),
     Id(Uuid),
-    Text(&'static str),
     Time(DateTime<Utc>),
 }
 
@@ -66,7 +65,6 @@ impl Planned {
                     match *arg {
                         Arg::Int(v) => arguments.add(v),
                         Arg::Id(v) => arguments.add(v),
-                        Arg::Text(v) => arguments.add(v),
                         Arg::Time(v) => arguments.add(v),
                     }
                     .expect("encode an argument");
@@ -224,6 +222,21 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         status: Some(keyplane_core::webhook::DeliveryStatus::Failed),
         limit: 51,
     };
+    all.extend([Planned::sql(
+        "a claim of due deliveries",
+        crate::webhooks::CLAIM_DELIVERIES,
+        // Every delivery due, as in a backlog.
+        &[
+            Arg::Int(1_000_100),
+            Arg::Id(Uuid::now_v7()),
+            Arg::Int(1_000_000),
+            Arg::Int(64),
+            Arg::Int(2),
+            Arg::Int(16),
+        ],
+        "webhook_deliveries_pending",
+        false,
+    )]);
     all.push(Planned::built(
         "a webhook's deliveries of a status",
         PostgresStore::delivery_query(&by_status, None),
@@ -234,7 +247,8 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
     all
 }
 
-/// The tenant `$1`'s rows, 20,000 of each (and 30,000 audit events of other tenants between its own), with the webhook `$2` and target and actor ids in
+/// The tenant `$1`'s rows, 20,000 of each (and 30,000 audit events of other tenants between its own;
+/// the deliveries a third the webhook `$2`'s, the rest another's), with the webhook `$2` and target and actor ids in
 /// common (both spelled into the text), as a tenant that has been around for a while has them.
 const POSTGRES_ROWS: &[&str] = &[
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, 'plans', now())",
@@ -255,10 +269,13 @@ const POSTGRES_ROWS: &[&str] = &[
      'api_token', CASE WHEN g % 2000 = 0 THEN $2 ELSE md5('t' || (g % 2000))::uuid END, '{}', '' \
      FROM generate_series(1, 40000) g",
     "INSERT INTO webhooks (id, tenant_id, url, events, description, enabled, secret, created_at, updated_at) \
-     VALUES ($2, $1, 'https://example.com/', '[]', '', TRUE, 'whsec_', now(), now())",
+     SELECT $2, $1, 'https://example.com/', '[]', '', TRUE, 'whsec_', now(), now() \
+     UNION ALL SELECT md5('other' || g)::uuid, $1, 'https://example.com/', '[]', '', TRUE, 'whsec_', now(), now() \
+     FROM generate_series(1, 49) g",
     "INSERT INTO webhook_deliveries (webhook_id, event_id, tenant_id, action, status, attempts, schedule_step, \
      created_ms, next_attempt_ms, locked_until_ms) \
-     SELECT $2, gen_random_uuid(), $1, 'action', CASE WHEN g % 100 = 0 THEN 'failed' ELSE 'succeeded' END, \
+     SELECT CASE WHEN g % 3 = 0 THEN $2 ELSE md5('other' || (g % 49 + 1))::uuid END, gen_random_uuid(), $1, 'action', \
+     CASE g % 100 WHEN 0 THEN 'failed' WHEN 1 THEN 'pending' ELSE 'succeeded' END, \
      1, 1, g, g, 0 FROM generate_series(1, 20000) g",
 ];
 

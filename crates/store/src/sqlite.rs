@@ -262,7 +262,7 @@ mod tests {
             .collect();
         assert!(
             plan.iter()
-                .any(|d| d.contains("USING INDEX webhook_deliveries_due")),
+                .any(|d| d.contains("USING INDEX webhook_deliveries_pending")),
             "{plan:#?}"
         );
         for detail in &plan {

@@ -158,14 +158,29 @@ pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, acti
 /// rows, so together they keep to `$5` and `$6` too (unless its due rows change between their
 /// snapshots).
 ///
-/// The pending rows are read first, each set in a materialized CTE of its own that nothing needs
-/// in any order: only the partial index `webhook_deliveries_due` (pending rows only) serves them,
-/// whatever the statistics say. Ranked in one query, the planner may instead walk the whole table
-/// by its primary key (it yields the rows grouped by webhook, as the ranking wants), which on a
-/// SQLite store never analyzed is every finished delivery too, under the write lock.
-pub(crate) const CLAIM_DELIVERIES: &str = "WITH due AS MATERIALIZED (\
-     SELECT webhook_id, event_id, tenant_id, next_attempt_ms FROM webhook_deliveries \
-     WHERE status = 'pending' AND next_attempt_ms <= $3 AND locked_until_ms <= $3), \
+/// Of each webhook's due rows only its oldest `$5` can be leased, so only those (and those due
+/// at the same millisecond as the last of them) are read, through the partial index
+/// `webhook_deliveries_pending` on (webhook, next attempt, event): `hooks` walks the webhooks
+/// with pending deliveries, one index seek each (a loose index scan, which neither backend
+/// does by itself); `bounds` finds the next attempt of each one's `$5`th due delivery; `due`
+/// reads each one's rows up to it (a CROSS JOIN, which SQLite does in the order written). A webhook whose receiver is slower than its events (a
+/// backlog) then costs every claim `$5` rows, not its backlog. Each set is a materialized CTE
+/// of its own that nothing needs in any order, so the planner reads each by its index whatever
+/// the statistics say: ranked in one query, it may instead walk the whole table by its primary
+/// key (which on a SQLite store never analyzed is every finished delivery too, under the write
+/// lock). `$5` is at least 1 (`deliveries_claim`).
+pub(crate) const CLAIM_DELIVERIES: &str = "WITH RECURSIVE hooks (id) AS (\
+     SELECT (SELECT webhook_id FROM webhook_deliveries WHERE status = 'pending' ORDER BY webhook_id LIMIT 1) \
+     UNION ALL SELECT (SELECT d.webhook_id FROM webhook_deliveries d WHERE d.status = 'pending' \
+     AND d.webhook_id > h.id ORDER BY d.webhook_id LIMIT 1) FROM hooks h WHERE h.id IS NOT NULL), \
+     bounds AS MATERIALIZED (SELECT h.id AS webhook_id, COALESCE((SELECT e.next_attempt_ms FROM webhook_deliveries e \
+     WHERE e.webhook_id = h.id AND e.status = 'pending' AND e.next_attempt_ms <= $3 AND e.locked_until_ms <= $3 \
+     ORDER BY e.next_attempt_ms, e.event_id LIMIT 1 OFFSET $5 - 1), $3) AS until_ms \
+     FROM hooks h WHERE h.id IS NOT NULL), \
+     due AS MATERIALIZED (\
+     SELECT d.webhook_id, d.event_id, d.tenant_id, d.next_attempt_ms FROM bounds b CROSS JOIN webhook_deliveries d \
+     WHERE d.webhook_id = b.webhook_id AND d.status = 'pending' AND d.next_attempt_ms <= b.until_ms \
+     AND d.locked_until_ms <= $3), \
      leases AS MATERIALIZED (SELECT webhook_id, tenant_id FROM webhook_deliveries \
      WHERE status = 'pending' AND lease_id IS NOT NULL AND locked_until_ms > $3) \
      UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
@@ -737,6 +752,10 @@ macro_rules! impl_webhooks {
                 claim: &$crate::DeliveryClaim,
             ) -> Result<Vec<$crate::DeliveryJob>, $crate::StoreError> {
                 use $crate::webhooks::*;
+                if claim.max_per_webhook == 0 {
+                    // Nothing to lease (and no `OFFSET -1` in the claim).
+                    return Ok(Vec::new());
+                }
                 let claimed = sqlx::query(CLAIM_DELIVERIES)
                     .bind(millis(claim.lease_until))
                     .bind(claim.lease_id)

@@ -37,3 +37,8 @@ CREATE INDEX credentials_expiring ON credentials (tenant_id, kind, expires_at)
 -- A webhook's deliveries of one status, newest first (`?status=`), and its pending ones, which
 -- disabling it fails.
 CREATE INDEX webhook_deliveries_by_status ON webhook_deliveries (webhook_id, status, event_id);
+
+-- The claim (store `CLAIM_DELIVERIES`): the webhooks with pending deliveries, and each one's
+-- oldest due few, which is all it may lease, rather than its whole backlog.
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (webhook_id, next_attempt_ms, event_id)
+    WHERE status = 'pending';
