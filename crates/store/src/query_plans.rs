@@ -82,22 +82,11 @@ impl Planned {
     }
 }
 
-fn now() -> DateTime<Utc> {
-    Utc::now()
-}
-
+/// The tenant's newest events, unfiltered.
 fn audit(tenant_id: TenantId) -> AuditQuery {
     AuditQuery {
-        tenant_id,
         order: AuditOrder::NewestBefore(None),
-        limit: 51,
-        actions: Vec::new(),
-        action_prefixes: Vec::new(),
-        actor_id: None,
-        target_id: None,
-        outcome: None,
-        since: None,
-        until: None,
+        ..AuditQuery::after_seq(tenant_id, 0, 51)
     }
 }
 
@@ -150,8 +139,8 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         ),
     ];
     let recent = AuditQuery {
-        since: Some(now() - TimeDelta::hours(1)),
-        until: Some(now()),
+        since: Some(Utc::now() - TimeDelta::hours(1)),
+        until: Some(Utc::now()),
         ..audit(tenant)
     };
     // Read by time, then sorted by seq: the rows of the window only. PostgreSQL may read the
@@ -171,8 +160,8 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         limit: Some(51),
         include_revoked: false,
         expiring: Some(ExpiryWindow {
-            after: now(),
-            until: now() + TimeDelta::days(7),
+            after: Utc::now(),
+            until: Utc::now() + TimeDelta::days(7),
         }),
         include_canaries: false,
     };
@@ -187,7 +176,7 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         all.push(Planned::sql(
             format!("credentials to announce at {stage} days"),
             &crate::sql::expiry_notice_sql(stage),
-            &[Arg::Time(now()), Arg::Int(100)],
+            &[Arg::Time(Utc::now()), Arg::Int(100)],
             format!("credentials_expiry_stage_{stage}"),
             true,
         ));
@@ -203,14 +192,14 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         Planned::sql(
             "a page of previous secrets to retire when unused",
             &crate::sql::retiring_previous_sql(true),
-            &[Arg::Int(100), Arg::Time(now()), Arg::Id(id)],
+            &[Arg::Int(100), Arg::Time(Utc::now()), Arg::Id(id)],
             "credentials_previous_secret_expiry",
             true,
         ),
         Planned::sql(
             "ended grace periods",
             crate::sql::ENDED_PREVIOUS_SECRETS,
-            &[Arg::Time(now())],
+            &[Arg::Time(Utc::now())],
             "credentials_previous_secret_expiry",
             false,
         ),
@@ -247,9 +236,9 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
     all
 }
 
-/// The tenant `$1`'s rows, 20,000 of each (and 30,000 audit events of other tenants between its own;
-/// the deliveries a third the webhook `$2`'s, the rest another's), with the webhook `$2` and target and actor ids in
-/// common (both spelled into the text), as a tenant that has been around for a while has them.
+/// Rows of the tenant `$1` as one that has been around for a while has them, and the webhook,
+/// target and actor `$2` among others (both spelled into the text): 20,000 credentials, 10,000
+/// audit events between 30,000 of other tenants, 20,000 deliveries over 50 webhooks.
 const POSTGRES_ROWS: &[&str] = &[
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, 'plans', now())",
     "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, last4, scopes, \
