@@ -109,7 +109,7 @@ pub(crate) fn last_use_rounds(uses: &[crate::CredentialUse]) -> Vec<Vec<crate::C
 
 /// The live credentials that expire by `$1` and have not been announced at `stage` (days before
 /// expiry) or nearer, soonest first. The condition is, word for word, the predicate of the
-/// partial index `credentials_expiry_stage_{stage}` (one a stage, migration 0019), so both
+/// partial index `credentials_expiry_stage_{stage}` (one a stage, migration 0017), so both
 /// backends read only the rows still to announce at that stage: the stage is a literal for that.
 pub(crate) fn expiry_notice_sql(stage: u32) -> String {
     format!(
