@@ -348,6 +348,19 @@ async fn grant(app: &TestApp, org: &crate::helpers::Org, body: Value) -> Value {
     res.json().await.unwrap()
 }
 
+/// `acme`, whose `account_owner` is the provider's `alice`, and its service accounts' path.
+async fn alices_org(app: &TestApp, provider: &Provider) -> (crate::helpers::Org, String) {
+    let org = app.create_org("acme").await;
+    grant(
+        app,
+        &org,
+        user_grant("account_owner", provider.user("alice"), None),
+    )
+    .await;
+    let accounts = org.account_path("/service-accounts");
+    (org, accounts)
+}
+
 async fn status(app: &TestApp, path: &str, token: &str) -> u16 {
     app.get(path, token).await.status().as_u16()
 }
@@ -478,14 +491,7 @@ async fn invalid_tokens_are_rejected_with_401(backend: Backend) {
     let keys = keys_dir();
     let provider = Provider::start(&keys.path().join("jwks.json"), 0);
     let app = keyplane(backend, oidc(&[&provider.issuer])).await;
-    let org = app.create_org("acme").await;
-    grant(
-        &app,
-        &org,
-        user_grant("account_owner", provider.user("alice"), None),
-    )
-    .await;
-    let accounts = org.account_path("/service-accounts");
+    let (org, accounts) = alices_org(&app, &provider).await;
     let valid = provider.token("alice", None).await;
     assert_eq!(status(&app, &accounts, &valid).await, 200);
 
@@ -673,14 +679,7 @@ async fn unknown_keys_refetch_the_jwks_at_most_once_per_interval(backend: Backen
     let provider = Provider::start(&keys.path().join("jwks.json"), 0);
     // The default interval (10 s) is what is checked here.
     let app = keyplane(backend, oidc(&[&provider.issuer])).await;
-    let org = app.create_org("acme").await;
-    grant(
-        &app,
-        &org,
-        user_grant("account_owner", provider.user("alice"), None),
-    )
-    .await;
-    let accounts = org.account_path("/service-accounts");
+    let (_, accounts) = alices_org(&app, &provider).await;
     let valid = provider.token("alice", None).await;
     assert_eq!(status(&app, &accounts, &valid).await, 200);
 
@@ -713,14 +712,7 @@ async fn a_key_rotation_is_picked_up_without_restarting(backend: Backend) {
         ..oidc(&[&provider.issuer])
     };
     let app = keyplane(backend, config).await;
-    let org = app.create_org("acme").await;
-    grant(
-        &app,
-        &org,
-        user_grant("account_owner", provider.user("alice"), None),
-    )
-    .await;
-    let accounts = org.account_path("/service-accounts");
+    let (_, accounts) = alices_org(&app, &provider).await;
     let before = provider.token("alice", None).await;
     assert_eq!(status(&app, &accounts, &before).await, 200);
 
@@ -753,14 +745,7 @@ async fn a_provider_that_is_down_breaks_no_other_credential(backend: Backend) {
     let keys = keys_dir();
     let provider = Provider::start(&keys.path().join("jwks.json"), 0);
     let app = keyplane(backend, oidc(&[&provider.issuer])).await;
-    let org = app.create_org("acme").await;
-    grant(
-        &app,
-        &org,
-        user_grant("account_owner", provider.user("alice"), None),
-    )
-    .await;
-    let accounts = org.account_path("/service-accounts");
+    let (org, accounts) = alices_org(&app, &provider).await;
     assert_eq!(
         status(&app, &accounts, &provider.token("alice", None).await).await,
         200
@@ -1026,14 +1011,7 @@ async fn an_address_over_its_failure_budget_gets_no_jwt_validated(backend: Backe
         },
     )
     .await;
-    let org = app.create_org("acme").await;
-    grant(
-        &app,
-        &org,
-        user_grant("account_owner", provider.user("alice"), None),
-    )
-    .await;
-    let accounts = org.account_path("/service-accounts");
+    let (_, accounts) = alices_org(&app, &provider).await;
     let validated = provider.token("alice", None).await;
     assert_eq!(status(&app, &accounts, &validated).await, 200);
     let unvalidated = provider.signer().sign(json!({}));
