@@ -35,7 +35,29 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Opens the store, waiting (up to [`MIGRATION_WAIT`]) while another process holds it busy
+    /// as it creates or migrates it: SQLite answers some of the steps of an open (the writer's
+    /// first pragmas, a read racing the first commit of a new file) "database is locked" at once
+    /// or after the writers' 5 s, under load, rather than wait for the migration lock as
+    /// [`run_migrations`] does. Two processes opening one new store (`serve` and an `admin`
+    /// command) must both start.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::open(url).await {
+                Err(StoreError::Unavailable(busy))
+                    if busy.fault == crate::error::StoreFault::Busy
+                        && started.elapsed() < MIGRATION_WAIT =>
+                {
+                    tracing::debug!(error = %busy, "the store is busy opening; trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    async fn open(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid SQLite URL: {e}")))?
             .busy_timeout(WRITE_WAIT)
