@@ -805,15 +805,10 @@ const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(360
 
 /// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit
 /// buckets, prune expired records, refresh the store's planner statistics hourly.
-async fn background_work(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(app.inner().config.last_used_flush_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut every = crate::jobs::Every::new(app.inner().config.last_used_flush_interval, stop);
     let mut statistics_at = Instant::now();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+    while every.tick().await {
         if statistics_at.elapsed() >= STATISTICS_EVERY {
             statistics_at = Instant::now();
             if let Err(error) = app.store().refresh_statistics().await {

@@ -187,11 +187,7 @@ pub(crate) async fn revoke_credentials(
         if !stored {
             return Err(busy().into());
         }
-        let worker = app.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            work_off(&worker, &report).await;
-        });
+        spawn_work_off(&app, permit, report);
     }
     Ok((
         StatusCode::ACCEPTED,
@@ -200,6 +196,16 @@ pub(crate) async fn revoke_credentials(
             well_formed,
         }),
     ))
+}
+
+/// Works `report` off on a task of its own, holding `permit` (its place among the replica's
+/// reports in progress) until it is done.
+fn spawn_work_off(app: &App, permit: tokio::sync::OwnedSemaphorePermit, report: LeakReportRecord) {
+    let worker = app.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        work_off(&worker, &report).await;
+    });
 }
 
 fn lease_until(app: &App, from: DateTime<Utc>) -> DateTime<Utc> {
@@ -273,18 +279,12 @@ async fn work_off(app: &App, stored: &LeakReportRecord) {
 /// (left by a replica that died or stopped, or whose work the store failed), at once at start and
 /// then every [`LeakReportsConfig::poll_interval`], as many as [`super::leak_jobs`] has room
 /// for; and gives up reports older than [`GIVE_UP_AFTER`], hourly.
-pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let config = app.inner().config.leak_reports.clone();
-    let mut tick = tokio::time::interval(config.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub(crate) async fn run(app: App, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut every = crate::jobs::Every::new(app.inner().config.leak_reports.poll_interval, stop);
     let mut pruned_at: Option<Instant> = None;
     // Whether the last claim failed: logged once per outage, not at every poll.
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+    while every.tick().await {
         if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             pruned_at = Some(Instant::now());
             give_up_old_reports(&app).await;
@@ -306,11 +306,7 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
                     let Some(report) = claimed.into_iter().next() else {
                         break;
                     };
-                    let worker = app.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        work_off(&worker, &report).await;
-                    });
+                    spawn_work_off(&app, permit, report);
                 }
                 Err(error) => {
                     if !failing {
