@@ -258,14 +258,20 @@ fn status(suspended_at: &Option<DateTime<Utc>>, previous_until: &Option<DateTime
     }
 }
 
-/// A credential's status cell: a canary says so (it is never suspended or rotating).
+/// A credential's status cell: a canary says so (it is never suspended or rotating), and one past
+/// its expiry is `expired` whatever else is true of it (lists include expired credentials, and
+/// the console calls them so at the same instant).
 fn credential_status(
     canary: bool,
+    expires_at: &Option<DateTime<Utc>>,
     suspended_at: &Option<DateTime<Utc>>,
     previous_until: &Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
 ) -> String {
     if canary {
         "canary".into()
+    } else if expires_at.is_some_and(|at| at <= now) {
+        "expired".into()
     } else {
         status(suspended_at, previous_until)
     }
@@ -376,8 +382,10 @@ impl Record for ApiTokenView {
             list_or_dash(&self.scopes),
             credential_status(
                 self.canary,
+                &self.expires_at,
                 &self.suspended_at,
                 &self.previous_secret_expires_at,
+                now,
             ),
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
@@ -427,8 +435,10 @@ impl Record for ServiceAccountView {
             Some(_) => "revoked".into(),
             None => credential_status(
                 self.canary,
+                &self.expires_at,
                 &self.suspended_at,
                 &self.previous_secret_expires_at,
+                now,
             ),
         };
         vec![
@@ -539,8 +549,10 @@ impl Record for RobotAccountView {
             list_or_dash(&self.permissions),
             credential_status(
                 self.canary,
+                &self.expires_at,
                 &self.suspended_at,
                 &self.previous_secret_expires_at,
+                now,
             ),
             optional_time(&self.expires_at, now, "never"),
             optional_time(&self.last_used_at, now, "never"),
@@ -945,5 +957,47 @@ mod tests {
             time(&(now + Duration::days(30)), now),
             "2030-01-31T00:00:00Z (in 30d)"
         );
+    }
+
+    #[test]
+    fn lists_call_a_credential_past_its_expiry_expired() {
+        let now = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap();
+        let token = |expires_at: &str| -> ApiTokenView {
+            serde_json::from_value(serde_json::json!({
+                "id": "6c3ac0a4-0d4e-4a53-9d0c-0e8f1f5a7a11",
+                "org_id": "0b9f1c1e-7d7a-4c0e-8d57-3f3b2b1d2e4f",
+                "name": "ci",
+                "prefix": "aet_ab12",
+                "scopes": ["deploy"],
+                "last_used_at": null,
+                "expires_at": expires_at,
+                "created_at": "2029-01-01T00:00:00Z",
+                "previous_secret_expires_at": null,
+                "previous_secret_last_used_at": null,
+                "suspended_at": null,
+                "canary": false,
+            }))
+            .unwrap()
+        };
+        let status = ApiTokenView::COLUMNS
+            .iter()
+            .position(|c| *c == "STATUS")
+            .unwrap();
+        assert_eq!(token("2029-12-31T23:00:00Z").cells(now)[status], "expired");
+        // The boundary counts as expired, as it does when the token is verified.
+        assert_eq!(token("2030-01-01T00:00:00Z").cells(now)[status], "expired");
+        assert_eq!(token("2030-01-02T00:00:00Z").cells(now)[status], "active");
+        // Expiry wins over a suspension or a rotation in progress; a canary stays a canary.
+        let past = Some(now - Duration::hours(1));
+        let future = Some(now + Duration::hours(1));
+        assert_eq!(
+            credential_status(false, &past, &past, &future, now),
+            "expired"
+        );
+        assert_eq!(
+            credential_status(false, &future, &past, &None, now),
+            "suspended"
+        );
+        assert_eq!(credential_status(true, &past, &None, &None, now), "canary");
     }
 }
