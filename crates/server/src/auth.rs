@@ -703,7 +703,7 @@ impl Verifier {
         }
         match at().client.and_then(|client| limiter.blocked_for(client)) {
             Some(wait) => Err(AppError::RateLimited {
-                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                retry_after_secs: crate::error::retry_after_secs(wait),
             }),
             None => Ok(()),
         }

@@ -109,6 +109,12 @@ impl AppError {
     }
 }
 
+/// A wait as a `Retry-After` value: whole seconds rounded up (a client coming back after a
+/// rounded-down value arrives early and is refused again), at least 1.
+pub(crate) fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 impl AppError {
     /// The `Retry-After` (seconds) this error's response carries, if any.
     pub fn retry_after_secs(&self) -> Option<u64> {
@@ -235,4 +241,19 @@ impl ErrorDialect {
 /// Renders `error` in the dialect of the surface that owns `path`.
 pub fn render_for_path(path: &str, error: AppError) -> Response {
     ErrorDialect::of_path(path).render(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after_secs;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_rounds_a_wait_up_to_whole_seconds() {
+        // 4.3 s rounded down would bring the client back before the wait ends, to be refused again.
+        assert_eq!(retry_after_secs(Duration::from_millis(4300)), 5);
+        assert_eq!(retry_after_secs(Duration::from_secs(4)), 4);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
 }

@@ -131,7 +131,7 @@ impl FailureWatch {
         match limiter.record_failure(self.client) {
             None => response,
             Some(wait) => {
-                let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let retry_after_secs = crate::error::retry_after_secs(wait);
                 self.dialect
                     .render(AppError::RateLimited { retry_after_secs })
             }

@@ -364,7 +364,7 @@ impl Oidc {
         };
         Err(AppError::UpstreamUnavailable {
             what: "the identity provider's keys",
-            retry_after_secs: next_fetch_in.as_secs().max(1),
+            retry_after_secs: crate::error::retry_after_secs(next_fetch_in),
         })
     }
 

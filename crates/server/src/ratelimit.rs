@@ -43,7 +43,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         self.limiter.check_key(&key).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
             AppError::RateLimited {
-                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                retry_after_secs: crate::error::retry_after_secs(wait),
             }
         })
     }

@@ -149,7 +149,7 @@ impl GithubKeys {
                     None if fetched == Some(false) || !self.loaded() => {
                         return Err(AppError::UpstreamUnavailable {
                             what: "GitHub's secret-scanning keys",
-                            retry_after_secs: self.next_fetch_in().as_secs().max(1),
+                            retry_after_secs: crate::error::retry_after_secs(self.next_fetch_in()),
                         })
                     }
                     None => return Err(reject("github key identifier unknown")),
