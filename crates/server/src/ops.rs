@@ -948,6 +948,9 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
     // the next sweep continues after the last one read, starting over once it reached the end:
     // candidates ending sooner (another tenant's, possibly many) cannot keep the later ones
     // from ever being looked at.
+    // This replica's uses not yet written would otherwise look like quiet (a flush with nothing
+    // queued writes nothing).
+    app.flush_usage().await;
     let mut after = *app.inner().retirement_cursor.lock();
     for _ in 0..SWEEP_MAX_BATCHES {
         let candidates = store
@@ -1022,9 +1025,14 @@ async fn retire_if_unused(
     candidate: &Credential,
     now: DateTime<Utc>,
 ) -> Result<(), AppError> {
+    // Other replicas write their uses up to one flush interval late: a use they hold back must
+    // not count as quiet, so the quiet period is judged as of that long ago.
+    let lag = chrono::TimeDelta::from_std(app.inner().config.last_used_flush_interval)
+        .unwrap_or(chrono::TimeDelta::MAX);
     let (Some(previous), true) = (
         candidate.previous_secret.as_ref(),
-        candidate.previous_secret_unused(now),
+        now.checked_sub_signed(lag)
+            .is_some_and(|then| candidate.previous_secret_unused(then)),
     ) else {
         return Ok(());
     };
