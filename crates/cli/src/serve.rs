@@ -173,6 +173,16 @@ pub struct ServeArgs {
     /// address per minute; 0 turns the limit off. Behind a proxy, see --trusted-proxies.
     #[arg(long, env = "KEYPLANE_PUBLIC_REVOKE_PER_MINUTE", default_value_t = 10)]
     public_revoke_per_minute: u32,
+    /// Public revocation reports that name a well-formed token (each is stored, costing the
+    /// store two writes) accepted per minute by this server from all addresses together; past it
+    /// they answer 503 with Retry-After. Bounds what a sender with many addresses can make the
+    /// store's writers do. 0 turns the budget off. GitHub's signed reports are not counted.
+    #[arg(
+        long,
+        env = "KEYPLANE_PUBLIC_REVOKE_TOTAL_PER_MINUTE",
+        default_value_t = 600
+    )]
+    public_revoke_total_per_minute: u32,
     /// Let webhooks target loopback, private, link-local and cloud-metadata addresses (tests,
     /// closed networks). Without it such targets are refused at creation and at every attempt.
     #[arg(long, env = "KEYPLANE_WEBHOOK_ALLOW_PRIVATE_TARGETS")]
@@ -422,6 +432,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         public_revoke_per_minute: args.public_revoke_per_minute,
+        public_revoke_total_per_minute: args.public_revoke_total_per_minute,
         webhooks: keyplane_server::webhooks::WebhookConfig {
             allow_private_targets: args.webhook_allow_private_targets,
             retry_schedule: webhook_retry_schedule,

@@ -36,6 +36,8 @@ pub(crate) struct Inner {
     /// and the reports being worked off.
     pub github_keys: crate::leaks::GithubKeys,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
+    /// The replica's budget of stored public revocation reports, all addresses together.
+    pub public_revoke_budget: Option<crate::ratelimit::KeyedRateLimiter<()>>,
     pub leak_jobs: crate::jobs::Jobs,
     /// Changes (requests but GET/HEAD) running on their own task, so that a client hanging up
     /// cannot cut one between its commit and what must follow it (`router::Front::serve`).
@@ -90,6 +92,10 @@ impl App {
             config.public_revoke_per_minute,
             config.public_revoke_per_minute,
         );
+        let public_revoke_budget = crate::ratelimit::KeyedRateLimiter::new(
+            config.public_revoke_total_per_minute,
+            config.public_revoke_total_per_minute,
+        );
         let console_sessions = crate::console::Sessions::new(
             config.console.idle_timeout,
             config.console.absolute_timeout,
@@ -110,6 +116,7 @@ impl App {
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
             github_keys,
             public_revoke_limiter,
+            public_revoke_budget,
             leak_jobs: crate::leaks::leak_jobs(),
             changes: crate::jobs::Jobs::new(crate::router::MAX_CHANGES, "changes"),
             console_sessions,

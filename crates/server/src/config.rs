@@ -44,6 +44,11 @@ pub struct Config {
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
     /// off.
     pub public_revoke_per_minute: u32,
+    /// Public revocation reports (those naming a well-formed token, which the store must keep)
+    /// per minute on this replica, from every address together: many addresses are cheap (an
+    /// IPv6 /48 holds 65,536 /64s), and each report costs two writes on the store's writer, which
+    /// every organization's changes share. Past it, reports answer 503; 0 turns the budget off.
+    pub public_revoke_total_per_minute: u32,
     /// How stored public revocation reports are leased and looked for.
     pub leak_reports: crate::leaks::LeakReportsConfig,
     /// How webhook deliveries are made (targets allowed, retry schedule, timeouts).
@@ -186,6 +191,7 @@ impl Default for Config {
             lifecycle_sweep_interval: Duration::from_secs(60),
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
+            public_revoke_total_per_minute: 600,
             leak_reports: crate::leaks::LeakReportsConfig::default(),
             webhooks: crate::webhooks::WebhookConfig::default(),
             console: crate::console::ConsoleConfig::default(),

@@ -1,5 +1,6 @@
 //! Token buckets (governor's GCRA) keyed by who is charged: the management API's per-principal
-//! limit (credential or user id) and the public revocation endpoint's per-address limit.
+//! limit (credential or user id), the public revocation endpoint's per-address limit and its
+//! budget over all addresses (keyed by `()`).
 
 use crate::error::AppError;
 use governor::clock::{Clock, DefaultClock};

@@ -5,7 +5,9 @@
 //! were sent and how many have a keyplane token's shape and checksum, which anyone can compute
 //! offline) is sent before any credential is looked up, and the reported tokens are worked off in
 //! the background. So neither the answer nor its timing says whether a token existed, was live, or
-//! belonged to anyone. Requests are limited per client address (`--public-revoke-per-minute`).
+//! belonged to anyone. Requests are limited per client address (`--public-revoke-per-minute`),
+//! and reports the store must keep per replica, all addresses together
+//! (`--public-revoke-total-per-minute`).
 //!
 //! Durable: a report is stored (its tokens' hashes, never a token) before it is answered 202, and
 //! forgotten once worked off. The replica that received it works it off at once under a lease; a
@@ -104,7 +106,8 @@ impl FromJsonBody for RevokeCredentialsRequest {
 /// revoke, with no authentication. Strings that are not keyplane tokens are ignored without any
 /// lookup; each real credential is revoked shortly after the answer, and `credential.leaked` is
 /// recorded in its organization's audit trail with the reporter's address. The answer is the same
-/// whether or not any token existed, and is sent before any lookup. Limited per client address.
+/// whether or not any token existed, and is sent before any lookup. Limited per client address,
+/// and per server over all addresses (past that, 503 with `Retry-After`).
 /// A report answered 202 is stored first, and worked off even if the server stops or dies
 /// meanwhile (after a restart, or by another replica); it is retried through a store outage for up
 /// to a day. While the store's writes are failing the answer is 503 with `Retry-After` (send the
@@ -116,7 +119,7 @@ impl FromJsonBody for RevokeCredentialsRequest {
         (status = 202, description = "Accepted: every listed keyplane credential is being revoked.", body = RevokeAccepted),
         (status = 400, description = "`invalid_request`: not a JSON object with 1–100 `credentials` strings.", body = crate::openapi::OAuthError),
         (status = 429, description = "Too many requests from this address; see Retry-After.", body = crate::openapi::OAuthError),
-        (status = 503, description = "Too many reports are waiting to be worked off, or the store's writes are failing (the report was not stored); send the report again later (see Retry-After).", body = crate::openapi::OAuthError),
+        (status = 503, description = "Too many reports are waiting to be worked off, the server's budget of reports per minute (all senders together) is spent, or the store's writes are failing (the report was not stored); send the report again later (see Retry-After).", body = crate::openapi::OAuthError),
     ),
     security(()),
 )]
@@ -157,13 +160,20 @@ pub(crate) async fn revoke_credentials(
                 .into());
             }
         }
-        let busy = || {
-            AppError::Unavailable(Unavailable::new(
-                StoreFault::Busy,
-                "too many public revocation reports in progress",
-            ))
-        };
-        let permit = app.inner().leak_jobs.try_start().ok_or_else(busy)?;
+        let busy =
+            |why: &'static str| AppError::Unavailable(Unavailable::new(StoreFault::Busy, why));
+        let permit = app
+            .inner()
+            .leak_jobs
+            .try_start()
+            .ok_or_else(|| busy("too many public revocation reports in progress"))?;
+        // All addresses together: one sender with many (a /48 holds 65,536 /64s) could otherwise
+        // keep the store's writers, which every organization's changes wait for, busy.
+        if let Some(budget) = &app.inner().public_revoke_budget {
+            budget.check(()).map_err(|_| {
+                busy("this replica's public revocation reports per minute are spent")
+            })?;
+        }
         let report = LeakReportRecord {
             id: uuid::Uuid::now_v7(),
             token_hashes: tokens,
@@ -185,7 +195,7 @@ pub(crate) async fn revoke_credentials(
             .await
             .map_err(AppError::from)?;
         if !stored {
-            return Err(busy().into());
+            return Err(busy("too many public revocation reports stored").into());
         }
         spawn_work_off(&app, permit, report);
     }

@@ -882,6 +882,60 @@ async fn public_revoke_is_limited_per_address() {
     assert_eq!(whoami_status(&app, &org.token).await, 200);
 }
 
+/// Many addresses are cheap (an IPv6 /48 holds 65,536 /64s), and every stored report costs the
+/// store's writers, which all organizations' changes share: past the server's budget of reports
+/// per minute, all addresses together, a report answers 503 with `Retry-After` however little its
+/// own address sent. Strings that are no token (nothing stored) and GitHub's signed reports are
+/// not held to it.
+#[tokio::test]
+async fn public_reports_from_many_addresses_are_held_to_the_servers_budget() {
+    let key = TestKey::new("key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Config {
+            public_revoke_total_per_minute: 5,
+            trusted_proxies: keyplane_server::client_addr::TrustedProxies::parse(
+                &["127.0.0.1/32".to_string()],
+                keyplane_server::client_addr::ForwardedHeader::XForwardedFor,
+            )
+            .unwrap(),
+            ..config_with_keys(&keys.url)
+        },
+    )
+    .await;
+    let org = app.create_org("acme").await;
+    let reported = unknown_token(CredentialKind::ApiToken);
+    let report_from = |n: u32, credential: &str| {
+        app.request(Method::POST, REVOKE_ROUTE, None)
+            .header("x-forwarded-for", format!("2001:db8:0:{n:x}::1"))
+            .json(&json!({ "credentials": [credential] }))
+            .send()
+    };
+    for n in 0..10 {
+        let res = report_from(n, &reported).await.unwrap();
+        if n < 5 {
+            assert_eq!(res.status(), 202, "report {n}, within the budget");
+            continue;
+        }
+        assert_eq!(res.status(), 503, "report {n}, past the budget");
+        crate::helpers::retry_after_secs(&res);
+        assert_oauth_error(res, 503, "temporarily_unavailable").await;
+    }
+    let res = report_from(10, "not a token").await.unwrap();
+    assert_eq!(res.status(), 202, "nothing to store, nothing charged");
+
+    let live = app.create_token(&org, "leaky", &[]).await;
+    let live = live["token"].as_str().unwrap();
+    let res = post_signed(&app, &key, &matches_body(&[(live, "keyplane_api_token")])).await;
+    assert_eq!(
+        res.status(),
+        200,
+        "GitHub's report is not held to the budget"
+    );
+    assert_eq!(whoami_status(&app, live).await, 401);
+}
+
 /// The scanner fixture in contrib/ (what the detect-secrets plugin and the gitleaks rules are
 /// tested on) is what it says, by keyplane's own parser: its real tokens parse, its
 /// wrong-checksum tokens fail on the checksum only, its look-alikes fail.
