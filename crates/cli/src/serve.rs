@@ -231,6 +231,16 @@ pub struct ServeArgs {
         requires = "console_oidc_client_id"
     )]
     console_oidc_scope: String,
+    /// "Sign in with" sign-ins one client address may start per minute (an IPv6 client's /64);
+    /// past it the console answers 429 with Retry-After. Each sign-in may cost a code exchange at
+    /// the issuer, whose own rate limit every user's sign-in shares. 0 turns the limit off.
+    /// Behind a proxy, see --trusted-proxies.
+    #[arg(
+        long,
+        env = "KEYPLANE_CONSOLE_OIDC_SIGN_INS_PER_MINUTE",
+        default_value_t = 10
+    )]
+    console_oidc_sign_ins_per_minute: u32,
     /// Serve HTTPS with this PEM certificate chain (leaf first): TLS 1.2 and 1.3, HTTP/2 or
     /// HTTP/1.1 by ALPN. Reloaded without a restart when the file changes or on SIGHUP.
     #[arg(
@@ -352,6 +362,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.console_idle_minutes * 60),
         absolute_timeout: Duration::from_secs(args.console_session_hours * 3600),
         oidc: console_oidc,
+        oidc_sign_ins_per_minute: args.console_oidc_sign_ins_per_minute,
     };
     let oidc = match args.oidc_audience {
         Some(audience) => {

@@ -42,7 +42,13 @@ both_stores!(
 async fn starting_sign_ins_fetches_the_discovery_document_once() {
     let issuer = FakeIssuer::start().await;
     let store = TestStore::new(Backend::Sqlite).await;
-    let keyplane = signing_in_at(&issuer, &store, &[]).await;
+    // Twenty starts from one address: more than it may start (tested below).
+    let keyplane = signing_in_at(
+        &issuer,
+        &store,
+        &["--console-oidc-sign-ins-per-minute", "0"],
+    )
+    .await;
     // The API's own key loading reads the document too, at start; wait for it to finish.
     let deadline = std::time::Instant::now() + LIMIT;
     while issuer.fetched("/jwks") == 0 {
@@ -125,6 +131,58 @@ async fn a_flood_of_sign_ins_from_many_addresses_ends_no_one_elses() {
     );
 }
 
+/// Anyone may start a sign-in, and each may end in a code exchange at the issuer, whose rate
+/// limit every user's sign-in shares: one address may start 10 a minute (the default), then the
+/// console answers 429 with `Retry-After`, sets no cookie and costs the issuer nothing.
+#[tokio::test]
+async fn one_address_cannot_spend_the_issuers_token_endpoint() {
+    let issuer = FakeIssuer::start().await;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let keyplane = signing_in_at(&issuer, &store, &[]).await;
+    let client = manual_client();
+    let mut limited = 0;
+    for round in 0..30 {
+        let started = client
+            .get(keyplane.url("/console/oidc/start"))
+            .send()
+            .await
+            .unwrap();
+        if started.status() == 429 {
+            let retry_after: u64 = header(&started, "retry-after").parse().unwrap();
+            assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+            assert!(header(&started, "set-cookie").is_empty());
+            let page = started.text().await.unwrap();
+            assert!(page.contains("Too many sign-ins were started"), "{page}");
+            limited += 1;
+            continue;
+        }
+        assert_eq!(started.status(), 303, "round {round}");
+        let (cookie, _) = set_cookie(&started, "keyplane_oidc");
+        let location = reqwest::Url::parse(&header(&started, "location")).unwrap();
+        let state = location
+            .query_pairs()
+            .find(|(name, _)| name == "state")
+            .map(|(_, value)| value.into_owned())
+            .expect("a state in the authorization URL");
+        let back = client
+            .get(keyplane.url("/console/oidc/callback"))
+            .query(&[("code", "made-up"), ("state", state.as_str())])
+            .header("cookie", format!("keyplane_oidc={cookie}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            back.status(),
+            502,
+            "round {round}: the issuer refused the code"
+        );
+    }
+    let exchanges = issuer.fetched("/token");
+    // Ten at once, then one every 6 s: an eleventh only if the rounds took that long.
+    assert!((10..=11).contains(&exchanges), "{exchanges} code exchanges");
+    assert_eq!(limited, 30 - exchanges, "the other starts were refused");
+}
+
 /// keyplane with "Sign in with" at `issuer`, and `more` flags.
 async fn signing_in_at(issuer: &FakeIssuer, store: &TestStore, more: &[&str]) -> Keyplane {
     let mut args = vec![
@@ -139,8 +197,9 @@ async fn signing_in_at(issuer: &FakeIssuer, store: &TestStore, more: &[&str]) ->
     Keyplane::start(store, &args, LIMIT).await
 }
 
-/// An issuer that serves its discovery document and an empty key set on 127.0.0.1, counting
-/// the requests for each path.
+/// An issuer that serves its discovery document and an empty key set on 127.0.0.1, refuses
+/// every code exchange (`POST /token`: 400 `invalid_grant`), and counts the requests for each
+/// path.
 struct FakeIssuer {
     url: String,
     hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -149,7 +208,7 @@ struct FakeIssuer {
 
 impl FakeIssuer {
     async fn start() -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let hits = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
@@ -166,26 +225,20 @@ impl FakeIssuer {
                 let Ok((mut stream, _)) = listener.accept().await else {
                     return;
                 };
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                let path = String::from_utf8_lossy(&head)
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_owned();
-                let body = match path.as_str() {
-                    "/.well-known/openid-configuration" => document.clone(),
-                    _ => r#"{"keys":[]}"#.to_owned(),
+                // Read whole (a code exchange's form body too) before the answer, so that
+                // closing the connection does not reset it under the client.
+                let Some(request) = read_request(&mut stream).await else {
+                    continue;
+                };
+                let path = request.path;
+                let (status, body) = match path.as_str() {
+                    "/.well-known/openid-configuration" => ("200 OK", document.clone()),
+                    "/token" => ("400 Bad Request", r#"{"error":"invalid_grant"}"#.to_owned()),
+                    _ => ("200 OK", r#"{"keys":[]}"#.to_owned()),
                 };
                 *counted.lock().unwrap().entry(path).or_insert(0) += 1;
                 let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
                      connection: close\r\n\r\n{body}",
                     body.len()
                 );

@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     pub console_sessions: crate::console::Sessions,
     /// The console's "Sign in with …" issuer: its HTTP client and discovery document.
     pub(crate) console_issuer: crate::console::IssuerEndpoints,
+    /// "Sign in with …" sign-ins started per client address.
+    pub(crate) console_sign_in_limiter:
+        Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     /// Notified on SIGHUP: the TLS certificate and key are read again.
     pub reload_tls: Arc<tokio::sync::Notify>,
     pub revocation_streams: crate::revocations::RevocationStreams,
@@ -96,6 +99,10 @@ impl App {
             config.public_revoke_total_per_minute,
             config.public_revoke_total_per_minute,
         );
+        let console_sign_in_limiter = crate::ratelimit::KeyedRateLimiter::new(
+            config.console.oidc_sign_ins_per_minute,
+            config.console.oidc_sign_ins_per_minute,
+        );
         let console_sessions = crate::console::Sessions::new(
             config.console.idle_timeout,
             config.console.absolute_timeout,
@@ -121,6 +128,7 @@ impl App {
             changes: crate::jobs::Jobs::new(crate::router::MAX_CHANGES, "changes"),
             console_sessions,
             console_issuer: Default::default(),
+            console_sign_in_limiter,
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams,
             read_checks: Default::default(),

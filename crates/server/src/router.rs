@@ -830,6 +830,9 @@ async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
         if let Some(limiter) = &app.inner().public_revoke_limiter {
             limiter.prune();
         }
+        if let Some(limiter) = &app.inner().console_sign_in_limiter {
+            limiter.prune();
+        }
         if let Some(limiter) = &app.inner().tenant_rate_limiter {
             limiter.prune();
         }

@@ -52,6 +52,10 @@ pub struct ConsoleConfig {
     pub absolute_timeout: Duration,
     /// "Sign in with <issuer>": OAuth 2.0 authorization code with PKCE.
     pub oidc: Option<ConsoleOidc>,
+    /// "Sign in with <issuer>" sign-ins one client address may start per minute (each may cost
+    /// a code exchange at the issuer, whose rate limits every user's sign-in shares); 0 turns
+    /// the limit off.
+    pub oidc_sign_ins_per_minute: u32,
 }
 
 impl Default for ConsoleConfig {
@@ -62,6 +66,7 @@ impl Default for ConsoleConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             absolute_timeout: Duration::from_secs(12 * 3600),
             oidc: None,
+            oidc_sign_ins_per_minute: 10,
         }
     }
 }

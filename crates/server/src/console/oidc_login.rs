@@ -177,6 +177,21 @@ pub(super) async fn start(
         .oidc
         .clone()
         .ok_or_else(not_configured)?;
+    // Anyone may start a sign-in, and each may end in a code exchange at the issuer, whose rate
+    // limits every user's sign-in shares: an address that starts too many waits.
+    if let (Some(limiter), Some(client)) = (&app.inner().console_sign_in_limiter, origin.client) {
+        limiter
+            .check(client.limit_key())
+            .map_err(|limited| ConsoleError::Page {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "Too many sign-ins were started from your address. Try again in a \
+                          little while."
+                    .into(),
+                details: Vec::new(),
+                retry_after_secs: limited.retry_after_secs(),
+                cause: None,
+            })?;
+    }
     let issuer = &app.inner().console_issuer;
     let found = issuer.of(&oidc.issuer).await?;
     let login = PendingLogin {
