@@ -837,7 +837,8 @@ fn retention_cutoff(
     now.checked_sub_signed(chrono::TimeDelta::try_days(i64::from(days))?)
 }
 
-/// Flushes aggregated refusals every `window` until `stop`, then once more.
+/// Flushes aggregated refusals (and the canary triggers organizations' budgets left out) every
+/// `window` until `stop`, then once more.
 pub(crate) async fn flush_refusals(
     app: App,
     window: Duration,
@@ -853,6 +854,7 @@ pub(crate) async fn flush_refusals(
             .refusals
             .flush(app.store().as_ref(), &inner.metrics, stopping)
             .await;
+        inner.verifier.canaries().flush_left_out(stopping).await;
         if stopping {
             return;
         }

@@ -267,7 +267,11 @@ impl Verifier {
             oidc.warm_up();
         }
         Self {
-            canaries: CanaryAlarm::new(store.clone(), clock.clone()),
+            canaries: CanaryAlarm::new(
+                store.clone(),
+                clock.clone(),
+                settings.tenant_rate_limit_per_minute,
+            ),
             cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
             keys: CacheKeyer::random(),

@@ -16,12 +16,20 @@
 //! tasks of their own, retried through a store outage (`jobs::Backoff`), at most
 //! [`MAX_PENDING_WRITES`] at once and [`MAX_PENDING_WRITES_PER_TENANT`] of one organization's; a
 //! trigger past either is logged (at error level) and not recorded.
+//!
+//! With `--tenant-rate-limit-per-minute`, an organization's trigger events are held to that many
+//! a minute too (a budget of their own, beside its management requests': presenting a leaked
+//! canary must not lock its organization out of its own API). A trigger past it is not written on
+//! its own but counted: every audit refusal window, one `credential.canary_triggered` per
+//! organization (actor `system`, `reason` `tenant_rate_limit`) carries how many were left out
+//! (`count`) and which canaries (`canary_ids`), so no trigger goes unseen.
 
 use crate::jobs::{Backoff, Jobs, TenantShares};
+use crate::ratelimit::TenantRateLimiter;
 use axum::extract::MatchedPath;
 use axum::http::request::Parts;
-use keyplane_core::audit::{actions, ActorType, AuditActor};
-use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext};
+use keyplane_core::audit::{actions, ActorType, AuditActor, DetailValue};
+use keyplane_core::{AuditEvent, Credential, CredentialId, RequestContext, TenantId};
 use keyplane_store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +48,12 @@ const MAX_PENDING_WRITES: usize = 256;
 /// Of those, one organization's at most: presenting its own canaries in a flood while the store
 /// is slow, a tenant cannot take the slots another's alarms need.
 const MAX_PENDING_WRITES_PER_TENANT: usize = 64;
+
+/// Canaries a left-out summary names at most (its `count` still counts every trigger).
+const MAX_NAMED_PER_SUMMARY: usize = 20;
+/// Organizations with left-out triggers kept at once until the next summary; past it a left-out
+/// trigger is only logged.
+const MAX_SUMMARIES: usize = 10_000;
 
 /// Where a canary can be presented: the `surface` detail of its trigger event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +205,8 @@ pub(crate) struct Trigger {
 }
 
 impl Trigger {
-    /// Its event is written: its place in the bound is kept until its window ends.
+    /// Its event is written (or counted in a summary): its place in the bound is kept until
+    /// its window ends.
     fn written(mut self) {
         if let Some(place) = &mut self.place {
             place.kept = true;
@@ -227,10 +242,35 @@ pub(crate) struct CanaryAlarm {
     writes: Jobs,
     /// Trigger events being written, per organization.
     writing: TenantShares,
+    /// Each organization's trigger events per minute (`None`: no limit).
+    budget: Option<TenantRateLimiter>,
+    /// Triggers past an organization's budget, until the next summary.
+    left_out: Mutex<HashMap<TenantId, LeftOut>>,
+}
+
+/// An organization's triggers left out of the trail since the last summary.
+#[derive(Default)]
+struct LeftOut {
+    count: u64,
+    canaries: Vec<CredentialId>,
+}
+
+impl LeftOut {
+    /// `count` more triggers, of `canary` (named up to [`MAX_NAMED_PER_SUMMARY`]).
+    fn add(&mut self, count: u64, canary: Option<CredentialId>) {
+        self.count += count;
+        if let Some(canary) = canary {
+            if self.canaries.len() < MAX_NAMED_PER_SUMMARY && !self.canaries.contains(&canary) {
+                self.canaries.push(canary);
+            }
+        }
+    }
 }
 
 impl CanaryAlarm {
-    pub(crate) fn new(store: Arc<dyn Store>, clock: crate::config::Clock) -> Self {
+    /// `per_minute`: each organization's trigger events per minute (its
+    /// `--tenant-rate-limit-per-minute`, a tenth of it at once); 0: no limit.
+    pub(crate) fn new(store: Arc<dyn Store>, clock: crate::config::Clock, per_minute: u32) -> Self {
         Self {
             store,
             clock,
@@ -238,6 +278,79 @@ impl CanaryAlarm {
             admissions: AtomicU64::new(0),
             writes: Jobs::new(MAX_PENDING_WRITES, "canary trigger events"),
             writing: TenantShares::new(MAX_PENDING_WRITES_PER_TENANT),
+            budget: TenantRateLimiter::new(per_minute, crate::ratelimit::tenant_burst(per_minute)),
+            left_out: Mutex::default(),
+        }
+    }
+
+    /// `trigger`, if its organization's budget allows its event; otherwise it is counted for the
+    /// next summary ([`Self::flush_left_out`]) and keeps its place in the bound (the same address
+    /// presenting again is not counted twice).
+    fn within_budget(&self, trigger: Trigger) -> Option<Trigger> {
+        let tenant = trigger.event.tenant_id;
+        match &self.budget {
+            Some(budget) if budget.check(tenant).is_err() => {}
+            _ => return Some(trigger),
+        }
+        let canary = trigger
+            .event
+            .target
+            .as_ref()
+            .map(|t| CredentialId::from_uuid(t.id));
+        let mut left_out = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
+        if left_out.len() >= MAX_SUMMARIES && !left_out.contains_key(&tenant) {
+            tracing::error!(tenant.id = %tenant, credential.id = ?canary, "canary trigger not recorded: over its organization's rate limit, and too many organizations' summaries pending");
+            return None;
+        }
+        left_out.entry(tenant).or_default().add(1, canary);
+        drop(left_out);
+        trigger.written();
+        None
+    }
+
+    /// Writes one `credential.canary_triggered` per organization whose triggers its budget left
+    /// out since the last call, with how many (`count`) and which canaries (`canary_ids`). What the
+    /// store cannot take now waits for the next call, but on the `last`.
+    pub(crate) async fn flush_left_out(&self, last: bool) {
+        let drained: Vec<(TenantId, LeftOut)> = {
+            let mut left_out = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
+            left_out.drain().collect()
+        };
+        let mut drained = drained.into_iter();
+        while let Some((tenant, summary)) = drained.next() {
+            let event = crate::ops::audit_event(
+                tenant,
+                actions::CREDENTIAL_CANARY_TRIGGERED,
+                AuditActor::system(),
+                &RequestContext::default(),
+            )
+            .denied()
+            .text("surface", "(various)")
+            .text("reason", "tenant_rate_limit")
+            .detail("count", DetailValue::Count(summary.count))
+            .list(
+                "canary_ids",
+                summary.canaries.iter().map(|id| id.to_string()),
+            );
+            match self.store.append_audit_event(&event).await {
+                Ok(()) => {}
+                Err(StoreError::Unavailable(unavailable)) if !last => {
+                    // The store is away: these wait for the next call, with what came meanwhile.
+                    let mut left_out = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
+                    for (tenant, summary) in std::iter::once((tenant, summary)).chain(drained) {
+                        let kept = left_out.entry(tenant).or_default();
+                        for canary in summary.canaries {
+                            kept.add(0, Some(canary));
+                        }
+                        kept.add(summary.count, None);
+                    }
+                    tracing::warn!(error = %unavailable, "canary triggers over their organizations' rate limits wait for the store");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, tenant.id = %tenant, count = summary.count, "canary triggers over the organization's rate limit could not be recorded");
+                }
+            }
         }
     }
 
@@ -318,6 +431,9 @@ impl CanaryAlarm {
     /// Writes `trigger`'s event; on an error it gives its place in the bound back, so that a
     /// retry (or the next presentation) is admitted again.
     pub(crate) async fn record(&self, trigger: Trigger) -> Result<(), StoreError> {
+        let Some(trigger) = self.within_budget(trigger) else {
+            return Ok(());
+        };
         self.store.append_audit_event(&trigger.event).await?;
         trigger.written();
         Ok(())
@@ -332,7 +448,10 @@ impl CanaryAlarm {
             issuer: None,
             subject: None,
         };
-        let Some(trigger) = self.admit(canary, presentation, actor) else {
+        let Some(trigger) = self
+            .admit(canary, presentation, actor)
+            .and_then(|trigger| self.within_budget(trigger))
+        else {
             return;
         };
         let Some(share) = self.writing.take(canary.tenant_id) else {

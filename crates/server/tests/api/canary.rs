@@ -24,6 +24,7 @@ both_backends!(
     one_organizations_flood_of_triggers_leaves_room_for_anothers,
     a_trigger_is_recorded_once_through_a_write_outage,
     a_reported_canary_is_recorded_through_a_write_outage,
+    an_organizations_trigger_events_are_held_to_its_rate_limit,
 );
 
 const TRIGGERED: &str = "credential.canary_triggered";
@@ -1076,4 +1077,99 @@ async fn a_reported_canary_is_recorded_through_a_write_outage(backend: Backend) 
     let events = expect_triggers(&app, &org, 1).await;
     assert_eq!(events[0]["client_ip"], "192.0.2.77");
     assert_eq!(events[0]["details"]["surface"], "public_revoke");
+}
+
+/// With `--tenant-rate-limit-per-minute`, an organization's canaries cannot write trigger events
+/// past that many a minute (one address each escapes the per-canary bound): the rest are counted
+/// in one `credential.canary_triggered` per window (actor `system`, `reason`
+/// `tenant_rate_limit`, `count`, `canary_ids`), so every presentation is accounted for. The
+/// budget is the trigger events' own: the organization's management requests are not spent.
+async fn an_organizations_trigger_events_are_held_to_its_rate_limit(backend: Backend) {
+    let limited = Config {
+        tenant_rate_limit_per_minute: 10,
+        audit_refusal_window: Duration::from_millis(200),
+        ..behind_proxy()
+    };
+    let app = TestApp::spawn_with(backend, limited).await;
+    // The trail is read through a replica without the limit, so that reading spends nothing.
+    let reader = app.replica_at(app.database_url(), behind_proxy()).await;
+    let org = app.create_org("acme").await;
+    // Twenty canaries, put in place by the store (creating them would spend the budget).
+    let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
+    let now = keyplane_server::ops::now();
+    let (canaries, tokens): (Vec<_>, Vec<_>) = (0..20)
+        .map(|i| {
+            keyplane_core::NewCredential {
+                tenant_id: tenant,
+                kind: keyplane_core::CredentialKind::ApiToken,
+                name: format!("bait-{i}"),
+                scopes: keyplane_core::ScopeSet::empty(),
+                permissions: Vec::new(),
+                expires_at: None,
+                created_by_user_id: None,
+                canary: true,
+            }
+            .issue(now, &mut rand::rngs::OsRng)
+        })
+        .unzip();
+    app.app
+        .store()
+        .import_credentials(&canaries, &[])
+        .await
+        .expect("import the canaries");
+    for (i, token) in tokens.iter().enumerate() {
+        let client = format!("100.64.1.{i}");
+        let res = from(&app, Method::GET, "/v1/auth/forward", &client, "flood/1")
+            .bearer_auth(token.expose_secret())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+    let ids: BTreeSet<String> = canaries.iter().map(|c| c.id.to_string()).collect();
+    let accounted = |events: &[Value]| -> u64 {
+        events
+            .iter()
+            .map(|e| e["details"]["count"].as_u64().unwrap_or(1))
+            .sum()
+    };
+    eventually("every presentation accounted for", || async {
+        accounted(&reader.audit_events(&org, TRIGGERED).await) >= 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = reader.audit_events(&org, TRIGGERED).await;
+    assert_eq!(accounted(&events), 20, "{events:#?}");
+    let (one_by_one, summaries): (Vec<&Value>, Vec<&Value>) = events
+        .iter()
+        .partition(|e| e["details"].get("count").is_none());
+    assert!(
+        (1..=10).contains(&one_by_one.len()),
+        "{} trigger events written one by one",
+        one_by_one.len()
+    );
+    for event in &one_by_one {
+        assert!(
+            ids.contains(text(&event["target"], "id").as_str()),
+            "{event}"
+        );
+    }
+    assert!(!summaries.is_empty());
+    for summary in &summaries {
+        assert_eq!(summary["actor"]["type"], "system", "{summary}");
+        assert_eq!(summary["outcome"], "denied", "{summary}");
+        assert_eq!(
+            summary["details"]["reason"], "tenant_rate_limit",
+            "{summary}"
+        );
+        let named = summary["details"]["canary_ids"].as_array().unwrap();
+        assert!(!named.is_empty(), "{summary}");
+        assert!(
+            named.iter().all(|id| ids.contains(id.as_str().unwrap())),
+            "{summary}"
+        );
+    }
+    // The organization's own requests have their budget whole.
+    let res = app.get(&org.path("/api-tokens"), &org.token).await;
+    assert_eq!(res.status(), 200, "the organization's management request");
 }
