@@ -140,10 +140,12 @@ fn expiry_from(
         // A rotation given none keeps the expiry it has.
         None | Some("never") | Some("keep") => Ok(None),
         Some(days) => {
+            // Any lifetime the form can offer: the policy's default and maximum go up to
+            // `MAX_POLICY_DAYS`; the policy then judges it as it judges the API's `expires_at`.
             let days: i64 = days
                 .parse()
                 .ok()
-                .filter(|d| (1..=3650).contains(d))
+                .filter(|d| (1..=i64::from(keyplane_core::policy::MAX_POLICY_DAYS)).contains(d))
                 .ok_or_else(|| {
                     ConsoleError::page(
                         StatusCode::UNPROCESSABLE_ENTITY,

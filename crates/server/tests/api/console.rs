@@ -16,6 +16,7 @@ both_backends!(
     the_overview_and_search_see_past_the_first_thousand_tokens,
     a_canary_shows_as_one_and_offers_no_rotation,
     two_open_sign_in_forms_both_work,
+    a_policy_lifetime_past_ten_years_can_be_chosen,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -389,18 +390,23 @@ async fn console_expiry_choices_follow_the_credential_policy(
         !page.contains("value=\"never\""),
         "never is no choice under a maximum"
     );
-    let created = console
-        .post(
-            &app,
-            "/console/api-tokens",
-            &[
-                ("name", "short-lived"),
-                ("scopes", "api_tokens:read"),
-                ("expires_in_days", &expiry),
-            ],
-        )
-        .await;
+    let created = create_expiring(&app, &console, "short-lived", &expiry).await;
     assert_eq!(created.status(), 303, "creating with {expiry}");
+}
+
+/// Creates an API token named `name` expiring as the form's `expires_in_days` choice says.
+async fn create_expiring(
+    app: &TestApp,
+    console: &ConsoleSession,
+    name: &str,
+    expiry: &str,
+) -> Response {
+    let fields = [
+        ("name", name),
+        ("scopes", "api_tokens:read"),
+        ("expires_in_days", expiry),
+    ];
+    console.post(app, "/console/api-tokens", &fields).await
 }
 
 /// An organization with more than a thousand tokens: the newest, expiring in 5 days, is on the
@@ -488,4 +494,49 @@ async fn two_open_sign_in_forms_both_work(backend: keyplane_store::testing::Back
         .await
         .unwrap();
     assert_eq!(signed_in.status(), 303, "the first form signs in");
+}
+
+/// A policy may name lifetimes up to 100 years: the create form preselects its default of 5000
+/// days, and submitting it makes a token expiring then.
+async fn a_policy_lifetime_past_ten_years_can_be_chosen(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    crate::lifecycle::put_policy(
+        &app,
+        &org,
+        serde_json::json!({"all": {"default_lifetime_days": 5000}}),
+    )
+    .await;
+    let console = sign_in(&app, &org.token).await;
+    let page = console.page(&app, "/console/api-tokens").await;
+    let expiry = selected_in(&page, "expires_in_days");
+    assert_eq!(expiry, "5000", "the policy's default is preselected");
+    let created = create_expiring(&app, &console, "long-lived", &expiry).await;
+    assert_eq!(created.status(), 303, "creating with {expiry} days");
+    assert_eq!(created.headers()["location"], "/console/secret");
+    let token = listed_token(&app, &org, "long-lived").await;
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        token["expires_at"].as_str().unwrap().parse().unwrap();
+    let expected = chrono::Utc::now() + chrono::TimeDelta::days(5000);
+    assert!(
+        (expires_at - expected).num_minutes().abs() < 5,
+        "expires {expires_at}, about {expected} expected"
+    );
+}
+
+/// `org`'s token named `name`, as the API lists it.
+async fn listed_token(app: &TestApp, org: &Org, name: &str) -> Value {
+    let listed: Value = app
+        .get(&org.path("/api-tokens"), &org.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("{name} listed: {listed}"))
+        .clone()
 }
