@@ -31,7 +31,7 @@ pub struct AuditActorView {
 #[schema(as = AuditTarget)]
 pub struct AuditTargetView {
     /// `organization`, `api_token`, `service_account`, `robot_account`, `registry`,
-    /// `authorization`, `webhook` or `credential_policy`.
+    /// `authorization`, `webhook`, `credential_policy` or `console_session`.
     #[serde(rename = "type")]
     pub target_type: String,
     pub id: Uuid,

@@ -57,6 +57,16 @@ pub mod actions {
     /// Turned off by keyplane after failing for too long.
     pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
     pub const WEBHOOK_DELIVERY_RETRIED: &str = "webhook.delivery_retried";
+    /// Someone signed in to the web console (`method`: `token` or `oidc`); the target is the
+    /// session (`console_session`), named as the console names who signed in.
+    pub const CONSOLE_SESSION_STARTED: &str = "console.session_started";
+    /// A console session moved to this organization (one holding rights in several); its end in
+    /// the organization it left is a `console.session_ended` there.
+    pub const CONSOLE_ORGANIZATION_SWITCHED: &str = "console.organization_switched";
+    /// A console session ended (`reason`: `signed_out`, `expired`, `idle`,
+    /// `switched_organization`, or `credential_refused` when the credential it acted with
+    /// stopped working).
+    pub const CONSOLE_SESSION_ENDED: &str = "console.session_ended";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.
@@ -202,7 +212,7 @@ impl AuditActor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditTarget {
     /// `organization`, `api_token`, `service_account`, `robot_account`, `registry`,
-    /// `authorization`.
+    /// `authorization`, `webhook`, `credential_policy`, `console_session`.
     pub target_type: String,
     pub id: uuid::Uuid,
     pub name: Option<String>,

@@ -782,8 +782,12 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<u64, StoreError>;
 
-    /// Stores a new web-console session.
-    async fn insert_console_session(&self, session: &ConsoleSession) -> Result<(), StoreError>;
+    /// Stores a new web-console session, and `event` (its start) in the same transaction.
+    async fn insert_console_session(
+        &self,
+        session: &ConsoleSession,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// The session `id_hash` if it is live at `now` (before its end, and seen after
     /// `idle_before`), its `last_seen_at` moved to `now`; `None` otherwise.
@@ -812,16 +816,23 @@ pub trait Store: Send + Sync + 'static {
         id_hash: &[u8; 32],
     ) -> Result<Vec<Vec<u8>>, StoreError>;
 
-    /// Ends a session (sign-out, or its credential stopped working).
-    async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError>;
+    /// Ends a session (sign-out, or its credential stopped working), appending `event` (its end)
+    /// in the same transaction if the session was there to end. Returns whether it was.
+    async fn delete_console_session(
+        &self,
+        id_hash: &[u8; 32],
+        event: Option<&AuditEvent>,
+    ) -> Result<bool, StoreError>;
 
-    /// Deletes up to `limit` sessions that ended by `now` or were last seen by `idle_before`;
-    /// returns how many.
+    /// Deletes up to `limit` sessions that ended by `now` or were last seen by `idle_before`,
+    /// appending `ended(session)` for each in the same transaction (of replicas pruning at once,
+    /// each session's end is recorded once); returns how many.
     async fn prune_console_sessions(
         &self,
         now: DateTime<Utc>,
         idle_before: DateTime<Utc>,
         limit: u32,
+        ended: EventOf<'_, ConsoleSession>,
     ) -> Result<u64, StoreError>;
 }
 

@@ -279,7 +279,8 @@ pub(crate) const DELETE_CONSOLE_SESSION: &str = "DELETE FROM console_sessions WH
 /// transaction changed while the DELETE waited for it, so a row renewed meanwhile (a session
 /// touched, a key claimed again) is kept, where the sub-select alone would still name it.
 pub(crate) const PRUNE_CONSOLE_SESSIONS: &str = "DELETE FROM console_sessions WHERE (ends_at_ms <= $1 OR last_seen_at_ms <= $2) \
-     AND id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3)";
+     AND id_hash IN (SELECT id_hash FROM console_sessions WHERE ends_at_ms <= $1 OR last_seen_at_ms <= $2 LIMIT $3) \
+     RETURNING id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms, notice";
 pub(crate) const PRUNE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at_ms < $1 \
      AND lookup_id IN (SELECT lookup_id FROM idempotency_keys WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)";
 
@@ -1825,13 +1826,20 @@ macro_rules! impl_store {
                     .rows_affected())
             }
 
-            #[tracing::instrument(skip_all)]
+            #[tracing::instrument(skip_all, fields(tenant.id = %session.tenant_id))]
             async fn insert_console_session(
                 &self,
                 session: &$crate::ConsoleSession,
+                event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
-                let mut connection = self.writer.acquire().await?;
-                Self::insert_console_session_in(&mut connection, session).await
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    Self::insert_console_session_in(&mut *tx, session).await?;
+                    Self::append_audit(&mut tx, event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all)]
@@ -1897,12 +1905,24 @@ macro_rules! impl_store {
             async fn delete_console_session(
                 &self,
                 id_hash: &[u8; 32],
-            ) -> Result<(), $crate::StoreError> {
-                sqlx::query($crate::sql::DELETE_CONSOLE_SESSION)
-                    .bind(&id_hash[..])
-                    .execute(&self.writer)
-                    .await?;
-                Ok(())
+                event: Option<&keyplane_core::AuditEvent>,
+            ) -> Result<bool, $crate::StoreError> {
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    let deleted = sqlx::query($crate::sql::DELETE_CONSOLE_SESSION)
+                        .bind(&id_hash[..])
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    // Only the request that ended it records the end (another tab may have).
+                    if let (true, Some(event)) = (deleted, event) {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(deleted)
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all)]
@@ -1911,14 +1931,37 @@ macro_rules! impl_store {
                 now: chrono::DateTime<chrono::Utc>,
                 idle_before: chrono::DateTime<chrono::Utc>,
                 limit: u32,
+                ended: $crate::EventOf<'_, $crate::ConsoleSession>,
             ) -> Result<u64, $crate::StoreError> {
-                Ok(sqlx::query($crate::sql::PRUNE_CONSOLE_SESSIONS)
-                    .bind(now.timestamp_millis())
-                    .bind(idle_before.timestamp_millis())
-                    .bind(i64::from(limit))
-                    .execute(&self.writer)
-                    .await?
-                    .rows_affected())
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    let rows: Vec<$crate::rows::ConsoleSessionRow> =
+                        sqlx::query_as($crate::sql::PRUNE_CONSOLE_SESSIONS)
+                            .bind(now.timestamp_millis())
+                            .bind(idle_before.timestamp_millis())
+                            .bind(i64::from(limit))
+                            .fetch_all(&mut *tx)
+                            .await?;
+                    let pruned = rows.len() as u64;
+                    let mut sessions = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        match $crate::ConsoleSession::try_from(row) {
+                            Ok(session) => sessions.push(session),
+                            // Gone all the same; an unreadable row must not keep the others.
+                            Err(error) => {
+                                tracing::warn!(%error, "pruned an unreadable console session; its end is not recorded")
+                            }
+                        }
+                    }
+                    // Tenants' chain heads in one order, whatever order the rows came in.
+                    sessions.sort_by_key(|s| (s.tenant_id.as_uuid(), s.created_at));
+                    for session in &sessions {
+                        Self::append_audit(&mut tx, &ended(session)).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(pruned)
+                })
+                .await
             }
         }
     };

@@ -1401,15 +1401,55 @@ fn console_session(tenant: TenantId, id: u8, at: DateTime<Utc>) -> keyplane_stor
     }
 }
 
+/// A console event in `tenant` about the session labelled `label`.
+fn console_event(tenant: TenantId, action: &str, label: &str) -> keyplane_core::AuditEvent {
+    keyplane_core::AuditEvent {
+        action: action.to_string(),
+        ..event_in(tenant, now())
+    }
+    .target("console_session", uuid::Uuid::new_v4(), Some(label))
+}
+
+fn started(session: &keyplane_store::ConsoleSession) -> keyplane_core::AuditEvent {
+    console_event(
+        session.tenant_id,
+        keyplane_core::audit::actions::CONSOLE_SESSION_STARTED,
+        &session.label,
+    )
+}
+
+fn ended(session: &keyplane_store::ConsoleSession) -> keyplane_core::AuditEvent {
+    console_event(
+        session.tenant_id,
+        keyplane_core::audit::actions::CONSOLE_SESSION_ENDED,
+        &session.label,
+    )
+}
+
+/// The names of the sessions whose `action` events `tenant`'s trail holds, oldest first.
+async fn console_events(store: &dyn Store, tenant: TenantId, action: &str) -> Vec<String> {
+    store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 1000))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.action == action)
+        .filter_map(|e| e.event.target.and_then(|t| t.name))
+        .collect()
+}
+
 async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
     let f = fixture(backend).await;
     let t = now();
     let idle = TimeDelta::minutes(30);
     let session = console_session(f.tenant.id, 1, t);
-    f.store.insert_console_session(&session).await.unwrap();
+    f.store
+        .insert_console_session(&session, &started(&session))
+        .await
+        .unwrap();
     assert_eq!(
         f.store
-            .insert_console_session(&session)
+            .insert_console_session(&session, &started(&session))
             .await
             .err()
             .map(|e| matches!(e, StoreError::Conflict(_))),
@@ -1445,7 +1485,10 @@ async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
         .is_none());
     // Past its absolute end, however busy.
     let busy = console_session(f.tenant.id, 2, t);
-    f.store.insert_console_session(&busy).await.unwrap();
+    f.store
+        .insert_console_session(&busy, &started(&busy))
+        .await
+        .unwrap();
     let past_end = t + TimeDelta::hours(12);
     assert!(f
         .store
@@ -1462,10 +1505,25 @@ async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
 
     // Signing out.
     f.store
-        .insert_console_session(&console_session(f.tenant.id, 3, t))
+        .insert_console_session(
+            &console_session(f.tenant.id, 3, t),
+            &started(&console_session(f.tenant.id, 3, t)),
+        )
         .await
         .unwrap();
-    f.store.delete_console_session(&[3; 32]).await.unwrap();
+    let signed_out = ended(&console_session(f.tenant.id, 3, t));
+    assert!(f
+        .store
+        .delete_console_session(&[3; 32], Some(&signed_out))
+        .await
+        .unwrap());
+    assert!(
+        !f.store
+            .delete_console_session(&[3; 32], Some(&signed_out))
+            .await
+            .unwrap(),
+        "ended once"
+    );
     assert!(f
         .store
         .touch_console_session(&[3; 32], t, t - idle)
@@ -1475,29 +1533,35 @@ async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
 
     // Pruning: idle and ended sessions go, live ones stay.
     let fresh = console_session(f.tenant.id, 4, t + TimeDelta::minutes(60));
-    f.store.insert_console_session(&fresh).await.unwrap();
-    let ended = keyplane_store::ConsoleSession {
+    f.store
+        .insert_console_session(&fresh, &started(&fresh))
+        .await
+        .unwrap();
+    let finished = keyplane_store::ConsoleSession {
         ends_at: t + TimeDelta::minutes(70),
         ..console_session(f.tenant.id, 6, t + TimeDelta::minutes(65))
     };
-    f.store.insert_console_session(&ended).await.unwrap();
+    f.store
+        .insert_console_session(&finished, &started(&finished))
+        .await
+        .unwrap();
     assert_eq!(
         f.store
-            .prune_console_sessions(t71, t71 - idle, 2)
+            .prune_console_sessions(t71, t71 - idle, 2, &ended)
             .await
             .unwrap(),
         2
     );
     assert_eq!(
         f.store
-            .prune_console_sessions(t71, t71 - idle, 2)
+            .prune_console_sessions(t71, t71 - idle, 2, &ended)
             .await
             .unwrap(),
         1
     );
     assert_eq!(
         f.store
-            .prune_console_sessions(t71, t71 - idle, 2)
+            .prune_console_sessions(t71, t71 - idle, 2, &ended)
             .await
             .unwrap(),
         0
@@ -1508,6 +1572,19 @@ async fn console_sessions_live_until_idle_or_ended(backend: Backend) {
         .await
         .unwrap()
         .is_some());
+    // Each start and each end recorded once, with its change: not the refused second insert,
+    // not the second sign-out.
+    let store = f.store.as_ref();
+    use keyplane_core::audit::actions::{CONSOLE_SESSION_ENDED, CONSOLE_SESSION_STARTED};
+    let starts = console_events(store, f.tenant.id, CONSOLE_SESSION_STARTED).await;
+    assert_eq!(
+        starts,
+        ["token 1", "token 2", "token 3", "token 4", "token 6"]
+    );
+    let mut ends = console_events(store, f.tenant.id, CONSOLE_SESSION_ENDED).await;
+    ends.sort();
+    assert_eq!(ends, ["token 1", "token 2", "token 3", "token 6"]);
+    assert_eq!(verify_chain(store, f.tenant.id).await, 9);
 }
 
 /// Creates a token whose secret `sealed` the console session `session` keeps, in the create's
@@ -1534,7 +1611,10 @@ async fn a_console_secret_is_taken_once(backend: Backend) {
     let t = now();
     let idle = t - TimeDelta::minutes(30);
     f.store
-        .insert_console_session(&console_session(f.tenant.id, 5, t))
+        .insert_console_session(
+            &console_session(f.tenant.id, 5, t),
+            &started(&console_session(f.tenant.id, 5, t)),
+        )
         .await
         .unwrap();
     f.store
@@ -1578,7 +1658,10 @@ async fn a_console_secret_is_taken_once(backend: Backend) {
         create_with_a_console_secret(&f, 5, &[9], ended).await,
         Err(StoreError::ConsoleSessionEnded)
     ));
-    f.store.delete_console_session(&[5; 32]).await.unwrap();
+    f.store
+        .delete_console_session(&[5; 32], None)
+        .await
+        .unwrap();
     assert!(matches!(
         create_with_a_console_secret(&f, 5, &[9], t).await,
         Err(StoreError::ConsoleSessionEnded)
@@ -3725,7 +3808,10 @@ async fn prunes_keep_rows_renewed_while_they_wait() {
     let key_pruned = prune_while_renewed(&url, renew, prune).await;
 
     let session = console_session(f.tenant.id, 31, t - TimeDelta::hours(1));
-    f.store.insert_console_session(&session).await.unwrap();
+    f.store
+        .insert_console_session(&session, &started(&session))
+        .await
+        .unwrap();
     let renew = sqlx::query("UPDATE console_sessions SET last_seen_at_ms = $1 WHERE id_hash = $2")
         .bind(t.timestamp_millis())
         .bind(session.id_hash.to_vec());
@@ -3733,7 +3819,7 @@ async fn prunes_keep_rows_renewed_while_they_wait() {
     let prune = move || {
         tokio::spawn(async move {
             store
-                .prune_console_sessions(t, t - TimeDelta::minutes(30), 10)
+                .prune_console_sessions(t, t - TimeDelta::minutes(30), 10, &ended)
                 .await
         })
     };

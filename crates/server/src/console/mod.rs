@@ -27,8 +27,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use keyplane_core::{
-    Capability, CredentialId, CredentialKind, Error as DomainError, PathSegment, Principal,
-    RequestContext, TenantId,
+    AuditActor, Capability, CredentialId, CredentialKind, Error as DomainError, PathSegment,
+    Principal, RequestContext, TenantId,
 };
 use session::{random_text, same_text, CookieValue};
 use std::time::Duration;
@@ -507,7 +507,17 @@ impl FromRequestParts<App> for Console {
             Ok(who) => who,
             Err(AppError::Unauthenticated(_)) => {
                 // Revoked, suspended or expired since sign-in: the session ends with it.
-                sessions.end(app, &cookie).await?;
+                let context = crate::audit::request_context(&parts.headers, &parts.extensions);
+                let ending = session::Ending {
+                    tenant: session.tenant,
+                    label: &session.who,
+                    recorded: session::Recorded::end(
+                        AuditActor::system(),
+                        &context,
+                        "credential_refused",
+                    ),
+                };
+                sessions.end(app, &cookie, Some(ending)).await?;
                 return Err(ConsoleError::SignIn);
             }
             Err(other) => return Err(other.into()),
@@ -798,7 +808,10 @@ async fn sign_in(
         )
     };
     match authenticate(&app, token, &at).await {
-        Ok(who) => start_session(&app, &who, token).await,
+        Ok(who) => {
+            let context = crate::audit::request_context_of(&headers, &origin);
+            start_session(&app, &who, token, "token", &context).await
+        }
         Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
             &app,
             Some(expected),
@@ -810,9 +823,16 @@ async fn sign_in(
     }
 }
 
-/// Starts the session of `who`, acting with `token`, and sends the browser to the overview. A
-/// principal without rights in any tenant cannot use the console.
-async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Response, ConsoleError> {
+/// Starts the session of `who`, acting with `token`, signed in by `method` (`token`, `oidc`) in
+/// the request `context`, and sends the browser to the overview. A principal without rights in
+/// any tenant cannot use the console.
+async fn start_session(
+    app: &App,
+    who: &Principal,
+    token: &str,
+    method: &'static str,
+    context: &RequestContext,
+) -> Result<Response, ConsoleError> {
     let Some((tenant, _)) = who.tenants().first() else {
         return Ok(sign_in_form(
             app,
@@ -834,10 +854,16 @@ async fn start_session(app: &App, who: &Principal, token: &str) -> Result<Respon
             None => who.id().to_string(),
         },
     };
+    let started = session::Recorded {
+        action: keyplane_core::audit::actions::CONSOLE_SESSION_STARTED,
+        actor: AuditActor::of(who),
+        context,
+        detail: Some(("method", method)),
+    };
     let cookie = app
         .inner()
         .console_sessions
-        .create(app, *tenant, token, label, who.expires_at)
+        .create(app, *tenant, token, label, who.expires_at, started)
         .await?;
     tracing::info!(principal.id = %who.id(), tenant.id = %tenant, "console session started");
     let mut response = Redirect::to("/console").into_response();
@@ -867,10 +893,13 @@ async fn switch_organization(console: Console, body: Bytes) -> Result<Response, 
         .replace(
             app,
             &console.cookie,
+            console.tenant,
             tenant,
             &console.token,
             console.label.clone(),
             console.ends_at,
+            AuditActor::of(&console.who),
+            &console.context,
         )
         .await?;
     let mut response = Redirect::to("/console").into_response();
@@ -883,9 +912,18 @@ async fn switch_organization(console: Console, body: Bytes) -> Result<Response, 
 async fn sign_out(console: Console, body: Bytes) -> Result<Response, ConsoleError> {
     console.form(&body)?;
     let app = &console.app;
+    let ending = session::Ending {
+        tenant: console.tenant,
+        label: &console.label,
+        recorded: session::Recorded::end(
+            AuditActor::of(&console.who),
+            &console.context,
+            "signed_out",
+        ),
+    };
     app.inner()
         .console_sessions
-        .end(app, &console.cookie)
+        .end(app, &console.cookie, Some(ending))
         .await?;
     tracing::info!(principal.id = %console.who.id(), "console session ended");
     let mut response = Redirect::to("/console/login?signed_out=1").into_response();

@@ -383,7 +383,9 @@ pub(super) async fn callback(
         }
         Err(other) => return Err(other.into()),
     };
-    let mut response = super::start_session(&app, &who, &tokens.access_token).await?;
+    let context = crate::audit::request_context_of(&headers, &origin);
+    let mut response =
+        super::start_session(&app, &who, &tokens.access_token, "oidc", &context).await?;
     if response.status().is_redirection() {
         // The issuer's redirect is a cross-site navigation, after which a browser does not send
         // a SameSite=Strict cookie on a redirect either; a page that continues from this origin

@@ -266,7 +266,12 @@ pub(super) async fn to_secret_page(console: &Console, home: &SecretHome) -> Page
     tracing::info!(principal.id = %console.who.id(), "console session moved to the rotated secret");
     // The new session holds the secret: failing here would lose its cookie, and the secret with
     // it. The old session ends anyway once its secret stops working.
-    if let Err(error) = app.inner().console_sessions.end(app, &console.cookie).await {
+    if let Err(error) = app
+        .inner()
+        .console_sessions
+        .end(app, &console.cookie, None)
+        .await
+    {
         tracing::warn!(error = %error, "ending the console session that moved failed");
     }
     response.headers_mut().append(
@@ -1662,7 +1667,8 @@ pub(crate) async fn audit(console: Console, Query(filters): Query<AuditFilters>)
          <input type=\"text\" name=\"action\" value=\"{action}\" list=\"actions\"></label>\
          <datalist id=\"actions\"><option value=\"api_token.\"><option value=\"service_account.\">\
          <option value=\"robot_account.\"><option value=\"authorization.\"><option value=\"registry.\">\
-         <option value=\"credential.\"><option value=\"access.denied\"></datalist>\
+         <option value=\"credential.\"><option value=\"webhook.\"><option value=\"console.\">\
+         <option value=\"access.denied\"></datalist>\
          <label>Outcome<select name=\"outcome\"><option value=\"\"{any}>any</option>\
          <option value=\"success\"{ok}>success</option><option value=\"denied\"{denied}>denied</option></select></label>\
          <button type=\"submit\" class=\"secondary\">Filter</button></form>{table}",

@@ -18,7 +18,8 @@ use chacha20poly1305::ChaCha20Poly1305;
 use chrono::{DateTime, TimeDelta, Utc};
 use data_encoding::BASE64URL_NOPAD;
 use hkdf::Hkdf;
-use keyplane_core::{CredentialKind, TenantId};
+use keyplane_core::audit::{actions, AuditActor};
+use keyplane_core::{AuditEvent, CredentialKind, RequestContext, TenantId};
 use keyplane_store::{ConsoleSecret, ConsoleSession, KeptAnswer, StoreError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -115,6 +116,73 @@ impl Sealed {
             ciphertext: ciphertext.to_vec(),
         })
     }
+}
+
+/// The id a session's audit events name it by (target `console_session`): derived from the id
+/// the store keeps, so that a session's start and end share it, while neither the cookie value
+/// nor the store's key for it is written out.
+fn audit_id(id_hash: &[u8; 32]) -> uuid::Uuid {
+    let digest = Sha256::new()
+        .chain_update(b"keyplane console session audit id v1")
+        .chain_update(id_hash)
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// How a session's start or end is recorded: its action, who acted, from where, and the one
+/// detail it carries (`method` of a start, `reason` of an end).
+pub(crate) struct Recorded<'a> {
+    pub action: &'static str,
+    pub actor: AuditActor,
+    pub context: &'a RequestContext,
+    pub detail: Option<(&'static str, &'static str)>,
+}
+
+impl Recorded<'_> {
+    /// An end (`console.session_ended`) for `reason`.
+    pub(crate) fn end<'c>(
+        actor: AuditActor,
+        context: &'c RequestContext,
+        reason: &'static str,
+    ) -> Recorded<'c> {
+        Recorded {
+            action: actions::CONSOLE_SESSION_ENDED,
+            actor,
+            context,
+            detail: Some(("reason", reason)),
+        }
+    }
+
+    fn event(&self, tenant: TenantId, id_hash: &[u8; 32], label: &str) -> AuditEvent {
+        session_event(
+            crate::ops::audit_event(tenant, self.action, self.actor.clone(), self.context),
+            id_hash,
+            label,
+            self.detail,
+        )
+    }
+}
+
+fn session_event(
+    event: AuditEvent,
+    id_hash: &[u8; 32],
+    label: &str,
+    detail: Option<(&str, &str)>,
+) -> AuditEvent {
+    let event = event.target("console_session", audit_id(id_hash), Some(label));
+    match detail {
+        Some((key, value)) => event.text(key, value),
+        None => event,
+    }
+}
+
+/// A session that ends: its organization and label, and how its end is recorded.
+pub(crate) struct Ending<'a> {
+    pub tenant: TenantId,
+    pub label: &'a str,
+    pub recorded: Recorded<'a>,
 }
 
 /// A secret to show once, on the next visit of the secret page.
@@ -261,8 +329,8 @@ impl Sessions {
     }
 
     /// Starts a session acting with `token` in `tenant`, ending at the absolute timeout or at
-    /// `token_ends` (an access token's expiry), whichever comes first. Returns the cookie value
-    /// for the browser.
+    /// `token_ends` (an access token's expiry), whichever comes first, and records its start as
+    /// `started` says, in the same transaction. Returns the cookie value for the browser.
     pub(crate) async fn create(
         &self,
         app: &App,
@@ -270,39 +338,64 @@ impl Sessions {
         token: &str,
         who: String,
         token_ends: Option<DateTime<Utc>>,
+        started: Recorded<'_>,
     ) -> Result<CookieValue, AppError> {
         let cookie = CookieValue::fresh();
         let now = app.now();
         let absolute = now + delta(self.absolute);
+        let event = started.event(tenant, &cookie.id(), &who);
         app.store()
-            .insert_console_session(&ConsoleSession {
-                id_hash: cookie.id(),
-                tenant_id: tenant,
-                sealed_token: cookie.seal(token).to_bytes(),
-                label: who,
-                created_at: now,
-                last_seen_at: now,
-                ends_at: token_ends.map_or(absolute, |end| end.min(absolute)),
-                notice: None,
-            })
+            .insert_console_session(
+                &ConsoleSession {
+                    id_hash: cookie.id(),
+                    tenant_id: tenant,
+                    sealed_token: cookie.seal(token).to_bytes(),
+                    label: who,
+                    created_at: now,
+                    last_seen_at: now,
+                    ends_at: token_ends.map_or(absolute, |end| end.min(absolute)),
+                    notice: None,
+                },
+                &event,
+            )
             .await?;
         Ok(cookie)
     }
 
-    /// Replaces the session of `old` by one in `tenant` acting with `token`, labelled `who`,
-    /// ending when `old` would have (a move extends nothing), and ends `old`: a switch of
-    /// organization. Returns the new cookie value.
+    /// Replaces the session of `old` (in `from`) by one in `tenant` acting with `token`, labelled
+    /// `who`, ending when `old` would have (a move extends nothing), and ends `old`: a switch of
+    /// organization, by `actor`. Recorded in each organization's trail: the arrival
+    /// (`console.organization_switched`) in `tenant`, the end (`switched_organization`) in
+    /// `from`. Returns the new cookie value.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn replace(
         &self,
         app: &App,
         old: &CookieValue,
+        from: TenantId,
         tenant: TenantId,
         token: &str,
         who: String,
         ends_at: DateTime<Utc>,
+        actor: AuditActor,
+        context: &RequestContext,
     ) -> Result<CookieValue, AppError> {
-        let cookie = self.create(app, tenant, token, who, Some(ends_at)).await?;
-        self.end(app, old).await?;
+        let label = who.clone();
+        let arrived = Recorded {
+            action: actions::CONSOLE_ORGANIZATION_SWITCHED,
+            actor: actor.clone(),
+            context,
+            detail: None,
+        };
+        let cookie = self
+            .create(app, tenant, token, who, Some(ends_at), arrived)
+            .await?;
+        let left = Ending {
+            tenant: from,
+            label: &label,
+            recorded: Recorded::end(actor, context, "switched_organization"),
+        };
+        self.end(app, old, Some(left)).await?;
         Ok(cookie)
     }
 
@@ -334,8 +427,20 @@ impl Sessions {
         }))
     }
 
-    pub(crate) async fn end(&self, app: &App, cookie: &CookieValue) -> Result<(), AppError> {
-        Ok(app.store().delete_console_session(&cookie.id()).await?)
+    /// Ends the session of `cookie`, recording its end as `ending` says (`None`: it goes on in
+    /// another session, which records its end). Returns whether there was one to end.
+    pub(crate) async fn end(
+        &self,
+        app: &App,
+        cookie: &CookieValue,
+        ending: Option<Ending<'_>>,
+    ) -> Result<bool, AppError> {
+        let id = cookie.id();
+        let event = ending.map(|e| e.recorded.event(e.tenant, &id, e.label));
+        Ok(app
+            .store()
+            .delete_console_session(&id, event.as_ref())
+            .await?)
     }
 
     pub(crate) async fn set_notice(
@@ -399,12 +504,33 @@ impl Sessions {
         })
     }
 
-    /// Forgets ended and idle sessions (the background work).
+    /// Forgets ended and idle sessions (the background work), recording each end (`expired` or
+    /// `idle`, actor `system`).
     pub(crate) async fn prune(&self, app: &App) {
         let now = app.now();
+        let unattended = RequestContext::default();
+        let ended = |session: &ConsoleSession| {
+            let reason = if session.ends_at <= now {
+                "expired"
+            } else {
+                "idle"
+            };
+            let event = crate::ops::audit_event(
+                session.tenant_id,
+                actions::CONSOLE_SESSION_ENDED,
+                AuditActor::system(),
+                &unattended,
+            );
+            session_event(
+                event,
+                &session.id_hash,
+                &session.label,
+                Some(("reason", reason)),
+            )
+        };
         if let Err(error) = app
             .store()
-            .prune_console_sessions(now, now - delta(self.idle), PRUNE_BATCH)
+            .prune_console_sessions(now, now - delta(self.idle), PRUNE_BATCH, &ended)
             .await
         {
             tracing::warn!(error = %error, "pruning console sessions failed; the next round retries");

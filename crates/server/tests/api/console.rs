@@ -17,6 +17,7 @@ both_backends!(
     a_canary_shows_as_one_and_offers_no_rotation,
     two_open_sign_in_forms_both_work,
     a_policy_lifetime_past_ten_years_can_be_chosen,
+    signing_in_and_out_of_the_console_is_recorded,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -539,4 +540,48 @@ async fn listed_token(app: &TestApp, org: &Org, name: &str) -> Value {
         .find(|t| t["name"] == name)
         .unwrap_or_else(|| panic!("{name} listed: {listed}"))
         .clone()
+}
+
+/// The id of `org`'s token named `name`.
+async fn token_id(app: &TestApp, org: &Org, name: &str) -> String {
+    listed_token(app, org, name).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A sign-in to the console is in the organization's trail, as who signed in, from where and
+/// how; the sign-out too, about the same session.
+async fn signing_in_and_out_of_the_console_is_recorded(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let bootstrap = token_id(&app, &org, "bootstrap").await;
+    let console = sign_in(&app, &org.token).await;
+
+    let started = app.audit_events(&org, "console.session_started").await;
+    assert_eq!(started.len(), 1, "{started:#?}");
+    let start = &started[0];
+    assert_eq!(start["actor"]["type"], "api_token", "{start}");
+    assert_eq!(start["actor"]["id"], bootstrap.as_str(), "{start}");
+    assert_eq!(start["client_ip"], "127.0.0.1", "{start}");
+    assert_eq!(start["details"]["method"], "token", "{start}");
+    assert_eq!(start["target"]["type"], "console_session", "{start}");
+    assert_eq!(start["target"]["name"], "bootstrap", "{start}");
+    assert!(app
+        .audit_events(&org, "console.session_ended")
+        .await
+        .is_empty());
+
+    let out = console.post(&app, "/console/logout", &[]).await;
+    assert_eq!(out.status(), 303, "signed out");
+    let ended = app.audit_events(&org, "console.session_ended").await;
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    let end = &ended[0];
+    assert_eq!(end["actor"]["id"], bootstrap.as_str(), "{end}");
+    assert_eq!(end["client_ip"], "127.0.0.1", "{end}");
+    assert_eq!(end["details"]["reason"], "signed_out", "{end}");
+    assert_eq!(
+        end["target"]["id"], start["target"]["id"],
+        "the same session"
+    );
 }

@@ -998,9 +998,10 @@ impl Store for FaultyStore {
     async fn insert_console_session(
         &self,
         session: &keyplane_store::ConsoleSession,
+        event: &AuditEvent,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.insert_console_session(session).await
+        self.inner.insert_console_session(session, event).await
     }
 
     async fn touch_console_session(
@@ -1040,9 +1041,13 @@ impl Store for FaultyStore {
         self.inner.take_console_session_secrets(id_hash).await
     }
 
-    async fn delete_console_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
+    async fn delete_console_session(
+        &self,
+        id_hash: &[u8; 32],
+        event: Option<&AuditEvent>,
+    ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.delete_console_session(id_hash).await
+        self.inner.delete_console_session(id_hash, event).await
     }
 
     async fn prune_console_sessions(
@@ -1050,10 +1055,11 @@ impl Store for FaultyStore {
         now: DateTime<Utc>,
         idle_before: DateTime<Utc>,
         limit: u32,
+        ended: EventOf<'_, keyplane_store::ConsoleSession>,
     ) -> Result<u64, StoreError> {
         self.check()?;
         self.inner
-            .prune_console_sessions(now, idle_before, limit)
+            .prune_console_sessions(now, idle_before, limit, ended)
             .await
     }
 }

@@ -35,6 +35,7 @@ both_backends!(
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
     a_users_console_refusals_are_recorded_in_the_sessions_organization,
+    a_users_console_switch_of_organization_is_recorded_in_both,
     an_address_over_its_failure_budget_gets_no_jwt_validated,
 );
 
@@ -992,6 +993,63 @@ async fn a_users_console_refusals_are_recorded_in_the_sessions_organization(back
         event["details"]["attempted"], "POST /console/api-tokens/{id}/revoke",
         "{event}"
     );
+}
+
+/// A user with rights in two organizations signs in to the console and moves to the other one:
+/// each organization's trail says so, as the user, from the browser's address: the one left
+/// that the session ended there, the one reached that it arrived.
+async fn a_users_console_switch_of_organization_is_recorded_in_both(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let orgs = [app.create_org("acme").await, app.create_org("globex").await];
+    let carol = provider.user("carol");
+    for org in &orgs {
+        grant(
+            &app,
+            org,
+            user_grant("capability", carol, Some("api_tokens:read")),
+        )
+        .await;
+    }
+    let token = provider.token("carol", None).await;
+    let console = crate::console::sign_in(&app, &token).await;
+    let mut started = Vec::new();
+    for org in &orgs {
+        started.push(app.audit_events(org, "console.session_started").await.len());
+    }
+    let (left, reached) = match started[..] {
+        [1, 0] => (&orgs[0], &orgs[1]),
+        [0, 1] => (&orgs[1], &orgs[0]),
+        _ => panic!("one sign-in recorded, in one organization: {started:?}"),
+    };
+    let start = &app.audit_events(left, "console.session_started").await[0];
+    assert_eq!(start["actor"]["type"], "user", "{start}");
+    assert_eq!(start["actor"]["id"], carol.to_string(), "{start}");
+
+    let switched = console
+        .post(
+            &app,
+            "/console/organization",
+            &[("organization", reached.id.as_str())],
+        )
+        .await;
+    assert_eq!(switched.status(), 303);
+    let ended = app.audit_events(left, "console.session_ended").await;
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert_eq!(ended[0]["details"]["reason"], "switched_organization");
+    assert_eq!(ended[0]["actor"]["id"], carol.to_string());
+    assert_eq!(ended[0]["target"]["id"], start["target"]["id"]);
+    let arrived = app
+        .audit_events(reached, "console.organization_switched")
+        .await;
+    assert_eq!(arrived.len(), 1, "{arrived:#?}");
+    assert_eq!(arrived[0]["actor"]["id"], carol.to_string());
+    assert_eq!(arrived[0]["client_ip"], "127.0.0.1");
+    assert!(app
+        .audit_events(reached, "console.session_started")
+        .await
+        .is_empty());
 }
 
 /// An address over its failed-authentication budget gets a user's JWT the cache does not hold
