@@ -817,9 +817,9 @@ async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
         }
         app.flush_usage().await;
         crate::idempotency::prune(&app).await;
-        if app.inner().config.console.enabled {
-            app.inner().console_sessions.prune(&app).await;
-        }
+        // Whether or not the console is on now: sessions signed in while it was keep a label
+        // and a sealed token until pruned.
+        app.inner().console_sessions.prune(&app).await;
         app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().failed_auth {
             limiter.prune();

@@ -18,6 +18,7 @@ both_backends!(
     two_open_sign_in_forms_both_work,
     a_policy_lifetime_past_ten_years_can_be_chosen,
     signing_in_and_out_of_the_console_is_recorded,
+    sessions_end_on_time_on_a_server_with_the_console_off,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -584,4 +585,55 @@ async fn signing_in_and_out_of_the_console_is_recorded(backend: keyplane_store::
         end["target"]["id"], start["target"]["id"],
         "the same session"
     );
+}
+
+/// A session signed in while the console was on ends on time, its end recorded and its row (a
+/// label and a sealed token) gone, on a server started later with the console turned off.
+async fn sessions_end_on_time_on_a_server_with_the_console_off(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = test_config();
+    let clock = config.clock.clone();
+    let mut app = TestApp::spawn_with(backend, config.clone()).await;
+    let org = app.create_org("acme").await;
+    sign_in(&app, &org.token).await;
+    app.stop().await;
+    let console = keyplane_server::console::ConsoleConfig {
+        enabled: false,
+        ..Default::default()
+    };
+    let absolute = console.absolute_timeout;
+    let off = app
+        .replica_at(
+            app.database_url(),
+            keyplane_server::Config { console, ..config },
+        )
+        .await;
+    clock.advance(absolute + Duration::from_secs(60));
+    eventually("the session's end is recorded", || async {
+        !off.audit_events(&org, "console.session_ended")
+            .await
+            .is_empty()
+    })
+    .await;
+    let ended = off.audit_events(&org, "console.session_ended").await;
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert_eq!(ended[0]["details"]["reason"], "expired", "{}", ended[0]);
+    assert_eq!(ended[0]["actor"]["type"], "system", "{}", ended[0]);
+    // Nothing is left for a prune to find, however late.
+    let later = clock.now() + chrono::TimeDelta::days(365);
+    let left = off
+        .app
+        .store()
+        .prune_console_sessions(
+            later,
+            later,
+            1000,
+            &|_: &keyplane_store::ConsoleSession| -> keyplane_core::AuditEvent {
+                panic!("no console session should be left to prune")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }
