@@ -430,16 +430,38 @@ pub(crate) struct TokenFilters {
     after: String,
 }
 
-/// Says so when a list shows only the oldest [`LIST_LIMIT`] of its `what`.
-fn more_not_shown(more: bool, what: &str) -> String {
-    if more {
-        format!(
-            "<p class=\"muted\" role=\"status\">The oldest {LIST_LIMIT} live {what} are shown; \
-             there are more (the API lists every one).</p>"
-        )
-    } else {
-        String::new()
+/// Where a list page starts (`?after=<id>`: the cursor the previous page's "Next page" link
+/// carries).
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct PageStart {
+    #[serde(default)]
+    after: String,
+}
+
+/// The credential a page starts after, from its link's `after`.
+fn page_after(raw: &str) -> Result<Option<CredentialId>, ConsoleError> {
+    match raw {
+        "" => Ok(None),
+        raw => credential_id(raw).map(Some),
     }
+}
+
+/// Under a paged list at `list`: how many `what` it shows, and the links to the next page and
+/// back to the first.
+fn paging(list: &str, shown: usize, what: &str, after: bool, next: Option<CredentialId>) -> String {
+    let mut out = String::new();
+    if let Some(next) = next {
+        let _ = write!(
+            out,
+            "<p class=\"muted\" role=\"status\">{shown} live {what} shown; more on the next \
+             page.</p><p><a rel=\"next\" href=\"{list}?after={}\">Next page</a></p>",
+            next.as_uuid()
+        );
+    }
+    if after {
+        let _ = write!(out, "<p><a href=\"{list}\">First page</a></p>");
+    }
+    out
 }
 
 /// The credentials of `rights`' kind (within `spec`'s expiry window) that `keep` accepts, read
@@ -514,10 +536,7 @@ pub(crate) async fn api_tokens(
         .await?;
         (found, None, more)
     } else {
-        let after = match filters.after.as_str() {
-            "" => None,
-            raw => Some(credential_id(raw)?),
-        };
+        let after = page_after(&filters.after)?;
         let (page, next) = ops::list_credentials(
             app,
             &console.who,
@@ -1026,15 +1045,20 @@ pub(crate) async fn revoke(
 // ------------------------------------------------------------------------------------------------
 // Service accounts and their grants
 
-pub(crate) async fn service_accounts(console: Console) -> PageResult {
+pub(crate) async fn service_accounts(
+    console: Console,
+    Query(start): Query<PageStart>,
+) -> PageResult {
     let app = &console.app;
     let now = app.now();
-    let (accounts, more_accounts) = ops::list_credentials(
+    let after = page_after(&start.after)?;
+    let (accounts, next) = ops::list_credentials(
         app,
         &console.who,
         console.tenant,
         ops::SERVICE_ACCOUNTS,
         ListSpec {
+            after,
             limit: Some(LIST_LIMIT),
             ..ListSpec::default()
         },
@@ -1100,7 +1124,13 @@ pub(crate) async fn service_accounts(console: Console) -> PageResult {
         body.push_str("<tr><td colspan=\"7\" class=\"muted\">No service accounts yet.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
-    body.push_str(&more_not_shown(more_accounts.is_some(), "service accounts"));
+    body.push_str(&paging(
+        KINDS[1].list,
+        accounts.len(),
+        "service accounts",
+        after.is_some(),
+        next,
+    ));
     let _ = write!(
         body,
         "<h2 id=\"create\">Create a service account</h2>\
@@ -1296,8 +1326,9 @@ fn robot_commands(console: &Console, project: &str, name: &str) -> Vec<String> {
     ]
 }
 
-pub(crate) async fn registry(console: Console) -> PageResult {
+pub(crate) async fn registry(console: Console, Query(start): Query<PageStart>) -> PageResult {
     let app = &console.app;
+    let after = page_after(&start.after)?;
     let now = app.now();
     let may_write = console.may(Capability::RegistryWrite);
     let mut body = String::new();
@@ -1323,12 +1354,13 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                 esc(&registry.project),
                 esc(endpoint)
             );
-            let (robots, more_robots) = ops::list_credentials(
+            let (robots, next) = ops::list_credentials(
                 app,
                 &console.who,
                 console.tenant,
                 ops::ROBOTS,
                 ListSpec {
+                    after,
                     limit: Some(LIST_LIMIT),
                     ..ListSpec::default()
                 },
@@ -1371,7 +1403,13 @@ pub(crate) async fn registry(console: Console) -> PageResult {
                 body.push_str("<tr><td colspan=\"6\" class=\"muted\">No robot accounts.</td></tr>");
             }
             body.push_str("</tbody></table></div>");
-            body.push_str(&more_not_shown(more_robots.is_some(), "robot accounts"));
+            body.push_str(&paging(
+                KINDS[2].list,
+                robots.len(),
+                "robot accounts",
+                after.is_some(),
+                next,
+            ));
             if may_write {
                 let _ = write!(
                     body,

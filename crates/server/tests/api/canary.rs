@@ -92,7 +92,7 @@ pub(crate) async fn create_api_token(app: &TestApp, org: &Org, body: Value) -> V
     .await
 }
 
-async fn create_service_account(app: &TestApp, org: &Org, body: Value) -> Value {
+pub(crate) async fn create_service_account(app: &TestApp, org: &Org, body: Value) -> Value {
     created(
         app.post(&org.account_path("/service-accounts"), &org.token, body)
             .await,
@@ -101,7 +101,7 @@ async fn create_service_account(app: &TestApp, org: &Org, body: Value) -> Value 
     .await
 }
 
-async fn create_robot(app: &TestApp, org: &Org, body: Value) -> Value {
+pub(crate) async fn create_robot(app: &TestApp, org: &Org, body: Value) -> Value {
     created(
         app.post(&org.path("/registry/robot-accounts"), &org.token, body)
             .await,
@@ -110,7 +110,7 @@ async fn create_robot(app: &TestApp, org: &Org, body: Value) -> Value {
     .await
 }
 
-async fn enable_registry(app: &TestApp, org: &Org) {
+pub(crate) async fn enable_registry(app: &TestApp, org: &Org) {
     let res = app
         .request(Method::POST, &org.path("/registry"), Some(&org.token))
         .send()

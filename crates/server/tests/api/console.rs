@@ -19,6 +19,7 @@ both_backends!(
     a_policy_lifetime_past_ten_years_can_be_chosen,
     signing_in_and_out_of_the_console_is_recorded,
     sessions_end_on_time_on_a_server_with_the_console_off,
+    service_account_and_robot_lists_page_past_the_first_thousand,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -636,4 +637,46 @@ async fn sessions_end_on_time_on_a_server_with_the_console_off(
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+/// The first page of `list` does not show `name`; its next page does, and links back.
+async fn found_on_the_next_page(app: &TestApp, console: &ConsoleSession, list: &str, name: &str) {
+    let first = console.page(app, list).await;
+    assert!(!first.contains(name), "{name} on the first page");
+    let link = "<a rel=\"next\" href=\"";
+    let start = first.find(link).expect("a next page") + link.len();
+    let next = first[start..start + first[start..].find('"').unwrap()].replace("&amp;", "&");
+    let second = console.page(app, &next).await;
+    assert!(second.contains(name), "{name} on the second page: {second}");
+    assert!(
+        second.contains(&format!("<a href=\"{list}\">First page</a>")),
+        "{second}"
+    );
+    assert!(!second.contains(link), "no third page");
+}
+
+/// More than a thousand service accounts, and robots: the newest of each is a page further.
+async fn service_account_and_robot_lists_page_past_the_first_thousand(
+    backend: keyplane_store::testing::Backend,
+) {
+    use keyplane_core::CredentialKind;
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    crate::canary::enable_registry(&app, &org).await;
+    for kind in [CredentialKind::ServiceAccount, CredentialKind::RobotAccount] {
+        app.import_credentials(&org, kind, 1000, |_| false).await;
+    }
+    let account = serde_json::json!({"name": "needle-account"});
+    crate::canary::create_service_account(&app, &org, account).await;
+    let robot = serde_json::json!({"name": "needle-robot", "permissions": ["pull"]});
+    crate::canary::create_robot(&app, &org, robot).await;
+    let console = sign_in(&app, &org.token).await;
+    found_on_the_next_page(
+        &app,
+        &console,
+        "/console/service-accounts",
+        "needle-account",
+    )
+    .await;
+    found_on_the_next_page(&app, &console, "/console/registry", "needle-robot").await;
 }
