@@ -227,7 +227,96 @@ pub(crate) fn routes(config: &ConsoleConfig) -> Router<App> {
             post(webhook_pages::retry),
         )
         .route("/console/{*rest}", get(not_found).post(not_found))
+        .layer(axum::middleware::from_fn(back_to_the_form))
         .layer(headers)
+}
+
+/// The page holding the form a POST to `path` comes from, for its error page's link back
+/// (browsers send the console no `Referer`: its pages ask for none). `None`: the overview.
+fn form_page(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/console/")?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    // Only ids are echoed back into the link.
+    let id = |raw: &str| uuid::Uuid::parse_str(raw).is_ok();
+    Some(match segments.as_slice() {
+        ["login"] => "/console/login".into(),
+        [list @ ("api-tokens" | "service-accounts" | "webhooks")] => {
+            format!("/console/{list}#create")
+        }
+        ["registry"] => "/console/registry".into(),
+        ["robots"] => "/console/registry#create".into(),
+        ["service-accounts", account, "grants"] if id(account) => {
+            "/console/service-accounts".into()
+        }
+        ["grants", grant, "revoke"] if id(grant) => "/console/service-accounts".into(),
+        ["api-tokens" | "service-accounts" | "robots", credential, "rotate" | "revoke" | "permissions"]
+            if id(credential) =>
+        {
+            path.into()
+        }
+        ["webhooks", webhook] if id(webhook) => path.into(),
+        ["webhooks", webhook, "rotate" | "delete"] if id(webhook) => path.into(),
+        ["webhooks", webhook, "deliveries", delivery, "retry"] if id(webhook) && id(delivery) => {
+            format!("/console/webhooks/{webhook}/deliveries")
+        }
+        _ => return None,
+    })
+}
+
+/// A form refused (a field to correct, a name taken, a stale CSRF token): its error page links
+/// back to the form rather than to the overview. Not a 404 (the thing the form was about is
+/// gone) nor a server error.
+async fn back_to_the_form(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let form = (request.method() == axum::http::Method::POST)
+        .then(|| form_page(request.uri().path()))
+        .flatten();
+    let response = next.run(request).await;
+    let Some(form) = form else {
+        return response;
+    };
+    let status = response.status();
+    if !status.is_client_error() || status == StatusCode::NOT_FOUND {
+        return response;
+    }
+    let Some(page) = response.extensions().get::<ErrorPage>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = page.render(&form, "Back to the form");
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// What an error page says, kept on its response for [`back_to_the_form`].
+#[derive(Clone)]
+struct ErrorPage {
+    title: &'static str,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ErrorPage {
+    fn render(&self, back: &str, back_label: &str) -> String {
+        let mut body = format!(
+            "<div class=\"error\" role=\"alert\"><p>{}</p>",
+            html::esc(&self.message)
+        );
+        if !self.details.is_empty() {
+            body.push_str("<ul>");
+            for detail in &self.details {
+                body.push_str(&format!("<li>{}</li>", html::esc(detail)));
+            }
+            body.push_str("</ul>");
+        }
+        body.push_str(&format!(
+            "</div><p><a href=\"{}\" data-autofocus>{back_label}</a></p>",
+            html::esc(back)
+        ));
+        html::bare_page(self.title, &body)
+    }
 }
 
 /// Path parameters. One that is not UTF-8 once decoded (`/console/api-tokens/%FF/rotate`) names
@@ -420,22 +509,14 @@ impl IntoResponse for ConsoleError {
                 retry_after_secs,
                 cause,
             } => {
-                let mut body = format!(
-                    "<div class=\"error\" role=\"alert\"><p>{}</p>",
-                    html::esc(&message)
-                );
-                if !details.is_empty() {
-                    body.push_str("<ul>");
-                    for detail in &details {
-                        body.push_str(&format!("<li>{}</li>", html::esc(detail)));
-                    }
-                    body.push_str("</ul>");
-                }
-                body.push_str(
-                    "</div><p><a href=\"/console\" data-autofocus>Back to the console</a></p>",
-                );
-                let title = status.canonical_reason().unwrap_or("Error");
-                let mut response = (status, Html(html::bare_page(title, &body))).into_response();
+                let page = ErrorPage {
+                    title: status.canonical_reason().unwrap_or("Error"),
+                    message,
+                    details,
+                };
+                let body = page.render("/console", "Back to the console");
+                let mut response = (status, Html(body)).into_response();
+                response.extensions_mut().insert(page);
                 if let Some(cause) = cause {
                     response
                         .extensions_mut()

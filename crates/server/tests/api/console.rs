@@ -20,6 +20,7 @@ both_backends!(
     signing_in_and_out_of_the_console_is_recorded,
     sessions_end_on_time_on_a_server_with_the_console_off,
     service_account_and_robot_lists_page_past_the_first_thousand,
+    a_refused_form_links_back_to_itself,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -679,4 +680,39 @@ async fn service_account_and_robot_lists_page_past_the_first_thousand(
     )
     .await;
     found_on_the_next_page(&app, &console, "/console/registry", "needle-robot").await;
+}
+
+/// The link an error page offers.
+fn back_link(html: &str) -> String {
+    let start = html.find("data-autofocus").expect("a link back");
+    let anchor = &html[..start];
+    let href = &anchor[anchor.rfind("<a href=\"").expect("an anchor") + 9..];
+    href[..href.find('"').unwrap()].to_owned()
+}
+
+/// A form refused for what was entered links back to that form; a refusal about something that
+/// is not there links to the overview.
+async fn a_refused_form_links_back_to_itself(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    let refused = create_expiring(&app, &console, "bad-expiry", "0").await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_eq!(back_link(&html), "/console/api-tokens#create", "{html}");
+
+    let rotate = format!(
+        "/console/api-tokens/{}/rotate",
+        token_id(&app, &org, "bootstrap").await
+    );
+    let refused = console
+        .post(&app, &rotate, &[("expires_in_days", "soon")])
+        .await;
+    assert_eq!(refused.status(), 422);
+    assert_eq!(back_link(&refused.text().await.unwrap()), rotate);
+
+    let missing = format!("/console/api-tokens/{}/revoke", uuid::Uuid::new_v4());
+    let refused = console.post(&app, &missing, &[]).await;
+    assert_eq!(refused.status(), 404);
+    assert_eq!(back_link(&refused.text().await.unwrap()), "/console");
 }
