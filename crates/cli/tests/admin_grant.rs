@@ -202,6 +202,36 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
         ),
         "already exists",
     );
+    // A user holds at most 64 live grants in an organization; the operator is told the limit.
+    let dave = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
+    for i in 0..keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT {
+        keyplane_server::ops::grant_as_operator(
+            opened.as_ref(),
+            TenantId::parse(&org).unwrap(),
+            keyplane_core::NewGrant {
+                kind: keyplane_core::GrantKind::Capability,
+                subject_type: SubjectType::User,
+                subject_id: dave.parse().unwrap(),
+                capability_key: Some(
+                    keyplane_core::Scope::parse(&format!("custom.right{i}")).unwrap(),
+                ),
+                resource: keyplane_core::GrantResource {
+                    resource_type: None,
+                    resource_id: None,
+                },
+            },
+        )
+        .await
+        .expect("a grant within the cap");
+    }
+    assert_fails(
+        &grant(
+            &store,
+            &org,
+            &["--user-id", dave, "--capability", "auth.manage"],
+        ),
+        "cannot grant: the subject already holds 64 live grants",
+    );
     let nowhere = "00000000-0000-4000-8000-000000000000";
     assert_fails(
         &grant(&store, nowhere, &["--user-id", bob, "--account-owner"]),

@@ -6,6 +6,7 @@ use crate::ids::{GrantId, TenantId, UserId};
 use crate::scope::{Scope, ScopeSet};
 use crate::Principal;
 use chrono::{DateTime, Utc};
+use std::collections::HashSet;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +78,20 @@ impl GrantResource {
     pub fn is_tenant_wide(&self) -> bool {
         self.resource_type.is_none() && self.resource_id.is_none()
     }
+}
+
+/// Live grants one subject may hold in one tenant, narrowed ones included: its rights are
+/// rebuilt from all of them on every load, so one tenant granting without end could otherwise
+/// stall the replica. As many as a credential's scopes ([`crate::scope::MAX_SCOPES`]).
+pub const MAX_LIVE_GRANTS_PER_SUBJECT: usize = crate::scope::MAX_SCOPES;
+
+/// What a grant past [`MAX_LIVE_GRANTS_PER_SUBJECT`] is refused with (a conflict: the subject's
+/// grants as they stand).
+pub fn too_many_grants_message() -> String {
+    format!(
+        "the subject already holds {MAX_LIVE_GRANTS_PER_SUBJECT} live grants here, the most it \
+         may hold: revoke one before granting another"
+    )
 }
 
 pub const MAX_RESOURCE_TYPE_LEN: usize = 64;
@@ -204,13 +219,11 @@ fn scope_of(grant: &Grant) -> Option<String> {
     }
 }
 
+/// The scopes in their first-seen order, each once. A set finds the repeats: a subject's rights
+/// are rebuilt from its grants on every load, so the cost must stay linear in them.
 fn distinct(scopes: impl Iterator<Item = String>) -> ScopeSet {
-    let mut distinct: Vec<String> = Vec::new();
-    for scope in scopes {
-        if !distinct.contains(&scope) {
-            distinct.push(scope);
-        }
-    }
+    let mut seen: HashSet<String> = HashSet::new();
+    let distinct: Vec<String> = scopes.filter(|scope| seen.insert(scope.clone())).collect();
     ScopeSet::from_trusted(distinct)
 }
 
@@ -298,6 +311,32 @@ mod tests {
                 .grants(Capability::ApiTokensWrite)
         );
         assert!(rights_from_grants(&[]).to_strings().is_empty());
+    }
+
+    /// Rights rebuilt from a subject's grants in a store written before the cap (or from many
+    /// narrowed grants): every distinct right once, in the order first granted.
+    #[test]
+    fn many_grants_give_each_right_once_in_grant_order() {
+        let keys: Vec<String> = (0..50_000).map(|i| format!("custom.right{i}")).collect();
+        let mut grants: Vec<Grant> = keys
+            .iter()
+            .map(|key| grant(GrantKind::Capability, Some(key), None))
+            .collect();
+        grants.extend(
+            keys.iter()
+                .rev()
+                .step_by(7)
+                .map(|key| grant(GrantKind::Capability, Some(key), None)),
+        );
+        grants.push(grant(
+            GrantKind::Capability,
+            Some("audit:read"),
+            Some("project"),
+        ));
+        assert_eq!(rights_from_grants(&grants).to_strings(), keys);
+        let mut on_hand = keys.clone();
+        on_hand.push("audit:read".into());
+        assert_eq!(rights_to_hand_on(&grants).to_strings(), on_hand);
     }
 
     #[test]

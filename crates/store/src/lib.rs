@@ -535,8 +535,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// `Conflict` when the same live grant exists, or when its subject is a service account of the
     /// tenant that is revoked, suspended or expired at the grant's `created_at` (checked under the
-    /// account's row lock, so a grant cannot slip past a concurrent revocation). `answer` is called
-    /// with `grant`.
+    /// account's row lock, so a grant cannot slip past a concurrent revocation), or when the
+    /// subject already holds [`keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT`] live grants in
+    /// the tenant (counted under that lock, or the tenant's audit head for a user or group, so
+    /// concurrent grants keep to it). `answer` is called with `grant`.
     async fn insert_grant(
         &self,
         grant: &Grant,

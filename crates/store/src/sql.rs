@@ -167,6 +167,8 @@ pub(crate) const ENDED_PREVIOUS_SECRETS: &str = "SELECT id FROM credentials WHER
 pub(crate) const CLEAR_ENDED_PREVIOUS_SECRET: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE id = $1 AND previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $2";
 
 pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
+/// Through `grants_by_subject` (tenant, subject type, subject id).
+pub(crate) const COUNT_LIVE_GRANTS_OF_SUBJECT: &str = "SELECT COUNT(*) FROM grants WHERE tenant_id = $1 AND subject_type = $2 AND subject_id = $3 AND revoked_at IS NULL";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 /// The `(version, checksum)` of every migration sqlx recorded as applied; `None` when that cannot
@@ -1036,6 +1038,11 @@ macro_rules! impl_store {
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
+                    // The subject's live grants are counted below, which is not atomic under READ
+                    // COMMITTED: grants to one subject are made one at a time, under its service
+                    // account's row lock, or else the tenant's audit head (as webhooks keep to
+                    // their cap), taken first since nothing else is locked yet.
+                    let mut serialized = false;
                     if grant.subject_type == keyplane_core::SubjectType::ServiceAccount {
                         type State = (
                             Option<chrono::DateTime<chrono::Utc>>,
@@ -1047,6 +1054,7 @@ macro_rules! impl_store {
                             .bind(grant.tenant_id.as_uuid())
                             .fetch_optional(&mut *tx)
                             .await?;
+                        serialized = state.is_some();
                         let unusable = state.is_some_and(|(revoked, suspended, expires)| {
                             revoked.is_some()
                                 || suspended.is_some()
@@ -1057,6 +1065,9 @@ macro_rules! impl_store {
                                 "the service account is revoked, suspended or expired".into(),
                             ));
                         }
+                    }
+                    if !serialized {
+                        Self::lock_audit_head(&mut tx, grant.tenant_id).await?;
                     }
                     sqlx::query($crate::sql::INSERT_GRANT)
                         .bind(grant.id.as_uuid())
@@ -1078,6 +1089,19 @@ macro_rules! impl_store {
                             }
                             other => other,
                         })?;
+                    // Counted after the insert, so that the same live grant again is still refused
+                    // as a duplicate (above), not for the cap.
+                    let live: i64 = sqlx::query_scalar($crate::sql::COUNT_LIVE_GRANTS_OF_SUBJECT)
+                        .bind(grant.tenant_id.as_uuid())
+                        .bind(grant.subject_type.as_str())
+                        .bind(grant.subject_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if live > keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT as i64 {
+                        return Err($crate::StoreError::Conflict(
+                            keyplane_core::grant::too_many_grants_message(),
+                        ));
+                    }
                     Self::notify_invalidation(&mut tx, grant.subject_id).await?;
                     Self::append_audit(&mut tx, event).await?;
                     Self::keep_answer(&mut tx, answer, grant).await?;

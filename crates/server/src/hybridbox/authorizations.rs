@@ -147,7 +147,8 @@ pub async fn list_authorizations(
 /// Grants a subject a right in the account: one capability (`capability_key`, e.g. `auth.manage`)
 /// or everything (`account_owner`). This is how a service account receives rights. A grant can
 /// never give more than the caller holds; `super_admin` is reserved to the platform operator.
-/// Needs `auth.manage`.
+/// A subject holds at most 64 live grants in an account (narrowed ones included). Needs
+/// `auth.manage`.
 #[utoipa::path(
     post, path = "/v1/public/accounts/{account_id}/auth/authorizations", tag = TAG_AUTHORIZATIONS,
     params(("account_id" = Uuid, Path), IdempotencyKeyHeader),
@@ -158,7 +159,7 @@ pub async fn list_authorizations(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or the right it grants.", body = ErrorMessage),
         (status = 404, description = "No such account for this caller.", body = ErrorMessage),
-        (status = 409, description = "The same live grant exists, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 409, description = "The same live grant exists, the subject already holds 64 live grants in the account (the most one subject may hold; revoke one first), the service account is revoked, suspended or expired, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
         (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),

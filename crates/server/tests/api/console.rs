@@ -21,6 +21,7 @@ both_backends!(
     sessions_end_on_time_on_a_server_with_the_console_off,
     service_account_and_robot_lists_page_past_the_first_thousand,
     a_refused_form_links_back_to_itself,
+    a_grant_past_the_cap_is_refused_in_the_console_with_the_limit,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -715,4 +716,42 @@ async fn a_refused_form_links_back_to_itself(backend: keyplane_store::testing::B
     let refused = console.post(&app, &missing, &[]).await;
     assert_eq!(refused.status(), 404);
     assert_eq!(back_link(&refused.text().await.unwrap()), "/console");
+}
+
+/// A service account holding the most live grants one subject may hold (64, made through the API)
+/// is given no more from the console either: the page says why, naming the limit.
+async fn a_grant_past_the_cap_is_refused_in_the_console_with_the_limit(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let created: Value = app
+        .post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            serde_json::json!({"name": "deployer"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    for i in 0..keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT {
+        let body = serde_json::json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": id, "capability_key": format!("custom.right{i}")});
+        let res = app
+            .post(&org.account_path("/authorizations"), &org.token, body)
+            .await;
+        assert_eq!(res.status(), 201, "grant {i}");
+    }
+    let console = sign_in(&app, &org.token).await;
+    let res = console
+        .post(
+            &app,
+            &format!("/console/service-accounts/{id}/grants"),
+            &[("right", "auth.manage")],
+        )
+        .await;
+    assert_eq!(res.status(), 409);
+    let page = res.text().await.unwrap();
+    assert!(page.contains("64 live grants"), "{page}");
 }

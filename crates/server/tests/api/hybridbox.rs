@@ -984,6 +984,66 @@ async fn authorizations_are_granted_listed_filtered_and_revoked(backend: Backend
     );
 }
 
+/// A subject holds at most 64 live grants in an account (its rights are rebuilt from all of them on
+/// every load): the next is refused with 409 naming the limit, the same grant again is still the
+/// duplicate's 409, another subject is not held back, and a revoked grant makes room. For a
+/// service account and for a user (any user id may be named).
+async fn grants_to_one_subject_are_capped(backend: Backend) {
+    const CAP: usize = 64;
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let path = org.account_path("/authorizations");
+    let sa = text(&create_sa(&app, &org, &org.token, "granted").await, "id");
+    let user = uuid::Uuid::new_v4().to_string();
+    let to_sa = |key: &str| capability(&sa, key);
+    let to_user = |key: &str| json!({"grant_kind": "capability", "subject_type": "user", "subject_id": user, "capability_key": key});
+    let subjects: [(&str, &dyn Fn(&str) -> Value); 2] =
+        [("service account", &to_sa), ("user", &to_user)];
+    for (subject, body) in subjects {
+        let mut granted = Vec::new();
+        for i in 0..CAP {
+            granted.push(grant(&app, &org, &org.token, body(&format!("custom.right{i}"))).await);
+        }
+        let over = body("custom.one-too-many");
+        let detail = assert_detail(app.post(&path, &org.token, over.clone()).await, 409).await;
+        assert!(
+            detail.contains(&format!("{CAP} live grants")),
+            "{subject}: {detail}"
+        );
+        // The same live grant again is refused as a duplicate, as it always was.
+        let detail = assert_detail(
+            app.post(&path, &org.token, body("custom.right0")).await,
+            409,
+        )
+        .await;
+        assert_eq!(detail, "the same live grant already exists", "{subject}");
+        let listed = get_ok(
+            &app,
+            &format!("{path}?subject_id={}", text(&granted[0], "subject_id")),
+            &org.token,
+        )
+        .await;
+        assert_eq!(listed.as_array().unwrap().len(), CAP, "{subject}");
+        // A revoked grant makes room for one more.
+        let revoked = org.account_path(&format!("/authorizations/{}", text(&granted[7], "id")));
+        assert_eq!(app.delete(&revoked, &org.token).await.status(), 200);
+        let admitted = grant(&app, &org, &org.token, over.clone()).await;
+        assert_eq!(admitted["capability_key"], "custom.one-too-many");
+        let detail = assert_detail(
+            app.post(&path, &org.token, body("custom.right7")).await,
+            409,
+        )
+        .await;
+        assert!(
+            detail.contains(&format!("{CAP} live grants")),
+            "{subject}: {detail}"
+        );
+    }
+    // Another subject of the same account is not held back by the first one's grants.
+    let other = text(&create_sa(&app, &org, &org.token, "other").await, "id");
+    grant(&app, &org, &org.token, capability(&other, "custom.right0")).await;
+}
+
 async fn authorization_validation_reports_every_bad_field(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
@@ -2363,6 +2423,7 @@ both_backends!(
     expired_service_accounts_are_rejected,
     authorizations_are_granted_listed_filtered_and_revoked,
     authorization_validation_reports_every_bad_field,
+    grants_to_one_subject_are_capped,
     bad_path_and_query_parameters_are_422,
     unauthenticated_requests_get_401,
     other_tenants_answer_404,
