@@ -417,6 +417,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             endpoint: args.registry_endpoint,
             token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
             key_refresh: args.registry_key_refresh.interval(),
+            costly_grants_per_org: None,
         },
         oidc,
         verify_cache: CacheConfig {

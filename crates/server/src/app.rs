@@ -54,9 +54,9 @@ pub(crate) struct Inner {
     pub revocation_streams: crate::revocations::RevocationStreams,
     /// `/readyz`'s shared check of the store's reads.
     pub(crate) read_checks: crate::system::ReadChecks,
-    /// Registry grants costly enough for a blocking thread, at most this many at once
-    /// (`registry::token`): the rest wait their turn, and the blocking pool is not theirs alone.
-    pub(crate) costly_grants: Arc<tokio::sync::Semaphore>,
+    /// Registry grants costly enough for a blocking thread (`registry::token`): a bounded number
+    /// at once, the rest waiting their turn, and each organization's share of those.
+    pub(crate) costly_grants: crate::registry::CostlyGrants,
     /// Where the usage-aware cutover's last sweep stopped (`ops::lifecycle_sweep`): the next
     /// continues there, so every candidate is reached within a bounded number of sweeps.
     pub(crate) retirement_cursor: crate::ops::RetirementCursor,
@@ -107,6 +107,7 @@ impl App {
             config.console.idle_timeout,
             config.console.absolute_timeout,
         );
+        let costly_grants = crate::registry::CostlyGrants::new(&config.registry);
         Self(Arc::new(Inner {
             store,
             config,
@@ -132,10 +133,7 @@ impl App {
             reload_tls: Arc::new(tokio::sync::Notify::new()),
             revocation_streams,
             read_checks: Default::default(),
-            costly_grants: Arc::new(tokio::sync::Semaphore::new(
-                crate::registry::MAX_COSTLY_GRANTS_PER_CORE
-                    * std::thread::available_parallelism().map_or(1, usize::from),
-            )),
+            costly_grants,
             retirement_cursor: Default::default(),
         }))
     }
@@ -254,5 +252,19 @@ impl App {
     /// Writes pending `last_used_at` updates now (shutdown, tests).
     pub async fn flush_usage(&self) {
         self.0.usage.flush().await;
+    }
+
+    /// Tests: takes every turn of the registry's costly grants, so that costly logins wait for
+    /// one (each holding its organization's place) until the permit is dropped.
+    #[doc(hidden)]
+    pub async fn hold_costly_grant_turns(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.0.costly_grants.hold_every_turn().await
+    }
+
+    /// Tests: the places in organizations' shares of costly grants held now (logins waiting for
+    /// a turn or working).
+    #[doc(hidden)]
+    pub fn costly_grant_places_held(&self) -> usize {
+        self.0.costly_grants.places_held()
     }
 }

@@ -156,6 +156,11 @@ pub struct RegistryConfig {
     /// How often the signing key is re-read, so that a promotion (`admin registry-key promote`)
     /// reaches every replica without a restart.
     pub key_refresh: Duration,
+    /// Costly logins (grants run on a blocking thread) one organization may have under way or
+    /// waiting at once on this replica; more answer 429. `None`: half of all the turns
+    /// (`MAX_COSTLY_GRANTS_PER_CORE` per core), at least one, so one organization cannot take them
+    /// all.
+    pub costly_grants_per_org: Option<usize>,
 }
 
 impl Default for RegistryConfig {
@@ -166,6 +171,7 @@ impl Default for RegistryConfig {
             endpoint: "localhost:5000".into(),
             token_ttl: Duration::from_secs(300),
             key_refresh: Duration::from_secs(30),
+            costly_grants_per_org: None,
         }
     }
 }

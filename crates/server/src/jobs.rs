@@ -176,6 +176,15 @@ impl TenantShares {
             tenant,
         })
     }
+
+    /// Places held now, all tenants together.
+    pub(crate) fn held(&self) -> usize {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
 }
 
 /// A place in a [`TenantShares`]; a tenant holding none has no entry.

@@ -3,7 +3,9 @@
 
 use crate::app::App;
 use crate::canary::{CanarySurface, Presentation};
+use crate::config::RegistryConfig;
 use crate::error::AppError;
+use crate::jobs::TenantShares;
 use crate::request_id::Origin;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Query, State};
@@ -13,6 +15,8 @@ use axum::{Form, Json};
 use keyplane_core::registry::{grant_access, grant_cost, parse_scopes, GrantedAccess, ScopeError};
 use serde::Serialize;
 use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -67,6 +71,42 @@ const REGISTRY_EXP_LEEWAY_SECONDS: i64 = 60;
 /// Grants over [`INLINE_GRANT_COST`] computed at once, per core (`App::costly_grants`): each takes
 /// up to ~10 ms of a blocking thread.
 pub(crate) const MAX_COSTLY_GRANTS_PER_CORE: usize = 2;
+
+/// The turns of grants over [`INLINE_GRANT_COST`], and each organization's share of them: a login
+/// takes a place in its organization's share before it waits for a turn, and one past the share
+/// is refused at once (429), so one organization's logins cannot queue ahead of every other's.
+pub(crate) struct CostlyGrants {
+    turns: Arc<Semaphore>,
+    count: usize,
+    per_org: TenantShares,
+}
+
+impl CostlyGrants {
+    pub(crate) fn new(config: &RegistryConfig) -> Self {
+        let count = MAX_COSTLY_GRANTS_PER_CORE
+            * std::thread::available_parallelism().map_or(1, usize::from);
+        let share = config.costly_grants_per_org.unwrap_or((count / 2).max(1));
+        Self {
+            turns: Arc::new(Semaphore::new(count)),
+            count,
+            per_org: TenantShares::new(share),
+        }
+    }
+
+    /// See `App::hold_costly_grant_turns`.
+    pub(crate) async fn hold_every_turn(&self) -> OwnedSemaphorePermit {
+        let count = u32::try_from(self.count).expect("a few turns per core");
+        self.turns
+            .clone()
+            .acquire_many_owned(count)
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    pub(crate) fn places_held(&self) -> usize {
+        self.per_org.held()
+    }
+}
 
 /// The Distribution token service's error body.
 #[derive(Serialize, ToSchema)]
@@ -140,6 +180,8 @@ enum RegistryError {
     Unsupported(String),
     /// A `scope` outside the Distribution grammar: nothing is granted.
     InvalidScope(ScopeError),
+    /// The organization already has its share of costly logins under way or waiting.
+    CostlyShareTaken,
 }
 
 /// A Distribution error answer.
@@ -169,6 +211,22 @@ impl IntoResponse for RegistryError {
                     }
                 };
                 return registry_errors(StatusCode::BAD_REQUEST, code, error.to_string());
+            }
+            RegistryError::CostlyShareTaken => {
+                let mut response = registry_errors(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    RegistryErrorCode::TooManyRequests,
+                    "too many logins of this organization with costly permissions at once; \
+                     retry shortly"
+                        .into(),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+                response.extensions_mut().insert(crate::error::ErrorCause(
+                    "the organization's share of costly grants is taken".into(),
+                ));
+                return response;
             }
         };
         let status = error.status();
@@ -275,17 +333,23 @@ async fn issue(
             app.charge(robot.id.as_uuid(), Some(robot.tenant_id))?;
             let permissions = robot.permissions.clone();
             let project = registry.project.clone();
-            let turn = app
-                .inner()
-                .costly_grants
+            let costly = &app.inner().costly_grants;
+            // The place first: waiting for a turn is bounded per organization too.
+            let place = costly
+                .per_org
+                .take(robot.tenant_id)
+                .ok_or(RegistryError::CostlyShareTaken)?;
+            let turn = costly
+                .turns
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|e| AppError::Internal(e.into()))?;
-            // The turn goes with the work: a request given up still holds it until it ends.
+            // The turn and the place go with the work: a request given up still holds them until
+            // it ends.
             tokio::task::spawn_blocking(move || {
                 let granted = grant_access(&permissions, &project, &requested);
-                drop(turn);
+                drop((turn, place));
                 granted
             })
             .await
@@ -347,7 +411,7 @@ async fn issue(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "A `scope` outside the Distribution grammar (`NAME_INVALID` for a name that is not a canonical repository name, `UNSUPPORTED` otherwise; at most 32 scopes), or another service."),
         (status = 401, description = "Bad or missing robot credentials."),
-        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`) (`TOOMANYREQUESTS`); see Retry-After."),
+        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`), or while its organization has half of the replica's costly logins under way or waiting (`TOOMANYREQUESTS`); see Retry-After."),
     ),
     security(("basic" = [])),
 )]
@@ -383,7 +447,7 @@ fn presentation<'a>(
         (status = 200, description = "A signed token.", body = RegistryTokenResponse),
         (status = 400, description = "In RFC 6749's shape (`{error, error_description}`): an unsupported grant type (`unsupported_grant_type`), or a `scope` outside the Distribution grammar (`invalid_scope`; at most 32 scopes). In the Distribution shape (`{errors}`, `UNSUPPORTED`): another service, or a body that cannot be read as a form.", body = RegistryFormRefusal),
         (status = 401, description = "Bad or missing robot credentials (`username`, `password`)."),
-        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`) (`TOOMANYREQUESTS`); see Retry-After."),
+        (status = 429, description = "Too many failed logins from this address, or a robot whose permissions make its grant costly past its rate limit (`--rate-limit-per-minute`) or its organization's (`--tenant-rate-limit-per-minute`), or while its organization has half of the replica's costly logins under way or waiting (`TOOMANYREQUESTS`); see Retry-After."),
     ),
 )]
 async fn issue_registry_token_oauth(

@@ -2,8 +2,8 @@
 //! the registry token service makes of the robots they manage.
 
 use crate::helpers::{
-    assert_error, both_backends, fields, more_than_a_page, retry_after_secs, seeded_ids,
-    streamed_list, test_config, Org, TestApp,
+    assert_error, both_backends, eventually, fields, more_than_a_page, retry_after_secs,
+    seeded_ids, streamed_list, test_config, Org, TestApp,
 };
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
@@ -1221,6 +1221,80 @@ async fn costly_robot_logins_are_rate_limited(backend: Backend) {
     assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
 }
 
+/// A costly login takes a place in its organization's share before it waits for a turn: past the
+/// share (one here) another of the same organization answers 429 at once, in the registry's
+/// format, while another organization's costly login still waits its turn and succeeds.
+async fn one_organizations_costly_logins_leave_turns_to_others(backend: Backend) {
+    let mut config = test_config();
+    config.registry.costly_grants_per_org = Some(1);
+    let app = TestApp::spawn_with(backend, config).await;
+    let wild = format!("pull:{}b", "*a".repeat(16));
+    let mut logins = Vec::new();
+    for name in ["acme", "zeta"] {
+        let org = app.create_org(name).await;
+        let project = str_of(&enable(&app, &org).await["registry"], "harbor_project").to_string();
+        let secret = str_of(
+            &create_robot(&app, &org, json!({"name": "wild", "permissions": [wild]})).await,
+            "token",
+        )
+        .to_string();
+        // Names of 255 bytes, the longest: as costly as the permission makes it.
+        let long = "a".repeat(255 - project.len() - 3);
+        let many: Vec<String> = (0..32)
+            .map(|i| format!("repository:{project}/{long}{i:02}:pull"))
+            .collect();
+        logins.push((format!("robot${project}+wild"), secret, many.join(" ")));
+    }
+    let login = |(user, secret, scope): &(String, String, String)| {
+        app.request(Method::GET, "/registry/token", None)
+            .basic_auth(user, Some(secret))
+            .query(&[("service", "keyplane-registry"), ("scope", scope.as_str())])
+            .send()
+    };
+
+    // Every turn taken: acme's first costly login holds acme's place while it waits for one.
+    let turns = app.app.hold_costly_grant_turns().await;
+    let acme_first = tokio::spawn(login(&logins[0]));
+    eventually("acme's login holds its place", || async {
+        app.app.costly_grant_places_held() == 1
+    })
+    .await;
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), login(&logins[0]))
+        .await
+        .expect("acme's second costly login answers at once")
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("organization"),
+        "{body}"
+    );
+    // zeta's costly login is not refused: it waits its turn beside acme's.
+    let zeta = tokio::spawn(login(&logins[1]));
+    eventually("zeta's login holds its place", || async {
+        app.app.costly_grant_places_held() == 2
+    })
+    .await;
+    drop(turns);
+    for (name, waiting) in [("acme", acme_first), ("zeta", zeta)] {
+        let answer = waiting.await.unwrap().unwrap();
+        assert_eq!(answer.status(), 200, "{name}'s costly login");
+        let body: Value = answer.json().await.unwrap();
+        assert!(body["token"].is_string(), "{name}: {body}");
+    }
+    // The places are given back with the work: acme logs in again.
+    eventually("every place given back", || async {
+        app.app.costly_grant_places_held() == 0
+    })
+    .await;
+    assert_eq!(login(&logins[0]).await.unwrap().status(), 200);
+}
+
 /// Aether create and update refuse a glob over the bounds, or whose literal parts cannot be those
 /// of a canonical repository name, with one field error each; the largest allowed one is accepted.
 async fn robot_globs_are_bounded_and_canonical(backend: Backend) {
@@ -1592,6 +1666,7 @@ both_backends!(
     the_token_form_refuses_what_it_cannot_read,
     a_refused_login_does_not_count_as_use,
     costly_robot_logins_are_rate_limited,
+    one_organizations_costly_logins_leave_turns_to_others,
     registry_is_disabled_until_enabled,
     a_failed_enable_answers_503_and_can_be_retried,
     concurrent_permission_updates_record_what_each_replaced,
