@@ -995,11 +995,8 @@ async fn grants_to_one_subject_are_capped(backend: Backend) {
     let path = org.account_path("/authorizations");
     let sa = text(&create_sa(&app, &org, &org.token, "granted").await, "id");
     let user = uuid::Uuid::new_v4().to_string();
-    let to_sa = |key: &str| capability(&sa, key);
-    let to_user = |key: &str| json!({"grant_kind": "capability", "subject_type": "user", "subject_id": user, "capability_key": key});
-    let subjects: [(&str, &dyn Fn(&str) -> Value); 2] =
-        [("service account", &to_sa), ("user", &to_user)];
-    for (subject, body) in subjects {
+    for (subject, subject_id) in [("service_account", &sa), ("user", &user)] {
+        let body = |key: &str| json!({"grant_kind": "capability", "subject_type": subject, "subject_id": subject_id, "capability_key": key});
         let mut granted = Vec::new();
         for i in 0..CAP {
             granted.push(grant(&app, &org, &org.token, body(&format!("custom.right{i}"))).await);
