@@ -34,6 +34,14 @@ pub enum AdminCommand {
     /// `account_owner`, who then grants others through the API. Prints the authorization as JSON.
     /// A server sharing the store sees it at once on PostgreSQL, within 30 s on SQLite.
     Grant(GrantArgs),
+    /// Migrate the store to this keyplane's schema, and print the schema versions from and to.
+    /// `serve` and the admin commands that write migrate it too as they open it; the ones that
+    /// only read refuse a store at an older schema. Back the store up first: an older keyplane
+    /// refuses a store a newer one has migrated (one already running keeps serving it).
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Print an organization's audit events as JSON lines, newest first (`--follow`: oldest first,
     /// then new ones as they commit), or `verify` its hash chain. Safe while a server runs.
     Audit(AuditArgs),
@@ -199,7 +207,7 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
         .org
         .ok_or_else(|| anyhow::anyhow!("--org is required"))?;
     let mut query = args.query(org)?;
-    let store = args.store.open().await?;
+    let store = args.store.open_read_only().await?;
     if store.get_tenant(org).await?.is_none() {
         anyhow::bail!("no organization with id {org}");
     }
@@ -445,7 +453,7 @@ pub fn org_json(created: &ops::OrgCreated) -> String {
 pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::CreateOrg { name, json, store } => {
-            let store = store.open().await?;
+            let store = open_to_write(&store).await?;
             let created = ops::create_org(store.as_ref(), &name)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot create the organization: {e}"))?;
@@ -459,7 +467,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::RegistryCert { store } => {
-            let store = store.open().await?;
+            let store = store.open_read_only().await?;
             let keys = signing_keys(store.as_ref()).await?;
             for key in [keys.current, keys.next, keys.previous]
                 .into_iter()
@@ -470,9 +478,17 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::RegistryKey(command) => registry_key(command).await,
+        AdminCommand::Migrate { store } => {
+            let opened = store
+                .open_with(keyplane_store::PendingMigrations::Apply)
+                .await?;
+            opened.store.close().await;
+            println!("{}", migration_report(opened.migrated_from, opened.schema));
+            Ok(())
+        }
         AdminCommand::Grant(args) => {
             let grant = args.new_grant()?;
-            let store = args.store.open().await?;
+            let store = open_to_write(&args.store).await?;
             let grant = ops::grant_as_operator(store.as_ref(), args.org, grant)
                 .await
                 .map_err(|e| match e {
@@ -491,7 +507,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             command: Some(AuditCommand::Verify { org, store }),
             ..
         }) => {
-            let store = store.open().await?;
+            let store = store.open_read_only().await?;
             if store.get_tenant(org).await?.is_none() {
                 anyhow::bail!("no organization with id {org}");
             }
@@ -513,6 +529,30 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
     }
 }
 
+/// What opening the store did to its schema, in words.
+fn migration_report(migrated_from: Option<i64>, schema: i64) -> String {
+    match migrated_from {
+        None => format!("the store is at schema {schema}: nothing to migrate"),
+        Some(0) => format!("created the store at schema {schema}"),
+        Some(from) => format!("migrated the store from schema {from} to {schema}"),
+    }
+}
+
+/// Opens the store for an admin command that writes: it needs the current schema, so it migrates
+/// a store at an older one, and says so.
+async fn open_to_write(
+    store: &StoreArgs,
+) -> anyhow::Result<std::sync::Arc<dyn keyplane_store::Store>> {
+    let opened = store
+        .open_with(keyplane_store::PendingMigrations::Apply)
+        .await?;
+    // A new store is created quietly, as ever.
+    if opened.migrated_from.is_some_and(|from| from > 0) {
+        eprintln!("{}", migration_report(opened.migrated_from, opened.schema));
+    }
+    Ok(opened.store)
+}
+
 /// Every signing key, creating the current one on first use.
 async fn signing_keys(
     store: &dyn keyplane_store::Store,
@@ -528,7 +568,7 @@ async fn signing_keys(
 async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
     match command {
         RegistryKeyCommand::Stage { store } => {
-            let store = store.open().await?;
+            let store = open_to_write(&store).await?;
             signing_keys(store.as_ref()).await?;
             let candidate = keyplane_server::registry::mint_candidate()
                 .map_err(|e| anyhow::anyhow!("cannot create a signing key: {e}"))?;
@@ -544,7 +584,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RegistryKeyCommand::Promote { store } => {
-            let store = store.open().await?;
+            let store = open_to_write(&store).await?;
             let promoted = store
                 .promote_signing_key(ops::now())
                 .await
@@ -568,7 +608,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
             refresh,
             store,
         } => {
-            let store = store.open().await?;
+            let store = open_to_write(&store).await?;
             let Some(previous) = signing_keys(store.as_ref()).await?.previous else {
                 println!("no previous key: nothing to retire");
                 return Ok(());
@@ -602,7 +642,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RegistryKeyCommand::Show { json, store } => {
-            let store = store.open().await?;
+            let store = store.open_read_only().await?;
             let keys = signing_keys(store.as_ref()).await?;
             let slots = [
                 ("current", keys.current),

@@ -213,10 +213,35 @@ impl StoreArgs {
         Ok(url)
     }
 
-    pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn keyplane_store::Store>> {
-        keyplane_store::connect(&self.url()?)
+    /// Opens the store only if it is at this keyplane's schema (or new): the read-only admin
+    /// commands, which must not migrate a shared store under the older replicas serving it.
+    pub async fn open_read_only(
+        &self,
+    ) -> anyhow::Result<std::sync::Arc<dyn keyplane_store::Store>> {
+        let opened = self
+            .open_with(keyplane_store::PendingMigrations::Refuse)
+            .await?;
+        Ok(opened.store)
+    }
+
+    /// Opens the store, doing with pending migrations what `pending` says: `serve`, `admin
+    /// migrate` and the admin commands that write apply them.
+    pub async fn open_with(
+        &self,
+        pending: keyplane_store::PendingMigrations,
+    ) -> anyhow::Result<keyplane_store::Opened> {
+        keyplane_store::open(&self.url()?, pending)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
+            .map_err(|e| match e {
+                keyplane_store::StoreError::SchemaBehind { at, latest } => anyhow::anyhow!(
+                    "cannot open the store: its schema is at {at}, older than this keyplane's \
+                     {latest}, and this command does not migrate it. Back the store up and run \
+                     `keyplane admin migrate` (or start this keyplane's `serve`) to migrate it to \
+                     {latest}; older keyplane replicas already running keep serving it, one that \
+                     restarts is refused"
+                ),
+                e => anyhow::anyhow!("cannot open the store: {e}"),
+            })
     }
 
     /// Refuses a SQLite database whose directory or files group or others may access, unless

@@ -382,15 +382,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let webhook_retry_schedule =
         keyplane_server::webhooks::parse_schedule(&args.webhook_retry_schedule)
             .map_err(|e| anyhow::anyhow!("--webhook-retry-schedule: {e}"))?;
-    let store = tokio::select! {
+    let opened = tokio::select! {
         biased;
         () = &mut shutdown => {
             tracing::info!("stopped while connecting to the store");
             return Ok(());
         }
-        store = args.store.open() => store?,
+        opened = args.store.open_with(keyplane_store::PendingMigrations::Apply) => opened?,
     };
-    tracing::info!(store = store.backend(), "store ready, migrations applied");
+    // The store logged any migration it ran, from which schema to which.
+    let (store, schema) = (opened.store, opened.schema);
+    tracing::info!(store = store.backend(), schema, "store ready");
     if let Some(oidc) = &oidc {
         tracing::info!(oidc.issuers = ?oidc.issuers, oidc.audience = %oidc.audience, "users authenticate with access tokens from these issuers");
     }

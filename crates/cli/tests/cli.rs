@@ -27,7 +27,132 @@ both_stores!(
     sigterm_flushes_last_used_at,
     bootstrap_replaces_a_stale_file_with_a_private_one,
     a_bootstrap_token_left_pending_is_moved_into_place_at_the_next_start,
+    read_only_admin_commands_leave_an_older_schema_to_admin_migrate,
+    serve_migrates_an_older_schema_and_says_from_which,
+    a_modified_migration_is_named_on_stderr,
 );
+
+/// The schema of the release before the console secrets' migration (e45e23c).
+const OLDER_SCHEMA: i64 = 13;
+
+/// Running a newer CLI against a shared store must not migrate it under the older replicas still
+/// serving it: a command that only reads refuses, naming both schemas and the way to migrate, and
+/// leaves the store as it was; `admin migrate` migrates it and says from which schema to which.
+async fn read_only_admin_commands_leave_an_older_schema_to_admin_migrate(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    keyplane_store::testing::migrate_to(&store.db.url, OLDER_SCHEMA).await;
+    let latest = keyplane_store::testing::latest_schema();
+    let show = || {
+        let mut command = keyplane();
+        command
+            .args(["admin", "registry-key", "show"])
+            .args(store.args());
+        command
+    };
+    let refused = run(&mut show(), TIMEOUT).await;
+    assert!(!refused.status.success(), "{}", refused.describe());
+    for expected in [
+        format!("its schema is at {OLDER_SCHEMA}, older than this keyplane's {latest}"),
+        "keyplane admin migrate".to_owned(),
+    ] {
+        assert!(refused.stderr.contains(&expected), "{}", refused.describe());
+    }
+    assert_eq!(
+        keyplane_store::testing::schema_version(&store.db.url).await,
+        OLDER_SCHEMA,
+        "a read-only command migrated the store"
+    );
+
+    let mut migrate = keyplane();
+    migrate.args(["admin", "migrate"]).args(store.args());
+    let migrated = run(&mut migrate, TIMEOUT).await;
+    assert!(migrated.status.success(), "{}", migrated.describe());
+    assert_eq!(
+        migrated.stdout.trim(),
+        format!("migrated the store from schema {OLDER_SCHEMA} to {latest}")
+    );
+    assert_eq!(
+        keyplane_store::testing::schema_version(&store.db.url).await,
+        latest
+    );
+    let again = run(&mut migrate, TIMEOUT).await;
+    assert!(again.status.success(), "{}", again.describe());
+    assert_eq!(
+        again.stdout.trim(),
+        format!("the store is at schema {latest}: nothing to migrate")
+    );
+
+    let shown = run(&mut show(), TIMEOUT).await;
+    assert!(shown.status.success(), "{}", shown.describe());
+}
+
+/// `serve` migrates a store at an older schema as it starts (the first newer replica of a rolling
+/// upgrade), and its log says from which schema to which, before and after.
+async fn serve_migrates_an_older_schema_and_says_from_which(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    keyplane_store::testing::migrate_to(&store.db.url, OLDER_SCHEMA).await;
+    let latest = keyplane_store::testing::latest_schema();
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let exited = server.stop_term().await;
+    let messages: Vec<Value> = exited
+        .log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .collect();
+    let position = |message: &str| {
+        messages
+            .iter()
+            .position(|event| event["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in the log:\n{}", exited.log))
+    };
+    let migrating = position(&format!(
+        "migrating the store from schema {OLDER_SCHEMA} to {latest}"
+    ));
+    let migrated = position(&format!(
+        "migrated the store from schema {OLDER_SCHEMA} to {latest}"
+    ));
+    let ready = position("store ready");
+    assert!(migrating < migrated && migrated < ready, "{}", exited.log);
+    assert_eq!(messages[ready]["schema"], latest, "{}", exited.log);
+    assert_eq!(
+        keyplane_store::testing::schema_version(&store.db.url).await,
+        latest
+    );
+}
+
+/// A store that ran another migration 14 than this keyplane's: the command says which migration
+/// and what is wrong, not only that it could not open the store.
+async fn a_modified_migration_is_named_on_stderr(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    keyplane_store::testing::migrate_to(&store.db.url, 14).await;
+    let modify = "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = 14";
+    let zeros = [0_u8; 48];
+    if backend == Backend::Sqlite {
+        let pool = sqlx::SqlitePool::connect(&store.db.url).await.unwrap();
+        let query = sqlx::query(modify).bind(zeros.as_slice());
+        query.execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(&store.db.url).await.unwrap();
+        let query = sqlx::query(modify).bind(zeros.as_slice());
+        query.execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    for command in [
+        &["admin", "migrate"][..],
+        &["admin", "registry-key", "show"],
+    ] {
+        let output = run(keyplane().args(command).args(store.args()), TIMEOUT).await;
+        assert!(!output.status.success(), "{}", output.describe());
+        assert!(
+            output
+                .stderr
+                .contains("migration 14 was previously applied but has been modified"),
+            "{}",
+            output.describe()
+        );
+    }
+}
 
 async fn serve_bootstraps_default_org_once(backend: Backend) {
     let store = TestStore::new(backend).await;

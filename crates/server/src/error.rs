@@ -57,6 +57,7 @@ impl From<StoreError> for AppError {
             // Signed out (in another tab) while a change was under way: it did not happen.
             StoreError::ConsoleSessionEnded => AppError::Unauthenticated("the session has ended"),
             StoreError::Config(message) => AppError::Internal(anyhow::anyhow!(message)),
+            error @ StoreError::SchemaBehind { .. } => AppError::Internal(error.into()),
             StoreError::Other(error) => AppError::Internal(error),
         }
     }

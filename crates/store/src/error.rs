@@ -21,6 +21,10 @@ pub enum StoreError {
     ConsoleSessionEnded,
     #[error("store configuration: {0}")]
     Config(String),
+    /// The store's schema is older than this keyplane's, and the open was not to migrate it
+    /// ([`crate::PendingMigrations::Refuse`]).
+    #[error("the store's schema is at {at}, older than this keyplane's {latest}")]
+    SchemaBehind { at: i64, latest: i64 },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -262,7 +266,9 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
             sqlx::migrate::MigrateError::Execute(error) if classify(&error).is_some() => {
                 error.into()
             }
-            error => StoreError::Other(anyhow::Error::new(error).context("applying migrations")),
+            // The cause in the message: `Other` displays only its outermost context, and an
+            // operator must see which migration failed and why.
+            error => StoreError::Other(anyhow::anyhow!("applying migrations: {error}")),
         }
     }
 }

@@ -878,17 +878,54 @@ impl WriteTracker {
     }
 }
 
-/// Opens the store a URL names (`sqlite://...` or `postgres://...`) and applies migrations.
-pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// What opening a store does with the migrations this keyplane has and the store has not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingMigrations {
+    /// Runs them, logging the schema versions from and to.
+    Apply,
+    /// Refuses the store ([`StoreError::SchemaBehind`]): older keyplane replicas may still be
+    /// serving it, and migrating it under them is for the operator to decide. A new store (no
+    /// schema at all) is created all the same: nothing can be serving it yet.
+    Refuse,
+}
+
+/// An open store, and what opening it did to its schema.
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    /// The schema version it is at: this keyplane's latest migration.
+    pub schema: i64,
+    /// The version it was at before this open migrated it (0: a new store); `None` when it was
+    /// up to date.
+    pub migrated_from: Option<i64>,
+}
+
+/// Opens the store a URL names (`sqlite://...` or `postgres://...`), doing with migrations it has
+/// not run what `pending` says.
+pub async fn open(url: &str, pending: PendingMigrations) -> Result<Opened, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        let (store, migrated_from) = SqliteStore::connect_with(url, pending).await?;
+        Ok(Opened {
+            store: Arc::new(store),
+            schema: sql::latest_migration(&sqlite::MIGRATOR),
+            migrated_from,
+        })
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Ok(Arc::new(PostgresStore::connect(url).await?))
+        let (store, migrated_from) = PostgresStore::connect_with(url, pending).await?;
+        Ok(Opened {
+            store: Arc::new(store),
+            schema: sql::latest_migration(&postgres::MIGRATOR),
+            migrated_from,
+        })
     } else {
         Err(StoreError::Config(
             "database URL must start with sqlite:// or postgres://".into(),
         ))
     }
+}
+
+/// Opens the store a URL names (`sqlite://...` or `postgres://...`) and applies migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(open(url, PendingMigrations::Apply).await?.store)
 }
 
 /// The SQLite URL for a data directory: `<dir>/keyplane.db`.

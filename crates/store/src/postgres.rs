@@ -20,8 +20,26 @@ pub struct PostgresStore {
     writes: crate::WriteTracker,
 }
 
+/// This keyplane's PostgreSQL migrations.
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Counts `_sqlx_migrations` where sqlx's unqualified name finds it (the search path): 0 in a new
+/// database.
+const MIGRATIONS_TABLE_EXISTS: &str =
+    "SELECT COUNT(*) FROM (SELECT to_regclass('_sqlx_migrations') AS t) AS r WHERE t IS NOT NULL";
+
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opened = Self::connect_with(url, crate::PendingMigrations::Apply).await;
+        opened.map(|(store, _)| store)
+    }
+
+    /// Opens the store, doing with pending migrations what `pending` says; with the schema
+    /// version it migrated the store from, if it did.
+    pub(crate) async fn connect_with(
+        url: &str,
+        pending: crate::PendingMigrations,
+    ) -> Result<(Self, Option<i64>), StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let writer = PgPoolOptions::new()
@@ -34,31 +52,39 @@ impl PostgresStore {
             Ok(writer) => writer,
             Err(error) => return Err(crate::error::opening_failed(error, &options).await),
         };
-        let migrator = sqlx::migrate!("./migrations/postgres");
         // Only when something is pending: running them takes locks and writes, which a read-only or
         // full database refuses, and such a database must still serve verification.
-        if crate::sql::check_migrations(&migrator, &writer).await? {
-            // On a connection of its own, without the writers' `lock_timeout`: a replica starting
-            // while another runs the migrations waits for sqlx's migration lock, and a migration
-            // may wait for a table that serving replicas use; neither is a write to refuse in 5 s.
-            let migrating = PgPoolOptions::new()
-                .max_connections(1)
-                .connect_with(options.clone())
-                .await?;
-            let migrated = migrator.run(&migrating).await;
-            migrating.close().await;
-            migrated?;
-        }
+        let migrated_from = crate::sql::migrate(
+            &MIGRATOR,
+            &writer,
+            MIGRATIONS_TABLE_EXISTS,
+            pending,
+            || async {
+                // On a connection of its own, without the writers' `lock_timeout`: a replica
+                // starting while another runs the migrations waits for sqlx's migration lock, and
+                // a migration may wait for a table that serving replicas use; neither is a write
+                // to refuse in 5 s.
+                let migrating = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options.clone())
+                    .await?;
+                let migrated = MIGRATOR.run(&migrating).await;
+                migrating.close().await;
+                Ok::<(), StoreError>(migrated?)
+            },
+        )
+        .await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Self {
+        let store = Self {
             pool,
             writer,
             writes: crate::WriteTracker::default(),
-        })
+        };
+        Ok((store, migrated_from))
     }
 
     /// PostgreSQL's autovacuum analyzes tables as they change: nothing to do.

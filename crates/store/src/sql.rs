@@ -171,40 +171,102 @@ pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type,
 pub(crate) const COUNT_LIVE_GRANTS_OF_SUBJECT: &str = "SELECT COUNT(*) FROM grants WHERE tenant_id = $1 AND subject_type = $2 AND subject_id = $3 AND revoked_at IS NULL";
 pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
-/// The `(version, checksum)` of every migration sqlx recorded as applied; `None` when that cannot
-/// be read (a new database has no `_sqlx_migrations` yet).
-pub(crate) async fn applied_migrations<DB>(pool: &sqlx::Pool<DB>) -> Option<Vec<(i64, Vec<u8>)>>
+/// The `(version, checksum)` of every migration sqlx recorded as applied; `None` for a database
+/// without `_sqlx_migrations` (a new one), as `table_exists` (a count of that table in the
+/// catalog) says. Any other failure to read it (permission denied, a broken table) is an error:
+/// taken for "nothing applied", it would have the store migrated from scratch.
+pub(crate) async fn applied_migrations<DB>(
+    pool: &sqlx::Pool<DB>,
+    table_exists: &str,
+) -> Result<Option<Vec<(i64, Vec<u8>)>>, crate::StoreError>
 where
     DB: sqlx::Database,
     for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'r> (i64, Vec<u8>): sqlx::FromRow<'r, DB::Row>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
 {
+    let cannot_read = |error: sqlx::Error| match crate::StoreError::from(error) {
+        unavailable @ crate::StoreError::Unavailable(_) => unavailable,
+        error => crate::StoreError::Config(format!(
+            "cannot read the store's applied migrations (_sqlx_migrations): {error}"
+        )),
+    };
+    let (tables,): (i64,) = sqlx::query_as(table_exists)
+        .fetch_one(pool)
+        .await
+        .map_err(cannot_read)?;
+    if tables == 0 {
+        return Ok(None);
+    }
     sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success = TRUE")
         .fetch_all(pool)
         .await
-        .ok()
+        .map(Some)
+        .map_err(cannot_read)
 }
 
-/// Whether `migrator` has anything to do on the database `pool` opens; an error if that database
-/// was migrated by a newer keyplane ([`refuse_unknown_migrations`]).
-pub(crate) async fn check_migrations<DB>(
+/// The highest migration `migrator` has: the schema version it brings a store to.
+pub(crate) fn latest_migration(migrator: &sqlx::migrate::Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Brings the database `pool` opens to `migrator`'s schema, by `run`, with a log line before
+/// and after: an operator sees which process migrated a shared store, from which schema to which,
+/// and when. Returns the version it migrated from (0: a new store), or `None` when it was up to
+/// date. Refuses a database that a newer keyplane migrated ([`refuse_unknown_migrations`]), one
+/// that ran a migration other than this keyplane's under its number, and, when `pending` says so,
+/// one with migrations pending (but for a new database, which no older keyplane can be serving).
+pub(crate) async fn migrate<DB, F, R>(
     migrator: &sqlx::migrate::Migrator,
     pool: &sqlx::Pool<DB>,
-) -> Result<bool, crate::StoreError>
+    table_exists: &str,
+    pending: crate::PendingMigrations,
+    run: F,
+) -> Result<Option<i64>, crate::StoreError>
 where
     DB: sqlx::Database,
     for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'r> (i64, Vec<u8>): sqlx::FromRow<'r, DB::Row>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+    F: FnOnce() -> R,
+    R: std::future::Future<Output = Result<(), crate::StoreError>>,
 {
-    let applied = applied_migrations(pool).await;
+    let applied = applied_migrations(pool, table_exists).await?;
     refuse_unknown_migrations(migrator, applied.as_deref())?;
-    Ok(migrations_pending(migrator, applied.as_deref()))
+    refuse_modified_migrations(migrator, applied.as_deref())?;
+    if !migrations_pending(migrator, applied.as_deref()) {
+        return Ok(None);
+    }
+    let from = applied
+        .iter()
+        .flatten()
+        .map(|(version, _)| *version)
+        .max()
+        .unwrap_or(0);
+    let to = latest_migration(migrator);
+    if pending == crate::PendingMigrations::Refuse && from > 0 {
+        return Err(crate::StoreError::SchemaBehind {
+            at: from,
+            latest: to,
+        });
+    }
+    if from == 0 {
+        tracing::info!("creating the store at schema {to}");
+    } else {
+        tracing::info!("migrating the store from schema {from} to {to}");
+    }
+    run().await?;
+    if from == 0 {
+        tracing::info!("created the store at schema {to}");
+    } else {
+        tracing::info!("migrated the store from schema {from} to {to}");
+    }
+    Ok(Some(from))
 }
 
-/// Whether `migrator` has anything to do given what is `applied`. A changed checksum counts as
-/// pending, so that running the migrator reports it.
+/// Whether `migrator` has migrations that are not `applied`.
 pub(crate) fn migrations_pending(
     migrator: &sqlx::migrate::Migrator,
     applied: Option<&[(i64, Vec<u8>)]>,
@@ -215,7 +277,32 @@ pub(crate) fn migrations_pending(
     migrator
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
-        .any(|m| !applied.contains(&(m.version, m.checksum.to_vec())))
+        .any(|m| !applied.iter().any(|(version, _)| *version == m.version))
+}
+
+/// Refuses a database that ran one of this keyplane's migrations with other contents (the file was
+/// edited after it was applied, or another build's migration took its number): sqlx would refuse
+/// it while migrating, and a database with nothing pending would be served on a schema this
+/// keyplane does not know.
+fn refuse_modified_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<&[(i64, Vec<u8>)]>,
+) -> Result<(), crate::StoreError> {
+    let modified = applied
+        .unwrap_or_default()
+        .iter()
+        .find(|(version, checksum)| {
+            migrator
+                .iter()
+                .any(|m| m.version == *version && *m.checksum != **checksum)
+        });
+    match modified {
+        Some((version, _)) => Err(crate::StoreError::Config(format!(
+            "migration {version} was previously applied but has been modified: the store ran \
+             other contents under that number than this keyplane's migration {version}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a database that a newer keyplane has migrated: this binary would serve it without the
@@ -2023,3 +2110,60 @@ macro_rules! bind_credential_fn {
 
 pub(crate) use bind_credential_fn;
 pub(crate) use impl_store;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    /// `NNNN_name.sql` files of `migrations/<backend>`, by version; panics on a file sqlx would
+    /// not take as a migration, or on two files sharing a version (sqlx sorts them one after the
+    /// other, and a store then refuses the second as "modified").
+    fn migrations(backend: &str) -> BTreeMap<i64, String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(backend);
+        let mut versions = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            let (version, rest) = name
+                .split_once('_')
+                .unwrap_or_else(|| panic!("{backend}/{name}: not NNNN_name.sql"));
+            let description = rest
+                .strip_suffix(".sql")
+                .unwrap_or_else(|| panic!("{backend}/{name}: not NNNN_name.sql"));
+            let version: i64 = version
+                .parse()
+                .unwrap_or_else(|_| panic!("{backend}/{name}: not NNNN_name.sql"));
+            if let Some(other) = versions.insert(version, description.to_owned()) {
+                panic!("{backend}: two migrations numbered {version}: {other} and {description}");
+            }
+        }
+        versions
+    }
+
+    /// Both backends have the same migrations, by number and name: the other backend's copy of a
+    /// migration is never forgotten, or given another number.
+    #[test]
+    fn migration_versions_are_unique_and_the_same_on_both_backends() {
+        let sqlite = migrations("sqlite");
+        let postgres = migrations("postgres");
+        let only_in = |one: &BTreeMap<i64, String>, other: &BTreeMap<i64, String>| {
+            one.iter()
+                .filter(|(version, name)| other.get(version) != Some(name))
+                .map(|(version, name)| format!("{version:04}_{name}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            (only_in(&sqlite, &postgres), only_in(&postgres, &sqlite)),
+            (vec![], vec![]),
+            "(only in sqlite, only in postgres)"
+        );
+        // What the embedded migrators hold is what the files say.
+        let embedded = |migrator: &sqlx::migrate::Migrator| {
+            migrator.iter().map(|m| m.version).collect::<Vec<_>>()
+        };
+        let files: Vec<i64> = sqlite.keys().copied().collect();
+        assert_eq!(embedded(&crate::sqlite::MIGRATOR), files);
+        assert_eq!(embedded(&crate::postgres::MIGRATOR), files);
+    }
+}

@@ -42,9 +42,19 @@ impl SqliteStore {
     /// [`run_migrations`] does. Two processes opening one new store (`serve` and an `admin`
     /// command) must both start.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (store, _) = Self::connect_with(url, crate::PendingMigrations::Apply).await?;
+        Ok(store)
+    }
+
+    /// [`SqliteStore::connect`], doing with pending migrations what `pending` says; with the
+    /// schema version it migrated the store from, if it did.
+    pub(crate) async fn connect_with(
+        url: &str,
+        pending: crate::PendingMigrations,
+    ) -> Result<(Self, Option<i64>), StoreError> {
         let started = std::time::Instant::now();
         loop {
-            match Self::open(url).await {
+            match Self::open(url, pending).await {
                 Err(StoreError::Unavailable(busy))
                     if busy.fault == crate::error::StoreFault::Busy
                         && started.elapsed() < MIGRATION_WAIT =>
@@ -57,7 +67,10 @@ impl SqliteStore {
         }
     }
 
-    async fn open(url: &str) -> Result<Self, StoreError> {
+    async fn open(
+        url: &str,
+        pending: crate::PendingMigrations,
+    ) -> Result<(Self, Option<i64>), StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid SQLite URL: {e}")))?
             .busy_timeout(WRITE_WAIT)
@@ -80,10 +93,11 @@ impl SqliteStore {
             .acquire_timeout(WRITE_WAIT)
             .connect_with(writer_options)
             .await?;
-        let migrator = sqlx::migrate!("./migrations/sqlite");
-        if crate::sql::check_migrations(&migrator, &writer).await? {
-            run_migrations(&migrator, migrating_options).await?;
-        }
+        let migrated_from =
+            crate::sql::migrate(&MIGRATOR, &writer, MIGRATIONS_TABLE_EXISTS, pending, || {
+                run_migrations(&MIGRATOR, migrating_options)
+            })
+            .await?;
         // Best effort: a read-only or full store refuses it and must still serve verification.
         if let Err(error) = sqlx::query(OPTIMIZE_AT_OPEN).execute(&writer).await {
             tracing::warn!(%error, "cannot refresh the SQLite planner's statistics");
@@ -93,11 +107,12 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self {
+        let store = Self {
             pool,
             writer,
             writes: crate::WriteTracker::default(),
-        })
+        };
+        Ok((store, migrated_from))
     }
 
     const PLACEHOLDERS: Placeholders = Placeholders::Anonymous;
@@ -144,6 +159,13 @@ impl SqliteStore {
         self.writer.close().await;
     }
 }
+
+/// This keyplane's SQLite migrations.
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Counts `_sqlx_migrations`: 0 in a new database.
+const MIGRATIONS_TABLE_EXISTS: &str =
+    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
 
 /// Runs the pending migrations under SQLite's write lock, taken first: sqlx's migration lock does
 /// nothing on SQLite, so two processes opening one new store at once both applied its first

@@ -77,6 +77,83 @@ impl TestDatabase {
     }
 }
 
+/// The migration files of one backend, by version.
+fn migration_files(backend: &str) -> std::collections::BTreeMap<i64, PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    std::fs::read_dir(&dir)
+        .expect("read the migrations")
+        .map(|entry| {
+            let path = entry.expect("read the migrations").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let version = name.split('_').next().unwrap().parse().unwrap();
+            (version, path)
+        })
+        .collect()
+}
+
+/// This keyplane's schema version: its latest migration.
+pub fn latest_schema() -> i64 {
+    *migration_files("sqlite").keys().max().expect("migrations")
+}
+
+/// Brings the new database at `url` to schema `version` only, as the keyplane release that
+/// stopped at that migration left it: an older store to upgrade.
+pub async fn migrate_to(url: &str, version: i64) {
+    let backend = if url.starts_with("sqlite:") {
+        "sqlite"
+    } else {
+        "postgres"
+    };
+    let older = tempfile::tempdir().expect("create a temporary directory");
+    for (_, path) in migration_files(backend).range(..=version) {
+        std::fs::copy(path, older.path().join(path.file_name().unwrap()))
+            .expect("copy a migration");
+    }
+    let migrator = sqlx::migrate::Migrator::new(older.path())
+        .await
+        .expect("read the older migrations");
+    if backend == "sqlite" {
+        use std::os::unix::fs::OpenOptionsExt;
+        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("a SQLite URL");
+        // Private, as keyplane creates it (and refuses it otherwise).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(options.get_filename())
+            .expect("create the database");
+        let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+            .await
+            .expect("open the database");
+        migrator.run(&pool).await.expect("migrate");
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("open the database");
+        migrator.run(&pool).await.expect("migrate");
+        pool.close().await;
+    }
+}
+
+/// The highest migration the database at `url` ran.
+pub async fn schema_version(url: &str) -> i64 {
+    let sql = "SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE";
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url)
+            .await
+            .expect("open the database");
+        let version = sqlx::query_scalar(sql).fetch_one(&pool).await;
+        pool.close().await;
+        version.expect("read the schema version")
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("open the database");
+        let version = sqlx::query_scalar(sql).fetch_one(&pool).await;
+        pool.close().await;
+        version.expect("read the schema version")
+    }
+}
+
 /// `postgres://u@h:p/db?x` with `db` replaced.
 fn replace_database(url: &str, database: &str) -> String {
     let (base, query) = url

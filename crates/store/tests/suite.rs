@@ -477,6 +477,14 @@ async fn record_a_newer_migration(url: &str, version: i64) -> i64 {
     }
 }
 
+/// Why opening the store at `url` fails, if it does.
+async fn connect_error(url: &str) -> Option<String> {
+    keyplane_store::connect(url)
+        .await
+        .err()
+        .map(|e| e.to_string())
+}
+
 /// A rollback: a database that a newer keyplane has migrated is refused, by `serve` and `admin`
 /// alike (both open it with `connect`), rather than served without the columns this one does not
 /// know. A database at this keyplane's own schema opens again as before.
@@ -493,10 +501,7 @@ async fn a_schema_from_a_newer_keyplane_is_refused(backend: Backend) {
         .close()
         .await;
     let known = record_a_newer_migration(&db.url, 9999).await;
-    let refused = keyplane_store::connect(&db.url)
-        .await
-        .err()
-        .map(|e| e.to_string());
+    let refused = connect_error(&db.url).await;
     let expected = format!(
         "the database's schema is at 9999, written by a newer keyplane; this one knows up to {known}"
     );
@@ -504,6 +509,157 @@ async fn a_schema_from_a_newer_keyplane_is_refused(backend: Backend) {
         refused.as_deref().is_some_and(|e| e.contains(&expected)),
         "{refused:?}"
     );
+}
+
+/// The console statements of the release before migration 0016 (e45e23c, `sql.rs`), verbatim:
+/// such replicas keep serving a store a newer one has migrated, during a rolling upgrade.
+const PREVIOUS_SET_CONSOLE_SESSION_SECRET: &str =
+    "UPDATE console_sessions SET sealed_secret = $2 WHERE id_hash = $1";
+const PREVIOUS_TOUCH_CONSOLE_SESSION: &str = "UPDATE console_sessions SET last_seen_at_ms = $2 WHERE id_hash = $1 AND ends_at_ms > $2 AND last_seen_at_ms > $3 \
+     RETURNING id_hash, tenant_id, sealed_token, label, created_at_ms, last_seen_at_ms, ends_at_ms, notice, sealed_secret";
+const PREVIOUS_TAKE_CONSOLE_SESSION_SECRET: &str =
+    "UPDATE console_sessions SET sealed_secret = NULL WHERE id_hash = $1 AND sealed_secret = $2";
+
+/// A replica of the previous release, still running on a store the current one migrated, keeps
+/// its console working: it keeps a one-time secret, finds it on the next page and takes it; and
+/// the session stays usable by the current release.
+async fn previous_release_console_statements_run_on_the_current_schema(backend: Backend) {
+    let f = fixture(backend).await;
+    let t = now();
+    let session = console_session(f.tenant.id, 7, t);
+    f.store.insert_console_session(&session).await.unwrap();
+    let id = [7_u8; 32];
+    let sealed = b"sealed one-time secret".to_vec();
+    let (now_ms, idle_since_ms) = (
+        (t + TimeDelta::minutes(1)).timestamp_millis(),
+        (t - TimeDelta::minutes(29)).timestamp_millis(),
+    );
+    // A write of the session's secret by the previous release, which must change its row.
+    macro_rules! secret_write {
+        ($pool:expr, $statement:expr, $what:literal) => {
+            let done = sqlx::query($statement)
+                .bind(id.as_slice())
+                .bind(sealed.as_slice())
+                .execute($pool)
+                .await
+                .expect(concat!("the previous release ", $what));
+            assert_eq!(done.rows_affected(), 1, $what);
+        };
+    }
+    macro_rules! previous_release {
+        ($pool:expr) => {{
+            let pool = $pool;
+            secret_write!(&pool, PREVIOUS_SET_CONSOLE_SESSION_SECRET, "keeps a secret");
+            let touched = sqlx::query(PREVIOUS_TOUCH_CONSOLE_SESSION)
+                .bind(id.as_slice())
+                .bind(now_ms)
+                .bind(idle_since_ms)
+                .fetch_optional(&pool)
+                .await
+                .expect("the previous release touches a session")
+                .expect("a live session");
+            let shown: Option<Vec<u8>> = sqlx::Row::get(&touched, "sealed_secret");
+            assert_eq!(shown.as_ref(), Some(&sealed));
+            secret_write!(
+                &pool,
+                PREVIOUS_TAKE_CONSOLE_SESSION_SECRET,
+                "takes a secret"
+            );
+            pool.close().await;
+        }};
+    }
+    if backend == Backend::Sqlite {
+        previous_release!(sqlx::SqlitePool::connect(&f._db.url).await.unwrap());
+    } else {
+        previous_release!(sqlx::PgPool::connect(&f._db.url).await.unwrap());
+    }
+    let later = t + TimeDelta::minutes(2);
+    let touched = f
+        .store
+        .touch_console_session(&id, later, later - TimeDelta::minutes(30))
+        .await
+        .unwrap()
+        .expect("the current release still serves the session");
+    assert_eq!(touched.sealed_token, session.sealed_token);
+}
+
+/// Sets the checksum sqlx recorded for migration `version` to another one, as a store migrated
+/// with a different migration under that number has it.
+async fn modify_applied_migration(url: &str, version: i64) {
+    let modify = "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2";
+    let zeros = [0_u8; 48];
+    let modified = if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        let query = sqlx::query(modify).bind(zeros.as_slice()).bind(version);
+        let done = query.execute(&pool).await.unwrap();
+        pool.close().await;
+        done.rows_affected()
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let query = sqlx::query(modify).bind(zeros.as_slice()).bind(version);
+        let done = query.execute(&pool).await.unwrap();
+        pool.close().await;
+        done.rows_affected()
+    };
+    assert_eq!(modified, 1, "migration {version} was applied");
+}
+
+/// A store that ran another migration 14 than this keyplane's is refused, and the error says
+/// which migration and what is wrong with it (not only that migrations were being applied).
+async fn a_modified_migration_is_named_when_the_store_opens(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    keyplane_store::connect(&db.url)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    modify_applied_migration(&db.url, 14).await;
+    let refused = connect_error(&db.url).await;
+    assert!(
+        refused.as_deref().is_some_and(
+            |e| e.contains("migration 14 was previously applied but has been modified")
+        ),
+        "{refused:?}"
+    );
+}
+
+/// A store at the schema of an older release: opened to read it is refused, naming both schema
+/// versions, and left as it was; opened to migrate it, it is brought to this release's schema,
+/// and the open says from which version.
+async fn an_older_schema_is_migrated_only_when_asked(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    keyplane_store::testing::migrate_to(&db.url, 13).await;
+    let latest = keyplane_store::testing::latest_schema();
+    let refused = keyplane_store::open(&db.url, keyplane_store::PendingMigrations::Refuse)
+        .await
+        .err();
+    assert!(
+        matches!(refused, Some(StoreError::SchemaBehind { at: 13, latest: l }) if l == latest),
+        "{refused:?}"
+    );
+    assert_eq!(keyplane_store::testing::schema_version(&db.url).await, 13);
+    let opened = keyplane_store::open(&db.url, keyplane_store::PendingMigrations::Apply)
+        .await
+        .unwrap();
+    assert_eq!((opened.migrated_from, opened.schema), (Some(13), latest));
+    opened.store.close().await;
+    assert_eq!(
+        keyplane_store::testing::schema_version(&db.url).await,
+        latest
+    );
+    // Up to date: opened to read it, nothing to do.
+    let opened = keyplane_store::open(&db.url, keyplane_store::PendingMigrations::Refuse)
+        .await
+        .unwrap();
+    assert_eq!((opened.migrated_from, opened.schema), (None, latest));
+    opened.store.close().await;
+    // A new store is created whatever the open is for: nothing can be serving it yet.
+    let new = TestDatabase::new(backend).await;
+    let opened = keyplane_store::open(&new.url, keyplane_store::PendingMigrations::Refuse)
+        .await
+        .unwrap();
+    assert_eq!((opened.migrated_from, opened.schema), (Some(0), latest));
+    opened.store.close().await;
 }
 
 /// Two processes opening one new store at once (e.g. `serve` and an `admin` command) both start:
@@ -1861,6 +2017,9 @@ store_suite! {
     last_uses_only_move_forward,
     a_batch_credits_each_secret_its_latest_use,
     a_schema_from_a_newer_keyplane_is_refused,
+    previous_release_console_statements_run_on_the_current_schema,
+    a_modified_migration_is_named_when_the_store_opens,
+    an_older_schema_is_migrated_only_when_asked,
     two_processes_migrating_one_new_store_both_start,
     bootstrap_happens_once,
     a_store_with_tenants_is_never_bootstrapped,
@@ -3703,6 +3862,7 @@ postgres_suite! {
     a_database_that_refuses_connections_is_unreachable,
     a_slow_database_is_not_called_unreachable,
     a_replica_waits_for_another_replicas_migrations,
+    a_store_whose_migrations_cannot_be_read_says_why,
     last_use_flushes_lock_their_credentials_in_id_order,
     the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting,
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
@@ -4076,6 +4236,43 @@ async fn webhook_writes_take_the_audit_head_before_the_webhook() {
         assert!(waiting.await.unwrap().is_ok(), "{write}");
     }
     pool.close().await;
+}
+
+/// PostgreSQL: a role that may use keyplane's tables but not read `_sqlx_migrations` (a runtime
+/// role kept apart from the migrating one) is told so, rather than the store being taken for a new
+/// one and migrated from scratch.
+async fn a_store_whose_migrations_cannot_be_read_says_why() {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    keyplane_store::connect(&db.url)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let role = format!("kp_runtime_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("REVOKE ALL ON _sqlx_migrations FROM {role}"),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let as_role = sqlx::ConnectOptions::to_url_lossy(&options.username(&role)).to_string();
+    let refused = keyplane_store::connect(&as_role)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    for statement in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("_sqlx_migrations") && e.contains("permission denied")),
+        "{refused:?}"
+    );
 }
 
 /// PostgreSQL: a replica starting while another holds the migration lock (running a migration that
