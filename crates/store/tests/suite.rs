@@ -527,7 +527,10 @@ async fn previous_release_console_statements_run_on_the_current_schema(backend: 
     let f = fixture(backend).await;
     let t = now();
     let session = console_session(f.tenant.id, 7, t);
-    f.store.insert_console_session(&session).await.unwrap();
+    f.store
+        .insert_console_session(&session, &started(&session))
+        .await
+        .unwrap();
     let id = [7_u8; 32];
     let sealed = b"sealed one-time secret".to_vec();
     let (now_ms, idle_since_ms) = (
