@@ -1,5 +1,6 @@
 use crate::StoreArgs;
 use clap::{Args, Subcommand};
+use keyplane_core::audit::{actions, DetailValue};
 use keyplane_core::{GrantKind, GrantResource, NewGrant, Scope, SubjectType, TenantId, UserId};
 use keyplane_server::aether::{parse_audit_query, AuditEventView};
 use keyplane_server::hybridbox::wire::AuthorizationView;
@@ -122,9 +123,10 @@ pub struct AuditArgs {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the organization's hash chain: prints how many events it checked, or the first
-    /// event that was changed, deleted or reordered, or a chain head that does not match (exit
-    /// status 1). The chain is not keyed: someone with write access who rewrites it whole from the
+    /// Recompute the organization's hash chain: prints how many events it checked (and, when its
+    /// start was pruned, up to which seq and the `audit.pruned` event that records it, or that
+    /// none does), or the first event that was changed, deleted or reordered, or a chain head
+    /// that does not match (exit status 1). The chain is not keyed: someone with write access who rewrites it whole from the
     /// first changed event to the head passes; compare with the `serve --audit-log` export.
     Verify {
         #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
@@ -258,6 +260,62 @@ async fn verify_audit(
     verify_chain(store, org, VERIFY_PAGE).await
 }
 
+/// Whether the start of a chain was pruned, and what says so.
+enum Pruning {
+    /// Nothing was pruned: the chain starts at seq 1.
+    Never,
+    /// The `audit.pruned` event `by` vouches for the anchor (seq and hash) the pruning left.
+    Recorded {
+        anchor: keyplane_store::AuditChainState,
+        by: Box<keyplane_core::ChainedEvent>,
+    },
+    /// Events up to the anchor are gone and no `audit.pruned` event says why.
+    Unrecorded {
+        anchor: keyplane_store::AuditChainState,
+    },
+}
+
+/// Finds the `audit.pruned` event that vouches for the chain's anchor. Each pruning moves the
+/// anchor and appends that event in one transaction, so it is the newest `audit.pruned` (and
+/// after the anchor); a pruning between the two reads moves the anchor, and they are read again.
+async fn pruning_record(
+    store: &dyn keyplane_store::Store,
+    org: TenantId,
+) -> anyhow::Result<Pruning> {
+    let mut state = store.audit_chain_state(org).await?;
+    loop {
+        if state.anchor_seq == 0 {
+            return Ok(Pruning::Never);
+        }
+        let newest = keyplane_store::AuditQuery {
+            order: AuditOrder::NewestBefore(None),
+            actions: vec![actions::AUDIT_PRUNED.to_owned()],
+            ..keyplane_store::AuditQuery::after_seq(org, 0, 1)
+        };
+        let by = store.list_audit_events(&newest).await?.into_iter().next();
+        let vouches = |event: &keyplane_core::ChainedEvent| {
+            let details = &event.event.details;
+            event.seq > state.anchor_seq
+                && details.get("through_seq") == Some(&DetailValue::Count(state.anchor_seq))
+                && details.get("through_chain_hash")
+                    == Some(&DetailValue::Text(keyplane_core::audit::hash_hex(
+                        &state.anchor_hash,
+                    )))
+        };
+        if let Some(by) = by.filter(|by| vouches(by)) {
+            return Ok(Pruning::Recorded {
+                anchor: state,
+                by: Box::new(by),
+            });
+        }
+        let again = store.audit_chain_state(org).await?;
+        if again.anchor_seq == state.anchor_seq {
+            return Ok(Pruning::Unrecorded { anchor: state });
+        }
+        state = again;
+    }
+}
+
 /// What `verify` reads: a trait so that a test can prune between its reads.
 trait ChainReader {
     async fn state(
@@ -327,7 +385,10 @@ async fn verify_chain<R: ChainReader + ?Sized>(
             }
         }
         let read_to_head = after >= state.head_seq;
-        let page_ended = events.len() < page as usize;
+        // Past the head read first there are only events committed since (a pruning's
+        // `audit.pruned` among them): the chain up to the head ends in this page.
+        let page_ended =
+            events.len() < page as usize || events.last().is_some_and(|e| e.seq > state.head_seq);
         if gap.is_none() && (read_to_head || !page_ended) {
             if read_to_head {
                 break;
@@ -468,7 +529,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::RegistryCert { store } => {
             let store = store.open_read_only().await?;
-            let keys = signing_keys(store.as_ref()).await?;
+            let keys = signing_keys(store.as_ref(), "admin registry-cert").await?;
             for key in [keys.current, keys.next, keys.previous]
                 .into_iter()
                 .flatten()
@@ -489,7 +550,9 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Grant(args) => {
             let grant = args.new_grant()?;
             let store = open_to_write(&args.store).await?;
-            let grant = ops::grant_as_operator(store.as_ref(), args.org, grant)
+            // The user as the operator named them: issuer and `sub` (with --user-sub).
+            let subject = args.issuer.as_deref().zip(args.user.user_sub.as_deref());
+            let grant = ops::grant_as_operator(store.as_ref(), args.org, grant, subject)
                 .await
                 .map_err(|e| match e {
                     keyplane_server::error::AppError::Domain(keyplane_core::Error::NotFound) => {
@@ -513,7 +576,40 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
             match verify_audit(store.as_ref(), org).await? {
                 Ok(checked) => {
-                    println!("audit chain of {org} intact: {checked} events checked");
+                    match pruning_record(store.as_ref(), org).await? {
+                        Pruning::Never => {
+                            println!("audit chain of {org} intact: {checked} events checked")
+                        }
+                        Pruning::Recorded { anchor, by } => {
+                            let detail = |key: &str| match by.event.details.get(key) {
+                                Some(DetailValue::Text(text)) => text.clone(),
+                                Some(DetailValue::Count(count)) => count.to_string(),
+                                _ => "?".into(),
+                            };
+                            println!(
+                                "audit chain of {org} intact: {checked} events checked after seq \
+                                 {through}; events up to seq {through} were pruned by retention \
+                                 (anchor {hash}), as the audit.pruned event {id} (seq {seq}, \
+                                 {at}: retention {days} days, cutoff {cutoff}) records",
+                                through = anchor.anchor_seq,
+                                hash = keyplane_core::audit::hash_hex(&anchor.anchor_hash),
+                                id = by.event.id,
+                                seq = by.seq,
+                                at = keyplane_core::audit::canonical_time(by.event.occurred_at),
+                                days = detail("retention_days"),
+                                cutoff = detail("cutoff"),
+                            );
+                        }
+                        Pruning::Unrecorded { anchor } => println!(
+                            "audit chain of {org}: {checked} events after seq {through} intact, \
+                             but events up to seq {through} are gone (anchor {hash}) and no \
+                             audit.pruned event records their pruning: deleted outside retention \
+                             with the anchor set to match, or pruned by a keyplane from before \
+                             pruning was recorded; compare with the `serve --audit-log` export",
+                            through = anchor.anchor_seq,
+                            hash = keyplane_core::audit::hash_hex(&anchor.anchor_hash),
+                        ),
+                    }
                     eprintln!(
                         "note: the chain is not keyed: a rewrite of it whole, from the first changed event to the head, by someone with write access to the store passes; compare with the events `serve --audit-log` exported"
                     );
@@ -553,13 +649,14 @@ async fn open_to_write(
     Ok(opened.store)
 }
 
-/// Every signing key, creating the current one on first use.
+/// Every signing key, creating the current one on first use (recorded `via` the command).
 async fn signing_keys(
     store: &dyn keyplane_store::Store,
+    via: &'static str,
 ) -> anyhow::Result<keyplane_store::SigningKeys> {
     let cannot =
         |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot load the registry signing keys: {e}");
-    keyplane_server::registry::load_or_create_signing_key(store)
+    keyplane_server::registry::load_or_create_signing_key(store, via)
         .await
         .map_err(|e| cannot(&e))?;
     store.signing_keys().await.map_err(|e| cannot(&e))
@@ -568,12 +665,14 @@ async fn signing_keys(
 async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
     match command {
         RegistryKeyCommand::Stage { store } => {
+            const VIA: &str = "admin registry-key stage";
             let store = open_to_write(&store).await?;
-            signing_keys(store.as_ref()).await?;
+            signing_keys(store.as_ref(), VIA).await?;
             let candidate = keyplane_server::registry::mint_candidate()
                 .map_err(|e| anyhow::anyhow!("cannot create a signing key: {e}"))?;
+            let recorded = ops::signing_key_event(actions::REGISTRY_SIGNING_KEY_STAGED, VIA, None);
             let staged = store
-                .stage_signing_key(&candidate)
+                .stage_signing_key(&candidate, &recorded)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot stage a signing key: {e}"))?;
             println!("{}", staged.key_id);
@@ -585,8 +684,13 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
         }
         RegistryKeyCommand::Promote { store } => {
             let store = open_to_write(&store).await?;
+            let recorded = ops::signing_key_event(
+                actions::REGISTRY_SIGNING_KEY_PROMOTED,
+                "admin registry-key promote",
+                None,
+            );
             let promoted = store
-                .promote_signing_key(ops::now())
+                .promote_signing_key(ops::now(), &recorded)
                 .await
                 .map_err(|e| match e {
                     keyplane_store::StoreError::NotFound => anyhow::anyhow!(
@@ -608,8 +712,9 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
             refresh,
             store,
         } => {
+            const VIA: &str = "admin registry-key retire-previous";
             let store = open_to_write(&store).await?;
-            let Some(previous) = signing_keys(store.as_ref()).await?.previous else {
+            let Some(previous) = signing_keys(store.as_ref(), VIA).await?.previous else {
                 println!("no previous key: nothing to retire");
                 return Ok(());
             };
@@ -626,8 +731,10 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
                     valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
             }
+            let recorded =
+                ops::signing_key_event(actions::REGISTRY_SIGNING_KEY_RETIRED, VIA, Some(force));
             let retired = store
-                .retire_previous_signing_key(&previous.key_id)
+                .retire_previous_signing_key(&previous.key_id, &recorded)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot retire the previous signing key: {e}"))?;
             if !retired {
@@ -643,7 +750,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
         }
         RegistryKeyCommand::Show { json, store } => {
             let store = store.open_read_only().await?;
-            let keys = signing_keys(store.as_ref()).await?;
+            let keys = signing_keys(store.as_ref(), "admin registry-key show").await?;
             let slots = [
                 ("current", keys.current),
                 ("next", keys.next),
@@ -717,7 +824,13 @@ mod tests {
         ) -> Result<Vec<keyplane_core::ChainedEvent>, keyplane_store::StoreError> {
             let page = self.store.events_after(org, seq, limit).await?;
             if !self.pruned.swap(true, Ordering::SeqCst) {
-                while self.store.prune_audit_events(self.before, 2).await? > 0 {}
+                let record = ops::audit_pruned(self.before, 400);
+                while self
+                    .store
+                    .prune_audit_events(self.before, 2, &record)
+                    .await?
+                    > 0
+                {}
             }
             Ok(page)
         }
@@ -769,6 +882,14 @@ mod tests {
                 );
                 let state = store.audit_chain_state(org).await.unwrap();
                 assert_eq!(state.anchor_seq, old as u64, "{backend:?}: pruned");
+                // The last pruning's `audit.pruned` event vouches for the anchor it left.
+                match pruning_record(store.as_ref(), org).await.unwrap() {
+                    Pruning::Recorded { anchor, by } => {
+                        assert_eq!(anchor.anchor_seq, old as u64);
+                        assert!(by.seq > state.anchor_seq, "{backend:?}: after the anchor");
+                    }
+                    _ => panic!("{backend:?}: no audit.pruned event vouches for the anchor"),
+                }
             }
         }
     }

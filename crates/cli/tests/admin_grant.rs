@@ -194,6 +194,36 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
     assert_eq!(stored[0].tenant_id, TenantId::parse(&org).unwrap());
     assert_eq!(stored[0].created_by_user_id, None);
 
+    // The trail says the grant came from `admin grant`, and for whom by the issuer's own names.
+    let mut audit: Vec<OsString> = ["admin", "audit", "--org", &org]
+        .map(OsString::from)
+        .to_vec();
+    audit.extend(["--action", "authorization.created"].map(OsString::from));
+    audit.extend(store.iter().cloned());
+    let output = keyplane(audit);
+    assert!(output.status.success(), "stderr: {}", output.stderr);
+    let events: Vec<Value> = output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let event_of = |grant: &Value| {
+        events
+            .iter()
+            .find(|e| e["target"]["id"] == grant["id"])
+            .unwrap_or_else(|| panic!("no authorization.created for {grant}: {events:?}"))
+            .clone()
+    };
+    let owner_event = event_of(&owner);
+    assert_eq!(owner_event["actor"]["type"], "system");
+    assert_eq!(owner_event["details"]["via"], "admin grant");
+    assert_eq!(owner_event["details"]["subject_issuer"], issuer);
+    assert_eq!(owner_event["details"]["subject_sub"], "alice");
+    let manager_event = event_of(&manager);
+    assert_eq!(manager_event["details"]["via"], "admin grant");
+    assert_eq!(manager_event["details"]["subject_id"], bob);
+    assert_eq!(manager_event["details"].get("subject_sub"), None);
+
     assert_fails(
         &grant(
             &store,

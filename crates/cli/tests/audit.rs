@@ -24,21 +24,26 @@ both_stores!(
     follow_prints_events_as_they_commit,
     sighup_reopens_the_audit_log,
     a_torn_last_line_does_not_swallow_the_next_event,
+    registry_key_changes_are_in_the_trail_of_each_registry,
+    verify_says_an_anchor_no_pruning_recorded,
 );
 
-/// `keyplane admin audit ...` on `store`, which must succeed; its JSON lines.
-async fn admin_audit(store: &TestStore, args: &[&str]) -> Vec<Value> {
+/// `keyplane admin ARGS` on `store`, which must succeed; its stdout.
+async fn admin(store: &TestStore, args: &[&str]) -> String {
     let output = run(
-        keyplane()
-            .args(["admin", "audit"])
-            .args(args)
-            .args(store.args()),
+        keyplane().arg("admin").args(args).args(store.args()),
         TIMEOUT,
     )
     .await;
     assert!(output.status.success(), "{}", output.describe());
-    output
-        .stdout
+    output.stdout
+}
+
+/// `keyplane admin audit ...` on `store`, which must succeed; its JSON lines.
+async fn admin_audit(store: &TestStore, args: &[&str]) -> Vec<Value> {
+    let args: Vec<&str> = ["audit"].iter().chain(args).copied().collect();
+    admin(store, &args)
+        .await
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
         .collect()
@@ -238,6 +243,16 @@ async fn verify(store: &TestStore, org: &Org) -> common::CommandOutput {
     .await
 }
 
+/// The organization's first 100 events as the store holds them, oldest first.
+async fn stored_events(store: &TestStore, org: &Org) -> Vec<keyplane_core::ChainedEvent> {
+    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    store_handle
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap()
+}
+
 /// A store whose organization has its first token and four more: six events.
 async fn four_tokens(backend: Backend) -> (TestStore, Org) {
     let store = TestStore::new(backend).await;
@@ -294,12 +309,7 @@ async fn verify_points_at_the_row_edited_with_sql(backend: Backend) {
 /// head's seq set back, the head row deleted. Each is named.
 async fn verify_checks_the_chain_head_it_ends_at(backend: Backend) {
     let (store, org) = four_tokens(backend).await;
-    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
-    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
-    let events = store_handle
-        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
-        .await
-        .unwrap();
+    let events = stored_events(&store, &org).await;
     let n = events.len();
     assert_eq!(n, 6, "the organization, its token and four more");
     let mut newest = events[n - 1].clone();
@@ -547,6 +557,108 @@ async fn audit_retention_days_is_bounded() {
     assert_eq!(output.status.code(), Some(2), "{}", output.describe());
     assert!(
         output.stderr.contains("--audit-retention-days") && output.stderr.contains("36501"),
+        "{}",
+        output.describe()
+    );
+}
+
+/// `keyplane admin registry-key VERB` on `store`, which must succeed; the key id it prints.
+async fn registry_key(store: &TestStore, verb: &[&str]) -> String {
+    let args: Vec<&str> = ["registry-key"].iter().chain(verb).copied().collect();
+    admin(store, &args).await.trim().to_string()
+}
+
+/// The registry signing key signs every organization's registry tokens: its creation, staging,
+/// promotion and retirement are recorded in the trail of each organization with a registry, as
+/// the operator's (`system`) acts, naming the keys.
+async fn registry_key_changes_are_in_the_trail_of_each_registry(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let org = store.bootstrap_org();
+    let response = server
+        .http
+        .post(server.url(&format!("/api/v1/organizations/{}/registry", org.id)))
+        .bearer_auth(&org.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let registry: Value = response.json().await.unwrap();
+    drop(server);
+
+    let staged = registry_key(&store, &["stage"]).await;
+    assert_eq!(registry_key(&store, &["promote"]).await, staged);
+    let retired = registry_key(&store, &["retire-previous", "--force"]).await;
+    assert_ne!(retired, staged);
+
+    let events = admin_audit(&store, &["--org", &org.id, "--action", "registry.*"]).await;
+    let only = |action: &str| {
+        let found: Vec<&Value> = events.iter().filter(|e| e["action"] == action).collect();
+        assert_eq!(found.len(), 1, "one {action}: {events:?}");
+        found[0].clone()
+    };
+    let created = only("registry.signing_key_created");
+    let staged_event = only("registry.signing_key_staged");
+    let promoted = only("registry.signing_key_promoted");
+    let retired_event = only("registry.signing_key_retired");
+    // The first key was made by `stage`, which needs a current key to follow.
+    assert_eq!(created["details"]["key_id"], retired.as_str());
+    assert_eq!(created["details"]["via"], "admin registry-key stage");
+    assert_eq!(staged_event["details"]["key_id"], staged.as_str());
+    assert_eq!(staged_event["details"]["previous_key_id"], retired.as_str());
+    assert_eq!(staged_event["details"]["via"], "admin registry-key stage");
+    assert_eq!(promoted["details"]["key_id"], staged.as_str());
+    assert_eq!(promoted["details"]["previous_key_id"], retired.as_str());
+    assert_eq!(promoted["details"]["via"], "admin registry-key promote");
+    assert_eq!(retired_event["details"]["key_id"], retired.as_str());
+    assert_eq!(retired_event["details"]["forced"], "true");
+    assert_eq!(
+        retired_event["details"]["via"],
+        "admin registry-key retire-previous"
+    );
+    for event in [&created, &staged_event, &promoted, &retired_event] {
+        assert_eq!(event["actor"]["type"], "system", "{event}");
+        assert_eq!(event["target"]["type"], "registry", "{event}");
+        assert_eq!(
+            event["target"]["name"], registry["registry"]["harbor_project"],
+            "{event}"
+        );
+    }
+    let seqs: Vec<&Value> = [&created, &staged_event, &promoted, &retired_event]
+        .iter()
+        .map(|e| &e["seq"])
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0].as_u64() < w[1].as_u64()),
+        "in the order they happened: {seqs:?}"
+    );
+    let output = verify(&store, &org).await;
+    assert!(output.status.success(), "{}", output.describe());
+}
+
+/// Events deleted from the start of the chain with an anchor set to match verify as a pruned
+/// chain would; but no `audit.pruned` event records that pruning, and `verify` says so rather
+/// than "intact".
+async fn verify_says_an_anchor_no_pruning_recorded(backend: Backend) {
+    let (store, org) = four_tokens(backend).await;
+    let hex = keyplane_core::audit::hash_hex(&stored_events(&store, &org).await[1].chain_hash);
+    tamper(&store, "DELETE FROM audit_events WHERE seq <= 2").await;
+    tamper(
+        &store,
+        &format!(
+            "INSERT INTO audit_chain_anchors (tenant_id, seq, chain_hash) \
+             SELECT tenant_id, 2, '{hex}' FROM audit_chain_heads"
+        ),
+    )
+    .await;
+    let output = verify(&store, &org).await;
+    assert!(
+        !output.stdout.contains("intact: 4 events checked"),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        output.stdout.contains("up to seq 2") && output.stdout.contains("no audit.pruned event"),
         "{}",
         output.describe()
     );

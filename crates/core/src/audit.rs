@@ -67,6 +67,17 @@ pub mod actions {
     /// `switched_organization`, or `credential_refused` when the credential it acted with
     /// stopped working).
     pub const CONSOLE_SESSION_ENDED: &str = "console.session_ended";
+    /// The registry token signing key (one for every organization's registry) was created,
+    /// staged, promoted or retired; recorded in each organization with a registry (actor
+    /// `system`, target the registry, `key_id`, `previous_key_id`, `via`).
+    pub const REGISTRY_SIGNING_KEY_CREATED: &str = "registry.signing_key_created";
+    pub const REGISTRY_SIGNING_KEY_STAGED: &str = "registry.signing_key_staged";
+    pub const REGISTRY_SIGNING_KEY_PROMOTED: &str = "registry.signing_key_promoted";
+    pub const REGISTRY_SIGNING_KEY_RETIRED: &str = "registry.signing_key_retired";
+    /// Retention deleted the start of the chain (actor `system`): `through_seq` and
+    /// `through_chain_hash` are the anchor it left, which this event vouches for, `count` how many
+    /// it deleted, `cutoff` and `retention_days` why. Appended in the pruning's transaction.
+    pub const AUDIT_PRUNED: &str = "audit.pruned";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.
@@ -388,6 +399,16 @@ fn field(out: &mut Vec<u8>, value: Option<&str>) {
             out.extend_from_slice(text.as_bytes());
         }
     }
+}
+
+/// A chain hash as lowercase hex, as it is stored and shown.
+pub fn hash_hex(hash: &[u8; 32]) -> String {
+    use std::fmt::Write;
+    hash.iter()
+        .fold(String::with_capacity(64), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
 }
 
 /// The hash a tenant's chain starts from before its first event.

@@ -188,7 +188,8 @@ impl App {
         if let Some(signer) = self.held_registry_signer() {
             return Ok(signer);
         }
-        let loaded = crate::registry::load_or_create_signing_key(self.0.store.as_ref()).await?;
+        let loaded =
+            crate::registry::load_or_create_signing_key(self.0.store.as_ref(), "serve").await?;
         let mut held = self
             .0
             .registry_signer

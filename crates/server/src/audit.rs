@@ -806,8 +806,13 @@ pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch:
     loop {
         // `None`: nothing can be that old, so there is nothing to prune.
         if let Some(cutoff) = retention_cutoff(crate::ops::now(), days) {
+            let record = crate::ops::audit_pruned(cutoff, days);
             loop {
-                match app.store().prune_audit_events(cutoff, PRUNE_BATCH).await {
+                match app
+                    .store()
+                    .prune_audit_events(cutoff, PRUNE_BATCH, &record)
+                    .await
+                {
                     Ok(0) => break,
                     Ok(deleted) => tracing::info!(deleted, "pruned audit events"),
                     Err(error) => {

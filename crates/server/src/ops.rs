@@ -157,6 +157,63 @@ pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> Audit
     .detail("count", keyplane_core::audit::DetailValue::Count(count))
 }
 
+/// The events of a registry signing-key change (`action`), one per organization with a registry:
+/// the operator's act (`via`: the command, or `serve` for the key made on first use), naming the
+/// keys. `forced`: a retirement's `--force`.
+pub fn signing_key_event(
+    action: &'static str,
+    via: &'static str,
+    forced: Option<bool>,
+) -> impl Fn(&keyplane_store::SigningKeyChange) -> AuditEvent + Send + Sync {
+    move |change| {
+        let mut event = audit_event(
+            change.tenant_id,
+            action,
+            AuditActor::system(),
+            &RequestContext::default(),
+        )
+        .target("registry", change.registry_id, Some(&change.project))
+        .text("via", via)
+        .text("key_id", change.key_id.clone());
+        if let Some(previous) = &change.previous_key_id {
+            event = event.text("previous_key_id", previous.clone());
+        }
+        if let Some(forced) = forced {
+            event = event.text("forced", forced.to_string());
+        }
+        event
+    }
+}
+
+/// The `audit.pruned` event retention appends to each chain it prunes, in the same transaction:
+/// it vouches for the anchor the pruning left (`through_seq`, `through_chain_hash`), so that
+/// `admin audit verify`, the export and webhooks tell pruning from deletion.
+pub fn audit_pruned(
+    cutoff: DateTime<Utc>,
+    retention_days: u32,
+) -> impl Fn(&keyplane_store::PrunedPrefix) -> AuditEvent + Send + Sync {
+    move |pruned| {
+        audit_event(
+            pruned.tenant_id,
+            actions::AUDIT_PRUNED,
+            AuditActor::system(),
+            &RequestContext::default(),
+        )
+        .target("organization", pruned.tenant_id.as_uuid(), None)
+        .detail("through_seq", DetailValue::Count(pruned.through_seq))
+        .text(
+            "through_chain_hash",
+            keyplane_core::audit::hash_hex(&pruned.through_chain_hash),
+        )
+        .text("cutoff", keyplane_core::audit::canonical_time(cutoff))
+        .detail(
+            "retention_days",
+            DetailValue::Count(u64::from(retention_days)),
+        )
+        .detail("count", DetailValue::Count(pruned.count))
+    }
+}
+
 /// A credential and its plaintext secret, which the caller shows exactly once.
 pub struct Issued {
     pub credential: Credential,
@@ -1174,12 +1231,14 @@ async fn check_grant_subject(
 
 /// `keyplane admin grant`: the platform operator, who works on the store directly and so has no
 /// principal, gives a subject a right in a tenant (typically a first user `account_owner`, who can
-/// then grant others through the API). `NotFound` if the tenant does not exist. Other replicas on
+/// then grant others through the API); `subject` is a user's OIDC issuer and `sub` when the
+/// operator named it so. `NotFound` if the tenant does not exist. Other replicas on
 /// PostgreSQL hear of it at once; a server on the same SQLite file within its cache lifetime.
 pub async fn grant_as_operator(
     store: &dyn Store,
     tenant: TenantId,
     grant: NewGrant,
+    subject: Option<(&str, &str)>,
 ) -> Result<Grant, AppError> {
     grant.check_shape().map_err(DomainError::from)?;
     store
@@ -1188,12 +1247,20 @@ pub async fn grant_as_operator(
         .ok_or(DomainError::NotFound)?;
     check_grant_subject(store, tenant, &grant, now()).await?;
     let grant = grant.issue(tenant, now(), None);
-    let event = grant_event(
+    // The operator has no principal: the event says which command acted, and for whom by the
+    // issuer's own names (the user id is a hash of them).
+    let mut event = grant_event(
         actions::AUTHORIZATION_CREATED,
         AuditActor::system(),
         &RequestContext::default(),
         &grant,
-    );
+    )
+    .text("via", "admin grant");
+    if let Some((issuer, sub)) = subject {
+        event = event
+            .text("subject_issuer", issuer)
+            .text("subject_sub", sub);
+    }
     store.insert_grant(&grant, &event, None).await?;
     tracing::info!(tenant.id = %tenant, grant.id = %grant.id, grant.kind = grant.kind.as_str(), "grant created by the operator");
     Ok(grant)

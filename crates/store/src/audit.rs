@@ -63,6 +63,17 @@ pub struct AuditChainState {
     pub head_recorded: bool,
 }
 
+/// What one pruning batch deleted from a tenant's chain, for the `audit.pruned` event it appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrunedPrefix {
+    pub tenant_id: TenantId,
+    /// The new anchor: the last event deleted, and its chain hash.
+    pub through_seq: u64,
+    pub through_chain_hash: [u8; 32],
+    /// How many events this batch deleted.
+    pub count: u64,
+}
+
 pub(crate) fn details_json(details: &BTreeMap<String, DetailValue>) -> String {
     let object: serde_json::Map<String, serde_json::Value> = details
         .iter()
@@ -102,11 +113,7 @@ pub(crate) fn parse_details(json: &str) -> Option<BTreeMap<String, DetailValue>>
 }
 
 pub(crate) fn hash_hex(hash: &[u8; 32]) -> String {
-    let mut out = String::with_capacity(64);
-    for byte in hash {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
+    keyplane_core::audit::hash_hex(hash)
 }
 
 pub(crate) fn parse_hash(hex: &str) -> Result<[u8; 32], StoreError> {
@@ -400,13 +407,16 @@ macro_rules! impl_audit {
             }
 
             /// Deletes up to `batch` of the oldest events, older than `before`, of a tenant whose
-            /// chain begins with such an event, only as a prefix of its chain, and moves its
-            /// anchor to the last one deleted. 0: no tenant's chain begins with one.
+            /// chain begins with such an event, only as a prefix of its chain, moves its anchor to
+            /// the last one deleted and appends `pruned`'s event there. 0: no tenant's chain
+            /// begins with one.
             async fn prune_audit_batch(
                 pool: &sqlx::Pool<$db>,
                 before: chrono::DateTime<chrono::Utc>,
                 batch: u32,
+                pruned: $crate::EventOf<'_, $crate::PrunedPrefix>,
             ) -> Result<u64, $crate::StoreError> {
+                use keyplane_core::audit::actions::AUDIT_PRUNED;
                 // Immediate on SQLite: it reads before it writes, and a deferred transaction
                 // whose snapshot another process (`keyplane admin`) wrote past cannot write
                 // (SQLITE_BUSY_SNAPSHOT).
@@ -415,23 +425,34 @@ macro_rules! impl_audit {
                 // tenant with the oldest event: events are chained in seq order, which times
                 // need not follow (clocks of replicas, events recorded after their time), and
                 // a tenant whose chain begins with a younger event has no prefix to prune; it
-                // would be chosen again and again while the others' old events stay.
-                let rows: Vec<(uuid::Uuid, i64, String, chrono::DateTime<chrono::Utc>)> =
+                // would be chosen again and again while the others' old events stay. The
+                // `audit.pruned` events a pruning leaves do not count as a beginning: a chain
+                // holding only those (and young events) has nothing to prune, or pruning them
+                // would append another, for ever.
+                let rows: Vec<(uuid::Uuid, i64, String, chrono::DateTime<chrono::Utc>, String)> =
                     sqlx::query_as(
-                        "SELECT tenant_id, seq, chain_hash, occurred_at FROM audit_events \
+                        "SELECT tenant_id, seq, chain_hash, occurred_at, action FROM audit_events \
                          WHERE tenant_id = (SELECT e.tenant_id FROM audit_events e \
-                         WHERE e.occurred_at < $1 AND NOT EXISTS (SELECT 1 FROM audit_events p \
-                         WHERE p.tenant_id = e.tenant_id AND p.seq < e.seq) \
+                         WHERE e.occurred_at < $1 AND e.action <> $3 \
+                         AND NOT EXISTS (SELECT 1 FROM audit_events p \
+                         WHERE p.tenant_id = e.tenant_id AND p.seq < e.seq \
+                         AND (p.action <> $3 OR p.occurred_at >= $1)) \
                          ORDER BY e.occurred_at LIMIT 1) \
                          ORDER BY seq LIMIT $2",
                     )
                     .bind(before)
                     .bind(i64::from(batch.max(1)))
+                    .bind(AUDIT_PRUNED)
                     .fetch_all(&mut *tx)
                     .await?;
-                // The prefix: events before the tenant's first one that is still young enough.
-                let prefix: Vec<_> = rows.iter().take_while(|(_, _, _, at)| *at < before).collect();
-                let Some((tenant, last_seq, last_hash, _)) = prefix.last() else {
+                // The prefix: events before the tenant's first one that is still young enough,
+                // less the `audit.pruned` events at its end (kept until an older event of another
+                // kind goes with them), unless it holds nothing else (a batch of them only).
+                let mut prefix: Vec<_> = rows.iter().take_while(|row| row.3 < before).collect();
+                if let Some(last_other) = prefix.iter().rposition(|row| row.4 != AUDIT_PRUNED) {
+                    prefix.truncate(last_other + 1);
+                }
+                let Some((tenant, last_seq, last_hash, _, _)) = prefix.last() else {
                     return Ok(0);
                 };
                 // Fewer (even none) when another replica's prune took them meanwhile.
@@ -441,6 +462,9 @@ macro_rules! impl_audit {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                if deleted == 0 {
+                    return Ok(0);
+                }
                 sqlx::query(
                     "INSERT INTO audit_chain_anchors (tenant_id, seq, chain_hash) VALUES ($1, $2, $3) \
                      ON CONFLICT (tenant_id) DO UPDATE SET seq = excluded.seq, chain_hash = excluded.chain_hash \
@@ -451,6 +475,19 @@ macro_rules! impl_audit {
                 .bind(last_hash)
                 .execute(&mut *tx)
                 .await?;
+                let record = pruned(&$crate::PrunedPrefix {
+                    tenant_id: keyplane_core::TenantId::from_uuid(*tenant),
+                    through_seq: u64::try_from(*last_seq).unwrap_or(0),
+                    through_chain_hash: $crate::audit::parse_hash(last_hash)?,
+                    count: deleted,
+                });
+                // Another action would not be kept by the rule above, nor vouch for the anchor.
+                if record.action != AUDIT_PRUNED || record.tenant_id.as_uuid() != *tenant {
+                    return Err($crate::StoreError::Other(anyhow::anyhow!(
+                        "a pruning must record an {AUDIT_PRUNED} event in the pruned tenant"
+                    )));
+                }
+                Self::append_audit(&mut tx, &record).await?;
                 tx.commit().await?;
                 Ok(deleted)
             }

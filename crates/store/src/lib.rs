@@ -24,7 +24,7 @@ use keyplane_core::{
 };
 use std::sync::Arc;
 
-pub use audit::{AuditChainState, AuditOrder, AuditQuery};
+pub use audit::{AuditChainState, AuditOrder, AuditQuery, PrunedPrefix};
 pub use error::{StoreError, StoreFault, Unavailable};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -92,6 +92,20 @@ pub struct SigningKeys {
     pub next: Option<SigningKey>,
     /// The key the last promotion replaced, in the bundle until it is retired.
     pub previous: Option<SigningKey>,
+}
+
+/// A registry signing-key change as one organization with a registry records it: the store calls
+/// the change's [`EventOf`] once for each registry, inside the change's transaction (the key signs
+/// every organization's registry tokens, so each one's trail says when it changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyChange {
+    pub tenant_id: TenantId,
+    pub registry_id: uuid::Uuid,
+    pub project: String,
+    /// The key created, staged, promoted (now current) or retired.
+    pub key_id: String,
+    /// Staged: the current key it is to replace; promoted: the key it replaced; else `None`.
+    pub previous_key_id: Option<String>,
 }
 
 /// A change another replica must hear about: cached verifications of this subject (a credential or
@@ -514,24 +528,42 @@ pub trait Store: Send + Sync + 'static {
     async fn project_taken(&self, project: &str) -> Result<bool, StoreError>;
 
     /// Stores `candidate` unless a key exists; returns the stored key either way (first writer wins,
-    /// so racing replicas agree).
-    async fn signing_key_or_insert(&self, candidate: &SigningKey)
-        -> Result<SigningKey, StoreError>;
+    /// so racing replicas agree). When it stores it, `created`'s event is appended for every
+    /// registry in the same transaction.
+    async fn signing_key_or_insert(
+        &self,
+        candidate: &SigningKey,
+        created: EventOf<'_, SigningKeyChange>,
+    ) -> Result<SigningKey, StoreError>;
 
     /// Every registry signing key, by slot.
     async fn signing_keys(&self) -> Result<SigningKeys, StoreError>;
 
     /// Stores `candidate` as the `next` key unless one is staged; returns the staged key either
-    /// way (racing callers agree on one).
-    async fn stage_signing_key(&self, candidate: &SigningKey) -> Result<SigningKey, StoreError>;
+    /// way (racing callers agree on one). When it stores it, `staged`'s event is appended for
+    /// every registry.
+    async fn stage_signing_key(
+        &self,
+        candidate: &SigningKey,
+        staged: EventOf<'_, SigningKeyChange>,
+    ) -> Result<SigningKey, StoreError>;
 
     /// In one transaction: `current` becomes `previous` (replacing it) with `signed_until = at`,
-    /// and `next` becomes `current`, which is returned. `NotFound` when nothing is staged.
-    async fn promote_signing_key(&self, at: DateTime<Utc>) -> Result<SigningKey, StoreError>;
+    /// and `next` becomes `current`, which is returned; `promoted`'s event for every registry.
+    /// `NotFound` when nothing is staged.
+    async fn promote_signing_key(
+        &self,
+        at: DateTime<Utc>,
+        promoted: EventOf<'_, SigningKeyChange>,
+    ) -> Result<SigningKey, StoreError>;
 
     /// Drops the `previous` key if it is still `key_id` (a promotion since has replaced it with
-    /// another, which stays); whether it was dropped.
-    async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, StoreError>;
+    /// another, which stays), with `retired`'s event for every registry; whether it was dropped.
+    async fn retire_previous_signing_key(
+        &self,
+        key_id: &str,
+        retired: EventOf<'_, SigningKeyChange>,
+    ) -> Result<bool, StoreError>;
 
     /// `Conflict` when the same live grant exists, or when its subject is a service account of the
     /// tenant that is revoked, suspended or expired at the grant's `created_at` (checked under the
@@ -591,14 +623,18 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_heads(&self) -> Result<Vec<(TenantId, u64, [u8; 32])>, StoreError>;
 
     /// Deletes at most `batch` of the oldest events (a prefix of one tenant's chain) that occurred
-    /// before `before`, recording the new anchor. Returns how many it deleted; 0: nothing is left
-    /// to prune (or another process pruned the same events at once). Events are pruned in chain
-    /// order: an old event behind a younger one (times need not follow the chain) stays until
-    /// that one is old too, and does not hold up other tenants'.
+    /// before `before`, recording the new anchor and appending `pruned`'s event (an
+    /// `audit.pruned`, which vouches for the anchor) to that chain in the same transaction.
+    /// Returns how many it deleted; 0: nothing is left to prune (or another process pruned the
+    /// same events at once). Events are pruned in chain order: an old event behind a younger one
+    /// (times need not follow the chain) stays until that one is old too, and does not hold up
+    /// other tenants'. `audit.pruned` events are pruned only with an older event of another
+    /// action, so that pruning, which appends one, ends.
     async fn prune_audit_events(
         &self,
         before: DateTime<Utc>,
         batch: u32,
+        pruned: EventOf<'_, PrunedPrefix>,
     ) -> Result<u64, StoreError>;
 
     /// How far the export named `consumer` has written each tenant's chain.

@@ -31,6 +31,11 @@ pub(crate) const PROMOTE_NEXT_SIGNING_KEY: &str =
     "UPDATE registry_signing_keys SET slot = 'current' WHERE slot = 'next'";
 pub(crate) const RETIRE_PREVIOUS_SIGNING_KEY: &str =
     "DELETE FROM registry_signing_keys WHERE slot = 'previous' AND key_id = $1";
+pub(crate) const CURRENT_SIGNING_KEY_ID: &str =
+    "SELECT key_id FROM registry_signing_keys WHERE slot = 'current'";
+/// The organizations a signing-key change is recorded in; in one order, as the heads are locked.
+pub(crate) const REGISTRIES_TO_TELL: &str =
+    "SELECT tenant_id, id, project FROM registries ORDER BY tenant_id";
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 /// A ping slower than this asks whether the database can be reached at all.
@@ -464,25 +469,75 @@ macro_rules! impl_store {
         impl $store {
             /// Stores `candidate` with `insert` (which does nothing when its slot is taken) and
             /// returns the slot's key, read with `select`: the first writer's, so racers agree.
+            /// Only the writer that stored it records `event` (of the key, after the current key
+            /// when `after_current`) in every organization with a registry.
             async fn first_signing_key(
                 &self,
                 insert: &'static str,
                 select: &'static str,
                 candidate: &$crate::SigningKey,
+                after_current: bool,
+                event: $crate::EventOf<'_, $crate::SigningKeyChange>,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
                 self.write(async {
-                    sqlx::query(insert)
+                    let mut tx = self.writer.begin().await?;
+                    let stored = sqlx::query(insert)
                         .bind(&candidate.key_id)
                         .bind(candidate.private_key.expose_secret())
                         .bind(&candidate.certificate_pem)
                         .bind(candidate.created_at)
-                        .execute(&self.writer)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    if stored {
+                        let previous = if after_current {
+                            sqlx::query_as::<_, (String,)>($crate::sql::CURRENT_SIGNING_KEY_ID)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                                .map(|(id,)| id)
+                        } else {
+                            None
+                        };
+                        Self::record_signing_key_change(
+                            &mut tx,
+                            &candidate.key_id,
+                            previous,
+                            event,
+                        )
                         .await?;
+                    }
                     let row: $crate::rows::SigningKeyRow =
-                        sqlx::query_as(select).fetch_one(&self.writer).await?;
+                        sqlx::query_as(select).fetch_one(&mut *tx).await?;
+                    tx.commit().await?;
                     Ok(row.into())
                 })
                 .await
+            }
+
+            /// Appends `event`'s record of a signing-key change to the chain of every
+            /// organization with a registry, inside the change's transaction `tx`.
+            async fn record_signing_key_change(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                key_id: &str,
+                previous_key_id: Option<String>,
+                event: $crate::EventOf<'_, $crate::SigningKeyChange>,
+            ) -> Result<(), $crate::StoreError> {
+                let registries: Vec<(uuid::Uuid, uuid::Uuid, String)> =
+                    sqlx::query_as($crate::sql::REGISTRIES_TO_TELL)
+                        .fetch_all(&mut **tx)
+                        .await?;
+                for (tenant, registry_id, project) in registries {
+                    let change = $crate::SigningKeyChange {
+                        tenant_id: keyplane_core::TenantId::from_uuid(tenant),
+                        registry_id,
+                        project,
+                        key_id: key_id.to_owned(),
+                        previous_key_id: previous_key_id.clone(),
+                    };
+                    Self::append_audit(tx, &event(&change)).await?;
+                }
+                Ok(())
             }
 
             /// The statement `list_credentials` runs.
@@ -1028,11 +1083,14 @@ macro_rules! impl_store {
             async fn signing_key_or_insert(
                 &self,
                 candidate: &$crate::SigningKey,
+                created: $crate::EventOf<'_, $crate::SigningKeyChange>,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
                 self.first_signing_key(
                     $crate::sql::INSERT_SIGNING_KEY,
                     $crate::sql::SELECT_SIGNING_KEY,
                     candidate,
+                    false,
+                    created,
                 )
                 .await
             }
@@ -1064,11 +1122,14 @@ macro_rules! impl_store {
             async fn stage_signing_key(
                 &self,
                 candidate: &$crate::SigningKey,
+                staged: $crate::EventOf<'_, $crate::SigningKeyChange>,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
                 self.first_signing_key(
                     $crate::sql::STAGE_SIGNING_KEY,
                     $crate::sql::SELECT_STAGED_SIGNING_KEY,
                     candidate,
+                    true,
+                    staged,
                 )
                 .await
             }
@@ -1077,6 +1138,7 @@ macro_rules! impl_store {
             async fn promote_signing_key(
                 &self,
                 at: chrono::DateTime<chrono::Utc>,
+                promoted: $crate::EventOf<'_, $crate::SigningKeyChange>,
             ) -> Result<$crate::SigningKey, $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
@@ -1087,6 +1149,10 @@ macro_rules! impl_store {
                     let Some(staged) = staged else {
                         return Err($crate::StoreError::NotFound);
                     };
+                    let replaced: Option<(String,)> =
+                        sqlx::query_as($crate::sql::CURRENT_SIGNING_KEY_ID)
+                            .fetch_optional(&mut *tx)
+                            .await?;
                     sqlx::query($crate::sql::DROP_PREVIOUS_SIGNING_KEY)
                         .execute(&mut *tx)
                         .await?;
@@ -1097,21 +1163,39 @@ macro_rules! impl_store {
                     sqlx::query($crate::sql::PROMOTE_NEXT_SIGNING_KEY)
                         .execute(&mut *tx)
                         .await?;
+                    let staged: $crate::SigningKey = staged.into();
+                    Self::record_signing_key_change(
+                        &mut tx,
+                        &staged.key_id,
+                        replaced.map(|(id,)| id),
+                        promoted,
+                    )
+                    .await?;
                     tx.commit().await?;
-                    Ok(staged.into())
+                    Ok(staged)
                 })
                 .await
             }
 
             #[tracing::instrument(skip_all)]
-            async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, $crate::StoreError> {
+            async fn retire_previous_signing_key(
+                &self,
+                key_id: &str,
+                retired: $crate::EventOf<'_, $crate::SigningKeyChange>,
+            ) -> Result<bool, $crate::StoreError> {
                 self.write(async {
-                    Ok(sqlx::query($crate::sql::RETIRE_PREVIOUS_SIGNING_KEY)
+                    let mut tx = self.writer.begin().await?;
+                    let dropped = sqlx::query($crate::sql::RETIRE_PREVIOUS_SIGNING_KEY)
                         .bind(key_id)
-                        .execute(&self.writer)
+                        .execute(&mut *tx)
                         .await?
                         .rows_affected()
-                        == 1)
+                        == 1;
+                    if dropped {
+                        Self::record_signing_key_change(&mut tx, key_id, None, retired).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(dropped)
                 })
                 .await
             }
@@ -1352,8 +1436,9 @@ macro_rules! impl_store {
                 &self,
                 before: chrono::DateTime<chrono::Utc>,
                 batch: u32,
+                pruned: $crate::EventOf<'_, $crate::PrunedPrefix>,
             ) -> Result<u64, $crate::StoreError> {
-                self.write(Self::prune_audit_batch(&self.writer, before, batch))
+                self.write(Self::prune_audit_batch(&self.writer, before, batch, pruned))
                     .await
             }
 

@@ -1864,6 +1864,11 @@ fn signing_key(key_id: &str) -> keyplane_store::SigningKey {
     }
 }
 
+/// A registry signing-key change's event, in the organization with the registry.
+fn key_event(change: &keyplane_store::SigningKeyChange) -> keyplane_core::AuditEvent {
+    event_in(change.tenant_id, now())
+}
+
 /// The key ids in the current, next and previous slots.
 async fn key_slots(store: &dyn Store) -> [Option<String>; 3] {
     let keys = store.signing_keys().await.unwrap();
@@ -1879,7 +1884,7 @@ async fn registry_keys_are_staged_promoted_and_retired(backend: Backend) {
     let store = f.store.as_ref();
     assert_eq!(
         store
-            .signing_key_or_insert(&signing_key("k1"))
+            .signing_key_or_insert(&signing_key("k1"), &key_event)
             .await
             .unwrap()
             .key_id,
@@ -1887,22 +1892,28 @@ async fn registry_keys_are_staged_promoted_and_retired(backend: Backend) {
     );
     assert!(
         matches!(
-            store.promote_signing_key(now()).await,
+            store.promote_signing_key(now(), &key_event).await,
             Err(StoreError::NotFound)
         ),
         "a promotion with nothing staged must be refused"
     );
     assert_eq!(key_slots(store).await, slots("k1", None, None));
 
-    let staged = store.stage_signing_key(&signing_key("k2")).await.unwrap();
+    let staged = store
+        .stage_signing_key(&signing_key("k2"), &key_event)
+        .await
+        .unwrap();
     assert_eq!(staged.key_id, "k2");
     assert_eq!(staged.certificate_pem, "certificate of k2");
-    let again = store.stage_signing_key(&signing_key("k3")).await.unwrap();
+    let again = store
+        .stage_signing_key(&signing_key("k3"), &key_event)
+        .await
+        .unwrap();
     assert_eq!(again.key_id, "k2", "staging again keeps the staged key");
     assert_eq!(key_slots(store).await, slots("k1", Some("k2"), None));
 
     let at = now();
-    let promoted = store.promote_signing_key(at).await.unwrap();
+    let promoted = store.promote_signing_key(at, &key_event).await.unwrap();
     assert_eq!(promoted.key_id, "k2");
     assert_eq!(
         promoted.private_key.expose_secret(),
@@ -1915,7 +1926,7 @@ async fn registry_keys_are_staged_promoted_and_retired(backend: Backend) {
     assert_eq!(keys.current.unwrap().signed_until, None);
     assert_eq!(
         store
-            .signing_key_or_insert(&signing_key("k9"))
+            .signing_key_or_insert(&signing_key("k9"), &key_event)
             .await
             .unwrap()
             .key_id,
@@ -1924,31 +1935,43 @@ async fn registry_keys_are_staged_promoted_and_retired(backend: Backend) {
     );
 
     // A second rotation replaces the older previous key.
-    store.stage_signing_key(&signing_key("k3")).await.unwrap();
-    store.promote_signing_key(now()).await.unwrap();
+    store
+        .stage_signing_key(&signing_key("k3"), &key_event)
+        .await
+        .unwrap();
+    store.promote_signing_key(now(), &key_event).await.unwrap();
     assert_eq!(key_slots(store).await, slots("k3", None, Some("k2")));
 
     assert!(
-        !store.retire_previous_signing_key("k1").await.unwrap(),
+        !store
+            .retire_previous_signing_key("k1", &key_event)
+            .await
+            .unwrap(),
         "retiring a key that is no longer the previous one changes nothing"
     );
     assert_eq!(key_slots(store).await, slots("k3", None, Some("k2")));
-    assert!(store.retire_previous_signing_key("k2").await.unwrap());
+    assert!(store
+        .retire_previous_signing_key("k2", &key_event)
+        .await
+        .unwrap());
     assert_eq!(key_slots(store).await, slots("k3", None, None));
-    assert!(!store.retire_previous_signing_key("k2").await.unwrap());
+    assert!(!store
+        .retire_previous_signing_key("k2", &key_event)
+        .await
+        .unwrap());
 }
 
 async fn racing_stages_keep_one_next_key(backend: Backend) {
     let f = fixture(backend).await;
     f.store
-        .signing_key_or_insert(&signing_key("current"))
+        .signing_key_or_insert(&signing_key("current"), &key_event)
         .await
         .unwrap();
     let attempts = (0..8).map(|i| {
         let store = f.store.clone();
         tokio::spawn(async move {
             store
-                .stage_signing_key(&signing_key(&format!("candidate-{i}")))
+                .stage_signing_key(&signing_key(&format!("candidate-{i}")), &key_event)
                 .await
                 .unwrap()
                 .key_id
@@ -1965,13 +1988,16 @@ async fn racing_stages_keep_one_next_key(backend: Backend) {
 async fn racing_promotions_move_the_staged_key_once(backend: Backend) {
     let f = fixture(backend).await;
     f.store
-        .signing_key_or_insert(&signing_key("k1"))
+        .signing_key_or_insert(&signing_key("k1"), &key_event)
         .await
         .unwrap();
-    f.store.stage_signing_key(&signing_key("k2")).await.unwrap();
+    f.store
+        .stage_signing_key(&signing_key("k2"), &key_event)
+        .await
+        .unwrap();
     let attempts = (0..6).map(|_| {
         let store = f.store.clone();
-        tokio::spawn(async move { store.promote_signing_key(now()).await })
+        tokio::spawn(async move { store.promote_signing_key(now(), &key_event).await })
     });
     let outcomes = results_of(attempts).await;
     assert_eq!(
@@ -2040,6 +2066,7 @@ store_suite! {
     each_change_keeps_its_answer_in_its_own_transaction,
     pruning_keeps_the_rest_of_the_chain_verifiable,
     pruning_passes_over_a_chain_that_begins_young,
+    pruning_records_itself_in_the_chain,
     a_failed_change_writes_no_event,
     console_sessions_live_until_idle_or_ended,
     a_console_secret_is_taken_once,
@@ -2180,12 +2207,14 @@ async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
     let before = verify_chain(f.store.as_ref(), tenant).await;
     // Bounded batches: two, then the last old one, then nothing (the young ones stay).
     let cutoff = now() - TimeDelta::days(400);
-    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 2);
-    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 1);
-    assert_eq!(f.store.prune_audit_events(cutoff, 2).await.unwrap(), 0);
+    let prune = || f.store.prune_audit_events(cutoff, 2, &pruned_event);
+    assert_eq!(prune().await.unwrap(), 2);
+    assert_eq!(prune().await.unwrap(), 1);
+    assert_eq!(prune().await.unwrap(), 0);
     let state = f.store.audit_chain_state(tenant).await.unwrap();
     assert_eq!(state.anchor_seq, 3);
-    assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3);
+    // Less the three pruned, plus each batch's `audit.pruned`.
+    assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3 + 2);
 }
 
 /// A tenant whose chain begins with an event younger than the cutoff, followed by older ones
@@ -2212,7 +2241,11 @@ async fn pruning_passes_over_a_chain_that_begins_young(backend: Backend) {
     let cutoff = now() - TimeDelta::days(400);
     let mut pruned = Vec::new();
     for _ in 0..10 {
-        match store.prune_audit_events(cutoff, 1000).await.unwrap() {
+        match store
+            .prune_audit_events(cutoff, 1000, &pruned_event)
+            .await
+            .unwrap()
+        {
             0 => break,
             deleted => pruned.push(deleted),
         }
@@ -2227,8 +2260,110 @@ async fn pruning_passes_over_a_chain_that_begins_young(backend: Backend) {
             .anchor_seq,
         0
     );
-    assert_eq!(verify_chain(store, other).await, 1);
+    assert_eq!(
+        verify_chain(store, other).await,
+        1 + 1,
+        "the young one and the record"
+    );
     assert_eq!(verify_chain(store, young_first).await, 4);
+}
+
+/// A pruning's `audit.pruned` event, as retention makes it.
+fn pruned_event(pruned: &keyplane_store::PrunedPrefix) -> keyplane_core::AuditEvent {
+    use keyplane_core::audit::DetailValue;
+    keyplane_core::AuditEvent {
+        action: keyplane_core::audit::actions::AUDIT_PRUNED.into(),
+        ..event_in(pruned.tenant_id, now())
+    }
+    .detail("through_seq", DetailValue::Count(pruned.through_seq))
+    .text(
+        "through_chain_hash",
+        keyplane_core::audit::hash_hex(&pruned.through_chain_hash),
+    )
+    .detail("count", DetailValue::Count(pruned.count))
+}
+
+/// The `audit.pruned` events of the tenant's chain, oldest first.
+async fn pruning_records(store: &dyn Store, tenant: TenantId) -> Vec<keyplane_core::ChainedEvent> {
+    let query = keyplane_store::AuditQuery {
+        actions: vec![keyplane_core::audit::actions::AUDIT_PRUNED.into()],
+        ..keyplane_store::AuditQuery::after_seq(tenant, 0, 100)
+    };
+    store.list_audit_events(&query).await.unwrap()
+}
+
+/// Each pruning records itself in the chain it pruned, in its own transaction: an `audit.pruned`
+/// event naming the anchor it left (seq and hash) and how many events it deleted. Those records
+/// are pruned only along with older events of other kinds: pruning them alone would append
+/// another each time, and never end.
+async fn pruning_records_itself_in_the_chain(backend: Backend) {
+    use keyplane_core::audit::DetailValue;
+    let f = fixture(backend).await;
+    let (tenant, store) = (f.tenant.id, f.store.as_ref());
+    let old = now() - TimeDelta::days(500);
+    for at in [old, old, old, now()] {
+        store
+            .append_audit_event(&event_in(tenant, at))
+            .await
+            .unwrap();
+    }
+    let third = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 2, 1))
+        .await
+        .unwrap()
+        .remove(0);
+    let cutoff = now() - TimeDelta::days(400);
+    assert_eq!(
+        store
+            .prune_audit_events(cutoff, 1000, &pruned_event)
+            .await
+            .unwrap(),
+        3
+    );
+    let records = pruning_records(store, tenant).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!((state.anchor_seq, state.anchor_hash), (3, third.chain_hash));
+    assert_eq!(
+        records[0].seq, state.head_seq,
+        "appended to the chain it pruned"
+    );
+    let details = &records[0].event.details;
+    assert_eq!(details["through_seq"], DetailValue::Count(3));
+    assert_eq!(
+        details["through_chain_hash"],
+        DetailValue::Text(keyplane_core::audit::hash_hex(&third.chain_hash))
+    );
+    assert_eq!(details["count"], DetailValue::Count(3));
+    assert_eq!(verify_chain(store, tenant).await, 2);
+
+    // With a cutoff in the future the young event goes too (and the fixture's other tenant's),
+    // once; the record left after it stays (nothing older of another kind goes with it), and a
+    // new one vouches for the anchor.
+    let future = now() + TimeDelta::days(1);
+    let mut batches = 0;
+    while store
+        .prune_audit_events(future, 1000, &pruned_event)
+        .await
+        .unwrap()
+        > 0
+    {
+        batches += 1;
+        assert!(batches < 5, "pruning does not end");
+    }
+    let state = store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(state.anchor_seq, 4);
+    let records = pruning_records(store, tenant).await;
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [5, 6],
+        "{records:?}"
+    );
+    assert_eq!(
+        records[1].event.details["through_seq"],
+        DetailValue::Count(4)
+    );
+    assert_eq!(verify_chain(store, tenant).await, 2);
 }
 
 async fn a_failed_change_writes_no_event(backend: Backend) {

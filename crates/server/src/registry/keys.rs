@@ -61,9 +61,23 @@ pub fn mint_candidate() -> Result<SigningKey, AppError> {
 }
 
 /// The store's signing key, created on first use. Racing callers (replicas, `admin registry-cert`)
-/// all end up with the one the store kept.
-pub async fn load_or_create_signing_key(store: &dyn Store) -> Result<Signer, AppError> {
-    signer_of(store.signing_key_or_insert(&mint_candidate()?).await?)
+/// all end up with the one the store kept; the one whose key it kept records
+/// `registry.signing_key_created` in every organization with a registry, `via` it (the command,
+/// or `serve`).
+pub async fn load_or_create_signing_key(
+    store: &dyn Store,
+    via: &'static str,
+) -> Result<Signer, AppError> {
+    let created = crate::ops::signing_key_event(
+        keyplane_core::audit::actions::REGISTRY_SIGNING_KEY_CREATED,
+        via,
+        None,
+    );
+    signer_of(
+        store
+            .signing_key_or_insert(&mint_candidate()?, &created)
+            .await?,
+    )
 }
 
 fn signer_of(stored: SigningKey) -> Result<Signer, AppError> {

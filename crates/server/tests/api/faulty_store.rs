@@ -17,8 +17,9 @@ use keyplane_core::{
 };
 use keyplane_store::{
     AnswerOf, AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter,
-    IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, SigningKey,
-    SigningKeys, StopSignal, Store, StoreError, StoreFault, Unavailable, WriteHealth,
+    IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, PrunedPrefix,
+    SigningKey, SigningKeyChange, SigningKeys, StopSignal, Store, StoreError, StoreFault,
+    Unavailable, WriteHealth,
 };
 use keyplane_store::{
     AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
@@ -631,9 +632,10 @@ impl Store for FaultyStore {
     async fn signing_key_or_insert(
         &self,
         candidate: &SigningKey,
+        created: EventOf<'_, SigningKeyChange>,
     ) -> Result<SigningKey, StoreError> {
         self.check()?;
-        self.inner.signing_key_or_insert(candidate).await
+        self.inner.signing_key_or_insert(candidate, created).await
     }
 
     async fn signing_keys(&self) -> Result<SigningKeys, StoreError> {
@@ -641,19 +643,33 @@ impl Store for FaultyStore {
         self.inner.signing_keys().await
     }
 
-    async fn stage_signing_key(&self, candidate: &SigningKey) -> Result<SigningKey, StoreError> {
+    async fn stage_signing_key(
+        &self,
+        candidate: &SigningKey,
+        staged: EventOf<'_, SigningKeyChange>,
+    ) -> Result<SigningKey, StoreError> {
         self.check()?;
-        self.inner.stage_signing_key(candidate).await
+        self.inner.stage_signing_key(candidate, staged).await
     }
 
-    async fn promote_signing_key(&self, at: DateTime<Utc>) -> Result<SigningKey, StoreError> {
+    async fn promote_signing_key(
+        &self,
+        at: DateTime<Utc>,
+        promoted: EventOf<'_, SigningKeyChange>,
+    ) -> Result<SigningKey, StoreError> {
         self.check()?;
-        self.inner.promote_signing_key(at).await
+        self.inner.promote_signing_key(at, promoted).await
     }
 
-    async fn retire_previous_signing_key(&self, key_id: &str) -> Result<bool, StoreError> {
+    async fn retire_previous_signing_key(
+        &self,
+        key_id: &str,
+        retired: EventOf<'_, SigningKeyChange>,
+    ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.retire_previous_signing_key(key_id).await
+        self.inner
+            .retire_previous_signing_key(key_id, retired)
+            .await
     }
 
     async fn insert_grant(
@@ -731,7 +747,8 @@ impl Store for FaultyStore {
             }
         };
         if let Some(before) = prune {
-            while self.inner.prune_audit_events(before, 1000).await? > 0 {}
+            let record = keyplane_server::ops::audit_pruned(before, 1);
+            while self.inner.prune_audit_events(before, 1000, &record).await? > 0 {}
         }
         self.inner.list_audit_events(query).await
     }
@@ -756,9 +773,10 @@ impl Store for FaultyStore {
         &self,
         before: DateTime<Utc>,
         batch: u32,
+        pruned: EventOf<'_, PrunedPrefix>,
     ) -> Result<u64, StoreError> {
         self.check()?;
-        self.inner.prune_audit_events(before, batch).await
+        self.inner.prune_audit_events(before, batch, pruned).await
     }
 
     async fn audit_export_cursors(

@@ -447,6 +447,7 @@ async fn operator_grants_give_users_capabilities(backend: Backend) {
                 resource_id: None,
             },
         },
+        None,
     )
     .await
     .unwrap();

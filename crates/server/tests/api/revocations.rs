@@ -351,19 +351,27 @@ async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
     // An id whose events were pruned (retention) cannot be resumed either.
     let store = app.app.store();
     let future = chrono::Utc::now() + chrono::TimeDelta::days(1);
-    while store.prune_audit_events(future, 1000).await.unwrap() > 0 {}
+    let record = keyplane_server::ops::audit_pruned(future, 1);
+    while store
+        .prune_audit_events(future, 1000, &record)
+        .await
+        .unwrap()
+        > 0
+    {}
     let mut pruned = SseReader::connect(&app, &verifier, Some("1")).await;
+    // The head is the pruning's own record (`audit.pruned`), right after the revocation.
+    let head = seq(&event) + 1;
     let reset = pruned.next().await;
     assert_eq!(reset.event, "reset", "{reset:?}");
-    assert_eq!(seq(&reset), seq(&event));
-    assert_eq!(reset.data["head"], seq(&event));
-    // While an id still inside the chain resumes as usual; at the head, it is up to date at once.
+    assert_eq!(seq(&reset), head);
+    assert_eq!(reset.data["head"], head);
+    // While an id still inside the chain (here its anchor) resumes as usual.
     let mut current = SseReader::connect(&app, &verifier, Some(&seq(&event).to_string())).await;
     let ready = current.next().await;
     assert_eq!(ready.event, "ready");
     assert_eq!(
         (&ready.data["seq"], &ready.data["head"]),
-        (&json!(seq(&event)), &json!(seq(&event)))
+        (&json!(seq(&event)), &json!(head))
     );
 }
 

@@ -1722,8 +1722,15 @@ async fn a_promotion_after_a_store_outage_is_picked_up(backend: Backend) {
 
     let store = app.app.store();
     let candidate = keyplane_server::registry::mint_candidate().unwrap();
-    let staged = store.stage_signing_key(&candidate).await.unwrap();
-    store.promote_signing_key(chrono::Utc::now()).await.unwrap();
+    let staged =
+        keyplane_server::ops::signing_key_event("registry.signing_key_staged", "test", None);
+    let staged = store.stage_signing_key(&candidate, &staged).await.unwrap();
+    let promoted =
+        keyplane_server::ops::signing_key_event("registry.signing_key_promoted", "test", None);
+    store
+        .promote_signing_key(chrono::Utc::now(), &promoted)
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while kid().await != staged.key_id {
         assert!(
