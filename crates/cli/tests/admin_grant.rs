@@ -250,6 +250,7 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
                     resource_id: None,
                 },
             },
+            None,
         )
         .await
         .expect("a grant within the cap");
