@@ -485,16 +485,17 @@ async fn connect_error(url: &str) -> Option<String> {
         .map(|e| e.to_string())
 }
 
+/// Creates the store at `url` at this keyplane's schema, and closes it.
+async fn create_store(url: &str) {
+    keyplane_store::connect(url).await.unwrap().close().await;
+}
+
 /// A rollback: a database that a newer keyplane has migrated is refused, by `serve` and `admin`
 /// alike (both open it with `connect`), rather than served without the columns this one does not
 /// know. A database at this keyplane's own schema opens again as before.
 async fn a_schema_from_a_newer_keyplane_is_refused(backend: Backend) {
     let db = TestDatabase::new(backend).await;
-    keyplane_store::connect(&db.url)
-        .await
-        .unwrap()
-        .close()
-        .await;
+    create_store(&db.url).await;
     keyplane_store::connect(&db.url)
         .await
         .expect("a re-connect at the same schema")
@@ -611,11 +612,7 @@ async fn modify_applied_migration(url: &str, version: i64) {
 /// which migration and what is wrong with it (not only that migrations were being applied).
 async fn a_modified_migration_is_named_when_the_store_opens(backend: Backend) {
     let db = TestDatabase::new(backend).await;
-    keyplane_store::connect(&db.url)
-        .await
-        .unwrap()
-        .close()
-        .await;
+    create_store(&db.url).await;
     modify_applied_migration(&db.url, 14).await;
     let refused = connect_error(&db.url).await;
     assert!(
