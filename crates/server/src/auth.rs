@@ -351,6 +351,7 @@ impl Verifier {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, rights| Arc::strong_count(rights) > 1);
+        self.canaries.prune();
     }
 
     /// How long ago `at` (nanoseconds after `epoch`) was, on the coarse clock, in nanoseconds.

@@ -474,6 +474,16 @@ impl CanaryAlarm {
     /// store is closed.
     pub(crate) async fn drain(&self, limit: Duration) {
         self.writes.drain(limit).await;
+        // The triggers left out of the trail are in memory only too: their summary is written
+        // now, not left to the audit tasks' last pass, which the stop's deadline may abort.
+        self.flush_left_out(true).await;
+    }
+
+    /// Forgets organizations whose trigger budgets are full again, so memory stays bounded.
+    pub(crate) fn prune(&self) {
+        if let Some(budget) = &self.budget {
+            budget.prune();
+        }
     }
 }
 

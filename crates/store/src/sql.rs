@@ -1212,8 +1212,8 @@ macro_rules! impl_store {
                     // The subject's live grants are counted below, which is not atomic under READ
                     // COMMITTED: grants to one subject are made one at a time, under its service
                     // account's row lock, or else the tenant's audit head (as webhooks keep to
-                    // their cap), taken first since nothing else is locked yet.
-                    let mut serialized = false;
+                    // their cap).
+                    let mut lock_head = true;
                     if grant.subject_type == keyplane_core::SubjectType::ServiceAccount {
                         type State = (
                             Option<chrono::DateTime<chrono::Utc>>,
@@ -1225,7 +1225,7 @@ macro_rules! impl_store {
                             .bind(grant.tenant_id.as_uuid())
                             .fetch_optional(&mut *tx)
                             .await?;
-                        serialized = state.is_some();
+                        lock_head = state.is_none();
                         let unusable = state.is_some_and(|(revoked, suspended, expires)| {
                             revoked.is_some()
                                 || suspended.is_some()
@@ -1236,9 +1236,6 @@ macro_rules! impl_store {
                                 "the service account is revoked, suspended or expired".into(),
                             ));
                         }
-                    }
-                    if !serialized {
-                        Self::lock_audit_head(&mut tx, grant.tenant_id).await?;
                     }
                     sqlx::query($crate::sql::INSERT_GRANT)
                         .bind(grant.id.as_uuid())
@@ -1260,6 +1257,13 @@ macro_rules! impl_store {
                             }
                             other => other,
                         })?;
+                    // Taken after the insert, as a revoke takes the grant's row before the head: an
+                    // insert waiting on a live grant being revoked (the same key) holds no head, so
+                    // the two cannot deadlock. The count is a statement of its own, so under READ
+                    // COMMITTED it still sees every grant committed before the head was ours.
+                    if lock_head {
+                        Self::lock_audit_head(&mut tx, grant.tenant_id).await?;
+                    }
                     // Counted after the insert, so that the same live grant again is still refused
                     // as a duplicate (above), not for the cap.
                     let live: i64 = sqlx::query_scalar($crate::sql::COUNT_LIVE_GRANTS_OF_SUBJECT)
@@ -2105,6 +2109,12 @@ macro_rules! impl_store {
             ) -> Result<bool, $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
+                    // The head before the session's row, in the order of a console change that
+                    // appends its event and then keeps a secret for this session (whose foreign
+                    // key locks the row): a sign-out in another tab meanwhile cannot deadlock it.
+                    if let Some(event) = event {
+                        Self::lock_audit_head(&mut tx, event.tenant_id).await?;
+                    }
                     let deleted = sqlx::query($crate::sql::DELETE_CONSOLE_SESSION)
                         .bind(&id_hash[..])
                         .execute(&mut *tx)

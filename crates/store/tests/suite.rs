@@ -4003,6 +4003,8 @@ postgres_suite! {
     deleting_a_webhook_while_another_write_queues_to_it_does_not_deadlock,
     webhook_writes_take_the_audit_head_before_the_webhook,
     prunes_keep_rows_renewed_while_they_wait,
+    a_sign_out_during_a_console_change_does_not_deadlock,
+    a_grant_made_while_the_same_one_is_revoked_does_not_deadlock,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -4100,6 +4102,79 @@ async fn the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiti
         .await
         .unwrap()
         .is_empty());
+    pool.close().await;
+}
+
+/// Takes `tenant`'s audit head in `tx`, as appending an event does.
+async fn lock_audit_head(tx: &mut sqlx::PgConnection, tenant: TenantId) {
+    sqlx::query("UPDATE audit_chain_heads SET seq = seq WHERE tenant_id = $1")
+        .bind(tenant.as_uuid())
+        .execute(tx)
+        .await
+        .unwrap();
+}
+
+/// PostgreSQL: a console change appends its event (the tenant's audit head), then keeps a secret
+/// for its session, whose foreign key locks the session's row. A sign-out in another tab meanwhile
+/// must not hold that row while it waits for the head, or the two deadlock and one answers 503.
+async fn a_sign_out_during_a_console_change_does_not_deadlock() {
+    let f = fixture(Backend::Postgres).await;
+    let session = console_session(f.tenant.id, 9, now());
+    f.store
+        .insert_console_session(&session, &started(&session))
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut change = pool.begin().await.unwrap();
+    lock_audit_head(&mut change, f.tenant.id).await;
+    let sign_out = {
+        let (store, event) = (f.store.clone(), ended(&session));
+        let id = session.id_hash;
+        tokio::spawn(async move { store.delete_console_session(&id, Some(&event)).await })
+    };
+    wait_for_a_lock_wait(&pool).await;
+    // The secret's foreign key check.
+    sqlx::query("SELECT 1 FROM console_sessions WHERE id_hash = $1 FOR KEY SHARE")
+        .bind(&session.id_hash[..])
+        .execute(&mut *change)
+        .await
+        .expect("the change keeps its secret");
+    change.commit().await.unwrap();
+    assert!(sign_out.await.unwrap().expect("signed out"));
+    pool.close().await;
+}
+
+/// PostgreSQL: a revoke locks its grant's row, then the tenant's audit head. Granting the same
+/// right to the same user meanwhile waits for that row (the live-grant unique index) and must not
+/// hold the head while it does, or the two deadlock and one answers 503.
+async fn a_grant_made_while_the_same_one_is_revoked_does_not_deadlock() {
+    let f = fixture(Backend::Postgres).await;
+    let user = uuid::Uuid::new_v4();
+    let to_user = || Grant {
+        subject_type: SubjectType::User,
+        ..capability_grant(f.tenant.id, user, "audit:read")
+    };
+    let first = to_user();
+    f.store
+        .insert_grant(&first, &event_in(f.tenant.id, now()), None)
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut revoke = pool.begin().await.unwrap();
+    sqlx::query("UPDATE grants SET revoked_at = $2 WHERE id = $1")
+        .bind(first.id.as_uuid())
+        .bind(now())
+        .execute(&mut *revoke)
+        .await
+        .unwrap();
+    let again = {
+        let (store, grant, event) = (f.store.clone(), to_user(), event_in(f.tenant.id, now()));
+        tokio::spawn(async move { store.insert_grant(&grant, &event, None).await })
+    };
+    wait_for_a_lock_wait(&pool).await;
+    lock_audit_head(&mut revoke, f.tenant.id).await;
+    revoke.commit().await.unwrap();
+    again.await.unwrap().expect("granted again once revoked");
     pool.close().await;
 }
 
