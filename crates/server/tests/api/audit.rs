@@ -950,6 +950,11 @@ async fn a_stalled_export_says_so_once_and_again_when_it_goes_on(
     store.set_down(false);
     app.create_token(&org, "after", &[]).await;
     every_event_exported(&app, &org, &log, "the events written after the outage").await;
+    // The pass that wrote those lines still saves its cursors before it says it goes on.
+    eventually("the export says it goes on", || async {
+        lines_saying("audit export goes on") > 0
+    })
+    .await;
     assert_eq!(lines_saying("audit export stalled"), 1);
     assert_eq!(lines_saying("audit export goes on"), 1);
 }
