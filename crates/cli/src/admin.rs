@@ -125,9 +125,10 @@ pub struct AuditArgs {
 enum AuditCommand {
     /// Recompute the organization's hash chain: prints how many events it checked (and, when its
     /// start was pruned, up to which seq and the `audit.pruned` event that records it, or that
-    /// none does), or the first event that was changed, deleted or reordered, or a chain head
-    /// that does not match (exit status 1). The chain is not keyed: someone with write access who rewrites it whole from the
-    /// first changed event to the head passes; compare with the `serve --audit-log` export.
+    /// none does: exit status 3), or the first event that was changed, deleted or reordered, or a
+    /// chain head that does not match (exit status 1). The chain is not keyed: someone with write
+    /// access who rewrites it whole from the first changed event to the head passes; compare with
+    /// the `serve --audit-log` export.
     Verify {
         #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
         org: TenantId,
@@ -600,15 +601,19 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
                                 cutoff = detail("cutoff"),
                             );
                         }
-                        Pruning::Unrecorded { anchor } => println!(
-                            "audit chain of {org}: {checked} events after seq {through} intact, \
-                             but events up to seq {through} are gone (anchor {hash}) and no \
-                             audit.pruned event records their pruning: deleted outside retention \
-                             with the anchor set to match, or pruned by a keyplane from before \
-                             pruning was recorded; compare with the `serve --audit-log` export",
-                            through = anchor.anchor_seq,
-                            hash = keyplane_core::audit::hash_hex(&anchor.anchor_hash),
-                        ),
+                        Pruning::Unrecorded { anchor } => {
+                            println!(
+                                "audit chain of {org}: {checked} events after seq {through} \
+                                 intact, but events up to seq {through} are gone (anchor {hash}) \
+                                 and no audit.pruned event records their pruning: deleted outside \
+                                 retention with the anchor set to match, or pruned by a keyplane \
+                                 from before pruning was recorded; compare with the \
+                                 `serve --audit-log` export",
+                                through = anchor.anchor_seq,
+                                hash = keyplane_core::audit::hash_hex(&anchor.anchor_hash),
+                            );
+                            std::process::exit(UNRECORDED_PRUNING_EXIT);
+                        }
                     }
                     eprintln!(
                         "note: the chain is not keyed: a rewrite of it whole, from the first changed event to the head, by someone with write access to the store passes; compare with the events `serve --audit-log` exported"
@@ -624,6 +629,11 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Audit(AuditArgs { list, .. }) => print_audit(list).await,
     }
 }
+
+/// `admin audit verify`'s exit status for a chain intact after an anchor no `audit.pruned` event
+/// records: neither 0 (a script checking only the status would call it intact) nor 1 (broken, and
+/// every error).
+const UNRECORDED_PRUNING_EXIT: i32 = 3;
 
 /// What opening the store did to its schema, in words.
 fn migration_report(migrated_from: Option<i64>, schema: i64) -> String {
