@@ -143,7 +143,8 @@ pub struct ApiTokenCreated {
 #[schema(as = ApiTokenList)]
 pub struct ApiTokenPage {
     pub items: Vec<ApiTokenView>,
-    /// Pass as `cursor` to get the next page; null on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page (always present).
+    #[schema(required = true)]
     pub next_cursor: Option<Uuid>,
 }
 

@@ -21,7 +21,8 @@ pub struct CreateServiceAccountRequest {
     /// whitespace, which is trimmed).
     #[schema(min_length = 1, max_length = 120)]
     pub name: String,
-    /// Optional UTC token expiry timestamp (RFC 3339), in the future and no later than
+    /// Optional UTC token expiry timestamp (RFC 3339; one without an offset, such as
+    /// `2030-01-01T00:00:00`, is read as UTC), in the future and no later than
     /// 9999-12-31T23:59:59.999999Z; kept to the microsecond.
     #[schema(value_type = Option<String>, format = DateTime)]
     #[serde(

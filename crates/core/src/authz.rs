@@ -133,16 +133,31 @@ impl Principal {
 
     /// A principal can never mint a credential with rights it does not hold itself.
     pub fn may_delegate(&self, tenant: TenantId, requested: &ScopeSet) -> Result<(), Error> {
+        self.holds_all(
+            tenant,
+            requested,
+            "cannot grant scopes this caller does not hold",
+        )
+    }
+
+    /// Nor take down (revoke, suspend, resume, retire a previous secret of) a credential that
+    /// holds rights it does not hold: an `api_tokens:write` token cannot revoke the org's `*`.
+    pub fn may_manage(&self, tenant: TenantId, target_holds: &ScopeSet) -> Result<(), Error> {
+        self.holds_all(
+            tenant,
+            target_holds,
+            "cannot manage a credential holding scopes this caller does not hold",
+        )
+    }
+
+    fn holds_all(&self, tenant: TenantId, needed: &ScopeSet, refusal: &str) -> Result<(), Error> {
         let held = self.rights_in(tenant).ok_or(Error::NotFound)?;
-        let missing = held.not_covered(requested);
+        let missing = held.not_covered(needed);
         if missing.is_empty() {
             return Ok(());
         }
         let names: Vec<&str> = missing.into_iter().map(Scope::as_str).collect();
-        Err(Error::Forbidden(format!(
-            "cannot grant scopes this caller does not hold: {}",
-            names.join(", ")
-        )))
+        Err(Error::Forbidden(format!("{refusal}: {}", names.join(", "))))
     }
 }
 

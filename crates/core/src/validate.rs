@@ -75,7 +75,41 @@ pub fn expires_at(
             "must be an RFC 3339 date-time, e.g. 2030-01-01T00:00:00Z",
         )
     })?;
-    let at = truncate_to_micros(parsed.with_timezone(&Utc));
+    future_expiry(path, parsed.with_timezone(&Utc), now)
+}
+
+/// [`expires_at`] as Hybridbox's FastAPI reads a "UTC timestamp": a date-time without an offset
+/// (`2030-01-01T00:00:00`, what Python's `datetime.utcnow().isoformat()` sends) is taken as UTC.
+pub fn expires_at_utc_if_naive(
+    path: FieldPath,
+    raw: &str,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, FieldError> {
+    let parsed = DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| chrono::NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S%.f"))
+                .map(|naive| naive.and_utc())
+        })
+        .map_err(|_| {
+            FieldError::new(
+                path.clone(),
+                codes::INVALID_FORMAT,
+                "must be a date-time, e.g. 2030-01-01T00:00:00Z (without an offset: UTC)",
+            )
+        })?;
+    future_expiry(path, parsed, now)
+}
+
+/// An expiry that lies in the future and no later than [`max_timestamp`], at microsecond
+/// precision (what both stores keep).
+fn future_expiry(
+    path: FieldPath,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, FieldError> {
+    let at = truncate_to_micros(at);
     if at > max_timestamp() {
         return Err(FieldError::new(
             path,
@@ -156,6 +190,45 @@ mod tests {
         assert!(moved - read >= TimeDelta::seconds(90));
         assert!(moved - after <= TimeDelta::seconds(90));
         assert_eq!(now_micros(i64::MAX), DateTime::<Utc>::MAX_UTC);
+    }
+
+    #[test]
+    fn hybridbox_reads_a_time_without_an_offset_as_utc() {
+        let path = || FieldPath::body("expires_at");
+        for raw in [
+            "2030-11-07T05:31:56",
+            "2030-11-07 05:31:56",
+            "2030-11-07T05:31:56Z",
+            "2030-11-07T07:31:56+02:00",
+        ] {
+            assert_eq!(
+                expires_at_utc_if_naive(path(), raw, now()).unwrap(),
+                Utc.with_ymd_and_hms(2030, 11, 7, 5, 31, 56).unwrap(),
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            expires_at_utc_if_naive(path(), "2030-11-07T05:31:56.120", now())
+                .unwrap()
+                .timestamp_subsec_micros(),
+            120_000
+        );
+        for raw in ["2030-11-07", "tomorrow", "2030-11-07T25:00:00"] {
+            assert_eq!(
+                expires_at_utc_if_naive(path(), raw, now())
+                    .unwrap_err()
+                    .code,
+                codes::INVALID_FORMAT,
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            expires_at(path(), "2030-11-07T05:31:56", now())
+                .unwrap_err()
+                .code,
+            codes::INVALID_FORMAT,
+            "Aether stays RFC 3339"
+        );
     }
 
     #[test]

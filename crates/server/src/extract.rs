@@ -172,6 +172,9 @@ pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// How a surface reads an expiry: [`validate::expires_at`] or a more lenient reading of it.
+type ExpiryRule = fn(FieldPath, &str, DateTime<Utc>) -> Result<DateTime<Utc>, FieldError>;
+
 /// Reads the fields of a JSON object, recording every missing, mistyped or unknown field.
 pub struct ObjectReader {
     /// Where this object sits in the body (the root, or a nested object's member path).
@@ -388,10 +391,26 @@ impl ObjectReader {
         key: &'static str,
         now: DateTime<Utc>,
     ) -> Option<Option<DateTime<Utc>>> {
+        self.expiry(key, now, validate::expires_at)
+    }
+
+    /// [`Self::expires_at`] that also takes a date-time without an offset, as UTC (Hybridbox).
+    pub fn expires_at_utc_if_naive(
+        &mut self,
+        key: &'static str,
+        now: DateTime<Utc>,
+    ) -> Option<Option<DateTime<Utc>>> {
+        self.expiry(key, now, validate::expires_at_utc_if_naive)
+    }
+
+    fn expiry(
+        &mut self,
+        key: &'static str,
+        now: DateTime<Utc>,
+        parse: ExpiryRule,
+    ) -> Option<Option<DateTime<Utc>>> {
         match self.nullable_string(key) {
-            Ok(Some(raw)) => self
-                .check(validate::expires_at(self.base.key(key), &raw, now))
-                .map(Some),
+            Ok(Some(raw)) => self.check(parse(self.base.key(key), &raw, now)).map(Some),
             Ok(None) => Some(None),
             Err(()) => None,
         }

@@ -706,7 +706,7 @@ async fn require_manage(
 ) -> Result<(), AppError> {
     who.require(tenant, rights.write)?;
     let needed = rights_to_hand_on(app.store().as_ref(), target).await?;
-    Ok(who.may_delegate(tenant, &needed)?)
+    Ok(who.may_manage(tenant, &needed)?)
 }
 
 /// The live credential a suspend, resume or retire-previous acts on, once the caller may manage it

@@ -194,7 +194,8 @@ pub async fn get_api_token(
 
 /// Revoke an API token
 ///
-/// The token stops working at once, for good. Needs `api_tokens:write`.
+/// The token stops working at once, for good. Needs `api_tokens:write` and every scope the token
+/// holds (an `api_tokens:write` token cannot revoke a `*` token).
 #[utoipa::path(
     delete, path = "/api/v1/organizations/{orgID}/api-tokens/{id}", tag = TAG_API_TOKENS,
     params(
@@ -204,7 +205,7 @@ pub async fn get_api_token(
     responses(
         (status = 204, description = "Revoked."),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
-        (status = 403, description = "The caller lacks `api_tokens:write`.", body = ErrorEnvelope),
+        (status = 403, description = "The caller lacks `api_tokens:write` or a scope the token holds.", body = ErrorEnvelope),
         (status = 404, description = "No such live token.", body = ErrorEnvelope),
         (status = 422, description = "A path id is not a UUID.", body = ErrorEnvelope),
     ),

@@ -13,7 +13,7 @@ impl FromJsonBody for CreateServiceAccountRequest {
         let name = r
             .string("name")
             .and_then(|raw| r.check(validate::name(FieldPath::body("name"), &raw)));
-        let expires_at = r.expires_at("expires_at", now);
+        let expires_at = r.expires_at_utc_if_naive("expires_at", now);
         let canary = r.optional_bool("canary", false);
         Some(Self {
             name: name?,

@@ -329,7 +329,8 @@ pub async fn retire_previous_service_account_token(
 ///
 /// Revokes the service account and its active token, for good, and its live grants with it (at
 /// the same `revoked_at`). Idempotent: revoking again returns
-/// the same record with its original `revoked_at`. Needs `auth.manage`.
+/// the same record with its original `revoked_at`. Needs `auth.manage` and every right the service
+/// account holds (its revoked record is returned to any `auth.manage` holder).
 #[utoipa::path(
     delete, path = "/v1/public/accounts/{account_id}/auth/service-accounts/{service_account_id}",
     tag = TAG_SERVICE_ACCOUNTS,
@@ -337,7 +338,7 @@ pub async fn retire_previous_service_account_token(
     responses(
         (status = 200, description = "The revoked service account (no token).", body = ServiceAccountView),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
-        (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
+        (status = 403, description = "The caller lacks `auth.manage` or a right the account holds.", body = ErrorMessage),
         (status = 404, description = "No such service account.", body = ErrorMessage),
         (status = 422, description = "Validation Error", body = ValidationErrorBody),
     ),

@@ -249,6 +249,37 @@ async fn get_unknown_or_malformed_ids(backend: Backend) {
     assert_eq!(app.get(&upper, &org.token).await.status(), 200);
 }
 
+/// A token with `api_tokens:write` cannot revoke a token holding more than it does (the org's
+/// `*`), and the refusal says so in terms of managing, not of granting.
+async fn a_narrow_writer_cannot_revoke_a_broader_token(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let writer = app
+        .create_token(&org, "writer", &["api_tokens:write", "api_tokens:read"])
+        .await;
+    let writer = writer["token"].as_str().unwrap();
+    let admin = app.create_token(&org, "admin", &["*"]).await;
+    let admin_id = admin["id"].as_str().unwrap();
+
+    let refused = app
+        .delete(&org.path(&format!("/api-tokens/{admin_id}")), writer)
+        .await;
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "cannot manage a credential holding scopes this caller does not hold: *"
+    );
+    assert_eq!(
+        app.get(&org.path("/api-tokens"), admin["token"].as_str().unwrap())
+            .await
+            .status(),
+        200,
+        "the broader token still works"
+    );
+}
+
 async fn delete_revokes_at_once(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
@@ -950,6 +981,7 @@ both_backends!(
     list_pages_with_cursor_and_limit,
     get_unknown_or_malformed_ids,
     delete_revokes_at_once,
+    a_narrow_writer_cannot_revoke_a_broader_token,
     rotate_keeps_the_id_and_kills_the_old_secret,
     unauthenticated_requests_get_401,
     expired_tokens_are_rejected,

@@ -345,6 +345,18 @@ async fn create_returns_the_documented_fields_and_a_one_time_token(backend: Back
         assert_eq!(keys(&body), service_account_fields(true));
         assert_eq!(body["expires_at"], Value::Null);
     }
+    // A time without an offset (Python's `datetime.utcnow().isoformat()`) is UTC, as the docs'
+    // "UTC token expiry timestamp" says; the answer names it with `Z`.
+    let res = app
+        .post(
+            &path,
+            &org.token,
+            json!({"name": "naive expiry", "expires_at": "2099-01-01T00:00:00.250"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["expires_at"], "2099-01-01T00:00:00.250Z");
     // Made by a service account, it still names no user.
     let (_, manager) = service_account(&app, &org, "manager", &["auth.manage"]).await;
     let made = create_sa(&app, &org, &manager, "made by a service account").await;
