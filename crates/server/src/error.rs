@@ -43,6 +43,13 @@ pub enum AppError {
         what: &'static str,
         retry_after_secs: u64,
     },
+    /// A budget this replica shares among all clients is spent (stored public revocation reports
+    /// per minute): 503 with `Retry-After` the wait until it has room again.
+    #[error("over budget: {why}")]
+    OverBudget {
+        why: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -78,9 +85,9 @@ impl AppError {
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AppError::Unavailable(_) | AppError::UpstreamUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            AppError::Unavailable(_)
+            | AppError::UpstreamUnavailable { .. }
+            | AppError::OverBudget { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,6 +112,9 @@ impl AppError {
             AppError::IdempotencyKeyInFlight => {
                 "a request with this Idempotency-Key is still in progress; retry it shortly".into()
             }
+            AppError::OverBudget { .. } => {
+                "the server takes no more of these requests for now; retry later".into()
+            }
             AppError::Internal(_) => "internal server error".into(),
         }
     }
@@ -124,6 +134,9 @@ impl AppError {
             AppError::Unavailable(unavailable) => Some(unavailable.fault.retry_after_secs()),
             AppError::IdempotencyKeyInFlight => Some(1),
             AppError::UpstreamUnavailable {
+                retry_after_secs, ..
+            }
+            | AppError::OverBudget {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,

@@ -41,12 +41,16 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     }
 
     pub fn check(&self, key: K) -> Result<(), AppError> {
-        self.limiter.check_key(&key).map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
-            AppError::RateLimited {
-                retry_after_secs: crate::error::retry_after_secs(wait),
-            }
+        self.take(key).map_err(|wait| AppError::RateLimited {
+            retry_after_secs: crate::error::retry_after_secs(wait),
         })
+    }
+
+    /// Takes one from `key`'s bucket, or tells how long until it has one.
+    pub fn take(&self, key: K) -> Result<(), Duration> {
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     /// Forgets keys whose buckets are full again, so memory stays bounded.

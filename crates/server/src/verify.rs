@@ -37,9 +37,9 @@ impl Surface for Verification {
             AppError::Domain(DomainError::Forbidden(_)) => "insufficient_scope",
             AppError::Domain(DomainError::NotFound) => "not_found",
             AppError::RateLimited { .. } => "rate_limited",
-            AppError::Unavailable(_) | AppError::UpstreamUnavailable { .. } => {
-                "temporarily_unavailable"
-            }
+            AppError::Unavailable(_)
+            | AppError::UpstreamUnavailable { .. }
+            | AppError::OverBudget { .. } => "temporarily_unavailable",
             AppError::Internal(_) => "server_error",
             _ => "invalid_request",
         };

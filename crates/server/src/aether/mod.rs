@@ -56,7 +56,9 @@ impl Surface for Aether {
             AppError::PayloadTooLarge => "payload_too_large",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::RateLimited { .. } => "rate_limited",
-            AppError::Unavailable(_) | AppError::UpstreamUnavailable { .. } => "unavailable",
+            AppError::Unavailable(_)
+            | AppError::UpstreamUnavailable { .. }
+            | AppError::OverBudget { .. } => "unavailable",
             AppError::Internal(_) => "internal",
         };
         let mut body = json!({ "code": code, "message": error.public_message() });

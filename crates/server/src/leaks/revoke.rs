@@ -169,9 +169,12 @@ pub(crate) async fn revoke_credentials(
             .ok_or_else(|| busy("too many public revocation reports in progress"))?;
         // All addresses together: one sender with many (a /48 holds 65,536 /64s) could otherwise
         // keep the store's writers, which every organization's changes wait for, busy.
+        // The sender is told when the budget has room again: a fixed second would bring it (and
+        // every other sender) back to be refused until then.
         if let Some(budget) = &app.inner().public_revoke_budget {
-            budget.check(()).map_err(|_| {
-                busy("this replica's public revocation reports per minute are spent")
+            budget.take(()).map_err(|wait| AppError::OverBudget {
+                why: "this replica's public revocation reports per minute are spent",
+                retry_after_secs: crate::error::retry_after_secs(wait),
             })?;
         }
         let report = LeakReportRecord {
