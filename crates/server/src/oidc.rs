@@ -40,6 +40,10 @@ pub struct OidcConfig {
     pub max_key_age: Duration,
     /// The bound on each request to a provider.
     pub http_timeout: Duration,
+    /// How long a token naming a key not held waits for a fetch of the issuer's keys that is
+    /// already under way (started by another token, or the warm-up) before answering 503: such a
+    /// fetch usually ends in a fraction of a second, and its keys are what the token needs.
+    pub max_fetch_wait: Duration,
     /// The one issuer whose canonical UUID `sub`s are user ids as they are
     /// (`--oidc-uuid-subjects`); every other `sub` maps through [`user_id`].
     pub uuid_subjects: Option<String>,
@@ -80,6 +84,7 @@ impl OidcConfig {
             min_refresh_interval: Duration::from_secs(10),
             max_key_age: Duration::from_secs(600),
             http_timeout: Duration::from_secs(5),
+            max_fetch_wait: Duration::from_secs(2),
             uuid_subjects: None,
         })
     }
@@ -244,9 +249,10 @@ impl Oidc {
     }
 
     /// Validates a JWT access token. Every failure is `Unauthenticated` with a reason for the log,
-    /// but one: while the issuer's keys were never loaded and the last fetch failed, nothing can be
+    /// but two: while the issuer's keys were never loaded and the last fetch failed, nothing can be
     /// told about any of its tokens, and `UpstreamUnavailable` (503) says so: a client takes a 401
-    /// for a bad token, not for an outage.
+    /// for a bad token, not for an outage. Likewise when the token names a key not held and the
+    /// fetch under way that may bring it outlasts `max_fetch_wait`.
     pub async fn validate(&self, token: &str) -> Result<AccessToken, AppError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(reject("jwt too large"));
@@ -290,13 +296,8 @@ impl Oidc {
         if keys.iter().any(|key| fits(&key)) {
             self.refresh_if_old(index);
         } else {
-            // A fetch running or tried recently would only be waited for (up to the HTTP timeout
-            // against a blackholed provider) to learn what the last one said: still no keys.
-            if !self.fetch_due(index) {
-                self.unavailable_if_never_loaded(index)?;
-            }
             // Perhaps the provider rotated its keys: refetch (rate-limited) and look again.
-            self.refresh(index).await;
+            self.fetch_for_unknown_key(index).await?;
             keys = self.cached_keys(index);
             if !keys.iter().any(|key| fits(&key)) {
                 self.unavailable_if_never_loaded(index)?;
@@ -366,6 +367,35 @@ impl Oidc {
             what: "the identity provider's keys",
             retry_after_secs: crate::error::retry_after_secs(next_fetch_in),
         })
+    }
+
+    /// Brings the issuer's keys up to date for a token naming a key not held: waits for the fetch
+    /// under way, if one is (at most `max_fetch_wait`: 503 past it, the keys still coming), or
+    /// fetches them, unless a fetch was tried within `min_refresh_interval` (what it said
+    /// stands: while no key was ever loaded, 503).
+    async fn fetch_for_unknown_key(&self, index: usize) -> Result<(), AppError> {
+        let issuer = &self.0.issuers[index];
+        let under_way = issuer.last_attempt.try_lock().is_err();
+        if under_way {
+            let waited =
+                tokio::time::timeout(self.0.config.max_fetch_wait, issuer.last_attempt.lock())
+                    .await;
+            return match waited {
+                // Its keys, or its failure, are in the cache now.
+                Ok(_) => Ok(()),
+                // Against a provider that does not answer it may take up to two HTTP timeouts;
+                // the token may be good, so not a 401.
+                Err(_) => Err(AppError::UpstreamUnavailable {
+                    what: "the identity provider's keys",
+                    retry_after_secs: 1,
+                }),
+            };
+        }
+        if !self.fetch_due(index) {
+            self.unavailable_if_never_loaded(index)?;
+        }
+        self.refresh(index).await;
+        Ok(())
     }
 
     /// Whether a fetch may start now: none is running and none started within

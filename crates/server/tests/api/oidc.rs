@@ -32,6 +32,7 @@ both_backends!(
     a_key_rotation_is_picked_up_without_restarting,
     a_provider_that_is_down_breaks_no_other_credential,
     users_get_503_while_their_providers_keys_were_never_loaded,
+    tokens_wait_for_the_key_fetch_under_way,
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
     a_users_console_refusals_are_recorded_in_the_sessions_organization,
@@ -852,6 +853,170 @@ async fn users_get_503_while_their_providers_keys_were_never_loaded(backend: Bac
         status(&app, &org.path("/api-tokens"), &org.token).await,
         200
     );
+}
+
+/// An identity provider on 127.0.0.1 that the test steers. Its discovery document always
+/// answers; its JWKS (the public half of a key file `provider.mjs` made) answers 500 while
+/// `failing`, and otherwise once `gate` is open.
+struct KeyServer {
+    issuer: String,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    gate: tokio::sync::watch::Sender<bool>,
+    /// JWKS requests received, answered or waiting at the gate.
+    jwks_asked: Arc<AtomicUsize>,
+}
+
+impl KeyServer {
+    async fn start(keys_file: &Path) -> Self {
+        let private: Value =
+            serde_json::from_str(&std::fs::read_to_string(keys_file).unwrap()).unwrap();
+        let public: Vec<Value> = private["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|key| {
+                let mut key = key.clone();
+                for member in ["d", "p", "q", "dp", "dq", "qi"] {
+                    key.as_object_mut().unwrap().remove(member);
+                }
+                key
+            })
+            .collect();
+        let jwks = json!({ "keys": public });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")});
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (gate, opened) = tokio::sync::watch::channel(false);
+        let jwks_asked = Arc::new(AtomicUsize::new(0));
+        let (failing_seen, asked) = (failing.clone(), jwks_asked.clone());
+        let router = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let discovery = discovery.clone();
+                    async move { axum::Json(discovery) }
+                }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || {
+                    let (failing, asked) = (failing_seen.clone(), asked.clone());
+                    let (jwks, mut opened) = (jwks.clone(), opened.clone());
+                    async move {
+                        asked.fetch_add(1, Ordering::SeqCst);
+                        if failing.load(Ordering::SeqCst) {
+                            return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+                        }
+                        let _ = opened.wait_for(|open| *open).await;
+                        Ok(axum::Json(jwks))
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self {
+            issuer,
+            failing,
+            gate,
+            jwks_asked,
+        }
+    }
+
+    fn asked(&self) -> usize {
+        self.jwks_asked.load(Ordering::SeqCst)
+    }
+}
+
+/// A keyplane trusting `server`, whose warm-up fetch of its keys failed and whose every fetch
+/// since failed too (the server is still failing); `acme` with alice as its account owner, its
+/// service accounts' path, and tokens for alice.
+async fn after_a_failed_warm_up(
+    backend: Backend,
+    server: &KeyServer,
+    keys_file: &Path,
+    max_fetch_wait: Duration,
+) -> (TestApp, String, Vec<String>) {
+    let config = OidcConfig {
+        // A fetch may start whenever none is under way: only the one in flight holds tokens.
+        min_refresh_interval: Duration::ZERO,
+        max_fetch_wait,
+        ..oidc(&[&server.issuer])
+    };
+    let app = keyplane(backend, config).await;
+    let org = app.create_org("acme").await;
+    let alice = UserId::from_subject(&server.issuer, "alice");
+    grant(&app, &org, user_grant("account_owner", alice, None)).await;
+    let accounts = org.account_path("/service-accounts");
+    let signer = Signer {
+        keys_file: keys_file.to_path_buf(),
+        issuer: server.issuer.clone(),
+    };
+    // Each with its own `jti`: no cache answers one for another.
+    let tokens: Vec<String> = (0..3).map(|_| signer.sign(json!({}))).collect();
+    let (app_ref, accounts_ref, probe) = (&app, &accounts, &tokens[2]);
+    eventually("a failed fetch answers 503", move || async move {
+        status(app_ref, accounts_ref, probe).await == 503
+    })
+    .await;
+    (app, accounts, tokens)
+}
+
+/// While the first fetch of an issuer's keys after a failed one is under way, other users' tokens
+/// wait for it rather than answer 503, and are served with the keys it brings. One that would wait
+/// longer than `max_fetch_wait` answers 503 with Retry-After; the token whose fetch it is still
+/// gets its answer.
+async fn tokens_wait_for_the_key_fetch_under_way(backend: Backend) {
+    let keys = keys_dir();
+    let keys_file = keys.path().join("jwks.json");
+    // provider.mjs makes the key file; the test's own server publishes it.
+    Provider::start(&keys_file, 0).stop();
+
+    for (max_fetch_wait, waiting_answer) in [
+        (Duration::from_secs(30), 200),
+        (Duration::from_millis(200), 503),
+    ] {
+        let server = KeyServer::start(&keys_file).await;
+        let (app, accounts, tokens) =
+            after_a_failed_warm_up(backend, &server, &keys_file, max_fetch_wait).await;
+        server.failing.store(false, Ordering::SeqCst);
+        let asked = server.asked();
+        let first = status(&app, &accounts, &tokens[0]);
+        let second = async {
+            eventually("the first token's fetch is under way", || async {
+                server.asked() > asked
+            })
+            .await;
+            let second = app.get(&accounts, &tokens[1]);
+            tokio::pin!(second);
+            if waiting_answer == 200 {
+                // Not answered while the fetch is held: it waits (a 503 would come at once).
+                let early = tokio::time::timeout(Duration::from_secs(1), &mut second).await;
+                assert!(
+                    early.is_err(),
+                    "answered {:?} during the fetch",
+                    early.map(|res| res.status())
+                );
+            } else {
+                let res = (&mut second).await;
+                assert_eq!(res.status(), 503);
+                assert!(res.headers().contains_key("retry-after"), "{res:?}");
+            }
+            server.gate.send_replace(true);
+            if waiting_answer == 200 {
+                (&mut second).await.status().as_u16()
+            } else {
+                503
+            }
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(
+            (first, second),
+            (200, waiting_answer),
+            "waiting at most {max_fetch_wait:?}"
+        );
+        // The fetch happened once, for both.
+        assert_eq!(server.asked(), asked + 1);
+    }
 }
 
 /// A loopback port nothing listens on (bound, then released).
