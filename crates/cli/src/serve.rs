@@ -137,6 +137,13 @@ pub struct ServeArgs {
     /// open-file limit allows.
     #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: u64,
+    /// Connections one client address (an IPv6 client's /64) may have open at once; one past it
+    /// is closed as soon as it is accepted, so that one address cannot hold every slot of
+    /// --max-connections while everyone else waits. The TCP peer is the address counted:
+    /// --trusted-proxies are not held to it (their connections carry many clients). 0 turns the
+    /// cap off.
+    #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    max_connections_per_client: u64,
     /// Seconds a stop (SIGTERM, Ctrl-C) may take in all: open connections, then leak reports and
     /// canary alarms (at least 5 s), the last-used flush and the audit export's last pass; what is
     /// left at the deadline is cut off.
@@ -435,6 +442,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
             max_header_bytes: args.max_header_bytes as usize,
             max_connections: max_connections as usize,
+            max_connections_per_client: args.max_connections_per_client as usize,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
         },
         audit_log,

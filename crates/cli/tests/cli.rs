@@ -913,3 +913,45 @@ async fn contradictory_limits_fail_with_one_clear_line() {
         }
     }
 }
+
+/// `--max-connections-per-client` caps the connections one address holds: past it a new one is
+/// closed unserved, while the address's admitted connections are served.
+#[tokio::test]
+async fn the_per_client_connection_cap_is_a_serve_flag() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let store = common::TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(
+        &store,
+        &["--max-connections-per-client", "1"],
+        Duration::from_secs(30),
+    )
+    .await;
+    async fn health_on(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: keyplane\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buffer = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+            Ok(_) => None,
+            Err(_) => panic!("no answer and no close within 10 s"),
+        }
+    }
+    // From 127.0.0.2: the test's HTTP client keeps its own connections from 127.0.0.1.
+    let connect = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket
+            .connect(keyplane.addr.parse().unwrap())
+            .await
+            .unwrap()
+    };
+    let mut held = connect().await;
+    let mut refused = connect().await;
+    assert_eq!(health_on(&mut refused).await, None, "served past the cap");
+    let answer = health_on(&mut held)
+        .await
+        .expect("the held connection is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -7,7 +7,9 @@
 //! appends the address it received the request from), past every trusted hop; the first
 //! untrusted address is the client. Everything that needs the client's address (the
 //! failed-authentication limit, the request log's `client.ip`, the audit trail) reads
-//! [`ClientAddr`] and never the headers, so there is one rule.
+//! [`ClientAddr`] and never the headers, so there is one rule. The one exception is the cap on
+//! connections per address (`connection.rs`), counted at accept, before any header: it counts the
+//! TCP peer, and does not cap trusted proxies, whose connections carry many clients.
 
 use axum::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
@@ -77,7 +79,8 @@ impl TrustedProxies {
         Ok(Self { ranges, header })
     }
 
-    fn trusts(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is one of the trusted proxies.
+    pub(crate) fn trusts(&self, ip: IpAddr) -> bool {
         self.ranges.iter().any(|range| range.contains(&ip))
     }
 

@@ -125,6 +125,12 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address (an IPv6 address's /64) may have open at once; past it a
+    /// new connection from that address is closed as soon as it is accepted, so that one address
+    /// cannot hold every slot of `max_connections` while the others wait. Trusted proxies
+    /// (`Config::trusted_proxies`) are not held to it: their connections carry many clients'
+    /// requests. 0 turns the cap off.
+    pub max_connections_per_client: usize,
     /// After a stop is requested, connections still open after this long are closed.
     pub shutdown_timeout: Duration,
 }
@@ -137,6 +143,7 @@ impl Default for HttpLimits {
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            max_connections_per_client: 1_000,
             shutdown_timeout: Duration::from_secs(20),
         }
     }

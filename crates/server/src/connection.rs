@@ -4,6 +4,11 @@
 //!
 //! - at most `max_connections` at once (a semaphore; more wait in the listen backlog, which is
 //!   logged, once a minute at most; the `connections_open` gauge counts them);
+//! - at most `max_connections_per_client` of them from one client address (an IPv6 address's
+//!   /64), so that one address cannot take every slot and make everyone else wait: one past it is
+//!   closed as soon as it is accepted (logged once a minute at most). The TCP peer is the client
+//!   here, before any request: trusted proxies are not capped, since each of their connections
+//!   carries many clients' requests;
 //! - a request head must arrive within `header_read_timeout` (from accept, so the TLS handshake
 //!   counts, then from the first byte of each next request) and stay under `max_header_bytes`
 //!   (431 on HTTP/1.1; on HTTP/2 the header list limit);
@@ -25,7 +30,7 @@
 //! that instead of being reset on every read. On HTTP/1.1 it counts TCP bytes, under TLS; on
 //! HTTP/2 requests and response body frames.
 
-use crate::client_addr::TrustedProxies;
+use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::config::HttpLimits;
 use crate::tls::CurrentTls;
 use axum::http::Request;
@@ -34,12 +39,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
 use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -76,7 +82,9 @@ pub(crate) async fn serve_http(
     let trusted_proxies = Arc::new(trusted_proxies.clone());
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open = front.metrics().connections_open();
+    let per_client = PerClient::new(limits.max_connections_per_client);
     let mut cap_warned: Option<Instant> = None;
+    let mut client_cap_warned: Option<Instant> = None;
     let (stop, stopping) = watch::channel(false);
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -124,6 +132,31 @@ pub(crate) async fn serve_http(
             () = &mut shutdown => break,
         };
         while connections.try_join_next().is_some() {}
+        let peer_ip = peer.ip().to_canonical();
+        let client_slot = match &per_client {
+            Some(per_client) if !trusted_proxies.trusts(peer_ip) => {
+                let key = ClientAddr(peer_ip).limit_key();
+                match per_client.admit(key) {
+                    Some(client_slot) => Some(client_slot),
+                    None => {
+                        if client_cap_warned.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
+                            tracing::warn!(
+                                client.peer = %peer_ip,
+                                client.limit_key = %key,
+                                max_connections_per_client = limits.max_connections_per_client,
+                                "one address holds its share of connections: closing its new ones"
+                            );
+                            client_cap_warned = Some(Instant::now());
+                        }
+                        // Closed before any byte is read: the refusal costs an accept and a close,
+                        // and gives the slot back at once.
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
         let slot = Slot::new(permit, &open);
         let connection = Connection {
             http1: http1.clone(),
@@ -137,6 +170,7 @@ pub(crate) async fn serve_http(
         };
         connections.spawn(async move {
             connection.serve(stream).await;
+            drop(client_slot);
             drop(slot);
         });
     }
@@ -175,6 +209,62 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+/// Connections open per client address (`ClientAddr::limit_key` of the TCP peer), for
+/// `max_connections_per_client`.
+struct PerClient {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerClient {
+    /// `None` when `cap` is 0 (off).
+    fn new(cap: usize) -> Option<Arc<Self>> {
+        (cap > 0).then(|| {
+            Arc::new(Self {
+                cap,
+                open: Mutex::new(HashMap::new()),
+            })
+        })
+    }
+
+    /// A place for one more connection from `key`, unless it has `cap` open.
+    fn admit(self: &Arc<Self>, key: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.cap {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            per_client: self.clone(),
+            key,
+        })
+    }
+}
+
+/// A connection's place under its address's `max_connections_per_client`, until dropped.
+struct ClientSlot {
+    per_client: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .per_client
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Forgotten at zero, so the map holds only addresses with connections open.
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
     }
 }
 

@@ -239,6 +239,14 @@ struct LimitedServer {
 
 impl LimitedServer {
     async fn start(limits: HttpLimits) -> Self {
+        Self::start_with(Config {
+            http: limits,
+            ..test_config()
+        })
+        .await
+    }
+
+    async fn start_with(config: Config) -> Self {
         crate::logs::capture();
         let db = TestDatabase::new(Backend::Sqlite).await;
         let store = keyplane_store::connect(&db.url).await.unwrap();
@@ -246,13 +254,7 @@ impl LimitedServer {
             .await
             .unwrap();
         let token = org.token.secret.expose_secret().to_string();
-        let app = App::new(
-            store,
-            Config {
-                http: limits,
-                ..test_config()
-            },
-        );
+        let app = App::new(store, config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -271,6 +273,13 @@ impl LimitedServer {
     async fn connect(&self) -> TcpStream {
         TcpStream::connect(&self.address).await.unwrap()
     }
+
+    /// A connection from `source`, another loopback address than 127.0.0.1.
+    async fn connect_from(&self, source: &str) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(self.address.parse().unwrap()).await.unwrap()
+    }
 }
 
 fn limits() -> HttpLimits {
@@ -280,6 +289,7 @@ fn limits() -> HttpLimits {
         idle_timeout: Duration::from_secs(3),
         max_header_bytes: 4096,
         max_connections: 100,
+        max_connections_per_client: 0,
         shutdown_timeout: Duration::from_secs(2),
     }
 }
@@ -453,6 +463,64 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     drop(held);
     let answer = read_response(&mut third, Duration::from_secs(5)).await;
     assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+}
+
+/// Whether `stream` is served: `/healthz` answers 200 on it.
+async fn served(stream: &mut TcpStream) -> bool {
+    if stream.write_all(HEALTH).await.is_err() {
+        return false;
+    }
+    read_response(stream, Duration::from_secs(5))
+        .await
+        .is_some_and(|answer| answer.starts_with("HTTP/1.1 200"))
+}
+
+/// One address cannot hold every connection slot: past its share its new connections are closed
+/// at once (they do not wait, so they hold nothing), while other addresses are served and the
+/// address gets its slots back as its connections close. A trusted proxy, whose connections
+/// carry many clients, is not held to the cap.
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection_slot() {
+    let capped = HttpLimits {
+        max_connections_per_client: 2,
+        header_read_timeout: Duration::from_secs(30),
+        ..limits()
+    };
+    let server = LimitedServer::start(capped.clone()).await;
+    let mut held = vec![server.connect().await, server.connect().await];
+    let mut past_the_cap = server.connect().await;
+    assert!(
+        !served(&mut past_the_cap).await,
+        "a third connection from 127.0.0.1 was served"
+    );
+    let mut other = server.connect_from("127.0.0.2").await;
+    assert!(served(&mut other).await, "another address is served");
+    // The held ones are served (they were admitted), and once one closes its slot is free again.
+    assert!(served(&mut held[0]).await);
+    held.pop();
+    let server = &server;
+    crate::helpers::eventually("127.0.0.1 gets a slot back", || async move {
+        served(&mut server.connect().await).await
+    })
+    .await;
+
+    let behind_proxy = LimitedServer::start_with(Config {
+        http: capped,
+        trusted_proxies: TrustedProxies::parse(
+            &["127.0.0.1/32".to_string()],
+            ForwardedHeader::XForwardedFor,
+        )
+        .unwrap(),
+        ..test_config()
+    })
+    .await;
+    let mut proxied = Vec::new();
+    for _ in 0..4 {
+        proxied.push(behind_proxy.connect().await);
+    }
+    for (n, stream) in proxied.iter_mut().enumerate() {
+        assert!(served(stream).await, "the trusted proxy's connection {n}");
+    }
 }
 
 #[tokio::test]
