@@ -65,6 +65,12 @@ pub struct ServeArgs {
     registry_token_ttl_seconds: u64,
     #[command(flatten)]
     registry_key_refresh: crate::admin::RegistryKeyRefresh,
+    /// Costly registry logins (many repositories against wide permission globs, computed on a
+    /// blocking thread) one organization may have under way or waiting at once on this server;
+    /// more answer 429, so one organization cannot take every turn. From 1 to the server's turns
+    /// (2 per core). Default: half of the turns, at least 1.
+    #[arg(long, env = "KEYPLANE_REGISTRY_COSTLY_GRANTS_PER_ORG", value_parser = clap::value_parser!(u64).range(1..))]
+    registry_costly_grants_per_org: Option<u64>,
     /// Trust JWT access tokens from this OAuth/OIDC issuer, spelled exactly as its tokens' `iss`
     /// (repeatable; comma-separated in the environment). Its keys come from its discovery document.
     #[arg(
@@ -426,7 +432,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             endpoint: args.registry_endpoint,
             token_ttl: Duration::from_secs(args.registry_token_ttl_seconds),
             key_refresh: args.registry_key_refresh.interval(),
-            costly_grants_per_org: None,
+            costly_grants_per_org: args
+                .registry_costly_grants_per_org
+                .map(|share| share as usize),
         },
         oidc,
         verify_cache: CacheConfig {
@@ -520,6 +528,15 @@ fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!(
                 "--max-revocation-streams-per-org ({per_org}) must not exceed --max-revocation-streams ({}): an organization cannot have more streams than the server",
                 args.max_revocation_streams
+            );
+        }
+        _ => {}
+    }
+    let turns = keyplane_server::registry::costly_grant_turns();
+    match args.registry_costly_grants_per_org {
+        Some(share) if share > turns as u64 => {
+            anyhow::bail!(
+                "--registry-costly-grants-per-org ({share}) must not exceed this server's costly-grant turns ({turns}: 2 per core): an organization cannot have more than the server"
             );
         }
         _ => {}

@@ -914,6 +914,49 @@ async fn contradictory_limits_fail_with_one_clear_line() {
     }
 }
 
+/// `--registry-costly-grants-per-org` takes 1 up to the server's costly-grant turns (2 per core):
+/// 0, or more than the server has, is refused at start with a line that names the flag and the
+/// bound; a share within them starts.
+#[tokio::test]
+async fn the_costly_grant_share_is_checked_at_start() {
+    for (value, bound) in [("0", "1.."), ("100000", "2 per core")] {
+        let data_dir = tempfile::tempdir().expect("create a temporary directory");
+        std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let output = run(
+            keyplane()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(["--registry-costly-grants-per-org", value])
+                .arg("--data-dir")
+                .arg(data_dir.path()),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(!output.status.success(), "serve accepted {value}");
+        assert!(
+            output.stderr.contains("--registry-costly-grants-per-org")
+                && output.stderr.contains(bound)
+                && !output.stderr.contains("unexpected argument"),
+            "{value}: {}",
+            output.stderr
+        );
+        assert!(!data_dir.path().join("bootstrap.json").exists());
+    }
+    let store = common::TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(
+        &store,
+        &["--registry-costly-grants-per-org", "1"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let health = keyplane
+        .http
+        .get(keyplane.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
 /// `--max-connections-per-client` caps the connections one address holds: past it a new one is
 /// closed unserved, while the address's admitted connections are served.
 #[tokio::test]

@@ -7,5 +7,5 @@ mod token;
 
 pub(crate) use keys::refresh_signer;
 pub use keys::{load_or_create_signing_key, mint_candidate, Signer};
+pub use token::{costly_grant_turns, RegistryErrorCode, RegistryErrorItem, RegistryErrors};
 pub(crate) use token::{error_response, routes, CostlyGrants, BASIC_CHALLENGE};
-pub use token::{RegistryErrorCode, RegistryErrorItem, RegistryErrors};

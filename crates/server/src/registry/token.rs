@@ -81,10 +81,16 @@ pub(crate) struct CostlyGrants {
     per_org: TenantShares,
 }
 
+/// How many grants over [`INLINE_GRANT_COST`] this machine computes at once
+/// ([`MAX_COSTLY_GRANTS_PER_CORE`] per core): the most an organization's share
+/// (`RegistryConfig::costly_grants_per_org`) can be.
+pub fn costly_grant_turns() -> usize {
+    MAX_COSTLY_GRANTS_PER_CORE * std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 impl CostlyGrants {
     pub(crate) fn new(config: &RegistryConfig) -> Self {
-        let count = MAX_COSTLY_GRANTS_PER_CORE
-            * std::thread::available_parallelism().map_or(1, usize::from);
+        let count = costly_grant_turns();
         let share = config.costly_grants_per_org.unwrap_or((count / 2).max(1));
         Self {
             turns: Arc::new(Semaphore::new(count)),
