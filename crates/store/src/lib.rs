@@ -780,9 +780,13 @@ pub trait Store: Send + Sync + 'static {
         disable_event: &AuditEvent,
     ) -> Result<AttemptRecorded, StoreError>;
 
-    /// Deletes up to `limit` finished deliveries queued before `before`; returns how many.
+    /// Deletes up to `limit` finished deliveries queued before `before`; returns how many. First
+    /// fails the pending deliveries of disabled webhooks whose lease ended by `now` (an attempt
+    /// never recorded, its replica gone), as the disable failed the others
+    /// ([`DISABLED_WEBHOOK_ERROR`]).
     async fn prune_webhook_deliveries(
         &self,
+        now: DateTime<Utc>,
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError>;

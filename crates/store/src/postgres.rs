@@ -115,6 +115,31 @@ impl PostgresStore {
         })
     }
 
+    /// How a statement that writes several webhook deliveries locks them first, in (webhook,
+    /// event) order (see [`crate::webhooks`]'s `in_lock_order`). `NO KEY`: the lock an UPDATE
+    /// takes anyway (a DELETE then takes the stronger one of rows it already holds).
+    pub(crate) const ROW_LOCK: &'static str = " FOR NO KEY UPDATE OF locked";
+
+    /// Locks a webhook's deliveries in the order every write of several of them takes them (see
+    /// [`Self::ROW_LOCK`]), so that deleting it (a cascade, whose plan picks its own order) does
+    /// not hold some while it waits for a claim's, the prune's or a lease renewal's.
+    async fn lock_webhook_deliveries(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        tenant: keyplane_core::TenantId,
+        webhook_id: uuid::Uuid,
+    ) -> Result<(), StoreError> {
+        // Counted, not sent back: a webhook may have 30 days' deliveries.
+        sqlx::query(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1 \
+             AND tenant_id = $2 ORDER BY webhook_id, event_id FOR UPDATE) locked",
+        )
+        .bind(webhook_id)
+        .bind(tenant.as_uuid())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     /// Locks the credentials a last-use flush writes, in id order, before it writes them: the
     /// flush's `UPDATE ... FROM` locks rows in whatever order its plan visits them, and two
     /// transactions taking the same rows in different orders deadlock (another replica's flush,

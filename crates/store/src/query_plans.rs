@@ -58,8 +58,20 @@ impl Planned {
         index: impl Into<String>,
         in_order: bool,
     ) -> Self {
+        Self::sql_each(what, sql, sql, args, index, in_order)
+    }
+
+    /// [`Planned::sql`] for a statement each backend spells its own way.
+    fn sql_each(
+        what: impl Into<String>,
+        postgres: &str,
+        sqlite: &str,
+        args: &[Arg],
+        index: impl Into<String>,
+        in_order: bool,
+    ) -> Self {
         macro_rules! bound {
-            ($arguments:ty) => {{
+            ($arguments:ty, $sql:expr) => {{
                 let mut arguments = <$arguments>::default();
                 for arg in args {
                     match *arg {
@@ -69,13 +81,13 @@ impl Planned {
                     }
                     .expect("encode an argument");
                 }
-                QueryBuilder::with_arguments(sql, arguments)
+                QueryBuilder::with_arguments($sql, arguments)
             }};
         }
         Self::built(
             what,
-            bound!(sqlx::postgres::PgArguments),
-            bound!(sqlx::sqlite::SqliteArguments<'static>),
+            bound!(sqlx::postgres::PgArguments, postgres),
+            bound!(sqlx::sqlite::SqliteArguments<'static>, sqlite),
             index,
             in_order,
         )
@@ -211,9 +223,10 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         status: Some(keyplane_core::webhook::DeliveryStatus::Failed),
         limit: 51,
     };
-    all.extend([Planned::sql(
+    all.extend([Planned::sql_each(
         "a claim of due deliveries",
-        crate::webhooks::CLAIM_DELIVERIES,
+        &crate::webhooks::claim_deliveries_sql(PostgresStore::ROW_LOCK),
+        &crate::webhooks::claim_deliveries_sql(SqliteStore::ROW_LOCK),
         // Every delivery due, as in a backlog.
         &[
             Arg::Int(1_000_100),

@@ -1938,12 +1938,13 @@ macro_rules! impl_store {
             #[tracing::instrument(skip_all)]
             async fn prune_webhook_deliveries(
                 &self,
+                now: chrono::DateTime<chrono::Utc>,
                 before: chrono::DateTime<chrono::Utc>,
                 limit: u32,
             ) -> Result<u64, $crate::StoreError> {
                 // Background housekeeping, like the idempotency prune: not a client's write, so
                 // it does not count towards `/readyz`.
-                self.deliveries_prune(before, limit).await
+                self.deliveries_prune(now, before, limit).await
             }
 
             #[tracing::instrument(skip_all, fields(leak_report.id = %report.id))]

@@ -233,6 +233,19 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// SQLite locks the whole store for a write: no row locks (see [`crate::webhooks`]'s
+    /// `in_lock_order`).
+    pub(crate) const ROW_LOCK: &'static str = "";
+
+    /// SQLite locks the whole store for a write: no row order to keep.
+    async fn lock_webhook_deliveries(
+        _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _tenant: keyplane_core::TenantId,
+        _webhook_id: uuid::Uuid,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// SQLite locks the whole store for a write: no row order to keep.
     async fn lock_used_credentials(
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -289,7 +302,10 @@ mod tests {
             .execute(&store.writer)
             .await
             .unwrap();
-        let sql = format!("EXPLAIN QUERY PLAN {}", crate::webhooks::CLAIM_DELIVERIES);
+        let sql = format!(
+            "EXPLAIN QUERY PLAN {}",
+            crate::webhooks::claim_deliveries_sql(SqliteStore::ROW_LOCK)
+        );
         let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
             .bind(2_i64)
             .bind(uuid::Uuid::nil())

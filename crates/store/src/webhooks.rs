@@ -168,8 +168,13 @@ pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, acti
 /// of its own that nothing needs in any order, so the planner reads each by its index whatever
 /// the statistics say: ranked in one query, it may instead walk the whole table by its primary
 /// key (which on a SQLite store never analyzed is every finished delivery too, under the write
-/// lock). `$5` is at least 1 (`deliveries_claim`).
-pub(crate) const CLAIM_DELIVERIES: &str = "WITH RECURSIVE hooks (id) AS (\
+/// lock). `$5` is at least 1 (`deliveries_claim`). The chosen rows are locked in
+/// [`in_lock_order`].
+pub(crate) fn claim_deliveries_sql(row_lock: &str) -> String {
+    let chosen = in_lock_order(CHOSEN_FOR_CLAIM, row_lock);
+    format!("{CLAIM_DELIVERIES} AND {chosen}")
+}
+const CLAIM_DELIVERIES: &str = "WITH RECURSIVE hooks (id) AS (\
      SELECT (SELECT webhook_id FROM webhook_deliveries WHERE status = 'pending' ORDER BY webhook_id LIMIT 1) \
      UNION ALL SELECT (SELECT d.webhook_id FROM webhook_deliveries d WHERE d.status = 'pending' \
      AND d.webhook_id > h.id ORDER BY d.webhook_id LIMIT 1) FROM hooks h WHERE h.id IS NOT NULL), \
@@ -184,8 +189,9 @@ pub(crate) const CLAIM_DELIVERIES: &str = "WITH RECURSIVE hooks (id) AS (\
      leases AS MATERIALIZED (SELECT webhook_id, tenant_id FROM webhook_deliveries \
      WHERE status = 'pending' AND lease_id IS NOT NULL AND locked_until_ms > $3) \
      UPDATE webhook_deliveries SET locked_until_ms = $1, lease_id = $2 \
-     WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3 \
-     AND (webhook_id, event_id) IN (SELECT webhook_id, event_id FROM (\
+     WHERE status = 'pending' AND locked_until_ms <= $3 AND next_attempt_ms <= $3";
+/// The deliveries [`CLAIM_DELIVERIES`] leases, read from its sets.
+const CHOSEN_FOR_CLAIM: &str = "SELECT webhook_id, event_id FROM (\
      SELECT r.webhook_id, r.event_id, r.next_attempt_ms, \
      ROW_NUMBER() OVER (PARTITION BY r.tenant_id ORDER BY r.next_attempt_ms, r.webhook_id, r.event_id) + COALESCE(t.leased, 0) AS tenant_place \
      FROM (\
@@ -196,7 +202,7 @@ pub(crate) const CLAIM_DELIVERIES: &str = "WITH RECURSIVE hooks (id) AS (\
      WHERE w.enabled = TRUE) r \
      LEFT JOIN (SELECT tenant_id, COUNT(*) AS leased FROM leases GROUP BY tenant_id) t ON t.tenant_id = r.tenant_id \
      WHERE r.place <= $5) ranked \
-     WHERE tenant_place <= $6 ORDER BY next_attempt_ms LIMIT $4)";
+     WHERE tenant_place <= $6 ORDER BY next_attempt_ms LIMIT $4";
 /// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
 /// (and a read-only or full store is not written to every poll). It does not weigh the claim's
 /// per-webhook limit: when every due delivery waits behind its webhook's lease, the claim that
@@ -215,10 +221,19 @@ pub(crate) fn claimed_events_sql() -> String {
         crate::audit::AUDIT_COLUMNS
     )
 }
-/// Moves the lease `$1` of its pending deliveries to `$2`. A delivery another claim took once the
-/// lease ran out carries that claim's lease id, so it is neither moved nor returned.
-pub(crate) const RENEW_LEASE: &str = "UPDATE webhook_deliveries SET locked_until_ms = $2 \
-     WHERE lease_id = $1 AND status = 'pending' RETURNING webhook_id, event_id";
+/// Moves the lease `$1` of its pending deliveries to `$2`, locking them in [`in_lock_order`]. A
+/// delivery another claim took once the lease ran out carries that claim's lease id, so it is
+/// neither moved nor returned.
+pub(crate) fn renew_lease_sql(row_lock: &str) -> String {
+    let leased = in_lock_order(
+        "SELECT webhook_id, event_id FROM webhook_deliveries WHERE lease_id = $1 AND status = 'pending'",
+        row_lock,
+    );
+    format!(
+        "UPDATE webhook_deliveries SET locked_until_ms = $2 \
+         WHERE lease_id = $1 AND status = 'pending' AND {leased} RETURNING webhook_id, event_id"
+    )
+}
 /// A delivery to be attempted again (`$4` `pending`) whose webhook was disabled while it was being
 /// sent fails instead: a disabled webhook has no pending delivery.
 pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = CASE WHEN $4 = 'pending' \
@@ -237,14 +252,56 @@ pub(crate) const DISABLE_FAILING_WEBHOOK: &str =
      WHERE id = $1 AND enabled = TRUE AND failing_since_ms IS NOT NULL AND failing_since_ms <= $2";
 /// The error of the deliveries a disable ended: the deliveries API shows it.
 pub const DISABLED_WEBHOOK_ERROR: &str = "the webhook was disabled before the delivery was made";
-/// Fails the pending deliveries of the webhook `$1`, which is being disabled, with the error `$2`:
-/// no claim takes them (nor scans them: the due index holds pending rows only), the prune removes
-/// them after the retention, and enabling the webhook again does not send them all at once.
-/// Not those leased at `$3` (being sent): each ends as its receiver answered, its record failing
-/// it rather than scheduling a retry ([`RECORD_ATTEMPT`]).
-pub(crate) const FAIL_PENDING_DELIVERIES: &str = "UPDATE webhook_deliveries SET status = 'failed', \
-     locked_until_ms = 0, lease_id = NULL, last_error = $2 WHERE webhook_id = $1 AND status = 'pending' \
-     AND locked_until_ms <= $3";
+/// Fails the pending deliveries of the webhook `$1` with the error `$2` when it is being disabled
+/// (`$4`, its new `enabled`, false) or is disabled: no claim takes them (nor scans them: the due index holds pending
+/// rows only), the prune removes them after the retention, and enabling the webhook again does not
+/// send them all at once. Not those leased at `$3` (being sent): each ends as its receiver
+/// answered, its record failing it rather than scheduling a retry ([`RECORD_ATTEMPT`]). So a
+/// disabled webhook's pending delivery is one being sent, or one whose attempt was never recorded
+/// (its replica died): that one fails once its lease has ended, when the webhook is enabled again
+/// (an update runs this before it changes the webhook's row) or at the prune
+/// ([`fail_stranded_deliveries_sql`]), never to be sent on re-enable. Locks them in
+/// [`in_lock_order`].
+pub(crate) fn fail_pending_deliveries_sql(row_lock: &str) -> String {
+    let pending = in_lock_order(
+        "SELECT webhook_id, event_id FROM webhook_deliveries WHERE webhook_id = $1 \
+         AND status = 'pending' AND locked_until_ms <= $3",
+        row_lock,
+    );
+    format!(
+        "UPDATE webhook_deliveries SET status = 'failed', locked_until_ms = 0, lease_id = NULL, \
+         last_error = $2 WHERE webhook_id = $1 AND status = 'pending' AND locked_until_ms <= $3 \
+         AND ($4 = FALSE OR EXISTS (SELECT 1 FROM webhooks w WHERE w.id = $1 AND w.enabled = FALSE)) \
+         AND {pending}"
+    )
+}
+/// Fails, as [`fail_pending_deliveries_sql`] does, the pending deliveries of every disabled webhook
+/// whose lease ended by `$1` (attempts never recorded), with the error `$2`.
+pub(crate) fn fail_stranded_deliveries_sql(row_lock: &str) -> String {
+    let stranded = in_lock_order(
+        "SELECT d.webhook_id, d.event_id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+         WHERE w.enabled = FALSE AND d.status = 'pending' AND d.locked_until_ms <= $1",
+        row_lock,
+    );
+    format!(
+        "UPDATE webhook_deliveries SET status = 'failed', locked_until_ms = 0, lease_id = NULL, \
+         last_error = $2 WHERE status = 'pending' AND locked_until_ms <= $1 AND {stranded}"
+    )
+}
+/// `(webhook_id, event_id) IN` the deliveries `rows` (a sub-select of those columns), locked with
+/// `row_lock` (the backend's `ROW_LOCK`) in (webhook, event) order. Every statement that writes
+/// deliveries of which another may write some too (a claim, a lease renewal, a disable, the
+/// prune, and a webhook delete, `lock_webhook_deliveries`) locks them in this order, or two of
+/// them holding rows the other waits for deadlock on PostgreSQL (an UPDATE locks rows in the order
+/// its plan finds them). SQLite, whose writes take the whole store, has no row locks (`row_lock`
+/// is empty).
+fn in_lock_order(rows: &str, row_lock: &str) -> String {
+    format!(
+        "(webhook_id, event_id) IN (SELECT locked.webhook_id, locked.event_id FROM webhook_deliveries locked \
+         WHERE (locked.webhook_id, locked.event_id) IN ({rows}) \
+         ORDER BY locked.webhook_id, locked.event_id{row_lock})"
+    )
+}
 /// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule. Only
 /// while its webhook is enabled: a disabled webhook has no pending delivery.
 pub(crate) const RETRY_DELIVERY: &str =
@@ -255,10 +312,16 @@ pub(crate) const RETRY_DELIVERY: &str =
 pub const RETRY_OF_DISABLED_WEBHOOK: &str =
     "the webhook is disabled: enable it (PUT with `enabled: true`) first";
 /// The condition is in the outer WHERE too (as in [`crate::sql::PRUNE_IDEMPOTENCY_KEYS`]): a
-/// delivery retried (set back to pending) while the DELETE waited for its row is kept.
-pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 \
-     AND (webhook_id, event_id) IN \
-     (SELECT webhook_id, event_id FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 ORDER BY created_ms LIMIT $2)";
+/// delivery retried (set back to pending) while the DELETE waited for its row is kept. Locks them
+/// in [`in_lock_order`].
+pub(crate) fn prune_deliveries_sql(row_lock: &str) -> String {
+    let finished = in_lock_order(
+        "SELECT webhook_id, event_id FROM webhook_deliveries WHERE status <> 'pending' \
+         AND created_ms < $1 ORDER BY created_ms LIMIT $2",
+        row_lock,
+    );
+    format!("DELETE FROM webhook_deliveries WHERE status <> 'pending' AND created_ms < $1 AND {finished}")
+}
 
 pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
@@ -452,16 +515,19 @@ macro_rules! impl_webhooks {
                 Ok(())
             }
 
-            /// See [`FAIL_PENDING_DELIVERIES`]($crate::webhooks::FAIL_PENDING_DELIVERIES).
+            /// See [`fail_pending_deliveries_sql`]($crate::webhooks::fail_pending_deliveries_sql):
+            /// when `enabled` is false (being disabled), or the webhook is disabled.
             async fn fail_pending_deliveries(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 webhook_id: uuid::Uuid,
+                enabled: bool,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> Result<(), $crate::StoreError> {
-                sqlx::query($crate::webhooks::FAIL_PENDING_DELIVERIES)
+                sqlx::query(&$crate::webhooks::fail_pending_deliveries_sql(Self::ROW_LOCK))
                     .bind(webhook_id)
                     .bind($crate::webhooks::DISABLED_WEBHOOK_ERROR)
                     .bind($crate::webhooks::millis(at))
+                    .bind(enabled)
                     .execute(&mut **tx)
                     .await?;
                 Ok(())
@@ -536,6 +602,9 @@ macro_rules! impl_webhooks {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
                 Self::lock_audit_head(&mut tx, webhook.tenant_id).await?;
+                // Before the webhook's row changes, while it still tells whether it was disabled.
+                Self::fail_pending_deliveries(&mut tx, webhook.id, webhook.enabled, webhook.updated_at)
+                    .await?;
                 let updated = sqlx::query(UPDATE_WEBHOOK)
                     .bind(webhook.tenant_id.as_uuid())
                     .bind(webhook.id)
@@ -549,9 +618,6 @@ macro_rules! impl_webhooks {
                     .rows_affected();
                 if updated == 0 {
                     return Err($crate::StoreError::NotFound);
-                }
-                if !webhook.enabled {
-                    Self::fail_pending_deliveries(&mut tx, webhook.id, webhook.updated_at).await?;
                 }
                 sqlx::query(DELETE_PATTERNS)
                     .bind(webhook.id)
@@ -611,6 +677,10 @@ macro_rules! impl_webhooks {
                 // the webhook's row (the foreign key's share lock). Deleting first and then
                 // waiting for the head would deadlock with it.
                 Self::lock_audit_head(&mut tx, event.tenant_id).await?;
+                // Its deliveries in the order every write of them takes them, before the delete
+                // takes them in its own (the cascade's plan) and holds some while waiting for a
+                // claim's.
+                Self::lock_webhook_deliveries(&mut tx, tenant, id).await?;
                 // Its patterns and deliveries go with it (ON DELETE CASCADE).
                 let deleted = sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2")
                     .bind(tenant.as_uuid())
@@ -756,7 +826,7 @@ macro_rules! impl_webhooks {
                     // Nothing to lease (and no `OFFSET -1` in the claim).
                     return Ok(Vec::new());
                 }
-                let claimed = sqlx::query(CLAIM_DELIVERIES)
+                let claimed = sqlx::query(&claim_deliveries_sql(Self::ROW_LOCK))
                     .bind(millis(claim.lease_until))
                     .bind(claim.lease_id)
                     .bind(millis(claim.now))
@@ -938,7 +1008,7 @@ macro_rules! impl_webhooks {
                         .rows_affected()
                         == 1;
                     if disabled {
-                        Self::fail_pending_deliveries(&mut tx, attempt.webhook_id, attempt.at)
+                        Self::fail_pending_deliveries(&mut tx, attempt.webhook_id, false, attempt.at)
                             .await?;
                         Self::append_audit(&mut tx, disable_event).await?;
                     }
@@ -956,7 +1026,7 @@ macro_rules! impl_webhooks {
                 lease_id: uuid::Uuid,
                 until: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, $crate::StoreError> {
-                Ok(sqlx::query_as($crate::webhooks::RENEW_LEASE)
+                Ok(sqlx::query_as(&$crate::webhooks::renew_lease_sql(Self::ROW_LOCK))
                     .bind(lease_id)
                     .bind($crate::webhooks::millis(until))
                     .fetch_all(&self.writer)
@@ -965,10 +1035,17 @@ macro_rules! impl_webhooks {
 
             async fn deliveries_prune(
                 &self,
+                now: chrono::DateTime<chrono::Utc>,
                 before: chrono::DateTime<chrono::Utc>,
                 limit: u32,
             ) -> Result<u64, $crate::StoreError> {
-                Ok(sqlx::query($crate::webhooks::PRUNE_DELIVERIES)
+                // Failed first, so that they are pruned with the others after the retention.
+                sqlx::query(&$crate::webhooks::fail_stranded_deliveries_sql(Self::ROW_LOCK))
+                    .bind($crate::webhooks::millis(now))
+                    .bind($crate::webhooks::DISABLED_WEBHOOK_ERROR)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(sqlx::query(&$crate::webhooks::prune_deliveries_sql(Self::ROW_LOCK))
                     .bind($crate::webhooks::millis(before))
                     .bind(i64::from(limit))
                     .execute(&self.writer)

@@ -3021,6 +3021,7 @@ store_suite! {
     an_unreadable_delivery_fails_alone,
     a_renewed_lease_keeps_only_the_deliveries_still_under_it,
     a_webhook_disabled_by_an_update_fails_its_pending_deliveries,
+    a_delivery_whose_attempt_was_never_recorded_fails_with_its_disabled_webhook,
 }
 
 fn action_event(tenant: TenantId, action: &str) -> keyplane_core::AuditEvent {
@@ -3535,11 +3536,71 @@ async fn a_webhook_disabled_by_an_update_fails_its_pending_deliveries(backend: B
     // Finished, so pruned after the retention like any other.
     assert_eq!(
         store
-            .prune_webhook_deliveries(now() + TimeDelta::seconds(1), 100)
+            .prune_webhook_deliveries(now(), now() + TimeDelta::seconds(1), 100)
             .await
             .unwrap(),
         3
     );
+}
+
+/// A delivery being sent when its webhook is disabled, whose attempt is never recorded (its
+/// replica died mid-attempt), must not stay pending on the disabled webhook: it would be sent
+/// when the webhook is enabled again, and never pruned while it is not. Once its lease has ended,
+/// enabling the webhook (or the prune, while it stays disabled) fails it as the disable failed
+/// the others.
+async fn a_delivery_whose_attempt_was_never_recorded_fails_with_its_disabled_webhook(
+    backend: Backend,
+) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let after_the_lease =
+        |lease: &keyplane_store::DeliveryClaim| lease.lease_until + TimeDelta::seconds(1);
+    // Enabled again, then left disabled for the prune.
+    for enabled_again in [true, false] {
+        // Each webhook its own action: the first is enabled again when the second's is queued.
+        let action = format!("stranded.{enabled_again}");
+        let hook = webhook(f.tenant.id, &[&action], true);
+        add_webhook(store, &hook).await;
+        store
+            .append_audit_event(&action_event(f.tenant.id, &action))
+            .await
+            .unwrap();
+        let lease = claim_at(now());
+        assert_eq!(
+            store.claim_webhook_deliveries(&lease).await.unwrap().len(),
+            1
+        );
+        let disabled = keyplane_core::Webhook {
+            enabled: false,
+            updated_at: now(),
+            ..hook.clone()
+        };
+        store.update_webhook(&disabled, &ev()).await.unwrap();
+        // No attempt is recorded under `lease`.
+        let later = after_the_lease(&lease);
+        if enabled_again {
+            let enabled = keyplane_core::Webhook {
+                updated_at: later,
+                ..hook.clone()
+            };
+            store.update_webhook(&enabled, &ev()).await.unwrap();
+            let sent = store
+                .claim_webhook_deliveries(&claim_at(later))
+                .await
+                .unwrap();
+            assert!(
+                sent.is_empty(),
+                "sent on enabling the webhook again: {sent:?}"
+            );
+        } else {
+            // Finished deliveries are kept; only the stranded one changes.
+            store
+                .prune_webhook_deliveries(later, later - TimeDelta::days(30), 100)
+                .await
+                .unwrap();
+        }
+        assert_disabled_deliveries_failed(store, &hook, 1).await;
+    }
 }
 
 async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
@@ -3627,7 +3688,7 @@ async fn webhooks_update_rotate_retry_delete_prune_and_limit(backend: Backend) {
     ));
 
     // Pruning takes finished deliveries queued before the cutoff only.
-    let prune = |before| store.prune_webhook_deliveries(before, 10);
+    let prune = |before| store.prune_webhook_deliveries(now(), before, 10);
     assert_eq!(
         prune(now() + TimeDelta::days(1)).await.unwrap(),
         0,
@@ -4005,6 +4066,7 @@ postgres_suite! {
     prunes_keep_rows_renewed_while_they_wait,
     a_sign_out_during_a_console_change_does_not_deadlock,
     a_grant_made_while_the_same_one_is_revoked_does_not_deadlock,
+    webhook_deliveries_are_locked_in_event_order,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -4103,6 +4165,115 @@ async fn the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiti
         .unwrap()
         .is_empty());
     pool.close().await;
+}
+
+/// A webhook of the fixture's tenant with two pending deliveries of `action` (which no other
+/// webhook receives), the one of the higher event id queued first (so first in the table and
+/// first due); returns it and the two event ids, lower first.
+async fn webhook_with_deliveries_higher_event_first(
+    f: &Fixture,
+    action: &str,
+) -> (keyplane_core::Webhook, uuid::Uuid, uuid::Uuid) {
+    let hook = webhook(f.tenant.id, &[action], true);
+    add_webhook(f.store.as_ref(), &hook).await;
+    let (low, high) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    for id in [high, low] {
+        let event = keyplane_core::AuditEvent {
+            id,
+            ..action_event(f.tenant.id, action)
+        };
+        f.store.append_audit_event(&event).await.unwrap();
+    }
+    (hook, low, high)
+}
+
+/// Locks a delivery's row in `tx`, as a claim, a lease renewal or a disable writing it would.
+async fn lock_delivery(
+    tx: &mut sqlx::PgConnection,
+    hook: &keyplane_core::Webhook,
+    event: uuid::Uuid,
+) {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET attempts = attempts WHERE webhook_id = $1 AND event_id = $2",
+    )
+    .bind(hook.id)
+    .bind(event)
+    .execute(tx)
+    .await
+    .unwrap();
+}
+
+/// PostgreSQL: disabling a webhook (which fails its unleased pending deliveries), deleting it,
+/// a claim and a lease renewal write the same delivery rows. Another of them holds the lower
+/// event's row and will take the higher one's: each must not hold the higher one while it waits
+/// for the lower, or the two deadlock and one fails (a 503, a claim or renewal lost for a round).
+/// The rows are queued higher event first, so a write that locks them in the table's or the due
+/// order rather than the event's deadlocks.
+async fn webhook_deliveries_are_locked_in_event_order() {
+    let f = fixture(Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut failed = Vec::new();
+    for write in ["disable", "delete", "claim", "renew"] {
+        let action = format!("race.{write}");
+        let (hook, low, high) = webhook_with_deliveries_higher_event_first(&f, &action).await;
+        let lease = claim_at(now());
+        if write == "renew" {
+            let jobs = f.store.claim_webhook_deliveries(&lease).await.unwrap();
+            assert_eq!(jobs.iter().filter(|j| j.webhook.id == hook.id).count(), 2);
+            // Back in the table's order, higher event first, as the claim found them.
+            for event in [high, low] {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET attempts = attempts WHERE webhook_id = $1 AND event_id = $2",
+                )
+                .bind(hook.id)
+                .bind(event)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+        }
+        let mut other = pool.begin().await.unwrap();
+        lock_delivery(&mut other, &hook, low).await;
+        let writing = {
+            let (store, hook, tenant) = (f.store.clone(), hook.clone(), f.tenant.id);
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                let event = action_event(tenant, "webhook.updated");
+                match write {
+                    "disable" => {
+                        let disabled = keyplane_core::Webhook {
+                            enabled: false,
+                            updated_at: now(),
+                            ..hook
+                        };
+                        store.update_webhook(&disabled, &event).await.map(|_| 2)
+                    }
+                    "delete" => store
+                        .delete_webhook(tenant, hook.id, &event)
+                        .await
+                        .map(|_| 2),
+                    // This webhook's: a disable that failed left the last one's pending.
+                    "claim" => store
+                        .claim_webhook_deliveries(&lease)
+                        .await
+                        .map(|jobs| jobs.iter().filter(|j| j.webhook.id == hook.id).count()),
+                    _ => store
+                        .renew_webhook_lease(lease.lease_id, lease.lease_until)
+                        .await
+                        .map(|renewed| renewed.iter().filter(|(w, _)| *w == hook.id).count()),
+                }
+            })
+        };
+        wait_for_a_lock_wait(&pool).await;
+        lock_delivery(&mut other, &hook, high).await;
+        let committed = other.commit().await.map_err(|e| e.to_string());
+        let written = writing.await.unwrap().map_err(|e| e.to_string());
+        if committed.is_err() || written != Ok(2) {
+            failed.push(format!("{write}: {committed:?}, {written:?}"));
+        }
+    }
+    pool.close().await;
+    assert!(failed.is_empty(), "{failed:#?}");
 }
 
 /// Takes `tenant`'s audit head in `tx`, as appending an event does.
@@ -4285,7 +4456,7 @@ async fn prunes_keep_rows_renewed_while_they_wait() {
     let prune = move || {
         tokio::spawn(async move {
             store
-                .prune_webhook_deliveries(t + TimeDelta::days(1), 10)
+                .prune_webhook_deliveries(t, t + TimeDelta::days(1), 10)
                 .await
         })
     };

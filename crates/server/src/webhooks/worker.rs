@@ -400,12 +400,12 @@ fn describe(error: &reqwest::Error, timeout: Duration) -> String {
 }
 
 async fn prune(app: &App, config: &WebhookConfig) {
-    let before =
-        now() - TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
+    let at = now();
+    let before = at - TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
     for _ in 0..10 {
         match app
             .store()
-            .prune_webhook_deliveries(before, PRUNE_BATCH)
+            .prune_webhook_deliveries(at, before, PRUNE_BATCH)
             .await
         {
             Ok(deleted) if deleted == u64::from(PRUNE_BATCH) => continue,

@@ -964,11 +964,14 @@ impl Store for FaultyStore {
 
     async fn prune_webhook_deliveries(
         &self,
+        now: DateTime<Utc>,
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
         self.check()?;
-        self.inner.prune_webhook_deliveries(before, limit).await
+        self.inner
+            .prune_webhook_deliveries(now, before, limit)
+            .await
     }
 
     async fn insert_leak_report(
