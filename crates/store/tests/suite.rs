@@ -4204,7 +4204,7 @@ async fn lock_delivery(
 }
 
 /// PostgreSQL: disabling a webhook (which fails its unleased pending deliveries), deleting it,
-/// a claim and a lease renewal write the same delivery rows. Another of them holds the lower
+/// a claim, a lease renewal and the prune (of finished ones) write the same delivery rows. Another of them holds the lower
 /// event's row and will take the higher one's: each must not hold the higher one while it waits
 /// for the lower, or the two deadlock and one fails (a 503, a claim or renewal lost for a round).
 /// The rows are queued higher event first, so a write that locks them in the table's or the due
@@ -4213,10 +4213,19 @@ async fn webhook_deliveries_are_locked_in_event_order() {
     let f = fixture(Backend::Postgres).await;
     let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
     let mut failed = Vec::new();
-    for write in ["disable", "delete", "claim", "renew"] {
+    // The prune first: it deletes every finished delivery, and a disable that failed would leave
+    // more.
+    for write in ["prune", "disable", "delete", "claim", "renew"] {
         let action = format!("race.{write}");
         let (hook, low, high) = webhook_with_deliveries_higher_event_first(&f, &action).await;
         let lease = claim_at(now());
+        if write == "prune" {
+            sqlx::query("UPDATE webhook_deliveries SET status = 'succeeded' WHERE webhook_id = $1")
+                .bind(hook.id)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
         if write == "renew" {
             let jobs = f.store.claim_webhook_deliveries(&lease).await.unwrap();
             assert_eq!(jobs.iter().filter(|j| j.webhook.id == hook.id).count(), 2);
@@ -4252,6 +4261,10 @@ async fn webhook_deliveries_are_locked_in_event_order() {
                         .delete_webhook(tenant, hook.id, &event)
                         .await
                         .map(|_| 2),
+                    "prune" => store
+                        .prune_webhook_deliveries(now(), now() + TimeDelta::seconds(1), 10)
+                        .await
+                        .map(|deleted| deleted as usize),
                     // This webhook's: a disable that failed left the last one's pending.
                     "claim" => store
                         .claim_webhook_deliveries(&lease)
