@@ -28,6 +28,8 @@ const SPEC_LIMIT: Duration = Duration::from_secs(240);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const AUDIENCE: &str = "https://api.keyplane.test";
 const OIDC_USER: &str = "e2e-user";
+/// What the browser specs import (`tests/console/package.json`).
+const CONSOLE_PACKAGES: &[&str] = &["playwright-core", "axe-core"];
 
 both_stores!(
     console_end_to_end,
@@ -492,11 +494,14 @@ async fn console_http_rules(backend: Backend) {
         .unwrap();
     assert_eq!(invalid.status(), 422);
     assert!(header(&invalid, "content-type").starts_with("text/html"));
-    assert!(invalid
-        .text()
-        .await
-        .unwrap()
-        .contains("name: must have at least 1 character"));
+    // The form again, the problem in its summary and at its field.
+    let refused = invalid.text().await.unwrap();
+    assert!(
+        refused.contains("<title>Error: API tokens")
+            && refused.contains("Name: must have at least 1 character")
+            && refused.contains("aria-invalid=\"true\" aria-describedby=\"name-error\""),
+        "{refused}"
+    );
 
     // Sessions live in the store: a restarted server (or another replica) knows this one.
     drop(keyplane);
@@ -633,9 +638,9 @@ async fn console_http_rules(backend: Backend) {
 
 /// The one-time secret on the secret page.
 fn secret_in(html: &str) -> String {
-    let label = "aria-label=\"Secret\">";
-    let start = html.find(label).expect("the secret on the page") + label.len();
-    html[start..start + html[start..].find('<').unwrap()].to_owned()
+    let field = "class=\"secret\" value=\"";
+    let start = html.find(field).expect("the secret on the page") + field.len();
+    html[start..start + html[start..].find('"').unwrap()].to_owned()
 }
 
 /// A browser without JavaScript: one session cookie (`keyplane_session`, plain http), updated from
@@ -878,18 +883,19 @@ fn provider_dir() -> PathBuf {
     manifest_dir().join("../server/tests/oidc-provider")
 }
 
-/// `npm ci` in `dir` unless `package` is installed there already.
-async fn npm_ci(dir: &Path, package: &str) {
+/// `npm ci` in `dir` unless each of `packages` is installed there already.
+async fn npm_ci(dir: &Path, packages: &[&str]) {
     // The tests run in parallel: without the lock one finds `package` half written by the
     // other's `npm ci` and node fails to parse its files.
     static INSTALLING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _installing = INSTALLING.lock().await;
-    if dir
-        .join("node_modules")
-        .join(package)
-        .join("package.json")
-        .exists()
-    {
+    let installed = |package: &&str| {
+        dir.join("node_modules")
+            .join(package)
+            .join("package.json")
+            .exists()
+    };
+    if packages.iter().all(installed) {
         return;
     }
     let output = run(
@@ -958,8 +964,8 @@ impl Provider {
 
 async fn console_end_to_end(backend: Backend) {
     require_chromium();
-    npm_ci(&console_dir(), "playwright-core").await;
-    npm_ci(&provider_dir(), "oidc-provider").await;
+    npm_ci(&console_dir(), CONSOLE_PACKAGES).await;
+    npm_ci(&provider_dir(), &["oidc-provider"]).await;
 
     let store = TestStore::new(backend).await;
     let provider_port = free_loopback_port();
@@ -1056,6 +1062,33 @@ async fn console_end_to_end(backend: Backend) {
             "a token reached the server log"
         );
     }
+}
+
+/// The console as a keyboard-only or screen-reader user meets it (`tests/console/a11y.spec.mjs`):
+/// signing in, creating a token (a refused form summarised and tied to its fields), reaching and
+/// selecting its one-time secret, rotating and revoking it by controls that name it, and signing in
+/// again after the session ended, all with the keyboard; each page's landmarks, headings, title,
+/// tables and focus ring, and axe-core's WCAG 2.2 A/AA rules. Markup, not storage: SQLite only.
+#[tokio::test]
+async fn console_accessibility() {
+    require_chromium();
+    npm_ci(&console_dir(), CONSOLE_PACKAGES).await;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(&store, &[], LIMIT).await;
+    let org = store.bootstrap_org();
+    let mut spec = Command::new("node");
+    spec.arg("a11y.spec.mjs")
+        .current_dir(console_dir())
+        .env("KP_URL", keyplane.url(""))
+        .env("KP_ROOT", &org.token);
+    let output = run(&mut spec, SPEC_LIMIT).await;
+    println!("{}", output.stdout);
+    assert!(
+        output.status.success(),
+        "the accessibility spec failed:\n{}\nserver log:\n{}",
+        output.describe(),
+        keyplane.log()
+    );
 }
 
 /// `keyplane <args>` with a clean environment.

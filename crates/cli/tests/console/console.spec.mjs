@@ -159,7 +159,7 @@ try {
   await page.getByLabel('Expires').selectOption('30');
   await page.getByRole('button', { name: 'Create token' }).click();
   await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
-  const secret = (await page.locator('#secret').textContent()).trim();
+  const secret = await page.locator('#secret').inputValue();
   check(/^aether_[A-Za-z0-9]+/.test(secret), `the page shows the new secret (${secret.slice(0, 7)}…)`);
   const again = await page.request.get(page.url());
   check(!(await again.text()).includes(secret), 'a second fetch of the page does not show it');
@@ -196,7 +196,7 @@ try {
   await shoot(page, 'rotate');
   await page.getByRole('button', { name: 'Rotate' }).click();
   await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
-  const rotated = (await page.locator('#secret').textContent()).trim();
+  const rotated = await page.locator('#secret').inputValue();
   check(rotated !== secret && rotated.startsWith('aether_'), 'rotation shows a new secret');
   check((await page.textContent('main')).includes('previous secret keeps working until'), 'the grace period is stated');
   check((await api('GET', `${API}/api-tokens`, secret)).status === 200, 'the old secret works during the grace period');
@@ -211,7 +211,7 @@ try {
   await page.getByRole('link', { name: 'Revoke e2e-deploy' }).click();
   await page.getByRole('heading', { name: 'Revoke e2e-deploy' }).waitFor();
   await shoot(page, 'revoke');
-  await page.getByRole('button', { name: 'Revoke for good' }).click();
+  await page.getByRole('button', { name: 'Revoke API token e2e-deploy for good' }).click();
   await page.getByRole('status').filter({ hasText: 'Revoked API token' }).waitFor();
   check((await api('GET', `${API}/api-tokens`, rotated)).status === 401, 'the revoked token is refused');
   check((await api('GET', `${API}/api-tokens`, secret)).status === 401, 'its previous secret too');
@@ -234,13 +234,13 @@ try {
   await page.getByLabel('Name', { exact: true }).fill('e2e-worker');
   await page.getByRole('button', { name: 'Create service account' }).click();
   await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
-  check((await page.locator('#secret').textContent()).trim().length > 20, 'a service account secret is shown');
+  check((await page.locator('#secret').inputValue()).length > 20, 'a service account secret is shown');
   await page.goto(`${URL}/console/service-accounts`);
   check((await page.textContent('tbody')).includes('e2e-worker'), 'the service account is listed');
-  await page.getByLabel('Grant', { exact: true }).selectOption('registry:read');
+  await page.getByLabel('Grant a right to e2e-worker').selectOption('registry:read');
   await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
   await page.getByRole('status').filter({ hasText: 'Granted to “e2e-worker”' }).waitFor();
-  await page.getByLabel('Grant', { exact: true }).selectOption('audit:read');
+  await page.getByLabel('Grant a right to e2e-worker').selectOption('audit:read');
   await page.getByRole('button', { name: 'Grant to e2e-worker' }).click();
   await page.getByRole('button', { name: 'Revoke grant registry:read of e2e-worker' }).click();
   await page.getByRole('status').filter({ hasText: 'Revoked the grant' }).waitFor();
@@ -286,7 +286,7 @@ try {
   const badHook = await postFromPage(page, '/console/webhooks', {
     csrf: await csrfOf(page), url: 'ftp://example.com/', events: 'Not An Action', description: '',
   });
-  check(badHook.status === 422 && badHook.text.includes('url: ') && badHook.text.includes('events #1: '),
+  check(badHook.status === 422 && badHook.text.includes('URL: ') && badHook.text.includes('Events: #1: '),
     `a bad URL and event pattern are refused field by field (${badHook.status})`);
   await page.getByLabel('URL', { exact: true }).fill(HOOK_URL);
   await page.getByLabel('Events', { exact: true }).fill('api_token.*');
@@ -294,7 +294,7 @@ try {
   check(await page.getByRole('checkbox', { name: 'Enabled' }).isChecked(), 'a new webhook is enabled by default');
   await page.getByRole('button', { name: 'Create webhook' }).click();
   await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
-  const hookSecret = (await page.locator('#secret').textContent()).trim();
+  const hookSecret = await page.locator('#secret').inputValue();
   check(/^whsec_[A-Za-z0-9+/=]{40,}$/.test(hookSecret), `the webhook's signing secret is shown (${hookSecret.slice(0, 6)}…)`);
   check((await page.textContent('main')).includes('webhook e2e-hook'), 'the secret page names the webhook');
   check(await page.getByRole('button', { name: 'Done' }).isDisabled(), '"Done" waits for "I have stored it"');
@@ -365,7 +365,7 @@ try {
   await page.getByRole('link', { name: 'Rotate the secret of e2e-hook' }).click();
   await page.getByRole('button', { name: 'Rotate the secret' }).click();
   await page.getByRole('heading', { name: 'Store this secret now' }).waitFor();
-  const rotatedHook = (await page.locator('#secret').textContent()).trim();
+  const rotatedHook = await page.locator('#secret').inputValue();
   check(rotatedHook.startsWith('whsec_') && rotatedHook !== hookSecret, 'rotation shows a new signing secret');
   check((await page.textContent('main')).includes('previous secret too until'), 'the overlap is stated');
   await page.getByLabel('I have stored it').check();
@@ -381,7 +381,7 @@ try {
   await page.getByRole('link', { name: 'Delete e2e-hook' }).click();
   await page.getByRole('heading', { name: 'Delete e2e-hook' }).waitFor();
   await shoot(page, 'webhook-delete');
-  await page.getByRole('button', { name: 'Delete for good' }).click();
+  await page.getByRole('button', { name: 'Delete the webhook e2e-hook for good' }).click();
   await page.getByRole('status').filter({ hasText: 'Deleted the webhook “e2e-hook”' }).waitFor();
   check((await page.textContent('tbody')).includes('No webhooks yet.'), 'the list is empty');
   check(JSON.parse((await api('GET', `${API}/webhooks`, ROOT)).body).items.length === 0, 'the API sees no webhook');
@@ -424,7 +424,7 @@ try {
   await signIn(victim.page, victimToken.token);
   check((await api('DELETE', `${API}/api-tokens/${victimToken.id}`, ROOT)).status === 204, 'revoked through the API');
   await victim.page.goto(`${URL}/console/api-tokens`);
-  check(victim.page.url().endsWith('/console/login'), `the session of a revoked token ends at once (${victim.page.url()})`);
+  check(new globalThis.URL(victim.page.url()).pathname === '/console/login', `the session of a revoked token ends at once (${victim.page.url()})`);
   log('revoking the signed-in token ends its console session');
 
   // --- OIDC sign-in through the provider's login page --------------------------------------------
@@ -466,7 +466,7 @@ try {
   await replay.addCookies([{ ...before }]);
   const replayPage = await replay.newPage();
   await replayPage.goto(`${URL}/console/api-tokens`);
-  check(replayPage.url().endsWith('/console/login'), `the old session cookie no longer works (${replayPage.url()})`);
+  check(new globalThis.URL(replayPage.url()).pathname === '/console/login', `the old session cookie no longer works (${replayPage.url()})`);
   log('signed out; the old cookie is dead on the server');
 } catch (error) {
   console.error(error.stack || String(error));

@@ -66,6 +66,91 @@ pub(crate) struct Frame<'a> {
     pub nav: Vec<NavItem>,
     pub current: &'static str,
     pub notice: Option<String>,
+    /// The page shows a refused form again: its title says so first, as screen readers read it.
+    pub refused: bool,
+}
+
+/// A field a refused form shows again with what was wrong: `field` is its element's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldProblem {
+    pub field: String,
+    /// The field's label, which the summary names it by.
+    pub label: String,
+    pub message: String,
+}
+
+/// What a form sent, to show it again with its problems (never a secret: no console form takes
+/// one but the sign-in, which is not shown again).
+#[derive(Debug, Default)]
+pub(crate) struct Refill {
+    pub values: Vec<(String, String)>,
+    pub problems: Vec<FieldProblem>,
+}
+
+impl Refill {
+    /// The value sent for `key`, or `fallback` when the form is new.
+    pub(crate) fn value<'a>(&'a self, key: &str, fallback: &'a str) -> &'a str {
+        if self.problems.is_empty() {
+            return fallback;
+        }
+        self.values
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// Whether `value` was among those sent for `key` (checkboxes).
+    pub(crate) fn sent(&self, key: &str, value: &str) -> bool {
+        self.values.iter().any(|(k, v)| k == key && v == value)
+    }
+
+    /// The attributes and message of `field`: `aria-invalid` and `aria-describedby` (after the
+    /// ids in `hints`) naming its message, shown under it; nothing when it has no problem.
+    pub(crate) fn field(&self, field: &str, hints: &str) -> (String, String) {
+        let Some(problem) = self.problems.iter().find(|p| p.field == field) else {
+            return if hints.is_empty() {
+                (String::new(), String::new())
+            } else {
+                (format!(" aria-describedby=\"{hints}\""), String::new())
+            };
+        };
+        let described = if hints.is_empty() {
+            format!("{field}-error")
+        } else {
+            format!("{hints} {field}-error")
+        };
+        (
+            format!(" aria-invalid=\"true\" aria-describedby=\"{described}\""),
+            format!(
+                "<span class=\"field-error\" id=\"{field}-error\">\
+                 <span class=\"visually-hidden\">Error: </span>{}</span>",
+                esc(&problem.message)
+            ),
+        )
+    }
+
+    /// The summary at the top of a refused form: announced (`role="alert"`), focused by the
+    /// script, and linking to each field it names.
+    pub(crate) fn summary(&self) -> String {
+        if self.problems.is_empty() {
+            return String::new();
+        }
+        let mut items = String::new();
+        for problem in &self.problems {
+            let _ = write!(
+                items,
+                "<li><a href=\"#{}\">{}: {}</a></li>",
+                esc(&problem.field),
+                esc(&problem.label),
+                esc(&problem.message)
+            );
+        }
+        format!(
+            "<div class=\"error error-summary\" role=\"alert\" tabindex=\"-1\" data-autofocus \
+             aria-labelledby=\"error-summary-title\"><h2 id=\"error-summary-title\">The form \
+             was not accepted</h2><ul>{items}</ul></div>"
+        )
+    }
 }
 
 pub(crate) fn document(title: &str, header: &str, main: &str) -> String {
@@ -139,16 +224,26 @@ pub(crate) fn page(frame: &Frame<'_>, title: &str, body: &str) -> String {
         format!("<p class=\"notice\" role=\"status\">{}</p>", esc(text))
     });
     document(
-        title,
+        &titled(title, frame.refused),
         &header,
         &format!("<h1>{}</h1>{notice}{body}", esc(title)),
     )
 }
 
-/// A page outside the signed-in console (sign-in, errors before a session).
-pub(crate) fn bare_page(title: &str, body: &str) -> String {
+/// A page's `<title>`: "Error: " first on a page that shows a refusal.
+fn titled(title: &str, refused: bool) -> String {
+    if refused {
+        format!("Error: {title}")
+    } else {
+        title.to_string()
+    }
+}
+
+/// A page outside the signed-in console (sign-in, errors before a session); `refused`: it shows
+/// a refusal.
+pub(crate) fn bare_page(title: &str, refused: bool, body: &str) -> String {
     document(
-        title,
+        &titled(title, refused),
         "<header class=\"top\"><div class=\"brand\"><a href=\"/console\">keyplane</a></div></header>",
         &format!("<h1>{}</h1>{body}", esc(title)),
     )

@@ -270,10 +270,21 @@ async fn back_to_the_form(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let form = (request.method() == axum::http::Method::POST)
-        .then(|| form_page(request.uri().path()))
-        .flatten();
+    let post = request.method() == axum::http::Method::POST;
+    let form = post.then(|| form_page(request.uri().path())).flatten();
+    // Where a sign-in this request is sent to leads back to: the page, or the form posted from.
+    let back = if post {
+        form.clone()
+    } else {
+        request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+    };
     let response = next.run(request).await;
+    if let Some(needed) = response.extensions().get::<SignInNeeded>().copied() {
+        return to_sign_in(needed, back.as_deref());
+    }
     let Some(form) = form else {
         return response;
     };
@@ -288,6 +299,53 @@ async fn back_to_the_form(
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = page.render(&form, "Back to the form");
     Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// A request that needs a (new) sign-in: `ended` when it came with a session that has ended
+/// (timed out, signed out elsewhere, or its credential refused), kept on its redirect for
+/// [`back_to_the_form`].
+#[derive(Clone, Copy)]
+struct SignInNeeded {
+    ended: bool,
+}
+
+/// The sign-in page, saying so when a session `ended`, and leading back to `back` after it.
+fn to_sign_in(needed: SignInNeeded, back: Option<&str>) -> Response {
+    let mut query = Vec::new();
+    if let Some(back) = back.and_then(way_back) {
+        if back != "/console" {
+            query.push(("next", back));
+        }
+    }
+    if needed.ended {
+        query.push(("ended", "1"));
+    }
+    let location = match serde_urlencoded::to_string(&query) {
+        Ok(encoded) if !encoded.is_empty() => format!("/console/login?{encoded}"),
+        _ => "/console/login".to_string(),
+    };
+    Redirect::to(&location).into_response()
+}
+
+/// `raw` when it is a console page to go back to after signing in: a path of this console only
+/// (never another host's: no `//`, no backslash, nothing but visible ASCII), not a sign-in or
+/// sign-out route, nor the one-time secret page (whose secrets went with the session).
+fn way_back(raw: &str) -> Option<&str> {
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
+    let console_page = path == "/console" || path.starts_with("/console/");
+    let excluded = [
+        "/console/login",
+        "/console/logout",
+        "/console/oidc/",
+        "/console/secret",
+    ]
+    .iter()
+    .any(|prefix| path.starts_with(prefix));
+    let plain = raw.len() <= 2000
+        && raw.bytes().all(|b| b.is_ascii_graphic())
+        && !raw.contains("//")
+        && !raw.contains('\\');
+    (console_page && !excluded && plain).then_some(raw)
 }
 
 /// What an error page says, kept on its response for [`back_to_the_form`].
@@ -315,7 +373,7 @@ impl ErrorPage {
             "</div><p><a href=\"{}\" data-autofocus>{back_label}</a></p>",
             html::esc(back)
         ));
-        html::bare_page(self.title, &body)
+        html::bare_page(self.title, true, &body)
     }
 }
 
@@ -404,11 +462,17 @@ fn clear_cookie(app: &App, name: &str) -> HeaderValue {
 /// What a console request ends with when it does not succeed: back to sign-in, or a message page
 /// (never a stack trace; causes go to the log).
 pub(crate) enum ConsoleError {
+    /// Not signed in.
     SignIn,
+    /// The session ended (timed out, signed out elsewhere, its credential refused).
+    SessionEnded,
     Page {
         status: StatusCode,
         message: String,
         details: Vec<String>,
+        /// The refused fields behind `details`, for a form to show again with each problem at its
+        /// field.
+        fields: Vec<RefusedField>,
         /// The `Retry-After` of a refusal that passes (429, 503), as the APIs send it.
         retry_after_secs: Option<u64>,
         /// For the request log (never shown): a server error's cause, so the log line says
@@ -423,9 +487,57 @@ impl ConsoleError {
             status,
             message: message.into(),
             details: Vec::new(),
+            fields: Vec::new(),
             retry_after_secs: None,
             cause: None,
         }
+    }
+
+    /// The problems of a refused form whose fields are `fields` (the body key, the id of its
+    /// element, its label), to show the form again with each at its field; `None` when the
+    /// refusal is not about those fields (it gets its own page). A name taken by a live
+    /// credential is the name field's problem.
+    pub(crate) fn problems(
+        &self,
+        fields: &[(&str, &str, &str)],
+    ) -> Option<Vec<html::FieldProblem>> {
+        let ConsoleError::Page {
+            status,
+            message,
+            fields: refused,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let field = |key: &str| fields.iter().find(|(k, _, _)| *k == key);
+        if *status == StatusCode::CONFLICT && message.contains("with this name") {
+            let (_, id, label) = field("name")?;
+            return Some(vec![html::FieldProblem {
+                field: (*id).to_string(),
+                label: (*label).to_string(),
+                message: message.clone(),
+            }]);
+        }
+        if *status != StatusCode::UNPROCESSABLE_ENTITY || refused.is_empty() {
+            return None;
+        }
+        refused
+            .iter()
+            .map(|refused| {
+                let (_, id, label) = field(&refused.key)?;
+                let message = if refused.at.is_empty() {
+                    refused.message.clone()
+                } else {
+                    format!("{}: {}", refused.at, refused.message)
+                };
+                Some(html::FieldProblem {
+                    field: (*id).to_string(),
+                    label: (*label).to_string(),
+                    message,
+                })
+            })
+            .collect()
     }
 
     fn csrf() -> Self {
@@ -434,6 +546,36 @@ impl ConsoleError {
             "This form did not come from this console session (the CSRF check failed). Reload \
              the page and try again.",
         )
+    }
+}
+
+/// A refused field: the form key it came in (`scopes`), where in it (`#2`), and what was wrong.
+#[derive(Clone)]
+pub(crate) struct RefusedField {
+    key: String,
+    at: String,
+    message: String,
+}
+
+impl RefusedField {
+    fn of(error: &keyplane_core::FieldError) -> Self {
+        let mut segments = error.path.segments.iter();
+        let key = match segments.next() {
+            Some(PathSegment::Key(key)) => key.clone(),
+            _ => String::new(),
+        };
+        let at = segments
+            .map(|segment| match segment {
+                PathSegment::Key(key) => key.replace('_', " "),
+                PathSegment::Index(i) => format!("#{}", i + 1),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        Self {
+            key,
+            at,
+            message: error.message.clone(),
+        }
     }
 }
 
@@ -459,6 +601,7 @@ impl From<AppError> for ConsoleError {
                     .iter()
                     .map(|f| format!("{}: {}", field_name(&f.path), f.message))
                     .collect(),
+                fields: fields.iter().map(RefusedField::of).collect(),
                 retry_after_secs: None,
                 cause: None,
             },
@@ -484,6 +627,7 @@ impl From<AppError> for ConsoleError {
                     status,
                     message,
                     details: Vec::new(),
+                    fields: Vec::new(),
                     retry_after_secs: other.retry_after_secs(),
                     cause,
                 }
@@ -501,13 +645,19 @@ impl From<DomainError> for ConsoleError {
 impl IntoResponse for ConsoleError {
     fn into_response(self) -> Response {
         match self {
-            ConsoleError::SignIn => Redirect::to("/console/login").into_response(),
+            ConsoleError::SignIn | ConsoleError::SessionEnded => {
+                let ended = matches!(self, ConsoleError::SessionEnded);
+                let mut response = Redirect::to("/console/login").into_response();
+                response.extensions_mut().insert(SignInNeeded { ended });
+                response
+            }
             ConsoleError::Page {
                 status,
                 message,
                 details,
                 retry_after_secs,
                 cause,
+                ..
             } => {
                 let page = ErrorPage {
                     title: status.canonical_reason().unwrap_or("Error"),
@@ -581,7 +731,7 @@ impl FromRequestParts<App> for Console {
         let session = sessions
             .touch(app, &cookie)
             .await?
-            .ok_or(ConsoleError::SignIn)?;
+            .ok_or(ConsoleError::SessionEnded)?;
         let parts_read: &Parts = parts;
         let at = || presentation(parts_read);
         let who = match authenticate(app, &session.token, &at).await {
@@ -599,7 +749,7 @@ impl FromRequestParts<App> for Console {
                     ),
                 };
                 sessions.end(app, &cookie, Some(ending)).await?;
-                return Err(ConsoleError::SignIn);
+                return Err(ConsoleError::SessionEnded);
             }
             Err(other) => return Err(other.into()),
         };
@@ -657,6 +807,19 @@ impl Form {
     /// A trimmed, non-empty value.
     pub(crate) fn text(&self, key: &str) -> Option<&str> {
         self.get(key).map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    /// The form to show again with `problems` (without its CSRF token: the page has its own).
+    pub(crate) fn refill(&self, problems: Vec<html::FieldProblem>) -> html::Refill {
+        html::Refill {
+            values: self
+                .0
+                .iter()
+                .filter(|(k, _)| k != "csrf")
+                .cloned()
+                .collect(),
+            problems,
+        }
     }
 
     pub(crate) fn all(&self, key: &str) -> Vec<&str> {
@@ -752,6 +915,7 @@ impl Console {
             nav,
             current,
             notice: self.notice.clone(),
+            refused: false,
         })
     }
 
@@ -766,6 +930,7 @@ impl Console {
                 nav: frame.nav,
                 current: frame.current,
                 notice: frame.notice,
+                refused: frame.refused,
             },
             title,
             body,
@@ -789,6 +954,8 @@ pub(crate) struct FrameData {
     nav: Vec<html::NavItem>,
     current: &'static str,
     notice: Option<String>,
+    /// The page shows a refused form again.
+    pub refused: bool,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -798,6 +965,20 @@ pub(crate) struct FrameData {
 pub(crate) struct SignInQuery {
     #[serde(default)]
     signed_out: Option<String>,
+    /// The session ended: the page says so.
+    #[serde(default)]
+    ended: Option<String>,
+    /// The console page to go back to once signed in.
+    #[serde(default)]
+    next: Option<String>,
+}
+
+/// What the sign-in page says above its form, and where a sign-in leads.
+#[derive(Default)]
+struct SignInState<'a> {
+    signed_out: bool,
+    ended: bool,
+    next: Option<&'a str>,
 }
 
 async fn sign_in_page(
@@ -806,17 +987,24 @@ async fn sign_in_page(
     headers: HeaderMap,
 ) -> Response {
     let held = read_cookie(&headers, login_cookie_name(&app));
-    sign_in_form(&app, held, query.signed_out.is_some(), None, StatusCode::OK)
+    let state = SignInState {
+        signed_out: query.signed_out.is_some(),
+        ended: query.ended.is_some(),
+        next: query.next.as_deref().and_then(way_back),
+    };
+    sign_in_form(&app, held, &state, None, StatusCode::OK)
 }
 
 /// The sign-in page, with a pre-session CSRF token in a cookie and in the form (a login form is a
 /// target for CSRF too: it would sign a victim in as the attacker). The token the browser `held`
 /// is kept when it is one of ours, so that every sign-in form open in the browser's tabs still
 /// works; else a fresh one.
+/// A refusal (`error`) is the token field's: announced, and read as its description, with the
+/// focus back in it.
 fn sign_in_form(
     app: &App,
     held: Option<&str>,
-    signed_out: bool,
+    state: &SignInState<'_>,
     error: Option<&str>,
     status: StatusCode,
 ) -> Response {
@@ -824,24 +1012,51 @@ fn sign_in_form(
         .filter(|value| CookieValue::parse(value).is_some())
         .map_or_else(random_text, str::to_string);
     let mut body = String::new();
-    if signed_out {
+    if state.signed_out {
         body.push_str("<p class=\"notice\" role=\"status\">You have signed out.</p>");
     }
-    if let Some(error) = error {
+    if state.ended {
+        let console = &app.inner().config.console;
         body.push_str(&format!(
-            "<div class=\"error\" role=\"alert\"><p>{}</p></div>",
-            html::esc(error)
+            "<p class=\"notice\" role=\"status\">Your session has ended: a session ends after \
+             {idle} minutes without use, {absolute} hours after signing in, when you sign out, or \
+             when the token it uses stops working. Sign in again to go back to where you \
+             were.</p>",
+            idle = console.idle_timeout.as_secs() / 60,
+            absolute = console.absolute_timeout.as_secs() / 3600,
         ));
     }
+    let (invalid, message) = match error {
+        Some(error) => (
+            " aria-invalid=\"true\"",
+            format!(
+                "<p class=\"field-error\" id=\"token-error\" role=\"alert\">\
+                 <span class=\"visually-hidden\">Error: </span>{}</p>",
+                html::esc(error)
+            ),
+        ),
+        None => ("", String::new()),
+    };
+    let described = if error.is_some() {
+        "token-error token-hint"
+    } else {
+        "token-hint"
+    };
+    let next = state.next.map_or(String::new(), |next| {
+        format!(
+            "<input type=\"hidden\" name=\"next\" value=\"{}\">",
+            html::esc(next)
+        )
+    });
     body.push_str(&format!(
-        "<div class=\"signin\"><form method=\"post\" action=\"/console/login\" class=\"stack\">{}\
+        "<div class=\"signin\"><form method=\"post\" action=\"/console/login\" class=\"stack\">{csrf}{next}\
          <div class=\"field\"><label for=\"token\">API token or service-account token</label>\
          <input type=\"password\" id=\"token\" name=\"token\" autocomplete=\"off\" \
-         spellcheck=\"false\" required data-autofocus aria-describedby=\"token-hint\">\
-         <span class=\"hint\" id=\"token-hint\">The token stays on the server for this session \
-         only; the browser keeps just a session cookie.</span></div>\
+         spellcheck=\"false\" required data-autofocus aria-describedby=\"{described}\"{invalid}>\
+         {message}<span class=\"hint\" id=\"token-hint\">The token stays on the server for this \
+         session only; the browser keeps just a session cookie.</span></div>\
          <div><button type=\"submit\">Sign in</button></div></form>",
-        html::csrf_field(&csrf)
+        csrf = html::csrf_field(&csrf)
     ));
     if let Some(oidc) = &app.inner().config.console.oidc {
         body.push_str(&format!(
@@ -855,7 +1070,11 @@ fn sign_in_form(
     (
         status,
         [(header::SET_COOKIE, cookie)],
-        Html(html::bare_page("Sign in to keyplane", &body)),
+        Html(html::bare_page(
+            "Sign in to keyplane",
+            error.is_some(),
+            &body,
+        )),
     )
         .into_response()
 }
@@ -871,11 +1090,15 @@ async fn sign_in(
         return Err(ConsoleError::csrf());
     }
     let form = parse_form(&body, expected)?;
+    let state = SignInState {
+        next: form.get("next").and_then(way_back),
+        ..SignInState::default()
+    };
     let Some(token) = form.text("token") else {
         return Ok(sign_in_form(
             &app,
             Some(expected),
-            false,
+            &state,
             Some("Paste a token to sign in."),
             StatusCode::UNPROCESSABLE_ENTITY,
         ));
@@ -891,12 +1114,13 @@ async fn sign_in(
     match authenticate(&app, token, &at).await {
         Ok(who) => {
             let context = crate::audit::request_context_of(&headers, &origin);
-            start_session(&app, &who, token, "token", &context).await
+            let to = state.next.unwrap_or("/console");
+            start_session(&app, &who, token, "token", &context, to).await
         }
         Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
             &app,
             Some(expected),
-            false,
+            &state,
             Some("That token was not accepted: it is unknown, revoked, suspended or expired."),
             StatusCode::UNAUTHORIZED,
         )),
@@ -905,20 +1129,21 @@ async fn sign_in(
 }
 
 /// Starts the session of `who`, acting with `token`, signed in by `method` (`token`, `oidc`) in
-/// the request `context`, and sends the browser to the overview. A principal without rights in
-/// any tenant cannot use the console.
+/// the request `context`, and sends the browser `to` a console page (the overview, or the page a
+/// session that ended was on). A principal without rights in any tenant cannot use the console.
 async fn start_session(
     app: &App,
     who: &Principal,
     token: &str,
     method: &'static str,
     context: &RequestContext,
+    to: &str,
 ) -> Result<Response, ConsoleError> {
     let Some((tenant, _)) = who.tenants().first() else {
         return Ok(sign_in_form(
             app,
             None,
-            false,
+            &SignInState::default(),
             Some("You hold no rights in any organization yet: ask an administrator for a grant."),
             StatusCode::FORBIDDEN,
         ));
@@ -947,7 +1172,7 @@ async fn start_session(
         .create(app, *tenant, token, label, who.expires_at, started)
         .await?;
     tracing::info!(principal.id = %who.id(), tenant.id = %tenant, "console session started");
-    let mut response = Redirect::to("/console").into_response();
+    let mut response = Redirect::to(to).into_response();
     let headers = response.headers_mut();
     headers.append(header::SET_COOKIE, session_cookie(app, &cookie));
     headers.append(

@@ -158,6 +158,7 @@ fn sign_ins_busy() -> Response {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: "Too many sign-ins are under way right now. Try again in a little while.".into(),
         details: Vec::new(),
+        fields: Vec::new(),
         retry_after_secs: Some(SIGN_INS_BUSY_RETRY_SECS),
         cause: Some("too many sign-ins under way".into()),
     }
@@ -188,6 +189,7 @@ pub(super) async fn start(
                           little while."
                     .into(),
                 details: Vec::new(),
+                fields: Vec::new(),
                 retry_after_secs: limited.retry_after_secs(),
                 cause: None,
             })?;
@@ -384,8 +386,15 @@ pub(super) async fn callback(
         Err(other) => return Err(other.into()),
     };
     let context = crate::audit::request_context_of(&headers, &origin);
-    let mut response =
-        super::start_session(&app, &who, &tokens.access_token, "oidc", &context).await?;
+    let mut response = super::start_session(
+        &app,
+        &who,
+        &tokens.access_token,
+        "oidc",
+        &context,
+        "/console",
+    )
+    .await?;
     if response.status().is_redirection() {
         // The issuer's redirect is a cross-site navigation, after which a browser does not send
         // a SameSite=Strict cookie on a redirect either; a page that continues from this origin
@@ -399,6 +408,7 @@ pub(super) async fn callback(
         response = (
             Html(html::bare_page(
                 "Signed in",
+                false,
                 "<p>You are signed in. <a href=\"/console\" data-continue data-autofocus>Continue to the console</a>.</p>",
             )),
         )

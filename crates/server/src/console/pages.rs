@@ -2,7 +2,7 @@
 //! route calls with the session's principal, and renders the answer; a refusal there is the
 //! refusal here.
 
-use super::html::{self, code, esc, maybe_time, post_form, time};
+use super::html::{self, code, esc, maybe_time, post_form, time, Refill};
 use super::session::{Move, SecretFlash, SecretHome};
 use super::Path;
 use super::{Console, ConsoleError};
@@ -164,12 +164,14 @@ const LIFETIME_CHOICES: [u32; 4] = [7, 30, 90, 365];
 /// `policy`: none longer than its maximum, its default lifetime preselected (else 90 days, or the
 /// maximum when shorter), and "never" only where the policy leaves a credential without expiry.
 /// A rotation (`current`: the credential's expiry) offers keeping the expiry it has when the
-/// policy allows it, and preselects that, or else the longest lifetime allowed.
+/// policy allows it, and preselects that, or else the longest lifetime allowed. A refused form
+/// (`refill`) keeps the choice sent.
 fn expiry_fields(
     policy: &CredentialPolicy,
     kind: CredentialKind,
     now: DateTime<Utc>,
     current: Option<Option<DateTime<Utc>>>,
+    refill: &Refill,
 ) -> String {
     let (rule, _) = policy.rule_for(kind);
     let max = rule.max_lifetime_days;
@@ -190,6 +192,8 @@ fn expiry_fields(
         // The expiry it has, clipped to the policy.
         (None, Some(_)) => max.or(rule.default_lifetime_days).or(Some(90)),
     };
+    let sent = refill.value("expires_in_days", "");
+    let selected = sent.parse().ok().or(selected);
     let mut options = String::new();
     if let Some(expiry) = keep {
         let _ = write!(
@@ -219,15 +223,32 @@ fn expiry_fields(
     // "Never" is a choice only where it is what happens: a policy's default lifetime would fill
     // it, and a rotation keeps its expiry when given none.
     if current.is_none() && !policy.requires_expiry(kind) && rule.default_lifetime_days.is_none() {
-        options.push_str("<option value=\"never\">never</option>");
+        let _ = write!(
+            options,
+            "<option value=\"never\"{}>never</option>",
+            if sent == "never" { " selected" } else { "" }
+        );
     }
+    let (choice, choice_problem) = refill.field("expires_in_days", "");
+    let (date, date_problem) = refill.field("expires_on", "");
     format!(
         "<div class=\"field\"><label for=\"expires_in_days\">Expires</label>\
-         <select id=\"expires_in_days\" name=\"expires_in_days\">{options}</select></div>\
+         <select id=\"expires_in_days\" name=\"expires_in_days\"{choice}>{options}</select>{choice_problem}</div>\
          <div class=\"field\"><label for=\"expires_on\">or on this date (UTC midnight) \
          <span class=\"hint\">optional; overrides the choice above</span></label>\
-         <input type=\"date\" id=\"expires_on\" name=\"expires_on\"></div>"
+         <input type=\"date\" id=\"expires_on\" name=\"expires_on\" value=\"{value}\"{date}>{date_problem}</div>",
+        value = esc(refill.value("expires_on", "")),
     )
+}
+
+/// The form key of an expiry's problem (`expires_at`) as the fields of `form` name it: the date
+/// when one was given, else the choice.
+fn expiry_field(form: &super::Form) -> (&'static str, &'static str, &'static str) {
+    if form.text("expires_on").is_some() {
+        ("expires_at", "expires_on", "Expiry date")
+    } else {
+        ("expires_at", "expires_in_days", "Expires")
+    }
 }
 
 /// The organization's credential policy, which the forms' expiry choices follow.
@@ -365,7 +386,7 @@ pub(crate) async fn overview(console: Console) -> PageResult {
     if expiring.is_empty() {
         body.push_str("<p class=\"muted\">Nothing expires in the next 30 days.</p>");
     } else {
-        body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Kind</th><th scope=\"col\">Expires</th></tr></thead><tbody>");
+        body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Credentials expiring within 30 days</caption><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Kind</th><th scope=\"col\">Expires</th></tr></thead><tbody>");
         for c in expiring.iter().take(EXPIRING_SHOWN) {
             let _ = write!(
                 body,
@@ -505,6 +526,16 @@ pub(crate) async fn api_tokens(
     console: Console,
     Query(filters): Query<TokenFilters>,
 ) -> PageResult {
+    api_tokens_page(console, filters, None).await
+}
+
+/// The API tokens page; `refused`: with its create form shown again, as sent, with its problems.
+async fn api_tokens_page(
+    console: Console,
+    filters: TokenFilters,
+    refused: Option<Refill>,
+) -> PageResult {
+    let refill = refused.unwrap_or_default();
     let app = &console.app;
     let now = app.now();
     let expiring_within_days = match filters.expiring.as_str() {
@@ -594,7 +625,7 @@ pub(crate) async fn api_tokens(
         format!("{} live tokens shown.", shown.len())
     };
     let _ = write!(body, "<p class=\"muted\" role=\"status\">{status_line}</p>");
-    body.push_str("<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"API tokens\"><thead><tr>\
+    body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">API tokens</caption><thead><tr>\
         <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Scopes</th>\
         <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
     if may_write {
@@ -640,23 +671,86 @@ pub(crate) async fn api_tokens(
     if may_write {
         let _ = write!(
             body,
-            "<h2 id=\"create\">Create an API token</h2>\
-             <form method=\"post\" action=\"/console/api-tokens\" class=\"stack\">{csrf}\
-             <div class=\"field\"><label for=\"name\">Name</label>\
-             <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\"></div>\
-             {scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
+            "<h2 id=\"create\">Create an API token</h2>{summary}\
+             <form method=\"post\" action=\"/console/api-tokens\" class=\"stack\" novalidate>{csrf}\
+             {name}{scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
+            summary = refill.summary(),
             csrf = html::csrf_field(&console.csrf),
-            scopes = scope_picker(&console),
+            name = name_field(&refill, ""),
+            scopes = scope_picker(&console, &refill),
             expiry = expiry_fields(
                 &policy(&console).await?,
                 CredentialKind::ApiToken,
                 now,
-                None
+                None,
+                &refill,
             ),
         );
     }
-    let frame = console.frame("/console/api-tokens").await?;
+    let mut frame = console.frame("/console/api-tokens").await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console.render(frame, "API tokens", &body).into_response())
+}
+
+/// A create form's name field, with its problem when refused; `hint` is shown under the label.
+fn name_field(refill: &Refill, hint: &str) -> String {
+    let (attributes, problem) = refill.field("name", "");
+    format!(
+        "<div class=\"field\"><label for=\"name\">Name{hint}</label>\
+         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\" \
+         value=\"{value}\"{attributes}>{problem}</div>",
+        value = esc(refill.value("name", "")),
+    )
+}
+
+/// The refusal of a form whose own checks found `problems`, and whose expiry was refused with
+/// `expiry` (`None`: it was not): one refusal of every field, or the expiry's own when it is not
+/// about a field (a choice no form offers).
+fn refusal(problems: Vec<keyplane_core::FieldError>, expiry: Option<ConsoleError>) -> ConsoleError {
+    let mut error = ConsoleError::from(keyplane_core::Error::Validation(problems));
+    match expiry {
+        None => error,
+        Some(ConsoleError::Page {
+            fields: more,
+            details: said,
+            ..
+        }) if !more.is_empty() => {
+            if let ConsoleError::Page {
+                fields, details, ..
+            } = &mut error
+            {
+                fields.extend(more);
+                details.extend(said);
+            }
+            error
+        }
+        Some(other) => other,
+    }
+}
+
+/// A refused create: the page of its form again, with each problem at its field (status 422, or
+/// 409 for a name taken), when the refusal is about those fields; else the refusal's own page.
+async fn refused_form<F, Fut>(
+    console: Console,
+    form: &super::Form,
+    error: ConsoleError,
+    fields: &[(&str, &str, &str)],
+    page: F,
+) -> PageResult
+where
+    F: FnOnce(Console, Refill) -> Fut,
+    Fut: std::future::Future<Output = PageResult>,
+{
+    let Some(problems) = error.problems(fields) else {
+        return Err(error);
+    };
+    let status = match &error {
+        ConsoleError::Page { status, .. } => *status,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let mut response = page(console, form.refill(problems)).await?;
+    *response.status_mut() = status;
+    Ok(response)
 }
 
 fn known_scopes_datalist() -> String {
@@ -668,8 +762,9 @@ fn known_scopes_datalist() -> String {
     list
 }
 
-/// Checkboxes for the scopes this principal may hand on, and a field for others.
-fn scope_picker(console: &Console) -> String {
+/// Checkboxes for the scopes this principal may hand on, and a field for others; those sent
+/// checked again when the form is refused.
+fn scope_picker(console: &Console, refill: &Refill) -> String {
     let rights = console.who.rights_in(console.tenant);
     let may_give = |scope: &str| {
         Scope::parse(scope)
@@ -691,15 +786,20 @@ fn scope_picker(console: &Console) -> String {
         };
         let _ = write!(
             picker,
-            "<label><input type=\"checkbox\" name=\"scopes\" value=\"{}\" id=\"scope-{i}\"> {}</label>",
+            "<label><input type=\"checkbox\" name=\"scopes\" value=\"{}\" id=\"scope-{i}\"{}> {}</label>",
             esc(scope),
+            if refill.sent("scopes", scope) { " checked" } else { "" },
             esc(&label)
         );
     }
-    picker.push_str(
+    let (attributes, problem) = refill.field("other_scopes", "");
+    let _ = write!(
+        picker,
         "<div class=\"field\"><label for=\"other_scopes\">Other scopes \
          <span class=\"hint\">for your own services, separated by spaces</span></label>\
-         <input type=\"text\" id=\"other_scopes\" name=\"other_scopes\" placeholder=\"billing/invoices:read\"></div></fieldset>",
+         <input type=\"text\" id=\"other_scopes\" name=\"other_scopes\" \
+         placeholder=\"billing/invoices:read\" value=\"{}\"{attributes}>{problem}</div></fieldset>",
+        esc(refill.value("other_scopes", ""))
     );
     picker
 }
@@ -729,10 +829,30 @@ fn row_actions(slug: &str, credential: &Credential) -> String {
 
 pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
+    match issue_api_token(&console, &form).await {
+        Ok(done) => Ok(done),
+        Err(error) => {
+            let fields = [
+                ("name", "name", "Name"),
+                ("scopes", "other_scopes", "Scopes"),
+                expiry_field(&form),
+            ];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                api_tokens_page(console, TokenFilters::default(), Some(refill))
+            })
+            .await
+        }
+    }
+}
+
+async fn issue_api_token(console: &Console, form: &super::Form) -> PageResult {
     let app = &console.app;
+    // Every field's problem at once, not the first one's.
+    let mut problems = Vec::new();
     let name =
         keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
-            .map_err(keyplane_core::Error::from)?;
+            .map_err(|e| problems.push(e))
+            .ok();
     let mut raw_scopes: Vec<String> = form.all("scopes").into_iter().map(str::to_string).collect();
     if let Some(other) = form.text("other_scopes") {
         raw_scopes.extend(
@@ -743,9 +863,13 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
         );
     }
     let scopes = ScopeSet::parse_list(&FieldPath::body("scopes"), &raw_scopes)
-        .map_err(keyplane_core::Error::Validation)?;
-    let expires_at = expiry_from(&form, app.now())?;
-    let home = secret_home(&console, None).await?;
+        .map_err(|e| problems.extend(e))
+        .ok();
+    let (name, scopes, expires_at) = match (name, scopes, expiry_from(form, app.now())) {
+        (Some(name), Some(scopes), Ok(expires_at)) => (name, scopes, expires_at),
+        (_, _, expiry) => return Err(refusal(problems, expiry.err())),
+    };
+    let home = secret_home(console, None).await?;
     let keep = created(&home, app.now());
     ops::create_credential(
         app,
@@ -763,7 +887,7 @@ pub(crate) async fn create_api_token(console: Console, body: Bytes) -> PageResul
         Some(&keep),
     )
     .await?;
-    to_secret_page(&console, &home).await
+    to_secret_page(console, &home).await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -841,18 +965,26 @@ pub(crate) async fn secret(console: Console) -> PageResult {
                 esc(&flash.name)
             );
         }
+        // A read-only field: a keyboard reaches it with Tab and selects it whole (the script
+        // selects it on focus), a screen reader reads it character by character and hears that
+        // it is shown once. The secret is its value only: never in a title, label or URL.
         let _ = write!(
             body,
-            "<p>{note} This is the secret of the {singular} <strong>{name}</strong> \
+            "<p id=\"secret-note{suffix}\">{note} This is the secret of the {singular} <strong>{name}</strong> \
              (<code>{id}</code>). <strong>It is shown only now</strong>: store it where it will be \
              used. Reloading or going back will not show it again.</p>\
-             <div class=\"secret-box\"><code id=\"secret{suffix}\" aria-label=\"Secret\">{secret}</code>\
-             <button type=\"button\" data-copy=\"secret{suffix}\" data-status=\"copy-status{suffix}\" hidden>Copy</button>\
+             <div class=\"secret-box\"><label for=\"secret{suffix}\">Secret of {singular} {name}</label>\
+             <input type=\"text\" id=\"secret{suffix}\" class=\"secret\" value=\"{secret}\" readonly \
+             autocomplete=\"off\" autocapitalize=\"off\" spellcheck=\"false\" \
+             aria-describedby=\"secret-note{suffix}\"{autofocus}>\
+             <button type=\"button\" data-copy=\"secret{suffix}\" data-status=\"copy-status{suffix}\" hidden>\
+             Copy<span class=\"visually-hidden\"> the secret of {name}</span></button>\
              <span id=\"copy-status{suffix}\" class=\"copied\" role=\"status\"></span></div>",
             note = esc(&flash.note),
             name = esc(&flash.name),
             id = flash.id,
             secret = esc(&flash.secret),
+            autofocus = if n == 0 { " data-autofocus" } else { "" },
         );
         if let (Some(CredentialKind::RobotAccount), Some(project)) = (flash.kind(), &project) {
             for command in robot_commands(&console, project, &flash.name) {
@@ -863,7 +995,7 @@ pub(crate) async fn secret(console: Console) -> PageResult {
     let _ = write!(
         body,
         "<form method=\"get\" action=\"{list}\" class=\"stack\">\
-         <label><input type=\"checkbox\" id=\"stored\" required data-enables=\"stored-done\" data-autofocus> \
+         <label><input type=\"checkbox\" id=\"stored\" required data-enables=\"stored-done\"> \
          I have stored {it}</label>\
          <div><button type=\"submit\" id=\"stored-done\">Done</button></div></form>",
         it = if several { "them" } else { "it" },
@@ -905,6 +1037,7 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
         kind.rights.kind,
         console.app.now(),
         Some(credential.expires_at),
+        &Refill::default(),
     );
     let body = format!(
         "<p>Rotating gives the {singular} <strong>{name}</strong> a new secret; its id, name and \
@@ -922,7 +1055,9 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"3600\"> for 1 hour</label>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"86400\"> for 1 day</label>\
              <label><input type=\"radio\" name=\"grace_seconds\" value=\"604800\"> for 7 days</label></fieldset>\
-             {expiry}<div><button type=\"submit\">Rotate</button></div>"),
+             {expiry}<div><button type=\"submit\">Rotate {singular} <strong>{name}</strong></button></div>",
+             singular = kind.singular,
+             name = esc(&credential.name)),
         ),
     );
     let frame = console.frame(kind.list).await?;
@@ -1008,7 +1143,12 @@ pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<Strin
             &format!("/console/{}/{}/revoke", kind.slug, credential.id.as_uuid()),
             &console.csrf,
             "stack",
-            "<div><button type=\"submit\" class=\"danger\">Revoke for good</button></div>",
+            &format!(
+                "<div><button type=\"submit\" class=\"danger\">Revoke {} <strong>{}</strong> \
+                 for good</button></div>",
+                kind.singular,
+                esc(&credential.name)
+            ),
         ),
     );
     let frame = console.frame(kind.list).await?;
@@ -1049,6 +1189,16 @@ pub(crate) async fn service_accounts(
     console: Console,
     Query(start): Query<PageStart>,
 ) -> PageResult {
+    service_accounts_page(console, start, None).await
+}
+
+/// The service accounts page; `refused`: with its create form shown again with its problems.
+async fn service_accounts_page(
+    console: Console,
+    start: PageStart,
+    refused: Option<Refill>,
+) -> PageResult {
+    let refill = refused.unwrap_or_default();
     let app = &console.app;
     let now = app.now();
     let after = page_after(&start.after)?;
@@ -1100,7 +1250,7 @@ pub(crate) async fn service_accounts(
     let mut body = String::from(
         "<p class=\"muted\">A service account holds what its grants confer; you can give only \
          rights you hold yourself.</p>\
-         <div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Service accounts\"><thead><tr>\
+         <div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Service accounts</caption><thead><tr>\
          <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Grants</th>\
          <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>\
          <th scope=\"col\">Actions</th></tr></thead><tbody>",
@@ -1133,20 +1283,22 @@ pub(crate) async fn service_accounts(
     ));
     let _ = write!(
         body,
-        "<h2 id=\"create\">Create a service account</h2>\
-         <form method=\"post\" action=\"/console/service-accounts\" class=\"stack\">{csrf}\
-         <div class=\"field\"><label for=\"name\">Name</label>\
-         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\"></div>\
-         {expiry}<div><button type=\"submit\">Create service account</button></div></form>",
+        "<h2 id=\"create\">Create a service account</h2>{summary}\
+         <form method=\"post\" action=\"/console/service-accounts\" class=\"stack\" novalidate>{csrf}\
+         {name}{expiry}<div><button type=\"submit\">Create service account</button></div></form>",
+        summary = refill.summary(),
         csrf = html::csrf_field(&console.csrf),
+        name = name_field(&refill, ""),
         expiry = expiry_fields(
             &policy(&console).await?,
             CredentialKind::ServiceAccount,
             now,
-            None
+            None,
+            &refill,
         ),
     );
-    let frame = console.frame("/console/service-accounts").await?;
+    let mut frame = console.frame("/console/service-accounts").await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console
         .render(frame, "Service accounts", &body)
         .into_response())
@@ -1202,10 +1354,11 @@ fn grants_cell(
             &console.csrf,
             "inline",
             &format!(
-                "<label class=\"hint\" for=\"grant-{id}\">Grant</label> \
+                "<label class=\"hint\" for=\"grant-{id}\">Grant<span class=\"visually-hidden\"> a \
+                 right to {name}</span></label> \
                  <select id=\"grant-{id}\" name=\"right\">{options}</select> \
-                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {}\">Grant</button>",
-                esc(&account.name)
+                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {name}\">Grant</button>",
+                name = esc(&account.name)
             ),
         )
     );
@@ -1286,12 +1439,27 @@ pub(crate) async fn revoke_grant(
 
 pub(crate) async fn create_service_account(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
+    match issue_service_account(&console, &form).await {
+        Ok(done) => Ok(done),
+        Err(error) => {
+            let fields = [("name", "name", "Name"), expiry_field(&form)];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                service_accounts_page(console, PageStart::default(), Some(refill))
+            })
+            .await
+        }
+    }
+}
+
+async fn issue_service_account(console: &Console, form: &super::Form) -> PageResult {
     let app = &console.app;
     let name =
-        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""))
-            .map_err(keyplane_core::Error::from)?;
-    let expires_at = expiry_from(&form, app.now())?;
-    let home = secret_home(&console, None).await?;
+        keyplane_core::validate::name(FieldPath::body("name"), form.get("name").unwrap_or(""));
+    let (name, expires_at) = match (name, expiry_from(form, app.now())) {
+        (Ok(name), Ok(expires_at)) => (name, expires_at),
+        (name, expiry) => return Err(refusal(name.err().into_iter().collect(), expiry.err())),
+    };
+    let home = secret_home(console, None).await?;
     let keep = created(&home, app.now());
     ops::create_credential(
         app,
@@ -1309,7 +1477,7 @@ pub(crate) async fn create_service_account(console: Console, body: Bytes) -> Pag
         Some(&keep),
     )
     .await?;
-    to_secret_page(&console, &home).await
+    to_secret_page(console, &home).await
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1327,6 +1495,12 @@ fn robot_commands(console: &Console, project: &str, name: &str) -> Vec<String> {
 }
 
 pub(crate) async fn registry(console: Console, Query(start): Query<PageStart>) -> PageResult {
+    registry_page(console, start, None).await
+}
+
+/// The registry page; `refused`: with its robot form shown again with its problems.
+async fn registry_page(console: Console, start: PageStart, refused: Option<Refill>) -> PageResult {
+    let refill = refused.unwrap_or_default();
     let app = &console.app;
     let after = page_after(&start.after)?;
     let now = app.now();
@@ -1366,7 +1540,7 @@ pub(crate) async fn registry(console: Console, Query(start): Query<PageStart>) -
                 },
             )
             .await?;
-            body.push_str("<h2>Robot accounts</h2><div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Robot accounts\"><thead><tr>\
+            body.push_str("<h2>Robot accounts</h2><div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Robot accounts</caption><thead><tr>\
                 <th scope=\"col\">Login</th><th scope=\"col\">Permissions</th><th scope=\"col\">Expires</th>\
                 <th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
             if may_write {
@@ -1413,40 +1587,52 @@ pub(crate) async fn registry(console: Console, Query(start): Query<PageStart>) -
             if may_write {
                 let _ = write!(
                     body,
-                    "<h2 id=\"create\">Create a robot account</h2>\
-                     <form method=\"post\" action=\"/console/robots\" class=\"stack\">{csrf}\
-                     <div class=\"field\"><label for=\"name\">Name \
-                     <span class=\"hint\">lowercase letters, digits, <code>._-</code></span></label>\
-                     <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"255\"></div>\
-                     {permissions}{expiry}<div><button type=\"submit\">Create robot</button></div></form>",
+                    "<h2 id=\"create\">Create a robot account</h2>{summary}\
+                     <form method=\"post\" action=\"/console/robots\" class=\"stack\" novalidate>{csrf}\
+                     {name}{permissions}{expiry}<div><button type=\"submit\">Create robot</button></div></form>",
+                    summary = refill.summary(),
                     csrf = html::csrf_field(&console.csrf),
-                    permissions = permissions_field(""),
+                    name = name_field(
+                        &refill,
+                        " <span class=\"hint\">lowercase letters, digits, <code>._-</code></span>"
+                    ),
+                    permissions = permissions_field(refill.value("permissions", ""), &refill),
                     expiry = expiry_fields(
                         &policy(&console).await?,
                         CredentialKind::RobotAccount,
                         now,
                         None,
+                        &refill,
                     ),
                 );
             }
         }
     }
-    let frame = console.frame("/console/registry").await?;
+    let mut frame = console.frame("/console/registry").await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console.render(frame, "Registry", &body).into_response())
 }
 
-fn permissions_field(current: &str) -> String {
+fn permissions_field(current: &str, refill: &Refill) -> String {
+    let (attributes, problem) = refill.field("permissions", "permissions-hint");
     format!(
-        "<div class=\"field\"><label for=\"permissions\">Permissions \
+        "<div class=\"field\"><label for=\"permissions\">Permissions</label>\
          <span class=\"hint\" id=\"permissions-hint\">one per line: <code>pull</code>, \
          <code>push</code> or <code>delete</code>, optionally <code>:repository-glob</code> \
-         (<code>pull:team/*</code>)</span></label>\
-         <textarea id=\"permissions\" name=\"permissions\" aria-describedby=\"permissions-hint\" required>{}</textarea></div>",
+         (<code>pull:team/*</code>)</span>\
+         <textarea id=\"permissions\" name=\"permissions\" required{attributes}>{}</textarea>{problem}</div>",
         esc(current)
     )
 }
 
 fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, ConsoleError> {
+    Ok(permission_lines(form).map_err(keyplane_core::Error::Validation)?)
+}
+
+/// The permissions a form's lines give, or each line's problem.
+fn permission_lines(
+    form: &super::Form,
+) -> Result<Vec<RobotPermission>, Vec<keyplane_core::FieldError>> {
     let lines: Vec<String> = form
         .get("permissions")
         .unwrap_or("")
@@ -1455,10 +1641,7 @@ fn parse_permissions(form: &super::Form) -> Result<Vec<RobotPermission>, Console
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
-    Ok(
-        RobotPermission::parse_list(&FieldPath::body("permissions"), &lines)
-            .map_err(keyplane_core::Error::Validation)?,
-    )
+    RobotPermission::parse_list(&FieldPath::body("permissions"), &lines)
 }
 
 pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult {
@@ -1485,15 +1668,37 @@ pub(crate) async fn enable_registry(console: Console, body: Bytes) -> PageResult
 
 pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
+    match issue_robot(&console, &form).await {
+        Ok(done) => Ok(done),
+        Err(error) => {
+            let fields = [
+                ("name", "name", "Name"),
+                ("permissions", "permissions", "Permissions"),
+                expiry_field(&form),
+            ];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                registry_page(console, PageStart::default(), Some(refill))
+            })
+            .await
+        }
+    }
+}
+
+async fn issue_robot(console: &Console, form: &super::Form) -> PageResult {
     let app = &console.app;
+    let mut problems = Vec::new();
     let name = keyplane_core::registry::robot_name(
         FieldPath::body("name"),
         form.get("name").unwrap_or("").trim(),
     )
-    .map_err(keyplane_core::Error::from)?;
-    let permissions = parse_permissions(&form)?;
-    let expires_at = expiry_from(&form, app.now())?;
-    let home = secret_home(&console, None).await?;
+    .map_err(|e| problems.push(e))
+    .ok();
+    let permissions = permission_lines(form).map_err(|e| problems.extend(e)).ok();
+    let (name, permissions, expires_at) = match (name, permissions, expiry_from(form, app.now())) {
+        (Some(name), Some(permissions), Ok(expires_at)) => (name, permissions, expires_at),
+        (_, _, expiry) => return Err(refusal(problems, expiry.err())),
+    };
+    let home = secret_home(console, None).await?;
     let keep = created(&home, app.now());
     ops::create_robot(
         app,
@@ -1510,7 +1715,7 @@ pub(crate) async fn create_robot(console: Console, body: Bytes) -> PageResult {
         Some(&keep),
     )
     .await?;
-    to_secret_page(&console, &home).await
+    to_secret_page(console, &home).await
 }
 
 pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {
@@ -1532,7 +1737,7 @@ pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<Stri
             "stack",
             &format!(
                 "{}<div><button type=\"submit\">Save permissions</button></div>",
-                permissions_field(&current)
+                permissions_field(&current, &Refill::default())
             ),
         )
     );
@@ -1600,7 +1805,7 @@ fn audit_table(events: &[keyplane_core::ChainedEvent], with_details: bool) -> St
         return "<p class=\"muted\">No events.</p>".into();
     }
     let mut table = String::from(
-        "<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Audit events\"><thead><tr>\
+        "<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Audit events</caption><thead><tr>\
          <th scope=\"col\">When</th><th scope=\"col\">Action</th><th scope=\"col\">Outcome</th>\
          <th scope=\"col\">Actor</th><th scope=\"col\">Target</th>",
     );

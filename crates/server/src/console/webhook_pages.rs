@@ -2,7 +2,7 @@
 //! token's are) and their deliveries. Each handler calls the `crate::webhooks` use case the Aether
 //! routes call, with the session's principal, so `webhooks:manage` is checked there.
 
-use super::html::{code, esc, maybe_time, post_form, time};
+use super::html::{code, esc, maybe_time, post_form, time, Refill};
 use super::pages::{secret_home, to_secret_page};
 use super::session::SecretFlash;
 use super::Path;
@@ -80,8 +80,16 @@ fn spec_from(form: &Form) -> Result<WebhookSpec, ConsoleError> {
     }
 }
 
-/// The fields of the create and edit forms, filled with `webhook`'s values when editing.
-fn webhook_fields(webhook: Option<&Webhook>) -> String {
+/// The form's fields: the form key, the id of its element, its label.
+const FIELDS: [(&str, &str, &str); 3] = [
+    ("url", "url", "URL"),
+    ("events", "events", "Events"),
+    ("description", "description", "Description"),
+];
+
+/// The fields of the create and edit forms, filled with `webhook`'s values when editing, or with
+/// those sent and their problems when the form was refused (`refill`).
+fn webhook_fields(webhook: Option<&Webhook>, refill: &Refill) -> String {
     let (url, events, description, enabled) = match webhook {
         Some(w) => (
             w.url.as_str(),
@@ -91,24 +99,33 @@ fn webhook_fields(webhook: Option<&Webhook>) -> String {
         ),
         None => ("", "*".to_string(), "", true),
     };
+    let refused = !refill.problems.is_empty();
+    let enabled = if refused {
+        refill.sent("enabled", "true")
+    } else {
+        enabled
+    };
+    let (url_attributes, url_problem) = refill.field("url", "");
+    let (events_attributes, events_problem) = refill.field("events", "events-hint");
+    let (description_attributes, description_problem) = refill.field("description", "");
     format!(
         "<div class=\"field\"><label for=\"url\">URL</label>\
          <input type=\"url\" id=\"url\" name=\"url\" required maxlength=\"2000\" value=\"{url}\" \
-         placeholder=\"https://hooks.example.com/keyplane\" spellcheck=\"false\"></div>\
+         placeholder=\"https://hooks.example.com/keyplane\" spellcheck=\"false\"{url_attributes}>{url_problem}</div>\
          <div class=\"field\"><label for=\"events\">Events</label>\
          <input type=\"text\" id=\"events\" name=\"events\" required value=\"{events}\" \
-         spellcheck=\"false\" aria-describedby=\"events-hint\">\
+         spellcheck=\"false\"{events_attributes}>\
          <span class=\"hint\" id=\"events-hint\">Separated by spaces or commas: an action such as \
          <code>api_token.created</code>, every action under a prefix such as \
-         <code>api_token.*</code>, or <code>*</code> for every event.</span></div>\
+         <code>api_token.*</code>, or <code>*</code> for every event.</span>{events_problem}</div>\
          <div class=\"field\"><label for=\"description\">Description \
          <span class=\"hint\">optional</span></label>\
          <input type=\"text\" id=\"description\" name=\"description\" maxlength=\"500\" \
-         value=\"{description}\"></div>\
+         value=\"{description}\"{description_attributes}>{description_problem}</div>\
          <label><input type=\"checkbox\" name=\"enabled\" value=\"true\"{checked}> Enabled</label>",
-        url = esc(url),
-        events = esc(&events),
-        description = esc(description),
+        url = esc(refill.value("url", url)),
+        events = esc(refill.value("events", &events)),
+        description = esc(refill.value("description", description)),
         checked = if enabled { " checked" } else { "" },
     )
 }
@@ -128,6 +145,11 @@ fn flash_of(webhook: &Webhook, note: String) -> SecretFlash {
 // The list, create, edit
 
 pub(crate) async fn list(console: Console) -> PageResult {
+    list_page(console, Refill::default()).await
+}
+
+/// The webhooks page, its create form shown again with its problems when `refill` has any.
+async fn list_page(console: Console, refill: Refill) -> PageResult {
     let hooks = webhooks::list_webhooks(&console.app, &console.who, console.tenant).await?;
     let mut body = String::from(
         "<p>Each webhook receives the organization's audit events whose action matches its \
@@ -138,7 +160,7 @@ pub(crate) async fn list(console: Console) -> PageResult {
         body.push_str("<p><a class=\"button\" href=\"#create\">Create a webhook</a></p>");
     }
     body.push_str(
-        "<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Webhooks\"><thead><tr>\
+        "<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Webhooks</caption><thead><tr>\
          <th scope=\"col\">Webhook</th><th scope=\"col\">URL</th><th scope=\"col\">Events</th>\
          <th scope=\"col\">Enabled</th><th scope=\"col\">Failing since</th>\
          <th scope=\"col\">Actions</th></tr></thead><tbody>",
@@ -174,14 +196,15 @@ pub(crate) async fn list(console: Console) -> PageResult {
     if (hooks.len() as u32) < webhooks::MAX_WEBHOOKS {
         let _ = write!(
             body,
-            "<h2 id=\"create\">Create a webhook</h2>{}",
+            "<h2 id=\"create\">Create a webhook</h2>{}{}",
+            refill.summary(),
             post_form(
                 LIST,
                 &console.csrf,
                 "stack",
                 &format!(
                     "{}<div><button type=\"submit\">Create webhook</button></div>",
-                    webhook_fields(None)
+                    webhook_fields(None, &refill)
                 ),
             )
         );
@@ -193,13 +216,31 @@ pub(crate) async fn list(console: Console) -> PageResult {
             webhooks::MAX_WEBHOOKS
         );
     }
-    let frame = console.frame(LIST).await?;
+    let mut frame = console.frame(LIST).await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console.render(frame, "Webhooks", &body).into_response())
+}
+
+/// A refused form shown again (status 422) by `page`, when the refusal is about its fields.
+async fn refused<F, Fut>(console: Console, form: &Form, error: ConsoleError, page: F) -> PageResult
+where
+    F: FnOnce(Console, Refill) -> Fut,
+    Fut: std::future::Future<Output = PageResult>,
+{
+    let Some(problems) = error.problems(&FIELDS) else {
+        return Err(error);
+    };
+    let mut response = page(console, form.refill(problems)).await?;
+    *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+    Ok(response)
 }
 
 pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
-    let spec = spec_from(&form)?;
+    let spec = match spec_from(&form) {
+        Ok(spec) => spec,
+        Err(error) => return refused(console, &form, error, list_page).await,
+    };
     let home = secret_home(&console, None).await?;
     let now = console.app.now();
     let keep = {
@@ -222,8 +263,12 @@ pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
 }
 
 pub(crate) async fn edit_page(console: Console, Path(id): Path<String>) -> PageResult {
-    let webhook =
-        webhooks::get_webhook(&console.app, &console.who, console.tenant, webhook_id(&id)?).await?;
+    edit_form(console, webhook_id(&id)?, Refill::default()).await
+}
+
+/// The edit page, its form shown again with its problems when `refill` has any.
+async fn edit_form(console: Console, id: uuid::Uuid, refill: Refill) -> PageResult {
+    let webhook = webhooks::get_webhook(&console.app, &console.who, console.tenant, id).await?;
     let mut body = String::new();
     let previous = webhook
         .previous_secret
@@ -253,17 +298,19 @@ pub(crate) async fn edit_page(console: Console, Path(id): Path<String>) -> PageR
             time(since)
         );
     }
+    body.push_str(&refill.summary());
     body.push_str(&post_form(
         &format!("{LIST}/{}", webhook.id),
         &console.csrf,
         "stack",
         &format!(
             "{}<div><button type=\"submit\">Save webhook</button></div>",
-            webhook_fields(Some(&webhook))
+            webhook_fields(Some(&webhook), &refill)
         ),
     ));
     let _ = write!(body, "<p><a href=\"{LIST}\">Cancel</a></p>");
-    let frame = console.frame(LIST).await?;
+    let mut frame = console.frame(LIST).await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console
         .render(frame, &format!("Edit {}", label(&webhook)), &body)
         .into_response())
@@ -272,7 +319,15 @@ pub(crate) async fn edit_page(console: Console, Path(id): Path<String>) -> PageR
 pub(crate) async fn update(console: Console, Path(id): Path<String>, body: Bytes) -> PageResult {
     let form = console.form(&body)?;
     let id = webhook_id(&id)?;
-    let spec = spec_from(&form)?;
+    let spec = match spec_from(&form) {
+        Ok(spec) => spec,
+        Err(error) => {
+            return refused(console, &form, error, |console, refill| {
+                edit_form(console, id, refill)
+            })
+            .await
+        }
+    };
     let webhook = webhooks::update_webhook(
         &console.app,
         &console.who,
@@ -304,7 +359,10 @@ pub(crate) async fn rotate_page(console: Console, Path(id): Path<String>) -> Pag
             &format!("{LIST}/{}/rotate", webhook.id),
             &console.csrf,
             "stack",
-            "<div><button type=\"submit\">Rotate the secret</button></div>",
+            &format!(
+                "<div><button type=\"submit\">Rotate the secret of <strong>{}</strong></button></div>",
+                esc(label(&webhook))
+            ),
         ),
     );
     let frame = console.frame(LIST).await?;
@@ -360,7 +418,11 @@ pub(crate) async fn delete_page(console: Console, Path(id): Path<String>) -> Pag
             &format!("{LIST}/{}/delete", webhook.id),
             &console.csrf,
             "stack",
-            "<div><button type=\"submit\" class=\"danger\">Delete for good</button></div>",
+            &format!(
+                "<div><button type=\"submit\" class=\"danger\">Delete the webhook <strong>{}</strong> \
+                 for good</button></div>",
+                esc(label(&webhook))
+            ),
         ),
     );
     let frame = console.frame(LIST).await?;
@@ -462,7 +524,7 @@ pub(crate) async fn deliveries(
         failed = selected("failed"),
     );
     body.push_str(
-        "<div class=\"table-wrap\"><table class=\"responsive\" aria-label=\"Deliveries\"><thead><tr>\
+        "<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Deliveries</caption><thead><tr>\
          <th scope=\"col\">Event</th><th scope=\"col\">Status</th><th scope=\"col\">Attempts</th>\
          <th scope=\"col\">Last attempt</th><th scope=\"col\">Response</th>\
          <th scope=\"col\">Next attempt</th><th scope=\"col\">Actions</th></tr></thead><tbody>",

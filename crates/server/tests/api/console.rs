@@ -114,9 +114,9 @@ impl ConsoleSession {
 
 /// The secrets a secret page shows, in order.
 fn secrets_in(html: &str) -> Vec<String> {
-    html.split("aria-label=\"Secret\">")
+    html.split("class=\"secret\" value=\"")
         .skip(1)
-        .map(|rest| rest[..rest.find('<').unwrap()].to_owned())
+        .map(|rest| rest[..rest.find('"').unwrap()].to_owned())
         .collect()
 }
 

@@ -21,20 +21,32 @@ document.addEventListener('DOMContentLoaded', () => {
       const source = document.getElementById(button.dataset.copy);
       const status = document.getElementById(button.dataset.status);
       if (!source) return;
-      const text = source.textContent;
+      const text = 'value' in source ? source.value : source.textContent;
       let done = false;
       try {
         await navigator.clipboard.writeText(text);
         done = true;
       } catch (_) {
-        const range = document.createRange();
-        range.selectNodeContents(source);
-        const selection = window.getSelection();
-        selection.removeAllRanges();
-        selection.addRange(range);
+        source.focus();
+        source.select();
         done = document.execCommand('copy');
       }
       if (status) status.textContent = done ? 'Copied.' : 'Select the text and copy it.';
+    });
+  }
+
+  // A one-time secret's field: selected whole when it gets the focus, ready to copy.
+  for (const field of document.querySelectorAll('input.secret')) {
+    field.addEventListener('focus', () => field.select());
+  }
+
+  // An error summary's links move the focus to their field (not only scroll to it).
+  for (const link of document.querySelectorAll('.error-summary a[href^="#"]')) {
+    link.addEventListener('click', (event) => {
+      const field = document.getElementById(link.getAttribute('href').slice(1));
+      if (!field) return;
+      event.preventDefault();
+      field.focus();
     });
   }
 
