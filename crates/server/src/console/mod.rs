@@ -1239,3 +1239,40 @@ async fn sign_out(console: Console, body: Bytes) -> Result<Response, ConsoleErro
     );
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::way_back;
+
+    /// After signing in, the browser goes back only to a page of this console: never to another
+    /// host (a protocol-relative or backslashed path), nor to the sign-in, sign-out or one-time
+    /// secret routes.
+    #[test]
+    fn a_sign_in_goes_back_only_to_a_console_page() {
+        for kept in [
+            "/console",
+            "/console/audit?outcome=denied",
+            "/console/api-tokens#create",
+            "/console/webhooks/0c7d3f0e-3b1e-4a8e-9d55-2f4f5f0b8a11/deliveries?status=failed",
+        ] {
+            assert_eq!(way_back(kept), Some(kept), "{kept}");
+        }
+        for refused in [
+            "",
+            "//evil.example/console",
+            "https://evil.example/console",
+            "/console//evil.example",
+            "/console/\\evil.example",
+            "/consoles",
+            "/api/v1/organizations",
+            "/console/login?next=/console",
+            "/console/logout",
+            "/console/oidc/start",
+            "/console/secret",
+            "/console/audit?q=a b",
+            "/console/audit?q=\u{e9}",
+        ] {
+            assert_eq!(way_back(refused), None, "{refused:?}");
+        }
+    }
+}
