@@ -286,6 +286,24 @@ try {
   }
   log('every page has its landmarks, one h1, captioned tables and no axe-core violation');
 
+  // --- The idle limit: a warning before it, with a way to stay signed in (the browser's clock) ---
+  await page.clock.install();
+  await page.goto(`${URL}/console/api-tokens`);
+  await page.clock.fastForward('28:30');
+  const warning = page.getByRole('alertdialog');
+  await warning.waitFor();
+  check((await warning.textContent()).includes('ends in 2 minutes'), 'two minutes before the idle limit a warning says so');
+  const stay = page.getByRole('button', { name: 'Stay signed in' });
+  check(await focused(stay), 'the focus moves to "Stay signed in"');
+  await page.keyboard.press('Enter');
+  await warning.waitFor({ state: 'hidden' });
+  await page.clock.fastForward('30:00');
+  const again = page.getByRole('link', { name: 'Sign in again' });
+  await again.waitFor();
+  check(await focused(again), 'once the limit passes, the focus moves to "Sign in again"');
+  check((await again.getAttribute('href')).includes('next=%2Fconsole%2Fapi-tokens'), 'which comes back to this page');
+  log('a warning before the idle limit keeps the session with the keyboard; past it, a way to sign in again');
+
   // --- A session that ended gives a way back to where the user was -------------------------------
   const cookie = (await context.cookies()).find((c) => c.name === 'keyplane_session');
   await page.goto(`${URL}/console/audit`);

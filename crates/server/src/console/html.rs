@@ -68,6 +68,9 @@ pub(crate) struct Frame<'a> {
     pub notice: Option<String>,
     /// The page shows a refused form again: its title says so first, as screen readers read it.
     pub refused: bool,
+    /// The session's idle limit and fixed end, for the script's warning before either.
+    pub idle: std::time::Duration,
+    pub ends_at: DateTime<Utc>,
 }
 
 /// A field a refused form shows again with what was wrong: `field` is its element's id.
@@ -153,7 +156,8 @@ impl Refill {
     }
 }
 
-pub(crate) fn document(title: &str, header: &str, main: &str) -> String {
+/// A whole page; `body` holds the `<body>` element's attributes.
+pub(crate) fn document(title: &str, body: &str, header: &str, main: &str) -> String {
     let assets = super::assets::names();
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -162,7 +166,7 @@ pub(crate) fn document(title: &str, header: &str, main: &str) -> String {
          <title>{title} · keyplane</title>\
          <link rel=\"stylesheet\" href=\"/console/assets/{css}\">\
          <script src=\"/console/assets/{js}\" defer></script></head>\
-         <body><a class=\"skip\" href=\"#main\">Skip to content</a>{header}\
+         <body{body}><a class=\"skip\" href=\"#main\">Skip to content</a>{header}\
          <main id=\"main\" tabindex=\"-1\">{main}</main></body></html>",
         title = esc(title),
         css = assets.css,
@@ -223,8 +227,14 @@ pub(crate) fn page(frame: &Frame<'_>, title: &str, body: &str) -> String {
     let notice = frame.notice.as_deref().map_or(String::new(), |text| {
         format!("<p class=\"notice\" role=\"status\">{}</p>", esc(text))
     });
+    let session = format!(
+        " data-session-idle=\"{}\" data-session-ends=\"{}\"",
+        frame.idle.as_secs(),
+        frame.ends_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+    );
     document(
         &titled(title, frame.refused),
+        &session,
         &header,
         &format!("<h1>{}</h1>{notice}{body}", esc(title)),
     )
@@ -244,6 +254,7 @@ fn titled(title: &str, refused: bool) -> String {
 pub(crate) fn bare_page(title: &str, refused: bool, body: &str) -> String {
     document(
         &titled(title, refused),
+        "",
         "<header class=\"top\"><div class=\"brand\"><a href=\"/console\">keyplane</a></div></header>",
         &format!("<h1>{}</h1>{body}", esc(title)),
     )

@@ -201,6 +201,7 @@ pub(crate) fn routes(config: &ConsoleConfig) -> Router<App> {
             get(pages::revoke_page).post(pages::revoke),
         )
         .route("/console/secret", get(pages::secret))
+        .route("/console/session", get(pages::keep_alive))
         .route("/console/audit", get(pages::audit))
         .route(
             "/console/webhooks",
@@ -338,6 +339,7 @@ fn way_back(raw: &str) -> Option<&str> {
         "/console/logout",
         "/console/oidc/",
         "/console/secret",
+        "/console/session",
     ]
     .iter()
     .any(|prefix| path.starts_with(prefix));
@@ -931,6 +933,8 @@ impl Console {
                 current: frame.current,
                 notice: frame.notice,
                 refused: frame.refused,
+                idle: self.app.inner().config.console.idle_timeout,
+                ends_at: self.ends_at,
             },
             title,
             body,
@@ -1269,6 +1273,7 @@ mod tests {
             "/console/logout",
             "/console/oidc/start",
             "/console/secret",
+            "/console/session",
             "/console/audit?q=a b",
             "/console/audit?q=\u{e9}",
         ] {

@@ -1008,6 +1008,12 @@ pub(crate) async fn secret(console: Console) -> PageResult {
     Ok(console.render(frame, title, &body).into_response())
 }
 
+/// "Stay signed in" (the script's warning before the idle limit): the `Console` extractor has
+/// just marked the session used; a session that ended answers with the way to the sign-in.
+pub(crate) async fn keep_alive(_console: Console) -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
 // ------------------------------------------------------------------------------------------------
 // Rotate and revoke (every kind)
 

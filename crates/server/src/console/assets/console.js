@@ -58,6 +58,77 @@ document.addEventListener('DOMContentLoaded', () => {
     box.addEventListener('change', () => { target.disabled = !box.checked; });
   }
 
+  // The session's limits (WCAG 2.2.1): two minutes before the idle limit a dialog offers to stay
+  // signed in; before the fixed end it warns; once the session has ended it links to the sign-in,
+  // which comes back to this page.
+  const idle = Number(document.body.dataset.sessionIdle) * 1000;
+  const ends = Date.parse(document.body.dataset.sessionEnds);
+  const main = document.querySelector('main');
+  if (idle > 0 && main) {
+    const warnBefore = Math.min(120_000, idle / 2);
+    const back = window.location.pathname + window.location.search;
+    const box = document.createElement('div');
+    box.className = 'session-warning';
+    box.setAttribute('role', 'alertdialog');
+    box.setAttribute('aria-labelledby', 'session-warning-text');
+    box.tabIndex = -1;
+    box.hidden = true;
+    const text = document.createElement('p');
+    text.id = 'session-warning-text';
+    const stay = document.createElement('button');
+    stay.type = 'button';
+    stay.textContent = 'Stay signed in';
+    const again = document.createElement('a');
+    again.href = `/console/login?${new URLSearchParams({ next: back, ended: '1' })}`;
+    again.textContent = 'Sign in again';
+    box.append(text, stay, again);
+    main.prepend(box);
+    let before = null;
+    let timers = [];
+    const show = (message, canStay) => {
+      if (box.hidden) before = document.activeElement;
+      text.textContent = message;
+      stay.hidden = !canStay;
+      again.hidden = canStay;
+      box.hidden = false;
+      (canStay ? stay : again).focus();
+    };
+    const ended = () => show('Your session has ended. Sign in again to go on from this page.', false);
+    const schedule = () => {
+      timers.forEach(clearTimeout);
+      const now = Date.now();
+      const idleEnd = now + idle;
+      if (!Number.isNaN(ends) && ends <= idleEnd) {
+        // The fixed end comes first: no activity extends it.
+        const at = new Date(ends).toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
+        timers = [
+          setTimeout(() => show(`Your session ends at ${at}, when it reaches its longest time; sign in again then.`, false), Math.max(0, ends - warnBefore - now)),
+          setTimeout(ended, Math.max(0, ends - now)),
+        ];
+      } else {
+        timers = [
+          setTimeout(() => show('Your session ends in 2 minutes without activity.', true), Math.max(0, idle - warnBefore)),
+          setTimeout(ended, idle),
+        ];
+      }
+    };
+    stay.addEventListener('click', async () => {
+      try {
+        const answer = await fetch('/console/session', { redirect: 'manual', cache: 'no-store' });
+        if (answer.status === 204) {
+          box.hidden = true;
+          if (before && document.contains(before)) before.focus();
+          schedule();
+          return;
+        }
+      } catch (_) {
+        // Unreachable: the session is treated as ended; signing in again comes back here.
+      }
+      ended();
+    });
+    schedule();
+  }
+
   // After "Sign in with …": continue with a same-site navigation, so the SameSite=Strict
   // session cookie is sent.
   const next = document.querySelector('a[data-continue]');
