@@ -100,6 +100,8 @@ impl From<Credential> for ApiTokenView {
             last_used_at,
             revoked_at: _,
             created_by_user_id: _,
+            // Not on the platforms' shapes, which the references fix; `admin access-review` shows it.
+            created_by: _,
             revoked_by_user_id: _,
             suspended_at: _,
             rotated_at: _,
@@ -281,6 +283,8 @@ impl From<Credential> for RobotAccountView {
             last_used_at,
             revoked_at: _,
             created_by_user_id: _,
+            // Not on the platforms' shapes, which the references fix; `admin access-review` shows it.
+            created_by: _,
             revoked_by_user_id: _,
             suspended_at: _,
             rotated_at: _,

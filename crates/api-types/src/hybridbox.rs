@@ -105,6 +105,8 @@ impl From<Credential> for ServiceAccountView {
             last_used_at,
             revoked_at,
             created_by_user_id,
+            // Not on the platforms' shapes, which the references fix; `admin access-review` shows it.
+            created_by: _,
             revoked_by_user_id,
             suspended_at: _,
             rotated_at: _,
@@ -248,6 +250,8 @@ impl From<Grant> for AuthorizationView {
             created_at,
             revoked_at,
             created_by_user_id: _,
+            // Not on the platforms' shapes, which the references fix; `admin access-review` shows it.
+            created_by: _,
         } = grant;
         Self {
             id: id.as_uuid(),

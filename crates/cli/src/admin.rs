@@ -1,11 +1,26 @@
 use crate::StoreArgs;
 use clap::{Args, Subcommand};
 use keyplane_core::audit::{actions, DetailValue};
-use keyplane_core::{GrantKind, GrantResource, NewGrant, Scope, SubjectType, TenantId, UserId};
+use keyplane_core::{
+    CreatedBy, Credential, CredentialKind, Grant, GrantKind, GrantResource, NewGrant, Operator,
+    Scope, SubjectType, TenantId, UserId,
+};
 use keyplane_server::aether::{parse_audit_query, AuditEventView};
 use keyplane_server::hybridbox::wire::AuthorizationView;
 use keyplane_server::ops;
 use keyplane_store::AuditOrder;
+
+/// `keyplane admin`: a command, and who runs it.
+#[derive(Args)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    command: AdminCommand,
+    /// Your name, recorded with the OS user that runs the command on every audit event it writes
+    /// (details `operator` and `os_user`; the actor stays `system`) and on every credential or
+    /// grant it creates. Not verified: the OS user is what the machine vouches for.
+    #[arg(long, global = true, env = "KEYPLANE_OPERATOR", value_name = "NAME")]
+    operator: Option<String>,
+}
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -40,6 +55,22 @@ pub enum AdminCommand {
     /// only read refuse a store at an older schema. Back the store up first: an older keyplane
     /// refuses a store a newer one has migrated (one already running keeps serving it).
     Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// An access review of an organization: its live credentials (API tokens, service accounts,
+    /// robot accounts, canaries included) and grants as JSON lines, each with `created_by`: the
+    /// actor that created it (`type`, `id`; the id is null for `system`), `via` (`api`,
+    /// `console`, `admin`, `bootstrap`) and, for an admin command, `os_user` and `operator`. Kept
+    /// on the row, so it outlives audit retention; null for what was created before keyplane
+    /// recorded it (the audit export since then says who). Safe while a server runs.
+    AccessReview {
+        /// The organization (tenant) id.
+        #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
+        org: TenantId,
+        /// Also list revoked credentials and grants.
+        #[arg(long)]
+        include_revoked: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -247,6 +278,138 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
             None => tokio::time::sleep(FOLLOW_POLL).await,
         }
     }
+}
+
+/// Rows read per store query by `access-review`.
+const REVIEW_PAGE: u32 = 500;
+
+/// `admin access-review`: every credential of each kind, then every grant, one JSON line each,
+/// read a page at a time.
+async fn access_review(
+    store: &StoreArgs,
+    org: TenantId,
+    include_revoked: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = store.open_read_only().await?;
+    if store.get_tenant(org).await?.is_none() {
+        anyhow::bail!("no organization with id {org}");
+    }
+    let mut out = std::io::stdout().lock();
+    for kind in [
+        CredentialKind::ApiToken,
+        CredentialKind::ServiceAccount,
+        CredentialKind::RobotAccount,
+    ] {
+        let mut after = None;
+        loop {
+            let page = store
+                .list_credentials(&keyplane_store::ListCredentials {
+                    tenant_id: org,
+                    kind,
+                    after,
+                    limit: Some(REVIEW_PAGE),
+                    include_revoked,
+                    expiring: None,
+                    include_canaries: true,
+                })
+                .await?;
+            for credential in &page {
+                writeln!(out, "{}", reviewed_credential(credential))?;
+            }
+            match page.last() {
+                Some(last) if page.len() == REVIEW_PAGE as usize => after = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    let mut after = None;
+    loop {
+        let page = store
+            .list_grants(&keyplane_store::GrantFilter {
+                tenant_id: org,
+                subject_type: None,
+                subject_id: None,
+                kind: None,
+                capability_key: None,
+                include_revoked,
+                after,
+                limit: Some(REVIEW_PAGE),
+            })
+            .await?;
+        for grant in &page {
+            writeln!(out, "{}", reviewed_grant(grant))?;
+        }
+        match page.last() {
+            Some(last) if page.len() == REVIEW_PAGE as usize => after = Some(last.id),
+            _ => break,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn review_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// `{"actor": {"type", "id"}, "via", "os_user", "operator"}` (the actor as audit events show it),
+/// or null when the row predates the record.
+fn created_by_json(created_by: Option<&CreatedBy>) -> serde_json::Value {
+    let Some(by) = created_by else {
+        return serde_json::Value::Null;
+    };
+    let operator = by.operator.as_ref();
+    serde_json::json!({
+        "actor": {"type": by.actor_type.as_str(), "id": by.actor_id},
+        "via": by.via.as_str(),
+        "os_user": operator.map(|o| o.os_user.as_str()),
+        "operator": operator.and_then(|o| o.name.as_deref()),
+    })
+}
+
+fn reviewed_credential(credential: &Credential) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "type": credential.kind.as_str(),
+        "id": credential.id.to_string(),
+        "name": credential.name,
+        "prefix": credential.display.prefix,
+        "created_at": review_time(credential.created_at),
+        "created_by": created_by_json(credential.created_by.as_ref()),
+        "expires_at": credential.expires_at.map(review_time),
+        "suspended_at": credential.suspended_at.map(review_time),
+        "revoked_at": credential.revoked_at.map(review_time),
+        "canary": credential.canary,
+    });
+    let rights = match credential.kind {
+        CredentialKind::RobotAccount => (
+            "permissions",
+            credential
+                .permissions
+                .iter()
+                .map(keyplane_core::RobotPermission::to_wire)
+                .collect(),
+        ),
+        _ => ("scopes", credential.scopes.to_strings()),
+    };
+    line[rights.0] = serde_json::Value::from(rights.1);
+    line
+}
+
+fn reviewed_grant(grant: &Grant) -> serde_json::Value {
+    serde_json::json!({
+        "type": "authorization",
+        "id": grant.id.to_string(),
+        "grant_kind": grant.kind.as_str(),
+        "subject_type": grant.subject_type.as_str(),
+        "subject_id": grant.subject_id,
+        "capability_key": grant.capability_key.as_ref().map(|k| k.as_str()),
+        "resource_type": grant.resource.resource_type,
+        "resource_id": grant.resource.resource_id,
+        "created_at": review_time(grant.created_at),
+        "created_by": created_by_json(grant.created_by.as_ref()),
+        "revoked_at": grant.revoked_at.map(review_time),
+    })
 }
 
 /// Events read at once by `verify`.
@@ -512,11 +675,61 @@ pub fn org_json(created: &ops::OrgCreated) -> String {
     .to_string()
 }
 
-pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
-    match command {
+/// Who runs this command: the OS user of the process's real uid (its name, else `$USER` or
+/// `$LOGNAME` as set, else `uid N`), and the name given with --operator.
+fn operator(given: Option<String>) -> anyhow::Result<Operator> {
+    let name = given
+        .map(|raw| {
+            keyplane_core::validate::name(keyplane_core::FieldPath::body("operator"), &raw)
+                .map_err(|e| anyhow::anyhow!("--operator: {}", e.message))
+        })
+        .transpose()?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let os_user = user_name(uid)
+        .or_else(|| {
+            ["USER", "LOGNAME"]
+                .into_iter()
+                .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+        })
+        .unwrap_or_else(|| format!("uid {uid}"));
+    Ok(Operator { os_user, name })
+}
+
+/// The name of `uid` in the user database, if it has one.
+fn user_name(uid: libc::uid_t) -> Option<String> {
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids), filled in by getpwuid_r.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, the buffer's length is its own; the strings
+    // `entry` points at live in `buffer`, read before it is dropped.
+    let status = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if status != 0 || found.is_null() || entry.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r found an entry: `pw_name` is a NUL-terminated string in `buffer`.
+    let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+    name.to_str()
+        .ok()
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+}
+
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let operator = operator(args.operator)?;
+    match args.command {
         AdminCommand::CreateOrg { name, json, store } => {
             let store = open_to_write(&store).await?;
-            let created = ops::create_org(store.as_ref(), &name)
+            let created = ops::create_org(store.as_ref(), &name, &operator)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot create the organization: {e}"))?;
             if json {
@@ -530,7 +743,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::RegistryCert { store } => {
             let store = store.open_read_only().await?;
-            let keys = signing_keys(store.as_ref(), "admin registry-cert").await?;
+            let keys = signing_keys(store.as_ref(), "admin registry-cert", &operator).await?;
             for key in [keys.current, keys.next, keys.previous]
                 .into_iter()
                 .flatten()
@@ -539,7 +752,12 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AdminCommand::RegistryKey(command) => registry_key(command).await,
+        AdminCommand::RegistryKey(command) => registry_key(command, &operator).await,
+        AdminCommand::AccessReview {
+            org,
+            include_revoked,
+            store,
+        } => access_review(&store, org, include_revoked).await,
         AdminCommand::Migrate { store } => {
             let opened = store
                 .open_with(keyplane_store::PendingMigrations::Apply)
@@ -553,7 +771,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let store = open_to_write(&args.store).await?;
             // The user as the operator named them: issuer and `sub` (with --user-sub).
             let subject = args.issuer.as_deref().zip(args.user.user_sub.as_deref());
-            let grant = ops::grant_as_operator(store.as_ref(), args.org, grant, subject)
+            let grant = ops::grant_as_operator(store.as_ref(), args.org, grant, subject, &operator)
                 .await
                 .map_err(|e| match e {
                     keyplane_server::error::AppError::Domain(keyplane_core::Error::NotFound) => {
@@ -659,28 +877,35 @@ async fn open_to_write(
     Ok(opened.store)
 }
 
-/// Every signing key, creating the current one on first use (recorded `via` the command).
+/// Every signing key, creating the current one on first use (recorded `via` the command, run by
+/// `operator`).
 async fn signing_keys(
     store: &dyn keyplane_store::Store,
     via: &'static str,
+    operator: &Operator,
 ) -> anyhow::Result<keyplane_store::SigningKeys> {
     let cannot =
         |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot load the registry signing keys: {e}");
-    keyplane_server::registry::load_or_create_signing_key(store, via)
+    keyplane_server::registry::load_or_create_signing_key(store, via, Some(operator))
         .await
         .map_err(|e| cannot(&e))?;
     store.signing_keys().await.map_err(|e| cannot(&e))
 }
 
-async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
+async fn registry_key(command: RegistryKeyCommand, operator: &Operator) -> anyhow::Result<()> {
     match command {
         RegistryKeyCommand::Stage { store } => {
             const VIA: &str = "admin registry-key stage";
             let store = open_to_write(&store).await?;
-            signing_keys(store.as_ref(), VIA).await?;
+            signing_keys(store.as_ref(), VIA, operator).await?;
             let candidate = keyplane_server::registry::mint_candidate()
                 .map_err(|e| anyhow::anyhow!("cannot create a signing key: {e}"))?;
-            let recorded = ops::signing_key_event(actions::REGISTRY_SIGNING_KEY_STAGED, VIA, None);
+            let recorded = ops::signing_key_event(
+                actions::REGISTRY_SIGNING_KEY_STAGED,
+                VIA,
+                None,
+                Some(operator),
+            );
             let staged = store
                 .stage_signing_key(&candidate, &recorded)
                 .await
@@ -698,6 +923,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
                 actions::REGISTRY_SIGNING_KEY_PROMOTED,
                 "admin registry-key promote",
                 None,
+                Some(operator),
             );
             let promoted = store
                 .promote_signing_key(ops::now(), &recorded)
@@ -724,7 +950,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
         } => {
             const VIA: &str = "admin registry-key retire-previous";
             let store = open_to_write(&store).await?;
-            let Some(previous) = signing_keys(store.as_ref(), VIA).await?.previous else {
+            let Some(previous) = signing_keys(store.as_ref(), VIA, operator).await?.previous else {
                 println!("no previous key: nothing to retire");
                 return Ok(());
             };
@@ -741,8 +967,12 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
                     valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
             }
-            let recorded =
-                ops::signing_key_event(actions::REGISTRY_SIGNING_KEY_RETIRED, VIA, Some(force));
+            let recorded = ops::signing_key_event(
+                actions::REGISTRY_SIGNING_KEY_RETIRED,
+                VIA,
+                Some(force),
+                Some(operator),
+            );
             let retired = store
                 .retire_previous_signing_key(&previous.key_id, &recorded)
                 .await
@@ -760,7 +990,7 @@ async fn registry_key(command: RegistryKeyCommand) -> anyhow::Result<()> {
         }
         RegistryKeyCommand::Show { json, store } => {
             let store = store.open_read_only().await?;
-            let keys = signing_keys(store.as_ref(), "admin registry-key show").await?;
+            let keys = signing_keys(store.as_ref(), "admin registry-key show", operator).await?;
             let slots = [
                 ("current", keys.current),
                 ("next", keys.next),

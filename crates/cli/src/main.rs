@@ -46,8 +46,7 @@ enum Command {
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
     /// Administrative commands that work directly on the store (safe while a server runs).
-    #[command(subcommand)]
-    Admin(admin::AdminCommand),
+    Admin(admin::AdminArgs),
     /// Save a server URL and token as a profile for the client commands (checked with whoami).
     #[command(after_help = concat!(
         "Asks for the token without echo on a terminal; otherwise pass --token-stdin.\n\n",

@@ -572,8 +572,9 @@ async fn bootstrap(store: &dyn keyplane_store::Store, data_dir: &Path) -> anyhow
         settle_pending_bootstrap(store, data_dir, &path).await;
         return Ok(());
     }
+    let by = keyplane_core::CreatedBy::system(keyplane_core::Channel::Bootstrap);
     let created =
-        ops::mint_first_org("default").map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?;
+        ops::mint_first_org("default", by).map_err(|e| anyhow::anyhow!("bootstrap failed: {e}"))?;
     let pending = data_dir.join(format!("bootstrap.{}.json.pending", created.tenant.id));
     write_private(&pending, &crate::admin::org_json(&created))
         .with_context(|| format!("writing {}", pending.display()))?;

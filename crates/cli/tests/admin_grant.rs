@@ -251,6 +251,10 @@ async fn admin_grant_gives_a_user_a_right_in_an_org(backend: Backend) {
                 },
             },
             None,
+            &keyplane_core::Operator {
+                os_user: "test".into(),
+                name: None,
+            },
         )
         .await
         .expect("a grant within the cap");

@@ -26,6 +26,7 @@ both_stores!(
     a_torn_last_line_does_not_swallow_the_next_event,
     registry_key_changes_are_in_the_trail_of_each_registry,
     verify_says_an_anchor_no_pruning_recorded,
+    creators_outlive_retention_and_admin_events_name_the_operator,
 );
 
 /// `keyplane admin ARGS` on `store`, which must succeed; its stdout.
@@ -664,4 +665,209 @@ async fn verify_says_an_anchor_no_pruning_recorded(backend: Backend) {
         "{}",
         output.describe()
     );
+}
+
+/// The OS account the tests run as, as `id -un` names it.
+fn os_user() -> String {
+    let output = Command::new("id").arg("-un").output().expect("run id -un");
+    assert!(output.status.success(), "id -un failed");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// The JSON lines of `output`, which must have succeeded.
+fn json_lines(output: &common::CommandOutput) -> Vec<Value> {
+    assert!(output.status.success(), "{}", output.describe());
+    output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// Who created each credential and grant stays on its row after retention pruned the events that
+/// said so, and `admin access-review` shows it; events of admin commands keep actor `system` and
+/// name the OS user and the operator (`--operator`, or `KEYPLANE_OPERATOR`).
+async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let os_user = os_user();
+    let org = Org::from_json(
+        &admin(
+            &store,
+            &[
+                "create-org",
+                "--name",
+                "acme",
+                "--json",
+                "--operator",
+                "Alice Ops",
+            ],
+        )
+        .await,
+    );
+    let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
+    let by_admin = json_lines(
+        &run(
+            keyplane()
+                .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
+                .args(["--capability", "audit:read"])
+                .args(store.args())
+                .env("KEYPLANE_OPERATOR", "bob"),
+            TIMEOUT,
+        )
+        .await,
+    )
+    .remove(0);
+    // A name with a control character is refused before anything is written.
+    let refused = run(
+        keyplane()
+            .args([
+                "admin",
+                "create-org",
+                "--name",
+                "other",
+                "--operator",
+                "eve\u{7}",
+            ])
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(!refused.status.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("--operator"),
+        "{}",
+        refused.describe()
+    );
+
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let by_api = server
+        .create_token(&org, "ci", &["api_tokens:read"], None)
+        .await;
+    let response = server
+        .http
+        .post(server.url(&format!(
+            "/v1/public/accounts/{}/auth/authorizations",
+            org.id
+        )))
+        .bearer_auth(&org.token)
+        .json(&serde_json::json!({
+            "grant_kind": "capability",
+            "subject_type": "user",
+            "subject_id": reader,
+            "capability_key": "api_tokens:read",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let granted_by_api: Value = response.json().await.unwrap();
+    drop(server);
+
+    // The admin commands' events: actor `system` as before, the operator in the details.
+    let events = admin_audit(&store, &["--org", &org.id]).await;
+    let event = |action: &str, target: &str| {
+        events
+            .iter()
+            .find(|e| {
+                e["action"] == action
+                    && (e["target"]["id"] == target || e["target"]["name"] == target)
+            })
+            .unwrap_or_else(|| panic!("no {action} of {target}: {events:?}"))
+            .clone()
+    };
+    let bootstrap_created = event("api_token.created", "bootstrap");
+    let bootstrap_id = bootstrap_created["target"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (recorded, operator) in [
+        (event("organization.created", &org.id), "Alice Ops"),
+        (bootstrap_created, "Alice Ops"),
+        (
+            event("authorization.created", by_admin["id"].as_str().unwrap()),
+            "bob",
+        ),
+    ] {
+        assert_eq!(recorded["actor"]["type"], "system", "{recorded}");
+        assert_eq!(recorded["actor"]["id"], Value::Null, "{recorded}");
+        assert_eq!(
+            recorded["details"]["os_user"],
+            os_user.as_str(),
+            "{recorded}"
+        );
+        assert_eq!(recorded["details"]["operator"], operator, "{recorded}");
+    }
+    let api_created = event("api_token.created", &by_api.id);
+    assert_eq!(api_created["actor"]["type"], "api_token");
+    assert_eq!(api_created["actor"]["id"], bootstrap_id.as_str());
+    assert_eq!(api_created["details"].get("os_user"), None);
+
+    // Retention prunes every event so far.
+    let opened = keyplane_store::connect(&store.db.url).await.unwrap();
+    let cutoff = chrono::Utc::now() + chrono::TimeDelta::days(1);
+    let record = keyplane_server::ops::audit_pruned(cutoff, 1);
+    while opened
+        .prune_audit_events(cutoff, 1000, &record)
+        .await
+        .unwrap()
+        > 0
+    {}
+    opened.close().await;
+    let created = [
+        "--action",
+        "organization.created",
+        "--action",
+        "api_token.created",
+        "--action",
+        "authorization.created",
+    ];
+    let left = admin_audit(
+        &store,
+        &[&["--org", org.id.as_str()][..], &created].concat(),
+    )
+    .await;
+    assert_eq!(left, Vec::<Value>::new(), "pruned");
+
+    // The rows still say who created them.
+    let review = json_lines(
+        &run(
+            keyplane()
+                .args(["admin", "access-review", "--org", &org.id])
+                .args(store.args()),
+            TIMEOUT,
+        )
+        .await,
+    );
+    let row = |id: &str| {
+        review
+            .iter()
+            .find(|row| row["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is not in the review: {review:?}"))
+            .clone()
+    };
+    let by_operator = |name: &str| {
+        serde_json::json!({
+            "actor": {"type": "system", "id": null},
+            "via": "admin",
+            "os_user": os_user,
+            "operator": name,
+        })
+    };
+    let by_bootstrap_token = serde_json::json!({
+        "actor": {"type": "api_token", "id": bootstrap_id},
+        "via": "api",
+        "os_user": null,
+        "operator": null,
+    });
+    assert_eq!(review.len(), 4, "two tokens, two grants: {review:?}");
+    assert_eq!(row(&bootstrap_id)["type"], "api_token");
+    assert_eq!(row(&bootstrap_id)["created_by"], by_operator("Alice Ops"));
+    assert_eq!(row(&by_api.id)["created_by"], by_bootstrap_token);
+    let admin_grant = row(by_admin["id"].as_str().unwrap());
+    assert_eq!(admin_grant["type"], "authorization");
+    assert_eq!(admin_grant["subject_id"], reader);
+    assert_eq!(admin_grant["created_by"], by_operator("bob"));
+    let api_grant = row(granted_by_api["id"].as_str().unwrap());
+    assert_eq!(api_grant["capability_key"], "api_tokens:read");
+    assert_eq!(api_grant["created_by"], by_bootstrap_token);
 }

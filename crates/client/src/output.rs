@@ -747,10 +747,20 @@ impl Record for AuditEventView {
     }
 }
 
+/// `type:id`, or the type alone; an admin command's (`system`) with who ran it, from its details:
+/// `system (operator alice, os user root)`.
 fn actor_text(event: &AuditEventView) -> String {
-    match event.actor.id {
-        Some(id) => format!("{}:{id}", event.actor.actor_type),
-        None => event.actor.actor_type.clone(),
+    let detail = |key: &str| event.details.get(key).and_then(Value::as_str);
+    match (event.actor.id, detail("os_user")) {
+        (Some(id), _) => format!("{}:{id}", event.actor.actor_type),
+        (None, Some(os_user)) => match detail("operator") {
+            Some(operator) => format!(
+                "{} (operator {operator}, os user {os_user})",
+                event.actor.actor_type
+            ),
+            None => format!("{} (os user {os_user})", event.actor.actor_type),
+        },
+        (None, None) => event.actor.actor_type.clone(),
     }
 }
 
@@ -944,6 +954,52 @@ mod tests {
             ],
         );
         assert_eq!(text, "ID  NAME\n1   a\\u{1b}b\n22  c\n");
+    }
+
+    #[test]
+    fn an_admin_commands_event_shows_who_ran_it() {
+        let event = |actor: Value, details: Value| -> AuditEventView {
+            serde_json::from_value(serde_json::json!({
+                "id": "0190f0a4-0d4e-7a53-9d0c-0e8f1f5a7a11",
+                "org_id": "0b9f1c1e-7d7a-4c0e-8d57-3f3b2b1d2e4f",
+                "seq": 1,
+                "occurred_at": "2030-01-01T00:00:00Z",
+                "action": "authorization.created",
+                "outcome": "success",
+                "actor": actor,
+                "target": null,
+                "request_id": null,
+                "client_ip": null,
+                "user_agent": null,
+                "details": details,
+                "chain_hash": "00",
+            }))
+            .unwrap()
+        };
+        let system = serde_json::json!({"type": "system", "id": null});
+        let actor = |event: &AuditEventView| {
+            let now = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap();
+            event.cells(now)[4].clone()
+        };
+        let named =
+            serde_json::json!({"os_user": "root", "operator": "alice", "via": "admin grant"});
+        assert_eq!(
+            actor(&event(system.clone(), named)),
+            "system (operator alice, os user root)"
+        );
+        let unnamed = serde_json::json!({"os_user": "root"});
+        assert_eq!(
+            actor(&event(system.clone(), unnamed)),
+            "system (os user root)"
+        );
+        // Events from before operators were recorded, and the server's own.
+        assert_eq!(actor(&event(system, serde_json::json!({}))), "system");
+        let token =
+            serde_json::json!({"type": "api_token", "id": "6c3ac0a4-0d4e-4a53-9d0c-0e8f1f5a7a11"});
+        assert_eq!(
+            actor(&event(token, serde_json::json!({}))),
+            "api_token:6c3ac0a4-0d4e-4a53-9d0c-0e8f1f5a7a11"
+        );
     }
 
     #[test]

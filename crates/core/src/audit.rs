@@ -335,6 +335,17 @@ impl AuditEvent {
         )
     }
 
+    /// Names who ran a `keyplane admin` command: details `os_user`, and `operator` when given.
+    /// The actor stays `system`, so filters and readers of the actor type see what they always
+    /// did.
+    pub fn operated_by(self, operator: &crate::created_by::Operator) -> Self {
+        let event = self.text("os_user", bounded(&operator.os_user));
+        match &operator.name {
+            Some(name) => event.text("operator", bounded(name)),
+            None => event,
+        }
+    }
+
     /// The bytes the chain hashes, position `seq` in its tenant's chain included. See
     /// ARCHITECTURE.md ("Audit trail") for the layout: a version tag, then every field in a fixed
     /// order as `tag byte, u32 big-endian length, UTF-8 bytes` (tag 0 and no length for an absent

@@ -3,6 +3,7 @@
 //! against a tenant where the principal holds nothing is `NotFound`, never `Forbidden`, so tenant ids
 //! cannot be probed.
 
+use crate::created_by::Channel;
 use crate::credential::{CredentialIdentity, CredentialKind};
 use crate::error::Error;
 use crate::ids::{CredentialId, TenantId, UserId};
@@ -27,6 +28,9 @@ pub struct Principal {
     pub expires_at: Option<DateTime<Utc>>,
     /// A user's OIDC issuer and `sub`, for the audit trail.
     user_identity: Option<(String, String)>,
+    /// How it came in: the API unless [`Principal::through`] says otherwise. Recorded on what it
+    /// creates.
+    channel: Channel,
 }
 
 impl Principal {
@@ -41,6 +45,7 @@ impl Principal {
             rights: vec![(credential.tenant_id, rights)],
             expires_at: credential.expires_at,
             user_identity: None,
+            channel: Channel::Api,
         }
     }
 
@@ -55,6 +60,7 @@ impl Principal {
             rights,
             expires_at,
             user_identity: None,
+            channel: Channel::Api,
         }
     }
 
@@ -62,6 +68,16 @@ impl Principal {
     pub fn with_user_identity(mut self, issuer: String, subject: String) -> Self {
         self.user_identity = Some((issuer, subject));
         self
+    }
+
+    /// The same principal, come in through `channel` (the console).
+    pub fn through(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel
     }
 
     /// The issuer and `sub` of a user principal, when known.
@@ -181,6 +197,7 @@ mod tests {
             rights: vec![(tenant, scopes(list))],
             expires_at: None,
             user_identity: None,
+            channel: Channel::Api,
         };
         (principal, tenant)
     }

@@ -68,6 +68,8 @@ pub struct Credential {
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub created_by_user_id: Option<UserId>,
+    /// Who created it, and how; `None` for rows created before this was recorded.
+    pub created_by: Option<crate::CreatedBy>,
     pub revoked_by_user_id: Option<UserId>,
     /// Suspended credentials authenticate nowhere until resumed; unlike revocation, reversible.
     pub suspended_at: Option<DateTime<Utc>>,
@@ -320,7 +322,8 @@ pub struct NewCredential {
     pub scopes: ScopeSet,
     pub permissions: Vec<RobotPermission>,
     pub expires_at: Option<DateTime<Utc>>,
-    pub created_by_user_id: Option<UserId>,
+    /// From the same actor as the creation's audit event.
+    pub created_by: crate::CreatedBy,
     /// A canary credential (see [`Credential::canary`]).
     pub canary: bool,
 }
@@ -347,7 +350,8 @@ impl NewCredential {
             updated_at: now,
             last_used_at: None,
             revoked_at: None,
-            created_by_user_id: self.created_by_user_id,
+            created_by_user_id: self.created_by.user_id(),
+            created_by: Some(self.created_by),
             revoked_by_user_id: None,
             suspended_at: None,
             rotated_at: None,
@@ -430,7 +434,7 @@ mod tests {
             scopes: ScopeSet::empty(),
             permissions: Vec::new(),
             expires_at: Some(now + TimeDelta::hours(1)),
-            created_by_user_id: None,
+            created_by: crate::CreatedBy::system(crate::Channel::Api),
             canary: false,
         }
         .issue(now, &mut rand::rngs::OsRng)

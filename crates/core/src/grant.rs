@@ -161,6 +161,8 @@ pub struct Grant {
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub created_by_user_id: Option<UserId>,
+    /// Who created it, and how; `None` for rows created before this was recorded.
+    pub created_by: Option<crate::CreatedBy>,
 }
 
 /// A validated request for a grant.
@@ -191,7 +193,13 @@ impl NewGrant {
         }
     }
 
-    pub fn issue(self, tenant_id: TenantId, now: DateTime<Utc>, by_user: Option<UserId>) -> Grant {
+    /// `created_by`: from the same actor as the grant's `authorization.created` event.
+    pub fn issue(
+        self,
+        tenant_id: TenantId,
+        now: DateTime<Utc>,
+        created_by: crate::CreatedBy,
+    ) -> Grant {
         Grant {
             id: GrantId::new(),
             tenant_id,
@@ -202,7 +210,8 @@ impl NewGrant {
             resource: self.resource,
             created_at: now,
             revoked_at: None,
-            created_by_user_id: by_user,
+            created_by_user_id: created_by.user_id(),
+            created_by: Some(created_by),
         }
     }
 }
@@ -284,7 +293,11 @@ mod tests {
                 resource_id: None,
             },
         }
-        .issue(TenantId::new(), Utc::now(), None)
+        .issue(
+            TenantId::new(),
+            Utc::now(),
+            crate::CreatedBy::system(crate::Channel::Api),
+        )
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod authz;
+pub mod created_by;
 pub mod credential;
 pub mod error;
 pub mod glob;
@@ -21,6 +22,7 @@ pub mod webhook;
 
 pub use audit::{AuditActor, AuditEvent, ChainedEvent, RequestContext};
 pub use authz::Principal;
+pub use created_by::{Channel, CreatedBy, Operator};
 pub use credential::{
     Credential, CredentialIdentity, CredentialKind, NewCredential, PreviousSecret, Rotation,
     RotationOptions, SecretGate, SecretSlot, Tenant, TokenDisplay, Unusable,

@@ -189,7 +189,8 @@ impl App {
             return Ok(signer);
         }
         let loaded =
-            crate::registry::load_or_create_signing_key(self.0.store.as_ref(), "serve").await?;
+            crate::registry::load_or_create_signing_key(self.0.store.as_ref(), "serve", None)
+                .await?;
         let mut held = self
             .0
             .registry_signer

@@ -1050,7 +1050,7 @@ pub(crate) mod tests {
             scopes: ScopeSet::parse_list(&FieldPath::body("scopes"), &scopes).unwrap(),
             permissions: Vec::new(),
             expires_at: None,
-            created_by_user_id: None,
+            created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Admin),
             canary: false,
         }
         .issue(crate::ops::now(), &mut rand::rngs::OsRng)
@@ -1061,7 +1061,9 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_reload_refreshes_an_unchanged_entry_in_place() {
         let (_dir, store) = sqlite_store().await;
-        let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let tenant = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
         let tenant = tenant.tenant.id;
         let mut config = crate::Config::default();
         config.verify_cache.positive_ttl = Duration::from_millis(1);
@@ -1129,7 +1131,9 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn the_format_is_checked_before_the_store_and_the_kind_on_every_hit() {
         let (_dir, store) = sqlite_store().await;
-        let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let tenant = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
         let tenant = tenant.tenant.id;
         let app = crate::App::new(store.clone(), crate::Config::default());
         let verifier = &app.inner().verifier;
@@ -1176,8 +1180,12 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn credentials_holding_the_same_scopes_in_one_organization_share_one_rights() {
         let (_dir, store) = sqlite_store().await;
-        let one = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
-        let two = crate::ops::create_org(store.as_ref(), "two").await.unwrap();
+        let one = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
+        let two = crate::ops::create_org(store.as_ref(), "two", &crate::ops::tests_operator())
+            .await
+            .unwrap();
         let (one, two) = (one.tenant.id, two.tenant.id);
         let app = crate::App::new(store.clone(), crate::Config::default());
         let verify = |secret: &Plaintext| {

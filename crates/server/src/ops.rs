@@ -13,7 +13,7 @@ use keyplane_core::{
     FieldError, FieldPath, Grant, GrantId, NewCredential, NewGrant, Plaintext, Principal, Registry,
     RequestContext, RobotPermission, Rotation, ScopeSet, SubjectType, Tenant, TenantId, UserId,
 };
-use keyplane_core::{CredentialPolicy, RotationOptions};
+use keyplane_core::{CreatedBy, CredentialPolicy, Operator, RotationOptions};
 use keyplane_store::{ExpiryWindow, GrantFilter, KeptAnswer, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 
@@ -73,8 +73,13 @@ pub(crate) fn credential_event(
 }
 
 /// A new organization's events: the organization, then its first token (an `api_token.created`
-/// like any other, so that whoever follows tokens, by action or by `target_id`, hears of it).
-fn organization_created(created: &OrgCreated, via: &str) -> [AuditEvent; 2] {
+/// like any other, so that whoever follows tokens, by action or by `target_id`, hears of it); both
+/// name the `operator` of an admin command.
+fn organization_created(
+    created: &OrgCreated,
+    via: &str,
+    operator: Option<&Operator>,
+) -> [AuditEvent; 2] {
     let organization = audit_event(
         created.tenant.id,
         actions::ORGANIZATION_CREATED,
@@ -103,7 +108,13 @@ fn organization_created(created: &OrgCreated, via: &str) -> [AuditEvent; 2] {
         &created.token.credential,
     )
     .text("via", via);
-    [organization, token]
+    match operator {
+        Some(operator) => [
+            organization.operated_by(operator),
+            token.operated_by(operator),
+        ],
+        None => [organization, token],
+    }
 }
 
 fn grant_event(
@@ -158,13 +169,15 @@ pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> Audit
 }
 
 /// The events of a registry signing-key change (`action`), one per organization with a registry:
-/// the operator's act (`via`: the command, or `serve` for the key made on first use), naming the
-/// keys. `forced`: a retirement's `--force`.
+/// the operator's act (`via`: the command, or `serve` for the key made on first use; `operator`:
+/// who ran the command), naming the keys. `forced`: a retirement's `--force`.
 pub fn signing_key_event(
     action: &'static str,
     via: &'static str,
     forced: Option<bool>,
+    operator: Option<&Operator>,
 ) -> impl Fn(&keyplane_store::SigningKeyChange) -> AuditEvent + Send + Sync {
+    let operator = operator.cloned();
     move |change| {
         let mut event = audit_event(
             change.tenant_id,
@@ -181,7 +194,10 @@ pub fn signing_key_event(
         if let Some(forced) = forced {
             event = event.text("forced", forced.to_string());
         }
-        event
+        match &operator {
+            Some(operator) => event.operated_by(operator),
+            None => event,
+        }
     }
 }
 
@@ -248,8 +264,9 @@ pub struct OrgCreated {
     pub token: Issued,
 }
 
-/// Mints a tenant and its first `*` token without storing them.
-pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
+/// Mints a tenant and its first `*` token without storing them; `created_by` the system, `via`
+/// an admin command or the bootstrap.
+pub fn mint_first_org(name: &str, created_by: CreatedBy) -> Result<OrgCreated, AppError> {
     let name =
         keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
     let now = now();
@@ -265,7 +282,7 @@ pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
         scopes: ScopeSet::wildcard(),
         permissions: Vec::new(),
         expires_at: None,
-        created_by_user_id: None,
+        created_by,
         canary: false,
     }
     .issue(now, &mut OsRng);
@@ -275,17 +292,30 @@ pub fn mint_first_org(name: &str) -> Result<OrgCreated, AppError> {
     })
 }
 
-/// `keyplane admin create-org`: a tenant and a `*` token, in one transaction.
-pub async fn create_org(store: &dyn Store, name: &str) -> Result<OrgCreated, AppError> {
-    let created = mint_first_org(name)?;
+/// `keyplane admin create-org`, run by `operator`: a tenant and a `*` token, in one transaction.
+pub async fn create_org(
+    store: &dyn Store,
+    name: &str,
+    operator: &Operator,
+) -> Result<OrgCreated, AppError> {
+    let created = mint_first_org(name, CreatedBy::operator(operator))?;
     store
         .create_tenant_with_credential(
             &created.tenant,
             &created.token.credential,
-            &organization_created(&created, "admin create-org"),
+            &organization_created(&created, "admin create-org", Some(operator)),
         )
         .await?;
     Ok(created)
+}
+
+/// Who the unit tests' organizations are created by.
+#[cfg(test)]
+pub(crate) fn tests_operator() -> Operator {
+    Operator {
+        os_user: "test".into(),
+        name: None,
+    }
 }
 
 /// `serve` on an empty store: stores `created` (from [`mint_first_org`]) if and only if this store
@@ -295,7 +325,7 @@ pub async fn bootstrap(store: &dyn Store, created: &OrgCreated) -> Result<bool, 
         .bootstrap_once(
             &created.tenant,
             &created.token.credential,
-            &organization_created(created, "bootstrap"),
+            &organization_created(created, "bootstrap", None),
         )
         .await?)
 }
@@ -433,7 +463,7 @@ pub async fn create_credential(
         scopes: spec.scopes,
         permissions: spec.permissions,
         expires_at,
-        created_by_user_id: who.user_id(),
+        created_by: CreatedBy::new(&AuditActor::of(who), who.channel()),
         canary: spec.canary,
     }
     .issue(issued_at, &mut OsRng);
@@ -1176,13 +1206,9 @@ pub async fn create_grant(
     who.require(tenant, Capability::AuthManage)?;
     who.may_grant(tenant, &grant)?;
     check_grant_subject(app.store().as_ref(), tenant, &grant, app.now()).await?;
-    let grant = grant.issue(tenant, now(), who.user_id());
-    let event = grant_event(
-        actions::AUTHORIZATION_CREATED,
-        AuditActor::of(who),
-        context,
-        &grant,
-    );
+    let actor = AuditActor::of(who);
+    let grant = grant.issue(tenant, now(), CreatedBy::new(&actor, who.channel()));
+    let event = grant_event(actions::AUTHORIZATION_CREATED, actor, context, &grant);
     let seal = answer.map(|answer| move |stored: &Grant| answer(stored.clone()));
     app.store()
         .insert_grant(&grant, &event, seal.as_ref().map(|s| s as _))
@@ -1239,6 +1265,7 @@ pub async fn grant_as_operator(
     tenant: TenantId,
     grant: NewGrant,
     subject: Option<(&str, &str)>,
+    operator: &Operator,
 ) -> Result<Grant, AppError> {
     grant.check_shape().map_err(DomainError::from)?;
     store
@@ -1246,16 +1273,17 @@ pub async fn grant_as_operator(
         .await?
         .ok_or(DomainError::NotFound)?;
     check_grant_subject(store, tenant, &grant, now()).await?;
-    let grant = grant.issue(tenant, now(), None);
-    // The operator has no principal: the event says which command acted, and for whom by the
-    // issuer's own names (the user id is a hash of them).
+    let grant = grant.issue(tenant, now(), CreatedBy::operator(operator));
+    // The operator has no principal: the event says which command acted, who ran it, and for whom
+    // by the issuer's own names (the user id is a hash of them).
     let mut event = grant_event(
         actions::AUTHORIZATION_CREATED,
         AuditActor::system(),
         &RequestContext::default(),
         &grant,
     )
-    .text("via", "admin grant");
+    .text("via", "admin grant")
+    .operated_by(operator);
     if let Some((issuer, sub)) = subject {
         event = event
             .text("subject_issuer", issuer)
@@ -1392,7 +1420,7 @@ pub async fn enable_registry(
                 )
                 .map_err(DomainError::from)?
         },
-        created_by_user_id: who.user_id(),
+        created_by: CreatedBy::new(&AuditActor::of(who), who.channel()),
         canary: false,
     }
     .issue(now, &mut OsRng);

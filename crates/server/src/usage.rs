@@ -118,7 +118,9 @@ mod tests {
     /// `count` API tokens of one organization, each verified once: their cache entries, with the
     /// app's own recorder flushed, so that no use is queued.
     async fn used(store: &Arc<dyn Store>, count: usize) -> (crate::App, Vec<Arc<Verified>>) {
-        let tenant = crate::ops::create_org(store.as_ref(), "one").await.unwrap();
+        let tenant = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
         let app = crate::App::new(store.clone(), crate::Config::default());
         let mut verified = Vec::new();
         for _ in 0..count {

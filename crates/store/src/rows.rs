@@ -3,6 +3,8 @@
 
 use crate::StoreError;
 use chrono::{DateTime, Utc};
+use keyplane_core::audit::ActorType;
+use keyplane_core::{Channel, CreatedBy, Operator};
 use keyplane_core::{
     Credential, CredentialId, CredentialKind, CredentialPolicy, Grant, GrantId, GrantKind,
     GrantResource, PreviousSecret, Registry, RobotPermission, Scope, ScopeSet, SubjectType, Tenant,
@@ -54,6 +56,8 @@ pub(crate) struct CredentialRow {
     retire_previous_when_unused_seconds: Option<i32>,
     expiry_notice_days: Option<i32>,
     canary: bool,
+    #[sqlx(flatten)]
+    created_by: CreatedByRow,
 }
 
 impl TryFrom<CredentialRow> for Credential {
@@ -112,6 +116,7 @@ impl TryFrom<CredentialRow> for Credential {
             last_used_at: row.last_used_at,
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
+            created_by: row.created_by.decode().map_err(|what| corrupt(what))?,
             revoked_by_user_id: row.revoked_by_user_id.map(UserId::from_uuid),
             suspended_at: row.suspended_at,
             rotated_at: row.rotated_at,
@@ -217,6 +222,8 @@ pub(crate) struct GrantRow {
     created_at: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
     created_by_user_id: Option<Uuid>,
+    #[sqlx(flatten)]
+    created_by: CreatedByRow,
 }
 
 impl GrantRow {
@@ -256,6 +263,7 @@ impl TryFrom<GrantRow> for Grant {
             created_at: row.created_at,
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
+            created_by: row.created_by.decode().map_err(corrupt)?,
         })
     }
 }
@@ -493,5 +501,60 @@ impl TryFrom<LeakReportRow> for crate::LeakReportRecord {
                 .ok_or_else(|| corrupt("receipt time"))?,
             attempts: u32::try_from(row.attempts).map_err(|_| corrupt("attempt count"))?,
         })
+    }
+}
+
+/// The `created_by_*` columns of a credential or grant (migration 0099); all NULL on rows from
+/// before it, and on rows a previous release inserted.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CreatedByRow {
+    created_by_actor_type: Option<String>,
+    created_by_actor_id: Option<Uuid>,
+    created_by_via: Option<String>,
+    created_by_os_user: Option<String>,
+    created_by_operator: Option<String>,
+}
+
+impl CreatedByRow {
+    /// `None` when nothing was recorded; the error names the bad column.
+    fn decode(self) -> Result<Option<CreatedBy>, &'static str> {
+        let (Some(actor_type), Some(via)) = (self.created_by_actor_type, self.created_by_via)
+        else {
+            return Ok(None);
+        };
+        let actor_type = ActorType::parse(&actor_type).ok_or("creator type")?;
+        let via = Channel::parse(&via).ok_or("creator channel")?;
+        let operator = self.created_by_os_user.map(|os_user| Operator {
+            os_user,
+            name: self.created_by_operator,
+        });
+        Ok(Some(CreatedBy {
+            actor_type,
+            actor_id: self.created_by_actor_id,
+            via,
+            operator,
+        }))
+    }
+}
+
+/// What a row's `created_by_*` columns are bound to, in their order.
+pub(crate) struct CreatedByColumns<'a> {
+    pub(crate) actor_type: Option<&'static str>,
+    pub(crate) actor_id: Option<Uuid>,
+    pub(crate) via: Option<&'static str>,
+    pub(crate) os_user: Option<&'a str>,
+    pub(crate) operator: Option<&'a str>,
+}
+
+impl<'a> CreatedByColumns<'a> {
+    pub(crate) fn of(created_by: Option<&'a CreatedBy>) -> Self {
+        let operator = created_by.and_then(|by| by.operator.as_ref());
+        Self {
+            actor_type: created_by.map(|by| by.actor_type.as_str()),
+            actor_id: created_by.and_then(|by| by.actor_id),
+            via: created_by.map(|by| by.via.as_str()),
+            os_user: operator.map(|o| o.os_user.as_str()),
+            operator: operator.and_then(|o| o.name.as_deref()),
+        }
     }
 }

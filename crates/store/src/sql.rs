@@ -2,7 +2,7 @@
 //! one implementation of [`Store`](crate::Store) over them, instantiated per backend by
 //! [`impl_store!`]. Only DDL differs, in `migrations/{sqlite,postgres}`.
 
-pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days, canary";
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days, canary, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator";
 
 pub(crate) const INSERT_TENANT: &str =
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
@@ -11,8 +11,8 @@ pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
 /// A new credential. The lifecycle columns (suspension, previous secret, expiry notices) start
-/// NULL: only later changes set them.
-pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+/// NULL: only later changes set them. `created_by_*` (0099) come from the creation's event actor.
+pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
 pub(crate) const REGISTRY_COLUMNS: &str =
     "id, tenant_id, project, quota_gb, created_at, updated_at";
 pub(crate) const INSERT_REGISTRY: &str = "INSERT INTO registries (id, tenant_id, project, quota_gb, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)";
@@ -171,10 +171,10 @@ pub(crate) fn while_live(hash: &str, at: &str) -> String {
 pub(crate) const ENDED_PREVIOUS_SECRETS: &str = "SELECT id FROM credentials WHERE previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $1";
 pub(crate) const CLEAR_ENDED_PREVIOUS_SECRET: &str = "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL WHERE id = $1 AND previous_secret_hash IS NOT NULL AND previous_secret_expires_at <= $2";
 
-pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id";
+pub(crate) const GRANT_COLUMNS: &str = "id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator";
 /// Through `grants_by_subject` (tenant, subject type, subject id).
 pub(crate) const COUNT_LIVE_GRANTS_OF_SUBJECT: &str = "SELECT COUNT(*) FROM grants WHERE tenant_id = $1 AND subject_type = $2 AND subject_id = $3 AND revoked_at IS NULL";
-pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+pub(crate) const INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 /// The `(version, checksum)` of every migration sqlx recorded as applied; `None` for a database
 /// without `_sqlx_migrations` (a new one), as `table_exists` (a count of that table in the
@@ -393,10 +393,10 @@ pub(crate) const FINISH_LEAK_REPORT: &str = "DELETE FROM leak_reports WHERE id =
 pub(crate) const PRUNE_LEAK_REPORTS: &str = "DELETE FROM leak_reports WHERE received_at_ms < $1 \
      AND id IN (SELECT id FROM leak_reports WHERE received_at_ms < $1 ORDER BY received_at_ms LIMIT $2)";
 
-/// Rows per multi-row INSERT when importing: 18 parameters each stays under SQLite's and
+/// Rows per multi-row INSERT when importing: 23 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
-const CREDENTIAL_FIELDS: usize = 18;
+const CREDENTIAL_FIELDS: usize = 23;
 
 /// How a backend spells the bind parameters of the import's multi-row INSERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,7 +409,7 @@ pub(crate) enum Placeholders {
     Anonymous,
 }
 
-/// `INSERT INTO credentials (...) VALUES ($1..$18), ($19..$36), ...` for `rows` rows.
+/// `INSERT INTO credentials (...) VALUES ($1..$23), ($24..$46), ...` for `rows` rows.
 pub(crate) fn multi_row_insert(rows: usize, placeholders: Placeholders) -> String {
     let (head, _) = INSERT_CREDENTIAL
         .split_once(" VALUES ")
@@ -1237,7 +1237,7 @@ macro_rules! impl_store {
                             ));
                         }
                     }
-                    sqlx::query($crate::sql::INSERT_GRANT)
+                    let insert = sqlx::query($crate::sql::INSERT_GRANT)
                         .bind(grant.id.as_uuid())
                         .bind(grant.tenant_id.as_uuid())
                         .bind(grant.kind.as_str())
@@ -1248,7 +1248,14 @@ macro_rules! impl_store {
                         .bind(&grant.resource.resource_id)
                         .bind(grant.created_at)
                         .bind(grant.revoked_at)
-                        .bind(grant.created_by_user_id.map(|u| u.as_uuid()))
+                        .bind(grant.created_by_user_id.map(|u| u.as_uuid()));
+                    let by = $crate::rows::CreatedByColumns::of(grant.created_by.as_ref());
+                    insert
+                        .bind(by.actor_type)
+                        .bind(by.actor_id)
+                        .bind(by.via)
+                        .bind(by.os_user)
+                        .bind(by.operator)
                         .execute(&mut *tx)
                         .await
                         .map_err(|e| match $crate::StoreError::from(e) {
@@ -2181,6 +2188,7 @@ macro_rules! bind_credential_fn {
             query: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
             c: &'q keyplane_core::Credential,
         ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+            let by = $crate::rows::CreatedByColumns::of(c.created_by.as_ref());
             query
                 .bind(c.id.as_uuid())
                 .bind(c.tenant_id.as_uuid())
@@ -2200,6 +2208,11 @@ macro_rules! bind_credential_fn {
                 .bind(c.created_by_user_id.map(|u| u.as_uuid()))
                 .bind(c.revoked_by_user_id.map(|u| u.as_uuid()))
                 .bind(c.canary)
+                .bind(by.actor_type)
+                .bind(by.actor_id)
+                .bind(by.via)
+                .bind(by.os_user)
+                .bind(by.operator)
         }
     };
 }

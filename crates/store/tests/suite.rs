@@ -77,7 +77,7 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
         scopes: ScopeSet::wildcard(),
         permissions: Vec::new(),
         expires_at: Some(now() + TimeDelta::days(1)),
-        created_by_user_id: None,
+        created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Api),
         canary: false,
     }
     .issue(now(), &mut OsRng)
@@ -587,6 +587,191 @@ async fn previous_release_console_statements_run_on_the_current_schema(backend: 
     assert_eq!(touched.sealed_token, session.sealed_token);
 }
 
+/// A creator of each kind: a user through the console, a credential through the API, an operator
+/// (with and without a name) through an admin command.
+fn creators() -> Vec<keyplane_core::CreatedBy> {
+    use keyplane_core::audit::ActorType;
+    use keyplane_core::{Channel, CreatedBy, Operator};
+    let user = UserId::from_subject("https://idp.example", "alice");
+    vec![
+        CreatedBy {
+            actor_type: ActorType::User,
+            actor_id: Some(user.as_uuid()),
+            via: Channel::Console,
+            operator: None,
+        },
+        CreatedBy {
+            actor_type: ActorType::ServiceAccount,
+            actor_id: Some(uuid::Uuid::new_v4()),
+            via: Channel::Api,
+            operator: None,
+        },
+        CreatedBy::operator(&Operator {
+            os_user: "root".into(),
+            name: Some("Alice Ops".into()),
+        }),
+        CreatedBy::operator(&Operator {
+            os_user: "uid 1000".into(),
+            name: None,
+        }),
+        CreatedBy::system(Channel::Bootstrap),
+    ]
+}
+
+/// Who created a credential or grant is kept on its row, through every way of writing one, and
+/// read back as it was written (`created_by_user_id` still set for a user).
+async fn credentials_and_grants_keep_their_creator(backend: Backend) {
+    let f = fixture(backend).await;
+    for (i, by) in creators().into_iter().enumerate() {
+        let (mut credential, _) = new_token(f.tenant.id, &format!("made-{i}"));
+        credential.created_by_user_id = by.user_id();
+        credential.created_by = Some(by.clone());
+        f.store
+            .insert_credential(&credential, &ev(), None)
+            .await
+            .unwrap();
+        let stored = f.api_token(credential.id).await;
+        assert_eq!(stored.created_by.as_ref(), Some(&by), "{by:?}");
+        assert_eq!(stored.created_by_user_id, by.user_id());
+
+        let (mut imported, _) = new_token(f.tenant.id, &format!("imported-{i}"));
+        imported.created_by = Some(by.clone());
+        f.store
+            .import_credentials(&[imported.clone()], &[])
+            .await
+            .unwrap();
+        assert_eq!(f.api_token(imported.id).await.created_by, Some(by.clone()));
+
+        let grant = NewGrant {
+            kind: GrantKind::Capability,
+            subject_type: SubjectType::User,
+            subject_id: uuid::Uuid::new_v4(),
+            capability_key: Some(Scope::parse("audit:read").unwrap()),
+            resource: GrantResource {
+                resource_type: None,
+                resource_id: None,
+            },
+        }
+        .issue(f.tenant.id, now(), by.clone());
+        f.store.insert_grant(&grant, &ev(), None).await.unwrap();
+        let stored = f
+            .store
+            .get_grant(f.tenant.id, grant.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, grant);
+        assert_eq!(stored.created_by, Some(by.clone()));
+        assert_eq!(stored.created_by_user_id, by.user_id());
+    }
+    // A new organization's first token, and a registry's default robot.
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "second".into(),
+        created_at: now(),
+    };
+    let (mut first, _) = new_token(tenant.id, "bootstrap");
+    let by = creators().remove(2);
+    first.created_by = Some(by.clone());
+    f.store
+        .create_tenant_with_credential(&tenant, &first, &[ev()])
+        .await
+        .unwrap();
+    let stored = f
+        .store
+        .get_credential(tenant.id, CredentialKind::ApiToken, first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.created_by, Some(by));
+}
+
+/// The previous release's writes of credentials and grants, which know no `created_by_*`
+/// column (0099), still run on a store the current release migrated, during a rolling upgrade;
+/// the current release reads their creator as unknown. And the previous release still reads a
+/// row the current one wrote.
+const PREVIOUS_INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
+const PREVIOUS_INSERT_GRANT: &str = "INSERT INTO grants (id, tenant_id, grant_kind, subject_type, subject_id, capability_key, resource_type, resource_id, created_at, revoked_at, created_by_user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+const PREVIOUS_SELECT_CREDENTIAL: &str = "SELECT id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, suspended_at, rotated_at, previous_secret_hash, previous_secret_expires_at, previous_secret_last_used_at, retire_previous_when_unused_seconds, expiry_notice_days, canary FROM credentials WHERE id = $1";
+
+async fn previous_release_writes_credentials_and_grants_without_a_creator(backend: Backend) {
+    let f = fixture(backend).await;
+    let (theirs, _) = new_token(f.tenant.id, "theirs");
+    let user = UserId::from_subject("https://idp.example", "alice");
+    let grant_id = uuid::Uuid::now_v7();
+    let (ours, _) = new_token(f.tenant.id, "ours");
+    f.store.insert_credential(&ours, &ev(), None).await.unwrap();
+    macro_rules! previous_release {
+        ($pool:expr) => {{
+            let pool = $pool;
+            sqlx::query(PREVIOUS_INSERT_CREDENTIAL)
+                .bind(theirs.id.as_uuid())
+                .bind(f.tenant.id.as_uuid())
+                .bind("api_token")
+                .bind(&theirs.name)
+                .bind(&theirs.secret_hash.as_bytes()[..])
+                .bind(&theirs.display.prefix)
+                .bind(&theirs.display.public_id)
+                .bind(&theirs.display.last4)
+                .bind("[]")
+                .bind(None::<String>)
+                .bind(theirs.expires_at)
+                .bind(theirs.created_at)
+                .bind(theirs.updated_at)
+                .bind(None::<DateTime<Utc>>)
+                .bind(None::<DateTime<Utc>>)
+                .bind(Some(user.as_uuid()))
+                .bind(None::<uuid::Uuid>)
+                .bind(false)
+                .execute(&pool)
+                .await
+                .expect("the previous release inserts a credential");
+            sqlx::query(PREVIOUS_INSERT_GRANT)
+                .bind(grant_id)
+                .bind(f.tenant.id.as_uuid())
+                .bind("capability")
+                .bind("user")
+                .bind(uuid::Uuid::new_v4())
+                .bind("audit:read")
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(now())
+                .bind(None::<DateTime<Utc>>)
+                .bind(Some(user.as_uuid()))
+                .execute(&pool)
+                .await
+                .expect("the previous release inserts a grant");
+            let read = sqlx::query(PREVIOUS_SELECT_CREDENTIAL)
+                .bind(ours.id.as_uuid())
+                .fetch_optional(&pool)
+                .await
+                .expect("the previous release reads a credential");
+            assert!(
+                read.is_some(),
+                "the previous release finds the current one's row"
+            );
+            pool.close().await;
+        }};
+    }
+    if backend == Backend::Sqlite {
+        previous_release!(sqlx::SqlitePool::connect(&f._db.url).await.unwrap());
+    } else {
+        previous_release!(sqlx::PgPool::connect(&f._db.url).await.unwrap());
+    }
+    let stored = f.api_token(theirs.id).await;
+    assert_eq!(stored.created_by, None, "unknown");
+    assert_eq!(stored.created_by_user_id, Some(user));
+    let grant = f
+        .store
+        .get_grant(f.tenant.id, keyplane_core::GrantId::from_uuid(grant_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(grant.created_by, None, "unknown");
+    assert_eq!(grant.created_by_user_id, Some(user));
+    assert!(f.api_token(ours.id).await.created_by.is_some());
+}
+
 /// Sets the checksum sqlx recorded for migration `version` to another one, as a store migrated
 /// with a different migration under that number has it.
 async fn modify_applied_migration(url: &str, version: i64) {
@@ -733,7 +918,7 @@ fn service_account(tenant_id: TenantId, name: &str) -> Credential {
         scopes: ScopeSet::empty(),
         permissions: Vec::new(),
         expires_at: None,
-        created_by_user_id: None,
+        created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Api),
         canary: false,
     }
     .issue(now(), &mut OsRng)
@@ -751,7 +936,11 @@ fn capability_grant(tenant_id: TenantId, subject: uuid::Uuid, key: &str) -> Gran
             resource_id: None,
         },
     }
-    .issue(tenant_id, now(), None)
+    .issue(
+        tenant_id,
+        now(),
+        keyplane_core::CreatedBy::system(keyplane_core::Channel::Api),
+    )
 }
 
 async fn grants_filter_conflict_and_revoke(backend: Backend) {
@@ -953,7 +1142,11 @@ async fn a_subjects_live_grants_span_tenants(backend: Backend) {
                 resource_id: None,
             },
         }
-        .issue(tenant_id, now(), None)
+        .issue(
+            tenant_id,
+            now(),
+            keyplane_core::CreatedBy::system(keyplane_core::Channel::Api),
+        )
     };
     let here = user_grant(f.tenant.id, GrantKind::Capability, Some("auth.manage"));
     let there = user_grant(other.id, GrantKind::AccountOwner, None);
@@ -2044,6 +2237,8 @@ store_suite! {
     a_batch_credits_each_secret_its_latest_use,
     a_schema_from_a_newer_keyplane_is_refused,
     previous_release_console_statements_run_on_the_current_schema,
+    credentials_and_grants_keep_their_creator,
+    previous_release_writes_credentials_and_grants_without_a_creator,
     a_modified_migration_is_named_when_the_store_opens,
     an_older_schema_is_migrated_only_when_asked,
     two_processes_migrating_one_new_store_both_start,

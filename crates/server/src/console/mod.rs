@@ -787,7 +787,9 @@ async fn authenticate(
     let value = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| AppError::Unauthenticated("malformed token"))?;
     headers.insert(header::AUTHORIZATION, value);
-    app.authenticate_management(&headers, at).await
+    // What it creates records that it came through the console.
+    let who = app.authenticate_management(&headers, at).await?;
+    Ok(who.through(keyplane_core::Channel::Console))
 }
 
 /// Describes a console request for a canary's trigger.

@@ -63,15 +63,17 @@ pub fn mint_candidate() -> Result<SigningKey, AppError> {
 /// The store's signing key, created on first use. Racing callers (replicas, `admin registry-cert`)
 /// all end up with the one the store kept; the one whose key it kept records
 /// `registry.signing_key_created` in every organization with a registry, `via` it (the command,
-/// or `serve`).
+/// or `serve`), naming the `operator` of a command.
 pub async fn load_or_create_signing_key(
     store: &dyn Store,
     via: &'static str,
+    operator: Option<&keyplane_core::Operator>,
 ) -> Result<Signer, AppError> {
     let created = crate::ops::signing_key_event(
         keyplane_core::audit::actions::REGISTRY_SIGNING_KEY_CREATED,
         via,
         None,
+        operator,
     );
     signer_of(
         store

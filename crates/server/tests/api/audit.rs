@@ -734,7 +734,11 @@ async fn first_credentials_have_their_own_created_events(
 
     // The bootstrap of an empty store: the same two events.
     let bootstrapped = TestApp::spawn(backend).await;
-    let created = keyplane_server::ops::mint_first_org("first").unwrap();
+    let created = keyplane_server::ops::mint_first_org(
+        "first",
+        keyplane_core::CreatedBy::system(keyplane_core::Channel::Bootstrap),
+    )
+    .unwrap();
     assert!(
         keyplane_server::ops::bootstrap(bootstrapped.app.store().as_ref(), &created)
             .await

@@ -1106,7 +1106,7 @@ async fn an_organizations_trigger_events_are_held_to_its_rate_limit(backend: Bac
                 scopes: keyplane_core::ScopeSet::empty(),
                 permissions: Vec::new(),
                 expires_at: None,
-                created_by_user_id: None,
+                created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Admin),
                 canary: true,
             }
             .issue(now, &mut rand::rngs::OsRng)

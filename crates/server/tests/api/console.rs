@@ -22,6 +22,7 @@ both_backends!(
     service_account_and_robot_lists_page_past_the_first_thousand,
     a_refused_form_links_back_to_itself,
     a_grant_past_the_cap_is_refused_in_the_console_with_the_limit,
+    a_credential_records_whether_the_console_or_the_api_made_it,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -754,4 +755,58 @@ async fn a_grant_past_the_cap_is_refused_in_the_console_with_the_limit(
     assert_eq!(res.status(), 409);
     let page = res.text().await.unwrap();
     assert!(page.contains("64 live grants"), "{page}");
+}
+
+/// A credential keeps who made it and which way: the console's and the API's creations by the
+/// same token differ only in `via`.
+async fn a_credential_records_whether_the_console_or_the_api_made_it(
+    backend: keyplane_store::testing::Backend,
+) {
+    use keyplane_core::{audit::ActorType, Channel, CredentialId, CredentialKind, TenantId};
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    assert_eq!(
+        console_create_token(&app, &console, "by-console")
+            .await
+            .status(),
+        303
+    );
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            serde_json::json!({"name": "by-api"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let tenant = TenantId::parse(&org.id).unwrap();
+    let stored = |name: &'static str| {
+        let app = &app;
+        let org = &org;
+        async move {
+            let id = CredentialId::parse(&token_id(app, org, name).await).unwrap();
+            app.app
+                .store()
+                .get_credential(tenant, CredentialKind::ApiToken, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .created_by
+                .unwrap_or_else(|| panic!("{name} has no creator"))
+        }
+    };
+    let by_console = stored("by-console").await;
+    let by_api = stored("by-api").await;
+    assert_eq!(by_console.via, Channel::Console);
+    assert_eq!(by_api.via, Channel::Api);
+    let bootstrap = token_id(&app, &org, "bootstrap").await;
+    for by in [&by_console, &by_api] {
+        assert_eq!(by.actor_type, ActorType::ApiToken);
+        assert_eq!(
+            by.actor_id.map(|id| id.to_string()),
+            Some(bootstrap.clone())
+        );
+        assert_eq!(by.operator, None);
+    }
 }

@@ -250,9 +250,10 @@ impl LimitedServer {
         crate::logs::capture();
         let db = TestDatabase::new(Backend::Sqlite).await;
         let store = keyplane_store::connect(&db.url).await.unwrap();
-        let org = keyplane_server::ops::create_org(store.as_ref(), "acme")
-            .await
-            .unwrap();
+        let org =
+            keyplane_server::ops::create_org(store.as_ref(), "acme", &crate::helpers::operator())
+                .await
+                .unwrap();
         let token = org.token.secret.expose_secret().to_string();
         let app = App::new(store, config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

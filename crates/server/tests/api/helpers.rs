@@ -68,6 +68,14 @@ pub fn retry_after_secs(refused: &Response) -> u64 {
 }
 
 /// The defaults tests run with: no rate limit (tests send bursts), fast `last_used_at` flushes.
+/// Who the tests' admin use cases (`ops::create_org`, `ops::grant_as_operator`) record.
+pub fn operator() -> keyplane_core::Operator {
+    keyplane_core::Operator {
+        os_user: "test".into(),
+        name: None,
+    }
+}
+
 pub fn test_config() -> Config {
     Config {
         rate_limit_per_minute: 0,
@@ -235,7 +243,7 @@ impl TestApp {
     }
 
     pub async fn create_org(&self, name: &str) -> Org {
-        let created = ops::create_org(self.app.store().as_ref(), name)
+        let created = ops::create_org(self.app.store().as_ref(), name, &operator())
             .await
             .expect("create org");
         Org {
@@ -265,7 +273,7 @@ impl TestApp {
                     scopes: keyplane_core::ScopeSet::empty(),
                     permissions: Vec::new(),
                     expires_at: None,
-                    created_by_user_id: None,
+                    created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Admin),
                     canary: false,
                 }
                 .issue(now, &mut rand::rngs::OsRng);

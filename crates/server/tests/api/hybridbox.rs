@@ -2364,7 +2364,11 @@ async fn seed_grants(app: &TestApp, org: &Org, count: usize) -> Vec<(String, boo
                 resource_id: None,
             },
         }
-        .issue(tenant, now, None);
+        .issue(
+            tenant,
+            now,
+            keyplane_core::CreatedBy::system(keyplane_core::Channel::Admin),
+        );
         if i % 2 == 1 {
             grant.revoked_at = Some(now);
         }

@@ -449,6 +449,7 @@ async fn operator_grants_give_users_capabilities(backend: Backend) {
             },
         },
         None,
+        &crate::helpers::operator(),
     )
     .await
     .unwrap();

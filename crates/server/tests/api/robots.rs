@@ -1723,10 +1723,14 @@ async fn a_promotion_after_a_store_outage_is_picked_up(backend: Backend) {
     let store = app.app.store();
     let candidate = keyplane_server::registry::mint_candidate().unwrap();
     let staged =
-        keyplane_server::ops::signing_key_event("registry.signing_key_staged", "test", None);
+        keyplane_server::ops::signing_key_event("registry.signing_key_staged", "test", None, None);
     let staged = store.stage_signing_key(&candidate, &staged).await.unwrap();
-    let promoted =
-        keyplane_server::ops::signing_key_event("registry.signing_key_promoted", "test", None);
+    let promoted = keyplane_server::ops::signing_key_event(
+        "registry.signing_key_promoted",
+        "test",
+        None,
+        None,
+    );
     store
         .promote_signing_key(chrono::Utc::now(), &promoted)
         .await
