@@ -339,9 +339,9 @@ mod tests {
     #[test]
     fn sqlite_imports_bind_anonymous_parameters() {
         let sql = crate::sql::multi_row_insert(2, SqliteStore::PLACEHOLDERS);
-        assert_eq!(sql.matches('?').count(), 36);
+        assert_eq!(sql.matches('?').count(), 46);
         assert!(!sql.contains('$'));
         let sql = crate::sql::multi_row_insert(2, crate::sql::Placeholders::Numbered);
-        assert!(sql.ends_with("$35, $36)"));
+        assert!(sql.ends_with("$45, $46)"));
     }
 }
