@@ -62,8 +62,8 @@ pub enum AdminCommand {
     /// robot accounts, canaries included) and grants as JSON lines, each with `created_by`: the
     /// actor that created it (`type`, `id`; the id is null for `system`), `via` (`api`,
     /// `console`, `admin`, `bootstrap`) and, for an admin command, `os_user` and `operator`. Kept
-    /// on the row, so it outlives audit retention; null for what was created before keyplane
-    /// recorded it (the audit export since then says who). Safe while a server runs.
+    /// on the row, so it outlives audit retention; null for what a keyplane that did not record
+    /// it yet created (only the audit export says who). Safe while a server runs.
     AccessReview {
         /// The organization (tenant) id.
         #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]

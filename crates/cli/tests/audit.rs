@@ -617,14 +617,39 @@ async fn registry_key_changes_are_in_the_trail_of_each_registry(backend: Backend
         retired_event["details"]["via"],
         "admin registry-key retire-previous"
     );
+    let os_user = os_user();
     for event in [&created, &staged_event, &promoted, &retired_event] {
         assert_eq!(event["actor"]["type"], "system", "{event}");
+        // Who ran the command; no --operator was given.
+        assert_eq!(event["details"]["os_user"], os_user.as_str(), "{event}");
+        assert_eq!(event["details"].get("operator"), None, "{event}");
         assert_eq!(event["target"]["type"], "registry", "{event}");
         assert_eq!(
             event["target"]["name"], registry["registry"]["harbor_project"],
             "{event}"
         );
     }
+    // The first token was made by `serve`'s bootstrap, the default robot through the API by it.
+    let review = admin(&store, &["access-review", "--org", &org.id]).await;
+    let review: Vec<Value> = review
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let bootstrap = review
+        .iter()
+        .find(|row| row["type"] == "api_token")
+        .unwrap_or_else(|| panic!("no token: {review:?}"));
+    assert_eq!(
+        bootstrap["created_by"],
+        serde_json::json!({"actor": {"type": "system", "id": null}, "via": "bootstrap", "os_user": null, "operator": null})
+    );
+    let robot = review
+        .iter()
+        .find(|row| row["type"] == "robot_account")
+        .unwrap_or_else(|| panic!("no robot: {review:?}"));
+    assert_eq!(robot["created_by"]["actor"]["id"], bootstrap["id"]);
+    assert_eq!(robot["created_by"]["via"], "api");
+    assert_eq!(robot["permissions"], serde_json::json!(["pull", "push"]));
     let seqs: Vec<&Value> = [&created, &staged_event, &promoted, &retired_event]
         .iter()
         .map(|e| &e["seq"])

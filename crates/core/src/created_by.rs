@@ -89,25 +89,4 @@ impl CreatedBy {
             _ => None,
         }
     }
-
-    /// One line for people: `api_token:<id> via api`, `system via admin (os user root, operator
-    /// alice)`.
-    pub fn describe(&self) -> String {
-        let mut text = match self.actor_id {
-            Some(id) => format!(
-                "{}:{id} via {}",
-                self.actor_type.as_str(),
-                self.via.as_str()
-            ),
-            None => format!("{} via {}", self.actor_type.as_str(), self.via.as_str()),
-        };
-        if let Some(operator) = &self.operator {
-            text.push_str(&format!(" (os user {}", operator.os_user));
-            if let Some(name) = &operator.name {
-                text.push_str(&format!(", operator {name}"));
-            }
-            text.push(')');
-        }
-        text
-    }
 }

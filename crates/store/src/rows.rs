@@ -116,7 +116,7 @@ impl TryFrom<CredentialRow> for Credential {
             last_used_at: row.last_used_at,
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
-            created_by: row.created_by.decode().map_err(|what| corrupt(what))?,
+            created_by: row.created_by.decode().map_err(&corrupt)?,
             revoked_by_user_id: row.revoked_by_user_id.map(UserId::from_uuid),
             suspended_at: row.suspended_at,
             rotated_at: row.rotated_at,
