@@ -19,7 +19,9 @@ async fn warm_verifier(dir: &std::path::Path, count: usize) -> (Verifier, Vec<St
     let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir))
         .await
         .unwrap();
-    let org = ops::create_org(store.as_ref(), "bench").await.unwrap();
+    let org = ops::create_org(store.as_ref(), "bench", &keyplane_bench::operator())
+        .await
+        .unwrap();
     let (secrets, _) = keyplane_bench::seed_api_tokens(store.as_ref(), org.tenant.id, count)
         .await
         .unwrap();

@@ -29,7 +29,9 @@ fn verify(c: &mut Criterion) {
         let store = keyplane_store::connect(&keyplane_store::sqlite_url_for_data_dir(dir.path()))
             .await
             .unwrap();
-        let org = ops::create_org(store.as_ref(), "bench").await.unwrap();
+        let org = ops::create_org(store.as_ref(), "bench", &keyplane_bench::operator())
+            .await
+            .unwrap();
         let (secrets, _) = keyplane_bench::seed_api_tokens(store.as_ref(), org.tenant.id, count)
             .await
             .unwrap();

@@ -32,7 +32,7 @@ pub async fn seed_api_tokens(
                 scopes: scopes.clone(),
                 permissions: Vec::new(),
                 expires_at: None,
-                created_by_user_id: None,
+                created_by: keyplane_core::CreatedBy::system(keyplane_core::Channel::Admin),
                 canary: false,
             }
             .issue(now, &mut OsRng);
@@ -128,6 +128,14 @@ impl Histogram {
         }
         self.slow.sort_unstable();
         self.slow[(rank - seen - 1) as usize]
+    }
+}
+
+/// Who the benchmarks' organizations are created by (`ops::create_org` records its operator).
+pub fn operator() -> keyplane_core::Operator {
+    keyplane_core::Operator {
+        os_user: "bench".into(),
+        name: None,
     }
 }
 

@@ -178,9 +178,10 @@ async fn seed(
     tokens_out: &std::path::Path,
 ) -> anyhow::Result<()> {
     let store = keyplane_store::connect(database_url).await?;
-    let org = keyplane_server::ops::create_org(store.as_ref(), "bench")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let org =
+        keyplane_server::ops::create_org(store.as_ref(), "bench", &keyplane_bench::operator())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let started = Instant::now();
     let (secrets, in_store) = seed_api_tokens(store.as_ref(), org.tenant.id, count).await?;
     let elapsed = started.elapsed();
@@ -503,12 +504,14 @@ async fn cache_flood(
     let temp = tempfile::tempdir()?;
     let url = database_url.unwrap_or_else(|| keyplane_store::sqlite_url_for_data_dir(temp.path()));
     let store = keyplane_store::connect(&url).await?;
-    let victim = keyplane_server::ops::create_org(store.as_ref(), "victim")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let attacker = keyplane_server::ops::create_org(store.as_ref(), "attacker")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let victim =
+        keyplane_server::ops::create_org(store.as_ref(), "victim", &keyplane_bench::operator())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let attacker =
+        keyplane_server::ops::create_org(store.as_ref(), "attacker", &keyplane_bench::operator())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let victim_tokens: Vec<String> = seed_api_tokens(store.as_ref(), victim.tenant.id, victims)
         .await?
         .0

@@ -104,7 +104,9 @@ impl World {
             replicas.push(replica(&db).await);
         }
         let store = keyplane_store::connect(&db.url).await.unwrap();
-        let created = ops::create_org(store.as_ref(), "acme").await.unwrap();
+        let created = ops::create_org(store.as_ref(), "acme", &operator())
+            .await
+            .unwrap();
         let org = (
             created.tenant.id.to_string(),
             created.token.secret.expose_secret().to_string(),
@@ -385,4 +387,12 @@ async fn keyplane_down_then_fail_closed_after_max_staleness() {
 #[tokio::test]
 async fn keyplane_down_then_recheck_after_max_staleness() {
     keyplane_down(StalePolicy::Recheck).await;
+}
+
+/// Who the organization is created by (`keyplane admin create-org` records its operator).
+fn operator() -> keyplane_core::Operator {
+    keyplane_core::Operator {
+        os_user: "test".into(),
+        name: None,
+    }
 }
