@@ -681,7 +681,7 @@ fn operator(given: Option<String>) -> anyhow::Result<Operator> {
     let name = given
         .map(|raw| {
             keyplane_core::validate::name(keyplane_core::FieldPath::body("operator"), &raw)
-                .map_err(|e| anyhow::anyhow!("--operator: {}", e.message))
+                .map_err(|e| anyhow::anyhow!("--operator (KEYPLANE_OPERATOR): {}", e.message))
         })
         .transpose()?;
     // SAFETY: getuid cannot fail.
@@ -693,6 +693,11 @@ fn operator(given: Option<String>) -> anyhow::Result<Operator> {
                 .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
         })
         .unwrap_or_else(|| format!("uid {uid}"));
+    // Bounded as the event bounds it, so that the row and the event say the same.
+    let os_user = os_user
+        .chars()
+        .take(keyplane_core::audit::MAX_CONTEXT_CHARS)
+        .collect();
     Ok(Operator { os_user, name })
 }
 
