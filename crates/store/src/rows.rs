@@ -504,7 +504,7 @@ impl TryFrom<LeakReportRow> for crate::LeakReportRecord {
     }
 }
 
-/// The `created_by_*` columns of a credential or grant (migration 0099); all NULL on rows from
+/// The `created_by_*` columns of a credential or grant (migration 0019); all NULL on rows from
 /// before it, and on rows a previous release inserted.
 #[derive(sqlx::FromRow)]
 pub(crate) struct CreatedByRow {

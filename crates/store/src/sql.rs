@@ -11,7 +11,7 @@ pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
 /// A new credential. The lifecycle columns (suspension, previous secret, expiry notices) start
-/// NULL: only later changes set them. `created_by_*` (0099) come from the creation's event actor.
+/// NULL: only later changes set them. `created_by_*` (0019) come from the creation's event actor.
 pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
 pub(crate) const REGISTRY_COLUMNS: &str =
     "id, tenant_id, project, quota_gb, created_at, updated_at";

@@ -687,7 +687,7 @@ async fn credentials_and_grants_keep_their_creator(backend: Backend) {
 }
 
 /// The previous release's writes of credentials and grants, which know no `created_by_*`
-/// column (0099), still run on a store the current release migrated, during a rolling upgrade;
+/// column (0019), still run on a store the current release migrated, during a rolling upgrade;
 /// the current release reads their creator as unknown. And the previous release still reads a
 /// row the current one wrote.
 const PREVIOUS_INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
