@@ -237,7 +237,7 @@ impl App {
         self.0
             .verifier
             .invalidate(keyplane_store::Invalidation::Subject(subject));
-        self.0.revocation_streams.wake_tenant(tenant, subject);
+        self.0.revocation_streams.wake_tenant(tenant);
     }
 
     /// Reopens the `--audit-log` file (after an outside tool renamed it).

@@ -303,7 +303,8 @@ impl Verifier {
     /// Forgets what is cached about `subject` (a credential, or a grant's subject).
     pub fn invalidate(&self, event: Invalidation) {
         match event {
-            Invalidation::Subject(subject) => {
+            // An echo too: the commit's answer may have been lost before this replica marked it.
+            Invalidation::Subject(subject) | Invalidation::Echo(subject) => {
                 let mut marks = self.invalidated.write().unwrap_or_else(|p| p.into_inner());
                 marks.insert(subject, Instant::now());
                 self.any_invalidated.store(true, Ordering::Release);

@@ -10,8 +10,9 @@
 //! tenant's chain head and, when that moved, the events after its cursor. This replica's own
 //! writes wake only their tenant's streams. A notification names only a subject, not its tenant,
 //! so one from another replica (or a reset) wakes every stream; the echo of this replica's own
-//! write (PostgreSQL delivers a NOTIFY to its sender's listener too) wakes none, its tenant's
-//! streams having been woken already.
+//! write (PostgreSQL delivers a NOTIFY to its sender's listener too, which the store tells apart
+//! by the sending backend: `Invalidation::Echo`) wakes none, its tenant's streams having been
+//! woken already.
 //!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
@@ -46,7 +47,7 @@ use keyplane_store::{AuditChainState, AuditQuery};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -91,19 +92,8 @@ pub(crate) struct RevocationStreams {
     tenant_wakes: Mutex<HashMap<TenantId, watch::Sender<u64>>>,
     /// Bumped on a change the store told of that cannot be placed in a tenant: every stream looks.
     wake_all: watch::Sender<u64>,
-    /// The subjects of this replica's recent changes, whose store notifications are echoes of a
-    /// wake already done, oldest first.
-    echoes: Mutex<VecDeque<(uuid::Uuid, Instant)>>,
     stop: watch::Sender<bool>,
 }
-
-/// How long a change's notification is taken for the echo of this replica's own: a notification
-/// of the same subject from another replica within it wakes no stream, which then sees the change
-/// at its next poll (`revocation_poll_interval`) instead.
-const ECHO_WINDOW: Duration = Duration::from_secs(5);
-/// The most changes remembered for [`ECHO_WINDOW`]; past it, the oldest are forgotten (their
-/// echoes then wake every stream, as before).
-const MAX_ECHOES: usize = 4096;
 
 /// A stream's slots, in all and in its organization: given back when the stream ends.
 struct Slot {
@@ -118,7 +108,6 @@ impl RevocationStreams {
             per_org: TenantShares::new(max_per_org),
             tenant_wakes: Mutex::new(HashMap::new()),
             wake_all: watch::Sender::new(0),
-            echoes: Mutex::new(VecDeque::new()),
             stop: watch::Sender::new(false),
         }
     }
@@ -134,8 +123,8 @@ impl RevocationStreams {
         })
     }
 
-    /// This replica changed `subject` in `tenant`: that tenant's streams read their heads.
-    pub(crate) fn wake_tenant(&self, tenant: TenantId, subject: uuid::Uuid) {
+    /// This replica changed something in `tenant`: that tenant's streams read their heads.
+    pub(crate) fn wake_tenant(&self, tenant: TenantId) {
         if let Some(wake) = self
             .tenant_wakes
             .lock()
@@ -144,32 +133,16 @@ impl RevocationStreams {
         {
             wake.send_modify(|n| *n = n.wrapping_add(1));
         }
-        let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        while echoes.front().is_some_and(|(_, at)| {
-            echoes.len() >= MAX_ECHOES || now.duration_since(*at) > ECHO_WINDOW
-        }) {
-            echoes.pop_front();
-        }
-        echoes.push_back((subject, now));
     }
 
-    /// The store told of a change (another replica's, or the echo of this one's): every stream
-    /// reads its head, unless it is the echo of a change of this replica's, whose tenant's streams
-    /// were woken already.
+    /// The store told of a change: another replica's wakes every stream (a notification names no
+    /// tenant); the echo of this replica's own wakes none, its tenant's streams having been woken
+    /// when it was made. (Should that wake have been missed, the commit's answer lost, the streams
+    /// find the change at their next poll.)
     pub(crate) fn heard(&self, event: keyplane_store::Invalidation) {
-        if let keyplane_store::Invalidation::Subject(subject) = event {
-            let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let echo = echoes.iter().position(|(echoed, at)| {
-                *echoed == subject && now.duration_since(*at) <= ECHO_WINDOW
-            });
-            if let Some(index) = echo {
-                echoes.remove(index);
-                return;
-            }
+        if !matches!(event, keyplane_store::Invalidation::Echo(_)) {
+            self.wake_all.send_modify(|n| *n = n.wrapping_add(1));
         }
-        self.wake_all.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// What wakes a stream of `tenant`: its tenant's changes here, and changes the store told of.

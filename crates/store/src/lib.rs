@@ -112,7 +112,11 @@ pub struct SigningKeyChange {
 /// a grant's subject) are stale, or (`Reset`) every cached verification may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation {
+    /// Another process changed the subject.
     Subject(uuid::Uuid),
+    /// This store's own change of the subject, heard back (PostgreSQL delivers a NOTIFY to its
+    /// sender's listener too): its writer knew of it at once, unless the commit's answer was lost.
+    Echo(uuid::Uuid),
     Reset,
 }
 
@@ -607,8 +611,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Grant, StoreError>;
 
     /// Calls `on_event` for every change other processes commit that affects cached verifications,
-    /// until `stop` turns true (or its sender is dropped); then the listener lets its connection go.
-    /// A no-op where one process owns the store (SQLite).
+    /// and for this store's own as [`Invalidation::Echo`], until `stop` turns true (or its sender
+    /// is dropped); then the listener lets its connection go. A no-op where one process owns the
+    /// store (SQLite).
     fn listen_invalidations(&self, on_event: InvalidationHandler, stop: StopSignal);
 
     /// Appends an event that comes with no change (a refused attempt) to its tenant's chain.

@@ -5,7 +5,7 @@ use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a write waits for a lock or a connection before it answers `Busy`.
 const WRITE_WAIT: Duration = Duration::from_secs(5);
@@ -18,6 +18,8 @@ pub struct PostgresStore {
     /// Every write.
     writer: PgPool,
     writes: crate::WriteTracker,
+    /// This store's notifications, until its listener hears them back.
+    sent: std::sync::Arc<SentNotifications>,
 }
 
 /// This keyplane's PostgreSQL migrations.
@@ -83,6 +85,7 @@ impl PostgresStore {
             pool,
             writer,
             writes: crate::WriteTracker::default(),
+            sent: std::sync::Arc::default(),
         };
         Ok((store, migrated_from))
     }
@@ -157,15 +160,20 @@ impl PostgresStore {
     }
 
     /// Sent inside the writing transaction: PostgreSQL delivers it at commit, never for a rollback.
+    /// Noted with the sending backend's process id, by which the listener knows it for this
+    /// store's own when it comes back.
     async fn notify_invalidation(
+        &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         subject: uuid::Uuid,
     ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
+        let sender: i32 = sqlx::query_scalar("SELECT pg_backend_pid() FROM pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(subject.to_string())
-            .execute(&mut **tx)
+            .fetch_one(&mut **tx)
             .await?;
+        // Before the commit, which may deliver it to the listener before this task runs again.
+        self.sent.note(sender, subject);
         Ok(())
     }
 
@@ -189,6 +197,7 @@ impl PostgresStore {
         mut stop: crate::StopSignal,
     ) {
         let pool = self.pool.clone();
+        let sent = self.sent.clone();
         let heartbeat = format!("{HEARTBEAT_PREFIX}{}:", uuid::Uuid::new_v4());
         tokio::spawn(async move {
             let listening = async {
@@ -203,9 +212,14 @@ impl PostgresStore {
                     match resetting_until(attempt, &on_event).await {
                         Ok(Ok(mut listener)) => {
                             on_event(crate::Invalidation::Reset);
-                            let why =
-                                deliver_until_silent(&mut listener, &pool, &heartbeat, &on_event)
-                                    .await;
+                            let why = deliver_until_silent(
+                                &mut listener,
+                                &pool,
+                                &heartbeat,
+                                &sent,
+                                &on_event,
+                            )
+                            .await;
                             tracing::warn!(
                                 reason = why,
                                 "invalidation listener stopped; resetting the cache and reconnecting"
@@ -227,6 +241,48 @@ impl PostgresStore {
                 _ = stop.wait_for(|stopped| *stopped) => {}
             }
         });
+    }
+}
+
+/// The notifications this store sent and its listener has not heard back yet, oldest first: by
+/// the sending backend's process id and the subject, and when. No other client's connection has
+/// that process id while this store's does, so another replica's notification of the same subject
+/// is never taken for this store's own, however close together the two come. (Through a
+/// transaction-pooling proxy, replicas share backends: a notification of a transaction that
+/// rolled back after sending, never delivered, can then be matched by another replica's of the
+/// same subject sent from the same backend within [`ECHO_WINDOW`].)
+#[derive(Default)]
+struct SentNotifications(std::sync::Mutex<std::collections::VecDeque<(i32, uuid::Uuid, Instant)>>);
+
+/// How long a sent notification is waited for; past it (its transaction rolled back, or the
+/// listener was reconnecting), it is forgotten and one heard later counts as another process's.
+const ECHO_WINDOW: Duration = Duration::from_secs(5);
+/// The most sent notifications remembered; past it, the oldest are forgotten.
+const MAX_UNHEARD_SENT: usize = 4096;
+
+impl SentNotifications {
+    fn note(&self, sender: i32, subject: uuid::Uuid) {
+        let mut sent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while sent.front().is_some_and(|(_, _, at)| {
+            sent.len() >= MAX_UNHEARD_SENT || now.duration_since(*at) > ECHO_WINDOW
+        }) {
+            sent.pop_front();
+        }
+        sent.push_back((sender, subject, now));
+    }
+
+    /// Whether a notification of `subject` from backend `sender` is one this store sent; each is
+    /// matched once.
+    fn heard_back(&self, sender: u32, subject: uuid::Uuid) -> bool {
+        let mut sent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let found = sent.iter().position(|(pid, noted, at)| {
+            u32::try_from(*pid) == Ok(sender)
+                && *noted == subject
+                && now.duration_since(*at) <= ECHO_WINDOW
+        });
+        found.and_then(|index| sent.remove(index)).is_some()
     }
 }
 
@@ -280,6 +336,7 @@ async fn deliver_until_silent(
     listener: &mut sqlx::postgres::PgListener,
     pool: &PgPool,
     heartbeat: &str,
+    sent: &SentNotifications,
     on_event: &crate::InvalidationHandler,
 ) -> String {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -300,7 +357,11 @@ async fn deliver_until_silent(
                             }
                         }
                     } else if let Ok(subject) = uuid::Uuid::parse_str(payload) {
-                        on_event(crate::Invalidation::Subject(subject));
+                        on_event(if sent.heard_back(notification.process_id(), subject) {
+                            crate::Invalidation::Echo(subject)
+                        } else {
+                            crate::Invalidation::Subject(subject)
+                        });
                     }
                 }
                 Ok(None) => return "lost its connection".into(),

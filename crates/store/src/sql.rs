@@ -876,7 +876,7 @@ macro_rules! impl_store {
                     let rotated: Option<keyplane_core::Credential> =
                         row.map(TryInto::try_into).transpose()?;
                     if let Some(rotated) = &rotated {
-                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                         // The answer shows the row as this statement left it.
                         Self::keep_answer(&mut tx, answer, rotated).await?;
@@ -949,7 +949,7 @@ macro_rules! impl_store {
                             // RETURNING has no order: the trail lists them in creation order.
                             grants.sort_by_key(|grant| grant.id);
                         }
-                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                         for grant in &grants {
                             Self::append_audit(&mut tx, &grant_event(grant)).await?;
@@ -1010,7 +1010,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, &event(&before)).await?;
                     }
                     tx.commit().await?;
@@ -1284,7 +1284,7 @@ macro_rules! impl_store {
                             keyplane_core::grant::too_many_grants_message(),
                         ));
                     }
-                    Self::notify_invalidation(&mut tx, grant.subject_id).await?;
+                    self.notify_invalidation(&mut tx, grant.subject_id).await?;
                     Self::append_audit(&mut tx, event).await?;
                     Self::keep_answer(&mut tx, answer, grant).await?;
                     tx.commit().await?;
@@ -1394,7 +1394,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        Self::notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
+                        self.notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
                     }
                     // Revoking again changes nothing and records nothing.
                     if row.as_ref().is_some_and(|r| r.revoked_at() == Some(at)) {
@@ -1502,7 +1502,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
@@ -1546,7 +1546,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        Self::notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;

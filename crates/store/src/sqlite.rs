@@ -227,6 +227,7 @@ fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
 impl SqliteStore {
     /// One process owns a SQLite store, and it evicts its own cache; nothing to tell others.
     async fn notify_invalidation(
+        &self,
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
         _subject: uuid::Uuid,
     ) -> Result<(), StoreError> {

@@ -4262,6 +4262,7 @@ postgres_suite! {
     a_sign_out_during_a_console_change_does_not_deadlock,
     a_grant_made_while_the_same_one_is_revoked_does_not_deadlock,
     webhook_deliveries_are_locked_in_event_order,
+    a_stores_own_notifications_come_back_as_echoes_and_no_other,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -5044,4 +5045,90 @@ async fn a_database_that_refuses_connections_is_unreachable() {
     );
     let starting = keyplane_store::connect(&proxy.url).await.err();
     assert!(refused(&starting), "{starting:?}");
+}
+
+/// PostgreSQL delivers a NOTIFY to every listener, its sender's too: a store's listener tells its
+/// own changes (`Echo`) from other processes' (`Subject`), whichever comes first and however close
+/// together, and a write that changes nothing sends nothing.
+async fn a_stores_own_notifications_come_back_as_echoes_and_no_other() {
+    use keyplane_store::Invalidation;
+    let f = fixture(Backend::Postgres).await;
+    let other = keyplane_store::connect(&f._db.url).await.expect("connect");
+    let (credential, _) = new_token(f.tenant.id, "toggled");
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let listen = |store: &Arc<dyn Store>| {
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = heard.clone();
+        store.listen_invalidations(
+            Arc::new(move |event| {
+                // The listener's (re)connections are not what this is about.
+                if event != Invalidation::Reset {
+                    into.lock().unwrap().push(event);
+                }
+            }),
+            stopped.clone(),
+        );
+        heard
+    };
+    let (mine, theirs) = (listen(&f.store), listen(&other));
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    for attempt in 0.. {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if listening >= 2 {
+            break;
+        }
+        assert!(attempt < 400, "{listening} of 2 listeners");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    pool.close().await;
+    let suspend = |store: &Arc<dyn Store>, suspended: bool| {
+        let (store, tenant, id) = (store.clone(), f.tenant.id, credential.id);
+        async move {
+            let at = now();
+            store
+                .set_credential_suspended(
+                    tenant,
+                    CredentialKind::ApiToken,
+                    id,
+                    suspended.then_some(at),
+                    at,
+                    &ev(),
+                    None,
+                )
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    assert!(suspend(&f.store, true).await);
+    assert!(!suspend(&f.store, true).await, "already suspended");
+    assert!(suspend(&other, false).await);
+
+    let subject = credential.id.as_uuid();
+    for heard in [&mine, &theirs] {
+        for _ in 0..400 {
+            if heard.lock().unwrap().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(
+        *mine.lock().unwrap(),
+        [Invalidation::Echo(subject), Invalidation::Subject(subject)]
+    );
+    assert_eq!(
+        *theirs.lock().unwrap(),
+        [Invalidation::Subject(subject), Invalidation::Echo(subject)]
+    );
 }

@@ -700,3 +700,35 @@ async fn a_stream_hears_another_replicas_changes_at_once() {
         &doomed,
     );
 }
+
+/// A change through this replica that changes nothing (suspending a suspended token) sends no
+/// notification: it must not make this replica take another replica's real change of the same
+/// credential, right after, for the echo of its own and leave its streams asleep.
+#[tokio::test]
+async fn another_replicas_change_after_a_local_no_op_still_wakes_the_stream() {
+    let first = TestApp::spawn_with(Backend::Postgres, woken_only()).await;
+    let replica = first.replica().await;
+    let org = first.create_org("acme").await;
+    first.await_listeners(2).await;
+    let verifier = verifier_token(&first, &org).await;
+    let toggled = token_id(&first, &org, "toggled").await;
+    async fn change(app: &TestApp, org: &Org, id: &str, change: &str) {
+        let res = app
+            .post_empty(&org.path(&format!("/api-tokens/{id}/{change}")), &org.token)
+            .await;
+        assert_eq!(res.status(), 200, "{change}");
+    }
+    change(&first, &org, &toggled, "suspend").await;
+    let mut stream = SseReader::connect(&replica, &verifier, None).await;
+    assert_eq!(stream.next().await.event, "ready");
+
+    // Suspended already: nothing changes, nothing is recorded or sent.
+    change(&replica, &org, &toggled, "suspend").await;
+    change(&first, &org, &toggled, "resume").await;
+    assert_revocation(
+        &stream.next().await,
+        "api_token.resumed",
+        "api_token",
+        &toggled,
+    );
+}
