@@ -14,6 +14,11 @@
 //! by the sending backend: `Invalidation::Echo`) wakes none, its tenant's streams having been
 //! woken already.
 //!
+//! Event ids: the audit `seq`; with `?ids=seq_hash`, `<seq>-<tag>`, the tag a short hash of that
+//! event's chain hash ([`id_tag`]). A bare seq cannot tell the event a client saw from another at
+//! that seq once the chain went back and grew past it again; a tag can (`reset`). Opt-in: clients
+//! from before parse an id as a number. Both forms resume.
+//!
 //! Events: `ready` first (`id` = where the stream starts), then one `revocation` per change;
 //! `reset` when the client's `Last-Event-ID` can no longer be resumed (the events were pruned,
 //! or the id is ahead of the chain), when retention prunes events the stream has not sent yet,
@@ -38,13 +43,13 @@ use crate::error::{ApiError, AppError};
 use crate::jobs::{TenantShare, TenantShares};
 use crate::verify::Verification;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{HeaderMap, HeaderName, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use keyplane_core::audit::actions;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
 use keyplane_store::{AuditChainState, AuditQuery};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,7 +180,8 @@ pub(crate) fn routes() -> OpenApiRouter<App> {
 /// One `revocation` event's data. No secret, no hash: what changed, for which credential.
 #[derive(Serialize, ToSchema)]
 pub struct RevocationEvent {
-    /// The audit event's `seq` (also the SSE `id`).
+    /// The audit event's `seq` (also the SSE `id`, or its part before the `-` with
+    /// `ids=seq_hash`).
     pub seq: u64,
     /// The audit action, e.g. `api_token.revoked`, `authorization.created`.
     pub action: String,
@@ -203,6 +209,97 @@ pub struct StreamPosition {
     pub head: u64,
 }
 
+/// How the stream writes its events' ids (`?ids=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventIds {
+    /// The audit `seq` alone, a whole number (the default, as every release has sent).
+    #[default]
+    Seq,
+    /// `<seq>-<tag>`: the seq and 16 lowercase hex digits of a hash of the event's chain hash.
+    SeqHash,
+}
+
+/// Hex digits of an id's tag.
+const TAG_LENGTH: usize = 16;
+
+/// The tag of an event id in the `seq_hash` form: the first 8 bytes of the SHA-256 of the
+/// event's chain hash, in lowercase hex. It tells one history's event from another's at the
+/// same seq, and nothing about the event (the chain hash itself is not shown).
+fn id_tag(chain_hash: &[u8; 32]) -> String {
+    use sha2::{Digest, Sha256};
+    data_encoding::HEXLOWER.encode(&Sha256::digest(chain_hash)[..TAG_LENGTH / 2])
+}
+
+impl EventIds {
+    /// The id of the event at `seq`, whose chain hash is `hash`.
+    fn of(self, seq: u64, hash: &[u8; 32]) -> String {
+        match self {
+            Self::Seq => seq.to_string(),
+            Self::SeqHash => format!("{seq}-{}", id_tag(hash)),
+        }
+    }
+
+    /// The `ids` query parameter; other parameters are ignored, as they always were.
+    fn of_query(uri: &Uri) -> Result<Self, AppError> {
+        #[derive(Deserialize)]
+        struct StreamQuery {
+            #[serde(default)]
+            ids: EventIds,
+        }
+        let Some(query) = uri.query() else {
+            return Ok(Self::default());
+        };
+        match serde_urlencoded::from_str::<StreamQuery>(query) {
+            Ok(read) => Ok(read.ids),
+            Err(_) => Err(AppError::Domain(DomainError::Validation(vec![
+                keyplane_core::FieldError::new(
+                    keyplane_core::FieldPath::query("ids"),
+                    keyplane_core::error::codes::INVALID_FORMAT,
+                    "must be `seq` or `seq_hash`, once",
+                ),
+            ]))),
+        }
+    }
+}
+
+/// Where a client resumes (`Last-Event-ID`): a seq, and the tag of the event it saw there when the
+/// id was in the `seq_hash` form. Either form is taken, whatever `ids` asks for now.
+struct Resume {
+    seq: u64,
+    tag: Option<String>,
+}
+
+impl Resume {
+    fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        let Some((seq, tag)) = value.split_once('-') else {
+            return Some(Self {
+                seq: value.parse().ok()?,
+                tag: None,
+            });
+        };
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        let well_formed = !seq.is_empty()
+            && seq.bytes().all(|b| b.is_ascii_digit())
+            && tag.len() == TAG_LENGTH
+            && tag.bytes().all(hex);
+        if !well_formed {
+            return None;
+        }
+        Some(Self {
+            seq: seq.parse().ok()?,
+            tag: Some(tag.to_string()),
+        })
+    }
+
+    /// Whether the event with chain hash `hash` at this seq is the one the client saw, as far as
+    /// its id tells (a bare seq cannot).
+    fn saw(&self, hash: &[u8; 32]) -> bool {
+        self.tag.as_deref().is_none_or(|tag| tag == id_tag(hash))
+    }
+}
+
 /// Revocation stream (Server-Sent Events)
 ///
 /// Every change of the caller's organization that can change a verification answer, as it
@@ -218,15 +315,23 @@ pub struct StreamPosition {
 /// point of the stream); both schemas are in the document's components. Each carries `id:` = the
 /// audit `seq`, increasing (a `reset` after the trail went back names a lower one, and the ids go
 /// on from it); send the last one seen as `Last-Event-ID` to resume without missing or repeating a
-/// change. Comments (`: `) are heartbeats, each sent right after the chain's head was
+/// change. With `ids=seq_hash`, an id is `<seq>-<tag>` (the tag: 16 lowercase hex digits of a
+/// hash of the event's chain hash) and its seq the number before the `-`: resuming with such an
+/// id after the trail went back and grew past it again answers `reset`, where a bare seq would
+/// resume on events the client never saw. Both forms are accepted as `Last-Event-ID` either way.
+/// Comments (`: `) are heartbeats, each sent right after the chain's head was
 /// read with every event up to it before: a client is up to date once it has had one, or events
 /// up to `head` (on resumption, `ready` comes before the missed events; a stream that ends
 /// before them has not caught up).
 #[utoipa::path(
     get, path = "/v1/revocations/stream", tag = "Verification",
-    params(("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (an audit seq).")),
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id: an audit seq, or `<seq>-<tag>` as sent with `ids=seq_hash`."),
+        ("ids" = inline(Option<EventIds>), Query, description = "How event ids are written: `seq` (default), or `seq_hash` (`<seq>-<tag>`, which lets a resumption after the audit trail went back be told `reset`). Other query parameters are ignored."),
+    ),
     responses(
         (status = 200, description = "The event stream; it stays open. Each event's `data` is one line of JSON: a `StreamPosition` (`#/components/schemas/StreamPosition`) for `ready` and `reset`, a `RevocationEvent` (`#/components/schemas/RevocationEvent`) for `revocation`.", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_request`: `Last-Event-ID` is neither a seq nor `<seq>-<tag>`, or `ids` is neither `seq` nor `seq_hash`."),
         (status = 401, description = "Missing, unknown, expired or revoked credential, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
         (status = 429, description = "Too many streams are open on this server, or of the caller's organization, or too many failed authentications from this address; retry after `Retry-After`."),
@@ -236,6 +341,7 @@ pub struct StreamPosition {
 async fn revocation_stream(
     State(app): State<App>,
     origin: crate::request_id::Origin,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError<Verification>> {
     let presented = bearer_token(&headers)?.to_string();
@@ -254,23 +360,18 @@ async fn revocation_stream(
         ))
         .into());
     }
+    let ids = EventIds::of_query(&uri)?;
     let resume = match headers.get(LAST_EVENT_ID) {
         None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    AppError::Domain(DomainError::Validation(vec![
-                        keyplane_core::FieldError::new(
-                            keyplane_core::FieldPath::header("Last-Event-ID"),
-                            keyplane_core::error::codes::INVALID_FORMAT,
-                            "must be a whole number (an event id of this stream)",
-                        ),
-                    ]))
-                })?,
-        ),
+        Some(value) => Some(value.to_str().ok().and_then(Resume::parse).ok_or_else(|| {
+            AppError::Domain(DomainError::Validation(vec![
+                keyplane_core::FieldError::new(
+                    keyplane_core::FieldPath::header("Last-Event-ID"),
+                    keyplane_core::error::codes::INVALID_FORMAT,
+                    "must be an event id of this stream (a whole number, or `<seq>-<tag>`)",
+                ),
+            ]))
+        })?),
     };
     let streams = &app.inner().revocation_streams;
     let tenant = caller.credential.tenant_id;
@@ -290,28 +391,27 @@ async fn revocation_stream(
     };
     // Where the stream starts, and the chain hash there: the head, or the client's
     // `Last-Event-ID` while the chain holds an event there (the events after it are all still
-    // there: pruning deletes only up to the anchor). Whether that event is the one the client saw
-    // cannot be told: an id carries no hash.
+    // there: pruning deletes only up to the anchor) and, for an id with a tag, it is the event the
+    // client saw. (Of a bare seq, that cannot be told.)
     let start = match resume {
         None => Some((state.head_seq, state.head_hash)),
-        Some(seq) => chain_hash_at(&app, tenant, &state, seq)
+        Some(resume) => chain_hash_at(&app, tenant, &state, resume.seq)
             .await?
-            .map(|hash| (seq, hash)),
+            .filter(|hash| resume.saw(hash))
+            .map(|hash| (resume.seq, hash)),
     };
-    let (first, (cursor, cursor_hash)) = match start {
-        Some((seq, hash)) => (("ready", position(seq)), (seq, hash)),
-        None => (
-            ("reset", position(state.head_seq)),
-            (state.head_seq, state.head_hash),
-        ),
+    let (name, (cursor, cursor_hash)) = match start {
+        Some(start) => ("ready", start),
+        None => ("reset", (state.head_seq, state.head_hash)),
     };
-    let first = position_event(first.0, &first.1)
+    let first = position_event(name, &position(cursor), ids.of(cursor, &cursor_hash))
         .map_err(|e| AppError::Internal(anyhow::anyhow!("render an event: {e}")))?;
     let (wake, wake_all) = streams.subscribe(tenant);
     let stream = Stream {
         app: app.clone(),
         presented,
         tenant,
+        ids,
         cursor,
         cursor_hash,
         head: state.head_seq,
@@ -339,6 +439,7 @@ struct Stream {
     /// once its credential is revoked or loses `tokens:verify`.
     presented: String,
     tenant: TenantId,
+    ids: EventIds,
     /// Every streamed event up to this seq has been queued.
     cursor: u64,
     /// The chain hash of the event at `cursor`: the chain the stream follows is still the one
@@ -430,7 +531,7 @@ impl Stream {
             let full = events.len() == BATCH as usize;
             let mut last_rendered = None;
             for chained in &events {
-                if let Some(event) = render(chained) {
+                if let Some(event) = render(chained, self.ids) {
                     self.pending.push_back(event);
                     last_rendered = Some(chained.seq);
                 }
@@ -504,7 +605,11 @@ impl Stream {
             heartbeat_seconds: heartbeat_seconds(self.heartbeat),
             head: state.head_seq,
         };
-        match position_event("reset", &position) {
+        match position_event(
+            "reset",
+            &position,
+            self.ids.of(state.head_seq, &state.head_hash),
+        ) {
             Ok(event) => self.pending.push_back(event),
             Err(error) => tracing::error!(%error, "cannot render a reset event"),
         }
@@ -539,16 +644,20 @@ fn heartbeat_seconds(heartbeat: Duration) -> u64 {
     heartbeat.as_secs().max(1)
 }
 
-/// `ready` or `reset`: where the stream goes on from.
-fn position_event(name: &'static str, position: &StreamPosition) -> Result<Event, axum::Error> {
+/// `ready` or `reset`: where the stream goes on from (`id`: that event's).
+fn position_event(
+    name: &'static str,
+    position: &StreamPosition,
+    id: String,
+) -> Result<Event, axum::Error> {
     Event::default()
         .event(name)
-        .id(position.seq.to_string())
+        .id(id)
         .retry(Duration::from_secs(1))
         .json_data(position)
 }
 
-fn render(chained: &ChainedEvent) -> Option<Event> {
+fn render(chained: &ChainedEvent, ids: EventIds) -> Option<Event> {
     let event = &chained.event;
     let target = event.target.as_ref()?;
     let (kind, credential_id) = if target.target_type == "authorization" {
@@ -569,7 +678,7 @@ fn render(chained: &ChainedEvent) -> Option<Event> {
     };
     Event::default()
         .event("revocation")
-        .id(chained.seq.to_string())
+        .id(ids.of(chained.seq, &chained.chain_hash))
         .json_data(&data)
         .ok()
 }

@@ -7,7 +7,9 @@
 //! follows keyplane's revocation stream (`GET /v1/revocations/stream`): each revoke, rotation,
 //! suspension, grant change, expiry or leak of the organization drops the cached answers of that
 //! credential, and a `reset` drops them all. The stream resumes with `Last-Event-ID` after a
-//! disconnection, so no change is missed.
+//! disconnection, so no change is missed; its ids also name their event's chain hash
+//! (`?ids=seq_hash`), so a resumption after keyplane's audit trail went back and grew again (a
+//! failover, a restore) is told `reset` rather than resumed on events it never saw.
 //!
 //! # The staleness contract
 //!
@@ -324,7 +326,7 @@ pub struct Metrics {
     pub stream_events: u64,
     /// `reset` events received (every cached answer dropped).
     pub stream_resets: u64,
-    /// The last event id (audit seq) received; 0 before the first.
+    /// The audit seq of the last event id received; 0 before the first.
     pub last_event_id: u64,
     /// A stream connection is open; it may still be catching up (`stale` says whether the
     /// verifier is up to date).
@@ -799,7 +801,10 @@ impl Verifier {
         let inner = Arc::new(Inner::new(config, http, &base));
         runtime.spawn(stream::follow(
             Arc::downgrade(&inner),
-            format!("{base}/v1/revocations/stream"),
+            // Ids that name their event's chain hash: resuming after keyplane's audit trail went
+            // back and grew past our last event again is then answered `reset`. keyplane from
+            // before ignores the parameter and sends bare seqs.
+            format!("{base}/v1/revocations/stream?ids=seq_hash"),
             stopped,
         ));
         Ok(Self {
@@ -1861,8 +1866,12 @@ pub(crate) mod tests {
 
     /// One stream connection, as the script sees it.
     pub(crate) struct StreamConn {
-        /// The client's `Last-Event-ID`, if it sent one.
+        /// The seq of the client's `Last-Event-ID`, if it sent one.
         pub(crate) last_event_id: Option<u64>,
+        /// The client's `Last-Event-ID` as sent.
+        pub(crate) sent_last_event_id: Option<String>,
+        /// The request's path and query.
+        pub(crate) target: String,
         socket: std::net::TcpStream,
         /// The answer's head is sent: a 200 event stream unless the script answered otherwise.
         answered: bool,
@@ -1928,8 +1937,13 @@ pub(crate) mod tests {
                     .map(|value| value.trim().to_string())
             };
             if head.starts_with("get /v1/revocations/stream") {
+                let sent_last_event_id = header("last-event-id");
                 let mut conn = StreamConn {
-                    last_event_id: header("last-event-id").and_then(|id| id.parse().ok()),
+                    last_event_id: sent_last_event_id
+                        .as_deref()
+                        .and_then(|id| id.split('-').next()?.parse().ok()),
+                    sent_last_event_id,
+                    target: head.split(' ').nth(1).unwrap_or_default().to_string(),
                     socket,
                     answered: false,
                 };
@@ -2049,6 +2063,17 @@ pub(crate) mod tests {
             "credential_id": credential_id, "occurred_at": "2026-01-01T00:00:00Z",
         });
         format!("event: revocation\nid: {seq}\ndata: {data}\n\n")
+    }
+
+    /// `block` with its id in the `?ids=seq_hash` form (`<seq>-<16 hex>`; here the seq's own hex).
+    pub(crate) fn hashed(block: &str) -> String {
+        block
+            .lines()
+            .map(|line| match line.strip_prefix("id: ") {
+                Some(seq) => format!("id: {seq}-{:016x}\n", seq.parse::<u64>().unwrap()),
+                None => format!("{line}\n"),
+            })
+            .collect()
     }
 
     pub(crate) const HEARTBEAT: &str = ": heartbeat\n\n";

@@ -261,7 +261,9 @@ async fn session(
             }
             let mut reached = *caught_up;
             if let Some(id) = event.id {
-                if let Ok(seq) = id.parse::<u64>() {
+                // `<seq>` or `<seq>-<tag>`; sent back whole, the tag lets keyplane tell whether
+                // its chain still holds the event we saw.
+                if let Ok(seq) = id.split('-').next().unwrap_or_default().parse::<u64>() {
                     inner.counters.last_event_id.store(seq, Relaxed);
                     reached |= catch_up_to.is_some_and(|head| seq >= head);
                 }
@@ -279,8 +281,8 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use crate::tests::{
-        active, api_token, fake_config, fake_verifier, position, revocation, until, FakeKeyplane,
-        RawServer, StreamConn, HEARTBEAT,
+        active, api_token, fake_config, fake_verifier, hashed, position, revocation, until,
+        FakeKeyplane, RawServer, StreamConn, HEARTBEAT,
     };
     use crate::{lock, StalePolicy, Verifier, VerifyError};
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -459,6 +461,58 @@ mod tests {
         .await;
         stays_fresh(&verifier, MAX_STALENESS * 3).await;
         assert_eq!(verifier.metrics().stream_connects, 2);
+    }
+
+    /// The verifier asks for ids that name their event's chain hash (`<seq>-<hex>`), takes their
+    /// seq for its position (caught up once an event reaches the head its `ready` named), and
+    /// resumes with the whole id, so that keyplane can tell a chain that went back and grew past
+    /// it again (and answer `reset`).
+    #[tokio::test]
+    async fn asks_for_hashed_ids_and_resumes_with_the_whole_id() {
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let end_first = Arc::new(AtomicBool::new(false));
+        let (recorded, ending) = (requests.clone(), end_first.clone());
+        let fake = FakeKeyplane::start(
+            move |conn: &mut StreamConn| {
+                lock(&recorded).push((conn.target.clone(), conn.sent_last_event_id.clone()));
+                match conn.last_event_id {
+                    // Behind the head at first; no heartbeat: only the event's id says caught up.
+                    None => {
+                        conn.send(&hashed(&position("ready", 5, Some(7))));
+                        conn.send(&hashed(&revocation(7, "api_token.revoked", "A")));
+                        let started = Instant::now();
+                        while !ending.load(SeqCst) && started.elapsed() < Duration::from_secs(30) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    Some(from) => {
+                        conn.send(&hashed(&position("ready", from, Some(from))));
+                    }
+                }
+            },
+            || r#"{"active":false}"#.into(),
+        );
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("caught up", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.last_event_id, metrics.stream_events),
+            (7, 1),
+            "{metrics:?}"
+        );
+        end_first.store(true, SeqCst);
+        until("resumed", Duration::from_secs(5), || {
+            lock(&requests).len() >= 2
+        })
+        .await;
+        let stream = "/v1/revocations/stream?ids=seq_hash".to_string();
+        assert_eq!(
+            lock(&requests)[..2],
+            [
+                (stream.clone(), None),
+                (stream, Some(format!("7-{:016x}", 7)))
+            ]
+        );
     }
 
     /// keyplane refuses the stream (a wrong verify token): that is kept for monitoring and a

@@ -2,7 +2,9 @@
 //! one PostgreSQL, with a TCP proxy between the service and keyplane that the test can cut:
 //! a revoke through replica 1 is refused by the service within the stated bound; a cut stream
 //! resumes with `Last-Event-ID` and misses nothing; with keyplane unreachable, cached valid
-//! credentials keep working until `max_staleness`, then the chosen policy applies.
+//! credentials keep working until `max_staleness`, then the chosen policy applies; a stream
+//! resumed on an audit chain that went back (a failover, a restore) and grew past its
+//! `Last-Event-ID` again is reset, and the verifier drops what it cached.
 
 use keyplane_server::{ops, App, Config};
 use keyplane_store::testing::{Backend, TestDatabase};
@@ -395,4 +397,90 @@ fn operator() -> keyplane_core::Operator {
         os_user: "test".into(),
         name: None,
     }
+}
+
+/// The tenant's audit chain as another history has it (a failover to a standby that lost the last
+/// commits, then new ones; a restore): its events after `seq` differ (their hashes do), and it has
+/// one more, so it is already past where the verifier stopped.
+async fn fork_chain_after(db: &TestDatabase, tenant: &str, seq: u64) {
+    use sqlx::Connection;
+    let tenant: uuid::Uuid = tenant.parse().unwrap();
+    let other = "substr(chain_hash, 2) || substr(chain_hash, 1, 1)";
+    let statements = [
+        format!("UPDATE audit_events SET chain_hash = {other} WHERE tenant_id = $1 AND seq > {seq}"),
+        format!(
+            "INSERT INTO audit_events (tenant_id, seq, id, occurred_at, action, outcome, \
+             actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, \
+             request_id, client_ip, user_agent, details, chain_hash) \
+             SELECT tenant_id, seq + 1, gen_random_uuid(), occurred_at, action, outcome, \
+             actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, \
+             request_id, client_ip, user_agent, details, {other} FROM audit_events \
+             WHERE tenant_id = $1 AND seq = (SELECT seq FROM audit_chain_heads WHERE tenant_id = $1)"
+        ),
+        "UPDATE audit_chain_heads SET seq = seq + 1, chain_hash = \
+         (SELECT e.chain_hash FROM audit_events e WHERE e.tenant_id = $1 AND e.seq = audit_chain_heads.seq + 1) \
+         WHERE tenant_id = $1"
+            .to_string(),
+    ];
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = connection.begin().await.unwrap();
+    for sql in &statements {
+        sqlx::query(sql)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_resumed_on_a_chain_that_went_back_and_grew_again_is_reset() {
+    let world = World::start(StalePolicy::FailClosed).await;
+    let (_, cached) = world.create_token("cached", &["read"]).await;
+    let (doomed, _) = world.create_token("doomed", &["read"]).await;
+    world.revoke(0, &doomed).await;
+    world
+        .until("the revocation is delivered", BOUND, |w| {
+            let events = w.verifier.metrics().stream_events;
+            async move { events >= 1 }
+        })
+        .await;
+    assert_eq!(world.hello(&cached).await, 200);
+    let introspections = world.verifier.metrics().introspections;
+    assert_eq!(world.hello(&cached).await, 200);
+    assert_eq!(world.verifier.metrics().introspections, introspections);
+
+    world.proxy.cut();
+    world
+        .until(
+            "the verifier sees the stream end",
+            Duration::from_secs(5),
+            |w| {
+                let connected = w.verifier.metrics().stream_connected;
+                async move { !connected }
+            },
+        )
+        .await;
+    let last_seen = world.verifier.metrics().last_event_id;
+    fork_chain_after(&world._db, &world.org.0, last_seen - 1).await;
+    world.proxy.restore();
+    world
+        .until(
+            "the resumed stream is reset",
+            Duration::from_secs(10),
+            |w| {
+                let resets = w.verifier.metrics().stream_resets;
+                async move { resets == 1 }
+            },
+        )
+        .await;
+    // Nothing cached survived it: the credential is asked about again.
+    assert_eq!(world.hello(&cached).await, 200);
+    assert_eq!(
+        world.verifier.metrics().introspections,
+        introspections + 1,
+        "{:?}",
+        world.verifier.metrics()
+    );
 }

@@ -15,9 +15,12 @@ both_backends!(
     a_stream_is_reset_when_its_chain_goes_back,
     one_organization_cannot_take_every_stream,
     another_organizations_changes_do_not_wake_a_stream,
+    hashed_ids_tell_a_chain_that_went_back_and_grew_again,
 );
 
 const STREAM: &str = "/v1/revocations/stream";
+/// The stream with ids that also name their event's chain hash.
+const HASHED: &str = "/v1/revocations/stream?ids=seq_hash";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// One Server-Sent Event (or a comment, as `event == ":"`).
@@ -36,8 +39,17 @@ struct SseReader {
 
 impl SseReader {
     async fn open(app: &TestApp, token: &str, last_event_id: Option<&str>) -> reqwest::Response {
+        Self::open_at(app, STREAM, token, last_event_id).await
+    }
+
+    async fn open_at(
+        app: &TestApp,
+        path: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> reqwest::Response {
         let mut request = app
-            .request(reqwest::Method::GET, STREAM, Some(token))
+            .request(reqwest::Method::GET, path, Some(token))
             .timeout(Duration::from_secs(120));
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
@@ -46,7 +58,16 @@ impl SseReader {
     }
 
     async fn connect(app: &TestApp, token: &str, last_event_id: Option<&str>) -> Self {
-        let response = Self::open(app, token, last_event_id).await;
+        Self::connect_at(app, STREAM, token, last_event_id).await
+    }
+
+    async fn connect_at(
+        app: &TestApp,
+        path: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let response = Self::open_at(app, path, token, last_event_id).await;
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.headers()["content-type"].to_str().unwrap(),
@@ -516,6 +537,103 @@ async fn a_stream_catching_up_is_reset_when_retention_prunes_past_it(backend: Ba
     let event = resumed.next().await;
     assert_revocation(&event, "api_token.revoked", "api_token", &after);
     assert!(seq(&event) > head);
+}
+
+/// An id of the `?ids=seq_hash` form (`<seq>-<16 lowercase hex>`), as its seq.
+fn hashed_seq(sse: &Sse) -> u64 {
+    let id = sse.id.as_deref().unwrap();
+    let (seq, tag) = id
+        .split_once('-')
+        .unwrap_or_else(|| panic!("{id}: no hash"));
+    assert!(
+        tag.len() == 16 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "{id}"
+    );
+    assert_eq!(sse.data["seq"].to_string(), seq, "{sse:?}");
+    seq.parse().unwrap()
+}
+
+/// A bare seq cannot tell the event a client saw from another history's event at that seq: with
+/// `?ids=seq_hash` each id also names its event's chain hash, and a client resuming with one after
+/// the chain went back and grew past it again is told `reset`. Bare seqs still resume.
+async fn hashed_ids_tell_a_chain_that_went_back_and_grew_again(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let tenant: uuid::Uuid = org.id.parse().unwrap();
+    let verifier = verifier_token(&app, &org).await;
+    let doomed = token_id(&app, &org, "doomed").await;
+
+    let mut stream = SseReader::connect_at(&app, HASHED, &verifier, None).await;
+    let ready = stream.next().await;
+    assert_eq!(ready.event, "ready", "{ready:?}");
+    hashed_seq(&ready);
+    revoke(&app, &org, &doomed).await;
+    let event = stream.next().await;
+    assert_eq!(event.data["credential_id"], doomed.as_str(), "{event:?}");
+    let seen = hashed_seq(&event);
+    let id = event.id.clone().unwrap();
+    drop(stream);
+
+    // The id resumes, and so does its bare seq (a client from before).
+    for resume_from in [id.clone(), seen.to_string()] {
+        let mut resumed = SseReader::connect_at(&app, HASHED, &verifier, Some(&resume_from)).await;
+        let ready = resumed.next().await;
+        assert_eq!(
+            (ready.event.as_str(), ready.id.as_deref()),
+            ("ready", Some(id.as_str())),
+            "from {resume_from}"
+        );
+    }
+
+    // Another history (a failover, a restore) whose event at that seq is another one, and which
+    // already goes past it: the hashed id is told to start over.
+    edit_chain(&app, tenant, &fork_after(backend, seen - 1)).await;
+    let mut resumed = SseReader::connect_at(&app, HASHED, &verifier, Some(&id)).await;
+    let reset = resumed.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(hashed_seq(&reset), seen + 1);
+    assert_eq!(reset.data["head"], seen + 1);
+    // The bare seq cannot tell.
+    let mut bare = SseReader::connect_at(&app, HASHED, &verifier, Some(&seen.to_string())).await;
+    assert_eq!(bare.next().await.event, "ready");
+
+    for bad in [
+        "7-",
+        "7-xyz",
+        "-0123456789abcdef",
+        "7-0123456789ABCDEF",
+        "7-0123456789abcdef0",
+    ] {
+        let res = SseReader::open_at(&app, HASHED, &verifier, Some(bad)).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request", "{bad}");
+    }
+    let res = SseReader::open_at(&app, &format!("{STREAM}?ids=hashes"), &verifier, None).await;
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
+
+    // The document says so.
+    let doc = app.openapi().await;
+    let operation = &doc["paths"][STREAM]["get"];
+    let ids = operation["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "ids")
+        .expect("the `ids` parameter is documented");
+    assert_eq!(
+        (&ids["in"], &ids["required"]),
+        (&json!("query"), &json!(false))
+    );
+    let schema = &ids["schema"];
+    let schema = match schema["$ref"].as_str() {
+        Some(name) => &doc["components"]["schemas"][name.rsplit('/').next().unwrap()],
+        None => schema,
+    };
+    assert_eq!(schema["enum"], json!(["seq", "seq_hash"]), "{ids}");
+    assert!(operation["responses"]["400"].is_object());
 }
 
 async fn a_stream_is_reset_when_its_chain_goes_back(backend: Backend) {
