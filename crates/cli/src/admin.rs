@@ -675,8 +675,9 @@ pub fn org_json(created: &ops::OrgCreated) -> String {
     .to_string()
 }
 
-/// Who runs this command: the OS user of the process's real uid (its name, else `$USER` or
-/// `$LOGNAME` as set, else `uid N`), and the name given with --operator.
+/// Who runs this command: the OS user of the process's real uid (its name; without a passwd entry,
+/// as in containers run under an arbitrary uid, `uid N`, followed by `$USER` or `$LOGNAME` as
+/// set, which anyone can set: `uid 1000680000 (USER=alice)`), and the name given with --operator.
 fn operator(given: Option<String>) -> anyhow::Result<Operator> {
     let name = given
         .map(|raw| {
@@ -686,13 +687,15 @@ fn operator(given: Option<String>) -> anyhow::Result<Operator> {
         .transpose()?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    let os_user = user_name(uid)
-        .or_else(|| {
-            ["USER", "LOGNAME"]
-                .into_iter()
-                .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
-        })
-        .unwrap_or_else(|| format!("uid {uid}"));
+    let os_user = user_name(uid).unwrap_or_else(|| {
+        let declared = ["USER", "LOGNAME"].into_iter().find_map(|var| {
+            std::env::var(var)
+                .ok()
+                .filter(|value| !value.is_empty())
+                .map(|value| format!(" ({var}={value})"))
+        });
+        format!("uid {uid}{}", declared.unwrap_or_default())
+    });
     // Bounded as the event bounds it, so that the row and the event say the same.
     let os_user = os_user
         .chars()

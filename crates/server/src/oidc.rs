@@ -20,6 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use keyplane_core::UserId;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -201,6 +202,24 @@ struct Issuer {
     /// When the last fetch started. Held during a fetch, so concurrent misses wait for one request
     /// instead of each making their own.
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
+    /// Whether a fetch is under way (the lock above is also held briefly without one).
+    fetching: AtomicBool,
+}
+
+/// Marks a fetch under way until dropped, however the fetch ends.
+struct Fetching<'a>(&'a AtomicBool);
+
+impl<'a> Fetching<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The trusted issuers and their cached keys. Cloning shares the cache.
@@ -227,6 +246,7 @@ impl Oidc {
                     last_fetch_failed: false,
                 }),
                 last_attempt: tokio::sync::Mutex::new(None),
+                fetching: AtomicBool::new(false),
             })
             .collect();
         Self(Arc::new(Inner {
@@ -375,7 +395,9 @@ impl Oidc {
     /// stands: while no key was ever loaded, 503).
     async fn fetch_for_unknown_key(&self, index: usize) -> Result<(), AppError> {
         let issuer = &self.0.issuers[index];
-        let under_way = issuer.last_attempt.try_lock().is_err();
+        // Not "the lock is held": other requests hold it for a moment to read the last attempt,
+        // and one that waited on that would go on without the fetch its new key needs.
+        let under_way = issuer.fetching.load(Ordering::Acquire);
         if under_way {
             let waited =
                 tokio::time::timeout(self.0.config.max_fetch_wait, issuer.last_attempt.lock())
@@ -418,6 +440,7 @@ impl Oidc {
             return;
         }
         *last_attempt = Some(Instant::now());
+        let _fetching = Fetching::start(&issuer.fetching);
         match fetch_keys(&self.0.http, &issuer.url).await {
             Ok(keys) => {
                 tracing::info!(oidc.issuer = %issuer.url, keys = keys.len(), "identity provider keys loaded");
@@ -742,6 +765,47 @@ mod tests {
         assert!(config
             .with_uuid_subjects("https://c.example".into())
             .is_err());
+    }
+
+    /// The lock a fetch holds is also taken for a moment by another request reading when the last
+    /// fetch started (`fetch_due`, a 503's Retry-After): a token naming a new key that finds it
+    /// held waits, and then still fetches the keys, or it is refused for a key the provider has.
+    #[tokio::test]
+    async fn a_lock_held_without_a_fetch_is_not_taken_for_one() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let provider = {
+            let (asked, issuer) = (asked.clone(), issuer.clone());
+            axum::Router::new()
+                .route(
+                    "/.well-known/openid-configuration",
+                    axum::routing::get(move || {
+                        asked.fetch_add(1, SeqCst);
+                        let document =
+                            json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")});
+                        async move { axum::Json(document) }
+                    }),
+                )
+                .route(
+                    "/jwks",
+                    axum::routing::get(|| async { axum::Json(json!({"keys": [rsa_jwk(256)]})) }),
+                )
+        };
+        let serving = tokio::spawn(async move { axum::serve(listener, provider).await });
+        let oidc = Oidc::new(OidcConfig::new(vec![issuer], "api".into()).unwrap());
+
+        let read_by_another_request = oidc.0.issuers[0].last_attempt.lock().await;
+        let looking = {
+            let oidc = oidc.clone();
+            tokio::spawn(async move { oidc.fetch_for_unknown_key(0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(read_by_another_request);
+        assert!(looking.await.unwrap().is_ok());
+        assert_eq!(asked.load(SeqCst), 1, "the keys were fetched");
+        serving.abort();
     }
 
     fn b64(bytes: &[u8]) -> String {

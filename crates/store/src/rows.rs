@@ -116,7 +116,7 @@ impl TryFrom<CredentialRow> for Credential {
             last_used_at: row.last_used_at,
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
-            created_by: row.created_by.decode().map_err(&corrupt)?,
+            created_by: row.created_by.decode(),
             revoked_by_user_id: row.revoked_by_user_id.map(UserId::from_uuid),
             suspended_at: row.suspended_at,
             rotated_at: row.rotated_at,
@@ -263,7 +263,7 @@ impl TryFrom<GrantRow> for Grant {
             created_at: row.created_at,
             revoked_at: row.revoked_at,
             created_by_user_id: row.created_by_user_id.map(UserId::from_uuid),
-            created_by: row.created_by.decode().map_err(corrupt)?,
+            created_by: row.created_by.decode(),
         })
     }
 }
@@ -516,24 +516,23 @@ pub(crate) struct CreatedByRow {
 }
 
 impl CreatedByRow {
-    /// `None` when nothing was recorded; the error names the bad column.
-    fn decode(self) -> Result<Option<CreatedBy>, &'static str> {
-        let (Some(actor_type), Some(via)) = (self.created_by_actor_type, self.created_by_via)
-        else {
-            return Ok(None);
-        };
-        let actor_type = ActorType::parse(&actor_type).ok_or("creator type")?;
-        let via = Channel::parse(&via).ok_or("creator channel")?;
+    /// `None` when nothing was recorded, or when a later release recorded an actor type or
+    /// channel this one does not know: the creator only informs, and refusing the row would fail
+    /// every verification of a credential a newer replica created, during a rolling upgrade or
+    /// after a rollback.
+    fn decode(self) -> Option<CreatedBy> {
+        let actor_type = ActorType::parse(self.created_by_actor_type.as_deref()?)?;
+        let via = Channel::parse(self.created_by_via.as_deref()?)?;
         let operator = self.created_by_os_user.map(|os_user| Operator {
             os_user,
             name: self.created_by_operator,
         });
-        Ok(Some(CreatedBy {
+        Some(CreatedBy {
             actor_type,
             actor_id: self.created_by_actor_id,
             via,
             operator,
-        }))
+        })
     }
 }
 

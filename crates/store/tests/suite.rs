@@ -686,6 +686,39 @@ async fn credentials_and_grants_keep_their_creator(backend: Backend) {
     assert_eq!(stored.created_by, Some(by));
 }
 
+/// A creator a later release records (an actor type or channel this one does not know) reads as
+/// unknown: the row itself, which a verification needs, still reads, during a rolling upgrade or
+/// after a rollback.
+async fn a_creator_a_later_release_recorded_reads_as_unknown(backend: Backend) {
+    let f = fixture(backend).await;
+    let (mut credential, plaintext) = new_token(f.tenant.id, "made-later");
+    credential.created_by = Some(creators().remove(0));
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
+    let later = "UPDATE credentials SET created_by_actor_type = 'workload', \
+                 created_by_via = 'federation'";
+    if backend == Backend::Sqlite {
+        let pool = sqlx::SqlitePool::connect(&f._db.url).await.unwrap();
+        sqlx::query(later).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+        sqlx::query(later).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let found = f
+        .store
+        .find_credential_by_hash(&plaintext.hash())
+        .await
+        .expect("a verification still reads the row")
+        .expect("found");
+    assert_eq!(found.id, credential.id);
+    assert_eq!(found.created_by, None);
+    assert_eq!(f.api_token(credential.id).await.created_by, None);
+}
+
 /// The previous release's writes of credentials and grants, which know no `created_by_*`
 /// column (0019), still run on a store the current release migrated, during a rolling upgrade;
 /// the current release reads their creator as unknown. And the previous release still reads a
@@ -2238,6 +2271,7 @@ store_suite! {
     a_schema_from_a_newer_keyplane_is_refused,
     previous_release_console_statements_run_on_the_current_schema,
     credentials_and_grants_keep_their_creator,
+    a_creator_a_later_release_recorded_reads_as_unknown,
     previous_release_writes_credentials_and_grants_without_a_creator,
     a_modified_migration_is_named_when_the_store_opens,
     an_older_schema_is_migrated_only_when_asked,

@@ -67,7 +67,6 @@ pub fn retry_after_secs(refused: &Response) -> u64 {
     retry_after
 }
 
-/// The defaults tests run with: no rate limit (tests send bursts), fast `last_used_at` flushes.
 /// Who the tests' admin use cases (`ops::create_org`, `ops::grant_as_operator`) record.
 pub fn operator() -> keyplane_core::Operator {
     keyplane_core::Operator {
@@ -76,6 +75,7 @@ pub fn operator() -> keyplane_core::Operator {
     }
 }
 
+/// The defaults tests run with: no rate limit (tests send bursts), fast `last_used_at` flushes.
 pub fn test_config() -> Config {
     Config {
         rate_limit_per_minute: 0,
