@@ -1,6 +1,7 @@
 //! Responses every operation of a kind can give, added to the OpenAPI document in one place so no
 //! route can forget one, each in its surface's error shape: 429 and 503 on the management APIs,
-//! 400/413/415 wherever a body is read, 400 and 503 on verification, 429 wherever a 401 can be
+//! 400/413/415 wherever a body is read (Hybridbox: 413/415, its malformed body is a 422 as in
+//! FastAPI), 400 and 503 on verification, 429 wherever a 401 can be
 //! answered (the failed-authentication limit), 500 everywhere but the operations endpoints; an
 //! error response a route declares without a body gets its surface's error shape. Then the
 //! headers: `X-Request-Id` on every response, `WWW-Authenticate` on each 401, `Retry-After` on
@@ -141,7 +142,11 @@ fn add_errors(path: &str, operation: &mut Operation, schema: &str) {
     let verification = schema == "OAuthError";
     let reads_body = operation.request_body.is_some();
     if reads_body {
-        add(operation, "400", "Malformed body.", schema);
+        // Hybridbox answers a malformed body as FastAPI does: 422 `json_invalid` (declared with
+        // each operation's validation errors).
+        if schema != "ErrorMessage" {
+            add(operation, "400", "Malformed body.", schema);
+        }
         add(operation, "413", "Body over the size limit.", schema);
         add(operation, "415", "Unsupported Content-Type.", schema);
     }

@@ -155,12 +155,11 @@ pub async fn list_authorizations(
     request_body = CreateAuthorizationRequest,
     responses(
         (status = 201, description = "The grant.", body = AuthorizationView),
-        (status = 400, description = "Malformed JSON.", body = ErrorMessage),
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage` or the right it grants.", body = ErrorMessage),
         (status = 404, description = "No such account for this caller.", body = ErrorMessage),
         (status = 409, description = "The same live grant exists, the subject already holds 64 live grants in the account (the most one subject may hold; revoke one first), the service account is revoked, suspended or expired, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
-        (status = 422, description = "Validation Error (also a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
+        (status = 422, description = "Validation Error (also a body that is not JSON, `json_invalid`; a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),
     ),
     security(("bearer" = [])),
 )]

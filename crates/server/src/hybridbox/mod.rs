@@ -1,5 +1,6 @@
 //! The Hybridbox public API: `/v1/public/accounts/{account_id}/auth/...`, errors in the FastAPI
-//! dialect its docs come from: 422 `{"detail":[{"loc","msg","type"}]}`, otherwise `{"detail": "..."}`.
+//! dialect its docs come from: 422 `{"detail":[{"loc","msg","type"}]}` (a body that is not JSON
+//! included, as `json_invalid`), otherwise `{"detail": "..."}`.
 
 mod authorizations;
 mod server_wire;
@@ -64,7 +65,22 @@ impl Surface for Hybridbox {
                     .map(|f| json!({ "loc": loc(f), "msg": f.message, "type": error_type(f.code) }))
                     .collect::<Vec<_>>()
             }),
+            // FastAPI's answer to a body that is not JSON: a validation error of the body.
+            AppError::InvalidJson(cause) => json!({
+                "detail": [{
+                    "loc": ["body"],
+                    "msg": format!("JSON decode error: {cause}"),
+                    "type": "json_invalid",
+                }]
+            }),
             other => json!({ "detail": other.public_message() }),
+        }
+    }
+
+    fn status(error: &AppError) -> axum::http::StatusCode {
+        match error {
+            AppError::InvalidJson(_) => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            other => other.status(),
         }
     }
 }
