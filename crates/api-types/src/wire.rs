@@ -34,9 +34,30 @@ pub fn received_webhook_secret<'de, D: Deserializer<'de>>(
         .ok_or_else(|| serde::de::Error::custom("the secret is not a whsec_<base64> signing key"))
 }
 
-/// RFC 3339 in UTC with `Z`, fractional seconds only when present.
+/// RFC 3339 in UTC with `Z`; fractional seconds only when present, and then always six digits
+/// (what both stores keep), as pydantic writes them: not 3 or 6 by the value (`.745Z` for
+/// 745,000 µs), which a client's fixed-width parser reads one time in a thousand only.
 pub fn rfc3339(at: &DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    let precision = match at.timestamp_subsec_nanos() {
+        0 => SecondsFormat::Secs,
+        _ => SecondsFormat::Micros,
+    };
+    at.to_rfc3339_opts(precision, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_have_six_digits_or_none() {
+        let at =
+            |micros: i64| DateTime::from_timestamp_micros(1_900_000_000_000_000 + micros).unwrap();
+        assert_eq!(rfc3339(&at(0)), "2030-03-17T17:46:40Z");
+        assert_eq!(rfc3339(&at(120_000)), "2030-03-17T17:46:40.120000Z");
+        assert_eq!(rfc3339(&at(745_701)), "2030-03-17T17:46:40.745701Z");
+        assert_eq!(rfc3339(&at(1)), "2030-03-17T17:46:40.000001Z");
+    }
 }
 
 pub fn timestamp<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {

@@ -356,7 +356,7 @@ async fn create_returns_the_documented_fields_and_a_one_time_token(backend: Back
         .await;
     assert_eq!(res.status(), 201);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body["expires_at"], "2099-01-01T00:00:00.250Z");
+    assert_eq!(body["expires_at"], "2099-01-01T00:00:00.250000Z");
     // Made by a service account, it still names no user.
     let (_, manager) = service_account(&app, &org, "manager", &["auth.manage"]).await;
     let made = create_sa(&app, &org, &manager, "made by a service account").await;
