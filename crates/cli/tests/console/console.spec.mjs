@@ -430,14 +430,20 @@ try {
   // --- OIDC sign-in through the provider's login page --------------------------------------------
   if (OIDC_USER) {
     const user = await newPage();
-    await user.page.goto(`${URL}/console/login`);
+    // Sent to sign in from a console page, the sign-in through the provider goes back to it, as
+    // the token sign-in does.
+    await user.page.goto(`${URL}/console/api-tokens?q=e2e`);
+    check(new globalThis.URL(user.page.url()).pathname === '/console/login', `not signed in, sent to the sign-in page (${user.page.url()})`);
     await user.page.getByRole('link', { name: /^Sign in with / }).click();
     await user.page.locator('input[name="login"]').fill(OIDC_USER);
     await user.page.locator('input[name="password"]').fill('any');
     await user.page.locator('button[type="submit"]').click();
     // The provider's development consent page.
     await user.page.locator('button[type="submit"]').click();
-    await user.page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+    await user.page.waitForURL((url) => url.pathname !== '/console/oidc/callback' && url.origin === URL);
+    const landed = new globalThis.URL(user.page.url());
+    check(landed.pathname === '/console/api-tokens' && landed.search === '?q=e2e', `the OIDC sign-in goes back to the page it was needed on (${user.page.url()})`);
+    await user.page.getByRole('heading', { name: 'API tokens', level: 1 }).waitFor();
     check((await user.page.textContent('header')).includes(OIDC_USER), 'signed in as the provider user');
     const userCookies = await user.context.cookies();
     check(userCookies.some((c) => c.name === 'keyplane_session' && c.httpOnly), 'an OIDC sign-in gets a session cookie too');

@@ -1065,9 +1065,18 @@ fn sign_in_form(
         csrf = html::csrf_field(&csrf)
     ));
     if let Some(oidc) = &app.inner().config.console.oidc {
+        // It leads back where the token sign-in would.
+        let start = match state
+            .next
+            .map(|next| serde_urlencoded::to_string([("next", next)]))
+        {
+            Some(Ok(query)) => format!("/console/oidc/start?{query}"),
+            _ => "/console/oidc/start".to_string(),
+        };
         body.push_str(&format!(
-            "<p class=\"or\">or</p><p><a class=\"button secondary\" href=\"/console/oidc/start\">\
+            "<p class=\"or\">or</p><p><a class=\"button secondary\" href=\"{}\">\
              Sign in with {}</a></p>",
+            html::esc(&start),
             html::esc(&oidc.issuer)
         ));
     }

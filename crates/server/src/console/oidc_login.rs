@@ -165,11 +165,19 @@ fn sign_ins_busy() -> Response {
     .into_response()
 }
 
+#[derive(Deserialize)]
+pub(super) struct StartQuery {
+    /// The console page to go back to once signed in, as the token sign-in takes it.
+    #[serde(default)]
+    next: Option<String>,
+}
+
 pub(super) async fn start(
     State(app): State<App>,
     origin: crate::request_id::Origin,
     headers: HeaderMap,
     uri: Uri,
+    Query(query): Query<StartQuery>,
 ) -> Result<Response, ConsoleError> {
     let oidc = app
         .inner()
@@ -202,6 +210,12 @@ pub(super) async fn start(
         code_verifier: random_text(),
         started: Instant::now(),
         client: origin.client.map(|c| c.limit_key()),
+        // Kept on the server with the login, so the issuer's round trip cannot change it.
+        next: query
+            .next
+            .as_deref()
+            .and_then(super::way_back)
+            .map(str::to_string),
     };
     let redirect = redirect_uri(&app, &oidc, &headers, &uri)?;
     let challenge = BASE64URL_NOPAD.encode(&Sha256::digest(login.code_verifier.as_bytes()));
@@ -386,15 +400,13 @@ pub(super) async fn callback(
         Err(other) => return Err(other.into()),
     };
     let context = crate::audit::request_context_of(&headers, &origin);
-    let mut response = super::start_session(
-        &app,
-        &who,
-        &tokens.access_token,
-        "oidc",
-        &context,
-        "/console",
-    )
-    .await?;
+    let to = login
+        .next
+        .as_deref()
+        .and_then(super::way_back)
+        .unwrap_or("/console");
+    let mut response =
+        super::start_session(&app, &who, &tokens.access_token, "oidc", &context, to).await?;
     if response.status().is_redirection() {
         // The issuer's redirect is a cross-site navigation, after which a browser does not send
         // a SameSite=Strict cookie on a redirect either; a page that continues from this origin
@@ -405,14 +417,12 @@ pub(super) async fn callback(
             .iter()
             .cloned()
             .collect();
-        response = (
-            Html(html::bare_page(
-                "Signed in",
-                false,
-                "<p>You are signed in. <a href=\"/console\" data-continue data-autofocus>Continue to the console</a>.</p>",
-            )),
-        )
-            .into_response();
+        let page = format!(
+            "<p>You are signed in. <a href=\"{}\" data-continue data-autofocus>Continue to the \
+             console</a>.</p>",
+            html::esc(to)
+        );
+        response = (Html(html::bare_page("Signed in", false, &page)),).into_response();
         for cookie in set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }

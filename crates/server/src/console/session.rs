@@ -289,6 +289,9 @@ pub(crate) struct PendingLogin {
     /// Where the sign-in was started from, as a [`crate::client_addr::ClientAddr::limit_key`]
     /// (`None`: through no listener, as in-process tests).
     pub client: Option<std::net::IpAddr>,
+    /// The console page to go back to once signed in (checked by `way_back` when the sign-in
+    /// started and again when it ends).
+    pub next: Option<String>,
 }
 
 /// [`Sessions::start_pending`] holds as many sign-ins under way as it keeps: try again later.
@@ -609,6 +612,7 @@ mod tests {
             code_verifier: random_text(),
             started,
             client: Some(std::net::IpAddr::from(client)),
+            next: None,
         }
     }
 
