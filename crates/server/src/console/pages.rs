@@ -15,8 +15,8 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use keyplane_core::audit::{ActorType, DetailValue, Outcome};
 use keyplane_core::authz::Actor;
 use keyplane_core::{
-    Capability, Credential, CredentialId, CredentialKind, CredentialPolicy, FieldPath,
-    RobotPermission, RotationOptions, Scope, ScopeSet, SubjectType,
+    Capability, Channel, CreatedBy, Credential, CredentialId, CredentialKind, CredentialPolicy,
+    FieldPath, RobotPermission, RotationOptions, Scope, ScopeSet, SubjectType,
 };
 use keyplane_store::{AuditOrder, AuditQuery, GrantFilter};
 use std::collections::HashMap;
@@ -112,6 +112,68 @@ fn status(credential: &Credential, now: DateTime<Utc>) -> String {
     } else {
         parts.join("; ")
     }
+}
+
+/// The names of creators a page can give without another read: the credentials it lists (a
+/// creator it does not list is shown by its id, so no page names a credential its reader may not
+/// see) and the signed-in principal, by the name its session shows.
+struct KnownNames(HashMap<(&'static str, uuid::Uuid), String>);
+
+impl KnownNames {
+    fn of(console: &Console, listed: &[Credential]) -> Self {
+        let mut names: HashMap<_, _> = listed
+            .iter()
+            .map(|c| {
+                (
+                    (ActorType::of_credential(c.kind).as_str(), c.id.as_uuid()),
+                    c.name.clone(),
+                )
+            })
+            .collect();
+        let me = match console.who.actor {
+            Actor::Credential { kind, .. } => ActorType::of_credential(kind),
+            Actor::User(_) => ActorType::User,
+        };
+        names.insert((me.as_str(), console.who.id()), console.label.clone());
+        Self(names)
+    }
+}
+
+/// Who created a credential or grant, as markup: "API token ci-deploy via API", "system via admin
+/// (operator alice, OS user root)"; rows from before creators were recorded say so.
+fn creator(created_by: Option<&CreatedBy>, names: &KnownNames) -> String {
+    let Some(by) = created_by else {
+        return "<span class=\"muted\">unknown (created before this was recorded)</span>".into();
+    };
+    let noun = match by.actor_type {
+        ActorType::ApiToken => "API token",
+        ActorType::ServiceAccount => "service account",
+        ActorType::RobotAccount => "robot account",
+        ActorType::User => "user",
+        ActorType::System => "system",
+    };
+    let mut text = match by.actor_id.filter(|_| by.actor_type != ActorType::System) {
+        Some(id) => match names.0.get(&(by.actor_type.as_str(), id)) {
+            Some(name) => format!("{noun} {}", esc(name)),
+            None => format!("{noun} {}", code(&id.to_string())),
+        },
+        None => noun.to_string(),
+    };
+    let via = match by.via {
+        Channel::Api => "API",
+        Channel::Console => "console",
+        Channel::Admin => "admin",
+        Channel::Bootstrap => "bootstrap",
+    };
+    let _ = write!(text, " via {via}");
+    if let Some(operator) = &by.operator {
+        let os_user = esc(&operator.os_user);
+        let _ = match &operator.name {
+            Some(name) => write!(text, " (operator {}, OS user {os_user})", esc(name)),
+            None => write!(text, " (OS user {os_user})"),
+        };
+    }
+    text
 }
 
 /// The expiry a create or rotate form asks for: a date, a number of days, or none (a create's
@@ -627,11 +689,13 @@ async fn api_tokens_page(
     let _ = write!(body, "<p class=\"muted\" role=\"status\">{status_line}</p>");
     body.push_str("<div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">API tokens</caption><thead><tr>\
         <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Scopes</th>\
-        <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
+        <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>\
+        <th scope=\"col\">Created by</th>");
     if may_write {
         body.push_str("<th scope=\"col\">Actions</th>");
     }
     body.push_str("</tr></thead><tbody>");
+    let names = KnownNames::of(&console, &shown);
     for token in &shown {
         let scopes = token
             .scopes
@@ -642,13 +706,15 @@ async fn api_tokens_page(
         let _ = write!(
             body,
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Scopes\">{}</td>\
-             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>",
+             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>\
+             <td data-label=\"Created by\">{}</td>",
             esc(&token.name),
             code(&token_hint(token)),
             if scopes.is_empty() { "<span class=\"muted\">none</span>".into() } else { scopes },
             maybe_time(token.expires_at.as_ref(), "never"),
             maybe_time(token.last_used_at.as_ref(), "never"),
             status(token, now),
+            creator(token.created_by.as_ref(), &names),
         );
         if may_write {
             body.push_str(&row_actions("api-tokens", token));
@@ -656,7 +722,7 @@ async fn api_tokens_page(
         body.push_str("</tr>");
     }
     if shown.is_empty() {
-        body.push_str("<tr><td colspan=\"7\" class=\"muted\">No tokens match.</td></tr>");
+        body.push_str("<tr><td colspan=\"8\" class=\"muted\">No tokens match.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
     if let Some(next) = next {
@@ -1235,7 +1301,8 @@ async fn service_accounts_page(
         },
     )
     .await?;
-    let mut by_account: HashMap<uuid::Uuid, Vec<(keyplane_core::GrantId, String)>> = HashMap::new();
+    let names = KnownNames::of(&console, &accounts);
+    let mut by_account: HashMap<uuid::Uuid, Vec<GrantRow>> = HashMap::new();
     for grant in &grants {
         let mut text = match &grant.capability_key {
             Some(key) => key.as_str().to_string(),
@@ -1250,7 +1317,11 @@ async fn service_accounts_page(
         by_account
             .entry(grant.subject_id)
             .or_default()
-            .push((grant.id, text));
+            .push(GrantRow {
+                id: grant.id,
+                text,
+                created_by: creator(grant.created_by.as_ref(), &names),
+            });
     }
     // auth.manage reads and writes service accounts (as Hybridbox documents).
     let mut body = String::from(
@@ -1259,25 +1330,26 @@ async fn service_accounts_page(
          <div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Service accounts</caption><thead><tr>\
          <th scope=\"col\">Name</th><th scope=\"col\">Token</th><th scope=\"col\">Grants</th>\
          <th scope=\"col\">Expires</th><th scope=\"col\">Last used</th><th scope=\"col\">Status</th>\
-         <th scope=\"col\">Actions</th></tr></thead><tbody>",
+         <th scope=\"col\">Created by</th><th scope=\"col\">Actions</th></tr></thead><tbody>",
     );
     for account in &accounts {
         let grants = grants_cell(&console, account, by_account.get(&account.id.as_uuid()));
         let _ = write!(
             body,
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Grants\">{}</td>\
-             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>{}</tr>",
+             <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td><td data-label=\"Created by\">{}</td>{}</tr>",
             esc(&account.name),
             code(&token_hint(account)),
             grants,
             maybe_time(account.expires_at.as_ref(), "never"),
             maybe_time(account.last_used_at.as_ref(), "never"),
             status(account, now),
+            creator(account.created_by.as_ref(), &names),
             row_actions("service-accounts", account),
         );
     }
     if accounts.is_empty() {
-        body.push_str("<tr><td colspan=\"7\" class=\"muted\">No service accounts yet.</td></tr>");
+        body.push_str("<tr><td colspan=\"8\" class=\"muted\">No service accounts yet.</td></tr>");
     }
     body.push_str("</tbody></table></div>");
     body.push_str(&paging(
@@ -1310,17 +1382,25 @@ async fn service_accounts_page(
         .into_response())
 }
 
+/// A grant as the service-account page shows it: its right in words and its creator (markup).
+struct GrantRow {
+    id: keyplane_core::GrantId,
+    text: String,
+    created_by: String,
+}
+
 /// A service account's grants, each with a revoke button, and a form to grant one more right.
-fn grants_cell(
-    console: &Console,
-    account: &Credential,
-    grants: Option<&Vec<(keyplane_core::GrantId, String)>>,
-) -> String {
+fn grants_cell(console: &Console, account: &Credential, grants: Option<&Vec<GrantRow>>) -> String {
     let mut cell = String::new();
-    for (id, text) in grants.into_iter().flatten() {
+    for GrantRow {
+        id,
+        text,
+        created_by,
+    } in grants.into_iter().flatten()
+    {
         let _ = write!(
             cell,
-            "<div>{}{}</div>",
+            "<div>{} <span class=\"hint\">created by {created_by}</span>{}</div>",
             code(text),
             post_form(
                 &format!("/console/grants/{}/revoke", id.as_uuid()),
@@ -1548,11 +1628,12 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
             .await?;
             body.push_str("<h2>Robot accounts</h2><div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Robot accounts</caption><thead><tr>\
                 <th scope=\"col\">Login</th><th scope=\"col\">Permissions</th><th scope=\"col\">Expires</th>\
-                <th scope=\"col\">Last used</th><th scope=\"col\">Status</th>");
+                <th scope=\"col\">Last used</th><th scope=\"col\">Status</th><th scope=\"col\">Created by</th>");
             if may_write {
                 body.push_str("<th scope=\"col\">Actions</th>");
             }
             body.push_str("</tr></thead><tbody>");
+            let names = KnownNames::of(&console, &robots);
             for robot in &robots {
                 let user = keyplane_core::registry::robot_username(&registry.project, &robot.name);
                 let permissions = robot
@@ -1565,7 +1646,8 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                     body,
                     "<tr><td data-label=\"Login\">{}<pre class=\"cmd\">docker login --username '{}' --password-stdin {}</pre></td>\
                      <td data-label=\"Permissions\">{}</td><td data-label=\"Expires\">{}</td>\
-                     <td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>",
+                     <td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>\
+                     <td data-label=\"Created by\">{}</td>",
                     code(&user),
                     esc(&user),
                     esc(endpoint),
@@ -1573,6 +1655,7 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                     maybe_time(robot.expires_at.as_ref(), "never"),
                     maybe_time(robot.last_used_at.as_ref(), "never"),
                     status(robot, now),
+                    creator(robot.created_by.as_ref(), &names),
                 );
                 if may_write {
                     body.push_str(&row_actions("robots", robot));
@@ -1580,7 +1663,7 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                 body.push_str("</tr>");
             }
             if robots.is_empty() {
-                body.push_str("<tr><td colspan=\"6\" class=\"muted\">No robot accounts.</td></tr>");
+                body.push_str("<tr><td colspan=\"7\" class=\"muted\">No robot accounts.</td></tr>");
             }
             body.push_str("</tbody></table></div>");
             body.push_str(&paging(

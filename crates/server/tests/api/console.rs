@@ -23,6 +23,7 @@ both_backends!(
     a_refused_form_links_back_to_itself,
     a_grant_past_the_cap_is_refused_in_the_console_with_the_limit,
     a_credential_records_whether_the_console_or_the_api_made_it,
+    the_console_says_who_created_each_credential_and_grant,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -808,5 +809,142 @@ async fn a_credential_records_whether_the_console_or_the_api_made_it(
             Some(bootstrap.clone())
         );
         assert_eq!(by.operator, None);
+    }
+}
+
+/// `html` without its tags, runs of white space made one space.
+fn text_of(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The text of the cell labelled `label` in the table row of `name`.
+fn cell_of(html: &str, name: &str, label: &str) -> String {
+    let start = html
+        .find(&format!("<td data-label=\"Name\">{name}</td>"))
+        .unwrap_or_else(|| panic!("a row of {name}: {html}"));
+    let row = &html[start..];
+    let row = &row[..row.find("</tr>").expect("the row's end")];
+    let opening = format!("<td data-label=\"{label}\">");
+    let cell = &row[row
+        .find(&opening)
+        .unwrap_or_else(|| panic!("a {label} cell in the row of {name}: {row}"))
+        + opening.len()..];
+    text_of(&cell[..cell.find("</td>").expect("the cell's end")])
+}
+
+/// An access review reads who made each credential and grant in the console: a token created
+/// through the API or in the console (the creator named, as the page lists it), by an admin
+/// command (its operator and OS user), or before creators were recorded; and each grant.
+async fn the_console_says_who_created_each_credential_and_grant(
+    backend: keyplane_store::testing::Backend,
+) {
+    use keyplane_core::{Channel, CreatedBy, CredentialKind, NewCredential, Operator, ScopeSet};
+    let app = TestApp::spawn(backend).await;
+    let alice = Operator {
+        os_user: "root".into(),
+        name: Some("alice".into()),
+    };
+    let created = keyplane_server::ops::create_org(app.app.store().as_ref(), "acme", &alice)
+        .await
+        .unwrap();
+    let org = Org {
+        id: created.tenant.id.to_string(),
+        token: created.token.secret.expose_secret().to_string(),
+    };
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            serde_json::json!({"name": "by-api"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    // A row from before creators were recorded.
+    let (mut legacy, _) = NewCredential {
+        tenant_id: created.tenant.id,
+        kind: CredentialKind::ApiToken,
+        name: "legacy".into(),
+        scopes: ScopeSet::empty(),
+        permissions: Vec::new(),
+        expires_at: None,
+        created_by: CreatedBy::system(Channel::Admin),
+        canary: false,
+    }
+    .issue(keyplane_server::ops::now(), &mut rand::rngs::OsRng);
+    legacy.created_by = None;
+    app.app
+        .store()
+        .import_credentials(&[legacy], &[])
+        .await
+        .unwrap();
+    let console = sign_in(&app, &org.token).await;
+    assert_eq!(
+        console_create_token(&app, &console, "by-console")
+            .await
+            .status(),
+        303
+    );
+    let tokens = console.page(&app, "/console/api-tokens").await;
+    for (name, creator) in [
+        ("by-api", "API token bootstrap via API"),
+        ("by-console", "API token bootstrap via console"),
+        (
+            "bootstrap",
+            "system via admin (operator alice, OS user root)",
+        ),
+        ("legacy", "unknown (created before this was recorded)"),
+    ] {
+        assert_eq!(cell_of(&tokens, name, "Created by"), creator, "{name}");
+    }
+    assert!(
+        tokens.contains("<th scope=\"col\">Created by</th>"),
+        "the column is labelled"
+    );
+
+    let account: Value = app
+        .post(
+            &org.account_path("/service-accounts"),
+            &org.token,
+            serde_json::json!({"name": "deployer"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = account["id"].as_str().unwrap();
+    let body = serde_json::json!({"grant_kind": "capability", "subject_type": "service_account", "subject_id": id, "capability_key": "audit:read"});
+    let res = app
+        .post(&org.account_path("/authorizations"), &org.token, body)
+        .await;
+    assert_eq!(res.status(), 201);
+    let res = console
+        .post(
+            &app,
+            &format!("/console/service-accounts/{id}/grants"),
+            &[("right", "registry:read")],
+        )
+        .await;
+    assert_eq!(res.status(), 303);
+    let accounts = console.page(&app, "/console/service-accounts").await;
+    assert_eq!(
+        cell_of(&accounts, "deployer", "Created by"),
+        "API token bootstrap via API"
+    );
+    let grants = cell_of(&accounts, "deployer", "Grants");
+    for grant in [
+        "audit:read created by API token bootstrap via API",
+        "registry:read created by API token bootstrap via console",
+    ] {
+        assert!(grants.contains(grant), "{grant:?} in {grants:?}");
     }
 }
