@@ -183,8 +183,12 @@ try {
   await tabTo(page, nameField, 'the name field');
   await focusShows(page, 'a text field');
 
-  // A name too long for the rule and a malformed scope: both refused, each at its field.
+  // The name field takes no more than the rule does (120 characters).
   await page.keyboard.type('x'.repeat(130));
+  check((await nameField.inputValue()) === 'x'.repeat(120), `the name field stops at the rule's 120 characters (${(await nameField.inputValue()).length})`);
+  // A blank name and a malformed scope: both refused, each at its field.
+  await page.keyboard.press('ControlOrMeta+A');
+  await page.keyboard.type('   ');
   await tabTo(page, page.getByRole('textbox', { name: /^Other scopes/ }), 'the other scopes field');
   await page.keyboard.type('bad;scope');
   await tabTo(page, page.getByRole('button', { name: 'Create token' }), 'the create button');
@@ -200,7 +204,7 @@ try {
       `the ${field} field is described by its error, as the summary says it (${said})`);
     check(await summary.locator(`a[href="#${field}"]`).count() === 1, `the summary links to the ${field} field`);
   }
-  check((await nameField.inputValue()) === 'x'.repeat(130), 'the refused form keeps what was typed');
+  check((await nameField.inputValue()) === '   ', 'the refused form keeps what was typed');
   await checkPage(page, 'a refused create form');
   await tabTo(page, summary.locator('a[href="#name"]'), 'the summary\'s link to the name field');
   await page.keyboard.press('Enter');

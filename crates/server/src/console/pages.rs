@@ -742,7 +742,7 @@ async fn api_tokens_page(
              {name}{scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
             summary = refill.summary(),
             csrf = html::csrf_field(&console.csrf),
-            name = name_field(&refill, ""),
+            name = name_field(&refill, "", keyplane_core::validate::MAX_NAME_CHARS),
             scopes = scope_picker(&console, &refill),
             expiry = expiry_fields(
                 &policy(&console).await?,
@@ -758,12 +758,13 @@ async fn api_tokens_page(
     Ok(console.render(frame, "API tokens", &body).into_response())
 }
 
-/// A create form's name field, with its problem when refused; `hint` is shown under the label.
-fn name_field(refill: &Refill, hint: &str) -> String {
+/// A create form's name field, with its problem when refused; `hint` is shown under the label,
+/// `max`: the longest name the rule for it accepts.
+fn name_field(refill: &Refill, hint: &str, max: usize) -> String {
     let (attributes, problem) = refill.field("name", "");
     format!(
         "<div class=\"field\"><label for=\"name\">Name{hint}</label>\
-         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"200\" \
+         <input type=\"text\" id=\"name\" name=\"name\" required maxlength=\"{max}\" \
          value=\"{value}\"{attributes}>{problem}</div>",
         value = esc(refill.value("name", "")),
     )
@@ -1366,7 +1367,7 @@ async fn service_accounts_page(
          {name}{expiry}<div><button type=\"submit\">Create service account</button></div></form>",
         summary = refill.summary(),
         csrf = html::csrf_field(&console.csrf),
-        name = name_field(&refill, ""),
+        name = name_field(&refill, "", keyplane_core::validate::MAX_NAME_CHARS),
         expiry = expiry_fields(
             &policy(&console).await?,
             CredentialKind::ServiceAccount,
@@ -1683,7 +1684,8 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                     csrf = html::csrf_field(&console.csrf),
                     name = name_field(
                         &refill,
-                        " <span class=\"hint\">lowercase letters, digits, <code>._-</code></span>"
+                        " <span class=\"hint\">lowercase letters, digits, <code>._-</code></span>",
+                        keyplane_core::registry::MAX_ROBOT_NAME,
                     ),
                     permissions = permissions_field(refill.value("permissions", ""), &refill),
                     expiry = expiry_fields(

@@ -910,6 +910,12 @@ async fn the_console_says_who_created_each_credential_and_grant(
         tokens.contains("<th scope=\"col\">Created by</th>"),
         "the column is labelled"
     );
+    // The name field takes what the rule takes.
+    let max_name = format!("maxlength=\"{}\"", keyplane_core::validate::MAX_NAME_CHARS);
+    assert!(
+        tokens.contains(&max_name),
+        "the API token form's name field"
+    );
 
     let account: Value = app
         .post(
@@ -936,6 +942,10 @@ async fn the_console_says_who_created_each_credential_and_grant(
         .await;
     assert_eq!(res.status(), 303);
     let accounts = console.page(&app, "/console/service-accounts").await;
+    assert!(
+        accounts.contains(&max_name),
+        "the service-account form's name field"
+    );
     assert_eq!(
         cell_of(&accounts, "deployer", "Created by"),
         "API token bootstrap via API"
