@@ -288,6 +288,10 @@ try {
     await page.goto(`${URL}${path}`);
     await checkPage(page, what);
   }
+  await page.goto(`${URL}/console/api-tokens`);
+  await page.locator('td[data-label="Name"] a').first().click();
+  await page.getByRole('term').filter({ hasText: 'Created by' }).waitFor();
+  await checkPage(page, "a credential's page");
   log('every page has its landmarks, one h1, captioned tables and no axe-core violation');
 
   // --- The idle limit: a warning before it, with a way to stay signed in (the browser's clock) ---

@@ -247,6 +247,12 @@ try {
   const grants = await page.locator('td[data-label="Grants"] code').allTextContents();
   check(grants.join() === 'audit:read', `grants are given and revoked (${grants})`);
   await shoot(page, 'service-accounts');
+  await page.getByRole('link', { name: 'e2e-worker', exact: true }).click();
+  await page.getByRole('heading', { name: 'Service account e2e-worker', level: 1 }).waitFor();
+  const facts = await page.textContent('dl.facts');
+  check(/Created by\s*API token \S+ via console/.test(facts), `the account's page says who created it (${facts})`);
+  check(/audit:read\s*created by API token \S+ via console/.test(facts), `and who gave each grant (${facts})`);
+  await shoot(page, 'credential');
 
   await page.goto(`${URL}/console/registry`);
   await page.getByRole('button', { name: 'Enable the registry' }).click();

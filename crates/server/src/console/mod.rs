@@ -176,6 +176,9 @@ pub(crate) fn routes(config: &ConsoleConfig) -> Router<App> {
             "/console/robots/{id}/permissions",
             get(pages::robot_permissions_page).post(pages::update_robot_permissions),
         )
+        .route("/console/api-tokens/{id}", get(pages::detail_page))
+        .route("/console/service-accounts/{id}", get(pages::detail_page))
+        .route("/console/robots/{id}", get(pages::detail_page))
         .route(
             "/console/api-tokens/{id}/rotate",
             get(pages::rotate_page).post(pages::rotate),

@@ -708,7 +708,7 @@ async fn api_tokens_page(
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Scopes\">{}</td>\
              <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>\
              <td data-label=\"Created by\">{}</td>",
-            esc(&token.name),
+            detail_link("api-tokens", token),
             code(&token_hint(token)),
             if scopes.is_empty() { "<span class=\"muted\">none</span>".into() } else { scopes },
             maybe_time(token.expires_at.as_ref(), "never"),
@@ -1082,6 +1082,179 @@ pub(crate) async fn keep_alive(_console: Console) -> StatusCode {
 }
 
 // ------------------------------------------------------------------------------------------------
+// One credential
+
+/// A list row's name, linking to the credential's page.
+fn detail_link(slug: &str, credential: &Credential) -> String {
+    format!(
+        "<a href=\"/console/{slug}/{}\">{}</a>",
+        credential.id.as_uuid(),
+        esc(&credential.name)
+    )
+}
+
+/// The credential that created one, when the creator is a credential this principal may see
+/// live: one read, for its name.
+async fn creating_credential(
+    console: &Console,
+    created_by: Option<&CreatedBy>,
+) -> Option<Credential> {
+    let by = created_by?;
+    let kind = match by.actor_type {
+        ActorType::ApiToken => &KINDS[0],
+        ActorType::ServiceAccount => &KINDS[1],
+        ActorType::RobotAccount => &KINDS[2],
+        ActorType::User | ActorType::System => return None,
+    };
+    if !console.may(kind.rights.read) {
+        return None;
+    }
+    let id = CredentialId::from_uuid(by.actor_id?);
+    // A creator revoked or gone is shown by its id.
+    live_credential(console, kind, id).await.ok()
+}
+
+/// One credential, for an access review: what it may do, its dates and who created it (and, for
+/// a service account, its grants and who gave each).
+pub(crate) async fn detail_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
+    let kind = kind_page(&uri)?;
+    let credential = live_credential(&console, kind, credential_id(&id)?).await?;
+    let app = &console.app;
+    let now = app.now();
+    let mut known = vec![credential.clone()];
+    known.extend(creating_credential(&console, credential.created_by.as_ref()).await);
+    let names = KnownNames::of(&console, &known);
+    let mut facts = vec![
+        ("Id", code(&credential.id.as_uuid().to_string())),
+        ("Token", code(&token_hint(&credential))),
+    ];
+    match credential.kind {
+        CredentialKind::ApiToken => {
+            let scopes = credential
+                .scopes
+                .iter()
+                .map(|s| code(s.as_str()))
+                .collect::<Vec<_>>()
+                .join(" ");
+            facts.push((
+                "Scopes",
+                if scopes.is_empty() {
+                    "<span class=\"muted\">none</span>".into()
+                } else {
+                    scopes
+                },
+            ));
+        }
+        CredentialKind::RobotAccount => {
+            let permissions = credential
+                .permissions
+                .iter()
+                .map(|p| code(&p.to_wire()))
+                .collect::<Vec<_>>()
+                .join(" ");
+            facts.push(("Permissions", permissions));
+        }
+        CredentialKind::ServiceAccount => {}
+    }
+    facts.extend([
+        ("Created", time(&credential.created_at)),
+        (
+            "Created by",
+            creator(credential.created_by.as_ref(), &names),
+        ),
+        (
+            "Expires",
+            maybe_time(credential.expires_at.as_ref(), "never"),
+        ),
+        (
+            "Last used",
+            maybe_time(credential.last_used_at.as_ref(), "never"),
+        ),
+        (
+            "Last rotated",
+            maybe_time(credential.rotated_at.as_ref(), "never"),
+        ),
+        ("Status", status(&credential, now)),
+    ]);
+    if credential.kind == CredentialKind::ServiceAccount && console.may(Capability::AuthManage) {
+        let (grants, _) = ops::list_grants(
+            app,
+            &console.who,
+            GrantFilter {
+                tenant_id: console.tenant,
+                subject_type: Some(SubjectType::ServiceAccount),
+                subject_id: Some(credential.id.as_uuid()),
+                kind: None,
+                capability_key: None,
+                include_revoked: false,
+                after: None,
+                limit: None,
+            },
+        )
+        .await?;
+        let mut list = String::new();
+        for grant in &grants {
+            let row = GrantRow::of(grant, &names);
+            let _ = write!(
+                list,
+                "<li>{} <span class=\"hint\">created by {}</span></li>",
+                code(&row.text),
+                row.created_by
+            );
+        }
+        facts.push((
+            "Grants",
+            if list.is_empty() {
+                "<span class=\"muted\">none</span>".into()
+            } else {
+                format!("<ul class=\"plain\">{list}</ul>")
+            },
+        ));
+    }
+    let mut body = String::from("<dl class=\"facts\">");
+    for (term, value) in facts {
+        let _ = write!(body, "<dt>{term}</dt><dd>{value}</dd>");
+    }
+    body.push_str("</dl>");
+    if console.may(kind.rights.write) {
+        let id = credential.id.as_uuid();
+        let name = esc(&credential.name);
+        body.push_str("<p class=\"actions\">");
+        if credential.kind == CredentialKind::RobotAccount {
+            let _ = write!(
+                body,
+                "<a href=\"/console/robots/{id}/permissions\" aria-label=\"Permissions of {name}\">Permissions</a> "
+            );
+        }
+        if !credential.canary {
+            let _ = write!(
+                body,
+                "<a href=\"/console/{}/{id}/rotate\" aria-label=\"Rotate {name}\">Rotate</a> ",
+                kind.slug
+            );
+        }
+        let _ = write!(
+            body,
+            "<a href=\"/console/{}/{id}/revoke\" aria-label=\"Revoke {name}\">Revoke</a></p>",
+            kind.slug
+        );
+    }
+    let _ = write!(
+        body,
+        "<p><a href=\"{}\">All {}s</a></p>",
+        kind.list, kind.singular
+    );
+    let frame = console.frame(kind.list).await?;
+    Ok(console
+        .render(
+            frame,
+            &format!("{} {}", capitalized(kind.singular), credential.name),
+            &body,
+        )
+        .into_response())
+}
+
+// ------------------------------------------------------------------------------------------------
 // Rotate and revoke (every kind)
 
 async fn live_credential(
@@ -1305,24 +1478,10 @@ async fn service_accounts_page(
     let names = KnownNames::of(&console, &accounts);
     let mut by_account: HashMap<uuid::Uuid, Vec<GrantRow>> = HashMap::new();
     for grant in &grants {
-        let mut text = match &grant.capability_key {
-            Some(key) => key.as_str().to_string(),
-            None => grant.kind.as_str().to_string(),
-        };
-        if let Some(resource) = &grant.resource.resource_type {
-            let _ = write!(text, " on {resource}");
-            if let Some(id) = &grant.resource.resource_id {
-                let _ = write!(text, " {id}");
-            }
-        }
         by_account
             .entry(grant.subject_id)
             .or_default()
-            .push(GrantRow {
-                id: grant.id,
-                text,
-                created_by: creator(grant.created_by.as_ref(), &names),
-            });
+            .push(GrantRow::of(grant, &names));
     }
     // auth.manage reads and writes service accounts (as Hybridbox documents).
     let mut body = String::from(
@@ -1339,7 +1498,7 @@ async fn service_accounts_page(
             body,
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Grants\">{}</td>\
              <td data-label=\"Expires\">{}</td><td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td><td data-label=\"Created by\">{}</td>{}</tr>",
-            esc(&account.name),
+            detail_link("service-accounts", account),
             code(&token_hint(account)),
             grants,
             maybe_time(account.expires_at.as_ref(), "never"),
@@ -1388,6 +1547,26 @@ struct GrantRow {
     id: keyplane_core::GrantId,
     text: String,
     created_by: String,
+}
+
+impl GrantRow {
+    fn of(grant: &keyplane_core::Grant, names: &KnownNames) -> Self {
+        let mut text = match &grant.capability_key {
+            Some(key) => key.as_str().to_string(),
+            None => grant.kind.as_str().to_string(),
+        };
+        if let Some(resource) = &grant.resource.resource_type {
+            let _ = write!(text, " on {resource}");
+            if let Some(id) = &grant.resource.resource_id {
+                let _ = write!(text, " {id}");
+            }
+        }
+        Self {
+            id: grant.id,
+            text,
+            created_by: creator(grant.created_by.as_ref(), names),
+        }
+    }
 }
 
 /// A service account's grants, each with a revoke button, and a form to grant one more right.
@@ -1645,10 +1824,11 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                     .join(" ");
                 let _ = write!(
                     body,
-                    "<tr><td data-label=\"Login\">{}<pre class=\"cmd\">docker login --username '{}' --password-stdin {}</pre></td>\
+                    "<tr><td data-label=\"Login\"><a href=\"/console/robots/{}\">{}</a><pre class=\"cmd\">docker login --username '{}' --password-stdin {}</pre></td>\
                      <td data-label=\"Permissions\">{}</td><td data-label=\"Expires\">{}</td>\
                      <td data-label=\"Last used\">{}</td><td data-label=\"Status\">{}</td>\
                      <td data-label=\"Created by\">{}</td>",
+                    robot.id.as_uuid(),
                     code(&user),
                     esc(&user),
                     esc(endpoint),
@@ -2038,4 +2218,65 @@ fn urlencode(text: &str) -> String {
     serde_urlencoded::to_string([("", text)])
         .map(|pair| pair.trim_start_matches('=').to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyplane_core::Operator;
+
+    /// Each creator in words, every name from a user or operator escaped.
+    #[test]
+    fn a_creator_is_said_in_words_with_what_it_names_escaped() {
+        let token = uuid::Uuid::new_v4();
+        let user = uuid::Uuid::new_v4();
+        let names = KnownNames(HashMap::from([(
+            ("api_token", token),
+            "<ci>&deploy".to_string(),
+        )]));
+        let by = |actor_type, actor_id, via| CreatedBy {
+            actor_type,
+            actor_id,
+            via,
+            operator: None,
+        };
+        let operator = CreatedBy::operator(&Operator {
+            os_user: "root<".into(),
+            name: Some("al\"ice".into()),
+        });
+        let unnamed = CreatedBy::operator(&Operator {
+            os_user: "root".into(),
+            name: None,
+        });
+        for (created_by, said) in [
+            (
+                Some(by(ActorType::ApiToken, Some(token), Channel::Api)),
+                "API token &lt;ci&gt;&amp;deploy via API".to_string(),
+            ),
+            (
+                Some(by(ActorType::ServiceAccount, Some(token), Channel::Console)),
+                format!("service account <code>{token}</code> via console"),
+            ),
+            (
+                Some(by(ActorType::User, Some(user), Channel::Console)),
+                format!("user <code>{user}</code> via console"),
+            ),
+            (
+                Some(CreatedBy::system(Channel::Bootstrap)),
+                "system via bootstrap".to_string(),
+            ),
+            (
+                Some(operator),
+                "system via admin (operator al&quot;ice, OS user root&lt;)".to_string(),
+            ),
+            (Some(unnamed), "system via admin (OS user root)".to_string()),
+            (
+                None,
+                "<span class=\"muted\">unknown (created before this was recorded)</span>"
+                    .to_string(),
+            ),
+        ] {
+            assert_eq!(creator(created_by.as_ref(), &names), said);
+        }
+    }
 }

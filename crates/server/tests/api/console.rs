@@ -435,10 +435,7 @@ async fn the_overview_and_search_see_past_the_first_thousand_tokens(
     assert!(expiring.contains("needle-token"), "{expiring}");
 
     let found = console.page(&app, "/console/api-tokens?q=needle").await;
-    assert!(
-        found.contains("<td data-label=\"Name\">needle-token</td>"),
-        "{found}"
-    );
+    assert!(found.contains(">needle-token</a></td>"), "{found}");
 
     // Without a search, the first page links to the next, which holds the newest.
     let first = console.page(&app, "/console/api-tokens").await;
@@ -447,7 +444,7 @@ async fn the_overview_and_search_see_past_the_first_thousand_tokens(
     let start = first.find(link).expect("a next page") + link.len();
     let next = first[start..start + first[start..].find('"').unwrap()].replace("&amp;", "&");
     let second = console.page(&app, &next).await;
-    assert!(second.contains("<td data-label=\"Name\">needle-token</td>"));
+    assert!(second.contains(">needle-token</a></td>"));
 }
 
 /// A canary token is listed as a canary, with no Rotate link (rotating one is always refused),
@@ -463,9 +460,7 @@ async fn a_canary_shows_as_one_and_offers_no_rotation(backend: keyplane_store::t
     .await;
     let console = sign_in(&app, &org.token).await;
     let page = console.page(&app, "/console/api-tokens").await;
-    let row = &page[page
-        .find("<td data-label=\"Name\">bait</td>")
-        .expect("the canary listed")..];
+    let row = &page[page.find(">bait</a></td>").expect("the canary listed")..];
     let row = &row[..row.find("</tr>").unwrap()];
     let status = &row[row.find("data-label=\"Status\">").unwrap()..];
     assert!(status.starts_with("data-label=\"Status\">canary"), "{row}");
@@ -827,10 +822,10 @@ fn text_of(html: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The text of the cell labelled `label` in the table row of `name`.
+/// The text of the cell labelled `label` in the table row of `name` (its name links to its page).
 fn cell_of(html: &str, name: &str, label: &str) -> String {
     let start = html
-        .find(&format!("<td data-label=\"Name\">{name}</td>"))
+        .find(&format!(">{name}</a></td>"))
         .unwrap_or_else(|| panic!("a row of {name}: {html}"));
     let row = &html[start..];
     let row = &row[..row.find("</tr>").expect("the row's end")];
@@ -917,10 +912,21 @@ async fn the_console_says_who_created_each_credential_and_grant(
         "the API token form's name field"
     );
 
+    // The service account is made by another token, which its page does not list.
+    let ci: Value = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            serde_json::json!({"name": "ci-deploy", "scopes": ["*"]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     let account: Value = app
         .post(
             &org.account_path("/service-accounts"),
-            &org.token,
+            ci["token"].as_str().unwrap(),
             serde_json::json!({"name": "deployer"}),
         )
         .await
@@ -948,7 +954,8 @@ async fn the_console_says_who_created_each_credential_and_grant(
     );
     assert_eq!(
         cell_of(&accounts, "deployer", "Created by"),
-        "API token bootstrap via API"
+        format!("API token {} via API", ci["id"].as_str().unwrap()),
+        "a creator the page does not list is shown by its id"
     );
     let grants = cell_of(&accounts, "deployer", "Grants");
     for grant in [
@@ -957,4 +964,42 @@ async fn the_console_says_who_created_each_credential_and_grant(
     ] {
         assert!(grants.contains(grant), "{grant:?} in {grants:?}");
     }
+
+    // A credential's own page reads its creator once, for its name, and lists its grants.
+    let detail = console
+        .page(&app, &format!("/console/service-accounts/{id}"))
+        .await;
+    assert_eq!(
+        fact_of(&detail, "Created by"),
+        "API token ci-deploy via API"
+    );
+    let grants = fact_of(&detail, "Grants");
+    for grant in [
+        "audit:read created by API token bootstrap via API",
+        "registry:read created by API token bootstrap via console",
+    ] {
+        assert!(grants.contains(grant), "{grant:?} in {grants:?}");
+    }
+    let by_api = token_id(&app, &org, "by-api").await;
+    let detail = console
+        .page(&app, &format!("/console/api-tokens/{by_api}"))
+        .await;
+    assert_eq!(
+        fact_of(&detail, "Created by"),
+        "API token bootstrap via API"
+    );
+    assert!(
+        tokens.contains(&format!("href=\"/console/api-tokens/{by_api}\">by-api</a>")),
+        "the list links to it"
+    );
+}
+
+/// The text of the definition of `term` in a page's definition list.
+fn fact_of(html: &str, term: &str) -> String {
+    let opening = format!("<dt>{term}</dt><dd>");
+    let start = html
+        .find(&opening)
+        .unwrap_or_else(|| panic!("a {term} fact: {html}"))
+        + opening.len();
+    text_of(&html[start..start + html[start..].find("</dd>").expect("its end")])
 }
