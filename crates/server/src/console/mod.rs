@@ -350,7 +350,13 @@ fn way_back(raw: &str) -> Option<&str> {
         && raw.bytes().all(|b| b.is_ascii_graphic())
         && !raw.contains("//")
         && !raw.contains('\\');
-    (console_page && !excluded && plain).then_some(raw)
+    // A browser resolves dot segments (`/console/x/../secret`, `%2e%2e` too) before it asks: the
+    // checks above would judge a path other than the one it goes to.
+    let no_dot_segments = path.split('/').all(|segment| {
+        let segment = segment.to_ascii_lowercase().replace("%2e", ".");
+        segment != "." && segment != ".."
+    });
+    (console_page && !excluded && plain && no_dot_segments).then_some(raw)
 }
 
 /// What an error page says, kept on its response for [`back_to_the_form`].
@@ -1290,6 +1296,11 @@ mod tests {
             "/console/session",
             "/console/audit?q=a b",
             "/console/audit?q=\u{e9}",
+            "/console/x/../secret",
+            "/console/%2e%2e/api/v1/organizations",
+            "/console/%2E./login",
+            "/console/./login",
+            "/console/..",
         ] {
             assert_eq!(way_back(refused), None, "{refused:?}");
         }

@@ -66,6 +66,12 @@ document.addEventListener('DOMContentLoaded', () => {
   const main = document.querySelector('main');
   if (idle > 0 && main) {
     const warnBefore = Math.min(120_000, idle / 2);
+    // The idle limit may be a minute: the warning then comes 30 seconds before, and says so.
+    const inWords = (ms) => {
+      const seconds = Math.round(ms / 1000);
+      if (seconds % 60 !== 0) return `${seconds} seconds`;
+      return seconds === 60 ? '1 minute' : `${seconds / 60} minutes`;
+    };
     const back = window.location.pathname + window.location.search;
     const box = document.createElement('div');
     box.className = 'session-warning';
@@ -107,7 +113,7 @@ document.addEventListener('DOMContentLoaded', () => {
         ];
       } else {
         timers = [
-          setTimeout(() => show('Your session ends in 2 minutes without activity.', true), Math.max(0, idle - warnBefore)),
+          setTimeout(() => show(`Your session ends in ${inWords(warnBefore)} without activity.`, true), Math.max(0, idle - warnBefore)),
           setTimeout(ended, idle),
         ];
       }
