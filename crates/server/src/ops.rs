@@ -958,7 +958,9 @@ fn policy_details(mut event: AuditEvent, prefix: &str, policy: &CredentialPolicy
 }
 
 /// Replaces the tenant's policy. Existing credentials are not changed; the answer counts those
-/// that break the new policy.
+/// that break the new policy. Setting the policy in force again changes nothing and records
+/// nothing (like a repeated revoke): a client retrying a PUT whose answer it lost (a 503 after the
+/// commit, a dropped connection) gets the same answer without a second event.
 pub async fn put_credential_policy(
     app: &App,
     who: &Principal,
@@ -970,7 +972,13 @@ pub async fn put_credential_policy(
     // Read before the write, not in its transaction (the store offers no read-and-replace): a
     // concurrent change by another owner in between (recorded by its own event) is not among
     // this event's old values.
-    let before = credential_policy(app.store().as_ref(), tenant).await?;
+    let stored = app.store().get_credential_policy(tenant).await?;
+    // Not in a transaction either: a read that found this policy in force is as if this PUT had
+    // been applied then. A policy never set is set (its `updated_at` says since when).
+    if stored.as_ref().is_some_and(|(stored, _)| *stored == policy) {
+        return policy_report(app, tenant).await;
+    }
+    let before = stored.map(|(policy, _)| policy).unwrap_or_default();
     let event = audit_event(
         tenant,
         actions::CREDENTIAL_POLICY_UPDATED,

@@ -43,8 +43,9 @@ pub async fn get_credential_policy(
 /// Replaces the whole policy (absent fields take their defaults). From now on, creates and
 /// rotations whose expiry breaks it get 422 with a `policy_violation` field error naming the rule,
 /// and a create without `expires_at` gets the default lifetime. Existing credentials are not
-/// changed; `exceeding` counts the live ones that break the new policy. Needs `*` or an
-/// `account_owner` grant.
+/// changed; `exceeding` counts the live ones that break the new policy. Setting the policy already
+/// in force changes nothing (not even `updated_at`) and records nothing, so a PUT whose answer was
+/// lost can safely be sent again. Needs `*` or an `account_owner` grant.
 #[utoipa::path(
     put, path = "/api/v1/organizations/{orgID}/credential-policy", tag = TAG_POLICY,
     params(("orgID" = Uuid, Path, description = "Organization UUID.")),

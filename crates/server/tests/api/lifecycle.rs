@@ -26,6 +26,7 @@ both_backends!(
     a_default_lifetime_is_for_creates_not_rotations,
     a_policy_without_a_default_lifetime_still_lets_the_registry_be_enabled,
     the_policy_needs_an_owner_and_checks_its_body,
+    a_policy_put_again_with_the_same_values_records_nothing,
     expiry_warnings_go_out_once_per_stage,
     a_sweep_racing_a_create_announces_the_stage_reached,
     lists_filter_what_is_about_to_expire,
@@ -984,6 +985,41 @@ pub(crate) async fn put_policy(app: &TestApp, org: &Org, body: Value) -> Value {
         "put policy",
     )
     .await
+}
+
+/// A client whose PUT was answered 503 after it committed (or whose connection dropped) sends it
+/// again: the repeat changes nothing, so it answers the same policy and records no second event
+/// (which webhooks on `*` would also receive).
+async fn a_policy_put_again_with_the_same_values_records_nothing(backend: Backend) {
+    let (app, _clock) = spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let body = json!({"api_tokens": {"max_lifetime_days": 5}, "on_leak": "suspend"});
+    let first = put_policy(&app, &org, body.clone()).await;
+    let again = put_policy(&app, &org, body).await;
+    assert_eq!(first, again);
+    let events = app.audit_events(&org, "credential_policy.updated").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    // Absent fields take their defaults: the same policy spelled out is the same policy.
+    put_policy(
+        &app,
+        &org,
+        json!({"api_tokens": {"max_lifetime_days": 5, "require_expiry": false}, "on_leak": "suspend"}),
+    )
+    .await;
+    assert_eq!(
+        app.audit_events(&org, "credential_policy.updated")
+            .await
+            .len(),
+        1
+    );
+    // A real change is still recorded.
+    put_policy(&app, &org, json!({"on_leak": "suspend"})).await;
+    assert_eq!(
+        app.audit_events(&org, "credential_policy.updated")
+            .await
+            .len(),
+        2
+    );
 }
 
 async fn the_policy_bounds_creates_and_rotations(backend: Backend) {
