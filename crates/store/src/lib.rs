@@ -741,8 +741,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<WebhookDelivery>, StoreError>;
 
     /// Makes a delivery pending again, due at `at`, at `schedule_step` of the retry schedule.
-    /// `NotFound` if the tenant's webhook has no delivery of that event; `Conflict`
-    /// ([`RETRY_OF_DISABLED_WEBHOOK`]) if the webhook is disabled.
+    /// One already pending and due by `at` (queued by a retry whose answer was lost, or being
+    /// attempted) is returned unchanged and writes no event. `NotFound` if the tenant's webhook
+    /// has no delivery of that event; `Conflict` ([`RETRY_OF_DISABLED_WEBHOOK`]) if the webhook is
+    /// disabled.
     async fn retry_webhook_delivery(
         &self,
         tenant_id: TenantId,

@@ -303,11 +303,19 @@ fn in_lock_order(rows: &str, row_lock: &str) -> String {
     )
 }
 /// The delivery is attempted again at `$4`; `$5` is where it stands in the retry schedule. Only
-/// while its webhook is enabled: a disabled webhook has no pending delivery.
+/// while its webhook is enabled: a disabled webhook has no pending delivery. Not when it is
+/// already due by `$4` ([`DELIVERY_QUEUED`]).
 pub(crate) const RETRY_DELIVERY: &str =
     "UPDATE webhook_deliveries SET status = 'pending', next_attempt_ms = $4, schedule_step = $5 \
      WHERE tenant_id = $1 AND webhook_id = $2 AND event_id = $3 \
+     AND NOT (status = 'pending' AND next_attempt_ms <= $4) \
      AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = $2 AND w.enabled = TRUE)";
+/// Whether the delivery is pending and due by `$4` (being attempted, or about to be) on an enabled
+/// webhook: a retry then changes nothing.
+pub(crate) const DELIVERY_QUEUED: &str =
+    "SELECT 1 FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+     WHERE d.tenant_id = $1 AND d.webhook_id = $2 AND d.event_id = $3 \
+     AND d.status = 'pending' AND d.next_attempt_ms <= $4 AND w.enabled = TRUE";
 /// Why a delivery of a disabled webhook is not retried.
 pub const RETRY_OF_DISABLED_WEBHOOK: &str =
     "the webhook is disabled: enable it (PUT with `enabled: true`) first";
@@ -776,7 +784,16 @@ macro_rules! impl_webhooks {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
-                if updated == 0 {
+                let queued = updated == 0
+                    && sqlx::query($crate::webhooks::DELIVERY_QUEUED)
+                        .bind(tenant.as_uuid())
+                        .bind(webhook_id)
+                        .bind(event_id)
+                        .bind($crate::webhooks::millis(at))
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .is_some();
+                if updated == 0 && !queued {
                     // Disabled since the caller looked (or no such delivery).
                     let enabled: Option<(bool,)> =
                         sqlx::query_as("SELECT enabled FROM webhooks WHERE tenant_id = $1 AND id = $2")
@@ -791,7 +808,9 @@ macro_rules! impl_webhooks {
                         _ => $crate::StoreError::NotFound,
                     });
                 }
-                Self::append_audit(&mut tx, event).await?;
+                if !queued {
+                    Self::append_audit(&mut tx, event).await?;
+                }
                 tx.commit().await?;
                 let query = $crate::DeliveryQuery {
                     tenant_id: tenant,

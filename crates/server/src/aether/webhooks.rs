@@ -413,7 +413,9 @@ pub async fn list_webhook_deliveries(
 /// Retry a delivery
 ///
 /// Attempts the delivery once more, now, whatever its status (a failure then leaves it failed).
-/// Needs `webhooks:manage`.
+/// A delivery already due (queued by an earlier retry, or being attempted) is answered as it is
+/// and nothing is recorded, so a retry whose answer was lost can safely be sent again. Needs
+/// `webhooks:manage`.
 #[utoipa::path(
     post, path = "/api/v1/organizations/{orgID}/webhooks/{id}/deliveries/{delivery_id}/retry", tag = TAG_WEBHOOKS,
     params(

@@ -33,6 +33,7 @@ both_backends!(
     disabling_a_webhook_fails_its_waiting_deliveries_and_enabling_it_sends_only_new_events,
     an_update_records_what_it_changed_without_the_url,
     a_delivery_whose_event_was_pruned_fails_without_blaming_the_endpoint,
+    retrying_a_delivery_already_queued_again_changes_nothing,
 );
 
 /// The `last_error` of a delivery that was waiting when its webhook was disabled.
@@ -1550,4 +1551,39 @@ async fn a_delivery_whose_event_was_pruned_fails_without_blaming_the_endpoint(
         .await;
     let webhook: Value = res.json().await.unwrap();
     assert!(webhook["failing_since"].is_null(), "{webhook}");
+}
+
+/// A client whose retry was answered 503 after it committed (or whose connection dropped) sends it
+/// again while the delivery is still queued: the repeat answers the same delivery and records no
+/// second event (which webhooks on `*` would also receive), and the delivery is sent once.
+async fn retrying_a_delivery_already_queued_again_changes_nothing(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    // Each attempt takes this long: the retry's attempt is still running when it is repeated
+    // (well within the timeout, so it succeeds).
+    let (id, receiver) =
+        webhook_with_receiver(&app, &org, &["api_token.created"], Duration::from_secs(2)).await;
+    app.create_token(&org, "sent-twice", &[]).await;
+    until_a_delivery_is(&app, &org, &id, "succeeded").await;
+    let delivered = deliveries(&app, &org, &id).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let retry = org.path(&format!("/webhooks/{id}/deliveries/{delivered}/retry"));
+    let first = app.post_empty(&retry, &org.token).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["status"], "pending", "{first}");
+    let again = app.post_empty(&retry, &org.token).await;
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["status"], "pending", "{again}");
+    assert_eq!(again["id"], first["id"]);
+    until_a_delivery_is(&app, &org, &id, "succeeded").await;
+    let events = app.audit_events(&org, "webhook.delivery_retried").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    // The first attempt and the retry's: received before they were answered.
+    assert_eq!(receiver.deliveries().len(), 2);
 }
