@@ -213,6 +213,11 @@ pub(crate) struct Refusals {
 struct Pending {
     events: HashMap<RefusalKey, (AuditEvent, u64)>,
     keys_per_tenant: HashMap<TenantId, usize>,
+    /// Events (as written, with their counts) whose write failed while committing, so may have
+    /// been made. Retried as they are, under the same id, which the store does not write twice;
+    /// never merged with later refusals, whose count they would then carry in twice. At most one:
+    /// these go first in a flush, and a flush stops at its first failure.
+    unacknowledged: Vec<(AuditEvent, u64)>,
 }
 
 impl Pending {
@@ -344,35 +349,52 @@ impl Refusals {
         metrics: &crate::metrics::Metrics,
         last: bool,
     ) {
-        let drained: Vec<(RefusalKey, (AuditEvent, u64))> = {
+        let (unacknowledged, drained) = {
             let mut pending = self.lock();
             pending.keys_per_tenant.clear();
-            pending.events.drain().collect()
+            let drained: Vec<_> = pending.events.drain().collect();
+            (std::mem::take(&mut pending.unacknowledged), drained)
         };
-        let mut drained = drained.into_iter();
-        while let Some((key, (event, count))) = drained.next() {
-            let written = event.clone().detail("count", DetailValue::Count(count));
+        // Each write: the refusals it carries (`None`: an unacknowledged write, already counted)
+        // and the event as written.
+        let mut writes = unacknowledged
+            .into_iter()
+            .map(|(written, count)| (None, written, count))
+            .chain(drained.into_iter().map(|(key, (event, count))| {
+                let written = event.clone().detail("count", DetailValue::Count(count));
+                (Some((key, event)), written, count)
+            }));
+        while let Some((refusals, written, count)) = writes.next() {
             let Err(error) = store.append_audit_event(&written).await else {
                 continue;
             };
             if !matches!(error, keyplane_store::StoreError::Unavailable(_)) {
-                tracing::warn!(%error, tenant.id = %event.tenant_id, count, "cannot record refused attempts; dropped");
+                tracing::warn!(%error, tenant.id = %written.tenant_id, count, "cannot record refused attempts; dropped");
                 metrics.audit_refusals_dropped(count);
                 continue;
             }
             // The store is away: keep this and the rest for the next flush rather than try each;
             // the last flush has no next one.
-            let unwritten = std::iter::once((key, (event, count))).chain(drained.by_ref());
             if last {
-                let lost: u64 = unwritten.map(|(_, (_, count))| count).sum();
+                let lost = count + writes.map(|(_, _, count)| count).sum::<u64>();
                 tracing::warn!(%error, count = lost, "cannot record refused attempts at shutdown; dropped");
                 metrics.audit_refusals_dropped(lost);
                 return;
             }
+            // A write that may have been made is retried as it was; the others (never made) are
+            // queued again, and may merge with refusals that came meanwhile.
+            let failed = if error.may_have_committed() {
+                (None, written, count)
+            } else {
+                (refusals, written, count)
+            };
             let mut pending = self.lock();
             let mut kept = 0;
-            for (key, (event, count)) in unwritten {
-                pending.add(key, event, count, metrics);
+            for (refusals, written, count) in std::iter::once(failed).chain(writes) {
+                match refusals {
+                    Some((key, event)) => pending.add(key, event, count, metrics),
+                    None => pending.unacknowledged.push((written, count)),
+                }
                 kept += 1;
             }
             tracing::warn!(%error, events = kept, "cannot record refused attempts; will retry");

@@ -145,6 +145,9 @@ pub(crate) const ADVANCE_HEAD: &str = "INSERT INTO audit_chain_heads (tenant_id,
      ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 RETURNING seq, chain_hash";
 pub(crate) const SET_HEAD_HASH: &str =
     "UPDATE audit_chain_heads SET chain_hash = $2 WHERE tenant_id = $1";
+/// Whether the tenant's trail holds the event `$2`.
+pub(crate) const AUDIT_EVENT_EXISTS: &str =
+    "SELECT 1 FROM audit_events WHERE tenant_id = $1 AND id = $2";
 pub(crate) const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events (tenant_id, seq, id, occurred_at, action, outcome, actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, request_id, client_ip, user_agent, details, chain_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 
 /// Implements the audit helpers the [`crate::Store`] methods of `$store` (over `$db`) call.

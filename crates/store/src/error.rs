@@ -97,6 +97,9 @@ impl std::fmt::Display for StoreFault {
 pub struct Unavailable {
     pub fault: StoreFault,
     pub detail: String,
+    /// The fault came while committing: the write may have been made (its acknowledgement was
+    /// lost). Otherwise nothing was written.
+    pub may_have_committed: bool,
 }
 
 impl Unavailable {
@@ -104,7 +107,26 @@ impl Unavailable {
         Self {
             fault,
             detail: detail.into(),
+            may_have_committed: false,
         }
+    }
+}
+
+impl StoreError {
+    /// This error, as the answer to a commit: a fault then may have come after the write was made.
+    pub(crate) fn from_commit(error: sqlx::Error) -> Self {
+        match StoreError::from(error) {
+            StoreError::Unavailable(unavailable) => StoreError::Unavailable(Unavailable {
+                may_have_committed: true,
+                ..unavailable
+            }),
+            error => error,
+        }
+    }
+
+    /// Whether this write may have been made though it failed (see [`Unavailable`]).
+    pub fn may_have_committed(&self) -> bool {
+        matches!(self, StoreError::Unavailable(unavailable) if unavailable.may_have_committed)
     }
 }
 
@@ -288,6 +310,14 @@ mod tests {
         assert_eq!(classify_sqlite(778), Some(StoreFault::IoError)); // SQLITE_IOERR_WRITE
         assert_eq!(classify_sqlite(2067), None); // SQLITE_CONSTRAINT_UNIQUE
         assert_eq!(classify_sqlite(11), None); // SQLITE_CORRUPT: not transient
+    }
+
+    #[test]
+    fn only_a_commit_that_lost_its_connection_may_have_committed() {
+        let lost = || sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into());
+        assert!(StoreError::from_commit(lost()).may_have_committed());
+        assert!(!StoreError::from(lost()).may_have_committed());
+        assert!(!StoreError::from_commit(sqlx::Error::RowNotFound).may_have_committed());
     }
 
     #[test]

@@ -617,6 +617,8 @@ pub trait Store: Send + Sync + 'static {
     fn listen_invalidations(&self, on_event: InvalidationHandler, stop: StopSignal);
 
     /// Appends an event that comes with no change (a refused attempt) to its tenant's chain.
+    /// Idempotent by the event's id: an event already in the trail (a retry of a write whose
+    /// commit's acknowledgement was lost: [`StoreError::may_have_committed`]) is not written again.
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError>;

@@ -1413,8 +1413,18 @@ macro_rules! impl_store {
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
-                    Self::append_audit(&mut tx, event).await?;
-                    tx.commit().await?;
+                    // Only the writer that made an event retries it, one attempt after another:
+                    // no lock needed between this read and the append.
+                    let written = sqlx::query($crate::audit::AUDIT_EVENT_EXISTS)
+                        .bind(event.tenant_id.as_uuid())
+                        .bind(event.id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .is_some();
+                    if !written {
+                        Self::append_audit(&mut tx, event).await?;
+                        tx.commit().await.map_err($crate::StoreError::from_commit)?;
+                    }
                     Ok(())
                 })
                 .await

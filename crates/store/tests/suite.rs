@@ -3242,6 +3242,7 @@ async fn canaries_round_trip_and_are_listed_only_when_asked_for(backend: Backend
 
 store_suite! {
     deliveries_are_queued_with_each_event_for_matching_enabled_webhooks,
+    a_lone_event_appended_again_is_written_once,
     deliveries_are_leased_to_one_claim_and_recorded_by_it,
     a_webhook_failing_too_long_is_disabled_with_its_event,
     webhooks_update_rotate_retry_delete_prune_and_limit,
@@ -5165,4 +5166,24 @@ async fn a_stores_own_notifications_come_back_as_echoes_and_no_other() {
         *theirs.lock().unwrap(),
         [Invalidation::Subject(subject), Invalidation::Echo(subject)]
     );
+}
+
+/// A lone event written again (a retry of a write whose commit's acknowledgement was lost) is
+/// already in the trail: the retry succeeds and writes nothing, neither a second event in the
+/// chain nor a second delivery.
+async fn a_lone_event_appended_again_is_written_once(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let hook = webhook(f.tenant.id, &["access.*"], true);
+    add_webhook(store, &hook).await;
+    let event = action_event(f.tenant.id, "access.denied");
+    store.append_audit_event(&event).await.unwrap();
+    let head = store.audit_chain_state(f.tenant.id).await.unwrap();
+    store.append_audit_event(&event).await.unwrap();
+    let again = store.audit_chain_state(f.tenant.id).await.unwrap();
+    assert_eq!(
+        (again.head_seq, again.head_hash),
+        (head.head_seq, head.head_hash)
+    );
+    assert_eq!(deliveries_of(store, &hook).await.len(), 1);
 }

@@ -11,6 +11,7 @@ both_backends!(
     every_change_is_recorded_with_its_actor_target_and_request,
     refused_attempts_are_recorded_once_per_window_with_a_count,
     refused_attempts_outlive_a_store_outage,
+    a_refusal_flush_whose_acknowledgement_was_lost_counts_once,
     pages_filters_and_tenant_isolation,
     first_credentials_have_their_own_created_events,
     the_export_writes_the_events_of_a_chain_that_went_back,
@@ -485,6 +486,66 @@ async fn refused_attempts_outlive_a_store_outage(backend: keyplane_store::testin
     let recorded = mine().await;
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     assert_eq!(recorded[0]["details"]["count"], 5, "{recorded:?}");
+}
+
+/// A flush whose event committed but whose acknowledgement was lost (the connection dropped
+/// before the commit's answer) is retried; the retry must not count the refusals again, neither
+/// by writing the event a second time nor by adding its count to refusals that came meanwhile.
+async fn a_refusal_flush_whose_acknowledgement_was_lost_counts_once(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = keyplane_server::Config {
+        audit_refusal_window: Duration::from_millis(100),
+        ..test_config()
+    };
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let reader = app.create_token(&org, "reader", &["api_tokens:read"]).await;
+    let (reader_token, reader_id) = (text(&reader, "token"), text(&reader, "id"));
+    let refuse = || async {
+        let res = app
+            .post(
+                &org.path("/api-tokens"),
+                &reader_token,
+                json!({"name": "x", "scopes": []}),
+            )
+            .await;
+        assert_eq!(res.status(), 403);
+    };
+    store.lose_next_audit_append_ack();
+    store.hold_audit_appends(true);
+    refuse().await;
+    eventually("the flush of the first refusal is on its way", || async {
+        store.audit_appends_waiting() > 0
+    })
+    .await;
+    // The same refusal again while that flush runs.
+    refuse().await;
+    store.hold_audit_appends(false);
+
+    let counted = || async {
+        let page = events(&app, &org, &org.token, "?outcome=denied").await;
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["actor"]["id"] == reader_id.as_str())
+            .map(|e| e["details"]["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    eventually("both refusals are recorded", || async {
+        counted().await >= 2
+    })
+    .await;
+    assert_eq!(counted().await, 2);
+    // The retry found its event written (the same flush wrote it before the second refusal's):
+    // nothing was refused by the store, nor reported lost.
+    let metrics = app.metrics().await;
+    let dropped = metrics
+        .lines()
+        .find(|line| line.starts_with("keyplane_audit_refusals_dropped"))
+        .unwrap_or_default();
+    assert!(dropped.ends_with(" 0"), "{dropped}");
 }
 
 async fn pages_filters_and_tenant_isolation(backend: keyplane_store::testing::Backend) {

@@ -6,7 +6,7 @@
 //! the next create, rotate or revoke before it reaches the store, or switch itself off right after
 //! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
 //! change is made. And it can hold lone events before they are written, as a store that does not
-//! answer, or fail them. And it can report its writes failing (`Store::write_health`) whatever they
+//! answer, or fail them, or lose one's acknowledgement after its commit. And it can report its writes failing (`Store::write_health`) whatever they
 //! do. And it can answer webhook claims late, as a slow store.
 
 use async_trait::async_trait;
@@ -53,6 +53,9 @@ pub struct FaultyStore {
     writes_reported_failing: AtomicBool,
     /// While true, every `append_audit_event` fails (reads and other writes work).
     audit_appends_down: AtomicBool,
+    /// The next `append_audit_event` is made, then fails as a connection lost before the
+    /// commit's acknowledgement does.
+    lose_next_audit_append_ack: AtomicBool,
     /// A webhook claim that leased something answers this much later, as a store whose reads of
     /// what sending takes are slow.
     slow_webhook_claims: std::sync::Mutex<std::time::Duration>,
@@ -157,6 +160,7 @@ impl FaultyStore {
             audit_appends_held: tokio::sync::watch::Sender::new(false),
             writes_reported_failing: AtomicBool::new(false),
             audit_appends_down: AtomicBool::new(false),
+            lose_next_audit_append_ack: AtomicBool::new(false),
             slow_webhook_claims: std::sync::Mutex::new(std::time::Duration::ZERO),
             failing_lookup_ms: AtomicU64::new(0),
             hash_lookups: AtomicU64::new(0),
@@ -220,6 +224,18 @@ impl FaultyStore {
     /// not answer.
     pub fn hold_audit_appends(&self, held: bool) {
         self.audit_appends_held.send_replace(held);
+    }
+
+    /// How many lone events wait, held by [`Self::hold_audit_appends`].
+    pub fn audit_appends_waiting(&self) -> usize {
+        self.audit_appends_held.receiver_count()
+    }
+
+    /// The next lone event written (`append_audit_event`) is committed, then reported failed as
+    /// when the connection drops before the commit's acknowledgement arrives.
+    pub fn lose_next_audit_append_ack(&self) {
+        self.lose_next_audit_append_ack
+            .store(true, Ordering::SeqCst);
     }
 
     /// Until called again with `false`, every lone event written (`append_audit_event`) fails as
@@ -731,7 +747,20 @@ impl Store for FaultyStore {
             .await;
         self.check()?;
         Self::fail_if(&self.audit_appends_down)?;
-        self.inner.append_audit_event(event).await
+        self.inner.append_audit_event(event).await?;
+        if self
+            .lose_next_audit_append_ack
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable(Unavailable {
+                may_have_committed: true,
+                ..Unavailable::new(
+                    StoreFault::Unreachable,
+                    "the connection dropped before the commit was acknowledged",
+                )
+            }));
+        }
+        Ok(())
     }
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<ChainedEvent>, StoreError> {
