@@ -260,7 +260,12 @@ fn expiry_fields(
     if let Some(expiry) = keep {
         let _ = write!(
             options,
-            "<option value=\"keep\" selected>as now: {}</option>",
+            "<option value=\"keep\"{}>as now: {}</option>",
+            if sent.is_empty() || sent == "keep" {
+                " selected"
+            } else {
+                ""
+            },
             expiry.map_or("never".to_string(), |at| {
                 format!("{} UTC", at.format("%Y-%m-%d %H:%M"))
             })
@@ -1269,8 +1274,31 @@ async fn live_credential(
 }
 
 pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
-    let kind = kind_page(&uri)?;
-    let credential = live_credential(&console, kind, credential_id(&id)?).await?;
+    rotate_form(
+        console,
+        kind_page(&uri)?,
+        credential_id(&id)?,
+        Refill::default(),
+    )
+    .await
+}
+
+/// The grace periods a rotate form offers, in seconds, and how it words them.
+const GRACE_CHOICES: [(u32, &str); 4] = [
+    (0, "not at all: it stops now"),
+    (3600, "for 1 hour"),
+    (86_400, "for 1 day"),
+    (604_800, "for 7 days"),
+];
+
+/// The rotate form, shown again with its problems when `refill` has any.
+async fn rotate_form(
+    console: Console,
+    kind: &'static KindPage,
+    id: CredentialId,
+    refill: Refill,
+) -> PageResult {
+    let credential = live_credential(&console, kind, id).await?;
     console.who.require(console.tenant, kind.rights.write)?;
     if credential.canary {
         return Err(ConsoleError::page(
@@ -1283,30 +1311,51 @@ pub(crate) async fn rotate_page(console: Console, uri: Uri, Path(id): Path<Strin
         kind.rights.kind,
         console.app.now(),
         Some(credential.expires_at),
-        &Refill::default(),
+        &refill,
     );
+    let (grace_attributes, grace_problem) = refill.field("grace_seconds", "");
+    // What was sent when it is one of the choices; else (and in a new form) "stops now".
+    let chosen = refill.value("grace_seconds", "0");
+    let chosen = GRACE_CHOICES
+        .iter()
+        .map(|(seconds, _)| *seconds)
+        .find(|seconds| seconds.to_string() == chosen)
+        .unwrap_or(0);
+    let mut graces = String::new();
+    for (i, (seconds, words)) in GRACE_CHOICES.into_iter().enumerate() {
+        // The group's first radio carries the id the error summary links to, and the focus of
+        // a new form (a refused one focuses its summary).
+        let first = match (i, refill.problems.is_empty()) {
+            (0, true) => " id=\"grace_seconds\" data-autofocus",
+            (0, false) => " id=\"grace_seconds\"",
+            _ => "",
+        };
+        let _ = write!(
+            graces,
+            "<label><input type=\"radio\" name=\"grace_seconds\"{first} value=\"{seconds}\"{checked}{grace_attributes}> {words}</label>",
+            checked = if seconds == chosen { " checked" } else { "" },
+        );
+    }
     let body = format!(
         "<p>Rotating gives the {singular} <strong>{name}</strong> a new secret; its id, name and \
          rights stay. Choose how long the current secret keeps working, so whatever uses it can \
-         switch over.</p>{form}<p><a href=\"{list}\">Cancel</a></p>",
+         switch over.</p>{summary}{form}<p><a href=\"{list}\">Cancel</a></p>",
         singular = kind.singular,
         name = esc(&credential.name),
         list = kind.list,
+        summary = refill.summary(),
         form = post_form(
             &format!("/console/{}/{}/rotate", kind.slug, credential.id.as_uuid()),
             &console.csrf,
             "stack",
-            &format!("<fieldset><legend>The current secret keeps working</legend>\
-             <label><input type=\"radio\" name=\"grace_seconds\" value=\"0\" checked data-autofocus> not at all: it stops now</label>\
-             <label><input type=\"radio\" name=\"grace_seconds\" value=\"3600\"> for 1 hour</label>\
-             <label><input type=\"radio\" name=\"grace_seconds\" value=\"86400\"> for 1 day</label>\
-             <label><input type=\"radio\" name=\"grace_seconds\" value=\"604800\"> for 7 days</label></fieldset>\
+            &format!("<fieldset><legend>The current secret keeps working</legend>{graces}{grace_problem}</fieldset>\
              {expiry}<div><button type=\"submit\">Rotate {singular} <strong>{name}</strong></button></div>",
              singular = kind.singular,
              name = esc(&credential.name)),
         ),
     );
-    let frame = console.frame(kind.list).await?;
+    let mut frame = console.frame(kind.list).await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console
         .render(frame, &format!("Rotate {}", credential.name), &body)
         .into_response())
@@ -1321,24 +1370,53 @@ pub(crate) async fn rotate(
     let form = console.form(&body)?;
     let kind = kind_page(&uri)?;
     let id = credential_id(&id)?;
-    let grace_seconds: u32 = match form.get("grace_seconds").unwrap_or("0") {
-        "0" => 0,
-        "3600" => 3600,
-        "86400" => 86_400,
-        "604800" => 604_800,
-        _ => {
-            return Err(ConsoleError::page(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Choose a grace period from the list.",
-            ))
+    match rotate_credential(&console, kind, id, &form).await {
+        Ok(done) => Ok(done),
+        Err(error) => {
+            let fields = [
+                (
+                    "grace_seconds",
+                    "grace_seconds",
+                    "The current secret keeps working",
+                ),
+                expiry_field(&form),
+            ];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                rotate_form(console, kind, id, refill)
+            })
+            .await
         }
+    }
+}
+
+async fn rotate_credential(
+    console: &Console,
+    kind: &KindPage,
+    id: CredentialId,
+    form: &super::Form,
+) -> PageResult {
+    let mut problems = Vec::new();
+    let sent = form.get("grace_seconds").unwrap_or("0");
+    let grace_seconds = GRACE_CHOICES
+        .into_iter()
+        .map(|(seconds, _)| seconds)
+        .find(|seconds| seconds.to_string() == sent);
+    if grace_seconds.is_none() {
+        problems.push(keyplane_core::FieldError::new(
+            FieldPath::body("grace_seconds"),
+            keyplane_core::error::codes::INVALID_FORMAT,
+            "Choose a grace period from the list.",
+        ));
+    }
+    let (grace_seconds, expires_at) = match (grace_seconds, expiry_from(form, console.app.now())) {
+        (Some(grace_seconds), Ok(expires_at)) => (grace_seconds, expires_at),
+        (_, expiry) => return Err(refusal(problems, expiry.err())),
     };
-    let expires_at = expiry_from(&form, console.app.now())?;
     let own = Actor::Credential {
         id,
         kind: kind.rights.kind,
     };
-    let home = secret_home(&console, Some(own)).await?;
+    let home = secret_home(console, Some(own)).await?;
     let now = console.app.now();
     let keep = {
         let home = home.clone();
@@ -1370,7 +1448,7 @@ pub(crate) async fn rotate(
         Some(&keep),
     )
     .await?;
-    to_secret_page(&console, &home).await
+    to_secret_page(console, &home).await
 }
 
 pub(crate) async fn revoke_page(console: Console, uri: Uri, Path(id): Path<String>) -> PageResult {
@@ -1438,13 +1516,24 @@ pub(crate) async fn service_accounts(
     service_accounts_page(console, start, None).await
 }
 
-/// The service accounts page; `refused`: with its create form shown again with its problems.
+/// The service accounts page; `refused`: with its create form, or an account's grant form (its
+/// problems' field is `grant-<account id>`), shown again with its problems.
 async fn service_accounts_page(
     console: Console,
     start: PageStart,
     refused: Option<Refill>,
 ) -> PageResult {
-    let refill = refused.unwrap_or_default();
+    let refused = refused.unwrap_or_default();
+    let refused_grant = !refused.problems.is_empty()
+        && refused
+            .problems
+            .iter()
+            .all(|p| p.field.starts_with("grant-"));
+    let (grant_refill, refill) = if refused_grant {
+        (refused, Refill::default())
+    } else {
+        (Refill::default(), refused)
+    };
     let app = &console.app;
     let now = app.now();
     let after = page_after(&start.after)?;
@@ -1484,7 +1573,8 @@ async fn service_accounts_page(
             .push(GrantRow::of(grant, &names));
     }
     // auth.manage reads and writes service accounts (as Hybridbox documents).
-    let mut body = String::from(
+    let mut body = grant_refill.summary();
+    body.push_str(
         "<p class=\"muted\">A service account holds what its grants confer; you can give only \
          rights you hold yourself.</p>\
          <div class=\"table-wrap\"><table class=\"responsive\"><caption class=\"visually-hidden\">Service accounts</caption><thead><tr>\
@@ -1493,7 +1583,12 @@ async fn service_accounts_page(
          <th scope=\"col\">Created by</th><th scope=\"col\">Actions</th></tr></thead><tbody>",
     );
     for account in &accounts {
-        let grants = grants_cell(&console, account, by_account.get(&account.id.as_uuid()));
+        let grants = grants_cell(
+            &console,
+            account,
+            by_account.get(&account.id.as_uuid()),
+            &grant_refill,
+        );
         let _ = write!(
             body,
             "<tr><td data-label=\"Name\">{}</td><td data-label=\"Token\">{}</td><td data-label=\"Grants\">{}</td>\
@@ -1536,7 +1631,7 @@ async fn service_accounts_page(
         ),
     );
     let mut frame = console.frame("/console/service-accounts").await?;
-    frame.refused = !refill.problems.is_empty();
+    frame.refused = !refill.problems.is_empty() || !grant_refill.problems.is_empty();
     Ok(console
         .render(frame, "Service accounts", &body)
         .into_response())
@@ -1569,8 +1664,14 @@ impl GrantRow {
     }
 }
 
-/// A service account's grants, each with a revoke button, and a form to grant one more right.
-fn grants_cell(console: &Console, account: &Credential, grants: Option<&Vec<GrantRow>>) -> String {
+/// A service account's grants, each with a revoke button, and a form to grant one more right
+/// (shown again with its problem when `refill` has one for this account's field).
+fn grants_cell(
+    console: &Console,
+    account: &Credential,
+    grants: Option<&Vec<GrantRow>>,
+    refill: &Refill,
+) -> String {
     let mut cell = String::new();
     for GrantRow {
         id,
@@ -1597,21 +1698,36 @@ fn grants_cell(console: &Console, account: &Credential, grants: Option<&Vec<Gran
     if cell.is_empty() {
         cell.push_str("<div class=\"muted\">none</div>");
     }
+    let id = account.id.as_uuid();
+    let field = format!("grant-{id}");
+    let (attributes, problem) = refill.field(&field, "");
+    let refused = refill.problems.iter().any(|p| p.field == field);
+    let selected = |key: &str| {
+        if refused && refill.sent("right", key) {
+            " selected"
+        } else {
+            ""
+        }
+    };
     let rights = console.who.rights_in(console.tenant);
     let mut options = String::new();
     if rights.is_some_and(ScopeSet::holds_everything) {
-        options.push_str("<option value=\"account_owner\">account owner (everything)</option>");
+        let _ = write!(
+            options,
+            "<option value=\"account_owner\"{}>account owner (everything)</option>",
+            selected("account_owner")
+        );
     }
     for capability in Capability::ALL {
         if rights.is_some_and(|r| r.grants(capability)) {
             let _ = write!(
                 options,
-                "<option value=\"{0}\">{0}</option>",
-                capability.key()
+                "<option value=\"{0}\"{1}>{0}</option>",
+                capability.key(),
+                selected(capability.key())
             );
         }
     }
-    let id = account.id.as_uuid();
     let _ = write!(
         cell,
         "{}",
@@ -1622,8 +1738,8 @@ fn grants_cell(console: &Console, account: &Credential, grants: Option<&Vec<Gran
             &format!(
                 "<label class=\"hint\" for=\"grant-{id}\">Grant<span class=\"visually-hidden\"> a \
                  right to {name}</span></label> \
-                 <select id=\"grant-{id}\" name=\"right\">{options}</select> \
-                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {name}\">Grant</button>",
+                 <select id=\"grant-{id}\" name=\"right\"{attributes}>{options}</select> \
+                 <button type=\"submit\" class=\"secondary\" aria-label=\"Grant to {name}\">Grant</button>{problem}",
                 name = esc(&account.name)
             ),
         )
@@ -1638,6 +1754,21 @@ pub(crate) async fn create_grant(
 ) -> PageResult {
     let form = console.form(&body)?;
     let account = live_credential(&console, &KINDS[1], credential_id(&id)?).await?;
+    match grant_right(&console, &account, &form).await {
+        Ok(done) => Ok(done),
+        Err(error) => {
+            let field = format!("grant-{}", account.id.as_uuid());
+            let label = format!("Grant a right to {}", account.name);
+            let fields = [("right", field.as_str(), label.as_str())];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                service_accounts_page(console, PageStart::default(), Some(refill))
+            })
+            .await
+        }
+    }
+}
+
+async fn grant_right(console: &Console, account: &Credential, form: &super::Form) -> PageResult {
     let (kind, capability_key) = match form.get("right").unwrap_or("") {
         "account_owner" => (keyplane_core::GrantKind::AccountOwner, None),
         key => match Capability::from_key(key) {
@@ -1646,10 +1777,14 @@ pub(crate) async fn create_grant(
                 Some(Scope::parse(capability.key()).expect("capability keys are scopes")),
             ),
             None => {
-                return Err(ConsoleError::page(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Choose a right from the list.",
-                ))
+                return Err(
+                    keyplane_core::Error::Validation(vec![keyplane_core::FieldError::new(
+                        FieldPath::body("right"),
+                        keyplane_core::error::codes::INVALID_FORMAT,
+                        "Choose a right from the list.",
+                    )])
+                    .into(),
+                )
             }
         },
     };
@@ -1990,7 +2125,12 @@ async fn issue_robot(console: &Console, form: &super::Form) -> PageResult {
 }
 
 pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<String>) -> PageResult {
-    let robot = live_credential(&console, &KINDS[2], credential_id(&id)?).await?;
+    robot_permissions_form(console, credential_id(&id)?, Refill::default()).await
+}
+
+/// A robot's permissions form, shown again as sent with its problems when `refill` has any.
+async fn robot_permissions_form(console: Console, id: CredentialId, refill: Refill) -> PageResult {
+    let robot = live_credential(&console, &KINDS[2], id).await?;
     console
         .who
         .require(console.tenant, Capability::RegistryWrite)?;
@@ -2001,18 +2141,20 @@ pub(crate) async fn robot_permissions_page(console: Console, Path(id): Path<Stri
         .collect::<Vec<_>>()
         .join("\n");
     let body = format!(
-        "{}<p><a href=\"/console/registry\">Cancel</a></p>",
+        "{}{}<p><a href=\"/console/registry\">Cancel</a></p>",
+        refill.summary(),
         post_form(
             &format!("/console/robots/{}/permissions", robot.id.as_uuid()),
             &console.csrf,
             "stack",
             &format!(
                 "{}<div><button type=\"submit\">Save permissions</button></div>",
-                permissions_field(&current, &Refill::default())
+                permissions_field(refill.value("permissions", &current), &refill)
             ),
         )
     );
-    let frame = console.frame("/console/registry").await?;
+    let mut frame = console.frame("/console/registry").await?;
+    frame.refused = !refill.problems.is_empty();
     Ok(console
         .render(frame, &format!("Permissions of {}", robot.name), &body)
         .into_response())
@@ -2024,22 +2166,37 @@ pub(crate) async fn update_robot_permissions(
     body: Bytes,
 ) -> PageResult {
     let form = console.form(&body)?;
-    let permissions = parse_permissions(&form)?;
-    let robot = ops::update_robot_permissions(
-        &console.app,
-        &console.who,
-        &console.context,
-        console.tenant,
-        credential_id(&id)?,
-        permissions,
-    )
-    .await?;
-    console
-        .done(
-            "/console/registry",
-            format!("Saved the permissions of “{}”.", robot.name),
+    let id = credential_id(&id)?;
+    let saved = match parse_permissions(&form) {
+        Ok(permissions) => ops::update_robot_permissions(
+            &console.app,
+            &console.who,
+            &console.context,
+            console.tenant,
+            id,
+            permissions,
         )
         .await
+        .map_err(ConsoleError::from),
+        Err(error) => Err(error),
+    };
+    match saved {
+        Ok(robot) => {
+            console
+                .done(
+                    "/console/registry",
+                    format!("Saved the permissions of “{}”.", robot.name),
+                )
+                .await
+        }
+        Err(error) => {
+            let fields = [("permissions", "permissions", "Permissions")];
+            refused_form(console, &form, error, &fields, |console, refill| {
+                robot_permissions_form(console, id, refill)
+            })
+            .await
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
             home.keep(&flash_of(&webhook, note), now)
         }
     };
-    webhooks::create_webhook(
+    // The target check after the form's own (the URL's addresses) refuses a field too.
+    let created = webhooks::create_webhook(
         &console.app,
         &console.who,
         &console.context,
@@ -258,8 +259,11 @@ pub(crate) async fn create(console: Console, body: Bytes) -> PageResult {
         spec,
         Some(&keep),
     )
-    .await?;
-    to_secret_page(&console, &home).await
+    .await;
+    match created {
+        Ok(_) => to_secret_page(&console, &home).await,
+        Err(error) => refused(console, &form, error.into(), list_page).await,
+    }
 }
 
 pub(crate) async fn edit_page(console: Console, Path(id): Path<String>) -> PageResult {
@@ -328,7 +332,7 @@ pub(crate) async fn update(console: Console, Path(id): Path<String>, body: Bytes
             .await
         }
     };
-    let webhook = webhooks::update_webhook(
+    let updated = webhooks::update_webhook(
         &console.app,
         &console.who,
         &console.context,
@@ -336,10 +340,20 @@ pub(crate) async fn update(console: Console, Path(id): Path<String>, body: Bytes
         id,
         spec,
     )
-    .await?;
-    console
-        .done(LIST, format!("Saved the webhook “{}”.", label(&webhook)))
-        .await
+    .await;
+    match updated {
+        Ok(webhook) => {
+            console
+                .done(LIST, format!("Saved the webhook “{}”.", label(&webhook)))
+                .await
+        }
+        Err(error) => {
+            refused(console, &form, error.into(), |console, refill| {
+                edit_form(console, id, refill)
+            })
+            .await
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ both_backends!(
     a_grant_past_the_cap_is_refused_in_the_console_with_the_limit,
     a_credential_records_whether_the_console_or_the_api_made_it,
     the_console_says_who_created_each_credential_and_grant,
+    a_refused_rotation_comes_back_as_sent,
+    refused_robot_permissions_come_back_as_sent,
+    a_refused_grant_comes_back_at_its_account,
+    a_webhook_refused_after_the_forms_checks_comes_back_as_sent,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -39,7 +43,7 @@ fn csrf_in(html: &str) -> String {
 }
 
 /// The value of the cookie `name` an answer sets.
-fn cookie_set(res: &Response, name: &str) -> String {
+pub fn cookie_set(res: &Response, name: &str) -> String {
     res.headers()
         .get_all("set-cookie")
         .iter()
@@ -52,6 +56,16 @@ fn cookie_set(res: &Response, name: &str) -> String {
 
 /// Signs in to the console with `token`, as the sign-in form does.
 pub async fn sign_in(app: &TestApp, token: &str) -> ConsoleSession {
+    sign_in_remembering(app, token, None).await
+}
+
+/// Signs in as [`sign_in`] does, from a browser holding `remembered` (`name=value`), the cookie
+/// naming the organization last switched to.
+pub async fn sign_in_remembering(
+    app: &TestApp,
+    token: &str,
+    remembered: Option<&str>,
+) -> ConsoleSession {
     let login = app
         .request(Method::GET, "/console/login", None)
         .send()
@@ -61,7 +75,13 @@ pub async fn sign_in(app: &TestApp, token: &str) -> ConsoleSession {
     let login_cookie = cookie_set(&login, "keyplane_login");
     let signed_in = app
         .request(Method::POST, "/console/login", None)
-        .header("cookie", format!("keyplane_login={login_cookie}"))
+        .header(
+            "cookie",
+            match remembered {
+                Some(remembered) => format!("keyplane_login={login_cookie}; {remembered}"),
+                None => format!("keyplane_login={login_cookie}"),
+            },
+        )
         .form(&[("csrf", login_cookie.as_str()), ("token", token)])
         .send()
         .await
@@ -1002,4 +1022,158 @@ fn fact_of(html: &str, term: &str) -> String {
         .unwrap_or_else(|| panic!("a {term} fact: {html}"))
         + opening.len();
     text_of(&html[start..start + html[start..].find("</dd>").expect("its end")])
+}
+
+/// A form shown again after a refusal (422): the summary, announced, names `label` and links to
+/// the field `id`, which is marked invalid and described by its problem; `sent` is on the page.
+fn assert_refilled(html: &str, id: &str, label: &str, sent: &str) {
+    assert!(
+        html.contains("class=\"error error-summary\" role=\"alert\""),
+        "a summary: {html}"
+    );
+    assert!(
+        html.contains(&format!("<a href=\"#{id}\">{label}: ")),
+        "the summary names {label}: {html}"
+    );
+    assert!(
+        html.contains(&format!("id=\"{id}\"")) && html.contains(&format!("id=\"{id}-error\"")),
+        "the field {id} and its problem: {html}"
+    );
+    let described = "aria-invalid=\"true\" aria-describedby=\"";
+    let marked = html.split(&described).skip(1).any(|rest| {
+        rest[..rest.find('"').unwrap()]
+            .split(' ')
+            .any(|id_of| id_of == format!("{id}-error"))
+    });
+    assert!(marked, "{id} is marked invalid: {html}");
+    assert!(html.contains(sent), "{sent} comes back: {html}");
+}
+
+/// A rotation refused for its expiry, or for a grace period no form offers, comes back as the
+/// rotate form with what was chosen, each problem at its field.
+async fn a_refused_rotation_comes_back_as_sent(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    let rotate = format!(
+        "/console/api-tokens/{}/rotate",
+        token_id(&app, &org, "bootstrap").await
+    );
+    let refused = console
+        .post(
+            &app,
+            &rotate,
+            &[("grace_seconds", "3600"), ("expires_on", "2020-01-01")],
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(&html, "expires_on", "Expiry date", "value=\"2020-01-01\"");
+    assert!(
+        html.contains("value=\"3600\" checked"),
+        "the grace chosen: {html}"
+    );
+
+    let refused = console.post(&app, &rotate, &[("grace_seconds", "5")]).await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(
+        &html,
+        "grace_seconds",
+        "The current secret keeps working",
+        "Choose a grace period from the list.",
+    );
+    assert!(
+        html.contains(&format!("action=\"{rotate}\"")),
+        "the rotate form: {html}"
+    );
+}
+
+/// A robot's permissions refused come back in the permissions form as typed.
+async fn refused_robot_permissions_come_back_as_sent(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    crate::canary::enable_registry(&app, &org).await;
+    let robot = serde_json::json!({"name": "builder", "permissions": ["pull"]});
+    let robot = crate::canary::create_robot(&app, &org, robot).await;
+    let console = sign_in(&app, &org.token).await;
+    let path = format!(
+        "/console/robots/{}/permissions",
+        robot["id"].as_str().unwrap()
+    );
+    let refused = console
+        .post(&app, &path, &[("permissions", "pull\nfly:team/*")])
+        .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(
+        &html,
+        "permissions",
+        "Permissions",
+        "pull\nfly:team/*</textarea>",
+    );
+    assert!(html.contains(&format!("action=\"{path}\"")), "{html}");
+}
+
+/// A grant refused for its right comes back on the service accounts page, the summary naming the
+/// account's grant field.
+async fn a_refused_grant_comes_back_at_its_account(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let account = serde_json::json!({"name": "deployer"});
+    let account = crate::canary::create_service_account(&app, &org, account).await;
+    let id = account["id"].as_str().unwrap();
+    let console = sign_in(&app, &org.token).await;
+    let refused = console
+        .post(
+            &app,
+            &format!("/console/service-accounts/{id}/grants"),
+            &[("right", "flying")],
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(
+        &html,
+        &format!("grant-{id}"),
+        "Grant a right to deployer",
+        "Choose a right from the list.",
+    );
+    assert!(html.contains("Create a service account"), "{html}");
+}
+
+/// A webhook URL the form accepts but the target check refuses (a loopback name) comes back in
+/// the create form and in the edit form, as typed.
+async fn a_webhook_refused_after_the_forms_checks_comes_back_as_sent(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    let fields = [
+        ("url", "https://localhost/hook"),
+        ("events", "*"),
+        ("description", "mine"),
+    ];
+    let refused = console.post(&app, "/console/webhooks", &fields).await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(&html, "url", "URL", "value=\"https://localhost/hook\"");
+    assert!(html.contains("value=\"mine\""), "{html}");
+
+    let created = app
+        .post(
+            &org.path("/webhooks"),
+            &org.token,
+            serde_json::json!({"url": "https://93.184.215.14/hook", "events": ["*"]}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let edit = format!("/console/webhooks/{}", created["id"].as_str().unwrap());
+    let refused = console.post(&app, &edit, &fields).await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(&html, "url", "URL", "value=\"https://localhost/hook\"");
+    assert!(html.contains("Save webhook"), "the edit form: {html}");
 }
