@@ -428,6 +428,24 @@ fn session_cookie_name(app: &App) -> &'static str {
     }
 }
 
+/// The cookie naming the organization a user last switched to, which their next sign-in opens
+/// (an id, not a secret; `Lax` so that it comes back on the issuer's redirect of an OIDC sign-in).
+fn organization_cookie_name(app: &App) -> &'static str {
+    if app.inner().config.console.secure_cookies {
+        "__Host-keyplane_org"
+    } else {
+        "keyplane_org"
+    }
+}
+
+/// How long a browser remembers the organization last switched to (400 days, browsers' cap).
+const REMEMBERED_ORGANIZATION_SECS: u64 = 400 * 24 * 3600;
+
+/// The organization the browser remembers, read from `headers`.
+fn remembered_organization(app: &App, headers: &HeaderMap) -> Option<TenantId> {
+    read_cookie(headers, organization_cookie_name(app)).and_then(TenantId::parse)
+}
+
 fn login_cookie_name(app: &App) -> &'static str {
     if app.inner().config.console.secure_cookies {
         "__Host-keyplane_login"
@@ -1139,7 +1157,8 @@ async fn sign_in(
         Ok(who) => {
             let context = crate::audit::request_context_of(&headers, &origin);
             let to = state.next.unwrap_or("/console");
-            start_session(&app, &who, token, "token", &context, to).await
+            let remembered = remembered_organization(&app, &headers);
+            start_session(&app, &who, token, "token", &context, remembered, to).await
         }
         Err(AppError::Unauthenticated(_)) => Ok(sign_in_form(
             &app,
@@ -1154,16 +1173,23 @@ async fn sign_in(
 
 /// Starts the session of `who`, acting with `token`, signed in by `method` (`token`, `oidc`) in
 /// the request `context`, and sends the browser `to` a console page (the overview, or the page a
-/// session that ended was on). A principal without rights in any tenant cannot use the console.
+/// session that ended was on). The session opens in the `remembered` organization while `who`
+/// holds rights there, else in the first. A principal without rights in any tenant cannot use
+/// the console.
 async fn start_session(
     app: &App,
     who: &Principal,
     token: &str,
     method: &'static str,
     context: &RequestContext,
+    remembered: Option<TenantId>,
     to: &str,
 ) -> Result<Response, ConsoleError> {
-    let Some((tenant, _)) = who.tenants().first() else {
+    let remembered = remembered.filter(|tenant| who.rights_in(*tenant).is_some());
+    let Some(tenant) = remembered
+        .as_ref()
+        .or_else(|| who.tenants().first().map(|(tenant, _)| tenant))
+    else {
         return Ok(sign_in_form(
             app,
             None,
@@ -1233,9 +1259,18 @@ async fn switch_organization(console: Console, body: Bytes) -> Result<Response, 
         )
         .await?;
     let mut response = Redirect::to("/console").into_response();
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, session_cookie(app, &cookie));
+    let headers = response.headers_mut();
+    headers.append(header::SET_COOKIE, session_cookie(app, &cookie));
+    headers.append(
+        header::SET_COOKIE,
+        set_cookie(
+            app,
+            organization_cookie_name(app),
+            &tenant.to_string(),
+            true,
+            Some(REMEMBERED_ORGANIZATION_SECS),
+        ),
+    );
     Ok(response)
 }
 

@@ -405,8 +405,16 @@ pub(super) async fn callback(
         .as_deref()
         .and_then(super::way_back)
         .unwrap_or("/console");
-    let mut response =
-        super::start_session(&app, &who, &tokens.access_token, "oidc", &context, to).await?;
+    let mut response = super::start_session(
+        &app,
+        &who,
+        &tokens.access_token,
+        "oidc",
+        &context,
+        super::remembered_organization(&app, &headers),
+        to,
+    )
+    .await?;
     if response.status().is_redirection() {
         // The issuer's redirect is a cross-site navigation, after which a browser does not send
         // a SameSite=Strict cookie on a redirect either; a page that continues from this origin

@@ -37,6 +37,7 @@ both_backends!(
     one_issuer_can_never_act_as_another_issuers_users,
     a_users_console_refusals_are_recorded_in_the_sessions_organization,
     a_users_console_switch_of_organization_is_recorded_in_both,
+    the_console_reopens_the_organization_last_switched_to,
     an_address_over_its_failure_budget_gets_no_jwt_validated,
 );
 
@@ -1217,6 +1218,93 @@ async fn a_users_console_switch_of_organization_is_recorded_in_both(backend: Bac
         .audit_events(reached, "console.session_started")
         .await
         .is_empty());
+}
+
+/// A user's next sign-in opens the organization they last switched to, while they still hold
+/// rights there; without them it opens the first one again. The browser keeps only that
+/// organization's id.
+async fn the_console_reopens_the_organization_last_switched_to(backend: Backend) {
+    let keys = keys_dir();
+    let provider = Provider::start(&keys.path().join("jwks.json"), 0);
+    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let orgs = [app.create_org("acme").await, app.create_org("globex").await];
+    let carol = provider.user("carol");
+    let mut grants = Vec::new();
+    for org in &orgs {
+        grants.push(
+            grant(
+                &app,
+                org,
+                user_grant("capability", carol, Some("api_tokens:read")),
+            )
+            .await,
+        );
+    }
+    let sign_ins = || async {
+        let mut counts = Vec::new();
+        for org in &orgs {
+            counts.push(app.audit_events(org, "console.session_started").await.len());
+        }
+        counts
+    };
+    let token = provider.token("carol", None).await;
+    let console = crate::console::sign_in(&app, &token).await;
+    let (first, other) = match sign_ins().await[..] {
+        [1, 0] => (0, 1),
+        [0, 1] => (1, 0),
+        ref counts => panic!("one sign-in recorded, in one organization: {counts:?}"),
+    };
+    let switched = console
+        .post(
+            &app,
+            "/console/organization",
+            &[("organization", orgs[other].id.as_str())],
+        )
+        .await;
+    assert_eq!(switched.status(), 303);
+    let cookie = switched
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("keyplane_org="))
+        .expect("the organization is remembered")
+        .to_string();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    let remembered = cookie.split(';').next().unwrap().to_string();
+    assert_eq!(remembered, format!("keyplane_org={}", orgs[other].id));
+    let signed_out = console.post(&app, "/console/logout", &[]).await;
+    assert_eq!(signed_out.status(), 303);
+
+    crate::console::sign_in_remembering(&app, &token, Some(&remembered)).await;
+    let mut expected = [0, 0];
+    expected[first] = 1;
+    expected[other] = 1;
+    assert_eq!(
+        sign_ins().await,
+        expected,
+        "the next sign-in opens the one switched to"
+    );
+
+    let revoked = app
+        .delete(
+            &orgs[other].account_path(&format!(
+                "/authorizations/{}",
+                grants[other]["id"].as_str().unwrap()
+            )),
+            &orgs[other].token,
+        )
+        .await;
+    assert_eq!(revoked.status(), 200);
+    crate::console::sign_in_remembering(&app, &token, Some(&remembered)).await;
+    expected[first] = 2;
+    assert_eq!(
+        sign_ins().await,
+        expected,
+        "without rights there, the first again"
+    );
 }
 
 /// An address over its failed-authentication budget gets a user's JWT the cache does not hold
