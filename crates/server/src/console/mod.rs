@@ -271,9 +271,11 @@ fn form_page(path: &str) -> Option<String> {
 /// back to the form rather than to the overview. Not a 404 (the thing the form was about is
 /// gone) nor a server error.
 async fn back_to_the_form(
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let signed_in = SignedIn::default();
+    request.extensions_mut().insert(signed_in.clone());
     let post = request.method() == axum::http::Method::POST;
     let form = post.then(|| form_page(request.uri().path())).flatten();
     // Where a sign-in this request is sent to leads back to: the page, or the form posted from.
@@ -289,19 +291,28 @@ async fn back_to_the_form(
     if let Some(needed) = response.extensions().get::<SignInNeeded>().copied() {
         return to_sign_in(needed, back.as_deref());
     }
-    let Some(form) = form else {
-        return response;
-    };
-    let status = response.status();
-    if !status.is_client_error() || status == StatusCode::NOT_FOUND {
-        return response;
-    }
     let Some(page) = response.extensions().get::<ErrorPage>().cloned() else {
         return response;
     };
+    let status = response.status();
+    let (back, back_label) = match form {
+        Some(form) if status.is_client_error() && status != StatusCode::NOT_FOUND => {
+            (form, "Back to the form")
+        }
+        _ => ("/console".to_string(), "Back to the console"),
+    };
+    let console = signed_in.0.lock().ok().and_then(|mut slot| slot.take());
+    let body = match &console {
+        Some(console) => page.render_signed_in(console, &back, back_label).await,
+        None => None,
+    };
+    let body = match body {
+        Some(body) => body,
+        None if back_label == "Back to the form" => page.render(&back, back_label),
+        None => return response,
+    };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = page.render(&form, "Back to the form");
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
@@ -368,7 +379,29 @@ struct ErrorPage {
 }
 
 impl ErrorPage {
+    /// The page outside a session (bare layout).
     fn render(&self, back: &str, back_label: &str) -> String {
+        html::bare_page(self.title, true, &self.main(back, back_label))
+    }
+
+    /// The page inside the signed-in `console`'s layout, with its navigation; `None` when the
+    /// layout cannot be read (the store failing): the bare page then.
+    async fn render_signed_in(
+        &self,
+        console: &Console,
+        back: &str,
+        back_label: &str,
+    ) -> Option<String> {
+        let mut frame = console.frame("").await.ok()?;
+        frame.refused = true;
+        Some(
+            console
+                .render(frame, self.title, &self.main(back, back_label))
+                .0,
+        )
+    }
+
+    fn main(&self, back: &str, back_label: &str) -> String {
         let mut body = format!(
             "<div class=\"error\" role=\"alert\"><p>{}</p>",
             html::esc(&self.message)
@@ -384,9 +417,15 @@ impl ErrorPage {
             "</div><p><a href=\"{}\" data-autofocus>{back_label}</a></p>",
             html::esc(back)
         ));
-        html::bare_page(self.title, true, &body)
+        body
     }
 }
+
+/// Where the signed-in console of a request is left for [`back_to_the_form`], so that an error
+/// page keeps the console's layout (without the session's pending notice, which stays for the
+/// next page).
+#[derive(Clone, Default)]
+struct SignedIn(std::sync::Arc<std::sync::Mutex<Option<Console>>>);
 
 /// Path parameters. One that is not UTF-8 once decoded (`/console/api-tokens/%FF/rotate`) names
 /// nothing here: the not-found page, where axum's `Path` answers a plain-text 400.
@@ -733,6 +772,7 @@ impl IntoResponse for Html {
 
 /// A request of a signed-in browser: the principal (verified now, from the sealed token), its
 /// tenant and the session's CSRF token.
+#[derive(Clone)]
 pub(crate) struct Console {
     pub app: App,
     pub who: Principal,
@@ -787,7 +827,7 @@ impl FromRequestParts<App> for Console {
         if let Some(slot) = parts.extensions.get::<crate::audit::CallerSlot>() {
             slot.set_in(&who, session.tenant);
         }
-        Ok(Self {
+        let console = Self {
             app: app.clone(),
             who,
             tenant: session.tenant,
@@ -798,7 +838,16 @@ impl FromRequestParts<App> for Console {
             token: session.token,
             ends_at: session.ends_at,
             context: crate::audit::request_context(&parts.headers, &parts.extensions),
-        })
+        };
+        if let Some(SignedIn(slot)) = parts.extensions.get::<SignedIn>() {
+            if let Ok(mut slot) = slot.lock() {
+                *slot = Some(Console {
+                    notice: None,
+                    ..console.clone()
+                });
+            }
+        }
+        Ok(console)
     }
 }
 

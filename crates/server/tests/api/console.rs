@@ -28,6 +28,7 @@ both_backends!(
     refused_robot_permissions_come_back_as_sent,
     a_refused_grant_comes_back_at_its_account,
     a_webhook_refused_after_the_forms_checks_comes_back_as_sent,
+    a_signed_in_error_page_keeps_the_consoles_navigation,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -1176,4 +1177,30 @@ async fn a_webhook_refused_after_the_forms_checks_comes_back_as_sent(
     let html = refused.text().await.unwrap();
     assert_refilled(&html, "url", "URL", "value=\"https://localhost/hook\"");
     assert!(html.contains("Save webhook"), "the edit form: {html}");
+}
+
+/// A refusal that is not about a field keeps its own page, and for a signed-in user that page
+/// keeps the console's header and navigation; signed out, it stays bare.
+async fn a_signed_in_error_page_keeps_the_consoles_navigation(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let console = sign_in(&app, &org.token).await;
+    let nav = "<nav aria-label=\"Console\">";
+    let missing = format!("/console/api-tokens/{}/revoke", uuid::Uuid::new_v4());
+    let refused = console.post(&app, &missing, &[]).await;
+    assert_eq!(refused.status(), 404);
+    let html = refused.text().await.unwrap();
+    assert!(html.contains(nav), "{html}");
+    assert!(html.contains("<title>Error: "), "{html}");
+    assert_eq!(back_link(&html), "/console");
+
+    let signed_out = app
+        .request(Method::GET, "/console/nowhere", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 404);
+    assert!(!signed_out.text().await.unwrap().contains(nav));
 }
