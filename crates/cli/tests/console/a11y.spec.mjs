@@ -266,7 +266,30 @@ try {
   await checkPage(page, 'the rotate page');
   check(await page.getByRole('button', { name: 'Rotate API token kbd-deploy' }).count() === 1,
     'the rotate button names the token');
-  await page.goBack();
+  // A past expiry: the rotate form comes back as sent, the problem summarised, linked and described.
+  const expiryDate = page.getByLabel(/^or on this date/);
+  await expiryDate.fill('2020-01-01');
+  await page.getByRole('radio', { name: 'for 1 hour' }).check();
+  await page.getByRole('button', { name: 'Rotate API token kbd-deploy' }).click();
+  await page.getByRole('heading', { name: 'Rotate kbd-deploy', level: 1 }).waitFor();
+  check((await page.title()).startsWith('Error: '), `a refused rotation's title says so (${await page.title()})`);
+  const rotateSummary = page.getByRole('alert');
+  check(await focused(rotateSummary), 'the focus moves to the rotation\'s error summary');
+  check(await rotateSummary.locator('a[href="#expires_on"]').count() === 1, 'the summary links to the expiry date');
+  check(await expiryDate.getAttribute('aria-invalid') === 'true', 'the expiry date is marked invalid');
+  check((await description(expiryDate)).length > 0, 'the expiry date is described by its error');
+  check((await expiryDate.inputValue()) === '2020-01-01', 'the refused rotation keeps the date typed');
+  check(await page.getByRole('radio', { name: 'for 1 hour' }).isChecked(), 'the refused rotation keeps the grace chosen');
+  await checkPage(page, 'a refused rotation');
+  // A choice no form offers is no field's problem: a page of its own, in the console's layout.
+  await expiryDate.fill('');
+  await page.evaluate(() => { document.querySelector('#expires_in_days').options[0].value = 'soon'; });
+  await page.getByRole('button', { name: 'Rotate API token kbd-deploy' }).click();
+  await page.getByRole('link', { name: 'Back to the form' }).waitFor();
+  check(await page.getByRole('navigation', { name: 'Console' }).count() === 1,
+    'a signed-in error page keeps the console\'s navigation');
+  await checkPage(page, 'a signed-in error page');
+  await page.goto(`${URL}/console/api-tokens`);
   await tabTo(page, page.getByRole('link', { name: 'Revoke kbd-deploy' }), 'the revoke link of kbd-deploy');
   await page.keyboard.press('Enter');
   await page.getByRole('heading', { name: 'Revoke kbd-deploy', level: 1 }).waitFor();
