@@ -54,6 +54,14 @@ impl PostgresStore {
             Ok(writer) => writer,
             Err(error) => return Err(crate::error::opening_failed(error, &options).await),
         };
+        // Before migrating: an older server would fail part-way through the migrations, or start
+        // and then fail the first query using newer syntax.
+        let (version_num, version): (i32, String) = sqlx::query_as(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+        )
+        .fetch_one(&writer)
+        .await?;
+        supported_server(version_num, &version)?;
         // Only when something is pending: running them takes locks and writes, which a read-only or
         // full database refuses, and such a database must still serve verification.
         let migrated_from = crate::sql::migrate(
@@ -99,6 +107,21 @@ impl PostgresStore {
         self.pool.close().await;
         self.writer.close().await;
     }
+}
+
+/// The oldest PostgreSQL keyplane runs on (`server_version_num`): 12 for `WITH … AS MATERIALIZED`,
+/// which the webhook deliveries' claim uses. The tests run on the machine's PostgreSQL (15).
+pub const MINIMUM_SERVER_VERSION_NUM: i32 = 120_000;
+
+/// Refuses a server older than [`MINIMUM_SERVER_VERSION_NUM`], naming the version it found.
+fn supported_server(version_num: i32, version: &str) -> Result<(), StoreError> {
+    if version_num >= MINIMUM_SERVER_VERSION_NUM {
+        return Ok(());
+    }
+    Err(StoreError::Config(format!(
+        "PostgreSQL {version} is too old: keyplane needs PostgreSQL {} or later",
+        MINIMUM_SERVER_VERSION_NUM / 10_000
+    )))
 }
 
 /// The channel replicas use to tell each other which subjects' cached verifications are stale.
@@ -401,3 +424,21 @@ bind_credential_fn!(sqlx::Postgres);
 impl_store!(PostgresStore, sqlx::Postgres, "postgres");
 impl_audit!(PostgresStore, sqlx::Postgres);
 impl_webhooks!(PostgresStore, sqlx::Postgres);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_older_than_twelve_is_refused_by_name() {
+        let refused = supported_server(110_022, "11.22 (Debian 11.22-1)").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "store configuration: PostgreSQL 11.22 (Debian 11.22-1) is too old: keyplane needs \
+             PostgreSQL 12 or later"
+        );
+        assert!(supported_server(96_024, "9.6.24").is_err());
+        assert!(supported_server(120_000, "12.0").is_ok());
+        assert!(supported_server(150_019, "15.19").is_ok());
+    }
+}
