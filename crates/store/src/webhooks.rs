@@ -99,6 +99,11 @@ pub enum AttemptNext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptRecorded {
     Recorded,
+    /// Recorded, a success of a webhook that had been failing: its deliveries waiting for a retry
+    /// (`brought_forward` of them) are due now rather than at their place in the schedule.
+    Recovered {
+        brought_forward: u64,
+    },
     /// Recorded, and the webhook, failing for too long, was disabled.
     Disabled,
     /// Nothing: the delivery is no longer under the attempt's lease (another claim took it once
@@ -244,6 +249,22 @@ pub(crate) const RECORD_ATTEMPT: &str = "UPDATE webhook_deliveries SET status = 
      WHERE webhook_id = $1 AND event_id = $2 AND lease_id = $3";
 pub(crate) const WEBHOOK_SUCCEEDED: &str =
     "UPDATE webhooks SET failing_since_ms = NULL WHERE id = $1 AND failing_since_ms IS NOT NULL";
+/// Makes the webhook `$1`'s deliveries waiting for a retry due at `$2`: its receiver answers
+/// again, so the events of its outage arrive now, not hours later on the retry schedule (the
+/// claim still sends at most its per-webhook share at once). Not those leased (being sent). Its
+/// own statement, after the success's transaction: locking them in [`in_lock_order`] while
+/// holding the succeeded delivery's row could deadlock with a webhook delete.
+pub(crate) fn bring_forward_sql(row_lock: &str) -> String {
+    let waiting = in_lock_order(
+        "SELECT webhook_id, event_id FROM webhook_deliveries WHERE webhook_id = $1 \
+         AND status = 'pending' AND next_attempt_ms > $2 AND locked_until_ms <= $2",
+        row_lock,
+    );
+    format!(
+        "UPDATE webhook_deliveries SET next_attempt_ms = $2 WHERE webhook_id = $1 \
+         AND status = 'pending' AND next_attempt_ms > $2 AND locked_until_ms <= $2 AND {waiting}"
+    )
+}
 pub(crate) const WEBHOOK_FAILED: &str =
     "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, $2) WHERE id = $1";
 /// Turns off a webhook failing since `$2` or earlier; affects no row otherwise.
@@ -1007,11 +1028,14 @@ macro_rules! impl_webhooks {
                     return Ok(AttemptRecorded::NotLeased);
                 }
                 let mut disabled = false;
+                let mut recovered = false;
                 if attempt.next == AttemptNext::Succeeded {
-                    sqlx::query(WEBHOOK_SUCCEEDED)
+                    recovered = sqlx::query(WEBHOOK_SUCCEEDED)
                         .bind(attempt.webhook_id)
                         .execute(&mut *tx)
-                        .await?;
+                        .await?
+                        .rows_affected()
+                        == 1;
                 } else if attempt.next != AttemptNext::Abandoned {
                     sqlx::query(WEBHOOK_FAILED)
                         .bind(attempt.webhook_id)
@@ -1033,6 +1057,23 @@ macro_rules! impl_webhooks {
                     }
                 }
                 tx.commit().await?;
+                if recovered {
+                    let brought_forward = sqlx::query(&bring_forward_sql(Self::ROW_LOCK))
+                        .bind(attempt.webhook_id)
+                        .bind(millis(attempt.at))
+                        .execute(&self.writer)
+                        .await;
+                    // The success is recorded whatever this does: on an error the waiting
+                    // deliveries keep their schedule.
+                    let brought_forward = match brought_forward {
+                        Ok(done) => done.rows_affected(),
+                        Err(error) => {
+                            tracing::warn!(%error, webhook.id = %attempt.webhook_id, "a webhook answers again, but its deliveries waiting for a retry could not be made due now: they keep their schedule");
+                            0
+                        }
+                    };
+                    return Ok(AttemptRecorded::Recovered { brought_forward });
+                }
                 Ok(if disabled {
                     AttemptRecorded::Disabled
                 } else {

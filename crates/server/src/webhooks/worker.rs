@@ -226,8 +226,17 @@ async fn deliver(
         None => {
             tracing::debug!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, http.status = outcome.status_code, "webhook delivered")
         }
+        // A delivery given up for good is a lost event for the receiver: warn, so that it stands
+        // out among the routine failed attempts.
+        Some(error) if matches!(next, AttemptNext::Failed | AttemptNext::Abandoned) => {
+            tracing::warn!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, "webhook delivery failed for good: no further attempt (a retry through the deliveries API sends it again)")
+        }
         Some(error) => {
-            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, gives_up = matches!(next, AttemptNext::Failed | AttemptNext::Abandoned), "webhook delivery attempt failed")
+            let next_attempt_at = match next {
+                AttemptNext::RetryAt(at) => Some(at.to_rfc3339()),
+                _ => None,
+            };
+            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, event.id = %job.event_id, attempt = job.attempts + 1, http.status = outcome.status_code, %error, next_attempt_at, "webhook delivery attempt failed")
         }
     }
     let attempt = DeliveryAttempt {
@@ -252,6 +261,9 @@ async fn deliver(
         .await
     {
         Ok(AttemptRecorded::Recorded) => {}
+        Ok(AttemptRecorded::Recovered { brought_forward }) => {
+            tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, brought_forward, "webhook answers again: its deliveries waiting for a retry are sent now")
+        }
         Ok(AttemptRecorded::Disabled) => {
             tracing::warn!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, "webhook disabled: every delivery attempt failed for too long")
         }

@@ -23,6 +23,7 @@ both_backends!(
     management_validation_capability_and_tenant_isolation,
     private_targets_are_refused_without_the_flag,
     a_receiver_that_goes_down_gets_every_event_when_it_is_back,
+    a_receiver_back_gets_the_deliveries_waiting_for_a_retry_at_its_first_answer,
     a_rotated_secret_signs_alongside_the_old_one_for_the_overlap,
     exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
     https_targets_must_present_a_certificate_the_system_trusts,
@@ -656,6 +657,74 @@ async fn a_receiver_that_goes_down_gets_every_event_when_it_is_back(
             .count(),
         5,
         "the events sent while it was down took several attempts: {listed:?}"
+    );
+}
+
+/// After a long outage the retry schedule's steps are hours apart: the receiver's first answer
+/// makes the deliveries waiting for a retry due at once, rather than one by one hours later.
+async fn a_receiver_back_gets_the_deliveries_waiting_for_a_retry_at_its_first_answer(
+    backend: keyplane_store::testing::Backend,
+) {
+    let mut config = fast(WebhookConfig::default());
+    config.webhooks.retry_schedule = vec![
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    ];
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let behaviour = Behaviour::verifying(&[hook["secret"].as_str().unwrap()]);
+
+    // Down: each delivery fails twice, then waits an hour.
+    create_tokens(&app, &org, "while-down", 3).await;
+    wait_until(
+        "three deliveries waiting an hour",
+        Duration::from_secs(15),
+        || async {
+            deliveries(&app, &org, &hook_id)
+                .await
+                .iter()
+                .filter(|d| d["status"] == "pending" && d["attempts"] == 2)
+                .count()
+                == 3
+        },
+    )
+    .await;
+
+    let receiver = Receiver::start(&behaviour, port);
+    create_tokens(&app, &org, "after", 1).await;
+    wait_until(
+        "all four events at the receiver",
+        Duration::from_secs(15),
+        || async { received_by_id(&receiver).len() == 4 },
+    )
+    .await;
+    wait_until(
+        "every delivery recorded as succeeded",
+        Duration::from_secs(5),
+        || async {
+            deliveries(&app, &org, &hook_id)
+                .await
+                .iter()
+                .all(|d| d["status"] == "succeeded")
+        },
+    )
+    .await;
+    let listed = deliveries(&app, &org, &hook_id).await;
+    assert_eq!(listed.len(), 4);
+    assert_eq!(
+        listed.iter().filter(|d| d["attempts"] == 3).count(),
+        3,
+        "the outage's deliveries took one more attempt each: {listed:?}"
     );
 }
 
