@@ -77,6 +77,30 @@ pub enum AdminCommand {
     /// Print an organization's audit events as JSON lines, newest first (`--follow`: oldest first,
     /// then new ones as they commit), or `verify` its hash chain. Safe while a server runs.
     Audit(AuditArgs),
+    /// Break glass: revoke every live credential of an organization (API tokens, service
+    /// accounts with their grants, registry robot accounts), each as the API revokes it: its own
+    /// transaction with its `*.revoked` event (actor `system`, with `reason`, `via`, `os_user` and
+    /// `operator`), its webhooks and, on PostgreSQL, the notification that makes every server
+    /// sharing the store refuse it at once (on SQLite a running server refuses it within 30 s, its
+    /// cache's lifetime). Canaries stay armed; grants to users and groups are left, and counted.
+    /// Prints what it revoked by kind (stdout) and what stays valid for a while (stderr).
+    /// Interrupted, run it again: it goes on with what is still live. Safe while a server runs.
+    RevokeOrg {
+        /// The organization (tenant) id.
+        #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
+        org: TenantId,
+        /// Why, recorded on every revoke event (e.g. the incident's id).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Count what would be revoked, and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the counts as one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -853,7 +877,148 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCommand::Audit(AuditArgs { list, .. }) => print_audit(list).await,
+        AdminCommand::RevokeOrg {
+            org,
+            reason,
+            dry_run,
+            json,
+            store,
+        } => revoke_org(&store, org, &reason, dry_run, json, &operator).await,
     }
+}
+
+/// The longest `--reason`: as much as the audit trail keeps of a request's context.
+const MAX_REASON_CHARS: usize = keyplane_core::audit::MAX_CONTEXT_CHARS;
+
+/// `--reason`: trimmed, not empty, at most [`MAX_REASON_CHARS`], with nothing that could disguise
+/// it in a listing (the names' rule).
+fn reason(raw: &str) -> anyhow::Result<String> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        anyhow::bail!("--reason: must say why, with at least 1 character besides whitespace");
+    }
+    if trimmed.chars().count() > MAX_REASON_CHARS {
+        anyhow::bail!("--reason: must have at most {MAX_REASON_CHARS} characters");
+    }
+    if trimmed.chars().any(keyplane_core::validate::is_disguising) {
+        anyhow::bail!(
+            "--reason: must not contain control, format (such as bidi override or zero-width) or \
+             line separator characters"
+        );
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// `n thing` or `n things`.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `admin revoke-org`.
+async fn revoke_org(
+    store: &StoreArgs,
+    org: TenantId,
+    reason: &str,
+    dry_run: bool,
+    json: bool,
+    operator: &Operator,
+) -> anyhow::Result<()> {
+    let reason = self::reason(reason)?;
+    // A dry run only reads, and so must not migrate a shared store either.
+    let store = if dry_run {
+        store.open_read_only().await?
+    } else {
+        open_to_write(store).await?
+    };
+    let Some(tenant) = store.get_tenant(org).await? else {
+        anyhow::bail!("no organization with id {org}");
+    };
+    let mut done = ops::OrgRevocation::default();
+    let outcome =
+        ops::revoke_organization(store.as_ref(), org, &reason, operator, dry_run, &mut done).await;
+    let kinds = |done: &ops::OrgRevocation| {
+        format!(
+            "{}, {} (with {} granted to them), {}",
+            counted(done.api_tokens, "API token", "API tokens"),
+            counted(done.service_accounts, "service account", "service accounts"),
+            counted(
+                done.service_account_grants,
+                "authorization",
+                "authorizations"
+            ),
+            counted(done.robot_accounts, "robot account", "robot accounts"),
+        )
+    };
+    if let Err(e) = outcome {
+        anyhow::bail!(
+            "cannot revoke: {e}. Revoked so far in organization {org}: {}; run it again: it goes \
+             on with what is still live",
+            kinds(&done)
+        );
+    }
+    if json {
+        let counts = serde_json::json!({
+            "api_token": done.api_tokens,
+            "service_account": done.service_accounts,
+            "robot_account": done.robot_accounts,
+            "authorization": done.service_account_grants,
+        });
+        let mut answer = serde_json::json!({
+            "org_id": org.to_string(),
+            "dry_run": dry_run,
+            "left": {
+                "canary": done.canaries,
+                "user_or_group_authorization": done.user_and_group_grants,
+            },
+        });
+        // Named for what it is, so that no reader takes a dry run's counts for revocations.
+        answer[if dry_run { "would_revoke" } else { "revoked" }] = counts;
+        println!("{answer}");
+    } else {
+        let verb = if dry_run {
+            "would revoke (dry run: nothing written)"
+        } else {
+            "revoked"
+        };
+        println!(
+            "organization {org} ({}): {verb} {}",
+            tenant.name,
+            kinds(&done)
+        );
+        println!(
+            "left: {} (armed: they never verify, and a use raises the alarm), {} (people who \
+             sign in at the identity provider: `keyplane admin access-review --org {org}` lists \
+             them; revoke them through the API)",
+            counted(done.canaries, "canary", "canaries"),
+            counted(
+                done.user_and_group_grants,
+                "user or group authorization",
+                "user or group authorizations"
+            ),
+        );
+    }
+    for note in [
+        "note: keyplane servers sharing this store refuse the revoked credentials at once on \
+         PostgreSQL (each revocation notifies them); on SQLite within 30 s, the lifetime of a \
+         running server's verification cache",
+        "note: registry bearer tokens already issued to its robots stay valid until they expire: \
+         at most the server's --registry-token-ttl-seconds after issue (300 s by default, 24 h \
+         at most); the registry does not ask keyplane again",
+        "note: services embedding keyplane-verifier refuse them within about a second while their \
+         revocation stream is connected, and in every case within their max_staleness (30 s by \
+         default); one following the stream with a token of this organization loses it, and \
+         once stale refuses everything (FailClosed) or asks keyplane each time (Recheck)",
+    ] {
+        eprintln!("{note}");
+    }
+    if !done.settled {
+        anyhow::bail!(
+            "credentials were still being created in organization {org} after its last pass: \
+             run it again, and look for what it does not revoke (a user or group authorization: \
+             `keyplane admin access-review --org {org}`)"
+        );
+    }
+    Ok(())
 }
 
 /// `admin audit verify`'s exit status for a chain intact after an anchor no `audit.pruned` event

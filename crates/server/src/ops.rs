@@ -1201,6 +1201,226 @@ pub async fn revoke_credential(
     Ok((credential.as_of(app.now()), revoked_now))
 }
 
+/// What `keyplane admin revoke-org` revoked (or, in a dry run, would revoke) and what it left.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OrgRevocation {
+    pub api_tokens: u64,
+    pub service_accounts: u64,
+    pub robot_accounts: u64,
+    /// The service accounts' live grants, revoked with them.
+    pub service_account_grants: u64,
+    /// Live canaries, left armed: they never verify, and a presentation still raises the alarm.
+    pub canaries: u64,
+    /// Live grants to users and groups, left: people who sign in at the identity provider, not
+    /// credentials the organization holds.
+    pub user_and_group_grants: u64,
+    /// False when the last pass allowed still found something live: credentials were being
+    /// created while it ran.
+    pub settled: bool,
+}
+
+impl OrgRevocation {
+    fn count(&mut self, kind: CredentialKind) {
+        match kind {
+            CredentialKind::ApiToken => self.api_tokens += 1,
+            CredentialKind::ServiceAccount => self.service_accounts += 1,
+            CredentialKind::RobotAccount => self.robot_accounts += 1,
+        }
+    }
+}
+
+/// Rows read at once by [`revoke_organization`]: what bounds its memory.
+pub const REVOKE_ORG_PAGE: u32 = 500;
+/// Passes over the organization's credentials at most: a pass that revoked something is followed
+/// by another, since a credential not yet revoked may have created more meanwhile.
+const REVOKE_ORG_PASSES: usize = 5;
+
+/// `keyplane admin revoke-org`: revokes every live credential of `tenant` (API tokens first, then
+/// service accounts with their grants, then robot accounts; canaries stay armed), each through
+/// [`Store::revoke_credential`] as the API's revoke does — its own transaction with its audit
+/// event(s), its webhook deliveries and, on PostgreSQL, its NOTIFY to every replica — as the
+/// operator's (`system`) act with `reason`. Reads `REVOKE_ORG_PAGE` rows at a time, so its memory
+/// and each transaction stay small however large the tenant; an interrupted run leaves what it
+/// committed, and another run goes on with what is still live. With `dry_run` it only counts.
+/// Progress is kept in `done`, also when it fails part way. `NotFound` if the tenant does not
+/// exist.
+pub async fn revoke_organization(
+    store: &dyn Store,
+    tenant: TenantId,
+    reason: &str,
+    operator: &Operator,
+    dry_run: bool,
+    done: &mut OrgRevocation,
+) -> Result<(), AppError> {
+    revoke_organization_in_pages(
+        store,
+        tenant,
+        reason,
+        operator,
+        dry_run,
+        done,
+        REVOKE_ORG_PAGE,
+    )
+    .await
+}
+
+/// [`revoke_organization`] reading `page_rows` rows at a time (tests use small pages).
+pub async fn revoke_organization_in_pages(
+    store: &dyn Store,
+    tenant: TenantId,
+    reason: &str,
+    operator: &Operator,
+    dry_run: bool,
+    done: &mut OrgRevocation,
+    page_rows: u32,
+) -> Result<(), AppError> {
+    store
+        .get_tenant(tenant)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    const VIA: &str = "admin revoke-org";
+    let stamp = |event: AuditEvent| {
+        event
+            .text("via", VIA)
+            .text("reason", reason)
+            .operated_by(operator)
+    };
+    let context = RequestContext::default();
+    let grants_revoked = std::sync::atomic::AtomicU64::new(0);
+    let grant_revoked = |grant: &Grant| {
+        grants_revoked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stamp(grant_event(
+            actions::AUTHORIZATION_REVOKED,
+            AuditActor::system(),
+            &context,
+            grant,
+        ))
+    };
+    for _ in 0..REVOKE_ORG_PASSES {
+        let mut revoked = 0;
+        done.canaries = 0;
+        for kind in [
+            CredentialKind::ApiToken,
+            CredentialKind::ServiceAccount,
+            CredentialKind::RobotAccount,
+        ] {
+            let mut after = None;
+            loop {
+                let page = store
+                    .list_credentials(&ListCredentials {
+                        tenant_id: tenant,
+                        kind,
+                        after,
+                        limit: Some(page_rows),
+                        include_revoked: false,
+                        expiring: None,
+                        include_canaries: true,
+                    })
+                    .await?;
+                for credential in &page {
+                    if credential.canary {
+                        done.canaries += 1;
+                        continue;
+                    }
+                    if dry_run {
+                        done.count(kind);
+                        if kind == CredentialKind::ServiceAccount {
+                            // At most `MAX_LIVE_GRANTS_PER_SUBJECT`, all in this tenant.
+                            let grants = store
+                                .list_grants_of_subject(
+                                    SubjectType::ServiceAccount,
+                                    credential.id.as_uuid(),
+                                )
+                                .await?;
+                            done.service_account_grants += grants.len() as u64;
+                        }
+                        continue;
+                    }
+                    let at = now();
+                    let event = stamp(credential_event(
+                        credential_action(kind, CredentialChange::Revoked),
+                        AuditActor::system(),
+                        &context,
+                        credential,
+                    ));
+                    grants_revoked.store(0, std::sync::atomic::Ordering::Relaxed);
+                    let stored = store
+                        .revoke_credential(
+                            tenant,
+                            kind,
+                            credential.id,
+                            at,
+                            None,
+                            &event,
+                            &grant_revoked,
+                            None,
+                        )
+                        .await?;
+                    // Revoked meanwhile by someone else: their event, not ours.
+                    if stored.revoked_at == Some(at) {
+                        done.count(kind);
+                        done.service_account_grants +=
+                            grants_revoked.load(std::sync::atomic::Ordering::Relaxed);
+                        revoked += 1;
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() == page_rows as usize => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        if dry_run || revoked == 0 {
+            done.settled = true;
+            break;
+        }
+    }
+    done.user_and_group_grants = count_live_grants(
+        store,
+        tenant,
+        &[SubjectType::User, SubjectType::Group],
+        page_rows,
+    )
+    .await?;
+    if !dry_run {
+        tracing::info!(tenant.id = %tenant, revoked = done.api_tokens + done.service_accounts + done.robot_accounts, "organization's credentials revoked by the operator");
+    }
+    Ok(())
+}
+
+/// The tenant's live grants to subjects of these types, read a page at a time.
+async fn count_live_grants(
+    store: &dyn Store,
+    tenant: TenantId,
+    subject_types: &[SubjectType],
+    page_rows: u32,
+) -> Result<u64, AppError> {
+    let mut count = 0;
+    for subject_type in subject_types {
+        let mut after = None;
+        loop {
+            let page = store
+                .list_grants(&GrantFilter {
+                    tenant_id: tenant,
+                    subject_type: Some(*subject_type),
+                    subject_id: None,
+                    kind: None,
+                    capability_key: None,
+                    include_revoked: false,
+                    after,
+                    limit: Some(page_rows),
+                })
+                .await?;
+            count += page.len() as u64;
+            match page.last() {
+                Some(last) if page.len() == page_rows as usize => after = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(count)
+}
+
 /// Grants a right. Needs `auth.manage`, and the grantor must hold what it grants. A service-account
 /// subject must be a live service account of the same tenant.
 pub async fn create_grant(

@@ -19,6 +19,7 @@ mod oidc;
 mod operations;
 mod pg_proxy;
 mod revocations;
+mod revoke_org;
 mod robots;
 mod verify;
 mod webhooks;
