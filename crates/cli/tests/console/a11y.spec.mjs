@@ -183,9 +183,15 @@ try {
   await tabTo(page, nameField, 'the name field');
   await focusShows(page, 'a text field');
 
-  // The name field takes no more than the rule does (120 characters).
-  await page.keyboard.type('x'.repeat(130));
-  check((await nameField.inputValue()) === 'x'.repeat(120), `the name field stops at the rule's 120 characters (${(await nameField.inputValue()).length})`);
+  // The rule takes 120 characters, which a browser's maxlength counts in UTF-16 units: the field
+  // stops no one short of it (100 emoji are 200 units), and stops typing at twice the rule, past
+  // which nothing is a name (the server's refusal between comes back as sent).
+  const emoji = '\u{1F511}'.repeat(100);
+  await page.keyboard.insertText(emoji);
+  check((await nameField.inputValue()) === emoji, `the name field takes 100 emoji (${[...await nameField.inputValue()].length})`);
+  await page.keyboard.press('ControlOrMeta+A');
+  await page.keyboard.type('x'.repeat(250));
+  check((await nameField.inputValue()) === 'x'.repeat(240), `the name field stops at 240 UTF-16 units (${(await nameField.inputValue()).length})`);
   // A blank name and a malformed scope: both refused, each at its field.
   await page.keyboard.press('ControlOrMeta+A');
   await page.keyboard.type('   ');

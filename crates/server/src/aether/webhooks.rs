@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 type Caller = Authenticated<Aether>;
-const MAX_DESCRIPTION_CHARS: usize = 500;
+pub(crate) const MAX_DESCRIPTION_CHARS: usize = 500;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 100;
 

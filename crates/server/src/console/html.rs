@@ -33,6 +33,13 @@ pub(crate) fn maybe_time(at: Option<&DateTime<Utc>>, none: &str) -> String {
     at.map_or_else(|| esc(none), time)
 }
 
+/// The `maxlength` of a field whose rule allows `chars` characters: browsers count it in UTF-16
+/// units, two for a character past U+FFFF (an emoji), so the rule's own number would stop a user
+/// at half of it. Past the rule, the server's refusal brings the form back as sent.
+pub(crate) fn utf16_room(chars: usize) -> usize {
+    2 * chars
+}
+
 /// The hidden CSRF field every state-changing form carries.
 pub(crate) fn csrf_field(csrf: &str) -> String {
     format!(

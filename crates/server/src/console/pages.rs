@@ -747,7 +747,11 @@ async fn api_tokens_page(
              {name}{scopes}{expiry}<div><button type=\"submit\">Create token</button></div></form>",
             summary = refill.summary(),
             csrf = html::csrf_field(&console.csrf),
-            name = name_field(&refill, "", keyplane_core::validate::MAX_NAME_CHARS),
+            name = name_field(
+                &refill,
+                "",
+                html::utf16_room(keyplane_core::validate::MAX_NAME_CHARS),
+            ),
             scopes = scope_picker(&console, &refill),
             expiry = expiry_fields(
                 &policy(&console).await?,
@@ -764,7 +768,7 @@ async fn api_tokens_page(
 }
 
 /// A create form's name field, with its problem when refused; `hint` is shown under the label,
-/// `max`: the longest name the rule for it accepts.
+/// `max`: its `maxlength`, which browsers count in UTF-16 units ([`html::utf16_room`]).
 fn name_field(refill: &Refill, hint: &str, max: usize) -> String {
     let (attributes, problem) = refill.field("name", "");
     format!(
@@ -1621,7 +1625,11 @@ async fn service_accounts_page(
          {name}{expiry}<div><button type=\"submit\">Create service account</button></div></form>",
         summary = refill.summary(),
         csrf = html::csrf_field(&console.csrf),
-        name = name_field(&refill, "", keyplane_core::validate::MAX_NAME_CHARS),
+        name = name_field(
+            &refill,
+            "",
+            html::utf16_room(keyplane_core::validate::MAX_NAME_CHARS),
+        ),
         expiry = expiry_fields(
             &policy(&console).await?,
             CredentialKind::ServiceAccount,
@@ -2000,6 +2008,7 @@ async fn registry_page(console: Console, start: PageStart, refused: Option<Refil
                     name = name_field(
                         &refill,
                         " <span class=\"hint\">lowercase letters, digits, <code>._-</code></span>",
+                        // Counted in bytes, ASCII only: as many UTF-16 units.
                         keyplane_core::registry::MAX_ROBOT_NAME,
                     ),
                     permissions = permissions_field(refill.value("permissions", ""), &refill),

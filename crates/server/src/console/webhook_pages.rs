@@ -110,7 +110,7 @@ fn webhook_fields(webhook: Option<&Webhook>, refill: &Refill) -> String {
     let (description_attributes, description_problem) = refill.field("description", "");
     format!(
         "<div class=\"field\"><label for=\"url\">URL</label>\
-         <input type=\"url\" id=\"url\" name=\"url\" required maxlength=\"2000\" value=\"{url}\" \
+         <input type=\"url\" id=\"url\" name=\"url\" required maxlength=\"{url_max}\" value=\"{url}\" \
          placeholder=\"https://hooks.example.com/keyplane\" spellcheck=\"false\"{url_attributes}>{url_problem}</div>\
          <div class=\"field\"><label for=\"events\">Events</label>\
          <input type=\"text\" id=\"events\" name=\"events\" required value=\"{events}\" \
@@ -120,13 +120,16 @@ fn webhook_fields(webhook: Option<&Webhook>, refill: &Refill) -> String {
          <code>api_token.*</code>, or <code>*</code> for every event.</span>{events_problem}</div>\
          <div class=\"field\"><label for=\"description\">Description \
          <span class=\"hint\">optional</span></label>\
-         <input type=\"text\" id=\"description\" name=\"description\" maxlength=\"500\" \
+         <input type=\"text\" id=\"description\" name=\"description\" maxlength=\"{description_max}\" \
          value=\"{description}\"{description_attributes}>{description_problem}</div>\
          <label><input type=\"checkbox\" name=\"enabled\" value=\"true\"{checked}> Enabled</label>",
         url = esc(refill.value("url", url)),
         events = esc(refill.value("events", &events)),
         description = esc(refill.value("description", description)),
         checked = if enabled { " checked" } else { "" },
+        // The URL's limit counts bytes, never fewer than its UTF-16 units.
+        url_max = target::MAX_URL_CHARS,
+        description_max = super::html::utf16_room(crate::aether::webhooks::MAX_DESCRIPTION_CHARS),
     )
 }
 

@@ -926,12 +926,24 @@ async fn the_console_says_who_created_each_credential_and_grant(
         tokens.contains("<th scope=\"col\">Created by</th>"),
         "the column is labelled"
     );
-    // The name field takes what the rule takes.
-    let max_name = format!("maxlength=\"{}\"", keyplane_core::validate::MAX_NAME_CHARS);
+    // The name field stops no one short of the rule's 120 characters, which a browser's
+    // `maxlength` counts in UTF-16 units (two for a character past U+FFFF, an emoji).
+    let max_name = format!(
+        "maxlength=\"{}\"",
+        2 * keyplane_core::validate::MAX_NAME_CHARS
+    );
     assert!(
         tokens.contains(&max_name),
-        "the API token form's name field"
+        "the API token form's name field: {tokens}"
     );
+    // Nor do the webhook form's fields: a description of 500 characters, a URL of 2048 bytes
+    // (never fewer UTF-16 units than bytes).
+    let hooks = console.page(&app, "/console/webhooks").await;
+    for (field, max) in [("description", "1000"), ("url", "2048")] {
+        let start = hooks.find(&format!("id=\"{field}\"")).expect(field);
+        let input = &hooks[start..start + hooks[start..].find('>').unwrap()];
+        assert!(input.contains(&format!("maxlength=\"{max}\"")), "{input}");
+    }
 
     // The service account is made by another token, which its page does not list.
     let ci: Value = app
