@@ -287,11 +287,18 @@ try {
   check((await expiryDate.inputValue()) === '2020-01-01', 'the refused rotation keeps the date typed');
   check(await page.getByRole('radio', { name: 'for 1 hour' }).isChecked(), 'the refused rotation keeps the grace chosen');
   await checkPage(page, 'a refused rotation');
-  // A choice no form offers is no field's problem: a page of its own, in the console's layout.
+  // A choice no form offers (a stale or crafted form) comes back as sent too, at the choice.
   await expiryDate.fill('');
   await page.evaluate(() => { document.querySelector('#expires_in_days').options[0].value = 'soon'; });
   await page.getByRole('button', { name: 'Rotate API token kbd-deploy' }).click();
-  await page.getByRole('link', { name: 'Back to the form' }).waitFor();
+  await page.locator('#expires_in_days-error').waitFor();
+  const expiryChoice = page.getByRole('combobox', { name: 'Expires', exact: true });
+  check(await expiryChoice.getAttribute('aria-invalid') === 'true', 'an expiry no form offers marks the choice invalid');
+  check((await description(expiryChoice)).includes('Choose an expiry from the list'), 'and is the choice\'s description');
+  check(await page.getByRole('radio', { name: 'for 1 hour' }).isChecked(), 'the refused rotation keeps the grace chosen');
+  // A page that is not there: the console's own, with its navigation when signed in.
+  await page.goto(`${URL}/console/no-such-page`);
+  await page.getByRole('link', { name: 'Back to the console' }).waitFor();
   check(await page.getByRole('navigation', { name: 'Console' }).count() === 1,
     'a signed-in error page keeps the console\'s navigation');
   await checkPage(page, 'a signed-in error page');
@@ -312,7 +319,6 @@ try {
     ['/console/registry', 'the registry page'],
     ['/console/audit', 'the audit log'],
     ['/console/webhooks', 'the webhooks page'],
-    ['/console/no-such-page', 'the not-found page'],
   ]) {
     await page.goto(`${URL}${path}`);
     await checkPage(page, what);
@@ -347,6 +353,13 @@ try {
   await tabTo(page, page.getByRole('button', { name: 'Sign out' }), 'the sign-out button');
   await page.keyboard.press('Enter');
   await page.getByText('You have signed out.').waitFor();
+  // Signed out, a page that is not there offers a way to sign in (the same page, hence its title).
+  await page.goto(`${URL}/console/no-such-page`);
+  const signIn = page.getByRole('link', { name: 'Sign in' });
+  await signIn.waitFor();
+  check(await focused(signIn), 'signed out, the not-found page puts the focus on "Sign in"');
+  titles.delete(await page.title());
+  await checkPage(page, 'the signed-out not-found page');
   await context.addCookies([cookie]);
   await page.goto(`${URL}/console/audit?outcome=denied`);
   const ended = page.getByRole('status').filter({ hasText: 'Your session has ended' });

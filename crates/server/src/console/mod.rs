@@ -447,8 +447,28 @@ pub(crate) fn no_such_page() -> ConsoleError {
     ConsoleError::page(StatusCode::NOT_FOUND, "There is no such page.")
 }
 
-async fn not_found() -> Response {
-    no_such_page().into_response()
+/// A path under `/console` that is no page. Signed in, the 404 in the console's layout (filled
+/// in by [`back_to_the_form`]); signed out, not the sign-in redirect of a page that exists but a
+/// plain 404 offering to sign in. The answer names nothing from the path, so no id in it (an
+/// organization's, say) is told apart from another.
+async fn not_found(signed_in: Result<Console, ConsoleError>) -> Response {
+    match signed_in {
+        Ok(_) => no_such_page().into_response(),
+        Err(ConsoleError::SignIn | ConsoleError::SessionEnded) => {
+            let page = ErrorPage {
+                title: "Not Found",
+                message: "There is no such page.".into(),
+                details: Vec::new(),
+            };
+            (
+                StatusCode::NOT_FOUND,
+                Html(page.render("/console/login", "Sign in")),
+            )
+                .into_response()
+        }
+        // The store failing, a rate limit: their own page.
+        Err(other) => other.into_response(),
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

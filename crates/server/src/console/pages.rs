@@ -177,18 +177,25 @@ fn creator(created_by: Option<&CreatedBy>, names: &KnownNames) -> String {
 }
 
 /// The expiry a create or rotate form asks for: a date, a number of days, or none (a create's
-/// policy may then fill its default or refuse; a rotation keeps the expiry it has).
+/// policy may then fill its default or refuse; a rotation keeps the expiry it has). A value no
+/// form offers (a stale or crafted form) is the expiry field's problem, as a past date is: the
+/// form comes back as sent.
 fn expiry_from(
     form: &super::Form,
     now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, ConsoleError> {
+    let refused = |message: &str| {
+        ConsoleError::from(keyplane_core::Error::Validation(vec![
+            keyplane_core::FieldError::new(
+                FieldPath::body("expires_at"),
+                keyplane_core::error::codes::INVALID_FORMAT,
+                message,
+            ),
+        ]))
+    };
     if let Some(date) = form.text("expires_on") {
-        let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| {
-            ConsoleError::page(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "The expiry date must be a date such as 2030-01-31.",
-            )
-        })?;
+        let day = NaiveDate::parse_from_str(date, "%Y-%m-%d")
+            .map_err(|_| refused("The expiry date must be a date such as 2030-01-31."))?;
         let at = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
         let at = keyplane_core::validate::expires_at(
             FieldPath::body("expires_at"),
@@ -208,12 +215,7 @@ fn expiry_from(
                 .parse()
                 .ok()
                 .filter(|d| (1..=i64::from(keyplane_core::policy::MAX_POLICY_DAYS)).contains(d))
-                .ok_or_else(|| {
-                    ConsoleError::page(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "Choose an expiry from the list.",
-                    )
-                })?;
+                .ok_or_else(|| refused("Choose an expiry from the list."))?;
             Ok(Some(now + TimeDelta::days(days)))
         }
     }
@@ -781,7 +783,7 @@ fn name_field(refill: &Refill, hint: &str, max: usize) -> String {
 
 /// The refusal of a form whose own checks found `problems`, and whose expiry was refused with
 /// `expiry` (`None`: it was not): one refusal of every field, or the expiry's own when it is not
-/// about a field (a choice no form offers).
+/// about a field.
 fn refusal(problems: Vec<keyplane_core::FieldError>, expiry: Option<ConsoleError>) -> ConsoleError {
     let mut error = ConsoleError::from(keyplane_core::Error::Validation(problems));
     match expiry {

@@ -29,6 +29,8 @@ both_backends!(
     a_refused_grant_comes_back_at_its_account,
     a_webhook_refused_after_the_forms_checks_comes_back_as_sent,
     a_signed_in_error_page_keeps_the_consoles_navigation,
+    an_unknown_console_page_is_the_consoles_own_not_found_page,
+    an_expiry_no_form_offers_comes_back_as_sent,
 );
 
 /// A signed-in console: its session cookie and CSRF token.
@@ -709,14 +711,25 @@ fn back_link(html: &str) -> String {
     href[..href.find('"').unwrap()].to_owned()
 }
 
-/// A form refused for what was entered links back to that form; a refusal about something that
-/// is not there links to the overview.
+/// A form refused on a page of its own (here: a stale CSRF token, from a form of an earlier
+/// session) links back to that form; a refusal about something that is not there links to the
+/// overview.
 async fn a_refused_form_links_back_to_itself(backend: keyplane_store::testing::Backend) {
     let app = TestApp::spawn(backend).await;
     let org = app.create_org("acme").await;
     let console = sign_in(&app, &org.token).await;
-    let refused = create_expiring(&app, &console, "bad-expiry", "0").await;
-    assert_eq!(refused.status(), 422);
+    let stale = |path: &str, fields: &[(&str, &str)]| {
+        let mut form = vec![("csrf", "from-an-earlier-session")];
+        form.extend_from_slice(fields);
+        app.request(Method::POST, path, None)
+            .header("cookie", &console.cookie)
+            .form(&form)
+            .send()
+    };
+    let refused = stale("/console/api-tokens", &[("name", "stale")])
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
     let html = refused.text().await.unwrap();
     assert_eq!(back_link(&html), "/console/api-tokens#create", "{html}");
 
@@ -724,10 +737,8 @@ async fn a_refused_form_links_back_to_itself(backend: keyplane_store::testing::B
         "/console/api-tokens/{}/rotate",
         token_id(&app, &org, "bootstrap").await
     );
-    let refused = console
-        .post(&app, &rotate, &[("expires_in_days", "soon")])
-        .await;
-    assert_eq!(refused.status(), 422);
+    let refused = stale(&rotate, &[("expires_in_days", "30")]).await.unwrap();
+    assert_eq!(refused.status(), 403);
     assert_eq!(back_link(&refused.text().await.unwrap()), rotate);
 
     let missing = format!("/console/api-tokens/{}/revoke", uuid::Uuid::new_v4());
@@ -1215,4 +1226,191 @@ async fn a_signed_in_error_page_keeps_the_consoles_navigation(
         .unwrap();
     assert_eq!(signed_out.status(), 404);
     assert!(!signed_out.text().await.unwrap().contains(nav));
+}
+
+/// A console page's answer to `method path` with `cookie` (none: signed out): status, the headers
+/// asked for, body.
+async fn answer(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, String, String, String) {
+    let mut request = app.request(method, path, None);
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let res = request.send().await.unwrap();
+    let header = |name: &str| {
+        res.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let (content_type, cache) = (header("content-type"), header("cache-control"));
+    (
+        res.status().as_u16(),
+        content_type,
+        cache,
+        res.text().await.unwrap(),
+    )
+}
+
+/// A path under `/console` that is no page is the console's own 404: signed in, with the
+/// console's navigation; signed out, a plain console page with a way to sign in. Whether a path
+/// names an organization that exists, or one the user may not see, makes no difference.
+async fn an_unknown_console_page_is_the_consoles_own_not_found_page(
+    backend: keyplane_store::testing::Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let other = app.create_org("globex").await;
+    let console = sign_in(&app, &org.token).await;
+    let nav = "<nav aria-label=\"Console\">";
+    let cookie = Some(console.cookie.as_str());
+
+    for path in ["/console/nope", "/console/api-tokens/x/y/z"] {
+        let (status, content_type, cache, html) = answer(&app, Method::GET, path, cookie).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(
+            content_type.starts_with("text/html"),
+            "{path}: {content_type}"
+        );
+        assert_eq!(cache, "no-store", "{path}");
+        assert!(html.contains(nav), "{path} keeps the navigation: {html}");
+        assert!(html.contains("<title>Error: Not Found"), "{html}");
+        assert!(html.contains("There is no such page."), "{html}");
+        assert_eq!(back_link(&html), "/console");
+    }
+    let (status, content_type, _, body) = answer(&app, Method::HEAD, "/console/nope", cookie).await;
+    assert_eq!((status, body.as_str()), (404, ""));
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let posted = console.post(&app, "/console/nope", &[]).await;
+    assert_eq!(posted.status(), 404);
+    assert!(posted.text().await.unwrap().contains(nav), "a POST too");
+
+    // Its own organization, another one, none: the same answer.
+    let mine = answer(
+        &app,
+        Method::GET,
+        &format!("/console/orgs/{}/nonsense", org.id),
+        cookie,
+    )
+    .await;
+    for id in [other.id.clone(), uuid::Uuid::new_v4().to_string()] {
+        let theirs = answer(
+            &app,
+            Method::GET,
+            &format!("/console/orgs/{id}/nonsense"),
+            cookie,
+        )
+        .await;
+        assert_eq!(theirs, mine, "no org id tells apart from another");
+    }
+    assert_eq!(mine.0, 404);
+
+    // Signed out: no navigation, a link to sign in, no redirect that would say more.
+    let in_org = format!("/console/orgs/{}/nonsense", org.id);
+    for path in ["/console/nope", in_org.as_str()] {
+        let (status, content_type, cache, html) = answer(&app, Method::GET, path, None).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(
+            content_type.starts_with("text/html"),
+            "{path}: {content_type}"
+        );
+        assert_eq!(cache, "no-store", "{path}");
+        assert!(!html.contains(nav), "{html}");
+        assert!(html.contains("There is no such page."), "{html}");
+        assert_eq!(
+            back_link(&html),
+            "/console/login",
+            "a way to sign in: {html}"
+        );
+    }
+    let signed_out = answer(
+        &app,
+        Method::GET,
+        &format!("/console/orgs/{}/x", other.id),
+        None,
+    )
+    .await;
+    let unknown = answer(
+        &app,
+        Method::GET,
+        &format!("/console/orgs/{}/x", uuid::Uuid::new_v4()),
+        None,
+    )
+    .await;
+    assert_eq!(signed_out, unknown);
+}
+
+/// An expiry no form offers (a crafted or stale form: a number of days out of range, a word, a
+/// date that is none) comes back in its form as sent, the problem under the expiry field, on
+/// every form that takes an expiry.
+async fn an_expiry_no_form_offers_comes_back_as_sent(backend: keyplane_store::testing::Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    crate::canary::enable_registry(&app, &org).await;
+    let console = sign_in(&app, &org.token).await;
+    for days in ["0", "soon", "99999999"] {
+        let refused = create_expiring(&app, &console, "kept-name", days).await;
+        assert_eq!(refused.status(), 422, "{days}");
+        let html = refused.text().await.unwrap();
+        assert_refilled(&html, "expires_in_days", "Expires", "value=\"kept-name\"");
+        assert!(html.contains("Choose an expiry from the list."), "{html}");
+    }
+    let fields = [
+        ("name", "kept-name"),
+        ("scopes", "api_tokens:read"),
+        ("expires_on", "31/01/2030"),
+    ];
+    let refused = console.post(&app, "/console/api-tokens", &fields).await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(&html, "expires_on", "Expiry date", "value=\"31/01/2030\"");
+    assert!(html.contains("value=\"kept-name\""), "{html}");
+
+    let fields = [("name", "kept-account"), ("expires_in_days", "soon")];
+    let refused = console
+        .post(&app, "/console/service-accounts", &fields)
+        .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(
+        &html,
+        "expires_in_days",
+        "Expires",
+        "value=\"kept-account\"",
+    );
+
+    let fields = [
+        ("name", "kept-robot"),
+        ("permissions", "pull"),
+        ("expires_in_days", "-1"),
+    ];
+    let refused = console.post(&app, "/console/robots", &fields).await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(&html, "expires_in_days", "Expires", "value=\"kept-robot\"");
+
+    let rotate = format!(
+        "/console/api-tokens/{}/rotate",
+        token_id(&app, &org, "bootstrap").await
+    );
+    let refused = console
+        .post(
+            &app,
+            &rotate,
+            &[("grace_seconds", "3600"), ("expires_in_days", "soon")],
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert_refilled(
+        &html,
+        "expires_in_days",
+        "Expires",
+        "value=\"3600\" checked",
+    );
+    assert!(html.contains(&format!("action=\"{rotate}\"")), "{html}");
 }
