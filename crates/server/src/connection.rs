@@ -3,12 +3,13 @@
 //! Plain TCP speaks HTTP/1.1; with TLS (`crate::tls`) ALPN picks HTTP/2 or HTTP/1.1.
 //!
 //! - at most `max_connections` at once (a semaphore; more wait in the listen backlog, which is
-//!   logged, once a minute at most; the `connections_open` gauge counts them);
+//!   logged, once a minute at most, and counted in `connection_limit_reached`; the
+//!   `connections_open` gauge counts them);
 //! - at most `max_connections_per_client` of them from one client address (an IPv6 address's
 //!   /64), so that one address cannot take every slot and make everyone else wait: one past it is
-//!   closed as soon as it is accepted (logged once a minute at most). The TCP peer is the client
-//!   here, before any request: trusted proxies are not capped, since each of their connections
-//!   carries many clients' requests;
+//!   closed as soon as it is accepted (logged once a minute at most, each counted in
+//!   `connections_refused`). The TCP peer is the client here, before any request: trusted proxies
+//!   are not capped, since each of their connections carries many clients' requests;
 //! - a request head must arrive within `header_read_timeout` (from accept, so the TLS handshake
 //!   counts, then from the first byte of each next request) and stay under `max_header_bytes`
 //!   (431 on HTTP/1.1; on HTTP/2 the header list limit);
@@ -107,6 +108,7 @@ pub(crate) async fn serve_http(
         let permit = match slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
+                front.metrics().connection_limit_reached();
                 // Silent, this would look like a hung server: probes queue too.
                 if cap_warned.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
                     tracing::warn!(
@@ -139,6 +141,8 @@ pub(crate) async fn serve_http(
                 match per_client.admit(key) {
                     Some(client_slot) => Some(client_slot),
                     None => {
+                        // Every one counted: the log line is once a minute at most.
+                        front.metrics().connection_refused_per_client();
                         if client_cap_warned.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
                             tracing::warn!(
                                 client.peer = %peer_ip,

@@ -1,4 +1,5 @@
-//! Prometheus metrics: requests by route and status, latency, credentials verified and rejected.
+//! Prometheus metrics: requests by route and status, latency, credentials verified and rejected,
+//! connections refused.
 
 use keyplane_core::CredentialKind;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -120,6 +121,9 @@ struct Inner {
     audit_refusals_dropped: Counter,
     audit_refusals_unrecorded: Counter,
     connections_open: Gauge,
+    /// `connections_refused` with reason `max_connections_per_client`.
+    connections_refused_per_client: Counter,
+    connection_limit_reached: Counter,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -195,6 +199,25 @@ impl Metrics {
             "HTTP connections open; at --max-connections, more wait to be accepted",
             connections_open.clone(),
         );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "HTTP connections closed as soon as accepted, by reason: max_connections_per_client \
+             (the client address had that many open)",
+            refused.clone(),
+        );
+        let connections_refused_per_client = refused
+            .get_or_create(&ReasonLabels {
+                reason: "max_connections_per_client",
+            })
+            .clone();
+        let connection_limit_reached = Counter::default();
+        registry.register(
+            "connection_limit_reached",
+            "Times every --max-connections slot was taken: new connections waited to be accepted \
+             until one closed (none is refused for it)",
+            connection_limit_reached.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -215,6 +238,8 @@ impl Metrics {
             audit_refusals_dropped,
             audit_refusals_unrecorded,
             connections_open,
+            connections_refused_per_client,
+            connection_limit_reached,
             routes: RwLock::default(),
         }))
     }
@@ -307,6 +332,16 @@ impl Metrics {
     /// The `connections_open` gauge, counted by the server loop (an atomic).
     pub(crate) fn connections_open(&self) -> Gauge {
         self.0.connections_open.clone()
+    }
+
+    /// A connection closed at accept: its address had `max_connections_per_client` open.
+    pub(crate) fn connection_refused_per_client(&self) {
+        self.0.connections_refused_per_client.inc();
+    }
+
+    /// The accept loop found every `max_connections` slot taken.
+    pub(crate) fn connection_limit_reached(&self) {
+        self.0.connection_limit_reached.inc();
     }
 
     pub fn render(&self) -> String {

@@ -1,7 +1,7 @@
 //! The HTTP edge: the client address behind trusted proxies, the failed-authentication limit that
 //! limits failures and not people, request ids, and the connection limits and timeouts.
 
-use crate::helpers::{both_backends, test_config, TestApp};
+use crate::helpers::{both_backends, sample, test_config, TestApp};
 use keyplane_server::client_addr::{ForwardedHeader, TrustedProxies};
 use keyplane_server::config::HttpLimits;
 use keyplane_server::{App, Config};
@@ -275,6 +275,22 @@ impl LimitedServer {
         TcpStream::connect(&self.address).await.unwrap()
     }
 
+    /// The `/metrics` exposition, fetched from 127.0.0.3: an address of its own, which no cap
+    /// 127.0.0.1 reached holds back.
+    async fn metrics(&self) -> String {
+        reqwest::Client::builder()
+            .local_address("127.0.0.3".parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A connection from `source`, another loopback address than 127.0.0.1.
     async fn connect_from(&self, source: &str) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -464,6 +480,21 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     drop(held);
     let answer = read_response(&mut third, Duration::from_secs(5)).await;
     assert!(answer.unwrap().starts_with("HTTP/1.1 200"));
+    // Counted each time every slot is taken (once so far, or again if the scrape's own
+    // connection took the last one): a sign for whoever missed the log line.
+    let reached = sample(
+        &server.metrics().await,
+        "keyplane_connection_limit_reached_total",
+    );
+    assert!(reached >= 1, "the limit was reached {reached} times");
+    // A wait is not a refusal.
+    assert_eq!(
+        sample(
+            &server.metrics().await,
+            r#"keyplane_connections_refused_total{reason="max_connections_per_client"}"#
+        ),
+        0
+    );
 }
 
 /// Whether `stream` is served: `/healthz` answers 200 on it.
@@ -489,11 +520,15 @@ async fn one_address_cannot_hold_every_connection_slot() {
     };
     let server = LimitedServer::start(capped.clone()).await;
     let mut held = vec![server.connect().await, server.connect().await];
+    let refused = r#"keyplane_connections_refused_total{reason="max_connections_per_client"}"#;
+    assert_eq!(sample(&server.metrics().await, refused), 0);
     let mut past_the_cap = server.connect().await;
     assert!(
         !served(&mut past_the_cap).await,
         "a third connection from 127.0.0.1 was served"
     );
+    // Counted before it was closed, so the close seen means counted.
+    assert_eq!(sample(&server.metrics().await, refused), 1);
     let mut other = server.connect_from("127.0.0.2").await;
     assert!(served(&mut other).await, "another address is served");
     // The held ones are served (they were admitted), and once one closes its slot is free again.
@@ -522,6 +557,7 @@ async fn one_address_cannot_hold_every_connection_slot() {
     for (n, stream) in proxied.iter_mut().enumerate() {
         assert!(served(stream).await, "the trusted proxy's connection {n}");
     }
+    assert_eq!(sample(&behind_proxy.metrics().await, refused), 0);
 }
 
 #[tokio::test]

@@ -56,6 +56,18 @@ pub async fn streamed_list(res: Response) -> Value {
     serde_json::from_slice(&body).expect("one JSON document")
 }
 
+/// The value of `series` (a metric's name and labels, as exposed: `name{label="value"}`) in a
+/// `/metrics` exposition; a missing series fails the test.
+pub fn sample(exposition: &str, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{exposition}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
+}
+
 /// A 429's `Retry-After`, asserted to be whole seconds within a minute.
 pub fn retry_after_secs(refused: &Response) -> u64 {
     let retry_after: u64 = refused.headers()["retry-after"]
