@@ -1,5 +1,5 @@
 //! Prometheus metrics: requests by route and status, latency, credentials verified and rejected,
-//! connections refused.
+//! connections refused, leak reports.
 
 use keyplane_core::CredentialKind;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -36,6 +36,63 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeakLabels {
+    source: &'static str,
+    outcome: &'static str,
+}
+
+/// `keyplane_leaked_tokens`'s outcomes: a credential revoked or suspended for the report, or
+/// nothing changed (no such credential, already revoked or suspended, rotated away meanwhile, or a
+/// canary). Not told apart further: `/metrics` is unauthenticated, and a finer split would tell
+/// whoever reports a token and reads it what the public answer does not (whether the token
+/// existed), and a canary from a revoked credential.
+const LEAK_OUTCOMES: [&str; 3] = ["revoked", "suspended", "unchanged"];
+
+/// What became of a public revocation report (`POST /v1/credentials/revoke`) whose body was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PublicReport {
+    /// Stored, to be worked off: answered 202.
+    Stored,
+    /// No well-formed token in it: nothing to store, answered 202.
+    NoToken,
+    /// The store's writes are failing, or it could not store this one: 503.
+    RefusedStoreFailing,
+    /// Too many reports being worked off by this replica: 503.
+    RefusedInProgress,
+    /// This replica's reports per minute (`--public-revoke-total-per-minute`) are spent: 503.
+    RefusedBudget,
+    /// Too many reports stored, over every replica: 503.
+    RefusedStoredLimit,
+}
+
+impl PublicReport {
+    const ALL: [PublicReport; 6] = [
+        Self::Stored,
+        Self::NoToken,
+        Self::RefusedStoreFailing,
+        Self::RefusedInProgress,
+        Self::RefusedBudget,
+        Self::RefusedStoredLimit,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::NoToken => "no_token",
+            Self::RefusedStoreFailing => "refused_store_failing",
+            Self::RefusedInProgress => "refused_in_progress",
+            Self::RefusedBudget => "refused_budget",
+            Self::RefusedStoredLimit => "refused_stored_limit",
+        }
+    }
 }
 
 /// What the verification cache answered for one lookup.
@@ -124,6 +181,8 @@ struct Inner {
     /// `connections_refused` with reason `max_connections_per_client`.
     connections_refused_per_client: Counter,
     connection_limit_reached: Counter,
+    leaked_tokens: Family<LeakLabels, Counter>,
+    public_reports: Family<OutcomeLabels, Counter>,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -218,6 +277,37 @@ impl Metrics {
              until one closed (none is refused for it)",
             connection_limit_reached.clone(),
         );
+        let leaked_tokens = Family::<LeakLabels, Counter>::default();
+        registry.register(
+            "leaked_tokens",
+            "Well-formed tokens reported leaked and looked up, by source (github_secret_scanning, \
+             public_revoke) and outcome: revoked, suspended (a credential.leaked event each), or \
+             unchanged (no such credential, already revoked or suspended, rotated away meanwhile, \
+             or a canary)",
+            leaked_tokens.clone(),
+        );
+        // Made at 0: a series shows (and can be alerted on) before its first count.
+        for source in crate::leaks::LeakSource::ALL {
+            for outcome in LEAK_OUTCOMES {
+                drop(leaked_tokens.get_or_create(&LeakLabels {
+                    source: source.as_str(),
+                    outcome,
+                }));
+            }
+        }
+        let public_reports = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "public_revoke_reports",
+            "Public revocation reports whose body was read, by outcome: stored, no_token (none \
+             well-formed: nothing stored), refused_store_failing, refused_in_progress, \
+             refused_budget, refused_stored_limit (each answered 503)",
+            public_reports.clone(),
+        );
+        for outcome in PublicReport::ALL {
+            drop(public_reports.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            }));
+        }
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -240,6 +330,8 @@ impl Metrics {
             connections_open,
             connections_refused_per_client,
             connection_limit_reached,
+            leaked_tokens,
+            public_reports,
             routes: RwLock::default(),
         }))
     }
@@ -342,6 +434,44 @@ impl Metrics {
     /// The accept loop found every `max_connections` slot taken.
     pub(crate) fn connection_limit_reached(&self) {
         self.0.connection_limit_reached.inc();
+    }
+
+    /// A well-formed token reported by `source`, and what was done: `None` when it is no
+    /// credential.
+    pub(crate) fn leaked_token(
+        &self,
+        source: crate::leaks::LeakSource,
+        outcome: Option<crate::leaks::LeakOutcome>,
+    ) {
+        use crate::leaks::LeakOutcome;
+        let [revoked, suspended, unchanged] = LEAK_OUTCOMES;
+        let outcome = match outcome {
+            Some(LeakOutcome::Revoked) => revoked,
+            Some(LeakOutcome::Suspended) => suspended,
+            // A canary is left armed: counted as a revoked credential reported again is.
+            Some(
+                LeakOutcome::AlreadyHandled
+                | LeakOutcome::CanaryTriggered
+                | LeakOutcome::NoLongerLive,
+            )
+            | None => unchanged,
+        };
+        self.0
+            .leaked_tokens
+            .get_or_create(&LeakLabels {
+                source: source.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn public_report(&self, outcome: PublicReport) {
+        self.0
+            .public_reports
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
     }
 
     pub fn render(&self) -> String {

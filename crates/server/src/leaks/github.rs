@@ -8,7 +8,7 @@
 //! Anything not signed by a listed key is a 401 before the body is even parsed; while no keys
 //! could ever be loaded nothing can be told, and the answer is a 503 GitHub retries.
 
-use super::{find_reported, respond_to_leak, LeakOutcome, LeakReport, LeakSource, TAG};
+use super::{respond_to_report, LeakOutcome, LeakReport, LeakSource, TAG};
 use crate::app::App;
 use crate::error::{ApiError, AppError, Surface};
 use crate::verify::Verification;
@@ -371,9 +371,6 @@ async fn label_and_respond(
     let Ok(parsed) = keyplane_core::token::parse(&found.token) else {
         return Ok(FeedbackLabel::FalsePositive);
     };
-    let Some(credential) = find_reported(app, &parsed.hash).await? else {
-        return Ok(FeedbackLabel::FalsePositive);
-    };
     let report = LeakReport {
         source: LeakSource::GithubSecretScanning,
         url: found.url.clone(),
@@ -381,9 +378,9 @@ async fn label_and_respond(
         token_type: Some(found.token_type.clone()),
         context: context.clone(),
     };
-    match respond_to_leak(app, &credential, &parsed.hash, &report).await? {
-        LeakOutcome::NoLongerLive => Ok(FeedbackLabel::FalsePositive),
-        _ => Ok(FeedbackLabel::TruePositive),
+    match respond_to_report(app, &parsed.hash, &report).await? {
+        None | Some(LeakOutcome::NoLongerLive) => Ok(FeedbackLabel::FalsePositive),
+        Some(_) => Ok(FeedbackLabel::TruePositive),
     }
 }
 

@@ -62,6 +62,8 @@ pub enum LeakSource {
 }
 
 impl LeakSource {
+    pub const ALL: [LeakSource; 2] = [LeakSource::GithubSecretScanning, LeakSource::PublicRevoke];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LeakSource::GithubSecretScanning => "github_secret_scanning",
@@ -149,6 +151,22 @@ pub async fn find_reported(app: &App, token: &TokenHash) -> Result<Option<Creden
         return Ok(None);
     }
     Ok(Some(credential))
+}
+
+/// A well-formed reported token ([`keyplane_core::token::parse`]'s hash): looked up and, if it is
+/// a credential, responded to ([`respond_to_leak`]); `None`: it is none. Counted in
+/// `keyplane_leaked_tokens` once answered (a store failure is not: the report is retried).
+pub(crate) async fn respond_to_report(
+    app: &App,
+    token: &TokenHash,
+    report: &LeakReport,
+) -> Result<Option<LeakOutcome>, AppError> {
+    let outcome = match find_reported(app, token).await? {
+        Some(credential) => Some(respond_to_leak(app, &credential, token, report).await?),
+        None => None,
+    };
+    app.inner().metrics.leaked_token(report.source, outcome);
+    Ok(outcome)
 }
 
 /// The one use case for a leaked credential, whoever reported it: an API token, a service

@@ -15,11 +15,12 @@
 //! again by any replica's [`run`] loop, after a restart too. Working a report off twice changes
 //! nothing the second time: a revoked credential is not revoked again, and no event is recorded.
 
-use super::{find_reported, respond_to_leak, LeakReport, LeakSource, TAG};
+use super::{respond_to_report, LeakReport, LeakSource, TAG};
 use crate::app::App;
 use crate::client_addr::ClientAddr;
 use crate::error::{ApiError, AppError};
 use crate::extract::{ApiJson, FromJsonBody, ObjectReader};
+use crate::metrics::PublicReport;
 use crate::verify::Verification;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -147,61 +148,18 @@ pub(crate) async fn revoke_credentials(
             }
         }
     }
-    if !tokens.is_empty() {
-        // Refused now rather than accepted and lost: the reporter retries. Says nothing about the
-        // tokens (the same for any).
-        let writes = app.store().write_health();
-        if let (true, Some((fault, at))) = (writes.failing, writes.last_failure) {
-            if Utc::now() - at < RECENT_WRITE_FAILURE {
-                return Err(AppError::Unavailable(Unavailable::new(
-                    fault,
-                    "the store's writes are failing; public revocation reports are refused",
-                ))
-                .into());
+    let outcome = if tokens.is_empty() {
+        PublicReport::NoToken
+    } else {
+        match store_report(&app, tokens, context).await {
+            Ok(()) => PublicReport::Stored,
+            Err((outcome, error)) => {
+                app.inner().metrics.public_report(outcome);
+                return Err(error.into());
             }
         }
-        let busy =
-            |why: &'static str| AppError::Unavailable(Unavailable::new(StoreFault::Busy, why));
-        let permit = app
-            .inner()
-            .leak_jobs
-            .try_start()
-            .ok_or_else(|| busy("too many public revocation reports in progress"))?;
-        // All addresses together: one sender with many (a /48 holds 65,536 /64s) could otherwise
-        // keep the store's writers, which every organization's changes wait for, busy.
-        // The sender is told when the budget has room again: a fixed second would bring it (and
-        // every other sender) back to be refused until then.
-        if let Some(budget) = &app.inner().public_revoke_budget {
-            budget.take(()).map_err(|wait| AppError::OverBudget {
-                why: "this replica's public revocation reports per minute are spent",
-                retry_after_secs: crate::error::retry_after_secs(wait),
-            })?;
-        }
-        let report = LeakReportRecord {
-            id: uuid::Uuid::now_v7(),
-            token_hashes: tokens,
-            context,
-            received_at: crate::ops::now(),
-            attempts: 1,
-        };
-        // Stored before the answer: a 202 is a promise that outlives this process. The same write
-        // whatever the tokens are.
-        let lease_id = uuid::Uuid::new_v4();
-        let stored = app
-            .store()
-            .insert_leak_report(
-                &report,
-                lease_id,
-                lease_until(&app, report.received_at),
-                MAX_STORED_REPORTS,
-            )
-            .await
-            .map_err(AppError::from)?;
-        if !stored {
-            return Err(busy("too many public revocation reports stored").into());
-        }
-        spawn_work_off(&app, permit, report);
-    }
+    };
+    app.inner().metrics.public_report(outcome);
     Ok((
         StatusCode::ACCEPTED,
         Json(RevokeAccepted {
@@ -209,6 +167,79 @@ pub(crate) async fn revoke_credentials(
             well_formed,
         }),
     ))
+}
+
+/// Stores a report of `tokens` (at least one) and starts working it off; or why not, as
+/// `keyplane_public_revoke_reports` counts it, and the error answered.
+async fn store_report(
+    app: &App,
+    tokens: Vec<TokenHash>,
+    context: keyplane_core::RequestContext,
+) -> Result<(), (PublicReport, AppError)> {
+    // Refused now rather than accepted and lost: the reporter retries. Says nothing about the
+    // tokens (the same for any).
+    let writes = app.store().write_health();
+    if let (true, Some((fault, at))) = (writes.failing, writes.last_failure) {
+        if Utc::now() - at < RECENT_WRITE_FAILURE {
+            return Err((
+                PublicReport::RefusedStoreFailing,
+                AppError::Unavailable(Unavailable::new(
+                    fault,
+                    "the store's writes are failing; public revocation reports are refused",
+                )),
+            ));
+        }
+    }
+    let busy = |why: &'static str| AppError::Unavailable(Unavailable::new(StoreFault::Busy, why));
+    let permit = app.inner().leak_jobs.try_start().ok_or_else(|| {
+        (
+            PublicReport::RefusedInProgress,
+            busy("too many public revocation reports in progress"),
+        )
+    })?;
+    // All addresses together: one sender with many (a /48 holds 65,536 /64s) could otherwise
+    // keep the store's writers, which every organization's changes wait for, busy.
+    // The sender is told when the budget has room again: a fixed second would bring it (and
+    // every other sender) back to be refused until then.
+    if let Some(budget) = &app.inner().public_revoke_budget {
+        budget.take(()).map_err(|wait| {
+            (
+                PublicReport::RefusedBudget,
+                AppError::OverBudget {
+                    why: "this replica's public revocation reports per minute are spent",
+                    retry_after_secs: crate::error::retry_after_secs(wait),
+                },
+            )
+        })?;
+    }
+    let report = LeakReportRecord {
+        id: uuid::Uuid::now_v7(),
+        token_hashes: tokens,
+        context,
+        received_at: crate::ops::now(),
+        attempts: 1,
+    };
+    // Stored before the answer: a 202 is a promise that outlives this process. The same write
+    // whatever the tokens are.
+    let lease_id = uuid::Uuid::new_v4();
+    let stored = app
+        .store()
+        .insert_leak_report(
+            &report,
+            lease_id,
+            lease_until(app, report.received_at),
+            MAX_STORED_REPORTS,
+        )
+        .await
+        .map_err(|e| (PublicReport::RefusedStoreFailing, AppError::from(e)))?;
+    if !stored {
+        return Err((
+            PublicReport::RefusedStoredLimit,
+            busy("too many public revocation reports stored"),
+        ));
+    }
+    spawn_work_off(app, permit, report);
+    Ok(())
 }
 
 /// Works `report` off on a task of its own, holding `permit` (its place among the replica's
@@ -251,14 +282,7 @@ async fn work_off(app: &App, stored: &LeakReportRecord) {
         .until(tokio::time::Instant::now() + lease * 4 / 5);
     for token in &stored.token_hashes {
         loop {
-            let outcome = match find_reported(app, token).await {
-                Ok(Some(credential)) => respond_to_leak(app, &credential, token, &report)
-                    .await
-                    .map(|_| ()),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            match outcome {
+            match respond_to_report(app, token, &report).await.map(|_| ()) {
                 Ok(()) => break,
                 Err(AppError::Unavailable(unavailable)) => {
                     if backoff.is_first() && stored.attempts == 1 {

@@ -327,6 +327,11 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The value of `series` (name and labels, as exposed) in `/metrics`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        sample(&self.metrics().await, series)
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> Response {
         self.request(Method::GET, path, Some(token))
             .send()

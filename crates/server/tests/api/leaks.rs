@@ -29,6 +29,22 @@ both_backends!(
 const GITHUB_ROUTE: &str = "/v1/secret-scanning/github";
 const REVOKE_ROUTE: &str = "/v1/credentials/revoke";
 
+/// `keyplane_leaked_tokens_total` for reports from `source` answered by `outcome`.
+async fn leaked_tokens(app: &TestApp, source: &str, outcome: &str) -> u64 {
+    app.metric(&format!(
+        r#"keyplane_leaked_tokens_total{{source="{source}",outcome="{outcome}"}}"#
+    ))
+    .await
+}
+
+/// `keyplane_public_revoke_reports_total` of `outcome`.
+async fn public_reports(app: &TestApp, outcome: &str) -> u64 {
+    app.metric(&format!(
+        r#"keyplane_public_revoke_reports_total{{outcome="{outcome}"}}"#
+    ))
+    .await
+}
+
 /// A keys document in GitHub's shape, served on 127.0.0.1, counting its fetches. Like GitHub's
 /// API, it refuses a request that does not say who sends it (`User-Agent`): 403.
 struct KeysServer {
@@ -341,6 +357,14 @@ async fn github_report_revokes_real_credentials_and_labels_every_match(backend: 
         ]
     );
 
+    // Counted by what was done with each well-formed token; the malformed ones were never looked
+    // up.
+    let github = "github_secret_scanning";
+    assert_eq!(leaked_tokens(&app, github, "revoked").await, 3);
+    assert_eq!(leaked_tokens(&app, github, "unchanged").await, 1);
+    assert_eq!(leaked_tokens(&app, github, "suspended").await, 0);
+    assert_eq!(leaked_tokens(&app, "public_revoke", "revoked").await, 0);
+
     // All three kinds are dead at once; the organization's other token is not.
     assert_eq!(whoami_status(&app, &api).await, 401);
     assert_eq!(whoami_status(&app, &sa).await, 401);
@@ -386,6 +410,8 @@ async fn github_report_revokes_real_credentials_and_labels_every_match(backend: 
     let feedback: Value = res.json().await.unwrap();
     assert_eq!(feedback[0]["label"], "true_positive");
     assert_eq!(event_count(&app, &org).await, before);
+    assert_eq!(leaked_tokens(&app, github, "unchanged").await, 2);
+    assert_eq!(leaked_tokens(&app, github, "revoked").await, 3);
 
     // Reported tokens, real or not, never reach the log (trace level, everything captured).
     let logged = crate::logs::captured();
@@ -613,6 +639,15 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
     .await;
     assert_eq!(robot_login_status(&app, "acme", &robot).await, 200);
     assert_eq!(whoami_status(&app, bystander).await, 200);
+    // Each list had a well-formed token: each was stored. The unknown tokens are counted once
+    // their reports are worked off.
+    assert_eq!(public_reports(&app, "stored").await, 3);
+    assert_eq!(public_reports(&app, "no_token").await, 0);
+    eventually("every reported token is counted", || async {
+        leaked_tokens(&app, "public_revoke", "unchanged").await == 4
+            && leaked_tokens(&app, "public_revoke", "revoked").await == 2
+    })
+    .await;
 
     let events = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(events.len(), 2, "{events:?}");
@@ -634,6 +669,15 @@ async fn public_revoke_kills_tokens_and_answers_the_same_for_anything(backend: B
     .await;
     let leaked = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(leaked.len(), 3, "{leaked:#?}");
+    assert_eq!(public_reports(&app, "stored").await, 4);
+    eventually(
+        "the robot secret and the dead token reported again are counted",
+        || async {
+            leaked_tokens(&app, "public_revoke", "unchanged").await == 5
+                && leaked_tokens(&app, "public_revoke", "revoked").await == 3
+        },
+    )
+    .await;
 
     let logged = crate::logs::captured();
     let reported = lists.iter().flatten().chain(std::iter::once(&robot));
@@ -738,6 +782,11 @@ async fn a_suspend_policy_suspends_leaked_credentials_instead(backend: Backend) 
     let events = app.audit_events(&org, "credential.leaked").await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["details"]["response"], "suspended");
+    eventually("both reports are counted", || async {
+        leaked_tokens(&app, "public_revoke", "suspended").await == 1
+            && leaked_tokens(&app, "public_revoke", "unchanged").await == 1
+    })
+    .await;
     // A human looked, retired the leaked old secret and resumed: the new secret works again.
     for step in ["retire-previous", "resume"] {
         let res = app
@@ -877,6 +926,10 @@ async fn public_revoke_is_limited_per_address() {
         .unwrap();
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
     assert_oauth_error(res, 429, "rate_limited").await;
+    // No token in them: nothing stored. The refused one is in `keyplane_http_requests_total`
+    // (429), not here: its body was never read.
+    assert_eq!(public_reports(&app, "no_token").await, 3);
+    assert_eq!(public_reports(&app, "stored").await, 0);
     // The limit is the public endpoint's own: verification is not affected.
     let org = app.create_org("acme").await;
     assert_eq!(whoami_status(&app, &org.token).await, 200);
@@ -930,6 +983,9 @@ async fn public_reports_from_many_addresses_are_held_to_the_servers_budget() {
     }
     let res = report_from(10, "not a token").await.unwrap();
     assert_eq!(res.status(), 202, "nothing to store, nothing charged");
+    assert_eq!(public_reports(&app, "stored").await, 5);
+    assert_eq!(public_reports(&app, "refused_budget").await, 5);
+    assert_eq!(public_reports(&app, "no_token").await, 1);
 
     let live = app.create_token(&org, "leaky", &[]).await;
     let live = live["token"].as_str().unwrap();
@@ -1111,6 +1167,8 @@ async fn a_report_accepted_before_an_outage_is_worked_off_once_the_store_is_back
     assert!(res.headers().contains_key("retry-after"));
     assert_oauth_error(res, 503, "temporarily_unavailable").await;
     store.set_down(false);
+    assert_eq!(public_reports(&app, "refused_store_failing").await, 1);
+    assert_eq!(public_reports(&app, "stored").await, 0);
 
     // Stored, then the store goes away before the report is worked off.
     store.go_down_after_next_change();
@@ -1174,6 +1232,7 @@ async fn public_revoke_is_refused_while_the_stores_writes_fail() {
         assert_oauth_error(res, 503, "temporarily_unavailable").await;
     }
     assert_eq!(whoami_status(&app, &leaked).await, 200);
+    assert_eq!(public_reports(&app, "refused_store_failing").await, 2);
 
     store.report_writes_failing(false);
     assert_eq!(
@@ -1186,6 +1245,7 @@ async fn public_revoke_is_refused_while_the_stores_writes_fail() {
         whoami_status(&app, &leaked).await == 401
     })
     .await;
+    assert_eq!(public_reports(&app, "stored").await, 1);
 }
 
 /// A canary found by GitHub is a true positive like any keyplane token, but it is not revoked: the
@@ -1231,4 +1291,9 @@ async fn a_canary_reported_by_github_is_recorded_and_left_armed(backend: Backend
     let res = post_signed(&app, &key, &body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(triggers().await.len(), 1);
+    // Counted as a revoked credential reported again is: `/metrics` is unauthenticated, and must
+    // not tell a canary from one.
+    let github = "github_secret_scanning";
+    assert_eq!(leaked_tokens(&app, github, "unchanged").await, 2);
+    assert_eq!(leaked_tokens(&app, github, "revoked").await, 0);
 }
