@@ -17,7 +17,8 @@ pub struct AdminArgs {
     command: AdminCommand,
     /// Your name, recorded with the OS user that runs the command on every audit event it writes
     /// (details `operator` and `os_user`; the actor stays `system`) and on every credential or
-    /// grant it creates. Not verified: the OS user is what the machine vouches for.
+    /// grant it creates. Not verified: the OS user is what the machine vouches for (not the
+    /// `SUDO_USER` recorded with it, which is as declared).
     #[arg(long, global = true, env = "KEYPLANE_OPERATOR", value_name = "NAME")]
     operator: Option<String>,
 }
@@ -701,7 +702,9 @@ pub fn org_json(created: &ops::OrgCreated) -> String {
 
 /// Who runs this command: the OS user of the process's real uid (its name; without a passwd entry,
 /// as in containers run under an arbitrary uid, `uid N`, followed by `$USER` or `$LOGNAME` as
-/// set, which anyone can set: `uid 1000680000 (USER=alice)`), and the name given with --operator.
+/// set, which anyone can set: `uid 1000680000 (USER=alice)`), with `$SUDO_USER` when set, since
+/// under `sudo` the uid is root's: `root (SUDO_USER=alice)`. `SUDO_USER` is what sudo set, or
+/// what the caller did: as self-declared as `USER`. And the name given with --operator.
 fn operator(given: Option<String>) -> anyhow::Result<Operator> {
     let name = given
         .map(|raw| {
@@ -711,15 +714,29 @@ fn operator(given: Option<String>) -> anyhow::Result<Operator> {
         .transpose()?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    let os_user = user_name(uid).unwrap_or_else(|| {
-        let declared = ["USER", "LOGNAME"].into_iter().find_map(|var| {
-            std::env::var(var)
-                .ok()
-                .filter(|value| !value.is_empty())
-                .map(|value| format!(" ({var}={value})"))
-        });
-        format!("uid {uid}{}", declared.unwrap_or_default())
-    });
+    let declared = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|value| !value.is_empty())
+            .map(|value| format!("{var}={value}"))
+    };
+    let (os_user, mut declarations) = match user_name(uid) {
+        Some(name) => (name, Vec::new()),
+        None => (
+            format!("uid {uid}"),
+            ["USER", "LOGNAME"]
+                .into_iter()
+                .find_map(declared)
+                .into_iter()
+                .collect(),
+        ),
+    };
+    declarations.extend(declared("SUDO_USER"));
+    let os_user = if declarations.is_empty() {
+        os_user
+    } else {
+        format!("{os_user} ({})", declarations.join(", "))
+    };
     // Bounded as the event bounds it, so that the row and the event say the same.
     let os_user = os_user
         .chars()

@@ -27,6 +27,7 @@ both_stores!(
     registry_key_changes_are_in_the_trail_of_each_registry,
     verify_says_an_anchor_no_pruning_recorded,
     creators_outlive_retention_and_admin_events_name_the_operator,
+    admin_events_under_sudo_name_who_ran_sudo,
 );
 
 /// `keyplane admin ARGS` on `store`, which must succeed; its stdout.
@@ -895,4 +896,64 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
     let api_grant = row(granted_by_api["id"].as_str().unwrap());
     assert_eq!(api_grant["capability_key"], "api_tokens:read");
     assert_eq!(api_grant["created_by"], by_bootstrap_token);
+}
+
+/// Under `sudo` the OS user is root: who ran `sudo` is recorded with it, as `SUDO_USER` declares
+/// (`root (SUDO_USER=alice)`), on the events and on the rows; an empty `SUDO_USER` adds nothing.
+async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let os_user = os_user();
+    let sudoed = format!("{os_user} (SUDO_USER=alice)");
+    let created = run(
+        keyplane()
+            .args(["admin", "create-org", "--name", "acme", "--json"])
+            .args(store.args())
+            .env("SUDO_USER", "alice"),
+        TIMEOUT,
+    )
+    .await;
+    assert!(created.status.success(), "{}", created.describe());
+    let org = Org::from_json(&created.stdout);
+    let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
+    let granted = json_lines(
+        &run(
+            keyplane()
+                .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
+                .args(["--capability", "audit:read"])
+                .args(store.args())
+                .env("SUDO_USER", ""),
+            TIMEOUT,
+        )
+        .await,
+    )
+    .remove(0);
+    let events = admin_audit(&store, &["--org", &org.id]).await;
+    let os_user_of = |action: &str| {
+        events
+            .iter()
+            .find(|e| e["action"] == action)
+            .unwrap_or_else(|| panic!("no {action}: {events:?}"))["details"]["os_user"]
+            .clone()
+    };
+    assert_eq!(os_user_of("organization.created"), sudoed.as_str());
+    assert_eq!(os_user_of("api_token.created"), sudoed.as_str());
+    assert_eq!(os_user_of("authorization.created"), os_user.as_str());
+    let review = json_lines(
+        &run(
+            keyplane()
+                .args(["admin", "access-review", "--org", &org.id])
+                .args(store.args()),
+            TIMEOUT,
+        )
+        .await,
+    );
+    for row in &review {
+        let expected = if row["id"] == granted["id"] {
+            &os_user
+        } else {
+            &sudoed
+        };
+        assert_eq!(row["created_by"]["os_user"], expected.as_str(), "{row}");
+    }
+    assert_eq!(review.len(), 2, "a token and a grant: {review:?}");
 }

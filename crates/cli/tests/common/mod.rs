@@ -139,6 +139,8 @@ fn clean_environment(command: &mut Command) {
             command.env_remove(key);
         }
     }
+    // Recorded with the OS user by `keyplane admin`: tests run under `sudo` see what they set.
+    command.env_remove("SUDO_USER");
     command.stdin(Stdio::null());
 }
 
