@@ -150,6 +150,33 @@ pub(crate) const AUDIT_EVENT_EXISTS: &str =
     "SELECT 1 FROM audit_events WHERE tenant_id = $1 AND id = $2";
 pub(crate) const INSERT_AUDIT_EVENT: &str = "INSERT INTO audit_events (tenant_id, seq, id, occurred_at, action, outcome, actor_type, actor_id, actor_issuer, actor_sub, target_type, target_id, target_name, request_id, client_ip, user_agent, details, chain_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 
+/// An event whose id its tenant's trail holds already: a writer's mistake, not a conflict of
+/// the request's (the generic unique-violation text names a credential).
+#[derive(Debug, thiserror::Error)]
+#[error("audit event {0} is already in its organization's trail")]
+pub(crate) struct DuplicateEvent(uuid::Uuid);
+
+/// `error` of appending the event `id`, as a [`DuplicateEvent`] when it is the trail's id
+/// uniqueness that refused it.
+pub(crate) fn duplicate_event_or(error: sqlx::Error, id: uuid::Uuid) -> crate::StoreError {
+    match &error {
+        // PostgreSQL names the index; SQLite lists its columns.
+        sqlx::Error::Database(db)
+            if db.kind() == sqlx::error::ErrorKind::UniqueViolation
+                && (db.constraint() == Some("audit_events_id")
+                    || db.message().contains("audit_events.id")) =>
+        {
+            crate::StoreError::Other(anyhow::Error::new(DuplicateEvent(id)))
+        }
+        _ => error.into(),
+    }
+}
+
+/// Whether `error` is a [`DuplicateEvent`].
+pub(crate) fn is_duplicate_event(error: &crate::StoreError) -> bool {
+    matches!(error, crate::StoreError::Other(error) if error.is::<DuplicateEvent>())
+}
+
 /// Implements the audit helpers the [`crate::Store`] methods of `$store` (over `$db`) call.
 macro_rules! impl_audit {
     ($store:ty, $db:ty) => {
@@ -193,7 +220,8 @@ macro_rules! impl_audit {
                     .bind(details_json(&event.details))
                     .bind(&hash)
                     .execute(&mut **tx)
-                    .await?;
+                    .await
+                    .map_err(|error| duplicate_event_or(error, event.id))?;
                 sqlx::query(SET_HEAD_HASH)
                     .bind(event.tenant_id.as_uuid())
                     .bind(&hash)

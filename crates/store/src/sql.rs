@@ -1422,7 +1422,15 @@ macro_rules! impl_store {
                         .await?
                         .is_some();
                     if !written {
-                        Self::append_audit(&mut tx, event).await?;
+                        match Self::append_audit(&mut tx, event).await {
+                            // Another writer appended it since the read (a retry racing the
+                            // attempt whose commit was still on its way, or another replica
+                            // working off the same leak report): it is in the trail.
+                            Err(error) if $crate::audit::is_duplicate_event(&error) => {
+                                return Ok(())
+                            }
+                            outcome => outcome?,
+                        }
                         tx.commit().await.map_err($crate::StoreError::from_commit)?;
                     }
                     Ok(())

@@ -3243,6 +3243,7 @@ async fn canaries_round_trip_and_are_listed_only_when_asked_for(backend: Backend
 store_suite! {
     deliveries_are_queued_with_each_event_for_matching_enabled_webhooks,
     a_lone_event_appended_again_is_written_once,
+    a_change_whose_event_id_is_in_the_trail_fails_without_a_name_conflict,
     deliveries_are_leased_to_one_claim_and_recorded_by_it,
     a_webhook_failing_too_long_is_disabled_with_its_event,
     webhooks_update_rotate_retry_delete_prune_and_limit,
@@ -4298,6 +4299,7 @@ postgres_suite! {
     a_grant_made_while_the_same_one_is_revoked_does_not_deadlock,
     webhook_deliveries_are_locked_in_event_order,
     a_stores_own_notifications_come_back_as_echoes_and_no_other,
+    a_lone_event_two_replicas_append_at_once_is_written_once,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -5186,4 +5188,96 @@ async fn a_lone_event_appended_again_is_written_once(backend: Backend) {
         (head.head_seq, head.head_hash)
     );
     assert_eq!(deliveries_of(store, &hook).await.len(), 1);
+}
+
+/// A change that comes with an event whose id the trail holds already (a writer's mistake) is not
+/// made, and the error says what happened: not the conflict a duplicate credential name gets,
+/// which a caller would show as a 409 about a name.
+async fn a_change_whose_event_id_is_in_the_trail_fails_without_a_name_conflict(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let event = action_event(f.tenant.id, "credential_policy.updated");
+    store.append_audit_event(&event).await.unwrap();
+    let head = store.audit_chain_state(f.tenant.id).await.unwrap();
+    let policy = CredentialPolicy {
+        on_leak: LeakAction::Suspend,
+        ..Default::default()
+    };
+    let outcome = store
+        .put_credential_policy(f.tenant.id, &policy, now(), &event)
+        .await;
+    let Err(error) = outcome else {
+        panic!("a change with an event already in the trail was made");
+    };
+    assert!(!matches!(error, StoreError::Conflict(_)), "{error:?}");
+    assert!(
+        error.to_string().contains("already in"),
+        "the error says the event is in the trail already: {error}"
+    );
+    assert!(store
+        .get_credential_policy(f.tenant.id)
+        .await
+        .unwrap()
+        .is_none());
+    let after = store.audit_chain_state(f.tenant.id).await.unwrap();
+    assert_eq!(after.head_seq, head.head_seq);
+}
+
+/// Waits (bounded) until `count` sessions of the test database wait for a lock.
+async fn until_waiting_for_locks(pool: &sqlx::PgPool, count: i64) {
+    for attempt in 0.. {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            attempt < 400,
+            "{waiting} of {count} sessions wait for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Two replicas append the same lone event at once (a leak report's canary trigger worked off
+/// twice, a retry racing the attempt whose commit was still on its way): both looked for it before
+/// either wrote it. One writes it; the other finds it written, and succeeds without a second one.
+async fn a_lone_event_two_replicas_append_at_once_is_written_once() {
+    use sqlx::Connection;
+    let f = fixture(Backend::Postgres).await;
+    let other = keyplane_store::connect(&f._db.url).await.expect("connect");
+    let tenant = f.tenant.id;
+    f.store
+        .append_audit_event(&action_event(tenant, "access.denied"))
+        .await
+        .unwrap();
+    let head = f.store.audit_chain_state(tenant).await.unwrap();
+    // The head's row held: both appends read that the event is not there, then wait.
+    let mut holder = sqlx::PgConnection::connect(&f._db.url).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM audit_chain_heads WHERE tenant_id = $1 FOR UPDATE")
+        .bind(tenant.as_uuid())
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let event = action_event(tenant, "credential.canary_triggered");
+    let appends = [f.store.clone(), other.clone()].map(|store| {
+        let event = event.clone();
+        tokio::spawn(async move { store.append_audit_event(&event).await })
+    });
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    until_waiting_for_locks(&pool, 2).await;
+    held.commit().await.unwrap();
+    for append in appends {
+        let outcome = append.await.unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let after = f.store.audit_chain_state(tenant).await.unwrap();
+    assert_eq!(after.head_seq, head.head_seq + 1, "one event written");
+    assert_eq!(verify_chain(f.store.as_ref(), tenant).await, after.head_seq);
 }
