@@ -1393,11 +1393,10 @@ macro_rules! impl_store {
                         .bind(id.as_uuid())
                         .fetch_optional(&mut *tx)
                         .await?;
-                    if row.is_some() {
-                        self.notify_invalidation(&mut tx, row.as_ref().map_or(uuid::Uuid::nil(), |r| r.subject_id())).await?;
-                    }
-                    // Revoking again changes nothing and records nothing.
-                    if row.as_ref().is_some_and(|r| r.revoked_at() == Some(at)) {
+                    // Revoking again changes nothing, records nothing and tells no other
+                    // replica anything.
+                    if let Some(revoked) = row.as_ref().filter(|r| r.revoked_at() == Some(at)) {
+                        self.notify_invalidation(&mut tx, revoked.subject_id()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;

@@ -4300,6 +4300,7 @@ postgres_suite! {
     webhook_deliveries_are_locked_in_event_order,
     a_stores_own_notifications_come_back_as_echoes_and_no_other,
     a_lone_event_two_replicas_append_at_once_is_written_once,
+    revoking_a_revoked_grant_notifies_no_other_replica,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -5280,4 +5281,82 @@ async fn a_lone_event_two_replicas_append_at_once_is_written_once() {
     let after = f.store.audit_chain_state(tenant).await.unwrap();
     assert_eq!(after.head_seq, head.head_seq + 1, "one event written");
     assert_eq!(verify_chain(f.store.as_ref(), tenant).await, after.head_seq);
+}
+
+/// Revoking a grant tells the other replicas (their caches hold its subject's verifications);
+/// revoking it again changes nothing, and tells them nothing.
+async fn revoking_a_revoked_grant_notifies_no_other_replica() {
+    use keyplane_store::Invalidation;
+    let f = fixture(Backend::Postgres).await;
+    let other = keyplane_store::connect(&f._db.url).await.expect("connect");
+    let (credential, _) = new_token(f.tenant.id, "toggled");
+    f.store
+        .insert_credential(&credential, &ev(), None)
+        .await
+        .unwrap();
+    let subject = uuid::Uuid::new_v4();
+    let grant = capability_grant(f.tenant.id, subject, "auth.manage");
+    f.store.insert_grant(&grant, &ev(), None).await.unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = heard.clone();
+    other.listen_invalidations(
+        Arc::new(move |event| {
+            if event != Invalidation::Reset {
+                into.lock().unwrap().push(event);
+            }
+        }),
+        stopped,
+    );
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    for attempt in 0.. {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if listening >= 1 {
+            break;
+        }
+        assert!(attempt < 400, "the listener does not listen");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let at = now();
+    f.store
+        .revoke_grant(f.tenant.id, grant.id, at, &ev())
+        .await
+        .unwrap();
+    let again = f
+        .store
+        .revoke_grant(f.tenant.id, grant.id, at + TimeDelta::seconds(1), &ev())
+        .await
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(at));
+    // A change after both: once its notification is heard, any the second revoke sent was too.
+    f.store
+        .set_credential_suspended(
+            f.tenant.id,
+            CredentialKind::ApiToken,
+            credential.id,
+            Some(at),
+            at,
+            &ev(),
+            None,
+        )
+        .await
+        .unwrap();
+    let marker = Invalidation::Subject(credential.id.as_uuid());
+    for attempt in 0.. {
+        if heard.lock().unwrap().contains(&marker) {
+            break;
+        }
+        assert!(attempt < 400, "heard {:?}", heard.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        *heard.lock().unwrap(),
+        [Invalidation::Subject(subject), marker]
+    );
 }
