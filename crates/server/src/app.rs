@@ -35,6 +35,8 @@ pub(crate) struct Inner {
     /// Leaked-token response: GitHub's signing keys, the public revocation limit per address,
     /// and the reports being worked off.
     pub github_keys: crate::leaks::GithubKeys,
+    /// When this replica first received each recent GitHub report.
+    pub github_reports: crate::leaks::GithubReportsSeen,
     pub public_revoke_limiter: Option<crate::ratelimit::KeyedRateLimiter<std::net::IpAddr>>,
     /// The replica's budget of stored public revocation reports, all addresses together.
     pub public_revoke_budget: Option<crate::ratelimit::KeyedRateLimiter<()>>,
@@ -123,6 +125,7 @@ impl App {
             refusals,
             reopen_audit_log: Arc::new(tokio::sync::Notify::new()),
             github_keys,
+            github_reports: Default::default(),
             public_revoke_limiter,
             public_revoke_budget,
             leak_jobs: crate::leaks::leak_jobs(),

@@ -111,6 +111,9 @@ pub struct Presentation {
     /// The address that presented the secret to authenticate itself, for the failed-authentication
     /// limit (`failed_auth`); `None` when no request's own authentication is at stake.
     pub(crate) client: Option<crate::client_addr::ClientAddr>,
+    /// The trigger event's id when the presentation can happen again as the same one (a stored
+    /// leak report worked off twice): the store writes an event id once.
+    event_id: Option<uuid::Uuid>,
 }
 
 impl Presentation {
@@ -122,6 +125,7 @@ impl Presentation {
             details: Vec::new(),
             introspected_by: None,
             client: None,
+            event_id: None,
         }
     }
 
@@ -170,6 +174,13 @@ impl Presentation {
 
     pub fn detail(mut self, key: &'static str, value: impl Into<String>) -> Self {
         self.details.push((key, value.into()));
+        self
+    }
+
+    /// Its trigger event is to have this id (a UUIDv7 made for this presentation, the same each
+    /// time it is made again): a presentation recorded already is not recorded a second time.
+    pub(crate) fn event_id(mut self, id: uuid::Uuid) -> Self {
+        self.event_id = Some(id);
         self
     }
 
@@ -409,6 +420,9 @@ impl CanaryAlarm {
         )
         .denied()
         .text("surface", presentation.surface.as_str());
+        if let Some(id) = presentation.event_id {
+            event.id = id;
+        }
         if !presentation.route.is_empty() {
             event = event.text("route", presentation.route);
         }

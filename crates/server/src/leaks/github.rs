@@ -8,13 +8,14 @@
 //! Anything not signed by a listed key is a 401 before the body is even parsed; while no keys
 //! could ever be loaded nothing can be told, and the answer is a 503 GitHub retries.
 
-use super::{respond_to_report, LeakOutcome, LeakReport, LeakSource, TAG};
+use super::{respond_to_report, LeakOutcome, LeakReport, LeakSource, ReportIdentity, TAG};
 use crate::app::App;
 use crate::error::{ApiError, AppError, Surface};
 use crate::verify::Verification;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
+use chrono::{DateTime, Utc};
 use data_encoding::BASE64;
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
@@ -272,6 +273,46 @@ async fn fetch_keys(
     Ok(keys)
 }
 
+/// How long a replica remembers when it first received a GitHub report: GitHub delivers a report
+/// answered 5xx again, and the same report is to record a canary's trigger once.
+const REMEMBER_REPORTS_FOR: Duration = Duration::from_secs(3600);
+/// Reports remembered at once; past it (reports older than [`REMEMBER_REPORTS_FOR`] forgotten
+/// first) a report is not remembered, and its redelivery may record a canary's trigger again.
+const MAX_REMEMBERED_REPORTS: usize = 10_000;
+
+/// When this replica first received each recent GitHub report, by a digest of its signed body
+/// (nothing of its tokens is kept).
+#[derive(Default)]
+pub(crate) struct GithubReportsSeen(std::sync::Mutex<HashMap<[u8; 32], FirstReceived>>);
+
+/// When a report was first received: the wall-clock time its events carry, and the monotonic
+/// reading its memory expires by.
+type FirstReceived = (DateTime<Utc>, Instant);
+
+impl GithubReportsSeen {
+    /// The report `body`, received `now`: as first received, if it was within
+    /// [`REMEMBER_REPORTS_FOR`].
+    fn identity(&self, body: &[u8], now: DateTime<Utc>) -> ReportIdentity {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(body).into();
+        let fresh = |(_, at): &FirstReceived| at.elapsed() < REMEMBER_REPORTS_FOR;
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let first = match seen.get(&digest).filter(|entry| fresh(entry)) {
+            Some((first, _)) => *first,
+            None => {
+                if seen.len() >= MAX_REMEMBERED_REPORTS {
+                    seen.retain(|_, entry| fresh(entry));
+                }
+                if seen.len() < MAX_REMEMBERED_REPORTS || seen.contains_key(&digest) {
+                    seen.insert(digest, (now, Instant::now()));
+                }
+                now
+            }
+        };
+        ReportIdentity::github(body, first)
+    }
+}
+
 /// One match GitHub found. Fields GitHub may add later are ignored.
 #[derive(Deserialize, ToSchema)]
 pub struct GithubMatch {
@@ -351,9 +392,13 @@ pub(crate) async fn github_secret_scanning(
     }
     let matches: Vec<GithubMatch> =
         serde_json::from_slice(&body).map_err(|e| AppError::InvalidJson(e.to_string()))?;
+    let identity = app
+        .inner()
+        .github_reports
+        .identity(&body, crate::ops::now());
     let mut feedback = Vec::with_capacity(matches.len());
     for found in matches {
-        let label = label_and_respond(&app, &found, &context).await?;
+        let label = label_and_respond(&app, &found, &context, identity).await?;
         feedback.push(GithubFeedback {
             token_raw: found.token,
             token_type: found.token_type,
@@ -367,6 +412,7 @@ async fn label_and_respond(
     app: &App,
     found: &GithubMatch,
     context: &keyplane_core::RequestContext,
+    identity: ReportIdentity,
 ) -> Result<FeedbackLabel, AppError> {
     let Ok(parsed) = keyplane_core::token::parse(&found.token) else {
         return Ok(FeedbackLabel::FalsePositive);
@@ -377,6 +423,7 @@ async fn label_and_respond(
         found_in: found.source.clone(),
         token_type: Some(found.token_type.clone()),
         context: context.clone(),
+        identity: Some(identity),
     };
     match respond_to_report(app, &parsed.hash, &report).await? {
         None | Some(LeakOutcome::NoLongerLive) => Ok(FeedbackLabel::FalsePositive),

@@ -24,8 +24,8 @@ use keyplane_core::{Credential, RequestContext, TokenHash};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub(crate) use github::GithubKeys;
 pub use github::{FeedbackLabel, GithubFeedback, GithubKeysConfig, GithubMatch};
+pub(crate) use github::{GithubKeys, GithubReportsSeen};
 pub(crate) use revoke::run as work_off_stored_reports;
 pub use revoke::{LeakReportsConfig, RevokeAccepted, RevokeCredentialsRequest, MAX_CREDENTIALS};
 
@@ -107,6 +107,65 @@ pub struct LeakReport {
     pub token_type: Option<String>,
     /// The reporting request: its id, the reporter's address (through trusted proxies), agent.
     pub context: RequestContext,
+    /// What makes it the same report when it is worked off again (a stored report whose worker
+    /// died or lost a write's acknowledgement) or delivered again (GitHub retries a report
+    /// answered 5xx): a canary's trigger event is then made with the same id, and written once.
+    pub identity: Option<ReportIdentity>,
+}
+
+/// What a report is known by when it comes again.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportIdentity {
+    /// A digest of the stored report's id, or of GitHub's signed body.
+    key: [u8; 32],
+    /// When it was (first) received.
+    received_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ReportIdentity {
+    /// A stored public report.
+    pub fn stored(id: uuid::Uuid, received_at: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::of(
+            &[&b"stored public revocation report\0"[..], id.as_bytes()],
+            received_at,
+        )
+    }
+
+    /// A report GitHub signed, by its body, first received at `received_at`.
+    pub fn github(body: &[u8], received_at: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::of(
+            &[&b"github secret scanning report\0"[..], body],
+            received_at,
+        )
+    }
+
+    fn of(parts: &[&[u8]], received_at: chrono::DateTime<chrono::Utc>) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        for part in parts {
+            digest.update(part);
+        }
+        Self {
+            key: digest.finalize().into(),
+            received_at,
+        }
+    }
+
+    /// The id of the trigger event of the canary whose secret hashes to `token` in this report: a
+    /// UUIDv7 of the time the report was received (events stay time-ordered), its other bits from
+    /// a digest of the report and the token's hash (nothing of the token itself).
+    fn trigger_event_id(&self, token: &TokenHash) -> uuid::Uuid {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"keyplane leak report canary trigger\0")
+            .chain_update(self.key)
+            .chain_update(token.as_bytes())
+            .finalize();
+        let mut bits = [0u8; 10];
+        bits.copy_from_slice(&digest[..10]);
+        let millis = u64::try_from(self.received_at.timestamp_millis()).unwrap_or(0);
+        uuid::Builder::from_unix_timestamp_millis(millis, &bits).into_uuid()
+    }
 }
 
 /// What [`respond_to_leak`] did.
@@ -190,7 +249,8 @@ pub(crate) async fn respond_to_report(
 ///
 /// A live canary is what a canary is for: it is not revoked (left armed, it catches whoever uses
 /// the leaked copy next) and the report is recorded as `credential.canary_triggered` (surface and
-/// `source` the report's, `reported_by`, and what GitHub said), within the canary bound.
+/// `source` the report's, `reported_by`, and what GitHub said), within the canary bound. The same
+/// report coming again ([`LeakReport::identity`]) makes the same event, which the store writes once.
 pub async fn respond_to_leak(
     app: &App,
     credential: &Credential,
@@ -203,6 +263,9 @@ pub async fn respond_to_leak(
             crate::canary::Presentation::new(surface, route.into(), report.context.clone())
                 .detail("source", report.source.as_str())
                 .detail("reported_by", report.source.reported_by());
+        if let Some(identity) = &report.identity {
+            presentation = presentation.event_id(identity.trigger_event_id(reported));
+        }
         for (key, value) in [
             ("url", &report.url),
             ("found_in", &report.found_in),

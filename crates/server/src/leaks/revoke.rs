@@ -13,7 +13,8 @@
 //! forgotten once worked off. The replica that received it works it off at once under a lease; a
 //! report whose lease runs out (its replica was killed, or the store failed the work) is taken
 //! again by any replica's [`run`] loop, after a restart too. Working a report off twice changes
-//! nothing the second time: a revoked credential is not revoked again, and no event is recorded.
+//! nothing the second time: a revoked credential is not revoked again, and no event is recorded;
+//! a canary's trigger event has an id made of the report's and the token's, written once.
 
 use super::{respond_to_report, LeakReport, LeakSource, TAG};
 use crate::app::App;
@@ -270,6 +271,7 @@ async fn work_off(app: &App, stored: &LeakReportRecord) {
         found_in: None,
         token_type: None,
         context: stored.context.clone(),
+        identity: Some(super::ReportIdentity::stored(stored.id, stored.received_at)),
     };
     let request_id = report.context.request_id.as_deref();
     // A fifth of the lease is left for the last attempt: no other replica takes the report while

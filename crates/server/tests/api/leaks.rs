@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 both_backends!(
     a_canary_reported_by_github_is_recorded_and_left_armed,
+    a_canary_in_a_report_worked_off_again_after_a_lost_acknowledgement_is_recorded_once,
+    a_canary_in_a_report_worked_off_by_the_next_server_is_recorded_once,
+    a_canary_in_a_github_report_delivered_again_is_recorded_once,
     a_leaked_service_accounts_grants_are_revoked_on_the_record,
     a_report_overtaken_by_a_rotation_leaves_the_new_secret_alone,
     a_previous_secret_past_its_grace_is_not_the_credential,
@@ -1296,4 +1299,101 @@ async fn a_canary_reported_by_github_is_recorded_and_left_armed(backend: Backend
     let github = "github_secret_scanning";
     assert_eq!(leaked_tokens(&app, github, "unchanged").await, 2);
     assert_eq!(leaked_tokens(&app, github, "revoked").await, 0);
+}
+
+/// A server on a [`crate::faulty_store::FaultyStore`] of `backend` with quick leases, an
+/// organization, a canary API token of it and a live API token: the two tokens.
+async fn canary_and_token_on_faulty_store(
+    backend: Backend,
+    config: keyplane_server::Config,
+) -> (
+    TestApp,
+    Arc<crate::faulty_store::FaultyStore>,
+    Org,
+    String,
+    String,
+) {
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let res = app
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "bait", "scopes": ["*"], "canary": true}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let canary: Value = res.json().await.unwrap();
+    let canary = canary["token"].as_str().unwrap().to_string();
+    let leaked = app.create_token(&org, "leaky", &[]).await;
+    let leaked = leaked["token"].as_str().unwrap().to_string();
+    (app, store, org, canary, leaked)
+}
+
+/// The canary trigger of a public report is written, but its acknowledgement is lost: the report
+/// is worked off again (the write may not have been made), and the trigger is recorded once.
+/// The live token listed after it tells when the report has been worked off.
+async fn a_canary_in_a_report_worked_off_again_after_a_lost_acknowledgement_is_recorded_once(
+    backend: Backend,
+) {
+    let (app, store, org, canary, leaked) =
+        canary_and_token_on_faulty_store(backend, quick_leases()).await;
+    store.lose_next_audit_append_ack();
+    let res = revoke(&app, json!({ "credentials": [canary, leaked] })).await;
+    assert_eq!(res.status(), 202);
+    eventually("the report is worked off", || async {
+        whoami_status(&app, &leaked).await == 401
+    })
+    .await;
+    let triggers = app.audit_events(&org, "credential.canary_triggered").await;
+    assert_eq!(triggers.len(), 1, "{triggers:#?}");
+    assert_eq!(triggers[0]["details"]["source"], "public_revoke");
+    assert_eq!(app.audit_events(&org, "credential.leaked").await.len(), 1);
+}
+
+/// A server records a report's canary trigger and is stopped before the rest of the report is
+/// worked off: the next server works the whole report off again, and the trigger is still
+/// recorded once (the next server has not seen it presented).
+async fn a_canary_in_a_report_worked_off_by_the_next_server_is_recorded_once(backend: Backend) {
+    let mut config = quick_leases();
+    config.http.shutdown_timeout = Duration::from_secs(1);
+    let (mut app, store, org, canary, leaked) =
+        canary_and_token_on_faulty_store(backend, config).await;
+    let mut held = store.hold_before_next_revoke();
+    let res = revoke(&app, json!({ "credentials": [canary, leaked] })).await;
+    assert_eq!(res.status(), 202);
+    // The canary came first: its trigger is written by now.
+    held.reached().await;
+    app.stop().await;
+
+    let next = app.replica().await;
+    eventually("the next server works the report off", || async {
+        whoami_status(&next, &leaked).await == 401
+    })
+    .await;
+    let triggers = next.audit_events(&org, "credential.canary_triggered").await;
+    assert_eq!(triggers.len(), 1, "{triggers:#?}");
+    assert_eq!(next.audit_events(&org, "credential.leaked").await.len(), 1);
+    held.release();
+}
+
+/// GitHub's report of a canary is answered 503 though its trigger was written (the store lost the
+/// acknowledgement), so GitHub delivers the same signed report again: the trigger is recorded
+/// once, and the second delivery is labelled as any report of a canary is.
+async fn a_canary_in_a_github_report_delivered_again_is_recorded_once(backend: Backend) {
+    let key = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let (app, store, org, canary, _) =
+        canary_and_token_on_faulty_store(backend, config_with_keys(&keys.url)).await;
+    let body = matches_body(&[(&canary, "keyplane_api_token")]);
+    store.lose_next_audit_append_ack();
+    let res = post_signed(&app, &key, &body).await;
+    assert_oauth_error(res, 503, "temporarily_unavailable").await;
+    let res = post_signed(&app, &key, &body).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    assert_eq!(feedback[0]["label"], "true_positive", "{feedback}");
+    let triggers = app.audit_events(&org, "credential.canary_triggered").await;
+    assert_eq!(triggers.len(), 1, "{triggers:#?}");
+    assert_eq!(triggers[0]["details"]["source"], "github_secret_scanning");
 }
