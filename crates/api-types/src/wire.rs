@@ -180,8 +180,9 @@ pub struct RotateRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_seconds: Option<u32>,
     /// Retire the replaced secret before the grace period ends, once it has not been presented
-    /// for this many seconds (1–604800) and the new secret has been used at least once. Needs a
-    /// `grace_seconds` above 0.
+    /// for this many seconds and the new secret has been used at least once. Needs a
+    /// `grace_seconds` above 0, and must be below it (1 to `grace_seconds` − 1): the grace period
+    /// would end the replaced secret first.
     #[schema(minimum = 1, maximum = 604800)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retire_when_unused_seconds: Option<u32>,

@@ -357,8 +357,8 @@ pub struct RotateArgs {
     /// Keep the old secret working beside the new one for this long (up to 7d): 1h, 30m.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     grace: Option<Duration>,
-    /// With --grace: retire the old secret earlier, once it has gone unused this long and the
-    /// new one has been used.
+    /// With --grace, and shorter than it: retire the old secret earlier, once it has gone unused
+    /// this long and the new one has been used.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     retire_when_unused: Option<Duration>,
     #[command(flatten)]

@@ -44,6 +44,20 @@ impl crate::extract::FromJsonBody for RotateRequest {
             )));
             return None;
         }
+        // The previous secret goes unused this long at the earliest when the grace period is this
+        // long past the rotation, and the grace period has ended it by then: nothing to retire.
+        if let (Some(retire), Some(grace)) = (retire_when_unused_seconds, grace_seconds) {
+            if retire >= grace {
+                r.check::<()>(Err(FieldError::new(
+                    FieldPath::body("retire_when_unused_seconds"),
+                    codes::OUT_OF_RANGE,
+                    format!(
+                        "must be below grace_seconds ({grace}): the grace period ends the previous secret before it could go unused that long"
+                    ),
+                )));
+                return None;
+            }
+        }
         Some(Self {
             grace_seconds,
             retire_when_unused_seconds,

@@ -2422,6 +2422,7 @@ async fn long_authorization_lists_are_answered_whole_a_page_at_a_time(backend: B
 }
 
 both_backends!(
+    a_retire_window_the_grace_period_ends_first_is_refused,
     long_service_account_lists_are_answered_whole_a_page_at_a_time,
     a_list_page_that_cannot_be_read_cuts_the_answer_short,
     long_authorization_lists_are_answered_whole_a_page_at_a_time,
@@ -2450,3 +2451,37 @@ both_backends!(
     tokens_cross_surfaces_only_as_far_as_their_rights_go,
     openapi_and_docs_list_the_hybridbox_routes,
 );
+
+/// `retire_when_unused_seconds` at or past `grace_seconds` could never retire anything (the grace
+/// period ends first): refused in FastAPI's dialect, and nothing is rotated.
+async fn a_retire_window_the_grace_period_ends_first_is_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    let created = create_sa(&app, &org, &org.token, "rotating").await;
+    let id = text(&created, "id");
+    let path = org.account_path(&format!("/service-accounts/{id}/rotate"));
+    for retire in [600, 601] {
+        let body = json!({"grace_seconds": 600, "retire_when_unused_seconds": retire});
+        assert_eq!(
+            assert_422(app.post(&path, &org.token, body.clone()).await).await,
+            errors(&[(
+                json!(["body", "retire_when_unused_seconds"]),
+                "out_of_range"
+            )]),
+            "body {body}"
+        );
+    }
+    let listed = get_ok(&app, &org.account_path("/service-accounts"), &org.token).await;
+    assert_eq!(
+        listed[0]["token_public_id"], created["token_public_id"],
+        "not rotated"
+    );
+    let res = app
+        .post(
+            &path,
+            &org.token,
+            json!({"grace_seconds": 600, "retire_when_unused_seconds": 599}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+}

@@ -462,6 +462,17 @@ async fn rotation_bodies_are_validated(backend: Backend) {
             "retire_when_unused_seconds",
             "out_of_range",
         ),
+        // The grace period ends before it could go unused that long: it would never retire.
+        (
+            json!({"grace_seconds": 600, "retire_when_unused_seconds": 600}),
+            "retire_when_unused_seconds",
+            "out_of_range",
+        ),
+        (
+            json!({"grace_seconds": 600, "retire_when_unused_seconds": 3600}),
+            "retire_when_unused_seconds",
+            "out_of_range",
+        ),
         (json!({"grace": 60}), "grace", "unknown_field"),
         (
             json!({"expires_at": "2001-01-01T00:00:00Z"}),
