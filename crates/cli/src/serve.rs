@@ -172,6 +172,12 @@ pub struct ServeArgs {
     /// retiring unused previous secrets (`retire_when_unused_seconds`), forgetting ended ones.
     #[arg(long, env = "KEYPLANE_LIFECYCLE_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lifecycle_sweep_seconds: u64,
+    /// On PostgreSQL, how far this replica's clock may be from the database's (measured at start
+    /// and every few seconds) before the jobs that change the store by it are held: the lifecycle
+    /// sweep (grace ends, expiry notices), audit retention and the pruning of Idempotency-Key
+    /// records, console sessions, webhook deliveries and public revocation reports. 1 to 3600.
+    #[arg(long, env = "KEYPLANE_MAX_CLOCK_SKEW_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    max_clock_skew_seconds: u64,
     /// Where GitHub's secret-scanning public keys are fetched (cached; refetched when a request
     /// names an unknown key, at most every 5 min once keys are loaded, every 10 s until then).
     /// `https`, or `http` to a loopback host.
@@ -457,6 +463,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         audit_retention_days: args.audit_retention_days,
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
         lifecycle_sweep_interval: Duration::from_secs(args.lifecycle_sweep_seconds),
+        max_clock_skew: Duration::from_secs(args.max_clock_skew_seconds),
         github_keys: keyplane_server::leaks::GithubKeysConfig {
             url: args.github_secret_scanning_keys_url,
             ..Default::default()

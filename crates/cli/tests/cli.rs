@@ -957,6 +957,52 @@ async fn the_costly_grant_share_is_checked_at_start() {
     assert_eq!(health.status(), 200);
 }
 
+/// `--max-clock-skew-seconds` takes 1 to 3600: 0 (every measurement would hold the jobs) or more
+/// than an hour (the guard would let grace periods end an hour early) is refused at start with a
+/// line naming the flag; a value within starts, and `/readyz` shows it.
+#[tokio::test]
+async fn the_clock_skew_limit_is_checked_at_start() {
+    for value in ["0", "3601"] {
+        let data_dir = tempfile::tempdir().expect("create a temporary directory");
+        std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let output = run(
+            keyplane()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(["--max-clock-skew-seconds", value])
+                .arg("--data-dir")
+                .arg(data_dir.path()),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(!output.status.success(), "serve accepted {value}");
+        assert!(
+            output.stderr.contains("--max-clock-skew-seconds")
+                && output.stderr.contains("1..=3600"),
+            "{value}: {}",
+            output.stderr
+        );
+        assert!(!data_dir.path().join("bootstrap.json").exists());
+    }
+    let store = common::TestStore::new(Backend::Sqlite).await;
+    let keyplane = Keyplane::start(
+        &store,
+        &["--max-clock-skew-seconds", "2"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let ready: serde_json::Value = keyplane
+        .http
+        .get(keyplane.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["clock"]["limit_seconds"], 2.0, "{ready}");
+    assert_eq!(ready["clock"]["status"], "not_checked", "{ready}");
+}
+
 /// `--max-connections-per-client` caps the connections one address holds: past it a new one is
 /// closed unserved, while the address's admitted connections are served.
 #[tokio::test]

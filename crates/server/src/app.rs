@@ -62,6 +62,9 @@ pub(crate) struct Inner {
     /// Where the usage-aware cutover's last sweep stopped (`ops::lifecycle_sweep`): the next
     /// continues there, so every candidate is reached within a bounded number of sweeps.
     pub(crate) retirement_cursor: crate::ops::RetirementCursor,
+    /// This replica's clock against the database's: the time-driven jobs that change the shared
+    /// store ask it first.
+    pub(crate) clock_check: crate::clock_check::ClockCheck,
 }
 
 impl App {
@@ -110,6 +113,7 @@ impl App {
             config.console.absolute_timeout,
         );
         let costly_grants = crate::registry::CostlyGrants::new(&config.registry);
+        let clock_check = crate::clock_check::ClockCheck::new(config.max_clock_skew);
         Self(Arc::new(Inner {
             store,
             config,
@@ -138,6 +142,7 @@ impl App {
             read_checks: Default::default(),
             costly_grants,
             retirement_cursor: Default::default(),
+            clock_check,
         }))
     }
 

@@ -826,8 +826,19 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Deletes events older than `days` days, in bounded batches, at start and then hourly.
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        // `None`: nothing can be that old, so there is nothing to prune.
-        if let Some(cutoff) = retention_cutoff(crate::ops::now(), days) {
+        // `None`: nothing can be that old, so there is nothing to prune. Not while this replica's
+        // clock is off: a clock ahead would delete events still within the retention.
+        let cutoff = if app
+            .inner()
+            .clock_check
+            .allows(&app, "audit retention")
+            .await
+        {
+            retention_cutoff(crate::ops::now(), days)
+        } else {
+            None
+        };
+        if let Some(cutoff) = cutoff {
             let record = crate::ops::audit_pruned(cutoff, days);
             loop {
                 match app

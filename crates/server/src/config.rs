@@ -39,6 +39,9 @@ pub struct Config {
     /// How often the lifecycle sweep runs: expiry warnings, the usage-aware cutover of previous
     /// secrets, forgetting ended ones.
     pub lifecycle_sweep_interval: Duration,
+    /// How far this replica's clock may be from the database's (PostgreSQL) before the jobs that
+    /// change the shared store by this replica's clock are held (`clock_check`).
+    pub max_clock_skew: Duration,
     /// Leaked-token response (`leaks`): where and how GitHub's secret-scanning keys are fetched.
     pub github_keys: crate::leaks::GithubKeysConfig,
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
@@ -72,22 +75,31 @@ pub struct Config {
     pub revocation_heartbeat: Duration,
 }
 
-/// Wall-clock time plus an offset that only tests move (`advance`). Clones share the offset, so
-/// one handle moves every replica a test builds with it.
+/// Wall-clock time plus an offset that only tests move (`advance`, and `set_wrong_by`). Clones
+/// share the offset, so one handle moves every replica a test builds with it.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
+    /// Time passed as far as tests are concerned: everyone's clock moved, the database's too.
     offset_micros: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// How wrong this clock is (tests): its own error, which the database's clock does not share.
+    wrong_by_micros: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Clock {
     /// Now, at the precision both stores keep.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        keyplane_core::validate::now_micros(self.offset())
+        keyplane_core::validate::now_micros(self.offset().saturating_add(self.wrong_by()))
     }
 
     /// [`Self::now`] as microseconds since the Unix epoch (no calendar arithmetic).
     pub fn now_unix_micros(&self) -> i64 {
-        keyplane_core::validate::unix_micros_now(self.offset())
+        keyplane_core::validate::unix_micros_now(self.offset().saturating_add(self.wrong_by()))
+    }
+
+    /// How far [`Self::advance`] moved this clock: time that passed for the database as well, so
+    /// not an error of this clock's (`clock_check` adds it to the database's reading).
+    pub(crate) fn moved(&self) -> chrono::TimeDelta {
+        chrono::TimeDelta::microseconds(self.offset())
     }
 
     /// A monotonic reading that [`Self::advance`] moves too: for windows a step of the wall clock
@@ -107,6 +119,20 @@ impl Clock {
         let micros = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
         self.offset_micros
             .fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn wrong_by(&self) -> i64 {
+        self.wrong_by_micros
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tests: makes this clock (and its clones) wrong by `by` (ahead when positive, behind when
+    /// negative), as a host whose time is off: unlike [`Self::advance`], which stands for time
+    /// passing, the database's clock does not move with it. `TimeDelta::zero()` sets it right.
+    pub fn set_wrong_by(&self, by: chrono::TimeDelta) {
+        let micros = by.num_microseconds().unwrap_or(i64::MAX);
+        self.wrong_by_micros
+            .store(micros, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -202,6 +228,7 @@ impl Default for Config {
             audit_refusal_window: Duration::from_secs(60),
             clock: Clock::default(),
             lifecycle_sweep_interval: Duration::from_secs(60),
+            max_clock_skew: Duration::from_secs(5),
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
             public_revoke_total_per_minute: 600,

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod canary;
 pub mod client_addr;
+mod clock_check;
 mod coarse_clock;
 pub mod config;
 mod connection;

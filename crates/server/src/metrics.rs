@@ -183,6 +183,8 @@ struct Inner {
     connection_limit_reached: Counter,
     leaked_tokens: Family<LeakLabels, Counter>,
     public_reports: Family<OutcomeLabels, Counter>,
+    /// This replica's clock less the database's, at the last measurement (`clock_check`).
+    clock_skew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -308,6 +310,14 @@ impl Metrics {
                 outcome: outcome.as_str(),
             }));
         }
+        let clock_skew_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "clock_skew_seconds",
+            "This replica's clock less the database's at the last measurement (positive: ahead; \
+             PostgreSQL only, 0 on SQLite); past --max-clock-skew-seconds the time-driven jobs \
+             that change the store are held",
+            clock_skew_seconds.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -332,6 +342,7 @@ impl Metrics {
             connection_limit_reached,
             leaked_tokens,
             public_reports,
+            clock_skew_seconds,
             routes: RwLock::default(),
         }))
     }
@@ -472,6 +483,11 @@ impl Metrics {
                 outcome: outcome.as_str(),
             })
             .inc();
+    }
+
+    /// The last measured difference of this replica's clock from the database's.
+    pub(crate) fn clock_skew(&self, seconds: f64) {
+        self.0.clock_skew_seconds.set(seconds);
     }
 
     pub fn render(&self) -> String {

@@ -1017,7 +1017,8 @@ const SWEEP_MAX_BATCHES: usize = 20;
 /// The lifecycle sweep, run by every replica (each step is a compare-and-set, so replicas never
 /// repeat each other's work): forgets previous secrets whose grace ended, retires unused ones
 /// (usage-aware cutover), and announces expiries: `credential.expiring` 30, 7 and 1 days before
-/// `expires_at` and `credential.expired` after it, each once per credential and stage.
+/// `expires_at` and `credential.expired` after it, each once per credential and stage. Skipped
+/// while this replica's clock is not known to agree with the database's (`clock_check`).
 pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
     lifecycle_sweep_in_pages(app, SWEEP_BATCH).await
 }
@@ -1025,6 +1026,10 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
 /// [`lifecycle_sweep`] reading at most `page` credentials at once: tests make it small.
 #[doc(hidden)]
 pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppError> {
+    // Every step below cuts by this replica's clock, for every tenant and for good.
+    if !app.inner().clock_check.allows(app, "lifecycle sweep").await {
+        return Ok(());
+    }
     let store = app.store().as_ref();
     let now = app.now();
     // The soonest-ending previous secret tells whether any has ended. Only reads when there is

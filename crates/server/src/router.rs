@@ -656,6 +656,9 @@ pub async fn serve(
         }),
         stopped.clone(),
     );
+    // Before any job that cuts by this clock starts (at most 2 s, for a store that does not
+    // answer: the jobs then wait for a measurement that succeeds).
+    app.inner().clock_check.measure(&app).await;
     let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
     let key_refresh = tokio::spawn(crate::registry::refresh_signer(
@@ -803,8 +806,9 @@ async fn lifecycle_sweeps(
 /// How often the store's planner statistics are refreshed (the store refreshes them at open).
 const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Periodic work until `stop` turns true: flush coalesced `last_used_at`, forget idle rate-limit
-/// buckets, prune expired records, refresh the store's planner statistics hourly.
+/// Periodic work until `stop` turns true: flush coalesced `last_used_at`, measure the clock
+/// against the database's, forget idle rate-limit buckets, prune expired records (unless the
+/// clock is off), refresh the store's planner statistics hourly.
 async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
     let mut every = crate::jobs::Every::new(app.inner().config.last_used_flush_interval, stop);
     let mut statistics_at = Instant::now();
@@ -816,10 +820,18 @@ async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
             }
         }
         app.flush_usage().await;
-        crate::idempotency::prune(&app).await;
+        // Periodically, so that `/readyz`, the metric and the log follow the clock even while no
+        // job asks (each job asks again before it runs).
+        let clock = &app.inner().clock_check;
+        clock.measure(&app).await;
+        if clock.allows(&app, "idempotency prune").await {
+            crate::idempotency::prune(&app).await;
+        }
         // Whether or not the console is on now: sessions signed in while it was keep a label
         // and a sealed token until pruned.
-        app.inner().console_sessions.prune(&app).await;
+        if clock.allows(&app, "console session prune").await {
+            app.inner().console_sessions.prune(&app).await;
+        }
         app.inner().verifier.prune();
         if let Some(limiter) = &app.inner().failed_auth {
             limiter.prune();

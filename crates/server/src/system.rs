@@ -56,6 +56,8 @@ pub struct Readiness {
     /// since the start.
     #[schema(required = true)]
     last_write_failure: Option<WriteFailure>,
+    /// This replica's clock against the database's.
+    clock: ClockHealth,
     /// On 503 only: why reads fail (`unreachable`, `busy`, `timed out`, `disk full`,
     /// `read-only`, `I/O error`, or `error`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +71,61 @@ enum ReadinessStatus {
     Ready,
     Degraded,
     Unavailable,
+}
+
+/// This replica's clock against the database's (PostgreSQL only: replicas sharing the store
+/// change it by their own clocks). While it is `skewed` or `unknown`, the jobs that change the
+/// store by this clock are held: the lifecycle sweep (grace ends, expiry notices), audit
+/// retention, and the pruning of Idempotency-Key records, console sessions, webhook deliveries and
+/// public revocation reports.
+#[derive(Serialize, ToSchema)]
+pub struct ClockHealth {
+    /// `ok`; `skewed`: off by more than `limit_seconds`; `unknown`: not measured yet (or every
+    /// measurement failed since the start); `not_checked`: SQLite, one process on one machine.
+    status: ClockHealthStatus,
+    /// This replica's clock less the database's at the last measurement, in seconds (positive:
+    /// ahead); `null` if none.
+    #[schema(required = true)]
+    skew_seconds: Option<f64>,
+    /// `--max-clock-skew-seconds`.
+    limit_seconds: f64,
+    /// When it was last measured (RFC 3339, milliseconds, UTC, on this replica's clock); `null`
+    /// if never.
+    #[schema(required = true, value_type = Option<String>, format = DateTime)]
+    checked_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ClockHealthStatus {
+    Ok,
+    Skewed,
+    Unknown,
+    NotChecked,
+}
+
+impl ClockHealth {
+    fn of(app: &App) -> Self {
+        use crate::clock_check::ClockStatus;
+        let check = &app.inner().clock_check;
+        let state = check.state();
+        Self {
+            status: match state.status {
+                ClockStatus::Ok => ClockHealthStatus::Ok,
+                ClockStatus::Skewed => ClockHealthStatus::Skewed,
+                ClockStatus::Unknown => ClockHealthStatus::Unknown,
+                ClockStatus::NotChecked => ClockHealthStatus::NotChecked,
+            },
+            // To the millisecond: what a reading over the network can tell.
+            skew_seconds: state
+                .last
+                .map(|m| (m.skew_seconds() * 1000.0).round() / 1000.0),
+            limit_seconds: check.limit().as_secs_f64(),
+            checked_at: state
+                .last
+                .map(|m| m.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -139,7 +196,8 @@ impl ReadChecks {
 /// Readiness: the store answers reads (within a second). `status` is `ready`, `degraded` (reads
 /// work, writes are failing: verification keeps serving, changes answer 503) or `unavailable`.
 /// `last_write_failure` names the last transient fault a write met (`disk full`, `read-only`,
-/// `busy`, `unreachable`, ...), and stays after writes recover.
+/// `busy`, `unreachable`, ...), and stays after writes recover. `clock` compares this replica's
+/// clock with the database's (PostgreSQL), and says whether the jobs that cut by it are held.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
     (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
     (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second); `reason` says which.", body = Readiness),
@@ -165,6 +223,7 @@ async fn readyz(State(app): State<App>) -> Response {
             message: fault.public_message(),
             at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }),
+        clock: ClockHealth::of(&app),
         reason: None,
     };
     match reads {

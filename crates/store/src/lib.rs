@@ -310,6 +310,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The database server's clock, read on one connection (the best of a few readings, by round
+    /// trip), for comparing a replica's clock with it: replicas sharing the store judge time-driven
+    /// changes (grace ends, expiry notices, pruning) by their own clocks. `None` where there is no
+    /// other clock to compare with (SQLite: one process, on the machine whose clock it is).
+    async fn database_clock(&self) -> Result<Option<DatabaseClock>, StoreError>;
+
     /// Closes every connection, waiting for those in use to be returned. SQLite checkpoints and
     /// removes its WAL. Every later call answers `Unavailable`.
     async fn close(&self);
@@ -885,6 +891,28 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         ended: EventOf<'_, ConsoleSession>,
     ) -> Result<u64, StoreError>;
+}
+
+/// One reading of the database server's clock ([`Store::database_clock`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseClock {
+    /// The database's time when it answered.
+    pub at: DateTime<Utc>,
+    /// When the query was sent and its answer received, on this process's monotonic clock.
+    pub sent: std::time::Instant,
+    pub received: std::time::Instant,
+}
+
+impl DatabaseClock {
+    pub fn round_trip(&self) -> std::time::Duration {
+        self.received.saturating_duration_since(self.sent)
+    }
+
+    /// Where the database most likely read its clock: half way through the round trip (off by at
+    /// most half of it).
+    pub fn midpoint(&self) -> std::time::Instant {
+        self.sent + self.round_trip() / 2
+    }
 }
 
 /// What `/readyz` reports about writes.

@@ -103,6 +103,30 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// `clock_timestamp()` (the time as the query runs; `now()` is its transaction's start) a few
+    /// times on one connection, keeping the reading with the shortest round trip: the first may
+    /// include preparing the statement, and a reading is known only to within half its round trip.
+    async fn read_database_clock(&self) -> Result<Option<crate::DatabaseClock>, StoreError> {
+        const READINGS: usize = 3;
+        let mut connection = self.pool.acquire().await?;
+        let mut best: Option<crate::DatabaseClock> = None;
+        for _ in 0..READINGS {
+            let sent = Instant::now();
+            let at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+                .fetch_one(&mut *connection)
+                .await?;
+            let reading = crate::DatabaseClock {
+                at,
+                sent,
+                received: Instant::now(),
+            };
+            if best.is_none_or(|b| reading.round_trip() < b.round_trip()) {
+                best = Some(reading);
+            }
+        }
+        Ok(best)
+    }
+
     async fn close_pools(&self) {
         self.pool.close().await;
         self.writer.close().await;

@@ -623,6 +623,12 @@ macro_rules! impl_store {
                 self.refresh_planner_statistics().await
             }
 
+            async fn database_clock(
+                &self,
+            ) -> Result<Option<$crate::DatabaseClock>, $crate::StoreError> {
+                self.read_database_clock().await
+            }
+
             #[tracing::instrument(skip_all)]
             async fn is_bootstrapped(&self) -> Result<bool, $crate::StoreError> {
                 let found = sqlx::query($crate::sql::BOOTSTRAPPED)

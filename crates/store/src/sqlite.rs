@@ -144,6 +144,11 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// One process on one machine: no other clock judges time on this store.
+    async fn read_database_clock(&self) -> Result<Option<crate::DatabaseClock>, StoreError> {
+        Ok(None)
+    }
+
     async fn close_pools(&self) {
         // Readers first: the last connection to close checkpoints the WAL and removes it, and only
         // a read-write one can.

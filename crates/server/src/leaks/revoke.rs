@@ -324,7 +324,14 @@ pub(crate) async fn run(app: App, stop: tokio::sync::watch::Receiver<bool>) {
     // Whether the last claim failed: logged once per outage, not at every poll.
     let mut failing = false;
     while every.tick().await {
-        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+        // Not while this replica's clock is off: one ahead would give up reports early.
+        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY)
+            && app
+                .inner()
+                .clock_check
+                .allows(&app, "leak report give-up")
+                .await
+        {
             pruned_at = Some(Instant::now());
             give_up_old_reports(&app).await;
         }

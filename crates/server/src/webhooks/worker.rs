@@ -94,7 +94,14 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
                             job,
                         ));
                     }
-                    if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                    // Not while this replica's clock is off: it cuts by it.
+                    if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY)
+                        && app
+                            .inner()
+                            .clock_check
+                            .allows(&app, "webhook delivery prune")
+                            .await
+                    {
                         prune(&app, &config).await;
                         pruned_at = Some(Instant::now());
                     }
@@ -249,8 +256,13 @@ async fn deliver(
         error: outcome.error,
         next,
     };
-    let failing_since =
-        at - TimeDelta::from_std(config.disable_after).unwrap_or(TimeDelta::days(5));
+    // A clock ahead would disable a webhook before it has failed that long: while this replica's
+    // clock is off, it disables none (a replica with a good clock will).
+    let failing_since = if app.inner().clock_check.trusted() {
+        at - TimeDelta::from_std(config.disable_after).unwrap_or(TimeDelta::days(5))
+    } else {
+        chrono::DateTime::<chrono::Utc>::MIN_UTC
+    };
     match app
         .store()
         .record_webhook_attempt(

@@ -329,6 +329,11 @@ impl Store for FaultyStore {
         self.inner.ping().await
     }
 
+    async fn database_clock(&self) -> Result<Option<keyplane_store::DatabaseClock>, StoreError> {
+        self.check()?;
+        self.inner.database_clock().await
+    }
+
     fn write_health(&self) -> WriteHealth {
         if self.writes_reported_failing.load(Ordering::SeqCst) {
             return WriteHealth {

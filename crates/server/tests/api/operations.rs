@@ -24,11 +24,32 @@ async fn health_and_readiness(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
-    let body: Value = ready.json().await.unwrap();
+    let mut body: Value = ready.json().await.unwrap();
     let expected = match backend {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
+    // Measured against PostgreSQL's clock before `serve` answers; SQLite has no other clock.
+    let clock = body
+        .as_object_mut()
+        .unwrap()
+        .remove("clock")
+        .expect("clock");
+    match backend {
+        Backend::Sqlite => assert_eq!(
+            clock,
+            json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "checked_at": null})
+        ),
+        Backend::Postgres => {
+            assert_eq!(clock["status"], "ok", "{clock}");
+            assert!(
+                clock["skew_seconds"].as_f64().unwrap().abs() < 1.0,
+                "{clock}"
+            );
+            assert_eq!(clock["limit_seconds"], 5.0, "{clock}");
+            assert!(clock["checked_at"].is_string(), "{clock}");
+        }
+    }
     // `reason` only on a 503.
     assert_eq!(
         body,
@@ -404,7 +425,15 @@ async fn the_document_declares_every_answer() {
     }
     assert_eq!(
         schemas["Readiness"]["required"],
-        json!(["status", "store", "writes", "last_write_failure"])
+        json!(["status", "store", "writes", "last_write_failure", "clock"])
+    );
+    assert_eq!(
+        schemas["ClockHealth"]["required"],
+        json!(["status", "skew_seconds", "limit_seconds", "checked_at"])
+    );
+    assert_eq!(
+        schemas["ClockHealthStatus"]["enum"],
+        json!(["ok", "skewed", "unknown", "not_checked"])
     );
     assert_eq!(
         schemas["ReadinessStatus"]["enum"],

@@ -1,0 +1,236 @@
+//! A replica whose clock is off: on PostgreSQL it is measured against the database's, shown by
+//! `/readyz` and `/metrics`, logged once on entering and once on leaving, and the jobs that change
+//! the shared store by that clock are held meanwhile. SQLite has no other clock to compare with.
+
+use crate::helpers::{test_config, Org, TestApp};
+use chrono::TimeDelta;
+use keyplane_store::testing::Backend;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn readiness(app: &TestApp) -> Value {
+    let res = app
+        .request(Method::GET, "/readyz", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// `keyplane_clock_skew_seconds` as `/metrics` shows it.
+async fn skew_metric(app: &TestApp) -> f64 {
+    let text = app.metrics().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("keyplane_clock_skew_seconds "))
+        .unwrap_or_else(|| panic!("no keyplane_clock_skew_seconds in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits (at most 10 s) until `/readyz` on `app` shows a clock that `wanted` accepts.
+async fn clock_until(app: &TestApp, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let clock = readiness(app).await["clock"].clone();
+        if wanted(&clock) {
+            return clock;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s; last {clock}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ids of the credentials whose previous secret the store still holds.
+async fn holding_a_previous_secret(app: &TestApp) -> Vec<String> {
+    app.app
+        .store()
+        .credentials_with_previous_secret(100)
+        .await
+        .expect("read the credentials holding a previous secret")
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect()
+}
+
+async fn forward(app: &TestApp, token: &str) -> u16 {
+    app.request(Method::GET, "/v1/auth/forward", Some(token))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn rotate_with_grace(app: &TestApp, org: &Org, id: &str, grace_seconds: u64) -> Value {
+    let res = app
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({ "grace_seconds": grace_seconds }),
+        )
+        .await;
+    assert_eq!(res.status(), 200, "rotation");
+    res.json().await.unwrap()
+}
+
+fn log_lines_with(needle: &str) -> usize {
+    crate::logs::captured()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .count()
+}
+
+/// One replica two hours ahead of PostgreSQL, one right, on one database. The one ahead would end
+/// a rotation's one-hour grace at once and announce a token expiring in half an hour as expired:
+/// its sweep is held, `/readyz` and the metric show the difference, the log says so once. Set
+/// right, it is back to normal (logged once), and the right replica ends the grace at its real end.
+#[tokio::test]
+async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
+    let right_config = test_config();
+    let right_clock = right_config.clock.clone();
+    let right = TestApp::spawn_with(Backend::Postgres, right_config).await;
+    let ahead_config = test_config();
+    let ahead_clock = ahead_config.clock.clone();
+    ahead_clock.set_wrong_by(TimeDelta::hours(2));
+    let ahead = right.replica_at(right.database_url(), ahead_config).await;
+
+    let org = right.create_org("acme").await;
+    let created = right.create_token(&org, "deployer", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let old = created["token"].as_str().unwrap().to_string();
+    let new = rotate_with_grace(&right, &org, &id, 3600).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let soon = (chrono::Utc::now() + TimeDelta::minutes(30)).to_rfc3339();
+    let res = right
+        .post(
+            &org.path("/api-tokens"),
+            &org.token,
+            json!({"name": "short-lived", "expires_at": soon}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+
+    // The replica ahead sweeps: nothing changes.
+    keyplane_server::ops::lifecycle_sweep(&ahead.app)
+        .await
+        .expect("sweep");
+    assert!(
+        holding_a_previous_secret(&right).await.contains(&id),
+        "the replica ahead ended the grace period two hours early"
+    );
+    assert_eq!(forward(&right, &old).await, 200, "the previous secret");
+    assert_eq!(forward(&right, &new).await, 200, "the current secret");
+    assert_eq!(
+        right.audit_events(&org, "credential.expired").await.len(),
+        0,
+        "a false credential.expired"
+    );
+
+    // Shown by `/readyz` and the metric, on the replica ahead only.
+    let clock = readiness(&ahead).await["clock"].clone();
+    assert_eq!(clock["status"], "skewed", "{clock}");
+    assert_eq!(clock["limit_seconds"], 5.0, "{clock}");
+    let skew = clock["skew_seconds"].as_f64().expect("a skew");
+    assert!((skew - 7200.0).abs() < 2.0, "{clock}");
+    assert!(clock["checked_at"].is_string(), "{clock}");
+    assert!((skew_metric(&ahead).await - 7200.0).abs() < 2.0);
+    let clock = readiness(&right).await["clock"].clone();
+    assert_eq!(clock["status"], "ok", "{clock}");
+    assert!(
+        clock["skew_seconds"].as_f64().unwrap().abs() < 1.0,
+        "{clock}"
+    );
+    assert!(skew_metric(&right).await.abs() < 1.0);
+
+    // Measured again and again (the background work does every second at most), logged once.
+    let first = readiness(&ahead).await["clock"]["checked_at"].clone();
+    let later = clock_until(&ahead, "measured again", |clock| {
+        clock["checked_at"] != first
+    })
+    .await;
+    clock_until(&ahead, "measured a third time", |clock| {
+        clock["checked_at"] != later["checked_at"]
+    })
+    .await;
+    assert_eq!(
+        log_lines_with("s ahead of the database's (more than --max-clock-skew-seconds"),
+        1,
+        "one warning on entering"
+    );
+
+    // Set right: back to normal, logged once, and its sweep runs again (nothing has ended).
+    ahead_clock.set_wrong_by(TimeDelta::zero());
+    let clock = clock_until(&ahead, "the clock set right", |clock| {
+        clock["status"] == "ok"
+    })
+    .await;
+    assert!(
+        clock["skew_seconds"].as_f64().unwrap().abs() < 1.0,
+        "{clock}"
+    );
+    assert!(skew_metric(&ahead).await.abs() < 1.0);
+    assert_eq!(
+        log_lines_with("clock agrees with the database's again"),
+        1,
+        "one line on leaving"
+    );
+    keyplane_server::ops::lifecycle_sweep(&ahead.app)
+        .await
+        .expect("sweep");
+    assert!(holding_a_previous_secret(&right).await.contains(&id));
+    assert_eq!(
+        right.audit_events(&org, "credential.expired").await.len(),
+        0
+    );
+
+    // A right clock ends the grace at its real end, not before: time passes for everyone.
+    let sweep_right = || async {
+        keyplane_server::ops::lifecycle_sweep(&right.app)
+            .await
+            .expect("sweep")
+    };
+    let passes = |by: Duration| {
+        right_clock.advance(by);
+        ahead_clock.advance(by);
+    };
+    passes(Duration::from_secs(3590));
+    sweep_right().await;
+    assert!(holding_a_previous_secret(&right).await.contains(&id));
+    passes(Duration::from_secs(11));
+    sweep_right().await;
+    assert!(!holding_a_previous_secret(&right).await.contains(&id));
+    // Time passing is no error of either clock.
+    assert_eq!(readiness(&ahead).await["clock"]["status"], "ok");
+    assert_eq!(readiness(&right).await["clock"]["status"], "ok");
+}
+
+/// SQLite is one process on one machine: its clock is not checked, and nothing is held.
+#[tokio::test]
+async fn on_sqlite_the_clock_is_not_checked() {
+    let config = test_config();
+    let clock = config.clock.clone();
+    clock.set_wrong_by(TimeDelta::hours(2));
+    let app = TestApp::spawn_with(Backend::Sqlite, config).await;
+    assert_eq!(
+        readiness(&app).await["clock"],
+        json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "checked_at": null})
+    );
+    assert_eq!(skew_metric(&app).await, 0.0);
+    let org = app.create_org("acme").await;
+    let created = app.create_token(&org, "deployer", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    rotate_with_grace(&app, &org, &id, 60).await;
+    // Its clock, however wrong, is the only one the store knows: the sweep runs by it.
+    clock.advance(Duration::from_secs(61));
+    keyplane_server::ops::lifecycle_sweep(&app.app)
+        .await
+        .expect("sweep");
+    assert!(!holding_a_previous_secret(&app).await.contains(&id));
+}
