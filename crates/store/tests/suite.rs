@@ -83,6 +83,30 @@ fn new_token(tenant_id: TenantId, name: &str) -> (Credential, keyplane_core::Pla
     .issue(now(), &mut OsRng)
 }
 
+/// PostgreSQL answers its clock (with the round trip it took to read it); SQLite has no other
+/// clock than the process's own and answers none.
+async fn the_database_clock_is_read_on_postgres_only(backend: Backend) {
+    let f = fixture(backend).await;
+    let before = Utc::now();
+    let reading = f.store.database_clock().await.expect("read the clock");
+    let after = Utc::now();
+    match backend {
+        Backend::Sqlite => assert!(reading.is_none()),
+        Backend::Postgres => {
+            let reading = reading.expect("PostgreSQL's clock");
+            // The same host's clock, read between the two.
+            let slack = TimeDelta::milliseconds(500);
+            assert!(
+                reading.at >= before - slack && reading.at <= after + slack,
+                "{} not within {before} .. {after}",
+                reading.at
+            );
+            assert!(reading.sent <= reading.midpoint() && reading.midpoint() <= reading.received);
+            assert!(reading.round_trip() < std::time::Duration::from_secs(5));
+        }
+    }
+}
+
 async fn created_credential_round_trips(backend: Backend) {
     let f = fixture(backend).await;
     let (credential, plaintext) = new_token(f.tenant.id, "ci");
@@ -2259,6 +2283,7 @@ macro_rules! store_suite {
 }
 
 store_suite! {
+    the_database_clock_is_read_on_postgres_only,
     created_credential_round_trips,
     names_are_unique_among_live_credentials,
     rotation_keeps_the_id_and_replaces_the_hash,
