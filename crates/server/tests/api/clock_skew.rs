@@ -211,6 +211,22 @@ async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
     assert_eq!(readiness(&right).await["clock"]["status"], "ok");
 }
 
+/// A clock behind is off too: shown with its sign, and the jobs are held the same.
+#[tokio::test]
+async fn a_replica_behind_the_database_is_skewed_too() {
+    let config = test_config();
+    config.clock.set_wrong_by(TimeDelta::seconds(-90));
+    let behind = TestApp::spawn_with(Backend::Postgres, config).await;
+    let clock = readiness(&behind).await["clock"].clone();
+    assert_eq!(clock["status"], "skewed", "{clock}");
+    let skew = clock["skew_seconds"].as_f64().expect("a skew");
+    assert!((skew + 90.0).abs() < 2.0, "{clock}");
+    assert!((skew_metric(&behind).await + 90.0).abs() < 2.0);
+    assert!(crate::logs::captured()
+        .lines()
+        .any(|line| line.contains("s behind the database's (more than --max-clock-skew-seconds")));
+}
+
 /// SQLite is one process on one machine: its clock is not checked, and nothing is held.
 #[tokio::test]
 async fn on_sqlite_the_clock_is_not_checked() {
