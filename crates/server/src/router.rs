@@ -806,13 +806,21 @@ async fn lifecycle_sweeps(
 /// How often the store's planner statistics are refreshed (the store refreshes them at open).
 const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Periodic work until `stop` turns true: flush coalesced `last_used_at`, measure the clock
-/// against the database's, forget idle rate-limit buckets, prune expired records (unless the
-/// clock is off), refresh the store's planner statistics hourly.
+/// Periodic work until `stop` turns true: probe writes while they fail, flush coalesced
+/// `last_used_at`, measure the clock against the database's, forget idle rate-limit buckets,
+/// prune expired records (unless the clock is off), refresh the store's planner statistics hourly.
 async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
     let mut every = crate::jobs::Every::new(app.inner().config.last_used_flush_interval, stop);
     let mut statistics_at = Instant::now();
     while every.tick().await {
+        // While writes fail, a write of its own each tick: background work mostly writes nothing
+        // (which tells nothing), and a degraded replica may get no client writes, so without it
+        // `/readyz` would not see the store take writes again.
+        if app.store().write_health().failing {
+            if let Err(error) = app.store().probe_writes().await {
+                tracing::debug!(%error, "the store's writes are still failing");
+            }
+        }
         if statistics_at.elapsed() >= STATISTICS_EVERY {
             statistics_at = Instant::now();
             if let Err(error) = app.store().refresh_statistics().await {

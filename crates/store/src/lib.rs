@@ -303,6 +303,13 @@ pub trait Store: Send + Sync + 'static {
     /// one met. No I/O.
     fn write_health(&self) -> WriteHealth;
 
+    /// Writes one row larger than a client's change (`meta`'s `write_probe`: the time and 1 MiB
+    /// of padding; deleted again), recording the outcome for [`Store::write_health`]: while
+    /// writes are failing,
+    /// background work calls it so that a store that takes writes again reads as such without
+    /// waiting for a client's change (which a degraded replica may not get).
+    async fn probe_writes(&self) -> Result<(), StoreError>;
+
     /// Refreshes the statistics the query planner chooses indexes by, where the backend does
     /// not by itself (SQLite: `PRAGMA optimize`, usually a no-op). For a background task, about
     /// hourly.
@@ -929,11 +936,20 @@ pub struct WriteHealth {
 pub(crate) struct WriteTracker(std::sync::Mutex<WriteHealth>);
 
 impl WriteTracker {
-    /// Passes `outcome` through. Only transient faults and successes change the health: a conflict
-    /// says nothing about the database.
-    pub(crate) fn observe<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+    /// Passes `outcome` through. Only transient faults and writes that `wrote` says are evidence
+    /// change the health: a conflict says nothing about the database, and neither does a
+    /// transaction that changed no row (it commits on a full disk or a frozen file system: a
+    /// prune that found nothing) or background work's writes, mostly of nothing or of one small
+    /// row, no sign that a client's change would go through. Taken for evidence, they had a
+    /// failing store read as ready within a background tick.
+    pub(crate) fn observe<T>(
+        &self,
+        outcome: Result<T, StoreError>,
+        wrote: impl FnOnce(&T) -> bool,
+    ) -> Result<T, StoreError> {
         let fault = match &outcome {
-            Ok(_) => None,
+            Ok(done) if wrote(done) => None,
+            Ok(_) => return outcome,
             Err(error) => match error.fault() {
                 Some(fault) => Some(fault),
                 None => return outcome,

@@ -38,6 +38,12 @@ pub(crate) const REGISTRIES_TO_TELL: &str =
     "SELECT tenant_id, id, project FROM registries ORDER BY tenant_id";
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
+/// A write that always changes a row (a new time): `Store::probe_writes`.
+pub(crate) const PROBE_WRITES: &str = "INSERT INTO meta (key, value) VALUES ('write_probe', $1) \
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// Bytes of padding in the probe's row: more than a client's change writes (bar large imports).
+pub(crate) const PROBE_PADDING: usize = 1024 * 1024;
+pub(crate) const PROBE_DONE: &str = "DELETE FROM meta WHERE key = 'write_probe'";
 /// A ping slower than this asks whether the database can be reached at all.
 pub(crate) const SLOW_PING: std::time::Duration = std::time::Duration::from_millis(200);
 pub(crate) const BOOTSTRAPPED: &str = "SELECT 1 FROM meta WHERE key = 'bootstrapped' \
@@ -575,15 +581,38 @@ macro_rules! impl_store {
                 sql
             }
 
-            /// Runs one write operation and records how it went for `/readyz`.
+            /// Runs one write operation that writes whenever it succeeds (a client's change, which
+            /// records its event) and records how it went for `/readyz`.
             async fn write<T>(
                 &self,
                 operation: impl std::future::Future<Output = Result<T, $crate::StoreError>>,
             ) -> Result<T, $crate::StoreError> {
+                self.write_if(operation, |_| true).await
+            }
+
+            /// [`Self::write`] for an operation that may find nothing to write (a delete of what
+            /// may be gone): its success counts for `/readyz` only when `wrote` says it changed
+            /// rows. Background work passes `|_| false` ([`Self::write_background`]).
+            async fn write_if<T>(
+                &self,
+                operation: impl std::future::Future<Output = Result<T, $crate::StoreError>>,
+                wrote: impl FnOnce(&T) -> bool,
+            ) -> Result<T, $crate::StoreError> {
                 let outcome = operation.await.map_err(|error| {
                     $crate::error::without_connections(error, self.writer.size())
                 });
-                self.writes.observe(outcome)
+                self.writes.observe(outcome, wrote)
+            }
+
+            /// [`Self::write`] for background work (prunes, claims, sweeps, last-use flushes):
+            /// its faults count for `/readyz`, its successes do not. They mostly write nothing
+            /// or one small row, which may commit where a client's change does not; the probe
+            /// (`probe_writes`) and clients' changes tell that writes work again.
+            async fn write_background<T>(
+                &self,
+                operation: impl std::future::Future<Output = Result<T, $crate::StoreError>>,
+            ) -> Result<T, $crate::StoreError> {
+                self.write_if(operation, |_| false).await
             }
         }
 
@@ -612,6 +641,33 @@ macro_rules! impl_store {
 
             fn write_health(&self) -> $crate::WriteHealth {
                 self.writes.health()
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn probe_writes(&self) -> Result<(), $crate::StoreError> {
+                self.write(async {
+                    // Padded past what a client's change writes: a write smaller than the
+                    // change that failed may fit where it did not.
+                    let value = format!(
+                        "{} {}",
+                        chrono::Utc::now().to_rfc3339(),
+                        "-".repeat($crate::sql::PROBE_PADDING)
+                    );
+                    sqlx::query($crate::sql::PROBE_WRITES)
+                        .bind(value)
+                        .execute(&self.writer)
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+                // Not kept: the padding would stay in the store. Background work: not observed.
+                self.write_background(async {
+                    sqlx::query($crate::sql::PROBE_DONE)
+                        .execute(&self.writer)
+                        .await?;
+                    Ok(())
+                })
+                .await
             }
 
             async fn close(&self) {
@@ -1416,7 +1472,7 @@ macro_rules! impl_store {
                 &self,
                 event: &keyplane_core::AuditEvent,
             ) -> Result<(), $crate::StoreError> {
-                self.write(async {
+                self.write_if(async {
                     let mut tx = self.writer.begin().await?;
                     // Only the writer that made an event retries it, one attempt after another:
                     // no lock needed between this read and the append.
@@ -1432,15 +1488,16 @@ macro_rules! impl_store {
                             // attempt whose commit was still on its way, or another replica
                             // working off the same leak report): it is in the trail.
                             Err(error) if $crate::audit::is_duplicate_event(&error) => {
-                                return Ok(())
+                                return Ok(false)
                             }
                             outcome => outcome?,
                         }
                         tx.commit().await.map_err($crate::StoreError::from_commit)?;
                     }
-                    Ok(())
-                })
+                    Ok(!written)
+                }, |appended| *appended)
                 .await
+                .map(drop)
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %query.tenant_id))]
@@ -1472,7 +1529,7 @@ macro_rules! impl_store {
                 batch: u32,
                 pruned: $crate::EventOf<'_, $crate::PrunedPrefix>,
             ) -> Result<u64, $crate::StoreError> {
-                self.write(Self::prune_audit_batch(&self.writer, before, batch, pruned))
+                self.write_background(Self::prune_audit_batch(&self.writer, before, batch, pruned))
                     .await
             }
 
@@ -1488,7 +1545,7 @@ macro_rules! impl_store {
                 consumer: &str,
                 cursors: &[(keyplane_core::TenantId, u64)],
             ) -> Result<(), $crate::StoreError> {
-                self.write(Self::save_export_cursors(&self.writer, consumer, cursors))
+                self.write_background(Self::save_export_cursors(&self.writer, consumer, cursors))
                     .await
             }
 
@@ -1551,7 +1608,7 @@ macro_rules! impl_store {
                 at: chrono::DateTime<chrono::Utc>,
                 event: &keyplane_core::AuditEvent,
             ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
-                self.write(async {
+                self.write_if(async {
                     let sql = format!(
                         "UPDATE credentials SET previous_secret_hash = NULL, previous_secret_expires_at = NULL, \
                          previous_secret_last_used_at = NULL, retire_previous_when_unused_seconds = NULL, updated_at = $1 \
@@ -1574,7 +1631,7 @@ macro_rules! impl_store {
                     }
                     tx.commit().await?;
                     row.map(TryInto::try_into).transpose()
-                })
+                }, |retired| retired.is_some())
                 .await
             }
 
@@ -1615,7 +1672,7 @@ macro_rules! impl_store {
                 // A row a statement: one UPDATE of them all would lock the rows in the table's
                 // order while waiting for the next, and deadlock on PostgreSQL with a last-use
                 // flush holding them in id order.
-                self.write(async {
+                self.write_background(async {
                     let ended: Vec<(uuid::Uuid,)> = sqlx::query_as($crate::sql::ENDED_PREVIOUS_SECRETS)
                         .bind(now)
                         .fetch_all(&self.writer)
@@ -1657,7 +1714,7 @@ macro_rules! impl_store {
                 stage: u32,
                 event: &keyplane_core::AuditEvent,
             ) -> Result<bool, $crate::StoreError> {
-                self.write(async {
+                self.write_if(async {
                     let stage = i32::try_from(stage).unwrap_or(0);
                     let mut tx = self.writer.begin().await?;
                     let claimed = sqlx::query(
@@ -1676,7 +1733,7 @@ macro_rules! impl_store {
                     }
                     tx.commit().await?;
                     Ok(claimed)
-                })
+                }, |claimed| *claimed)
                 .await
             }
 
@@ -1760,7 +1817,7 @@ macro_rules! impl_store {
                 let Some(every_credential) = rounds.first() else {
                     return Ok(());
                 };
-                self.write(async {
+                self.write_background(async {
                     let mut tx = self.writer.begin().await?;
                     Self::lock_used_credentials(&mut tx, every_credential).await?;
                     for round in &rounds {
@@ -1942,7 +1999,7 @@ macro_rules! impl_store {
                 if !self.deliveries_due(claim.now).await? {
                     return Ok(Vec::new());
                 }
-                self.write(self.deliveries_claim(claim)).await
+                self.write_background(self.deliveries_claim(claim)).await
             }
 
             #[tracing::instrument(skip_all, fields(lease.id = %lease_id))]
@@ -1951,7 +2008,7 @@ macro_rules! impl_store {
                 lease_id: uuid::Uuid,
                 until: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>, $crate::StoreError> {
-                self.write(self.lease_renew(lease_id, until)).await
+                self.write_background(self.lease_renew(lease_id, until)).await
             }
 
             #[tracing::instrument(skip_all, fields(webhook.id = %attempt.webhook_id))]
@@ -1961,7 +2018,7 @@ macro_rules! impl_store {
                 disable_failing_since: chrono::DateTime<chrono::Utc>,
                 disable_event: &keyplane_core::AuditEvent,
             ) -> Result<$crate::AttemptRecorded, $crate::StoreError> {
-                self.write(self.attempt_record(attempt, disable_failing_since, disable_event))
+                self.write_background(self.attempt_record(attempt, disable_failing_since, disable_event))
                     .await
             }
 
@@ -2002,8 +2059,10 @@ macro_rules! impl_store {
                     .bind(lease_until.timestamp_millis())
                     .bind(i64::from(max_pending))
                     .execute(&self.writer);
-                self.write(async { Ok(insert.await?.rows_affected() == 1) })
-                    .await
+                self.write_if(async { Ok(insert.await?.rows_affected() == 1) }, |stored| {
+                    *stored
+                })
+                .await
             }
 
             #[tracing::instrument(skip_all, fields(lease.id = %lease_id))]
@@ -2030,7 +2089,9 @@ macro_rules! impl_store {
                 .bind(now.timestamp_millis())
                 .bind(i64::from(limit))
                 .fetch_all(&self.writer);
-                let rows = self.write(async { Ok(claim.await?) }).await?;
+                let rows = self
+                    .write_background(async { Ok(claim.await?) })
+                    .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
@@ -2039,7 +2100,7 @@ macro_rules! impl_store {
                 let delete = sqlx::query($crate::sql::FINISH_LEAK_REPORT)
                     .bind(id)
                     .execute(&self.writer);
-                self.write(async { Ok(delete.await.map(drop)?) }).await
+                self.write_background(async { Ok(delete.await.map(drop)?) }).await
             }
 
             #[tracing::instrument(skip_all)]
@@ -2138,7 +2199,7 @@ macro_rules! impl_store {
                 id_hash: &[u8; 32],
                 event: Option<&keyplane_core::AuditEvent>,
             ) -> Result<bool, $crate::StoreError> {
-                self.write(async {
+                self.write_if(async {
                     let mut tx = self.writer.begin().await?;
                     // The head before the session's row, in the order of a console change that
                     // appends its event and then keeps a secret for this session (whose foreign
@@ -2158,7 +2219,7 @@ macro_rules! impl_store {
                     }
                     tx.commit().await?;
                     Ok(deleted)
-                })
+                }, |deleted| *deleted)
                 .await
             }
 
@@ -2170,7 +2231,7 @@ macro_rules! impl_store {
                 limit: u32,
                 ended: $crate::EventOf<'_, $crate::ConsoleSession>,
             ) -> Result<u64, $crate::StoreError> {
-                self.write(async {
+                self.write_background(async {
                     let mut tx = self.writer.begin().await?;
                     let rows: Vec<$crate::rows::ConsoleSessionRow> =
                         sqlx::query_as($crate::sql::PRUNE_CONSOLE_SESSIONS)

@@ -344,6 +344,11 @@ impl Store for FaultyStore {
         self.inner.write_health()
     }
 
+    async fn probe_writes(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.probe_writes().await
+    }
+
     async fn close(&self) {
         self.inner.close().await
     }
