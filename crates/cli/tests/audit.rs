@@ -957,3 +957,116 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
     }
     assert_eq!(review.len(), 2, "a token and a grant: {review:?}");
 }
+
+/// The `keyplane_audit_export_lag_seconds` sample of a `/metrics` answer.
+async fn export_lag(server: &Keyplane) -> f64 {
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keyplane_audit_export_lag_seconds "))
+        .unwrap_or_else(|| panic!("no keyplane_audit_export_lag_seconds in\n{metrics}"))
+        .parse()
+        .expect("a number of seconds")
+}
+
+/// An audit log that takes nothing more (here a FIFO whose buffer is full and which nobody reads;
+/// a hung mount does the same): the export says it is stalled, `/metrics` shows its lag growing,
+/// the server goes on serving, and a stop still ends within `--shutdown-timeout-seconds`, saying
+/// the export was left mid-write.
+#[tokio::test]
+async fn a_stalled_audit_log_is_reported_and_does_not_hold_up_a_stop() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let store = TestStore::new(Backend::Sqlite).await;
+    let fifo = store.db.data_dir.join("audit.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // Held open (read and write, so opening it waits for no peer) and never read; filled until it
+    // takes no more, so the server's first line already waits.
+    let mut held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO");
+    loop {
+        match held.write(&[b'\n'; 4096]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the FIFO: {e}"),
+        }
+    }
+    let mut server = Keyplane::start(
+        &store,
+        &[
+            "--audit-log",
+            fifo.to_str().unwrap(),
+            "--shutdown-timeout-seconds",
+            "2",
+        ],
+        TIMEOUT,
+    )
+    .await;
+    let org = store.bootstrap_org();
+    server.create_token(&org, "meanwhile", &[], None).await;
+
+    wait_until("the log says the export is stalled", || {
+        server.log().contains("audit export stalled")
+    })
+    .await;
+    let first = export_lag(&server).await;
+    assert!(first >= 1.0, "the export's lag is {first} s");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let lag = export_lag(&server).await;
+        if lag >= first + 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the export's lag stays at {lag} s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The server goes on: the stalled export holds none of its workers.
+    server.create_token(&org, "still-served", &[], None).await;
+
+    let pid = server.process.0.id().to_string();
+    let asked = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = common::wait_for_exit(&mut server.process.0, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "serve did not stop within 10 s of SIGTERM (deadline 2 s):\n{}",
+                server.log()
+            )
+        });
+    assert!(status.success(), "exit status {status}:\n{}", server.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "stopped {:?} after SIGTERM",
+        asked.elapsed()
+    );
+    // The log's last lines may still be on their way from the pipe.
+    wait_until("the log says the export was left mid-write", || {
+        server.log().contains("left mid-write")
+    })
+    .await;
+    drop(held);
+}

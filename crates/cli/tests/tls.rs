@@ -841,3 +841,127 @@ async fn http2_frames_after_a_response_leave_the_connection_to_the_idle_timeout(
     // Still usable.
     h2_get(&mut client, "/healthz").await;
 }
+
+/// A leaf like [`Authority::leaf`], with a subject, serial and expiry of the test's choosing.
+fn described_leaf(ca: &Authority, name: &str, serial: &[u8], not_after: (i32, u8, u8)) -> Leaf {
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+        .expect("leaf params");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name}.keyplane.test"));
+    params.serial_number = Some(rcgen::SerialNumber::from(serial.to_vec()));
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    let cert = params.signed_by(&key, &ca.issuer).expect("sign the leaf");
+    let (cert_path, key_path) = (
+        ca.path(&format!("{name}.crt")),
+        ca.path(&format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
+    Leaf {
+        der: cert.der().clone(),
+        cert: cert_path,
+        key: key_path,
+    }
+}
+
+/// The log lines of `server` holding `message`.
+fn lines_with(server: &Keyplane, message: &str) -> Vec<String> {
+    server
+        .log()
+        .lines()
+        .filter(|line| line.contains(message))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `server` has logged `count` lines holding `message`, for at most `limit`; they.
+async fn wait_for_lines(
+    server: &Keyplane,
+    message: &str,
+    count: usize,
+    limit: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = lines_with(server, message);
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {count} lines `{message}` within {limit:?}:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `keyplane_tls_*` sample of `/metrics`.
+async fn tls_metric(ca: &Authority, server: &Keyplane, name: &str) -> i64 {
+    let metrics = ca
+        .reqwest()
+        .get(format!("https://localhost:{}/metrics", port_of(server)))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        .parse()
+        .expect("a whole number")
+}
+
+/// Every load names the certificate (subject, serial, expiry) in the log and sets
+/// `keyplane_tls_certificate_not_after_seconds`; a pair that fails to reload is counted, and
+/// logged again (with the certificate still served) while the files stay bad, not only once.
+#[tokio::test]
+async fn reloads_name_the_certificate_and_failures_are_said_again() {
+    let store = TestStore::new(Backend::Sqlite).await;
+    let ca = Authority::new();
+    let first = described_leaf(&ca, "first", &[0x0a, 0x01, 0xff], (2031, 5, 6));
+    let server = start(&store, &first).await;
+    let loaded = wait_for_lines(&server, "TLS certificate and key loaded", 1, LIMIT).await;
+    for said in ["CN=first.keyplane.test", "0A01FF", "2031-05-06T00:00:00Z"] {
+        assert!(loaded[0].contains(said), "`{said}` not in {}", loaded[0]);
+    }
+    let not_after = "keyplane_tls_certificate_not_after_seconds";
+    let failures = "keyplane_tls_reload_failures_total";
+    assert_eq!(tls_metric(&ca, &server, not_after).await, 1_935_792_000);
+    assert_eq!(tls_metric(&ca, &server, failures).await, 0);
+
+    // A certificate whose key does not come: the reload fails, and says so again while it does.
+    let second = described_leaf(&ca, "second", &[0x7e, 0x57], (2032, 1, 1));
+    // Renamed into place: one change, so a second failure is the retry's, not another change's.
+    let staged = ca.path("staged.crt");
+    std::fs::copy(&second.cert, &staged).expect("stage the certificate");
+    std::fs::rename(&staged, &first.cert).expect("replace the certificate only");
+    let failed = wait_for_lines(&server, "not reloaded", 1, LIMIT).await;
+    assert!(
+        failed[0].contains("0A01FF") && failed[0].contains("2031-05-06T00:00:00Z"),
+        "the failure names the certificate still served: {}",
+        failed[0]
+    );
+    assert!(tls_metric(&ca, &server, failures).await >= 1);
+    wait_for_lines(&server, "not reloaded", 2, Duration::from_secs(45)).await;
+    assert!(tls_metric(&ca, &server, failures).await >= 2);
+    assert_eq!(tls_metric(&ca, &server, not_after).await, 1_935_792_000);
+    assert_eq!(peer_certificate(&server, &ca).await, first.der);
+
+    // The key arrives: the new pair loads, named, and its expiry replaces the old one's.
+    std::fs::copy(&second.key, &first.key).expect("replace the key");
+    wait_for_certificate(&server, &ca, &second, LIMIT).await;
+    let reloaded = wait_for_lines(&server, "TLS certificate and key reloaded", 1, LIMIT).await;
+    let last = reloaded.last().unwrap();
+    for said in ["CN=second.keyplane.test", "7E57", "2032-01-01T00:00:00Z"] {
+        assert!(last.contains(said), "`{said}` not in {last}");
+    }
+    let expected = 1_956_528_000;
+    assert_eq!(tls_metric(&ca, &server, not_after).await, expected);
+}

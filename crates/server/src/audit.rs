@@ -525,10 +525,156 @@ fn end_torn_line(file: &mut std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long the audit log's thread may leave an open or a write unanswered before the export
+/// says it is stalled (a FIFO nobody reads, a hung mount, a stdout pipe nobody drains).
+const WRITE_STALLED_AFTER: Duration = Duration::from_secs(5);
+/// How often a stall that lasts is said again at `warn` (between, at `debug`): the first line
+/// may have gone with a rotated log, and one line says nothing of a stall still going on.
+const STALL_REPEAT: Duration = Duration::from_secs(60);
+
+/// The audit log's file work (open, write, sync) on a thread of its own. A destination that takes
+/// nothing more blocks that thread, not one of the runtime's workers, and the export waits for it
+/// as any other future, so a stop can leave it behind at its deadline: a thread blocked in a
+/// write does not keep the process from exiting, where a `spawn_blocking` task would keep the
+/// runtime's shutdown waiting for it.
+struct SinkThread {
+    jobs: std::sync::mpsc::Sender<SinkJob>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+type SinkJob = Box<dyn FnOnce(&mut Option<Sink>) + Send>;
+
+impl SinkThread {
+    fn spawn() -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<SinkJob>();
+        let thread = std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || {
+                let mut sink = None;
+                // Until the export drops its end (it stopped, or was stopped).
+                for job in queue {
+                    job(&mut sink);
+                }
+            })?;
+        Ok(Self { jobs, thread })
+    }
+
+    /// Whether the thread is gone (a job panicked): the export starts another.
+    fn ended(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Runs `job` on the thread and waits for its answer, telling `stall` while none comes.
+    async fn run<R: Send + 'static>(
+        &self,
+        stall: &mut Stall,
+        job: impl FnOnce(&mut Option<Sink>) -> std::io::Result<R> + Send + 'static,
+    ) -> std::io::Result<R> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |sink| {
+                let _ = answer.send(job(sink));
+            }))
+            .map_err(|_| std::io::Error::other("the audit log's thread has ended"))?;
+        let mut answered = std::pin::pin!(answered);
+        let mut unanswered = Unanswered(Some(stall.consumer.clone()));
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Ok(answer) = tokio::time::timeout(WRITE_STALLED_AFTER, &mut answered).await {
+                unanswered.0 = None;
+                return answer
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the audit log's thread died")));
+            }
+            stall.unanswered(started.elapsed());
+        }
+    }
+}
+
+/// Dropped with its log name in it, the export was stopped (at a stop's deadline) while the
+/// audit log's thread had not answered: says so.
+struct Unanswered(Option<String>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(consumer) = &self.0 {
+            tracing::warn!(audit_log = %consumer, "audit export left mid-write: the audit log did not take its lines before the stop's deadline; the next start writes them again");
+        }
+    }
+}
+
+/// Whether the export is stalled (passes failing, or the audit log not answering), and what was
+/// said of it: a stall is said when it begins, again every [`STALL_REPEAT`] while it lasts, and
+/// once when the export goes on.
+struct Stall {
+    consumer: String,
+    /// When the stall began.
+    since: Option<tokio::time::Instant>,
+    /// When it was last said at `warn`.
+    said_at: Option<tokio::time::Instant>,
+}
+
+impl Stall {
+    fn new(consumer: &str) -> Self {
+        Self {
+            consumer: consumer.to_owned(),
+            since: None,
+            said_at: None,
+        }
+    }
+
+    /// Marks the stall (begun now if it was not), and whether it is time to say it at `warn`.
+    fn mark(&mut self) -> (Duration, bool) {
+        let now = tokio::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        let say = self
+            .said_at
+            .is_none_or(|at| now.duration_since(at) >= STALL_REPEAT);
+        if say {
+            self.said_at = Some(now);
+        }
+        (now.duration_since(since), say)
+    }
+
+    /// A pass failed.
+    fn failed(&mut self, error: &str) {
+        let first = self.since.is_none();
+        let (stalled_for, say) = self.mark();
+        let consumer = &self.consumer;
+        let stalled_s = stalled_for.as_secs();
+        if first {
+            tracing::warn!(%error, audit_log = %consumer, "audit export stalled; retrying with growing waits until it goes on");
+        } else if say {
+            tracing::warn!(%error, audit_log = %consumer, stalled_s, "audit export still stalled; retrying with growing waits until it goes on");
+        } else {
+            tracing::debug!(%error, audit_log = %consumer, stalled_s, "audit export still stalled");
+        }
+    }
+
+    /// An open or a write of the audit log has not returned after `waited`.
+    fn unanswered(&mut self, waited: Duration) {
+        let (stalled_for, say) = self.mark();
+        let consumer = &self.consumer;
+        let (waited_s, stalled_s) = (waited.as_secs(), stalled_for.as_secs());
+        if say {
+            tracing::warn!(audit_log = %consumer, waited_s, stalled_s, "audit export stalled: a write to the audit log has not returned (a FIFO nobody reads? a hung mount?); events wait, see keyplane_audit_export_lag_seconds");
+        } else {
+            tracing::debug!(audit_log = %consumer, waited_s, stalled_s, "audit export still stalled");
+        }
+    }
+
+    /// A pass went through.
+    fn went_on(&mut self) {
+        if self.since.take().is_some() {
+            tracing::info!(audit_log = %self.consumer, "audit export goes on");
+        }
+        self.said_at = None;
+    }
+}
+
 /// Exports every committed event as one JSON line, at least once: lines are written and synced
 /// before the per-tenant cursors (in the store) move, so after a crash the export resumes from the
 /// last saved cursor and may repeat events (same `id`), never skip one. `reopen` (SIGHUP) reopens
-/// the file for log rotation.
+/// the file for log rotation. The file work is done on a thread of its own ([`SinkThread`]).
 pub(crate) async fn export(
     app: App,
     target: AuditLogTarget,
@@ -536,20 +682,45 @@ pub(crate) async fn export(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let consumer = target.consumer();
-    let mut sink = None;
+    let metrics = app.inner().metrics.clone();
+    // Caught up as of now: the lag counts from the start until the first pass is through.
+    metrics.audit_export_caught_up(std::time::Instant::now());
+    let mut stall = Stall::new(&consumer);
+    let mut thread: Option<SinkThread> = None;
+    // Whether the thread holds the log open.
+    let mut open = false;
     // The wait before the next attempt to open the log: doubled at each failure, up to
     // EXPORT_RETRY_MAX.
     let mut reopen_wait = EXPORT_POLL;
     let mut progress: Option<ExportProgress> = None;
     // While passes fail (the store away, the log unwritable): the wait before the next one,
-    // doubled at each failure as the reopen's is. Said once when it stalls and once when it goes
-    // on, not at every pass.
-    let mut stalled: Option<Duration> = None;
+    // doubled at each failure as the reopen's is.
+    let mut retry_wait: Option<Duration> = None;
     loop {
-        if sink.is_none() {
-            match Sink::open(&target) {
-                Ok(opened) => {
-                    sink = Some(opened);
+        if thread.as_ref().is_some_and(SinkThread::ended) {
+            thread = None;
+            open = false;
+        }
+        if thread.is_none() {
+            match SinkThread::spawn() {
+                Ok(spawned) => thread = Some(spawned),
+                Err(error) => {
+                    tracing::error!(%error, audit_log = %consumer, "cannot start the audit log's thread; retrying")
+                }
+            }
+        }
+        if let (Some(sink), false) = (&thread, open) {
+            let target = target.clone();
+            let opened = sink
+                .run(&mut stall, move |sink| {
+                    *sink = None;
+                    *sink = Some(Sink::open(&target)?);
+                    Ok(())
+                })
+                .await;
+            match opened {
+                Ok(()) => {
+                    open = true;
                     reopen_wait = EXPORT_POLL;
                 }
                 Err(error) => {
@@ -565,29 +736,29 @@ pub(crate) async fn export(
             }
         }
         let mut passed = false;
-        if let (Some(out), Some(at)) = (sink.as_mut(), progress.as_mut()) {
-            match export_pending(app.store().as_ref(), &consumer, out, at).await {
-                Ok(()) => passed = true,
+        if let (Some(sink), true, Some(at)) = (&thread, open, progress.as_mut()) {
+            let began = std::time::Instant::now();
+            match export_pending(app.store().as_ref(), &consumer, sink, &mut stall, at).await {
+                Ok(()) => {
+                    passed = true;
+                    metrics.audit_export_caught_up(began);
+                }
                 Err(error) => failure = Some(format!("{error:#}")),
             }
         }
-        stalled = match (failure, stalled) {
-            (Some(error), None) => {
-                tracing::warn!(%error, audit_log = %consumer, "audit export stalled; retrying with growing waits until it goes on");
-                Some(EXPORT_POLL)
+        retry_wait = match (failure, retry_wait) {
+            (Some(error), wait) => {
+                stall.failed(&error);
+                Some(wait.map_or(EXPORT_POLL, next_retry_wait))
             }
-            (Some(error), Some(wait)) => {
-                tracing::debug!(%error, audit_log = %consumer, "audit export still stalled");
-                Some(next_retry_wait(wait))
-            }
-            (None, Some(_)) if passed => {
-                tracing::info!(audit_log = %consumer, "audit export goes on");
+            (None, _) if passed => {
+                stall.went_on();
                 None
             }
-            (None, stalled) => stalled,
+            (None, wait) => wait,
         };
-        let wait = if sink.is_some() {
-            stalled.unwrap_or(EXPORT_POLL)
+        let wait = if open {
+            retry_wait.unwrap_or(EXPORT_POLL)
         } else {
             let wait = reopen_wait;
             reopen_wait = next_retry_wait(reopen_wait);
@@ -597,7 +768,7 @@ pub(crate) async fn export(
             _ = tokio::time::sleep(wait) => false,
             _ = reopen.notified() => {
                 // A SIGHUP tries at once, however long the wait had grown.
-                sink = None;
+                open = false;
                 reopen_wait = EXPORT_POLL;
                 false
             }
@@ -605,8 +776,8 @@ pub(crate) async fn export(
         };
         if stopping {
             // One last pass, so a clean shutdown leaves nothing behind.
-            if let (Some(out), Some(at)) = (sink.as_mut(), progress.as_mut()) {
-                let _ = export_pending(app.store().as_ref(), &consumer, out, at).await;
+            if let (Some(sink), true, Some(at)) = (&thread, open, progress.as_mut()) {
+                let _ = export_pending(app.store().as_ref(), &consumer, sink, &mut stall, at).await;
                 at.next_save = tokio::time::Instant::now();
                 at.save(app.store().as_ref(), &consumer).await;
             }
@@ -707,7 +878,8 @@ impl ExportProgress {
 async fn export_pending(
     store: &dyn Store,
     consumer: &str,
-    sink: &mut Sink,
+    sink: &SinkThread,
+    stall: &mut Stall,
     progress: &mut ExportProgress,
 ) -> anyhow::Result<()> {
     for (tenant, head, head_hash) in store.audit_heads().await? {
@@ -737,7 +909,11 @@ async fn export_pending(
                 serde_json::to_writer(&mut lines, &crate::aether::AuditEventView::from(event))?;
                 lines.push(b'\n');
             }
-            sink.write_durably(&lines)?;
+            sink.run(stall, move |sink| match sink {
+                Some(sink) => sink.write_durably(&lines),
+                None => Err(std::io::Error::other("the audit log is not open")),
+            })
+            .await?;
             // Written: the cursor moves now, whether or not its save succeeds, so a failing save
             // does not write the same lines again at every poll.
             cursor.advance(last.seq, last.chain_hash);

@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by route and status, latency, credentials verified and rejected,
 //! connections refused, leak reports.
+//! the audit export's lag, the TLS certificate's expiry and failed reloads.
 
 use keyplane_core::CredentialKind;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -185,6 +186,12 @@ struct Inner {
     public_reports: Family<OutcomeLabels, Counter>,
     /// This replica's clock less the database's, at the last measurement (`clock_check`).
     clock_skew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Set from `audit_export_caught_up` when rendered.
+    audit_export_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// When the `--audit-log` export last had every committed event written; `None` without one.
+    audit_export_caught_up: std::sync::Mutex<Option<std::time::Instant>>,
+    tls_not_after: Gauge,
+    tls_reload_failures: Counter,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -318,6 +325,27 @@ impl Metrics {
              that change the store are held",
             clock_skew_seconds.clone(),
         );
+        let audit_export_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "audit_export_lag_seconds",
+            "Seconds since the --audit-log export last had every committed event written (0 \
+             without one): grows while the export is stalled",
+            audit_export_lag.clone(),
+        );
+        let tls_not_after = Gauge::default();
+        registry.register(
+            "tls_certificate_not_after_seconds",
+            "When the certificate served to new TLS connections expires, in Unix seconds (0 \
+             without --tls-cert)",
+            tls_not_after.clone(),
+        );
+        let tls_reload_failures = Counter::default();
+        registry.register(
+            "tls_reload_failures",
+            "Loads of changed (or failed, retried every 30 s) TLS certificate and key files that \
+             failed; the previous pair keeps serving",
+            tls_reload_failures.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -343,6 +371,10 @@ impl Metrics {
             leaked_tokens,
             public_reports,
             clock_skew_seconds,
+            audit_export_lag,
+            audit_export_caught_up: std::sync::Mutex::new(None),
+            tls_not_after,
+            tls_reload_failures,
             routes: RwLock::default(),
         }))
     }
@@ -490,7 +522,34 @@ impl Metrics {
         self.0.clock_skew_seconds.set(seconds);
     }
 
+    /// The `--audit-log` export had written every event committed before `at`.
+    pub(crate) fn audit_export_caught_up(&self, at: std::time::Instant) {
+        *self
+            .0
+            .audit_export_caught_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// The certificate now served expires at `unix` (seconds).
+    pub(crate) fn tls_certificate_not_after(&self, unix: i64) {
+        self.0.tls_not_after.set(unix);
+    }
+
+    pub(crate) fn tls_reload_failed(&self) {
+        self.0.tls_reload_failures.inc();
+    }
+
     pub fn render(&self) -> String {
+        // Measured now: a stalled export does not update it.
+        let caught_up = *self
+            .0
+            .audit_export_caught_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = caught_up {
+            self.0.audit_export_lag.set(at.elapsed().as_secs_f64());
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.0.registry)
             .expect("writing to a String cannot fail");

@@ -640,6 +640,7 @@ pub async fn serve(
                 files,
                 app.inner().reload_tls.clone(),
                 app.inner().config.tls_check_interval,
+                app.inner().metrics.clone(),
                 stopped.clone(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -727,6 +728,13 @@ pub async fn serve(
     }
     for task in &tasks {
         task.abort();
+    }
+    // Dropped now, not with the runtime: the export says what it left mid-write. No task blocks
+    // a worker (the audit log's file work has a thread of its own), so this is quick; bounded
+    // all the same.
+    // (A finished one may have been awaited to its end above: not polled again.)
+    for task in tasks.into_iter().filter(|task| !task.is_finished()) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
     }
     Ok(())
 }

@@ -52,6 +52,11 @@ impl TlsFiles {
     /// Reads both files and builds the server configuration, checking that the key matches the
     /// certificate.
     pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.load_described().map(|(config, _)| config)
+    }
+
+    /// [`TlsFiles::load`], and what the leaf certificate says of itself, for the log and metrics.
+    fn load_described(&self) -> Result<(Arc<rustls::ServerConfig>, Leaf), TlsError> {
         let (cert_path, key_path) = (
             self.cert.display().to_string(),
             self.key.display().to_string(),
@@ -70,9 +75,9 @@ impl TlsFiles {
                 path: cert_path.clone(),
                 reason: e.to_string(),
             })?;
-        if chain.is_empty() {
+        let Some(leaf) = chain.first().map(|der| Leaf::of(der)) else {
             return Err(TlsError::NoCertificate { path: cert_path });
-        }
+        };
         // The error of a malformed key file could quote it: say only that no key was found.
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
             path: key_path.clone(),
@@ -99,7 +104,7 @@ impl TlsFiles {
                 },
             })?;
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), leaf))
     }
 
     /// What tells each file's replacement or repair: its modification time and size and, on
@@ -136,26 +141,268 @@ struct FileStamp {
     identity: (),
 }
 
+/// What a leaf certificate says of itself, read for the log (which certificate serves, until
+/// when) and the `tls_certificate_not_after` metric. `None`s where the DER is not as expected:
+/// rustls took the certificate, and it serves all the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Leaf {
+    /// `CN=..., O=...`, in the certificate's order.
+    subject: Option<String>,
+    /// Upper-case hex, as `openssl x509 -noout -serial` prints it.
+    serial: Option<String>,
+    not_after: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Leaf {
+    fn of(der: &[u8]) -> Self {
+        der::leaf(der).unwrap_or_default()
+    }
+
+    fn subject(&self) -> &str {
+        self.subject.as_deref().unwrap_or("(unreadable)")
+    }
+
+    fn serial(&self) -> &str {
+        self.serial.as_deref().unwrap_or("(unreadable)")
+    }
+
+    fn not_after(&self) -> String {
+        self.not_after.map_or_else(
+            || "(unreadable)".to_owned(),
+            |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    }
+}
+
+/// The few fields of an X.509 certificate's DER the log names (RFC 5280, 4.1).
+mod der {
+    use super::Leaf;
+
+    /// One DER item: its tag, its contents and what follows it. Tags above 30 (never in these
+    /// fields) and lengths past 4 bytes are not read.
+    fn item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let len = rest[..count]
+                .iter()
+                .fold(0usize, |len, b| (len << 8) | usize::from(*b));
+            (len, &rest[count..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+
+    const SEQUENCE: u8 = 0x30;
+
+    pub(super) fn leaf(der: &[u8]) -> Option<Leaf> {
+        let (SEQUENCE, certificate, _) = item(der)? else {
+            return None;
+        };
+        let (SEQUENCE, tbs, _) = item(certificate)? else {
+            return None;
+        };
+        let (mut tag, mut serial, mut rest) = item(tbs)?;
+        // [0] EXPLICIT version, absent for v1.
+        if tag == 0xa0 {
+            (tag, serial, rest) = item(rest)?;
+        }
+        if tag != 0x02 {
+            return None;
+        }
+        let (_signature, rest) = item(rest).map(|(_, c, r)| (c, r))?;
+        let (_issuer, rest) = item(rest).map(|(_, c, r)| (c, r))?;
+        let (SEQUENCE, validity, rest) = item(rest)? else {
+            return None;
+        };
+        let (_, _not_before, validity) = item(validity)?;
+        let not_after = item(validity).and_then(|(tag, time, _)| self::time(tag, time));
+        let subject =
+            item(rest).and_then(|(tag, name, _)| (tag == SEQUENCE).then(|| self::name(name)));
+        Some(Leaf {
+            subject,
+            serial: Some(hex(serial)),
+            not_after,
+        })
+    }
+
+    /// The serial's bytes, less the zero bytes that only keep it positive.
+    fn hex(serial: &[u8]) -> String {
+        let start = serial
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(serial.len().saturating_sub(1));
+        serial[start..].iter().map(|b| format!("{b:02X}")).collect()
+    }
+
+    /// UTCTime (`YYMMDDHHMMSSZ`, 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+    fn time(tag: u8, text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = std::str::from_utf8(text).ok()?;
+        let full = match tag {
+            0x17 => {
+                let year: u32 = text.get(..2)?.parse().ok()?;
+                format!("{}{text}", if year >= 50 { "19" } else { "20" })
+            }
+            0x18 => text.to_owned(),
+            _ => return None,
+        };
+        chrono::NaiveDateTime::parse_from_str(full.strip_suffix('Z')?, "%Y%m%d%H%M%S")
+            .ok()
+            .map(|at| at.and_utc())
+    }
+
+    /// A Name's attributes as `TYPE=value`, joined by `, `, in the certificate's order.
+    fn name(mut rdns: &[u8]) -> String {
+        let mut parts = Vec::new();
+        while let Some((_, rdn, rest)) = item(rdns) {
+            rdns = rest;
+            let mut attributes = rdn;
+            while let Some((_, attribute, rest)) = item(attributes) {
+                attributes = rest;
+                let Some((0x06, oid, value)) = item(attribute) else {
+                    continue;
+                };
+                let Some((tag, value, _)) = item(value) else {
+                    continue;
+                };
+                parts.push(format!("{}={}", attribute_type(oid), string(tag, value)));
+            }
+        }
+        parts.join(", ")
+    }
+
+    fn attribute_type(oid: &[u8]) -> String {
+        match oid {
+            [0x55, 0x04, 0x03] => "CN".into(),
+            [0x55, 0x04, 0x06] => "C".into(),
+            [0x55, 0x04, 0x07] => "L".into(),
+            [0x55, 0x04, 0x08] => "ST".into(),
+            [0x55, 0x04, 0x0a] => "O".into(),
+            [0x55, 0x04, 0x0b] => "OU".into(),
+            [0x55, 0x04, 0x05] => "serialNumber".into(),
+            [0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19] => "DC".into(),
+            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01] => "emailAddress".into(),
+            _ => dotted(oid),
+        }
+    }
+
+    fn dotted(oid: &[u8]) -> String {
+        let mut arcs: Vec<u64> = Vec::new();
+        let mut arc = 0u64;
+        for byte in oid {
+            arc = (arc << 7) | u64::from(byte & 0x7f);
+            if byte & 0x80 == 0 {
+                if arcs.is_empty() {
+                    let first = (arc / 40).min(2);
+                    arcs.extend([first, arc - first * 40]);
+                } else {
+                    arcs.push(arc);
+                }
+                arc = 0;
+            }
+        }
+        arcs.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// A directory string; anything else as `#` and its hex (RFC 4514).
+    fn string(tag: u8, value: &[u8]) -> String {
+        match tag {
+            // UTF8String, PrintableString, TeletexString, IA5String
+            0x0c | 0x13 | 0x14 | 0x16 => String::from_utf8_lossy(value).into_owned(),
+            // BMPString: UTF-16BE
+            0x1e => char::decode_utf16(
+                value
+                    .chunks_exact(2)
+                    .map(|pair| u16::from_be_bytes([pair[0], pair[1]])),
+            )
+            .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+            .collect(),
+            _ => format!(
+                "#{}",
+                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn reads_a_certificate_made_by_rcgen() {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "leaf.example");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, "Example Ltd");
+            params.serial_number = Some(rcgen::SerialNumber::from(vec![0x00, 0x8a, 0x01, 0xff]));
+            params.not_after = rcgen::date_time_ymd(2051, 3, 4);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let leaf = super::leaf(cert.der()).expect("a certificate");
+            assert_eq!(
+                leaf.subject.as_deref(),
+                Some("CN=leaf.example, O=Example Ltd")
+            );
+            assert_eq!(leaf.serial.as_deref(), Some("8A01FF"));
+            assert_eq!(
+                leaf.not_after.map(|at| at.to_rfc3339()),
+                Some("2051-03-04T00:00:00+00:00".to_owned())
+            );
+            // A UTCTime year.
+            params.not_after = rcgen::date_time_ymd(2040, 1, 2);
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(
+                super::leaf(cert.der())
+                    .and_then(|leaf| leaf.not_after)
+                    .map(|at| at.timestamp()),
+                Some(2_209_075_200)
+            );
+            assert_eq!(super::leaf(b"\x30\x03\x02\x01\x01"), None);
+        }
+    }
+}
+
+/// How often a pair that failed to load is tried again (and, while it still fails, logged again
+/// at `error`): files that stay bad are not said only once, long before the served certificate
+/// runs out.
+const RETRY_FAILED_RELOAD: Duration = Duration::from_secs(30);
+
 /// The configuration new connections are accepted with; replaced by [`watch_files`].
 pub(crate) type CurrentTls = watch::Receiver<Arc<rustls::ServerConfig>>;
 
 /// Loads `files` once (the caller has checked them at start) and keeps the result current:
 /// polls the files' metadata ([`TlsFiles::stamp`]) every `poll` (if any) and reloads on `reload`
-/// (SIGHUP). A pair
-/// that fails to load is logged and the previous one keeps serving. Ends when `stop` turns true.
+/// (SIGHUP). A pair that fails to load is logged (and counted in `metrics`), the previous one
+/// keeps serving, and it is tried (and logged) again every [`RETRY_FAILED_RELOAD`] until it loads.
+/// Every load logs the leaf's subject, serial and expiry. Ends when `stop` turns true.
 pub(crate) fn watch_files(
     files: TlsFiles,
     reload: Arc<Notify>,
     poll: Option<Duration>,
+    metrics: crate::metrics::Metrics,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(CurrentTls, tokio::task::JoinHandle<()>), TlsError> {
     let mut seen = files.stamp();
-    let (current, receiver) = watch::channel(files.load()?);
+    let (config, mut live) = files.load_described()?;
+    loaded(&files, &live, &metrics, "TLS certificate and key loaded");
+    let (current, receiver) = watch::channel(config);
     let task = tokio::spawn(async move {
         let mut tick = poll.map(tokio::time::interval);
         if let Some(tick) = &mut tick {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        // When the last failed load was, while the files do not load.
+        let mut failed_at: Option<tokio::time::Instant> = None;
         loop {
             let checked = async {
                 match &mut tick {
@@ -163,8 +410,15 @@ pub(crate) fn watch_files(
                     None => std::future::pending().await,
                 }
             };
+            let retry = async {
+                match failed_at {
+                    Some(at) => tokio::time::sleep_until(at + RETRY_FAILED_RELOAD).await,
+                    None => std::future::pending().await,
+                }
+            };
             let forced = tokio::select! {
                 () = checked => false,
+                () = retry => true,
                 () = reload.notified() => true,
                 _ = stop.changed() => return,
             };
@@ -173,17 +427,42 @@ pub(crate) fn watch_files(
                 continue;
             }
             seen = stamp;
-            match files.load() {
-                Ok(config) => {
+            match files.load_described() {
+                Ok((config, leaf)) => {
                     current.send_replace(config);
-                    tracing::info!(tls.cert = %files.cert.display(), "TLS certificate and key reloaded");
+                    live = leaf;
+                    failed_at = None;
+                    loaded(&files, &live, &metrics, "TLS certificate and key reloaded");
                 }
-                Err(error) => tracing::error!(
-                    %error,
-                    "TLS certificate and key not reloaded; still serving the previous ones"
-                ),
+                Err(error) => {
+                    metrics.tls_reload_failed();
+                    failed_at = Some(tokio::time::Instant::now());
+                    tracing::error!(
+                        %error,
+                        tls.cert = %files.cert.display(),
+                        tls.subject = live.subject(),
+                        tls.serial = live.serial(),
+                        tls.not_after = %live.not_after(),
+                        retry_in = ?RETRY_FAILED_RELOAD,
+                        "TLS certificate and key not reloaded; still serving the previous ones"
+                    );
+                }
             }
         }
     });
     Ok((receiver, task))
+}
+
+/// Logs which certificate now serves, and sets its expiry's metric.
+fn loaded(files: &TlsFiles, leaf: &Leaf, metrics: &crate::metrics::Metrics, message: &str) {
+    if let Some(at) = leaf.not_after {
+        metrics.tls_certificate_not_after(at.timestamp());
+    }
+    tracing::info!(
+        tls.cert = %files.cert.display(),
+        tls.subject = leaf.subject(),
+        tls.serial = leaf.serial(),
+        tls.not_after = %leaf.not_after(),
+        "{message}"
+    );
 }
