@@ -146,7 +146,7 @@ struct FileStamp {
 /// rustls took the certificate, and it serves all the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Leaf {
-    /// `CN=..., O=...`, in the certificate's order.
+    /// RFC 4514's form: `O=...,CN=...`, the most specific attribute last.
     subject: Option<String>,
     /// Upper-case hex, as `openssl x509 -noout -serial` prints it.
     serial: Option<String>,
@@ -155,7 +155,7 @@ struct Leaf {
 
 impl Leaf {
     fn of(der: &[u8]) -> Self {
-        der::leaf(der).unwrap_or_default()
+        leaf(der).unwrap_or_default()
     }
 
     fn subject(&self) -> &str {
@@ -174,202 +174,25 @@ impl Leaf {
     }
 }
 
-/// The few fields of an X.509 certificate's DER the log names (RFC 5280, 4.1).
-mod der {
-    use super::Leaf;
-
-    /// One DER item: its tag, its contents and what follows it. Tags above 30 (never in these
-    /// fields) and lengths past 4 bytes are not read.
-    fn item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 || rest.len() < count {
-                return None;
-            }
-            let len = rest[..count]
-                .iter()
-                .fold(0usize, |len, b| (len << 8) | usize::from(*b));
-            (len, &rest[count..])
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-
-    const SEQUENCE: u8 = 0x30;
-
-    pub(super) fn leaf(der: &[u8]) -> Option<Leaf> {
-        let (SEQUENCE, certificate, _) = item(der)? else {
-            return None;
-        };
-        let (SEQUENCE, tbs, _) = item(certificate)? else {
-            return None;
-        };
-        let (mut tag, mut serial, mut rest) = item(tbs)?;
-        // [0] EXPLICIT version, absent for v1.
-        if tag == 0xa0 {
-            (tag, serial, rest) = item(rest)?;
-        }
-        if tag != 0x02 {
-            return None;
-        }
-        let (_signature, rest) = item(rest).map(|(_, c, r)| (c, r))?;
-        let (_issuer, rest) = item(rest).map(|(_, c, r)| (c, r))?;
-        let (SEQUENCE, validity, rest) = item(rest)? else {
-            return None;
-        };
-        let (_, _not_before, validity) = item(validity)?;
-        let not_after = item(validity).and_then(|(tag, time, _)| self::time(tag, time));
-        let subject =
-            item(rest).and_then(|(tag, name, _)| (tag == SEQUENCE).then(|| self::name(name)));
-        Some(Leaf {
-            subject,
-            serial: Some(hex(serial)),
-            not_after,
-        })
-    }
-
-    /// The serial's bytes, less the zero bytes that only keep it positive.
-    fn hex(serial: &[u8]) -> String {
-        let start = serial
-            .iter()
-            .position(|b| *b != 0)
-            .unwrap_or(serial.len().saturating_sub(1));
-        serial[start..].iter().map(|b| format!("{b:02X}")).collect()
-    }
-
-    /// UTCTime (`YYMMDDHHMMSSZ`, 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-    fn time(tag: u8, text: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
-        let text = std::str::from_utf8(text).ok()?;
-        let full = match tag {
-            0x17 => {
-                let year: u32 = text.get(..2)?.parse().ok()?;
-                format!("{}{text}", if year >= 50 { "19" } else { "20" })
-            }
-            0x18 => text.to_owned(),
-            _ => return None,
-        };
-        chrono::NaiveDateTime::parse_from_str(full.strip_suffix('Z')?, "%Y%m%d%H%M%S")
+/// Reads the fields the log names from a leaf certificate's DER (RFC 5280, 4.1); `None` for one
+/// x509-cert does not decode.
+fn leaf(der: &[u8]) -> Option<Leaf> {
+    use x509_cert::der::Decode;
+    let tbs = x509_cert::Certificate::from_der(der).ok()?.tbs_certificate;
+    // Without DER's sign byte, as openssl prints it.
+    let serial = match tbs.serial_number.as_bytes() {
+        [0, magnitude @ ..] if !magnitude.is_empty() => magnitude,
+        bytes => bytes,
+    };
+    let not_after = tbs.validity.not_after.to_unix_duration();
+    Some(Leaf {
+        // RFC 4514's form, as `openssl x509 -nameopt RFC2253` prints it.
+        subject: Some(tbs.subject.to_string()),
+        serial: Some(serial.iter().map(|b| format!("{b:02X}")).collect()),
+        not_after: i64::try_from(not_after.as_secs())
             .ok()
-            .map(|at| at.and_utc())
-    }
-
-    /// A Name's attributes as `TYPE=value`, joined by `, `, in the certificate's order.
-    fn name(mut rdns: &[u8]) -> String {
-        let mut parts = Vec::new();
-        while let Some((_, rdn, rest)) = item(rdns) {
-            rdns = rest;
-            let mut attributes = rdn;
-            while let Some((_, attribute, rest)) = item(attributes) {
-                attributes = rest;
-                let Some((0x06, oid, value)) = item(attribute) else {
-                    continue;
-                };
-                let Some((tag, value, _)) = item(value) else {
-                    continue;
-                };
-                parts.push(format!("{}={}", attribute_type(oid), string(tag, value)));
-            }
-        }
-        parts.join(", ")
-    }
-
-    fn attribute_type(oid: &[u8]) -> String {
-        match oid {
-            [0x55, 0x04, 0x03] => "CN".into(),
-            [0x55, 0x04, 0x06] => "C".into(),
-            [0x55, 0x04, 0x07] => "L".into(),
-            [0x55, 0x04, 0x08] => "ST".into(),
-            [0x55, 0x04, 0x0a] => "O".into(),
-            [0x55, 0x04, 0x0b] => "OU".into(),
-            [0x55, 0x04, 0x05] => "serialNumber".into(),
-            [0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19] => "DC".into(),
-            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01] => "emailAddress".into(),
-            _ => dotted(oid),
-        }
-    }
-
-    fn dotted(oid: &[u8]) -> String {
-        let mut arcs: Vec<u64> = Vec::new();
-        let mut arc = 0u64;
-        for byte in oid {
-            arc = (arc << 7) | u64::from(byte & 0x7f);
-            if byte & 0x80 == 0 {
-                if arcs.is_empty() {
-                    let first = (arc / 40).min(2);
-                    arcs.extend([first, arc - first * 40]);
-                } else {
-                    arcs.push(arc);
-                }
-                arc = 0;
-            }
-        }
-        arcs.iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(".")
-    }
-
-    /// A directory string; anything else as `#` and its hex (RFC 4514).
-    fn string(tag: u8, value: &[u8]) -> String {
-        match tag {
-            // UTF8String, PrintableString, TeletexString, IA5String
-            0x0c | 0x13 | 0x14 | 0x16 => String::from_utf8_lossy(value).into_owned(),
-            // BMPString: UTF-16BE
-            0x1e => char::decode_utf16(
-                value
-                    .chunks_exact(2)
-                    .map(|pair| u16::from_be_bytes([pair[0], pair[1]])),
-            )
-            .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
-            .collect(),
-            _ => format!(
-                "#{}",
-                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            ),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn reads_a_certificate_made_by_rcgen() {
-            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-            params.distinguished_name = rcgen::DistinguishedName::new();
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "leaf.example");
-            params
-                .distinguished_name
-                .push(rcgen::DnType::OrganizationName, "Example Ltd");
-            params.serial_number = Some(rcgen::SerialNumber::from(vec![0x00, 0x8a, 0x01, 0xff]));
-            params.not_after = rcgen::date_time_ymd(2051, 3, 4);
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            let leaf = super::leaf(cert.der()).expect("a certificate");
-            assert_eq!(
-                leaf.subject.as_deref(),
-                Some("CN=leaf.example, O=Example Ltd")
-            );
-            assert_eq!(leaf.serial.as_deref(), Some("8A01FF"));
-            assert_eq!(
-                leaf.not_after.map(|at| at.to_rfc3339()),
-                Some("2051-03-04T00:00:00+00:00".to_owned())
-            );
-            // A UTCTime year.
-            params.not_after = rcgen::date_time_ymd(2040, 1, 2);
-            let cert = params.self_signed(&key).unwrap();
-            assert_eq!(
-                super::leaf(cert.der())
-                    .and_then(|leaf| leaf.not_after)
-                    .map(|at| at.timestamp()),
-                Some(2_209_075_200)
-            );
-            assert_eq!(super::leaf(b"\x30\x03\x02\x01\x01"), None);
-        }
-    }
+            .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0)),
+    })
 }
 
 /// How often a pair that failed to load is tried again (and, while it still fails, logged again
@@ -465,4 +288,43 @@ fn loaded(files: &TlsFiles, leaf: &Leaf, metrics: &crate::metrics::Metrics, mess
         tls.not_after = %leaf.not_after(),
         "{message}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_a_certificate_made_by_rcgen() {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "leaf.example");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example Ltd");
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![0x00, 0x8a, 0x01, 0xff]));
+        params.not_after = rcgen::date_time_ymd(2051, 3, 4);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let leaf = super::leaf(cert.der()).expect("a certificate");
+        assert_eq!(
+            leaf.subject.as_deref(),
+            Some("O=Example Ltd,CN=leaf.example")
+        );
+        assert_eq!(leaf.serial.as_deref(), Some("8A01FF"));
+        assert_eq!(
+            leaf.not_after.map(|at| at.to_rfc3339()),
+            Some("2051-03-04T00:00:00+00:00".to_owned())
+        );
+        // A UTCTime year.
+        params.not_after = rcgen::date_time_ymd(2040, 1, 2);
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            super::leaf(cert.der())
+                .and_then(|leaf| leaf.not_after)
+                .map(|at| at.timestamp()),
+            Some(2_209_075_200)
+        );
+        assert_eq!(super::leaf(b"\x30\x03\x02\x01\x01"), None);
+    }
 }
