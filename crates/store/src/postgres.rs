@@ -55,12 +55,19 @@ impl PostgresStore {
             Err(error) => return Err(crate::error::opening_failed(error, &options).await),
         };
         // Before migrating: an older server would fail part-way through the migrations, or start
-        // and then fail the first query using newer syntax.
-        let (version_num, version): (i32, String) = sqlx::query_as(
-            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
-        )
-        .fetch_one(&writer)
-        .await?;
+        // and then fail the first query using newer syntax. On a connection of its own, closed
+        // after: the writers' pool is left as it was opened.
+        let (version_num, version): (i32, String) = {
+            use sqlx::Connection;
+            let mut asking = sqlx::PgConnection::connect_with(&options).await?;
+            let asked = sqlx::query_as(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            )
+            .fetch_one(&mut asking)
+            .await;
+            let _ = asking.close().await;
+            asked?
+        };
         supported_server(version_num, &version)?;
         // Only when something is pending: running them takes locks and writes, which a read-only or
         // full database refuses, and such a database must still serve verification.
