@@ -700,6 +700,26 @@ pub fn org_json(created: &ops::OrgCreated) -> String {
     .to_string()
 }
 
+/// `VAR=value` for a user name declared in the environment (`USER`, `LOGNAME`, `SUDO_USER`);
+/// `None` when empty. Anyone can set these: a value that could disguise itself in a listing
+/// (control, format or separator characters) or blur the `os_user` text it goes into (`(`, `)`,
+/// `,`, `=`), or longer than any user name, is recorded as unreadable rather than as given.
+fn declaration(var: &str, value: &str) -> Option<String> {
+    const LONGEST_USER_NAME: usize = 256;
+    if value.is_empty() {
+        return None;
+    }
+    let readable = value.chars().count() <= LONGEST_USER_NAME
+        && !value.chars().any(|c| {
+            keyplane_core::validate::is_disguising(c) || matches!(c, '(' | ')' | ',' | '=')
+        });
+    Some(if readable {
+        format!("{var}={value}")
+    } else {
+        format!("{var} unreadable")
+    })
+}
+
 /// Who runs this command: the OS user of the process's real uid (its name; without a passwd entry,
 /// as in containers run under an arbitrary uid, `uid N`, followed by `$USER` or `$LOGNAME` as
 /// set, which anyone can set: `uid 1000680000 (USER=alice)`), with `$SUDO_USER` when set, since
@@ -714,12 +734,7 @@ fn operator(given: Option<String>) -> anyhow::Result<Operator> {
         .transpose()?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    let declared = |var: &str| {
-        std::env::var(var)
-            .ok()
-            .filter(|value| !value.is_empty())
-            .map(|value| format!("{var}={value}"))
-    };
+    let declared = |var: &str| declaration(var, &std::env::var(var).ok()?);
     let (os_user, mut declarations) = match user_name(uid) {
         Some(name) => (name, Vec::new()),
         None => (
@@ -1229,6 +1244,31 @@ mod tests {
     use keyplane_store::testing::{Backend, TestDatabase};
     use keyplane_store::Store;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_declared_user_name_that_could_disguise_itself_is_recorded_as_unreadable() {
+        assert_eq!(
+            declaration("SUDO_USER", "alice").as_deref(),
+            Some("SUDO_USER=alice")
+        );
+        assert_eq!(declaration("SUDO_USER", ""), None);
+        for forged in [
+            "alice), operator (bob",
+            "eve\u{202e}ecila",
+            "mallory\nfake line",
+            "a=b",
+        ] {
+            assert_eq!(
+                declaration("SUDO_USER", forged).as_deref(),
+                Some("SUDO_USER unreadable"),
+                "{forged:?}"
+            );
+        }
+        assert_eq!(
+            declaration("USER", &"x".repeat(257)).as_deref(),
+            Some("USER unreadable")
+        );
+    }
 
     /// Reads the store, and after the first page of events prunes everything older than `before`,
     /// as the server's retention would while `verify` runs.

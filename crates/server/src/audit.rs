@@ -1000,20 +1000,26 @@ const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Deletes events older than `days` days, in bounded batches, at start and then hourly.
+/// How soon retention held by the clock check asks again.
+const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        // `None`: nothing can be that old, so there is nothing to prune. Not while this replica's
-        // clock is off: a clock ahead would delete events still within the retention.
-        let cutoff = if app
+        // Not while this replica's clock is off: a clock ahead would delete events still within
+        // the retention. Asked again soon rather than in an hour.
+        if !app
             .inner()
             .clock_check
             .allows(&app, "audit retention")
             .await
         {
-            retention_cutoff(crate::ops::now(), days)
-        } else {
-            None
-        };
+            tokio::select! {
+                _ = tokio::time::sleep(HELD_RETRY) => continue,
+                _ = stop.changed() => return,
+            }
+        }
+        // `None`: nothing can be that old, so there is nothing to prune.
+        let cutoff = retention_cutoff(crate::ops::now(), days);
         if let Some(cutoff) = cutoff {
             let record = crate::ops::audit_pruned(cutoff, days);
             loop {

@@ -126,8 +126,10 @@ impl ClockCheck {
         if attempts.last_at.is_some_and(|at| at.elapsed() < REUSE) {
             return;
         }
-        attempts.last_at = Some(Instant::now());
         let read = tokio::time::timeout(MEASURE_TIMEOUT, app.store().database_clock()).await;
+        // When it ended: a reading that took its whole timeout is not tried again at once by the
+        // next job asking.
+        attempts.last_at = Some(Instant::now());
         let reading = match read {
             Ok(Ok(Some(reading))) => reading,
             Ok(Ok(None)) => {
@@ -203,7 +205,7 @@ impl ClockCheck {
                 clock.skew_seconds = skew_seconds,
                 clock.limit_seconds = limit_seconds,
                 clock.round_trip_ms = round_trip_ms,
-                "this replica's clock is {:.3} s {direction} the database's (more than --max-clock-skew-seconds, {limit_seconds} s): holding {HELD_JOBS} until it agrees again; fix this host's time synchronization (NTP)",
+                "this replica's clock is {:.3} s {direction} the database's (more than --max-clock-skew-seconds, {limit_seconds} s): holding {HELD_JOBS} until it agrees again; fix this host's time synchronization (NTP), or the database server's if every replica says the same",
                 skew_seconds.abs(),
             ),
             (ClockStatus::Skewed, _) => tracing::warn!(

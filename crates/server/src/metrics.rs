@@ -72,16 +72,19 @@ pub(crate) enum PublicReport {
     RefusedBudget,
     /// Too many reports stored, over every replica: 503.
     RefusedStoredLimit,
+    /// The store answered an error that is not a fault expected to pass (500).
+    Failed,
 }
 
 impl PublicReport {
-    const ALL: [PublicReport; 6] = [
+    const ALL: [PublicReport; 7] = [
         Self::Stored,
         Self::NoToken,
         Self::RefusedStoreFailing,
         Self::RefusedInProgress,
         Self::RefusedBudget,
         Self::RefusedStoredLimit,
+        Self::Failed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl PublicReport {
             Self::RefusedInProgress => "refused_in_progress",
             Self::RefusedBudget => "refused_budget",
             Self::RefusedStoredLimit => "refused_stored_limit",
+            Self::Failed => "failed",
         }
     }
 }
@@ -309,7 +313,8 @@ impl Metrics {
             "public_revoke_reports",
             "Public revocation reports whose body was read, by outcome: stored, no_token (none \
              well-formed: nothing stored), refused_store_failing, refused_in_progress, \
-             refused_budget, refused_stored_limit (each answered 503)",
+             refused_budget, refused_stored_limit (each answered 503), failed (the store's error, \
+             500)",
             public_reports.clone(),
         );
         for outcome in PublicReport::ALL {

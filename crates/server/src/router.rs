@@ -813,6 +813,8 @@ async fn lifecycle_sweeps(
 
 /// How often the store's planner statistics are refreshed (the store refreshes them at open).
 const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often, at most, a store whose writes fail is probed with a write of its own.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Periodic work until `stop` turns true: probe writes while they fail, flush coalesced
 /// `last_used_at`, measure the clock against the database's, forget idle rate-limit buckets,
@@ -820,11 +822,16 @@ const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(360
 async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
     let mut every = crate::jobs::Every::new(app.inner().config.last_used_flush_interval, stop);
     let mut statistics_at = Instant::now();
+    let mut probed_at: Option<Instant> = None;
     while every.tick().await {
-        // While writes fail, a write of its own each tick: background work mostly writes nothing
-        // (which tells nothing), and a degraded replica may get no client writes, so without it
-        // `/readyz` would not see the store take writes again.
-        if app.store().write_health().failing {
+        // While writes fail, a write of its own (at most every PROBE_EVERY, however short the
+        // tick: it writes a MiB to a store already in trouble): background work mostly writes
+        // nothing (which tells nothing), and a degraded replica may get no client writes, so
+        // without it `/readyz` would not see the store take writes again.
+        if app.store().write_health().failing
+            && probed_at.is_none_or(|at| at.elapsed() >= PROBE_EVERY)
+        {
+            probed_at = Some(Instant::now());
             if let Err(error) = app.store().probe_writes().await {
                 tracing::debug!(%error, "the store's writes are still failing");
             }

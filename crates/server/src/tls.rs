@@ -278,9 +278,8 @@ pub(crate) fn watch_files(
 
 /// Logs which certificate now serves, and sets its expiry's metric.
 fn loaded(files: &TlsFiles, leaf: &Leaf, metrics: &crate::metrics::Metrics, message: &str) {
-    if let Some(at) = leaf.not_after {
-        metrics.tls_certificate_not_after(at.timestamp());
-    }
+    // 0 when unreadable: the previous certificate's expiry would be a lie.
+    metrics.tls_certificate_not_after(leaf.not_after.map_or(0, |at| at.timestamp()));
     tracing::info!(
         tls.cert = %files.cert.display(),
         tls.subject = leaf.subject(),

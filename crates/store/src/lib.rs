@@ -794,7 +794,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records an attempt made under `attempt.lease_id` (nothing if that lease was lost). After a
     /// failure, a webhook failing since `disable_failing_since` or earlier is disabled, with
     /// `disable_event`, and its pending deliveries fail ([`DISABLED_WEBHOOK_ERROR`]), in the same
-    /// transaction.
+    /// transaction. `disable_failing_since` at `DateTime::<Utc>::MIN_UTC` says the recording
+    /// replica's clock is not trusted: a failure then neither starts the webhook's failing period
+    /// (stamped by `attempt.at`, which a clock behind would date too early) nor disables it.
     async fn record_webhook_attempt(
         &self,
         attempt: &DeliveryAttempt,

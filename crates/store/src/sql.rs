@@ -647,12 +647,12 @@ macro_rules! impl_store {
             async fn probe_writes(&self) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     // Padded past what a client's change writes: a write smaller than the
-                    // change that failed may fit where it did not.
-                    let value = format!(
-                        "{} {}",
-                        chrono::Utc::now().to_rfc3339(),
-                        "-".repeat($crate::sql::PROBE_PADDING)
-                    );
+                    // change that failed may fit where it did not. Random, or PostgreSQL's TOAST
+                    // would compress it to a few KiB.
+                    use rand::distributions::DistString;
+                    let padding = rand::distributions::Alphanumeric
+                        .sample_string(&mut rand::thread_rng(), $crate::sql::PROBE_PADDING);
+                    let value = format!("{} {padding}", chrono::Utc::now().to_rfc3339());
                     sqlx::query($crate::sql::PROBE_WRITES)
                         .bind(value)
                         .execute(&self.writer)

@@ -1036,7 +1036,9 @@ macro_rules! impl_webhooks {
                         .await?
                         .rows_affected()
                         == 1;
-                } else if attempt.next != AttemptNext::Abandoned {
+                } else if attempt.next != AttemptNext::Abandoned
+                    && disable_failing_since != chrono::DateTime::<chrono::Utc>::MIN_UTC
+                {
                     sqlx::query(WEBHOOK_FAILED)
                         .bind(attempt.webhook_id)
                         .bind(millis(attempt.at))

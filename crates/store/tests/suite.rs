@@ -3626,12 +3626,33 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         .append_audit_event(&action_event(f.tenant.id, "api_token.created"))
         .await
         .unwrap();
+    store
+        .append_audit_event(&action_event(f.tenant.id, "api_token.created"))
+        .await
+        .unwrap();
     let lease = claim_at(now());
     let jobs = store.claim_webhook_deliveries(&lease).await.unwrap();
-    // Its own creation event and the token's.
-    assert_eq!(jobs.len(), 2);
+    // Its own creation event and the tokens'.
+    assert_eq!(jobs.len(), 3);
     let head = store.audit_chain_state(f.tenant.id).await.unwrap().head_seq;
     let disabled_event = action_event(f.tenant.id, "webhook.disabled");
+
+    // Recorded by a replica whose clock is not trusted: its failure starts no failing period.
+    let untrusted = attempt(&jobs[2], lease.lease_id, AttemptNext::RetryAt(now()));
+    assert_eq!(
+        store
+            .record_webhook_attempt(&untrusted, DateTime::<Utc>::MIN_UTC, &disabled_event)
+            .await
+            .unwrap(),
+        keyplane_store::AttemptRecorded::Recorded
+    );
+    let got = store
+        .get_webhook(f.tenant.id, hook.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.enabled);
+    assert_eq!(got.failing_since, None);
 
     // Failing since this attempt: not for long enough yet.
     let first = attempt(&jobs[0], lease.lease_id, AttemptNext::RetryAt(now()));
@@ -3668,9 +3689,9 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         store.audit_chain_state(f.tenant.id).await.unwrap().head_seq,
         head + 1
     );
-    // Its pending deliveries (the retried one and the one that disabled it) failed with it, and
+    // Its pending deliveries (the two retried and the one that disabled it) failed with it, and
     // new events queue none.
-    assert_disabled_deliveries_failed(store, &hook, 2).await;
+    assert_disabled_deliveries_failed(store, &hook, 3).await;
     store
         .append_audit_event(&action_event(f.tenant.id, "api_token.revoked"))
         .await
@@ -3680,7 +3701,7 @@ async fn a_webhook_failing_too_long_is_disabled_with_its_event(backend: Backend)
         .await
         .unwrap()
         .is_empty());
-    assert_eq!(deliveries_of(store, &hook).await.len(), 2);
+    assert_eq!(deliveries_of(store, &hook).await.len(), 3);
     // Enabled again: failing_since is cleared, and only new events are delivered.
     let mut enabled = got.clone();
     enabled.enabled = true;

@@ -232,7 +232,14 @@ async fn store_report(
             MAX_STORED_REPORTS,
         )
         .await
-        .map_err(|e| (PublicReport::RefusedStoreFailing, AppError::from(e)))?;
+        .map_err(|e| {
+            let outcome = if matches!(e, keyplane_store::StoreError::Unavailable(_)) {
+                PublicReport::RefusedStoreFailing
+            } else {
+                PublicReport::Failed
+            };
+            (outcome, AppError::from(e))
+        })?;
     if !stored {
         return Err((
             PublicReport::RefusedStoredLimit,

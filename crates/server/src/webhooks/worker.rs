@@ -256,8 +256,9 @@ async fn deliver(
         error: outcome.error,
         next,
     };
-    // A clock ahead would disable a webhook before it has failed that long: while this replica's
-    // clock is off, it disables none (a replica with a good clock will).
+    // A clock ahead would disable a webhook before it has failed that long, and one behind would
+    // date the start of its failures too early: while this replica's clock is off, its failures
+    // neither start a webhook's failing period nor disable it (a replica with a good clock's do).
     let failing_since = if app.inner().clock_check.trusted() {
         at - TimeDelta::from_std(config.disable_after).unwrap_or(TimeDelta::days(5))
     } else {
