@@ -999,10 +999,10 @@ const PRUNE_BATCH: u32 = 1000;
 const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Deletes events older than `days` days, in bounded batches, at start and then hourly.
 /// How soon retention held by the clock check asks again.
 const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Deletes events older than `days` days, in bounded batches, at start and then hourly.
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         // Not while this replica's clock is off: a clock ahead would delete events still within
