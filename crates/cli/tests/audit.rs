@@ -969,12 +969,7 @@ async fn export_lag(server: &Keyplane) -> f64 {
         .text()
         .await
         .expect("read /metrics");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("keyplane_audit_export_lag_seconds "))
-        .unwrap_or_else(|| panic!("no keyplane_audit_export_lag_seconds in\n{metrics}"))
-        .parse()
-        .expect("a number of seconds")
+    common::metric_sample(&metrics, "keyplane_audit_export_lag_seconds")
 }
 
 /// An audit log that takes nothing more (here a FIFO whose buffer is full and which nobody reads;

@@ -268,13 +268,7 @@ async fn a_bad_trusted_proxy_range_is_refused_with_a_clear_message() {
 
 /// The `keyplane_connections_open` sample in a `/metrics` answer.
 fn connections_open(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("keyplane_connections_open "))
-        .unwrap_or_else(|| panic!("no keyplane_connections_open in\n{metrics}"))
-        .trim()
-        .parse()
-        .expect("a count")
+    common::metric_sample(metrics, "keyplane_connections_open")
 }
 
 /// At `--max-connections`, more connections wait for a slot: the server says so in its log (once

@@ -910,12 +910,7 @@ async fn tls_metric(ca: &Authority, server: &Keyplane, name: &str) -> i64 {
         .text()
         .await
         .expect("read /metrics");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-        .parse()
-        .expect("a whole number")
+    common::metric_sample(&metrics, name)
 }
 
 /// Every load names the certificate (subject, serial, expiry) in the log and sets

@@ -115,6 +115,21 @@ pub struct Token {
     pub secret: String,
 }
 
+/// The value of `series` (its name and labels as exposed) in a `/metrics` answer.
+pub fn metric_sample<T>(exposition: &str, series: &str) -> T
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Debug,
+{
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{exposition}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: not a number: {e:?}"))
+}
+
 pub fn string_field(value: &Value, field: &str) -> String {
     value[field]
         .as_str()
