@@ -1304,11 +1304,8 @@ pub async fn revoke_organization_in_pages(
     for _ in 0..REVOKE_ORG_PASSES {
         let mut revoked = 0;
         done.canaries = 0;
-        for kind in [
-            CredentialKind::ApiToken,
-            CredentialKind::ServiceAccount,
-            CredentialKind::RobotAccount,
-        ] {
+        // API tokens, then service accounts, then robot accounts.
+        for kind in CredentialKind::ALL {
             let mut after = None;
             loop {
                 let page = store
