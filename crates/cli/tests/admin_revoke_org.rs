@@ -57,13 +57,7 @@ async fn revoke_org(store: &TestStore, org: &str, args: &[&str]) -> Value {
 
 /// The organization's audit events, newest first, as `admin audit` prints them.
 async fn audit(store: &TestStore, org: &str) -> Vec<Value> {
-    let output = admin(store, &["audit", "--org", org]).await;
-    assert!(output.status.success(), "{}", output.describe());
-    output
-        .stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
+    common::json_lines(&admin(store, &["audit", "--org", org]).await)
 }
 
 fn os_user() -> String {
@@ -110,18 +104,8 @@ impl Keyplane {
 
     /// POSTs `body` to `path` with the organization's token; the created JSON.
     async fn created(&self, org: &Org, path: &str, body: Value) -> Value {
-        let response = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&org.token)
-            .json(&body)
-            .send()
+        self.post_json(&org.token, path, Some(&body), StatusCode::CREATED)
             .await
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        assert_eq!(status, StatusCode::CREATED, "POST {path}: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
     }
 }
 

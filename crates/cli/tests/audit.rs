@@ -700,16 +700,6 @@ fn os_user() -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-/// The JSON lines of `output`, which must have succeeded.
-fn json_lines(output: &common::CommandOutput) -> Vec<Value> {
-    assert!(output.status.success(), "{}", output.describe());
-    output
-        .stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
-}
-
 /// Who created each credential and grant stays on its row after retention pruned the events that
 /// said so, and `admin access-review` shows it; events of admin commands keep actor `system` and
 /// name the OS user and the operator (`--operator`, or `KEYPLANE_OPERATOR`).
@@ -731,7 +721,7 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
         .await,
     );
     let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
-    let by_admin = json_lines(
+    let by_admin = common::json_lines(
         &run(
             keyplane()
                 .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
@@ -855,7 +845,7 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
     assert_eq!(left, Vec::<Value>::new(), "pruned");
 
     // The rows still say who created them.
-    let review = json_lines(
+    let review = common::json_lines(
         &run(
             keyplane()
                 .args(["admin", "access-review", "--org", &org.id])
@@ -915,7 +905,7 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
     assert!(created.status.success(), "{}", created.describe());
     let org = Org::from_json(&created.stdout);
     let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
-    let granted = json_lines(
+    let granted = common::json_lines(
         &run(
             keyplane()
                 .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
@@ -938,7 +928,7 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
     assert_eq!(os_user_of("organization.created"), sudoed.as_str());
     assert_eq!(os_user_of("api_token.created"), sudoed.as_str());
     assert_eq!(os_user_of("authorization.created"), os_user.as_str());
-    let review = json_lines(
+    let review = common::json_lines(
         &run(
             keyplane()
                 .args(["admin", "access-review", "--org", &org.id])

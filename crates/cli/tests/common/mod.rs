@@ -216,6 +216,16 @@ impl CommandOutput {
 
 /// Runs a command to completion within `limit` (killed otherwise), its output captured in
 /// anonymous files so that no pipe can fill up.
+/// The JSON lines of `output`, which must have succeeded.
+pub fn json_lines(output: &CommandOutput) -> Vec<Value> {
+    assert!(output.status.success(), "{}", output.describe());
+    output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
 pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
     run_with_input(command, "", limit).await
 }
@@ -502,6 +512,29 @@ impl Keyplane {
         assert_eq!(response.status(), StatusCode::OK);
         let page: Value = response.json().await.expect("a JSON page");
         page["items"].as_array().expect("items").clone()
+    }
+
+    /// POSTs `body` (none: no body) to `path` with `bearer`; the answer's JSON, which must come
+    /// with `expected`.
+    pub async fn post_json(
+        &self,
+        bearer: &str,
+        path: &str,
+        body: Option<&Value>,
+        expected: StatusCode,
+    ) -> Value {
+        let mut request = self.http.post(self.url(path)).bearer_auth(bearer);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, expected, "POST {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
     }
 
     pub async fn revoke_token(&self, org: &Org, id: &str) -> StatusCode {
