@@ -102,6 +102,16 @@ pub enum AdminCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// After a restore from backup: make again what the restore undid, from the trail `serve
+    /// --audit-log` exported. An exported event the store does not hold (past its organization's
+    /// head, or another event at its seq) was lost; per target, in seq order: revoked, rotated
+    /// (its new secret is gone) and leaked-and-revoked credentials are revoked, suspended ones
+    /// (not resumed since) suspended, retired previous secrets retired, revoked authorizations
+    /// revoked, each with its event (actor `system`, `replayed_event_id`, `via`, `os_user`,
+    /// `operator`); other lost changes are listed to review by hand. Records `audit.restored` in
+    /// each organization that lost events. A second run finds it done and writes nothing. Run it
+    /// before `serve` starts on the restored store; safe while a server runs.
+    RestoreReplay(crate::restore_replay::RestoreReplayArgs),
 }
 
 #[derive(Subcommand)]
@@ -650,7 +660,7 @@ struct GrantRight {
     capability: Option<String>,
 }
 
-fn parse_tenant(text: &str) -> Result<TenantId, String> {
+pub(crate) fn parse_tenant(text: &str) -> Result<TenantId, String> {
     TenantId::parse(text).ok_or_else(|| "not a UUID".to_string())
 }
 
@@ -916,6 +926,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             json,
             store,
         } => revoke_org(&store, org, &reason, dry_run, json, &operator).await,
+        AdminCommand::RestoreReplay(args) => crate::restore_replay::run(args, &operator).await,
     }
 }
 
@@ -942,7 +953,7 @@ fn reason(raw: &str) -> anyhow::Result<String> {
 }
 
 /// `n thing` or `n things`.
-fn counted(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn counted(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
@@ -1069,7 +1080,7 @@ fn migration_report(migrated_from: Option<i64>, schema: i64) -> String {
 
 /// Opens the store for an admin command that writes: it needs the current schema, so it migrates
 /// a store at an older one, and says so.
-async fn open_to_write(
+pub(crate) async fn open_to_write(
     store: &StoreArgs,
 ) -> anyhow::Result<std::sync::Arc<dyn keyplane_store::Store>> {
     let opened = store

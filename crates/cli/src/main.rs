@@ -3,6 +3,7 @@
 
 mod admin;
 mod remote;
+mod restore_replay;
 mod serve;
 mod tty;
 

@@ -78,6 +78,11 @@ pub mod actions {
     /// `through_chain_hash` are the anchor it left, which this event vouches for, `count` how many
     /// it deleted, `cutoff` and `retention_days` why. Appended in the pruning's transaction.
     pub const AUDIT_PRUNED: &str = "audit.pruned";
+    /// `keyplane admin restore-replay` found events of the exported trail that a restore from
+    /// backup took out of the store (`lost_from_seq`..`lost_through_seq`, whose seqs newer events
+    /// may reuse), and made their changes again (`revoked`, `suspended`, `retired`, `already`,
+    /// `not_found`, `reported` counts). Actor `system`.
+    pub const AUDIT_RESTORED: &str = "audit.restored";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

@@ -1790,3 +1790,230 @@ pub async fn list_audit_events(
     let pages_back = matches!(query.order, keyplane_store::AuditOrder::NewestBefore(_));
     Ok((page, next.filter(|_| pages_back)))
 }
+
+// `keyplane admin restore-replay`: changes a restore from backup undid, made again. The CLI
+// (crates/cli/src/restore_replay.rs) finds them in the exported trail; these make them.
+
+/// What `admin restore-replay` does again to one target, from the lost event that decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Revoked, rotated (the new secret went with the restore) or revoked on a leak.
+    Revoke(CredentialKind),
+    /// Suspended (not resumed since), or suspended on a leak.
+    Suspend(CredentialKind),
+    /// Its previous secret was retired before its grace period ended.
+    RetirePrevious(CredentialKind),
+    /// An authorization revoked.
+    RevokeGrant,
+}
+
+/// What one [`replay_lost_change`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayed {
+    /// Made now (in a dry run: would be made).
+    Done,
+    /// The store already is so: replayed by an earlier run, or changed again since the restore.
+    Already,
+    /// The target is not in the store: created after the backup, so gone with the restore.
+    NotFound,
+}
+
+/// The `via` of every event `admin restore-replay` writes.
+const RESTORE_REPLAY_VIA: &str = "admin restore-replay";
+
+/// Makes `replay` again to `target` of `tenant`, through the store call the API's change uses (its
+/// own transaction, its events, its webhooks and, on PostgreSQL, the notification to every replica),
+/// as the operator's (`system`) act: each event names the lost event (`replayed_event_id`,
+/// `replayed_action`), `via`, `reason` and who ran it. Idempotent: what the store already shows
+/// writes nothing and answers [`Replayed::Already`]. With `dry_run` it only reads.
+pub async fn replay_lost_change(
+    store: &dyn Store,
+    tenant: TenantId,
+    target: uuid::Uuid,
+    replay: Replay,
+    lost: (uuid::Uuid, &str),
+    operator: &Operator,
+    dry_run: bool,
+) -> Result<Replayed, AppError> {
+    let (lost_id, lost_action) = lost;
+    let reason = format!("{lost_action} {lost_id} was undone by a restore from backup");
+    let stamp = |event: AuditEvent| {
+        event
+            .text("via", RESTORE_REPLAY_VIA)
+            .text("reason", reason.as_str())
+            .text("replayed_event_id", lost_id.to_string())
+            .text("replayed_action", lost_action)
+            .operated_by(operator)
+    };
+    let context = RequestContext::default();
+    let kind = match replay {
+        Replay::RevokeGrant => {
+            let id = GrantId::from_uuid(target);
+            let Some(grant) = store.get_grant(tenant, id).await? else {
+                return Ok(Replayed::NotFound);
+            };
+            if grant.revoked_at.is_some() {
+                return Ok(Replayed::Already);
+            }
+            if !dry_run {
+                let event = stamp(grant_event(
+                    actions::AUTHORIZATION_REVOKED,
+                    AuditActor::system(),
+                    &context,
+                    &grant,
+                ));
+                let at = now();
+                // Revoked meanwhile by someone else: theirs is the record.
+                if store.revoke_grant(tenant, id, at, &event).await?.revoked_at != Some(at) {
+                    return Ok(Replayed::Already);
+                }
+            }
+            return Ok(Replayed::Done);
+        }
+        Replay::Revoke(kind) | Replay::Suspend(kind) | Replay::RetirePrevious(kind) => kind,
+    };
+    let id = CredentialId::from_uuid(target);
+    let Some(credential) = store.get_credential(tenant, kind, id).await? else {
+        return Ok(Replayed::NotFound);
+    };
+    if credential.is_revoked() {
+        // Revocation is final: nothing short of it is left to make again either.
+        return Ok(Replayed::Already);
+    }
+    let at = now();
+    match replay {
+        // (A grant was handled above.)
+        Replay::Revoke(_) | Replay::RevokeGrant => {
+            if !dry_run {
+                let event = stamp(credential_event(
+                    credential_action(kind, CredentialChange::Revoked),
+                    AuditActor::system(),
+                    &context,
+                    &credential,
+                ));
+                let grant_revoked = |grant: &Grant| {
+                    stamp(grant_event(
+                        actions::AUTHORIZATION_REVOKED,
+                        AuditActor::system(),
+                        &context,
+                        grant,
+                    ))
+                };
+                let stored = store
+                    .revoke_credential(tenant, kind, id, at, None, &event, &grant_revoked, None)
+                    .await?;
+                if stored.revoked_at != Some(at) {
+                    return Ok(Replayed::Already);
+                }
+            }
+        }
+        Replay::Suspend(_) => {
+            if credential.suspended_at.is_some() {
+                return Ok(Replayed::Already);
+            }
+            if !dry_run {
+                let event = stamp(credential_event(
+                    credential_action(kind, CredentialChange::Suspended),
+                    AuditActor::system(),
+                    &context,
+                    &credential,
+                ));
+                match store
+                    .set_credential_suspended(tenant, kind, id, Some(at), at, &event, None)
+                    .await
+                {
+                    Ok((_, true)) => {}
+                    // Suspended or revoked by someone else meanwhile.
+                    Ok((_, false)) | Err(StoreError::Conflict(_)) => return Ok(Replayed::Already),
+                    Err(other) => return Err(other.into()),
+                }
+            }
+        }
+        Replay::RetirePrevious(_) => {
+            let Some(previous) = credential.live_previous_secret(at).cloned() else {
+                return Ok(Replayed::Already);
+            };
+            if !dry_run {
+                let event = stamp(previous_retired_event(
+                    &credential,
+                    "restore_replay",
+                    AuditActor::system(),
+                    &context,
+                ));
+                let retired = store
+                    .retire_previous_secret(tenant, kind, id, &previous.hash, at, &event)
+                    .await?;
+                if retired.is_none() {
+                    return Ok(Replayed::Already);
+                }
+            }
+        }
+    }
+    if !dry_run {
+        tracing::info!(tenant.id = %tenant, credential.id = %id, replayed_event.id = %lost_id, "change undone by a restore made again");
+    }
+    Ok(Replayed::Done)
+}
+
+/// What one organization's replay found and did, for its `audit.restored` event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReplayed {
+    pub lost_from_seq: u64,
+    pub lost_through_seq: u64,
+    /// The lost events at those two seqs: what tells a later run that this loss is recorded.
+    pub lost_from_event_id: uuid::Uuid,
+    pub lost_through_event_id: uuid::Uuid,
+    pub lost_events: u64,
+    pub revoked: u64,
+    pub suspended: u64,
+    pub retired: u64,
+    pub already: u64,
+    pub not_found: u64,
+    /// Lost changes left to the operator (created, policy, webhook, signing-key, permissions).
+    pub reported: u64,
+}
+
+/// Appends `audit.restored` to `tenant`'s trail: events `lost_from_seq..=lost_through_seq` of the
+/// exported trail are not in the store (a restore from backup took them back), so seqs from
+/// there on name other events than the exported ones; what was made again and left to review.
+pub async fn record_restore_replayed(
+    store: &dyn Store,
+    tenant: TenantId,
+    replayed: &RestoreReplayed,
+    operator: &Operator,
+) -> Result<(), AppError> {
+    let count = |key: &str, n: u64| (key.to_owned(), DetailValue::Count(n));
+    let mut event = audit_event(
+        tenant,
+        actions::AUDIT_RESTORED,
+        AuditActor::system(),
+        &RequestContext::default(),
+    )
+    .target("organization", tenant.as_uuid(), None)
+    .text("via", RESTORE_REPLAY_VIA)
+    .text(
+        "lost_from_event_id",
+        replayed.lost_from_event_id.to_string(),
+    )
+    .text(
+        "lost_through_event_id",
+        replayed.lost_through_event_id.to_string(),
+    );
+    for (key, value) in [
+        count("lost_from_seq", replayed.lost_from_seq),
+        count("lost_through_seq", replayed.lost_through_seq),
+        count("lost_events", replayed.lost_events),
+        count("revoked", replayed.revoked),
+        count("suspended", replayed.suspended),
+        count("retired", replayed.retired),
+        count("already", replayed.already),
+        count("not_found", replayed.not_found),
+        count("reported", replayed.reported),
+    ] {
+        event = event.detail(&key, value);
+    }
+    store
+        .append_audit_event(&event.operated_by(operator))
+        .await?;
+    Ok(())
+}
