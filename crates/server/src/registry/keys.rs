@@ -20,6 +20,8 @@ pub struct Signer {
     header: Header,
     key: EncodingKey,
     certificate_pem: String,
+    /// When the key was created: a promotion moves to a newer one, never to an older one.
+    created_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Signer {
@@ -103,7 +105,29 @@ fn signer_of(stored: SigningKey) -> Result<Signer, AppError> {
         header,
         key,
         certificate_pem: stored.certificate_pem,
+        created_at: stored.created_at,
     })
+}
+
+/// How the store's current key replaced the one held.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyChange {
+    /// A newer key: `admin registry-key promote`.
+    Promoted,
+    /// An older key: the store went back (restored from a backup, recovered to an earlier point,
+    /// failed over) to before a promotion.
+    WentBack,
+}
+
+fn key_change(
+    held: chrono::DateTime<chrono::Utc>,
+    current: chrono::DateTime<chrono::Utc>,
+) -> KeyChange {
+    if current < held {
+        KeyChange::WentBack
+    } else {
+        KeyChange::Promoted
+    }
 }
 
 /// Re-reads the store's current key every `interval` until `stop` turns true, and signs with it
@@ -133,13 +157,49 @@ pub(crate) async fn refresh_signer(
         let key_id = current.key_id.clone();
         match signer_of(current) {
             Ok(signer) => {
-                if let Some(replaced) = app.swap_registry_signer(Arc::new(signer)) {
-                    tracing::info!(key.id = %key_id, replaced.key.id = %replaced.key_id(), "registry signing key promoted: signing registry tokens with it now");
+                let created_at = signer.created_at;
+                // Signing with the store's key all the same: every replica, and every one started
+                // from now on, signs with it.
+                let Some(replaced) = app.swap_registry_signer(Arc::new(signer)) else {
+                    continue;
+                };
+                match key_change(replaced.created_at, created_at) {
+                    KeyChange::Promoted => {
+                        tracing::info!(key.id = %key_id, replaced.key.id = %replaced.key_id(), "registry signing key promoted: signing registry tokens with it now");
+                    }
+                    KeyChange::WentBack => {
+                        tracing::warn!(key.id = %key_id, replaced.key.id = %replaced.key_id(), "registry signing key went back: the store's current key is older than the one signed with until now (the store restored from a backup or recovered to an earlier point, from before a promotion?); signing with it now, which the registry accepts only while its rootcertbundle holds it: compare `keyplane admin registry-key show` with the bundle, and if the newer key replaced a compromised one, stage, promote and retire again");
+                    }
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, key.id = %key_id, "cannot load the promoted registry signing key; signing with the one held");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_current_key_is_the_store_going_back_not_a_promotion() {
+        let held = chrono::DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let older = held - chrono::TimeDelta::days(30);
+        let newer = held + chrono::TimeDelta::seconds(1);
+        assert_eq!(key_change(held, older), KeyChange::WentBack);
+        assert_eq!(key_change(held, newer), KeyChange::Promoted);
+        // Two keys created in the same instant: nothing says it went back.
+        assert_eq!(key_change(held, held), KeyChange::Promoted);
+    }
+
+    #[test]
+    fn a_signer_keeps_its_keys_creation_time() {
+        let stored = mint_candidate().unwrap();
+        let created_at = stored.created_at;
+        assert_eq!(signer_of(stored).unwrap().created_at, created_at);
     }
 }
