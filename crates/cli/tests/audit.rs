@@ -950,16 +950,7 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
 
 /// The `keyplane_audit_export_lag_seconds` sample of a `/metrics` answer.
 async fn export_lag(server: &Keyplane) -> f64 {
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("read /metrics");
-    common::metric_sample(&metrics, "keyplane_audit_export_lag_seconds")
+    server.metric("keyplane_audit_export_lag_seconds").await
 }
 
 /// An audit log that takes nothing more (here a FIFO whose buffer is full and which nobody reads;

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{both_stores, free_loopback_port, http_client, Keyplane, Org, TestStore};
+use common::{
+    admin_connection, both_stores, database_name, free_loopback_port, http_client, Keyplane, Org,
+    TestStore,
+};
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -672,19 +675,6 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
 
 // ------------------------------------------------------------------------------------------------
 // PostgreSQL: read-only, hanging, restarting
-
-fn database_name(url: &str) -> String {
-    let path = url.rsplit('/').next().expect("a database in the URL");
-    path.split('?').next().unwrap().to_owned()
-}
-
-async fn admin_connection() -> sqlx::PgConnection {
-    let url = std::env::var("KEYPLANE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| keyplane_store::testing::DEFAULT_TEST_DATABASE_URL.to_owned());
-    sqlx::PgConnection::connect(&url)
-        .await
-        .expect("connect to the test PostgreSQL")
-}
 
 /// Makes the test's database read-only (or writable again) for every new session, and ends the
 /// sessions open on it so the server's pools reconnect under the new setting.

@@ -91,6 +91,23 @@ impl TestStore {
     }
 }
 
+/// The database a PostgreSQL URL names.
+pub fn database_name(url: &str) -> String {
+    let path = url.rsplit('/').next().expect("a database in the URL");
+    path.split('?').next().unwrap().to_owned()
+}
+
+/// A connection to the test PostgreSQL server's admin database (to create, copy or drop a test's
+/// database, or change its settings).
+pub async fn admin_connection() -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let url = std::env::var("KEYPLANE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| keyplane_store::testing::DEFAULT_TEST_DATABASE_URL.to_owned());
+    sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
 /// An organization and its `*` token, as in bootstrap.json and `admin create-org --json`.
 pub struct Org {
     pub id: String,
@@ -459,6 +476,24 @@ impl Keyplane {
     /// What the server has logged so far.
     pub fn log(&self) -> String {
         lock(&self.log).clone()
+    }
+
+    /// The value of `series` (as [`metric_sample`] names it) in this server's `/metrics` now.
+    pub async fn metric<T>(&self, series: &str) -> T
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Debug,
+    {
+        let metrics = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("read /metrics");
+        metric_sample(&metrics, series)
     }
 
     pub fn tokens_url(&self, org_id: &str) -> String {
