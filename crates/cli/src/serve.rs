@@ -160,6 +160,12 @@ pub struct ServeArgs {
     /// rotation).
     #[arg(long, env = "KEYPLANE_AUDIT_LOG", value_name = "PATH")]
     audit_log: Option<String>,
+    /// Bootstrap an empty store (a new `default` organization and its token) even though the
+    /// --audit-log file already holds exported events. Without it such a start is refused: an
+    /// empty store under a used audit log is a lost data directory or a wrong --database-url
+    /// more often than a new deployment.
+    #[arg(long, env = "KEYPLANE_ALLOW_EMPTY_STORE")]
+    allow_empty_store: bool,
     /// Prune audit events older than this many days (at most 36500), in the background; 0 keeps
     /// them forever.
     #[arg(long, env = "KEYPLANE_AUDIT_RETENTION_DAYS", default_value_t = 400, value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -416,6 +422,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(oidc.issuers = ?oidc.issuers, oidc.audience = %oidc.audience, "users authenticate with access tokens from these issuers");
     }
 
+    if let Some(target) = &audit_log {
+        if !args.allow_empty_store {
+            refuse_empty_store_under_used_log(store.as_ref(), target).await?;
+        }
+    }
     // Not interrupted: the bootstrap file is settled before a stop is acted on.
     bootstrap(store.as_ref(), &args.store.data_dir).await?;
     if already_done(&mut shutdown).await {
@@ -558,6 +569,34 @@ fn check_limits(args: &ServeArgs) -> anyhow::Result<()> {
         _ => {}
     }
     Ok(())
+}
+
+/// Stops the start when the store is empty (never bootstrapped) but `target` already holds
+/// exported events: bootstrapping would hand out a new `default` organization and `*` token on a
+/// store that lost every organization the log speaks of (a lost data directory, a wrong
+/// `--database-url`), and append its events under seqs the log already holds.
+async fn refuse_empty_store_under_used_log(
+    store: &dyn keyplane_store::Store,
+    target: &keyplane_server::audit::AuditLogTarget,
+) -> anyhow::Result<()> {
+    let bootstrapped = store
+        .is_bootstrapped()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?;
+    if bootstrapped {
+        return Ok(());
+    }
+    let used = target
+        .exported_before()
+        .map_err(|e| anyhow::anyhow!("--audit-log: cannot check what it holds: {e}"))?;
+    match used {
+        Some(why) => anyhow::bail!(
+            "the store is empty, but {why}: this data directory or database was lost or is not the one the log was exported from. \
+             Restore the store from a backup, or point --database-url/--data-dir at the right one; \
+             to start a new store anyway, pass --allow-empty-store (and better, a new --audit-log path)"
+        ),
+        None => Ok(()),
+    }
 }
 
 /// On an empty store: org `default` and a `*` token, written to `<data-dir>/bootstrap.json`.

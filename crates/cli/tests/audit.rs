@@ -450,7 +450,13 @@ async fn a_torn_last_line_does_not_swallow_the_next_event(backend: Backend) {
     let log = store.db.data_dir.join("audit.log");
     let torn = r#"{"id":"torn"#;
     std::fs::write(&log, torn).unwrap();
-    let server = Keyplane::start(&store, &["--audit-log", log.to_str().unwrap()], TIMEOUT).await;
+    // The store is new and the log is not: a start that is refused without the flag.
+    let server = Keyplane::start(
+        &store,
+        &["--audit-log", log.to_str().unwrap(), "--allow-empty-store"],
+        TIMEOUT,
+    )
+    .await;
     let org = store.bootstrap_org();
     let events = server.audit_events(&org, "limit=100").await;
     let committed = event_ids(&events);

@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     /// This replica's clock against the database's: the time-driven jobs that change the shared
     /// store ask it first.
     pub(crate) clock_check: crate::clock_check::ClockCheck,
+    /// Organizations whose chain the `--audit-log` export found behind what the log holds.
+    pub(crate) export_behind: crate::export_heads::BehindExport,
 }
 
 impl App {
@@ -143,6 +145,7 @@ impl App {
             costly_grants,
             retirement_cursor: Default::default(),
             clock_check,
+            export_behind: Default::default(),
         }))
     }
 

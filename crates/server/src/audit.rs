@@ -427,6 +427,24 @@ impl AuditLogTarget {
         Sink::open(self).map(drop)
     }
 
+    /// Why an empty store must not be bootstrapped with this log (`serve` refuses it unless
+    /// `--allow-empty-store`): the file already holds exported events, or its heads file names
+    /// organizations. `None` for stdout, or a log never exported to.
+    pub fn exported_before(&self) -> std::io::Result<Option<String>> {
+        match self {
+            AuditLogTarget::Stdout => Ok(None),
+            AuditLogTarget::File(path) => crate::export_heads::exported_before(path),
+        }
+    }
+
+    /// Where the export records how far it wrote (`<log>.heads`); none for stdout.
+    fn heads_path(&self) -> Option<PathBuf> {
+        match self {
+            AuditLogTarget::Stdout => None,
+            AuditLogTarget::File(path) => Some(crate::export_heads::path_for(path)),
+        }
+    }
+
     /// The name its cursors are stored under.
     fn consumer(&self) -> String {
         match self {
@@ -730,15 +748,15 @@ pub(crate) async fn export(
         }
         let mut failure = None;
         if progress.is_none() {
-            match app.store().audit_export_cursors(&consumer).await {
-                Ok(saved) => progress = Some(ExportProgress::from_saved(saved)),
+            match ExportProgress::load(&app, &target, &consumer).await {
+                Ok(loaded) => progress = Some(loaded),
                 Err(error) => failure = Some(format!("cannot read the export cursors: {error}")),
             }
         }
         let mut passed = false;
         if let (Some(sink), true, Some(at)) = (&thread, open, progress.as_mut()) {
             let began = std::time::Instant::now();
-            match export_pending(app.store().as_ref(), &consumer, sink, &mut stall, at).await {
+            match export_pending(&app, &consumer, sink, &mut stall, at).await {
                 Ok(()) => {
                     passed = true;
                     metrics.audit_export_caught_up(began);
@@ -777,7 +795,7 @@ pub(crate) async fn export(
         if stopping {
             // One last pass, so a clean shutdown leaves nothing behind.
             if let (Some(sink), true, Some(at)) = (&thread, open, progress.as_mut()) {
-                let _ = export_pending(app.store().as_ref(), &consumer, sink, &mut stall, at).await;
+                let _ = export_pending(&app, &consumer, sink, &mut stall, at).await;
                 at.next_save = tokio::time::Instant::now();
                 at.save(app.store().as_ref(), &consumer).await;
             }
@@ -830,9 +848,106 @@ struct ExportProgress {
     /// [`EXPORT_RETRY_MAX`]): the lines are written, only the cursor is missing.
     save_wait: Duration,
     next_save: tokio::time::Instant,
+    /// The heads file beside the log (none for stdout).
+    heads: Option<HeadsRecord>,
+}
+
+/// What the export keeps in `<log>.heads` ([`crate::export_heads`]).
+struct HeadsRecord {
+    path: PathBuf,
+    heads: crate::export_heads::Heads,
+    /// Moved since the file was last written.
+    dirty: bool,
+    /// The last write failed (said once, and once when one works again).
+    failing: bool,
+}
+
+impl HeadsRecord {
+    fn moved(&mut self, tenant: TenantId, seq: u64, hash: [u8; 32]) {
+        if self.heads.insert(tenant, (seq, hash)) != Some((seq, hash)) {
+            self.dirty = true;
+        }
+    }
 }
 
 impl ExportProgress {
+    /// The saved cursors, checked against the heads file beside the log: an organization whose
+    /// chain in the store is behind what the log holds (the store restored from a backup,
+    /// recovered to an earlier point, failed over, or lost) is reported, and its cursor is set
+    /// to what the log holds so that the first pass goes back as it does for a failover seen
+    /// while running.
+    async fn load(
+        app: &App,
+        target: &AuditLogTarget,
+        consumer: &str,
+    ) -> Result<Self, keyplane_store::StoreError> {
+        let store = app.store().as_ref();
+        let mut progress = Self::from_saved(store.audit_export_cursors(consumer).await?);
+        let Some(path) = target.heads_path() else {
+            return Ok(progress);
+        };
+        let recorded = crate::export_heads::read(&path).unwrap_or_else(|error| {
+            tracing::warn!(%error, path = %path.display(), "cannot read the audit log's heads file: the store is not checked against what the log holds; the file is written again after the next events exported");
+            None
+        });
+        let exported = progress.cursors.values().map(|c| c.seq).max().unwrap_or(0);
+        if recorded.is_none() && exported > 0 && log_is_empty(target) {
+            tracing::warn!(audit_log = %consumer, export.seq = exported, "the audit log is empty (new, or emptied) but this export's cursors, kept in the store under its path, are past events it wrote there: only events after them are exported, the earlier ones are not written again; to export every event the store holds, point --audit-log at a new path");
+        }
+        let mut record = HeadsRecord {
+            path,
+            heads: recorded.unwrap_or_default(),
+            dirty: false,
+            failing: false,
+        };
+        if !record.heads.is_empty() {
+            let chains: HashMap<TenantId, (u64, [u8; 32])> = store
+                .audit_heads()
+                .await?
+                .into_iter()
+                .map(|(tenant, seq, hash)| (tenant, (seq, hash)))
+                .collect();
+            for (tenant, (seq, hash)) in record.heads.clone() {
+                let chain = chains.get(&tenant).copied();
+                if !went_back(store, tenant, chain, seq, hash).await? {
+                    continue;
+                }
+                let head = chain.map_or(0, |(head, _)| head);
+                if head < seq {
+                    tracing::error!(tenant.id = %tenant, export.seq = seq, chain.head = head, audit_log = %consumer, "the store is behind the audit log: organization {tenant}'s chain ends at seq {head} but the audit log holds its events up to seq {seq} (the store restored from a backup, recovered to an earlier point, failed over to a standby missing commits, or lost?); its new events reuse seqs the log already holds");
+                } else {
+                    tracing::error!(tenant.id = %tenant, export.seq = seq, chain.head = head, audit_log = %consumer, "the store is behind the audit log: organization {tenant}'s event at seq {seq} is not the one the audit log holds there (the store's head is seq {head}; the store restored from a backup or recovered to an earlier point, and written to since?)");
+                }
+                report_behind(app, tenant, seq, head);
+                if chain.is_none() {
+                    // The store holds none of its events: nothing to go back to. Forgotten, so
+                    // that the next start does not report it again.
+                    progress.cursors.remove(&tenant);
+                    record.heads.remove(&tenant);
+                    record.dirty = true;
+                    continue;
+                }
+                let cursor = progress.cursors.entry(tenant).or_default();
+                // The store's own cursor went back with its chain, so the events up to it were
+                // written from this very chain: the first pass goes back there, else to the
+                // chain's anchor.
+                let mut written = std::collections::VecDeque::new();
+                if cursor.seq < seq {
+                    if let Some(at) = event_hash_at(store, tenant, cursor.seq).await? {
+                        written.push_back((cursor.seq, at));
+                    }
+                }
+                *cursor = ExportCursor {
+                    seq,
+                    hash: Some(hash),
+                    written,
+                };
+            }
+        }
+        progress.heads = Some(record);
+        Ok(progress)
+    }
+
     fn from_saved(saved: Vec<(TenantId, u64)>) -> Self {
         Self {
             cursors: saved
@@ -852,6 +967,32 @@ impl ExportProgress {
             unsaved: HashMap::new(),
             save_wait: EXPORT_POLL,
             next_save: tokio::time::Instant::now(),
+            heads: None,
+        }
+    }
+
+    /// Writes the heads file if the cursors moved since, on the log's thread (the file is beside
+    /// the log, on the same mount). A failure is said and tried again after the next pass.
+    async fn write_heads(&mut self, sink: &SinkThread, stall: &mut Stall) {
+        let Some(record) = self.heads.as_mut().filter(|r| r.dirty) else {
+            return;
+        };
+        let (path, heads) = (record.path.clone(), record.heads.clone());
+        match sink
+            .run(stall, move |_| crate::export_heads::write(&path, &heads))
+            .await
+        {
+            Ok(()) => {
+                record.dirty = false;
+                if std::mem::take(&mut record.failing) {
+                    tracing::info!(path = %record.path.display(), "the audit log's heads file is written again");
+                }
+            }
+            Err(error) => {
+                if !std::mem::replace(&mut record.failing, true) {
+                    tracing::warn!(%error, path = %record.path.display(), "cannot write the audit log's heads file (the events are written; a later start could not tell that the store went back past them); retrying after each pass");
+                }
+            }
         }
     }
 
@@ -876,12 +1017,13 @@ impl ExportProgress {
 }
 
 async fn export_pending(
-    store: &dyn Store,
+    app: &App,
     consumer: &str,
     sink: &SinkThread,
     stall: &mut Stall,
     progress: &mut ExportProgress,
 ) -> anyhow::Result<()> {
+    let store = app.store().as_ref();
     for (tenant, head, head_hash) in store.audit_heads().await? {
         let cursor = progress.cursors.entry(tenant).or_default();
         if !still_holds(store, tenant, cursor, head, head_hash).await? {
@@ -893,6 +1035,7 @@ async fn export_pending(
                 export.from = seq,
                 "the audit chain no longer holds the events the export wrote (a failover or a restore lost them?): exporting again from where it still does"
             );
+            report_behind(app, tenant, cursor.seq, head);
             cursor.written.retain(|(at, _)| *at < seq);
             (cursor.seq, cursor.hash) = (seq, Some(hash));
             progress.unsaved.insert(tenant, seq);
@@ -919,9 +1062,60 @@ async fn export_pending(
             cursor.advance(last.seq, last.chain_hash);
             progress.unsaved.insert(tenant, last.seq);
         }
+        // Where the log now ends for this tenant (moved, gone back, or first read from the
+        // store after a start).
+        if let (Some(record), Some(hash)) = (&mut progress.heads, cursor.hash) {
+            record.moved(tenant, cursor.seq, hash);
+        }
     }
+    progress.write_heads(sink, stall).await;
     progress.save(store, consumer).await;
     Ok(())
+}
+
+/// Whether the store's chain (`chain`: its head and hash, `None` when it holds no event of the
+/// tenant) is behind what the audit log holds, `seq` with `hash`: its head is below it, or the
+/// event there is another. An event pruned by retention is taken to be the one written.
+async fn went_back(
+    store: &dyn Store,
+    tenant: TenantId,
+    chain: Option<(u64, [u8; 32])>,
+    seq: u64,
+    hash: [u8; 32],
+) -> Result<bool, keyplane_store::StoreError> {
+    let Some((head, head_hash)) = chain else {
+        return Ok(seq > 0);
+    };
+    Ok(match head.cmp(&seq) {
+        std::cmp::Ordering::Less => true,
+        std::cmp::Ordering::Equal => head_hash != hash,
+        std::cmp::Ordering::Greater => event_hash_at(store, tenant, seq)
+            .await?
+            .is_some_and(|found| found != hash),
+    })
+}
+
+/// Records for `/readyz` and `/metrics` that the tenant's chain in the store was found behind the
+/// audit log (which holds it up to `exported_seq`).
+fn report_behind(app: &App, tenant: TenantId, exported_seq: u64, store_seq: u64) {
+    let inner = app.inner();
+    let count = inner.export_behind.record(crate::export_heads::Behind {
+        tenant,
+        exported_seq,
+        store_seq,
+        noticed_at: crate::ops::now(),
+    });
+    inner.metrics.audit_export_behind(count);
+}
+
+/// Whether the (file) audit log is empty: new, or emptied.
+fn log_is_empty(target: &AuditLogTarget) -> bool {
+    match target {
+        AuditLogTarget::Stdout => false,
+        AuditLogTarget::File(path) => {
+            std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
+        }
+    }
 }
 
 /// Whether the tenant's chain still holds, at the cursor, the event the export wrote there. Read

@@ -194,6 +194,7 @@ struct Inner {
     audit_export_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// When the `--audit-log` export last had every committed event written; `None` without one.
     audit_export_caught_up: std::sync::Mutex<Option<std::time::Instant>>,
+    audit_export_behind: Gauge,
     tls_not_after: Gauge,
     tls_reload_failures: Counter,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
@@ -337,6 +338,15 @@ impl Metrics {
              without one): grows while the export is stalled",
             audit_export_lag.clone(),
         );
+        let audit_export_behind = Gauge::default();
+        registry.register(
+            "audit_export_behind_organizations",
+            "Organizations whose audit chain in the store was found, since the start, behind what \
+             the --audit-log export had written (a restore, a point-in-time recovery, a failover \
+             to a standby missing commits, a lost data directory): their new events reuse seqs \
+             the log already holds",
+            audit_export_behind.clone(),
+        );
         let tls_not_after = Gauge::default();
         registry.register(
             "tls_certificate_not_after_seconds",
@@ -378,6 +388,7 @@ impl Metrics {
             clock_skew_seconds,
             audit_export_lag,
             audit_export_caught_up: std::sync::Mutex::new(None),
+            audit_export_behind,
             tls_not_after,
             tls_reload_failures,
             routes: RwLock::default(),
@@ -534,6 +545,13 @@ impl Metrics {
             .audit_export_caught_up
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// `organizations` were found behind the `--audit-log` export so far.
+    pub(crate) fn audit_export_behind(&self, organizations: usize) {
+        self.0
+            .audit_export_behind
+            .set(i64::try_from(organizations).unwrap_or(i64::MAX));
     }
 
     /// The certificate now served expires at `unix` (seconds).

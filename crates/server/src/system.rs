@@ -58,6 +58,8 @@ pub struct Readiness {
     last_write_failure: Option<WriteFailure>,
     /// This replica's clock against the database's.
     clock: ClockHealth,
+    /// The store against what the `--audit-log` export wrote.
+    audit: AuditHealth,
     /// On 503 only: why reads fail (`unreachable`, `busy`, `timed out`, `disk full`,
     /// `read-only`, `I/O error`, or `error`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +126,72 @@ impl ClockHealth {
             checked_at: state
                 .last
                 .map(|m| m.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        }
+    }
+}
+
+/// The store against what the `--audit-log` export wrote. An organization whose chain the store
+/// holds less of than the log (the store restored from a backup, recovered to an earlier point,
+/// failed over to a standby missing commits, or lost) is listed until the process ends; it does
+/// not change `status` or the answer's code: the store is what is served from, and the log says
+/// what it lost.
+#[derive(Serialize, ToSchema)]
+pub struct AuditHealth {
+    /// `ok`; `behind_export`: the store was found behind the audit log for the `organizations`
+    /// listed; `not_exported`: no `--audit-log`, nothing to compare.
+    status: AuditHealthStatus,
+    /// The organizations found behind (empty when `status` is not `behind_export`).
+    organizations: Vec<BehindOrganization>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum AuditHealthStatus {
+    Ok,
+    BehindExport,
+    NotExported,
+}
+
+/// An organization whose chain in the store is behind the `--audit-log` export.
+#[derive(Serialize, ToSchema)]
+pub struct BehindOrganization {
+    #[schema(value_type = String, format = Uuid)]
+    organization_id: String,
+    /// The last seq of its events that the audit log holds.
+    exported_seq: u64,
+    /// The store's head (last seq) when it was found: the events after it in the log are not in
+    /// the store, and its new events reuse their seqs.
+    store_seq: u64,
+    /// When it was found (RFC 3339, milliseconds, UTC).
+    #[schema(value_type = String, format = DateTime)]
+    noticed_at: String,
+}
+
+impl AuditHealth {
+    fn of(app: &App) -> Self {
+        let organizations: Vec<BehindOrganization> = app
+            .inner()
+            .export_behind
+            .list()
+            .into_iter()
+            .map(|behind| BehindOrganization {
+                organization_id: behind.tenant.to_string(),
+                exported_seq: behind.exported_seq,
+                store_seq: behind.store_seq,
+                noticed_at: behind
+                    .noticed_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            })
+            .collect();
+        Self {
+            status: if !organizations.is_empty() {
+                AuditHealthStatus::BehindExport
+            } else if app.inner().config.audit_log.is_some() {
+                AuditHealthStatus::Ok
+            } else {
+                AuditHealthStatus::NotExported
+            },
+            organizations,
         }
     }
 }
@@ -198,6 +266,8 @@ impl ReadChecks {
 /// `last_write_failure` names the last transient fault a write met (`disk full`, `read-only`,
 /// `busy`, `unreachable`, ...), and stays after writes recover. `clock` compares this replica's
 /// clock with the database's (PostgreSQL), and says whether the jobs that cut by it are held.
+/// `audit` says whether the store was found behind what the `--audit-log` export wrote (a
+/// restore, a failover); that does not change `status` either.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
     (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
     (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second); `reason` says which.", body = Readiness),
@@ -224,6 +294,7 @@ async fn readyz(State(app): State<App>) -> Response {
             at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }),
         clock: ClockHealth::of(&app),
+        audit: AuditHealth::of(&app),
         reason: None,
     };
     match reads {

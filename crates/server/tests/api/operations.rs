@@ -50,10 +50,16 @@ async fn health_and_readiness(backend: Backend) {
             assert!(clock["checked_at"].is_string(), "{clock}");
         }
     }
-    // `reason` only on a 503.
+    // `reason` only on a 503; no `--audit-log` here, nothing to compare the store with.
     assert_eq!(
         body,
-        json!({"status": "ready", "store": expected, "writes": "ok", "last_write_failure": null})
+        json!({
+            "status": "ready",
+            "store": expected,
+            "writes": "ok",
+            "last_write_failure": null,
+            "audit": {"status": "not_exported", "organizations": []},
+        })
     );
 }
 
@@ -425,7 +431,22 @@ async fn the_document_declares_every_answer() {
     }
     assert_eq!(
         schemas["Readiness"]["required"],
-        json!(["status", "store", "writes", "last_write_failure", "clock"])
+        json!([
+            "status",
+            "store",
+            "writes",
+            "last_write_failure",
+            "clock",
+            "audit"
+        ])
+    );
+    assert_eq!(
+        schemas["AuditHealthStatus"]["enum"],
+        json!(["ok", "behind_export", "not_exported"])
+    );
+    assert_eq!(
+        schemas["BehindOrganization"]["required"],
+        json!(["organization_id", "exported_seq", "store_seq", "noticed_at"])
     );
     assert_eq!(
         schemas["ClockHealth"]["required"],
