@@ -900,6 +900,34 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         ended: EventOf<'_, ConsoleSession>,
     ) -> Result<u64, StoreError>;
+
+    /// A page of organizations in creation order (`created_at`, then id), each with its
+    /// registry's project if it has one: `admin list-orgs`, and the duplicate-name check of
+    /// `admin create-org`.
+    async fn list_tenants(&self, page: &TenantPage<'_>) -> Result<Vec<TenantListing>, StoreError>;
+
+    /// A tenant without any credential (`admin create-org --no-token`), and `events` in the same
+    /// transaction. `Conflict` if its id is taken.
+    async fn create_tenant(&self, tenant: &Tenant, events: &[AuditEvent])
+        -> Result<(), StoreError>;
+}
+
+/// Which organizations [`Store::list_tenants`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantPage<'a> {
+    /// Only those with exactly this name.
+    pub name: Option<&'a str>,
+    /// Exclusive: only those after this one in the listing's order (a page cursor).
+    pub after: Option<&'a Tenant>,
+    pub limit: u32,
+}
+
+/// One organization as [`Store::list_tenants`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantListing {
+    pub tenant: Tenant,
+    /// Its registry's project, if the registry is enabled.
+    pub registry_project: Option<String>,
 }
 
 /// One reading of the database server's clock ([`Store::database_clock`]).

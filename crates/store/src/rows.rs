@@ -29,6 +29,29 @@ impl From<TenantRow> for Tenant {
     }
 }
 
+/// A tenant and its registry's project (`list_tenants`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct TenantListingRow {
+    id: Uuid,
+    name: String,
+    created_at: DateTime<Utc>,
+    project: Option<String>,
+}
+
+impl From<TenantListingRow> for crate::TenantListing {
+    fn from(row: TenantListingRow) -> Self {
+        Self {
+            tenant: TenantRow {
+                id: row.id,
+                name: row.name,
+                created_at: row.created_at,
+            }
+            .into(),
+            registry_project: row.project,
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct CredentialRow {
     id: Uuid,

@@ -473,6 +473,19 @@ impl<DB: sqlx::Database> Drop for ImportConnection<DB> {
 macro_rules! impl_store {
     ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
+            async fn insert_tenant(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant: &keyplane_core::Tenant,
+            ) -> Result<(), $crate::StoreError> {
+                sqlx::query($crate::sql::INSERT_TENANT)
+                    .bind(tenant.id.as_uuid())
+                    .bind(&tenant.name)
+                    .bind(tenant.created_at)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
             /// Stores `candidate` with `insert` (which does nothing when its slot is taken) and
             /// returns the slot's key, read with `select`: the first writer's, so racers agree.
             /// Only the writer that stored it records `event` (of the key, after the current key
@@ -702,12 +715,7 @@ macro_rules! impl_store {
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut tx = self.writer.begin().await?;
-                    sqlx::query($crate::sql::INSERT_TENANT)
-                        .bind(tenant.id.as_uuid())
-                        .bind(&tenant.name)
-                        .bind(tenant.created_at)
-                        .execute(&mut *tx)
-                        .await?;
+                    Self::insert_tenant(&mut tx, tenant).await?;
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
@@ -744,12 +752,7 @@ macro_rules! impl_store {
                         tx.commit().await?;
                         return Ok(false);
                     }
-                    sqlx::query($crate::sql::INSERT_TENANT)
-                        .bind(tenant.id.as_uuid())
-                        .bind(&tenant.name)
-                        .bind(tenant.created_at)
-                        .execute(&mut *tx)
-                        .await?;
+                    Self::insert_tenant(&mut tx, tenant).await?;
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
@@ -2258,6 +2261,54 @@ macro_rules! impl_store {
                     }
                     tx.commit().await?;
                     Ok(pruned)
+                })
+                .await
+            }
+
+            #[tracing::instrument(skip_all)]
+            async fn list_tenants(
+                &self,
+                page: &$crate::TenantPage<'_>,
+            ) -> Result<Vec<$crate::TenantListing>, $crate::StoreError> {
+                // Only the conditions that apply, as in `credential_list_query`.
+                let mut sql = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT t.id, t.name, t.created_at, r.project FROM tenants t \
+                     LEFT JOIN registries r ON r.tenant_id = t.id WHERE 1 = 1",
+                );
+                if let Some(name) = page.name {
+                    sql.push(" AND t.name = ");
+                    sql.push_bind(name.to_owned());
+                }
+                if let Some(after) = page.after {
+                    sql.push(" AND (t.created_at > ");
+                    sql.push_bind(after.created_at);
+                    sql.push(" OR (t.created_at = ");
+                    sql.push_bind(after.created_at);
+                    sql.push(" AND t.id > ");
+                    sql.push_bind(after.id.as_uuid());
+                    sql.push("))");
+                }
+                sql.push(" ORDER BY t.created_at, t.id LIMIT ");
+                sql.push_bind(i64::from(page.limit));
+                let rows: Vec<$crate::rows::TenantListingRow> =
+                    sql.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant.id))]
+            async fn create_tenant(
+                &self,
+                tenant: &keyplane_core::Tenant,
+                events: &[keyplane_core::AuditEvent],
+            ) -> Result<(), $crate::StoreError> {
+                self.write(async {
+                    let mut tx = self.writer.begin().await?;
+                    Self::insert_tenant(&mut tx, tenant).await?;
+                    for event in events {
+                        Self::append_audit(&mut tx, event).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
                 })
                 .await
             }

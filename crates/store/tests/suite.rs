@@ -5419,3 +5419,87 @@ async fn revoking_a_revoked_grant_notifies_no_other_replica() {
         [Invalidation::Subject(subject), marker]
     );
 }
+
+/// `list_tenants` pages through every organization in creation order (ties of `created_at` by
+/// id) without a repeat or a gap, alone or filtered by name, with each one's registry project.
+async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = keyplane_store::connect(&db.url).await.unwrap();
+    let early = now() - TimeDelta::hours(1);
+    let late = now();
+    let mut made = Vec::new();
+    // Several at one instant: the cursor must tell them apart by id.
+    for (name, at) in [
+        ("acme", late),
+        ("globex", early),
+        ("acme", early),
+        ("initech", early),
+        ("acme", late),
+    ] {
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: name.into(),
+            created_at: at,
+        };
+        store.create_tenant(&tenant, &[ev()]).await.unwrap();
+        made.push(tenant);
+    }
+    made.sort_by_key(|t| (t.created_at, t.id.as_uuid()));
+    let read_all = |name: Option<&'static str>| {
+        let store = store.clone();
+        async move {
+            let mut all: Vec<Tenant> = Vec::new();
+            loop {
+                let page = store
+                    .list_tenants(&keyplane_store::TenantPage {
+                        name,
+                        after: all.last(),
+                        limit: 2,
+                    })
+                    .await
+                    .unwrap();
+                let done = page.len() < 2;
+                all.extend(page.into_iter().map(|listed| {
+                    assert_eq!(listed.registry_project, None);
+                    listed.tenant
+                }));
+                if done {
+                    return all;
+                }
+            }
+        }
+    };
+    assert_eq!(read_all(None).await, made);
+    let acmes: Vec<Tenant> = made.iter().filter(|t| t.name == "acme").cloned().collect();
+    assert_eq!(read_all(Some("acme")).await, acmes);
+    assert_eq!(read_all(Some("ACME")).await, []);
+
+    // A tenant without a credential is a tenant: the store is bootstrapped, and its id is taken.
+    assert!(store.is_bootstrapped().await.unwrap());
+    let (credential, _) = new_token(TenantId::new(), "bootstrap");
+    let default = Tenant {
+        id: credential.tenant_id,
+        name: "default".into(),
+        created_at: now(),
+    };
+    assert!(!store
+        .bootstrap_once(&default, &credential, &[ev()])
+        .await
+        .unwrap());
+    let again = Tenant {
+        name: "other".into(),
+        ..made[0].clone()
+    };
+    assert!(matches!(
+        store.create_tenant(&again, &[ev()]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.get_tenant(made[0].id).await.unwrap(),
+        Some(made[0].clone())
+    );
+}
+
+store_suite! {
+    tenants_page_in_creation_order_and_by_name,
+}

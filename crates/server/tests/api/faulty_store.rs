@@ -1122,4 +1122,21 @@ impl Store for FaultyStore {
             .prune_console_sessions(now, idle_before, limit, ended)
             .await
     }
+
+    async fn list_tenants(
+        &self,
+        page: &keyplane_store::TenantPage<'_>,
+    ) -> Result<Vec<keyplane_store::TenantListing>, StoreError> {
+        self.check()?;
+        self.inner.list_tenants(page).await
+    }
+
+    async fn create_tenant(
+        &self,
+        tenant: &Tenant,
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.create_tenant(tenant, events).await
+    }
 }
