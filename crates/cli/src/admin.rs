@@ -25,17 +25,18 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
-    /// Create an organization (tenant) and an API token with scope `*` for it.
-    CreateOrg {
-        /// The organization's name.
-        #[arg(long)]
-        name: String,
-        /// Print `{"org_id": "...", "token": "aether_..."}` instead of text.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        store: StoreArgs,
-    },
+    /// Create an organization (tenant) and an API token with scope `*` for it (printed once).
+    /// Refuses a name another organization has (unless --allow-duplicate-name); --id keeps the id
+    /// of an organization migrated from elsewhere, --no-token creates no token.
+    CreateOrg(crate::tenant_admin::CreateOrgArgs),
+    /// List the organizations (id, creation time, registry project, name) in creation order, or
+    /// find them by --name. Safe while a server runs.
+    ListOrgs(crate::tenant_admin::ListOrgsArgs),
+    /// Issue an API token in an existing organization (scope `*` unless --scope), printed once:
+    /// the way back into an organization whose last `*` token was revoked or leaked. Recorded as
+    /// `api_token.created` (actor `system`, `via: "admin issue-token"`, `os_user`, `operator`)
+    /// with its webhooks; the organization's credential policy bounds its expiry.
+    IssueToken(crate::tenant_admin::IssueTokenArgs),
     /// Print the registry's `rootcertbundle`: the certificates (PEM) of the signing key, of a
     /// staged next key and of the previous key while it is not retired, creating the signing key
     /// on first use. The private keys stay in the store.
@@ -801,20 +802,9 @@ fn user_name(uid: libc::uid_t) -> Option<String> {
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let operator = operator(args.operator)?;
     match args.command {
-        AdminCommand::CreateOrg { name, json, store } => {
-            let store = open_to_write(&store).await?;
-            let created = ops::create_org(store.as_ref(), &name, &operator)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot create the organization: {e}"))?;
-            if json {
-                println!("{}", org_json(&created));
-            } else {
-                println!("org_id: {}", created.tenant.id);
-                println!("token:  {}", created.token.secret.expose_secret());
-                println!("(the token is shown only now; it has scope `*` in this organization)");
-            }
-            Ok(())
-        }
+        AdminCommand::CreateOrg(args) => crate::tenant_admin::create_org(args, &operator).await,
+        AdminCommand::ListOrgs(args) => crate::tenant_admin::list_orgs(args).await,
+        AdminCommand::IssueToken(args) => crate::tenant_admin::issue_token(args, &operator).await,
         AdminCommand::RegistryCert { store } => {
             let store = store.open_read_only().await?;
             let keys = signing_keys(store.as_ref(), "admin registry-cert", &operator).await?;

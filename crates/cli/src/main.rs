@@ -5,6 +5,7 @@ mod admin;
 mod remote;
 mod restore_replay;
 mod serve;
+mod tenant_admin;
 mod tty;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};

@@ -209,7 +209,7 @@ pub struct Expiry {
 }
 
 impl Expiry {
-    fn at(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, Error> {
+    pub(crate) fn at(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, Error> {
         match (self.expires_in, self.expires_at) {
             (Some(after), _) => chrono::Duration::from_std(after)
                 .ok()

@@ -585,18 +585,18 @@ async fn serve_and_admin_refuse_a_store_others_can_read() {
             .args(store.args());
         command
     };
-    let create_org = || {
+    let create_org = |name: &str| {
         let mut command = keyplane();
         command
-            .args(["admin", "create-org", "--name", "acme", "--json"])
+            .args(["admin", "create-org", "--name", name, "--json"])
             .args(store.args());
         command
     };
 
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     refused(&run(&mut serve(), TIMEOUT).await, &dir);
-    refused(&run(&mut create_org(), TIMEOUT).await, &dir);
-    let allowed = run(create_org().arg("--allow-insecure-permissions"), TIMEOUT).await;
+    refused(&run(&mut create_org("acme"), TIMEOUT).await, &dir);
+    let allowed = run(create_org("acme").arg("--allow-insecure-permissions"), TIMEOUT).await;
     assert!(allowed.status.success(), "{}", allowed.describe());
     Keyplane::start(&store, &["--allow-insecure-permissions"], TIMEOUT)
         .await
@@ -608,7 +608,7 @@ async fn serve_and_admin_refuse_a_store_others_can_read() {
     std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
     refused(&run(&mut serve(), TIMEOUT).await, &database);
     let allowed = run(
-        create_org().env("KEYPLANE_ALLOW_INSECURE_PERMISSIONS", "true"),
+        create_org("globex").env("KEYPLANE_ALLOW_INSECURE_PERMISSIONS", "true"),
         TIMEOUT,
     )
     .await;

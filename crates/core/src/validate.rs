@@ -104,7 +104,7 @@ pub fn expires_at_utc_if_naive(
 
 /// An expiry that lies in the future and no later than [`max_timestamp`], at microsecond
 /// precision (what both stores keep).
-fn future_expiry(
+pub fn future_expiry(
     path: FieldPath,
     at: DateTime<Utc>,
     now: DateTime<Utc>,

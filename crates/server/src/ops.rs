@@ -80,27 +80,16 @@ fn organization_created(
     via: &str,
     operator: Option<&Operator>,
 ) -> [AuditEvent; 2] {
-    let organization = audit_event(
-        created.tenant.id,
-        actions::ORGANIZATION_CREATED,
-        AuditActor::system(),
-        &RequestContext::default(),
-    )
-    .target(
-        "organization",
-        created.tenant.id.as_uuid(),
-        Some(&created.tenant.name),
-    )
-    .text("via", via)
-    .text(
-        "api_token_id",
-        created.token.credential.id.as_uuid().to_string(),
-    )
-    .text(
-        "display_prefix",
-        created.token.credential.display.prefix.clone(),
-    )
-    .list("scopes", created.token.credential.scopes.to_strings());
+    let organization = tenant_created_event(&created.tenant, via)
+        .text(
+            "api_token_id",
+            created.token.credential.id.as_uuid().to_string(),
+        )
+        .text(
+            "display_prefix",
+            created.token.credential.display.prefix.clone(),
+        )
+        .list("scopes", created.token.credential.scopes.to_strings());
     let token = credential_event(
         actions::API_TOKEN_CREATED,
         AuditActor::system(),
@@ -267,14 +256,15 @@ pub struct OrgCreated {
 /// Mints a tenant and its first `*` token without storing them; `created_by` the system, `via`
 /// an admin command or the bootstrap.
 pub fn mint_first_org(name: &str, created_by: CreatedBy) -> Result<OrgCreated, AppError> {
-    let name =
-        keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
-    let now = now();
-    let tenant = Tenant {
-        id: TenantId::new(),
-        name,
-        created_at: now,
-    };
+    Ok(with_first_token(
+        mint_tenant(TenantId::new(), name)?,
+        created_by,
+    ))
+}
+
+/// `tenant` and its first `*` token (named `bootstrap`), minted, not stored.
+fn with_first_token(tenant: Tenant, created_by: CreatedBy) -> OrgCreated {
+    let now = tenant.created_at;
     let (credential, secret) = NewCredential {
         tenant_id: tenant.id,
         kind: CredentialKind::ApiToken,
@@ -286,13 +276,15 @@ pub fn mint_first_org(name: &str, created_by: CreatedBy) -> Result<OrgCreated, A
         canary: false,
     }
     .issue(now, &mut OsRng);
-    Ok(OrgCreated {
+    OrgCreated {
         tenant,
         token: Issued { credential, secret },
-    })
+    }
 }
 
-/// `keyplane admin create-org`, run by `operator`: a tenant and a `*` token, in one transaction.
+/// A tenant and a `*` token, in one transaction, recorded as `admin create-org` run by
+/// `operator`, without the command's checks of the name ([`create_organization`] is the
+/// command's): what tests build their organizations with.
 pub async fn create_org(
     store: &dyn Store,
     name: &str,
@@ -2016,4 +2008,211 @@ pub async fn record_restore_replayed(
         .append_audit_event(&event.operated_by(operator))
         .await?;
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tenant administration: `keyplane admin create-org`, `list-orgs` and `issue-token`, the platform
+// operator's acts on the store directly (no principal: actor `system`, with who ran the command).
+
+/// A tenant with this id named `name` (validated as every name is), created now; not stored.
+fn mint_tenant(id: TenantId, name: &str) -> Result<Tenant, AppError> {
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
+    Ok(Tenant {
+        id,
+        name,
+        created_at: now(),
+    })
+}
+
+/// The `organization.created` event of `tenant`, created `via` an admin command or the bootstrap.
+fn tenant_created_event(tenant: &Tenant, via: &str) -> AuditEvent {
+    audit_event(
+        tenant.id,
+        actions::ORGANIZATION_CREATED,
+        AuditActor::system(),
+        &RequestContext::default(),
+    )
+    .target("organization", tenant.id.as_uuid(), Some(&tenant.name))
+    .text("via", via)
+}
+
+/// What `admin create-org` asks for.
+pub struct OrgSpec<'a> {
+    pub name: &'a str,
+    /// Keep this id (an organization migrated from another system, whose clients name it in
+    /// their URLs); `None`: a new random one.
+    pub id: Option<TenantId>,
+    /// Mint its first `*` token with it (`false`: `admin issue-token` issues one later).
+    pub with_token: bool,
+    /// Create it although an organization already has this name.
+    pub allow_duplicate_name: bool,
+}
+
+/// What `admin create-org` created: the tenant, and its first `*` token unless it was asked for
+/// none.
+pub struct OrgMade {
+    pub tenant: Tenant,
+    pub token: Option<Issued>,
+}
+
+/// Why `admin create-org` created nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum OrgRefused {
+    /// An organization already has the name: its id.
+    #[error("organization {0} is already named {1:?}")]
+    NameTaken(TenantId, String),
+    /// The id is an organization's already: its name.
+    #[error("the id {0} is already organization {1:?}'s")]
+    IdTaken(TenantId, String),
+    #[error(transparent)]
+    Failed(#[from] AppError),
+}
+
+impl From<StoreError> for OrgRefused {
+    fn from(error: StoreError) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+/// `keyplane admin create-org`, run by `operator`: a tenant (with its first `*` token unless
+/// `spec` says otherwise) and its events, in one transaction. Refuses an id already taken and,
+/// unless allowed, a name an organization already has: checked before the write, so two operators
+/// creating the same name at the same instant can both succeed (names are not unique in the store:
+/// organizations named alike before this check existed stay valid).
+pub async fn create_organization(
+    store: &dyn Store,
+    spec: &OrgSpec<'_>,
+    operator: &Operator,
+) -> Result<OrgMade, OrgRefused> {
+    const VIA: &str = "admin create-org";
+    let tenant = mint_tenant(spec.id.unwrap_or_default(), spec.name)?;
+    let id_taken = |taken: Tenant| OrgRefused::IdTaken(taken.id, taken.name);
+    if let Some(taken) = store.get_tenant(tenant.id).await? {
+        return Err(id_taken(taken));
+    }
+    if !spec.allow_duplicate_name {
+        let named = keyplane_store::TenantPage {
+            name: Some(&tenant.name),
+            after: None,
+            limit: 1,
+        };
+        if let Some(same) = store.list_tenants(&named).await?.into_iter().next() {
+            return Err(OrgRefused::NameTaken(same.tenant.id, same.tenant.name));
+        }
+    }
+    let (stored, made) = if spec.with_token {
+        let created = with_first_token(tenant, CreatedBy::operator(operator));
+        let stored = store
+            .create_tenant_with_credential(
+                &created.tenant,
+                &created.token.credential,
+                &organization_created(&created, VIA, Some(operator)),
+            )
+            .await;
+        let made = OrgMade {
+            tenant: created.tenant,
+            token: Some(created.token),
+        };
+        (stored, made)
+    } else {
+        let event = tenant_created_event(&tenant, VIA).operated_by(operator);
+        let stored = store.create_tenant(&tenant, &[event]).await;
+        let made = OrgMade {
+            tenant,
+            token: None,
+        };
+        (stored, made)
+    };
+    match stored {
+        Ok(()) => {}
+        // The id was taken meanwhile (the only unique key a new tenant has, bar the token's
+        // random secret).
+        Err(StoreError::Conflict(_)) => match store.get_tenant(made.tenant.id).await? {
+            Some(taken) => return Err(id_taken(taken)),
+            None => return Err(StoreError::Conflict("the organization conflicts".into()).into()),
+        },
+        Err(other) => return Err(other.into()),
+    }
+    tracing::info!(tenant.id = %made.tenant.id, with_token = spec.with_token, "organization created by the operator");
+    Ok(made)
+}
+
+/// `keyplane admin list-orgs`: a page of organizations in creation order (`after` the last one
+/// of the previous page), only those named `name` when given (validated as names are, so trimmed
+/// as they were when stored).
+pub async fn list_organizations(
+    store: &dyn Store,
+    name: Option<&str>,
+    after: Option<&Tenant>,
+    limit: u32,
+) -> Result<Vec<keyplane_store::TenantListing>, AppError> {
+    let name = name
+        .map(|raw| keyplane_core::validate::name(FieldPath::body("name"), raw))
+        .transpose()
+        .map_err(DomainError::from)?;
+    Ok(store
+        .list_tenants(&keyplane_store::TenantPage {
+            name: name.as_deref(),
+            after,
+            limit,
+        })
+        .await?)
+}
+
+/// `keyplane admin issue-token`, run by `operator`: an API token in an existing organization, as
+/// the API creates one (the same name and expiry rules, the organization's credential policy, its
+/// `api_token.created` event with its webhook deliveries, in one transaction), but with no caller
+/// whose scopes bound it: the way back into an organization that lost its last `*` token.
+/// `NotFound` if the tenant does not exist.
+pub async fn issue_token_as_operator(
+    store: &dyn Store,
+    tenant: TenantId,
+    name: &str,
+    scopes: ScopeSet,
+    expires_at: Option<DateTime<Utc>>,
+    operator: &Operator,
+) -> Result<Issued, AppError> {
+    store
+        .get_tenant(tenant)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    let name =
+        keyplane_core::validate::name(FieldPath::body("name"), name).map_err(DomainError::from)?;
+    let at = now();
+    let path = || FieldPath::body("expires_at");
+    let requested = expires_at
+        .map(|expires_at| keyplane_core::validate::future_expiry(path(), expires_at, at))
+        .transpose()
+        .map_err(DomainError::from)?;
+    let kind = CredentialKind::ApiToken;
+    let expires_at = credential_policy(store, tenant)
+        .await?
+        .expiry_for(kind, requested, at, path())
+        .map_err(DomainError::from)?;
+    let (credential, secret) = NewCredential {
+        tenant_id: tenant,
+        kind,
+        name,
+        scopes,
+        permissions: Vec::new(),
+        expires_at,
+        created_by: CreatedBy::operator(operator),
+        canary: false,
+    }
+    .issue(at, &mut OsRng);
+    let event = credential_event(
+        actions::API_TOKEN_CREATED,
+        AuditActor::system(),
+        &RequestContext::default(),
+        &credential,
+    )
+    .text("via", "admin issue-token")
+    .operated_by(operator);
+    store
+        .insert_credential(&credential, &event, None)
+        .await
+        .map_err(|e| conflict_on_name(e, kind))?;
+    tracing::info!(tenant.id = %tenant, credential.id = %credential.id, "API token issued by the operator");
+    Ok(Issued { credential, secret })
 }
