@@ -95,11 +95,12 @@ pub struct Verified {
     /// `epoch`: an atomic, so that a reload finding the credential unchanged refreshes this entry
     /// in place instead of replacing it (a million reloads would otherwise reallocate the cache).
     loaded: AtomicU64,
-    /// Unused: keeps an entry with its `Arc` counts at 200 bytes, in mimalloc's 224-byte class.
-    /// At 192 bytes (this field's absence) criterion's `cached_api_token_1000000` took 1.00-1.04 µs
+    /// What this entry counts for against the cache's capacity ([`EntryWeight`]), set at load.
+    /// Also keeps an entry with its `Arc` counts at 200 bytes, in mimalloc's 224-byte class: at
+    /// 192 bytes (this field's absence) criterion's `cached_api_token_1000000` took 1.00-1.04 µs
     /// against 0.90-0.94 µs, in interleaved runs (BENCHMARKS.md, "Eleventh sitting"); why that class
     /// is slower with a million entries was not found.
-    _size_class: u64,
+    weight: u64,
     pub(crate) last_use: crate::usage::LastUse,
     pub credential: CredentialIdentity,
     pub rights: Arc<Rights>,
@@ -137,6 +138,69 @@ impl Verified {
 pub struct Rights {
     pub scopes: ScopeSet,
     pub(crate) headers: crate::verify::ForwardHeaders,
+    /// The heap bytes this set holds, its copy in the interning map's key included.
+    held: usize,
+}
+
+impl Rights {
+    fn new(tenant: TenantId, scopes: &ScopeSet) -> Self {
+        let headers = crate::verify::ForwardHeaders::of(tenant, scopes);
+        let scope_bytes: usize = scopes
+            .iter()
+            .map(|scope| std::mem::size_of::<keyplane_core::Scope>() + scope.as_str().len())
+            .sum();
+        Self {
+            held: std::mem::size_of::<Self>() + 2 * scope_bytes + headers.held(),
+            headers,
+            scopes: scopes.clone(),
+        }
+    }
+}
+
+/// What an ordinary cached credential costs: its entry, its key and the cache's slot for them
+/// (a million took 355 MB of anonymous memory; BENCHMARKS.md, "One million cached").
+const ORDINARY_ENTRY_BYTES: usize = 355;
+/// What a cached credential may hold besides (its name, robot permissions, scope set and
+/// rendered scopes header) and still count as one entry: a name and a dozen or so scopes.
+const ORDINARY_HELD_BYTES: usize = 1024;
+
+/// Weighs the verification cache's entries by what they hold, so that its capacity bounds memory
+/// and not just entries: the sizes that matter (scopes, names, permission globs) are the tenants'
+/// to choose, and a count alone would let one organization's fat credentials take gigabytes of the
+/// shared process. The weight is read, not computed: the cache weighs entries as it evicts them.
+#[derive(Clone)]
+struct EntryWeight;
+
+impl quick_cache::Weighter<CacheKey, Arc<Verified>> for EntryWeight {
+    fn weight(&self, _: &CacheKey, entry: &Arc<Verified>) -> u64 {
+        entry.weight
+    }
+}
+
+/// An entry holding `credential`, `rights` and `canary`: one, plus one for each ordinary entry's
+/// size its holdings go past [`ORDINARY_HELD_BYTES`]; at most `most`. Computed once, at load.
+fn entry_weight(
+    credential: &CredentialIdentity,
+    rights: &Rights,
+    canary: Option<&CanaryEntry>,
+    most: u64,
+) -> u64 {
+    let permissions: usize = credential
+        .permissions
+        .iter()
+        .map(|p| {
+            std::mem::size_of::<keyplane_core::RobotPermission>()
+                + p.repository.as_ref().map_or(0, String::len)
+        })
+        .sum();
+    let canary = canary.map_or(0, |canary| {
+        let record = &canary.record;
+        let scopes: usize = record.scopes.iter().map(|s| s.as_str().len()).sum();
+        std::mem::size_of::<CanaryEntry>() + record.name.len() + scopes
+    });
+    let held = credential.name.len() + permissions + rights.held + canary;
+    let extra = held.saturating_sub(ORDINARY_HELD_BYTES) / ORDINARY_ENTRY_BYTES;
+    (1 + extra as u64).min(most)
 }
 
 /// The one reload asking a store that failed whether it is back ([`Verifier::probe`]); given up
@@ -164,9 +228,11 @@ struct CachedUser {
 /// `capacity` with no per-tenant quota, under quick_cache's frequency-aware eviction (an entry used
 /// again is kept over one used once): size `capacity` above the credentials in active use across
 /// all tenants. Unknown secrets go to the separate `negative_capacity` and evict only each other.
+/// A known entry counts for what it holds ([`EntryWeight`]), so `capacity` bounds memory whatever
+/// the tenants' credentials hold.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// Known (valid) credentials.
+    /// Known (valid) credentials, as ordinary ones: one holding more counts as several.
     pub capacity: usize,
     /// Unknown secrets, remembered for `negative_ttl`.
     pub negative_capacity: usize,
@@ -208,7 +274,10 @@ pub(crate) struct Verifier {
     metrics: Metrics,
     config: CacheConfig,
     /// Known credentials, by the presented secret's [`CacheKey`].
-    cache: quick_cache::sync::Cache<CacheKey, Arc<Verified>>,
+    cache: quick_cache::sync::Cache<CacheKey, Arc<Verified>, EntryWeight>,
+    /// The most one entry may weigh: half a shard of `cache`, which admits nothing heavier than
+    /// its share, so that a fat credential is still cached (if a shard's worth of memory is).
+    heaviest: u64,
     /// Unknown secrets, until when they are known to be unknown.
     unknown: quick_cache::sync::Cache<CacheKey, Instant>,
     /// The caches' keys: a keyed hash, cheaper than the SHA-256 a miss looks up.
@@ -266,13 +335,16 @@ impl Verifier {
         if let Some(oidc) = &oidc {
             oidc.warm_up();
         }
+        let capacity = config.capacity.max(1);
+        let cache = quick_cache::sync::Cache::with_weighter(capacity, capacity as u64, EntryWeight);
         Self {
+            heaviest: (cache.shard_capacity() / 2).max(1),
+            cache,
             canaries: CanaryAlarm::new(
                 store.clone(),
                 clock.clone(),
                 settings.tenant_rate_limit_per_minute,
             ),
-            cache: quick_cache::sync::Cache::new(config.capacity.max(1)),
             unknown: quick_cache::sync::Cache::new(config.negative_capacity.max(1)),
             keys: CacheKeyer::random(),
             epoch: Instant::now(),
@@ -794,22 +866,25 @@ impl Verifier {
                 known.loaded.fetch_max(loaded, Ordering::AcqRel);
                 known.clone()
             }
-            None => Arc::new(Verified {
-                gate,
-                secret,
-                loaded: AtomicU64::new(loaded),
-                _size_class: 0,
-                last_use: Default::default(),
-                credential: identity,
-                rights,
-                presented: hash.prefix(),
-                canary: credential.canary.then(|| {
+            None => {
+                let canary = credential.canary.then(|| {
                     Box::new(CanaryEntry {
                         record: credential,
                         answered: AtomicBool::new(false),
                     })
-                }),
-            }),
+                });
+                Arc::new(Verified {
+                    gate,
+                    secret,
+                    loaded: AtomicU64::new(loaded),
+                    weight: entry_weight(&identity, &rights, canary.as_deref(), self.heaviest),
+                    last_use: Default::default(),
+                    credential: identity,
+                    rights,
+                    presented: hash.prefix(),
+                    canary,
+                })
+            }
         };
         self.unknown.remove(&key);
         self.cache.insert(key, verified.clone());
@@ -821,12 +896,7 @@ impl Verifier {
         let mut rights = self.rights.lock().unwrap_or_else(|p| p.into_inner());
         rights
             .entry((tenant, scopes))
-            .or_insert_with_key(|(tenant, scopes)| {
-                Arc::new(Rights {
-                    headers: crate::verify::ForwardHeaders::of(*tenant, scopes),
-                    scopes: scopes.clone(),
-                })
-            })
+            .or_insert_with_key(|(tenant, scopes)| Arc::new(Rights::new(*tenant, scopes)))
             .clone()
     }
 
@@ -1225,5 +1295,62 @@ pub(crate) mod tests {
         assert_eq!(held(verifier), 2);
         let again = verify(&token(store.as_ref(), one, &["deploy", "logs:read"]).await).await;
         assert!(Arc::ptr_eq(&a.rights, &again.rights));
+    }
+    /// A credential's size is its organization's to choose (64 scopes of 128 bytes each, held
+    /// apart from any other credential's when no other holds the same set): fat ones count for what
+    /// they hold, so the cache stays within about `capacity` ordinary entries' worth of memory,
+    /// while the ordinary credentials in use all stay cached.
+    #[tokio::test]
+    async fn fat_credentials_count_for_what_they_hold_against_the_cache_capacity() {
+        let (_dir, store) = sqlite_store().await;
+        let tenant = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
+        let tenant = tenant.tenant.id;
+        let mut config = crate::Config::default();
+        config.verify_cache.capacity = 4096;
+        let app = crate::App::new(store.clone(), config);
+        let verifier = &app.inner().verifier;
+        let cached = |secret: &Plaintext| {
+            verifier
+                .cache
+                .get(&verifier.keys.key(secret.expose_secret()))
+                .is_some()
+        };
+
+        let mut ordinary = Vec::new();
+        for _ in 0..100 {
+            ordinary.push(token(store.as_ref(), tenant, &["deploy", "logs:read"]).await);
+        }
+        for secret in &ordinary {
+            app.verify_secret(secret.expose_secret()).await.unwrap();
+        }
+        let mut fat = Vec::new();
+        for i in 0..200 {
+            let scopes: Vec<String> = (0..keyplane_core::scope::MAX_SCOPES)
+                .map(|j| format!("{i:04}-{j:02}-{}", "s".repeat(120)))
+                .collect();
+            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            let secret = token(store.as_ref(), tenant, &scopes).await;
+            app.verify_secret(secret.expose_secret()).await.unwrap();
+            fat.push(secret);
+            // The ordinary ones stay in use meanwhile.
+            for secret in &ordinary {
+                app.verify_secret(secret.expose_secret()).await.unwrap();
+            }
+        }
+
+        let evicted = ordinary.iter().filter(|secret| !cached(secret)).count();
+        assert_eq!(evicted, 0, "ordinary credentials evicted");
+        // Each fat entry holds its 8 KiB of scopes three times over (the set, its interning key
+        // and the rendered header): its scopes alone must fit the ordinary entries' budget.
+        let fat_cached = fat.iter().filter(|secret| cached(secret)).count();
+        let scope_bytes = keyplane_core::scope::MAX_SCOPES * keyplane_core::scope::MAX_SCOPE_LEN;
+        assert!(fat_cached > 0, "a fat credential is still cached");
+        assert!(
+            3 * fat_cached * scope_bytes <= 4096 * ORDINARY_ENTRY_BYTES,
+            "{fat_cached} fat credentials cached"
+        );
+        assert!(verifier.cache.weight() <= 4096);
     }
 }

@@ -602,6 +602,11 @@ impl ForwardHeaders {
             scopes: HeaderValue::try_from(scope_string(scopes)).expect("ASCII header value"),
         }
     }
+
+    /// The heap bytes the rendered values hold.
+    pub(crate) fn held(&self) -> usize {
+        self.org_id.len() + self.scopes.len()
+    }
 }
 
 /// Who am I
