@@ -153,8 +153,11 @@ pub(crate) const INSERT_PATTERN: &str =
     "INSERT INTO webhook_event_patterns (webhook_id, pattern, is_prefix) VALUES ($1, $2, $3)";
 pub(crate) const DELETE_PATTERNS: &str = "DELETE FROM webhook_event_patterns WHERE webhook_id = $1";
 pub(crate) const DELIVERY_COLUMNS: &str = "webhook_id, event_id, tenant_id, action, status, attempts, created_ms, next_attempt_ms, last_attempt_ms, last_status_code, last_latency_ms, last_error";
-/// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`, oldest due
-/// first, taking of each webhook only its oldest due ones, and only so many that it has at most
+/// Leases up to `$4` due deliveries of enabled webhooks to the claim `$2` until `$1`, those of the
+/// tenants with the fewest in flight first and then the oldest due (`tenant_place`: a row's place
+/// among its tenant's due rows plus the tenant's unexpired leases), so that tenants whose slow
+/// receivers keep deliveries in flight do not take the free places ahead of one with none, however
+/// old their backlog; taking of each webhook only its oldest due ones, and only so many that it has at most
 /// `$5` leased, and of each tenant only so many that it has at most `$6` leased (both counting
 /// unexpired leases of other claims). A tenant at its share takes no place in the claim, so the
 /// others' deliveries go on. The outer conditions are checked again on each row as it is
@@ -207,7 +210,7 @@ const CHOSEN_FOR_CLAIM: &str = "SELECT webhook_id, event_id FROM (\
      WHERE w.enabled = TRUE) r \
      LEFT JOIN (SELECT tenant_id, COUNT(*) AS leased FROM leases GROUP BY tenant_id) t ON t.tenant_id = r.tenant_id \
      WHERE r.place <= $5) ranked \
-     WHERE tenant_place <= $6 ORDER BY next_attempt_ms LIMIT $4";
+     WHERE tenant_place <= $6 ORDER BY tenant_place, next_attempt_ms, webhook_id, event_id LIMIT $4";
 /// Whether any delivery is due: a read, so that an idle replica polling for work writes nothing
 /// (and a read-only or full store is not written to every poll). It does not weigh the claim's
 /// per-webhook limit: when every due delivery waits behind its webhook's lease, the claim that

@@ -3287,6 +3287,7 @@ store_suite! {
     webhooks_update_rotate_retry_delete_prune_and_limit,
     a_claim_takes_each_webhooks_oldest_due_deliveries_up_to_its_share,
     a_claim_takes_each_tenants_deliveries_up_to_its_share,
+    a_claim_prefers_the_tenant_with_the_fewest_deliveries_in_flight,
     an_unreadable_delivery_fails_alone,
     a_renewed_lease_keeps_only_the_deliveries_still_under_it,
     a_webhook_disabled_by_an_update_fails_its_pending_deliveries,
@@ -4160,6 +4161,69 @@ async fn a_claim_takes_each_tenants_deliveries_up_to_its_share(backend: Backend)
         .await
         .unwrap();
     assert_eq!(of(&jobs, busy), 4);
+}
+
+/// Tenants whose slow receivers keep deliveries in flight do not take the next free place ahead of
+/// one with none in flight, even with older deliveries due: a claim goes to the tenant with the
+/// fewest of its deliveries leased, and only then to the oldest.
+async fn a_claim_prefers_the_tenant_with_the_fewest_deliveries_in_flight(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let mut busy = vec![f.tenant.id];
+    for name in ["globex", "initech", "umbrella", "quiet"] {
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: name.into(),
+            created_at: now(),
+        };
+        let (first, _) = new_token(tenant.id, "bootstrap");
+        store
+            .create_tenant_with_credential(&tenant, &first, &[ev()])
+            .await
+            .unwrap();
+        busy.push(tenant.id);
+    }
+    let quiet = busy.pop().unwrap();
+    for tenant in busy.iter().chain([&quiet]) {
+        add_webhook(store, &webhook(*tenant, &["api_token.*"], true)).await;
+    }
+    // Two events each of the busy tenants, interleaved; the quiet tenant's one, due last.
+    let base = now() - TimeDelta::minutes(1);
+    let mut second = 0;
+    for _ in 0..2 {
+        for tenant in &busy {
+            let event = keyplane_core::AuditEvent {
+                action: "api_token.created".into(),
+                ..event_in(*tenant, base + TimeDelta::seconds(second))
+            };
+            store.append_audit_event(&event).await.unwrap();
+            second += 1;
+        }
+    }
+    let late = keyplane_core::AuditEvent {
+        action: "api_token.created".into(),
+        ..event_in(quiet, base + TimeDelta::seconds(30))
+    };
+    store.append_audit_event(&late).await.unwrap();
+    let claim = |limit: u32| keyplane_store::DeliveryClaim {
+        limit,
+        ..claim_at(now())
+    };
+
+    // Each busy tenant's oldest is sent (and its receiver is slow: the lease lasts).
+    let first = store.claim_webhook_deliveries(&claim(4)).await.unwrap();
+    let mut tenants: Vec<TenantId> = first.iter().map(|j| j.webhook.tenant_id).collect();
+    tenants.sort();
+    let mut expected = busy.clone();
+    expected.sort();
+    assert_eq!(tenants, expected);
+    // One place frees: the quiet tenant's delivery takes it, not a busy one's older second.
+    let next = store.claim_webhook_deliveries(&claim(1)).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].event_id, late.id);
+    // Then the busy tenants' seconds, oldest first.
+    let rest = store.claim_webhook_deliveries(&claim(1)).await.unwrap();
+    assert_eq!(rest[0].webhook.tenant_id, busy[0]);
 }
 
 /// Runs `sql` with `id` on the fixture's database directly, as damage from outside would.
