@@ -32,9 +32,13 @@ const PER_WEBHOOK: u32 = 2;
 const PER_TENANT: u32 = 16;
 /// How much of a receiver's answer is read (and then dropped).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// Finished deliveries deleted per transaction, and how often the prune runs.
+/// Finished deliveries deleted per transaction, the pause between transactions (so that a large
+/// prune never holds the store, nor SQLite's one writer, for long), and how often the prune runs.
 const PRUNE_BATCH: u32 = 1000;
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How soon a prune held by the clock check asks again.
+const PRUNE_HELD_RETRY: Duration = Duration::from_secs(30);
 /// How long the loop waits after the store failed a claim.
 const CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 const USER_AGENT: &str = concat!("keyplane-webhooks/", env!("CARGO_PKG_VERSION"));
@@ -73,8 +77,9 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
             return;
         }
     };
+    // Its own task: a large prune must not hold up the claims.
+    let pruning = tokio::spawn(prune_every_hour(app.clone(), config.clone(), stop.clone()));
     let mut in_flight = JoinSet::new();
-    let mut pruned_at: Option<Instant> = None;
     // Not before then: the store failed the last claim.
     let mut claim_after = Instant::now();
     loop {
@@ -93,17 +98,6 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
                             lease_id,
                             job,
                         ));
-                    }
-                    // Not while this replica's clock is off: it cuts by it.
-                    if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY)
-                        && app
-                            .inner()
-                            .clock_check
-                            .allows(&app, "webhook delivery prune")
-                            .await
-                    {
-                        prune(&app, &config).await;
-                        pruned_at = Some(Instant::now());
                     }
                 }
                 // The store is failing: try again later, without a warning every poll.
@@ -128,6 +122,9 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
     }
     while let Some(ended) = in_flight.join_next().await {
         ended_attempt(ended);
+    }
+    if let Err(error) = pruning.await {
+        tracing::error!(%error, "the webhook delivery prune panicked");
     }
 }
 
@@ -424,21 +421,64 @@ fn describe(error: &reqwest::Error, timeout: Duration) -> String {
     text
 }
 
-async fn prune(app: &App, config: &WebhookConfig) {
-    let at = now();
-    let before = at - TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
-    for _ in 0..10 {
+/// Prunes finished deliveries past the retention at start and then hourly, until `stop`.
+async fn prune_every_hour(
+    app: App,
+    config: Arc<WebhookConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let wait = if prune(&app, &config, &mut stop).await {
+            PRUNE_EVERY
+        } else {
+            PRUNE_HELD_RETRY
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Deletes every finished delivery past the retention, in batches until one comes back short
+/// (a fixed number of batches would let one busy organization's deliveries outgrow it, and the
+/// table grow without bound). `false` when it was held by the clock check, to be tried again
+/// soon; stops between batches at `stop`.
+async fn prune(
+    app: &App,
+    config: &WebhookConfig,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    // Not while this replica's clock is off: it cuts by it.
+    let clock = &app.inner().clock_check;
+    if !clock.allows(app, "webhook delivery prune").await {
+        return false;
+    }
+    let retention = TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
+    loop {
+        if *stop.borrow() {
+            return true;
+        }
+        // The clock may have been found off since: held, as at the start.
+        if !clock.trusted() {
+            return false;
+        }
+        let at = now();
         match app
             .store()
-            .prune_webhook_deliveries(at, before, PRUNE_BATCH)
+            .prune_webhook_deliveries(at, at - retention, PRUNE_BATCH)
             .await
         {
-            Ok(deleted) if deleted == u64::from(PRUNE_BATCH) => continue,
-            Ok(_) => return,
+            Ok(deleted) if deleted == u64::from(PRUNE_BATCH) => {}
+            Ok(_) => return true,
             Err(error) => {
                 tracing::warn!(%error, "cannot prune old webhook deliveries; retrying later");
-                return;
+                return true;
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_PAUSE) => {}
+            _ = stop.changed() => return true,
         }
     }
 }

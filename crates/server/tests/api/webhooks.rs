@@ -35,6 +35,7 @@ both_backends!(
     an_update_records_what_it_changed_without_the_url,
     a_delivery_whose_event_was_pruned_fails_without_blaming_the_endpoint,
     retrying_a_delivery_already_queued_again_changes_nothing,
+    every_finished_delivery_past_the_retention_is_pruned_at_once,
 );
 
 /// The `last_error` of a delivery that was waiting when its webhook was disabled.
@@ -1655,4 +1656,86 @@ async fn retrying_a_delivery_already_queued_again_changes_nothing(
     assert_eq!(events.len(), 1, "{events:?}");
     // The first attempt and the retry's: received before they were answered.
     assert_eq!(receiver.deliveries().len(), 2);
+}
+
+/// Runs `sql`, given the webhook `$1` and organization `$2`: the rows it changed, or (`read`)
+/// the one number it reads.
+async fn with_webhook(
+    app: &TestApp,
+    sql: &str,
+    webhook: uuid::Uuid,
+    org: uuid::Uuid,
+    read: bool,
+) -> i64 {
+    if app.database_url().starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(app.database_url()).await.unwrap();
+        let answer = if read {
+            let query = sqlx::query_scalar(sql).bind(webhook).bind(org);
+            query.fetch_one(&pool).await.unwrap()
+        } else {
+            let query = sqlx::query(sql).bind(webhook).bind(org);
+            query.execute(&pool).await.unwrap().rows_affected() as i64
+        };
+        pool.close().await;
+        answer
+    } else {
+        let pool = sqlx::PgPool::connect(app.database_url()).await.unwrap();
+        let answer = if read {
+            let query = sqlx::query_scalar(sql).bind(webhook).bind(org);
+            query.fetch_one(&pool).await.unwrap()
+        } else {
+            let query = sqlx::query(sql).bind(webhook).bind(org);
+            query.execute(&pool).await.unwrap().rows_affected() as i64
+        };
+        pool.close().await;
+        answer
+    }
+}
+
+/// A busy organization's finished deliveries past the 30-day retention all go at the next prune,
+/// however many there are: a fixed number of batches an hour would let the table grow without
+/// bound once it outgrew them.
+async fn every_finished_delivery_past_the_retention_is_pruned_at_once(
+    backend: keyplane_store::testing::Backend,
+) {
+    const OLD: i64 = 25_000;
+    let app = TestApp::spawn_with(backend, fast(WebhookConfig::default())).await;
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let hook = create_webhook(&app, &org, &url, &["api_token.created"]).await;
+    let hook = uuid::Uuid::parse_str(hook["id"].as_str().unwrap()).unwrap();
+    let tenant = uuid::Uuid::parse_str(&org.id).unwrap();
+    let created_ms = (chrono::Utc::now() - chrono::TimeDelta::days(31)).timestamp_millis();
+    let (numbers, new_id) = if app.database_url().starts_with("sqlite:") {
+        (
+            format!(
+                "WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {OLD})"
+            ),
+            "randomblob(16)",
+        )
+    } else {
+        (
+            format!("WITH n (i) AS (SELECT generate_series(1, {OLD}))"),
+            "gen_random_uuid()",
+        )
+    };
+    let seed = format!(
+        "{numbers} INSERT INTO webhook_deliveries (webhook_id, event_id, tenant_id, action, status, \
+         attempts, schedule_step, created_ms, next_attempt_ms, locked_until_ms, last_attempt_ms, \
+         last_status_code, last_latency_ms) SELECT $1, {new_id}, $2, 'api_token.created', \
+         'succeeded', 1, 1, {created_ms} - i, {created_ms} - i, 0, {created_ms} - i, 204, 12 FROM n"
+    );
+    let count = "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = $1 AND tenant_id = $2";
+    assert_eq!(with_webhook(&app, &seed, hook, tenant, false).await, OLD);
+    assert_eq!(with_webhook(&app, count, hook, tenant, true).await, OLD);
+
+    // A replica prunes as it starts.
+    let _replica = app.replica().await;
+    wait_until(
+        "every old delivery pruned",
+        Duration::from_secs(60),
+        || async { with_webhook(&app, count, hook, tenant, true).await == 0 },
+    )
+    .await;
 }
