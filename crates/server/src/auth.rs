@@ -376,7 +376,9 @@ impl Verifier {
     pub fn invalidate(&self, event: Invalidation) {
         match event {
             // An echo too: the commit's answer may have been lost before this replica marked it.
-            Invalidation::Subject(subject) | Invalidation::Echo(subject) => {
+            Invalidation::Subject(subject)
+            | Invalidation::InTenant(_, subject)
+            | Invalidation::Echo(subject) => {
                 let mut marks = self.invalidated.write().unwrap_or_else(|p| p.into_inner());
                 marks.insert(subject, Instant::now());
                 self.any_invalidated.store(true, Ordering::Release);

@@ -8,8 +8,9 @@
 //! invalidates its verification cache (its own writes at once, other replicas' through the
 //! store's notifications) and at the latest every `revocation_poll_interval`; it then reads the
 //! tenant's chain head and, when that moved, the events after its cursor. This replica's own
-//! writes wake only their tenant's streams. A notification names only a subject, not its tenant,
-//! so one from another replica (or a reset) wakes every stream; the echo of this replica's own
+//! writes wake only their tenant's streams, and so do other replicas' (their notifications name
+//! the tenant: `Invalidation::InTenant`); one that names none (from a replica of an older
+//! release) and a reset wake every stream; the echo of this replica's own
 //! write (PostgreSQL delivers a NOTIFY to its sender's listener too, which the store tells apart
 //! by the sending backend: `Invalidation::Echo`) wakes none, its tenant's streams having been
 //! woken already.
@@ -140,13 +141,20 @@ impl RevocationStreams {
         }
     }
 
-    /// The store told of a change: another replica's wakes every stream (a notification names no
-    /// tenant); the echo of this replica's own wakes none, its tenant's streams having been woken
-    /// when it was made. (Should that wake have been missed, the commit's answer lost, the streams
-    /// find the change at their next poll.)
+    /// The store told of a change: another replica's wakes its tenant's streams, or every stream
+    /// when the notification names no tenant (a replica of an older release) or is a reset; the
+    /// echo of this replica's own wakes none, its tenant's streams having been woken when it was
+    /// made. (Should that wake have been missed, the commit's answer lost, the streams find the
+    /// change at their next poll.) So a busy organization's changes cost only its own streams a
+    /// read of their chain head, not every organization's.
     pub(crate) fn heard(&self, event: keyplane_store::Invalidation) {
-        if !matches!(event, keyplane_store::Invalidation::Echo(_)) {
-            self.wake_all.send_modify(|n| *n = n.wrapping_add(1));
+        use keyplane_store::Invalidation;
+        match event {
+            Invalidation::Echo(_) => {}
+            Invalidation::InTenant(tenant, _) => self.wake_tenant(tenant),
+            Invalidation::Subject(_) | Invalidation::Reset => {
+                self.wake_all.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
     }
 
@@ -681,4 +689,43 @@ fn render(chained: &ChainedEvent, ids: EventIds) -> Option<Event> {
         .id(ids.of(chained.seq, &chained.chain_hash))
         .json_data(&data)
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyplane_store::Invalidation;
+
+    /// Another replica's change in one organization costs no other organization's streams a
+    /// read; a notification that names no tenant (an older release's) and a reset wake them all.
+    #[test]
+    fn another_replicas_change_wakes_only_its_tenants_streams() {
+        let streams = RevocationStreams::new(10, 10);
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let (mut a_own, mut a_all) = streams.subscribe(a);
+        let (mut b_own, mut b_all) = streams.subscribe(b);
+        let woken = |own: &watch::Receiver<u64>, all: &watch::Receiver<u64>| {
+            own.has_changed().unwrap() || all.has_changed().unwrap()
+        };
+
+        streams.heard(Invalidation::InTenant(a, uuid::Uuid::new_v4()));
+        assert!(woken(&a_own, &a_all), "its tenant's stream looks");
+        assert!(!woken(&b_own, &b_all), "another tenant's stream sleeps on");
+
+        for event in [
+            Invalidation::Subject(uuid::Uuid::new_v4()),
+            Invalidation::Reset,
+        ] {
+            for receiver in [&mut a_own, &mut a_all, &mut b_own, &mut b_all] {
+                receiver.mark_unchanged();
+            }
+            streams.heard(event);
+            assert!(woken(&a_own, &a_all) && woken(&b_own, &b_all), "{event:?}");
+        }
+        for receiver in [&mut a_own, &mut a_all, &mut b_own, &mut b_all] {
+            receiver.mark_unchanged();
+        }
+        streams.heard(Invalidation::Echo(uuid::Uuid::new_v4()));
+        assert!(!woken(&a_own, &a_all) && !woken(&b_own, &b_all), "an echo");
+    }
 }

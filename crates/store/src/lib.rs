@@ -112,8 +112,12 @@ pub struct SigningKeyChange {
 /// a grant's subject) are stale, or (`Reset`) every cached verification may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation {
-    /// Another process changed the subject.
+    /// Another process changed the subject, in a tenant it did not name (a replica of a release
+    /// from before [`Invalidation::InTenant`]).
     Subject(uuid::Uuid),
+    /// Another process changed the subject, in this tenant: only that tenant's revocation streams
+    /// need to look.
+    InTenant(keyplane_core::TenantId, uuid::Uuid),
     /// This store's own change of the subject, heard back (PostgreSQL delivers a NOTIFY to its
     /// sender's listener too): its writer knew of it at once, unless the commit's answer was lost.
     Echo(uuid::Uuid),

@@ -216,11 +216,23 @@ impl PostgresStore {
     /// Sent inside the writing transaction: PostgreSQL delivers it at commit, never for a rollback.
     /// Noted with the sending backend's process id, by which the listener knows it for this
     /// store's own when it comes back.
+    ///
+    /// Two notifications, in this order: [`tenant_notice`] (`t:<tenant>:<subject>`), then the
+    /// subject alone, as every release has sent it. A listener of this release hears the pair as
+    /// [`Invalidation::InTenant`](crate::Invalidation::InTenant), so that only that tenant's
+    /// revocation streams look; one of a release before ignores the first (not a UUID) and
+    /// invalidates by the second, so replicas of both releases can share a database.
     async fn notify_invalidation(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        tenant: keyplane_core::TenantId,
         subject: uuid::Uuid,
     ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(tenant_notice(tenant, subject))
+            .execute(&mut **tx)
+            .await?;
         let sender: i32 = sqlx::query_scalar("SELECT pg_backend_pid() FROM pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(subject.to_string())
@@ -383,6 +395,23 @@ const UNHEARD_RESET_INTERVAL: Duration = Duration::from_secs(1);
 /// How long connecting the listener and issuing its LISTEN may take before it is tried again.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 
+/// What names the tenant of a change of `subject`, sent just before the subject's own notification
+/// ([`PostgresStore::notify_invalidation`]).
+fn tenant_notice(tenant: keyplane_core::TenantId, subject: uuid::Uuid) -> String {
+    format!("{TENANT_PREFIX}{}:{subject}", tenant.as_uuid())
+}
+/// Starts a [`tenant_notice`]: not a UUID, so releases from before ignore it.
+const TENANT_PREFIX: &str = "t:";
+
+/// The tenant a [`tenant_notice`] names, and its subject; `None` for any other payload.
+fn read_tenant_notice(payload: &str) -> Option<(keyplane_core::TenantId, uuid::Uuid)> {
+    let (tenant, subject) = payload.strip_prefix(TENANT_PREFIX)?.split_once(':')?;
+    Some((
+        keyplane_core::TenantId::from_uuid(uuid::Uuid::parse_str(tenant).ok()?),
+        uuid::Uuid::parse_str(subject).ok()?,
+    ))
+}
+
 /// Hands notifications to `on_event` until the connection fails or a heartbeat it sent (payload
 /// `heartbeat` + its sequence number) goes unheard for [`HEARTBEAT_DEADLINE`]; returns why it
 /// stopped.
@@ -398,6 +427,10 @@ async fn deliver_until_silent(
     // Heartbeats sent and not heard yet, oldest first, with when their sending began.
     let mut unheard = std::collections::VecDeque::<(u64, tokio::time::Instant)>::new();
     let mut sequence = 0u64;
+    // The last tenant notice heard, with its sender: the subject's own notification, when it comes
+    // next from the same backend, is placed in that tenant. A transaction's notifications arrive
+    // together and in the order sent, so nothing comes between the two.
+    let mut placed: Option<(u32, keyplane_core::TenantId, uuid::Uuid)> = None;
     loop {
         tokio::select! {
             received = listener.try_recv() => match received {
@@ -410,10 +443,20 @@ async fn deliver_until_silent(
                                 unheard.pop_front();
                             }
                         }
+                    } else if let Some((tenant, subject)) = read_tenant_notice(payload) {
+                        placed = Some((notification.process_id(), tenant, subject));
                     } else if let Ok(subject) = uuid::Uuid::parse_str(payload) {
-                        on_event(if sent.heard_back(notification.process_id(), subject) {
+                        let sender = notification.process_id();
+                        let tenant = placed
+                            .take()
+                            .filter(|(from, _, of)| *from == sender && *of == subject)
+                            .map(|(_, tenant, _)| tenant);
+                        on_event(if sent.heard_back(sender, subject) {
                             crate::Invalidation::Echo(subject)
+                        } else if let Some(tenant) = tenant {
+                            crate::Invalidation::InTenant(tenant, subject)
                         } else {
+                            // A replica of a release from before: its tenant is unknown.
                             crate::Invalidation::Subject(subject)
                         });
                     }

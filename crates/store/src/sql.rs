@@ -941,7 +941,7 @@ macro_rules! impl_store {
                     let rotated: Option<keyplane_core::Credential> =
                         row.map(TryInto::try_into).transpose()?;
                     if let Some(rotated) = &rotated {
-                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                         // The answer shows the row as this statement left it.
                         Self::keep_answer(&mut tx, answer, rotated).await?;
@@ -1014,7 +1014,7 @@ macro_rules! impl_store {
                             // RETURNING has no order: the trail lists them in creation order.
                             grants.sort_by_key(|grant| grant.id);
                         }
-                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                         for grant in &grants {
                             Self::append_audit(&mut tx, &grant_event(grant)).await?;
@@ -1075,7 +1075,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, &event(&before)).await?;
                     }
                     tx.commit().await?;
@@ -1349,7 +1349,7 @@ macro_rules! impl_store {
                             keyplane_core::grant::too_many_grants_message(),
                         ));
                     }
-                    self.notify_invalidation(&mut tx, grant.subject_id).await?;
+                    self.notify_invalidation(&mut tx, grant.tenant_id, grant.subject_id).await?;
                     Self::append_audit(&mut tx, event).await?;
                     Self::keep_answer(&mut tx, answer, grant).await?;
                     tx.commit().await?;
@@ -1461,7 +1461,7 @@ macro_rules! impl_store {
                     // Revoking again changes nothing, records nothing and tells no other
                     // replica anything.
                     if let Some(revoked) = row.as_ref().filter(|r| r.revoked_at() == Some(at)) {
-                        self.notify_invalidation(&mut tx, revoked.subject_id()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, revoked.subject_id()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
@@ -1585,7 +1585,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;
@@ -1629,7 +1629,7 @@ macro_rules! impl_store {
                         .fetch_optional(&mut *tx)
                         .await?;
                     if row.is_some() {
-                        self.notify_invalidation(&mut tx, id.as_uuid()).await?;
+                        self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
                         Self::append_audit(&mut tx, event).await?;
                     }
                     tx.commit().await?;

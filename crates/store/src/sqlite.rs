@@ -234,6 +234,7 @@ impl SqliteStore {
     async fn notify_invalidation(
         &self,
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _tenant: keyplane_core::TenantId,
         _subject: uuid::Uuid,
     ) -> Result<(), StoreError> {
         Ok(())

@@ -5284,14 +5284,49 @@ async fn a_stores_own_notifications_come_back_as_echoes_and_no_other() {
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
     }
-    assert_eq!(
-        *mine.lock().unwrap(),
-        [Invalidation::Echo(subject), Invalidation::Subject(subject)]
-    );
+    // Another process's change names its tenant.
+    let placed = Invalidation::InTenant(f.tenant.id, subject);
+    assert_eq!(*mine.lock().unwrap(), [Invalidation::Echo(subject), placed]);
     assert_eq!(
         *theirs.lock().unwrap(),
-        [Invalidation::Subject(subject), Invalidation::Echo(subject)]
+        [placed, Invalidation::Echo(subject)]
     );
+
+    // A replica of a release from before sends the subject alone: heard, with no tenant. A tenant
+    // notice followed by another subject's places neither.
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let (old, unmatched) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let notify = |payload: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("SELECT pg_notify('keyplane_invalidation', $1)")
+                .bind(payload)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    notify(old.to_string()).await;
+    let mut tx = pool.begin().await.unwrap();
+    for payload in [format!("t:{}:{}", f.tenant.id, old), unmatched.to_string()] {
+        sqlx::query("SELECT pg_notify('keyplane_invalidation', $1)")
+            .bind(payload)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    for _ in 0..400 {
+        if theirs.lock().unwrap().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        theirs.lock().unwrap()[2..],
+        [Invalidation::Subject(old), Invalidation::Subject(unmatched)]
+    );
+    pool.close().await;
 }
 
 /// A lone event written again (a retry of a write whose commit's acknowledgement was lost) is
@@ -5470,7 +5505,7 @@ async fn revoking_a_revoked_grant_notifies_no_other_replica() {
         )
         .await
         .unwrap();
-    let marker = Invalidation::Subject(credential.id.as_uuid());
+    let marker = Invalidation::InTenant(f.tenant.id, credential.id.as_uuid());
     for attempt in 0.. {
         if heard.lock().unwrap().contains(&marker) {
             break;
@@ -5480,7 +5515,7 @@ async fn revoking_a_revoked_grant_notifies_no_other_replica() {
     }
     assert_eq!(
         *heard.lock().unwrap(),
-        [Invalidation::Subject(subject), marker]
+        [Invalidation::InTenant(f.tenant.id, subject), marker]
     );
 }
 
