@@ -113,6 +113,16 @@ pub enum AdminCommand {
     /// each organization that lost events. A second run finds it done and writes nothing. Run it
     /// before `serve` starts on the restored store; safe while a server runs.
     RestoreReplay(crate::restore_replay::RestoreReplayArgs),
+    /// Offboard an organization for good (a churned customer, an erasure request): revoke
+    /// everything in it (credentials, canaries, grants to users and groups; each with its event
+    /// and, on PostgreSQL, the notification every server acts on at once), delete its webhooks,
+    /// then its credentials, grants, console sessions, idempotency records and credential
+    /// policy, and record `organization.deleted`. Kept: a tombstone (its id and name, for
+    /// `admin audit` and the access review), its audit events until retention prunes them, and
+    /// its registry project's name (never given to another organization). Interrupted, run it
+    /// again. Exit 2 if --confirm-name is not its name; an organization already deleted is
+    /// printed (exit 0). Safe while a server runs.
+    DeleteOrg(crate::delete_org::DeleteOrgArgs),
 }
 
 #[derive(Subcommand)]
@@ -278,7 +288,8 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("--org is required"))?;
     let mut query = args.query(org)?;
     let store = args.store.open_read_only().await?;
-    if store.get_tenant(org).await?.is_none() {
+    // A deleted organization's trail and review stay readable (its tombstone).
+    if store.get_tenant_record(org).await?.is_none() {
         anyhow::bail!("no organization with id {org}");
     }
     let mut out = std::io::stdout();
@@ -328,7 +339,8 @@ async fn access_review(
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let store = store.open_read_only().await?;
-    if store.get_tenant(org).await?.is_none() {
+    // A deleted organization's trail and review stay readable (its tombstone).
+    if store.get_tenant_record(org).await?.is_none() {
         anyhow::bail!("no organization with id {org}");
     }
     let mut out = std::io::stdout().lock();
@@ -854,7 +866,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             ..
         }) => {
             let store = store.open_read_only().await?;
-            if store.get_tenant(org).await?.is_none() {
+            // A deleted organization's trail and review stay readable (its tombstone).
+            if store.get_tenant_record(org).await?.is_none() {
                 anyhow::bail!("no organization with id {org}");
             }
             match verify_audit(store.as_ref(), org).await? {
@@ -917,6 +930,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             store,
         } => revoke_org(&store, org, &reason, dry_run, json, &operator).await,
         AdminCommand::RestoreReplay(args) => crate::restore_replay::run(args, &operator).await,
+        AdminCommand::DeleteOrg(args) => crate::delete_org::run(args, &operator).await,
     }
 }
 
@@ -925,7 +939,7 @@ const MAX_REASON_CHARS: usize = keyplane_core::audit::MAX_CONTEXT_CHARS;
 
 /// `--reason`: trimmed, not empty, at most [`MAX_REASON_CHARS`], with nothing that could disguise
 /// it in a listing (the names' rule).
-fn reason(raw: &str) -> anyhow::Result<String> {
+pub(crate) fn reason(raw: &str) -> anyhow::Result<String> {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
         anyhow::bail!("--reason: must say why, with at least 1 character besides whitespace");

@@ -2,6 +2,7 @@
 //! place the tracing subscriber is installed.
 
 mod admin;
+mod delete_org;
 mod remote;
 mod restore_replay;
 mod serve;

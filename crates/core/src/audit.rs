@@ -83,6 +83,9 @@ pub mod actions {
     /// may reuse), and made their changes again (`revoked`, `suspended`, `retired`, `already`,
     /// `not_found`, `reported` counts). Actor `system`.
     pub const AUDIT_RESTORED: &str = "audit.restored";
+    /// `admin delete-org` deleted the organization (actor `system`; `reason`, `via`, `os_user`,
+    /// `operator`, and the counts of what it deleted and kept). The last event of its chain.
+    pub const ORGANIZATION_DELETED: &str = "organization.deleted";
 }
 
 /// The action for a change to a credential of `kind`: `<kind>.<verb>`.

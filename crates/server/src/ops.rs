@@ -1271,14 +1271,38 @@ pub async fn revoke_organization_in_pages(
     done: &mut OrgRevocation,
     page_rows: u32,
 ) -> Result<(), AppError> {
+    revoke_organization_via(
+        store,
+        tenant,
+        "admin revoke-org",
+        reason,
+        operator,
+        dry_run,
+        done,
+        page_rows,
+    )
+    .await
+}
+
+/// [`revoke_organization_in_pages`] for the command `via` (recorded on each event).
+#[allow(clippy::too_many_arguments)] // the organization, the command, why and by whom, how
+async fn revoke_organization_via(
+    store: &dyn Store,
+    tenant: TenantId,
+    via: &str,
+    reason: &str,
+    operator: &Operator,
+    dry_run: bool,
+    done: &mut OrgRevocation,
+    page_rows: u32,
+) -> Result<(), AppError> {
     store
         .get_tenant(tenant)
         .await?
         .ok_or(DomainError::NotFound)?;
-    const VIA: &str = "admin revoke-org";
     let stamp = |event: AuditEvent| {
         event
-            .text("via", VIA)
+            .text("via", via)
             .text("reason", reason)
             .operated_by(operator)
     };
@@ -2215,4 +2239,272 @@ pub async fn issue_token_as_operator(
         .map_err(|e| conflict_on_name(e, kind))?;
     tracing::info!(tenant.id = %tenant, credential.id = %credential.id, "API token issued by the operator");
     Ok(Issued { credential, secret })
+}
+
+/// What `keyplane admin delete-org` did (or, in a dry run, would do), phase by phase.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OrgDeletion {
+    /// Phase 1: the credentials `revoke-org` revokes (its canaries and user or group grants
+    /// aside: the fields below).
+    pub revoked: OrgRevocation,
+    /// Phase 1: live canaries, revoked: the organization is gone, nothing is left to watch.
+    pub canaries: u64,
+    /// Phase 1: live grants to users and groups, revoked.
+    pub user_and_group_grants: u64,
+    /// Phase 3: what the purge deleted (phase 2's webhooks included in `webhooks`), and the audit
+    /// events kept.
+    pub deleted: keyplane_store::TenantRows,
+    /// The registry's project: its row stays, so the name stays taken; its storage is the
+    /// operator's to delete.
+    pub registry_project: Option<String>,
+}
+
+/// The `via` of every event `admin delete-org` writes.
+pub const DELETE_ORG_VIA: &str = "admin delete-org";
+
+/// `keyplane admin delete-org`: offboards `tenant` in three phases, each safe to run again. (1)
+/// Revokes everything that grants access, each through the store's revoke as the API does (its
+/// event, its webhook deliveries, and on PostgreSQL the NOTIFY that makes every replica refuse it
+/// at once), before any row disappears: the credentials as [`revoke_organization`] does, then
+/// the canaries and the grants to users and groups. (2) Deletes every webhook through the
+/// store's delete (its `webhook.deleted` event; pending deliveries dropped), so no later event
+/// reaches the former customer. (3) [`Store::purge_tenant`]: deletes the rest and leaves a
+/// tombstone, with `organization.deleted` as its trail's last event. With `dry_run` it only
+/// counts. Progress is kept in `done`, also when it fails part way. `NotFound` for no live tenant.
+pub async fn delete_organization(
+    store: &dyn Store,
+    tenant: TenantId,
+    reason: &str,
+    operator: &Operator,
+    dry_run: bool,
+    done: &mut OrgDeletion,
+) -> Result<(), AppError> {
+    let org = store
+        .get_tenant(tenant)
+        .await?
+        .ok_or(DomainError::NotFound)?;
+    let stamp = |event: AuditEvent| {
+        event
+            .text("via", DELETE_ORG_VIA)
+            .text("reason", reason)
+            .operated_by(operator)
+    };
+    let context = RequestContext::default();
+    revoke_organization_via(
+        store,
+        tenant,
+        DELETE_ORG_VIA,
+        reason,
+        operator,
+        dry_run,
+        &mut done.revoked,
+        REVOKE_ORG_PAGE,
+    )
+    .await?;
+    if !done.revoked.settled {
+        return Err(DomainError::Conflict(
+            "credentials were still being created in the organization: run it again".into(),
+        )
+        .into());
+    }
+    done.canaries = revoke_canaries(store, tenant, dry_run, &stamp, &context).await?;
+    done.user_and_group_grants =
+        revoke_user_and_group_grants(store, tenant, dry_run, &stamp, &context).await?;
+    let mut webhooks = 0;
+    for webhook in store.list_webhooks(tenant).await? {
+        webhooks += 1;
+        if dry_run {
+            continue;
+        }
+        let event = stamp(crate::webhooks::webhook_event(
+            actions::WEBHOOK_DELETED,
+            AuditActor::system(),
+            &context,
+            &webhook,
+        ));
+        match store.delete_webhook(tenant, webhook.id, &event).await {
+            // Deleted meanwhile (an API call, another run): gone all the same.
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    done.registry_project = store.get_registry(tenant).await?.map(|r| r.project);
+    if dry_run {
+        done.deleted = store.count_tenant_rows(tenant).await?;
+        return Ok(());
+    }
+    let phases = done.clone();
+    let event_of = |rows: &keyplane_store::TenantRows| {
+        organization_deleted(&org, &phases, webhooks, rows, &stamp)
+    };
+    let purged = store
+        .purge_tenant(tenant, now(), REVOKE_ORG_PAGE, &event_of)
+        .await?;
+    // `None`: another run finished it meanwhile; its event holds the counts.
+    if let Some(mut rows) = purged {
+        rows.webhooks += webhooks;
+        done.deleted = rows;
+    }
+    tracing::info!(tenant.id = %tenant, "organization deleted by the operator");
+    Ok(())
+}
+
+/// The last event of a deleted organization's trail: what each phase did.
+fn organization_deleted(
+    org: &Tenant,
+    done: &OrgDeletion,
+    webhooks: u64,
+    rows: &keyplane_store::TenantRows,
+    stamp: &dyn Fn(AuditEvent) -> AuditEvent,
+) -> AuditEvent {
+    let count = |event: AuditEvent, key: &str, n: u64| event.detail(key, DetailValue::Count(n));
+    let mut event = audit_event(
+        org.id,
+        actions::ORGANIZATION_DELETED,
+        AuditActor::system(),
+        &RequestContext::default(),
+    )
+    .target("organization", org.id.as_uuid(), Some(&org.name));
+    for (key, n) in [
+        ("revoked_api_tokens", done.revoked.api_tokens),
+        ("revoked_service_accounts", done.revoked.service_accounts),
+        ("revoked_robot_accounts", done.revoked.robot_accounts),
+        ("revoked_canaries", done.canaries),
+        (
+            "revoked_authorizations",
+            done.revoked.service_account_grants + done.user_and_group_grants,
+        ),
+        ("deleted_credentials", rows.credentials),
+        ("deleted_authorizations", rows.grants),
+        ("deleted_webhooks", rows.webhooks + webhooks),
+        ("deleted_console_sessions", rows.console_sessions),
+        ("deleted_idempotency_records", rows.idempotency_records),
+        ("deleted_credential_policies", rows.credential_policies),
+        ("kept_audit_events", rows.audit_events),
+    ] {
+        event = count(event, key, n);
+    }
+    stamp(event)
+}
+
+/// Phase 1 of [`delete_organization`]: revokes the tenant's live canaries (`revoke-org` leaves
+/// them armed), each with its event; returns how many (a dry run: how many are live).
+async fn revoke_canaries(
+    store: &dyn Store,
+    tenant: TenantId,
+    dry_run: bool,
+    stamp: &(dyn Fn(AuditEvent) -> AuditEvent + Sync),
+    context: &RequestContext,
+) -> Result<u64, AppError> {
+    let grant_revoked = |grant: &Grant| {
+        stamp(grant_event(
+            actions::AUTHORIZATION_REVOKED,
+            AuditActor::system(),
+            context,
+            grant,
+        ))
+    };
+    let mut revoked = 0;
+    for kind in CredentialKind::ALL {
+        let mut after = None;
+        loop {
+            let page = store
+                .list_credentials(&ListCredentials {
+                    tenant_id: tenant,
+                    kind,
+                    after,
+                    limit: Some(REVOKE_ORG_PAGE),
+                    include_revoked: false,
+                    expiring: None,
+                    include_canaries: true,
+                })
+                .await?;
+            for canary in page.iter().filter(|c| c.canary) {
+                if dry_run {
+                    revoked += 1;
+                    continue;
+                }
+                let at = now();
+                let event = stamp(credential_event(
+                    credential_action(kind, CredentialChange::Revoked),
+                    AuditActor::system(),
+                    context,
+                    canary,
+                ));
+                let stored = store
+                    .revoke_credential(
+                        tenant,
+                        kind,
+                        canary.id,
+                        at,
+                        None,
+                        &event,
+                        &grant_revoked,
+                        None,
+                    )
+                    .await?;
+                if stored.revoked_at == Some(at) {
+                    revoked += 1;
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == REVOKE_ORG_PAGE as usize => after = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(revoked)
+}
+
+/// Phase 1 of [`delete_organization`]: revokes the tenant's live grants to users and groups
+/// (`revoke-org` leaves them), each with its `authorization.revoked`; returns how many (a dry run:
+/// how many are live). Revoking moves no page boundary: each page is read after the last one's
+/// revocations, past its last id.
+async fn revoke_user_and_group_grants(
+    store: &dyn Store,
+    tenant: TenantId,
+    dry_run: bool,
+    stamp: &(dyn Fn(AuditEvent) -> AuditEvent + Sync),
+    context: &RequestContext,
+) -> Result<u64, AppError> {
+    let mut revoked = 0;
+    for subject_type in [SubjectType::User, SubjectType::Group] {
+        let mut after = None;
+        loop {
+            let page = store
+                .list_grants(&GrantFilter {
+                    tenant_id: tenant,
+                    subject_type: Some(subject_type),
+                    subject_id: None,
+                    kind: None,
+                    capability_key: None,
+                    include_revoked: false,
+                    after,
+                    limit: Some(REVOKE_ORG_PAGE),
+                })
+                .await?;
+            for grant in &page {
+                if dry_run {
+                    revoked += 1;
+                    continue;
+                }
+                let at = now();
+                let event = stamp(grant_event(
+                    actions::AUTHORIZATION_REVOKED,
+                    AuditActor::system(),
+                    context,
+                    grant,
+                ));
+                let stored = store.revoke_grant(tenant, grant.id, at, &event).await?;
+                if stored.revoked_at == Some(at) {
+                    revoked += 1;
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == REVOKE_ORG_PAGE as usize => after = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(revoked)
 }

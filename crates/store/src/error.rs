@@ -264,6 +264,9 @@ pub(crate) fn without_connections(error: StoreError, open_connections: u32) -> S
 /// The detail of a pool's timeout: sqlx's own words.
 const POOL_TIMED_OUT: &str = "pool timed out while waiting for an open connection";
 
+/// The error migration 0020's triggers raise for a row of a deleted tenant.
+const DELETED_TENANT: &str = "keyplane: the organization is deleted";
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         if matches!(error, sqlx::Error::PoolTimedOut) {
@@ -273,6 +276,10 @@ impl From<sqlx::Error> for StoreError {
             return StoreError::Unavailable(Unavailable::new(fault, error.to_string()));
         }
         match &error {
+            // Migration 0020's triggers: a row for a deleted organization, which is as unknown.
+            sqlx::Error::Database(db) if db.message().contains(DELETED_TENANT) => {
+                StoreError::NotFound
+            }
             sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
                 StoreError::Conflict("a live credential with this name already exists".into())
             }

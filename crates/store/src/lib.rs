@@ -12,6 +12,7 @@ mod query_plans;
 mod rows;
 mod sql;
 mod sqlite;
+mod tenants;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod webhooks;
@@ -914,6 +915,32 @@ pub trait Store: Send + Sync + 'static {
     /// transaction. `Conflict` if its id is taken.
     async fn create_tenant(&self, tenant: &Tenant, events: &[AuditEvent])
         -> Result<(), StoreError>;
+
+    /// The tenant as stored, deleted or not: what `admin audit`, the access review and
+    /// `admin delete-org` read (every other lookup, [`Store::get_tenant`], takes a deleted tenant
+    /// for an unknown one).
+    async fn get_tenant_record(&self, id: TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// What the tenant holds, counted in one read: what [`Store::purge_tenant`] would delete
+    /// (its credentials and grants revoked or not) and its audit events, which stay.
+    async fn count_tenant_rows(&self, id: TenantId) -> Result<TenantRows, StoreError>;
+
+    /// Deletes the tenant (`admin delete-org`, once everything in it is revoked): its revoked
+    /// credentials and grants `batch` rows a transaction, then in one final transaction, which
+    /// refuses (`Conflict`: run it again) if a credential or grant of the tenant is live, what is
+    /// left of them, its webhooks (with their deliveries), console sessions, idempotency records
+    /// and credential policy; marks the tenant deleted (`deleted_at`: its row, registry row and
+    /// audit events stay); marks the store bootstrapped; and appends `deleted`'s event of the
+    /// counts. From then on nothing of the tenant can be inserted (migration 0020's triggers
+    /// answer `NotFound`). `Ok(None)` if it was deleted already; `NotFound` if there is no such
+    /// tenant. Safe to run again after a failure.
+    async fn purge_tenant(
+        &self,
+        id: TenantId,
+        at: DateTime<Utc>,
+        batch: u32,
+        deleted: EventOf<'_, TenantRows>,
+    ) -> Result<Option<TenantRows>, StoreError>;
 }
 
 /// Which organizations [`Store::list_tenants`] reads.
@@ -932,6 +959,27 @@ pub struct TenantListing {
     pub tenant: Tenant,
     /// Its registry's project, if the registry is enabled.
     pub registry_project: Option<String>,
+}
+
+/// A tenant as stored, with when it was deleted ([`Store::get_tenant_record`]).
+#[derive(Debug, Clone)]
+pub struct TenantRecord {
+    pub tenant: Tenant,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// Rows of one tenant: what deleting it removed or would remove, and the audit events it keeps
+/// ([`Store::purge_tenant`], [`Store::count_tenant_rows`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantRows {
+    pub credentials: u64,
+    pub grants: u64,
+    pub webhooks: u64,
+    pub console_sessions: u64,
+    pub idempotency_records: u64,
+    pub credential_policies: u64,
+    /// Kept: pruned by audit retention.
+    pub audit_events: u64,
 }
 
 /// One reading of the database server's clock ([`Store::database_clock`]).

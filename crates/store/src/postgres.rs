@@ -1,5 +1,6 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store, ImportConnection, Placeholders};
+use crate::tenants::impl_tenant_purge;
 use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -498,6 +499,7 @@ bind_credential_fn!(sqlx::Postgres);
 impl_store!(PostgresStore, sqlx::Postgres, "postgres");
 impl_audit!(PostgresStore, sqlx::Postgres);
 impl_webhooks!(PostgresStore, sqlx::Postgres);
+impl_tenant_purge!(PostgresStore, sqlx::Postgres);
 
 #[cfg(test)]
 mod tests {

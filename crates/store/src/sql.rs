@@ -6,7 +6,9 @@ pub(crate) const CREDENTIAL_COLUMNS: &str = "id, tenant_id, kind, name, secret_h
 
 pub(crate) const INSERT_TENANT: &str =
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)";
-pub(crate) const SELECT_TENANT: &str = "SELECT id, name, created_at FROM tenants WHERE id = $1";
+/// A deleted tenant (`admin delete-org`) is as unknown as one never created.
+pub(crate) const SELECT_TENANT: &str =
+    "SELECT id, name, created_at FROM tenants WHERE id = $1 AND deleted_at IS NULL";
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
@@ -34,8 +36,10 @@ pub(crate) const RETIRE_PREVIOUS_SIGNING_KEY: &str =
 pub(crate) const CURRENT_SIGNING_KEY_ID: &str =
     "SELECT key_id FROM registry_signing_keys WHERE slot = 'current'";
 /// The organizations a signing-key change is recorded in; in one order, as the heads are locked.
+/// Not a deleted one: its registry row stays only to keep its project name taken.
 pub(crate) const REGISTRIES_TO_TELL: &str =
-    "SELECT tenant_id, id, project FROM registries ORDER BY tenant_id";
+    "SELECT r.tenant_id, r.id, r.project FROM registries r \
+     JOIN tenants t ON t.id = r.tenant_id WHERE t.deleted_at IS NULL ORDER BY r.tenant_id";
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 /// A write that always changes a row (a new time): `Store::probe_writes`.
@@ -2311,6 +2315,33 @@ macro_rules! impl_store {
                     Ok(())
                 })
                 .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %id))]
+            async fn get_tenant_record(
+                &self,
+                id: keyplane_core::TenantId,
+            ) -> Result<Option<$crate::TenantRecord>, $crate::StoreError> {
+                self.tenant_record(id).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %id))]
+            async fn count_tenant_rows(
+                &self,
+                id: keyplane_core::TenantId,
+            ) -> Result<$crate::TenantRows, $crate::StoreError> {
+                self.tenant_rows(id).await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %id))]
+            async fn purge_tenant(
+                &self,
+                id: keyplane_core::TenantId,
+                at: chrono::DateTime<chrono::Utc>,
+                batch: u32,
+                deleted: $crate::EventOf<'_, $crate::TenantRows>,
+            ) -> Result<Option<$crate::TenantRows>, $crate::StoreError> {
+                self.tenant_purge(id, at, batch, deleted).await
             }
         }
     };

@@ -1,5 +1,6 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store, ImportConnection, Placeholders};
+use crate::tenants::impl_tenant_purge;
 use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -273,6 +274,7 @@ bind_credential_fn!(sqlx::Sqlite);
 impl_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 impl_audit!(SqliteStore, sqlx::Sqlite);
 impl_webhooks!(SqliteStore, sqlx::Sqlite);
+impl_tenant_purge!(SqliteStore, sqlx::Sqlite);
 
 #[cfg(test)]
 mod tests {

@@ -5602,3 +5602,298 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
 store_suite! {
     tenants_page_in_creation_order_and_by_name,
 }
+
+store_suite! {
+    purging_a_tenant_leaves_a_tombstone_and_nothing_to_use,
+    a_store_of_deleted_tenants_is_never_bootstrapped_again,
+}
+
+/// A second tenant of the fixture's store, with its first token.
+async fn another_tenant(store: &dyn Store, name: &str) -> (Tenant, Credential) {
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        created_at: now(),
+    };
+    let (first, _) = new_token(tenant.id, "bootstrap");
+    store
+        .create_tenant_with_credential(&tenant, &first, &[ev()])
+        .await
+        .unwrap();
+    (tenant, first)
+}
+
+/// The organization's deletion event, as `admin delete-org` makes it: any event will do.
+fn deleted_event(
+    tenant: TenantId,
+) -> impl Fn(&keyplane_store::TenantRows) -> keyplane_core::AuditEvent + Send + Sync {
+    move |_| action_event(tenant, keyplane_core::audit::actions::ORGANIZATION_DELETED)
+}
+
+/// `purge_tenant` refuses while anything of the tenant is live; once all is revoked it deletes
+/// the tenant's rows (the bulk in batches), leaves its tombstone, its registry row (the project
+/// name stays taken) and its audit trail (ending with the deletion's event), and from then on the
+/// store takes nothing more for it and tells no signing-key change to it. Another tenant is
+/// untouched.
+async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let (other, other_token) = another_tenant(f.store.as_ref(), "other").await;
+    // Seven tokens (more than a batch of 3), a service account with a grant, a user's grant, a
+    // registry with its robot, a webhook, a credential policy.
+    for i in 0..6 {
+        let (token, _) = new_token(tenant, &format!("t{i}"));
+        f.store
+            .insert_credential(&token, &ev(), None)
+            .await
+            .unwrap();
+    }
+    let sa = service_account(tenant, "worker");
+    f.store.insert_credential(&sa, &ev(), None).await.unwrap();
+    let sa_grant = capability_grant(tenant, sa.id.as_uuid(), "api_tokens:read");
+    f.store.insert_grant(&sa_grant, &ev(), None).await.unwrap();
+    let user_grant = Grant {
+        subject_type: SubjectType::User,
+        ..capability_grant(tenant, uuid::Uuid::new_v4(), "api_tokens:read")
+    };
+    f.store
+        .insert_grant(&user_grant, &ev(), None)
+        .await
+        .unwrap();
+    let project = format!("p-{}", uuid::Uuid::new_v4().simple());
+    let registry = keyplane_core::Registry {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: tenant,
+        project: project.clone(),
+        quota_gb: -1,
+        created_at: now(),
+        updated_at: now(),
+    };
+    let (robot, _) = new_token(tenant, "robot");
+    f.store
+        .create_registry(&registry, &robot, &[ev()], None)
+        .await
+        .unwrap();
+    add_webhook(f.store.as_ref(), &webhook(tenant, &["*"], true)).await;
+    f.store
+        .put_credential_policy(tenant, &CredentialPolicy::default(), now(), &ev())
+        .await
+        .unwrap();
+    // The other tenant has a registry too: signing-key changes still reach it.
+    let other_registry = keyplane_core::Registry {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: other.id,
+        project: format!("p-{}", uuid::Uuid::new_v4().simple()),
+        ..registry.clone()
+    };
+    let (other_robot, _) = new_token(other.id, "robot");
+    f.store
+        .create_registry(&other_registry, &other_robot, &[ev()], None)
+        .await
+        .unwrap();
+
+    // Anything live: refused, nothing deleted.
+    let refused = f
+        .store
+        .purge_tenant(tenant, now(), 3, &deleted_event(tenant))
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("run it again")),
+        "{refused:?}"
+    );
+    assert!(f.store.get_tenant(tenant).await.unwrap().is_some());
+
+    let mut credentials = Vec::new();
+    let first = f
+        .store
+        .list_credentials(&ListCredentials {
+            tenant_id: tenant,
+            kind: CredentialKind::ApiToken,
+            after: None,
+            limit: None,
+            include_revoked: false,
+            expiring: None,
+            include_canaries: true,
+        })
+        .await
+        .unwrap();
+    credentials.extend(first.iter().map(|c| (c.kind, c.id)));
+    credentials.push((CredentialKind::ServiceAccount, sa.id));
+    credentials.push((robot.kind, robot.id));
+    for (kind, id) in credentials {
+        f.store
+            .revoke_credential(tenant, kind, id, now(), None, &ev(), &|_| ev(), None)
+            .await
+            .unwrap();
+    }
+    // The user's grant alone live: still refused.
+    let refused = f
+        .store
+        .purge_tenant(tenant, now(), 3, &deleted_event(tenant))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    // The revoked ones went in batches all the same (they stay deleted: a run goes on from there).
+    let left = f.store.count_tenant_rows(tenant).await.unwrap();
+    assert_eq!((left.credentials, left.grants), (0, 1), "{left:?}");
+    assert!(f.store.get_tenant(tenant).await.unwrap().is_some());
+    f.store
+        .revoke_grant(tenant, user_grant.id, now(), &ev())
+        .await
+        .unwrap();
+
+    let at = now();
+    let rows = f
+        .store
+        .purge_tenant(tenant, at, 3, &deleted_event(tenant))
+        .await
+        .unwrap()
+        .expect("deleted now");
+    assert_eq!(
+        (
+            rows.credentials,
+            rows.grants,
+            rows.webhooks,
+            rows.credential_policies
+        ),
+        (0, 1, 1, 1),
+        "{rows:?}"
+    );
+    assert!(rows.audit_events > 0);
+    assert_eq!(f.store.get_tenant(tenant).await.unwrap(), None);
+    let record = f.store.get_tenant_record(tenant).await.unwrap().unwrap();
+    assert_eq!(
+        (record.tenant, record.deleted_at),
+        (f.tenant.clone(), Some(at))
+    );
+    let empty = f.store.count_tenant_rows(tenant).await.unwrap();
+    assert_eq!(
+        keyplane_store::TenantRows {
+            audit_events: 0,
+            ..empty
+        },
+        keyplane_store::TenantRows::default()
+    );
+    assert_eq!(
+        empty.audit_events,
+        rows.audit_events + 1,
+        "kept, and the deletion's"
+    );
+    let newest = f
+        .store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 1000))
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.last().unwrap().event.action,
+        keyplane_core::audit::actions::ORGANIZATION_DELETED
+    );
+    assert!(f.store.list_webhooks(tenant).await.unwrap().is_empty());
+    // The project name stays taken; the registry row stays.
+    assert!(f.store.project_taken(&project).await.unwrap());
+    assert!(f.store.get_registry(tenant).await.unwrap().is_some());
+
+    // Nothing more is taken for it, whichever way.
+    let (late, _) = new_token(tenant, "late");
+    let refused = f.store.insert_credential(&late, &ev(), None).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    let grant = Grant {
+        subject_type: SubjectType::User,
+        ..capability_grant(tenant, uuid::Uuid::new_v4(), "api_tokens:read")
+    };
+    let refused = f.store.insert_grant(&grant, &ev(), None).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    let refused = f
+        .store
+        .create_webhook(&webhook(tenant, &["*"], true), 20, &ev(), None)
+        .await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    // A signing-key change is told to the other tenant's registry alone.
+    let told = std::sync::Mutex::new(Vec::new());
+    f.store
+        .signing_key_or_insert(&signing_key("k1"), &|change| {
+            told.lock().unwrap().push(change.tenant_id);
+            key_event(change)
+        })
+        .await
+        .unwrap();
+    assert_eq!(*told.lock().unwrap(), [other.id]);
+
+    // Again: nothing to do.
+    let again = f
+        .store
+        .purge_tenant(tenant, now(), 3, &deleted_event(tenant))
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    // The other tenant is untouched.
+    assert_eq!(
+        f.store
+            .get_credential(other.id, CredentialKind::ApiToken, other_token.id)
+            .await
+            .unwrap()
+            .map(|c| c.revoked_at),
+        Some(None)
+    );
+    assert!(f.store.get_tenant(other.id).await.unwrap().is_some());
+    let unknown = f
+        .store
+        .purge_tenant(TenantId::new(), now(), 3, &deleted_event(tenant))
+        .await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
+}
+
+/// A store whose tenants came from `create-org` alone (which does not mark it bootstrapped) and
+/// are all deleted is not a new store: `serve` must not bootstrap a `default` organization with a
+/// `*` token into it.
+async fn a_store_of_deleted_tenants_is_never_bootstrapped_again(backend: Backend) {
+    let f = fixture(backend).await;
+    let tenant = f.tenant.id;
+    let first = f
+        .store
+        .list_credentials(&ListCredentials {
+            tenant_id: tenant,
+            kind: CredentialKind::ApiToken,
+            after: None,
+            limit: None,
+            include_revoked: false,
+            expiring: None,
+            include_canaries: true,
+        })
+        .await
+        .unwrap();
+    for token in first {
+        f.store
+            .revoke_credential(
+                tenant,
+                token.kind,
+                token.id,
+                now(),
+                None,
+                &ev(),
+                &|_| ev(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    f.store
+        .purge_tenant(tenant, now(), 100, &deleted_event(tenant))
+        .await
+        .unwrap()
+        .expect("deleted now");
+    assert!(f.store.is_bootstrapped().await.unwrap());
+    let default = Tenant {
+        id: TenantId::new(),
+        name: "default".into(),
+        created_at: now(),
+    };
+    let (token, _) = new_token(default.id, "bootstrap");
+    assert!(!f
+        .store
+        .bootstrap_once(&default, &token, &[ev()])
+        .await
+        .unwrap());
+}

@@ -135,7 +135,7 @@ fn enabled_text(enabled: bool) -> &'static str {
     }
 }
 
-fn webhook_event(
+pub(crate) fn webhook_event(
     action: &str,
     actor: AuditActor,
     context: &RequestContext,

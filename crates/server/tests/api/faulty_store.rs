@@ -1139,4 +1139,31 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.create_tenant(tenant, events).await
     }
+
+    async fn get_tenant_record(
+        &self,
+        id: TenantId,
+    ) -> Result<Option<keyplane_store::TenantRecord>, StoreError> {
+        self.check()?;
+        self.inner.get_tenant_record(id).await
+    }
+
+    async fn count_tenant_rows(
+        &self,
+        id: TenantId,
+    ) -> Result<keyplane_store::TenantRows, StoreError> {
+        self.check()?;
+        self.inner.count_tenant_rows(id).await
+    }
+
+    async fn purge_tenant(
+        &self,
+        id: TenantId,
+        at: DateTime<Utc>,
+        batch: u32,
+        deleted: EventOf<'_, keyplane_store::TenantRows>,
+    ) -> Result<Option<keyplane_store::TenantRows>, StoreError> {
+        self.check()?;
+        self.inner.purge_tenant(id, at, batch, deleted).await
+    }
 }
