@@ -47,6 +47,15 @@ async fn delete_org(store: &TestStore, org: &str, name: &str, args: &[&str]) -> 
     admin(store, &all).await
 }
 
+/// `keyplane admin grant`: USER becomes the organization's account owner.
+async fn grant_owner(store: &TestStore, org: &str) -> CommandOutput {
+    admin(
+        store,
+        &["grant", "--org", org, "--user-id", USER, "--account-owner"],
+    )
+    .await
+}
+
 fn json_of(output: &CommandOutput) -> Value {
     assert!(output.status.success(), "{}", output.describe());
     serde_json::from_str(output.stdout.trim())
@@ -119,18 +128,7 @@ async fn delete_org_offboards_one_organization_for_good(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{canary}");
     // The account owner, who could otherwise mint tokens again.
-    let granted = admin(
-        &store,
-        &[
-            "grant",
-            "--org",
-            &acme.id,
-            "--user-id",
-            USER,
-            "--account-owner",
-        ],
-    )
-    .await;
+    let granted = grant_owner(&store, &acme.id).await;
     assert!(granted.status.success(), "{}", granted.describe());
     let project = server.enable_registry(&acme).await;
     assert_eq!(project, "acme");
@@ -247,18 +245,7 @@ async fn delete_org_offboards_one_organization_for_good(backend: Backend) {
     );
 
     // Nothing more is given to it.
-    let regrant = admin(
-        &store,
-        &[
-            "grant",
-            "--org",
-            &acme.id,
-            "--user-id",
-            USER,
-            "--account-owner",
-        ],
-    )
-    .await;
+    let regrant = grant_owner(&store, &acme.id).await;
     assert!(
         !regrant.status.success() && regrant.stderr.contains("no organization with id"),
         "{}",

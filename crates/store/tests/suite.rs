@@ -5623,6 +5623,22 @@ async fn another_tenant(store: &dyn Store, name: &str) -> (Tenant, Credential) {
     (tenant, first)
 }
 
+/// The fixture tenant's live API tokens.
+async fn live_api_tokens(f: &Fixture) -> Vec<Credential> {
+    f.store
+        .list_credentials(&ListCredentials {
+            tenant_id: f.tenant.id,
+            kind: CredentialKind::ApiToken,
+            after: None,
+            limit: None,
+            include_revoked: false,
+            expiring: None,
+            include_canaries: true,
+        })
+        .await
+        .unwrap()
+}
+
 /// The organization's deletion event, as `admin delete-org` makes it: any event will do.
 fn deleted_event(
     tenant: TenantId,
@@ -5704,19 +5720,7 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
     assert!(f.store.get_tenant(tenant).await.unwrap().is_some());
 
     let mut credentials = Vec::new();
-    let first = f
-        .store
-        .list_credentials(&ListCredentials {
-            tenant_id: tenant,
-            kind: CredentialKind::ApiToken,
-            after: None,
-            limit: None,
-            include_revoked: false,
-            expiring: None,
-            include_canaries: true,
-        })
-        .await
-        .unwrap();
+    let first = live_api_tokens(&f).await;
     credentials.extend(first.iter().map(|c| (c.kind, c.id)));
     credentials.push((CredentialKind::ServiceAccount, sa.id));
     credentials.push((robot.kind, robot.id));
@@ -5851,19 +5855,7 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
 async fn a_store_of_deleted_tenants_is_never_bootstrapped_again(backend: Backend) {
     let f = fixture(backend).await;
     let tenant = f.tenant.id;
-    let first = f
-        .store
-        .list_credentials(&ListCredentials {
-            tenant_id: tenant,
-            kind: CredentialKind::ApiToken,
-            after: None,
-            limit: None,
-            include_revoked: false,
-            expiring: None,
-            include_canaries: true,
-        })
-        .await
-        .unwrap();
+    let first = live_api_tokens(&f).await;
     for token in first {
         f.store
             .revoke_credential(
