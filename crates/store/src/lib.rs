@@ -906,9 +906,9 @@ pub trait Store: Send + Sync + 'static {
         ended: EventOf<'_, ConsoleSession>,
     ) -> Result<u64, StoreError>;
 
-    /// A page of organizations in creation order (`created_at`, then id), each with its
-    /// registry's project if it has one: `admin list-orgs`, and the duplicate-name check of
-    /// `admin create-org`.
+    /// A page of live organizations (deleted ones, tombstones, are not listed) in creation order
+    /// (`created_at`, then id), each with its registry's project if it has one: `admin list-orgs`,
+    /// and the duplicate-name check of `admin create-org`.
     async fn list_tenants(&self, page: &TenantPage<'_>) -> Result<Vec<TenantListing>, StoreError>;
 
     /// A tenant without any credential (`admin create-org --no-token`), and `events` in the same

@@ -2277,7 +2277,7 @@ macro_rules! impl_store {
                 // Only the conditions that apply, as in `credential_list_query`.
                 let mut sql = sqlx::QueryBuilder::<$db>::new(
                     "SELECT t.id, t.name, t.created_at, r.project FROM tenants t \
-                     LEFT JOIN registries r ON r.tenant_id = t.id WHERE 1 = 1",
+                     LEFT JOIN registries r ON r.tenant_id = t.id WHERE t.deleted_at IS NULL",
                 );
                 if let Some(name) = page.name {
                     sql.push(" AND t.name = ");
