@@ -43,6 +43,8 @@ pub async fn seed_api_tokens(
             tenant,
             CredentialKind::ApiToken,
             batch.len() as u64,
+            "bench",
+            None,
         );
         let importing = std::time::Instant::now();
         store

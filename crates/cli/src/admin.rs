@@ -123,6 +123,12 @@ pub enum AdminCommand {
     /// again. Exit 2 if --confirm-name is not its name; an organization already deleted is
     /// printed (exit 0). Safe while a server runs.
     DeleteOrg(crate::delete_org::DeleteOrgArgs),
+    /// Import credentials from another system by the SHA-256 of their keys (JSON lines, one
+    /// credential each; README, "Migrating to keyplane"), so that the keys clients hold keep
+    /// working (with `serve --legacy-token-prefix` for keys not in keyplane's format) until they
+    /// are rotated to keyplane's own. The whole file is checked first (errors name the line) and
+    /// a bad file writes nothing; running it again imports only what is missing.
+    ImportCredentials(crate::import::ImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -931,6 +937,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         } => revoke_org(&store, org, &reason, dry_run, json, &operator).await,
         AdminCommand::RestoreReplay(args) => crate::restore_replay::run(args, &operator).await,
         AdminCommand::DeleteOrg(args) => crate::delete_org::run(args, &operator).await,
+        AdminCommand::ImportCredentials(args) => crate::import::run(args, &operator).await,
     }
 }
 

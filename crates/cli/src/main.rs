@@ -3,6 +3,7 @@
 
 mod admin;
 mod delete_org;
+mod import;
 mod remote;
 mod restore_replay;
 mod serve;

@@ -84,7 +84,7 @@ fn os_user() -> String {
 
 impl Keyplane {
     /// `GET /api/v1/organizations/{org}/api-tokens` with `token`: the status and the JSON body.
-    async fn list_tokens(&self, org: &str, token: &str) -> (StatusCode, Value) {
+    async fn list_tokens_as(&self, org: &str, token: &str) -> (StatusCode, Value) {
         let response = self
             .http
             .get(self.tokens_url(org))
@@ -143,14 +143,14 @@ async fn issue_token_lets_a_locked_out_org_back_in(backend: Backend) {
         .await;
 
     // The organization's only token revokes itself: nothing it holds gets back in.
-    let (status, page) = server.list_tokens(&acme.id, &acme.token).await;
+    let (status, page) = server.list_tokens_as(&acme.id, &acme.token).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let own = string_field(&page["items"][0], "id");
     assert_eq!(
         server.revoke_token(&acme, &own).await,
         StatusCode::NO_CONTENT
     );
-    let (status, _) = server.list_tokens(&acme.id, &acme.token).await;
+    let (status, _) = server.list_tokens_as(&acme.id, &acme.token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // The operator issues a new one; by default with scope `*` and no expiry, as create-org's.
@@ -161,7 +161,7 @@ async fn issue_token_lets_a_locked_out_org_back_in(backend: Backend) {
     assert_eq!(issued["expires_at"], Value::Null);
     let recovery = string_field(&issued, "token");
     let recovery_id = string_field(&issued, "id");
-    let (status, page) = server.list_tokens(&acme.id, &recovery).await;
+    let (status, page) = server.list_tokens_as(&acme.id, &recovery).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let listed: Vec<&str> = page["items"]
         .as_array()
@@ -267,7 +267,7 @@ async fn issue_token_lets_a_locked_out_org_back_in(backend: Backend) {
     );
     let reader_token = string_field(&reader, "token");
     assert_eq!(
-        server.list_tokens(&acme.id, &reader_token).await.0,
+        server.list_tokens_as(&acme.id, &reader_token).await.0,
         StatusCode::OK
     );
 
@@ -424,7 +424,7 @@ async fn create_org_keeps_a_migrated_id_without_a_token(backend: Backend) {
 
     let issued = issue_token(&store, kept, &["--name", "admin"]).await;
     let (status, page) = server
-        .list_tokens(kept, &string_field(&issued, "token"))
+        .list_tokens_as(kept, &string_field(&issued, "token"))
         .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    both_stores, keyplane, keyplane_with_umask, run, Keyplane, KillOnDrop, Org, TestStore,
+    both_stores, json_lines, keyplane, keyplane_with_umask, run, Keyplane, KillOnDrop, Org,
+    TestStore,
 };
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
@@ -727,7 +728,7 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
         .await,
     );
     let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
-    let by_admin = common::json_lines(
+    let by_admin = json_lines(
         &run(
             keyplane()
                 .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
@@ -851,7 +852,7 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
     assert_eq!(left, Vec::<Value>::new(), "pruned");
 
     // The rows still say who created them.
-    let review = common::json_lines(
+    let review = json_lines(
         &run(
             keyplane()
                 .args(["admin", "access-review", "--org", &org.id])
@@ -911,7 +912,7 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
     assert!(created.status.success(), "{}", created.describe());
     let org = Org::from_json(&created.stdout);
     let reader = "6f1d2c3b-4a59-4e68-9d7c-8b9a0f1e2d3c";
-    let granted = common::json_lines(
+    let granted = json_lines(
         &run(
             keyplane()
                 .args(["admin", "grant", "--org", &org.id, "--user-id", reader])
@@ -934,7 +935,7 @@ async fn admin_events_under_sudo_name_who_ran_sudo(backend: Backend) {
     assert_eq!(os_user_of("organization.created"), sudoed.as_str());
     assert_eq!(os_user_of("api_token.created"), sudoed.as_str());
     assert_eq!(os_user_of("authorization.created"), os_user.as_str());
-    let review = common::json_lines(
+    let review = json_lines(
         &run(
             keyplane()
                 .args(["admin", "access-review", "--org", &org.id])

@@ -714,21 +714,6 @@ impl Keyplane {
             .await
             .expect("GET api-tokens")
     }
-
-    /// Every live token of `org`, which must fit in one page.
-    async fn list_tokens(&self, org: &Org) -> Vec<Value> {
-        let response = self.get_tokens(&org.id, &org.token).await;
-        assert_eq!(response.status(), StatusCode::OK, "listing tokens");
-        let page: Value = response.json().await.expect("the token list is JSON");
-        assert!(
-            page["next_cursor"].is_null(),
-            "expected a single page: {page}"
-        );
-        page["items"]
-            .as_array()
-            .expect("`items` is an array")
-            .clone()
-    }
 }
 
 /// `--help` text split into one block per option: its flag line and the description below it.

@@ -17,7 +17,11 @@ pub mod actions {
     pub const API_TOKEN_CREATED: &str = "api_token.created";
     pub const API_TOKEN_ROTATED: &str = "api_token.rotated";
     pub const API_TOKEN_REVOKED: &str = "api_token.revoked";
+    /// A bulk import of credentials (`keyplane admin import-credentials`): one event per batch,
+    /// with `count`, `kind`, `via` and who ran it; the actions below likewise per kind.
     pub const API_TOKEN_IMPORTED: &str = "api_token.imported";
+    pub const SERVICE_ACCOUNT_IMPORTED: &str = "service_account.imported";
+    pub const ROBOT_ACCOUNT_IMPORTED: &str = "robot_account.imported";
     pub const SERVICE_ACCOUNT_CREATED: &str = "service_account.created";
     pub const SERVICE_ACCOUNT_ROTATED: &str = "service_account.rotated";
     pub const SERVICE_ACCOUNT_REVOKED: &str = "service_account.revoked";
@@ -112,6 +116,9 @@ pub fn credential_action(kind: crate::CredentialKind, verb: CredentialChange) ->
         (RobotAccount, Suspended) => ROBOT_ACCOUNT_SUSPENDED,
         (RobotAccount, Resumed) => ROBOT_ACCOUNT_RESUMED,
         (RobotAccount, PreviousSecretRetired) => ROBOT_ACCOUNT_PREVIOUS_SECRET_RETIRED,
+        (ApiToken, Imported) => API_TOKEN_IMPORTED,
+        (ServiceAccount, Imported) => SERVICE_ACCOUNT_IMPORTED,
+        (RobotAccount, Imported) => ROBOT_ACCOUNT_IMPORTED,
     }
 }
 
@@ -124,6 +131,8 @@ pub enum CredentialChange {
     Resumed,
     /// The previous secret of a rotation with a grace period ended before its grace did.
     PreviousSecretRetired,
+    /// Brought in from another system with its secret's hash (`admin import-credentials`).
+    Imported,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

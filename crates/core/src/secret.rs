@@ -52,6 +52,14 @@ impl TokenHash {
         <[u8; 32]>::try_from(bytes).ok().map(Self)
     }
 
+    /// A digest written as 64 hex digits (either case), as another system exports the SHA-256
+    /// of its keys (`admin import-credentials`); `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

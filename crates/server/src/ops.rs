@@ -145,16 +145,28 @@ pub(crate) fn grants_revoked_with(
     }
 }
 
-/// The event of a bulk import of `count` credentials into `tenant` by the operator.
-pub fn import_event(tenant: TenantId, kind: CredentialKind, count: u64) -> AuditEvent {
-    audit_event(
+/// The event of one batch of a bulk import: `count` credentials of `kind` into `tenant`, by the
+/// operator (`via`: the command; `operator`: who ran it, when known), with the kind's own action.
+pub fn import_event(
+    tenant: TenantId,
+    kind: CredentialKind,
+    count: u64,
+    via: &str,
+    operator: Option<&Operator>,
+) -> AuditEvent {
+    let event = audit_event(
         tenant,
-        actions::API_TOKEN_IMPORTED,
+        credential_action(kind, CredentialChange::Imported),
         AuditActor::system(),
         &RequestContext::default(),
     )
     .text("kind", kind.as_str())
-    .detail("count", keyplane_core::audit::DetailValue::Count(count))
+    .text("via", via)
+    .detail("count", keyplane_core::audit::DetailValue::Count(count));
+    match operator {
+        Some(operator) => event.operated_by(operator),
+        None => event,
+    }
 }
 
 /// The events of a registry signing-key change (`action`), one per organization with a registry:

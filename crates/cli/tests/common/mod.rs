@@ -231,8 +231,6 @@ impl CommandOutput {
     }
 }
 
-/// Runs a command to completion within `limit` (killed otherwise), its output captured in
-/// anonymous files so that no pipe can fill up.
 /// The JSON lines of `output`, which must have succeeded.
 pub fn json_lines(output: &CommandOutput) -> Vec<Value> {
     assert!(output.status.success(), "{}", output.describe());
@@ -243,6 +241,8 @@ pub fn json_lines(output: &CommandOutput) -> Vec<Value> {
         .collect()
 }
 
+/// Runs a command to completion within `limit` (killed otherwise), its output captured in
+/// anonymous files so that no pipe can fill up.
 pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
     run_with_input(command, "", limit).await
 }
@@ -530,6 +530,27 @@ impl Keyplane {
             name: name.to_owned(),
             secret: string_field(&created, "token"),
         }
+    }
+
+    /// Every live API token of `org`, which must fit in one page of 100.
+    pub async fn list_tokens(&self, org: &Org) -> Vec<Value> {
+        let response = self
+            .http
+            .get(format!("{}?limit=100", self.tokens_url(&org.id)))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .expect("GET api-tokens");
+        assert_eq!(response.status(), StatusCode::OK, "listing tokens");
+        let page: Value = response.json().await.expect("the token list is JSON");
+        assert!(
+            page["next_cursor"].is_null(),
+            "expected a single page: {page}"
+        );
+        page["items"]
+            .as_array()
+            .expect("`items` is an array")
+            .clone()
     }
 
     /// The organization's audit events (`GET audit-events?{query}`), newest first: one page.
