@@ -118,6 +118,18 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     trusted_proxies: Vec<String>,
+    /// Accept keys imported from another system (`keyplane admin import-credentials`) that start
+    /// with PREFIX as credentials of KIND (`api-token`, `service-account`, `robot`), e.g.
+    /// `acme_live_=api-token`: they skip keyplane's length and checksum rules (not the 128-byte
+    /// cap, nor the failed-authentication budget). Repeatable; comma-separated in the environment.
+    /// Asked only about what is not a keyplane token. See README, "Migrating to keyplane".
+    #[arg(
+        long = "legacy-token-prefix",
+        env = "KEYPLANE_LEGACY_TOKEN_PREFIXES",
+        value_name = "PREFIX=KIND",
+        value_delimiter = ','
+    )]
+    legacy_token_prefixes: Vec<String>,
     /// The forwarding header the trusted proxies set (only that one is read).
     #[arg(
         long,
@@ -328,6 +340,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let trusted_proxies = TrustedProxies::parse(&args.trusted_proxies, header)
         .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    let legacy_token_prefixes = keyplane_core::legacy_token::LegacyPrefixes::parse(
+        args.legacy_token_prefixes.iter().map(String::as_str),
+    )
+    .map_err(|e| anyhow::anyhow!("--legacy-token-prefix: {e}"))?;
     let mut max_connections = args.max_connections;
     if let Some(files) = raise_open_file_limit() {
         let allowed = files.saturating_sub(RESERVED_FILES).max(1);
@@ -496,6 +512,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or(DEFAULT_MAX_REVOCATION_STREAMS_PER_ORG.min(args.max_revocation_streams))
             as usize,
         revocation_heartbeat: Duration::from_secs(args.revocation_heartbeat_seconds),
+        legacy_token_prefixes,
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -303,3 +303,124 @@ async fn import_checks_the_file_is_idempotent_and_audited(backend: Backend) {
         .expect("GET /v1/auth/forward");
     assert_eq!(forward.status(), StatusCode::UNAUTHORIZED);
 }
+
+both_stores!(legacy_prefix_verifies_imported_keys_until_rotated);
+
+/// `GET /v1/auth/forward` with `token`: the status and the identity headers.
+async fn forward(server: &Keyplane, token: &str) -> (StatusCode, [String; 3]) {
+    let response = server
+        .http
+        .get(server.url("/v1/auth/forward"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET /v1/auth/forward");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let headers = [
+        header("x-keyplane-credential-kind"),
+        header("x-keyplane-subject"),
+        header("x-keyplane-secret"),
+    ];
+    (response.status(), headers)
+}
+
+async fn legacy_prefix_verifies_imported_keys_until_rotated(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let server = Keyplane::start(
+        &store,
+        &[
+            "--legacy-token-prefix",
+            "acme_live_=api-token",
+            "--legacy-token-prefix",
+            "acme_sa_=service-account",
+        ],
+        TIMEOUT,
+    )
+    .await;
+    let acme = create_org(&store, "acme").await;
+    let done = imported(&store, &acme.id, "api-token", &[], &legacy_file()).await;
+    assert_eq!(done["new"], 3, "{done}");
+    let account =
+        json!({"source_id": "sa_1", "name": "worker", "sha256": sha256_hex("acme_sa_0123456789")});
+    let done = imported(
+        &store,
+        &acme.id,
+        "service-account",
+        &[],
+        &(account.to_string() + "\n"),
+    )
+    .await;
+    assert_eq!(done["new"], 1, "{done}");
+    let listed = server.list_tokens(&acme).await;
+    let ci = listed
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .map(|t| string_field(t, "id"))
+        .expect("ci is listed");
+
+    // Each imported key verifies as the kind its prefix is configured for.
+    for key in LEGACY_KEYS {
+        let (status, [kind, _, secret]) = forward(&server, key).await;
+        assert_eq!(status, StatusCode::OK, "{key}");
+        assert_eq!(kind, "api_token");
+        assert_eq!(secret, "current");
+    }
+    let (status, [kind, subject, _]) = forward(&server, LEGACY_KEYS[0]).await;
+    assert_eq!((status, subject.as_str()), (StatusCode::OK, ci.as_str()));
+    assert_eq!(kind, "api_token");
+    let (status, [kind, _, _]) = forward(&server, "acme_sa_0123456789").await;
+    assert_eq!((status, kind.as_str()), (StatusCode::OK, "service_account"));
+    // A key under the prefix that was never imported, one under no configured prefix, and one
+    // past the length cap are refused; keyplane's own tokens verify as ever.
+    for refused in [
+        "acme_live_0000000000000000000000000000000".to_string(),
+        "other_live_4f9c2e7a1b3d5f60718293a4b5c6d7e8".to_string(),
+        format!("acme_live_{}", "0".repeat(130)),
+    ] {
+        assert_eq!(forward(&server, &refused).await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(forward(&server, &acme.token).await.0, StatusCode::OK);
+
+    // Rotation issues a keyplane secret; the imported key keeps working as the previous one
+    // during the grace period.
+    let response = server
+        .http
+        .post(format!("{}/{ci}/rotate", server.tokens_url(&acme.id)))
+        .bearer_auth(&acme.token)
+        .json(&json!({"grace_seconds": 3600}))
+        .send()
+        .await
+        .expect("POST rotate");
+    assert_eq!(response.status(), StatusCode::OK);
+    let rotated: Value = response.json().await.expect("a JSON answer");
+    let native = string_field(&rotated, "token");
+    assert!(native.starts_with("aether_"), "a keyplane token");
+    let (status, [kind, subject, secret]) = forward(&server, &native).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (kind.as_str(), subject.as_str(), secret.as_str()),
+        ("api_token", ci.as_str(), "current")
+    );
+    let (status, [_, subject, secret]) = forward(&server, LEGACY_KEYS[0]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (subject.as_str(), secret.as_str()),
+        (ci.as_str(), "previous")
+    );
+
+    // The same store served without the flag: imported keys are malformed there.
+    drop(server);
+    let plain = Keyplane::start(&store, &[], TIMEOUT).await;
+    assert_eq!(
+        forward(&plain, LEGACY_KEYS[1]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(forward(&plain, &native).await.0, StatusCode::OK);
+}

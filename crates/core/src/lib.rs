@@ -12,6 +12,7 @@ pub mod error;
 pub mod glob;
 pub mod grant;
 pub mod ids;
+pub mod legacy_token;
 pub mod policy;
 pub mod registry;
 pub mod scope;

@@ -316,6 +316,8 @@ pub(crate) struct Verifier {
     /// The failed-authentication limit (`None`: off): an address over its budget gets no store
     /// lookups for secrets the caches do not hold.
     failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
+    /// Imported keys' prefixes, asked only about what keyplane's own format refused.
+    legacy: keyplane_core::legacy_token::LegacyPrefixes,
 }
 
 impl Verifier {
@@ -364,6 +366,7 @@ impl Verifier {
             refusals,
             clock,
             failed_auth,
+            legacy: settings.legacy_token_prefixes.clone(),
         }
     }
 
@@ -600,11 +603,11 @@ impl Verifier {
         let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
             None => {
-                Self::check_format(presented)?;
+                self.check_format(presented)?;
                 self.lookup_stored(key, presented, at).await?
             }
         };
-        Self::of_kind(verified, presented)
+        self.of_kind(verified, presented)
     }
 
     /// [`Self::find`] from the caches alone: `None` when only the store can tell, or the format
@@ -615,7 +618,7 @@ impl Verifier {
             Err(malformed) => return Some(Err(malformed)),
         };
         let found = self.lookup_cached(&key)?;
-        Some(found.and_then(|verified| Self::of_kind(verified, presented)))
+        Some(found.and_then(|verified| self.of_kind(verified, presented)))
     }
 
     /// `presented`'s key in the caches, or a malformed secret when it is longer than any
@@ -627,16 +630,22 @@ impl Verifier {
             .ok_or(AppError::Unauthenticated(MALFORMED))
     }
 
-    /// Prefix, length, alphabet and checksum (`token::kind_of`), before the store is asked.
-    fn check_format(presented: &str) -> Result<(), AppError> {
-        token::kind_of(presented)
-            .map(drop)
-            .map_err(|_| AppError::Unauthenticated(MALFORMED))
+    /// Prefix, length, alphabet and checksum (`token::kind_of`), before the store is asked; only
+    /// a secret that fails them is asked about the configured legacy prefixes.
+    fn check_format(&self, presented: &str) -> Result<(), AppError> {
+        match token::kind_of(presented) {
+            Ok(_) => Ok(()),
+            Err(_) if self.legacy.kind_of(presented).is_some() => Ok(()),
+            Err(_) => Err(AppError::Unauthenticated(MALFORMED)),
+        }
     }
 
-    /// A secret's format names its kind: one that found another kind's credential is unknown.
-    fn of_kind(verified: Arc<Verified>, presented: &str) -> Result<Arc<Verified>, AppError> {
-        if token::kind_named(presented) != Some(verified.gate.kind) {
+    /// A secret's format (or its configured legacy prefix) names its kind: one that found another
+    /// kind's credential is unknown. A keyplane token's prefix answers first, so its check costs
+    /// what it did before legacy prefixes.
+    fn of_kind(&self, verified: Arc<Verified>, presented: &str) -> Result<Arc<Verified>, AppError> {
+        let named = token::kind_named(presented).or_else(|| self.legacy.kind_named(presented));
+        if named != Some(verified.gate.kind) {
             return Err(AppError::Unauthenticated("unknown"));
         }
         Ok(verified)

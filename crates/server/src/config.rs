@@ -73,6 +73,9 @@ pub struct Config {
     pub revocation_poll_interval: Duration,
     /// Heartbeat comments on an idle revocation stream.
     pub revocation_heartbeat: Duration,
+    /// Keys in another system's format, imported by their hash, accepted under these prefixes
+    /// (`serve --legacy-token-prefix`); none by default.
+    pub legacy_token_prefixes: keyplane_core::legacy_token::LegacyPrefixes,
 }
 
 /// Wall-clock time plus an offset that only tests move (`advance`, and `set_wrong_by`). Clones
@@ -241,6 +244,7 @@ impl Default for Config {
             max_revocation_streams_per_org: 100,
             revocation_poll_interval: Duration::from_secs(1),
             revocation_heartbeat: Duration::from_secs(15),
+            legacy_token_prefixes: Default::default(),
         }
     }
 }

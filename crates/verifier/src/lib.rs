@@ -90,6 +90,7 @@
 
 #![warn(missing_docs)]
 
+pub use keyplane_core::legacy_token::LegacyPrefixes;
 use keyplane_core::{CacheKey, CacheKeyer, CredentialKind};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
@@ -166,6 +167,12 @@ pub struct VerifierConfig {
     /// - and if it goes through a proxy, that proxy must pass `text/event-stream` through
     ///   unbuffered: one holding heartbeats back makes the verifier stale.
     pub http: Option<reqwest::Client>,
+    /// Keys imported into keyplane from another system, accepted under these prefixes as
+    /// keyplane's `serve --legacy-token-prefix` accepts them (build it with
+    /// [`LegacyPrefixes::parse`] from the same `PREFIX=KIND` specs): asked only about a token
+    /// that is not in keyplane's format, which is otherwise refused here without a question to
+    /// keyplane. Default: none.
+    pub legacy_token_prefixes: LegacyPrefixes,
 }
 
 impl VerifierConfig {
@@ -184,6 +191,7 @@ impl VerifierConfig {
             request_timeout: Duration::from_secs(5),
             max_concurrent_introspections: 64,
             http: None,
+            legacy_token_prefixes: LegacyPrefixes::default(),
         }
     }
 }
@@ -205,6 +213,7 @@ impl std::fmt::Debug for VerifierConfig {
                 &self.max_concurrent_introspections,
             )
             .field("http", &self.http.as_ref().map(|_| "<caller's client>"))
+            .field("legacy_token_prefixes", &self.legacy_token_prefixes)
             .finish()
     }
 }
@@ -843,8 +852,13 @@ impl Verifier {
                 return Answer::Cached(cached);
             }
         }
-        let Ok(kind) = keyplane_core::token::kind_of(token) else {
-            return Answer::Fresh(Err(VerifyError::Malformed));
+        let kind = match keyplane_core::token::kind_of(token) {
+            Ok(kind) => kind,
+            // Not keyplane's format: an imported key under a configured prefix, or garbage.
+            Err(_) => match self.inner.config.legacy_token_prefixes.kind_of(token) {
+                Some(kind) => kind,
+                None => return Answer::Fresh(Err(VerifyError::Malformed)),
+            },
         };
         // Robot secrets log in to the registry only; keyplane would say inactive.
         if kind == CredentialKind::RobotAccount {
@@ -1274,6 +1288,40 @@ pub(crate) mod tests {
         let metrics = verifier.metrics();
         assert_eq!((metrics.malformed, metrics.introspections), (4, 0));
         assert!(metrics.stale && !metrics.stream_connected);
+    }
+
+    /// A key imported from another system under a configured legacy prefix is not malformed: it
+    /// is asked about (here: nobody answers), or refused without a question if its prefix names
+    /// robots; without the prefix configured it is malformed, as before.
+    #[tokio::test]
+    async fn legacy_prefixes_are_asked_about_only_when_configured() {
+        // Nothing listens on port 9: an answer that needed keyplane would be `Unavailable`.
+        let mut config = VerifierConfig::new("http://127.0.0.1:9", "unused");
+        config.stale_policy = StalePolicy::Recheck;
+        let plain = Verifier::new(config.clone()).unwrap();
+        config.legacy_token_prefixes =
+            LegacyPrefixes::parse(["acme_live_=api-token", "acme_bot_=robot"]).unwrap();
+        let legacy = Verifier::new(config).unwrap();
+        let key = "acme_live_4f9c2e7a1b3d5f60718293a4b5c6d7e8";
+        assert_eq!(plain.verify(key).await, Err(VerifyError::Malformed));
+        assert!(matches!(
+            legacy.verify(key).await,
+            Err(VerifyError::Unavailable(_))
+        ));
+        assert_eq!(
+            legacy.verify("acme_bot_0123").await,
+            Err(VerifyError::Inactive)
+        );
+        assert_eq!(
+            legacy.verify("other_4f9c2e7a1b3d").await,
+            Err(VerifyError::Malformed)
+        );
+        let too_long = format!(
+            "acme_live_{}",
+            "0".repeat(keyplane_core::token::MAX_TOKEN_LEN)
+        );
+        assert_eq!(legacy.verify(&too_long).await, Err(VerifyError::Malformed));
+        assert_eq!(legacy.metrics().introspections, 1);
     }
 
     /// A cached answer skips the format check (the cache holds well-formed tokens' answers alone,
