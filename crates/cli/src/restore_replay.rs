@@ -67,14 +67,38 @@ fn read_exported(paths: &[String], org: Option<TenantId>) -> anyhow::Result<Read
     let mut read = Read::default();
     let mut seen = HashSet::new();
     for path in paths {
-        let reader: Box<dyn BufRead> = if path == "-" {
+        // A glob over the log's rotations (`audit.jsonl*`) also takes the export's own state.
+        if path.ends_with(".heads") || path.ends_with(".heads.tmp") {
+            eprintln!("note: skipped {path}: the export's record of what it wrote, not a log");
+            continue;
+        }
+        let mut reader: Box<dyn BufRead> = if path == "-" {
             Box::new(std::io::stdin().lock())
         } else {
             let file = std::fs::File::open(path)
                 .map_err(|e| anyhow::anyhow!("--audit-log: cannot read {path}: {e}"))?;
             Box::new(std::io::BufReader::new(file))
         };
+        let starts = reader
+            .fill_buf()
+            .map_err(|e| anyhow::anyhow!("--audit-log: cannot read {path}: {e}"))?;
+        if starts.starts_with(&[0x1f, 0x8b]) {
+            anyhow::bail!(
+                "--audit-log: {path} is compressed (gzip): pass it decompressed on standard input, \
+                 `zcat {path} | keyplane admin restore-replay --audit-log - …`"
+            );
+        }
+        let (events, torn) = (read.events + read.duplicates, read.torn);
         read_lines(reader, path, org, &mut seen, &mut read)?;
+        // Cut writes are a line here and there: a file of nothing else is not an audit log, and
+        // the revocations it was taken for would go unreplayed.
+        if read.events + read.duplicates == events && read.torn > torn {
+            anyhow::bail!(
+                "--audit-log: {path} holds no audit event, only {} that {} not one: is it an audit log?",
+                counted(read.torn - torn, "line", "lines"),
+                if read.torn - torn == 1 { "is" } else { "are" }
+            );
+        }
     }
     Ok(read)
 }
@@ -484,6 +508,7 @@ pub async fn run(args: RestoreReplayArgs, operator: &Operator) -> anyhow::Result
     }
     let mut any_lost = false;
     let mut orgs = 0;
+    let mut undeleted = 0;
     for (org, exported) in read.by_org {
         orgs += 1;
         let (lost, unchecked) = lost_events(store.as_ref(), org, exported).await?;
@@ -497,6 +522,32 @@ pub async fn run(args: RestoreReplayArgs, operator: &Operator) -> anyhow::Result
             continue;
         };
         any_lost = true;
+        // Deleted after the backup: the restore brought it back whole, webhooks included, and
+        // replaying its revocations would send them their events. Deleting it again comes first.
+        if let Some(deleted) = lost
+            .iter()
+            .find(|event| event.action == actions::ORGANIZATION_DELETED)
+        {
+            let record = store.get_tenant_record(org).await?;
+            let again = record.as_ref().is_some_and(|r| r.deleted_at.is_some());
+            let line = Line {
+                target: Some(("organization".to_owned(), org.as_uuid())),
+                from: Decider::from(deleted),
+                did: if again { "already" } else { "delete_again" },
+            };
+            print_lines(org, &[line], args.json);
+            if !again {
+                let name = record.map_or_else(|| "NAME".to_owned(), |r| r.tenant.name);
+                eprintln!(
+                    "error: organization {org} was deleted after the backup (lost {} {}, seq {}): \
+                     nothing of it was made again; delete it again: keyplane admin delete-org \
+                     --org {org} --confirm-name {name:?} --reason \"…\"",
+                    deleted.action, deleted.id, deleted.seq
+                );
+                undeleted += 1;
+            }
+            continue;
+        }
         let mut counts = RestoreReplayed {
             lost_from_seq: first.seq,
             lost_through_seq: last.seq,
@@ -556,6 +607,14 @@ pub async fn run(args: RestoreReplayArgs, operator: &Operator) -> anyhow::Result
             "note: keyplane servers sharing this store refuse what was revoked or suspended at \
              once on PostgreSQL; on SQLite a running server within 30 s, its verification \
              cache's lifetime"
+        );
+    }
+    if undeleted > 0 {
+        anyhow::bail!(
+            "{} deleted after the backup {} back: delete {} again (above), then run this again",
+            counted(undeleted, "organization", "organizations"),
+            if undeleted == 1 { "is" } else { "are" },
+            if undeleted == 1 { "it" } else { "them" }
         );
     }
     Ok(())
@@ -624,8 +683,8 @@ fn summary(
         counts.reported
     );
     if !in_store {
-        text += "; the organization is not in the store (created after the backup): nothing to \
-                 act on, and no audit.restored recorded";
+        text += "; the organization is not in the store (created after the backup) or deleted in \
+                 it: nothing to act on, and no audit.restored recorded";
     } else if dry_run {
         text += " (dry run: nothing written)";
     } else if recorded {

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 const TIMEOUT: Duration = Duration::from_secs(30);
 const OPERATOR: &str = "Restorer Rita";
 
-both_stores!(restore_replay_makes_again_what_the_restore_undid);
+both_stores!(
+    restore_replay_makes_again_what_the_restore_undid,
+    restore_replay_deletes_nothing_back_and_reads_only_logs,
+);
 
 /// `keyplane admin --operator OPERATOR <args> <store flags>`, fed `input` on stdin.
 async fn admin(store: &TestStore, args: &[&str], input: &str) -> CommandOutput {
@@ -423,4 +426,112 @@ async fn restore_replay_makes_again_what_the_restore_undid(backend: Backend) {
         "{}",
         output.describe()
     );
+}
+
+/// An organization deleted after the backup comes back whole, webhooks included: the command
+/// makes nothing of it again and says to delete it again, exit 1, until that is done. And what
+/// a glob over the log's directory also brings is skipped (the `.heads` file) or refused (a
+/// compressed rotation, a file of no event), naming it.
+async fn restore_replay_deletes_nothing_back_and_reads_only_logs(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let created = admin(&store, &["create-org", "--name", "acme", "--json"], "").await;
+    assert!(created.status.success(), "{}", created.describe());
+    let org = Org::from_json(&created.stdout);
+    let backup = Backup::take(&store, dir.path());
+    let deleted = admin(
+        &store,
+        &[
+            "delete-org",
+            "--org",
+            &org.id,
+            "--confirm-name",
+            "acme",
+            "--reason",
+            "OFF-1",
+        ],
+        "",
+    )
+    .await;
+    assert!(deleted.status.success(), "{}", deleted.describe());
+    // The trail as the export wrote it: oldest first.
+    let mut trail = audit(&store, &org.id).await;
+    trail.reverse();
+    assert_eq!(trail.last().unwrap()["action"], "organization.deleted");
+    let log = dir.path().join("audit.jsonl");
+    let lines: Vec<String> = trail.iter().map(Value::to_string).collect();
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let heads = dir.path().join("audit.jsonl.heads");
+    std::fs::write(&heads, format!("{{\"{}\": {{\"seq\": 9}}}}\n", org.id)).unwrap();
+    backup.restore(&store);
+
+    let log = log.to_str().unwrap();
+    let heads = heads.to_str().unwrap();
+    let output = admin(
+        &store,
+        &["restore-replay", "--json", "--audit-log", log, heads],
+        "",
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+    let lines: Vec<Value> = output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line, the organization: {}",
+        output.stdout
+    );
+    assert_eq!(lines[0]["did"], "delete_again");
+    assert_eq!(lines[0]["target"]["id"], org.id.as_str());
+    assert!(
+        output
+            .stderr
+            .contains(&format!("delete-org --org {}", org.id))
+            && output.stderr.contains("skipped")
+            && output.stderr.contains(heads),
+        "{}",
+        output.stderr
+    );
+    // Nothing was made again: the restored token still there, no event written.
+    let restored = audit(&store, &org.id).await;
+    assert_ne!(restored[0]["action"], "organization.deleted");
+    assert!(restored.iter().all(|e| e["action"] != "api_token.revoked"));
+
+    let again = admin(
+        &store,
+        &[
+            "delete-org",
+            "--org",
+            &org.id,
+            "--confirm-name",
+            "acme",
+            "--reason",
+            "OFF-1",
+        ],
+        "",
+    )
+    .await;
+    assert!(again.status.success(), "{}", again.describe());
+    let (lines, _) = restore_replay(&store, &["--audit-log", log], "").await;
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["did"], "already");
+
+    let gzip = dir.path().join("audit.jsonl.1.gz");
+    std::fs::write(&gzip, [0x1f, 0x8b, 0x08, 0x00, 0x00]).unwrap();
+    let not_a_log = dir.path().join("notes.txt");
+    std::fs::write(&not_a_log, "rotated on Tuesday\n").unwrap();
+    for (path, says) in [(&gzip, "compressed"), (&not_a_log, "holds no audit event")] {
+        let path = path.to_str().unwrap();
+        let output = admin(&store, &["restore-replay", "--audit-log", log, path], "").await;
+        assert_eq!(output.status.code(), Some(1), "{}", output.describe());
+        assert!(
+            output.stderr.contains(path) && output.stderr.contains(says),
+            "{}",
+            output.stderr
+        );
+    }
 }
