@@ -161,8 +161,11 @@ impl Rights {
 /// (a million took 355 MB of anonymous memory; BENCHMARKS.md, "One million cached").
 const ORDINARY_ENTRY_BYTES: usize = 355;
 /// What a cached credential may hold besides (its name, robot permissions, scope set and
-/// rendered scopes header) and still count as one entry: a name and a dozen or so scopes.
-const ORDINARY_HELD_BYTES: usize = 1024;
+/// rendered scopes header) and still count as one entry: a name and a dozen scopes of some
+/// twenty characters (two dozen count as three). A set shared by many credentials counts for each of them (its first holder
+/// paying alone would let a second holder keep it for one once the first is evicted), so this
+/// is set high enough that ordinary sets are never weighed at all.
+const ORDINARY_HELD_BYTES: usize = 2048;
 
 /// Weighs the verification cache's entries by what they hold, so that its capacity bounds memory
 /// and not just entries: the sizes that matter (scopes, names, permission globs) are the tenants'
@@ -1336,6 +1339,18 @@ pub(crate) mod tests {
         for secret in &ordinary {
             app.verify_secret(secret.expose_secret()).await.unwrap();
         }
+        // A dozen scopes of twenty-odd characters are an ordinary credential, and count as one.
+        let scopes: Vec<String> = (0..12)
+            .map(|i| format!("service-{i:02}:deploy-read"))
+            .collect();
+        let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let typical = token(store.as_ref(), tenant, &scopes).await;
+        app.verify_secret(typical.expose_secret()).await.unwrap();
+        let entry = verifier
+            .cache
+            .get(&verifier.keys.key(typical.expose_secret()))
+            .expect("cached");
+        assert_eq!(entry.weight, 1, "a credential with 12 ordinary scopes");
         let mut fat = Vec::new();
         for i in 0..200 {
             let scopes: Vec<String> = (0..keyplane_core::scope::MAX_SCOPES)
