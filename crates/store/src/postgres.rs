@@ -178,6 +178,14 @@ impl PostgresStore {
     /// takes anyway (a DELETE then takes the stronger one of rows it already holds).
     pub(crate) const ROW_LOCK: &'static str = " FOR NO KEY UPDATE OF locked";
 
+    /// How a write that takes its tenant's audit head before inserting a row migration 0020's
+    /// trigger checks (webhook creation) first reads the tenant's row: `FOR SHARE`, as the trigger
+    /// does, so that it holds the row before the head like every insert does (the row, then the
+    /// head as its event is appended), and never waits for the row while holding the head that
+    /// `admin delete-org`'s final transaction, holding the row, waits for.
+    pub(crate) const TENANT_ROW_SHARE: &'static str =
+        "SELECT COUNT(*) FROM (SELECT 1 FROM tenants WHERE id = $1 FOR SHARE) locked";
+
     /// Locks a webhook's deliveries in the order every write of several of them takes them (see
     /// [`Self::ROW_LOCK`]), so that deleting it (a cascade, whose plan picks its own order) does
     /// not hold some while it waits for a claim's, the prune's or a lease renewal's.

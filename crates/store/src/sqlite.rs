@@ -245,6 +245,9 @@ impl SqliteStore {
     /// `in_lock_order`).
     pub(crate) const ROW_LOCK: &'static str = "";
 
+    /// SQLite has no row locks: a read of the row (see `PostgresStore::TENANT_ROW_SHARE`).
+    pub(crate) const TENANT_ROW_SHARE: &'static str = "SELECT COUNT(*) FROM tenants WHERE id = $1";
+
     /// SQLite locks the whole store for a write: no row order to keep.
     async fn lock_webhook_deliveries(
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,

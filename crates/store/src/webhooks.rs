@@ -590,6 +590,11 @@ macro_rules! impl_webhooks {
             ) -> Result<(), $crate::StoreError> {
                 use $crate::webhooks::*;
                 let mut tx = self.writer.begin().await?;
+                // The tenant's row before its head, in the order of every other insert.
+                sqlx::query(Self::TENANT_ROW_SHARE)
+                    .bind(webhook.tenant_id.as_uuid())
+                    .execute(&mut *tx)
+                    .await?;
                 // Counting the tenant's webhooks and inserting one is not atomic under READ
                 // COMMITTED: two creates at once would both see room for one. One at a time.
                 Self::lock_audit_head(&mut tx, webhook.tenant_id).await?;
