@@ -596,7 +596,11 @@ async fn serve_and_admin_refuse_a_store_others_can_read() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     refused(&run(&mut serve(), TIMEOUT).await, &dir);
     refused(&run(&mut create_org("acme"), TIMEOUT).await, &dir);
-    let allowed = run(create_org("acme").arg("--allow-insecure-permissions"), TIMEOUT).await;
+    let allowed = run(
+        create_org("acme").arg("--allow-insecure-permissions"),
+        TIMEOUT,
+    )
+    .await;
     assert!(allowed.status.success(), "{}", allowed.describe());
     Keyplane::start(&store, &["--allow-insecure-permissions"], TIMEOUT)
         .await

@@ -2123,8 +2123,15 @@ pub async fn create_organization(
 ) -> Result<OrgMade, OrgRefused> {
     const VIA: &str = "admin create-org";
     let tenant = mint_tenant(spec.id.unwrap_or_default(), spec.name)?;
-    let id_taken = |taken: Tenant| OrgRefused::IdTaken(taken.id, taken.name);
-    if let Some(taken) = store.get_tenant(tenant.id).await? {
+    // A deleted organization's id stays taken (its tombstone and trail keep it): say so.
+    let id_taken = |taken: keyplane_store::TenantRecord| {
+        let name = match taken.deleted_at {
+            Some(at) => format!("{} (deleted {})", taken.tenant.name, at.to_rfc3339()),
+            None => taken.tenant.name,
+        };
+        OrgRefused::IdTaken(taken.tenant.id, name)
+    };
+    if let Some(taken) = store.get_tenant_record(tenant.id).await? {
         return Err(id_taken(taken));
     }
     if !spec.allow_duplicate_name {
@@ -2164,7 +2171,7 @@ pub async fn create_organization(
         Ok(()) => {}
         // The id was taken meanwhile (the only unique key a new tenant has, bar the token's
         // random secret).
-        Err(StoreError::Conflict(_)) => match store.get_tenant(made.tenant.id).await? {
+        Err(StoreError::Conflict(_)) => match store.get_tenant_record(made.tenant.id).await? {
             Some(taken) => return Err(id_taken(taken)),
             None => return Err(StoreError::Conflict("the organization conflicts".into()).into()),
         },
