@@ -6,7 +6,7 @@
 //! hashes, live names): a bad file writes nothing. Then it is written in transactions of
 //! [`BATCH`] credentials, each with its own `*.imported` event; an interrupted run leaves whole
 //! batches, and running the same file again imports only what is missing (an id already there
-//! with the same hash is "present").
+//! with the same hash, or rotated or revoked since, is "present").
 //!
 //! The file holds hashes, not secrets, but a hash is what a lookup matches: no line, and no field
 //! of one that could be a hash, is ever printed or logged; errors name the line and the field.
@@ -98,6 +98,8 @@ enum OnDuplicateName {
 struct Line {
     number: usize,
     id: CredentialId,
+    /// Given as `id`, not derived from `source_id` (derived ids name the org and kind).
+    explicit_id: bool,
     name: String,
     hash: TokenHash,
     display: TokenDisplay,
@@ -144,6 +146,10 @@ impl Problems {
 struct Counts {
     new: u64,
     present: u64,
+    /// Of `present`: rotated since the import (the file's key is no longer its secret).
+    rotated: u64,
+    /// Of `present`: revoked, and not imported again.
+    revoked: u64,
     renamed: u64,
 }
 
@@ -321,6 +327,7 @@ fn parse_line(
         }
     };
     let id_text = field("id");
+    let explicit_id = id_text.is_some();
     let source_id = field("source_id");
     let name = field("name");
     let sha256 = field("sha256");
@@ -455,6 +462,7 @@ fn parse_line(
     Some(Line {
         number,
         id: id?,
+        explicit_id,
         name: name?,
         hash: hash?,
         display,
@@ -558,13 +566,32 @@ fn rights(
     }
 }
 
-/// What the organization holds of `kind`: each credential's secret hash by id, and the live names.
+/// What an import finds of a credential already in the organization under a line's id.
+struct Known {
+    secret_hash: TokenHash,
+    previous_hash: Option<TokenHash>,
+    rotated: bool,
+    revoked: bool,
+}
+
+impl Known {
+    fn of(credential: &Credential) -> Self {
+        Known {
+            secret_hash: credential.secret_hash,
+            previous_hash: credential.previous_secret.as_ref().map(|p| p.hash),
+            rotated: credential.rotated_at.is_some(),
+            revoked: credential.is_revoked(),
+        }
+    }
+}
+
+/// What the organization holds of `kind`: each credential by id, and the live names.
 async fn existing(
     store: &dyn Store,
     org: TenantId,
     kind: CredentialKind,
-) -> anyhow::Result<(HashMap<CredentialId, TokenHash>, HashSet<String>)> {
-    let mut hashes = HashMap::new();
+) -> anyhow::Result<(HashMap<CredentialId, Known>, HashSet<String>)> {
+    let mut known = HashMap::new();
     let mut live_names = HashSet::new();
     let mut after = None;
     loop {
@@ -580,14 +607,14 @@ async fn existing(
             })
             .await?;
         for credential in &page {
-            hashes.insert(credential.id, credential.secret_hash);
+            known.insert(credential.id, Known::of(credential));
             if !credential.is_revoked() {
                 live_names.insert(credential.name.clone());
             }
         }
         match page.last() {
             Some(last) if page.len() == PAGE as usize => after = Some(last.id),
-            _ => return Ok((hashes, live_names)),
+            _ => return Ok((known, live_names)),
         }
     }
 }
@@ -611,8 +638,20 @@ async fn plan(
     let mut credentials = Vec::new();
     for line in lines {
         match known.get(&line.id) {
-            Some(hash) if hash.matches(&line.hash) => {
+            // Rotated since the import (the README's cutover): the file's key is now the
+            // previous secret, or already retired; either way the credential is the line's.
+            Some(found)
+                if found.secret_hash.matches(&line.hash)
+                    || found.rotated
+                    || found.previous_hash.is_some_and(|p| p.matches(&line.hash)) =>
+            {
                 counts.present += 1;
+                // Revoked is what matters most: it is not brought back by importing it again.
+                if found.revoked {
+                    counts.revoked += 1;
+                } else if !found.secret_hash.matches(&line.hash) {
+                    counts.rotated += 1;
+                }
                 continue;
             }
             Some(_) => {
@@ -625,6 +664,22 @@ async fn plan(
                 continue;
             }
             None => {}
+        }
+        // Ids are unique across organizations and kinds: one taken elsewhere would fail the
+        // write after earlier batches committed.
+        if line.explicit_id {
+            if let Some(holder) = store.find_credential_by_id(line.id).await? {
+                problems.add(
+                    line.number,
+                    "id",
+                    format_args!(
+                        "is taken by another credential ({} in organization {})",
+                        holder.kind.as_str(),
+                        holder.tenant_id
+                    ),
+                );
+                continue;
+            }
         }
         if let Some(holder) = store.find_credential_by_hash(&line.hash).await? {
             problems.add(
@@ -758,6 +813,8 @@ fn report(args: &ImportArgs, org_name: &str, kind: CredentialKind, counts: &Coun
             "kind": kind.as_str(),
             "dry_run": args.dry_run,
             "present": counts.present,
+            "present_rotated": counts.rotated,
+            "present_revoked": counts.revoked,
             "renamed": counts.renamed,
         });
         // Named for what it is, so that no reader takes a dry run's count for an import.
@@ -774,8 +831,16 @@ fn report(args: &ImportArgs, org_name: &str, kind: CredentialKind, counts: &Coun
         } else {
             String::new()
         };
+        let present = match (counts.rotated, counts.revoked) {
+            (0, 0) => String::new(),
+            (rotated, 0) => format!(" ({rotated} rotated since)"),
+            (0, revoked) => format!(" ({revoked} revoked, not imported again)"),
+            (rotated, revoked) => {
+                format!(" ({rotated} rotated since, {revoked} revoked, not imported again)")
+            }
+        };
         println!(
-            "organization {} ({org_name}), {}: {verb} {} new{renamed}, {} present",
+            "organization {} ({org_name}), {}: {verb} {} new{renamed}, {} present{present}",
             args.org,
             kind.as_str(),
             counts.new,

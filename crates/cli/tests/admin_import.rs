@@ -93,6 +93,18 @@ fn legacy_file() -> String {
         .collect()
 }
 
+/// Imports `file` (API tokens) into `org` again, which must succeed and find all `count` lines
+/// already there: what the text summary says.
+async fn all_present(store: &TestStore, org: &str, file: &str, count: usize) {
+    let again = import(store, org, "api-token", &[], file).await;
+    assert!(again.status.success(), "{}", again.describe());
+    assert!(
+        again.stdout.contains(&format!("0 new, {count} present")),
+        "{}",
+        again.describe()
+    );
+}
+
 fn time(value: &Value) -> chrono::DateTime<chrono::Utc> {
     value
         .as_str()
@@ -162,13 +174,7 @@ async fn import_checks_the_file_is_idempotent_and_audited(backend: Backend) {
     }
 
     // The same file again: everything is already there.
-    let again = import(&store, &acme.id, "api-token", &[], &file).await;
-    assert!(again.status.success(), "{}", again.describe());
-    assert!(
-        again.stdout.contains("0 new, 3 present"),
-        "{}",
-        again.describe()
-    );
+    all_present(&store, &acme.id, &file, 3).await;
     assert_eq!(server.list_tokens(&acme).await.len(), 4);
 
     // One `api_token.imported` event: the operator's, with the count.
@@ -423,4 +429,95 @@ async fn legacy_prefix_verifies_imported_keys_until_rotated(backend: Backend) {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(forward(&plain, &native).await.0, StatusCode::OK);
+}
+
+both_stores!(rerun_after_cutover_and_ids_taken_elsewhere);
+
+/// The id of `org`'s token named `name`.
+async fn token_id(server: &Keyplane, org: &Org, name: &str) -> String {
+    let listed = server.list_tokens(org).await;
+    listed
+        .iter()
+        .find(|t| t["name"] == name)
+        .map(|t| string_field(t, "id"))
+        .unwrap_or_else(|| panic!("{name} is not listed: {listed:?}"))
+}
+
+async fn rerun_after_cutover_and_ids_taken_elsewhere(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let server = Keyplane::start(&store, &[], TIMEOUT).await;
+    let acme = create_org(&store, "acme").await;
+    let file = legacy_file();
+    let done = imported(&store, &acme.id, "api-token", &[], &file).await;
+    assert_eq!(done["new"], 3, "{done}");
+
+    // The README's cutover: `ci` rotated with a grace period (the imported key is now its
+    // previous secret), `deploy` rotated twice (the imported key is gone from it), `billing`
+    // revoked. None of them is imported again, and the file still runs.
+    let ci = token_id(&server, &acme, "ci").await;
+    let deploy = token_id(&server, &acme, "deploy").await;
+    let billing = token_id(&server, &acme, "billing").await;
+    for (id, grace) in [(&ci, 3600), (&deploy, 3600), (&deploy, 0)] {
+        server
+            .post_json(
+                &acme.token,
+                &format!("/api/v1/organizations/{}/api-tokens/{id}/rotate", acme.id),
+                Some(&json!({"grace_seconds": grace})),
+                StatusCode::OK,
+            )
+            .await;
+    }
+    assert!(server.revoke_token(&acme, &billing).await.is_success());
+    all_present(&store, &acme.id, &file, 3).await;
+    let counts = imported(&store, &acme.id, "api-token", &["--dry-run"], &file).await;
+    assert_eq!(
+        (&counts["would_import"], &counts["present"]),
+        (&json!(0), &json!(3)),
+        "{counts}"
+    );
+    assert_eq!(counts["present_rotated"], 2, "{counts}");
+    assert_eq!(counts["present_revoked"], 1, "{counts}");
+    assert_eq!(
+        server.list_tokens(&acme).await.len(),
+        3,
+        "billing is revoked"
+    );
+
+    // An explicit id that is another organization's credential, or this one's of another kind:
+    // refused naming the line before anything is written, the good line 1 neither.
+    let globex = create_org(&store, "globex").await;
+    let line = |name: &str, key: &str, id: Option<&str>| {
+        let mut line = json!({"source_id": name, "name": name, "sha256": sha256_hex(key)});
+        if let Some(id) = id {
+            line["id"] = json!(id);
+        }
+        line.to_string() + "\n"
+    };
+    let taken = line("fine", "globex_1", None) + &line("stolen", "globex_2", Some(&ci));
+    let refused = import(&store, &globex.id, "api-token", &[], &taken).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("line 2: id:") && refused.stderr.contains("taken by another"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(
+        server.list_tokens(&globex).await.len(),
+        1,
+        "nothing written"
+    );
+    let refused = import(&store, &acme.id, "service-account", &[], &taken).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("line 2: id:"),
+        "{}",
+        refused.describe()
+    );
+    let first = line("fine", "globex_1", None);
+    let counts = imported(&store, &acme.id, "service-account", &["--dry-run"], &first).await;
+    assert_eq!(
+        (&counts["would_import"], &counts["present"]),
+        (&json!(1), &json!(0)),
+        "nothing written: {counts}"
+    );
 }

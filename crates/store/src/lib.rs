@@ -941,6 +941,13 @@ pub trait Store: Send + Sync + 'static {
         batch: u32,
         deleted: EventOf<'_, TenantRows>,
     ) -> Result<Option<TenantRows>, StoreError>;
+
+    /// The credential with this id in any tenant and of any kind, revoked or not: ids are unique
+    /// across all of them (`admin import-credentials` checks an explicit id is free).
+    async fn find_credential_by_id(
+        &self,
+        id: CredentialId,
+    ) -> Result<Option<Credential>, StoreError>;
 }
 
 /// Which organizations [`Store::list_tenants`] reads.

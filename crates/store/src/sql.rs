@@ -2343,6 +2343,22 @@ macro_rules! impl_store {
             ) -> Result<Option<$crate::TenantRows>, $crate::StoreError> {
                 self.tenant_purge(id, at, batch, deleted).await
             }
+
+            #[tracing::instrument(skip_all, fields(credential.id = %id))]
+            async fn find_credential_by_id(
+                &self,
+                id: keyplane_core::CredentialId,
+            ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM credentials WHERE id = $1",
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(id.as_uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(TryInto::try_into).transpose()
+            }
         }
     };
 }

@@ -1166,4 +1166,12 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.purge_tenant(id, at, batch, deleted).await
     }
+
+    async fn find_credential_by_id(
+        &self,
+        id: CredentialId,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.check()?;
+        self.inner.find_credential_by_id(id).await
+    }
 }
