@@ -19,14 +19,7 @@ both_stores!(delete_org_offboards_one_organization_for_good);
 
 /// `keyplane admin <args> <store flags>`.
 async fn admin(store: &TestStore, args: &[&str]) -> CommandOutput {
-    common::run(
-        common::keyplane()
-            .arg("admin")
-            .args(args)
-            .args(store.args()),
-        TIMEOUT,
-    )
-    .await
+    common::admin(store, args, "", TIMEOUT).await
 }
 
 /// `keyplane admin --operator OPERATOR delete-org --org ORG --reason REASON --confirm-name NAME

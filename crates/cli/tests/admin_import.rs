@@ -26,11 +26,9 @@ both_stores!(import_checks_the_file_is_idempotent_and_audited);
 
 /// `keyplane admin --operator OPERATOR <args> <store flags>`, `input` on stdin.
 async fn admin(store: &TestStore, args: &[&str], input: &str) -> CommandOutput {
-    common::run_with_input(
-        common::keyplane()
-            .args(["admin", "--operator", OPERATOR])
-            .args(args)
-            .args(store.args()),
+    common::admin(
+        store,
+        &[&["--operator", OPERATOR], args].concat(),
         input,
         TIMEOUT,
     )

@@ -24,14 +24,7 @@ both_stores!(
 
 /// `keyplane admin <args> <store flags>`.
 async fn admin(store: &TestStore, args: &[&str]) -> CommandOutput {
-    common::run(
-        common::keyplane()
-            .arg("admin")
-            .args(args)
-            .args(store.args()),
-        TIMEOUT,
-    )
-    .await
+    common::admin(store, args, "", TIMEOUT).await
 }
 
 /// [`admin`], which must succeed: its stdout.

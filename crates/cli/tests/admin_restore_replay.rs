@@ -24,12 +24,13 @@ both_stores!(
 
 /// `keyplane admin --operator OPERATOR <args> <store flags>`, fed `input` on stdin.
 async fn admin(store: &TestStore, args: &[&str], input: &str) -> CommandOutput {
-    let mut command = common::keyplane();
-    command
-        .args(["admin", "--operator", OPERATOR])
-        .args(args)
-        .args(store.args());
-    common::run_with_input(&mut command, input, TIMEOUT).await
+    common::admin(
+        store,
+        &[&["--operator", OPERATOR], args].concat(),
+        input,
+        TIMEOUT,
+    )
+    .await
 }
 
 /// `admin restore-replay --json <args>`, which must succeed: its JSON lines, and its stderr.

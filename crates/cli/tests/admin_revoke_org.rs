@@ -22,17 +22,9 @@ const OPERATOR: &str = "Oncall Olga";
 
 both_stores!(revoke_org_revokes_every_live_credential_of_one_org);
 
-async fn run(command: &mut Command) -> CommandOutput {
-    common::run(command, TIMEOUT).await
-}
-
 /// `keyplane admin <args> <store flags>`.
 async fn admin(store: &TestStore, args: &[&str]) -> CommandOutput {
-    run(common::keyplane()
-        .arg("admin")
-        .args(args)
-        .args(store.args()))
-    .await
+    common::admin(store, args, "", TIMEOUT).await
 }
 
 /// `keyplane admin revoke-org --org ORG --reason REASON <args> --json`, which must succeed: its

@@ -241,6 +241,22 @@ pub fn json_lines(output: &CommandOutput) -> Vec<Value> {
         .collect()
 }
 
+/// `keyplane admin <args> <the store's flags>`, `input` on its stdin, within `limit`: how the
+/// admin commands' tests run one against their store.
+pub async fn admin(
+    store: &TestStore,
+    args: &[&str],
+    input: &str,
+    limit: Duration,
+) -> CommandOutput {
+    run_with_input(
+        keyplane().arg("admin").args(args).args(store.args()),
+        input,
+        limit,
+    )
+    .await
+}
+
 /// Runs a command to completion within `limit` (killed otherwise), its output captured in
 /// anonymous files so that no pipe can fill up.
 pub async fn run(command: &mut Command, limit: Duration) -> CommandOutput {
