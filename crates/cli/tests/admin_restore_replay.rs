@@ -429,6 +429,21 @@ async fn restore_replay_makes_again_what_the_restore_undid(backend: Backend) {
     );
 }
 
+/// `admin delete-org` of the organization `acme`, which must succeed.
+async fn delete_acme(store: &TestStore, org: &Org) {
+    let args = [
+        "delete-org",
+        "--org",
+        &org.id,
+        "--confirm-name",
+        "acme",
+        "--reason",
+        "OFF-1",
+    ];
+    let output = admin(store, &args, "").await;
+    assert!(output.status.success(), "{}", output.describe());
+}
+
 /// An organization deleted after the backup comes back whole, webhooks included: the command
 /// makes nothing of it again and says to delete it again, exit 1, until that is done. And what
 /// a glob over the log's directory also brings is skipped (the `.heads` file) or refused (a
@@ -440,21 +455,7 @@ async fn restore_replay_deletes_nothing_back_and_reads_only_logs(backend: Backen
     assert!(created.status.success(), "{}", created.describe());
     let org = Org::from_json(&created.stdout);
     let backup = Backup::take(&store, dir.path());
-    let deleted = admin(
-        &store,
-        &[
-            "delete-org",
-            "--org",
-            &org.id,
-            "--confirm-name",
-            "acme",
-            "--reason",
-            "OFF-1",
-        ],
-        "",
-    )
-    .await;
-    assert!(deleted.status.success(), "{}", deleted.describe());
+    delete_acme(&store, &org).await;
     // The trail as the export wrote it: oldest first.
     let mut trail = audit(&store, &org.id).await;
     trail.reverse();
@@ -502,21 +503,7 @@ async fn restore_replay_deletes_nothing_back_and_reads_only_logs(backend: Backen
     assert_ne!(restored[0]["action"], "organization.deleted");
     assert!(restored.iter().all(|e| e["action"] != "api_token.revoked"));
 
-    let again = admin(
-        &store,
-        &[
-            "delete-org",
-            "--org",
-            &org.id,
-            "--confirm-name",
-            "acme",
-            "--reason",
-            "OFF-1",
-        ],
-        "",
-    )
-    .await;
-    assert!(again.status.success(), "{}", again.describe());
+    delete_acme(&store, &org).await;
     let (lines, _) = restore_replay(&store, &["--audit-log", log], "").await;
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["did"], "already");
