@@ -15,6 +15,7 @@ mod sqlite;
 mod tenants;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod verification;
 mod webhooks;
 
 use async_trait::async_trait;

@@ -1,6 +1,7 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store, ImportConnection, Placeholders};
 use crate::tenants::impl_tenant_purge;
+use crate::verification;
 use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -14,8 +15,10 @@ const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// The scale-out store: keyplane replicas share one PostgreSQL. Writes have their own, smaller
 /// pool: writers waiting on locks hold at most its connections, never the ones reads need.
 pub struct PostgresStore {
-    /// Every read (and the invalidation listener's connection options).
+    /// Every read but verification's (and the invalidation listener's connection options).
     pool: PgPool,
+    /// Verification's reads and `/readyz`'s ping ([`crate::verification`]).
+    verifier: PgPool,
     /// Every write.
     writer: PgPool,
     writes: crate::WriteTracker,
@@ -95,10 +98,16 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone().options(verification::GENERAL_READ_SETTINGS))
+            .await?;
+        let verifier = PgPoolOptions::new()
+            .max_connections(verification::POSTGRES_CONNECTIONS)
+            .acquire_timeout(verification::ACQUIRE_WAIT)
+            .connect_with(options.options(verification::POSTGRES_SETTINGS))
             .await?;
         let store = Self {
             pool,
+            verifier,
             writer,
             writes: crate::WriteTracker::default(),
             sent: std::sync::Arc::default(),
@@ -136,6 +145,7 @@ impl PostgresStore {
     }
 
     async fn close_pools(&self) {
+        self.verifier.close().await;
         self.pool.close().await;
         self.writer.close().await;
     }

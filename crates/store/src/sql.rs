@@ -40,6 +40,14 @@ pub(crate) const CURRENT_SIGNING_KEY_ID: &str =
 pub(crate) const REGISTRIES_TO_TELL: &str =
     "SELECT r.tenant_id, r.id, r.project FROM registries r \
      JOIN tenants t ON t.id = r.tenant_id WHERE t.deleted_at IS NULL ORDER BY r.tenant_id";
+/// Whether `filter` asks for one subject's live grants, all of them (what a verification's rights
+/// are computed from, [`crate::GrantFilter::live_for`]): at most
+/// [`keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT`] rows by an index, read on verification's
+/// pool ([`crate::verification`]).
+pub(crate) fn one_subjects_live_grants(filter: &crate::GrantFilter) -> bool {
+    filter.subject_type.is_some() && filter.subject_id.is_some() && !filter.include_revoked
+}
+
 /// Reads a table: a locked or frozen database fails it, where `SELECT 1` would not touch it.
 pub(crate) const PING: &str = "SELECT 1 FROM meta LIMIT 1";
 /// A write that always changes a row (a new time): `Store::probe_writes`.
@@ -641,14 +649,16 @@ macro_rules! impl_store {
 
             #[tracing::instrument(skip_all)]
             async fn ping(&self) -> Result<(), $crate::StoreError> {
-                let mut ping = std::pin::pin!(sqlx::query($crate::sql::PING).fetch_optional(&self.pool));
+                // On verification's pool: ready means verification can be answered, whatever the
+                // general readers are busy with.
+                let mut ping = std::pin::pin!(sqlx::query($crate::sql::PING).fetch_optional(&self.verifier));
                 if let Ok(pinged) = tokio::time::timeout($crate::sql::SLOW_PING, &mut ping).await {
                     pinged?;
                     return Ok(());
                 }
                 // Slow: the pool may be retrying a database that refuses connections (it would say
                 // only that it timed out); one direct attempt tells.
-                let options = self.pool.connect_options();
+                let options = self.verifier.connect_options();
                 if let Some(unreachable) = $crate::error::unreachable_database(&*options).await {
                     return Err(unreachable);
                 }
@@ -888,7 +898,7 @@ macro_rules! impl_store {
                 );
                 let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
                     .bind(&hash.as_bytes()[..])
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.verifier)
                     .await?;
                 row.map(TryInto::try_into).transpose()
             }
@@ -1132,9 +1142,10 @@ macro_rules! impl_store {
                 tenant_id: keyplane_core::TenantId,
             ) -> Result<Option<keyplane_core::Registry>, $crate::StoreError> {
                 let sql = format!("SELECT {} FROM registries WHERE tenant_id = $1", $crate::sql::REGISTRY_COLUMNS);
+                // A robot's registry login reads it: one row by key.
                 let row: Option<$crate::rows::RegistryRow> = sqlx::query_as(&sql)
                     .bind(tenant_id.as_uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.verifier)
                     .await?;
                 Ok(row.map(Into::into))
             }
@@ -1399,8 +1410,14 @@ macro_rules! impl_store {
                 }
                 sql.push(" ORDER BY id LIMIT ");
                 sql.push_bind(filter.limit.map_or(i64::MAX, i64::from));
+                // One subject's live grants (a verification's rights) are few and indexed.
+                let pool = if $crate::sql::one_subjects_live_grants(filter) {
+                    &self.verifier
+                } else {
+                    &self.pool
+                };
                 let rows: Vec<$crate::rows::GrantRow> =
-                    sql.build_query_as().fetch_all(&self.pool).await?;
+                    sql.build_query_as().fetch_all(pool).await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
@@ -1415,10 +1432,11 @@ macro_rules! impl_store {
                      AND revoked_at IS NULL ORDER BY tenant_id, id",
                     $crate::sql::GRANT_COLUMNS
                 );
+                // A verification's (a user's rights): few and indexed.
                 let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
                     .bind(subject_type.as_str())
                     .bind(subject_id)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.verifier)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }

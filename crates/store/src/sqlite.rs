@@ -1,6 +1,7 @@
 use crate::audit::impl_audit;
 use crate::sql::{bind_credential_fn, impl_store, ImportConnection, Placeholders};
 use crate::tenants::impl_tenant_purge;
+use crate::verification;
 use crate::webhooks::impl_webhooks;
 use crate::StoreError;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -28,8 +29,11 @@ const OPTIMIZE_AT_OPEN: &str = "PRAGMA optimize=0x10012";
 /// queue on a pool of one connection, and reads (which WAL never blocks) have their own pool:
 /// waiting writers cannot starve verification.
 pub struct SqliteStore {
-    /// Read-only connections: every read.
+    /// Read-only connections: every read but verification's.
     pool: SqlitePool,
+    /// Read-only connections for verification's reads and `/readyz`'s ping
+    /// ([`crate::verification`]).
+    verifier: SqlitePool,
     /// The one read-write connection: every write.
     writer: SqlitePool,
     writes: crate::WriteTracker,
@@ -106,14 +110,30 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
+            .await?;
+        let verifier = SqlitePoolOptions::new()
+            .max_connections(verification::SQLITE_CONNECTIONS)
+            .acquire_timeout(verification::ACQUIRE_WAIT)
+            .connect_with(
+                options
+                    .read_only(true)
+                    .busy_timeout(verification::SQLITE_BUSY_WAIT),
+            )
             .await?;
         let store = Self {
             pool,
+            verifier,
             writer,
             writes: crate::WriteTracker::default(),
         };
         Ok((store, migrated_from))
+    }
+
+    /// The general readers' pool, for [`crate::testing::hold_general_readers`].
+    #[cfg(feature = "testing")]
+    pub(crate) fn general_readers(&self) -> &SqlitePool {
+        &self.pool
     }
 
     const PLACEHOLDERS: Placeholders = Placeholders::Anonymous;
@@ -153,6 +173,7 @@ impl SqliteStore {
     async fn close_pools(&self) {
         // Readers first: the last connection to close checkpoints the WAL and removes it, and only
         // a read-write one can.
+        self.verifier.close().await;
         self.pool.close().await;
         // A reader may still be closing on its worker thread when `close` returns, and then the
         // writer is not the last connection and leaves the WAL behind: truncate it explicitly.

@@ -198,6 +198,25 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Every connection of `store`'s general readers, taken and held until the returned connections
+/// are dropped: what slow queries occupying them all would leave the rest of the server (SQLite
+/// has no lock that holds a WAL reader, so a test takes them itself).
+pub async fn hold_general_readers(
+    store: &crate::SqliteStore,
+) -> Vec<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
+    let mut held = Vec::new();
+    for _ in 0..store.general_readers().options().get_max_connections() {
+        held.push(
+            store
+                .general_readers()
+                .acquire()
+                .await
+                .expect("take a general reader"),
+        );
+    }
+    held
+}
+
 #[cfg(test)]
 mod tests {
     use super::replace_database;

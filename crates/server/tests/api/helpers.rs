@@ -146,12 +146,27 @@ impl TestApp {
         config: Config,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> Self {
+        Self::spawn_opening(backend, config, async |url| {
+            wrap(
+                keyplane_store::connect(url)
+                    .await
+                    .expect("open the test store"),
+            )
+        })
+        .await
+    }
+
+    /// A server whose store `open` opens from this test's database URL: a test that keeps a
+    /// handle of the store's own type.
+    pub async fn spawn_opening(
+        backend: Backend,
+        config: Config,
+        open: impl AsyncFnOnce(&str) -> Arc<dyn Store>,
+    ) -> Self {
         crate::logs::capture();
         let db = Arc::new(TestDatabase::new(backend).await);
-        let store = keyplane_store::connect(&db.url)
-            .await
-            .expect("open the test store");
-        Self::serve_store(db, wrap(store), config).await
+        let store = open(&db.url).await;
+        Self::serve_store(db, store, config).await
     }
 
     /// Another server on the same database, reaching it through `url` (a proxy in front of it).

@@ -22,5 +22,6 @@ mod pg_proxy;
 mod revocations;
 mod revoke_org;
 mod robots;
+mod verification_reads;
 mod verify;
 mod webhooks;

@@ -28,7 +28,7 @@ async fn introspect(app: &TestApp, caller: &str, token: &str) -> Value {
     res.json().await.unwrap()
 }
 
-async fn forward(app: &TestApp, token: Option<&str>, query: &str) -> Response {
+pub(crate) async fn forward(app: &TestApp, token: Option<&str>, query: &str) -> Response {
     app.request(Method::GET, &format!("/v1/auth/forward{query}"), token)
         .send()
         .await
