@@ -651,10 +651,13 @@ macro_rules! impl_store {
             async fn ping(&self) -> Result<(), $crate::StoreError> {
                 // On verification's pool: ready means verification can be answered, whatever the
                 // general readers are busy with.
-                let mut ping = std::pin::pin!(sqlx::query($crate::sql::PING).fetch_optional(&self.verifier));
+                let mut ping = std::pin::pin!(async {
+                    let mut read = $crate::verification::BoundedRead::acquire(&self.verifier).await?;
+                    let pinged = read.within(|c| sqlx::query($crate::sql::PING).fetch_optional(c)).await;
+                    read.finish(pinged).map(drop)
+                });
                 if let Ok(pinged) = tokio::time::timeout($crate::sql::SLOW_PING, &mut ping).await {
-                    pinged?;
-                    return Ok(());
+                    return pinged;
                 }
                 // Slow: the pool may be retrying a database that refuses connections (it would say
                 // only that it timed out); one direct attempt tells.
@@ -662,8 +665,7 @@ macro_rules! impl_store {
                 if let Some(unreachable) = $crate::error::unreachable_database(&*options).await {
                     return Err(unreachable);
                 }
-                ping.await?;
-                Ok(())
+                ping.await
             }
 
             fn write_health(&self) -> $crate::WriteHealth {
@@ -896,10 +898,11 @@ macro_rules! impl_store {
                     "SELECT {} FROM credentials WHERE secret_hash = $1 OR previous_secret_hash = $1",
                     $crate::sql::CREDENTIAL_COLUMNS
                 );
-                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind(&hash.as_bytes()[..])
-                    .fetch_optional(&self.verifier)
-                    .await?;
+                let mut read = $crate::verification::BoundedRead::acquire(&self.verifier).await?;
+                let found = read
+                    .within(|c| sqlx::query_as(&sql).bind(&hash.as_bytes()[..]).fetch_optional(c))
+                    .await;
+                let row: Option<$crate::rows::CredentialRow> = read.finish(found)?;
                 row.map(TryInto::try_into).transpose()
             }
 
@@ -1143,10 +1146,11 @@ macro_rules! impl_store {
             ) -> Result<Option<keyplane_core::Registry>, $crate::StoreError> {
                 let sql = format!("SELECT {} FROM registries WHERE tenant_id = $1", $crate::sql::REGISTRY_COLUMNS);
                 // A robot's registry login reads it: one row by key.
-                let row: Option<$crate::rows::RegistryRow> = sqlx::query_as(&sql)
-                    .bind(tenant_id.as_uuid())
-                    .fetch_optional(&self.verifier)
-                    .await?;
+                let mut read = $crate::verification::BoundedRead::acquire(&self.verifier).await?;
+                let found = read
+                    .within(|c| sqlx::query_as(&sql).bind(tenant_id.as_uuid()).fetch_optional(c))
+                    .await;
+                let row: Option<$crate::rows::RegistryRow> = read.finish(found)?;
                 Ok(row.map(Into::into))
             }
 
@@ -1411,13 +1415,13 @@ macro_rules! impl_store {
                 sql.push(" ORDER BY id LIMIT ");
                 sql.push_bind(filter.limit.map_or(i64::MAX, i64::from));
                 // One subject's live grants (a verification's rights) are few and indexed.
-                let pool = if $crate::sql::one_subjects_live_grants(filter) {
-                    &self.verifier
+                let rows: Vec<$crate::rows::GrantRow> = if $crate::sql::one_subjects_live_grants(filter) {
+                    let mut read = $crate::verification::BoundedRead::acquire(&self.verifier).await?;
+                    let found = read.within(|c| sql.build_query_as().fetch_all(c)).await;
+                    read.finish(found)?
                 } else {
-                    &self.pool
+                    sql.build_query_as().fetch_all(&self.pool).await?
                 };
-                let rows: Vec<$crate::rows::GrantRow> =
-                    sql.build_query_as().fetch_all(pool).await?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
@@ -1433,11 +1437,16 @@ macro_rules! impl_store {
                     $crate::sql::GRANT_COLUMNS
                 );
                 // A verification's (a user's rights): few and indexed.
-                let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
-                    .bind(subject_type.as_str())
-                    .bind(subject_id)
-                    .fetch_all(&self.verifier)
-                    .await?;
+                let mut read = $crate::verification::BoundedRead::acquire(&self.verifier).await?;
+                let found = read
+                    .within(|c| {
+                        sqlx::query_as(&sql)
+                            .bind(subject_type.as_str())
+                            .bind(subject_id)
+                            .fetch_all(c)
+                    })
+                    .await;
+                let rows: Vec<$crate::rows::GrantRow> = read.finish(found)?;
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 

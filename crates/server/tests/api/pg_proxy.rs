@@ -3,10 +3,12 @@
 //! freeze the connections that issued `LISTEN` (bytes stop flowing, nothing closes: a frozen
 //! backend or a dropped network path, as a listener sees it) or all the others (a saturated
 //! pool, as the listener's heartbeat sees it), or close the listeners and refuse new connections
-//! while the pooled ones work (PostgreSQL at its connection limit after a listener's loss).
+//! while the pooled ones work (PostgreSQL at its connection limit after a listener's loss), or
+//! freeze a connection in the middle of a query that sends given bytes (a primary gone silently
+//! while the connection was in use).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -23,9 +25,13 @@ pub enum Mode {
     DropListeners,
     /// Every connection is closed, and new ones are closed as soon as they are accepted.
     Refuse,
+    /// Connections that send these bytes (a bound parameter) stop forwarding in both directions,
+    /// without closing, from that message on; the others keep forwarding.
+    FreezeSending([u8; 32]),
 }
 
-/// What `mode` does to a connection that has (`listener`) or has not sent `LISTEN`.
+/// What `mode` does to a connection that has (`listener`) or has not sent `LISTEN`, and has or
+/// has not sent the bytes of a [`Mode::FreezeSending`] (`sent`).
 #[derive(PartialEq, Eq)]
 enum Action {
     Forward,
@@ -33,8 +39,10 @@ enum Action {
     Close,
 }
 
-fn action(mode: Mode, listener: bool) -> Action {
+fn action(mode: Mode, listener: bool, sent: &[[u8; 32]]) -> Action {
     match (mode, listener) {
+        (Mode::FreezeSending(bytes), _) if sent.contains(&bytes) => Action::Hold,
+        (Mode::FreezeSending(_), _) => Action::Forward,
         (Mode::Forward, _) | (Mode::FreezeListeners, false) | (Mode::FreezeOthers, true) => {
             Action::Forward
         }
@@ -96,18 +104,22 @@ impl Drop for PgProxy {
     }
 }
 
+/// The [`Mode::FreezeSending`] bytes a connection has sent.
+type SentBytes = Arc<Mutex<Vec<[u8; 32]>>>;
+
 async fn relay(client: TcpStream, server: TcpStream, mode: watch::Receiver<Mode>) {
     let is_listener = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(Mutex::new(Vec::new()));
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let upstream = pump(
         client_read,
         server_write,
         mode.clone(),
-        is_listener.clone(),
+        (is_listener.clone(), sent.clone()),
         true,
     );
-    let downstream = pump(server_read, client_write, mode, is_listener, false);
+    let downstream = pump(server_read, client_write, mode, (is_listener, sent), false);
     // Either side ending (or a refusal) ends both: dropping the halves closes the sockets.
     tokio::select! {
         _ = upstream => {}
@@ -119,15 +131,16 @@ async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut mode: watch::Receiver<Mode>,
-    is_listener: Arc<AtomicBool>,
+    (is_listener, sent): (Arc<AtomicBool>, SentBytes),
     from_client: bool,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     let listening = || is_listener.load(Ordering::Acquire);
+    let act = |m: &Mode| action(*m, listening(), &sent.lock().unwrap());
     loop {
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
-            _ = mode.wait_for(|m| action(*m, listening()) == Action::Close) => return,
+            _ = mode.wait_for(|m| act(m) == Action::Close) => return,
         };
         let n = match read {
             Ok(0) | Err(_) => return,
@@ -136,11 +149,16 @@ async fn pump(
         if from_client && buffer[..n].windows(7).any(|w| w == b"LISTEN ") {
             is_listener.store(true, Ordering::Release);
         }
+        if let Mode::FreezeSending(bytes) = *mode.borrow() {
+            if from_client && buffer[..n].windows(bytes.len()).any(|w| w == bytes) {
+                sent.lock().unwrap().push(bytes);
+            }
+        }
         // A frozen connection holds what it read and forwards nothing, until unfrozen or closed.
         let resumed = mode
-            .wait_for(|m| action(*m, listening()) != Action::Hold)
+            .wait_for(|m| act(m) != Action::Hold)
             .await
-            .map(|m| action(*m, listening()));
+            .map(|m| act(&m));
         if resumed.ok() != Some(Action::Forward) {
             return;
         }

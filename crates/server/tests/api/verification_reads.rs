@@ -3,6 +3,7 @@
 //! an uncached secret 503, as for any other store fault.
 
 use crate::helpers::{test_config, Org, TestApp};
+use crate::pg_proxy::{Mode, PgProxy};
 use crate::verify::forward;
 use keyplane_server::auth::CacheConfig;
 use keyplane_server::Config;
@@ -163,4 +164,35 @@ async fn a_locked_credentials_table_answers_stale_or_503() {
     assert_eq!(stale.status(), 200, "the cached entry, stale");
     assert_eq!(forward(&app, Some(&uncached), "").await.status(), 503);
     lock.release().await;
+}
+
+/// A connection that goes silent in the middle of a verification's lookup (a failover with the
+/// old primary gone without a word: PostgreSQL never sees the query, so its own timeouts cannot
+/// end it): the lookup gives up, the cached entry answers stale and an uncached secret 503, and
+/// the silent connections are let go rather than kept waiting in the pool, so other secrets
+/// verify on new ones.
+#[tokio::test]
+async fn a_lookup_on_a_silent_connection_gives_up() {
+    let config = short_lived_cache();
+    let writer = TestApp::spawn_with(Backend::Postgres, config.clone()).await;
+    let proxy = PgProxy::start(writer.database_url()).await;
+    let app = writer.replica_at(&proxy.url, config).await;
+    let org = writer.create_org("acme").await;
+    let kept = secret(writer.create_token(&org, "kept", &[]).await);
+    let uncached = secret(writer.create_token(&org, "uncached", &[]).await);
+    let other = secret(writer.create_token(&org, "other", &[]).await);
+    assert_eq!(forward(&app, Some(&kept), "").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let hash = |secret: &str| *keyplane_core::TokenHash::of(secret).as_bytes();
+
+    proxy.set(Mode::FreezeSending(hash(&kept)));
+    assert_eq!(forward(&app, Some(&kept), "").await.status(), 200, "stale");
+    // As many at once as verification has connections: each is lost to a silent lookup.
+    proxy.set(Mode::FreezeSending(hash(&uncached)));
+    let lookups = (0..4).map(|_| forward(&app, Some(&uncached), ""));
+    for refused in futures::future::join_all(lookups).await {
+        assert_eq!(refused.status(), 503);
+    }
+    assert_eq!(forward(&app, Some(&other), "").await.status(), 200);
+    proxy.set(Mode::Forward);
 }
