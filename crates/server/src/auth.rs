@@ -389,6 +389,7 @@ impl Verifier {
                 marks.insert(subject, Instant::now());
                 self.any_invalidated.store(true, Ordering::Release);
             }
+            Invalidation::Listening(_) => {}
             Invalidation::Reset => {
                 // Known entries stay, marked for reload, so stale-if-error can still serve them
                 // if the store is what failed.

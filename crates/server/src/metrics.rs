@@ -197,6 +197,9 @@ struct Inner {
     audit_export_behind: Gauge,
     tls_not_after: Gauge,
     tls_reload_failures: Counter,
+    /// 1 while the invalidation listener (PostgreSQL) is listening, else 0.
+    invalidation_listener_up: Gauge,
+    invalidation_resets: Counter,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -361,6 +364,22 @@ impl Metrics {
              failed; the previous pair keeps serving",
             tls_reload_failures.clone(),
         );
+        let invalidation_listener_up = Gauge::default();
+        registry.register(
+            "invalidation_listener_up",
+            "1 while the connection that hears other replicas' changes (PostgreSQL's LISTEN) is \
+             listening; 0 while it is lost and being reconnected, and always on SQLite (one \
+             process: nothing to hear)",
+            invalidation_listener_up.clone(),
+        );
+        let invalidation_resets = Counter::default();
+        registry.register(
+            "invalidation_resets",
+            "Times every cached verification was marked for reloading because changes may have \
+             gone unheard: at each (re)connection and loss of the invalidation listener, and every \
+             second while it is lost",
+            invalidation_resets.clone(),
+        );
         let verified_by_kind = CredentialKind::ALL
             .iter()
             .map(|kind| {
@@ -391,6 +410,8 @@ impl Metrics {
             audit_export_behind,
             tls_not_after,
             tls_reload_failures,
+            invalidation_listener_up,
+            invalidation_resets,
             routes: RwLock::default(),
         }))
     }
@@ -561,6 +582,24 @@ impl Metrics {
 
     pub(crate) fn tls_reload_failed(&self) {
         self.0.tls_reload_failures.inc();
+    }
+
+    /// Counts a reset and follows the listener's state; other events are not counted.
+    pub(crate) fn invalidation_heard(&self, event: keyplane_store::Invalidation) {
+        match event {
+            keyplane_store::Invalidation::Reset => {
+                self.0.invalidation_resets.inc();
+            }
+            keyplane_store::Invalidation::Listening(up) => {
+                self.0.invalidation_listener_up.set(i64::from(up));
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the invalidation listener is listening (`/readyz`).
+    pub(crate) fn invalidation_listener_up(&self) -> bool {
+        self.0.invalidation_listener_up.get() == 1
     }
 
     pub fn render(&self) -> String {

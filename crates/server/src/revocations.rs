@@ -150,7 +150,7 @@ impl RevocationStreams {
     pub(crate) fn heard(&self, event: keyplane_store::Invalidation) {
         use keyplane_store::Invalidation;
         match event {
-            Invalidation::Echo(_) => {}
+            Invalidation::Echo(_) | Invalidation::Listening(_) => {}
             Invalidation::InTenant(tenant, _) => self.wake_tenant(tenant),
             Invalidation::Subject(_) | Invalidation::Reset => {
                 self.wake_all.send_modify(|n| *n = n.wrapping_add(1));

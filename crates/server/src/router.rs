@@ -652,6 +652,7 @@ pub async fn serve(
     // Stopped with the rest of the background work: it holds the App and a connection.
     app.store().listen_invalidations(
         std::sync::Arc::new(move |event| {
+            verifier_app.inner().metrics.invalidation_heard(event);
             verifier_app.inner().verifier.invalidate(event);
             verifier_app.inner().revocation_streams.heard(event);
         }),

@@ -60,11 +60,36 @@ pub struct Readiness {
     clock: ClockHealth,
     /// The store against what the `--audit-log` export wrote.
     audit: AuditHealth,
+    /// PostgreSQL only: whether this replica hears other replicas' changes (`listening`), or lost
+    /// the connection it hears them on and is reconnecting (`reconnecting`: meanwhile every cached
+    /// verification is reloaded at least every second). It does not change `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listener: Option<ListenerHealth>,
     /// On 503 only: why reads fail (`unreachable`, `busy`, `timed out`, `disk full`,
     /// `read-only`, `I/O error`, or `error`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String)]
     reason: Option<&'static str>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ListenerHealth {
+    Listening,
+    Reconnecting,
+}
+
+impl ListenerHealth {
+    /// `None` where one process owns the store (SQLite): nothing to hear.
+    fn of(app: &App) -> Option<Self> {
+        (app.store().backend() == "postgres").then(|| {
+            if app.inner().metrics.invalidation_listener_up() {
+                ListenerHealth::Listening
+            } else {
+                ListenerHealth::Reconnecting
+            }
+        })
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -295,6 +320,7 @@ async fn readyz(State(app): State<App>) -> Response {
         }),
         clock: ClockHealth::of(&app),
         audit: AuditHealth::of(&app),
+        listener: ListenerHealth::of(&app),
         reason: None,
     };
     match reads {

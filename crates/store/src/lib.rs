@@ -124,6 +124,9 @@ pub enum Invalidation {
     /// sender's listener too): its writer knew of it at once, unless the commit's answer was lost.
     Echo(uuid::Uuid),
     Reset,
+    /// Not an invalidation: the listener's connection is listening (`true`) or was lost and is
+    /// being reconnected (`false`; a `Reset` follows every second until it listens again).
+    Listening(bool),
 }
 
 pub type InvalidationHandler = Arc<dyn Fn(Invalidation) + Send + Sync>;

@@ -296,6 +296,7 @@ impl PostgresStore {
                     };
                     match resetting_until(attempt, &on_event).await {
                         Ok(Ok(mut listener)) => {
+                            on_event(crate::Invalidation::Listening(true));
                             on_event(crate::Invalidation::Reset);
                             let why = deliver_until_silent(
                                 &mut listener,
@@ -309,6 +310,7 @@ impl PostgresStore {
                                 reason = why,
                                 "invalidation listener stopped; resetting the cache and reconnecting"
                             );
+                            on_event(crate::Invalidation::Listening(false));
                             on_event(crate::Invalidation::Reset);
                         }
                         Ok(Err(error)) => tracing::warn!(

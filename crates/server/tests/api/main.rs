@@ -15,6 +15,7 @@ mod idempotency;
 mod input_limits;
 mod leaks;
 mod lifecycle;
+mod listener_health;
 mod logs;
 mod oidc;
 mod operations;

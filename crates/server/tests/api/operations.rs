@@ -1,6 +1,6 @@
 //! `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, `/docs`.
 
-use crate::helpers::{assert_error, both_backends, TestApp};
+use crate::helpers::{assert_error, both_backends, eventually, TestApp};
 use keyplane_store::testing::Backend;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -18,13 +18,14 @@ async fn health_and_readiness(backend: Backend) {
         health.json::<Value>().await.unwrap(),
         json!({"status": "ok"})
     );
-    let ready = app
-        .request(Method::GET, "/readyz", None)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
-    let mut body: Value = ready.json().await.unwrap();
+    if backend == Backend::Postgres {
+        // Once the invalidation listener has connected (`reconnecting` until then).
+        eventually("the invalidation listener listens", || async {
+            ready_body(&app).await["listener"] == "listening"
+        })
+        .await;
+    }
+    let mut body = ready_body(&app).await;
     let expected = match backend {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
@@ -50,17 +51,30 @@ async fn health_and_readiness(backend: Backend) {
             assert!(clock["checked_at"].is_string(), "{clock}");
         }
     }
-    // `reason` only on a 503; no `--audit-log` here, nothing to compare the store with.
-    assert_eq!(
-        body,
-        json!({
-            "status": "ready",
-            "store": expected,
-            "writes": "ok",
-            "last_write_failure": null,
-            "audit": {"status": "not_exported", "organizations": []},
-        })
-    );
+    // `reason` only on a 503; no `--audit-log` here, nothing to compare the store with; no
+    // listener on SQLite.
+    let mut expected = json!({
+        "status": "ready",
+        "store": expected,
+        "writes": "ok",
+        "last_write_failure": null,
+        "audit": {"status": "not_exported", "organizations": []},
+    });
+    if backend == Backend::Postgres {
+        expected["listener"] = json!("listening");
+    }
+    assert_eq!(body, expected);
+}
+
+/// `/readyz`'s body, asserting 200.
+async fn ready_body(app: &TestApp) -> Value {
+    let ready = app
+        .request(Method::GET, "/readyz", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    ready.json().await.unwrap()
 }
 
 async fn metrics_count_requests_and_verifications(backend: Backend) {
@@ -439,6 +453,10 @@ async fn the_document_declares_every_answer() {
             "clock",
             "audit"
         ])
+    );
+    assert_eq!(
+        schemas["ListenerHealth"]["enum"],
+        json!(["listening", "reconnecting"])
     );
     assert_eq!(
         schemas["AuditHealthStatus"]["enum"],
