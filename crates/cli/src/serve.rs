@@ -40,6 +40,18 @@ pub struct ServeArgs {
     /// 0 turns the limit off. Behind a proxy, see --trusted-proxies.
     #[arg(long, env = "KEYPLANE_FAILED_AUTH_PER_MINUTE", default_value_t = 300)]
     failed_auth_per_minute: u32,
+    /// Live (unrevoked) credentials one organization may hold, API tokens, service accounts and
+    /// robot accounts together: a create through the API past it answers 409 until one is
+    /// revoked (expired ones count until then). The operator's `admin` commands are not held to
+    /// it. 0 turns the limit off.
+    #[arg(long, env = "KEYPLANE_MAX_LIVE_CREDENTIALS_PER_ORG", default_value_t = keyplane_server::config::DEFAULT_MAX_LIVE_CREDENTIALS_PER_ORG)]
+    max_live_credentials_per_org: u64,
+    /// Introspections per minute, per caller's organization, of tokens the verification caches
+    /// do not hold that turn out unknown (each one a store lookup); past it such introspections
+    /// answer 429 without a lookup until the budget refills, while tokens in the caches are
+    /// answered as usual. 0 turns the budget off.
+    #[arg(long, env = "KEYPLANE_INTROSPECT_MISSES_PER_MINUTE", default_value_t = keyplane_server::config::DEFAULT_INTROSPECT_MISSES_PER_MINUTE)]
+    introspect_misses_per_minute: u32,
     /// How often coalesced `last_used_at` updates are written, in milliseconds (how far they may lag).
     #[arg(long, env = "KEYPLANE_LAST_USED_FLUSH_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     last_used_flush_ms: u64,
@@ -458,6 +470,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .rate_limit_burst
             .unwrap_or(DEFAULT_RATE_LIMIT_BURST.min(args.rate_limit_per_minute.max(1))),
         failed_auth_per_minute: args.failed_auth_per_minute,
+        max_live_credentials_per_org: (args.max_live_credentials_per_org > 0)
+            .then_some(args.max_live_credentials_per_org),
+        introspect_misses_per_minute: args.introspect_misses_per_minute,
         last_used_flush_interval: Duration::from_millis(args.last_used_flush_ms),
         registry: RegistryConfig {
             service: args.registry_service,

@@ -30,6 +30,7 @@
 
 use crate::canary::{CanaryAlarm, Presented};
 use crate::error::AppError;
+use crate::introspection_misses::IntrospectionMisses;
 use crate::metrics::Metrics;
 use crate::oidc::Oidc;
 use crate::usage::UsageRecorder;
@@ -319,6 +320,9 @@ pub(crate) struct Verifier {
     /// The failed-authentication limit (`None`: off): an address over its budget gets no store
     /// lookups for secrets the caches do not hold.
     failed_auth: Option<Arc<crate::failed_auth::FailedAuthLimiter>>,
+    /// Introspection's budget of lookups that find nothing, per caller's organization (`None`:
+    /// off).
+    introspection_misses: Option<IntrospectionMisses>,
     /// Imported keys' prefixes, asked only about what keyplane's own format refused.
     legacy: keyplane_core::legacy_token::LegacyPrefixes,
 }
@@ -369,6 +373,7 @@ impl Verifier {
             refusals,
             clock,
             failed_auth,
+            introspection_misses: IntrospectionMisses::new(settings.introspect_misses_per_minute),
             legacy: settings.legacy_token_prefixes.clone(),
         }
     }
@@ -434,6 +439,9 @@ impl Verifier {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, rights| Arc::strong_count(rights) > 1);
         self.canaries.prune();
+        if let Some(budget) = &self.introspection_misses {
+            budget.prune();
+        }
     }
 
     /// How long ago `at` (nanoseconds after `epoch`) was, on the coarse clock, in nanoseconds.
@@ -495,7 +503,7 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let (result, now) = self.verify_uncounted(presented, at).await;
+        let (result, now) = self.verify_uncounted(presented, None, at).await;
         self.count(result.as_ref(), &now);
         result
     }
@@ -520,7 +528,7 @@ impl Verifier {
         presented: &str,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let found = self.find(presented, at).await;
+        let found = self.find(presented, None, at).await;
         self.settle_bearer(found, at)
     }
 
@@ -558,14 +566,15 @@ impl Verifier {
 
     /// An introspected secret, for a caller of `tenant`: live, of that tenant, and not a robot
     /// secret. Anything else is `Unauthenticated` (inactive) and does not count as a use: another
-    /// tenant's credential keeps its `last_used_at`.
+    /// tenant's credential keeps its `last_used_at`. A store lookup that finds nothing is charged
+    /// to `tenant`'s budget (`introspection_misses`): past it, `RateLimited`.
     pub async fn introspect(
         &self,
         presented: &str,
         tenant: TenantId,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
-        let (admitted, now) = self.verify_uncounted(presented, at).await;
+        let (admitted, now) = self.verify_uncounted(presented, Some(tenant), at).await;
         let result = admitted.and_then(|verified| match &verified.credential {
             c if c.tenant_id != tenant => Err(AppError::Unauthenticated("another tenant")),
             c if c.kind == CredentialKind::RobotAccount => {
@@ -582,9 +591,10 @@ impl Verifier {
     async fn verify_uncounted(
         &self,
         presented: &str,
+        introspected_for: Option<TenantId>,
         at: Presented<'_>,
     ) -> (Result<Arc<Verified>, AppError>, VerificationTime<'_>) {
-        let found = self.find(presented, at).await;
+        let found = self.find(presented, introspected_for, at).await;
         self.admitted(found, at)
     }
 
@@ -601,14 +611,21 @@ impl Verifier {
     }
 
     /// The cached or stored credential `presented` is a secret of, if it is well-formed, known
-    /// and of the kind its format says. Reads no clock.
-    async fn find(&self, presented: &str, at: Presented<'_>) -> Result<Arc<Verified>, AppError> {
+    /// and of the kind its format says. Reads no clock. `introspected_for`: the introspecting
+    /// caller's organization, whose budget a store lookup that finds nothing is charged to.
+    async fn find(
+        &self,
+        presented: &str,
+        introspected_for: Option<TenantId>,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
         let key = self.key_of(presented)?;
         let verified = match self.lookup_cached(&key) {
             Some(found) => found?,
             None => {
                 self.check_format(presented)?;
-                self.lookup_stored(key, presented, at).await?
+                self.lookup_stored(key, presented, introspected_for, at)
+                    .await?
             }
         };
         self.of_kind(verified, presented)
@@ -716,11 +733,21 @@ impl Verifier {
         &self,
         key: CacheKey,
         presented: &str,
+        introspected_for: Option<TenantId>,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let cached = self.cache.get(&key);
+        // Only for what no cache held: a reload is of a credential known to exist.
+        let miss_budget = self
+            .introspection_misses
+            .as_ref()
+            .zip(introspected_for)
+            .filter(|_| cached.is_none());
         if cached.is_none() {
             self.refuse_over_failure_budget(at)?;
+        }
+        if let Some((budget, caller)) = miss_budget {
+            budget.refuse_while_over(caller)?;
         }
         let outcome = match cached {
             // A revoked secret is never reloaded: it is read anew once the negative cache forgets
@@ -751,7 +778,8 @@ impl Verifier {
         // Boxed: the load's state (the store's answer, a whole record) would otherwise be part of
         // every verification's future, a cache hit's too, and make each one that much larger to
         // build and move (callgrind: ~2 KiB futures, a memcpy of them per request).
-        let result = match Box::pin(self.load(key, presented, cached.as_ref(), at)).await {
+        let loading = self.load(key, presented, cached.as_ref(), miss_budget, at);
+        let result = match Box::pin(loading).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
                     .store(self.nanos_since_epoch(), Ordering::Release);
@@ -833,12 +861,15 @@ impl Verifier {
 
     /// Reads `presented`'s credential from the store (by its SHA-256, as the store keeps it) and
     /// caches what it found under `key`; `cached` is the entry this reload replaces, refreshed in
-    /// place instead when the credential has not changed.
+    /// place instead when the credential has not changed. A secret the store does not know is
+    /// charged to `miss_budget` (an introspecting organization's; a revoked one is known, and an
+    /// embedded verifier re-checking it is not held to that budget).
     async fn load(
         &self,
         key: CacheKey,
         presented: &str,
         cached: Option<&Arc<Verified>>,
+        miss_budget: Option<(&IntrospectionMisses, TenantId)>,
         at: Presented<'_>,
     ) -> Result<Arc<Verified>, AppError> {
         let loaded = Instant::now();
@@ -847,9 +878,13 @@ impl Verifier {
         if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
             self.refuse(&revoked.identity(), "revoked", at);
         }
+        let unknown = found.is_none();
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(&key);
             self.unknown.insert(key, loaded + self.config.negative_ttl);
+            if let Some((budget, caller)) = miss_budget.filter(|_| unknown) {
+                budget.charge_miss(caller)?;
+            }
             return Err(AppError::Unauthenticated(REVOKED));
         };
         // A canary holds nothing, whatever scopes or grants it was given for show.
@@ -982,7 +1017,7 @@ impl Verifier {
         secret: &str,
         at: Presented<'_>,
     ) -> Result<AdmittedRobot, AppError> {
-        let (admitted, now) = self.verify_uncounted(secret, at).await;
+        let (admitted, now) = self.verify_uncounted(secret, None, at).await;
         let admitted = admitted.and_then(|verified| {
             if verified.credential.kind != CredentialKind::RobotAccount {
                 self.refuse(&verified.credential, "not a robot secret", at);

@@ -14,6 +14,14 @@ pub struct Config {
     /// Failed authentications allowed per client address per minute before that address is
     /// refused (429) until its budget refills; 0 turns the limit off.
     pub failed_auth_per_minute: u32,
+    /// Live (unrevoked) credentials one organization may hold, every kind together; a create past
+    /// it is refused (409). The API's creates only: the operator's `admin` commands are not held
+    /// to it. `None`: no limit.
+    pub max_live_credentials_per_org: Option<u64>,
+    /// Introspections of tokens the verification caches do not hold that found no credential,
+    /// per caller's organization per minute; past it, such introspections answer 429 without a
+    /// store lookup until the budget refills. 0 turns the budget off.
+    pub introspect_misses_per_minute: u32,
     /// How far `last_used_at` may lag behind use.
     pub last_used_flush_interval: Duration,
     /// Request bodies larger than this are refused with 413.
@@ -77,6 +85,13 @@ pub struct Config {
     /// (`serve --legacy-token-prefix`); none by default.
     pub legacy_token_prefixes: keyplane_core::legacy_token::LegacyPrefixes,
 }
+
+/// `serve --max-live-credentials-per-org`'s default: far past what a tenant's fleet holds (README,
+/// "Limits"), near enough to stop a runaway script within a day of creates.
+pub const DEFAULT_MAX_LIVE_CREDENTIALS_PER_ORG: u64 = 100_000;
+
+/// `serve --introspect-misses-per-minute`'s default (README, "Limits").
+pub const DEFAULT_INTROSPECT_MISSES_PER_MINUTE: u32 = 3_000;
 
 /// Wall-clock time plus an offset that only tests move (`advance`, and `set_wrong_by`). Clones
 /// share the offset, so one handle moves every replica a test builds with it.
@@ -219,6 +234,8 @@ impl Default for Config {
             rate_limit_burst: 10,
             tenant_rate_limit_per_minute: 0,
             failed_auth_per_minute: 300,
+            max_live_credentials_per_org: Some(DEFAULT_MAX_LIVE_CREDENTIALS_PER_ORG),
+            introspect_misses_per_minute: DEFAULT_INTROSPECT_MISSES_PER_MINUTE,
             last_used_flush_interval: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
             registry: RegistryConfig::default(),

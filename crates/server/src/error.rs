@@ -59,6 +59,14 @@ impl From<StoreError> for AppError {
         match error {
             StoreError::NotFound => AppError::Domain(DomainError::NotFound),
             StoreError::Conflict(message) => AppError::Domain(DomainError::Conflict(message)),
+            StoreError::LiveCredentialLimit { limit } => {
+                AppError::Domain(DomainError::Conflict(format!(
+                    "the organization has {limit} live credentials, the most this server allows \
+                     (`keyplane serve --max-live-credentials-per-org`): revoke credentials it no \
+                     longer uses (expired ones count until revoked), or ask the operator to raise \
+                     the limit"
+                )))
+            }
             StoreError::Unavailable(message) => AppError::Unavailable(message),
             StoreError::IdempotencyClaimLost => AppError::IdempotencyKeyInFlight,
             // Signed out (in another tab) while a change was under way: it did not happen.

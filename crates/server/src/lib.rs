@@ -25,6 +25,7 @@ mod failed_auth;
 pub mod fuzzing;
 pub mod hybridbox;
 mod idempotency;
+mod introspection_misses;
 mod jobs;
 pub mod leaks;
 mod metrics;

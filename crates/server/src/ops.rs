@@ -428,6 +428,15 @@ async fn rights_to_hand_on(
     }
 }
 
+/// `error`, logged when it is the refusal of a create past `serve --max-live-credentials-per-org`
+/// (the organization's client sees a 409; the operator learns who is at the limit).
+fn noted_live_limit(error: StoreError, tenant: TenantId, kind: CredentialKind) -> StoreError {
+    if let StoreError::LiveCredentialLimit { limit } = &error {
+        tracing::info!(tenant.id = %tenant, credential.kind = kind.as_str(), limit, "create refused: the organization is at its live credential limit");
+    }
+    error
+}
+
 fn conflict_on_name(error: StoreError, kind: CredentialKind) -> AppError {
     match error {
         StoreError::Conflict(_) => DomainError::Conflict(format!(
@@ -482,9 +491,14 @@ pub async fn create_credential(
     let seal =
         answer.map(|answer| |stored: &Credential| answer(Issued::as_stored(stored, &secret)));
     app.store()
-        .insert_credential(&credential, &event, seal.as_ref().map(|s| s as _))
+        .insert_credential_within_limit(
+            &credential,
+            app.inner().config.max_live_credentials_per_org,
+            &event,
+            seal.as_ref().map(|s| s as _),
+        )
         .await
-        .map_err(|e| conflict_on_name(e, rights.kind))?;
+        .map_err(|e| conflict_on_name(noted_live_limit(e, tenant, rights.kind), rights.kind))?;
     tracing::info!(tenant.id = %tenant, credential.id = %credential.id, credential.kind = rights.kind.as_str(), principal.id = %who.id(), "credential created");
     Ok(Issued { credential, secret })
 }
@@ -1709,9 +1723,12 @@ pub async fn enable_registry(
         |stored: &Registry| answer((stored.clone(), Issued::as_stored(&robot, &secret)))
     });
     let seal = seal.as_ref().map(|s| s as _);
+    let max_live = app.inner().config.max_live_credentials_per_org;
+    let robot_kind = CredentialKind::RobotAccount;
     match store
-        .create_registry(&registry, &robot, &events(&registry), seal)
+        .create_registry(&registry, &robot, max_live, &events(&registry), seal)
         .await
+        .map_err(|e| noted_live_limit(e, tenant, robot_kind))
     {
         Ok(()) => {}
         Err(StoreError::Conflict(_)) => {
@@ -1725,8 +1742,9 @@ pub async fn enable_registry(
                 &tenant.as_uuid().simple().to_string()[..8]
             );
             store
-                .create_registry(&registry, &robot, &events(&registry), seal)
-                .await?;
+                .create_registry(&registry, &robot, max_live, &events(&registry), seal)
+                .await
+                .map_err(|e| noted_live_limit(e, tenant, robot_kind))?;
         }
         // Anything else stored nothing: answering 201 would hand out a password that never works.
         Err(other) => return Err(other.into()),

@@ -265,7 +265,7 @@ pub struct IntrospectionRequest {
             headers(("X-Keyplane-Stale" = String, description = "`1` on an active answer given while keyplane's store could not be read (stale-if-error): it comes from this replica's cache and may miss a change made through another replica since."))),
         (status = 401, description = "The caller's own credential is missing or invalid, or a robot secret."),
         (status = 403, description = "The caller lacks `tokens:verify`."),
-        (status = 429, description = "Too many failed authentications (401s) from the caller's address; see Retry-After. Inactive answers do not count."),
+        (status = 429, description = "Too many failed authentications (401s) from the caller's address, or the caller's organization introspected more unknown tokens this minute than its budget (`--introspect-misses-per-minute`: tokens the verification caches do not hold that the store did not know); see Retry-After. Tokens the caches hold are still answered. Inactive answers are no failed authentications."),
     ),
     security(("bearer" = [])),
 )]

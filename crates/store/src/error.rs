@@ -7,6 +7,10 @@ pub enum StoreError {
     /// A uniqueness rule or state rule was violated (duplicate live name, rotating a revoked one).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A create would leave the tenant with more live credentials than the `max_live` it was
+    /// given (`serve --max-live-credentials-per-org`). Nothing changed.
+    #[error("the tenant holds {limit} live credentials, its limit")]
+    LiveCredentialLimit { limit: u64 },
     /// The database cannot serve this request now, for a reason expected to pass (see
     /// [`StoreFault`]); the request may succeed later.
     #[error("store unavailable: {0}")]

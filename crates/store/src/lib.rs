@@ -359,11 +359,26 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>, StoreError>;
 
-    /// `Conflict` when a live credential of the same kind and name exists in the tenant. `answer`
-    /// is called with `credential`.
+    /// [`Store::insert_credential_within_limit`] with no limit on the tenant's live credentials
+    /// (the operator's `admin issue-token`).
     async fn insert_credential(
         &self,
         credential: &Credential,
+        event: &AuditEvent,
+        answer: AnswerOf<'_, Credential>,
+    ) -> Result<(), StoreError> {
+        self.insert_credential_within_limit(credential, None, event, answer)
+            .await
+    }
+
+    /// `Conflict` when a live credential of the same kind and name exists in the tenant;
+    /// `LiveCredentialLimit` when the tenant would then hold more than `max_live` live
+    /// credentials (a count kept in the same transaction, exact under concurrent creates).
+    /// `answer` is called with `credential`.
+    async fn insert_credential_within_limit(
+        &self,
+        credential: &Credential,
+        max_live: Option<u64>,
         event: &AuditEvent,
         answer: AnswerOf<'_, Credential>,
     ) -> Result<(), StoreError>;
@@ -537,11 +552,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Credential, StoreError>;
 
     /// The tenant's registry and its default robot, atomically. `Conflict` if the tenant has one or
-    /// the project name is taken. `answer` is called with `registry`.
+    /// the project name is taken; `LiveCredentialLimit` as [`Store::insert_credential_within_limit`]
+    /// for the robot. `answer` is called with `registry`.
     async fn create_registry(
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
+        max_live: Option<u64>,
         events: &[AuditEvent],
         answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError>;

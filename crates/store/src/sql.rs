@@ -12,6 +12,9 @@ pub(crate) const SELECT_TENANT: &str =
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
+/// A tenant's live credentials, as migration 0021's triggers keep them.
+pub(crate) const LIVE_CREDENTIALS: &str =
+    "SELECT live FROM live_credential_counts WHERE tenant_id = $1";
 /// A new credential. The lifecycle columns (suspension, previous secret, expiry notices) start
 /// NULL: only later changes set them. `created_by_*` (0019) come from the creation's event actor.
 pub(crate) const INSERT_CREDENTIAL: &str = "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, public_id, last4, scopes, permissions, expires_at, created_at, updated_at, last_used_at, revoked_at, created_by_user_id, revoked_by_user_id, canary, created_by_actor_type, created_by_actor_id, created_by_via, created_by_os_user, created_by_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)";
@@ -498,6 +501,27 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            /// `LiveCredentialLimit` when, with what `tx` inserted, `tenant` holds more than
+            /// `max_live` live credentials. The count's row (migration 0021) is locked by the
+            /// insert's trigger until `tx` ends, so a concurrent create reads it after this one.
+            async fn refuse_past_live_limit(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant: keyplane_core::TenantId,
+                max_live: Option<u64>,
+            ) -> Result<(), $crate::StoreError> {
+                let Some(limit) = max_live else {
+                    return Ok(());
+                };
+                let (live,): (i64,) = sqlx::query_as($crate::sql::LIVE_CREDENTIALS)
+                    .bind(tenant.as_uuid())
+                    .fetch_one(&mut **tx)
+                    .await?;
+                if u64::try_from(live).unwrap_or(0) > limit {
+                    return Err($crate::StoreError::LiveCredentialLimit { limit });
+                }
+                Ok(())
+            }
+
             /// Stores `candidate` with `insert` (which does nothing when its slot is taken) and
             /// returns the slot's key, read with `select`: the first writer's, so racers agree.
             /// Only the writer that stored it records `event` (of the key, after the current key
@@ -794,9 +818,10 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %credential.tenant_id, credential.id = %credential.id))]
-            async fn insert_credential(
+            async fn insert_credential_within_limit(
                 &self,
                 credential: &keyplane_core::Credential,
+                max_live: Option<u64>,
                 event: &keyplane_core::AuditEvent,
                 answer: $crate::AnswerOf<'_, keyplane_core::Credential>,
             ) -> Result<(), $crate::StoreError> {
@@ -805,6 +830,7 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
                         .execute(&mut *tx)
                         .await?;
+                    Self::refuse_past_live_limit(&mut tx, credential.tenant_id, max_live).await?;
                     Self::append_audit(&mut tx, event).await?;
                     Self::keep_answer(&mut tx, answer, credential).await?;
                     tx.commit().await?;
@@ -1106,6 +1132,7 @@ macro_rules! impl_store {
                 &self,
                 registry: &keyplane_core::Registry,
                 default_robot: &keyplane_core::Credential,
+                max_live: Option<u64>,
                 events: &[keyplane_core::AuditEvent],
                 answer: $crate::AnswerOf<'_, keyplane_core::Registry>,
             ) -> Result<(), $crate::StoreError> {
@@ -1129,6 +1156,7 @@ macro_rules! impl_store {
                     bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), default_robot)
                         .execute(&mut *tx)
                         .await?;
+                    Self::refuse_past_live_limit(&mut tx, registry.tenant_id, max_live).await?;
                     for event in events {
                         Self::append_audit(&mut tx, event).await?;
                     }

@@ -1695,6 +1695,7 @@ async fn each_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
             .create_registry(
                 &registry,
                 &robot,
+                None,
                 &[event()],
                 Some(&lost::<keyplane_core::Registry>(33)),
             )
@@ -1704,7 +1705,7 @@ async fn each_change_keeps_its_answer_in_its_own_transaction(backend: Backend) {
     assert_eq!(head().await, before, "no event");
     let kept = |_: &keyplane_core::Registry| Ok(sealed_answer(33, claim.claim_id, stored(201)));
     f.store
-        .create_registry(&registry, &robot, &[event()], Some(&kept))
+        .create_registry(&registry, &robot, None, &[event()], Some(&kept))
         .await
         .unwrap();
     completed(claim).await;
@@ -5687,7 +5688,7 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
     };
     let (robot, _) = new_token(tenant, "robot");
     f.store
-        .create_registry(&registry, &robot, &[ev()], None)
+        .create_registry(&registry, &robot, None, &[ev()], None)
         .await
         .unwrap();
     add_webhook(f.store.as_ref(), &webhook(tenant, &["*"], true)).await;
@@ -5704,7 +5705,7 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
     };
     let (other_robot, _) = new_token(other.id, "robot");
     f.store
-        .create_registry(&other_registry, &other_robot, &[ev()], None)
+        .create_registry(&other_registry, &other_robot, None, &[ev()], None)
         .await
         .unwrap();
 
@@ -5889,3 +5890,6 @@ async fn a_store_of_deleted_tenants_is_never_bootstrapped_again(backend: Backend
         .await
         .unwrap());
 }
+
+#[path = "suite/live_limit.rs"]
+mod live_limit;

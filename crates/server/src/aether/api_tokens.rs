@@ -39,7 +39,7 @@ const MAX_PAGE: u32 = 100;
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `api_tokens:write` or a requested scope.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 409, description = "A live token with this name exists, or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
+        (status = 409, description = "A live token with this name exists, the organization holds the most live credentials the server allows (`--max-live-credentials-per-org`; revoke one, or the operator raises it), or a request with this Idempotency-Key is still in progress.", body = ErrorEnvelope),
         (status = 413, description = "Body over 64 KiB.", body = ErrorEnvelope),
         (status = 415, description = "Body is not application/json.", body = ErrorEnvelope),
         (status = 422, description = "Request validation failed, or the Idempotency-Key is malformed or was used with a different request.", body = ErrorEnvelope),

@@ -97,7 +97,7 @@ pub async fn list_service_accounts(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorMessage),
         (status = 403, description = "The caller lacks `auth.manage`.", body = ErrorMessage),
         (status = 404, description = "No such account for this caller.", body = ErrorMessage),
-        (status = 409, description = "A live service account with this name exists, or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
+        (status = 409, description = "A live service account with this name exists, the account holds the most live credentials the server allows (`--max-live-credentials-per-org`; revoke one, or the operator raises it), or a request with this Idempotency-Key is still in progress.", body = ErrorMessage),
         (status = 413, description = "Body over 64 KiB.", body = ErrorMessage),
         (status = 415, description = "Body is not application/json.", body = ErrorMessage),
         (status = 422, description = "Validation Error (also a body that is not JSON, `json_invalid`; a malformed Idempotency-Key, or one used with a different request)", body = ValidationErrorBody),

@@ -385,15 +385,19 @@ impl Store for FaultyStore {
         self.inner.get_tenant(id).await
     }
 
-    async fn insert_credential(
+    async fn insert_credential_within_limit(
         &self,
         credential: &Credential,
+        max_live: Option<u64>,
         event: &AuditEvent,
         answer: AnswerOf<'_, Credential>,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.change(self.inner.insert_credential(credential, event, answer))
-            .await
+        self.change(
+            self.inner
+                .insert_credential_within_limit(credential, max_live, event, answer),
+        )
+        .await
     }
 
     async fn import_credentials(
@@ -630,6 +634,7 @@ impl Store for FaultyStore {
         &self,
         registry: &keyplane_core::Registry,
         default_robot: &Credential,
+        max_live: Option<u64>,
         events: &[AuditEvent],
         answer: AnswerOf<'_, keyplane_core::Registry>,
     ) -> Result<(), StoreError> {
@@ -637,7 +642,7 @@ impl Store for FaultyStore {
         Self::fail_if(&self.registry_down)?;
         self.change(
             self.inner
-                .create_registry(registry, default_robot, events, answer),
+                .create_registry(registry, default_robot, max_live, events, answer),
         )
         .await
     }

@@ -15,6 +15,7 @@ mod idempotency;
 mod input_limits;
 mod leaks;
 mod lifecycle;
+mod limits;
 mod listener_health;
 mod logs;
 mod oidc;
