@@ -10,6 +10,22 @@ fn refused_at_the_limit(outcome: Result<(), StoreError>, limit: u64) {
     );
 }
 
+async fn revoke(store: &dyn Store, credential: &Credential) {
+    store
+        .revoke_credential(
+            credential.tenant_id,
+            credential.kind,
+            credential.id,
+            now(),
+            None,
+            &ev(),
+            &|_| ev(),
+            None,
+        )
+        .await
+        .unwrap();
+}
+
 async fn live_count(store: &dyn Store, tenant: TenantId) -> usize {
     store
         .list_credentials(&ListCredentials {
@@ -97,19 +113,7 @@ async fn creates_past_the_live_limit_are_refused(backend: Backend) {
     );
 
     let revoked = &tokens[1];
-    store
-        .revoke_credential(
-            tenant,
-            revoked.kind,
-            revoked.id,
-            now(),
-            None,
-            &ev(),
-            &|_| ev(),
-            None,
-        )
-        .await
-        .unwrap();
+    revoke(store, revoked).await;
     store
         .insert_credential_within_limit(&past, Some(3), &ev(), None)
         .await
@@ -186,19 +190,7 @@ async fn the_count_starts_from_the_credentials_a_store_holds(backend: Backend) {
         let (token, _) = new_token(tenant, name);
         store.insert_credential(&token, &ev(), None).await.unwrap();
         if name == "revoked" {
-            store
-                .revoke_credential(
-                    tenant,
-                    token.kind,
-                    token.id,
-                    now(),
-                    None,
-                    &ev(),
-                    &|_| ev(),
-                    None,
-                )
-                .await
-                .unwrap();
+            revoke(store, &token).await;
         }
     }
     // Back to before 0021, with its credentials: the migration runs again on the next open.
