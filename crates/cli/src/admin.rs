@@ -988,8 +988,16 @@ async fn revoke_org(
         anyhow::bail!("no organization with id {org}");
     };
     let mut done = ops::OrgRevocation::default();
-    let outcome =
-        ops::revoke_organization(store.as_ref(), org, &reason, operator, dry_run, &mut done).await;
+    let spec = ops::RevokeOrgSpec {
+        via: ops::REVOKE_ORG_VIA,
+        reason: &reason,
+        operator,
+        dry_run,
+        canaries: false,
+        user_and_group_grants: false,
+        page_rows: ops::REVOKE_ORG_PAGE,
+    };
+    let outcome = ops::revoke_organization(store.as_ref(), org, &spec, &mut done).await;
     let kinds = |done: &ops::OrgRevocation| {
         format!(
             "{}, {} (with {} granted to them), {}",

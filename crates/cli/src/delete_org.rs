@@ -94,8 +94,9 @@ pub async fn run(args: DeleteOrgArgs, operator: &Operator) -> anyhow::Result<()>
         "api_token": done.revoked.api_tokens,
         "service_account": done.revoked.service_accounts,
         "robot_account": done.revoked.robot_accounts,
-        "canary": done.canaries,
-        "authorization": done.revoked.service_account_grants + done.user_and_group_grants,
+        "canary": done.revoked.canaries,
+        "authorization": done.revoked.service_account_grants
+            + done.revoked.user_and_group_grants,
     });
     let deleted = serde_json::json!({
         "credential": done.deleted.credentials,
@@ -146,9 +147,9 @@ pub async fn run(args: DeleteOrgArgs, operator: &Operator) -> anyhow::Result<()>
                 "robot account",
                 "robot accounts"
             ),
-            counted(done.canaries, "canary", "canaries"),
+            counted(done.revoked.canaries, "canary", "canaries"),
             counted(
-                done.revoked.service_account_grants + done.user_and_group_grants,
+                done.revoked.service_account_grants + done.revoked.user_and_group_grants,
                 "authorization",
                 "authorizations"
             ),

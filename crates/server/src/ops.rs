@@ -17,6 +17,11 @@ use keyplane_core::{CreatedBy, CredentialPolicy, Operator, RotationOptions};
 use keyplane_store::{ExpiryWindow, GrantFilter, KeptAnswer, ListCredentials, Store, StoreError};
 use rand::rngs::OsRng;
 
+mod org_revocation;
+pub use org_revocation::{
+    revoke_organization, OrgRevocation, RevokeOrgSpec, REVOKE_ORG_PAGE, REVOKE_ORG_VIA,
+};
+
 /// The clock, at the precision both stores keep.
 pub fn now() -> DateTime<Utc> {
     keyplane_core::validate::now_micros(0)
@@ -1224,247 +1229,6 @@ pub async fn revoke_credential(
     Ok((credential.as_of(app.now()), revoked_now))
 }
 
-/// What `keyplane admin revoke-org` revoked (or, in a dry run, would revoke) and what it left.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OrgRevocation {
-    pub api_tokens: u64,
-    pub service_accounts: u64,
-    pub robot_accounts: u64,
-    /// The service accounts' live grants, revoked with them.
-    pub service_account_grants: u64,
-    /// Live canaries, left armed: they never verify, and a presentation still raises the alarm.
-    pub canaries: u64,
-    /// Live grants to users and groups, left: people who sign in at the identity provider, not
-    /// credentials the organization holds.
-    pub user_and_group_grants: u64,
-    /// False when the last pass allowed still found something live: credentials were being
-    /// created while it ran.
-    pub settled: bool,
-}
-
-impl OrgRevocation {
-    fn count(&mut self, kind: CredentialKind) {
-        match kind {
-            CredentialKind::ApiToken => self.api_tokens += 1,
-            CredentialKind::ServiceAccount => self.service_accounts += 1,
-            CredentialKind::RobotAccount => self.robot_accounts += 1,
-        }
-    }
-}
-
-/// Rows read at once by [`revoke_organization`]: what bounds its memory.
-pub const REVOKE_ORG_PAGE: u32 = 500;
-/// Passes over the organization's credentials at most: a pass that revoked something is followed
-/// by another, since a credential not yet revoked may have created more meanwhile.
-const REVOKE_ORG_PASSES: usize = 5;
-
-/// `keyplane admin revoke-org`: revokes every live credential of `tenant` (API tokens first, then
-/// service accounts with their grants, then robot accounts; canaries stay armed), each through
-/// [`Store::revoke_credential`] as the API's revoke does — its own transaction with its audit
-/// event(s), its webhook deliveries and, on PostgreSQL, its NOTIFY to every replica — as the
-/// operator's (`system`) act with `reason`. Reads `REVOKE_ORG_PAGE` rows at a time, so its memory
-/// and each transaction stay small however large the tenant; an interrupted run leaves what it
-/// committed, and another run goes on with what is still live. With `dry_run` it only counts.
-/// Progress is kept in `done`, also when it fails part way. `NotFound` if the tenant does not
-/// exist.
-pub async fn revoke_organization(
-    store: &dyn Store,
-    tenant: TenantId,
-    reason: &str,
-    operator: &Operator,
-    dry_run: bool,
-    done: &mut OrgRevocation,
-) -> Result<(), AppError> {
-    revoke_organization_in_pages(
-        store,
-        tenant,
-        reason,
-        operator,
-        dry_run,
-        done,
-        REVOKE_ORG_PAGE,
-    )
-    .await
-}
-
-/// [`revoke_organization`] reading `page_rows` rows at a time (tests use small pages).
-pub async fn revoke_organization_in_pages(
-    store: &dyn Store,
-    tenant: TenantId,
-    reason: &str,
-    operator: &Operator,
-    dry_run: bool,
-    done: &mut OrgRevocation,
-    page_rows: u32,
-) -> Result<(), AppError> {
-    revoke_organization_via(
-        store,
-        tenant,
-        "admin revoke-org",
-        reason,
-        operator,
-        dry_run,
-        done,
-        page_rows,
-    )
-    .await
-}
-
-/// [`revoke_organization_in_pages`] for the command `via` (recorded on each event).
-#[allow(clippy::too_many_arguments)] // the organization, the command, why and by whom, how
-async fn revoke_organization_via(
-    store: &dyn Store,
-    tenant: TenantId,
-    via: &str,
-    reason: &str,
-    operator: &Operator,
-    dry_run: bool,
-    done: &mut OrgRevocation,
-    page_rows: u32,
-) -> Result<(), AppError> {
-    store
-        .get_tenant(tenant)
-        .await?
-        .ok_or(DomainError::NotFound)?;
-    let stamp = |event: AuditEvent| {
-        event
-            .text("via", via)
-            .text("reason", reason)
-            .operated_by(operator)
-    };
-    let context = RequestContext::default();
-    let grants_revoked = std::sync::atomic::AtomicU64::new(0);
-    let grant_revoked = |grant: &Grant| {
-        grants_revoked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        stamp(grant_event(
-            actions::AUTHORIZATION_REVOKED,
-            AuditActor::system(),
-            &context,
-            grant,
-        ))
-    };
-    for _ in 0..REVOKE_ORG_PASSES {
-        let mut revoked = 0;
-        done.canaries = 0;
-        // API tokens, then service accounts, then robot accounts.
-        for kind in CredentialKind::ALL {
-            let mut after = None;
-            loop {
-                let page = store
-                    .list_credentials(&ListCredentials {
-                        tenant_id: tenant,
-                        kind,
-                        after,
-                        limit: Some(page_rows),
-                        include_revoked: false,
-                        expiring: None,
-                        include_canaries: true,
-                    })
-                    .await?;
-                for credential in &page {
-                    if credential.canary {
-                        done.canaries += 1;
-                        continue;
-                    }
-                    if dry_run {
-                        done.count(kind);
-                        if kind == CredentialKind::ServiceAccount {
-                            // At most `MAX_LIVE_GRANTS_PER_SUBJECT`, all in this tenant.
-                            let grants = store
-                                .list_grants_of_subject(
-                                    SubjectType::ServiceAccount,
-                                    credential.id.as_uuid(),
-                                )
-                                .await?;
-                            done.service_account_grants += grants.len() as u64;
-                        }
-                        continue;
-                    }
-                    let at = now();
-                    let event = stamp(credential_event(
-                        credential_action(kind, CredentialChange::Revoked),
-                        AuditActor::system(),
-                        &context,
-                        credential,
-                    ));
-                    grants_revoked.store(0, std::sync::atomic::Ordering::Relaxed);
-                    let stored = store
-                        .revoke_credential(
-                            tenant,
-                            kind,
-                            credential.id,
-                            at,
-                            None,
-                            &event,
-                            &grant_revoked,
-                            None,
-                        )
-                        .await?;
-                    // Revoked meanwhile by someone else: their event, not ours.
-                    if stored.revoked_at == Some(at) {
-                        done.count(kind);
-                        done.service_account_grants +=
-                            grants_revoked.load(std::sync::atomic::Ordering::Relaxed);
-                        revoked += 1;
-                    }
-                }
-                match page.last() {
-                    Some(last) if page.len() == page_rows as usize => after = Some(last.id),
-                    _ => break,
-                }
-            }
-        }
-        if dry_run || revoked == 0 {
-            done.settled = true;
-            break;
-        }
-    }
-    done.user_and_group_grants = count_live_grants(
-        store,
-        tenant,
-        &[SubjectType::User, SubjectType::Group],
-        page_rows,
-    )
-    .await?;
-    if !dry_run {
-        tracing::info!(tenant.id = %tenant, revoked = done.api_tokens + done.service_accounts + done.robot_accounts, "organization's credentials revoked by the operator");
-    }
-    Ok(())
-}
-
-/// The tenant's live grants to subjects of these types, read a page at a time.
-async fn count_live_grants(
-    store: &dyn Store,
-    tenant: TenantId,
-    subject_types: &[SubjectType],
-    page_rows: u32,
-) -> Result<u64, AppError> {
-    let mut count = 0;
-    for subject_type in subject_types {
-        let mut after = None;
-        loop {
-            let page = store
-                .list_grants(&GrantFilter {
-                    tenant_id: tenant,
-                    subject_type: Some(*subject_type),
-                    subject_id: None,
-                    kind: None,
-                    capability_key: None,
-                    include_revoked: false,
-                    after,
-                    limit: Some(page_rows),
-                })
-                .await?;
-            count += page.len() as u64;
-            match page.last() {
-                Some(last) if page.len() == page_rows as usize => after = Some(last.id),
-                _ => break,
-            }
-        }
-    }
-    Ok(count)
-}
-
 /// Grants a right. Needs `auth.manage`, and the grantor must hold what it grants. A service-account
 /// subject must be a live service account of the same tenant.
 pub async fn create_grant(
@@ -2281,13 +2045,9 @@ pub async fn issue_token_as_operator(
 /// What `keyplane admin delete-org` did (or, in a dry run, would do), phase by phase.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OrgDeletion {
-    /// Phase 1: the credentials `revoke-org` revokes (its canaries and user or group grants
-    /// aside: the fields below).
+    /// Phase 1: the credentials `revoke-org` revokes, and the canaries (the organization is
+    /// gone, nothing is left to watch) and grants to users and groups it leaves.
     pub revoked: OrgRevocation,
-    /// Phase 1: live canaries, revoked: the organization is gone, nothing is left to watch.
-    pub canaries: u64,
-    /// Phase 1: live grants to users and groups, revoked.
-    pub user_and_group_grants: u64,
     /// Phase 3: what the purge deleted (phase 2's webhooks included in `webhooks`), and the audit
     /// events kept.
     pub deleted: keyplane_store::TenantRows,
@@ -2302,8 +2062,8 @@ pub const DELETE_ORG_VIA: &str = "admin delete-org";
 /// `keyplane admin delete-org`: offboards `tenant` in three phases, each safe to run again. (1)
 /// Revokes everything that grants access, each through the store's revoke as the API does (its
 /// event, its webhook deliveries, and on PostgreSQL the NOTIFY that makes every replica refuse it
-/// at once), before any row disappears: the credentials as [`revoke_organization`] does, then
-/// the canaries and the grants to users and groups. (2) Deletes every webhook through the
+/// at once), before any row disappears: [`revoke_organization`] with the canaries and the grants
+/// to users and groups too. (2) Deletes every webhook through the
 /// store's delete (its `webhook.deleted` event; pending deliveries dropped), so no later event
 /// reaches the former customer. (3) [`Store::purge_tenant`]: deletes the rest and leaves a
 /// tombstone, with `organization.deleted` as its trail's last event. With `dry_run` it only
@@ -2320,40 +2080,31 @@ pub async fn delete_organization(
         .get_tenant(tenant)
         .await?
         .ok_or(DomainError::NotFound)?;
-    let stamp = |event: AuditEvent| {
-        event
-            .text("via", DELETE_ORG_VIA)
-            .text("reason", reason)
-            .operated_by(operator)
-    };
-    let context = RequestContext::default();
-    revoke_organization_via(
-        store,
-        tenant,
-        DELETE_ORG_VIA,
+    let spec = RevokeOrgSpec {
+        via: DELETE_ORG_VIA,
         reason,
         operator,
         dry_run,
-        &mut done.revoked,
-        REVOKE_ORG_PAGE,
-    )
-    .await?;
+        canaries: true,
+        user_and_group_grants: true,
+        page_rows: REVOKE_ORG_PAGE,
+    };
+    let context = RequestContext::default();
+    revoke_organization(store, tenant, &spec, &mut done.revoked).await?;
     if !done.revoked.settled {
         return Err(DomainError::Conflict(
-            "credentials were still being created in the organization: run it again".into(),
+            "credentials or grants were still being created in the organization: run it again"
+                .into(),
         )
         .into());
     }
-    done.canaries = revoke_canaries(store, tenant, dry_run, &stamp, &context).await?;
-    done.user_and_group_grants =
-        revoke_user_and_group_grants(store, tenant, dry_run, &stamp, &context).await?;
     let mut webhooks = 0;
     for webhook in store.list_webhooks(tenant).await? {
         webhooks += 1;
         if dry_run {
             continue;
         }
-        let event = stamp(crate::webhooks::webhook_event(
+        let event = spec.stamp(crate::webhooks::webhook_event(
             actions::WEBHOOK_DELETED,
             AuditActor::system(),
             &context,
@@ -2372,10 +2123,10 @@ pub async fn delete_organization(
     }
     let phases = done.clone();
     let event_of = |rows: &keyplane_store::TenantRows| {
-        organization_deleted(&org, &phases, webhooks, rows, &stamp)
+        organization_deleted(&org, &phases, webhooks, rows, &spec)
     };
     let purged = store
-        .purge_tenant(tenant, now(), REVOKE_ORG_PAGE, &event_of)
+        .purge_tenant(tenant, now(), spec.page_rows, &event_of)
         .await?;
     // `None`: another run finished it meanwhile; its event holds the counts.
     if let Some(mut rows) = purged {
@@ -2392,7 +2143,7 @@ fn organization_deleted(
     done: &OrgDeletion,
     webhooks: u64,
     rows: &keyplane_store::TenantRows,
-    stamp: &dyn Fn(AuditEvent) -> AuditEvent,
+    spec: &RevokeOrgSpec<'_>,
 ) -> AuditEvent {
     let count = |event: AuditEvent, key: &str, n: u64| event.detail(key, DetailValue::Count(n));
     let mut event = audit_event(
@@ -2406,10 +2157,10 @@ fn organization_deleted(
         ("revoked_api_tokens", done.revoked.api_tokens),
         ("revoked_service_accounts", done.revoked.service_accounts),
         ("revoked_robot_accounts", done.revoked.robot_accounts),
-        ("revoked_canaries", done.canaries),
+        ("revoked_canaries", done.revoked.canaries),
         (
             "revoked_authorizations",
-            done.revoked.service_account_grants + done.user_and_group_grants,
+            done.revoked.service_account_grants + done.revoked.user_and_group_grants,
         ),
         ("deleted_credentials", rows.credentials),
         ("deleted_authorizations", rows.grants),
@@ -2421,127 +2172,5 @@ fn organization_deleted(
     ] {
         event = count(event, key, n);
     }
-    stamp(event)
-}
-
-/// Phase 1 of [`delete_organization`]: revokes the tenant's live canaries (`revoke-org` leaves
-/// them armed), each with its event; returns how many (a dry run: how many are live).
-async fn revoke_canaries(
-    store: &dyn Store,
-    tenant: TenantId,
-    dry_run: bool,
-    stamp: &(dyn Fn(AuditEvent) -> AuditEvent + Sync),
-    context: &RequestContext,
-) -> Result<u64, AppError> {
-    let grant_revoked = |grant: &Grant| {
-        stamp(grant_event(
-            actions::AUTHORIZATION_REVOKED,
-            AuditActor::system(),
-            context,
-            grant,
-        ))
-    };
-    let mut revoked = 0;
-    for kind in CredentialKind::ALL {
-        let mut after = None;
-        loop {
-            let page = store
-                .list_credentials(&ListCredentials {
-                    tenant_id: tenant,
-                    kind,
-                    after,
-                    limit: Some(REVOKE_ORG_PAGE),
-                    include_revoked: false,
-                    expiring: None,
-                    include_canaries: true,
-                })
-                .await?;
-            for canary in page.iter().filter(|c| c.canary) {
-                if dry_run {
-                    revoked += 1;
-                    continue;
-                }
-                let at = now();
-                let event = stamp(credential_event(
-                    credential_action(kind, CredentialChange::Revoked),
-                    AuditActor::system(),
-                    context,
-                    canary,
-                ));
-                let stored = store
-                    .revoke_credential(
-                        tenant,
-                        kind,
-                        canary.id,
-                        at,
-                        None,
-                        &event,
-                        &grant_revoked,
-                        None,
-                    )
-                    .await?;
-                if stored.revoked_at == Some(at) {
-                    revoked += 1;
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == REVOKE_ORG_PAGE as usize => after = Some(last.id),
-                _ => break,
-            }
-        }
-    }
-    Ok(revoked)
-}
-
-/// Phase 1 of [`delete_organization`]: revokes the tenant's live grants to users and groups
-/// (`revoke-org` leaves them), each with its `authorization.revoked`; returns how many (a dry run:
-/// how many are live). Revoking moves no page boundary: each page is read after the last one's
-/// revocations, past its last id.
-async fn revoke_user_and_group_grants(
-    store: &dyn Store,
-    tenant: TenantId,
-    dry_run: bool,
-    stamp: &(dyn Fn(AuditEvent) -> AuditEvent + Sync),
-    context: &RequestContext,
-) -> Result<u64, AppError> {
-    let mut revoked = 0;
-    for subject_type in [SubjectType::User, SubjectType::Group] {
-        let mut after = None;
-        loop {
-            let page = store
-                .list_grants(&GrantFilter {
-                    tenant_id: tenant,
-                    subject_type: Some(subject_type),
-                    subject_id: None,
-                    kind: None,
-                    capability_key: None,
-                    include_revoked: false,
-                    after,
-                    limit: Some(REVOKE_ORG_PAGE),
-                })
-                .await?;
-            for grant in &page {
-                if dry_run {
-                    revoked += 1;
-                    continue;
-                }
-                let at = now();
-                let event = stamp(grant_event(
-                    actions::AUTHORIZATION_REVOKED,
-                    AuditActor::system(),
-                    context,
-                    grant,
-                ));
-                let stored = store.revoke_grant(tenant, grant.id, at, &event).await?;
-                if stored.revoked_at == Some(at) {
-                    revoked += 1;
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == REVOKE_ORG_PAGE as usize => after = Some(last.id),
-                _ => break,
-            }
-        }
-    }
-    Ok(revoked)
+    spec.stamp(event)
 }

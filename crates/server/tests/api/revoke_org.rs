@@ -1,13 +1,14 @@
-//! `ops::revoke_organization` (`keyplane admin revoke-org`) over more credentials than a page:
-//! every live one of the organization revoked once, with its event, and nothing else.
-//! The black-box test against a running server is `crates/cli/tests/admin_revoke_org.rs`.
+//! `ops::revoke_organization` (`keyplane admin revoke-org`, and phase 1 of `admin delete-org`)
+//! over more credentials and grants than a page: every live one of the organization revoked once,
+//! with its event, and nothing else. The black-box tests against a running server are
+//! `crates/cli/tests/admin_revoke_org.rs` and `admin_delete_org.rs`.
 
 use crate::helpers::{both_backends, Org, TestApp};
 use keyplane_core::audit::DetailValue;
-use keyplane_core::{CredentialKind, Operator, TenantId};
-use keyplane_server::ops::{self, OrgRevocation};
+use keyplane_core::{CredentialKind, Operator, SubjectType, TenantId};
+use keyplane_server::ops::{self, OrgRevocation, RevokeOrgSpec};
 use keyplane_store::testing::Backend;
-use keyplane_store::{AuditQuery, ListCredentials};
+use keyplane_store::{AuditQuery, GrantFilter, ListCredentials};
 use serde_json::json;
 
 both_backends!(revoke_org_reads_the_organization_a_page_at_a_time);
@@ -42,8 +43,8 @@ async fn live(app: &TestApp, org: &Org, kind: CredentialKind) -> Vec<String> {
         .collect()
 }
 
-/// `org`'s `*.revoked` events: (action, target id, reason).
-async fn revoke_events(app: &TestApp, org: &Org) -> Vec<(String, String, Option<DetailValue>)> {
+/// `org`'s `*.revoked` events: (action, target id, reason, via).
+async fn revoke_events(app: &TestApp, org: &Org) -> Vec<(String, String, DetailValue, DetailValue)> {
     let events = app
         .app
         .store()
@@ -57,30 +58,91 @@ async fn revoke_events(app: &TestApp, org: &Org) -> Vec<(String, String, Option<
             (
                 e.event.action.clone(),
                 e.event.target.as_ref().unwrap().id.to_string(),
-                e.event.details.get("reason").cloned(),
+                e.event.details["reason"].clone(),
+                e.event.details["via"].clone(),
             )
         })
         .collect()
 }
 
-async fn run(app: &TestApp, org: &Org, dry_run: bool) -> OrgRevocation {
+/// Which command's walk [`run`] makes.
+#[derive(Clone, Copy, PartialEq)]
+enum Command {
+    /// `admin revoke-org`: canaries and grants to users and groups are left.
+    RevokeOrg,
+    /// `admin delete-org`'s phase 1: those too.
+    DeleteOrg,
+}
+
+impl Command {
+    fn via(self) -> &'static str {
+        match self {
+            Command::RevokeOrg => ops::REVOKE_ORG_VIA,
+            Command::DeleteOrg => ops::DELETE_ORG_VIA,
+        }
+    }
+}
+
+/// `command`'s revocation of `org`, three rows a page.
+async fn run(app: &TestApp, org: &Org, command: Command, dry_run: bool) -> OrgRevocation {
     let operator = Operator {
         os_user: "test".into(),
         name: Some("olga".into()),
     };
-    let mut done = OrgRevocation::default();
-    ops::revoke_organization_in_pages(
-        app.app.store().as_ref(),
-        tenant(org),
-        "INC-1",
-        &operator,
+    let everything = command == Command::DeleteOrg;
+    let spec = RevokeOrgSpec {
+        via: command.via(),
+        reason: "INC-1",
+        operator: &operator,
         dry_run,
-        &mut done,
-        3,
-    )
-    .await
-    .unwrap();
+        canaries: everything,
+        user_and_group_grants: everything,
+        page_rows: 3,
+    };
+    let mut done = OrgRevocation::default();
+    ops::revoke_organization(app.app.store().as_ref(), tenant(org), &spec, &mut done)
+        .await
+        .unwrap();
     done
+}
+
+/// Creates `body` at `path` in `org`: its id.
+async fn created(app: &TestApp, org: &Org, path: &str, body: serde_json::Value) -> String {
+    let res = app.post(path, &org.token, body).await;
+    assert_eq!(res.status(), 201, "{path}");
+    let created: serde_json::Value = res.json().await.unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
+/// A person's grant in `org`: a user's or a group's (`subject_type`), to someone new.
+async fn grant_to_person(app: &TestApp, org: &Org, subject_type: &str) -> String {
+    let body = json!({"grant_kind": "capability", "subject_type": subject_type,
+                      "subject_id": uuid::Uuid::new_v4(), "capability_key": "api_tokens:read"});
+    created(app, org, &org.account_path("/authorizations"), body).await
+}
+
+/// The ids of `org`'s live grants to users and groups.
+async fn live_people_grants(app: &TestApp, org: &Org) -> Vec<String> {
+    let mut ids = Vec::new();
+    for subject_type in [SubjectType::User, SubjectType::Group] {
+        let grants = app
+            .app
+            .store()
+            .list_grants(&GrantFilter {
+                tenant_id: tenant(org),
+                subject_type: Some(subject_type),
+                subject_id: None,
+                kind: None,
+                capability_key: None,
+                include_revoked: false,
+                after: None,
+                limit: None,
+            })
+            .await
+            .unwrap();
+        ids.extend(grants.iter().map(|g| g.id.to_string()));
+    }
+    ids
 }
 
 async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
@@ -97,25 +159,32 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
     let (account, _, grant) = app
         .service_account_with_grant(&acme, "api_tokens:read")
         .await;
-    let res = app
-        .post(
-            &acme.account_path("/authorizations"),
-            &acme.token,
-            json!({"grant_kind": "capability", "subject_type": "service_account",
-                   "subject_id": account, "capability_key": "api_tokens:write"}),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
-    let second: serde_json::Value = res.json().await.unwrap();
-    let granted = [grant, second["id"].as_str().unwrap().to_owned()];
-    let res = app
-        .post(
-            &acme.path("/api-tokens"),
-            &acme.token,
-            json!({"name": "decoy", "scopes": ["deploy:read"], "canary": true}),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
+    let second = created(
+        &app,
+        &acme,
+        &acme.account_path("/authorizations"),
+        json!({"grant_kind": "capability", "subject_type": "service_account",
+               "subject_id": account, "capability_key": "api_tokens:write"}),
+    )
+    .await;
+    let granted = [grant, second];
+    // Canaries: four tokens (more than a page) and a service account.
+    let mut canaries = Vec::new();
+    for i in 0..4 {
+        let body = json!({"name": format!("decoy-{i}"), "scopes": ["deploy:read"], "canary": true});
+        canaries.push(created(&app, &acme, &acme.path("/api-tokens"), body).await);
+    }
+    let body = json!({"name": "decoy", "canary": true});
+    canaries.push(created(&app, &acme, &acme.account_path("/service-accounts"), body).await);
+    // People's grants: four users' (a full page and one) and three groups' (a full page, then
+    // an empty one); and one in the other organization.
+    let mut people_grants = Vec::new();
+    for (subject_type, n) in [("user", 4), ("group", 3)] {
+        for _ in 0..n {
+            people_grants.push(grant_to_person(&app, &acme, subject_type).await);
+        }
+    }
+    let others_grant = grant_to_person(&app, &other, "user").await;
     let before = revoke_events(&app, &acme).await;
     assert!(before.is_empty(), "{before:?}");
     // The first token and four imported; four imported and one with two grants; four imported.
@@ -124,27 +193,32 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
         service_accounts: 5,
         robot_accounts: 4,
         service_account_grants: 2,
-        canaries: 1,
-        user_and_group_grants: 0,
+        canaries: 5,
+        user_and_group_grants: 7,
         settled: true,
     };
 
-    assert_eq!(run(&app, &acme, true).await, wanted, "dry run");
+    assert_eq!(
+        run(&app, &acme, Command::RevokeOrg, true).await,
+        wanted,
+        "dry run"
+    );
     assert!(
         revoke_events(&app, &acme).await.is_empty(),
         "a dry run writes nothing"
     );
-    assert_eq!(live(&app, &acme, CredentialKind::ApiToken).await.len(), 6);
+    assert_eq!(live(&app, &acme, CredentialKind::ApiToken).await.len(), 9);
 
-    assert_eq!(run(&app, &acme, false).await, wanted);
+    assert_eq!(run(&app, &acme, Command::RevokeOrg, false).await, wanted);
     let events = revoke_events(&app, &acme).await;
     assert_eq!(events.len(), 5 + 5 + 4 + 2, "{events:#?}");
-    let mut targets: Vec<&String> = events.iter().map(|(_, id, _)| id).collect();
+    let mut targets: Vec<&String> = events.iter().map(|(_, id, _, _)| id).collect();
     targets.sort();
     targets.dedup();
     assert_eq!(targets.len(), events.len(), "one event each: {events:#?}");
-    for (_, id, reason) in &events {
-        assert_eq!(reason, &Some(DetailValue::Text("INC-1".into())));
+    for (_, id, reason, via) in &events {
+        assert_eq!(reason, &DetailValue::Text("INC-1".into()));
+        assert_eq!(via, &DetailValue::Text(ops::REVOKE_ORG_VIA.into()));
         assert!(
             !already.iter().any(|(seeded, _)| seeded == id),
             "{id} was revoked before: no second event"
@@ -154,15 +228,19 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
         assert!(
             events
                 .iter()
-                .any(|(action, id, _)| action == "authorization.revoked" && id == grant),
+                .any(|(action, id, _, _)| action == "authorization.revoked" && id == grant),
             "the grant {grant} goes with its account"
         );
     }
-    // Only the canary stays live; the other organization keeps everything.
+    // Only the canaries and people's grants stay live; the other organization keeps everything.
     for kind in KINDS {
         let left = live(&app, &acme, kind).await;
-        let canaries = usize::from(kind == CredentialKind::ApiToken);
-        assert_eq!(left.len(), canaries, "{kind:?}: {left:?}");
+        let wanted_left = match kind {
+            CredentialKind::ApiToken => 4,
+            CredentialKind::ServiceAccount => 1,
+            CredentialKind::RobotAccount => 0,
+        };
+        assert_eq!(left.len(), wanted_left, "{kind:?}: {left:?}");
         let others = live(&app, &other, kind).await.len();
         let first_token = usize::from(kind == CredentialKind::ApiToken);
         assert_eq!(
@@ -171,16 +249,52 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
             "{kind:?} of the other organization"
         );
     }
+    assert_eq!(live_people_grants(&app, &acme).await.len(), 7);
 
     // Again, as after an interruption: nothing left, nothing written.
-    let again = run(&app, &acme, false).await;
-    assert_eq!(
-        again,
-        OrgRevocation {
-            canaries: 1,
-            settled: true,
-            ..OrgRevocation::default()
-        }
-    );
+    let left = OrgRevocation {
+        canaries: 5,
+        user_and_group_grants: 7,
+        settled: true,
+        ..OrgRevocation::default()
+    };
+    assert_eq!(run(&app, &acme, Command::RevokeOrg, false).await, left);
     assert_eq!(revoke_events(&app, &acme).await, events);
+
+    // `admin delete-org` revokes what `revoke-org` leaves, each once, as its own act.
+    assert_eq!(
+        run(&app, &acme, Command::DeleteOrg, true).await,
+        left,
+        "dry run"
+    );
+    assert_eq!(
+        revoke_events(&app, &acme).await,
+        events,
+        "a dry run writes nothing"
+    );
+    assert_eq!(run(&app, &acme, Command::DeleteOrg, false).await, left);
+    let all = revoke_events(&app, &acme).await;
+    assert_eq!(all[..events.len()], events[..]);
+    let deleted = &all[events.len()..];
+    let mut targets: Vec<String> = deleted.iter().map(|(_, id, _, _)| id.clone()).collect();
+    targets.sort();
+    let mut wanted_targets = [canaries, people_grants].concat();
+    wanted_targets.sort();
+    assert_eq!(targets, wanted_targets, "one event each: {deleted:#?}");
+    for (_, _, reason, via) in deleted {
+        assert_eq!(reason, &DetailValue::Text("INC-1".into()));
+        assert_eq!(via, &DetailValue::Text(ops::DELETE_ORG_VIA.into()));
+    }
+    for kind in KINDS {
+        assert_eq!(live(&app, &acme, kind).await, Vec::<String>::new(), "{kind:?}");
+    }
+    assert_eq!(live_people_grants(&app, &acme).await, Vec::<String>::new());
+    assert_eq!(live_people_grants(&app, &other).await, [others_grant]);
+
+    let none = OrgRevocation {
+        settled: true,
+        ..OrgRevocation::default()
+    };
+    assert_eq!(run(&app, &acme, Command::DeleteOrg, false).await, none);
+    assert_eq!(revoke_events(&app, &acme).await, all);
 }
