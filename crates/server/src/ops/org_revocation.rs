@@ -273,6 +273,8 @@ async fn revoke_grant_once(
         &RequestContext::default(),
         grant,
     ));
-    let stored = store.revoke_grant(grant.tenant_id, grant.id, at, &event).await?;
+    let stored = store
+        .revoke_grant(grant.tenant_id, grant.id, at, &event)
+        .await?;
     Ok(stored.revoked_at == Some(at))
 }

@@ -44,7 +44,10 @@ async fn live(app: &TestApp, org: &Org, kind: CredentialKind) -> Vec<String> {
 }
 
 /// `org`'s `*.revoked` events: (action, target id, reason, via).
-async fn revoke_events(app: &TestApp, org: &Org) -> Vec<(String, String, DetailValue, DetailValue)> {
+async fn revoke_events(
+    app: &TestApp,
+    org: &Org,
+) -> Vec<(String, String, DetailValue, DetailValue)> {
     let events = app
         .app
         .store()
@@ -286,7 +289,11 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
         assert_eq!(via, &DetailValue::Text(ops::DELETE_ORG_VIA.into()));
     }
     for kind in KINDS {
-        assert_eq!(live(&app, &acme, kind).await, Vec::<String>::new(), "{kind:?}");
+        assert_eq!(
+            live(&app, &acme, kind).await,
+            Vec::<String>::new(),
+            "{kind:?}"
+        );
     }
     assert_eq!(live_people_grants(&app, &acme).await, Vec::<String>::new());
     assert_eq!(live_people_grants(&app, &other).await, [others_grant]);
