@@ -1895,9 +1895,9 @@ impl From<StoreError> for OrgRefused {
 
 /// `keyplane admin create-org`, run by `operator`: a tenant (with its first `*` token unless
 /// `spec` says otherwise) and its events, in one transaction. Refuses an id already taken and,
-/// unless allowed, a name an organization already has: checked before the write, so two operators
-/// creating the same name at the same instant can both succeed (names are not unique in the store:
-/// organizations named alike before this check existed stay valid).
+/// unless allowed, a name a live organization already has: checked in the store's transaction, so
+/// of two operators creating one name at once only one succeeds (names are not unique in the
+/// schema: organizations named alike before this check existed stay valid).
 pub async fn create_organization(
     store: &dyn Store,
     spec: &OrgSpec<'_>,
@@ -1916,41 +1916,35 @@ pub async fn create_organization(
     if let Some(taken) = store.get_tenant_record(tenant.id).await? {
         return Err(id_taken(taken));
     }
-    if !spec.allow_duplicate_name {
-        let named = keyplane_store::TenantPage {
-            name: Some(&tenant.name),
-            after: None,
-            limit: 1,
-        };
-        if let Some(same) = store.list_tenants(&named).await?.into_iter().next() {
-            return Err(OrgRefused::NameTaken(same.tenant.id, same.tenant.name));
-        }
-    }
-    let (stored, made) = if spec.with_token {
+    let (made, events) = if spec.with_token {
         let created = with_first_token(tenant, CreatedBy::operator(operator));
-        let stored = store
-            .create_tenant_with_credential(
-                &created.tenant,
-                &created.token.credential,
-                &organization_created(&created, VIA, Some(operator)),
-            )
-            .await;
+        let events = organization_created(&created, VIA, Some(operator)).to_vec();
         let made = OrgMade {
             tenant: created.tenant,
             token: Some(created.token),
         };
-        (stored, made)
+        (made, events)
     } else {
-        let event = tenant_created_event(&tenant, VIA).operated_by(operator);
-        let stored = store.create_tenant(&tenant, &[event]).await;
+        let events = vec![tenant_created_event(&tenant, VIA).operated_by(operator)];
         let made = OrgMade {
             tenant,
             token: None,
         };
-        (stored, made)
+        (made, events)
     };
+    let stored = store
+        .create_tenant(&keyplane_store::NewTenant {
+            tenant: &made.tenant,
+            credential: made.token.as_ref().map(|token| &token.credential),
+            events: &events,
+            unique_name: !spec.allow_duplicate_name,
+        })
+        .await;
     match stored {
-        Ok(()) => {}
+        Ok(keyplane_store::TenantCreated::Created) => {}
+        Ok(keyplane_store::TenantCreated::NameTaken(same)) => {
+            return Err(OrgRefused::NameTaken(same.id, same.name))
+        }
         // The id was taken meanwhile (the only unique key a new tenant has, bar the token's
         // random secret).
         Err(StoreError::Conflict(_)) => match store.get_tenant_record(made.tenant.id).await? {

@@ -928,14 +928,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     /// A page of live organizations (deleted ones, tombstones, are not listed) in creation order
-    /// (`created_at`, then id), each with its registry's project if it has one: `admin list-orgs`,
-    /// and the duplicate-name check of `admin create-org`.
+    /// (`created_at`, then id), each with its registry's project if it has one: `admin list-orgs`.
     async fn list_tenants(&self, page: &TenantPage<'_>) -> Result<Vec<TenantListing>, StoreError>;
 
-    /// A tenant without any credential (`admin create-org --no-token`), and `events` in the same
-    /// transaction. `Conflict` if its id is taken.
-    async fn create_tenant(&self, tenant: &Tenant, events: &[AuditEvent])
-        -> Result<(), StoreError>;
+    /// `admin create-org`: the tenant, its first credential if given, and the events, in one
+    /// transaction. `Conflict` if its id is taken. With [`NewTenant::unique_name`], the check that
+    /// no live organization has its name is made in the same transaction, serialised with every
+    /// other such creation (SQLite's write lock, taken first; on PostgreSQL a transaction-scoped
+    /// advisory lock on the name): of two creating one name at once, exactly one creates it.
+    async fn create_tenant(&self, new: &NewTenant<'_>) -> Result<TenantCreated, StoreError>;
 
     /// The tenant as stored, deleted or not: what `admin audit`, the access review and
     /// `admin delete-org` read (every other lookup, [`Store::get_tenant`], takes a deleted tenant
@@ -987,6 +988,24 @@ pub struct TenantListing {
     pub tenant: Tenant,
     /// Its registry's project, if the registry is enabled.
     pub registry_project: Option<String>,
+}
+
+/// What [`Store::create_tenant`] writes.
+pub struct NewTenant<'a> {
+    pub tenant: &'a Tenant,
+    /// Its first credential (`None`: `admin create-org --no-token`).
+    pub credential: Option<&'a Credential>,
+    pub events: &'a [AuditEvent],
+    /// Refuse it if a live organization has its name (a deleted one's name may be taken again).
+    pub unique_name: bool,
+}
+
+/// What [`Store::create_tenant`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TenantCreated {
+    Created,
+    /// Nothing: this live organization has the name (the first created of those that have it).
+    NameTaken(Tenant),
 }
 
 /// A tenant as stored, with when it was deleted ([`Store::get_tenant_record`]).

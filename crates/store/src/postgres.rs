@@ -166,6 +166,10 @@ fn supported_server(version_num: i32, version: &str) -> Result<(), StoreError> {
     )))
 }
 
+/// The first key of the advisory locks on organization names ([`PostgresStore::lock_tenant_name`]):
+/// "kpnm".
+const TENANT_NAME_LOCKS: i32 = 0x6b70_6e6d;
+
 /// The channel replicas use to tell each other which subjects' cached verifications are stale.
 const CHANNEL: &str = "keyplane_invalidation";
 
@@ -195,6 +199,22 @@ impl PostgresStore {
     /// `admin delete-org`'s final transaction, holding the row, waits for.
     pub(crate) const TENANT_ROW_SHARE: &'static str =
         "SELECT COUNT(*) FROM (SELECT 1 FROM tenants WHERE id = $1 FOR SHARE) locked";
+
+    /// Makes the transactions creating a tenant named `name` take turns until they end: a
+    /// transaction-scoped advisory lock on (a class of keyplane's own, the name's hash), so no two
+    /// both find the name free and insert it. Two names of one hash only wait for each other.
+    /// The two-key form: its keys never meet sqlx's migration lock, which takes the one-key form.
+    async fn lock_tenant_name(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(TENANT_NAME_LOCKS)
+            .bind(name)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
 
     /// Locks a webhook's deliveries in the order every write of several of them takes them (see
     /// [`Self::ROW_LOCK`]), so that deleting it (a cascade, whose plan picks its own order) does

@@ -2354,22 +2354,12 @@ macro_rules! impl_store {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
-            #[tracing::instrument(skip_all, fields(tenant.id = %tenant.id))]
+            #[tracing::instrument(skip_all, fields(tenant.id = %new.tenant.id))]
             async fn create_tenant(
                 &self,
-                tenant: &keyplane_core::Tenant,
-                events: &[keyplane_core::AuditEvent],
-            ) -> Result<(), $crate::StoreError> {
-                self.write(async {
-                    let mut tx = self.writer.begin().await?;
-                    Self::insert_tenant(&mut tx, tenant).await?;
-                    for event in events {
-                        Self::append_audit(&mut tx, event).await?;
-                    }
-                    tx.commit().await?;
-                    Ok(())
-                })
-                .await
+                new: &$crate::NewTenant<'_>,
+            ) -> Result<$crate::TenantCreated, $crate::StoreError> {
+                self.tenant_create(new).await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %id))]

@@ -262,6 +262,15 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// A write transaction begun with [`Self::BEGIN_WRITE`] holds the store's write lock: other
+    /// creations wait for it, whatever the name.
+    async fn lock_tenant_name(
+        _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        _name: &str,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// SQLite locks the whole store for a write: no row locks (see [`crate::webhooks`]'s
     /// `in_lock_order`).
     pub(crate) const ROW_LOCK: &'static str = "";

@@ -1,5 +1,10 @@
-//! Deleting a tenant (`admin delete-org`): its tombstone, what it holds, and the purge. Shared by
-//! both backends through [`impl_tenant_purge!`], like [`crate::sql`].
+//! Creating a tenant under a name no live one has (`admin create-org`), and deleting a tenant
+//! (`admin delete-org`): its tombstone, what it holds, and the purge. Shared by both backends
+//! through [`impl_tenant_purge!`], like [`crate::sql`].
+
+/// The first created live tenant named `$1` (a deleted one's name is free again).
+pub(crate) const SELECT_LIVE_TENANT_NAMED: &str = "SELECT id, name, created_at FROM tenants \
+     WHERE name = $1 AND deleted_at IS NULL ORDER BY created_at, id LIMIT 1";
 
 /// The tenant, deleted or not.
 pub(crate) const SELECT_TENANT_RECORD: &str =
@@ -63,11 +68,55 @@ impl From<TenantRecordRow> for crate::TenantRecord {
     }
 }
 
-/// Implements the tenant-deletion helpers the [`crate::Store`] methods of `$store` (over `$db`)
-/// call.
+/// Implements the tenant creation and deletion helpers the [`crate::Store`] methods of `$store`
+/// (over `$db`) call.
 macro_rules! impl_tenant_purge {
     ($store:ty, $db:ty) => {
         impl $store {
+            async fn tenant_create(
+                &self,
+                new: &$crate::NewTenant<'_>,
+            ) -> Result<$crate::TenantCreated, $crate::StoreError> {
+                let outcome = self.write_if(
+                    async {
+                        // Immediate on SQLite: the check and the insert under one write lock
+                        // (a deferred transaction would read, then fail to write once another
+                        // process had written).
+                        let mut tx = self.writer.begin_with(Self::BEGIN_WRITE).await?;
+                        if new.unique_name {
+                            // Names are not unique in the schema (organizations named alike
+                            // before the check existed stay valid), so creations of one name
+                            // take turns instead.
+                            Self::lock_tenant_name(&mut tx, &new.tenant.name).await?;
+                            let named: Option<$crate::rows::TenantRow> =
+                                sqlx::query_as($crate::tenants::SELECT_LIVE_TENANT_NAMED)
+                                    .bind(&new.tenant.name)
+                                    .fetch_optional(&mut *tx)
+                                    .await?;
+                            if let Some(named) = named {
+                                return Ok($crate::TenantCreated::NameTaken(named.into()));
+                            }
+                        }
+                        Self::insert_tenant(&mut tx, new.tenant).await?;
+                        if let Some(credential) = new.credential {
+                            bind_credential(
+                                sqlx::query($crate::sql::INSERT_CREDENTIAL),
+                                credential,
+                            )
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        for event in new.events {
+                            Self::append_audit(&mut tx, event).await?;
+                        }
+                        tx.commit().await?;
+                        Ok($crate::TenantCreated::Created)
+                    },
+                    |created| *created == $crate::TenantCreated::Created,
+                );
+                outcome.await
+            }
+
             async fn count_of(
                 executor: impl sqlx::Executor<'_, Database = $db>,
                 sql: &str,

@@ -11,7 +11,7 @@ use keyplane_core::{
 use keyplane_store::testing::{Backend, TestDatabase};
 use keyplane_store::{
     CredentialUse, GrantFilter, IdempotencyClaim, IdempotencyRecord, IdempotentAnswer, KeptAnswer,
-    ListCredentials, Store, StoreError, StoredResponse,
+    ListCredentials, NewTenant, Store, StoreError, StoredResponse, TenantCreated,
 };
 use rand::rngs::OsRng;
 use std::sync::Arc;
@@ -5541,7 +5541,8 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
             name: name.into(),
             created_at: at,
         };
-        store.create_tenant(&tenant, &[ev()]).await.unwrap();
+        let created = create_bare_tenant(store.as_ref(), &tenant, false).await;
+        assert_eq!(created.unwrap(), TenantCreated::Created);
         made.push(tenant);
     }
     made.sort_by_key(|t| (t.created_at, t.id.as_uuid()));
@@ -5591,7 +5592,7 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
         ..made[0].clone()
     };
     assert!(matches!(
-        store.create_tenant(&again, &[ev()]).await,
+        create_bare_tenant(store.as_ref(), &again, false).await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(
@@ -5600,8 +5601,84 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
     );
 }
 
+/// `create_tenant` without a credential (`admin create-org --no-token`), with one event.
+async fn create_bare_tenant(
+    store: &dyn Store,
+    tenant: &Tenant,
+    unique_name: bool,
+) -> Result<TenantCreated, StoreError> {
+    store
+        .create_tenant(&NewTenant {
+            tenant,
+            credential: None,
+            events: &[ev()],
+            unique_name,
+        })
+        .await
+}
+
+/// Two operators running `admin create-org --name N` at once: two processes, each with a store of
+/// its own on one database. Of each pair exactly one creates the organization and the other is
+/// told which one has the name. Then a name taken only by a deleted organization is free, and
+/// without `unique_name` (`--allow-duplicate-name`) a taken one is created again.
+async fn one_name_created_at_once_is_created_once(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let one = keyplane_store::connect(&db.url).await.unwrap();
+    let other = keyplane_store::connect(&db.url).await.unwrap();
+    let named = |name: &str| Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        created_at: now(),
+    };
+    // Each pair's check and insert are fractions of a millisecond: several pairs, so that
+    // without serialisation some pair interleaves.
+    for attempt in 0..40 {
+        let name = format!("acme-{attempt}");
+        let (a, b) = (named(&name), named(&name));
+        let (first, second) = tokio::join!(
+            create_bare_tenant(one.as_ref(), &a, true),
+            create_bare_tenant(other.as_ref(), &b, true)
+        );
+        match (first.unwrap(), second.unwrap()) {
+            (TenantCreated::Created, TenantCreated::NameTaken(taken)) => assert_eq!(taken, a),
+            (TenantCreated::NameTaken(taken), TenantCreated::Created) => assert_eq!(taken, b),
+            both => panic!("attempt {attempt}: {both:?}"),
+        }
+        let listed = one
+            .list_tenants(&keyplane_store::TenantPage {
+                name: Some(&name),
+                after: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "attempt {attempt}: {listed:?}");
+    }
+
+    let first = named("initech");
+    let created = create_bare_tenant(one.as_ref(), &first, true).await;
+    assert_eq!(created.unwrap(), TenantCreated::Created);
+    let same = named("initech");
+    let refused = create_bare_tenant(other.as_ref(), &same, true).await;
+    assert_eq!(refused.unwrap(), TenantCreated::NameTaken(first.clone()));
+    assert_eq!(other.get_tenant(same.id).await.unwrap(), None);
+    let allowed = create_bare_tenant(other.as_ref(), &same, false).await;
+    assert_eq!(allowed.unwrap(), TenantCreated::Created);
+    // Both deleted: the name is free again.
+    for tenant in [first.id, same.id] {
+        one.purge_tenant(tenant, now(), 3, &deleted_event(tenant))
+            .await
+            .unwrap()
+            .expect("deleted now");
+    }
+    let again = named("initech");
+    let created = create_bare_tenant(other.as_ref(), &again, true).await;
+    assert_eq!(created.unwrap(), TenantCreated::Created);
+}
+
 store_suite! {
     tenants_page_in_creation_order_and_by_name,
+    one_name_created_at_once_is_created_once,
 }
 
 store_suite! {

@@ -244,8 +244,8 @@ impl FaultyStore {
         self.audit_appends_down.store(down, Ordering::SeqCst);
     }
 
-    /// The next create or rotate (a credential, registry, grant or webhook) waits before it
-    /// reaches the store until the returned [`HeldChange`] is released.
+    /// The next create or rotate (an organization, credential, registry, grant or webhook) waits
+    /// before it reaches the store until the returned [`HeldChange`] is released.
     pub fn hold_next_change(&self) -> HeldChange {
         self.hold_next_change.arm()
     }
@@ -1138,11 +1138,10 @@ impl Store for FaultyStore {
 
     async fn create_tenant(
         &self,
-        tenant: &Tenant,
-        events: &[AuditEvent],
-    ) -> Result<(), StoreError> {
+        new: &keyplane_store::NewTenant<'_>,
+    ) -> Result<keyplane_store::TenantCreated, StoreError> {
         self.check()?;
-        self.inner.create_tenant(tenant, events).await
+        self.change(self.inner.create_tenant(new)).await
     }
 
     async fn get_tenant_record(

@@ -20,6 +20,7 @@ mod listener_health;
 mod logs;
 mod oidc;
 mod operations;
+mod organizations;
 mod pg_proxy;
 mod revocations;
 mod revoke_org;
