@@ -20,6 +20,7 @@ enum Arg {
     Int(i64),
     Id(Uuid),
     Time(DateTime<Utc>),
+    Text(&'static str),
 }
 
 /// One query on both backends, and the index that must serve it.
@@ -78,6 +79,7 @@ impl Planned {
                         Arg::Int(v) => arguments.add(v),
                         Arg::Id(v) => arguments.add(v),
                         Arg::Time(v) => arguments.add(v),
+                        Arg::Text(v) => arguments.add(v),
                     }
                     .expect("encode an argument");
                 }
@@ -246,14 +248,64 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         "webhook_deliveries_by_status",
         true,
     ));
+    let last_listed = keyplane_core::Tenant {
+        id: TenantId::new(),
+        name: "org2500".into(),
+        created_at: Utc::now() - TimeDelta::days(2),
+    };
+    // The few organizations of a name may be sorted; all of them are read in the index's order.
+    for (what, page, index, in_order) in [
+        (
+            "organizations, first page",
+            (None, None),
+            "tenants_listing",
+            true,
+        ),
+        (
+            "organizations, next page",
+            (None, Some(&last_listed)),
+            "tenants_listing",
+            true,
+        ),
+        (
+            "organizations of a name, next page",
+            (Some("org7"), Some(&last_listed)),
+            "tenants_by_name",
+            false,
+        ),
+    ] {
+        let page = crate::TenantPage {
+            name: page.0,
+            after: page.1,
+            limit: 500,
+        };
+        all.push(Planned::built(
+            what,
+            PostgresStore::tenant_list_query(&page),
+            SqliteStore::tenant_list_query(&page),
+            index,
+            in_order,
+        ));
+    }
+    all.push(Planned::sql(
+        "the first live organization of a name",
+        crate::tenants::SELECT_LIVE_TENANT_NAMED,
+        &[Arg::Text("org7")],
+        "tenants_by_name",
+        true,
+    ));
     all
 }
 
 /// Rows of the tenant `$1` as one that has been around for a while has them, and the webhook,
 /// target and actor `$2` among others (both spelled into the text): 20,000 credentials, 10,000
-/// audit events between 30,000 of other tenants, 20,000 deliveries over 50 webhooks.
+/// audit events between 30,000 of other tenants, 20,000 deliveries over 50 webhooks; and 5,000
+/// other organizations, one in ten deleted.
 const POSTGRES_ROWS: &[&str] = &[
     "INSERT INTO tenants (id, name, created_at) VALUES ($1, 'plans', now())",
+    "INSERT INTO tenants (id, name, created_at, deleted_at) \
+     SELECT md5('org' || g)::uuid, 'org' || (g % 1000), now() - g * interval '1 minute', \
+     CASE WHEN g % 10 = 0 THEN now() END FROM generate_series(1, 5000) g",
     "INSERT INTO credentials (id, tenant_id, kind, name, secret_hash, display_prefix, last4, scopes, \
      expires_at, created_at, updated_at, revoked_at, previous_secret_hash, previous_secret_expires_at, \
      expiry_notice_days) \

@@ -595,6 +595,33 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            /// The statement `list_tenants` runs: only the conditions that apply, as in
+            /// [`Self::credential_list_query`], and the cursor as one row comparison, which
+            /// seeks the listing index (`created_at > $n OR (created_at = $n AND id > $m)`
+            /// would read every organization before the page).
+            pub(crate) fn tenant_list_query(
+                page: &$crate::TenantPage<'_>,
+            ) -> sqlx::QueryBuilder<'static, $db> {
+                let mut sql = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT t.id, t.name, t.created_at, r.project FROM tenants t \
+                     LEFT JOIN registries r ON r.tenant_id = t.id WHERE t.deleted_at IS NULL",
+                );
+                if let Some(name) = page.name {
+                    sql.push(" AND t.name = ");
+                    sql.push_bind(name.to_owned());
+                }
+                if let Some(after) = page.after {
+                    sql.push(" AND (t.created_at, t.id) > (");
+                    sql.push_bind(after.created_at);
+                    sql.push(", ");
+                    sql.push_bind(after.id.as_uuid());
+                    sql.push(")");
+                }
+                sql.push(" ORDER BY t.created_at, t.id LIMIT ");
+                sql.push_bind(i64::from(page.limit));
+                sql
+            }
+
             /// The statement `list_credentials` runs.
             pub(crate) fn credential_list_query(
                 query: &$crate::ListCredentials,
@@ -2329,26 +2356,7 @@ macro_rules! impl_store {
                 &self,
                 page: &$crate::TenantPage<'_>,
             ) -> Result<Vec<$crate::TenantListing>, $crate::StoreError> {
-                // Only the conditions that apply, as in `credential_list_query`.
-                let mut sql = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT t.id, t.name, t.created_at, r.project FROM tenants t \
-                     LEFT JOIN registries r ON r.tenant_id = t.id WHERE t.deleted_at IS NULL",
-                );
-                if let Some(name) = page.name {
-                    sql.push(" AND t.name = ");
-                    sql.push_bind(name.to_owned());
-                }
-                if let Some(after) = page.after {
-                    sql.push(" AND (t.created_at > ");
-                    sql.push_bind(after.created_at);
-                    sql.push(" OR (t.created_at = ");
-                    sql.push_bind(after.created_at);
-                    sql.push(" AND t.id > ");
-                    sql.push_bind(after.id.as_uuid());
-                    sql.push("))");
-                }
-                sql.push(" ORDER BY t.created_at, t.id LIMIT ");
-                sql.push_bind(i64::from(page.limit));
+                let mut sql = Self::tenant_list_query(page);
                 let rows: Vec<$crate::rows::TenantListingRow> =
                     sql.build_query_as().fetch_all(&self.pool).await?;
                 Ok(rows.into_iter().map(Into::into).collect())
