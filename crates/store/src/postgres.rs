@@ -260,23 +260,32 @@ impl PostgresStore {
     /// subject alone, as every release has sent it. A listener of this release hears the pair as
     /// [`Invalidation::InTenant`](crate::Invalidation::InTenant), so that only that tenant's
     /// revocation streams look; one of a release before ignores the first (not a UUID) and
-    /// invalidates by the second, so replicas of both releases can share a database.
+    /// invalidates by the second, so replicas of both releases can share a database. (One notice
+    /// carrying both would go unheard by those listeners during a rolling upgrade.)
+    ///
+    /// One round trip: the two as two statements of one simple query, which PostgreSQL runs in
+    /// order (one `SELECT pg_notify(..), pg_notify(..)` would not promise which is sent first).
+    /// A simple query takes no parameters: only the channel's constant name and two UUIDs are
+    /// spelled into it, nothing that needs quoting.
     async fn notify_invalidation(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         tenant: keyplane_core::TenantId,
         subject: uuid::Uuid,
     ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(tenant_notice(tenant, subject))
-            .execute(&mut **tx)
-            .await?;
-        let sender: i32 = sqlx::query_scalar("SELECT pg_backend_pid() FROM pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(subject.to_string())
-            .fetch_one(&mut **tx)
-            .await?;
+        use sqlx::Row;
+        let statements = format!(
+            "SELECT pg_notify('{CHANNEL}', '{notice}'); \
+             SELECT pg_backend_pid() FROM pg_notify('{CHANNEL}', '{subject}')",
+            notice = tenant_notice(tenant, subject),
+        );
+        // A query without arguments goes as a simple query.
+        let rows = sqlx::Executor::fetch_all(&mut **tx, statements.as_str()).await?;
+        // The second statement's row (the first's is its `void`).
+        let sender: i32 = rows
+            .last()
+            .ok_or_else(|| StoreError::Other(anyhow::anyhow!("pg_backend_pid() answered no row")))?
+            .try_get(0)?;
         // Before the commit, which may deliver it to the listener before this task runs again.
         self.sent.note(sender, subject);
         Ok(())
