@@ -873,9 +873,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }) => {
             let store = store.open_read_only().await?;
             // A deleted organization's trail and review stay readable (its tombstone).
-            if store.get_tenant_record(org).await?.is_none() {
+            let Some(record) = store.get_tenant_record(org).await? else {
                 anyhow::bail!("no organization with id {org}");
-            }
+            };
             match verify_audit(store.as_ref(), org).await? {
                 Ok(checked) => {
                     match pruning_record(store.as_ref(), org).await? {
@@ -900,6 +900,22 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                                 at = keyplane_core::audit::canonical_time(by.event.occurred_at),
                                 days = detail("retention_days"),
                                 cutoff = detail("cutoff"),
+                            );
+                        }
+                        // Retention prunes a deleted organization's trail without an
+                        // `audit.pruned`: its trail ends with `organization.deleted`.
+                        Pruning::Unrecorded { anchor } if record.deleted_at.is_some() => {
+                            println!(
+                                "audit chain of {org} intact: {checked} events checked after seq \
+                                 {through}; events up to seq {through} are gone (anchor {hash}): \
+                                 the organization was deleted ({at}), and retention prunes a \
+                                 deleted organization's trail without an audit.pruned event",
+                                through = anchor.anchor_seq,
+                                hash = keyplane_core::audit::hash_hex(&anchor.anchor_hash),
+                                at = record
+                                    .deleted_at
+                                    .map(keyplane_core::audit::canonical_time)
+                                    .unwrap_or_default(),
                             );
                         }
                         Pruning::Unrecorded { anchor } => {

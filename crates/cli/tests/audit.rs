@@ -27,6 +27,7 @@ both_stores!(
     a_torn_last_line_does_not_swallow_the_next_event,
     registry_key_changes_are_in_the_trail_of_each_registry,
     verify_says_an_anchor_no_pruning_recorded,
+    verify_says_why_a_deleted_organizations_anchor_has_no_pruning_record,
     creators_outlive_retention_and_admin_events_name_the_operator,
     admin_events_under_sudo_name_who_ran_sudo,
 );
@@ -670,21 +671,56 @@ async fn registry_key_changes_are_in_the_trail_of_each_registry(backend: Backend
     assert!(output.status.success(), "{}", output.describe());
 }
 
-/// Events deleted from the start of the chain with an anchor set to match verify as a pruned
-/// chain would; but no `audit.pruned` event records that pruning, and `verify` says so rather
-/// than "intact".
-async fn verify_says_an_anchor_no_pruning_recorded(backend: Backend) {
-    let (store, org) = four_tokens(backend).await;
-    let hex = keyplane_core::audit::hash_hex(&stored_events(&store, &org).await[1].chain_hash);
-    tamper(&store, "DELETE FROM audit_events WHERE seq <= 2").await;
+/// Deletes the organization's first two events and moves the anchor to match, as a pruning
+/// would, but with no `audit.pruned` event to record it (the store's only organization).
+async fn prune_first_two_unrecorded(store: &TestStore, org: &Org) {
+    let hex = keyplane_core::audit::hash_hex(&stored_events(store, org).await[1].chain_hash);
+    tamper(store, "DELETE FROM audit_events WHERE seq <= 2").await;
     tamper(
-        &store,
+        store,
         &format!(
             "INSERT INTO audit_chain_anchors (tenant_id, seq, chain_hash) \
              SELECT tenant_id, 2, '{hex}' FROM audit_chain_heads"
         ),
     )
     .await;
+}
+
+/// Retention prunes a deleted organization's trail without appending `audit.pruned` (the trail
+/// ends with `organization.deleted`), so its anchor has no record: `verify` says why, and exits 0.
+async fn verify_says_why_a_deleted_organizations_anchor_has_no_pruning_record(backend: Backend) {
+    let (store, org) = four_tokens(backend).await;
+    admin(
+        &store,
+        &[
+            "delete-org",
+            "--org",
+            &org.id,
+            "--reason",
+            "OFF-1",
+            "--confirm-name",
+            "default",
+        ],
+    )
+    .await;
+    prune_first_two_unrecorded(&store, &org).await;
+    let output = verify(&store, &org).await;
+    assert!(output.status.success(), "{}", output.describe());
+    assert!(
+        output.stdout.contains("intact")
+            && output.stdout.contains("up to seq 2")
+            && output.stdout.contains("the organization was deleted"),
+        "{}",
+        output.describe()
+    );
+}
+
+/// Events deleted from the start of the chain with an anchor set to match verify as a pruned
+/// chain would; but no `audit.pruned` event records that pruning, and `verify` says so rather
+/// than "intact".
+async fn verify_says_an_anchor_no_pruning_recorded(backend: Backend) {
+    let (store, org) = four_tokens(backend).await;
+    prune_first_two_unrecorded(&store, &org).await;
     let output = verify(&store, &org).await;
     // A script that checks only the exit status must not read this as intact, nor as broken.
     assert_eq!(output.status.code(), Some(3), "{}", output.describe());

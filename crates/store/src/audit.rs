@@ -439,8 +439,8 @@ macro_rules! impl_audit {
 
             /// Deletes up to `batch` of the oldest events, older than `before`, of a tenant whose
             /// chain begins with such an event, only as a prefix of its chain, moves its anchor to
-            /// the last one deleted and appends `pruned`'s event there. 0: no tenant's chain
-            /// begins with one.
+            /// the last one deleted and appends `pruned`'s event there (not in a deleted
+            /// tenant's trail). 0: no tenant's chain begins with one.
             async fn prune_audit_batch(
                 pool: &sqlx::Pool<$db>,
                 before: chrono::DateTime<chrono::Utc>,
@@ -476,12 +476,27 @@ macro_rules! impl_audit {
                     .bind(AUDIT_PRUNED)
                     .fetch_all(&mut *tx)
                     .await?;
+                let Some((tenant, ..)) = rows.first() else {
+                    return Ok(0);
+                };
+                // A deleted organization's trail ends with its `organization.deleted`: retention
+                // prunes it as any other, but appends nothing after that end, and what it leaves
+                // needs no `audit.pruned` to vouch for it. Its row first (FOR SHARE on
+                // PostgreSQL, as every writer of the tenant's events takes it before the head),
+                // so a deletion committing meanwhile is waited for and seen.
+                let tombstone: Option<(bool,)> = sqlx::query_as(Self::TENANT_DELETED_SHARE)
+                    .bind(tenant)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let tenant_deleted = tombstone.is_some_and(|(deleted,)| deleted);
                 // The prefix: events before the tenant's first one that is still young enough,
                 // less the `audit.pruned` events at its end (kept until an older event of another
                 // kind goes with them), unless it holds nothing else (a batch of them only).
                 let mut prefix: Vec<_> = rows.iter().take_while(|row| row.3 < before).collect();
                 if let Some(last_other) = prefix.iter().rposition(|row| row.4 != AUDIT_PRUNED) {
-                    prefix.truncate(last_other + 1);
+                    if !tenant_deleted {
+                        prefix.truncate(last_other + 1);
+                    }
                 }
                 let Some((tenant, last_seq, last_hash, _, _)) = prefix.last() else {
                     return Ok(0);
@@ -506,6 +521,10 @@ macro_rules! impl_audit {
                 .bind(last_hash)
                 .execute(&mut *tx)
                 .await?;
+                if tenant_deleted {
+                    tx.commit().await?;
+                    return Ok(deleted);
+                }
                 let record = pruned(&$crate::PrunedPrefix {
                     tenant_id: keyplane_core::TenantId::from_uuid(*tenant),
                     through_seq: u64::try_from(*last_seq).unwrap_or(0),

@@ -675,7 +675,9 @@ pub trait Store: Send + Sync + 'static {
     /// same events at once). Events are pruned in chain order: an old event behind a younger one
     /// (times need not follow the chain) stays until that one is old too, and does not hold up
     /// other tenants'. `audit.pruned` events are pruned only with an older event of another
-    /// action, so that pruning, which appends one, ends.
+    /// action, so that pruning, which appends one, ends. A deleted tenant's trail (ending with
+    /// its `organization.deleted`) is pruned without `pruned`'s event: nothing is appended after
+    /// its end, and the last of it, the deletion's event, goes once it is old too.
     async fn prune_audit_events(
         &self,
         before: DateTime<Utc>,

@@ -200,6 +200,11 @@ impl PostgresStore {
     pub(crate) const TENANT_ROW_SHARE: &'static str =
         "SELECT COUNT(*) FROM (SELECT 1 FROM tenants WHERE id = $1 FOR SHARE) locked";
 
+    /// Whether the tenant is deleted, its row read `FOR SHARE` (see [`Self::TENANT_ROW_SHARE`]):
+    /// a deletion under way is waited for, and its outcome read.
+    pub(crate) const TENANT_DELETED_SHARE: &'static str =
+        "SELECT deleted_at IS NOT NULL FROM tenants WHERE id = $1 FOR SHARE";
+
     /// Makes the transactions creating a tenant named `name` take turns until they end: a
     /// transaction-scoped advisory lock on (a class of keyplane's own, the name's hash), so no two
     /// both find the name free and insert it. Two names of one hash only wait for each other.

@@ -278,6 +278,11 @@ impl SqliteStore {
     /// SQLite has no row locks: a read of the row (see `PostgresStore::TENANT_ROW_SHARE`).
     pub(crate) const TENANT_ROW_SHARE: &'static str = "SELECT COUNT(*) FROM tenants WHERE id = $1";
 
+    /// SQLite has no row locks: whether the tenant is deleted (see
+    /// `PostgresStore::TENANT_DELETED_SHARE`).
+    pub(crate) const TENANT_DELETED_SHARE: &'static str =
+        "SELECT deleted_at IS NOT NULL FROM tenants WHERE id = $1";
+
     /// SQLite locks the whole store for a write: no row order to keep.
     async fn lock_webhook_deliveries(
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,

@@ -2332,6 +2332,7 @@ store_suite! {
     pruning_keeps_the_rest_of_the_chain_verifiable,
     pruning_passes_over_a_chain_that_begins_young,
     pruning_records_itself_in_the_chain,
+    pruning_a_deleted_tenants_trail_appends_nothing,
     a_failed_change_writes_no_event,
     console_sessions_live_until_idle_or_ended,
     a_console_secret_is_taken_once,
@@ -2531,6 +2532,72 @@ async fn pruning_passes_over_a_chain_that_begins_young(backend: Backend) {
         "the young one and the record"
     );
     assert_eq!(verify_chain(store, young_first).await, 4);
+}
+
+/// A deleted organization's trail ends with its `organization.deleted`: retention prunes its old
+/// events as any (the rest stays verifiable from the anchor) but appends no `audit.pruned` after
+/// that end; once the deletion's own event is old, the rest of the trail goes, and still nothing
+/// is appended.
+async fn pruning_a_deleted_tenants_trail_appends_nothing(backend: Backend) {
+    use keyplane_core::audit::actions::ORGANIZATION_DELETED;
+    let db = TestDatabase::new(backend).await;
+    let store = keyplane_store::connect(&db.url).await.unwrap();
+    let store = store.as_ref();
+    let old = now() - TimeDelta::days(500);
+    let tenant = Tenant {
+        id: TenantId::new(),
+        name: "gone".into(),
+        created_at: old,
+    };
+    create_bare_tenant(store, &tenant, false).await.unwrap();
+    for _ in 0..3 {
+        store
+            .append_audit_event(&event_in(tenant.id, old))
+            .await
+            .unwrap();
+    }
+    store
+        .purge_tenant(tenant.id, now(), 2, &deleted_event(tenant.id))
+        .await
+        .unwrap()
+        .expect("deleted now");
+    let prune_all = |cutoff| async move {
+        let mut deleted = Vec::new();
+        for _ in 0..10 {
+            match store
+                .prune_audit_events(cutoff, 2, &pruned_event)
+                .await
+                .unwrap()
+            {
+                0 => return deleted,
+                n => deleted.push(n),
+            }
+        }
+        panic!("pruning does not end: {deleted:?}");
+    };
+
+    // The old events, two at a time; the deletion's event stays, last.
+    assert_eq!(prune_all(now() - TimeDelta::days(400)).await, [2, 1]);
+    assert!(pruning_records(store, tenant.id).await.is_empty());
+    let state = store.audit_chain_state(tenant.id).await.unwrap();
+    assert_eq!(state.anchor_seq, 3);
+    let left = store
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant.id, 0, 100))
+        .await
+        .unwrap();
+    let actions: Vec<_> = left
+        .iter()
+        .map(|e| (e.seq, e.event.action.as_str()))
+        .collect();
+    assert_eq!(actions, [(state.head_seq, ORGANIZATION_DELETED)]);
+    assert_eq!(verify_chain(store, tenant.id).await, 1);
+
+    // The deletion's event old too (and the other tenant's, whose pruning is recorded there).
+    assert_eq!(prune_all(now() + TimeDelta::days(1)).await, [1, 1]);
+    let state = store.audit_chain_state(tenant.id).await.unwrap();
+    assert_eq!(state.anchor_seq, state.head_seq);
+    assert_eq!(verify_chain(store, tenant.id).await, 0);
+    assert!(pruning_records(store, tenant.id).await.is_empty());
 }
 
 /// A pruning's `audit.pruned` event, as retention makes it.
