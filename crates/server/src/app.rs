@@ -115,7 +115,11 @@ impl App {
             config.console.absolute_timeout,
         );
         let costly_grants = crate::registry::CostlyGrants::new(&config.registry);
-        let clock_check = crate::clock_check::ClockCheck::new(config.max_clock_skew);
+        let clock_check = crate::clock_check::ClockCheck::new(
+            config.max_clock_skew,
+            config.last_used_flush_interval,
+            config.clock.clone(),
+        );
         Self(Arc::new(Inner {
             store,
             config,

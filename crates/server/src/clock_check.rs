@@ -5,6 +5,10 @@
 //! then periodically; while it is off by more than `Config::max_clock_skew`, the jobs that change
 //! the store by it are held ([`ClockCheck::allows`]), and the difference is logged (once on
 //! entering, once on leaving), shown by `/readyz` and exported as `keyplane_clock_skew_seconds`.
+//! A verdict holds only while it is fresh: with no successful measurement for [`STALE_AFTER`] (or
+//! three check intervals, if longer) the clock is `Unknown` again, which holds the jobs too (a
+//! measurement that keeps failing mostly means a database those jobs could not write to anyway,
+//! and a clock stepped meanwhile is what this check is for); the first that succeeds frees them.
 //! SQLite is one process on one machine: nothing to compare with.
 
 use crate::app::App;
@@ -21,6 +25,9 @@ const HELD_JOBS: &str = "the lifecycle sweep (ending grace periods, retiring unu
 const REUSE: Duration = Duration::from_secs(1);
 /// How long one measurement may take: a store that does not answer holds nothing up.
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the last successful measurement's verdict stands without another: past it the clock
+/// is `Unknown` (an `Ok` hours old says nothing of a clock stepped since).
+const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// What is known of this replica's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +36,8 @@ pub(crate) enum ClockStatus {
     Ok,
     /// Off by more than the limit at the last measurement: the time-driven jobs are held.
     Skewed,
-    /// Not measured yet (or no measurement has succeeded since the start): held too.
+    /// Not measured yet, or no measurement has succeeded for [`STALE_AFTER`] (or longer): held
+    /// too.
     Unknown,
     /// Nothing to compare with (SQLite).
     NotChecked,
@@ -42,6 +50,9 @@ pub(crate) struct Measured {
     pub skew: TimeDelta,
     /// When, on this replica's clock.
     pub at: DateTime<Utc>,
+    /// When, on the monotonic clock tests move with the wall clock (`Clock::monotonic`): what
+    /// the verdict's age is read from.
+    pub taken: Instant,
 }
 
 impl Measured {
@@ -57,23 +68,32 @@ pub(crate) struct ClockState {
 }
 
 struct Attempts {
-    /// When the last measurement was attempted (successful or not).
+    /// When the last measurement was attempted (successful or not), on the monotonic clock tests
+    /// move (so that time they make pass is measured anew, not taken for a stale verdict).
     last_at: Option<Instant>,
     /// Whether the last attempts failed: logged once per run of failures.
     failing: bool,
+    /// Whether this run of failures has outlived the last verdict (logged once).
+    stale: bool,
 }
 
 pub(crate) struct ClockCheck {
     limit: Duration,
+    /// How long a verdict stands without a successful measurement.
+    stale_after: Duration,
+    clock: crate::config::Clock,
     state: std::sync::Mutex<ClockState>,
     /// One measurement at a time; those who ask meanwhile take its result.
     attempts: tokio::sync::Mutex<Attempts>,
 }
 
 impl ClockCheck {
-    pub(crate) fn new(limit: Duration) -> Self {
+    /// `check_interval`: how often the background work measures; a verdict outlives three of them.
+    pub(crate) fn new(limit: Duration, check_interval: Duration, clock: crate::config::Clock) -> Self {
         Self {
             limit,
+            stale_after: STALE_AFTER.max(check_interval.saturating_mul(3)),
+            clock,
             state: std::sync::Mutex::new(ClockState {
                 status: ClockStatus::Unknown,
                 last: None,
@@ -81,6 +101,7 @@ impl ClockCheck {
             attempts: tokio::sync::Mutex::new(Attempts {
                 last_at: None,
                 failing: false,
+                stale: false,
             }),
         }
     }
@@ -89,8 +110,23 @@ impl ClockCheck {
         self.limit
     }
 
+    /// The last verdict, `Unknown` once it is older than [`Self::stale_after`] (the skew and
+    /// when it was measured are still shown).
     pub(crate) fn state(&self) -> ClockState {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let mut state = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(state.status, ClockStatus::Ok | ClockStatus::Skewed)
+            && state.last.is_none_or(|last| self.is_stale(&last))
+        {
+            state.status = ClockStatus::Unknown;
+        }
+        state
+    }
+
+    fn is_stale(&self, measured: &Measured) -> bool {
+        self.clock
+            .monotonic()
+            .saturating_duration_since(measured.taken)
+            > self.stale_after
     }
 
     /// Whether `job`, which changes the shared store by this replica's clock, may run now: after a
@@ -123,13 +159,17 @@ impl ClockCheck {
     /// Measures the clock against the database's, unless that was tried within [`REUSE`].
     pub(crate) async fn measure(&self, app: &App) {
         let mut attempts = self.attempts.lock().await;
-        if attempts.last_at.is_some_and(|at| at.elapsed() < REUSE) {
+        let monotonic = || self.clock.monotonic();
+        if attempts
+            .last_at
+            .is_some_and(|at| monotonic().saturating_duration_since(at) < REUSE)
+        {
             return;
         }
         let read = tokio::time::timeout(MEASURE_TIMEOUT, app.store().database_clock()).await;
         // When it ended: a reading that took its whole timeout is not tried again at once by the
         // next job asking.
-        attempts.last_at = Some(Instant::now());
+        attempts.last_at = Some(monotonic());
         let reading = match read {
             Ok(Ok(Some(reading))) => reading,
             Ok(Ok(None)) => {
@@ -143,7 +183,7 @@ impl ClockCheck {
                 if !attempts.failing {
                     tracing::warn!(%error, "cannot read the database's clock to compare this replica's with it; retrying");
                 }
-                attempts.failing = true;
+                self.failed(&mut attempts);
                 return;
             }
             Err(_) => {
@@ -152,7 +192,7 @@ impl ClockCheck {
                         "cannot read the database's clock to compare this replica's with it: no answer within 2 s; retrying"
                     );
                 }
-                attempts.failing = true;
+                self.failed(&mut attempts);
                 return;
             }
         };
@@ -166,10 +206,11 @@ impl ClockCheck {
                     "cannot compare this replica's clock with the database's: the round trip took longer than the allowed difference; retrying"
                 );
             }
-            attempts.failing = true;
+            self.failed(&mut attempts);
             return;
         }
         attempts.failing = false;
+        attempts.stale = false;
         let clock = &app.inner().config.clock;
         // This replica's time when the database read its clock: now, less what passed since.
         let here =
@@ -177,6 +218,7 @@ impl ClockCheck {
         let measured = Measured {
             skew: here - (reading.at + clock.moved()),
             at: here,
+            taken: clock.monotonic(),
         };
         app.inner().metrics.clock_skew(measured.skew_seconds());
         let before = self.state().status;
@@ -225,7 +267,68 @@ impl ClockCheck {
         }
     }
 
+    /// A measurement failed: the verdict stands until it is stale, which is logged once.
+    fn failed(&self, attempts: &mut Attempts) {
+        attempts.failing = true;
+        let stored = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !attempts.stale
+            && matches!(stored.status, ClockStatus::Ok | ClockStatus::Skewed)
+            && self.state().status == ClockStatus::Unknown
+        {
+            attempts.stale = true;
+            tracing::warn!(
+                stale_after_seconds = self.stale_after.as_secs(),
+                "no measurement of this replica's clock has succeeded for {} s: its agreement with the database's is unknown, holding {HELD_JOBS} until one does",
+                self.stale_after.as_secs(),
+            );
+        }
+    }
+
     fn set(&self, state: ClockState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured_now(check: &ClockCheck, status: ClockStatus) {
+        check.set(ClockState {
+            status,
+            last: Some(Measured {
+                skew: TimeDelta::seconds(30),
+                at: check.clock.now(),
+                taken: check.clock.monotonic(),
+            }),
+        });
+    }
+
+    #[test]
+    fn a_verdict_stands_a_minute_or_three_check_intervals() {
+        let clock = crate::config::Clock::default();
+        let check = ClockCheck::new(Duration::from_secs(5), Duration::from_secs(1), clock.clone());
+        for status in [ClockStatus::Ok, ClockStatus::Skewed] {
+            measured_now(&check, status);
+            clock.advance(Duration::from_secs(60));
+            assert_eq!(check.state().status, status);
+            clock.advance(Duration::from_secs(1));
+            let state = check.state();
+            assert_eq!(state.status, ClockStatus::Unknown);
+            assert!(state.last.is_some(), "the old measurement is still shown");
+        }
+        check.set(ClockState {
+            status: ClockStatus::NotChecked,
+            last: None,
+        });
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(check.state().status, ClockStatus::NotChecked);
+
+        let slow = ClockCheck::new(Duration::from_secs(5), Duration::from_secs(30), clock.clone());
+        measured_now(&slow, ClockStatus::Ok);
+        clock.advance(Duration::from_secs(90));
+        assert_eq!(slow.state().status, ClockStatus::Ok);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(slow.state().status, ClockStatus::Unknown);
     }
 }

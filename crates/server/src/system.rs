@@ -107,8 +107,9 @@ enum ReadinessStatus {
 /// public revocation reports.
 #[derive(Serialize, ToSchema)]
 pub struct ClockHealth {
-    /// `ok`; `skewed`: off by more than `limit_seconds`; `unknown`: not measured yet (or every
-    /// measurement failed since the start); `not_checked`: SQLite, one process on one machine.
+    /// `ok`; `skewed`: off by more than `limit_seconds`; `unknown`: not measured yet, or no
+    /// measurement has succeeded for a minute (`skew_seconds` and `checked_at` then show the
+    /// last that did); `not_checked`: SQLite, one process on one machine.
     status: ClockHealthStatus,
     /// This replica's clock less the database's at the last measurement, in seconds (positive:
     /// ahead); `null` if none.

@@ -78,10 +78,11 @@ async fn rotate_with_grace(app: &TestApp, org: &Org, id: &str, grace_seconds: u6
     res.json().await.unwrap()
 }
 
-fn log_lines_with(needle: &str) -> usize {
+/// The captured log lines (every test's) that contain each of `needles`.
+fn log_lines_with(needles: &[&str]) -> usize {
     crate::logs::captured()
         .lines()
-        .filter(|line| line.contains(needle))
+        .filter(|line| needles.iter().all(|needle| line.contains(needle)))
         .count()
 }
 
@@ -160,7 +161,11 @@ async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
     })
     .await;
     assert_eq!(
-        log_lines_with("s ahead of the database's (more than --max-clock-skew-seconds"),
+        // Its own line: other tests' clocks are off by other amounts.
+        log_lines_with(&[
+            "clock is 7",
+            "s ahead of the database's (more than --max-clock-skew-seconds"
+        ]),
         1,
         "one warning on entering"
     );
@@ -177,7 +182,7 @@ async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
     );
     assert!(skew_metric(&ahead).await.abs() < 1.0);
     assert_eq!(
-        log_lines_with("clock agrees with the database's again"),
+        log_lines_with(&["clock agrees with the database's again"]),
         1,
         "one line on leaving"
     );
@@ -206,9 +211,58 @@ async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
     passes(Duration::from_secs(11));
     sweep_right().await;
     assert!(!holding_a_previous_secret(&right).await.contains(&id));
-    // Time passing is no error of either clock.
-    assert_eq!(readiness(&ahead).await["clock"]["status"], "ok");
-    assert_eq!(readiness(&right).await["clock"]["status"], "ok");
+    // Time passing is no error of either clock (an hour passed since their last measurement:
+    // `unknown` until the next one).
+    clock_until(&ahead, "measured after the hour", |clock| clock["status"] == "ok").await;
+    clock_until(&right, "measured after the hour", |clock| clock["status"] == "ok").await;
+}
+
+/// A clock found right, then no longer measured (the database's clock cannot be read): the
+/// verdict does not stand for good. Once it is a minute old the clock is `unknown`, shown with
+/// the old measurement, logged once, and the jobs that cut by it are held; a measurement that
+/// succeeds again frees them.
+#[tokio::test]
+async fn a_verdict_no_measurement_renews_turns_unknown_and_holds_the_jobs() {
+    let config = test_config();
+    let clock = config.clock.clone();
+    let (app, store) = crate::faulty_store::FaultyStore::spawn(Backend::Postgres, config).await;
+    let org = app.create_org("acme").await;
+    let created = app.create_token(&org, "deployer", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    rotate_with_grace(&app, &org, &id, 60).await;
+    clock_until(&app, "measured", |clock| clock["status"] == "ok").await;
+
+    store.set_clock_reads_down(true);
+    // The grace period ends, and the last measurement is more than a minute old.
+    clock.advance(Duration::from_secs(61));
+    keyplane_server::ops::lifecycle_sweep(&app.app)
+        .await
+        .expect("sweep");
+    assert!(
+        holding_a_previous_secret(&app).await.contains(&id),
+        "the sweep cut by a clock last measured over a minute ago"
+    );
+    let shown = readiness(&app).await["clock"].clone();
+    assert_eq!(shown["status"], "unknown", "{shown}");
+    let checked_at = chrono::DateTime::parse_from_rfc3339(shown["checked_at"].as_str().unwrap())
+        .expect("the last measurement's time");
+    assert!(
+        app.app.now() - checked_at.to_utc() >= TimeDelta::seconds(60),
+        "{shown}"
+    );
+    assert!(shown["skew_seconds"].as_f64().unwrap().abs() < 1.0, "{shown}");
+    let stale_line = "no measurement of this replica's clock has succeeded for 60 s";
+    clock_until(&app, "measured and failed again", |_| {
+        log_lines_with(&[stale_line]) > 0
+    })
+    .await;
+
+    store.set_clock_reads_down(false);
+    clock_until(&app, "measured again", |clock| clock["status"] == "ok").await;
+    keyplane_server::ops::lifecycle_sweep(&app.app)
+        .await
+        .expect("sweep");
+    assert!(!holding_a_previous_secret(&app).await.contains(&id));
 }
 
 /// A clock behind is off too: shown with its sign, and the jobs are held the same.

@@ -7,7 +7,8 @@
 //! a create or rotate, to replay a request overtaken while it ran or a process that dies once its
 //! change is made. And it can hold lone events before they are written, as a store that does not
 //! answer, or fail them, or lose one's acknowledgement after its commit. And it can report its writes failing (`Store::write_health`) whatever they
-//! do. And it can answer webhook claims late, as a slow store.
+//! do. And it can answer webhook claims late, as a slow store. And it can fail reading the
+//! database's clock alone.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -36,6 +37,8 @@ pub struct FaultyStore {
     registry_down: AtomicBool,
     /// Only saving the audit export's cursors fails.
     cursor_saves_down: AtomicBool,
+    /// Only reading the database's clock fails.
+    clock_reads_down: AtomicBool,
     /// Once an audit page after this seq is asked for, every event older than the time is pruned
     /// first.
     prune_on_read: std::sync::Mutex<Option<(u64, DateTime<Utc>)>>,
@@ -152,6 +155,7 @@ impl FaultyStore {
             hidden_expiry_stage: AtomicU32::new(u32::MAX),
             registry_down: AtomicBool::new(false),
             cursor_saves_down: AtomicBool::new(false),
+            clock_reads_down: AtomicBool::new(false),
             prune_on_read: std::sync::Mutex::new(None),
             hold_next_change: HoldSlot::default(),
             down_after_next_change: AtomicBool::new(false),
@@ -302,6 +306,11 @@ impl FaultyStore {
         self.cursor_saves_down.store(down, Ordering::SeqCst);
     }
 
+    /// Until set again, `database_clock` alone fails (the clock check's measurements).
+    pub fn set_clock_reads_down(&self, down: bool) {
+        self.clock_reads_down.store(down, Ordering::SeqCst);
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         Self::fail_if(&self.down)
     }
@@ -331,6 +340,7 @@ impl Store for FaultyStore {
 
     async fn database_clock(&self) -> Result<Option<keyplane_store::DatabaseClock>, StoreError> {
         self.check()?;
+        Self::fail_if(&self.clock_reads_down)?;
         self.inner.database_clock().await
     }
 
