@@ -1199,12 +1199,13 @@ const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Deletes events older than `days` days, in bounded batches, at start and then hourly.
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        // Not while this replica's clock is off: a clock ahead would delete events still within
-        // the retention. Asked again soon rather than in an hour.
+        // Not while this replica's clock is off by more than an hour (`ClockJob::AuditRetention`):
+        // a clock ahead would delete events still within the retention. Asked again soon rather
+        // than in an hour.
         if !app
             .inner()
             .clock_check
-            .allows(&app, "audit retention")
+            .allows(&app, crate::clock_check::ClockJob::AuditRetention)
             .await
         {
             tokio::select! {
@@ -1213,7 +1214,8 @@ pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch:
             }
         }
         // `None`: nothing can be that old, so there is nothing to prune.
-        let cutoff = retention_cutoff(crate::ops::now(), days);
+        // By the clock the check measured (the same but in tests, which move it).
+        let cutoff = retention_cutoff(app.now(), days);
         if let Some(cutoff) = cutoff {
             let record = crate::ops::audit_pruned(cutoff, days);
             loop {

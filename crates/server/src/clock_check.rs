@@ -2,9 +2,11 @@
 //! time-driven changes to it by their own clock (a grace period's end, an expiry notice, what is
 //! old enough to prune), for every tenant and for good: one host whose time is off would make
 //! them early (or late) for all. So the clock is measured against the database's, at start and
-//! then periodically; while it is off by more than `Config::max_clock_skew`, the jobs that change
-//! the store by it are held ([`ClockCheck::allows`]), and the difference is logged (once on
-//! entering, once on leaving), shown by `/readyz` and exported as `keyplane_clock_skew_seconds`.
+//! then periodically; while it is off by more than a job tolerates ([`ClockJob`]:
+//! `Config::max_clock_skew` where seconds decide, the larger of it and an hour where the job cuts
+//! at a day or more), the job is held ([`ClockCheck::allows`], `keyplane_clock_jobs_held`), and
+//! the difference is logged (once on entering, once on leaving), shown by `/readyz` and exported
+//! as `keyplane_clock_skew_seconds`.
 //! A verdict holds only while it is fresh: with no successful measurement for [`STALE_AFTER`] (or
 //! three check intervals, if longer) the clock is `Unknown` again, which holds the jobs too (a
 //! measurement that keeps failing mostly means a database those jobs could not write to anyway,
@@ -15,11 +17,81 @@ use crate::app::App;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::{Duration, Instant};
 
-/// The jobs [`ClockCheck::allows`] holds while the clock is off, for the log.
-const HELD_JOBS: &str = "the lifecycle sweep (ending grace periods, retiring unused previous \
-                         secrets, expiry notices), audit retention, Idempotency-Key pruning, \
-                         console session pruning, webhook delivery pruning, disabling failing \
-                         webhooks, giving up old public revocation reports";
+/// A job that changes the shared store by this replica's clock, held by [`ClockCheck::allows`]
+/// while the clock is not known to be within the error the job tolerates. Nothing reads the
+/// database's clock otherwise (every time is bound from this replica's), so a database whose clock
+/// is off costs only these holds: each job is held no longer than its own tolerance requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClockJob {
+    /// Forgetting previous secrets whose grace ended: a grace may be a minute.
+    GracePeriodEnd,
+    /// Retiring a previous secret unused for its period (which may be a minute).
+    UnusedSecretCutover,
+    /// `credential.expired` for a credential that ended within the lenient tolerance: seconds
+    /// decide whether it has (one that ended longer ago has by any clock within it).
+    ExpiredNotice,
+    /// Ending console sessions idle past their timeout (30 minutes by default).
+    ConsoleSessionPrune,
+    /// `credential.expiring`, 30, 7 or 1 days ahead.
+    ExpiringNotice,
+    /// Deleting audit events older than the retention's days.
+    AuditRetention,
+    /// Deleting Idempotency-Key records older than a day.
+    IdempotencyPrune,
+    /// Deleting finished webhook deliveries older than their retention (30 days).
+    WebhookDeliveryPrune,
+    /// Starting a webhook's failing period and disabling it after five days of failures.
+    WebhookDisable,
+    /// Giving up public revocation reports older than a day.
+    LeakReportGiveUp,
+}
+
+impl ClockJob {
+    pub(crate) const ALL: [Self; 10] = [
+        Self::GracePeriodEnd,
+        Self::UnusedSecretCutover,
+        Self::ExpiredNotice,
+        Self::ConsoleSessionPrune,
+        Self::ExpiringNotice,
+        Self::AuditRetention,
+        Self::IdempotencyPrune,
+        Self::WebhookDeliveryPrune,
+        Self::WebhookDisable,
+        Self::LeakReportGiveUp,
+    ];
+
+    /// `keyplane_clock_jobs_held`'s label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::GracePeriodEnd => "grace_period_end",
+            Self::UnusedSecretCutover => "unused_secret_cutover",
+            Self::ExpiredNotice => "expired_notice",
+            Self::ConsoleSessionPrune => "console_session_prune",
+            Self::ExpiringNotice => "expiring_notice",
+            Self::AuditRetention => "audit_retention",
+            Self::IdempotencyPrune => "idempotency_prune",
+            Self::WebhookDeliveryPrune => "webhook_delivery_prune",
+            Self::WebhookDisable => "webhook_disable",
+            Self::LeakReportGiveUp => "leak_report_give_up",
+        }
+    }
+
+    /// Whether a few seconds (or minutes) decide it: held past `--max-clock-skew-seconds`; the
+    /// others, which cut at a day or more, only past [`LENIENT_LIMIT`].
+    fn strict(self) -> bool {
+        matches!(
+            self,
+            Self::GracePeriodEnd
+                | Self::UnusedSecretCutover
+                | Self::ExpiredNotice
+                | Self::ConsoleSessionPrune
+        )
+    }
+}
+
+/// The error the jobs that cut at days tolerate (if the limit is not larger): an hour early or
+/// late on a day or more.
+const LENIENT_LIMIT: Duration = Duration::from_secs(3600);
 
 /// A measurement this recent answers [`ClockCheck::measure`] (every job asks before it runs).
 const REUSE: Duration = Duration::from_secs(1);
@@ -89,7 +161,11 @@ pub(crate) struct ClockCheck {
 
 impl ClockCheck {
     /// `check_interval`: how often the background work measures; a verdict outlives three of them.
-    pub(crate) fn new(limit: Duration, check_interval: Duration, clock: crate::config::Clock) -> Self {
+    pub(crate) fn new(
+        limit: Duration,
+        check_interval: Duration,
+        clock: crate::config::Clock,
+    ) -> Self {
         Self {
             limit,
             stale_after: STALE_AFTER.max(check_interval.saturating_mul(3)),
@@ -129,31 +205,60 @@ impl ClockCheck {
             > self.stale_after
     }
 
-    /// Whether `job`, which changes the shared store by this replica's clock, may run now: after a
-    /// fresh measurement (at most [`REUSE`] old), unless the clock is off by more than the limit
-    /// or has not been measured yet.
-    pub(crate) async fn allows(&self, app: &App, job: &'static str) -> bool {
+    /// How far off the clock may be for `job` to run.
+    pub(crate) fn tolerance(&self, job: ClockJob) -> Duration {
+        if job.strict() {
+            self.limit
+        } else {
+            self.limit.max(LENIENT_LIMIT)
+        }
+    }
+
+    /// Whether `job` may run now: after a fresh measurement (at most [`REUSE`] old), unless the
+    /// clock is off by more than the job tolerates, or unknown (not measured yet, or no
+    /// measurement succeeded lately).
+    pub(crate) async fn allows(&self, app: &App, job: ClockJob) -> bool {
         self.measure(app).await;
-        match self.state().status {
-            ClockStatus::Ok | ClockStatus::NotChecked => true,
-            ClockStatus::Skewed | ClockStatus::Unknown => {
-                tracing::debug!(
-                    job,
-                    "held: this replica's clock is not known to agree with the database's"
-                );
-                false
+        self.allows_now(app, job)
+    }
+
+    /// [`Self::allows`] by the last measurement, without measuring again: for a decision made often
+    /// (every webhook attempt), or right after [`Self::measure`]; the background work measures
+    /// every few seconds.
+    pub(crate) fn allows_now(&self, app: &App, job: ClockJob) -> bool {
+        let held = self.holds(job);
+        app.inner().metrics.clock_job_held(job, held);
+        if held {
+            tracing::debug!(
+                job = job.label(),
+                "held: this replica's clock is not known to agree with the database's closely enough"
+            );
+        }
+        !held
+    }
+
+    fn holds(&self, job: ClockJob) -> bool {
+        let state = self.state();
+        match state.status {
+            ClockStatus::Ok | ClockStatus::NotChecked => false,
+            ClockStatus::Unknown => true,
+            ClockStatus::Skewed => {
+                job.strict()
+                    || state.last.is_none_or(|last| {
+                        last.skew.abs().to_std().unwrap_or(Duration::MAX) > self.tolerance(job)
+                    })
             }
         }
     }
 
-    /// Whether the last measurement found the clock within the limit (or there is nothing to
-    /// compare with), without measuring again: for a decision made often (every webhook attempt);
-    /// the background work measures every few seconds.
-    pub(crate) fn trusted(&self) -> bool {
-        matches!(
-            self.state().status,
-            ClockStatus::Ok | ClockStatus::NotChecked
-        )
+    /// The jobs held at `off`, for the log.
+    fn held_at(&self, off: Duration) -> String {
+        let held: Vec<_> = ClockJob::ALL
+            .into_iter()
+            .filter(|job| off > self.tolerance(*job) || job.strict())
+            .map(ClockJob::label)
+            .collect();
+        held.join(", ")
     }
 
     /// Measures the clock against the database's, unless that was tried within [`REUSE`].
@@ -247,8 +352,9 @@ impl ClockCheck {
                 clock.skew_seconds = skew_seconds,
                 clock.limit_seconds = limit_seconds,
                 clock.round_trip_ms = round_trip_ms,
-                "this replica's clock is {:.3} s {direction} the database's (more than --max-clock-skew-seconds, {limit_seconds} s): holding {HELD_JOBS} until it agrees again; fix this host's time synchronization (NTP), or the database server's if every replica says the same",
+                "this replica's clock is {:.3} s {direction} the database's (more than --max-clock-skew-seconds, {limit_seconds} s): holding {} until it agrees again; fix this host's time synchronization (NTP), or the database server's if every replica says the same",
                 skew_seconds.abs(),
+                self.held_at(off),
             ),
             (ClockStatus::Skewed, _) => tracing::warn!(
                 clock.skew_seconds = skew_seconds,
@@ -278,7 +384,7 @@ impl ClockCheck {
             attempts.stale = true;
             tracing::warn!(
                 stale_after_seconds = self.stale_after.as_secs(),
-                "no measurement of this replica's clock has succeeded for {} s: its agreement with the database's is unknown, holding {HELD_JOBS} until one does",
+                "no measurement of this replica's clock has succeeded for {} s: its agreement with the database's is unknown, holding every job that cuts by it until one does",
                 self.stale_after.as_secs(),
             );
         }
@@ -307,7 +413,11 @@ mod tests {
     #[test]
     fn a_verdict_stands_a_minute_or_three_check_intervals() {
         let clock = crate::config::Clock::default();
-        let check = ClockCheck::new(Duration::from_secs(5), Duration::from_secs(1), clock.clone());
+        let check = ClockCheck::new(
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            clock.clone(),
+        );
         for status in [ClockStatus::Ok, ClockStatus::Skewed] {
             measured_now(&check, status);
             clock.advance(Duration::from_secs(60));
@@ -324,7 +434,11 @@ mod tests {
         clock.advance(Duration::from_secs(3600));
         assert_eq!(check.state().status, ClockStatus::NotChecked);
 
-        let slow = ClockCheck::new(Duration::from_secs(5), Duration::from_secs(30), clock.clone());
+        let slow = ClockCheck::new(
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            clock.clone(),
+        );
         measured_now(&slow, ClockStatus::Ok);
         clock.advance(Duration::from_secs(90));
         assert_eq!(slow.state().status, ClockStatus::Ok);

@@ -45,6 +45,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LeakLabels {
     source: &'static str,
     outcome: &'static str,
@@ -190,6 +195,8 @@ struct Inner {
     public_reports: Family<OutcomeLabels, Counter>,
     /// This replica's clock less the database's, at the last measurement (`clock_check`).
     clock_skew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 for each job the clock check held at its last ask (`clock_check::ClockJob`).
+    clock_jobs_held: Family<JobLabels, Gauge>,
     /// Set from `audit_export_caught_up` when rendered.
     audit_export_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// When the `--audit-log` export last had every committed event written; `None` without one.
@@ -334,6 +341,18 @@ impl Metrics {
              that change the store are held",
             clock_skew_seconds.clone(),
         );
+        let clock_jobs_held = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "clock_jobs_held",
+            "1 while this replica holds the job because its clock is not known to be within the \
+             error the job tolerates (PostgreSQL only): --max-clock-skew-seconds for \
+             grace_period_end, unused_secret_cutover, expired_notice and console_session_prune, \
+             the larger of it and an hour for the others",
+            clock_jobs_held.clone(),
+        );
+        for job in crate::clock_check::ClockJob::ALL {
+            drop(clock_jobs_held.get_or_create(&JobLabels { job: job.label() }));
+        }
         let audit_export_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "audit_export_lag_seconds",
@@ -405,6 +424,7 @@ impl Metrics {
             leaked_tokens,
             public_reports,
             clock_skew_seconds,
+            clock_jobs_held,
             audit_export_lag,
             audit_export_caught_up: std::sync::Mutex::new(None),
             audit_export_behind,
@@ -557,6 +577,14 @@ impl Metrics {
     /// The last measured difference of this replica's clock from the database's.
     pub(crate) fn clock_skew(&self, seconds: f64) {
         self.0.clock_skew_seconds.set(seconds);
+    }
+
+    /// Whether the clock check held `job` at its last ask.
+    pub(crate) fn clock_job_held(&self, job: crate::clock_check::ClockJob, held: bool) {
+        self.0
+            .clock_jobs_held
+            .get_or_create(&JobLabels { job: job.label() })
+            .set(i64::from(held));
     }
 
     /// The `--audit-log` export had written every event committed before `at`.

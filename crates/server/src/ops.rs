@@ -1040,8 +1040,10 @@ const SWEEP_MAX_BATCHES: usize = 20;
 /// The lifecycle sweep, run by every replica (each step is a compare-and-set, so replicas never
 /// repeat each other's work): forgets previous secrets whose grace ended, retires unused ones
 /// (usage-aware cutover), and announces expiries: `credential.expiring` 30, 7 and 1 days before
-/// `expires_at` and `credential.expired` after it, each once per credential and stage. Skipped
-/// while this replica's clock is not known to agree with the database's (`clock_check`).
+/// `expires_at` and `credential.expired` after it, each once per credential and stage. Each step
+/// is held while this replica's clock is not known to be within the error it tolerates
+/// (`clock_check::ClockJob`): the grace ends, the cutover and `credential.expired` by seconds, the
+/// 30/7/1-day warnings by an hour.
 pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
     lifecycle_sweep_in_pages(app, SWEEP_BATCH).await
 }
@@ -1049,12 +1051,37 @@ pub async fn lifecycle_sweep(app: &App) -> Result<(), AppError> {
 /// [`lifecycle_sweep`] reading at most `page` credentials at once: tests make it small.
 #[doc(hidden)]
 pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppError> {
-    // Every step below cuts by this replica's clock, for every tenant and for good.
-    if !app.inner().clock_check.allows(app, "lifecycle sweep").await {
-        return Ok(());
-    }
+    use crate::clock_check::ClockJob;
+    // Every step below cuts by this replica's clock, for every tenant and for good: each asks
+    // whether the clock is close enough for it, by one measurement.
+    let clock = &app.inner().clock_check;
+    clock.measure(app).await;
     let store = app.store().as_ref();
     let now = app.now();
+    if clock.allows_now(app, ClockJob::GracePeriodEnd) {
+        end_grace_periods(store, now).await?;
+    }
+    if clock.allows_now(app, ClockJob::UnusedSecretCutover) {
+        retire_unused_previous_secrets(app, page, now).await?;
+    }
+    if clock.allows_now(app, ClockJob::ExpiringNotice) {
+        // Seconds decide only whether a credential that ended lately has: one that ended more
+        // than the warnings' tolerance ago has by any clock within it.
+        let expired_before = if clock.allows_now(app, ClockJob::ExpiredNotice) {
+            now
+        } else {
+            let tolerance = chrono::TimeDelta::from_std(clock.tolerance(ClockJob::ExpiringNotice))
+                .unwrap_or(chrono::TimeDelta::MAX);
+            now.checked_sub_signed(tolerance)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        };
+        announce_expiries(app, page, now, expired_before).await?;
+    }
+    Ok(())
+}
+
+/// Forgets the previous secrets whose grace ended by `now`.
+async fn end_grace_periods(store: &dyn Store, now: DateTime<Utc>) -> Result<(), AppError> {
     // The soonest-ending previous secret tells whether any has ended. Only reads when there is
     // nothing to do: a replica on a read-only store stays healthy.
     let soonest = store.credentials_with_previous_secret(1).await?;
@@ -1066,6 +1093,16 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
     if any_ended {
         store.clear_ended_previous_secrets(now).await?;
     }
+    Ok(())
+}
+
+/// The usage-aware cutover: a page of candidates at a time, from where the last sweep stopped.
+async fn retire_unused_previous_secrets(
+    app: &App,
+    page: u32,
+    now: DateTime<Utc>,
+) -> Result<(), AppError> {
+    let store = app.store().as_ref();
     // Candidates stay after a look that does not retire them (still in use, or not yet unused
     // long enough), so this pages with a cursor, up to the same bound as each expiry stage, and
     // the next sweep continues after the last one read, starting over once it reached the end:
@@ -1094,6 +1131,18 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
             break;
         }
     }
+    Ok(())
+}
+
+/// `credential.expiring` and `credential.expired` where due by `now`; `credential.expired` only
+/// for credentials that ended by `expired_before` (the others wait for a clock close enough).
+async fn announce_expiries(
+    app: &App,
+    page: u32,
+    now: DateTime<Utc>,
+    expired_before: DateTime<Utc>,
+) -> Result<(), AppError> {
+    let store = app.store().as_ref();
     // Nearest stage first, so a credential past several thresholds at once is announced only at
     // the nearest one. Each is announced at the stage it has reached, not the one whose query
     // found it: a credential created while another sweep is between stages is found at a further
@@ -1101,7 +1150,11 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
     for stage in
         std::iter::once(0).chain(keyplane_core::policy::EXPIRY_WARNING_DAYS.into_iter().rev())
     {
-        let due_before = now + chrono::TimeDelta::days(i64::from(stage));
+        let due_before = if stage == 0 {
+            expired_before
+        } else {
+            now + chrono::TimeDelta::days(i64::from(stage))
+        };
         for _ in 0..SWEEP_MAX_BATCHES {
             let due = store
                 .credentials_due_for_expiry_notice(stage, due_before, page)
@@ -1112,6 +1165,10 @@ pub async fn lifecycle_sweep_in_pages(app: &App, page: u32) -> Result<(), AppErr
                     .expires_at
                     .and_then(|at| keyplane_core::policy::expiry_stage(at, now))
                     .map_or(stage, |reached| reached.min(stage));
+                // Ended, but too lately for this clock to tell: left for the expired notice.
+                if reached == 0 && credential.expires_at.is_some_and(|at| at > expired_before) {
+                    continue;
+                }
                 let action = if reached == 0 {
                     actions::CREDENTIAL_EXPIRED
                 } else {

@@ -848,12 +848,18 @@ async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
         // job asks (each job asks again before it runs).
         let clock = &app.inner().clock_check;
         clock.measure(&app).await;
-        if clock.allows(&app, "idempotency prune").await {
+        if clock
+            .allows(&app, crate::clock_check::ClockJob::IdempotencyPrune)
+            .await
+        {
             crate::idempotency::prune(&app).await;
         }
         // Whether or not the console is on now: sessions signed in while it was keep a label
         // and a sealed token until pruned.
-        if clock.allows(&app, "console session prune").await {
+        if clock
+            .allows(&app, crate::clock_check::ClockJob::ConsoleSessionPrune)
+            .await
+        {
             app.inner().console_sessions.prune(&app).await;
         }
         app.inner().verifier.prune();

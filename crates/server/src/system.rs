@@ -101,10 +101,13 @@ enum ReadinessStatus {
 }
 
 /// This replica's clock against the database's (PostgreSQL only: replicas sharing the store
-/// change it by their own clocks). While it is `skewed` or `unknown`, the jobs that change the
-/// store by this clock are held: the lifecycle sweep (grace ends, expiry notices), audit
-/// retention, and the pruning of Idempotency-Key records, console sessions, webhook deliveries and
-/// public revocation reports.
+/// change it by their own clocks). While it is `unknown`, the jobs that change the store by this
+/// clock are held: the lifecycle sweep (grace ends, the unused-secret cutover, expiry notices),
+/// audit retention, and the pruning of Idempotency-Key records, console sessions, webhook
+/// deliveries and public revocation reports. While it is `skewed`, those that seconds decide
+/// (grace ends, the cutover, `credential.expired`, console sessions) are held, and the others
+/// too once `skew_seconds` is past an hour (or `limit_seconds`, if larger):
+/// `keyplane_clock_jobs_held` tells which.
 #[derive(Serialize, ToSchema)]
 pub struct ClockHealth {
     /// `ok`; `skewed`: off by more than `limit_seconds`; `unknown`: not measured yet, or no

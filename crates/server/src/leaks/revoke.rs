@@ -336,7 +336,7 @@ pub(crate) async fn run(app: App, stop: tokio::sync::watch::Receiver<bool>) {
             && app
                 .inner()
                 .clock_check
-                .allows(&app, "leak report give-up")
+                .allows(&app, crate::clock_check::ClockJob::LeakReportGiveUp)
                 .await
         {
             pruned_at = Some(Instant::now());

@@ -254,9 +254,14 @@ async fn deliver(
         next,
     };
     // A clock ahead would disable a webhook before it has failed that long, and one behind would
-    // date the start of its failures too early: while this replica's clock is off, its failures
-    // neither start a webhook's failing period nor disable it (a replica with a good clock's do).
-    let failing_since = if app.inner().clock_check.trusted() {
+    // date the start of its failures too early: while this replica's clock is off by more than an
+    // hour (`ClockJob::WebhookDisable`: five days are not decided by less), its failures neither
+    // start a webhook's failing period nor disable it (a replica with a good clock's do).
+    let failing_since = if app
+        .inner()
+        .clock_check
+        .allows_now(&app, crate::clock_check::ClockJob::WebhookDisable)
+    {
         at - TimeDelta::from_std(config.disable_after).unwrap_or(TimeDelta::days(5))
     } else {
         chrono::DateTime::<chrono::Utc>::MIN_UTC
@@ -451,7 +456,10 @@ async fn prune(
 ) -> bool {
     // Not while this replica's clock is off: it cuts by it.
     let clock = &app.inner().clock_check;
-    if !clock.allows(app, "webhook delivery prune").await {
+    if !clock
+        .allows(app, crate::clock_check::ClockJob::WebhookDeliveryPrune)
+        .await
+    {
         return false;
     }
     let retention = TimeDelta::from_std(config.delivery_retention).unwrap_or(TimeDelta::days(30));
@@ -460,7 +468,7 @@ async fn prune(
             return true;
         }
         // The clock may have been found off since: held, as at the start.
-        if !clock.trusted() {
+        if !clock.allows_now(app, crate::clock_check::ClockJob::WebhookDeliveryPrune) {
             return false;
         }
         let at = now();

@@ -2,7 +2,7 @@
 //! `/readyz` and `/metrics`, logged once on entering and once on leaving, and the jobs that change
 //! the shared store by that clock are held meanwhile. SQLite has no other clock to compare with.
 
-use crate::helpers::{test_config, Org, TestApp};
+use crate::helpers::{eventually, sample, test_config, Org, TestApp};
 use chrono::TimeDelta;
 use keyplane_store::testing::Backend;
 use reqwest::Method;
@@ -303,4 +303,120 @@ async fn on_sqlite_the_clock_is_not_checked() {
         .await
         .expect("sweep");
     assert!(!holding_a_previous_secret(&app).await.contains(&id));
+}
+
+/// A replica 30 s ahead of PostgreSQL: past the limit for the jobs a few seconds decide, well
+/// within what those that cut at days tolerate. Two days on (for everyone), its sweep leaves the
+/// previous secret whose one-hour grace ended (held) and a token that ended ten minutes ago
+/// unannounced, but sends the 7-day warning and the notice of a token that ended a day ago; its
+/// audit retention prunes. `keyplane_clock_jobs_held` says which is which.
+#[tokio::test]
+async fn a_clock_off_by_seconds_holds_only_the_jobs_seconds_decide() {
+    let right_config = keyplane_server::Config {
+        // Its own sweep would end the grace, two days on.
+        lifecycle_sweep_interval: Duration::from_secs(86400),
+        ..test_config()
+    };
+    let time = right_config.clock.clone();
+    let right = TestApp::spawn_with(Backend::Postgres, right_config).await;
+    let org = right.create_org("acme").await;
+    let created = right.create_token(&org, "deployer", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    rotate_with_grace(&right, &org, &id, 3600).await;
+    let mut names = std::collections::HashMap::new();
+    let now = chrono::Utc::now();
+    for (name, expires_at) in [
+        ("in-a-week", now + TimeDelta::days(8) + TimeDelta::hours(12)),
+        ("ended-a-day-ago", now + TimeDelta::days(1)),
+        ("just-ended", now + TimeDelta::days(2) - TimeDelta::minutes(10)),
+    ] {
+        let res = right
+            .post(
+                &org.path("/api-tokens"),
+                &org.token,
+                json!({"name": name, "expires_at": expires_at.to_rfc3339()}),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "{name}");
+        let created: Value = res.json().await.unwrap();
+        names.insert(created["id"].as_str().unwrap().to_string(), name);
+    }
+    time.advance(Duration::from_secs(2 * 86400));
+
+    let ahead_by_seconds = || {
+        let config = test_config();
+        config.clock.set_wrong_by(TimeDelta::seconds(30));
+        // The same time as the others', then 30 s off.
+        config.clock.advance(Duration::from_secs(2 * 86400));
+        config
+    };
+    let ahead = right
+        .replica_at(
+            right.database_url(),
+            keyplane_server::Config {
+                audit_retention_days: 0,
+                ..ahead_by_seconds()
+            },
+        )
+        .await;
+    assert_eq!(readiness(&ahead).await["clock"]["status"], "skewed");
+    keyplane_server::ops::lifecycle_sweep(&ahead.app)
+        .await
+        .expect("sweep");
+    assert!(
+        holding_a_previous_secret(&right).await.contains(&id),
+        "a clock 30 s off ended a grace period"
+    );
+    let mut announced: Vec<_> = right
+        .audit_events(&org, "credential.*")
+        .await
+        .iter()
+        .map(|event| {
+            (
+                names[event["target"]["id"].as_str().unwrap()],
+                event["action"].as_str().unwrap().to_string(),
+                event["details"]["days_before"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    announced.sort();
+    assert_eq!(
+        announced,
+        [
+            ("ended-a-day-ago", "credential.expired".to_string(), 0),
+            ("in-a-week", "credential.expiring".to_string(), 7),
+        ]
+    );
+    let exposition = ahead.metrics().await;
+    for (job, held) in [
+        ("grace_period_end", 1),
+        ("unused_secret_cutover", 1),
+        ("expired_notice", 1),
+        ("expiring_notice", 0),
+    ] {
+        let series = format!("keyplane_clock_jobs_held{{job=\"{job}\"}}");
+        assert_eq!(sample(&exposition, &series), held, "{series}");
+    }
+
+    // Retention (a day, here) prunes what is two days old, at its start.
+    let pruning = right
+        .replica_at(
+            right.database_url(),
+            keyplane_server::Config {
+                audit_retention_days: 1,
+                ..ahead_by_seconds()
+            },
+        )
+        .await;
+    eventually("audit retention pruned", || async {
+        !right.audit_events(&org, "audit.pruned").await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        pruning
+            .metric("keyplane_clock_jobs_held{job=\"audit_retention\"}")
+            .await,
+        0
+    );
+    assert!(holding_a_previous_secret(&right).await.contains(&id));
 }
