@@ -1199,15 +1199,23 @@ async fn announce_expiries(
     Ok(())
 }
 
+/// How long ago the cutover judges quiet as of. Other replicas write their uses up to one flush
+/// interval late, and date them by their own clocks, which may be up to `--max-clock-skew-seconds`
+/// behind this one's and still count as agreeing (the cutover runs on each): a use held back, or
+/// dated that far in the past, must not count as quiet.
+fn cutover_lag(config: &crate::Config) -> std::time::Duration {
+    config
+        .last_used_flush_interval
+        .saturating_add(config.max_clock_skew)
+}
+
 /// The usage-aware cutover of one candidate: retires its previous secret if it has gone unused.
 async fn retire_if_unused(
     app: &App,
     candidate: &Credential,
     now: DateTime<Utc>,
 ) -> Result<(), AppError> {
-    // Other replicas write their uses up to one flush interval late: a use they hold back must
-    // not count as quiet, so the quiet period is judged as of that long ago.
-    let lag = chrono::TimeDelta::from_std(app.inner().config.last_used_flush_interval)
+    let lag = chrono::TimeDelta::from_std(cutover_lag(&app.inner().config))
         .unwrap_or(chrono::TimeDelta::MAX);
     let (Some(previous), true) = (
         candidate.previous_secret.as_ref(),

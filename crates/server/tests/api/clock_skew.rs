@@ -213,8 +213,14 @@ async fn a_replica_whose_clock_is_off_holds_the_jobs_that_cut_by_it() {
     assert!(!holding_a_previous_secret(&right).await.contains(&id));
     // Time passing is no error of either clock (an hour passed since their last measurement:
     // `unknown` until the next one).
-    clock_until(&ahead, "measured after the hour", |clock| clock["status"] == "ok").await;
-    clock_until(&right, "measured after the hour", |clock| clock["status"] == "ok").await;
+    clock_until(&ahead, "measured after the hour", |clock| {
+        clock["status"] == "ok"
+    })
+    .await;
+    clock_until(&right, "measured after the hour", |clock| {
+        clock["status"] == "ok"
+    })
+    .await;
 }
 
 /// A clock found right, then no longer measured (the database's clock cannot be read): the
@@ -250,7 +256,10 @@ async fn a_verdict_no_measurement_renews_turns_unknown_and_holds_the_jobs() {
         app.app.now() - checked_at.to_utc() >= TimeDelta::seconds(60),
         "{shown}"
     );
-    assert!(shown["skew_seconds"].as_f64().unwrap().abs() < 1.0, "{shown}");
+    assert!(
+        shown["skew_seconds"].as_f64().unwrap().abs() < 1.0,
+        "{shown}"
+    );
     let stale_line = "no measurement of this replica's clock has succeeded for 60 s";
     clock_until(&app, "measured and failed again", |_| {
         log_lines_with(&[stale_line]) > 0
@@ -328,7 +337,10 @@ async fn a_clock_off_by_seconds_holds_only_the_jobs_seconds_decide() {
     for (name, expires_at) in [
         ("in-a-week", now + TimeDelta::days(8) + TimeDelta::hours(12)),
         ("ended-a-day-ago", now + TimeDelta::days(1)),
-        ("just-ended", now + TimeDelta::days(2) - TimeDelta::minutes(10)),
+        (
+            "just-ended",
+            now + TimeDelta::days(2) - TimeDelta::minutes(10),
+        ),
     ] {
         let res = right
             .post(
@@ -420,3 +432,65 @@ async fn a_clock_off_by_seconds_holds_only_the_jobs_seconds_decide() {
     );
     assert!(holding_a_previous_secret(&right).await.contains(&id));
 }
+
+/// A replica 4 s behind is within the limit (not held, not flagged) and dates the uses it records
+/// by its clock, 4 s in the past. The cutover of a replica with a right clock allows for that: a
+/// previous secret presented there 57 s ago is not retired as unused for 60 s (it would be, read
+/// as quiet for 61 s, were only the flush interval allowed for); 62 s after, it is.
+async fn the_cutover_allows_for_a_replica_behind_within_the_limit(backend: Backend) {
+    // Only the test sweeps.
+    let quiet = || keyplane_server::Config {
+        lifecycle_sweep_interval: Duration::from_secs(86400),
+        ..test_config()
+    };
+    let right_config = quiet();
+    let right_clock = right_config.clock.clone();
+    let right = TestApp::spawn_with(backend, right_config).await;
+    let behind_config = quiet();
+    let behind_clock = behind_config.clock.clone();
+    behind_clock.set_wrong_by(TimeDelta::seconds(-4));
+    let behind = right.replica_at(right.database_url(), behind_config).await;
+    let passes = |by: Duration| {
+        right_clock.advance(by);
+        behind_clock.advance(by);
+    };
+    let sweep = || async {
+        keyplane_server::ops::lifecycle_sweep(&right.app)
+            .await
+            .expect("sweep")
+    };
+
+    let org = right.create_org("acme").await;
+    let created = right.create_token(&org, "deployer", &[]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let old = created["token"].as_str().unwrap().to_string();
+    let res = right
+        .post(
+            &org.path(&format!("/api-tokens/{id}/rotate")),
+            &org.token,
+            json!({"grace_seconds": 86400, "retire_when_unused_seconds": 60}),
+        )
+        .await;
+    assert_eq!(res.status(), 200, "rotation");
+    let new = res.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(forward(&right, &new).await, 200);
+    right.app.flush_usage().await;
+    passes(Duration::from_secs(10));
+    assert_eq!(forward(&behind, &old).await, 200, "the previous secret");
+    behind.app.flush_usage().await;
+
+    passes(Duration::from_secs(57));
+    sweep().await;
+    assert!(
+        holding_a_previous_secret(&right).await.contains(&id),
+        "retired a secret presented 57 s ago as unused for 60 s"
+    );
+    passes(Duration::from_secs(5));
+    sweep().await;
+    assert!(!holding_a_previous_secret(&right).await.contains(&id));
+}
+
+crate::helpers::both_backends!(the_cutover_allows_for_a_replica_behind_within_the_limit);

@@ -325,8 +325,10 @@ async fn an_unused_previous_secret_is_retired_early(backend: Backend) {
     clock.advance(Duration::from_secs(301));
     sweep().await;
     assert_eq!(forward(&app, &old).await.status(), 200, "used 301 s ago");
-    // Quiet for 601 s after its last use: retired.
-    clock.advance(Duration::from_secs(601));
+    // Quiet for 606 s after its last use: the 600 asked and what the cutover allows for other
+    // replicas' uses written late or dated by a clock behind (a flush interval and
+    // --max-clock-skew-seconds): retired.
+    clock.advance(Duration::from_secs(606));
     sweep().await;
     assert_eq!(forward(&app, &old).await.status(), 401, "retired as unused");
     assert_eq!(forward(&app, &new).await.status(), 200);
@@ -373,7 +375,9 @@ async fn the_cutover_pages_past_secrets_it_may_not_retire(backend: Backend) {
     for (id, _) in &retiring {
         used(&app, &org, id, &["last_used_at"]).await;
     }
-    clock.advance(Duration::from_secs(601));
+    // 600 s, and the cutover's allowance for other replicas' late uses (a flush interval and the
+    // clock skew limit).
+    clock.advance(Duration::from_secs(606));
     keyplane_server::ops::lifecycle_sweep_in_pages(&app.app, 2)
         .await
         .expect("sweep");
@@ -411,7 +415,8 @@ async fn another_tenants_candidates_do_not_hold_back_a_retirement(backend: Backe
     }
     let body = json!({"grace_seconds": 86400, "retire_when_unused_seconds": 600});
     let old = candidate(&app, &quiet, "t", body).await;
-    clock.advance(Duration::from_secs(601));
+    // 600 s, and the cutover's allowance for other replicas' late uses.
+    clock.advance(Duration::from_secs(606));
     for _ in 0..3 {
         keyplane_server::ops::lifecycle_sweep_in_pages(&app.app, 1)
             .await
