@@ -1343,7 +1343,7 @@ mod tests {
                 let record = ops::audit_pruned(self.before, 400);
                 while self
                     .store
-                    .prune_audit_events(self.before, 2, &record)
+                    .prune_audit_events(self.before, 2, None, &record)
                     .await?
                     > 0
                 {}

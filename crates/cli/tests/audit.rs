@@ -866,7 +866,7 @@ async fn creators_outlive_retention_and_admin_events_name_the_operator(backend: 
     let cutoff = chrono::Utc::now() + chrono::TimeDelta::days(1);
     let record = keyplane_server::ops::audit_pruned(cutoff, 1);
     while opened
-        .prune_audit_events(cutoff, 1000, &record)
+        .prune_audit_events(cutoff, 1000, None, &record)
         .await
         .unwrap()
         > 0

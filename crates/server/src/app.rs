@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     pub(crate) clock_check: crate::clock_check::ClockCheck,
     /// Organizations whose chain the `--audit-log` export found behind what the log holds.
     pub(crate) export_behind: crate::export_heads::BehindExport,
+    /// Events the export found pruned before it wrote them (`export_gaps`).
+    pub(crate) export_gaps: crate::export_gaps::ExportGaps,
 }
 
 impl App {
@@ -150,6 +152,7 @@ impl App {
             retirement_cursor: Default::default(),
             clock_check,
             export_behind: Default::default(),
+            export_gaps: Default::default(),
         }))
     }
 

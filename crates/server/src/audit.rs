@@ -1044,9 +1044,12 @@ async fn export_pending(
             let events = store
                 .list_audit_events(&AuditQuery::after_seq(tenant, cursor.seq, EXPORT_BATCH))
                 .await?;
-            let Some(last) = events.last() else {
+            let (Some(first), Some(last)) = (events.first(), events.last()) else {
                 break;
             };
+            if first.seq > cursor.seq.saturating_add(1) {
+                report_missing(app, consumer, tenant, cursor.seq, first.seq);
+            }
             let mut lines = Vec::with_capacity(events.len() * 512);
             for event in &events {
                 serde_json::to_writer(&mut lines, &crate::aether::AuditEventView::from(event))?;
@@ -1108,6 +1111,17 @@ fn report_behind(app: &App, tenant: TenantId, exported_seq: u64, store_seq: u64)
     inner.metrics.audit_export_behind(count);
 }
 
+/// Records for `/readyz` and `/metrics` that the tenant's events after `exported_seq` and before
+/// `next_seq` were gone from the store before the export wrote them (`export_gaps`).
+fn report_missing(app: &App, consumer: &str, tenant: TenantId, exported_seq: u64, next_seq: u64) {
+    let inner = app.inner();
+    let missing = inner
+        .export_gaps
+        .record(tenant, exported_seq, next_seq, crate::ops::now());
+    inner.metrics.audit_export_missed(missing);
+    tracing::error!(tenant.id = %tenant, export.seq = exported_seq, chain.next = next_seq, missing, audit_log = %consumer, "audit events missing from the audit log: organization {tenant}'s events after seq {exported_seq} and before seq {next_seq} were gone from the store before this export wrote them (pruned by retention on a replica without this --audit-log, or before the export was configured?); neither holds them any more; exporting on from seq {next_seq}");
+}
+
 /// Whether the (file) audit log is empty: new, or emptied.
 fn log_is_empty(target: &AuditLogTarget) -> bool {
     match target {
@@ -1141,7 +1155,8 @@ async fn still_holds(
             cursor.hash = Some(found);
             true
         }
-        // Pruned by retention: nothing to compare with; the events after it are still there.
+        // Pruned by retention: nothing to compare with; the events after it are still there (or,
+        // pruned past the cursor by a replica without this export, reported as missing).
         (None, _) => true,
     })
 }
@@ -1196,8 +1211,17 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How soon retention held by the clock check asks again.
 const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Deletes events older than `days` days, in bounded batches, at start and then hourly.
+/// Deletes events older than `days` days, in bounded batches, at start and then hourly. With an
+/// `--audit-log` export, only events it has written (its saved cursor, per organization): the
+/// export is the archive, and a log that cannot be written to for longer than the retention
+/// would otherwise lose them from both.
 pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let exported_by = app
+        .inner()
+        .config
+        .audit_log
+        .as_ref()
+        .map(AuditLogTarget::consumer);
     loop {
         // Not while this replica's clock is off by more than an hour (`ClockJob::AuditRetention`):
         // a clock ahead would delete events still within the retention. Asked again soon rather
@@ -1221,7 +1245,7 @@ pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch:
             loop {
                 match app
                     .store()
-                    .prune_audit_events(cutoff, PRUNE_BATCH, &record)
+                    .prune_audit_events(cutoff, PRUNE_BATCH, exported_by.as_deref(), &record)
                     .await
                 {
                     Ok(0) => break,

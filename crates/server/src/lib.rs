@@ -18,6 +18,7 @@ mod connection;
 pub mod console;
 mod docs;
 pub mod error;
+mod export_gaps;
 mod export_heads;
 mod extract;
 mod failed_auth;

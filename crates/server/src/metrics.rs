@@ -202,6 +202,7 @@ struct Inner {
     /// When the `--audit-log` export last had every committed event written; `None` without one.
     audit_export_caught_up: std::sync::Mutex<Option<std::time::Instant>>,
     audit_export_behind: Gauge,
+    audit_export_missed: Counter,
     tls_not_after: Gauge,
     tls_reload_failures: Counter,
     /// 1 while the invalidation listener (PostgreSQL) is listening, else 0.
@@ -369,6 +370,15 @@ impl Metrics {
              the log already holds",
             audit_export_behind.clone(),
         );
+        let audit_export_missed = Counter::default();
+        registry.register(
+            "audit_export_missed_events",
+            "Audit events the --audit-log export found gone from the store before it wrote them \
+             (pruned by retention on a replica without this export, or before the export was \
+             configured): neither the store nor the log holds them; /readyz's audit lists the \
+             organizations",
+            audit_export_missed.clone(),
+        );
         let tls_not_after = Gauge::default();
         registry.register(
             "tls_certificate_not_after_seconds",
@@ -428,6 +438,7 @@ impl Metrics {
             audit_export_lag,
             audit_export_caught_up: std::sync::Mutex::new(None),
             audit_export_behind,
+            audit_export_missed,
             tls_not_after,
             tls_reload_failures,
             invalidation_listener_up,
@@ -601,6 +612,11 @@ impl Metrics {
         self.0
             .audit_export_behind
             .set(i64::try_from(organizations).unwrap_or(i64::MAX));
+    }
+
+    /// The export found `events` gone before it wrote them.
+    pub(crate) fn audit_export_missed(&self, events: u64) {
+        self.0.audit_export_missed.inc_by(events);
     }
 
     /// The certificate now served expires at `unix` (seconds).

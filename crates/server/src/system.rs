@@ -163,14 +163,20 @@ impl ClockHealth {
 /// holds less of than the log (the store restored from a backup, recovered to an earlier point,
 /// failed over to a standby missing commits, or lost) is listed until the process ends; it does
 /// not change `status` or the answer's code: the store is what is served from, and the log says
-/// what it lost.
+/// what it lost. So is an organization some of whose events were gone from the store before the
+/// export wrote them (`missing`): neither holds them.
 #[derive(Serialize, ToSchema)]
 pub struct AuditHealth {
     /// `ok`; `behind_export`: the store was found behind the audit log for the `organizations`
-    /// listed; `not_exported`: no `--audit-log`, nothing to compare.
+    /// listed; `missing_events`: none is behind, but the export found events of the
+    /// organizations listed in `missing` gone before it wrote them; `not_exported`: no
+    /// `--audit-log`, nothing to compare.
     status: AuditHealthStatus,
     /// The organizations found behind (empty when `status` is not `behind_export`).
     organizations: Vec<BehindOrganization>,
+    /// The organizations whose events the export found gone before it wrote them, since the
+    /// start (empty if none).
+    missing: Vec<MissingEvents>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -178,7 +184,25 @@ pub struct AuditHealth {
 enum AuditHealthStatus {
     Ok,
     BehindExport,
+    MissingEvents,
     NotExported,
+}
+
+/// Events of an organization that were pruned from the store before the `--audit-log` export
+/// wrote them.
+#[derive(Serialize, ToSchema)]
+pub struct MissingEvents {
+    #[schema(value_type = String, format = Uuid)]
+    organization_id: String,
+    /// The export's position when it found the last gap: every event up to it was written.
+    exported_seq: u64,
+    /// The first event the store still held after it; the events between are in neither.
+    next_seq: u64,
+    /// How many events every gap found since the start left out.
+    count: u64,
+    /// When the last gap was found (RFC 3339, milliseconds, UTC).
+    #[schema(value_type = String, format = DateTime)]
+    noticed_at: String,
 }
 
 /// An organization whose chain in the store is behind the `--audit-log` export.
@@ -212,15 +236,33 @@ impl AuditHealth {
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             })
             .collect();
+        let missing: Vec<MissingEvents> = app
+            .inner()
+            .export_gaps
+            .list()
+            .into_iter()
+            .map(|gap| MissingEvents {
+                organization_id: gap.tenant.to_string(),
+                exported_seq: gap.exported_seq,
+                next_seq: gap.next_seq,
+                count: gap.missing,
+                noticed_at: gap
+                    .noticed_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            })
+            .collect();
         Self {
             status: if !organizations.is_empty() {
                 AuditHealthStatus::BehindExport
+            } else if !missing.is_empty() {
+                AuditHealthStatus::MissingEvents
             } else if app.inner().config.audit_log.is_some() {
                 AuditHealthStatus::Ok
             } else {
                 AuditHealthStatus::NotExported
             },
             organizations,
+            missing,
         }
     }
 }

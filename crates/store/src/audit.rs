@@ -440,11 +440,13 @@ macro_rules! impl_audit {
             /// Deletes up to `batch` of the oldest events, older than `before`, of a tenant whose
             /// chain begins with such an event, only as a prefix of its chain, moves its anchor to
             /// the last one deleted and appends `pruned`'s event there (not in a deleted
-            /// tenant's trail). 0: no tenant's chain begins with one.
+            /// tenant's trail). 0: no tenant's chain begins with one. With `exported_by`, only
+            /// events that export's cursor has passed.
             async fn prune_audit_batch(
                 pool: &sqlx::Pool<$db>,
                 before: chrono::DateTime<chrono::Utc>,
                 batch: u32,
+                exported_by: Option<&str>,
                 pruned: $crate::EventOf<'_, $crate::PrunedPrefix>,
             ) -> Result<u64, $crate::StoreError> {
                 use keyplane_core::audit::actions::AUDIT_PRUNED;
@@ -460,22 +462,33 @@ macro_rules! impl_audit {
                 // `audit.pruned` events a pruning leaves do not count as a beginning: a chain
                 // holding only those (and young events) has nothing to prune, or pruning them
                 // would append another, for ever.
-                let rows: Vec<(uuid::Uuid, i64, String, chrono::DateTime<chrono::Utc>, String)> =
-                    sqlx::query_as(
-                        "SELECT tenant_id, seq, chain_hash, occurred_at, action FROM audit_events \
-                         WHERE tenant_id = (SELECT e.tenant_id FROM audit_events e \
-                         WHERE e.occurred_at < $1 AND e.action <> $3 \
-                         AND NOT EXISTS (SELECT 1 FROM audit_events p \
-                         WHERE p.tenant_id = e.tenant_id AND p.seq < e.seq \
-                         AND (p.action <> $3 OR p.occurred_at >= $1)) \
-                         ORDER BY e.occurred_at LIMIT 1) \
-                         ORDER BY seq LIMIT $2",
-                    )
+                // An export's cursor bounds it too (the export is the archive): a tenant whose
+                // oldest event the export has not written is not chosen.
+                let exported = if exported_by.is_some() {
+                    " AND e.seq <= COALESCE((SELECT c.seq FROM audit_export_cursors c \
+                     WHERE c.consumer = $4 AND c.tenant_id = e.tenant_id), 0)"
+                } else {
+                    ""
+                };
+                let sql = format!(
+                    "SELECT tenant_id, seq, chain_hash, occurred_at, action FROM audit_events \
+                     WHERE tenant_id = (SELECT e.tenant_id FROM audit_events e \
+                     WHERE e.occurred_at < $1 AND e.action <> $3{exported} \
+                     AND NOT EXISTS (SELECT 1 FROM audit_events p \
+                     WHERE p.tenant_id = e.tenant_id AND p.seq < e.seq \
+                     AND (p.action <> $3 OR p.occurred_at >= $1)) \
+                     ORDER BY e.occurred_at LIMIT 1) \
+                     ORDER BY seq LIMIT $2"
+                );
+                let mut query = sqlx::query_as(&sql)
                     .bind(before)
                     .bind(i64::from(batch.max(1)))
-                    .bind(AUDIT_PRUNED)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                    .bind(AUDIT_PRUNED);
+                if let Some(consumer) = exported_by {
+                    query = query.bind(consumer);
+                }
+                let rows: Vec<(uuid::Uuid, i64, String, chrono::DateTime<chrono::Utc>, String)> =
+                    query.fetch_all(&mut *tx).await?;
                 let Some((tenant, ..)) = rows.first() else {
                     return Ok(0);
                 };
@@ -489,10 +502,28 @@ macro_rules! impl_audit {
                     .fetch_optional(&mut *tx)
                     .await?;
                 let tenant_deleted = tombstone.is_some_and(|(deleted,)| deleted);
-                // The prefix: events before the tenant's first one that is still young enough,
-                // less the `audit.pruned` events at its end (kept until an older event of another
-                // kind goes with them), unless it holds nothing else (a batch of them only).
-                let mut prefix: Vec<_> = rows.iter().take_while(|row| row.3 < before).collect();
+                // How far the export wrote the chosen tenant's chain (in the same snapshot).
+                let exported_through = match exported_by {
+                    Some(consumer) => {
+                        let cursor: Option<(i64,)> = sqlx::query_as(
+                            "SELECT seq FROM audit_export_cursors WHERE consumer = $1 AND tenant_id = $2",
+                        )
+                        .bind(consumer)
+                        .bind(tenant)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        cursor.map_or(0, |(seq,)| seq)
+                    }
+                    None => i64::MAX,
+                };
+                // The prefix: events before the tenant's first one that is still young enough
+                // (or not yet exported), less the `audit.pruned` events at its end (kept until an
+                // older event of another kind goes with them), unless it holds nothing else (a
+                // batch of them only).
+                let mut prefix: Vec<_> = rows
+                    .iter()
+                    .take_while(|row| row.3 < before && row.1 <= exported_through)
+                    .collect();
                 if let Some(last_other) = prefix.iter().rposition(|row| row.4 != AUDIT_PRUNED) {
                     if !tenant_deleted {
                         prefix.truncate(last_other + 1);

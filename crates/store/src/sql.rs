@@ -1616,9 +1616,10 @@ macro_rules! impl_store {
                 &self,
                 before: chrono::DateTime<chrono::Utc>,
                 batch: u32,
+                exported_by: Option<&str>,
                 pruned: $crate::EventOf<'_, $crate::PrunedPrefix>,
             ) -> Result<u64, $crate::StoreError> {
-                self.write_background(Self::prune_audit_batch(&self.writer, before, batch, pruned))
+                self.write_background(Self::prune_audit_batch(&self.writer, before, batch, exported_by, pruned))
                     .await
             }
 

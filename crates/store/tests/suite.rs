@@ -2331,6 +2331,7 @@ store_suite! {
     each_change_keeps_its_answer_in_its_own_transaction,
     pruning_keeps_the_rest_of_the_chain_verifiable,
     pruning_passes_over_a_chain_that_begins_young,
+    pruning_for_an_export_stops_at_its_cursor,
     pruning_records_itself_in_the_chain,
     pruning_a_deleted_tenants_trail_appends_nothing,
     a_failed_change_writes_no_event,
@@ -2473,7 +2474,7 @@ async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
     let before = verify_chain(f.store.as_ref(), tenant).await;
     // Bounded batches: two, then the last old one, then nothing (the young ones stay).
     let cutoff = now() - TimeDelta::days(400);
-    let prune = || f.store.prune_audit_events(cutoff, 2, &pruned_event);
+    let prune = || f.store.prune_audit_events(cutoff, 2, None, &pruned_event);
     assert_eq!(prune().await.unwrap(), 2);
     assert_eq!(prune().await.unwrap(), 1);
     assert_eq!(prune().await.unwrap(), 0);
@@ -2481,6 +2482,61 @@ async fn pruning_keeps_the_rest_of_the_chain_verifiable(backend: Backend) {
     assert_eq!(state.anchor_seq, 3);
     // Less the three pruned, plus each batch's `audit.pruned`.
     assert_eq!(verify_chain(f.store.as_ref(), tenant).await, before - 3 + 2);
+}
+
+/// Pruning for an export (`exported_by`) deletes no event past that export's cursor for its
+/// tenant, and none of a tenant it has no cursor for, which does not keep it from another's.
+async fn pruning_for_an_export_stops_at_its_cursor(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let (exported, unexported) = (TenantId::new(), TenantId::new());
+    for tenant in [unexported, exported] {
+        for _ in 0..4 {
+            store
+                .append_audit_event(&event_in(tenant, now() - TimeDelta::days(500)))
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .save_audit_export_cursors("file:/var/log/a", &[(exported, 2)])
+        .await
+        .unwrap();
+    // Another export's cursor is not this one's.
+    store
+        .save_audit_export_cursors("file:/var/log/b", &[(exported, 4), (unexported, 4)])
+        .await
+        .unwrap();
+    let cutoff = now() - TimeDelta::days(400);
+    let mut pruned = Vec::new();
+    for _ in 0..10 {
+        match store
+            .prune_audit_events(cutoff, 1000, Some("file:/var/log/a"), &pruned_event)
+            .await
+            .unwrap()
+        {
+            0 => break,
+            deleted => pruned.push(deleted),
+        }
+    }
+    assert_eq!(pruned, [2], "up to the cursor, once");
+    assert_eq!(
+        store.audit_chain_state(exported).await.unwrap().anchor_seq,
+        2
+    );
+    assert_eq!(
+        store
+            .audit_chain_state(unexported)
+            .await
+            .unwrap()
+            .anchor_seq,
+        0
+    );
+    assert_eq!(
+        verify_chain(store, exported).await,
+        2 + 1,
+        "the unexported two and the record"
+    );
 }
 
 /// A tenant whose chain begins with an event younger than the cutoff, followed by older ones
@@ -2508,7 +2564,7 @@ async fn pruning_passes_over_a_chain_that_begins_young(backend: Backend) {
     let mut pruned = Vec::new();
     for _ in 0..10 {
         match store
-            .prune_audit_events(cutoff, 1000, &pruned_event)
+            .prune_audit_events(cutoff, 1000, None, &pruned_event)
             .await
             .unwrap()
         {
@@ -2647,7 +2703,7 @@ async fn pruning_records_itself_in_the_chain(backend: Backend) {
     let cutoff = now() - TimeDelta::days(400);
     assert_eq!(
         store
-            .prune_audit_events(cutoff, 1000, &pruned_event)
+            .prune_audit_events(cutoff, 1000, None, &pruned_event)
             .await
             .unwrap(),
         3
@@ -2675,7 +2731,7 @@ async fn pruning_records_itself_in_the_chain(backend: Backend) {
     let future = now() + TimeDelta::days(1);
     let mut batches = 0;
     while store
-        .prune_audit_events(future, 1000, &pruned_event)
+        .prune_audit_events(future, 1000, None, &pruned_event)
         .await
         .unwrap()
         > 0

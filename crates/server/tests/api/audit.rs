@@ -18,6 +18,8 @@ both_backends!(
     a_failing_cursor_save_does_not_repeat_exported_lines,
     a_policy_update_records_the_values_it_replaced,
     a_stalled_export_says_so_once_and_again_when_it_goes_on,
+    retention_keeps_what_the_export_has_not_written,
+    the_export_reports_events_pruned_before_it_wrote_them,
 );
 
 async fn events(app: &TestApp, org: &Org, token: &str, query: &str) -> Value {
@@ -1022,4 +1024,126 @@ async fn a_stalled_export_says_so_once_and_again_when_it_goes_on(
     .await;
     assert_eq!(lines_saying("audit export stalled"), 1);
     assert_eq!(lines_saying("audit export goes on"), 1);
+}
+
+/// The name the export to `log` keeps its cursors under, and the cursor of `org` saved there at
+/// `seq`: as the export leaves them once it wrote that far.
+async fn exported_through(app: &TestApp, log: &std::path::Path, org: &Org, seq: u64) -> String {
+    let consumer = format!("file:{}", log.display());
+    let tenant = keyplane_core::TenantId::from_uuid(org.id.parse().unwrap());
+    app.app
+        .store()
+        .save_audit_export_cursors(&consumer, &[(tenant, seq)])
+        .await
+        .expect("save the export's cursor");
+    consumer
+}
+
+/// A server (no export) with an organization whose chain holds six events; its chain.
+async fn six_events(
+    backend: keyplane_store::testing::Backend,
+) -> (TestApp, Org, Vec<(u64, String, String)>) {
+    let app = TestApp::spawn(backend).await;
+    let org = app.create_org("acme").await;
+    for i in 0..4 {
+        app.create_token(&org, &format!("t{i}"), &[]).await;
+    }
+    let events = chain(&app, &org).await;
+    assert_eq!(events.len(), 6);
+    (app, org, events)
+}
+
+/// The export is the archive: retention prunes no event it has not written. Its log cannot be
+/// written (its directory is gone, as a full or lost volume) for longer than the retention:
+/// events it wrote are pruned, those after its cursor stay for it.
+async fn retention_keeps_what_the_export_has_not_written(
+    backend: keyplane_store::testing::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, org, before) = six_events(backend).await;
+    let log = dir.path().join("gone").join("audit.log");
+    let cursor = before[2].0;
+    exported_through(&app, &log, &org, cursor).await;
+
+    // Two days on, a server keeping a day (at its start) and exporting to that log.
+    let mut config = test_config();
+    config.audit_log = Some(keyplane_server::audit::AuditLogTarget::File(log));
+    config.audit_retention_days = 1;
+    config.clock.advance(Duration::from_secs(2 * 86400));
+    let _pruning = app.replica_at(app.database_url(), config).await;
+    eventually("retention pruned", || async {
+        !app.audit_events(&org, "audit.pruned").await.is_empty()
+    })
+    .await;
+    let pruned = app.audit_events(&org, "audit.pruned").await;
+    assert_eq!(pruned.len(), 1, "{pruned:?}");
+    assert_eq!(
+        pruned[0]["details"]["through_seq"], cursor,
+        "pruned past the export's cursor: {pruned:?}"
+    );
+    let left: Vec<u64> = chain(&app, &org)
+        .await
+        .iter()
+        .map(|(seq, ..)| *seq)
+        .collect();
+    assert_eq!(
+        left,
+        [4, 5, 6, 7],
+        "the unexported events and the pruning's record"
+    );
+}
+
+/// Events pruned before the export wrote them (by a replica without the export, here the
+/// store's own prune): the export notices the gap after its cursor, says so (an error naming the
+/// organization), counts the events and lists them on `/readyz`, and writes on from what is there.
+async fn the_export_reports_events_pruned_before_it_wrote_them(
+    backend: keyplane_store::testing::Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, org, _) = six_events(backend).await;
+    let log = dir.path().join("audit.log");
+    exported_through(&app, &log, &org, 2).await;
+    let future = chrono::Utc::now() + chrono::TimeDelta::days(1);
+    let record = keyplane_server::ops::audit_pruned(future, 1);
+    while app
+        .app
+        .store()
+        .prune_audit_events(future, 1000, None, &record)
+        .await
+        .unwrap()
+        > 0
+    {}
+    let left = chain(&app, &org).await;
+    assert_eq!(left.len(), 1, "only the pruning's record: {left:?}");
+    assert_eq!(left[0].0, 7);
+
+    let mut config = test_config();
+    config.audit_log = Some(keyplane_server::audit::AuditLogTarget::File(log.clone()));
+    let exporting = app.replica_at(app.database_url(), config).await;
+    exported_within(&log, &[left[0].1.clone()], "the events after the gap").await;
+    let ready = crate::clock_skew::readiness(&exporting).await;
+    let audit = &ready["audit"];
+    assert_eq!(audit["status"], "missing_events", "{ready}");
+    assert_eq!(audit["organizations"], json!([]), "{ready}");
+    let missing = audit["missing"].as_array().expect("a list");
+    assert_eq!(missing.len(), 1, "{ready}");
+    assert_eq!(missing[0]["organization_id"], json!(org.id));
+    assert_eq!(
+        (
+            &missing[0]["exported_seq"],
+            &missing[0]["next_seq"],
+            &missing[0]["count"]
+        ),
+        (&json!(2), &json!(7), &json!(4)),
+        "{ready}"
+    );
+    assert_eq!(
+        exporting
+            .metric("keyplane_audit_export_missed_events_total")
+            .await,
+        4
+    );
+    assert!(crate::logs::captured().lines().any(|line| line
+        .contains("audit events missing from the audit log")
+        && line.contains(&org.id)));
 }

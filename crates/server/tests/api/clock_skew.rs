@@ -9,7 +9,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-async fn readiness(app: &TestApp) -> Value {
+/// `/readyz`'s answer (a 200).
+pub(crate) async fn readiness(app: &TestApp) -> Value {
     let res = app
         .request(Method::GET, "/readyz", None)
         .send()

@@ -802,7 +802,12 @@ impl Store for FaultyStore {
         };
         if let Some(before) = prune {
             let record = keyplane_server::ops::audit_pruned(before, 1);
-            while self.inner.prune_audit_events(before, 1000, &record).await? > 0 {}
+            while self
+                .inner
+                .prune_audit_events(before, 1000, None, &record)
+                .await?
+                > 0
+            {}
         }
         self.inner.list_audit_events(query).await
     }
@@ -827,10 +832,13 @@ impl Store for FaultyStore {
         &self,
         before: DateTime<Utc>,
         batch: u32,
+        exported_by: Option<&str>,
         pruned: EventOf<'_, PrunedPrefix>,
     ) -> Result<u64, StoreError> {
         self.check()?;
-        self.inner.prune_audit_events(before, batch, pruned).await
+        self.inner
+            .prune_audit_events(before, batch, exported_by, pruned)
+            .await
     }
 
     async fn audit_export_cursors(

@@ -58,7 +58,7 @@ async fn health_and_readiness(backend: Backend) {
         "store": expected,
         "writes": "ok",
         "last_write_failure": null,
-        "audit": {"status": "not_exported", "organizations": []},
+        "audit": {"status": "not_exported", "organizations": [], "missing": []},
     });
     if backend == Backend::Postgres {
         expected["listener"] = json!("listening");
@@ -460,11 +460,21 @@ async fn the_document_declares_every_answer() {
     );
     assert_eq!(
         schemas["AuditHealthStatus"]["enum"],
-        json!(["ok", "behind_export", "not_exported"])
+        json!(["ok", "behind_export", "missing_events", "not_exported"])
     );
     assert_eq!(
         schemas["BehindOrganization"]["required"],
         json!(["organization_id", "exported_seq", "store_seq", "noticed_at"])
+    );
+    assert_eq!(
+        schemas["MissingEvents"]["required"],
+        json!([
+            "organization_id",
+            "exported_seq",
+            "next_seq",
+            "count",
+            "noticed_at"
+        ])
     );
     assert_eq!(
         schemas["ClockHealth"]["required"],

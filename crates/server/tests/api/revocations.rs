@@ -374,7 +374,7 @@ async fn stream_refuses_bad_callers_and_bad_ids(backend: Backend) {
     let future = chrono::Utc::now() + chrono::TimeDelta::days(1);
     let record = keyplane_server::ops::audit_pruned(future, 1);
     while store
-        .prune_audit_events(future, 1000, &record)
+        .prune_audit_events(future, 1000, None, &record)
         .await
         .unwrap()
         > 0
