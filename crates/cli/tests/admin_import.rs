@@ -518,4 +518,22 @@ async fn rerun_after_cutover_and_ids_taken_elsewhere(backend: Backend) {
         (&json!(1), &json!(0)),
         "nothing written: {counts}"
     );
+
+    // A key that is another organization's credential's secret: `ci`'s previous one (within its
+    // grace), or revoked `billing`'s. Refused naming the line, the good line 1 neither written.
+    for key in [LEGACY_KEYS[0], LEGACY_KEYS[2]] {
+        let copied = first.clone() + &line("copied", key, None);
+        let refused = import(&store, &globex.id, "api-token", &[], &copied).await;
+        assert_eq!(refused.status.code(), Some(1), "{}", refused.describe());
+        assert!(
+            refused.stderr.contains("line 2: sha256: already the secret of another"),
+            "{}",
+            refused.describe()
+        );
+    }
+    assert_eq!(
+        server.list_tokens(&globex).await.len(),
+        1,
+        "nothing written"
+    );
 }

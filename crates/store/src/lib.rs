@@ -384,8 +384,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Bulk import (seeding, migration from another system): all or nothing, in one transaction.
-    /// `Conflict` if any live name or secret hash is taken. `events` (one per tenant imported into,
-    /// built by the caller) are appended in the same transaction.
+    /// `Conflict` if any live name or secret hash is taken; `NotFound` if a tenant is deleted (as
+    /// for every insert, migration 0020). `events` (one per tenant imported into, built by the
+    /// caller) are appended in the same transaction.
     async fn import_credentials(
         &self,
         credentials: &[Credential],
@@ -970,12 +971,21 @@ pub trait Store: Send + Sync + 'static {
         deleted: EventOf<'_, TenantRows>,
     ) -> Result<Option<TenantRows>, StoreError>;
 
-    /// The credential with this id in any tenant and of any kind, revoked or not: ids are unique
-    /// across all of them (`admin import-credentials` checks an explicit id is free).
-    async fn find_credential_by_id(
+    /// The credentials with these ids, in any tenant and of any kind, revoked or not: ids are
+    /// unique across all of them (`admin import-credentials` checks a file's explicit ids are free,
+    /// many per query).
+    async fn find_credentials_by_ids(
         &self,
-        id: CredentialId,
-    ) -> Result<Option<Credential>, StoreError>;
+        ids: &[CredentialId],
+    ) -> Result<Vec<Credential>, StoreError>;
+
+    /// The credentials whose current or previous secret is one of `hashes`, as
+    /// [`Store::find_credential_by_hash`] finds them (`admin import-credentials` checks a file's
+    /// secrets are free, many per query).
+    async fn find_credentials_by_hashes(
+        &self,
+        hashes: &[TokenHash],
+    ) -> Result<Vec<Credential>, StoreError>;
 }
 
 /// Which organizations [`Store::list_tenants`] reads.

@@ -414,6 +414,10 @@ pub(crate) const FINISH_LEAK_REPORT: &str = "DELETE FROM leak_reports WHERE id =
 pub(crate) const PRUNE_LEAK_REPORTS: &str = "DELETE FROM leak_reports WHERE received_at_ms < $1 \
      AND id IN (SELECT id FROM leak_reports WHERE received_at_ms < $1 ORDER BY received_at_ms LIMIT $2)";
 
+/// Ids or hashes per query of the lookups by many (`find_credentials_by_ids` and `_by_hashes`,
+/// which binds each twice): well under SQLite's and PostgreSQL's parameter limits.
+pub(crate) const LOOKUP_CHUNK: usize = 500;
+
 /// Rows per multi-row INSERT when importing: 23 parameters each stays under SQLite's and
 /// PostgreSQL's parameter limits.
 pub(crate) const IMPORT_CHUNK: usize = 500;
@@ -874,7 +878,12 @@ macro_rules! impl_store {
             ) -> Result<(), $crate::StoreError> {
                 self.write(async {
                     let mut import = self.import_connection().await?;
-                    let mut tx = sqlx::Connection::begin(&mut *import.connection).await?;
+                    let mut tx =
+                        sqlx::Connection::begin_with(&mut *import.connection, Self::BEGIN_WRITE)
+                            .await?;
+                    let tenants: std::collections::BTreeSet<_> =
+                        credentials.iter().map(|c| c.tenant_id).collect();
+                    let set_aside = Self::check_import_tenants(&mut tx, &tenants).await?;
                     let mut full_chunk_sql = None;
                     for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
                         let partial_chunk_sql;
@@ -892,6 +901,12 @@ macro_rules! impl_store {
                             query = bind_credential(query, credential);
                         }
                         query.execute(&mut *tx).await?;
+                    }
+                    if let Some(trigger) = set_aside {
+                        sqlx::query(&trigger)
+                            .persistent(false)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     for event in events {
                         Self::append_audit(&mut tx, event).await?;
@@ -2398,20 +2413,59 @@ macro_rules! impl_store {
                 self.tenant_purge(id, at, batch, deleted).await
             }
 
-            #[tracing::instrument(skip_all, fields(credential.id = %id))]
-            async fn find_credential_by_id(
+            #[tracing::instrument(skip_all, fields(count = ids.len()))]
+            async fn find_credentials_by_ids(
                 &self,
-                id: keyplane_core::CredentialId,
-            ) -> Result<Option<keyplane_core::Credential>, $crate::StoreError> {
-                let sql = format!(
-                    "SELECT {} FROM credentials WHERE id = $1",
-                    $crate::sql::CREDENTIAL_COLUMNS
-                );
-                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                    .bind(id.as_uuid())
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.map(TryInto::try_into).transpose()
+                ids: &[keyplane_core::CredentialId],
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                let mut found = Vec::new();
+                for chunk in ids.chunks($crate::sql::LOOKUP_CHUNK) {
+                    let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                        "SELECT {} FROM credentials WHERE id IN (",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    ));
+                    let mut list = sql.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id.as_uuid());
+                    }
+                    sql.push(")");
+                    let rows: Vec<$crate::rows::CredentialRow> =
+                        sql.build_query_as().fetch_all(&self.pool).await?;
+                    for row in rows {
+                        found.push(row.try_into()?);
+                    }
+                }
+                Ok(found)
+            }
+
+            #[tracing::instrument(skip_all, fields(count = hashes.len()))]
+            async fn find_credentials_by_hashes(
+                &self,
+                hashes: &[keyplane_core::TokenHash],
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                let mut found = Vec::new();
+                for chunk in hashes.chunks($crate::sql::LOOKUP_CHUNK) {
+                    let mut sql = sqlx::QueryBuilder::<$db>::new(format!(
+                        "SELECT {} FROM credentials WHERE secret_hash IN (",
+                        $crate::sql::CREDENTIAL_COLUMNS
+                    ));
+                    let push_chunk = |sql: &mut sqlx::QueryBuilder<'static, $db>| {
+                        let mut list = sql.separated(", ");
+                        for hash in chunk {
+                            list.push_bind(hash.as_bytes().to_vec());
+                        }
+                    };
+                    push_chunk(&mut sql);
+                    sql.push(") OR previous_secret_hash IN (");
+                    push_chunk(&mut sql);
+                    sql.push(")");
+                    let rows: Vec<$crate::rows::CredentialRow> =
+                        sql.build_query_as().fetch_all(&self.pool).await?;
+                    for row in rows {
+                        found.push(row.try_into()?);
+                    }
+                }
+                Ok(found)
             }
         }
     };

@@ -1175,6 +1175,52 @@ async fn import_is_all_or_nothing(backend: Backend) {
     );
 }
 
+/// The lookups by many ids or secrets (`admin import-credentials`'s check of a file) find what
+/// the lookups by one find, past a query's worth (500): by id in any tenant, by current or
+/// previous secret; and nothing for the rest.
+async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
+    let f = fixture(backend).await;
+    let (other, _) = another_tenant(f.store.as_ref(), "other").await;
+    let batch: Vec<_> = (0..1200)
+        .map(|i| new_token(if i % 2 == 0 { f.tenant.id } else { other.id }, &format!("b{i}")))
+        .collect();
+    let credentials: Vec<Credential> = batch.iter().map(|(c, _)| c.clone()).collect();
+    f.store
+        .import_credentials(&credentials, &[ev()])
+        .await
+        .unwrap();
+    let (rotated, previous, rotation) = rotated_within_an_hours_grace(&f, "rotated").await;
+    let sorted = |mut found: Vec<Credential>| {
+        found.sort_by_key(|c| c.id);
+        found.into_iter().map(|c| c.id).collect::<Vec<_>>()
+    };
+    let strangers = [new_token(f.tenant.id, "stranger").0, new_token(other.id, "stranger").0];
+
+    let mut ids: Vec<_> = strangers.iter().map(|c| c.id).collect();
+    ids.extend(credentials.iter().skip(3).map(|c| c.id));
+    ids.push(rotated.id);
+    let mut expected: Vec<_> = credentials.iter().skip(3).map(|c| c.id).collect();
+    expected.push(rotated.id);
+    expected.sort();
+    assert_eq!(sorted(f.store.find_credentials_by_ids(&ids).await.unwrap()), expected);
+
+    let mut hashes: Vec<_> = strangers.iter().map(|c| c.secret_hash).collect();
+    hashes.extend(batch.iter().skip(3).map(|(_, secret)| secret.hash()));
+    hashes.push(previous.hash());
+    assert_eq!(sorted(f.store.find_credentials_by_hashes(&hashes).await.unwrap()), expected);
+    assert_eq!(
+        sorted(
+            f.store
+                .find_credentials_by_hashes(&[rotation.secret_hash])
+                .await
+                .unwrap()
+        ),
+        [rotated.id]
+    );
+    assert!(f.store.find_credentials_by_ids(&[]).await.unwrap().is_empty());
+    assert!(f.store.find_credentials_by_hashes(&[]).await.unwrap().is_empty());
+}
+
 async fn a_subjects_live_grants_span_tenants(backend: Backend) {
     let f = fixture(backend).await;
     let other = Tenant {
@@ -2320,6 +2366,7 @@ store_suite! {
     grants_filter_conflict_and_revoke,
     a_subjects_live_grants_span_tenants,
     import_is_all_or_nothing,
+    lookups_by_many_find_what_lookups_by_one_find,
     a_rotation_that_lost_the_race_changes_nothing,
     is_bootstrapped_says_whether_bootstrap_could_run,
     a_locked_store_answers_busy_while_reads_go_on,
@@ -4548,6 +4595,7 @@ postgres_suite! {
     a_stores_own_notifications_come_back_as_echoes_and_no_other,
     a_lone_event_two_replicas_append_at_once_is_written_once,
     revoking_a_revoked_grant_notifies_no_other_replica,
+    an_import_waits_for_a_deletion_under_way_and_is_refused,
 }
 
 /// Two credentials of the fixture's tenant, the one with the lower id second.
@@ -4859,6 +4907,38 @@ async fn wait_for_a_lock_wait(pool: &sqlx::PgPool) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("nobody waits for a lock");
+}
+
+/// PostgreSQL: an import into an organization whose deletion is under way (its final transaction
+/// has updated the tenant's row, the first thing it does, and not committed) waits for it and is
+/// refused: it neither commits rows into the deleted organization nor makes the deletion fail.
+async fn an_import_waits_for_a_deletion_under_way_and_is_refused() {
+    let f = fixture(Backend::Postgres).await;
+    let (other, _) = another_tenant(f.store.as_ref(), "other").await;
+    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
+    let mut deleting = pool.begin().await.unwrap();
+    sqlx::query("UPDATE tenants SET deleted_at = now() WHERE id = $1")
+        .bind(other.id.as_uuid())
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let import = {
+        let store = f.store.clone();
+        let batch: Vec<Credential> = (0..3)
+            .map(|i| new_token(other.id, &format!("late{i}")).0)
+            .collect();
+        tokio::spawn(async move { store.import_credentials(&batch, &[ev()]).await })
+    };
+    wait_for_a_lock_wait(&pool).await;
+    deleting.commit().await.unwrap();
+    let imported = import.await.unwrap();
+    assert!(matches!(imported, Err(StoreError::NotFound)), "{imported:?}");
+    assert_eq!(
+        f.store.count_tenant_rows(other.id).await.unwrap().credentials,
+        1,
+        "its first token only"
+    );
+    pool.close().await;
 }
 
 /// PostgreSQL: `renew` (another transaction) takes the row out of the prune's reach, and commits
@@ -5807,6 +5887,7 @@ store_suite! {
 store_suite! {
     purging_a_tenant_leaves_a_tombstone_and_nothing_to_use,
     a_store_of_deleted_tenants_is_never_bootstrapped_again,
+    a_bulk_import_takes_nothing_for_a_deleted_organization,
 }
 
 /// A second tenant of the fixture's store, with its first token.
@@ -6048,6 +6129,65 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
         .purge_tenant(TenantId::new(), now(), 3, &deleted_event(tenant))
         .await;
     assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
+}
+
+/// Another tenant of the fixture's store, deleted (`purge_tenant`) once its token is revoked.
+async fn deleted_tenant(store: &dyn Store) -> TenantId {
+    let (tenant, token) = another_tenant(store, "deleted").await;
+    store
+        .revoke_credential(
+            tenant.id,
+            token.kind,
+            token.id,
+            now(),
+            None,
+            &ev(),
+            &|_| ev(),
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .purge_tenant(tenant.id, now(), 100, &deleted_event(tenant.id))
+        .await
+        .unwrap()
+        .expect("deleted now");
+    tenant.id
+}
+
+/// The bulk import checks its organizations once, not row by row (SQLite: once per import, with
+/// 0020's row trigger set aside in its transaction; PostgreSQL: once per statement), and still
+/// takes nothing for a deleted one, alone or beside a live one's rows past a statement's worth;
+/// and every other insert is still checked after imports that went through and one that failed
+/// after its check.
+async fn a_bulk_import_takes_nothing_for_a_deleted_organization(backend: Backend) {
+    let f = fixture(backend).await;
+    let deleted = deleted_tenant(f.store.as_ref()).await;
+    let late: Vec<Credential> = (0..3)
+        .map(|i| new_token(deleted, &format!("late{i}")).0)
+        .collect();
+    let refused = f.store.import_credentials(&late, &[ev()]).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    let mut mixed: Vec<Credential> = (0..600)
+        .map(|i| new_token(f.tenant.id, &format!("bulk{i}")).0)
+        .collect();
+    mixed.push(late[0].clone());
+    let refused = f.store.import_credentials(&mixed, &[ev()]).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    assert_eq!(live_api_tokens(&f).await.len(), 1, "the fixture's own only");
+
+    mixed.pop();
+    f.store.import_credentials(&mixed, &[ev()]).await.unwrap();
+    assert_eq!(live_api_tokens(&f).await.len(), 601);
+    let taken_name = new_token(f.tenant.id, "bulk0").0;
+    let refused = f.store.import_credentials(&[taken_name], &[ev()]).await;
+    assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+    let refused = f.store.insert_credential(&late[1], &ev(), None).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    assert_eq!(
+        f.store.count_tenant_rows(deleted).await.unwrap().credentials,
+        0
+    );
 }
 
 /// A store whose tenants came from `create-org` alone (which does not mark it bootstrapped) and

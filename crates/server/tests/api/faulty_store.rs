@@ -1189,11 +1189,19 @@ impl Store for FaultyStore {
         self.inner.purge_tenant(id, at, batch, deleted).await
     }
 
-    async fn find_credential_by_id(
+    async fn find_credentials_by_ids(
         &self,
-        id: CredentialId,
-    ) -> Result<Option<Credential>, StoreError> {
+        ids: &[CredentialId],
+    ) -> Result<Vec<Credential>, StoreError> {
         self.check()?;
-        self.inner.find_credential_by_id(id).await
+        self.inner.find_credentials_by_ids(ids).await
+    }
+
+    async fn find_credentials_by_hashes(
+        &self,
+        hashes: &[TokenHash],
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner.find_credentials_by_hashes(hashes).await
     }
 }

@@ -1,0 +1,4 @@
+-- Nothing changes on SQLite, which has no statement triggers (PostgreSQL's 0021 checks 0020's
+-- condition on `credentials` once per statement). The bulk import checks its tenants once under
+-- the write lock instead, and sets 0020's row trigger aside in its own transaction
+-- (`SqliteStore::check_import_tenants`).
