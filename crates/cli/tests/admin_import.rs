@@ -526,7 +526,9 @@ async fn rerun_after_cutover_and_ids_taken_elsewhere(backend: Backend) {
         let refused = import(&store, &globex.id, "api-token", &[], &copied).await;
         assert_eq!(refused.status.code(), Some(1), "{}", refused.describe());
         assert!(
-            refused.stderr.contains("line 2: sha256: already the secret of another"),
+            refused
+                .stderr
+                .contains("line 2: sha256: already the secret of another"),
             "{}",
             refused.describe()
         );

@@ -1182,7 +1182,12 @@ async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
     let f = fixture(backend).await;
     let (other, _) = another_tenant(f.store.as_ref(), "other").await;
     let batch: Vec<_> = (0..1200)
-        .map(|i| new_token(if i % 2 == 0 { f.tenant.id } else { other.id }, &format!("b{i}")))
+        .map(|i| {
+            new_token(
+                if i % 2 == 0 { f.tenant.id } else { other.id },
+                &format!("b{i}"),
+            )
+        })
         .collect();
     let credentials: Vec<Credential> = batch.iter().map(|(c, _)| c.clone()).collect();
     f.store
@@ -1194,7 +1199,10 @@ async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
         found.sort_by_key(|c| c.id);
         found.into_iter().map(|c| c.id).collect::<Vec<_>>()
     };
-    let strangers = [new_token(f.tenant.id, "stranger").0, new_token(other.id, "stranger").0];
+    let strangers = [
+        new_token(f.tenant.id, "stranger").0,
+        new_token(other.id, "stranger").0,
+    ];
 
     let mut ids: Vec<_> = strangers.iter().map(|c| c.id).collect();
     ids.extend(credentials.iter().skip(3).map(|c| c.id));
@@ -1202,12 +1210,18 @@ async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
     let mut expected: Vec<_> = credentials.iter().skip(3).map(|c| c.id).collect();
     expected.push(rotated.id);
     expected.sort();
-    assert_eq!(sorted(f.store.find_credentials_by_ids(&ids).await.unwrap()), expected);
+    assert_eq!(
+        sorted(f.store.find_credentials_by_ids(&ids).await.unwrap()),
+        expected
+    );
 
     let mut hashes: Vec<_> = strangers.iter().map(|c| c.secret_hash).collect();
     hashes.extend(batch.iter().skip(3).map(|(_, secret)| secret.hash()));
     hashes.push(previous.hash());
-    assert_eq!(sorted(f.store.find_credentials_by_hashes(&hashes).await.unwrap()), expected);
+    assert_eq!(
+        sorted(f.store.find_credentials_by_hashes(&hashes).await.unwrap()),
+        expected
+    );
     assert_eq!(
         sorted(
             f.store
@@ -1217,8 +1231,18 @@ async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
         ),
         [rotated.id]
     );
-    assert!(f.store.find_credentials_by_ids(&[]).await.unwrap().is_empty());
-    assert!(f.store.find_credentials_by_hashes(&[]).await.unwrap().is_empty());
+    assert!(f
+        .store
+        .find_credentials_by_ids(&[])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(f
+        .store
+        .find_credentials_by_hashes(&[])
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn a_subjects_live_grants_span_tenants(backend: Backend) {
@@ -4932,9 +4956,16 @@ async fn an_import_waits_for_a_deletion_under_way_and_is_refused() {
     wait_for_a_lock_wait(&pool).await;
     deleting.commit().await.unwrap();
     let imported = import.await.unwrap();
-    assert!(matches!(imported, Err(StoreError::NotFound)), "{imported:?}");
+    assert!(
+        matches!(imported, Err(StoreError::NotFound)),
+        "{imported:?}"
+    );
     assert_eq!(
-        f.store.count_tenant_rows(other.id).await.unwrap().credentials,
+        f.store
+            .count_tenant_rows(other.id)
+            .await
+            .unwrap()
+            .credentials,
         1,
         "its first token only"
     );
@@ -6181,11 +6212,18 @@ async fn a_bulk_import_takes_nothing_for_a_deleted_organization(backend: Backend
     assert_eq!(live_api_tokens(&f).await.len(), 601);
     let taken_name = new_token(f.tenant.id, "bulk0").0;
     let refused = f.store.import_credentials(&[taken_name], &[ev()]).await;
-    assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
     let refused = f.store.insert_credential(&late[1], &ev(), None).await;
     assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
     assert_eq!(
-        f.store.count_tenant_rows(deleted).await.unwrap().credentials,
+        f.store
+            .count_tenant_rows(deleted)
+            .await
+            .unwrap()
+            .credentials,
         0
     );
 }
