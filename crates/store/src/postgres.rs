@@ -187,7 +187,7 @@ impl PostgresStore {
         })
     }
 
-    /// Nothing to do: migration 0021's trigger checks the tenants of each statement's rows, the
+    /// Nothing to do: migration 0023's trigger checks the tenants of each statement's rows, the
     /// import's 500 at once.
     async fn check_import_tenants(
         _tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,

@@ -30,7 +30,7 @@ pub(crate) const DELETE_REVOKED_CREDENTIALS: &str = "DELETE FROM credentials WHE
 pub(crate) const DELETE_REVOKED_GRANTS: &str = "DELETE FROM grants WHERE id IN \
      (SELECT id FROM grants WHERE tenant_id = $1 AND revoked_at IS NOT NULL ORDER BY id LIMIT $2)";
 /// The final transaction's first statement: it takes the tenant's row, which migration 0020's
-/// triggers read FOR SHARE with any insert of the tenant's (0021: on `credentials`, once at the
+/// triggers read FOR SHARE with any insert of the tenant's (0023: on `credentials`, once at the
 /// end of the statement), so no insert commits between the checks that follow and the commit.
 pub(crate) const MARK_TENANT_DELETED: &str =
     "UPDATE tenants SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL";
