@@ -191,9 +191,9 @@ impl PostgresStore {
     /// import's 500 at once.
     async fn check_import_tenants(
         _tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        _tenants: &std::collections::BTreeSet<keyplane_core::TenantId>,
-    ) -> Result<Option<String>, StoreError> {
-        Ok(None)
+        _credentials: &[keyplane_core::Credential],
+    ) -> Result<crate::sql::SetAsideTriggers, StoreError> {
+        Ok(crate::sql::SetAsideTriggers::default())
     }
 
     /// How a statement that writes several webhook deliveries locks them first, in (webhook,

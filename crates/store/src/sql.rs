@@ -12,6 +12,20 @@ pub(crate) const SELECT_TENANT: &str =
 pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
+/// The row triggers a bulk import dropped in its own transaction and does the work of once
+/// (SQLite: see `SqliteStore::check_import_tenants`; none on PostgreSQL, whose triggers on
+/// `credentials` run per statement): their `CREATE TRIGGER` statements, run again before the
+/// commit, and the live credentials the import adds per tenant, for the count trigger.
+#[derive(Default)]
+pub(crate) struct SetAsideTriggers {
+    pub(crate) triggers: Vec<String>,
+    pub(crate) live_counts: Vec<(keyplane_core::TenantId, i64)>,
+}
+
+/// What migration 0021's insert trigger does per row, for a tenant's whole import at once.
+pub(crate) const ADD_LIVE_CREDENTIALS: &str = "INSERT INTO live_credential_counts (tenant_id, live) \
+     VALUES ($1, $2) ON CONFLICT (tenant_id) DO UPDATE SET live = live + excluded.live";
+
 /// A tenant's live credentials, as migration 0021's triggers keep them.
 pub(crate) const LIVE_CREDENTIALS: &str =
     "SELECT live FROM live_credential_counts WHERE tenant_id = $1";
@@ -881,9 +895,7 @@ macro_rules! impl_store {
                     let mut tx =
                         sqlx::Connection::begin_with(&mut *import.connection, Self::BEGIN_WRITE)
                             .await?;
-                    let tenants: std::collections::BTreeSet<_> =
-                        credentials.iter().map(|c| c.tenant_id).collect();
-                    let set_aside = Self::check_import_tenants(&mut tx, &tenants).await?;
+                    let set_aside = Self::check_import_tenants(&mut tx, credentials).await?;
                     let mut full_chunk_sql = None;
                     for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
                         let partial_chunk_sql;
@@ -902,8 +914,15 @@ macro_rules! impl_store {
                         }
                         query.execute(&mut *tx).await?;
                     }
-                    if let Some(trigger) = set_aside {
-                        sqlx::query(&trigger)
+                    for (tenant, live) in &set_aside.live_counts {
+                        sqlx::query($crate::sql::ADD_LIVE_CREDENTIALS)
+                            .bind(tenant.as_uuid())
+                            .bind(*live)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    for trigger in &set_aside.triggers {
+                        sqlx::query(trigger)
                             .persistent(false)
                             .execute(&mut *tx)
                             .await?;

@@ -159,21 +159,26 @@ impl SqliteStore {
     }
 
     /// An import's check of its tenants, once per transaction instead of once per row. Migration
-    /// 0020's row trigger on `credentials` made a 1M import 17% slower (BENCHMARKS.md): with a row
-    /// trigger SQLite first copies a multi-row INSERT's rows to a temporary table, then runs the
-    /// trigger's program for each, whatever its condition. The import holds the write lock from
-    /// its `BEGIN IMMEDIATE`, so no deletion comes between this check and its commit; it drops
-    /// the trigger in its own transaction (SQLite's DDL is transactional: no other connection
-    /// ever sees the table without it, and a failed or interrupted import rolls the drop back
-    /// with its rows) and runs the statement returned, the trigger's own, before it commits.
+    /// 0020's row trigger on `credentials` made a 1M import 17% slower (BENCHMARKS.md): with any
+    /// row trigger SQLite first copies a multi-row INSERT's rows to a temporary table, then runs
+    /// the trigger's program for each, whatever its condition (0021's count trigger too). The
+    /// import holds the write lock from its `BEGIN IMMEDIATE`, so no deletion or other insert
+    /// comes between this check and its commit; it drops both row triggers in its own transaction
+    /// (SQLite's DDL is transactional: no other connection ever sees the table without them, and
+    /// a failed or interrupted import rolls the drop back with its rows), does their work once
+    /// ([`crate::sql::SetAsideTriggers`]: the check here, the counts after the insert) and runs
+    /// their own statements again before it commits.
     async fn check_import_tenants(
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        tenants: &std::collections::BTreeSet<keyplane_core::TenantId>,
-    ) -> Result<Option<String>, StoreError> {
+        credentials: &[keyplane_core::Credential],
+    ) -> Result<crate::sql::SetAsideTriggers, StoreError> {
+        let tenants: std::collections::BTreeSet<_> =
+            credentials.iter().map(|c| c.tenant_id).collect();
+        let mut set_aside = crate::sql::SetAsideTriggers::default();
         if tenants.is_empty() {
-            return Ok(None);
+            return Ok(set_aside);
         }
-        for tenant in tenants {
+        for tenant in &tenants {
             let deleted: Option<i64> = sqlx::query_scalar(DELETED_TENANT)
                 .bind(tenant.as_uuid())
                 .fetch_optional(&mut **tx)
@@ -182,17 +187,26 @@ impl SqliteStore {
                 return Err(StoreError::NotFound);
             }
         }
-        let trigger: Option<String> = sqlx::query_scalar(TRIGGER_SQL)
-            .bind(CREDENTIALS_TENANT_TRIGGER)
-            .fetch_optional(&mut **tx)
-            .await?;
-        if trigger.is_some() {
-            sqlx::query(&format!("DROP TRIGGER {CREDENTIALS_TENANT_TRIGGER}"))
+        for name in [CREDENTIALS_TENANT_TRIGGER, CREDENTIALS_COUNT_TRIGGER] {
+            let trigger: Option<String> = sqlx::query_scalar(TRIGGER_SQL)
+                .bind(name)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let Some(trigger) = trigger else { continue };
+            sqlx::query(&format!("DROP TRIGGER {name}"))
                 .persistent(false)
                 .execute(&mut **tx)
                 .await?;
+            set_aside.triggers.push(trigger);
+            if name == CREDENTIALS_COUNT_TRIGGER {
+                let mut live = std::collections::BTreeMap::new();
+                for credential in credentials.iter().filter(|c| c.revoked_at.is_none()) {
+                    *live.entry(credential.tenant_id).or_insert(0i64) += 1;
+                }
+                set_aside.live_counts = live.into_iter().collect();
+            }
         }
-        Ok(trigger)
+        Ok(set_aside)
     }
 
     /// `PRAGMA optimize` without flags: analyzes (with a limit) the tables this connection's
@@ -227,6 +241,8 @@ impl SqliteStore {
 /// Migration 0020's trigger on `credentials`, which an import sets aside
 /// ([`SqliteStore::check_import_tenants`]).
 const CREDENTIALS_TENANT_TRIGGER: &str = "credentials_of_live_tenants";
+/// Migration 0021's count of a tenant's live credentials on insert, which an import sets aside.
+const CREDENTIALS_COUNT_TRIGGER: &str = "credentials_counted_on_insert";
 /// A trigger's `CREATE TRIGGER` statement, as it was run.
 const TRIGGER_SQL: &str = "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = $1";
 /// Found when the tenant is deleted: 0020's trigger's condition.
