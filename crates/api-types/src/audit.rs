@@ -120,3 +120,35 @@ pub struct AuditEventPage {
     /// Pass as `cursor` for the next (older) page; null on the last page.
     pub next_cursor: Option<Uuid>,
 }
+
+/// The `error.code` of [`AuditChainDivergedError`].
+pub const AUDIT_CHAIN_DIVERGED: &str = "audit_chain_diverged";
+
+/// The 409 answer of `GET .../audit-events?after=`: the Aether error envelope, with where to go on
+/// from.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AuditChainDivergedEnvelope {
+    pub error: AuditChainDivergedError,
+}
+
+/// The organization's audit trail no longer holds the newest event `after` names: it went back
+/// (a restore from a backup, a failover that lost the last commits) and its new events may have
+/// taken the seqs of events the reader had, or retention pruned it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AuditChainDivergedError {
+    /// `audit_chain_diverged`.
+    pub code: String,
+    pub message: String,
+    /// Always null.
+    pub details: Option<Vec<crate::aether::ErrorDetail>>,
+    /// The seq of the newest event `after` named: the trail holds another event there, or none.
+    pub diverged_seq: u64,
+    /// The trail's newest seq now.
+    pub head_seq: u64,
+    /// Go on after this seq: the newest event `after` named that the trail still holds, else the
+    /// oldest point it holds (0, or where retention pruned it to). Every event after it may be
+    /// new to the reader; some may repeat events it had.
+    pub resume_after_seq: u64,
+    /// The same as an `after` value (`<seq>-<tag>`).
+    pub resume_after: String,
+}

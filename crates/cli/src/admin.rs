@@ -1,11 +1,14 @@
+use crate::follow::{went_back_warning, Printed};
 use crate::StoreArgs;
 use clap::{Args, Subcommand};
 use keyplane_core::audit::{actions, DetailValue};
+use keyplane_core::audit_position::EventPosition;
 use keyplane_core::{
     CreatedBy, Credential, CredentialKind, Grant, GrantKind, GrantResource, NewGrant, Operator,
     Scope, SubjectType, TenantId, UserId,
 };
 use keyplane_server::aether::{parse_audit_query, AuditEventView};
+use keyplane_server::audit_positions::check_positions;
 use keyplane_server::hybridbox::wire::AuthorizationView;
 use keyplane_server::ops;
 use keyplane_store::AuditOrder;
@@ -211,10 +214,17 @@ enum AuditCommand {
     /// none does: exit status 3), or the first event that was changed, deleted or reordered, or a
     /// chain head that does not match (exit status 1). The chain is not keyed: someone with write
     /// access who rewrites it whole from the first changed event to the head passes; compare with
-    /// the `serve --audit-log` export.
+    /// the `serve --audit-log` export: --against.
     Verify {
         #[arg(long, value_name = "ORG_ID", value_parser = parse_tenant)]
         org: TenantId,
+        /// Also compare the chain with the trail `serve --audit-log` exported (JSON lines; one
+        /// file or several, rotated logs in any order; `-` reads standard input). Tells a store
+        /// that went back (restored from a backup, or failed over: it ends before the export, or
+        /// holds other events from some seq on; the exported events it lost are listed; exit
+        /// status 4) from exported events changed or moved in it (tampering; exit status 1).
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        against: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -299,20 +309,25 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
         anyhow::bail!("no organization with id {org}");
     }
     let mut out = std::io::stdout();
-    let mut print = |events: &[keyplane_core::ChainedEvent]| -> anyhow::Result<()> {
-        use std::io::Write;
-        for event in events {
-            serde_json::to_writer(&mut out, &AuditEventView::from(event))?;
-            writeln!(out)?;
-        }
-        out.flush()?;
-        Ok(())
-    };
+    let mut printed = Printed::new();
+    let mut print =
+        |events: &[keyplane_core::ChainedEvent], printed: &mut Printed| -> anyhow::Result<()> {
+            use std::io::Write;
+            for event in events {
+                serde_json::to_writer(&mut out, &AuditEventView::from(event))?;
+                writeln!(out)?;
+            }
+            out.flush()?;
+            for event in events {
+                printed.record(EventPosition::of(event.seq, &event.chain_hash));
+            }
+            Ok(())
+        };
     query.limit = AUDIT_PAGE;
     if !args.follow {
         loop {
             let page = store.list_audit_events(&query).await?;
-            print(&page)?;
+            print(&page, &mut printed)?;
             match page.last() {
                 Some(last) if page.len() == AUDIT_PAGE as usize => {
                     query.order = AuditOrder::NewestBefore(Some(last.event.id))
@@ -321,14 +336,29 @@ async fn print_audit(args: AuditListArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut after = 0;
+    // Pages by seq, checking after each read that the trail still holds the newest event printed
+    // (and, when not, which older one): a store restored from a backup under the follow reuses
+    // the seqs of the events it lost, and those new events are printed, not skipped.
     loop {
-        query.order = AuditOrder::OldestAfterSeq(after);
+        query.order = AuditOrder::OldestAfterSeq(printed.newest().seq);
         let page = store.list_audit_events(&query).await?;
-        print(&page)?;
-        match page.last() {
-            Some(last) => after = last.seq,
-            None => tokio::time::sleep(FOLLOW_POLL).await,
+        let positions = printed.positions();
+        if let Some(diverged) = check_positions(store.as_ref(), org, &positions).await? {
+            eprintln!(
+                "{}",
+                went_back_warning(
+                    "admin audit",
+                    diverged.diverged_seq,
+                    diverged.head_seq,
+                    diverged.resume_after.seq
+                )
+            );
+            printed.went_back(diverged.resume_after);
+            continue;
+        }
+        print(&page, &mut printed)?;
+        if page.is_empty() {
+            tokio::time::sleep(FOLLOW_POLL).await;
         }
     }
 }
@@ -868,7 +898,12 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Audit(AuditArgs {
-            command: Some(AuditCommand::Verify { org, store }),
+            command:
+                Some(AuditCommand::Verify {
+                    org,
+                    against,
+                    store,
+                }),
             ..
         }) => {
             let store = store.open_read_only().await?;
@@ -932,9 +967,17 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                             std::process::exit(UNRECORDED_PRUNING_EXIT);
                         }
                     }
-                    eprintln!(
-                        "note: the chain is not keyed: a rewrite of it whole, from the first changed event to the head, by someone with write access to the store passes; compare with the events `serve --audit-log` exported"
-                    );
+                    if against.is_empty() {
+                        eprintln!(
+                            "note: the chain is not keyed: a rewrite of it whole, from the first changed event to the head, by someone with write access to the store passes; compare with the events `serve --audit-log` exported (--against)"
+                        );
+                        return Ok(());
+                    }
+                    let comparison =
+                        crate::audit_against::compare(store.as_ref(), org, &against).await?;
+                    if let Some(status) = comparison.report(org) {
+                        std::process::exit(status);
+                    }
                     Ok(())
                 }
                 Err(broken) => {

@@ -2,7 +2,9 @@
 //! place the tracing subscriber is installed.
 
 mod admin;
+mod audit_against;
 mod delete_org;
+mod follow;
 mod import;
 mod remote;
 mod restore_replay;

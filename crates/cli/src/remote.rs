@@ -3,6 +3,7 @@
 //! one route through `keyplane_client::Client`; this module only reads the command line and the
 //! environment, and prints.
 
+use crate::follow::{went_back_warning, Printed};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use keyplane_api_types::aether::{
@@ -17,8 +18,9 @@ use keyplane_api_types::wire::RotateRequest;
 use keyplane_client::output::{Format, Output, Record, SecretFile};
 use keyplane_client::profile::{Profile, Profiles};
 use keyplane_client::{
-    AuditFilter, Client, Error, GrantFilter, Page, Plaintext, Transition, DEFAULT_URL,
+    ApiFailure, AuditFilter, Client, Error, GrantFilter, Page, Plaintext, Transition, DEFAULT_URL,
 };
+use keyplane_core::audit_position::EventPosition;
 use keyplane_core::{
     ActionPattern, FieldError, FieldPath, GrantKind, LeakAction, LifetimeRule, RobotPermission,
     Scope, ScopeSet, SubjectType,
@@ -863,7 +865,7 @@ impl AuditFilterArgs {
             outcome: self.outcome.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
-            after_seq: None,
+            after: Vec::new(),
         }
     }
 }
@@ -1670,7 +1672,7 @@ async fn tail(
     if !emit_while_read(&s.output.stream_header::<AuditEventView>())? {
         return Ok(());
     }
-    let mut last_seq = 0;
+    let mut printed = Printed::new();
     if lines > 0 {
         let page = s
             .client
@@ -1683,7 +1685,7 @@ async fn tail(
                 },
             )
             .await?;
-        if !print_stream(s, page.items.into_iter().rev().collect(), &mut last_seq)? {
+        if !print_stream(s, page.items.into_iter().rev().collect(), &mut printed)? {
             return Ok(());
         }
     } else {
@@ -1700,7 +1702,7 @@ async fn tail(
             )
             .await?;
         if let Some(newest) = page.items.first() {
-            last_seq = newest.seq;
+            printed.record(position_of(newest)?);
         }
     }
     if !follow {
@@ -1714,8 +1716,8 @@ async fn tail(
             n => follow_backoff(n),
         };
         tokio::time::sleep(pause).await;
-        let fresh = match poll(s, org, &filter, last_seq).await {
-            Ok(fresh) => fresh,
+        let still_read = match poll(s, org, &filter, &mut printed).await {
+            Ok(still_read) => still_read,
             Err(e) if e.is_transient() => {
                 failures += 1;
                 let first_line = e.to_string().lines().next().unwrap_or_default().to_string();
@@ -1729,7 +1731,7 @@ async fn tail(
             eprintln!("audit tail: reconnected");
             failures = 0;
         }
-        if !print_stream(s, fresh, &mut last_seq)? {
+        if !still_read {
             return Ok(());
         }
     }
@@ -1741,53 +1743,99 @@ fn follow_backoff(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 
-/// The events after `last_seq`, oldest first, every page of them.
-/// The events after `last_seq`, oldest first. By `seq`, not time: an event's time is taken before
-/// its transaction commits (an aggregated refusal's, at the first refusal, up to a window earlier),
-/// so one committed later can carry an earlier time.
+/// The position `after` names `event` by.
+fn position_of(event: &AuditEventView) -> Result<EventPosition, Error> {
+    EventPosition::of_hex(event.seq, &event.chain_hash).ok_or_else(|| {
+        Error::Protocol(format!(
+            "audit event {} has a `chain_hash` that is not a SHA-256 in hex",
+            event.seq
+        ))
+    })
+}
+
+/// Prints the events after the newest printed, oldest first, every page of them; whether stdout
+/// still has a reader. By `seq`, not time: an event's time is taken before its transaction
+/// commits (an aggregated refusal's, at the first refusal, up to a window earlier), so one
+/// committed later can carry an earlier time. Each page is asked for `after` the printed events
+/// (the newest and some older ones): when the trail went back under the tail (a restore), the
+/// server answers 409 with the newest of them it still holds, and the events after it are
+/// printed again rather than skipped.
 async fn poll(
-    s: &Session,
+    s: &mut Session,
     org: Uuid,
     filter: &AuditFilter,
-    last_seq: u64,
-) -> Result<Vec<AuditEventView>, Error> {
+    printed: &mut Printed,
+) -> Result<bool, Error> {
     const PAGE: u32 = 100;
-    let mut fresh: Vec<AuditEventView> = Vec::new();
     let mut filter = filter.clone();
     let page = Page {
         cursor: None,
         limit: Some(PAGE),
     };
     loop {
-        let after = fresh.last().map_or(last_seq, |e| e.seq);
-        filter.after_seq = Some(after);
-        let answer = s.client.list_audit_events(org, &filter, &page).await?;
+        let after = printed.newest().seq;
+        filter.after = printed.positions().iter().map(|p| p.to_string()).collect();
+        let answer = match s.client.list_audit_events(org, &filter, &page).await {
+            Ok(answer) => answer,
+            Err(Error::Refused(ApiFailure {
+                audit_chain_diverged: Some(diverged),
+                ..
+            })) => {
+                let resume_after = EventPosition::parse(&diverged.resume_after)
+                    .filter(|p| p.seq == diverged.resume_after_seq)
+                    .ok_or_else(|| {
+                        Error::Protocol(
+                            "the server's `resume_after` is not an event position".into(),
+                        )
+                    })?;
+                eprintln!(
+                    "{}",
+                    went_back_warning(
+                        "audit tail",
+                        diverged.diverged_seq,
+                        diverged.head_seq,
+                        diverged.resume_after_seq
+                    )
+                );
+                printed.went_back(resume_after);
+                // At the next poll: a trail going back again and again is not read in a loop.
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
         let full = answer.items.len() >= PAGE as usize;
-        // In order and past `after` even from a server that ignores `after_seq`.
+        // In order and past `after` even from a server that ignores `after`.
         let mut new: Vec<AuditEventView> =
             answer.items.into_iter().filter(|e| e.seq > after).collect();
         new.sort_by_key(|e| e.seq);
         let progressed = !new.is_empty();
-        fresh.extend(new);
+        if !print_stream(s, new, printed)? {
+            return Ok(false);
+        }
         if !full || !progressed {
-            return Ok(fresh);
+            return Ok(true);
         }
     }
 }
 
-/// Prints `events`; whether stdout still has a reader.
+/// Prints `events`, recording each; whether stdout still has a reader.
 fn print_stream(
     s: &mut Session,
     events: Vec<AuditEventView>,
-    last_seq: &mut u64,
+    printed: &mut Printed,
 ) -> Result<bool, Error> {
     s.output.now = Utc::now();
     let mut text = String::new();
+    let mut positions = Vec::with_capacity(events.len());
     for event in events {
         text.push_str(&s.output.stream(&event));
-        *last_seq = (*last_seq).max(event.seq);
+        positions.push(position_of(&event)?);
     }
-    emit_while_read(&text)
+    let still_read = emit_while_read(&text)?;
+    for position in positions {
+        printed.record(position);
+    }
+    Ok(still_read)
 }
 
 pub async fn whoami(s: Session) -> Result<(), Error> {

@@ -39,30 +39,36 @@ pub struct RestoreReplayArgs {
     store: StoreArgs,
 }
 
-/// The part of an exported event the replay needs.
-struct Exported {
-    id: Uuid,
-    seq: u64,
-    action: String,
-    target: Option<(String, Uuid)>,
+/// The part of an exported event the replay (and `admin audit verify --against`) needs.
+pub(crate) struct Exported {
+    pub(crate) id: Uuid,
+    pub(crate) seq: u64,
+    pub(crate) action: String,
+    pub(crate) target: Option<(String, Uuid)>,
     /// `credential.leaked`'s `response`.
     response: Option<String>,
-    chain_hash: String,
+    /// Lowercase hex.
+    pub(crate) chain_hash: String,
 }
 
 /// What reading the exported files found.
 #[derive(Default)]
-struct Read {
-    by_org: BTreeMap<TenantId, Vec<Exported>>,
-    events: u64,
-    torn: u64,
+pub(crate) struct Read {
+    pub(crate) by_org: BTreeMap<TenantId, Vec<Exported>>,
+    pub(crate) events: u64,
+    pub(crate) torn: u64,
     duplicates: u64,
 }
 
-/// Reads every `--audit-log`, keeping the events of `org` (all without it), each id once.
-fn read_exported(paths: &[String], org: Option<TenantId>) -> anyhow::Result<Read> {
+/// Reads every file given with `flag` (`--audit-log`, `--against`), keeping the events of `org`
+/// (all without it), each id once.
+pub(crate) fn read_exported(
+    flag: &str,
+    paths: &[String],
+    org: Option<TenantId>,
+) -> anyhow::Result<Read> {
     if paths.iter().filter(|p| *p == "-").count() > 1 {
-        anyhow::bail!("--audit-log: `-` (standard input) can be read only once");
+        anyhow::bail!("{flag}: `-` (standard input) can be read only once");
     }
     let mut read = Read::default();
     let mut seen = HashSet::new();
@@ -76,25 +82,25 @@ fn read_exported(paths: &[String], org: Option<TenantId>) -> anyhow::Result<Read
             Box::new(std::io::stdin().lock())
         } else {
             let file = std::fs::File::open(path)
-                .map_err(|e| anyhow::anyhow!("--audit-log: cannot read {path}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("{flag}: cannot read {path}: {e}"))?;
             Box::new(std::io::BufReader::new(file))
         };
         let starts = reader
             .fill_buf()
-            .map_err(|e| anyhow::anyhow!("--audit-log: cannot read {path}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{flag}: cannot read {path}: {e}"))?;
         if starts.starts_with(&[0x1f, 0x8b]) {
             anyhow::bail!(
-                "--audit-log: {path} is compressed (gzip): pass it decompressed on standard input, \
-                 `zcat {path} | keyplane admin restore-replay --audit-log - …`"
+                "{flag}: {path} is compressed (gzip): pass it decompressed on standard input, \
+                 `zcat {path} | keyplane admin … {flag} - …`"
             );
         }
         let (events, torn) = (read.events + read.duplicates, read.torn);
-        read_lines(reader, path, org, &mut seen, &mut read)?;
+        read_lines(reader, flag, path, org, &mut seen, &mut read)?;
         // Cut writes are a line here and there: a file of nothing else is not an audit log, and
         // the revocations it was taken for would go unreplayed.
         if read.events + read.duplicates == events && read.torn > torn {
             anyhow::bail!(
-                "--audit-log: {path} holds no audit event, only {} that {} not one: is it an audit log?",
+                "{flag}: {path} holds no audit event, only {} that {} not one: is it an audit log?",
                 counted(read.torn - torn, "line", "lines"),
                 if read.torn - torn == 1 { "is" } else { "are" }
             );
@@ -105,6 +111,7 @@ fn read_exported(paths: &[String], org: Option<TenantId>) -> anyhow::Result<Read
 
 fn read_lines(
     mut reader: impl BufRead,
+    flag: &str,
     path: &str,
     org: Option<TenantId>,
     seen: &mut HashSet<Uuid>,
@@ -116,7 +123,7 @@ fn read_lines(
         // Bytes, not a String: a cut write may end inside a UTF-8 sequence.
         if reader
             .read_until(b'\n', &mut line)
-            .map_err(|e| anyhow::anyhow!("--audit-log: cannot read {path}: {e}"))?
+            .map_err(|e| anyhow::anyhow!("{flag}: cannot read {path}: {e}"))?
             == 0
         {
             return Ok(());
@@ -477,7 +484,7 @@ async fn loss_recorded(
 
 /// `admin restore-replay`.
 pub async fn run(args: RestoreReplayArgs, operator: &Operator) -> anyhow::Result<()> {
-    let read = read_exported(&args.audit_logs, args.org)?;
+    let read = read_exported("--audit-log", &args.audit_logs, args.org)?;
     // A dry run only reads, and so must not migrate a shared store either.
     let store = if args.dry_run {
         args.store.open_read_only().await?

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    both_stores, json_lines, keyplane, keyplane_with_umask, run, Keyplane, KillOnDrop, Org,
-    TestStore,
+    both_stores, json_lines, keyplane, keyplane_with_umask, run, stored_events, tamper, Keyplane,
+    KillOnDrop, Org, TestStore,
 };
 use keyplane_store::testing::Backend;
 use reqwest::StatusCode;
@@ -221,22 +221,6 @@ async fn sigkill_loses_no_event_and_the_export_resumes(backend: Backend) {
     );
 }
 
-/// Runs `sql` on the test database directly, as someone tampering with it would.
-async fn tamper(store: &TestStore, sql: &str) {
-    match store.backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&store.db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.unwrap();
-            pool.close().await;
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&store.db.url).await.unwrap();
-            sqlx::query(sql).execute(&pool).await.unwrap();
-            pool.close().await;
-        }
-    }
-}
-
 async fn verify(store: &TestStore, org: &Org) -> common::CommandOutput {
     run(
         keyplane()
@@ -245,16 +229,6 @@ async fn verify(store: &TestStore, org: &Org) -> common::CommandOutput {
         TIMEOUT,
     )
     .await
-}
-
-/// The organization's first 100 events as the store holds them, oldest first.
-async fn stored_events(store: &TestStore, org: &Org) -> Vec<keyplane_core::ChainedEvent> {
-    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
-    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
-    store_handle
-        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
-        .await
-        .unwrap()
 }
 
 /// A store whose organization has its first token and four more: six events.

@@ -859,7 +859,7 @@ fn event(seq: u64) -> Value {
         "client_ip": null,
         "user_agent": null,
         "details": {},
-        "chain_hash": "00",
+        "chain_hash": format!("{seq:064x}"),
     })
 }
 
@@ -975,7 +975,7 @@ async fn audit_tail_prints_an_event_committed_late_with_an_earlier_time() {
     let fake = Fake::start(move |n, seen| {
         let items = if n == 0 {
             vec![at(2, "2030-01-01T00:01:00Z")]
-        } else if seen.path.contains("after_seq=2") {
+        } else if seen.path.contains("after=2-") {
             vec![at(3, "2029-12-31T23:58:00Z")]
         } else {
             // What the server answers a `since` a minute before the newest event seen.

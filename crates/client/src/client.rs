@@ -89,8 +89,10 @@ pub struct AuditFilter {
     pub outcome: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
-    /// Only events with a greater `seq`, oldest first (not with a page's `cursor`).
-    pub after_seq: Option<u64>,
+    /// Only events after the newest of these (`<seq>-<tag>`, `keyplane_core::audit_position`),
+    /// oldest first (not with a page's `cursor`); the server answers 409 `audit_chain_diverged`
+    /// (`ApiFailure::audit_chain_diverged`) when its trail no longer holds that event.
+    pub after: Vec<String>,
 }
 
 /// A credential's lifecycle step without a body: `POST .../{id}/<step>`.
@@ -683,8 +685,8 @@ impl Client {
                 call.query.push((name, value.clone()));
             }
         }
-        if let Some(seq) = filter.after_seq {
-            call.query.push(("after_seq", seq.to_string()));
+        for position in &filter.after {
+            call.query.push(("after", position.clone()));
         }
         self.send(call).await
     }

@@ -2,6 +2,9 @@
 //! status each failure means.
 
 use keyplane_api_types::aether::ErrorEnvelope;
+use keyplane_api_types::audit::{
+    AuditChainDivergedEnvelope, AuditChainDivergedError, AUDIT_CHAIN_DIVERGED,
+};
 use keyplane_api_types::hybridbox::{ErrorMessage, LocItem, ValidationErrorBody};
 use keyplane_api_types::verify::VerificationError;
 use serde::Deserialize;
@@ -37,6 +40,21 @@ pub struct ApiFailure {
     /// One line per bad field: `scopes[1]: ... (invalid_scope)`.
     pub details: Vec<String>,
     pub request_id: Option<String>,
+    /// A 409 `audit_chain_diverged`'s: where an audit reader goes on from.
+    pub audit_chain_diverged: Option<AuditChainDiverged>,
+}
+
+/// The organization's audit trail no longer holds the event a reader named (`after`): what the
+/// 409 `audit_chain_diverged` says besides its message.
+#[derive(Debug, Clone)]
+pub struct AuditChainDiverged {
+    /// The seq of the event named: the trail holds another there, or none.
+    pub diverged_seq: u64,
+    /// The trail's newest seq.
+    pub head_seq: u64,
+    /// Go on after this seq, named as `after` takes it in `resume_after`.
+    pub resume_after_seq: u64,
+    pub resume_after: String,
 }
 
 #[derive(Debug)]
@@ -204,10 +222,31 @@ impl ApiFailure {
             message: format!("the server answered HTTP {status}"),
             details: Vec::new(),
             request_id,
+            audit_chain_diverged: None,
         };
         match serde_json::from_slice::<ErrorBody>(body) {
             Ok(ErrorBody::Aether(envelope)) => {
                 let error = envelope.error;
+                if error.code == AUDIT_CHAIN_DIVERGED {
+                    failure.audit_chain_diverged =
+                        serde_json::from_slice::<AuditChainDivergedEnvelope>(body)
+                            .ok()
+                            .map(|diverged| {
+                                let AuditChainDivergedError {
+                                    diverged_seq,
+                                    head_seq,
+                                    resume_after_seq,
+                                    resume_after,
+                                    ..
+                                } = diverged.error;
+                                AuditChainDiverged {
+                                    diverged_seq,
+                                    head_seq,
+                                    resume_after_seq,
+                                    resume_after,
+                                }
+                            });
+                }
                 failure.code = Some(error.code);
                 failure.message = error.message;
                 failure.details = error

@@ -14,7 +14,7 @@ pub mod output;
 pub mod profile;
 
 pub use client::{AuditFilter, Client, GrantFilter, Page, Transition};
-pub use error::{printable, ApiFailure, Error, ExitStatus};
+pub use error::{printable, ApiFailure, AuditChainDiverged, Error, ExitStatus};
 pub use keyplane_core::Plaintext;
 
 /// Where a client talks to when nothing else says.

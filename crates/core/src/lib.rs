@@ -5,6 +5,7 @@
 //! arguments, so every rule here is a pure, repeatable function.
 
 pub mod audit;
+pub mod audit_position;
 pub mod authz;
 pub mod created_by;
 pub mod credential;

@@ -8,6 +8,7 @@ pub mod aether;
 pub mod allocator;
 mod app;
 pub mod audit;
+pub mod audit_positions;
 pub mod auth;
 pub mod canary;
 pub mod client_addr;

@@ -16,7 +16,7 @@
 //! woken already.
 //!
 //! Event ids: the audit `seq`; with `?ids=seq_hash`, `<seq>-<tag>`, the tag a short hash of that
-//! event's chain hash ([`id_tag`]). A bare seq cannot tell the event a client saw from another at
+//! event's chain hash (`keyplane_core::audit_position`). A bare seq cannot tell the event a client saw from another at
 //! that seq once the chain went back and grew past it again; a tag can (`reset`). Opt-in: clients
 //! from before parse an id as a number. Both forms resume.
 //!
@@ -39,6 +39,7 @@
 //! or when the server stops.
 
 use crate::app::App;
+use crate::audit_positions::chain_hash_at;
 use crate::auth::bearer_token;
 use crate::error::{ApiError, AppError};
 use crate::jobs::{TenantShare, TenantShares};
@@ -48,6 +49,7 @@ use axum::http::{HeaderMap, HeaderName, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use keyplane_core::audit::actions;
+use keyplane_core::audit_position::EventPosition;
 use keyplane_core::{Capability, ChainedEvent, Error as DomainError, TenantId};
 use keyplane_store::{AuditChainState, AuditQuery};
 use serde::{Deserialize, Serialize};
@@ -228,23 +230,12 @@ pub enum EventIds {
     SeqHash,
 }
 
-/// Hex digits of an id's tag.
-const TAG_LENGTH: usize = 16;
-
-/// The tag of an event id in the `seq_hash` form: the first 8 bytes of the SHA-256 of the
-/// event's chain hash, in lowercase hex. It tells one history's event from another's at the
-/// same seq, and nothing about the event (the chain hash itself is not shown).
-fn id_tag(chain_hash: &[u8; 32]) -> String {
-    use sha2::{Digest, Sha256};
-    data_encoding::HEXLOWER.encode(&Sha256::digest(chain_hash)[..TAG_LENGTH / 2])
-}
-
 impl EventIds {
     /// The id of the event at `seq`, whose chain hash is `hash`.
     fn of(self, seq: u64, hash: &[u8; 32]) -> String {
         match self {
             Self::Seq => seq.to_string(),
-            Self::SeqHash => format!("{seq}-{}", id_tag(hash)),
+            Self::SeqHash => EventPosition::of(seq, hash).to_string(),
         }
     }
 
@@ -271,40 +262,33 @@ impl EventIds {
     }
 }
 
-/// Where a client resumes (`Last-Event-ID`): a seq, and the tag of the event it saw there when the
-/// id was in the `seq_hash` form. Either form is taken, whatever `ids` asks for now.
+/// Where a client resumes (`Last-Event-ID`): a seq, and the event it saw there when the id was in
+/// the `seq_hash` form. Either form is taken, whatever `ids` asks for now.
 struct Resume {
     seq: u64,
-    tag: Option<String>,
+    saw: Option<EventPosition>,
 }
 
 impl Resume {
     fn parse(value: &str) -> Option<Self> {
         let value = value.trim();
-        let Some((seq, tag)) = value.split_once('-') else {
+        if !value.contains('-') {
             return Some(Self {
                 seq: value.parse().ok()?,
-                tag: None,
+                saw: None,
             });
-        };
-        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-        let well_formed = !seq.is_empty()
-            && seq.bytes().all(|b| b.is_ascii_digit())
-            && tag.len() == TAG_LENGTH
-            && tag.bytes().all(hex);
-        if !well_formed {
-            return None;
         }
+        let saw = EventPosition::parse(value)?;
         Some(Self {
-            seq: seq.parse().ok()?,
-            tag: Some(tag.to_string()),
+            seq: saw.seq,
+            saw: Some(saw),
         })
     }
 
     /// Whether the event with chain hash `hash` at this seq is the one the client saw, as far as
     /// its id tells (a bare seq cannot).
     fn saw(&self, hash: &[u8; 32]) -> bool {
-        self.tag.as_deref().is_none_or(|tag| tag == id_tag(hash))
+        self.saw.as_ref().is_none_or(|saw| saw.names(hash))
     }
 }
 
@@ -403,7 +387,7 @@ async fn revocation_stream(
     // client saw. (Of a bare seq, that cannot be told.)
     let start = match resume {
         None => Some((state.head_seq, state.head_hash)),
-        Some(resume) => chain_hash_at(&app, tenant, &state, resume.seq)
+        Some(resume) => chain_hash_at(app.store().as_ref(), tenant, &state, resume.seq)
             .await?
             .filter(|hash| resume.saw(hash))
             .map(|hash| (resume.seq, hash)),
@@ -570,7 +554,14 @@ impl Stream {
             self.reset(state);
             return Some(false);
         }
-        let at_cursor = match chain_hash_at(&self.app, self.tenant, state, self.cursor).await {
+        let at_cursor = match chain_hash_at(
+            self.app.store().as_ref(),
+            self.tenant,
+            state,
+            self.cursor,
+        )
+        .await
+        {
             Ok(hash) => hash,
             Err(error) => {
                 tracing::warn!(%error, tenant.id = %self.tenant, "revocation stream ends: the store cannot be read");
@@ -624,28 +615,6 @@ impl Stream {
         (self.cursor, self.cursor_hash) = (state.head_seq, state.head_hash);
         (self.head, self.head_hash) = (state.head_seq, state.head_hash);
     }
-}
-
-/// The chain hash of the tenant's event at `seq` in the chain `state` describes; `None` when the
-/// chain holds no event there (pruned, or past its head). Read from the store only for an event
-/// strictly between the anchor and the head.
-async fn chain_hash_at(
-    app: &App,
-    tenant: TenantId,
-    state: &AuditChainState,
-    seq: u64,
-) -> Result<Option<[u8; 32]>, keyplane_store::StoreError> {
-    if seq == state.head_seq {
-        return Ok(Some(state.head_hash));
-    }
-    if seq == state.anchor_seq {
-        return Ok(Some(state.anchor_hash));
-    }
-    if seq < state.anchor_seq || seq > state.head_seq {
-        return Ok(None);
-    }
-    // Pruned since `state` was read, or a chain gone back since: no event at `seq`.
-    crate::audit::event_hash_at(app.store().as_ref(), tenant, seq).await
 }
 
 fn heartbeat_seconds(heartbeat: Duration) -> u64 {

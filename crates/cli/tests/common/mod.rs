@@ -97,6 +97,32 @@ pub fn database_name(url: &str) -> String {
     path.split('?').next().unwrap().to_owned()
 }
 
+/// Runs `sql` on the test database directly, as someone tampering with it would.
+pub async fn tamper(store: &TestStore, sql: &str) {
+    match store.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&store.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&store.db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// The organization's first 100 events as the store holds them, oldest first.
+pub async fn stored_events(store: &TestStore, org: &Org) -> Vec<keyplane_core::ChainedEvent> {
+    let store_handle = keyplane_store::connect(&store.db.url).await.unwrap();
+    let tenant = keyplane_core::TenantId::parse(&org.id).unwrap();
+    store_handle
+        .list_audit_events(&keyplane_store::AuditQuery::after_seq(tenant, 0, 100))
+        .await
+        .unwrap()
+}
+
 /// A connection to the test PostgreSQL server's admin database (to create, copy or drop a test's
 /// database, or change its settings).
 pub async fn admin_connection() -> sqlx::PgConnection {

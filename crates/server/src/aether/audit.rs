@@ -6,14 +6,21 @@ use super::wire::ErrorEnvelope;
 use super::Path;
 use super::{org_id, Aether, ApiError, TAG_AUDIT};
 use crate::app::App;
+use crate::audit_positions::{check_positions, Diverged, MAX_POSITIONS};
 use crate::extract::Authenticated;
 use crate::extract::PathParams;
 use crate::ops;
 use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use keyplane_api_types::audit::{
+    AuditChainDivergedEnvelope, AuditChainDivergedError, AUDIT_CHAIN_DIVERGED,
+};
 pub use keyplane_api_types::audit::{AuditEventPage, AuditEventView};
 use keyplane_core::audit::Outcome;
+use keyplane_core::audit_position::EventPosition;
 use keyplane_core::error::codes;
 use keyplane_core::{Error as DomainError, FieldError, FieldPath, TenantId};
 use keyplane_store::{AuditOrder, AuditQuery};
@@ -152,19 +159,93 @@ pub fn parse_audit_query(
     }
 }
 
+/// Reads the `after` cursor: the events a reader had, each `<seq>-<tag>` (at most
+/// [`MAX_POSITIONS`]), the newest first or in any order. Not with `cursor` or `after_seq`.
+fn parse_after(pairs: &[(String, String)]) -> Result<Vec<EventPosition>, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut positions = Vec::new();
+    for (_, raw) in pairs.iter().filter(|(name, _)| name == "after") {
+        match EventPosition::parse(raw) {
+            Some(position) if i64::try_from(position.seq).is_ok() => positions.push(position),
+            _ => errors.push(FieldError::new(
+                FieldPath::query("after"),
+                codes::INVALID_FORMAT,
+                "must be an event's position, `<seq>-<tag>` (the tag: 16 lowercase hex digits of the SHA-256 of its `chain_hash`)",
+            )),
+        }
+    }
+    if positions.len() > MAX_POSITIONS {
+        errors.push(FieldError::new(
+            FieldPath::query("after"),
+            codes::TOO_MANY,
+            format!("at most {MAX_POSITIONS} positions"),
+        ));
+    }
+    let given = |name: &str| pairs.iter().any(|(n, _)| n == name);
+    if !positions.is_empty() && (given("cursor") || given("after_seq")) {
+        errors.push(FieldError::new(
+            FieldPath::query("after"),
+            codes::INVALID_FORMAT,
+            "cannot be combined with `cursor` or `after_seq`",
+        ));
+    }
+    if errors.is_empty() {
+        Ok(positions)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The 409 that tells a reader its `after` names an event the trail no longer holds.
+fn diverged_answer(diverged: &Diverged) -> Response {
+    let Diverged {
+        diverged_seq,
+        head_seq,
+        resume_after,
+    } = diverged;
+    let message = format!(
+        "the audit trail no longer holds the event at seq {diverged_seq} that `after` names (it \
+         holds another there, or none; its newest seq is {head_seq}): it went back, as after a \
+         restore from a backup or a failover that lost the last commits, and its new events may \
+         have taken the seqs of events you had. Go on after seq {seq} (`after={resume_after}`): \
+         the events after it may be new to you, and some may repeat ones you had",
+        seq = resume_after.seq,
+    );
+    let body = AuditChainDivergedEnvelope {
+        error: AuditChainDivergedError {
+            code: AUDIT_CHAIN_DIVERGED.to_string(),
+            message,
+            details: None,
+            diverged_seq: *diverged_seq,
+            head_seq: *head_seq,
+            resume_after_seq: resume_after.seq,
+            resume_after: resume_after.to_string(),
+        },
+    };
+    (StatusCode::CONFLICT, Json(body)).into_response()
+}
+
 /// List audit events
 ///
 /// The organization's recorded changes and refused attempts, newest first, `limit` (1–100,
-/// default 50) at a time; pass `next_cursor` back as `cursor` for older events. With `after_seq`,
-/// the events after that `seq`, oldest first (no `next_cursor`: ask again with the last event's
-/// `seq`): the way to follow the trail without gaps, since `occurred_at` does not follow `seq`.
-/// Needs `audit:read`.
+/// default 50) at a time; pass `next_cursor` back as `cursor` for older events. With `after`, the
+/// events after the one it names, oldest first (no `next_cursor`: ask again with the last event's
+/// position): the way to follow the trail without gaps, since `occurred_at` does not follow `seq`.
+/// `after` is `<seq>-<tag>`, the tag the first 8 bytes of the SHA-256 of the event's `chain_hash`
+/// in lowercase hex (the revocation stream's `ids=seq_hash` form); it may be given up to 16 times,
+/// the newest event you had and some older ones. When the trail no longer holds the newest (a
+/// restore from a backup or a failover took it back, and new events took the seqs of lost ones),
+/// the answer is 409 `audit_chain_diverged` with `resume_after`: the newest of them it still holds,
+/// else the oldest point it has; page on from there, and nothing is skipped. `after_seq` pages by
+/// seq alone, as before: it cannot notice that, and silently skips the events that took seqs it
+/// had seen. Needs `audit:read`.
 #[utoipa::path(
     get, path = "/api/v1/organizations/{orgID}/audit-events", tag = TAG_AUDIT,
     params(
         ("orgID" = Uuid, Path, description = "Organization UUID."),
         ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page (a UUID; an empty value is refused)."),
-        ("after_seq" = Option<u64>, Query, description = "Only events with a greater `seq`, oldest first; not with `cursor`."),
+        ("after" = Option<Vec<String>>, Query, description = "Repeatable, at most 16. The events after the newest event named, oldest first, each named `<seq>-<tag>` (the tag: 16 lowercase hex digits, the first 8 bytes of the SHA-256 of the event's `chain_hash`); 409 `audit_chain_diverged` when the trail no longer holds it. Not with `cursor` or `after_seq`."),
+        ("after_seq" = Option<u64>, Query, description = "Only events with a greater `seq`, oldest first; not with `cursor`. Cannot tell that the trail went back (a restore): events that took seqs already read are skipped. Prefer `after`."),
         ("limit" = Option<u32>, Query, description = "Page size, 1–100 (default 50)."),
         ("action" = Option<Vec<String>>, Query, description = "Repeatable, at most 50. An action (`api_token.created`), a prefix (`api_token.*`), or `*` (every action: no filter, as a webhook's `*`)."),
         ("actor_id" = Option<Uuid>, Query, description = "Only events by this credential or user."),
@@ -178,7 +259,8 @@ pub fn parse_audit_query(
         (status = 401, description = "Missing or invalid credentials.", body = ErrorEnvelope),
         (status = 403, description = "The caller lacks `audit:read`.", body = ErrorEnvelope),
         (status = 404, description = "No such organization for this caller.", body = ErrorEnvelope),
-        (status = 422, description = "A bad filter, `cursor` or `limit`.", body = ErrorEnvelope),
+        (status = 409, description = "`audit_chain_diverged`: the trail no longer holds the newest event `after` names (a restore or failover took it back); go on with `after` = `resume_after`.", body = AuditChainDivergedEnvelope),
+        (status = 422, description = "A bad filter, `cursor`, `after` or `limit`.", body = ErrorEnvelope),
         (status = 429, description = "Rate limited; see Retry-After.", body = ErrorEnvelope),
     ),
     security(("bearer" = [])),
@@ -188,7 +270,7 @@ pub async fn list_audit_events(
     Authenticated(who, ..): Authenticated<Aether>,
     PathParams(org, _): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<AuditEventPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let org = org_id(&org)?;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
         .map_err(|_| {
@@ -198,10 +280,30 @@ pub async fn list_audit_events(
                 "the query string is not URL-encoded",
             ))
         })?;
-    let query = parse_audit_query(org, &pairs)?;
+    let (mut query, positions) = match (parse_audit_query(org, &pairs), parse_after(&pairs)) {
+        (Ok(query), Ok(positions)) => (query, positions),
+        (query, positions) => {
+            let mut errors = match query {
+                Err(DomainError::Validation(errors)) => errors,
+                Err(other) => return Err(other.into()),
+                Ok(_) => Vec::new(),
+            };
+            errors.extend(positions.err().unwrap_or_default());
+            return Err(DomainError::Validation(errors).into());
+        }
+    };
+    if let Some(newest) = positions.iter().map(|p| p.seq).max() {
+        query.order = AuditOrder::OldestAfterSeq(newest);
+    }
     let (page, next) = ops::list_audit_events(&app, &who, query).await?;
+    // Checked after the page was read: a chain gone back before that read is seen here (one
+    // gone back after it did not change what the page holds).
+    if let Some(diverged) = check_positions(app.store().as_ref(), org, &positions).await? {
+        return Ok(diverged_answer(&diverged));
+    }
     Ok(Json(AuditEventPage {
         items: page.iter().map(AuditEventView::from).collect(),
         next_cursor: next,
-    }))
+    })
+    .into_response())
 }

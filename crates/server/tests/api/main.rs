@@ -5,6 +5,7 @@ mod helpers;
 
 mod aether_api_tokens;
 mod audit;
+mod audit_follow;
 mod canary;
 mod clock_skew;
 mod console;
