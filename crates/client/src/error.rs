@@ -41,7 +41,7 @@ pub struct ApiFailure {
     pub details: Vec<String>,
     pub request_id: Option<String>,
     /// A 409 `audit_chain_diverged`'s: where an audit reader goes on from.
-    pub audit_chain_diverged: Option<AuditChainDiverged>,
+    pub audit_chain_diverged: Option<Box<AuditChainDiverged>>,
 }
 
 /// The organization's audit trail no longer holds the event a reader named (`after`): what the
@@ -239,12 +239,12 @@ impl ApiFailure {
                                     resume_after,
                                     ..
                                 } = diverged.error;
-                                AuditChainDiverged {
+                                Box::new(AuditChainDiverged {
                                     diverged_seq,
                                     head_seq,
                                     resume_after_seq,
                                     resume_after,
-                                }
+                                })
                             });
                 }
                 failure.code = Some(error.code);
