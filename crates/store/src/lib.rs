@@ -678,10 +678,9 @@ pub trait Store: Send + Sync + 'static {
     /// other tenants'. `audit.pruned` events are pruned only with an older event of another
     /// action, so that pruning, which appends one, ends. A deleted tenant's trail (ending with
     /// its `organization.deleted`) is pruned without `pruned`'s event: nothing is appended after
-    /// its end, and the last of it, the deletion's event, goes once it is old too.
-    /// With `exported_by` (an export's consumer
-    /// name), only events up to that export's cursor for their tenant: none of a tenant it has
-    /// no cursor for.
+    /// its end, and the last of it, the deletion's event, goes once it is old too. With
+    /// `exported_by` (an export's consumer name), only events up to that export's cursor for
+    /// their tenant: none of a tenant it has no cursor for.
     async fn prune_audit_events(
         &self,
         before: DateTime<Utc>,

@@ -2692,7 +2692,7 @@ async fn pruning_a_deleted_tenants_trail_appends_nothing(backend: Backend) {
         let mut deleted = Vec::new();
         for _ in 0..10 {
             match store
-                .prune_audit_events(cutoff, 2, &pruned_event)
+                .prune_audit_events(cutoff, 2, None, &pruned_event)
                 .await
                 .unwrap()
             {
