@@ -333,8 +333,14 @@ pub struct Metrics {
     pub stream_disconnects: u64,
     /// `revocation` events received.
     pub stream_events: u64,
-    /// `reset` events received (every cached answer dropped).
+    /// `reset` events received, and fresh starts after keyplane refused the stream's bare-seq
+    /// `Last-Event-ID` (every cached answer dropped).
     pub stream_resets: u64,
+    /// Resumptions whose `Last-Event-ID` keyplane answered 400: a `<seq>-<tag>` id refused by
+    /// a keyplane from before tagged ids (a rollback, a newer replica beside older ones) is
+    /// retried at once as its bare seq; a bare seq refused, at once without an id (a fresh
+    /// start, counted in `stream_resets` too).
+    pub stream_ids_refused: u64,
     /// The audit seq of the last event id received; 0 before the first.
     pub last_event_id: u64,
     /// A stream connection is open; it may still be catching up (`stale` says whether the
@@ -357,6 +363,7 @@ struct Counters {
     stream_disconnects: AtomicU64,
     stream_events: AtomicU64,
     stream_resets: AtomicU64,
+    stream_ids_refused: AtomicU64,
     last_event_id: AtomicU64,
     stream_connected: AtomicBool,
 }
@@ -1064,6 +1071,7 @@ impl Verifier {
             stream_disconnects: c.stream_disconnects.load(Relaxed),
             stream_events: c.stream_events.load(Relaxed),
             stream_resets: c.stream_resets.load(Relaxed),
+            stream_ids_refused: c.stream_ids_refused.load(Relaxed),
             last_event_id: c.last_event_id.load(Relaxed),
             stream_connected: c.stream_connected.load(Relaxed),
             stale: self.is_stale(),

@@ -117,6 +117,15 @@ pub(crate) async fn follow(inner: Weak<Inner>, url: String, mut stop: watch::Rec
         };
         verifier.counters.stream_connected.store(false, Relaxed);
         verifier.counters.stream_disconnects.fetch_add(1, Relaxed);
+        if ended.error.status == Some(400) {
+            if let Some(refused) = last_id.take() {
+                // Each refusal shortens the id (`<seq>-<tag>`, then `<seq>`, then none), so these
+                // immediate retries end; a 400 without an id is an ordinary failure below.
+                last_id = fall_back(&verifier, refused);
+                *lock(&verifier.last_stream_error) = Some(ended.error);
+                continue;
+            }
+        }
         // A connection that was up to date worked: only the failures since count.
         if caught_up {
             failures = 0;
@@ -137,6 +146,39 @@ pub(crate) async fn follow(inner: Weak<Inner>, url: String, mut stop: watch::Rec
             _ = stop.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// keyplane answered 400 to the stream resumed after `refused`: the id to resume with instead.
+///
+/// A keyplane from before hashed ids (`?ids=seq_hash`, which it ignores) reads `Last-Event-ID` as
+/// a whole number only, and refuses the `<seq>-<tag>` that a newer replica gave us (a rollback, a
+/// canary among older replicas): resume from the bare seq, which it understands, as it and every
+/// keyplane did before the tags. Its ids are bare seqs, so we go on sending those until a newer
+/// replica sends tagged ids again. A bare seq refused too cannot be resumed from: start afresh,
+/// and since the events in between are unknown, drop every cached answer, as a `reset` does.
+fn fall_back(inner: &Inner, refused: String) -> Option<String> {
+    inner.counters.stream_ids_refused.fetch_add(1, Relaxed);
+    let bare_seq = refused
+        .split_once('-')
+        .map(|(seq, _)| seq)
+        .filter(|seq| seq.parse::<u64>().is_ok());
+    let Some(seq) = bare_seq else {
+        tracing::warn!(
+            last_event_id = %refused,
+            "keyplane refused the revocation stream's Last-Event-ID (400); starting afresh and \
+             dropping every cached answer"
+        );
+        inner.reset();
+        inner.counters.stream_resets.fetch_add(1, Relaxed);
+        return None;
+    };
+    tracing::warn!(
+        last_event_id = %refused,
+        resume_from = seq,
+        "keyplane refused the revocation stream's tagged Last-Event-ID (400: a keyplane from \
+         before `?ids=seq_hash`?); resuming from the bare seq"
+    );
+    Some(seq.to_string())
 }
 
 /// One connection, until it ends; `caught_up` turns true once it is up to date.
@@ -512,6 +554,137 @@ mod tests {
                 (stream.clone(), None),
                 (stream, Some(format!("7-{:016x}", 7)))
             ]
+        );
+    }
+
+    /// How a keyplane from before `?ids=seq_hash` answers a `Last-Event-ID` that is not a whole
+    /// number.
+    fn refused_as_by_an_older_keyplane(conn: &mut StreamConn) {
+        conn.answer(&answer(
+            "400 Bad Request",
+            "content-type: application/json\r\n",
+            r#"{"error":"invalid_request","error_description":"Last-Event-ID: must be a whole number (an event id of this stream)"}"#,
+        ));
+    }
+
+    /// The stream's requests' `Last-Event-ID`s, in order, as a fake's script records them.
+    type SentIds = Arc<std::sync::Mutex<Vec<Option<String>>>>;
+
+    /// A rollback, or a newer replica beside older ones: the first connection reaches a keyplane
+    /// that sends tagged ids; every later one a keyplane from before them, which ignores `ids`,
+    /// sends bare seqs and answers 400 to a `<seq>-<tag>` `Last-Event-ID`. The verifier resumes
+    /// from the bare seq at once and never turns stale; it resumes with bare seqs from then on.
+    #[tokio::test]
+    async fn an_older_keyplane_refusing_a_tagged_id_is_resumed_from_the_bare_seq() {
+        let sent: SentIds = Arc::default();
+        let recorded = sent.clone();
+        let fake = FakeKeyplane::start(
+            move |conn: &mut StreamConn| {
+                let first = {
+                    let mut sent = lock(&recorded);
+                    sent.push(conn.sent_last_event_id.clone());
+                    sent.len() == 1
+                };
+                if first {
+                    // The newer replica, at its head; then it goes away.
+                    conn.send(&hashed(&position("ready", 5, Some(5))));
+                    return;
+                }
+                match conn.sent_last_event_id.as_deref() {
+                    Some(id) if id.contains('-') => refused_as_by_an_older_keyplane(conn),
+                    _ => {
+                        let from = conn.last_event_id.unwrap_or(5);
+                        conn.send(&position("ready", from, Some(from + 1)));
+                        conn.send(&revocation(from + 1, "api_token.revoked", "B"));
+                        // Ends after a while: the next resumption is from the old one's bare id.
+                        send_for(
+                            conn,
+                            Duration::from_millis(100),
+                            Duration::from_secs(1),
+                            |_| HEARTBEAT.into(),
+                        );
+                    }
+                }
+            },
+            || active("A"),
+        );
+        let max_staleness = Duration::from_secs(3);
+        let verifier = fake_verifier(&fake, max_staleness, StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        stays_fresh(&verifier, max_staleness * 2).await;
+        assert!(verifier.verify(&api_token()).await.is_ok());
+        let sent = lock(&sent).clone();
+        assert_eq!(
+            sent[..4],
+            [
+                None,
+                Some(format!("5-{:016x}", 5)),
+                Some("5".into()),
+                Some("6".into())
+            ]
+        );
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (metrics.stream_ids_refused, metrics.stream_resets),
+            (1, 0),
+            "{metrics:?}"
+        );
+    }
+
+    /// A bare seq refused with 400 cannot be resumed from: the verifier starts afresh, without an
+    /// id, and drops every cached answer, since what happened in between is unknown.
+    #[tokio::test]
+    async fn a_refused_bare_seq_starts_afresh_without_the_cache() {
+        let sent: SentIds = Arc::default();
+        let end_first = Arc::new(AtomicBool::new(false));
+        let (recorded, ending) = (sent.clone(), end_first.clone());
+        let fake = FakeKeyplane::start(
+            move |conn: &mut StreamConn| {
+                let first = {
+                    let mut sent = lock(&recorded);
+                    sent.push(conn.sent_last_event_id.clone());
+                    sent.len() == 1
+                };
+                if conn.sent_last_event_id.is_some() {
+                    refused_as_by_an_older_keyplane(conn);
+                    return;
+                }
+                conn.send(&position("ready", 5, Some(5)));
+                let started = Instant::now();
+                while !(first && ending.load(SeqCst)) && started.elapsed() < Duration::from_secs(30)
+                {
+                    if !conn.send(HEARTBEAT) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            },
+            || active("A"),
+        );
+        let verifier = fake_verifier(&fake, Duration::from_secs(10), StalePolicy::FailClosed);
+        until("fresh", Duration::from_secs(5), || !verifier.is_stale()).await;
+        let token = api_token();
+        for _ in 0..2 {
+            assert!(verifier.verify(&token).await.is_ok());
+        }
+        assert_eq!(verifier.metrics().introspections, 1);
+
+        end_first.store(true, SeqCst);
+        until("started afresh", Duration::from_secs(10), || {
+            lock(&sent).len() >= 3 && verifier.metrics().stream_connects >= 2
+        })
+        .await;
+        assert_eq!(lock(&sent)[..3], [None, Some("5".into()), None]);
+        assert!(verifier.verify(&token).await.is_ok());
+        let metrics = verifier.metrics();
+        assert_eq!(
+            (
+                metrics.introspections,
+                metrics.stream_ids_refused,
+                metrics.stream_resets
+            ),
+            (2, 1, 1),
+            "{metrics:?}"
         );
     }
 
