@@ -241,9 +241,9 @@ impl StoreArgs {
                 keyplane_store::StoreError::SchemaBehind { at, latest } => anyhow::anyhow!(
                     "cannot open the store: its schema is at {at}, older than this keyplane's \
                      {latest}, and this command does not migrate it. Back the store up and run \
-                     `keyplane admin migrate` (or start this keyplane's `serve`) to migrate it to \
-                     {latest}; older keyplane replicas already running keep serving it, one that \
-                     restarts is refused"
+                     `keyplane admin migrate` (or start this keyplane's `serve --migrate auto`) to \
+                     migrate it to {latest}; older keyplane replicas already running keep serving \
+                     it, one that restarts is refused"
                 ),
                 e => anyhow::anyhow!("cannot open the store: {e}"),
             })

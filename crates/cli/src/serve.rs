@@ -327,6 +327,18 @@ pub struct ServeArgs {
     /// Log format on stderr. The level comes from KEYPLANE_LOG (default `info`).
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// A store at an older schema than this keyplane's: `auto` migrates it at start; `never`
+    /// refuses to start until `keyplane admin migrate` has (for replicas sharing a store, so that
+    /// one new replica does not migrate it under the older ones). A new, empty store is created
+    /// either way.
+    #[arg(long, env = "KEYPLANE_MIGRATE", value_enum, default_value = "auto")]
+    migrate: MigrateArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrateArg {
+    Auto,
+    Never,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -441,7 +453,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("stopped while connecting to the store");
             return Ok(());
         }
-        opened = args.store.open_with(keyplane_store::PendingMigrations::Apply) => opened?,
+        opened = args.store.open_with(match args.migrate {
+            MigrateArg::Auto => keyplane_store::PendingMigrations::Apply,
+            MigrateArg::Never => keyplane_store::PendingMigrations::Refuse,
+        }) => opened?,
     };
     // The store logged any migration it ran, from which schema to which.
     let (store, schema) = (opened.store, opened.schema);

@@ -30,7 +30,53 @@ both_stores!(
     read_only_admin_commands_leave_an_older_schema_to_admin_migrate,
     serve_migrates_an_older_schema_and_says_from_which,
     a_modified_migration_is_named_on_stderr,
+    serve_with_migrate_never_leaves_an_older_schema_to_admin_migrate,
 );
+
+/// `serve --migrate never` (a replica of a fleet sharing the store, where one new replica must
+/// not migrate it under the older ones): a store one migration behind is refused at start with
+/// the read-only commands' message, which names `admin migrate`, and left as it was; so is it with
+/// `KEYPLANE_MIGRATE=never`. Once `admin migrate` has run, it serves.
+async fn serve_with_migrate_never_leaves_an_older_schema_to_admin_migrate(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let latest = keyplane_store::testing::latest_schema();
+    let behind = latest - 1;
+    keyplane_store::testing::migrate_to(&store.db.url, behind).await;
+    let serve = || {
+        let mut command = keyplane();
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(store.args());
+        command
+    };
+    let (mut by_flag, mut by_environment) = (serve(), serve());
+    by_flag.args(["--migrate", "never"]);
+    by_environment.env("KEYPLANE_MIGRATE", "never");
+    for mut refusing in [by_flag, by_environment] {
+        let refused = run(&mut refusing, TIMEOUT).await;
+        assert!(!refused.status.success(), "{}", refused.describe());
+        for expected in [
+            format!("its schema is at {behind}, older than this keyplane's {latest}"),
+            "keyplane admin migrate".to_owned(),
+        ] {
+            assert!(refused.stderr.contains(&expected), "{}", refused.describe());
+        }
+        assert_eq!(
+            keyplane_store::testing::schema_version(&store.db.url).await,
+            behind,
+            "serve --migrate never migrated the store"
+        );
+    }
+
+    let migrated = run(
+        keyplane().args(["admin", "migrate"]).args(store.args()),
+        TIMEOUT,
+    )
+    .await;
+    assert!(migrated.status.success(), "{}", migrated.describe());
+    let server = Keyplane::start(&store, &["--migrate", "never"], TIMEOUT).await;
+    assert!(server.stop_term().await.status.success());
+}
 
 /// The schema of the release before the console secrets' migration (e45e23c).
 const OLDER_SCHEMA: i64 = 13;
