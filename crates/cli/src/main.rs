@@ -23,10 +23,24 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: keyplane_server::allocator::Allocator = keyplane_server::allocator::Allocator;
 
+/// `--version`: the package version, and the store schema this binary brings a store to (which an
+/// older store is migrated to, and a newer one is refused over).
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (store schema {})",
+            env!("CARGO_PKG_VERSION"),
+            keyplane_store::latest_schema()
+        )
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "keyplane",
-    version,
+    version = version(),
+    propagate_version = true,
     about = "Issue, rotate, revoke and verify machine credentials",
     after_help = concat!(
         "Example:\n",

@@ -33,6 +33,31 @@ both_stores!(
     serve_with_migrate_never_leaves_an_older_schema_to_admin_migrate,
 );
 
+/// `keyplane --version` (and a command's, e.g. `keyplane serve --version`) names the package
+/// version and the store schema the binary brings a store to: which binary a replica runs, and
+/// whether it would migrate the shared store, are known before it is started.
+#[tokio::test]
+async fn version_names_the_package_and_its_store_schema() {
+    let version = format!(
+        "{} (store schema {})",
+        env!("CARGO_PKG_VERSION"),
+        keyplane_store::testing::latest_schema()
+    );
+    for (args, program) in [
+        (&["--version"][..], "keyplane"),
+        (&["serve", "--version"], "keyplane-serve"),
+    ] {
+        let output = run(keyplane().args(args), TIMEOUT).await;
+        assert!(output.status.success(), "{}", output.describe());
+        assert_eq!(
+            output.stdout.trim(),
+            format!("{program} {version}"),
+            "{}",
+            output.describe()
+        );
+    }
+}
+
 /// `serve --migrate never` (a replica of a fleet sharing the store, where one new replica must
 /// not migrate it under the older ones): a store one migration behind is refused at start with
 /// the read-only commands' message, which names `admin migrate`, and left as it was; so is it with

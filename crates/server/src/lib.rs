@@ -47,6 +47,9 @@ pub mod verify;
 pub mod webhooks;
 pub mod wire;
 
+/// This keyplane's version, as `/readyz` and `keyplane_build_info` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub use app::App;
 pub use config::Config;
 pub use router::{router, serve};

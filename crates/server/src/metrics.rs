@@ -211,6 +211,14 @@ struct Inner {
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
+/// `keyplane_build_info`'s one sample, always 1.
+fn build_info() -> prometheus_client::metrics::info::Info<[(&'static str, String); 2]> {
+    prometheus_client::metrics::info::Info::new([
+        ("version", crate::VERSION.to_string()),
+        ("schema", keyplane_store::latest_schema().to_string()),
+    ])
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -408,6 +416,12 @@ impl Metrics {
              gone unheard: at each (re)connection and loss of the invalidation listener, and every \
              second while it is lost",
             invalidation_resets.clone(),
+        );
+        registry.register(
+            "build",
+            "This replica's keyplane: its version, and the store schema it knows (its latest \
+             migration); during a rolling upgrade, which replicas run which",
+            build_info(),
         );
         let verified_by_kind = CredentialKind::ALL
             .iter()

@@ -47,6 +47,13 @@ async fn healthz() -> impl IntoResponse {
 pub struct Readiness {
     /// `ready`; `degraded`: reads work, writes are failing; `unavailable`: reads fail (503).
     status: ReadinessStatus,
+    /// This replica's keyplane version (e.g. `0.1.0`).
+    #[schema(value_type = String)]
+    version: &'static str,
+    /// The store schema this replica knows: its latest migration. It started on a store at that
+    /// schema (migrating an older one, or refusing it with `serve --migrate never`); a newer
+    /// replica may have migrated the store further since.
+    schema: i64,
     /// The store's kind: `sqlite` or `postgres`.
     #[schema(value_type = String)]
     store: &'static str,
@@ -338,7 +345,8 @@ impl ReadChecks {
 /// `busy`, `unreachable`, ...), and stays after writes recover. `clock` compares this replica's
 /// clock with the database's (PostgreSQL), and says whether the jobs that cut by it are held.
 /// `audit` says whether the store was found behind what the `--audit-log` export wrote (a
-/// restore, a failover); that does not change `status` either.
+/// restore, a failover); that does not change `status` either. `version` and `schema` say which
+/// keyplane this replica runs, and which store schema it knows.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
     (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
     (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second); `reason` says which.", body = Readiness),
@@ -353,6 +361,8 @@ async fn readyz(State(app): State<App>) -> Response {
         } else {
             ReadinessStatus::Ready
         },
+        version: crate::VERSION,
+        schema: keyplane_store::latest_schema(),
         store: store.backend(),
         writes: if writes.failing {
             WriteHealth::Failing

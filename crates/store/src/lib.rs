@@ -1136,6 +1136,12 @@ pub struct Opened {
     pub migrated_from: Option<i64>,
 }
 
+/// This keyplane's schema version, the one it brings a store to: its latest migration (the same
+/// number on both backends).
+pub fn latest_schema() -> i64 {
+    sql::latest_migration(&sqlite::MIGRATOR)
+}
+
 /// Opens the store a URL names (`sqlite://...` or `postgres://...`), doing with migrations it has
 /// not run what `pending` says.
 pub async fn open(url: &str, pending: PendingMigrations) -> Result<Opened, StoreError> {

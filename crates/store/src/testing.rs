@@ -93,10 +93,7 @@ fn migration_files(backend: &str) -> std::collections::BTreeMap<i64, PathBuf> {
         .collect()
 }
 
-/// This keyplane's schema version: its latest migration.
-pub fn latest_schema() -> i64 {
-    *migration_files("sqlite").keys().max().expect("migrations")
-}
+pub use crate::latest_schema;
 
 /// Brings the new database at `url` to schema `version` only, as the keyplane release that
 /// stopped at that migration left it: an older store to upgrade.

@@ -52,9 +52,13 @@ async fn health_and_readiness(backend: Backend) {
         }
     }
     // `reason` only on a 503; no `--audit-log` here, nothing to compare the store with; no
-    // listener on SQLite.
+    // listener on SQLite. The schema is the one the store ran (the test store is created by this
+    // keyplane).
+    let schema = keyplane_store::testing::schema_version(app.database_url()).await;
     let mut expected = json!({
         "status": "ready",
+        "version": env!("CARGO_PKG_VERSION"),
+        "schema": schema,
         "store": expected,
         "writes": "ok",
         "last_write_failure": null,
@@ -96,6 +100,12 @@ async fn metrics_count_requests_and_verifications(backend: Backend) {
     assert!(text.contains("keyplane_http_request_duration_seconds_bucket"));
     assert!(text.contains(r#"keyplane_credentials_verified_total{kind="api_token"} 1"#));
     assert!(text.contains(r#"keyplane_credentials_rejected_total{reason="malformed"} 1"#));
+    let schema = keyplane_store::testing::schema_version(app.database_url()).await;
+    let build = format!(
+        r#"keyplane_build_info{{version="{}",schema="{schema}"}} 1"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.lines().any(|line| line == build), "{build} in {text}");
     // Raw paths (with org ids) never become label values.
     assert!(!text.contains(&org.id));
 }
@@ -447,6 +457,8 @@ async fn the_document_declares_every_answer() {
         schemas["Readiness"]["required"],
         json!([
             "status",
+            "version",
+            "schema",
             "store",
             "writes",
             "last_write_failure",
