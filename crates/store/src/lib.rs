@@ -6,6 +6,7 @@
 
 mod audit;
 mod error;
+mod pg_migrate;
 mod postgres;
 #[cfg(test)]
 mod query_plans;

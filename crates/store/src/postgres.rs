@@ -80,19 +80,10 @@ impl PostgresStore {
             &writer,
             MIGRATIONS_TABLE_EXISTS,
             pending,
-            || async {
-                // On a connection of its own, without the writers' `lock_timeout`: a replica
-                // starting while another runs the migrations waits for sqlx's migration lock, and
-                // a migration may wait for a table that serving replicas use; neither is a write
-                // to refuse in 5 s.
-                let migrating = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(options.clone())
-                    .await?;
-                let migrated = MIGRATOR.run(&migrating).await;
-                migrating.close().await;
-                Ok::<(), StoreError>(migrated?)
-            },
+            // On a connection of its own: a replica starting while another runs the migrations
+            // waits for sqlx's migration lock however long they take, and a migration waits for
+            // a table's lock a few seconds at a time (`pg_migrate`).
+            || crate::pg_migrate::run(&MIGRATOR, options.clone()),
         )
         .await?;
         let pool = PgPoolOptions::new()

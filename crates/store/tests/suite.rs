@@ -4607,6 +4607,8 @@ postgres_suite! {
     a_database_that_refuses_connections_is_unreachable,
     a_slow_database_is_not_called_unreachable,
     a_replica_waits_for_another_replicas_migrations,
+    a_migration_behind_a_long_transaction_lets_the_replicas_through_until_it_has_its_lock,
+    a_migration_whose_lock_stays_taken_fails_the_start_naming_who_holds_it,
     a_store_whose_migrations_cannot_be_read_says_why,
     last_use_flushes_lock_their_credentials_in_id_order,
     the_sweep_clears_ended_previous_secrets_without_holding_one_while_waiting,
@@ -5296,6 +5298,116 @@ async fn a_replica_waits_for_another_replicas_migrations() {
         .expect("it starts once the lock is released")
         .unwrap();
     assert!(started.is_ok(), "{started:?}");
+}
+
+/// A store at schema 19, whose migration 20 alters `tenants`, and a transaction holding the
+/// lock `pg_dump` takes on it (ACCESS SHARE, which only ALTER TABLE's ACCESS EXCLUSIVE waits for),
+/// on a connection named as `pg_dump` names its own.
+async fn a_store_behind_a_dump_of_tenants() -> (TestDatabase, sqlx::PgConnection) {
+    use std::str::FromStr;
+    let db = TestDatabase::new(Backend::Postgres).await;
+    keyplane_store::testing::migrate_to(&db.url, 19).await;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&db.url)
+        .unwrap()
+        .application_name("pg_dump");
+    let mut dump = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .unwrap();
+    for statement in ["BEGIN", "LOCK TABLE tenants IN ACCESS SHARE MODE"] {
+        sqlx::query(statement).execute(&mut dump).await.unwrap();
+    }
+    (db, dump)
+}
+
+/// A migration queued for `tenants` behind a long transaction (a `pg_dump`) queues every other
+/// query on it behind itself, the serving replicas' too; it gives up its place after a few seconds
+/// (`lock_timeout`) and tries again, so a replica's read gets through meanwhile, and the
+/// migration is applied once the transaction ends.
+async fn a_migration_behind_a_long_transaction_lets_the_replicas_through_until_it_has_its_lock() {
+    let (db, mut dump) = a_store_behind_a_dump_of_tenants().await;
+    let url = db.url.clone();
+    let starting = tokio::spawn(async move { keyplane_store::connect(&url).await.map(|_| ()) });
+    let mut replica = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let waiting =
+        "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = 'tenants'::regclass";
+    let mut queued = false;
+    for _ in 0..200 {
+        let count: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(&mut replica)
+            .await
+            .unwrap();
+        if count > 0 {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(queued, "the migration never waited for tenants");
+    // A replica's read, each refused after 200 ms in the queue: before the migration gives up its
+    // place, every one is.
+    sqlx::query("SET lock_timeout = '200ms'")
+        .execute(&mut replica)
+        .await
+        .unwrap();
+    let mut read = false;
+    for _ in 0..60 {
+        if sqlx::query("SELECT COUNT(*) FROM tenants")
+            .execute(&mut replica)
+            .await
+            .is_ok()
+        {
+            read = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        read,
+        "the migration held every read of tenants up behind it"
+    );
+    assert!(!starting.is_finished(), "it waits (and does not fail)");
+    sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
+    let started = tokio::time::timeout(std::time::Duration::from_secs(30), starting)
+        .await
+        .expect("it starts once the lock is released")
+        .unwrap();
+    assert!(started.is_ok(), "{started:?}");
+    assert_eq!(
+        keyplane_store::testing::schema_version(&db.url).await,
+        keyplane_store::testing::latest_schema()
+    );
+}
+
+/// The long transaction does not end: after its tries the start fails, saying which migration
+/// waited for which table's lock, held by which process; the store stays where it was, and the
+/// next start, once the transaction ended, migrates it.
+async fn a_migration_whose_lock_stays_taken_fails_the_start_naming_who_holds_it() {
+    let (db, mut dump) = a_store_behind_a_dump_of_tenants().await;
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        keyplane_store::connect(&db.url),
+    )
+    .await
+    .expect("the start gives up")
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    for expected in [
+        "migration 20 (deleted tenants) waited 5s for a lock on a table it changes, 3 times",
+        "AccessShareLock on table tenants held by process",
+        "(pg_dump)",
+    ] {
+        assert!(refused.contains(expected), "{expected:?} in {refused:?}");
+    }
+    assert_eq!(keyplane_store::testing::schema_version(&db.url).await, 19);
+    sqlx::query("COMMIT").execute(&mut dump).await.unwrap();
+    create_store(&db.url).await;
+    assert_eq!(
+        keyplane_store::testing::schema_version(&db.url).await,
+        keyplane_store::testing::latest_schema()
+    );
 }
 
 /// A port that forwards every connection to the test PostgreSQL until it is closed, and then
