@@ -95,11 +95,14 @@ fn named(migrator: &Migrator, version: i64) -> String {
     format!("migration {version} ({description})")
 }
 
+/// A table, a lock mode, the holder's process id and application, its transaction's age in seconds.
+type LockHolder = (String, String, i32, String, f64);
+
 /// Who holds locks on this database's tables from the oldest open transactions: the likely
 /// reason a migration could not have one. Names tables, modes, process ids and applications,
 /// never a query's text (it may hold secrets).
 async fn lock_holders(connection: &mut PgConnection) -> String {
-    let holders: Result<Vec<(String, String, i32, String, f64)>, _> = sqlx::query_as(
+    let holders: Result<Vec<LockHolder>, _> = sqlx::query_as(
         "SELECT c.relname::text, l.mode, a.pid, a.application_name, \
                 EXTRACT(EPOCH FROM now() - a.xact_start)::float8 \
          FROM pg_locks l \
