@@ -23,7 +23,8 @@ pub(crate) struct SetAsideTriggers {
 }
 
 /// What migration 0021's insert trigger does per row, for a tenant's whole import at once.
-pub(crate) const ADD_LIVE_CREDENTIALS: &str = "INSERT INTO live_credential_counts (tenant_id, live) \
+pub(crate) const ADD_LIVE_CREDENTIALS: &str =
+    "INSERT INTO live_credential_counts (tenant_id, live) \
      VALUES ($1, $2) ON CONFLICT (tenant_id) DO UPDATE SET live = live + excluded.live";
 
 /// A tenant's live credentials, as migration 0021's triggers keep them.
