@@ -229,6 +229,34 @@ async fn the_count_starts_from_the_credentials_a_store_holds(backend: Backend) {
     store.close().await;
 }
 
+/// A bulk import counts the live credentials it adds, not the revoked ones (on SQLite it sets the
+/// per-row count trigger aside and adds each tenant's count once), and leaves the trigger in place
+/// for the inserts after it.
+async fn an_import_counts_what_it_adds(backend: Backend) {
+    let f = fixture(backend).await;
+    let store = f.store.as_ref();
+    let tenant = f.tenant.id;
+    let mut imported: Vec<Credential> = ["a", "b", "c", "gone"]
+        .into_iter()
+        .map(|name| new_token(tenant, name).0)
+        .collect();
+    imported[3].revoked_at = Some(now());
+    store.import_credentials(&imported, &[]).await.unwrap();
+    // The bootstrap token and three imported: one more fits under 5, then none.
+    let (fifth, _) = new_token(tenant, "fifth");
+    store
+        .insert_credential_within_limit(&fifth, Some(5), &ev(), None)
+        .await
+        .unwrap();
+    let (sixth, _) = new_token(tenant, "sixth");
+    refused_at_the_limit(
+        store
+            .insert_credential_within_limit(&sixth, Some(5), &ev(), None)
+            .await,
+        5,
+    );
+}
+
 async fn execute_raw(url: &str, statements: &str) {
     if url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(url).await.unwrap();
@@ -243,6 +271,7 @@ async fn execute_raw(url: &str, statements: &str) {
 
 store_suite! {
     creates_past_the_live_limit_are_refused,
+    an_import_counts_what_it_adds,
     racing_creates_stop_exactly_at_the_live_limit,
     the_count_starts_from_the_credentials_a_store_holds,
 }
