@@ -6274,14 +6274,13 @@ async fn purging_a_tenant_leaves_a_tombstone_and_nothing_to_use(backend: Backend
     assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
 }
 
-/// Another tenant of the fixture's store, deleted (`purge_tenant`) once its token is revoked.
-async fn deleted_tenant(store: &dyn Store) -> TenantId {
-    let (tenant, token) = another_tenant(store, "deleted").await;
+/// Revokes `credential` now, with placeholder events.
+async fn revoke(store: &dyn Store, credential: &Credential) {
     store
         .revoke_credential(
-            tenant.id,
-            token.kind,
-            token.id,
+            credential.tenant_id,
+            credential.kind,
+            credential.id,
             now(),
             None,
             &ev(),
@@ -6290,6 +6289,12 @@ async fn deleted_tenant(store: &dyn Store) -> TenantId {
         )
         .await
         .unwrap();
+}
+
+/// Another tenant of the fixture's store, deleted (`purge_tenant`) once its token is revoked.
+async fn deleted_tenant(store: &dyn Store) -> TenantId {
+    let (tenant, token) = another_tenant(store, "deleted").await;
+    revoke(store, &token).await;
     store
         .purge_tenant(tenant.id, now(), 100, &deleted_event(tenant.id))
         .await

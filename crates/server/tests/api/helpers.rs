@@ -26,6 +26,14 @@ macro_rules! both_backends {
 }
 pub(crate) use both_backends;
 
+/// A well-formed token of `kind` (real format and checksum) that names no credential.
+pub fn unknown_token(kind: keyplane_core::CredentialKind) -> String {
+    keyplane_core::token::mint(kind, &mut rand::rngs::OsRng)
+        .plaintext
+        .expose_secret()
+        .to_string()
+}
+
 /// More rows than a streamed list reads at a time: two full pages and a partial one.
 pub fn more_than_a_page() -> usize {
     2 * keyplane_server::streamed_list::LIST_PAGE_ROWS as usize + 200

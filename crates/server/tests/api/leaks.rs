@@ -1,7 +1,7 @@
 //! Leaked-token response: GitHub's secret-scanning partner endpoint (signed reports, verified with
 //! keys from a keys document this test serves on 127.0.0.1) and the public revocation endpoint.
 
-use crate::helpers::{both_backends, eventually, test_config, Org, TestApp};
+use crate::helpers::{both_backends, eventually, test_config, unknown_token, Org, TestApp};
 use data_encoding::BASE64;
 use keyplane_core::CredentialKind;
 use keyplane_server::Config;
@@ -199,14 +199,6 @@ fn wrong_checksum(token: &str) -> String {
     let last = bytes.len() - 1;
     bytes[last] = if bytes[last] == b'0' { b'1' } else { b'0' };
     String::from_utf8(bytes).unwrap()
-}
-
-/// A well-formed token (real format and checksum) that no credential has.
-fn unknown_token(kind: CredentialKind) -> String {
-    keyplane_core::token::mint(kind, &mut rand::rngs::OsRng)
-        .plaintext
-        .expose_secret()
-        .to_string()
 }
 
 /// Live credentials of all three kinds in `org`: (API token, service account token, robot secret).

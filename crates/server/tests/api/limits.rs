@@ -2,7 +2,7 @@
 //! bounded (`serve --max-live-credentials-per-org`), and so are its introspections of tokens no
 //! one knows (`serve --introspect-misses-per-minute`).
 
-use crate::helpers::{both_backends, retry_after_secs, test_config, Org, TestApp};
+use crate::helpers::{both_backends, retry_after_secs, test_config, unknown_token, Org, TestApp};
 use keyplane_server::Config;
 use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
@@ -137,17 +137,6 @@ async fn active(res: Response) -> bool {
     answer["active"].as_bool().unwrap()
 }
 
-/// A random, well-formed API token (right prefix and checksum) that names no credential.
-fn unknown_token() -> String {
-    keyplane_core::token::mint(
-        keyplane_core::CredentialKind::ApiToken,
-        &mut rand::rngs::OsRng,
-    )
-    .plaintext
-    .expose_secret()
-    .to_string()
-}
-
 async fn store_misses(app: &TestApp) -> u64 {
     app.metric("keyplane_verify_cache_lookups_total{result=\"miss\"}")
         .await
@@ -168,9 +157,24 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
     assert!(active(introspect(&app, verifier, &org.token).await).await);
 
     for _ in 0..3 {
-        assert!(!active(introspect(&app, verifier, &unknown_token()).await).await);
+        assert!(
+            !active(
+                introspect(
+                    &app,
+                    verifier,
+                    &unknown_token(keyplane_core::CredentialKind::ApiToken)
+                )
+                .await
+            )
+            .await
+        );
     }
-    let refused = introspect(&app, verifier, &unknown_token()).await;
+    let refused = introspect(
+        &app,
+        verifier,
+        &unknown_token(keyplane_core::CredentialKind::ApiToken),
+    )
+    .await;
     assert_eq!(refused.status(), 429);
     retry_after_secs(&refused);
     let body: Value = refused.json().await.unwrap();
@@ -178,7 +182,12 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
     assert!(body["error_description"].is_string(), "{body}");
 
     let misses = store_misses(&app).await;
-    let refused = introspect(&app, verifier, &unknown_token()).await;
+    let refused = introspect(
+        &app,
+        verifier,
+        &unknown_token(keyplane_core::CredentialKind::ApiToken),
+    )
+    .await;
     assert_eq!(refused.status(), 429);
     assert_eq!(store_misses(&app).await, misses, "refused without a lookup");
 
@@ -189,7 +198,17 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
         .create_token(&other, "verifier", &["tokens:verify"])
         .await;
     let theirs = theirs["token"].as_str().unwrap();
-    assert!(!active(introspect(&app, theirs, &unknown_token()).await).await);
+    assert!(
+        !active(
+            introspect(
+                &app,
+                theirs,
+                &unknown_token(keyplane_core::CredentialKind::ApiToken)
+            )
+            .await
+        )
+        .await
+    );
 }
 
 both_backends!(

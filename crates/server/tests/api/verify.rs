@@ -1,8 +1,9 @@
 //! `/oauth2/introspect`, `/v1/auth/forward`, `/v1/whoami`, the verification cache, and replicas.
 
 use crate::faulty_store::FaultyStore;
-use crate::helpers::{both_backends, test_config, Org, TestApp};
+use crate::helpers::{both_backends, test_config, unknown_token, Org, TestApp};
 use crate::pg_proxy::{Mode, PgProxy};
+use keyplane_core::CredentialKind;
 use keyplane_server::auth::CacheConfig;
 use keyplane_server::Config;
 use keyplane_store::testing::Backend;
@@ -689,17 +690,6 @@ async fn verify_all(app: &TestApp, tokens: &[String]) -> (u64, u64) {
     (now_hits - hits, now_misses - misses)
 }
 
-/// A random, well-formed API token (right prefix and checksum) that names no credential.
-fn random_token() -> String {
-    keyplane_core::token::mint(
-        keyplane_core::CredentialKind::ApiToken,
-        &mut rand::rngs::OsRng,
-    )
-    .plaintext
-    .expose_secret()
-    .to_string()
-}
-
 /// A tenant flooding introspection with random well-formed tokens evicts nobody's cached
 /// verifications: unknown secrets are cached apart from known ones.
 async fn random_token_floods_do_not_evict_other_tenants(backend: Backend) {
@@ -731,7 +721,7 @@ async fn random_token_floods_do_not_evict_other_tenants(backend: Backend) {
     let verifier = verifier_token(&app, &attacker).await;
     for _ in 0..capacity * 10 {
         assert_eq!(
-            introspect(&app, &verifier, &random_token()).await,
+            introspect(&app, &verifier, &unknown_token(CredentialKind::ApiToken)).await,
             json!({"active": false})
         );
     }
@@ -835,7 +825,7 @@ async fn cached_credentials_outlive_a_store_outage_for_a_bound(backend: Backend)
     for (what, token) in [
         ("uncached", &uncached),
         ("revoked", &revoked),
-        ("unknown", &random_token()),
+        ("unknown", &unknown_token(CredentialKind::ApiToken)),
     ] {
         let status = forward(app, Some(token), "").await.status();
         assert!(
@@ -959,7 +949,7 @@ async fn an_address_over_its_failure_budget_gets_no_store_lookups(backend: Backe
 
     let mut statuses = Vec::new();
     for _ in 0..3 * budget {
-        let answer = forward(&app, Some(&random_token()), "").await;
+        let answer = forward(&app, Some(&unknown_token(CredentialKind::ApiToken)), "").await;
         if answer.status() == 429 {
             assert!(answer.headers().contains_key("retry-after"));
         }
@@ -1325,7 +1315,7 @@ async fn forward_auth_answers_alike_from_the_store_and_from_the_cache(backend: B
         }
     }
     // An unknown secret: refused by the store, then by the cache of unknown secrets.
-    let unknown = random_token();
+    let unknown = unknown_token(CredentialKind::ApiToken);
     let (stored, cached) = (
         forward_answer(&app, &unknown, "").await,
         forward_answer(&app, &unknown, "").await,

@@ -10,22 +10,6 @@ fn refused_at_the_limit(outcome: Result<(), StoreError>, limit: u64) {
     );
 }
 
-async fn revoke(store: &dyn Store, credential: &Credential) {
-    store
-        .revoke_credential(
-            credential.tenant_id,
-            credential.kind,
-            credential.id,
-            now(),
-            None,
-            &ev(),
-            &|_| ev(),
-            None,
-        )
-        .await
-        .unwrap();
-}
-
 async fn live_count(store: &dyn Store, tenant: TenantId) -> usize {
     store
         .list_credentials(&ListCredentials {
