@@ -861,9 +861,10 @@ impl Verifier {
 
     /// Reads `presented`'s credential from the store (by its SHA-256, as the store keeps it) and
     /// caches what it found under `key`; `cached` is the entry this reload replaces, refreshed in
-    /// place instead when the credential has not changed. A secret the store does not know is
-    /// charged to `miss_budget` (an introspecting organization's; a revoked one is known, and an
-    /// embedded verifier re-checking it is not held to that budget).
+    /// place instead when the credential has not changed. A lookup that finds no live credential
+    /// (a secret the store does not know, or a revoked one: an organization may hold any number of
+    /// those, and each is only briefly cached) is charged to `miss_budget`, an introspecting
+    /// organization's.
     async fn load(
         &self,
         key: CacheKey,
@@ -878,11 +879,10 @@ impl Verifier {
         if let Some(revoked) = found.as_ref().filter(|c| c.is_revoked()) {
             self.refuse(&revoked.identity(), "revoked", at);
         }
-        let unknown = found.is_none();
         let Some(credential) = found.filter(|c| !c.is_revoked()) else {
             self.cache.remove(&key);
             self.unknown.insert(key, loaded + self.config.negative_ttl);
-            if let Some((budget, caller)) = miss_budget.filter(|_| unknown) {
+            if let Some((budget, caller)) = miss_budget {
                 budget.charge_miss(caller)?;
             }
             return Err(AppError::Unauthenticated(REVOKED));

@@ -1,12 +1,14 @@
-//! Introspection's budget of store lookups that find no credential, per caller's organization
+//! Introspection's budget of store lookups that find no live credential, per caller's organization
 //! (`serve --introspect-misses-per-minute`). An inactive answer is no failure of the caller's
 //! (`failed_auth` does not count it), so without this a caller holding `tokens:verify` could make
-//! one store lookup per well-formed random token (the checksum is public) on the readers every
-//! organization's verifications share.
+//! one store lookup per well-formed random token (the checksum is public), or per revoked token of
+//! its own (revoked credentials do not count against any limit and are cached for seconds only), on
+//! the verification readers every organization's verifications share.
 //!
 //! Charged after the fact, as `failed_auth` is: a lookup of a token the verification caches do not
-//! hold that the store does not know takes one from the caller's organization's bucket (a revoked
-//! credential is known: an embedded verifier re-checking revoked tokens is not held to this). One past
+//! hold that the store does not know, or knows as revoked, takes one from the caller's
+//! organization's bucket (an embedded verifier re-checks a revoked token once per its negative
+//! cache's time, so only thousands of distinct revoked tokens a minute reach the budget). One past
 //! the budget answers 429, and until the bucket refills every introspection by that organization of
 //! a token the caches do not hold is refused (429) before the lookup. Tokens the caches hold, known
 //! or known to be unknown, are answered as usual; a valid token not cached waits with the rest.

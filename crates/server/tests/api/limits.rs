@@ -211,8 +211,48 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
     );
 }
 
+/// Revoked credentials count against no limit, so an organization may hold any number and each
+/// is a store lookup once its brief negative cache entry is gone: introspecting them is charged
+/// to the same budget as unknown tokens (the 4th of 3 answers 429 without a lookup).
+async fn introspecting_revoked_tokens_past_the_budget_answers_429(backend: Backend) {
+    let config = Config {
+        introspect_misses_per_minute: 3,
+        ..test_config()
+    };
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let verifier = app.create_token(&org, "verifier", &["tokens:verify"]).await;
+    let verifier = verifier["token"].as_str().unwrap();
+    let mut revoked = Vec::new();
+    for n in 0..5 {
+        let made = app
+            .create_token(&org, &format!("gone-{n}"), &["api_tokens:read"])
+            .await;
+        let id = made["id"].as_str().unwrap();
+        let res = app
+            .delete(&org.path(&format!("/api-tokens/{id}")), &org.token)
+            .await;
+        assert!(res.status().is_success(), "{}", res.status());
+        revoked.push(made["token"].as_str().unwrap().to_owned());
+    }
+
+    for token in &revoked[..3] {
+        assert!(!active(introspect(&app, verifier, token).await).await);
+    }
+    let refused = introspect(&app, verifier, &revoked[3]).await;
+    assert_eq!(refused.status(), 429);
+    retry_after_secs(&refused);
+    let misses = store_misses(&app).await;
+    let refused = introspect(&app, verifier, &revoked[4]).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(store_misses(&app).await, misses, "refused without a lookup");
+    // A token the cache holds still introspects active.
+    assert!(active(introspect(&app, verifier, &org.token).await).await);
+}
+
 both_backends!(
     creates_past_the_live_limit_are_refused,
     enabling_the_registry_at_the_live_limit_is_refused,
     introspecting_unknown_tokens_past_the_budget_answers_429,
+    introspecting_revoked_tokens_past_the_budget_answers_429,
 );
