@@ -333,13 +333,14 @@ pub struct Metrics {
     pub stream_disconnects: u64,
     /// `revocation` events received.
     pub stream_events: u64,
-    /// `reset` events received, and fresh starts after keyplane refused the stream's bare-seq
-    /// `Last-Event-ID` (every cached answer dropped).
+    /// `reset` events received, and resumptions whose `Last-Event-ID` keyplane refused (every
+    /// cached answer dropped).
     pub stream_resets: u64,
     /// Resumptions whose `Last-Event-ID` keyplane answered 400: a `<seq>-<tag>` id refused by
     /// a keyplane from before tagged ids (a rollback, a newer replica beside older ones) is
     /// retried at once as its bare seq; a bare seq refused, at once without an id (a fresh
-    /// start, counted in `stream_resets` too).
+    /// start). Either way every cached answer is dropped (counted in `stream_resets` too): a
+    /// bare seq cannot tell a history that went back.
     pub stream_ids_refused: u64,
     /// The audit seq of the last event id received; 0 before the first.
     pub last_event_id: u64,

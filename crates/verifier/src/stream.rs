@@ -154,10 +154,14 @@ pub(crate) async fn follow(inner: Weak<Inner>, url: String, mut stop: watch::Rec
 /// a whole number only, and refuses the `<seq>-<tag>` that a newer replica gave us (a rollback, a
 /// canary among older replicas): resume from the bare seq, which it understands, as it and every
 /// keyplane did before the tags. Its ids are bare seqs, so we go on sending those until a newer
-/// replica sends tagged ids again. A bare seq refused too cannot be resumed from: start afresh,
-/// and since the events in between are unknown, drop every cached answer, as a `reset` does.
+/// replica sends tagged ids again. A bare seq cannot tell the events we saw from another
+/// history's (a restore, a failover) and any 400 (a proxy's too) brings us here, so every cached
+/// answer is dropped, as a `reset` does. A bare seq refused too cannot be resumed from: start
+/// afresh, the cache dropped likewise.
 fn fall_back(inner: &Inner, refused: String) -> Option<String> {
     inner.counters.stream_ids_refused.fetch_add(1, Relaxed);
+    inner.reset();
+    inner.counters.stream_resets.fetch_add(1, Relaxed);
     let bare_seq = refused
         .split_once('-')
         .map(|(seq, _)| seq)
@@ -168,15 +172,13 @@ fn fall_back(inner: &Inner, refused: String) -> Option<String> {
             "keyplane refused the revocation stream's Last-Event-ID (400); starting afresh and \
              dropping every cached answer"
         );
-        inner.reset();
-        inner.counters.stream_resets.fetch_add(1, Relaxed);
         return None;
     };
     tracing::warn!(
         last_event_id = %refused,
         resume_from = seq,
         "keyplane refused the revocation stream's tagged Last-Event-ID (400: a keyplane from \
-         before `?ids=seq_hash`?); resuming from the bare seq"
+         before `?ids=seq_hash`?); resuming from the bare seq and dropping every cached answer"
     );
     Some(seq.to_string())
 }
@@ -574,6 +576,8 @@ mod tests {
     /// that sends tagged ids; every later one a keyplane from before them, which ignores `ids`,
     /// sends bare seqs and answers 400 to a `<seq>-<tag>` `Last-Event-ID`. The verifier resumes
     /// from the bare seq at once and never turns stale; it resumes with bare seqs from then on.
+    /// Without the tag it cannot tell whether the chain went back, so it drops its cached answers
+    /// once (a reset).
     #[tokio::test]
     async fn an_older_keyplane_refusing_a_tagged_id_is_resumed_from_the_bare_seq() {
         let sent: SentIds = Arc::default();
@@ -626,7 +630,7 @@ mod tests {
         let metrics = verifier.metrics();
         assert_eq!(
             (metrics.stream_ids_refused, metrics.stream_resets),
-            (1, 0),
+            (1, 1),
             "{metrics:?}"
         );
     }
