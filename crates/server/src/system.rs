@@ -168,22 +168,24 @@ impl ClockHealth {
 
 /// The store against what the `--audit-log` export wrote. An organization whose chain the store
 /// holds less of than the log (the store restored from a backup, recovered to an earlier point,
-/// failed over to a standby missing commits, or lost) is listed until the process ends; it does
+/// failed over to a standby missing commits, or lost) is counted until the process ends; it does
 /// not change `status` or the answer's code: the store is what is served from, and the log says
 /// what it lost. So is an organization some of whose events were gone from the store before the
-/// export wrote them (`missing`): neither holds them.
+/// export wrote them: neither holds them. Counts only: `/readyz` is unauthenticated and names no
+/// organization; the log names each (at `error`), and `admin audit verify --against` tells the
+/// same from the exported trail.
 #[derive(Serialize, ToSchema)]
 pub struct AuditHealth {
-    /// `ok`; `behind_export`: the store was found behind the audit log for the `organizations`
-    /// listed; `missing_events`: none is behind, but the export found events of the
-    /// organizations listed in `missing` gone before it wrote them; `not_exported`: no
-    /// `--audit-log`, nothing to compare.
+    /// `ok`; `behind_export`: the store was found behind the audit log for
+    /// `organizations_behind` organizations; `missing_events`: none is behind, but the export found
+    /// events gone before it wrote them; `not_exported`: no `--audit-log`, nothing to compare.
     status: AuditHealthStatus,
-    /// The organizations found behind (empty when `status` is not `behind_export`).
-    organizations: Vec<BehindOrganization>,
-    /// The organizations whose events the export found gone before it wrote them, since the
-    /// start (empty if none).
-    missing: Vec<MissingEvents>,
+    /// Organizations found behind since the start.
+    organizations_behind: usize,
+    /// Organizations whose events the export found gone before it wrote them, since the start.
+    organizations_missing_events: usize,
+    /// How many events those gaps left out, in all.
+    events_missing: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -195,81 +197,23 @@ enum AuditHealthStatus {
     NotExported,
 }
 
-/// Events of an organization that were pruned from the store before the `--audit-log` export
-/// wrote them.
-#[derive(Serialize, ToSchema)]
-pub struct MissingEvents {
-    #[schema(value_type = String, format = Uuid)]
-    organization_id: String,
-    /// The export's position when it found the last gap: every event up to it was written.
-    exported_seq: u64,
-    /// The first event the store still held after it; the events between are in neither.
-    next_seq: u64,
-    /// How many events every gap found since the start left out.
-    count: u64,
-    /// When the last gap was found (RFC 3339, milliseconds, UTC).
-    #[schema(value_type = String, format = DateTime)]
-    noticed_at: String,
-}
-
-/// An organization whose chain in the store is behind the `--audit-log` export.
-#[derive(Serialize, ToSchema)]
-pub struct BehindOrganization {
-    #[schema(value_type = String, format = Uuid)]
-    organization_id: String,
-    /// The last seq of its events that the audit log holds.
-    exported_seq: u64,
-    /// The store's head (last seq) when it was found: the events after it in the log are not in
-    /// the store, and its new events reuse their seqs.
-    store_seq: u64,
-    /// When it was found (RFC 3339, milliseconds, UTC).
-    #[schema(value_type = String, format = DateTime)]
-    noticed_at: String,
-}
-
 impl AuditHealth {
     fn of(app: &App) -> Self {
-        let organizations: Vec<BehindOrganization> = app
-            .inner()
-            .export_behind
-            .list()
-            .into_iter()
-            .map(|behind| BehindOrganization {
-                organization_id: behind.tenant.to_string(),
-                exported_seq: behind.exported_seq,
-                store_seq: behind.store_seq,
-                noticed_at: behind
-                    .noticed_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            })
-            .collect();
-        let missing: Vec<MissingEvents> = app
-            .inner()
-            .export_gaps
-            .list()
-            .into_iter()
-            .map(|gap| MissingEvents {
-                organization_id: gap.tenant.to_string(),
-                exported_seq: gap.exported_seq,
-                next_seq: gap.next_seq,
-                count: gap.missing,
-                noticed_at: gap
-                    .noticed_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            })
-            .collect();
+        let organizations_behind = app.inner().export_behind.list().len();
+        let gaps = app.inner().export_gaps.list();
         Self {
-            status: if !organizations.is_empty() {
+            status: if organizations_behind > 0 {
                 AuditHealthStatus::BehindExport
-            } else if !missing.is_empty() {
+            } else if !gaps.is_empty() {
                 AuditHealthStatus::MissingEvents
             } else if app.inner().config.audit_log.is_some() {
                 AuditHealthStatus::Ok
             } else {
                 AuditHealthStatus::NotExported
             },
-            organizations,
-            missing,
+            organizations_behind,
+            organizations_missing_events: gaps.len(),
+            events_missing: gaps.iter().map(|gap| gap.missing).sum(),
         }
     }
 }
