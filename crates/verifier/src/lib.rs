@@ -41,6 +41,8 @@
 //!   changes no event announces), refusals for [`VerifierConfig::negative_ttl`], and no credential
 //!   is accepted past its `exp` (for a previous secret, its grace end: a rotation's grace period
 //!   running out needs no event).
+//! - These ages count a suspend of the host (CLOCK_BOOTTIME on Linux): after a sleep, an answer
+//!   whose credential expired meanwhile is refused, and a stream silent all along is stale.
 //!
 //! The server's heartbeat interval (15 s by default) must be under half of `max_staleness`
 //! (a warning is logged otherwise): one late heartbeat would make the verifier stale.
@@ -90,6 +92,7 @@
 
 #![warn(missing_docs)]
 
+use clock::{Clock, Moment};
 pub use keyplane_core::legacy_token::LegacyPrefixes;
 use keyplane_core::{CacheKey, CacheKeyer, CredentialKind};
 use serde::Deserialize;
@@ -98,6 +101,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, O
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod clock;
 #[cfg(feature = "axum")]
 mod layer;
 mod sse;
@@ -372,9 +376,10 @@ struct Counters {
 struct Entry {
     /// `None`: refused.
     identity: Option<Arc<Identity>>,
-    until: Instant,
-    /// The credential's `exp` on the monotonic clock, so that a cache hit reads one clock.
-    expires: Option<Instant>,
+    /// The end of its `cache_ttl` (or `negative_ttl`), on [`Clock`], which counts a suspend.
+    until: Moment,
+    /// The credential's `exp` on [`Clock`], so that a cache hit reads one clock.
+    expires: Option<Moment>,
 }
 
 /// A verify's outcome, and whether the cache answered it (then its shard counted it).
@@ -400,7 +405,7 @@ struct Cache {
     refusals: usize,
     /// No answer in `entries` expires before this (a lower bound: exact after `make_room`
     /// looked through the shard, lowered by each insertion); `None`: unknown.
-    soonest_expiry: Option<Instant>,
+    soonest_expiry: Option<Moment>,
     /// How many times `make_room` looked through the shard.
     #[cfg(test)]
     scans: usize,
@@ -531,9 +536,8 @@ impl Cache {
     /// even looked through while fewer than a tenth of it are refusals and none has expired
     /// (then the refusal is not cached): else a flood of them into a shard full of live accepted
     /// answers would look through it for each, freeing nothing. Returns how many were freed.
-    fn make_room(&mut self, for_refusal: bool) -> usize {
+    fn make_room(&mut self, for_refusal: bool, now: Moment) -> usize {
         let tenth = (self.entries.len() / 10).max(1);
-        let now = Instant::now();
         let none_expired = self.soonest_expiry.is_some_and(|at| now < at);
         if for_refusal && self.refusals < tenth && none_expired {
             return 0;
@@ -544,7 +548,7 @@ impl Cache {
         }
         let target = self.entries.len().saturating_sub(tenth);
         let (mut expired, mut refusals) = (Vec::new(), Vec::new());
-        let mut soonest: Option<Instant> = None;
+        let mut soonest: Option<Moment> = None;
         for (key, entry) in &self.entries {
             if entry.until <= now {
                 expired.push(*key);
@@ -731,10 +735,10 @@ struct Inner {
     last_stream_error: Mutex<Option<StreamError>>,
     /// `max_concurrent_introspections` slots, one per introspection in flight.
     introspection_slots: tokio::sync::Semaphore,
-    /// The origin of `last_contact`.
-    started: Instant,
-    /// When the stream last delivered anything (an event or a heartbeat), in nanoseconds after
-    /// `started` plus one; 0: never. An atomic, not a lock: every verify reads it.
+    /// What the cache's ages and the staleness are read on ([`clock`]: a suspend counts).
+    clock: Clock,
+    /// When the stream last delivered anything (an event or a heartbeat): a [`Moment`]'s
+    /// nanoseconds plus one; 0: never. An atomic, not a lock: every verify reads it.
     last_contact: AtomicU64,
 }
 
@@ -853,7 +857,7 @@ impl Verifier {
         let Some(key) = self.inner.keys.key_of_presented(token) else {
             return Answer::Fresh(Err(VerifyError::Malformed));
         };
-        let now = Instant::now();
+        let now = self.inner.clock.now();
         let stale = self.inner.is_stale_at(now);
         if !stale {
             if let Some(cached) = self.cached(&key, now) {
@@ -904,7 +908,7 @@ impl Verifier {
     }
 
     /// The cached answer, counted in its shard.
-    fn cached(&self, key: &CacheKey, now: Instant) -> Option<Result<Arc<Identity>, VerifyError>> {
+    fn cached(&self, key: &CacheKey, now: Moment) -> Option<Result<Arc<Identity>, VerifyError>> {
         let mut cache = self.inner.shard(key);
         let entry = cache.entries.get(key)?;
         if entry.until <= now {
@@ -1013,7 +1017,8 @@ impl Verifier {
                 }
             }
         }
-        let expires = identity.as_ref().and_then(|i| monotonic_expiry(i, now));
+        let at = inner.clock.now();
+        let expires = identity.as_ref().and_then(|i| clock_expiry(i, at));
         if cache && !unconfirmed {
             let ttl = match identity {
                 Some(_) => inner.config.cache_ttl,
@@ -1028,14 +1033,14 @@ impl Verifier {
                     let entry = Entry {
                         expires,
                         identity: identity.clone(),
-                        until: later(now, ttl),
+                        until: at + ttl,
                     };
                     inner.admit(&mut cache, key, entry);
                 }
             }
         }
         match identity {
-            Some(identity) if unexpired(expires, now) => Ok(identity),
+            Some(identity) if unexpired(expires, at) => Ok(identity),
             _ => Err(VerifyError::Inactive),
         }
     }
@@ -1101,20 +1106,20 @@ impl Inner {
             changes: Mutex::new(Changes::new(revocation_memory)),
             keys: CacheKeyer::random(),
             counters: Counters::default(),
-            started: Instant::now(),
+            clock: Clock::default(),
             last_contact: AtomicU64::new(0),
         }
     }
 
     fn is_stale(&self) -> bool {
-        self.is_stale_at(Instant::now())
+        self.is_stale_at(self.clock.now())
     }
 
-    fn is_stale_at(&self, now: Instant) -> bool {
+    fn is_stale_at(&self, now: Moment) -> bool {
         match self.last_contact.load(Relaxed) {
             0 => true,
             heard => {
-                let heard = self.started + Duration::from_nanos(heard - 1);
+                let heard = Moment::from_nanos(heard - 1);
                 now.saturating_duration_since(heard) > self.config.max_staleness
             }
         }
@@ -1132,8 +1137,8 @@ impl Inner {
     }
 
     fn heard_from_stream(&self) {
-        let since_start = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-        self.last_contact.fetch_max(since_start + 1, Relaxed);
+        let now = self.clock.now().nanos().min(u64::MAX - 1);
+        self.last_contact.fetch_max(now + 1, Relaxed);
     }
 
     /// The shard holding `key`, locked.
@@ -1147,7 +1152,7 @@ impl Inner {
     fn admit(&self, cache: &mut Cache, key: CacheKey, entry: Entry) {
         let max = self.config.max_entries;
         if self.cached.load(Relaxed) >= max && !cache.entries.contains_key(&key) {
-            let freed = cache.make_room(entry.identity.is_none());
+            let freed = cache.make_room(entry.identity.is_none(), self.clock.now());
             if self.cached.fetch_sub(freed, Relaxed).saturating_sub(freed) >= max {
                 return;
             }
@@ -1261,17 +1266,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// When `identity` expires, on the monotonic clock as read at `now`; `None`: never. A wall-clock
-/// step after this is not followed, but the answer is cached for `cache_ttl` at most.
-fn monotonic_expiry(identity: &Identity, now: Instant) -> Option<Instant> {
+/// When `identity` expires, on [`Clock`] as read at `now`; `None`: never. A wall-clock step after
+/// this is not followed, but the answer is cached for `cache_ttl` at most; a suspend is (the clock
+/// counts it as the wall clock does).
+fn clock_expiry(identity: &Identity, now: Moment) -> Option<Moment> {
     let seconds = u64::try_from(identity.expires_at?).unwrap_or(0);
     // Past what the clocks can hold is never, not a panic.
     let exp = UNIX_EPOCH.checked_add(Duration::from_secs(seconds))?;
-    now.checked_add(exp.duration_since(SystemTime::now()).unwrap_or_default())
+    let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+    Some(now + left).filter(|at| at.nanos() < u64::MAX)
 }
 
-/// Whether a credential expiring at `expires` ([`monotonic_expiry`]) is still live at `now`.
-fn unexpired(expires: Option<Instant>, now: Instant) -> bool {
+/// Whether a credential expiring at `expires` ([`clock_expiry`]) is still live at `now`.
+fn unexpired(expires: Option<Moment>, now: Moment) -> bool {
     expires.is_none_or(|exp| now < exp)
 }
 
@@ -1405,7 +1412,7 @@ pub(crate) mod tests {
     fn entry(credential_id: Option<&str>, ttl: Duration) -> Entry {
         Entry {
             identity: credential_id.and_then(identity),
-            until: Instant::now() + ttl,
+            until: Clock::System.now() + ttl,
             expires: None,
         }
     }
@@ -1758,7 +1765,7 @@ pub(crate) mod tests {
         let max = inner.config.max_staleness;
         assert!(inner.is_stale(), "stale until the stream is heard from");
         inner.heard_from_stream();
-        let heard = Instant::now();
+        let heard = inner.clock.now();
         assert!(!inner.is_stale_at(heard));
         assert!(!inner.is_stale_at(heard + max - Duration::from_millis(1)));
         assert!(inner.is_stale_at(heard + max + Duration::from_millis(1)));
@@ -1770,7 +1777,7 @@ pub(crate) mod tests {
             inner: Arc::new(inner()),
             _guard: Arc::new(StopOnDrop(tokio::sync::watch::channel(false).0)),
         };
-        let now = Instant::now();
+        let now = verifier.inner.clock.now();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -1779,7 +1786,7 @@ pub(crate) mod tests {
             expires_at: Some(unix_now + 60),
             ..(*identity("A").unwrap()).clone()
         };
-        let expires = monotonic_expiry(&in_a_minute, now).expect("an expiry");
+        let expires = clock_expiry(&in_a_minute, now).expect("an expiry");
         assert!(
             expires > now + Duration::from_secs(58) && expires <= now + Duration::from_secs(61)
         );
@@ -1807,9 +1814,70 @@ pub(crate) mod tests {
             expires_at: Some(exp),
             ..(*identity("A").unwrap()).clone()
         };
-        assert!(monotonic_expiry(&at(-5), now).is_some_and(|exp| exp <= now));
+        assert!(clock_expiry(&at(-5), now).is_some_and(|exp| exp <= now));
         let century = Duration::from_secs(100 * 365 * 86_400);
-        assert!(monotonic_expiry(&at(i64::MAX), now).is_none_or(|exp| exp > now + century));
+        assert!(clock_expiry(&at(i64::MAX), now).is_none_or(|exp| exp > now + century));
+    }
+
+    /// The host sleeps for ten minutes with an answer cached for a day about a credential that
+    /// expires in one (the clock the cache reads counts a suspend: here, it jumps). On waking the
+    /// verifier is stale until the stream is heard from again (it was silent all along), and then
+    /// the cached answer is refused: its credential expired during the sleep. Read on a clock that
+    /// stopped meanwhile (`Instant`'s), both would still look fresh.
+    #[tokio::test]
+    async fn a_suspend_counts_for_expiry_lifetime_and_staleness() {
+        let clock = Clock::manual(Duration::from_secs(1_000));
+        let mut inner = inner();
+        inner.clock = clock.clone();
+        inner.config.cache_ttl = Duration::from_secs(86_400);
+        let verifier = Verifier {
+            inner: Arc::new(inner),
+            _guard: Arc::new(StopOnDrop(tokio::sync::watch::channel(false).0)),
+        };
+        let minted = keyplane_core::token::mint(CredentialKind::ApiToken, &mut rand::rngs::OsRng);
+        let token = minted.plaintext.expose_secret().to_string();
+        let key = verifier.inner.keys.key_of_presented(&token).unwrap();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let in_a_minute = Identity {
+            expires_at: Some(unix_now + 60),
+            ..(*identity("A").unwrap()).clone()
+        };
+        let now = clock.now();
+        admit(
+            &verifier.inner,
+            key,
+            Entry {
+                expires: clock_expiry(&in_a_minute, now),
+                identity: Some(Arc::new(in_a_minute)),
+                until: now + verifier.inner.config.cache_ttl,
+            },
+        );
+        verifier.inner.heard_from_stream();
+        assert!(verifier.verify(&token).await.is_ok(), "cached and live");
+
+        clock.advance(Duration::from_secs(600));
+        assert!(
+            verifier.is_stale(),
+            "the stream was silent during the sleep"
+        );
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(VerifyError::Stale(_))
+        ));
+        verifier.inner.heard_from_stream();
+        assert_eq!(
+            verifier.verify(&token).await,
+            Err(VerifyError::Inactive),
+            "accepted a credential that expired while the host slept"
+        );
+        assert_eq!(
+            verifier.metrics().introspections,
+            0,
+            "answered from the cache"
+        );
     }
 
     /// `Verifier::new` refuses what it cannot honour, rather than accepting it silently (a zero
