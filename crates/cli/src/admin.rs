@@ -149,9 +149,10 @@ pub enum RegistryKeyCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Drop the previous key from the bundle. Refused while tokens it signed may still be valid
-    /// (the longest registry token lifetime, 24 h, plus the refresh interval after the
-    /// promotion) unless --force.
+    /// Drop the previous key from the bundle. Refused (exit status 1) while tokens it signed may
+    /// still be accepted by the registry: for the longest registry token lifetime (24 h), plus
+    /// the refresh interval, plus the registry's 60 s leeway past a token's `exp`, after the
+    /// promotion; unless --force.
     RetirePrevious {
         /// Retire it now: registry tokens it signed are refused from the registry's next reload.
         #[arg(long)]
@@ -1249,16 +1250,23 @@ async fn registry_key(command: RegistryKeyCommand, operator: &Operator) -> anyho
                 return Ok(());
             };
             let now = ops::now();
-            let valid_until = previous.signed_until.unwrap_or(now)
+            // A replica may sign with it until it reloads (the refresh interval after the
+            // promotion), its token lives up to the longest TTL, and the registry accepts it for
+            // its leeway past `exp`.
+            let leeway = keyplane_server::registry::REGISTRY_EXP_LEEWAY_SECONDS.unsigned_abs();
+            let accepted_until = previous.signed_until.unwrap_or(now)
+                + refresh.interval()
                 + std::time::Duration::from_secs(MAX_REGISTRY_TOKEN_TTL_SECONDS)
-                + refresh.interval();
-            if !force && now < valid_until {
+                + std::time::Duration::from_secs(leeway);
+            if !force && now < accepted_until {
                 anyhow::bail!(
-                    "tokens signed by the previous key {} may be valid until {}: retire it after \
-                     that, or now with --force (robots holding such a token are refused until \
-                     they log in again)",
+                    "the registry may accept tokens signed by the previous key {} until {} (the \
+                     promotion, plus --registry-key-refresh-seconds, the longest token lifetime \
+                     of 24 h and the registry's {leeway} s leeway): retire it after that, or now \
+                     with --force (robots holding such a token are refused until they log in \
+                     again)",
                     previous.key_id,
-                    valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    accepted_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
             }
             let recorded = ops::signing_key_event(

@@ -1108,3 +1108,71 @@ async fn the_per_client_connection_cap_is_a_serve_flag() {
         .expect("the held connection is served");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// `admin registry-key ARGS` on `store`.
+async fn registry_key(store: &TestStore, args: &[&str]) -> common::CommandOutput {
+    run(
+        keyplane()
+            .args(["admin", "registry-key"])
+            .args(args)
+            .args(store.args()),
+        TIMEOUT,
+    )
+    .await
+}
+
+/// A promotion `ago` (the staged key made current then), through the store: the binary promotes
+/// now only.
+async fn promoted_ago(store: &TestStore, ago: TimeDelta) {
+    let staged = registry_key(store, &["stage"]).await;
+    assert!(staged.status.success(), "{}", staged.describe());
+    let handle = keyplane_store::connect(&store.db.url).await.unwrap();
+    let recorded = keyplane_server::ops::signing_key_event(
+        keyplane_core::audit::actions::REGISTRY_SIGNING_KEY_PROMOTED,
+        "test",
+        None,
+        None,
+    );
+    handle
+        .promote_signing_key(Utc::now() - ago, &recorded)
+        .await
+        .expect("promote");
+    handle.close().await;
+}
+
+/// `admin registry-key retire-previous` waits until the registry can accept no token the previous
+/// key signed: the last one a replica signed before it reloaded (30 s, the default refresh
+/// interval, after the promotion) lives 24 h, and Distribution accepts it 60 s past its `exp`.
+/// 30 s before that it is refused (exit status 1, naming the leeway and --force), the bundle
+/// keeping both certificates; 30 s after, it retires the key.
+async fn retire_previous_waits_out_the_registry_leeway(backend: Backend) {
+    let store = TestStore::new(backend).await;
+    let past_ttl_and_refresh = TimeDelta::seconds(86_400 + 30);
+    promoted_ago(&store, past_ttl_and_refresh + TimeDelta::seconds(30)).await;
+    let previous = || async {
+        let shown = registry_key(&store, &["show", "--json"]).await;
+        assert!(shown.status.success(), "{}", shown.describe());
+        serde_json::from_str::<Value>(&shown.stdout).unwrap()["previous"]["key_id"].clone()
+    };
+    let kept = previous().await;
+    assert!(kept.is_string(), "a previous key after the promotion");
+    let refused = registry_key(&store, &["retire-previous"]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("60 s leeway")
+            && refused.stderr.contains("--force")
+            && refused.stderr.contains(kept.as_str().unwrap()),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(previous().await, kept, "still in the bundle");
+
+    promoted_ago(&store, past_ttl_and_refresh + TimeDelta::seconds(90)).await;
+    let replaced = previous().await;
+    let retired = registry_key(&store, &["retire-previous"]).await;
+    assert!(retired.status.success(), "{}", retired.describe());
+    assert_eq!(retired.stdout.trim(), replaced.as_str().unwrap());
+    assert_eq!(previous().await, Value::Null);
+}
+
+both_stores!(retire_previous_waits_out_the_registry_leeway);

@@ -65,8 +65,9 @@ struct Claims<'a> {
 const INLINE_GRANT_COST: usize = 10_000;
 
 /// How long past a token's `exp` Distribution still accepts it (`Leeway` in its
-/// `registry/auth/token`), both ways for clock skew.
-const REGISTRY_EXP_LEEWAY_SECONDS: i64 = 60;
+/// `registry/auth/token`), both ways for clock skew; `admin registry-key retire-previous` waits
+/// it out too.
+pub const REGISTRY_EXP_LEEWAY_SECONDS: i64 = 60;
 
 /// Grants over [`INLINE_GRANT_COST`] computed at once, per core (`App::costly_grants`): each takes
 /// up to ~10 ms of a blocking thread.
