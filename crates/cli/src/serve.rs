@@ -208,6 +208,12 @@ pub struct ServeArgs {
     /// records, console sessions, webhook deliveries and public revocation reports. 1 to 3600.
     #[arg(long, env = "KEYPLANE_MAX_CLOCK_SKEW_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     max_clock_skew_seconds: u64,
+    /// On PostgreSQL, take this replica out of its load balancer's rotation while its clock is
+    /// off from the database's by more than this many seconds: `/readyz` answers 503 (`reason`
+    /// `clock skewed`) until a measurement finds it within half of that. Verification and
+    /// changes sent to it still work. Off unless set; 1 to 86400.
+    #[arg(long, env = "KEYPLANE_UNREADY_CLOCK_SKEW_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    unready_clock_skew_seconds: Option<u64>,
     /// Where GitHub's secret-scanning public keys are fetched (cached; refetched when a request
     /// names an unknown key, at most every 5 min once keys are loaded, every 10 s until then).
     /// `https`, or `http` to a loopback host.
@@ -521,6 +527,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         audit_refusal_window: Duration::from_millis(args.audit_refusal_window_ms),
         lifecycle_sweep_interval: Duration::from_secs(args.lifecycle_sweep_seconds),
         max_clock_skew: Duration::from_secs(args.max_clock_skew_seconds),
+        unready_clock_skew: args.unready_clock_skew_seconds.map(Duration::from_secs),
         github_keys: keyplane_server::leaks::GithubKeysConfig {
             url: args.github_secret_scanning_keys_url,
             ..Default::default()

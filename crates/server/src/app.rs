@@ -119,6 +119,7 @@ impl App {
         let costly_grants = crate::registry::CostlyGrants::new(&config.registry);
         let clock_check = crate::clock_check::ClockCheck::new(
             config.max_clock_skew,
+            config.unready_clock_skew,
             config.last_used_flush_interval,
             config.clock.clone(),
         );

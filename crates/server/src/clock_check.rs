@@ -12,6 +12,16 @@
 //! measurement that keeps failing mostly means a database those jobs could not write to anyway,
 //! and a clock stepped meanwhile is what this check is for); the first that succeeds frees them.
 //! SQLite is one process on one machine: nothing to compare with.
+//!
+//! The jobs are not all: each request this replica serves dates what it writes by its clock
+//! (`created_at`, a default expiry, a rotation's grace end). With `--unready-clock-skew-seconds`,
+//! a measurement off by more than that makes `/readyz` answer 503 ([`ClockCheck::unready`]), so
+//! the load balancer takes the replica out, until one finds it within half of it (the last
+//! successful measurement decides, however old: a replica whose clock was found hours off is not
+//! sent traffic again because measuring fails). Such a request's time is off by the skew on that
+//! one row, where a job's would be on every tenant's, so the writes that reach it anyway are
+//! served, not refused: refusing them would fail clients that bypass the balancer for an error
+//! the balancer already routes around.
 
 use crate::app::App;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -151,6 +161,11 @@ struct Attempts {
 
 pub(crate) struct ClockCheck {
     limit: Duration,
+    /// `--unready-clock-skew-seconds`.
+    unready_above: Option<Duration>,
+    /// Whether the last successful measurement was past `unready_above` (or, once past, not yet
+    /// back within half of it).
+    unready: std::sync::atomic::AtomicBool,
     /// How long a verdict stands without a successful measurement.
     stale_after: Duration,
     clock: crate::config::Clock,
@@ -163,11 +178,14 @@ impl ClockCheck {
     /// `check_interval`: how often the background work measures; a verdict outlives three of them.
     pub(crate) fn new(
         limit: Duration,
+        unready_above: Option<Duration>,
         check_interval: Duration,
         clock: crate::config::Clock,
     ) -> Self {
         Self {
             limit,
+            unready_above,
+            unready: std::sync::atomic::AtomicBool::new(false),
             stale_after: STALE_AFTER.max(check_interval.saturating_mul(3)),
             clock,
             state: std::sync::Mutex::new(ClockState {
@@ -184,6 +202,45 @@ impl ClockCheck {
 
     pub(crate) fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// `--unready-clock-skew-seconds`, if set.
+    pub(crate) fn unready_above(&self) -> Option<Duration> {
+        self.unready_above
+    }
+
+    /// Whether `/readyz` is to answer 503: the last measurement found the clock off by more than
+    /// `--unready-clock-skew-seconds` (see the module's documentation).
+    pub(crate) fn unready(&self) -> bool {
+        self.unready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Updates [`Self::unready`] from a measurement `off`; logs a change.
+    fn judge_readiness(&self, off: Duration, skew_seconds: f64) {
+        let Some(above) = self.unready_above else {
+            return;
+        };
+        let was = self.unready();
+        // Back only well within, as the jobs are: a clock at the limit does not flap.
+        let unready = if was { off > above / 2 } else { off > above };
+        self.unready
+            .store(unready, std::sync::atomic::Ordering::Relaxed);
+        let above_seconds = above.as_secs_f64();
+        match (was, unready) {
+            (false, true) => tracing::warn!(
+                clock.skew_seconds = skew_seconds,
+                clock.unready_above_seconds = above_seconds,
+                "this replica's clock is {:.3} s off the database's (more than --unready-clock-skew-seconds, {above_seconds} s): /readyz answers 503 until it agrees again",
+                skew_seconds.abs(),
+            ),
+            (true, false) => tracing::warn!(
+                clock.skew_seconds = skew_seconds,
+                clock.unready_above_seconds = above_seconds,
+                "this replica's clock is within {:.3} s of the database's again: /readyz answers 200",
+                skew_seconds.abs(),
+            ),
+            _ => {}
+        }
     }
 
     /// The last verdict, `Unknown` once it is older than [`Self::stale_after`] (the skew and
@@ -328,6 +385,7 @@ impl ClockCheck {
         app.inner().metrics.clock_skew(measured.skew_seconds());
         let before = self.state().status;
         let off = measured.skew.abs().to_std().unwrap_or(Duration::MAX);
+        self.judge_readiness(off, measured.skew_seconds());
         // Back to normal only well within the limit, so a clock at the limit does not flap.
         let status = match before {
             ClockStatus::Skewed if off > self.limit / 2 => ClockStatus::Skewed,
@@ -415,6 +473,7 @@ mod tests {
         let clock = crate::config::Clock::default();
         let check = ClockCheck::new(
             Duration::from_secs(5),
+            None,
             Duration::from_secs(1),
             clock.clone(),
         );
@@ -436,6 +495,7 @@ mod tests {
 
         let slow = ClockCheck::new(
             Duration::from_secs(5),
+            None,
             Duration::from_secs(30),
             clock.clone(),
         );

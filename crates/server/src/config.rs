@@ -50,6 +50,9 @@ pub struct Config {
     /// How far this replica's clock may be from the database's (PostgreSQL) before the jobs that
     /// change the shared store by this replica's clock are held (`clock_check`).
     pub max_clock_skew: Duration,
+    /// Past this difference from the database's clock `/readyz` answers 503 (`clock_check`), so
+    /// that a load balancer takes the replica out; `None`: it never does (the default).
+    pub unready_clock_skew: Option<Duration>,
     /// Leaked-token response (`leaks`): where and how GitHub's secret-scanning keys are fetched.
     pub github_keys: crate::leaks::GithubKeysConfig,
     /// `POST /v1/credentials/revoke` requests per client address per minute; 0 turns the limit
@@ -249,6 +252,7 @@ impl Default for Config {
             clock: Clock::default(),
             lifecycle_sweep_interval: Duration::from_secs(60),
             max_clock_skew: Duration::from_secs(5),
+            unready_clock_skew: None,
             github_keys: crate::leaks::GithubKeysConfig::default(),
             public_revoke_per_minute: 10,
             public_revoke_total_per_minute: 600,

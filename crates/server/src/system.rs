@@ -45,7 +45,8 @@ async fn healthz() -> impl IntoResponse {
 /// `/readyz`'s answer.
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ready`; `degraded`: reads work, writes are failing; `unavailable`: reads fail (503).
+    /// `ready`; `degraded`: reads work, writes are failing; `unavailable` (503): reads fail, or
+    /// this replica's clock is off past `--unready-clock-skew-seconds` (`reason` says which).
     status: ReadinessStatus,
     /// This replica's keyplane version (e.g. `0.1.0`).
     #[schema(value_type = String)]
@@ -73,7 +74,9 @@ pub struct Readiness {
     #[serde(skip_serializing_if = "Option::is_none")]
     listener: Option<ListenerHealth>,
     /// On 503 only: why reads fail (`unreachable`, `busy`, `timed out`, `disk full`,
-    /// `read-only`, `I/O error`, or `error`).
+    /// `read-only`, `I/O error`, or `error`), or `clock skewed`: they work, but this replica's
+    /// clock is off from the database's by more than `--unready-clock-skew-seconds` (`clock`
+    /// shows by how much).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String)]
     reason: Option<&'static str>,
@@ -127,6 +130,10 @@ pub struct ClockHealth {
     skew_seconds: Option<f64>,
     /// `--max-clock-skew-seconds`.
     limit_seconds: f64,
+    /// `--unready-clock-skew-seconds`: past it `/readyz` answers 503, `reason` `clock skewed`,
+    /// until a measurement finds the clock within half of it; `null` if not set.
+    #[schema(required = true)]
+    unready_limit_seconds: Option<f64>,
     /// When it was last measured (RFC 3339, milliseconds, UTC, on this replica's clock); `null`
     /// if never.
     #[schema(required = true, value_type = Option<String>, format = DateTime)]
@@ -159,6 +166,7 @@ impl ClockHealth {
                 .last
                 .map(|m| (m.skew_seconds() * 1000.0).round() / 1000.0),
             limit_seconds: check.limit().as_secs_f64(),
+            unready_limit_seconds: check.unready_above().map(|above| above.as_secs_f64()),
             checked_at: state
                 .last
                 .map(|m| m.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
@@ -288,12 +296,15 @@ impl ReadChecks {
 /// `last_write_failure` names the last transient fault a write met (`disk full`, `read-only`,
 /// `busy`, `unreachable`, ...), and stays after writes recover. `clock` compares this replica's
 /// clock with the database's (PostgreSQL), and says whether the jobs that cut by it are held.
+/// With `--unready-clock-skew-seconds`, a clock off by more than that answers 503 (`reason`
+/// `clock skewed`) while the store's reads work: the replica dates what it writes by its clock,
+/// and the load balancer is to take it out (what reaches it is still served).
 /// `audit` says whether the store was found behind what the `--audit-log` export wrote (a
 /// restore, a failover); that does not change `status` either. `version` and `schema` say which
 /// keyplane this replica runs, and which store schema it knows.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
     (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
-    (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second); `reason` says which.", body = Readiness),
+    (status = 503, description = "The store does not answer reads (unreachable, failing, or slower than a second), or this replica's clock is off past `--unready-clock-skew-seconds` (`clock skewed`); `reason` says which.", body = Readiness),
 ))]
 async fn readyz(State(app): State<App>) -> Response {
     let store = app.store();
@@ -324,6 +335,11 @@ async fn readyz(State(app): State<App>) -> Response {
         reason: None,
     };
     match reads {
+        Ok(()) if app.inner().clock_check.unready() => {
+            readiness.status = ReadinessStatus::Unavailable;
+            readiness.reason = Some("clock skewed");
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(readiness)).into_response()
+        }
         Ok(()) => axum::Json(readiness).into_response(),
         Err((kind, _)) => {
             readiness.status = ReadinessStatus::Unavailable;

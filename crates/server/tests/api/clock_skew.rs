@@ -20,6 +20,16 @@ pub(crate) async fn readiness(app: &TestApp) -> Value {
     res.json().await.unwrap()
 }
 
+/// `/readyz`'s status code and answer, whichever.
+async fn readyz(app: &TestApp) -> (u16, Value) {
+    let res = app
+        .request(Method::GET, "/readyz", None)
+        .send()
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
 /// `keyplane_clock_skew_seconds` as `/metrics` shows it.
 async fn skew_metric(app: &TestApp) -> f64 {
     let text = app.metrics().await;
@@ -300,7 +310,7 @@ async fn on_sqlite_the_clock_is_not_checked() {
     let app = TestApp::spawn_with(Backend::Sqlite, config).await;
     assert_eq!(
         readiness(&app).await["clock"],
-        json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "checked_at": null})
+        json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "unready_limit_seconds": null, "checked_at": null})
     );
     assert_eq!(skew_metric(&app).await, 0.0);
     let org = app.create_org("acme").await;
@@ -495,3 +505,71 @@ async fn the_cutover_allows_for_a_replica_behind_within_the_limit(backend: Backe
 }
 
 crate::helpers::both_backends!(the_cutover_allows_for_a_replica_behind_within_the_limit);
+
+/// `--unready-clock-skew-seconds 60`: a replica three hours ahead of PostgreSQL answers `/readyz`
+/// 503 (`unavailable`, reason `clock skewed`, the clock shown), so that a load balancer takes it
+/// out, while it still verifies and serves the changes that reach it. Set to 20 s off, within half
+/// the limit, it is ready again (while still `skewed` past `--max-clock-skew-seconds`, which holds
+/// its jobs: the two limits are independent). SQLite has no other clock: ready whatever its clock.
+async fn a_clock_off_past_the_unready_limit_fails_readiness(backend: Backend) {
+    let config = keyplane_server::Config {
+        unready_clock_skew: Some(Duration::from_secs(60)),
+        ..test_config()
+    };
+    let clock = config.clock.clone();
+    // Not the two hours of the first test, whose log lines it counts.
+    clock.set_wrong_by(TimeDelta::hours(3));
+    let app = TestApp::spawn_with(backend, config).await;
+    let org = app.create_org("acme").await;
+    let created = app.create_token(&org, "deployer", &[]).await;
+    let token = created["token"].as_str().unwrap().to_string();
+
+    let (status, body) = readyz(&app).await;
+    let clock_shown = &body["clock"];
+    assert_eq!(clock_shown["unready_limit_seconds"], 60.0, "{body}");
+    if backend == Backend::Sqlite {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "ready", "{body}");
+        assert_eq!(clock_shown["status"], "not_checked", "{body}");
+        assert_eq!(forward(&app, &token).await, 200);
+        return;
+    }
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["reason"], "clock skewed", "{body}");
+    assert_eq!(clock_shown["status"], "skewed", "{body}");
+    let skew = clock_shown["skew_seconds"].as_f64().expect("a skew");
+    assert!((skew - 10800.0).abs() < 2.0, "{body}");
+    // Its reads are fine: verification goes on.
+    assert_eq!(forward(&app, &token).await, 200);
+    assert_eq!(
+        log_lines_with(&["more than --unready-clock-skew-seconds, 60 s"]),
+        1,
+        "one warning on entering"
+    );
+
+    // Not set right: the first test counts the lines of clocks that agree again.
+    clock.set_wrong_by(TimeDelta::seconds(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = readyz(&app).await;
+        if status == 200 {
+            assert_eq!(body["status"], "ready", "{body}");
+            assert_eq!(body.get("reason"), None, "{body}");
+            assert_eq!(body["clock"]["status"], "skewed", "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within 10 s of the clock set within 30 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        log_lines_with(&["of the database's again: /readyz answers 200"]),
+        1,
+        "one line on leaving"
+    );
+}
+
+crate::helpers::both_backends!(a_clock_off_past_the_unready_limit_fails_readiness);

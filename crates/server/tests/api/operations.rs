@@ -39,7 +39,7 @@ async fn health_and_readiness(backend: Backend) {
     match backend {
         Backend::Sqlite => assert_eq!(
             clock,
-            json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "checked_at": null})
+            json!({"status": "not_checked", "skew_seconds": null, "limit_seconds": 5.0, "unready_limit_seconds": null, "checked_at": null})
         ),
         Backend::Postgres => {
             assert_eq!(clock["status"], "ok", "{clock}");
@@ -48,6 +48,7 @@ async fn health_and_readiness(backend: Backend) {
                 "{clock}"
             );
             assert_eq!(clock["limit_seconds"], 5.0, "{clock}");
+            assert_eq!(clock["unready_limit_seconds"], Value::Null, "{clock}");
             assert!(clock["checked_at"].is_string(), "{clock}");
         }
     }
@@ -487,7 +488,13 @@ async fn the_document_declares_every_answer() {
     assert!(schemas.get("BehindOrganization").is_none());
     assert_eq!(
         schemas["ClockHealth"]["required"],
-        json!(["status", "skew_seconds", "limit_seconds", "checked_at"])
+        json!([
+            "status",
+            "skew_seconds",
+            "limit_seconds",
+            "unready_limit_seconds",
+            "checked_at"
+        ])
     );
     assert_eq!(
         schemas["ClockHealthStatus"]["enum"],
