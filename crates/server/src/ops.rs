@@ -308,12 +308,14 @@ pub async fn create_org(
     operator: &Operator,
 ) -> Result<OrgCreated, AppError> {
     let created = mint_first_org(name, CreatedBy::operator(operator))?;
+    // Without the name check, nothing but an error keeps it from being created.
     store
-        .create_tenant_with_credential(
-            &created.tenant,
-            &created.token.credential,
-            &organization_created(&created, "admin create-org", Some(operator)),
-        )
+        .create_tenant(&keyplane_store::NewTenant {
+            tenant: &created.tenant,
+            credential: Some(&created.token.credential),
+            events: &organization_created(&created, "admin create-org", Some(operator)),
+            unique_name: false,
+        })
         .await?;
     Ok(created)
 }

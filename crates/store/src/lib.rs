@@ -341,14 +341,6 @@ pub trait Store: Send + Sync + 'static {
     /// bootstrapped store writes nothing at start.
     async fn is_bootstrapped(&self) -> Result<bool, StoreError>;
 
-    /// A tenant and its first credential, atomically (`admin create-org`).
-    async fn create_tenant_with_credential(
-        &self,
-        tenant: &Tenant,
-        credential: &Credential,
-        events: &[AuditEvent],
-    ) -> Result<(), StoreError>;
-
     /// Creates `tenant` and `credential` only if this store has never been bootstrapped and holds
     /// no tenant. Returns whether it did. Safe to race: exactly one caller wins.
     async fn bootstrap_once(

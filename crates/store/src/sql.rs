@@ -792,28 +792,6 @@ macro_rules! impl_store {
                 Ok(found.is_some())
             }
 
-            #[tracing::instrument(skip_all, fields(tenant.id = %tenant.id))]
-            async fn create_tenant_with_credential(
-                &self,
-                tenant: &keyplane_core::Tenant,
-                credential: &keyplane_core::Credential,
-                events: &[keyplane_core::AuditEvent],
-            ) -> Result<(), $crate::StoreError> {
-                self.write(async {
-                    let mut tx = self.writer.begin().await?;
-                    Self::insert_tenant(&mut tx, tenant).await?;
-                    bind_credential(sqlx::query($crate::sql::INSERT_CREDENTIAL), credential)
-                        .execute(&mut *tx)
-                        .await?;
-                    for event in events {
-                        Self::append_audit(&mut tx, event).await?;
-                    }
-                    tx.commit().await?;
-                    Ok(())
-                })
-                .await
-            }
-
             #[tracing::instrument(skip_all)]
             async fn bootstrap_once(
                 &self,

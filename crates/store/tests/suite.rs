@@ -58,8 +58,7 @@ async fn fixture(backend: Backend) -> Fixture {
         created_at: now(),
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
-    store
-        .create_tenant_with_credential(&tenant, &first, &[ev()])
+    create_tenant(store.as_ref(), &tenant, Some(&first), false)
         .await
         .unwrap();
     Fixture {
@@ -697,8 +696,7 @@ async fn credentials_and_grants_keep_their_creator(backend: Backend) {
     let (mut first, _) = new_token(tenant.id, "bootstrap");
     let by = creators().remove(2);
     first.created_by = Some(by.clone());
-    f.store
-        .create_tenant_with_credential(&tenant, &first, &[ev()])
+    create_tenant(f.store.as_ref(), &tenant, Some(&first), false)
         .await
         .unwrap();
     let stored = f
@@ -1247,16 +1245,7 @@ async fn lookups_by_many_find_what_lookups_by_one_find(backend: Backend) {
 
 async fn a_subjects_live_grants_span_tenants(backend: Backend) {
     let f = fixture(backend).await;
-    let other = Tenant {
-        id: TenantId::new(),
-        name: "globex".into(),
-        created_at: now(),
-    };
-    let (first, _) = new_token(other.id, "bootstrap");
-    f.store
-        .create_tenant_with_credential(&other, &first, &[ev()])
-        .await
-        .unwrap();
+    let (other, _) = another_tenant(f.store.as_ref(), "globex").await;
     let user = UserId::from_subject("https://idp.example", "alice").as_uuid();
     let user_grant = |tenant_id: TenantId, kind: GrantKind, key: Option<&str>| {
         NewGrant {
@@ -2676,7 +2665,7 @@ async fn pruning_a_deleted_tenants_trail_appends_nothing(backend: Backend) {
         name: "gone".into(),
         created_at: old,
     };
-    create_bare_tenant(store, &tenant, false).await.unwrap();
+    create_tenant(store, &tenant, None, false).await.unwrap();
     for _ in 0..3 {
         store
             .append_audit_event(&event_in(tenant.id, old))
@@ -3583,16 +3572,7 @@ async fn deliveries_are_queued_with_each_event_for_matching_enabled_webhooks(bac
     let created = webhook(tenant, &["api_token.created", "registry.enabled"], true);
     let disabled = webhook(tenant, &["*"], false);
     let accounts = webhook(tenant, &["service_account.*"], true);
-    let other = Tenant {
-        id: TenantId::new(),
-        name: "globex".into(),
-        created_at: now(),
-    };
-    let (first, _) = new_token(other.id, "bootstrap");
-    store
-        .create_tenant_with_credential(&other, &first, &[ev()])
-        .await
-        .unwrap();
+    let (other, _) = another_tenant(store, "globex").await;
     let elsewhere = webhook(other.id, &["*"], true);
     for hook in [&tokens, &created, &disabled, &accounts, &elsewhere] {
         add_webhook(store, hook).await;
@@ -4288,16 +4268,7 @@ async fn a_claim_takes_each_tenants_deliveries_up_to_its_share(backend: Backend)
     let f = fixture(backend).await;
     let store = f.store.as_ref();
     let busy = f.tenant.id;
-    let other = Tenant {
-        id: TenantId::new(),
-        name: "globex".into(),
-        created_at: now(),
-    };
-    let (first, _) = new_token(other.id, "bootstrap");
-    store
-        .create_tenant_with_credential(&other, &first, &[ev()])
-        .await
-        .unwrap();
+    let (other, _) = another_tenant(store, "globex").await;
     for _ in 0..3 {
         add_webhook(store, &webhook(busy, &["api_token.*"], true)).await;
     }
@@ -4366,16 +4337,7 @@ async fn a_claim_prefers_the_tenant_with_the_fewest_deliveries_in_flight(backend
     let store = f.store.as_ref();
     let mut busy = vec![f.tenant.id];
     for name in ["globex", "initech", "umbrella", "quiet"] {
-        let tenant = Tenant {
-            id: TenantId::new(),
-            name: name.into(),
-            created_at: now(),
-        };
-        let (first, _) = new_token(tenant.id, "bootstrap");
-        store
-            .create_tenant_with_credential(&tenant, &first, &[ev()])
-            .await
-            .unwrap();
+        let (tenant, _) = another_tenant(store, name).await;
         busy.push(tenant.id);
     }
     let quiet = busy.pop().unwrap();
@@ -5542,8 +5504,7 @@ async fn a_database_that_refuses_connections_is_unreachable() {
         created_at: now(),
     };
     let (credential, _) = new_token(tenant.id, "late");
-    let write = store
-        .create_tenant_with_credential(&tenant, &credential, &[ev()])
+    let write = create_tenant(store.as_ref(), &tenant, Some(&credential), false)
         .await
         .err();
     assert_eq!(
@@ -5887,7 +5848,7 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
             name: name.into(),
             created_at: at,
         };
-        let created = create_bare_tenant(store.as_ref(), &tenant, false).await;
+        let created = create_tenant(store.as_ref(), &tenant, None, false).await;
         assert_eq!(created.unwrap(), TenantCreated::Created);
         made.push(tenant);
     }
@@ -5938,7 +5899,7 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
         ..made[0].clone()
     };
     assert!(matches!(
-        create_bare_tenant(store.as_ref(), &again, false).await,
+        create_tenant(store.as_ref(), &again, None, false).await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(
@@ -5947,16 +5908,18 @@ async fn tenants_page_in_creation_order_and_by_name(backend: Backend) {
     );
 }
 
-/// `create_tenant` without a credential (`admin create-org --no-token`), with one event.
-async fn create_bare_tenant(
+/// `create_tenant` with one event, and `credential` as its first (`None`: `admin create-org
+/// --no-token`).
+async fn create_tenant(
     store: &dyn Store,
     tenant: &Tenant,
+    credential: Option<&Credential>,
     unique_name: bool,
 ) -> Result<TenantCreated, StoreError> {
     store
         .create_tenant(&NewTenant {
             tenant,
-            credential: None,
+            credential,
             events: &[ev()],
             unique_name,
         })
@@ -5982,8 +5945,8 @@ async fn one_name_created_at_once_is_created_once(backend: Backend) {
         let name = format!("acme-{attempt}");
         let (a, b) = (named(&name), named(&name));
         let (first, second) = tokio::join!(
-            create_bare_tenant(one.as_ref(), &a, true),
-            create_bare_tenant(other.as_ref(), &b, true)
+            create_tenant(one.as_ref(), &a, None, true),
+            create_tenant(other.as_ref(), &b, None, true)
         );
         match (first.unwrap(), second.unwrap()) {
             (TenantCreated::Created, TenantCreated::NameTaken(taken)) => assert_eq!(taken, a),
@@ -6002,13 +5965,13 @@ async fn one_name_created_at_once_is_created_once(backend: Backend) {
     }
 
     let first = named("initech");
-    let created = create_bare_tenant(one.as_ref(), &first, true).await;
+    let created = create_tenant(one.as_ref(), &first, None, true).await;
     assert_eq!(created.unwrap(), TenantCreated::Created);
     let same = named("initech");
-    let refused = create_bare_tenant(other.as_ref(), &same, true).await;
+    let refused = create_tenant(other.as_ref(), &same, None, true).await;
     assert_eq!(refused.unwrap(), TenantCreated::NameTaken(first.clone()));
     assert_eq!(other.get_tenant(same.id).await.unwrap(), None);
-    let allowed = create_bare_tenant(other.as_ref(), &same, false).await;
+    let allowed = create_tenant(other.as_ref(), &same, None, false).await;
     assert_eq!(allowed.unwrap(), TenantCreated::Created);
     // Both deleted: the name is free again.
     for tenant in [first.id, same.id] {
@@ -6018,7 +5981,7 @@ async fn one_name_created_at_once_is_created_once(backend: Backend) {
             .expect("deleted now");
     }
     let again = named("initech");
-    let created = create_bare_tenant(other.as_ref(), &again, true).await;
+    let created = create_tenant(other.as_ref(), &again, None, true).await;
     assert_eq!(created.unwrap(), TenantCreated::Created);
 }
 
@@ -6041,8 +6004,7 @@ async fn another_tenant(store: &dyn Store, name: &str) -> (Tenant, Credential) {
         created_at: now(),
     };
     let (first, _) = new_token(tenant.id, "bootstrap");
-    store
-        .create_tenant_with_credential(&tenant, &first, &[ev()])
+    create_tenant(store, &tenant, Some(&first), false)
         .await
         .unwrap();
     (tenant, first)

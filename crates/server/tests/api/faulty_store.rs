@@ -368,18 +368,6 @@ impl Store for FaultyStore {
         self.inner.is_bootstrapped().await
     }
 
-    async fn create_tenant_with_credential(
-        &self,
-        tenant: &Tenant,
-        credential: &Credential,
-        events: &[AuditEvent],
-    ) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner
-            .create_tenant_with_credential(tenant, credential, events)
-            .await
-    }
-
     async fn bootstrap_once(
         &self,
         tenant: &Tenant,

@@ -118,16 +118,7 @@ async fn creates_past_the_live_limit_are_refused(backend: Backend) {
         4,
     );
     // Another tenant has a count of its own.
-    let other = Tenant {
-        id: TenantId::new(),
-        name: "other".into(),
-        created_at: now(),
-    };
-    let (first, _) = new_token(other.id, "bootstrap");
-    store
-        .create_tenant_with_credential(&other, &first, &[ev()])
-        .await
-        .unwrap();
+    let (other, _) = another_tenant(store, "other").await;
     let (second, _) = new_token(other.id, "second");
     store
         .insert_credential_within_limit(&second, Some(2), &ev(), None)
