@@ -178,9 +178,9 @@ impl PostgresStore {
         })
     }
 
-    /// Nothing to do: migration 0023's trigger checks the tenants of each statement's rows, the
-    /// import's 500 at once.
-    async fn check_import_tenants(
+    /// Nothing to set aside: migration 0023's trigger checks the tenants of each statement's
+    /// rows, the import's 500 at once, and 0021's counts per statement too.
+    async fn set_aside_import_triggers(
         _tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         _credentials: &[keyplane_core::Credential],
     ) -> Result<crate::sql::SetAsideTriggers, StoreError> {

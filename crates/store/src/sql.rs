@@ -13,7 +13,7 @@ pub(crate) const CLAIM_BOOTSTRAP: &str =
     "INSERT INTO meta (key, value) VALUES ('bootstrapped', $1) ON CONFLICT (key) DO NOTHING";
 pub(crate) const ANY_TENANT: &str = "SELECT id FROM tenants LIMIT 1";
 /// The row triggers a bulk import dropped in its own transaction and does the work of once
-/// (SQLite: see `SqliteStore::check_import_tenants`; none on PostgreSQL, whose triggers on
+/// (SQLite: see `SqliteStore::set_aside_import_triggers`; none on PostgreSQL, whose triggers on
 /// `credentials` run per statement): their `CREATE TRIGGER` statements, run again before the
 /// commit, and the live credentials the import adds per tenant, for the count trigger.
 #[derive(Default)]
@@ -58,6 +58,21 @@ pub(crate) const CURRENT_SIGNING_KEY_ID: &str =
 pub(crate) const REGISTRIES_TO_TELL: &str =
     "SELECT r.tenant_id, r.id, r.project FROM registries r \
      JOIN tenants t ON t.id = r.tenant_id WHERE t.deleted_at IS NULL ORDER BY r.tenant_id";
+/// Appends ` AND <condition>` with `value` bound after it, if there is a value: a list's optional
+/// filter is left out when absent, since `($n IS NULL OR ...)` would keep the planner from
+/// seeking the listing index.
+pub(crate) fn and_if<'a, DB: sqlx::Database, T>(
+    sql: &mut sqlx::QueryBuilder<'a, DB>,
+    condition: &str,
+    value: Option<T>,
+) where
+    T: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(value) = value {
+        sql.push(" AND ").push(condition).push_bind(value);
+    }
+}
+
 /// Whether `filter` asks for one subject's live grants, all of them (what a verification's rights
 /// are computed from, [`crate::GrantFilter::live_for`]): at most
 /// [`keyplane_core::grant::MAX_LIVE_GRANTS_PER_SUBJECT`] rows by an index, read on verification's
@@ -625,10 +640,7 @@ macro_rules! impl_store {
                     "SELECT t.id, t.name, t.created_at, r.project FROM tenants t \
                      LEFT JOIN registries r ON r.tenant_id = t.id WHERE t.deleted_at IS NULL",
                 );
-                if let Some(name) = page.name {
-                    sql.push(" AND t.name = ");
-                    sql.push_bind(name.to_owned());
-                }
+                $crate::sql::and_if(&mut sql, "t.name = ", page.name.map(str::to_owned));
                 if let Some(after) = page.after {
                     sql.push(" AND (t.created_at, t.id) > (");
                     sql.push_bind(after.created_at);
@@ -658,10 +670,7 @@ macro_rules! impl_store {
                 if !query.include_revoked {
                     sql.push(" AND revoked_at IS NULL");
                 }
-                if let Some(after) = query.after {
-                    sql.push(" AND id > ");
-                    sql.push_bind(after.as_uuid());
-                }
+                $crate::sql::and_if(&mut sql, "id > ", query.after.map(|after| after.as_uuid()));
                 if let Some(window) = query.expiring {
                     sql.push(" AND revoked_at IS NULL AND expires_at > ");
                     sql.push_bind(window.after);
@@ -874,7 +883,7 @@ macro_rules! impl_store {
                     let mut tx =
                         sqlx::Connection::begin_with(&mut *import.connection, Self::BEGIN_WRITE)
                             .await?;
-                    let set_aside = Self::check_import_tenants(&mut tx, credentials).await?;
+                    let set_aside = Self::set_aside_import_triggers(&mut tx, credentials).await?;
                     let mut full_chunk_sql = None;
                     for chunk in credentials.chunks($crate::sql::IMPORT_CHUNK) {
                         let partial_chunk_sql;
@@ -1457,29 +1466,15 @@ macro_rules! impl_store {
                     $crate::sql::GRANT_COLUMNS
                 ));
                 sql.push_bind(filter.tenant_id.as_uuid());
-                if let Some(subject_type) = filter.subject_type {
-                    sql.push(" AND subject_type = ");
-                    sql.push_bind(subject_type.as_str());
-                }
-                if let Some(subject_id) = filter.subject_id {
-                    sql.push(" AND subject_id = ");
-                    sql.push_bind(subject_id);
-                }
-                if let Some(kind) = filter.kind {
-                    sql.push(" AND grant_kind = ");
-                    sql.push_bind(kind.as_str());
-                }
-                if let Some(capability_key) = &filter.capability_key {
-                    sql.push(" AND capability_key = ");
-                    sql.push_bind(capability_key.clone());
-                }
+                use $crate::sql::and_if;
+                and_if(&mut sql, "subject_type = ", filter.subject_type.map(|t| t.as_str()));
+                and_if(&mut sql, "subject_id = ", filter.subject_id);
+                and_if(&mut sql, "grant_kind = ", filter.kind.map(|kind| kind.as_str()));
+                and_if(&mut sql, "capability_key = ", filter.capability_key.clone());
                 if !filter.include_revoked {
                     sql.push(" AND revoked_at IS NULL");
                 }
-                if let Some(after) = filter.after {
-                    sql.push(" AND id > ");
-                    sql.push_bind(after.as_uuid());
-                }
+                and_if(&mut sql, "id > ", filter.after.map(|after| after.as_uuid()));
                 sql.push(" ORDER BY id LIMIT ");
                 sql.push_bind(filter.limit.map_or(i64::MAX, i64::from));
                 // One subject's live grants (a verification's rights) are few and indexed.

@@ -158,17 +158,17 @@ impl SqliteStore {
         })
     }
 
-    /// An import's check of its tenants, once per transaction instead of once per row. Migration
-    /// 0020's row trigger on `credentials` made a 1M import 17% slower (BENCHMARKS.md): with any
-    /// row trigger SQLite first copies a multi-row INSERT's rows to a temporary table, then runs
-    /// the trigger's program for each, whatever its condition (0021's count trigger too). The
-    /// import holds the write lock from its `BEGIN IMMEDIATE`, so no deletion or other insert
-    /// comes between this check and its commit; it drops both row triggers in its own transaction
+    /// Sets aside the row triggers on `credentials` for an import, and does their work once per
+    /// transaction instead of once per row: migration 0020's check of the tenants (here) and
+    /// 0021's live counts (after the insert). With any row trigger SQLite first copies a
+    /// multi-row INSERT's rows to a temporary table, then runs the trigger's program for each,
+    /// whatever its condition: 0020's made a 1M import 17% slower (BENCHMARKS.md). The import
+    /// holds the write lock from its `BEGIN IMMEDIATE`, so no deletion or other insert comes
+    /// between this check and its commit; it drops both triggers in its own transaction
     /// (SQLite's DDL is transactional: no other connection ever sees the table without them, and
-    /// a failed or interrupted import rolls the drop back with its rows), does their work once
-    /// ([`crate::sql::SetAsideTriggers`]: the check here, the counts after the insert) and runs
-    /// their own statements again before it commits.
-    async fn check_import_tenants(
+    /// a failed or interrupted import rolls the drop back with its rows) and runs their own
+    /// statements again before it commits ([`crate::sql::SetAsideTriggers`]).
+    async fn set_aside_import_triggers(
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
         credentials: &[keyplane_core::Credential],
     ) -> Result<crate::sql::SetAsideTriggers, StoreError> {
@@ -239,7 +239,7 @@ impl SqliteStore {
 }
 
 /// Migration 0020's trigger on `credentials`, which an import sets aside
-/// ([`SqliteStore::check_import_tenants`]).
+/// ([`SqliteStore::set_aside_import_triggers`]).
 const CREDENTIALS_TENANT_TRIGGER: &str = "credentials_of_live_tenants";
 /// Migration 0021's count of a tenant's live credentials on insert, which an import sets aside.
 const CREDENTIALS_COUNT_TRIGGER: &str = "credentials_counted_on_insert";
