@@ -22,6 +22,15 @@ pub use org_revocation::{
     revoke_organization, OrgRevocation, RevokeOrgSpec, REVOKE_ORG_PAGE, REVOKE_ORG_VIA,
 };
 
+/// The cursor of the page after a full `page` (its last row's id, or whatever `id` reads from
+/// it); `None` after a short one, the last.
+fn cursor_after<T, C>(page: &[T], page_rows: u32, id: impl Fn(&T) -> C) -> Option<C> {
+    if page.len() < page_rows as usize {
+        return None;
+    }
+    page.last().map(id)
+}
+
 /// The clock, at the precision both stores keep.
 pub fn now() -> DateTime<Utc> {
     keyplane_core::validate::now_micros(0)
@@ -1121,13 +1130,11 @@ async fn retire_unused_previous_secrets(
         for candidate in &candidates {
             retire_if_unused(app, candidate, now).await?;
         }
-        after = match candidates.last() {
-            Some(last) if candidates.len() == page as usize => last
-                .previous_secret
-                .as_ref()
-                .map(|previous| (previous.expires_at, last.id)),
-            _ => None,
-        };
+        after = cursor_after(&candidates, page, |last| {
+            let previous = last.previous_secret.as_ref()?;
+            Some((previous.expires_at, last.id))
+        })
+        .flatten();
         *app.inner().retirement_cursor.lock() = after;
         if after.is_none() {
             break;

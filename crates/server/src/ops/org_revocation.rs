@@ -2,7 +2,7 @@
 //! `admin delete-org` (which asks for its canaries and grants to users and groups too). One paged
 //! walk, each revocation through the store's own revoke as the API's.
 
-use super::{credential_event, grant_event, now};
+use super::{credential_event, cursor_after, grant_event, now};
 use crate::error::AppError;
 use keyplane_core::audit::{actions, credential_action, AuditActor, CredentialChange};
 use keyplane_core::{
@@ -194,15 +194,6 @@ async fn revoke_pass(
         }
     }
     Ok(revoked)
-}
-
-/// The cursor of the page after a full `page` (its last row's id); `None` after a short one,
-/// the last.
-fn cursor_after<T, C>(page: &[T], page_rows: u32, id: impl Fn(&T) -> C) -> Option<C> {
-    if page.len() < page_rows as usize {
-        return None;
-    }
-    page.last().map(id)
 }
 
 /// Revokes `credential` as the operator's act: the grants revoked with it, or `None` if someone
