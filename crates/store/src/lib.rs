@@ -398,7 +398,8 @@ pub trait Store: Send + Sync + 'static {
         query: &ListCredentials,
     ) -> Result<Vec<Credential>, StoreError>;
 
-    /// The verification lookup. The caller still checks revocation and expiry.
+    /// The verification lookup, on verification's own connections (`store/src/verification.rs`).
+    /// The caller still checks revocation and expiry.
     async fn find_credential_by_hash(
         &self,
         hash: &TokenHash,
@@ -972,8 +973,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Credential>, StoreError>;
 
     /// The credentials whose current or previous secret is one of `hashes`, as
-    /// [`Store::find_credential_by_hash`] finds them (`admin import-credentials` checks a file's
-    /// secrets are free, many per query).
+    /// [`Store::find_credential_by_hash`] finds them but on the general readers: lookups that are
+    /// not verifications (`admin import-credentials` checks a file's secrets are free, many per
+    /// query; a leak report looks up the reported secret).
     async fn find_credentials_by_hashes(
         &self,
         hashes: &[TokenHash],

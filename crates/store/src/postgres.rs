@@ -164,6 +164,15 @@ const TENANT_NAME_LOCKS: i32 = 0x6b70_6e6d;
 /// The channel replicas use to tell each other which subjects' cached verifications are stale.
 const CHANNEL: &str = "keyplane_invalidation";
 
+#[cfg(feature = "testing")]
+impl crate::testing::VerificationReaders for PostgresStore {
+    type Database = sqlx::Postgres;
+
+    fn verification_readers(&self) -> &PgPool {
+        &self.verifier
+    }
+}
+
 impl PostgresStore {
     const PLACEHOLDERS: Placeholders = Placeholders::Numbered;
 

@@ -248,6 +248,15 @@ const TRIGGER_SQL: &str = "SELECT sql FROM sqlite_master WHERE type = 'trigger' 
 /// Found when the tenant is deleted: 0020's trigger's condition.
 const DELETED_TENANT: &str = "SELECT 1 FROM tenants WHERE id = $1 AND deleted_at IS NOT NULL";
 
+#[cfg(feature = "testing")]
+impl crate::testing::VerificationReaders for SqliteStore {
+    type Database = sqlx::Sqlite;
+
+    fn verification_readers(&self) -> &SqlitePool {
+        &self.verifier
+    }
+}
+
 /// This keyplane's SQLite migrations.
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 

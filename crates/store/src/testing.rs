@@ -201,15 +201,31 @@ impl Drop for TestDatabase {
 pub async fn hold_general_readers(
     store: &crate::SqliteStore,
 ) -> Vec<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
+    hold_all(store.general_readers()).await
+}
+
+/// A store whose verification connections (`verification.rs`) a test can take.
+pub trait VerificationReaders {
+    type Database: sqlx::Database;
+
+    fn verification_readers(&self) -> &sqlx::Pool<Self::Database>;
+}
+
+/// Every connection of `store`'s verification pool, taken and held until the returned
+/// connections are dropped: what lookups occupying them all would leave the rest of the server
+/// (a verification meanwhile finds none and answers 503).
+pub async fn hold_verification_readers<S: VerificationReaders>(
+    store: &S,
+) -> Vec<sqlx::pool::PoolConnection<S::Database>> {
+    hold_all(store.verification_readers()).await
+}
+
+async fn hold_all<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Vec<sqlx::pool::PoolConnection<DB>> {
     let mut held = Vec::new();
-    for _ in 0..store.general_readers().options().get_max_connections() {
-        held.push(
-            store
-                .general_readers()
-                .acquire()
-                .await
-                .expect("take a general reader"),
-        );
+    for _ in 0..pool.options().get_max_connections() {
+        held.push(pool.acquire().await.expect("take a connection of the pool"));
     }
     held
 }

@@ -201,8 +201,14 @@ fn bounded(text: &str) -> String {
 /// looked up.
 /// A previous secret whose grace period is over is no longer the credential (the store keeps its
 /// hash until the lifecycle sweep): it neither authenticates nor can take the live secret down.
+/// Looked up on the general readers, not verification's few connections: anyone may send
+/// reports, and a flood of them must not keep cache misses waiting.
 pub async fn find_reported(app: &App, token: &TokenHash) -> Result<Option<Credential>, AppError> {
-    let Some(credential) = app.store().find_credential_by_hash(token).await? else {
+    let found = app
+        .store()
+        .find_credentials_by_hashes(std::slice::from_ref(token))
+        .await?;
+    let Some(credential) = found.into_iter().next() else {
         return Ok(None);
     };
     let now = app.inner().config.clock.now();

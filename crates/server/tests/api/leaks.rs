@@ -5,7 +5,8 @@ use crate::helpers::{both_backends, eventually, test_config, unknown_token, Org,
 use data_encoding::BASE64;
 use keyplane_core::CredentialKind;
 use keyplane_server::Config;
-use keyplane_store::testing::Backend;
+use keyplane_store::testing::{hold_verification_readers, Backend, VerificationReaders};
+use keyplane_store::{PostgresStore, SqliteStore};
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
@@ -26,6 +27,7 @@ both_backends!(
     a_suspend_policy_suspends_leaked_credentials_instead,
     github_report_revokes_real_credentials_and_labels_every_match,
     github_refuses_unsigned_and_badly_signed_reports,
+    leak_reports_take_no_verification_connection,
     public_revoke_kills_tokens_and_answers_the_same_for_anything,
 );
 
@@ -583,6 +585,69 @@ async fn github_report_without_reachable_keys_is_unavailable() {
         "Retry-After {retry_after:?}"
     );
     assert_oauth_error(res, 503, "temporarily_unavailable").await;
+}
+
+/// Leak reports look credentials up on the general readers: with every verification connection
+/// taken (an uncached secret meanwhile cannot verify: 503), a GitHub report is still answered,
+/// labelling and revoking what it names, and a public report is worked off.
+async fn leak_reports_take_no_verification_connection(backend: Backend) {
+    match backend {
+        Backend::Sqlite => reports_with_verification_held(backend, SqliteStore::connect).await,
+        Backend::Postgres => reports_with_verification_held(backend, PostgresStore::connect).await,
+    }
+}
+
+async fn reports_with_verification_held<S>(
+    backend: Backend,
+    connect: impl AsyncFnOnce(&str) -> Result<S, keyplane_store::StoreError>,
+) where
+    S: keyplane_store::Store + VerificationReaders + 'static,
+{
+    let key = TestKey::new("test-key-1");
+    let keys = KeysServer::start(document(&[&key])).await;
+    let mut opened = None;
+    let app = TestApp::spawn_opening(backend, config_with_keys(&keys.url), async |url| {
+        let store = Arc::new(connect(url).await.expect("open the test store"));
+        opened = Some(store.clone());
+        store as Arc<dyn keyplane_store::Store>
+    })
+    .await;
+    let store = opened.expect("the store was opened");
+    let org = app.create_org("acme").await;
+    let (api, sa, robot) = three_credentials(&app, &org).await;
+    let uncached = app.create_token(&org, "uncached", &[]).await;
+    let uncached = uncached["token"].as_str().unwrap();
+
+    let held = hold_verification_readers(store.as_ref()).await;
+    assert_eq!(whoami_status(&app, uncached).await, 503, "no verification");
+    let body = matches_body(&[
+        (&api, "keyplane_api_token"),
+        (&robot, "keyplane_robot_secret"),
+    ]);
+    let res = post_signed(&app, &key, &body).await;
+    assert_eq!(res.status(), 200);
+    let feedback: Value = res.json().await.unwrap();
+    let labels: Vec<&Value> = feedback
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| &f["label"])
+        .collect();
+    assert_eq!(labels, [&json!("true_positive"), &json!("true_positive")]);
+    assert_eq!(
+        revoke(&app, json!({ "credentials": [sa] })).await.status(),
+        202
+    );
+    eventually("the public report is worked off", || async {
+        leaked_tokens(&app, "public_revoke", "revoked").await == 1
+    })
+    .await;
+    drop(held);
+
+    assert_eq!(whoami_status(&app, &api).await, 401);
+    assert_eq!(whoami_status(&app, &sa).await, 401);
+    assert_eq!(robot_login_status(&app, "acme", &robot).await, 401);
+    assert_eq!(whoami_status(&app, uncached).await, 200);
 }
 
 async fn revoke(app: &TestApp, body: Value) -> reqwest::Response {
