@@ -135,7 +135,8 @@ pub(crate) fn retry_after_secs(wait: std::time::Duration) -> u64 {
 }
 
 impl AppError {
-    /// The `Retry-After` (seconds) this error's response carries, if any.
+    /// The `Retry-After` (seconds) this error's response carries, if any. None on a conflict
+    /// (the live-credential limit's too): waiting does not change its answer.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             AppError::RateLimited { retry_after_secs } => Some(*retry_after_secs),

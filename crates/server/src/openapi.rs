@@ -5,7 +5,8 @@
 //! answered (the failed-authentication limit), 500 everywhere but the operations endpoints; an
 //! error response a route declares without a body gets its surface's error shape. Then the
 //! headers: `X-Request-Id` on every response, `WWW-Authenticate` on each 401, `Retry-After` on
-//! each 429 and 503 (and on the 409 of a route that takes an `Idempotency-Key`), and
+//! each 429 and 503 (and, sent only while the key is in progress, on the 409 of a route that
+//! takes an `Idempotency-Key`), and
 //! `Idempotent-Replayed` on such a route's success. And links from each create to the operations
 //! on what it created.
 
@@ -290,8 +291,9 @@ fn add_headers(operation: &mut Operation, schema: Option<&str>) {
             "409" if idempotent => declare(
                 "Retry-After",
                 retry_after(
-                    "Seconds to wait before retrying; only while the request's Idempotency-Key \
-                     is still in progress.",
+                    "Seconds to wait before retrying, sent only while the request's \
+                     Idempotency-Key is still in progress. No other 409 carries it: waiting does \
+                     not lift a conflict, nor the live-credential limit (a revocation does).",
                 ),
             ),
             success if idempotent && success.starts_with('2') => declare(

@@ -8,9 +8,11 @@ use keyplane_store::testing::Backend;
 use reqwest::{Method, Response};
 use serde_json::{json, Value};
 
-/// Refused by the live credential limit in Aether's error format: 409 `conflict`, naming the limit.
+/// Refused by the live credential limit in Aether's error format: 409 `conflict`, naming the limit,
+/// without `Retry-After` (only a revocation makes room).
 async fn assert_aether_limit(res: Response) {
     assert_eq!(res.status(), 409);
+    assert_no_retry_after(&res);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "conflict", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -23,12 +25,17 @@ async fn assert_aether_limit(res: Response) {
 /// The same in Hybridbox's: 409 `{"detail": ...}`.
 async fn assert_hybridbox_limit(res: Response) {
     assert_eq!(res.status(), 409);
+    assert_no_retry_after(&res);
     let body: Value = res.json().await.unwrap();
     let detail = body["detail"].as_str().unwrap_or_else(|| panic!("{body}"));
     assert!(
         detail.contains("--max-live-credentials-per-org"),
         "{detail}"
     );
+}
+
+fn assert_no_retry_after(res: &Response) {
+    assert_eq!(res.headers().get("retry-after"), None, "{}", res.url());
 }
 
 async fn create_api_token(app: &TestApp, org: &Org, name: &str) -> Response {
@@ -80,6 +87,15 @@ async fn creates_past_the_live_limit_are_refused(backend: Backend) {
     assert_aether_limit(create_api_token(&app, &org, "second").await).await;
     assert_aether_limit(create_robot(&app, &org, "second").await).await;
     assert_hybridbox_limit(create_service_account(&app, &org, "second").await).await;
+    // With an Idempotency-Key too: its in-progress 409 says when to retry, this one does not.
+    let keyed = app
+        .request(Method::POST, &org.path("/api-tokens"), Some(&org.token))
+        .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+        .json(&json!({ "name": "second" }))
+        .send()
+        .await
+        .unwrap();
+    assert_aether_limit(keyed).await;
 
     let id = token["id"].as_str().unwrap();
     let rotated = app

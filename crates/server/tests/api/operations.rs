@@ -348,7 +348,16 @@ async fn the_document_declares_every_answer() {
                         assert_eq!(headers["Retry-After"]["schema"]["type"], "integer");
                     }
                     "409" if takes_key => {
-                        assert!(headers["Retry-After"].is_object(), "{at}");
+                        // Sent on the key's in-progress 409 only, not on the route's others.
+                        let retry_after = &headers["Retry-After"];
+                        assert!(retry_after.is_object(), "{at}");
+                        assert_ne!(retry_after["required"], true, "{at}");
+                        let description = retry_after["description"].as_str().unwrap();
+                        assert!(
+                            description.contains("only while")
+                                && description.contains("live-credential limit"),
+                            "{at}: {description}"
+                        );
                     }
                     success if takes_key && success.starts_with('2') => {
                         assert!(headers["Idempotent-Replayed"].is_object(), "{at}");
