@@ -69,6 +69,8 @@ pub(crate) struct Inner {
     pub(crate) export_behind: crate::export_heads::BehindExport,
     /// Events the export found pruned before it wrote them (`export_gaps`).
     pub(crate) export_gaps: crate::export_gaps::ExportGaps,
+    /// Background jobs whose last step was abandoned at its deadline (`jobs::bounded`).
+    pub(crate) stalled_jobs: crate::jobs::StalledJobs,
 }
 
 impl App {
@@ -154,6 +156,7 @@ impl App {
             clock_check,
             export_behind: Default::default(),
             export_gaps: Default::default(),
+            stalled_jobs: Default::default(),
         }))
     }
 

@@ -4,6 +4,7 @@
 //! written by the store in the change's own transaction.
 
 use crate::app::App;
+use crate::config::BackgroundJob;
 use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use keyplane_core::audit::{actions, ActorType, AuditActor, DetailValue};
 use keyplane_core::{AuditEvent, Principal, RequestContext, TenantId};
@@ -339,16 +340,12 @@ impl Refusals {
         self.record(key, event, metrics);
     }
 
-    /// Writes one event per pending refusal, with its count. What the store cannot take now is
-    /// queued again (merged with refusals that came meanwhile, within the bounds), to be written
-    /// by the next flush; on the `last` flush, or when the store refuses the event itself, it is
-    /// dropped and counted.
-    pub(crate) async fn flush(
-        &self,
-        store: &dyn Store,
-        metrics: &crate::metrics::Metrics,
-        last: bool,
-    ) {
+    /// Writes one event per pending refusal, with its count. What the store cannot take now
+    /// (each write under [`BackgroundJob::RefusalFlush`]'s deadline) is queued again (merged
+    /// with refusals that came meanwhile, within the bounds), to be written by the next flush; on
+    /// the `last` flush, or when the store refuses the event itself, it is dropped and counted.
+    pub(crate) async fn flush(&self, app: &App, last: bool) {
+        let (store, metrics) = (app.store(), &app.inner().metrics);
         let (unacknowledged, drained) = {
             let mut pending = self.lock();
             pending.keys_per_tenant.clear();
@@ -365,7 +362,12 @@ impl Refusals {
                 (Some((key, event)), written, count)
             }));
         while let Some((refusals, written, count)) = writes.next() {
-            let Err(error) = store.append_audit_event(&written).await else {
+            let appended = crate::jobs::bounded(
+                app,
+                BackgroundJob::RefusalFlush,
+                store.append_audit_event(&written),
+            );
+            let Err(error) = appended.await.unwrap_or_else(|late| Err(late.into())) else {
                 continue;
             };
             if !matches!(error, keyplane_store::StoreError::Unavailable(_)) {
@@ -748,7 +750,12 @@ pub(crate) async fn export(
         }
         let mut failure = None;
         if progress.is_none() {
-            match ExportProgress::load(&app, &target, &consumer).await {
+            let loaded = crate::jobs::bounded(
+                &app,
+                BackgroundJob::AuditExport,
+                ExportProgress::load(&app, &target, &consumer),
+            );
+            match loaded.await.unwrap_or_else(|late| Err(late.into())) {
                 Ok(loaded) => progress = Some(loaded),
                 Err(error) => failure = Some(format!("cannot read the export cursors: {error}")),
             }
@@ -797,7 +804,7 @@ pub(crate) async fn export(
             if let (Some(sink), true, Some(at)) = (&thread, open, progress.as_mut()) {
                 let _ = export_pending(&app, &consumer, sink, &mut stall, at).await;
                 at.next_save = tokio::time::Instant::now();
-                at.save(app.store().as_ref(), &consumer).await;
+                at.save(&app, &consumer).await;
             }
             return;
         }
@@ -997,12 +1004,17 @@ impl ExportProgress {
     }
 
     /// Saves the cursors moved since the last save, unless a failed save's wait is not over.
-    async fn save(&mut self, store: &dyn Store, consumer: &str) {
+    async fn save(&mut self, app: &App, consumer: &str) {
         if self.unsaved.is_empty() || tokio::time::Instant::now() < self.next_save {
             return;
         }
         let cursors: Vec<(TenantId, u64)> = self.unsaved.iter().map(|(t, s)| (*t, *s)).collect();
-        match store.save_audit_export_cursors(consumer, &cursors).await {
+        let saved = crate::jobs::bounded(
+            app,
+            BackgroundJob::AuditExport,
+            app.store().save_audit_export_cursors(consumer, &cursors),
+        );
+        match saved.await.unwrap_or_else(|late| Err(late.into())) {
             Ok(()) => {
                 self.unsaved.clear();
                 self.save_wait = EXPORT_POLL;
@@ -1024,10 +1036,15 @@ async fn export_pending(
     progress: &mut ExportProgress,
 ) -> anyhow::Result<()> {
     let store = app.store().as_ref();
-    for (tenant, head, head_hash) in store.audit_heads().await? {
+    // Each store call under the export's step deadline: abandoned, it changed nothing (reads),
+    // and the next pass reads again. (The log's own writes have their stall report instead.)
+    let step = BackgroundJob::AuditExport;
+    for (tenant, head, head_hash) in crate::jobs::bounded(app, step, store.audit_heads()).await?? {
         let cursor = progress.cursors.entry(tenant).or_default();
-        if !still_holds(store, tenant, cursor, head, head_hash).await? {
-            let (seq, hash) = go_back_to(store, tenant, cursor, head, head_hash).await?;
+        let holds = still_holds(store, tenant, cursor, head, head_hash);
+        if !crate::jobs::bounded(app, step, holds).await?? {
+            let back = go_back_to(store, tenant, cursor, head, head_hash);
+            let (seq, hash) = crate::jobs::bounded(app, step, back).await??;
             tracing::warn!(
                 tenant.id = %tenant,
                 export.seq = cursor.seq,
@@ -1041,9 +1058,8 @@ async fn export_pending(
             progress.unsaved.insert(tenant, seq);
         }
         while cursor.seq < head {
-            let events = store
-                .list_audit_events(&AuditQuery::after_seq(tenant, cursor.seq, EXPORT_BATCH))
-                .await?;
+            let query = AuditQuery::after_seq(tenant, cursor.seq, EXPORT_BATCH);
+            let events = crate::jobs::bounded(app, step, store.list_audit_events(&query)).await??;
             let (Some(first), Some(last)) = (events.first(), events.last()) else {
                 break;
             };
@@ -1072,7 +1088,7 @@ async fn export_pending(
         }
     }
     progress.write_heads(sink, stall).await;
-    progress.save(store, consumer).await;
+    progress.save(app, consumer).await;
     Ok(())
 }
 
@@ -1243,11 +1259,17 @@ pub(crate) async fn retention(app: App, days: u32, mut stop: tokio::sync::watch:
         if let Some(cutoff) = cutoff {
             let record = crate::ops::audit_pruned(cutoff, days);
             loop {
-                match app
-                    .store()
-                    .prune_audit_events(cutoff, PRUNE_BATCH, exported_by.as_deref(), &record)
-                    .await
-                {
+                let batch = crate::jobs::bounded(
+                    &app,
+                    BackgroundJob::AuditRetention,
+                    app.store().prune_audit_events(
+                        cutoff,
+                        PRUNE_BATCH,
+                        exported_by.as_deref(),
+                        &record,
+                    ),
+                );
+                match batch.await.unwrap_or_else(|late| Err(late.into())) {
                     Ok(0) => break,
                     Ok(deleted) => tracing::info!(deleted, "pruned audit events"),
                     Err(error) => {
@@ -1290,10 +1312,7 @@ pub(crate) async fn flush_refusals(
             _ = stop.changed() => true,
         };
         let inner = app.inner();
-        inner
-            .refusals
-            .flush(app.store().as_ref(), &inner.metrics, stopping)
-            .await;
+        inner.refusals.flush(&app, stopping).await;
         inner.verifier.canaries().flush_left_out(stopping).await;
         if stopping {
             return;

@@ -105,8 +105,6 @@ const LENIENT_LIMIT: Duration = Duration::from_secs(3600);
 
 /// A measurement this recent answers [`ClockCheck::measure`] (every job asks before it runs).
 const REUSE: Duration = Duration::from_secs(1);
-/// How long one measurement may take: a store that does not answer holds nothing up.
-const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the last successful measurement's verdict stands without another: past it the clock
 /// is `Unknown` (an `Ok` hours old says nothing of a clock stepped since).
 const STALE_AFTER: Duration = Duration::from_secs(60);
@@ -328,7 +326,14 @@ impl ClockCheck {
         {
             return;
         }
-        let read = tokio::time::timeout(MEASURE_TIMEOUT, app.store().database_clock()).await;
+        // Under its job's deadline (2 s by default): a store that does not answer holds nothing
+        // up.
+        let read = crate::jobs::bounded(
+            app,
+            crate::config::BackgroundJob::ClockCheck,
+            app.store().database_clock(),
+        )
+        .await;
         // When it ended: a reading that took its whole timeout is not tried again at once by the
         // next job asking.
         attempts.last_at = Some(monotonic());
@@ -348,10 +353,10 @@ impl ClockCheck {
                 self.failed(&mut attempts);
                 return;
             }
-            Err(_) => {
+            Err(late) => {
                 if !attempts.failing {
                     tracing::warn!(
-                        "cannot read the database's clock to compare this replica's with it: no answer within 2 s; retrying"
+                        "cannot read the database's clock to compare this replica's with it: {late}; retrying"
                     );
                 }
                 self.failed(&mut attempts);

@@ -87,6 +87,9 @@ pub struct Config {
     /// Keys in another system's format, imported by their hash, accepted under these prefixes
     /// (`serve --legacy-token-prefix`); none by default.
     pub legacy_token_prefixes: keyplane_core::legacy_token::LegacyPrefixes,
+    /// How long each background job's step may take before it is abandoned
+    /// ([`BackgroundJob::default_deadline`] unless tests shorten one).
+    pub background_step_deadlines: StepDeadlines,
 }
 
 /// `serve --max-live-credentials-per-org`'s default: far past what a tenant's fleet holds (README,
@@ -266,6 +269,126 @@ impl Default for Config {
             revocation_poll_interval: Duration::from_secs(1),
             revocation_heartbeat: Duration::from_secs(15),
             legacy_token_prefixes: Default::default(),
+            background_step_deadlines: StepDeadlines::default(),
         }
+    }
+}
+
+/// A periodic job of the server's background work. Each runs on its own, and each of its steps
+/// (one pass, or one store call where a pass may not be cut) is abandoned at its deadline: a
+/// store that does not answer (a lock held, a network path to PostgreSQL gone silent) then holds
+/// that job alone, for that step alone, and the step is tried again at the job's next run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackgroundJob {
+    /// Writing coalesced `last_used_at` (one flush: what it did not write is queued again).
+    LastUsedFlush,
+    /// The write of its own made while the store's writes fail (`Store::probe_writes`).
+    WriteProbe,
+    /// Refreshing the store's planner statistics, hourly.
+    PlannerStatistics,
+    /// Reading the database's clock (`clock_check`).
+    ClockCheck,
+    /// Deleting expired Idempotency-Key records (one pass of batches).
+    IdempotencyPrune,
+    /// Ending idle and expired console sessions.
+    ConsoleSessionPrune,
+    /// Writing one aggregated refusal event.
+    RefusalFlush,
+    /// One store call of the `--audit-log` export (cursors, heads, a page of events).
+    AuditExport,
+    /// Deleting one batch of audit events past the retention.
+    AuditRetention,
+    /// One lifecycle sweep (expiry notices, the unused-secret cutover, ended previous secrets).
+    LifecycleSweep,
+    /// Leasing due webhook deliveries (the claim and its renewal).
+    WebhookClaim,
+    /// Recording one webhook delivery attempt.
+    WebhookRecord,
+    /// Deleting one batch of finished webhook deliveries.
+    WebhookPrune,
+    /// Leasing one stored public revocation report, or giving up one batch of old ones.
+    LeakReports,
+}
+
+impl BackgroundJob {
+    pub const ALL: [Self; 14] = [
+        Self::LastUsedFlush,
+        Self::WriteProbe,
+        Self::PlannerStatistics,
+        Self::ClockCheck,
+        Self::IdempotencyPrune,
+        Self::ConsoleSessionPrune,
+        Self::RefusalFlush,
+        Self::AuditExport,
+        Self::AuditRetention,
+        Self::LifecycleSweep,
+        Self::WebhookClaim,
+        Self::WebhookRecord,
+        Self::WebhookPrune,
+        Self::LeakReports,
+    ];
+
+    /// `keyplane_background_step_timeouts_total`'s label, and the logs' `job`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::LastUsedFlush => "last_used_flush",
+            Self::WriteProbe => "write_probe",
+            Self::PlannerStatistics => "planner_statistics",
+            Self::ClockCheck => "clock_check",
+            Self::IdempotencyPrune => "idempotency_prune",
+            Self::ConsoleSessionPrune => "console_session_prune",
+            Self::RefusalFlush => "refusal_flush",
+            Self::AuditExport => "audit_export",
+            Self::AuditRetention => "audit_retention",
+            Self::LifecycleSweep => "lifecycle_sweep",
+            Self::WebhookClaim => "webhook_claim",
+            Self::WebhookRecord => "webhook_record",
+            Self::WebhookPrune => "webhook_prune",
+            Self::LeakReports => "leak_reports",
+        }
+    }
+
+    /// Well past what the step takes on a healthy store (PostgreSQL's writers give up a lock
+    /// after 5 s, its general readers a statement after 30 s, SQLite's writer after 5 s busy),
+    /// so only a store that does not answer at all reaches it.
+    pub fn default_deadline(self) -> Duration {
+        Duration::from_secs(match self {
+            // What `/readyz` and the jobs held by the clock wait for: short.
+            Self::ClockCheck => 2,
+            // One small write each.
+            Self::WriteProbe | Self::RefusalFlush => 10,
+            // Within the lease a claim takes (the webhook timeout plus its margin, 15 s).
+            Self::WebhookClaim | Self::WebhookRecord => 15,
+            Self::LeakReports | Self::IdempotencyPrune | Self::ConsoleSessionPrune => 30,
+            // Batches of 4096 rows on a loaded store: a backlog is written over several runs.
+            Self::LastUsedFlush => 30,
+            // A general reader's statement may take 30 s.
+            Self::AuditExport | Self::AuditRetention | Self::WebhookPrune => 60,
+            Self::PlannerStatistics => 120,
+            // Many small transactions over every candidate credential.
+            Self::LifecycleSweep => 300,
+        })
+    }
+}
+
+/// Each [`BackgroundJob`]'s step deadline.
+#[derive(Debug, Clone)]
+pub struct StepDeadlines([Duration; BackgroundJob::ALL.len()]);
+
+impl Default for StepDeadlines {
+    fn default() -> Self {
+        Self(BackgroundJob::ALL.map(BackgroundJob::default_deadline))
+    }
+}
+
+impl StepDeadlines {
+    pub fn of(&self, job: BackgroundJob) -> Duration {
+        self.0[job as usize]
+    }
+
+    /// These deadlines, with `job`'s set to `deadline`.
+    pub fn with(mut self, job: BackgroundJob, deadline: Duration) -> Self {
+        self.0[job as usize] = deadline;
+        self
     }
 }

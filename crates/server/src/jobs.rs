@@ -1,9 +1,14 @@
 //! Background work done after an answer (public revocation reports, canary trigger events): a
-//! bound on how much runs at once, and a way for shutdown to wait for it.
+//! bound on how much runs at once, and a way for shutdown to wait for it. And the periodic jobs'
+//! clock ([`Every`], [`periodic`]) and their steps' deadline ([`bounded`]).
 
+use crate::app::App;
+use crate::config::BackgroundJob;
 use keyplane_core::TenantId;
-use keyplane_store::StoreFault;
+use keyplane_store::{StoreError, StoreFault, Unavailable};
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -140,11 +145,124 @@ impl Every {
         Self { tick, stop }
     }
 
+    /// The same, but the first tick one `interval` from now.
+    pub(crate) fn later(interval: Duration, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        let mut every = Self::new(interval, stop);
+        every.tick.reset();
+        every
+    }
+
     /// Waits for the next tick: `false` once `stop` has changed, when the job is to end.
     pub(crate) async fn tick(&mut self) -> bool {
         tokio::select! {
             _ = self.tick.tick() => true,
             _ = self.stop.changed() => false,
+        }
+    }
+
+    /// Resolves once `stop` changes (or its sender is gone).
+    async fn stopped(&mut self) {
+        let _ = self.stop.changed().await;
+    }
+}
+
+/// Runs `job`'s `step` at each of `every`'s ticks, each run under the job's deadline
+/// ([`bounded`]), until its stop: a run under way then is abandoned, as at its deadline (every
+/// step given here can be: what it did not finish is done by a later one).
+pub(crate) async fn periodic<F, Fut>(app: App, job: BackgroundJob, mut every: Every, mut step: F)
+where
+    F: FnMut(App) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    while every.tick().await {
+        tokio::select! {
+            _ = bounded(&app, job, step(app.clone())) => {}
+            _ = every.stopped() => return,
+        }
+    }
+}
+
+/// A background step abandoned at its job's deadline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepTimedOut {
+    pub deadline: Duration,
+}
+
+impl std::fmt::Display for StepTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no answer within {:?}", self.deadline)
+    }
+}
+
+impl std::error::Error for StepTimedOut {}
+
+/// As a store's fault: `timed out`, and a write abandoned so may have been committed (a retry
+/// must be one that may find it made).
+impl From<StepTimedOut> for StoreError {
+    fn from(late: StepTimedOut) -> Self {
+        StoreError::Unavailable(Unavailable {
+            may_have_committed: true,
+            ..Unavailable::new(StoreFault::TimedOut, late.to_string())
+        })
+    }
+}
+
+/// Which jobs' last step was abandoned at its deadline (`/readyz`'s `background`), so that a run
+/// of them is logged once, when it starts, and once when a step finishes again.
+#[derive(Default)]
+pub(crate) struct StalledJobs([AtomicBool; BackgroundJob::ALL.len()]);
+
+impl StalledJobs {
+    /// The jobs whose last step was abandoned, in [`BackgroundJob::ALL`]'s order.
+    pub(crate) fn now(&self) -> Vec<BackgroundJob> {
+        BackgroundJob::ALL
+            .into_iter()
+            .filter(|job| self.0[*job as usize].load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Marks whether `job`'s last step was abandoned; whether it was before.
+    fn set(&self, job: BackgroundJob, stalled: bool) -> bool {
+        self.0[job as usize].swap(stalled, Ordering::Relaxed)
+    }
+}
+
+/// `step` of `job`, abandoned (dropped) if it has not ended by the job's deadline
+/// (`Config::background_step_deadlines`): counted in `keyplane_background_step_timeouts_total`,
+/// logged at `warn` (once per run of them), and shown by `/readyz` until a step of the job ends
+/// in time. Dropping a store call's future drops its transaction unfinished (rolled back) or
+/// its connection; each step given here keeps what it did not finish for its next run. The one
+/// deadline every periodic job's store work runs under.
+pub(crate) async fn bounded<T>(
+    app: &App,
+    job: BackgroundJob,
+    step: impl Future<Output = T>,
+) -> Result<T, StepTimedOut> {
+    let deadline = app.inner().config.background_step_deadlines.of(job);
+    let stalled = &app.inner().stalled_jobs;
+    match tokio::time::timeout(deadline, step).await {
+        Ok(done) => {
+            if stalled.set(job, false) {
+                tracing::info!(
+                    job = job.label(),
+                    "background job goes on: its step ended within its deadline again"
+                );
+            }
+            Ok(done)
+        }
+        Err(_) => {
+            app.inner().metrics.background_step_timed_out(job);
+            let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+            if stalled.set(job, true) {
+                tracing::debug!(
+                    job = job.label(),
+                    deadline_ms,
+                    "background step abandoned at its deadline again"
+                );
+            } else {
+                tracing::warn!(job = job.label(), deadline_ms, "background step abandoned at its deadline: the store did not answer in time; retried at the job's next run, see keyplane_background_step_timeouts_total");
+            }
+            Err(StepTimedOut { deadline })
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Prometheus metrics: requests by route and status, latency, credentials verified and rejected,
-//! connections refused, leak reports.
+//! connections refused, leak reports, background steps abandoned at their deadline,
 //! the audit export's lag, the TLS certificate's expiry and failed reloads.
 
 use keyplane_core::CredentialKind;
@@ -197,6 +197,8 @@ struct Inner {
     clock_skew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// 1 for each job the clock check held at its last ask (`clock_check::ClockJob`).
     clock_jobs_held: Family<JobLabels, Gauge>,
+    /// Background steps abandoned at their deadline, by job (`jobs::bounded`).
+    background_step_timeouts: Family<JobLabels, Counter>,
     /// Set from `audit_export_caught_up` when rendered.
     audit_export_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// When the `--audit-log` export last had every committed event written; `None` without one.
@@ -362,6 +364,16 @@ impl Metrics {
         for job in crate::clock_check::ClockJob::ALL {
             drop(clock_jobs_held.get_or_create(&JobLabels { job: job.label() }));
         }
+        let background_step_timeouts = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "background_step_timeouts",
+            "Background steps abandoned at their job's deadline because the store did not answer \
+             in time (each is tried again at the job's next run), by job",
+            background_step_timeouts.clone(),
+        );
+        for job in crate::config::BackgroundJob::ALL {
+            drop(background_step_timeouts.get_or_create(&JobLabels { job: job.label() }));
+        }
         let audit_export_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "audit_export_lag_seconds",
@@ -449,6 +461,7 @@ impl Metrics {
             public_reports,
             clock_skew_seconds,
             clock_jobs_held,
+            background_step_timeouts,
             audit_export_lag,
             audit_export_caught_up: std::sync::Mutex::new(None),
             audit_export_behind,
@@ -610,6 +623,14 @@ impl Metrics {
             .clock_jobs_held
             .get_or_create(&JobLabels { job: job.label() })
             .set(i64::from(held));
+    }
+
+    /// A step of `job` was abandoned at its deadline.
+    pub(crate) fn background_step_timed_out(&self, job: crate::config::BackgroundJob) {
+        self.0
+            .background_step_timeouts
+            .get_or_create(&JobLabels { job: job.label() })
+            .inc();
     }
 
     /// The `--audit-log` export had written every event committed before `at`.

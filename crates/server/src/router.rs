@@ -623,10 +623,11 @@ impl Observation {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; then in-flight requests, leak responses
-/// and canary alarms finish, pending `last_used_at` updates are written, and the audit work makes
-/// its last pass, within `config.http.shutdown_timeout` of the signal (leak responses and canary
-/// alarms get at least [`LEAST_FOR_ALARMS`]). Every connection is
-/// bounded by `config.http` (see `connection`).
+/// and canary alarms finish, the background jobs stop (a step under way abandoned), pending
+/// `last_used_at` updates are written, and the audit work makes its last pass, within
+/// `config.http.shutdown_timeout` of the signal, whatever the store does (leak responses and
+/// canary alarms get at least [`LEAST_FOR_ALARMS`]). Every connection is bounded by
+/// `config.http` (see `connection`).
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -661,7 +662,7 @@ pub async fn serve(
     // Before any job that cuts by this clock starts (at most 2 s, for a store that does not
     // answer: the jobs then wait for a measurement that succeeds).
     app.inner().clock_check.measure(&app).await;
-    let background = tokio::spawn(background_work(app.clone(), stopped.clone()));
+    let background = spawn_background_work(&app, &stopped);
     let audit_tasks = spawn_audit_tasks(&app, &stopped);
     let key_refresh = tokio::spawn(crate::registry::refresh_signer(
         app.clone(),
@@ -708,12 +709,26 @@ pub async fn serve(
         app.inner().leak_jobs.drain(for_alarms),
         app.inner().verifier.canaries().drain(for_alarms),
     );
-    // Let a flush in progress finish (aborting it would drop its batch; a write waits 5 s at
-    // most), then write the rest: last-use times before anything that may run out the deadline,
-    // since a kill loses them.
+    // The background jobs end at once, a step under way abandoned (what it did not write is
+    // kept: a flush's batch is queued again); then the rest is written, last-use times before
+    // anything that may run out the deadline, since a kill loses them. Bounded like the rest: a
+    // store that does not answer must not hold the stop past its deadline.
     let _ = stop_background.send(true);
-    let _ = background.await;
-    app.flush_usage().await;
+    for mut task in background {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+    let last_uses = crate::jobs::bounded(
+        &app,
+        crate::config::BackgroundJob::LastUsedFlush,
+        app.flush_usage(),
+    );
+    if tokio::time::timeout_at(deadline, last_uses).await.is_err() {
+        tracing::warn!(
+            "last_used_at updates still unwritten at the shutdown deadline were dropped"
+        );
+    }
     // Aborted at the deadline, not left running: what they hold (store connections) goes, so
     // closing the store does not wait for them. The export resumes from its saved cursors.
     let mut tasks = audit_tasks
@@ -806,7 +821,14 @@ async fn lifecycle_sweeps(
 ) {
     let mut every = crate::jobs::Every::new(interval, stop);
     while every.tick().await {
-        if let Err(error) = crate::ops::lifecycle_sweep(&app).await {
+        // Abandoned at its deadline: each of its changes is a transaction of its own, and the
+        // next sweep finds what this one did not reach.
+        let sweep = crate::jobs::bounded(
+            &app,
+            crate::config::BackgroundJob::LifecycleSweep,
+            crate::ops::lifecycle_sweep(&app),
+        );
+        if let Ok(Err(error)) = sweep.await {
             tracing::warn!(error = %error, "lifecycle sweep failed; the next one retries");
         }
     }
@@ -817,65 +839,110 @@ const STATISTICS_EVERY: std::time::Duration = std::time::Duration::from_secs(360
 /// How often, at most, a store whose writes fail is probed with a write of its own.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Periodic work until `stop` turns true: probe writes while they fail, flush coalesced
-/// `last_used_at`, measure the clock against the database's, forget idle rate-limit buckets,
-/// prune expired records (unless the clock is off), refresh the store's planner statistics hourly.
-async fn background_work(app: App, stop: tokio::sync::watch::Receiver<bool>) {
-    let mut every = crate::jobs::Every::new(app.inner().config.last_used_flush_interval, stop);
-    let mut statistics_at = Instant::now();
-    let mut probed_at: Option<Instant> = None;
-    while every.tick().await {
+/// Periodic work until `stop` turns true, each job on a task of its own, so that a step that
+/// hangs holds no other: probe writes while they fail, flush coalesced `last_used_at`, measure
+/// the clock against the database's, prune expired records (unless the clock is off), refresh
+/// the store's planner statistics hourly; and, touching no store, forget idle rate-limit buckets
+/// and expired cache entries. Each store step runs under its job's deadline (`jobs::periodic`).
+fn spawn_background_work(
+    app: &App,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use crate::clock_check::ClockJob;
+    use crate::config::BackgroundJob;
+    use crate::jobs::{periodic, Every};
+    let interval = app.inner().config.last_used_flush_interval;
+    let every = || Every::new(interval, stop.clone());
+    vec![
+        tokio::spawn(memory_prunes(app.clone(), every())),
+        tokio::spawn(periodic(
+            app.clone(),
+            BackgroundJob::LastUsedFlush,
+            every(),
+            |app: App| async move { app.flush_usage().await },
+        )),
         // While writes fail, a write of its own (at most every PROBE_EVERY, however short the
         // tick: it writes a MiB to a store already in trouble): background work mostly writes
         // nothing (which tells nothing), and a degraded replica may get no client writes, so
         // without it `/readyz` would not see the store take writes again.
-        if app.store().write_health().failing
-            && probed_at.is_none_or(|at| at.elapsed() >= PROBE_EVERY)
-        {
-            probed_at = Some(Instant::now());
-            if let Err(error) = app.store().probe_writes().await {
-                tracing::debug!(%error, "the store's writes are still failing");
-            }
-        }
-        if statistics_at.elapsed() >= STATISTICS_EVERY {
-            statistics_at = Instant::now();
-            if let Err(error) = app.store().refresh_statistics().await {
-                tracing::warn!(%error, "cannot refresh the store's planner statistics");
-            }
-        }
-        app.flush_usage().await;
+        tokio::spawn(periodic(
+            app.clone(),
+            BackgroundJob::WriteProbe,
+            Every::new(interval.max(PROBE_EVERY), stop.clone()),
+            |app: App| async move {
+                if app.store().write_health().failing {
+                    if let Err(error) = app.store().probe_writes().await {
+                        tracing::debug!(%error, "the store's writes are still failing");
+                    }
+                }
+            },
+        )),
+        tokio::spawn(periodic(
+            app.clone(),
+            BackgroundJob::PlannerStatistics,
+            Every::later(STATISTICS_EVERY, stop.clone()),
+            |app: App| async move {
+                if let Err(error) = app.store().refresh_statistics().await {
+                    tracing::warn!(%error, "cannot refresh the store's planner statistics");
+                }
+            },
+        )),
         // Periodically, so that `/readyz`, the metric and the log follow the clock even while no
-        // job asks (each job asks again before it runs).
-        let clock = &app.inner().clock_check;
-        clock.measure(&app).await;
-        if clock
-            .allows(&app, crate::clock_check::ClockJob::IdempotencyPrune)
-            .await
-        {
-            crate::idempotency::prune(&app).await;
-        }
+        // job asks (each job asks again before it runs). Bounded by its own job's deadline
+        // (`ClockCheck::measure`).
+        tokio::spawn(measure_clock(app.clone(), every())),
+        tokio::spawn(periodic(
+            app.clone(),
+            BackgroundJob::IdempotencyPrune,
+            every(),
+            |app: App| async move {
+                let clock = &app.inner().clock_check;
+                if clock.allows(&app, ClockJob::IdempotencyPrune).await {
+                    crate::idempotency::prune(&app).await;
+                }
+            },
+        )),
         // Whether or not the console is on now: sessions signed in while it was keep a label
         // and a sealed token until pruned.
-        if clock
-            .allows(&app, crate::clock_check::ClockJob::ConsoleSessionPrune)
-            .await
-        {
-            app.inner().console_sessions.prune(&app).await;
-        }
-        app.inner().verifier.prune();
-        if let Some(limiter) = &app.inner().failed_auth {
+        tokio::spawn(periodic(
+            app.clone(),
+            BackgroundJob::ConsoleSessionPrune,
+            every(),
+            |app: App| async move {
+                let clock = &app.inner().clock_check;
+                if clock.allows(&app, ClockJob::ConsoleSessionPrune).await {
+                    app.inner().console_sessions.prune(&app).await;
+                }
+            },
+        )),
+    ]
+}
+
+async fn measure_clock(app: App, mut every: crate::jobs::Every) {
+    while every.tick().await {
+        app.inner().clock_check.measure(&app).await;
+    }
+}
+
+/// What the background work forgets in memory, at each tick until its stop: never behind a
+/// store step, so that a store that does not answer cannot let these grow.
+async fn memory_prunes(app: App, mut every: crate::jobs::Every) {
+    while every.tick().await {
+        let inner = app.inner();
+        inner.verifier.prune();
+        if let Some(limiter) = &inner.failed_auth {
             limiter.prune();
         }
-        if let Some(limiter) = &app.inner().rate_limiter {
+        if let Some(limiter) = &inner.rate_limiter {
             limiter.prune();
         }
-        if let Some(limiter) = &app.inner().public_revoke_limiter {
+        if let Some(limiter) = &inner.public_revoke_limiter {
             limiter.prune();
         }
-        if let Some(limiter) = &app.inner().console_sign_in_limiter {
+        if let Some(limiter) = &inner.console_sign_in_limiter {
             limiter.prune();
         }
-        if let Some(limiter) = &app.inner().tenant_rate_limiter {
+        if let Some(limiter) = &inner.tenant_rate_limiter {
             limiter.prune();
         }
     }

@@ -68,6 +68,8 @@ pub struct Readiness {
     clock: ClockHealth,
     /// The store against what the `--audit-log` export wrote.
     audit: AuditHealth,
+    /// The background jobs.
+    background: BackgroundHealth,
     /// PostgreSQL only: whether this replica hears other replicas' changes (`listening`), or lost
     /// the connection it hears them on and is reconnecting (`reconnecting`: meanwhile every cached
     /// verification is reloaded at least every second). It does not change `status`.
@@ -170,6 +172,33 @@ impl ClockHealth {
             checked_at: state
                 .last
                 .map(|m| m.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        }
+    }
+}
+
+/// The background jobs. A job whose last step was abandoned at its deadline (the store did not
+/// answer it in time) is listed until a step of it ends in time; the other jobs go on meanwhile,
+/// and it does not change `status`: one slow step is no reason to take the replica out of
+/// rotation (`keyplane_background_step_timeouts_total` counts them, for alerts).
+#[derive(Serialize, ToSchema)]
+pub struct BackgroundHealth {
+    /// The jobs whose last step was abandoned at its deadline, by their
+    /// `keyplane_background_step_timeouts_total` label (`last_used_flush`, `idempotency_prune`,
+    /// ...); empty when none.
+    #[schema(value_type = Vec<String>)]
+    stalled: Vec<&'static str>,
+}
+
+impl BackgroundHealth {
+    fn of(app: &App) -> Self {
+        Self {
+            stalled: app
+                .inner()
+                .stalled_jobs
+                .now()
+                .into_iter()
+                .map(crate::config::BackgroundJob::label)
+                .collect(),
         }
     }
 }
@@ -300,7 +329,8 @@ impl ReadChecks {
 /// `clock skewed`) while the store's reads work: the replica dates what it writes by its clock,
 /// and the load balancer is to take it out (what reaches it is still served).
 /// `audit` says whether the store was found behind what the `--audit-log` export wrote (a
-/// restore, a failover); that does not change `status` either. `version` and `schema` say which
+/// restore, a failover); that does not change `status` either, nor does `background`, the jobs
+/// whose last step was abandoned at its deadline. `version` and `schema` say which
 /// keyplane this replica runs, and which store schema it knows.
 #[utoipa::path(get, path = "/readyz", tag = TAG, responses(
     (status = 200, description = "Ready, or degraded: reads work, writes are failing.", body = Readiness),
@@ -331,6 +361,7 @@ async fn readyz(State(app): State<App>) -> Response {
         }),
         clock: ClockHealth::of(&app),
         audit: AuditHealth::of(&app),
+        background: BackgroundHealth::of(&app),
         listener: ListenerHealth::of(&app),
         reason: None,
     };

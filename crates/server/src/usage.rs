@@ -61,15 +61,24 @@ impl UsageRecorder {
         }
     }
 
+    /// Writes every use queued. What it does not write (the store failed, or the flush was
+    /// abandoned at its deadline: its future dropped) is queued again for the next.
     pub async fn flush(&self) {
         let _one_at_a_time = self.flushing.lock().await;
         let mut queued = std::mem::take(&mut *self.lock_queue());
         // In id order, which is creation order: consecutive updates find their rows on the same
         // store pages.
         queued.sort_unstable_by_key(|verified| verified.credential.id);
-        let mut unwritten = queued.as_slice();
-        while !unwritten.is_empty() {
-            let (chunk, rest) = unwritten.split_at(unwritten.len().min(self.chunk));
+        let mut left = Unwritten {
+            recorder: self,
+            queued: &queued,
+            written: 0,
+            cleared: 0,
+        };
+        while left.written < queued.len() {
+            let end = queued.len().min(left.written + self.chunk);
+            let chunk = &queued[left.written..end];
+            left.cleared = end;
             let batch: Vec<_> = chunk
                 .iter()
                 .filter_map(|verified| {
@@ -84,11 +93,10 @@ impl UsageRecorder {
                 })
                 .collect();
             if let Err(error) = self.store.record_last_used(&batch).await {
-                tracing::warn!(error = %error, count = unwritten.len(), "could not record last_used_at; will retry");
-                self.requeue(chunk, rest);
+                tracing::warn!(error = %error, count = queued.len() - left.written, "could not record last_used_at; will retry");
                 return;
             }
-            unwritten = rest;
+            left.written = end;
         }
     }
 
@@ -107,6 +115,28 @@ impl UsageRecorder {
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Verified>>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A flush's uses not written yet, queued again when it ends, however it ends: a flush abandoned
+/// mid-write (dropped at its deadline, or at a stop) loses none. A batch whose write was
+/// abandoned may have been made: written again, it sets the same times.
+struct Unwritten<'a> {
+    recorder: &'a UsageRecorder,
+    queued: &'a [Arc<Verified>],
+    /// `queued[..written]` is in the store.
+    written: usize,
+    /// `queued[written..cleared]`'s markers were cleared for the batch being written.
+    cleared: usize,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if self.written < self.queued.len() {
+            let cleared = self.cleared.max(self.written);
+            self.recorder
+                .requeue(&self.queued[self.written..cleared], &self.queued[cleared..]);
+        }
     }
 }
 
@@ -143,6 +173,48 @@ mod tests {
         }
         recorder.flush().await;
         assert!(recorder.lock_queue().is_empty());
+        for entry in &verified {
+            let identity = &entry.credential;
+            let stored = store
+                .get_credential(identity.tenant_id, identity.kind, identity.id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.last_used_at, Some(at), "{}", entry.credential.id);
+        }
+    }
+
+    /// A flush abandoned while its first batch waits for the store (as at its deadline) keeps
+    /// every use queued, and the next flush writes them all.
+    #[tokio::test]
+    async fn an_abandoned_flush_keeps_every_use_queued() {
+        use sqlx::{Connection, Executor};
+        let (dir, store) = sqlite_store().await;
+        let (_app, verified) = used(&store, 5).await;
+        let recorder = UsageRecorder::with_chunk(store.clone(), 2);
+        let at = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
+        for entry in &verified {
+            recorder.record(entry, at.timestamp_micros());
+        }
+        // Another writer holds the database: the first batch waits.
+        let url = keyplane_store::sqlite_url_for_data_dir(dir.path());
+        let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        holder.execute("BEGIN IMMEDIATE").await.unwrap();
+        let abandoned =
+            tokio::time::timeout(std::time::Duration::from_millis(200), recorder.flush()).await;
+        assert!(abandoned.is_err(), "the flush was abandoned mid-write");
+        let mut queued: Vec<_> = recorder
+            .lock_queue()
+            .iter()
+            .map(|v| v.credential.id)
+            .collect();
+        queued.sort();
+        let mut expected: Vec<_> = verified.iter().map(|v| v.credential.id).collect();
+        expected.sort();
+        assert_eq!(queued, expected);
+        holder.execute("ROLLBACK").await.unwrap();
+        holder.close().await.unwrap();
+        recorder.flush().await;
         for entry in &verified {
             let identity = &entry.credential;
             let stored = store

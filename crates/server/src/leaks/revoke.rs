@@ -349,11 +349,13 @@ pub(crate) async fn run(app: App, stop: tokio::sync::watch::Receiver<bool>) {
             };
             let now = crate::ops::now();
             let lease_id = uuid::Uuid::new_v4();
-            match app
-                .store()
-                .claim_leak_reports(lease_id, now, lease_until(&app, now), 1)
-                .await
-            {
+            let claimed = crate::jobs::bounded(
+                &app,
+                crate::config::BackgroundJob::LeakReports,
+                app.store()
+                    .claim_leak_reports(lease_id, now, lease_until(&app, now), 1),
+            );
+            match claimed.await.unwrap_or_else(|late| Err(late.into())) {
                 Ok(claimed) => {
                     failing = false;
                     let Some(report) = claimed.into_iter().next() else {
@@ -376,7 +378,12 @@ pub(crate) async fn run(app: App, stop: tokio::sync::watch::Receiver<bool>) {
 async fn give_up_old_reports(app: &App) {
     let before = crate::ops::now() - GIVE_UP_AFTER;
     loop {
-        match app.store().prune_leak_reports(before, PRUNE_BATCH).await {
+        let batch = crate::jobs::bounded(
+            app,
+            crate::config::BackgroundJob::LeakReports,
+            app.store().prune_leak_reports(before, PRUNE_BATCH),
+        );
+        match batch.await.unwrap_or_else(|late| Err(late.into())) {
             Ok(0) => return,
             Ok(given_up) => {
                 tracing::error!(given_up, "public revocation reports were given up: the store failed their work for a day")

@@ -7,6 +7,7 @@ use super::target::{literal_refusal, FilteringResolver, TargetRefused};
 use super::{disabled_event, retry_at, WebhookConfig};
 use crate::aether::AuditEventView;
 use crate::app::App;
+use crate::config::BackgroundJob;
 use crate::ops::now;
 use crate::wire::rfc3339;
 use chrono::TimeDelta;
@@ -88,7 +89,14 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
         }
         let free = MAX_IN_FLIGHT - in_flight.len();
         if free > 0 && Instant::now() >= claim_after {
-            match claim(&app, &config, free).await {
+            // Abandoned at its deadline, as a failed claim: what it leased is claimed again once
+            // the lease runs out.
+            let claimed = crate::jobs::bounded(
+                &app,
+                BackgroundJob::WebhookClaim,
+                claim(&app, &config, free),
+            );
+            match claimed.await.ok().flatten() {
                 Some((lease_id, jobs)) => {
                     for job in jobs {
                         in_flight.spawn(deliver(
@@ -266,15 +274,14 @@ async fn deliver(
     } else {
         chrono::DateTime::<chrono::Utc>::MIN_UTC
     };
-    match app
-        .store()
-        .record_webhook_attempt(
-            &attempt,
-            failing_since,
-            &disabled_event(webhook, config.disable_after),
-        )
-        .await
-    {
+    let disabled = disabled_event(webhook, config.disable_after);
+    let recorded = crate::jobs::bounded(
+        &app,
+        BackgroundJob::WebhookRecord,
+        app.store()
+            .record_webhook_attempt(&attempt, failing_since, &disabled),
+    );
+    match recorded.await.unwrap_or_else(|late| Err(late.into())) {
         Ok(AttemptRecorded::Recorded) => {}
         Ok(AttemptRecorded::Recovered { brought_forward }) => {
             tracing::info!(tenant.id = %webhook.tenant_id, webhook.id = %webhook.id, brought_forward, "webhook answers again: its deliveries waiting for a retry are sent now")
@@ -472,11 +479,13 @@ async fn prune(
             return false;
         }
         let at = now();
-        match app
-            .store()
-            .prune_webhook_deliveries(at, at - retention, PRUNE_BATCH)
-            .await
-        {
+        let batch = crate::jobs::bounded(
+            app,
+            BackgroundJob::WebhookPrune,
+            app.store()
+                .prune_webhook_deliveries(at, at - retention, PRUNE_BATCH),
+        );
+        match batch.await.unwrap_or_else(|late| Err(late.into())) {
             Ok(deleted) if deleted == u64::from(PRUNE_BATCH) => {}
             Ok(_) => return true,
             Err(error) => {

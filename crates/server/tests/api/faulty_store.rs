@@ -8,7 +8,8 @@
 //! change is made. And it can hold lone events before they are written, as a store that does not
 //! answer, or fail them, or lose one's acknowledgement after its commit. And it can report its writes failing (`Store::write_health`) whatever they
 //! do. And it can answer webhook claims late, as a slow store. And it can fail reading the
-//! database's clock alone.
+//! database's clock alone. And it can leave Idempotency-Key prunes unanswered, as a store that
+//! never answers one job's statement.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -52,6 +53,8 @@ pub struct FaultyStore {
     hold_after_next_revoke: HoldSlot,
     /// While true, every `append_audit_event` waits before it reaches the store.
     audit_appends_held: tokio::sync::watch::Sender<bool>,
+    /// While true, every `prune_idempotency_keys` waits before it reaches the store.
+    idempotency_prunes_held: tokio::sync::watch::Sender<bool>,
     /// While true, `write_health` says writes are failing (the disk is full).
     writes_reported_failing: AtomicBool,
     /// While true, every `append_audit_event` fails (reads and other writes work).
@@ -162,6 +165,7 @@ impl FaultyStore {
             hold_before_next_revoke: HoldSlot::default(),
             hold_after_next_revoke: HoldSlot::default(),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
+            idempotency_prunes_held: tokio::sync::watch::Sender::new(false),
             writes_reported_failing: AtomicBool::new(false),
             audit_appends_down: AtomicBool::new(false),
             lose_next_audit_append_ack: AtomicBool::new(false),
@@ -228,6 +232,12 @@ impl FaultyStore {
     /// not answer.
     pub fn hold_audit_appends(&self, held: bool) {
         self.audit_appends_held.send_replace(held);
+    }
+
+    /// Until called again with `false`, every prune of Idempotency-Key records (a background
+    /// job's step) waits before it reaches the store, as on a store that never answers it.
+    pub fn hold_idempotency_prunes(&self, held: bool) {
+        self.idempotency_prunes_held.send_replace(held);
     }
 
     /// How many lone events wait, held by [`Self::hold_audit_appends`].
@@ -878,6 +888,11 @@ impl Store for FaultyStore {
         created_before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        let _ = self
+            .idempotency_prunes_held
+            .subscribe()
+            .wait_for(|held| !*held)
+            .await;
         self.check()?;
         self.inner
             .prune_idempotency_keys(created_before, limit)

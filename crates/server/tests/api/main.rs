@@ -6,6 +6,7 @@ mod helpers;
 mod aether_api_tokens;
 mod audit;
 mod audit_follow;
+mod background;
 mod canary;
 mod clock_skew;
 mod console;

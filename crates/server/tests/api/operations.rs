@@ -64,6 +64,7 @@ async fn health_and_readiness(backend: Backend) {
         "writes": "ok",
         "last_write_failure": null,
         "audit": {"status": "not_exported", "organizations_behind": 0, "organizations_missing_events": 0, "events_missing": 0},
+        "background": {"stalled": []},
     });
     if backend == Backend::Postgres {
         expected["listener"] = json!("listening");
@@ -473,9 +474,11 @@ async fn the_document_declares_every_answer() {
             "writes",
             "last_write_failure",
             "clock",
-            "audit"
+            "audit",
+            "background"
         ])
     );
+    assert_eq!(schemas["BackgroundHealth"]["required"], json!(["stalled"]));
     assert_eq!(
         schemas["ListenerHealth"]["enum"],
         json!(["listening", "reconnecting"])

@@ -25,9 +25,9 @@ pub enum Mode {
     DropListeners,
     /// Every connection is closed, and new ones are closed as soon as they are accepted.
     Refuse,
-    /// Connections that send these bytes (a bound parameter) stop forwarding in both directions,
-    /// without closing, from that message on; the others keep forwarding.
-    FreezeSending([u8; 32]),
+    /// Connections that send these bytes (a bound parameter: a hash, an id) stop forwarding in
+    /// both directions, without closing, from that message on; the others keep forwarding.
+    FreezeSending(&'static [u8]),
 }
 
 /// What `mode` does to a connection that has (`listener`) or has not sent `LISTEN`, and has or
@@ -39,7 +39,7 @@ enum Action {
     Close,
 }
 
-fn action(mode: Mode, listener: bool, sent: &[[u8; 32]]) -> Action {
+fn action(mode: Mode, listener: bool, sent: &[&'static [u8]]) -> Action {
     match (mode, listener) {
         (Mode::FreezeSending(bytes), _) if sent.contains(&bytes) => Action::Hold,
         (Mode::FreezeSending(_), _) => Action::Forward,
@@ -105,7 +105,7 @@ impl Drop for PgProxy {
 }
 
 /// The [`Mode::FreezeSending`] bytes a connection has sent.
-type SentBytes = Arc<Mutex<Vec<[u8; 32]>>>;
+type SentBytes = Arc<Mutex<Vec<&'static [u8]>>>;
 
 async fn relay(client: TcpStream, server: TcpStream, mode: watch::Receiver<Mode>) {
     let is_listener = Arc::new(AtomicBool::new(false));

@@ -183,7 +183,9 @@ async fn a_lookup_on_a_silent_connection_gives_up() {
     let other = secret(writer.create_token(&org, "other", &[]).await);
     assert_eq!(forward(&app, Some(&kept), "").await.status(), 200);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let hash = |secret: &str| *keyplane_core::TokenHash::of(secret).as_bytes();
+    let hash = |secret: &str| -> &'static [u8] {
+        Box::leak(Box::new(*keyplane_core::TokenHash::of(secret).as_bytes()))
+    };
 
     proxy.set(Mode::FreezeSending(hash(&kept)));
     assert_eq!(forward(&app, Some(&kept), "").await.status(), 200, "stale");
