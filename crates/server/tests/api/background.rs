@@ -48,7 +48,8 @@ async fn readyz(app: &TestApp) -> (u16, Value) {
 async fn assert_stops(app: &mut TestApp) {
     assert!(
         tokio::time::timeout(STOP_WAIT, app.stop()).await.is_ok(),
-        "the stop ended (its deadline: {SHUTDOWN_TIMEOUT:?}) though a background step still hangs"
+        "the stop did not end within {STOP_WAIT:?} (its deadline: {SHUTDOWN_TIMEOUT:?}) while a \
+         background step hangs"
     );
 }
 
