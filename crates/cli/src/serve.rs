@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+/// How long `serve` waits, after its stop, for the store's connections to close.
+const STORE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -564,8 +567,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = App::new(store.clone(), config);
     reload_on_sighup(hangups, app.clone());
     keyplane_server::serve(listener, app, shutdown).await?;
-    // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL.
-    store.close().await;
+    // After the last `last_used_at` flush: SQLite checkpoints and removes its WAL. Bounded: a
+    // pool's close waits for every connection, and one a background step abandoned on a store
+    // gone silent is held by sqlx's release check until TCP gives up.
+    if tokio::time::timeout(STORE_CLOSE_WAIT, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the store's connections did not all close within 5 s (a connection to it went silent?); exiting without them");
+    }
     tracing::info!("stopped");
     Ok(())
 }
