@@ -217,6 +217,72 @@ impl Drop for StoreProbe<'_> {
     }
 }
 
+/// Reloads under way, by cache key: the first request to find an entry stale reads the store
+/// ([`ReloadFlight`]), and the others presenting the same secret meanwhile wait for its answer
+/// instead of each reading it (after a reset, every cached credential in use is reloaded at once,
+/// and a busy one by every request that comes during its read). Touched only on reloads.
+type Reloads = Mutex<HashMap<CacheKey, tokio::sync::watch::Receiver<Option<Reloaded>>>>;
+
+/// What a reload found, for the requests that waited for it.
+#[derive(Clone)]
+enum Reloaded {
+    /// The credential, cached as found: taken unless it was invalidated after the read began.
+    Found(Arc<Verified>),
+    /// Unknown or revoked (for good: a revoked credential never comes back).
+    Refused(&'static str),
+    /// The store could not answer (`None`: an internal error): each waiting request answers as
+    /// the reload did, stale if its entry may be served so.
+    Fault(Option<keyplane_store::Unavailable>),
+    /// Anything else: the waiting requests read the store themselves.
+    Other,
+}
+
+impl Reloaded {
+    fn of(loaded: &Result<Arc<Verified>, AppError>) -> Self {
+        match loaded {
+            Ok(verified) => Self::Found(verified.clone()),
+            Err(AppError::Unauthenticated(reason)) => Self::Refused(reason),
+            Err(AppError::Unavailable(unavailable)) => Self::Fault(Some(unavailable.clone())),
+            Err(AppError::Internal(_)) => Self::Fault(None),
+            Err(_) => Self::Other,
+        }
+    }
+}
+
+/// The one reload of a key under way. Its answer goes to the requests waiting for it
+/// ([`Self::finish`]); dropped unfinished (its request went away), it wakes them to read the store
+/// themselves.
+struct ReloadFlight<'a> {
+    reloads: &'a Reloads,
+    key: CacheKey,
+    answer: tokio::sync::watch::Sender<Option<Reloaded>>,
+    finished: bool,
+}
+
+impl ReloadFlight<'_> {
+    fn finish(mut self, reloaded: Reloaded) {
+        // Out of the map first: a request coming from now on starts a reload of its own rather
+        // than take this answer again when it finds it outdated.
+        self.leave();
+        self.answer.send_replace(Some(reloaded));
+    }
+
+    fn leave(&mut self) {
+        if !std::mem::replace(&mut self.finished, true) {
+            self.reloads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.key);
+        }
+    }
+}
+
+impl Drop for ReloadFlight<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// A user's principal, valid until `until` unless the user's grants changed after `loaded`.
 #[derive(Clone)]
 struct CachedUser {
@@ -296,6 +362,8 @@ pub(crate) struct Verifier {
     store_fault_at: AtomicU64,
     /// Taken by the one reload that asks a faulty store whether it is back ([`StoreProbe`]).
     probing: AtomicBool,
+    /// Reloads under way, which other requests for the same key wait for.
+    reloads: Reloads,
     /// Subjects invalidated within the last `positive_ttl`, and when: an entry loaded before its
     /// subject's invalidation is stale. Older marks are pruned; the entries they would catch have
     /// expired anyway.
@@ -340,7 +408,10 @@ impl Verifier {
     ) -> Self {
         let config = settings.verify_cache.clone();
         let clock = settings.clock.clone();
-        let oidc = settings.oidc.clone().map(Oidc::new);
+        let oidc = settings
+            .oidc
+            .clone()
+            .map(|config| Oidc::new(config, &metrics));
         if let Some(oidc) = &oidc {
             oidc.warm_up();
         }
@@ -360,6 +431,7 @@ impl Verifier {
             reset_at: AtomicU64::new(0),
             store_fault_at: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            reloads: Mutex::new(HashMap::new()),
             users: quick_cache::sync::Cache::new(config.capacity.max(1)),
             registries: quick_cache::sync::Cache::new(config.capacity.max(1)),
             oidc,
@@ -774,11 +846,10 @@ impl Verifier {
                 return Ok(known.clone());
             }
         }
-        self.metrics.verify_cache(outcome);
         // Boxed: the load's state (the store's answer, a whole record) would otherwise be part of
         // every verification's future, a cache hit's too, and make each one that much larger to
         // build and move (callgrind: ~2 KiB futures, a memcpy of them per request).
-        let loading = self.load(key, presented, cached.as_ref(), miss_budget, at);
+        let loading = self.load_once(outcome, key, presented, cached.as_ref(), miss_budget, at);
         let result = match Box::pin(loading).await {
             Err(fault @ (AppError::Unavailable(_) | AppError::Internal(_))) => {
                 self.store_fault_at
@@ -808,6 +879,87 @@ impl Verifier {
         };
         drop(probe);
         result
+    }
+
+    /// Counts the lookup as `outcome` and loads, but a reload only once at a time per key: a
+    /// request finding another's reload of its entry under way waits for that one's answer
+    /// (counted `Coalesced`), bounded as that reload is by the store's read deadlines. A fault is
+    /// returned as the reload's own would be, so `lookup_stored` answers stale if it may.
+    async fn load_once(
+        &self,
+        outcome: crate::metrics::CacheOutcome,
+        key: CacheKey,
+        presented: &str,
+        cached: Option<&Arc<Verified>>,
+        miss_budget: Option<(&IntrospectionMisses, TenantId)>,
+        at: Presented<'_>,
+    ) -> Result<Arc<Verified>, AppError> {
+        if outcome != crate::metrics::CacheOutcome::Reload {
+            self.metrics.verify_cache(outcome);
+            return self.load(key, presented, cached, miss_budget, at).await;
+        }
+        loop {
+            let waiting = match self.join_reload(key) {
+                Ok(flight) => {
+                    self.metrics.verify_cache(outcome);
+                    let loaded = self.load(key, presented, cached, miss_budget, at).await;
+                    flight.finish(Reloaded::of(&loaded));
+                    return loaded;
+                }
+                Err(waiting) => waiting,
+            };
+            if let Some(answer) = self.reload_awaited(waiting).await {
+                self.metrics
+                    .verify_cache(crate::metrics::CacheOutcome::Coalesced);
+                return answer;
+            }
+        }
+    }
+
+    /// The reload of `key` for this request to make, or the one under way to wait for.
+    fn join_reload(
+        &self,
+        key: CacheKey,
+    ) -> Result<ReloadFlight<'_>, tokio::sync::watch::Receiver<Option<Reloaded>>> {
+        let mut reloads = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(under_way) = reloads.get(&key) {
+            return Err(under_way.clone());
+        }
+        let (answer, waiting) = tokio::sync::watch::channel(None);
+        reloads.insert(key, waiting);
+        Ok(ReloadFlight {
+            reloads: &self.reloads,
+            key,
+            answer,
+            finished: false,
+        })
+    }
+
+    /// The answer of the reload `waiting` is for, as this request's; `None` when this request must
+    /// read the store itself: the reload was given up (its request went away), or the credential
+    /// was invalidated after its read began (a reset, or a change this request may have to see).
+    async fn reload_awaited(
+        &self,
+        mut waiting: tokio::sync::watch::Receiver<Option<Reloaded>>,
+    ) -> Option<Result<Arc<Verified>, AppError>> {
+        let reloaded = match waiting.wait_for(Option::is_some).await {
+            Ok(answer) => (*answer).clone()?,
+            Err(_) => return None,
+        };
+        match reloaded {
+            Reloaded::Found(verified) => {
+                let loaded = verified.loaded.load(Ordering::Acquire);
+                let outdated = Self::marked_since(&self.reset_at, loaded)
+                    || self.entry_invalidated(&verified, loaded);
+                (!outdated).then_some(Ok(verified))
+            }
+            Reloaded::Refused(reason) => Some(Err(AppError::Unauthenticated(reason))),
+            Reloaded::Fault(Some(unavailable)) => Some(Err(AppError::Unavailable(unavailable))),
+            Reloaded::Fault(None) => Some(Err(AppError::Internal(anyhow::anyhow!(
+                "the reload this verification waited for failed"
+            )))),
+            Reloaded::Other => None,
+        }
     }
 
     /// Refuses a request presenting what the caches do not hold from an address over its failure
@@ -1244,6 +1396,62 @@ pub(crate) mod tests {
         outlive().await;
         let resumed = app.verify_secret(secret).await.unwrap();
         assert!(!Arc::ptr_eq(&resumed, &suspended));
+    }
+
+    /// `keyplane_verify_cache_lookups_total{result}` so far (0 before its first count).
+    fn lookups(verifier: &Verifier, result: &str) -> u64 {
+        let series = format!("keyplane_verify_cache_lookups_total{{result=\"{result}\"}} ");
+        verifier
+            .metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map_or(0, |count| count.parse().unwrap())
+    }
+
+    /// Whether `future`, polled once, is still under way.
+    fn pending<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> bool {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        future.poll(&mut context).is_pending()
+    }
+
+    /// After a reset (a lost listener), concurrent verifications of one credential read the store
+    /// once: the first reloads its entry and the others take its answer. One waiting for a reload
+    /// whose request went away reads the store itself.
+    #[tokio::test]
+    async fn concurrent_reloads_of_one_entry_read_the_store_once() {
+        let (_dir, store) = sqlite_store().await;
+        let tenant = crate::ops::create_org(store.as_ref(), "one", &crate::ops::tests_operator())
+            .await
+            .unwrap();
+        let app = crate::App::new(store.clone(), crate::Config::default());
+        let verifier = &app.inner().verifier;
+        let secret = token(store.as_ref(), tenant.tenant.id, &["deploy"]).await;
+        let secret = secret.expose_secret();
+        let first = app.verify_secret(secret).await.unwrap();
+
+        verifier.invalidate(Invalidation::Reset);
+        let (reloads, coalesced) = (lookups(verifier, "reload"), lookups(verifier, "coalesced"));
+        let answers = futures::future::join_all((0..16).map(|_| app.verify_secret(secret))).await;
+        for answer in answers {
+            assert!(Arc::ptr_eq(&answer.unwrap(), &first), "unchanged");
+        }
+        assert_eq!(lookups(verifier, "reload") - reloads, 1, "store reads");
+        assert_eq!(lookups(verifier, "coalesced") - coalesced, 15);
+
+        verifier.invalidate(Invalidation::Reset);
+        let mut given_up = Box::pin(app.verify_secret(secret));
+        assert!(pending(given_up.as_mut()), "reading the store");
+        let mut waiting = Box::pin(app.verify_secret(secret));
+        assert!(pending(waiting.as_mut()), "waiting for that read");
+        let reloads = lookups(verifier, "reload");
+        drop(given_up);
+        assert!(Arc::ptr_eq(&waiting.await.unwrap(), &first));
+        assert_eq!(lookups(verifier, "reload") - reloads, 1, "read it itself");
+        assert!(
+            verifier.reloads.lock().unwrap().is_empty(),
+            "none left under way"
+        );
     }
 
     /// The caches are keyed by the presented secret alone and checked before its format (a

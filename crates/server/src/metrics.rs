@@ -1,6 +1,7 @@
 //! Prometheus metrics: requests by route and status, latency, credentials verified and rejected,
-//! connections refused, leak reports, background steps abandoned at their deadline,
-//! the audit export's lag, the TLS certificate's expiry and failed reloads.
+//! connections refused, leak reports, background steps abandoned at their deadline, the audit
+//! export's lag, the TLS certificate's expiry and failed reloads, failed OIDC key fetches and the
+//! webhook delivery backlog.
 
 use keyplane_core::CredentialKind;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -47,6 +48,11 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
     job: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,15 +124,19 @@ pub(crate) enum CacheOutcome {
     Reload,
     /// The store could not answer; a cached valid credential answered (stale-if-error).
     Stale,
+    /// An entry past its lifetime or invalidated whose reload another request had under way:
+    /// that reload's answer was taken, with no store read of its own.
+    Coalesced,
 }
 
 impl CacheOutcome {
-    const ALL: [CacheOutcome; 5] = [
+    const ALL: [CacheOutcome; 6] = [
         Self::Hit,
         Self::Unknown,
         Self::Miss,
         Self::Reload,
         Self::Stale,
+        Self::Coalesced,
     ];
 
     fn as_str(self) -> &'static str {
@@ -136,6 +146,7 @@ impl CacheOutcome {
             Self::Miss => "miss",
             Self::Reload => "reload",
             Self::Stale => "stale",
+            Self::Coalesced => "coalesced",
         }
     }
 }
@@ -210,6 +221,12 @@ struct Inner {
     /// 1 while the invalidation listener (PostgreSQL) is listening, else 0.
     invalidation_listener_up: Gauge,
     invalidation_resets: Counter,
+    oidc_key_fetch_failures: Family<IssuerLabels, Counter>,
+    webhook_deliveries_pending: Gauge,
+    /// When the oldest pending webhook delivery was queued, at the last count; `None`: none.
+    webhook_oldest_pending: std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Set from `webhook_oldest_pending` when rendered.
+    webhook_oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     routes: RwLock<HashMap<&'static str, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
 }
 
@@ -262,7 +279,9 @@ impl Metrics {
             "verify_cache_lookups",
             "Verification cache lookups by result: hit, unknown (negative hit), miss (not cached: \
              the store was asked), reload (cached but expired or invalidated: the store was asked \
-             again), stale (answered from the cache because the store could not)",
+             again), stale (answered from the cache because the store could not), coalesced \
+             (cached but expired or invalidated, and another request's reload of it under way \
+             answered: no store read of its own)",
             cache.clone(),
         );
         let cache_by_outcome = CacheOutcome::ALL
@@ -429,6 +448,28 @@ impl Metrics {
              second while it is lost",
             invalidation_resets.clone(),
         );
+        let oidc_key_fetch_failures = Family::<IssuerLabels, Counter>::default();
+        registry.register(
+            "oidc_key_fetch_failures",
+            "Fetches of an --oidc-issuer's discovery document and keys (JWKS) that failed, by \
+             issuer; keys already loaded stay in use, but a user's token naming a key not held is \
+             answered 503 until a fetch succeeds",
+            oidc_key_fetch_failures.clone(),
+        );
+        let webhook_deliveries_pending = Gauge::default();
+        registry.register(
+            "webhook_deliveries_pending",
+            "Webhook deliveries not yet made, due or waiting for a retry, over every replica (the \
+             store's count, read every 15 s by each replica)",
+            webhook_deliveries_pending.clone(),
+        );
+        let webhook_oldest_pending_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "webhook_oldest_pending_delivery_age_seconds",
+            "Seconds since the oldest pending webhook delivery was queued, as of the last count (0 \
+             when none is pending): grows while a receiver is down or deliveries fall behind",
+            webhook_oldest_pending_age.clone(),
+        );
         registry.register(
             "build",
             "This replica's keyplane: its version, and the store schema it knows (its latest \
@@ -470,6 +511,10 @@ impl Metrics {
             tls_reload_failures,
             invalidation_listener_up,
             invalidation_resets,
+            oidc_key_fetch_failures,
+            webhook_deliveries_pending,
+            webhook_oldest_pending: std::sync::Mutex::new(None),
+            webhook_oldest_pending_age,
             routes: RwLock::default(),
         }))
     }
@@ -676,6 +721,32 @@ impl Metrics {
         }
     }
 
+    /// The counter of `issuer`'s failed key fetches, shown (at 0) from now on.
+    pub(crate) fn oidc_key_fetch_failures(&self, issuer: &str) -> Counter {
+        self.0
+            .oidc_key_fetch_failures
+            .get_or_create(&IssuerLabels {
+                issuer: issuer.to_string(),
+            })
+            .clone()
+    }
+
+    /// The webhook deliveries pending in the store, and when the oldest of them was queued.
+    pub(crate) fn webhook_backlog(
+        &self,
+        pending: u64,
+        oldest: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        self.0
+            .webhook_deliveries_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        *self
+            .0
+            .webhook_oldest_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = oldest;
+    }
+
     /// Whether the invalidation listener is listening (`/readyz`).
     pub(crate) fn invalidation_listener_up(&self) -> bool {
         self.0.invalidation_listener_up.get() == 1
@@ -691,6 +762,18 @@ impl Metrics {
         if let Some(at) = caught_up {
             self.0.audit_export_lag.set(at.elapsed().as_secs_f64());
         }
+        let oldest = *self
+            .0
+            .webhook_oldest_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let age = oldest.map_or(0.0, |at| {
+            (chrono::Utc::now() - at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
+        self.0.webhook_oldest_pending_age.set(age);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.0.registry)
             .expect("writing to a String cannot fail");

@@ -3,8 +3,9 @@
 //! cached; a token naming a key we do not hold triggers a refetch, at most once per
 //! [`OidcConfig::min_refresh_interval`] per issuer, so unknown `kid`s cannot be used to hammer the
 //! provider. Nothing here blocks startup, and a provider that is down only affects its users' new
-//! tokens: keys already fetched keep working, and keyplane's own credentials never touch this
-//! module.
+//! tokens: keys already fetched keep working (a token naming another key is answered 503 while the
+//! last fetch failed: the provider may have rotated to it), and keyplane's own credentials never
+//! touch this module. Failed fetches are counted per issuer (`keyplane_oidc_key_fetch_failures`).
 //!
 //! What a token must be: signed with RS256 or ES256 by a key the issuer publishes (the algorithm
 //! follows from the key's type; `none` and HMAC never verify), `iss` one of the configured issuers
@@ -204,6 +205,8 @@ struct Issuer {
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
     /// Whether a fetch is under way (the lock above is also held briefly without one).
     fetching: AtomicBool,
+    /// `keyplane_oidc_key_fetch_failures` for this issuer.
+    fetch_failures: prometheus_client::metrics::counter::Counter,
 }
 
 /// Marks a fetch under way until dropped, however the fetch ends.
@@ -233,7 +236,8 @@ struct Inner {
 }
 
 impl Oidc {
-    pub fn new(config: OidcConfig) -> Self {
+    /// Failed fetches are counted in `metrics`.
+    pub(crate) fn new(config: OidcConfig, metrics: &crate::metrics::Metrics) -> Self {
         let http = key_fetch_client(config.http_timeout);
         let issuers = config
             .issuers
@@ -247,6 +251,7 @@ impl Oidc {
                 }),
                 last_attempt: tokio::sync::Mutex::new(None),
                 fetching: AtomicBool::new(false),
+                fetch_failures: metrics.oidc_key_fetch_failures(url),
             })
             .collect();
         Self(Arc::new(Inner {
@@ -269,10 +274,11 @@ impl Oidc {
     }
 
     /// Validates a JWT access token. Every failure is `Unauthenticated` with a reason for the log,
-    /// but two: while the issuer's keys were never loaded and the last fetch failed, nothing can be
-    /// told about any of its tokens, and `UpstreamUnavailable` (503) says so: a client takes a 401
-    /// for a bad token, not for an outage. Likewise when the token names a key not held and the
-    /// fetch under way that may bring it outlasts `max_fetch_wait`.
+    /// but two: when the token names a key not held and the issuer's last fetch failed (whether
+    /// keys were ever loaded or not), nothing can be told about it (the provider may have rotated
+    /// to that key), and `UpstreamUnavailable` (503) says so: a client takes a 401 for a bad token,
+    /// not for an outage. Likewise when the fetch under way that may bring the key outlasts
+    /// `max_fetch_wait`.
     pub async fn validate(&self, token: &str) -> Result<AccessToken, AppError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(reject("jwt too large"));
@@ -320,7 +326,7 @@ impl Oidc {
             self.fetch_for_unknown_key(index).await?;
             keys = self.cached_keys(index);
             if !keys.iter().any(|key| fits(&key)) {
-                self.unavailable_if_never_loaded(index)?;
+                self.unavailable_if_last_fetch_failed(index)?;
             }
         }
         let validation = self.validation(index, alg);
@@ -364,14 +370,16 @@ impl Oidc {
             .clone()
     }
 
-    /// 503 when the issuer's keys were never loaded and the last fetch failed; `Retry-After` is
-    /// when the next fetch may start.
-    fn unavailable_if_never_loaded(&self, index: usize) -> Result<(), AppError> {
+    /// 503 when the issuer's last fetch failed, for a token whose key the keys held (none, if
+    /// never loaded) lack; `Retry-After` is when the next fetch may start. Only a fetch that
+    /// answered can say a key is not the provider's.
+    fn unavailable_if_last_fetch_failed(&self, index: usize) -> Result<(), AppError> {
         let issuer = &self.0.issuers[index];
-        let down = {
-            let set = issuer.keys.read().unwrap_or_else(|p| p.into_inner());
-            set.fetched.is_none() && set.last_fetch_failed
-        };
+        let down = issuer
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_fetch_failed;
         if !down {
             return Ok(());
         }
@@ -392,7 +400,7 @@ impl Oidc {
     /// Brings the issuer's keys up to date for a token naming a key not held: waits for the fetch
     /// under way, if one is (at most `max_fetch_wait`: 503 past it, the keys still coming), or
     /// fetches them, unless a fetch was tried within `min_refresh_interval` (what it said
-    /// stands: while no key was ever loaded, 503).
+    /// stands: if it failed, 503).
     async fn fetch_for_unknown_key(&self, index: usize) -> Result<(), AppError> {
         let issuer = &self.0.issuers[index];
         // Not "the lock is held": other requests hold it for a moment to read the last attempt,
@@ -414,7 +422,7 @@ impl Oidc {
             };
         }
         if !self.fetch_due(index) {
-            self.unavailable_if_never_loaded(index)?;
+            self.unavailable_if_last_fetch_failed(index)?;
         }
         self.refresh(index).await;
         Ok(())
@@ -451,6 +459,7 @@ impl Oidc {
                 };
             }
             Err(e) => {
+                issuer.fetch_failures.inc();
                 issuer
                     .keys
                     .write()
@@ -794,7 +803,10 @@ mod tests {
                 )
         };
         let serving = tokio::spawn(async move { axum::serve(listener, provider).await });
-        let oidc = Oidc::new(OidcConfig::new(vec![issuer], "api".into()).unwrap());
+        let oidc = Oidc::new(
+            OidcConfig::new(vec![issuer], "api".into()).unwrap(),
+            &crate::metrics::Metrics::new(),
+        );
 
         let read_by_another_request = oidc.0.issuers[0].last_attempt.lock().await;
         let looking = {

@@ -201,7 +201,8 @@ fn add_errors(path: &str, operation: &mut Operation, schema: &str) {
         "503",
         if takes_users {
             "The store is temporarily unavailable, or (for a user's access token) the identity \
-             provider's keys were never loaded and cannot be fetched; retry later."
+             provider's keys cannot be fetched and those held do not include the token's; retry \
+             later."
         } else {
             "The store is temporarily unavailable; retry later."
         },

@@ -33,7 +33,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use webhooks::{
     AttemptNext, AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery,
-    WebhookDelivery, DISABLED_WEBHOOK_ERROR, RETRY_OF_DISABLED_WEBHOOK,
+    WebhookBacklog, WebhookDelivery, DISABLED_WEBHOOK_ERROR, RETRY_OF_DISABLED_WEBHOOK,
 };
 
 /// A page request over one tenant's credentials of one kind, in creation order.
@@ -829,6 +829,9 @@ pub trait Store: Send + Sync + 'static {
         disable_failing_since: DateTime<Utc>,
         disable_event: &AuditEvent,
     ) -> Result<AttemptRecorded, StoreError>;
+
+    /// How many deliveries are pending (due or waiting for a retry), and since when the oldest.
+    async fn webhook_backlog(&self) -> Result<WebhookBacklog, StoreError>;
 
     /// Deletes up to `limit` finished deliveries queued before `before`; returns how many. First
     /// fails the pending deliveries of disabled webhooks whose lease ended by `now` (an attempt

@@ -241,6 +241,15 @@ fn planned(tenant: TenantId, id: Uuid) -> Vec<Planned> {
         "webhook_deliveries_pending",
         false,
     )]);
+    // Read every few seconds by each replica: the pending rows only, however many finished ones
+    // are kept.
+    all.push(Planned::sql(
+        "the webhook backlog",
+        crate::webhooks::BACKLOG,
+        &[],
+        "webhook_deliveries_due|webhook_deliveries_pending",
+        false,
+    ));
     all.push(Planned::built(
         "a webhook's deliveries of a status",
         PostgresStore::delivery_query(&by_status, None),

@@ -2121,6 +2121,11 @@ macro_rules! impl_store {
             }
 
             #[tracing::instrument(skip_all)]
+            async fn webhook_backlog(&self) -> Result<$crate::WebhookBacklog, $crate::StoreError> {
+                self.deliveries_backlog().await
+            }
+
+            #[tracing::instrument(skip_all)]
             async fn prune_webhook_deliveries(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,

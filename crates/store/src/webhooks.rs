@@ -40,6 +40,16 @@ pub struct WebhookDelivery {
     pub last_error: Option<String>,
 }
 
+/// The deliveries not yet made, over every webhook: what an operator watches for receivers
+/// that are down or a worker that falls behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookBacklog {
+    /// Pending deliveries, due now or waiting for a retry.
+    pub pending: u64,
+    /// When the oldest of them was queued; `None` when none is pending.
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+}
+
 /// A worker's request for due deliveries.
 #[derive(Debug, Clone)]
 pub struct DeliveryClaim {
@@ -217,6 +227,9 @@ const CHOSEN_FOR_CLAIM: &str = "SELECT webhook_id, event_id FROM (\
 /// follows leases nothing.
 pub(crate) const ANY_DUE: &str = "SELECT 1 FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.status = 'pending' AND d.next_attempt_ms <= $1 AND d.locked_until_ms <= $1 AND w.enabled = TRUE LIMIT 1";
+/// [`WebhookBacklog`]: the pending deliveries are those `webhook_deliveries_due` indexes.
+pub(crate) const BACKLOG: &str =
+    "SELECT COUNT(*), MIN(created_ms) FROM webhook_deliveries WHERE status = 'pending'";
 pub(crate) const CLAIMED_JOBS: &str = "SELECT w.id, w.tenant_id, w.url, w.events, w.description, w.enabled, w.secret, w.previous_secret, w.previous_secret_until_ms, w.failing_since_ms, w.created_at, w.updated_at, \
      d.event_id, d.attempts, d.schedule_step FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
      WHERE d.lease_id = $1 AND d.status = 'pending' ORDER BY d.next_attempt_ms";
@@ -359,7 +372,7 @@ pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
-fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+pub(crate) fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
@@ -1101,6 +1114,17 @@ macro_rules! impl_webhooks {
                     .bind($crate::webhooks::millis(until))
                     .fetch_all(&self.writer)
                     .await?)
+            }
+
+            async fn deliveries_backlog(&self) -> Result<$crate::WebhookBacklog, $crate::StoreError> {
+                let (pending, oldest): (i64, Option<i64>) =
+                    sqlx::query_as($crate::webhooks::BACKLOG)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok($crate::WebhookBacklog {
+                    pending: u64::try_from(pending).unwrap_or_default(),
+                    oldest_queued_at: oldest.and_then($crate::webhooks::from_millis),
+                })
             }
 
             async fn deliveries_prune(

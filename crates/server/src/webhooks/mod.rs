@@ -44,6 +44,9 @@ pub struct WebhookConfig {
     pub secret_overlap: Duration,
     /// Finished deliveries are forgotten after this long.
     pub delivery_retention: Duration,
+    /// How often each replica counts the pending deliveries for `/metrics`
+    /// (`keyplane_webhook_deliveries_pending`).
+    pub backlog_interval: Duration,
 }
 
 /// The default schedule: attempts at 0, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h after each
@@ -62,6 +65,7 @@ impl Default for WebhookConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             secret_overlap: Duration::from_secs(24 * 3600),
             delivery_retention: Duration::from_secs(30 * 24 * 3600),
+            backlog_interval: Duration::from_secs(15),
         }
     }
 }

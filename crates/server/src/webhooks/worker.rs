@@ -80,6 +80,7 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
     };
     // Its own task: a large prune must not hold up the claims.
     let pruning = tokio::spawn(prune_every_hour(app.clone(), config.clone(), stop.clone()));
+    let counting = tokio::spawn(count_backlog(app.clone(), config.clone(), stop.clone()));
     let mut in_flight = JoinSet::new();
     // Not before then: the store failed the last claim.
     let mut claim_after = Instant::now();
@@ -133,6 +134,31 @@ pub(crate) async fn run(app: App, mut stop: tokio::sync::watch::Receiver<bool>) 
     }
     if let Err(error) = pruning.await {
         tracing::error!(%error, "the webhook delivery prune panicked");
+    }
+    if let Err(error) = counting.await {
+        tracing::error!(%error, "the webhook backlog count panicked");
+    }
+}
+
+/// Counts the pending deliveries for `/metrics` every `backlog_interval`, until `stop`. A count
+/// the store fails keeps the last one (the store's own faults are in `/readyz`).
+async fn count_backlog(
+    app: App,
+    config: Arc<WebhookConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        match app.store().webhook_backlog().await {
+            Ok(backlog) => app
+                .inner()
+                .metrics
+                .webhook_backlog(backlog.pending, backlog.oldest_queued_at),
+            Err(error) => tracing::debug!(%error, "cannot count the pending webhook deliveries"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.backlog_interval) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

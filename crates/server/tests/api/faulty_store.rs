@@ -49,6 +49,8 @@ pub struct FaultyStore {
     down_after_next_change: AtomicBool,
     /// The next revoke waits here before it reaches the store.
     hold_before_next_revoke: HoldSlot,
+    /// The next credential lookup by hash waits here before it reaches the store.
+    hold_next_hash_lookup: HoldSlot,
     /// The next revoke waits here once the store has made it.
     hold_after_next_revoke: HoldSlot,
     /// While true, every `append_audit_event` waits before it reaches the store.
@@ -163,6 +165,7 @@ impl FaultyStore {
             hold_next_change: HoldSlot::default(),
             down_after_next_change: AtomicBool::new(false),
             hold_before_next_revoke: HoldSlot::default(),
+            hold_next_hash_lookup: HoldSlot::default(),
             hold_after_next_revoke: HoldSlot::default(),
             audit_appends_held: tokio::sync::watch::Sender::new(false),
             idempotency_prunes_held: tokio::sync::watch::Sender::new(false),
@@ -213,6 +216,12 @@ impl FaultyStore {
     /// How many credential lookups by hash (`find_credential_by_hash`) were asked so far.
     pub fn hash_lookups(&self) -> u64 {
         self.hash_lookups.load(Ordering::SeqCst)
+    }
+
+    /// The next credential lookup by hash (counted in [`Self::hash_lookups`]) waits before it
+    /// reaches the store until the returned [`HeldChange`] is released: a slow read.
+    pub fn hold_next_hash_lookup(&self) -> HeldChange {
+        self.hold_next_hash_lookup.arm()
     }
 
     /// The next revoke waits before it reaches the store until the returned [`HeldChange`] is
@@ -452,6 +461,7 @@ impl Store for FaultyStore {
         hash: &TokenHash,
     ) -> Result<Option<Credential>, StoreError> {
         self.hash_lookups.fetch_add(1, Ordering::SeqCst);
+        self.hold_next_hash_lookup.pass().await;
         if self.down.load(Ordering::SeqCst) {
             let wait = self.failing_lookup_ms.load(Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
@@ -1025,6 +1035,11 @@ impl Store for FaultyStore {
         self.inner
             .record_webhook_attempt(attempt, disable_failing_since, disable_event)
             .await
+    }
+
+    async fn webhook_backlog(&self) -> Result<keyplane_store::WebhookBacklog, StoreError> {
+        self.check()?;
+        self.inner.webhook_backlog().await
     }
 
     async fn prune_webhook_deliveries(

@@ -32,6 +32,7 @@ both_backends!(
     a_key_rotation_is_picked_up_without_restarting,
     a_provider_that_is_down_breaks_no_other_credential,
     users_get_503_while_their_providers_keys_were_never_loaded,
+    an_unknown_key_gets_503_while_the_refetch_fails,
     tokens_wait_for_the_key_fetch_under_way,
     jwts_are_refused_when_no_issuer_is_configured,
     one_issuer_can_never_act_as_another_issuers_users,
@@ -749,7 +750,13 @@ async fn a_key_rotation_is_picked_up_without_restarting(backend: Backend) {
 async fn a_provider_that_is_down_breaks_no_other_credential(backend: Backend) {
     let keys = keys_dir();
     let provider = Provider::start(&keys.path().join("jwks.json"), 0);
-    let app = keyplane(backend, oidc(&[&provider.issuer])).await;
+    let config = OidcConfig {
+        // A token naming an unknown key always refetches: whether the provider answers is what
+        // is checked, not how long ago the keys were fetched.
+        min_refresh_interval: Duration::ZERO,
+        ..oidc(&[&provider.issuer])
+    };
+    let app = keyplane(backend, config).await;
     let (org, accounts) = alices_org(&app, &provider).await;
     assert_eq!(
         status(&app, &accounts, &provider.token("alice", None).await).await,
@@ -779,11 +786,12 @@ async fn a_provider_that_is_down_breaks_no_other_credential(backend: Backend) {
         200
     );
     assert_eq!(status(&app, &accounts, sa_token).await, 200);
-    // Keys already fetched keep working; a token naming another key fails fast.
+    // Keys already fetched keep working; a token naming another key fails fast, with a 503: the
+    // provider may have rotated to it.
     assert_eq!(status(&app, &accounts, &signer.sign(json!({}))).await, 200);
     let started = Instant::now();
     let unknown = signer.sign(json!({"fresh_key": true, "header": {"kid": "unknown"}}));
-    assert_eq!(status(&app, &accounts, &unknown).await, 401);
+    assert_eq!(status(&app, &accounts, &unknown).await, 503);
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // A keyplane started while its only provider is down starts and serves its own credentials.
@@ -855,6 +863,68 @@ async fn users_get_503_while_their_providers_keys_were_never_loaded(backend: Bac
         status(&app, &org.path("/api-tokens"), &org.token).await,
         200
     );
+}
+
+/// Once an issuer's keys were loaded, a token naming a key they lack is answered 503 with
+/// Retry-After (Aether's unavailable error) while the refetch it causes fails, as when no key was
+/// ever loaded: the provider may have rotated to that key. The refetch stays rate limited (a
+/// second such token within the interval causes none), keys held keep working, and each failed
+/// fetch is counted in `/metrics` for the issuer.
+async fn an_unknown_key_gets_503_while_the_refetch_fails(backend: Backend) {
+    let keys = keys_dir();
+    let keys_file = keys.path().join("jwks.json");
+    Provider::start(&keys_file, 0).stop();
+    let server = KeyServer::start(&keys_file).await;
+    server.failing.store(false, Ordering::SeqCst);
+    server.gate.send_replace(true);
+    let interval = Duration::from_secs(2);
+    let config = OidcConfig {
+        min_refresh_interval: interval,
+        ..oidc(&[&server.issuer])
+    };
+    let app = keyplane(backend, config).await;
+    let org = app.create_org("acme").await;
+    let alice = UserId::from_subject(&server.issuer, "alice");
+    grant(&app, &org, user_grant("account_owner", alice, None)).await;
+    let accounts = org.account_path("/service-accounts");
+    let signer = Signer {
+        keys_file: keys_file.clone(),
+        issuer: server.issuer.clone(),
+    };
+    let held = signer.sign(json!({}));
+    let (app_ref, accounts_ref, held_ref) = (&app, &accounts, &held);
+    eventually("the keys are loaded", move || async move {
+        status(app_ref, accounts_ref, held_ref).await == 200
+    })
+    .await;
+    let failures = format!(
+        "keyplane_oidc_key_fetch_failures_total{{issuer=\"{}\"}}",
+        server.issuer
+    );
+    assert_eq!(app.metric(&failures).await, 0);
+
+    // The provider fails from now on, once the keys may be fetched again.
+    server.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(interval + Duration::from_millis(100)).await;
+    let asked = server.asked();
+    let rotated = |kid: &str| signer.sign(json!({"fresh_key": true, "header": {"kid": kid}}));
+    let (first, second) = (rotated("rotated-1"), rotated("rotated-2"));
+    let started = Instant::now();
+    let res = app.get(&org.path("/api-tokens"), &first).await;
+    let retry_after = crate::helpers::retry_after_secs(&res);
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    crate::helpers::assert_error(res, 503, "unavailable").await;
+    assert_eq!(server.asked(), asked + 1, "the key was refetched");
+    assert_eq!(app.metric(&failures).await, 1);
+
+    let res = app.get(&org.path("/api-tokens"), &second).await;
+    assert!(res.headers().contains_key("retry-after"), "{res:?}");
+    crate::helpers::assert_error(res, 503, "unavailable").await;
+    if started.elapsed() < interval {
+        assert_eq!(server.asked(), asked + 1, "no refetch within the interval");
+    }
+    // A token whose key is held is not affected.
+    assert_eq!(status(&app, &accounts, &held).await, 200);
 }
 
 /// An identity provider on 127.0.0.1 that the test steers. Its discovery document always

@@ -926,6 +926,46 @@ async fn an_outage_makes_one_verification_at_a_time_wait_for_the_store(backend: 
     .await;
 }
 
+/// Verifications of one credential whose cached entry is past its lifetime, arriving while its
+/// reload reads the store (held here, as a slow store would), read the store once: they take
+/// that reload's answer.
+async fn concurrent_reloads_of_one_credential_read_the_store_once(backend: Backend) {
+    let cache = CacheConfig {
+        positive_ttl: Duration::from_secs(2),
+        ..CacheConfig::default()
+    };
+    let config = Config {
+        verify_cache: cache.clone(),
+        ..test_config()
+    };
+    let (app, store) = FaultyStore::spawn(backend, config).await;
+    let org = app.create_org("acme").await;
+    let token = app.create_token(&org, "busy", &[]).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(forward(&app, Some(&token), "").await.status(), 200);
+    tokio::time::sleep(cache.positive_ttl + Duration::from_millis(100)).await;
+
+    let mut held = store.hold_next_hash_lookup();
+    let lookups_before = store.hash_lookups();
+    let verifications = futures::future::join_all((0..16).map(|_| forward(&app, Some(&token), "")));
+    let release = async move {
+        held.reached().await;
+        // The others arrive meanwhile (one arriving after the release finds the entry fresh).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held.release();
+    };
+    let (answers, ()) = tokio::join!(verifications, release);
+    let statuses: Vec<u16> = answers.iter().map(|res| res.status().as_u16()).collect();
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+    assert_eq!(
+        store.hash_lookups() - lookups_before,
+        1,
+        "store reads for 16 verifications"
+    );
+}
+
 /// An address over its failed-authentication budget costs no store lookups: its secrets the caches
 /// do not hold are refused (429) without one, while its valid cached credential still verifies.
 async fn an_address_over_its_failure_budget_gets_no_store_lookups(backend: Backend) {
@@ -1341,6 +1381,7 @@ both_backends!(
     random_token_floods_do_not_evict_other_tenants,
     cached_credentials_outlive_a_store_outage_for_a_bound,
     an_outage_makes_one_verification_at_a_time_wait_for_the_store,
+    concurrent_reloads_of_one_credential_read_the_store_once,
     an_address_over_its_failure_budget_gets_no_store_lookups,
     introspection_describes_live_credentials_of_its_own_org,
     introspection_callers_need_tokens_verify,

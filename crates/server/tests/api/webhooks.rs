@@ -23,6 +23,7 @@ both_backends!(
     management_validation_capability_and_tenant_isolation,
     private_targets_are_refused_without_the_flag,
     a_receiver_that_goes_down_gets_every_event_when_it_is_back,
+    the_backlog_of_a_receiver_that_is_down_shows_in_the_metrics,
     a_receiver_back_gets_the_deliveries_waiting_for_a_retry_at_its_first_answer,
     a_rotated_secret_signs_alongside_the_old_one_for_the_overlap,
     exhausted_deliveries_fail_and_a_failing_endpoint_is_disabled,
@@ -563,6 +564,56 @@ async fn private_targets_are_refused_without_the_flag(backend: keyplane_store::t
         .await
         .unwrap();
     assert_eq!(got["url"], "https://192.0.43.10/hook");
+}
+
+/// `keyplane_webhook_oldest_pending_delivery_age_seconds` in `/metrics`.
+async fn oldest_pending_age(app: &TestApp) -> f64 {
+    let series = "keyplane_webhook_oldest_pending_delivery_age_seconds ";
+    let metrics = app.metrics().await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series}in /metrics:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+/// While a receiver is down its deliveries wait, and `/metrics` shows how many and how old the
+/// oldest is; once it is back and has them, both go back to 0.
+async fn the_backlog_of_a_receiver_that_is_down_shows_in_the_metrics(
+    backend: keyplane_store::testing::Backend,
+) {
+    let config = fast(WebhookConfig {
+        backlog_interval: Duration::from_millis(50),
+        ..WebhookConfig::default()
+    });
+    let app = TestApp::spawn_with(backend, config).await;
+    let pending = "keyplane_webhook_deliveries_pending";
+    assert_eq!(app.metric(pending).await, 0);
+    assert_eq!(oldest_pending_age(&app).await, 0.0);
+    let org = app.create_org("acme").await;
+    let port = free_port();
+    let hook = create_webhook(
+        &app,
+        &org,
+        &format!("http://127.0.0.1:{port}/"),
+        &["api_token.created"],
+    )
+    .await;
+    create_tokens(&app, &org, "while-down", 3).await;
+    wait_until(
+        "3 pending deliveries, the oldest a second old",
+        Duration::from_secs(15),
+        || async { app.metric(pending).await == 3 && oldest_pending_age(&app).await >= 1.0 },
+    )
+    .await;
+
+    let behaviour = Behaviour::verifying(&[hook["secret"].as_str().unwrap()]);
+    let _receiver = Receiver::start(&behaviour, port);
+    wait_until("no pending delivery", Duration::from_secs(15), || async {
+        app.metric(pending).await == 0 && oldest_pending_age(&app).await == 0.0
+    })
+    .await;
 }
 
 async fn a_receiver_that_goes_down_gets_every_event_when_it_is_back(
