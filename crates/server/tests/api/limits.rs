@@ -158,10 +158,9 @@ async fn store_misses(app: &TestApp) -> u64 {
         .await
 }
 
-/// Past 3 introspected tokens the store did not know in a minute, the caller's organization gets
-/// 429 with `Retry-After` in the OAuth error format, and no store lookup; a token the cache holds
-/// still introspects active, and another organization has a budget of its own.
-async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backend) {
+/// A server allowing 3 introspection misses a minute, an organization, and its `tokens:verify`
+/// token.
+async fn with_a_budget_of_3(backend: Backend) -> (TestApp, Org, String) {
     let config = Config {
         introspect_misses_per_minute: 3,
         ..test_config()
@@ -169,7 +168,16 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
     let app = TestApp::spawn_with(backend, config).await;
     let org = app.create_org("acme").await;
     let verifier = app.create_token(&org, "verifier", &["tokens:verify"]).await;
-    let verifier = verifier["token"].as_str().unwrap();
+    let verifier = verifier["token"].as_str().unwrap().to_owned();
+    (app, org, verifier)
+}
+
+/// Past 3 introspected tokens the store did not know in a minute, the caller's organization gets
+/// 429 with `Retry-After` in the OAuth error format, and no store lookup; a token the cache holds
+/// still introspects active, and another organization has a budget of its own.
+async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backend) {
+    let (app, org, verifier) = with_a_budget_of_3(backend).await;
+    let verifier = verifier.as_str();
     assert!(active(introspect(&app, verifier, &org.token).await).await);
 
     for _ in 0..3 {
@@ -231,14 +239,8 @@ async fn introspecting_unknown_tokens_past_the_budget_answers_429(backend: Backe
 /// is a store lookup once its brief negative cache entry is gone: introspecting them is charged
 /// to the same budget as unknown tokens (the 4th of 3 answers 429 without a lookup).
 async fn introspecting_revoked_tokens_past_the_budget_answers_429(backend: Backend) {
-    let config = Config {
-        introspect_misses_per_minute: 3,
-        ..test_config()
-    };
-    let app = TestApp::spawn_with(backend, config).await;
-    let org = app.create_org("acme").await;
-    let verifier = app.create_token(&org, "verifier", &["tokens:verify"]).await;
-    let verifier = verifier["token"].as_str().unwrap();
+    let (app, org, verifier) = with_a_budget_of_3(backend).await;
+    let verifier = verifier.as_str();
     let mut revoked = Vec::new();
     for n in 0..5 {
         let made = app
