@@ -2128,9 +2128,9 @@ pub struct OrgDeletion {
 pub const DELETE_ORG_VIA: &str = "admin delete-org";
 
 /// `keyplane admin delete-org`: offboards `tenant` in three phases, each safe to run again. (1)
-/// Revokes everything that grants access, each through the store's revoke as the API does (its
-/// event, its webhook deliveries, and on PostgreSQL the NOTIFY that makes every replica refuse it
-/// at once), before any row disappears: [`revoke_organization`] with the canaries and the grants
+/// Revokes everything that grants access, each with what the API's revoke gives it (its event,
+/// its webhook deliveries, and on PostgreSQL the NOTIFY that makes every replica refuse it at
+/// once), a page of credentials a transaction, before any row disappears: [`revoke_organization`] with the canaries and the grants
 /// to users and groups too. (2) Deletes every webhook through the
 /// store's delete (its `webhook.deleted` event; pending deliveries dropped), so no later event
 /// reaches the former customer. (3) [`Store::purge_tenant`]: deletes the rest and leaves a

@@ -295,6 +295,14 @@ pub enum IdempotencyRecord {
     },
 }
 
+/// One credential of a [`Store::revoke_credentials`] batch, with the event of its revocation.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialRevocation<'a> {
+    pub kind: CredentialKind,
+    pub id: CredentialId,
+    pub event: &'a AuditEvent,
+}
+
 /// Makes a write's event from what the write found inside its transaction (a grant it revoked
 /// along with its subject, a record as it was just before the change): only there is that known
 /// for sure, and there the event is appended.
@@ -533,6 +541,23 @@ pub trait Store: Send + Sync + 'static {
         grant_event: EventOf<'_, Grant>,
         while_live: Option<&TokenHash>,
     ) -> Result<Credential, StoreError>;
+
+    /// Revokes a batch of `tenant_id`'s credentials in one transaction (one commit, where
+    /// [`Store::revoke_credential`] commits each), each with everything that revoke gives it (no
+    /// user, no secret condition): `revoked_at = at`, a service account's live grants with
+    /// `grant_event`'s event each, its own event then those in the trail (credentials in the
+    /// batch's order), their webhook deliveries and, on PostgreSQL, its notifications, as
+    /// `revoke_credential` sends them (the batch's in one round trip). A credential already
+    /// revoked (by another writer meanwhile) or not the tenant's is skipped, with no event.
+    /// Returns those this call revoked, in the batch's order. The transaction holds the tenant's
+    /// audit head until it commits: callers keep batches to a page.
+    async fn revoke_credentials(
+        &self,
+        tenant_id: TenantId,
+        revocations: &[CredentialRevocation<'_>],
+        at: DateTime<Utc>,
+        grant_event: EventOf<'_, Grant>,
+    ) -> Result<Vec<Credential>, StoreError>;
 
     /// Replaces a live robot's permissions, with the event `event` makes of the robot as it was
     /// just before, read under the write's row lock (so concurrent updates each record the

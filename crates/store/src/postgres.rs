@@ -250,15 +250,14 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Locks the credentials a last-use flush writes, in id order, before it writes them: the
-    /// flush's `UPDATE ... FROM` locks rows in whatever order its plan visits them, and two
-    /// transactions taking the same rows in different orders deadlock (another replica's flush,
-    /// a sweep). `NO KEY`: the lock the UPDATE takes anyway.
-    async fn lock_used_credentials(
+    /// Locks the credentials `ids` in id order, before a write of several: a last-use flush's
+    /// `UPDATE ... FROM` locks rows in whatever order its plan visits them, and two transactions
+    /// taking the same rows in different orders deadlock (another replica's flush, a sweep, a
+    /// batch of revocations). `NO KEY`: the lock the UPDATE takes anyway.
+    async fn lock_credentials(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        in_id_order: &[crate::CredentialUse],
+        ids: &[uuid::Uuid],
     ) -> Result<(), StoreError> {
-        let ids: Vec<uuid::Uuid> = in_id_order.iter().map(|used| used.id.as_uuid()).collect();
         sqlx::query("SELECT id FROM credentials WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
             .bind(ids)
             .execute(&mut **tx)
@@ -266,42 +265,52 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Sent inside the writing transaction: PostgreSQL delivers it at commit, never for a rollback.
-    /// Noted with the sending backend's process id, by which the listener knows it for this
-    /// store's own when it comes back.
+    /// Sent inside the writing transaction: PostgreSQL delivers them at commit, never for a
+    /// rollback. Noted with the sending backend's process id, by which the listener knows them for
+    /// this store's own when they come back.
     ///
-    /// Two notifications, in this order: [`tenant_notice`] (`t:<tenant>:<subject>`), then the
-    /// subject alone, as every release has sent it. A listener of this release hears the pair as
-    /// [`Invalidation::InTenant`](crate::Invalidation::InTenant), so that only that tenant's
-    /// revocation streams look; one of a release before ignores the first (not a UUID) and
-    /// invalidates by the second, so replicas of both releases can share a database. (One notice
-    /// carrying both would go unheard by those listeners during a rolling upgrade.)
+    /// Two notifications per subject, in this order: [`tenant_notice`] (`t:<tenant>:<subject>`),
+    /// then the subject alone, as every release has sent it. A listener of this release hears the
+    /// pair as [`Invalidation::InTenant`](crate::Invalidation::InTenant), so that only that
+    /// tenant's revocation streams look; one of a release before ignores the first (not a UUID)
+    /// and invalidates by the second, so replicas of both releases can share a database. (One
+    /// notice carrying both would go unheard by those listeners during a rolling upgrade.) A
+    /// transaction's notifications are delivered in the order sent, so each pair stays together.
     ///
-    /// One round trip: the two as two statements of one simple query, which PostgreSQL runs in
-    /// order (one `SELECT pg_notify(..), pg_notify(..)` would not promise which is sent first).
-    /// A simple query takes no parameters: only the channel's constant name and two UUIDs are
-    /// spelled into it, nothing that needs quoting.
-    async fn notify_invalidation(
+    /// One round trip, however many subjects: each notification a statement of one simple query,
+    /// which PostgreSQL runs in order (one `SELECT pg_notify(..), pg_notify(..)` would not promise
+    /// which is sent first). A simple query takes no parameters: only the channel's constant name
+    /// and UUIDs are spelled into it, nothing that needs quoting.
+    async fn notify_invalidations(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         tenant: keyplane_core::TenantId,
-        subject: uuid::Uuid,
+        subjects: &[uuid::Uuid],
     ) -> Result<(), StoreError> {
         use sqlx::Row;
-        let statements = format!(
-            "SELECT pg_notify('{CHANNEL}', '{notice}'); \
-             SELECT pg_backend_pid() FROM pg_notify('{CHANNEL}', '{subject}')",
-            notice = tenant_notice(tenant, subject),
-        );
+        use std::fmt::Write;
+        let mut statements = String::with_capacity(subjects.len() * 170 + 32);
+        for subject in subjects {
+            write!(
+                statements,
+                "SELECT pg_notify('{CHANNEL}', '{notice}'); \
+                 SELECT pg_notify('{CHANNEL}', '{subject}'); ",
+                notice = tenant_notice(tenant, *subject),
+            )
+            .expect("writing to a String cannot fail");
+        }
+        statements.push_str("SELECT pg_backend_pid()");
         // A query without arguments goes as a simple query.
         let rows = sqlx::Executor::fetch_all(&mut **tx, statements.as_str()).await?;
-        // The second statement's row (the first's is its `void`).
+        // The last statement's row (the others' are their `void`).
         let sender: i32 = rows
             .last()
             .ok_or_else(|| StoreError::Other(anyhow::anyhow!("pg_backend_pid() answered no row")))?
             .try_get(0)?;
-        // Before the commit, which may deliver it to the listener before this task runs again.
-        self.sent.note(sender, subject);
+        // Before the commit, which may deliver them to the listener before this task runs again.
+        for subject in subjects {
+            self.sent.note(sender, *subject);
+        }
         Ok(())
     }
 
@@ -460,7 +469,7 @@ const UNHEARD_RESET_INTERVAL: Duration = Duration::from_secs(1);
 const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What names the tenant of a change of `subject`, sent just before the subject's own notification
-/// ([`PostgresStore::notify_invalidation`]).
+/// ([`PostgresStore::notify_invalidations`]).
 fn tenant_notice(tenant: keyplane_core::TenantId, subject: uuid::Uuid) -> String {
     format!("{TENANT_PREFIX}{}:{subject}", tenant.as_uuid())
 }

@@ -685,6 +685,92 @@ macro_rules! impl_store {
                 sql
             }
 
+            /// The rows of one credential's revocation in `tx` (`revoke_credential`'s and each
+            /// of `revoke_credentials`'): the credential's, unless it is revoked already (or,
+            /// with `while_live`, that secret is no longer its), then a service account's live
+            /// grants, at the same `at`, in creation order. `None`: nothing changed.
+            #[allow(clippy::too_many_arguments)] // the credential, when, by whom, on which condition
+            async fn revoke_rows(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant_id: keyplane_core::TenantId,
+                kind: keyplane_core::CredentialKind,
+                id: keyplane_core::CredentialId,
+                at: chrono::DateTime<chrono::Utc>,
+                by_user: Option<keyplane_core::UserId>,
+                while_live: Option<&keyplane_core::TokenHash>,
+            ) -> Result<
+                Option<($crate::rows::CredentialRow, Vec<keyplane_core::Grant>)>,
+                $crate::StoreError,
+            > {
+                let sql = format!(
+                    "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
+                     WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {} \
+                     RETURNING {}",
+                    $crate::sql::while_live("$6", "$1"),
+                    $crate::sql::CREDENTIAL_COLUMNS
+                );
+                let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
+                    .bind(at)
+                    .bind(by_user.map(|u| u.as_uuid()))
+                    .bind(tenant_id.as_uuid())
+                    .bind(kind.as_str())
+                    .bind(id.as_uuid())
+                    .bind(while_live.map(|hash| hash.as_bytes().to_vec()))
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let mut grants = Vec::new();
+                if kind == keyplane_core::CredentialKind::ServiceAccount {
+                    // Its grants go with it, at the same instant.
+                    let sql = format!(
+                        "{} RETURNING {}",
+                        $crate::sql::REVOKE_GRANTS_OF_SUBJECT,
+                        $crate::sql::GRANT_COLUMNS
+                    );
+                    let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
+                        .bind(at)
+                        .bind(tenant_id.as_uuid())
+                        .bind(keyplane_core::SubjectType::ServiceAccount.as_str())
+                        .bind(id.as_uuid())
+                        .fetch_all(&mut **tx)
+                        .await?;
+                    grants = rows
+                        .into_iter()
+                        .map(keyplane_core::Grant::try_from)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    // RETURNING has no order: the trail lists them in creation order.
+                    grants.sort_by_key(|grant| grant.id);
+                }
+                Ok(Some((row, grants)))
+            }
+
+            /// A revocation's events in `tx`: the credential's `event`, then one of
+            /// `grant_event`'s for each grant revoked with it.
+            async fn append_revocation_events(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                event: &keyplane_core::AuditEvent,
+                grants: &[keyplane_core::Grant],
+                grant_event: $crate::EventOf<'_, keyplane_core::Grant>,
+            ) -> Result<(), $crate::StoreError> {
+                Self::append_audit(tx, event).await?;
+                for grant in grants {
+                    Self::append_audit(tx, &grant_event(grant)).await?;
+                }
+                Ok(())
+            }
+
+            /// [`Self::notify_invalidations`] of one subject.
+            async fn notify_invalidation(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant: keyplane_core::TenantId,
+                subject: uuid::Uuid,
+            ) -> Result<(), $crate::StoreError> {
+                self.notify_invalidations(tx, tenant, &[subject]).await
+            }
+
             /// Runs one write operation that writes whenever it succeeds (a client's change, which
             /// records its event) and records how it went for `/readyz`.
             async fn write<T>(
@@ -1066,55 +1152,19 @@ macro_rules! impl_store {
                 while_live: Option<&keyplane_core::TokenHash>,
             ) -> Result<keyplane_core::Credential, $crate::StoreError> {
                 self.write(async {
-                    let sql = format!(
-                        "UPDATE credentials SET revoked_at = $1, revoked_by_user_id = $2, updated_at = $1 \
-                         WHERE tenant_id = $3 AND kind = $4 AND id = $5 AND revoked_at IS NULL AND {} \
-                         RETURNING {}",
-                        $crate::sql::while_live("$6", "$1"),
-                        $crate::sql::CREDENTIAL_COLUMNS
-                    );
                     let mut tx = self.writer.begin().await?;
-                    let row: Option<$crate::rows::CredentialRow> = sqlx::query_as(&sql)
-                        .bind(at)
-                        .bind(by_user.map(|u| u.as_uuid()))
-                        .bind(tenant_id.as_uuid())
-                        .bind(kind.as_str())
-                        .bind(id.as_uuid())
-                        .bind(while_live.map(|hash| hash.as_bytes().to_vec()))
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    if row.is_some() {
-                        let mut grants = Vec::new();
-                        if kind == keyplane_core::CredentialKind::ServiceAccount {
-                            // Its grants go with it, at the same instant, each with its event.
-                            let sql = format!(
-                                "{} RETURNING {}",
-                                $crate::sql::REVOKE_GRANTS_OF_SUBJECT,
-                                $crate::sql::GRANT_COLUMNS
-                            );
-                            let rows: Vec<$crate::rows::GrantRow> = sqlx::query_as(&sql)
-                                .bind(at)
-                                .bind(tenant_id.as_uuid())
-                                .bind(keyplane_core::SubjectType::ServiceAccount.as_str())
-                                .bind(id.as_uuid())
-                                .fetch_all(&mut *tx)
-                                .await?;
-                            grants = rows
-                                .into_iter()
-                                .map(keyplane_core::Grant::try_from)
-                                .collect::<Result<Vec<_>, _>>()?;
-                            // RETURNING has no order: the trail lists them in creation order.
-                            grants.sort_by_key(|grant| grant.id);
-                        }
+                    let revoked = Self::revoke_rows(
+                        &mut tx, tenant_id, kind, id, at, by_user, while_live,
+                    )
+                    .await?;
+                    if let Some((_, grants)) = &revoked {
                         self.notify_invalidation(&mut tx, tenant_id, id.as_uuid()).await?;
-                        Self::append_audit(&mut tx, event).await?;
-                        for grant in &grants {
-                            Self::append_audit(&mut tx, &grant_event(grant)).await?;
-                        }
+                        Self::append_revocation_events(&mut tx, event, grants, grant_event)
+                            .await?;
                     }
                     tx.commit().await?;
-                    match row {
-                        Some(row) => row.try_into(),
+                    match revoked {
+                        Some((row, _)) => row.try_into(),
                         None => self
                             .get_credential(tenant_id, kind, id)
                             .await?
@@ -1122,6 +1172,56 @@ macro_rules! impl_store {
                     }
                 })
                 .await
+            }
+
+            #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credentials = revocations.len()))]
+            async fn revoke_credentials(
+                &self,
+                tenant_id: keyplane_core::TenantId,
+                revocations: &[$crate::CredentialRevocation<'_>],
+                at: chrono::DateTime<chrono::Utc>,
+                grant_event: $crate::EventOf<'_, keyplane_core::Grant>,
+            ) -> Result<Vec<keyplane_core::Credential>, $crate::StoreError> {
+                let revoking = async {
+                    let mut tx = self.writer.begin().await?;
+                    // On PostgreSQL a revoke of one holds its credential's row, then takes the
+                    // tenant's live count (migration 0021's trigger), then its audit head. So the
+                    // batch takes every credential's row first (in id order, as a last-use flush
+                    // does), before its first revocation takes the count, and every row before
+                    // the head: holding either while it waited for a row, it would deadlock.
+                    let ids: Vec<uuid::Uuid> =
+                        revocations.iter().map(|r| r.id.as_uuid()).collect();
+                    Self::lock_credentials(&mut tx, &ids).await?;
+                    let mut revoked = Vec::with_capacity(revocations.len());
+                    for r in revocations {
+                        revoked.push(
+                            Self::revoke_rows(&mut tx, tenant_id, r.kind, r.id, at, None, None)
+                                .await?,
+                        );
+                    }
+                    let subjects: Vec<uuid::Uuid> = revocations
+                        .iter()
+                        .zip(&revoked)
+                        .filter(|(_, done)| done.is_some())
+                        .map(|(r, _)| r.id.as_uuid())
+                        .collect();
+                    if !subjects.is_empty() {
+                        self.notify_invalidations(&mut tx, tenant_id, &subjects).await?;
+                    }
+                    for (r, done) in revocations.iter().zip(&revoked) {
+                        if let Some((_, grants)) = done {
+                            Self::append_revocation_events(&mut tx, r.event, grants, grant_event)
+                                .await?;
+                        }
+                    }
+                    tx.commit().await?;
+                    revoked
+                        .into_iter()
+                        .flatten()
+                        .map(|(row, _)| row.try_into())
+                        .collect::<Result<Vec<keyplane_core::Credential>, _>>()
+                };
+                self.write_if(revoking, |revoked| !revoked.is_empty()).await
             }
 
             #[tracing::instrument(skip_all, fields(tenant.id = %tenant_id, credential.id = %id))]
@@ -1917,7 +2017,9 @@ macro_rules! impl_store {
                 };
                 self.write_background(async {
                     let mut tx = self.writer.begin().await?;
-                    Self::lock_used_credentials(&mut tx, every_credential).await?;
+                    let ids: Vec<uuid::Uuid> =
+                        every_credential.iter().map(|used| used.id.as_uuid()).collect();
+                    Self::lock_credentials(&mut tx, &ids).await?;
                     for round in &rounds {
                         for chunk in round.chunks($crate::sql::LAST_USE_CHUNK) {
                             let sql = $crate::sql::touch_last_used(chunk.len(), Self::PLACEHOLDERS);

@@ -323,11 +323,11 @@ fn create_private_file(path: &std::path::Path) -> Result<(), StoreError> {
 
 impl SqliteStore {
     /// One process owns a SQLite store, and it evicts its own cache; nothing to tell others.
-    async fn notify_invalidation(
+    async fn notify_invalidations(
         &self,
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
         _tenant: keyplane_core::TenantId,
-        _subject: uuid::Uuid,
+        _subjects: &[uuid::Uuid],
     ) -> Result<(), StoreError> {
         Ok(())
     }
@@ -363,9 +363,9 @@ impl SqliteStore {
     }
 
     /// SQLite locks the whole store for a write: no row order to keep.
-    async fn lock_used_credentials(
+    async fn lock_credentials(
         _tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        _in_id_order: &[crate::CredentialUse],
+        _ids: &[uuid::Uuid],
     ) -> Result<(), StoreError> {
         Ok(())
     }

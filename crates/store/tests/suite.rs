@@ -6350,3 +6350,5 @@ async fn a_store_of_deleted_tenants_is_never_bootstrapped_again(backend: Backend
 
 #[path = "suite/live_limit.rs"]
 mod live_limit;
+#[path = "suite/revoke_batch.rs"]
+mod revoke_batch;

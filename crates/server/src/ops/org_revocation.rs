@@ -1,6 +1,7 @@
 //! Revoking what an organization holds, as the operator's act: `admin revoke-org`, and phase 1 of
 //! `admin delete-org` (which asks for its canaries and grants to users and groups too). One paged
-//! walk, each revocation through the store's own revoke as the API's.
+//! walk; each page's credentials revoked in one transaction (`Store::revoke_credentials`), each
+//! with what the API's revoke gives it.
 
 use super::{credential_event, cursor_after, grant_event, now};
 use crate::error::AppError;
@@ -9,7 +10,7 @@ use keyplane_core::{
     AuditEvent, Credential, CredentialKind, Error as DomainError, Grant, Operator, RequestContext,
     SubjectType, TenantId,
 };
-use keyplane_store::{GrantFilter, ListCredentials, Store};
+use keyplane_store::{CredentialRevocation, GrantFilter, ListCredentials, Store};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Rows read at once by the commands: what bounds the walk's memory.
@@ -71,9 +72,8 @@ pub struct OrgRevocation {
 }
 
 impl OrgRevocation {
-    /// One credential revoked (or to be), with `grants` revoked with it.
-    fn count(&mut self, credential: &Credential, grants: u64) {
-        self.service_account_grants += grants;
+    /// One credential revoked (or to be); its grants are counted apart.
+    fn count(&mut self, credential: &Credential) {
         if credential.canary {
             self.canaries += 1;
             return;
@@ -87,11 +87,12 @@ impl OrgRevocation {
 }
 
 /// Revokes `tenant`'s live credentials (API tokens first, then service accounts with their
-/// grants, then robot accounts), and what else `spec` asks for, each through the store's revoke
-/// as the API's: its own transaction with its audit event(s), its webhook deliveries and, on
-/// PostgreSQL, its NOTIFY to every replica. Reads `spec.page_rows` rows at a time, so its memory
-/// and each transaction stay small however large the tenant; an interrupted run leaves what it
-/// committed, and another run goes on with what is still live. Passes over the organization until
+/// grants, then robot accounts), and what else `spec` asks for, each with what the API's revoke
+/// gives it: its audit event(s), its webhook deliveries and, on PostgreSQL, its NOTIFY to every
+/// replica. Reads `spec.page_rows` rows at a time and revokes each page's in one transaction
+/// (one commit a page, not one a credential: an fsync each), so its memory and each transaction
+/// stay small however large the tenant; an interrupted run leaves the pages it committed, and
+/// another run goes on with what is still live. Passes over the organization until
 /// one revokes nothing (at most `REVOKE_ORG_PASSES`). With `spec.dry_run` it only counts, once.
 /// Progress is kept in `done`, also when it fails part way. `NotFound` if the tenant does not
 /// exist.
@@ -148,15 +149,15 @@ async fn revoke_pass(
                     include_canaries: true,
                 })
                 .await?;
+            let mut to_revoke = Vec::with_capacity(page.len());
             for credential in &page {
                 if credential.canary && !spec.canaries {
                     done.canaries += 1;
-                } else if let Some(grants) = revoke_credential_once(store, spec, credential).await?
-                {
-                    done.count(credential, grants);
-                    revoked += 1;
+                } else {
+                    to_revoke.push(credential);
                 }
             }
+            revoked += revoke_credentials_once(store, tenant, spec, &to_revoke, done).await?;
             // Revoking moves no page boundary: the next page is read past this one's last id.
             match cursor_after(&page, spec.page_rows, |c| c.id) {
                 Some(last) => after = Some(last),
@@ -196,23 +197,32 @@ async fn revoke_pass(
     Ok(revoked)
 }
 
-/// Revokes `credential` as the operator's act: the grants revoked with it, or `None` if someone
-/// else revoked it meanwhile (their event, not ours). In a dry run: the live grants it would
-/// revoke with it.
-async fn revoke_credential_once(
+/// Revokes `credentials` (one page of `tenant`'s) as the operator's act, in one transaction, and
+/// counts them in `done` with the grants revoked with them: how many this call revoked (one
+/// revoked by someone else meanwhile is skipped: their event, not ours). In a dry run: counts what
+/// it would revoke.
+async fn revoke_credentials_once(
     store: &dyn Store,
+    tenant: TenantId,
     spec: &RevokeOrgSpec<'_>,
-    credential: &Credential,
-) -> Result<Option<u64>, AppError> {
+    credentials: &[&Credential],
+    done: &mut OrgRevocation,
+) -> Result<u64, AppError> {
     if spec.dry_run {
-        if credential.kind != CredentialKind::ServiceAccount {
-            return Ok(Some(0));
+        for credential in credentials {
+            if credential.kind == CredentialKind::ServiceAccount {
+                // At most `MAX_LIVE_GRANTS_PER_SUBJECT`, all in this tenant.
+                let grants = store
+                    .list_grants_of_subject(SubjectType::ServiceAccount, credential.id.as_uuid())
+                    .await?;
+                done.service_account_grants += grants.len() as u64;
+            }
+            done.count(credential);
         }
-        // At most `MAX_LIVE_GRANTS_PER_SUBJECT`, all in this tenant.
-        let grants = store
-            .list_grants_of_subject(SubjectType::ServiceAccount, credential.id.as_uuid())
-            .await?;
-        return Ok(Some(grants.len() as u64));
+        return Ok(credentials.len() as u64);
+    }
+    if credentials.is_empty() {
+        return Ok(0);
     }
     let context = RequestContext::default();
     let grants_revoked = AtomicU64::new(0);
@@ -226,25 +236,34 @@ async fn revoke_credential_once(
         ))
     };
     let at = now();
-    let event = spec.stamp(credential_event(
-        credential_action(credential.kind, CredentialChange::Revoked),
-        AuditActor::system(),
-        &context,
-        credential,
-    ));
-    let stored = store
-        .revoke_credential(
-            credential.tenant_id,
-            credential.kind,
-            credential.id,
-            at,
-            None,
-            &event,
-            &grant_revoked,
-            None,
-        )
+    let events: Vec<AuditEvent> = credentials
+        .iter()
+        .map(|credential| {
+            spec.stamp(credential_event(
+                credential_action(credential.kind, CredentialChange::Revoked),
+                AuditActor::system(),
+                &context,
+                credential,
+            ))
+        })
+        .collect();
+    let revocations: Vec<CredentialRevocation<'_>> = credentials
+        .iter()
+        .zip(&events)
+        .map(|(credential, event)| CredentialRevocation {
+            kind: credential.kind,
+            id: credential.id,
+            event,
+        })
+        .collect();
+    let revoked = store
+        .revoke_credentials(tenant, &revocations, at, &grant_revoked)
         .await?;
-    Ok((stored.revoked_at == Some(at)).then(|| grants_revoked.load(Ordering::Relaxed)))
+    for credential in &revoked {
+        done.count(credential);
+    }
+    done.service_account_grants += grants_revoked.load(Ordering::Relaxed);
+    Ok(revoked.len() as u64)
 }
 
 /// Revokes a grant to a user or group as the operator's act: whether this call did (false:

@@ -18,10 +18,10 @@ use keyplane_core::{
     GrantId, LifetimeRule, Rotation, SubjectType, Tenant, TenantId, TokenHash, UserId, Webhook,
 };
 use keyplane_store::{
-    AnswerOf, AuditChainState, AuditOrder, AuditQuery, CredentialUse, EventOf, GrantFilter,
-    IdempotencyClaim, IdempotencyRecord, InvalidationHandler, ListCredentials, PrunedPrefix,
-    SigningKey, SigningKeyChange, SigningKeys, StopSignal, Store, StoreError, StoreFault,
-    Unavailable, WriteHealth,
+    AnswerOf, AuditChainState, AuditOrder, AuditQuery, CredentialRevocation, CredentialUse,
+    EventOf, GrantFilter, IdempotencyClaim, IdempotencyRecord, InvalidationHandler,
+    ListCredentials, PrunedPrefix, SigningKey, SigningKeyChange, SigningKeys, StopSignal, Store,
+    StoreError, StoreFault, Unavailable, WriteHealth,
 };
 use keyplane_store::{
     AttemptRecorded, DeliveryAttempt, DeliveryClaim, DeliveryJob, DeliveryQuery, WebhookDelivery,
@@ -632,6 +632,19 @@ impl Store for FaultyStore {
             .await;
         self.hold_after_next_revoke.pass().await;
         revoked
+    }
+
+    async fn revoke_credentials(
+        &self,
+        tenant_id: TenantId,
+        revocations: &[CredentialRevocation<'_>],
+        at: DateTime<Utc>,
+        grant_event: EventOf<'_, Grant>,
+    ) -> Result<Vec<Credential>, StoreError> {
+        self.check()?;
+        self.inner
+            .revoke_credentials(tenant_id, revocations, at, grant_event)
+            .await
     }
 
     async fn update_robot_permissions(

@@ -3,13 +3,17 @@
 //! with its event, and nothing else. The black-box tests against a running server are
 //! `crates/cli/tests/admin_revoke_org.rs` and `admin_delete_org.rs`.
 
-use crate::helpers::{both_backends, Org, TestApp};
+use crate::helpers::{both_backends, test_config, Org, TestApp};
+use crate::verify::forward;
 use keyplane_core::audit::DetailValue;
 use keyplane_core::{CredentialKind, Operator, SubjectType, TenantId};
+use keyplane_server::auth::CacheConfig;
 use keyplane_server::ops::{self, OrgRevocation, RevokeOrgSpec};
+use keyplane_server::Config;
 use keyplane_store::testing::Backend;
 use keyplane_store::{AuditQuery, GrantFilter, ListCredentials};
 use serde_json::json;
+use std::time::Duration;
 
 both_backends!(revoke_org_reads_the_organization_a_page_at_a_time);
 
@@ -304,4 +308,74 @@ async fn revoke_org_reads_the_organization_a_page_at_a_time(backend: Backend) {
     };
     assert_eq!(run(&app, &acme, Command::DeleteOrg, false).await, none);
     assert_eq!(revoke_events(&app, &acme).await, all);
+}
+
+/// PostgreSQL: `admin revoke-org` writes through a store of its own (no server, no cache of its
+/// own to clear). Two servers on the database hold every credential of the organization in their
+/// caches, for longer than the test runs: each refuses every one once the command's pages commit,
+/// told by their notifications alone.
+#[tokio::test]
+async fn the_replicas_caches_refuse_what_revoke_org_revoked() {
+    let config = Config {
+        verify_cache: CacheConfig {
+            positive_ttl: Duration::from_secs(600),
+            ..CacheConfig::default()
+        },
+        ..test_config()
+    };
+    let first = TestApp::spawn_with(Backend::Postgres, config).await;
+    let replica = first.replica().await;
+    let acme = first.create_org("acme").await;
+    let other = first.create_org("other").await;
+    // The first token and five more: three pages of two.
+    let mut held = vec![(acme.token.clone(), "")];
+    for i in 0..5 {
+        let created = first.create_token(&acme, &format!("ci-{i}"), &[]).await;
+        held.push((created["token"].as_str().unwrap().to_owned(), ""));
+    }
+    let (_, account, _) = first.service_account_with_grant(&acme, "deploy").await;
+    held.push((account, "?scope=deploy"));
+    first.await_listeners(2).await;
+    for server in [&first, &replica] {
+        for (token, query) in held.iter().chain([&(other.token.clone(), "")]) {
+            assert_eq!(forward(server, Some(token), query).await.status(), 200);
+        }
+    }
+
+    let command = keyplane_store::connect(first.database_url()).await.unwrap();
+    let operator = Operator {
+        os_user: "test".into(),
+        name: None,
+    };
+    let spec = RevokeOrgSpec {
+        via: ops::REVOKE_ORG_VIA,
+        reason: "INC-2",
+        operator: &operator,
+        dry_run: false,
+        canaries: false,
+        user_and_group_grants: false,
+        page_rows: 2,
+    };
+    let mut done = OrgRevocation::default();
+    ops::revoke_organization(command.as_ref(), tenant(&acme), &spec, &mut done)
+        .await
+        .unwrap();
+    assert_eq!((done.api_tokens, done.service_accounts), (6, 1));
+
+    // Bounded by the attempts, far below the cache lifetime: only a notification refuses them.
+    for server in [&first, &replica] {
+        for (i, (token, query)) in held.iter().enumerate() {
+            let mut attempts = 0;
+            while forward(server, Some(token), query).await.status() != 401 {
+                attempts += 1;
+                assert!(attempts < 200, "credential {i} still verifies");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert_eq!(
+            forward(server, Some(&other.token), "").await.status(),
+            200,
+            "another organization's token"
+        );
+    }
 }
