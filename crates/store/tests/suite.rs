@@ -5774,21 +5774,7 @@ async fn revoking_a_revoked_grant_notifies_no_other_replica() {
         }),
         stopped,
     );
-    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
-    for attempt in 0.. {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if listening >= 1 {
-            break;
-        }
-        assert!(attempt < 400, "the listener does not listen");
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    until_listening(&f._db.url, 1).await;
     let at = now();
     f.store
         .revoke_grant(f.tenant.id, grant.id, at, &ev())
@@ -6346,6 +6332,27 @@ async fn a_store_of_deleted_tenants_is_never_bootstrapped_again(backend: Backend
         .bootstrap_once(&default, &token, &[ev()])
         .await
         .unwrap());
+}
+
+/// Waits (at most 10 s) until `listeners` connections to the database at `url` have run their
+/// `LISTEN`: a notification sent before would not reach them.
+async fn until_listening(url: &str, listeners: i64) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    for attempt in 0.. {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if listening >= listeners {
+            break;
+        }
+        assert!(attempt < 400, "{listening} of {listeners} listeners listen");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    pool.close().await;
 }
 
 #[path = "suite/live_limit.rs"]

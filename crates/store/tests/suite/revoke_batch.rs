@@ -239,22 +239,7 @@ async fn a_batch_notifies_each_credential_as_its_revoke_does() {
         }),
         stopped,
     );
-    let pool = sqlx::PgPool::connect(&f._db.url).await.unwrap();
-    for attempt in 0.. {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if listening >= 2 {
-            break;
-        }
-        assert!(attempt < 400, "{listening} of 2 listeners");
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    pool.close().await;
+    until_listening(&f._db.url, 2).await;
 
     // The batch in reverse id order, then one revoke on its own.
     let mut batched: Vec<&Credential> = tokens[..3].iter().collect();
