@@ -161,19 +161,26 @@ mod tests {
         (app, verified)
     }
 
-    /// Seven uses in batches of two: four writes, the last one short, and every use recorded.
-    #[tokio::test]
-    async fn a_flush_writes_every_use_in_batches() {
-        let (_dir, store) = sqlite_store().await;
-        let (_app, verified) = used(&store, 7).await;
+    /// A recorder writing batches of two, holding a use of each of `verified` at one time.
+    fn recording(
+        store: &Arc<dyn Store>,
+        verified: &[Arc<Verified>],
+    ) -> (UsageRecorder, DateTime<chrono::Utc>) {
         let recorder = UsageRecorder::with_chunk(store.clone(), 2);
         let at = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
-        for entry in &verified {
+        for entry in verified {
             recorder.record(entry, at.timestamp_micros());
         }
-        recorder.flush().await;
-        assert!(recorder.lock_queue().is_empty());
-        for entry in &verified {
+        (recorder, at)
+    }
+
+    /// Every one of `verified` stored as last used `at`.
+    async fn assert_last_used(
+        store: &Arc<dyn Store>,
+        verified: &[Arc<Verified>],
+        at: DateTime<chrono::Utc>,
+    ) {
+        for entry in verified {
             let identity = &entry.credential;
             let stored = store
                 .get_credential(identity.tenant_id, identity.kind, identity.id)
@@ -184,6 +191,17 @@ mod tests {
         }
     }
 
+    /// Seven uses in batches of two: four writes, the last one short, and every use recorded.
+    #[tokio::test]
+    async fn a_flush_writes_every_use_in_batches() {
+        let (_dir, store) = sqlite_store().await;
+        let (_app, verified) = used(&store, 7).await;
+        let (recorder, at) = recording(&store, &verified);
+        recorder.flush().await;
+        assert!(recorder.lock_queue().is_empty());
+        assert_last_used(&store, &verified, at).await;
+    }
+
     /// A flush abandoned while its first batch waits for the store (as at its deadline) keeps
     /// every use queued, and the next flush writes them all.
     #[tokio::test]
@@ -191,11 +209,7 @@ mod tests {
         use sqlx::{Connection, Executor};
         let (dir, store) = sqlite_store().await;
         let (_app, verified) = used(&store, 5).await;
-        let recorder = UsageRecorder::with_chunk(store.clone(), 2);
-        let at = DateTime::from_timestamp(1_900_000_000, 0).unwrap();
-        for entry in &verified {
-            recorder.record(entry, at.timestamp_micros());
-        }
+        let (recorder, at) = recording(&store, &verified);
         // Another writer holds the database: the first batch waits.
         let url = keyplane_store::sqlite_url_for_data_dir(dir.path());
         let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -215,15 +229,7 @@ mod tests {
         holder.execute("ROLLBACK").await.unwrap();
         holder.close().await.unwrap();
         recorder.flush().await;
-        for entry in &verified {
-            let identity = &entry.credential;
-            let stored = store
-                .get_credential(identity.tenant_id, identity.kind, identity.id)
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(stored.last_used_at, Some(at), "{}", entry.credential.id);
-        }
+        assert_last_used(&store, &verified, at).await;
     }
 
     /// A flush that cannot write keeps every use queued, the batch it tried and the ones after it,

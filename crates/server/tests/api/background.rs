@@ -2,6 +2,7 @@
 //! abandoned at its job's deadline, counted and logged, tried again at the job's next run, and
 //! the other jobs go on meanwhile; a stop still ends within its deadline.
 
+use crate::clock_skew::readyz;
 use crate::faulty_store::FaultyStore;
 use crate::helpers::{both_backends, eventually, test_config, TestApp};
 use crate::pg_proxy::{Mode, PgProxy};
@@ -9,7 +10,6 @@ use crate::verify::forward;
 use keyplane_server::config::{BackgroundJob, HttpLimits, StepDeadlines};
 use keyplane_server::Config;
 use keyplane_store::testing::Backend;
-use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -33,15 +33,6 @@ fn config_with(job: BackgroundJob, deadline: Duration) -> Config {
 
 fn timeouts_of(job: &str) -> String {
     format!("keyplane_background_step_timeouts_total{{job=\"{job}\"}}")
-}
-
-async fn readyz(app: &TestApp) -> (u16, Value) {
-    let res = app
-        .request(Method::GET, "/readyz", None)
-        .send()
-        .await
-        .unwrap();
-    (res.status().as_u16(), res.json().await.unwrap())
 }
 
 /// Stops `app` as a signal does, failing the test if the stop does not end.

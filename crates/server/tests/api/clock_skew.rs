@@ -21,7 +21,7 @@ pub(crate) async fn readiness(app: &TestApp) -> Value {
 }
 
 /// `/readyz`'s status code and answer, whichever.
-async fn readyz(app: &TestApp) -> (u16, Value) {
+pub(crate) async fn readyz(app: &TestApp) -> (u16, Value) {
     let res = app
         .request(Method::GET, "/readyz", None)
         .send()
